@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv, install, run the end-to-end job on the built-in corpus
+#   make test   - create .venv if needed, install (with the dev and ref extras), run the tests
+# Both are idempotent: a second run reuses .venv and reinstalls only when setup.py changed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow test-all install clean-demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[dev,ref]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cm3leon_jax.main --gin_file=gin_configs/runs/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+
+# The default run leaves out tests marked slow; `make test-slow` runs only those.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""Small helpers used by the tests and benchmarks; nothing here is imported by the library."""

@@ -1,0 +1,7 @@
+"""Tokens: the text tokenizer, the image tokenizer and the unified id layout."""
+
+from cm3leon_jax.vocab.document import Document, Image, Text
+from cm3leon_jax.vocab.layout import (BREAK_ID, EOS_ID, EOSS_ID, PAD_ID, UNK_ID,
+                                      IdLayout)
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.text_tokenizer import TextTokenizer

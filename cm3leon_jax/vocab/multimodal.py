@@ -1,0 +1,141 @@
+"""The unified multimodal vocabulary as a `seqio.Vocabulary`.
+
+Text goes through the SentencePiece model and is shifted into the text range of
+the `IdLayout`; image codes are shifted into the image range by
+`codes_to_ids`; the special tokens sit at fixed ids. SeqIO tasks use this
+object as the vocabulary of every feature, so text features tokenise straight
+into the shared id space.
+
+`decode`/`decode_tf` return the text of the text ids only (seqio semantics:
+through the first `<eos>`); `render` shows every token, specials by name and
+images as `<img:N>` runs, for logs and debugging.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from cm3leon_jax.vocab import layout as layout_lib
+from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+
+
+@gin.configurable
+class MultimodalVocabulary(seqio.Vocabulary):
+    """Text pieces, image codes and special tokens in one id space."""
+
+    def __init__(self,
+                 text_tokenizer_path: str = gin.REQUIRED,
+                 image_codes: int = 8192,
+                 num_sentinels: int = 512,
+                 image_length: int = 1024,
+                 pad_to_multiple: int = 128):
+        """Loads the text model and lays out the ids around it.
+
+        Args:
+          text_tokenizer_path: a SentencePiece `.model` file (see
+            `TextTokenizer.train`); its size fixes the text range.
+          image_codes: size of the image tokenizer's codebook.
+          num_sentinels: CM3 sentinels `<sentinel:0..num_sentinels-1>`.
+          image_length: codes per image.
+          pad_to_multiple: round the total size up to a multiple of this.
+        """
+        super().__init__(extra_ids=0)
+        self.text_tokenizer = TextTokenizer.load(text_tokenizer_path)
+        self.text_tokenizer_path = text_tokenizer_path
+        self.layout = layout_lib.IdLayout(
+            text_size=self.text_tokenizer.vocab_size,
+            image_codes=image_codes,
+            num_sentinels=num_sentinels,
+            image_length=image_length,
+            pad_to_multiple=pad_to_multiple)
+
+    # seqio.Vocabulary interface.
+    @property
+    def eos_id(self) -> int:
+        return layout_lib.EOS_ID
+
+    @property
+    def pad_id(self) -> int:
+        return layout_lib.PAD_ID
+
+    @property
+    def unk_id(self) -> int:
+        return layout_lib.UNK_ID
+
+    @property
+    def bos_id(self) -> None:
+        return None
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    def _encode(self, s: str) -> Sequence[int]:
+        return self.layout.text_to_ids(self.text_tokenizer.encode(s)).tolist()
+
+    def _decode(self, ids) -> str:
+        ids = np.asarray(ids, np.int64)
+        text = ids[self.layout.is_text(ids)]
+        return self.text_tokenizer.decode(self.layout.ids_to_text(text))
+
+    @functools.cached_property
+    def _tf_tokenizer(self):
+        import tensorflow_text as tf_text  # Imported lazily: slow, TF-only.
+        return tf_text.SentencepieceTokenizer(
+            model=self.text_tokenizer.model_proto, out_type=tf.int32)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        return self._tf_tokenizer.tokenize(s) + self.layout.text_start
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        ids = tf.convert_to_tensor(ids, tf.int32)
+        is_text = ((ids >= self.layout.text_start)
+                   & (ids < self.layout.image_start))
+        if ids.shape.rank == 1:
+            text = tf.boolean_mask(ids, is_text) - self.layout.text_start
+        else:
+            text = tf.ragged.boolean_mask(ids, is_text) - self.layout.text_start
+        return self._tf_tokenizer.detokenize(text)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, MultimodalVocabulary)
+                and self.layout == other.layout
+                and self.text_tokenizer.model_proto
+                == other.text_tokenizer.model_proto)
+
+    def __hash__(self) -> int:
+        return hash((self.layout, self.text_tokenizer.model_proto))
+
+    def __repr__(self) -> str:
+        l = self.layout
+        return (f"MultimodalVocabulary(size={l.vocab_size}, text={l.text_size}, "
+                f"image_codes={l.image_codes}, sentinels={l.num_sentinels}, "
+                f"model={self.text_tokenizer_path!r})")
+
+    # Beyond seqio.
+    def render(self, ids) -> str:
+        """Every token made visible: text, `<break>`-style names, `<img:N>` runs."""
+        ids = self.layout.check_ids(ids)
+        out, i = [], 0
+        while i < len(ids):
+            j = i
+            if self.layout.is_text(ids[i]):
+                while j < len(ids) and self.layout.is_text(ids[j]):
+                    j += 1
+                out.append(self.text_tokenizer.decode(
+                    self.layout.ids_to_text(ids[i:j])))
+            elif self.layout.is_image(ids[i]):
+                while j < len(ids) and self.layout.is_image(ids[j]):
+                    j += 1
+                out.append(f"<img:{j - i}>")
+            else:
+                out.append(self.layout.special_name(int(ids[i])))
+                j = i + 1
+            i = j
+        return "".join(out)
