@@ -1,0 +1,109 @@
+"""Retrieval-augmented training examples: `retrieved_1 <eos> ... retrieved_k <eos> query`.
+
+For each query document the memory bank supplies a short, relevance-ordered
+list of neighbour documents (three in the paper). Per example we draw how many
+to use, k, from a configurable distribution, pick k of the candidates at
+random, put them in front of the query, and then apply the CM3 transform to the
+whole sequence. The loss is uniform over every token, retrieved documents
+included; only sentinels and padding get weight 0 (see `cm3.py`).
+
+Truncation is by whole documents: when the sequence would not fit, the last
+chosen neighbours are dropped first; no document, and so no image span, is ever
+cut. A query that cannot fit on its own is skipped, and the caller counts it.
+Room is kept for the CM3 transform's overhead (3 tokens per span, at most
+`max_spans` spans), so the transformed sequence always fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import gin
+import numpy as np
+
+from cm3leon_jax.data import cm3 as cm3_lib
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.layout import IdLayout
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """How examples are assembled.
+
+    Attributes:
+      seq_len: the packed length (4096 for the paper's configs).
+      k_probs: P(k = 0), P(k = 1), ...: how many neighbours an example uses.
+        The default always uses 2, drawn among the stored candidates (3 in the
+        paper), which is also what inference uses.
+      mean_spans: Poisson mean of CM3 spans (1 in the paper; 0 = causal LM).
+      max_spans: cap on CM3 spans; 3 * max_spans tokens are held back so the
+        transform never overflows. P(Poisson(1) > 8) is about 1e-6.
+    """
+
+    seq_len: int = 4096
+    k_probs: tuple[float, ...] = (0.0, 0.0, 1.0)
+    mean_spans: float = 1.0
+    max_spans: int = 8
+
+    def __post_init__(self):
+        p = np.asarray(self.k_probs, np.float64)
+        if p.ndim != 1 or p.size == 0 or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
+            raise ValueError(
+                f"AugmentConfig.k_probs must be probabilities of k = 0, 1, ... "
+                f"summing to 1, got {self.k_probs}.")
+        if self.seq_len <= 3 * self.max_spans:
+            raise ValueError(
+                f"AugmentConfig.seq_len={self.seq_len} leaves no room after the "
+                f"CM3 reserve of 3 * max_spans = {3 * self.max_spans} tokens.")
+
+    @property
+    def budget(self) -> int:
+        """Tokens available to documents before the CM3 transform."""
+        return self.seq_len - 3 * self.max_spans
+
+
+def choose_neighbours(num_candidates: int, rng: np.random.Generator,
+                      config: AugmentConfig) -> list[int]:
+    """Indices of the neighbours to use, in their stored (relevance) order."""
+    k = int(rng.choice(len(config.k_probs), p=np.asarray(config.k_probs)))
+    k = min(k, num_candidates)
+    return sorted(rng.choice(num_candidates, size=k, replace=False).tolist())
+
+
+def assemble(query: np.ndarray, neighbours: Sequence[np.ndarray],
+             budget: int) -> np.ndarray | None:
+    """Joins neighbours and query with `<eos>`, dropping neighbours to fit.
+
+    Args:
+      query: int32[n] ids of the query document.
+      neighbours: the chosen neighbours' ids, most relevant first.
+      budget: the most tokens the result may have.
+
+    Returns:
+      int32[m] with m <= budget, or None when the query alone does not fit.
+    """
+    if query.size > budget:
+        return None
+    kept = list(neighbours)
+    # Each neighbour costs its length plus one <eos>.
+    while kept and sum(n.size + 1 for n in kept) + query.size > budget:
+        kept.pop()  # The least relevant goes first.
+    return document_lib.join_documents([*kept, query])
+
+
+def make_example(query: np.ndarray, candidates: Sequence[np.ndarray],
+                 rng: np.random.Generator, layout: IdLayout,
+                 config: AugmentConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """One training example: (tokens int32[m], loss_weights float32[m]), m <= seq_len.
+
+    Returns None when the query cannot fit in `config.budget` tokens.
+    """
+    chosen = [np.asarray(candidates[i], np.int32)
+              for i in choose_neighbours(len(candidates), rng, config)]
+    ids = assemble(np.asarray(query, np.int32), chosen, config.budget)
+    if ids is None:
+        return None
+    return cm3_lib.cm3(ids, rng, layout, mean_spans=config.mean_spans,
+                       max_spans=config.max_spans)

@@ -1,0 +1,111 @@
+"""Retrieval-augmented example assembly and the packed feature converter."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings, strategies as st
+
+from cm3leon_jax.data import augment
+from cm3leon_jax.data import cm3 as cm3_lib
+from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
+
+LAYOUT = IdLayout(text_size=100, image_codes=50, num_sentinels=16, image_length=8)
+
+
+def _doc(rng, n_text):
+    """caption <break> image: n_text text ids, then one 8-code image."""
+    text = LAYOUT.text_to_ids(rng.integers(0, 100, n_text))
+    image = LAYOUT.codes_to_ids(rng.integers(0, 50, 8))
+    return np.concatenate([text, [BREAK_ID], image]).astype(np.int32)
+
+
+def test_k_distribution_is_respected():
+    config = augment.AugmentConfig(k_probs=(0.25, 0.25, 0.5))
+    rng = np.random.default_rng(0)
+    ks = [len(augment.choose_neighbours(3, rng, config)) for _ in range(4000)]
+    np.testing.assert_allclose(np.bincount(ks, minlength=3) / 4000,
+                               [0.25, 0.25, 0.5], atol=0.03)
+    # Fewer candidates than k: use all of them.
+    assert augment.choose_neighbours(1, rng, augment.AugmentConfig()) == [0]
+
+
+def test_assemble_drops_least_relevant_whole_documents():
+    rng = np.random.default_rng(0)
+    query, n1, n2 = _doc(rng, 5), _doc(rng, 3), _doc(rng, 4)
+    full = augment.assemble(query, [n1, n2], budget=100)
+    np.testing.assert_array_equal(full, np.concatenate([n1, [EOS_ID], n2, [EOS_ID], query]))
+    # One token short of fitting both: the second (less relevant) neighbour goes.
+    short = augment.assemble(query, [n1, n2], budget=full.size - 1)
+    np.testing.assert_array_equal(short, np.concatenate([n1, [EOS_ID], query]))
+    np.testing.assert_array_equal(augment.assemble(query, [n1], budget=query.size), query)
+    assert augment.assemble(query, [], budget=query.size - 1) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), seq_len=st.integers(40, 120),
+       n_text=st.lists(st.integers(1, 20), min_size=1, max_size=4))
+def test_examples_fit_and_never_cut_an_image(seed, seq_len, n_text):
+    rng = np.random.default_rng(seed)
+    docs = [_doc(rng, n) for n in n_text]
+    config = augment.AugmentConfig(seq_len=seq_len, k_probs=(0.2, 0.3, 0.5), max_spans=4)
+    out = augment.make_example(docs[0], docs[1:], rng, LAYOUT, config)
+    if docs[0].size > config.budget:
+        assert out is None
+        return
+    tokens, weights = out
+    assert tokens.size <= seq_len and weights.shape == tokens.shape
+    restored = cm3_lib.uncm3(tokens, LAYOUT)
+    pieces = document_lib.split_documents(restored)
+    # The query is last and intact; every retrieved document is one of the
+    # candidates, whole (so every image has all 8 codes).
+    np.testing.assert_array_equal(pieces[-1], docs[0])
+    for p in pieces[:-1]:
+        assert any(np.array_equal(p, d) for d in docs[1:])
+
+
+def test_same_seed_same_example():
+    docs = [_doc(np.random.default_rng(i), 6) for i in range(4)]
+    config = augment.AugmentConfig(seq_len=64, k_probs=(0.3, 0.3, 0.4))
+    a = augment.make_example(docs[0], docs[1:], np.random.default_rng(7), LAYOUT, config)
+    b = augment.make_example(docs[0], docs[1:], np.random.default_rng(7), LAYOUT, config)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="summing to 1"):
+        augment.AugmentConfig(k_probs=(0.5, 0.4))
+    with pytest.raises(ValueError, match="leaves no room"):
+        augment.AugmentConfig(seq_len=20, max_spans=8)
+
+
+def _dataset(examples):
+    return tf.data.Dataset.from_generator(
+        lambda: iter([{"targets": t, "loss_weights": w} for t, w in examples]),
+        output_signature={"targets": tf.TensorSpec([None], tf.int32),
+                          "loss_weights": tf.TensorSpec([None], tf.int32)})
+
+
+def test_feature_converter_packs_tokens_and_weights_together():
+    s0 = LAYOUT.sentinel_id(0)
+    ex1 = (np.array([10, s0, 12, s0, 11, EOSS_ID], np.int32),
+           np.array([1, 0, 1, 0, 1, 1], np.int32))
+    ex2 = (np.array([20, 21, 22], np.int32), np.ones(3, np.int32))
+    out = list(CM3FeatureConverter(pack=True)(_dataset([ex1, ex2]), {"targets": 10})
+               .as_numpy_iterator())
+    assert len(out) == 1
+    row = out[0]
+    np.testing.assert_array_equal(row["decoder_target_tokens"], [10, s0, 12, s0, 11, EOSS_ID, 20, 21, 22, 0])
+    np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 10, s0, 12, s0, 11, EOS_ID, 20, 21, 0])
+    np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(row["decoder_segment_ids"], [1, 1, 1, 1, 1, 1, 2, 2, 2, 0])
+    np.testing.assert_array_equal(row["decoder_positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0])
+    assert row["decoder_loss_weights"].dtype == np.float32
+
+
+def test_feature_converter_unpacked_pads_each_example():
+    ex = (np.array([20, 21, 22], np.int32), np.array([1, 0, 1], np.int32))
+    (row,) = CM3FeatureConverter(pack=False)(_dataset([ex]), {"targets": 5}).as_numpy_iterator()
+    np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 20, 21, 0, 0])
+    np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 0])
