@@ -35,7 +35,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
                  num_sentinels: int = 512,
                  image_length: int = 1024,
                  pad_to_multiple: int = 128):
-        """Loads the text model and lays out the ids around it.
+        """Lays out the ids around a text model (loaded when first needed).
 
         Args:
           text_tokenizer_path: a SentencePiece `.model` file (see
@@ -46,14 +46,22 @@ class MultimodalVocabulary(seqio.Vocabulary):
           pad_to_multiple: round the total size up to a multiple of this.
         """
         super().__init__(extra_ids=0)
-        self.text_tokenizer = TextTokenizer.load(text_tokenizer_path)
         self.text_tokenizer_path = text_tokenizer_path
-        self.layout = layout_lib.IdLayout(
-            text_size=self.text_tokenizer.vocab_size,
-            image_codes=image_codes,
-            num_sentinels=num_sentinels,
-            image_length=image_length,
-            pad_to_multiple=pad_to_multiple)
+        self._layout_args = dict(image_codes=image_codes,
+                                 num_sentinels=num_sentinels,
+                                 image_length=image_length,
+                                 pad_to_multiple=pad_to_multiple)
+
+    # Loaded on first use, as seqio's own vocabularies do, so that tasks can be
+    # registered before the text model has been trained.
+    @functools.cached_property
+    def text_tokenizer(self) -> TextTokenizer:
+        return TextTokenizer.load(self.text_tokenizer_path)
+
+    @functools.cached_property
+    def layout(self) -> layout_lib.IdLayout:
+        return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size,
+                                   **self._layout_args)
 
     # seqio.Vocabulary interface.
     @property
@@ -110,7 +118,8 @@ class MultimodalVocabulary(seqio.Vocabulary):
                 == other.text_tokenizer.model_proto)
 
     def __hash__(self) -> int:
-        return hash((self.layout, self.text_tokenizer.model_proto))
+        # Cheap and consistent with __eq__ (equal vocabularies share these).
+        return hash(tuple(sorted(self._layout_args.items())))
 
     def __repr__(self) -> str:
         l = self.layout
