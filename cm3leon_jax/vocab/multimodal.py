@@ -14,7 +14,9 @@ images as `<img:N>` runs, for logs and debugging.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import json
+import os
+from typing import Callable, Sequence
 
 import gin
 import numpy as np
@@ -25,43 +27,75 @@ from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
 
+TEXT_MODEL = "text.model"
+LAYOUT_FILE = "layout.json"
+
+
 @gin.configurable
 class MultimodalVocabulary(seqio.Vocabulary):
-    """Text pieces, image codes and special tokens in one id space."""
+    """Text pieces, image codes and special tokens in one id space.
 
-    def __init__(self,
-                 text_tokenizer_path: str = gin.REQUIRED,
-                 image_codes: int = 8192,
-                 num_sentinels: int = 512,
-                 image_length: int = 1024,
-                 pad_to_multiple: int = 128):
-        """Lays out the ids around a text model (loaded when first needed).
+    A vocabulary is a directory: `text.model` (SentencePiece) and `layout.json`
+    (the `IdLayout` fields other than the text size, which the model fixes).
+    Make one with `MultimodalVocabulary.create`; open it by its path.
+    """
+
+    def __init__(self, directory: str | Callable[[], str] = gin.REQUIRED):
+        """Opens the vocabulary in `directory`, read when first needed.
 
         Args:
-          text_tokenizer_path: a SentencePiece `.model` file (see
-            `TextTokenizer.train`); its size fixes the text range.
+          directory: the vocabulary's folder, or a function returning it (for
+            tasks registered at import time, before gin has set the path).
+        """
+        super().__init__(extra_ids=0)
+        self._directory = directory
+
+    @classmethod
+    def create(cls, directory: str, text_tokenizer: TextTokenizer, *,
+               image_codes: int = 8192,
+               num_sentinels: int = 512,
+               image_length: int = 1024,
+               pad_to_multiple: int = 128) -> "MultimodalVocabulary":
+        """Writes a vocabulary to `directory` and opens it.
+
+        Args:
+          directory: where `text.model` and `layout.json` go.
+          text_tokenizer: a trained `TextTokenizer`; its size fixes the text range.
           image_codes: size of the image tokenizer's codebook.
           num_sentinels: CM3 sentinels `<sentinel:0..num_sentinels-1>`.
           image_length: codes per image.
           pad_to_multiple: round the total size up to a multiple of this.
         """
-        super().__init__(extra_ids=0)
-        self.text_tokenizer_path = text_tokenizer_path
-        self._layout_args = dict(image_codes=image_codes,
-                                 num_sentinels=num_sentinels,
-                                 image_length=image_length,
-                                 pad_to_multiple=pad_to_multiple)
+        args = dict(image_codes=image_codes, num_sentinels=num_sentinels,
+                    image_length=image_length, pad_to_multiple=pad_to_multiple)
+        layout_lib.IdLayout(text_size=text_tokenizer.vocab_size, **args)  # Validates.
+        os.makedirs(directory, exist_ok=True)
+        text_tokenizer.save(os.path.join(directory, TEXT_MODEL))
+        with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+            json.dump(args, f, indent=2, sort_keys=True)
+        return cls(directory)
 
-    # Loaded on first use, as seqio's own vocabularies do, so that tasks can be
-    # registered before the text model has been trained.
+    # Read on first use, as seqio's own vocabularies do, so that tasks can be
+    # registered before the vocabulary has been made.
+    @property
+    def directory(self) -> str:
+        d = self._directory
+        return d() if callable(d) else d
+
     @functools.cached_property
     def text_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.load(self.text_tokenizer_path)
+        return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
 
     @functools.cached_property
     def layout(self) -> layout_lib.IdLayout:
-        return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size,
-                                   **self._layout_args)
+        path = os.path.join(self.directory, LAYOUT_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary "
+                "directory. Make one with MultimodalVocabulary.create(...).")
+        with open(path) as f:
+            args = json.load(f)
+        return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size, **args)
 
     # seqio.Vocabulary interface.
     @property
@@ -118,14 +152,13 @@ class MultimodalVocabulary(seqio.Vocabulary):
                 == other.text_tokenizer.model_proto)
 
     def __hash__(self) -> int:
-        # Cheap and consistent with __eq__ (equal vocabularies share these).
-        return hash(tuple(sorted(self._layout_args.items())))
+        return hash(self.layout)  # Consistent with __eq__: equal ones share it.
 
     def __repr__(self) -> str:
         l = self.layout
         return (f"MultimodalVocabulary(size={l.vocab_size}, text={l.text_size}, "
                 f"image_codes={l.image_codes}, sentinels={l.num_sentinels}, "
-                f"model={self.text_tokenizer_path!r})")
+                f"directory={self.directory!r})")
 
     # Beyond seqio.
     def render(self, ids) -> str:

@@ -30,7 +30,7 @@ class TextTokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"no SentencePiece model at {path!r}; train one with "
-                "TextTokenizer.train(...) or point `text_tokenizer_path` at a "
+                "TextTokenizer.train(...) and save it, or give the path of a "
                 ".model file.")
         with open(path, "rb") as f:
             return cls(f.read(), path=path)

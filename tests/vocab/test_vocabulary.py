@@ -22,10 +22,10 @@ IMAGE_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("sp") / "text.model")
-    TextTokenizer.train(CAPTIONS, vocab_size=290).save(path)
-    return MultimodalVocabulary(text_tokenizer_path=path, image_codes=64,
-                                num_sentinels=8, image_length=IMAGE_LENGTH)
+    directory = str(tmp_path_factory.mktemp("vocab"))
+    return MultimodalVocabulary.create(
+        directory, TextTokenizer.train(CAPTIONS, vocab_size=290), image_codes=64,
+        num_sentinels=8, image_length=IMAGE_LENGTH)
 
 
 # --- layout -----------------------------------------------------------------
@@ -87,6 +87,17 @@ def test_text_round_trips_exactly(vocab, text):
 
 
 # --- seqio vocabulary -------------------------------------------------------
+
+def test_vocabulary_directory_reopens_equal(vocab):
+    again = MultimodalVocabulary(lambda: vocab.directory)
+    assert again == vocab and hash(again) == hash(vocab)
+    assert again.layout.image_length == IMAGE_LENGTH
+
+
+def test_missing_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a vocabulary directory"):
+        MultimodalVocabulary(str(tmp_path)).layout
+
 
 def test_seqio_interface(vocab):
     l = vocab.layout
