@@ -1,0 +1,116 @@
+"""The tokenized corpus on disk: TFRecord shards that SeqIO tasks read.
+
+Offline preprocessing writes, per split, `{split}-00000-of-000NN.tfrecord`
+files of `tf.train.Example`s, one per query document:
+
+    doc_id              bytes       the source's id of the document
+    ids                 int64[n]    the document's tokens (`vocab/document.py`)
+    neighbour_ids       int64[m]    the retrieved candidates' tokens, concatenated
+    neighbour_lengths   int64[c]    where each candidate ends (c candidates)
+    neighbour_doc_ids   bytes[c]    their ids, for inspection
+
+The neighbours are materialised into each record, so training reads one file
+and does no lookups; the memory bank they came from stays on the retrieval side.
+A `manifest.json` beside the shards records counts and what was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+FEATURES = {
+    "doc_id": tf.io.FixedLenFeature([], tf.string),
+    "ids": tf.io.VarLenFeature(tf.int64),
+    "neighbour_ids": tf.io.VarLenFeature(tf.int64),
+    "neighbour_lengths": tf.io.VarLenFeature(tf.int64),
+    "neighbour_doc_ids": tf.io.VarLenFeature(tf.string),
+}
+
+
+@dataclasses.dataclass
+class TokenizedDocument:
+    doc_id: str
+    ids: np.ndarray  # int32[n]
+    neighbours: Sequence[np.ndarray] = ()  # most relevant first
+    neighbour_doc_ids: Sequence[str] = ()
+
+
+def serialize(doc: TokenizedDocument) -> bytes:
+    lengths = [len(n) for n in doc.neighbours]
+    flat = np.concatenate(doc.neighbours) if lengths else np.zeros([0], np.int64)
+
+    def ints(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(v).tolist()))
+
+    def strings(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode() for s in v]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "doc_id": strings([doc.doc_id]),
+        "ids": ints(doc.ids),
+        "neighbour_ids": ints(flat),
+        "neighbour_lengths": ints(lengths),
+        "neighbour_doc_ids": strings(doc.neighbour_doc_ids),
+    })).SerializeToString()
+
+
+def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """One serialized record -> dense int32 tensors (strings stay strings)."""
+    ex = tf.io.parse_single_example(serialized, FEATURES)
+    out = {"doc_id": ex["doc_id"]}
+    for k in ("ids", "neighbour_ids", "neighbour_lengths"):
+        out[k] = tf.cast(tf.sparse.to_dense(ex[k]), tf.int32)
+    out["neighbour_doc_ids"] = tf.sparse.to_dense(ex["neighbour_doc_ids"])
+    return out
+
+
+def shard_path(directory: str, split: str, index: int, num_shards: int) -> str:
+    return os.path.join(directory, f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord")
+
+
+def shard_pattern(directory: str, split: str) -> str:
+    return os.path.join(directory, f"{split}-*-of-*.tfrecord")
+
+
+def write_split(docs: Iterable[TokenizedDocument], directory: str, split: str,
+                num_shards: int) -> int:
+    """Writes docs round-robin over `num_shards` files; returns how many."""
+    os.makedirs(directory, exist_ok=True)
+    writers = [tf.io.TFRecordWriter(shard_path(directory, split, i, num_shards))
+               for i in range(num_shards)]
+    n = 0
+    try:
+        for n, doc in enumerate(docs, start=1):
+            writers[(n - 1) % num_shards].write(serialize(doc))
+    finally:
+        for w in writers:
+            w.close()
+    return n
+
+
+def read_split(directory: str, split: str) -> tf.data.Dataset:
+    """The split's records in a fixed order (files sorted, read in turn)."""
+    files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))
+    if not files:
+        raise FileNotFoundError(
+            f"no shards for split {split!r} in {directory!r}; run the "
+            "`preprocess` mode first (see gin_configs/runs/preprocess.gin).")
+    return tf.data.TFRecordDataset(files).map(parse)
+
+
+def write_manifest(directory: str, manifest: dict) -> str:
+    path = os.path.join(directory, "manifest.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return path
+
+
+def read_manifest(directory: str) -> dict:
+    with open(os.path.join(directory, "manifest.json")) as f:
+        return json.load(f)
