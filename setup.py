@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     "pillow",
     "numpy",
     "tqdm",
+    "scipy",
+    # tensorflow-datasets imports it for builders defined in a package
+    # but does not declare it on Python 3.11.
+    "importlib_resources",
 ]
 
 EXTRAS_REQUIRE = {

@@ -78,6 +78,15 @@ def shard_pattern(directory: str, split: str) -> str:
     return os.path.join(directory, f"{split}-*-of-*.tfrecord")
 
 
+def write_records(docs: Iterable[TokenizedDocument], path: str) -> int:
+    """Writes docs to one TFRecord file; returns how many."""
+    n = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for n, doc in enumerate(docs, start=1):
+            writer.write(serialize(doc))
+    return n
+
+
 def write_split(docs: Iterable[TokenizedDocument], directory: str, split: str,
                 num_shards: int) -> int:
     """Writes docs round-robin over `num_shards` files; returns how many."""

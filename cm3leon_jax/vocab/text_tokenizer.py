@@ -58,12 +58,17 @@ class TextTokenizer:
         try:
             _train(texts, buffer, vocab_size, model_type, max_sentence_length)
         except RuntimeError as e:
-            if "Vocabulary size too high" not in str(e):
-                raise
-            raise ValueError(
-                f"the training corpus is too small for vocab_size={vocab_size}: "
-                f"{str(e).split('] ')[-1]} Lower vocab_size or train on more "
-                "text.") from None
+            # SentencePiece says why in the last part of its message.
+            reason = str(e).split("] ")[-1]
+            if "Vocabulary size too high" in reason:
+                raise ValueError(
+                    f"the training corpus is too small for vocab_size={vocab_size}: "
+                    f"{reason} Lower vocab_size or train on more text.") from None
+            if "smaller than required_chars" in reason:
+                raise ValueError(
+                    f"vocab_size={vocab_size} cannot hold every character of the "
+                    f"corpus: {reason}") from None
+            raise
         return cls(buffer.getvalue())
 
     def save(self, path: str) -> str:

@@ -1,0 +1,364 @@
+"""The `preprocess` run mode: a source's image-text pairs -> tokenized shards.
+
+An Apache Beam pipeline (DirectRunner here; Dataflow or Flink at scale, chosen
+by `preprocess.runner` and `preprocess.pipeline_options`). The unit of work is
+one output shard, a contiguous slice of a source split:
+
+    Create(shard specs not yet done) | Reshuffle | ParDo(TokenizeShard)
+
+`TokenizeShard` reads its slice, checks every pair, VQ-encodes the images in
+batches with the jit-compiled image tokenizer, encodes the text, and writes
+`{split}-NNNNN-of-MMMMM.tfrecord` (see `shards.py`) and a stats file, both by
+atomic rename, so a rerun skips finished shards and a killed run loses at
+most the shards in flight. After the pipeline the driver writes
+`manifest.json`: documents per split and every skipped pair counted by reason
+with a sample of their ids. Nothing is dropped silently.
+
+Documents are `caption <break> image` (or `image <break> caption` with
+probability `image_first_prob`), one caption per image, chosen by a hash of
+the document id so reruns agree. Neighbours are left empty here; retrieval
+fills them beside the shards.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import zlib
+from typing import Callable, Iterator, Sequence
+
+import gin
+import numpy as np
+from absl import logging
+
+from cm3leon_jax.data import shards
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+SKIP_REASONS = ("bad_image", "image_too_small", "empty_caption",
+                "non_utf8_caption", "text_too_long", "document_too_long")
+MAX_SAMPLE_IDS = 20
+
+
+@dataclasses.dataclass
+class RawPair:
+    doc_id: str
+    image: np.ndarray | None  # uint8[h, w, 3]
+    captions: Sequence[bytes]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """Any prepared TFDS dataset with `id`, `image` and `captions` or `text`.
+
+    `builder_fn` returns the prepared builder (e.g. `synthetic_builder` or
+    `user_data_builder`); it runs in the driver once, and again in each worker.
+    """
+
+    builder_fn: Callable = gin.REQUIRED
+
+    def num_examples(self, split: str) -> int:
+        info = self.builder_fn().info
+        if split not in info.splits:
+            raise ValueError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
+        return info.splits[split].num_examples
+
+    def read(self, split: str, start: int, stop: int) -> Iterator[RawPair]:
+        ds = self.builder_fn().as_dataset(split=f"{split}[{start}:{stop}]",
+                                          shuffle_files=False)
+        for ex in ds.as_numpy_iterator():
+            captions = ex["captions"] if "captions" in ex else [ex["text"]]
+            yield RawPair(ex["id"].decode(), ex.get("image"), list(captions))
+
+
+@gin.configurable
+def synthetic_builder(image_size: int = 64, data_dir: str | None = None,
+                      split_sizes: dict | None = None, seed: int = 0):
+    """The built-in corpus, generated locally on first use."""
+    from cm3leon_jax.data import synthetic_tfds
+    return synthetic_tfds.prepare(synthetic_tfds.SyntheticShapes(
+        config=synthetic_tfds.make_config(image_size, split_sizes, seed),
+        data_dir=data_dir))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    split: str
+    index: int
+    num_shards: int
+    start: int
+    stop: int
+
+
+def plan_shards(source: TfdsSource, splits: Sequence[str],
+                docs_per_shard: int) -> list[ShardSpec]:
+    specs = []
+    for split in splits:
+        n = source.num_examples(split)
+        num = max(1, -(-n // docs_per_shard))
+        bounds = np.linspace(0, n, num + 1).astype(int)
+        specs += [ShardSpec(split, i, num, int(bounds[i]), int(bounds[i + 1]))
+                  for i in range(num)]
+    return specs
+
+
+class Tokenizer:
+    """Turns checked pairs into document ids; counts what it must skip."""
+
+    def __init__(self, vocab: MultimodalVocabulary, image_tokenizer,
+                 max_text_tokens: int, max_doc_tokens: int,
+                 image_first_prob: float):
+        self.vocab = vocab
+        self.images = image_tokenizer
+        self.max_text_tokens = max_text_tokens
+        self.max_doc_tokens = max_doc_tokens
+        self.image_first_prob = image_first_prob
+        self.skipped: dict[str, list[str]] = collections.defaultdict(list)
+
+    def _skip(self, reason: str, doc_id: str) -> None:
+        self.skipped[reason].append(doc_id)
+
+    def check(self, pair: RawPair) -> tuple[str, np.ndarray] | None:
+        """(caption, image) if the pair can become a document, else None."""
+        image, size = pair.image, self.images.image_size
+        if image is None or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            return self._skip("bad_image", pair.doc_id)
+        if min(image.shape[:2]) < size:
+            return self._skip("image_too_small", pair.doc_id)
+        texts = [c for c in pair.captions if c.strip()]
+        if not texts:
+            return self._skip("empty_caption", pair.doc_id)
+        raw = texts[zlib.crc32(pair.doc_id.encode()) % len(texts)]
+        try:
+            caption = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            return self._skip("non_utf8_caption", pair.doc_id)
+        return caption, image
+
+    def documents(self, pairs: list[RawPair], checked: list[tuple[str, np.ndarray]]
+                  ) -> Iterator[shards.TokenizedDocument]:
+        codes = self.images.encode(np.stack([image for _, image in checked]))
+        for pair, (caption, _), c in zip(pairs, checked, codes):
+            text = document_lib.Text(caption)
+            if len(self.vocab.encode(caption)) > self.max_text_tokens:
+                self._skip("text_too_long", pair.doc_id)
+                continue
+            segments = [text, document_lib.Image(c)]
+            if zlib.crc32(pair.doc_id.encode() + b"order") / 2**32 < self.image_first_prob:
+                segments.reverse()
+            ids = document_lib.encode(document_lib.Document(segments), self.vocab)
+            if ids.size > self.max_doc_tokens:
+                self._skip("document_too_long", pair.doc_id)
+                continue
+            yield shards.TokenizedDocument(pair.doc_id, ids)
+
+
+def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
+                   out_dir: str, batch_size: int) -> dict:
+    """Writes one shard and its stats (atomically); returns the stats."""
+    tokenizer.skipped.clear()
+
+    def docs():
+        pairs, checked = [], []
+        for pair in source.read(spec.split, spec.start, spec.stop):
+            ok = tokenizer.check(pair)
+            if ok is not None:
+                pairs.append(pair)
+                checked.append(ok)
+            if len(checked) == batch_size:
+                yield from tokenizer.documents(pairs, checked)
+                pairs, checked = [], []
+        if checked:
+            yield from tokenizer.documents(pairs, checked)
+
+    final = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
+    written = shards.write_records(docs(), final + ".tmp")
+    os.replace(final + ".tmp", final)
+    stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
+             "skipped": {r: ids for r, ids in tokenizer.skipped.items()}}
+    _write_json_atomic(final + ".stats.json", stats)
+    return stats
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def is_done(spec: ShardSpec, out_dir: str) -> bool:
+    path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
+    return os.path.exists(path + ".stats.json")
+
+
+def manifest(specs: Sequence[ShardSpec], out_dir: str) -> dict:
+    """Sums every shard's stats into the manifest (counts and sample ids)."""
+    splits: dict = {}
+    for spec in specs:
+        path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
+        with open(path + ".stats.json") as f:
+            stats = json.load(f)
+        s = splits.setdefault(spec.split, {"read": 0, "written": 0, "skipped": {},
+                                           "skipped_sample_ids": {}})
+        s["read"] += stats["read"]
+        s["written"] += stats["written"]
+        for reason, ids in stats["skipped"].items():
+            s["skipped"][reason] = s["skipped"].get(reason, 0) + len(ids)
+            sample = s["skipped_sample_ids"].setdefault(reason, [])
+            sample.extend(ids[:MAX_SAMPLE_IDS - len(sample)])
+    return {"splits": splits, "shards": len(specs)}
+
+
+def train_vocabulary(source: TfdsSource, image_tokenizer, directory: str, *,
+                     text_vocab_size: int, num_sentinels: int,
+                     max_captions: int = 100_000) -> MultimodalVocabulary:
+    """Trains the text model on the train split's captions and lays out the ids."""
+    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+
+    def captions():
+        n = min(source.num_examples("train"), max_captions)
+        for pair in source.read("train", 0, n):
+            for c in pair.captions:
+                try:
+                    yield c.decode("utf-8") if isinstance(c, bytes) else c
+                except UnicodeDecodeError:
+                    continue  # Counted when the pair itself is tokenized.
+
+    text = TextTokenizer.train(captions(), vocab_size=text_vocab_size)
+    return MultimodalVocabulary.create(
+        directory, text, image_codes=image_tokenizer.codebook_size,
+        num_sentinels=num_sentinels, image_length=image_tokenizer.codes_per_image)
+
+
+_IMAGE_TOKENIZERS: dict = {}
+
+
+def _image_tokenizer(fn: Callable):
+    """One tokenizer per process: in-process workers reuse the driver's."""
+    if fn not in _IMAGE_TOKENIZERS:
+        _IMAGE_TOKENIZERS[fn] = fn()
+    return _IMAGE_TOKENIZERS[fn]
+
+
+@dataclasses.dataclass
+class ShardWorker:
+    """What each Beam worker runs per shard; holds only picklable settings.
+
+    The vocabulary and the jit-compiled image tokenizer are built in `setup`,
+    once per worker. Workers in other processes (Dataflow, Flink) get the
+    driver's gin config, so `source` and `image_tokenizer_fn` resolve the same.
+    """
+
+    source: TfdsSource
+    image_tokenizer_fn: Callable
+    out_dir: str
+    batch_size: int
+    max_text_tokens: int
+    max_doc_tokens: int
+    image_first_prob: float
+    gin_config: str = ""
+
+    def setup(self) -> None:
+        if self.gin_config and not gin.config_str():
+            gin.parse_config(self.gin_config)
+        vocab = MultimodalVocabulary(os.path.join(self.out_dir, "vocab"))
+        self._tokenizer = Tokenizer(vocab, _image_tokenizer(self.image_tokenizer_fn),
+                                    self.max_text_tokens, self.max_doc_tokens,
+                                    self.image_first_prob)
+
+    def __call__(self, spec: ShardSpec) -> dict:
+        return tokenize_shard(spec, self.source, self._tokenizer, self.out_dir,
+                              self.batch_size)
+
+
+def run_pipeline(specs: Sequence[ShardSpec], worker: ShardWorker, runner: str,
+                 pipeline_options: Sequence[str]) -> None:
+    """Runs `worker(spec)` for every spec as a Beam pipeline."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    class TokenizeShard(beam.DoFn):
+        def __init__(self, worker):
+            self.worker = worker
+
+        def setup(self):
+            self.worker.setup()
+
+        def process(self, spec):
+            stats = self.worker(spec)
+            beam.metrics.Metrics.counter("preprocess", "documents").inc(stats["written"])
+            for reason, ids in stats["skipped"].items():
+                beam.metrics.Metrics.counter("preprocess", reason).inc(len(ids))
+            yield spec
+
+    options = PipelineOptions(list(pipeline_options), runner=runner)
+    with beam.Pipeline(options=options) as p:
+        _ = (p | "Shards" >> beam.Create(list(specs))
+             | "Spread" >> beam.Reshuffle()
+             | "Tokenize" >> beam.ParDo(TokenizeShard(worker)))
+
+
+@gin.configurable(denylist=["model_dir"])
+def preprocess(model_dir: str,
+               source: TfdsSource = gin.REQUIRED,
+               image_tokenizer_fn: Callable = gin.REQUIRED,
+               splits: Sequence[str] = ("train", "validation", "test"),
+               docs_per_shard: int = 1000,
+               batch_size: int = 32,
+               text_vocab_size: int = 1024,
+               num_sentinels: int = 512,
+               max_text_tokens: int = 256,
+               seq_len: int = 4096,
+               image_first_prob: float = 0.0,
+               runner: str = "DirectRunner",
+               pipeline_options: Sequence[str] = ()) -> dict:
+    """Tokenizes `source` into `model_dir` (shards, vocab/, manifest.json).
+
+    Args:
+      model_dir: the tokenized data folder (what tasks' `data_dirs` point at).
+      source: where the pairs come from.
+      image_tokenizer_fn: returns the `ImageTokenizer` (e.g.
+        `@load_image_tokenizer`, with its checkpoint bound in gin).
+      splits: source splits to tokenize.
+      docs_per_shard: pairs per output shard (the unit of work and of resume).
+      batch_size: images per VQ encoder call.
+      text_vocab_size: pieces of the text model trained here when `vocab/`
+        does not exist yet (an existing vocabulary is reused).
+      num_sentinels: CM3 sentinels in the layout.
+      max_text_tokens: longer captions are skipped as `text_too_long`.
+      seq_len: the training length; documents that cannot fit are skipped.
+      image_first_prob: share of documents laid out `image <break> caption`.
+      runner, pipeline_options: Beam's, e.g. "DataflowRunner" and
+        ["--project=...", "--region=...", "--temp_location=gs://..."].
+    """
+    from cm3leon_jax.data.augment import AugmentConfig
+    vocab_dir = os.path.join(model_dir, "vocab")
+    image_tokenizer = _image_tokenizer(image_tokenizer_fn)
+    if not os.path.exists(os.path.join(vocab_dir, "layout.json")):
+        train_vocabulary(source, image_tokenizer, vocab_dir,
+                         text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
+    vocab = MultimodalVocabulary(vocab_dir)
+    if vocab.layout.image_length != image_tokenizer.codes_per_image:
+        raise ValueError(
+            f"{vocab_dir} was made for {vocab.layout.image_length} codes per image but "
+            f"the image tokenizer gives {image_tokenizer.codes_per_image}; use a new "
+            "output folder for a different image tokenizer.")
+    budget = AugmentConfig(seq_len=seq_len).budget
+    specs = plan_shards(source, splits, docs_per_shard)
+    todo = [s for s in specs if not is_done(s, model_dir)]
+    logging.info("preprocess: %d shards, %d already done", len(specs), len(specs) - len(todo))
+
+    if todo:
+        worker = ShardWorker(source, image_tokenizer_fn, model_dir, batch_size,
+                             max_text_tokens, budget, image_first_prob,
+                             gin_config=gin.config_str())
+        run_pipeline(todo, worker, runner, pipeline_options)
+    result = manifest(specs, model_dir)
+    shards.write_manifest(model_dir, result)
+    for split, s in result["splits"].items():
+        logging.info("preprocess %s: %d read, %d written, skipped %s",
+                     split, s["read"], s["written"], s["skipped"] or "none")
+    return result

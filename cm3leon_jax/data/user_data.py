@@ -1,0 +1,306 @@
+"""`user_image_text`: a user's own image-text pairs as a TFDS dataset.
+
+Two source layouts:
+- a JSONL file, one `{"image": path, "text": caption}` per line; relative image
+  paths are relative to the JSONL file's folder;
+- a folder of images (searched recursively), each captioned by a UTF-8 `.txt`
+  file of the same stem beside it (`cat.jpg` + `cat.txt`).
+
+Nothing bad is dropped silently and nothing bad stops the build: every record
+that cannot become an example is counted under one reason (REASONS), and
+`report.json` beside the prepared data (`builder.data_path / "report.json"`)
+holds the counts and up to MAX_REPORTED_IDS ids per reason; a summary is logged.
+
+Images are EXIF-rotated and converted to RGB: transparent images (RGBA, LA,
+palette with transparency) are composited over white, 16-bit grayscale is scaled
+to 8 bits, every other mode (L, 1, P, CMYK, YCbCr, ...) goes through PIL's RGB
+conversion. Then they are centre-cropped to a square and resized (bicubic) to
+`image_size`.
+
+Usage (Python or gin; everything lives in the config, so the builder pickles):
+    builder = UserImageText(source="captions.jsonl", image_size=256, data_dir=d)
+    builder.download_and_prepare(download_config=offline_download_config())
+    ds = builder.as_dataset(split="train")
+or `load_user_data("captions.jsonl", 256, d)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+from collections.abc import Iterator
+
+import gin
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cm3leon_jax.data.synthetic_tfds import offline_download_config
+
+REASONS = ("bad_record", "missing_image", "corrupt_image", "truncated_image",
+           "missing_caption", "empty_caption", "non_utf8_caption")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+MAX_REPORTED_IDS = 20
+REPORT_NAME = "report.json"
+
+
+@dataclasses.dataclass(eq=False)
+class UserDataConfig(tfds.core.BuilderConfig):
+    """Where the pairs are (`source`: a .jsonl file or a folder) and the square image side."""
+
+    source: str = ""
+    image_size: int = 256
+
+
+def make_user_config(source: str | os.PathLike, image_size: int = 256) -> UserDataConfig:
+    """A config named after the source's stem, size and a hash of its absolute path, so
+    two sources (or sizes) never share a data folder."""
+    path = pathlib.Path(source).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"User data source {str(source)!r} does not exist; pass a .jsonl "
+                                "file or a folder of images with .txt captions.")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}.")
+    stem = re.sub(r"[^a-z0-9]+", "_", path.stem.lower()).strip("_") or "data"
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
+    return UserDataConfig(name=f"{stem}_{image_size}px_{digest}", source=str(path), image_size=image_size,
+                          description=f"Image-text pairs from {path}, {image_size}px.")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One source entry: its id, image path, caption, and the reason it is unusable
+    before the image is even opened (None when the caption side is fine)."""
+
+    id: str
+    image: pathlib.Path | None
+    text: str | None
+    problem: str | None = None
+
+
+def _caption_problem(text: str) -> str | None:
+    """'empty_caption' or 'non_utf8_caption' (lone surrogates from undecodable bytes), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "non_utf8_caption"
+    return None if text.strip() else "empty_caption"
+
+
+def jsonl_records(path: pathlib.Path) -> Iterator[Record]:
+    """Records of a JSONL file; ids are 'line<N>:<image>' with N 1-based; blank lines skipped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) \
+                    or not isinstance(entry.get("text"), str):
+                yield Record(f"line{number}", None, None, "bad_record")
+                continue
+            image = path.parent / entry["image"]  # an absolute path replaces the folder
+            yield Record(f"line{number}:{entry['image']}", image, entry["text"],
+                         _caption_problem(entry["text"]))
+
+
+def folder_records(root: pathlib.Path) -> Iterator[Record]:
+    """Records of a folder: each image with its same-stem .txt; ids are paths relative to
+    `root`. Captions without an image come out as 'missing_image'."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.with_suffix("") for p in images}
+    for image in images:
+        record_id = image.relative_to(root).as_posix()
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.is_file():
+            yield Record(record_id, image, None, "missing_caption")
+            continue
+        try:
+            text = sidecar.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            yield Record(record_id, image, None, "non_utf8_caption")
+            continue
+        yield Record(record_id, image, text, _caption_problem(text))
+    for caption in (p for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems):
+        yield Record(caption.relative_to(root).as_posix(), None, None, "missing_image")
+
+
+def records(source: pathlib.Path) -> Iterator[Record]:
+    """Records of a JSONL file or a folder, by what `source` is."""
+    if source.is_dir():
+        return folder_records(source)
+    if source.suffix.lower() in (".jsonl", ".json"):
+        return jsonl_records(source)
+    raise ValueError(f"User data source {str(source)!r} is neither a folder nor a .jsonl file.")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB: transparency over white, 16-bit scaled to 8 bits, else PIL's conversion."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        eight_bit = (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit, "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+    """(uint8[image_size, image_size, 3], None), or (None, reason) for an unusable file."""
+    if not path.is_file():
+        return None, "missing_image"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            square = ImageOps.fit(to_rgb(ImageOps.exif_transpose(image)), (image_size, image_size),
+                                  method=Image.Resampling.BICUBIC)
+            return np.asarray(square, dtype=np.uint8), None
+    except UnidentifiedImageError:
+        return None, "corrupt_image"
+    except Exception as error:  # noqa: BLE001 - any decoder failure on a user's file is data, not a bug
+        if "truncated" in str(error).lower():
+            return None, "truncated_image"
+        logging.info("Unreadable image %s: %s", path, error)
+        return None, "corrupt_image"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+class Report:
+    """Counts of kept and rejected records, with up to MAX_REPORTED_IDS ids per reason."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.ok = 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.ids: dict[str, list[str]] = collections.defaultdict(list)
+
+    def reject(self, record_id: str, reason: str) -> None:
+        self.counts[reason] += 1
+        if len(self.ids[reason]) < MAX_REPORTED_IDS:
+            self.ids[reason].append(record_id)
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "total": self.ok + sum(self.counts.values()),
+            "ok": self.ok,
+            "rejected": {reason: self.counts[reason] for reason in REASONS},
+            "rejected_ids": {reason: self.ids[reason] for reason in REASONS if self.ids[reason]},
+        }
+
+    def write(self, folder: os.PathLike) -> pathlib.Path:
+        path = pathlib.Path(folder) / REPORT_NAME
+        path.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    def summary(self) -> str:
+        bad = ", ".join(f"{r} {n}" for r, n in sorted(self.counts.items())) or "none"
+        return f"{self.source}: kept {self.ok} of {self.ok + sum(self.counts.values())}; rejected: {bad}"
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+class UserImageText(tfds.core.GeneratorBasedBuilder):
+    """A user's image-text pairs; the only split is 'train'."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: JSONL or folder sources, report.json of rejects."}
+
+    def __init__(self, *, source: str | os.PathLike | None = None, image_size: int = 256,
+                 config: UserDataConfig | None = None, **kwargs):
+        """Pass `source` (+ `image_size`), or a ready `config`; other kwargs go to TFDS
+        (`data_dir`, `version`)."""
+        if config is None:
+            if source is None:
+                raise ValueError("UserImageText needs source= (a .jsonl file or an image folder) "
+                                 "or config=make_user_config(...).")
+            config = make_user_config(source, image_size)
+        elif not isinstance(config, UserDataConfig):
+            raise ValueError(f"UserImageText config must be a UserDataConfig (see make_user_config), "
+                             f"got {config!r}.")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        n = self.builder_config.image_size
+        return self.dataset_info_from_configs(
+            description="User image-text pairs; see report.json for rejected records.",
+            features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(),
+                "image": tfds.features.Image(shape=(n, n, 3)),
+                "text": tfds.features.Text(),
+            }),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # the data is already local
+        return {"train": self._generate_examples(pathlib.Path(self.builder_config.source))}
+
+    def _generate_examples(self, source: pathlib.Path):
+        report = Report(str(source))
+        for record in records(source):
+            if record.problem is not None:
+                report.reject(record.id, record.problem)
+                continue
+            pixels, problem = load_image(record.image, self.builder_config.image_size)
+            if problem is not None:
+                report.reject(record.id, problem)
+                continue
+            report.ok += 1
+            yield record.id, {"id": record.id, "image": pixels, "text": record.text}
+        logging.info("User data report: %s", report.summary())
+        if sum(report.counts.values()):
+            logging.warning("Rejected records from %s: %s (details in %s)", source, report.summary(),
+                            REPORT_NAME)
+        if report.ok == 0:
+            raise ValueError(f"No usable image-text pairs in {source}: {report.summary()}.")
+        report.write(self.data_dir)
+
+
+@gin.configurable
+def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir: str | None = None,
+                      *, overwrite: bool = False) -> UserImageText:
+    """A prepared UserImageText builder, built with no network access if not yet built.
+
+    A prepared source is reused as is; after editing the source, pass `overwrite=True`
+    (or use another data_dir) to rebuild it.
+    """
+    builder = UserImageText(source=source, image_size=image_size, data_dir=data_dir)
+    config = offline_download_config()
+    if overwrite:
+        config = dataclasses.replace(config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
+    builder.download_and_prepare(download_config=config)
+    return builder
+
+
+def read_report(builder: UserImageText) -> dict:
+    """The report.json of a prepared builder."""
+    return json.loads((pathlib.Path(builder.data_path) / REPORT_NAME).read_text(encoding="utf-8"))
+
+
+@gin.configurable
+def load_user_data(source: str | os.PathLike, image_size: int = 256, data_dir: str | None = None,
+                   *, overwrite: bool = False, shuffle_files: bool = False) -> tf.data.Dataset:
+    """The 'train' split of `source` as a tf.data.Dataset of {id, image, text}, built if needed."""
+    builder = user_data_builder(source, image_size, data_dir, overwrite=overwrite)
+    return builder.as_dataset(split="train", shuffle_files=shuffle_files)

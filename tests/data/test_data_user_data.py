@@ -1,0 +1,149 @@
+"""The user image-text builder: conversions, and an exact report of every rejected record."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cm3leon_jax.data import user_data
+
+SIZE = 16
+
+
+def save(path, array, mode=None, **kwargs):
+    Image.fromarray(array, mode).save(path, **kwargs) if mode else Image.fromarray(array).save(path, **kwargs)
+
+
+def rgb(seed: int, h: int = 24, w: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """good x2, grayscale, RGBA, palette, corrupt, truncated, empty caption, non-UTF-8 caption,
+    no caption, caption without image; plus a non-image file that must be ignored."""
+    root = tmp_path / "pairs"
+    (root / "nested").mkdir(parents=True)
+    save(root / "good1.png", rgb(1))
+    save(root / "nested" / "good2.jpg", rgb(2))
+    save(root / "gray.png", np.full((20, 20), 77, np.uint8))
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, 10:, 3] = 255  # left half transparent: must come out white
+    save(root / "rgba.png", rgba)
+    Image.fromarray(np.full((20, 20, 3), (0, 0, 200), np.uint8)).quantize(4).save(root / "palette.png")
+    (root / "corrupt.png").write_bytes(b"this is not a png at all" * 10)
+    save(root / "truncated.png", rgb(3))
+    data = (root / "truncated.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    save(root / "empty.png", rgb(4))
+    save(root / "latin1.png", rgb(5))
+    save(root / "nocaption.png", rgb(6))
+    captions = {"good1": "a red thing", "nested/good2": "another thing", "gray": "gray square",
+                "rgba": "half red", "palette": "blue", "corrupt": "c", "truncated": "t", "empty": "  \n",
+                "orphan": "no image for me"}
+    for stem, text in captions.items():
+        (root / f"{stem}.txt").write_text(text, encoding="utf-8")
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (root / "notes.md").write_text("ignored")
+    return root
+
+
+def prepared(source, data_dir):
+    return user_data.user_data_builder(source, SIZE, str(data_dir))
+
+
+def test_folder_report_counts_every_reason_exactly(folder, tmp_path):
+    builder = prepared(folder, tmp_path / "tfds")
+    report = user_data.read_report(builder)
+    assert report["rejected"] == {"bad_record": 0, "missing_image": 1, "corrupt_image": 1,
+                                  "truncated_image": 1, "missing_caption": 1, "empty_caption": 1,
+                                  "non_utf8_caption": 1}
+    assert (report["ok"], report["total"]) == (5, 11)
+    assert report["rejected_ids"]["missing_image"] == ["orphan.txt"]
+    assert report["rejected_ids"]["truncated_image"] == ["truncated.png"]
+    assert report["rejected_ids"]["non_utf8_caption"] == ["latin1.png"]
+    assert builder.info.splits["train"].num_examples == 5
+
+
+def test_folder_images_are_converted_to_rgb_squares(folder, tmp_path):
+    builder = prepared(folder, tmp_path / "tfds")
+    examples = {e["id"].decode(): e for e in tfds.as_numpy(builder.as_dataset(split="train"))}
+    assert sorted(examples) == ["good1.png", "gray.png", "nested/good2.jpg", "palette.png", "rgba.png"]
+    assert examples["nested/good2.jpg"]["text"].decode() == "another thing"
+    for e in examples.values():
+        assert e["image"].shape == (SIZE, SIZE, 3) and e["image"].dtype == np.uint8
+    gray = examples["gray.png"]["image"].astype(int)
+    assert np.abs(gray - 77).max() <= 1
+    assert (np.abs(examples["palette.png"]["image"].astype(int) - [0, 0, 200]) <= 2).all()
+    rgba = examples["rgba.png"]["image"].astype(int)
+    np.testing.assert_allclose(rgba[:, :5], 255, atol=2)  # transparent half: white
+    assert (np.abs(rgba[:, -5:] - [255, 0, 0]) <= 2).all()  # opaque half: red
+
+
+def test_jsonl_source_with_relative_absolute_missing_and_bad_lines(folder, tmp_path):
+    lines = [
+        json.dumps({"image": "pairs/good1.png", "text": "relative"}),
+        json.dumps({"image": str(folder / "gray.png"), "text": "absolute"}),
+        json.dumps({"image": "pairs/nowhere.png", "text": "missing"}),
+        json.dumps({"image": "pairs/corrupt.png", "text": "corrupt"}),
+        json.dumps({"image": "pairs/rgba.png", "text": ""}),
+        json.dumps({"image": "pairs/rgba.png", "text": "bad \udcff"}),
+        json.dumps({"text": "no image key"}),
+        "{not json",
+        "",
+    ]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    builder = prepared(source, tmp_path / "tfds")
+    report = user_data.read_report(builder)
+    assert report["rejected"] == {"bad_record": 2, "missing_image": 1, "corrupt_image": 1,
+                                  "truncated_image": 0, "missing_caption": 0, "empty_caption": 1,
+                                  "non_utf8_caption": 1}
+    assert (report["ok"], report["total"]) == (2, 8)
+    assert report["rejected_ids"]["bad_record"] == ["line7", "line8"]
+    texts = sorted(e["text"].decode() for e in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert texts == ["absolute", "relative"]
+
+
+def test_prepared_data_is_reused_until_overwrite(folder, tmp_path):
+    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 5
+    save(folder / "late.png", rgb(9))
+    (folder / "late.txt").write_text("added later")
+    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 5
+    rebuilt = user_data.user_data_builder(folder, SIZE, str(tmp_path / "tfds"), overwrite=True)
+    assert user_data.read_report(rebuilt)["ok"] == 6 and rebuilt.info.splits["train"].num_examples == 6
+
+
+def test_reported_ids_are_capped(tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    save(root / "ok.png", rgb(0))
+    (root / "ok.txt").write_text("fine")
+    for i in range(user_data.MAX_REPORTED_IDS + 5):
+        (root / f"orphan{i:02d}.txt").write_text("no image")
+    report = user_data.read_report(prepared(root, tmp_path / "tfds"))
+    assert report["rejected"]["missing_image"] == user_data.MAX_REPORTED_IDS + 5
+    assert len(report["rejected_ids"]["missing_image"]) == user_data.MAX_REPORTED_IDS
+
+
+def test_builder_configs_are_per_source_and_size_and_pickle(folder, tmp_path):
+    a = user_data.make_user_config(folder, 16)
+    assert a.name != user_data.make_user_config(folder, 32).name
+    builder = user_data.UserImageText(source=folder, image_size=SIZE, data_dir=str(tmp_path))
+    clone = pickle.loads(pickle.dumps(builder))
+    assert clone.builder_config.source == str(folder) and clone.builder_config.image_size == SIZE
+
+
+def test_clear_errors_for_bad_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        user_data.make_user_config(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="needs source="):
+        user_data.UserImageText(data_dir=str(tmp_path))
+    (tmp_path / "only_bad").mkdir()
+    (tmp_path / "only_bad" / "x.txt").write_text("caption without image")
+    with pytest.raises(ValueError, match="No usable image-text pairs"):
+        prepared(tmp_path / "only_bad", tmp_path / "tfds")

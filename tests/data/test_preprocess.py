@@ -1,0 +1,104 @@
+"""The preprocess run mode: Beam pipeline, resume, manifest, skipped inputs."""
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax.data import preprocess as pp
+from cm3leon_jax.data import shards
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+TINY_VQ = VQGANConfig(image_size=32, base_channels=8, channel_multipliers=(1, 2, 2),
+                      num_res_blocks=1, attn_levels=(), latent_channels=8, embed_dim=8,
+                      codebook_size=64, num_groups=4)
+
+
+@functools.cache
+def tiny_image_tokenizer():
+    return ImageTokenizer.random_init(TINY_VQ, seed=0, batch_size=4)
+
+
+class ListSource(pp.TfdsSource):
+    """An in-memory source with the TfdsSource interface, for bad inputs."""
+
+    def __init__(self, pairs):
+        object.__setattr__(self, "pairs", pairs)
+        object.__setattr__(self, "builder_fn", None)
+
+    def num_examples(self, split):
+        return len(self.pairs)
+
+    def read(self, split, start, stop):
+        yield from self.pairs[start:stop]
+
+
+@pytest.fixture(scope="module")
+def synthetic_source(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return pp.TfdsSource(functools.partial(
+        pp.synthetic_builder, image_size=32, data_dir=data_dir,
+        split_sizes={"train": 24, "validation": 6, "test": 6}))
+
+
+def _run(source, out, text_vocab_size=300, **kw):
+    return pp.preprocess(str(out), source=source, image_tokenizer_fn=tiny_image_tokenizer,
+                         docs_per_shard=10, batch_size=4, text_vocab_size=text_vocab_size,
+                         num_sentinels=8, seq_len=512, **kw)
+
+
+def test_synthetic_corpus_round_trips_through_shards(synthetic_source, tmp_path):
+    result = _run(synthetic_source, tmp_path)
+    assert result["splits"]["train"] == {"read": 24, "written": 24, "skipped": {},
+                                         "skipped_sample_ids": {}}
+    assert result["shards"] == 3 + 1 + 1
+    assert json.load(open(tmp_path / "manifest.json")) == result
+    vocab = MultimodalVocabulary(str(tmp_path / "vocab"))
+    assert vocab.layout.image_length == 64 and vocab.layout.image_codes == 64
+    records = list(shards.read_split(str(tmp_path), "train").as_numpy_iterator())
+    assert len(records) == 24
+    pairs = {p.doc_id: p for p in synthetic_source.read("train", 0, 24)}
+    codes = tiny_image_tokenizer().encode(np.stack([pairs[r["doc_id"].decode()].image
+                                                    for r in records[:4]]))
+    for r, c in zip(records[:4], codes):
+        doc = document_lib.decode(r["ids"], vocab)
+        caption, image = doc.segments
+        assert caption.text.encode() in pairs[r["doc_id"].decode()].captions
+        np.testing.assert_array_equal(image.codes, c)
+
+
+def test_rerun_skips_finished_shards(synthetic_source, tmp_path):
+    _run(synthetic_source, tmp_path)
+    first = shards.shard_path(str(tmp_path), "train", 0, 3)
+    before = os.path.getmtime(first)
+    os.remove(shards.shard_path(str(tmp_path), "train", 1, 3) + ".stats.json")
+    result = _run(synthetic_source, tmp_path)
+    assert os.path.getmtime(first) == before  # untouched
+    assert result["splits"]["train"]["written"] == 24
+
+
+def test_bad_inputs_are_counted_never_lost(tmp_path):
+    good = np.zeros((32, 32, 3), np.uint8)
+    pairs = [
+        pp.RawPair("ok-1", good, [b"a red circle"]),
+        pp.RawPair("ok-2", good, [b"", b"a blue star"]),
+        pp.RawPair("no-image", None, [b"a red circle"]),
+        pp.RawPair("gray", np.zeros((32, 32), np.uint8), [b"a red circle"]),
+        pp.RawPair("small", np.zeros((16, 16, 3), np.uint8), [b"a red circle"]),
+        pp.RawPair("empty", good, [b"  "]),
+        pp.RawPair("latin1", good, ["caf\u00e9".encode("latin-1")]),
+        pp.RawPair("long", good, [b"a red circle " * 40]),
+    ]
+    result = _run(ListSource(pairs), tmp_path, splits=("train",), max_text_tokens=100,
+                  text_vocab_size=270)
+    train = result["splits"]["train"]
+    assert train["read"] == 8 and train["written"] == 2
+    assert train["skipped"] == {"bad_image": 2, "image_too_small": 1, "empty_caption": 1,
+                                "non_utf8_caption": 1, "text_too_long": 1}
+    assert train["skipped_sample_ids"]["bad_image"] == ["no-image", "gray"]
+    assert sum(train["skipped"].values()) + train["written"] == train["read"]
