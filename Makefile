@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, run the end-to-end job on the built-in corpus
-#   make test   - create .venv if needed, install (with the dev and ref extras), run the tests
+#   make test   - create .venv if needed, install (with the dev, ref and beam extras), run the tests
 # Both are idempotent: a second run reuses .venv and reinstalls only when setup.py changed.
 
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): setup.py | $(PY)
-	$(PY) -m pip install -q -e '.[dev,ref]'
+	$(PY) -m pip install -q -e '.[dev,ref,beam]'
 	touch $(STAMP)
 
 install: $(STAMP)

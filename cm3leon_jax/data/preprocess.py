@@ -33,7 +33,8 @@ import gin
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.data import shards
+from cm3leon_jax.data import shards, synthetic_tfds
+from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -78,7 +79,6 @@ class TfdsSource:
 def synthetic_builder(image_size: int = 64, data_dir: str | None = None,
                       split_sizes: dict | None = None, seed: int = 0):
     """The built-in corpus, generated locally on first use."""
-    from cm3leon_jax.data import synthetic_tfds
     return synthetic_tfds.prepare(synthetic_tfds.SyntheticShapes(
         config=synthetic_tfds.make_config(image_size, split_sizes, seed),
         data_dir=data_dir))
@@ -334,7 +334,6 @@ def preprocess(model_dir: str,
       runner, pipeline_options: Beam's, e.g. "DataflowRunner" and
         ["--project=...", "--region=...", "--temp_location=gs://..."].
     """
-    from cm3leon_jax.data.augment import AugmentConfig
     vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
     if not os.path.exists(os.path.join(vocab_dir, "layout.json")):

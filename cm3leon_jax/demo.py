@@ -1,0 +1,139 @@
+"""The `demo` run mode: the whole flow, end to end, on the built-in corpus.
+
+Each stage is an ordinary run mode of its own, called here with a sub-folder of
+MODEL_DIR; gin binds their settings (gin_configs/runs/demo.gin). Stages that
+are finished are reused: rerunning the demo resumes where it stopped.
+
+    MODEL_DIR/tfds/              the synthetic corpus (TFDS)
+    MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train split
+    MODEL_DIR/data/              vocab/ + tokenized shards + manifest.json (Beam)
+    MODEL_DIR/pictures/          corpus.png, reconstructions.png
+    MODEL_DIR/metrics.json       what each stage measured
+
+Stages of the flow that are not built yet are listed in metrics.json under
+`not_yet` and printed at the end, so the demo never claims more than it did.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Sequence
+
+import gin
+import numpy as np
+from absl import logging
+
+from cm3leon_jax.data import parse, preprocess, shards, synthetic_tfds
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab import image_tokenizer as image_tokenizer_lib
+from cm3leon_jax.vocab import vqgan_train
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+NOT_YET = (
+    "retrieval index and neighbours (issue 6: CLIP, ScaNN)",
+    "decoder pretraining (issues 4 and 7: model, trainer)",
+    "text-to-image and image-to-text generation (sampler, CFG, CD-K)",
+    "evaluation (FID, CLIP score, CIDEr) and export",
+)
+
+
+@gin.configurable(denylist=["model_dir"])
+def demo(model_dir: str,
+         image_size: int = 32,
+         split_sizes: dict | None = None,
+         num_pictures: int = 16,
+         parse_examples: int = 200) -> dict:
+    """Runs every stage that exists, in order; returns (and writes) the metrics.
+
+    Args:
+      model_dir: where everything goes (see the module docstring).
+      image_size: side of the corpus images (the image tokenizer's size).
+      split_sizes: corpus split sizes, e.g. {"train": 2000, ...}.
+      num_pictures: images shown in each picture grid.
+      parse_examples: test images scored by the exact parser.
+    """
+    metrics: dict = {}
+    timings: dict = {}
+    tfds_dir = os.path.join(model_dir, "tfds")
+    builder_fn = functools.partial(preprocess.synthetic_builder, image_size=image_size,
+                                   data_dir=tfds_dir, split_sizes=split_sizes)
+
+    def stage(name, fn):
+        start = time.time()
+        print(f"[demo] {name} ...", flush=True)
+        metrics[name] = fn()
+        timings[name] = round(time.time() - start, 1)
+        print(f"[demo] {name}: done in {timings[name]} s", flush=True)
+
+    stage("corpus", lambda: corpus_stage(builder_fn, parse_examples))
+    vq_dir = os.path.join(model_dir, "image_tokenizer")
+    stage("image_tokenizer", lambda: vqgan_train.train_image_tokenizer(model_dir=vq_dir))
+    tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer,
+                                     checkpoint=vq_dir)
+    data_dir = os.path.join(model_dir, "data")
+    stage("preprocess", lambda: preprocess.preprocess(
+        data_dir, source=preprocess.TfdsSource(builder_fn),
+        image_tokenizer_fn=tokenizer_fn))
+    stage("pictures", lambda: pictures_stage(
+        builder_fn(), tokenizer_fn(), data_dir, os.path.join(model_dir, "pictures"),
+        num_pictures))
+    metrics["seconds"] = timings
+    metrics["not_yet"] = list(NOT_YET)
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
+    print(f"[demo] wrote {model_dir}/metrics.json and {model_dir}/pictures/")
+    print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
+    return metrics
+
+
+def corpus_stage(builder_fn, parse_examples: int) -> dict:
+    """Builds the corpus; scores the exact parser on test images."""
+    builder = builder_fn()
+    ds = builder.as_dataset(split=f"test[:{parse_examples}]")
+    correct = 0
+    n = 0
+    for ex in ds.as_numpy_iterator():
+        scene = synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode())
+        correct += parse.match(parse.parse_image(ex["image"]), scene, exact=True)["all_correct"]
+        n += 1
+    return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()},
+            "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
+
+
+def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
+                   num_pictures: int) -> dict:
+    """Corpus samples with captions, originals over VQ reconstructions."""
+    from cm3leon_jax.evaluation import pictures
+    os.makedirs(out_dir, exist_ok=True)
+    test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
+    images = np.stack([ex["image"] for ex in test])
+    captions = [ex["captions"][0].decode() for ex in test]
+    pictures.grid(images, captions, os.path.join(out_dir, "corpus.png"))
+    recon = image_tokenizer.reconstruct(images)
+    pictures.grid(np.concatenate([images, recon]), None,
+                  os.path.join(out_dir, "reconstructions.png"), columns=num_pictures)
+    psnr = pictures.psnr(images, recon)
+    # A document from the tokenized shards, decoded back, proves the id layout.
+    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    record = next(shards.read_split(data_dir, "test").as_numpy_iterator())
+    doc = document_lib.decode(record["ids"], vocab)
+    lengths = [r["ids"].size for r in shards.read_split(data_dir, "train")
+               .take(500).as_numpy_iterator()]
+    return {"reconstruction_psnr_db": psnr,
+            "vocab_size": vocab.vocab_size,
+            "tokens_per_document_mean": float(np.mean(lengths)),
+            "example_document": vocab.render(record["ids"]),
+            "example_document_texts": doc.texts}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

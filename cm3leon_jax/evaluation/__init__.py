@@ -1,0 +1,1 @@
+"""Evaluation: image metrics, picture grids, and (later) FID, CLIP score, CIDEr."""
