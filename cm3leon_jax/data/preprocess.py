@@ -67,6 +67,15 @@ class TfdsSource:
             raise ValueError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
         return info.splits[split].num_examples
 
+    def report(self) -> dict | None:
+        """What the source itself rejected while it was built (user data's
+        report.json: missing, corrupt or truncated image files, ...), if any."""
+        path = os.path.join(self.builder_fn().data_path, "report.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
     def read(self, split: str, start: int, stop: int) -> Iterator[RawPair]:
         ds = self.builder_fn().as_dataset(split=f"{split}[{start}:{stop}]",
                                           shuffle_files=False)
@@ -356,6 +365,7 @@ def preprocess(model_dir: str,
                              gin_config=gin.config_str())
         run_pipeline(todo, worker, runner, pipeline_options)
     result = manifest(specs, model_dir)
+    result["source_report"] = source.report()
     shards.write_manifest(model_dir, result)
     for split, s in result["splits"].items():
         logging.info("preprocess %s: %d read, %d written, skipped %s",

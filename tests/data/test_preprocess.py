@@ -37,6 +37,9 @@ class ListSource(pp.TfdsSource):
     def read(self, split, start, stop):
         yield from self.pairs[start:stop]
 
+    def report(self):
+        return None
+
 
 @pytest.fixture(scope="module")
 def synthetic_source(tmp_path_factory):
@@ -57,6 +60,7 @@ def test_synthetic_corpus_round_trips_through_shards(synthetic_source, tmp_path)
     assert result["splits"]["train"] == {"read": 24, "written": 24, "skipped": {},
                                          "skipped_sample_ids": {}}
     assert result["shards"] == 3 + 1 + 1
+    assert result["source_report"] is None  # the synthetic corpus rejects nothing
     assert json.load(open(tmp_path / "manifest.json")) == result
     vocab = MultimodalVocabulary(str(tmp_path / "vocab"))
     assert vocab.layout.image_length == 64 and vocab.layout.image_codes == 64
@@ -102,3 +106,24 @@ def test_bad_inputs_are_counted_never_lost(tmp_path):
                                 "non_utf8_caption": 1, "text_too_long": 1}
     assert train["skipped_sample_ids"]["bad_image"] == ["no-image", "gray"]
     assert sum(train["skipped"].values()) + train["written"] == train["read"]
+
+
+def test_user_data_rejects_reach_the_manifest(tmp_path):
+    """Files the user-data builder could not read are in the manifest too."""
+    from PIL import Image as PILImage
+    from cm3leon_jax.data import user_data
+    src = tmp_path / "pairs"
+    src.mkdir()
+    PILImage.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(src / "good.png")
+    (src / "bad.png").write_bytes(b"not a png")
+    lines = [{"image": "good.png", "text": "a grey square"},
+             {"image": "bad.png", "text": "a broken file"},
+             {"image": "gone.png", "text": "a missing file"}]
+    (src / "pairs.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    source = pp.TfdsSource(functools.partial(
+        user_data.user_data_builder, str(src / "pairs.jsonl"), image_size=32,
+        data_dir=str(tmp_path / "tfds")))
+    result = _run(source, tmp_path / "out", splits=("train",), text_vocab_size=266)
+    assert result["splits"]["train"]["written"] == 1
+    report = result["source_report"]
+    assert report["counts"]["corrupt_image"] == 1 and report["counts"]["missing_image"] == 1
