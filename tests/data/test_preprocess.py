@@ -126,4 +126,5 @@ def test_user_data_rejects_reach_the_manifest(tmp_path):
     result = _run(source, tmp_path / "out", splits=("train",), text_vocab_size=266)
     assert result["splits"]["train"]["written"] == 1
     report = result["source_report"]
-    assert report["counts"]["corrupt_image"] == 1 and report["counts"]["missing_image"] == 1
+    assert report["rejected"]["corrupt_image"] == 1 and report["rejected"]["missing_image"] == 1
+    assert report["total"] == 3 and report["ok"] == 1
