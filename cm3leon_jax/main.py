@@ -72,8 +72,13 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return args.gin_file, bindings
 
 
-def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-    """Parses files then bindings; raises ConfigError on any mistake."""
+def configure(gin_files: Sequence[str], bindings: Sequence[str],
+              finalize: bool = True) -> None:
+    """Parses files then bindings; raises ConfigError on any mistake.
+
+    `finalize=False` skips the check that every `%gin.REQUIRED` is bound (and
+    leaves the config open), for tools that only inspect a config.
+    """
     for path in SEARCH_PATHS:
         if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
             gin.add_config_file_search_path(path)
@@ -87,7 +92,7 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     root.setLevel(logging.CRITICAL)
     try:
         gin.parse_config_files_and_bindings(gin_files, bindings,
-                                            finalize_config=True)
+                                            finalize_config=finalize)
     except (ValueError, IOError, SyntaxError, ImportError) as e:
         raise ConfigError(_first_line(e)) from None
     finally:
