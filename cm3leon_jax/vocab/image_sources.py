@@ -1,0 +1,134 @@
+"""Image sources for training the tokenizer: random access, deterministic.
+
+An image source is any callable `source(index: int) -> uint8[h, w, 3]` whose
+result depends only on its construction arguments and `index`. The trainer reads
+examples `step * batch .. (step + 1) * batch - 1`, so a run resumed from a
+checkpoint continues with exactly the data it would have seen, and nothing is
+buffered or shuffled statefully. Sizes may differ from the tokenizer's: the
+trainer converts with the same rules as `ImageTokenizer.encode`.
+
+- `synthetic_images`: the synthetic shapes corpus; index i of split s is the
+  image of example i of split s of the `synthetic_shapes` TFDS dataset.
+- `folder_images`: a user's folder of pictures (any PIL-readable file, recursive),
+  as random square crops, so a few large photos give many training images.
+- `array_images`: the same random crops of images already in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Callable, Sequence
+
+import gin
+import numpy as np
+from PIL import Image
+
+from cm3leon_jax.vocab import image_inputs
+
+ImageSource = Callable[[int], np.ndarray]
+
+_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _rng(seed: int, name: str, index: int) -> np.random.Generator:
+    # The seeding of cm3leon_jax.data.synthetic_tfds.example_rng (kept in step so
+    # that split s / index i is the same scene here and in the TFDS dataset).
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8")), index])
+
+
+@gin.configurable
+def synthetic_images(image_size: int = 64, split: str = "train", seed: int = 0,
+                     num_examples: int | None = None) -> ImageSource:
+    """Scenes of the synthetic corpus.
+
+    Args:
+      image_size: side of the rendered scenes (>= 32).
+      split: "train", "validation" or "test"; each split draws its own scenes.
+      seed: the corpus seed (0 for the registered TFDS configs).
+      num_examples: wrap around after this many (the TFDS split size), or None for
+        an endless stream of fresh scenes (what a tokenizer wants).
+    """
+    from cm3leon_jax.data import shapes  # the data layer; imported late to keep vocab light
+
+    def source(index: int) -> np.ndarray:
+        i = index % num_examples if num_examples else index
+        return shapes.render(shapes.sample_scene(_rng(seed, split, i), image_size))
+
+    return source
+
+
+def random_square_crop(image: np.ndarray, rng: np.random.Generator, image_size: int,
+                       min_scale: float = 0.5, flip: bool = True) -> np.ndarray:
+    """A random square crop whose side is a `min_scale`..1 share of the short side,
+    resized to image_size (scale augmentation), optionally mirrored."""
+    h, w = image.shape[:2]
+    short = min(h, w)
+    side = int(round(short * rng.uniform(min_scale, 1.0))) if short > image_size else short
+    side = max(1, min(side, short))
+    y = int(rng.integers(0, h - side + 1))
+    x = int(rng.integers(0, w - side + 1))
+    crop = image[y:y + side, x:x + side]
+    if flip and rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    if side != image_size:
+        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
+            (image_size, image_size), Image.BICUBIC))
+    return np.ascontiguousarray(crop)
+
+
+@gin.configurable
+def array_images(images: Sequence[np.ndarray], image_size: int = 64, seed: int = 0,
+                 min_scale: float = 0.5, flip: bool = True) -> ImageSource:
+    """Random square crops of in-memory images (any layout `ImageTokenizer` accepts).
+
+    Index i uses image i % len(images) and a crop drawn from (seed, i).
+    """
+    if not len(images):
+        raise ValueError("array_images needs at least one image")
+    rgb = [image_inputs.rgb_uint8_unresized(im) for im in images]
+
+    def source(index: int) -> np.ndarray:
+        return random_square_crop(rgb[index % len(rgb)], _rng(seed, "crop", index), image_size,
+                                  min_scale, flip)
+
+    return source
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Every picture under `folder`, recursively, in a stable (sorted) order."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+                   if f.lower().endswith(_EXTENSIONS))
+    if not files:
+        raise ValueError(f"no images ({', '.join(_EXTENSIONS)}) under {folder!r}")
+    return files
+
+
+@gin.configurable
+def folder_images(folder: str = gin.REQUIRED, image_size: int = 64, seed: int = 0,
+                  min_scale: float = 0.5, flip: bool = True) -> ImageSource:
+    """Random square crops of the pictures under `folder`.
+
+    Each epoch visits every file once, in an order drawn from (seed, epoch).
+    Files that PIL cannot read raise an error naming the file.
+    """
+    files = list_image_files(folder)
+
+    def source(index: int) -> np.ndarray:
+        epoch, pos = divmod(index, len(files))
+        path = files[_rng(seed, "epoch", epoch).permutation(len(files))[pos]]
+        try:
+            with Image.open(path) as im:
+                image = image_inputs.rgb_uint8_unresized(im)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot use image {path!r}: {e}") from e
+        return random_square_crop(image, _rng(seed, "crop", index), image_size, min_scale, flip)
+
+    return source
+
+
+def take(source: ImageSource, start: int, count: int) -> list[np.ndarray]:
+    """Examples start .. start+count-1 of a source."""
+    return [source(i) for i in range(start, start + count)]

@@ -1,0 +1,290 @@
+"""The VQGAN image tokenizer network: convolutional encoder, quantizer, decoder.
+
+The architecture is the taming-transformers VQGAN that Make-A-Scene, CM3Leon and
+Chameleon use; parameter names follow the released checkpoints (`conv_in`,
+`down_{level}_block_{i}`, `mid_attn_1`, `quant_conv`, ...) so that importing
+them (`chameleon_vqgan_weights.py`) is a renaming, not a search::
+
+    images f32[b, H, W, 3] in [-1, 1]
+      Encoder: conv_in -> per level: num_res_blocks x ResnetBlock (+ attention on
+               `attn_levels`), stride-2 conv between levels -> mid: Resnet,
+               Attention, Resnet -> GroupNorm, swish, conv_out
+      quant_conv (1x1)  -> latents f32[b, H/f, W/f, embed_dim]
+      VectorQuantizer   -> codes int32[b, H/f, W/f]
+      post_quant_conv (1x1) -> Decoder (the mirror image, num_res_blocks + 1 blocks
+               per level, nearest-neighbour x2 + conv to go up) -> f32[b, H, W, 3]
+
+with down-sampling factor f = 2 ** (len(channel_multipliers) - 1). Levels are
+numbered from the full resolution (level 0) down, in the encoder and the decoder
+alike, so `attn_levels=(3,)` with four levels puts attention at the lowest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from cm3leon_jax.vocab.quantizer import QuantizerOutput, VectorQuantizer
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """Shape of a VQGAN. Gin files in gin_configs/image_tokenizer/ bind these.
+
+    Attributes:
+      image_size: side of the square images the tokenizer reads and writes.
+      base_channels: channels of level 0 (taming's `ch`).
+      channel_multipliers: channels of level i = base_channels * multiplier[i];
+        its length fixes the down-sampling factor 2 ** (len - 1).
+      num_res_blocks: residual blocks per encoder level (the decoder has one more).
+      attn_levels: levels (0 = full resolution) with self-attention after every
+        residual block. The block in the middle (lowest resolution) always has one
+        unless `mid_attention` is False.
+      mid_attention: attention block between the two middle residual blocks.
+      latent_channels: channels out of the encoder / into the decoder (`z_channels`).
+      embed_dim: codebook entry size; the 1x1 quant convs map latent_channels to it.
+      codebook_size: number of codes.
+      l2_normalize: cosine-distance lookup on unit vectors (ViT-VQGAN) instead of
+        plain Euclidean (taming, Chameleon's released weights).
+      num_groups: GroupNorm groups; every level's channels must divide by it.
+      in_channels: image channels (3).
+      dtype: compute dtype of the convolutions ("float32" or "bfloat16"); params
+        and the quantizer stay float32.
+      matmul_precision: precision of every conv / matmul: "highest" computes float32
+        exactly (GPUs would otherwise use TF32 and TPUs bf16 passes: measured on an
+        H200, decoder outputs then differ from the released model's by ~2e-3
+        relative and codes can flip); "default" trades that for speed.
+    """
+
+    image_size: int = 256
+    base_channels: int = 128
+    channel_multipliers: tuple[int, ...] = (1, 1, 2, 4)
+    num_res_blocks: int = 2
+    attn_levels: tuple[int, ...] = (3,)
+    mid_attention: bool = True
+    latent_channels: int = 256
+    embed_dim: int = 256
+    codebook_size: int = 8192
+    l2_normalize: bool = False
+    num_groups: int = 32
+    in_channels: int = 3
+    dtype: str = "float32"
+    matmul_precision: str = "highest"
+
+    def __post_init__(self):
+        # gin and JSON hand lists over; the config must stay hashable for jit.
+        object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
+        object.__setattr__(self, "attn_levels", tuple(self.attn_levels))
+        levels = len(self.channel_multipliers)
+        if levels < 1:
+            raise ValueError("VQGANConfig.channel_multipliers must name at least one level")
+        if self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"VQGANConfig.image_size={self.image_size} is not divisible by the down-sampling "
+                f"factor {self.downsample_factor} (= 2 ** (len(channel_multipliers) - 1))")
+        bad = [lv for lv in self.attn_levels if not 0 <= lv < levels]
+        if bad:
+            raise ValueError(f"VQGANConfig.attn_levels {bad} outside 0..{levels - 1}")
+        for c in {self.base_channels * m for m in self.channel_multipliers}:
+            if c % self.num_groups:
+                raise ValueError(
+                    f"{c} channels do not divide into num_groups={self.num_groups} GroupNorm groups; "
+                    "change base_channels, channel_multipliers or num_groups")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"VQGANConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.matmul_precision not in ("default", "high", "highest"):
+            raise ValueError("VQGANConfig.matmul_precision must be 'default', 'high' or 'highest', "
+                             f"got {self.matmul_precision!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        """Codes per side: image_size / downsample_factor."""
+        return self.image_size // self.downsample_factor
+
+    @property
+    def codes_per_image(self) -> int:
+        return self.grid_size ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VQGANConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown VQGANConfig fields {sorted(unknown)}")
+        # Every field is passed explicitly so that gin bindings of the current
+        # process cannot leak into a config read back from disk.
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{**defaults, **d})
+
+
+def init_key(seed: int) -> jax.Array:
+    """PRNG key for initialisation and training randomness of the tokenizer.
+
+    The "rbg" generator, not the default threefry: XLA on CPU takes ~20 s to
+    compile threefry for the ~60 initialisers of even a tiny VQGAN, ~4 s for rbg.
+    Streams are deterministic per seed (but differ between backends, which
+    initialisation does not care about).
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
+def _norm(cfg: VQGANConfig, name: str) -> nn.GroupNorm:
+    # use_fast_variance=False: E[(x-m)^2] like torch, not E[x^2]-m^2, which loses
+    # digits after many layers and would break parity with the released model.
+    return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, use_fast_variance=False,
+                        dtype=jnp.dtype(cfg.dtype), name=name)
+
+
+def _conv(cfg: VQGANConfig, features: int, kernel: int, name: str, stride: int = 1,
+          padding: Any = None) -> nn.Conv:
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   dtype=jnp.dtype(cfg.dtype), precision=cfg.matmul_precision, name=name)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-swish-conv twice, plus a 1x1 shortcut when the width changes."""
+
+    cfg: VQGANConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _conv(self.cfg, self.out_channels, 3, "conv1")(nn.swish(_norm(self.cfg, "norm1")(x)))
+        h = _conv(self.cfg, self.out_channels, 3, "conv2")(nn.swish(_norm(self.cfg, "norm2")(h)))
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.cfg, self.out_channels, 1, "nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map."""
+
+    cfg: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        h = _norm(self.cfg, "norm")(x)
+        prec = self.cfg.matmul_precision
+        dense = lambda name: nn.Dense(c, dtype=jnp.dtype(self.cfg.dtype), precision=prec,  # noqa: E731
+                                      name=name)
+        q, k, v = (dense(n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v"))
+        w = jnp.einsum("bic,bjc->bij", q, k, precision=prec) * (c ** -0.5)
+        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bij,bjc->bic", w, v, precision=prec).reshape(b, hgt, wid, c)
+        return x + dense("proj_out")(out)
+
+
+class Encoder(nn.Module):
+    """images f32[b, H, W, C] -> latents f32[b, H/f, W/f, latent_channels]."""
+
+    cfg: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h = _conv(cfg, cfg.base_channels, 3, "conv_in")(x.astype(jnp.dtype(cfg.dtype)))
+        levels = len(cfg.channel_multipliers)
+        for i, mult in enumerate(cfg.channel_multipliers):
+            for j in range(cfg.num_res_blocks):
+                h = ResnetBlock(cfg, cfg.base_channels * mult, name=f"down_{i}_block_{j}")(h)
+                if i in cfg.attn_levels:
+                    h = AttnBlock(cfg, name=f"down_{i}_attn_{j}")(h)
+            if i != levels - 1:
+                # Pad right/bottom only, then a valid stride-2 conv: the released
+                # model's asymmetric down-sampling (not "SAME", which pads both sides).
+                h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+                h = _conv(cfg, h.shape[-1], 3, f"down_{i}_downsample", stride=2,
+                          padding="VALID")(h)
+        h = ResnetBlock(cfg, h.shape[-1], name="mid_block_1")(h)
+        if cfg.mid_attention:
+            h = AttnBlock(cfg, name="mid_attn_1")(h)
+        h = ResnetBlock(cfg, h.shape[-1], name="mid_block_2")(h)
+        h = nn.swish(_norm(cfg, "norm_out")(h))
+        return _conv(cfg, cfg.latent_channels, 3, "conv_out")(h).astype(jnp.float32)
+
+
+class Decoder(nn.Module):
+    """latents f32[b, H/f, W/f, latent_channels] -> images f32[b, H, W, C] (about [-1, 1])."""
+
+    cfg: VQGANConfig
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        mults = cfg.channel_multipliers
+        h = _conv(cfg, cfg.base_channels * mults[-1], 3, "conv_in")(z.astype(jnp.dtype(cfg.dtype)))
+        h = ResnetBlock(cfg, h.shape[-1], name="mid_block_1")(h)
+        if cfg.mid_attention:
+            h = AttnBlock(cfg, name="mid_attn_1")(h)
+        h = ResnetBlock(cfg, h.shape[-1], name="mid_block_2")(h)
+        for i in reversed(range(len(mults))):
+            for j in range(cfg.num_res_blocks + 1):
+                h = ResnetBlock(cfg, cfg.base_channels * mults[i], name=f"up_{i}_block_{j}")(h)
+                if i in cfg.attn_levels:
+                    h = AttnBlock(cfg, name=f"up_{i}_attn_{j}")(h)
+            if i != 0:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+                h = _conv(cfg, h.shape[-1], 3, f"up_{i}_upsample")(h)
+        h = nn.swish(_norm(cfg, "norm_out")(h))
+        return _conv(cfg, cfg.in_channels, 3, "conv_out")(h).astype(jnp.float32)
+
+
+class EncodeOutput(NamedTuple):
+    """What `VQGAN.encode` returns.
+
+    Attributes:
+      hidden: f32[b, h, w, latent_channels]; the encoder output before quant_conv.
+      quant: QuantizerOutput with latents / quantized f32[b, h, w, embed_dim] and
+        codes int32[b, h, w].
+    """
+
+    hidden: jax.Array
+    quant: QuantizerOutput
+
+
+class VQGAN(nn.Module):
+    """The tokenizer network. Images are f32 in [-1, 1], channels last."""
+
+    cfg: VQGANConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv(cfg.embed_dim, (1, 1), precision=cfg.matmul_precision)
+        self.quantize = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.l2_normalize)
+        self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), precision=cfg.matmul_precision)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, images: jax.Array) -> EncodeOutput:
+        """images f32[b, H, W, C] in [-1, 1] -> EncodeOutput (codes int32[b, H/f, W/f])."""
+        hidden = self.encoder(images)
+        return EncodeOutput(hidden, self.quantize(self.quant_conv(hidden)))
+
+    def decode_latents(self, quantized: jax.Array) -> jax.Array:
+        """Codebook vectors f32[b, h, w, embed_dim] -> images f32[b, H, W, C]."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def decode_codes(self, codes: jax.Array) -> jax.Array:
+        """codes int[b, h, w] -> images f32[b, H, W, C] (about [-1, 1])."""
+        return self.decode_latents(self.quantize.lookup(codes))
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, EncodeOutput]:
+        """Reconstruction f32[b, H, W, C] and everything the losses need."""
+        enc = self.encode(images)
+        return self.decode_latents(enc.quant.quantized), enc

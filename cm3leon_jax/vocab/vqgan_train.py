@@ -1,0 +1,376 @@
+"""Training the image tokenizer: the `train_image_tokenizer` run mode.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/train_image_tokenizer.gin \
+        --gin.MODEL_DIR="'runs/vq_tiny'"
+
+One step, data-parallel over a ('data',) mesh (batch sharded, weights replicated):
+
+    images -> VQGAN -> reconstruction, codes
+    generator loss = l1 * |x - x'| + l2 * (x - x')^2 + perceptual (pluggable, off)
+                   + codebook * |sg(z) - e|^2 + commitment * |z - sg(e)|^2
+                   + disc_weight * hinge_g(D(x'))            (from `disc_start` on)
+    discriminator  = hinge_d(D(x), D(sg(x')))                 (from `disc_start` on)
+    then: EMA of the weights (optional), running code usage, and every
+    `restart_every` steps the dead codes move onto random encoder outputs.
+
+Determinism: step s reads examples s*B .. s*B+B-1 of the image source and uses
+rng fold_in(seed, s), so a resumed run (from MODEL_DIR/checkpoints) continues the
+exact same run. TensorBoard: losses, PSNR, codebook usage, images/s, and a grid
+of originals over reconstructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cm3leon_jax.vocab import image_inputs, quantizer, vqgan_checkpoint
+from cm3leon_jax.vocab.image_sources import ImageSource, synthetic_images
+from cm3leon_jax.vocab.image_tokenizer import images_to_model, model_to_images
+from cm3leon_jax.vocab.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig, init_key
+
+log = logging.getLogger(__name__)
+
+PerceptualLoss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@gin.configurable
+class VQGANLossWeights:
+    """Weights of the generator's loss terms (gin: `VQGANLossWeights.l1 = 1.0`).
+
+    `perceptual` is a traceable function (images, reconstructions) -> scalar, both
+    f32[b, h, w, 3] in [-1, 1], e.g. an LPIPS port with weights you supply; no
+    perceptual weights can be downloaded here, so it is off by default.
+    """
+
+    def __init__(self, l1: float = 1.0, l2: float = 1.0, codebook: float = 1.0,
+                 commitment: float = 0.25, perceptual: PerceptualLoss | None = None,
+                 perceptual_weight: float = 0.0, disc: float = 0.1):
+        self.l1, self.l2, self.codebook, self.commitment = l1, l2, codebook, commitment
+        self.perceptual, self.perceptual_weight, self.disc = perceptual, perceptual_weight, disc
+
+
+def psnr(images: jax.Array, recon: jax.Array) -> jax.Array:
+    """Mean PSNR (dB) of uint8-range images; inputs f32 in [-1, 1], b leading."""
+    a = (images + 1.0) * 127.5
+    b = jnp.clip(jnp.round((recon + 1.0) * 127.5), 0, 255)
+    mse = jnp.mean(jnp.square(a - b), axis=tuple(range(1, images.ndim)))
+    return jnp.mean(10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)))
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, num_steps: int, b1: float, b2: float,
+                   weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, warmup_steps), max(num_steps, warmup_steps + 1),
+        end_value=0.1 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+class Trainer:
+    """The pure pieces of training: state, one step, evaluation. No I/O."""
+
+    def __init__(self, cfg: VQGANConfig, optimizer: optax.GradientTransformation,
+                 weights: VQGANLossWeights, discriminator: nn.Module | None = None,
+                 disc_optimizer: optax.GradientTransformation | None = None,
+                 ema_decay: float | None = None, usage_decay: float = 0.99,
+                 restart_every: int = 100, restart_threshold: float = 0.1, seed: int = 0):
+        self.cfg, self.model, self.opt, self.w = cfg, VQGAN(cfg), optimizer, weights
+        self.disc, self.disc_opt = discriminator, disc_optimizer
+        self.ema_decay, self.usage_decay = ema_decay, usage_decay
+        self.restart_every, self.restart_threshold = restart_every, restart_threshold
+        self.seed = seed
+
+    def init(self, rng: jax.Array) -> dict[str, Any]:
+        x = jnp.zeros((1, self.cfg.image_size, self.cfg.image_size, self.cfg.in_channels))
+        k_model, k_disc = jax.random.split(rng)
+        params = self.model.init(k_model, x)["params"]
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": self.opt.init(params),
+                 # Usage starts at zero, so the first restart (step `restart_every`)
+                 # already moves every code unused so far: with taming's tiny initial
+                 # codebook most codes are never picked, and waiting for a uniform
+                 # prior to decay would leave them dead for hundreds of steps.
+                 "usage": jnp.zeros((self.cfg.codebook_size,), jnp.float32)}
+        if self.disc is not None:
+            dp = self.disc.init(k_disc, x)["params"]
+            state.update(disc_params=dp, disc_opt_state=self.disc_opt.init(dp))
+        if self.ema_decay is not None:
+            state["ema_params"] = params
+        return state
+
+    def inference_params(self, state: dict[str, Any]) -> Any:
+        return state.get("ema_params", state["params"])
+
+    def _generator_loss(self, params, disc_params, images, use_disc: bool):
+        recon, enc = self.model.apply({"params": params}, images)
+        q = enc.quant
+        l1 = jnp.mean(jnp.abs(recon - images))
+        l2 = jnp.mean(jnp.square(recon - images))
+        loss = (self.w.l1 * l1 + self.w.l2 * l2 + self.w.codebook * q.codebook_loss
+                + self.w.commitment * q.commitment_loss)
+        metrics = {"l1": l1, "l2": l2, "codebook_loss": q.codebook_loss,
+                   "commitment_loss": q.commitment_loss, "psnr": psnr(images, recon)}
+        if self.w.perceptual is not None and self.w.perceptual_weight:
+            p = self.w.perceptual(images, recon)
+            loss += self.w.perceptual_weight * p
+            metrics["perceptual_loss"] = p
+        if use_disc:
+            g = hinge_g_loss(self.disc.apply({"params": disc_params}, recon))
+            loss += self.w.disc * g
+            metrics["g_loss"] = g
+        metrics["loss"] = loss
+        latents = q.latents.reshape(-1, q.latents.shape[-1])
+        return loss, (metrics, q.codes, jax.lax.stop_gradient(latents), recon)
+
+    def step(self, state: dict[str, Any], images_u8: jax.Array, use_disc: bool = False
+             ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """One optimisation step on uint8[b, s, s, 3]. `use_disc` is static (jit twice)."""
+        images = images_to_model(images_u8)
+        rng = jax.random.fold_in(init_key(self.seed), state["step"])
+        grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
+        (_, (metrics, codes, latents, recon)), grads = grad_fn(
+            state["params"], state.get("disc_params"), images, use_disc)
+        updates, opt_state = self.opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, step=state["step"] + 1, opt_state=opt_state)
+
+        usage = quantizer.update_usage(state["usage"], codes, self.usage_decay)
+        if self.restart_every:
+            emb, new_usage, n = quantizer.restart_dead_codes(
+                params["quantize"]["embedding"], usage, latents, rng, self.restart_threshold)
+            due = (state["step"] + 1) % self.restart_every == 0
+            emb = jnp.where(due, emb, params["quantize"]["embedding"])
+            usage = jnp.where(due, new_usage, usage)
+            params = {**params, "quantize": {**params["quantize"], "embedding": emb}}
+            metrics["codes_restarted"] = jnp.where(due, n, 0).astype(jnp.float32)
+        new.update(params=params, usage=usage)
+
+        if use_disc:
+            def d_loss_fn(dp):
+                real = self.disc.apply({"params": dp}, images)
+                fake = self.disc.apply({"params": dp}, jax.lax.stop_gradient(recon))
+                return hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
+            (d_loss, (lr_, lf_)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+                state["disc_params"])
+            d_updates, d_opt = self.disc_opt.update(d_grads, state["disc_opt_state"],
+                                                     state["disc_params"])
+            new.update(disc_params=optax.apply_updates(state["disc_params"], d_updates),
+                       disc_opt_state=d_opt)
+            metrics.update(d_loss=d_loss, logits_real=lr_, logits_fake=lf_)
+        elif self.disc is not None:
+            # Same metric names before the discriminator starts, so that a logging
+            # window spanning `disc_start` adds up like any other.
+            zero = jnp.zeros((), jnp.float32)
+            metrics.update(g_loss=zero, d_loss=zero, logits_real=zero, logits_fake=zero)
+
+        if self.ema_decay is not None:
+            d = self.ema_decay
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+            # The codebook is not averaged: a restarted entry must move at once, and an
+            # average of old and new entries matches neither the encoder nor the decoder.
+            new["ema_params"] = {**ema, "quantize": params["quantize"]}
+        metrics["code_counts"] = quantizer.code_histogram(codes, self.cfg.codebook_size)
+        return new, metrics
+
+    def evaluate(self, params: Any, images_u8: jax.Array) -> dict[str, jax.Array]:
+        """PSNR, losses and code counts of a batch; also returns reconstructions."""
+        images = images_to_model(images_u8)
+        recon, enc = self.model.apply({"params": params}, images)
+        return {"psnr": psnr(images, recon), "l1": jnp.mean(jnp.abs(recon - images)),
+                "code_counts": quantizer.code_histogram(enc.quant.codes, self.cfg.codebook_size),
+                "recon": model_to_images(recon)}
+
+
+def _grid(originals: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Originals on the top row, reconstructions below: uint8[2h, n*w, 3]."""
+    return np.concatenate([np.concatenate(list(originals), axis=1),
+                           np.concatenate(list(recon), axis=1)], axis=0)
+
+
+def load_batch(source: ImageSource, start: int, count: int, image_size: int) -> np.ndarray:
+    """Examples start..start+count-1 as uint8[count, s, s, 3] (tokenizer input rules)."""
+    return np.concatenate([image_inputs.to_rgb_uint8(source(i), image_size)
+                           for i in range(start, start + count)])
+
+
+@gin.configurable
+def train_image_tokenizer(
+    model_dir: str,
+    config: VQGANConfig | None = None,
+    image_source: ImageSource | None = None,
+    eval_source: ImageSource | None = None,
+    num_steps: int = 1000,
+    batch_size: int = 16,
+    learning_rate: float = 2e-4,
+    warmup_steps: int = 100,
+    b1: float = 0.5,
+    b2: float = 0.9,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    weights: VQGANLossWeights | None = None,
+    disc_start: int | None = None,
+    discriminator: nn.Module | None = None,
+    disc_learning_rate: float | None = None,
+    ema_decay: float | None = None,
+    usage_decay: float = 0.99,
+    restart_every: int = 100,
+    restart_threshold: float = 0.1,
+    log_every: int = 50,
+    eval_every: int = 500,
+    eval_examples: int = 64,
+    checkpoint_every: int = 500,
+    keep_checkpoints: int = 3,
+    seed: int = 0,
+    write_tensorboard: bool = True,
+) -> dict[str, float]:
+    """Trains a VQGAN tokenizer into MODEL_DIR; resumes if MODEL_DIR has checkpoints.
+
+    Args:
+      model_dir: where checkpoints (MODEL_DIR/checkpoints) and TensorBoard go.
+      config: the network (default: `VQGANConfig()` as bound by the size gin file).
+      image_source: `index -> uint8[h, w, 3]` (image_sources.py); default the
+        synthetic corpus' train split at config.image_size.
+      eval_source: held-out images for PSNR / usage; default the synthetic test split.
+      num_steps, batch_size: global batch, split over all devices (must divide).
+      learning_rate, warmup_steps, b1, b2, weight_decay, grad_clip: AdamW with
+        linear warm-up and cosine decay to 10%; b1 0.5 / b2 0.9 as in taming's GAN.
+      weights: loss weights (VQGANLossWeights, gin-configurable).
+      disc_start: step at which the PatchGAN discriminator joins (None: never).
+      discriminator: the discriminator module (default PatchDiscriminator()).
+      disc_learning_rate: its learning rate (default learning_rate).
+      ema_decay: keep an EMA of the weights (e.g. 0.999) and tokenize with it.
+      usage_decay, restart_every, restart_threshold: dead-code restarts every
+        `restart_every` steps (0: never) for codes whose running usage is below
+        `restart_threshold` times the uniform share.
+      log_every, eval_every, checkpoint_every: intervals in steps.
+      eval_examples: images of eval_source per evaluation.
+      seed: initialisation and restart randomness.
+      write_tensorboard: False keeps TensorFlow out (tests).
+    Returns:
+      The final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
+    """
+    cfg = config or VQGANConfig()
+    source = image_source or synthetic_images(cfg.image_size, "train", seed)
+    eval_src = eval_source or synthetic_images(cfg.image_size, "test", seed)
+    weights = weights or VQGANLossWeights()
+    devices = jax.devices()
+    if batch_size % len(devices):
+        raise ValueError(f"batch_size={batch_size} does not split over {len(devices)} devices; "
+                         f"use a multiple of {len(devices)}")
+    # TODO(lead): switch to cm3leon_jax.model.partitioning.make_mesh once it lands.
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    use_disc_ever = disc_start is not None
+    disc = (discriminator or PatchDiscriminator()) if use_disc_ever else None
+    lr_args = dict(warmup_steps=warmup_steps, num_steps=num_steps, b1=b1, b2=b2,
+                   weight_decay=weight_decay, grad_clip=grad_clip)
+    trainer = Trainer(
+        cfg, make_optimizer(learning_rate, **lr_args), weights, disc,
+        make_optimizer(disc_learning_rate or learning_rate, **lr_args) if disc else None,
+        ema_decay, usage_decay, restart_every, restart_threshold, seed)
+
+    init = jax.jit(trainer.init, out_shardings=replicated)
+    mngr = vqgan_checkpoint.manager(model_dir, max_to_keep=keep_checkpoints)
+    if mngr.latest_step() is not None:
+        abstract = jax.eval_shape(trainer.init, init_key(seed))
+        abstract = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+        state, start = vqgan_checkpoint.restore_state(mngr, abstract)
+        log.info("resumed from step %d of %s", start, model_dir)
+    else:
+        state, start = init(init_key(seed)), 0
+
+    steps = {flag: jax.jit(functools.partial(trainer.step, use_disc=flag), donate_argnums=0,
+                           out_shardings=(replicated, replicated))
+             for flag in ({False, True} if use_disc_ever else {False})}
+    evaluate = jax.jit(trainer.evaluate)
+    accumulate = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+
+    writer = None
+    if write_tensorboard:
+        from clu import metric_writers  # imports TensorFlow: only when writing
+        writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0)
+        writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
+                              "batch_size": batch_size, "learning_rate": learning_rate,
+                              "num_steps": num_steps})
+
+    def run_eval(step: int) -> dict[str, float]:
+        params = trainer.inference_params(state)
+        counts, psnrs, l1s, first = np.zeros(cfg.codebook_size, np.float32), [], [], None
+        for start_i in range(0, eval_examples, batch_size):
+            n = min(batch_size, eval_examples - start_i)
+            x = load_batch(eval_src, start_i, n, cfg.image_size)
+            out = evaluate(params, x)
+            counts = counts + np.asarray(out["code_counts"])
+            psnrs.append(float(out["psnr"]) * n)
+            l1s.append(float(out["l1"]) * n)
+            if first is None:
+                first = (x[:8], np.asarray(out["recon"])[:8])
+        stats = {k: float(v) for k, v in quantizer.codebook_stats(counts).items()}
+        result = {"eval/psnr": sum(psnrs) / eval_examples, "eval/l1": sum(l1s) / eval_examples,
+                  "eval/code_usage": stats["used_fraction"], "eval/perplexity": stats["perplexity"]}
+        if writer:
+            writer.write_scalars(step, result)
+            writer.write_images(step, {"originals_over_reconstructions": _grid(*first)[None]})
+        log.info("step %d eval %s", step, {k: round(v, 4) for k, v in result.items()})
+        return result
+
+    def save(step: int) -> None:
+        # Host copies: the state is replicated, and saving device arrays would make
+        # orbax compile a slice per parameter shape (minutes on a small CPU).
+        host = jax.device_get(state)
+        vqgan_checkpoint.save(mngr, step, cfg, trainer.inference_params(host), host)
+
+    window: dict[str, Any] = {}
+    t0, seen, last = time.perf_counter(), 0, {}
+    for step in range(start, num_steps):
+        x = jax.device_put(load_batch(source, step * batch_size, batch_size, cfg.image_size),
+                           data_sharding)
+        use_disc = use_disc_ever and step >= disc_start
+        state, metrics = steps[use_disc](state, x)
+        window = metrics if not window else accumulate(window, metrics)
+        seen += 1
+        if (step + 1) % log_every == 0 or step + 1 == num_steps:
+            w = jax.device_get(window)
+            counts = w.pop("code_counts")
+            restarted = w.pop("codes_restarted", 0.0)
+            last = {f"train/{k}": float(v) / seen for k, v in w.items()}
+            stats = quantizer.codebook_stats(counts)
+            dt = time.perf_counter() - t0
+            last.update({"train/code_usage": float(stats["used_fraction"]),
+                         "train/perplexity": float(stats["perplexity"]),
+                         "train/codes_restarted": float(restarted),
+                         "train/steps_per_s": seen / dt,
+                         "train/images_per_s": seen * batch_size / dt})
+            if writer:
+                writer.write_scalars(step + 1, last)
+            log.info("step %d %s", step + 1, {k: round(v, 4) for k, v in last.items()})
+            window, seen, t0 = {}, 0, time.perf_counter()
+        if (step + 1) % checkpoint_every == 0 and step + 1 != num_steps:
+            save(step + 1)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 != num_steps:
+            run_eval(step + 1)
+
+    result = dict(last)
+    if start < num_steps:
+        save(num_steps)
+    result.update(run_eval(num_steps))
+    mngr.wait_until_finished()
+    mngr.close()
+    if writer:
+        writer.flush()
+        writer.close()
+    return result

@@ -1,0 +1,145 @@
+"""ImageTokenizer: shapes, dtypes, jit + batching, input conversion and its errors."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3leon_jax.vocab import image_inputs
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer, encode_images, load_image_tokenizer
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+CFG = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                  attn_levels=(1,), latent_channels=8, embed_dim=8, codebook_size=32, num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ImageTokenizer.random_init(CFG, seed=0, batch_size=4)
+
+
+def _images(n, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_config_shape_and_validation():
+    assert (CFG.downsample_factor, CFG.grid_size, CFG.codes_per_image) == (2, 8, 64)
+    f8 = VQGANConfig()
+    assert (f8.downsample_factor, f8.codes_per_image, f8.codebook_size) == (8, 1024, 8192)
+    with pytest.raises(ValueError, match="not divisible"):
+        VQGANConfig(image_size=20, channel_multipliers=(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="num_groups"):
+        VQGANConfig(base_channels=24)
+    with pytest.raises(ValueError, match="attn_levels"):
+        VQGANConfig(attn_levels=(4,))
+    assert VQGANConfig.from_dict(CFG.to_dict()) == CFG
+    with pytest.raises(ValueError, match="unknown"):
+        VQGANConfig.from_dict({"nope": 1})
+
+
+def test_encode_decode_shapes_dtypes(tok):
+    codes = tok.encode(_images(3))
+    assert codes.shape == (3, 64) and codes.dtype == np.int32
+    assert codes.min() >= 0 and codes.max() < CFG.codebook_size
+    images = tok.decode(codes)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(tok.decode(codes.reshape(3, 8, 8)), images)
+    np.testing.assert_array_equal(tok.decode(codes[0]), images[:1])  # one image's codes
+
+
+def test_batching_is_invisible_and_compiles_once(tok):
+    x = _images(7, seed=1)  # 2 chunks of batch 4, the last one padded
+    codes = tok.encode(x)
+    one_by_one = np.concatenate([tok.encode(x[i:i + 1]) for i in range(7)])
+    np.testing.assert_array_equal(codes, one_by_one)
+    # Same as the pure function, unbatched and unjitted.
+    np.testing.assert_array_equal(codes, np.asarray(encode_images(CFG, tok.params, x)))
+    images = tok.decode(codes)
+    np.testing.assert_array_equal(images[5], tok.decode(codes[5:6])[0])
+    assert tok._encode._cache_size() == 1 and tok._decode._cache_size() == 1  # one batch shape
+
+
+def test_gin_factory(tok):
+    t = load_image_tokenizer(config=CFG, seed=0, batch_size=4)
+    np.testing.assert_array_equal(t.encode(_images(2)), tok.encode(_images(2)))
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_image_tokenizer()
+    with pytest.raises(ValueError, match="not both"):
+        load_image_tokenizer(checkpoint="a", chameleon_checkpoint="b")
+
+
+# ------------------------------------------------------------------ input conversion
+
+
+def test_conversions_that_are_unambiguous():
+    rgb = _images(1, 16, seed=2)[0]
+    conv = lambda x, **kw: image_inputs.to_rgb_uint8(x, 16, **kw)  # noqa: E731
+    np.testing.assert_array_equal(conv(rgb), rgb[None])
+    gray = rgb[..., 0]
+    expect_gray = np.repeat(gray[None, ..., None], 3, -1)
+    np.testing.assert_array_equal(conv(gray), expect_gray)  # [h, w]
+    np.testing.assert_array_equal(conv(gray[..., None]), expect_gray)  # [h, w, 1]
+    np.testing.assert_array_equal(conv(gray[None, ..., None]), expect_gray)  # [b, h, w, 1]
+    # RGBA: opaque pixels keep their colour, transparent ones become white.
+    rgba = np.concatenate([rgb, np.full((16, 16, 1), 255, np.uint8)], -1)
+    rgba[:8, :, 3] = 0
+    out = conv(rgba)[0]
+    np.testing.assert_array_equal(out[8:], rgb[8:])
+    assert (out[:8] == 255).all()
+    # Channels-first batches, floats in [0, 1], small integer types, PIL images.
+    np.testing.assert_array_equal(conv(rgb[None].transpose(0, 3, 1, 2)), rgb[None])
+    np.testing.assert_array_equal(conv(rgb.astype(np.float32) / 255.0), rgb[None])
+    np.testing.assert_array_equal(conv(rgb.astype(np.int64)), rgb[None])
+    np.testing.assert_array_equal(conv(Image.fromarray(rgb)), rgb[None])
+    np.testing.assert_array_equal(conv(Image.fromarray(gray)), expect_gray)
+    assert conv(Image.fromarray(rgba)).shape == (1, 16, 16, 3)
+    # Sizes: square resized, non-square centre-cropped, lists of mixed sizes stacked.
+    assert conv(_images(2, 40)).shape == (2, 16, 16, 3)
+    wide = np.zeros((16, 48, 3), np.uint8)
+    wide[:, 16:32] = 200  # the centre third
+    np.testing.assert_array_equal(conv(wide)[0], wide[:, 16:32])
+    assert conv([rgb, _images(1, 64)[0], wide]).shape == (3, 16, 16, 3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((3, 16, 16), np.uint8), "batch of grayscale"),
+    (np.zeros((16, 16, 2), np.uint8), "must be one image"),
+    (np.zeros((1, 16, 16, 2), np.uint8), r"expected \[b, h, w, c\]"),
+    (np.zeros((16,), np.uint8), "1 dimensions"),
+    (np.zeros((16, 16, 3), bool), "boolean"),
+    (np.full((16, 16, 3), 300, np.int32), "0..255"),
+    (np.full((16, 16, 3), 1000, np.uint16), "16-bit"),
+    (np.full((16, 16, 3), -0.5, np.float32), r"\[-1, 1\]"),
+    (np.full((16, 16, 3), 128.0, np.float32), r"\[0, 1\]"),
+    (np.full((16, 16, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((16, 16, 3), np.complex64), "dtype complex64"),
+    (np.zeros((0, 16, 3), np.uint8), "empty"),
+    ([], "no images"),
+])
+def test_refused_inputs_name_the_problem(bad, message):
+    with pytest.raises(ValueError, match=message):
+        image_inputs.to_rgb_uint8(bad, 16)
+
+
+def test_non_square_can_be_refused(tok):
+    strict = ImageTokenizer(CFG, tok.params, batch_size=4, crop_non_square=False)
+    with pytest.raises(ValueError, match="not square"):
+        strict.encode(np.zeros((16, 24, 3), np.uint8))
+
+
+@pytest.mark.parametrize("codes, message", [
+    (np.full((1, 64), 32), r"0\.\.31"),
+    (np.full((1, 64), -1), "values in"),
+    (np.zeros((1, 63), np.int32), r"\[batch, 64\]"),
+    (np.zeros((1, 64), np.float32), "integers"),
+])
+def test_bad_codes_are_refused(tok, codes, message):
+    with pytest.raises(ValueError, match=message):
+        tok.decode(codes)
+
+
+def test_encode_under_jit_inside_other_code(tok):
+    # The pure function composes with other jitted code (e.g. a sampler on device).
+    f = jax.jit(lambda p, x: encode_images(CFG, p, x) + 1)
+    x = _images(2, seed=3)
+    np.testing.assert_array_equal(np.asarray(f(tok.params, x)) - 1, tok.encode(x))
