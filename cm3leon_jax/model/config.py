@@ -1,0 +1,144 @@
+"""`DecoderConfig`: every switch of the one decoder, CM3Leon and its successor alike.
+
+The defaults are the CM3Leon paper's choices (OPT-like pre-LN, LayerNorm without
+parameters, GELU MLP, learned absolute positions, no biases anywhere, no dropout,
+truncated-normal init with std 0.006, zero-initialised output projections). The
+successor (Chameleon) is the same code with other switches::
+
+    DecoderConfig(norm="rmsnorm", mlp_activation="silu", gated_mlp=True,
+                  position_embedding="rope", qk_norm=True, tie_embeddings=False,
+                  block_order="swin"  # 34B only
+                  )
+
+Sizes live in `gin_configs/models/*.gin`; bind fields there as `DecoderConfig.x = ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import gin
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+POSITION_EMBEDDINGS = ("learned", "rope")
+BLOCK_ORDERS = ("pre", "swin")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes and switches of `Decoder`.
+
+    Sizes:
+        vocab_size: rows of the embedding (a multiple of 128 shards evenly).
+        num_layers, d_model: depth and width.
+        num_heads: query heads. num_kv_heads: key/value heads (None: = num_heads;
+            fewer: grouped-query attention; must divide num_heads).
+        head_dim: None means d_model // num_heads.
+        mlp_dim: hidden width of the MLP (4 * d_model for CM3Leon).
+        max_length: longest sequence; the learned position table has this many rows
+            and the KV cache is at most this long.
+    Architecture switches:
+        norm: "layernorm" or "rmsnorm". norm_params: whether norms have a learnable
+            scale (and, for LayerNorm, bias). CM3Leon: LayerNorm without parameters.
+        norm_eps: epsilon of every norm (1e-5 in OPT and Chameleon).
+        block_order: "pre" (`h = x + f(norm(x))`) or "swin" (`h = x + norm(f(x))`,
+            Chameleon 34B; keeps the residual stream's growth in check).
+        mlp_activation: "gelu" (exact erf, as OPT's), "gelu_tanh", "relu", "silu".
+        gated_mlp: `act(x W_gate) * (x W_up)` (SwiGLU with silu) instead of `act(x W_in)`.
+        position_embedding: "learned" (absolute, added to the token embedding) or
+            "rope" (rotary, rotate-half convention as in `transformers`' Llama/Chameleon).
+        rope_theta: RoPE base.
+        qk_norm: LayerNorm over each head's query and key vectors, with a per-head
+            scale and bias (Chameleon's QK-norm), before RoPE.
+        tie_embeddings: the output projection is the transposed token embedding.
+    Initialisation:
+        init_std: std of the (untruncated) normal, truncated at 3 std, for every
+            matrix and the token embedding (0.006 in the paper).
+        position_init_std: same, for the learned position table (0.0002).
+        zero_init_output: attention-output and MLP-output projections start at 0,
+            so each block starts as the identity.
+    Numerics and memory:
+        dtype: activation/compute dtype ("float32" or "bfloat16"); params stay in
+            param_dtype. Norms, softmax and logits are computed in float32.
+        remat_policy: what the backward pass keeps per layer: "none" (everything),
+            "full" (only the layer input), "dots" (matmul outputs),
+            "dots_no_batch" (matmuls without a batch dim: the weights' products).
+        attention_impl: name of the attention kernel (`attention.KERNELS`): "xla",
+            "cudnn", or one registered with `attention.register_kernel` (a TPU
+            Pallas/splash kernel goes there).
+    """
+
+    vocab_size: int = 65536
+    num_layers: int = 24
+    d_model: int = 1024
+    num_heads: int = 16
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int = 4096
+    max_length: int = 4096
+
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_params: bool = False
+    norm_eps: float = 1e-5
+    block_order: Literal["pre", "swin"] = "pre"
+    mlp_activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+    gated_mlp: bool = False
+    position_embedding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+
+    init_std: float = 0.006
+    position_init_std: float = 0.0002
+    zero_init_output: bool = True
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DecoderConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        choices = {"norm": NORMS, "mlp_activation": ACTIVATIONS,
+                   "position_embedding": POSITION_EMBEDDINGS, "block_order": BLOCK_ORDERS,
+                   "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
+                   "param_dtype": tuple(DTYPES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r}; "
+                                 f"choose one of {allowed}.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim explicitly.")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+        if self.position_embedding == "rope" and self.dims_per_head % 2:
+            raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "DecoderConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,180 @@
+"""Building blocks of the decoder: norms, projections, MLP, embeddings, RoPE.
+
+Every parameter is created through `_param`, which attaches its logical axis names
+(`nn.with_logical_partitioning`), so `partitioning.logical_axes(variables)` can tell
+the trainer where each one lives. Every activation that crosses a block boundary is
+constrained by logical names with `partitioning.with_logical_constraint`.
+
+Projections are written as explicit einsums over named-axis kernels (for instance the
+query kernel is `[embed, heads, kv]`) rather than `nn.Dense` on flattened heads: the
+head axis then has its own logical name and shards over `tensor` with no reshape.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cm3leon_jax.model import partitioning
+from cm3leon_jax.model.config import DecoderConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def trunc_normal(std: float) -> Initializer:
+    """Normal(0, std) truncated at +-3 std, as `torch.nn.init.trunc_normal_(std, -3std, 3std)`."""
+    return jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+           names: Sequence[str | None], dtype) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, computed in float32.
+
+    `use_params=False` gives CM3Leon's LayerNorm without learnable parameters.
+    `axes` names the normalised array's trailing axes for the parameters' logical
+    names (e.g. `("heads", "kv")` for QK-norm, whose scale is per head).
+    """
+
+    kind: str = "layernorm"
+    use_params: bool = False
+    use_bias: bool = True  # LayerNorm only.
+    eps: float = 1e-5
+    param_shape: tuple[int, ...] | None = None  # None: (x.shape[-1],)
+    axes: tuple[str | None, ...] = ("embed",)
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        elif self.kind != "rmsnorm":
+            raise ValueError(f"Norm.kind={self.kind!r}; choose 'layernorm' or 'rmsnorm'.")
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.use_params:
+            shape = self.param_shape or (x.shape[-1],)
+            x = x * _param(self, "scale", nn.initializers.ones, shape, self.axes, self.param_dtype)
+            if self.kind == "layernorm" and self.use_bias:
+                x = x + _param(self, "bias", nn.initializers.zeros, shape, self.axes,
+                               self.param_dtype)
+        return x.astype(dtype)
+
+
+def make_norm(config: DecoderConfig, name: str) -> Norm:
+    """The residual-stream norm the config asks for."""
+    return Norm(kind=config.norm, use_params=config.norm_params, eps=config.norm_eps,
+                param_dtype=config.weight_dtype, name=name)
+
+
+class Projection(nn.Module):
+    """`einsum(x, kernel)` with a named kernel of shape `in_shape + out_shape`.
+
+    Contracts the trailing `len(in_shape)` axes of `x` (no bias: CM3Leon has none).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # Logical names of the kernel's axes.
+    init: Initializer
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None  # e.g. float32 logits from bf16 inputs (f32 accumulation).
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _param(self, "kernel", self.init, self.in_shape + self.out_shape, self.axes,
+                        self.param_dtype)
+        n_in = len(self.in_shape)
+        if x.shape[-n_in:] != self.in_shape:
+            raise ValueError(f"{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}.")
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                   (contract, ((), ())), preferred_element_type=self.out_dtype)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class Mlp(nn.Module):
+    """`act(x W_in) W_out`, or gated `(act(x W_gate) * x W_up) W_out` (SwiGLU)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+        w_init = trunc_normal(c.init_std)
+        out_init = nn.initializers.zeros if c.zero_init_output else w_init
+        act = _ACTIVATIONS[c.mlp_activation]
+        up = lambda name: Projection((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), w_init,
+                                     name=name, **dense)(x)
+        h = act(up("wi_gate")) * up("wi_up") if c.gated_mlp else act(up("wi"))
+        h = partitioning.with_logical_constraint(h, ("batch", "length", "mlp"))
+        return Projection((c.mlp_dim,), (c.d_model,), ("mlp", "embed"), out_init, name="wo",
+                          **dense)(h)
+
+
+class Embed(nn.Module):
+    """The token embedding table `[vocab, embed]`; also the tied output projection."""
+
+    config: DecoderConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = _param(self, "embedding", trunc_normal(c.init_std),
+                                (c.vocab_size, c.d_model), ("vocab", "embed"), c.weight_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int32[batch, length] -> [batch, length, embed]."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [batch, length, embed] -> float32 logits [batch, length, vocab] (tied head)."""
+        dtype = self.config.compute_dtype
+        return jnp.einsum("ble,ve->blv", x.astype(dtype), self.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class LearnedPositions(nn.Module):
+    """Absolute position embeddings `[max_length, embed]`, looked up by per-segment position."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        """positions: int32[batch, length] -> [batch, length, embed]."""
+        c = self.config
+        table = _param(self, "embedding", trunc_normal(c.position_init_std),
+                       (c.max_length, c.d_model), ("length", "embed"), c.weight_dtype)
+        return jnp.take(table, positions, axis=0).astype(c.compute_dtype)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate `x: [batch, length, heads, head_dim]` by `positions: int32[batch, length]`.
+
+    Rotate-half convention (dims i and i + head_dim/2 form a pair), matching
+    `transformers`' Llama and Chameleon, so their weights need no permutation.
+    Computed in float32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
