@@ -131,7 +131,8 @@ def main() -> None:
     text = "\n".join([
         f"Batch {args.batch} x {args.seq_len} tokens, this machine "
         f"({os.cpu_count()} CPU cores), one run of:",
-        "", "    .venv/bin/python benchmarks/data_throughput.py", "", *table, "", verdict, ""])
+        "", "    .venv/bin/python benchmarks/data_throughput.py " + " ".join(sys.argv[1:]),
+        "", *table, "", verdict, ""])
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
