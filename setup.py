@@ -33,6 +33,8 @@ EXTRAS_REQUIRE = {
     # Offline preprocessing at scale. Beam pulls protobuf < 7, which is why
     # sentencepiece stays below 0.2.3 in INSTALL_REQUIRES.
     "beam": ["apache-beam[tfrecord]"],
+    # Benchmarks' peers and data: faiss for retrieval, photographs for the tokenizer.
+    "bench": ["faiss-cpu", "scikit-image", "matplotlib"],
     # libtpu, for ahead-of-time compilation against TPU topologies on a CPU host.
     "tpu": ["jax[tpu]==0.10.2"],
 }

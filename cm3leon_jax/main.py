@@ -28,6 +28,7 @@ import sys
 from typing import Callable, Sequence
 
 import gin
+from absl import logging as absl_logging
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_PATHS = (_REPO_ROOT, os.path.join(_REPO_ROOT, "gin_configs"))
@@ -101,6 +102,8 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
 
 def main(argv: Sequence[str] | None = None) -> int:
     gin_files, bindings = parse_args(sys.argv[1:] if argv is None else argv)
+    # Progress lines of long runs (trainers, pipelines) are INFO logs.
+    absl_logging.set_verbosity(absl_logging.INFO)
     try:
         configure(gin_files, bindings)
     except ConfigError as e:

@@ -5,3 +5,5 @@ from cm3leon_jax.vocab.layout import (BREAK_ID, EOS_ID, EOSS_ID, PAD_ID, UNK_ID,
                                       IdLayout)
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer, load_image_tokenizer
+from cm3leon_jax.vocab.vqgan import VQGANConfig

@@ -128,7 +128,3 @@ def folder_images(folder: str = gin.REQUIRED, image_size: int = 64, seed: int = 
 
     return source
 
-
-def take(source: ImageSource, start: int, count: int) -> list[np.ndarray]:
-    """Examples start .. start+count-1 of a source."""
-    return [source(i) for i in range(start, start + count)]

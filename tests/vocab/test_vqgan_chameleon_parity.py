@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 from transformers.models.chameleon import modeling_chameleon as hf  # noqa: E402
 
 from cm3leon_jax.vocab import chameleon_vqgan_weights as w  # noqa: E402
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer  # noqa: E402
 from cm3leon_jax.vocab.vqgan import VQGAN  # noqa: E402
 
 RES = 32
@@ -180,3 +181,15 @@ def test_files_load(reference, tmp_path):
     b, cfg_b = w.load_chameleon_vqgan(str(tmp_path / "vqgan.ckpt"), image_size=RES)
     assert cfg_a == cfg_b
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_user_facing_tokenizer_gives_the_reference_codes(reference, tmp_path):
+    _, vq, _, sd = reference
+    torch.save({"state_dict": sd}, str(tmp_path / "vqgan.ckpt"))
+    tok = ImageTokenizer.from_chameleon(str(tmp_path / "vqgan.ckpt"), image_size=RES)
+    images = np.random.default_rng(2).integers(0, 256, (2, RES, RES, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+    with torch.no_grad():
+        ref = vq.encode(pixels, return_dict=True).image_tokens.numpy().reshape(2, -1)
+    np.testing.assert_array_equal(tok.encode(images), ref)
+    assert tok.decode(ref).shape == (2, RES, RES, 3)

@@ -1,0 +1,211 @@
+r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
+
+    # 1. the demo tokenizer on the synthetic corpus (trains it through the gin run mode)
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/train_image_tokenizer.gin \
+        --gin.MODEL_DIR="'runs/vq_tiny'"
+    python benchmarks/image_tokenizer.py synthetic --model_dir=runs/vq_tiny
+    # 2. real photographs bundled with scikit-image: train on crops of some, test on others
+    python benchmarks/image_tokenizer.py photos --model_dir=runs/vq_photos --steps=2000
+    # 3. encode / decode throughput of the paper's f8 config (256 px, batch 8), random weights
+    python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
+
+Each prints a markdown table; benchmarks/RESULTS_image_tokenizer.md records them.
+Quality is PSNR (dB, on uint8 pixels) and SSIM (scikit-image, 7x7 Gaussian-free
+window, channel-averaged) of decode(encode(x)) against x; usage is the share of
+the codebook that the test images use and the perplexity of their code histogram.
+A thumbnail baseline (the image down-sampled by the tokenizer's factor and
+up-sampled back bicubically, i.e. the same grid of *continuous* values) shows
+how much of the loss is the grid and how much the quantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Photos from scikit-image (public test images, none made here). `cat` is the same
+# photo as `chelsea`, so it is in neither list.
+TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                "camera", "grass", "gravel", "brick", "moon", "clock", "colorwheel")
+HELD_OUT_PHOTOS = ("coffee", "chelsea", "coins", "page")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR of uint8 batches."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return 10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+    return np.array([structural_similarity(x, y, channel_axis=-1, data_range=255)
+                     for x, y in zip(a, b)])
+
+
+def thumbnail_baseline(images: np.ndarray, factor: int) -> np.ndarray:
+    from PIL import Image
+    s = images.shape[1]
+    return np.stack([np.asarray(Image.fromarray(im).resize((s // factor, s // factor), Image.BICUBIC)
+                                .resize((s, s), Image.BICUBIC)) for im in images])
+
+
+def quality(tok, images: np.ndarray) -> dict[str, float]:
+    from cm3leon_jax.vocab import quantizer
+    codes = tok.encode(images)
+    recon = tok.decode(codes)
+    counts = np.bincount(codes.ravel(), minlength=tok.codebook_size).astype(np.float32)
+    stats = quantizer.codebook_stats(counts)
+    base = thumbnail_baseline(images, tok.config.downsample_factor)
+    return {"images": len(images), "psnr": float(psnr(images, recon).mean()),
+            "ssim": float(ssim(images, recon).mean()),
+            "code_usage_pct": 100.0 * float(stats["used_fraction"]),
+            "perplexity": float(stats["perplexity"]),
+            "thumbnail_psnr": float(psnr(images, base).mean()),
+            "thumbnail_ssim": float(ssim(images, base).mean())}
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
+    keys = list(rows[0][1])
+    out = ["| set | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in rows:
+        out.append(f"| {name} | " + " | ".join(
+            f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(out)
+
+
+def cmd_synthetic(args) -> dict:
+    from cm3leon_jax.vocab.image_sources import synthetic_images
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    tok = ImageTokenizer.from_checkpoint(args.model_dir, batch_size=64)
+    src = synthetic_images(tok.image_size, "test")
+    images = np.stack([src(i) for i in range(args.examples)])
+    r = quality(tok, images)
+    print(_table([(f"synthetic test split ({tok.image_size} px)", r)]))
+    return r
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+    from cm3leon_jax.vocab.image_inputs import rgb_uint8_unresized
+    return rgb_uint8_unresized(getattr(skimage.data, name)())
+
+
+def held_out_tiles(size: int, short_side: int) -> np.ndarray:
+    """Each held-out photo resized so its short side is `short_side`, cut into
+    non-overlapping size x size tiles: the whole photo is tested, deterministically."""
+    from PIL import Image
+    tiles = []
+    for name in HELD_OUT_PHOTOS:
+        im = _photo(name)
+        h, w = im.shape[:2]
+        s = short_side / min(h, w)
+        im = np.asarray(Image.fromarray(im).resize((round(w * s), round(h * s)), Image.LANCZOS))
+        for y in range(0, im.shape[0] - size + 1, size):
+            for x in range(0, im.shape[1] - size + 1, size):
+                tiles.append(im[y:y + size, x:x + size])
+    return np.stack(tiles)
+
+
+def cmd_photos(args) -> dict:
+    from cm3leon_jax import main as main_lib
+    from cm3leon_jax.vocab.image_sources import array_images
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    from cm3leon_jax.vocab.vqgan import VQGANConfig
+    from cm3leon_jax.vocab.vqgan_train import train_image_tokenizer
+
+    main_lib.configure([os.path.join(ROOT, "gin_configs/runs/train_image_tokenizer.gin")],
+                       [f"MODEL_DIR='{args.model_dir}'"])
+    cfg = VQGANConfig()
+    photos = [_photo(n) for n in TRAIN_PHOTOS]
+    # Crops of 1/8 .. 1/2 of a photo's short side, resized to the tokenizer's size:
+    # textures at several scales, never the held-out photos.
+    train = array_images(photos, cfg.image_size, seed=0, min_scale=0.125)
+    test = held_out_tiles(cfg.image_size, args.short_side)
+    eval_src = array_images([test[i] for i in range(len(test))], cfg.image_size, min_scale=1.0,
+                            flip=False)
+    if not args.skip_train:
+        t0 = time.time()
+        train_image_tokenizer(args.model_dir, config=cfg, image_source=train,
+                              eval_source=eval_src, num_steps=args.steps,
+                              eval_examples=min(128, len(test)))
+        print(f"trained {args.steps} steps in {time.time() - t0:.0f} s")
+    tok = ImageTokenizer.from_checkpoint(args.model_dir, batch_size=64)
+    r = quality(tok, test)
+    print(_table([(f"held-out photos {HELD_OUT_PHOTOS} as {len(test)} tiles", r)]))
+    return r
+
+
+def cmd_speed(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import gin
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+    gin.parse_config_file(os.path.join(ROOT, f"gin_configs/image_tokenizer/{args.config}.gin"))
+    cfg = dataclasses.replace(VQGANConfig(), dtype=args.dtype)
+    gin.clear_config()
+    tok = ImageTokenizer.random_init(cfg, seed=0, batch_size=args.batch)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(tok.params))
+    images = np.random.default_rng(0).integers(0, 256, (args.batch, cfg.image_size,
+                                                        cfg.image_size, 3), dtype=np.uint8)
+    x = jnp.asarray(images)
+    codes = jnp.asarray(tok.encode(images))  # compiles encode
+
+    def timed(fn, arg):
+        jax.block_until_ready(fn(tok.params, arg))  # warm-up / compile
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(tok.params, arg))
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    t_enc = timed(tok._encode, x)
+    t_dec = timed(tok._decode, codes)
+    r = {"config": args.config, "dtype": args.dtype, "image_size": cfg.image_size, "codes": cfg.codes_per_image,
+         "params_M": n_params / 1e6, "batch": args.batch, "device": jax.devices()[0].device_kind,
+         "cpu_cores": os.cpu_count(), "encode_images_per_s": args.batch / t_enc,
+         "decode_images_per_s": args.batch / t_dec, "encode_s_per_batch": t_enc,
+         "decode_s_per_batch": t_dec}
+    print(_table([(args.config, r)]))
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synthetic")
+    s.add_argument("--model_dir", required=True)
+    s.add_argument("--examples", type=int, default=500)
+    s = sub.add_parser("photos")
+    s.add_argument("--model_dir", required=True)
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--short_side", type=int, default=128,
+                   help="held-out photos are resized to this short side before tiling")
+    s.add_argument("--skip_train", action="store_true")
+    s = sub.add_parser("speed")
+    s.add_argument("--config", default="vq_f8_8192")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed}[args.cmd](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
