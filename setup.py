@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets imports it for builders defined in a package
     # but does not declare it on Python 3.11.
     "importlib_resources",
+    # The retrieval service and its client.
+    "fastapi",
+    "uvicorn",
+    "httpx",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,173 @@
+"""The `build_retrieval` run mode: documents -> memory bank -> ScaNN index -> neighbours.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/build_retrieval.gin \
+        --gin.MODEL_DIR="'runs/demo'" --gin.ENCODER_DIR="'runs/clip_tiny/encoder'"
+
+Writes `MODEL_DIR/retrieval/`:
+
+    retrieval.json              encoder folder, counts, index settings, timings
+    memory_bank/                shards of vectors, query-dropout vectors, token ids (memory_bank.py)
+    memory_bank/neighbours-*.npz  every document's selected neighbours (neighbours.py)
+    index/                      one ScaNN index, or one per bank shard (index.py)
+
+Documents come from a gin-chosen source; `synthetic_documents` reads the built-in
+corpus. Token ids come from the tokenized corpus of the `preprocess` mode when
+`data_dir` is given (matched by document id); without it the bank stores no
+token ids (searches still work, results carry empty `token_ids`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import zlib
+from typing import Callable, Iterable, Iterator
+
+import gin
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cm3leon_jax.retrieval import index as index_lib
+from cm3leon_jax.retrieval import memory_bank, neighbours
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
+from cm3leon_jax.retrieval.select import SelectionConfig
+
+
+@dataclasses.dataclass
+class SourceDocument:
+    doc_id: str
+    text: str | None
+    image: np.ndarray | None  # uint8[h, w, 3]
+    tokens: np.ndarray  # int32[n]; empty when unknown
+
+
+def tokens_from_shards(data_dir: str, split: str) -> dict[str, np.ndarray]:
+    """doc_id -> ids from the tokenized corpus (the preprocess mode's TFRecord shards)."""
+    from cm3leon_jax.data import shards  # TensorFlow: only when asked for
+    out = {}
+    for ex in shards.read_split(data_dir, split).as_numpy_iterator():
+        out[ex["doc_id"].decode()] = ex["ids"].astype(np.int32)
+    return out
+
+
+@gin.configurable
+def synthetic_documents(split: str = "train", num: int = 10_000, image_size: int = 64,
+                        seed: int = 0, data_dir: str | None = None,
+                        text_only_fraction: float = 0.0,
+                        image_only_fraction: float = 0.0) -> Iterator[SourceDocument]:
+    """The built-in corpus's documents, ids `{split}_{index:07d}` as in its TFDS builder.
+
+    The caption is the one the preprocess mode picks (crc32 of the id), so vectors
+    and token ids describe the same document. `*_only_fraction` turn some documents
+    unimodal (by a hash of the id), to exercise the modality rule without real data.
+    """
+    from cm3leon_jax.data import shapes, shapes_tasks
+    tokens = tokens_from_shards(data_dir, split) if data_dir else None
+    empty = np.zeros([0], np.int32)
+    for i in range(num):
+        doc_id = f"{split}_{i:07d}"
+        if tokens is not None and doc_id not in tokens:
+            continue  # skipped by preprocessing (its manifest says why)
+        rng = shapes.example_rng(seed, split, i)
+        scene = shapes.sample_scene(rng, image_size)
+        image = shapes.render(scene)
+        caps = [c for c in shapes_tasks.captions(scene, rng) if c.strip()]
+        text = caps[zlib.crc32(doc_id.encode()) % len(caps)]
+        u = zlib.crc32(doc_id.encode() + b"modality") / 2**32
+        if u < text_only_fraction:
+            image = None
+        elif u < text_only_fraction + image_only_fraction:
+            text = None
+        yield SourceDocument(doc_id, text, image, tokens[doc_id] if tokens is not None else empty)
+
+
+def _batches(docs: Iterable[SourceDocument], size: int) -> Iterator[list[SourceDocument]]:
+    batch = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def write_bank(docs: Iterable[SourceDocument], encoder: DocumentEncoder, bank_dir: str,
+               docs_per_shard: int, query_dropout: float, seed: int,
+               batch_size: int = 256) -> dict:
+    """Encodes documents (clean and with query dropout) into a finalized memory bank."""
+    writer = memory_bank.MemoryBankWriter(bank_dir, docs_per_shard)
+    rng = np.random.default_rng(seed)
+    for batch in tqdm(_batches(docs, batch_size), desc="encoding documents"):
+        texts = [d.text for d in batch]
+        images = [d.image for d in batch]
+        vectors, multimodal = encoder.embed_documents(texts, images)
+        queries, _ = (encoder.embed_documents(texts, images, query_dropout, rng)
+                      if query_dropout > 0 else (vectors, None))
+        for d, v, q, m in zip(batch, vectors, queries, multimodal):
+            writer.add(d.doc_id, v, bool(m), d.tokens, q)
+    return writer.close()
+
+
+def build_index(bank: memory_bank.MemoryBank, index_dir: str,
+                config: index_lib.IndexConfig) -> dict:
+    """One index for a one-shard bank, else one per shard (searched and merged)."""
+    if bank.num_shards == 1:
+        index = index_lib.Index.build(np.asarray(bank.shard_array(0, "vectors")), config)
+        index.save(index_dir)
+        return {"kind": "single", **index.settings}
+    # Settings come from the whole bank's size: each shard gets the bank's number of
+    # leaves, so a search scans as many vectors as one index over everything and
+    # recall matches it (smaller shards with fewer, coarser leaves lose recall).
+    settings = config.resolve(len(bank))
+    if settings["algorithm"] == "tree_ah":
+        config = dataclasses.replace(config, algorithm="tree_ah",
+                                     num_leaves=settings["num_leaves"],
+                                     leaves_to_search=settings["leaves_to_search"])
+    else:
+        config = dataclasses.replace(config, algorithm="brute_force")
+    index_lib.ShardedIndex.build((np.asarray(v) for _, v in bank.iter_shards()), index_dir, config)
+    return {"kind": "sharded", "shards": bank.num_shards, **settings}
+
+
+@gin.configurable
+def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
+                    documents: Callable[[], Iterable[SourceDocument]] = synthetic_documents,
+                    docs_per_shard: int = 100_000,
+                    index_config: index_lib.IndexConfig | None = None,
+                    selection: SelectionConfig | None = None,
+                    seed: int = 0, precompute: bool = True) -> dict:
+    """Builds everything a retriever needs under `model_dir/retrieval`; returns the summary."""
+    logging.set_verbosity(logging.INFO)
+    out = os.path.join(model_dir, "retrieval")
+    selection = selection or SelectionConfig()
+    encoder = DocumentEncoder.load(encoder_dir)
+    timings = {}
+    t = time.time()
+    manifest = write_bank(documents(), encoder, os.path.join(out, "memory_bank"),
+                          docs_per_shard, selection.query_dropout, seed)
+    timings["bank_seconds"] = round(time.time() - t, 1)
+    bank = memory_bank.MemoryBank(os.path.join(out, "memory_bank"))
+    t = time.time()
+    index_info = build_index(bank, os.path.join(out, "index"), index_config or index_lib.IndexConfig())
+    timings["index_seconds"] = round(time.time() - t, 1)
+    summary = {"encoder_dir": os.path.abspath(encoder_dir), "num_docs": manifest["num_docs"],
+               "dim": manifest["dim"], "shards": len(manifest["shards"]),
+               "index": index_info, "selection": dataclasses.asdict(selection), **timings}
+    with open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
+        json.dump(summary, f, indent=2)
+    if precompute:
+        t = time.time()
+        retriever = Retriever.open(out, selection, with_encoder=False)
+        neighbours.precompute_neighbours(retriever, os.path.join(out, "memory_bank"))
+        rows, _ = neighbours.load_neighbours(os.path.join(out, "memory_bank"))
+        summary["neighbours_seconds"] = round(time.time() - t, 1)
+        summary["mean_neighbours"] = float((rows >= 0).sum(1).mean())
+        with open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.info("retrieval built: %s", summary)
+    return summary

@@ -1,0 +1,78 @@
+"""An HTTP client for the retrieval service with the `Retriever`'s search methods.
+
+    r = RetrievalClient("http://127.0.0.1:8750")
+    [res] = r.search_texts(["a red circle"], k=2)   # same SearchResult as Retriever's
+
+Generation code that takes "a retriever" accepts either this or a local
+`Retriever`. A 4xx answer raises `ValueError` with the server's reason; network
+failures raise httpx's errors after `retries` attempts.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import httpx
+import numpy as np
+from PIL import Image as PILImage
+
+from cm3leon_jax.retrieval.retriever import SearchResult
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class RetrievalClient:
+    def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 2):
+        self._http = httpx.Client(base_url=base_url, timeout=timeout,
+                                  transport=httpx.HTTPTransport(retries=retries))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _post(self, path: str, **kwargs) -> list[SearchResult]:
+        r = self._http.post(path, **kwargs)
+        if 400 <= r.status_code < 500:
+            raise ValueError(f"retrieval service refused the request ({r.status_code}): "
+                             f"{r.json().get('detail')}")
+        r.raise_for_status()
+        return [SearchResult(x["doc_ids"], x["scores"],
+                             [np.asarray(t, np.int32) for t in x["token_ids"]], [])
+                for x in r.json()["results"]]
+
+    def health(self) -> dict:
+        r = self._http.get("/health")
+        r.raise_for_status()
+        return r.json()
+
+    @property
+    def dim(self) -> int:
+        return int(self.health()["dim"])
+
+    def search_vectors(self, vectors: np.ndarray, k: int | None = None,
+                       exclude_doc_ids: Sequence[str | None] | None = None) -> list[SearchResult]:
+        body = {"vectors": np.asarray(vectors, np.float32).tolist(), "k": k}
+        if exclude_doc_ids is not None:
+            body["exclude_doc_ids"] = list(exclude_doc_ids)
+        return self._post("/search/vector", json=body)
+
+    def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
+        return self._post("/search/text", json={"texts": list(texts), "k": k})
+
+    def search_images(self, images: Sequence[np.ndarray], k: int | None = None) -> list[SearchResult]:
+        out = []
+        for image in images:  # the service takes one PNG per request
+            params = {} if k is None else {"k": k}
+            out += self._post("/search/image", content=encode_png(image),
+                              headers={"content-type": "image/png"}, params=params)
+        return out

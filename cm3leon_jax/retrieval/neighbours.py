@@ -1,0 +1,77 @@
+"""Neighbours of every training document, precomputed in batch and stored beside the bank.
+
+    precompute_neighbours(retriever, out_dir)      # one .npz per memory-bank shard
+    rows = load_neighbours(out_dir)                # int64[num_docs, k], -1 = none
+    tokens, doc_ids = materialise(bank, rows[i])   # what goes into the training record
+
+Each document of the bank is the query for its own row: its query-dropout vector
+(`query_vectors.npy`, encoded with 20% of its tokens and patches hidden) when the
+bank has one, else its document vector. It is excluded from its own results, and
+the selection rules of `select.py` apply. Files are written atomically per shard,
+so a rerun skips finished shards.
+
+The data pipeline calls `precompute_neighbours` after the bank is built and
+`materialise` when it writes each shard's `neighbour_ids` (see data/shards.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from cm3leon_jax.retrieval.memory_bank import MemoryBank
+from cm3leon_jax.retrieval.retriever import Retriever
+
+
+def neighbours_path(out_dir: str, shard: int) -> str:
+    return os.path.join(out_dir, f"neighbours-{shard:05d}.npz")
+
+
+def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 1024,
+                          progress: bool = True) -> int:
+    """Writes `neighbours-NNNNN.npz` (rows int64[n, k], scores f32[n, k]) per shard.
+
+    Returns how many documents were searched (0 when everything was done before).
+    """
+    bank = retriever.bank
+    key = "query_vectors" if bank.has_query_vectors else "vectors"
+    os.makedirs(out_dir, exist_ok=True)
+    done = 0
+    for s, (start, vectors) in enumerate(bank.iter_shards(key)):
+        path = neighbours_path(out_dir, s)
+        if os.path.exists(path):
+            continue
+        rows, scores = [], []
+        n = vectors.shape[0]
+        for a in tqdm(range(0, n, batch_size), desc=f"neighbours shard {s}", disable=not progress):
+            b = min(a + batch_size, n)
+            own = np.arange(start + a, start + b, dtype=np.int64)
+            r, sc = retriever.search_vectors_raw(np.asarray(vectors[a:b]), exclude_rows=own)
+            rows.append(r)
+            scores.append(sc)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, rows=np.concatenate(rows), scores=np.concatenate(scores))
+        os.replace(tmp, path)
+        done += n
+    return done
+
+
+def load_neighbours(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """All shards' (rows int64[N, k], scores f32[N, k]) in bank row order."""
+    files = sorted(glob.glob(os.path.join(out_dir, "neighbours-*.npz")))
+    files = [f for f in files if not f.endswith(".tmp.npz")]
+    if not files:
+        raise FileNotFoundError(f"no neighbours-*.npz in {out_dir!r}; run "
+                                "precompute_neighbours (the build_retrieval mode does).")
+    loaded = [np.load(f) for f in files]
+    return (np.concatenate([x["rows"] for x in loaded]),
+            np.concatenate([x["scores"] for x in loaded]))
+
+
+def materialise(bank: MemoryBank, rows: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """One document's neighbour rows (int64[k], -1 = none) -> their token ids and doc ids."""
+    rows = [int(r) for r in np.asarray(rows).reshape(-1) if r >= 0]
+    return [bank.tokens(r) for r in rows], [str(d) for d in bank.doc_ids(np.array(rows, np.int64))]

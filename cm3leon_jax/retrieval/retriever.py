@@ -1,0 +1,123 @@
+"""Search by text, image or vector, with the selection rules: the in-process retriever.
+
+    r = Retriever.open("runs/demo/retrieval")        # what build_retrieval wrote
+    [res] = r.search_texts(["a red circle"], k=2)
+    res.doc_ids, res.scores, res.token_ids           # best first
+
+`RetrievalClient` (client.py) has the same methods over HTTP, so generation code
+takes either. A retrieval folder holds `memory_bank/`, `index/` and the encoder
+path in `retrieval.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from cm3leon_jax.retrieval import index as index_lib
+from cm3leon_jax.retrieval.encoder import cached_encoder
+from cm3leon_jax.retrieval.memory_bank import MemoryBank
+from cm3leon_jax.retrieval.select import SelectionConfig, select
+
+RETRIEVAL_JSON = "retrieval.json"
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """One query's retrieved documents, best first."""
+
+    doc_ids: list[str]
+    scores: list[float]
+    token_ids: list[np.ndarray]  # int32[n_i] each: the document's ids
+    rows: list[int]  # bank row ids
+
+
+class Retriever:
+    """Index + memory bank (+ encoder for text and image queries) + selection rules."""
+
+    def __init__(self, index: index_lib.Searcher, bank: MemoryBank, encoder=None,
+                 selection: SelectionConfig | None = None):
+        if index.size != len(bank) or index.dim != bank.dim:
+            raise ValueError(f"index ({index.size} x {index.dim}) and memory bank "
+                             f"({len(bank)} x {bank.dim}) differ: rebuild the index from this bank.")
+        if encoder is not None and encoder.dim != bank.dim:
+            raise ValueError(f"encoder makes {encoder.dim}-d vectors, the bank holds {bank.dim}-d: "
+                             "use the encoder the bank was built with.")
+        self.index, self.bank, self.encoder = index, bank, encoder
+        self.selection = selection or SelectionConfig(k=2)
+
+    @classmethod
+    def open(cls, directory: str, selection: SelectionConfig | None = None,
+             with_encoder: bool = True, max_loaded_shards: int | None = None) -> "Retriever":
+        meta_path = os.path.join(directory, RETRIEVAL_JSON)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no {RETRIEVAL_JSON} in {directory!r}; build one with the "
+                                    "build_retrieval mode (gin_configs/runs/build_retrieval.gin).")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        encoder = None
+        if with_encoder and meta.get("encoder_dir"):
+            encoder = cached_encoder(meta["encoder_dir"])
+        return cls(index_lib.load_index(os.path.join(directory, "index"), max_loaded_shards),
+                   MemoryBank(os.path.join(directory, "memory_bank")), encoder, selection)
+
+    @property
+    def dim(self) -> int:
+        return self.bank.dim
+
+    def search_vectors_raw(self, vectors: np.ndarray, k: int | None = None,
+                           exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """f32[b, d] -> (rows int64[b, k], scores f32[b, k]) after the selection rules."""
+        cfg = self.selection if k is None else dataclasses.replace(self.selection, k=k)
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        exclude = (np.full([len(vectors)], -1, np.int64) if exclude_rows is None
+                   else np.asarray(exclude_rows, np.int64))
+        rows, scores = self._select(vectors, cfg.num_candidates, cfg, exclude)
+        depth, limit = cfg.num_candidates, min(cfg.k * cfg.max_overfetch + 1, self.index.size)
+        short = np.flatnonzero((rows < 0).any(axis=1))
+        while short.size and depth < limit:  # near-duplicates used up the candidates
+            depth = min(depth * 4, limit)
+            r, s = self._select(vectors[short], depth, cfg, exclude[short])
+            rows[short], scores[short] = r, s
+            short = short[(r < 0).any(axis=1)]
+        return rows, scores
+
+    def _select(self, vectors, depth, cfg, exclude):
+        ids, scores = self.index.search(vectors, depth)
+        return select(ids, scores, self.bank.vectors(ids), self.bank.multimodal(ids), cfg,
+                      exclude)
+
+    def _results(self, rows: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+        doc_ids = self.bank.doc_ids(np.maximum(rows, 0))
+        out = []
+        for r, s, d in zip(rows, scores, doc_ids):
+            keep = r >= 0
+            out.append(SearchResult([str(x) for x in d[keep]], [float(x) for x in s[keep]],
+                                    [self.bank.tokens(int(x)) for x in r[keep]],
+                                    [int(x) for x in r[keep]]))
+        return out
+
+    def search_vectors(self, vectors: np.ndarray, k: int | None = None,
+                       exclude_doc_ids: Sequence[str | None] | None = None) -> list[SearchResult]:
+        exclude = None
+        if exclude_doc_ids is not None:
+            exclude = np.array([self.bank.row_of(d) if d else -1 for d in exclude_doc_ids])
+        return self._results(*self.search_vectors_raw(vectors, k, exclude))
+
+    def _need_encoder(self):
+        if self.encoder is None:
+            raise ValueError("this retriever has no encoder: search by vector, or open it "
+                             "with with_encoder=True from a folder that names one.")
+        return self.encoder
+
+    def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
+        return self.search_vectors(self._need_encoder().embed_texts(texts), k)
+
+    def search_images(self, images: Sequence[np.ndarray], k: int | None = None) -> list[SearchResult]:
+        return self.search_vectors(self._need_encoder().embed_images(images), k)

@@ -1,0 +1,120 @@
+"""Encoder document vectors, the build mode, precomputed neighbours and the local retriever."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax.retrieval import build, neighbours
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval.memory_bank import MemoryBank
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.retrieval.select import SelectionConfig
+
+from retrieval_testlib import NUM_DOCS, SELECTION
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return list(build.synthetic_documents(num=12))
+
+
+def test_document_vector_is_mean_of_normalised_embeddings(encoder_dir, docs):
+    enc = DocumentEncoder.load(encoder_dir, renormalize=False)
+    texts, images = [d.text for d in docs], [d.image for d in docs]
+    t, i = enc.embed_texts(texts), enc.embed_images(images)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    v, mm = enc.embed_documents(texts[:2] + [None, texts[3]], images[:2] + [images[2], None])
+    np.testing.assert_allclose(v[:2], (t[:2] + i[:2]) / 2, atol=1e-5)
+    np.testing.assert_allclose(v[2], i[2], atol=1e-5)
+    np.testing.assert_allclose(v[3], t[3], atol=1e-5)
+    assert mm.tolist() == [True, True, False, False]
+    unit, _ = DocumentEncoder.load(encoder_dir).embed_documents(texts[:2], images[:2])
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+
+
+def test_query_dropout_is_seeded_and_changes_the_query(encoder_dir, docs):
+    enc = DocumentEncoder.load(encoder_dir)
+    texts, images = [d.text for d in docs], [d.image for d in docs]
+    clean, _ = enc.embed_documents(texts, images)
+    a, _ = enc.embed_documents(texts, images, 0.2, np.random.default_rng(1))
+    b, _ = enc.embed_documents(texts, images, 0.2, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - clean).max() > 1e-3
+    with pytest.raises(ValueError, match="rng"):
+        enc.embed_texts(texts, 0.2)
+
+
+def test_encoder_input_errors(encoder_dir):
+    enc = DocumentEncoder.load(encoder_dir)
+    with pytest.raises(ValueError, match="text 1"):
+        enc.embed_texts(["ok", "  "])
+    with pytest.raises(ValueError, match="neither text nor image"):
+        enc.embed_documents([None], [None])
+    with pytest.raises(ValueError, match="uint8"):
+        enc.embed_images([np.zeros((8, 8, 3), np.float32)])
+
+
+def test_build_writes_bank_index_and_valid_neighbours(retrieval_dir):
+    meta = json.load(open(os.path.join(retrieval_dir, "retrieval.json")))
+    assert meta["num_docs"] == NUM_DOCS and meta["shards"] == 3
+    assert meta["index"]["kind"] == "sharded"
+    bank = MemoryBank(os.path.join(retrieval_dir, "memory_bank"))
+    assert bank.has_query_vectors and 0.6 < bank.multimodal(np.arange(len(bank))).mean() < 0.95
+    rows, scores = neighbours.load_neighbours(os.path.join(retrieval_dir, "memory_bank"))
+    assert rows.shape == (NUM_DOCS, 3)
+    assert (rows != np.arange(NUM_DOCS)[:, None]).all(), "a document is its own neighbour"
+    assert (scores[rows >= 0] <= SELECTION.max_relevance).all()
+    assert (rows >= 0).sum(1).mean() >= 1.5
+    mm = bank.multimodal(np.maximum(rows, 0)) & (rows >= 0)
+    uni = ~bank.multimodal(np.maximum(rows, 0)) & (rows >= 0)
+    for m, u in zip(mm, uni):  # multimodal picks come first
+        if m.any() and u.any():
+            assert np.flatnonzero(m).max() < np.flatnonzero(u).min()
+    tokens, doc_ids = neighbours.materialise(bank, rows[5])
+    assert doc_ids == [str(x) for x in bank.doc_ids(rows[5][rows[5] >= 0])]
+    np.testing.assert_array_equal(tokens[0], bank.tokens(int(rows[5][0])))
+
+
+def test_precompute_skips_finished_shards(retrieval_dir):
+    r = Retriever.open(retrieval_dir, SELECTION, with_encoder=False)
+    assert neighbours.precompute_neighbours(r, os.path.join(retrieval_dir, "memory_bank"),
+                                            progress=False) == 0
+
+
+def test_retriever_searches_by_text_image_and_vector(retrieval_dir, docs):
+    r = Retriever.open(retrieval_dir, SELECTION)
+    [res] = r.search_texts([docs[0].text], k=2)
+    assert 1 <= len(res.doc_ids) <= 2
+    assert all(s <= SELECTION.max_relevance for s in res.scores)
+    for row, toks in zip(res.rows, res.token_ids):
+        np.testing.assert_array_equal(toks, r.bank.tokens(row))
+    [img] = r.search_images([docs[1].image], k=3)
+    assert 1 <= len(img.doc_ids) <= 3
+    vec = r.bank.vectors(np.array([7]))
+    [own] = r.search_vectors(vec, k=3, exclude_doc_ids=["train_0000007"])
+    assert "train_0000007" not in own.doc_ids
+    with pytest.raises(ValueError, match="16-d vectors"):
+        r.search_vectors(np.zeros((1, 5)))
+
+
+def test_deeper_search_gets_past_near_duplicates(tmp_path):
+    from cm3leon_jax.retrieval import index as index_lib
+    from cm3leon_jax.retrieval.memory_bank import MemoryBankWriter
+    rng = np.random.default_rng(0)
+    query = np.eye(8, dtype=np.float32)[0]
+    dups = query + 0.01 * rng.normal(size=(60, 8))  # relevance ~0.999: all skipped
+    others = np.eye(8)[1:4] * 0.6 + query * 0.5  # relevance ~0.64, mutually distinct
+    vectors = np.concatenate([dups, others]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    writer = MemoryBankWriter(str(tmp_path / "bank"))
+    for i, v in enumerate(vectors):
+        writer.add(f"d{i}", v, True, np.array([i]))
+    writer.close()
+    bank = MemoryBank(str(tmp_path / "bank"))
+    r = Retriever(index_lib.Index.build(vectors), bank, selection=SelectionConfig(k=3, overfetch=2))
+    [res] = r.search_vectors(query[None])
+    assert sorted(res.doc_ids) == ["d60", "d61", "d62"]
+    shallow = Retriever(r.index, bank, selection=SelectionConfig(k=3, overfetch=2, max_overfetch=2))
+    assert shallow.search_vectors(query[None])[0].doc_ids == []

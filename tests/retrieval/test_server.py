@@ -1,0 +1,112 @@
+"""The HTTP service: answers match the local retriever; bad requests get 4xx, never a crash."""
+
+import dataclasses
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cm3leon_jax.retrieval import build, load_test
+from cm3leon_jax.retrieval.client import RetrievalClient, encode_png
+from cm3leon_jax.retrieval.load_test import ServerProcess
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.retrieval.server import ServiceLimits, create_app
+
+from retrieval_testlib import SELECTION
+
+SERVE_BINDINGS = [f"SelectionConfig.{f}={getattr(SELECTION, f)}"
+                  for f in ("max_relevance", "max_redundancy", "overfetch")]
+
+
+@pytest.fixture(scope="module")
+def retriever(retrieval_dir):
+    return Retriever.open(retrieval_dir, SELECTION)
+
+
+@pytest.fixture(scope="module")
+def http(retriever):
+    limits = ServiceLimits(max_body_bytes=200_000, max_batch=8, max_k=5, max_image_pixels=128 * 128)
+    return TestClient(create_app(retriever, limits))
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return next(build.synthetic_documents(split="test", num=1))
+
+
+def test_answers_match_the_local_retriever(http, retriever, doc):
+    assert http.get("/health").json()["num_docs"] == len(retriever.bank)
+    vecs = retriever.bank.vectors(np.array([3, 50]))
+    got = http.post("/search/vector", json={"vectors": vecs.tolist(), "k": 3}).json()["results"]
+    want = retriever.search_vectors(vecs, 3)
+    assert [g["doc_ids"] for g in got] == [w.doc_ids for w in want]
+    assert [g["token_ids"] for g in got] == [[t.tolist() for t in w.token_ids] for w in want]
+    np.testing.assert_allclose(got[0]["scores"], want[0].scores, rtol=1e-6)
+    t = http.post("/search/text", json={"texts": [doc.text], "k": 2}).json()["results"]
+    assert t[0]["doc_ids"] == retriever.search_texts([doc.text], 2)[0].doc_ids
+    r = http.post("/search/image?k=2", content=encode_png(doc.image),
+                  headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["doc_ids"] == retriever.search_images([doc.image], 2)[0].doc_ids
+
+
+def _corrupt_png(image):
+    data = bytearray(encode_png(image))
+    data[40:60] = b"\x00" * 20
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make, status, reason", [
+    (lambda h, d: h.post("/search/vector", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 5]}), 400, "16-d"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "k": 99}), 400, "k=99"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16] * 9}), 413, "at most 8"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": []}), 400, "empty"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "nope": 1}), 422, "nope"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "exclude_doc_ids": []}), 400, "exclude_doc_ids"),
+    (lambda h, d: h.post("/search/text", json={"texts": [" "]}), 400, "empty"),
+    (lambda h, d: h.post("/search/text", json={"texts": "a red circle"}), 422, "list"),
+    (lambda h, d: h.post("/search/image", content=b"GIF89a....", headers={"content-type": "image/png"}), 415, "not a PNG"),
+    (lambda h, d: h.post("/search/image", content=_corrupt_png(d.image)), 400, "does not decode"),
+    (lambda h, d: h.post("/search/image", content=encode_png(np.zeros((200, 200, 3), np.uint8))), 413, "pixels"),
+    (lambda h, d: h.post("/search/image?k=0", content=encode_png(d.image)), 400, "k=0"),
+    (lambda h, d: h.post("/search/vector", content=b"x" * 300_000, headers={"content-type": "application/json"}), 413, "at most 200000"),
+    (lambda h, d: h.get("/search/vector"), 405, ""),
+])
+def test_bad_requests_get_4xx_with_a_reason(http, doc, make, status, reason):
+    r = make(http, doc)
+    assert r.status_code == status, r.text
+    assert reason in r.text
+    assert http.get("/health").status_code == 200
+
+
+def test_served_by_the_gin_run_mode_and_the_client(retrieval_dir, retriever, doc):
+    """`main --gin_file=gin_configs/runs/serve_retrieval.gin` serves; the client matches local."""
+    with ServerProcess(retrieval_dir, SERVE_BINDINGS) as server:
+        client = RetrievalClient(server.url, timeout=60)
+        assert client.health()["can_encode"]
+        local = Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, k=2))
+        assert client.search_texts([doc.text])[0].doc_ids == local.search_texts([doc.text])[0].doc_ids
+        got = client.search_images([doc.image], k=3)[0]
+        assert got.doc_ids == local.search_images([doc.image], 3)[0].doc_ids
+        vec = retriever.bank.vectors(np.array([9]))
+        assert client.search_vectors(vec, 3, ["train_0000009"])[0].doc_ids == \
+            local.search_vectors(vec, 3, ["train_0000009"])[0].doc_ids
+        with pytest.raises(ValueError, match="k=1000"):
+            client.search_vectors(vec, 1000)
+        assert client.health()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_load_on_loopback_has_no_errors_and_loses_nothing(retrieval_dir, retriever, doc):
+    vectors = retriever.bank.vectors(np.arange(64))
+    texts = [d.text for d in build.synthetic_documents(split="test", num=16) if d.text]
+    make = load_test.mixed_requests(load_test.vector_requests(vectors, k=3),
+                                    load_test.text_requests(texts), load_test.image_requests([doc.image]))
+    with ServerProcess(retrieval_dir, SERVE_BINDINGS) as server:
+        report = load_test.run_load(server.url, make, concurrency=32, seconds=15)
+        assert httpx.get(server.url + "/health").status_code == 200
+    print(report)
+    assert report["errors"] == 0 and report["lost"] == 0 and report["unaccounted"] == 0, report
+    assert report["ok"] == report["sent"] > 100
