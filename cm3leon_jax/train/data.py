@@ -1,0 +1,151 @@
+"""SeqIO task -> global batches of `jax.Array`s, with the iterator's position checkpointed.
+
+The data stream is cut into `num_data_shards` *data shards* that do not depend on how
+many hosts there are: shard `s` is `seqio.get_dataset(..., shard_info=ShardInfo(s, S))`
+batched to `global_batch / S` rows, and it fills rows `[s * B/S, (s+1) * B/S)` of every
+global batch. A host reads exactly the shards whose rows its devices hold, so
+
+  * one process with 2 devices and 2 processes with 1 device each see the same global
+    batches (the multi-host test relies on it), and
+  * a checkpoint (one `tf.train.Checkpoint` of each shard's iterator, prefetch buffers
+    and shuffle state included) restores onto any number of hosts, as long as
+    `num_data_shards` and the batch are unchanged.
+
+Keep `num_data_shards` fixed for the life of a run (it defaults to the number of
+processes, which is right for a run that never changes topology).
+
+    ┌──────────── global batch [B, L] ────────────┐
+    │ shard 0: rows 0 .. B/S-1      (host 0 reads)│
+    │ shard 1: rows B/S .. 2B/S-1   (host 1 reads)│
+    │ ...                                         │
+    └─────────────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+from jax.sharding import NamedSharding
+
+from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+
+# The data pipeline must never take an accelerator (or its memory) from JAX.
+tf.config.set_visible_devices([], "GPU")
+
+ShardDatasetFn = Callable[[int, int, int], tf.data.Dataset]
+_SPEC_FILE = "data_spec.json"
+
+
+@gin.configurable
+def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
+                        seq_len: int, split: str = "train", seed: int = 0,
+                        shuffle: bool = True, pack: bool = True, use_cached: bool = False,
+                        num_epochs: int | None = None) -> tf.data.Dataset:
+    """Data shard `shard` of `num_shards` of a seqio task or mixture, batched to `rows`.
+
+    `task`/`seq_len` come from the trainer (`train.task`, `train.seq_len`); bind the
+    rest here (e.g. `seqio_shard_dataset.use_cached = True` after caching a task).
+    """
+    ds = seqio.get_dataset(
+        task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
+        shuffle=shuffle, seed=seed, num_epochs=num_epochs, use_cached=use_cached,
+        shard_info=seqio.ShardInfo(shard, num_shards),
+        feature_converter=CM3FeatureConverter(pack=pack))
+    return ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+class ShardedBatches(Iterator[dict[str, jax.Array]]):
+    """Iterates global batches `{feature: Array[B, L]}` laid out by `sharding`."""
+
+    def __init__(self, make_dataset: ShardDatasetFn, global_batch: int, seq_len: int,
+                 sharding: NamedSharding, num_data_shards: int | None = None):
+        self.num_shards = num_data_shards or jax.process_count()
+        if global_batch % self.num_shards:
+            raise ValueError(f"global batch {global_batch} does not split into "
+                             f"num_data_shards={self.num_shards}; pick a divisor.")
+        self.global_shape = (global_batch, seq_len)
+        self.rows = global_batch // self.num_shards
+        self.sharding = sharding
+        # Which processes hold rows of which shard (from every device, not just ours).
+        readers: dict[int, set[int]] = {}
+        for device, index in sharding.devices_indices_map(self.global_shape).items():
+            for s in self._shards_of(index[0]):
+                readers.setdefault(s, set()).add(device.process_index)
+        me = jax.process_index()
+        self.local_shards = sorted(s for s, procs in readers.items() if me in procs)
+        # One process writes each shard's iterator state (the others hold the same).
+        self.owned_shards = [s for s in self.local_shards if min(readers[s]) == me]
+        self._datasets = {s: make_dataset(s, self.num_shards, self.rows)
+                          for s in self.local_shards}
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the first batch (cheap: the pipelines are built once, in __init__)."""
+        self._iterators = {s: iter(ds) for s, ds in self._datasets.items()}
+
+    def _shards_of(self, rows: slice) -> range:
+        start, stop, _ = rows.indices(self.global_shape[0])
+        return range(start // self.rows, (stop - 1) // self.rows + 1)
+
+    def next_local(self) -> dict[int, dict[str, np.ndarray]]:
+        """The next batch of every shard this host reads, as numpy."""
+        return {s: {k: v.numpy() for k, v in next(it).items()}
+                for s, it in self._iterators.items()}
+
+    def __next__(self) -> dict[str, jax.Array]:
+        local = self.next_local()
+        features = next(iter(local.values())).keys()
+        return {k: self._global_array(local, k) for k in features}
+
+    def _global_array(self, local: Mapping[int, Mapping[str, np.ndarray]], key: str) -> jax.Array:
+        def rows(index):
+            start, stop, _ = index[0].indices(self.global_shape[0])
+            parts = []
+            for s in self._shards_of(slice(start, stop)):
+                lo, hi = max(start, s * self.rows), min(stop, (s + 1) * self.rows)
+                parts.append(local[s][key][lo - s * self.rows:hi - s * self.rows])
+            out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            return out[(slice(None),) + tuple(index[1:])]
+        sample = local[self.local_shards[0]][key]
+        return jax.make_array_from_callback(self.global_shape, self.sharding, rows,
+                                            dtype=sample.dtype)
+
+    # Checkpointing (called by `checkpoints.DataIteratorHandler`).
+    def spec(self) -> dict[str, Any]:
+        return {"num_data_shards": self.num_shards, "global_batch": self.global_shape[0],
+                "seq_len": self.global_shape[1]}
+
+    def _prefix(self, directory: str, shard: int) -> str:
+        return os.path.join(directory, f"shard_{shard:05d}-of-{self.num_shards:05d}")
+
+    def save(self, directory: str) -> None:
+        """Writes this host's share of the iterators' state under `directory`."""
+        tf.io.gfile.makedirs(directory)
+        if jax.process_index() == 0:
+            with tf.io.gfile.GFile(os.path.join(directory, _SPEC_FILE), "w") as f:
+                f.write(json.dumps(self.spec()))
+        for s in self.owned_shards:
+            tf.train.Checkpoint(iterator=self._iterators[s]).write(self._prefix(directory, s))
+
+    def restore(self, directory: str) -> None:
+        """Moves every local iterator to the position saved under `directory`."""
+        spec_path = os.path.join(directory, _SPEC_FILE)
+        if not tf.io.gfile.exists(spec_path):
+            raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
+                                    "is missing).")
+        with tf.io.gfile.GFile(spec_path) as f:
+            saved = json.loads(f.read())
+        if saved != self.spec():
+            raise ValueError(f"the checkpoint's data layout {saved} differs from this run's "
+                             f"{self.spec()}: keep train.global_batch_size, train.seq_len and "
+                             "train.num_data_shards as they were when the run started.")
+        for s in self.local_shards:
+            tf.train.Checkpoint(iterator=self._iterators[s]).read(
+                self._prefix(directory, s)).assert_consumed()

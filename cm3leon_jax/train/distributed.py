@@ -1,0 +1,113 @@
+"""Multi-process start-up and the training mesh (ICI axes within a slice, DCN across).
+
+`initialize` must run before anything touches a JAX backend. It connects the
+processes of one job through `jax.distributed.initialize`, from gin or from the
+environment (set by `launch/` scripts)::
+
+    CM3LEON_COORDINATOR=10.0.0.1:1234 CM3LEON_NUM_PROCESSES=2 CM3LEON_PROCESS_ID=0
+
+or, on TPU pods / SLURM / Kubernetes, `initialize.auto = True` lets JAX discover it.
+On CPU the processes talk through gloo collectives.
+
+`train_mesh` builds the `(data, fsdp, tensor)` mesh: the per-slice sizes are those
+of `make_mesh` (`make_mesh.fsdp = 8`, -1 = the rest), and `train_mesh.dcn_*` multiply
+an axis across slices (multi-slice TPU: data-parallel over the data-center network),
+so an axis's total size is `ici * dcn`. Slices are TPU slices where the devices say so,
+otherwise processes (GPU hosts, or CPU processes in the tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+from cm3leon_jax.model import partitioning
+
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False,
+               cpu_collectives: str = "gloo") -> None:
+    """Joins this process to a multi-process job, or does nothing for a single process.
+
+    Args:
+        coordinator_address: "host:port" of process 0's coordinator; default from
+            `CM3LEON_COORDINATOR` (or `JAX_COORDINATOR_ADDRESS`).
+        num_processes, process_id: default from `CM3LEON_NUM_PROCESSES` /
+            `CM3LEON_PROCESS_ID`.
+        auto: let JAX detect the cluster (TPU pods, SLURM, Kubernetes).
+        cpu_collectives: cross-process collectives on CPU ("gloo" or "mpi").
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("CM3LEON_COORDINATOR") \
+        or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "CM3LEON_NUM_PROCESSES" in env:
+        num_processes = int(env["CM3LEON_NUM_PROCESSES"])
+    if process_id is None and "CM3LEON_PROCESS_ID" in env:
+        process_id = int(env["CM3LEON_PROCESS_ID"])
+    if not auto and coordinator_address is None:
+        return  # One process.
+    if jax.distributed.is_initialized():
+        return
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if auto:
+        jax.distributed.initialize()
+    else:
+        if num_processes is None or process_id is None:
+            raise ValueError(f"initialize: coordinator {coordinator_address!r} is set but "
+                             "num_processes/process_id are not (bind them in gin or set "
+                             "CM3LEON_NUM_PROCESSES and CM3LEON_PROCESS_ID).")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    log.info("process %d of %d; %d local of %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _group(devices: Sequence[Any], key) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for d in devices:
+        out.setdefault(key(d), []).append(d)
+    return out
+
+
+def _slices(devices: Sequence[Any]) -> tuple[dict[int, list[Any]], bool]:
+    """Devices grouped by TPU slice, or by process where there is one slice (GPU, CPU).
+
+    Returns (groups, grouped_by_process).
+    """
+    slices = _group(devices, lambda d: getattr(d, "slice_index", 0) or 0)
+    if len(slices) > 1:
+        return slices, False
+    return _group(devices, lambda d: d.process_index), True
+
+
+@gin.configurable
+def train_mesh(dcn_data: int = 1, dcn_fsdp: int = 1, dcn_tensor: int = 1,
+               devices: Sequence[Any] | None = None) -> Mesh:
+    """The `(data, fsdp, tensor)` mesh: `make_mesh`'s per-slice sizes times `dcn_*`."""
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = (dcn_data, dcn_fsdp, dcn_tensor)
+    if min(dcn) < 1:
+        raise ValueError(f"train_mesh: dcn sizes must be >= 1; got {dcn}.")
+    if math.prod(dcn) == 1:
+        return partitioning.make_mesh(devices=devices)
+    slices, by_process = _slices(devices)
+    if len(slices) != math.prod(dcn):
+        raise ValueError(f"train_mesh: dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn)} but "
+                         f"there are {len(slices)} slices (or processes); make them equal.")
+    # make_mesh resolves the gin-bound per-slice sizes (and their -1) on one slice.
+    ici = tuple(partitioning.make_mesh(devices=next(iter(slices.values()))).devices.shape)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                process_is_granule=by_process)
+    return Mesh(np.asarray(grid), partitioning.MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES))

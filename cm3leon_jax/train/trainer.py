@@ -1,0 +1,218 @@
+"""The `train` run mode: the training loop, in t5x's shape and big_vision's size.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/train/cm3leon_350m.gin \
+        --gin.MODEL_DIR="'gs://bucket/350m'" [--gin_file=gin_configs/meshes/<mesh>.gin]
+
+(`gin_configs/train/<size>.gin` includes `runs/pretrain.gin`, the model and a mesh file.)
+
+One iteration: read the next global batch, dispatch the jitted step (state donated),
+then look at the *previous* step's metrics; reading them one step late keeps a step
+queued on the devices while the host works. A non-finite loss or gradient norm stops
+the run naming the step and the last good checkpoint (or is skipped, by gin). Before a
+checkpoint is written the step's own metrics are checked, so a saved state is always
+finite. Restarting the same command resumes from the newest readable checkpoint,
+data position included, and reproduces the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Mapping
+
+import gin
+import jax
+import numpy as np
+
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.model.decoder import Decoder, count_params
+from cm3leon_jax.train import checkpoints, data as data_lib, distributed, metrics as metrics_lib
+from cm3leon_jax.train import optimizer, state as state_lib, step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+def _to_host(tree: Any) -> dict[str, float]:
+    """Replicated scalars -> floats; works when the arrays span several processes."""
+    return {k: float(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
+
+
+@gin.configurable
+def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQUIRED,
+          global_batch_size: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, seed: int = 0,
+          num_microbatches: int = 1, num_data_shards: int | None = None,
+          log_every: int = 50, eval_every: int = 0, eval_steps: int = 4,
+          eval_split: str = "validation", on_nonfinite: str = "stop",
+          progress_bar: bool = True) -> dict[str, Any]:
+    """Trains `DecoderConfig()` on a seqio task; resumes from MODEL_DIR/checkpoints.
+
+    Args:
+        model_dir: checkpoints, TensorBoard events and metrics.jsonl go here.
+        task: a seqio task or mixture name (e.g. "cm3leon_synthetic_mix").
+        num_steps: optimizer updates in the whole run (also the default decay length).
+        global_batch_size: rows per update across all devices (paper: 8M tokens =
+            2048 rows of 4096). seq_len: tokens per packed row.
+        seed: parameter initialisation and data order.
+        num_microbatches: gradient accumulation: the batch is split in this many parts.
+        num_data_shards: see `data.py`; default: the number of processes. Keep it fixed
+            for the life of a run.
+        log_every: write metrics every this many steps. eval_every: held-out loss every
+            this many steps (0: only at the end), over `eval_steps` batches of `eval_split`.
+        on_nonfinite: "stop" (raise, naming the step and last good checkpoint) or "skip".
+    Returns:
+        {"step": the final step, "preempted": whether a SIGTERM cut the run short,
+         "eval": the last held-out metrics}.
+    """
+    distributed.initialize()
+    # From here on a SIGTERM (preemption) lets the loop save before it exits.
+    with checkpoints.PreemptionSignal() as preemption:
+        config = DecoderConfig()
+        if seq_len > config.max_length:
+            raise ValueError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
+                             f"{config.max_length}; lower one or raise the other.")
+        mesh = distributed.train_mesh()
+        peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads start.
+        model = Decoder(config)
+        schedule = optimizer.learning_rate_schedule(total_steps=num_steps)
+        tx = optimizer.make_optimizer(schedule)
+        shardings = state_lib.state_shardings(model, tx, mesh)
+        abstract = state_lib.abstract_train_state(model, tx, mesh)
+        batch_sharding = step_lib.batch_sharding(mesh, (global_batch_size, seq_len))
+        make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len,
+                                      seed=seed)
+        data = data_lib.ShardedBatches(make_data, global_batch_size, seq_len, batch_sharding,
+                                       num_data_shards)
+        train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(model, tx, schedule, num_microbatches, on_nonfinite),
+            shardings, batch_sharding, mesh)
+        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), shardings.params,
+                                           batch_sharding, mesh)
+        eval_data = functools.partial(make_data, split=eval_split, shuffle=False)
+        evaluate = _Evaluator(eval_step, eval_data, global_batch_size, seq_len, batch_sharding,
+                              eval_steps, num_data_shards)
+
+        writer = metrics_lib.MetricsWriter(model_dir)
+        ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
+        reporter = _Reporter(writer, ckpt, num_steps, log_every, on_nonfinite, peak,
+                             metrics_lib.train_flops_per_step(config, global_batch_size, seq_len),
+                             global_batch_size * seq_len)
+        preempted, eval_metrics = False, {}
+        try:
+            with jax.set_mesh(mesh):
+                state = ckpt.restore(abstract, data)
+                if state is None:
+                    state = state_lib.create_train_state(model, tx, mesh, seed)
+                step = start = int(np.asarray(state.step.addressable_data(0)))
+                log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
+                         "starting at step %d of %d", f"{count_params(config):,}",
+                         state_lib.bytes_per_device(abstract) / 2**30, dict(mesh.shape), start,
+                         num_steps)
+                bar = _progress(progress_bar, num_steps, start)
+                pending = None  # (step, metrics) not yet looked at.
+                while step < num_steps:
+                    state, m = train_step(state, next(data))
+                    step += 1
+                    if pending is not None:
+                        reporter(*pending)  # Blocks on the previous step only.
+                    pending = (step, m)
+                    preempted = preemption.reached(step)
+                    if preempted or step == num_steps or ckpt.due(step):
+                        reporter(*pending)  # Never save a non-finite state.
+                        pending = None
+                        ckpt.save(step, state, data, force=preempted or step == num_steps)
+                        reporter.timer.restart()  # Time training only.
+                    if eval_every and step % eval_every == 0 and step != num_steps:
+                        eval_metrics = evaluate(state.params)
+                        writer.write(step, eval_metrics, prefix="eval/")
+                        reporter.timer.restart()
+                    if bar is not None:
+                        bar.update(1)
+                    if preempted:
+                        log.warning("preempted: saved step %d; rerun the same command to resume.",
+                                    step)
+                        break
+                if bar is not None:
+                    bar.close()
+                if not preempted:
+                    eval_metrics = evaluate(state.params)
+                    writer.write(step, eval_metrics, prefix="eval/")
+        finally:
+            ckpt.close()
+            writer.close()
+        return {"step": step, "preempted": preempted, "eval": eval_metrics}
+
+
+class _Reporter:
+    """Looks at one step's metrics: stops on a non-finite loss, writes every `log_every`."""
+
+    def __init__(self, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
+                 num_steps: int, log_every: int, on_nonfinite: str, peak: float | None,
+                 flops_per_step: float, tokens_per_step: int):
+        self.writer, self.ckpt = writer, ckpt
+        self.num_steps, self.log_every, self.on_nonfinite = num_steps, log_every, on_nonfinite
+        self.peak, self.flops, self.tokens = peak, flops_per_step, tokens_per_step
+        self.timer = metrics_lib.StepTimer()
+        self.skipped = 0
+
+    def __call__(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        values = _to_host(metrics)
+        self.timer.step_done()
+        if values.pop("finite") < 1.0:
+            if self.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {step} (loss={values['loss']}, "
+                    f"grad_norm={values['grad_norm']}). Last good checkpoint: "
+                    f"{self.ckpt.describe_last_good()}. Resume from it with a lower learning "
+                    "rate, or bind train.on_nonfinite='skip' to skip such steps.")
+            self.skipped += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped.", step)
+        if step % self.log_every and step != self.num_steps:
+            return
+        values["perplexity"] = float(np.exp(min(values["cross_entropy"], 50.0)))
+        values["skipped_steps"] = float(self.skipped)
+        seconds = self.timer.lap()
+        if seconds:
+            values.update(metrics_lib.throughput(self.flops, self.tokens, seconds, self.peak,
+                                                 jax.device_count()))
+        self.writer.write(step, values)
+
+
+class _Evaluator:
+    """Token-weighted held-out metrics over the first `num_batches` batches of `make_data`.
+
+    The eval pipeline is built at the first evaluation and restarted for each later one.
+    """
+
+    def __init__(self, eval_step, make_data, global_batch_size: int, seq_len: int, sharding,
+                 num_batches: int, num_data_shards: int | None):
+        self._step, self._num_batches = eval_step, num_batches
+        self._make = functools.partial(data_lib.ShardedBatches, make_data, global_batch_size,
+                                       seq_len, sharding, num_data_shards)
+        self._batches: data_lib.ShardedBatches | None = None
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        if self._batches is None:
+            self._batches = self._make()
+        else:
+            self._batches.restart()
+        total: dict[str, float] = {}
+        for _ in range(self._num_batches):
+            for k, v in _to_host(self._step(params, next(self._batches))).items():
+                total[k] = total.get(k, 0.0) + v
+        n = max(total["weight"], 1.0)
+        loss = total["cross_entropy_sum"] / n
+        return {"loss": total["loss_sum"] / n, "cross_entropy": loss,
+                "perplexity": float(np.exp(min(loss, 50.0))),
+                "accuracy": total["accuracy_sum"] / n}
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

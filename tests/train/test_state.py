@@ -1,0 +1,60 @@
+"""The train state is created sharded by the logical rules, the same on any mesh."""
+
+import jax
+import numpy as np
+import pytest
+
+from cm3leon_jax.model import partitioning
+from cm3leon_jax.model.decoder import Decoder
+from cm3leon_jax.train import optimizer, state as state_lib
+from train_testlib import tiny_config
+
+CONFIG = tiny_config()
+
+
+def _tx():
+    return optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, decay_steps=10))
+
+
+def _create(mesh, seeds=(3,)):
+    with jax.set_mesh(mesh):
+        init = state_lib.make_init_fn(Decoder(CONFIG), _tx(), mesh)
+        states = [init(jax.random.key(s)) for s in seeds]
+    return states if len(seeds) > 1 else states[0]
+
+
+def test_every_leaf_is_sharded_by_its_logical_names():
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    state = _create(mesh)
+    shapes, expected = state_lib.param_shardings(Decoder(CONFIG), mesh)
+    flat_state = jax.tree_util.tree_leaves_with_path(state.params)
+    flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
+    for path, leaf in flat_state:
+        assert leaf.sharding.spec == flat_expected[path].spec, jax.tree_util.keystr(path)
+    adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, ...))
+    for moments in (adam.mu, adam.nu):
+        for (path, m), (_, p) in zip(jax.tree_util.tree_leaves_with_path(moments), flat_state):
+            assert m.sharding.spec == p.sharding.spec, jax.tree_util.keystr(path)
+    assert adam.count.sharding.is_fully_replicated
+    # FSDP and tensor parallelism: the MLP kernel [layers, embed, mlp] is split 4 ways.
+    wi = state.params["layers"]["mlp"]["wi"]["kernel"]
+    assert wi.addressable_shards[0].data.shape == (CONFIG.num_layers, CONFIG.d_model // 2,
+                                                   CONFIG.mlp_dim // 2)
+
+
+def test_same_seed_same_values_on_any_mesh():
+    a, c = _create(partitioning.make_mesh(data=-1), seeds=(3, 4))
+    b = _create(partitioning.make_mesh(data=1, fsdp=4, tensor=2))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(c.params["token_embed"]["embedding"]),
+                              np.asarray(a.params["token_embed"]["embedding"]))
+
+
+@pytest.mark.parametrize("fsdp", [1, 8])
+def test_bytes_per_device_shrinks_with_fsdp(fsdp):
+    mesh = partitioning.make_mesh(data=8 // fsdp, fsdp=fsdp)
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), _tx(), mesh)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    # params + two Adam moments, all float32; split evenly by fsdp (d_model 64 / 8).
+    assert state_lib.bytes_per_device(abstract) == pytest.approx(total / fsdp, rel=0.01)

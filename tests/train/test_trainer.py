@@ -1,0 +1,102 @@
+"""The `train` run mode end to end: resume after SIGKILL and SIGTERM, NaN stops, metrics.
+
+Runs go through the real entry point (`cm3leon_jax.main` with gin_configs/train/tiny.gin)
+on the tiny corpus, shrunk by gin bindings to a few seconds each.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import train_testlib as lib
+from cm3leon_jax.train.trainer import NonFiniteLossError
+
+
+def _committed_steps(model_dir):
+    root = os.path.join(model_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+
+
+def _wait_for(condition, proc, what, timeout=240):
+    start = time.time()
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the training process exited ({proc.returncode}) before {what}")
+        if time.time() - start > timeout:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _logged_losses(model_dir):
+    """Every (step, loss) line of metrics.jsonl, in order, across all runs that wrote it."""
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and "eval/loss" not in r]
+
+
+def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(corpus, tmp_path):
+    """Reference run; a run killed with SIGKILL, resumed, stopped with SIGTERM (it saves
+    first), resumed again: every logged loss equals the reference's at the same step."""
+    path, vocab = corpus
+    reference_steps = 32
+    ref_dir = str(tmp_path / "reference")
+    lib.run_in_process(lib.bindings(ref_dir, path, vocab, **{"train.num_steps": reference_steps}))
+    reference = dict(_logged_losses(ref_dir))
+    assert sorted(reference) == list(range(1, reference_steps + 1))
+    metrics = lib.read_metrics(ref_dir)
+    for key in ("loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_sec",
+                "tflops_per_device", "mfu", "eval/loss"):
+        assert key in metrics[reference_steps], key
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(ref_dir))
+
+    run_dir = str(tmp_path / "interrupted")
+    args = lib.bindings(run_dir, path, vocab, **{"train.num_steps": 1000})
+    # The second subprocess reuses the first one's compiled programs (the same programs,
+    # so the same bits): it saves a few seconds, not a test shortcut.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    killed = lib.start_subprocess(args, env=cache, log_path=str(tmp_path / "killed.log"))
+    _wait_for(lambda: _committed_steps(run_dir) and
+              max(s for s, _ in _logged_losses(run_dir)) > _committed_steps(run_dir)[-1],
+              killed, "a checkpoint and a step after it")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resume_from = _committed_steps(run_dir)[-1]
+
+    lines_before = len(_logged_losses(run_dir))
+    stopped = lib.start_subprocess(args, env=cache, log_path=str(tmp_path / "stopped.log"))
+    _wait_for(lambda: len(_logged_losses(run_dir)) >= lines_before + 2,
+              stopped, "steps after the resumed checkpoint")
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=120) == 0, open(tmp_path / "stopped.log").read()[-3000:]
+    preempted_at = _committed_steps(run_dir)[-1]
+    assert preempted_at > resume_from
+    assert preempted_at == max(s for s, _ in _logged_losses(run_dir))  # Saved where it stopped.
+    assert preempted_at + 3 <= reference_steps, "the runs went too far to compare"
+
+    result = lib.run_in_process(lib.bindings(run_dir, path, vocab,
+                                             **{"train.num_steps": preempted_at + 3}))
+    assert result["step"] == preempted_at + 3 and not result["preempted"]
+    logged = _logged_losses(run_dir)
+    assert {s for s, _ in logged} == set(range(1, preempted_at + 4))
+    for step, loss in logged:
+        assert loss == reference[step], f"step {step}: {loss} != reference {reference[step]}"
+
+
+def test_nan_stops_the_run_naming_the_step_and_last_good_checkpoint(corpus, tmp_path):
+    path, vocab = corpus
+    model_dir = str(tmp_path / "nan")
+    # Step 1 has learning rate 0 (warm-up); step 2's 1e30 blows the weights up.
+    args = lib.bindings(model_dir, path, vocab, **{
+        "train.num_steps": 6, "learning_rate_schedule.peak_lr": 1e30,
+        "learning_rate_schedule.warmup_steps": 1, "Checkpointer.save_every": 2})
+    with pytest.raises(NonFiniteLossError) as error:
+        lib.run_in_process(args)
+    message = str(error.value)
+    assert "at step 3" in message, message
+    assert "Last good checkpoint: step 2 in" in message and "on_nonfinite='skip'" in message
+    assert _committed_steps(model_dir) == [2]  # The non-finite state was never saved.
