@@ -33,8 +33,10 @@ from cm3leon_jax.vocab import vqgan_train
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 NOT_YET = (
-    "retrieval index and neighbours (issue 6: CLIP, ScaNN)",
-    "decoder pretraining (issues 4 and 7: model, trainer)",
+    "retrieval in the demo (built and runnable alone: gin_configs/runs/"
+    "train_retriever.gin, build_retrieval.gin)",
+    "decoder pretraining in the demo (runnable alone after the demo: "
+    "gin_configs/train/tiny.gin)",
     "text-to-image and image-to-text generation (sampler, CFG, CD-K)",
     "evaluation (FID, CLIP score, CIDEr) and export",
 )
