@@ -16,8 +16,13 @@ with a sample of their ids. Nothing is dropped silently.
 
 Documents are `caption <break> image` (or `image <break> caption` with
 probability `image_first_prob`), one caption per image, chosen by a hash of
-the document id so reruns agree. Neighbours are left empty here; retrieval
-fills them beside the shards.
+the document id so reruns agree.
+
+With `retrieval` bound (a `RetrievalConfig`), each worker also encodes its
+written documents with the retrieval encoder; the driver then builds the
+memory bank and its index, and a second pipeline writes every document's
+neighbours into its shard (`retrieval_pass.py`). Without it the shards hold no
+neighbours, and the tasks train with k = 0 retrieved documents.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import gin
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.data import shards, synthetic_tfds
+from cm3leon_jax.data import retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -148,7 +153,8 @@ class Tokenizer:
         return caption, image
 
     def documents(self, pairs: list[RawPair], checked: list[tuple[str, np.ndarray]]
-                  ) -> Iterator[shards.TokenizedDocument]:
+                  ) -> Iterator[tuple[shards.TokenizedDocument, str, np.ndarray]]:
+        """The pairs' documents (with the caption and image each was made of)."""
         codes = self.images.encode(np.stack([image for _, image in checked]))
         for pair, (caption, _), c in zip(pairs, checked, codes):
             text = document_lib.Text(caption)
@@ -162,13 +168,22 @@ class Tokenizer:
             if ids.size > self.max_doc_tokens:
                 self._skip("document_too_long", pair.doc_id)
                 continue
-            yield shards.TokenizedDocument(pair.doc_id, ids)
+            yield shards.TokenizedDocument(pair.doc_id, ids), caption, pair.image
 
 
 def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
-                   out_dir: str, batch_size: int) -> dict:
-    """Writes one shard and its stats (atomically); returns the stats."""
+                   out_dir: str, batch_size: int,
+                   vectors: retrieval_pass.VectorWriter | None = None) -> dict:
+    """Writes one shard (and its retrieval vectors) then its stats, each atomically;
+    the stats file marks the shard done. Returns the stats."""
     tokenizer.skipped.clear()
+
+    def batch_docs(pairs, checked):
+        made = list(tokenizer.documents(pairs, checked))
+        if vectors is not None and made:
+            docs, captions, images = zip(*made)
+            vectors.add(docs, captions, images)
+        return [doc for doc, _, _ in made]
 
     def docs():
         pairs, checked = [], []
@@ -178,14 +193,18 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
                 pairs.append(pair)
                 checked.append(ok)
             if len(checked) == batch_size:
-                yield from tokenizer.documents(pairs, checked)
+                yield from batch_docs(pairs, checked)
                 pairs, checked = [], []
         if checked:
-            yield from tokenizer.documents(pairs, checked)
+            yield from batch_docs(pairs, checked)
 
     final = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
+    if os.path.exists(retrieval_pass.marker_path(final)):
+        os.remove(retrieval_pass.marker_path(final))  # its neighbours are about to go
     written = shards.write_records(docs(), final + ".tmp")
     os.replace(final + ".tmp", final)
+    if vectors is not None:
+        vectors.write(out_dir, final)
     stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
              "skipped": {r: ids for r, ids in tokenizer.skipped.items()}}
     _write_json_atomic(final + ".stats.json", stats)
@@ -198,9 +217,16 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def is_done(spec: ShardSpec, out_dir: str) -> bool:
+def is_done(spec: ShardSpec, out_dir: str,
+            retrieval: retrieval_pass.RetrievalConfig | None = None) -> bool:
+    """Whether pass 1 finished the shard (with its vectors, when retrieval is on)."""
     path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-    return os.path.exists(path + ".stats.json")
+    if not os.path.exists(path + ".stats.json"):
+        return False
+    if retrieval is None or retrieval_pass.has_vectors(spec, out_dir, retrieval):
+        return True
+    with open(path + ".stats.json") as f:  # a shard that wrote nothing has no vectors
+        return json.load(f)["written"] == 0
 
 
 def manifest(specs: Sequence[ShardSpec], out_dir: str) -> dict:
@@ -268,6 +294,7 @@ class ShardWorker:
     max_text_tokens: int
     max_doc_tokens: int
     image_first_prob: float
+    retrieval: retrieval_pass.RetrievalConfig | None = None
     gin_config: str = ""
 
     def setup(self) -> None:
@@ -277,19 +304,32 @@ class ShardWorker:
         self._tokenizer = Tokenizer(vocab, _image_tokenizer(self.image_tokenizer_fn),
                                     self.max_text_tokens, self.max_doc_tokens,
                                     self.image_first_prob)
+        self._encoder = None
+        if self.retrieval is not None:
+            from cm3leon_jax.retrieval.encoder import cached_encoder
+            self._encoder = cached_encoder(self.retrieval.encoder_dir)
 
     def __call__(self, spec: ShardSpec) -> dict:
-        return tokenize_shard(spec, self.source, self._tokenizer, self.out_dir,
-                              self.batch_size)
+        vectors = (retrieval_pass.VectorWriter(self._encoder, self.retrieval, spec)
+                   if self.retrieval is not None else None)
+        stats = tokenize_shard(spec, self.source, self._tokenizer, self.out_dir,
+                               self.batch_size, vectors)
+        counters = {"documents": stats["written"]}
+        counters.update({reason: len(ids) for reason, ids in stats["skipped"].items()})
+        return {**stats, "counters": counters}
 
 
-def run_pipeline(specs: Sequence[ShardSpec], worker: ShardWorker, runner: str,
-                 pipeline_options: Sequence[str]) -> None:
-    """Runs `worker(spec)` for every spec as a Beam pipeline."""
+def run_pipeline(specs: Sequence[ShardSpec], worker, runner: str,
+                 pipeline_options: Sequence[str], stage: str = "Tokenize") -> None:
+    """Runs `worker(spec)` for every spec as a Beam pipeline.
+
+    `worker` is picklable, has `setup()` (run once per Beam worker) and returns
+    stats whose `counters` become Beam metrics.
+    """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    class TokenizeShard(beam.DoFn):
+    class RunShard(beam.DoFn):
         def __init__(self, worker):
             self.worker = worker
 
@@ -298,16 +338,15 @@ def run_pipeline(specs: Sequence[ShardSpec], worker: ShardWorker, runner: str,
 
         def process(self, spec):
             stats = self.worker(spec)
-            beam.metrics.Metrics.counter("preprocess", "documents").inc(stats["written"])
-            for reason, ids in stats["skipped"].items():
-                beam.metrics.Metrics.counter("preprocess", reason).inc(len(ids))
+            for name, value in stats.get("counters", {}).items():
+                beam.metrics.Metrics.counter("preprocess", name).inc(value)
             yield spec
 
     options = PipelineOptions(list(pipeline_options), runner=runner)
     with beam.Pipeline(options=options) as p:
         _ = (p | "Shards" >> beam.Create(list(specs))
              | "Spread" >> beam.Reshuffle()
-             | "Tokenize" >> beam.ParDo(TokenizeShard(worker)))
+             | stage >> beam.ParDo(RunShard(worker)))
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -322,6 +361,7 @@ def preprocess(model_dir: str,
                max_text_tokens: int = 256,
                seq_len: int = 4096,
                image_first_prob: float = 0.0,
+               retrieval: retrieval_pass.RetrievalConfig | None = None,
                runner: str = "DirectRunner",
                pipeline_options: Sequence[str] = ()) -> dict:
     """Tokenizes `source` into `model_dir` (shards, vocab/, manifest.json).
@@ -340,6 +380,9 @@ def preprocess(model_dir: str,
       max_text_tokens: longer captions are skipped as `text_too_long`.
       seq_len: the training length; documents that cannot fit are skipped.
       image_first_prob: share of documents laid out `image <break> caption`.
+      retrieval: when given, every document's neighbours are retrieved and
+        written into the shards, and `model_dir/retrieval` holds the bank and
+        index they came from (see retrieval_pass.py). None: no neighbours.
       runner, pipeline_options: Beam's, e.g. "DataflowRunner" and
         ["--project=...", "--region=...", "--temp_location=gs://..."].
     """
@@ -356,18 +399,39 @@ def preprocess(model_dir: str,
             "output folder for a different image tokenizer.")
     budget = AugmentConfig(seq_len=seq_len).budget
     specs = plan_shards(source, splits, docs_per_shard)
-    todo = [s for s in specs if not is_done(s, model_dir)]
+    todo = [s for s in specs if not is_done(s, model_dir, retrieval)]
     logging.info("preprocess: %d shards, %d already done", len(specs), len(specs) - len(todo))
 
     if todo:
         worker = ShardWorker(source, image_tokenizer_fn, model_dir, batch_size,
-                             max_text_tokens, budget, image_first_prob,
+                             max_text_tokens, budget, image_first_prob, retrieval,
                              gin_config=gin.config_str())
         run_pipeline(todo, worker, runner, pipeline_options)
     result = manifest(specs, model_dir)
     result["source_report"] = source.report()
+    if retrieval is not None:
+        result["retrieval"] = _retrieve(specs, todo, model_dir, retrieval, runner,
+                                        pipeline_options)
     shards.write_manifest(model_dir, result)
     for split, s in result["splits"].items():
         logging.info("preprocess %s: %d read, %d written, skipped %s",
                      split, s["read"], s["written"], s["skipped"] or "none")
     return result
+
+
+def _retrieve(specs: Sequence[ShardSpec], tokenized: Sequence[ShardSpec], model_dir: str,
+              retrieval: retrieval_pass.RetrievalConfig, runner: str,
+              pipeline_options: Sequence[str]) -> dict:
+    """Builds the bank and index, then writes every shard's neighbours (pass 2)."""
+    bank_changed = any(s.split == retrieval.bank_split for s in tokenized)
+    bank = retrieval_pass.build_bank(model_dir, retrieval, bank_changed)
+    todo = [s for s in specs if not retrieval_pass.is_done(s, model_dir)]
+    logging.info("neighbours: %d shards, %d already done", len(specs), len(specs) - len(todo))
+    if todo:
+        worker = retrieval_pass.NeighbourWorker(model_dir, retrieval, gin.config_str())
+        run_pipeline(todo, worker, runner, pipeline_options, stage="Neighbours")
+    summary = retrieval_pass.summarize(specs, model_dir, bank)
+    for split, s in summary["splits"].items():
+        logging.info("neighbours %s: %.2f per document (%s for 0..k)", split,
+                     s["mean_neighbours"], s["neighbours_per_document"])
+    return summary

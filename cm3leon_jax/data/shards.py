@@ -103,6 +103,11 @@ def write_split(docs: Iterable[TokenizedDocument], directory: str, split: str,
     return n
 
 
+def read_file(path: str) -> tf.data.Dataset:
+    """One shard file's records, in order."""
+    return tf.data.TFRecordDataset([path]).map(parse)
+
+
 def read_split(directory: str, split: str) -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn)."""
     files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))

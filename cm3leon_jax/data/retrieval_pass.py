@@ -1,0 +1,258 @@
+"""Retrieval inside preprocessing: document vectors, the memory bank, every shard's neighbours.
+
+Bind `preprocess.retrieval = @RetrievalConfig()` with an encoder folder (the
+train_retriever mode writes one) and preprocessing runs in two passes over the
+same shards (DATA is the preprocess output folder):
+
+    pass 1, per shard, while tokenizing (Beam):
+        every written document -> its vector (clean, and with query dropout)
+        train shard i   -> DATA/retrieval/memory_bank/shard-0000i   vectors, query
+                           vectors, token ids: one memory-bank shard per data shard
+        other splits    -> DATA/{shard}.queries.npz                 clean vectors
+    driver:
+        finalize the bank, build its ScaNN index, write retrieval.json, so that
+        DATA/retrieval is a complete retriever folder (serve_retrieval.gin serves it)
+    pass 2, per shard (Beam):
+        search each document's query vector, keep k by the selection rules, write
+        their tokens into the shard's `neighbour_ids` (the shard is rewritten
+        atomically), then DATA/{shard}.neighbours.json, which marks it done
+
+Train documents search with their query-dropout vector and never get themselves
+back. Validation and test documents search with their clean vector (there is
+no dropout at inference) against the train bank only, so no evaluation
+document is ever retrieved. A rerun skips shards finished in either pass; a
+train shard tokenized again rebuilds the bank and index, and that invalidates
+every shard's neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import time
+import zlib
+from typing import Sequence
+
+import gin
+import numpy as np
+
+from cm3leon_jax.data import shards
+from cm3leon_jax.retrieval import build, memory_bank
+from cm3leon_jax.retrieval.index import IndexConfig
+from cm3leon_jax.retrieval.neighbours import materialise
+from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
+from cm3leon_jax.retrieval.select import SelectionConfig
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """What the preprocess mode needs to retrieve neighbours for every document.
+
+    Attributes:
+      encoder_dir: a `DocumentEncoder` folder (train_retriever's MODEL_DIR/encoder,
+        or a Hugging Face CLIP checkpoint with its tokenizer).
+      selection: the selection rules and query dropout (paper values by default:
+        k = 3 candidates stored per document, 0.9 thresholds, 20% dropout).
+      index: how the ScaNN index is built (chosen from the bank's size by default).
+      bank_split: the split whose documents form the memory bank.
+      search_batch: queries per index search.
+      seed: seeds query dropout (with the shard), so reruns agree.
+    """
+
+    encoder_dir: str = gin.REQUIRED
+    selection: SelectionConfig = SelectionConfig()
+    index: IndexConfig = IndexConfig()
+    bank_split: str = "train"
+    search_batch: int = 512
+    seed: int = 0
+
+
+def retrieval_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, "retrieval")
+
+
+def bank_dir(data_dir: str) -> str:
+    return os.path.join(retrieval_dir(data_dir), "memory_bank")
+
+
+def queries_path(shard_file: str) -> str:
+    return shard_file + ".queries.npz"
+
+
+def marker_path(shard_file: str) -> str:
+    return shard_file + ".neighbours.json"
+
+
+def has_vectors(spec, data_dir: str, config: RetrievalConfig) -> bool:
+    """Whether pass 1 wrote this shard's vectors (a shard that wrote no document has none)."""
+    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
+    if spec.split == config.bank_split:
+        return os.path.isdir(os.path.join(bank_dir(data_dir), memory_bank.shard_name(spec.index)))
+    return os.path.exists(queries_path(shard_file))
+
+
+class VectorWriter:
+    """Pass 1 for one shard: collects the written documents' vectors, then stores them."""
+
+    def __init__(self, encoder, config: RetrievalConfig, spec):
+        self.encoder, self.config, self.spec = encoder, config, spec
+        self.in_bank = spec.split == config.bank_split
+        self.rng = np.random.default_rng(
+            [config.seed, zlib.crc32(spec.split.encode()), spec.index])
+        self.doc_ids: list[str] = []
+        self.tokens: list[np.ndarray] = []
+        self.vectors, self.queries, self.multimodal = [], [], []
+
+    def add(self, docs: Sequence[shards.TokenizedDocument], captions: Sequence[str],
+            images: Sequence[np.ndarray]) -> None:
+        if not docs:
+            return
+        vectors, multimodal = self.encoder.embed_documents(list(captions), list(images))
+        self.vectors.append(vectors)
+        self.multimodal.append(multimodal)
+        dropout = self.config.selection.query_dropout
+        if self.in_bank and dropout > 0:
+            self.queries.append(self.encoder.embed_documents(
+                list(captions), list(images), dropout, self.rng)[0])
+        self.doc_ids += [d.doc_id for d in docs]
+        self.tokens += [d.ids for d in docs]
+
+    def write(self, data_dir: str, shard_file: str) -> None:
+        """Stores what was collected (atomically); nothing when the shard wrote no document."""
+        if not self.doc_ids:
+            return
+        vectors = np.concatenate(self.vectors)
+        if self.in_bank:
+            queries = np.concatenate(self.queries) if self.queries else None
+            memory_bank.write_shard(bank_dir(data_dir), memory_bank.shard_name(self.spec.index),
+                                    self.doc_ids, vectors, np.concatenate(self.multimodal),
+                                    self.tokens, queries)
+        else:
+            tmp = queries_path(shard_file) + ".tmp.npz"
+            np.savez(tmp, doc_ids=np.asarray(self.doc_ids, np.str_), vectors=vectors)
+            os.replace(tmp, queries_path(shard_file))
+
+
+def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> dict:
+    """Finalizes the bank and indexes it (unless nothing changed); returns retrieval.json."""
+    out = retrieval_dir(data_dir)
+    meta_path = os.path.join(out, RETRIEVAL_JSON)
+    if not bank_changed and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    if not os.path.isdir(bank_dir(data_dir)):
+        raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
+                         "memory bank to retrieve from; check the manifest's skip counts.")
+    start = time.time()
+    manifest = memory_bank.finalize(bank_dir(data_dir))
+    bank = memory_bank.MemoryBank(bank_dir(data_dir))
+    index_info = build.build_index(bank, os.path.join(out, "index"), config.index)
+    summary = {"encoder_dir": os.path.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
+               "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
+               "selection": dataclasses.asdict(config.selection),
+               "index_seconds": round(time.time() - start, 1)}
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+    # Neighbours found in an older bank may point at rows that moved or vanished.
+    for marker in glob.glob(os.path.join(data_dir, "*.neighbours.json")):
+        os.remove(marker)
+    return summary
+
+
+def _queries(spec, data_dir: str, retriever: Retriever, shard_file: str,
+             config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc ids, query vectors f32[n, d], own bank rows int64[n] or -1) of one shard."""
+    bank = retriever.bank
+    if spec.split != config.bank_split:
+        if not os.path.exists(queries_path(shard_file)):
+            return np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
+        with np.load(queries_path(shard_file)) as z:
+            doc_ids, vectors = z["doc_ids"], z["vectors"]
+        return doc_ids, vectors, np.full([len(doc_ids)], -1, np.int64)
+    names = [s["name"] for s in bank.manifest["shards"]]
+    name = memory_bank.shard_name(spec.index)
+    if name not in names:
+        return np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
+    s = names.index(name)
+    key = "query_vectors" if bank.has_query_vectors else "vectors"
+    n = int(bank.shard_sizes[s])
+    return (np.asarray(bank.shard_array(s, "doc_ids")), np.asarray(bank.shard_array(s, key)),
+            bank.offsets[s] + np.arange(n, dtype=np.int64))
+
+
+def attach_neighbours(spec, data_dir: str, retriever: Retriever,
+                      config: RetrievalConfig) -> dict:
+    """Pass 2 for one shard: search, select, materialise, rewrite; returns its counts."""
+    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
+    records = list(shards.read_file(shard_file).as_numpy_iterator())
+    doc_ids, queries, own = _queries(spec, data_dir, retriever, shard_file, config)
+    got = [r["doc_id"].decode() for r in records]
+    if got != [str(d) for d in doc_ids]:
+        raise ValueError(f"{shard_file} holds {len(got)} documents but its vectors describe "
+                         f"{len(doc_ids)} others; delete {shard_file}.stats.json so that "
+                         "preprocessing tokenizes and encodes this shard again.")
+    k = config.selection.k
+    rows = np.full([len(records), k], -1, np.int64)
+    for a in range(0, len(records), config.search_batch):
+        b = min(a + config.search_batch, len(records))
+        rows[a:b] = retriever.search_vectors_raw(queries[a:b], exclude_rows=own[a:b])[0]
+    docs = []
+    for record, doc_rows in zip(records, rows):
+        tokens, ids = materialise(retriever.bank, doc_rows)
+        docs.append(shards.TokenizedDocument(record["doc_id"].decode(), record["ids"],
+                                             tokens, ids))
+    shards.write_records(docs, shard_file + ".tmp")
+    os.replace(shard_file + ".tmp", shard_file)
+    stats = {"split": spec.split, "documents": len(docs),
+             "neighbours_per_document": np.bincount((rows >= 0).sum(1),
+                                                    minlength=k + 1).tolist()}
+    with open(marker_path(shard_file) + ".tmp", "w") as f:
+        json.dump(stats, f)
+    os.replace(marker_path(shard_file) + ".tmp", marker_path(shard_file))
+    return stats
+
+
+@dataclasses.dataclass
+class NeighbourWorker:
+    """What each Beam worker runs per shard in pass 2 (the retriever opens in `setup`)."""
+
+    data_dir: str
+    config: RetrievalConfig
+    gin_config: str = ""
+
+    def setup(self) -> None:
+        if self.gin_config and not gin.config_str():
+            gin.parse_config(self.gin_config)
+        self._retriever = Retriever.open(retrieval_dir(self.data_dir), self.config.selection,
+                                         with_encoder=False)
+
+    def __call__(self, spec) -> dict:
+        stats = attach_neighbours(spec, self.data_dir, self._retriever, self.config)
+        return {**stats, "counters": {"documents_with_neighbours": stats["documents"]}}
+
+
+def is_done(spec, data_dir: str) -> bool:
+    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
+    return os.path.exists(marker_path(shard_file))
+
+
+def summarize(specs, data_dir: str, bank_summary: dict) -> dict:
+    """The manifest's `retrieval` entry: the bank, the index, neighbours per split."""
+    splits: dict = {}
+    for spec in specs:
+        shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
+        with open(marker_path(shard_file)) as f:
+            stats = json.load(f)
+        counts = np.asarray(stats["neighbours_per_document"])
+        total = splits.setdefault(spec.split, np.zeros_like(counts))
+        splits[spec.split] = total + counts
+    per_split = {split: {"documents": int(c.sum()),
+                         "neighbours_per_document": c.tolist(),
+                         "mean_neighbours": float((c * np.arange(c.size)).sum() / max(c.sum(), 1))}
+                 for split, c in splits.items()}
+    return {"bank_documents": bank_summary["num_docs"], "index": bank_summary["index"],
+            "encoder_dir": bank_summary["encoder_dir"], "splits": per_split}

@@ -1,0 +1,95 @@
+"""The preprocess mode with retrieval: vectors, bank and index, neighbours in the shards."""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+from cm3leon_jax.data import preprocess as pp
+from cm3leon_jax.data import retrieval_pass, shards
+from cm3leon_jax.retrieval import clip, clip_tokenizer
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval.retriever import Retriever
+from tests.data.test_preprocess import tiny_image_tokenizer
+from tests.retrieval.retrieval_testlib import SELECTION, small_config
+
+SIZES = {"train": 40, "validation": 10, "test": 10}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return pp.TfdsSource(functools.partial(pp.synthetic_builder, image_size=32,
+                                           data_dir=data_dir, split_sizes=SIZES))
+
+
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("encoder"))
+    cfg = small_config()
+    DocumentEncoder(cfg, clip.init_params(cfg, 0),
+                    clip_tokenizer.WordTokenizer(cfg.vocab_size)).save(directory)
+    return retrieval_pass.RetrievalConfig(encoder_dir=directory, selection=SELECTION)
+
+
+def _run(source, out, retrieval):
+    return pp.preprocess(str(out), source=source, image_tokenizer_fn=tiny_image_tokenizer,
+                         docs_per_shard=15, batch_size=8, text_vocab_size=300,
+                         num_sentinels=8, seq_len=512, retrieval=retrieval)
+
+
+def _records(out, split):
+    return {r["doc_id"].decode(): r
+            for r in shards.read_split(str(out), split).as_numpy_iterator()}
+
+
+@pytest.fixture(scope="module")
+def built(source, retrieval, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    return out, _run(source, out, retrieval)
+
+
+def test_every_document_gets_neighbours_from_the_train_bank(built):
+    out, result = built
+    summary = result["retrieval"]
+    assert summary["bank_documents"] == SIZES["train"]
+    train = _records(out, "train")
+    for split, n in SIZES.items():
+        assert summary["splits"][split]["documents"] == n
+        assert summary["splits"][split]["neighbours_per_document"][-1] == n  # all get k = 3
+        for doc_id, r in _records(out, split).items():
+            ids = [d.decode() for d in r["neighbour_doc_ids"]]
+            assert len(ids) == SELECTION.k and doc_id not in ids
+            assert all(d in train for d in ids)  # only the train bank is searched
+            # The materialised tokens are exactly the neighbours' own documents.
+            parts = np.split(r["neighbour_ids"], np.cumsum(r["neighbour_lengths"])[:-1])
+            for d, part in zip(ids, parts):
+                np.testing.assert_array_equal(part, train[d]["ids"])
+
+
+def test_data_folder_is_a_retriever(built):
+    out, _ = built
+    retriever = Retriever.open(retrieval_pass.retrieval_dir(str(out)), SELECTION,
+                               with_encoder=False)
+    assert len(retriever.bank) == SIZES["train"]
+    doc_id = next(iter(_records(out, "train")))
+    row = retriever.bank.row_of(doc_id)
+    np.testing.assert_array_equal(retriever.bank.tokens(row), _records(out, "train")[doc_id]["ids"])
+
+
+def test_rerun_skips_and_a_retokenized_shard_gives_the_same_shards(built, source, retrieval):
+    out, first = built
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".tfrecord")}
+    assert _run(source, out, retrieval) == first
+    assert before == {f: os.path.getmtime(out / f) for f in before}  # nothing rewritten
+
+    victim = shards.shard_path(str(out), "train", 1, 3)
+    os.remove(victim + ".stats.json")  # as if the run had died in this shard
+    expected = {split: _records(out, split) for split in SIZES}
+    assert _run(source, out, retrieval) == first
+    for split in SIZES:  # bank rebuilt, neighbours redone: the same bytes, seeded
+        got = _records(out, split)
+        for doc_id, r in expected[split].items():
+            for key in ("ids", "neighbour_ids", "neighbour_lengths", "neighbour_doc_ids"):
+                np.testing.assert_array_equal(got[doc_id][key], r[key])
