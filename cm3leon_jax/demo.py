@@ -6,7 +6,11 @@ are finished are reused: rerunning the demo resumes where it stopped.
 
     MODEL_DIR/tfds/              the synthetic corpus (TFDS)
     MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train split
-    MODEL_DIR/data/              vocab/ + tokenized shards + manifest.json (Beam)
+    MODEL_DIR/retriever/         the CLIP retrieval encoder, trained on the same scenes
+    MODEL_DIR/data/              vocab/ + tokenized shards with every document's
+                                 neighbours + retrieval/ (bank, ScaNN index) +
+                                 manifest.json (Beam, two passes)
+    MODEL_DIR/pretrain/          the tiny decoder: checkpoints, metrics.jsonl, TensorBoard
     MODEL_DIR/pictures/          corpus.png, reconstructions.png
     MODEL_DIR/metrics.json       what each stage measured
 
@@ -26,17 +30,16 @@ import gin
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.data import parse, preprocess, shards, synthetic_tfds
+import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
+from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
+from cm3leon_jax.retrieval import clip_train
+from cm3leon_jax.train import trainer
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab import image_tokenizer as image_tokenizer_lib
 from cm3leon_jax.vocab import vqgan_train
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 NOT_YET = (
-    "retrieval in the demo (built and runnable alone: gin_configs/runs/"
-    "train_retriever.gin, build_retrieval.gin)",
-    "decoder pretraining in the demo (runnable alone after the demo: "
-    "gin_configs/train/tiny.gin)",
     "text-to-image and image-to-text generation (sampler, CFG, CD-K)",
     "evaluation (FID, CLIP score, CIDEr) and export",
 )
@@ -75,10 +78,15 @@ def demo(model_dir: str,
     stage("image_tokenizer", lambda: vqgan_train.train_image_tokenizer(model_dir=vq_dir))
     tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer,
                                      checkpoint=vq_dir)
+    retriever_dir = os.path.join(model_dir, "retriever")
+    stage("retriever", lambda: retriever_stage(retriever_dir, image_size))
     data_dir = os.path.join(model_dir, "data")
+    retrieval = retrieval_pass.RetrievalConfig(
+        encoder_dir=os.path.join(retriever_dir, "encoder"))
     stage("preprocess", lambda: preprocess.preprocess(
         data_dir, source=preprocess.TfdsSource(builder_fn),
-        image_tokenizer_fn=tokenizer_fn))
+        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval))
+    stage("pretrain", lambda: pretrain_stage(os.path.join(model_dir, "pretrain"), data_dir))
     stage("pictures", lambda: pictures_stage(
         builder_fn(), tokenizer_fn(), data_dir, os.path.join(model_dir, "pictures"),
         num_pictures))
@@ -103,6 +111,32 @@ def corpus_stage(builder_fn, parse_examples: int) -> dict:
         n += 1
     return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()},
             "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
+
+
+def retriever_stage(out_dir: str, image_size: int) -> dict:
+    """Trains the CLIP encoder (train_retriever's settings come from gin) unless it exists."""
+    metrics_path = os.path.join(out_dir, "retriever_metrics.json")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            return json.load(f)
+    return clip_train.train_retriever(out_dir, image_size=image_size)
+
+
+def pretrain_stage(out_dir: str, data_dir: str) -> dict:
+    """Pretrains the decoder (settings: gin_configs/train/tiny.gin) on the demo's data.
+
+    Resumes from the newest checkpoint, so a finished run only reloads and evaluates.
+    """
+    with gin.unlock_config():  # The tasks read the demo's own data folder.
+        gin.bind_parameter("data_dirs.synthetic", data_dir)
+    result = trainer.train(out_dir)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval/loss"]) for h in history if "eval/loss" in h]
+    return {"steps": result["step"], "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None,
+            "eval_loss": evals, "final_eval": result["eval"]}
 
 
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,

@@ -95,6 +95,9 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None,
                     corpus_seed: int = 0, seed: int = 0, log_every: int = 50) -> dict:
     """Trains, evaluates and saves the encoder; returns the test metrics."""
     logging.set_verbosity(logging.INFO)
+    if not 0 <= warmup_steps < steps:
+        raise ValueError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, steps="
+                         f"{steps}); lower it, or train for more steps.")
     cfg = clip_cfg or clip.ClipConfig.tiny()
     tokenizer = clip_tokenizer.WordTokenizer(cfg.vocab_size)
     if cfg.image_size != image_size:

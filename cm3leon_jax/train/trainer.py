@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import gin
 import jax
 import numpy as np
+import seqio
 
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
@@ -31,6 +32,16 @@ from cm3leon_jax.train import checkpoints, data as data_lib, distributed, metric
 from cm3leon_jax.train import optimizer, state as state_lib, step as step_lib
 
 log = logging.getLogger(__name__)
+
+
+def _check_vocabulary(task: str, config: DecoderConfig) -> None:
+    """A token id past the embedding table would be clamped silently on TPU and GPU."""
+    vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+    if vocab.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"task {task!r} uses a vocabulary of {vocab.vocab_size} ids but "
+            f"DecoderConfig.vocab_size={config.vocab_size}; bind DecoderConfig.vocab_size "
+            f"to at least {vocab.vocab_size} (the vocabulary's padded size).")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,6 +86,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         if seq_len > config.max_length:
             raise ValueError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
                              f"{config.max_length}; lower one or raise the other.")
+        _check_vocabulary(task, config)
         mesh = distributed.train_mesh()
         peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads start.
         model = Decoder(config)

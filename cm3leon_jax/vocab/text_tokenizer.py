@@ -53,7 +53,7 @@ class TextTokenizer:
         if vocab_size < 260:
             raise ValueError(
                 f"vocab_size={vocab_size} is too small: byte fallback alone takes "
-                "256 pieces; use at least 260 (the demo uses 1024).")
+                "256 pieces; use at least 260.")
         buffer = io.BytesIO()
         try:
             _train(texts, buffer, vocab_size, model_type, max_sentence_length)
