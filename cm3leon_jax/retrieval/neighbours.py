@@ -10,8 +10,9 @@ bank has one, else its document vector. It is excluded from its own results, and
 the selection rules of `select.py` apply. Files are written atomically per shard,
 so a rerun skips finished shards.
 
-The data pipeline calls `precompute_neighbours` after the bank is built and
-`materialise` when it writes each shard's `neighbour_ids` (see data/shards.py).
+The build_retrieval mode calls `precompute_neighbours` for a bank built on its own.
+The preprocess mode searches shard by shard instead (data/retrieval_pass.py, the
+same rules) and calls `materialise` for each shard's `neighbour_ids`.
 """
 
 from __future__ import annotations

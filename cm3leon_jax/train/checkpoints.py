@@ -133,7 +133,8 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"Checkpointer: save_every and keep must be >= 1; got "
                              f"{save_every}, {keep}.")
-        self.directory = epath.Path(directory)
+        # Orbax needs an absolute path; cloud paths (gs://...) are already.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self.checksums, self._async = checksums, async_save
         self._saving: int | None = None  # The step being written (orbax saves one at a time).
         policies = ocp.checkpoint_managers  # No save at the first step (orbax's default).

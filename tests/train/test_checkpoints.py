@@ -97,3 +97,14 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tmp_path, data, ca
 def test_no_checkpoint_restores_nothing(tmp_path, data):
     abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, partitioning.make_mesh())
     assert checkpoints.Checkpointer(str(tmp_path)).restore(abstract, data) is None
+
+
+def test_a_relative_directory_saves_and_restores(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `MODEL_DIR='runs/x'` as a user types it
+    saved = _state(partitioning.make_mesh(data=-1), seed=2)
+    ckpt = checkpoints.Checkpointer("runs/x/checkpoints", save_every=1)
+    assert ckpt.save(1, saved, data)
+    ckpt.close()
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, partitioning.make_mesh(data=-1))
+    _assert_equal(saved, checkpoints.Checkpointer("runs/x/checkpoints").restore(abstract, data))
+    assert (tmp_path / "runs/x/checkpoints").is_dir()
