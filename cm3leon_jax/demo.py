@@ -130,10 +130,16 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     with gin.unlock_config():  # The tasks read the demo's own data folder.
         gin.bind_parameter("data_dirs.synthetic", data_dir)
     result = trainer.train(out_dir)
+    # A resumed run logs again the steps after its checkpoint: the latest entry counts.
+    train_log, eval_log = {}, {}
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f]
-    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval/loss"]) for h in history if "eval/loss" in h]
+        for line in f:
+            entry = json.loads(line)
+            if "loss" in entry:
+                train_log[entry["step"]] = entry["loss"]
+            if "eval/loss" in entry:
+                eval_log[entry["step"]] = entry["eval/loss"]
+    losses, evals = sorted(train_log.items()), sorted(eval_log.items())
     return {"steps": result["step"], "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
             "eval_loss": evals, "final_eval": result["eval"]}
