@@ -115,6 +115,7 @@ def main() -> None:
     if not os.path.exists(os.path.join(args.data_dir, "manifest.json")):
         sys.exit(f"no tokenized corpus in {args.data_dir}: run `make demo` first "
                  "(or pass --data_dir).")
+    load_before = os.getloadavg()[0]
     with open(os.path.join(args.data_dir, "manifest.json")) as f:
         retrieved = "retrieval" in json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +142,9 @@ def main() -> None:
         f"Batch {args.batch} x {args.seq_len} tokens, this machine "
         f"({os.cpu_count()} CPU cores), one run of:",
         "", "    .venv/bin/python benchmarks/data_throughput.py " + " ".join(sys.argv[1:]),
-        "", *table, "", verdict, ""])
+        "", *table, "", verdict, "",
+        f"Host load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: "
+        "other jobs on the 2 cores slow both rows.", ""])
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
