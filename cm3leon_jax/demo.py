@@ -11,7 +11,9 @@ are finished are reused: rerunning the demo resumes where it stopped.
                                  neighbours + retrieval/ (bank, ScaNN index) +
                                  manifest.json (Beam, two passes)
     MODEL_DIR/pretrain/          the tiny decoder: checkpoints, metrics.jsonl, TensorBoard
-    MODEL_DIR/pictures/          corpus.png, reconstructions.png
+    MODEL_DIR/pictures/          generated.png + captioned.png + captions.json (the
+                                 decoder's text->image and image->text on test scenes,
+                                 scored exactly), corpus.png, reconstructions.png
     MODEL_DIR/metrics.json       what each stage measured
 
 Stages of the flow that are not built yet are listed in metrics.json under
@@ -32,6 +34,10 @@ from absl import logging
 
 import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
+from cm3leon_jax.decode import generate_run, restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.evaluation import pictures, shapes_scores
+from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import trainer
 from cm3leon_jax.vocab import document as document_lib
@@ -40,8 +46,7 @@ from cm3leon_jax.vocab import vqgan_train
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 NOT_YET = (
-    "text-to-image and image-to-text generation (sampler, CFG, CD-K)",
-    "evaluation (FID, CLIP score, CIDEr) and export",
+    "evaluation (FID, CLIP score, CIDEr), CLIP re-ranking of samples, and export",
 )
 
 
@@ -86,7 +91,11 @@ def demo(model_dir: str,
     stage("preprocess", lambda: preprocess.preprocess(
         data_dir, source=preprocess.TfdsSource(builder_fn),
         image_tokenizer_fn=tokenizer_fn, retrieval=retrieval))
-    stage("pretrain", lambda: pretrain_stage(os.path.join(model_dir, "pretrain"), data_dir))
+    pretrain_dir = os.path.join(model_dir, "pretrain")
+    stage("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir))
+    stage("generate", lambda: generate_stage(
+        os.path.join(model_dir, "pictures"), pretrain_dir, data_dir, builder_fn(),
+        tokenizer_fn()))
     stage("pictures", lambda: pictures_stage(
         builder_fn(), tokenizer_fn(), data_dir, os.path.join(model_dir, "pictures"),
         num_pictures))
@@ -145,10 +154,65 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
             "eval_loss": evals, "final_eval": result["eval"]}
 
 
+@gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])
+def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, image_tokenizer,
+                   num_examples: int = 32, num_retrieved: int = 2,
+                   image_sampling: SamplingConfig | None = None,
+                   caption_sampling: SamplingConfig | None = None,
+                   max_caption_tokens: int = 24, seed: int = 0) -> dict:
+    """The trained decoder draws the first `num_examples` test captions and captions the
+    first test images; both are scored exactly against the scenes (shapes_scores.py).
+
+    For scale, the same scores of the VQ reconstructions of the true images (what the
+    image tokenizer lets a perfect decoder reach) and of the top retrieved document
+    (what copying the retrieval would give).
+    """
+    test = list(builder.as_dataset(split=f"test[:{num_examples}]").as_numpy_iterator())
+    images = np.stack([ex["image"] for ex in test])
+    captions = [ex["captions"][0].decode() for ex in test]
+    scenes = [synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode()) for ex in test]
+    config, params, step = restore.restore_decoder(pretrain_dir)
+    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
+    gen = Generator(config, params, vocab, image_tokenizer, retriever)
+    drawn = gen.text_to_image(captions, num_retrieved=num_retrieved, sampling=image_sampling,
+                              seed=seed)
+    written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
+                                max_tokens=max_caption_tokens, seed=seed)
+    os.makedirs(out_dir, exist_ok=True)
+    pictures.grid(drawn.images, captions, os.path.join(out_dir, "generated.png"))
+    pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
+    generate_run.write_captions(os.path.join(out_dir, "captions.json"),
+                                [f"test[{i}]" for i in range(len(test))], written, 1,
+                                [{"true_caption": c} for c in captions])
+    metrics = {"checkpoint_step": step, "examples": len(test), "num_retrieved": num_retrieved,
+               "text_to_image": shapes_scores.image_scores(drawn.images, scenes),
+               "image_to_text": shapes_scores.caption_scores(written, scenes),
+               "vq_reconstruction_reference": shapes_scores.image_scores(
+                   image_tokenizer.reconstruct(images), scenes)}
+    if retriever is not None:
+        metrics["top_retrieved_reference"] = _retrieval_reference(
+            retriever, vocab, image_tokenizer, captions, images, scenes)
+    metrics["example_captions"] = [{"true": c, "generated": w}
+                                   for c, w in zip(captions[:4], written[:4])]
+    return metrics
+
+
+def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes) -> dict:
+    """Scores of the best retrieved document's image (for a caption) and caption (for an image)."""
+    def top_document(result):
+        return document_lib.decode(result.token_ids[0], vocab)
+    by_text = [top_document(r) for r in retriever.search_texts(captions, k=1)]
+    by_image = [top_document(r) for r in retriever.search_images(list(images), k=1)]
+    codes = np.stack([d.images[0] for d in by_text])
+    return {"text_to_image": shapes_scores.image_scores(image_tokenizer.decode(codes), scenes),
+            "image_to_text": shapes_scores.caption_scores([d.texts[0] for d in by_image],
+                                                          scenes)}
+
+
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
                    num_pictures: int) -> dict:
     """Corpus samples with captions, originals over VQ reconstructions."""
-    from cm3leon_jax.evaluation import pictures
     os.makedirs(out_dir, exist_ok=True)
     test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
     images = np.stack([ex["image"] for ex in test])

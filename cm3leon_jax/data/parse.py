@@ -89,10 +89,13 @@ def _box_fractions(kind: str) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cropped_template(kind: str, side: int) -> np.ndarray:
-    """The canonical silhouette cropped to its box: bool[h, w]."""
+def _cropped_template(kind: str, side: int) -> np.ndarray | None:
+    """The canonical silhouette cropped to its box: bool[h, w]; None when it has no
+    pixel at this side (a 2-pixel star), which generated images can ask for."""
     mask = shapes.template(kind, side)
     rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
     return mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
 
 
@@ -123,6 +126,8 @@ def classify_silhouette(mask: np.ndarray) -> tuple[str, float, int]:
     for kind in shapes.KINDS:
         for side in _candidate_sides(kind, *mask.shape):
             reference = _cropped_template(kind, side)
+            if reference is None:
+                continue
             observed = _resize_nearest(mask, reference.shape)
             union = np.count_nonzero(observed | reference)
             iou = np.count_nonzero(observed & reference) / union

@@ -1,1 +1,2 @@
-"""Evaluation: image metrics, picture grids, and (later) FID, CLIP score, CIDEr."""
+"""Evaluation: picture grids, exact scores of generations on synthetic scenes
+(shapes_scores.py), and (later) FID, CLIP score, CIDEr."""

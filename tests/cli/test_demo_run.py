@@ -19,6 +19,7 @@ TOY = [
     "preprocess.docs_per_shard=40", "preprocess.text_vocab_size=300",
     "train.num_steps=4", "train.eval_every=0", "train.eval_steps=1",
     "train.global_batch_size=2",
+    "generate_stage.num_examples=3",
 ]
 
 
@@ -43,11 +44,40 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         assert retrieval["splits"][split]["mean_neighbours"] > 0
     assert metrics["pretrain"]["steps"] == 4
     assert 0 < metrics["pretrain"]["final_eval"]["loss"] < 20
-    for picture in ("corpus.png", "reconstructions.png"):
+    for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png"):
         assert os.path.getsize(os.path.join(model_dir, "pictures", picture)) > 0
+    generated = metrics["generate"]
+    assert generated["examples"] == 3 and generated["checkpoint_step"] == 4
+    for scores in (generated["text_to_image"], generated["image_to_text"]):
+        assert set(scores) == {"objects_right", "any_object_right", "colours_right",
+                               "classes_right"}
+        assert all(0 <= v <= 1 for v in scores.values())
+    with open(os.path.join(model_dir, "pictures", "captions.json")) as f:
+        captions = json.load(f)
+    assert len(captions) == 3 and all(len(c["captions"]) == 1 for c in captions)
+    assert not any("generation" in line for line in metrics["not_yet"])
 
     again = _demo(model_dir)  # every stage finds its output and does not redo it
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
     assert again["pretrain"]["steps"] == 4
     assert again["seconds"]["image_tokenizer"] < metrics["seconds"]["image_tokenizer"]
+    assert again["generate"]["text_to_image"] == metrics["generate"]["text_to_image"]
+
+    # The generate run mode on the demo's model (generate.gin names runs/demo: re-pointed).
+    out_dir = str(tmp_path / "generated")
+    args = [sys.executable, "-m", "cm3leon_jax.main", "--gin_file=gin_configs/runs/generate.gin",
+            f"--gin.MODEL_DIR='{out_dir}'", f"--gin.generate.checkpoint='{model_dir}/pretrain'",
+            f"--gin.generate.vocab_dir='{model_dir}/data/vocab'",
+            f"--gin.load_image_tokenizer.checkpoint='{model_dir}/image_tokenizer'",
+            f"--gin.generate.retrieval_dir='{model_dir}/data/retrieval'",
+            "--gin.generate.captions=['a red circle']", "--gin.generate.num_samples=2",
+            f"--gin.generate.image_files=['{model_dir}/pictures/corpus.png']"]
+    r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out_dir, "generated.json")) as f:
+        assert json.load(f) == [{"caption": "a red circle",
+                                 "images": ["images/000_0.png", "images/000_1.png"]}]
+    for name in ("generated.png", "images/000_1.png", "captions.json"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0

@@ -110,3 +110,11 @@ def test_blank_background_parses_to_nothing():
     for texture in shapes.TEXTURES:
         image = shapes.render_background(shapes.Background(texture, "teal", 3, 1), 64)
         assert parse.parse_image(image) == []
+
+
+def test_tiny_blobs_of_generated_images_parse_without_error():
+    """A 1x4 line asks for 2-pixel stars, which render no pixel; they are skipped."""
+    image = np.full((32, 32, 3), 128, np.uint8)
+    image[10, 10:14] = shapes.COLOURS["red"]
+    found = parse.parse_image(image, min_area=1)
+    assert [(o.colour, o.box) for o in found] == [("red", (10, 10, 14, 11))]

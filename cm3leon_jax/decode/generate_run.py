@@ -1,0 +1,120 @@
+"""The `generate` run mode: images for captions and captions for images, written to MODEL_DIR.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/generate.gin \
+        --gin.MODEL_DIR="'runs/generated'" --gin.generate.captions="['a red circle']"
+
+Writes
+    MODEL_DIR/images/<prompt>_<sample>.png   every generated image
+    MODEL_DIR/generated.png                  them in a grid, each under its caption
+    MODEL_DIR/generated.json                 [{"caption", "images": [png, ...]}]
+    MODEL_DIR/captions.json                  [{"image": path, "captions": [...]}]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Sequence
+
+import gin
+import numpy as np
+from PIL import Image as PILImage
+
+from cm3leon_jax.decode import restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty lines of a text file (one caption per line)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"captions_file {path!r} does not exist; give a text file with "
+                                "one caption per line.")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
+                 num_samples: int) -> list[dict]:
+    """PNGs under out_dir/images, a captioned grid, and generated.json; returns its entries."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    entries = []
+    for i in range(0, len(images), num_samples):
+        paths = []
+        for j in range(num_samples):
+            path = os.path.join("images", f"{i // num_samples:03d}_{j}.png")
+            PILImage.fromarray(images[i + j]).save(os.path.join(out_dir, path))
+            paths.append(path)
+        entries.append({"caption": captions[i], "images": paths})
+    pictures.grid(images, list(captions), os.path.join(out_dir, "generated.png"),
+                  columns=min(8, len(images)))
+    with open(os.path.join(out_dir, "generated.json"), "w") as f:
+        json.dump(entries, f, indent=2)
+    return entries
+
+
+def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
+                   num_samples: int, extra: Sequence[dict] | None = None) -> list[dict]:
+    """captions.json: for each image, its `num_samples` generated captions (+ `extra` keys)."""
+    entries = []
+    for i, name in enumerate(names):
+        entry = {"image": name, "captions": list(captions[i * num_samples:(i + 1) * num_samples])}
+        entry.update(extra[i] if extra else {})
+        entries.append(entry)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(entries, f, indent=2)
+    return entries
+
+
+@gin.configurable(denylist=["model_dir"])
+def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str = gin.REQUIRED,
+             image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
+             captions: Sequence[str] = (), captions_file: str | None = None,
+             image_files: Sequence[str] = (), num_samples: int = 1, num_retrieved: int = 2,
+             image_sampling: SamplingConfig | None = None,
+             caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
+             caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
+             seed: int = 0) -> dict:
+    """Generates for the prompts given in gin; returns what it wrote.
+
+    Args:
+      model_dir: where the outputs go.
+      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from gin (bind it as trained).
+      vocab_dir: the vocabulary folder of the data the model was trained on.
+      image_tokenizer: a function returning the ImageTokenizer (`@load_image_tokenizer`).
+      retrieval_dir: a built retrieval folder (bank + index + encoder), or None.
+      captions / captions_file: text -> image prompts (a file: one per line).
+      image_files: image -> text inputs (any size; resized to the tokenizer's).
+      num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
+        tokens are chosen (None: the Generator's defaults). max_caption_tokens,
+        caption_style: see `Generator.image_to_text`. step: checkpoint step (None: newest).
+    """
+    texts = list(captions) + (read_lines(captions_file) if captions_file else [])
+    if not texts and not image_files:
+        raise ValueError("generate has nothing to do: bind generate.captions, "
+                         "generate.captions_file or generate.image_files.")
+    config, params, restored_step = restore.restore_decoder(checkpoint, step)
+    retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
+    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
+                    retriever, batch_size=batch_size)
+    summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(retriever)}
+    if texts:
+        out = gen.text_to_image(texts, num_samples=num_samples, num_retrieved=num_retrieved,
+                                sampling=image_sampling, seed=seed)
+        summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
+    if image_files:
+        for path in image_files:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"generate.image_files: {path!r} does not exist.")
+        images = [PILImage.open(p) for p in image_files]
+        made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
+                                 sampling=caption_sampling, max_tokens=max_caption_tokens,
+                                 style=caption_style, seed=seed)
+        summary["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
+                                             list(image_files), made, num_samples)
+    print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
+          f"{len(image_files)} image(s) -> captions", flush=True)
+    return summary

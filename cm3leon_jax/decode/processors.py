@@ -1,0 +1,228 @@
+"""Logits processors: the small pieces the sampler chains, each `(scores, state) -> scores`.
+
+    processors = (ImageCodesOnly(layout),            # what may come next (both streams)
+                  ClassifierFreeGuidance(3.0),       # [2, b, V] -> [b, V]
+                  Temperature(1.0), TopP(0.9))       # reshape the one remaining stream
+
+`scores` are float32[streams, batch, vocab] until a guidance processor merges the
+conditional (stream 0) and unconditional (stream 1) rows into float32[batch, vocab];
+every other processor works on the trailing axes, so it fits either side of guidance.
+A token is excluded by a score of -inf. Processors are pytrees (`flax.struct`): their
+numbers (temperature, top-p, guidance scale, alpha) are traced arguments of the compiled
+loop, so sweeping a CFG scale reuses one compilation; what changes shapes (k, the id
+layout, stop ids) is static, and a new value of it compiles again.
+
+Constraints come first, before guidance: then both streams share the allowed set and
+CD-K's threshold is taken among tokens that may actually follow. A constraint also says
+when a row is finished (`stop`), so the same object keeps an image at exactly
+`image_length` codes and ends it there.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cm3leon_jax.vocab import layout as layout_lib
+from cm3leon_jax.vocab.layout import IdLayout
+
+NEG_INF = -jnp.inf
+
+
+class DecodeState(NamedTuple):
+    """What a processor may look at when choosing the token at `step`.
+
+    step: int32[], tokens generated so far by every unfinished row (all rows start
+        together after the prompt).
+    tokens: int32[batch, max_new_tokens], generated so far; `<pad>` after a row stops.
+    done: bool[batch], rows that have stopped.
+    """
+
+    step: jax.Array
+    tokens: jax.Array
+    done: jax.Array
+
+
+def _vocab_ids(scores: jax.Array) -> jax.Array:
+    return jnp.arange(scores.shape[-1], dtype=jnp.int32)
+
+
+def _given(x) -> bool:
+    """Whether `x` is a Python number to validate (not a tracer inside the compiled loop)."""
+    return isinstance(x, numbers.Real)
+
+
+def _static():
+    """A field that is part of the compiled program (a shape, a layout), not an input."""
+    return flax.struct.field(pytree_node=False)
+
+
+# -- reshaping one distribution ---------------------------------------------------------
+
+@flax.struct.dataclass
+class Temperature:
+    """Divides the scores by `value` (> 0); greedy decoding is the sampler's `greedy=True`."""
+
+    value: float
+
+    def __post_init__(self):
+        if _given(self.value) and not self.value > 0:
+            raise ValueError(f"Temperature must be > 0, got {self.value}; use greedy "
+                             "decoding for the zero-temperature limit.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        return scores / self.value
+
+
+@flax.struct.dataclass
+class TopK:
+    """Keeps the `k` highest scores per row (ties with the k-th are kept too)."""
+
+    k: int = _static()
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"TopK.k must be >= 1, got {self.k}; leave TopK out to keep all.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        k = min(self.k, scores.shape[-1])
+        kth = jax.lax.top_k(scores, k)[0][..., -1:]
+        return jnp.where(scores >= kth, scores, NEG_INF)
+
+
+@flax.struct.dataclass
+class TopP:
+    """Nucleus: keeps the smallest set of most likely tokens whose probability is >= p."""
+
+    p: float
+
+    def __post_init__(self):
+        if _given(self.p) and not 0 < self.p <= 1:
+            raise ValueError(f"TopP.p must be in (0, 1], got {self.p}.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        ranked = -jnp.sort(-scores, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # The most likely token is always kept.
+        kept = jnp.where(mass_before < self.p, ranked, jnp.inf)
+        return jnp.where(scores >= kept.min(axis=-1, keepdims=True), scores, NEG_INF)
+
+
+# -- guidance: two streams in, one out ----------------------------------------------------
+
+@flax.struct.dataclass
+class ClassifierFreeGuidance:
+    """`uncond + scale * (cond - uncond)` over [cond, uncond] streams (paper: scale 3-5).
+
+    Written `scale * cond + (1 - scale) * uncond`, which is the same number but exact at
+    scale 1 (the conditional stream) and 0 (the unconditional one).
+    """
+
+    scale: float
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        cond, uncond = _two_streams(scores, "ClassifierFreeGuidance")
+        mixed = self.scale * cond + (1.0 - self.scale) * uncond
+        return jnp.where(jnp.isfinite(cond) & jnp.isfinite(uncond), mixed, NEG_INF)
+
+
+@flax.struct.dataclass
+class ContrastiveDecoding:
+    """CD-K: `log p_cond - log p_uncond` over {t : p_cond(t) >= alpha * kth_largest(p_cond)}.
+
+    Tokens outside that set get -inf. The paper leaves alpha and k open; alpha 0.5 is the
+    usual choice, k = 1 compares with the most likely token.
+    """
+
+    alpha: float = 0.5
+    k: int = flax.struct.field(pytree_node=False, default=1)
+
+    def __post_init__(self):
+        if (_given(self.alpha) and not 0 <= self.alpha <= 1) or self.k < 1:
+            raise ValueError(f"ContrastiveDecoding needs 0 <= alpha <= 1 and k >= 1; got "
+                             f"alpha={self.alpha}, k={self.k}.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        cond, uncond = _two_streams(scores, "ContrastiveDecoding")
+        log_cond = jax.nn.log_softmax(cond, axis=-1)
+        log_uncond = jax.nn.log_softmax(uncond, axis=-1)
+        kth = jax.lax.top_k(log_cond, min(self.k, cond.shape[-1]))[0][..., -1:]
+        keep = (log_cond >= jnp.log(self.alpha) + kth) & jnp.isfinite(log_cond)
+        return jnp.where(keep, log_cond - log_uncond, NEG_INF)
+
+
+def _two_streams(scores: jax.Array, who: str) -> tuple[jax.Array, jax.Array]:
+    if scores.ndim != 3 or scores.shape[0] != 2:
+        raise ValueError(f"{who} needs scores float32[2, batch, vocab] (conditional and "
+                         f"unconditional streams), got shape {scores.shape}; sample with "
+                         "num_streams=2 and put guidance once, after the constraints.")
+    return scores[0], scores[1]
+
+
+# -- modality constraints: what may follow the prompt, and when a row ends -----------------
+
+@flax.struct.dataclass
+class ImageCodesOnly:
+    """Text -> image: after the prompt's `<break>`, exactly `image_length` image codes."""
+
+    layout: IdLayout = _static()
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        ids = _vocab_ids(scores)
+        image = (ids >= self.layout.image_start) & (ids < self.layout.used_size)
+        return jnp.where(image, scores, NEG_INF)
+
+    def stop(self, token: jax.Array, state: DecodeState) -> jax.Array:
+        """bool[batch]: the row has just written its last code."""
+        return jnp.broadcast_to(state.step + 1 >= self.layout.image_length, token.shape)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.layout.image_length
+
+
+@flax.struct.dataclass
+class TextOnly:
+    """Image -> text: text pieces, then one of `stop_ids`, at most `max_tokens` in all.
+
+    The first token must be text, so the result is never an empty (undecodable) segment.
+    `stop_ids`: `<eos>`/`<break>` after an `image <break>` prompt, `<eoss>` for a CM3
+    infill (`<sentinel:0> <break> image <sentinel:0>`).
+    """
+
+    layout: IdLayout = _static()
+    max_tokens: int = flax.struct.field(pytree_node=False, default=32)
+    stop_ids: tuple[int, ...] = flax.struct.field(
+        pytree_node=False, default=(layout_lib.EOS_ID, layout_lib.BREAK_ID))
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"TextOnly.max_tokens must be >= 1, got {self.max_tokens}.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        ids = _vocab_ids(scores)
+        text = (ids >= self.layout.text_start) & (ids < self.layout.image_start)
+        ends = jnp.isin(ids, jnp.asarray(self.stop_ids, jnp.int32)) & (state.step >= 1)
+        return jnp.where(text | ends, scores, NEG_INF)
+
+    def stop(self, token: jax.Array, state: DecodeState) -> jax.Array:
+        ended = jnp.isin(token, jnp.asarray(self.stop_ids, jnp.int32))
+        return ended | (state.step + 1 >= self.max_tokens)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.max_tokens
+
+
+@flax.struct.dataclass
+class StopOnTokens:
+    """A stop rule for unconstrained sampling: a row ends when it writes one of `ids`."""
+
+    ids: tuple[int, ...] = flax.struct.field(pytree_node=False, default=(layout_lib.EOS_ID,))
+
+    def stop(self, token: jax.Array, state: DecodeState) -> jax.Array:
+        return jnp.isin(token, jnp.asarray(self.ids, jnp.int32))

@@ -1,0 +1,82 @@
+"""Prompts in the layout the model was trained on, and their unconditional twins.
+
+    text -> image        [retrieved <eos>]* caption <break>            -> image codes
+    image -> text        [retrieved <eos>]* <sentinel:0> <break> image <sentinel:0>
+       ("infill")                                                      -> text <eoss>
+    image -> text        [retrieved <eos>]* image <break>              -> text <eos>
+       ("image_first")
+
+Pretraining documents are `caption <break> image` (plus `image <break> caption` when
+preprocess.image_first_prob > 0). A model that only saw captions first can still
+caption an image through the CM3 objective: a masked caption comes back after the
+sequence as `<sentinel:0> caption <eoss>`; that is the "infill" prompt.
+
+The unconditional stream of classifier-free guidance replaces the conditioning segment
+(the caption, or the image) by a mask sentinel, as in the paper, and keeps no
+retrieved documents: they were chosen for the condition, so they would leak it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cm3leon_jax.data import augment
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
+
+IMAGE_TO_TEXT_STYLES = ("infill", "image_first")
+
+
+def with_retrieved(query: np.ndarray, retrieved: Sequence[np.ndarray], budget: int,
+                   what: str) -> np.ndarray:
+    """`retrieved_1 <eos> ... query`, dropping the least relevant documents to fit `budget`."""
+    ids = augment.assemble(np.asarray(query, np.int32),
+                           [np.asarray(r, np.int32) for r in retrieved], budget)
+    if ids is None:
+        raise ValueError(f"{what}: its prompt alone has {len(query)} tokens, more than the "
+                         f"{budget} the model has room for (DecoderConfig.max_length minus "
+                         "the tokens to generate); shorten it.")
+    return ids
+
+
+def text_to_image(caption_ids: np.ndarray) -> np.ndarray:
+    """`caption <break>`: the next tokens are the image."""
+    return np.concatenate([np.asarray(caption_ids, np.int32), [BREAK_ID]]).astype(np.int32)
+
+
+def text_to_image_unconditional(layout: IdLayout) -> np.ndarray:
+    """`<sentinel:0> <break>`: an image whose caption is masked."""
+    return np.array([layout.sentinel_id(0), BREAK_ID], np.int32)
+
+
+def _check_style(style: str) -> None:
+    if style not in IMAGE_TO_TEXT_STYLES:
+        raise ValueError(f"image-to-text style {style!r} is unknown; use one of "
+                         f"{IMAGE_TO_TEXT_STYLES} ('infill' for models pretrained on "
+                         "caption-first documents).")
+
+
+def image_to_text(image_ids: np.ndarray, layout: IdLayout, style: str) -> np.ndarray:
+    """The prompt after which the caption of `image_ids` comes."""
+    _check_style(style)
+    image_ids = np.asarray(image_ids, np.int32)
+    if style == "infill":
+        mask = layout.sentinel_id(0)
+        return np.concatenate([[mask, BREAK_ID], image_ids, [mask]]).astype(np.int32)
+    return np.concatenate([image_ids, [BREAK_ID]]).astype(np.int32)
+
+
+def image_to_text_unconditional(layout: IdLayout, style: str) -> np.ndarray:
+    """The same prompt with the image masked too."""
+    _check_style(style)
+    if style == "infill":  # CM3 numbers sentinels by position: caption 0, image 1.
+        first, second = layout.sentinel_id(0), layout.sentinel_id(1)
+        return np.array([first, BREAK_ID, second, first], np.int32)
+    return np.array([layout.sentinel_id(0), BREAK_ID], np.int32)
+
+
+def caption_stop_ids(style: str) -> tuple[int, ...]:
+    """Tokens that end a generated caption in each style."""
+    _check_style(style)
+    return (EOSS_ID,) if style == "infill" else (EOS_ID, BREAK_ID)

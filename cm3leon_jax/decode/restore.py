@@ -1,0 +1,91 @@
+"""A trained decoder's parameters, read from a trainer's MODEL_DIR.
+
+    config, params, step = restore_decoder("runs/demo/pretrain")   # DecoderConfig() from gin
+
+The trainer checkpoints the whole `TrainState` (step, params, optimizer moments) under
+`MODEL_DIR/checkpoints/<step>/state`; generation needs only the parameters, so only
+they are read (orbax partial restore: the optimizer state, twice the parameters' size,
+stays on disk). The checkpoint does not record the model's shape: the `DecoderConfig`
+comes from gin, as in training, and is checked against the stored shapes first, so a
+mismatch is reported by name instead of as a failed restore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.model.decoder import abstract_variables
+from cm3leon_jax.train import checkpoints
+
+
+def checkpoint_steps(model_dir: str) -> list[int]:
+    """Steps with a committed checkpoint under MODEL_DIR/checkpoints (or the folder given)."""
+    root = _checkpoints_dir(model_dir)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _checkpoints_dir(model_dir: str) -> epath.Path:
+    path = epath.Path(model_dir if "://" in model_dir else os.path.abspath(model_dir))
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {model_dir!r}: give the MODEL_DIR of a "
+                                "train run (it holds checkpoints/<step>/state).")
+    return path
+
+
+def restore_decoder(model_dir: str, step: int | None = None,
+                    config: DecoderConfig | None = None) -> tuple[DecoderConfig, Any, int]:
+    """(config, params, step) of a train run's checkpoint; the newest unless `step`.
+
+    Args:
+      model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder).
+      step: which checkpoint; None: the newest.
+      config: the decoder's shape; None: `DecoderConfig()` as bound by gin.
+    """
+    config = DecoderConfig() if config is None else config
+    steps = checkpoint_steps(model_dir)
+    if not steps:
+        raise FileNotFoundError(f"{model_dir!r} has no committed checkpoint yet; train first "
+                                "(or wait for the first save).")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {model_dir!r}; there are {steps}.")
+    step_dir = _checkpoints_dir(model_dir) / str(step)
+    checkpoints.verify_checksums(step_dir)
+    state_dir = step_dir / "state"
+    handler = ocp.PyTreeCheckpointer()
+    stored = handler.metadata(state_dir).item_metadata.tree["params"]
+    expected = nn.unbox(abstract_variables(config)["params"])
+    _check_shapes(stored, expected, model_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), expected)}
+    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    return config, restored["params"], step
+
+
+def _check_shapes(stored: Any, expected: Any, model_dir: str) -> None:
+    flat_stored = {jax.tree_util.keystr(p): tuple(m.shape)
+                   for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    flat_expected = {jax.tree_util.keystr(p): tuple(s.shape)
+                     for p, s in jax.tree_util.tree_leaves_with_path(expected)}
+    problems = [f"{k}: missing in the checkpoint" for k in flat_expected if k not in flat_stored]
+    problems += [f"{k}: checkpoint {flat_stored[k]}, DecoderConfig {flat_expected[k]}"
+                 for k in flat_expected if k in flat_stored and flat_stored[k] != flat_expected[k]]
+    problems += [f"{k}: in the checkpoint, not in DecoderConfig" for k in flat_stored
+                 if k not in flat_expected]
+    if problems:
+        raise ValueError(f"the checkpoint in {model_dir!r} does not fit DecoderConfig(): "
+                         + "; ".join(problems[:4]) + ". Bind DecoderConfig as the run was "
+                         "trained (include its gin_configs/models/<size>.gin and overrides).")

@@ -1,0 +1,103 @@
+"""Generation APIs on a tiny random decoder: outputs are always decodable documents."""
+
+import jax
+import numpy as np
+import pytest
+
+from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import prompts
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.decode.sampler import left_pad, sample
+from cm3leon_jax.retrieval.retriever import SearchResult
+from cm3leon_jax.vocab import document
+from cm3leon_jax.vocab.layout import BREAK_ID, EOSS_ID
+from tests.model.model_testlib import random_params, tiny_config
+
+CONFIG = tiny_config()
+PARAMS = random_params(CONFIG, seed=2)
+CAPTIONS = ["a small red circle above a yellow square", "a large blue star"]
+
+
+class FixedDocuments:
+    """Stands in for a retrieval service: every query gets the same documents, best first."""
+
+    def __init__(self, docs):
+        self.docs = docs
+
+    def search_texts(self, texts, k):
+        return [SearchResult([f"d{i}" for i in range(k)], [1.0] * k, self.docs[:k],
+                             list(range(k))) for _ in texts]
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "cdk"])
+def test_text_to_image_always_gives_a_decodable_document(vocab, guidance):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    out = gen.text_to_image(CAPTIONS, num_samples=3, sampling=SamplingConfig(guidance=guidance))
+    assert out.codes.shape == (6, 16) and out.images is None
+    assert out.captions == [CAPTIONS[0]] * 3 + [CAPTIONS[1]] * 3
+    for caption, codes in zip(out.captions, out.codes):
+        query = prompts.text_to_image(np.asarray(vocab.encode(caption)))
+        doc = document.decode(np.concatenate([query, vocab.layout.codes_to_ids(codes)]), vocab)
+        assert doc.texts == [caption] and len(doc.images) == 1
+    again = gen.text_to_image(CAPTIONS, num_samples=3, sampling=SamplingConfig(guidance=guidance))
+    np.testing.assert_array_equal(out.codes, again.codes)
+    other = gen.text_to_image(CAPTIONS, num_samples=3, seed=1,
+                              sampling=SamplingConfig(guidance=guidance))
+    assert (out.codes != other.codes).any()
+
+
+@pytest.mark.parametrize("style", ["infill", "image_first"])
+def test_image_to_text_constraint_gives_text_then_one_stop_token(vocab, style):
+    layout = vocab.layout
+    codes = np.random.default_rng(0).integers(0, 64, (3, 16))
+    rows = [prompts.image_to_text(layout.codes_to_ids(c), layout, style) for c in codes]
+    constraint = proc.TextOnly(layout, 12, prompts.caption_stop_ids(style))
+    out = sample(CONFIG, PARAMS, left_pad(rows), jax.random.key(0), max_new_tokens=12,
+                 processors=(constraint, proc.Temperature(1.0)), stop=constraint)
+    for row, c in enumerate(codes):
+        tokens = np.asarray(out.tokens[row, :int(out.lengths[row])])
+        text = tokens[layout.is_text(tokens)]
+        assert text.size >= 1 and layout.is_text(tokens[0])
+        assert text.size == tokens.size or (text.size == tokens.size - 1
+                                            and tokens[-1] in prompts.caption_stop_ids(style))
+        ids = np.concatenate([layout.codes_to_ids(c), [BREAK_ID], text])
+        assert document.decode(ids, vocab).images[0].tolist() == c.tolist()
+    assert prompts.caption_stop_ids("infill") == (EOSS_ID,)
+
+
+def test_image_to_text_returns_strings_per_sample(vocab):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    codes = np.random.default_rng(1).integers(0, 64, (2, 16))
+    texts = gen.image_to_text(codes, num_samples=2, max_tokens=12)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert texts[0] == texts[1]  # Greedy by default: the samples of one image agree.
+
+
+def test_retrieved_documents_go_first_and_are_dropped_to_fit(vocab):
+    doc = document.encode(document.Document([document.Text("a red circle"),
+                                             document.Image(np.arange(16))]), vocab)
+    query = prompts.text_to_image(np.asarray(vocab.encode("a blue star")))
+    joined = prompts.with_retrieved(query, [doc, doc], budget=200, what="caption 0")
+    assert [d.texts for d in map(lambda d: document.decode(d, vocab),
+                                 document.split_documents(joined)[:2])] == [["a red circle"]] * 2
+    assert prompts.with_retrieved(query, [doc, doc], budget=query.size + doc.size + 1,
+                                  what="caption 0").size == query.size + doc.size + 1
+    with pytest.raises(ValueError, match="caption 0: its prompt alone"):
+        prompts.with_retrieved(query, [], budget=2, what="caption 0")
+    gen = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments([doc, doc]))
+    out = gen.text_to_image(CAPTIONS, num_retrieved=2, sampling=SamplingConfig(guidance="cfg"))
+    assert out.codes.shape == (2, 16)
+
+
+def test_generator_refuses_what_it_cannot_do(vocab):
+    with pytest.raises(ValueError, match="DecoderConfig.vocab_size=128"):
+        Generator(CONFIG.replace(vocab_size=128), PARAMS, vocab)
+    gen = Generator(CONFIG, PARAMS, vocab)
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        gen.text_to_image(["a star", " "])
+    with pytest.raises(ValueError, match="need an image tokenizer"):
+        gen.image_to_text(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="style 'caption_last' is unknown"):
+        gen.image_to_text(np.zeros((1, 16), np.int32), style="caption_last")
+    with pytest.raises(ValueError, match="guidance='clip'"):
+        SamplingConfig(guidance="clip")

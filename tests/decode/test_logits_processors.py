@@ -1,0 +1,120 @@
+"""Each logits processor keeps exactly the tokens it promises, checked against numpy."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
+
+LAYOUT = IdLayout(text_size=290, image_codes=64, num_sentinels=8, image_length=16)
+STATE0 = proc.DecodeState(step=jnp.int32(0), tokens=jnp.zeros((3, 4), jnp.int32),
+                          done=jnp.zeros(3, bool))
+STATE1 = STATE0._replace(step=jnp.int32(1))
+
+
+def _logits(shape, seed=0):
+    return np.random.default_rng(seed).normal(0, 2, shape).astype(np.float32)
+
+
+def _kept(scores):
+    return np.isfinite(np.asarray(scores))
+
+
+def test_top_k_keeps_exactly_the_k_highest():
+    logits = _logits((2, 3, 50))
+    for k in (1, 7, 50, 80):
+        got = _kept(proc.TopK(k)(jnp.asarray(logits), STATE0))
+        want = np.zeros_like(got)
+        np.put_along_axis(want, np.argsort(-logits, axis=-1)[..., :min(k, 50)], True, axis=-1)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.asarray(proc.TopK(k)(jnp.asarray(logits), STATE0))[got],
+                                      logits[got])
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.3, 0.9, 0.999, 1.0])
+def test_top_p_keeps_the_smallest_set_reaching_p(p):
+    logits = _logits((3, 40), seed=1)
+    got = _kept(proc.TopP(p)(jnp.asarray(logits), STATE0))
+    for row, kept in zip(logits, got):
+        order = np.argsort(-row)
+        probs = np.exp(row[order] - row.max())
+        probs /= probs.sum()
+        n = int(np.searchsorted(np.cumsum(probs), p - 1e-6) + 1)  # first prefix with mass >= p
+        want = np.zeros(40, bool)
+        want[order[:min(n, 40)]] = True
+        np.testing.assert_array_equal(kept, want)
+
+
+def test_top_p_after_a_constraint_ignores_excluded_tokens():
+    logits = _logits((2, 30), seed=2)
+    logits[:, ::2] = -np.inf
+    got = _kept(proc.TopP(0.5)(jnp.asarray(logits), STATE0))
+    assert not got[:, ::2].any() and got.any(axis=1).all()
+
+
+def test_classifier_free_guidance_scales():
+    cond, uncond = _logits((4, 20), 3), _logits((4, 20), 4)
+    streams = jnp.asarray(np.stack([cond, uncond]))
+    np.testing.assert_array_equal(proc.ClassifierFreeGuidance(1.0)(streams, STATE0), cond)
+    np.testing.assert_array_equal(proc.ClassifierFreeGuidance(0.0)(streams, STATE0), uncond)
+    np.testing.assert_allclose(proc.ClassifierFreeGuidance(3.0)(streams, STATE0),
+                               uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_keeps_excluded_tokens_excluded_without_nans():
+    streams = np.stack([_logits((2, 20), 5), _logits((2, 20), 6)])
+    streams[..., :5] = -np.inf
+    for guide in (proc.ClassifierFreeGuidance(3.0), proc.ContrastiveDecoding(0.0, 1)):
+        out = np.asarray(guide(jnp.asarray(streams), STATE0))
+        assert not np.isnan(out).any() and np.isneginf(out[:, :5]).all()
+
+
+@pytest.mark.parametrize("alpha,k", [(0.5, 1), (0.1, 1), (0.3, 3), (1.0, 2)])
+def test_contrastive_decoding_masks_as_specified(alpha, k):
+    cond, uncond = _logits((3, 25), 7), _logits((3, 25), 8)
+    out = np.asarray(proc.ContrastiveDecoding(alpha, k)(jnp.asarray(np.stack([cond, uncond])),
+                                                        STATE0))
+    log_softmax = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1,
+                                      keepdims=True)) - x.max(-1, keepdims=True)
+    p_cond = np.exp(log_softmax(cond))
+    kth = np.sort(p_cond, axis=-1)[:, -k][:, None]
+    keep = p_cond >= alpha * kth * (1 - 1e-6)
+    np.testing.assert_array_equal(np.isfinite(out), keep)
+    np.testing.assert_allclose(out[keep], (log_softmax(cond) - log_softmax(uncond))[keep],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_refuses_a_single_stream():
+    with pytest.raises(ValueError, match=r"float32\[2, batch, vocab\]"):
+        proc.ClassifierFreeGuidance(3.0)(jnp.zeros((1, 2, 8)), STATE0)
+
+
+def test_image_constraint_allows_image_codes_only_and_stops_after_image_length():
+    c = proc.ImageCodesOnly(LAYOUT)
+    kept = _kept(c(jnp.zeros((2, 3, 384)), STATE0))
+    ids = np.arange(384)
+    np.testing.assert_array_equal(kept, np.broadcast_to(LAYOUT.is_image(ids), kept.shape))
+    token = jnp.zeros(3, jnp.int32)
+    assert not np.asarray(c.stop(token, STATE0._replace(step=jnp.int32(14)))).any()
+    assert np.asarray(c.stop(token, STATE0._replace(step=jnp.int32(15)))).all()
+
+
+def test_text_constraint_needs_one_text_token_before_a_stop_token():
+    c = proc.TextOnly(LAYOUT, max_tokens=5, stop_ids=(EOS_ID, BREAK_ID))
+    ids = np.arange(384)
+    first, later = _kept(c(jnp.zeros((3, 384)), STATE0)), _kept(c(jnp.zeros((3, 384)), STATE1))
+    np.testing.assert_array_equal(first[0], LAYOUT.is_text(ids))
+    np.testing.assert_array_equal(later[0], LAYOUT.is_text(ids) | np.isin(ids, [EOS_ID, BREAK_ID]))
+    tokens = jnp.asarray([EOS_ID, EOSS_ID, LAYOUT.text_start], jnp.int32)
+    np.testing.assert_array_equal(c.stop(tokens, STATE1), [True, False, False])
+    assert np.asarray(c.stop(tokens, STATE0._replace(step=jnp.int32(4)))).all()
+
+
+def test_bad_settings_are_refused_by_name():
+    for make, match in ((lambda: proc.Temperature(0.0), "Temperature"),
+                        (lambda: proc.TopK(0), "TopK.k"), (lambda: proc.TopP(0.0), "TopP.p"),
+                        (lambda: proc.ContrastiveDecoding(1.5), "alpha"),
+                        (lambda: proc.TextOnly(LAYOUT, max_tokens=0), "max_tokens")):
+        with pytest.raises(ValueError, match=match):
+            make()

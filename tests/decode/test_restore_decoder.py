@@ -1,0 +1,68 @@
+"""Reading a decoder's parameters from a trainer's checkpoints, and the errors on misuse."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3leon_jax.decode.restore import restore_decoder
+from cm3leon_jax.train import checkpoints, optimizer, state as state_lib
+from tests.model.model_testlib import random_params, tiny_config
+
+CONFIG = tiny_config()
+
+
+class DataPosition:
+    """The trainer saves its data iterator beside the state; generation never reads it."""
+
+    def save(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "position.txt"), "w") as f:
+            f.write("0")
+
+    def restore(self, directory):
+        pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A MODEL_DIR with checkpoints at steps 1 and 2, written by the trainer's Checkpointer."""
+    model_dir = tmp_path_factory.mktemp("train_run")
+    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
+    ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"), save_every=1,
+                                    async_save=False)
+    states = {}
+    for step in (1, 2):
+        params = random_params(CONFIG, seed=step)
+        states[step] = state_lib.TrainState(step=jnp.int32(step), params=params,
+                                            opt_state=tx.init(params))
+        ckpt.save(step, states[step], DataPosition())
+    ckpt.close()
+    return str(model_dir), states
+
+
+def test_restores_the_newest_or_the_asked_step_params_only(trained):
+    model_dir, states = trained
+    for step, want_step in ((None, 2), (1, 1)):
+        config, params, got_step = restore_decoder(model_dir, step, CONFIG)
+        assert got_step == want_step and config == CONFIG
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(states[want_step].params)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # The checkpoints/ folder itself works too.
+    assert restore_decoder(os.path.join(model_dir, "checkpoints"), None, CONFIG)[2] == 2
+
+
+def test_a_config_that_does_not_fit_is_named(trained):
+    model_dir, _ = trained
+    with pytest.raises(ValueError, match=r"token_embed.*checkpoint \(512, 64\), "
+                                         r"DecoderConfig \(896, 64\)"):
+        restore_decoder(model_dir, None, CONFIG.replace(vocab_size=896))
+    with pytest.raises(ValueError, match="no checkpoint at step 7"):
+        restore_decoder(model_dir, 7, CONFIG)
+
+
+def test_a_folder_without_checkpoints_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MODEL_DIR of a train run"):
+        restore_decoder(str(tmp_path / "nothing"), None, CONFIG)

@@ -1,0 +1,113 @@
+"""The sampling loop: KV-cache decoding matches full forward passes, rows are independent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode.sampler import left_pad, sample
+from cm3leon_jax.vocab.layout import PAD_ID, IdLayout
+from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
+
+CONFIG = tiny_config()
+PARAMS = random_params(CONFIG)
+PROMPTS = [np.random.default_rng(i).integers(5, 500, n) for i, n in enumerate((7, 3, 5))]
+WARP = (proc.Temperature(1.0), proc.TopK(40))
+LAYOUT = IdLayout(text_size=290, image_codes=64, num_sentinels=8, image_length=16)
+
+
+def _greedy_by_full_forward(config, params, prompt, steps, width=32):
+    """Greedy decoding with no cache: the whole sequence again at every step.
+
+    Rows are right-padded to a fixed width (invisible to a causal model): one compilation.
+    """
+    seq = list(prompt)
+    for _ in range(steps):
+        row = np.zeros((1, width), np.int32)
+        row[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(forward(config)(params, jnp.asarray(row))[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("variant", ["cm3leon", "chameleon"])
+def test_greedy_with_kv_cache_equals_repeated_full_forward(variant):
+    config = tiny_config() if variant == "cm3leon" else tiny_chameleon()
+    params = random_params(config, seed=1)
+    out = sample(config, params, left_pad(PROMPTS), jax.random.key(0), max_new_tokens=8,
+                 greedy=True)
+    for row, prompt in enumerate(PROMPTS):
+        want = _greedy_by_full_forward(config, params, prompt, 8)
+        np.testing.assert_array_equal(np.asarray(out.tokens[row]), want)
+    np.testing.assert_array_equal(out.lengths, [8, 8, 8])
+    assert not np.asarray(out.finished).any()  # No stop rule: every row ran out of steps.
+
+
+def test_left_padded_rows_equal_the_same_prompts_alone():
+    """Sampled, not greedy: each row keeps its own random stream, whatever its batch."""
+    batch = sample(CONFIG, PARAMS, left_pad(PROMPTS, length=12), jax.random.key(3),
+                   max_new_tokens=8, processors=WARP)
+    for row, prompt in enumerate(PROMPTS):
+        alone = sample(CONFIG, PARAMS, left_pad([prompt], length=7), jax.random.key(3),
+                       max_new_tokens=8, processors=WARP, row_ids=[row])
+        np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+
+
+def test_same_key_same_tokens_other_key_other_tokens():
+    run = lambda key: np.asarray(sample(CONFIG, PARAMS, left_pad(PROMPTS), key,
+                                        max_new_tokens=8, processors=WARP).tokens)
+    np.testing.assert_array_equal(run(jax.random.key(5)), run(jax.random.key(5)))
+    assert (run(jax.random.key(5)) != run(jax.random.key(6))).any()
+
+
+def test_each_row_stops_at_its_own_stop_token():
+    free = np.asarray(sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(0),
+                             max_new_tokens=8, greedy=True).tokens)
+    stop_id = int(free[0, 3])
+    out = sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(0), max_new_tokens=8,
+                 greedy=True, stop=proc.StopOnTokens((stop_id,)))
+    for row in range(len(PROMPTS)):
+        hits = np.flatnonzero(free[row] == stop_id)
+        n = int(hits[0]) + 1 if hits.size else 8
+        assert int(out.lengths[row]) == n and bool(out.finished[row]) == bool(hits.size)
+        np.testing.assert_array_equal(out.tokens[row, :n], free[row, :n])
+        assert (np.asarray(out.tokens[row, n:]) == PAD_ID).all()
+
+
+@pytest.mark.parametrize("scale,stream", [(1.0, 0), (0.0, 1)])
+def test_cfg_scale_one_is_the_conditional_stream_and_zero_the_unconditional(scale, stream):
+    cond, uncond = PROMPTS, [np.array([7, 2]), np.array([9, 2, 3, 4]), np.array([7, 2])]
+    guided = sample(CONFIG, PARAMS, left_pad(cond + uncond), jax.random.key(0),
+                    max_new_tokens=8, processors=(proc.ClassifierFreeGuidance(scale),),
+                    greedy=True, num_streams=2)
+    alone = sample(CONFIG, PARAMS, left_pad([cond, uncond][stream], length=7),
+                   jax.random.key(0), max_new_tokens=8, greedy=True)
+    np.testing.assert_array_equal(guided.tokens, alone.tokens)
+
+
+def test_two_streams_without_guidance_are_refused():
+    with pytest.raises(ValueError, match="no guidance processor"):
+        sample(CONFIG, PARAMS, left_pad(PROMPTS[:2]), jax.random.key(0), max_new_tokens=2,
+               num_streams=2)
+
+
+def test_image_constraint_writes_exactly_image_length_codes_then_stops():
+    constraint = proc.ImageCodesOnly(LAYOUT)
+    out = sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(1), max_new_tokens=20,
+                 processors=(constraint, *WARP), stop=constraint)
+    tokens = np.asarray(out.tokens)
+    assert LAYOUT.is_image(tokens[:, :16]).all() and (tokens[:, 16:] == PAD_ID).all()
+    np.testing.assert_array_equal(out.lengths, [16, 16, 16])
+    assert np.asarray(out.finished).all()
+
+
+def test_bad_prompts_are_refused_with_the_fix():
+    right_padded = np.array([[5, 6, 0], [5, 6, 7]], np.int32)
+    with pytest.raises(ValueError, match="row 0 is not left-padded"):
+        sample(CONFIG, PARAMS, right_padded, jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="DecoderConfig.max_length=128"):
+        sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(0), max_new_tokens=125)
+    with pytest.raises(ValueError, match="outside"):
+        sample(CONFIG, PARAMS, np.array([[600]]), jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds <pad>"):
+        left_pad([[5, 0, 6]])
