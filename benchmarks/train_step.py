@@ -146,7 +146,12 @@ def timed(fn) -> float:
 
 
 def profile_ops(step: JaxStep, top: int) -> list[tuple[float, int, str, str]]:
-    """(ms per step, calls per step, XLA op, jax op) of the costliest ops of one step."""
+    """(ms per step, calls per step, costliest XLA op, jax op) of the costliest jax ops.
+
+    XLA ops from the same jax op are summed (an unrolled layer loop gives each layer its
+    own XLA op, a scanned one calls one op per layer). Plain `dot` thunks run on a
+    separate pool and show only their launch here.
+    """
     names = {}
     with jax.set_mesh(step.mesh):
         hlo = step.fn.lower(step.state, step.batch).compile().as_text()
@@ -163,12 +168,19 @@ def profile_ops(step: JaxStep, top: int) -> list[tuple[float, int, str, str]]:
         trace = json.load(gzip.open(glob.glob(f"{tmp}/**/*perfetto_trace.json.gz",
                                               recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total, calls = collections.Counter(), collections.Counter()
+    per_op, per_op_calls = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("name") in names:
-            total[e["name"]] += e["dur"]
-            calls[e["name"]] += 1
-    return [(us / 1e3 / steps, calls[n] // steps, n, names[n]) for n, us in total.most_common(top)]
+            per_op[e["name"]] += e["dur"]
+            per_op_calls[e["name"]] += 1
+    total, calls, costliest = collections.Counter(), collections.Counter(), {}
+    for name, us in per_op.most_common():
+        source = names[name].replace("while/body/", "").replace("closed_call/", "")
+        total[source] += us
+        calls[source] += per_op_calls[name]
+        costliest.setdefault(source, name)
+    return [(us / 1e3 / steps, calls[src] // steps, costliest[src], src)
+            for src, us in total.most_common(top)]
 
 
 def main(argv=None) -> dict:
@@ -228,7 +240,7 @@ def main(argv=None) -> dict:
                       jax_over_peer=statistics.median(r["peer"] / r["jax"] for r in rows))
     print(json.dumps(result, indent=1))
     if args.profile:
-        print(f"\nthe JAX step's {args.profile} costliest ops (ms per step, calls, op, source):")
+        print(f"\nthe JAX step's {args.profile} costliest ops (ms per step, calls, costliest XLA op, source):")
         for ms, n, name, source in profile_ops(jax_step, args.profile):
             print(f"  {ms:8.1f} {n:4d}  {name:34s} {source[:90]}")
     if args.json:

@@ -6,11 +6,16 @@ Modules (each one idea; import them directly, this package imports nothing so th
     partitioning  meshes `(data, fsdp, tensor)`, gin-bound logical-axis rules, shardings,
                   `with_logical_constraint` for activations. Imports nothing of ours.
     config        `DecoderConfig`: sizes and the CM3Leon / Chameleon switches (gin).
-    layers        norms, bias-free projections, MLP (GELU or SwiGLU), embeddings, RoPE.
+    norms         LayerNorm / RMSNorm as functions with a one-pass hand-written backward.
+    layers        the norm module, bias-free projections, MLP (GELU or SwiGLU), embeddings
+                  and the tied output projection (hand-written backward), RoPE.
     attention     attention, the kernel seam (`register_kernel`: xla, cudnn, a TPU splash
                   kernel) and the KV cache.
+    attention_chunked  the "chunked" kernel: causal query chunks, FlashAttention-style
+                  backward by hand (the fastest on a CPU).
     decoder       `Decoder` (scanned blocks, remat), `init_cache`, `count_params`.
-    loss          cross-entropy with loss weights and z-loss; `decoder_loss` on a batch.
+    loss          cross-entropy (fused softmax backward) with loss weights and z-loss;
+                  `decoder_loss` on a batch.
     hf_weights    `to_hf` / `from_hf` for `transformers` OPT and Chameleon state dicts.
 
 Flax style (flax 0.12.8). Linen modules; parameters are created with

@@ -17,7 +17,9 @@ Semantics: causal in kv index (query i sees kv slots <= query_offset + i) and, w
 segment ids are given, only slots of its own segment. Segment ids, not a dense mask,
 cross the seam so that block-sparse kernels (TPU splash attention's `SegmentIds`,
 cuDNN's packed layouts) can skip whole blocks. "xla" and "cudnn" both go through
-`jax.nn.dot_product_attention`; a TPU Pallas/splash kernel is added with
+`jax.nn.dot_product_attention`; "chunked" (`attention_chunked.py`, registered when the
+decoder is imported) skips the causal upper half in query chunks and has a hand-written
+backward, the fastest on a CPU; a TPU Pallas/splash kernel is added with
 `register_kernel("splash", fn)` and selected in gin with
 `DecoderConfig.attention_impl = "splash"`; nothing else changes.
 
@@ -113,7 +115,8 @@ class Attention(nn.Module):
         if c.qk_norm:  # Chameleon: per-head LayerNorm with per-head scale and bias.
             qk = lambda heads, axis, name: layers.Norm(
                     kind="layernorm", use_params=True, eps=c.norm_eps, param_shape=(heads, hd),
-                    axes=(axis, "kv"), param_dtype=c.weight_dtype, name=name)
+                    axes=(axis, "kv"), param_dtype=c.weight_dtype, custom_grad=c.custom_grads,
+                    name=name)
             q, k = qk(n, "heads", "query_norm")(q), qk(kvh, "kv_heads", "key_norm")(k)
         if c.position_embedding == "rope":
             q = layers.rotary_embedding(q, positions, c.rope_theta)

@@ -69,9 +69,18 @@ class DecoderConfig:
         remat_policy: what the backward pass keeps per layer: "none" (everything),
             "full" (only the layer input), "dots" (matmul outputs),
             "dots_no_batch" (matmuls without a batch dim: the weights' products).
+        scan_unroll: layers per iteration of the layer scan; `num_layers` unrolls it
+            (no loop: the per-layer saved activations need no stacked buffers, which
+            XLA:CPU zero-fills and copies every step; compile time grows with depth,
+            so only small models on a CPU set it, e.g. `small.gin`).
         attention_impl: name of the attention kernel (`attention.KERNELS`): "xla",
             "cudnn", or one registered with `attention.register_kernel` (a TPU
-            Pallas/splash kernel goes there).
+            Pallas/splash kernel goes there), or "chunked" (`attention_chunked.py`:
+            causal query chunks and a hand-written backward; the fastest on a CPU).
+        custom_grads: norms, the tied output projection and the loss's softmax use
+            hand-written backward passes (`norms.py`, `layers.tied_logits`,
+            `loss.log_z_and_target`): the same gradients as autodiff in fewer passes
+            over memory. False: plain autodiff (the reference the tests compare with).
     """
 
     vocab_size: int = 65536
@@ -101,10 +110,13 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
     attention_impl: str = "xla"
+    custom_grads: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_length"):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_length",
+                     "scan_unroll"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecoderConfig.{name} must be >= 1, got {getattr(self, name)}.")
         choices = {"norm": NORMS, "mlp_activation": ACTIVATIONS,

@@ -11,7 +11,8 @@ inside a document and `positions` restart at 0 in each one.
 
 Layers are one `nn.scan` over a single block (parameters stacked on a leading
 `layers` axis): compile time and HLO size stay flat in depth, which is what lets the
-7B/34B configs compile ahead of time on a CPU host. Remat wraps the scanned block.
+7B/34B configs compile ahead of time on a CPU host (`scan_unroll` trades that back for
+speed on small CPU models). Remat wraps the scanned block.
 
 Decoding (see `attention.py` for the cache)::
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.model import attention, layers, partitioning
+from cm3leon_jax.model import attention_chunked  # noqa: F401  (registers the "chunked" kernel)
 from cm3leon_jax.model.config import DecoderConfig
 
 _REMAT_POLICIES = {
@@ -105,7 +107,8 @@ class Decoder(nn.Module):
             block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                        length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                        length=c.num_layers, unroll=min(c.scan_unroll, c.num_layers),
+                        metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(c, decode, name="layers")(x, segment_ids, positions)
         x = layers.make_norm(c, "final_norm")(x)
 

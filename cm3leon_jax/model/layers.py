@@ -5,20 +5,26 @@ Every parameter is created through `_param`, which attaches its logical axis nam
 the trainer where each one lives. Every activation that crosses a block boundary is
 constrained by logical names with `partitioning.with_logical_constraint`.
 
-Projections are written as explicit einsums over named-axis kernels (for instance the
-query kernel is `[embed, heads, kv]`) rather than `nn.Dense` on flattened heads: the
-head axis then has its own logical name and shards over `tensor` with no reshape.
+Projections use named-axis kernels (for instance the query kernel is `[embed, heads,
+kv]`) rather than `nn.Dense` on flattened heads: the head axis then has its own logical
+name and shards over `tensor`. The product itself is one 2-D matmul over free reshapes
+(merging a sharded major axis with whole minor ones, which needs no communication).
+
+Three backward passes are written by hand (`config.custom_grads`): the norms'
+(`norms.py`), the tied output projection's (`tied_logits`) and, in `loss.py`, the
+softmax's; each equals autodiff of the plain formulation, which the tests check.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm3leon_jax.model import partitioning
+from cm3leon_jax.model import norms, partitioning
 from cm3leon_jax.model.config import DecoderConfig
 
 Initializer = Callable[..., jax.Array]
@@ -49,29 +55,27 @@ class Norm(nn.Module):
     param_shape: tuple[int, ...] | None = None  # None: (x.shape[-1],)
     axes: tuple[str | None, ...] = ("embed",)
     param_dtype: jnp.dtype = jnp.float32
+    custom_grad: bool = True  # The one-pass backward of `norms.normalize`.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - jnp.mean(x, axis=-1, keepdims=True)
-        elif self.kind != "rmsnorm":
-            raise ValueError(f"Norm.kind={self.kind!r}; choose 'layernorm' or 'rmsnorm'.")
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.kind not in norms.KINDS:
+            raise ValueError(f"Norm.kind={self.kind!r}; choose one of {norms.KINDS}.")
+        scale = bias = None
         if self.use_params:
             shape = self.param_shape or (x.shape[-1],)
-            x = x * _param(self, "scale", nn.initializers.ones, shape, self.axes, self.param_dtype)
+            scale = _param(self, "scale", nn.initializers.ones, shape, self.axes, self.param_dtype)
             if self.kind == "layernorm" and self.use_bias:
-                x = x + _param(self, "bias", nn.initializers.zeros, shape, self.axes,
-                               self.param_dtype)
-        return x.astype(dtype)
+                bias = _param(self, "bias", nn.initializers.zeros, shape, self.axes,
+                              self.param_dtype)
+        return norms.normalize(x, scale, bias, kind=self.kind, eps=self.eps,
+                               custom_grad=self.custom_grad)
 
 
 def make_norm(config: DecoderConfig, name: str) -> Norm:
     """The residual-stream norm the config asks for."""
     return Norm(kind=config.norm, use_params=config.norm_params, eps=config.norm_eps,
-                param_dtype=config.weight_dtype, name=name)
+                param_dtype=config.weight_dtype, custom_grad=config.custom_grads, name=name)
 
 
 class Projection(nn.Module):
@@ -95,9 +99,14 @@ class Projection(nn.Module):
         n_in = len(self.in_shape)
         if x.shape[-n_in:] != self.in_shape:
             raise ValueError(f"{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}.")
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                   (contract, ((), ())), preferred_element_type=self.out_dtype)
+        # One [tokens, in] x [in, out] matmul: with two free (or contracted) axes XLA:CPU
+        # takes the kernel's gradient through transposed copies of the activations, and
+        # the GELU MLP's forward + backward ran 2x slower (`benchmarks/RESULTS_train.md`).
+        lead = x.shape[:-n_in]
+        y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)),
+                                kernel.astype(self.dtype).reshape(math.prod(self.in_shape), -1),
+                                (((1,), (0,)), ((), ())), preferred_element_type=self.out_dtype)
+        return y.reshape(lead + self.out_shape)
 
 
 _ACTIVATIONS = {
@@ -145,8 +154,49 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x: [batch, length, embed] -> float32 logits [batch, length, vocab] (tied head)."""
         dtype = self.config.compute_dtype
-        return jnp.einsum("ble,ve->blv", x.astype(dtype), self.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+        x, embedding = x.astype(dtype), self.embedding.astype(dtype)
+        if self.config.custom_grads:
+            return tied_logits(x, embedding)
+        return _logits(x, embedding)
+
+
+def _logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+    return jnp.einsum("ble,ve->blv", x, embedding, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+    """float32 `x @ embedding^T`: x [batch, length, embed], embedding [vocab, embed].
+
+    The backward is written out for the embedding's gradient: autodiff takes it as
+    `[vocab, embed]` straight from the [tokens, vocab] logits gradient, which XLA:CPU
+    runs through a transposed copy of that gradient (or as a slow transposed-operand
+    matmul). Here it is `x^T @ d_logits` (a plain matmul after a transposed copy of the
+    small `x`), transposed after; the barriers stop XLA from folding either transpose
+    back into the product. The same gradients up to float rounding; the head's forward
+    + backward ~12% faster on a CPU (`benchmarks/RESULTS_train.md`).
+    """
+    return _logits(x, embedding)
+
+
+def _tied_logits_fwd(x, embedding):
+    return _logits(x, embedding), (x, embedding)
+
+
+def _tied_logits_bwd(residuals, d_logits):
+    x, embedding = residuals
+    tokens = x.reshape(-1, x.shape[-1])
+    d_logits = d_logits.reshape(-1, d_logits.shape[-1])
+    # As autodiff does: the float32 gradient meets the operands in their own dtype.
+    matmul = lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+    dx = matmul(d_logits, embedding).reshape(x.shape)
+    barrier = jax.lax.optimization_barrier
+    d_emb = barrier(matmul(barrier(tokens.T), d_logits)).T  # [embed, vocab] -> [vocab, embed]
+    return dx.astype(x.dtype), d_emb.astype(embedding.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class LearnedPositions(nn.Module):
