@@ -167,16 +167,17 @@ def _queries(spec, data_dir: str, retriever: Retriever, shard_file: str,
              config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc ids, query vectors f32[n, d], own bank rows int64[n] or -1) of one shard."""
     bank = retriever.bank
+    nothing = np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
     if spec.split != config.bank_split:
         if not os.path.exists(queries_path(shard_file)):
-            return np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
+            return nothing  # the shard wrote no document
         with np.load(queries_path(shard_file)) as z:
             doc_ids, vectors = z["doc_ids"], z["vectors"]
         return doc_ids, vectors, np.full([len(doc_ids)], -1, np.int64)
     names = [s["name"] for s in bank.manifest["shards"]]
     name = memory_bank.shard_name(spec.index)
     if name not in names:
-        return np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
+        return nothing
     s = names.index(name)
     key = "query_vectors" if bank.has_query_vectors else "vectors"
     n = int(bank.shard_sizes[s])

@@ -93,6 +93,15 @@ class IndexConfig:
                 "training_sample_size": int(min(n, self.training_sample_size))}
 
 
+def read_metadata(directory: str, name: str, how_to_build: str) -> dict:
+    """`directory/name` as JSON; a missing file says how to build one."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {name} in {directory!r}; build one with {how_to_build}.")
+    with open(path) as f:
+        return json.load(f)
+
+
 def _scann():
     # Imported lazily: scann pulls in TensorFlow (seconds), which only index work needs.
     from scann.scann_ops.py import scann_ops_pybind
@@ -162,12 +171,8 @@ class Index:
 
     @classmethod
     def load(cls, directory: str) -> "Index":
-        meta_path = os.path.join(directory, INDEX_JSON)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no {INDEX_JSON} in {directory!r}; build one with "
-                                    "Index.build(...).save(directory) or the build_retrieval mode.")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_metadata(directory, INDEX_JSON,
+                             "Index.build(...).save(directory) or the build_retrieval mode")
         searcher = _scann().load_searcher(directory)
         return cls(searcher, meta["settings"], meta["size"], meta["dim"])
 
@@ -195,12 +200,7 @@ class ShardedIndex:
     """One `Index` per memory-bank shard, searched in turn and merged by score."""
 
     def __init__(self, directory: str, max_loaded: int | None = None):
-        path = os.path.join(directory, SHARDED_JSON)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no {SHARDED_JSON} in {directory!r}; build one with "
-                                    "ShardedIndex.build(bank, directory).")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_metadata(directory, SHARDED_JSON, "ShardedIndex.build(bank, directory)")
         self.directory = directory
         self.shards: list[str] = meta["shards"]
         self.offsets = np.asarray(meta["offsets"], np.int64)

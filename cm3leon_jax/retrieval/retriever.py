@@ -12,7 +12,6 @@ path in `retrieval.json`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
@@ -53,12 +52,9 @@ class Retriever:
     @classmethod
     def open(cls, directory: str, selection: SelectionConfig | None = None,
              with_encoder: bool = True, max_loaded_shards: int | None = None) -> "Retriever":
-        meta_path = os.path.join(directory, RETRIEVAL_JSON)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no {RETRIEVAL_JSON} in {directory!r}; build one with the "
-                                    "build_retrieval mode (gin_configs/runs/build_retrieval.gin).")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = index_lib.read_metadata(
+            directory, RETRIEVAL_JSON,
+            "the build_retrieval mode (gin_configs/runs/build_retrieval.gin)")
         encoder = None
         if with_encoder and meta.get("encoder_dir"):
             encoder = cached_encoder(meta["encoder_dir"])
