@@ -69,3 +69,15 @@ def image_tokenizer_dir(tmp_path_factory):
     mngr.wait_until_finished()
     mngr.close()
     return directory
+
+
+# The HF Chameleon VQ encoder has 32 GroupNorm groups and middle attention, always.
+HF_VQ = VQGANConfig(image_size=8, base_channels=32, channel_multipliers=(1, 1),
+                    num_res_blocks=1, attn_levels=(), mid_attention=True, latent_channels=32,
+                    embed_dim=4, codebook_size=32, num_groups=32)
+
+
+@pytest.fixture(scope="session")
+def hf_image_tokenizer():
+    """(config, params) of a random VQGAN that transformers' Chameleon can hold."""
+    return HF_VQ, ImageTokenizer.random_init(HF_VQ, seed=2).params
