@@ -20,9 +20,10 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
-from cm3leon_jax.decode import restore
+from cm3leon_jax.decode import rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -77,7 +78,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
              image_sampling: SamplingConfig | None = None,
              caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
              caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, rerank_samples: int = 1, rerank_encoder_dir: str | None = None,
+             rerank_samplings: Sequence[SamplingConfig] = ()) -> dict:
     """Generates for the prompts given in gin; returns what it wrote.
 
     Args:
@@ -91,6 +93,10 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
         tokens are chosen (None: the Generator's defaults). max_caption_tokens,
         caption_style: see `Generator.image_to_text`. step: checkpoint step (None: newest).
+      rerank_samples: N > 1 draws N images per caption and keeps the best by CLIP score
+        (rerank.py; one image per caption, num_samples unused for images), scored by the
+        CLIP folder `rerank_encoder_dir` (default: the retrieval folder's encoder);
+        `rerank_samplings` mixes samplings (sample j uses [j % K]; default image_sampling).
     """
     texts = list(captions) + (read_lines(captions_file) if captions_file else [])
     if not texts and not image_files:
@@ -102,9 +108,22 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
                     retriever, batch_size=batch_size)
     summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(retriever)}
     if texts:
-        out = gen.text_to_image(texts, num_samples=num_samples, num_retrieved=num_retrieved,
-                                sampling=image_sampling, seed=seed)
-        summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
+        if rerank_samples > 1:
+            encoder = (DocumentEncoder.load(rerank_encoder_dir) if rerank_encoder_dir
+                       else getattr(retriever, "encoder", None))
+            if encoder is None:
+                raise ValueError("generate.rerank_samples > 1 scores images with CLIP: bind "
+                                 "generate.rerank_encoder_dir or a retrieval_dir.")
+            out = rerank.best_of(gen, texts, num_samples=rerank_samples,
+                                 ranker=rerank.ClipRanker(encoder), num_retrieved=num_retrieved,
+                                 samplings=tuple(rerank_samplings) or (image_sampling,),
+                                 seed=seed).images
+            summary["images"] = write_images(model_dir, out.images, out.captions, 1)
+        else:
+            out = gen.text_to_image(texts, num_samples=num_samples,
+                                    num_retrieved=num_retrieved, sampling=image_sampling,
+                                    seed=seed)
+            summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
     if image_files:
         for path in image_files:
             if not os.path.exists(path):

@@ -156,22 +156,41 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       caption_metrics: which of CIDEr-D, BLEU-n, METEOR, ROUGE-L (Java); () for none.
     """
     if any(k > 0 for k in num_retrieved) and not retrieval_dir:
-        raise ValueError(f"eval.num_retrieved={list(num_retrieved)} retrieves documents: bind "
-                         "eval.retrieval_dir (a built retrieval folder), or use [0].")
+        raise ValueError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
+                         "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
-    tokenizer = image_tokenizer()
-    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), tokenizer, retriever, batch_size=batch_size)
+    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(), retriever,
+                    batch_size=batch_size)
     encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
                else getattr(retriever, "encoder", None))
+    return evaluate_generator(
+        gen, os.path.join(model_dir, "eval"), suite=suite, strategies=strategies,
+        num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
+        inception_weights_path=inception_weights_path, fid_resize=fid_resize,
+        fid_reference=fid_reference, max_answer_tokens=max_answer_tokens, seed=seed,
+        header={"checkpoint": checkpoint, "step": restored_step})
+
+
+def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None = None,
+                       strategies: Sequence[Strategy] = (Strategy(),),
+                       num_retrieved: Sequence[int] = (0,), encoder: Any = None,
+                       caption_metrics: Sequence[str] = captioning.METRICS,
+                       inception_weights_path: str | None = None,
+                       fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
+                       max_answer_tokens: int = 8, seed: int = 0,
+                       header: dict | None = None) -> dict:
+    """The eval run for a Generator already in memory (what the demo calls): decodes the
+    suite, writes out_dir/report.json, report.md and the grids, returns the report.
+    `encoder` (a retrieval DocumentEncoder) gives CLIP score, re-ranking and encoder FID."""
     ctx = Context(gen, rerank.ClipRanker(encoder) if encoder is not None else None,
                   _features(encoder, inception_weights_path, fid_resize),
-                  caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens, seed=seed)
-    built = (suite or corpus_suite())(tokenizer.image_size)
-    out_dir = os.path.join(model_dir, "eval")
+                  caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
+                  seed=seed)
+    built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
                      {"fid_inception": fid_reference})
-    header = {"suite": built.name, "checkpoint": checkpoint, "step": restored_step,
+    header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
     report = write_report(out_dir, header, rows)
     print(f"[eval] wrote {out_dir}/report.md ({len(rows)} rows)", flush=True)

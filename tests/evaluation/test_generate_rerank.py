@@ -1,0 +1,47 @@
+"""The generate run's re-ranking option: one image per caption, the CLIP arg-max."""
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3leon_jax.decode import generate_run, rerank
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tests.evaluation.conftest import CONFIG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def tiny_gin():
+    """The run reads DecoderConfig from gin: bind tiny.gin (the checkpoint's shapes)."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs/models/tiny.gin")], [])
+    yield
+    gin.clear_config()
+
+
+def test_generate_run_keeps_the_best_of_n(eval_files, image_tokenizer, tmp_path, tiny_gin):
+    captions = ["a small red circle above a yellow square", "a large blue star"]
+    sampling = SamplingConfig(guidance="cfg")
+    summary = generate_run.generate(
+        str(tmp_path), checkpoint=eval_files["checkpoint"], vocab_dir=eval_files["vocab"],
+        image_tokenizer=lambda: image_tokenizer, captions=captions, num_retrieved=0,
+        image_sampling=sampling, rerank_samples=3, rerank_encoder_dir=eval_files["clip"],
+        seed=5)
+    entries = json.loads((tmp_path / "generated.json").read_text())
+    assert [len(e["images"]) for e in entries] == [1, 1] == [len(e["images"])
+                                                           for e in summary["images"]]
+    gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
+                    image_tokenizer)
+    want = rerank.best_of(gen, captions, num_samples=3, samplings=(sampling,), num_retrieved=0,
+                          ranker=rerank.ClipRanker(DocumentEncoder.load(eval_files["clip"])),
+                          seed=5)
+    for entry, image in zip(entries, want.images.images):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / entry["images"][0])),
+                                      image)
