@@ -20,7 +20,7 @@ from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from tests.export import chameleon_testlib
-from tests.export.conftest import HF_VQ, TEXTS
+from tests.export.conftest import HF_VQ, TEXTS, random_vq_params
 from tests.model.model_testlib import forward
 
 VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 32.
@@ -29,7 +29,7 @@ VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("chameleon_release"))
-    vq_params = ImageTokenizer.random_init(VQ, seed=4).params
+    vq_params = random_vq_params(VQ, seed=4)
     shards = chameleon_testlib.write_release(root, TEXTS, VQ, vq_params)
     return root, shards, vq_params
 
