@@ -133,3 +133,18 @@ def test_a_tensor_that_does_not_fit_is_named(release, tmp_path):
     with pytest.raises(chameleon_release.ReleaseError, match=r"vqgan\.yaml: missing"):
         chameleon_release.read_release(root)
     assert sorted(os.listdir(tmp_path)) == ["release"]
+
+
+def test_import_run_mode_from_the_command_line(release, tmp_path):
+    import gin
+
+    from cm3leon_jax import main
+    argv = ["--gin_file=gin_configs/runs/import.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+            f"--gin.import_weights.source='{release[0]}'",
+            "--gin.import_weights.dtype='float32'", "--gin.import_weights.model_size='7b'"]
+    try:
+        assert main.main(argv) == 0
+    finally:
+        gin.clear_config()
+    manifest = pc.read_manifest(str(tmp_path / "run" / "import"))
+    assert manifest["dtype"] == "float32" and manifest["imported_from"] == "chameleon"
