@@ -148,3 +148,19 @@ def test_import_run_mode_from_the_command_line(release, tmp_path):
         gin.clear_config()
     manifest = pc.read_manifest(str(tmp_path / "run" / "import"))
     assert manifest["dtype"] == "float32" and manifest["imported_from"] == "chameleon"
+
+
+def test_hf_export_of_the_import_carries_its_tokenizer(release, imported, tmp_path):
+    import transformers
+
+    from cm3leon_jax.export import hf_export
+    out = imported[0]
+    config, params, _ = pc.load_decoder(out)
+    vocab_dir = os.path.join(out, "vocab")
+    hf_export.write_hf(str(tmp_path / "hf"), config, params, vocab_dir=vocab_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    vocab = MultimodalVocabulary(vocab_dir)
+    for text in ("a red circle above a purple square", "  green  star", "blue"):
+        assert theirs.encode(text, add_special_tokens=False) == list(vocab.encode(text))
+    assert theirs.convert_tokens_to_ids(["<racm3:break>", "<eoss>", "</s>", "IMGIMGBDZ"]) == \
+        [2, 3, 1, vocab.layout.codes_to_ids(13)]
