@@ -20,7 +20,7 @@ from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from tests.export import chameleon_testlib
-from tests.export.conftest import HF_VQ, TEXTS
+from tests.export.conftest import HF_VQ, TEXTS, random_vq_params
 from tests.model.model_testlib import forward
 
 VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 32.
@@ -29,7 +29,7 @@ VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("chameleon_release"))
-    vq_params = ImageTokenizer.random_init(VQ, seed=4).params
+    vq_params = random_vq_params(VQ, seed=4)
     shards = chameleon_testlib.write_release(root, TEXTS, VQ, vq_params)
     return root, shards, vq_params
 
@@ -133,3 +133,34 @@ def test_a_tensor_that_does_not_fit_is_named(release, tmp_path):
     with pytest.raises(chameleon_release.ReleaseError, match=r"vqgan\.yaml: missing"):
         chameleon_release.read_release(root)
     assert sorted(os.listdir(tmp_path)) == ["release"]
+
+
+def test_import_run_mode_from_the_command_line(release, tmp_path):
+    import gin
+
+    from cm3leon_jax import main
+    argv = ["--gin_file=gin_configs/runs/import.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+            f"--gin.import_weights.source='{release[0]}'",
+            "--gin.import_weights.dtype='float32'", "--gin.import_weights.model_size='7b'"]
+    try:
+        assert main.main(argv) == 0
+    finally:
+        gin.clear_config()
+    manifest = pc.read_manifest(str(tmp_path / "run" / "import"))
+    assert manifest["dtype"] == "float32" and manifest["imported_from"] == "chameleon"
+
+
+def test_hf_export_of_the_import_carries_its_tokenizer(release, imported, tmp_path):
+    import transformers
+
+    from cm3leon_jax.export import hf_export
+    out = imported[0]
+    config, params, _ = pc.load_decoder(out)
+    vocab_dir = os.path.join(out, "vocab")
+    hf_export.write_hf(str(tmp_path / "hf"), config, params, vocab_dir=vocab_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    vocab = MultimodalVocabulary(vocab_dir)
+    for text in ("a red circle above a purple square", "  green  star", "blue"):
+        assert theirs.encode(text, add_special_tokens=False) == list(vocab.encode(text))
+    assert theirs.convert_tokens_to_ids(["<racm3:break>", "<eoss>", "</s>", "IMGIMGBDZ"]) == \
+        [2, 3, 1, vocab.layout.codes_to_ids(13)]
