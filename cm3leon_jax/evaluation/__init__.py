@@ -1,2 +1,3 @@
-"""Evaluation: picture grids, exact scores of generations on synthetic scenes
-(shapes_scores.py), and (later) FID, CLIP score, CIDEr."""
+"""Evaluation: FID (Flax FID-Inception with pytorch-fid's weights; fid.py), CLIP score,
+captioning metrics (pycocoevalcap), VQAv2 accuracy, exact scores on the built-in corpus
+(shapes_scores.py), picture grids, and the `eval` run mode (eval_run.py, suites.py)."""

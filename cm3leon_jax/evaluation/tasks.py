@@ -8,19 +8,16 @@ reference statistics, computed once per suite).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import gin
 import numpy as np
 
-from cm3leon_jax.data import sft_prompts
-from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import CAPTION_SAMPLING, Generator, SamplingConfig
 from cm3leon_jax.evaluation import captioning, fid, shapes_scores, vqa
 from cm3leon_jax.evaluation.suites import Task
-from cm3leon_jax.vocab.layout import EOS_ID
 
 
 @gin.configurable
@@ -97,28 +94,10 @@ def caption(ctx: Context, task: Task, k: int, sampling: SamplingConfig | None = 
     return _row("captioning", "greedy", k, metrics), texts
 
 
-def _family(ctx: Context, prompts: Sequence[sft_prompts.Prompt], sampling: SamplingConfig,
-            constraint: Any, what: str) -> list[np.ndarray]:
-    """SFT-family prompts (images as codes) -> each row's generated ids."""
-    gen, vocab = ctx.gen, ctx.gen.vocab
-    queries = [sft_prompts.prompt_ids(p, vocab) for p in prompts]
-    uncond = sft_prompts.prompt_ids(prompts[0].masked(text=True, image=True), vocab)
-    return gen._run(queries, None, uncond, constraint, sampling, 1, ctx.seed, what)
-
-
-def _codes(ctx: Context, images: np.ndarray) -> np.ndarray:
-    tok = ctx.gen.image_tokenizer
-    return tok.encode(tok.preprocess(images))
-
-
 def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
-    """VQA with the SFT template (`Question: q <break> image <break>` -> answer <eos>)."""
-    layout = ctx.gen.layout
-    prompts = [sft_prompts.vqa(c, q) for c, q in zip(_codes(ctx, task.images), task.prompts)]
-    tokens = _family(ctx, prompts, CAPTION_SAMPLING,
-                     proc.TextOnly(layout, ctx.max_answer_tokens, (EOS_ID,)), "question")
-    texts = [ctx.gen.vocab.text_tokenizer.decode(layout.ids_to_text(t[layout.is_text(t)]))
-             .strip() for t in tokens]
+    """VQA with the SFT template (`Question: q <break> image <break>` -> answer)."""
+    texts = ctx.gen.vqa(task.images, task.prompts, max_tokens=ctx.max_answer_tokens,
+                        seed=ctx.seed)
     if task.scenes is not None:  # The corpus: one true answer, not ten annotators.
         metrics = {"vqa_exact_match": shapes_scores.vqa_exact_match(
             texts, [r[0] for r in task.references])}
@@ -128,10 +107,8 @@ def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
 
 
 def edit(ctx: Context, task: Task, strategy: Strategy) -> tuple[dict, np.ndarray]:
-    """Instruction editing with the SFT template, graded against the edited scenes."""
-    layout = ctx.gen.layout
-    prompts = [sft_prompts.edit(c, i) for c, i in zip(_codes(ctx, task.images), task.prompts)]
-    tokens = _family(ctx, prompts, strategy.samplings[0], proc.ImageCodesOnly(layout), "edit")
-    images = ctx.gen.image_tokenizer.decode(np.stack([layout.ids_to_codes(t) for t in tokens]))
-    return _row("edit", strategy.name, 0, shapes_scores.edit_metrics(images, task.scenes)), images
-
+    """Instruction editing with the SFT template (two-scale guidance unless the strategy's
+    first sampling is unguided), graded against the edited scenes."""
+    out = ctx.gen.edit(task.images, task.prompts, sampling=strategy.samplings[0], seed=ctx.seed)
+    return (_row("edit", strategy.name, 0, shapes_scores.edit_metrics(out.images, task.scenes)),
+            out.images)
