@@ -20,9 +20,8 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
-from cm3leon_jax.decode import restore
+from cm3leon_jax.decode import pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
