@@ -102,7 +102,7 @@ def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
 def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           weight_decay: float = 0.1, clip_norm: float | None = 1.0,
           moments_dtype: str | None = None,
-          mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
+          mask: Callable[[Any], Any] | None = decay_mask) -> optax.GradientTransformation:
     """`clip_by_global_norm(clip_norm)` then AdamW(schedule, b1, b2, eps, weight_decay).
 
     Args:
@@ -112,7 +112,7 @@ def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: floa
         clip_norm: the global gradient norm is clipped to this; 0 or None: no clipping.
         moments_dtype: dtype of the first moment ("bfloat16" halves its memory on a
             big model); None keeps the parameters' dtype.
-        mask: params -> a tree of bools, True where weight decay applies.
+        mask: params -> a tree of bools, True where weight decay applies; None: everywhere.
     """
     if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0 or eps <= 0:
         raise ValueError(f"adamw: need 0 <= b1, b2 < 1 and eps > 0; got b1={b1}, "

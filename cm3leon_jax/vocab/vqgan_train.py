@@ -83,7 +83,8 @@ def make_optimizer(learning_rate: float, warmup_steps: int, num_steps: int, b1: 
     schedule = optimizer.warmup_then_decay(learning_rate, warmup, "cosine",
                                            final_lr_fraction=0.1,
                                            total_steps=max(num_steps, warmup_steps + 1))
-    return optimizer.adamw(schedule, b1, b2, 1e-8, weight_decay, grad_clip)
+    # Decay (when weight_decay > 0) on every weight, as taming's GAN trainer does.
+    return optimizer.adamw(schedule, b1, b2, 1e-8, weight_decay, grad_clip, mask=None)
 
 
 class Trainer:
