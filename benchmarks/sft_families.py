@@ -23,6 +23,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# What the SFT run takes over from the demo's resolved config: the model, the batch, the
+# mesh and the optimizer (not its other stages' settings).
+KEPT = ("IMAGE_SIZE", "DecoderConfig.", "train.", "make_mesh.", "make_optimizer.",
+        "cross_entropy_loss.", "learning_rate_schedule.", "Checkpointer.")
+
+
+def _training_bindings(path: str) -> str:
+    with open(path) as f:
+        lines = [line for line in f if line.startswith(KEPT)]
+    return "".join(line for line in lines if not line.startswith("train.task"))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo_dir", default="runs/demo")
@@ -37,6 +49,7 @@ def main(argv=None) -> dict:
 
     import gin
 
+    import cm3leon_jax.train.trainer  # noqa: F401  (the configurables the bindings name)
     import tasks  # noqa: F401  (registers the SFT tasks)
     from cm3leon_jax import sft
     from cm3leon_jax.data import sft_examples, sft_prompts
@@ -47,8 +60,8 @@ def main(argv=None) -> dict:
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
     demo = args.demo_dir
-    gin.parse_config_file(os.path.join(demo, "config.gin"), skip_unknown=True)
-    image_size = gin.query_parameter("demo.image_size")
+    gin.parse_config(_training_bindings(os.path.join(demo, "config.gin")))
+    image_size = gin.query_parameter("%IMAGE_SIZE")
     tokenizer_dir = os.path.join(demo, "image_tokenizer")
 
     def tokenizer():
