@@ -22,7 +22,8 @@ LEVELS = {
     "data": 3,
     "decode": 4,
     "evaluation": 5, "export": 5,
-    "tasks": 6, "main": 6, "demo": 6,
+    # The top: the task registry and the run modes that are modules of their own.
+    "tasks": 6, "main": 6, "demo": 6, "sft": 6,
     # Run modes and helpers for the tests (cm3leon_jax/testing/__init__.py): they may use
     # any package, and no library module imports them.
     "testing": 7,

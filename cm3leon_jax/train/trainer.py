@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import gin
 import jax
@@ -60,7 +60,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
           num_microbatches: int = 1, num_data_shards: int | None = None,
           log_every: int = 50, eval_every: int = 0, eval_steps: int = 4,
           eval_split: str = "validation", on_nonfinite: str = "stop",
-          progress_bar: bool = True) -> dict[str, Any]:
+          progress_bar: bool = True,
+          init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Trains `DecoderConfig()` on a seqio task; resumes from MODEL_DIR/checkpoints.
 
     Args:
@@ -76,6 +77,9 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         log_every: write metrics every this many steps. eval_every: held-out loss every
             this many steps (0: only at the end), over `eval_steps` batches of `eval_split`.
         on_nonfinite: "stop" (raise, naming the step and last good checkpoint) or "skip".
+        init_params_from: for fine-tuning: returns the parameters to start from (a
+            pytree shaped like the model's) when MODEL_DIR has no checkpoint yet; the
+            optimizer state and step stay fresh. Ignored on resume.
     Returns:
         {"step": the final step, "preempted": whether a SIGTERM cut the run short,
          "eval": the last held-out metrics}.
@@ -94,7 +98,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
                              run.peak, run.flops_per_step, global_batch_size * seq_len)
         try:
             with jax.set_mesh(run.mesh):
-                return run.loop(reporter, preemption, eval_every, progress_bar)
+                return run.loop(reporter, preemption, eval_every, progress_bar,
+                                init_params_from)
         finally:
             run.close()
 
@@ -114,6 +119,7 @@ class _Run:
         schedule = optimizer.learning_rate_schedule(total_steps=num_steps)
         self.tx = optimizer.make_optimizer(schedule)
         shardings = state_lib.state_shardings(self.model, self.tx, self.mesh)
+        self.param_shardings = shardings.params
         self.abstract = state_lib.abstract_train_state(self.model, self.tx, self.mesh)
         batch_sharding = step_lib.batch_sharding(self.mesh, (global_batch_size, seq_len))
         make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len,
@@ -133,11 +139,16 @@ class _Run:
         self.writer = metrics_lib.MetricsWriter(model_dir)
         self.ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
 
-    def restore_or_init(self) -> tuple[TrainState, int]:
-        """The newest readable checkpoint (data position included), else a fresh state."""
+    def restore_or_init(self, init_params_from: Callable[[], Any] | None = None
+                        ) -> tuple[TrainState, int]:
+        """The newest readable checkpoint (data position included), else a fresh state
+        (with `init_params_from()`'s parameters, when given)."""
         state = self.ckpt.restore(self.abstract, self.data)
         if state is None:
             state = state_lib.create_train_state(self.model, self.tx, self.mesh, self.seed)
+            if init_params_from is not None:
+                state = state.replace(params=jax.device_put(init_params_from(),
+                                                            self.param_shardings))
         step = int(np.asarray(state.step.addressable_data(0)))
         log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
                  "starting at step %d of %d", f"{count_params(self.config):,}",
@@ -146,9 +157,10 @@ class _Run:
         return state, step
 
     def loop(self, reporter: "_Reporter", preemption: checkpoints.PreemptionSignal,
-             eval_every: int, progress_bar: bool) -> dict[str, Any]:
+             eval_every: int, progress_bar: bool,
+             init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
         """Steps until `num_steps` or a preemption; saves, evaluates; returns the summary."""
-        state, step = self.restore_or_init()
+        state, step = self.restore_or_init(init_params_from)
         bar = _progress(progress_bar, self.num_steps, step)
         preempted, eval_metrics = False, {}
         while step < self.num_steps and not preempted:
