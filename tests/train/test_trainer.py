@@ -78,14 +78,16 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(corpus, tmp_path)
     assert stopped.wait(timeout=120) == 0, open(tmp_path / "stopped.log").read()[-3000:]
     preempted_at = _committed_steps(run_dir)[-1]
     assert preempted_at > resume_from
-    assert preempted_at == max(s for s, _ in _logged_losses(run_dir))  # Saved where it stopped.
-    assert preempted_at + 3 <= reference_steps, "the runs went too far to compare"
+    # Saved where it stopped (the killed run trained on past step 8 while it was saving).
+    assert preempted_at == max(s for s, _ in _logged_losses(run_dir)[lines_before:])
+    assert max(s for s, _ in _logged_losses(run_dir)) <= reference_steps and \
+        preempted_at + 3 <= reference_steps, "the runs went too far to compare"
 
     result = lib.run_in_process(lib.bindings(run_dir, path, vocab,
                                              **{"train.num_steps": preempted_at + 3}))
     assert result["step"] == preempted_at + 3 and not result["preempted"]
     logged = _logged_losses(run_dir)
-    assert {s for s, _ in logged} == set(range(1, preempted_at + 4))
+    assert {s for s, _ in logged} >= set(range(1, preempted_at + 4))
     for step, loss in logged:
         assert loss == reference[step], f"step {step}: {loss} != reference {reference[step]}"
 
