@@ -9,6 +9,10 @@ stays on disk). The checkpoint does not record the model's shape: the `DecoderCo
 comes from gin, as in training, and is checked against the stored shapes first, so a
 mismatch is reported by name instead of as a failed restore. A damaged newest checkpoint
 falls back to the previous one, with a warning.
+
+`model_dir` may also be a params-only export (`train/params_checkpoint.py`, written by
+the `export` run mode or an import): its manifest gives the config and the step.
+`mesh` places the parameters by their logical axes instead of on one device.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
-from cm3leon_jax.train import checkpoints
+from cm3leon_jax.train import checkpoints, params_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ def _checkpoints_dir(model_dir: str) -> epath.Path:
 
 
 def restore_decoder(model_dir: str, step: int | None = None,
-                    config: DecoderConfig | None = None) -> tuple[DecoderConfig, Any, int]:
+                    config: DecoderConfig | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[DecoderConfig, Any, int]:
     """(config, params, step) of a train run's checkpoint; the newest readable unless `step`.
 
     A corrupt newest checkpoint (checksum mismatch, unreadable files) is skipped with a
@@ -56,10 +62,14 @@ def restore_decoder(model_dir: str, step: int | None = None,
     fit raises UserInputError naming the parameter and both shapes.
 
     Args:
-      model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder).
+      model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder), or an export.
       step: which checkpoint (no fallback: it is the one asked for); None: the newest.
-      config: the decoder's shape; None: `DecoderConfig()` as bound by gin.
+      config: the decoder's shape; None: `DecoderConfig()` as bound by gin (for an
+        export: the manifest's).
+      mesh: shard the parameters over this mesh by the logical rules; None: one device.
     """
+    if params_checkpoint.is_export(model_dir):
+        return _restore_export(model_dir, step, config, mesh)
     config = DecoderConfig() if config is None else config
     steps = checkpoint_steps(model_dir)
     if not steps:
@@ -69,10 +79,18 @@ def restore_decoder(model_dir: str, step: int | None = None,
         raise UserInputError(f"no checkpoint at step {step} in {model_dir!r}; there are "
                              f"{steps}.")
     expected = nn.unbox(abstract_variables(config)["params"])
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, expected)
+    else:
+        shardings = partitioning.logical_to_sharding(
+            partitioning.logical_axes(abstract_variables(config)["params"]), mesh, None, expected)
+    target = {"params": jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     candidates = [step] if step is not None else steps[::-1]
     for i, candidate in enumerate(candidates):
         try:
-            return config, _read_params(model_dir, candidate, expected), candidate
+            return config, _read_params(model_dir, candidate, target), candidate
         except checkpoints.CorruptCheckpointError as e:
             if i + 1 == len(candidates):
                 raise UserInputError(f"the checkpoint at step {candidate} in {model_dir!r} is "
@@ -82,8 +100,9 @@ def restore_decoder(model_dir: str, step: int | None = None,
     raise AssertionError("unreachable")
 
 
-def _read_params(model_dir: str, step: int, expected: Any) -> Any:
-    """The params of one step; CorruptCheckpointError if its files are damaged."""
+def _read_params(model_dir: str, step: int, target: Any) -> Any:
+    """The params of one step onto `target` ({"params": ShapeDtypeStructs with shardings});
+    CorruptCheckpointError if its files are damaged."""
     step_dir = _checkpoints_dir(model_dir) / str(step)
     if not checkpoints.verify_checksums(step_dir):
         log.warning("checkpoint at step %d in %s has no %s; loading it unverified.", step,
@@ -94,10 +113,7 @@ def _read_params(model_dir: str, step: int, expected: Any) -> Any:
         stored = handler.metadata(state_dir).item_metadata.tree["params"]
     except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
         raise checkpoints.CorruptCheckpointError(f"its metadata is unreadable: {e}") from e
-    _check_shapes(stored, expected, model_dir, step)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), expected)}
+    _check_shapes(stored, target["params"], model_dir, step)
     try:
         restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -105,6 +121,25 @@ def _read_params(model_dir: str, step: int, expected: Any) -> Any:
     except Exception as e:  # pylint: disable=broad-except  # Shapes fit: the files do not.
         raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
     return restored["params"]
+
+
+# How a model runs, not what it is: a caller may choose these for an export.
+_RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "custom_grads")
+
+
+def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
+                    mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
+    stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)
+    if step is not None and step != stored_step:
+        raise UserInputError(f"{path!r} is an export of step {stored_step}, not {step}; "
+                             "leave the step unset (None) for an export.")
+    if config is None:
+        return stored, params, stored_step
+    runtime = {k: getattr(config, k) for k in _RUNTIME_FIELDS}
+    if stored.replace(**runtime) != config:
+        raise UserInputError(f"the export in {path!r} was made with {stored}, not the "
+                             f"DecoderConfig given ({config}); pass config=None to use its own.")
+    return config, params, stored_step
 
 
 def _check_shapes(stored: Any, expected: Any, model_dir: str, step: int) -> None:
