@@ -29,7 +29,7 @@ LEVELS = {
     "testing": 7,
 }
 # Anyone may import these; they import no package of the flow.
-BASE = {"__init__", "fs"}
+BASE = {"__init__", "errors", "fs"}
 
 
 def package_of_file(path: pathlib.Path) -> str:

@@ -10,8 +10,9 @@ One iteration (`_Run.loop`): read the next global batch, dispatch the jitted ste
 reading them one step late keeps a step queued on the devices while the host works.
 A non-finite loss or gradient norm stops the run naming the step and the last good
 checkpoint (or is skipped, by gin). Before a checkpoint is written the step's own
-metrics are checked, so a saved state is always finite. Restarting the same command resumes from the newest readable checkpoint,
-data position included, and reproduces the uninterrupted run's losses bit for bit.
+metrics are checked, so a saved state is always finite. Restarting the same command
+resumes from the newest readable checkpoint, data position included, and reproduces
+the uninterrupted run's losses bit for bit.
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@ pairs and the bank's documents are the same examples for the same seed and split
 import numpy as np
 import pytest
 
-from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes, synthetic_tfds
 from cm3leon_jax.data.synthetic import (
     document_caption, synthetic_documents, synthetic_example, synthetic_images, synthetic_pairs)
 
 
 @pytest.mark.parametrize("seed,split", [(0, "test"), (3, "train")])
 def test_every_consumer_sees_the_corpus_examples(seed, split):
-    synthetic_tfds = pytest.importorskip("cm3leon_jax.data.synthetic_tfds")
     cfg = synthetic_tfds.make_config(32, {split: 4}, seed=seed)
     corpus = [synthetic_tfds.make_example(cfg, split, i) for i in range(4)]
     images = synthetic_images(32, split, seed)
