@@ -9,7 +9,8 @@ new tokens, top-p 0.9, float32, the same random weights in both (copied with
 `model/hf_weights.py`). Measured in one process, interleaved trial by trial (the host
 is shared; only ratios within a trial mean much), medians and [min, max] reported:
 
-  * main: our `sampler.sample` (prefill + the whole loop in one jit) against
+  * main: our `sampler.sample` (prefill + the whole loop in one jit; `DecoderStep`, and
+    the previous path through the scanned `Decoder(decode=True)`) against
     `transformers` `OPTForCausalLM.generate(do_sample=True, top_p=0.9, top_k=0)` with
     its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
   * roofline: a decode step must read every weight (the position table aside) and the
@@ -29,6 +30,7 @@ temporaries) and the process's peak RSS. Results and commands: benchmarks/RESULT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -51,7 +53,7 @@ from cm3leon_jax.decode import processors as proc  # noqa: E402
 from cm3leon_jax.decode import sampler  # noqa: E402
 from cm3leon_jax.model import hf_weights  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
-from cm3leon_jax.model.decoder import abstract_variables  # noqa: E402
+from cm3leon_jax.model.decoder import Decoder, abstract_variables, init_cache  # noqa: E402
 from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
 
 PAUSE_S = 0.3
@@ -111,8 +113,8 @@ def bytes_per_step(config: DecoderConfig, params, batch: int, prompt: int, new: 
 class Ours:
     """`sampler.sample` with top-p 0.9 (optionally CFG), compiled once, timed per call."""
 
-    def __init__(self, config, params, prompts, new, cfg=False):
-        self.config, self.params, self.new = config, params, new
+    def __init__(self, config, params, prompts, new, cfg=False, model=DecoderStep):
+        self.model, self.params, self.new = model(config), params, new
         self.prompts = np.concatenate([prompts, prompts[:, -1:].repeat(prompts.shape[1], 1)]) \
             if cfg else prompts
         chain = (proc.ClassifierFreeGuidance(3.0),) if cfg else ()
@@ -121,22 +123,38 @@ class Ours:
         self.run()  # Compile.
 
     def run(self):
-        out = sampler.sample(DecoderStep(self.config), self.params, self.prompts,
+        out = sampler.sample(self.model, self.params, self.prompts,
                              jax.random.key(0), **self.kwargs)
         out.tokens.block_until_ready()
         assert int(np.asarray(out.lengths).min()) == self.new
         return out
 
     def memory(self) -> dict[str, float]:
-        model = DecoderStep(self.config)
-        fn = sampler._compiled(model, False, self.kwargs["num_streams"], self.new)
+        fn = sampler._compiled(self.model, False, self.kwargs["num_streams"], self.new)
         batch = self.prompts.shape[0] // self.kwargs["num_streams"]
         stats = fn.lower(self.params, jnp.asarray(self.prompts), jax.random.key(0),
                          jnp.arange(batch, dtype=jnp.uint32), self.kwargs["processors"],
                          None).compile().memory_analysis()
         total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
                  + stats.temp_size_in_bytes)
-        return {"xla_total_mib": total / 2 ** 20, "xla_temp_mib": stats.temp_size_in_bytes / 2 ** 20}
+        return {"xla_total_mib": total / 2 ** 20,
+                "xla_temp_mib": stats.temp_size_in_bytes / 2 ** 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannedDecoder:
+    """The previous decode path: `Decoder(decode=True)` (scanned layers, stacked cache)."""
+
+    config: DecoderConfig
+
+    def init_cache(self, rows, length):
+        return init_cache(Decoder(self.config), rows, length)
+
+    def __call__(self, params, cache, tokens, segment_ids, positions):
+        logits, new = Decoder(self.config).apply({"params": params, "cache": cache}, tokens,
+                                                 segment_ids, positions, decode=True,
+                                                 mutable=["cache"])
+        return logits[:, -1], new["cache"]
 
 
 class HF:
@@ -178,7 +196,8 @@ def main_parts(args, parts) -> dict:
     params = random_params(BENCH)
     tokens = args.batch * args.new
     runners = {"ours_f32": Ours(BENCH, params, prompts, args.new),
-               "hf_f32": HF(BENCH, params, prompts, args.new)}
+               "hf_f32": HF(BENCH, params, prompts, args.new),
+               "scanned_f32": Ours(BENCH, params, prompts, args.new, model=ScannedDecoder)}
     if "bf16" in parts:
         bf = BENCH.replace(dtype="bfloat16", param_dtype="bfloat16")
         runners["ours_bf16"] = Ours(bf, cast(params, jnp.bfloat16), prompts, args.new)
@@ -197,6 +216,7 @@ def main_parts(args, parts) -> dict:
         row["roofline_bf16"] = args.batch * rate / need_bf16
         row["speedup_f32"] = row["ours_f32"] / row["hf_f32"]
         row["of_roofline_f32"] = row["ours_f32"] / row["roofline_f32"]
+        row["speedup_vs_scanned"] = row["ours_f32"] / row["scanned_f32"]
         if "bf16" in parts:
             row["speedup_bf16_vs_hf_f32"] = row["ours_bf16"] / row["hf_f32"]
             row["speedup_bf16_vs_hf_bf16"] = row["ours_bf16"] / row["hf_bf16"]

@@ -11,9 +11,10 @@ The model is a `tokens_to_logits`-style object (as in t5x's `temperature_sample`
 `model(params, cache, tokens, segment_ids, positions) -> (float32[rows, vocab], cache)`,
 the logits at each row's last given token. Optional hooks: `model.prepare(params)`, run
 once inside the compiled function before the prefill (the weights' decode layout), and
-`model.check(prompts, max_new_tokens)` to refuse prompts. `model/decoding.py`'s `DecoderStep` is the decoder's;
-a test stub with a known next token, a sharded model or an imported one plug in the
-same way. A `DecoderConfig` is accepted too and means `DecoderStep(config)`.
+`model.check(prompts, max_new_tokens)` to refuse prompts. `model/decoding.py`'s
+`DecoderStep` is the decoder's; a test stub with a known next token, a sharded model or
+an imported one plug in the same way. A `DecoderConfig` is accepted too and means
+`DecoderStep(config)`.
 
 Everything from the prefill to the last step is one jit-compiled function with fixed
 shapes: the cache holds `P + max_new_tokens` slots, the loop is a `lax.while_loop` that

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.model.decoding import DecoderStep
-from model_testlib import forward, random_params, tiny_chameleon, tiny_config
+from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
            "chameleon_swin": tiny_chameleon(block_order="swin")}
