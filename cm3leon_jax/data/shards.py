@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from cm3leon_jax.errors import MissingInputError
+
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
     "ids": tf.io.VarLenFeature(tf.int64),
@@ -112,7 +114,7 @@ def read_split(directory: str, split: str) -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn)."""
     files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "
             "`preprocess` mode first (see gin_configs/runs/preprocess.gin).")
     return tf.data.TFRecordDataset(files).map(parse)

@@ -134,17 +134,25 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         for s in self.owned_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).write(self._prefix(directory, s))
 
-    def restore(self, directory: str) -> None:
-        """Moves every local iterator to the position saved under `directory`."""
+    def layout_difference(self, directory: str) -> str | None:
+        """How the layout saved under `directory` differs from this one (None: it fits)."""
         spec_path = os.path.join(directory, _SPEC_FILE)
         if not tf.io.gfile.exists(spec_path):
             raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
                                     "is missing).")
         with tf.io.gfile.GFile(spec_path) as f:
             saved = json.loads(f.read())
-        if saved != self.spec():
-            raise ValueError(f"the checkpoint's data layout {saved} differs from this run's "
-                             f"{self.spec()}: keep train.global_batch_size, train.seq_len and "
+        current = self.spec()
+        diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"
+                for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        return ", ".join(diff) or None
+
+    def restore(self, directory: str) -> None:
+        """Moves every local iterator to the position saved under `directory`."""
+        difference = self.layout_difference(directory)
+        if difference:
+            raise ValueError(f"the checkpoint's data layout differs from this run's "
+                             f"({difference}): keep train.global_batch_size, train.seq_len and "
                              "train.num_data_shards as they were when the run started.")
         for s in self.local_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).read(

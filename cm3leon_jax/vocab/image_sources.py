@@ -24,6 +24,7 @@ import gin
 import numpy as np
 from PIL import Image
 
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import image_inputs
 
 ImageSource = Callable[[int], np.ndarray]
@@ -98,11 +99,12 @@ def array_images(images: Sequence[np.ndarray], image_size: int = 64, seed: int =
 def list_image_files(folder: str) -> list[str]:
     """Every picture under `folder`, recursively, in a stable (sorted) order."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+        raise MissingInputError(f"image folder {folder!r} does not exist; give a folder of "
+                                "images (searched recursively)")
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
                    if f.lower().endswith(_EXTENSIONS))
     if not files:
-        raise ValueError(f"no images ({', '.join(_EXTENSIONS)}) under {folder!r}")
+        raise MissingInputError(f"no images ({', '.join(_EXTENSIONS)}) under {folder!r}")
     return files
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cm3leon_jax.data import synthetic_tfds
 from cm3leon_jax.vocab import image_sources
 
 
 def test_synthetic_images_are_the_corpus_images():
-    synthetic_tfds = pytest.importorskip("cm3leon_jax.data.synthetic_tfds")
     src = image_sources.synthetic_images(32, "test")
     cfg = synthetic_tfds.make_config(32)
     for i in (0, 7):

@@ -1,0 +1,97 @@
+"""Write a folder completely or not at all: stage it beside the target, rename at the end.
+
+    with staged("gs://bucket/export", overwrite=False) as tmp:
+        ...write everything under tmp...
+    # now gs://bucket/export exists, complete; on any error nothing is left behind
+
+A reader never sees a half-written export: until the rename, the target either does
+not exist or still holds the previous complete version (with `overwrite=True` the old
+one is moved aside first and deleted only after the new one is in place).
+
+With several processes (a pod), every process writes into the same staging folder
+(orbax saves are collective) and process 0 alone creates, commits or removes it, with
+a barrier at each step. (Tested here with one process only.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import uuid
+from typing import Iterator
+
+import jax
+import tensorflow as tf
+from jax.experimental import multihost_utils
+
+from cm3leon_jax.train import params_checkpoint as pc
+
+
+def check_target(path: str, overwrite: bool) -> str:
+    """`path` without a trailing slash; raises FileExistsError unless it is free or
+    `overwrite` is set. Call it before the expensive work, to fail fast."""
+    path = path.rstrip("/")
+    if not path:
+        raise ValueError("the output folder is empty; give a path.")
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} already exists; choose another output folder or set "
+                              "overwrite=True (export.overwrite / import_weights.overwrite) "
+                              "to replace it.")
+    return path
+
+
+def is_primary() -> bool:
+    """Whether this process writes the files that are not collective (manifests, copies)."""
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def staged(path: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a fresh temporary folder that becomes `path` when the block succeeds."""
+    path = check_target(path, overwrite)
+    # One name for every process of a pod; a unique one otherwise (concurrent writers).
+    single = jax.process_count() == 1
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if single else f"{path}.tmp-staging"
+    if is_primary():
+        parent = posixpath.dirname(path)
+        if parent:
+            tf.io.gfile.makedirs(parent)
+        if tf.io.gfile.exists(tmp):  # Left by a crashed pod run of the same export.
+            tf.io.gfile.rmtree(tmp)
+        tf.io.gfile.makedirs(tmp)
+    _barrier(f"staged_start:{path}")
+    try:
+        yield tmp
+    except BaseException:
+        if is_primary():
+            tf.io.gfile.rmtree(tmp)
+        raise
+    _barrier(f"staged_written:{path}")
+    if is_primary():
+        _commit(tmp, path, overwrite)
+    _barrier(f"staged_done:{path}")
+
+
+def _commit(tmp: str, path: str, overwrite: bool) -> None:
+    old = None
+    if tf.io.gfile.exists(path):
+        check_target(path, overwrite)  # It may have appeared while we were writing.
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        tf.io.gfile.rename(path, old)
+    tf.io.gfile.rename(tmp, path)
+    if old is not None:
+        tf.io.gfile.rmtree(old)
+
+
+def copy_folder(src: str, dst: str) -> None:
+    """Copies every file under `src` to `dst` (any file systems tf.io.gfile speaks)."""
+    if not tf.io.gfile.isdir(src):
+        raise FileNotFoundError(f"{src!r} is not a folder.")
+    for rel in pc.list_files(src):
+        tf.io.gfile.makedirs(posixpath.dirname(f"{dst}/{rel}"))
+        tf.io.gfile.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
