@@ -118,3 +118,31 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     result = trainer.train(model_dir, init_params_from=base_params)
     return {**result, "base": {"model_dir": base_model_dir,
                                "step": base_step if base_step is not None else steps[-1]}}
+
+
+def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
+              image_tokenizer_fn: Any, image_size: int, split_sizes: dict,
+              num_steps: int = 200, peak_lr: float = 5e-5, warmup_steps: int = 150,
+              seq_len: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """SFT as one stage of a larger run (`make demo`): the SFT shards of the built-in
+    corpus (`model_dir/sft_data`, Beam), then the sft run (`model_dir/sft`), both under
+    the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
+    and schedule bound here. Finished parts are reused. Returns both results."""
+    from cm3leon_jax.data import sft_preprocess
+
+    seq_len = seq_len or gin.query_parameter("train.seq_len")
+    data_dir = os.path.join(model_dir, "sft_data")
+    data = sft_preprocess.sft_preprocess(
+        data_dir, vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
+        image_tokenizer_fn=image_tokenizer_fn, seq_len=seq_len)
+    bindings = {"sft_data_dirs.synthetic": data_dir, "train.task": "cm3leon_sft_mix",
+                "train.num_steps": num_steps, "train.seq_len": seq_len,
+                "learning_rate_schedule.peak_lr": peak_lr,
+                "learning_rate_schedule.warmup_steps": warmup_steps}
+    with gin.unlock_config():
+        for key, value in bindings.items():
+            gin.bind_parameter(key, value)
+    result = sft(os.path.join(model_dir, "sft"), base_model_dir=base_model_dir,
+                 base_vocab_dir=os.path.join(pretrain_data_dir, "vocab"))
+    return {"data": data, "train": result}

@@ -32,9 +32,9 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
-from cm3leon_jax.decode import rerank, restore
+from cm3leon_jax.decode import pictures, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import captioning, fid, inception_weights, pictures, tasks
+from cm3leon_jax.evaluation import captioning, fid, inception_weights, tasks
 from cm3leon_jax.evaluation.suites import Suite, corpus_suite
 from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
