@@ -93,6 +93,27 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
     return entries
 
 
+def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int,
+          sampling: SamplingConfig | None, seed: int, rerank_samples: int,
+          rerank_with: tuple | None):
+    """Images for the captions -> (Images, samples kept per caption). rerank_with:
+    (CLIP folder or None for the retrieval encoder, samplings) keeps the best of
+    `rerank_samples` per caption."""
+    if rerank_with is None:
+        return gen.text_to_image(texts, num_samples=num_samples, num_retrieved=num_retrieved,
+                                 sampling=sampling, seed=seed), num_samples
+    encoder_dir, samplings = rerank_with
+    encoder = (DocumentEncoder.load(encoder_dir) if encoder_dir
+               else getattr(gen.retriever, "encoder", None))
+    if encoder is None:
+        raise UserInputError("generate.rerank_samples > 1 scores images with CLIP: bind "
+                             "generate.rerank_encoder_dir or a retrieval_dir.")
+    best = rerank.best_of(gen, texts, num_samples=rerank_samples, samplings=samplings,
+                          ranker=rerank.ClipRanker(encoder), num_retrieved=num_retrieved,
+                          seed=seed)
+    return best.images, 1
+
+
 @gin.configurable(denylist=["model_dir"])
 def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
@@ -145,22 +166,12 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
                     retriever, batch_size=batch_size)
     summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(retriever)}
     if texts:
+        rerank_with = None
         if rerank_samples > 1:
-            encoder = (DocumentEncoder.load(rerank_encoder_dir) if rerank_encoder_dir
-                       else getattr(retriever, "encoder", None))
-            if encoder is None:
-                raise UserInputError("generate.rerank_samples > 1 scores images with CLIP: "
-                                     "bind generate.rerank_encoder_dir or a retrieval_dir.")
-            out = rerank.best_of(gen, texts, num_samples=rerank_samples,
-                                 ranker=rerank.ClipRanker(encoder), num_retrieved=num_retrieved,
-                                 samplings=tuple(rerank_samplings) or (image_sampling,),
-                                 seed=seed).images
-            summary["images"] = write_images(model_dir, out.images, out.captions, 1)
-        else:
-            out = gen.text_to_image(texts, num_samples=num_samples,
-                                    num_retrieved=num_retrieved, sampling=image_sampling,
-                                    seed=seed)
-            summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
+            rerank_with = (rerank_encoder_dir, tuple(rerank_samplings) or (image_sampling,))
+        out, kept = _draw(gen, texts, num_samples, num_retrieved, image_sampling, seed,
+                          rerank_samples, rerank_with)
+        summary["images"] = write_images(model_dir, out.images, out.captions, kept)
     if image_files:
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
                                  sampling=caption_sampling, max_tokens=max_caption_tokens,
