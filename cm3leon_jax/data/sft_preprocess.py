@@ -31,7 +31,7 @@ import gin
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
+from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shard_state, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -164,7 +164,7 @@ class SftShardWorker:
         os.replace(final + ".tmp", final)
         stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
                  "skipped": dict(skipped)}
-        preprocess._write_json_atomic(final + ".stats.json", stats)  # noqa: SLF001
+        shard_state.write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
         return {**stats, "counters": counters}
