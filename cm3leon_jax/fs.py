@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -101,17 +102,31 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
-def rmtree(path: str) -> None:
-    """Deletes the folder `path` and everything in it."""
-    if is_remote(path):
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    """Deletes the folder `path` and everything in it (`ignore_errors`: a missing one too)."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    elif not ignore_errors or _gfile().exists(str(path)):
         _gfile().rmtree(str(path))
-    else:
-        shutil.rmtree(path)
+
+
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk`: (folder, subfolder names, file names) for `top` and every folder below."""
+    if not is_remote(top):
+        yield from os.walk(top)
+        return
+    for folder, dirs, files in _gfile().walk(str(top)):
+        yield folder, [d.rstrip("/") for d in dirs], files
 
 
 def rename(src: str, dst: str, overwrite: bool = True) -> None:
-    """Moves the file `src` to `dst` (atomic on local file systems; copy+delete on buckets)."""
-    if is_remote(src) or is_remote(dst):
+    """Moves the file or folder `src` to `dst` (atomic on local file systems, not on buckets)."""
+    if (is_remote(src) or is_remote(dst)) and isdir(src):
+        if exists(dst) and not overwrite:  # buckets have no folder rename: copy, then delete
+            raise FileExistsError(dst)
+        copy_tree(src, dst)
+        rmtree(src)
+    elif is_remote(src) or is_remote(dst):
         _gfile().rename(str(src), str(dst), overwrite=overwrite)
     elif overwrite:
         os.replace(src, dst)
@@ -152,6 +167,28 @@ def write_bytes(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     rename(tmp, path, overwrite=True)
+
+
+def np_load(path: str, mmap_mode: str | None = None) -> Any:
+    """`np.load` of a .npy/.npz file; memory-mapped (`mmap_mode`) only where local."""
+    import numpy as np
+    if not is_remote(path):
+        return np.load(path, mmap_mode=mmap_mode)
+    return np.load(io.BytesIO(read_bytes(path)))
+
+
+def np_save(path: str, array: Any) -> None:
+    """`np.save` to `path` (no ".npy" appended)."""
+    import numpy as np
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def np_savez(path: str, **arrays: Any) -> None:
+    """`np.savez` to `path` (no ".npz" appended)."""
+    import numpy as np
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_json(path: str) -> Any:

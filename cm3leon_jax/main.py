@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import gin
 from absl import logging as absl_logging
 
+from cm3leon_jax import fs
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_PATHS = (_REPO_ROOT, os.path.join(_REPO_ROOT, "gin_configs"))
 
@@ -42,8 +44,8 @@ class ConfigError(Exception):
 def run(mode: Callable[..., object] = gin.REQUIRED,
         model_dir: str = gin.REQUIRED):
     """Writes the resolved config to `model_dir`, then calls the chosen mode."""
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    fs.makedirs(model_dir)
+    with fs.open(fs.join(model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     return mode(model_dir=model_dir)
 

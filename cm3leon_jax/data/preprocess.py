@@ -38,6 +38,7 @@ import gin
 import numpy as np
 from absl import logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.vocab import document as document_lib
@@ -76,9 +77,9 @@ class TfdsSource:
         """What the source itself rejected while it was built (user data's
         report.json: missing, corrupt or truncated image files, ...), if any."""
         path = os.path.join(self.builder_fn().data_path, "report.json")
-        if not os.path.exists(path):
+        if not fs.exists(path):
             return None
-        with open(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
 
     def read(self, split: str, start: int, stop: int) -> Iterator[RawPair]:
@@ -199,10 +200,10 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
             yield from batch_docs(pairs, checked)
 
     final = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-    if os.path.exists(retrieval_pass.marker_path(final)):
-        os.remove(retrieval_pass.marker_path(final))  # its neighbours are about to go
+    if fs.exists(retrieval_pass.marker_path(final)):
+        fs.remove(retrieval_pass.marker_path(final))  # its neighbours are about to go
     written = shards.write_records(docs(), final + ".tmp")
-    os.replace(final + ".tmp", final)
+    fs.rename(final + ".tmp", final)
     if vectors is not None:
         vectors.write(out_dir, final)
     stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
@@ -212,20 +213,20 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
+    with fs.open(path + ".tmp", "w") as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    fs.rename(path + ".tmp", path)
 
 
 def is_done(spec: ShardSpec, out_dir: str,
             retrieval: retrieval_pass.RetrievalConfig | None = None) -> bool:
     """Whether pass 1 finished the shard (with its vectors, when retrieval is on)."""
     path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-    if not os.path.exists(path + ".stats.json"):
+    if not fs.exists(path + ".stats.json"):
         return False
     if retrieval is None or retrieval_pass.has_vectors(spec, out_dir, retrieval):
         return True
-    with open(path + ".stats.json") as f:  # a shard that wrote nothing has no vectors
+    with fs.open(path + ".stats.json") as f:  # a shard that wrote nothing has no vectors
         return json.load(f)["written"] == 0
 
 
@@ -234,7 +235,7 @@ def manifest(specs: Sequence[ShardSpec], out_dir: str) -> dict:
     splits: dict = {}
     for spec in specs:
         path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-        with open(path + ".stats.json") as f:
+        with fs.open(path + ".stats.json") as f:
             stats = json.load(f)
         s = splits.setdefault(spec.split, {"read": 0, "written": 0, "skipped": {},
                                            "skipped_sample_ids": {}})
@@ -388,7 +389,7 @@ def preprocess(model_dir: str,
     """
     vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
-    if not os.path.exists(os.path.join(vocab_dir, "layout.json")):
+    if not fs.exists(os.path.join(vocab_dir, "layout.json")):
         train_vocabulary(source, image_tokenizer, vocab_dir,
                          text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
     vocab = MultimodalVocabulary(vocab_dir)

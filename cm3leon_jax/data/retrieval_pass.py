@@ -28,7 +28,6 @@ every shard's neighbours.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import time
@@ -38,6 +37,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import shards
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
@@ -90,8 +90,8 @@ def has_vectors(spec, data_dir: str, config: RetrievalConfig) -> bool:
     """Whether pass 1 wrote this shard's vectors (a shard that wrote no document has none)."""
     shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
     if spec.split == config.bank_split:
-        return os.path.isdir(os.path.join(bank_dir(data_dir), memory_bank.shard_name(spec.index)))
-    return os.path.exists(queries_path(shard_file))
+        return fs.isdir(os.path.join(bank_dir(data_dir), memory_bank.shard_name(spec.index)))
+    return fs.exists(queries_path(shard_file))
 
 
 class VectorWriter:
@@ -132,34 +132,34 @@ class VectorWriter:
                                     self.tokens, queries)
         else:
             tmp = queries_path(shard_file) + ".tmp.npz"
-            np.savez(tmp, doc_ids=np.asarray(self.doc_ids, np.str_), vectors=vectors)
-            os.replace(tmp, queries_path(shard_file))
+            fs.np_savez(tmp, doc_ids=np.asarray(self.doc_ids, np.str_), vectors=vectors)
+            fs.rename(tmp, queries_path(shard_file))
 
 
 def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> dict:
     """Finalizes the bank and indexes it (unless nothing changed); returns retrieval.json."""
     out = retrieval_dir(data_dir)
     meta_path = os.path.join(out, RETRIEVAL_JSON)
-    if not bank_changed and os.path.exists(meta_path):
-        with open(meta_path) as f:
+    if not bank_changed and fs.exists(meta_path):
+        with fs.open(meta_path) as f:
             return json.load(f)
-    if not os.path.isdir(bank_dir(data_dir)):
+    if not fs.isdir(bank_dir(data_dir)):
         raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
                          "memory bank to retrieve from; check the manifest's skip counts.")
     start = time.time()
     manifest = memory_bank.finalize(bank_dir(data_dir))
     bank = memory_bank.MemoryBank(bank_dir(data_dir))
     index_info = build.build_index(bank, os.path.join(out, "index"), config.index)
-    summary = {"encoder_dir": os.path.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
+    summary = {"encoder_dir": fs.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}
-    with open(meta_path + ".tmp", "w") as f:
+    with fs.open(meta_path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    fs.rename(meta_path + ".tmp", meta_path)
     # Neighbours found in an older bank may point at rows that moved or vanished.
-    for marker in glob.glob(os.path.join(data_dir, "*.neighbours.json")):
-        os.remove(marker)
+    for marker in fs.glob(os.path.join(data_dir, "*.neighbours.json")):
+        fs.remove(marker)
     return summary
 
 
@@ -169,9 +169,9 @@ def _queries(spec, data_dir: str, retriever: Retriever, shard_file: str,
     bank = retriever.bank
     nothing = np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
     if spec.split != config.bank_split:
-        if not os.path.exists(queries_path(shard_file)):
+        if not fs.exists(queries_path(shard_file)):
             return nothing  # the shard wrote no document
-        with np.load(queries_path(shard_file)) as z:
+        with fs.np_load(queries_path(shard_file)) as z:
             doc_ids, vectors = z["doc_ids"], z["vectors"]
         return doc_ids, vectors, np.full([len(doc_ids)], -1, np.int64)
     names = [s["name"] for s in bank.manifest["shards"]]
@@ -207,13 +207,13 @@ def attach_neighbours(spec, data_dir: str, retriever: Retriever,
         docs.append(shards.TokenizedDocument(record["doc_id"].decode(), record["ids"],
                                              tokens, ids))
     shards.write_records(docs, shard_file + ".tmp")
-    os.replace(shard_file + ".tmp", shard_file)
+    fs.rename(shard_file + ".tmp", shard_file)
     stats = {"split": spec.split, "documents": len(docs),
              "neighbours_per_document": np.bincount((rows >= 0).sum(1),
                                                     minlength=k + 1).tolist()}
-    with open(marker_path(shard_file) + ".tmp", "w") as f:
+    with fs.open(marker_path(shard_file) + ".tmp", "w") as f:
         json.dump(stats, f)
-    os.replace(marker_path(shard_file) + ".tmp", marker_path(shard_file))
+    fs.rename(marker_path(shard_file) + ".tmp", marker_path(shard_file))
     return stats
 
 
@@ -238,7 +238,7 @@ class NeighbourWorker:
 
 def is_done(spec, data_dir: str) -> bool:
     shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-    return os.path.exists(marker_path(shard_file))
+    return fs.exists(marker_path(shard_file))
 
 
 def summarize(specs, data_dir: str, bank_summary: dict) -> dict:
@@ -246,7 +246,7 @@ def summarize(specs, data_dir: str, bank_summary: dict) -> dict:
     splits: dict = {}
     for spec in specs:
         shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-        with open(marker_path(shard_file)) as f:
+        with fs.open(marker_path(shard_file)) as f:
             stats = json.load(f)
         counts = np.asarray(stats["neighbours_per_document"])
         total = splits.setdefault(spec.split, np.zeros_like(counts))

@@ -12,6 +12,7 @@ Writes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.evaluation import pictures
@@ -29,28 +31,29 @@ from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 def read_lines(path: str) -> list[str]:
     """Non-empty lines of a text file (one caption per line)."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"captions_file {path!r} does not exist; give a text file with "
                                 "one caption per line.")
-    with open(path) as f:
+    with fs.open(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
                  num_samples: int) -> list[dict]:
     """PNGs under out_dir/images, a captioned grid, and generated.json; returns its entries."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    fs.makedirs(os.path.join(out_dir, "images"))
     entries = []
     for i in range(0, len(images), num_samples):
         paths = []
         for j in range(num_samples):
             path = os.path.join("images", f"{i // num_samples:03d}_{j}.png")
-            PILImage.fromarray(images[i + j]).save(os.path.join(out_dir, path))
+            with fs.open(os.path.join(out_dir, path), "wb") as f:
+                PILImage.fromarray(images[i + j]).save(f, format="PNG")
             paths.append(path)
         entries.append({"caption": captions[i], "images": paths})
     pictures.grid(images, list(captions), os.path.join(out_dir, "generated.png"),
                   columns=min(8, len(images)))
-    with open(os.path.join(out_dir, "generated.json"), "w") as f:
+    with fs.open(os.path.join(out_dir, "generated.json"), "w") as f:
         json.dump(entries, f, indent=2)
     return entries
 
@@ -63,8 +66,8 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
         entry = {"image": name, "captions": list(captions[i * num_samples:(i + 1) * num_samples])}
         entry.update(extra[i] if extra else {})
         entries.append(entry)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    fs.makedirs(os.path.dirname(fs.abspath(path)))
+    with fs.open(path, "w") as f:
         json.dump(entries, f, indent=2)
     return entries
 
@@ -107,9 +110,9 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
     if image_files:
         for path in image_files:
-            if not os.path.exists(path):
+            if not fs.exists(path):
                 raise FileNotFoundError(f"generate.image_files: {path!r} does not exist.")
-        images = [PILImage.open(p) for p in image_files]
+        images = [PILImage.open(io.BytesIO(fs.read_bytes(p))) for p in image_files]
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
                                  sampling=caption_sampling, max_tokens=max_caption_tokens,
                                  style=caption_style, seed=seed)

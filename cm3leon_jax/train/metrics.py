@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from cm3leon_jax import fs
 from cm3leon_jax.model.config import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class MetricsWriter:
         self.console = console
         self._tb = (metric_writers.SummaryWriter(model_dir)
                     if self.active and tensorboard else None)
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if self.active else None
+        self._jsonl = (fs.open(os.path.join(model_dir, "metrics.jsonl"), "a")
+                       if self.active else None)
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.active:

@@ -23,9 +23,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
-
 
 TEXT_MODEL = "text.model"
 LAYOUT_FILE = "layout.json"
@@ -69,9 +69,9 @@ class MultimodalVocabulary(seqio.Vocabulary):
         args = dict(image_codes=image_codes, num_sentinels=num_sentinels,
                     image_length=image_length, pad_to_multiple=pad_to_multiple)
         layout_lib.IdLayout(text_size=text_tokenizer.vocab_size, **args)  # Validates.
-        os.makedirs(directory, exist_ok=True)
+        fs.makedirs(directory)
         text_tokenizer.save(os.path.join(directory, TEXT_MODEL))
-        with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+        with fs.open(os.path.join(directory, LAYOUT_FILE), "w") as f:
             json.dump(args, f, indent=2, sort_keys=True)
         return cls(directory)
 
@@ -89,11 +89,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
     @functools.cached_property
     def layout(self) -> layout_lib.IdLayout:
         path = os.path.join(self.directory, LAYOUT_FILE)
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise FileNotFoundError(
                 f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary "
                 "directory. Make one with MultimodalVocabulary.create(...).")
-        with open(path) as f:
+        with fs.open(path) as f:
             args = json.load(f)
         return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size, **args)
 
