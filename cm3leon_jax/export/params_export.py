@@ -15,12 +15,11 @@ the vocabulary and of the image tokenizer when given. `layout="hf"` writes the
 from __future__ import annotations
 
 import logging
-import posixpath
 from typing import Any
 
 import gin
 import jax
-import tensorflow as tf
+import jax.numpy as jnp
 
 from cm3leon_jax.decode import restore
 from cm3leon_jax.export import staging
@@ -31,7 +30,7 @@ from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 
 log = logging.getLogger(__name__)
-LAYOUTS = ("params",)
+LAYOUTS = ("params", "hf")
 
 
 def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, DecoderConfig]:
@@ -42,15 +41,6 @@ def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, De
         raise ValueError(f"export: dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
     return params, config.replace(param_dtype=dtype)
-
-
-def copy_folder(src: str, dst: str) -> None:
-    """Copies every file under `src` to `dst` (any file systems tf.io.gfile speaks)."""
-    if not tf.io.gfile.isdir(src):
-        raise FileNotFoundError(f"{src!r} is not a folder.")
-    for rel in pc.list_files(src):
-        tf.io.gfile.makedirs(posixpath.dirname(f"{dst}/{rel}"))
-        tf.io.gfile.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
 
 
 def write_image_tokenizer(dst: str, config: VQGANConfig, params: Any) -> None:
@@ -73,10 +63,12 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
         function that writes one there (imports build theirs).
       image_tokenizer: (VQGANConfig, params) to store under `image_tokenizer/`.
     """
+    # Imports hold numpy arrays; orbax restores what it saved as jax.Arrays onto any mesh.
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     with staging.staged(output_dir, overwrite) as tmp:
         pc.save_params(f"{tmp}/{pc.PARAMS}", params)
         if vocab_dir:
-            copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
+            staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
         elif write_vocab is not None:
             write_vocab(f"{tmp}/{pc.VOCAB}")
         if image_tokenizer is not None:

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import tensorflow as tf
 
+from cm3leon_jax.train import params_checkpoint as pc
+
 
 def check_target(path: str, overwrite: bool) -> str:
     """`path` without a trailing slash; raises FileExistsError unless it is free or
@@ -54,3 +56,12 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
     tf.io.gfile.rename(tmp, path)
     if old is not None:
         tf.io.gfile.rmtree(old)
+
+
+def copy_folder(src: str, dst: str) -> None:
+    """Copies every file under `src` to `dst` (any file systems tf.io.gfile speaks)."""
+    if not tf.io.gfile.isdir(src):
+        raise FileNotFoundError(f"{src!r} is not a folder.")
+    for rel in pc.list_files(src):
+        tf.io.gfile.makedirs(posixpath.dirname(f"{dst}/{rel}"))
+        tf.io.gfile.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
