@@ -40,7 +40,7 @@ def calls(tree: ast.AST):
             bad = (callee == "open"
                    or (parts[:2] == ["os", "path"] and parts[-1] in OS_PATH and len(parts) == 3)
                    or (parts[0] == "os" and len(parts) == 2 and parts[1] in OS)
-                   or (parts[0] in MODULES and len(parts) == 2))
+                   or (parts[0] in MODULES and len(parts) == 2 and callee != "shutil.which"))
             if bad and not (node.args and ast.unparse(node.args[0]) == "__file__"):
                 yield (stack[0] if stack else "<module>"), callee, node.lineno
         for child in ast.iter_child_nodes(node):

@@ -87,7 +87,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
     def text_tokenizer(self) -> TextTokenizer:
         # An imported vocabulary (Chameleon's) keeps its tokenizers file: `text.json`.
         hf_json = os.path.join(self.directory, HF_TEXT_JSON)
-        if not os.path.exists(os.path.join(self.directory, TEXT_MODEL)) and os.path.exists(hf_json):
+        if not fs.exists(os.path.join(self.directory, TEXT_MODEL)) and fs.exists(hf_json):
             from cm3leon_jax.vocab.hf_text_tokenizer import HFTextTokenizer
             return HFTextTokenizer.load(hf_json)
         return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
