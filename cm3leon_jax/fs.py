@@ -106,8 +106,13 @@ def rmtree(path: str, ignore_errors: bool = False) -> None:
     """Deletes the folder `path` and everything in it (`ignore_errors`: a missing one too)."""
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=ignore_errors)
-    elif not ignore_errors or _gfile().exists(str(path)):
+        return
+    import tensorflow as tf
+    try:
         _gfile().rmtree(str(path))
+    except tf.errors.NotFoundError:
+        if not ignore_errors:
+            raise
 
 
 def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
