@@ -23,6 +23,8 @@ ALLOWED = {
     ("cm3leon_jax/fs.py", "*"): "the layer itself",
     ("cm3leon_jax/testing/*", "*"): "test helpers",
     ("cm3leon_jax/main.py", "configure"): "gin files: repository search paths (gin reads them)",
+    ("cm3leon_jax/main.py", "parse_args"): "gin search folders (gin reads them)",
+    ("cm3leon_jax/main.py", "_find"): "gin files (gin reads them)",
 }
 
 

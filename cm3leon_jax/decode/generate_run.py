@@ -8,11 +8,12 @@ Writes
     MODEL_DIR/generated.png                  them in a grid, each under its caption
     MODEL_DIR/generated.json                 [{"caption", "images": [png, ...]}]
     MODEL_DIR/captions.json                  [{"image": path, "captions": [...]}]
+    MODEL_DIR/families/, families.json, families.png   the SFT family requests of
+                                             `prompts_file` (see generate_families.py)
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Callable, Sequence
@@ -22,20 +23,41 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cm3leon_jax import fs
-from cm3leon_jax.decode import restore
+from cm3leon_jax.decode import generate_families, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
 def read_lines(path: str) -> list[str]:
-    """Non-empty lines of a text file (one caption per line)."""
-    if not fs.exists(path):
-        raise FileNotFoundError(f"captions_file {path!r} does not exist; give a text file with "
-                                "one caption per line.")
-    with fs.open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty lines of a UTF-8 text file (one caption per line)."""
+    if not fs.isfile(path):
+        raise MissingInputError(f"generate.captions_file {path!r} does not exist or is not a "
+                                "file; give a UTF-8 text file with one caption per line.")
+    try:
+        with fs.open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"generate.captions_file {path!r} is unreadable ({e}); give a "
+                             "UTF-8 text file with one caption per line.") from e
+
+
+def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
+    """The images of `generate.image_files`, decoded now so a bad file is named up front."""
+    images = []
+    for path in paths:
+        if not fs.isfile(path):
+            raise MissingInputError(f"generate.image_files: {path!r} does not exist or is not "
+                                    "a file.")
+        try:
+            with fs.open(path, "rb") as f, PILImage.open(f) as image:
+                image.load()
+                images.append(image.copy())
+        except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
+            raise UserInputError(f"generate.image_files: {path!r} is not a readable image "
+                                 f"({e}); give PNG, JPEG or another format PIL reads.") from e
+    return images
 
 
 def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
@@ -73,14 +95,15 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
 
 
 @gin.configurable(denylist=["model_dir"])
-def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str = gin.REQUIRED,
+def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
+             data_dir: str | None = None,
              captions: Sequence[str] = (), captions_file: str | None = None,
              image_files: Sequence[str] = (), num_samples: int = 1, num_retrieved: int = 2,
              image_sampling: SamplingConfig | None = None,
              caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
              caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, prompts_file: str | None = None) -> dict:
     """Generates for the prompts given in gin; returns what it wrote.
 
     Args:
@@ -89,16 +112,28 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       vocab_dir: the vocabulary folder of the data the model was trained on.
       image_tokenizer: a function returning the ImageTokenizer (`@load_image_tokenizer`).
       retrieval_dir: a built retrieval folder (bank + index + encoder), or None.
+      data_dir: the MODEL_DIR of the preprocess run the model was trained on; vocab_dir
+        and retrieval_dir default to its vocab/ and retrieval/.
       captions / captions_file: text -> image prompts (a file: one per line).
       image_files: image -> text inputs (any size; resized to the tokenizer's).
       num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
         tokens are chosen (None: the Generator's defaults). max_caption_tokens,
         caption_style: see `Generator.image_to_text`. step: checkpoint step (None: newest).
+      prompts_file: SFT family requests, one JSON a line (see generate_families.py);
+        image_sampling / caption_sampling apply to their image / text outputs.
     """
     texts = list(captions) + (read_lines(captions_file) if captions_file else [])
-    if not texts and not image_files:
-        raise ValueError("generate has nothing to do: bind generate.captions, "
-                         "generate.captions_file or generate.image_files.")
+    images = read_images(image_files)  # Before the (slow) restore: a bad input fails fast.
+    if data_dir:
+        vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
+        retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
+    if not vocab_dir:
+        raise UserInputError("generate needs the training data's vocabulary: bind "
+                             "generate.vocab_dir (or generate.data_dir, a preprocess MODEL_DIR).")
+    if not texts and not image_files and not prompts_file:
+        raise UserInputError("generate has nothing to do: bind generate.captions, "
+                             "generate.captions_file, generate.image_files or "
+                             "generate.prompts_file.")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
@@ -109,15 +144,15 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
                                 sampling=image_sampling, seed=seed)
         summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
     if image_files:
-        for path in image_files:
-            if not fs.exists(path):
-                raise FileNotFoundError(f"generate.image_files: {path!r} does not exist.")
-        images = [PILImage.open(io.BytesIO(fs.read_bytes(p))) for p in image_files]
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
                                  sampling=caption_sampling, max_tokens=max_caption_tokens,
                                  style=caption_style, seed=seed)
         summary["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
                                              list(image_files), made, num_samples)
+    if prompts_file:
+        summary["families"] = generate_families.generate_families(
+            gen, prompts_file, model_dir, num_samples=num_samples,
+            image_sampling=image_sampling, text_sampling=caption_sampling, seed=seed)
     print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
           f"{len(image_files)} image(s) -> captions", flush=True)
     return summary
