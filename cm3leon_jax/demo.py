@@ -32,11 +32,11 @@ import gin
 import numpy as np
 from absl import logging
 
-import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
+from cm3leon_jax import fs
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
-from cm3leon_jax.decode import generate_run, restore
+from cm3leon_jax.decode import generate_run, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures, shapes_scores
+from cm3leon_jax.evaluation import shapes_scores
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import trainer
@@ -84,7 +84,7 @@ def demo(model_dir: str,
     tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer,
                                      checkpoint=vq_dir)
     retriever_dir = os.path.join(model_dir, "retriever")
-    stage("retriever", lambda: retriever_stage(retriever_dir, image_size))
+    stage("retriever", lambda: retriever_stage(retriever_dir))
     data_dir = os.path.join(model_dir, "data")
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
@@ -101,7 +101,7 @@ def demo(model_dir: str,
         num_pictures))
     metrics["seconds"] = timings
     metrics["not_yet"] = list(NOT_YET)
-    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    with fs.open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
     print(f"[demo] wrote {model_dir}/metrics.json and {model_dir}/pictures/")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
@@ -122,13 +122,14 @@ def corpus_stage(builder_fn, parse_examples: int) -> dict:
             "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
 
 
-def retriever_stage(out_dir: str, image_size: int) -> dict:
-    """Trains the CLIP encoder (train_retriever's settings come from gin) unless it exists."""
+def retriever_stage(out_dir: str) -> dict:
+    """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
+    exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path) as f:
             return json.load(f)
-    return clip_train.train_retriever(out_dir, image_size=image_size)
+    return clip_train.train_retriever(out_dir)
 
 
 def pretrain_stage(out_dir: str, data_dir: str) -> dict:
@@ -141,7 +142,7 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     result = trainer.train(out_dir)
     # A resumed run logs again the steps after its checkpoint: the latest entry counts.
     train_log, eval_log = {}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+    with fs.open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
             entry = json.loads(line)
             if "loss" in entry:
@@ -179,7 +180,7 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                               seed=seed)
     written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
                                 max_tokens=max_caption_tokens, seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     pictures.grid(drawn.images, captions, os.path.join(out_dir, "generated.png"))
     pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
     generate_run.write_captions(os.path.join(out_dir, "captions.json"),
@@ -213,7 +214,7 @@ def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sc
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
                    num_pictures: int) -> dict:
     """Corpus samples with captions, originals over VQ reconstructions."""
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
     images = np.stack([ex["image"] for ex in test])
     captions = [ex["captions"][0].decode() for ex in test]
@@ -221,7 +222,8 @@ def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
     recon = image_tokenizer.reconstruct(images)
     pictures.grid(np.concatenate([images, recon]), None,
                   os.path.join(out_dir, "reconstructions.png"), columns=num_pictures)
-    psnr = pictures.psnr(images, recon)
+    psnr = float(vqgan_train.psnr(image_tokenizer_lib.images_to_model(images),
+                                  image_tokenizer_lib.images_to_model(recon)))
     # A document from the tokenized shards, decoded back, proves the id layout.
     vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
     record = next(shards.read_split(data_dir, "test").as_numpy_iterator())
