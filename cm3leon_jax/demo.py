@@ -32,6 +32,7 @@ import gin
 import numpy as np
 from absl import logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.decode import generate_run, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
@@ -100,7 +101,7 @@ def demo(model_dir: str,
         num_pictures))
     metrics["seconds"] = timings
     metrics["not_yet"] = list(NOT_YET)
-    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    with fs.open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
     print(f"[demo] wrote {model_dir}/metrics.json and {model_dir}/pictures/")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
@@ -125,8 +126,8 @@ def retriever_stage(out_dir: str) -> dict:
     """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
     exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path) as f:
             return json.load(f)
     return clip_train.train_retriever(out_dir)
 
@@ -141,7 +142,7 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     result = trainer.train(out_dir)
     # A resumed run logs again the steps after its checkpoint: the latest entry counts.
     train_log, eval_log = {}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+    with fs.open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
             entry = json.loads(line)
             if "loss" in entry:
@@ -179,7 +180,7 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                               seed=seed)
     written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
                                 max_tokens=max_caption_tokens, seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     pictures.grid(drawn.images, captions, os.path.join(out_dir, "generated.png"))
     pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
     generate_run.write_captions(os.path.join(out_dir, "captions.json"),
@@ -213,7 +214,7 @@ def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sc
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
                    num_pictures: int) -> dict:
     """Corpus samples with captions, originals over VQ reconstructions."""
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
     images = np.stack([ex["image"] for ex in test])
     captions = [ex["captions"][0].decode() for ex in test]
