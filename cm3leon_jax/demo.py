@@ -1,20 +1,22 @@
 """The `demo` run mode: the whole flow, end to end, on the built-in corpus.
 
 Each stage is an ordinary run mode of its own, called here with a sub-folder of
-MODEL_DIR; gin binds their settings (gin_configs/runs/demo.gin). Stages that
-are finished are reused: rerunning the demo resumes where it stopped.
+MODEL_DIR; gin binds their settings (gin_configs/runs/demo.gin). A finished stage is
+reused on a rerun (demo_stages.py): an interrupted demo resumes where it stopped, and
+`--gin.demo.start_over=True` builds everything again.
 
     MODEL_DIR/tfds/              the synthetic corpus (TFDS)
-    MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train split
+    MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train images
     MODEL_DIR/retriever/         the CLIP retrieval encoder, trained on the same scenes
     MODEL_DIR/data/              vocab/ + tokenized shards with every document's
                                  neighbours + retrieval/ (bank, ScaNN index) +
                                  manifest.json (Beam, two passes)
-    MODEL_DIR/pretrain/          the tiny decoder: checkpoints, metrics.jsonl, TensorBoard
-    MODEL_DIR/pictures/          generated.png + captioned.png + captions.json (the
-                                 decoder's text->image and image->text on test scenes,
-                                 scored exactly), corpus.png, reconstructions.png
-    MODEL_DIR/metrics.json       what each stage measured
+    MODEL_DIR/pretrain/          the decoder: checkpoints, metrics.jsonl, TensorBoard
+    MODEL_DIR/pictures/          contact_sheet.png (look here first), generated.png,
+                                 captioned.png, captions.json, corpus.png,
+                                 reconstructions.png, generated.npz
+    MODEL_DIR/stages/            each finished stage's result (what a rerun reuses)
+    MODEL_DIR/metrics.json       what each stage measured, with its wall and CPU seconds
 
 Stages of the flow that are not built yet are listed in metrics.json under
 `not_yet` and printed at the end, so the demo never claims more than it did.
@@ -24,20 +26,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
-import time
-from typing import Sequence
+import shutil
 
 import gin
 import numpy as np
-from absl import logging
 
 import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
+from cm3leon_jax import demo_generate, demo_sheet, demo_stages
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
-from cm3leon_jax.decode import generate_run, restore
-from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures, shapes_scores
-from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.evaluation import pictures
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import trainer
 from cm3leon_jax.vocab import document as document_lib
@@ -46,8 +45,12 @@ from cm3leon_jax.vocab import vqgan_train
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 NOT_YET = (
-    "evaluation (FID, CLIP score, CIDEr), CLIP re-ranking of samples, and export",
+    "supervised fine-tuning (editing, VQA, grounded generation) and its edits / VQA answers",
+    "CLIP re-ranking of samples",
+    "the eval run's metrics (FID, CLIP score, CIDEr, VQA accuracy), and export",
 )
+STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "generate",
+          "pictures")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -55,7 +58,8 @@ def demo(model_dir: str,
          image_size: int = 32,
          split_sizes: dict | None = None,
          num_pictures: int = 16,
-         parse_examples: int = 200) -> dict:
+         parse_examples: int = 200,
+         start_over: bool = False) -> dict:
     """Runs every stage that exists, in order; returns (and writes) the metrics.
 
     Args:
@@ -64,48 +68,64 @@ def demo(model_dir: str,
       split_sizes: corpus split sizes, e.g. {"train": 2000, ...}.
       num_pictures: images shown in each picture grid.
       parse_examples: test images scored by the exact parser.
+      start_over: delete what an earlier run built in model_dir and build it again.
     """
-    metrics: dict = {}
-    timings: dict = {}
+    if start_over:
+        _clear(model_dir)
+    # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
+    logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
+    runner = demo_stages.StageRunner(model_dir, list(STAGES),
+                                     demo_stages.fingerprint(gin.config_str()))
     tfds_dir = os.path.join(model_dir, "tfds")
     builder_fn = functools.partial(preprocess.synthetic_builder, image_size=image_size,
                                    data_dir=tfds_dir, split_sizes=split_sizes)
-
-    def stage(name, fn):
-        start = time.time()
-        print(f"[demo] {name} ...", flush=True)
-        metrics[name] = fn()
-        timings[name] = round(time.time() - start, 1)
-        print(f"[demo] {name}: done in {timings[name]} s", flush=True)
-
-    stage("corpus", lambda: corpus_stage(builder_fn, parse_examples))
     vq_dir = os.path.join(model_dir, "image_tokenizer")
-    stage("image_tokenizer", lambda: vqgan_train.train_image_tokenizer(model_dir=vq_dir))
-    tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer,
-                                     checkpoint=vq_dir)
+    tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer, checkpoint=vq_dir)
     retriever_dir = os.path.join(model_dir, "retriever")
-    stage("retriever", lambda: retriever_stage(retriever_dir, image_size))
     data_dir = os.path.join(model_dir, "data")
+    pretrain_dir = os.path.join(model_dir, "pretrain")
+    pictures_dir = os.path.join(model_dir, "pictures")
+
+    runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
+    runner.run("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
+               _say_image_tokenizer)
+    runner.run("retriever", lambda: retriever_stage(retriever_dir, image_size), _say_retriever)
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
-    stage("preprocess", lambda: preprocess.preprocess(
+    runner.run("preprocess", lambda: preprocess.preprocess(
         data_dir, source=preprocess.TfdsSource(builder_fn),
-        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval))
-    pretrain_dir = os.path.join(model_dir, "pretrain")
-    stage("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir))
-    stage("generate", lambda: generate_stage(
-        os.path.join(model_dir, "pictures"), pretrain_dir, data_dir, builder_fn(),
-        tokenizer_fn()))
-    stage("pictures", lambda: pictures_stage(
-        builder_fn(), tokenizer_fn(), data_dir, os.path.join(model_dir, "pictures"),
-        num_pictures))
-    metrics["seconds"] = timings
+        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
+    runner.run("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain)
+    runner.run("generate", lambda: demo_generate.generate_stage(
+        pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
+        demo_generate.summary)
+    runner.run("pictures", lambda: pictures_stage(
+        builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
+        lambda r: f"look at {r['contact_sheet']}")
+    metrics = dict(runner.results)
+    metrics.update(runner.timings())
     metrics["not_yet"] = list(NOT_YET)
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
-        json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
-    print(f"[demo] wrote {model_dir}/metrics.json and {model_dir}/pictures/")
+        json.dump(demo_stages.jsonable(metrics), f, indent=2, sort_keys=True)
+    print(f"[demo] wrote {model_dir}/metrics.json; contact sheet: "
+          f"{metrics['pictures']['contact_sheet']}")
+    print(f"[demo] {metrics['seconds']['total']} s in all "
+          f"({metrics['cpu_seconds']['total']} s CPU)")
+    for line in demo_generate.targets_report(metrics.get("generate", {})):
+        print(f"[demo] {line}")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
     return metrics
+
+
+def _clear(model_dir: str) -> None:
+    """Deletes what earlier runs built (keeps config.gin, which this run just wrote)."""
+    if not os.path.isdir(model_dir):
+        return
+    for name in os.listdir(model_dir):
+        if name == "config.gin":
+            continue
+        path = os.path.join(model_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def corpus_stage(builder_fn, parse_examples: int) -> dict:
@@ -122,6 +142,18 @@ def corpus_stage(builder_fn, parse_examples: int) -> dict:
             "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
 
 
+def image_tokenizer_stage(out_dir: str, builder) -> dict:
+    """Trains the VQGAN (settings from gin) on the corpus' own train images.
+
+    The images are read once from the corpus (rendering fresh scenes for every batch
+    costs more CPU than the small VQGAN's step); index i is train image i mod n.
+    """
+    images = np.stack([ex["image"] for ex in builder.as_dataset(split="train")
+                       .as_numpy_iterator()])
+    return vqgan_train.train_image_tokenizer(
+        model_dir=out_dir, image_source=lambda i: images[i % len(images)])
+
+
 def retriever_stage(out_dir: str, image_size: int) -> dict:
     """Trains the CLIP encoder (train_retriever's settings come from gin) unless it exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
@@ -132,7 +164,7 @@ def retriever_stage(out_dir: str, image_size: int) -> dict:
 
 
 def pretrain_stage(out_dir: str, data_dir: str) -> dict:
-    """Pretrains the decoder (settings: gin_configs/train/tiny.gin) on the demo's data.
+    """Pretrains the decoder (settings: gin) on the demo's data.
 
     Resumes from the newest checkpoint, so a finished run only reloads and evaluates.
     """
@@ -154,65 +186,9 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
             "eval_loss": evals, "final_eval": result["eval"]}
 
 
-@gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])
-def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, image_tokenizer,
-                   num_examples: int = 32, num_retrieved: int = 2,
-                   image_sampling: SamplingConfig | None = None,
-                   caption_sampling: SamplingConfig | None = None,
-                   max_caption_tokens: int = 24, seed: int = 0) -> dict:
-    """The trained decoder draws the first `num_examples` test captions and captions the
-    first test images; both are scored exactly against the scenes (shapes_scores.py).
-
-    For scale, the same scores of the VQ reconstructions of the true images (what the
-    image tokenizer lets a perfect decoder reach) and of the top retrieved document
-    (what copying the retrieval would give).
-    """
-    test = list(builder.as_dataset(split=f"test[:{num_examples}]").as_numpy_iterator())
-    images = np.stack([ex["image"] for ex in test])
-    captions = [ex["captions"][0].decode() for ex in test]
-    scenes = [synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode()) for ex in test]
-    config, params, step = restore.restore_decoder(pretrain_dir)
-    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
-    retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
-    gen = Generator(config, params, vocab, image_tokenizer, retriever)
-    drawn = gen.text_to_image(captions, num_retrieved=num_retrieved, sampling=image_sampling,
-                              seed=seed)
-    written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
-                                max_tokens=max_caption_tokens, seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
-    pictures.grid(drawn.images, captions, os.path.join(out_dir, "generated.png"))
-    pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
-    generate_run.write_captions(os.path.join(out_dir, "captions.json"),
-                                [f"test[{i}]" for i in range(len(test))], written, 1,
-                                [{"true_caption": c} for c in captions])
-    metrics = {"checkpoint_step": step, "examples": len(test), "num_retrieved": num_retrieved,
-               "text_to_image": shapes_scores.image_scores(drawn.images, scenes),
-               "image_to_text": shapes_scores.caption_scores(written, scenes),
-               "vq_reconstruction_reference": shapes_scores.image_scores(
-                   image_tokenizer.reconstruct(images), scenes)}
-    if retriever is not None:
-        metrics["top_retrieved_reference"] = _retrieval_reference(
-            retriever, vocab, image_tokenizer, captions, images, scenes)
-    metrics["example_captions"] = [{"true": c, "generated": w}
-                                   for c, w in zip(captions[:4], written[:4])]
-    return metrics
-
-
-def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes) -> dict:
-    """Scores of the best retrieved document's image (for a caption) and caption (for an image)."""
-    def top_document(result):
-        return document_lib.decode(result.token_ids[0], vocab)
-    by_text = [top_document(r) for r in retriever.search_texts(captions, k=1)]
-    by_image = [top_document(r) for r in retriever.search_images(list(images), k=1)]
-    codes = np.stack([d.images[0] for d in by_text])
-    return {"text_to_image": shapes_scores.image_scores(image_tokenizer.decode(codes), scenes),
-            "image_to_text": shapes_scores.caption_scores([d.texts[0] for d in by_image],
-                                                          scenes)}
-
-
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
                    num_pictures: int) -> dict:
-    """Corpus samples with captions, originals over VQ reconstructions."""
+    """The contact sheet, corpus samples with captions, originals over VQ reconstructions."""
     os.makedirs(out_dir, exist_ok=True)
     test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
     images = np.stack([ex["image"] for ex in test])
@@ -228,18 +204,39 @@ def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
     doc = document_lib.decode(record["ids"], vocab)
     lengths = [r["ids"].size for r in shards.read_split(data_dir, "train")
                .take(500).as_numpy_iterator()]
+    sheet = demo_sheet.write(demo_generate.sheet_sections(out_dir),
+                             os.path.join(out_dir, "contact_sheet.png"),
+                             title="cm3leon-jax demo: held-out scenes (green: right, red: wrong)")
     return {"reconstruction_psnr_db": psnr,
             "vocab_size": vocab.vocab_size,
             "tokens_per_document_mean": float(np.mean(lengths)),
             "example_document": vocab.render(record["ids"]),
-            "example_document_texts": doc.texts}
+            "example_document_texts": doc.texts,
+            "contact_sheet": sheet}
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
+def _say_corpus(r: dict) -> str:
+    return f"splits {r['splits']}, parser exact on {r['parser_exact_accuracy']:.0%} of test images"
+
+
+def _say_image_tokenizer(r: dict) -> str:
+    return (f"PSNR {r.get('eval/psnr', float('nan')):.1f} dB, "
+            f"{r.get('eval/code_usage', float('nan')):.0%} of codes used")
+
+
+def _say_retriever(r: dict) -> str:
+    t2i = r.get("text_to_image", {})
+    return f"text->image recall@1 {t2i.get('recall@1', t2i.get('1', 'n/a'))}"
+
+
+def _say_preprocess(r: dict) -> str:
+    train = r["splits"]["train"]
+    neighbours = r.get("retrieval", {}).get("splits", {}).get("train", {})
+    return (f"{train['written']} train documents, "
+            f"{neighbours.get('mean_neighbours', 0):.1f} neighbours each")
+
+
+def _say_pretrain(r: dict) -> str:
+    loss = r["final_eval"].get("loss")
+    return f"{r['steps']} steps, held-out loss {loss:.3f}" if loss is not None else \
+        f"{r['steps']} steps"

@@ -1,0 +1,209 @@
+"""The demo's generate stage: the decoder draws held-out captions and captions held-out
+images, every output scored exactly against its scene (evaluation/shapes_scores.py).
+
+Text to image runs once with the headline settings (k retrieved documents, CFG) and
+again with one thing changed, in the same run, so the effect of each is measured:
+
+    text_to_image                 k = num_retrieved, image_sampling (CFG)   headline
+    text_to_image_ablations.k0    no retrieved documents
+    text_to_image_ablations.no_cfg  guidance "none"
+
+For scale, the same scores of the VQ reconstructions of the true images (what a
+perfect decoder could reach through this tokenizer), of the top retrieved document
+(what copying the retrieval gives), and chance (a random caption of the split for
+each scene). Everything the contact sheet shows is saved in `generated.npz`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import numpy as np
+
+from cm3leon_jax import demo_sheet
+from cm3leon_jax.data import synthetic_tfds
+from cm3leon_jax.decode import generate_run, restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.evaluation import pictures, shapes_scores
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+# The issue's targets: (metric path, minimum). Printed as reached / not reached.
+TARGETS = (
+    ("text_to_image.objects_right", 0.35),
+    ("text_to_image.any_object_right", 0.80),
+    ("image_to_text.any_object_right", 0.60),
+    ("image_to_text.objects_right", 0.30),
+)
+SHEET_ROWS = 8
+
+
+@gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])
+def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, image_tokenizer,
+                   split: str = "test", num_examples: int = 64, num_retrieved: int = 2,
+                   image_sampling: SamplingConfig | None = None,
+                   caption_sampling: SamplingConfig | None = None,
+                   caption_style: str = "infill", max_caption_tokens: int = 24,
+                   ablations: bool = True, batch_size: int = 32, seed: int = 0) -> dict:
+    """Text -> image and image -> text on the first `num_examples` scenes of `split`.
+
+    Args:
+      split: "test" for the held-out figures; "validation" while tuning settings.
+      num_retrieved: documents put in front of each prompt (paper: 2).
+      image_sampling / caption_sampling: how tokens are chosen (generate.SamplingConfig).
+      caption_style: "infill" or "image_first" (decode/prompts.py); image_first needs
+        image-first documents in pretraining (preprocess.image_first_prob > 0).
+      ablations: also run k = 0 and no guidance (see the module docstring).
+      batch_size: prompt rows per compiled sampler call.
+    """
+    examples = list(builder.as_dataset(split=f"{split}[:{num_examples}]").as_numpy_iterator())
+    images = np.stack([ex["image"] for ex in examples])
+    captions = [ex["captions"][0].decode() for ex in examples]
+    scenes = [synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode()) for ex in examples]
+    config, params, step = restore.restore_decoder(pretrain_dir)
+    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
+    gen = Generator(config, params, vocab, image_tokenizer, retriever, batch_size=batch_size)
+    image_sampling = image_sampling or SamplingConfig()
+
+    def draw(k: int, sampling: SamplingConfig):
+        return gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed)
+
+    drawn = draw(num_retrieved, image_sampling)
+    written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
+                                max_tokens=max_caption_tokens, style=caption_style, seed=seed)
+    metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
+               "num_retrieved": num_retrieved,
+               "text_to_image": shapes_scores.image_scores(drawn.images, scenes),
+               "image_to_text": shapes_scores.caption_scores(written, scenes),
+               "vq_reconstruction_reference": shapes_scores.image_scores(
+                   image_tokenizer.reconstruct(images), scenes),
+               "chance_reference": _chance(captions, scenes, seed)}
+    if ablations:
+        metrics["text_to_image_ablations"] = {
+            "k0": shapes_scores.image_scores(draw(0, image_sampling).images, scenes),
+            "no_cfg": shapes_scores.image_scores(
+                draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}
+    retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
+                                                 np.uint8), [[] for _ in examples]
+    if retriever is not None:
+        metrics["top_retrieved_reference"], retrieved_images, retrieved_texts = \
+            _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes,
+                                 num_retrieved)
+    _save(out_dir, examples, images, captions, scenes, drawn.images, written, retrieved_images,
+          retrieved_texts)
+    metrics["example_captions"] = [{"true": c, "generated": w}
+                                   for c, w in zip(captions[:4], written[:4])]
+    return metrics
+
+
+def _without_guidance(sampling: SamplingConfig) -> SamplingConfig:
+    fields = {k: getattr(sampling, k) for k in sampling.__dataclass_fields__}
+    return SamplingConfig(**{**fields, "guidance": "none"})
+
+
+def _chance(captions: list[str], scenes: list, seed: int) -> dict:
+    """Scores of another scene's caption for each scene: what guessing the corpus gives."""
+    order = np.random.default_rng(seed).permutation(len(captions))
+    return shapes_scores.caption_scores([captions[i] for i in order], scenes)
+
+
+def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
+    """Scores of the best retrieved document's image (for a caption) and caption (for an
+    image); also each caption's k retrieved images and texts (for the contact sheet)."""
+    by_text = [[document_lib.decode(t, vocab) for t in r.token_ids[:k]]
+               for r in retriever.search_texts(captions, k=k)]
+    by_image = [document_lib.decode(r.token_ids[0], vocab)
+                for r in retriever.search_images(list(images), k=1)]
+    side = images.shape[1:]
+    shown = np.zeros((len(captions), k) + side, np.uint8)
+    texts = []
+    for i, docs in enumerate(by_text):
+        codes = [d.images[0] for d in docs if d.images]
+        if codes:
+            shown[i, :len(codes)] = image_tokenizer.decode(np.stack(codes))
+        texts.append([d.texts[0] if d.texts else "" for d in docs])
+    top = shown[:, 0] if k else shown
+    scores = {"text_to_image": shapes_scores.image_scores(top, scenes),
+              "image_to_text": shapes_scores.caption_scores(
+                  [d.texts[0] if d.texts else "" for d in by_image], scenes)}
+    return scores, shown, texts
+
+
+def _save(out_dir, examples, images, captions, scenes, drawn, written, retrieved_images,
+          retrieved_texts) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    pictures.grid(drawn, captions, os.path.join(out_dir, "generated.png"))
+    pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
+    generate_run.write_captions(os.path.join(out_dir, "captions.json"),
+                                [f"example[{i}]" for i in range(len(examples))], written, 1,
+                                [{"true_caption": c} for c in captions])
+    np.savez_compressed(
+        os.path.join(out_dir, "generated.npz"), images=images, captions=np.array(captions),
+        scenes=np.array([s.to_json() for s in scenes]), generated_images=drawn,
+        generated_captions=np.array(written), retrieved_images=retrieved_images,
+        retrieved_captions=np.array([t + [""] * (retrieved_images.shape[1] - len(t))
+                                     for t in retrieved_texts]))
+
+
+def sheet_sections(out_dir: str) -> list:
+    """The contact sheet's text -> image and image -> text sections from generated.npz."""
+    path = os.path.join(out_dir, "generated.npz")
+    if not os.path.exists(path):
+        return []
+    data = np.load(path)
+    n = min(SHEET_ROWS, len(data["images"]))
+    scenes = [synthetic_tfds.shapes.Scene.from_json(s) for s in data["scenes"][:n]]
+    k = data["retrieved_images"].shape[1]
+    rows = []
+    for i in range(n):
+        ok = shapes_scores.compare(shapes_scores.image_objects(data["generated_images"][i]),
+                                   scenes[i])["objects_right"]
+        row = [str(data["captions"][i])]
+        for j in range(k):
+            row += [data["retrieved_images"][i, j], str(data["retrieved_captions"][i, j])]
+        rows.append(row + [data["generated_images"][i], ("objects right" if ok else
+                                                         "objects wrong", ok)])
+    header = ["caption (held out)"] + ["retrieved doc", ""] * k + ["generated", "parsed"]
+    t2i = demo_sheet.section("Text -> image (retrieval-augmented, CFG)", header, rows,
+                             text_width=150)
+    rows = []
+    for i in range(n):
+        said = str(data["generated_captions"][i])
+        ok = shapes_scores.compare(shapes_scores.caption_objects(said), scenes[i])
+        rows.append([data["images"][i], (said, ok["objects_right"]), str(data["captions"][i])])
+    i2t = demo_sheet.section("Image -> text (held-out images)",
+                             ["image", "generated caption", "a true caption"], rows,
+                             text_width=300)
+    return [t2i, i2t]
+
+
+def summary(metrics: dict) -> str:
+    """One line: the headline scores."""
+    t2i, i2t = metrics["text_to_image"], metrics["image_to_text"]
+    return (f"text->image {t2i['objects_right']:.0%} exactly right, "
+            f"{t2i['any_object_right']:.0%} one right; captions {i2t['objects_right']:.0%} "
+            f"exactly, {i2t['any_object_right']:.0%} one right ({metrics['examples']} "
+            f"{metrics['split']} scenes)")
+
+
+def targets_report(metrics: dict) -> list[str]:
+    """A line per target of the issue: the figure reached and whether it meets it."""
+    lines = []
+    for path, minimum in TARGETS:
+        value = metrics
+        for key in path.split("."):
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        if isinstance(value, (int, float)):
+            verdict = "reached" if value >= minimum else "NOT reached"
+            lines.append(f"target {path} >= {minimum:.0%}: {value:.0%} ({verdict})")
+    ablations = metrics.get("text_to_image_ablations", {})
+    head = metrics.get("text_to_image", {}).get("objects_right")
+    for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG")):
+        if name in ablations and head is not None:
+            other = ablations[name]["objects_right"]
+            verdict = "yes" if head > other else "NO"
+            lines.append(f"{what}: {head:.0%} vs {other:.0%} exactly right ({verdict})")
+    return lines
