@@ -28,12 +28,14 @@ INSTALL_REQUIRES = [
     "fastapi",
     "uvicorn",
     "httpx",
+    # Captioning metrics (CIDEr-D, BLEU, METEOR, ROUGE-L) with their PTB tokenizer (runs Java).
+    "pycocoevalcap==1.2",
 ]
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest", "pytest-xdist", "hypothesis"],
     # Reference implementations, used only by parity tests and peer benchmarks.
-    "ref": ["torch==2.13.0", "transformers>=5,<6", "safetensors"],
+    "ref": ["torch==2.13.0", "transformers>=5,<6", "safetensors", "pytorch-fid==0.3.0"],
     # Offline preprocessing at scale. Beam pulls protobuf < 7, which is why
     # sentencepiece stays below 0.2.3 in INSTALL_REQUIRES.
     "beam": ["apache-beam[tfrecord]"],

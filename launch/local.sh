@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Runs one gin-configured job on this machine, inside the project's venv.
 #
-#   launch/local.sh gin_configs/runs/demo.gin runs/demo [--gin.KEY=VALUE ...]
+#   launch/local.sh gin_configs/runs/demo.gin runs/demo [--num_processes=2] [--gin.KEY=VALUE ...]
 #
-# The TPU-pod, GKE and SLURM launchers take the same two arguments and pass
-# them through in the same way.
+# With --num_processes=N it starts N processes that form one JAX job (see
+# launch/local.py). The TPU VM, GKE, SLURM and Dataflow launchers (launch/*.py) take
+# the same two arguments and pass them through in the same way.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  echo "usage: $0 GIN_FILE MODEL_DIR [--gin.KEY=VALUE ...]" >&2
+  echo "usage: $0 GIN_FILE MODEL_DIR [--num_processes=N] [--gin.KEY=VALUE ...]" >&2
   exit 2
 fi
-gin_file=$1 model_dir=$2
-shift 2
 cd "$(dirname "$0")/.."
 make -s install
-exec .venv/bin/python -m cm3leon_jax.main --gin_file="$gin_file" \
-  --gin.MODEL_DIR="'$model_dir'" "$@"
+exec .venv/bin/python -m launch.local "$@"

@@ -8,6 +8,10 @@ they are read (orbax partial restore: the optimizer state, twice the parameters'
 stays on disk). The checkpoint does not record the model's shape: the `DecoderConfig`
 comes from gin, as in training, and is checked against the stored shapes first, so a
 mismatch is reported by name instead of as a failed restore.
+
+`model_dir` may also be a params-only export (`train/params_checkpoint.py`, written by
+the `export` run mode or an import): its manifest gives the config and the step.
+`mesh` places the parameters by their logical axes instead of on one device.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
-from cm3leon_jax.train import checkpoints
+from cm3leon_jax.train import checkpoints, params_checkpoint
 
 
 def checkpoint_steps(model_dir: str) -> list[int]:
@@ -42,14 +47,19 @@ def _checkpoints_dir(model_dir: str) -> epath.Path:
 
 
 def restore_decoder(model_dir: str, step: int | None = None,
-                    config: DecoderConfig | None = None) -> tuple[DecoderConfig, Any, int]:
+                    config: DecoderConfig | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[DecoderConfig, Any, int]:
     """(config, params, step) of a train run's checkpoint; the newest unless `step`.
 
     Args:
-      model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder).
+      model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder), or an export.
       step: which checkpoint; None: the newest.
-      config: the decoder's shape; None: `DecoderConfig()` as bound by gin.
+      config: the decoder's shape; None: `DecoderConfig()` as bound by gin (for an
+        export: the manifest's).
+      mesh: shard the parameters over this mesh by the logical rules; None: one device.
     """
+    if params_checkpoint.is_export(model_dir):
+        return _restore_export(model_dir, step, config, mesh)
     config = DecoderConfig() if config is None else config
     steps = checkpoint_steps(model_dir)
     if not steps:
@@ -66,13 +76,37 @@ def restore_decoder(model_dir: str, step: int | None = None,
     stored = handler.metadata(state_dir).item_metadata.tree["params"]
     expected = nn.unbox(abstract_variables(config)["params"])
     _check_shapes(stored, expected, model_dir)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, expected)
+    else:
+        shardings = partitioning.logical_to_sharding(
+            partitioning.logical_axes(abstract_variables(config)["params"]), mesh, None, expected)
     target = {"params": jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), expected)}
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
     return config, restored["params"], step
+
+
+# How a model runs, not what it is: a caller may choose these for an export.
+_RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "custom_grads")
+
+
+def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
+                    mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
+    stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)
+    if step is not None and step != stored_step:
+        raise ValueError(f"{path!r} is an export of step {stored_step}, not {step}; "
+                         "leave the step unset (None) for an export.")
+    if config is None:
+        return stored, params, stored_step
+    runtime = {k: getattr(config, k) for k in _RUNTIME_FIELDS}
+    if stored.replace(**runtime) != config:
+        raise ValueError(f"the export in {path!r} was made with {stored}, not the "
+                         f"DecoderConfig given ({config}); pass config=None to use its own.")
+    return config, params, stored_step
 
 
 def _check_shapes(stored: Any, expected: Any, model_dir: str) -> None:

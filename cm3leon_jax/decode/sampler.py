@@ -1,10 +1,18 @@
 """The sampling loop: prefill the prompts into the KV cache, then one token per step.
 
     prompts = left_pad([ids_1, ids_2, ...])                  # int32[batch, P], <pad> = 0
-    out = sample(config, params, prompts, jax.random.key(0), max_new_tokens=64,
+    out = sample(DecoderStep(config), params, prompts, jax.random.key(0), max_new_tokens=64,
                  processors=(ImageCodesOnly(layout), TopP(0.9)), stop=ImageCodesOnly(layout))
     out.tokens   # int32[batch, 64], <pad> after a row's stop
     out.lengths  # int32[batch], tokens each row wrote (its stop token included)
+
+The model is a `tokens_to_logits`-style object (as in t5x's `temperature_sample`):
+`model.init_cache(rows, length) -> cache` and
+`model(params, cache, tokens, segment_ids, positions) -> (float32[rows, vocab], cache)`,
+the logits at each row's last given token; `model.check(prompts, max_new_tokens)` is an
+optional hook to refuse prompts. `model/decoding.py`'s `DecoderStep` is the decoder's;
+a test stub with a known next token, a sharded model or an imported one plug in the
+same way. A `DecoderConfig` is accepted too and means `DecoderStep(config)`.
 
 Everything from the prefill to the last step is one jit-compiled function with fixed
 shapes: the cache holds `P + max_new_tokens` slots, the loop is a `lax.while_loop` that
@@ -32,7 +40,7 @@ import numpy as np
 
 from cm3leon_jax.decode.processors import DecodeState
 from cm3leon_jax.model.config import DecoderConfig
-from cm3leon_jax.model.decoder import Decoder, init_cache
+from cm3leon_jax.model.decoding import DecoderStep
 from cm3leon_jax.vocab.layout import PAD_ID
 
 
@@ -68,13 +76,14 @@ def left_pad(rows: Sequence[Sequence[int]], length: int | None = None,
     return out
 
 
-def sample(config: DecoderConfig, params: Any, prompts, key: jax.Array, *,
+def sample(model: Any, params: Any, prompts, key: jax.Array, *,
            max_new_tokens: int, processors: Sequence[Any] = (), stop: Any = None,
            greedy: bool = False, num_streams: int = 1, row_ids=None) -> Samples:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     Args:
-      config, params: the decoder.
+      model, params: a `tokens_to_logits` model (see the module docstring; a
+        `DecoderConfig` means `DecoderStep(config)`) and its parameters.
       prompts: int32[num_streams * batch, P], left-padded with `<pad>` (see `left_pad`).
       key: a `jax.random` key; the same key (and row_ids) gives the same tokens.
       max_new_tokens: length of the output buffer and most steps the loop runs.
@@ -86,20 +95,23 @@ def sample(config: DecoderConfig, params: Any, prompts, key: jax.Array, *,
       num_streams: 1, or 2 for guidance (conditional rows first).
       row_ids: int[batch], each row's id for its random stream (default 0..batch-1).
     """
+    if isinstance(model, DecoderConfig):
+        model = DecoderStep(model)
     prompts = np.asarray(prompts)
-    _check_prompts(config, prompts, max_new_tokens, num_streams)
+    _check_prompts(prompts, max_new_tokens, num_streams)
+    if hasattr(model, "check"):
+        model.check(prompts, max_new_tokens)
     batch = prompts.shape[0] // num_streams
     row_ids = np.arange(batch) if row_ids is None else np.asarray(row_ids)
     if row_ids.shape != (batch,):
         raise ValueError(f"row_ids must be int[{batch}] (one per row of a stream), got "
                          f"shape {row_ids.shape}.")
-    fn = _compiled(config, bool(greedy), num_streams, max_new_tokens)
+    fn = _compiled(model, bool(greedy), num_streams, max_new_tokens)
     return fn(params, jnp.asarray(prompts, jnp.int32), key, jnp.asarray(row_ids, jnp.uint32),
               tuple(processors), stop)
 
 
-def _check_prompts(config: DecoderConfig, prompts: np.ndarray, max_new_tokens: int,
-                   num_streams: int) -> None:
+def _check_prompts(prompts: np.ndarray, max_new_tokens: int, num_streams: int) -> None:
     if prompts.ndim != 2 or prompts.dtype.kind not in "iu" or prompts.shape[1] == 0:
         raise ValueError(f"prompts must be int[rows, length], got {prompts.dtype}"
                          f"{list(prompts.shape)}; build them with sampler.left_pad.")
@@ -108,34 +120,19 @@ def _check_prompts(config: DecoderConfig, prompts: np.ndarray, max_new_tokens: i
                          f"{num_streams} equal blocks.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if prompts.min() < 0 or prompts.max() >= config.vocab_size:
-        raise ValueError(f"prompts hold ids outside [0, {config.vocab_size}) "
-                         f"(DecoderConfig.vocab_size); were they made with this model's "
-                         "vocabulary?")
     real = prompts != PAD_ID
     if not real[:, -1].all() or (np.diff(real.astype(np.int8), axis=1) < 0).any():
         row = int(np.flatnonzero(~real[:, -1] | (np.diff(real.astype(np.int8), axis=1) < 0)
                                  .any(axis=1))[0])
         raise ValueError(f"prompt row {row} is not left-padded (or is empty): <pad> may "
                          "only come before the first real token; use sampler.left_pad.")
-    total = prompts.shape[1] + max_new_tokens
-    if config.position_embedding == "learned" and total > config.max_length:
-        raise ValueError(f"prompt length {prompts.shape[1]} + max_new_tokens "
-                         f"{max_new_tokens} = {total} > DecoderConfig.max_length="
-                         f"{config.max_length}; shorten the prompts (fewer retrieved "
-                         "documents) or generate fewer tokens.")
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config: DecoderConfig, greedy: bool, num_streams: int, max_new_tokens: int):
+def _compiled(model: Any, greedy: bool, num_streams: int, max_new_tokens: int):
     """The jitted loop. Processors and the stop rule are pytree arguments: their numbers
     are traced, their kinds and static fields select (and cache) the compiled program."""
-    model = Decoder(config)
-
-    def forward(params, cache, tokens, segment_ids, positions):
-        logits, new = model.apply({"params": params, "cache": cache}, tokens, segment_ids,
-                                  positions, decode=True, mutable=["cache"])
-        return logits[:, -1], new["cache"]
+    forward = model
 
     def choose(scores, state, keys, processors):
         scores = scores.reshape(num_streams, -1, scores.shape[-1])
@@ -158,7 +155,7 @@ def _compiled(config: DecoderConfig, greedy: bool, num_streams: int, max_new_tok
         prompt_lengths = real.sum(axis=1).astype(jnp.int32)
         positions = jnp.maximum(jnp.arange(length, dtype=jnp.int32)[None]
                                 - (length - prompt_lengths)[:, None], 0)
-        cache = init_cache(model, rows, length + max_new_tokens)
+        cache = model.init_cache(rows, length + max_new_tokens)
         last, cache = forward(params, cache, prompts, real.astype(jnp.int32), positions)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
         state = DecodeState(step=jnp.zeros([], jnp.int32),

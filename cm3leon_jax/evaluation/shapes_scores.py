@@ -11,17 +11,24 @@ is compared with its scene as a multiset of (class, colour) pairs, positions ign
     colours_right / classes_right   the multisets of colours / of classes are equal
 
 Each score is the fraction of examples meeting it.
+
+The task metrics of the eval run (`text_to_image_metrics`, `edit_metrics`,
+`caption_metrics`, `vqa_exact_match`) add what the parser's boxes allow: object count,
+positions (pairwise left/right/above/below relations, the words the captions use), box
+IoU of each shape with the same-class, same-colour object drawn, and caption object
+precision and recall.
 """
 
 from __future__ import annotations
 
 import collections
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from cm3leon_jax.data import parse, shapes
+from cm3leon_jax.data import parse, shapes, shapes_tasks
+from cm3leon_jax.evaluation import vqa
 
 # "[the] [size] <colour> <class>"; "the ..." refers back to an object already named.
 _PHRASE = re.compile(r"\b(the\s+)?(?:(?:" + "|".join(shapes.SIZES) + r")\s+)?("
@@ -73,3 +80,117 @@ def caption_scores(captions: Sequence[str], scenes: Sequence[shapes.Scene]) -> d
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes.")
     return _mean([compare(caption_objects(c), sc) for c, sc in zip(captions, scenes)])
+
+
+def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene) -> list[int | None]:
+    """For each scene shape, the index of a parsed object of the same class and colour
+    (one-to-one, nearest centre first), or None."""
+    out: list[int | None] = []
+    used: set[int] = set()
+    for s in scene.shapes:
+        options = [i for i, p in enumerate(parsed) if i not in used and (p.kind, p.colour) ==
+                   (s.kind, s.colour)]
+        if not options:
+            out.append(None)
+            continue
+        best = min(options, key=lambda i: np.hypot(*np.subtract(_centre(parsed[i].box),
+                                                                 s.centre)))
+        used.add(best)
+        out.append(best)
+    return out
+
+
+def _centre(box: shapes.Box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """shapes_tasks.relation on centres."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def image_metrics(pixels: np.ndarray, scene: shapes.Scene) -> dict[str, float]:
+    """One generated image against the scene it should show (see text_to_image_metrics)."""
+    parsed = parse.parse_image(pixels)
+    found = [(o.kind, o.colour) for o in parsed]
+    row = {k: float(v) for k, v in compare(found, scene).items()}
+    row["count_right"] = float(len(parsed) == len(scene.shapes))
+    matched = _matched(parsed, scene)
+    ious = [parse.box_iou(parsed[m].box, s.box) if m is not None else 0.0
+            for m, s in zip(matched, scene.shapes)]
+    row["box_iou"] = float(np.mean(ious))
+    pairs = [(i, j) for i in range(len(scene.shapes)) for j in range(i + 1, len(scene.shapes))]
+    if pairs:  # Positions are graded only where there is a relation to get right.
+        row["position_right"] = float(all(
+            matched[i] is not None and matched[j] is not None
+            and _relation(_centre(parsed[matched[i]].box), _centre(parsed[matched[j]].box))
+            == shapes_tasks.relation(scene.shapes[i], scene.shapes[j]) for i, j in pairs))
+    strict = parse.match(parsed, scene, iou_threshold=0.5)
+    row["placed_right"] = float(strict["all_correct"])
+    return row
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+def text_to_image_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
+                          ) -> dict[str, float]:
+    """Means over uint8[n, h, w, 3] images of their scene's:
+
+    objects_right, any_object_right, colours_right, classes_right (module docstring);
+    count_right     as many objects as the scene has;
+    position_right  (scenes of >= 2 shapes) every pair of shapes found in class and colour
+                    and in the same relation (left of / right of / above / below);
+    box_iou         per shape, the box IoU with the object drawn in its class and colour
+                    (0 when missing), averaged over shapes;
+    placed_right    every shape drawn right at IoU >= 0.5 and nothing extra (parse.match).
+    """
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images for {len(scenes)} scenes.")
+    if not len(scenes):
+        return {}
+    return _means([image_metrics(im, sc) for im, sc in zip(images, scenes)])
+
+
+def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[str, float]:
+    """Edited images against the edited scenes: `edit_right` (every object right in class,
+    colour and place, nothing extra), `edit_objects_right` (the right objects anywhere) and
+    `edit_box_iou`."""
+    rows = text_to_image_metrics(images, targets)
+    return {"edit_right": rows["placed_right"], "edit_objects_right": rows["objects_right"],
+            "edit_box_iou": rows["box_iou"]} if rows else {}
+
+
+def caption_metrics(captions: Sequence[str], scenes: Sequence[shapes.Scene]
+                    ) -> dict[str, float]:
+    """The four criteria plus object precision and recall: the fraction of objects named
+    (as "<colour> <class>") that the scene has, and of the scene's objects named."""
+    if len(captions) != len(scenes):
+        raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes.")
+    if not scenes:
+        return {}
+    out = caption_scores(captions, scenes)
+    precision, recall = [], []
+    for caption, scene in zip(captions, scenes):
+        named = collections.Counter(caption_objects(caption))
+        want = collections.Counter(scene_objects(scene))
+        hits = sum((named & want).values())
+        precision.append(hits / sum(named.values()) if named else 0.0)
+        recall.append(hits / sum(want.values()))
+    out.update(object_precision=float(np.mean(precision)), object_recall=float(np.mean(recall)))
+    return out
+
+
+def vqa_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Fraction of answers equal to the truth after VQA normalisation ("Two." == "2")."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers.")
+    if not answers:
+        raise ValueError("no VQA answers to score.")
+    return float(np.mean([vqa.normalize(p) == vqa.normalize(a)
+                          for p, a in zip(predictions, answers)]))

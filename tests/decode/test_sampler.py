@@ -17,6 +17,41 @@ WARP = (proc.Temperature(1.0), proc.TopK(40))
 LAYOUT = IdLayout(text_size=290, image_codes=64, num_sentinels=8, image_length=16)
 
 
+class NextIdStub:
+    """A `tokens_to_logits` model whose next token is known: last token + params (mod 64).
+
+    The cache counts the calls, so the test also sees that it is threaded through.
+    """
+
+    vocab = 64
+
+    def init_cache(self, rows, length):
+        return jnp.zeros([rows], jnp.int32)
+
+    def __call__(self, params, cache, tokens, segment_ids, positions):
+        following = (tokens[:, -1] + params) % self.vocab
+        return 10.0 * jax.nn.one_hot(following, self.vocab), cache + 1
+
+
+STUB = NextIdStub()
+
+
+def test_a_stub_model_plugs_in_and_its_tokens_come_out():
+    prompts = left_pad([[5, 6], [60]])
+    out = sample(STUB, jnp.int32(1), prompts, jax.random.key(0), max_new_tokens=6,
+                 greedy=True, stop=proc.StopOnTokens((9,)))
+    np.testing.assert_array_equal(out.tokens, [[7, 8, 9, 0, 0, 0], [61, 62, 63, 0, 1, 2]])
+    np.testing.assert_array_equal(out.lengths, [3, 6])
+    np.testing.assert_array_equal(out.finished, [True, False])
+
+
+def test_stub_guidance_follows_the_conditional_stream_at_scale_one():
+    prompts = left_pad([[5], [20], [40], [40]])  # Two conditional rows, then two unconditional.
+    out = sample(STUB, jnp.int32(2), prompts, jax.random.key(0), max_new_tokens=3,
+                 greedy=True, num_streams=2, processors=(proc.ClassifierFreeGuidance(1.0),))
+    np.testing.assert_array_equal(out.tokens, [[7, 9, 11], [22, 24, 26]])
+
+
 def _greedy_by_full_forward(config, params, prompt, steps, width=32):
     """Greedy decoding with no cache: the whole sequence again at every step.
 

@@ -28,3 +28,36 @@ def test_wrong_class_or_colour_is_caught():
     assert not shapes_scores.compare([("star", "red")] * 2, scene)["objects_right"]
     assert shapes_scores.compare([("star", "red"), ("circle", "blue")], scene)[
         "any_object_right"]
+
+
+def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
+    scenes = [shapes.sample_scene(np.random.default_rng(i), 64, min_objects=2)
+              for i in range(12)]
+    images = np.stack([shapes.render(s) for s in scenes])
+    metrics = shapes_scores.text_to_image_metrics(images, scenes)
+    assert set(metrics.values()) == {1.0} and "position_right" in metrics
+    # Swap two objects' places (a mirrored render): classes and colours stay right,
+    # positions and boxes do not.
+    two = next(s for s in scenes if len(s.shapes) == 2
+               and abs(s.shapes[0].centre[0] - s.shapes[1].centre[0]) > 4)
+    mirrored = shapes.render(two)[:, ::-1].copy()
+    row = shapes_scores.text_to_image_metrics(mirrored[None], [two])
+    assert row["objects_right"] == 1.0 and row["count_right"] == 1.0
+    assert row["position_right"] == 0.0 and row["box_iou"] < 1.0 and row["placed_right"] == 0.0
+    # An edit graded against the edited scene: the unedited source fails it.
+    edited, _ = shapes_tasks.recolour(two, 0, "white" if two.shapes[0].colour != "white"
+                                      else "black")
+    assert shapes_scores.edit_metrics(shapes.render(edited)[None], [edited])["edit_right"] == 1.0
+    assert shapes_scores.edit_metrics(shapes.render(two)[None], [edited])["edit_right"] == 0.0
+
+
+def test_caption_precision_recall_and_vqa_exact_match():
+    star = shapes.make_shape("star", "red", "large", 4, 4, 14)
+    circle = shapes.make_shape("circle", "blue", "small", 20, 20, 8)
+    scene = shapes.Scene(32, SCENES[0].background, (star, circle))
+    # Names the red star and a green square: precision 1/2, recall 1/2.
+    got = shapes_scores.caption_metrics(["a red star and a green square"], [scene])
+    assert got["object_precision"] == 0.5 and got["object_recall"] == 0.5
+    assert got["objects_right"] == 0.0
+    assert shapes_scores.vqa_exact_match(["Two.", "yes", "red"], ["two", "no", "red"]) == \
+        2 / 3

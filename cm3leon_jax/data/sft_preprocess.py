@@ -1,0 +1,246 @@
+"""The `sft_preprocess` run mode: SFT examples -> tokenized shards, one folder per family.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/sft_preprocess.gin \
+        --gin.MODEL_DIR="'runs/demo/sft_data'"
+
+Pretraining shards hold `caption <break> image` documents; SFT examples need the VQ
+codes of images the corpus never stored (edited scenes, condition maps, masks, rendered
+text), so this pass renders each family's example from its scene (or reads it from a
+public-format adapter, `sft_formats.py`), VQ-encodes every image with the same image
+tokenizer, and writes `MODEL_DIR/{family}/{split}-NNNNN-of-MMMMM.tfrecord` in the shard
+format of `shards.py` (`ids` = the whole `instruction <break> inputs <break> output`
+example, no neighbours). It reuses preprocessing's Beam pipeline: one shard is the unit
+of work, written by atomic rename with a stats file, so a rerun skips finished shards.
+
+The vocabulary is the pretraining data's (`vocab_dir`), copied to `MODEL_DIR/vocab` so
+the SFT folder is self-contained; a folder made with another vocabulary is refused.
+`MODEL_DIR/manifest.json` counts, per family and split, what was read, written, and
+skipped by reason (with sample ids). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import filecmp
+import os
+import shutil
+from typing import Any, Callable, Iterator, Sequence
+
+import gin
+import numpy as np
+from absl import logging
+
+from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
+from cm3leon_jax.data.augment import AugmentConfig
+from cm3leon_jax.data.sft_examples import SftExample
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+VOCAB_FILES = ("layout.json", "text.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A record a source could not turn into an example, and why."""
+
+    doc_id: str
+    reason: str
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SyntheticSftSource:
+    """Every family's example on each scene of the built-in corpus (the same scenes as
+    `synthetic_tfds` with this seed and image size)."""
+
+    image_size: int = 32
+    split_sizes: dict = dataclasses.field(
+        default_factory=lambda: {"train": 2000, "validation": 200, "test": 200})
+    seed: int = 0
+    families: tuple[str, ...] = sft_prompts.FAMILIES
+
+    def num_examples(self, split: str, family: str) -> int:
+        return self.split_sizes[split] if family in self.families else 0
+
+    def read(self, split: str, family: str, start: int, stop: int
+             ) -> Iterator[SftExample | Skipped]:
+        for index in range(start, stop):
+            yield sft_examples.corpus_example(self.seed, split, index, self.image_size, family)
+
+    def report(self) -> dict | None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SftShardSpec:
+    family: str
+    split: str
+    index: int
+    num_shards: int
+    start: int
+    stop: int
+
+
+def plan_shards(source: Any, families: Sequence[str], splits: Sequence[str],
+                docs_per_shard: int) -> list[SftShardSpec]:
+    specs = []
+    for family in families:
+        for split in splits:
+            n = source.num_examples(split, family)
+            if not n:
+                continue
+            num = max(1, -(-n // docs_per_shard))
+            bounds = np.linspace(0, n, num + 1).astype(int)
+            specs += [SftShardSpec(family, split, i, num, int(bounds[i]), int(bounds[i + 1]))
+                      for i in range(num)]
+    return specs
+
+
+def shard_file(out_dir: str, spec: SftShardSpec) -> str:
+    return shards.shard_path(os.path.join(out_dir, spec.family), spec.split, spec.index,
+                             spec.num_shards)
+
+
+def encode_examples(examples: list[SftExample], vocab: MultimodalVocabulary, image_tokenizer
+                    ) -> list[np.ndarray]:
+    """The examples' ids, with all their images VQ-encoded in one call."""
+    pixels = []
+    for ex in examples:
+        pixels += ex.prompt.images()
+        if ex.prompt.output == "image":
+            pixels.append(ex.output)
+    codes = iter(image_tokenizer.encode(list(pixels))) if pixels else iter(())
+    out = []
+    for ex in examples:
+        prompt = ex.prompt.map_images(lambda _: next(codes))
+        output = next(codes) if prompt.output == "image" else ex.output
+        out.append(sft_prompts.example_ids(prompt, output, vocab))
+    return out
+
+
+@dataclasses.dataclass
+class SftShardWorker:
+    """What each Beam worker runs per shard (see `preprocess.ShardWorker`)."""
+
+    source: Any
+    image_tokenizer_fn: Callable
+    out_dir: str
+    batch_size: int
+    max_doc_tokens: int
+    gin_config: str = ""
+
+    def setup(self) -> None:
+        if self.gin_config and not gin.config_str():
+            gin.parse_config(self.gin_config)
+        self._vocab = MultimodalVocabulary(os.path.join(self.out_dir, "vocab"))
+        self._images = preprocess._image_tokenizer(self.image_tokenizer_fn)  # noqa: SLF001
+
+    def __call__(self, spec: SftShardSpec) -> dict:
+        skipped: dict[str, list[str]] = collections.defaultdict(list)
+
+        def batch_docs(batch):
+            for ex, ids in zip(batch, encode_examples(batch, self._vocab, self._images)):
+                if ids.size > self.max_doc_tokens:
+                    skipped["document_too_long"].append(ex.doc_id)
+                    continue
+                yield shards.TokenizedDocument(ex.doc_id, ids)
+
+        def docs():
+            batch = []
+            for ex in self.source.read(spec.split, spec.family, spec.start, spec.stop):
+                if isinstance(ex, Skipped):
+                    skipped[ex.reason].append(ex.doc_id)
+                    continue
+                batch.append(ex)
+                if len(batch) == self.batch_size:
+                    yield from batch_docs(batch)
+                    batch = []
+            if batch:
+                yield from batch_docs(batch)
+
+        final = shard_file(self.out_dir, spec)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        written = shards.write_records(docs(), final + ".tmp")
+        os.replace(final + ".tmp", final)
+        stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
+                 "skipped": dict(skipped)}
+        preprocess._write_json_atomic(final + ".stats.json", stats)  # noqa: SLF001
+        counters = {f"{spec.family}/documents": written}
+        counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
+        return {**stats, "counters": counters}
+
+
+def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
+    """`vocab_dir` copied to `out_dir/vocab`; an existing different copy is an error."""
+    target = os.path.join(out_dir, "vocab")
+    for name in VOCAB_FILES:
+        if not os.path.exists(os.path.join(vocab_dir, name)):
+            raise FileNotFoundError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
+                                    "give the vocab/ folder of the pretraining data.")
+    if os.path.exists(os.path.join(target, "layout.json")):
+        if not all(filecmp.cmp(os.path.join(vocab_dir, n), os.path.join(target, n),
+                               shallow=False) for n in VOCAB_FILES):
+            raise ValueError(f"{out_dir!r} was made with another vocabulary than {vocab_dir!r}; "
+                             "use a new output folder for a new vocabulary.")
+    else:
+        os.makedirs(target, exist_ok=True)
+        for name in VOCAB_FILES:
+            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(target, name))
+    return MultimodalVocabulary(target)
+
+
+def manifest(specs: Sequence[SftShardSpec], out_dir: str) -> dict:
+    """Per family, `preprocess.manifest`'s counts of its shards."""
+    families: dict = {}
+    for family in dict.fromkeys(s.family for s in specs):
+        mine = [s for s in specs if s.family == family]
+        families[family] = preprocess.manifest(mine, os.path.join(out_dir, family))["splits"]
+    return {"families": families, "shards": len(specs)}
+
+
+@gin.configurable(denylist=["model_dir"])
+def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = gin.REQUIRED,
+                   image_tokenizer_fn: Callable = gin.REQUIRED,
+                   families: Sequence[str] = sft_prompts.FAMILIES,
+                   splits: Sequence[str] = ("train", "validation", "test"),
+                   docs_per_shard: int = 1000, batch_size: int = 32, seq_len: int = 4096,
+                   runner: str = "DirectRunner", pipeline_options: Sequence[str] = ()) -> dict:
+    """Tokenizes `source`'s SFT examples into `model_dir`; returns the manifest.
+
+    Args:
+      model_dir: the SFT data folder (what `sft_data_dirs` points at).
+      vocab_dir: the pretraining data's `vocab/` (the base model's vocabulary).
+      source: `SyntheticSftSource()` or a public-format source (`sft_formats.py`).
+      image_tokenizer_fn: returns the pretraining data's `ImageTokenizer`.
+      families: which families to write. splits: which splits.
+      docs_per_shard, batch_size, runner, pipeline_options: as in `preprocess`.
+      seq_len: the training length; longer examples are skipped as document_too_long.
+    """
+    unknown = [f for f in families if f not in sft_prompts.FAMILIES]
+    if unknown:
+        raise ValueError(f"sft_preprocess.families: unknown {unknown}; the families are "
+                         f"{sft_prompts.FAMILIES}.")
+    vocab = copy_vocabulary(vocab_dir, model_dir)
+    images = preprocess._image_tokenizer(image_tokenizer_fn)  # noqa: SLF001
+    if vocab.layout.image_length != images.codes_per_image:
+        raise ValueError(f"{vocab_dir} expects {vocab.layout.image_length} codes per image but "
+                         f"the image tokenizer gives {images.codes_per_image}: use the "
+                         "tokenizer the pretraining data was made with.")
+    specs = plan_shards(source, families, splits, docs_per_shard)
+    todo = [s for s in specs if not os.path.exists(shard_file(model_dir, s) + ".stats.json")]
+    logging.info("sft_preprocess: %d shards, %d already done", len(specs),
+                 len(specs) - len(todo))
+    if todo:
+        worker = SftShardWorker(source, image_tokenizer_fn, model_dir, batch_size,
+                                AugmentConfig(seq_len=seq_len).budget, gin.config_str())
+        preprocess.run_pipeline(todo, worker, runner, pipeline_options, stage="SftTokenize")
+    result = manifest(specs, model_dir)
+    result["source_report"] = source.report()
+    shards.write_manifest(model_dir, result)
+    return result
+
+
+@gin.configurable
+def sft_vocab_dir(data_dir: str = gin.REQUIRED) -> str:
+    """The vocabulary folder of a pretraining data folder (`data_dir/vocab`)."""
+    return os.path.join(data_dir, "vocab")

@@ -1,0 +1,128 @@
+"""Frechet distance between feature distributions (FID), with cached reference statistics.
+
+    extract = InceptionFeatures(inception_weights.load(path))     # the standard FID
+    stats = reference_statistics("coco_val2014_30k.npz", lambda: coco_images, extract)
+    score = fid(extract(generated), stats)
+
+FID (Heusel et al. 2017) fits a Gaussian to each set's features and returns
+`|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`. Statistics are stored as `.npz` with
+keys `mu` and `sigma`, as pytorch-fid's `--save-stats` writes them, so files from either
+tool are interchangeable (when made with the same network and resize mode).
+
+With random Inception weights the number means nothing, so on the built-in corpus FID
+is also computed on the project's own trained retrieval image encoder
+(`EncoderFeatures`): comparable between runs of this project only, and reported as
+"FID (retrieval-encoder features)".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from scipy import linalg
+
+from cm3leon_jax.evaluation import inception
+
+
+class Statistics(NamedTuple):
+    """mu: f64[d] feature mean; sigma: f64[d, d] covariance (unbiased, rows are samples)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+
+
+def statistics(features: np.ndarray) -> Statistics:
+    """f32[n, d] features (n >= 2) -> their mean and covariance."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"FID statistics need features [n >= 2, d], got {features.shape}.")
+    return Statistics(features.mean(axis=0), np.cov(features, rowvar=False))
+
+
+def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
+    """The Frechet distance of two Gaussians; the matrix square root is retried with
+    `eps` on the diagonals when the product is singular (few samples, as pytorch-fid)."""
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise ValueError(f"statistics of different feature sizes: {a.mu.shape} vs "
+                         f"{b.mu.shape}; were they made with the same network?")
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(a.mu)) * eps
+        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: the matrix square root has an imaginary part of "
+                             f"{np.abs(covmean.imag).max():.3g}; use more samples.")
+        covmean = covmean.real
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def save_statistics(path: str, stats: Statistics) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma)
+
+
+def load_statistics(path: str) -> Statistics:
+    """An `.npz` with `mu` and `sigma` (pytorch-fid's --save-stats layout)."""
+    with np.load(path) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            raise ValueError(f"{path!r} has {z.files}, not FID statistics (mu, sigma).")
+        return Statistics(z["mu"], z["sigma"])
+
+
+def reference_statistics(cache_path: str | None, images: Callable[[], Any],
+                         extract: Callable[[np.ndarray], np.ndarray]) -> Statistics:
+    """Statistics of a reference set, read from `cache_path` if it exists, else computed
+    from `images()` (called only then) and written there."""
+    if cache_path and os.path.exists(cache_path):
+        return load_statistics(cache_path)
+    stats = statistics(extract(images()))
+    if cache_path:
+        save_statistics(cache_path, stats)
+    return stats
+
+
+def fid(features: np.ndarray, reference: Statistics) -> float:
+    """FID of f32[n, d] features against reference statistics."""
+    return frechet_distance(statistics(features), reference)
+
+
+class InceptionFeatures:
+    """uint8[n, h, w, 3] -> f32[n, 2048]: the FID Inception's pool features, in fixed
+    batches (one compile). resize: "pytorch_fid" (default) or "clean" (clean-fid's)."""
+
+    def __init__(self, variables: dict, batch_size: int = 50, resize: str = "pytorch_fid"):
+        if resize not in inception.RESIZE_MODES:
+            raise ValueError(f"resize={resize!r}; use one of {inception.RESIZE_MODES}.")
+        self.variables, self.batch_size, self.resize = variables, batch_size, resize
+        net = inception.FIDInception()
+        self._fn = jax.jit(lambda v, x: net.apply(v, x))
+
+    def __call__(self, images: Any) -> np.ndarray:
+        images = inception.check_images(images)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            pad = self.batch_size - len(chunk) if len(images) > self.batch_size else 0
+            if pad:  # Same shape as the other batches: no second compile.
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            x = inception.preprocess(chunk, self.resize)
+            out.append(np.asarray(self._fn(self.variables, x))[:len(chunk) - pad])
+        return np.concatenate(out)
+
+
+class EncoderFeatures:
+    """uint8[n, h, w, 3] -> f32[n, d]: a retrieval `DocumentEncoder`'s unit image vectors.
+    FID on these is this project's own measure, not comparable with published FID."""
+
+    def __init__(self, encoder: Any):
+        self.encoder = encoder
+
+    def __call__(self, images: Any) -> np.ndarray:
+        return self.encoder.embed_images(list(inception.check_images(images)))

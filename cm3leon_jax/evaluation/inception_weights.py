@@ -1,0 +1,88 @@
+"""pytorch-fid's Inception weights file -> the variables of `inception.FIDInception`.
+
+    variables = load("pt_inception-2015-12-05-6726825d.pth")
+
+The file is the state dict pytorch-fid downloads (the TensorFlow 2015 Inception graph
+ported to torch; FID's reference weights). Its keys are `<block>.<branch>.conv.weight`
+and `<block>.<branch>.bn.{weight,bias,running_mean,running_var}`; the 1008-way `fc`
+and `num_batches_tracked` are not needed for features. Nothing is downloaded: get the
+file once (it is public at github.com/mseitzer/pytorch-fid/releases, `fid_weights`)
+and point at it. Reading the `.pth` needs torch (the `ref` extra); a state dict that
+is already a mapping of arrays (e.g. saved with `np.savez`) needs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from cm3leon_jax.evaluation import inception
+
+_SKIPPED = ("fc.", "AuxLogits.")
+
+
+def _read(path: str) -> dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Inception weights {path!r} do not exist; download "
+                                "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
+                                "releases (fid_weights) and give its path.")
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError(f"reading {path!r} needs torch: pip install -e '.[ref]' (or "
+                          "convert the state dict to .npz once elsewhere).") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.numpy() for k, v in state.items()}
+
+
+def convert(state_dict: Mapping[str, Any]) -> dict:
+    """A pytorch-fid Inception state dict (name -> array) -> {"params", "batch_stats"}.
+
+    Every parameter the Flax network has must be there with the right shape; names
+    it does not know are an error too (a different network's file).
+    """
+    want = jax.eval_shape(inception.random_variables)
+    flat_want = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda s: s.shape, want),
+                                           sep="/")
+    flat: dict[str, np.ndarray] = {}
+    for name, value in state_dict.items():
+        if name.startswith(_SKIPPED) or name.endswith("num_batches_tracked"):
+            continue
+        value = np.asarray(value, np.float32)
+        *module, layer, field = name.split(".")
+        collection, leaf = {("conv", "weight"): ("params", "kernel"),
+                            ("bn", "weight"): ("params", "scale"),
+                            ("bn", "bias"): ("params", "bias"),
+                            ("bn", "running_mean"): ("batch_stats", "mean"),
+                            ("bn", "running_var"): ("batch_stats", "var")}.get(
+                                (layer, field), (None, None))
+        key = "/".join([collection or "?", *module, layer, leaf or field])
+        if key not in flat_want:
+            raise ValueError(f"{name!r} is not a weight of pytorch-fid's FID Inception; is "
+                             "this the pt_inception-2015-12-05 file?")
+        if field == "weight" and layer == "conv":
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        if value.shape != flat_want[key]:
+            raise ValueError(f"{name!r} has shape {value.shape}, the FID Inception expects "
+                             f"{flat_want[key]}.")
+        flat[key] = value
+    missing = sorted(set(flat_want) - set(flat))
+    if missing:
+        raise ValueError(f"the state dict lacks {len(missing)} weights, e.g. {missing[0]!r}.")
+    nested = traverse_util.unflatten_dict(flat, sep="/")
+    return jax.tree_util.tree_map(jnp.asarray, nested)
+
+
+def load(path: str) -> dict:
+    """pytorch-fid's `pt_inception-2015-12-05-*.pth` (or an .npz of its state dict) ->
+    the variables of `inception.FIDInception`."""
+    return convert(_read(path))

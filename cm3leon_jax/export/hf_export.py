@@ -1,0 +1,144 @@
+"""The Hugging Face layout: a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    write_hf("out/hf", config, params, vocab_dir=..., image_tokenizer=(vq_config, vq_params))
+
+    out/hf/config.json         OPTConfig (CM3Leon: bias-free, affine-free LayerNorm) or
+                               ChameleonConfig (+ vq_config and the vocabulary_map that
+                               tells it which ids are image codes)
+    out/hf/model.safetensors   the decoder (`model/hf_weights.py` names and layouts);
+                               Chameleon's also holds the VQ encoder as `model.vqmodel.*`
+    out/hf/vqgan.safetensors   the whole image tokenizer, decoder included (transformers
+                               keeps only the encoder, so images could not be drawn
+                               back), in the released `vqgan.ckpt` names; vqgan.json: its
+                               VQGANConfig
+    out/hf/cm3leon_vocab/      our vocabulary folder (ids are ours: `layout.json`)
+    out/hf/cm3leon_export.json the DecoderConfig and the step, so importing back is exact
+
+The files `transformers` does not know are ignored by it; `hf_import.py` reads them.
+Written through tf.io.gfile (gs:// works) and staged: complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from safetensors import numpy as st_numpy
+
+from cm3leon_jax.export import staging
+from cm3leon_jax.model import hf_weights
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.vocab import chameleon_vqgan_weights as vq_weights
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+WEIGHTS, CONFIG, VQGAN, VQGAN_CONFIG = ("model.safetensors", "config.json", "vqgan.safetensors",
+                                        "vqgan.json")
+VOCAB, OURS = "cm3leon_vocab", "cm3leon_export.json"
+_ARCHITECTURES = {"opt": ("OPTForCausalLM", "opt"),
+                  "chameleon": ("ChameleonForConditionalGeneration", "chameleon")}
+_DIGITS = "ABCDEFGHIJ"  # Chameleon spells image code 123 as "IMGIMGBCDZ".
+
+
+def family_of(config: DecoderConfig) -> str:
+    """"opt" for the CM3Leon variant (LayerNorm), "chameleon" for the successor."""
+    return "opt" if config.norm == "layernorm" else "chameleon"
+
+
+def image_token_name(code: int) -> str:
+    return "IMGIMG" + "".join(_DIGITS[int(d)] for d in str(code)) + "Z"
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    data = st_numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                         metadata={"format": "pt", **(metadata or {})})
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(data)
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: missing.")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return st_numpy.load(f.read())
+
+
+def vq_config_dict(vq: VQGANConfig) -> dict[str, Any] | None:
+    """transformers' ChameleonVQVAEConfig for our VQGAN, or None if it cannot express it
+    (its encoder has 32 GroupNorm groups and a middle attention block, always)."""
+    if vq.num_groups != 32 or not vq.mid_attention or vq.l2_normalize:
+        return None
+    return dict(embed_dim=vq.embed_dim, num_embeddings=vq.codebook_size, double_latent=False,
+                latent_channels=vq.latent_channels, resolution=vq.image_size,
+                in_channels=vq.in_channels, base_channels=vq.base_channels,
+                channel_multiplier=list(vq.channel_multipliers), num_res_blocks=vq.num_res_blocks,
+                attn_resolutions=[vq.image_size // 2 ** i for i in vq.attn_levels],
+                dropout=0.0, attn_type="vanilla")
+
+
+def _vocabulary_map(vocab_dir: str | None, vocab_size: int) -> dict[str, int]:
+    """Chameleon's `vocabulary_map`: image code names -> our ids (what marks them as image
+    tokens in transformers), and `<image>` -> our `<unk>` slot (a token never produced)."""
+    if not vocab_dir:
+        return {}
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+    layout = MultimodalVocabulary(vocab_dir).layout
+    if layout.vocab_size > vocab_size:
+        raise ValueError(f"the vocabulary {vocab_dir!r} has {layout.vocab_size} ids, the "
+                         f"model {vocab_size}: not the model's vocabulary.")
+    out = {image_token_name(c): layout.image_start + c for c in range(layout.image_codes)}
+    out["<image>"] = 4  # layout.UNK_ID
+    return out
+
+
+def hf_config(config: DecoderConfig, vocab_dir: str | None,
+              vq: VQGANConfig | None) -> dict[str, Any]:
+    family = family_of(config)
+    arch, model_type = _ARCHITECTURES[family]
+    out = dict(hf_weights.hf_config_kwargs(config, family), architectures=[arch],
+               model_type=model_type, torch_dtype=config.param_dtype,
+               pad_token_id=0, eos_token_id=1, bos_token_id=1)  # Our <pad>, <eos>.
+    if family == "chameleon":
+        out["vocabulary_map"] = _vocabulary_map(vocab_dir, config.vocab_size)
+        vq_dict = vq_config_dict(vq) if vq is not None else None
+        if vq_dict is not None:
+            out["vq_config"] = vq_dict
+    return out
+
+
+def _vqmodel_tensors(vq_params: Any) -> dict[str, np.ndarray]:
+    """The VQ encoder half under `model.vqmodel.` (what ChameleonVQVAE holds)."""
+    sd = vq_weights.state_dict_from_params(vq_params)
+    return {f"model.vqmodel.{k}": v for k, v in sd.items() if not k.startswith("decoder.")}
+
+
+def write_hf(output_dir: str, config: DecoderConfig, params: Any, *, vocab_dir: str | None = None,
+             image_tokenizer: tuple[VQGANConfig, Any] | None = None, overwrite: bool = False,
+             source: str = "", step: int | None = None) -> dict[str, Any]:
+    """Writes the folder described in the module docstring; returns its config.json."""
+    family = family_of(config)
+    tensors = hf_weights.to_hf(params, config, family)
+    if config.tie_embeddings:
+        del tensors["lm_head.weight"]  # transformers ties it; a saved copy would be a 2nd one.
+    vq_config, vq_params = image_tokenizer or (None, None)
+    cfg = hf_config(config, vocab_dir, vq_config)
+    if family == "chameleon" and "vq_config" in cfg:
+        tensors.update({k: v.astype(next(iter(tensors.values())).dtype)
+                        for k, v in _vqmodel_tensors(vq_params).items()})
+    with staging.staged(output_dir, overwrite) as tmp:
+        write_safetensors(f"{tmp}/{WEIGHTS}", tensors)
+        with tf.io.gfile.GFile(f"{tmp}/{CONFIG}", "w") as f:
+            json.dump(cfg, f, indent=1, sort_keys=True)
+        if vq_config is not None:
+            write_safetensors(f"{tmp}/{VQGAN}", vq_weights.state_dict_from_params(vq_params))
+            with tf.io.gfile.GFile(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
+                json.dump(vq_config.to_dict(), f, indent=1)
+        if vocab_dir:
+            staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
+        with tf.io.gfile.GFile(f"{tmp}/{OURS}", "w") as f:
+            json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
+                       "source": source, "family": family}, f, indent=1)
+    return cfg

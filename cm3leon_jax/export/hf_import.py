@@ -1,0 +1,143 @@
+"""A Hugging Face folder (OPT or Chameleon, safetensors) -> our params and config.
+
+    config, params, extras = read_hf("out/hf")
+
+Reads what `hf_export.write_hf` writes, and any `transformers` folder of those two
+architectures whose weights are safetensors (one `model.safetensors`, or shards listed
+in `model.safetensors.index.json`). When the folder carries our own files
+(`cm3leon_export.json`, `cm3leon_vocab/`, `vqgan.safetensors`) the import is exact:
+the same DecoderConfig, vocabulary and image tokenizer (decoder included) come back.
+Without them the DecoderConfig is derived from config.json (`hf_weights` decides
+what is expressible) and no vocabulary comes with it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tensorflow as tf
+
+from cm3leon_jax.export import hf_export
+from cm3leon_jax.model import hf_weights
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.vocab import chameleon_vqgan_weights as vq_weights
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+INDEX = "model.safetensors.index.json"
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "relu": "relu", "silu": "silu"}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: missing.")
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from None
+
+
+def is_hf_folder(path: str) -> bool:
+    cfg = f"{path}/{hf_export.CONFIG}"
+    if not tf.io.gfile.exists(cfg):
+        return False
+    try:
+        return read_json(cfg).get("model_type") in ("opt", "chameleon")
+    except ValueError:
+        return False
+
+
+def _family(hf: dict[str, Any], where: str) -> str:
+    family = hf.get("model_type")
+    if family not in ("opt", "chameleon"):
+        raise ValueError(f"{where}: model_type {family!r}; only 'opt' (CM3Leon) and "
+                         "'chameleon' folders can be imported.")
+    return family
+
+
+def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
+    """The DecoderConfig that a transformers config.json describes."""
+    family = _family(hf, where)
+    dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
+    common = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                  num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                  max_length=hf.get("max_position_embeddings", 4096),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", family == "opt")),
+                  param_dtype=dtype)
+    if family == "opt":
+        bad = {k: hf.get(k) for k, ok in (("enable_bias", False), ("do_layer_norm_before", True))
+               if hf.get(k, ok) != ok}
+        if hf.get("word_embed_proj_dim", hf["hidden_size"]) != hf["hidden_size"]:
+            bad["word_embed_proj_dim"] = hf["word_embed_proj_dim"]
+        act = hf.get("activation_function", "relu")
+        if act not in _ACTIVATIONS:
+            bad["activation_function"] = act
+        if bad:
+            raise ValueError(f"{where}: this OPT model has {bad}; the CM3Leon decoder is "
+                             "pre-norm with no biases, a projection-free embedding and GELU/ReLU.")
+        return DecoderConfig(**common, mlp_dim=hf["ffn_dim"], norm="layernorm",
+                             norm_params=bool(hf.get("layer_norm_elementwise_affine", True)),
+                             mlp_activation=_ACTIVATIONS[act])
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return DecoderConfig(**common, mlp_dim=hf["intermediate_size"],
+                         num_kv_heads=hf.get("num_key_value_heads"), norm="rmsnorm",
+                         norm_params=True, norm_eps=hf.get("rms_norm_eps", 1e-5),
+                         mlp_activation="silu", gated_mlp=True, position_embedding="rope",
+                         rope_theta=float(theta), qk_norm=True,
+                         block_order="swin" if hf.get("swin_norm") else "pre")
+
+
+def read_weights(path: str) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors file(s), by name."""
+    single, index = f"{path}/{hf_export.WEIGHTS}", f"{path}/{INDEX}"
+    if tf.io.gfile.exists(single):
+        return hf_export.read_safetensors(single)
+    if not tf.io.gfile.exists(index):
+        raise FileNotFoundError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
+                                "safetensors weights are read (convert .bin files first).")
+    out = {}
+    for shard in sorted(set(read_json(index)["weight_map"].values())):
+        out.update(hf_export.read_safetensors(f"{path}/{shard}"))  # Names a missing shard.
+    return out
+
+
+def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
+    """The whole VQGAN saved beside the model (`vqgan.safetensors`), or None."""
+    weights = f"{path}/{hf_export.VQGAN}"
+    if not tf.io.gfile.exists(weights):
+        return None
+    cfg = VQGANConfig.from_dict(read_json(f"{path}/{hf_export.VQGAN_CONFIG}"))
+    try:
+        params, cfg = vq_weights.params_from_state_dict(hf_export.read_safetensors(weights), cfg)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
+    return cfg, params
+
+
+def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
+    """(config, params, extras) of a HF folder; extras: vocab_dir, image_tokenizer, step."""
+    path = path.rstrip("/")
+    hf = read_json(f"{path}/{hf_export.CONFIG}")
+    family = _family(hf, f"{path}/{hf_export.CONFIG}")
+    ours = f"{path}/{hf_export.OURS}"
+    meta = read_json(ours) if tf.io.gfile.exists(ours) else {}
+    if meta:
+        config = pc.config_from_dict(meta["decoder_config"], ours)
+    else:
+        config = config_from_hf(hf, f"{path}/{hf_export.CONFIG}")
+    state_dict = read_weights(path)
+    try:
+        params = hf_weights.from_hf(state_dict, config, family)
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ValueError(f"{path}: {msg}") from None
+    vocab = f"{path}/{hf_export.VOCAB}"
+    extras = {"vocab_dir": vocab if tf.io.gfile.isdir(vocab) else None,
+              "image_tokenizer": read_image_tokenizer(path), "step": meta.get("step"),
+              "family": family}
+    return config, params, extras

@@ -1,0 +1,96 @@
+"""The `import_weights` run mode: weights from elsewhere -> a params-only export.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/export.gin \
+        --gin.MODEL_DIR="'runs/import'" --gin.run.mode=@import_weights \
+        --gin.import_weights.source="'/data/chameleon'"
+
+Layouts (`layout="auto"` tells them apart by their files):
+    "params"     our own export (manifest.json): re-exported, e.g. in another dtype
+    "hf"         a transformers folder (config.json with model_type opt or chameleon,
+                 safetensors weights): `hf_import.py`
+    "chameleon"  the original Chameleon release: models/<size>/params.json +
+                 consolidated*.pth, tokenizer/{vqgan.ckpt, vqgan.yaml, text_tokenizer.json}
+                 (`chameleon_release.py`)
+The result (MODEL_DIR/import, or `output_dir`) loads with `restore_decoder` and
+generates with the `generate` run mode (checkpoint, vocab_dir and image tokenizer all
+inside it). Staged: a failed import leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gin
+import tensorflow as tf
+
+from cm3leon_jax.export import hf_import, params_export, staging
+from cm3leon_jax.train import params_checkpoint as pc
+
+LAYOUTS = ("params", "hf")
+
+
+def detect_layout(path: str) -> str:
+    """Which known layout the folder `path` is in; raises naming what it found."""
+    path = path.rstrip("/")
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a folder; give the folder of the weights.")
+    if pc.is_export(path):
+        return "params"
+    if hf_import.is_hf_folder(path):
+        return "hf"
+    found = sorted(tf.io.gfile.listdir(path))[:12]
+    raise ValueError(f"{path!r} is in no layout this importer knows (found {found}). Known: "
+                     "a params-only export (manifest.json); a transformers folder (config.json "
+                     "with model_type 'opt' or 'chameleon' + model.safetensors); the Chameleon "
+                     "release (params.json + consolidated*.pth, under models/<size>/ or "
+                     "directly, with tokenizer/ beside).")
+
+
+def read(path: str, layout: str = "auto", **kwargs: Any):
+    """(config, params, extras) of the weights at `path`; extras as in `hf_import.read_hf`."""
+    layout = detect_layout(path) if layout == "auto" else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"import_weights.layout={layout!r}; choose 'auto' or one of {LAYOUTS}.")
+    if layout == "params":
+        config, params, step = pc.load_decoder(path)
+        manifest = pc.read_manifest(path)
+        root = path.rstrip("/")
+        extras = {"vocab_dir": f"{root}/{manifest['vocab']}" if manifest["vocab"] else None,
+                  "image_tokenizer": None, "step": step,
+                  "image_tokenizer_dir": (f"{root}/{manifest['image_tokenizer']}"
+                                          if manifest["image_tokenizer"] else None)}
+        return config, params, extras
+    return hf_import.read_hf(path)
+
+
+@gin.configurable(denylist=["model_dir"])
+def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = "auto",
+                   output_dir: str | None = None, dtype: str | None = None,
+                   overwrite: bool = False, model_size: str | None = None) -> dict[str, Any]:
+    """Imports `source` into a params-only export; returns its manifest.
+
+    Args:
+      model_dir: this run's folder; the export goes to `output_dir` or MODEL_DIR/import.
+      source: the folder to import (local or gs://).
+      layout: "auto", or one of LAYOUTS.
+      dtype: cast the parameters ("float32", "bfloat16", "float16"); None: as stored.
+      overwrite: replace an existing output folder.
+      model_size: for a Chameleon release holding several models/<size>/, which one.
+    """
+    output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/import", overwrite)
+    kwargs = {"model_size": model_size} if model_size else {}
+    layout = detect_layout(source) if layout == "auto" else layout
+    config, params, extras = read(source, layout, **kwargs)
+    params, config = params_export.cast(params, config, dtype)
+    tokenizer = extras.get("image_tokenizer")
+    if tokenizer is None and extras.get("image_tokenizer_dir"):
+        from cm3leon_jax.vocab import vqgan_checkpoint
+        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(extras["image_tokenizer_dir"])
+        tokenizer = (vq_config, vq_params)
+    manifest = params_export.write_export(
+        output_dir, config, params, step=extras.get("step"), source=source,
+        vocab_dir=extras.get("vocab_dir"), write_vocab=extras.get("write_vocab"),
+        image_tokenizer=tokenizer, overwrite=overwrite,
+        extra={"imported_from": layout})
+    print(f"[import_weights] {source} -> {output_dir} ({config.param_dtype})", flush=True)
+    return manifest

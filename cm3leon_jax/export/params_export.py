@@ -1,0 +1,120 @@
+"""The `export` run mode: a training checkpoint -> a params-only export (or the HF layout).
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/export.gin \
+        --gin.MODEL_DIR="'runs/export'" --gin.export.checkpoint="'runs/demo/pretrain'"
+
+Reads only the parameters of the training checkpoint (the optimizer state stays on
+disk), sharded over the gin-bound mesh so nothing larger than a shard lands on one
+host, casts them to `dtype`, and writes a folder that is complete or absent
+(`staging.py`): the params-only layout of `train/params_checkpoint.py` with a
+manifest (DecoderConfig, dtype, step, source, sha256 of every file), plus a copy of
+the vocabulary and of the image tokenizer when given. `layout="hf"` writes the
+`transformers` layout instead (`hf_export.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from cm3leon_jax.decode import restore
+from cm3leon_jax.export import staging
+from cm3leon_jax.model import partitioning
+from cm3leon_jax.model.config import DTYPES, DecoderConfig
+from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.vocab import vqgan_checkpoint
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+log = logging.getLogger(__name__)
+LAYOUTS = ("params", "hf")
+
+
+def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, DecoderConfig]:
+    """Params and config in `dtype` (None: unchanged); sharded arrays stay sharded."""
+    if dtype is None or dtype == config.param_dtype:
+        return params, config
+    if dtype not in DTYPES:
+        raise ValueError(f"export: dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
+    params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+    return params, config.replace(param_dtype=dtype)
+
+
+def write_image_tokenizer(dst: str, config: VQGANConfig, params: Any) -> None:
+    """An image tokenizer checkpoint that `load_image_tokenizer.checkpoint=dst` reads."""
+    mngr = vqgan_checkpoint.manager(dst, max_to_keep=None)
+    vqgan_checkpoint.save(mngr, 0, config, params)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: int | None,
+                 source: str, vocab_dir: str | None = None,
+                 image_tokenizer: tuple[VQGANConfig, Any] | None = None,
+                 write_vocab=None, overwrite: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes a params-only export folder, all or nothing; returns its manifest.
+
+    Args:
+      vocab_dir: a vocabulary folder to copy into `vocab/`; or `write_vocab(dst)`, a
+        function that writes one there (imports build theirs).
+      image_tokenizer: (VQGANConfig, params) to store under `image_tokenizer/`.
+    """
+    # Imports hold numpy arrays; orbax restores what it saved as jax.Arrays onto any mesh.
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+    with staging.staged(output_dir, overwrite) as tmp:
+        pc.save_params(f"{tmp}/{pc.PARAMS}", params)
+        if vocab_dir:
+            staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
+        elif write_vocab is not None:
+            write_vocab(f"{tmp}/{pc.VOCAB}")
+        if image_tokenizer is not None:
+            write_image_tokenizer(f"{tmp}/{pc.IMAGE_TOKENIZER}", *image_tokenizer)
+        return pc.write_manifest(tmp, config, step=step, source=source, extra=extra)
+
+
+@gin.configurable(denylist=["model_dir"])
+def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | None = None,
+           layout: str = "params", dtype: str | None = "bfloat16", step: int | None = None,
+           vocab_dir: str | None = None, image_tokenizer_dir: str | None = None,
+           overwrite: bool = False, shard: bool = True,
+           config: DecoderConfig | None = None) -> dict[str, Any]:
+    """Exports a training checkpoint; returns the manifest (or the HF summary).
+
+    Args:
+      model_dir: this run's folder; the export goes to `output_dir` or MODEL_DIR/export.
+      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from gin (as trained).
+      layout: "params" (params-only orbax + manifest) or "hf" (safetensors for
+        `transformers`: OPTForCausalLM or ChameleonForConditionalGeneration).
+      dtype: "float32", "bfloat16" or "float16"; None keeps the trained param_dtype.
+      step: which checkpoint (None: the newest).
+      vocab_dir / image_tokenizer_dir: the vocabulary folder and the image tokenizer's
+        MODEL_DIR, copied into the export so it is self-contained.
+      overwrite: replace an existing output folder (otherwise refused).
+      shard: restore over the gin-bound mesh (`make_mesh`) rather than one device.
+      config: the decoder as trained; None: `DecoderConfig()` as bound by gin.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
+    output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/export", overwrite)
+    mesh = partitioning.make_mesh() if shard else None
+    config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)
+    params, config = cast(params, config, dtype)
+    tokenizer = None
+    if image_tokenizer_dir:
+        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir)
+        tokenizer = (vq_config, vq_params)
+    if layout == "hf":
+        from cm3leon_jax.export import hf_export
+        out = hf_export.write_hf(output_dir, config, params, vocab_dir=vocab_dir,
+                                 image_tokenizer=tokenizer, overwrite=overwrite,
+                                 source=checkpoint, step=got_step)
+    else:
+        out = write_export(output_dir, config, params, step=got_step, source=checkpoint,
+                           vocab_dir=vocab_dir, image_tokenizer=tokenizer, overwrite=overwrite)
+    print(f"[export] step {got_step} of {checkpoint} -> {output_dir} ({layout}, "
+          f"{config.param_dtype})", flush=True)
+    return out

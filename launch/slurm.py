@@ -1,0 +1,69 @@
+r"""Submit a run to a SLURM GPU cluster: `sbatch launch/slurm_gpu.sbatch` with the job's shape.
+
+    python -m launch.slurm gin_configs/pods/cm3leon_350m_8gpu.gin /shared/runs/350m \
+        --nodes=2 --gpus_per_node=8 [--partition=P] [--account=A] [--time=2-00:00:00] \
+        [--gin.KEY=VALUE ...] [--dry_run]
+
+One task per GPU (`--ntasks-per-node` = `--gpus-per-node`); the script's `srun` starts
+them, and `jax.distributed.initialize()` discovers the job from SLURM and gives each
+task the GPU of its local rank (see launch/slurm_gpu.sbatch). Submitted from the
+repository root (`--chdir`), so every node runs this checkout's code and `.venv`:
+the repository must be on a file system all nodes share. MODEL_DIR: a shared folder
+or `gs://`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+from launch import common
+
+SCRIPT = os.path.join("launch", "slurm_gpu.sbatch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.slurm",
+                                     description=__doc__.split("\n\n")[0])
+    common.add_run_args(parser, "the run's MODEL_DIR: a folder every node sees, or gs://")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus_per_node", type=int, default=8)
+    parser.add_argument("--cpus_per_task", type=int, default=8)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00")
+    parser.add_argument("--job_name", default="cm3leon")
+    parser.add_argument("--python", default=None,
+                        help="the Python on the nodes (default: the repository's .venv)")
+    return parser
+
+
+def sbatch_argv(args) -> list[str]:
+    """argv of the `sbatch` command: the job's shape, the script, then its arguments."""
+    if args.extra_gin_files:
+        raise common.LaunchError("launch.slurm takes one gin file: include the others from it "
+                                 "(gin's `include`), or pass bindings as --gin.KEY=VALUE")
+    for name in ("nodes", "gpus_per_node", "cpus_per_task"):
+        if getattr(args, name) < 1:
+            raise common.LaunchError(f"--{name}={getattr(args, name)}: must be >= 1")
+    argv = ["sbatch", f"--chdir={common.REPO}", f"--job-name={args.job_name}",
+            f"--nodes={args.nodes}", f"--ntasks-per-node={args.gpus_per_node}",
+            f"--gpus-per-node={args.gpus_per_node}", f"--cpus-per-task={args.cpus_per_task}",
+            f"--output={os.path.join(common.REPO, 'slurm-%j.out')}"]
+    argv += [f"--{k}={v}" for k, v in (("partition", args.partition),
+                                       ("account", args.account), ("time", args.time)) if v]
+    if args.python:
+        argv.append(f"--export=ALL,CM3LEON_PYTHON={args.python}")
+    return argv + [SCRIPT, args.gin_file, args.model_dir, *args.overrides]
+
+
+def launch(argv: Sequence[str] | None = None) -> int:
+    args = common.parse(build_parser(), argv)
+    common.check_gin_files([args.gin_file])
+    common.Runner(args.dry_run).run(sbatch_argv(args), cwd=common.REPO)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_main(launch))

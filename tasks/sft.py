@@ -1,0 +1,104 @@
+"""SFT tasks: one per instruction family (paper Table 5), and their mixtures.
+
+Each task reads `{sft_data_dirs.<corpus>}/{family}/{split}-*.tfrecord` (written by the
+`sft_preprocess` mode, see `cm3leon_jax/data/sft_preprocess.py`), whose records are
+whole `instruction <break> inputs <break> output` examples (`data/sft_prompts.py`),
+applies the CM3 transform over the whole sequence (the pretraining preprocessor with no
+retrieved documents) and yields `targets` + `loss_weights` for `CM3FeatureConverter`,
+which packs them like pretraining. Seeds and caching work as for `tasks.pretrain`.
+
+    task                                  family
+    cm3leon_sft_<family>                  each of sft_prompts.FAMILIES, built-in corpus
+    cm3leon_sft_user_<family>             the same over a user's SFT folder
+    cm3leon_sft_mix                       every built-in family, rates from gin
+                                          (`sft_mixture_rates.rates`)
+    cm3leon_sft_user_mix                  every user family, the same rates
+
+Every family of a mixture is opened, even at rate 0, so its folder must exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gin
+import seqio
+
+from cm3leon_jax.data import preprocessors, shards
+from cm3leon_jax.data.sft_prompts import FAMILIES
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+SPLITS = ("train", "validation", "test")
+# Image-output families come first in the paper's list; defaults weigh every family
+# equally except the four condition kinds, which share one "condition -> image" slot.
+DEFAULT_RATES = {f: (0.25 if f.endswith("_to_image") and f != "boxes_to_image" else 1.0)
+                 for f in FAMILIES}
+
+
+@gin.configurable
+def sft_data_dirs(synthetic: str = os.environ.get("CM3LEON_SFT_DATA_DIR",
+                                                  "runs/demo/sft_data"),
+                  user: str | None = None) -> dict[str, str | None]:
+    """Where the SFT shards live (bind in gin: `sft_data_dirs.user = '...'`)."""
+    return {"synthetic": synthetic, "user": user}
+
+
+@gin.configurable
+def sft_mixture_rates(rates: dict | None = None) -> dict[str, float]:
+    """Mixing rate of each family (examples drawn in proportion); unnamed ones keep
+    DEFAULT_RATES."""
+    out = dict(DEFAULT_RATES)
+    for family, rate in (rates or {}).items():
+        if family not in out:
+            raise ValueError(f"sft_mixture_rates.rates names {family!r}; the families are "
+                             f"{FAMILIES}.")
+        if rate < 0:
+            raise ValueError(f"sft_mixture_rates.rates[{family!r}]={rate}; rates are >= 0.")
+        out[family] = float(rate)
+    return out
+
+
+def _data_dir(corpus: str) -> str:
+    directory = sft_data_dirs()[corpus]
+    if not directory:
+        raise ValueError(f"no SFT data folder for the {corpus!r} corpus: bind "
+                         f"`sft_data_dirs.{corpus} = '/path/to/sft_data'` in gin (the output "
+                         "folder of the sft_preprocess mode).")
+    return directory
+
+
+def _read(split: str, shuffle_files: bool, seed: int | None = None, *, corpus: str,
+          family: str):
+    del shuffle_files, seed  # Shard order is fixed; seqio shuffles examples.
+    return shards.read_split(os.path.join(_data_dir(corpus), family), split)
+
+
+def _rate(task: seqio.Task, family: str) -> float:
+    del task
+    return sft_mixture_rates()[family]
+
+
+def _register(prefix: str, corpus: str) -> None:
+    vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
+    no_retrieval = functools.partial(preprocessors.retrieval_augment, k_probs=(1.0,))
+    for family in FAMILIES:
+        seqio.TaskRegistry.add(
+            f"{prefix}_{family}",
+            source=seqio.FunctionDataSource(
+                dataset_fn=functools.partial(_read, corpus=corpus, family=family),
+                splits=SPLITS),
+            preprocessors=[seqio.CacheDatasetPlaceholder(), no_retrieval],
+            output_features={
+                "targets": seqio.Feature(vocab, add_eos=False, dtype="int32"),
+                "loss_weights": seqio.Feature(seqio.PassThroughVocabulary(2),
+                                              add_eos=False, dtype="int32"),
+            },
+        )
+    seqio.MixtureRegistry.add(
+        f"{prefix}_mix",
+        [(f"{prefix}_{f}", functools.partial(_rate, family=f)) for f in FAMILIES])
+
+
+_register("cm3leon_sft", "synthetic")
+_register("cm3leon_sft_user", "user")

@@ -1,0 +1,83 @@
+"""Shared fixtures of the export tests: a training run's checkpoints, a vocabulary and an
+image tokenizer, all tiny (written once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from cm3leon_jax.train import checkpoints, optimizer
+from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.vocab import vqgan_checkpoint
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+from tests.model.model_testlib import random_params, tiny_config
+
+CONFIG = tiny_config()
+TINY_VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2),
+                      num_res_blocks=1, attn_levels=(), mid_attention=True, latent_channels=8,
+                      embed_dim=4, codebook_size=32, num_groups=4)
+TEXTS = [f"a {c} {s} {r} a {c2} {s2}" for c in ("red", "blue", "green")
+         for s in ("circle", "star") for r in ("above", "left of")
+         for c2 in ("yellow", "purple") for s2 in ("square", "triangle")]
+
+
+class DataPosition:
+    """The trainer saves its data iterator beside the state; exports never read it."""
+
+    def save(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "position.txt"), "w") as f:
+            f.write("0")
+
+    def restore(self, directory):
+        pass
+
+
+@pytest.fixture(scope="session")
+def train_run(tmp_path_factory):
+    """(MODEL_DIR, params) of a train run with a checkpoint at step 3 (params + Adam)."""
+    model_dir = tmp_path_factory.mktemp("train_run")
+    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
+    ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"), save_every=1,
+                                    async_save=False)
+    params = random_params(CONFIG, seed=3)
+    state = state_lib.TrainState(step=jnp.int32(3), params=params, opt_state=tx.init(params))
+    ckpt.save(3, state, DataPosition())
+    ckpt.close()
+    return str(model_dir), params
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("vocab"))
+    MultimodalVocabulary.create(directory, TextTokenizer.train(TEXTS, vocab_size=280),
+                                image_codes=32, num_sentinels=4, image_length=16)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def image_tokenizer_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("image_tokenizer"))
+    tok = ImageTokenizer.random_init(TINY_VQ, seed=1)
+    mngr = vqgan_checkpoint.manager(directory)
+    vqgan_checkpoint.save(mngr, 5, TINY_VQ, tok.params)
+    mngr.wait_until_finished()
+    mngr.close()
+    return directory
+
+
+# The HF Chameleon VQ encoder has 32 GroupNorm groups and middle attention, always.
+HF_VQ = VQGANConfig(image_size=8, base_channels=32, channel_multipliers=(1, 1),
+                    num_res_blocks=1, attn_levels=(), mid_attention=True, latent_channels=32,
+                    embed_dim=4, codebook_size=32, num_groups=32)
+
+
+@pytest.fixture(scope="session")
+def hf_image_tokenizer():
+    """(config, params) of a random VQGAN that transformers' Chameleon can hold."""
+    return HF_VQ, ImageTokenizer.random_init(HF_VQ, seed=2).params

@@ -1,0 +1,146 @@
+"""The Hugging Face layout: transformers loads our folders and gives our logits; we read
+them back exactly. Tiny random configs; the reference is transformers itself (f32)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from cm3leon_jax.export import hf_export, hf_import
+from cm3leon_jax.model import hf_weights
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
+
+RTOL = 1e-4
+
+
+def _tokens(config, seed=0):
+    return np.random.default_rng(seed).integers(0, config.vocab_size, (2, 20))
+
+
+def _relative_error(ours, theirs):
+    return np.abs(ours - theirs).max() / np.abs(theirs).max()
+
+
+def _assert_same_tree(got, want):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got, want)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cm3leon_loads_as_opt_and_comes_back(tie, vocab_dir, tmp_path):
+    config = tiny_config(tie_embeddings=tie)
+    params = random_params(config, seed=5)
+    out = str(tmp_path / "hf")
+    cfg = hf_export.write_hf(out, config, params, vocab_dir=vocab_dir, step=9)
+    assert cfg["architectures"] == ["OPTForCausalLM"] and cfg["enable_bias"] is False
+    assert cfg["layer_norm_elementwise_affine"] is False
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "OPTForCausalLM"
+    tokens = _tokens(config)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    assert _relative_error(np.asarray(forward(config)(params, tokens)), theirs) <= RTOL
+
+    back, got_params, extras = hf_import.read_hf(out)
+    assert back == config and extras["step"] == 9
+    _assert_same_tree(got_params, params)
+    assert MultimodalVocabulary(extras["vocab_dir"]).layout == \
+        MultimodalVocabulary(vocab_dir).layout
+
+
+def test_successor_loads_as_chameleon_with_its_vq_model(vocab_dir, hf_image_tokenizer, tmp_path):
+    config = tiny_chameleon(block_order="swin")
+    params = random_params(config, seed=6)
+    vq_config, vq_params = hf_image_tokenizer
+    out = str(tmp_path / "hf")
+    hf_export.write_hf(out, config, params, vocab_dir=vocab_dir,
+                       image_tokenizer=hf_image_tokenizer)
+
+    model = transformers.ChameleonForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager").eval()
+    tokens = _tokens(config, seed=1)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(forward(config)(params, tokens))
+    layout = MultimodalVocabulary(vocab_dir).layout
+    # transformers' Chameleon masks the image tokens' logits (it generates text only):
+    # that it masks exactly ours shows the vocabulary_map names our image ids.
+    image_ids = np.arange(layout.image_start, layout.used_size)
+    assert (theirs[..., image_ids] == np.finfo(np.float32).min).all()
+    text = np.setdiff1d(np.arange(config.vocab_size), image_ids)
+    assert _relative_error(ours[..., text], theirs[..., text]) <= RTOL
+
+    # Its VQ encoder + vocabulary_map turn pixels into our image ids.
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
+    codes = ImageTokenizer(vq_config, vq_params).encode(pixels)
+    with torch.no_grad():
+        x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+        hf_ids = model.model.get_image_tokens(x).numpy()
+    np.testing.assert_array_equal(hf_ids, layout.codes_to_ids(codes))
+
+    back, got_params, extras = hf_import.read_hf(out)
+    assert back == config
+    _assert_same_tree(got_params, params)
+    got_vq_config, got_vq_params = extras["image_tokenizer"]
+    assert got_vq_config == vq_config
+    _assert_same_tree(got_vq_params, vq_params)  # The decoder too, which transformers drops.
+
+
+def test_a_plain_transformers_folder_imports_from_its_config(tmp_path):
+    config = tiny_config(tie_embeddings=False, norm_params=True)
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(
+        **hf_weights.hf_config_kwargs(config, "opt")))
+    hf.save_pretrained(str(tmp_path / "opt"))
+    back, params, extras = hf_import.read_hf(str(tmp_path / "opt"))
+    assert back == config and extras["vocab_dir"] is None
+    _assert_same_tree(params, hf_weights.from_hf(hf.state_dict(), config, "opt"))
+
+
+def test_bad_folders_name_the_file_and_tensor(tmp_path):
+    config = tiny_config()
+    out = tmp_path / "hf"
+    hf_export.write_hf(str(out), config, random_params(config))
+    tensors = hf_export.read_safetensors(str(out / "model.safetensors"))
+    tensors["model.decoder.layers.1.fc1.weight"] = np.zeros((3, 64), np.float32)
+    hf_export.write_safetensors(str(out / "model.safetensors"), tensors)
+    with pytest.raises(ValueError, match=r"hf.*layers\.1\.fc1\.weight.*\(3, 64\)"):
+        hf_import.read_hf(str(out))
+    os.remove(out / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        hf_import.read_hf(str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    with pytest.raises(ValueError, match="config.json: model_type 'llama'"):
+        hf_import.read_hf(str(out))
+    with pytest.raises(FileExistsError, match="already exists"):
+        hf_export.write_hf(str(out), config, random_params(config))
+
+
+def test_export_and_import_run_modes_round_trip_through_hf(train_run, vocab_dir, tmp_path):
+    from cm3leon_jax.decode.restore import restore_decoder
+    from cm3leon_jax.export import import_run, params_export
+    from tests.export.conftest import CONFIG
+    hf_dir = str(tmp_path / "hf")
+    params_export.export("unused", checkpoint=train_run[0], output_dir=hf_dir, layout="hf",
+                         dtype=None, vocab_dir=vocab_dir, shard=False, config=CONFIG)
+    assert import_run.detect_layout(hf_dir) == "hf"
+    manifest = import_run.import_weights(str(tmp_path / "run"), source=hf_dir)
+    assert manifest["imported_from"] == "hf" and manifest["step"] == 3
+    assert manifest["vocab"] == "vocab"
+    config, params, step = restore_decoder(str(tmp_path / "run" / "import"))
+    assert (config, step) == (CONFIG, 3)
+    _assert_same_tree(params, train_run[1])
+    with pytest.raises(ValueError, match=r"in no layout this importer knows \(found \['x.txt'\]"):
+        (tmp_path / "junk").mkdir()
+        (tmp_path / "junk" / "x.txt").write_text("")
+        import_run.import_weights(str(tmp_path / "run2"), source=str(tmp_path / "junk"))
+    assert not (tmp_path / "run2").exists()

@@ -1,0 +1,218 @@
+"""The cloud launchers' commands, as `--dry_run` prints them (nothing reaches a cloud).
+
+Each test parses the printed lines back the way a shell would and checks that the
+host command line inside them is `python -m cm3leon_jax.main` with the run's gin
+file, MODEL_DIR and every `--gin.KEY='...'` override unchanged, so quoting survives
+every layer (local shell, gcloud's remote shell, xpk's container bash and YAML).
+"""
+
+import ast
+import contextlib
+import io
+import os
+import shlex
+import stat
+import subprocess
+
+import pytest
+import yaml
+
+from cm3leon_jax import main as main_lib
+from launch import common, dataflow, local, slurm, tpu_vm, xpk
+
+GIN = "gin_configs/train/cm3leon_7b.gin"
+OVERRIDES = ["--gin.train.task='cm3leon_user'", "--gin.train.num_steps=10",
+             """--gin.Checkpointer.note='it''s "x" $HOME \\n'"""]
+
+
+def dry_run(module, *args) -> list[str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert module.launch([*args, *OVERRIDES, "--dry_run"]) == 0
+    return out.getvalue().splitlines()
+
+
+def bindings(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(gin files, bindings) of a `python -m cm3leon_jax.main` argv, as main parses them."""
+    i = argv.index("cm3leon_jax.main")
+    assert argv[i - 1] == "-m"
+    return main_lib.parse_args(argv[i + 1:])
+
+
+def option(argv: list[str], name: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+    return value
+
+
+def expect_bindings(got, model_dir, launcher_bindings):
+    files, binds = got
+    assert files == [GIN]
+    assert binds == [f"MODEL_DIR='{model_dir}'", *launcher_bindings,
+                     *(o[len("--gin."):] for o in OVERRIDES)]
+
+
+def test_tpu_vm_creates_installs_and_runs_on_all_workers():
+    lines = dry_run(tpu_vm, GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5p-256",
+                    "--zone=us-east5-a", "--project=p", "--spot")
+    commands = [shlex.split(line) for line in lines if not line.startswith("#")]
+    scope = ["--zone=us-east5-a", "--project=p"]
+    describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", "c7b",
+                "--format=value(state.state)", *scope]
+    assert commands[0] == describe
+    assert commands[1] == ["gcloud", "compute", "tpus", "queued-resources", "create", "c7b",
+                           "--node-id=c7b", "--accelerator-type=v5p-256",
+                           "--runtime-version=v2-alpha-tpuv5", *scope, "--spot"]
+    assert commands[2] == describe  # waited on until ACTIVE
+    scp, install, run = commands[3:]
+    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", scp[5]]
+    assert scp[5].endswith(tpu_vm.ARCHIVE) and "--worker=all" in scp
+    for ssh in (install, run):
+        assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "c7b"]
+        assert "--worker=all" in ssh
+    assert ".[tpu]" in shlex.split(option(install, "--command"))
+    remote = shlex.split(option(run, "--command"))
+    assert remote[:3] == ["cd", "~/cm3leon_jax", "&&"]
+    assert remote[3] == ".venv/bin/python"
+    expect_bindings(bindings(remote), "gs://b/7b", ["initialize.auto=True"])
+
+
+def fake_gcloud(tmp_path, state: str) -> dict:
+    """PATH with a `gcloud` that logs its arguments and reports the queued resource `state`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
+                      f'case "$*" in *describe*) echo {state};; esac\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("state", ["ACTIVE", "FAILED"])
+def test_tpu_vm_reuses_an_active_queued_resource(tmp_path, monkeypatch, state):
+    for k, v in fake_gcloud(tmp_path, state).items():
+        monkeypatch.setenv(k, v)
+    args = [GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z",
+            "--project=p"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if state == "FAILED":
+            with pytest.raises(common.LaunchError, match="c7b.*FAILED.*delete it"):
+                tpu_vm.launch(args)
+            return
+        assert tpu_vm.launch(args) == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert not any("create" in c for c in calls)
+    assert [c.split()[2:4] for c in calls] == [["queued-resources", "describe"]] * 2 + [
+        ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+
+
+def bash_argv(command: str, env: dict[str, str]) -> list[tuple[list[str], str]]:
+    """What bash passes to each `python3` of `command` (a printer stands in for python3).
+
+    Returns (argv, "COORDINATOR NUM_PROCESSES PROCESS_ID" as python3 would see them) per call.
+    """
+    script = ('python3() { printf "%s\\0" "$@"; printf "\\2%s %s %s\\1" '
+              '"${CM3LEON_COORDINATOR-}" "${CM3LEON_NUM_PROCESSES-}" "${CM3LEON_PROCESS_ID-}"; }\n'
+              + command)
+    out = subprocess.run(["bash", "-c", script], env={**os.environ, **env}, check=True,
+                         capture_output=True, text=True).stdout
+    calls = []
+    for call in out.split("\1")[:-1]:
+        args, seen = call.split("\2")
+        calls.append((args.split("\0")[:-1], seen))
+    return calls
+
+
+def test_xpk_tpu_multislice():
+    lines = dry_run(xpk, GIN, "gs://b/7b", "--cluster=c", "--workload=c7b",
+                    "--device_type=v5p-256", "--num_slices=2", "--max_restarts=3")
+    (argv,) = [shlex.split(line) for line in lines]
+    assert argv[:3] == ["xpk", "workload", "create"]
+    for flag in ("--cluster=c", "--workload=c7b", "--device-type=v5p-256", "--num-slices=2",
+                 "--max-restarts=3", "--restart-on-exit-codes=1",
+                 "--base-docker-image=python:3.11", f"--script-dir={common.REPO}"):
+        assert flag in argv
+    (install, _), (run, seen) = bash_argv(option(argv, "--command"), {})
+    assert install == ["-m", "pip", "install", "-q", "-e", ".[tpu]"]
+    assert seen == "  "  # TPU hosts find each other through jax.distributed's discovery
+    expect_bindings(bindings(["python3", *run]), "gs://b/7b",
+                    ["initialize.auto=True", "train_mesh.dcn_data=2"])
+
+
+def test_xpk_gpu_nodes_get_the_coordinator_from_xpk():
+    lines = dry_run(xpk, GIN, "gs://b/7b", "--cluster=c", "--workload=c7b",
+                    "--device_type=h100-80gb-8", "--num_nodes=4", "--docker_image=gcr.io/p/c")
+    (argv,) = [shlex.split(line) for line in lines]
+    assert "--num-nodes=4" in argv and "--docker-image=gcr.io/p/c" in argv
+    command = option(argv, "--command")
+    # xpk also writes the command into a YAML double-quoted string for GPU jobs.
+    assert "--gin.MODEL_DIR='gs://b/7b'" in yaml.safe_load(f'COMMAND: "{command}"')["COMMAND"]
+    xpk_env = {"JAX_COORDINATOR_ADDRESS": "jobset-0-0.jobset", "JAX_COORDINATOR_PORT": "6002",
+               "NNODES": "4", "NODE_RANK": "3"}
+    ((run, seen),) = bash_argv(command, xpk_env)
+    assert seen == "jobset-0-0.jobset:6002 4 3"
+    expect_bindings(bindings(["python3", *run]), "gs://b/7b", [])
+
+
+def test_slurm_sbatch_line():
+    lines = dry_run(slurm, GIN, "/shared/runs/7b", "--nodes=2", "--gpus_per_node=4",
+                    "--partition=gpu", "--time=1:00:00")
+    (argv,) = [shlex.split(line) for line in lines]
+    assert argv[0] == "sbatch"
+    for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu",
+                 "--time=1:00:00", f"--chdir={common.REPO}"):
+        assert flag in argv
+    i = argv.index(slurm.SCRIPT)
+    assert argv[i + 1:] == [GIN, "/shared/runs/7b", *OVERRIDES]
+    assert not any(a.startswith("--gpus-per-task") for a in argv)
+
+
+def test_dataflow_driver_line():
+    lines = dry_run(dataflow, "gin_configs/runs/preprocess.gin", "gs://b/data",
+                    "--project=p", "--region=r", "--temp_location=gs://b/tmp",
+                    "--max_num_workers=8")
+    (argv,) = [shlex.split(line) for line in lines]
+    files, binds = bindings(argv)
+    assert files == ["gin_configs/runs/preprocess.gin"]
+    assert binds[:2] == ["MODEL_DIR='gs://b/data'", "preprocess.runner='DataflowRunner'"]
+    key, value = binds[2].split("=", 1)
+    assert key == "preprocess.pipeline_options"
+    assert ast.literal_eval(value) == [
+        "--project=p", "--region=r", "--temp_location=gs://b/tmp",
+        "--job_name=cm3leon-preprocess-data", f"--setup_file={common.REPO}/setup.py",
+        "--max_num_workers=8"]
+    assert binds[3:] == [o[len("--gin."):] for o in OVERRIDES]
+
+
+def test_local_dry_run_sets_each_process_id():
+    lines = dry_run(local, GIN, "runs/x", "--num_processes=2", "--cpu_devices_per_process=2")
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        argv = shlex.split(line)
+        assert f"CM3LEON_PROCESS_ID={i}" in argv and "CM3LEON_NUM_PROCESSES=2" in argv
+        expect_bindings(bindings(argv), "runs/x", [])
+
+
+@pytest.mark.parametrize("module,args,message", [
+    (tpu_vm, [GIN, "runs/local", "--name=n", "--accelerator_type=v5p-8", "--zone=z",
+              "--project=p"], "not a gs:// folder"),
+    (tpu_vm, [GIN, "gs://b/x", "--name=n", "--accelerator_type=v9-8", "--zone=z",
+              "--project=p"], "give --runtime_version"),
+    (xpk, ["/etc/passwd.gin", "gs://b/x", "--cluster=c", "--workload=w",
+           "--device_type=v5p-8"], "not a file inside the repository"),
+    (xpk, [GIN, "gs://b/x", "--cluster=c", "--workload=Bad_Name", "--device_type=v5p-8"],
+     "lower-case letters"),
+    (xpk, [GIN, "gs://b/x", "--cluster=c", "--workload=w", "--device_type=h100-80gb-8",
+           "--num_slices=2"], "give --num_nodes"),
+    (dataflow, ["gin_configs/runs/preprocess.gin", "gs://b/x", "--project=p", "--region=r",
+                "--temp_location=/tmp/x"], "--temp_location '/tmp/x' is not a gs://"),
+])
+def test_bad_input_is_one_clear_error(module, args, message, capsys):
+    assert common.run_main(module.launch, [*args, "--dry_run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_unknown_argument_names_the_binding_form(capsys):
+    with pytest.raises(SystemExit):
+        slurm.launch([GIN, "/x", "--nodez=2", "--dry_run"])
+    assert "--gin.KEY=VALUE" in capsys.readouterr().err

@@ -1,0 +1,167 @@
+"""SFT preprocessing (Beam, tiny VQGAN) and the registered SFT tasks and mixture."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+import tasks  # noqa: F401  (registers)
+from cm3leon_jax.data import cm3 as cm3_lib
+from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
+from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+from tests.data.test_preprocess import tiny_image_tokenizer
+
+SEQ_LEN = 512
+SIZES = {"train": 6, "validation": 2, "test": 2}
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """Every family on 6 + 2 + 2 corpus scenes, tokenized like `make demo` would."""
+    root = tmp_path_factory.mktemp("sft")
+    texts = [t for i in range(20) for t in
+             (sft_examples.long_caption(sft_examples.corpus_scene(0, "train", i, 32)),)]
+    MultimodalVocabulary.create(str(root / "pre_vocab"), TextTokenizer.train(texts, 300),
+                                image_codes=64, num_sentinels=8, image_length=64)
+    source = sft_preprocess.SyntheticSftSource(image_size=32, split_sizes=SIZES)
+    result = sft_preprocess.sft_preprocess(
+        str(root / "data"), vocab_dir=str(root / "pre_vocab"), source=source,
+        image_tokenizer_fn=tiny_image_tokenizer, docs_per_shard=8, batch_size=16,
+        seq_len=SEQ_LEN)
+    return str(root / "data"), result
+
+
+@pytest.fixture
+def bound(sft_dir):
+    gin.clear_config()
+    gin.bind_parameter("sft_data_dirs.synthetic", sft_dir[0])
+    yield sft_dir[0]
+    gin.clear_config()
+
+
+def test_preprocess_writes_every_family_and_counts(sft_dir):
+    out, result = sft_dir
+    assert set(result["families"]) == set(sft_prompts.FAMILIES)
+    for family, splits in result["families"].items():
+        assert splits["train"]["written"] == 6 and splits["train"]["skipped"] == {}, family
+    assert json.load(open(os.path.join(out, "manifest.json"))) == result
+    # A rerun finds every shard done and writes the same manifest.
+    again = sft_preprocess.sft_preprocess(
+        out, vocab_dir=os.path.join(out, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes=SIZES),
+        image_tokenizer_fn=tiny_image_tokenizer, docs_per_shard=8, seq_len=SEQ_LEN)
+    assert again == result
+
+
+def test_shard_records_are_the_prompt_builders_examples(sft_dir):
+    """The stored ids are exactly sft_prompts' layout of the family's example."""
+    out, _ = sft_dir
+    vocab = MultimodalVocabulary(os.path.join(out, "vocab"))
+    for family in ("edit", "vqa", "depth_to_image"):
+        records = list(shards.read_split(os.path.join(out, family), "train")
+                       .as_numpy_iterator())
+        record = next(r for r in records if r["doc_id"].decode().endswith("_0000002"))
+        ex = sft_examples.corpus_example(0, "train", 2, 32, family)
+        want = sft_preprocess.encode_examples([ex], vocab, tiny_image_tokenizer())[0]
+        np.testing.assert_array_equal(record["ids"], want)
+        breaks = int((record["ids"] == BREAK_ID).sum())
+        assert breaks == len(ex.prompt.segments)
+        assert (record["ids"][-1] == EOS_ID) == (family == "vqa")
+
+
+def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
+    out, _ = sft_dir
+    result = sft_preprocess.sft_preprocess(
+        str(tmp_path), vocab_dir=os.path.join(out, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes={"train": 3}),
+        image_tokenizer_fn=tiny_image_tokenizer, families=("edit", "caption"),
+        splits=("train",), seq_len=160)
+    edit = result["families"]["edit"]["train"]  # two images: 128 codes + text > 160 - 24
+    assert edit["written"] == 0 and edit["skipped"] == {"document_too_long": 3}
+    assert result["families"]["caption"]["train"]["written"] == 3
+
+
+def test_another_vocabulary_is_refused(sft_dir, tmp_path):
+    out, _ = sft_dir
+    other = tmp_path / "other_vocab"
+    MultimodalVocabulary.create(str(other), TextTokenizer.train(["a b c d e"] * 10, 263),
+                                image_codes=64, num_sentinels=8, image_length=64)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        sft_preprocess.copy_vocabulary(str(other), out)
+
+
+def _batches(task, split="train", seed=3, pack=True, seq_len=SEQ_LEN):
+    ds = seqio.get_dataset(
+        task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
+        shuffle=True, seed=seed, num_epochs=1,
+        feature_converter=CM3FeatureConverter(pack=pack))
+    return list(ds.as_numpy_iterator())
+
+
+def test_every_family_task_yields_cm3_examples(bound):
+    names = seqio.TaskRegistry.names()
+    vocab = MultimodalVocabulary(os.path.join(bound, "vocab"))
+    for family in sft_prompts.FAMILIES:
+        assert f"cm3leon_sft_{family}" in names and f"cm3leon_sft_user_{family}" in names
+    for family in ("edit", "caption", "segment"):
+        rows = _batches(f"cm3leon_sft_{family}", pack=False)
+        assert len(rows) == 6
+        for row in rows:
+            targets = row["decoder_target_tokens"]
+            n = int((targets != 0).sum())
+            ids = cm3_lib.uncm3(targets[:n], vocab.layout)
+            assert ids[0] != BREAK_ID and int((ids == BREAK_ID).sum()) >= 1
+            np.testing.assert_array_equal(row["decoder_loss_weights"][:n] == 0,
+                                          vocab.layout.is_sentinel(targets[:n]))
+
+
+def test_mixture_is_deterministic_and_rates_come_from_gin(bound):
+    mix = seqio.get_mixture_or_task("cm3leon_sft_mix")
+    gin.bind_parameter("sft_mixture_rates.rates", {"vqa": 0.0})
+    assert mix.get_rate(seqio.get_mixture_or_task("cm3leon_sft_vqa")) == 0.0
+    assert mix.get_rate(seqio.get_mixture_or_task("cm3leon_sft_edit")) == 1.0
+    gin.bind_parameter("sft_mixture_rates.rates", {"not_a_family": 1.0})
+    with pytest.raises(ValueError, match="not_a_family"):
+        mix.get_rate(seqio.get_mixture_or_task("cm3leon_sft_edit"))
+    gin.bind_parameter("sft_mixture_rates.rates", {})
+
+    def first(seed):
+        ds = mix.get_dataset({"targets": SEQ_LEN}, split="train", shuffle=True, seed=seed,
+                             num_epochs=1)
+        return [x["targets"] for x in ds.take(6).as_numpy_iterator()]
+
+    a, b, c = first(1), first(1), first(2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.slow  # The same cache path as tests/tasks/test_pretrain_tasks.py's (default run).
+def test_seqio_caching(sft_dir, tmp_path):
+    """seqio's Beam cache of an SFT task gives the examples reading the shards gives."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CM3LEON_SFT_DATA_DIR=sft_dir[0], PYTHONPATH=os.getcwd())
+    r = subprocess.run(
+        [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=tasks",
+         "--tasks=cm3leon_sft_vqa", f"--output_cache_dir={cache}", "--min_shards=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gin.clear_config()
+    gin.bind_parameter("sft_data_dirs.synthetic", sft_dir[0])
+    seqio.add_global_cache_dirs([str(cache)])
+    task = seqio.get_mixture_or_task("cm3leon_sft_vqa")
+    cached = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=True,
+                              shuffle=False, seed=1)
+    fresh = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=False,
+                             shuffle=False, seed=1)
+    a = sorted(tuple(x["targets"]) for x in cached.as_numpy_iterator())
+    b = sorted(tuple(x["targets"]) for x in fresh.as_numpy_iterator())
+    assert len(a) == 2 and a == b
+    gin.clear_config()
