@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 
 import gin
 import numpy as np
@@ -71,7 +70,7 @@ def demo(model_dir: str,
       start_over: delete what an earlier run built in model_dir and build it again.
     """
     if start_over:
-        _clear(model_dir)
+        demo_stages.clear(model_dir)
     # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
     runner = demo_stages.StageRunner(model_dir, list(STAGES),
@@ -115,17 +114,6 @@ def demo(model_dir: str,
         print(f"[demo] {line}")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
     return metrics
-
-
-def _clear(model_dir: str) -> None:
-    """Deletes what earlier runs built (keeps config.gin, which this run just wrote)."""
-    if not os.path.isdir(model_dir):
-        return
-    for name in os.listdir(model_dir):
-        if name == "config.gin":
-            continue
-        path = os.path.join(model_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def corpus_stage(builder_fn, parse_examples: int) -> dict:
@@ -225,8 +213,8 @@ def _say_image_tokenizer(r: dict) -> str:
 
 
 def _say_retriever(r: dict) -> str:
-    t2i = r.get("text_to_image", {})
-    return f"text->image recall@1 {t2i.get('recall@1', t2i.get('1', 'n/a'))}"
+    return (f"text->image recall@1 {r.get('text_to_image_recall@1', float('nan')):.2f}, "
+            f"recall@5 {r.get('text_to_image_recall@5', float('nan')):.2f}")
 
 
 def _say_preprocess(r: dict) -> str:

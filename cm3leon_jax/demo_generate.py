@@ -8,10 +8,12 @@ again with one thing changed, in the same run, so the effect of each is measured
     text_to_image_ablations.k0    no retrieved documents
     text_to_image_ablations.no_cfg  guidance "none"
 
-For scale, the same scores of the VQ reconstructions of the true images (what a
-perfect decoder could reach through this tokenizer), of the top retrieved document
-(what copying the retrieval gives), and chance (a random caption of the split for
-each scene). Everything the contact sheet shows is saved in `generated.npz`.
+Images are scored with `shapes_scores.text_to_image_metrics` (objects, colours, classes,
+count, positions, box IoU), captions with `caption_metrics`. For scale, the same scores
+of the VQ reconstructions of the true images (what a perfect decoder could reach through
+this tokenizer), of the top retrieved document (what copying the retrieval gives), and
+chance (each scene scored against the true image and caption of another scene of the
+split). Everything the contact sheet shows is saved in `generated.npz`.
 """
 
 from __future__ import annotations
@@ -76,15 +78,15 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                                 max_tokens=max_caption_tokens, style=caption_style, seed=seed)
     metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
                "num_retrieved": num_retrieved,
-               "text_to_image": shapes_scores.image_scores(drawn.images, scenes),
-               "image_to_text": shapes_scores.caption_scores(written, scenes),
-               "vq_reconstruction_reference": shapes_scores.image_scores(
+               "text_to_image": score_images(drawn.images, scenes),
+               "image_to_text": shapes_scores.caption_metrics(written, scenes),
+               "vq_reconstruction_reference": score_images(
                    image_tokenizer.reconstruct(images), scenes),
-               "chance_reference": _chance(captions, scenes, seed)}
+               "chance_reference": _chance(images, captions, scenes, seed)}
     if ablations:
         metrics["text_to_image_ablations"] = {
-            "k0": shapes_scores.image_scores(draw(0, image_sampling).images, scenes),
-            "no_cfg": shapes_scores.image_scores(
+            "k0": score_images(draw(0, image_sampling).images, scenes),
+            "no_cfg": score_images(
                 draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}
     retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
                                                  np.uint8), [[] for _ in examples]
@@ -104,10 +106,20 @@ def _without_guidance(sampling: SamplingConfig) -> SamplingConfig:
     return SamplingConfig(**{**fields, "guidance": "none"})
 
 
-def _chance(captions: list[str], scenes: list, seed: int) -> dict:
-    """Scores of another scene's caption for each scene: what guessing the corpus gives."""
-    order = np.random.default_rng(seed).permutation(len(captions))
-    return shapes_scores.caption_scores([captions[i] for i in order], scenes)
+def score_images(images: np.ndarray, scenes: list) -> dict:
+    """shapes_scores.text_to_image_metrics (its first four keys are image_scores')."""
+    return shapes_scores.text_to_image_metrics(images, scenes)
+
+
+def _chance(images: np.ndarray, captions: list[str], scenes: list, seed: int) -> dict:
+    """Each scene against another scene's true image and caption: what guessing from the
+    corpus gets, the baseline the issue's "3x chance" targets divide by."""
+    n = len(scenes)
+    shift = 1 + int(np.random.default_rng(seed).integers(max(n - 1, 1)))
+    order = [(i + shift) % n for i in range(n)]  # a derangement: nobody gets its own
+    return {"text_to_image": score_images(images[order], scenes),
+            "image_to_text": shapes_scores.caption_metrics([captions[i] for i in order],
+                                                           scenes)}
 
 
 def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
@@ -126,8 +138,8 @@ def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sc
             shown[i, :len(codes)] = image_tokenizer.decode(np.stack(codes))
         texts.append([d.texts[0] if d.texts else "" for d in docs])
     top = shown[:, 0] if k else shown
-    scores = {"text_to_image": shapes_scores.image_scores(top, scenes),
-              "image_to_text": shapes_scores.caption_scores(
+    scores = {"text_to_image": score_images(top, scenes),
+              "image_to_text": shapes_scores.caption_metrics(
                   [d.texts[0] if d.texts else "" for d in by_image], scenes)}
     return scores, shown, texts
 
@@ -199,6 +211,13 @@ def targets_report(metrics: dict) -> list[str]:
         if isinstance(value, (int, float)):
             verdict = "reached" if value >= minimum else "NOT reached"
             lines.append(f"target {path} >= {minimum:.0%}: {value:.0%} ({verdict})")
+    chance = metrics.get("chance_reference", {}).get("text_to_image", {})
+    for key in ("colours_right", "classes_right", "position_right"):
+        value, base = metrics.get("text_to_image", {}).get(key), chance.get(key)
+        if value is not None and base is not None:
+            verdict = "reached" if value >= 3 * base else "NOT reached"
+            lines.append(f"target text_to_image.{key} >= 3x chance ({3 * base:.0%}): "
+                         f"{value:.0%} ({verdict})")
     ablations = metrics.get("text_to_image_ablations", {})
     head = metrics.get("text_to_image", {}).get("objects_right")
     for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG")):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -37,6 +38,20 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def clear(model_dir: str) -> None:
+    """Deletes what earlier runs built in model_dir (keeps config.gin: the current run's)."""
+    if not os.path.isdir(model_dir):
+        return
+    for name in os.listdir(model_dir):
+        if name == "config.gin":
+            continue
+        path = os.path.join(model_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 def fingerprint(config_text: str) -> str:
     """A short hash of the run configuration (the gin config string)."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
@@ -53,10 +68,10 @@ class StageRunner:
     """
 
     def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
-                 print_fn: Callable[[str], None] = print):
+                 print_fn: Callable[[str], None] | None = None):
         self.dir = os.path.join(model_dir, "stages")
         self.names, self.config = list(names), config_fingerprint
-        self.print = print_fn
+        self.print = print_fn or (lambda line: print(line, flush=True))
         self.results: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}

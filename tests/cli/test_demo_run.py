@@ -55,9 +55,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     ablations = generated["text_to_image_ablations"]
     for scores in (generated["text_to_image"], generated["image_to_text"], ablations["k0"],
                    ablations["no_cfg"]):
-        assert set(scores) == {"objects_right", "any_object_right", "colours_right",
+        assert set(scores) >= {"objects_right", "any_object_right", "colours_right",
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())
+    assert "count_right" in generated["chance_reference"]["text_to_image"]
+    assert "object_recall" in generated["chance_reference"]["image_to_text"]
     with open(os.path.join(model_dir, "pictures", "captions.json")) as f:
         captions = json.load(f)
     assert len(captions) == 3 and all(len(c["captions"]) == 1 for c in captions)
@@ -74,12 +76,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert again["seconds"]["image_tokenizer"] < metrics["seconds"]["image_tokenizer"]
     assert again["generate"]["text_to_image"] == metrics["generate"]["text_to_image"]
 
-    # Another configuration reruns every stage, and each reuses what it built.
-    changed = _demo(model_dir, "generate_stage.seed=1")
-    assert changed["reused_stages"] == []
-    assert changed["retriever"] == metrics["retriever"]
-    assert changed["preprocess"]["splits"] == metrics["preprocess"]["splits"]
-    assert changed["pretrain"]["steps"] == 4
+    # An interrupted run (here: the pictures stage lost) redoes only what is missing.
+    os.remove(os.path.join(model_dir, "stages", "pictures.json"))
+    os.remove(os.path.join(model_dir, "pictures", "contact_sheet.png"))
+    resumed = _demo(model_dir)
+    assert resumed["reused_stages"] == [s for s in again["reused_stages"] if s != "pictures"]
+    assert os.path.getsize(os.path.join(model_dir, "pictures", "contact_sheet.png")) > 0
 
     # The generate run mode on the demo's model (generate.gin names runs/demo: re-pointed).
     out_dir = str(tmp_path / "generated")
