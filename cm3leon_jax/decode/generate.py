@@ -23,7 +23,7 @@ import numpy as np
 
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
-from cm3leon_jax.decode import sampler
+from cm3leon_jax.decode import rerank, sampler
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -121,8 +121,9 @@ class Generator:
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
-                      seed: int = 0) -> Images:
-        """Each caption -> `num_samples` images of exactly `image_length` codes."""
+                      seed: int = 0, ranker: Any = None) -> Images:
+        """Each caption -> `num_samples` images of exactly `image_length` codes; with a
+        `ranker` (rerank.py, e.g. a CLIP score) only the best of each caption's samples."""
         captions = [str(c) for c in captions]
         for i, c in enumerate(captions):
             if not c.strip():
@@ -141,7 +142,8 @@ class Generator:
                                "ImageCodesOnly constraint should make that impossible.")
         codes = np.stack([self.layout.ids_to_codes(t) for t in tokens])
         images = None if self.image_tokenizer is None else self.image_tokenizer.decode(codes)
-        return Images(codes, images, [c for c in captions for _ in range(num_samples)])
+        out = Images(codes, images, [c for c in captions for _ in range(num_samples)])
+        return out if ranker is None else rerank.keep_best(out, num_samples, ranker).images
 
     def image_to_text(self, images: Any, *, num_samples: int = 1, num_retrieved: int = 2,
                       sampling: SamplingConfig | None = None, max_tokens: int = 32,

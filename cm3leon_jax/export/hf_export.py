@@ -11,6 +11,8 @@
                                keeps only the encoder, so images could not be drawn
                                back), in the released `vqgan.ckpt` names; vqgan.json: its
                                VQGANConfig
+    out/hf/tokenizer.json, tokenizer_config.json   the vocabulary for transformers'
+                               PreTrainedTokenizerFast, in our ids (`hf_tokenizer.py`)
     out/hf/cm3leon_vocab/      our vocabulary folder (ids are ours: `layout.json`)
     out/hf/cm3leon_export.json the DecoderConfig and the step, so importing back is exact
 
@@ -138,6 +140,8 @@ def write_hf(output_dir: str, config: DecoderConfig, params: Any, *, vocab_dir: 
                 json.dump(vq_config.to_dict(), f, indent=1)
         if vocab_dir:
             staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
+            from cm3leon_jax.export import hf_tokenizer  # It imports this module.
+            hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
         with tf.io.gfile.GFile(f"{tmp}/{OURS}", "w") as f:
             json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
                        "source": source, "family": family}, f, indent=1)

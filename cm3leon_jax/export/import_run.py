@@ -23,10 +23,10 @@ from typing import Any
 import gin
 import tensorflow as tf
 
-from cm3leon_jax.export import hf_import, params_export, staging
+from cm3leon_jax.export import chameleon_release, hf_import, params_export, staging
 from cm3leon_jax.train import params_checkpoint as pc
 
-LAYOUTS = ("params", "hf")
+LAYOUTS = ("params", "hf", "chameleon")
 
 
 def detect_layout(path: str) -> str:
@@ -38,6 +38,8 @@ def detect_layout(path: str) -> str:
         return "params"
     if hf_import.is_hf_folder(path):
         return "hf"
+    if chameleon_release.find_model_dir(path, required=False) is not None:
+        return "chameleon"
     found = sorted(tf.io.gfile.listdir(path))[:12]
     raise ValueError(f"{path!r} is in no layout this importer knows (found {found}). Known: "
                      "a params-only export (manifest.json); a transformers folder (config.json "
@@ -60,7 +62,9 @@ def read(path: str, layout: str = "auto", **kwargs: Any):
                   "image_tokenizer_dir": (f"{root}/{manifest['image_tokenizer']}"
                                           if manifest["image_tokenizer"] else None)}
         return config, params, extras
-    return hf_import.read_hf(path)
+    if layout == "hf":
+        return hf_import.read_hf(path)
+    return chameleon_release.read_release(path, **kwargs)
 
 
 @gin.configurable(denylist=["model_dir"])

@@ -29,6 +29,7 @@ from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
 TEXT_MODEL = "text.model"
 LAYOUT_FILE = "layout.json"
+HF_TEXT_JSON = "text.json"  # In place of text.model: see hf_text_tokenizer.py.
 
 
 @gin.configurable
@@ -84,6 +85,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
 
     @functools.cached_property
     def text_tokenizer(self) -> TextTokenizer:
+        # An imported vocabulary (Chameleon's) keeps its tokenizers file: `text.json`.
+        hf_json = os.path.join(self.directory, HF_TEXT_JSON)
+        if not os.path.exists(os.path.join(self.directory, TEXT_MODEL)) and os.path.exists(hf_json):
+            from cm3leon_jax.vocab.hf_text_tokenizer import HFTextTokenizer
+            return HFTextTokenizer.load(hf_json)
         return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
 
     @functools.cached_property
@@ -128,6 +134,10 @@ class MultimodalVocabulary(seqio.Vocabulary):
 
     @functools.cached_property
     def _tf_tokenizer(self):
+        if not isinstance(self.text_tokenizer, TextTokenizer):
+            raise NotImplementedError(f"the vocabulary {self.directory!r} has a tokenizers "
+                                      "text.json: it serves generation, not TF data pipelines "
+                                      "(those need a SentencePiece text.model).")
         import tensorflow_text as tf_text  # Imported lazily: slow, TF-only.
         return tf_text.SentencepieceTokenizer(
             model=self.text_tokenizer.model_proto, out_type=tf.int32)

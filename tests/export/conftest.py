@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cm3leon_jax.train import checkpoints, optimizer
 from cm3leon_jax.train import state as state_lib
 from cm3leon_jax.vocab import vqgan_checkpoint
-from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
@@ -63,9 +65,8 @@ def vocab_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_tokenizer_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("image_tokenizer"))
-    tok = ImageTokenizer.random_init(TINY_VQ, seed=1)
     mngr = vqgan_checkpoint.manager(directory)
-    vqgan_checkpoint.save(mngr, 5, TINY_VQ, tok.params)
+    vqgan_checkpoint.save(mngr, 5, TINY_VQ, random_vq_params(TINY_VQ, seed=1))
     mngr.wait_until_finished()
     mngr.close()
     return directory
@@ -80,4 +81,22 @@ HF_VQ = VQGANConfig(image_size=8, base_channels=32, channel_multipliers=(1, 1),
 @pytest.fixture(scope="session")
 def hf_image_tokenizer():
     """(config, params) of a random VQGAN that transformers' Chameleon can hold."""
-    return HF_VQ, ImageTokenizer.random_init(HF_VQ, seed=2).params
+    return HF_VQ, random_vq_params(HF_VQ, seed=2)
+
+
+def random_vq_params(config: VQGANConfig, seed: int) -> dict:
+    """Random VQGAN weights of a plausible scale, without compiling the network's init."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(x.shape)
+        if name.endswith("['scale']"):
+            noise = 1.0 + 0.1 * noise
+        elif name.endswith("['bias']"):
+            noise = 0.1 * noise
+        elif not name.endswith("['embedding']"):
+            noise = noise / np.sqrt(np.prod(x.shape[:-1]))  # Kernels: 1 / sqrt(fan_in).
+        return noise.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))

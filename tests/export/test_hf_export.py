@@ -16,6 +16,7 @@ from cm3leon_jax.export import hf_export, hf_import
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tests.export.conftest import TEXTS
 from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 RTOL = 1e-4
@@ -144,3 +145,18 @@ def test_export_and_import_run_modes_round_trip_through_hf(train_run, vocab_dir,
         (tmp_path / "junk" / "x.txt").write_text("")
         import_run.import_weights(str(tmp_path / "run2"), source=str(tmp_path / "junk"))
     assert not (tmp_path / "run2").exists()
+
+
+def test_tokenizer_files_give_our_ids(vocab_dir, tmp_path):
+    out = str(tmp_path / "hf")
+    hf_export.write_hf(out, tiny_config(), random_params(tiny_config()), vocab_dir=vocab_dir)
+    ours = MultimodalVocabulary(vocab_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in TEXTS[:20] + ["  two  spaces", " lead", "trail ", "digits 12345, ünïcödé ✓",
+                              "a\nnew line"]:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ids == list(ours.encode(text)), text
+        assert theirs.decode(ids) == text
+    layout = ours.layout
+    assert theirs.convert_tokens_to_ids(["<break>", "<eoss>", "<sentinel:1>", "IMGIMGBDZ"]) == \
+        [2, 3, layout.sentinel_id(1), layout.codes_to_ids(13)]

@@ -1,0 +1,96 @@
+"""Best-of-N text-to-image: draw N samples per prompt, keep the one CLIP scores best.
+
+    ranker = ClipRanker(DocumentEncoder.load("runs/demo/retrieval_encoder"))
+    best = best_of(gen, captions, num_samples=8, ranker=ranker,
+                   samplings=(SamplingConfig(top_p=0.9), SamplingConfig(guidance="cdk")))
+    best.images.images        # uint8[n_prompts, s, s, 3], the kept sample of each prompt
+    best.scores, best.kept    # f32[n_prompts, N] every sample's score, int[n_prompts] its arg-max
+
+The paper draws 8 samples per prompt, keeps the best by CLIP score, and finds that
+mixing top-p and CD-K samples helps: sample j of a prompt uses `samplings[j % K]`.
+The ranker is any `scores(images uint8[n, h, w, 3], captions) -> f32[n]`; `ClipRanker`
+is the CLIP score 100 * max(cos, 0) of a retrieval `DocumentEncoder` (the project's
+trained retrieval encoder, or OpenAI CLIP weights through `retrieval/clip_weights.py`).
+With N = 1 nothing is dropped: the result is exactly the plain sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Ranker = Callable[[np.ndarray, Sequence[str]], np.ndarray]
+
+
+def clip_scores_from_vectors(image_vectors: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:
+    """f32[n, d] unit image vectors, f32[n, d] unit text vectors -> f32[n] 100 * max(cos, 0)."""
+    cos = np.sum(np.asarray(image_vectors) * np.asarray(text_vectors), axis=-1)
+    return 100.0 * np.maximum(cos, 0.0)
+
+
+class ClipRanker:
+    """CLIP score of image i against caption i with a retrieval `DocumentEncoder`."""
+
+    def __init__(self, encoder: Any):
+        self.encoder = encoder
+
+    def scores(self, images: Any, captions: Sequence[str]) -> np.ndarray:
+        """uint8[n, h, w, 3] and n captions -> f32[n]."""
+        if len(images) != len(captions):
+            raise ValueError(f"CLIP score needs one caption per image: {len(images)} images, "
+                             f"{len(captions)} captions.")
+        if not len(captions):
+            return np.zeros([0], np.float32)
+        return clip_scores_from_vectors(self.encoder.embed_images(list(images)),
+                                        self.encoder.embed_texts(list(captions)))
+
+    __call__ = scores
+
+
+class Reranked(NamedTuple):
+    """images: the generator's `Images` with one (kept) row per prompt; scores:
+    f32[n_prompts, N] of every sample; kept: int[n_prompts], the arg-max sample index."""
+
+    images: Any
+    scores: np.ndarray
+    kept: np.ndarray
+
+
+def keep_best(out: Any, num_samples: int, ranker: Ranker) -> Reranked:
+    """`Images` with `num_samples` prompt-major rows per prompt -> the best row of each."""
+    if out.images is None:
+        raise ValueError("re-ranking scores pixels: give the Generator an image_tokenizer.")
+    n = len(out.codes) // num_samples
+    scores = np.asarray(ranker(out.images, out.captions), np.float32).reshape(n, num_samples)
+    kept = scores.argmax(axis=1)  # Ties go to the earliest sample.
+    rows = np.arange(n) * num_samples + kept
+    best = out._replace(codes=out.codes[rows], images=out.images[rows],
+                        captions=[out.captions[r] for r in rows])
+    return Reranked(best, scores, kept)
+
+
+def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Ranker,
+            samplings: Sequence[Any] = (None,), num_retrieved: int = 2,
+            seed: int = 0) -> Reranked:
+    """`num_samples` samples per caption from `gen.text_to_image`, sample j drawn with
+    `samplings[j % len(samplings)]` (None: the generator's default), the best kept."""
+    if num_samples < 1 or not samplings:
+        raise ValueError(f"best_of needs num_samples >= 1 and at least one sampling config, "
+                         f"got {num_samples} and {len(samplings)}.")
+    k = min(len(samplings), num_samples)
+    parts = []
+    for i in range(k):
+        count = len(range(i, num_samples, k))
+        parts.append(gen.text_to_image(captions, num_samples=count, num_retrieved=num_retrieved,
+                                       sampling=samplings[i], seed=seed + i))
+    # Interleave into prompt-major order: prompt p, sample j = part j % k, its (j // k)-th.
+    order = [(j % k, p * len(range(j % k, num_samples, k)) + j // k)
+             for p in range(len(captions)) for j in range(num_samples)]
+    codes = np.stack([parts[i].codes[r] for i, r in order])
+    images = (None if parts[0].images is None
+              else np.stack([parts[i].images[r] for i, r in order]))
+    merged = parts[0]._replace(codes=codes, images=images,
+                               captions=[c for c in captions for _ in range(num_samples)])
+    return keep_best(merged, num_samples, ranker)

@@ -1,0 +1,184 @@
+"""The `eval` run mode: a checkpoint decoded on a suite with several strategies, graded.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/eval.gin --gin.MODEL_DIR="'runs/eval'"
+
+Writes
+    MODEL_DIR/eval/report.json     {"suite", "checkpoint", "step", "rows": [...]}: one row per
+                                   (task, strategy, retrieved documents) with its metrics
+    MODEL_DIR/eval/report.md       the rows as one table
+    MODEL_DIR/eval/*.png           grids: each prompt under its sample; edits as source/result
+
+Text-to-image runs every strategy (`Strategy`: top-p, CFG scales, CD-K, N samples re-ranked
+by CLIP score, mixed samplings) with each number of retrieved documents in
+`num_retrieved` (the paper: 0 / 1 / 2); captioning runs with each number of retrieved
+documents; VQA and editing (SFT templates) run without retrieval, editing with each
+strategy's first sampling. `run_suite` is the same evaluation for a Generator already in
+memory (the demo calls it).
+
+FID: with `inception_weights` (pytorch-fid's pt_inception-2015-12-05 file) the standard
+Inception FID (`fid_inception`); with a retrieval encoder also FID on its image features
+(`fid_retrieval_encoder`: this project's own measure, not comparable with papers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gin
+import numpy as np
+from tqdm import tqdm
+
+from cm3leon_jax.decode import rerank, restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.evaluation import captioning, fid, inception_weights, pictures, tasks
+from cm3leon_jax.evaluation.suites import Suite, corpus_suite
+from cm3leon_jax.evaluation.tasks import Context, Strategy
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+GRID_IMAGES = 16
+
+
+def _grid(out_dir: str, name: str, images: np.ndarray, captions: Sequence[str]) -> str:
+    n = min(GRID_IMAGES, len(images))
+    return pictures.grid(np.asarray(images[:n]), list(captions[:n]),
+                         os.path.join(out_dir, f"{name}.png"), columns=min(8, n))
+
+
+def _references(ctx: Context, suite: Suite, cache: dict[str, str | None]) -> None:
+    """Reference FID statistics of the suite's real images, per feature extractor."""
+    task = suite.text_to_image
+    if task is None or task.reference_images is None:
+        return
+    for name, extract in ctx.features.items():
+        ctx.references[name] = fid.reference_statistics(
+            cache.get(name), lambda: task.reference_images, extract)
+
+
+def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[int]):
+    jobs = []
+    if suite.text_to_image is not None:
+        jobs += [("text_to_image", s, k) for k in num_retrieved for s in strategies]
+    if suite.captioning is not None:
+        jobs += [("captioning", None, k) for k in num_retrieved]
+    if suite.vqa is not None:
+        jobs.append(("vqa", None, 0))
+    if suite.edit is not None:
+        jobs += [("edit", s, 0) for s in strategies if s.num_samples == 1]
+    return jobs
+
+
+def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Strategy],
+              num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None) -> list[dict]:
+    """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    _references(ctx, suite, fid_cache or {})
+    rows = []
+    for task, strategy, k in tqdm(_jobs(suite, strategies, num_retrieved), desc="eval"):
+        if task == "text_to_image":
+            row, out = tasks.text_to_image(ctx, suite.text_to_image, strategy, k)
+            _grid(out_dir, f"text_to_image_{strategy.name}_k{k}", out.images, out.captions)
+        elif task == "captioning":
+            row, texts = tasks.caption(ctx, suite.captioning, k)
+            _grid(out_dir, f"captioning_k{k}", suite.captioning.images, texts)
+        elif task == "vqa":
+            row, texts = tasks.answer(ctx, suite.vqa)
+            _grid(out_dir, "vqa", suite.vqa.images, [f"{q} -> {a}" for q, a in
+                                                     zip(suite.vqa.prompts, texts)])
+        else:
+            row, images = tasks.edit(ctx, suite.edit, strategy)
+            pairs = np.stack([x for pair in zip(suite.edit.images, images) for x in pair])
+            labels = [t for i in suite.edit.prompts for t in (i, "(result)")]
+            _grid(out_dir, f"edit_{strategy.name}", pairs, labels)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as one markdown table; metrics a row lacks are blank."""
+    keys = ["task", "strategy", "retrieved"]
+    metrics = sorted({k for r in rows for k in r if k not in keys})
+    lines = ["| " + " | ".join(keys + metrics) + " |", "|" + "---|" * (len(keys) + len(metrics))]
+    for r in rows:
+        cells = [str(r[k]) for k in keys] + [
+            f"{r[m]:.3f}" if isinstance(r.get(m), float) else "" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, header: dict, rows: list[dict]) -> dict:
+    report = {**header, "rows": rows}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# Evaluation of {header.get('checkpoint')} (step {header.get('step')}) on "
+                f"{header.get('suite')}\n\n" + markdown_table(rows))
+    return report
+
+
+def _features(encoder: Any, weights: str | None, resize: str) -> dict[str, Callable]:
+    out = {}
+    if weights:
+        out["fid_inception"] = fid.InceptionFeatures(inception_weights.load(weights),
+                                                     resize=resize)
+    if encoder is not None:
+        out["fid_retrieval_encoder"] = fid.EncoderFeatures(encoder)
+    return out
+
+
+@gin.configurable(denylist=["model_dir"])
+def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str = gin.REQUIRED,
+             image_tokenizer: Callable = gin.REQUIRED, suite: Callable | None = None,
+             strategies: Sequence[Strategy] = (Strategy(),), num_retrieved: Sequence[int] = (0,),
+             retrieval_dir: str | None = None, clip_encoder_dir: str | None = None,
+             inception_weights_path: str | None = None, fid_resize: str = "pytorch_fid",
+             fid_reference: str | None = None,
+             caption_metrics: Sequence[str] = captioning.METRICS,
+             max_answer_tokens: int = 8, batch_size: int = 8, step: int | None = None,
+             seed: int = 0) -> dict:
+    """Evaluates `checkpoint` on `suite` (default: the built-in corpus); returns the report.
+
+    Args:
+      checkpoint, vocab_dir, image_tokenizer, step: as the generate run.
+      suite: a suite builder (suites.py; default `corpus_suite()`).
+      strategies: image decoding strategies; num_retrieved: retrieved documents per prompt
+        (k > 0 needs retrieval_dir).
+      clip_encoder_dir: a CLIP folder for CLIP score and re-ranking (OpenAI ViT-B/32 in the
+        HF layout, or a trained retrieval encoder); default: the retrieval folder's encoder.
+      inception_weights_path: pytorch-fid's Inception weights, for the standard FID;
+        fid_resize: "pytorch_fid" or "clean"; fid_reference: .npz cache of the reference
+        statistics of the standard FID (computed once per dataset).
+      caption_metrics: which of CIDEr-D, BLEU-n, METEOR, ROUGE-L (Java); () for none.
+    """
+    if any(k > 0 for k in num_retrieved) and not retrieval_dir:
+        raise ValueError(f"eval.num_retrieved={list(num_retrieved)} retrieves documents: bind "
+                         "eval.retrieval_dir (a built retrieval folder), or use [0].")
+    config, params, restored_step = restore.restore_decoder(checkpoint, step)
+    retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
+    tokenizer = image_tokenizer()
+    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), tokenizer, retriever, batch_size=batch_size)
+    encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
+               else getattr(retriever, "encoder", None))
+    ctx = Context(gen, rerank.ClipRanker(encoder) if encoder is not None else None,
+                  _features(encoder, inception_weights_path, fid_resize),
+                  caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens, seed=seed)
+    built = (suite or corpus_suite())(tokenizer.image_size)
+    out_dir = os.path.join(model_dir, "eval")
+    rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
+                     {"fid_inception": fid_reference})
+    header = {"suite": built.name, "checkpoint": checkpoint, "step": restored_step,
+              "strategies": [_describe(s) for s in strategies]}
+    report = write_report(out_dir, header, rows)
+    print(f"[eval] wrote {out_dir}/report.md ({len(rows)} rows)", flush=True)
+    return report
+
+
+def _describe(s: Strategy) -> dict:
+    return {"name": s.name, "num_samples": s.num_samples,
+            "samplings": [dataclasses.asdict(c) if isinstance(c, SamplingConfig) else str(c)
+                          for c in s.samplings]}

@@ -1,0 +1,173 @@
+"""Evaluation suites: the examples an `eval` run decodes, with what each is graded against.
+
+    corpus_suite(num_examples=32)(image_size=64)     # the built-in corpus (exact metrics)
+    coco_suite("captions_val2014.json", "val2014/")(image_size=256)
+    vqav2_suite("v2_OpenEnded_mscoco_val2014_questions.json",
+                "v2_mscoco_val2014_annotations.json", "val2014/")(image_size=256)
+
+A suite builder is gin-configurable and returns a function of the image size the model's
+image tokenizer reads (corpus scenes are drawn at that size; other images are resized).
+Each task is optional: a suite fills the ones its data has.
+
+    text_to_image  captions to draw; `scenes` (exact metrics) and/or `reference` real
+                   images (FID), one per caption
+    captioning     images, with reference captions (CIDEr & co.) and/or `scenes`
+    vqa            images, questions, the annotators' answers (VQAv2 accuracy; on the
+                   corpus the one true answer, also graded by exact match)
+    edit           source images, instructions, the edited `scenes`
+
+Corpus examples are pure functions of (seed, split, index): scene i of the split is the
+same scene the data pipeline rendered (`sft_examples.corpus_scene`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import gin
+import numpy as np
+from PIL import Image as PILImage
+
+from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
+
+
+@dataclasses.dataclass
+class Task:
+    """One task's inputs and truths (fields a task does not use stay None)."""
+
+    prompts: list[str] | None = None          # captions, questions or instructions
+    images: np.ndarray | None = None          # uint8[n, s, s, 3] inputs (captioning, vqa, edit)
+    scenes: list[shapes.Scene] | None = None  # exact truth per example (corpus)
+    references: list[list[str]] | None = None  # reference captions / annotator answers
+    reference_images: np.ndarray | None = None  # real images for FID (text_to_image)
+    ids: list | None = None                   # the dataset's ids, for the report
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    text_to_image: Task | None = None
+    captioning: Task | None = None
+    vqa: Task | None = None
+    edit: Task | None = None
+
+
+SuiteBuilder = Callable[[int], Suite]
+
+
+@gin.configurable
+def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
+                 tasks: Sequence[str] = ("text_to_image", "captioning", "vqa", "edit")
+                 ) -> SuiteBuilder:
+    """The built-in corpus' `split` scenes 0..num_examples-1 (seed: the corpus seed)."""
+    unknown = sorted(set(tasks) - {"text_to_image", "captioning", "vqa", "edit"})
+    if unknown or num_examples < 2:
+        raise ValueError(f"corpus_suite: tasks {unknown} unknown / num_examples={num_examples}"
+                         "; use text_to_image, captioning, vqa, edit and >= 2 examples.")
+
+    def build(image_size: int) -> Suite:
+        scenes = [sft_examples.corpus_scene(seed, split, i, image_size)
+                  for i in range(num_examples)]
+        renders = np.stack([shapes.render(s) for s in scenes])
+        rngs = [np.random.default_rng([seed, i, 13]) for i in range(num_examples)]
+        phrasings = [shapes_tasks.captions(s, r) for s, r in zip(scenes, rngs)]
+        suite = Suite(f"corpus_{split}_{num_examples}")
+        ids = [f"{split}_{i}" for i in range(num_examples)]
+        if "text_to_image" in tasks:
+            suite.text_to_image = Task([p[i % 4] for i, p in enumerate(phrasings)], None,
+                                       scenes, reference_images=renders, ids=ids)
+        if "captioning" in tasks:
+            suite.captioning = Task(None, renders, scenes, phrasings, ids=ids)
+        if "vqa" in tasks:
+            pairs = [shapes_tasks.vqa_pairs(s, r)[0] for s, r in zip(scenes, rngs)]
+            suite.vqa = Task([q for q, _ in pairs], renders, scenes, [[a] for _, a in pairs],
+                             ids=ids)
+        if "edit" in tasks:
+            edits = [shapes_tasks.edit(s, r) for s, r in zip(scenes, rngs)]
+            suite.edit = Task([e[1] for e in edits], renders, [e[0] for e in edits], ids=ids)
+        return suite
+
+    return build
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_image(path: str, image_size: int) -> np.ndarray:
+    """An image file -> uint8[s, s, 3]: centre square crop, bicubic resize."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image {path!r} (named by the annotations) does not exist.")
+    im = PILImage.open(path).convert("RGB")
+    side = min(im.size)
+    left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return np.asarray(im.resize((image_size, image_size), PILImage.BICUBIC))
+
+
+@gin.configurable
+def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
+               max_images: int | None = None, tasks: Sequence[str] = ("text_to_image",
+                                                                    "captioning")
+               ) -> SuiteBuilder:
+    """COCO-format captions (`{"images": [{"id", "file_name"}], "annotations": [{"image_id",
+    "caption"}]}`): text-to-image from each image's first caption against the real images
+    (FID-30K: 30,000 images of val2014, `max_images=30000`), captioning against all."""
+
+    def build(image_size: int) -> Suite:
+        data = _read_json(captions_json, "COCO captions file")
+        if "images" not in data or "annotations" not in data:
+            raise ValueError(f"{captions_json!r} is not a COCO captions file: it needs "
+                             "'images' and 'annotations'.")
+        by_image: dict = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        images = [im for im in data["images"] if by_image.get(im["id"])][:max_images]
+        if len(images) < 2:
+            raise ValueError(f"{captions_json!r}: fewer than 2 images with captions.")
+        pixels = np.stack([_load_image(os.path.join(image_dir, im["file_name"]), image_size)
+                           for im in images])
+        refs = [by_image[im["id"]] for im in images]
+        ids = [im["id"] for im in images]
+        suite = Suite(f"coco_{os.path.basename(captions_json)}_{len(images)}")
+        if "text_to_image" in tasks:
+            suite.text_to_image = Task([r[0] for r in refs], reference_images=pixels, ids=ids)
+        if "captioning" in tasks:
+            suite.captioning = Task(None, pixels, references=refs, ids=ids)
+        return suite
+
+    return build
+
+
+@gin.configurable
+def vqav2_suite(questions_json: str = gin.REQUIRED, annotations_json: str = gin.REQUIRED,
+                image_dir: str = gin.REQUIRED,
+                image_pattern: str = "COCO_val2014_{image_id:012d}.jpg",
+                max_questions: int | None = None) -> SuiteBuilder:
+    """VQAv2 questions + annotations JSON (the official files) and their COCO images."""
+
+    def build(image_size: int) -> Suite:
+        questions = _read_json(questions_json, "VQAv2 questions file").get("questions")
+        anns = _read_json(annotations_json, "VQAv2 annotations file").get("annotations")
+        if not questions or anns is None:
+            raise ValueError("VQAv2 files need 'questions' and 'annotations' lists.")
+        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+        questions = [q for q in questions if q["question_id"] in answers][:max_questions]
+        cache: dict = {}
+        for q in questions:
+            if q["image_id"] not in cache:
+                path = os.path.join(image_dir, image_pattern.format(image_id=q["image_id"]))
+                cache[q["image_id"]] = _load_image(path, image_size)
+        task = Task([q["question"] for q in questions],
+                    np.stack([cache[q["image_id"]] for q in questions]),
+                    references=[answers[q["question_id"]] for q in questions],
+                    ids=[q["question_id"] for q in questions])
+        return Suite(f"vqav2_{len(questions)}", vqa=task)
+
+    return build

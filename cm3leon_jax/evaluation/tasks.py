@@ -1,0 +1,137 @@
+"""Each evaluation task decoded with one strategy and graded: rows of the eval report.
+
+A row is `{"task", "strategy", "retrieved", <metric>: value, ...}`; `Context` holds what
+every task shares (the generator, the CLIP ranker, the FID feature extractors and their
+reference statistics, computed once per suite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gin
+import numpy as np
+
+from cm3leon_jax.data import sft_prompts
+from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import rerank
+from cm3leon_jax.decode.generate import CAPTION_SAMPLING, Generator, SamplingConfig
+from cm3leon_jax.evaluation import captioning, fid, shapes_scores, vqa
+from cm3leon_jax.evaluation.suites import Task
+from cm3leon_jax.vocab.layout import EOS_ID
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How images are decoded: `samplings` (sample j uses samplings[j % K]: mixing top-p
+    and CD-K as the paper does) and `num_samples` N (N > 1: the best by CLIP score kept)."""
+
+    name: str = "cfg3"
+    samplings: tuple = (SamplingConfig(),)
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.num_samples < 1 or not self.samplings:
+            raise ValueError(f"Strategy {self.name!r}: num_samples must be >= 1 and samplings "
+                             "non-empty.")
+
+
+@dataclasses.dataclass
+class Context:
+    gen: Generator
+    ranker: Any = None                       # rerank.ClipRanker or None
+    features: dict[str, Callable] = dataclasses.field(default_factory=dict)  # FID name -> fn
+    references: dict = dataclasses.field(default_factory=dict)  # FID name -> Statistics
+    caption_metrics: tuple = captioning.METRICS  # pycocoevalcap's (java); () for none
+    max_answer_tokens: int = 8
+    seed: int = 0
+
+
+def _row(task: str, strategy: str, k: int, metrics: dict) -> dict:
+    return {"task": task, "strategy": strategy, "retrieved": k, **metrics}
+
+
+def draw(ctx: Context, captions: list[str], strategy: Strategy, k: int):
+    """The strategy's images for the captions (one per caption) -> generate.Images."""
+    if strategy.num_samples == 1:
+        return ctx.gen.text_to_image(captions, num_retrieved=k, sampling=strategy.samplings[0],
+                                     seed=ctx.seed)
+    if ctx.ranker is None:
+        raise ValueError(f"strategy {strategy.name!r} re-ranks {strategy.num_samples} samples "
+                         "by CLIP score: give eval.clip_encoder_dir or a retrieval_dir whose "
+                         "encoder can score.")
+    return rerank.best_of(ctx.gen, captions, num_samples=strategy.num_samples, ranker=ctx.ranker,
+                          samplings=strategy.samplings, num_retrieved=k, seed=ctx.seed).images
+
+
+def image_metrics(ctx: Context, images: np.ndarray, task: Task) -> dict:
+    """Exact metrics (scenes), CLIP score (ranker) and FID (reference images) of images."""
+    out = {}
+    if task.scenes is not None:
+        out.update(shapes_scores.text_to_image_metrics(images, task.scenes))
+    if ctx.ranker is not None and task.prompts is not None:
+        out["clip_score"] = float(np.mean(ctx.ranker(images, task.prompts)))
+    for name, extract in ctx.features.items():
+        if name in ctx.references:
+            out[name] = fid.fid(extract(images), ctx.references[name])
+    return out
+
+
+def text_to_image(ctx: Context, task: Task, strategy: Strategy, k: int) -> tuple[dict, Any]:
+    out = draw(ctx, task.prompts, strategy, k)
+    return _row("text_to_image", strategy.name, k, image_metrics(ctx, out.images, task)), out
+
+
+def caption(ctx: Context, task: Task, k: int, sampling: SamplingConfig | None = None
+            ) -> tuple[dict, list[str]]:
+    texts = ctx.gen.image_to_text(task.images, num_retrieved=k, seed=ctx.seed,
+                                  sampling=sampling or CAPTION_SAMPLING)
+    metrics = {}
+    if task.scenes is not None:
+        metrics.update(shapes_scores.caption_metrics(texts, task.scenes))
+    if task.references is not None and ctx.caption_metrics:
+        metrics.update(captioning.caption_metrics(texts, task.references, ctx.caption_metrics))
+    return _row("captioning", "greedy", k, metrics), texts
+
+
+def _family(ctx: Context, prompts: Sequence[sft_prompts.Prompt], sampling: SamplingConfig,
+            constraint: Any, what: str) -> list[np.ndarray]:
+    """SFT-family prompts (images as codes) -> each row's generated ids."""
+    gen, vocab = ctx.gen, ctx.gen.vocab
+    queries = [sft_prompts.prompt_ids(p, vocab) for p in prompts]
+    uncond = sft_prompts.prompt_ids(prompts[0].masked(text=True, image=True), vocab)
+    return gen._run(queries, None, uncond, constraint, sampling, 1, ctx.seed, what)
+
+
+def _codes(ctx: Context, images: np.ndarray) -> np.ndarray:
+    tok = ctx.gen.image_tokenizer
+    return tok.encode(tok.preprocess(images))
+
+
+def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
+    """VQA with the SFT template (`Question: q <break> image <break>` -> answer <eos>)."""
+    layout = ctx.gen.layout
+    prompts = [sft_prompts.vqa(c, q) for c, q in zip(_codes(ctx, task.images), task.prompts)]
+    tokens = _family(ctx, prompts, CAPTION_SAMPLING,
+                     proc.TextOnly(layout, ctx.max_answer_tokens, (EOS_ID,)), "question")
+    texts = [ctx.gen.vocab.text_tokenizer.decode(layout.ids_to_text(t[layout.is_text(t)]))
+             .strip() for t in tokens]
+    if task.scenes is not None:  # The corpus: one true answer, not ten annotators.
+        metrics = {"vqa_exact_match": shapes_scores.vqa_exact_match(
+            texts, [r[0] for r in task.references])}
+    else:
+        metrics = {"vqa_accuracy": vqa.vqa_score(texts, task.references)}
+    return _row("vqa", "greedy", 0, metrics), texts
+
+
+def edit(ctx: Context, task: Task, strategy: Strategy) -> tuple[dict, np.ndarray]:
+    """Instruction editing with the SFT template, graded against the edited scenes."""
+    layout = ctx.gen.layout
+    prompts = [sft_prompts.edit(c, i) for c, i in zip(_codes(ctx, task.images), task.prompts)]
+    tokens = _family(ctx, prompts, strategy.samplings[0], proc.ImageCodesOnly(layout), "edit")
+    images = ctx.gen.image_tokenizer.decode(np.stack([layout.ids_to_codes(t) for t in tokens]))
+    return _row("edit", strategy.name, 0, shapes_scores.edit_metrics(images, task.scenes)), images
+

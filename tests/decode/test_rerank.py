@@ -1,0 +1,69 @@
+"""Best-of-N re-ranking: the kept sample is the ranker's arg-max; N = 1 changes nothing."""
+
+import numpy as np
+import pytest
+
+from cm3leon_jax.decode import rerank
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.retrieval import clip, clip_tokenizer
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.vqgan import VQGANConfig
+from tests.model.model_testlib import random_params, tiny_config
+
+CONFIG = tiny_config()
+PARAMS = random_params(CONFIG, seed=2)
+CAPTIONS = ["a small red circle above a yellow square", "a large blue star"]
+# 16 px images, 4x4 = 16 codes from a 64-entry codebook: the decode tests' vocabulary.
+VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2, 2),
+                 num_res_blocks=1, attn_levels=(), latent_channels=8, embed_dim=8,
+                 codebook_size=64, num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def gen(vocab):
+    return Generator(CONFIG, PARAMS, vocab, ImageTokenizer.random_init(VQ, seed=0, batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def ranker():
+    cfg = clip.clip_config("tiny")
+    return rerank.ClipRanker(DocumentEncoder(cfg, clip.init_params(cfg, 0),
+                                             clip_tokenizer.WordTokenizer(4096)))
+
+
+def test_one_sample_is_the_plain_sample(gen, ranker):
+    plain = gen.text_to_image(CAPTIONS, num_samples=1, num_retrieved=0)
+    ranked = gen.text_to_image(CAPTIONS, num_samples=1, num_retrieved=0, ranker=ranker)
+    np.testing.assert_array_equal(plain.codes, ranked.codes)
+    np.testing.assert_array_equal(plain.images, ranked.images)
+
+
+def test_kept_sample_is_the_arg_max_over_mixed_samplings(gen, ranker):
+    samplings = (SamplingConfig(guidance="cfg"), SamplingConfig(guidance="cdk"))
+    best = rerank.best_of(gen, CAPTIONS, num_samples=4, ranker=ranker, samplings=samplings,
+                          num_retrieved=0, seed=3)
+    assert best.scores.shape == (2, 4) and best.images.codes.shape == (2, 16)
+    # Samples 0, 2 of each prompt are the CFG draws, 1, 3 the CD-K draws (same seeds).
+    cfg = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=0, sampling=samplings[0],
+                            seed=3)
+    cdk = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=0, sampling=samplings[1],
+                            seed=4)
+    for p in range(2):
+        drawn = np.stack([cfg.images[2 * p], cdk.images[2 * p], cfg.images[2 * p + 1],
+                          cdk.images[2 * p + 1]])
+        want = ranker(drawn, [CAPTIONS[p]] * 4)
+        np.testing.assert_allclose(best.scores[p], want, rtol=1e-5, atol=1e-4)
+        assert best.kept[p] == int(np.argmax(want))
+        np.testing.assert_array_equal(best.images.images[p], drawn[best.kept[p]])
+    assert best.images.captions == CAPTIONS
+
+
+def test_keep_best_with_any_ranker(gen):
+    out = gen.text_to_image(CAPTIONS, num_samples=3, num_retrieved=0, seed=1)
+    brightest = rerank.keep_best(out, 3, lambda images, _: images.reshape(len(images), -1)
+                                 .mean(axis=1))
+    means = out.images.reshape(2, 3, -1).mean(axis=2)
+    np.testing.assert_array_equal(brightest.kept, means.argmax(axis=1))
+    with pytest.raises(ValueError, match="give the Generator an image_tokenizer"):
+        rerank.keep_best(out._replace(images=None), 3, lambda i, c: np.zeros(len(c)))

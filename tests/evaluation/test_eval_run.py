@@ -1,0 +1,152 @@
+"""The eval run: through the CLI on a tiny random checkpoint, and run_suite on COCO-format
+and VQAv2-format fixture files with 0 / 1 / 2 retrieved documents."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3leon_jax.decode import rerank
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.evaluation import eval_run, fid, suites
+from cm3leon_jax.evaluation.tasks import Context, Strategy
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval.retriever import SearchResult
+from cm3leon_jax.vocab import document
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tests.evaluation.conftest import CONFIG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JAVA = shutil.which("java") is not None
+
+
+def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "--gin_file=gin_configs/runs/eval.gin", f"--gin.MODEL_DIR='{out}'",
+        "--gin.DecoderConfig.vocab_size=512", "--gin.DecoderConfig.max_length=128",
+        f"--gin.evaluate.checkpoint='{eval_files['checkpoint']}'",
+        f"--gin.evaluate.vocab_dir='{eval_files['vocab']}'",
+        "--gin.load_image_tokenizer.checkpoint=None",
+        "--gin.load_image_tokenizer.config=@VQGANConfig()",
+        "--gin.VQGANConfig.image_size=32", "--gin.VQGANConfig.base_channels=8",
+        "--gin.VQGANConfig.channel_multipliers=(1, 2, 2, 2)", "--gin.VQGANConfig.attn_levels=()",
+        "--gin.VQGANConfig.latent_channels=8", "--gin.VQGANConfig.embed_dim=8",
+        "--gin.VQGANConfig.codebook_size=64", "--gin.VQGANConfig.num_groups=4",
+        "--gin.evaluate.retrieval_dir=None", "--gin.evaluate.num_retrieved=[0]",
+        f"--gin.evaluate.clip_encoder_dir='{eval_files['clip']}'",
+        "--gin.evaluate.strategies=[@cfg3/Strategy(), @rerank8/Strategy()]",
+        "--gin.rerank8/Strategy.num_samples=2", "--gin.corpus_suite.num_examples=2",
+        "--gin.evaluate.caption_metrics=" + ("['BLEU-4', 'CIDEr-D']" if JAVA else "[]"),
+        "--gin.evaluate.batch_size=4",
+    ]
+    r = subprocess.run([sys.executable, "-m", "cm3leon_jax.main", *args], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    rows = {(row["task"], row["strategy"]): row for row in report["rows"]}
+    assert set(rows) == {("text_to_image", "cfg3"), ("text_to_image", "rerank8"),
+                         ("captioning", "greedy"), ("vqa", "greedy"), ("edit", "cfg3")}
+    t2i = rows[("text_to_image", "rerank8")]
+    for key in ("objects_right", "count_right", "box_iou", "clip_score",
+                "fid_retrieval_encoder"):
+        assert key in t2i and np.isfinite(t2i[key])
+    assert 0 <= t2i["clip_score"] <= 100 and t2i["fid_retrieval_encoder"] > 0
+    assert {"object_precision", "object_recall"} <= set(rows[("captioning", "greedy")])
+    assert JAVA <= ("CIDEr-D" in rows[("captioning", "greedy")])
+    assert "vqa_exact_match" in rows[("vqa", "greedy")]
+    assert "edit_right" in rows[("edit", "cfg3")]
+    table = (out / "eval" / "report.md").read_text()
+    assert table.count("| text_to_image |") == 2 and "clip_score" in table
+    for name in ("text_to_image_cfg3_k0", "text_to_image_rerank8_k0", "captioning_k0", "vqa",
+                 "edit_cfg3"):
+        assert Image.open(out / "eval" / f"{name}.png").size[0] > 0
+    assert "[eval] wrote" in r.stdout and "eval:" in r.stderr  # tqdm's progress bar
+
+
+class Documents:
+    """A retrieval service that returns the same real documents for every query."""
+
+    def __init__(self, docs):
+        self.docs = docs
+
+    def _results(self, n, k):
+        return [SearchResult([f"d{i}" for i in range(k)], [1.0] * k, self.docs[:k],
+                             list(range(k))) for _ in range(n)]
+
+    def search_texts(self, texts, k):
+        return self._results(len(texts), k)
+
+    def search_images(self, images, k):
+        return self._results(len(images), k)
+
+
+def _write_fixtures(root, images):
+    """A COCO captions file, VQAv2 question/annotation files and their images."""
+    os.makedirs(root / "val2014")
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(root / "val2014" / f"COCO_val2014_{i + 1:012d}.jpg", quality=95)
+    coco = {"images": [{"id": i + 1, "file_name": f"COCO_val2014_{i + 1:012d}.jpg"}
+                       for i in range(len(images))],
+            "annotations": [{"image_id": i + 1, "id": 10 * i + j, "caption": c}
+                            for i in range(len(images)) for j, c in
+                            enumerate(["A red circle.", "a small red circle on gray"])]}
+    questions = {"questions": [{"question_id": 100 + i, "image_id": i + 1,
+                                "question": "How many shapes are there?"}
+                               for i in range(len(images))]}
+    answers = {"annotations": [{"question_id": 100 + i, "image_id": i + 1,
+                                "answers": [{"answer": a, "answer_id": j} for j, a in
+                                            enumerate(["1"] * 6 + ["one"] * 2 + ["2"] * 2)]}
+                               for i in range(len(images))]}
+    for name, data in (("captions.json", coco), ("questions.json", questions),
+                       ("answers.json", answers)):
+        (root / name).write_text(json.dumps(data))
+
+
+def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_tokenizer, tmp_path):
+    vocab = MultimodalVocabulary(eval_files["vocab"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    _write_fixtures(tmp_path, images)
+    coco = suites.coco_suite(str(tmp_path / "captions.json"), str(tmp_path / "val2014"))(32)
+    assert coco.text_to_image.prompts == ["A red circle."] * 3
+    assert coco.captioning.references[0] == ["A red circle.", "a small red circle on gray"]
+    assert coco.captioning.images.shape == (3, 32, 32, 3)
+    vqa = suites.vqav2_suite(str(tmp_path / "questions.json"), str(tmp_path / "answers.json"),
+                             str(tmp_path / "val2014"))(32)
+    assert vqa.vqa.references[2] == ["1"] * 6 + ["one"] * 2 + ["2"] * 2
+    doc = document.encode(document.Document([document.Text("a red circle"),
+                                             document.Image(np.arange(16))]), vocab)
+    gen = Generator(CONFIG, eval_files["params"], vocab, image_tokenizer,
+                    retriever=Documents([doc, doc]), batch_size=4)
+    encoder = DocumentEncoder.load(eval_files["clip"])
+    ctx = Context(gen, rerank.ClipRanker(encoder),
+                  {"fid_retrieval_encoder": fid.EncoderFeatures(encoder)},
+                  caption_metrics=("BLEU-4", "CIDEr-D") if JAVA else ())
+    strategy = Strategy("top-p", (SamplingConfig(guidance="none"),))
+    rows = eval_run.run_suite(ctx, coco, str(tmp_path / "coco"), [strategy], (0, 1, 2))
+    assert [(r["task"], r["retrieved"]) for r in rows] == [
+        ("text_to_image", 0), ("text_to_image", 1), ("text_to_image", 2),
+        ("captioning", 0), ("captioning", 1), ("captioning", 2)]
+    assert all(np.isfinite(r["fid_retrieval_encoder"]) for r in rows[:3])
+    if JAVA:
+        assert all(0 <= r["CIDEr-D"] <= 10 for r in rows[3:])
+    rows = eval_run.run_suite(ctx, vqa, str(tmp_path / "vqa"), [strategy])
+    assert rows[0]["task"] == "vqa" and 0 <= rows[0]["vqa_accuracy"] <= 100
+    report = eval_run.write_report(str(tmp_path / "vqa"), {"suite": vqa.name}, rows)
+    assert report["rows"] == rows and "vqa_accuracy" in (tmp_path / "vqa" / "report.md").read_text()
+
+
+def test_bad_settings_are_named(eval_files):
+    with pytest.raises(ValueError, match="num_retrieved=\\[0, 2\\] retrieves documents"):
+        eval_run.evaluate("x", checkpoint=eval_files["checkpoint"], vocab_dir="v",
+                          image_tokenizer=None, num_retrieved=(0, 2))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        Strategy("bad", num_samples=0)
+    with pytest.raises(FileNotFoundError, match="COCO captions file 'nope.json'"):
+        suites.coco_suite("nope.json", "x")(32)

@@ -1,0 +1,166 @@
+"""Import of the original Chameleon release: a tiny release written in its exact layout
+(2 model-parallel ranks, bfloat16, interleaved rotary, per-rank q/k norms, the VQGAN's
+Lightning checkpoint + yaml, a tokenizers file with IMGIMG tokens) must give the logits
+of the released architecture, a working vocabulary, and images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.export import chameleon_release, chameleon_vocab, import_run
+from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.vocab import layout as layout_lib
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tests.export import chameleon_testlib
+from tests.export.conftest import HF_VQ, TEXTS, random_vq_params
+from tests.model.model_testlib import forward
+
+VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 32.
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("chameleon_release"))
+    vq_params = random_vq_params(VQ, seed=4)
+    shards = chameleon_testlib.write_release(root, TEXTS, VQ, vq_params)
+    return root, shards, vq_params
+
+
+@pytest.fixture(scope="module")
+def imported(release, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("import_run"))
+    manifest = import_run.import_weights(run_dir, source=release[0])
+    return os.path.join(run_dir, "import"), manifest
+
+
+def _tokenizer_file(root):
+    return os.path.join(root, "tokenizer", "text_tokenizer.json")
+
+
+def test_logits_match_the_released_architecture(release, imported):
+    root, shards, _ = release
+    out, manifest = imported
+    assert manifest["imported_from"] == "chameleon" and manifest["dtype"] == "bfloat16"
+    config, params, _ = pc.load_decoder(out)
+    assert (config.mlp_dim, config.kv_heads, config.block_order) == (192, 2, "pre")
+    with open(_tokenizer_file(root), "rb") as f:
+        vocab = chameleon_vocab.build(f.read(), VQ.codes_per_image)
+    layout, source = vocab.layout, vocab.source_ids
+    assert MultimodalVocabulary(os.path.join(out, "vocab")).layout == layout
+
+    ours = np.random.default_rng(0).integers(0, layout.used_size, (2, 24))
+    theirs = chameleon_testlib.reference_logits(shards, source[ours])
+    got = np.asarray(forward(config)(params, ours))
+    want = theirs[..., source[:layout.used_size]]
+    rel = np.abs(got[..., :layout.used_size] - want).max() / np.abs(want).max()
+    assert rel <= 1e-4, rel
+    # Padding ids borrow a reserved token's output row: never a likely token.
+    reserved = Tokenizer.from_file(_tokenizer_file(root)).token_to_id("<reserved00003>")
+    np.testing.assert_allclose(got[..., layout.used_size:],
+                               np.repeat(theirs[..., reserved:reserved + 1],
+                                         layout.vocab_size - layout.used_size, -1), rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+
+def test_vocabulary_maps_text_specials_and_image_codes(release, imported):
+    root, out = release[0], imported[0]
+    vocab = MultimodalVocabulary(os.path.join(out, "vocab"))
+    hf = Tokenizer.from_file(_tokenizer_file(root))
+    with open(_tokenizer_file(root), "rb") as f:
+        source = chameleon_vocab.build(f.read(), VQ.codes_per_image).source_ids
+    text = "a red circle above a purple square"
+    ids = np.asarray(vocab.encode(text))
+    assert vocab.decode(ids) == text
+    np.testing.assert_array_equal(source[ids], hf.encode(text).ids)  # Token for token.
+    names = {layout_lib.BREAK_ID: "<racm3:break>", layout_lib.EOS_ID: "</s>",
+             layout_lib.EOSS_ID: "<eoss>", layout_lib.PAD_ID: "<pad>",
+             vocab.layout.sentinel_id(0): "<s>"}  # No <sentinel:i>: <s> masks for CFG.
+    for ours, name in names.items():
+        assert hf.id_to_token(int(source[ours])) == name
+    for code in (0, 7, 31):
+        image_id = vocab.layout.codes_to_ids(code)
+        assert hf.id_to_token(int(source[image_id])) == chameleon_testlib.image_token_name(code)
+
+
+def test_text_to_image_runs_on_the_import_and_decodes_pixels(release, imported):
+    out = imported[0]
+    config, params, _ = pc.load_decoder(out)
+    tokenizer = ImageTokenizer.from_checkpoint(os.path.join(out, "image_tokenizer"))
+    gen = Generator(config, params, MultimodalVocabulary(os.path.join(out, "vocab")), tokenizer,
+                    batch_size=2, prompt_multiple=16)
+    made = gen.text_to_image(["a red circle"], num_samples=2, num_retrieved=0,
+                             sampling=SamplingConfig(guidance="cfg", guidance_scale=3.0), seed=1)
+    assert made.images.shape == (2, 8, 8, 3) and made.images.dtype == np.uint8
+    assert made.codes.shape == (2, 16) and made.codes.max() < 32
+    # The pixels are the released VQGAN decoder's (which transformers' conversion drops).
+    np.testing.assert_array_equal(made.images, ImageTokenizer(VQ, release[2]).decode(made.codes))
+
+
+def _copy(release, tmp_path):
+    root = str(tmp_path / "release")
+    shutil.copytree(release[0], root)
+    return root, os.path.join(root, "models", "7b")
+
+
+def test_a_missing_shard_is_named_and_nothing_is_left(release, tmp_path):
+    root, model_dir = _copy(release, tmp_path)
+    os.remove(os.path.join(model_dir, "consolidated.01.pth"))
+    with pytest.raises(chameleon_release.ReleaseError,
+                       match=r"consolidated\.01\.pth: missing; model_parallel_size=2"):
+        import_run.import_weights(str(tmp_path / "run"), source=root)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tensor_that_does_not_fit_is_named(release, tmp_path):
+    root, model_dir = _copy(release, tmp_path)
+    path = os.path.join(model_dir, "consolidated.00.pth")
+    sd = torch.load(path, weights_only=True)
+    sd["layers.1.feed_forward.w2.weight"] = sd["layers.1.feed_forward.w2.weight"][:, :50]
+    torch.save(sd, path)
+    with pytest.raises(chameleon_release.ReleaseError,
+                       match=r"consolidated\.00\.pth: tensor 'layers\.1\.feed_forward\.w2\.weight'"
+                             r" has shape \(64, 50\); params\.json implies \(64, 96\)"):
+        import_run.import_weights(str(tmp_path / "run"), source=root)
+    os.remove(os.path.join(root, "tokenizer", "vqgan.yaml"))
+    with pytest.raises(chameleon_release.ReleaseError, match=r"vqgan\.yaml: missing"):
+        chameleon_release.read_release(root)
+    assert sorted(os.listdir(tmp_path)) == ["release"]
+
+
+def test_import_run_mode_from_the_command_line(release, tmp_path):
+    import gin
+
+    from cm3leon_jax import main
+    argv = ["--gin_file=gin_configs/runs/import.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+            f"--gin.import_weights.source='{release[0]}'",
+            "--gin.import_weights.dtype='float32'", "--gin.import_weights.model_size='7b'"]
+    try:
+        assert main.main(argv) == 0
+    finally:
+        gin.clear_config()
+    manifest = pc.read_manifest(str(tmp_path / "run" / "import"))
+    assert manifest["dtype"] == "float32" and manifest["imported_from"] == "chameleon"
+
+
+def test_hf_export_of_the_import_carries_its_tokenizer(release, imported, tmp_path):
+    import transformers
+
+    from cm3leon_jax.export import hf_export
+    out = imported[0]
+    config, params, _ = pc.load_decoder(out)
+    vocab_dir = os.path.join(out, "vocab")
+    hf_export.write_hf(str(tmp_path / "hf"), config, params, vocab_dir=vocab_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    vocab = MultimodalVocabulary(vocab_dir)
+    for text in ("a red circle above a purple square", "  green  star", "blue"):
+        assert theirs.encode(text, add_special_tokens=False) == list(vocab.encode(text))
+    assert theirs.convert_tokens_to_ids(["<racm3:break>", "<eoss>", "</s>", "IMGIMGBDZ"]) == \
+        [2, 3, 1, vocab.layout.codes_to_ids(13)]
