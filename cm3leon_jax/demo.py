@@ -45,8 +45,9 @@ from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 NOT_YET = (
     "supervised fine-tuning (editing, VQA, grounded generation) and its edits / VQA answers",
-    "CLIP re-ranking of samples",
-    "the eval run's metrics (FID, CLIP score, CIDEr, VQA accuracy), and export",
+    "the eval run's report (FID on encoder features, CLIP score, CIDEr, VQA accuracy) as a "
+    "stage: run gin_configs/runs/eval.gin on MODEL_DIR after the demo",
+    "export (gin_configs/runs/export.gin) as a stage",
 )
 STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "generate",
           "pictures")
@@ -108,8 +109,8 @@ def demo(model_dir: str,
         json.dump(demo_stages.jsonable(metrics), f, indent=2, sort_keys=True)
     print(f"[demo] wrote {model_dir}/metrics.json; contact sheet: "
           f"{metrics['pictures']['contact_sheet']}")
-    print(f"[demo] {metrics['seconds']['total']} s in all "
-          f"({metrics['cpu_seconds']['total']} s CPU)")
+    print(f"[demo] {metrics['total_seconds']} s in all ({metrics['total_cpu_seconds']} s CPU, "
+          f"load average {os.getloadavg()[0]:.1f})")
     for line in demo_generate.targets_report(metrics.get("generate", {})):
         print(f"[demo] {line}")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))

@@ -1,12 +1,16 @@
 """The demo's generate stage: the decoder draws held-out captions and captions held-out
 images, every output scored exactly against its scene (evaluation/shapes_scores.py).
 
-Text to image runs once with the headline settings (k retrieved documents, CFG) and
-again with one thing changed, in the same run, so the effect of each is measured:
+Text to image runs once with the headline settings (k retrieved documents, CFG, the best
+of N samples by CLIP score) and again with one thing changed, in the same run, so the
+effect of each is measured:
 
-    text_to_image                 k = num_retrieved, image_sampling (CFG)   headline
-    text_to_image_ablations.k0    no retrieved documents
-    text_to_image_ablations.no_cfg  guidance "none"
+    text_to_image                      k = num_retrieved, CFG, best of rerank_samples
+    text_to_image_ablations.k0         no retrieved documents
+    text_to_image_ablations.no_cfg     guidance "none"
+    text_to_image_ablations.one_sample one sample, no re-ranking
+
+The CLIP score that re-ranks is the retrieval encoder's (decode/rerank.py).
 
 Images are scored with `shapes_scores.text_to_image_metrics` (objects, colours, classes,
 count, positions, box IoU), captions with `caption_metrics`. For scale, the same scores
@@ -25,7 +29,7 @@ import numpy as np
 
 from cm3leon_jax import demo_sheet
 from cm3leon_jax.data import synthetic_tfds
-from cm3leon_jax.decode import generate_run, restore
+from cm3leon_jax.decode import generate_run, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.evaluation import pictures, shapes_scores
 from cm3leon_jax.retrieval.retriever import Retriever
@@ -48,7 +52,8 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                    image_sampling: SamplingConfig | None = None,
                    caption_sampling: SamplingConfig | None = None,
                    caption_style: str = "infill", max_caption_tokens: int = 24,
-                   ablations: bool = True, batch_size: int = 32, seed: int = 0) -> dict:
+                   rerank_samples: int = 4, ablations: bool = True, batch_size: int = 32,
+                   seed: int = 0) -> dict:
     """Text -> image and image -> text on the first `num_examples` scenes of `split`.
 
     Args:
@@ -57,7 +62,9 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
       image_sampling / caption_sampling: how tokens are chosen (generate.SamplingConfig).
       caption_style: "infill" or "image_first" (decode/prompts.py); image_first needs
         image-first documents in pretraining (preprocess.image_first_prob > 0).
-      ablations: also run k = 0 and no guidance (see the module docstring).
+      rerank_samples: samples per caption, the best by CLIP score kept (1: no re-ranking;
+        needs the retriever's encoder).
+      ablations: also run k = 0, no guidance and one sample (see the module docstring).
       batch_size: prompt rows per compiled sampler call.
     """
     examples = list(builder.as_dataset(split=f"{split}[:{num_examples}]").as_numpy_iterator())
@@ -69,15 +76,21 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
     retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
     gen = Generator(config, params, vocab, image_tokenizer, retriever, batch_size=batch_size)
     image_sampling = image_sampling or SamplingConfig()
+    ranker = None
+    if rerank_samples > 1:
+        encoder = Retriever.open(os.path.join(data_dir, "retrieval")).encoder \
+            if retriever is None else retriever.encoder
+        ranker = rerank.ClipRanker(encoder)
 
-    def draw(k: int, sampling: SamplingConfig):
-        return gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed)
+    def draw(k: int, sampling: SamplingConfig, samples: int = rerank_samples):
+        return gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
+                                 num_samples=samples, ranker=ranker if samples > 1 else None)
 
     drawn = draw(num_retrieved, image_sampling)
     written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
                                 max_tokens=max_caption_tokens, style=caption_style, seed=seed)
     metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
-               "num_retrieved": num_retrieved,
+               "num_retrieved": num_retrieved, "rerank_samples": rerank_samples,
                "text_to_image": score_images(drawn.images, scenes),
                "image_to_text": shapes_scores.caption_metrics(written, scenes),
                "vq_reconstruction_reference": score_images(
@@ -88,6 +101,9 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
             "k0": score_images(draw(0, image_sampling).images, scenes),
             "no_cfg": score_images(
                 draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}
+        if rerank_samples > 1:
+            metrics["text_to_image_ablations"]["one_sample"] = score_images(
+                draw(num_retrieved, image_sampling, 1).images, scenes)
     retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
                                                  np.uint8), [[] for _ in examples]
     if retriever is not None:
@@ -179,7 +195,8 @@ def sheet_sections(out_dir: str) -> list:
         rows.append(row + [data["generated_images"][i], ("objects right" if ok else
                                                          "objects wrong", ok)])
     header = ["caption (held out)"] + ["retrieved doc", ""] * k + ["generated", "parsed"]
-    t2i = demo_sheet.section("Text -> image (retrieval-augmented, CFG)", header, rows,
+    t2i = demo_sheet.section("Text -> image (retrieval-augmented, CFG, CLIP re-ranked)", header,
+                             rows,
                              text_width=150)
     rows = []
     for i in range(n):
@@ -220,7 +237,8 @@ def targets_report(metrics: dict) -> list[str]:
                          f"{value:.0%} ({verdict})")
     ablations = metrics.get("text_to_image_ablations", {})
     head = metrics.get("text_to_image", {}).get("objects_right")
-    for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG")):
+    for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
+                       ("one_sample", "CLIP re-ranking beats one sample")):
         if name in ablations and head is not None:
             other = ablations[name]["objects_right"]
             verdict = "yes" if head > other else "NO"

@@ -128,8 +128,9 @@ class StageRunner:
         self.print(f"{self._header(name)}: not run: {why}")
 
     def timings(self) -> dict[str, Any]:
-        """`seconds` (wall, per stage and total), `cpu_seconds`, `load_average`."""
-        return {"seconds": {**self.seconds, "total": round(time.time() - self.started, 1)},
-                "cpu_seconds": {**self.cpu_seconds,
-                                "total": round(sum(self.cpu_seconds.values()), 1)},
-                "load_average": self.load, "reused_stages": list(self.reused)}
+        """`seconds` (wall) and `cpu_seconds` per stage, `load_average` at each stage's end,
+        their totals, and which stages were reused."""
+        return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds),
+                "total_seconds": round(time.time() - self.started, 1),
+                "total_cpu_seconds": round(sum(self.cpu_seconds.values()), 1),
+                "load_average": dict(self.load), "reused_stages": list(self.reused)}

@@ -21,8 +21,8 @@ def test_a_finished_stage_is_reused_only_under_the_same_configuration(tmp_path):
     other = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config-2", lines.append)
     assert other.run("a", stage) == {"value": 2} and other.reused == []
     timings = other.timings()
-    assert set(timings["seconds"]) == {"a", "total"} and set(timings["cpu_seconds"]) == {
-        "a", "total"} and set(timings["load_average"]) == {"a"}
+    assert set(timings["seconds"]) == set(timings["cpu_seconds"]) == {"a"}
+    assert set(timings["load_average"]) == {"a"} and timings["total_seconds"] >= 0
 
 
 def test_clear_keeps_only_the_current_config(tmp_path):
