@@ -143,8 +143,9 @@ def make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str
         return SftExample(doc_id, prompt, image, {"scene": scene.to_json()})
     if family == "boxes_to_image":
         listing = shapes_tasks.captions(scene, rng)[0]
-        prompt = sft_prompts.boxes_to_image(listing, shapes_tasks.box_phrases(scene))
-        return SftExample(doc_id, prompt, image, {"scene": scene.to_json()})
+        boxes = shapes_tasks.box_phrases(scene)
+        return SftExample(doc_id, sft_prompts.boxes_to_image(listing, boxes), image,
+                          {"scene": scene.to_json(), "caption": listing, "boxes": boxes})
     if family == "how_to_write":
         words = write_words(scene.image_size)
         word = words[int(rng.integers(len(words)))]
@@ -157,10 +158,12 @@ def make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str
                           {"scene": scene.to_json()})
     if family == "vqa":
         question, answer = shapes_tasks.vqa_pairs(scene, rng)[0]
-        return SftExample(doc_id, sft_prompts.vqa(image, question), answer, {"answer": answer})
+        return SftExample(doc_id, sft_prompts.vqa(image, question), answer,
+                          {"answer": answer, "question": question})
     index = int(rng.integers(len(scene.shapes)))  # segment
-    return SftExample(doc_id, sft_prompts.segment(image, shapes_tasks.refer(scene, index)),
-                      mask_image(scene, index), {"scene": scene.to_json(), "index": index})
+    phrase = shapes_tasks.refer(scene, index)
+    return SftExample(doc_id, sft_prompts.segment(image, phrase), mask_image(scene, index),
+                      {"scene": scene.to_json(), "index": index, "phrase": phrase})
 
 
 def corpus_scene(seed: int, split: str, index: int, image_size: int) -> shapes.Scene:

@@ -21,10 +21,12 @@ import gin
 import jax
 import numpy as np
 
+from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
 from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 GUIDANCE = ("none", "cfg", "cdk")
@@ -222,3 +224,204 @@ class Generator:
             n = min(self.batch_size, len(rows) - start)
             out += [tokens[j, :lengths[j]] for j in range(n)]
         return out
+
+    # -- SFT families (the sft engineer's block) ------------------------------------------
+    # Each prompt comes from data/sft_prompts.py, the builder the SFT tasks were trained
+    # on. Guidance streams mask the prompt's inputs with sentinels: CFG / CD-K run the
+    # full prompt beside the one with every input masked; editing runs three streams
+    # (full, image only, neither) merged by TwoScaleGuidance.
+
+    def edit(self, images: Any, instructions: Sequence[str], *, num_samples: int = 1,
+             sampling: SamplingConfig | None = None, image_scale: float = 1.5,
+             text_scale: float = 7.5, seed: int = 0) -> Images:
+        """Each image edited by its instruction (paper: image scale 1.5, text scale 7.5;
+        `sampling.guidance='none'` turns guidance off)."""
+        codes, _ = self._image_codes(images)
+        instructions = _texts(instructions, len(codes), "instruction")
+        prompts = [sft_prompts.edit(c, t) for c, t in zip(codes, instructions)]
+        return self._family_images(prompts, instructions, sampling, num_samples, seed,
+                                   two_scale=(image_scale, text_scale))
+
+    def grounded(self, condition_images: Any, captions: Sequence[str], *,
+                 condition: str = "edge", num_samples: int = 1,
+                 sampling: SamplingConfig | None = None, seed: int = 0) -> Images:
+        """Images from condition maps (`condition` in sft_prompts.CONDITIONS) and captions."""
+        codes, _ = self._image_codes(condition_images)
+        captions = _texts(captions, len(codes), "caption")
+        prompts = [sft_prompts.condition_to_image(condition, c, t)
+                   for c, t in zip(codes, captions)]
+        return self._family_images(prompts, captions, sampling, num_samples, seed)
+
+    def boxes_to_image(self, captions: Sequence[str], boxes: Sequence[Sequence[str]], *,
+                       num_samples: int = 1, sampling: SamplingConfig | None = None,
+                       seed: int = 0) -> Images:
+        """Images of captions with each object at its box; boxes: per caption, phrases
+        'red circle at (x0,y0,x1,y1)' (pixels, ends exclusive)."""
+        captions = _texts(captions, len(boxes), "caption")
+        prompts = [sft_prompts.boxes_to_image(c, list(b)) for c, b in zip(captions, boxes)]
+        return self._family_images(prompts, captions, sampling, num_samples, seed)
+
+    def how_to_write(self, texts: Sequence[str], *, num_samples: int = 1,
+                     sampling: SamplingConfig | None = None, seed: int = 0) -> Images:
+        """Images of each text written out."""
+        texts = _texts(texts, len(texts), "text")
+        return self._family_images([sft_prompts.how_to_write(t) for t in texts], texts,
+                                   sampling, num_samples, seed)
+
+    def segment(self, images: Any, phrases: Sequence[str], *, num_samples: int = 1,
+                sampling: SamplingConfig | None = None, seed: int = 0) -> Images:
+        """The mask image (white object on black) of the object each phrase names."""
+        codes, _ = self._image_codes(images)
+        phrases = _texts(phrases, len(codes), "phrase")
+        prompts = [sft_prompts.segment(c, p) for c, p in zip(codes, phrases)]
+        return self._family_images(prompts, phrases, sampling, num_samples, seed)
+
+    def vqa(self, images: Any, questions: Sequence[str], *, max_tokens: int = 16,
+            sampling: SamplingConfig | None = None, seed: int = 0) -> list[str]:
+        """Each image's answer to its question."""
+        codes, _ = self._image_codes(images)
+        questions = _texts(questions, len(codes), "question")
+        prompts = [sft_prompts.vqa(c, q) for c, q in zip(codes, questions)]
+        return self._family_texts(prompts, sampling, max_tokens, seed)
+
+    def describe(self, images: Any, *, long: bool = False, max_tokens: int = 48,
+                 sampling: SamplingConfig | None = None, seed: int = 0) -> list[str]:
+        """Each image's caption in the SFT captioning layout (`long`: the detailed one)."""
+        codes, _ = self._image_codes(images)
+        prompts = [sft_prompts.caption(c, long=long) for c in codes]
+        return self._family_texts(prompts, sampling, max_tokens, seed)
+
+    def infill_text(self, befores: Sequence[str], afters: Sequence[str], images: Any, *,
+                    max_tokens: int = 16, sampling: SamplingConfig | None = None,
+                    seed: int = 0) -> list[str]:
+        """The text missing between `before` and `after` in `before ___ after <break>
+        image`: a CM3 infill (`<sentinel:0>` in place, generated after the sequence)."""
+        codes, _ = self._image_codes(images)
+        mask = np.array([self.layout.sentinel_id(0)], np.int32)
+        queries = []
+        for b, a, c in zip(befores, afters, codes):
+            text = [np.asarray(self.vocab.encode(s), np.int32) for s in (b, a) if s]
+            head = [text[0]] if b else []
+            tail = [text[-1]] if a else []
+            queries.append(np.concatenate(head + [mask] + tail + [
+                [BREAK_ID], self.layout.codes_to_ids(c), mask]).astype(np.int32))
+        constraint = proc.TextOnly(self.layout, max_tokens, (EOSS_ID,))
+        sampling = CAPTION_SAMPLING if sampling is None else sampling
+        tokens = self._sample_streams([queries], constraint,
+                                      _unguided(sampling).processors(constraint),
+                                      sampling.greedy, 1, seed)
+        return [self._text(t) for t in tokens]
+
+    def infill_image(self, images: Any, captions: Sequence[str], rows: tuple[int, int], *,
+                     sampling: SamplingConfig | None = None, seed: int = 0) -> Images:
+        """Each image with its code rows [rows[0], rows[1]) regenerated as a CM3 infill
+        of `caption <break> image`; the other codes are kept."""
+        codes, _ = self._image_codes(images)
+        captions = _texts(captions, len(codes), "caption")
+        grid = int(round(np.sqrt(self.layout.image_length)))
+        start, stop = rows[0] * grid, rows[1] * grid
+        if not 0 <= rows[0] < rows[1] <= grid:
+            raise ValueError(f"rows={rows}: need 0 <= first < last <= {grid} (code rows).")
+        mask = np.array([self.layout.sentinel_id(0)], np.int32)
+        queries = [np.concatenate([self.vocab.encode(t), [BREAK_ID],
+                                   self.layout.codes_to_ids(c[:start]), mask,
+                                   self.layout.codes_to_ids(c[stop:]), mask]).astype(np.int32)
+                   for t, c in zip(captions, codes)]
+        sampling = SamplingConfig() if sampling is None else sampling
+        constraint = proc.ImageSpan(self.layout, stop - start)
+        tokens = self._sample_streams([queries], constraint,
+                                      _unguided(sampling).processors(constraint),
+                                      sampling.greedy, 1, seed)
+        out = codes.copy()
+        for i, t in enumerate(tokens):
+            out[i, start:stop] = self.layout.ids_to_codes(t)
+        pixels = None if self.image_tokenizer is None else self.image_tokenizer.decode(out)
+        return Images(out, pixels, list(captions))
+
+    def _family_images(self, prompts: list, labels: list[str], sampling: SamplingConfig | None,
+                       num_samples: int, seed: int,
+                       two_scale: tuple[float, float] | None = None) -> Images:
+        sampling = SamplingConfig() if sampling is None else sampling
+        constraint = proc.ImageCodesOnly(self.layout)
+        streams = self._streams(prompts, sampling, two_scale)
+        chain = list(_unguided(sampling).processors(constraint))
+        if len(streams) == 3:
+            chain.insert(1, proc.TwoScaleGuidance(*two_scale))
+        elif len(streams) == 2:
+            chain = list(sampling.processors(constraint))
+        tokens = self._sample_streams(streams, constraint, tuple(chain), sampling.greedy,
+                                      num_samples, seed)
+        codes = np.stack([self.layout.ids_to_codes(t) for t in tokens])
+        images = None if self.image_tokenizer is None else self.image_tokenizer.decode(codes)
+        return Images(codes, images, [c for c in labels for _ in range(num_samples)])
+
+    def _family_texts(self, prompts: list, sampling: SamplingConfig | None, max_tokens: int,
+                      seed: int) -> list[str]:
+        sampling = CAPTION_SAMPLING if sampling is None else sampling
+        constraint = proc.TextOnly(self.layout, max_tokens, (EOS_ID, BREAK_ID))
+        streams = self._streams(prompts, sampling, None)
+        tokens = self._sample_streams(streams, constraint, sampling.processors(constraint),
+                                      sampling.greedy, 1, seed)
+        return [self._text(t) for t in tokens]
+
+    def _streams(self, prompts: list, sampling: SamplingConfig,
+                 two_scale: tuple[float, float] | None) -> list[list[np.ndarray]]:
+        """Prompt ids per guidance stream: [full] (+ [image only]) (+ [neither])."""
+        def ids(prompt):
+            return sft_prompts.prompt_ids(prompt, self.vocab)
+
+        full = [ids(p) for p in prompts]
+        if sampling.guidance == "none":
+            return [full]
+        neither = [ids(p.masked(text=True, image=True)) for p in prompts]
+        if two_scale is None:
+            return [full, neither]
+        return [full, [ids(p.masked(text=True)) for p in prompts], neither]
+
+    def _text(self, tokens: np.ndarray) -> str:
+        text = tokens[self.layout.is_text(tokens)]
+        return self.vocab.text_tokenizer.decode(self.layout.ids_to_text(text)).strip()
+
+    def _sample_streams(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
+                        greedy: bool, num_samples: int, seed: int) -> list[np.ndarray]:
+        """Rows of every stream (query-major, `num_samples` each) through the sampler in
+        fixed batches; each row's generated tokens, stop included."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        budget = self.config.max_length - constraint.max_new_tokens
+        for i, row in enumerate(streams[0]):
+            if row.size > budget:
+                raise ValueError(f"prompt {i} has {row.size} tokens, more than the {budget} the "
+                                 "model has room for (DecoderConfig.max_length minus the "
+                                 "tokens to generate); shorten it.")
+        rows = [[r for r in stream for _ in range(num_samples)] for stream in streams]
+        key, out, n = jax.random.key(seed), [], len(rows[0])
+        for start in range(0, n, self.batch_size):
+            batch = []
+            for stream in rows:
+                chunk = stream[start:start + self.batch_size]
+                batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            width = max(r.size for r in batch)
+            width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
+            result = sampler.sample(
+                self.config, self.params, sampler.left_pad(batch, width), key,
+                max_new_tokens=constraint.max_new_tokens, processors=chain, stop=constraint,
+                greedy=greedy, num_streams=len(rows),
+                row_ids=np.arange(start, start + self.batch_size))
+            tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+            out += [tokens[j, :lengths[j]] for j in range(min(self.batch_size, n - start))]
+        return out
+
+
+def _unguided(sampling: SamplingConfig) -> SamplingConfig:
+    return dataclasses.replace(sampling, guidance="none")
+
+
+def _texts(texts: Sequence[str], n: int, what: str) -> list[str]:
+    texts = [str(t) for t in texts]
+    if len(texts) != n:
+        raise ValueError(f"{len(texts)} {what}s for {n} inputs; give one per input.")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"{what} {i} is empty; give a non-empty text.")
+    return texts

@@ -8,6 +8,8 @@ Writes
     MODEL_DIR/generated.png                  them in a grid, each under its caption
     MODEL_DIR/generated.json                 [{"caption", "images": [png, ...]}]
     MODEL_DIR/captions.json                  [{"image": path, "captions": [...]}]
+    MODEL_DIR/families/, families.json, families.png   the SFT family requests of
+                                             `prompts_file` (see generate_families.py)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
-from cm3leon_jax.decode import restore
+from cm3leon_jax.decode import generate_families, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.evaluation import pictures
 from cm3leon_jax.retrieval.retriever import Retriever
@@ -77,7 +79,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
              image_sampling: SamplingConfig | None = None,
              caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
              caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, prompts_file: str | None = None) -> dict:
     """Generates for the prompts given in gin; returns what it wrote.
 
     Args:
@@ -91,11 +93,14 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
         tokens are chosen (None: the Generator's defaults). max_caption_tokens,
         caption_style: see `Generator.image_to_text`. step: checkpoint step (None: newest).
+      prompts_file: SFT family requests, one JSON a line (see generate_families.py);
+        image_sampling / caption_sampling apply to their image / text outputs.
     """
     texts = list(captions) + (read_lines(captions_file) if captions_file else [])
-    if not texts and not image_files:
+    if not texts and not image_files and not prompts_file:
         raise ValueError("generate has nothing to do: bind generate.captions, "
-                         "generate.captions_file or generate.image_files.")
+                         "generate.captions_file, generate.image_files or "
+                         "generate.prompts_file.")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
@@ -115,6 +120,10 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
                                  style=caption_style, seed=seed)
         summary["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
                                              list(image_files), made, num_samples)
+    if prompts_file:
+        summary["families"] = generate_families.generate_families(
+            gen, prompts_file, model_dir, num_samples=num_samples,
+            image_sampling=image_sampling, text_sampling=caption_sampling, seed=seed)
     print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
           f"{len(image_files)} image(s) -> captions", flush=True)
     return summary

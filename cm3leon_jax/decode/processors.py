@@ -226,3 +226,57 @@ class StopOnTokens:
 
     def stop(self, token: jax.Array, state: DecodeState) -> jax.Array:
         return jnp.isin(token, jnp.asarray(self.ids, jnp.int32))
+
+
+# -- two-scale guidance for instruction editing (SFT; owned by the sft engineer) ----------
+
+@flax.struct.dataclass
+class TwoScaleGuidance:
+    """InstructPix2Pix-style guidance over three streams [full, image only, neither]:
+
+        neither + image_scale * (image - neither) + text_scale * (full - image)
+
+    `full` sees the source image and the instruction, `image` the image with the
+    instruction masked, `neither` both masked (paper: image 1.5, text 7.5). Written as
+    `text_scale * full + (image_scale - text_scale) * image + (1 - image_scale) * neither`,
+    the same number, exact at (1, 1) (the full stream).
+    """
+
+    image_scale: float = 1.5
+    text_scale: float = 7.5
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        if scores.ndim != 3 or scores.shape[0] != 3:
+            raise ValueError(f"TwoScaleGuidance needs scores float32[3, batch, vocab] (full, "
+                             f"image-only and unconditional streams), got shape "
+                             f"{scores.shape}; sample with num_streams=3.")
+        full, image, neither = scores[0], scores[1], scores[2]
+        mixed = (self.text_scale * full + (self.image_scale - self.text_scale) * image
+                 + (1.0 - self.image_scale) * neither)
+        finite = jnp.isfinite(full) & jnp.isfinite(image) & jnp.isfinite(neither)
+        return jnp.where(finite, mixed, NEG_INF)
+
+
+@flax.struct.dataclass
+class ImageSpan:
+    """Image infilling: exactly `length` image codes, then the row ends (the codes of a
+    masked span of an image, written after its `<sentinel:i>`)."""
+
+    layout: IdLayout = _static()
+    length: int = flax.struct.field(pytree_node=False, default=1)
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f"ImageSpan.length must be >= 1, got {self.length}.")
+
+    def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        ids = _vocab_ids(scores)
+        image = (ids >= self.layout.image_start) & (ids < self.layout.used_size)
+        return jnp.where(image, scores, NEG_INF)
+
+    def stop(self, token: jax.Array, state: DecodeState) -> jax.Array:
+        return jnp.broadcast_to(state.step + 1 >= self.length, token.shape)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.length

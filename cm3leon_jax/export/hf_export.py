@@ -25,8 +25,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
+from jax.experimental import multihost_utils
 from safetensors import numpy as st_numpy
 
 from cm3leon_jax.export import staging
@@ -121,6 +123,19 @@ def write_hf(output_dir: str, config: DecoderConfig, params: Any, *, vocab_dir: 
              image_tokenizer: tuple[VQGANConfig, Any] | None = None, overwrite: bool = False,
              source: str = "", step: int | None = None) -> dict[str, Any]:
     """Writes the folder described in the module docstring; returns its config.json."""
+    # Parameters sharded over several hosts are gathered first (every process takes part).
+    params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
+                          if isinstance(x, jax.Array) and not x.is_fully_addressable else x,
+                          params)
+    with staging.staged(output_dir, overwrite) as tmp:
+        if staging.is_primary():
+            cfg = _write_files(tmp, config, params, vocab_dir, image_tokenizer, source, step)
+    return cfg if staging.is_primary() else {}
+
+
+def _write_files(tmp: str, config: DecoderConfig, params: Any, vocab_dir: str | None,
+                 image_tokenizer: tuple[VQGANConfig, Any] | None, source: str,
+                 step: int | None) -> dict[str, Any]:
     family = family_of(config)
     tensors = hf_weights.to_hf(params, config, family)
     if config.tie_embeddings:
@@ -130,19 +145,18 @@ def write_hf(output_dir: str, config: DecoderConfig, params: Any, *, vocab_dir: 
     if family == "chameleon" and "vq_config" in cfg:
         tensors.update({k: v.astype(next(iter(tensors.values())).dtype)
                         for k, v in _vqmodel_tensors(vq_params).items()})
-    with staging.staged(output_dir, overwrite) as tmp:
-        write_safetensors(f"{tmp}/{WEIGHTS}", tensors)
-        with tf.io.gfile.GFile(f"{tmp}/{CONFIG}", "w") as f:
-            json.dump(cfg, f, indent=1, sort_keys=True)
-        if vq_config is not None:
-            write_safetensors(f"{tmp}/{VQGAN}", vq_weights.state_dict_from_params(vq_params))
-            with tf.io.gfile.GFile(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
-                json.dump(vq_config.to_dict(), f, indent=1)
-        if vocab_dir:
-            staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
-            from cm3leon_jax.export import hf_tokenizer  # It imports this module.
-            hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
-        with tf.io.gfile.GFile(f"{tmp}/{OURS}", "w") as f:
-            json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
-                       "source": source, "family": family}, f, indent=1)
+    write_safetensors(f"{tmp}/{WEIGHTS}", tensors)
+    with tf.io.gfile.GFile(f"{tmp}/{CONFIG}", "w") as f:
+        json.dump(cfg, f, indent=1, sort_keys=True)
+    if vq_config is not None:
+        write_safetensors(f"{tmp}/{VQGAN}", vq_weights.state_dict_from_params(vq_params))
+        with tf.io.gfile.GFile(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
+            json.dump(vq_config.to_dict(), f, indent=1)
+    if vocab_dir:
+        staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
+        from cm3leon_jax.export import hf_tokenizer  # It imports this module.
+        hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
+    with tf.io.gfile.GFile(f"{tmp}/{OURS}", "w") as f:
+        json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
+                   "source": source, "family": family}, f, indent=1)
     return cfg

@@ -8,7 +8,11 @@ in `model.safetensors.index.json`). When the folder carries our own files
 (`cm3leon_export.json`, `cm3leon_vocab/`, `vqgan.safetensors`) the import is exact:
 the same DecoderConfig, vocabulary and image tokenizer (decoder included) come back.
 Without them the DecoderConfig is derived from config.json (`hf_weights` decides
-what is expressible) and no vocabulary comes with it.
+what is expressible); a Chameleon folder in Chameleon's own ids (transformers'
+conversion of the release: `tokenizer.json` with IMGIMG tokens) has its token rows
+permuted onto our layout and its vocabulary written (`chameleon_vocab.py`). Its VQ
+model is the encoder only (transformers drops the decoder), so no image tokenizer
+comes with it: import the release itself (`chameleon_release.py`) to draw images.
 """
 
 from __future__ import annotations
@@ -119,6 +123,20 @@ def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
     return cfg, params
 
 
+def _chameleon_ids_vocab(path: str, hf: dict[str, Any]):
+    """For a transformers Chameleon folder in Chameleon's own ids (facebook/chameleon-7b's
+    layout: tokenizer.json with IMGIMG tokens, no cm3leon_vocab/): the vocabulary mapping
+    onto our layout (`chameleon_vocab.py`), or None for a folder of ours."""
+    tokenizer = f"{path}/tokenizer.json"
+    if hf.get("model_type") != "chameleon" or not tf.io.gfile.exists(tokenizer):
+        return None
+    from cm3leon_jax.export import chameleon_vocab
+    vq = hf.get("vq_config") or {}
+    side = vq.get("resolution", 512) // 2 ** (len(vq.get("channel_multiplier", [1] * 5)) - 1)
+    with tf.io.gfile.GFile(tokenizer, "rb") as f:
+        return chameleon_vocab.build(f.read(), side * side, tokenizer)
+
+
 def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
     """(config, params, extras) of a HF folder; extras: vocab_dir, image_tokenizer, step."""
     path = path.rstrip("/")
@@ -126,18 +144,29 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
     family = _family(hf, f"{path}/{hf_export.CONFIG}")
     ours = f"{path}/{hf_export.OURS}"
     meta = read_json(ours) if tf.io.gfile.exists(ours) else {}
+    vocab = None
     if meta:
         config = pc.config_from_dict(meta["decoder_config"], ours)
     else:
         config = config_from_hf(hf, f"{path}/{hf_export.CONFIG}")
+        if not tf.io.gfile.isdir(f"{path}/{hf_export.VOCAB}"):
+            vocab = _chameleon_ids_vocab(path, hf)
     state_dict = read_weights(path)
+    if vocab is not None:  # Permute its token rows onto our layout.
+        from cm3leon_jax.export import chameleon_vocab
+        config = config.replace(vocab_size=vocab.layout.vocab_size)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if key in state_dict:
+                state_dict[key] = chameleon_vocab.take_rows(state_dict[key], vocab.source_ids,
+                                                            f"{path}: {key}")
     try:
         params = hf_weights.from_hf(state_dict, config, family)
     except (KeyError, ValueError) as e:
         msg = e.args[0] if e.args else str(e)
         raise ValueError(f"{path}: {msg}") from None
-    vocab = f"{path}/{hf_export.VOCAB}"
-    extras = {"vocab_dir": vocab if tf.io.gfile.isdir(vocab) else None,
+    vocab_dir = f"{path}/{hf_export.VOCAB}"
+    extras = {"vocab_dir": vocab_dir if tf.io.gfile.isdir(vocab_dir) else None,
+              "write_vocab": vocab.write if vocab is not None else None,
               "image_tokenizer": read_image_tokenizer(path), "step": meta.get("step"),
               "family": family}
     return config, params, extras

@@ -56,7 +56,8 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
                  image_tokenizer: tuple[VQGANConfig, Any] | None = None,
                  write_vocab=None, overwrite: bool = False,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes a params-only export folder, all or nothing; returns its manifest.
+    """Writes a params-only export folder, all or nothing; returns its manifest ({} on
+    processes other than 0, which only take part in the collective parameter save).
 
     Args:
       vocab_dir: a vocabulary folder to copy into `vocab/`; or `write_vocab(dst)`, a
@@ -66,13 +67,15 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
     # Imports hold numpy arrays; orbax restores what it saved as jax.Arrays onto any mesh.
     params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     with staging.staged(output_dir, overwrite) as tmp:
-        pc.save_params(f"{tmp}/{pc.PARAMS}", params)
+        pc.save_params(f"{tmp}/{pc.PARAMS}", params)  # Collective: every process.
+        if image_tokenizer is not None:
+            write_image_tokenizer(f"{tmp}/{pc.IMAGE_TOKENIZER}", *image_tokenizer)
+        if not staging.is_primary():
+            return {}
         if vocab_dir:
             staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
         elif write_vocab is not None:
             write_vocab(f"{tmp}/{pc.VOCAB}")
-        if image_tokenizer is not None:
-            write_image_tokenizer(f"{tmp}/{pc.IMAGE_TOKENIZER}", *image_tokenizer)
         return pc.write_manifest(tmp, config, step=step, source=source, extra=extra)
 
 

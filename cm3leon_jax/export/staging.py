@@ -7,6 +7,10 @@
 A reader never sees a half-written export: until the rename, the target either does
 not exist or still holds the previous complete version (with `overwrite=True` the old
 one is moved aside first and deleted only after the new one is in place).
+
+With several processes (a pod), every process writes into the same staging folder
+(orbax saves are collective) and process 0 alone creates, commits or removes it, with
+a barrier at each step. (Tested here with one process only.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import posixpath
 import uuid
 from typing import Iterator
 
+import jax
 import tensorflow as tf
+from jax.experimental import multihost_utils
 
 from cm3leon_jax.train import params_checkpoint as pc
 
@@ -34,20 +40,44 @@ def check_target(path: str, overwrite: bool) -> str:
     return path
 
 
+def is_primary() -> bool:
+    """Whether this process writes the files that are not collective (manifests, copies)."""
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def staged(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh temporary folder that becomes `path` when the block succeeds."""
     path = check_target(path, overwrite)
-    parent = posixpath.dirname(path)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    tf.io.gfile.makedirs(tmp)
+    # One name for every process of a pod; a unique one otherwise (concurrent writers).
+    single = jax.process_count() == 1
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if single else f"{path}.tmp-staging"
+    if is_primary():
+        parent = posixpath.dirname(path)
+        if parent:
+            tf.io.gfile.makedirs(parent)
+        if tf.io.gfile.exists(tmp):  # Left by a crashed pod run of the same export.
+            tf.io.gfile.rmtree(tmp)
+        tf.io.gfile.makedirs(tmp)
+    _barrier(f"staged_start:{path}")
     try:
         yield tmp
     except BaseException:
-        tf.io.gfile.rmtree(tmp)
+        if is_primary():
+            tf.io.gfile.rmtree(tmp)
         raise
+    _barrier(f"staged_written:{path}")
+    if is_primary():
+        _commit(tmp, path, overwrite)
+    _barrier(f"staged_done:{path}")
+
+
+def _commit(tmp: str, path: str, overwrite: bool) -> None:
     old = None
     if tf.io.gfile.exists(path):
         check_target(path, overwrite)  # It may have appeared while we were writing.

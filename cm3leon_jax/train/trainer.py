@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import gin
 import jax
@@ -59,7 +59,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
           num_microbatches: int = 1, num_data_shards: int | None = None,
           log_every: int = 50, eval_every: int = 0, eval_steps: int = 4,
           eval_split: str = "validation", on_nonfinite: str = "stop",
-          progress_bar: bool = True) -> dict[str, Any]:
+          progress_bar: bool = True,
+          init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Trains `DecoderConfig()` on a seqio task; resumes from MODEL_DIR/checkpoints.
 
     Args:
@@ -75,6 +76,9 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         log_every: write metrics every this many steps. eval_every: held-out loss every
             this many steps (0: only at the end), over `eval_steps` batches of `eval_split`.
         on_nonfinite: "stop" (raise, naming the step and last good checkpoint) or "skip".
+        init_params_from: for fine-tuning: returns the parameters to start from (a
+            pytree shaped like the model's) when MODEL_DIR has no checkpoint yet; the
+            optimizer state and step stay fresh. Ignored on resume.
     Returns:
         {"step": the final step, "preempted": whether a SIGTERM cut the run short,
          "eval": the last held-out metrics}.
@@ -119,6 +123,9 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
                 state = ckpt.restore(abstract, data)
                 if state is None:
                     state = state_lib.create_train_state(model, tx, mesh, seed)
+                    if init_params_from is not None:
+                        state = state.replace(params=jax.device_put(init_params_from(),
+                                                                    shardings.params))
                 step = start = int(np.asarray(state.step.addressable_data(0)))
                 log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
                          "starting at step %d of %d", f"{count_params(config):,}",

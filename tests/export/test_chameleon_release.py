@@ -164,3 +164,38 @@ def test_hf_export_of_the_import_carries_its_tokenizer(release, imported, tmp_pa
         assert theirs.encode(text, add_special_tokens=False) == list(vocab.encode(text))
     assert theirs.convert_tokens_to_ids(["<racm3:break>", "<eoss>", "</s>", "IMGIMGBDZ"]) == \
         [2, 3, 1, vocab.layout.codes_to_ids(13)]
+
+
+def test_a_transformers_chameleon_folder_in_its_own_ids_imports(release, tmp_path):
+    """transformers' conversion of the release: Chameleon's ids, its tokenizer.json."""
+    import transformers
+
+    from cm3leon_jax.export import hf_import
+    from cm3leon_jax.model import hf_weights
+    from tests.model.model_testlib import tiny_chameleon
+    tok_file = _tokenizer_file(release[0])
+    rows = -(-Tokenizer.from_file(tok_file).get_vocab_size() // 2) * 2
+    config = tiny_chameleon(vocab_size=rows)
+    tiny_vq = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8,
+                   base_channels=32, channel_multiplier=[1], num_res_blocks=1)
+    hf_config = transformers.ChameleonConfig(**hf_weights.hf_config_kwargs(config, "chameleon"),
+                                             vq_config=tiny_vq)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.ChameleonForConditionalGeneration(hf_config).eval()
+    folder = tmp_path / "hf"
+    model.save_pretrained(str(folder))
+    shutil.copy(tok_file, folder / "tokenizer.json")
+
+    back, params, extras = hf_import.read_hf(str(folder))
+    with open(tok_file, "rb") as f:
+        vocab = chameleon_vocab.build(f.read(), 64)  # 8 px / f1: 8 x 8 codes.
+    assert back == config.replace(vocab_size=vocab.layout.vocab_size)
+    assert extras["image_tokenizer"] is None and extras["write_vocab"] is not None
+    layout, source = vocab.layout, vocab.source_ids
+    ours = np.random.default_rng(3).integers(0, layout.used_size, (2, 16))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(source[ours])).logits.numpy()
+    got = np.asarray(forward(back)(params, ours))[..., :layout.used_size]
+    want = theirs[..., source[:layout.used_size]]
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4

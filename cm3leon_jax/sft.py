@@ -1,0 +1,148 @@
+"""The `sft` run mode: supervised fine-tuning of a pretrained decoder on the SFT mixture.
+
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/sft.gin \
+        --gin.MODEL_DIR="'runs/demo/sft'" --gin.BASE_MODEL_DIR="'runs/demo/pretrain'"
+
+The pretraining trainer, unchanged, with one difference: a run that has no checkpoint
+yet starts from the base run's parameters (its newest checkpoint, or `base_step`), with
+a fresh optimizer and step 0 (paper: LR 5e-5, 150 warm-up steps). Everything is written
+to the SFT run's own MODEL_DIR, and rerunning the same command resumes from there
+exactly like pretraining; the base MODEL_DIR is only read.
+
+Before anything trains, the base must fit: its vocabulary must be the one the SFT data
+was made with (`sft_preprocess` copies the pretraining data's `vocab/`), and its model
+config (the `DecoderConfig` bindings in its `config.gin`, when it has one, and the
+parameter shapes in its checkpoint) must be the SFT run's. A mismatch is one error
+naming both sides.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import filecmp
+import os
+import re
+from typing import Any
+
+import gin
+import seqio
+
+from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
+from cm3leon_jax.decode import restore
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.train import trainer
+
+_BINDING = re.compile(r"^DecoderConfig\.(\w+)\s*=\s*(.+)$")
+
+
+def task_vocab_dir(task: str) -> str:
+    """The vocabulary folder a seqio task or mixture reads."""
+    return seqio.get_mixture_or_task(task).output_features["targets"].vocabulary.directory
+
+
+def check_vocabulary(base_vocab_dir: str, task: str) -> None:
+    """Raises when the task's vocabulary files differ from the base model's."""
+    mine = task_vocab_dir(task)
+    for name in VOCAB_FILES:
+        a, b = os.path.join(base_vocab_dir, name), os.path.join(mine, name)
+        if not os.path.exists(a):
+            raise FileNotFoundError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "
+                                    "the vocab/ folder of the base model's pretraining data.")
+        if not os.path.exists(b) or not filecmp.cmp(a, b, shallow=False):
+            raise ValueError(f"vocabulary mismatch: the base model's {base_vocab_dir!r} and the "
+                             f"SFT task {task!r}'s {mine!r} differ ({name}); run sft_preprocess "
+                             "with the base model's pretraining vocabulary.")
+
+
+def base_decoder_bindings(base_model_dir: str) -> dict[str, Any] | None:
+    """`DecoderConfig` fields bound in the base run's config.gin (None: it has none)."""
+    path = os.path.join(base_model_dir, "config.gin")
+    if not os.path.exists(path):
+        return None
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if m := _BINDING.match(line.strip()):
+                try:
+                    out[m.group(1)] = ast.literal_eval(m.group(2))
+                except (ValueError, SyntaxError):
+                    out[m.group(1)] = m.group(2)
+    return out
+
+
+def check_config(base_model_dir: str, config: DecoderConfig) -> None:
+    """Raises when the base run's config.gin bound DecoderConfig differently."""
+    bound = base_decoder_bindings(base_model_dir)
+    if bound is None:
+        return  # The checkpoint's parameter shapes are still checked on restore.
+    defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
+    mine = dataclasses.asdict(config)
+    diffs = [f"{k}: base {bound.get(k, defaults[k])!r}, SFT {mine[k]!r}"
+             for k in mine if _norm(bound.get(k, defaults[k])) != _norm(mine[k])]
+    if diffs:
+        raise ValueError(f"model config mismatch between the base {base_model_dir!r} and this "
+                         f"SFT run: {'; '.join(diffs[:4])}. Bind DecoderConfig as the base "
+                         "was trained (include its gin_configs/models/<size>.gin).")
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@gin.configurable(denylist=["model_dir"])
+def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
+        base_vocab_dir: str = gin.REQUIRED, base_step: int | None = None) -> dict[str, Any]:
+    """Fine-tunes the base run's parameters on `train.task` into `model_dir`.
+
+    Args:
+      model_dir: this run's folder (checkpoints, metrics); never the base's.
+      base_model_dir: the pretraining run's MODEL_DIR (read only).
+      base_vocab_dir: the vocab/ folder of the data the base was pretrained on.
+      base_step: which base checkpoint (None: the newest).
+    Returns: the trainer's result.
+    """
+    if os.path.abspath(model_dir) == os.path.abspath(base_model_dir):
+        raise ValueError(f"sft MODEL_DIR {model_dir!r} is the base run's folder; give the "
+                         "fine-tuned run a folder of its own (the base stays untouched).")
+    config = DecoderConfig()
+    check_config(base_model_dir, config)
+    check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
+    steps = restore.checkpoint_steps(base_model_dir)
+    if not steps:
+        raise FileNotFoundError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")
+
+    def base_params():
+        return restore.restore_decoder(base_model_dir, base_step, config)[1]
+
+    result = trainer.train(model_dir, init_params_from=base_params)
+    return {**result, "base": {"model_dir": base_model_dir,
+                               "step": base_step if base_step is not None else steps[-1]}}
+
+
+def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
+              image_tokenizer_fn: Any, image_size: int, split_sizes: dict,
+              num_steps: int = 200, peak_lr: float = 5e-5, warmup_steps: int = 150,
+              seq_len: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """SFT as one stage of a larger run (`make demo`): the SFT shards of the built-in
+    corpus (`model_dir/sft_data`, Beam), then the sft run (`model_dir/sft`), both under
+    the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
+    and schedule bound here. Finished parts are reused. Returns both results."""
+    from cm3leon_jax.data import sft_preprocess
+
+    seq_len = seq_len or gin.query_parameter("train.seq_len")
+    data_dir = os.path.join(model_dir, "sft_data")
+    data = sft_preprocess.sft_preprocess(
+        data_dir, vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
+        image_tokenizer_fn=image_tokenizer_fn, seq_len=seq_len)
+    bindings = {"sft_data_dirs.synthetic": data_dir, "train.task": "cm3leon_sft_mix",
+                "train.num_steps": num_steps, "train.seq_len": seq_len,
+                "learning_rate_schedule.peak_lr": peak_lr,
+                "learning_rate_schedule.warmup_steps": warmup_steps}
+    with gin.unlock_config():
+        for key, value in bindings.items():
+            gin.bind_parameter(key, value)
+    result = sft(os.path.join(model_dir, "sft"), base_model_dir=base_model_dir,
+                 base_vocab_dir=os.path.join(pretrain_data_dir, "vocab"))
+    return {"data": data, "train": result}

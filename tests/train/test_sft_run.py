@@ -1,0 +1,145 @@
+"""The `sft` run mode: base parameters in, fresh optimizer, exact resume, refused bases.
+
+Runs go through gin_configs/runs/sft.gin (which includes gin_configs/train/tiny.gin) on the
+trainer tests' tiny corpus and a tiny SFT folder made from its vocabulary, shrunk by gin
+bindings to seconds.
+"""
+
+import hashlib
+import os
+import shutil
+
+import gin
+import numpy as np
+import pytest
+
+import train_testlib as lib
+from cm3leon_jax.data import sft_examples, sft_prompts, shards
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+SFT_GIN = os.path.join(lib.REPO, "gin_configs", "runs", "sft.gin")
+
+
+def build_sft_data(root: str, vocab_dir: str) -> None:
+    """Every family's examples on 12 corpus scenes per split, images as random codes
+    (each under 140 tokens: the runs train on 256-token rows)."""
+    shutil.copytree(vocab_dir, os.path.join(root, "vocab"))
+    vocab = MultimodalVocabulary(os.path.join(root, "vocab"))
+    rng = np.random.default_rng(0)
+
+    def codes(_):
+        return rng.integers(0, vocab.layout.image_codes, vocab.layout.image_length)
+
+    for family in sft_prompts.FAMILIES:
+        for split in ("train", "validation", "test"):
+            docs = []
+            for i in range(12):
+                ex = sft_examples.corpus_example(0, split, i, 32, family)
+                prompt = ex.prompt.map_images(codes)
+                output = codes(None) if prompt.output == "image" else ex.output
+                ids = sft_prompts.example_ids(prompt, output, vocab)
+                docs.append(shards.TokenizedDocument(f"{family}-{split}-{i}", ids))
+            shards.write_split(docs, os.path.join(root, family), split, num_shards=1)
+
+
+@pytest.fixture(scope="module")
+def base(corpus, tmp_path_factory):
+    """A 4-step pretraining run, and SFT data in its vocabulary."""
+    path, vocab_size = corpus
+    root = tmp_path_factory.mktemp("sft_base")
+    base_dir = str(root / "pretrain")
+    lib.run_in_process(lib.bindings(base_dir, path, vocab_size, **{
+        "train.num_steps": 4, "DecoderConfig.max_length": 256}))
+    build_sft_data(str(root / "sft_data"), os.path.join(path, "vocab"))
+    return base_dir, str(root / "sft_data"), os.path.join(path, "vocab"), vocab_size
+
+
+def sft_bindings(model_dir, base, **overrides):
+    base_dir, sft_data, vocab_dir, vocab_size = base
+    values = {k: v for k, v in (b.split("=", 1) for b in
+                                lib.bindings(model_dir, "unused", vocab_size))}
+    del values["data_dirs.synthetic"]
+    values.update({"BASE_MODEL_DIR": repr(base_dir), "SFT_DATA": repr(sft_data),
+                   "sft.base_vocab_dir": repr(vocab_dir), "train.seq_len": 256,
+                   "DecoderConfig.max_length": 256,
+                   "learning_rate_schedule.peak_lr": 1e-2})
+    values.update(overrides)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_sft(binding_list):
+    from cm3leon_jax import main as main_lib
+    gin.clear_config()
+    try:
+        main_lib.configure([SFT_GIN], binding_list)
+        return main_lib.run()
+    finally:
+        gin.clear_config()
+
+
+def _tree_digest(root):
+    h = hashlib.sha256()
+    for d, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(d, f), "rb").read())
+    return h.hexdigest()
+
+
+def _params(model_dir, vocab_size):
+    from cm3leon_jax.decode import restore
+    config = lib.tiny_config(vocab_size=vocab_size, max_length=256)
+    return restore.restore_decoder(model_dir, config=config)[1]
+
+
+def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp_path):
+    before = _tree_digest(base[0])
+    out = str(tmp_path / "sft")
+    result = run_sft(sft_bindings(out, base, **{"train.num_steps": 1,
+                                                "learning_rate_schedule.peak_lr": 1e-12}))
+    assert result["step"] == 1 and result["base"]["step"] == 4
+    assert _tree_digest(base[0]) == before
+    import jax
+    got, want = _params(out, base[3]), _params(base[0], base[3])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    metrics = lib.read_metrics(out)
+    assert metrics[1]["learning_rate"] < 1e-12  # A fresh schedule: warm-up from step 0.
+
+
+@pytest.mark.slow  # Four trainer runs; the trainer's own resume tests run by default.
+def test_sft_resumes_exactly(base, tmp_path):
+    """4 steps straight = 2 steps, then the same command to 4 (from the SFT checkpoint,
+    not the base again)."""
+    ref = str(tmp_path / "reference")
+    run_sft(sft_bindings(ref, base, **{"train.num_steps": 4, "Checkpointer.save_every": 2}))
+    cut = str(tmp_path / "resumed")
+    run_sft(sft_bindings(cut, base, **{"train.num_steps": 2, "Checkpointer.save_every": 2}))
+    run_sft(sft_bindings(cut, base, **{"train.num_steps": 4, "Checkpointer.save_every": 2}))
+    assert lib.losses(ref) == lib.losses(cut) and sorted(lib.losses(ref)) == [1, 2, 3, 4]
+
+
+def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
+    # main.run writes MODEL_DIR/config.gin before any mode starts, so only the base's
+    # checkpoints are sure to stay untouched when MODEL_DIR is the base's own folder.
+    checkpoints = os.path.join(base[0], "checkpoints")
+    before = _tree_digest(checkpoints)
+    with pytest.raises(ValueError, match="model config mismatch.*num_layers: base 2, SFT 3"):
+        run_sft(sft_bindings(str(tmp_path / "a"), base, **{"DecoderConfig.num_layers": 3}))
+    other = tmp_path / "other_vocab"
+    shutil.copytree(base[2], other)
+    with open(other / "text.model", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="vocabulary mismatch.*other_vocab"):
+        run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": repr(str(other))}))
+    with pytest.raises(ValueError, match="base run's folder"):
+        run_sft(sft_bindings(base[0], base))
+    # A base without config.gin: its checkpoint's shapes are still checked.
+    config_gin = os.path.join(base[0], "config.gin")
+    os.rename(config_gin, config_gin + ".away")
+    try:
+        with pytest.raises(ValueError, match="does not fit DecoderConfig"):
+            run_sft(sft_bindings(str(tmp_path / "c"), base, **{"DecoderConfig.num_layers": 3}))
+    finally:
+        os.rename(config_gin + ".away", config_gin)
+    assert _tree_digest(checkpoints) == before
