@@ -113,6 +113,9 @@ def demo(model_dir: str,
           f"load average {os.getloadavg()[0]:.1f})")
     for line in demo_generate.targets_report(metrics.get("generate", {})):
         print(f"[demo] {line}")
+    if runner.reused:
+        print(f"[demo] reused from an earlier run: {', '.join(runner.reused)} "
+              "(--gin.demo.start_over=True builds everything again)")
     print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
     return metrics
 

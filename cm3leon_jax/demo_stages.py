@@ -103,7 +103,7 @@ class StageRunner:
         result = self.cached(name)
         if result is not None:
             self.reused.append(name)
-            how = "reused (delete MODEL_DIR/stages/ or bind demo.start_over=True to redo)"
+            how = "reused"
         else:
             self.print(f"{self._header(name)} ...")
             result = jsonable(fn())

@@ -70,7 +70,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert metrics["reused_stages"] == []
 
     again = _demo(model_dir)  # every stage finds its output and does not redo it
-    assert again["reused_stages"] == list(again["seconds"])
+    assert set(again["reused_stages"]) == set(again["seconds"])
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
     assert again["pretrain"]["steps"] == 4
