@@ -14,9 +14,13 @@ configurable function (`run.mode = @demo`), which is called as
 itself (`import cm3leon_jax.demo`), so this entry point stays small.
 
 The resolved configuration is written to `MODEL_DIR/config.gin` before the run
-starts. Configuration mistakes (a missing file, an unknown configurable or
-parameter, a missing required value) end the program with one line naming the
-binding or path, and exit status 2.
+starts (a different earlier one is kept as `config.<n>.gin`: it records how the
+checkpoints already there were trained). Configuration mistakes (a missing file, an
+unknown configurable or parameter, a missing required value) and mistakes in the
+user's input found while running (`errors.UserInputError`: a missing data folder or
+MODEL_DIR, an unreadable file, a checkpoint that does not fit) end the program with
+one line naming the binding or path and the fix, and exit status 2. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Callable, Sequence
 
 import gin
 from absl import logging as absl_logging
+
+from cm3leon_jax.errors import UserInputError
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_PATHS = (_REPO_ROOT, os.path.join(_REPO_ROOT, "gin_configs"))
@@ -43,13 +49,25 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         model_dir: str = gin.REQUIRED):
     """Writes the resolved config to `model_dir`, then calls the chosen mode."""
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+    _write_config(os.path.join(model_dir, "config.gin"), gin.config_str())
     return mode(model_dir=model_dir)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """argv -> (gin files, bindings). `--gin.K=V` becomes the binding `K=V`."""
+def _write_config(path: str, text: str) -> None:
+    """Writes `text` to `path`, first moving a different earlier config to config.<n>.gin."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                n = 1
+                while os.path.exists(f"{path[:-len('.gin')]}.{n}.gin"):
+                    n += 1
+                os.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """argv -> (gin files, bindings, search folders). `--gin.K=V` becomes the binding `K=V`."""
     parser = argparse.ArgumentParser(
         prog="python -m cm3leon_jax.main",
         description="Run a gin-configured cm3leon-jax job.")
@@ -66,27 +84,44 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             parser.error(f"unrecognised argument {arg!r}; bindings are written "
                          "--gin.KEY=VALUE")
         bindings.append(arg[len("--gin."):])
-    for path in args.gin_search_path:
-        gin.add_config_file_search_path(path)
     if not args.gin_file:
         parser.error("give at least one --gin_file (e.g. gin_configs/runs/demo.gin)")
-    return args.gin_file, bindings
+    # `--gin_search_path` folders resolve both `--gin_file`s and includes (t5x's order:
+    # the ones given first, then the repository's).
+    search = [os.path.abspath(p) for p in args.gin_search_path]
+    return [_find(f, search) for f in args.gin_file], bindings, search
+
+
+def _find(gin_file: str, search: Sequence[str]) -> str:
+    """`gin_file` as given if it exists, else the first `--gin_search_path` folder holding it."""
+    if os.path.isabs(gin_file) or os.path.exists(gin_file):
+        return gin_file
+    found = [os.path.join(p, gin_file) for p in search if os.path.exists(os.path.join(p, gin_file))]
+    return found[0] if found else gin_file
 
 
 def configure(gin_files: Sequence[str], bindings: Sequence[str],
-              finalize: bool = True) -> None:
+              finalize: bool = True, search_paths: Sequence[str] = ()) -> None:
     """Parses files then bindings; raises ConfigError on any mistake.
 
-    `finalize=False` skips the check that every `%gin.REQUIRED` is bound (and
-    leaves the config open), for tools that only inspect a config.
+    `search_paths` are extra folders for files and includes, searched before the
+    repository's. `finalize=False` skips the check that every `%gin.REQUIRED` is bound
+    (and leaves the config open), for tools that only inspect a config.
     """
-    for path in SEARCH_PATHS:
-        if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-            gin.add_config_file_search_path(path)
+    paths = (*search_paths, *SEARCH_PATHS)
+    # Our folders go before gin's '' (the current directory): for '' gin also asks its
+    # Python-path reader, which crashes on a relative path whose folder is a namespace
+    # package (`gin_configs/...` whenever the repository root is on sys.path, as with an
+    # editable install) when run from any other folder. A path that exists as given
+    # still wins: `_find` and the check below make --gin_file paths absolute first.
+    prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+    prefixes[:] = [*paths, *(p for p in prefixes if p not in paths)]
     for f in gin_files:
-        if not any(os.path.exists(os.path.join(p, f)) for p in ("", *SEARCH_PATHS)):
-            raise ConfigError(f"gin file not found: {f!r} (looked in the current "
-                              f"directory, {_REPO_ROOT} and gin_configs/)")
+        if not any(os.path.exists(os.path.join(p, f)) for p in ("", *paths)):
+            looked = ", ".join(["the current directory", *paths])
+            raise ConfigError(f"gin file not found: {f!r} (looked in {looked}); give its path "
+                              "or the folder holding it with --gin_search_path")
+    gin_files = [os.path.abspath(f) if os.path.exists(f) else f for f in gin_files]
     # gin logs every include path it tries and misses; our error says it once.
     root = logging.getLogger()
     level = root.level
@@ -101,16 +136,19 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    gin_files, bindings = parse_args(sys.argv[1:] if argv is None else argv)
+    gin_files, bindings, search = parse_args(sys.argv[1:] if argv is None else argv)
     # Progress lines of long runs (trainers, pipelines) are INFO logs.
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
-        configure(gin_files, bindings)
+        configure(gin_files, bindings, search_paths=search)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         run()
+    except UserInputError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
     except (RuntimeError, ValueError) as e:
         # gin reports a missing %gin.REQUIRED value only when the function
         # that needs it is called; everything else is a real failure.

@@ -22,8 +22,10 @@ import os
 
 import gin
 import seqio
+import tensorflow as tf
 
 from cm3leon_jax.data import preprocessors, shards
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 SPLITS = ("train", "validation", "test")
@@ -39,10 +41,15 @@ def data_dirs(synthetic: str = os.environ.get("CM3LEON_DATA_DIR", "runs/demo/dat
 def _data_dir(corpus: str) -> str:
     directory = data_dirs()[corpus]
     if not directory:
-        raise ValueError(
+        raise UserInputError(
             f"no data folder for the {corpus!r} corpus: bind "
             f"`data_dirs.{corpus} = '/path/to/tokenized'` in gin (the output "
             "folder of the preprocess mode).")
+    if not tf.io.gfile.isdir(directory):
+        raise MissingInputError(
+            f"data_dirs.{corpus} = {directory!r} does not exist: run the preprocess mode "
+            "(gin_configs/runs/preprocess.gin) to write it, or bind data_dirs."
+            f"{corpus} to the MODEL_DIR of a preprocess run.")
     return directory
 
 

@@ -1,10 +1,25 @@
-"""Test-wide setup: eight fake CPU devices, so sharding tests need no hardware.
+"""Test-wide setup: eight fake CPU devices, so sharding tests need no hardware; one
+persistent compilation cache per session.
 
 XLA reads the flag once, when the backend starts, so it is set here before any
 test imports jax.
+
+Tests build many identical programs (a tiny model's init, train step and sampler in
+several tests, and in the subprocesses the CLI tests start); JAX's persistent
+compilation cache compiles each once per session. It lives in a temporary folder
+removed at exit, so every session starts cold and measures the same.
+
+Property tests (hypothesis) run derandomized (the same examples every run: a failure
+reproduces) and without a wall-clock deadline (a loaded 2-core machine is slow, not
+wrong). `HYPOTHESIS_PROFILE=explore` searches with fresh random examples instead.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -12,3 +27,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Tests run on CPU devices only, even where libtpu or CUDA is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="cm3leon_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache  # Subprocesses inherit it.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

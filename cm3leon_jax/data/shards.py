@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from cm3leon_jax.errors import MissingInputError
+
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
     "ids": tf.io.VarLenFeature(tf.int64),
@@ -112,10 +114,16 @@ def read_split(directory: str, split: str) -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn)."""
     files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "
             "`preprocess` mode first (see gin_configs/runs/preprocess.gin).")
     return tf.data.TFRecordDataset(files).map(parse)
+
+
+def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
+    """doc_id -> int32[n] ids of every document of the split's shards."""
+    return {ex["doc_id"].decode(): ex["ids"].astype(np.int32)
+            for ex in read_split(directory, split).as_numpy_iterator()}
 
 
 def write_manifest(directory: str, manifest: dict) -> str:

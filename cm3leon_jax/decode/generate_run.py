@@ -22,20 +22,41 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
-from cm3leon_jax.decode import generate_families, restore
+from cm3leon_jax.decode import generate_families, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
 def read_lines(path: str) -> list[str]:
-    """Non-empty lines of a text file (one caption per line)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"captions_file {path!r} does not exist; give a text file with "
-                                "one caption per line.")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty lines of a UTF-8 text file (one caption per line)."""
+    if not os.path.isfile(path):
+        raise MissingInputError(f"generate.captions_file {path!r} does not exist or is not a "
+                                "file; give a UTF-8 text file with one caption per line.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"generate.captions_file {path!r} is unreadable ({e}); give a "
+                             "UTF-8 text file with one caption per line.") from e
+
+
+def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
+    """The images of `generate.image_files`, decoded now so a bad file is named up front."""
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise MissingInputError(f"generate.image_files: {path!r} does not exist or is not "
+                                    "a file.")
+        try:
+            with PILImage.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
+            raise UserInputError(f"generate.image_files: {path!r} is not a readable image "
+                                 f"({e}); give PNG, JPEG or another format PIL reads.") from e
+    return images
 
 
 def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
@@ -72,8 +93,9 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
 
 
 @gin.configurable(denylist=["model_dir"])
-def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str = gin.REQUIRED,
+def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
+             data_dir: str | None = None,
              captions: Sequence[str] = (), captions_file: str | None = None,
              image_files: Sequence[str] = (), num_samples: int = 1, num_retrieved: int = 2,
              image_sampling: SamplingConfig | None = None,
@@ -88,6 +110,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       vocab_dir: the vocabulary folder of the data the model was trained on.
       image_tokenizer: a function returning the ImageTokenizer (`@load_image_tokenizer`).
       retrieval_dir: a built retrieval folder (bank + index + encoder), or None.
+      data_dir: the MODEL_DIR of the preprocess run the model was trained on; vocab_dir
+        and retrieval_dir default to its vocab/ and retrieval/.
       captions / captions_file: text -> image prompts (a file: one per line).
       image_files: image -> text inputs (any size; resized to the tokenizer's).
       num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
@@ -97,10 +121,17 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         image_sampling / caption_sampling apply to their image / text outputs.
     """
     texts = list(captions) + (read_lines(captions_file) if captions_file else [])
+    images = read_images(image_files)  # Before the (slow) restore: a bad input fails fast.
+    if data_dir:
+        vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
+        retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
+    if not vocab_dir:
+        raise UserInputError("generate needs the training data's vocabulary: bind "
+                             "generate.vocab_dir (or generate.data_dir, a preprocess MODEL_DIR).")
     if not texts and not image_files and not prompts_file:
-        raise ValueError("generate has nothing to do: bind generate.captions, "
-                         "generate.captions_file, generate.image_files or "
-                         "generate.prompts_file.")
+        raise UserInputError("generate has nothing to do: bind generate.captions, "
+                             "generate.captions_file, generate.image_files or "
+                             "generate.prompts_file.")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
@@ -111,10 +142,6 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
                                 sampling=image_sampling, seed=seed)
         summary["images"] = write_images(model_dir, out.images, out.captions, num_samples)
     if image_files:
-        for path in image_files:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"generate.image_files: {path!r} does not exist.")
-        images = [PILImage.open(p) for p in image_files]
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
                                  sampling=caption_sampling, max_tokens=max_caption_tokens,
                                  style=caption_style, seed=seed)

@@ -7,7 +7,8 @@ The trainer checkpoints the whole `TrainState` (step, params, optimizer moments)
 they are read (orbax partial restore: the optimizer state, twice the parameters' size,
 stays on disk). The checkpoint does not record the model's shape: the `DecoderConfig`
 comes from gin, as in training, and is checked against the stored shapes first, so a
-mismatch is reported by name instead of as a failed restore.
+mismatch is reported by name instead of as a failed restore. A damaged newest checkpoint
+falls back to the previous one, with a warning.
 
 `model_dir` may also be a params-only export (`train/params_checkpoint.py`, written by
 the `export` run mode or an import): its manifest gives the config and the step.
@@ -16,6 +17,7 @@ the `export` run mode or an import): its manifest gives the config and the step.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,10 +26,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
 from cm3leon_jax.train import checkpoints, params_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_steps(model_dir: str) -> list[int]:
@@ -41,19 +46,24 @@ def _checkpoints_dir(model_dir: str) -> epath.Path:
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {model_dir!r}: give the MODEL_DIR of a "
-                                "train run (it holds checkpoints/<step>/state).")
+        raise MissingInputError(f"no checkpoints in {model_dir!r}: give the MODEL_DIR of a "
+                             "train run (it holds checkpoints/<step>/state).")
     return path
 
 
 def restore_decoder(model_dir: str, step: int | None = None,
                     config: DecoderConfig | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> tuple[DecoderConfig, Any, int]:
-    """(config, params, step) of a train run's checkpoint; the newest unless `step`.
+    """(config, params, step) of a train run's checkpoint; the newest readable unless `step`.
+
+    A corrupt newest checkpoint (checksum mismatch, unreadable files) is skipped with a
+    warning for the one before it, as training does (nothing is moved: generation only
+    reads); a checkpoint without checksums loads with a warning. A config that does not
+    fit raises UserInputError naming the parameter and both shapes.
 
     Args:
       model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder), or an export.
-      step: which checkpoint; None: the newest.
+      step: which checkpoint (no fallback: it is the one asked for); None: the newest.
       config: the decoder's shape; None: `DecoderConfig()` as bound by gin (for an
         export: the manifest's).
       mesh: shard the parameters over this mesh by the logical rules; None: one device.
@@ -63,19 +73,12 @@ def restore_decoder(model_dir: str, step: int | None = None,
     config = DecoderConfig() if config is None else config
     steps = checkpoint_steps(model_dir)
     if not steps:
-        raise FileNotFoundError(f"{model_dir!r} has no committed checkpoint yet; train first "
-                                "(or wait for the first save).")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"no checkpoint at step {step} in {model_dir!r}; there are {steps}.")
-    step_dir = _checkpoints_dir(model_dir) / str(step)
-    checkpoints.verify_checksums(step_dir)
-    state_dir = step_dir / "state"
-    handler = ocp.PyTreeCheckpointer()
-    stored = handler.metadata(state_dir).item_metadata.tree["params"]
+        raise MissingInputError(f"{model_dir!r} has no committed checkpoint yet; train first "
+                             "(or wait for the first save).")
+    if step is not None and step not in steps:
+        raise UserInputError(f"no checkpoint at step {step} in {model_dir!r}; there are "
+                             f"{steps}.")
     expected = nn.unbox(abstract_variables(config)["params"])
-    _check_shapes(stored, expected, model_dir)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, expected)
@@ -84,10 +87,40 @@ def restore_decoder(model_dir: str, step: int | None = None,
             partitioning.logical_axes(abstract_variables(config)["params"]), mesh, None, expected)
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
-    restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-    return config, restored["params"], step
+    candidates = [step] if step is not None else steps[::-1]
+    for i, candidate in enumerate(candidates):
+        try:
+            return config, _read_params(model_dir, candidate, target), candidate
+        except checkpoints.CorruptCheckpointError as e:
+            if i + 1 == len(candidates):
+                raise UserInputError(f"the checkpoint at step {candidate} in {model_dir!r} is "
+                                     f"unreadable ({e}) and there is no earlier one to use.")
+            log.warning("checkpoint at step %d in %s is unreadable (%s); using step %d.",
+                        candidate, model_dir, e, candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _read_params(model_dir: str, step: int, target: Any) -> Any:
+    """The params of one step onto `target` ({"params": ShapeDtypeStructs with shardings});
+    CorruptCheckpointError if its files are damaged."""
+    step_dir = _checkpoints_dir(model_dir) / str(step)
+    if not checkpoints.verify_checksums(step_dir):
+        log.warning("checkpoint at step %d in %s has no %s; loading it unverified.", step,
+                    model_dir, checkpoints.CHECKSUMS)
+    state_dir = step_dir / "state"
+    handler = ocp.PyTreeCheckpointer()
+    try:
+        stored = handler.metadata(state_dir).item_metadata.tree["params"]
+    except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
+        raise checkpoints.CorruptCheckpointError(f"its metadata is unreadable: {e}") from e
+    _check_shapes(stored, target["params"], model_dir, step)
+    try:
+        restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except  # Shapes fit: the files do not.
+        raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
+    return restored["params"]
 
 
 # How a model runs, not what it is: a caller may choose these for an export.
@@ -98,18 +131,18 @@ def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
                     mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
     stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)
     if step is not None and step != stored_step:
-        raise ValueError(f"{path!r} is an export of step {stored_step}, not {step}; "
-                         "leave the step unset (None) for an export.")
+        raise UserInputError(f"{path!r} is an export of step {stored_step}, not {step}; "
+                             "leave the step unset (None) for an export.")
     if config is None:
         return stored, params, stored_step
     runtime = {k: getattr(config, k) for k in _RUNTIME_FIELDS}
     if stored.replace(**runtime) != config:
-        raise ValueError(f"the export in {path!r} was made with {stored}, not the "
-                         f"DecoderConfig given ({config}); pass config=None to use its own.")
+        raise UserInputError(f"the export in {path!r} was made with {stored}, not the "
+                             f"DecoderConfig given ({config}); pass config=None to use its own.")
     return config, params, stored_step
 
 
-def _check_shapes(stored: Any, expected: Any, model_dir: str) -> None:
+def _check_shapes(stored: Any, expected: Any, model_dir: str, step: int) -> None:
     flat_stored = {jax.tree_util.keystr(p): tuple(m.shape)
                    for p, m in jax.tree_util.tree_leaves_with_path(stored)}
     flat_expected = {jax.tree_util.keystr(p): tuple(s.shape)
@@ -120,6 +153,8 @@ def _check_shapes(stored: Any, expected: Any, model_dir: str) -> None:
     problems += [f"{k}: in the checkpoint, not in DecoderConfig" for k in flat_stored
                  if k not in flat_expected]
     if problems:
-        raise ValueError(f"the checkpoint in {model_dir!r} does not fit DecoderConfig(): "
-                         + "; ".join(problems[:4]) + ". Bind DecoderConfig as the run was "
-                         "trained (include its gin_configs/models/<size>.gin and overrides).")
+        raise UserInputError(
+            f"the checkpoint at step {step} in {model_dir!r} does not fit DecoderConfig(): "
+            + "; ".join(problems[:4]) + ". Bind DecoderConfig as the run was trained (include "
+            "its gin_configs/models/<size>.gin and overrides; its MODEL_DIR/config.gin lists "
+            "them), or give the MODEL_DIR of a run trained with this config.")

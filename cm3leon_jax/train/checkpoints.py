@@ -5,7 +5,7 @@ Layout under `MODEL_DIR/checkpoints/`::
     <step>/state/    the TrainState (orbax StandardSave: OCDBT + zarr, one shard per device)
     <step>/data/     the data iterators' position (`data.ShardedBatches.save`)
     <step>/checksums.json   size and CRC32 of every file, written before the commit
-    corrupt.<step>/  a checkpoint that failed to restore, moved aside (see `restore`)
+    corrupt.<step>/  a corrupt checkpoint, moved aside by `restore` (never deleted)
 
 Saves are asynchronous: `save` blocks only while device buffers are copied to host
 memory, then training continues while a background thread writes; a step directory
@@ -19,6 +19,16 @@ every file's size and CRC32 in `checksums.json` before the step directory is com
 (orbax's post-finalization callback, after all processes have written) and checks them
 before restoring. Reading the checkpoint once more costs about a second per GB; bind
 `Checkpointer.checksums = False` where the storage checks integrity itself.
+
+Restoring tells three things apart, so that no good checkpoint is ever lost:
+  * corruption (a checksum mismatch, a truncated, missing or unreadable file): the
+    checkpoint is moved aside with a warning and the previous one is tried;
+  * a checkpoint that does not fit this run (another model size, another data layout):
+    `CheckpointMismatchError`, naming the parameter and both shapes, before orbax reads
+    anything; every checkpoint is left byte-identical;
+  * anything else is a bug and propagates with its traceback.
+A save that fails (a full disk, a write error) raises `CheckpointSaveError`, which names
+the last complete checkpoint; the failed step never becomes a step directory.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cm3leon_jax.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
@@ -48,6 +60,14 @@ _UNCHECKED = {CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 class CorruptCheckpointError(Exception):
     """A file of a checkpoint does not match its recorded size or checksum."""
+
+
+class CheckpointMismatchError(UserInputError):
+    """A checkpoint does not fit the run's config (shapes, parameters or data layout)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; the message names the last complete one."""
 
 
 def _crc32(path: epath.Path) -> int:
@@ -81,7 +101,11 @@ def verify_checksums(root: epath.Path) -> bool:
     manifest = root / CHECKSUMS
     if not manifest.exists():
         return False
-    for rel, (size, crc) in json.loads(manifest.read_text())["crc32"].items():
+    try:
+        recorded = json.loads(manifest.read_text())["crc32"].items()
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{CHECKSUMS} is unreadable ({e})") from None
+    for rel, (size, crc) in recorded:
         path = root / rel
         if not path.exists():
             raise CorruptCheckpointError(f"{rel} is missing")
@@ -138,20 +162,28 @@ class Checkpointer:
         self.checksums, self._async = checksums, async_save
         self._saving: int | None = None  # The step being written (orbax saves one at a time).
         policies = ocp.checkpoint_managers  # No save at the first step (orbax's default).
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             save_decision_policy=policies.AnySavePolicy([
                 policies.FixedIntervalPolicy(save_every),
                 policies.PreemptionCheckpointingPolicy()]),
             async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit)
             if async_save and checksums else None)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": DataIteratorHandler()})
+        self._manager = self._new_manager()
         self.last_good_step: int | None = None
 
+    def _new_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": DataIteratorHandler()})
+
     def describe_last_good(self) -> str:
+        """The newest checkpoint known complete (waits for a save in flight to finish)."""
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            pass  # `last_good_step` now names the newest committed one.
         if self.last_good_step is None:
             return "none (no checkpoint was saved or restored in this run)"
         return f"step {self.last_good_step} in {self.directory / str(self.last_good_step)}"
@@ -161,17 +193,23 @@ class Checkpointer:
         return self._manager.should_save(step)
 
     def save(self, step: int, state: Any, data: Any, force: bool = False) -> bool:
-        """Saves if `step` is due (or `force`); returns whether it started a save."""
+        """Saves if `step` is due (or `force`); returns whether it started a save.
+
+        Raises CheckpointSaveError if this save, or the previous asynchronous one, failed.
+        """
         if self._manager.latest_step() == step or not (force or self.due(step)):
             return False
-        self._manager.wait_until_finished()  # orbax would too; then no callback is pending.
+        self.wait()  # orbax would too; then no callback is pending.
         self._saving = step
-        saved = self._manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataIteratorSave(data)))
-        if saved:
-            self.last_good_step = step
-            if self.checksums and not self._async and jax.process_index() == 0:
+        try:
+            saved = self._manager.save(step, force=force, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=DataIteratorSave(data)))
+            if saved and self.checksums and not self._async and jax.process_index() == 0:
                 self._before_commit()  # Already committed: record right after.
+        except Exception as e:  # pylint: disable=broad-except  # Named, then re-raised.
+            raise self._save_failed(step, e) from e
+        if saved and not self._async:
+            self.last_good_step = step
         return saved
 
     def _before_commit(self) -> None:
@@ -181,65 +219,167 @@ class Checkpointer:
         write_checksums(staged[0] if staged else self.directory / str(step))
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is on disk; CheckpointSaveError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except  # Named, then re-raised.
+            raise self._save_failed(self._saving, e) from e
+        if self._saving is not None and self._saving in self._manager.all_steps():
+            self.last_good_step = max(self._saving, self.last_good_step or 0)
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        """The error that tells a user which checkpoint is still there to resume from."""
+        self._manager.reload()  # What is committed on disk, not what this run meant to write.
+        steps = [s for s in self._manager.all_steps() if s != step]
+        last = (f"step {max(steps)} in {self.directory / str(max(steps))}, untouched"
+                if steps else f"none in {self.directory}")
+        self.last_good_step = max(steps) if steps else None
+        return CheckpointSaveError(
+            f"writing the checkpoint of step {step} failed ({type(error).__name__}: "
+            f"{_first_line(error)}). The last complete checkpoint is {last}. Fix the storage "
+            "(free space, permissions), then rerun the same command to resume from it.")
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def restore(self, abstract_state: Any, data: Any) -> Any | None:
         """The newest readable checkpoint, restored onto `abstract_state`'s shardings.
 
-        `data`'s iterators are moved to the saved position. A checkpoint that fails to
-        restore (truncated or corrupt files) is reported with a warning, moved aside to
-        `corrupt.<step>` and the previous one is tried. Returns None if there is none.
+        `data`'s iterators are moved to the saved position. A corrupt checkpoint (checksum
+        mismatch, truncated or unreadable files) is reported with a warning, moved aside to
+        `corrupt.<step>` and the previous one is tried. One that does not fit
+        `abstract_state` or `data`'s layout raises CheckpointMismatchError and changes
+        nothing on disk. Returns None if there is no checkpoint.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                self._verify(step)
+                verified = self._verify(step)
+                stored = self._stored_shapes(step)
+                layout = _layout_difference(data, self.directory / str(step) / "data")
+            except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
+                self._corrupt(step, e)
+                continue
+            self._check_fits(step, stored, abstract_state, layout)
+            try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=DataIteratorRestore(data)))
-            except Exception as e:  # pylint: disable=broad-except  # Any failure means unusable.
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to "
-                            "corrupt.%d and trying the previous one.", step, self.directory,
-                            type(e).__name__, first[:300], step)
-                self._set_aside(step)
+            except Exception as e:  # pylint: disable=broad-except
+                if verified:  # Every byte is as written and the shapes fit: not corruption.
+                    raise
+                self._manager = self._fresh_manager()  # A failed read can leave it broken.
+                self._corrupt(step, e)
                 continue
             self.last_good_step = step
             return restored.state
         return None
 
-    def _verify(self, step: int) -> None:
+    def _corrupt(self, step: int, error: Exception) -> None:
+        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to %s and "
+                    "trying the previous one.", step, self.directory, type(error).__name__,
+                    _first_line(error)[:300], self._set_aside(step))
+
+    def _verify(self, step: int) -> bool:
+        """Whether the step's checksums were checked (they match, or this raises)."""
         if not self.checksums:
-            return
-        error = ""
+            return False
+        error, verified = "", False
         if jax.process_index() == 0:
             try:
-                if not verify_checksums(self.directory / str(step)):
+                verified = verify_checksums(self.directory / str(step))
+                if not verified:
                     log.warning("checkpoint at step %d has no %s; restoring it unverified.",
                                 step, CHECKSUMS)
             except CorruptCheckpointError as e:
                 error = str(e)
         if jax.process_count() > 1:  # Every process must agree on which step to restore.
-            flag = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-            error = error or ("corrupt (process 0 says)" if int(flag) else "")
+            flags = multihost_utils.broadcast_one_to_all(np.int32([bool(error), verified]))
+            error = error or ("corrupt (process 0 says)" if int(flags[0]) else "")
+            verified = bool(flags[1])
         if error:
             raise CorruptCheckpointError(error)
+        return verified
 
-    def _set_aside(self, step: int) -> None:
+    def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{"params/token_embed/embedding": shape} of the saved state (metadata only)."""
+        return _flat_shapes(self._manager.item_metadata(step)["state"])
+
+    def _check_fits(self, step: int, stored: dict[str, tuple[int, ...]], abstract_state: Any,
+                    layout: str | None) -> None:
+        problems = _shape_problems(stored, _flat_shapes(abstract_state))
+        if layout:
+            problems.append(f"the data layout differs ({layout})")
+        if not problems:
+            return
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        model_dir = self.directory.parent if self.directory.name == "checkpoints" \
+            else self.directory
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {self.directory} does not fit this run's config: "
+            + "; ".join(problems[:3]) + f"{more}. Give this config another MODEL_DIR, or rerun "
+            f"with the config the checkpoint was trained with (see {model_dir}/config.gin); "
+            "the checkpoints were left untouched.")
+
+    def _fresh_manager(self) -> ocp.CheckpointManager:
+        try:
+            self._manager.close()
+        except Exception as e:  # pylint: disable=broad-except  # It is being replaced.
+            log.warning("closing the checkpoint manager after a failed read: %s", e)
+        return self._new_manager()
+
+    def _set_aside(self, step: int) -> str:
+        """Renames the step's folder to a free `corrupt.<step>[.n]` name; returns it."""
         # Out of the way, so that this step can be saved again when training reaches it.
+        name = f"corrupt.{step}"
         if jax.process_index() == 0:
-            src = self.directory / str(step)
-            dst = self.directory / f"corrupt.{step}"
-            if dst.exists():
-                dst.rmtree()
-            src.rename(dst)
+            n = 1
+            while (self.directory / name).exists():  # Never overwrite an earlier one.
+                n += 1
+                name = f"corrupt.{step}.{n}"
+            (self.directory / str(step)).rename(self.directory / name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
         self._manager.reload()
+        return name
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """A state or its orbax metadata -> {"params/layers/mlp/wi/kernel": shape}."""
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_problems(stored: dict[str, tuple[int, ...]],
+                    wanted: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs, parameters before optimizer moments (they repeat the parameters)."""
+    problems = [f"{k} is {stored[k]} in the checkpoint but {wanted[k]} in this config"
+                for k in wanted if k in stored and stored[k] != wanted[k]]
+    problems += [f"{k} (shape {wanted[k]}) is not in the checkpoint"
+                 for k in wanted if k not in stored]
+    problems += [f"{k} (shape {stored[k]}) is in the checkpoint but not in this config"
+                 for k in stored if k not in wanted]
+    return sorted(problems, key=lambda p: not p.startswith("params/"))
+
+
+def _layout_difference(data: Any, directory: epath.Path) -> str | None:
+    """How the saved data iterator's layout differs from `data`'s (None: it fits)."""
+    check = getattr(data, "layout_difference", None)  # `data.ShardedBatches` has one.
+    return check(os.fspath(directory)) if check is not None else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class PreemptionSignal:

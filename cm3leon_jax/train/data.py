@@ -34,7 +34,7 @@ import seqio
 import tensorflow as tf
 from jax.sharding import NamedSharding
 
-from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 
 # The data pipeline must never take an accelerator (or its memory) from JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -52,12 +52,14 @@ def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
 
     `task`/`seq_len` come from the trainer (`train.task`, `train.seq_len`); bind the
     rest here (e.g. `seqio_shard_dataset.use_cached = True` after caching a task).
+    Inputs start with the task vocabulary's `eos_id` (see `feature_converter.py`).
     """
+    vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     ds = seqio.get_dataset(
         task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
         shuffle=shuffle, seed=seed, num_epochs=num_epochs, use_cached=use_cached,
         shard_info=seqio.ShardInfo(shard, num_shards),
-        feature_converter=CM3FeatureConverter(pack=pack))
+        feature_converter=CM3FeatureConverter(bos_id=vocabulary.eos_id, pack=pack))
     return ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
@@ -134,17 +136,25 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         for s in self.owned_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).write(self._prefix(directory, s))
 
-    def restore(self, directory: str) -> None:
-        """Moves every local iterator to the position saved under `directory`."""
+    def layout_difference(self, directory: str) -> str | None:
+        """How the layout saved under `directory` differs from this one (None: it fits)."""
         spec_path = os.path.join(directory, _SPEC_FILE)
         if not tf.io.gfile.exists(spec_path):
             raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
                                     "is missing).")
         with tf.io.gfile.GFile(spec_path) as f:
             saved = json.loads(f.read())
-        if saved != self.spec():
-            raise ValueError(f"the checkpoint's data layout {saved} differs from this run's "
-                             f"{self.spec()}: keep train.global_batch_size, train.seq_len and "
+        current = self.spec()
+        diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"
+                for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        return ", ".join(diff) or None
+
+    def restore(self, directory: str) -> None:
+        """Moves every local iterator to the position saved under `directory`."""
+        difference = self.layout_difference(directory)
+        if difference:
+            raise ValueError(f"the checkpoint's data layout differs from this run's "
+                             f"({difference}): keep train.global_batch_size, train.seq_len and "
                              "train.num_data_shards as they were when the run started.")
         for s in self.local_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).read(

@@ -23,6 +23,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
@@ -96,7 +97,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
     def layout(self) -> layout_lib.IdLayout:
         path = os.path.join(self.directory, LAYOUT_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary "
                 "directory. Make one with MultimodalVocabulary.create(...).")
         with open(path) as f:

@@ -2,7 +2,7 @@
 
 import os
 
-from cm3leon_jax import demo_stages
+from cm3leon_jax.demo import stages as demo_stages
 
 
 def test_a_finished_stage_is_reused_only_under_the_same_configuration(tmp_path):

@@ -1,6 +1,8 @@
 """Reading a decoder's parameters from a trainer's checkpoints, and the errors on misuse."""
 
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.decode.restore import restore_decoder
-from cm3leon_jax.train import checkpoints, optimizer, state as state_lib
+from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.train import checkpoints, optimizer
+from cm3leon_jax.train import state as state_lib
 from tests.model.model_testlib import random_params, tiny_config
 
 CONFIG = tiny_config()
@@ -56,13 +60,63 @@ def test_restores_the_newest_or_the_asked_step_params_only(trained):
 
 def test_a_config_that_does_not_fit_is_named(trained):
     model_dir, _ = trained
-    with pytest.raises(ValueError, match=r"token_embed.*checkpoint \(512, 64\), "
-                                         r"DecoderConfig \(896, 64\)"):
+    with pytest.raises(UserInputError, match=r"token_embed.*checkpoint \(512, 64\), "
+                                             r"DecoderConfig \(896, 64\)"):
         restore_decoder(model_dir, None, CONFIG.replace(vocab_size=896))
-    with pytest.raises(ValueError, match="no checkpoint at step 7"):
+    with pytest.raises(UserInputError, match="no checkpoint at step 7"):
         restore_decoder(model_dir, 7, CONFIG)
 
 
 def test_a_folder_without_checkpoints_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="MODEL_DIR of a train run"):
+    with pytest.raises(UserInputError, match="MODEL_DIR of a train run"):
         restore_decoder(str(tmp_path / "nothing"), None, CONFIG)
+
+
+def _copy(trained, tmp_path):
+    model_dir, states = trained
+    shutil.copytree(model_dir, tmp_path / "run")
+    return tmp_path / "run", states
+
+
+def _largest_file(directory):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _assert_params(params, state):
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog,
+                                                                 damage):
+    run, states = _copy(trained, tmp_path)
+    victim = _largest_file(run / "checkpoints" / "2" / "state")
+    with open(victim, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(os.path.getsize(victim) // 2)
+        else:
+            f.seek(os.path.getsize(victim) // 3)
+            chunk = f.read(64)
+            f.seek(-len(chunk), os.SEEK_CUR)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    with caplog.at_level(logging.WARNING):
+        _, params, step = restore_decoder(str(run), None, CONFIG)
+    assert step == 1
+    _assert_params(params, states[1])
+    assert any("step 2" in r.getMessage() and "using step 1" in r.getMessage()
+               for r in caplog.records)
+    assert (run / "checkpoints" / "2").is_dir()  # Generation only reads: nothing is moved.
+    with pytest.raises(UserInputError, match="step 2 .* is unreadable"):
+        restore_decoder(str(run), 2, CONFIG)  # Asked for by step: no silent substitute.
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning(trained, tmp_path, caplog):
+    run, states = _copy(trained, tmp_path)
+    os.remove(run / "checkpoints" / "2" / checkpoints.CHECKSUMS)
+    with caplog.at_level(logging.WARNING):
+        _, params, step = restore_decoder(str(run), None, CONFIG)
+    assert step == 2
+    _assert_params(params, states[2])
+    assert any("has no checksums.json" in r.getMessage() for r in caplog.records)

@@ -1,33 +1,45 @@
-"""Checkpoints: restore onto another mesh shape, fall back past a corrupt one."""
+"""Checkpoints: restore onto another mesh shape, fall back past a corrupt one, refuse one
+that does not fit without touching it, and survive a write that fails part-way."""
 
+import errno
 import functools
+import hashlib
 import logging
 import os
+import subprocess
 
 import gin
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+from train_testlib import tiny_config
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import Decoder
-from cm3leon_jax.train import checkpoints, data as data_lib, optimizer
-from cm3leon_jax.train import state as state_lib, step as step_lib
-from train_testlib import tiny_config
+from cm3leon_jax.train import checkpoints, optimizer
+from cm3leon_jax.train import data as data_lib
+from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.train import step as step_lib
 
 CONFIG = tiny_config()
 TX = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, decay_steps=10))
+
+
+def _batches(corpus, rows=8):
+    gin.bind_parameter("data_dirs.synthetic", corpus[0])
+    make = functools.partial(data_lib.seqio_shard_dataset, task="cm3leon_synthetic",
+                             seq_len=64, seed=0)
+    mesh = partitioning.make_mesh(data=-1)
+    return data_lib.ShardedBatches(make, rows, 64, step_lib.batch_sharding(mesh, (rows, 64)), 1)
 
 
 @pytest.fixture
 def data(corpus):
     """A real data iterator (its position is part of every checkpoint)."""
     gin.clear_config()
-    gin.bind_parameter("data_dirs.synthetic", corpus[0])
-    make = functools.partial(data_lib.seqio_shard_dataset, task="cm3leon_synthetic",
-                             seq_len=64, seed=0)
-    mesh = partitioning.make_mesh(data=-1)
-    yield data_lib.ShardedBatches(make, 8, 64, step_lib.batch_sharding(mesh, (8, 64)), 1)
+    yield _batches(corpus)
     gin.clear_config()
 
 
@@ -91,6 +103,150 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tmp_path, data, ca
     assert "checksum" in warnings[1]
     assert (tmp_path / "corrupt.6").exists() and not (tmp_path / "6").exists()
     assert ckpt.save(4, states[4], data)  # Training can reach step 4 again and save it.
+    ckpt.close()
+
+    # Step 4 goes bad again: set aside beside the first one, which is never deleted.
+    victim = _largest_file(tmp_path / "4" / "state")
+    with open(victim, "r+b") as f:
+        f.truncate(10)
+    with caplog.at_level(logging.WARNING):
+        restored = checkpoints.Checkpointer(str(tmp_path), save_every=2).restore(abstract, data)
+    _assert_equal(states[2], restored)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("corrupt")) == [
+        "corrupt.4", "corrupt.4.2", "corrupt.6"]
+
+
+def _digests(root):
+    """{relative path: sha256} of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).digest()
+    return out
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp_path, data,
+                                                                             corpus):
+    """Another model size, then another batch: one error each, naming what differs and
+    what to do; no file changes, nothing is set aside, and the same Checkpointer still
+    restores with the right config."""
+    mesh = partitioning.make_mesh(data=-1)
+    states = {step: _state(mesh, seed=step) for step in (2, 4)}
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), save_every=2)
+    for step, state in states.items():
+        ckpt.save(step, state, data)
+    ckpt.close()
+    before = _digests(tmp_path)
+
+    bigger = tiny_config(d_model=128, mlp_dim=512)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), save_every=2)
+    with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+        ckpt.restore(state_lib.abstract_train_state(Decoder(bigger), TX, mesh), data)
+    message = str(error.value)
+    assert isinstance(error.value, UserInputError) and "\n" not in message
+    assert "step 4" in message and "does not fit" in message
+    assert ("params/layers/attention/key/kernel is (2, 64, 4, 16) in the checkpoint but "
+            "(2, 128, 4, 32) in this config") in message, message
+    assert "another MODEL_DIR" in message and f"{tmp_path}/config.gin" in message
+
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=r"data layout differs \(global_batch 8 in the checkpoint, 16 now\)"):
+        ckpt.restore(abstract, _batches(corpus, rows=16))
+    assert _digests(tmp_path) == before
+
+    _assert_equal(states[4], ckpt.restore(abstract, data))  # The manager is still usable.
+    ckpt.close()
+    assert _digests(tmp_path) == before
+
+
+def test_an_unverified_unreadable_checkpoint_falls_back_and_the_manager_works(tmp_path, data,
+                                                                              caplog):
+    """Without checksums, a truncated file is found by orbax's read; that read fails inside
+    orbax, which must not leave the manager broken for the fallback and the next save."""
+    mesh = partitioning.make_mesh(data=-1)
+    states = {step: _state(mesh, seed=step) for step in (1, 2)}
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, checksums=False)
+    for step, state in states.items():
+        ckpt.save(step, state, data)
+    ckpt.close()
+    victim = _largest_file(tmp_path / "2" / "state")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, checksums=False)
+    with caplog.at_level(logging.WARNING):
+        _assert_equal(states[1], ckpt.restore(abstract, data))
+    assert (tmp_path / "corrupt.2").is_dir()
+    assert ckpt.save(2, states[2], data)
+    ckpt.close()
+    _assert_equal(states[2], checkpoints.Checkpointer(str(tmp_path)).restore(abstract, data))
+
+
+def _fail_partway_through_iterator_writes(monkeypatch):
+    """tf.train.Checkpoint.write writes half a file, then the disk is full."""
+    def write(self, prefix, *args, **kwargs):
+        with open(f"{prefix}.index", "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", prefix)
+    monkeypatch.setattr(tf.train.Checkpoint, "write", write)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """mount(size_bytes) -> a tmpfs of that size (unmounted after the test)."""
+    mounted = []
+
+    def mount(size):
+        where = tmp_path / "tmpfs"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the raising write "
+                        "case covers a failed write")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def _size(root):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize("fault", ["raising write", "tiny tmpfs"])
+def test_a_write_that_fails_partway_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch,
+                                                                  request, fault):
+    mesh = partitioning.make_mesh(data=-1)
+    states = {step: _state(mesh, seed=step) for step in (2, 4)}
+    root = tmp_path
+    if fault == "tiny tmpfs":  # Room for one checkpoint and a half: the second cannot fit.
+        measure = checkpoints.Checkpointer(str(tmp_path / "measure"), save_every=2)
+        measure.save(2, states[2], data)
+        measure.close()
+        root = request.getfixturevalue("tiny_disk")(_size(tmp_path / "measure") * 3 // 2)
+    ckpt = checkpoints.Checkpointer(str(root / "checkpoints"), save_every=2, keep=3)
+    assert ckpt.save(2, states[2], data)
+    ckpt.wait()
+    before = _digests(root / "checkpoints" / "2")
+    if fault == "raising write":
+        _fail_partway_through_iterator_writes(monkeypatch)
+    with pytest.raises(checkpoints.CheckpointSaveError) as error:
+        ckpt.save(4, states[4], data)
+        ckpt.close()  # An asynchronous write fails here, at the latest.
+    message = str(error.value)
+    assert "checkpoint of step 4 failed" in message and "No space left" in message, message
+    assert f"last complete checkpoint is step 2 in {root}/checkpoints/2, untouched" in message
+    assert ckpt.describe_last_good().startswith("step 2 in")
+    monkeypatch.undo()
+    assert _digests(root / "checkpoints" / "2") == before
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
+    ckpt = checkpoints.Checkpointer(str(root / "checkpoints"), save_every=2)
+    _assert_equal(states[2], ckpt.restore(abstract, data))
     ckpt.close()
 
 

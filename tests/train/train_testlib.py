@@ -115,9 +115,13 @@ def run_in_process(binding_list: list[str]) -> dict:
 
 
 def start_subprocess(binding_list: list[str], env: dict | None = None,
-                     log_path: str | None = None) -> subprocess.Popen:
-    """`python -m cm3leon_jax.main --gin_file=tiny.gin --gin.K=V ...` in the background."""
-    args = [sys.executable, "-m", "cm3leon_jax.main", f"--gin_file={TRAIN_GIN}"]
+                     log_path: str | None = None,
+                     program: tuple[str, ...] = ("-m", "cm3leon_jax.main")) -> subprocess.Popen:
+    """`python -m cm3leon_jax.main --gin_file=tiny.gin --gin.K=V ...` in the background.
+
+    `program`: what python runs instead (e.g. a script that injects a fault first).
+    """
+    args = [sys.executable, *program, f"--gin_file={TRAIN_GIN}"]
     args += [f"--gin.{b}" for b in binding_list]
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -2,7 +2,7 @@
 
 Each stage is an ordinary run mode of its own, called here with a sub-folder of
 MODEL_DIR; gin binds their settings (gin_configs/runs/demo.gin). A finished stage is
-reused on a rerun (demo_stages.py): an interrupted demo resumes where it stopped, and
+reused on a rerun (demo/stages.py): an interrupted demo resumes where it stopped, and
 `--gin.demo.start_over=True` builds everything again.
 
     MODEL_DIR/tfds/              the synthetic corpus (TFDS)
@@ -32,10 +32,11 @@ import os
 import gin
 import numpy as np
 
-import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
-from cm3leon_jax import demo_generate, demo_sheet, demo_stages
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
-from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.decode import pictures
+from cm3leon_jax.demo import generate as demo_generate
+from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import trainer
 from cm3leon_jax.vocab import document as document_lib
@@ -89,7 +90,7 @@ def demo(model_dir: str,
     runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
     runner.run("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
                _say_image_tokenizer)
-    runner.run("retriever", lambda: retriever_stage(retriever_dir, image_size), _say_retriever)
+    runner.run("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
     runner.run("preprocess", lambda: preprocess.preprocess(
@@ -146,13 +147,14 @@ def image_tokenizer_stage(out_dir: str, builder) -> dict:
         model_dir=out_dir, image_source=lambda i: images[i % len(images)])
 
 
-def retriever_stage(out_dir: str, image_size: int) -> dict:
-    """Trains the CLIP encoder (train_retriever's settings come from gin) unless it exists."""
+def retriever_stage(out_dir: str) -> dict:
+    """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
+    exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             return json.load(f)
-    return clip_train.train_retriever(out_dir, image_size=image_size)
+    return clip_train.train_retriever(out_dir)
 
 
 def pretrain_stage(out_dir: str, data_dir: str) -> dict:
@@ -189,7 +191,8 @@ def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
     recon = image_tokenizer.reconstruct(images)
     pictures.grid(np.concatenate([images, recon]), None,
                   os.path.join(out_dir, "reconstructions.png"), columns=num_pictures)
-    psnr = pictures.psnr(images, recon)
+    psnr = float(vqgan_train.psnr(image_tokenizer_lib.images_to_model(images),
+                                  image_tokenizer_lib.images_to_model(recon)))
     # A document from the tokenized shards, decoded back, proves the id layout.
     vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
     record = next(shards.read_split(data_dir, "test").as_numpy_iterator())

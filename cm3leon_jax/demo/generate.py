@@ -27,11 +27,11 @@ import os
 import gin
 import numpy as np
 
-from cm3leon_jax import demo_sheet
 from cm3leon_jax.data import synthetic_tfds
-from cm3leon_jax.decode import generate_run, rerank, restore
+from cm3leon_jax.decode import generate_run, pictures, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures, shapes_scores
+from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.evaluation import shapes_scores
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary

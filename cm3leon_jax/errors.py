@@ -1,0 +1,26 @@
+"""The one exception for mistakes in a user's input, found at run time.
+
+A run mode raises `UserInputError` when what the user gave (a folder, a file, a
+MODEL_DIR, a checkpoint that does not fit the config) cannot work; the message
+names the input and what to do, in one line. `cm3leon_jax.main` prints it as
+`error: <message>` and exits with status 2, without a traceback. Every other
+exception is a bug or an environment failure and keeps its traceback.
+
+`MissingInputError` is the same error for a path that does not exist; it is also a
+`FileNotFoundError`, as `UserInputError` is a `ValueError`, so callers that catch
+the built-in kinds keep working.
+
+This module imports nothing of the project, so every package may raise it.
+"""
+
+
+class UserInputError(ValueError):
+    """A user's input cannot be used; the message names it and the fix (one line)."""
+
+    def __init__(self, message: str):
+        # One line on the terminal: line breaks inside a message are folded.
+        super().__init__(" ".join(str(message).split()))
+
+
+class MissingInputError(UserInputError, FileNotFoundError):
+    """A file or folder the user named does not exist (or holds nothing usable)."""

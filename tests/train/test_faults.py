@@ -1,0 +1,96 @@
+"""Faults injected into a real training run: a NaN at step k stops or is skipped, as
+configured; a MODEL_DIR rerun with another model size is refused through the command line.
+(SIGKILL in the middle of a save: test_trainer.py; a write that fails part-way:
+test_checkpoints.py.)"""
+
+import hashlib
+import math
+import os
+
+import gin
+import numpy as np
+import pytest
+import train_testlib as lib
+
+from cm3leon_jax import main as main_lib
+from cm3leon_jax.train import data as data_lib
+from cm3leon_jax.train.trainer import NonFiniteLossError
+
+NAN_STEP = 3
+
+
+@pytest.fixture
+def nan_at_step_k(monkeypatch):
+    """The NAN_STEP-th training batch carries NaN loss weights (a corrupt record)."""
+    original = data_lib.ShardedBatches.__next__
+    served = {"n": 0}
+
+    def next_batch(self):
+        batch = original(self)
+        served["n"] += 1
+        if served["n"] == NAN_STEP:
+            weights = np.asarray(batch["decoder_loss_weights"]).copy()
+            weights[0, 0] = np.nan
+            batch["decoder_loss_weights"] = self._global_array(  # Same sharding as the rest.
+                {s: {"w": weights[s * self.rows:(s + 1) * self.rows]} for s in self.local_shards},
+                "w")
+        return batch
+
+    monkeypatch.setattr(data_lib.ShardedBatches, "__next__", next_batch)
+    return served
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_at_step_k_stops_or_is_skipped(corpus, tmp_path, nan_at_step_k, policy):
+    path, vocab = corpus
+    model_dir = str(tmp_path / policy)
+    args = lib.bindings(model_dir, path, vocab, **{
+        "train.num_steps": 5, "train.on_nonfinite": repr(policy), "Checkpointer.save_every": 2})
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=f"at step {NAN_STEP} .*Last good "
+                                                     "checkpoint: step 2 in"):
+            lib.run_in_process(args)
+        assert lib.losses(model_dir).keys() == {1, 2}  # Nothing after the bad step.
+        return
+    result = lib.run_in_process(args)
+    assert result["step"] == 5 and math.isfinite(result["eval"]["loss"])
+    metrics = lib.read_metrics(model_dir)
+    assert not math.isfinite(metrics[NAN_STEP]["loss"])
+    assert all(math.isfinite(metrics[s]["loss"]) for s in (1, 2, 4, 5))
+    assert metrics[5]["skipped_steps"] == 1.0 and metrics[2]["skipped_steps"] == 0.0
+
+
+def _digests(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).digest()
+    return out
+
+
+def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus, tmp_path,
+                                                                          capsys):
+    """The command line a user reruns with a bigger model: exit status 2, one line naming
+    a parameter, both shapes and what to do; every checkpoint byte-identical; twice."""
+    path, vocab = corpus
+    model_dir = str(tmp_path / "run")
+    lib.run_in_process(lib.bindings(model_dir, path, vocab, **{"train.num_steps": 2}))
+    before = _digests(os.path.join(model_dir, "checkpoints"))
+    bigger = lib.bindings(model_dir, path, vocab, **{"train.num_steps": 4,
+                                                     "DecoderConfig.d_model": 128})
+    for _ in range(2):  # A second try must not lose anything either.
+        gin.clear_config()
+        try:
+            code = main_lib.main([f"--gin_file={lib.TRAIN_GIN}", *[f"--gin.{b}" for b in bigger]])
+        finally:
+            gin.clear_config()
+        errors = [line for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1, errors
+        assert "does not fit this run's config" in errors[0]
+        assert "is (2, 64, 4, 16) in the checkpoint but (2, 128, 4, 32) in this config" in errors[0]
+        assert "another MODEL_DIR" in errors[0] and "config.gin" in errors[0]
+        assert _digests(os.path.join(model_dir, "checkpoints")) == before
+    # The config it was trained with is still on record, beside the one that failed.
+    assert "d_model = 64" in open(os.path.join(model_dir, "config.1.gin")).read()
