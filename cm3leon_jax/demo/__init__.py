@@ -32,6 +32,7 @@ import os
 import gin
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.decode import pictures
 from cm3leon_jax.demo import generate as demo_generate
@@ -106,7 +107,7 @@ def demo(model_dir: str,
     metrics = dict(runner.results)
     metrics.update(runner.timings())
     metrics["not_yet"] = list(NOT_YET)
-    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    with fs.open(os.path.join(model_dir, "metrics.json"), "w") as f:
         json.dump(demo_stages.jsonable(metrics), f, indent=2, sort_keys=True)
     print(f"[demo] wrote {model_dir}/metrics.json; contact sheet: "
           f"{metrics['pictures']['contact_sheet']}")
@@ -151,8 +152,8 @@ def retriever_stage(out_dir: str) -> dict:
     """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
     exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path) as f:
             return json.load(f)
     return clip_train.train_retriever(out_dir)
 
@@ -167,7 +168,7 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     result = trainer.train(out_dir)
     # A resumed run logs again the steps after its checkpoint: the latest entry counts.
     train_log, eval_log = {}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+    with fs.open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
             entry = json.loads(line)
             if "loss" in entry:
@@ -183,7 +184,7 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
                    num_pictures: int) -> dict:
     """The contact sheet, corpus samples with captions, originals over VQ reconstructions."""
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
     images = np.stack([ex["image"] for ex in test])
     captions = [ex["captions"][0].decode() for ex in test]

@@ -27,6 +27,7 @@ import os
 import gin
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import synthetic_tfds
 from cm3leon_jax.decode import generate_run, pictures, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
@@ -162,13 +163,13 @@ def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sc
 
 def _save(out_dir, examples, images, captions, scenes, drawn, written, retrieved_images,
           retrieved_texts) -> None:
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     pictures.grid(drawn, captions, os.path.join(out_dir, "generated.png"))
     pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
     generate_run.write_captions(os.path.join(out_dir, "captions.json"),
                                 [f"example[{i}]" for i in range(len(examples))], written, 1,
                                 [{"true_caption": c} for c in captions])
-    np.savez_compressed(
+    fs.np_savez(
         os.path.join(out_dir, "generated.npz"), images=images, captions=np.array(captions),
         scenes=np.array([s.to_json() for s in scenes]), generated_images=drawn,
         generated_captions=np.array(written), retrieved_images=retrieved_images,
@@ -179,9 +180,9 @@ def _save(out_dir, examples, images, captions, scenes, drawn, written, retrieved
 def sheet_sections(out_dir: str) -> list:
     """The contact sheet's text -> image and image -> text sections from generated.npz."""
     path = os.path.join(out_dir, "generated.npz")
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return []
-    data = np.load(path)
+    data = fs.np_load(path)
     n = min(SHEET_ROWS, len(data["images"]))
     scenes = [synthetic_tfds.shapes.Scene.from_json(s) for s in data["scenes"][:n]]
     k = data["retrieved_images"].shape[1]

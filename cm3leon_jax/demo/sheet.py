@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cm3leon_jax import fs
+
 SCALE = 3
 GAP = 6
 LINE = 12  # pixel height of one text line in PIL's default font
@@ -104,6 +106,7 @@ def write(sections: Sequence[tuple], path: str, *, title: str = "") -> str:
             for (cell, colour), (w, _) in zip(row.cells, sizes):
                 _draw_cell(canvas, draw, cell, colour, x, y, row.text_width, image_side, font)
                 x += w + GAP
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    fs.makedirs(os.path.dirname(path) or ".")
+    with fs.open(path, "wb") as f:
+        canvas.save(f, format="PNG")
     return path

@@ -16,13 +16,13 @@ seconds of this process (all threads) and the 1-minute load average at its end.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import time
 from typing import Any, Callable
 
 import numpy as np
+
+from cm3leon_jax import fs
 
 
 def jsonable(x: Any) -> Any:
@@ -40,16 +40,16 @@ def jsonable(x: Any) -> Any:
 
 def clear(model_dir: str) -> None:
     """Deletes what earlier runs built in model_dir (keeps config.gin: the current run's)."""
-    if not os.path.isdir(model_dir):
+    if not fs.isdir(model_dir):
         return
-    for name in os.listdir(model_dir):
-        if name == "config.gin":
+    for name in fs.listdir(model_dir):
+        if name.rstrip("/") == "config.gin":
             continue
-        path = os.path.join(model_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        path = os.path.join(model_dir, name.rstrip("/"))
+        if fs.isdir(path):
+            fs.rmtree(path)
         else:
-            os.remove(path)
+            fs.remove(path)
 
 
 def fingerprint(config_text: str) -> str:
@@ -90,10 +90,9 @@ class StageRunner:
     def cached(self, name: str) -> Any | None:
         """The stored result of `name` from a run with this configuration, or None."""
         path = self._cache_path(name)
-        if not os.path.exists(path):
+        if not fs.exists(path):
             return None
-        with open(path) as f:
-            stored = json.load(f)
+        stored = fs.read_json(path)
         return stored["result"] if stored.get("config") == self.config else None
 
     def run(self, name: str, fn: Callable[[], Any],
@@ -107,11 +106,10 @@ class StageRunner:
         else:
             self.print(f"{self._header(name)} ...")
             result = jsonable(fn())
-            os.makedirs(self.dir, exist_ok=True)
+            fs.makedirs(self.dir)
             tmp = self._cache_path(name) + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"config": self.config, "result": result}, f, indent=1)
-            os.replace(tmp, self._cache_path(name))
+            fs.write_json(tmp, {"config": self.config, "result": result})
+            fs.rename(tmp, self._cache_path(name))
             how = "done"
         self.results[name] = result
         self.seconds[name] = round(time.time() - wall, 1)
