@@ -33,6 +33,7 @@ from absl import logging
 from cm3leon_jax import fs
 from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
 from cm3leon_jax.data.augment import AugmentConfig
+from cm3leon_jax.data.shard_state import atomic_write, write_json
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -160,11 +161,11 @@ class SftShardWorker:
 
         final = shard_file(self.out_dir, spec)
         fs.makedirs(os.path.dirname(final))
-        written = shards.write_records(docs(), final + ".tmp")
-        fs.rename(final + ".tmp", final)
+        with atomic_write(final) as tmp:
+            written = shards.write_records(docs(), tmp)
         stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
                  "skipped": dict(skipped)}
-        preprocess._write_json_atomic(final + ".stats.json", stats)  # noqa: SLF001
+        write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
         return {**stats, "counters": counters}
