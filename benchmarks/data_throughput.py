@@ -55,12 +55,13 @@ def pipeline_rate(data_dir: str, batch: int, seq_len: int, steps: int) -> dict:
     import gin
     import seqio
     import tasks  # noqa: F401  (registers)
-    from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+    from cm3leon_jax.train.feature_converter import CM3FeatureConverter
+    from cm3leon_jax.vocab.layout import EOS_ID
     gin.bind_parameter("data_dirs.synthetic", data_dir)
     ds = seqio.get_dataset(
         "cm3leon_synthetic", task_feature_lengths={"targets": seq_len},
         dataset_split="train", shuffle=True, seed=0, num_epochs=None,
-        feature_converter=CM3FeatureConverter(pack=True))
+        feature_converter=CM3FeatureConverter(bos_id=EOS_ID, pack=True))
     it = ds.batch(batch, drop_remainder=True).prefetch(2).as_numpy_iterator()
     for _ in range(3):
         next(it)  # warm-up: tf.data graph building, first reads

@@ -83,7 +83,7 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def cmd_synthetic(args) -> dict:
-    from cm3leon_jax.vocab.image_sources import synthetic_images
+    from cm3leon_jax.data.synthetic import synthetic_images
     from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
     tok = ImageTokenizer.from_checkpoint(args.model_dir, batch_size=64)
     src = synthetic_images(tok.image_size, "test")

@@ -1,7 +1,8 @@
 """cm3leon-jax: retrieval-augmented, token-based multimodal decoders in JAX.
 
-One sub-package per stage of the flow (see README.md and DESIGN.md):
-vocab -> data -> retrieval -> tasks -> model/train -> decode -> evaluation -> export.
+One sub-package per stage of the flow (see README.md and docs/DESIGN.md). Imports
+point down (tests/test_import_flow.py): model < train < vocab, retrieval < data <
+decode < evaluation, export < tasks, main, demo.
 """
 
 __version__ = "0.1.0"

@@ -32,11 +32,10 @@ import gin
 import numpy as np
 from absl import logging
 
-import tasks  # noqa: F401  (registers the pretraining tasks the pretrain stage reads)
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
-from cm3leon_jax.decode import generate_run, restore
+from cm3leon_jax.decode import generate_run, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import pictures, shapes_scores
+from cm3leon_jax.evaluation import shapes_scores
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import trainer
@@ -84,7 +83,7 @@ def demo(model_dir: str,
     tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer,
                                      checkpoint=vq_dir)
     retriever_dir = os.path.join(model_dir, "retriever")
-    stage("retriever", lambda: retriever_stage(retriever_dir, image_size))
+    stage("retriever", lambda: retriever_stage(retriever_dir))
     data_dir = os.path.join(model_dir, "data")
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
@@ -122,13 +121,14 @@ def corpus_stage(builder_fn, parse_examples: int) -> dict:
             "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
 
 
-def retriever_stage(out_dir: str, image_size: int) -> dict:
-    """Trains the CLIP encoder (train_retriever's settings come from gin) unless it exists."""
+def retriever_stage(out_dir: str) -> dict:
+    """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
+    exists."""
     metrics_path = os.path.join(out_dir, "retriever_metrics.json")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             return json.load(f)
-    return clip_train.train_retriever(out_dir, image_size=image_size)
+    return clip_train.train_retriever(out_dir)
 
 
 def pretrain_stage(out_dir: str, data_dir: str) -> dict:
@@ -221,7 +221,8 @@ def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
     recon = image_tokenizer.reconstruct(images)
     pictures.grid(np.concatenate([images, recon]), None,
                   os.path.join(out_dir, "reconstructions.png"), columns=num_pictures)
-    psnr = pictures.psnr(images, recon)
+    psnr = float(vqgan_train.psnr(image_tokenizer_lib.images_to_model(images),
+                                  image_tokenizer_lib.images_to_model(recon)))
     # A document from the tokenized shards, decoded back, proves the id layout.
     vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
     record = next(shards.read_split(data_dir, "test").as_numpy_iterator())

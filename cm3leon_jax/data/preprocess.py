@@ -9,8 +9,9 @@ one output shard, a contiguous slice of a source split:
 `TokenizeShard` reads its slice, checks every pair, VQ-encodes the images in
 batches with the jit-compiled image tokenizer, encodes the text, and writes
 `{split}-NNNNN-of-MMMMM.tfrecord` (see `shards.py`) and a stats file, both by
-atomic rename, so a rerun skips finished shards and a killed run loses at
-most the shards in flight. After the pipeline the driver writes
+atomic rename (`shard_state.py` owns a shard's files and states), so a
+rerun skips finished shards and a killed run loses at most the shards in
+flight. After the pipeline the driver writes
 `manifest.json`: documents per split and every skipped pair counted by reason
 with a sample of their ids. Nothing is dropped silently.
 
@@ -38,8 +39,9 @@ import gin
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.data import retrieval_pass, shards, synthetic_tfds
+from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
+from cm3leon_jax.data.shard_state import ShardFiles
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -142,10 +144,9 @@ class Tokenizer:
             return self._skip("bad_image", pair.doc_id)
         if min(image.shape[:2]) < size:
             return self._skip("image_too_small", pair.doc_id)
-        texts = [c for c in pair.captions if c.strip()]
-        if not texts:
+        raw = synthetic.document_caption(pair.doc_id, pair.captions)
+        if raw is None:
             return self._skip("empty_caption", pair.doc_id)
-        raw = texts[zlib.crc32(pair.doc_id.encode()) % len(texts)]
         try:
             caption = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError:
@@ -198,44 +199,33 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
         if checked:
             yield from batch_docs(pairs, checked)
 
-    final = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-    if os.path.exists(retrieval_pass.marker_path(final)):
-        os.remove(retrieval_pass.marker_path(final))  # its neighbours are about to go
-    written = shards.write_records(docs(), final + ".tmp")
-    os.replace(final + ".tmp", final)
+    files = ShardFiles.of(out_dir, spec)
+    files.forget_neighbours()  # its records are about to be rewritten
+    written = files.write_records(docs())
     if vectors is not None:
-        vectors.write(out_dir, final)
+        vectors.write(files)
     stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
              "skipped": {r: ids for r, ids in tokenizer.skipped.items()}}
-    _write_json_atomic(final + ".stats.json", stats)
+    files.write_stats(stats)
     return stats
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def is_done(spec: ShardSpec, out_dir: str,
             retrieval: retrieval_pass.RetrievalConfig | None = None) -> bool:
     """Whether pass 1 finished the shard (with its vectors, when retrieval is on)."""
-    path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-    if not os.path.exists(path + ".stats.json"):
+    files = ShardFiles.of(out_dir, spec)
+    if not files.is_written():
         return False
-    if retrieval is None or retrieval_pass.has_vectors(spec, out_dir, retrieval):
+    if retrieval is None or files.has_vectors(spec.split == retrieval.bank_split):
         return True
-    with open(path + ".stats.json") as f:  # a shard that wrote nothing has no vectors
-        return json.load(f)["written"] == 0
+    return files.read_stats()["written"] == 0  # a shard that wrote nothing has no vectors
 
 
 def manifest(specs: Sequence[ShardSpec], out_dir: str) -> dict:
     """Sums every shard's stats into the manifest (counts and sample ids)."""
     splits: dict = {}
     for spec in specs:
-        path = shards.shard_path(out_dir, spec.split, spec.index, spec.num_shards)
-        with open(path + ".stats.json") as f:
-            stats = json.load(f)
+        stats = ShardFiles.of(out_dir, spec).read_stats()
         s = splits.setdefault(spec.split, {"read": 0, "written": 0, "skipped": {},
                                            "skipped_sample_ids": {}})
         s["read"] += stats["read"]
@@ -425,7 +415,7 @@ def _retrieve(specs: Sequence[ShardSpec], tokenized: Sequence[ShardSpec], model_
     """Builds the bank and index, then writes every shard's neighbours (pass 2)."""
     bank_changed = any(s.split == retrieval.bank_split for s in tokenized)
     bank = retrieval_pass.build_bank(model_dir, retrieval, bank_changed)
-    todo = [s for s in specs if not retrieval_pass.is_done(s, model_dir)]
+    todo = [s for s in specs if not ShardFiles.of(model_dir, s).has_neighbours()]
     logging.info("neighbours: %d shards, %d already done", len(specs), len(specs) - len(todo))
     if todo:
         worker = retrieval_pass.NeighbourWorker(model_dir, retrieval, gin.config_str())

@@ -28,8 +28,6 @@ every shard's neighbours.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
 import time
 import zlib
@@ -39,6 +37,8 @@ import gin
 import numpy as np
 
 from cm3leon_jax.data import shards
+from cm3leon_jax.data.shard_state import (
+    ShardFiles, bank_dir, forget_neighbours, read_json, retrieval_dir, write_json)
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbours import materialise
@@ -70,30 +70,6 @@ class RetrievalConfig:
     seed: int = 0
 
 
-def retrieval_dir(data_dir: str) -> str:
-    return os.path.join(data_dir, "retrieval")
-
-
-def bank_dir(data_dir: str) -> str:
-    return os.path.join(retrieval_dir(data_dir), "memory_bank")
-
-
-def queries_path(shard_file: str) -> str:
-    return shard_file + ".queries.npz"
-
-
-def marker_path(shard_file: str) -> str:
-    return shard_file + ".neighbours.json"
-
-
-def has_vectors(spec, data_dir: str, config: RetrievalConfig) -> bool:
-    """Whether pass 1 wrote this shard's vectors (a shard that wrote no document has none)."""
-    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-    if spec.split == config.bank_split:
-        return os.path.isdir(os.path.join(bank_dir(data_dir), memory_bank.shard_name(spec.index)))
-    return os.path.exists(queries_path(shard_file))
-
-
 class VectorWriter:
     """Pass 1 for one shard: collects the written documents' vectors, then stores them."""
 
@@ -120,20 +96,19 @@ class VectorWriter:
         self.doc_ids += [d.doc_id for d in docs]
         self.tokens += [d.ids for d in docs]
 
-    def write(self, data_dir: str, shard_file: str) -> None:
+    def write(self, files: ShardFiles) -> None:
         """Stores what was collected (atomically); nothing when the shard wrote no document."""
         if not self.doc_ids:
             return
         vectors = np.concatenate(self.vectors)
         if self.in_bank:
             queries = np.concatenate(self.queries) if self.queries else None
-            memory_bank.write_shard(bank_dir(data_dir), memory_bank.shard_name(self.spec.index),
-                                    self.doc_ids, vectors, np.concatenate(self.multimodal),
-                                    self.tokens, queries)
+            memory_bank.write_shard(bank_dir(files.data_dir),
+                                    memory_bank.shard_name(files.index), self.doc_ids,
+                                    vectors, np.concatenate(self.multimodal), self.tokens,
+                                    queries)
         else:
-            tmp = queries_path(shard_file) + ".tmp.npz"
-            np.savez(tmp, doc_ids=np.asarray(self.doc_ids, np.str_), vectors=vectors)
-            os.replace(tmp, queries_path(shard_file))
+            files.write_queries(self.doc_ids, vectors)
 
 
 def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> dict:
@@ -141,8 +116,7 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     out = retrieval_dir(data_dir)
     meta_path = os.path.join(out, RETRIEVAL_JSON)
     if not bank_changed and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            return json.load(f)
+        return read_json(meta_path)
     if not os.path.isdir(bank_dir(data_dir)):
         raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
                          "memory bank to retrieve from; check the manifest's skip counts.")
@@ -154,28 +128,24 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    write_json(meta_path, summary, indent=2)
     # Neighbours found in an older bank may point at rows that moved or vanished.
-    for marker in glob.glob(os.path.join(data_dir, "*.neighbours.json")):
-        os.remove(marker)
+    forget_neighbours(data_dir)
     return summary
 
 
-def _queries(spec, data_dir: str, retriever: Retriever, shard_file: str,
+def _queries(files: ShardFiles, retriever: Retriever,
              config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc ids, query vectors f32[n, d], own bank rows int64[n] or -1) of one shard."""
     bank = retriever.bank
     nothing = np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
-    if spec.split != config.bank_split:
-        if not os.path.exists(queries_path(shard_file)):
+    if files.split != config.bank_split:
+        if not files.has_vectors(in_bank=False):
             return nothing  # the shard wrote no document
-        with np.load(queries_path(shard_file)) as z:
-            doc_ids, vectors = z["doc_ids"], z["vectors"]
+        doc_ids, vectors = files.read_queries()
         return doc_ids, vectors, np.full([len(doc_ids)], -1, np.int64)
     names = [s["name"] for s in bank.manifest["shards"]]
-    name = memory_bank.shard_name(spec.index)
+    name = memory_bank.shard_name(files.index)
     if name not in names:
         return nothing
     s = names.index(name)
@@ -188,13 +158,13 @@ def _queries(spec, data_dir: str, retriever: Retriever, shard_file: str,
 def attach_neighbours(spec, data_dir: str, retriever: Retriever,
                       config: RetrievalConfig) -> dict:
     """Pass 2 for one shard: search, select, materialise, rewrite; returns its counts."""
-    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-    records = list(shards.read_file(shard_file).as_numpy_iterator())
-    doc_ids, queries, own = _queries(spec, data_dir, retriever, shard_file, config)
+    files = ShardFiles.of(data_dir, spec)
+    records = list(shards.read_file(files.records).as_numpy_iterator())
+    doc_ids, queries, own = _queries(files, retriever, config)
     got = [r["doc_id"].decode() for r in records]
     if got != [str(d) for d in doc_ids]:
-        raise ValueError(f"{shard_file} holds {len(got)} documents but its vectors describe "
-                         f"{len(doc_ids)} others; delete {shard_file}.stats.json so that "
+        raise ValueError(f"{files.records} holds {len(got)} documents but its vectors describe "
+                         f"{len(doc_ids)} others; delete {files.stats} so that "
                          "preprocessing tokenizes and encodes this shard again.")
     k = config.selection.k
     rows = np.full([len(records), k], -1, np.int64)
@@ -206,14 +176,11 @@ def attach_neighbours(spec, data_dir: str, retriever: Retriever,
         tokens, ids = materialise(retriever.bank, doc_rows)
         docs.append(shards.TokenizedDocument(record["doc_id"].decode(), record["ids"],
                                              tokens, ids))
-    shards.write_records(docs, shard_file + ".tmp")
-    os.replace(shard_file + ".tmp", shard_file)
+    files.write_records(docs)
     stats = {"split": spec.split, "documents": len(docs),
              "neighbours_per_document": np.bincount((rows >= 0).sum(1),
                                                     minlength=k + 1).tolist()}
-    with open(marker_path(shard_file) + ".tmp", "w") as f:
-        json.dump(stats, f)
-    os.replace(marker_path(shard_file) + ".tmp", marker_path(shard_file))
+    files.write_neighbours(stats)
     return stats
 
 
@@ -236,18 +203,11 @@ class NeighbourWorker:
         return {**stats, "counters": {"documents_with_neighbours": stats["documents"]}}
 
 
-def is_done(spec, data_dir: str) -> bool:
-    shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-    return os.path.exists(marker_path(shard_file))
-
-
 def summarize(specs, data_dir: str, bank_summary: dict) -> dict:
     """The manifest's `retrieval` entry: the bank, the index, neighbours per split."""
     splits: dict = {}
     for spec in specs:
-        shard_file = shards.shard_path(data_dir, spec.split, spec.index, spec.num_shards)
-        with open(marker_path(shard_file)) as f:
-            stats = json.load(f)
+        stats = ShardFiles.of(data_dir, spec).read_neighbours()
         counts = np.asarray(stats["neighbours_per_document"])
         total = splits.setdefault(spec.split, np.zeros_like(counts))
         splits[spec.split] = total + counts

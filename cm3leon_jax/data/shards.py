@@ -120,6 +120,12 @@ def read_split(directory: str, split: str) -> tf.data.Dataset:
     return tf.data.TFRecordDataset(files).map(parse)
 
 
+def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
+    """doc_id -> int32[n] ids of every document of the split's shards."""
+    return {ex["doc_id"].decode(): ex["ids"].astype(np.int32)
+            for ex in read_split(directory, split).as_numpy_iterator()}
+
+
 def write_manifest(directory: str, manifest: dict) -> str:
     path = os.path.join(directory, "manifest.json")
     with open(path, "w") as f:

@@ -1,8 +1,9 @@
 """`synthetic_shapes`: the built-in corpus as a TFDS dataset, generated locally.
 
-Every example is a pure function of (config.seed, split, index): its Generator is
-seeded with exactly that, so an example never depends on generation order or on
-the other splits, and two builds with the same config write identical records.
+Every example is `synthetic.synthetic_example(split, index, ...)`, a pure function
+of (config.seed, split, index): an example never depends on generation order or
+on the other splits, two builds with the same config write identical records, and
+the tokenizer's and retriever's training scenes are these same scenes.
 
 Configs: `32px` (tiny, for tests and smoke runs), `64px`, `256px`. For other split
 sizes or seeds, build a custom config with `make_config`:
@@ -22,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cm3leon_jax.data import shapes, shapes_tasks
-from cm3leon_jax.data.shapes import example_rng  # noqa: F401 - re-exported: the per-example seeding
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data.synthetic import synthetic_example
 
 DEFAULT_SPLIT_SIZES: dict[int, dict[str, int]] = {
     32: {"train": 1000, "validation": 100, "test": 100},
@@ -66,13 +67,13 @@ def make_config(image_size: int, split_sizes: dict[str, int] | None = None, seed
 
 def make_example(config: SyntheticShapesConfig, split: str, index: int) -> dict:
     """One example as the dict `SyntheticShapes` features expect."""
-    rng = shapes.example_rng(config.seed, split, index)
-    scene = shapes.sample_scene(rng, config.image_size, max_objects=config.max_objects)
-    size = float(config.image_size)
+    example = synthetic_example(split, index, config.image_size, config.seed,
+                                max_objects=config.max_objects)
+    scene, size = example.scene, float(config.image_size)
     return {
-        "id": f"{split}_{index:07d}",
-        "image": shapes.render(scene),
-        "captions": shapes_tasks.captions(scene, rng),
+        "id": example.doc_id,
+        "image": example.image,
+        "captions": example.captions,
         "scene": scene.to_json(),
         "objects": [{
             "label": s.kind, "colour": s.colour, "size": s.size,

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cm3leon_jax.data import sft_prompts
-from cm3leon_jax.evaluation import pictures
+from cm3leon_jax.decode import pictures
 
 # family -> (the fields it needs, the field holding its input image or None)
 FIELDS = {

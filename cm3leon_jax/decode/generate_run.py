@@ -22,10 +22,9 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
-from cm3leon_jax.decode import generate_families, restore
+from cm3leon_jax.decode import generate_families, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import MissingInputError, UserInputError
-from cm3leon_jax.evaluation import pictures
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 

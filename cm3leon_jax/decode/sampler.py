@@ -9,10 +9,12 @@
 The model is a `tokens_to_logits`-style object (as in t5x's `temperature_sample`):
 `model.init_cache(rows, length) -> cache` and
 `model(params, cache, tokens, segment_ids, positions) -> (float32[rows, vocab], cache)`,
-the logits at each row's last given token; `model.check(prompts, max_new_tokens)` is an
-optional hook to refuse prompts. `model/decoding.py`'s `DecoderStep` is the decoder's;
-a test stub with a known next token, a sharded model or an imported one plug in the
-same way. A `DecoderConfig` is accepted too and means `DecoderStep(config)`.
+the logits at each row's last given token. Optional hooks: `model.prepare(params)`, run
+once inside the compiled function before the prefill (the weights' decode layout), and
+`model.check(prompts, max_new_tokens)` to refuse prompts. `model/decoding.py`'s
+`DecoderStep` is the decoder's; a test stub with a known next token, a sharded model or
+an imported one plug in the same way. A `DecoderConfig` is accepted too and means
+`DecoderStep(config)`.
 
 Everything from the prefill to the last step is one jit-compiled function with fixed
 shapes: the cache holds `P + max_new_tokens` slots, the loop is a `lax.while_loop` that
@@ -156,6 +158,8 @@ def _compiled(model: Any, greedy: bool, num_streams: int, max_new_tokens: int):
         positions = jnp.maximum(jnp.arange(length, dtype=jnp.int32)[None]
                                 - (length - prompt_lengths)[:, None], 0)
         cache = model.init_cache(rows, length + max_new_tokens)
+        if hasattr(model, "prepare"):  # Once, before the loop: the layout its steps read.
+            params = model.prepare(params)
         last, cache = forward(params, cache, prompts, real.astype(jnp.int32), positions)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
         state = DecodeState(step=jnp.zeros([], jnp.int32),

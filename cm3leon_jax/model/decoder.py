@@ -5,7 +5,7 @@
     variables = model.init(rng, tokens)           # params carry logical axis names
     logits = model.apply(variables, tokens, segment_ids, positions)   # f32[b, l, vocab]
 
-Packed inputs follow the feature converter (`data/feature_converter.py`): tokens of
+Packed inputs follow the feature converter (`train/feature_converter.py`): tokens of
 several documents share a row; `segment_ids` (1, 2, ...; 0 = padding) keep attention
 inside a document and `positions` restart at 0 in each one.
 

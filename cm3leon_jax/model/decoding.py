@@ -1,49 +1,197 @@
-"""`DecoderStep`: the decoder as the sampler sees it, a `tokens_to_logits` callable.
+"""`DecoderStep`: the decoder's decode path, a `tokens_to_logits` callable for the sampler.
 
     step = DecoderStep(config)
+    weights = step.prepare(params)                 # once: the layout the steps read
     cache = step.init_cache(rows, prompt_len + max_new_tokens)
-    logits, cache = step(params, cache, prompts, segment_ids, positions)   # prefill
-    logits, cache = step(params, cache, next_tokens, ones, positions + 1)  # one token
+    logits, cache = step(weights, cache, prompts, segment_ids, positions)   # prefill
+    logits, cache = step(weights, cache, next_tokens, ones, positions + 1)  # one token
 
 `logits` are float32[rows, vocab] at each row's last given token. The sampler
-(`decode/sampler.py`) only needs this shape of object (`init_cache` plus the call; the
-`check` hook is optional), so a stub model, a sharded model or an imported one plugs in
-the same way (t5x's `tokens_to_logits`).
+(`decode/sampler.py`) only needs this shape of object (`init_cache` and the call; the
+`prepare` and `check` hooks are optional), so a stub model, a sharded model or an
+imported one plugs in the same way (t5x's `tokens_to_logits`).
+
+Why a decode path beside `Decoder(decode=True)` (which computes the same numbers, and
+which the tests hold this one to): generating one token reads every weight and the
+cache for a handful of rows, so a step is bound by memory traffic, and the layout the
+training forward wants is the wrong one for it (`benchmarks/RESULTS_decode.md`):
+
+* Layers unstacked once (`prepare`), so the loop never slices the stacked `[layers,
+  ...]` weights or cache (a slice of the scanned stack is a copy on XLA:CPU: the
+  scanned `Decoder` copied the whole cache and every weight once per token).
+* Weights stored `[out..., in]`: a one-token product reads each output's weights
+  contiguously (`x @ W^T`). Written as multiply-and-reduce instead, XLA:CPU fused the
+  producers (norm, GELU, the attention's softmax) into the reduction and recomputed
+  them for every output element: 3-5x slower.
+* Cache `[batch, kv_heads, length, head_dim]`, a step's attention reading each head's
+  keys contiguously; each step writes its one slot in place (`dynamic_update_slice` on
+  the loop carry).
+Several tokens at once (the prefill) use ordinary matmuls and the configured attention
+kernel. Parameters and cache carry logical axis names: under a mesh they shard by the
+training rules (`partitioning.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax.model import attention, layers, norms, partitioning
 from cm3leon_jax.model.config import DecoderConfig
-from cm3leon_jax.model.decoder import Decoder, init_cache
+
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's fill for masked logits.
+_F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderStep:
-    """`Decoder(config)` with its KV cache, as `(params, cache, tokens, seg, pos) -> (logits, cache)`.
+    """`Decoder(config)`'s decode path: `(weights, cache, tokens, seg, pos) -> (logits, cache)`.
 
     Hashable (a frozen dataclass of a frozen config): the sampler caches its compiled loop
-    on it.
+    on it. `weights` are `prepare(params)` of the `Decoder`'s params.
     """
 
     config: DecoderConfig
 
-    def init_cache(self, rows: int, length: int) -> Any:
-        """An empty cache for `rows` sequences of at most `length` tokens."""
-        return init_cache(Decoder(self.config), rows, length)
+    # -- weights and cache --------------------------------------------------------------
+    def prepare(self, params: Any) -> dict:
+        """The Decoder's params -> per-layer weights, matrices `[out..., in]`."""
+        c, p = self.config, nn.unbox(params)
+        p = p.get("params", p)
+        att, mlp = p["layers"]["attention"], p["layers"]["mlp"]
+        # (stacked kernel [layers, in..., out...], its number of `in` axes, out names, in names)
+        mats = {"query": (att["query"]["kernel"], 1, ("heads", "kv"), ("embed",)),
+                "key": (att["key"]["kernel"], 1, ("kv_heads", "kv"), ("embed",)),
+                "value": (att["value"]["kernel"], 1, ("kv_heads", "kv"), ("embed",)),
+                "out": (att["out"]["kernel"], 2, ("embed",), ("heads", "kv")),
+                "wo": (mlp["wo"]["kernel"], 1, ("embed",), ("mlp",))}
+        for name in ("wi", "wi_gate", "wi_up"):
+            if name in mlp:
+                mats[name] = (mlp[name]["kernel"], 1, ("mlp",), ("embed",))
+        vectors = {f"{n}/{k}": (p["layers"][n][k], ("embed",))
+                   for n in ("attention_norm", "mlp_norm") for k in ("scale", "bias")
+                   if k in p["layers"].get(n, {})}
+        vectors.update({f"{n}/{k}": (att[n][k], (axis, "kv")) for n, axis in
+                        (("query_norm", "heads"), ("key_norm", "kv_heads"))
+                        for k in ("scale", "bias") if k in att.get(n, {})})
+        per_layer = []
+        for i in range(c.num_layers):
+            w = {}
+            for name, (kernel, n_in, out_names, in_names) in mats.items():
+                k = kernel[i]
+                k = jnp.transpose(k, tuple(range(n_in, k.ndim)) + tuple(range(n_in)))
+                w[name] = partitioning.with_logical_constraint(k, out_names + in_names)
+            for name, (v, names) in vectors.items():
+                w[name] = partitioning.with_logical_constraint(v[i], names)
+            per_layer.append(w)
+        embed = p["token_embed"]["embedding"]
+        head = embed if c.tie_embeddings else partitioning.with_logical_constraint(
+                p["lm_head"]["kernel"].T, ("vocab", "embed"))
+        out = {"embed": embed, "head": head, "layers": per_layer,
+               "final_norm": p.get("final_norm", {})}
+        if c.position_embedding == "learned":
+            out["positions"] = p["position_embed"]["embedding"]
+        return out
 
-    def __call__(self, params: Any, cache: Any, tokens: jax.Array, segment_ids: jax.Array,
-                 positions: jax.Array) -> tuple[jax.Array, Any]:
-        """tokens, segment_ids, positions: int32[rows, n] -> (float32[rows, vocab], cache)."""
-        logits, new = Decoder(self.config).apply(
-                {"params": params, "cache": cache}, tokens, segment_ids, positions,
-                decode=True, mutable=["cache"])
-        return logits[:, -1], new["cache"]
+    def init_cache(self, rows: int, length: int) -> dict:
+        """An empty cache for `rows` sequences of at most `length` tokens.
+
+        keys/values: per layer [rows, kv_heads, length, head_dim] (compute dtype);
+        segment_ids: int32[rows, length] of the written slots (0: empty or padding);
+        index: int32[], the next slot to write.
+        """
+        c = self.config
+        if c.position_embedding == "learned" and length > c.max_length:
+            raise ValueError(f"init_cache: length={length} exceeds the learned position "
+                             f"table (DecoderConfig.max_length={c.max_length}).")
+        names = ("batch", "kv_heads", "length", "kv")
+        zeros = lambda: partitioning.with_logical_constraint(
+                jnp.zeros((rows, c.kv_heads, length, c.dims_per_head), c.compute_dtype), names)
+        return {"keys": [zeros() for _ in range(c.num_layers)],
+                "values": [zeros() for _ in range(c.num_layers)],
+                "segment_ids": jnp.zeros((rows, length), jnp.int32),
+                "index": jnp.zeros([], jnp.int32)}
+
+    # -- the step -----------------------------------------------------------------------
+    def __call__(self, weights: dict, cache: dict, tokens: jax.Array, segment_ids: jax.Array,
+                 positions: jax.Array) -> tuple[jax.Array, dict]:
+        """tokens, segment_ids, positions: int32[rows, n] -> (float32[rows, vocab], cache).
+
+        Writes the n tokens' keys and values at `cache["index"]`; callers keep
+        index + n <= the cache's length (a write past it would be clamped).
+        """
+        c = self.config
+        x = jnp.take(weights["embed"], tokens, axis=0).astype(c.compute_dtype)
+        if c.position_embedding == "learned":
+            x = x + jnp.take(weights["positions"], positions, axis=0).astype(c.compute_dtype)
+        index = cache["index"]
+        kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"],
+                                              segment_ids.astype(jnp.int32), (0, index))
+        keys, values = [], []
+        for w, ck, cv in zip(weights["layers"], cache["keys"], cache["values"]):
+            x, ck, cv = self._layer(w, x, ck, cv, segment_ids, kv_seg, index, positions)
+            keys.append(ck)
+            values.append(cv)
+        fn = weights["final_norm"]
+        x = norms.normalize(x[:, -1:], fn.get("scale"), fn.get("bias"), kind=c.norm,
+                            eps=c.norm_eps)
+        logits = project(x, weights["head"], 1, _F32)[:, 0]
+        logits = partitioning.with_logical_constraint(logits, ("batch", "vocab"))
+        return logits, {"keys": keys, "values": values, "segment_ids": kv_seg,
+                        "index": index + tokens.shape[1]}
+
+    def _layer(self, w, x, ck, cv, segment_ids, kv_seg, index, positions):
+        c = self.config
+        norm = lambda y, n: norms.normalize(y, w.get(f"{n}/scale"), w.get(f"{n}/bias"),
+                                            kind=c.norm, eps=c.norm_eps)
+        h = norm(x, "attention_norm") if c.block_order == "pre" else x
+        a, ck, cv = self._attention(w, h, ck, cv, segment_ids, kv_seg, index, positions)
+        x = x + (a if c.block_order == "pre" else norm(a, "attention_norm"))
+        h = norm(x, "mlp_norm") if c.block_order == "pre" else x
+        m = self._mlp(w, h)
+        x = x + (m if c.block_order == "pre" else norm(m, "mlp_norm"))
+        return partitioning.with_logical_constraint(x, ("batch", "length", "embed")), ck, cv
+
+    def _mlp(self, w, x):
+        c = self.config
+        act = layers.ACTIVATIONS[c.mlp_activation]
+        if c.gated_mlp:
+            h = act(project(x, w["wi_gate"], 1, c.compute_dtype)) * \
+                project(x, w["wi_up"], 1, c.compute_dtype)
+        else:
+            h = act(project(x, w["wi"], 1, c.compute_dtype))
+        return project(h, w["wo"], 1, c.compute_dtype)
+
+    def _attention(self, w, x, ck, cv, segment_ids, kv_seg, index, positions):
+        c = self.config
+        q = project(x, w["query"], 1, c.compute_dtype)  # [b, n, heads, head_dim]
+        k = project(x, w["key"], 1, c.compute_dtype)
+        v = project(x, w["value"], 1, c.compute_dtype)
+        if c.qk_norm:
+            qk = lambda y, n: norms.normalize(y, w[f"{n}/scale"], w[f"{n}/bias"],
+                                              kind="layernorm", eps=c.norm_eps)
+            q, k = qk(q, "query_norm"), qk(k, "key_norm")
+        if c.position_embedding == "rope":
+            q = layers.rotary_embedding(q, positions, c.rope_theta)
+            k = layers.rotary_embedding(k, positions, c.rope_theta)
+        names = ("batch", "kv_heads", "length", "kv")
+        write = lambda cache, new: partitioning.with_logical_constraint(
+                jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype),
+                                             (0, 0, index, 0)), names)
+        ck, cv = write(ck, k), write(cv, v)
+        if x.shape[1] == 1:
+            out = _one_query_attention(q, ck, cv, segment_ids, kv_seg, index)
+        else:  # Several queries: the configured kernel over the cache's [b, len, h, d] view.
+            kernel = attention.get_kernel(c.attention_impl)
+            out = kernel(q, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), segment_ids,
+                         kv_seg, index)
+        return project(out, w["out"], 2, c.compute_dtype), ck, cv
 
     def check(self, prompts: np.ndarray, max_new_tokens: int) -> None:
         """Refuse prompts this model cannot read: ids outside the vocabulary, too long."""
@@ -58,3 +206,33 @@ class DecoderStep:
                              f"{max_new_tokens} = {total} > DecoderConfig.max_length="
                              f"{c.max_length}; shorten the prompts (fewer retrieved "
                              "documents) or generate fewer tokens.")
+
+
+def project(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
+    """`x: [b, n, *in]` times `kernel: [*out, *in]` -> `[b, n, *out]` in `dtype`.
+
+    One 2-D matmul contracting both operands' minor axis (f32 accumulation).
+    """
+    b, n = x.shape[:2]
+    in_shape, out_shape = kernel.shape[kernel.ndim - n_in:], kernel.shape[:kernel.ndim - n_in]
+    k2 = kernel.reshape(math.prod(out_shape), math.prod(in_shape))
+    x2 = x.reshape(b * n, math.prod(in_shape))
+    y = jax.lax.dot_general(x2, k2.astype(x.dtype), (((1,), (1,)), ((), ())),
+                            preferred_element_type=_F32)
+    return y.astype(dtype).reshape((b, n) + out_shape)
+
+
+def _one_query_attention(q, ck, cv, segment_ids, kv_seg, index):
+    """q: [b, 1, heads, d]; cache [b, kv_heads, len, d] -> [b, 1, heads, d].
+
+    Sees the written slots up to `index` of the query's own segment.
+    """
+    b, _, heads, d = q.shape
+    kv_heads, length = ck.shape[1], ck.shape[2]
+    q = q.reshape(b, kv_heads, heads // kv_heads, 1, d).astype(_F32) / np.sqrt(d)
+    s = jnp.einsum("bhgqd,bhsd->bhgqs", q, ck.astype(_F32))[:, :, :, 0]  # [b, kvh, g, len]
+    visible = (jnp.arange(length) <= index)[None] & (kv_seg == segment_ids[:, :1])
+    s = jnp.where(visible[:, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bhgs,bhsd->bhgd", p, cv.astype(_F32))
+    return out.reshape(b, 1, heads, d).astype(ck.dtype)

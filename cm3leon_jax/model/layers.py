@@ -109,7 +109,7 @@ class Projection(nn.Module):
         return y.reshape(lead + self.out_shape)
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -128,7 +128,7 @@ class Mlp(nn.Module):
         dense = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
         w_init = trunc_normal(c.init_std)
         out_init = nn.initializers.zeros if c.zero_init_output else w_init
-        act = _ACTIVATIONS[c.mlp_activation]
+        act = ACTIVATIONS[c.mlp_activation]
         up = lambda name: Projection((c.d_model,), (c.mlp_dim,), ("embed", "mlp"), w_init,
                                      name=name, **dense)(x)
         h = act(up("wi_gate")) * up("wi_up") if c.gated_mlp else act(up("wi"))

@@ -1,9 +1,9 @@
 """Meshes and logical-axis rules: the one place that decides where arrays live.
 
-Every network (decoder, VQGAN, CLIP) names the axes of its parameters and activations
-with *logical* names (`batch`, `length`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`,
-`vocab`, `layers`). The rules here map each logical name to zero or more *mesh* axes of
-a three-axis device mesh `(data, fsdp, tensor)`::
+The decoder names the axes of its parameters and activations with *logical* names
+(`batch`, `length`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `vocab`, `layers`). The
+rules here map each logical name to zero or more *mesh* axes of a three-axis device
+mesh `(data, fsdp, tensor)`::
 
     logical    default mesh axes     why
     batch      (data, fsdp)          FSDP is data parallelism whose params are split too
@@ -25,8 +25,12 @@ while a parameter `[embed, mlp]` gets `(fsdp, tensor)`. On top of flax's rule, a
 axis that does not divide the dimension evenly is dropped (the dimension is
 replicated over it rather than padded), e.g. 8 kv heads on a 16-way tensor axis.
 
-This module depends on nothing else in the package (the trainer, the VQGAN and CLIP
-share it), and it is usable without gin: every function takes explicit rules.
+All three trainers take their mesh from `make_mesh` (the decoder's through
+`train/distributed.train_mesh`); the VQGAN (`vocab/vqgan_train.py`) and CLIP
+(`retrieval/clip_train.py`) trainers name only their batch axis (`batch`, split by
+these rules, via `train/step.batch_sharding`) and keep their small weights replicated.
+This module depends on nothing else in the package, and it is usable without gin:
+every function takes explicit rules.
 """
 
 from __future__ import annotations

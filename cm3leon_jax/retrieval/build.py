@@ -10,10 +10,10 @@ Writes `MODEL_DIR/retrieval/`:
     memory_bank/neighbours-*.npz  every document's selected neighbours (neighbours.py)
     index/                      one ScaNN index, or one per bank shard (index.py)
 
-Documents come from a gin-chosen source; `synthetic_documents` reads the built-in
-corpus. Token ids come from the tokenized corpus of the `preprocess` mode when
-`data_dir` is given (matched by document id); without it the bank stores no
-token ids (searches still work, results carry empty `token_ids`).
+Documents come from the caller: any callable returning `SourceDocument`s (gin binds
+`data/synthetic.py`'s `synthetic_documents` for the built-in corpus). A document
+without token ids (empty `tokens`) is still searchable; its results carry empty
+`token_ids`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import time
-import zlib
 from typing import Callable, Iterable, Iterator
 
 import gin
@@ -43,46 +42,6 @@ class SourceDocument:
     text: str | None
     image: np.ndarray | None  # uint8[h, w, 3]
     tokens: np.ndarray  # int32[n]; empty when unknown
-
-
-def tokens_from_shards(data_dir: str, split: str) -> dict[str, np.ndarray]:
-    """doc_id -> ids from the tokenized corpus (the preprocess mode's TFRecord shards)."""
-    from cm3leon_jax.data import shards  # TensorFlow: only when asked for
-    out = {}
-    for ex in shards.read_split(data_dir, split).as_numpy_iterator():
-        out[ex["doc_id"].decode()] = ex["ids"].astype(np.int32)
-    return out
-
-
-@gin.configurable
-def synthetic_documents(split: str = "train", num: int = 10_000, image_size: int = 64,
-                        seed: int = 0, data_dir: str | None = None,
-                        text_only_fraction: float = 0.0,
-                        image_only_fraction: float = 0.0) -> Iterator[SourceDocument]:
-    """The built-in corpus's documents, ids `{split}_{index:07d}` as in its TFDS builder.
-
-    The caption is the one the preprocess mode picks (crc32 of the id), so vectors
-    and token ids describe the same document. `*_only_fraction` turn some documents
-    unimodal (by a hash of the id), to exercise the modality rule without real data.
-    """
-    from cm3leon_jax.data import shapes, shapes_tasks
-    tokens = tokens_from_shards(data_dir, split) if data_dir else None
-    empty = np.zeros([0], np.int32)
-    for i in range(num):
-        doc_id = f"{split}_{i:07d}"
-        if tokens is not None and doc_id not in tokens:
-            continue  # skipped by preprocessing (its manifest says why)
-        rng = shapes.example_rng(seed, split, i)
-        scene = shapes.sample_scene(rng, image_size)
-        image = shapes.render(scene)
-        caps = [c for c in shapes_tasks.captions(scene, rng) if c.strip()]
-        text = caps[zlib.crc32(doc_id.encode()) % len(caps)]
-        u = zlib.crc32(doc_id.encode() + b"modality") / 2**32
-        if u < text_only_fraction:
-            image = None
-        elif u < text_only_fraction + image_only_fraction:
-            text = None
-        yield SourceDocument(doc_id, text, image, tokens[doc_id] if tokens is not None else empty)
 
 
 def _batches(docs: Iterable[SourceDocument], size: int) -> Iterator[list[SourceDocument]]:
@@ -136,7 +95,7 @@ def build_index(bank: memory_bank.MemoryBank, index_dir: str,
 
 @gin.configurable
 def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
-                    documents: Callable[[], Iterable[SourceDocument]] = synthetic_documents,
+                    documents: Callable[[], Iterable[SourceDocument]] = gin.REQUIRED,
                     docs_per_shard: int = 100_000,
                     index_config: index_lib.IndexConfig | None = None,
                     selection: SelectionConfig | None = None,

@@ -1,11 +1,11 @@
-"""The `train_retriever` run mode: contrastive training of the tiny CLIP on the built-in corpus.
+"""The `train_retriever` run mode: contrastive training of a CLIP on image-caption pairs.
 
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/train_retriever.gin \
         --gin.MODEL_DIR="'runs/clip_tiny'"
 
-Scenes come straight from `cm3leon_jax.data.shapes` with the corpus's own
-per-example seeding (`example_rng(seed, split, index)`), so the encoder sees the
-same images and captions as the tokenized corpus, without TensorFlow. Each step
+Pairs come from the caller (`train_pairs`, `test_pairs`: images and their captions);
+the run file binds `data/synthetic.py`'s `synthetic_pairs`, the tokenized corpus's
+own scenes (same seeding, no TensorFlow), so the encoder sees what the bank holds. Each step
 pairs every image of the batch with one of its four captions at random and
 minimises the symmetric InfoNCE loss of CLIP (learnable temperature, capped at
 100 as in CLIP).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import gin
 import jax
@@ -29,25 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
-from cm3leon_jax.data import shapes, shapes_tasks
+from cm3leon_jax.model import partitioning
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder, preprocess_images
+from cm3leon_jax.train import metrics as metrics_lib, optimizer, step as step_lib
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
-
-
-def synthetic_pairs(split: str, num: int, image_size: int, seed: int = 0
-                    ) -> tuple[np.ndarray, list[list[str]]]:
-    """(uint8[num, s, s, 3] images, 4 captions each) of the built-in corpus's `split`."""
-    images = np.empty((num, image_size, image_size, 3), np.uint8)
-    captions = []
-    for i in range(num):
-        rng = shapes.example_rng(seed, split, i)
-        scene = shapes.sample_scene(rng, image_size)
-        images[i] = shapes.render(scene)
-        captions.append(shapes_tasks.captions(scene, rng))
-    return images, captions
+Pairs = tuple[np.ndarray, list[list[str]]]  # uint8[n, s, s, 3] images, captions per image
 
 
 def bucketed_tokens(token_lists, context: int, bucket: int = 8):
@@ -87,37 +78,82 @@ def evaluate(encoder: DocumentEncoder, images: np.ndarray, captions: list[list[s
             "num_images": len(images), "num_captions": len(texts)}
 
 
+def _decay_mask(params):
+    """No weight decay on LayerNorm scales, biases, embeddings of positions or the temperature."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim >= 2 and "position" not in jax.tree_util.keystr(path), params)
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, steps: int,
+                   weight_decay: float) -> optax.GradientTransformation:
+    """The shared builder (`train/optimizer.py`) with CLIP's settings: linear warm-up,
+    cosine decay to 0, AdamW(0.9, 0.98, eps 1e-6) behind global-norm clipping at 1."""
+    schedule = optimizer.warmup_then_decay(learning_rate, warmup_steps, "cosine",
+                                           final_lr_fraction=0.0, total_steps=steps)
+    return optimizer.adamw(schedule, 0.9, 0.98, 1e-6, weight_decay, 1.0, mask=_decay_mask)
+
+
 @gin.configurable
-def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None,
+def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
+                    train_pairs: Pairs = gin.REQUIRED, test_pairs: Pairs = gin.REQUIRED,
                     steps: int = 800, batch_size: int = 128, learning_rate: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.1,
-                    num_train: int = 10_000, num_test: int = 500, image_size: int = 64,
-                    corpus_seed: int = 0, seed: int = 0, log_every: int = 50) -> dict:
-    """Trains, evaluates and saves the encoder; returns the test metrics."""
+                    seed: int = 0, log_every: int = 50, write_tensorboard: bool = True) -> dict:
+    """Trains, evaluates and saves the encoder; returns the test metrics.
+
+    train_pairs, test_pairs: (uint8[n, s, s, 3] images, a list of captions per image),
+    e.g. `synthetic_pairs("train", 10_000, 64)`; at least 4 captions per train image.
+    Loss and in-batch accuracy go to MODEL_DIR/metrics.jsonl (and TensorBoard unless
+    `write_tensorboard=False`) every `log_every` steps.
+    """
     logging.set_verbosity(logging.INFO)
     if not 0 <= warmup_steps < steps:
         raise ValueError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, steps="
                          f"{steps}); lower it, or train for more steps.")
     cfg = clip_cfg or clip.ClipConfig.tiny()
     tokenizer = clip_tokenizer.WordTokenizer(cfg.vocab_size)
-    if cfg.image_size != image_size:
+    images, captions = train_pairs
+    if len(images) < batch_size or min(len(c) for c in captions) < 4:
+        raise ValueError(f"train_retriever.train_pairs: {len(images)} images (need >= "
+                         f"batch_size={batch_size}), each with at least 4 captions; pass more "
+                         "pairs.")
+    if images.shape[1] != cfg.image_size:
         logging.warning("corpus images are %dpx and the encoder reads %dpx: they are resized.",
-                        image_size, cfg.image_size)
-    start = time.time()
-    images, captions = synthetic_pairs("train", num_train, image_size, corpus_seed)
-    test_images, test_captions = synthetic_pairs("test", num_test, image_size, corpus_seed)
-    token_cache = [[tokenizer.encode(c) for c in caps] for caps in captions]
-    logging.info("corpus ready in %.1fs", time.time() - start)
+                        images.shape[1], cfg.image_size)
+    tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
+    writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
+    t0 = time.time()
+    try:
+        params, history = _fit(cfg, images, tokens, make_optimizer(
+            learning_rate, warmup_steps, steps, weight_decay), steps, batch_size, seed,
+            log_every, writer)
+    finally:
+        writer.close()
+    train_seconds = time.time() - t0
 
+    encoder = DocumentEncoder(cfg, params, tokenizer)
+    encoder.save(os.path.join(model_dir, "encoder"))
+    metrics = evaluate(encoder, *test_pairs)
+    metrics.update({"train_seconds": round(train_seconds, 1), "steps": steps,
+                    "batch_size": batch_size, "final_loss": history[-1]["loss"],
+                    "history": history})
+    with open(os.path.join(model_dir, "retriever_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    logging.info("test recall: %s", {k: v for k, v in metrics.items() if "recall" in k})
+    return metrics
+
+
+def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
+         opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
+         log_every: int, writer: metrics_lib.MetricsWriter) -> tuple[Any, list[dict]]:
+    """The loop: each step pairs `batch_size` random images with one caption each.
+
+    Data-parallel on the shared mesh (`model/partitioning.py`): the batch is split by
+    the `batch` rule, the weights replicated. Returns (host params, logged history).
+    """
     model = clip.CLIP(cfg)
-    params = clip.init_params(cfg, seed)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, steps)
-    # No weight decay on LayerNorm scales, biases, embeddings of positions or the temperature.
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and "position" not in jax.tree_util.keystr(path), params)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
-                                  weight_decay=weight_decay, mask=decay_mask))
+    mesh = partitioning.make_mesh()
+    params = jax.device_put(clip.init_params(cfg, seed), NamedSharding(mesh, PartitionSpec()))
     opt_state = opt.init(params)
 
     @jax.jit
@@ -127,30 +163,22 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None,
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc
 
+    def rows(x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, step_lib.batch_sharding(mesh, x.shape))
+
     rng = np.random.default_rng(seed)
     history = []
     t0 = time.time()
     for i in range(1, steps + 1):
-        idx = rng.choice(num_train, size=batch_size, replace=False)
+        idx = rng.choice(len(images), size=batch_size, replace=False)
         which = rng.integers(0, 4, size=batch_size)
-        tokens, lengths = bucketed_tokens([token_cache[j][w] for j, w in zip(idx, which)],
-                                          cfg.context_length)
+        toks, lengths = bucketed_tokens([tokens[j][w] for j, w in zip(idx, which)],
+                                        cfg.context_length)
         pixels = preprocess_images(images[idx], cfg.image_size)
-        params, opt_state, loss, acc = step(params, opt_state, pixels, tokens, lengths)
+        params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),
+                                            rows(lengths))
         if i % log_every == 0 or i == steps:
-            loss, acc = float(loss), float(acc)
-            history.append({"step": i, "loss": loss, "batch_accuracy": acc})
-            logging.info("step %d/%d loss %.4f in-batch acc %.3f (%.2fs/step)", i, steps,
-                         loss, acc, (time.time() - t0) / i)
-    train_seconds = time.time() - t0
-
-    encoder = DocumentEncoder(cfg, jax.device_get(params), tokenizer)
-    encoder.save(os.path.join(model_dir, "encoder"))
-    metrics = evaluate(encoder, test_images, test_captions)
-    metrics.update({"train_seconds": round(train_seconds, 1), "steps": steps,
-                    "batch_size": batch_size, "final_loss": history[-1]["loss"],
-                    "history": history})
-    with open(os.path.join(model_dir, "retriever_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    logging.info("test recall: %s", {k: v for k, v in metrics.items() if "recall" in k})
-    return metrics
+            values = {"loss": float(loss), "batch_accuracy": float(acc)}
+            history.append({"step": i, **values})
+            writer.write(i, {**values, "seconds_per_step": (time.time() - t0) / i})
+    return jax.device_get(params), history

@@ -34,7 +34,7 @@ import seqio
 import tensorflow as tf
 from jax.sharding import NamedSharding
 
-from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 
 # The data pipeline must never take an accelerator (or its memory) from JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -52,12 +52,14 @@ def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
 
     `task`/`seq_len` come from the trainer (`train.task`, `train.seq_len`); bind the
     rest here (e.g. `seqio_shard_dataset.use_cached = True` after caching a task).
+    Inputs start with the task vocabulary's `eos_id` (see `feature_converter.py`).
     """
+    vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     ds = seqio.get_dataset(
         task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
         shuffle=shuffle, seed=seed, num_epochs=num_epochs, use_cached=use_cached,
         shard_info=seqio.ShardInfo(shard, num_shards),
-        feature_converter=CM3FeatureConverter(pack=pack))
+        feature_converter=CM3FeatureConverter(bos_id=vocabulary.eos_id, pack=pack))
     return ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

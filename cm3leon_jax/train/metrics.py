@@ -29,7 +29,6 @@ from typing import Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 from cm3leon_jax.model.config import DecoderConfig
 
@@ -145,13 +144,21 @@ class StepTimer:
 
 
 class MetricsWriter:
-    """Scalars to TensorBoard, the console and `model_dir/metrics.jsonl` (process 0 only)."""
+    """Scalars to TensorBoard, the console and `model_dir/metrics.jsonl` (process 0 only).
+
+    The one metrics writer of the three trainers (decoder, VQGAN, CLIP).
+    `tensorboard=False` keeps TensorFlow (which clu's writer imports) out of the process.
+    """
 
     def __init__(self, model_dir: str, tensorboard: bool = True, console: bool = True):
         self.active = jax.process_index() == 0
         self.console = console
-        self._tb = (metric_writers.SummaryWriter(model_dir)
-                    if self.active and tensorboard else None)
+        self._tb = None
+        if self.active and tensorboard:
+            from clu import metric_writers  # Imports TensorFlow: only when asked for.
+            self._tb = metric_writers.SummaryWriter(model_dir)
+        if self.active:
+            os.makedirs(model_dir, exist_ok=True)
         self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if self.active else None
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
@@ -165,6 +172,15 @@ class MetricsWriter:
         if self.console:
             line = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(values.items()))
             _console(f"step {step}: {line}")
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8[n, h, w, c] batches to TensorBoard (nowhere else)."""
+        if self._tb is not None:
+            self._tb.write_images(step, images)
+
+    def write_hparams(self, hparams: Mapping[str, float | int | str]) -> None:
+        if self._tb is not None:
+            self._tb.write_hparams(dict(hparams))
 
     def flush(self) -> None:
         if self._tb is not None:

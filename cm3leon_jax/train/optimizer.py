@@ -1,5 +1,11 @@
 """The optimizer: AdamW behind global-norm clipping, with warm-up then decay.
 
+One builder for the three trainers (decoder, VQGAN `vocab/vqgan_train.py`, CLIP
+`retrieval/clip_train.py`): `warmup_then_decay` and `adamw` are plain functions
+each trainer calls with its own settings; `learning_rate_schedule` and
+`make_optimizer` are their gin-configurable forms for the decoder's trainer (so a
+decoder binding never leaks into the other two).
+
 CM3Leon states only warm-up (1500 steps) and the per-size peak learning rates; the
 rest follows its successor (Chameleon): AdamW with beta1 0.9, beta2 0.95, weight
 decay 0.1, gradient clipping at global norm 1.0. Every knob is a gin binding::
@@ -16,7 +22,7 @@ the normalisation. CM3Leon's decoder has neither, so there it touches every weig
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gin
 import jax
@@ -32,6 +38,14 @@ def learning_rate_schedule(peak_lr: float = gin.REQUIRED, warmup_steps: int = 15
                            decay: str = "cosine", decay_steps: int | None = None,
                            final_lr_fraction: float = 0.1,
                            total_steps: int | None = None) -> optax.Schedule:
+    """The decoder's schedule: `warmup_then_decay` with gin-bound settings."""
+    return warmup_then_decay(peak_lr, warmup_steps, decay, decay_steps, final_lr_fraction,
+                             total_steps)
+
+
+def warmup_then_decay(peak_lr: float, warmup_steps: int, decay: str = "cosine",
+                      decay_steps: int | None = None, final_lr_fraction: float = 0.1,
+                      total_steps: int | None = None) -> optax.Schedule:
     """Linear warm-up from 0 to `peak_lr`, then `decay` down to `final_lr_fraction * peak_lr`.
 
     Args:
@@ -81,22 +95,31 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float = 1.0,
                    moments_dtype: str | None = None) -> optax.GradientTransformation:
+    """The decoder's optimizer: `adamw` with gin-bound settings."""
+    return adamw(schedule, b1, b2, eps, weight_decay, clip_norm, moments_dtype)
+
+
+def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+          moments_dtype: str | None = None,
+          mask: Callable[[Any], Any] | None = decay_mask) -> optax.GradientTransformation:
     """`clip_by_global_norm(clip_norm)` then AdamW(schedule, b1, b2, eps, weight_decay).
 
     Args:
-        schedule: step -> learning rate (`learning_rate_schedule`).
+        schedule: step -> learning rate (`warmup_then_decay`).
         b1, b2, eps: Adam's (successor: 0.9, 0.95, 1e-5).
         weight_decay: decoupled, multiplied by the learning rate; 0 turns it off.
         clip_norm: the global gradient norm is clipped to this; 0 or None: no clipping.
         moments_dtype: dtype of the first moment ("bfloat16" halves its memory on a
             big model); None keeps the parameters' dtype.
+        mask: params -> a tree of bools, True where weight decay applies; None: everywhere.
     """
     if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0 or eps <= 0:
-        raise ValueError(f"make_optimizer: need 0 <= b1, b2 < 1 and eps > 0; got b1={b1}, "
+        raise ValueError(f"adamw: need 0 <= b1, b2 < 1 and eps > 0; got b1={b1}, "
                          f"b2={b2}, eps={eps}.")
     mu_dtype = None if moments_dtype is None else jnp.dtype(moments_dtype)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                        mask=decay_mask, mu_dtype=mu_dtype)
+                        mask=mask, mu_dtype=mu_dtype)
     if not clip_norm:
         return adamw
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)

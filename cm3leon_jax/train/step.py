@@ -1,6 +1,6 @@
 """The train and eval steps: pure functions of (state, batch), jitted with shardings.
 
-A batch is the packed feature-converter layout (`data/feature_converter.py`), every
+A batch is the packed feature-converter layout (`train/feature_converter.py`), every
 feature `[global_batch, length]`. The train step
 
   1. splits the batch into `num_microbatches` micro-batches and accumulates float32
@@ -140,9 +140,14 @@ def make_eval_step(model: Decoder, z_loss: float | None = None
     return step
 
 
-def batch_sharding(mesh: Mesh, shape: tuple[int, int], rules=None) -> NamedSharding:
-    """Where a `[batch, length]` feature lives: rows split by the `batch` rule."""
-    return NamedSharding(mesh, partitioning.logical_to_mesh_axes(BATCH_AXES, rules, shape, mesh))
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules=None) -> NamedSharding:
+    """Where a batch lives: rows split by the `batch` rule, the rest whole.
+
+    A `[batch, length]` feature names its axes `BATCH_AXES`; any other rank (e.g. the
+    tokenizer's images `[batch, h, w, 3]`) names only its first.
+    """
+    names = BATCH_AXES if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, partitioning.logical_to_mesh_axes(names, rules, shape, mesh))
 
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: NamedSharding,

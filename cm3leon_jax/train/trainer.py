@@ -5,13 +5,14 @@
 
 (`gin_configs/train/<size>.gin` includes `runs/pretrain.gin`, the model and a mesh file.)
 
-One iteration: read the next global batch, dispatch the jitted step (state donated),
-then look at the *previous* step's metrics; reading them one step late keeps a step
-queued on the devices while the host works. A non-finite loss or gradient norm stops
-the run naming the step and the last good checkpoint (or is skipped, by gin). Before a
-checkpoint is written the step's own metrics are checked, so a saved state is always
-finite. Restarting the same command resumes from the newest readable checkpoint,
-data position included, and reproduces the uninterrupted run's losses bit for bit.
+One iteration (`_Run.loop`): read the next global batch, dispatch the jitted step
+(state donated), then look at the *previous* step's metrics (`_Reporter.submit`);
+reading them one step late keeps a step queued on the devices while the host works.
+A non-finite loss or gradient norm stops the run naming the step and the last good
+checkpoint (or is skipped, by gin). Before a checkpoint is written the step's own
+metrics are checked, so a saved state is always finite. Restarting the same command
+resumes from the newest readable checkpoint, data position included, and reproduces
+the uninterrupted run's losses bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
 from cm3leon_jax.train import checkpoints, data as data_lib, distributed, metrics as metrics_lib
 from cm3leon_jax.train import optimizer, state as state_lib, step as step_lib
+from cm3leon_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -91,83 +93,119 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
             raise ValueError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
                              f"{config.max_length}; lower one or raise the other.")
         _check_vocabulary(task, config)
-        mesh = distributed.train_mesh()
-        peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads start.
-        model = Decoder(config)
+        run = _Run(model_dir, config, task, num_steps, global_batch_size, seq_len, seed,
+                   num_microbatches, num_data_shards, eval_steps, eval_split, on_nonfinite)
+        reporter = _Reporter(run.writer, run.ckpt, num_steps, log_every, on_nonfinite,
+                             run.peak, run.flops_per_step, global_batch_size * seq_len)
+        try:
+            with jax.set_mesh(run.mesh):
+                return run.loop(reporter, preemption, eval_every, progress_bar,
+                                init_params_from)
+        finally:
+            run.close()
+
+
+class _Run:
+    """Everything one training run holds: model, optimizer, mesh, data, steps, outputs."""
+
+    def __init__(self, model_dir: str, config: DecoderConfig, task: str, num_steps: int,
+                 global_batch_size: int, seq_len: int, seed: int, num_microbatches: int,
+                 num_data_shards: int | None, eval_steps: int, eval_split: str,
+                 on_nonfinite: str):
+        self.config, self.num_steps, self.seed = config, num_steps, seed
+        self.mesh = distributed.train_mesh()
+        self.peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads.
+        self.flops_per_step = metrics_lib.train_flops_per_step(config, global_batch_size, seq_len)
+        self.model = Decoder(config)
         schedule = optimizer.learning_rate_schedule(total_steps=num_steps)
-        tx = optimizer.make_optimizer(schedule)
-        shardings = state_lib.state_shardings(model, tx, mesh)
-        abstract = state_lib.abstract_train_state(model, tx, mesh)
-        batch_sharding = step_lib.batch_sharding(mesh, (global_batch_size, seq_len))
+        self.tx = optimizer.make_optimizer(schedule)
+        shardings = state_lib.state_shardings(self.model, self.tx, self.mesh)
+        self.param_shardings = shardings.params
+        self.abstract = state_lib.abstract_train_state(self.model, self.tx, self.mesh)
+        batch_sharding = step_lib.batch_sharding(self.mesh, (global_batch_size, seq_len))
         make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len,
                                       seed=seed)
-        data = data_lib.ShardedBatches(make_data, global_batch_size, seq_len, batch_sharding,
-                                       num_data_shards)
-        train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(model, tx, schedule, num_microbatches, on_nonfinite),
-            shardings, batch_sharding, mesh)
-        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), shardings.params,
-                                           batch_sharding, mesh)
-        eval_data = functools.partial(make_data, split=eval_split, shuffle=False)
-        evaluate = _Evaluator(eval_step, eval_data, global_batch_size, seq_len, batch_sharding,
-                              eval_steps, num_data_shards)
+        self.data = data_lib.ShardedBatches(make_data, global_batch_size, seq_len,
+                                            batch_sharding, num_data_shards)
+        self.train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(self.model, self.tx, schedule, num_microbatches,
+                                     on_nonfinite),
+            shardings, batch_sharding, self.mesh)
+        eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(self.model),
+                                           shardings.params, batch_sharding, self.mesh)
+        self.evaluate = _Evaluator(eval_step, functools.partial(make_data, split=eval_split,
+                                                                shuffle=False),
+                                   global_batch_size, seq_len, batch_sharding, eval_steps,
+                                   num_data_shards)
+        self.writer = metrics_lib.MetricsWriter(model_dir)
+        self.ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
 
-        writer = metrics_lib.MetricsWriter(model_dir)
-        ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
-        reporter = _Reporter(writer, ckpt, num_steps, log_every, on_nonfinite, peak,
-                             metrics_lib.train_flops_per_step(config, global_batch_size, seq_len),
-                             global_batch_size * seq_len)
+    def restore_or_init(self, init_params_from: Callable[[], Any] | None = None
+                        ) -> tuple[TrainState, int]:
+        """The newest readable checkpoint (data position included), else a fresh state
+        (with `init_params_from()`'s parameters, when given)."""
+        state = self.ckpt.restore(self.abstract, self.data)
+        if state is None:
+            state = state_lib.create_train_state(self.model, self.tx, self.mesh, self.seed)
+            if init_params_from is not None:
+                state = state.replace(params=jax.device_put(init_params_from(),
+                                                            self.param_shardings))
+        step = int(np.asarray(state.step.addressable_data(0)))
+        log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
+                 "starting at step %d of %d", f"{count_params(self.config):,}",
+                 state_lib.bytes_per_device(self.abstract) / 2**30, dict(self.mesh.shape),
+                 step, self.num_steps)
+        return state, step
+
+    def loop(self, reporter: "_Reporter", preemption: checkpoints.PreemptionSignal,
+             eval_every: int, progress_bar: bool,
+             init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """Steps until `num_steps` or a preemption; saves, evaluates; returns the summary."""
+        state, step = self.restore_or_init(init_params_from)
+        bar = _progress(progress_bar, self.num_steps, step)
         preempted, eval_metrics = False, {}
-        try:
-            with jax.set_mesh(mesh):
-                state = ckpt.restore(abstract, data)
-                if state is None:
-                    state = state_lib.create_train_state(model, tx, mesh, seed)
-                    if init_params_from is not None:
-                        state = state.replace(params=jax.device_put(init_params_from(),
-                                                                    shardings.params))
-                step = start = int(np.asarray(state.step.addressable_data(0)))
-                log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
-                         "starting at step %d of %d", f"{count_params(config):,}",
-                         state_lib.bytes_per_device(abstract) / 2**30, dict(mesh.shape), start,
-                         num_steps)
-                bar = _progress(progress_bar, num_steps, start)
-                pending = None  # (step, metrics) not yet looked at.
-                while step < num_steps:
-                    state, m = train_step(state, next(data))
-                    step += 1
-                    if pending is not None:
-                        reporter(*pending)  # Blocks on the previous step only.
-                    pending = (step, m)
-                    preempted = preemption.reached(step)
-                    if preempted or step == num_steps or ckpt.due(step):
-                        reporter(*pending)  # Never save a non-finite state.
-                        pending = None
-                        ckpt.save(step, state, data, force=preempted or step == num_steps)
-                        reporter.timer.restart()  # Time training only.
-                    if eval_every and step % eval_every == 0 and step != num_steps:
-                        eval_metrics = evaluate(state.params)
-                        writer.write(step, eval_metrics, prefix="eval/")
-                        reporter.timer.restart()
-                    if bar is not None:
-                        bar.update(1)
-                    if preempted:
-                        log.warning("preempted: saved step %d; rerun the same command to resume.",
-                                    step)
-                        break
-                if bar is not None:
-                    bar.close()
-                if not preempted:
-                    eval_metrics = evaluate(state.params)
-                    writer.write(step, eval_metrics, prefix="eval/")
-        finally:
-            ckpt.close()
-            writer.close()
+        while step < self.num_steps and not preempted:
+            state, metrics = self.train_step(state, next(self.data))
+            step += 1
+            reporter.submit(step, metrics)
+            preempted = preemption.reached(step)
+            last = preempted or step == self.num_steps
+            if last or self.ckpt.due(step):
+                reporter.flush()  # Never save a non-finite state.
+                self.ckpt.save(step, state, self.data, force=last)
+                reporter.timer.restart()  # Time training only.
+            if eval_every and step % eval_every == 0 and step != self.num_steps:
+                eval_metrics = self.evaluate_and_write(step, state, reporter)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if preempted:
+            log.warning("preempted: saved step %d; rerun the same command to resume.", step)
+        else:
+            eval_metrics = self.evaluate_and_write(step, state, reporter)
         return {"step": step, "preempted": preempted, "eval": eval_metrics}
+
+    def evaluate_and_write(self, step: int, state: TrainState,
+                           reporter: "_Reporter") -> dict[str, float]:
+        eval_metrics = self.evaluate(state.params)
+        self.writer.write(step, eval_metrics, prefix="eval/")
+        reporter.timer.restart()
+        return eval_metrics
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.writer.close()
 
 
 class _Reporter:
-    """Looks at one step's metrics: stops on a non-finite loss, writes every `log_every`."""
+    """Looks at each step's metrics: stops on a non-finite loss, writes every `log_every`.
+
+    `submit(step, metrics)` looks at the *previous* step's metrics and holds these:
+    reading them one step late keeps a step queued on the devices while the host
+    works. `flush()` looks at the held ones now (before a checkpoint is written, so a
+    saved state is always finite).
+    """
 
     def __init__(self, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
                  num_steps: int, log_every: int, on_nonfinite: str, peak: float | None,
@@ -177,8 +215,18 @@ class _Reporter:
         self.peak, self.flops, self.tokens = peak, flops_per_step, tokens_per_step
         self.timer = metrics_lib.StepTimer()
         self.skipped = 0
+        self._held: tuple[int, Mapping[str, jax.Array]] | None = None
 
-    def __call__(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    def submit(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        self.flush()  # Blocks on the previous step only.
+        self._held = (step, metrics)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._look(*held)
+
+    def _look(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
         values = _to_host(metrics)
         self.timer.step_done()
         if values.pop("finite") < 1.0:

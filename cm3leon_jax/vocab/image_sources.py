@@ -7,8 +7,8 @@ checkpoint continues with exactly the data it would have seen, and nothing is
 buffered or shuffled statefully. Sizes may differ from the tokenizer's: the
 trainer converts with the same rules as `ImageTokenizer.encode`.
 
-- `synthetic_images`: the synthetic shapes corpus; index i of split s is the
-  image of example i of split s of the `synthetic_shapes` TFDS dataset.
+- `cm3leon_jax.data.synthetic.synthetic_images` (data, handed in by the caller): the
+  synthetic shapes corpus; index i of split s is example i of split s of the corpus.
 - `folder_images`: a user's folder of pictures (any PIL-readable file, recursive),
   as random square crops, so a few large photos give many training images.
 - `array_images`: the same random crops of images already in memory.
@@ -33,30 +33,8 @@ _EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"
 
 
 def _rng(seed: int, name: str, index: int) -> np.random.Generator:
-    # The seeding of cm3leon_jax.data.synthetic_tfds.example_rng (kept in step so
-    # that split s / index i is the same scene here and in the TFDS dataset).
+    # A crop or an epoch order depends on (seed, what, index) only: random access.
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8")), index])
-
-
-@gin.configurable
-def synthetic_images(image_size: int = 64, split: str = "train", seed: int = 0,
-                     num_examples: int | None = None) -> ImageSource:
-    """Scenes of the synthetic corpus.
-
-    Args:
-      image_size: side of the rendered scenes (>= 32).
-      split: "train", "validation" or "test"; each split draws its own scenes.
-      seed: the corpus seed (0 for the registered TFDS configs).
-      num_examples: wrap around after this many (the TFDS split size), or None for
-        an endless stream of fresh scenes (what a tokenizer wants).
-    """
-    from cm3leon_jax.data import shapes  # the data layer; imported late to keep vocab light
-
-    def source(index: int) -> np.ndarray:
-        i = index % num_examples if num_examples else index
-        return shapes.render(shapes.sample_scene(_rng(seed, split, i), image_size))
-
-    return source
 
 
 def random_square_crop(image: np.ndarray, rng: np.random.Generator, image_size: int,

@@ -3,7 +3,8 @@
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/train_image_tokenizer.gin \
         --gin.MODEL_DIR="'runs/vq_tiny'"
 
-One step, data-parallel over a ('data',) mesh (batch sharded, weights replicated):
+One step, data-parallel over the shared mesh of `model/partitioning.py` (images
+split by the `batch` rule, weights replicated):
 
     images -> VQGAN -> reconstruction, codes
     generator loss = l1 * |x - x'| + l2 * (x - x')^2 + perceptual (pluggable, off)
@@ -15,8 +16,11 @@ One step, data-parallel over a ('data',) mesh (batch sharded, weights replicated
 
 Determinism: step s reads examples s*B .. s*B+B-1 of the image source and uses
 rng fold_in(seed, s), so a resumed run (from MODEL_DIR/checkpoints) continues the
-exact same run. TensorBoard: losses, PSNR, codebook usage, images/s, and a grid
-of originals over reconstructions.
+exact same run. The optimizer and the metrics writer are the decoder trainer's
+(`train/optimizer.py`, `train/metrics.py`); the loss, the model and the checkpoint
+layout (config + params the tokenizer loads, `vqgan_checkpoint.py`) are this
+file's. TensorBoard and MODEL_DIR/metrics.jsonl: losses, PSNR, codebook usage,
+images/s, and a grid of originals over reconstructions.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cm3leon_jax.model import partitioning
+from cm3leon_jax.train import metrics as metrics_lib, optimizer, step as step_lib
 from cm3leon_jax.vocab import image_inputs, quantizer, vqgan_checkpoint
-from cm3leon_jax.vocab.image_sources import ImageSource, synthetic_images
+from cm3leon_jax.vocab.image_sources import ImageSource
 from cm3leon_jax.vocab.image_tokenizer import images_to_model, model_to_images
 from cm3leon_jax.vocab.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig, init_key
@@ -71,11 +77,14 @@ def psnr(images: jax.Array, recon: jax.Array) -> jax.Array:
 
 def make_optimizer(learning_rate: float, warmup_steps: int, num_steps: int, b1: float, b2: float,
                    weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, warmup_steps), max(num_steps, warmup_steps + 1),
-        end_value=0.1 * learning_rate)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    """The shared builder (`train/optimizer.py`) with the tokenizer's settings: linear
+    warm-up, cosine decay to 10% of the peak, AdamW behind global-norm clipping."""
+    warmup = max(1, warmup_steps)
+    schedule = optimizer.warmup_then_decay(learning_rate, warmup, "cosine",
+                                           final_lr_fraction=0.1,
+                                           total_steps=max(num_steps, warmup_steps + 1))
+    # Decay (when weight_decay > 0) on every weight, as taming's GAN trainer does.
+    return optimizer.adamw(schedule, b1, b2, 1e-8, weight_decay, grad_clip, mask=None)
 
 
 class Trainer:
@@ -177,7 +186,8 @@ class Trainer:
 
         if self.ema_decay is not None:
             d = self.ema_decay
-            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+            ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema_params"],
+                                         params)
             # The codebook is not averaged: a restarted entry must move at once, and an
             # average of old and new entries matches neither the encoder nor the decoder.
             new["ema_params"] = {**ema, "quantize": params["quantize"]}
@@ -209,8 +219,8 @@ def load_batch(source: ImageSource, start: int, count: int, image_size: int) -> 
 def train_image_tokenizer(
     model_dir: str,
     config: VQGANConfig | None = None,
-    image_source: ImageSource | None = None,
-    eval_source: ImageSource | None = None,
+    image_source: ImageSource = gin.REQUIRED,
+    eval_source: ImageSource = gin.REQUIRED,
     num_steps: int = 1000,
     batch_size: int = 16,
     learning_rate: float = 2e-4,
@@ -240,9 +250,9 @@ def train_image_tokenizer(
     Args:
       model_dir: where checkpoints (MODEL_DIR/checkpoints) and TensorBoard go.
       config: the network (default: `VQGANConfig()` as bound by the size gin file).
-      image_source: `index -> uint8[h, w, 3]` (image_sources.py); default the
-        synthetic corpus' train split at config.image_size.
-      eval_source: held-out images for PSNR / usage; default the synthetic test split.
+      image_source: `index -> uint8[h, w, 3]` (image_sources.py), e.g. the synthetic
+        corpus' train split (`cm3leon_jax.data.synthetic.synthetic_images`).
+      eval_source: held-out images for PSNR / usage (e.g. the synthetic test split).
       num_steps, batch_size: global batch, split over all devices (must divide).
       learning_rate, warmup_steps, b1, b2, weight_decay, grad_clip: AdamW with
         linear warm-up and cosine decay to 10%; b1 0.5 / b2 0.9 as in taming's GAN.
@@ -262,115 +272,152 @@ def train_image_tokenizer(
       The final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
     """
     cfg = config or VQGANConfig()
-    source = image_source or synthetic_images(cfg.image_size, "train", seed)
-    eval_src = eval_source or synthetic_images(cfg.image_size, "test", seed)
-    weights = weights or VQGANLossWeights()
-    devices = jax.devices()
-    if batch_size % len(devices):
-        raise ValueError(f"batch_size={batch_size} does not split over {len(devices)} devices; "
-                         f"use a multiple of {len(devices)}")
-    # TODO(lead): switch to cm3leon_jax.model.partitioning.make_mesh once it lands.
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-
-    use_disc_ever = disc_start is not None
-    disc = (discriminator or PatchDiscriminator()) if use_disc_ever else None
-    lr_args = dict(warmup_steps=warmup_steps, num_steps=num_steps, b1=b1, b2=b2,
-                   weight_decay=weight_decay, grad_clip=grad_clip)
-    trainer = Trainer(
-        cfg, make_optimizer(learning_rate, **lr_args), weights, disc,
-        make_optimizer(disc_learning_rate or learning_rate, **lr_args) if disc else None,
-        ema_decay, usage_decay, restart_every, restart_threshold, seed)
-
-    init = jax.jit(trainer.init, out_shardings=replicated)
-    mngr = vqgan_checkpoint.manager(model_dir, max_to_keep=keep_checkpoints)
-    if mngr.latest_step() is not None:
-        abstract = jax.eval_shape(trainer.init, init_key(seed))
-        abstract = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-        state, start = vqgan_checkpoint.restore_state(mngr, abstract)
-        log.info("resumed from step %d of %s", start, model_dir)
-    else:
-        state, start = init(init_key(seed)), 0
-
-    steps = {flag: jax.jit(functools.partial(trainer.step, use_disc=flag), donate_argnums=0,
-                           out_shardings=(replicated, replicated))
-             for flag in ({False, True} if use_disc_ever else {False})}
-    evaluate = jax.jit(trainer.evaluate)
-    accumulate = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
-
-    writer = None
-    if write_tensorboard:
-        from clu import metric_writers  # imports TensorFlow: only when writing
-        writer = metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0)
-        writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
+    disc = (discriminator or PatchDiscriminator()) if disc_start is not None else None
+    opt = functools.partial(make_optimizer, warmup_steps=warmup_steps, num_steps=num_steps,
+                            b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip)
+    trainer = Trainer(cfg, opt(learning_rate), weights or VQGANLossWeights(), disc,
+                      opt(disc_learning_rate or learning_rate) if disc else None,
+                      ema_decay, usage_decay, restart_every, restart_threshold, seed)
+    run = _Run(model_dir, trainer, batch_size, disc_start, keep_checkpoints,
+               write_tensorboard)
+    run.writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
                               "batch_size": batch_size, "learning_rate": learning_rate,
                               "num_steps": num_steps})
+    try:
+        return run.train(image_source, num_steps, log_every, checkpoint_every, eval_every,
+                         functools.partial(run.evaluate, eval_source, eval_examples))
+    finally:
+        run.close()
 
-    def run_eval(step: int) -> dict[str, float]:
-        params = trainer.inference_params(state)
-        counts, psnrs, l1s, first = np.zeros(cfg.codebook_size, np.float32), [], [], None
-        for start_i in range(0, eval_examples, batch_size):
-            n = min(batch_size, eval_examples - start_i)
-            x = load_batch(eval_src, start_i, n, cfg.image_size)
-            out = evaluate(params, x)
-            counts = counts + np.asarray(out["code_counts"])
-            psnrs.append(float(out["psnr"]) * n)
-            l1s.append(float(out["l1"]) * n)
-            if first is None:
-                first = (x[:8], np.asarray(out["recon"])[:8])
-        stats = {k: float(v) for k, v in quantizer.codebook_stats(counts).items()}
-        result = {"eval/psnr": sum(psnrs) / eval_examples, "eval/l1": sum(l1s) / eval_examples,
-                  "eval/code_usage": stats["used_fraction"], "eval/perplexity": stats["perplexity"]}
-        if writer:
-            writer.write_scalars(step, result)
-            writer.write_images(step, {"originals_over_reconstructions": _grid(*first)[None]})
-        log.info("step %d eval %s", step, {k: round(v, 4) for k, v in result.items()})
-        return result
 
-    def save(step: int) -> None:
+class _Run:
+    """One tokenizer training run: mesh, jitted steps, checkpoints, metrics, the loop."""
+
+    def __init__(self, model_dir: str, trainer: Trainer, batch_size: int,
+                 disc_start: int | None, keep_checkpoints: int, write_tensorboard: bool):
+        self.trainer, self.cfg, self.batch_size = trainer, trainer.cfg, batch_size
+        self.disc_start = disc_start
+        devices = jax.devices()
+        if batch_size % len(devices):
+            raise ValueError(f"batch_size={batch_size} does not split over {len(devices)} "
+                             f"devices; use a multiple of {len(devices)}")
+        # The shared mesh (model/partitioning.py): images split by the `batch` rule,
+        # weights replicated (the tokenizer is small).
+        self.mesh = partitioning.make_mesh(devices=devices)
+        size = self.cfg.image_size
+        self.data_sharding = step_lib.batch_sharding(self.mesh, (batch_size, size, size, 3))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.steps = {flag: jax.jit(functools.partial(trainer.step, use_disc=flag),
+                                    donate_argnums=0,
+                                    out_shardings=(self.replicated, self.replicated))
+                      for flag in ({False, True} if disc_start is not None else {False})}
+        self.eval_step = jax.jit(trainer.evaluate)
+        self.window = _Window()
+        self.mngr = vqgan_checkpoint.manager(model_dir, max_to_keep=keep_checkpoints)
+        self.writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
+
+    def restore_or_init(self) -> tuple[dict[str, Any], int]:
+        """(state, step): the newest checkpoint's, else a fresh initialisation at step 0."""
+        key = init_key(self.trainer.seed)
+        if self.mngr.latest_step() is None:
+            return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0
+        abstract = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+            jax.eval_shape(self.trainer.init, key))
+        state, start = vqgan_checkpoint.restore_state(self.mngr, abstract)
+        log.info("resumed from step %d of %s", start, self.mngr.directory)
+        return state, start
+
+    def train(self, source: ImageSource, num_steps: int, log_every: int,
+              checkpoint_every: int, eval_every: int,
+              evaluate: Callable[[int, dict[str, Any]], dict[str, float]]) -> dict[str, float]:
+        """The loop: step, log, save, evaluate; then the final save and evaluation.
+
+        Step s reads examples s*B .. s*B+B-1 of `source`, so a resumed run sees
+        exactly the data the uninterrupted run would have.
+        """
+        state, start = self.restore_or_init()
+        last: dict[str, float] = {}
+        for step in range(start, num_steps):
+            x = jax.device_put(load_batch(source, step * self.batch_size, self.batch_size,
+                                          self.cfg.image_size), self.data_sharding)
+            use_disc = self.disc_start is not None and step >= self.disc_start
+            state, metrics = self.steps[use_disc](state, x)
+            self.window.add(metrics)
+            done = step + 1
+            if done % log_every == 0 or done == num_steps:
+                last = self.window.take(self.batch_size)
+                self.writer.write(done, last)
+            if done % checkpoint_every == 0 and done != num_steps:
+                self.save(done, state)
+            if eval_every and done % eval_every == 0 and done != num_steps:
+                evaluate(done, state)
+        if start < num_steps:
+            self.save(num_steps, state)
+        return {**last, **evaluate(num_steps, state)}
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
         # Host copies: the state is replicated, and saving device arrays would make
         # orbax compile a slice per parameter shape (minutes on a small CPU).
         host = jax.device_get(state)
-        vqgan_checkpoint.save(mngr, step, cfg, trainer.inference_params(host), host)
+        vqgan_checkpoint.save(self.mngr, step, self.cfg, self.trainer.inference_params(host),
+                              host)
 
-    window: dict[str, Any] = {}
-    t0, seen, last = time.perf_counter(), 0, {}
-    for step in range(start, num_steps):
-        x = jax.device_put(load_batch(source, step * batch_size, batch_size, cfg.image_size),
-                           data_sharding)
-        use_disc = use_disc_ever and step >= disc_start
-        state, metrics = steps[use_disc](state, x)
-        window = metrics if not window else accumulate(window, metrics)
-        seen += 1
-        if (step + 1) % log_every == 0 or step + 1 == num_steps:
-            w = jax.device_get(window)
-            counts = w.pop("code_counts")
-            restarted = w.pop("codes_restarted", 0.0)
-            last = {f"train/{k}": float(v) / seen for k, v in w.items()}
-            stats = quantizer.codebook_stats(counts)
-            dt = time.perf_counter() - t0
-            last.update({"train/code_usage": float(stats["used_fraction"]),
-                         "train/perplexity": float(stats["perplexity"]),
-                         "train/codes_restarted": float(restarted),
-                         "train/steps_per_s": seen / dt,
-                         "train/images_per_s": seen * batch_size / dt})
-            if writer:
-                writer.write_scalars(step + 1, last)
-            log.info("step %d %s", step + 1, {k: round(v, 4) for k, v in last.items()})
-            window, seen, t0 = {}, 0, time.perf_counter()
-        if (step + 1) % checkpoint_every == 0 and step + 1 != num_steps:
-            save(step + 1)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 != num_steps:
-            run_eval(step + 1)
+    def evaluate(self, source: ImageSource, num_examples: int, step: int,
+                 state: dict[str, Any]) -> dict[str, float]:
+        """PSNR, L1 and codebook use over the first `num_examples` images of `source`."""
+        params = self.trainer.inference_params(state)
+        counts = np.zeros(self.cfg.codebook_size, np.float32)
+        psnr_sum = l1_sum = 0.0
+        first = None
+        for start in range(0, num_examples, self.batch_size):
+            n = min(self.batch_size, num_examples - start)
+            x = load_batch(source, start, n, self.cfg.image_size)
+            out = self.eval_step(params, x)
+            counts = counts + np.asarray(out["code_counts"])
+            psnr_sum += float(out["psnr"]) * n
+            l1_sum += float(out["l1"]) * n
+            if first is None:
+                first = (x[:8], np.asarray(out["recon"])[:8])
+        stats = {k: float(v) for k, v in quantizer.codebook_stats(counts).items()}
+        result = {"eval/psnr": psnr_sum / num_examples, "eval/l1": l1_sum / num_examples,
+                  "eval/code_usage": stats["used_fraction"],
+                  "eval/perplexity": stats["perplexity"]}
+        self.writer.write(step, result)
+        self.writer.write_images(step, {"originals_over_reconstructions": _grid(*first)[None]})
+        return result
 
-    result = dict(last)
-    if start < num_steps:
-        save(num_steps)
-    result.update(run_eval(num_steps))
-    mngr.wait_until_finished()
-    mngr.close()
-    if writer:
-        writer.flush()
-        writer.close()
-    return result
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+class _Window:
+    """The metrics of the steps since the last log line, summed on the device."""
+
+    def __init__(self):
+        self._add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+        self._sum: dict[str, jax.Array] = {}
+        self._steps, self._start = 0, time.perf_counter()
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self._sum = metrics if not self._sum else self._add(self._sum, metrics)
+        self._steps += 1
+
+    def take(self, batch_size: int) -> dict[str, float]:
+        """Means over the window, codebook use and speed; starts a new window."""
+        w = jax.device_get(self._sum)
+        counts = w.pop("code_counts")
+        restarted = w.pop("codes_restarted", 0.0)
+        out = {f"train/{k}": float(v) / self._steps for k, v in w.items()}
+        stats = quantizer.codebook_stats(counts)
+        seconds = time.perf_counter() - self._start
+        out.update({"train/code_usage": float(stats["used_fraction"]),
+                    "train/perplexity": float(stats["perplexity"]),
+                    "train/codes_restarted": float(restarted),
+                    "train/steps_per_s": self._steps / seconds,
+                    "train/images_per_s": self._steps * batch_size / seconds})
+        self._sum, self._steps, self._start = {}, 0, time.perf_counter()
+        return out

@@ -14,7 +14,7 @@ TOY = [
     "train_image_tokenizer.num_steps=10", "train_image_tokenizer.eval_every=10",
     "train_image_tokenizer.checkpoint_every=10", "train_image_tokenizer.eval_examples=16",
     "train_retriever.steps=5", "train_retriever.warmup_steps=1",
-    "train_retriever.num_train=80", "train_retriever.num_test=20",
+    "train/synthetic_pairs.num=80", "test/synthetic_pairs.num=20",
     "train_retriever.batch_size=16",
     "preprocess.docs_per_shard=40", "preprocess.text_vocab_size=300",
     "train.num_steps=4", "train.eval_every=0", "train.eval_steps=1",

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from cm3leon_jax.data import augment
 from cm3leon_jax.data import cm3 as cm3_lib
-from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
 
@@ -92,7 +92,7 @@ def test_feature_converter_packs_tokens_and_weights_together():
     ex1 = (np.array([10, s0, 12, s0, 11, EOSS_ID], np.int32),
            np.array([1, 0, 1, 0, 1, 1], np.int32))
     ex2 = (np.array([20, 21, 22], np.int32), np.ones(3, np.int32))
-    out = list(CM3FeatureConverter(pack=True)(_dataset([ex1, ex2]), {"targets": 10})
+    out = list(CM3FeatureConverter(bos_id=EOS_ID, pack=True)(_dataset([ex1, ex2]), {"targets": 10})
                .as_numpy_iterator())
     assert len(out) == 1
     row = out[0]
@@ -106,6 +106,6 @@ def test_feature_converter_packs_tokens_and_weights_together():
 
 def test_feature_converter_unpacked_pads_each_example():
     ex = (np.array([20, 21, 22], np.int32), np.array([1, 0, 1], np.int32))
-    (row,) = CM3FeatureConverter(pack=False)(_dataset([ex]), {"targets": 5}).as_numpy_iterator()
+    (row,) = CM3FeatureConverter(bos_id=EOS_ID, pack=False)(_dataset([ex]), {"targets": 5}).as_numpy_iterator()
     np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 20, 21, 0, 0])
     np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 0])

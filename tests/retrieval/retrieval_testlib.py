@@ -5,7 +5,8 @@ without clashing with tests/conftest.py."""
 
 import numpy as np
 
-from cm3leon_jax.retrieval import build, clip
+from cm3leon_jax.data.synthetic import synthetic_documents
+from cm3leon_jax.retrieval import clip
 from cm3leon_jax.retrieval.select import SelectionConfig
 
 NUM_DOCS = 240
@@ -23,7 +24,7 @@ def small_config() -> clip.ClipConfig:
 
 def documents_with_tokens(**kwargs):
     """The synthetic corpus with stand-in token ids (the tokenized corpus is another job's)."""
-    for d in build.synthetic_documents(**kwargs):
+    for d in synthetic_documents(**kwargs):
         d.tokens = np.arange(int(d.doc_id[-3:]) % 7 + 2, dtype=np.int32) + 100
         yield d
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from cm3leon_jax.data.synthetic import synthetic_pairs
 from cm3leon_jax.retrieval import clip, clip_train
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 
@@ -13,9 +14,11 @@ def test_short_training_run_learns_and_saves(tmp_path):
                           vision_heads=2, vision_mlp=96, vocab_size=1024, context_length=32,
                           text_width=48, text_layers=1, text_heads=2, text_mlp=96,
                           eos_token_id=1023, projection_dim=32)
-    m = clip_train.train_retriever(str(tmp_path), cfg, steps=40, batch_size=32,
-                                   learning_rate=3e-3, warmup_steps=5, num_train=300,
-                                   num_test=64, image_size=32, log_every=20)
+    m = clip_train.train_retriever(str(tmp_path), cfg,
+                                   train_pairs=synthetic_pairs("train", 300, 32),
+                                   test_pairs=synthetic_pairs("test", 64, 32), steps=40,
+                                   batch_size=32, learning_rate=3e-3, warmup_steps=5,
+                                   log_every=20)
     # InfoNCE at chance is ln(batch) = 3.47; the run must get well below it.
     assert m["final_loss"] < np.log(32) - 1.0, m["history"]
     chance = 5 / 64
@@ -23,7 +26,7 @@ def test_short_training_run_learns_and_saves(tmp_path):
     saved = json.load(open(tmp_path / "retriever_metrics.json"))
     assert saved["text_to_image_recall@1"] == m["text_to_image_recall@1"]
     enc = DocumentEncoder.load(str(tmp_path / "encoder"))
-    images, captions = clip_train.synthetic_pairs("test", 64, 32)
+    images, captions = synthetic_pairs("test", 64, 32)
     again = clip_train.evaluate(enc, images, captions)
     np.testing.assert_allclose(again["text_to_image_recall@5"], m["text_to_image_recall@5"])
 

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from cm3leon_jax.retrieval import build, neighbours
+from cm3leon_jax.data.synthetic import synthetic_documents
+from cm3leon_jax.retrieval import neighbours
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
@@ -17,7 +18,7 @@ from retrieval_testlib import NUM_DOCS, SELECTION
 
 @pytest.fixture(scope="module")
 def docs():
-    return list(build.synthetic_documents(num=12))
+    return list(synthetic_documents(num=12))
 
 
 def test_document_vector_is_mean_of_normalised_embeddings(encoder_dir, docs):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cm3leon_jax.retrieval import build, load_test
+from cm3leon_jax.data.synthetic import synthetic_documents
+from cm3leon_jax.retrieval import load_test
 from cm3leon_jax.retrieval.client import RetrievalClient, encode_png
 from cm3leon_jax.retrieval.load_test import ServerProcess
 from cm3leon_jax.retrieval.retriever import Retriever
@@ -35,7 +36,7 @@ def http(retriever):
 
 @pytest.fixture(scope="module")
 def doc():
-    return next(build.synthetic_documents(split="test", num=1))
+    return next(synthetic_documents(split="test", num=1))
 
 
 def exact_search(bank, vectors, k, exclude_doc_ids=None):
@@ -165,7 +166,7 @@ def _short_load(server, retriever, doc):
 @pytest.mark.slow
 def test_load_on_loopback_has_no_errors_and_loses_nothing(retrieval_dir, retriever, doc):
     vectors = retriever.bank.vectors(np.arange(64))
-    texts = [d.text for d in build.synthetic_documents(split="test", num=16) if d.text]
+    texts = [d.text for d in synthetic_documents(split="test", num=16) if d.text]
     make = load_test.mixed_requests(load_test.vector_requests(vectors, k=3),
                                     load_test.text_requests(texts), load_test.image_requests([doc.image]))
     with ServerProcess(retrieval_dir, SERVE_BINDINGS) as server:

@@ -8,9 +8,10 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import shards
-from cm3leon_jax.data.feature_converter import CM3FeatureConverter
+from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.document import Document, Image, Text
+from cm3leon_jax.vocab.layout import EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
@@ -52,7 +53,7 @@ def _batches(task, split="train", seed=3, pack=True, seq_len=SEQ_LEN):
     ds = seqio.get_dataset(
         task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
         shuffle=True, seed=seed, num_epochs=1,
-        feature_converter=CM3FeatureConverter(pack=pack))
+        feature_converter=CM3FeatureConverter(bos_id=EOS_ID, pack=pack))
     return list(ds.as_numpy_iterator())
 
 

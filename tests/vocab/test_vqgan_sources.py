@@ -1,21 +1,12 @@
-"""Image sources for tokenizer training: deterministic, random access, any folder."""
+"""Image sources for tokenizer training: deterministic, random access, any folder.
+
+The synthetic corpus's source is data: tests/data/test_synthetic.py."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.data import synthetic_tfds
 from cm3leon_jax.vocab import image_sources
-
-
-def test_synthetic_images_are_the_corpus_images():
-    src = image_sources.synthetic_images(32, "test")
-    cfg = synthetic_tfds.make_config(32)
-    for i in (0, 7):
-        np.testing.assert_array_equal(src(i), synthetic_tfds.make_example(cfg, "test", i)["image"])
-    assert not np.array_equal(src(0), image_sources.synthetic_images(32, "train")(0))
-    np.testing.assert_array_equal(image_sources.synthetic_images(32, "test", num_examples=5)(6),
-                                  src(1))
 
 
 def test_folder_images(tmp_path):

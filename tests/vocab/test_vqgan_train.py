@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3leon_jax.vocab import image_sources, vqgan_checkpoint
+from cm3leon_jax.data.synthetic import synthetic_images
+from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab import vqgan_train as vt
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.patch_discriminator import PatchDiscriminator
@@ -94,7 +95,7 @@ def test_resume_is_exact_and_tensorboard_has_images(tmp_path):
     kw = dict(TRAIN_KW, restart_every=2, disc_start=1, log_every=2, ema_decay=0.9,
               discriminator=PatchDiscriminator(channels=8, num_layers=2, num_groups=4))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    src = image_sources.synthetic_images(32, "train")
+    src = synthetic_images(32, "train")
     vt.train_image_tokenizer(a, image_source=src, eval_source=src, num_steps=4,
                              **dict(kw, write_tensorboard=True))
     vt.train_image_tokenizer(b, image_source=src, eval_source=src, num_steps=2, **kw)

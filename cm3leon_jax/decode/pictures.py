@@ -1,4 +1,8 @@
-"""Picture grids for people to look at: images in rows, optional captions under them."""
+"""Picture grids for people to look at: images in rows, optional captions under them.
+
+Decode level (not evaluation): the generate mode writes its samples with it, and
+everything above (evaluation, the demo) may use it too.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def grid(images: np.ndarray, captions: Sequence[str] | None, path: str, *,
     cell_w, img_h = w * scale, h * scale
     font = ImageFont.load_default()
     lines = [textwrap.wrap(c, caption_chars)[:4] for c in captions] if captions else None
-    text_h = 12 * max((len(l) for l in lines), default=0) + 4 if lines else 0
+    text_h = 12 * max((len(wrapped) for wrapped in lines), default=0) + 4 if lines else 0
     rows = -(-n // columns)
     canvas = Image.new("RGB", (columns * (cell_w + 4), rows * (img_h + text_h + 4)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -38,10 +42,3 @@ def grid(images: np.ndarray, captions: Sequence[str] | None, path: str, *,
     canvas.save(path)
     return path
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean PSNR in dB over a batch of uint8 images (per-image, then averaged)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))

@@ -13,8 +13,9 @@ Task features: `targets` (int32 ids after the CM3 transform) and
     decoder_positions       0  1  2  3  4  5          0     1  2  0
 
 Inputs are the targets shifted right within each segment, starting with
-`<eos>`: the same token that opens a zero-shot prompt (`<eos> caption
-<break>`), so training and inference see the same first token. Examples are
+`bos_id`, which the trainer sets to the task vocabulary's `eos_id` (`<eos>`):
+the same token that opens a zero-shot prompt (`<eos> caption <break>`), so
+training and inference see the same first token. Examples are
 never split across rows (seqio packing places whole examples; `augment.py`
 guarantees each fits).
 """
@@ -25,8 +26,6 @@ from typing import Mapping
 
 import seqio
 import tensorflow as tf
-
-from cm3leon_jax.vocab.layout import EOS_ID
 
 FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
@@ -49,8 +48,8 @@ class CM3FeatureConverter(seqio.FeatureConverter):
         "decoder_positions": tf.int32,
     }
 
-    def __init__(self, pack: bool = True, **kwargs):
-        super().__init__(pack=pack, bos_id=EOS_ID, **kwargs)
+    def __init__(self, *, bos_id: int, pack: bool = True, **kwargs):
+        super().__init__(pack=pack, bos_id=bos_id, **kwargs)
 
     def __call__(self, ds: tf.data.Dataset,
                  task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:

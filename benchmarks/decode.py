@@ -1,0 +1,290 @@
+r"""The sampler on this CPU against `transformers` generate, and against the memory roofline.
+
+    .venv/bin/python benchmarks/decode.py [--trials=3] [--parts=main,bf16,cfg,image,prefill] \
+        [--json=out.json]
+
+The settings of issue 14: a CM3Leon-architecture decoder (d 512, 8 layers, 8 heads of
+64, GELU MLP 2048, vocabulary 9216, tied embeddings), batch 4, a 32-token prompt, 256
+new tokens, top-p 0.9, float32, the same random weights in both (copied with
+`model/hf_weights.py`). Measured in one process, interleaved trial by trial (the host
+is shared; only ratios within a trial mean much), medians and [min, max] reported:
+
+  * main: our `sampler.sample` (prefill + the whole loop in one jit; `DecoderStep`, and
+    the previous path through the scanned `Decoder(decode=True)`) against
+    `transformers` `OPTForCausalLM.generate(do_sample=True, top_p=0.9, top_k=0)` with
+    its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
+  * roofline: a decode step must read every weight (the position table aside) and the
+    KV cache written so far; over the streaming-read rate measured in the same trial
+    (the best of numpy, torch and XLA summing a 512 MiB array) that bounds tokens/s.
+  * bf16: the same with bfloat16 weights and activations (ours and the peer's).
+  * cfg: classifier-free guidance (a second, unconditional stream of 4 rows): its time
+    over the unguided time.
+  * image: one 1024-code image with CFG (2 streams of 1 row) from `small.gin`
+    (position table 1088 long so that prompt + 1024 codes fit).
+  * prefill: a text-to-image prompt with 2 retrieved documents (each 16 text tokens,
+    `<break>`, 1024 codes, `<eos>`), 2,098 tokens, through the prefill of the d512 model.
+Peak memory: XLA's `memory_analysis()` of the compiled sampler (arguments + outputs +
+temporaries) and the process's peak RSS. Results and commands: benchmarks/RESULTS_decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Idle torch threads must not spin.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import flax.linen as nn  # noqa: E402
+import gin  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cm3leon_jax.decode import processors as proc  # noqa: E402
+from cm3leon_jax.decode import sampler  # noqa: E402
+from cm3leon_jax.model import hf_weights  # noqa: E402
+from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
+from cm3leon_jax.model.decoder import Decoder, abstract_variables, init_cache  # noqa: E402
+from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
+
+PAUSE_S = 0.3
+BENCH = DecoderConfig(vocab_size=9216, num_layers=8, d_model=512, num_heads=8, mlp_dim=2048,
+                      max_length=4096)
+
+
+def random_params(config: DecoderConfig, seed: int = 0) -> dict:
+    """Every weight random (fresh init zeroes the output projections), ~N(0, 1/d)."""
+    shapes = nn.unbox(abstract_variables(config)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)
+                                              / np.sqrt(config.d_model)), shapes)
+
+
+def cast(params, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def timed(fn) -> float:
+    time.sleep(PAUSE_S)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- the streaming-read rate and the roofline ---------------------------------------------
+
+def stream_rates(mib: int = 512) -> dict[str, float]:
+    """Bytes/s reading a `mib` MiB float32 array once, best of 3, by three readers."""
+    import torch
+    n = mib * 2 ** 20 // 4
+    x_np = np.ones(n, np.float32)
+    x_jax = jnp.asarray(x_np)
+    x_torch = torch.from_numpy(x_np)
+    jax_sum = jax.jit(jnp.sum)
+    jax_sum(x_jax).block_until_ready()
+    readers = {"numpy": lambda: x_np.sum(), "torch": lambda: float(x_torch.sum()),
+               "xla": lambda: jax_sum(x_jax).block_until_ready()}
+    return {name: n * 4 / min(timed(f) for _ in range(3)) for name, f in readers.items()}
+
+
+def bytes_per_step(config: DecoderConfig, params, batch: int, prompt: int, new: int,
+                   kv_bytes: int) -> float:
+    """Weights (the position table aside) + the mean KV cache written so far, per step."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    weights -= config.max_length * config.d_model * jax.tree.leaves(params)[0].dtype.itemsize \
+        if config.position_embedding == "learned" else 0
+    mean_context = prompt + (new - 1) / 2
+    kv = 2 * config.num_layers * batch * mean_context * config.kv_heads * \
+        config.dims_per_head * kv_bytes
+    return weights + kv
+
+
+# -- the two samplers ----------------------------------------------------------------------
+
+class Ours:
+    """`sampler.sample` with top-p 0.9 (optionally CFG), compiled once, timed per call."""
+
+    def __init__(self, config, params, prompts, new, cfg=False, model=DecoderStep):
+        self.model, self.params, self.new = model(config), params, new
+        self.prompts = np.concatenate([prompts, prompts[:, -1:].repeat(prompts.shape[1], 1)]) \
+            if cfg else prompts
+        chain = (proc.ClassifierFreeGuidance(3.0),) if cfg else ()
+        self.kwargs = dict(max_new_tokens=new, processors=chain + (proc.TopP(0.9),),
+                           num_streams=2 if cfg else 1)
+        self.run()  # Compile.
+
+    def run(self):
+        out = sampler.sample(self.model, self.params, self.prompts,
+                             jax.random.key(0), **self.kwargs)
+        out.tokens.block_until_ready()
+        assert int(np.asarray(out.lengths).min()) == self.new
+        return out
+
+    def memory(self) -> dict[str, float]:
+        fn = sampler._compiled(self.model, False, self.kwargs["num_streams"], self.new)
+        batch = self.prompts.shape[0] // self.kwargs["num_streams"]
+        stats = fn.lower(self.params, jnp.asarray(self.prompts), jax.random.key(0),
+                         jnp.arange(batch, dtype=jnp.uint32), self.kwargs["processors"],
+                         None).compile().memory_analysis()
+        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                 + stats.temp_size_in_bytes)
+        return {"xla_total_mib": total / 2 ** 20,
+                "xla_temp_mib": stats.temp_size_in_bytes / 2 ** 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannedDecoder:
+    """The previous decode path: `Decoder(decode=True)` (scanned layers, stacked cache)."""
+
+    config: DecoderConfig
+
+    def init_cache(self, rows, length):
+        return init_cache(Decoder(self.config), rows, length)
+
+    def __call__(self, params, cache, tokens, segment_ids, positions):
+        logits, new = Decoder(self.config).apply({"params": params, "cache": cache}, tokens,
+                                                 segment_ids, positions, decode=True,
+                                                 mutable=["cache"])
+        return logits[:, -1], new["cache"]
+
+
+class HF:
+    """`OPTForCausalLM.generate` with the same weights, sampling top-p 0.9, KV cache on."""
+
+    def __init__(self, config, params, prompts, new, dtype="float32"):
+        import torch
+        import transformers
+        self.torch, self.new = torch, new
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+                **hf_weights.hf_config_kwargs(config, "opt"))).eval()
+        sd = {k: torch.from_numpy(np.array(v, np.float32))
+              for k, v in hf_weights.to_hf(cast(params, jnp.float32), config, "opt").items()}
+        model.load_state_dict(sd, strict=False)
+        self.model = model.to(getattr(torch, dtype))
+        self.prompts = torch.from_numpy(prompts.astype(np.int64))
+        self.run()  # Warm up.
+
+    def run(self):
+        with self.torch.no_grad():
+            self.torch.manual_seed(0)
+            out = self.model.generate(self.prompts, attention_mask=self.torch.ones_like(
+                    self.prompts), do_sample=True, top_p=0.9, top_k=0, max_new_tokens=self.new,
+                    min_new_tokens=self.new, pad_token_id=1)
+        assert out.shape[1] == self.prompts.shape[1] + self.new
+        return out
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# -- the parts -----------------------------------------------------------------------------
+
+def main_parts(args, parts) -> dict:
+    """main / bf16 / cfg: ours and the peer interleaved, trial by trial."""
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, BENCH.vocab_size, (args.batch, args.prompt)).astype(np.int32)
+    params = random_params(BENCH)
+    tokens = args.batch * args.new
+    runners = {"ours_f32": Ours(BENCH, params, prompts, args.new),
+               "hf_f32": HF(BENCH, params, prompts, args.new),
+               "scanned_f32": Ours(BENCH, params, prompts, args.new, model=ScannedDecoder)}
+    if "bf16" in parts:
+        bf = BENCH.replace(dtype="bfloat16", param_dtype="bfloat16")
+        runners["ours_bf16"] = Ours(bf, cast(params, jnp.bfloat16), prompts, args.new)
+        runners["hf_bf16"] = HF(BENCH, params, prompts, args.new, dtype="bfloat16")
+    if "cfg" in parts:
+        runners["ours_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True)
+    need_f32 = bytes_per_step(BENCH, params, args.batch, args.prompt, args.new, 4)
+    need_bf16 = bytes_per_step(BENCH, cast(params, jnp.bfloat16), args.batch, args.prompt,
+                               args.new, 2)
+    trials = []
+    for t in range(args.trials):
+        row = {name: tokens / timed(r.run) for name, r in runners.items()}
+        rate = max(stream_rates().values())
+        row["stream_gb_s"] = rate / 1e9
+        row["roofline_f32"] = args.batch * rate / need_f32
+        row["roofline_bf16"] = args.batch * rate / need_bf16
+        row["speedup_f32"] = row["ours_f32"] / row["hf_f32"]
+        row["of_roofline_f32"] = row["ours_f32"] / row["roofline_f32"]
+        row["speedup_vs_scanned"] = row["ours_f32"] / row["scanned_f32"]
+        if "bf16" in parts:
+            row["speedup_bf16_vs_hf_f32"] = row["ours_bf16"] / row["hf_f32"]
+            row["speedup_bf16_vs_hf_bf16"] = row["ours_bf16"] / row["hf_bf16"]
+            row["of_roofline_bf16"] = row["ours_bf16"] / row["roofline_bf16"]
+        if "cfg" in parts:
+            row["cfg_cost"] = row["ours_f32"] / row["ours_f32_cfg"]
+        print(f"trial {t}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
+        trials.append(row)
+    out = {k: summary([r[k] for r in trials]) for k in trials[0]}
+    out["memory"] = {name: r.memory() for name, r in runners.items() if isinstance(r, Ours)}
+    out["bytes_per_step_mb"] = {"f32": need_f32 / 1e6, "bf16": need_bf16 / 1e6}
+    return out
+
+
+def image_part(args) -> dict:
+    """One 1024-code image with CFG from `small` (2 streams of 1 row), seconds."""
+    gin.clear_config()
+    gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "small.gin"))
+    config = DecoderConfig().replace(max_length=1088)
+    gin.clear_config()
+    prompts = np.random.default_rng(1).integers(4, config.vocab_size, (1, 32)).astype(np.int32)
+    runner = Ours(config, random_params(config), prompts, 1024, cfg=True)
+    seconds = [timed(runner.run) for _ in range(args.trials)]
+    return {"seconds_per_image": summary(seconds), "memory": runner.memory()}
+
+
+def prefill_part(args) -> dict:
+    """Tokens/s of the prefill of a 2-retrieved-document prompt (2,098 tokens), d512 model."""
+    doc = [5] * 16 + [3] + [600] * 1024 + [2]
+    length = 2 * len(doc) + 16 + 1
+    prompts = jnp.asarray(np.random.default_rng(2).integers(4, BENCH.vocab_size, (1, length)),
+                          jnp.int32)
+    model, params = DecoderStep(BENCH), random_params(BENCH)
+    ones = jnp.ones_like(prompts)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    prefill = jax.jit(lambda p, t: model(p, model.init_cache(1, length + 1024), t, ones,
+                                         positions)[0])
+    prefill(params, prompts).block_until_ready()
+    seconds = [timed(lambda: prefill(params, prompts).block_until_ready())
+               for _ in range(args.trials)]
+    return {"prompt_tokens": length, "seconds": summary(seconds),
+            "tokens_per_s": summary([length / s for s in seconds])}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--parts", default="main,bf16,cfg,image,prefill")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    result = {"args": vars(args), "devices": str(jax.devices())}
+    if "main" in parts:
+        result["main"] = main_parts(args, parts)
+    if "image" in parts:
+        result["image"] = image_part(args)
+    if "prefill" in parts:
+        result["prefill"] = prefill_part(args)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""One output shard of preprocessing: its files, its state, and the atomic write.
+
+A shard of DATA (the preprocess output folder) is a set of files beside each other:
+
+    {split}-NNNNN-of-MMMMM.tfrecord            the records (shards.py)
+    ...tfrecord.stats.json                     pass 1 done: the shard is `written`
+    ...tfrecord.queries.npz                    pass 1's vectors of a non-bank shard
+    DATA/retrieval/memory_bank/shard-NNNNN     pass 1's vectors of a bank shard
+    ...tfrecord.neighbours.json                pass 2 done: its `neighbours` are in
+
+so a shard's state is read from which files exist, in that order:
+
+    nothing -> written (-> vectors, when retrieval is on) -> neighbours
+
+Every file is written by `atomic_write` (a temporary file, then a rename), so a
+killed run leaves each file whole or absent, and a rerun redoes exactly the
+shards whose marker is missing. Rewriting an earlier state forgets the later
+ones (`forget_neighbours`): neighbours point at bank rows and records that a
+rewrite may move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from cm3leon_jax.data import shards
+from cm3leon_jax.retrieval import memory_bank
+
+STATS = ".stats.json"
+QUERIES = ".queries.npz"
+NEIGHBOURS = ".neighbours.json"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any, indent: int | None = None) -> None:
+    """`obj` as JSON at `path`, atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def retrieval_dir(data_dir: str) -> str:
+    """DATA/retrieval: the bank, its index and retrieval.json (a servable retriever folder)."""
+    return os.path.join(data_dir, "retrieval")
+
+
+def bank_dir(data_dir: str) -> str:
+    return os.path.join(retrieval_dir(data_dir), "memory_bank")
+
+
+def forget_neighbours(data_dir: str) -> None:
+    """Every shard back to `written`: their neighbours came from a bank that changed."""
+    for marker in glob.glob(os.path.join(data_dir, "*" + NEIGHBOURS)):
+        os.remove(marker)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFiles:
+    """The files of shard `index` of `num_shards` of `split` under `data_dir`."""
+
+    data_dir: str
+    split: str
+    index: int
+    num_shards: int
+
+    @classmethod
+    def of(cls, data_dir: str, spec) -> "ShardFiles":
+        """The files of a `preprocess.ShardSpec` (anything with split, index, num_shards)."""
+        return cls(data_dir, spec.split, spec.index, spec.num_shards)
+
+    @property
+    def records(self) -> str:
+        return shards.shard_path(self.data_dir, self.split, self.index, self.num_shards)
+
+    @property
+    def stats(self) -> str:
+        return self.records + STATS
+
+    @property
+    def queries(self) -> str:
+        return self.records + QUERIES
+
+    @property
+    def neighbours(self) -> str:
+        return self.records + NEIGHBOURS
+
+    @property
+    def bank_shard(self) -> str:
+        return os.path.join(bank_dir(self.data_dir), memory_bank.shard_name(self.index))
+
+    # States.
+    def is_written(self) -> bool:
+        return os.path.exists(self.stats)
+
+    def has_vectors(self, in_bank: bool) -> bool:
+        """Whether pass 1 stored the vectors (a shard that wrote no document has none)."""
+        return os.path.isdir(self.bank_shard) if in_bank else os.path.exists(self.queries)
+
+    def has_neighbours(self) -> bool:
+        return os.path.exists(self.neighbours)
+
+    # Pass 1.
+    def write_records(self, docs) -> int:
+        """Writes the shard's `shards.TokenizedDocument`s atomically; returns how many."""
+        with atomic_write(self.records) as tmp:
+            return shards.write_records(docs, tmp)
+
+    def write_stats(self, stats: dict) -> None:
+        """Marks the shard written (last, after its records and vectors)."""
+        write_json(self.stats, stats)
+
+    def read_stats(self) -> dict:
+        return read_json(self.stats)
+
+    def write_queries(self, doc_ids: list[str], vectors: np.ndarray) -> None:
+        """A non-bank shard's clean vectors f32[n, d], with their documents' ids."""
+        with atomic_write(self.queries) as tmp, open(tmp, "wb") as f:
+            np.savez(f, doc_ids=np.asarray(doc_ids, np.str_), vectors=vectors)
+
+    def read_queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids str[n], vectors f32[n, d]) written by `write_queries`."""
+        with np.load(self.queries) as z:
+            return z["doc_ids"], z["vectors"]
+
+    # Pass 2.
+    def forget_neighbours(self) -> None:
+        """Back to before pass 2 (its records are about to be rewritten)."""
+        if os.path.exists(self.neighbours):
+            os.remove(self.neighbours)
+
+    def write_neighbours(self, stats: dict) -> None:
+        """Marks pass 2 done (after the records with neighbours are in place)."""
+        write_json(self.neighbours, stats)
+
+    def read_neighbours(self) -> dict:
+        return read_json(self.neighbours)
