@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import gin
 from absl import logging as absl_logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,21 +49,21 @@ class ConfigError(Exception):
 def run(mode: Callable[..., object] = gin.REQUIRED,
         model_dir: str = gin.REQUIRED):
     """Writes the resolved config to `model_dir`, then calls the chosen mode."""
-    os.makedirs(model_dir, exist_ok=True)
-    _write_config(os.path.join(model_dir, "config.gin"), gin.config_str())
+    fs.makedirs(model_dir)
+    _write_config(fs.join(model_dir, "config.gin"), gin.config_str())
     return mode(model_dir=model_dir)
 
 
 def _write_config(path: str, text: str) -> None:
     """Writes `text` to `path`, first moving a different earlier config to config.<n>.gin."""
-    if os.path.exists(path):
-        with open(path) as f:
+    if fs.exists(path):
+        with fs.open(path) as f:
             if f.read() != text:
                 n = 1
-                while os.path.exists(f"{path[:-len('.gin')]}.{n}.gin"):
+                while fs.exists(f"{path[:-len('.gin')]}.{n}.gin"):
                     n += 1
-                os.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
-    with open(path, "w") as f:
+                fs.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
+    with fs.open(path, "w") as f:
         f.write(text)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import gin
 import seqio
 
+from cm3leon_jax import fs
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
 from cm3leon_jax.model.config import DecoderConfig
@@ -46,10 +47,10 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
     mine = task_vocab_dir(task)
     for name in VOCAB_FILES:
         a, b = os.path.join(base_vocab_dir, name), os.path.join(mine, name)
-        if not os.path.exists(a):
+        if not fs.exists(a):
             raise FileNotFoundError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "
                                     "the vocab/ folder of the base model's pretraining data.")
-        if not os.path.exists(b) or not filecmp.cmp(a, b, shallow=False):
+        if not fs.exists(b) or not filecmp.cmp(a, b, shallow=False):
             raise ValueError(f"vocabulary mismatch: the base model's {base_vocab_dir!r} and the "
                              f"SFT task {task!r}'s {mine!r} differ ({name}); run sft_preprocess "
                              "with the base model's pretraining vocabulary.")
@@ -58,10 +59,10 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
 def base_decoder_bindings(base_model_dir: str) -> dict[str, Any] | None:
     """`DecoderConfig` fields bound in the base run's config.gin (None: it has none)."""
     path = os.path.join(base_model_dir, "config.gin")
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return None
     out = {}
-    with open(path) as f:
+    with fs.open(path) as f:
         for line in f:
             if m := _BINDING.match(line.strip()):
                 try:
@@ -102,7 +103,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
       base_step: which base checkpoint (None: the newest).
     Returns: the trainer's result.
     """
-    if os.path.abspath(model_dir) == os.path.abspath(base_model_dir):
+    if fs.abspath(model_dir) == fs.abspath(base_model_dir):
         raise ValueError(f"sft MODEL_DIR {model_dir!r} is the base run's folder; give the "
                          "fine-tuned run a folder of its own (the base stays untouched).")
     config = DecoderConfig()

@@ -39,6 +39,7 @@ import gin
 import numpy as np
 from absl import logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.shard_state import ShardFiles
@@ -78,9 +79,9 @@ class TfdsSource:
         """What the source itself rejected while it was built (user data's
         report.json: missing, corrupt or truncated image files, ...), if any."""
         path = os.path.join(self.builder_fn().data_path, "report.json")
-        if not os.path.exists(path):
+        if not fs.exists(path):
             return None
-        with open(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
 
     def read(self, split: str, start: int, stop: int) -> Iterator[RawPair]:
@@ -378,7 +379,7 @@ def preprocess(model_dir: str,
     """
     vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
-    if not os.path.exists(os.path.join(vocab_dir, "layout.json")):
+    if not fs.exists(os.path.join(vocab_dir, "layout.json")):
         train_vocabulary(source, image_tokenizer, vocab_dir,
                          text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
     vocab = MultimodalVocabulary(vocab_dir)

@@ -36,6 +36,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import shards
 from cm3leon_jax.data.shard_state import (
     ShardFiles, bank_dir, forget_neighbours, read_json, retrieval_dir, write_json)
@@ -115,16 +116,16 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     """Finalizes the bank and indexes it (unless nothing changed); returns retrieval.json."""
     out = retrieval_dir(data_dir)
     meta_path = os.path.join(out, RETRIEVAL_JSON)
-    if not bank_changed and os.path.exists(meta_path):
+    if not bank_changed and fs.exists(meta_path):
         return read_json(meta_path)
-    if not os.path.isdir(bank_dir(data_dir)):
+    if not fs.isdir(bank_dir(data_dir)):
         raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
                          "memory bank to retrieve from; check the manifest's skip counts.")
     start = time.time()
     manifest = memory_bank.finalize(bank_dir(data_dir))
     bank = memory_bank.MemoryBank(bank_dir(data_dir))
     index_info = build.build_index(bank, os.path.join(out, "index"), config.index)
-    summary = {"encoder_dir": os.path.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
+    summary = {"encoder_dir": fs.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}

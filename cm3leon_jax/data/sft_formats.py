@@ -36,6 +36,7 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_preprocess import Skipped
@@ -58,10 +59,10 @@ class _Skip(Exception):
 
 
 def _read_json(path: str, what: str) -> Any:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist.")
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path!r} is not valid JSON ({e.msg}, line {e.lineno}); "
@@ -70,10 +71,10 @@ def _read_json(path: str, what: str) -> Any:
 
 def load_image(path: str) -> np.ndarray:
     """uint8[h, w, 3], or `_Skip('missing_image' | 'corrupt_image')`."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise _Skip("missing_image")
     try:
-        with PILImage.open(path) as image:
+        with fs.open(path, "rb") as f, PILImage.open(f) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError):
         raise _Skip("corrupt_image") from None
@@ -98,10 +99,10 @@ class InstructPix2PixJsonl:
     path: str
 
     def records(self) -> list[Record]:
-        if not os.path.exists(self.path):
+        if not fs.exists(self.path):
             raise FileNotFoundError(f"InstructPix2Pix file {self.path!r} does not exist.")
-        root, out = os.path.dirname(os.path.abspath(self.path)), []
-        with open(self.path) as f:
+        root, out = os.path.dirname(fs.abspath(self.path)), []
+        with fs.open(self.path) as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -304,15 +305,15 @@ class ConditionFolder:
 
     def records(self) -> list[Record]:
         image_dir = os.path.join(self.root, "image")
-        if not os.path.isdir(image_dir):
+        if not fs.isdir(image_dir):
             raise FileNotFoundError(f"condition folder {self.root!r} has no image/ folder; "
                                     "see ConditionFolder's docstring for the layout.")
-        names = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir)
+        names = sorted(os.path.splitext(f)[0] for f in fs.listdir(image_dir)
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         out = []
         for condition in sft_prompts.CONDITIONS:
             folder = os.path.join(self.root, condition)
-            if not os.path.isdir(folder):
+            if not fs.isdir(folder):
                 continue
             for name in names:
                 doc_id = f"condition:{condition}:{name}"
@@ -323,18 +324,18 @@ class ConditionFolder:
     def _find(self, folder: str, name: str) -> str:
         for ext in IMAGE_EXTENSIONS:
             path = os.path.join(self.root, folder, name + ext)
-            if os.path.exists(path):
+            if fs.exists(path):
                 return path
         return os.path.join(self.root, folder, name + ".png")
 
     def _builder(self, condition: str, name: str, doc_id: str):
         def build():
             caption_path = os.path.join(self.root, "caption", name + ".txt")
-            if not os.path.exists(caption_path):
+            if not fs.exists(caption_path):
                 raise _Skip("missing_caption")
             try:
-                with open(caption_path, encoding="utf-8") as f:
-                    caption = _text(f.read())
+                with fs.open(caption_path, "rb") as f:
+                    caption = _text(f.read().decode("utf-8"))
             except UnicodeDecodeError:
                 raise _Skip("non_utf8_caption") from None
             cond = load_image(self._find(condition, name))

@@ -24,15 +24,16 @@ import collections
 import dataclasses
 import filecmp
 import os
-import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 import gin
 import numpy as np
 from absl import logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
 from cm3leon_jax.data.augment import AugmentConfig
+from cm3leon_jax.data.shard_state import atomic_write, write_json
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -159,12 +160,12 @@ class SftShardWorker:
                 yield from batch_docs(batch)
 
         final = shard_file(self.out_dir, spec)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        written = shards.write_records(docs(), final + ".tmp")
-        os.replace(final + ".tmp", final)
+        fs.makedirs(os.path.dirname(final))
+        with atomic_write(final) as tmp:
+            written = shards.write_records(docs(), tmp)
         stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
                  "skipped": dict(skipped)}
-        preprocess._write_json_atomic(final + ".stats.json", stats)  # noqa: SLF001
+        write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
         return {**stats, "counters": counters}
@@ -174,18 +175,18 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
     """`vocab_dir` copied to `out_dir/vocab`; an existing different copy is an error."""
     target = os.path.join(out_dir, "vocab")
     for name in VOCAB_FILES:
-        if not os.path.exists(os.path.join(vocab_dir, name)):
+        if not fs.exists(os.path.join(vocab_dir, name)):
             raise FileNotFoundError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
                                     "give the vocab/ folder of the pretraining data.")
-    if os.path.exists(os.path.join(target, "layout.json")):
+    if fs.exists(os.path.join(target, "layout.json")):
         if not all(filecmp.cmp(os.path.join(vocab_dir, n), os.path.join(target, n),
                                shallow=False) for n in VOCAB_FILES):
             raise ValueError(f"{out_dir!r} was made with another vocabulary than {vocab_dir!r}; "
                              "use a new output folder for a new vocabulary.")
     else:
-        os.makedirs(target, exist_ok=True)
+        fs.makedirs(target)
         for name in VOCAB_FILES:
-            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(target, name))
+            fs.copy(os.path.join(vocab_dir, name), os.path.join(target, name))
     return MultimodalVocabulary(target)
 
 
@@ -227,7 +228,7 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
                          f"the image tokenizer gives {images.codes_per_image}: use the "
                          "tokenizer the pretraining data was made with.")
     specs = plan_shards(source, families, splits, docs_per_shard)
-    todo = [s for s in specs if not os.path.exists(shard_file(model_dir, s) + ".stats.json")]
+    todo = [s for s in specs if not fs.exists(shard_file(model_dir, s) + ".stats.json")]
     logging.info("sft_preprocess: %d shards, %d already done", len(specs),
                  len(specs) - len(todo))
     if todo:

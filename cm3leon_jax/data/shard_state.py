@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 from typing import Any, Iterator
 
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import shards
 from cm3leon_jax.retrieval import memory_bank
 
@@ -45,20 +45,20 @@ def atomic_write(path: str) -> Iterator[str]:
     try:
         yield tmp
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if fs.exists(tmp):
+            fs.remove(tmp)
         raise
-    os.replace(tmp, path)
+    fs.rename(tmp, path)
 
 
 def write_json(path: str, obj: Any, indent: int | None = None) -> None:
     """`obj` as JSON at `path`, atomically."""
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
+    with atomic_write(path) as tmp, fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=indent)
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
+    with fs.open(path) as f:
         return json.load(f)
 
 
@@ -73,8 +73,8 @@ def bank_dir(data_dir: str) -> str:
 
 def forget_neighbours(data_dir: str) -> None:
     """Every shard back to `written`: their neighbours came from a bank that changed."""
-    for marker in glob.glob(os.path.join(data_dir, "*" + NEIGHBOURS)):
-        os.remove(marker)
+    for marker in fs.glob(os.path.join(data_dir, "*" + NEIGHBOURS)):
+        fs.remove(marker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +113,14 @@ class ShardFiles:
 
     # States.
     def is_written(self) -> bool:
-        return os.path.exists(self.stats)
+        return fs.exists(self.stats)
 
     def has_vectors(self, in_bank: bool) -> bool:
         """Whether pass 1 stored the vectors (a shard that wrote no document has none)."""
-        return os.path.isdir(self.bank_shard) if in_bank else os.path.exists(self.queries)
+        return fs.isdir(self.bank_shard) if in_bank else fs.exists(self.queries)
 
     def has_neighbours(self) -> bool:
-        return os.path.exists(self.neighbours)
+        return fs.exists(self.neighbours)
 
     # Pass 1.
     def write_records(self, docs) -> int:
@@ -137,19 +137,19 @@ class ShardFiles:
 
     def write_queries(self, doc_ids: list[str], vectors: np.ndarray) -> None:
         """A non-bank shard's clean vectors f32[n, d], with their documents' ids."""
-        with atomic_write(self.queries) as tmp, open(tmp, "wb") as f:
+        with atomic_write(self.queries) as tmp, fs.open(tmp, "wb") as f:
             np.savez(f, doc_ids=np.asarray(doc_ids, np.str_), vectors=vectors)
 
     def read_queries(self) -> tuple[np.ndarray, np.ndarray]:
         """(doc ids str[n], vectors f32[n, d]) written by `write_queries`."""
-        with np.load(self.queries) as z:
+        with fs.np_load(self.queries) as z:
             return z["doc_ids"], z["vectors"]
 
     # Pass 2.
     def forget_neighbours(self) -> None:
         """Back to before pass 2 (its records are about to be rewritten)."""
-        if os.path.exists(self.neighbours):
-            os.remove(self.neighbours)
+        if fs.exists(self.neighbours):
+            fs.remove(self.neighbours)
 
     def write_neighbours(self, stats: dict) -> None:
         """Marks pass 2 done (after the records with neighbours are in place)."""

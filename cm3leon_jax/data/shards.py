@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 
 FEATURES = {
@@ -92,7 +93,7 @@ def write_records(docs: Iterable[TokenizedDocument], path: str) -> int:
 def write_split(docs: Iterable[TokenizedDocument], directory: str, split: str,
                 num_shards: int) -> int:
     """Writes docs round-robin over `num_shards` files; returns how many."""
-    os.makedirs(directory, exist_ok=True)
+    fs.makedirs(directory)
     writers = [tf.io.TFRecordWriter(shard_path(directory, split, i, num_shards))
                for i in range(num_shards)]
     n = 0
@@ -128,11 +129,11 @@ def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
 
 def write_manifest(directory: str, manifest: dict) -> str:
     path = os.path.join(directory, "manifest.json")
-    with open(path, "w") as f:
+    with fs.open(path, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return path
 
 
 def read_manifest(directory: str) -> dict:
-    with open(os.path.join(directory, "manifest.json")) as f:
+    with fs.open(os.path.join(directory, "manifest.json")) as f:
         return json.load(f)

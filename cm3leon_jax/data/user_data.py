@@ -52,6 +52,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cm3leon_jax import fs
 from cm3leon_jax.data.synthetic_tfds import offline_download_config
 from cm3leon_jax.errors import MissingInputError, UserInputError
 
@@ -120,7 +121,7 @@ def _caption_problem(text: str) -> str | None:
 
 def jsonl_records(path: pathlib.Path) -> Iterator[Record]:
     """Records of a JSONL file; ids are 'line<N>:<image>' with N 1-based; blank lines skipped."""
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.decode("utf-8", errors="surrogateescape").strip()
             if not line:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
 
@@ -47,11 +48,11 @@ FIELDS = {
 
 def read_requests(path: str) -> list[dict]:
     """The file's requests, checked; image paths made absolute. One error per bad line."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"prompts_file {path!r} does not exist; give a JSONL file with "
                                 "one request a line (see decode/generate_families.py).")
-    root, out = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
+    root, out = os.path.dirname(fs.abspath(path)), []
+    with fs.open(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -73,7 +74,7 @@ def read_requests(path: str) -> list[dict]:
                                  f"one of {tuple(sft_prompts.CONDITIONS)}.")
             if image_field:
                 image = os.path.join(root, request[image_field])
-                if not os.path.exists(image):
+                if not fs.exists(image):
                     raise FileNotFoundError(f"{where}: {image_field} {image!r} does not exist.")
                 request = {**request, image_field: image}
             out.append({**request, "line": n})
@@ -114,7 +115,7 @@ def generate_families(gen: Any, prompts_file: str, out_dir: str, *, num_samples:
     """Runs every request of `prompts_file`; writes PNGs, families.json, families.png."""
     requests = read_requests(prompts_file)
     folder = os.path.join(out_dir, "families")
-    os.makedirs(folder, exist_ok=True)
+    fs.makedirs(folder)
     entries, sheet, labels = [], [], []
     size = gen.image_tokenizer.image_size
     for i, request in enumerate(requests):
@@ -144,7 +145,7 @@ def generate_families(gen: Any, prompts_file: str, out_dir: str, *, num_samples:
     settings = {"num_samples": num_samples, "seed": seed,
                 "image_sampling": _settings(image_sampling),
                 "text_sampling": _settings(text_sampling)}
-    with open(os.path.join(out_dir, "families.json"), "w") as f:
+    with fs.open(os.path.join(out_dir, "families.json"), "w") as f:
         json.dump({"requests": entries, "settings": settings}, f, indent=2)
     return entries
 

@@ -22,6 +22,7 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import generate_families, pictures, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import MissingInputError, UserInputError
@@ -31,11 +32,11 @@ from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 def read_lines(path: str) -> list[str]:
     """Non-empty lines of a UTF-8 text file (one caption per line)."""
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         raise MissingInputError(f"generate.captions_file {path!r} does not exist or is not a "
                                 "file; give a UTF-8 text file with one caption per line.")
     try:
-        with open(path, encoding="utf-8") as f:
+        with fs.open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"generate.captions_file {path!r} is unreadable ({e}); give a "
@@ -46,11 +47,11 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
     """The images of `generate.image_files`, decoded now so a bad file is named up front."""
     images = []
     for path in paths:
-        if not os.path.isfile(path):
+        if not fs.isfile(path):
             raise MissingInputError(f"generate.image_files: {path!r} does not exist or is not "
                                     "a file.")
         try:
-            with PILImage.open(path) as image:
+            with fs.open(path, "rb") as f, PILImage.open(f) as image:
                 image.load()
                 images.append(image.copy())
         except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
@@ -62,18 +63,19 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
 def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
                  num_samples: int) -> list[dict]:
     """PNGs under out_dir/images, a captioned grid, and generated.json; returns its entries."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    fs.makedirs(os.path.join(out_dir, "images"))
     entries = []
     for i in range(0, len(images), num_samples):
         paths = []
         for j in range(num_samples):
             path = os.path.join("images", f"{i // num_samples:03d}_{j}.png")
-            PILImage.fromarray(images[i + j]).save(os.path.join(out_dir, path))
+            with fs.open(os.path.join(out_dir, path), "wb") as f:
+                PILImage.fromarray(images[i + j]).save(f, format="PNG")
             paths.append(path)
         entries.append({"caption": captions[i], "images": paths})
     pictures.grid(images, list(captions), os.path.join(out_dir, "generated.png"),
                   columns=min(8, len(images)))
-    with open(os.path.join(out_dir, "generated.json"), "w") as f:
+    with fs.open(os.path.join(out_dir, "generated.json"), "w") as f:
         json.dump(entries, f, indent=2)
     return entries
 
@@ -86,8 +88,8 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
         entry = {"image": name, "captions": list(captions[i * num_samples:(i + 1) * num_samples])}
         entry.update(extra[i] if extra else {})
         entries.append(entry)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    fs.makedirs(os.path.dirname(fs.abspath(path)))
+    with fs.open(path, "w") as f:
         json.dump(entries, f, indent=2)
     return entries
 

@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cm3leon_jax import fs
+
 
 def grid(images: np.ndarray, captions: Sequence[str] | None, path: str, *,
          columns: int = 8, scale: int = 4, caption_chars: int = 22) -> str:
@@ -38,7 +40,9 @@ def grid(images: np.ndarray, captions: Sequence[str] | None, path: str, *,
         canvas.paste(Image.fromarray(image).resize((cell_w, img_h), Image.NEAREST), (x, y))
         for j, line in enumerate(lines[i] if lines else []):
             draw.text((x + 2, y + img_h + 2 + 12 * j), line, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+    fs.makedirs(os.path.dirname(fs.abspath(path)))
+    with fs.open(path, "wb") as f:
+        ext = os.path.splitext(path)[1].lower()
+        canvas.save(f, format=Image.registered_extensions().get(ext, "PNG"))
     return path
 

@@ -18,7 +18,6 @@ the `export` run mode or an import): its manifest gives the config and the step.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
@@ -42,7 +42,7 @@ def checkpoint_steps(model_dir: str) -> list[int]:
 
 
 def _checkpoints_dir(model_dir: str) -> epath.Path:
-    path = epath.Path(model_dir if "://" in model_dir else os.path.abspath(model_dir))
+    path = epath.Path(fs.abspath(model_dir))
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if not path.is_dir():

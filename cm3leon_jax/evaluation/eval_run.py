@@ -32,6 +32,7 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.evaluation import captioning, fid, inception_weights, pictures, tasks
@@ -76,7 +77,7 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
 def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Strategy],
               num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None) -> list[dict]:
     """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     _references(ctx, suite, fid_cache or {})
     rows = []
     for task, strategy, k in tqdm(_jobs(suite, strategies, num_retrieved), desc="eval"):
@@ -113,9 +114,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def write_report(out_dir: str, header: dict, rows: list[dict]) -> dict:
     report = {**header, "rows": rows}
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with fs.open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with fs.open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(f"# Evaluation of {header.get('checkpoint')} (step {header.get('step')}) on "
                 f"{header.get('suite')}\n\n" + markdown_table(rows))
     return report

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from scipy import linalg
 
+from cm3leon_jax import fs
 from cm3leon_jax.evaluation import inception
 
 
@@ -63,14 +64,14 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
 
 
 def save_statistics(path: str, stats: Statistics) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
+    fs.makedirs(os.path.dirname(fs.abspath(path)))
+    with fs.open(path, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma)
 
 
 def load_statistics(path: str) -> Statistics:
     """An `.npz` with `mu` and `sigma` (pytorch-fid's --save-stats layout)."""
-    with np.load(path) as z:
+    with fs.np_load(path) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"{path!r} has {z.files}, not FID statistics (mu, sigma).")
         return Statistics(z["mu"], z["sigma"])
@@ -80,7 +81,7 @@ def reference_statistics(cache_path: str | None, images: Callable[[], Any],
                          extract: Callable[[np.ndarray], np.ndarray]) -> Statistics:
     """Statistics of a reference set, read from `cache_path` if it exists, else computed
     from `images()` (called only then) and written there."""
-    if cache_path and os.path.exists(cache_path):
+    if cache_path and fs.exists(cache_path):
         return load_statistics(cache_path)
     stats = statistics(extract(images()))
     if cache_path:

@@ -13,7 +13,6 @@ is already a mapping of arrays (e.g. saved with `np.savez`) needs nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,18 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cm3leon_jax import fs
 from cm3leon_jax.evaluation import inception
 
 _SKIPPED = ("fc.", "AuxLogits.")
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"Inception weights {path!r} do not exist; download "
                                 "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
                                 "releases (fid_weights) and give its path.")
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        with fs.np_load(path) as z:
             return {k: z[k] for k in z.files}
     try:
         import torch  # pylint: disable=import-outside-toplevel

@@ -23,6 +23,7 @@ same scene the data pipeline rendered (`sft_examples.corpus_scene`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ import gin
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
 
 
@@ -94,17 +96,17 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
 
 
 def _read_json(path: str, what: str) -> dict:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist.")
-    with open(path) as f:
+    with fs.open(path) as f:
         return json.load(f)
 
 
 def _load_image(path: str, image_size: int) -> np.ndarray:
     """An image file -> uint8[s, s, 3]: centre square crop, bicubic resize."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"image {path!r} (named by the annotations) does not exist.")
-    im = PILImage.open(path).convert("RGB")
+    im = PILImage.open(io.BytesIO(fs.read_bytes(path))).convert("RGB")
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
     im = im.crop((left, top, left + side, top + side))

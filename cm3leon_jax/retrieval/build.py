@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from cm3leon_jax import fs
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import memory_bank, neighbours
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
@@ -114,10 +115,10 @@ def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
     t = time.time()
     index_info = build_index(bank, os.path.join(out, "index"), index_config or index_lib.IndexConfig())
     timings["index_seconds"] = round(time.time() - t, 1)
-    summary = {"encoder_dir": os.path.abspath(encoder_dir), "num_docs": manifest["num_docs"],
+    summary = {"encoder_dir": fs.abspath(encoder_dir), "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]),
                "index": index_info, "selection": dataclasses.asdict(selection), **timings}
-    with open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
+    with fs.open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
         json.dump(summary, f, indent=2)
     if precompute:
         t = time.time()
@@ -126,7 +127,7 @@ def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
         rows, _ = neighbours.load_neighbours(os.path.join(out, "memory_bank"))
         summary["neighbours_seconds"] = round(time.time() - t, 1)
         summary["mean_neighbours"] = float((rows >= 0).sum(1).mean())
-        with open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
+        with fs.open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
             json.dump(summary, f, indent=2)
     logging.info("retrieval built: %s", summary)
     return summary

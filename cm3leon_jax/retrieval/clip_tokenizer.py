@@ -19,6 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.retrieval.select import dropout_keep_mask
 
 TOKENIZER_JSON = "cm3leon_tokenizer.json"
@@ -88,8 +89,8 @@ class BpeTokenizer:
 
 def load_tokenizer(directory: str) -> Tokenizer:
     path = os.path.join(directory, TOKENIZER_JSON)
-    if os.path.exists(path):
-        with open(path) as f:
+    if fs.exists(path):
+        with fs.open(path) as f:
             spec = json.load(f)
         kind = spec["kind"]
         if kind == "words":
@@ -99,7 +100,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
         if kind == "bpe":
             return BpeTokenizer(directory)
         raise ValueError(f"{path} names tokenizer kind {kind!r}; known: 'words', 'bytes', 'bpe'.")
-    if all(os.path.exists(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
+    if all(fs.exists(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
         return BpeTokenizer(directory)
     raise FileNotFoundError(
         f"no tokenizer in {directory!r}: expected {TOKENIZER_JSON} or the BPE files "
@@ -107,7 +108,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
 
 
 def save_tokenizer(directory: str, tokenizer: Tokenizer) -> None:
-    with open(os.path.join(directory, TOKENIZER_JSON), "w") as f:
+    with fs.open(os.path.join(directory, TOKENIZER_JSON), "w") as f:
         json.dump(tokenizer.describe(), f)
 
 

@@ -32,6 +32,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cm3leon_jax import fs
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder, preprocess_images
@@ -137,7 +138,7 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     metrics.update({"train_seconds": round(train_seconds, 1), "steps": steps,
                     "batch_size": batch_size, "final_loss": history[-1]["loss"],
                     "history": history})
-    with open(os.path.join(model_dir, "retriever_metrics.json"), "w") as f:
+    with fs.open(os.path.join(model_dir, "retriever_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     logging.info("test recall: %s", {k: v for k, v in metrics.items() if "recall" in k})
     return metrics

@@ -11,7 +11,6 @@ Nothing is downloaded: point the loader at a directory you already have.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 from flax import traverse_util
 
+from cm3leon_jax import fs
 from cm3leon_jax.retrieval.clip import ClipConfig
 
 # Each entry: (HF name, flax path, HF -> flax array transform). Linear weights are
@@ -146,14 +146,14 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
     """config.json + *.safetensors in `directory` -> (ClipConfig, flax params)."""
     from safetensors.numpy import load_file
     config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
+    if not fs.exists(config_path):
         raise FileNotFoundError(f"no config.json in {directory!r}; give the folder that "
                                 "CLIPModel.save_pretrained wrote (config.json + *.safetensors).")
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    files = sorted(fs.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {directory!r}; convert a PyTorch "
                                 "checkpoint with CLIPModel.save_pretrained(d, safe_serialization=True).")
-    with open(config_path) as f:
+    with fs.open(config_path) as f:
         cfg = config_from_hf(json.load(f))
     tensors = {}
     for path in files:
@@ -163,8 +163,8 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
 
 def save_hf_checkpoint(directory: str, cfg: ClipConfig, params: dict) -> None:
     from safetensors.numpy import save_file
-    os.makedirs(directory, exist_ok=True)
+    fs.makedirs(directory)
     save_file(state_dict_from_params(cfg, params),
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
+    with fs.open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)

@@ -33,6 +33,8 @@ from typing import Iterable, Protocol
 import gin
 import numpy as np
 
+from cm3leon_jax import fs
+
 INDEX_JSON = "index.json"
 SHARDED_JSON = "sharded_index.json"
 
@@ -96,9 +98,9 @@ class IndexConfig:
 def read_metadata(directory: str, name: str, how_to_build: str) -> dict:
     """`directory/name` as JSON; a missing file says how to build one."""
     path = os.path.join(directory, name)
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"no {name} in {directory!r}; build one with {how_to_build}.")
-    with open(path) as f:
+    with fs.open(path) as f:
         return json.load(f)
 
 
@@ -163,9 +165,10 @@ class Index:
         return cls(searcher, s, n, d)
 
     def save(self, directory: str) -> str:
-        os.makedirs(directory, exist_ok=True)
-        self._searcher.serialize(directory, relative_path=True)
-        with open(os.path.join(directory, INDEX_JSON), "w") as f:
+        fs.makedirs(directory)
+        with fs.staged_dir(directory) as local:  # ScaNN writes local folders only
+            self._searcher.serialize(local, relative_path=True)
+        with fs.open(os.path.join(directory, INDEX_JSON), "w") as f:
             json.dump({"size": self.size, "dim": self.dim, "settings": self.settings}, f, indent=2)
         return directory
 
@@ -173,7 +176,8 @@ class Index:
     def load(cls, directory: str) -> "Index":
         meta = read_metadata(directory, INDEX_JSON,
                              "Index.build(...).save(directory) or the build_retrieval mode")
-        searcher = _scann().load_searcher(directory)
+        with fs.local_copy(directory) as local:
+            searcher = _scann().load_searcher(local)
         return cls(searcher, meta["settings"], meta["size"], meta["dim"])
 
     def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
@@ -227,7 +231,7 @@ class ShardedIndex:
             del index
         if not names:
             raise ValueError("ShardedIndex.build got no shards.")
-        with open(os.path.join(directory, SHARDED_JSON), "w") as f:
+        with fs.open(os.path.join(directory, SHARDED_JSON), "w") as f:
             json.dump({"shards": names, "offsets": offsets, "dim": dim}, f, indent=2)
         return cls(directory)
 
@@ -245,7 +249,7 @@ class ShardedIndex:
         return index
 
     def save(self, directory: str) -> str:
-        if os.path.abspath(directory) != os.path.abspath(self.directory):
+        if fs.abspath(directory) != fs.abspath(self.directory):
             raise ValueError("a ShardedIndex lives where it was built; copy the folder instead.")
         return directory
 
@@ -269,7 +273,7 @@ def merge_top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
 
 def load_index(directory: str, max_loaded: int | None = None) -> Index | ShardedIndex:
     """Whichever kind of index `directory` holds."""
-    if os.path.exists(os.path.join(directory, SHARDED_JSON)):
+    if fs.exists(os.path.join(directory, SHARDED_JSON)):
         return ShardedIndex(directory, max_loaded)
     return Index.load(directory)
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import httpx
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.retrieval.client import encode_png
 
 # A request: (method path, keyword arguments for httpx).
@@ -50,7 +51,7 @@ class ServerProcess:
                       "--gin_file=gin_configs/runs/serve_retrieval.gin",
                       # The server's own MODEL_DIR (config.gin) stays out of the built folder.
                       f"--gin.MODEL_DIR='{tempfile.mkdtemp(prefix='serve_retrieval_')}'",
-                      f"--gin.serve_retrieval.retrieval_dir='{os.path.abspath(retrieval_dir)}'",
+                      f"--gin.serve_retrieval.retrieval_dir='{fs.abspath(retrieval_dir)}'",
                       f"--gin.serve_retrieval.port={self.port}",
                       *[f"--gin.{b}" for b in bindings]]
         self._timeout = startup_timeout

@@ -24,10 +24,11 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from cm3leon_jax import fs
 
 MANIFEST = "bank.json"
 
@@ -58,8 +59,8 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
         raise ValueError(f"write_shard {name}: vectors hold NaN or inf; check the encoder.")
     final = os.path.join(bank_dir, name)
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    fs.rmtree(tmp, ignore_errors=True)
+    fs.makedirs(tmp)
     lengths = np.array([len(t) for t in tokens], np.int64)
     arrays = {
         "vectors": vectors,
@@ -72,32 +73,32 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
     if query_vectors is not None:
         arrays["query_vectors"] = np.asarray(query_vectors, np.float32)
     for key, value in arrays.items():
-        np.save(os.path.join(tmp, f"{key}.npy"), value)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+        fs.np_save(os.path.join(tmp, f"{key}.npy"), value)
+    fs.rmtree(final, ignore_errors=True)
+    fs.rename(tmp, final)
     return final
 
 
 def finalize(bank_dir: str) -> dict:
     """Lists every complete shard (sorted by name) in bank.json; returns the manifest."""
-    names = sorted(d for d in os.listdir(bank_dir)
-                   if os.path.isdir(os.path.join(bank_dir, d)) and not d.endswith(".tmp"))
+    names = sorted(d for d in fs.listdir(bank_dir)
+                   if fs.isdir(os.path.join(bank_dir, d)) and not d.endswith(".tmp"))
     if not names:
         raise FileNotFoundError(f"no shards in {bank_dir!r}; write some with write_shard first.")
     shards, dim, with_queries = [], None, True
     for name in names:
-        v = np.load(os.path.join(bank_dir, name, "vectors.npy"), mmap_mode="r")
+        v = fs.np_load(os.path.join(bank_dir, name, "vectors.npy"), mmap_mode="r")
         if dim is not None and v.shape[1] != dim:
             raise ValueError(f"shard {name} has dim {v.shape[1]}, others {dim}; one bank "
                              "holds vectors of one encoder.")
         dim = v.shape[1]
-        with_queries &= os.path.exists(os.path.join(bank_dir, name, "query_vectors.npy"))
+        with_queries &= fs.exists(os.path.join(bank_dir, name, "query_vectors.npy"))
         shards.append({"name": name, "size": int(v.shape[0])})
     manifest = {"dim": int(dim), "num_docs": sum(s["size"] for s in shards),
                 "shards": shards, "has_query_vectors": bool(with_queries)}
-    with open(os.path.join(bank_dir, MANIFEST + ".tmp"), "w") as f:
+    with fs.open(os.path.join(bank_dir, MANIFEST + ".tmp"), "w") as f:
         json.dump(manifest, f, indent=2)
-    os.replace(os.path.join(bank_dir, MANIFEST + ".tmp"), os.path.join(bank_dir, MANIFEST))
+    fs.rename(os.path.join(bank_dir, MANIFEST + ".tmp"), os.path.join(bank_dir, MANIFEST))
     return manifest
 
 
@@ -105,7 +106,7 @@ class MemoryBankWriter:
     """Accumulates documents and writes a shard every `docs_per_shard` of them."""
 
     def __init__(self, bank_dir: str, docs_per_shard: int = 100_000):
-        os.makedirs(bank_dir, exist_ok=True)
+        fs.makedirs(bank_dir)
         self.bank_dir, self.docs_per_shard = bank_dir, docs_per_shard
         self._rows: list[tuple] = []
         self._next = 0
@@ -138,9 +139,9 @@ class _Shard:
     @functools.cached_property
     def arrays(self) -> dict[str, np.ndarray]:
         out = {}
-        for f in os.listdir(self.path):
+        for f in fs.listdir(self.path):
             if f.endswith(".npy"):
-                out[f[:-4]] = np.load(os.path.join(self.path, f), mmap_mode="r")
+                out[f[:-4]] = fs.np_load(os.path.join(self.path, f), mmap_mode="r")
         return out
 
 
@@ -149,11 +150,11 @@ class MemoryBank:
 
     def __init__(self, bank_dir: str):
         path = os.path.join(bank_dir, MANIFEST)
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise FileNotFoundError(
                 f"no {MANIFEST} in {bank_dir!r}: not a memory bank, or its shards were never "
                 "finalized (memory_bank.finalize(bank_dir)).")
-        with open(path) as f:
+        with fs.open(path) as f:
             self.manifest = json.load(f)
         self.directory = bank_dir
         self.dim: int = self.manifest["dim"]

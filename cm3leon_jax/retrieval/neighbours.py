@@ -17,12 +17,12 @@ same rules) and calls `materialise` for each shard's `neighbour_ids`.
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 from tqdm import tqdm
 
+from cm3leon_jax import fs
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
 
@@ -39,11 +39,11 @@ def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 
     """
     bank = retriever.bank
     key = "query_vectors" if bank.has_query_vectors else "vectors"
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     done = 0
     for s, (start, vectors) in enumerate(bank.iter_shards(key)):
         path = neighbours_path(out_dir, s)
-        if os.path.exists(path):
+        if fs.exists(path):
             continue
         rows, scores = [], []
         n = vectors.shape[0]
@@ -54,20 +54,20 @@ def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 
             rows.append(r)
             scores.append(sc)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, rows=np.concatenate(rows), scores=np.concatenate(scores))
-        os.replace(tmp, path)
+        fs.np_savez(tmp, rows=np.concatenate(rows), scores=np.concatenate(scores))
+        fs.rename(tmp, path)
         done += n
     return done
 
 
 def load_neighbours(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """All shards' (rows int64[N, k], scores f32[N, k]) in bank row order."""
-    files = sorted(glob.glob(os.path.join(out_dir, "neighbours-*.npz")))
+    files = sorted(fs.glob(os.path.join(out_dir, "neighbours-*.npz")))
     files = [f for f in files if not f.endswith(".tmp.npz")]
     if not files:
         raise FileNotFoundError(f"no neighbours-*.npz in {out_dir!r}; run "
                                 "precompute_neighbours (the build_retrieval mode does).")
-    loaded = [np.load(f) for f in files]
+    loaded = [fs.np_load(f) for f in files]
     return (np.concatenate([x["rows"] for x in loaded]),
             np.concatenate([x["scores"] for x in loaded]))
 

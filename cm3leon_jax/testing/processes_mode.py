@@ -6,14 +6,12 @@ all-gathers its process index across the job, and writes
 the gathered indices, and the `tag` it was given (to check that overrides arrive).
 """
 
-import json
-import os
-
 import gin
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cm3leon_jax import fs
 from cm3leon_jax.train import distributed
 
 
@@ -24,6 +22,5 @@ def processes_mode(model_dir: str, tag: str = "") -> dict:
     record = {"process_index": jax.process_index(), "process_count": jax.process_count(),
               "local_devices": jax.local_device_count(), "devices": jax.device_count(),
               "gathered": np.asarray(gathered).ravel().tolist(), "tag": tag}
-    with open(os.path.join(model_dir, f"process_{jax.process_index()}.json"), "w") as f:
-        json.dump(record, f)
+    fs.write_json(fs.join(model_dir, f"process_{jax.process_index()}.json"), record)
     return record

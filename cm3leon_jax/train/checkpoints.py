@@ -49,6 +49,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: save_every and keep must be >= 1; got "
                              f"{save_every}, {keep}.")
         # Orbax needs an absolute path; cloud paths (gs://...) are already.
-        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        self.directory = epath.Path(fs.abspath(directory))
         self.checksums, self._async = checksums, async_save
         self._saving: int | None = None  # The step being written (orbax saves one at a time).
         policies = ocp.checkpoint_managers  # No save at the first step (orbax's default).

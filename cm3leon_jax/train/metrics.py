@@ -30,6 +30,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.model.config import DecoderConfig
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,9 @@ class MetricsWriter:
             from clu import metric_writers  # Imports TensorFlow: only when asked for.
             self._tb = metric_writers.SummaryWriter(model_dir)
         if self.active:
-            os.makedirs(model_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if self.active else None
+            fs.makedirs(model_dir)
+        self._jsonl = (fs.open(os.path.join(model_dir, "metrics.jsonl"), "a")
+                       if self.active else None)
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.active:

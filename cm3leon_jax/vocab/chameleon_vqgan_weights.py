@@ -25,7 +25,6 @@ directions: `params_from_state_dict` (import) and `state_dict_from_params`
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Mapping
 
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax import fs
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig
 
 _ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -50,7 +50,7 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
         (optimizer, callbacks) needs `allow_pickle=True`. Only do that for files
         you trust: unpickling runs code.
     """
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file

@@ -24,6 +24,7 @@ import gin
 import numpy as np
 from PIL import Image
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import image_inputs
 
@@ -76,10 +77,10 @@ def array_images(images: Sequence[np.ndarray], image_size: int = 64, seed: int =
 
 def list_image_files(folder: str) -> list[str]:
     """Every picture under `folder`, recursively, in a stable (sorted) order."""
-    if not os.path.isdir(folder):
+    if not fs.isdir(folder):
         raise MissingInputError(f"image folder {folder!r} does not exist; give a folder of "
                                 "images (searched recursively)")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+    files = sorted(os.path.join(d, f) for d, _, names in fs.walk(folder) for f in names
                    if f.lower().endswith(_EXTENSIONS))
     if not files:
         raise MissingInputError(f"no images ({', '.join(_EXTENSIONS)}) under {folder!r}")
@@ -100,7 +101,7 @@ def folder_images(folder: str = gin.REQUIRED, image_size: int = 64, seed: int = 
         epoch, pos = divmod(index, len(files))
         path = files[_rng(seed, "epoch", epoch).permutation(len(files))[pos]]
         try:
-            with Image.open(path) as im:
+            with fs.open(path, "rb") as f, Image.open(f) as im:
                 image = image_inputs.rgb_uint8_unresized(im)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot use image {path!r}: {e}") from e

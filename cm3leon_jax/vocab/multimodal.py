@@ -23,10 +23,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
-
 
 TEXT_MODEL = "text.model"
 LAYOUT_FILE = "layout.json"
@@ -71,9 +71,9 @@ class MultimodalVocabulary(seqio.Vocabulary):
         args = dict(image_codes=image_codes, num_sentinels=num_sentinels,
                     image_length=image_length, pad_to_multiple=pad_to_multiple)
         layout_lib.IdLayout(text_size=text_tokenizer.vocab_size, **args)  # Validates.
-        os.makedirs(directory, exist_ok=True)
+        fs.makedirs(directory)
         text_tokenizer.save(os.path.join(directory, TEXT_MODEL))
-        with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+        with fs.open(os.path.join(directory, LAYOUT_FILE), "w") as f:
             json.dump(args, f, indent=2, sort_keys=True)
         return cls(directory)
 
@@ -88,7 +88,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
     def text_tokenizer(self) -> TextTokenizer:
         # An imported vocabulary (Chameleon's) keeps its tokenizers file: `text.json`.
         hf_json = os.path.join(self.directory, HF_TEXT_JSON)
-        if not os.path.exists(os.path.join(self.directory, TEXT_MODEL)) and os.path.exists(hf_json):
+        if not fs.exists(os.path.join(self.directory, TEXT_MODEL)) and fs.exists(hf_json):
             from cm3leon_jax.vocab.hf_text_tokenizer import HFTextTokenizer
             return HFTextTokenizer.load(hf_json)
         return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
@@ -96,11 +96,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
     @functools.cached_property
     def layout(self) -> layout_lib.IdLayout:
         path = os.path.join(self.directory, LAYOUT_FILE)
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise MissingInputError(
                 f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary "
                 "directory. Make one with MultimodalVocabulary.create(...).")
-        with open(path) as f:
+        with fs.open(path) as f:
             args = json.load(f)
         return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size, **args)
 

@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from cm3leon_jax import fs
+
 
 class TextTokenizer:
     """A loaded SentencePiece model: `encode(str) -> int32[n]`, `decode(ids) -> str`."""
@@ -27,12 +29,12 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "TextTokenizer":
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise FileNotFoundError(
                 f"no SentencePiece model at {path!r}; train one with "
                 "TextTokenizer.train(...) and save it, or give the path of a "
                 ".model file.")
-        with open(path, "rb") as f:
+        with fs.open(path, "rb") as f:
             return cls(f.read(), path=path)
 
     @classmethod
@@ -72,8 +74,8 @@ class TextTokenizer:
         return cls(buffer.getvalue())
 
     def save(self, path: str) -> str:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as f:
+        fs.makedirs(os.path.dirname(fs.abspath(path)))
+        with fs.open(path, "wb") as f:
             f.write(self._proto)
         self.path = path
         return path

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cm3leon_jax import fs
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 
 ITEMS = ("config", "params", "state")
@@ -29,11 +30,11 @@ ITEMS = ("config", "params", "state")
 def checkpoint_dir(model_dir: str) -> str:
     """MODEL_DIR/checkpoints; `model_dir` itself when it is already that folder
     (named `checkpoints`, or holding step folders and no `checkpoints/`)."""
-    model_dir = os.path.abspath(model_dir)
+    model_dir = fs.abspath(model_dir)
     sub = os.path.join(model_dir, "checkpoints")
-    if os.path.basename(model_dir) == "checkpoints" or os.path.isdir(sub):
+    if os.path.basename(model_dir) == "checkpoints" or fs.isdir(sub):
         return model_dir if os.path.basename(model_dir) == "checkpoints" else sub
-    if os.path.isdir(model_dir) and any(n.isdigit() for n in os.listdir(model_dir)):
+    if fs.isdir(model_dir) and any(n.isdigit() for n in fs.listdir(model_dir)):
         return model_dir
     return sub
 

@@ -19,13 +19,14 @@ TOY = [
     "preprocess.docs_per_shard=40", "preprocess.text_vocab_size=300",
     "train.num_steps=4", "train.eval_every=0", "train.eval_steps=1",
     "train.global_batch_size=2",
-    "generate_stage.num_examples=3",
+    "generate_stage.num_examples=3", "generate_stage.batch_size=4",
+    "generate_stage.rerank_samples=2",
 ]
 
 
-def _demo(model_dir):
+def _demo(model_dir, *extra):
     args = [sys.executable, "-m", "cm3leon_jax.main", "--gin_file=gin_configs/runs/demo.gin",
-            f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in TOY]]
+            f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in TOY + list(extra)]]
     r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -44,25 +45,44 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         assert retrieval["splits"][split]["mean_neighbours"] > 0
     assert metrics["pretrain"]["steps"] == 4
     assert 0 < metrics["pretrain"]["final_eval"]["loss"] < 20
-    for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png"):
+    for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png",
+                    "contact_sheet.png"):
         assert os.path.getsize(os.path.join(model_dir, "pictures", picture)) > 0
+    assert metrics["pictures"]["contact_sheet"] == os.path.join(
+        model_dir, "pictures", "contact_sheet.png")
     generated = metrics["generate"]
     assert generated["examples"] == 3 and generated["checkpoint_step"] == 4
-    for scores in (generated["text_to_image"], generated["image_to_text"]):
-        assert set(scores) == {"objects_right", "any_object_right", "colours_right",
+    assert generated["split"] == "test"
+    ablations = generated["text_to_image_ablations"]
+    for scores in (generated["text_to_image"], generated["image_to_text"], ablations["k0"],
+                   ablations["no_cfg"], ablations["one_sample"]):
+        assert set(scores) >= {"objects_right", "any_object_right", "colours_right",
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())
+    assert "count_right" in generated["chance_reference"]["text_to_image"]
+    assert "object_recall" in generated["chance_reference"]["image_to_text"]
     with open(os.path.join(model_dir, "pictures", "captions.json")) as f:
         captions = json.load(f)
     assert len(captions) == 3 and all(len(c["captions"]) == 1 for c in captions)
-    assert not any("generation" in line for line in metrics["not_yet"])
+    assert not any("generation" in line or "re-ranking" in line for line in metrics["not_yet"])
+    for key in ("seconds", "cpu_seconds", "load_average"):
+        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "generate"}
+    assert metrics["reused_stages"] == []
 
     again = _demo(model_dir)  # every stage finds its output and does not redo it
+    assert set(again["reused_stages"]) == set(again["seconds"])
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
     assert again["pretrain"]["steps"] == 4
     assert again["seconds"]["image_tokenizer"] < metrics["seconds"]["image_tokenizer"]
     assert again["generate"]["text_to_image"] == metrics["generate"]["text_to_image"]
+
+    # An interrupted run (here: the pictures stage lost) redoes only what is missing.
+    os.remove(os.path.join(model_dir, "stages", "pictures.json"))
+    os.remove(os.path.join(model_dir, "pictures", "contact_sheet.png"))
+    resumed = _demo(model_dir)
+    assert resumed["reused_stages"] == [s for s in again["reused_stages"] if s != "pictures"]
+    assert os.path.getsize(os.path.join(model_dir, "pictures", "contact_sheet.png")) > 0
 
     # The generate run mode on the demo's model (generate.gin names runs/demo: re-pointed).
     out_dir = str(tmp_path / "generated")

@@ -1,0 +1,238 @@
+"""The `demo` run mode: the whole flow, end to end, on the built-in corpus.
+
+Each stage is an ordinary run mode of its own, called here with a sub-folder of
+MODEL_DIR; gin binds their settings (gin_configs/runs/demo.gin). A finished stage is
+reused on a rerun (demo/stages.py): an interrupted demo resumes where it stopped, and
+`--gin.demo.start_over=True` builds everything again.
+
+    MODEL_DIR/tfds/              the synthetic corpus (TFDS)
+    MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train images
+    MODEL_DIR/retriever/         the CLIP retrieval encoder, trained on the same scenes
+    MODEL_DIR/data/              vocab/ + tokenized shards with every document's
+                                 neighbours + retrieval/ (bank, ScaNN index) +
+                                 manifest.json (Beam, two passes)
+    MODEL_DIR/pretrain/          the decoder: checkpoints, metrics.jsonl, TensorBoard
+    MODEL_DIR/pictures/          contact_sheet.png (look here first), generated.png,
+                                 captioned.png, captions.json, corpus.png,
+                                 reconstructions.png, generated.npz
+    MODEL_DIR/stages/            each finished stage's result (what a rerun reuses)
+    MODEL_DIR/metrics.json       what each stage measured, with its wall and CPU seconds
+
+Stages of the flow that are not built yet are listed in metrics.json under
+`not_yet` and printed at the end, so the demo never claims more than it did.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import gin
+import numpy as np
+
+from cm3leon_jax import fs
+from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
+from cm3leon_jax.decode import pictures
+from cm3leon_jax.demo import generate as demo_generate
+from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.demo import stages as demo_stages
+from cm3leon_jax.retrieval import clip_train
+from cm3leon_jax.train import trainer
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab import image_tokenizer as image_tokenizer_lib
+from cm3leon_jax.vocab import vqgan_train
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+NOT_YET = (
+    "supervised fine-tuning (editing, VQA, grounded generation) and its edits / VQA answers",
+    "the eval run's report (FID on encoder features, CLIP score, CIDEr, VQA accuracy) as a "
+    "stage: run gin_configs/runs/eval.gin on MODEL_DIR after the demo",
+    "export (gin_configs/runs/export.gin) as a stage",
+)
+STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "generate",
+          "pictures")
+
+
+@gin.configurable(denylist=["model_dir"])
+def demo(model_dir: str,
+         image_size: int = 32,
+         split_sizes: dict | None = None,
+         num_pictures: int = 16,
+         parse_examples: int = 200,
+         start_over: bool = False) -> dict:
+    """Runs every stage that exists, in order; returns (and writes) the metrics.
+
+    Args:
+      model_dir: where everything goes (see the module docstring).
+      image_size: side of the corpus images (the image tokenizer's size).
+      split_sizes: corpus split sizes, e.g. {"train": 2000, ...}.
+      num_pictures: images shown in each picture grid.
+      parse_examples: test images scored by the exact parser.
+      start_over: delete what an earlier run built in model_dir and build it again.
+    """
+    if start_over:
+        demo_stages.clear(model_dir)
+    # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
+    logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
+    runner = demo_stages.StageRunner(model_dir, list(STAGES),
+                                     demo_stages.fingerprint(gin.config_str()))
+    tfds_dir = os.path.join(model_dir, "tfds")
+    builder_fn = functools.partial(preprocess.synthetic_builder, image_size=image_size,
+                                   data_dir=tfds_dir, split_sizes=split_sizes)
+    vq_dir = os.path.join(model_dir, "image_tokenizer")
+    tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer, checkpoint=vq_dir)
+    retriever_dir = os.path.join(model_dir, "retriever")
+    data_dir = os.path.join(model_dir, "data")
+    pretrain_dir = os.path.join(model_dir, "pretrain")
+    pictures_dir = os.path.join(model_dir, "pictures")
+
+    runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
+    runner.run("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
+               _say_image_tokenizer)
+    runner.run("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)
+    retrieval = retrieval_pass.RetrievalConfig(
+        encoder_dir=os.path.join(retriever_dir, "encoder"))
+    runner.run("preprocess", lambda: preprocess.preprocess(
+        data_dir, source=preprocess.TfdsSource(builder_fn),
+        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
+    runner.run("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain)
+    runner.run("generate", lambda: demo_generate.generate_stage(
+        pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
+        demo_generate.summary)
+    runner.run("pictures", lambda: pictures_stage(
+        builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
+        lambda r: f"look at {r['contact_sheet']}")
+    metrics = dict(runner.results)
+    metrics.update(runner.timings())
+    metrics["not_yet"] = list(NOT_YET)
+    with fs.open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(demo_stages.jsonable(metrics), f, indent=2, sort_keys=True)
+    print(f"[demo] wrote {model_dir}/metrics.json; contact sheet: "
+          f"{metrics['pictures']['contact_sheet']}")
+    print(f"[demo] {metrics['total_seconds']} s in all ({metrics['total_cpu_seconds']} s CPU, "
+          f"load average {os.getloadavg()[0]:.1f})")
+    for line in demo_generate.targets_report(metrics.get("generate", {})):
+        print(f"[demo] {line}")
+    if runner.reused:
+        print(f"[demo] reused from an earlier run: {', '.join(runner.reused)} "
+              "(--gin.demo.start_over=True builds everything again)")
+    print("[demo] not built yet:\n  - " + "\n  - ".join(NOT_YET))
+    return metrics
+
+
+def corpus_stage(builder_fn, parse_examples: int) -> dict:
+    """Builds the corpus; scores the exact parser on test images."""
+    builder = builder_fn()
+    ds = builder.as_dataset(split=f"test[:{parse_examples}]")
+    correct = 0
+    n = 0
+    for ex in ds.as_numpy_iterator():
+        scene = synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode())
+        correct += parse.match(parse.parse_image(ex["image"]), scene, exact=True)["all_correct"]
+        n += 1
+    return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()},
+            "parser_exact_accuracy": correct / max(n, 1), "parser_examples": n}
+
+
+def image_tokenizer_stage(out_dir: str, builder) -> dict:
+    """Trains the VQGAN (settings from gin) on the corpus' own train images.
+
+    The images are read once from the corpus (rendering fresh scenes for every batch
+    costs more CPU than the small VQGAN's step); index i is train image i mod n.
+    """
+    images = np.stack([ex["image"] for ex in builder.as_dataset(split="train")
+                       .as_numpy_iterator()])
+    return vqgan_train.train_image_tokenizer(
+        model_dir=out_dir, image_source=lambda i: images[i % len(images)])
+
+
+def retriever_stage(out_dir: str) -> dict:
+    """Trains the CLIP encoder (train_retriever's settings and pairs come from gin) unless it
+    exists."""
+    metrics_path = os.path.join(out_dir, "retriever_metrics.json")
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path) as f:
+            return json.load(f)
+    return clip_train.train_retriever(out_dir)
+
+
+def pretrain_stage(out_dir: str, data_dir: str) -> dict:
+    """Pretrains the decoder (settings: gin) on the demo's data.
+
+    Resumes from the newest checkpoint, so a finished run only reloads and evaluates.
+    """
+    with gin.unlock_config():  # The tasks read the demo's own data folder.
+        gin.bind_parameter("data_dirs.synthetic", data_dir)
+    result = trainer.train(out_dir)
+    # A resumed run logs again the steps after its checkpoint: the latest entry counts.
+    train_log, eval_log = {}, {}
+    with fs.open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "loss" in entry:
+                train_log[entry["step"]] = entry["loss"]
+            if "eval/loss" in entry:
+                eval_log[entry["step"]] = entry["eval/loss"]
+    losses, evals = sorted(train_log.items()), sorted(eval_log.items())
+    return {"steps": result["step"], "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None,
+            "eval_loss": evals, "final_eval": result["eval"]}
+
+
+def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,
+                   num_pictures: int) -> dict:
+    """The contact sheet, corpus samples with captions, originals over VQ reconstructions."""
+    fs.makedirs(out_dir)
+    test = list(builder.as_dataset(split=f"test[:{num_pictures}]").as_numpy_iterator())
+    images = np.stack([ex["image"] for ex in test])
+    captions = [ex["captions"][0].decode() for ex in test]
+    pictures.grid(images, captions, os.path.join(out_dir, "corpus.png"))
+    recon = image_tokenizer.reconstruct(images)
+    pictures.grid(np.concatenate([images, recon]), None,
+                  os.path.join(out_dir, "reconstructions.png"), columns=num_pictures)
+    psnr = float(vqgan_train.psnr(image_tokenizer_lib.images_to_model(images),
+                                  image_tokenizer_lib.images_to_model(recon)))
+    # A document from the tokenized shards, decoded back, proves the id layout.
+    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    record = next(shards.read_split(data_dir, "test").as_numpy_iterator())
+    doc = document_lib.decode(record["ids"], vocab)
+    lengths = [r["ids"].size for r in shards.read_split(data_dir, "train")
+               .take(500).as_numpy_iterator()]
+    sheet = demo_sheet.write(demo_generate.sheet_sections(out_dir),
+                             os.path.join(out_dir, "contact_sheet.png"),
+                             title="cm3leon-jax demo: held-out scenes (green: right, red: wrong)")
+    return {"reconstruction_psnr_db": psnr,
+            "vocab_size": vocab.vocab_size,
+            "tokens_per_document_mean": float(np.mean(lengths)),
+            "example_document": vocab.render(record["ids"]),
+            "example_document_texts": doc.texts,
+            "contact_sheet": sheet}
+
+
+def _say_corpus(r: dict) -> str:
+    return f"splits {r['splits']}, parser exact on {r['parser_exact_accuracy']:.0%} of test images"
+
+
+def _say_image_tokenizer(r: dict) -> str:
+    return (f"PSNR {r.get('eval/psnr', float('nan')):.1f} dB, "
+            f"{r.get('eval/code_usage', float('nan')):.0%} of codes used")
+
+
+def _say_retriever(r: dict) -> str:
+    return (f"text->image recall@1 {r.get('text_to_image_recall@1', float('nan')):.2f}, "
+            f"recall@5 {r.get('text_to_image_recall@5', float('nan')):.2f}")
+
+
+def _say_preprocess(r: dict) -> str:
+    train = r["splits"]["train"]
+    neighbours = r.get("retrieval", {}).get("splits", {}).get("train", {})
+    return (f"{train['written']} train documents, "
+            f"{neighbours.get('mean_neighbours', 0):.1f} neighbours each")
+
+
+def _say_pretrain(r: dict) -> str:
+    loss = r["final_eval"].get("loss")
+    return f"{r['steps']} steps, held-out loss {loss:.3f}" if loss is not None else \
+        f"{r['steps']} steps"

@@ -1,0 +1,247 @@
+"""The demo's generate stage: the decoder draws held-out captions and captions held-out
+images, every output scored exactly against its scene (evaluation/shapes_scores.py).
+
+Text to image runs once with the headline settings (k retrieved documents, CFG, the best
+of N samples by CLIP score) and again with one thing changed, in the same run, so the
+effect of each is measured:
+
+    text_to_image                      k = num_retrieved, CFG, best of rerank_samples
+    text_to_image_ablations.k0         no retrieved documents
+    text_to_image_ablations.no_cfg     guidance "none"
+    text_to_image_ablations.one_sample one sample, no re-ranking
+
+The CLIP score that re-ranks is the retrieval encoder's (decode/rerank.py).
+
+Images are scored with `shapes_scores.text_to_image_metrics` (objects, colours, classes,
+count, positions, box IoU), captions with `caption_metrics`. For scale, the same scores
+of the VQ reconstructions of the true images (what a perfect decoder could reach through
+this tokenizer), of the top retrieved document (what copying the retrieval gives), and
+chance (each scene scored against the true image and caption of another scene of the
+split). Everything the contact sheet shows is saved in `generated.npz`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import numpy as np
+
+from cm3leon_jax import fs
+from cm3leon_jax.data import synthetic_tfds
+from cm3leon_jax.decode import generate_run, pictures, rerank, restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.evaluation import shapes_scores
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+# The issue's targets: (metric path, minimum). Printed as reached / not reached.
+TARGETS = (
+    ("text_to_image.objects_right", 0.35),
+    ("text_to_image.any_object_right", 0.80),
+    ("image_to_text.any_object_right", 0.60),
+    ("image_to_text.objects_right", 0.30),
+)
+SHEET_ROWS = 8
+
+
+@gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])
+def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, image_tokenizer,
+                   split: str = "test", num_examples: int = 64, num_retrieved: int = 2,
+                   image_sampling: SamplingConfig | None = None,
+                   caption_sampling: SamplingConfig | None = None,
+                   caption_style: str = "infill", max_caption_tokens: int = 24,
+                   rerank_samples: int = 4, ablations: bool = True, batch_size: int = 32,
+                   seed: int = 0) -> dict:
+    """Text -> image and image -> text on the first `num_examples` scenes of `split`.
+
+    Args:
+      split: "test" for the held-out figures; "validation" while tuning settings.
+      num_retrieved: documents put in front of each prompt (paper: 2).
+      image_sampling / caption_sampling: how tokens are chosen (generate.SamplingConfig).
+      caption_style: "infill" or "image_first" (decode/prompts.py); image_first needs
+        image-first documents in pretraining (preprocess.image_first_prob > 0).
+      rerank_samples: samples per caption, the best by CLIP score kept (1: no re-ranking;
+        needs the retriever's encoder).
+      ablations: also run k = 0, no guidance and one sample (see the module docstring).
+      batch_size: prompt rows per compiled sampler call.
+    """
+    examples = list(builder.as_dataset(split=f"{split}[:{num_examples}]").as_numpy_iterator())
+    images = np.stack([ex["image"] for ex in examples])
+    captions = [ex["captions"][0].decode() for ex in examples]
+    scenes = [synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode()) for ex in examples]
+    config, params, step = restore.restore_decoder(pretrain_dir)
+    vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
+    gen = Generator(config, params, vocab, image_tokenizer, retriever, batch_size=batch_size)
+    image_sampling = image_sampling or SamplingConfig()
+    ranker = None
+    if rerank_samples > 1:
+        encoder = Retriever.open(os.path.join(data_dir, "retrieval")).encoder \
+            if retriever is None else retriever.encoder
+        ranker = rerank.ClipRanker(encoder)
+
+    def draw(k: int, sampling: SamplingConfig, samples: int = rerank_samples):
+        return gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
+                                 num_samples=samples, ranker=ranker if samples > 1 else None)
+
+    drawn = draw(num_retrieved, image_sampling)
+    written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
+                                max_tokens=max_caption_tokens, style=caption_style, seed=seed)
+    metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
+               "num_retrieved": num_retrieved, "rerank_samples": rerank_samples,
+               "text_to_image": score_images(drawn.images, scenes),
+               "image_to_text": shapes_scores.caption_metrics(written, scenes),
+               "vq_reconstruction_reference": score_images(
+                   image_tokenizer.reconstruct(images), scenes),
+               "chance_reference": _chance(images, captions, scenes, seed)}
+    if ablations:
+        metrics["text_to_image_ablations"] = {
+            "k0": score_images(draw(0, image_sampling).images, scenes),
+            "no_cfg": score_images(
+                draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}
+        if rerank_samples > 1:
+            metrics["text_to_image_ablations"]["one_sample"] = score_images(
+                draw(num_retrieved, image_sampling, 1).images, scenes)
+    retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
+                                                 np.uint8), [[] for _ in examples]
+    if retriever is not None:
+        metrics["top_retrieved_reference"], retrieved_images, retrieved_texts = \
+            _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes,
+                                 num_retrieved)
+    _save(out_dir, examples, images, captions, scenes, drawn.images, written, retrieved_images,
+          retrieved_texts)
+    metrics["example_captions"] = [{"true": c, "generated": w}
+                                   for c, w in zip(captions[:4], written[:4])]
+    return metrics
+
+
+def _without_guidance(sampling: SamplingConfig) -> SamplingConfig:
+    fields = {k: getattr(sampling, k) for k in sampling.__dataclass_fields__}
+    return SamplingConfig(**{**fields, "guidance": "none"})
+
+
+def score_images(images: np.ndarray, scenes: list) -> dict:
+    """shapes_scores.text_to_image_metrics (its first four keys are image_scores')."""
+    return shapes_scores.text_to_image_metrics(images, scenes)
+
+
+def _chance(images: np.ndarray, captions: list[str], scenes: list, seed: int) -> dict:
+    """Each scene against another scene's true image and caption: what guessing from the
+    corpus gets, the baseline the issue's "3x chance" targets divide by."""
+    n = len(scenes)
+    shift = 1 + int(np.random.default_rng(seed).integers(max(n - 1, 1)))
+    order = [(i + shift) % n for i in range(n)]  # a derangement: nobody gets its own
+    return {"text_to_image": score_images(images[order], scenes),
+            "image_to_text": shapes_scores.caption_metrics([captions[i] for i in order],
+                                                           scenes)}
+
+
+def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
+    """Scores of the best retrieved document's image (for a caption) and caption (for an
+    image); also each caption's k retrieved images and texts (for the contact sheet)."""
+    by_text = [[document_lib.decode(t, vocab) for t in r.token_ids[:k]]
+               for r in retriever.search_texts(captions, k=k)]
+    by_image = [document_lib.decode(r.token_ids[0], vocab)
+                for r in retriever.search_images(list(images), k=1)]
+    side = images.shape[1:]
+    shown = np.zeros((len(captions), k) + side, np.uint8)
+    texts = []
+    for i, docs in enumerate(by_text):
+        codes = [d.images[0] for d in docs if d.images]
+        if codes:
+            shown[i, :len(codes)] = image_tokenizer.decode(np.stack(codes))
+        texts.append([d.texts[0] if d.texts else "" for d in docs])
+    top = shown[:, 0] if k else shown
+    scores = {"text_to_image": score_images(top, scenes),
+              "image_to_text": shapes_scores.caption_metrics(
+                  [d.texts[0] if d.texts else "" for d in by_image], scenes)}
+    return scores, shown, texts
+
+
+def _save(out_dir, examples, images, captions, scenes, drawn, written, retrieved_images,
+          retrieved_texts) -> None:
+    fs.makedirs(out_dir)
+    pictures.grid(drawn, captions, os.path.join(out_dir, "generated.png"))
+    pictures.grid(images, written, os.path.join(out_dir, "captioned.png"))
+    generate_run.write_captions(os.path.join(out_dir, "captions.json"),
+                                [f"example[{i}]" for i in range(len(examples))], written, 1,
+                                [{"true_caption": c} for c in captions])
+    fs.np_savez(
+        os.path.join(out_dir, "generated.npz"), images=images, captions=np.array(captions),
+        scenes=np.array([s.to_json() for s in scenes]), generated_images=drawn,
+        generated_captions=np.array(written), retrieved_images=retrieved_images,
+        retrieved_captions=np.array([t + [""] * (retrieved_images.shape[1] - len(t))
+                                     for t in retrieved_texts]))
+
+
+def sheet_sections(out_dir: str) -> list:
+    """The contact sheet's text -> image and image -> text sections from generated.npz."""
+    path = os.path.join(out_dir, "generated.npz")
+    if not fs.exists(path):
+        return []
+    data = fs.np_load(path)
+    n = min(SHEET_ROWS, len(data["images"]))
+    scenes = [synthetic_tfds.shapes.Scene.from_json(s) for s in data["scenes"][:n]]
+    k = data["retrieved_images"].shape[1]
+    rows = []
+    for i in range(n):
+        ok = shapes_scores.compare(shapes_scores.image_objects(data["generated_images"][i]),
+                                   scenes[i])["objects_right"]
+        row = [str(data["captions"][i])]
+        for j in range(k):
+            row += [data["retrieved_images"][i, j], str(data["retrieved_captions"][i, j])]
+        rows.append(row + [data["generated_images"][i], ("objects right" if ok else
+                                                         "objects wrong", ok)])
+    header = ["caption (held out)"] + ["retrieved doc", ""] * k + ["generated", "parsed"]
+    t2i = demo_sheet.section("Text -> image (retrieval-augmented, CFG, CLIP re-ranked)", header,
+                             rows,
+                             text_width=150)
+    rows = []
+    for i in range(n):
+        said = str(data["generated_captions"][i])
+        ok = shapes_scores.compare(shapes_scores.caption_objects(said), scenes[i])
+        rows.append([data["images"][i], (said, ok["objects_right"]), str(data["captions"][i])])
+    i2t = demo_sheet.section("Image -> text (held-out images)",
+                             ["image", "generated caption", "a true caption"], rows,
+                             text_width=300)
+    return [t2i, i2t]
+
+
+def summary(metrics: dict) -> str:
+    """One line: the headline scores."""
+    t2i, i2t = metrics["text_to_image"], metrics["image_to_text"]
+    return (f"text->image {t2i['objects_right']:.0%} exactly right, "
+            f"{t2i['any_object_right']:.0%} one right; captions {i2t['objects_right']:.0%} "
+            f"exactly, {i2t['any_object_right']:.0%} one right ({metrics['examples']} "
+            f"{metrics['split']} scenes)")
+
+
+def targets_report(metrics: dict) -> list[str]:
+    """A line per target of the issue: the figure reached and whether it meets it."""
+    lines = []
+    for path, minimum in TARGETS:
+        value = metrics
+        for key in path.split("."):
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        if isinstance(value, (int, float)):
+            verdict = "reached" if value >= minimum else "NOT reached"
+            lines.append(f"target {path} >= {minimum:.0%}: {value:.0%} ({verdict})")
+    chance = metrics.get("chance_reference", {}).get("text_to_image", {})
+    for key in ("colours_right", "classes_right", "position_right"):
+        value, base = metrics.get("text_to_image", {}).get(key), chance.get(key)
+        if value is not None and base is not None:
+            verdict = "reached" if value >= 3 * base else "NOT reached"
+            lines.append(f"target text_to_image.{key} >= 3x chance ({3 * base:.0%}): "
+                         f"{value:.0%} ({verdict})")
+    ablations = metrics.get("text_to_image_ablations", {})
+    head = metrics.get("text_to_image", {}).get("objects_right")
+    for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
+                       ("one_sample", "CLIP re-ranking beats one sample")):
+        if name in ablations and head is not None:
+            other = ablations[name]["objects_right"]
+            verdict = "yes" if head > other else "NO"
+            lines.append(f"{what}: {head:.0%} vs {other:.0%} exactly right ({verdict})")
+    return lines

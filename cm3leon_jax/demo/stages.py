@@ -1,0 +1,134 @@
+"""How the demo runs its stages: numbered, timed, logged in one line each, and reused.
+
+    [demo 5/8] pretrain ...
+    [demo 5/8] pretrain: 900 steps, held-out loss 1.02 (312 s, 520 s CPU, load 3.1)
+
+A finished stage stores its result in MODEL_DIR/stages/<name>.json together with a
+fingerprint of the whole run configuration; a rerun with the same configuration reads
+it back instead of running the stage again (an interrupted demo therefore restarts at
+the first unfinished stage, and the stages that write checkpoints resume inside
+themselves). A changed configuration reruns every stage, each reusing what it built.
+
+Wall seconds on a shared machine say little, so each stage also records the CPU
+seconds of this process (all threads) and the 1-minute load average at its end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from cm3leon_jax import fs
+
+
+def jsonable(x: Any) -> Any:
+    """Dicts, lists and numpy scalars -> plain JSON values (keys become strings)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def clear(model_dir: str) -> None:
+    """Deletes what earlier runs built in model_dir (keeps config.gin: the current run's)."""
+    if not fs.isdir(model_dir):
+        return
+    for name in fs.listdir(model_dir):
+        if name.rstrip("/") == "config.gin":
+            continue
+        path = os.path.join(model_dir, name.rstrip("/"))
+        if fs.isdir(path):
+            fs.rmtree(path)
+        else:
+            fs.remove(path)
+
+
+def fingerprint(config_text: str) -> str:
+    """A short hash of the run configuration (the gin config string)."""
+    return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
+
+
+class StageRunner:
+    """Runs the demo's stages in order, keeping their results, times and a log line each.
+
+    Args:
+      model_dir: MODEL_DIR; results are cached under MODEL_DIR/stages/.
+      names: every stage the run will go through, in order (for the "k/n" counter).
+      config_fingerprint: see `fingerprint`; cached results of another one are ignored.
+      print_fn: where the log lines go.
+    """
+
+    def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
+                 print_fn: Callable[[str], None] | None = None):
+        self.dir = os.path.join(model_dir, "stages")
+        self.names, self.config = list(names), config_fingerprint
+        self.print = print_fn or (lambda line: print(line, flush=True))
+        self.results: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self.load: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.started = time.time()
+
+    def _header(self, name: str) -> str:
+        k, n = self.names.index(name) + 1, len(self.names)
+        bar = "#" * k + "-" * (n - k)
+        return f"[demo {k}/{n} {bar}] {name}"
+
+    def _cache_path(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.json")
+
+    def cached(self, name: str) -> Any | None:
+        """The stored result of `name` from a run with this configuration, or None."""
+        path = self._cache_path(name)
+        if not fs.exists(path):
+            return None
+        stored = fs.read_json(path)
+        return stored["result"] if stored.get("config") == self.config else None
+
+    def run(self, name: str, fn: Callable[[], Any],
+            summary: Callable[[Any], str] | None = None) -> Any:
+        """Runs (or reuses) one stage; returns its result."""
+        wall, cpu = time.time(), time.process_time()
+        result = self.cached(name)
+        if result is not None:
+            self.reused.append(name)
+            how = "reused"
+        else:
+            self.print(f"{self._header(name)} ...")
+            result = jsonable(fn())
+            fs.makedirs(self.dir)
+            tmp = self._cache_path(name) + ".tmp"
+            fs.write_json(tmp, {"config": self.config, "result": result})
+            fs.rename(tmp, self._cache_path(name))
+            how = "done"
+        self.results[name] = result
+        self.seconds[name] = round(time.time() - wall, 1)
+        self.cpu_seconds[name] = round(time.process_time() - cpu, 1)
+        self.load[name] = round(os.getloadavg()[0], 1)
+        said = summary(result) if summary is not None and result is not None else ""
+        self.print(f"{self._header(name)}: {how}{': ' + said if said else ''} "
+                   f"({self.seconds[name]} s, {self.cpu_seconds[name]} s CPU, "
+                   f"load {self.load[name]})")
+        return result
+
+    def skip(self, name: str, why: str) -> None:
+        """A stage that cannot run yet: say so in the log (and the caller lists it)."""
+        self.print(f"{self._header(name)}: not run: {why}")
+
+    def timings(self) -> dict[str, Any]:
+        """`seconds` (wall) and `cpu_seconds` per stage, `load_average` at each stage's end,
+        their totals, and which stages were reused."""
+        return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds),
+                "total_seconds": round(time.time() - self.started, 1),
+                "total_cpu_seconds": round(sum(self.cpu_seconds.values()), 1),
+                "load_average": dict(self.load), "reused_stages": list(self.reused)}

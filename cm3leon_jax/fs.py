@@ -1,0 +1,240 @@
+"""The one file-system layer: every user path (MODEL_DIR, data, vocabularies, exports) goes here.
+
+A path with a scheme (`gs://bucket/run`, `s3://...`, `ram://...`: TensorFlow's in-memory
+file system, which the tests use) is handled by `tf.io.gfile`; a plain path by the
+operating system, directly (no TensorFlow import, and exactly the behaviour of `os`).
+So the same command runs with a local folder or a bucket:
+
+    fs.makedirs(model_dir)
+    with fs.open(fs.join(model_dir, "config.gin"), "w") as f: ...
+    fs.write_json(fs.join(model_dir, "manifest.json"), manifest)   # atomic
+
+Orbax checkpoints speak `gs://` through their own layer (etils.epath), which has no
+`ram://`; `abspath` leaves remote paths alone and makes local ones absolute, as orbax
+wants. Libraries that only take local files get them through `local_copy` /
+`upload_dir`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import IO, Any, Iterator
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` names a file system other than the local one (it has a scheme)."""
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf  # Only for remote paths: TensorFlow is slow to import.
+    return tf.io.gfile
+
+
+def join(path: str, *parts: str) -> str:
+    """`os.path.join` that keeps `gs://` paths intact."""
+    path = str(path)
+    return posixpath.join(path, *parts) if is_remote(path) else os.path.join(path, *parts)
+
+
+def abspath(path: str) -> str:
+    """Local paths made absolute; remote ones unchanged (`os.path.abspath` breaks `gs://`)."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def open(path: str, mode: str = "r") -> IO:  # noqa: A001 (the file system's own open)
+    """A file object for `path`; `mode` as Python's ("r", "w", "rb", "wb", "a")."""
+    if is_remote(path):
+        return _gfile().GFile(str(path), mode)
+    return builtins.open(path, mode)
+
+
+def exists(path: str) -> bool:
+    return _gfile().exists(str(path)) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _gfile().isdir(str(path)) if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    return exists(path) and not isdir(path)
+
+
+def makedirs(path: str) -> None:
+    """Creates `path` and its parents; an existing folder is fine."""
+    if is_remote(path):
+        _gfile().makedirs(str(path))
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in the folder `path` (not paths), sorted; folders without a trailing '/'."""
+    names = _gfile().listdir(str(path)) if is_remote(path) else os.listdir(path)
+    return sorted(n.rstrip("/") for n in names)
+
+
+def glob(pattern: str) -> list[str]:
+    """Paths matching `pattern` (`*`, `?`, `[...]` within one folder level), sorted."""
+    if is_remote(pattern):
+        return sorted(_gfile().glob(str(pattern)))
+    import glob as glob_lib
+    return sorted(glob_lib.glob(pattern))
+
+
+def getsize(path: str) -> int:
+    return _gfile().stat(str(path)).length if is_remote(path) else os.path.getsize(path)
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        _gfile().remove(str(path))
+    else:
+        os.remove(path)
+
+
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    """Deletes the folder `path` and everything in it (`ignore_errors`: a missing one too)."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+        return
+    import tensorflow as tf
+    try:
+        _gfile().rmtree(str(path))
+    except tf.errors.NotFoundError:
+        if not ignore_errors:
+            raise
+
+
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk`: (folder, subfolder names, file names) for `top` and every folder below."""
+    if not is_remote(top):
+        yield from os.walk(top)
+        return
+    for folder, dirs, files in _gfile().walk(str(top)):
+        yield folder, [d.rstrip("/") for d in dirs], files
+
+
+def rename(src: str, dst: str, overwrite: bool = True) -> None:
+    """Moves the file or folder `src` to `dst` (atomic on local file systems, not on buckets)."""
+    if (is_remote(src) or is_remote(dst)) and isdir(src):
+        if exists(dst) and not overwrite:  # buckets have no folder rename: copy, then delete
+            raise FileExistsError(dst)
+        copy_tree(src, dst)
+        rmtree(src)
+    elif is_remote(src) or is_remote(dst):
+        _gfile().rename(str(src), str(dst), overwrite=overwrite)
+    elif overwrite:
+        os.replace(src, dst)
+    else:
+        if os.path.exists(dst):
+            raise FileExistsError(dst)
+        os.rename(src, dst)
+
+
+def copy(src: str, dst: str, overwrite: bool = True) -> None:
+    """Copies the file `src` to `dst`, across file systems."""
+    if is_remote(src) or is_remote(dst):
+        _gfile().copy(str(src), str(dst), overwrite=overwrite)
+    else:
+        if not overwrite and os.path.exists(dst):
+            raise FileExistsError(dst)
+        shutil.copyfile(src, dst)
+
+
+def read_text(path: str) -> str:
+    with open(path, "r") as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically: readers see the old file or the whole new one."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary name and a rename (atomic where local)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    rename(tmp, path, overwrite=True)
+
+
+def np_load(path: str, mmap_mode: str | None = None) -> Any:
+    """`np.load` of a .npy/.npz file; memory-mapped (`mmap_mode`) only where local."""
+    import numpy as np
+    if not is_remote(path):
+        return np.load(path, mmap_mode=mmap_mode)
+    return np.load(io.BytesIO(read_bytes(path)))
+
+
+def np_save(path: str, array: Any) -> None:
+    """`np.save` to `path` (no ".npy" appended)."""
+    import numpy as np
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def np_savez(path: str, **arrays: Any) -> None:
+    """`np.savez` to `path` (no ".npz" appended)."""
+    import numpy as np
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json(path: str, value: Any, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(value, indent=indent))
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding `path` (a file or a folder): itself if local, else a download."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, posixpath.basename(str(path).rstrip("/")) or "data")
+        copy_tree(path, local) if isdir(path) else copy(path, local)
+        yield local
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copies the folder `src` into `dst` (created), across file systems."""
+    makedirs(dst)
+    for name in listdir(src):
+        s, d = join(src, name), join(dst, name)
+        copy_tree(s, d) if isdir(s) else copy(s, d)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str) -> Iterator[str]:
+    """A local folder to write into; on success its files end up in `path`.
+
+    For libraries that write only local folders (a ScaNN index): local `path`s are used
+    directly; remote ones get a temporary folder uploaded when the block ends.
+    """
+    if not is_remote(path):
+        makedirs(path)
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
+        copy_tree(tmp, path)

@@ -1,0 +1,41 @@
+"""The demo's stage runner: results reused only for the same configuration; start over."""
+
+import os
+
+from cm3leon_jax.demo import stages as demo_stages
+
+
+def test_a_finished_stage_is_reused_only_under_the_same_configuration(tmp_path):
+    calls, lines = [], []
+
+    def stage():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    first = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config-1", lines.append)
+    assert first.run("a", stage, lambda r: f"value {r['value']}") == {"value": 1}
+    assert lines[-1].startswith("[demo 1/2 #-] a: done: value 1 (")
+    same = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config-1", lines.append)
+    assert same.run("a", stage) == {"value": 1} and len(calls) == 1
+    assert same.reused == ["a"] and "reused" in lines[-1]
+    other = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config-2", lines.append)
+    assert other.run("a", stage) == {"value": 2} and other.reused == []
+    timings = other.timings()
+    assert set(timings["seconds"]) == set(timings["cpu_seconds"]) == {"a"}
+    assert set(timings["load_average"]) == {"a"} and timings["total_seconds"] >= 0
+
+
+def test_clear_keeps_only_the_current_config(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "a.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "config.gin").write_text("x = 1")
+    demo_stages.clear(str(tmp_path))
+    assert os.listdir(tmp_path) == ["config.gin"]
+    demo_stages.clear(str(tmp_path / "missing"))  # nothing built yet: nothing to do
+
+
+def test_fingerprint_and_jsonable():
+    import numpy as np
+    assert demo_stages.fingerprint("a") != demo_stages.fingerprint("b")
+    assert demo_stages.jsonable({1: (np.float32(0.5), np.arange(2))}) == {"1": [0.5, [0, 1]]}

@@ -1,0 +1,67 @@
+"""cm3leon_jax/fs.py behaves the same on a local folder and on a remote file system.
+
+The remote one is TensorFlow's `ram://` (in this process's memory; what gs:// goes
+through, tf.io.gfile, without a network).
+"""
+
+import uuid
+
+import pytest
+
+from cm3leon_jax import fs
+
+
+@pytest.fixture(params=["local", "ram"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    path = f"ram://fs_test_{uuid.uuid4().hex[:8]}"
+    fs.makedirs(path)
+    return path
+
+
+def test_files_and_folders(root):
+    d = fs.join(root, "a", "b")
+    fs.makedirs(d)
+    fs.makedirs(d)  # again: fine
+    assert fs.isdir(d) and not fs.isfile(d)
+    fs.write_text(fs.join(d, "x.txt"), "héllo")
+    fs.write_json(fs.join(d, "y.json"), {"k": [1, 2]})
+    with fs.open(fs.join(d, "z.bin"), "wb") as f:
+        f.write(b"\0\1")
+    assert fs.listdir(d) == ["x.txt", "y.json", "z.bin"]
+    assert fs.listdir(fs.join(root, "a")) == ["b"]
+    assert fs.read_text(fs.join(d, "x.txt")) == "héllo"
+    assert fs.read_json(fs.join(d, "y.json")) == {"k": [1, 2]}
+    assert fs.read_bytes(fs.join(d, "z.bin")) == b"\0\1" and fs.getsize(fs.join(d, "z.bin")) == 2
+    assert fs.glob(fs.join(d, "*.j*")) == [fs.join(d, "y.json")]
+    fs.rename(fs.join(d, "x.txt"), fs.join(d, "w.txt"))
+    fs.copy(fs.join(d, "w.txt"), fs.join(d, "v.txt"))
+    with pytest.raises(Exception):
+        fs.rename(fs.join(d, "v.txt"), fs.join(d, "w.txt"), overwrite=False)
+    fs.remove(fs.join(d, "v.txt"))
+    assert fs.listdir(d) == ["w.txt", "y.json", "z.bin"]
+    assert fs.exists(fs.join(d, "w.txt")) and not fs.exists(fs.join(d, "nothing"))
+    fs.rmtree(fs.join(root, "a"))
+    assert not fs.exists(d)
+
+
+def test_copy_tree_and_local_copy(root, tmp_path):
+    src = fs.join(root, "src")
+    fs.makedirs(fs.join(src, "sub"))
+    fs.write_text(fs.join(src, "sub", "f.txt"), "1")
+    fs.write_text(fs.join(src, "g.txt"), "2")
+    with fs.local_copy(src) as local:
+        assert not fs.is_remote(local)
+        assert fs.read_text(fs.join(local, "sub", "f.txt")) == "1"
+    with fs.staged_dir(fs.join(root, "out")) as out:
+        assert not fs.is_remote(out)
+        fs.write_text(fs.join(out, "h.txt"), "3")
+    assert fs.read_text(fs.join(root, "out", "h.txt")) == "3"
+
+
+def test_paths():
+    assert fs.join("gs://b/run", "checkpoints") == "gs://b/run/checkpoints"
+    assert fs.abspath("gs://b/run") == "gs://b/run"
+    assert fs.abspath("run").startswith("/")
+    assert fs.is_remote("ram://x") and not fs.is_remote("/tmp/x")

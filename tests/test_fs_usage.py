@@ -1,0 +1,81 @@
+"""No run-mode code touches a file except through cm3leon_jax/fs.py (so gs:// works everywhere).
+
+An AST scan of cm3leon_jax/ and tasks/: a call to `open`, `os.path.exists`-like checks,
+`os` / `shutil` / `glob` file operations is allowed only in fs.py itself and in the
+places listed below, each for a path that is never a user's (files inside the
+repository or the installed package, temporary folders, local-only tools).
+`os.path.join` / `basename` / `dirname` are string operations and work on gs:// paths;
+`os.path.abspath(__file__)` finds the package's own files.
+"""
+
+import ast
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOTS = ("cm3leon_jax", "tasks")
+OS_PATH = {"exists", "isdir", "isfile", "getsize", "abspath", "realpath", "getmtime", "lexists"}
+OS = {"makedirs", "mkdir", "listdir", "replace", "rename", "remove", "unlink", "walk",
+      "scandir", "stat", "rmdir"}
+MODULES = {"shutil", "glob"}
+
+# (file, function) -> why its file access is not on a user path.
+ALLOWED = {
+    ("cm3leon_jax/fs.py", "*"): "the layer itself",
+    ("cm3leon_jax/testing/*", "*"): "test helpers",
+    ("cm3leon_jax/main.py", "configure"): "gin files: repository search paths (gin reads them)",
+    ("cm3leon_jax/main.py", "parse_args"): "gin search folders (gin reads them)",
+    ("cm3leon_jax/main.py", "_find"): "gin files (gin reads them)",
+}
+
+
+def calls(tree: ast.AST):
+    """(function name, dotted callee) of every file-touching call in a module."""
+    stack = []
+
+    def visit(node):
+        named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        if named:
+            stack.append(node.name)
+        if isinstance(node, ast.Call):
+            callee = ast.unparse(node.func)
+            parts = callee.split(".")
+            bad = (callee == "open"
+                   or (parts[:2] == ["os", "path"] and parts[-1] in OS_PATH and len(parts) == 3)
+                   or (parts[0] == "os" and len(parts) == 2 and parts[1] in OS)
+                   or (parts[0] in MODULES and len(parts) == 2 and callee != "shutil.which"))
+            if bad and not (node.args and ast.unparse(node.args[0]) == "__file__"):
+                yield (stack[0] if stack else "<module>"), callee, node.lineno
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child)
+        if named:
+            stack.pop()
+    yield from visit(tree)
+
+
+def allowed(path: str, function: str) -> bool:
+    for (file, fn) in ALLOWED:
+        file_ok = path == file or (file.endswith("/*") and path.startswith(file[:-1]))
+        if file_ok and fn in ("*", function):
+            return True
+    return False
+
+
+def test_no_direct_file_access_outside_fs():
+    offenders = []
+    for root in ROOTS:
+        for folder, _, names in os.walk(os.path.join(REPO, root)):
+            for name in sorted(names):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.relpath(os.path.join(folder, name), REPO)
+                with open(os.path.join(REPO, path)) as f:
+                    tree = ast.parse(f.read())
+                offenders += [f"{path}:{line} {fn}(): {callee}"
+                              for fn, callee, line in calls(tree) if not allowed(path, fn)]
+    assert not offenders, ("file access outside cm3leon_jax/fs.py (use fs.open, fs.exists, "
+                           "...; or add a justified ALLOWED entry):\n" + "\n".join(offenders))
+
+
+def test_the_scan_finds_direct_access():
+    tree = ast.parse("import os\ndef f(p):\n    os.makedirs(p)\n    return open(p)\n")
+    assert [(fn, c) for fn, c, _ in calls(tree)] == [("f", "os.makedirs"), ("f", "open")]
