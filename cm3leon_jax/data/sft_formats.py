@@ -334,8 +334,8 @@ class ConditionFolder:
             if not fs.exists(caption_path):
                 raise _Skip("missing_caption")
             try:
-                with fs.open(caption_path, encoding="utf-8") as f:
-                    caption = _text(f.read())
+                with fs.open(caption_path, "rb") as f:
+                    caption = _text(f.read().decode("utf-8"))
             except UnicodeDecodeError:
                 raise _Skip("non_utf8_caption") from None
             cond = load_image(self._find(condition, name))
