@@ -4,7 +4,13 @@ Two source layouts:
 - a JSONL file, one `{"image": path, "text": caption}` per line; relative image
   paths are relative to the JSONL file's folder;
 - a folder of images (searched recursively), each captioned by a UTF-8 `.txt`
-  file of the same stem beside it (`cat.jpg` + `cat.txt`).
+  file of the same stem beside it (`cat.jpg` + `cat.txt`; names match whatever
+  their case: `Cat.JPG` + `cat.TXT`).
+
+Two splits: `validation` holds the records whose id hashes below
+`validation_fraction` (at least one record when there are two or more), `train` the
+rest. The split depends only on each record's id, so it is the same on every build
+and a record stays in its split when others are added.
 
 Nothing bad is dropped silently and nothing bad stops the build: every record
 that cannot become an example is counted under one reason (REASONS), and
@@ -14,14 +20,17 @@ holds the counts and up to MAX_REPORTED_IDS ids per reason; a summary is logged.
 Images are EXIF-rotated and converted to RGB: transparent images (RGBA, LA,
 palette with transparency) are composited over white, 16-bit grayscale is scaled
 to 8 bits, every other mode (L, 1, P, CMYK, YCbCr, ...) goes through PIL's RGB
-conversion. Then they are centre-cropped to a square and resized (bicubic) to
-`image_size`.
+conversion. Then they are centre-cropped to a square and resized (bicubic) down to
+`image_size`. An image whose shorter side is below `image_size` is rejected
+(`image_too_small`), never upscaled; one PIL refuses to open as a decompression
+bomb (over twice `PIL.Image.MAX_IMAGE_PIXELS`) is `decompression_bomb`.
 
 Usage (Python or gin; everything lives in the config, so the builder pickles):
     builder = UserImageText(source="captions.jsonl", image_size=256, data_dir=d)
     builder.download_and_prepare(download_config=offline_download_config())
-    ds = builder.as_dataset(split="train")
-or `load_user_data("captions.jsonl", 256, d)`.
+    ds = builder.as_dataset(split="train")          # or split="validation"
+or `load_user_data("captions.jsonl", 256, d)`. The `preprocess` mode reads it with
+gin_configs/runs/preprocess_user.gin.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 
 import gin
 import numpy as np
@@ -44,9 +54,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cm3leon_jax import fs
 from cm3leon_jax.data.synthetic_tfds import offline_download_config
+from cm3leon_jax.errors import MissingInputError, UserInputError
 
 REASONS = ("bad_record", "missing_image", "corrupt_image", "truncated_image",
-           "missing_caption", "empty_caption", "non_utf8_caption")
+           "image_too_small", "decompression_bomb", "missing_caption", "empty_caption",
+           "non_utf8_caption")
+SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 MAX_REPORTED_IDS = 20
 REPORT_NAME = "report.json"
@@ -54,24 +67,32 @@ REPORT_NAME = "report.json"
 
 @dataclasses.dataclass(eq=False)
 class UserDataConfig(tfds.core.BuilderConfig):
-    """Where the pairs are (`source`: a .jsonl file or a folder) and the square image side."""
+    """Where the pairs are (`source`: a .jsonl file or a folder), the square image side and
+    the share of records held out for validation."""
 
     source: str = ""
     image_size: int = 256
+    validation_fraction: float = 0.05
 
 
-def make_user_config(source: str | os.PathLike, image_size: int = 256) -> UserDataConfig:
-    """A config named after the source's stem, size and a hash of its absolute path, so
-    two sources (or sizes) never share a data folder."""
+def make_user_config(source: str | os.PathLike, image_size: int = 256,
+                     validation_fraction: float = 0.05) -> UserDataConfig:
+    """A config named after the source's stem, size, validation share and a hash of its
+    absolute path, so two sources (or settings) never share a data folder."""
     path = pathlib.Path(source).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"User data source {str(source)!r} does not exist; pass a .jsonl "
-                                "file or a folder of images with .txt captions.")
+        raise MissingInputError(f"user data source {str(source)!r} does not exist; give a "
+                                ".jsonl file or a folder of images with .txt captions.")
     if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}.")
+        raise UserInputError(f"image_size must be >= 8, got {image_size}.")
+    if not 0.0 < validation_fraction < 1.0:
+        raise UserInputError(f"validation_fraction must be in (0, 1), got {validation_fraction}; "
+                             "the trainer evaluates on the validation split.")
     stem = re.sub(r"[^a-z0-9]+", "_", path.stem.lower()).strip("_") or "data"
     digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
-    return UserDataConfig(name=f"{stem}_{image_size}px_{digest}", source=str(path), image_size=image_size,
+    held_out = f"{validation_fraction:g}".replace(".", "p")
+    return UserDataConfig(name=f"{stem}_{image_size}px_val{held_out}_{digest}", source=str(path),
+                          image_size=image_size, validation_fraction=validation_fraction,
                           description=f"Image-text pairs from {path}, {image_size}px.")
 
 
@@ -118,16 +139,28 @@ def jsonl_records(path: pathlib.Path) -> Iterator[Record]:
                          _caption_problem(entry["text"]))
 
 
+def _stem_key(path: pathlib.Path) -> str:
+    """Path without suffix, lower-cased: `Cat.JPG` and `cat.TXT` pair up."""
+    return path.with_suffix("").as_posix().lower()
+
+
 def folder_records(root: pathlib.Path) -> Iterator[Record]:
-    """Records of a folder: each image with its same-stem .txt; ids are paths relative to
-    `root`. Captions without an image come out as 'missing_image'."""
+    """Records of a folder: each image with its same-stem .txt (any case); ids are paths
+    relative to `root`. Captions without an image come out as 'missing_image'."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    stems = {p.with_suffix("") for p in images}
+    stems = {_stem_key(p) for p in images}
+    captions: dict[str, pathlib.Path] = {}
+    for caption in (p for p in files if p.suffix.lower() == ".txt"):
+        # Two captions differing only in case: the exact-case one wins, else the first.
+        key = _stem_key(caption)
+        if key not in captions or caption.suffix == ".txt":
+            captions.setdefault(key, caption)
     for image in images:
         record_id = image.relative_to(root).as_posix()
-        sidecar = image.with_suffix(".txt")
-        if not sidecar.is_file():
+        exact = image.with_suffix(".txt")
+        sidecar = exact if exact.is_file() else captions.get(_stem_key(image))
+        if sidecar is None:
             yield Record(record_id, image, None, "missing_caption")
             continue
         try:
@@ -136,7 +169,7 @@ def folder_records(root: pathlib.Path) -> Iterator[Record]:
             yield Record(record_id, image, None, "non_utf8_caption")
             continue
         yield Record(record_id, image, text, _caption_problem(text))
-    for caption in (p for p in files if p.suffix == ".txt" and p.with_suffix("") not in stems):
+    for caption in (p for p in files if p.suffix.lower() == ".txt" and _stem_key(p) not in stems):
         yield Record(caption.relative_to(root).as_posix(), None, None, "missing_image")
 
 
@@ -146,7 +179,8 @@ def records(source: pathlib.Path) -> Iterator[Record]:
         return folder_records(source)
     if source.suffix.lower() in (".jsonl", ".json"):
         return jsonl_records(source)
-    raise ValueError(f"User data source {str(source)!r} is neither a folder nor a .jsonl file.")
+    raise UserInputError(f"user data source {str(source)!r} is neither a folder nor a .jsonl "
+                         "file; give one of those.")
 
 
 # ----------------------------------------------------------------------------- images
@@ -170,10 +204,17 @@ def load_image(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, 
         return None, "missing_image"
     try:
         with Image.open(path) as image:
+            if min(image.size) < image_size:  # Checked before decoding: the header says.
+                return None, "image_too_small"
             image.load()
-            square = ImageOps.fit(to_rgb(ImageOps.exif_transpose(image)), (image_size, image_size),
+            upright = ImageOps.exif_transpose(image)
+            if min(upright.size) < image_size:
+                return None, "image_too_small"
+            square = ImageOps.fit(to_rgb(upright), (image_size, image_size),
                                   method=Image.Resampling.BICUBIC)
             return np.asarray(square, dtype=np.uint8), None
+    except Image.DecompressionBombError:
+        return None, "decompression_bomb"
     except UnidentifiedImageError:
         return None, "corrupt_image"
     except Exception as error:  # noqa: BLE001 - any decoder failure on a user's file is data, not a bug
@@ -192,6 +233,7 @@ class Report:
     def __init__(self, source: str):
         self.source = source
         self.ok = 0
+        self.kept: collections.Counter[str] = collections.Counter()  # Per split.
         self.counts: collections.Counter[str] = collections.Counter()
         self.ids: dict[str, list[str]] = collections.defaultdict(list)
 
@@ -205,6 +247,7 @@ class Report:
             "source": self.source,
             "total": self.ok + sum(self.counts.values()),
             "ok": self.ok,
+            "splits": {split: self.kept[split] for split in SPLITS},
             "rejected": {reason: self.counts[reason] for reason in REASONS},
             "rejected_ids": {reason: self.ids[reason] for reason in REASONS if self.ids[reason]},
         }
@@ -219,24 +262,58 @@ class Report:
         return f"{self.source}: kept {self.ok} of {self.ok + sum(self.counts.values())}; rejected: {bad}"
 
 
+# ----------------------------------------------------------------------------- splits
+
+
+def held_out_share(record_id: str) -> float:
+    """A fixed number in [0, 1) for a record id (CRC32): below the fraction -> validation."""
+    return zlib.crc32(record_id.encode("utf-8", errors="surrogateescape")) / 2**32
+
+
+def split_records(all_records: Sequence[Record], validation_fraction: float,
+                  image_size: int) -> dict[str, list[Record]]:
+    """{"train": [...], "validation": [...]}, by each id's `held_out_share`.
+
+    When no usable record falls under the fraction (a small source), the usable record
+    with the lowest share is held out too, so the trainer's evaluation always has data
+    (if there are two usable records; only then are images opened here).
+    """
+    validation = [r for r in all_records if held_out_share(r.id) < validation_fraction]
+    if not any(r.problem is None for r in validation):
+        held = {r.id for r in validation}
+        usable = (r for r in sorted(all_records, key=lambda r: held_out_share(r.id))
+                  if r.id not in held and r.problem is None
+                  and load_image(r.image, image_size)[1] is None)
+        first = next(usable, None)
+        if first is not None and next(usable, None) is not None:
+            validation.append(first)
+    held = {r.id for r in validation}
+    return {"train": [r for r in all_records if r.id not in held], "validation": validation}
+
+
 # ----------------------------------------------------------------------------- builder
 
 
 class UserImageText(tfds.core.GeneratorBasedBuilder):
-    """A user's image-text pairs; the only split is 'train'."""
+    """A user's image-text pairs, split into 'train' and a held-out 'validation'."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: JSONL or folder sources, report.json of rejects."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: JSONL or folder sources, report.json of rejects.",
+        "1.1.0": "A deterministic validation split; small images and decompression bombs "
+                 "rejected; caption files matched whatever their case.",
+    }
 
     def __init__(self, *, source: str | os.PathLike | None = None, image_size: int = 256,
-                 config: UserDataConfig | None = None, **kwargs):
-        """Pass `source` (+ `image_size`), or a ready `config`; other kwargs go to TFDS
-        (`data_dir`, `version`)."""
+                 validation_fraction: float = 0.05, config: UserDataConfig | None = None,
+                 **kwargs):
+        """Pass `source` (+ `image_size`, `validation_fraction`), or a ready `config`; other
+        kwargs go to TFDS (`data_dir`, `version`)."""
         if config is None:
             if source is None:
                 raise ValueError("UserImageText needs source= (a .jsonl file or an image folder) "
                                  "or config=make_user_config(...).")
-            config = make_user_config(source, image_size)
+            config = make_user_config(source, image_size, validation_fraction)
         elif not isinstance(config, UserDataConfig):
             raise ValueError(f"UserImageText config must be a UserDataConfig (see make_user_config), "
                              f"got {config!r}.")
@@ -255,11 +332,15 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # the data is already local
-        return {"train": self._generate_examples(pathlib.Path(self.builder_config.source))}
+        source = pathlib.Path(self.builder_config.source)
+        config = self.builder_config
+        splits = split_records(list(records(source)), config.validation_fraction,
+                               config.image_size)
+        report = Report(str(source))  # One report over both splits, rewritten after each.
+        return {split: self._generate_examples(splits[split], split, report) for split in SPLITS}
 
-    def _generate_examples(self, source: pathlib.Path):
-        report = Report(str(source))
-        for record in records(source):
+    def _generate_examples(self, split_records: Sequence[Record], split: str, report: Report):
+        for record in split_records:
             if record.problem is not None:
                 report.reject(record.id, record.problem)
                 continue
@@ -268,25 +349,31 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
                 report.reject(record.id, problem)
                 continue
             report.ok += 1
+            report.kept[split] += 1
             yield record.id, {"id": record.id, "image": pixels, "text": record.text}
-        logging.info("User data report: %s", report.summary())
+        logging.info("User data report after %s: %s", split, report.summary())
+        if report.kept[split] == 0:
+            raise UserInputError(
+                f"no usable image-text pairs for the {split} split of {report.source}: "
+                f"{report.summary()} (see the reasons in {REPORT_NAME}); add usable pairs"
+                + (" or raise validation_fraction." if split == "validation" else "."))
         if sum(report.counts.values()):
-            logging.warning("Rejected records from %s: %s (details in %s)", source, report.summary(),
-                            REPORT_NAME)
-        if report.ok == 0:
-            raise ValueError(f"No usable image-text pairs in {source}: {report.summary()}.")
+            logging.warning("Rejected records from %s: %s (details in %s)", report.source,
+                            report.summary(), REPORT_NAME)
         report.write(self.data_dir)
 
 
 @gin.configurable
 def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir: str | None = None,
-                      *, overwrite: bool = False) -> UserImageText:
+                      *, validation_fraction: float = 0.05,
+                      overwrite: bool = False) -> UserImageText:
     """A prepared UserImageText builder, built with no network access if not yet built.
 
     A prepared source is reused as is; after editing the source, pass `overwrite=True`
     (or use another data_dir) to rebuild it.
     """
-    builder = UserImageText(source=source, image_size=image_size, data_dir=data_dir)
+    builder = UserImageText(source=source, image_size=image_size,
+                            validation_fraction=validation_fraction, data_dir=data_dir)
     config = offline_download_config()
     if overwrite:
         config = dataclasses.replace(config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
@@ -301,7 +388,9 @@ def read_report(builder: UserImageText) -> dict:
 
 @gin.configurable
 def load_user_data(source: str | os.PathLike, image_size: int = 256, data_dir: str | None = None,
-                   *, overwrite: bool = False, shuffle_files: bool = False) -> tf.data.Dataset:
-    """The 'train' split of `source` as a tf.data.Dataset of {id, image, text}, built if needed."""
-    builder = user_data_builder(source, image_size, data_dir, overwrite=overwrite)
-    return builder.as_dataset(split="train", shuffle_files=shuffle_files)
+                   *, split: str = "train", validation_fraction: float = 0.05,
+                   overwrite: bool = False, shuffle_files: bool = False) -> tf.data.Dataset:
+    """A split of `source` as a tf.data.Dataset of {id, image, text}, built if needed."""
+    builder = user_data_builder(source, image_size, data_dir,
+                                validation_fraction=validation_fraction, overwrite=overwrite)
+    return builder.as_dataset(split=split, shuffle_files=shuffle_files)

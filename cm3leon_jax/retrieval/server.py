@@ -3,25 +3,31 @@
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/serve_retrieval.gin \
         --gin.MODEL_DIR="'runs/demo'"          # serves runs/demo/retrieval on 127.0.0.1:8750
 
-    GET  /health                       {"status": "ok", "num_docs", "dim", "can_encode"}
+    GET  /health                       {"status": "ok", "num_docs", "dim", "can_encode",
+                                        "requests": {"answered", "rejected", "failed"}}
     POST /search/vector   JSON         {"vectors": [[f32 x dim], ...], "k": 2, "exclude_doc_ids": [...]}
     POST /search/text     JSON         {"texts": ["a red circle", ...], "k": 2}
     POST /search/image?k=2  image/png  the PNG file as the body (one image)
     ->  {"results": [{"doc_ids": [...], "scores": [...], "token_ids": [[...], ...]}, ...]}
 
 Limits (`ServiceLimits`): request body size, batch size, k, text length, image
-pixels. A request outside them, malformed JSON, a vector of the wrong size or a
-PNG that does not decode gets a 4xx whose `detail` says what was wrong; errors in
-one request never stop the server. Handlers are plain functions, so FastAPI runs
-them in its thread pool and ScaNN/JAX work proceeds in parallel across requests.
+pixels. A request outside them, malformed or non-UTF-8 JSON, a vector of the wrong
+size or not finite in float32, or a PNG that does not decode gets a 4xx whose
+`detail` says what was wrong; errors in one request never stop the server. Handlers
+are plain functions, so FastAPI runs them in its thread pool and ScaNN/JAX work
+proceeds in parallel across requests; the image handler decodes its PNG in that pool
+too, so the event loop only moves bytes. `/health` counts the search requests the
+server has finished, by outcome (2xx answered, 4xx rejected, 5xx failed), so a load
+test can check its own bookkeeping against the server's.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
-import math
 import os
+import threading
 from typing import Any
 
 import gin
@@ -30,6 +36,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from cm3leon_jax.retrieval.retriever import Retriever, SearchResult
 from cm3leon_jax.retrieval.select import SelectionConfig
@@ -95,12 +102,36 @@ def decode_png(body: bytes, limits: ServiceLimits) -> np.ndarray:
         _bad(400, f"the PNG does not decode: {type(e).__name__}: {e}")
 
 
+class RequestCounts:
+    """Finished /search requests by outcome; thread-safe (handlers run in a pool)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, status: int) -> None:
+        outcome = "answered" if status < 400 else "rejected" if status < 500 else "failed"
+        with self._lock:
+            self._counts[outcome] += 1
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {k: self._counts[k] for k in ("answered", "rejected", "failed")}
+
+
 def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> FastAPI:
     limits = limits or ServiceLimits()
     app = FastAPI(title="cm3leon-jax retrieval", version="1")
+    counts = RequestCounts()
 
     @app.middleware("http")
     async def bound_body(request: Request, call_next):
+        response = await _bounded(request, call_next)
+        if request.url.path.startswith("/search"):
+            counts.add(response.status_code)
+        return response
+
+    async def _bounded(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
             return JSONResponse({"detail": f"request body is {length} bytes; at most "
@@ -108,7 +139,11 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> Fas
         if length is None and request.method == "POST":
             return JSONResponse({"detail": "send a Content-Length header (no chunked bodies)."},
                                 status_code=411)
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:  # pylint: disable=broad-except  # One request fails, not the server.
+            return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"},
+                                status_code=500)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -119,7 +154,7 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> Fas
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "num_docs": len(retriever.bank), "dim": retriever.dim,
-                "can_encode": retriever.encoder is not None}
+                "can_encode": retriever.encoder is not None, "requests": counts.as_dict()}
 
     @app.post("/search/vector")
     def search_vector(q: VectorQuery) -> dict:
@@ -129,12 +164,13 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> Fas
             bad = next(i for i, v in enumerate(q.vectors) if len(v) != retriever.dim)
             _bad(400, f"vector {bad} has {len(q.vectors[bad])} values; the bank holds "
                       f"{retriever.dim}-d vectors.")
-        if any(not math.isfinite(x) for v in q.vectors for x in v):
-            _bad(400, "vectors hold NaN or infinity.")
         if q.exclude_doc_ids is not None and len(q.exclude_doc_ids) != len(q.vectors):
             _bad(400, f"exclude_doc_ids has {len(q.exclude_doc_ids)} entries for "
                       f"{len(q.vectors)} vectors; give one (or null) per vector.")
-        vectors = np.asarray(q.vectors, np.float32)
+        with np.errstate(over="ignore"):  # 1e39 is a finite JSON number but inf in float32.
+            vectors = np.asarray(q.vectors, np.float32)
+        if not np.isfinite(vectors).all():
+            _bad(400, "vectors hold NaN or infinity (or values beyond float32's range).")
         return _as_json(retriever.search_vectors(vectors, q.k, q.exclude_doc_ids))
 
     @app.post("/search/text")
@@ -155,9 +191,9 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> Fas
         _check_k(k, limits)
         if retriever.encoder is None:
             _bad(409, "this server has no encoder; search by vector.")
-        image = decode_png(await request.body(), limits)
-        # The encoder is synchronous; run it in the thread pool like the other handlers.
-        from starlette.concurrency import run_in_threadpool
+        # Decoding and the encoder are synchronous: both run in the thread pool, as the
+        # other handlers do, so a large PNG never stalls the event loop.
+        image = await run_in_threadpool(decode_png, await request.body(), limits)
         return _as_json(await run_in_threadpool(retriever.search_images, [image], k))
 
     return app

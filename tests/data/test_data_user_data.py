@@ -2,6 +2,8 @@
 
 import json
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cm3leon_jax.data import user_data
+from cm3leon_jax.errors import UserInputError
 
 SIZE = 16
 
@@ -21,9 +24,21 @@ def rgb(seed: int, h: int = 24, w: int = 40) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def bomb_png(path, side=30_000):
+    """A PNG whose header claims side x side pixels (900M: over twice PIL's bomb limit) with
+    a few bytes of data: PIL refuses it when opening, before decoding anything."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 @pytest.fixture
 def folder(tmp_path):
-    """good x2, grayscale, RGBA, palette, corrupt, truncated, empty caption, non-UTF-8 caption,
+    """good x2, grayscale, RGBA, palette, an upper-case pair (Upper.PNG + upper.TXT),
+    corrupt, truncated, too small, a decompression bomb, empty caption, non-UTF-8 caption,
     no caption, caption without image; plus a non-image file that must be ignored."""
     root = tmp_path / "pairs"
     (root / "nested").mkdir(parents=True)
@@ -42,9 +57,13 @@ def folder(tmp_path):
     save(root / "empty.png", rgb(4))
     save(root / "latin1.png", rgb(5))
     save(root / "nocaption.png", rgb(6))
+    save(root / "Upper.PNG", rgb(7))
+    (root / "upper.TXT").write_text("matched whatever the case", encoding="utf-8")
+    save(root / "small.png", rgb(8, h=SIZE - 1, w=64))  # 15 px high: never upscaled
+    bomb_png(root / "bomb.png")
     captions = {"good1": "a red thing", "nested/good2": "another thing", "gray": "gray square",
                 "rgba": "half red", "palette": "blue", "corrupt": "c", "truncated": "t", "empty": "  \n",
-                "orphan": "no image for me"}
+                "orphan": "no image for me", "small": "tiny", "bomb": "boom"}
     for stem, text in captions.items():
         (root / f"{stem}.txt").write_text(text, encoding="utf-8")
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
@@ -56,23 +75,41 @@ def prepared(source, data_dir):
     return user_data.user_data_builder(source, SIZE, str(data_dir))
 
 
+def examples_of(builder):
+    """{id: example} over both splits."""
+    return {e["id"].decode(): e for split in user_data.SPLITS
+            for e in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+def num_examples(builder):
+    return sum(builder.info.splits[split].num_examples for split in user_data.SPLITS)
+
+
 def test_folder_report_counts_every_reason_exactly(folder, tmp_path):
     builder = prepared(folder, tmp_path / "tfds")
     report = user_data.read_report(builder)
     assert report["rejected"] == {"bad_record": 0, "missing_image": 1, "corrupt_image": 1,
-                                  "truncated_image": 1, "missing_caption": 1, "empty_caption": 1,
-                                  "non_utf8_caption": 1}
-    assert (report["ok"], report["total"]) == (5, 11)
+                                  "truncated_image": 1, "image_too_small": 1,
+                                  "decompression_bomb": 1, "missing_caption": 1,
+                                  "empty_caption": 1, "non_utf8_caption": 1}
+    assert (report["ok"], report["total"]) == (6, 14)
     assert report["rejected_ids"]["missing_image"] == ["orphan.txt"]
     assert report["rejected_ids"]["truncated_image"] == ["truncated.png"]
+    assert report["rejected_ids"]["image_too_small"] == ["small.png"]
+    assert report["rejected_ids"]["decompression_bomb"] == ["bomb.png"]
     assert report["rejected_ids"]["non_utf8_caption"] == ["latin1.png"]
-    assert builder.info.splits["train"].num_examples == 5
+    assert report["splits"]["train"] + report["splits"]["validation"] == 6
+    assert report["splits"]["validation"] >= 1
+    for split in user_data.SPLITS:
+        assert builder.info.splits[split].num_examples == report["splits"][split]
 
 
 def test_folder_images_are_converted_to_rgb_squares(folder, tmp_path):
     builder = prepared(folder, tmp_path / "tfds")
-    examples = {e["id"].decode(): e for e in tfds.as_numpy(builder.as_dataset(split="train"))}
-    assert sorted(examples) == ["good1.png", "gray.png", "nested/good2.jpg", "palette.png", "rgba.png"]
+    examples = examples_of(builder)
+    assert sorted(examples) == ["Upper.PNG", "good1.png", "gray.png", "nested/good2.jpg",
+                                "palette.png", "rgba.png"]
+    assert examples["Upper.PNG"]["text"].decode() == "matched whatever the case"
     assert examples["nested/good2.jpg"]["text"].decode() == "another thing"
     for e in examples.values():
         assert e["image"].shape == (SIZE, SIZE, 3) and e["image"].dtype == np.uint8
@@ -101,28 +138,31 @@ def test_jsonl_source_with_relative_absolute_missing_and_bad_lines(folder, tmp_p
     builder = prepared(source, tmp_path / "tfds")
     report = user_data.read_report(builder)
     assert report["rejected"] == {"bad_record": 2, "missing_image": 1, "corrupt_image": 1,
-                                  "truncated_image": 0, "missing_caption": 0, "empty_caption": 1,
-                                  "non_utf8_caption": 1}
+                                  "truncated_image": 0, "image_too_small": 0,
+                                  "decompression_bomb": 0, "missing_caption": 0,
+                                  "empty_caption": 1, "non_utf8_caption": 1}
     assert (report["ok"], report["total"]) == (2, 8)
     assert report["rejected_ids"]["bad_record"] == ["line7", "line8"]
-    texts = sorted(e["text"].decode() for e in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert report["splits"] == {"train": 1, "validation": 1}  # The smallest source that trains.
+    texts = sorted(e["text"].decode() for e in examples_of(builder).values())
     assert texts == ["absolute", "relative"]
 
 
 def test_prepared_data_is_reused_until_overwrite(folder, tmp_path):
-    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 5
+    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 6
     save(folder / "late.png", rgb(9))
     (folder / "late.txt").write_text("added later")
-    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 5
+    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 6
     rebuilt = user_data.user_data_builder(folder, SIZE, str(tmp_path / "tfds"), overwrite=True)
-    assert user_data.read_report(rebuilt)["ok"] == 6 and rebuilt.info.splits["train"].num_examples == 6
+    assert user_data.read_report(rebuilt)["ok"] == 7 and num_examples(rebuilt) == 7
 
 
 def test_reported_ids_are_capped(tmp_path):
     root = tmp_path / "many"
     root.mkdir()
-    save(root / "ok.png", rgb(0))
-    (root / "ok.txt").write_text("fine")
+    for name in ("ok", "also_ok"):
+        save(root / f"{name}.png", rgb(0))
+        (root / f"{name}.txt").write_text("fine")
     for i in range(user_data.MAX_REPORTED_IDS + 5):
         (root / f"orphan{i:02d}.txt").write_text("no image")
     report = user_data.read_report(prepared(root, tmp_path / "tfds"))
@@ -130,9 +170,27 @@ def test_reported_ids_are_capped(tmp_path):
     assert len(report["rejected_ids"]["missing_image"]) == user_data.MAX_REPORTED_IDS
 
 
+def _records(ids):
+    return [user_data.Record(i, None, "caption") for i in ids]
+
+
+def test_the_validation_split_is_held_out_by_id_deterministically():
+    ids = [f"photos/img_{i:04d}.jpg" for i in range(2000)]
+    split = user_data.split_records(_records(ids), 0.1, SIZE)
+    held = {r.id for r in split["validation"]}
+    assert 150 <= len(held) <= 250  # ~10% (CRC32 of the id, not a random draw)
+    assert held.isdisjoint(r.id for r in split["train"])
+    assert len(held) + len(split["train"]) == len(ids)
+    # Same ids, any order, any build: the same split; new records never move old ones.
+    again = user_data.split_records(_records(ids[::-1] + ["new_a.jpg", "new_b.png"]), 0.1, SIZE)
+    assert held == {r.id for r in again["validation"]} - {"new_a.jpg", "new_b.png"}
+    assert {r.id for r in user_data.split_records(_records(ids), 0.3, SIZE)["validation"]} > held
+
+
 def test_builder_configs_are_per_source_and_size_and_pickle(folder, tmp_path):
     a = user_data.make_user_config(folder, 16)
     assert a.name != user_data.make_user_config(folder, 32).name
+    assert a.name != user_data.make_user_config(folder, 16, validation_fraction=0.2).name
     builder = user_data.UserImageText(source=folder, image_size=SIZE, data_dir=str(tmp_path))
     clone = pickle.loads(pickle.dumps(builder))
     assert clone.builder_config.source == str(folder) and clone.builder_config.image_size == SIZE
@@ -141,9 +199,11 @@ def test_builder_configs_are_per_source_and_size_and_pickle(folder, tmp_path):
 def test_clear_errors_for_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         user_data.make_user_config(tmp_path / "nope.jsonl")
+    with pytest.raises(UserInputError, match="validation_fraction must be in"):
+        user_data.make_user_config(tmp_path, validation_fraction=1.0)
     with pytest.raises(ValueError, match="needs source="):
         user_data.UserImageText(data_dir=str(tmp_path))
     (tmp_path / "only_bad").mkdir()
     (tmp_path / "only_bad" / "x.txt").write_text("caption without image")
-    with pytest.raises(ValueError, match="No usable image-text pairs"):
+    with pytest.raises(ValueError, match="no usable image-text pairs"):
         prepared(tmp_path / "only_bad", tmp_path / "tfds")

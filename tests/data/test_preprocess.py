@@ -115,16 +115,18 @@ def test_user_data_rejects_reach_the_manifest(tmp_path):
     src = tmp_path / "pairs"
     src.mkdir()
     PILImage.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(src / "good.png")
+    PILImage.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(src / "good2.png")
     (src / "bad.png").write_bytes(b"not a png")
     lines = [{"image": "good.png", "text": "a grey square"},
+             {"image": "good2.png", "text": "a dark square"},
              {"image": "bad.png", "text": "a broken file"},
              {"image": "gone.png", "text": "a missing file"}]
     (src / "pairs.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
     source = pp.TfdsSource(functools.partial(
         user_data.user_data_builder, str(src / "pairs.jsonl"), image_size=32,
         data_dir=str(tmp_path / "tfds")))
-    result = _run(source, tmp_path / "out", splits=("train",), text_vocab_size=266)
-    assert result["splits"]["train"]["written"] == 1
+    result = _run(source, tmp_path / "out", splits=("train", "validation"), text_vocab_size=266)
+    assert result["splits"]["train"]["written"] == result["splits"]["validation"]["written"] == 1
     report = result["source_report"]
     assert report["rejected"]["corrupt_image"] == 1 and report["rejected"]["missing_image"] == 1
-    assert report["total"] == 3 and report["ok"] == 1
+    assert report["total"] == 4 and report["ok"] == 2

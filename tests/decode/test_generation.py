@@ -71,6 +71,9 @@ def test_image_to_text_returns_strings_per_sample(vocab):
     texts = gen.image_to_text(codes, num_samples=2, max_tokens=12)
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
     assert texts[0] == texts[1]  # Greedy by default: the samples of one image agree.
+    for t in texts:  # Non-empty captions made of the text vocabulary only.
+        ids = np.asarray(vocab.encode(t))
+        assert t and ids.size and vocab.layout.is_text(ids).all(), repr(t)
 
 
 def test_retrieved_documents_go_first_and_are_dropped_to_fit(vocab):
@@ -84,9 +87,24 @@ def test_retrieved_documents_go_first_and_are_dropped_to_fit(vocab):
                                   what="caption 0").size == query.size + doc.size + 1
     with pytest.raises(ValueError, match="caption 0: its prompt alone"):
         prompts.with_retrieved(query, [], budget=2, what="caption 0")
+    # The retrieved documents reach the prompt and change what is generated: the same
+    # seed gives other images with them, and the same images again when they cannot fit
+    # the prompt (so they act through the prompt, nowhere else).
+    cfg = SamplingConfig(guidance="cfg")
+    plain = Generator(CONFIG, PARAMS, vocab).text_to_image(CAPTIONS, sampling=cfg).codes
     gen = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments([doc, doc]))
-    out = gen.text_to_image(CAPTIONS, num_retrieved=2, sampling=SamplingConfig(guidance="cfg"))
+    out = gen.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg)
     assert out.codes.shape == (2, 16)
+    assert (out.codes != plain).any()
+    other = document.encode(document.Document([document.Text("a green star"),
+                                               document.Image(np.arange(16)[::-1])]), vocab)
+    swapped = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments([other, other]))
+    assert (swapped.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg).codes
+            != out.codes).any()
+    huge = np.concatenate([doc] * (CONFIG.max_length // doc.size + 1))
+    too_big = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments([huge, huge]))
+    np.testing.assert_array_equal(
+        too_big.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg).codes, plain)
 
 
 def test_generator_refuses_what_it_cannot_do(vocab):
