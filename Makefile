@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, run the end-to-end job on the built-in corpus
-#   make test   - create .venv if needed, install (with the dev, ref and beam extras), run the tests
+#   make test   - create .venv if needed, install (with the dev, ref and beam extras), lint, run the tests
 # Both are idempotent: a second run reuses .venv and reinstalls only when setup.py changed.
 
 PYTHON ?= python3
@@ -10,14 +10,17 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all install clean-demo
+.PHONY: demo test test-slow test-all install clean-demo lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): setup.py | $(PY)
+$(STAMP): setup.py Makefile | $(PY)
 	$(PY) -m pip install -q -e '.[dev,ref,beam]'
+	# The FID parity reference: pytorch-fid and a torchvision that imports beside torch 2.13 CPU
+	# (only its layer definitions are used); --no-deps keeps pip from replacing torch.
+	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0 torchvision==0.16.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,8 +28,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cm3leon_jax.main --gin_file=gin_configs/runs/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # The default run leaves out tests marked slow; `make test-slow` runs only those.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)

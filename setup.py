@@ -33,9 +33,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest", "pytest-xdist", "hypothesis"],
+    "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"],
     # Reference implementations, used only by parity tests and peer benchmarks.
-    "ref": ["torch==2.13.0", "transformers>=5,<6", "safetensors", "pytorch-fid==0.3.0"],
+    # pytorch-fid (the FID parity reference) is installed by the Makefile with --no-deps: its
+    # torchvision requirement would otherwise pull a torchvision build that does not import
+    # beside the CPU torch ("operator torchvision::nms does not exist").
+    "ref": ["torch==2.13.0", "transformers>=5,<6", "safetensors"],
     # Offline preprocessing at scale. Beam pulls protobuf < 7, which is why
     # sentencepiece stays below 0.2.3 in INSTALL_REQUIRES.
     "beam": ["apache-beam[tfrecord]"],
