@@ -31,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -121,7 +122,9 @@ def main(argv=None) -> dict:
             jitted = jax.jit(step, out_shardings=(replicated, param_sh))
             lowered = jitted.lower(params, batch)
         else:
-            jitted = jax.jit(step, out_shardings=(replicated, param_sh, opt_sh), donate_argnums=(0, 1))
+            jitted = jax.jit(
+                step, out_shardings=(replicated, param_sh, opt_sh), donate_argnums=(0, 1)
+            )
             lowered = jitted.lower(params, opt_state, batch)
         t1 = time.time()
         try:
@@ -161,9 +164,18 @@ def main(argv=None) -> dict:
     print("  loop) once, not num_layers times, so this is the embedding, the logits and ONE")
     print(f"  layer. The model's own count, 6 * params * tokens / devices = {model_flops:.4g}.")
     if peak:
-        print(f"  at 100% of {chip} bf16 peak, 6ND alone takes {model_flops / peak * 1e3:.0f} ms/step "
-              f"({tokens / len(devices) / (model_flops / peak):.0f} tokens/s/chip upper bound)")
-    return {"fits": hbm is None or total <= hbm, "total_bytes": total, "hbm": hbm, "flops": flops, **sizes}
+        print(
+            f"  at 100% of {chip} bf16 peak, 6ND alone takes "
+            f"{model_flops / peak * 1e3:.0f} ms/step "
+            f"({tokens / len(devices) / (model_flops / peak):.0f} tokens/s/chip upper bound)"
+        )
+    return {
+        "fits": hbm is None or total <= hbm,
+        "total_bytes": total,
+        "hbm": hbm,
+        "flops": flops,
+        **sizes,
+    }
 
 
 if __name__ == "__main__":

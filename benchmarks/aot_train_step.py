@@ -30,13 +30,14 @@ sys.path[:0] = [REPO, HERE]
 import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from aot_tpu import CHIPS, GIB  # noqa: E402  (the decoder benchmark's chip table)
 from jax.experimental import topologies  # noqa: E402
 
-from aot_tpu import CHIPS, GIB  # noqa: E402  (the decoder benchmark's chip table)
 from cm3leon_jax import main as main_lib  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
 from cm3leon_jax.model.decoder import Decoder, count_params  # noqa: E402
-from cm3leon_jax.train import distributed, optimizer, state as state_lib  # noqa: E402
+from cm3leon_jax.train import distributed, optimizer  # noqa: E402
+from cm3leon_jax.train import state as state_lib  # noqa: E402
 from cm3leon_jax.train import step as step_lib  # noqa: E402
 
 FEATURES = {"decoder_input_tokens": jnp.int32, "decoder_target_tokens": jnp.int32,

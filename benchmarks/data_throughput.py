@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def with_random_neighbours(src: str, dst: str, seed: int = 0) -> None:
     """Copies src's shards into dst, giving each record 3 random neighbours."""
     import shutil
+
     from cm3leon_jax.data import shards
     rng = np.random.default_rng(seed)
     shutil.copytree(os.path.join(src, "vocab"), os.path.join(dst, "vocab"), dirs_exist_ok=True)
@@ -54,6 +55,7 @@ def with_random_neighbours(src: str, dst: str, seed: int = 0) -> None:
 def pipeline_rate(data_dir: str, batch: int, seq_len: int, steps: int) -> dict:
     import gin
     import seqio
+
     import tasks  # noqa: F401  (registers)
     from cm3leon_jax.train.feature_converter import CM3FeatureConverter
     from cm3leon_jax.vocab.layout import EOS_ID
@@ -81,6 +83,7 @@ def trainer_rate(batch: int, seq_len: int, steps: int) -> dict:
     import gin
     import jax
     import jax.numpy as jnp
+
     from cm3leon_jax.model import config as config_lib
     from cm3leon_jax.model import decoder as decoder_lib
     from cm3leon_jax.model import loss as loss_lib
@@ -111,7 +114,9 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--pipeline_steps", type=int, default=200)
     parser.add_argument("--trainer_steps", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/RESULTS_data_throughput.md"))
+    parser.add_argument(
+        "--out", default=os.path.join(ROOT, "benchmarks/RESULTS_data_throughput.md")
+    )
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data_dir, "manifest.json")):
         sys.exit(f"no tokenized corpus in {args.data_dir}: run `make demo` first "
@@ -130,10 +135,16 @@ def main() -> None:
     ratio = pipe["tokens_per_s"] / train["tokens_per_s"]
     neighbours = "retrieved" if retrieved else "random"
     rows = [
-        (f"pipeline: retrieval-augmented task ({neighbours} neighbours), packed", f"{pipe['examples_per_s']:,.0f}",
-         f"{pipe['tokens_per_s']:,.0f}"),
-        (f"trainer: `small` decoder fwd+bwd ({train['config']}), jit", "",
-         f"{train['tokens_per_s']:,.0f}"),
+        (
+            f"pipeline: retrieval-augmented task ({neighbours} neighbours), packed",
+            f"{pipe['examples_per_s']:,.0f}",
+            f"{pipe['tokens_per_s']:,.0f}",
+        ),
+        (
+            f"trainer: `small` decoder fwd+bwd ({train['config']}), jit",
+            "",
+            f"{train['tokens_per_s']:,.0f}",
+        ),
     ]
     table = ["| what | examples/s | tokens/s |", "|---|---:|---:|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]

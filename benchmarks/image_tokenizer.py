@@ -54,8 +54,16 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def thumbnail_baseline(images: np.ndarray, factor: int) -> np.ndarray:
     from PIL import Image
     s = images.shape[1]
-    return np.stack([np.asarray(Image.fromarray(im).resize((s // factor, s // factor), Image.BICUBIC)
-                                .resize((s, s), Image.BICUBIC)) for im in images])
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(im)
+                .resize((s // factor, s // factor), Image.BICUBIC)
+                .resize((s, s), Image.BICUBIC)
+            )
+            for im in images
+        ]
+    )
 
 
 def quality(tok, images: np.ndarray) -> dict[str, float]:
@@ -95,6 +103,7 @@ def cmd_synthetic(args) -> dict:
 
 def _photo(name: str) -> np.ndarray:
     import skimage.data
+
     from cm3leon_jax.vocab.image_inputs import rgb_uint8_unresized
     return rgb_uint8_unresized(getattr(skimage.data, name)())
 
@@ -145,9 +154,10 @@ def cmd_photos(args) -> dict:
 
 
 def cmd_speed(args) -> dict:
+    import gin
     import jax
     import jax.numpy as jnp
-    import gin
+
     from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
     from cm3leon_jax.vocab.vqgan import VQGANConfig
 
@@ -172,11 +182,20 @@ def cmd_speed(args) -> dict:
 
     t_enc = timed(tok._encode, x)
     t_dec = timed(tok._decode, codes)
-    r = {"config": args.config, "dtype": args.dtype, "image_size": cfg.image_size, "codes": cfg.codes_per_image,
-         "params_M": n_params / 1e6, "batch": args.batch, "device": jax.devices()[0].device_kind,
-         "cpu_cores": os.cpu_count(), "encode_images_per_s": args.batch / t_enc,
-         "decode_images_per_s": args.batch / t_dec, "encode_s_per_batch": t_enc,
-         "decode_s_per_batch": t_dec}
+    r = {
+        "config": args.config,
+        "dtype": args.dtype,
+        "image_size": cfg.image_size,
+        "codes": cfg.codes_per_image,
+        "params_M": n_params / 1e6,
+        "batch": args.batch,
+        "device": jax.devices()[0].device_kind,
+        "cpu_cores": os.cpu_count(),
+        "encode_images_per_s": args.batch / t_enc,
+        "decode_images_per_s": args.batch / t_dec,
+        "encode_s_per_batch": t_enc,
+        "decode_s_per_batch": t_dec,
+    }
     print(_table([(args.config, r)]))
     return r
 

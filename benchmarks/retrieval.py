@@ -40,7 +40,9 @@ from cm3leon_jax.retrieval import index as index_lib  # noqa: E402
 from cm3leon_jax.retrieval.synthetic_vectors import clustered_vectors, recall_at_k  # noqa: E402
 
 
-def qps(search, queries: np.ndarray, single: bool = False, min_seconds: float = 1.0) -> tuple[float, np.ndarray]:
+def qps(
+    search, queries: np.ndarray, single: bool = False, min_seconds: float = 1.0
+) -> tuple[float, np.ndarray]:
     """Queries/s of `search` (batched: all at once; single: one by one), and its ids."""
     search(queries[:8] if not single else queries[:1])  # warm up
     reps, start = 0, time.perf_counter()
@@ -96,8 +98,11 @@ class Bench:
         index.add(self.base)
         build = time.perf_counter() - start
         self.truth = index.search(self.queries, self.k)[1]
-        self.results["methods"]["exact"] = {"build_s": round(build, 2), "bytes": int(self.base.nbytes),
-                                            "points": []}
+        self.results["methods"]["exact"] = {
+            "build_s": round(build, 2),
+            "bytes": int(self.base.nbytes),
+            "points": [],
+        }
         self.point("exact", {}, lambda q: index.search(q, self.k)[1], single=True)
 
     def scann(self, leaves_grid, reorder_grid, num_leaves=None) -> None:
@@ -123,7 +128,9 @@ class Bench:
     def _single_at_target(self, method: str, make) -> None:
         """Adds single-query QPS to the fastest point reaching recall 0.95 (else the best)."""
         points = self.results["methods"][method]["points"]
-        ok = [p for p in points if p["recall"] >= self.target] or [max(points, key=lambda p: p["recall"])]
+        ok = [p for p in points if p["recall"] >= self.target] or [
+            max(points, key=lambda p: p["recall"])
+        ]
         best = max(ok, key=lambda p: p["qps"])
         best["qps_single"] = round(qps(make(best), self.queries[:200], single=True)[0], 1)
         self.results["methods"][method]["chosen"] = best
@@ -154,7 +161,9 @@ class Bench:
         start = time.perf_counter()
         ivf = faiss.index_factory(d, f"IVF{nlist},PQ{pq_m}x8", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        sample = self.base[rng.choice(len(self.base), min(len(self.base), 50 * nlist), replace=False)]
+        sample = self.base[
+            rng.choice(len(self.base), min(len(self.base), 50 * nlist), replace=False)
+        ]
         ivf.train(sample)
         index = faiss.IndexRefineFlat(ivf)
         index.add(self.base)
@@ -183,20 +192,29 @@ class Bench:
         n = len(self.base)
         bounds = np.linspace(0, n, shards + 1).astype(int)
         start = time.perf_counter()
-        index_lib.ShardedIndex.build((self.base[a:b] for a, b in zip(bounds[:-1], bounds[1:])), d,
-                                     index_lib.IndexConfig(algorithm="tree_ah", num_leaves=num_leaves))
+        index_lib.ShardedIndex.build(
+            (self.base[a:b] for a, b in zip(bounds[:-1], bounds[1:])),
+            d,
+            index_lib.IndexConfig(algorithm="tree_ah", num_leaves=num_leaves),
+        )
         build = time.perf_counter() - start
         index = index_lib.ShardedIndex(d, max_loaded=1)
         self.results["methods"]["sharded"] = {"build_s": round(build, 2), "bytes": dir_bytes(d),
                                               "shards": shards, "max_loaded": 1,
                                               "num_leaves_per_shard": num_leaves, "points": []}
         for l in (leaves, int(leaves * 1.5)):
-            self.point("sharded", {"leaves_to_search": l, "reorder": reorder, "max_loaded": 1},
-                       lambda q, l=l: index.search(q, self.k, leaves_to_search=l, reorder=reorder)[0])
+            self.point(
+                "sharded",
+                {"leaves_to_search": l, "reorder": reorder, "max_loaded": 1},
+                lambda q, l=l: index.search(q, self.k, leaves_to_search=l, reorder=reorder)[0],
+            )
         # With every shard resident (a bank that fits), for the cost of sharding alone.
         resident = index_lib.ShardedIndex(d)
-        self.point("sharded", {"leaves_to_search": leaves, "reorder": reorder, "max_loaded": shards},
-                   lambda q: resident.search(q, self.k, leaves_to_search=leaves, reorder=reorder)[0])
+        self.point(
+            "sharded",
+            {"leaves_to_search": leaves, "reorder": reorder, "max_loaded": shards},
+            lambda q: resident.search(q, self.k, leaves_to_search=leaves, reorder=reorder)[0],
+        )
         shutil.rmtree(d)
 
     def targets(self) -> dict:
@@ -219,7 +237,10 @@ class Bench:
 
 
 def qps_at_recall(points: list[dict], recall: float) -> float | None:
-    """The peer's QPS at `recall`, interpolated (log-QPS) on its Pareto frontier; None if never reached."""
+    """The peer's QPS at `recall`, interpolated (log-QPS) on its Pareto frontier.
+
+    None if never reached.
+    """
     pts = sorted((p["recall"], p["qps"]) for p in points)
     frontier = []
     for r, q in sorted(pts, key=lambda x: -x[1]):
@@ -240,7 +261,12 @@ def plot(results: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in (("scann", "o-"), ("hnsw", "s-"), ("ivfpq", "^-"), ("ivfpq_no_rerank", "v:")):
+    for name, style in (
+        ("scann", "o-"),
+        ("hnsw", "s-"),
+        ("ivfpq", "^-"),
+        ("ivfpq_no_rerank", "v:"),
+    ):
         if name not in results["methods"]:
             continue
         pts = sorted((p["recall"], p["qps"]) for p in results["methods"][name]["points"])
@@ -275,7 +301,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--bank", default=None, help="a memory bank folder instead of synthetic vectors")
+    ap.add_argument(
+        "--bank", default=None, help="a memory bank folder instead of synthetic vectors"
+    )
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results_retrieval")
@@ -304,7 +332,11 @@ def main() -> None:
     log(f"{source}: {n} x {base.shape[1]}, {len(queries)} queries")
     bench.exact()
     if "scann" in methods:
-        leaves = index_lib.IndexConfig().resolve(max(n, 100_000))["num_leaves"] if n >= 100_000 else max(2, n // 50)
+        leaves = (
+            index_lib.IndexConfig().resolve(max(n, 100_000))["num_leaves"]
+            if n >= 100_000
+            else max(2, n // 50)
+        )
         grid = sorted({max(1, int(round(f * leaves)))
                        for f in (0.005, 0.01, 0.02, 0.04, 0.08)})
         bench.scann(grid, [50, 100, 250], num_leaves=leaves)

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm3leon_jax.retrieval import load_test  # noqa: E402
 from cm3leon_jax.data.synthetic import synthetic_documents  # noqa: E402
+from cm3leon_jax.retrieval import load_test  # noqa: E402
 from cm3leon_jax.retrieval.memory_bank import MemoryBank  # noqa: E402
 
 

@@ -44,14 +44,15 @@ sys.path.insert(0, REPO)
 
 import gin  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
 from cm3leon_jax.model.decoder import Decoder, count_params  # noqa: E402
-from cm3leon_jax.train import metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
+from cm3leon_jax.train import metrics, optimizer  # noqa: E402
+from cm3leon_jax.train import state as state_lib  # noqa: E402
+from cm3leon_jax.train import step as step_lib  # noqa: E402
 
 HP = dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0)
 
@@ -240,7 +241,10 @@ def main(argv=None) -> dict:
                       jax_over_peer=statistics.median(r["peer"] / r["jax"] for r in rows))
     print(json.dumps(result, indent=1))
     if args.profile:
-        print(f"\nthe JAX step's {args.profile} costliest ops (ms per step, calls, costliest XLA op, source):")
+        print(
+            f"\nthe JAX step's {args.profile} costliest ops "
+            "(ms per step, calls, costliest XLA op, source):"
+        )
         for ms, n, name, source in profile_ops(jax_step, args.profile):
             print(f"  {ms:8.1f} {n:4d}  {name:34s} {source[:90]}")
     if args.json:

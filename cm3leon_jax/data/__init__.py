@@ -11,10 +11,33 @@ import importlib
 
 from cm3leon_jax.data.parse import ParsedObject, box_iou, match, parse_image
 from cm3leon_jax.data.shapes import (
-    BACKGROUNDS, COLOURS, KINDS, SIZES, Background, Scene, Shape, edge_map, example_rng, make_shape, masks,
-    render, sample_scene, segmentation_map)
+    BACKGROUNDS,
+    COLOURS,
+    KINDS,
+    SIZES,
+    Background,
+    Scene,
+    Shape,
+    edge_map,
+    example_rng,
+    make_shape,
+    masks,
+    render,
+    sample_scene,
+    segmentation_map,
+)
 from cm3leon_jax.data.shapes_tasks import (
-    add, box_phrases, captions, edit, recolour, refer, remove, render_text, reshape, vqa_pairs)
+    add,
+    box_phrases,
+    captions,
+    edit,
+    recolour,
+    refer,
+    remove,
+    render_text,
+    reshape,
+    vqa_pairs,
+)
 
 _LAZY = {
     "SyntheticShapes": "synthetic_tfds", "SyntheticShapesConfig": "synthetic_tfds",

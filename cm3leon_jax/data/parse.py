@@ -131,7 +131,9 @@ def classify_silhouette(mask: np.ndarray) -> tuple[str, float, int]:
             observed = _resize_nearest(mask, reference.shape)
             union = np.count_nonzero(observed | reference)
             iou = np.count_nonzero(observed & reference) / union
-            mismatch = abs(reference.shape[0] - mask.shape[0]) + abs(reference.shape[1] - mask.shape[1])
+            mismatch = abs(reference.shape[0] - mask.shape[0]) + abs(
+                reference.shape[1] - mask.shape[1]
+            )
             if (iou, -mismatch) > (best[1], -best[3]):
                 best = (kind, float(iou), side, mismatch)
     return best[0], best[1], best[2]
@@ -162,7 +164,9 @@ def parse_image(pixels: np.ndarray, background_hint=None, *, max_colour_distance
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] != pixels.shape[1]:
-        raise ValueError(f"parse_image expects a square uint8[h, w, 3] image, got shape {pixels.shape}.")
+        raise ValueError(
+            f"parse_image expects a square uint8[h, w, 3] image, got shape {pixels.shape}."
+        )
     if pixels.dtype != np.uint8:
         raise ValueError(f"parse_image expects uint8 pixels, got {pixels.dtype}; "
                          "convert floats in [0, 1] with (x * 255).round().astype(np.uint8).")
@@ -208,7 +212,9 @@ def match(parsed: list[ParsedObject], scene: shapes.Scene, *, iou_threshold: flo
     and `pairs`: [(parsed index, shape index, box IoU, correct)].
     """
     n_p, n_s = len(parsed), len(scene.shapes)
-    ious = np.array([[box_iou(p.box, s.box) for s in scene.shapes] for p in parsed]).reshape(n_p, n_s)
+    ious = np.array([[box_iou(p.box, s.box) for s in scene.shapes] for p in parsed]).reshape(
+        n_p, n_s
+    )
     allowed = (ious == 1.0) if exact else (ious >= iou_threshold)
     right = np.array([[p.kind == s.kind and p.colour == s.colour for s in scene.shapes]
                       for p in parsed], dtype=bool).reshape(n_p, n_s)

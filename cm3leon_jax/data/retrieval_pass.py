@@ -39,7 +39,13 @@ import numpy as np
 from cm3leon_jax import fs
 from cm3leon_jax.data import shards
 from cm3leon_jax.data.shard_state import (
-    ShardFiles, bank_dir, forget_neighbours, read_json, retrieval_dir, write_json)
+    ShardFiles,
+    bank_dir,
+    forget_neighbours,
+    read_json,
+    retrieval_dir,
+    write_json,
+)
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbours import materialise

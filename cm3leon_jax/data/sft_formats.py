@@ -52,7 +52,7 @@ class Record:
     skipped: str | None = None  # a reason known without loading
 
 
-class _Skip(Exception):
+class _Skip(Exception):  # noqa: N818
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason

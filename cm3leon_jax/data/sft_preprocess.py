@@ -33,8 +33,8 @@ from absl import logging
 from cm3leon_jax import fs
 from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
 from cm3leon_jax.data.augment import AugmentConfig
-from cm3leon_jax.data.shard_state import atomic_write, write_json
 from cm3leon_jax.data.sft_examples import SftExample
+from cm3leon_jax.data.shard_state import atomic_write, write_json
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 VOCAB_FILES = ("layout.json", "text.model")

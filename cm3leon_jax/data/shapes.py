@@ -148,7 +148,12 @@ def make_shape(kind: str, colour: str, size: str, x: int, y: int, side: int) -> 
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {SIZES}.")
     rows, cols = np.nonzero(template(kind, side))
-    box = (x + int(cols.min()), y + int(rows.min()), x + int(cols.max()) + 1, y + int(rows.max()) + 1)
+    box = (
+        x + int(cols.min()),
+        y + int(rows.min()),
+        x + int(cols.max()) + 1,
+        y + int(rows.max()) + 1,
+    )
     return Shape(kind, colour, size, int(x), int(y), int(side), box)
 
 
@@ -320,14 +325,18 @@ def render_background(background: Background, image_size: int) -> np.ndarray:
         offset = noise_rng.integers(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE + 1,
                                     size=(image_size, image_size))
     else:
-        raise ValueError(f"Unknown background texture {background.texture!r}; expected one of {TEXTURES}.")
+        raise ValueError(
+            f"Unknown background texture {background.texture!r}; expected one of {TEXTURES}."
+        )
     return np.clip(base + offset[..., None], 0, 255).astype(np.uint8)
 
 
 def shape_mask(shape: Shape, image_size: int) -> np.ndarray:
     """bool[image_size, image_size]: the pixels of `shape`."""
     mask = np.zeros((image_size, image_size), dtype=bool)
-    mask[shape.y:shape.y + shape.side, shape.x:shape.x + shape.side] = template(shape.kind, shape.side)
+    mask[shape.y : shape.y + shape.side, shape.x : shape.x + shape.side] = template(
+        shape.kind, shape.side
+    )
     return mask
 
 
@@ -356,7 +365,10 @@ SEGMENTATION_COLOURS: dict[str, RGB] = {
 
 
 def segmentation_map(scene: Scene) -> np.ndarray:
-    """uint8[h, w, 3]: each object painted with its class's SEGMENTATION_COLOURS, background black."""
+    """uint8[h, w, 3]: each object painted with its class's SEGMENTATION_COLOURS.
+
+    Background black.
+    """
     out = np.zeros((scene.image_size, scene.image_size, 3), np.uint8)
     for shape, mask in zip(scene.shapes, masks(scene)):
         out[mask] = SEGMENTATION_COLOURS[shape.kind]

@@ -19,7 +19,12 @@ from PIL import Image, ImageDraw, ImageFont
 from cm3leon_jax.data import shapes
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-TEXTURE_WORDS = {"plain": "plain", "stripes": "striped", "checker": "checkered", "noise": "speckled"}
+TEXTURE_WORDS = {
+    "plain": "plain",
+    "stripes": "striped",
+    "checker": "checkered",
+    "noise": "speckled",
+}
 EDIT_OPS = ("recolour", "reshape", "remove", "add")
 
 
@@ -129,7 +134,11 @@ def vqa_pairs(scene: shapes.Scene, rng: np.random.Generator) -> list[tuple[str, 
     kinds = [s.kind for s in scene.shapes]
     colours = [s.colour for s in scene.shapes]
     pairs = [("How many shapes are there?", NUMBER_WORDS[len(kinds)])]
-    pairs += [(f"What colour is the {s.kind}?", s.colour) for s in scene.shapes if kinds.count(s.kind) == 1]
+    pairs += [
+        (f"What colour is the {s.kind}?", s.colour)
+        for s in scene.shapes
+        if kinds.count(s.kind) == 1
+    ]
     pairs += [(f"What shape is the {s.colour} object?", s.kind)
               for s in scene.shapes if colours.count(s.colour) == 1]
     present = kinds[rng.integers(len(kinds))]

@@ -38,7 +38,9 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     """A synthetic_shapes variant. `split_sizes` maps split name -> number of examples."""
 
     image_size: int = 64
-    split_sizes: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPLIT_SIZES[64]))
+    split_sizes: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_SPLIT_SIZES[64])
+    )
     seed: int = 0
     max_objects: int = shapes.MAX_OBJECTS
 
@@ -100,21 +102,30 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         n = self.builder_config.image_size
         return self.dataset_info_from_configs(
             description="Synthetic shapes: flat-coloured shapes on plain or textured "
-                        "backgrounds, exactly parseable (cm3leon_jax.data.parse).",
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "image": tfds.features.Image(shape=(n, n, 3)),
-                "captions": tfds.features.Sequence(tfds.features.Text()),
-                "scene": tfds.features.Text(doc="Scene JSON: shapes.Scene.from_json re-renders it."),
-                "objects": tfds.features.Sequence({
-                    "label": tfds.features.ClassLabel(names=list(shapes.KINDS)),
-                    "colour": tfds.features.ClassLabel(names=list(shapes.COLOURS)),
-                    "size": tfds.features.ClassLabel(names=list(shapes.SIZES)),
-                    "box": tfds.features.Tensor(shape=(4,), dtype=np.int32,
-                                                doc="x0, y0, x1, y1 pixels, ends exclusive"),
-                    "bbox": tfds.features.BBoxFeature(),
-                }),
-            }),
+            "backgrounds, exactly parseable (cm3leon_jax.data.parse).",
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "image": tfds.features.Image(shape=(n, n, 3)),
+                    "captions": tfds.features.Sequence(tfds.features.Text()),
+                    "scene": tfds.features.Text(
+                        doc="Scene JSON: shapes.Scene.from_json re-renders it."
+                    ),
+                    "objects": tfds.features.Sequence(
+                        {
+                            "label": tfds.features.ClassLabel(names=list(shapes.KINDS)),
+                            "colour": tfds.features.ClassLabel(names=list(shapes.COLOURS)),
+                            "size": tfds.features.ClassLabel(names=list(shapes.SIZES)),
+                            "box": tfds.features.Tensor(
+                                shape=(4,),
+                                dtype=np.int32,
+                                doc="x0, y0, x1, y1 pixels, ends exclusive",
+                            ),
+                            "bbox": tfds.features.BBoxFeature(),
+                        }
+                    ),
+                }
+            ),
             supervised_keys=None,
             homepage="https://github.com/cm3leon-jax",
         )

@@ -193,7 +193,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if image.mode.startswith("I;16") or image.mode == "I":
-        eight_bit = (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+        eight_bit = (
+            (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+        )
         return Image.fromarray(eight_bit, "L").convert("RGB")
     return image.convert("RGB")
 
@@ -259,7 +261,8 @@ class Report:
 
     def summary(self) -> str:
         bad = ", ".join(f"{r} {n}" for r, n in sorted(self.counts.items())) or "none"
-        return f"{self.source}: kept {self.ok} of {self.ok + sum(self.counts.values())}; rejected: {bad}"
+        return (f"{self.source}: kept {self.ok} of {self.ok + sum(self.counts.values())}; "
+                f"rejected: {bad}")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -315,8 +318,10 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
                                  "or config=make_user_config(...).")
             config = make_user_config(source, image_size, validation_fraction)
         elif not isinstance(config, UserDataConfig):
-            raise ValueError(f"UserImageText config must be a UserDataConfig (see make_user_config), "
-                             f"got {config!r}.")
+            raise ValueError(
+                f"UserImageText config must be a UserDataConfig (see make_user_config), "
+                f"got {config!r}."
+            )
         super().__init__(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -376,7 +381,9 @@ def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir
                             validation_fraction=validation_fraction, data_dir=data_dir)
     config = offline_download_config()
     if overwrite:
-        config = dataclasses.replace(config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
+        config = dataclasses.replace(
+            config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        )
     builder.download_and_prepare(download_config=config)
     return builder
 

@@ -110,7 +110,11 @@ class Attention(nn.Module):
         out_init = nn.initializers.zeros if c.zero_init_output else w_init
         proj = lambda heads, axis, name: layers.Projection(
                 (c.d_model,), (heads, hd), ("embed", axis, "kv"), w_init, name=name, **dense)(x)
-        q, k, v = proj(n, "heads", "query"), proj(kvh, "kv_heads", "key"), proj(kvh, "kv_heads", "value")
+        q, k, v = (
+            proj(n, "heads", "query"),
+            proj(kvh, "kv_heads", "key"),
+            proj(kvh, "kv_heads", "value"),
+        )
 
         if c.qk_norm:  # Chameleon: per-head LayerNorm with per-head scale and bias.
             qk = lambda heads, axis, name: layers.Norm(
@@ -145,7 +149,9 @@ class Attention(nn.Module):
                 lambda: jnp.zeros(shape, dtype), axes)
         ck = self.variable("cache", "cached_key", boxed(k.shape, k.dtype, names))
         cv = self.variable("cache", "cached_value", boxed(v.shape, v.dtype, names))
-        cs = self.variable("cache", "cached_segment_ids", boxed((b, length), jnp.int32, ("batch", "length")))
+        cs = self.variable(
+            "cache", "cached_segment_ids", boxed((b, length), jnp.int32, ("batch", "length"))
+        )
         ci = self.variable("cache", "cache_index", boxed((), jnp.int32, ()))
         if initializing:  # `init` only sizes the cache: its length is this call's length.
             return k, v, segment_ids, 0
@@ -158,9 +164,13 @@ class Attention(nn.Module):
         # Writes past max_len would be clamped by dynamic_update_slice, silently
         # overwriting the tail: callers must keep index + length <= max_len.
         ck.value = partitioning.with_logical_constraint(
-                jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0)), names)
+            jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0)),
+            names,
+        )
         cv.value = partitioning.with_logical_constraint(
-                jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0)), names)
+            jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0)),
+            names,
+        )
         cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, index))
         ci.value = index + length
         return ck.value, cv.value, cs.value, index

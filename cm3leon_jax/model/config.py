@@ -134,7 +134,9 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
         if self.position_embedding == "rope" and self.dims_per_head % 2:
-            raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}.")
+            raise ValueError(
+                f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}."
+            )
 
     @property
     def kv_heads(self) -> int:

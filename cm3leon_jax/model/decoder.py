@@ -29,8 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm3leon_jax.model import attention, layers, partitioning
-from cm3leon_jax.model import attention_chunked  # noqa: F401  (registers the "chunked" kernel)
+from cm3leon_jax.model import (
+    attention,
+    attention_chunked,  # noqa: F401  (registers the "chunked" kernel)
+    layers,
+    partitioning,
+)
 from cm3leon_jax.model.config import DecoderConfig
 
 _REMAT_POLICIES = {
@@ -86,7 +90,9 @@ class Decoder(nn.Module):
                              f"{list(tokens.shape)}.")
         for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
             if arr is not None and arr.shape != tokens.shape:
-                raise ValueError(f"Decoder: {name} shape {arr.shape} != tokens shape {tokens.shape}.")
+                raise ValueError(
+                    f"Decoder: {name} shape {arr.shape} != tokens shape {tokens.shape}."
+                )
         if positions is None:
             if decode and not self.is_initializing():
                 raise ValueError("Decoder(decode=True) needs explicit positions: the index of "

@@ -82,9 +82,16 @@ def _entries(config: DecoderConfig, family: str) -> list[_Entry]:
         for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
             out.append(_Entry(layer + f"self_attn.{theirs}.weight",
                               ("layers", "attention", ours, "kernel"), lin, 1))
-        out += [_Entry(layer + "self_attn.out_proj.weight", ("layers", "attention", "out", "kernel"), lin, 2),
-                _Entry(layer + "fc1.weight", ("layers", "mlp", "wi", "kernel"), lin, 1),
-                _Entry(layer + "fc2.weight", ("layers", "mlp", "wo", "kernel"), lin, 1)]
+        out += [
+            _Entry(
+                layer + "self_attn.out_proj.weight",
+                ("layers", "attention", "out", "kernel"),
+                lin,
+                2,
+            ),
+            _Entry(layer + "fc1.weight", ("layers", "mlp", "wi", "kernel"), lin, 1),
+            _Entry(layer + "fc2.weight", ("layers", "mlp", "wo", "kernel"), lin, 1),
+        ]
         norms = [(layer + "self_attn_layer_norm", ("layers", "attention_norm")),
                  (layer + "final_layer_norm", ("layers", "mlp_norm")),
                  (p + "final_layer_norm", ("final_norm",))]
@@ -99,16 +106,22 @@ def _entries(config: DecoderConfig, family: str) -> list[_Entry]:
         for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
             out.append(_Entry(layer + f"self_attn.{theirs}.weight",
                               ("layers", "attention", ours, "kernel"), lin, 1))
-        out.append(_Entry(layer + "self_attn.o_proj.weight", ("layers", "attention", "out", "kernel"), lin, 2))
+        out.append(
+            _Entry(
+                layer + "self_attn.o_proj.weight", ("layers", "attention", "out", "kernel"), lin, 2
+            )
+        )
         for ours, theirs in (("query_norm", "q_norm"), ("key_norm", "k_norm")):
             for param, hf_param in (("scale", "weight"), ("bias", "bias")):
                 out.append(_Entry(layer + f"self_attn.{theirs}.{hf_param}",
                                   ("layers", "attention", ours, param), cp))
-        out += [_Entry(layer + "mlp.gate_proj.weight", ("layers", "mlp", "wi_gate", "kernel"), lin, 1),
-                _Entry(layer + "mlp.up_proj.weight", ("layers", "mlp", "wi_up", "kernel"), lin, 1),
-                _Entry(layer + "mlp.down_proj.weight", ("layers", "mlp", "wo", "kernel"), lin, 1),
-                _Entry(layer + "input_layernorm.weight", ("layers", "attention_norm", "scale"), cp),
-                _Entry(layer + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), cp)]
+        out += [
+            _Entry(layer + "mlp.gate_proj.weight", ("layers", "mlp", "wi_gate", "kernel"), lin, 1),
+            _Entry(layer + "mlp.up_proj.weight", ("layers", "mlp", "wi_up", "kernel"), lin, 1),
+            _Entry(layer + "mlp.down_proj.weight", ("layers", "mlp", "wo", "kernel"), lin, 1),
+            _Entry(layer + "input_layernorm.weight", ("layers", "attention_norm", "scale"), cp),
+            _Entry(layer + "post_attention_layernorm.weight", ("layers", "mlp_norm", "scale"), cp),
+        ]
     if not config.tie_embeddings:
         out.append(_Entry("lm_head.weight", ("lm_head", "kernel"), lin, 1))
     return out
@@ -177,11 +190,15 @@ def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig, family: str) -
     for e in entries:
         shape = tuple(_get(shapes, e.path).shape)
         layer_shape = shape[1:] if e.per_layer else shape
-        keys = [e.hf_key.format(i=i) for i in range(config.num_layers)] if e.per_layer else [e.hf_key]
+        keys = (
+            [e.hf_key.format(i=i) for i in range(config.num_layers)] if e.per_layer else [e.hf_key]
+        )
         values = []
         for key in keys:
             if key not in state_dict:
-                raise KeyError(f"from_hf({family}): state dict lacks {key!r} (for {'/'.join(e.path)}).")
+                raise KeyError(
+                    f"from_hf({family}): state dict lacks {key!r} (for {'/'.join(e.path)})."
+                )
             w = np.asarray(state_dict[key].detach().float().numpy()
                            if hasattr(state_dict[key], "detach") else state_dict[key])
             want = _to_hf_one(np.zeros(layer_shape, np.float32), e).shape

@@ -98,7 +98,9 @@ class Projection(nn.Module):
                         self.param_dtype)
         n_in = len(self.in_shape)
         if x.shape[-n_in:] != self.in_shape:
-            raise ValueError(f"{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}.")
+            raise ValueError(
+                f"{self.name}: input trailing shape {x.shape[-n_in:]} != {self.in_shape}."
+            )
         # One [tokens, in] x [in, out] matmul: with two free (or contracted) axes XLA:CPU
         # takes the kernel's gradient through transposed copies of the activations, and
         # the GELU MLP's forward + backward ran 2x slower (`benchmarks/RESULTS_train.md`).

@@ -73,7 +73,9 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
         raise ValueError(f"cross_entropy_loss: logits {logits.shape} do not match targets "
                          f"{targets.shape}.")
     logits = logits.astype(jnp.float32)
-    weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    weights = (
+        jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    )
     split = log_z_and_target if custom_grad else _log_z_and_target
     log_z, target_logit = split(logits, targets)
     ce = log_z - target_logit

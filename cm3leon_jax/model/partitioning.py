@@ -68,7 +68,9 @@ def axis_rules(rules: LogicalRules = DEFAULT_RULES) -> tuple[tuple[str, Any], ..
     out = []
     for rule in rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"axis_rules: each rule must be (logical_name, mesh_axes); got {rule!r}.")
+            raise ValueError(
+                f"axis_rules: each rule must be (logical_name, mesh_axes); got {rule!r}."
+            )
         name, axes = rule
         flat = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
         unknown = [a for a in flat if a is not None and a not in MESH_AXES]

@@ -113,7 +113,9 @@ def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
     timings["bank_seconds"] = round(time.time() - t, 1)
     bank = memory_bank.MemoryBank(os.path.join(out, "memory_bank"))
     t = time.time()
-    index_info = build_index(bank, os.path.join(out, "index"), index_config or index_lib.IndexConfig())
+    index_info = build_index(
+        bank, os.path.join(out, "index"), index_config or index_lib.IndexConfig()
+    )
     timings["index_seconds"] = round(time.time() - t, 1)
     summary = {"encoder_dir": fs.abspath(encoder_dir), "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]),

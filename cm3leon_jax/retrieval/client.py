@@ -69,7 +69,9 @@ class RetrievalClient:
     def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
         return self._post("/search/text", json={"texts": list(texts), "k": k})
 
-    def search_images(self, images: Sequence[np.ndarray], k: int | None = None) -> list[SearchResult]:
+    def search_images(
+        self, images: Sequence[np.ndarray], k: int | None = None
+    ) -> list[SearchResult]:
         out = []
         for image in images:  # the service takes one PNG per request
             params = {} if k is None else {"k": k}

@@ -36,7 +36,9 @@ from cm3leon_jax import fs
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder, preprocess_images
-from cm3leon_jax.train import metrics as metrics_lib, optimizer, step as step_lib
+from cm3leon_jax.train import metrics as metrics_lib
+from cm3leon_jax.train import optimizer
+from cm3leon_jax.train import step as step_lib
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
 Pairs = tuple[np.ndarray, list[list[str]]]  # uint8[n, s, s, 3] images, captions per image

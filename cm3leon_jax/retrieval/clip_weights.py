@@ -151,8 +151,10 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
                                 "CLIPModel.save_pretrained wrote (config.json + *.safetensors).")
     files = sorted(fs.glob(os.path.join(directory, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {directory!r}; convert a PyTorch "
-                                "checkpoint with CLIPModel.save_pretrained(d, safe_serialization=True).")
+        raise FileNotFoundError(
+            f"no *.safetensors in {directory!r}; convert a PyTorch "
+            "checkpoint with CLIPModel.save_pretrained(d, safe_serialization=True)."
+        )
     with fs.open(config_path) as f:
         cfg = config_from_hf(json.load(f))
     tensors = {}

@@ -144,7 +144,10 @@ class DocumentEncoder:
     def embed_documents(self, texts: Sequence[str | None], images: Sequence[np.ndarray | None],
                         dropout: float = 0.0, rng: np.random.Generator | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
-        """Per document its text (or None) and image (or None) -> (f32[n, dim], bool[n] multimodal)."""
+        """Per document its text (or None) and image (or None).
+
+        Returns (f32[n, dim], bool[n] multimodal).
+        """
         if len(texts) != len(images):
             raise ValueError(f"{len(texts)} texts but {len(images)} images; give one of each "
                              "per document (None where a document has none).")

@@ -145,7 +145,9 @@ class Index:
         config = config or IndexConfig()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] == 0:
-            raise ValueError(f"Index.build needs f32[n >= 1, d] vectors, got shape {vectors.shape}.")
+            raise ValueError(
+                f"Index.build needs f32[n >= 1, d] vectors, got shape {vectors.shape}."
+            )
         n, d = vectors.shape
         s = config.resolve(n)
         builder = _scann().builder(vectors, num_neighbors, "dot_product")

@@ -65,10 +65,15 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
     arrays = {
         "vectors": vectors,
         "multimodal": np.asarray(multimodal, bool),
-        "doc_ids": np.asarray([str(d) for d in doc_ids], dtype=np.str_) if n else np.zeros([0], "U1"),
+        "doc_ids": np.asarray([str(d) for d in doc_ids], dtype=np.str_)
+        if n
+        else np.zeros([0], "U1"),
         "token_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "tokens": (np.concatenate([np.asarray(t, np.int32) for t in tokens])
-                   if lengths.sum() else np.zeros([0], np.int32)),
+        "tokens": (
+            np.concatenate([np.asarray(t, np.int32) for t in tokens])
+            if lengths.sum()
+            else np.zeros([0], np.int32)
+        ),
     }
     if query_vectors is not None:
         arrays["query_vectors"] = np.asarray(query_vectors, np.float32)

@@ -41,8 +41,10 @@ class Retriever:
     def __init__(self, index: index_lib.Searcher, bank: MemoryBank, encoder=None,
                  selection: SelectionConfig | None = None):
         if index.size != len(bank) or index.dim != bank.dim:
-            raise ValueError(f"index ({index.size} x {index.dim}) and memory bank "
-                             f"({len(bank)} x {bank.dim}) differ: rebuild the index from this bank.")
+            raise ValueError(
+                f"index ({index.size} x {index.dim}) and memory bank "
+                f"({len(bank)} x {bank.dim}) differ: rebuild the index from this bank."
+            )
         if encoder is not None and encoder.dim != bank.dim:
             raise ValueError(f"encoder makes {encoder.dim}-d vectors, the bank holds {bank.dim}-d: "
                              "use the encoder the bank was built with.")
@@ -115,5 +117,7 @@ class Retriever:
     def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
         return self.search_vectors(self._need_encoder().embed_texts(texts), k)
 
-    def search_images(self, images: Sequence[np.ndarray], k: int | None = None) -> list[SearchResult]:
+    def search_images(
+        self, images: Sequence[np.ndarray], k: int | None = None
+    ) -> list[SearchResult]:
         return self.search_vectors(self._need_encoder().embed_images(images), k)

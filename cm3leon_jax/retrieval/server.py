@@ -5,7 +5,8 @@
 
     GET  /health                       {"status": "ok", "num_docs", "dim", "can_encode",
                                         "requests": {"answered", "rejected", "failed"}}
-    POST /search/vector   JSON         {"vectors": [[f32 x dim], ...], "k": 2, "exclude_doc_ids": [...]}
+    POST /search/vector   JSON         {"vectors": [[f32 x dim], ...], "k": 2,
+                                        "exclude_doc_ids": [...]}
     POST /search/text     JSON         {"texts": ["a red circle", ...], "k": 2}
     POST /search/image?k=2  image/png  the PNG file as the body (one image)
     ->  {"results": [{"doc_ids": [...], "scores": [...], "token_ids": [[...], ...]}, ...]}

@@ -1,7 +1,8 @@
 """The packed decoder layout the trainer reads, as a seqio FeatureConverter.
 
 Task features: `targets` (int32 ids after the CM3 transform) and
-`loss_weights` (int32 0/1, 0 on sentinels; float32 once converted). Two examples packed into length 10::
+`loss_weights` (int32 0/1, 0 on sentinels; float32 once converted). Two examples packed
+into length 10::
 
     example 1: targets      a  <s0> c  <s0> b  <eoss>     loss_weights 1 0 1 0 1 1
     example 2: targets      x  y  z                       loss_weights 1 1 1

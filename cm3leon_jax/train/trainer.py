@@ -29,8 +29,11 @@ import seqio
 
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
-from cm3leon_jax.train import checkpoints, data as data_lib, distributed, metrics as metrics_lib
-from cm3leon_jax.train import optimizer, state as state_lib, step as step_lib
+from cm3leon_jax.train import checkpoints, distributed, optimizer
+from cm3leon_jax.train import data as data_lib
+from cm3leon_jax.train import metrics as metrics_lib
+from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.train import step as step_lib
 from cm3leon_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)

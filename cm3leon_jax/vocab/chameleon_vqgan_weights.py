@@ -155,7 +155,12 @@ _MODULE_RULES = (
     (re.compile(r"^(down|up)_(\d+)_(downsample|upsample)$"), r"\1.\2.\3.conv"),
     (re.compile(r"^mid_(block_1|block_2|attn_1)$"), r"mid.\1"),
 )
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "embedding.weight"}
+_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "embedding": "embedding.weight",
+}
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -191,7 +196,9 @@ def _to_torch(value: np.ndarray, key: str) -> np.ndarray:
     return value
 
 
-def _flat_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def _flat_paths(
+    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], Any]:
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -254,8 +261,10 @@ def params_from_state_dict(
         raise ValueError(
             "the checkpoint does not match VQGAN(cfg): "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)}). "
-            "Let the config be inferred (cfg=None), or pass base_params for a partial checkpoint.")
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} "
+            f"({len(unexpected)}). "
+            "Let the config be inferred (cfg=None), or pass base_params for a partial checkpoint."
+        )
     return _unflatten(out), cfg
 
 

@@ -155,7 +155,9 @@ def to_rgb_uint8(images: Any, image_size: int, crop_non_square: bool = True) -> 
         try:
             x = np.asarray(images)
         except Exception as e:
-            raise ValueError(f"cannot read images of type {type(images).__name__} as an array") from e
+            raise ValueError(
+                f"cannot read images of type {type(images).__name__} as an array"
+            ) from e
     what = f"image array of shape {x.shape} and dtype {x.dtype}"
     x = _to_rgb(_to_uint8(_layout(x, what), what), what)
     if x.shape[0] == 0:

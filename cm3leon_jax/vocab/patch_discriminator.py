@@ -50,7 +50,9 @@ class PatchDiscriminator(nn.Module):
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
     """Discriminator hinge loss: push real logits above +1 and fake below -1."""
-    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+    return 0.5 * (
+        jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake))
+    )
 
 
 def hinge_g_loss(logits_fake: jax.Array) -> jax.Array:

@@ -94,10 +94,14 @@ class VQGANConfig:
         for c in {self.base_channels * m for m in self.channel_multipliers}:
             if c % self.num_groups:
                 raise ValueError(
-                    f"{c} channels do not divide into num_groups={self.num_groups} GroupNorm groups; "
-                    "change base_channels, channel_multipliers or num_groups")
+                    f"{c} channels do not divide into num_groups={self.num_groups} "
+                    "GroupNorm groups; "
+                    "change base_channels, channel_multipliers or num_groups"
+                )
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"VQGANConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise ValueError(
+                f"VQGANConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"
+            )
         if self.matmul_precision not in ("default", "high", "highest"):
             raise ValueError("VQGANConfig.matmul_precision must be 'default', 'high' or 'highest', "
                              f"got {self.matmul_precision!r}")

@@ -89,5 +89,7 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | 
     """(train state, step) to resume from, laid out like `abstract_state`
     (ShapeDtypeStructs with shardings, so each array lands where it is used)."""
     step = _latest(mngr, step, str(mngr.directory))
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    got = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
     return got["state"], step

@@ -36,10 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cm3leon_jax.model import partitioning
-from cm3leon_jax.train import metrics as metrics_lib, optimizer, step as step_lib
+from cm3leon_jax.train import metrics as metrics_lib
+from cm3leon_jax.train import optimizer
+from cm3leon_jax.train import step as step_lib
 from cm3leon_jax.vocab import image_inputs, quantizer, vqgan_checkpoint
 from cm3leon_jax.vocab.image_sources import ImageSource
 from cm3leon_jax.vocab.image_tokenizer import images_to_model, model_to_images

@@ -45,18 +45,30 @@ def test_runs_mode_and_writes_resolved_config(gin_dir):
     assert f"MODEL_DIR = '{out}'" in config and "echo_mode.message = 'hello'" in config
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gin_file=missing.gin"], "gin file not found: 'missing.gin'"),
-    (["--gin_file=echo.gin", "--gin.echo_mode.message='x'"], "MODEL_DIR/macro.value set to `%gin.REQUIRED`"),
-    (["--gin_file=echo.gin", "--gin.MODEL_DIR='o'"],
-     "echo_mode.message set to `%gin.REQUIRED` but not subsequently overridden"),
-    (["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.nosuch.x=1"],
-     "No configurable matching 'nosuch'"),
-    (["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.echo_mode.volume=1"],
-     "Configurable 'echo_mode' doesn't have a parameter named 'volume'"),
-    (["--gin_file=bad_include.gin"], "Unable to open file: nope.gin"),
-    (["--gin_file=unbound.gin"], "Required bindings for `run` not provided in config"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin_file=missing.gin"], "gin file not found: 'missing.gin'"),
+        (
+            ["--gin_file=echo.gin", "--gin.echo_mode.message='x'"],
+            "MODEL_DIR/macro.value set to `%gin.REQUIRED`",
+        ),
+        (
+            ["--gin_file=echo.gin", "--gin.MODEL_DIR='o'"],
+            "echo_mode.message set to `%gin.REQUIRED` but not subsequently overridden",
+        ),
+        (
+            ["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.nosuch.x=1"],
+            "No configurable matching 'nosuch'",
+        ),
+        (
+            ["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.echo_mode.volume=1"],
+            "Configurable 'echo_mode' doesn't have a parameter named 'volume'",
+        ),
+        (["--gin_file=bad_include.gin"], "Unable to open file: nope.gin"),
+        (["--gin_file=unbound.gin"], "Required bindings for `run` not provided in config"),
+    ],
+)
 def test_config_mistakes_are_one_line_errors(gin_dir, args, message):
     (gin_dir / "bad_include.gin").write_text("include 'nope.gin'\n")
     (gin_dir / "unbound.gin").write_text(

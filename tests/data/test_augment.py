@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon_jax.data import augment
 from cm3leon_jax.data import cm3 as cm3_lib
@@ -96,8 +97,12 @@ def test_feature_converter_packs_tokens_and_weights_together():
                .as_numpy_iterator())
     assert len(out) == 1
     row = out[0]
-    np.testing.assert_array_equal(row["decoder_target_tokens"], [10, s0, 12, s0, 11, EOSS_ID, 20, 21, 22, 0])
-    np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 10, s0, 12, s0, 11, EOS_ID, 20, 21, 0])
+    np.testing.assert_array_equal(
+        row["decoder_target_tokens"], [10, s0, 12, s0, 11, EOSS_ID, 20, 21, 22, 0]
+    )
+    np.testing.assert_array_equal(
+        row["decoder_input_tokens"], [EOS_ID, 10, s0, 12, s0, 11, EOS_ID, 20, 21, 0]
+    )
     np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(row["decoder_segment_ids"], [1, 1, 1, 1, 1, 1, 2, 2, 2, 0])
     np.testing.assert_array_equal(row["decoder_positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0])
@@ -106,6 +111,8 @@ def test_feature_converter_packs_tokens_and_weights_together():
 
 def test_feature_converter_unpacked_pads_each_example():
     ex = (np.array([20, 21, 22], np.int32), np.array([1, 0, 1], np.int32))
-    (row,) = CM3FeatureConverter(bos_id=EOS_ID, pack=False)(_dataset([ex]), {"targets": 5}).as_numpy_iterator()
+    (row,) = CM3FeatureConverter(bos_id=EOS_ID, pack=False)(
+        _dataset([ex]), {"targets": 5}
+    ).as_numpy_iterator()
     np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 20, 21, 0, 0])
     np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 0])

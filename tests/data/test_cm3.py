@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, PAD_ID, IdLayout

@@ -39,8 +39,13 @@ def test_parse_reports_sizes_and_perfect_scores_on_clean_renders():
         by_box = {o.box: o for o in found}
         for shape in scene.shapes:
             o = by_box[shape.box]
-            assert (o.kind, o.colour, o.side, o.size, o.score) == (shape.kind, shape.colour, shape.side,
-                                                                    shape.size, 1.0)
+            assert (o.kind, o.colour, o.side, o.size, o.score) == (
+                shape.kind,
+                shape.colour,
+                shape.side,
+                shape.size,
+                1.0,
+            )
             assert o.area == shapes.template(shape.kind, shape.side).sum()
 
 
@@ -72,9 +77,15 @@ def test_match_counts_missing_extra_and_wrong_objects():
     missing = parse.match(truth[:2], scene, exact=True)
     assert missing["precision"] == 1.0 and missing["recall"] == pytest.approx(2 / 3)
 
-    wrong_colour = [dataclasses.replace(truth[0], colour="white" if truth[0].colour != "white" else "red")]
+    wrong_colour = [
+        dataclasses.replace(truth[0], colour="white" if truth[0].colour != "white" else "red")
+    ]
     wrong = parse.match(wrong_colour + truth[1:], scene, exact=True)
-    assert wrong["correct"] == 2 and wrong["paired"] == 3 and wrong["colour_accuracy"] == pytest.approx(2 / 3)
+    assert (
+        wrong["correct"] == 2
+        and wrong["paired"] == 3
+        and wrong["colour_accuracy"] == pytest.approx(2 / 3)
+    )
     assert wrong["kind_accuracy"] == 1.0 and not wrong["all_correct"]
 
     extra = dataclasses.replace(truth[0], box=(0, 0, 3, 3))

@@ -162,7 +162,11 @@ def test_vqa_answers_agree_with_the_scene():
 def test_box_phrases_and_segmentation_and_edges_agree_with_masks():
     scene = scene_for(11)
     phrases = tasks.box_phrases(scene)
-    seg, edges, object_masks = shapes.segmentation_map(scene), shapes.edge_map(scene), shapes.masks(scene)
+    seg, edges, object_masks = (
+        shapes.segmentation_map(scene),
+        shapes.edge_map(scene),
+        shapes.masks(scene),
+    )
     assert seg.dtype == edges.dtype == np.uint8 and seg.shape == edges.shape == (64, 64, 3)
     assert ((seg.sum(-1) > 0) == object_masks.any(0)).all()
     on_edge = edges[..., 0] == 255
@@ -193,10 +197,14 @@ def test_edits_change_what_the_parser_sees(op):
 
 def test_recolour_instruction_names_the_new_colour_and_keeps_geometry():
     scene = scene_for(2)
-    edited, instruction = tasks.recolour(scene, 0, "purple" if scene.shapes[0].colour != "purple" else "red")
+    edited, instruction = tasks.recolour(
+        scene, 0, "purple" if scene.shapes[0].colour != "purple" else "red"
+    )
     assert instruction.endswith(edited.shapes[0].colour)
     assert edited.shapes[0].box == scene.shapes[0].box and edited.shapes[1:] == scene.shapes[1:]
-    (recoloured,) = [o for o in parse.parse_image(shapes.render(edited)) if o.box == scene.shapes[0].box]
+    (recoloured,) = [
+        o for o in parse.parse_image(shapes.render(edited)) if o.box == scene.shapes[0].box
+    ]
     assert recoloured.colour == edited.shapes[0].colour
 
 

@@ -35,7 +35,10 @@ def test_tiny_build_is_offline_and_byte_identical_twice(tmp_path, no_network):
     first = build(tmp_path / "a")
     second = st.SyntheticShapes(config=st.make_config(32, TINY), data_dir=str(tmp_path / "b"))
     second.download_and_prepare()  # the plain call must stay offline too
-    assert first.info.splits["train"].num_examples == 12 and first.info.splits["test"].num_examples == 4
+    assert (
+        first.info.splits["train"].num_examples == 12
+        and first.info.splits["test"].num_examples == 4
+    )
     assert shard_bytes(first) == shard_bytes(second)
 
 
@@ -68,14 +71,20 @@ def test_examples_do_not_depend_on_order_or_split_sizes():
         assert a["scene"] == b["scene"] and a["captions"] == b["captions"]
     assert st.make_example(large, "train", 0)["scene"] != st.make_example(large, "test", 0)["scene"]
     reseeded = st.make_config(32, {"train": 3}, seed=1)
-    assert st.make_example(reseeded, "train", 0)["scene"] != st.make_example(small, "train", 0)["scene"]
+    assert (
+        st.make_example(reseeded, "train", 0)["scene"]
+        != st.make_example(small, "train", 0)["scene"]
+    )
 
 
 def test_registered_configs_and_helpful_errors(tmp_path):
     assert {"32px", "64px", "256px"} <= set(st.SyntheticShapes.builder_configs)
     assert st.make_config(64) is st.SyntheticShapes.builder_configs["64px"]
-    assert st.SyntheticShapes.builder_configs["64px"].split_sizes == {"train": 10000, "validation": 500,
-                                                                       "test": 500}
+    assert st.SyntheticShapes.builder_configs["64px"].split_sizes == {
+        "train": 10000,
+        "validation": 500,
+        "test": 500,
+    }
     assert "1.0.0" in st.SyntheticShapes.RELEASE_NOTES
     with pytest.raises(ValueError, match="No default split sizes"):
         st.make_config(48)

@@ -17,7 +17,9 @@ SIZE = 16
 
 
 def save(path, array, mode=None, **kwargs):
-    Image.fromarray(array, mode).save(path, **kwargs) if mode else Image.fromarray(array).save(path, **kwargs)
+    Image.fromarray(array, mode).save(path, **kwargs) if mode else Image.fromarray(array).save(
+        path, **kwargs
+    )
 
 
 def rgb(seed: int, h: int = 24, w: int = 40) -> np.ndarray:
@@ -49,7 +51,9 @@ def folder(tmp_path):
     rgba[..., 0] = 255
     rgba[:, 10:, 3] = 255  # left half transparent: must come out white
     save(root / "rgba.png", rgba)
-    Image.fromarray(np.full((20, 20, 3), (0, 0, 200), np.uint8)).quantize(4).save(root / "palette.png")
+    Image.fromarray(np.full((20, 20, 3), (0, 0, 200), np.uint8)).quantize(4).save(
+        root / "palette.png"
+    )
     (root / "corrupt.png").write_bytes(b"this is not a png at all" * 10)
     save(root / "truncated.png", rgb(3))
     data = (root / "truncated.png").read_bytes()
@@ -61,9 +65,19 @@ def folder(tmp_path):
     (root / "upper.TXT").write_text("matched whatever the case", encoding="utf-8")
     save(root / "small.png", rgb(8, h=SIZE - 1, w=64))  # 15 px high: never upscaled
     bomb_png(root / "bomb.png")
-    captions = {"good1": "a red thing", "nested/good2": "another thing", "gray": "gray square",
-                "rgba": "half red", "palette": "blue", "corrupt": "c", "truncated": "t", "empty": "  \n",
-                "orphan": "no image for me", "small": "tiny", "bomb": "boom"}
+    captions = {
+        "good1": "a red thing",
+        "nested/good2": "another thing",
+        "gray": "gray square",
+        "rgba": "half red",
+        "palette": "blue",
+        "corrupt": "c",
+        "truncated": "t",
+        "empty": "  \n",
+        "orphan": "no image for me",
+        "small": "tiny",
+        "bomb": "boom",
+    }
     for stem, text in captions.items():
         (root / f"{stem}.txt").write_text(text, encoding="utf-8")
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))

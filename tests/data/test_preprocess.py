@@ -111,6 +111,7 @@ def test_bad_inputs_are_counted_never_lost(tmp_path):
 def test_user_data_rejects_reach_the_manifest(tmp_path):
     """Files the user-data builder could not read are in the manifest too."""
     from PIL import Image as PILImage
+
     from cm3leon_jax.data import user_data
     src = tmp_path / "pairs"
     src.mkdir()

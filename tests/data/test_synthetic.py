@@ -6,7 +6,12 @@ import pytest
 
 from cm3leon_jax.data import shapes, synthetic_tfds
 from cm3leon_jax.data.synthetic import (
-    document_caption, synthetic_documents, synthetic_example, synthetic_images, synthetic_pairs)
+    document_caption,
+    synthetic_documents,
+    synthetic_example,
+    synthetic_images,
+    synthetic_pairs,
+)
 
 
 @pytest.mark.parametrize("seed,split", [(0, "test"), (3, "train")])

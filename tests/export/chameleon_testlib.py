@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

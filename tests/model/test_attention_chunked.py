@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testlib import forward, packed_batch, random_params, tiny_chameleon, tiny_config
 
 from cm3leon_jax.model import attention, attention_chunked
 from cm3leon_jax.model.decoder import Decoder, init_cache
-from model_testlib import forward, packed_batch, random_params, tiny_chameleon, tiny_config
 
 CASES = {  # name: (batch, q_len, kv_len, heads, kv_heads, head_dim, segments, offset, chunk)
     "causal": (2, 48, 48, 4, 4, 16, False, 0, 16),
@@ -25,7 +25,12 @@ CASES = {  # name: (batch, q_len, kv_len, heads, kv_heads, head_dim, segments, o
 def _inputs(b, t, s, n, kvh, h, segments, offset, seed=0):
     rng = np.random.default_rng(seed)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    q, k, v, d_out = normal(b, t, n, h), normal(b, s, kvh, h), normal(b, s, kvh, h), normal(b, t, n, h)
+    q, k, v, d_out = (
+        normal(b, t, n, h),
+        normal(b, s, kvh, h),
+        normal(b, s, kvh, h),
+        normal(b, t, n, h),
+    )
     kv_seg = q_seg = None
     if segments:  # Sorted ids with zeros (padding) at the end of some rows.
         kv_seg = np.sort(rng.integers(1, 4, (b, s)), axis=1)

@@ -9,9 +9,9 @@ import os
 import re
 
 import pytest
+from model_testlib import GIN_MODELS, config_from_gin
 
 from cm3leon_jax.model.decoder import count_params
-from model_testlib import GIN_MODELS, config_from_gin
 
 NAMED = {"cm3leon_350m": 350e6, "cm3leon_760m": 760e6, "cm3leon_7b": 7e9,
          "chameleon_7b": 7e9, "chameleon_34b": 34e9}
@@ -46,7 +46,12 @@ def test_the_paper_sizes():
     for name, layers, width in (("cm3leon_350m", 24, 1024), ("cm3leon_760m", 24, 1536),
                                 ("cm3leon_7b", 32, 4096)):
         c = config_from_gin(name)
-        assert (c.num_layers, c.d_model, c.mlp_dim, c.max_length) == (layers, width, 4 * width, 4096)
+        assert (c.num_layers, c.d_model, c.mlp_dim, c.max_length) == (
+            layers,
+            width,
+            4 * width,
+            4096,
+        )
         assert 64 <= c.dims_per_head <= 128 and c.vocab_size == 65536
         assert (c.norm, c.norm_params, c.position_embedding, c.gated_mlp) == (
             "layernorm", False, "learned", False)
@@ -54,4 +59,10 @@ def test_the_paper_sizes():
     assert (c.num_layers, c.d_model, c.num_heads, c.kv_heads, c.mlp_dim, c.block_order) == (
         48, 8192, 64, 8, 22016, "swin")
     c = config_from_gin("chameleon_7b")
-    assert (c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.qk_norm) == (32, 4096, 32, 11008, True)
+    assert (c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.qk_norm) == (
+        32,
+        4096,
+        32,
+        11008,
+        True,
+    )

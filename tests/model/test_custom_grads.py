@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testlib import packed_batch, random_params, tiny_chameleon, tiny_config
 
 from cm3leon_jax.model import layers, loss
 from cm3leon_jax.model.decoder import Decoder
-from model_testlib import packed_batch, random_params, tiny_chameleon, tiny_config
 
 FAST = dict(custom_grads=True, attention_impl="chunked")
 PLAIN = dict(custom_grads=False, attention_impl="xla")

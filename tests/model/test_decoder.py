@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testlib import forward, packed_batch, random_params, tiny_chameleon, tiny_config
 
 from cm3leon_jax.model import attention
 from cm3leon_jax.model.decoder import Decoder, init_cache
-from model_testlib import forward, packed_batch, random_params, tiny_chameleon, tiny_config
 
 VARIANTS = {
     "cm3leon": tiny_config(),
@@ -82,7 +82,9 @@ def test_kv_cache_decoding_matches_full_forward(name):
         logits, new = step(params, new["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
         got.append(logits)
     got = jnp.concatenate(got, axis=1)
-    print(f"{name}: KV-cache decoding vs full forward, max abs error {np.abs(got - full).max():.1e}")
+    print(
+        f"{name}: KV-cache decoding vs full forward, max abs error {np.abs(got - full).max():.1e}"
+    )
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=0)
     assert int(new["cache"]["layers"]["attention"]["cache_index"][0]) == length
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 from cm3leon_jax.model import hf_weights
-from model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 RTOL = 1e-4
 
@@ -25,7 +25,10 @@ def _tokens(config, batch=2, length=24, seed=0):
 
 def _compare(config, family, hf_model):
     params = random_params(config, seed=11)
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in hf_weights.to_hf(params, config, family).items()}
+    sd = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in hf_weights.to_hf(params, config, family).items()
+    }
     missing, unexpected = hf_model.load_state_dict(sd, strict=False)
     assert not unexpected, unexpected
     ignored = hf_weights._IGNORED_PREFIXES[family]

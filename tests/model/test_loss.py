@@ -11,7 +11,9 @@ from cm3leon_jax.model.loss import cross_entropy_loss
 def _reference(logits, targets, weights, z):
     log_z = np.log(np.exp(logits).sum(-1))
     ce = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return ((ce + z * log_z ** 2) * weights).sum() / weights.sum(), (ce * weights).sum() / weights.sum()
+    return ((ce + z * log_z**2) * weights).sum() / weights.sum(), (
+        ce * weights
+    ).sum() / weights.sum()
 
 
 def test_matches_numpy_with_weights_and_z_loss():

@@ -22,9 +22,14 @@ def test_partitioning_does_not_import_the_decoder():
                    env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-@pytest.mark.parametrize("sizes,want", [
-    (dict(), (8, 1, 1)), (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)), (dict(data=1, fsdp=-1, tensor=4), (1, 2, 4)),
-])
+@pytest.mark.parametrize(
+    "sizes,want",
+    [
+        (dict(), (8, 1, 1)),
+        (dict(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+        (dict(data=1, fsdp=-1, tensor=4), (1, 2, 4)),
+    ],
+)
 def test_make_mesh_fills_the_remaining_axis(sizes, want):
     mesh = partitioning.make_mesh(**sizes)
     assert tuple(mesh.shape.values()) == want and mesh.axis_names == ("data", "fsdp", "tensor")

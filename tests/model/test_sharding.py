@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from model_testlib import packed_batch, random_params, tiny_chameleon, tiny_config
 
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import Decoder, abstract_variables
 from cm3leon_jax.model.loss import decoder_loss
-from model_testlib import packed_batch, random_params, tiny_chameleon, tiny_config
 
 LAYOUTS = {  # name: (data, fsdp, tensor)
     "data": (8, 1, 1),

@@ -3,10 +3,10 @@
 import functools
 
 import pytest
+from retrieval_testlib import NUM_DOCS, SELECTION, documents_with_tokens, small_config
 
 from cm3leon_jax.retrieval import build, clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
-from retrieval_testlib import NUM_DOCS, SELECTION, documents_with_tokens, small_config
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,9 @@ def test_imported_weights_match_transformers(tmp_path, act):
     img, txt = _ours(cfg, params, pixels, tokens, lengths)
     assert _rel(img, ref_img) < 1e-4, _rel(img, ref_img)
     assert _rel(txt, ref_txt) < 1e-4, _rel(txt, ref_txt)
-    np.testing.assert_allclose(float(params["logit_scale"]), float(model.logit_scale.detach()), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(params["logit_scale"]), float(model.logit_scale.detach()), rtol=1e-6
+    )
 
 
 def test_saved_checkpoint_opens_in_transformers(tmp_path):

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from retrieval_testlib import NUM_DOCS, SELECTION
 
 from cm3leon_jax.data.synthetic import synthetic_documents
 from cm3leon_jax.retrieval import neighbours
@@ -12,8 +13,6 @@ from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval.select import SelectionConfig
-
-from retrieval_testlib import NUM_DOCS, SELECTION
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from retrieval_testlib import SELECTION
 
 from cm3leon_jax.data.synthetic import synthetic_documents
 from cm3leon_jax.retrieval import load_test
@@ -16,8 +17,6 @@ from cm3leon_jax.retrieval.load_test import ServerProcess
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval.select import select
 from cm3leon_jax.retrieval.server import ServiceLimits, create_app
-
-from retrieval_testlib import SELECTION
 
 SERVE_BINDINGS = [f"SelectionConfig.{f}={getattr(SELECTION, f)}"
                   for f in ("max_relevance", "max_redundancy", "overfetch")]
@@ -80,20 +79,25 @@ def _corrupt_png(image):
 
 
 @pytest.mark.parametrize("make, status, reason", [
-    (lambda h, d: h.post("/search/vector", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON"),
+    (lambda h, d: h.post("/search/vector", content=b"{not json",
+                         headers={"content-type": "application/json"}), 422, "JSON"),
     (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 5]}), 400, "16-d"),
     (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "k": 99}), 400, "k=99"),
     (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16] * 9}), 413, "at most 8"),
     (lambda h, d: h.post("/search/vector", json={"vectors": []}), 400, "empty"),
     (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "nope": 1}), 422, "nope"),
-    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "exclude_doc_ids": []}), 400, "exclude_doc_ids"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "exclude_doc_ids": []}),
+     400, "exclude_doc_ids"),
     (lambda h, d: h.post("/search/text", json={"texts": [" "]}), 400, "empty"),
     (lambda h, d: h.post("/search/text", json={"texts": "a red circle"}), 422, "list"),
-    (lambda h, d: h.post("/search/image", content=b"GIF89a....", headers={"content-type": "image/png"}), 415, "not a PNG"),
+    (lambda h, d: h.post("/search/image", content=b"GIF89a....",
+                         headers={"content-type": "image/png"}), 415, "not a PNG"),
     (lambda h, d: h.post("/search/image", content=_corrupt_png(d.image)), 400, "does not decode"),
-    (lambda h, d: h.post("/search/image", content=encode_png(np.zeros((200, 200, 3), np.uint8))), 413, "pixels"),
+    (lambda h, d: h.post("/search/image", content=encode_png(np.zeros((200, 200, 3), np.uint8))),
+     413, "pixels"),
     (lambda h, d: h.post("/search/image?k=0", content=encode_png(d.image)), 400, "k=0"),
-    (lambda h, d: h.post("/search/vector", content=b"x" * 300_000, headers={"content-type": "application/json"}), 413, "at most 200000"),
+    (lambda h, d: h.post("/search/vector", content=b"x" * 300_000,
+                         headers={"content-type": "application/json"}), 413, "at most 200000"),
     (lambda h, d: h.get("/search/vector"), 405, ""),
     (lambda h, d: h.post("/search/vector", json={"vectors": [[1e39] * 16]}), 400, "float32"),
     (lambda h, d: h.post("/search/text", content=b'{"texts": ["caf\xe9 \xff"]}',
@@ -116,7 +120,8 @@ def test_served_by_the_gin_run_mode_and_the_client(retrieval_dir, retriever, doc
         client = RetrievalClient(server.url, timeout=60)
         assert client.health()["can_encode"]
         local = Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, k=2))
-        assert client.search_texts([doc.text])[0].doc_ids == local.search_texts([doc.text])[0].doc_ids
+        assert (client.search_texts([doc.text])[0].doc_ids
+                == local.search_texts([doc.text])[0].doc_ids)
         got = client.search_images([doc.image], k=3)[0]
         assert got.doc_ids == local.search_images([doc.image], 3)[0].doc_ids
         vec = retriever.bank.vectors(np.array([9]))
@@ -163,7 +168,8 @@ def test_load_on_loopback_has_no_errors_and_loses_nothing(retrieval_dir, retriev
     vectors = retriever.bank.vectors(np.arange(64))
     texts = [d.text for d in synthetic_documents(split="test", num=16) if d.text]
     make = load_test.mixed_requests(load_test.vector_requests(vectors, k=3),
-                                    load_test.text_requests(texts), load_test.image_requests([doc.image]))
+                                    load_test.text_requests(texts),
+                                    load_test.image_requests([doc.image]))
     with ServerProcess(retrieval_dir, SERVE_BINDINGS) as server:
         report = load_test.run_load(server.url, make, concurrency=32, seconds=15)
         assert httpx.get(server.url + "/health").status_code == 200

@@ -1,7 +1,6 @@
 """Fixtures of the trainer tests: one tiny tokenized corpus per session."""
 
 import pytest
-
 import train_testlib
 
 

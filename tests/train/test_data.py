@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.model import partitioning
-from cm3leon_jax.train import data as data_lib, step as step_lib
+from cm3leon_jax.train import data as data_lib
+from cm3leon_jax.train import step as step_lib
 
 SEQ_LEN = 128
 

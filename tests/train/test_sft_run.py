@@ -12,8 +12,8 @@ import shutil
 import gin
 import numpy as np
 import pytest
-
 import train_testlib as lib
+
 from cm3leon_jax.data import sft_examples, sft_prompts, shards
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 

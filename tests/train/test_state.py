@@ -3,11 +3,12 @@
 import jax
 import numpy as np
 import pytest
+from train_testlib import tiny_config
 
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import Decoder
-from cm3leon_jax.train import optimizer, state as state_lib
-from train_testlib import tiny_config
+from cm3leon_jax.train import optimizer
+from cm3leon_jax.train import state as state_lib
 
 CONFIG = tiny_config()
 

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from train_testlib import random_batch, tiny_config
 
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import Decoder
-from cm3leon_jax.train import state as state_lib, step as step_lib
-from train_testlib import random_batch, tiny_config
+from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.train import step as step_lib
 
 CONFIG = tiny_config()
 BATCH = random_batch(8, 32, CONFIG.vocab_size, seed=1)

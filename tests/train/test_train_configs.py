@@ -4,10 +4,10 @@ import os
 
 import gin
 import pytest
+from train_testlib import REPO
 
 from cm3leon_jax import main as main_lib
 from cm3leon_jax.model.config import DecoderConfig
-from train_testlib import REPO
 
 TRAIN = os.path.join(REPO, "gin_configs", "train")
 MESHES = os.path.join(REPO, "gin_configs", "meshes")

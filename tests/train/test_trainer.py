@@ -10,8 +10,8 @@ import signal
 import time
 
 import pytest
-
 import train_testlib as lib
+
 from cm3leon_jax.train.trainer import NonFiniteLossError
 
 

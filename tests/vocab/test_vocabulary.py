@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon_jax.vocab import document as doc_lib
 from cm3leon_jax.vocab.document import Document, Image, Text

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon_jax.vocab import quantizer as q
 
@@ -38,7 +39,9 @@ def test_straight_through_gradient_and_loss_split(vq_and_params):
     w = jax.random.normal(jax.random.key(3), (8, 4))
 
     # A downstream loss reaches the input unchanged (identity Jacobian) and never the codebook.
-    g_z, g_p = jax.grad(lambda z, p: jnp.sum(w * _apply(vq, p, z).quantized), argnums=(0, 1))(z, params)
+    g_z, g_p = jax.grad(lambda z, p: jnp.sum(w * _apply(vq, p, z).quantized), argnums=(0, 1))(
+        z, params
+    )
     np.testing.assert_allclose(g_z, w, atol=1e-6)
     assert float(jnp.abs(g_p["embedding"]).max()) == 0.0
 
