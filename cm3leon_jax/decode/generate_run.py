@@ -37,8 +37,9 @@ def read_lines(path: str) -> list[str]:
         raise MissingInputError(f"generate.captions_file {path!r} does not exist or is not a "
                                 "file; give a UTF-8 text file with one caption per line.")
     try:
-        with fs.open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        return [line.strip() for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"generate.captions_file {path!r} is unreadable ({e}); give a "
                              "UTF-8 text file with one caption per line.") from e

@@ -36,7 +36,8 @@ def bindings(argv: list[str]) -> tuple[list[str], list[str]]:
     """(gin files, bindings) of a `python -m cm3leon_jax.main` argv, as main parses them."""
     i = argv.index("cm3leon_jax.main")
     assert argv[i - 1] == "-m"
-    return main_lib.parse_args(argv[i + 1:])
+    files, binds, _search_paths = main_lib.parse_args(argv[i + 1:])
+    return files, binds
 
 
 def option(argv: list[str], name: str) -> str:
