@@ -3,11 +3,11 @@ r"""Is the input pipeline fast enough to feed the trainer? Both measured in one 
     .venv/bin/python benchmarks/data_throughput.py [--data_dir=runs/demo/data]
 
 Pipeline: the retrieval-augmented pretraining task (`cm3leon_synthetic`: k = 2
-neighbours among 3, CM3 transform, packing by `CM3FeatureConverter`) read
+neighbors among 3, CM3 transform, packing by `CM3FeatureConverter`) read
 through seqio into batches of `--batch` rows of `--seq_len` tokens, timed after
 a warm-up. Its shards are the demo's tokenized corpus (`make demo`) with the
-neighbours its preprocessing retrieved (3 per document). A data folder
-preprocessed without retrieval is copied first, each record given 3 neighbours
+neighbors its preprocessing retrieved (3 per document). A data folder
+preprocessed without retrieval is copied first, each record given 3 neighbors
 drawn at random from its split: assembling the sequence costs the same.
 
 Trainer: a jit-compiled forward+backward step of the `small` decoder
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def with_random_neighbours(src: str, dst: str, seed: int = 0) -> None:
-    """Copies src's shards into dst, giving each record 3 random neighbours."""
+def with_random_neighbors(src: str, dst: str, seed: int = 0) -> None:
+    """Copies src's shards into dst, giving each record 3 random neighbors."""
     import shutil
 
     from cm3leon_jax.data import shards
@@ -127,16 +127,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if not retrieved:
-            print(f"{data_dir} has no retrieved neighbours: using 3 random ones per record")
-            with_random_neighbours(args.data_dir, tmp)
+            print(f"{data_dir} has no retrieved neighbors: using 3 random ones per record")
+            with_random_neighbors(args.data_dir, tmp)
             data_dir = tmp
         pipe = pipeline_rate(data_dir, args.batch, args.seq_len, args.pipeline_steps)
     train = trainer_rate(args.batch, args.seq_len, args.trainer_steps)
     ratio = pipe["tokens_per_s"] / train["tokens_per_s"]
-    neighbours = "retrieved" if retrieved else "random"
+    neighbors = "retrieved" if retrieved else "random"
     rows = [
         (
-            f"pipeline: retrieval-augmented task ({neighbours} neighbours), packed",
+            f"pipeline: retrieval-augmented task ({neighbors} neighbors), packed",
             f"{pipe['examples_per_s']:,.0f}",
             f"{pipe['tokens_per_s']:,.0f}",
         ),

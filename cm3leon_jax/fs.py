@@ -2,7 +2,7 @@
 
 A path with a scheme (`gs://bucket/run`, `s3://...`, `ram://...`: TensorFlow's in-memory
 file system, which the tests use) is handled by `tf.io.gfile`; a plain path by the
-operating system, directly (no TensorFlow import, and exactly the behaviour of `os`).
+operating system, directly (no TensorFlow import, and exactly the behavior of `os`).
 So the same command runs with a local folder or a bucket:
 
     fs.makedirs(model_dir)

@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     bindings = list(args.gin_bindings)
     for arg in rest:
         if not arg.startswith("--gin.") or "=" not in arg:
-            parser.error(f"unrecognised argument {arg!r}; bindings are written "
+            parser.error(f"unrecognized argument {arg!r}; bindings are written "
                          "--gin.KEY=VALUE")
         bindings.append(arg[len("--gin."):])
     if not args.gin_file:

@@ -44,7 +44,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     for arg in rest:
         if not re.match(r"--gin\.[A-Za-z_][\w./]*=", arg):
-            parser.error(f"unrecognised argument {arg!r}; gin overrides are written "
+            parser.error(f"unrecognized argument {arg!r}; gin overrides are written "
                          "--gin.KEY=VALUE, e.g. --gin.train.num_steps=100")
     args.overrides = list(rest)
     return args

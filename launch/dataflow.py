@@ -8,7 +8,7 @@ r"""Run the Beam preprocessing (`gin_configs/runs/preprocess.gin`) on Google Clo
 
 This machine runs the driver (`python -m cm3leon_jax.main` with the preprocess gin file):
 it trains the vocabulary if the output has none, submits the tokenize pipeline (and,
-with retrieval, the neighbours pipeline) to Dataflow with `preprocess.runner =
+with retrieval, the neighbors pipeline) to Dataflow with `preprocess.runner =
 'DataflowRunner'` and the pipeline options below, waits for them, builds the memory
 bank and index, and writes the manifest. MODEL_DIR (the output data folder) and every
 input folder must be `gs://`: Dataflow workers read and write them.

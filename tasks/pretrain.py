@@ -7,7 +7,7 @@ CM3 transform, and yields `targets` + `loss_weights` for
 `CM3FeatureConverter`. Data folders come from gin (`data_dirs.*`) and are read
 only when a dataset is requested, so importing this module needs no data.
 
-    task                              data            neighbours used
+    task                              data            neighbors used
     cm3leon_synthetic                 built-in        k ~ retrieval_augment.k_probs
     cm3leon_synthetic_no_retrieval    built-in        none (plain CM3)
     cm3leon_synthetic_mix             both, 3:1

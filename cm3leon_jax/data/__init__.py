@@ -12,7 +12,7 @@ import importlib
 from cm3leon_jax.data.parse import ParsedObject, box_iou, match, parse_image
 from cm3leon_jax.data.shapes import (
     BACKGROUNDS,
-    COLOURS,
+    COLORS,
     KINDS,
     SIZES,
     Background,
@@ -31,7 +31,7 @@ from cm3leon_jax.data.shapes_tasks import (
     box_phrases,
     captions,
     edit,
-    recolour,
+    recolor,
     refer,
     remove,
     render_text,
@@ -54,8 +54,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "KINDS", "SIZES", "Background", "Scene", "Shape", "ParsedObject",
+    "BACKGROUNDS", "COLORS", "KINDS", "SIZES", "Background", "Scene", "Shape", "ParsedObject",
     "make_shape", "example_rng", "sample_scene", "render", "masks", "segmentation_map", "edge_map",
-    "captions", "vqa_pairs", "box_phrases", "refer", "edit", "recolour", "reshape", "remove",
+    "captions", "vqa_pairs", "box_phrases", "refer", "edit", "recolor", "reshape", "remove",
     "add", "render_text", "parse_image", "match", "box_iou", *_LAZY,
 ]

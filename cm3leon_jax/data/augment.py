@@ -1,14 +1,14 @@
 """Retrieval-augmented training examples: `retrieved_1 <eos> ... retrieved_k <eos> query`.
 
 For each query document the memory bank supplies a short, relevance-ordered
-list of neighbour documents (three in the paper). Per example we draw how many
+list of neighbor documents (three in the paper). Per example we draw how many
 to use, k, from a configurable distribution, pick k of the candidates at
 random, put them in front of the query, and then apply the CM3 transform to the
 whole sequence. The loss is uniform over every token, retrieved documents
 included; only sentinels and padding get weight 0 (see `cm3.py`).
 
 Truncation is by whole documents: when the sequence would not fit, the last
-chosen neighbours are dropped first; no document, and so no image span, is ever
+chosen neighbors are dropped first; no document, and so no image span, is ever
 cut. A query that cannot fit on its own is skipped, and the caller counts it.
 Room is kept for the CM3 transform's overhead (3 tokens per span, at most
 `max_spans` spans), so the transformed sequence always fits.
@@ -34,7 +34,7 @@ class AugmentConfig:
 
     Attributes:
       seq_len: the packed length (4096 for the paper's configs).
-      k_probs: P(k = 0), P(k = 1), ...: how many neighbours an example uses.
+      k_probs: P(k = 0), P(k = 1), ...: how many neighbors an example uses.
         The default always uses 2, drawn among the stored candidates (3 in the
         paper), which is also what inference uses.
       mean_spans: Poisson mean of CM3 spans (1 in the paper; 0 = causal LM).
@@ -64,21 +64,21 @@ class AugmentConfig:
         return self.seq_len - 3 * self.max_spans
 
 
-def choose_neighbours(num_candidates: int, rng: np.random.Generator,
+def choose_neighbors(num_candidates: int, rng: np.random.Generator,
                       config: AugmentConfig) -> list[int]:
-    """Indices of the neighbours to use, in their stored (relevance) order."""
+    """Indices of the neighbors to use, in their stored (relevance) order."""
     k = int(rng.choice(len(config.k_probs), p=np.asarray(config.k_probs)))
     k = min(k, num_candidates)
     return sorted(rng.choice(num_candidates, size=k, replace=False).tolist())
 
 
-def assemble(query: np.ndarray, neighbours: Sequence[np.ndarray],
+def assemble(query: np.ndarray, neighbors: Sequence[np.ndarray],
              budget: int) -> np.ndarray | None:
-    """Joins neighbours and query with `<eos>`, dropping neighbours to fit.
+    """Joins neighbors and query with `<eos>`, dropping neighbors to fit.
 
     Args:
       query: int32[n] ids of the query document.
-      neighbours: the chosen neighbours' ids, most relevant first.
+      neighbors: the chosen neighbors' ids, most relevant first.
       budget: the most tokens the result may have.
 
     Returns:
@@ -86,8 +86,8 @@ def assemble(query: np.ndarray, neighbours: Sequence[np.ndarray],
     """
     if query.size > budget:
         return None
-    kept = list(neighbours)
-    # Each neighbour costs its length plus one <eos>.
+    kept = list(neighbors)
+    # Each neighbor costs its length plus one <eos>.
     while kept and sum(n.size + 1 for n in kept) + query.size > budget:
         kept.pop()  # The least relevant goes first.
     return document_lib.join_documents([*kept, query])
@@ -101,7 +101,7 @@ def make_example(query: np.ndarray, candidates: Sequence[np.ndarray],
     Returns None when the query cannot fit in `config.budget` tokens.
     """
     chosen = [np.asarray(candidates[i], np.int32)
-              for i in choose_neighbours(len(candidates), rng, config)]
+              for i in choose_neighbors(len(candidates), rng, config)]
     ids = assemble(np.asarray(query, np.int32), chosen, config.budget)
     if ids is None:
         return None

@@ -1,10 +1,10 @@
 """Recover the objects of a synthetic-shapes image, and score them against a scene.
 
 Classic image analysis in three steps:
-1. colour: each pixel goes to its nearest palette colour when it is within
-   `max_colour_distance` of it and nearer to it than to the background colour;
-   everything else is background (textures stay within +-8 of the base colour);
-2. objects: 8-connected components per colour (shapes keep a gap of >= 2 pixels,
+1. color: each pixel goes to its nearest palette color when it is within
+   `max_color_distance` of it and nearer to it than to the background color;
+   everything else is background (textures stay within +-8 of the base color);
+2. objects: 8-connected components per color (shapes keep a gap of >= 2 pixels,
    so two objects never touch);
 3. class: the component's silhouette is compared with the canonical silhouette of
    every class at the sides whose boxes best fit the component's box, and the class
@@ -24,8 +24,8 @@ from scipy import ndimage, optimize
 
 from cm3leon_jax.data import shapes
 
-_PALETTE_NAMES = tuple(shapes.COLOURS)
-_PALETTE = np.array([shapes.COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)
+_PALETTE_NAMES = tuple(shapes.COLORS)
+_PALETTE = np.array([shapes.COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -40,7 +40,7 @@ class ParsedObject:
     """
 
     kind: str
-    colour: str
+    color: str
     box: shapes.Box
     area: int
     score: float
@@ -48,8 +48,8 @@ class ParsedObject:
     size: str | None
 
 
-def _background_colour(pixels: np.ndarray, hint) -> np.ndarray:
-    """float32[3]: the background colour: the hint (name or RGB), else the border's median.
+def _background_color(pixels: np.ndarray, hint) -> np.ndarray:
+    """float32[3]: the background color: the hint (name or RGB), else the border's median.
 
     Shapes keep `shapes.gap` >= 2 pixels from the border, so the one-pixel frame is
     background on any image this corpus renders.
@@ -66,17 +66,17 @@ def _background_colour(pixels: np.ndarray, hint) -> np.ndarray:
 
 
 def classify_pixels(pixels: np.ndarray, background_hint=None,
-                    max_colour_distance: float = 60.0) -> np.ndarray:
-    """int32[h, w]: index into `shapes.COLOURS` order per pixel, -1 for background.
+                    max_color_distance: float = 60.0) -> np.ndarray:
+    """int32[h, w]: index into `shapes.COLORS` order per pixel, -1 for background.
 
     pixels: uint8[h, w, 3]. background_hint: a `shapes.BACKGROUNDS` name, an RGB
     triple, or None to estimate it from the image border.
     """
-    references = np.concatenate([_PALETTE, _background_colour(pixels, background_hint)[None]])
+    references = np.concatenate([_PALETTE, _background_color(pixels, background_hint)[None]])
     flat = pixels.reshape(-1, 3).astype(np.float32)
     distances = np.linalg.norm(flat[:, None, :] - references[None, :, :], axis=-1)
     nearest = distances.argmin(axis=1)
-    is_shape = (nearest < len(_PALETTE)) & (distances.min(axis=1) <= max_colour_distance)
+    is_shape = (nearest < len(_PALETTE)) & (distances.min(axis=1) <= max_color_distance)
     return np.where(is_shape, nearest, -1).astype(np.int32).reshape(pixels.shape[:2])
 
 
@@ -154,13 +154,13 @@ def default_min_area(image_size: int) -> int:
     return max(2, min(int(shapes.template(k, side).sum()) for k in shapes.KINDS) // 2)
 
 
-def parse_image(pixels: np.ndarray, background_hint=None, *, max_colour_distance: float = 60.0,
+def parse_image(pixels: np.ndarray, background_hint=None, *, max_color_distance: float = 60.0,
                 min_area: int | None = None) -> list[ParsedObject]:
-    """Objects in a rendered (or generated) square image, sorted by (y0, x0, colour).
+    """Objects in a rendered (or generated) square image, sorted by (y0, x0, color).
 
     pixels: uint8[h, w, 3] with h == w. Components smaller than `min_area` pixels
     (default: `default_min_area`) are treated as noise. On clean renders of this
-    corpus the result equals the scene's shapes exactly (class, colour, box).
+    corpus the result equals the scene's shapes exactly (class, color, box).
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] != pixels.shape[1]:
@@ -172,10 +172,10 @@ def parse_image(pixels: np.ndarray, background_hint=None, *, max_colour_distance
                          "convert floats in [0, 1] with (x * 255).round().astype(np.uint8).")
     image_size = pixels.shape[0]
     min_area = default_min_area(image_size) if min_area is None else min_area
-    labels = classify_pixels(pixels, background_hint, max_colour_distance)
+    labels = classify_pixels(pixels, background_hint, max_color_distance)
     found = []
-    for colour_index, colour in enumerate(_PALETTE_NAMES):
-        components, count = ndimage.label(labels == colour_index, structure=_EIGHT_CONNECTED)
+    for color_index, color in enumerate(_PALETTE_NAMES):
+        components, count = ndimage.label(labels == color_index, structure=_EIGHT_CONNECTED)
         for label, (rows, cols) in enumerate(ndimage.find_objects(components), start=1):
             crop = components[rows, cols] == label
             area = int(crop.sum())
@@ -183,9 +183,9 @@ def parse_image(pixels: np.ndarray, background_hint=None, *, max_colour_distance
                 continue
             kind, score, side = classify_silhouette(crop)
             box = (cols.start, rows.start, cols.stop, rows.stop)
-            found.append(ParsedObject(kind, colour, box, area, score, side,
+            found.append(ParsedObject(kind, color, box, area, score, side,
                                       size_category(side, image_size)))
-    return sorted(found, key=lambda o: (o.box[1], o.box[0], o.colour))
+    return sorted(found, key=lambda o: (o.box[1], o.box[0], o.color))
 
 
 def box_iou(a: shapes.Box, b: shapes.Box) -> float:
@@ -203,11 +203,11 @@ def match(parsed: list[ParsedObject], scene: shapes.Scene, *, iou_threshold: flo
 
     A parsed object and a scene shape can pair when their boxes have IoU >=
     `iou_threshold` (with `exact=True`: identical boxes). Pairs are chosen one-to-one
-    to maximise first the number with the right class and colour, then total IoU.
+    to maximize first the number with the right class and color, then total IoU.
 
-    Returns a dict: `correct` (pairs right in class and colour), `paired`,
+    Returns a dict: `correct` (pairs right in class and color), `paired`,
     `precision` = correct / len(parsed), `recall` = correct / len(scene.shapes)
-    (both 1.0 when their denominator is 0), `kind_accuracy` and `colour_accuracy`
+    (both 1.0 when their denominator is 0), `kind_accuracy` and `color_accuracy`
     over paired objects (1.0 when none), `all_correct` (every shape found right, nothing extra),
     and `pairs`: [(parsed index, shape index, box IoU, correct)].
     """
@@ -216,7 +216,7 @@ def match(parsed: list[ParsedObject], scene: shapes.Scene, *, iou_threshold: flo
         n_p, n_s
     )
     allowed = (ious == 1.0) if exact else (ious >= iou_threshold)
-    right = np.array([[p.kind == s.kind and p.colour == s.colour for s in scene.shapes]
+    right = np.array([[p.kind == s.kind and p.color == s.color for s in scene.shapes]
                       for p in parsed], dtype=bool).reshape(n_p, n_s)
     gain = np.where(allowed, 2.0 * right + ious, -1.0)
     pairs = []
@@ -226,14 +226,14 @@ def match(parsed: list[ParsedObject], scene: shapes.Scene, *, iou_threshold: flo
                 pairs.append((int(i), int(j), float(ious[i, j]), bool(right[i, j])))
     correct = sum(p[3] for p in pairs)
     kinds_ok = sum(parsed[i].kind == scene.shapes[j].kind for i, j, _, _ in pairs)
-    colours_ok = sum(parsed[i].colour == scene.shapes[j].colour for i, j, _, _ in pairs)
+    colors_ok = sum(parsed[i].color == scene.shapes[j].color for i, j, _, _ in pairs)
     return {
         "correct": correct,
         "paired": len(pairs),
         "precision": correct / n_p if n_p else 1.0,
         "recall": correct / n_s if n_s else 1.0,
         "kind_accuracy": kinds_ok / len(pairs) if pairs else 1.0,
-        "colour_accuracy": colours_ok / len(pairs) if pairs else 1.0,
+        "color_accuracy": colors_ok / len(pairs) if pairs else 1.0,
         "all_correct": correct == n_s == n_p,
         "pairs": pairs,
     }

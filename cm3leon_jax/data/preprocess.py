@@ -22,8 +22,8 @@ the document id so reruns agree.
 With `retrieval` bound (a `RetrievalConfig`), each worker also encodes its
 written documents with the retrieval encoder; the driver then builds the
 memory bank and its index, and a second pipeline writes every document's
-neighbours into its shard (`retrieval_pass.py`). Without it the shards hold no
-neighbours, and the tasks train with k = 0 retrieved documents.
+neighbors into its shard (`retrieval_pass.py`). Without it the shards hold no
+neighbors, and the tasks train with k = 0 retrieved documents.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
             yield from batch_docs(pairs, checked)
 
     files = ShardFiles.of(out_dir, spec)
-    files.forget_neighbours()  # its records are about to be rewritten
+    files.forget_neighbors()  # its records are about to be rewritten
     written = files.write_records(docs())
     if vectors is not None:
         vectors.write(files)
@@ -371,9 +371,9 @@ def preprocess(model_dir: str,
       max_text_tokens: longer captions are skipped as `text_too_long`.
       seq_len: the training length; documents that cannot fit are skipped.
       image_first_prob: share of documents laid out `image <break> caption`.
-      retrieval: when given, every document's neighbours are retrieved and
+      retrieval: when given, every document's neighbors are retrieved and
         written into the shards, and `model_dir/retrieval` holds the bank and
-        index they came from (see retrieval_pass.py). None: no neighbours.
+        index they came from (see retrieval_pass.py). None: no neighbors.
       runner, pipeline_options: Beam's, e.g. "DataflowRunner" and
         ["--project=...", "--region=...", "--temp_location=gs://..."].
     """
@@ -413,16 +413,16 @@ def preprocess(model_dir: str,
 def _retrieve(specs: Sequence[ShardSpec], tokenized: Sequence[ShardSpec], model_dir: str,
               retrieval: retrieval_pass.RetrievalConfig, runner: str,
               pipeline_options: Sequence[str]) -> dict:
-    """Builds the bank and index, then writes every shard's neighbours (pass 2)."""
+    """Builds the bank and index, then writes every shard's neighbors (pass 2)."""
     bank_changed = any(s.split == retrieval.bank_split for s in tokenized)
     bank = retrieval_pass.build_bank(model_dir, retrieval, bank_changed)
-    todo = [s for s in specs if not ShardFiles.of(model_dir, s).has_neighbours()]
-    logging.info("neighbours: %d shards, %d already done", len(specs), len(specs) - len(todo))
+    todo = [s for s in specs if not ShardFiles.of(model_dir, s).has_neighbors()]
+    logging.info("neighbors: %d shards, %d already done", len(specs), len(specs) - len(todo))
     if todo:
-        worker = retrieval_pass.NeighbourWorker(model_dir, retrieval, gin.config_str())
-        run_pipeline(todo, worker, runner, pipeline_options, stage="Neighbours")
+        worker = retrieval_pass.NeighborWorker(model_dir, retrieval, gin.config_str())
+        run_pipeline(todo, worker, runner, pipeline_options, stage="Neighbors")
     summary = retrieval_pass.summarize(specs, model_dir, bank)
     for split, s in summary["splits"].items():
-        logging.info("neighbours %s: %.2f per document (%s for 0..k)", split,
-                     s["mean_neighbours"], s["neighbours_per_document"])
+        logging.info("neighbors %s: %.2f per document (%s for 0..k)", split,
+                     s["mean_neighbors"], s["neighbors_per_document"])
     return summary

@@ -1,6 +1,6 @@
 """SeqIO preprocessors: tokenized shards -> CM3 examples (`targets`, `loss_weights`).
 
-The random work (which neighbours, which spans) happens in `augment.py`'s numpy
+The random work (which neighbors, which spans) happens in `augment.py`'s numpy
 functions, called through `tf.numpy_function` with a seed that seqio hands to
 each example, so the same task seed always yields the same examples whatever
 the parallelism.
@@ -18,9 +18,9 @@ import tensorflow as tf
 from cm3leon_jax.data import augment
 
 
-def _make_example(ids, neighbour_ids, neighbour_lengths, seed, *, layout, config):
-    candidates = np.split(neighbour_ids, np.cumsum(neighbour_lengths)[:-1]) \
-        if neighbour_lengths.size else []
+def _make_example(ids, neighbor_ids, neighbor_lengths, seed, *, layout, config):
+    candidates = np.split(neighbor_ids, np.cumsum(neighbor_lengths)[:-1]) \
+        if neighbor_lengths.size else []
     rng = np.random.default_rng(np.asarray(seed, np.uint32).tolist())
     out = augment.make_example(ids, candidates, rng, layout, config)
     if out is None:  # The query cannot fit: an empty example, filtered below.
@@ -53,7 +53,7 @@ def retrieval_augment(dataset: tf.data.Dataset,
     @seqio.map_over_dataset(num_seeds=1)
     def _map(ex, seed):
         tokens, weights = tf.numpy_function(
-            fn, [ex["ids"], ex["neighbour_ids"], ex["neighbour_lengths"], seed],
+            fn, [ex["ids"], ex["neighbor_ids"], ex["neighbor_lengths"], seed],
             [tf.int32, tf.int32], stateful=False)
         tokens.set_shape([None])
         weights.set_shape([None])

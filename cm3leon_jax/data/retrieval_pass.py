@@ -1,4 +1,4 @@
-"""Retrieval inside preprocessing: document vectors, the memory bank, every shard's neighbours.
+"""Retrieval inside preprocessing: document vectors, the memory bank, every shard's neighbors.
 
 Bind `preprocess.retrieval = @RetrievalConfig()` with an encoder folder (the
 train_retriever mode writes one) and preprocessing runs in two passes over the
@@ -14,15 +14,15 @@ same shards (DATA is the preprocess output folder):
         DATA/retrieval is a complete retriever folder (serve_retrieval.gin serves it)
     pass 2, per shard (Beam):
         search each document's query vector, keep k by the selection rules, write
-        their tokens into the shard's `neighbour_ids` (the shard is rewritten
-        atomically), then DATA/{shard}.neighbours.json, which marks it done
+        their tokens into the shard's `neighbor_ids` (the shard is rewritten
+        atomically), then DATA/{shard}.neighbors.json, which marks it done
 
 Train documents search with their query-dropout vector and never get themselves
 back. Validation and test documents search with their clean vector (there is
 no dropout at inference) against the train bank only, so no evaluation
 document is ever retrieved. A rerun skips shards finished in either pass; a
 train shard tokenized again rebuilds the bank and index, and that invalidates
-every shard's neighbours.
+every shard's neighbors.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from cm3leon_jax.data import shards
 from cm3leon_jax.data.shard_state import (
     ShardFiles,
     bank_dir,
-    forget_neighbours,
+    forget_neighbors,
     read_json,
     retrieval_dir,
     write_json,
 )
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
-from cm3leon_jax.retrieval.neighbours import materialise
+from cm3leon_jax.retrieval.neighbors import materialize
 from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
 from cm3leon_jax.retrieval.select import SelectionConfig
 
@@ -56,7 +56,7 @@ from cm3leon_jax.retrieval.select import SelectionConfig
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
-    """What the preprocess mode needs to retrieve neighbours for every document.
+    """What the preprocess mode needs to retrieve neighbors for every document.
 
     Attributes:
       encoder_dir: a `DocumentEncoder` folder (train_retriever's MODEL_DIR/encoder,
@@ -136,8 +136,8 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}
     write_json(meta_path, summary, indent=2)
-    # Neighbours found in an older bank may point at rows that moved or vanished.
-    forget_neighbours(data_dir)
+    # Neighbors found in an older bank may point at rows that moved or vanished.
+    forget_neighbors(data_dir)
     return summary
 
 
@@ -162,9 +162,9 @@ def _queries(files: ShardFiles, retriever: Retriever,
             bank.offsets[s] + np.arange(n, dtype=np.int64))
 
 
-def attach_neighbours(spec, data_dir: str, retriever: Retriever,
+def attach_neighbors(spec, data_dir: str, retriever: Retriever,
                       config: RetrievalConfig) -> dict:
-    """Pass 2 for one shard: search, select, materialise, rewrite; returns its counts."""
+    """Pass 2 for one shard: search, select, materialize, rewrite; returns its counts."""
     files = ShardFiles.of(data_dir, spec)
     records = list(shards.read_file(files.records).as_numpy_iterator())
     doc_ids, queries, own = _queries(files, retriever, config)
@@ -180,19 +180,19 @@ def attach_neighbours(spec, data_dir: str, retriever: Retriever,
         rows[a:b] = retriever.search_vectors_raw(queries[a:b], exclude_rows=own[a:b])[0]
     docs = []
     for record, doc_rows in zip(records, rows):
-        tokens, ids = materialise(retriever.bank, doc_rows)
+        tokens, ids = materialize(retriever.bank, doc_rows)
         docs.append(shards.TokenizedDocument(record["doc_id"].decode(), record["ids"],
                                              tokens, ids))
     files.write_records(docs)
     stats = {"split": spec.split, "documents": len(docs),
-             "neighbours_per_document": np.bincount((rows >= 0).sum(1),
+             "neighbors_per_document": np.bincount((rows >= 0).sum(1),
                                                     minlength=k + 1).tolist()}
-    files.write_neighbours(stats)
+    files.write_neighbors(stats)
     return stats
 
 
 @dataclasses.dataclass
-class NeighbourWorker:
+class NeighborWorker:
     """What each Beam worker runs per shard in pass 2 (the retriever opens in `setup`)."""
 
     data_dir: str
@@ -206,21 +206,21 @@ class NeighbourWorker:
                                          with_encoder=False)
 
     def __call__(self, spec) -> dict:
-        stats = attach_neighbours(spec, self.data_dir, self._retriever, self.config)
-        return {**stats, "counters": {"documents_with_neighbours": stats["documents"]}}
+        stats = attach_neighbors(spec, self.data_dir, self._retriever, self.config)
+        return {**stats, "counters": {"documents_with_neighbors": stats["documents"]}}
 
 
 def summarize(specs, data_dir: str, bank_summary: dict) -> dict:
-    """The manifest's `retrieval` entry: the bank, the index, neighbours per split."""
+    """The manifest's `retrieval` entry: the bank, the index, neighbors per split."""
     splits: dict = {}
     for spec in specs:
-        stats = ShardFiles.of(data_dir, spec).read_neighbours()
-        counts = np.asarray(stats["neighbours_per_document"])
+        stats = ShardFiles.of(data_dir, spec).read_neighbors()
+        counts = np.asarray(stats["neighbors_per_document"])
         total = splits.setdefault(spec.split, np.zeros_like(counts))
         splits[spec.split] = total + counts
     per_split = {split: {"documents": int(c.sum()),
-                         "neighbours_per_document": c.tolist(),
-                         "mean_neighbours": float((c * np.arange(c.size)).sum() / max(c.sum(), 1))}
+                         "neighbors_per_document": c.tolist(),
+                         "mean_neighbors": float((c * np.arange(c.size)).sum() / max(c.sum(), 1))}
                  for split, c in splits.items()}
     return {"bank_documents": bank_summary["num_docs"], "index": bank_summary["index"],
             "encoder_dir": bank_summary["encoder_dir"], "splits": per_split}

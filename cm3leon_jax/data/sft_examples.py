@@ -5,17 +5,17 @@
 Each family is a pure function of a `shapes.Scene` and a numpy Generator, so a stored
 scene regenerates its examples and the evaluation can grade generations exactly:
 
-    edit                 a random recolour / reshape / remove / add (`shapes_tasks.edit`);
+    edit                 a random recolor / reshape / remove / add (`shapes_tasks.edit`);
                          truth: the edited scene
     edge_to_image        object outlines (`shapes.edge_map`)            truth: the scene
-    segmentation_to_image  class-coloured masks (`shapes.segmentation_map`)
+    segmentation_to_image  class-colored masks (`shapes.segmentation_map`)
     scribble_to_image    outlines thickened by one pixel each side (`scribble_map`)
     depth_to_image       layered depth: each object a grey level by its size, larger =
                          nearer = brighter, background black (`depth_map`)
     boxes_to_image       the scene's boxes as text                      truth: the scene
     how_to_write         a short word rendered black on white (`shapes_tasks.render_text`)
     caption              one of the corpus' four phrasings
-    long_caption         every object with size, colour, position and relations
+    long_caption         every object with size, color, position and relations
     vqa                  one (question, answer) of `shapes_tasks.vqa_pairs`
     segment              'segment the red circle' -> that object's mask, white on black
 

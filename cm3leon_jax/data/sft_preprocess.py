@@ -9,7 +9,7 @@ text), so this pass renders each family's example from its scene (or reads it fr
 public-format adapter, `sft_formats.py`), VQ-encodes every image with the same image
 tokenizer, and writes `MODEL_DIR/{family}/{split}-NNNNN-of-MMMMM.tfrecord` in the shard
 format of `shards.py` (`ids` = the whole `instruction <break> inputs <break> output`
-example, no neighbours). It reuses preprocessing's Beam pipeline: one shard is the unit
+example, no neighbors). It reuses preprocessing's Beam pipeline: one shard is the unit
 of work, written by atomic rename with a stats file, so a rerun skips finished shards.
 
 The vocabulary is the pretraining data's (`vocab_dir`), copied to `MODEL_DIR/vocab` so

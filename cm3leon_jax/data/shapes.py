@@ -1,9 +1,9 @@
 """Synthetic shapes scenes: the scene model, sampling, exact rendering and masks.
 
-A scene is 1-3 flat-coloured shapes on a plain or low-contrast textured
+A scene is 1-3 flat-colored shapes on a plain or low-contrast textured
 background. Every shape lives in a *nominal square* (`x`, `y`, `side`, integer
 pixels) and its silhouette is evaluated at pixel centres with no anti-aliasing,
-so each object pixel carries exactly its palette colour. That is what lets
+so each object pixel carries exactly its palette color. That is what lets
 `parse.parse_image` recover a clean render exactly, and it keeps rendering
 bit-identical across machines (only IEEE-exact elementwise float64 arithmetic,
 hard-coded vertex constants, no libm calls).
@@ -27,9 +27,9 @@ import numpy as np
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
 
-# Chosen pairwise >= 75 apart in RGB and >= 95 from every background colour, so
-# nearest-colour classification survives textures (+-8) and generation noise.
-COLOURS: dict[str, RGB] = {
+# Chosen pairwise >= 75 apart in RGB and >= 95 from every background color, so
+# nearest-color classification survives textures (+-8) and generation noise.
+COLORS: dict[str, RGB] = {
     "red": (215, 35, 35),
     "green": (40, 170, 60),
     "blue": (40, 80, 220),
@@ -45,7 +45,7 @@ BACKGROUNDS: dict[str, RGB] = {
     "teal": (90, 130, 130),
 }
 TEXTURES = ("plain", "stripes", "checker", "noise")
-TEXTURE_AMPLITUDE = 8  # +-, low enough that a texture never looks like a shape colour
+TEXTURE_AMPLITUDE = 8  # +-, low enough that a texture never looks like a shape color
 KINDS = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 SIZES = ("small", "medium", "large")
 # Nominal side as a fraction of the image side; the gaps between the ranges keep
@@ -77,26 +77,26 @@ _SQRT3 = 1.7320508075688772
 
 @dataclasses.dataclass(frozen=True)
 class Background:
-    """A background: `texture` in TEXTURES over base colour `colour` (BACKGROUNDS key).
+    """A background: `texture` in TEXTURES over base color `color` (BACKGROUNDS key).
 
     `period` is the stripe/checker cell size in pixels; `seed` drives the noise
     texture so a scene re-renders identically from its JSON.
     """
 
     texture: str = "plain"
-    colour: str = "gray"
+    color: str = "gray"
     period: int = 4
     seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """One object: `kind` (KINDS), `colour` (COLOURS), `size` (SIZES), nominal
+    """One object: `kind` (KINDS), `color` (COLORS), `size` (SIZES), nominal
     square at (`x`, `y`) with `side` pixels, and the rendered `box` (x0, y0, x1, y1),
     exclusive ends. Build it with `make_shape` so `box` matches the silhouette."""
 
     kind: str
-    colour: str
+    color: str
     size: str
     x: int
     y: int
@@ -127,7 +127,7 @@ class Scene:
         """Inverse of `to_json`; rejects JSON whose boxes disagree with the geometry."""
         raw = json.loads(text)
         shapes = tuple(
-            make_shape(s["kind"], s["colour"], s["size"], s["x"], s["y"], s["side"])
+            make_shape(s["kind"], s["color"], s["size"], s["x"], s["y"], s["side"])
             for s in raw["shapes"]
         )
         for shape, s in zip(shapes, raw["shapes"]):
@@ -139,12 +139,12 @@ class Scene:
         return cls(int(raw["image_size"]), Background(**raw["background"]), shapes)
 
 
-def make_shape(kind: str, colour: str, size: str, x: int, y: int, side: int) -> Shape:
+def make_shape(kind: str, color: str, size: str, x: int, y: int, side: int) -> Shape:
     """A Shape with its box computed from the silhouette of `kind` at `side` pixels."""
     if kind not in KINDS:
         raise ValueError(f"Unknown shape kind {kind!r}; expected one of {KINDS}.")
-    if colour not in COLOURS:
-        raise ValueError(f"Unknown colour {colour!r}; expected one of {tuple(COLOURS)}.")
+    if color not in COLORS:
+        raise ValueError(f"Unknown color {color!r}; expected one of {tuple(COLORS)}.")
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {SIZES}.")
     rows, cols = np.nonzero(template(kind, side))
@@ -154,7 +154,7 @@ def make_shape(kind: str, colour: str, size: str, x: int, y: int, side: int) -> 
         x + int(cols.max()) + 1,
         y + int(rows.max()) + 1,
     )
-    return Shape(kind, colour, size, int(x), int(y), int(side), box)
+    return Shape(kind, color, size, int(x), int(y), int(side), box)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -242,29 +242,29 @@ def place(rng: np.random.Generator, image_size: int, side: int, placed: list[Sha
 
 
 def sample_shape(rng: np.random.Generator, image_size: int, placed: list[Shape],
-                 kinds: tuple[str, ...] = KINDS, colours: tuple[str, ...] = tuple(COLOURS),
+                 kinds: tuple[str, ...] = KINDS, colors: tuple[str, ...] = tuple(COLORS),
                  ) -> Shape | None:
     """One random shape placed clear of `placed`, or None when it found no room."""
     kind = kinds[rng.integers(len(kinds))]
-    colour = colours[rng.integers(len(colours))]
+    color = colors[rng.integers(len(colors))]
     size = SIZES[rng.integers(len(SIZES))]
     lo, hi = side_range(image_size, size)
     side = int(rng.integers(lo, hi + 1))
     position = place(rng, image_size, side, placed)
     if position is None:
         return None
-    return make_shape(kind, colour, size, position[0], position[1], side)
+    return make_shape(kind, color, size, position[0], position[1], side)
 
 
 def sample_background(rng: np.random.Generator, image_size: int,
                       textured_fraction: float = 0.5) -> Background:
     """A plain background with probability 1 - `textured_fraction`, else a texture."""
-    colour = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    color = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     texture = "plain"
     if rng.random() < textured_fraction:
         texture = TEXTURES[1 + rng.integers(len(TEXTURES) - 1)]
     period = int(rng.integers(max(2, image_size // 16), max(3, image_size // 6) + 1))
-    return Background(texture, colour, period, int(rng.integers(2**31)))
+    return Background(texture, color, period, int(rng.integers(2**31)))
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -311,7 +311,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, *, min_objects: int 
 
 def render_background(background: Background, image_size: int) -> np.ndarray:
     """The background alone: uint8[image_size, image_size, 3]."""
-    base = np.array(BACKGROUNDS[background.colour], dtype=np.int16)
+    base = np.array(BACKGROUNDS[background.color], dtype=np.int16)
     rows, cols = np.indices((image_size, image_size))
     p = max(1, background.period)
     if background.texture == "plain":
@@ -352,31 +352,31 @@ def render(scene: Scene) -> np.ndarray:
     """The scene as uint8[h, w, 3]; identical bytes for identical scenes."""
     image = render_background(scene.background, scene.image_size)
     for shape, mask in zip(scene.shapes, masks(scene)):
-        image[mask] = COLOURS[shape.colour]
+        image[mask] = COLORS[shape.color]
     return image
 
 
-# Label colours for segmentation maps (ADE20K-like: saturated, one per class);
+# Label colors for segmentation maps (ADE20K-like: saturated, one per class);
 # black is background.
-SEGMENTATION_COLOURS: dict[str, RGB] = {
+SEGMENTATION_COLORS: dict[str, RGB] = {
     "circle": (255, 0, 0), "square": (0, 255, 0), "triangle": (0, 0, 255),
     "star": (255, 255, 0), "hexagon": (255, 0, 255), "diamond": (0, 255, 255),
 }
 
 
 def segmentation_map(scene: Scene) -> np.ndarray:
-    """uint8[h, w, 3]: each object painted with its class's SEGMENTATION_COLOURS.
+    """uint8[h, w, 3]: each object painted with its class's SEGMENTATION_COLORS.
 
     Background black.
     """
     out = np.zeros((scene.image_size, scene.image_size, 3), np.uint8)
     for shape, mask in zip(scene.shapes, masks(scene)):
-        out[mask] = SEGMENTATION_COLOURS[shape.kind]
+        out[mask] = SEGMENTATION_COLORS[shape.kind]
     return out
 
 
 def edge_map(scene: Scene) -> np.ndarray:
-    """uint8[h, w, 3]: object outlines (mask pixels with a 4-neighbour outside) white on black.
+    """uint8[h, w, 3]: object outlines (mask pixels with a 4-neighbor outside) white on black.
 
     Outlines come from the masks rather than from the pixels, so background textures
     add no edges: the condition describes the objects only.

@@ -25,7 +25,7 @@ TEXTURE_WORDS = {
     "checker": "checkered",
     "noise": "speckled",
 }
-EDIT_OPS = ("recolour", "reshape", "remove", "add")
+EDIT_OPS = ("recolor", "reshape", "remove", "add")
 
 
 # ----------------------------------------------------------------------------- phrases
@@ -38,7 +38,7 @@ def article(phrase: str) -> str:
 
 def describe(shape: shapes.Shape, with_size: bool = False) -> str:
     """'red circle', or 'small red circle' with `with_size`."""
-    words = f"{shape.colour} {shape.kind}"
+    words = f"{shape.color} {shape.kind}"
     return f"{shape.size} {words}" if with_size else words
 
 
@@ -63,12 +63,12 @@ def relation(a: shapes.Shape, b: shapes.Shape) -> str:
 
 def background_phrase(background: shapes.Background) -> str:
     """'a plain gray background', 'a striped sand background', ..."""
-    return f"a {TEXTURE_WORDS[background.texture]} {background.colour} background"
+    return f"a {TEXTURE_WORDS[background.texture]} {background.color} background"
 
 
 def refer(scene: shapes.Scene, index: int) -> str:
     """A phrase naming shape `index` unambiguously: 'the red circle', or, when
-    several shapes share colour and class, 'the left red circle' / 'the middle ...'.
+    several shapes share color and class, 'the left red circle' / 'the middle ...'.
 
     Identical shapes are ordered along the axis where their centres spread most.
     """
@@ -91,7 +91,7 @@ def refer(scene: shapes.Scene, index: int) -> str:
 
 def captions(scene: shapes.Scene, rng: np.random.Generator) -> list[str]:
     """Four phrasings of the scene (list, count, relations, background), each naming
-    every object with its colour and class. `rng` picks object order and size words."""
+    every object with its color and class. `rng` picks object order and size words."""
     order = [scene.shapes[i] for i in rng.permutation(len(scene.shapes))]
     sized = rng.random(len(order)) < 0.5
     objects = [with_article(describe(s, bool(z))) for s, z in zip(order, sized)]
@@ -127,20 +127,20 @@ def _region(shape: shapes.Shape, image_size: int) -> str:
 def vqa_pairs(scene: shapes.Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     """(question, answer) pairs whose answers follow from the scene, shuffled by `rng`.
 
-    Counting, colour-of-class (only for classes present once), class-of-colour (only
-    for colours present once), presence yes/no (one present and one absent class),
+    Counting, color-of-class (only for classes present once), class-of-color (only
+    for colors present once), presence yes/no (one present and one absent class),
     background texture, and one spatial yes/no question when two shapes exist.
     """
     kinds = [s.kind for s in scene.shapes]
-    colours = [s.colour for s in scene.shapes]
+    colors = [s.color for s in scene.shapes]
     pairs = [("How many shapes are there?", NUMBER_WORDS[len(kinds)])]
     pairs += [
-        (f"What colour is the {s.kind}?", s.colour)
+        (f"What color is the {s.kind}?", s.color)
         for s in scene.shapes
         if kinds.count(s.kind) == 1
     ]
-    pairs += [(f"What shape is the {s.colour} object?", s.kind)
-              for s in scene.shapes if colours.count(s.colour) == 1]
+    pairs += [(f"What shape is the {s.color} object?", s.kind)
+              for s in scene.shapes if colors.count(s.color) == 1]
     present = kinds[rng.integers(len(kinds))]
     absent = [k for k in shapes.KINDS if k not in kinds]
     pairs.append((f"Is there {with_article(present)}?", "yes"))
@@ -179,13 +179,13 @@ def _replace(scene: shapes.Scene, index: int, shape: shapes.Shape | None) -> sha
     return dataclasses.replace(scene, shapes=tuple(new))
 
 
-def recolour(scene: shapes.Scene, index: int, colour: str) -> tuple[shapes.Scene, str]:
-    """Shape `index` painted `colour` -> (new scene, 'make the red circle blue')."""
+def recolor(scene: shapes.Scene, index: int, color: str) -> tuple[shapes.Scene, str]:
+    """Shape `index` painted `color` -> (new scene, 'make the red circle blue')."""
     old = scene.shapes[index]
-    if colour == old.colour:
-        raise ValueError(f"recolour: shape {index} is already {colour}; pick another colour.")
-    new = shapes.make_shape(old.kind, colour, old.size, old.x, old.y, old.side)
-    return _replace(scene, index, new), f"make {refer(scene, index)} {colour}"
+    if color == old.color:
+        raise ValueError(f"recolor: shape {index} is already {color}; pick another color.")
+    new = shapes.make_shape(old.kind, color, old.size, old.x, old.y, old.side)
+    return _replace(scene, index, new), f"make {refer(scene, index)} {color}"
 
 
 def reshape(scene: shapes.Scene, index: int, kind: str) -> tuple[shapes.Scene, str]:
@@ -194,7 +194,7 @@ def reshape(scene: shapes.Scene, index: int, kind: str) -> tuple[shapes.Scene, s
     old = scene.shapes[index]
     if kind == old.kind:
         raise ValueError(f"reshape: shape {index} is already a {kind}; pick another kind.")
-    new = shapes.make_shape(kind, old.colour, old.size, old.x, old.y, old.side)
+    new = shapes.make_shape(kind, old.color, old.size, old.x, old.y, old.side)
     return _replace(scene, index, new), f"turn {refer(scene, index)} into {with_article(kind)}"
 
 
@@ -228,9 +228,9 @@ def edit(scene: shapes.Scene, rng: np.random.Generator, op: str | None = None,
     for name in [ops[k] for k in rng.permutation(len(ops))]:
         index = int(rng.integers(len(scene.shapes)))
         target = scene.shapes[index]
-        if name == "recolour":
-            others = [c for c in shapes.COLOURS if c != target.colour]
-            return recolour(scene, index, others[rng.integers(len(others))])
+        if name == "recolor":
+            others = [c for c in shapes.COLORS if c != target.color]
+            return recolor(scene, index, others[rng.integers(len(others))])
         if name == "reshape":
             others = [k for k in shapes.KINDS if k != target.kind]
             return reshape(scene, index, others[rng.integers(len(others))])
@@ -262,7 +262,7 @@ def render_text(text: str, size: int) -> np.ndarray:
     """`text` in PIL's default bitmap font, black on white, as uint8[size, size, 3].
 
     The text is drawn at the font's native resolution, wrapped, and scaled up by the
-    largest integer factor that fits (nearest neighbour, so it stays pixel-exact and
+    largest integer factor that fits (nearest neighbor, so it stays pixel-exact and
     deterministic), then centred. Raises ValueError when it cannot fit even at 1x.
     """
     if not text.strip():

@@ -6,16 +6,16 @@ A shard of DATA (the preprocess output folder) is a set of files beside each oth
     ...tfrecord.stats.json                     pass 1 done: the shard is `written`
     ...tfrecord.queries.npz                    pass 1's vectors of a non-bank shard
     DATA/retrieval/memory_bank/shard-NNNNN     pass 1's vectors of a bank shard
-    ...tfrecord.neighbours.json                pass 2 done: its `neighbours` are in
+    ...tfrecord.neighbors.json                pass 2 done: its `neighbors` are in
 
 so a shard's state is read from which files exist, in that order:
 
-    nothing -> written (-> vectors, when retrieval is on) -> neighbours
+    nothing -> written (-> vectors, when retrieval is on) -> neighbors
 
 Every file is written by `atomic_write` (a temporary file, then a rename), so a
 killed run leaves each file whole or absent, and a rerun redoes exactly the
 shards whose marker is missing. Rewriting an earlier state forgets the later
-ones (`forget_neighbours`): neighbours point at bank rows and records that a
+ones (`forget_neighbors`): neighbors point at bank rows and records that a
 rewrite may move.
 """
 
@@ -35,7 +35,7 @@ from cm3leon_jax.retrieval import memory_bank
 
 STATS = ".stats.json"
 QUERIES = ".queries.npz"
-NEIGHBOURS = ".neighbours.json"
+NEIGHBORS = ".neighbors.json"
 
 
 @contextlib.contextmanager
@@ -71,9 +71,9 @@ def bank_dir(data_dir: str) -> str:
     return os.path.join(retrieval_dir(data_dir), "memory_bank")
 
 
-def forget_neighbours(data_dir: str) -> None:
-    """Every shard back to `written`: their neighbours came from a bank that changed."""
-    for marker in fs.glob(os.path.join(data_dir, "*" + NEIGHBOURS)):
+def forget_neighbors(data_dir: str) -> None:
+    """Every shard back to `written`: their neighbors came from a bank that changed."""
+    for marker in fs.glob(os.path.join(data_dir, "*" + NEIGHBORS)):
         fs.remove(marker)
 
 
@@ -104,8 +104,8 @@ class ShardFiles:
         return self.records + QUERIES
 
     @property
-    def neighbours(self) -> str:
-        return self.records + NEIGHBOURS
+    def neighbors(self) -> str:
+        return self.records + NEIGHBORS
 
     @property
     def bank_shard(self) -> str:
@@ -119,8 +119,8 @@ class ShardFiles:
         """Whether pass 1 stored the vectors (a shard that wrote no document has none)."""
         return fs.isdir(self.bank_shard) if in_bank else fs.exists(self.queries)
 
-    def has_neighbours(self) -> bool:
-        return fs.exists(self.neighbours)
+    def has_neighbors(self) -> bool:
+        return fs.exists(self.neighbors)
 
     # Pass 1.
     def write_records(self, docs) -> int:
@@ -146,14 +146,14 @@ class ShardFiles:
             return z["doc_ids"], z["vectors"]
 
     # Pass 2.
-    def forget_neighbours(self) -> None:
+    def forget_neighbors(self) -> None:
         """Back to before pass 2 (its records are about to be rewritten)."""
-        if fs.exists(self.neighbours):
-            fs.remove(self.neighbours)
+        if fs.exists(self.neighbors):
+            fs.remove(self.neighbors)
 
-    def write_neighbours(self, stats: dict) -> None:
-        """Marks pass 2 done (after the records with neighbours are in place)."""
-        write_json(self.neighbours, stats)
+    def write_neighbors(self, stats: dict) -> None:
+        """Marks pass 2 done (after the records with neighbors are in place)."""
+        write_json(self.neighbors, stats)
 
-    def read_neighbours(self) -> dict:
-        return read_json(self.neighbours)
+    def read_neighbors(self) -> dict:
+        return read_json(self.neighbors)

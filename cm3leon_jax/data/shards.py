@@ -5,11 +5,11 @@ files of `tf.train.Example`s, one per query document:
 
     doc_id              bytes       the source's id of the document
     ids                 int64[n]    the document's tokens (`vocab/document.py`)
-    neighbour_ids       int64[m]    the retrieved candidates' tokens, concatenated
-    neighbour_lengths   int64[c]    where each candidate ends (c candidates)
-    neighbour_doc_ids   bytes[c]    their ids, for inspection
+    neighbor_ids       int64[m]    the retrieved candidates' tokens, concatenated
+    neighbor_lengths   int64[c]    where each candidate ends (c candidates)
+    neighbor_doc_ids   bytes[c]    their ids, for inspection
 
-The neighbours are materialised into each record, so training reads one file
+The neighbors are materialized into each record, so training reads one file
 and does no lookups; the memory bank they came from stays on the retrieval side.
 A `manifest.json` beside the shards records counts and what was skipped.
 """
@@ -30,9 +30,9 @@ from cm3leon_jax.errors import MissingInputError
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
     "ids": tf.io.VarLenFeature(tf.int64),
-    "neighbour_ids": tf.io.VarLenFeature(tf.int64),
-    "neighbour_lengths": tf.io.VarLenFeature(tf.int64),
-    "neighbour_doc_ids": tf.io.VarLenFeature(tf.string),
+    "neighbor_ids": tf.io.VarLenFeature(tf.int64),
+    "neighbor_lengths": tf.io.VarLenFeature(tf.int64),
+    "neighbor_doc_ids": tf.io.VarLenFeature(tf.string),
 }
 
 
@@ -40,13 +40,13 @@ FEATURES = {
 class TokenizedDocument:
     doc_id: str
     ids: np.ndarray  # int32[n]
-    neighbours: Sequence[np.ndarray] = ()  # most relevant first
-    neighbour_doc_ids: Sequence[str] = ()
+    neighbors: Sequence[np.ndarray] = ()  # most relevant first
+    neighbor_doc_ids: Sequence[str] = ()
 
 
 def serialize(doc: TokenizedDocument) -> bytes:
-    lengths = [len(n) for n in doc.neighbours]
-    flat = np.concatenate(doc.neighbours) if lengths else np.zeros([0], np.int64)
+    lengths = [len(n) for n in doc.neighbors]
+    flat = np.concatenate(doc.neighbors) if lengths else np.zeros([0], np.int64)
 
     def ints(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(v).tolist()))
@@ -57,9 +57,9 @@ def serialize(doc: TokenizedDocument) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature={
         "doc_id": strings([doc.doc_id]),
         "ids": ints(doc.ids),
-        "neighbour_ids": ints(flat),
-        "neighbour_lengths": ints(lengths),
-        "neighbour_doc_ids": strings(doc.neighbour_doc_ids),
+        "neighbor_ids": ints(flat),
+        "neighbor_lengths": ints(lengths),
+        "neighbor_doc_ids": strings(doc.neighbor_doc_ids),
     })).SerializeToString()
 
 
@@ -67,9 +67,9 @@ def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """One serialized record -> dense int32 tensors (strings stay strings)."""
     ex = tf.io.parse_single_example(serialized, FEATURES)
     out = {"doc_id": ex["doc_id"]}
-    for k in ("ids", "neighbour_ids", "neighbour_lengths"):
+    for k in ("ids", "neighbor_ids", "neighbor_lengths"):
         out[k] = tf.cast(tf.sparse.to_dense(ex[k]), tf.int32)
-    out["neighbour_doc_ids"] = tf.sparse.to_dense(ex["neighbour_doc_ids"])
+    out["neighbor_doc_ids"] = tf.sparse.to_dense(ex["neighbor_doc_ids"])
     return out
 
 

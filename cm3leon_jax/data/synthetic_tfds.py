@@ -78,7 +78,7 @@ def make_example(config: SyntheticShapesConfig, split: str, index: int) -> dict:
         "captions": example.captions,
         "scene": scene.to_json(),
         "objects": [{
-            "label": s.kind, "colour": s.colour, "size": s.size,
+            "label": s.kind, "color": s.color, "size": s.size,
             "box": np.array(s.box, np.int32),
             "bbox": tfds.features.BBox(ymin=s.box[1] / size, xmin=s.box[0] / size,
                                        ymax=s.box[3] / size, xmax=s.box[2] / size),
@@ -87,13 +87,13 @@ def make_example(config: SyntheticShapesConfig, split: str, index: int) -> dict:
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
-    """Scenes of 1-3 coloured shapes with captions; see `cm3leon_jax.data.shapes`."""
+    """Scenes of 1-3 colored shapes with captions; see `cm3leon_jax.data.shapes`."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {
-        "1.0.0": "Initial release: 6 classes, 8 colours, 3 sizes, plain/striped/checkered/"
+        "1.0.0": "Initial release: 6 classes, 8 colors, 3 sizes, plain/striped/checkered/"
                  "speckled backgrounds, 4 captions per scene, scene JSON, int and "
-                 "normalised boxes.",
+                 "normalized boxes.",
     }
     BUILDER_CONFIGS = [_named_config(32), _named_config(64), _named_config(256)]
     DEFAULT_CONFIG_NAME = "64px"
@@ -101,7 +101,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         n = self.builder_config.image_size
         return self.dataset_info_from_configs(
-            description="Synthetic shapes: flat-coloured shapes on plain or textured "
+            description="Synthetic shapes: flat-colored shapes on plain or textured "
             "backgrounds, exactly parseable (cm3leon_jax.data.parse).",
             features=tfds.features.FeaturesDict(
                 {
@@ -114,7 +114,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                     "objects": tfds.features.Sequence(
                         {
                             "label": tfds.features.ClassLabel(names=list(shapes.KINDS)),
-                            "colour": tfds.features.ClassLabel(names=list(shapes.COLOURS)),
+                            "color": tfds.features.ClassLabel(names=list(shapes.COLORS)),
                             "size": tfds.features.ClassLabel(names=list(shapes.SIZES)),
                             "box": tfds.features.Tensor(
                                 shape=(4,),

@@ -9,7 +9,7 @@ reused on a rerun (demo/stages.py): an interrupted demo resumes where it stopped
     MODEL_DIR/image_tokenizer/   the VQGAN, trained on the corpus' train images
     MODEL_DIR/retriever/         the CLIP retrieval encoder, trained on the same scenes
     MODEL_DIR/data/              vocab/ + tokenized shards with every document's
-                                 neighbours + retrieval/ (bank, ScaNN index) +
+                                 neighbors + retrieval/ (bank, ScaNN index) +
                                  manifest.json (Beam, two passes)
     MODEL_DIR/pretrain/          the decoder: checkpoints, metrics.jsonl, TensorBoard
     MODEL_DIR/pictures/          contact_sheet.png (look here first), generated.png,
@@ -227,9 +227,9 @@ def _say_retriever(r: dict) -> str:
 
 def _say_preprocess(r: dict) -> str:
     train = r["splits"]["train"]
-    neighbours = r.get("retrieval", {}).get("splits", {}).get("train", {})
+    neighbors = r.get("retrieval", {}).get("splits", {}).get("train", {})
     return (f"{train['written']} train documents, "
-            f"{neighbours.get('mean_neighbours', 0):.1f} neighbours each")
+            f"{neighbors.get('mean_neighbors', 0):.1f} neighbors each")
 
 
 def _say_pretrain(r: dict) -> str:

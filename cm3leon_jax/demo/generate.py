@@ -12,7 +12,7 @@ effect of each is measured:
 
 The CLIP score that re-ranks is the retrieval encoder's (decode/rerank.py).
 
-Images are scored with `shapes_scores.text_to_image_metrics` (objects, colours, classes,
+Images are scored with `shapes_scores.text_to_image_metrics` (objects, colors, classes,
 count, positions, box IoU), captions with `caption_metrics`. For scale, the same scores
 of the VQ reconstructions of the true images (what a perfect decoder could reach through
 this tokenizer), of the top retrieved document (what copying the retrieval gives), and
@@ -230,7 +230,7 @@ def targets_report(metrics: dict) -> list[str]:
             verdict = "reached" if value >= minimum else "NOT reached"
             lines.append(f"target {path} >= {minimum:.0%}: {value:.0%} ({verdict})")
     chance = metrics.get("chance_reference", {}).get("text_to_image", {})
-    for key in ("colours_right", "classes_right", "position_right"):
+    for key in ("colors_right", "classes_right", "position_right"):
         value, base = metrics.get("text_to_image", {}).get(key), chance.get(key)
         if value is not None and base is not None:
             verdict = "reached" if value >= 3 * base else "NOT reached"

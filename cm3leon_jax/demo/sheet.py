@@ -6,7 +6,7 @@
     VQA                image | question | model's answer | truth
 
 Every section is optional (a stage that did not run leaves its section out). Images are
-scaled up with nearest neighbour so each pixel of the 32 px scenes stays visible.
+scaled up with nearest neighbor so each pixel of the 32 px scenes stays visible.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GOOD, BAD = (20, 130, 40), (190, 30, 30)
 
 
 class _Row:
-    """One row of cells: each cell is an image (uint8[h, w, 3]) or text, with a colour."""
+    """One row of cells: each cell is an image (uint8[h, w, 3]) or text, with a color."""
 
     def __init__(self, cells: Sequence[tuple[object, tuple[int, int, int]]], text_width: int):
         self.cells, self.text_width = list(cells), text_width
@@ -40,7 +40,7 @@ def _cell_size(cell, text_width: int, image_side: int) -> tuple[int, int]:
     return text_width, LINE * min(len(lines), max(1, image_side // LINE))
 
 
-def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, cell, colour, x: int, y: int,
+def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, cell, color, x: int, y: int,
                text_width: int, image_side: int, font) -> None:
     if isinstance(cell, np.ndarray):
         big = Image.fromarray(np.ascontiguousarray(cell)).resize(
@@ -49,7 +49,7 @@ def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, cell, colour, x: 
         return
     lines = textwrap.wrap(str(cell), text_width // 6) or [""]
     for j, line in enumerate(lines[:max(1, image_side // LINE)]):
-        draw.text((x, y + LINE * j), line, fill=colour, font=font)
+        draw.text((x, y + LINE * j), line, fill=color, font=font)
 
 
 def section(title: str, header: Sequence[str], rows: Sequence[Sequence], *,
@@ -103,8 +103,8 @@ def write(sections: Sequence[tuple], path: str, *, title: str = "") -> str:
                 x += w + GAP
         for row, sizes, y in rows:
             x = GAP
-            for (cell, colour), (w, _) in zip(row.cells, sizes):
-                _draw_cell(canvas, draw, cell, colour, x, y, row.text_width, image_side, font)
+            for (cell, color), (w, _) in zip(row.cells, sizes):
+                _draw_cell(canvas, draw, cell, color, x, y, row.text_width, image_side, font)
                 x += w + GAP
     fs.makedirs(os.path.dirname(path) or ".")
     with fs.open(path, "wb") as f:

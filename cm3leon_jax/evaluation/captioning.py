@@ -4,7 +4,7 @@ ROUGE-L and CIDEr-D, through pycocoevalcap and its Stanford PTB tokenizer.
     caption_metrics(["a red circle ."], [["A red circle.", "a circle that is red"]])
     # {"BLEU-4": ..., "METEOR": ..., "ROUGE-L": ..., "CIDEr-D": ..., "BLEU-1": ...}
 
-Every caption (predictions and references) is first tokenised by the PTB tokenizer
+Every caption (predictions and references) is first tokenized by the PTB tokenizer
 (lower-cased, punctuation dropped), as on the COCO leaderboard. pycocoevalcap's `Cider`
 is CIDEr-D (clipped n-gram counts, Gaussian length penalty with sigma 6, x10), with
 document frequencies taken from the references of the evaluated set, so a score depends
@@ -34,7 +34,7 @@ def require_java() -> None:
 
 
 def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
-    """{id: [caption, ...]} -> the same, PTB-tokenised, lower-cased, punctuation dropped."""
+    """{id: [caption, ...]} -> the same, PTB-tokenized, lower-cased, punctuation dropped."""
     require_java()
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})

@@ -213,6 +213,6 @@ def preprocess(images: np.ndarray, resize: str = "pytorch_fid") -> jnp.ndarray:
 
 
 def random_variables(seed: int = 0) -> dict:
-    """Randomly initialised variables ({"params", "batch_stats"}); only for tests: FID
+    """Randomly initialized variables ({"params", "batch_stats"}); only for tests: FID
     with random Inception weights is not a meaningful number."""
     return FIDInception().init(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 3)))

@@ -6,11 +6,11 @@ Every family's example (`data/sft_examples.py`) knows its answer, so each output
 graded without a learned metric:
 
     edit, <c>_to_image,    the shape parser's objects match the target scene one to one:
-    boxes_to_image         right class and colour, box IoU >= 0.5, nothing extra
+    boxes_to_image         right class and color, box IoU >= 0.5, nothing extra
                            (for edit: the edit happened and nothing else changed)
     how_to_write           the nearest render (pixel L2) among the candidate words is the
                            word asked for
-    caption, long_caption  the caption names exactly the scene's (colour, class) objects
+    caption, long_caption  the caption names exactly the scene's (color, class) objects
     vqa                    the answer, lower-cased, equals the true one
     segment                the mask (pixels brighter than mid-grey) has IoU >= 0.5 with the
                            object's mask; `mask_iou` is the mean IoU

@@ -1,21 +1,21 @@
 """Exact scores of generated images and captions against synthetic scenes.
 
 The corpus is drawn from known scenes, so generation can be graded without a learned
-metric: `data/parse.py` recovers the objects of an image (class, colour, box), and
-every caption phrasing introduces each object once as "a [size] <colour> <class>"
+metric: `data/parse.py` recovers the objects of an image (class, color, box), and
+every caption phrasing introduces each object once as "a [size] <color> <class>"
 (later mentions say "the ..."). An image or caption
-is compared with its scene as a multiset of (class, colour) pairs, positions ignored:
+is compared with its scene as a multiset of (class, color) pairs, positions ignored:
 
     objects_right   the multisets are equal (every object, nothing extra)
-    any_object_right  at least one (class, colour) pair of the scene is there
-    colours_right / classes_right   the multisets of colours / of classes are equal
+    any_object_right  at least one (class, color) pair of the scene is there
+    colors_right / classes_right   the multisets of colors / of classes are equal
 
 Each score is the fraction of examples meeting it.
 
 The task metrics of the eval run (`text_to_image_metrics`, `edit_metrics`,
 `caption_metrics`, `vqa_exact_match`) add what the parser's boxes allow: object count,
 positions (pairwise left/right/above/below relations, the words the captions use), box
-IoU of each shape with the same-class, same-colour object drawn, and caption object
+IoU of each shape with the same-class, same-color object drawn, and caption object
 precision and recall.
 """
 
@@ -30,24 +30,24 @@ import numpy as np
 from cm3leon_jax.data import parse, shapes, shapes_tasks
 from cm3leon_jax.evaluation import vqa
 
-# "[the] [size] <colour> <class>"; "the ..." refers back to an object already named.
+# "[the] [size] <color> <class>"; "the ..." refers back to an object already named.
 _PHRASE = re.compile(r"\b(the\s+)?(?:(?:" + "|".join(shapes.SIZES) + r")\s+)?("
-                     + "|".join(shapes.COLOURS) + r")\s+(" + "|".join(shapes.KINDS) + r")\b")
+                     + "|".join(shapes.COLORS) + r")\s+(" + "|".join(shapes.KINDS) + r")\b")
 
 
 def scene_objects(scene: shapes.Scene) -> list[tuple[str, str]]:
-    """[(class, colour), ...] of the scene's shapes."""
-    return [(s.kind, s.colour) for s in scene.shapes]
+    """[(class, color), ...] of the scene's shapes."""
+    return [(s.kind, s.color) for s in scene.shapes]
 
 
 def image_objects(pixels: np.ndarray) -> list[tuple[str, str]]:
-    """[(class, colour), ...] that the exact parser finds in uint8[h, w, 3]."""
-    return [(o.kind, o.colour) for o in parse.parse_image(pixels)]
+    """[(class, color), ...] that the exact parser finds in uint8[h, w, 3]."""
+    return [(o.kind, o.color) for o in parse.parse_image(pixels)]
 
 
 def caption_objects(text: str) -> list[tuple[str, str]]:
-    """[(class, colour), ...] introduced as "<colour> <class>" in a caption."""
-    return [(kind, colour) for the, colour, kind in _PHRASE.findall(text.lower()) if not the]
+    """[(class, color), ...] introduced as "<color> <class>" in a caption."""
+    return [(kind, color) for the, color, kind in _PHRASE.findall(text.lower()) if not the]
 
 
 def compare(found: list[tuple[str, str]], scene: shapes.Scene) -> dict[str, bool]:
@@ -57,7 +57,7 @@ def compare(found: list[tuple[str, str]], scene: shapes.Scene) -> dict[str, bool
     return {
         "objects_right": count(found) == count(want),
         "any_object_right": bool(set(found) & set(want)),
-        "colours_right": count(c for _, c in found) == count(c for _, c in want),
+        "colors_right": count(c for _, c in found) == count(c for _, c in want),
         "classes_right": count(k for k, _ in found) == count(k for k, _ in want),
     }
 
@@ -76,20 +76,20 @@ def image_scores(images: np.ndarray, scenes: Sequence[shapes.Scene]) -> dict[str
 
 
 def caption_scores(captions: Sequence[str], scenes: Sequence[shapes.Scene]) -> dict[str, float]:
-    """Fractions of captions that name their scene's objects (class and colour)."""
+    """Fractions of captions that name their scene's objects (class and color)."""
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes.")
     return _mean([compare(caption_objects(c), sc) for c, sc in zip(captions, scenes)])
 
 
 def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene) -> list[int | None]:
-    """For each scene shape, the index of a parsed object of the same class and colour
+    """For each scene shape, the index of a parsed object of the same class and color
     (one-to-one, nearest centre first), or None."""
     out: list[int | None] = []
     used: set[int] = set()
     for s in scene.shapes:
-        options = [i for i, p in enumerate(parsed) if i not in used and (p.kind, p.colour) ==
-                   (s.kind, s.colour)]
+        options = [i for i, p in enumerate(parsed) if i not in used and (p.kind, p.color) ==
+                   (s.kind, s.color)]
         if not options:
             out.append(None)
             continue
@@ -115,7 +115,7 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
 def image_metrics(pixels: np.ndarray, scene: shapes.Scene) -> dict[str, float]:
     """One generated image against the scene it should show (see text_to_image_metrics)."""
     parsed = parse.parse_image(pixels)
-    found = [(o.kind, o.colour) for o in parsed]
+    found = [(o.kind, o.color) for o in parsed]
     row = {k: float(v) for k, v in compare(found, scene).items()}
     row["count_right"] = float(len(parsed) == len(scene.shapes))
     matched = _matched(parsed, scene)
@@ -142,11 +142,11 @@ def text_to_image_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
                           ) -> dict[str, float]:
     """Means over uint8[n, h, w, 3] images of their scene's:
 
-    objects_right, any_object_right, colours_right, classes_right (module docstring);
+    objects_right, any_object_right, colors_right, classes_right (module docstring);
     count_right     as many objects as the scene has;
-    position_right  (scenes of >= 2 shapes) every pair of shapes found in class and colour
+    position_right  (scenes of >= 2 shapes) every pair of shapes found in class and color
                     and in the same relation (left of / right of / above / below);
-    box_iou         per shape, the box IoU with the object drawn in its class and colour
+    box_iou         per shape, the box IoU with the object drawn in its class and color
                     (0 when missing), averaged over shapes;
     placed_right    every shape drawn right at IoU >= 0.5 and nothing extra (parse.match).
     """
@@ -159,7 +159,7 @@ def text_to_image_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
 
 def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[str, float]:
     """Edited images against the edited scenes: `edit_right` (every object right in class,
-    colour and place, nothing extra), `edit_objects_right` (the right objects anywhere) and
+    color and place, nothing extra), `edit_objects_right` (the right objects anywhere) and
     `edit_box_iou`."""
     rows = text_to_image_metrics(images, targets)
     return {"edit_right": rows["placed_right"], "edit_objects_right": rows["objects_right"],
@@ -169,7 +169,7 @@ def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[st
 def caption_metrics(captions: Sequence[str], scenes: Sequence[shapes.Scene]
                     ) -> dict[str, float]:
     """The four criteria plus object precision and recall: the fraction of objects named
-    (as "<colour> <class>") that the scene has, and of the scene's objects named."""
+    (as "<color> <class>") that the scene has, and of the scene's objects named."""
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes.")
     if not scenes:
@@ -187,7 +187,7 @@ def caption_metrics(captions: Sequence[str], scenes: Sequence[shapes.Scene]
 
 
 def vqa_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
-    """Fraction of answers equal to the truth after VQA normalisation ("Two." == "2")."""
+    """Fraction of answers equal to the truth after VQA normalization ("Two." == "2")."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers.")
     if not answers:

@@ -1,4 +1,4 @@
-"""VQAv2 accuracy with the official answer normalisation (Antol et al. 2015; the VQA
+"""VQAv2 accuracy with the official answer normalization (Antol et al. 2015; the VQA
 evaluation script's rules).
 
     vqa_accuracy("Two", ["2"] * 10)          # 1.0
@@ -9,13 +9,13 @@ answer is compared with the other nine, scoring min(#matches / 3, 1); the ten sc
 are averaged: an answer given by 4 or more annotators scores 1; by 3, 0.9; by 2, 0.6;
 by 1, 0.3.
 
-Normalisation, as the official script does it:
+Normalization, as the official script does it:
 - punctuation: each of `; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !` is deleted when it
   touches a space (or when the text has a digit-comma-digit), otherwise becomes a space;
   a period not followed by a digit is deleted ("2.5" stays, "yes." -> "yes");
 - lower case; number words "none", "zero" .. "ten" -> digits; articles a/an/the dropped;
 - contractions without their apostrophe are restored ("dont" -> "don't").
-The prediction is always normalised fully; the annotators' answers (stored normalised in
+The prediction is always normalized fully; the annotators' answers (stored normalized in
 VQAv2) only have their punctuation cleaned, and only when they disagree, as the official
 script (GT-Vision-Lab/VQA, vqaEval.py) does, so scores match the evaluation server.
 """

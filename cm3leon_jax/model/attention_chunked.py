@@ -78,7 +78,7 @@ def _forward(spans, q, k, v, query_segment_ids, kv_segment_ids, query_offset):
 def _sum_over_queries(a: jax.Array, b: jax.Array) -> jax.Array:
     """`sum_{g,t} a[.., g, t, h] * b[.., g, t, s]` -> `[b, kv_heads, h, s]`: dK^T, dV^T.
 
-    Written as `a^T @ b` with the small transpose of `a` materialised (the barrier stops
+    Written as `a^T @ b` with the small transpose of `a` materialized (the barrier stops
     XLA from folding it back): as `b^T @ a`, XLA:CPU writes a transposed copy of the
     [chunk, kv_len] operand first.
     """

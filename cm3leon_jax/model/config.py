@@ -2,7 +2,7 @@
 
 The defaults are the CM3Leon paper's choices (OPT-like pre-LN, LayerNorm without
 parameters, GELU MLP, learned absolute positions, no biases anywhere, no dropout,
-truncated-normal init with std 0.006, zero-initialised output projections). The
+truncated-normal init with std 0.006, zero-initialized output projections). The
 successor (Chameleon) is the same code with other switches::
 
     DecoderConfig(norm="rmsnorm", mlp_activation="silu", gated_mlp=True,
@@ -57,7 +57,7 @@ class DecoderConfig:
         qk_norm: LayerNorm over each head's query and key vectors, with a per-head
             scale and bias (Chameleon's QK-norm), before RoPE.
         tie_embeddings: the output projection is the transposed token embedding.
-    Initialisation:
+    Initialization:
         init_std: std of the (untruncated) normal, truncated at 3 std, for every
             matrix and the token embedding (0.006 in the paper).
         position_init_std: same, for the learned position table (0.0002).

@@ -61,7 +61,7 @@ class DecoderBlock(nn.Module):
         if c.block_order == "pre":
             x = x + attn(attn_norm(x), segment_ids, positions)
             x = x + mlp(mlp_norm(x))
-        else:  # swin: normalise each branch's output instead of its input.
+        else:  # swin: normalize each branch's output instead of its input.
             x = x + attn_norm(attn(x, segment_ids, positions))
             x = x + mlp_norm(mlp(x))
         return partitioning.with_logical_constraint(x, _RESIDUAL), None

@@ -44,7 +44,7 @@ class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last axis, computed in float32.
 
     `use_params=False` gives CM3Leon's LayerNorm without learnable parameters.
-    `axes` names the normalised array's trailing axes for the parameters' logical
+    `axes` names the normalized array's trailing axes for the parameters' logical
     names (e.g. `("heads", "kv")` for QK-norm, whose scale is per head).
     """
 

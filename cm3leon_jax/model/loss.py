@@ -2,7 +2,7 @@
 
 CM3Leon's loss is uniform over every token (retrieved documents included) except those
 the data pipeline weights 0 (sentinels, padding); the successor adds a z-loss
-`z_loss * logsumexp(logits)^2` (1e-5) that keeps the softmax normaliser near 1 and
+`z_loss * logsumexp(logits)^2` (1e-5) that keeps the softmax normalizer near 1 and
 training stable at scale.
 """
 
@@ -30,7 +30,7 @@ def log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
 
     The backward is one fused pass over the logits, `exp(logits - log_z) * g_log_z +
     onehot(target) * g_target`: autodiff keeps the forward's `exp(logits - max)` (one more
-    [tokens, vocab] array written and read) and materialises the one-hot select apart.
+    [tokens, vocab] array written and read) and materializes the one-hot select apart.
     """
     return _log_z_and_target(logits, targets)
 

@@ -1,5 +1,5 @@
 """Retrieval: a frozen CLIP bi-encoder, a sharded memory bank, ScaNN search, the paper's
-selection rules, batch neighbour precomputation and an HTTP service.
+selection rules, batch neighbor precomputation and an HTTP service.
 
     clip.py           the Flax CLIP (ViT + text tower), ClipConfig sizes
     clip_weights.py   Hugging Face safetensors <-> Flax params
@@ -10,7 +10,7 @@ selection rules, batch neighbour precomputation and an HTTP service.
     index.py          ScaNN build / save / load / search; ShardedIndex
     select.py         relevance, near-duplicate, modality and redundancy rules
     retriever.py      Retriever: search by text, image or vector (in process)
-    neighbours.py     every training document's neighbours, precomputed
+    neighbors.py     every training document's neighbors, precomputed
     build.py          the build_retrieval run mode
     server.py         the FastAPI service and the serve_retrieval run mode
     client.py         RetrievalClient: the Retriever's methods over HTTP

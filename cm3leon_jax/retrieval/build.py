@@ -1,4 +1,4 @@
-"""The `build_retrieval` run mode: documents -> memory bank -> ScaNN index -> neighbours.
+"""The `build_retrieval` run mode: documents -> memory bank -> ScaNN index -> neighbors.
 
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/build_retrieval.gin \
         --gin.MODEL_DIR="'runs/demo'" --gin.ENCODER_DIR="'runs/clip_tiny/encoder'"
@@ -7,7 +7,7 @@ Writes `MODEL_DIR/retrieval/`:
 
     retrieval.json              encoder folder, counts, index settings, timings
     memory_bank/                shards of vectors, query-dropout vectors, token ids (memory_bank.py)
-    memory_bank/neighbours-*.npz  every document's selected neighbours (neighbours.py)
+    memory_bank/neighbors-*.npz  every document's selected neighbors (neighbors.py)
     index/                      one ScaNN index, or one per bank shard (index.py)
 
 Documents come from the caller: any callable returning `SourceDocument`s (gin binds
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cm3leon_jax import fs
 from cm3leon_jax.retrieval import index as index_lib
-from cm3leon_jax.retrieval import memory_bank, neighbours
+from cm3leon_jax.retrieval import memory_bank, neighbors
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
 from cm3leon_jax.retrieval.select import SelectionConfig
@@ -125,10 +125,10 @@ def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
     if precompute:
         t = time.time()
         retriever = Retriever.open(out, selection, with_encoder=False)
-        neighbours.precompute_neighbours(retriever, os.path.join(out, "memory_bank"))
-        rows, _ = neighbours.load_neighbours(os.path.join(out, "memory_bank"))
-        summary["neighbours_seconds"] = round(time.time() - t, 1)
-        summary["mean_neighbours"] = float((rows >= 0).sum(1).mean())
+        neighbors.precompute_neighbors(retriever, os.path.join(out, "memory_bank"))
+        rows, _ = neighbors.load_neighbors(os.path.join(out, "memory_bank"))
+        summary["neighbors_seconds"] = round(time.time() - t, 1)
+        summary["mean_neighbors"] = float((rows >= 0).sum(1).mean())
         with fs.open(os.path.join(out, RETRIEVAL_JSON), "w") as f:
             json.dump(summary, f, indent=2)
     logging.info("retrieval built: %s", summary)

@@ -10,7 +10,7 @@ attention and MLP, `quick_gelu`, a class token and pre/post LayerNorms in the im
 tower, a causal text tower pooled at its last token (the end-of-text token), bias-free
 projections and a learnable log-temperature `logit_scale`.
 
-Embeddings are returned unnormalised; callers L2-normalise (`normalize`). The
+Embeddings are returned unnormalized; callers L2-normalize (`normalize`). The
 retriever is frozen during CM3Leon training, so nothing here is sharded beyond
 plain data parallelism.
 """
@@ -97,7 +97,7 @@ _ACTIVATIONS = {
 
 
 def normalize(x: jax.Array | np.ndarray, axis: int = -1):
-    """L2-normalises rows; a zero row stays zero instead of becoming NaN."""
+    """L2-normalizes rows; a zero row stays zero instead of becoming NaN."""
     xp = jnp if isinstance(x, jax.Array) else np
     norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
     return x / xp.maximum(norm, 1e-12)
@@ -149,7 +149,7 @@ class VisionTower(nn.Module):
 
     @nn.compact
     def __call__(self, pixels: jax.Array, keep: jax.Array | None = None) -> jax.Array:
-        """pixels: f32[b, s, s, 3] (CLIP-normalised); keep: bool[b, patches] or None.
+        """pixels: f32[b, s, s, 3] (CLIP-normalized); keep: bool[b, patches] or None.
 
         `keep` drops patches (query dropout) by hiding them from attention; the
         class token is always kept. Returns the pooled f32[b, vision_width].
@@ -221,16 +221,16 @@ class CLIP(nn.Module):
             "logit_scale", nn.initializers.constant(self.cfg.logit_scale_init), ())
 
     def encode_image(self, pixels: jax.Array, keep: jax.Array | None = None) -> jax.Array:
-        """f32[b, s, s, 3] -> f32[b, projection_dim], unnormalised."""
+        """f32[b, s, s, 3] -> f32[b, projection_dim], unnormalized."""
         return self.visual_projection(self.vision(pixels, keep))
 
     def encode_text(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-        """int32[b, l], int32[b] -> f32[b, projection_dim], unnormalised."""
+        """int32[b, l], int32[b] -> f32[b, projection_dim], unnormalized."""
         return self.text_projection(self.text(tokens, lengths))
 
     def __call__(self, pixels: jax.Array, tokens: jax.Array, lengths: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """-> (normalised image f32[b, d], normalised text f32[b, d], logit scale)."""
+        """-> (normalized image f32[b, d], normalized text f32[b, d], logit scale)."""
         img = normalize(self.encode_image(pixels))
         txt = normalize(self.encode_text(tokens, lengths))
         return img, txt, self.logit_scale

@@ -7,7 +7,7 @@ Pairs come from the caller (`train_pairs`, `test_pairs`: images and their captio
 the run file binds `data/synthetic.py`'s `synthetic_pairs`, the tokenized corpus's
 own scenes (same seeding, no TensorFlow), so the encoder sees what the bank holds. Each step
 pairs every image of the batch with one of its four captions at random and
-minimises the symmetric InfoNCE loss of CLIP (learnable temperature, capped at
+minimizes the symmetric InfoNCE loss of CLIP (learnable temperature, capped at
 100 as in CLIP).
 
 Writes `MODEL_DIR/encoder/` (a HF-layout CLIP checkpoint + tokenizer, loadable by

@@ -5,12 +5,12 @@
     v = enc.embed_images(images)                                # uint8[b, h, w, 3]
     v, multimodal = enc.embed_documents(texts, images)          # either may be None per doc
 
-A document's vector is the mean of its L2-normalised text and image embeddings
+A document's vector is the mean of its L2-normalized text and image embeddings
 (RA-CM3 / CM3Leon); a text-only or image-only document uses the one it has. The
-mean is then renormalised (`renormalize`, on by default) so that every bank vector
+mean is then renormalized (`renormalize`, on by default) so that every bank vector
 has unit norm: inner products are then cosines, the paper's 0.9 relevance
 threshold means "near-duplicate" for every pair of documents, and MIPS does not
-favour unimodal documents merely for their longer vectors.
+favor unimodal documents merely for their longer vectors.
 
 With `dropout > 0` (training queries) that fraction of text tokens and image
 patches is hidden before encoding (query dropout), drawn from `rng`.
@@ -18,7 +18,7 @@ patches is hidden before encoding (query dropout), drawn from `rng`.
 Texts are padded to the model's context and batches to the smallest of a few
 sizes (1, 4, 16, 64 up to `batch_size`), so each function compiles at most a few
 times and a single query does not pay for a full batch. Calls into the model are
-serialised by a lock: XLA already uses every core for one call, and concurrent
+serialized by a lock: XLA already uses every core for one call, and concurrent
 calls from server threads would only oversubscribe them.
 """
 
@@ -42,7 +42,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
-    """uint8 images (any size) -> f32[b, size, size, 3], centre-cropped, resized, normalised."""
+    """uint8 images (any size) -> f32[b, size, size, 3], centre-cropped, resized, normalized."""
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, im in enumerate(images):
         im = np.asarray(im)

@@ -187,7 +187,7 @@ class Index:
         """f32[b, d] -> (ids int64[b, k], scores f32[b, k]), best first."""
         q = _check_queries(queries, self.dim)
         if k < 1:
-            raise ValueError(f"k={k}; ask for at least one neighbour.")
+            raise ValueError(f"k={k}; ask for at least one neighbor.")
         kk = min(k, self.size)
         tree = self.settings["algorithm"] == "tree_ah"
         leaves = leaves_to_search if tree else None

@@ -41,7 +41,7 @@ class SelectionConfig:
     overfetch: int = 4
     # Queries left with fewer than k picks are searched again, 4x deeper each time,
     # up to k * max_overfetch + 1 candidates: a corpus full of near-duplicates (the
-    # synthetic one has dozens per document above 0.9) still yields k neighbours.
+    # synthetic one has dozens per document above 0.9) still yields k neighbors.
     max_overfetch: int = 128
     query_dropout: float = 0.2
 
@@ -106,7 +106,7 @@ def select(cand_ids: np.ndarray, cand_scores: np.ndarray, cand_vectors: np.ndarr
     rows = np.arange(b)
     # ok_after[:, j]: usable candidates from column j on; lets the loop stop early.
     ok_after = np.concatenate([np.cumsum(ok[:, ::-1], axis=1)[:, ::-1], np.zeros((b, 1), int)], 1)
-    for j in range(c):  # greedy, vectorised over the batch; O(c * k * d)
+    for j in range(c):  # greedy, vectorized over the batch; O(c * k * d)
         open_rows = count < k
         if not (open_rows & (ok_after[:, j] > 0)).any():
             break

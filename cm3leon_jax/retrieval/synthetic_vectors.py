@@ -5,7 +5,7 @@ pair is nearly orthogonal, so no index can beat brute force and recall numbers
 mean little. Real embeddings crowd into topics of very different sizes, and
 within a topic they vary along few directions (their intrinsic dimension is a
 few dozen, not 512). Here each vector is a topic centre plus a variation in that
-topic's own low-dimensional subspace plus a little isotropic noise, renormalised;
+topic's own low-dimensional subspace plus a little isotropic noise, renormalized;
 topic sizes follow a Zipf law. Queries come from the same distribution.
 """
 

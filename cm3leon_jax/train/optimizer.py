@@ -17,7 +17,7 @@ decay 0.1, gradient clipping at global norm 1.0. Every knob is a gin binding::
 
 Weight decay is decoupled (`p -= lr * wd * p`, as PyTorch's AdamW) and skips norm
 scales and biases (`decay_mask`): decaying a LayerNorm gain towards 0 only fights
-the normalisation. CM3Leon's decoder has neither, so there it touches every weight.
+the normalization. CM3Leon's decoder has neither, so there it touches every weight.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The train state, created already sharded by the logical-axis rules.
 
-Nothing here ever materialises a whole model on one host: shapes come from
+Nothing here ever materializes a whole model on one host: shapes come from
 `jax.eval_shape`, shardings from the parameters' logical names
 (`model/partitioning.py`), and the state itself from one `jax.jit` whose
-`out_shardings` are those shardings, so each device initialises only its own
+`out_shardings` are those shardings, so each device initializes only its own
 shard (JAX's partitionable threefry makes the random values independent of the
 mesh). The optimizer state's shardings mirror the parameters' via
 `optax.tree_map_params`, so Adam's moments are split exactly like the weights
@@ -78,7 +78,7 @@ def _init(model: Decoder, tx: optax.GradientTransformation, rng: jax.Array) -> T
 
 def make_init_fn(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh,
                  rules=None) -> Callable[[jax.Array], TrainState]:
-    """`rng -> TrainState`, jitted so each device initialises only its own shard.
+    """`rng -> TrainState`, jitted so each device initializes only its own shard.
 
     Call it under `jax.set_mesh(mesh)` (the trainer does): the model's activation
     constraints read the mesh from there.

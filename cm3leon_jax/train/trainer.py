@@ -74,7 +74,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         num_steps: optimizer updates in the whole run (also the default decay length).
         global_batch_size: rows per update across all devices (paper: 8M tokens =
             2048 rows of 4096). seq_len: tokens per packed row.
-        seed: parameter initialisation and data order.
+        seed: parameter initialization and data order.
         num_microbatches: gradient accumulation: the batch is split in this many parts.
         num_data_shards: see `data.py`; default: the number of processes. Keep it fixed
             for the life of a run.

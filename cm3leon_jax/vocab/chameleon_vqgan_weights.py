@@ -236,7 +236,7 @@ def params_from_state_dict(
       cfg: the config to load into; inferred from the shapes when None.
       base_params: parameters to take what the checkpoint lacks from; without
         them every parameter must be present. `transformers`' ChameleonVQVAE, for
-        instance, has no decoder: pass freshly initialised params to get an
+        instance, has no decoder: pass freshly initialized params to get an
         encoder-only import (decoding with it is then meaningless).
     Returns:
       (params as a nested dict of float32 numpy arrays, the config).

@@ -122,7 +122,7 @@ class IdLayout:
     def ids_to_codes(self, ids):
         return np.asarray(ids, np.int32) - self.image_start
 
-    # Predicates, vectorised.
+    # Predicates, vectorized.
     def is_sentinel(self, ids):
         ids = np.asarray(ids)
         return (ids >= self.sentinel_start) & (ids < self.text_start)

@@ -3,7 +3,7 @@
 Text goes through the SentencePiece model and is shifted into the text range of
 the `IdLayout`; image codes are shifted into the image range by
 `codes_to_ids`; the special tokens sit at fixed ids. SeqIO tasks use this
-object as the vocabulary of every feature, so text features tokenise straight
+object as the vocabulary of every feature, so text features tokenize straight
 into the shared id space.
 
 `decode`/`decode_tf` return the text of the text ids only (seqio semantics:

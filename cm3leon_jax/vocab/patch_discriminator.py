@@ -4,7 +4,7 @@ The discriminator (pix2pix's N-layer PatchGAN, as in taming-transformers) scores
 overlapping patches as real or reconstructed; its adversarial term makes the
 decoder produce texture instead of the blur that L1/L2 alone settle for. GroupNorm
 replaces taming's BatchNorm so that there are no batch statistics to carry or
-synchronise across devices.
+synchronize across devices.
 """
 
 from __future__ import annotations

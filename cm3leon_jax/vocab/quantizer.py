@@ -14,7 +14,7 @@ the lookup, all here:
   outputs of the current batch (the usual remedy, e.g. Jukebox / Zeghidour et al.).
 
 Two lookups: plain Euclidean (taming / Chameleon, needed for the released
-weights) and l2-normalised (ViT-VQGAN: cosine distance, codes on the unit
+weights) and l2-normalized (ViT-VQGAN: cosine distance, codes on the unit
 sphere), which keeps usage high for large codebooks without restarts.
 
 The module holds only the codebook; usage statistics and restarts are pure
@@ -40,11 +40,11 @@ class QuantizerOutput(NamedTuple):
 
     Attributes:
       quantized: f32[..., dim]; the codebook entries with straight-through gradients
-        to the input (already in the l2-normalised space when that lookup is on).
+        to the input (already in the l2-normalized space when that lookup is on).
       codes: int32[...]; index of the chosen entry for every latent vector.
       codebook_loss: scalar; mean |sg(z) - e|^2, trains the codebook only.
       commitment_loss: scalar; mean |z - sg(e)|^2, trains the encoder only (unweighted).
-      latents: f32[..., dim]; the input as the lookup saw it (normalised if l2).
+      latents: f32[..., dim]; the input as the lookup saw it (normalized if l2).
     """
 
     quantized: jax.Array
@@ -61,7 +61,7 @@ def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
       latents: f32[..., dim].
       codebook: f32[codebook_size, dim].
     Returns:
-      int32[...]. The [n, codebook_size] distance matrix is materialised: 8 images
+      int32[...]. The [n, codebook_size] distance matrix is materialized: 8 images
       of 32x32 latents against 8192 codes is 256 MiB, fine on every target.
     """
     z = latents.astype(jnp.float32)
@@ -75,7 +75,7 @@ def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook lookup with a straight-through gradient.
+    """Nearest-neighbor codebook lookup with a straight-through gradient.
 
     Attributes:
       codebook_size: number of entries K.
@@ -99,7 +99,7 @@ class VectorQuantizer(nn.Module):
             (self.codebook_size, self.codebook_dim))
 
     def codebook(self) -> jax.Array:
-        """f32[K, D], normalised when the l2 lookup is on."""
+        """f32[K, D], normalized when the l2 lookup is on."""
         e = self.embedding
         return _l2_normalize(e) if self.l2_normalize else e
 

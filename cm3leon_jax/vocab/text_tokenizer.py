@@ -1,7 +1,7 @@
 """The text half of the vocabulary: a SentencePiece model, trained here.
 
 The model is trained so that every string round-trips exactly
-(`decode(encode(s)) == s`): no normalisation, no dummy prefix, whitespace kept,
+(`decode(encode(s)) == s`): no normalization, no dummy prefix, whitespace kept,
 and byte fallback for characters the model never saw. Its only special piece is
 `<unk>` (id 0, never produced thanks to byte fallback); padding, end of
 document and the rest live in the multimodal layout (`layout.py`), not here.

@@ -12,7 +12,7 @@ them (`chameleon_vqgan_weights.py`) is a renaming, not a search::
       quant_conv (1x1)  -> latents f32[b, H/f, W/f, embed_dim]
       VectorQuantizer   -> codes int32[b, H/f, W/f]
       post_quant_conv (1x1) -> Decoder (the mirror image, num_res_blocks + 1 blocks
-               per level, nearest-neighbour x2 + conv to go up) -> f32[b, H, W, 3]
+               per level, nearest-neighbor x2 + conv to go up) -> f32[b, H, W, 3]
 
 with down-sampling factor f = 2 ** (len(channel_multipliers) - 1). Levels are
 numbered from the full resolution (level 0) down, in the encoder and the decoder
@@ -135,12 +135,12 @@ class VQGANConfig:
 
 
 def init_key(seed: int) -> jax.Array:
-    """PRNG key for initialisation and training randomness of the tokenizer.
+    """PRNG key for initialization and training randomness of the tokenizer.
 
     The "rbg" generator, not the default threefry: XLA on CPU takes ~20 s to
-    compile threefry for the ~60 initialisers of even a tiny VQGAN, ~4 s for rbg.
+    compile threefry for the ~60 initializers of even a tiny VQGAN, ~4 s for rbg.
     Streams are deterministic per seed (but differ between backends, which
-    initialisation does not care about).
+    initialization does not care about).
     """
     return jax.random.key(seed, impl="rbg")
 
@@ -243,7 +243,7 @@ class Decoder(nn.Module):
                 if i in cfg.attn_levels:
                     h = AttnBlock(cfg, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbor x2
                 h = _conv(cfg, h.shape[-1], 3, f"up_{i}_upsample")(h)
         h = nn.swish(_norm(cfg, "norm_out")(h))
         return _conv(cfg, cfg.in_channels, 3, "conv_out")(h).astype(jnp.float32)

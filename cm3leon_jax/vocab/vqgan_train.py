@@ -148,7 +148,7 @@ class Trainer:
 
     def step(self, state: dict[str, Any], images_u8: jax.Array, use_disc: bool = False
              ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-        """One optimisation step on uint8[b, s, s, 3]. `use_disc` is static (jit twice)."""
+        """One optimization step on uint8[b, s, s, 3]. `use_disc` is static (jit twice)."""
         images = images_to_model(images_u8)
         rng = jax.random.fold_in(init_key(self.seed), state["step"])
         grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
@@ -269,7 +269,7 @@ def train_image_tokenizer(
         `restart_threshold` times the uniform share.
       log_every, eval_every, checkpoint_every: intervals in steps.
       eval_examples: images of eval_source per evaluation.
-      seed: initialisation and restart randomness.
+      seed: initialization and restart randomness.
       write_tensorboard: False keeps TensorFlow out (tests).
     Returns:
       The final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
@@ -320,7 +320,7 @@ class _Run:
         self.writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
 
     def restore_or_init(self) -> tuple[dict[str, Any], int]:
-        """(state, step): the newest checkpoint's, else a fresh initialisation at step 0."""
+        """(state, step): the newest checkpoint's, else a fresh initialization at step 0."""
         key = init_key(self.trainer.seed)
         if self.mngr.latest_step() is None:
             return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0

@@ -42,7 +42,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     retrieval = metrics["preprocess"]["retrieval"]
     assert retrieval["bank_documents"] == 80
     for split in ("train", "validation", "test"):
-        assert retrieval["splits"][split]["mean_neighbours"] > 0
+        assert retrieval["splits"][split]["mean_neighbors"] > 0
     assert metrics["pretrain"]["steps"] == 4
     assert 0 < metrics["pretrain"]["final_eval"]["loss"] < 20
     for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png",
@@ -56,7 +56,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     ablations = generated["text_to_image_ablations"]
     for scores in (generated["text_to_image"], generated["image_to_text"], ablations["k0"],
                    ablations["no_cfg"], ablations["one_sample"]):
-        assert set(scores) >= {"objects_right", "any_object_right", "colours_right",
+        assert set(scores) >= {"objects_right", "any_object_right", "colors_right",
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())
     assert "count_right" in generated["chance_reference"]["text_to_image"]

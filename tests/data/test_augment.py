@@ -25,11 +25,11 @@ def _doc(rng, n_text):
 def test_k_distribution_is_respected():
     config = augment.AugmentConfig(k_probs=(0.25, 0.25, 0.5))
     rng = np.random.default_rng(0)
-    ks = [len(augment.choose_neighbours(3, rng, config)) for _ in range(4000)]
+    ks = [len(augment.choose_neighbors(3, rng, config)) for _ in range(4000)]
     np.testing.assert_allclose(np.bincount(ks, minlength=3) / 4000,
                                [0.25, 0.25, 0.5], atol=0.03)
     # Fewer candidates than k: use all of them.
-    assert augment.choose_neighbours(1, rng, augment.AugmentConfig()) == [0]
+    assert augment.choose_neighbors(1, rng, augment.AugmentConfig()) == [0]
 
 
 def test_assemble_drops_least_relevant_whole_documents():
@@ -37,7 +37,7 @@ def test_assemble_drops_least_relevant_whole_documents():
     query, n1, n2 = _doc(rng, 5), _doc(rng, 3), _doc(rng, 4)
     full = augment.assemble(query, [n1, n2], budget=100)
     np.testing.assert_array_equal(full, np.concatenate([n1, [EOS_ID], n2, [EOS_ID], query]))
-    # One token short of fitting both: the second (less relevant) neighbour goes.
+    # One token short of fitting both: the second (less relevant) neighbor goes.
     short = augment.assemble(query, [n1, n2], budget=full.size - 1)
     np.testing.assert_array_equal(short, np.concatenate([n1, [EOS_ID], query]))
     np.testing.assert_array_equal(augment.assemble(query, [n1], budget=query.size), query)

@@ -39,9 +39,9 @@ def test_parse_reports_sizes_and_perfect_scores_on_clean_renders():
         by_box = {o.box: o for o in found}
         for shape in scene.shapes:
             o = by_box[shape.box]
-            assert (o.kind, o.colour, o.side, o.size, o.score) == (
+            assert (o.kind, o.color, o.side, o.size, o.score) == (
                 shape.kind,
-                shape.colour,
+                shape.color,
                 shape.side,
                 shape.size,
                 1.0,
@@ -52,12 +52,12 @@ def test_parse_reports_sizes_and_perfect_scores_on_clean_renders():
 def test_background_hint_gives_the_same_result():
     for scene in test_split_scenes(64, 10):
         image = shapes.render(scene)
-        hinted = parse.parse_image(image, background_hint=scene.background.colour)
+        hinted = parse.parse_image(image, background_hint=scene.background.color)
         assert hinted == parse.parse_image(image)
 
 
 def test_blurred_noisy_renders_still_match_with_iou_tolerance():
-    """Generated images are blurry and noisy; the IoU mode must still recognise most objects."""
+    """Generated images are blurry and noisy; the IoU mode must still recognize most objects."""
     recalls = []
     for i, scene in enumerate(test_split_scenes(256, 10)):
         image = ndimage.gaussian_filter(shapes.render(scene).astype(np.float32), (1, 1, 0))
@@ -77,14 +77,14 @@ def test_match_counts_missing_extra_and_wrong_objects():
     missing = parse.match(truth[:2], scene, exact=True)
     assert missing["precision"] == 1.0 and missing["recall"] == pytest.approx(2 / 3)
 
-    wrong_colour = [
-        dataclasses.replace(truth[0], colour="white" if truth[0].colour != "white" else "red")
+    wrong_color = [
+        dataclasses.replace(truth[0], color="white" if truth[0].color != "white" else "red")
     ]
-    wrong = parse.match(wrong_colour + truth[1:], scene, exact=True)
+    wrong = parse.match(wrong_color + truth[1:], scene, exact=True)
     assert (
         wrong["correct"] == 2
         and wrong["paired"] == 3
-        and wrong["colour_accuracy"] == pytest.approx(2 / 3)
+        and wrong["color_accuracy"] == pytest.approx(2 / 3)
     )
     assert wrong["kind_accuracy"] == 1.0 and not wrong["all_correct"]
 
@@ -126,6 +126,6 @@ def test_blank_background_parses_to_nothing():
 def test_tiny_blobs_of_generated_images_parse_without_error():
     """A 1x4 line asks for 2-pixel stars, which render no pixel; they are skipped."""
     image = np.full((32, 32, 3), 128, np.uint8)
-    image[10, 10:14] = shapes.COLOURS["red"]
+    image[10, 10:14] = shapes.COLORS["red"]
     found = parse.parse_image(image, min_area=1)
-    assert [(o.colour, o.box) for o in found] == [("red", (10, 10, 14, 11))]
+    assert [(o.color, o.box) for o in found] == [("red", (10, 10, 14, 11))]

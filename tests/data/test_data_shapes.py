@@ -1,4 +1,4 @@
-"""Scenes: determinism, geometry, serialisation, and the task text derived from them."""
+"""Scenes: determinism, geometry, serialization, and the task text derived from them."""
 
 import hashlib
 import re
@@ -57,7 +57,7 @@ def test_masks_match_boxes_and_every_object_is_fully_visible(size):
         for shape, mask in zip(scene.shapes, object_masks):
             rows, cols = np.nonzero(mask)
             assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == shape.box
-            assert (image[mask] == shapes.COLOURS[shape.colour]).all()
+            assert (image[mask] == shapes.COLORS[shape.color]).all()
 
 
 def test_smallest_shapes_of_different_classes_have_distinct_silhouettes():
@@ -101,29 +101,29 @@ def test_scene_json_round_trip_and_tamper_detection():
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Unknown shape kind 'blob'"):
         shapes.make_shape("blob", "red", "small", 0, 0, 10)
-    with pytest.raises(ValueError, match="Unknown colour"):
+    with pytest.raises(ValueError, match="Unknown color"):
         shapes.make_shape("circle", "pink", "small", 0, 0, 10)
     with pytest.raises(ValueError, match="image_size must be >= 32"):
         scene_for(0, 16)
 
 
 def count_mentions(text: str, shape: shapes.Shape) -> int:
-    return len(re.findall(rf"\b{shape.colour} (?:\w+ )?{shape.kind}\b", text))
+    return len(re.findall(rf"\b{shape.color} (?:\w+ )?{shape.kind}\b", text))
 
 
-def test_captions_mention_every_object_with_colour_and_class():
+def test_captions_mention_every_object_with_color_and_class():
     for seed in range(60):
         scene = scene_for(seed)
         texts = tasks.captions(scene, np.random.default_rng(seed))
         assert len(texts) == 4 and len(set(texts)) == 4
         for text in texts:
             for shape in scene.shapes:
-                same = sum((s.colour, s.kind) == (shape.colour, shape.kind) for s in scene.shapes)
+                same = sum((s.color, s.kind) == (shape.color, shape.kind) for s in scene.shapes)
                 assert count_mentions(text, shape) >= same, (text, shape)
 
 
 def test_relations_follow_positions():
-    small = dict(colour="red", size="small", side=10)
+    small = dict(color="red", size="small", side=10)
     left = shapes.make_shape("circle", x=5, y=20, **small)
     right = shapes.make_shape("square", x=40, y=22, **small)
     top = shapes.make_shape("star", x=22, y=2, **small)
@@ -137,7 +137,7 @@ def test_relations_follow_positions():
 
 
 def test_refer_disambiguates_identical_shapes():
-    twin = dict(kind="circle", colour="red", size="small", side=10)
+    twin = dict(kind="circle", color="red", size="small", side=10)
     scene = shapes.Scene(64, shapes.Background(), (
         shapes.make_shape(x=40, y=5, **twin), shapes.make_shape(x=5, y=8, **twin),
         shapes.make_shape("star", "blue", "small", 20, 40, 10)))
@@ -152,8 +152,8 @@ def test_vqa_answers_agree_with_the_scene():
         pairs = dict(tasks.vqa_pairs(scene, np.random.default_rng(seed)))
         assert pairs["How many shapes are there?"] == tasks.NUMBER_WORDS[len(scene.shapes)]
         for s in scene.shapes:
-            if f"What colour is the {s.kind}?" in pairs:
-                assert pairs[f"What colour is the {s.kind}?"] == s.colour
+            if f"What color is the {s.kind}?" in pairs:
+                assert pairs[f"What color is the {s.kind}?"] == s.color
         for question, answer in pairs.items():
             if m := re.fullmatch(r"Is there an? (\w+)\?", question):
                 assert answer == ("yes" if m[1] in {s.kind for s in scene.shapes} else "no")
@@ -172,8 +172,8 @@ def test_box_phrases_and_segmentation_and_edges_agree_with_masks():
     on_edge = edges[..., 0] == 255
     assert (on_edge <= object_masks.any(0)).all()
     for shape, phrase, mask in zip(scene.shapes, phrases, object_masks):
-        assert phrase == f"{shape.colour} {shape.kind} at ({','.join(map(str, shape.box))})"
-        assert (seg[mask] == shapes.SEGMENTATION_COLOURS[shape.kind]).all()
+        assert phrase == f"{shape.color} {shape.kind} at ({','.join(map(str, shape.box))})"
+        assert (seg[mask] == shapes.SEGMENTATION_COLORS[shape.kind]).all()
         x0, y0, x1, y1 = shape.box  # every box side touches the outline
         assert on_edge[y0, x0:x1].any() and on_edge[y1 - 1, x0:x1].any()
 
@@ -190,22 +190,22 @@ def test_edits_change_what_the_parser_sees(op):
         found = parse.parse_image(shapes.render(edited))
         assert parse.match(found, edited, exact=True)["all_correct"], instruction
         assert not parse.match(found, scene, exact=True)["all_correct"], instruction
-        assert instruction.split()[0] == {"recolour": "make", "reshape": "turn"}.get(op, op)
+        assert instruction.split()[0] == {"recolor": "make", "reshape": "turn"}.get(op, op)
         checked += 1
     assert checked >= 10
 
 
-def test_recolour_instruction_names_the_new_colour_and_keeps_geometry():
+def test_recolor_instruction_names_the_new_color_and_keeps_geometry():
     scene = scene_for(2)
-    edited, instruction = tasks.recolour(
-        scene, 0, "purple" if scene.shapes[0].colour != "purple" else "red"
+    edited, instruction = tasks.recolor(
+        scene, 0, "purple" if scene.shapes[0].color != "purple" else "red"
     )
-    assert instruction.endswith(edited.shapes[0].colour)
+    assert instruction.endswith(edited.shapes[0].color)
     assert edited.shapes[0].box == scene.shapes[0].box and edited.shapes[1:] == scene.shapes[1:]
-    (recoloured,) = [
+    (recolored,) = [
         o for o in parse.parse_image(shapes.render(edited)) if o.box == scene.shapes[0].box
     ]
-    assert recoloured.colour == edited.shapes[0].colour
+    assert recolored.color == edited.shapes[0].color
 
 
 def test_render_text_is_deterministic_and_shows_ink():

@@ -48,7 +48,7 @@ def test_examples_have_the_declared_features_and_agree_with_their_scene(tmp_path
     examples = list(tfds.as_numpy(builder.as_dataset(split="test")))
     assert sorted(e["id"].decode() for e in examples) == [f"test_{i:07d}" for i in range(4)]
     labels = builder.info.features["objects"]["label"].names
-    colours = builder.info.features["objects"]["colour"].names
+    colors = builder.info.features["objects"]["color"].names
     for e in examples:
         scene = shapes.Scene.from_json(e["scene"].decode())
         assert e["image"].shape == (32, 32, 3)
@@ -56,7 +56,7 @@ def test_examples_have_the_declared_features_and_agree_with_their_scene(tmp_path
         assert len(e["captions"]) == 4
         objects = e["objects"]
         assert [labels[i] for i in objects["label"]] == [s.kind for s in scene.shapes]
-        assert [colours[i] for i in objects["colour"]] == [s.colour for s in scene.shapes]
+        assert [colors[i] for i in objects["color"]] == [s.color for s in scene.shapes]
         np.testing.assert_array_equal(objects["box"], [s.box for s in scene.shapes])
         ymin_xmin_ymax_xmax = np.array([[b[1], b[0], b[3], b[2]] for b in objects["box"]]) / 32
         np.testing.assert_allclose(objects["bbox"], ymin_xmin_ymax_xmax, atol=1e-6)

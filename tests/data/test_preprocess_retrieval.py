@@ -1,4 +1,4 @@
-"""The preprocess mode with retrieval: vectors, bank and index, neighbours in the shards."""
+"""The preprocess mode with retrieval: vectors, bank and index, neighbors in the shards."""
 
 import functools
 import os
@@ -50,20 +50,20 @@ def built(source, retrieval, tmp_path_factory):
     return out, _run(source, out, retrieval)
 
 
-def test_every_document_gets_neighbours_from_the_train_bank(built):
+def test_every_document_gets_neighbors_from_the_train_bank(built):
     out, result = built
     summary = result["retrieval"]
     assert summary["bank_documents"] == SIZES["train"]
     train = _records(out, "train")
     for split, n in SIZES.items():
         assert summary["splits"][split]["documents"] == n
-        assert summary["splits"][split]["neighbours_per_document"][-1] == n  # all get k = 3
+        assert summary["splits"][split]["neighbors_per_document"][-1] == n  # all get k = 3
         for doc_id, r in _records(out, split).items():
-            ids = [d.decode() for d in r["neighbour_doc_ids"]]
+            ids = [d.decode() for d in r["neighbor_doc_ids"]]
             assert len(ids) == SELECTION.k and doc_id not in ids
             assert all(d in train for d in ids)  # only the train bank is searched
-            # The materialised tokens are exactly the neighbours' own documents.
-            parts = np.split(r["neighbour_ids"], np.cumsum(r["neighbour_lengths"])[:-1])
+            # The materialized tokens are exactly the neighbors' own documents.
+            parts = np.split(r["neighbor_ids"], np.cumsum(r["neighbor_lengths"])[:-1])
             for d, part in zip(ids, parts):
                 np.testing.assert_array_equal(part, train[d]["ids"])
 
@@ -88,8 +88,8 @@ def test_rerun_skips_and_a_retokenized_shard_gives_the_same_shards(built, source
     os.remove(victim + ".stats.json")  # as if the run had died in this shard
     expected = {split: _records(out, split) for split in SIZES}
     assert _run(source, out, retrieval) == first
-    for split in SIZES:  # bank rebuilt, neighbours redone: the same bytes, seeded
+    for split in SIZES:  # bank rebuilt, neighbors redone: the same bytes, seeded
         got = _records(out, split)
         for doc_id, r in expected[split].items():
-            for key in ("ids", "neighbour_ids", "neighbour_lengths", "neighbour_doc_ids"):
+            for key in ("ids", "neighbor_ids", "neighbor_lengths", "neighbor_doc_ids"):
                 np.testing.assert_array_equal(got[doc_id][key], r[key])

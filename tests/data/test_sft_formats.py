@@ -11,9 +11,9 @@ from cm3leon_jax.data import sft_formats, sft_preprocess
 from cm3leon_jax.data.sft_preprocess import Skipped
 
 
-def _png(path, colour=(200, 30, 30), size=(40, 30)):
+def _png(path, color=(200, 30, 30), size=(40, 30)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
+    Image.new("RGB", size, color).save(path)
 
 
 def _corrupt(path):
@@ -70,7 +70,7 @@ def fixtures(tmp_path_factory):
     # VQAv2: q 100 ok, q 101 image missing, q 102 no annotation.
     _png(str(root / "vqa/COCO_val2014_000000000001.jpg"))
     (root / "vqa/q.json").write_text(json.dumps({"questions": [
-        {"image_id": 1, "question": "What colour is it?", "question_id": 100},
+        {"image_id": 1, "question": "What color is it?", "question_id": 100},
         {"image_id": 5, "question": "Is it there?", "question_id": 101},
         {"image_id": 1, "question": "Why?", "question_id": 102}]}))
     (root / "vqa/a.json").write_text(json.dumps({"annotations": [

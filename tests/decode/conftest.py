@@ -5,10 +5,10 @@ import pytest
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
-CAPTIONS = [f"a {size} {colour} {shape} {rel} a {colour2} {shape2}"
-            for size in ("small", "large") for colour in ("red", "blue", "green")
+CAPTIONS = [f"a {size} {color} {shape} {rel} a {color2} {shape2}"
+            for size in ("small", "large") for color in ("red", "blue", "green")
             for shape in ("circle", "star") for rel in ("above", "left of")
-            for colour2 in ("yellow", "purple") for shape2 in ("square", "triangle")]
+            for color2 in ("yellow", "purple") for shape2 in ("square", "triangle")]
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ class DataPosition:
 def eval_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_model")
     words = CAPTIONS + ["Edit first image following the instruction", "Question: how many",
-                        "what colour is the shape make turn into remove add"]
+                        "what color is the shape make turn into remove add"]
     MultimodalVocabulary.create(str(root / "vocab"), TextTokenizer.train(words, vocab_size=290),
                                 image_codes=64, num_sentinels=8, image_length=16)
     tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))

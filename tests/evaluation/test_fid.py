@@ -37,7 +37,7 @@ def state_dict():
 
 @pytest.fixture(scope="module")
 def reference_net(state_dict):
-    """pytorch-fid's InceptionV3 (FID blocks, resize, normalisation) built by its own code;
+    """pytorch-fid's InceptionV3 (FID blocks, resize, normalization) built by its own code;
     the weights download is replaced by the random state dict."""
     real = pytorch_fid_inception.load_state_dict_from_url
     pytorch_fid_inception.load_state_dict_from_url = lambda *a, **k: state_dict

@@ -1,4 +1,4 @@
-"""Exact scores of generations: the truth scores 1, a wrong class or colour does not."""
+"""Exact scores of generations: the truth scores 1, a wrong class or color does not."""
 
 import numpy as np
 
@@ -18,11 +18,11 @@ def test_true_renders_and_every_caption_phrasing_score_one():
                                                 SCENES).values()) == {1.0}
 
 
-def test_wrong_class_or_colour_is_caught():
+def test_wrong_class_or_color_is_caught():
     star = shapes.make_shape("star", "red", "large", 4, 4, 14)
     scene = shapes.Scene(32, SCENES[0].background, (star,))
     assert shapes_scores.compare(shapes_scores.caption_objects("a large red circle"), scene) == {
-        "objects_right": False, "any_object_right": False, "colours_right": True,
+        "objects_right": False, "any_object_right": False, "colors_right": True,
         "classes_right": False}
     assert shapes_scores.caption_objects("a red star and a red star") == [("star", "red")] * 2
     assert not shapes_scores.compare([("star", "red")] * 2, scene)["objects_right"]
@@ -36,7 +36,7 @@ def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
     images = np.stack([shapes.render(s) for s in scenes])
     metrics = shapes_scores.text_to_image_metrics(images, scenes)
     assert set(metrics.values()) == {1.0} and "position_right" in metrics
-    # Swap two objects' places (a mirrored render): classes and colours stay right,
+    # Swap two objects' places (a mirrored render): classes and colors stay right,
     # positions and boxes do not.
     two = next(s for s in scenes if len(s.shapes) == 2
                and abs(s.shapes[0].centre[0] - s.shapes[1].centre[0]) > 4)
@@ -45,7 +45,7 @@ def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
     assert row["objects_right"] == 1.0 and row["count_right"] == 1.0
     assert row["position_right"] == 0.0 and row["box_iou"] < 1.0 and row["placed_right"] == 0.0
     # An edit graded against the edited scene: the unedited source fails it.
-    edited, _ = shapes_tasks.recolour(two, 0, "white" if two.shapes[0].colour != "white"
+    edited, _ = shapes_tasks.recolor(two, 0, "white" if two.shapes[0].color != "white"
                                       else "black")
     assert shapes_scores.edit_metrics(shapes.render(edited)[None], [edited])["edit_right"] == 1.0
     assert shapes_scores.edit_metrics(shapes.render(two)[None], [edited])["edit_right"] == 0.0

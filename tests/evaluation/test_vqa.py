@@ -1,4 +1,4 @@
-"""VQAv2 accuracy: the official normalisation and leave-one-out scoring, worked by hand."""
+"""VQAv2 accuracy: the official normalization and leave-one-out scoring, worked by hand."""
 
 import pytest
 
@@ -15,7 +15,7 @@ from cm3leon_jax.evaluation import vqa
     ("None", "0"), ("the Two  cats", "2 cats"),
     ("what is (this)?", "what is this"),
 ])
-def test_normalisation(raw, want):
+def test_normalization(raw, want):
     assert vqa.normalize(raw) == want
 
 

@@ -1,6 +1,6 @@
 """Shared pieces of the decoder tests: configs from the gin files, random params, batches.
 
-Freshly initialised params are a poor test input: output projections start at zero,
+Freshly initialized params are a poor test input: output projections start at zero,
 so attention and MLP would not influence the logits at all. `random_params` gives
 every weight a random value of a reasonable scale instead.
 """

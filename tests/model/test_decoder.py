@@ -1,4 +1,4 @@
-"""The decoder's behaviour: shapes, packing isolation, the KV cache, initialisation, errors."""
+"""The decoder's behavior: shapes, packing isolation, the KV cache, initialization, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Encoder document vectors, the build mode, precomputed neighbours and the local retriever."""
+"""Encoder document vectors, the build mode, precomputed neighbors and the local retriever."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 from retrieval_testlib import NUM_DOCS, SELECTION
 
 from cm3leon_jax.data.synthetic import synthetic_documents
-from cm3leon_jax.retrieval import neighbours
+from cm3leon_jax.retrieval import neighbors
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
@@ -20,7 +20,7 @@ def docs():
     return list(synthetic_documents(num=12))
 
 
-def test_document_vector_is_mean_of_normalised_embeddings(encoder_dir, docs):
+def test_document_vector_is_mean_of_normalized_embeddings(encoder_dir, docs):
     enc = DocumentEncoder.load(encoder_dir, renormalize=False)
     texts, images = [d.text for d in docs], [d.image for d in docs]
     t, i = enc.embed_texts(texts), enc.embed_images(images)
@@ -56,15 +56,15 @@ def test_encoder_input_errors(encoder_dir):
         enc.embed_images([np.zeros((8, 8, 3), np.float32)])
 
 
-def test_build_writes_bank_index_and_valid_neighbours(retrieval_dir):
+def test_build_writes_bank_index_and_valid_neighbors(retrieval_dir):
     meta = json.load(open(os.path.join(retrieval_dir, "retrieval.json")))
     assert meta["num_docs"] == NUM_DOCS and meta["shards"] == 3
     assert meta["index"]["kind"] == "sharded"
     bank = MemoryBank(os.path.join(retrieval_dir, "memory_bank"))
     assert bank.has_query_vectors and 0.6 < bank.multimodal(np.arange(len(bank))).mean() < 0.95
-    rows, scores = neighbours.load_neighbours(os.path.join(retrieval_dir, "memory_bank"))
+    rows, scores = neighbors.load_neighbors(os.path.join(retrieval_dir, "memory_bank"))
     assert rows.shape == (NUM_DOCS, 3)
-    assert (rows != np.arange(NUM_DOCS)[:, None]).all(), "a document is its own neighbour"
+    assert (rows != np.arange(NUM_DOCS)[:, None]).all(), "a document is its own neighbor"
     assert (scores[rows >= 0] <= SELECTION.max_relevance).all()
     assert (rows >= 0).sum(1).mean() >= 1.5
     mm = bank.multimodal(np.maximum(rows, 0)) & (rows >= 0)
@@ -72,14 +72,14 @@ def test_build_writes_bank_index_and_valid_neighbours(retrieval_dir):
     for m, u in zip(mm, uni):  # multimodal picks come first
         if m.any() and u.any():
             assert np.flatnonzero(m).max() < np.flatnonzero(u).min()
-    tokens, doc_ids = neighbours.materialise(bank, rows[5])
+    tokens, doc_ids = neighbors.materialize(bank, rows[5])
     assert doc_ids == [str(x) for x in bank.doc_ids(rows[5][rows[5] >= 0])]
     np.testing.assert_array_equal(tokens[0], bank.tokens(int(rows[5][0])))
 
 
 def test_precompute_skips_finished_shards(retrieval_dir):
     r = Retriever.open(retrieval_dir, SELECTION, with_encoder=False)
-    assert neighbours.precompute_neighbours(r, os.path.join(retrieval_dir, "memory_bank"),
+    assert neighbors.precompute_neighbors(r, os.path.join(retrieval_dir, "memory_bank"),
                                             progress=False) == 0
 
 

@@ -23,7 +23,7 @@ SEQ_LEN = 256
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """12 documents per split, each with 3 neighbours, like preprocess writes."""
+    """12 documents per split, each with 3 neighbors, like preprocess writes."""
     root = str(tmp_path_factory.mktemp("tokenized"))
     vocab = MultimodalVocabulary.create(
         f"{root}/vocab", TextTokenizer.train(CAPTIONS, 280), image_codes=32,
@@ -34,8 +34,8 @@ def data_dir(tmp_path_factory):
     for split in tasks.pretrain.SPLITS:
         records = [shards.TokenizedDocument(
             doc_id=f"{split}-{i}", ids=d,
-            neighbours=[docs[(i + j) % 12] for j in (1, 2, 3)],
-            neighbour_doc_ids=[f"{split}-{(i + j) % 12}" for j in (1, 2, 3)])
+            neighbors=[docs[(i + j) % 12] for j in (1, 2, 3)],
+            neighbor_doc_ids=[f"{split}-{(i + j) % 12}" for j in (1, 2, 3)])
             for i, d in enumerate(docs)]
         assert shards.write_split(records, root, split, num_shards=2) == 12
     return root
@@ -74,7 +74,7 @@ def test_retrieval_task_yields_valid_packed_examples(bound):
         n = int((targets != 0).sum())
         ids = cm3_lib.uncm3(targets[:n], layout)
         docs = [document_lib.decode(p, vocab) for p in document_lib.split_documents(ids)]
-        assert len(docs) == 3  # k = 2 neighbours by default, then the query
+        assert len(docs) == 3  # k = 2 neighbors by default, then the query
         assert all(d.is_multimodal for d in docs)
         np.testing.assert_array_equal(row["decoder_loss_weights"][:n] == 0,
                                       layout.is_sentinel(targets[:n]))

@@ -52,7 +52,7 @@ def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str
 
 
 def build_corpus(root: str) -> int:
-    """36 documents per split with 3 neighbours each, as preprocess writes them.
+    """36 documents per split with 3 neighbors each, as preprocess writes them.
 
     Returns the vocabulary size (rows the decoder's embedding needs).
     """
@@ -72,8 +72,8 @@ def build_corpus(root: str) -> int:
     n = len(docs)
     for split in tasks.pretrain.SPLITS:
         records = [shards.TokenizedDocument(
-            doc_id=f"{split}-{i}", ids=d, neighbours=[docs[(i + j) % n] for j in (1, 2, 3)],
-            neighbour_doc_ids=[f"{split}-{(i + j) % n}" for j in (1, 2, 3)])
+            doc_id=f"{split}-{i}", ids=d, neighbors=[docs[(i + j) % n] for j in (1, 2, 3)],
+            neighbor_doc_ids=[f"{split}-{(i + j) % n}" for j in (1, 2, 3)])
             for i, d in enumerate(docs)]
         shards.write_split(records, root, split, num_shards=2)
     return vocab.vocab_size

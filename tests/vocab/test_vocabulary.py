@@ -13,10 +13,10 @@ from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 
 CAPTIONS = [
-    f"a {size} {colour} {shape} {rel} a {colour2} {shape2}"
-    for size in ("small", "large") for colour in ("red", "blue", "green")
+    f"a {size} {color} {shape} {rel} a {color2} {shape2}"
+    for size in ("small", "large") for color in ("red", "blue", "green")
     for shape in ("circle", "star") for rel in ("above", "left of")
-    for colour2 in ("yellow", "purple") for shape2 in ("square", "triangle")]
+    for color2 in ("yellow", "purple") for shape2 in ("square", "triangle")]
 
 IMAGE_LENGTH = 16
 
@@ -83,7 +83,7 @@ def test_text_tokenizer_too_large_vocab_is_a_clear_error():
 @settings(deadline=None, max_examples=60)
 @given(st.text(max_size=40))
 def test_text_round_trips_exactly(vocab, text):
-    # Byte fallback + identity normalisation: any unicode string comes back.
+    # Byte fallback + identity normalization: any unicode string comes back.
     assert vocab.decode(vocab.encode(text)) == text
 
 

@@ -5,7 +5,7 @@ the released model) on a tiny random config: identical codes, latents within
 1e-5 relative error. Decoder: transformers ships no decoder, so the test
 assembles the released decoder layout (`decoder.up.{i}.block.{j}`,
 `up.{i}.upsample.conv`, ...) from transformers' own ResNet and attention blocks
-plus nearest-neighbour up-sampling, and checks our decoder against it.
+plus nearest-neighbor up-sampling, and checks our decoder against it.
 """
 
 import numpy as np

@@ -10,7 +10,7 @@ from cm3leon_jax.vocab import image_sources
 
 
 def test_folder_images(tmp_path):
-    # Solid colours, so a crop tells which file it came from.
+    # Solid colors, so a crop tells which file it came from.
     (tmp_path / "sub").mkdir()
     Image.fromarray(np.full((40, 60, 3), (200, 0, 0), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((50, 50), 100, np.uint8)).save(tmp_path / "sub/b.png")  # gray
@@ -20,9 +20,9 @@ def test_folder_images(tmp_path):
     crops = [src(i) for i in range(6)]
     assert all(x.shape == (16, 16, 3) and x.dtype == np.uint8 for x in crops)
     np.testing.assert_array_equal(crops[4], src(4))  # random access, same answer
-    colours = [tuple(x[0, 0]) for x in crops]
+    colors = [tuple(x[0, 0]) for x in crops]
     # Each epoch (3 examples) visits every file exactly once.
-    assert set(colours[:3]) == set(colours[3:]) == {(200, 0, 0), (100, 100, 100), (0, 0, 200)}
+    assert set(colors[:3]) == set(colors[3:]) == {(200, 0, 0), (100, 100, 100), (0, 0, 200)}
 
     (tmp_path / "d.png").write_bytes(b"broken")
     broken = image_sources.folder_images(str(tmp_path), image_size=16)

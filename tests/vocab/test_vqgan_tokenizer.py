@@ -80,7 +80,7 @@ def test_conversions_that_are_unambiguous():
     np.testing.assert_array_equal(conv(gray), expect_gray)  # [h, w]
     np.testing.assert_array_equal(conv(gray[..., None]), expect_gray)  # [h, w, 1]
     np.testing.assert_array_equal(conv(gray[None, ..., None]), expect_gray)  # [b, h, w, 1]
-    # RGBA: opaque pixels keep their colour, transparent ones become white.
+    # RGBA: opaque pixels keep their color, transparent ones become white.
     rgba = np.concatenate([rgb, np.full((16, 16, 1), 255, np.uint8)], -1)
     rgba[:8, :, 3] = 0
     out = conv(rgba)[0]

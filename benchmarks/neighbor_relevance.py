@@ -1,13 +1,13 @@
-r"""How relevant are the neighbours preprocessing wrote into the shards? Exact, from the scenes.
+r"""How relevant are the neighbors preprocessing wrote into the shards? Exact, from the scenes.
 
-    .venv/bin/python benchmarks/neighbour_relevance.py [--data_dir=runs/demo/data] \
+    .venv/bin/python benchmarks/neighbor_relevance.py [--data_dir=runs/demo/data] \
         [--tfds_dir=runs/demo/tfds] [--image_size=32] [--per_split=500]
 
 The built-in corpus knows every document's scene, so relevance needs no judge: a
-neighbour is *on topic* when it holds an object of the same kind and colour as one of
+neighbor is *on topic* when it holds an object of the same kind and color as one of
 the query's objects ("a red circle" retrieved for "a red circle and a blue square").
 Each split's rate is printed next to the rate for random train documents in place of
-the neighbours (what retrieval adds over none). Results: RESULTS_retrieval.md.
+the neighbors (what retrieval adds over none). Results: RESULTS_retrieval.md.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ sys.path.insert(0, ROOT)
 
 
 def scene_objects(builder, split: str) -> dict[str, set[tuple[str, str]]]:
-    """doc id -> {(kind, colour)} of its scene, for one split of the corpus."""
+    """doc id -> {(kind, color)} of its scene, for one split of the corpus."""
     from cm3leon_jax.data import shapes
     out = {}
     for ex in builder.as_dataset(split=split).as_numpy_iterator():
         scene = shapes.Scene.from_json(ex["scene"].decode())
-        out[ex["id"].decode()] = {(s.kind, s.colour) for s in scene.shapes}
+        out[ex["id"].decode()] = {(s.kind, s.color) for s in scene.shapes}
     return out
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     train = scene_objects(builder, "train")
     train_ids = sorted(train)
     rng = np.random.default_rng(0)
-    print("| split | queries | neighbours | on topic | random train document on topic |")
+    print("| split | queries | neighbors | on topic | random train document on topic |")
     print("|---|---:|---:|---:|---:|")
     for split in sizes:
         objects = train if split == "train" else scene_objects(builder, split)
@@ -56,12 +56,12 @@ def main() -> None:
         for r in records.as_numpy_iterator():
             query = objects[r["doc_id"].decode()]
             queries += 1
-            for d in r["neighbour_doc_ids"]:
+            for d in r["neighbor_doc_ids"]:
                 hits += bool(query & train[d.decode()])
                 random_hits += bool(query & train[train_ids[rng.integers(len(train_ids))]])
                 n += 1
         if n == 0:
-            sys.exit(f"{args.data_dir} has no neighbours in split {split!r}: preprocess it "
+            sys.exit(f"{args.data_dir} has no neighbors in split {split!r}: preprocess it "
                      "with retrieval (preprocess.retrieval, as make demo does).")
         print(f"| {split} | {queries} | {n} | {hits / n:.3f} | {random_hits / n:.3f} |")
 

@@ -1,8 +1,8 @@
-"""Neighbours of every training document, precomputed in batch and stored beside the bank.
+"""Neighbors of every training document, precomputed in batch and stored beside the bank.
 
-    precompute_neighbours(retriever, out_dir)      # one .npz per memory-bank shard
-    rows = load_neighbours(out_dir)                # int64[num_docs, k], -1 = none
-    tokens, doc_ids = materialise(bank, rows[i])   # what goes into the training record
+    precompute_neighbors(retriever, out_dir)      # one .npz per memory-bank shard
+    rows = load_neighbors(out_dir)                # int64[num_docs, k], -1 = none
+    tokens, doc_ids = materialize(bank, rows[i])   # what goes into the training record
 
 Each document of the bank is the query for its own row: its query-dropout vector
 (`query_vectors.npy`, encoded with 20% of its tokens and patches hidden) when the
@@ -10,9 +10,9 @@ bank has one, else its document vector. It is excluded from its own results, and
 the selection rules of `select.py` apply. Files are written atomically per shard,
 so a rerun skips finished shards.
 
-The build_retrieval mode calls `precompute_neighbours` for a bank built on its own.
+The build_retrieval mode calls `precompute_neighbors` for a bank built on its own.
 The preprocess mode searches shard by shard instead (data/retrieval_pass.py, the
-same rules) and calls `materialise` for each shard's `neighbour_ids`.
+same rules) and calls `materialize` for each shard's `neighbor_ids`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
 
 
-def neighbours_path(out_dir: str, shard: int) -> str:
-    return os.path.join(out_dir, f"neighbours-{shard:05d}.npz")
+def neighbors_path(out_dir: str, shard: int) -> str:
+    return os.path.join(out_dir, f"neighbors-{shard:05d}.npz")
 
 
-def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 1024,
+def precompute_neighbors(retriever: Retriever, out_dir: str, batch_size: int = 1024,
                           progress: bool = True) -> int:
-    """Writes `neighbours-NNNNN.npz` (rows int64[n, k], scores f32[n, k]) per shard.
+    """Writes `neighbors-NNNNN.npz` (rows int64[n, k], scores f32[n, k]) per shard.
 
     Returns how many documents were searched (0 when everything was done before).
     """
@@ -42,12 +42,12 @@ def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 
     fs.makedirs(out_dir)
     done = 0
     for s, (start, vectors) in enumerate(bank.iter_shards(key)):
-        path = neighbours_path(out_dir, s)
+        path = neighbors_path(out_dir, s)
         if fs.exists(path):
             continue
         rows, scores = [], []
         n = vectors.shape[0]
-        for a in tqdm(range(0, n, batch_size), desc=f"neighbours shard {s}", disable=not progress):
+        for a in tqdm(range(0, n, batch_size), desc=f"neighbors shard {s}", disable=not progress):
             b = min(a + batch_size, n)
             own = np.arange(start + a, start + b, dtype=np.int64)
             r, sc = retriever.search_vectors_raw(np.asarray(vectors[a:b]), exclude_rows=own)
@@ -60,19 +60,19 @@ def precompute_neighbours(retriever: Retriever, out_dir: str, batch_size: int = 
     return done
 
 
-def load_neighbours(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
+def load_neighbors(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """All shards' (rows int64[N, k], scores f32[N, k]) in bank row order."""
-    files = sorted(fs.glob(os.path.join(out_dir, "neighbours-*.npz")))
+    files = sorted(fs.glob(os.path.join(out_dir, "neighbors-*.npz")))
     files = [f for f in files if not f.endswith(".tmp.npz")]
     if not files:
-        raise FileNotFoundError(f"no neighbours-*.npz in {out_dir!r}; run "
-                                "precompute_neighbours (the build_retrieval mode does).")
+        raise FileNotFoundError(f"no neighbors-*.npz in {out_dir!r}; run "
+                                "precompute_neighbors (the build_retrieval mode does).")
     loaded = [fs.np_load(f) for f in files]
     return (np.concatenate([x["rows"] for x in loaded]),
             np.concatenate([x["scores"] for x in loaded]))
 
 
-def materialise(bank: MemoryBank, rows: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
-    """One document's neighbour rows (int64[k], -1 = none) -> their token ids and doc ids."""
+def materialize(bank: MemoryBank, rows: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """One document's neighbor rows (int64[k], -1 = none) -> their token ids and doc ids."""
     rows = [int(r) for r in np.asarray(rows).reshape(-1) if r >= 0]
     return [bank.tokens(r) for r in rows], [str(d) for d in bank.doc_ids(np.array(rows, np.int64))]
