@@ -166,12 +166,29 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary name and a rename (atomic where local)."""
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    The one write-then-rename of the codebase: a killed process leaves `path` whole or
+    absent (atomic on local file systems; on buckets an object appears only when its
+    upload completes). A failed block removes the temporary file and leaves `path` as it
+    was. The name is unique, so concurrent writers of one path never share a temporary.
+    """
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        yield tmp
+    except BaseException:
+        if exists(tmp):
+            remove(tmp)
+        raise
     rename(tmp, path, overwrite=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically (`atomic_write`)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def np_load(path: str, mmap_mode: str | None = None) -> Any:
@@ -200,8 +217,9 @@ def read_json(path: str) -> Any:
     return json.loads(read_text(path))
 
 
-def write_json(path: str, value: Any, indent: int | None = 1) -> None:
-    write_text(path, json.dumps(value, indent=indent))
+def write_json(path: str, value: Any, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """`value` as JSON at `path`, atomically."""
+    write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys))
 
 
 @contextlib.contextmanager

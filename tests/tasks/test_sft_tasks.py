@@ -13,6 +13,7 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -86,7 +87,29 @@ def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
         splits=("train",), seq_len=160)
     edit = result["families"]["edit"]["train"]  # two images: 128 codes + text > 160 - 24
     assert edit["written"] == 0 and edit["skipped"] == {"document_too_long": 3}
+    assert edit["min_tokens"] > 160 - 24 and result["seq_len"] == 160
     assert result["families"]["caption"]["train"]["written"] == 3
+    # A task of a family with no example is one clear error, not a dataset repeated forever.
+    gin.clear_config()
+    gin.bind_parameter("sft_data_dirs.synthetic", str(tmp_path))
+    try:
+        with pytest.raises(UserInputError, match=r"'edit' has no 'train' example.*all 3 "
+                                                 r"were longer than sft_preprocess.seq_len=160"):
+            _batches("cm3leon_sft_edit", seq_len=160)
+        assert len(_batches("cm3leon_sft_caption", seq_len=160, pack=False)) == 3
+    finally:
+        gin.clear_config()
+
+
+def test_a_seq_len_no_example_fits_is_one_clear_error(bound, sft_dir):
+    """Examples written at SEQ_LEN, trained at a length where one split has none that fits
+    (its dataset would be empty: the error names the family, split and seq_len)."""
+    shortest = max(c["min_tokens"] for c in sft_dir[1]["families"]["edit"].values())
+    seq_len = shortest + 24 - 1  # One short (24 = the CM3 reserve of 3 * max_spans).
+    with pytest.raises(UserInputError, match=rf"SFT family 'edit' .* longer than seq_len="
+                                             rf"{seq_len} allows.*train.seq_len >= {seq_len + 1}"):
+        _batches("cm3leon_sft_edit", seq_len=seq_len)
+    assert _batches("cm3leon_sft_edit", seq_len=seq_len + 1)  # One more token: it fits.
 
 
 def test_another_vocabulary_is_refused(sft_dir, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import train_testlib as lib
 
 from cm3leon_jax.data import sft_examples, sft_prompts, shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 SFT_GIN = os.path.join(lib.REPO, "gin_configs", "runs", "sft.gin")
@@ -120,8 +121,6 @@ def test_sft_resumes_exactly(base, tmp_path):
 
 
 def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
-    # main.run writes MODEL_DIR/config.gin before any mode starts, so only the base's
-    # checkpoints are sure to stay untouched when MODEL_DIR is the base's own folder.
     checkpoints = os.path.join(base[0], "checkpoints")
     before = _tree_digest(checkpoints)
     with pytest.raises(ValueError, match="model config mismatch.*num_layers: base 2, SFT 3"):
@@ -132,8 +131,11 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
         f.write(b"x")
     with pytest.raises(ValueError, match="vocabulary mismatch.*other_vocab"):
         run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": repr(str(other))}))
-    with pytest.raises(ValueError, match="base run's folder"):
-        run_sft(sft_bindings(base[0], base))
+    # Refused before main.run writes MODEL_DIR/config.gin: the base's stays as it was.
+    whole_base = _tree_digest(base[0])
+    with pytest.raises(UserInputError, match="base run's folder"):
+        run_sft(sft_bindings(base[0] + "/", base))
+    assert _tree_digest(base[0]) == whole_base
     # A base without config.gin: its checkpoint's shapes are still checked.
     config_gin = os.path.join(base[0], "config.gin")
     os.rename(config_gin, config_gin + ".away")
