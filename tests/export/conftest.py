@@ -65,10 +65,7 @@ def vocab_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_tokenizer_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("image_tokenizer"))
-    mngr = vqgan_checkpoint.manager(directory)
-    vqgan_checkpoint.save(mngr, 5, TINY_VQ, random_vq_params(TINY_VQ, seed=1))
-    mngr.wait_until_finished()
-    mngr.close()
+    vqgan_checkpoint.save_params(directory, 5, TINY_VQ, random_vq_params(TINY_VQ, seed=1))
     return directory
 
 
