@@ -1,6 +1,7 @@
 """The HTTP service: answers match exact search; bad requests get 4xx, never a crash; a short
 loopback load test where every request sent is answered or rejected, by the server's count."""
 
+import asyncio
 import dataclasses
 import itertools
 
@@ -60,6 +61,30 @@ def test_answers_match_exact_search(http, retriever, doc):
                       headers={"content-type": "image/png"})
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["doc_ids"] == exact_search(bank, vectors[i:i + 1], 2)[0]
+
+
+def test_png_decoding_and_search_run_off_the_event_loop(http, retriever, doc, monkeypatch):
+    """Both synchronous steps of an image request (PNG decoding, the encoder + search) run
+    in the thread pool, where no event loop runs: done on the loop, either would stall
+    every other request while it works."""
+    from cm3leon_jax.retrieval import server
+    where = []
+
+    def observed(fn):
+        def run(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                where.append((fn.__name__, "event loop"))
+            except RuntimeError:
+                where.append((fn.__name__, "thread pool"))
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(server, "decode_png", observed(server.decode_png))
+    monkeypatch.setattr(retriever, "search_images", observed(retriever.search_images))
+    r = http.post("/search/image?k=2", content=encode_png(doc.image))
+    assert r.status_code == 200, r.text
+    assert where == [("decode_png", "thread pool"), ("search_images", "thread pool")]
 
 
 def _corrupt_png(image):
