@@ -35,7 +35,7 @@ def _demo(model_dir, *extra):
     args = [sys.executable, "-m", "cm3leon_jax.main", "--gin_file=gin_configs/runs/demo.gin",
             f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in TOY + list(extra)]]
     r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
