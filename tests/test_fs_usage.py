@@ -5,7 +5,9 @@ An AST scan of cm3leon_jax/ and tasks/: a call to `open`, `os.path.exists`-like 
 places listed below, each for a path that is never a user's (files inside the
 repository or the installed package, temporary folders, local-only tools).
 `os.path.join` / `basename` / `dirname` are string operations and work on gs:// paths;
-`os.path.abspath(__file__)` finds the package's own files.
+`os.path.abspath(__file__)` finds the package's own files. `pathlib` (local files only)
+is not imported, and PIL opens images from file objects (`fs.open`, `io.BytesIO`), never
+from a path.
 """
 
 import ast
@@ -17,6 +19,8 @@ OS_PATH = {"exists", "isdir", "isfile", "getsize", "abspath", "realpath", "getmt
 OS = {"makedirs", "mkdir", "listdir", "replace", "rename", "remove", "unlink", "walk",
       "scandir", "stat", "rmdir"}
 MODULES = {"shutil", "glob"}
+LOCAL_ONLY_MODULES = {"pathlib"}  # Path.open / read_text / exists / rglob: no gs://.
+PIL_IMAGE = {"Image", "PILImage"}
 
 # (file, function) -> why its file access is not on a user path.
 ALLOWED = {
@@ -28,14 +32,42 @@ ALLOWED = {
 }
 
 
+def _fs_opened_names(tree: ast.AST) -> set[str]:
+    """Names bound by `with fs.open(...) as name` anywhere in the module."""
+    return {item.optional_vars.id for node in ast.walk(tree) if isinstance(node, ast.With)
+            for item in node.items
+            if isinstance(item.context_expr, ast.Call)
+            and ast.unparse(item.context_expr.func) == "fs.open"
+            and isinstance(item.optional_vars, ast.Name)}
+
+
+def _opens_a_path(node: ast.Call, fs_files: set[str]) -> bool:
+    """`Image.open(x)` where x is neither a file object from fs.open nor an in-memory buffer."""
+    parts = ast.unparse(node.func).split(".")
+    if len(parts) != 2 or parts[0] not in PIL_IMAGE or parts[1] != "open" or not node.args:
+        return False
+    arg = node.args[0]
+    in_memory = isinstance(arg, ast.Call) and ast.unparse(arg.func) in ("io.BytesIO", "BytesIO")
+    return not in_memory and not (isinstance(arg, ast.Name) and arg.id in fs_files)
+
+
 def calls(tree: ast.AST):
     """(function name, dotted callee) of every file-touching call in a module."""
     stack = []
+    fs_files = _fs_opened_names(tree)
 
     def visit(node):
         named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
         if named:
             stack.append(node.name)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""])
+            for name in names:
+                if name.split(".")[0] in LOCAL_ONLY_MODULES:
+                    yield (stack[0] if stack else "<module>"), f"import {name}", node.lineno
+        if isinstance(node, ast.Call) and _opens_a_path(node, fs_files):
+            yield (stack[0] if stack else "<module>"), ast.unparse(node.func), node.lineno
         if isinstance(node, ast.Call):
             callee = ast.unparse(node.func)
             parts = callee.split(".")
@@ -79,3 +111,13 @@ def test_no_direct_file_access_outside_fs():
 def test_the_scan_finds_direct_access():
     tree = ast.parse("import os\ndef f(p):\n    os.makedirs(p)\n    return open(p)\n")
     assert [(fn, c) for fn, c, _ in calls(tree)] == [("f", "os.makedirs"), ("f", "open")]
+
+
+def test_the_scan_finds_pathlib_and_images_opened_from_paths():
+    tree = ast.parse(
+        "import pathlib\nfrom pathlib import Path\n"
+        "def f(p):\n    return Image.open(p)\n"
+        "def g(p):\n    with fs.open(p, 'rb') as fh, Image.open(fh) as im:\n        return im\n"
+        "def h(b):\n    return PILImage.open(io.BytesIO(b))\n")
+    assert [(fn, c) for fn, c, _ in calls(tree)] == [
+        ("<module>", "import pathlib"), ("<module>", "import pathlib"), ("f", "Image.open")]

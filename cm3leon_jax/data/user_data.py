@@ -30,7 +30,8 @@ Usage (Python or gin; everything lives in the config, so the builder pickles):
     builder.download_and_prepare(download_config=offline_download_config())
     ds = builder.as_dataset(split="train")          # or split="validation"
 or `load_user_data("captions.jsonl", 256, d)`. The `preprocess` mode reads it with
-gin_configs/runs/preprocess_user.gin.
+gin_configs/runs/preprocess_user.gin. Sources may be local or on a bucket (`gs://...`):
+every file is read through `cm3leon_jax/fs.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 import re
 import zlib
 from collections.abc import Iterator, Sequence
@@ -79,8 +79,8 @@ def make_user_config(source: str | os.PathLike, image_size: int = 256,
                      validation_fraction: float = 0.05) -> UserDataConfig:
     """A config named after the source's stem, size, validation share and a hash of its
     absolute path, so two sources (or settings) never share a data folder."""
-    path = pathlib.Path(source).expanduser().resolve()
-    if not path.exists():
+    path = str(source) if fs.is_remote(source) else fs.abspath(os.path.expanduser(str(source)))
+    if not fs.exists(path):
         raise MissingInputError(f"user data source {str(source)!r} does not exist; give a "
                                 ".jsonl file or a folder of images with .txt captions.")
     if image_size < 8:
@@ -88,10 +88,11 @@ def make_user_config(source: str | os.PathLike, image_size: int = 256,
     if not 0.0 < validation_fraction < 1.0:
         raise UserInputError(f"validation_fraction must be in (0, 1), got {validation_fraction}; "
                              "the trainer evaluates on the validation split.")
-    stem = re.sub(r"[^a-z0-9]+", "_", path.stem.lower()).strip("_") or "data"
-    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:8]
+    name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    stem = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "data"
+    digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
     held_out = f"{validation_fraction:g}".replace(".", "p")
-    return UserDataConfig(name=f"{stem}_{image_size}px_val{held_out}_{digest}", source=str(path),
+    return UserDataConfig(name=f"{stem}_{image_size}px_val{held_out}_{digest}", source=path,
                           image_size=image_size, validation_fraction=validation_fraction,
                           description=f"Image-text pairs from {path}, {image_size}px.")
 
@@ -101,11 +102,11 @@ def make_user_config(source: str | os.PathLike, image_size: int = 256,
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One source entry: its id, image path, caption, and the reason it is unusable
-    before the image is even opened (None when the caption side is fine)."""
+    """One source entry: its id, image path (local or remote), caption, and the reason it
+    is unusable before the image is even opened (None when the caption side is fine)."""
 
     id: str
-    image: pathlib.Path | None
+    image: str | None
     text: str | None
     problem: str | None = None
 
@@ -119,7 +120,7 @@ def _caption_problem(text: str) -> str | None:
     return None if text.strip() else "empty_caption"
 
 
-def jsonl_records(path: pathlib.Path) -> Iterator[Record]:
+def jsonl_records(path: str) -> Iterator[Record]:
     """Records of a JSONL file; ids are 'line<N>:<image>' with N 1-based; blank lines skipped."""
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -134,52 +135,65 @@ def jsonl_records(path: pathlib.Path) -> Iterator[Record]:
                     or not isinstance(entry.get("text"), str):
                 yield Record(f"line{number}", None, None, "bad_record")
                 continue
-            image = path.parent / entry["image"]  # an absolute path replaces the folder
+            image = entry["image"]
+            if not (fs.is_remote(image) or os.path.isabs(image)):
+                image = fs.join(os.path.dirname(path), image)
             yield Record(f"line{number}:{entry['image']}", image, entry["text"],
                          _caption_problem(entry["text"]))
 
 
-def _stem_key(path: pathlib.Path) -> str:
+def _stem_key(path: str) -> str:
     """Path without suffix, lower-cased: `Cat.JPG` and `cat.TXT` pair up."""
-    return path.with_suffix("").as_posix().lower()
+    return os.path.splitext(path)[0].lower()
 
 
-def folder_records(root: pathlib.Path) -> Iterator[Record]:
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _files_under(root: str) -> list[str]:
+    """Every file below `root`, as sorted paths relative to it ('/'-separated)."""
+    root = root.rstrip("/")
+    out = []
+    for folder, _, names in fs.walk(root):
+        below = folder.rstrip("/")[len(root):].strip("/")
+        out += [f"{below}/{n}" if below else n for n in names]
+    return sorted(out)
+
+
+def folder_records(root: str) -> Iterator[Record]:
     """Records of a folder: each image with its same-stem .txt (any case); ids are paths
     relative to `root`. Captions without an image come out as 'missing_image'."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = _files_under(root)
+    present = set(files)
+    images = [p for p in files if _suffix(p) in IMAGE_SUFFIXES]
     stems = {_stem_key(p) for p in images}
-    captions: dict[str, pathlib.Path] = {}
-    for caption in (p for p in files if p.suffix.lower() == ".txt"):
-        # Two captions differing only in case: the exact-case one wins, else the first.
-        key = _stem_key(caption)
-        if key not in captions or caption.suffix == ".txt":
-            captions.setdefault(key, caption)
+    captions: dict[str, str] = {}
+    for caption in (p for p in files if _suffix(p) == ".txt"):
+        captions.setdefault(_stem_key(caption), caption)  # Case variants: the first wins.
     for image in images:
-        record_id = image.relative_to(root).as_posix()
-        exact = image.with_suffix(".txt")
-        sidecar = exact if exact.is_file() else captions.get(_stem_key(image))
+        exact = os.path.splitext(image)[0] + ".txt"
+        sidecar = exact if exact in present else captions.get(_stem_key(image))
         if sidecar is None:
-            yield Record(record_id, image, None, "missing_caption")
+            yield Record(image, fs.join(root, image), None, "missing_caption")
             continue
         try:
-            text = sidecar.read_bytes().decode("utf-8-sig")
+            text = fs.read_bytes(fs.join(root, sidecar)).decode("utf-8-sig")
         except UnicodeDecodeError:
-            yield Record(record_id, image, None, "non_utf8_caption")
+            yield Record(image, fs.join(root, image), None, "non_utf8_caption")
             continue
-        yield Record(record_id, image, text, _caption_problem(text))
-    for caption in (p for p in files if p.suffix.lower() == ".txt" and _stem_key(p) not in stems):
-        yield Record(caption.relative_to(root).as_posix(), None, None, "missing_image")
+        yield Record(image, fs.join(root, image), text, _caption_problem(text))
+    for caption in (p for p in files if _suffix(p) == ".txt" and _stem_key(p) not in stems):
+        yield Record(caption, None, None, "missing_image")
 
 
-def records(source: pathlib.Path) -> Iterator[Record]:
+def records(source: str) -> Iterator[Record]:
     """Records of a JSONL file or a folder, by what `source` is."""
-    if source.is_dir():
+    if fs.isdir(source):
         return folder_records(source)
-    if source.suffix.lower() in (".jsonl", ".json"):
+    if _suffix(source) in (".jsonl", ".json"):
         return jsonl_records(source)
-    raise UserInputError(f"user data source {str(source)!r} is neither a folder nor a .jsonl "
+    raise UserInputError(f"user data source {source!r} is neither a folder nor a .jsonl "
                          "file; give one of those.")
 
 
@@ -200,12 +214,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
     """(uint8[image_size, image_size, 3], None), or (None, reason) for an unusable file."""
-    if not path.is_file():
+    if not fs.isfile(path):
         return None, "missing_image"
     try:
-        with Image.open(path) as image:
+        with fs.open(path, "rb") as f, Image.open(f) as image:
             if min(image.size) < image_size:  # Checked before decoding: the header says.
                 return None, "image_too_small"
             image.load()
@@ -254,9 +268,9 @@ class Report:
             "rejected_ids": {reason: self.ids[reason] for reason in REASONS if self.ids[reason]},
         }
 
-    def write(self, folder: os.PathLike) -> pathlib.Path:
-        path = pathlib.Path(folder) / REPORT_NAME
-        path.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    def write(self, folder: str) -> str:
+        path = fs.join(str(folder), REPORT_NAME)
+        fs.write_text(path, json.dumps(self.as_dict(), indent=2, ensure_ascii=False))
         return path
 
     def summary(self) -> str:
@@ -337,11 +351,10 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # the data is already local
-        source = pathlib.Path(self.builder_config.source)
         config = self.builder_config
-        splits = split_records(list(records(source)), config.validation_fraction,
+        splits = split_records(list(records(config.source)), config.validation_fraction,
                                config.image_size)
-        report = Report(str(source))  # One report over both splits, rewritten after each.
+        report = Report(config.source)  # One report over both splits, rewritten after each.
         return {split: self._generate_examples(splits[split], split, report) for split in SPLITS}
 
     def _generate_examples(self, split_records: Sequence[Record], split: str, report: Report):
@@ -390,7 +403,7 @@ def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir
 
 def read_report(builder: UserImageText) -> dict:
     """The report.json of a prepared builder."""
-    return json.loads((pathlib.Path(builder.data_path) / REPORT_NAME).read_text(encoding="utf-8"))
+    return json.loads(fs.read_bytes(fs.join(str(builder.data_path), REPORT_NAME)).decode("utf-8"))
 
 
 @gin.configurable

@@ -84,7 +84,8 @@ def read_requests(path: str) -> list[dict]:
 
 
 def _load(path: str) -> np.ndarray:
-    return np.asarray(PILImage.open(path).convert("RGB"))
+    with fs.open(path, "rb") as f, PILImage.open(f) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,

@@ -1,8 +1,10 @@
 """The user image-text builder: conversions, and an exact report of every rejected record."""
 
 import json
+import os
 import pickle
 import struct
+import uuid
 import zlib
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import user_data
 from cm3leon_jax.errors import UserInputError
 
@@ -116,6 +119,27 @@ def test_folder_report_counts_every_reason_exactly(folder, tmp_path):
     assert report["splits"]["validation"] >= 1
     for split in user_data.SPLITS:
         assert builder.info.splits[split].num_examples == report["splits"][split]
+
+
+def test_a_source_on_another_file_system_reads_the_same(folder, tmp_path):
+    """The folder copied to TensorFlow's in-memory `ram://` (what gs:// goes through): the
+    same records, the same report, and a JSONL there with relative and absolute paths."""
+    remote = f"ram://user_data_{uuid.uuid4().hex[:8]}/pairs"
+    fs.copy_tree(str(folder), remote)
+    local = user_data.read_report(prepared(folder, tmp_path / "local"))
+    report = user_data.read_report(prepared(remote, tmp_path / "remote"))
+    assert {k: report[k] for k in ("ok", "total", "splits", "rejected", "rejected_ids")} == \
+        {k: local[k] for k in ("ok", "total", "splits", "rejected", "rejected_ids")}
+    assert report["source"] == remote
+    jsonl = fs.join(os.path.dirname(remote), "pairs.jsonl")
+    fs.write_text(jsonl, "\n".join(json.dumps(line) for line in (
+        {"image": "pairs/good1.png", "text": "relative"},
+        {"image": fs.join(remote, "gray.png"), "text": "absolute"},
+        {"image": "pairs/nowhere.png", "text": "missing"})) + "\n")
+    builder = prepared(jsonl, tmp_path / "remote_jsonl")
+    assert user_data.read_report(builder)["rejected"]["missing_image"] == 1
+    assert sorted(e["text"].decode() for e in examples_of(builder).values()) == \
+        ["absolute", "relative"]
 
 
 def test_folder_images_are_converted_to_rgb_squares(folder, tmp_path):

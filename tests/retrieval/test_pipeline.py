@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from retrieval_testlib import NUM_DOCS, SELECTION
+from retrieval_testlib import NUM_DOCS, SELECTION, clear_of_ties, exact_search
 
 from cm3leon_jax.data.synthetic import synthetic_documents
 from cm3leon_jax.retrieval import neighbors
@@ -97,6 +97,23 @@ def test_retriever_searches_by_text_image_and_vector(retrieval_dir, docs):
     assert "train_0000007" not in own.doc_ids
     with pytest.raises(ValueError, match="16-d vectors"):
         r.search_vectors(np.zeros((1, 5)))
+
+
+def test_text_and_image_search_match_exact_search(retrieval_dir):
+    """The index (ScaNN) + selection answer what brute force over the whole bank + the same
+    rules answers, for texts and images of unseen documents (clear of float ties)."""
+    r = Retriever.open(retrieval_dir, SELECTION)
+    unseen = list(synthetic_documents(split="test", num=12))
+    for kind, items, embed, search in (
+            ("text", [d.text for d in unseen if d.text], r.encoder.embed_texts, r.search_texts),
+            ("image", [d.image for d in unseen if d.image is not None], r.encoder.embed_images,
+             r.search_images)):
+        vectors = embed(items)
+        clear = np.flatnonzero(clear_of_ties(r.bank, vectors, SELECTION.k))
+        assert clear.size >= 3, f"fewer than 3 {kind} queries clear of ties; take more"
+        got = [res.doc_ids for res in search([items[i] for i in clear])]
+        assert got == exact_search(r.bank, vectors[clear], SELECTION.k), kind
+        assert any(len(ids) == SELECTION.k for ids in got), kind
 
 
 def test_deeper_search_gets_past_near_duplicates(tmp_path):

@@ -100,10 +100,38 @@ def test_same_seed_same_batches_and_packing(bound):
                for x, y in zip(a, c))
 
 
-def test_mixture_reads_both_tasks(bound):
-    ds = seqio.get_mixture_or_task("cm3leon_synthetic_mix").get_dataset(
-        {"targets": SEQ_LEN}, split="validation", shuffle=False, num_epochs=1, seed=0)
-    assert len(list(ds.take(8).as_numpy_iterator())) == 8
+def test_mixture_draws_each_task_at_its_rate(bound):
+    """cm3leon_synthetic_mix mixes retrieval-augmented and plain CM3 3:1. Over 300 draws
+    the observed share of each (3 documents vs 1 per example) is its rate within 4
+    binomial standard deviations (a 1:1 mixture would be 10 away)."""
+    mix = seqio.get_mixture_or_task("cm3leon_synthetic_mix")
+    rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+    assert rates == {"cm3leon_synthetic": 3.0, "cm3leon_synthetic_no_retrieval": 1.0}
+    layout = mix.tasks[0].output_features["targets"].vocabulary.layout
+    ds = mix.get_dataset({"targets": SEQ_LEN}, split="train", shuffle=False, seed=0,
+                         num_epochs=None)
+    # No example shuffling (its 1,000-example buffers are slow to fill); the draw of
+    # tasks is still seeded.
+    n, counts = 300, {1: 0, 3: 0}
+    for ex in ds.take(n).as_numpy_iterator():
+        counts[len(document_lib.split_documents(cm3_lib.uncm3(ex["targets"], layout)))] += 1
+    assert sum(counts.values()) == n
+    share = rates["cm3leon_synthetic"] / sum(rates.values())
+    assert abs(counts[3] / n - share) <= 4 * np.sqrt(share * (1 - share) / n), counts
+
+
+def test_user_tasks_read_the_user_folder_both_splits(data_dir):
+    """What gin_configs/train/tiny_user.gin trains and evaluates on: `cm3leon_user` reads
+    `data_dirs.user`, its train split and the held-out validation split."""
+    gin.clear_config()
+    try:
+        gin.bind_parameter("data_dirs.synthetic", "/nonexistent/synthetic")
+        gin.bind_parameter("data_dirs.user", data_dir)
+        for split in ("train", "validation"):
+            rows = _batches("cm3leon_user", split=split, pack=False)
+            assert len(rows) == 12, split
+    finally:
+        gin.clear_config()
 
 
 def test_unset_user_corpus_is_a_clear_error():
