@@ -23,10 +23,12 @@ LEVELS = {
     "decode": 4,
     "evaluation": 5, "export": 5,
     # The top: the task registry and the run modes that are modules of their own.
-    "tasks": 6, "main": 6, "demo": 6, "sft": 6,
+    "tasks": 6, "main": 6, "sft": 6,
+    # The demo runs every run mode in turn (sft included), so it sits above them.
+    "demo": 7,
     # Run modes and helpers for the tests (cm3leon_jax/testing/__init__.py): they may use
     # any package, and no library module imports them.
-    "testing": 7,
+    "testing": 8,
 }
 # Anyone may import these; they import no package of the flow.
 BASE = {"__init__", "errors", "fs"}

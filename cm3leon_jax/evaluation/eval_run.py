@@ -75,8 +75,11 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
 
 
 def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Strategy],
-              num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None) -> list[dict]:
-    """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir."""
+              num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None,
+              outputs: dict | None = None) -> list[dict]:
+    """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir.
+    `outputs`, when given, receives each job's images or texts under "task/strategy/kK"
+    (the demo's contact sheet shows them)."""
     fs.makedirs(out_dir)
     _references(ctx, suite, fid_cache or {})
     rows = []
@@ -96,6 +99,9 @@ def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Str
             pairs = np.stack([x for pair in zip(suite.edit.images, images) for x in pair])
             labels = [t for i in suite.edit.prompts for t in (i, "(result)")]
             _grid(out_dir, f"edit_{strategy.name}", pairs, labels)
+        if outputs is not None:
+            outputs[f"{task}/{row['strategy']}/k{k}"] = (
+                out.images if task == "text_to_image" else images if task == "edit" else texts)
         rows.append(row)
     return rows
 
@@ -180,17 +186,18 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                        inception_weights_path: str | None = None,
                        fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
                        max_answer_tokens: int = 8, seed: int = 0,
-                       header: dict | None = None) -> dict:
+                       header: dict | None = None, outputs: dict | None = None) -> dict:
     """The eval run for a Generator already in memory (what the demo calls): decodes the
     suite, writes out_dir/report.json, report.md and the grids, returns the report.
-    `encoder` (a retrieval DocumentEncoder) gives CLIP score, re-ranking and encoder FID."""
+    `encoder` (a retrieval DocumentEncoder) gives CLIP score, re-ranking and encoder FID;
+    `outputs` as in `run_suite`."""
     ctx = Context(gen, rerank.ClipRanker(encoder) if encoder is not None else None,
                   _features(encoder, inception_weights_path, fid_resize),
                   caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
                   seed=seed)
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
-                     {"fid_inception": fid_reference})
+                     {"fid_inception": fid_reference}, outputs)
     header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
     report = write_report(out_dir, header, rows)

@@ -1,12 +1,15 @@
 """`make demo`'s run file, end to end at toy size: every stage runs, a rerun resumes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+STEPS = 30  # pretraining steps: enough for the tiny decoder to beat uniform prediction
+LOSS_MARGIN = 2.0  # nats below ln(vocab_size) the held-out loss must reach (issue 16)
 # demo.gin with every stage shrunk to seconds; the stages and their wiring are unchanged.
 TOY = [
     "demo.split_sizes={'train': 80, 'validation': 20, 'test': 20}",
@@ -17,10 +20,14 @@ TOY = [
     "train/synthetic_pairs.num=80", "test/synthetic_pairs.num=20",
     "train_retriever.batch_size=16",
     "preprocess.docs_per_shard=40", "preprocess.text_vocab_size=300",
-    "train.num_steps=4", "train.eval_every=0", "train.eval_steps=1",
-    "train.global_batch_size=2",
+    f"train.num_steps={STEPS}", "train.eval_every=0", "train.eval_steps=1",
+    "train.global_batch_size=2", "learning_rate_schedule.warmup_steps=3",
     "generate_stage.num_examples=3", "generate_stage.batch_size=4",
     "generate_stage.rerank_samples=2",
+    "sft_stage.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
+    "sft_stage.warmup_steps=1",
+    "evaluate_stage.num_examples=3", "evaluate_stage.batch_size=4",
+    "evaluate_stage.baseline_examples=8",
 ]
 
 
@@ -28,7 +35,7 @@ def _demo(model_dir, *extra):
     args = [sys.executable, "-m", "cm3leon_jax.main", "--gin_file=gin_configs/runs/demo.gin",
             f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in TOY + list(extra)]]
     r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
@@ -43,15 +50,32 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert retrieval["bank_documents"] == 80
     for split in ("train", "validation", "test"):
         assert retrieval["splits"][split]["mean_neighbors"] > 0
-    assert metrics["pretrain"]["steps"] == 4
-    assert 0 < metrics["pretrain"]["final_eval"]["loss"] < 20
+    assert metrics["pretrain"]["steps"] == STEPS
+    # Learning, not just running: the held-out loss is well below uniform prediction's.
+    uniform = math.log(metrics["pictures"]["vocab_size"])
+    assert 0 < metrics["pretrain"]["final_eval"]["loss"] < uniform - LOSS_MARGIN
+    sft = metrics["sft"]
+    assert sft["steps"] == 2 and sft["base_step"] == STEPS
+    assert set(sft["train_examples"]) >= {"edit", "vqa", "caption", "boxes_to_image",
+                                          "edge_to_image"}
+    assert all(n == 8 for n in sft["train_examples"].values())
+    evaluated = metrics["evaluate"]
+    for run in ("pretrain", "sft"):
+        assert evaluated[run]["step"] == (STEPS if run == "pretrain" else 2)
+        assert 0 <= evaluated[run]["vqa"]["vqa_exact_match"] <= 1
+        assert 0 <= evaluated[run]["edit"]["edit_right"] <= 1
+        assert "objects_right" in evaluated[run]["captioning"]
+        assert os.path.getsize(evaluated[run]["report"]) > 0
+    assert 0 <= evaluated["vqa_majority_baseline"] <= 1
+    assert any(line.startswith("target VQA exact match") for line in metrics["targets"])
+    assert any(line.startswith("target edits right") for line in metrics["targets"])
     for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png",
                     "contact_sheet.png"):
         assert os.path.getsize(os.path.join(model_dir, "pictures", picture)) > 0
     assert metrics["pictures"]["contact_sheet"] == os.path.join(
         model_dir, "pictures", "contact_sheet.png")
     generated = metrics["generate"]
-    assert generated["examples"] == 3 and generated["checkpoint_step"] == 4
+    assert generated["examples"] == 3 and generated["checkpoint_step"] == STEPS
     assert generated["split"] == "test"
     ablations = generated["text_to_image_ablations"]
     for scores in (generated["text_to_image"], generated["image_to_text"], ablations["k0"],
@@ -65,17 +89,18 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         captions = json.load(f)
     assert len(captions) == 3 and all(len(c["captions"]) == 1 for c in captions)
     # Generation and re-ranking ran above, so the demo must not list them as missing.
-    assert not any(line.startswith(("generation", "text-to-image")) or "re-ranking" in line
-                   for line in metrics["not_yet"])
+    assert not any(line.startswith(("generation", "text-to-image", "supervised")) or
+                   "re-ranking" in line for line in metrics["not_yet"])
     for key in ("seconds", "cpu_seconds", "load_average"):
-        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "generate"}
+        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "sft", "generate",
+                                     "evaluate", "pictures"}
     assert metrics["reused_stages"] == []
 
     again = _demo(model_dir)  # every stage finds its output and does not redo it
     assert set(again["reused_stages"]) == set(again["seconds"])
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
-    assert again["pretrain"]["steps"] == 4
+    assert again["pretrain"]["steps"] == STEPS and again["evaluate"] == metrics["evaluate"]
     assert again["seconds"]["image_tokenizer"] < metrics["seconds"]["image_tokenizer"]
     assert again["generate"]["text_to_image"] == metrics["generate"]["text_to_image"]
 

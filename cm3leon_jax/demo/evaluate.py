@@ -1,0 +1,208 @@
+"""The demo's evaluate stage: the eval run's exact metrics on held-out scenes for the model
+before SFT (pretrain/) and after it (sft/), side by side in one run.
+
+    MODEL_DIR/eval/pretrain/   report.json, report.md, grids   (evaluation/eval_run.py)
+    MODEL_DIR/eval/sft/        the same for the fine-tuned decoder
+    MODEL_DIR/pictures/evaluated.npz   the edits and VQA answers the contact sheet shows
+
+Each model goes through `eval_run.evaluate_generator` on the same `corpus_suite` (VQA,
+instruction editing and captioning of the split's scenes, with the SFT templates for VQA
+and editing), graded exactly:
+
+    vqa_exact_match    the answer equals the scene's (VQA normalization)
+    edit_right         the edited image parses as the edited scene: the edit happened, in
+                       place, and nothing else changed
+    captioning         objects named right (class and color), as the generate stage
+
+VQA is compared with the majority-answer baseline: the most frequent answer to the same
+kind of questions on validation scenes, given to every test question (so the baseline
+never sees the test answers).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Sequence
+
+import gin
+import numpy as np
+
+from cm3leon_jax import fs
+from cm3leon_jax.data import shapes
+from cm3leon_jax.decode import restore
+from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.evaluation import eval_run, shapes_scores
+from cm3leon_jax.evaluation.suites import corpus_suite
+from cm3leon_jax.evaluation.tasks import Strategy
+from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+SHEET_ROWS = 8
+# The issue's targets for this stage, printed as reached / not reached.
+VQA_TIMES_BASELINE = 3.0
+EDIT_AFTER_SFT = 0.30
+
+
+@gin.configurable(denylist=["out_dir", "pictures_dir", "runs", "vocab_dir", "image_tokenizer",
+                            "retrieval_dir"])
+def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_dir: str,
+                   image_tokenizer: Any, retrieval_dir: str | None = None, split: str = "test",
+                   num_examples: int = 32, num_retrieved: int = 2,
+                   tasks: Sequence[str] = ("vqa", "edit", "captioning"),
+                   edit_sampling: SamplingConfig | None = None, baseline_examples: int = 200,
+                   caption_metrics: Sequence[str] = (), batch_size: int = 32,
+                   seed: int = 0) -> dict:
+    """Evaluates each of `runs` ({"pretrain": dir, "sft": dir}) on the same scenes.
+
+    Args:
+      out_dir: MODEL_DIR/eval (one sub-folder per run).
+      pictures_dir: where evaluated.npz (for the contact sheet) goes.
+      split, num_examples: the corpus scenes evaluated ("validation" while tuning).
+      num_retrieved: retrieved documents for captioning.
+      tasks: corpus_suite tasks (no text_to_image: the generate stage measures it).
+      edit_sampling: how edited images are decoded (guidance "cfg": the paper's two-scale
+        guidance, image 1.5 and text 7.5; "none": unguided).
+      baseline_examples: validation scenes whose answers give the majority answer.
+      caption_metrics: pycocoevalcap metrics (they need Java); () for the exact ones only.
+    """
+    suite = corpus_suite(num_examples=num_examples, split=split, tasks=tuple(tasks))
+    strategy = Strategy(name="two_scale", samplings=(edit_sampling or SamplingConfig(),))
+    retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
+    vocab = MultimodalVocabulary(vocab_dir)
+    result: dict[str, Any] = {"split": split, "examples": num_examples}
+    shown: dict[str, Any] = {}
+    for name, model_dir in runs.items():
+        config, params, step = restore.restore_decoder(model_dir)
+        gen = Generator(config, params, vocab, image_tokenizer, retriever,
+                        batch_size=batch_size)
+        outputs: dict = {}
+        report = eval_run.evaluate_generator(
+            gen, os.path.join(out_dir, name), suite=suite, strategies=[strategy],
+            num_retrieved=[num_retrieved] if retriever is not None else [0],
+            caption_metrics=caption_metrics, seed=seed, outputs=outputs,
+            header={"checkpoint": model_dir, "step": step})
+        result[name] = {"step": step, "report": os.path.join(out_dir, name, "report.md"),
+                        **{row["task"]: _metrics(row) for row in report["rows"]}}
+        shown[name] = outputs
+    built = suite(image_tokenizer.image_size)
+    if built.vqa is not None:
+        answer, baseline = majority_baseline(built.vqa.references, baseline_examples,
+                                             image_tokenizer.image_size)
+        result["vqa_majority_answer"], result["vqa_majority_baseline"] = answer, baseline
+    _save(pictures_dir, built, shown)
+    return result
+
+
+def _metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("task", "strategy", "retrieved")}
+
+
+def majority_baseline(test_answers: Sequence[Sequence[str]], num_validation: int,
+                      image_size: int) -> tuple[str, float]:
+    """(the most frequent answer on validation scenes, its exact match on the test answers)."""
+    validation = corpus_suite(num_examples=max(num_validation, 2), split="validation",
+                              tasks=("vqa",))(image_size).vqa
+    answer = collections.Counter(r[0] for r in validation.references).most_common(1)[0][0]
+    return answer, shapes_scores.vqa_exact_match([answer] * len(test_answers),
+                                                 [r[0] for r in test_answers])
+
+
+def _first(outputs: dict, task: str) -> Any:
+    return next((v for k, v in outputs.items() if k.startswith(task + "/")), None)
+
+
+def _save(out_dir: str, suite, shown: dict[str, dict]) -> None:
+    """evaluated.npz: inputs, truths and each run's edits and answers."""
+    fs.makedirs(out_dir)
+    arrays: dict[str, Any] = {"runs": np.array(list(shown))}
+    if suite.vqa is not None:
+        arrays.update(vqa_images=suite.vqa.images, vqa_questions=np.array(suite.vqa.prompts),
+                      vqa_truths=np.array([r[0] for r in suite.vqa.references]))
+        for name, outputs in shown.items():
+            arrays[f"vqa_answers_{name}"] = np.array(_first(outputs, "vqa"))
+    if suite.edit is not None:
+        arrays.update(edit_images=suite.edit.images,
+                      edit_instructions=np.array(suite.edit.prompts),
+                      edit_targets=np.stack([shapes.render(s) for s in suite.edit.scenes]),
+                      edit_scenes=np.array([s.to_json() for s in suite.edit.scenes]))
+        for name, outputs in shown.items():
+            arrays[f"edit_results_{name}"] = np.asarray(_first(outputs, "edit"))
+    fs.np_savez(os.path.join(out_dir, "evaluated.npz"), **arrays)
+
+
+def sheet_sections(out_dir: str) -> list:
+    """The contact sheet's edits (before / after, per run) and VQA sections."""
+    path = os.path.join(out_dir, "evaluated.npz")
+    if not fs.exists(path):
+        return []
+    data = fs.np_load(path)
+    runs = [str(r) for r in data["runs"]]
+    sections = []
+    if "edit_images" in data:
+        n = min(SHEET_ROWS, len(data["edit_images"]))
+        rows = []
+        for i in range(n):
+            scene = shapes.Scene.from_json(str(data["edit_scenes"][i]))
+            row = [data["edit_images"][i], str(data["edit_instructions"][i])]
+            for name in runs:
+                after = data[f"edit_results_{name}"][i]
+                ok = shapes_scores.edit_metrics(after[None], [scene])["edit_right"] > 0
+                row += [after, (f"{name}: {'right' if ok else 'wrong'}", ok)]
+            rows.append(row + [data["edit_targets"][i]])
+        header = ["before", "instruction"] + [h for name in runs for h in (name, "")] + [
+            "expected"]
+        sections.append(demo_sheet.section("Instruction editing (held-out scenes), before and "
+                                           "after SFT", header, rows, text_width=150))
+    if "vqa_images" in data:
+        n = min(SHEET_ROWS, len(data["vqa_images"]))
+        rows = []
+        for i in range(n):
+            truth = str(data["vqa_truths"][i])
+            row = [data["vqa_images"][i], str(data["vqa_questions"][i])]
+            for name in runs:
+                said = str(data[f"vqa_answers_{name}"][i])
+                row.append((f"{name}: {said}", shapes_scores.vqa_exact_match([said], [truth]) > 0))
+            rows.append(row + [truth])
+        sections.append(demo_sheet.section(
+            "Visual question answering (held-out scenes)",
+            ["image", "question"] + [f"{name} answer" for name in runs] + ["truth"], rows,
+            text_width=180))
+    return sections
+
+
+def summary(result: dict) -> str:
+    """One line: VQA and edits before and after SFT."""
+    parts = []
+    for name in [k for k in result if isinstance(result[k], dict) and "step" in result[k]]:
+        r = result[name]
+        vqa = r.get("vqa", {}).get("vqa_exact_match")
+        edit = r.get("edit", {}).get("edit_right")
+        parts.append(f"{name}: VQA {_pct(vqa)}, edits {_pct(edit)}")
+    if "vqa_majority_baseline" in result:
+        parts.append(f"VQA majority baseline {_pct(result['vqa_majority_baseline'])} "
+                     f"(always {result['vqa_majority_answer']!r})")
+    return "; ".join(parts)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def targets_report(result: dict, after: str = "sft", before: str = "pretrain") -> list[str]:
+    """A line per target of the issue for this stage, with the figure reached."""
+    lines = []
+    vqa = result.get(after, {}).get("vqa", {}).get("vqa_exact_match")
+    base = result.get("vqa_majority_baseline")
+    if vqa is not None and base is not None:
+        verdict = "reached" if vqa >= VQA_TIMES_BASELINE * base else "NOT reached"
+        lines.append(f"target VQA exact match >= {VQA_TIMES_BASELINE:g}x majority baseline "
+                     f"({VQA_TIMES_BASELINE * base:.0%}) after SFT: {vqa:.0%} ({verdict})")
+    edit = result.get(after, {}).get("edit", {}).get("edit_right")
+    was = result.get(before, {}).get("edit", {}).get("edit_right")
+    if edit is not None:
+        verdict = "reached" if edit >= EDIT_AFTER_SFT else "NOT reached"
+        lines.append(f"target edits right >= {EDIT_AFTER_SFT:.0%} after SFT: {edit:.0%} "
+                     f"({verdict}; before SFT {_pct(was)})")
+    return lines
