@@ -112,7 +112,7 @@ def read_file(path: str) -> tf.data.Dataset:
 
 def read_split(directory: str, split: str) -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn)."""
-    files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))
+    files = sorted(fs.glob(shard_pattern(directory, split)))
     if not files:
         raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "

@@ -120,6 +120,22 @@ def verify_checksums(root: epath.Path) -> bool:
     return True
 
 
+def orbax_path(directory: str) -> epath.Path:
+    """`directory` as orbax's path (absolute); UserInputError on a file system orbax cannot use.
+
+    Orbax reads and writes through etils.epath and tensorstore: local folders, gs:// and
+    s3://. TensorFlow-only schemes (ram://, the tests' in-memory one) are not among them.
+    """
+    try:
+        return epath.Path(fs.abspath(directory))  # Cloud paths are absolute already.
+    except KeyError:
+        scheme = str(directory).split("://", 1)[0]
+        raise UserInputError(
+            f"checkpoints cannot be written to {directory!r}: orbax does not speak "
+            f"{scheme}:// (it writes local folders, gs:// and s3://). Give a MODEL_DIR "
+            "there.") from None
+
+
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves/restores an iterator with `save(dir)`/`restore(dir)` (`data.ShardedBatches`)."""
 
@@ -167,8 +183,7 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"Checkpointer: save_every and keep must be >= 1; got "
                              f"{save_every}, {keep}.")
-        # Orbax needs an absolute path; cloud paths (gs://...) are already.
-        self.directory = epath.Path(fs.abspath(directory))
+        self.directory = orbax_path(directory)
         self.checksums, self._async = checksums, async_save
         self._items = dict(items or {})
         self._saving: int | None = None  # The step being written (orbax saves one at a time).

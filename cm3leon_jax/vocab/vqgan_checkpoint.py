@@ -91,7 +91,7 @@ def restore_params(model_dir: str, step: int | None = None) -> tuple[Any, VQGANC
             f"no checkpoint{'' if step is None else f' for step {step}'} under {model_dir!r} "
             f"(steps there: {available}); train one with run.mode = @train_image_tokenizer")
     candidates = [step] if step is not None else available[::-1]
-    directory = epath.Path(checkpoint_dir(model_dir))
+    directory = checkpoints.orbax_path(checkpoint_dir(model_dir))
     for i, candidate in enumerate(candidates):
         try:
             params, cfg = _read(directory / str(candidate))
