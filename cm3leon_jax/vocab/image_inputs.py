@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cm3leon_jax import fs
+
 _CHANNELS = (1, 3, 4)
 
 
@@ -132,6 +134,20 @@ def rgb_uint8_unresized(image: Any) -> np.ndarray:
     if x.shape[0] != 1:
         raise ValueError(f"{what}: expected one image, got a batch of {x.shape[0]}")
     return _to_rgb(_to_uint8(x, what), what)[0]
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """The image file at `path` (any file system fs.py speaks) -> uint8[h, w, 3], PIL's RGB
+    conversion at the file's own size. FileNotFoundError if there is no such file,
+    ValueError if PIL cannot read it; both name the path."""
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist.")
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path!r} is not readable ({type(e).__name__}: {e}); give a "
+                         "PNG, JPEG or another format PIL reads.") from None
 
 
 def to_rgb_uint8(images: Any, image_size: int, crop_non_square: bool = True) -> np.ndarray:

@@ -5,7 +5,6 @@ trainer tests' tiny corpus and a tiny SFT folder made from its vocabulary, shrun
 bindings to seconds.
 """
 
-import hashlib
 import os
 import shutil
 
@@ -78,15 +77,6 @@ def run_sft(binding_list):
         gin.clear_config()
 
 
-def _tree_digest(root):
-    h = hashlib.sha256()
-    for d, _, files in sorted(os.walk(root)):
-        for f in sorted(files):
-            h.update(f.encode())
-            h.update(open(os.path.join(d, f), "rb").read())
-    return h.hexdigest()
-
-
 def _params(model_dir, vocab_size):
     from cm3leon_jax.decode import restore
     config = lib.tiny_config(vocab_size=vocab_size, max_length=256)
@@ -94,12 +84,12 @@ def _params(model_dir, vocab_size):
 
 
 def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp_path):
-    before = _tree_digest(base[0])
+    before = lib.tree_digests(base[0])
     out = str(tmp_path / "sft")
     result = run_sft(sft_bindings(out, base, **{"train.num_steps": 1,
                                                 "learning_rate_schedule.peak_lr": 1e-12}))
     assert result["step"] == 1 and result["base"]["step"] == 4
-    assert _tree_digest(base[0]) == before
+    assert lib.tree_digests(base[0]) == before
     import jax
     got, want = _params(out, base[3]), _params(base[0], base[3])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -122,7 +112,7 @@ def test_sft_resumes_exactly(base, tmp_path):
 
 def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
     checkpoints = os.path.join(base[0], "checkpoints")
-    before = _tree_digest(checkpoints)
+    before = lib.tree_digests(checkpoints)
     with pytest.raises(ValueError, match="model config mismatch.*num_layers: base 2, SFT 3"):
         run_sft(sft_bindings(str(tmp_path / "a"), base, **{"DecoderConfig.num_layers": 3}))
     other = tmp_path / "other_vocab"
@@ -132,10 +122,10 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
     with pytest.raises(ValueError, match="vocabulary mismatch.*other_vocab"):
         run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": repr(str(other))}))
     # Refused before main.run writes MODEL_DIR/config.gin: the base's stays as it was.
-    whole_base = _tree_digest(base[0])
+    whole_base = lib.tree_digests(base[0])
     with pytest.raises(UserInputError, match="base run's folder"):
         run_sft(sft_bindings(base[0] + "/", base))
-    assert _tree_digest(base[0]) == whole_base
+    assert lib.tree_digests(base[0]) == whole_base
     # A base without config.gin: its checkpoint's shapes are still checked.
     config_gin = os.path.join(base[0], "config.gin")
     os.rename(config_gin, config_gin + ".away")
@@ -144,4 +134,4 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
             run_sft(sft_bindings(str(tmp_path / "c"), base, **{"DecoderConfig.num_layers": 3}))
     finally:
         os.rename(config_gin + ".away", config_gin)
-    assert _tree_digest(checkpoints) == before
+    assert lib.tree_digests(checkpoints) == before
