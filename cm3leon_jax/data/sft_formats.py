@@ -19,7 +19,7 @@ Every record becomes an example or a `Skipped(doc_id, reason)`; the reasons
 ...) are counted per family and split in the SFT manifest, with sample ids, and a file
 that cannot be read at all is one clear error. Nothing is dropped silently.
 
-Boxes follow the image into the model's frame: `image_inputs` centre-crops a
+Boxes follow the image into the model's frame: `image_inputs` center-crops a
 non-square image to a square and resizes it to `image_size`, so each COCO box
 (x, y, w, h) is cropped and scaled the same way (pixels, ends exclusive); boxes
 cut away entirely are counted as `box_outside_crop`.
@@ -173,7 +173,7 @@ class CocoCaptions:
 
 def crop_box(box: Sequence[float], width: int, height: int, size: int
              ) -> tuple[int, int, int, int] | None:
-    """COCO (x, y, w, h) -> (x0, y0, x1, y1) in the centre-cropped square resized to
+    """COCO (x, y, w, h) -> (x0, y0, x1, y1) in the center-cropped square resized to
     `size`, ends exclusive; None when nothing of it is left."""
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

@@ -23,7 +23,7 @@ Values
   readings of a value like 0.5 differ. bool, NaN and non-numeric arrays are refused.
 Size
   Square images of another size are resized (Lanczos). Non-square images are
-  resized so the short side fits and centre-cropped (Chameleon's preprocessing)
+  resized so the short side fits and center-cropped (Chameleon's preprocessing)
   when `crop_non_square` is true, else refused.
 """
 
@@ -95,7 +95,7 @@ def _resize(img: np.ndarray, size: int, crop_non_square: bool, what: str) -> np.
         return img
     if h != w and not crop_non_square:
         raise ValueError(
-            f"{what} is {h}x{w}, not square; crop it to a square or allow the centre crop "
+            f"{what} is {h}x{w}, not square; crop it to a square or allow the center crop "
             "(crop_non_square=True)")
     pil = Image.fromarray(img)
     scale = size / min(h, w)
@@ -156,7 +156,7 @@ def to_rgb_uint8(images: Any, image_size: int, crop_non_square: bool = True) -> 
     Args:
       images: an array, a PIL image, or a sequence of them.
       image_size: side of the square output.
-      crop_non_square: centre-crop non-square images instead of refusing them.
+      crop_non_square: center-crop non-square images instead of refusing them.
     Returns:
       uint8[b, image_size, image_size, 3].
     """
