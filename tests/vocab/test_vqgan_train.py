@@ -2,6 +2,7 @@
 
 import glob
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,22 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert vqgan_checkpoint.steps(model_dir) == [2, 3]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ImageTokenizer.from_checkpoint(str(tmp_path / "nothing_here"))
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path):
+    model_dir = str(tmp_path / "vq")
+
+    def preempting_source(index):
+        if index == TRAIN_KW["batch_size"]:  # Loading step 2's batch: the job is told to stop.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _noise_source(index)
+
+    r = vt.train_image_tokenizer(model_dir, image_source=preempting_source,
+                                 eval_source=_noise_source, num_steps=3, **TRAIN_KW)
+    assert r["preempted"] and vqgan_checkpoint.steps(model_dir) == [2]
+    r = vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
+                                 num_steps=3, **TRAIN_KW)
+    assert "preempted" not in r and vqgan_checkpoint.steps(model_dir) == [2, 3]
 
 
 @pytest.mark.slow
