@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Eight fake devices; LLVM at -O0: the suite's tiny programs spend far more time compiling
@@ -44,3 +45,34 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# One random image tokenizer and one random retrieval encoder (CLIP) for the whole session,
+# shared by the data, retrieval, evaluation and decode tests: building and compiling them
+# once instead of per file (identical programs also hit the compilation cache above).
+# 32 px -> 4x4 = 16 codes of a 64-entry codebook (the decode tests' vocabulary).
+def shared_vq_config():
+    """The VQGANConfig of the `random_image_tokenizer` fixture."""
+    from cm3leon_jax.vocab.vqgan import VQGANConfig
+
+    return VQGANConfig(image_size=32, base_channels=8, channel_multipliers=(1, 2, 2, 2),
+                       num_res_blocks=1, attn_levels=(), latent_channels=8, embed_dim=8,
+                       codebook_size=64, num_groups=4)
+
+
+@pytest.fixture(scope="session")
+def random_image_tokenizer():
+    """ImageTokenizer: random weights (seed 0), shared_vq_config(), batch size 8."""
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+
+    return ImageTokenizer.random_init(shared_vq_config(), seed=0, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def random_clip_encoder():
+    """DocumentEncoder: the tiny CLIP config, random weights (seed 0), a 4096-word tokenizer."""
+    from cm3leon_jax.retrieval import clip, clip_tokenizer
+    from cm3leon_jax.retrieval.encoder import DocumentEncoder
+
+    cfg = clip.clip_config("tiny")
+    return DocumentEncoder(cfg, clip.init_params(cfg, 0), clip_tokenizer.WordTokenizer(4096))

@@ -5,8 +5,6 @@ import pytest
 
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.retrieval import clip, clip_tokenizer
-from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 from tests.model.model_testlib import random_params, tiny_config
@@ -26,10 +24,8 @@ def gen(vocab):
 
 
 @pytest.fixture(scope="module")
-def ranker():
-    cfg = clip.clip_config("tiny")
-    return rerank.ClipRanker(DocumentEncoder(cfg, clip.init_params(cfg, 0),
-                                             clip_tokenizer.WordTokenizer(4096)))
+def ranker(random_clip_encoder):
+    return rerank.ClipRanker(random_clip_encoder)  # the session's (shared with the eval tests)
 
 
 def test_one_sample_is_the_plain_sample(gen, ranker):

@@ -99,7 +99,8 @@ def test_bad_inputs_are_one_clear_error(gen):
         gen.grounded(CODES, ["a"] * 3, condition="pose")
 
 
-def test_prompts_file_runs_every_family_and_writes_pngs_json_and_a_sheet(tmp_path):
+def test_prompts_file_runs_every_family_and_writes_pngs_json_and_a_sheet(
+        tmp_path, vocab, random_image_tokenizer):
     """generate_families on a JSONL of every request kind, with a tiny random VQGAN."""
     import json
 
@@ -107,17 +108,12 @@ def test_prompts_file_runs_every_family_and_writes_pngs_json_and_a_sheet(tmp_pat
 
     from cm3leon_jax.data import sft_examples
     from cm3leon_jax.decode import generate_families
-    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
-    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
-    from tests.data.test_preprocess import tiny_image_tokenizer
 
-    tokenizer = tiny_image_tokenizer()  # 32 px -> 64 codes of 64
-    vocab = MultimodalVocabulary.create(
-        str(tmp_path / "vocab"), TextTokenizer.train(["a red circle"] * 20, 265),
-        image_codes=64, num_sentinels=8, image_length=64)
-    config = tiny_config(max_length=256)
-    gen = Generator(config, random_params(config, seed=1), vocab, tokenizer, batch_size=2,
-                    prompt_multiple=128)
+    # The session's random tokenizer (32 px -> 16 codes of 64); the decoder, vocabulary, batch
+    # and prompt width of the `gen` fixture: the session's compilation cache serves both.
+    tokenizer = random_image_tokenizer
+    gen = Generator(CONFIG, random_params(CONFIG, seed=1), vocab, tokenizer, batch_size=4,
+                    prompt_multiple=64)
     scene = sft_examples.corpus_scene(0, "test", 0, 32)
     Image.fromarray(sft_examples.shapes.render(scene)).save(tmp_path / "scene.png")
     Image.fromarray(sft_examples.depth_map(scene)).save(tmp_path / "depth.png")

@@ -75,8 +75,9 @@ def test_dead_codes_are_restarted_onto_encoder_outputs():
     embedding = jnp.zeros((k, d)).at[:, 0].set(jnp.arange(k, dtype=jnp.float32))
     codes = jnp.array([0, 1, 1, 2, 0, 2])  # codes 3..7 never used
     usage = jnp.full((k,), 1.0 / k)
+    update = jax.jit(lambda u: q.update_usage(u, codes, decay=0.98))  # one compile, not 300 eager
     for _ in range(300):
-        usage = q.update_usage(usage, codes, decay=0.98)
+        usage = update(usage)
     candidates = 100.0 + jax.random.normal(jax.random.key(0), (50, d))
     new, new_usage, n = q.restart_dead_codes(embedding, usage, candidates, jax.random.key(1), 0.1)
     assert int(n) == 5
