@@ -16,7 +16,6 @@ per-device `memory_analysis()` says whether it fits the chip's HBM.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path[:0] = [REPO, HERE]
 import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import reporting  # noqa: E402
 from aot_tpu import CHIPS, GIB  # noqa: E402  (the decoder benchmark's chip table)
 from jax.experimental import topologies  # noqa: E402
 
@@ -120,9 +120,7 @@ def main(argv=None) -> dict:
               f"{hbm / GIB if hbm else float('nan'):.0f} GiB HBM: "
               f"{'FITS' if fits else 'DOES NOT FIT'}")
         result.update(sizes, total_gib=total, fits=fits)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    reporting.write_json(args.json, result)
     return result
 
 

@@ -34,9 +34,7 @@ import dataclasses
 import json
 import os
 import resource
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Idle torch threads must not spin.
@@ -48,6 +46,8 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import reporting  # noqa: E402
+from reporting import spread  # noqa: E402
 
 from cm3leon_jax.decode import processors as proc  # noqa: E402
 from cm3leon_jax.decode import sampler  # noqa: E402
@@ -74,10 +74,7 @@ def cast(params, dtype):
 
 
 def timed(fn) -> float:
-    time.sleep(PAUSE_S)
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return reporting.timed(fn, PAUSE_S)
 
 
 # -- the streaming-read rate and the roofline ---------------------------------------------
@@ -183,10 +180,6 @@ class HF:
         return out
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 # -- the parts -----------------------------------------------------------------------------
 
 def main_parts(args, parts) -> dict:
@@ -225,7 +218,7 @@ def main_parts(args, parts) -> dict:
             row["cfg_cost"] = row["ours_f32"] / row["ours_f32_cfg"]
         print(f"trial {t}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
         trials.append(row)
-    out = {k: summary([r[k] for r in trials]) for k in trials[0]}
+    out = {k: spread([r[k] for r in trials]) for k in trials[0]}
     out["memory"] = {name: r.memory() for name, r in runners.items() if isinstance(r, Ours)}
     out["bytes_per_step_mb"] = {"f32": need_f32 / 1e6, "bf16": need_bf16 / 1e6}
     return out
@@ -240,7 +233,7 @@ def image_part(args) -> dict:
     prompts = np.random.default_rng(1).integers(4, config.vocab_size, (1, 32)).astype(np.int32)
     runner = Ours(config, random_params(config), prompts, 1024, cfg=True)
     seconds = [timed(runner.run) for _ in range(args.trials)]
-    return {"seconds_per_image": summary(seconds), "memory": runner.memory()}
+    return {"seconds_per_image": spread(seconds), "memory": runner.memory()}
 
 
 def prefill_part(args) -> dict:
@@ -257,8 +250,8 @@ def prefill_part(args) -> dict:
     prefill(params, prompts).block_until_ready()
     seconds = [timed(lambda: prefill(params, prompts).block_until_ready())
                for _ in range(args.trials)]
-    return {"prompt_tokens": length, "seconds": summary(seconds),
-            "tokens_per_s": summary([length / s for s in seconds])}
+    return {"prompt_tokens": length, "seconds": spread(seconds),
+            "tokens_per_s": spread([length / s for s in seconds])}
 
 
 def main(argv=None) -> dict:
@@ -280,9 +273,7 @@ def main(argv=None) -> dict:
         result["prefill"] = prefill_part(args)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    reporting.write_json(args.json, result)
     return result
 
 

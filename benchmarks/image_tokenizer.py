@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -31,6 +30,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import reporting  # noqa: E402
 
 # Photos from scikit-image (public test images, none made here). `cat` is the same
 # photo as `chelsea`, so it is in neither list.
@@ -220,9 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed}[args.cmd](args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+    reporting.write_json(args.json, r)
     return 0
 
 

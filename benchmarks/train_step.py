@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Idle OpenMP threads of the peer must sleep, not spin on the cores the JAX step needs
@@ -46,6 +45,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import reporting  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
@@ -140,10 +140,7 @@ class TorchStep:
 
 
 def timed(fn) -> float:
-    time.sleep(PAUSE_S)  # Let the other framework's worker threads go idle first.
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return reporting.timed(fn, PAUSE_S)
 
 
 def profile_ops(step: JaxStep, top: int) -> list[tuple[float, int, str, str]]:
@@ -234,11 +231,14 @@ def main(argv=None) -> dict:
         "microbatches": args.microbatches, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "gflop_per_step": flops / 1e9, "peak_gflops": med("peak") / 1e9,
         "jax_step_s": med("jax"), "jax_tokens_per_s": tokens / med("jax"), "jax_mfu": mfu("jax"),
+        "jax_step_s_spread": reporting.spread([r["jax"] for r in rows]),
     }
     if peer:
         result.update(peer_step_s=med("peer"), peer_tokens_per_s=tokens / med("peer"),
                       peer_mfu=mfu("peer"),
-                      jax_over_peer=statistics.median(r["peer"] / r["jax"] for r in rows))
+                      peer_step_s_spread=reporting.spread([r["peer"] for r in rows]),
+                      jax_over_peer=statistics.median(r["peer"] / r["jax"] for r in rows),
+                      jax_over_peer_spread=reporting.spread([r["peer"] / r["jax"] for r in rows]))
     print(json.dumps(result, indent=1))
     if args.profile:
         print(
@@ -247,9 +247,7 @@ def main(argv=None) -> dict:
         )
         for ms, n, name, source in profile_ops(jax_step, args.profile):
             print(f"  {ms:8.1f} {n:4d}  {name:34s} {source[:90]}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    reporting.write_json(args.json, result)
     return result
 
 

@@ -48,7 +48,15 @@ class ConfigError(Exception):
 @gin.configurable
 def run(mode: Callable[..., object] = gin.REQUIRED,
         model_dir: str = gin.REQUIRED):
-    """Writes the resolved config to `model_dir`, then calls the chosen mode."""
+    """Writes the resolved config to `model_dir`, then calls the chosen mode.
+
+    A mode may refuse a MODEL_DIR before anything is written there, with an attribute
+    `check_model_dir(model_dir)` that raises UserInputError (the `sft` mode refuses its
+    base run's folder, whose config.gin this would replace).
+    """
+    check = getattr(mode, "check_model_dir", None)
+    if check is not None:
+        check(model_dir)
     fs.makedirs(model_dir)
     _write_config(fs.join(model_dir, "config.gin"), gin.config_str())
     return mode(model_dir=model_dir)

@@ -31,6 +31,7 @@ import seqio
 from cm3leon_jax import fs
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.train import trainer
 
@@ -103,9 +104,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
       base_step: which base checkpoint (None: the newest).
     Returns: the trainer's result.
     """
-    if fs.abspath(model_dir) == fs.abspath(base_model_dir):
-        raise ValueError(f"sft MODEL_DIR {model_dir!r} is the base run's folder; give the "
-                         "fine-tuned run a folder of its own (the base stays untouched).")
+    check_not_base(model_dir, base_model_dir)
     config = DecoderConfig()
     check_config(base_model_dir, config)
     check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
@@ -119,6 +118,25 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     result = trainer.train(model_dir, init_params_from=base_params)
     return {**result, "base": {"model_dir": base_model_dir,
                                "step": base_step if base_step is not None else steps[-1]}}
+
+
+def check_not_base(model_dir: str, base_model_dir: str) -> None:
+    """Raises UserInputError when the SFT run's folder is the base run's (the SFT run would
+    replace its config.gin and mix its checkpoints into the base's)."""
+    if fs.abspath(model_dir).rstrip("/") == fs.abspath(base_model_dir).rstrip("/"):
+        raise UserInputError(
+            f"sft MODEL_DIR {model_dir!r} is the base run's folder (sft.base_model_dir): give "
+            "the fine-tuned run a folder of its own; the base is left untouched.")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """`main.run` calls this before it writes MODEL_DIR/config.gin."""
+    base = gin.get_bindings(sft).get("base_model_dir")
+    if base:
+        check_not_base(model_dir, base)
+
+
+sft.check_model_dir = _check_model_dir
 
 
 def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,

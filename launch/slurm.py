@@ -1,8 +1,12 @@
 r"""Submit a run to a SLURM GPU cluster: `sbatch launch/slurm_gpu.sbatch` with the job's shape.
 
-    python -m launch.slurm gin_configs/pods/cm3leon_350m_8gpu.gin /shared/runs/350m \
+    python -m launch.slurm gin_configs/train/cm3leon_350m.gin /shared/runs/350m \
         --nodes=2 --gpus_per_node=8 [--partition=P] [--account=A] [--time=2-00:00:00] \
         [--gin.KEY=VALUE ...] [--dry_run]
+
+(The size's train file runs on GPUs unchanged: its FSDP mesh takes whatever devices
+the job has; the hardware and timings in its header are the TPU slice's. No GPU
+topology has its own gin file: none was benchmarked here.)
 
 One task per GPU (`--ntasks-per-node` = `--gpus-per-node`); the script's `srun` starts
 them, and `jax.distributed.initialize()` discovers the job from SLURM and gives each

@@ -22,8 +22,8 @@ import os
 
 import gin
 import seqio
-import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import preprocessors, shards
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -45,7 +45,7 @@ def _data_dir(corpus: str) -> str:
             f"no data folder for the {corpus!r} corpus: bind "
             f"`data_dirs.{corpus} = '/path/to/tokenized'` in gin (the output "
             "folder of the preprocess mode).")
-    if not tf.io.gfile.isdir(directory):
+    if not fs.isdir(directory):
         raise MissingInputError(
             f"data_dirs.{corpus} = {directory!r} does not exist: run the preprocess mode "
             "(gin_configs/runs/preprocess.gin) to write it, or bind data_dirs."

@@ -14,7 +14,10 @@ which packs them like pretraining. Seeds and caching work as for `tasks.pretrain
                                           (`sft_mixture_rates.rates`)
     cm3leon_sft_user_mix                  every user family, the same rates
 
-Every family of a mixture is opened, even at rate 0, so its folder must exist.
+Every family of a mixture is opened, even at rate 0, so its folder must exist. A family
+whose split has no example (none written, or none short enough for the training
+`seq_len`) is a one-line `UserInputError` naming it when the dataset is built: an empty
+dataset would otherwise be repeated forever.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import gin
 import seqio
 
-from cm3leon_jax.data import preprocessors, shards
+from cm3leon_jax.data import preprocessors, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -71,7 +74,12 @@ def _data_dir(corpus: str) -> str:
 def _read(split: str, shuffle_files: bool, seed: int | None = None, *, corpus: str,
           family: str):
     del shuffle_files, seed  # Shard order is fixed; seqio shuffles examples.
+    sft_preprocess.check_has_examples(_data_dir(corpus), family, split)
     return shards.read_split(os.path.join(_data_dir(corpus), family), split)
+
+
+def _check_fits(config, *, corpus: str, family: str) -> None:
+    sft_preprocess.check_fits(config, data_dir=_data_dir(corpus), family=family)
 
 
 def _rate(task: seqio.Task, family: str) -> float:
@@ -81,8 +89,10 @@ def _rate(task: seqio.Task, family: str) -> float:
 
 def _register(prefix: str, corpus: str) -> None:
     vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
-    no_retrieval = functools.partial(preprocessors.retrieval_augment, k_probs=(1.0,))
     for family in FAMILIES:
+        no_retrieval = functools.partial(
+            preprocessors.retrieval_augment, k_probs=(1.0,),
+            check_fits=functools.partial(_check_fits, corpus=corpus, family=family))
         seqio.TaskRegistry.add(
             f"{prefix}_{family}",
             source=seqio.FunctionDataSource(

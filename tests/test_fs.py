@@ -65,3 +65,19 @@ def test_paths():
     assert fs.abspath("gs://b/run") == "gs://b/run"
     assert fs.abspath("run").startswith("/")
     assert fs.is_remote("ram://x") and not fs.is_remote("/tmp/x")
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(root):
+    from cm3leon_jax.data import shards
+
+    shards.write_manifest(root, {"num_docs": 1})
+    with pytest.raises(RuntimeError, match="killed"):
+        with fs.atomic_write(fs.join(root, "manifest.json")) as tmp, fs.open(tmp, "w") as f:
+            f.write('{"num_do')  # Half a file, then the writer dies.
+            raise RuntimeError("killed mid-write")
+    assert shards.read_manifest(root) == {"num_docs": 1}
+    with pytest.raises(TypeError):  # Not JSON: nothing is written at all.
+        shards.write_manifest(root, {"num_docs": object()})
+    shards.write_manifest(root, {"num_docs": 2})
+    assert shards.read_manifest(root) == {"num_docs": 2}
+    assert fs.listdir(root) == ["manifest.json"]  # No temporary left behind.

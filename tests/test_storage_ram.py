@@ -88,3 +88,19 @@ def test_training_reads_its_data_from_ram(ram_corpus, tmp_path):
     train_testlib.run_in_process(train_testlib.bindings(
         model_dir, path, vocab, **{"train.num_steps": 2, "Checkpointer.save_every": 2}))
     assert sorted(train_testlib.losses(model_dir)) == [1, 2]
+
+
+def test_orbax_checkpoints_refuse_ram_with_a_clear_error():
+    """Orbax writes through etils.epath + tensorstore (local, gs://, s3://), not tf.io.gfile,
+    so TensorFlow's ram:// cannot hold checkpoints: one UserInputError, nothing written."""
+    from cm3leon_jax.errors import UserInputError
+    from cm3leon_jax.train import checkpoints
+    from cm3leon_jax.vocab import vqgan_checkpoint
+
+    root = f"ram://ckpt_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(UserInputError, match=r"orbax does not speak ram://.*gs://"):
+        checkpoints.Checkpointer(fs.join(root, "checkpoints"))
+    assert not fs.exists(root)
+    fs.makedirs(fs.join(root, "vq", "checkpoints", "1"))  # Looks like a tokenizer run.
+    with pytest.raises(UserInputError, match="orbax does not speak ram://"):
+        vqgan_checkpoint.restore_params(fs.join(root, "vq"))

@@ -9,6 +9,7 @@ the parallelism.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import gin
 import numpy as np
@@ -29,17 +30,21 @@ def _make_example(ids, neighbor_ids, neighbor_lengths, seed, *, layout, config):
     return tokens, weights.astype(np.int32)
 
 
-@gin.configurable(denylist=["dataset", "output_features", "sequence_length"])
+@gin.configurable(denylist=["dataset", "output_features", "sequence_length", "check_fits"])
 def retrieval_augment(dataset: tf.data.Dataset,
                       output_features: dict,
                       sequence_length: dict | None = None,
                       k_probs: tuple[float, ...] = (0.0, 0.0, 1.0),
                       mean_spans: float = 1.0,
-                      max_spans: int = 8) -> tf.data.Dataset:
+                      max_spans: int = 8,
+                      check_fits: Callable[[augment.AugmentConfig], None] | None = None
+                      ) -> tf.data.Dataset:
     """Assembles `retrieved <eos> ... query`, applies CM3, drops what cannot fit.
 
     The sequence length comes from the task's `sequence_length["targets"]`;
-    k_probs, mean_spans and max_spans are `augment.AugmentConfig`'s.
+    k_probs, mean_spans and max_spans are `augment.AugmentConfig`'s. `check_fits(config)`,
+    when given, raises before anything is read if no example can fit `config.budget`:
+    seqio repeats a dataset that the length filter left empty forever.
     """
     if not sequence_length or "targets" not in sequence_length:
         raise ValueError("retrieval_augment needs sequence_length['targets'] "
@@ -47,6 +52,8 @@ def retrieval_augment(dataset: tf.data.Dataset,
     config = augment.AugmentConfig(seq_len=sequence_length["targets"],
                                    k_probs=tuple(k_probs),
                                    mean_spans=mean_spans, max_spans=max_spans)
+    if check_fits is not None:
+        check_fits(config)
     layout = output_features["targets"].vocabulary.layout
     fn = functools.partial(_make_example, layout=layout, config=config)
 

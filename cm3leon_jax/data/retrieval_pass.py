@@ -38,14 +38,7 @@ import numpy as np
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import shards
-from cm3leon_jax.data.shard_state import (
-    ShardFiles,
-    bank_dir,
-    forget_neighbors,
-    read_json,
-    retrieval_dir,
-    write_json,
-)
+from cm3leon_jax.data.shard_state import ShardFiles, bank_dir, forget_neighbors, retrieval_dir
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbors import materialize
@@ -123,7 +116,7 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     out = retrieval_dir(data_dir)
     meta_path = os.path.join(out, RETRIEVAL_JSON)
     if not bank_changed and fs.exists(meta_path):
-        return read_json(meta_path)
+        return fs.read_json(meta_path)
     if not fs.isdir(bank_dir(data_dir)):
         raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
                          "memory bank to retrieve from; check the manifest's skip counts.")
@@ -135,7 +128,7 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}
-    write_json(meta_path, summary, indent=2)
+    fs.write_json(meta_path, summary, indent=2)
     # Neighbors found in an older bank may point at rows that moved or vanished.
     forget_neighbors(data_dir)
     return summary

@@ -10,7 +10,7 @@ scene regenerates its examples and the evaluation can grade generations exactly:
     edge_to_image        object outlines (`shapes.edge_map`)            truth: the scene
     segmentation_to_image  class-colored masks (`shapes.segmentation_map`)
     scribble_to_image    outlines thickened by one pixel each side (`scribble_map`)
-    depth_to_image       layered depth: each object a grey level by its size, larger =
+    depth_to_image       layered depth: each object a gray level by its size, larger =
                          nearer = brighter, background black (`depth_map`)
     boxes_to_image       the scene's boxes as text                      truth: the scene
     how_to_write         a short word rendered black on white (`shapes_tasks.render_text`)

@@ -19,7 +19,7 @@ Every record becomes an example or a `Skipped(doc_id, reason)`; the reasons
 ...) are counted per family and split in the SFT manifest, with sample ids, and a file
 that cannot be read at all is one clear error. Nothing is dropped silently.
 
-Boxes follow the image into the model's frame: `image_inputs` centre-crops a
+Boxes follow the image into the model's frame: `image_inputs` center-crops a
 non-square image to a square and resizes it to `image_size`, so each COCO box
 (x, y, w, h) is cropped and scaled the same way (pixels, ends exclusive); boxes
 cut away entirely are counted as `box_outside_crop`.
@@ -34,12 +34,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import gin
 import numpy as np
-from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_preprocess import Skipped
+from cm3leon_jax.vocab import image_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,11 @@ def _read_json(path: str, what: str) -> Any:
 
 def load_image(path: str) -> np.ndarray:
     """uint8[h, w, 3], or `_Skip('missing_image' | 'corrupt_image')`."""
-    if not fs.exists(path):
-        raise _Skip("missing_image")
     try:
-        with fs.open(path, "rb") as f, PILImage.open(f) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError):
+        return image_inputs.read_rgb(path)
+    except FileNotFoundError:
+        raise _Skip("missing_image") from None
+    except ValueError:
         raise _Skip("corrupt_image") from None
 
 
@@ -102,16 +101,11 @@ class InstructPix2PixJsonl:
         if not fs.exists(self.path):
             raise FileNotFoundError(f"InstructPix2Pix file {self.path!r} does not exist.")
         root, out = os.path.dirname(fs.abspath(self.path)), []
-        with fs.open(self.path) as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                doc_id = f"ip2p:{os.path.basename(self.path)}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    out.append(Record(doc_id, "edit", skipped="bad_json"))
-                    continue
+        for n, row in fs.read_jsonl(self.path):
+            doc_id = f"ip2p:{os.path.basename(self.path)}:{n}"
+            if isinstance(row, json.JSONDecodeError):
+                out.append(Record(doc_id, "edit", skipped="bad_json"))
+            else:
                 out.append(Record(doc_id, "edit", build=_ip2p_builder(row, root, doc_id)))
         return out
 
@@ -179,7 +173,7 @@ class CocoCaptions:
 
 def crop_box(box: Sequence[float], width: int, height: int, size: int
              ) -> tuple[int, int, int, int] | None:
-    """COCO (x, y, w, h) -> (x0, y0, x1, y1) in the centre-cropped square resized to
+    """COCO (x, y, w, h) -> (x0, y0, x1, y1) in the center-cropped square resized to
     `size`, ends exclusive; None when nothing of it is left."""
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

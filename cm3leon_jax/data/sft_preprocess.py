@@ -15,7 +15,9 @@ of work, written by atomic rename with a stats file, so a rerun skips finished s
 The vocabulary is the pretraining data's (`vocab_dir`), copied to `MODEL_DIR/vocab` so
 the SFT folder is self-contained; a folder made with another vocabulary is refused.
 `MODEL_DIR/manifest.json` counts, per family and split, what was read, written, and
-skipped by reason (with sample ids). Nothing is dropped silently.
+skipped by reason (with sample ids), and the shortest example (`min_tokens`), so that a
+task refuses a training `seq_len` none of a family's examples fits (`check_fits`) instead
+of repeating an empty dataset forever. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.sft_examples import SftExample
-from cm3leon_jax.data.shard_state import atomic_write, write_json
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 VOCAB_FILES = ("layout.json", "text.model")
@@ -138,9 +140,11 @@ class SftShardWorker:
 
     def __call__(self, spec: SftShardSpec) -> dict:
         skipped: dict[str, list[str]] = collections.defaultdict(list)
+        lengths: list[int] = []
 
         def batch_docs(batch):
             for ex, ids in zip(batch, encode_examples(batch, self._vocab, self._images)):
+                lengths.append(int(ids.size))
                 if ids.size > self.max_doc_tokens:
                     skipped["document_too_long"].append(ex.doc_id)
                     continue
@@ -161,11 +165,12 @@ class SftShardWorker:
 
         final = shard_file(self.out_dir, spec)
         fs.makedirs(os.path.dirname(final))
-        with atomic_write(final) as tmp:
+        with fs.atomic_write(final) as tmp:
             written = shards.write_records(docs(), tmp)
+        # The shortest example: whether any can fit a training length (`check_fits`).
         stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
-                 "skipped": dict(skipped)}
-        write_json(final + ".stats.json", stats)
+                 "skipped": dict(skipped), "min_tokens": min(lengths, default=None)}
+        fs.write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
         return {**stats, "counters": counters}
@@ -190,13 +195,58 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
     return MultimodalVocabulary(target)
 
 
-def manifest(specs: Sequence[SftShardSpec], out_dir: str) -> dict:
-    """Per family, `preprocess.manifest`'s counts of its shards."""
+def manifest(specs: Sequence[SftShardSpec], out_dir: str, seq_len: int) -> dict:
+    """Per family, `preprocess.manifest`'s counts of its shards and each split's shortest
+    example (`min_tokens`, written or too long)."""
     families: dict = {}
     for family in dict.fromkeys(s.family for s in specs):
         mine = [s for s in specs if s.family == family]
         families[family] = preprocess.manifest(mine, os.path.join(out_dir, family))["splits"]
-    return {"families": families, "shards": len(specs)}
+        for split, counts in families[family].items():
+            shortest = [fs.read_json(shard_file(out_dir, s) + ".stats.json").get("min_tokens")
+                        for s in mine if s.split == split]
+            known = [n for n in shortest if n is not None]
+            counts["min_tokens"] = min(known) if known else None
+    return {"families": families, "shards": len(specs), "seq_len": seq_len}
+
+
+def _family_counts(data_dir: str, family: str) -> dict[str, dict]:
+    """{split: counts} of `family` in the SFT folder's manifest ({} without one)."""
+    path = os.path.join(data_dir, "manifest.json")
+    return fs.read_json(path)["families"].get(family, {}) if fs.exists(path) else {}
+
+
+def check_has_examples(data_dir: str, family: str, split: str) -> None:
+    """Raises UserInputError when `sft_preprocess` wrote no example of the family's split
+    (a dataset of none would be repeated forever), naming why each was skipped."""
+    counts = _family_counts(data_dir, family).get(split)
+    if counts is None or counts["written"]:
+        return
+    manifest_seq_len = fs.read_json(os.path.join(data_dir, "manifest.json")).get("seq_len")
+    too_long = counts["skipped"].get("document_too_long", 0)
+    why = (f"all {too_long} were longer than sft_preprocess.seq_len={manifest_seq_len} allows "
+           f"(the shortest has {counts.get('min_tokens')} tokens)"
+           if too_long == counts["read"] else f"skipped: {counts['skipped']}")
+    raise UserInputError(
+        f"SFT family {family!r} has no {split!r} example in {data_dir!r}: of {counts['read']} "
+        f"read, {why}. Rerun sft_preprocess into a new folder with a larger seq_len (and "
+        "train with the same train.seq_len), or with smaller images.")
+
+
+def check_fits(config: AugmentConfig, *, data_dir: str, family: str) -> None:
+    """Raises UserInputError when no example of one of the family's splits fits
+    `config.budget` (the training seq_len less the CM3 reserve): the length filter
+    would leave that dataset empty."""
+    short = {split: c.get("min_tokens") for split, c in _family_counts(data_dir, family).items()
+             if c["written"]}
+    over = {split: n for split, n in short.items() if n is not None and n > config.budget}
+    if over:
+        split, n = max(over.items(), key=lambda kv: kv[1])
+        raise UserInputError(
+            f"every example of SFT family {family!r} ({split!r} split) is longer than "
+            f"seq_len={config.seq_len} allows: the shortest has {n} tokens and "
+            f"{config.budget} fit beside the CM3 reserve. Train with train.seq_len >= "
+            f"{n + config.seq_len - config.budget}, or rerun sft_preprocess with smaller images.")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -235,7 +285,7 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
         worker = SftShardWorker(source, image_tokenizer_fn, model_dir, batch_size,
                                 AugmentConfig(seq_len=seq_len).budget, gin.config_str())
         preprocess.run_pipeline(todo, worker, runner, pipeline_options, stage="SftTokenize")
-    result = manifest(specs, model_dir)
+    result = manifest(specs, model_dir, seq_len)
     result["source_report"] = source.report()
     shards.write_manifest(model_dir, result)
     return result

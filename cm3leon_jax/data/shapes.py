@@ -2,7 +2,7 @@
 
 A scene is 1-3 flat-colored shapes on a plain or low-contrast textured
 background. Every shape lives in a *nominal square* (`x`, `y`, `side`, integer
-pixels) and its silhouette is evaluated at pixel centres with no anti-aliasing,
+pixels) and its silhouette is evaluated at pixel centers with no anti-aliasing,
 so each object pixel carries exactly its palette color. That is what lets
 `parse.parse_image` recover a clean render exactly, and it keeps rendering
 bit-identical across machines (only IEEE-exact elementwise float64 arithmetic,
@@ -60,8 +60,8 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {
 MIN_SIDE = 10
 MAX_OBJECTS = 3
 
-# Star: 5 points, inner radius 0.45 of the outer, centred so that its box is
-# centred in the nominal square. Literals (not cos/sin) keep renders exact everywhere.
+# Star: 5 points, inner radius 0.45 of the outer, centered so that its box is
+# centered in the nominal square. Literals (not cos/sin) keep renders exact everywhere.
 _STAR = np.array([
     (0.5, 0.04774575), (0.63225168, 0.36571693), (0.97552826, 0.39323725),
     (0.71398772, 0.61727458), (0.79389263, 0.95225425), (0.5, 0.77274575),
@@ -104,8 +104,8 @@ class Shape:
     box: Box
 
     @property
-    def centre(self) -> tuple[float, float]:
-        """(x, y) centre of the rendered box, in pixels."""
+    def center(self) -> tuple[float, float]:
+        """(x, y) center of the rendered box, in pixels."""
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2, (y0 + y1) / 2
 
@@ -176,14 +176,14 @@ def _inside_polygon(u: np.ndarray, v: np.ndarray, vertices: np.ndarray) -> np.nd
 def template(kind: str, side: int) -> np.ndarray:
     """Silhouette of `kind` in a `side` x `side` nominal square: bool[side, side].
 
-    Pixel (i, j) is inside when its centre ((j + .5) / side, (i + .5) / side) is inside
+    Pixel (i, j) is inside when its center ((j + .5) / side, (i + .5) / side) is inside
     the unit-square shape. Shift-invariant by construction: a shape at (x, y) is this
     array pasted at (y, x). The returned array is read-only (it is cached).
     """
     if side < 2:
         raise ValueError(f"Shape side must be >= 2 pixels, got {side}.")
-    centres = (np.arange(side, dtype=np.float64) + 0.5) / side
-    u, v = np.meshgrid(centres, centres)  # u: x (columns), v: y (rows)
+    centers = (np.arange(side, dtype=np.float64) + 0.5) / side
+    u, v = np.meshgrid(centers, centers)  # u: x (columns), v: y (rows)
     du, dv = np.abs(u - 0.5), np.abs(v - 0.5)
     if kind == "circle":
         mask = du * du + dv * dv <= 0.25
@@ -191,7 +191,7 @@ def template(kind: str, side: int) -> np.ndarray:
         mask = np.ones_like(u, dtype=bool)
     elif kind == "diamond":
         mask = du + dv <= 0.5
-    elif kind == "triangle":  # apex at the top centre, base along the bottom
+    elif kind == "triangle":  # apex at the top center, base along the bottom
         mask = v >= 2.0 * du
     elif kind == "hexagon":  # regular, flat top and bottom, circumradius 0.5
         mask = (dv <= _HALF_SQRT3_HALF) & (_SQRT3 * du + dv <= 2.0 * _HALF_SQRT3_HALF)
@@ -289,7 +289,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, *, min_objects: int 
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"Need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}.")
     if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 so shapes stay recognisable, got {image_size}.")
+        raise ValueError(f"image_size must be >= 32 so shapes stay recognizable, got {image_size}.")
     background = sample_background(rng, image_size, textured_fraction)
     for _ in range(attempts):
         n = int(rng.integers(min_objects, max_objects + 1))

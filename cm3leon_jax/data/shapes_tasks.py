@@ -5,7 +5,7 @@ instruction that produces it), and rendered text for the how-to-write task.
 All are pure functions of a `shapes.Scene` (and a numpy Generator where there is
 a choice to make), so a stored scene JSON regenerates any of them.
 
-Spatial words come from box centres: the axis with the larger offset decides
+Spatial words come from box centers: the axis with the larger offset decides
 ("left of"/"right of" vs "above"/"below"), image y growing downwards.
 """
 
@@ -54,8 +54,8 @@ def join(items: list[str]) -> str:
 
 def relation(a: shapes.Shape, b: shapes.Shape) -> str:
     """Where `a` is relative to `b`: 'to the left of', 'to the right of', 'above' or 'below'."""
-    dx = a.centre[0] - b.centre[0]
-    dy = a.centre[1] - b.centre[1]
+    dx = a.center[0] - b.center[0]
+    dy = a.center[1] - b.center[1]
     if abs(dx) >= abs(dy):
         return "to the left of" if dx < 0 else "to the right of"
     return "above" if dy < 0 else "below"
@@ -70,14 +70,14 @@ def refer(scene: shapes.Scene, index: int) -> str:
     """A phrase naming shape `index` unambiguously: 'the red circle', or, when
     several shapes share color and class, 'the left red circle' / 'the middle ...'.
 
-    Identical shapes are ordered along the axis where their centres spread most.
+    Identical shapes are ordered along the axis where their centers spread most.
     """
     target = scene.shapes[index]
     twins = [i for i, s in enumerate(scene.shapes) if describe(s) == describe(target)]
     if len(twins) == 1:
         return f"the {describe(target)}"
-    xs = [scene.shapes[i].centre[0] for i in twins]
-    ys = [scene.shapes[i].centre[1] for i in twins]
+    xs = [scene.shapes[i].center[0] for i in twins]
+    ys = [scene.shapes[i].center[1] for i in twins]
     horizontal = max(xs) - min(xs) >= max(ys) - min(ys)
     keys = xs if horizontal else ys
     words = (("left", "right") if horizontal else ("top", "bottom")) if len(twins) == 2 else \
@@ -110,9 +110,9 @@ def captions(scene: shapes.Scene, rng: np.random.Generator) -> list[str]:
 
 def _region(shape: shapes.Shape, image_size: int) -> str:
     """'in the top left corner', 'at the top', 'on the left', 'in the centre', ...
-    from the cell of a 3x3 grid that holds the shape's centre."""
-    col = min(2, int(3 * shape.centre[0] / image_size))
-    row = min(2, int(3 * shape.centre[1] / image_size))
+    from the cell of a 3x3 grid that holds the shape's center."""
+    col = min(2, int(3 * shape.center[0] / image_size))
+    row = min(2, int(3 * shape.center[1] / image_size))
     vertical, horizontal = ("top", "", "bottom")[row], ("left", "", "right")[col]
     if vertical and horizontal:
         return f"in the {vertical} {horizontal} corner"
@@ -263,7 +263,7 @@ def render_text(text: str, size: int) -> np.ndarray:
 
     The text is drawn at the font's native resolution, wrapped, and scaled up by the
     largest integer factor that fits (nearest neighbor, so it stays pixel-exact and
-    deterministic), then centred. Raises ValueError when it cannot fit even at 1x.
+    deterministic), then centered. Raises ValueError when it cannot fit even at 1x.
     """
     if not text.strip():
         raise ValueError("render_text: text is empty; give at least one visible character.")

@@ -12,7 +12,7 @@ so a shard's state is read from which files exist, in that order:
 
     nothing -> written (-> vectors, when retrieval is on) -> neighbors
 
-Every file is written by `atomic_write` (a temporary file, then a rename), so a
+Every file is written by `fs.atomic_write` (a temporary file, then a rename), so a
 killed run leaves each file whole or absent, and a rerun redoes exactly the
 shards whose marker is missing. Rewriting an earlier state forgets the later
 ones (`forget_neighbors`): neighbors point at bank rows and records that a
@@ -21,11 +21,8 @@ rewrite may move.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
-from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,30 +33,6 @@ from cm3leon_jax.retrieval import memory_bank
 STATS = ".stats.json"
 QUERIES = ".queries.npz"
 NEIGHBORS = ".neighbors.json"
-
-
-@contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[str]:
-    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
-    tmp = path + ".tmp"
-    try:
-        yield tmp
-    except BaseException:
-        if fs.exists(tmp):
-            fs.remove(tmp)
-        raise
-    fs.rename(tmp, path)
-
-
-def write_json(path: str, obj: Any, indent: int | None = None) -> None:
-    """`obj` as JSON at `path`, atomically."""
-    with atomic_write(path) as tmp, fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-
-
-def read_json(path: str) -> Any:
-    with fs.open(path) as f:
-        return json.load(f)
 
 
 def retrieval_dir(data_dir: str) -> str:
@@ -125,19 +98,19 @@ class ShardFiles:
     # Pass 1.
     def write_records(self, docs) -> int:
         """Writes the shard's `shards.TokenizedDocument`s atomically; returns how many."""
-        with atomic_write(self.records) as tmp:
+        with fs.atomic_write(self.records) as tmp:
             return shards.write_records(docs, tmp)
 
     def write_stats(self, stats: dict) -> None:
         """Marks the shard written (last, after its records and vectors)."""
-        write_json(self.stats, stats)
+        fs.write_json(self.stats, stats)
 
     def read_stats(self) -> dict:
-        return read_json(self.stats)
+        return fs.read_json(self.stats)
 
     def write_queries(self, doc_ids: list[str], vectors: np.ndarray) -> None:
         """A non-bank shard's clean vectors f32[n, d], with their documents' ids."""
-        with atomic_write(self.queries) as tmp, fs.open(tmp, "wb") as f:
+        with fs.atomic_write(self.queries) as tmp, fs.open(tmp, "wb") as f:
             np.savez(f, doc_ids=np.asarray(doc_ids, np.str_), vectors=vectors)
 
     def read_queries(self) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +126,7 @@ class ShardFiles:
 
     def write_neighbors(self, stats: dict) -> None:
         """Marks pass 2 done (after the records with neighbors are in place)."""
-        write_json(self.neighbors, stats)
+        fs.write_json(self.neighbors, stats)
 
     def read_neighbors(self) -> dict:
-        return read_json(self.neighbors)
+        return fs.read_json(self.neighbors)

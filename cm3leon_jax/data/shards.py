@@ -17,7 +17,6 @@ A `manifest.json` beside the shards records counts and what was skipped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterable, Sequence
 
@@ -113,7 +112,7 @@ def read_file(path: str) -> tf.data.Dataset:
 
 def read_split(directory: str, split: str) -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn)."""
-    files = sorted(tf.io.gfile.glob(shard_pattern(directory, split)))
+    files = sorted(fs.glob(shard_pattern(directory, split)))
     if not files:
         raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "
@@ -128,12 +127,11 @@ def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
 
 
 def write_manifest(directory: str, manifest: dict) -> str:
-    path = os.path.join(directory, "manifest.json")
-    with fs.open(path, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+    """Writes DATA/manifest.json atomically (a killed run leaves the old one or the new one)."""
+    path = fs.join(directory, "manifest.json")
+    fs.write_json(path, manifest, indent=2, sort_keys=True)
     return path
 
 
 def read_manifest(directory: str) -> dict:
-    with fs.open(os.path.join(directory, "manifest.json")) as f:
-        return json.load(f)
+    return fs.read_json(fs.join(directory, "manifest.json"))

@@ -32,6 +32,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
+from cm3leon_jax.vocab.image_inputs import read_rgb
 
 # family -> (the fields it needs, the field holding its input image or None)
 FIELDS = {
@@ -52,40 +53,30 @@ def read_requests(path: str) -> list[dict]:
         raise FileNotFoundError(f"prompts_file {path!r} does not exist; give a JSONL file with "
                                 "one request a line (see decode/generate_families.py).")
     root, out = os.path.dirname(fs.abspath(path)), []
-    with fs.open(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                request = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg}).") from None
-            family = request.get("family") if isinstance(request, dict) else None
-            if family not in FIELDS:
-                raise ValueError(f"{where}: family {family!r} is unknown; use one of "
-                                 f"{tuple(FIELDS)}.")
-            needed, image_field = FIELDS[family]
-            missing = [k for k in needed if not request.get(k)]
-            if missing:
-                raise ValueError(f"{where}: {family} request needs {missing}.")
-            if family == "grounded" and request["condition"] not in sft_prompts.CONDITIONS:
-                raise ValueError(f"{where}: condition {request['condition']!r} is unknown; use "
-                                 f"one of {tuple(sft_prompts.CONDITIONS)}.")
-            if image_field:
-                image = os.path.join(root, request[image_field])
-                if not fs.exists(image):
-                    raise FileNotFoundError(f"{where}: {image_field} {image!r} does not exist.")
-                request = {**request, image_field: image}
-            out.append({**request, "line": n})
+    for n, request in fs.read_jsonl(path):
+        where = f"{path}, line {n}"
+        if isinstance(request, json.JSONDecodeError):
+            raise ValueError(f"{where}: not JSON ({request.msg}).")
+        family = request.get("family") if isinstance(request, dict) else None
+        if family not in FIELDS:
+            raise ValueError(f"{where}: family {family!r} is unknown; use one of "
+                             f"{tuple(FIELDS)}.")
+        needed, image_field = FIELDS[family]
+        missing = [k for k in needed if not request.get(k)]
+        if missing:
+            raise ValueError(f"{where}: {family} request needs {missing}.")
+        if family == "grounded" and request["condition"] not in sft_prompts.CONDITIONS:
+            raise ValueError(f"{where}: condition {request['condition']!r} is unknown; use "
+                             f"one of {tuple(sft_prompts.CONDITIONS)}.")
+        if image_field:
+            image = os.path.join(root, request[image_field])
+            if not fs.exists(image):
+                raise FileNotFoundError(f"{where}: {image_field} {image!r} does not exist.")
+            request = {**request, image_field: image}
+        out.append({**request, "line": n})
     if not out:
         raise ValueError(f"prompts_file {path!r} holds no requests.")
     return out
-
-
-def _load(path: str) -> np.ndarray:
-    with fs.open(path, "rb") as f, PILImage.open(f) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
@@ -94,17 +85,17 @@ def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
     family = request["family"]
     kw = dict(sampling=image_sampling, seed=seed, num_samples=num_samples)
     if family == "edit":
-        return gen.edit([_load(request["image"])], [request["instruction"]], **kw)
+        return gen.edit([read_rgb(request["image"])], [request["instruction"]], **kw)
     if family == "grounded":
-        return gen.grounded([_load(request["condition_image"])], [request["caption"]],
+        return gen.grounded([read_rgb(request["condition_image"])], [request["caption"]],
                             condition=request["condition"], **kw)
     if family == "boxes_to_image":
         return gen.boxes_to_image([request["caption"]], [list(request["boxes"])], **kw)
     if family == "how_to_write":
         return gen.how_to_write([request["text"]], **kw)
     if family == "segment":
-        return gen.segment([_load(request["image"])], [request["phrase"]], **kw)
-    image = [_load(request["image"])]
+        return gen.segment([read_rgb(request["image"])], [request["phrase"]], **kw)
+    image = [read_rgb(request["image"])]
     if family == "vqa":
         return gen.vqa(image, [request["question"]], sampling=text_sampling, seed=seed)
     return gen.describe(image, long=family == "long_caption", sampling=text_sampling, seed=seed)
@@ -124,7 +115,7 @@ def generate_families(gen: Any, prompts_file: str, out_dir: str, *, num_samples:
         result = run_request(gen, request, num_samples, image_sampling, text_sampling, seed)
         image_field = FIELDS[family][1]
         if image_field:
-            sheet.append(np.asarray(PILImage.fromarray(_load(request[image_field]))
+            sheet.append(np.asarray(PILImage.fromarray(read_rgb(request[image_field]))
                                     .resize((size, size))))
             labels.append(f"{i}: input")
         entry = dict(request)

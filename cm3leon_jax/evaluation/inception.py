@@ -8,7 +8,7 @@ This is TensorFlow's 2015 Inception graph (the one FID was defined with) as pyto
 rebuilt it, not torchvision's Inception-v3: the A, C and first E blocks average-pool
 without counting the zero padding, the last E block max-pools its pool branch, and the
 network stops at the global average pool (2048 features; no classifier). Inputs follow
-pytorch-fid: values in [0, 1], bilinearly resized to 299x299 (half-pixel centres, no
+pytorch-fid: values in [0, 1], bilinearly resized to 299x299 (half-pixel centers, no
 anti-aliasing, as torch's `interpolate(align_corners=False)`), then mapped to [-1, 1].
 
 clean-fid's resize is selectable (`resize="clean"`): each channel resized on the host with

@@ -12,7 +12,7 @@ graded without a learned metric:
                            word asked for
     caption, long_caption  the caption names exactly the scene's (color, class) objects
     vqa                    the answer, lower-cased, equals the true one
-    segment                the mask (pixels brighter than mid-grey) has IoU >= 0.5 with the
+    segment                the mask (pixels brighter than mid-gray) has IoU >= 0.5 with the
                            object's mask; `mask_iou` is the mean IoU
 
 `exact` is the fraction of examples meeting the family's criterion.

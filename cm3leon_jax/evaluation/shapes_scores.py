@@ -84,7 +84,7 @@ def caption_scores(captions: Sequence[str], scenes: Sequence[shapes.Scene]) -> d
 
 def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene) -> list[int | None]:
     """For each scene shape, the index of a parsed object of the same class and color
-    (one-to-one, nearest centre first), or None."""
+    (one-to-one, nearest center first), or None."""
     out: list[int | None] = []
     used: set[int] = set()
     for s in scene.shapes:
@@ -93,19 +93,19 @@ def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene) -> list[int 
         if not options:
             out.append(None)
             continue
-        best = min(options, key=lambda i: np.hypot(*np.subtract(_centre(parsed[i].box),
-                                                                 s.centre)))
+        best = min(options, key=lambda i: np.hypot(*np.subtract(_center(parsed[i].box),
+                                                                 s.center)))
         used.add(best)
         out.append(best)
     return out
 
 
-def _centre(box: shapes.Box) -> tuple[float, float]:
+def _center(box: shapes.Box) -> tuple[float, float]:
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
 def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """shapes_tasks.relation on centres."""
+    """shapes_tasks.relation on centers."""
     dx, dy = a[0] - b[0], a[1] - b[1]
     if abs(dx) >= abs(dy):
         return "to the left of" if dx < 0 else "to the right of"
@@ -126,7 +126,7 @@ def image_metrics(pixels: np.ndarray, scene: shapes.Scene) -> dict[str, float]:
     if pairs:  # Positions are graded only where there is a relation to get right.
         row["position_right"] = float(all(
             matched[i] is not None and matched[j] is not None
-            and _relation(_centre(parsed[matched[i]].box), _centre(parsed[matched[j]].box))
+            and _relation(_center(parsed[matched[i]].box), _center(parsed[matched[j]].box))
             == shapes_tasks.relation(scene.shapes[i], scene.shapes[j]) for i, j in pairs))
     strict = parse.match(parsed, scene, iou_threshold=0.5)
     row["placed_right"] = float(strict["all_correct"])

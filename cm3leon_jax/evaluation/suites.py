@@ -103,7 +103,7 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def _load_image(path: str, image_size: int) -> np.ndarray:
-    """An image file -> uint8[s, s, 3]: centre square crop, bicubic resize."""
+    """An image file -> uint8[s, s, 3]: center square crop, bicubic resize."""
     if not fs.exists(path):
         raise FileNotFoundError(f"image {path!r} (named by the annotations) does not exist.")
     im = PILImage.open(io.BytesIO(fs.read_bytes(path))).convert("RGB")

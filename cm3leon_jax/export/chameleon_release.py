@@ -43,8 +43,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.export import chameleon_vocab
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -67,12 +67,12 @@ def find_model_dir(root: str, model_size: str | None = None, required: bool = Tr
                    ) -> str | None:
     """The folder with params.json: `root` itself or `root/models/<size>`."""
     root = root.rstrip("/")
-    if tf.io.gfile.exists(f"{root}/{PARAMS}"):
+    if fs.exists(f"{root}/{PARAMS}"):
         return root
     models = f"{root}/models"
-    sizes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(models)
-                   if tf.io.gfile.exists(f"{models}/{d.rstrip('/')}/{PARAMS}")) \
-        if tf.io.gfile.isdir(models) else []
+    sizes = sorted(d.rstrip("/") for d in fs.listdir(models)
+                   if fs.exists(f"{models}/{d.rstrip('/')}/{PARAMS}")) \
+        if fs.isdir(models) else []
     if model_size is not None:
         if model_size not in sizes:
             raise ReleaseError(f"{models}/{model_size}/{PARAMS}: missing (models there: "
@@ -93,7 +93,7 @@ def find_tokenizer_dir(root: str, model_dir: str) -> str:
     for candidate in (f"{root.rstrip('/')}/tokenizer",
                       posixpath.join(posixpath.dirname(posixpath.dirname(model_dir)), "tokenizer"),
                       f"{model_dir}/tokenizer"):
-        if tf.io.gfile.exists(f"{candidate}/{TEXT_TOKENIZER}"):
+        if fs.exists(f"{candidate}/{TEXT_TOKENIZER}"):
             return candidate
     raise ReleaseError(f"{root}: no tokenizer/{TEXT_TOKENIZER} (looked in ROOT/tokenizer and "
                        "beside the model folder); the release's tokenizer/ folder is needed.")
@@ -101,7 +101,7 @@ def find_tokenizer_dir(root: str, model_dir: str) -> str:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        with tf.io.gfile.GFile(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ReleaseError(f"{path}: not valid JSON ({e}).") from None
@@ -111,7 +111,7 @@ def read_params(model_dir: str) -> dict[str, Any]:
     """params.json (its "model" section lifted) + consolidate_params.json."""
     params = _read_json(f"{model_dir}/{PARAMS}")
     merged = {**params, **(params.get("model") or {})}
-    if tf.io.gfile.exists(f"{model_dir}/{CONSOLIDATE}"):
+    if fs.exists(f"{model_dir}/{CONSOLIDATE}"):
         merged.update(_read_json(f"{model_dir}/{CONSOLIDATE}"))
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in merged]
     if missing:
@@ -121,7 +121,7 @@ def read_params(model_dir: str) -> dict[str, Any]:
 
 def shard_files(model_dir: str, parallel: int) -> list[str]:
     """consolidated.pth, or consolidated.00.pth .. (parallel-1); names a missing one."""
-    names = set(tf.io.gfile.listdir(model_dir))
+    names = set(fs.listdir(model_dir))
     if parallel == 1 and "consolidated.pth" in names:
         return [f"{model_dir}/consolidated.pth"]
     want = [f"consolidated.{r:02d}.pth" for r in range(parallel)]
@@ -136,7 +136,7 @@ def shard_files(model_dir: str, parallel: int) -> list[str]:
 def load_torch(path: str) -> dict[str, np.ndarray]:
     """A torch state dict file -> numpy (weights only: nothing is unpickled but tensors)."""
     import torch  # The `ref` extra.
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several kinds for a damaged file
@@ -289,17 +289,17 @@ def read_vqgan(tokenizer_dir: str) -> tuple[VQGANConfig, Any]:
     import yaml
     ckpt, cfg_path = f"{tokenizer_dir}/{VQGAN_CKPT}", f"{tokenizer_dir}/{VQGAN_YAML}"
     for path in (ckpt, cfg_path):
-        if not tf.io.gfile.exists(path):
+        if not fs.exists(path):
             raise ReleaseError(f"{path}: missing; the release's tokenizer/ folder holds both "
                                f"{VQGAN_CKPT} and {VQGAN_YAML}.")
-    with tf.io.gfile.GFile(cfg_path) as f:
+    with fs.open(cfg_path) as f:
         try:
             model = yaml.safe_load(f)["model"]["params"]
             dd = model["ddconfig"]
         except (yaml.YAMLError, KeyError, TypeError) as e:
             raise ReleaseError(f"{cfg_path}: not a taming VQModel config ({e!r}).") from None
     import torch
-    with tf.io.gfile.GFile(ckpt, "rb") as f:
+    with fs.open(ckpt, "rb") as f:
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # several kinds
@@ -332,7 +332,7 @@ def read_release(root: str, model_size: str | None = None
     tokenizer_dir = find_tokenizer_dir(root, model_dir)
     p = read_params(model_dir)
     vq_config, vq_params = read_vqgan(tokenizer_dir)
-    with tf.io.gfile.GFile(f"{tokenizer_dir}/{TEXT_TOKENIZER}", "rb") as f:
+    with fs.open(f"{tokenizer_dir}/{TEXT_TOKENIZER}", "rb") as f:
         vocab = chameleon_vocab.build(f.read(), vq_config.codes_per_image,
                                       f"{tokenizer_dir}/{TEXT_TOKENIZER}")
     if vocab.layout.image_codes != vq_config.codebook_size:

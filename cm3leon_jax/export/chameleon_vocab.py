@@ -29,8 +29,8 @@ import json
 import re
 
 import numpy as np
-import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.hf_text_tokenizer import IMAGE_PREFIX, classify
 from cm3leon_jax.vocab.multimodal import HF_TEXT_JSON, LAYOUT_FILE
@@ -53,12 +53,12 @@ class ChameleonVocab:
 
     def write(self, directory: str) -> None:
         """A vocabulary folder `MultimodalVocabulary(directory)` opens."""
-        tf.io.gfile.makedirs(directory)
-        with tf.io.gfile.GFile(f"{directory}/{HF_TEXT_JSON}", "wb") as f:
+        fs.makedirs(directory)
+        with fs.open(f"{directory}/{HF_TEXT_JSON}", "wb") as f:
             f.write(self.json_bytes)
         fields = {k: getattr(self.layout, k) for k in
                   ("image_codes", "num_sentinels", "image_length", "pad_to_multiple")}
-        with tf.io.gfile.GFile(f"{directory}/{LAYOUT_FILE}", "w") as f:
+        with fs.open(f"{directory}/{LAYOUT_FILE}", "w") as f:
             json.dump(fields, f, indent=2, sort_keys=True)
 
 

@@ -17,7 +17,7 @@
     out/hf/cm3leon_export.json the DecoderConfig and the step, so importing back is exact
 
 The files `transformers` does not know are ignored by it; `hf_import.py` reads them.
-Written through tf.io.gfile (gs:// works) and staged: complete or absent.
+Written through `cm3leon_jax/fs.py` (gs:// works) and staged: complete or absent.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.experimental import multihost_utils
 from safetensors import numpy as st_numpy
 
+from cm3leon_jax import fs
 from cm3leon_jax.export import staging
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -59,14 +59,14 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     data = st_numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                          metadata={"format": "pt", **(metadata or {})})
-    with tf.io.gfile.GFile(path, "wb") as f:
+    with fs.open(path, "wb") as f:
         f.write(data)
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    if not tf.io.gfile.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path}: missing.")
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         return st_numpy.load(f.read())
 
 
@@ -146,17 +146,17 @@ def _write_files(tmp: str, config: DecoderConfig, params: Any, vocab_dir: str | 
         tensors.update({k: v.astype(next(iter(tensors.values())).dtype)
                         for k, v in _vqmodel_tensors(vq_params).items()})
     write_safetensors(f"{tmp}/{WEIGHTS}", tensors)
-    with tf.io.gfile.GFile(f"{tmp}/{CONFIG}", "w") as f:
+    with fs.open(f"{tmp}/{CONFIG}", "w") as f:
         json.dump(cfg, f, indent=1, sort_keys=True)
     if vq_config is not None:
         write_safetensors(f"{tmp}/{VQGAN}", vq_weights.state_dict_from_params(vq_params))
-        with tf.io.gfile.GFile(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
+        with fs.open(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
             json.dump(vq_config.to_dict(), f, indent=1)
     if vocab_dir:
         staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
         from cm3leon_jax.export import hf_tokenizer  # It imports this module.
         hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
-    with tf.io.gfile.GFile(f"{tmp}/{OURS}", "w") as f:
+    with fs.open(f"{tmp}/{OURS}", "w") as f:
         json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
                    "source": source, "family": family}, f, indent=1)
     return cfg

@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import tensorflow as tf
-
+from cm3leon_jax import fs
 from cm3leon_jax.export import hf_export
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -36,9 +35,9 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def read_json(path: str) -> dict[str, Any]:
-    if not tf.io.gfile.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path}: missing.")
-    with tf.io.gfile.GFile(path) as f:
+    with fs.open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -47,7 +46,7 @@ def read_json(path: str) -> dict[str, Any]:
 
 def is_hf_folder(path: str) -> bool:
     cfg = f"{path}/{hf_export.CONFIG}"
-    if not tf.io.gfile.exists(cfg):
+    if not fs.exists(cfg):
         return False
     try:
         return read_json(cfg).get("model_type") in ("opt", "chameleon")
@@ -99,9 +98,9 @@ def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
 def read_weights(path: str) -> dict[str, Any]:
     """Every tensor of the folder's safetensors file(s), by name."""
     single, index = f"{path}/{hf_export.WEIGHTS}", f"{path}/{INDEX}"
-    if tf.io.gfile.exists(single):
+    if fs.exists(single):
         return hf_export.read_safetensors(single)
-    if not tf.io.gfile.exists(index):
+    if not fs.exists(index):
         raise FileNotFoundError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
                                 "safetensors weights are read (convert .bin files first).")
     out = {}
@@ -113,7 +112,7 @@ def read_weights(path: str) -> dict[str, Any]:
 def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
     """The whole VQGAN saved beside the model (`vqgan.safetensors`), or None."""
     weights = f"{path}/{hf_export.VQGAN}"
-    if not tf.io.gfile.exists(weights):
+    if not fs.exists(weights):
         return None
     cfg = VQGANConfig.from_dict(read_json(f"{path}/{hf_export.VQGAN_CONFIG}"))
     try:
@@ -128,12 +127,12 @@ def _chameleon_ids_vocab(path: str, hf: dict[str, Any]):
     layout: tokenizer.json with IMGIMG tokens, no cm3leon_vocab/): the vocabulary mapping
     onto our layout (`chameleon_vocab.py`), or None for a folder of ours."""
     tokenizer = f"{path}/tokenizer.json"
-    if hf.get("model_type") != "chameleon" or not tf.io.gfile.exists(tokenizer):
+    if hf.get("model_type") != "chameleon" or not fs.exists(tokenizer):
         return None
     from cm3leon_jax.export import chameleon_vocab
     vq = hf.get("vq_config") or {}
     side = vq.get("resolution", 512) // 2 ** (len(vq.get("channel_multiplier", [1] * 5)) - 1)
-    with tf.io.gfile.GFile(tokenizer, "rb") as f:
+    with fs.open(tokenizer, "rb") as f:
         return chameleon_vocab.build(f.read(), side * side, tokenizer)
 
 
@@ -143,13 +142,13 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
     hf = read_json(f"{path}/{hf_export.CONFIG}")
     family = _family(hf, f"{path}/{hf_export.CONFIG}")
     ours = f"{path}/{hf_export.OURS}"
-    meta = read_json(ours) if tf.io.gfile.exists(ours) else {}
+    meta = read_json(ours) if fs.exists(ours) else {}
     vocab = None
     if meta:
         config = pc.config_from_dict(meta["decoder_config"], ours)
     else:
         config = config_from_hf(hf, f"{path}/{hf_export.CONFIG}")
-        if not tf.io.gfile.isdir(f"{path}/{hf_export.VOCAB}"):
+        if not fs.isdir(f"{path}/{hf_export.VOCAB}"):
             vocab = _chameleon_ids_vocab(path, hf)
     state_dict = read_weights(path)
     if vocab is not None:  # Permute its token rows onto our layout.
@@ -165,7 +164,7 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
         msg = e.args[0] if e.args else str(e)
         raise ValueError(f"{path}: {msg}") from None
     vocab_dir = f"{path}/{hf_export.VOCAB}"
-    extras = {"vocab_dir": vocab_dir if tf.io.gfile.isdir(vocab_dir) else None,
+    extras = {"vocab_dir": vocab_dir if fs.isdir(vocab_dir) else None,
               "write_vocab": vocab.write if vocab is not None else None,
               "image_tokenizer": read_image_tokenizer(path), "step": meta.get("step"),
               "family": family}

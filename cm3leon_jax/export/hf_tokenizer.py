@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import tensorflow as tf
-
+from cm3leon_jax import fs
 from cm3leon_jax.export import chameleon_vocab
 from cm3leon_jax.export.hf_export import image_token_name
 from cm3leon_jax.vocab import layout as layout_lib
@@ -102,10 +101,10 @@ def write_tokenizer_files(dst: str, vocab_dir: str) -> None:
     vocab = MultimodalVocabulary(vocab_dir)
     spec = tokenizer_spec(vocab)
     names = {t["id"]: t["content"] for t in spec["added_tokens"]}
-    with tf.io.gfile.GFile(f"{dst}/tokenizer.json", "w") as f:
+    with fs.open(f"{dst}/tokenizer.json", "w") as f:
         json.dump(spec, f, ensure_ascii=False)
     config = {"tokenizer_class": "PreTrainedTokenizerFast",
               "pad_token": names.get(layout_lib.PAD_ID), "eos_token": names.get(layout_lib.EOS_ID),
               "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
-    with tf.io.gfile.GFile(f"{dst}/tokenizer_config.json", "w") as f:
+    with fs.open(f"{dst}/tokenizer_config.json", "w") as f:
         json.dump(config, f, indent=1)

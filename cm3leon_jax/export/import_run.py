@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import gin
-import tensorflow as tf
 
+from cm3leon_jax import fs
 from cm3leon_jax.export import chameleon_release, hf_import, params_export, staging
 from cm3leon_jax.train import params_checkpoint as pc
 
@@ -32,7 +32,7 @@ LAYOUTS = ("params", "hf", "chameleon")
 def detect_layout(path: str) -> str:
     """Which known layout the folder `path` is in; raises naming what it found."""
     path = path.rstrip("/")
-    if not tf.io.gfile.isdir(path):
+    if not fs.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder; give the folder of the weights.")
     if pc.is_export(path):
         return "params"
@@ -40,7 +40,7 @@ def detect_layout(path: str) -> str:
         return "hf"
     if chameleon_release.find_model_dir(path, required=False) is not None:
         return "chameleon"
-    found = sorted(tf.io.gfile.listdir(path))[:12]
+    found = sorted(fs.listdir(path))[:12]
     raise ValueError(f"{path!r} is in no layout this importer knows (found {found}). Known: "
                      "a params-only export (manifest.json); a transformers folder (config.json "
                      "with model_type 'opt' or 'chameleon' + model.safetensors); the Chameleon "

@@ -45,10 +45,7 @@ def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, De
 
 def write_image_tokenizer(dst: str, config: VQGANConfig, params: Any) -> None:
     """An image tokenizer checkpoint that `load_image_tokenizer.checkpoint=dst` reads."""
-    mngr = vqgan_checkpoint.manager(dst, max_to_keep=None)
-    vqgan_checkpoint.save(mngr, 0, config, params)
-    mngr.wait_until_finished()
-    mngr.close()
+    vqgan_checkpoint.save_params(dst, 0, config, params)
 
 
 def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: int | None,

@@ -21,9 +21,9 @@ import uuid
 from typing import Iterator
 
 import jax
-import tensorflow as tf
 from jax.experimental import multihost_utils
 
+from cm3leon_jax import fs
 from cm3leon_jax.train import params_checkpoint as pc
 
 
@@ -33,7 +33,7 @@ def check_target(path: str, overwrite: bool) -> str:
     path = path.rstrip("/")
     if not path:
         raise ValueError("the output folder is empty; give a path.")
-    if tf.io.gfile.exists(path) and not overwrite:
+    if fs.exists(path) and not overwrite:
         raise FileExistsError(f"{path!r} already exists; choose another output folder or set "
                               "overwrite=True (export.overwrite / import_weights.overwrite) "
                               "to replace it.")
@@ -60,16 +60,16 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
     if is_primary():
         parent = posixpath.dirname(path)
         if parent:
-            tf.io.gfile.makedirs(parent)
-        if tf.io.gfile.exists(tmp):  # Left by a crashed pod run of the same export.
-            tf.io.gfile.rmtree(tmp)
-        tf.io.gfile.makedirs(tmp)
+            fs.makedirs(parent)
+        if fs.exists(tmp):  # Left by a crashed pod run of the same export.
+            fs.rmtree(tmp)
+        fs.makedirs(tmp)
     _barrier(f"staged_start:{path}")
     try:
         yield tmp
     except BaseException:
         if is_primary():
-            tf.io.gfile.rmtree(tmp)
+            fs.rmtree(tmp)
         raise
     _barrier(f"staged_written:{path}")
     if is_primary():
@@ -79,19 +79,19 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
 
 def _commit(tmp: str, path: str, overwrite: bool) -> None:
     old = None
-    if tf.io.gfile.exists(path):
+    if fs.exists(path):
         check_target(path, overwrite)  # It may have appeared while we were writing.
         old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.rename(path, old)
-    tf.io.gfile.rename(tmp, path)
+        fs.rename(path, old)
+    fs.rename(tmp, path)
     if old is not None:
-        tf.io.gfile.rmtree(old)
+        fs.rmtree(old)
 
 
 def copy_folder(src: str, dst: str) -> None:
-    """Copies every file under `src` to `dst` (any file systems tf.io.gfile speaks)."""
-    if not tf.io.gfile.isdir(src):
+    """Copies every file under `src` to `dst` (across file systems, through fs.py)."""
+    if not fs.isdir(src):
         raise FileNotFoundError(f"{src!r} is not a folder.")
     for rel in pc.list_files(src):
-        tf.io.gfile.makedirs(posixpath.dirname(f"{dst}/{rel}"))
-        tf.io.gfile.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
+        fs.makedirs(posixpath.dirname(f"{dst}/{rel}"))
+        fs.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)

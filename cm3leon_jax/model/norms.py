@@ -27,7 +27,7 @@ import jax.numpy as jnp
 KINDS = ("layernorm", "rmsnorm")
 
 
-def _centre(x: jax.Array, mean: jax.Array | None) -> jax.Array:
+def _center(x: jax.Array, mean: jax.Array | None) -> jax.Array:
     x = x.astype(jnp.float32)
     return x if mean is None else x - mean
 
@@ -35,13 +35,13 @@ def _centre(x: jax.Array, mean: jax.Array | None) -> jax.Array:
 def _stats(x: jax.Array, kind: str, eps: float) -> tuple[jax.Array | None, jax.Array]:
     """(mean, r) of the float32 rows, `r = rsqrt(var + eps)`; mean None for RMSNorm."""
     mean = jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True) if kind == "layernorm" else None
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(_centre(x, mean)), axis=-1, keepdims=True) + eps)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(_center(x, mean)), axis=-1, keepdims=True) + eps)
     return mean, r
 
 
 def _x_hat(x: jax.Array, kind: str, eps: float) -> jax.Array:
     mean, r = _stats(x, kind, eps)
-    return _centre(x, mean) * r
+    return _center(x, mean) * r
 
 
 def _affine(x_hat: jax.Array, scale: jax.Array | None, bias: jax.Array | None) -> jax.Array:
@@ -59,7 +59,7 @@ def _fused(x, scale, bias, kind, eps):
 
 def _fused_fwd(x, scale, bias, kind, eps):
     mean, r = _stats(x, kind, eps)
-    y = _affine(_centre(x, mean) * r, scale, bias).astype(x.dtype)
+    y = _affine(_center(x, mean) * r, scale, bias).astype(x.dtype)
     # x, not x_hat: half the bytes in bfloat16; x_hat is recomputed inside the fusion.
     return y, (x, mean, r, scale, bias)
 
@@ -67,12 +67,12 @@ def _fused_fwd(x, scale, bias, kind, eps):
 def _fused_bwd(kind, eps, residuals, dy):
     del eps
     x, mean, r, scale, bias = residuals
-    x_hat = _centre(x, mean) * r
+    x_hat = _center(x, mean) * r
     g = dy.astype(jnp.float32)
     if scale is not None:
         g = g * scale.astype(jnp.float32)
-    centred = g - jnp.mean(g, axis=-1, keepdims=True) if kind == "layernorm" else g
-    dx = r * (centred - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    centered = g - jnp.mean(g, axis=-1, keepdims=True) if kind == "layernorm" else g
+    dx = r * (centered - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
     # A variance that overflowed to inf (blown-up activations) gives r = 0, a meaningless
     # all-zero output and dx = 0 here; autodiff gives 0 or NaN (0 * inf) depending on the
     # upstream gradient. Make it NaN, so that the blow-up reaches the trainer's check.

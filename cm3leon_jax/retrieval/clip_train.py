@@ -10,6 +10,11 @@ pairs every image of the batch with one of its four captions at random and
 minimizes the symmetric InfoNCE loss of CLIP (learnable temperature, capped at
 100 as in CLIP).
 
+Checkpoints go to `MODEL_DIR/checkpoints/` through the decoder trainer's checkpointer
+(`train/checkpoints.py`: checksums, a save on SIGTERM, corrupt ones set aside): the
+weights, the optimizer state and the loop's random draws, so rerunning the same command
+resumes where the run stopped and ends exactly as an uninterrupted run.
+
 Writes `MODEL_DIR/encoder/` (a HF-layout CLIP checkpoint + tokenizer, loadable by
 `DocumentEncoder.load` and by `transformers.CLIPModel`) and
 `MODEL_DIR/retriever_metrics.json`: text->image and image->text recall@1/5 on the
@@ -36,8 +41,8 @@ from cm3leon_jax import fs
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder, preprocess_images
+from cm3leon_jax.train import checkpoints, optimizer
 from cm3leon_jax.train import metrics as metrics_lib
-from cm3leon_jax.train import optimizer
 from cm3leon_jax.train import step as step_lib
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
@@ -101,13 +106,17 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
                     train_pairs: Pairs = gin.REQUIRED, test_pairs: Pairs = gin.REQUIRED,
                     steps: int = 800, batch_size: int = 128, learning_rate: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.1,
-                    seed: int = 0, log_every: int = 50, write_tensorboard: bool = True) -> dict:
+                    seed: int = 0, log_every: int = 50, checkpoint_every: int = 200,
+                    keep_checkpoints: int = 2, write_tensorboard: bool = True) -> dict:
     """Trains, evaluates and saves the encoder; returns the test metrics.
 
     train_pairs, test_pairs: (uint8[n, s, s, 3] images, a list of captions per image),
     e.g. `synthetic_pairs("train", 10_000, 64)`; at least 4 captions per train image.
     Loss and in-batch accuracy go to MODEL_DIR/metrics.jsonl (and TensorBoard unless
-    `write_tensorboard=False`) every `log_every` steps.
+    `write_tensorboard=False`) every `log_every` steps. A checkpoint is saved every
+    `checkpoint_every` steps (the last `keep_checkpoints` kept), at the end, and on
+    SIGTERM; a run that finds one resumes from it. A preempted run returns
+    {"preempted": True, "step": ...} without evaluating.
     """
     logging.set_verbosity(logging.INFO)
     if not 0 <= warmup_steps < steps:
@@ -125,13 +134,18 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
                         images.shape[1], cfg.image_size)
     tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
     writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
+    ckpt = checkpoints.Checkpointer(fs.join(model_dir, "checkpoints"),
+                                    save_every=checkpoint_every, keep=keep_checkpoints)
     t0 = time.time()
     try:
-        params, history = _fit(cfg, images, tokens, make_optimizer(
+        params, history, reached = _fit(cfg, images, tokens, make_optimizer(
             learning_rate, warmup_steps, steps, weight_decay), steps, batch_size, seed,
-            log_every, writer)
+            log_every, writer, ckpt)
     finally:
+        ckpt.close()
         writer.close()
+    if params is None:
+        return {"preempted": True, "step": reached}
     train_seconds = time.time() - t0
 
     encoder = DocumentEncoder(cfg, params, tokenizer)
@@ -146,18 +160,62 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     return metrics
 
 
+class PairDraws:
+    """The loop's random draws (which images, which of their captions) and the history
+    logged so far: the data position a checkpoint keeps beside the weights (saved and
+    restored by the checkpointer's `DataIteratorHandler`)."""
+
+    FILE = "pair_draws.json"
+
+    def __init__(self, seed: int, history: list[dict] | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.history = list(history or [])
+
+    def draw(self, num_images: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices int[b], caption choices int[b] in [0, 4))."""
+        idx = self.rng.choice(num_images, size=batch_size, replace=False)
+        return idx, self.rng.integers(0, 4, size=batch_size)
+
+    def snapshot(self) -> "PairDraws":
+        """A copy frozen now (an asynchronous save may write it after training goes on)."""
+        copy = PairDraws(0, self.history)
+        copy.rng.bit_generator.state = self.rng.bit_generator.state
+        return copy
+
+    def save(self, directory: str) -> None:
+        if jax.process_index() == 0:
+            fs.makedirs(directory)
+            fs.write_json(fs.join(directory, self.FILE), {
+                "bit_generator": self.rng.bit_generator.state, "history": self.history})
+
+    def restore(self, directory: str) -> None:
+        saved = fs.read_json(fs.join(directory, self.FILE))
+        self.rng.bit_generator.state = saved["bit_generator"]
+        self.history = saved["history"]
+
+
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
-         log_every: int, writer: metrics_lib.MetricsWriter) -> tuple[Any, list[dict]]:
+         log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer
+         ) -> tuple[Any, list[dict], int]:
     """The loop: each step pairs `batch_size` random images with one caption each.
 
     Data-parallel on the shared mesh (`model/partitioning.py`): the batch is split by
-    the `batch` rule, the weights replicated. Returns (host params, logged history).
+    the `batch` rule, the weights replicated. Starts from `ckpt`'s newest checkpoint when
+    there is one. Returns (host params, logged history, last step); params None if
+preempted.
     """
     model = clip.CLIP(cfg)
     mesh = partitioning.make_mesh()
-    params = jax.device_put(clip.init_params(cfg, seed), NamedSharding(mesh, PartitionSpec()))
-    opt_state = opt.init(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(clip.init_params(cfg, seed), replicated)
+    state = {"step": np.int32(0), "params": params, "opt_state": opt.init(params)}
+    draws = PairDraws(seed)
+    restored = ckpt.restore(jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), state), draws)
+    state = restored or state
+    start = int(state["step"])
+    params, opt_state = state["params"], state["opt_state"]
 
     @jax.jit
     def step(params, opt_state, pixels, tokens, lengths):
@@ -169,19 +227,26 @@ def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]]
     def rows(x: np.ndarray) -> jax.Array:
         return jax.device_put(x, step_lib.batch_sharding(mesh, x.shape))
 
-    rng = np.random.default_rng(seed)
-    history = []
     t0 = time.time()
-    for i in range(1, steps + 1):
-        idx = rng.choice(len(images), size=batch_size, replace=False)
-        which = rng.integers(0, 4, size=batch_size)
-        toks, lengths = bucketed_tokens([tokens[j][w] for j, w in zip(idx, which)],
-                                        cfg.context_length)
-        pixels = preprocess_images(images[idx], cfg.image_size)
-        params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),
-                                            rows(lengths))
-        if i % log_every == 0 or i == steps:
-            values = {"loss": float(loss), "batch_accuracy": float(acc)}
-            history.append({"step": i, **values})
-            writer.write(i, {**values, "seconds_per_step": (time.time() - t0) / i})
-    return jax.device_get(params), history
+    with checkpoints.PreemptionSignal() as preemption:
+        for i in range(start + 1, steps + 1):
+            idx, which = draws.draw(len(images), batch_size)
+            toks, lengths = bucketed_tokens([tokens[j][w] for j, w in zip(idx, which)],
+                                            cfg.context_length)
+            pixels = preprocess_images(images[idx], cfg.image_size)
+            params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),
+                                                rows(lengths))
+            if i % log_every == 0 or i == steps:
+                values = {"loss": float(loss), "batch_accuracy": float(acc)}
+                draws.history.append({"step": i, **values})
+                writer.write(i, {**values, "seconds_per_step": (time.time() - t0) / (i - start)})
+            preempted = preemption.reached(i)
+            if preempted or i == steps or ckpt.due(i):
+                # Host copies: orbax would compile a slice per shape of device arrays.
+                host = jax.device_get({"step": np.int32(i), "params": params,
+                                       "opt_state": opt_state})
+                ckpt.save(i, host, draws.snapshot(), force=preempted or i == steps)
+            if preempted:
+                logging.warning("preempted: saved step %d; rerun the same command to resume.", i)
+                return None, draws.history, i
+    return jax.device_get(params), draws.history, steps

@@ -42,7 +42,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
-    """uint8 images (any size) -> f32[b, size, size, 3], centre-cropped, resized, normalized."""
+    """uint8 images (any size) -> f32[b, size, size, 3], center-cropped, resized, normalized."""
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, im in enumerate(images):
         im = np.asarray(im)

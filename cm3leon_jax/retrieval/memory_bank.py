@@ -101,9 +101,7 @@ def finalize(bank_dir: str) -> dict:
         shards.append({"name": name, "size": int(v.shape[0])})
     manifest = {"dim": int(dim), "num_docs": sum(s["size"] for s in shards),
                 "shards": shards, "has_query_vectors": bool(with_queries)}
-    with fs.open(os.path.join(bank_dir, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    fs.rename(os.path.join(bank_dir, MANIFEST + ".tmp"), os.path.join(bank_dir, MANIFEST))
+    fs.write_json(os.path.join(bank_dir, MANIFEST), manifest, indent=2)
     return manifest
 
 

@@ -53,9 +53,8 @@ def precompute_neighbors(retriever: Retriever, out_dir: str, batch_size: int = 1
             r, sc = retriever.search_vectors_raw(np.asarray(vectors[a:b]), exclude_rows=own)
             rows.append(r)
             scores.append(sc)
-        tmp = path + ".tmp.npz"
-        fs.np_savez(tmp, rows=np.concatenate(rows), scores=np.concatenate(scores))
-        fs.rename(tmp, path)
+        with fs.atomic_write(path) as tmp:
+            fs.np_savez(tmp, rows=np.concatenate(rows), scores=np.concatenate(scores))
         done += n
     return done
 
@@ -63,7 +62,6 @@ def precompute_neighbors(retriever: Retriever, out_dir: str, batch_size: int = 1
 def load_neighbors(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """All shards' (rows int64[N, k], scores f32[N, k]) in bank row order."""
     files = sorted(fs.glob(os.path.join(out_dir, "neighbors-*.npz")))
-    files = [f for f in files if not f.endswith(".tmp.npz")]
     if not files:
         raise FileNotFoundError(f"no neighbors-*.npz in {out_dir!r}; run "
                                 "precompute_neighbors (the build_retrieval mode does).")

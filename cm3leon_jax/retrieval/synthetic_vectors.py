@@ -4,7 +4,7 @@ Uniform noise on the sphere is a poor stand-in for CLIP vectors: in 512-d every
 pair is nearly orthogonal, so no index can beat brute force and recall numbers
 mean little. Real embeddings crowd into topics of very different sizes, and
 within a topic they vary along few directions (their intrinsic dimension is a
-few dozen, not 512). Here each vector is a topic centre plus a variation in that
+few dozen, not 512). Here each vector is a topic center plus a variation in that
 topic's own low-dimensional subspace plus a little isotropic noise, renormalized;
 topic sizes follow a Zipf law. Queries come from the same distribution.
 """
@@ -19,16 +19,16 @@ def clustered_vectors(n: int, dim: int, seed: int = 0, num_topics: int | None = 
                       chunk: int = 100_000, topic_seed: int = 1234) -> np.ndarray:
     """f32[n, dim] unit vectors; deterministic in (n, dim, seed, the shape knobs).
 
-    The topics (centres and subspaces) depend on `topic_seed`, `num_topics`, `dim`
+    The topics (centers and subspaces) depend on `topic_seed`, `num_topics`, `dim`
     and `intrinsic_dim` only, not on `seed`: queries drawn with another `seed` and
     the bank's `num_topics` come from the bank's topics.
-    spread: norm of the within-topic variation relative to the unit centre;
+    spread: norm of the within-topic variation relative to the unit center;
     noise: norm of the isotropic noise.
     """
     num_topics = num_topics or max(1, int(np.sqrt(n)))
     trng = np.random.default_rng([topic_seed, num_topics, dim, intrinsic_dim])
-    centres = trng.standard_normal((num_topics, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centers = trng.standard_normal((num_topics, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     bases = trng.standard_normal((num_topics, intrinsic_dim, dim)).astype(np.float32)
     bases *= spread / np.sqrt(dim * intrinsic_dim)
     weights = 1.0 / np.arange(1, num_topics + 1) ** 0.8
@@ -39,7 +39,7 @@ def clustered_vectors(n: int, dim: int, seed: int = 0, num_topics: int | None = 
         m = min(chunk, n - start)
         topic = rng.choice(num_topics, size=m, p=weights)
         z = rng.standard_normal((m, intrinsic_dim)).astype(np.float32)
-        v = centres[topic]
+        v = centers[topic]
         order = np.argsort(topic, kind="stable")
         bounds = np.flatnonzero(np.diff(topic[order])) + 1
         for rows in np.split(order, bounds):  # one matmul per topic present

@@ -3,7 +3,10 @@
 Layout under `MODEL_DIR/checkpoints/`::
 
     <step>/state/    the TrainState (orbax StandardSave: OCDBT + zarr, one shard per device)
-    <step>/data/     the data iterators' position (`data.ShardedBatches.save`)
+    <step>/data/     the data iterators' position (`data.ShardedBatches.save`), when the
+                     run's data has one (a run whose position follows from the step has none)
+    <step>/<item>/   a trainer's own extra items (`items=`: the image tokenizer's config
+                     and inference params, which loading it reads without the state)
     <step>/checksums.json   size and CRC32 of every file, written before the commit
     corrupt.<step>/  a corrupt checkpoint, moved aside by `restore` (never deleted)
 
@@ -117,6 +120,22 @@ def verify_checksums(root: epath.Path) -> bool:
     return True
 
 
+def orbax_path(directory: str) -> epath.Path:
+    """`directory` as orbax's path (absolute); UserInputError on a file system orbax cannot use.
+
+    Orbax reads and writes through etils.epath and tensorstore: local folders, gs:// and
+    s3://. TensorFlow-only schemes (ram://, the tests' in-memory one) are not among them.
+    """
+    try:
+        return epath.Path(fs.abspath(directory))  # Cloud paths are absolute already.
+    except KeyError:
+        scheme = str(directory).split("://", 1)[0]
+        raise UserInputError(
+            f"checkpoints cannot be written to {directory!r}: orbax does not speak "
+            f"{scheme}:// (it writes local folders, gs:// and s3://). Give a MODEL_DIR "
+            "there.") from None
+
+
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves/restores an iterator with `save(dir)`/`restore(dir)` (`data.ShardedBatches`)."""
 
@@ -144,6 +163,9 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 class Checkpointer:
     """The run's checkpoints: when to save, how many to keep, how to restore.
 
+    Used by the three trainers (decoder, image tokenizer, retriever): each passes its own
+    state, its data position (or None) and any `items` of its own.
+
     Args:
         directory: where checkpoints live (the trainer passes MODEL_DIR/checkpoints).
         save_every: save when the step is a multiple of this (and at the end of the run,
@@ -151,16 +173,19 @@ class Checkpointer:
         keep: how many of the latest checkpoints to keep.
         async_save: write in a background thread (training goes on meanwhile).
         checksums: record and verify every file's CRC32 (see the module docstring).
+        items: extra items saved beside the state, name -> orbax handler (e.g.
+            {"config": ocp.JsonCheckpointHandler()}); `save(..., extras=)` gives their args.
     """
 
     def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
-                 async_save: bool = True, checksums: bool = True):
+                 async_save: bool = True, checksums: bool = True,
+                 items: dict[str, ocp.CheckpointHandler] | None = None):
         if save_every < 1 or keep < 1:
             raise ValueError(f"Checkpointer: save_every and keep must be >= 1; got "
                              f"{save_every}, {keep}.")
-        # Orbax needs an absolute path; cloud paths (gs://...) are already.
-        self.directory = epath.Path(fs.abspath(directory))
+        self.directory = orbax_path(directory)
         self.checksums, self._async = checksums, async_save
+        self._items = dict(items or {})
         self._saving: int | None = None  # The step being written (orbax saves one at a time).
         policies = ocp.checkpoint_managers  # No save at the first step (orbax's default).
         self._options = ocp.CheckpointManagerOptions(
@@ -175,9 +200,10 @@ class Checkpointer:
 
     def _new_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
-            self.directory, options=self._options, item_names=("state", "data"),
+            self.directory, options=self._options,
+            item_names=("state", "data", *self._items),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": DataIteratorHandler()})
+                           "data": DataIteratorHandler(), **self._items})
 
     def describe_last_good(self) -> str:
         """The newest checkpoint known complete (waits for a save in flight to finish)."""
@@ -193,18 +219,29 @@ class Checkpointer:
         """Whether `save(step, ...)` would write (the step is a multiple of save_every)."""
         return self._manager.should_save(step)
 
-    def save(self, step: int, state: Any, data: Any, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data: Any, force: bool = False,
+             extras: dict[str, ocp.args.CheckpointArgs] | None = None) -> bool:
         """Saves if `step` is due (or `force`); returns whether it started a save.
 
-        Raises CheckpointSaveError if this save, or the previous asynchronous one, failed.
+        `state` None saves no state (a params-only checkpoint of `extras`); `data` None
+        saves no data position. Raises CheckpointSaveError if this save, or the previous
+        asynchronous one, failed.
         """
         if self._manager.latest_step() == step or not (force or self.due(step)):
             return False
+        unknown = set(extras or {}) - set(self._items)
+        if unknown:
+            raise ValueError(f"Checkpointer.save: extras {sorted(unknown)} were not declared "
+                             f"in items= (declared: {sorted(self._items)}).")
+        args = dict(extras or {})
+        if state is not None:
+            args["state"] = ocp.args.StandardSave(state)
+        if data is not None:
+            args["data"] = DataIteratorSave(data)
         self.wait()  # orbax would too; then no callback is pending.
         self._saving = step
         try:
-            saved = self._manager.save(step, force=force, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=DataIteratorSave(data)))
+            saved = self._manager.save(step, force=force, args=ocp.args.Composite(**args))
             if saved and self.checksums and not self._async and jax.process_index() == 0:
                 self._before_commit()  # Already committed: record right after.
         except Exception as e:  # pylint: disable=broad-except  # Named, then re-raised.
@@ -249,7 +286,8 @@ class Checkpointer:
     def restore(self, abstract_state: Any, data: Any) -> Any | None:
         """The newest readable checkpoint, restored onto `abstract_state`'s shardings.
 
-        `data`'s iterators are moved to the saved position. A corrupt checkpoint (checksum
+        `data`'s iterators are moved to the saved position (`data` None: the run saves no
+        data position). A corrupt checkpoint (checksum
         mismatch, truncated or unreadable files) is reported with a warning, moved aside to
         `corrupt.<step>` and the previous one is tried. One that does not fit
         `abstract_state` or `data`'s layout raises CheckpointMismatchError and changes
@@ -264,10 +302,11 @@ class Checkpointer:
                 self._corrupt(step, e)
                 continue
             self._check_fits(step, stored, abstract_state, layout)
+            args = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data is not None:
+                args["data"] = DataIteratorRestore(data)
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=DataIteratorRestore(data)))
+                restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # pylint: disable=broad-except
                 if verified:  # Every byte is as written and the shapes fit: not corruption.
                     raise

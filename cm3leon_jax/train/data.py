@@ -34,6 +34,7 @@ import seqio
 import tensorflow as tf
 from jax.sharding import NamedSharding
 
+from cm3leon_jax import fs
 from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 
 # The data pipeline must never take an accelerator (or its memory) from JAX.
@@ -129,9 +130,9 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
 
     def save(self, directory: str) -> None:
         """Writes this host's share of the iterators' state under `directory`."""
-        tf.io.gfile.makedirs(directory)
+        fs.makedirs(directory)
         if jax.process_index() == 0:
-            with tf.io.gfile.GFile(os.path.join(directory, _SPEC_FILE), "w") as f:
+            with fs.open(os.path.join(directory, _SPEC_FILE), "w") as f:
                 f.write(json.dumps(self.spec()))
         for s in self.owned_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).write(self._prefix(directory, s))
@@ -139,10 +140,10 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
     def layout_difference(self, directory: str) -> str | None:
         """How the layout saved under `directory` differs from this one (None: it fits)."""
         spec_path = os.path.join(directory, _SPEC_FILE)
-        if not tf.io.gfile.exists(spec_path):
+        if not fs.exists(spec_path):
             raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
                                     "is missing).")
-        with tf.io.gfile.GFile(spec_path) as f:
+        with fs.open(spec_path) as f:
             saved = json.loads(f.read())
         current = self.spec()
         diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"

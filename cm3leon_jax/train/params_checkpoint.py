@@ -36,9 +36,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from etils import epath
 
+from cm3leon_jax import fs
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
@@ -68,7 +68,7 @@ def config_from_dict(fields: dict[str, Any], where: str = "manifest") -> Decoder
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -77,7 +77,7 @@ def sha256(path: str) -> str:
 def list_files(root: str) -> list[str]:
     """Relative paths ('/'-separated) of every file under `root`, sorted."""
     out = []
-    for dirpath, _, names in tf.io.gfile.walk(root):
+    for dirpath, _, names in fs.walk(root):
         rel = posixpath.relpath(dirpath.replace("\\", "/"), root.rstrip("/"))
         out += [n if rel == "." else f"{rel}/{n}" for n in names]
     return sorted(out)
@@ -86,7 +86,7 @@ def list_files(root: str) -> list[str]:
 def write_manifest(root: str, config: DecoderConfig, *, step: int | None, source: str,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hashes every file under `root` and writes `root/manifest.json`; returns it."""
-    files = {rel: {"bytes": tf.io.gfile.stat(f"{root}/{rel}").length,
+    files = {rel: {"bytes": fs.getsize(f"{root}/{rel}"),
                    "sha256": sha256(f"{root}/{rel}")}
              for rel in list_files(root) if rel != MANIFEST}
     manifest = {
@@ -97,7 +97,7 @@ def write_manifest(root: str, config: DecoderConfig, *, step: int | None, source
                                                   for r in files) else None,
         **(extra or {}), "files": files,
     }
-    with tf.io.gfile.GFile(f"{root}/{MANIFEST}", "w") as f:
+    with fs.open(f"{root}/{MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     return manifest
 
@@ -105,7 +105,7 @@ def write_manifest(root: str, config: DecoderConfig, *, step: int | None, source
 def is_export(path: str) -> bool:
     """Whether `path` is a params-only checkpoint folder (has a manifest of this format)."""
     manifest = f"{path.rstrip('/')}/{MANIFEST}"
-    if not tf.io.gfile.exists(manifest):
+    if not fs.exists(manifest):
         return False
     try:
         return read_manifest(path).get("format") == FORMAT
@@ -115,10 +115,10 @@ def is_export(path: str) -> bool:
 
 def read_manifest(path: str) -> dict[str, Any]:
     manifest = f"{path.rstrip('/')}/{MANIFEST}"
-    if not tf.io.gfile.exists(manifest):
+    if not fs.exists(manifest):
         raise FileNotFoundError(f"{path!r} has no {MANIFEST}: not a params-only export "
                                 "(make one with the `export` run mode).")
-    with tf.io.gfile.GFile(manifest) as f:
+    with fs.open(manifest) as f:
         try:
             out = json.load(f)
         except json.JSONDecodeError as e:
@@ -136,10 +136,10 @@ def verify(path: str, manifest: dict[str, Any] | None = None) -> None:
     root = path.rstrip("/")
     for rel, want in manifest["files"].items():
         full = f"{root}/{rel}"
-        if not tf.io.gfile.exists(full):
+        if not fs.exists(full):
             raise CorruptExportError(f"{full}: listed in {MANIFEST} but missing; the export "
                                      "is incomplete, copy it again.")
-        size = tf.io.gfile.stat(full).length
+        size = fs.getsize(full)
         if size != want["bytes"] or sha256(full) != want["sha256"]:
             raise CorruptExportError(f"{full}: {size} bytes whose sha256 does not match "
                                      f"{MANIFEST} ({want['bytes']} bytes); the file is damaged, "

@@ -20,7 +20,8 @@ import json
 import re
 
 import numpy as np
-import tensorflow as tf
+
+from cm3leon_jax import fs
 
 _SPECIAL = re.compile(r"<[^<>\s]+>")
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -67,13 +68,13 @@ class HFTextTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "HFTextTokenizer":
-        if not tf.io.gfile.exists(path):
+        if not fs.exists(path):
             raise FileNotFoundError(f"no tokenizers file at {path!r}.")
-        with tf.io.gfile.GFile(path, "rb") as f:
+        with fs.open(path, "rb") as f:
             return cls(f.read(), path=path)
 
     def save(self, path: str) -> str:
-        with tf.io.gfile.GFile(path, "wb") as f:
+        with fs.open(path, "wb") as f:
             f.write(self._bytes)
         self.path = path
         return path

@@ -23,7 +23,7 @@ Values
   readings of a value like 0.5 differ. bool, NaN and non-numeric arrays are refused.
 Size
   Square images of another size are resized (Lanczos). Non-square images are
-  resized so the short side fits and centre-cropped (Chameleon's preprocessing)
+  resized so the short side fits and center-cropped (Chameleon's preprocessing)
   when `crop_non_square` is true, else refused.
 """
 
@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from cm3leon_jax import fs
 
 _CHANNELS = (1, 3, 4)
 
@@ -93,7 +95,7 @@ def _resize(img: np.ndarray, size: int, crop_non_square: bool, what: str) -> np.
         return img
     if h != w and not crop_non_square:
         raise ValueError(
-            f"{what} is {h}x{w}, not square; crop it to a square or allow the centre crop "
+            f"{what} is {h}x{w}, not square; crop it to a square or allow the center crop "
             "(crop_non_square=True)")
     pil = Image.fromarray(img)
     scale = size / min(h, w)
@@ -134,13 +136,27 @@ def rgb_uint8_unresized(image: Any) -> np.ndarray:
     return _to_rgb(_to_uint8(x, what), what)[0]
 
 
+def read_rgb(path: str) -> np.ndarray:
+    """The image file at `path` (any file system fs.py speaks) -> uint8[h, w, 3], PIL's RGB
+    conversion at the file's own size. FileNotFoundError if there is no such file,
+    ValueError if PIL cannot read it; both name the path."""
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist.")
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path!r} is not readable ({type(e).__name__}: {e}); give a "
+                         "PNG, JPEG or another format PIL reads.") from None
+
+
 def to_rgb_uint8(images: Any, image_size: int, crop_non_square: bool = True) -> np.ndarray:
     """Converts images as described in the module docstring.
 
     Args:
       images: an array, a PIL image, or a sequence of them.
       image_size: side of the square output.
-      crop_non_square: centre-crop non-square images instead of refusing them.
+      crop_non_square: center-crop non-square images instead of refusing them.
     Returns:
       uint8[b, image_size, image_size, 3].
     """

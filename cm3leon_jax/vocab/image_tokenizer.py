@@ -78,7 +78,7 @@ class ImageTokenizer:
       config: the network's shape.
       params: its parameters (nested dict, numpy or jax arrays).
       batch_size: images per compiled call; the unit of work and of memory.
-      crop_non_square: centre-crop non-square inputs instead of refusing them.
+      crop_non_square: center-crop non-square inputs instead of refusing them.
     """
 
     def __init__(self, config: VQGANConfig, params: Any, batch_size: int = 8,

@@ -1,6 +1,8 @@
-"""Orbax checkpoints of the image tokenizer.
+"""The image tokenizer's checkpoints: the shared checkpointer's layout, plus two items.
 
-Layout, one folder per saved step (t5x-like)::
+Written by `train/checkpoints.Checkpointer` (the decoder trainer's: asynchronous saves,
+checksums, a save on SIGTERM, corrupt checkpoints set aside on resume), one folder per
+saved step::
 
     MODEL_DIR/checkpoints/<step>/
         config/   JSON, the VQGANConfig: a checkpoint is self-describing, so
@@ -8,88 +10,117 @@ Layout, one folder per saved step (t5x-like)::
         params/   the weights to tokenize with (the EMA weights when EMA is on)
         state/    everything to resume training exactly: params, optimizer states,
                   discriminator, EMA, codebook usage, step (the data position
-                  follows from the step, see vqgan_train.py)
+                  follows from the step, see vqgan_train.py); absent from a
+                  params-only checkpoint (an export, `save_params`)
+        checksums.json
 
-`ImageTokenizer.from_checkpoint` reads config + params only.
+`ImageTokenizer.from_checkpoint` reads config + params only (`restore_params`), after
+checking their checksums; a corrupt newest checkpoint is passed over, with a warning, for
+the one before.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.train import checkpoints
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 
-ITEMS = ("config", "params", "state")
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(model_dir: str) -> str:
     """MODEL_DIR/checkpoints; `model_dir` itself when it is already that folder
     (named `checkpoints`, or holding step folders and no `checkpoints/`)."""
-    model_dir = fs.abspath(model_dir)
-    sub = os.path.join(model_dir, "checkpoints")
-    if os.path.basename(model_dir) == "checkpoints" or fs.isdir(sub):
-        return model_dir if os.path.basename(model_dir) == "checkpoints" else sub
+    model_dir = fs.abspath(model_dir).rstrip("/")
+    sub = fs.join(model_dir, "checkpoints")
+    if os.path.basename(model_dir) == "checkpoints":
+        return model_dir
+    if fs.isdir(sub):
+        return sub
     if fs.isdir(model_dir) and any(n.isdigit() for n in fs.listdir(model_dir)):
         return model_dir
     return sub
 
 
-def manager(model_dir: str, max_to_keep: int | None = 3, read_only: bool = False
-            ) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only)
-    return ocp.CheckpointManager(checkpoint_dir(model_dir), options=options, item_names=ITEMS)
+def checkpointer(model_dir: str, save_every: int = 1000, keep: int = 3,
+                 async_save: bool = True) -> checkpoints.Checkpointer:
+    """The shared checkpointer over `checkpoint_dir(model_dir)`, with the config and
+    params items."""
+    return checkpoints.Checkpointer(
+        checkpoint_dir(model_dir), save_every=save_every, keep=keep, async_save=async_save,
+        items={"config": ocp.JsonCheckpointHandler(),
+               "params": ocp.StandardCheckpointHandler()})
 
 
-def save(mngr: ocp.CheckpointManager, step: int, cfg: VQGANConfig, params: Any,
-         state: Any | None = None) -> None:
-    """Saves one step (asynchronously; `mngr.wait_until_finished()` to block)."""
-    items = {"config": ocp.args.JsonSave(cfg.to_dict()), "params": ocp.args.StandardSave(params)}
-    if state is not None:
-        items["state"] = ocp.args.StandardSave(state)
-    mngr.save(step, args=ocp.args.Composite(**items))
+def items(cfg: VQGANConfig, params: Any) -> dict[str, ocp.args.CheckpointArgs]:
+    """The `extras` of `Checkpointer.save`: the config and the weights to tokenize with."""
+    return {"config": ocp.args.JsonSave(cfg.to_dict()), "params": ocp.args.StandardSave(params)}
 
 
-def _latest(mngr: ocp.CheckpointManager, step: int | None, where: str) -> int:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint{'' if step is None else f' for step {step}'} under {where!r} "
-            f"(steps there: {list(mngr.all_steps())}); train one with "
-            "run.mode = @train_image_tokenizer")
-    return step
+def save_params(model_dir: str, step: int, cfg: VQGANConfig, params: Any) -> None:
+    """A params-only checkpoint (no training state) that `restore_params` reads."""
+    ckpt = checkpointer(model_dir, async_save=False)
+    try:
+        ckpt.save(step, None, None, force=True, extras=items(cfg, params))
+    finally:
+        ckpt.close()
 
 
-def restore_config(mngr: ocp.CheckpointManager, step: int) -> VQGANConfig:
-    got = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return VQGANConfig.from_dict(dict(got["config"]))
+def steps(model_dir: str) -> list[int]:
+    """The complete checkpoints' steps, oldest first (in-progress saves are not listed)."""
+    directory = checkpoint_dir(model_dir)
+    if not fs.isdir(directory):
+        return []
+    return sorted(int(n) for n in fs.listdir(directory) if n.isdigit())
 
 
 def restore_params(model_dir: str, step: int | None = None) -> tuple[Any, VQGANConfig, int]:
-    """(params, config, step) of a saved tokenizer; the latest step by default."""
+    """(params, config, step) of a saved tokenizer; the newest readable step by default."""
+    available = steps(model_dir)
+    if step is None and not available or step is not None and step not in available:
+        raise MissingInputError(
+            f"no checkpoint{'' if step is None else f' for step {step}'} under {model_dir!r} "
+            f"(steps there: {available}); train one with run.mode = @train_image_tokenizer")
+    candidates = [step] if step is not None else available[::-1]
+    directory = checkpoints.orbax_path(checkpoint_dir(model_dir))
+    for i, candidate in enumerate(candidates):
+        try:
+            params, cfg = _read(directory / str(candidate))
+            return params, cfg, candidate
+        except checkpoints.CorruptCheckpointError as e:
+            if i + 1 == len(candidates):
+                raise UserInputError(
+                    f"the image tokenizer checkpoint at step {candidate} in {model_dir!r} is "
+                    f"unreadable ({e}) and there is no earlier one to use.") from e
+            log.warning("image tokenizer checkpoint at step %d in %s is unreadable (%s); "
+                        "using step %d.", candidate, model_dir, e, candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _read(step_dir: epath.Path) -> tuple[Any, VQGANConfig]:
+    """(params, config) of one step; CorruptCheckpointError if its files are damaged."""
     from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
 
-    mngr = manager(model_dir, max_to_keep=None, read_only=True)
-    step = _latest(mngr, step, model_dir)
-    cfg = restore_config(mngr, step)
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))
-    got = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    mngr.close()
-    return got["params"], cfg, step
-
-
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
-                  ) -> tuple[Any, int]:
-    """(train state, step) to resume from, laid out like `abstract_state`
-    (ShapeDtypeStructs with shardings, so each array lands where it is used)."""
-    step = _latest(mngr, step, str(mngr.directory))
-    got = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
-    return got["state"], step
+    if not checkpoints.verify_checksums(step_dir):
+        log.warning("image tokenizer checkpoint %s has no %s; loading it unverified.",
+                    step_dir, checkpoints.CHECKSUMS)
+    try:
+        stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+            step_dir / "config", args=ocp.args.JsonRestore())
+        cfg = VQGANConfig.from_dict(dict(stored))
+        target = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))
+        with ocp.StandardCheckpointer() as reader:
+            params = reader.restore(step_dir / "params", target)
+    except Exception as e:  # pylint: disable=broad-except  # Checksums fit: the files do not.
+        raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
+    return params, cfg

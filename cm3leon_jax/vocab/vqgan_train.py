@@ -16,11 +16,13 @@ split by the `batch` rule, weights replicated):
 
 Determinism: step s reads examples s*B .. s*B+B-1 of the image source and uses
 rng fold_in(seed, s), so a resumed run (from MODEL_DIR/checkpoints) continues the
-exact same run. The optimizer and the metrics writer are the decoder trainer's
-(`train/optimizer.py`, `train/metrics.py`); the loss, the model and the checkpoint
-layout (config + params the tokenizer loads, `vqgan_checkpoint.py`) are this
-file's. TensorBoard and MODEL_DIR/metrics.jsonl: losses, PSNR, codebook usage,
-images/s, and a grid of originals over reconstructions.
+exact same run. The optimizer, the checkpointer (checksums, a save on SIGTERM,
+corrupt checkpoints set aside) and the metrics writer are the decoder trainer's
+(`train/optimizer.py`, `train/checkpoints.py`, `train/metrics.py`); the loss and the
+model are this file's, and `vqgan_checkpoint.py` adds the items the tokenizer loads
+(config + inference params) beside the training state. TensorBoard and
+MODEL_DIR/metrics.jsonl: losses, PSNR, codebook usage, images/s, and a grid of
+originals over reconstructions.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cm3leon_jax.model import partitioning
+from cm3leon_jax.train import checkpoints, optimizer
 from cm3leon_jax.train import metrics as metrics_lib
-from cm3leon_jax.train import optimizer
 from cm3leon_jax.train import step as step_lib
 from cm3leon_jax.vocab import image_inputs, quantizer, vqgan_checkpoint
 from cm3leon_jax.vocab.image_sources import ImageSource
@@ -281,13 +283,13 @@ def train_image_tokenizer(
     trainer = Trainer(cfg, opt(learning_rate), weights or VQGANLossWeights(), disc,
                       opt(disc_learning_rate or learning_rate) if disc else None,
                       ema_decay, usage_decay, restart_every, restart_threshold, seed)
-    run = _Run(model_dir, trainer, batch_size, disc_start, keep_checkpoints,
+    run = _Run(model_dir, trainer, batch_size, disc_start, checkpoint_every, keep_checkpoints,
                write_tensorboard)
     run.writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
                               "batch_size": batch_size, "learning_rate": learning_rate,
                               "num_steps": num_steps})
     try:
-        return run.train(image_source, num_steps, log_every, checkpoint_every, eval_every,
+        return run.train(image_source, num_steps, log_every, eval_every,
                          functools.partial(run.evaluate, eval_source, eval_examples))
     finally:
         run.close()
@@ -297,7 +299,8 @@ class _Run:
     """One tokenizer training run: mesh, jitted steps, checkpoints, metrics, the loop."""
 
     def __init__(self, model_dir: str, trainer: Trainer, batch_size: int,
-                 disc_start: int | None, keep_checkpoints: int, write_tensorboard: bool):
+                 disc_start: int | None, checkpoint_every: int, keep_checkpoints: int,
+                 write_tensorboard: bool):
         self.trainer, self.cfg, self.batch_size = trainer, trainer.cfg, batch_size
         self.disc_start = disc_start
         devices = jax.devices()
@@ -316,55 +319,61 @@ class _Run:
                       for flag in ({False, True} if disc_start is not None else {False})}
         self.eval_step = jax.jit(trainer.evaluate)
         self.window = _Window()
-        self.mngr = vqgan_checkpoint.manager(model_dir, max_to_keep=keep_checkpoints)
+        self.ckpt = vqgan_checkpoint.checkpointer(model_dir, save_every=checkpoint_every,
+                                                  keep=keep_checkpoints)
         self.writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
 
     def restore_or_init(self) -> tuple[dict[str, Any], int]:
         """(state, step): the newest checkpoint's, else a fresh initialization at step 0."""
         key = init_key(self.trainer.seed)
-        if self.mngr.latest_step() is None:
-            return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0
         abstract = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
             jax.eval_shape(self.trainer.init, key))
-        state, start = vqgan_checkpoint.restore_state(self.mngr, abstract)
-        log.info("resumed from step %d of %s", start, self.mngr.directory)
+        state = self.ckpt.restore(abstract, None)
+        if state is None:
+            return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0
+        start = int(state["step"])
+        log.info("resumed from step %d of %s", start, self.ckpt.directory)
         return state, start
 
-    def train(self, source: ImageSource, num_steps: int, log_every: int,
-              checkpoint_every: int, eval_every: int,
-              evaluate: Callable[[int, dict[str, Any]], dict[str, float]]) -> dict[str, float]:
-        """The loop: step, log, save, evaluate; then the final save and evaluation.
+    def train(self, source: ImageSource, num_steps: int, log_every: int, eval_every: int,
+              evaluate: Callable[[int, dict[str, Any]], dict[str, float]]) -> dict[str, Any]:
+        """The loop: step, log, save, evaluate; then the final evaluation.
 
         Step s reads examples s*B .. s*B+B-1 of `source`, so a resumed run sees
-        exactly the data the uninterrupted run would have.
+        exactly the data the uninterrupted run would have. A preemption (SIGTERM) saves
+        the step reached and returns {..., "preempted": True} without evaluating.
         """
-        state, start = self.restore_or_init()
-        last: dict[str, float] = {}
-        for step in range(start, num_steps):
-            x = jax.device_put(load_batch(source, step * self.batch_size, self.batch_size,
-                                          self.cfg.image_size), self.data_sharding)
-            use_disc = self.disc_start is not None and step >= self.disc_start
-            state, metrics = self.steps[use_disc](state, x)
-            self.window.add(metrics)
-            done = step + 1
-            if done % log_every == 0 or done == num_steps:
-                last = self.window.take(self.batch_size)
-                self.writer.write(done, last)
-            if done % checkpoint_every == 0 and done != num_steps:
-                self.save(done, state)
-            if eval_every and done % eval_every == 0 and done != num_steps:
-                evaluate(done, state)
-        if start < num_steps:
-            self.save(num_steps, state)
+        state, step = self.restore_or_init()
+        last: dict[str, Any] = {}
+        with checkpoints.PreemptionSignal() as preemption:
+            while step < num_steps:
+                x = jax.device_put(load_batch(source, step * self.batch_size, self.batch_size,
+                                              self.cfg.image_size), self.data_sharding)
+                use_disc = self.disc_start is not None and step >= self.disc_start
+                state, metrics = self.steps[use_disc](state, x)
+                self.window.add(metrics)
+                step += 1
+                if step % log_every == 0 or step == num_steps:
+                    last = self.window.take(self.batch_size)
+                    self.writer.write(step, last)
+                preempted = preemption.reached(step)
+                if preempted or step == num_steps or self.ckpt.due(step):
+                    self.save(step, state, force=preempted or step == num_steps)
+                if preempted:
+                    log.warning("preempted: saved step %d; rerun the same command to resume.",
+                                step)
+                    return {**last, "preempted": True}
+                if eval_every and step % eval_every == 0 and step != num_steps:
+                    evaluate(step, state)
         return {**last, **evaluate(num_steps, state)}
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any], force: bool) -> None:
         # Host copies: the state is replicated, and saving device arrays would make
         # orbax compile a slice per parameter shape (minutes on a small CPU).
         host = jax.device_get(state)
-        vqgan_checkpoint.save(self.mngr, step, self.cfg, self.trainer.inference_params(host),
-                              host)
+        self.ckpt.save(step, host, None, force=force, extras=vqgan_checkpoint.items(
+            self.cfg, self.trainer.inference_params(host)))
 
     def evaluate(self, source: ImageSource, num_examples: int, step: int,
                  state: dict[str, Any]) -> dict[str, float]:
@@ -391,8 +400,7 @@ class _Run:
         return result
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        self.ckpt.close()
         self.writer.flush()
         self.writer.close()
 

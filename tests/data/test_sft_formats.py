@@ -118,7 +118,7 @@ def test_every_record_is_an_example_or_a_counted_skip(fixtures):
     assert _reasons(boxes) == {"unknown_image_id": 1, "missing_image": 1, "no_boxes": 1}
 
 
-def test_coco_boxes_follow_the_centre_crop_and_resize(fixtures):
+def test_coco_boxes_follow_the_center_crop_and_resize(fixtures):
     # 64x48 -> crop x in [8, 56) -> scale 32/48: dog (8,0,16,24) -> (0,0,11,16); the cat
     # at x 0..4 lies left of the crop and is dropped.
     assert sft_formats.crop_box([8, 0, 16, 24], 64, 48, 32) == (0, 0, 11, 16)

@@ -5,46 +5,22 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cm3leon_jax.decode.restore import restore_decoder
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.train import checkpoints, optimizer
-from cm3leon_jax.train import state as state_lib
-from tests.model.model_testlib import random_params, tiny_config
+from cm3leon_jax.train import checkpoints
+from tests.model.model_testlib import tiny_config, write_train_checkpoints
 
 CONFIG = tiny_config()
-
-
-class DataPosition:
-    """The trainer saves its data iterator beside the state; generation never reads it."""
-
-    def save(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "position.txt"), "w") as f:
-            f.write("0")
-
-    def restore(self, directory):
-        pass
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A MODEL_DIR with checkpoints at steps 1 and 2, written by the trainer's Checkpointer."""
     model_dir = tmp_path_factory.mktemp("train_run")
-    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
-    ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"), save_every=1,
-                                    async_save=False)
-    states = {}
-    for step in (1, 2):
-        params = random_params(CONFIG, seed=step)
-        states[step] = state_lib.TrainState(step=jnp.int32(step), params=params,
-                                            opt_state=tx.init(params))
-        ckpt.save(step, states[step], DataPosition())
-    ckpt.close()
-    return str(model_dir), states
+    return str(model_dir), write_train_checkpoints(str(model_dir / "checkpoints"), CONFIG, (1, 2))
 
 
 def test_restores_the_newest_or_the_asked_step_params_only(trained):

@@ -1,33 +1,22 @@
 """A tiny random decoder checkpoint, vocabulary, image tokenizer and CLIP encoder on disk,
 shared by the eval-run tests (the decode tests' tiny vocabulary: 16 codes of 64)."""
 
-import jax.numpy as jnp
 import pytest
 
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
-from cm3leon_jax.train import checkpoints, optimizer
-from cm3leon_jax.train import state as state_lib
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 from tests.decode.conftest import CAPTIONS
-from tests.model.model_testlib import random_params, tiny_config
+from tests.model.model_testlib import tiny_config, write_train_checkpoints
 
 # 32 px (the corpus' smallest scenes) -> 4x4 = 16 codes of a 64-entry codebook.
 VQ = VQGANConfig(image_size=32, base_channels=8, channel_multipliers=(1, 2, 2, 2),
                  num_res_blocks=1, attn_levels=(), latent_channels=8, embed_dim=8,
                  codebook_size=64, num_groups=4)
 CONFIG = tiny_config()
-
-
-class DataPosition:
-    def save(self, directory):
-        pass
-
-    def restore(self, directory):
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +26,7 @@ def eval_files(tmp_path_factory):
                         "what color is the shape make turn into remove add"]
     MultimodalVocabulary.create(str(root / "vocab"), TextTokenizer.train(words, vocab_size=290),
                                 image_codes=64, num_sentinels=8, image_length=16)
-    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
-    params = random_params(CONFIG, seed=1)
-    ckpt = checkpoints.Checkpointer(str(root / "train" / "checkpoints"), save_every=1,
-                                    async_save=False)
-    ckpt.save(1, state_lib.TrainState(step=jnp.int32(1), params=params,
-                                      opt_state=tx.init(params)), DataPosition())
-    ckpt.close()
+    params = write_train_checkpoints(str(root / "train" / "checkpoints"), CONFIG, (1,))[1].params
     cfg = clip.clip_config("tiny")
     DocumentEncoder(cfg, clip.init_params(cfg, 0),
                     clip_tokenizer.WordTokenizer(4096)).save(str(root / "clip"))

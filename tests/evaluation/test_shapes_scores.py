@@ -39,7 +39,7 @@ def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
     # Swap two objects' places (a mirrored render): classes and colors stay right,
     # positions and boxes do not.
     two = next(s for s in scenes if len(s.shapes) == 2
-               and abs(s.shapes[0].centre[0] - s.shapes[1].centre[0]) > 4)
+               and abs(s.shapes[0].center[0] - s.shapes[1].center[0]) > 4)
     mirrored = shapes.render(two)[:, ::-1].copy()
     row = shapes_scores.text_to_image_metrics(mirrored[None], [two])
     assert row["objects_right"] == 1.0 and row["count_right"] == 1.0

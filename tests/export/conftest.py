@@ -3,21 +3,16 @@ image tokenizer, all tiny (written once per session)."""
 
 from __future__ import annotations
 
-import os
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3leon_jax.train import checkpoints, optimizer
-from cm3leon_jax.train import state as state_lib
 from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
-from tests.model.model_testlib import random_params, tiny_config
+from tests.model.model_testlib import tiny_config, write_train_checkpoints
 
 CONFIG = tiny_config()
 TINY_VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2),
@@ -28,30 +23,12 @@ TEXTS = [f"a {c} {s} {r} a {c2} {s2}" for c in ("red", "blue", "green")
          for c2 in ("yellow", "purple") for s2 in ("square", "triangle")]
 
 
-class DataPosition:
-    """The trainer saves its data iterator beside the state; exports never read it."""
-
-    def save(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "position.txt"), "w") as f:
-            f.write("0")
-
-    def restore(self, directory):
-        pass
-
-
 @pytest.fixture(scope="session")
 def train_run(tmp_path_factory):
     """(MODEL_DIR, params) of a train run with a checkpoint at step 3 (params + Adam)."""
     model_dir = tmp_path_factory.mktemp("train_run")
-    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
-    ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"), save_every=1,
-                                    async_save=False)
-    params = random_params(CONFIG, seed=3)
-    state = state_lib.TrainState(step=jnp.int32(3), params=params, opt_state=tx.init(params))
-    ckpt.save(3, state, DataPosition())
-    ckpt.close()
-    return str(model_dir), params
+    states = write_train_checkpoints(str(model_dir / "checkpoints"), CONFIG, (3,))
+    return str(model_dir), states[3].params
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +42,7 @@ def vocab_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_tokenizer_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("image_tokenizer"))
-    mngr = vqgan_checkpoint.manager(directory)
-    vqgan_checkpoint.save(mngr, 5, TINY_VQ, random_vq_params(TINY_VQ, seed=1))
-    mngr.wait_until_finished()
-    mngr.close()
+    vqgan_checkpoint.save_params(directory, 5, TINY_VQ, random_vq_params(TINY_VQ, seed=1))
     return directory
 
 

@@ -217,3 +217,17 @@ def test_unknown_argument_names_the_binding_form(capsys):
     with pytest.raises(SystemExit):
         slurm.launch([GIN, "/x", "--nodez=2", "--dry_run"])
     assert "--gin.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_every_gin_file_the_launchers_name_exists():
+    """The commands in launch/'s docstrings and scripts are copied by users: their gin
+    files must be there."""
+    import glob
+    import re
+    named = set()
+    for path in glob.glob(os.path.join(common.REPO, "launch", "*")):
+        with open(path) as f:
+            named |= set(re.findall(r"gin_configs/[\w/.]+?\.gin", f.read()))
+    assert "gin_configs/train/cm3leon_350m.gin" in named  # launch/slurm.py's example
+    missing = sorted(n for n in named if not os.path.exists(os.path.join(common.REPO, n)))
+    assert not missing, missing

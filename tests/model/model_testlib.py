@@ -96,3 +96,34 @@ def forward(config: DecoderConfig):
     """A jitted `Decoder(config).apply({"params": p}, tokens, segment_ids, positions)`."""
     model = Decoder(config)
     return jax.jit(lambda p, t, s=None, pos=None: model.apply({"params": p}, t, s, pos))
+
+
+class DataPosition:
+    """The trainer saves its data iterator beside the state; readers of params never look."""
+
+    def save(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "position.txt"), "w") as f:
+            f.write("0")
+
+    def restore(self, directory):
+        pass
+
+
+def write_train_checkpoints(checkpoint_dir: str, config: DecoderConfig,
+                            steps: tuple[int, ...]) -> dict:
+    """A training run's checkpoints, written by the trainer's own Checkpointer: at each
+    step, random params (seed = step) with a fresh Adam state. Returns {step: TrainState}."""
+    from cm3leon_jax.train import checkpoints, optimizer
+    from cm3leon_jax.train import state as state_lib
+
+    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
+    ckpt = checkpoints.Checkpointer(checkpoint_dir, save_every=1, async_save=False)
+    states = {}
+    for step in steps:
+        params = random_params(config, seed=step)
+        states[step] = state_lib.TrainState(step=jnp.int32(step), params=params,
+                                            opt_state=tx.init(params))
+        ckpt.save(step, states[step], DataPosition())
+    ckpt.close()
+    return states

@@ -1,5 +1,7 @@
 """The registered pretraining tasks, end to end on a tiny tokenized corpus."""
 
+import functools
+
 import gin
 import numpy as np
 import pytest
@@ -8,12 +10,11 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import shards
-from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.document import Document, Image, Text
-from cm3leon_jax.vocab.layout import EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+from tests.tasks.tasks_testlib import batches, cached_and_fresh
 
 CAPTIONS = [f"a {c} {s} next to a {c2} {s2}" for c in ("red", "blue", "green")
             for s in ("circle", "star", "square") for c2 in ("pink", "grey")
@@ -49,12 +50,7 @@ def bound(data_dir):
     gin.clear_config()
 
 
-def _batches(task, split="train", seed=3, pack=True, seq_len=SEQ_LEN):
-    ds = seqio.get_dataset(
-        task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
-        shuffle=True, seed=seed, num_epochs=1,
-        feature_converter=CM3FeatureConverter(bos_id=EOS_ID, pack=pack))
-    return list(ds.as_numpy_iterator())
+_batches = functools.partial(batches, seq_len=SEQ_LEN)
 
 
 def test_tasks_and_mixture_are_registered():
@@ -143,26 +139,6 @@ def test_unset_user_corpus_is_a_clear_error():
 def test_seqio_caching(data_dir, tmp_path):
     """cache_tasks_main (Beam) stores the parsed records; reading the cache gives
     the same examples as reading the shards."""
-    import os
-    import subprocess
-    import sys
-    cache = tmp_path / "cache"
-    env = dict(os.environ, CM3LEON_DATA_DIR=data_dir, PYTHONPATH=os.getcwd())
-    r = subprocess.run(
-        [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=tasks",
-         "--tasks=cm3leon_synthetic", f"--output_cache_dir={cache}", "--min_shards=1"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (cache / "cm3leon_synthetic").exists()
-    gin.clear_config()
-    gin.bind_parameter("data_dirs.synthetic", data_dir)
-    seqio.add_global_cache_dirs([str(cache)])
-    task = seqio.get_mixture_or_task("cm3leon_synthetic")
-    cached = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=True,
-                              shuffle=False, seed=1)
-    fresh = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=False,
-                             shuffle=False, seed=1)
-    a = sorted(tuple(x["targets"]) for x in cached.as_numpy_iterator())
-    b = sorted(tuple(x["targets"]) for x in fresh.as_numpy_iterator())
+    a, b = cached_and_fresh("cm3leon_synthetic", {"CM3LEON_DATA_DIR": data_dir},
+                            ("data_dirs.synthetic", data_dir), tmp_path / "cache", SEQ_LEN)
     assert len(a) == 12 and a == b
-    gin.clear_config()

@@ -1,10 +1,9 @@
 """SFT preprocessing (Beam, tiny VQGAN) and the registered SFT tasks and mixture."""
 
 import collections
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import numpy as np
@@ -14,11 +13,12 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
-from cm3leon_jax.train.feature_converter import CM3FeatureConverter
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from tests.data.test_preprocess import tiny_image_tokenizer
+from tests.tasks.tasks_testlib import batches, cached_and_fresh
 
 SEQ_LEN = 512
 SIZES = {"train": 6, "validation": 2, "test": 2}
@@ -87,7 +87,29 @@ def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
         splits=("train",), seq_len=160)
     edit = result["families"]["edit"]["train"]  # two images: 128 codes + text > 160 - 24
     assert edit["written"] == 0 and edit["skipped"] == {"document_too_long": 3}
+    assert edit["min_tokens"] > 160 - 24 and result["seq_len"] == 160
     assert result["families"]["caption"]["train"]["written"] == 3
+    # A task of a family with no example is one clear error, not a dataset repeated forever.
+    gin.clear_config()
+    gin.bind_parameter("sft_data_dirs.synthetic", str(tmp_path))
+    try:
+        with pytest.raises(UserInputError, match=r"'edit' has no 'train' example.*all 3 "
+                                                 r"were longer than sft_preprocess.seq_len=160"):
+            _batches("cm3leon_sft_edit", seq_len=160)
+        assert len(_batches("cm3leon_sft_caption", seq_len=160, pack=False)) == 3
+    finally:
+        gin.clear_config()
+
+
+def test_a_seq_len_no_example_fits_is_one_clear_error(bound, sft_dir):
+    """Examples written at SEQ_LEN, trained at a length where one split has none that fits
+    (its dataset would be empty: the error names the family, split and seq_len)."""
+    shortest = max(c["min_tokens"] for c in sft_dir[1]["families"]["edit"].values())
+    seq_len = shortest + 24 - 1  # One short (24 = the CM3 reserve of 3 * max_spans).
+    with pytest.raises(UserInputError, match=rf"SFT family 'edit' .* longer than seq_len="
+                                             rf"{seq_len} allows.*train.seq_len >= {seq_len + 1}"):
+        _batches("cm3leon_sft_edit", seq_len=seq_len)
+    assert _batches("cm3leon_sft_edit", seq_len=seq_len + 1)  # One more token: it fits.
 
 
 def test_another_vocabulary_is_refused(sft_dir, tmp_path):
@@ -99,12 +121,7 @@ def test_another_vocabulary_is_refused(sft_dir, tmp_path):
         sft_preprocess.copy_vocabulary(str(other), out)
 
 
-def _batches(task, split="train", seed=3, pack=True, seq_len=SEQ_LEN):
-    ds = seqio.get_dataset(
-        task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
-        shuffle=True, seed=seed, num_epochs=1,
-        feature_converter=CM3FeatureConverter(bos_id=EOS_ID, pack=pack))
-    return list(ds.as_numpy_iterator())
+_batches = functools.partial(batches, seq_len=SEQ_LEN)
 
 
 def test_every_family_task_yields_cm3_examples(bound):
@@ -171,22 +188,6 @@ def test_mixture_draws_each_family_at_its_gin_rate(bound):
 @pytest.mark.slow  # The same cache path as tests/tasks/test_pretrain_tasks.py's (default run).
 def test_seqio_caching(sft_dir, tmp_path):
     """seqio's Beam cache of an SFT task gives the examples reading the shards gives."""
-    cache = tmp_path / "cache"
-    env = dict(os.environ, CM3LEON_SFT_DATA_DIR=sft_dir[0], PYTHONPATH=os.getcwd())
-    r = subprocess.run(
-        [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=tasks",
-         "--tasks=cm3leon_sft_vqa", f"--output_cache_dir={cache}", "--min_shards=1"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    gin.clear_config()
-    gin.bind_parameter("sft_data_dirs.synthetic", sft_dir[0])
-    seqio.add_global_cache_dirs([str(cache)])
-    task = seqio.get_mixture_or_task("cm3leon_sft_vqa")
-    cached = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=True,
-                              shuffle=False, seed=1)
-    fresh = task.get_dataset({"targets": SEQ_LEN}, split="validation", use_cached=False,
-                             shuffle=False, seed=1)
-    a = sorted(tuple(x["targets"]) for x in cached.as_numpy_iterator())
-    b = sorted(tuple(x["targets"]) for x in fresh.as_numpy_iterator())
+    a, b = cached_and_fresh("cm3leon_sft_vqa", {"CM3LEON_SFT_DATA_DIR": sft_dir[0]},
+                            ("sft_data_dirs.synthetic", sft_dir[0]), tmp_path / "cache", SEQ_LEN)
     assert len(a) == 2 and a == b
-    gin.clear_config()

@@ -3,7 +3,6 @@ that does not fit without touching it, and survive a write that fails part-way."
 
 import errno
 import functools
-import hashlib
 import logging
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import train_testlib as lib
 from train_testlib import tiny_config
 
 from cm3leon_jax.errors import UserInputError
@@ -116,16 +116,6 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tmp_path, data, ca
         "corrupt.4", "corrupt.4.2", "corrupt.6"]
 
 
-def _digests(root):
-    """{relative path: sha256} of every file under root."""
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).digest()
-    return out
-
-
 def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp_path, data,
                                                                              corpus):
     """Another model size, then another batch: one error each, naming what differs and
@@ -137,7 +127,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp
     for step, state in states.items():
         ckpt.save(step, state, data)
     ckpt.close()
-    before = _digests(tmp_path)
+    before = lib.tree_digests(tmp_path)
 
     bigger = tiny_config(d_model=128, mlp_dim=512)
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), save_every=2)
@@ -154,11 +144,11 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp
     with pytest.raises(checkpoints.CheckpointMismatchError,
                        match=r"data layout differs \(global_batch 8 in the checkpoint, 16 now\)"):
         ckpt.restore(abstract, _batches(corpus, rows=16))
-    assert _digests(tmp_path) == before
+    assert lib.tree_digests(tmp_path) == before
 
     _assert_equal(states[4], ckpt.restore(abstract, data))  # The manager is still usable.
     ckpt.close()
-    assert _digests(tmp_path) == before
+    assert lib.tree_digests(tmp_path) == before
 
 
 def test_an_unverified_unreadable_checkpoint_falls_back_and_the_manager_works(tmp_path, data,
@@ -232,7 +222,7 @@ def test_a_write_that_fails_partway_keeps_the_previous_checkpoint(tmp_path, data
     ckpt = checkpoints.Checkpointer(str(root / "checkpoints"), save_every=2, keep=3)
     assert ckpt.save(2, states[2], data)
     ckpt.wait()
-    before = _digests(root / "checkpoints" / "2")
+    before = lib.tree_digests(root / "checkpoints" / "2")
     if fault == "raising write":
         _fail_partway_through_iterator_writes(monkeypatch)
     with pytest.raises(checkpoints.CheckpointSaveError) as error:
@@ -243,7 +233,7 @@ def test_a_write_that_fails_partway_keeps_the_previous_checkpoint(tmp_path, data
     assert f"last complete checkpoint is step 2 in {root}/checkpoints/2, untouched" in message
     assert ckpt.describe_last_good().startswith("step 2 in")
     monkeypatch.undo()
-    assert _digests(root / "checkpoints" / "2") == before
+    assert lib.tree_digests(root / "checkpoints" / "2") == before
     abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
     ckpt = checkpoints.Checkpointer(str(root / "checkpoints"), save_every=2)
     _assert_equal(states[2], ckpt.restore(abstract, data))

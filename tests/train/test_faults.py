@@ -3,7 +3,6 @@ configured; a MODEL_DIR rerun with another model size is refused through the com
 (SIGKILL in the middle of a save: test_trainer.py; a write that fails part-way:
 test_checkpoints.py.)"""
 
-import hashlib
 import math
 import os
 
@@ -60,15 +59,6 @@ def test_a_nan_at_step_k_stops_or_is_skipped(corpus, tmp_path, nan_at_step_k, po
     assert metrics[5]["skipped_steps"] == 1.0 and metrics[2]["skipped_steps"] == 0.0
 
 
-def _digests(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).digest()
-    return out
-
-
 def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus, tmp_path,
                                                                           capsys):
     """The command line a user reruns with a bigger model: exit status 2, one line naming
@@ -76,7 +66,7 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     path, vocab = corpus
     model_dir = str(tmp_path / "run")
     lib.run_in_process(lib.bindings(model_dir, path, vocab, **{"train.num_steps": 2}))
-    before = _digests(os.path.join(model_dir, "checkpoints"))
+    before = lib.tree_digests(os.path.join(model_dir, "checkpoints"))
     bigger = lib.bindings(model_dir, path, vocab, **{"train.num_steps": 4,
                                                      "DecoderConfig.d_model": 128})
     for _ in range(2):  # A second try must not lose anything either.
@@ -91,6 +81,6 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
         assert "does not fit this run's config" in errors[0]
         assert "is (2, 64, 4, 16) in the checkpoint but (2, 128, 4, 32) in this config" in errors[0]
         assert "another MODEL_DIR" in errors[0] and "config.gin" in errors[0]
-        assert _digests(os.path.join(model_dir, "checkpoints")) == before
+        assert lib.tree_digests(os.path.join(model_dir, "checkpoints")) == before
     # The config it was trained with is still on record, beside the one that failed.
     assert "d_model = 64" in open(os.path.join(model_dir, "config.1.gin")).read()

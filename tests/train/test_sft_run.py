@@ -5,7 +5,6 @@ trainer tests' tiny corpus and a tiny SFT folder made from its vocabulary, shrun
 bindings to seconds.
 """
 
-import hashlib
 import os
 import shutil
 
@@ -15,6 +14,7 @@ import pytest
 import train_testlib as lib
 
 from cm3leon_jax.data import sft_examples, sft_prompts, shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 SFT_GIN = os.path.join(lib.REPO, "gin_configs", "runs", "sft.gin")
@@ -77,15 +77,6 @@ def run_sft(binding_list):
         gin.clear_config()
 
 
-def _tree_digest(root):
-    h = hashlib.sha256()
-    for d, _, files in sorted(os.walk(root)):
-        for f in sorted(files):
-            h.update(f.encode())
-            h.update(open(os.path.join(d, f), "rb").read())
-    return h.hexdigest()
-
-
 def _params(model_dir, vocab_size):
     from cm3leon_jax.decode import restore
     config = lib.tiny_config(vocab_size=vocab_size, max_length=256)
@@ -93,12 +84,12 @@ def _params(model_dir, vocab_size):
 
 
 def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp_path):
-    before = _tree_digest(base[0])
+    before = lib.tree_digests(base[0])
     out = str(tmp_path / "sft")
     result = run_sft(sft_bindings(out, base, **{"train.num_steps": 1,
                                                 "learning_rate_schedule.peak_lr": 1e-12}))
     assert result["step"] == 1 and result["base"]["step"] == 4
-    assert _tree_digest(base[0]) == before
+    assert lib.tree_digests(base[0]) == before
     import jax
     got, want = _params(out, base[3]), _params(base[0], base[3])
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -120,10 +111,8 @@ def test_sft_resumes_exactly(base, tmp_path):
 
 
 def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
-    # main.run writes MODEL_DIR/config.gin before any mode starts, so only the base's
-    # checkpoints are sure to stay untouched when MODEL_DIR is the base's own folder.
     checkpoints = os.path.join(base[0], "checkpoints")
-    before = _tree_digest(checkpoints)
+    before = lib.tree_digests(checkpoints)
     with pytest.raises(ValueError, match="model config mismatch.*num_layers: base 2, SFT 3"):
         run_sft(sft_bindings(str(tmp_path / "a"), base, **{"DecoderConfig.num_layers": 3}))
     other = tmp_path / "other_vocab"
@@ -132,8 +121,11 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
         f.write(b"x")
     with pytest.raises(ValueError, match="vocabulary mismatch.*other_vocab"):
         run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": repr(str(other))}))
-    with pytest.raises(ValueError, match="base run's folder"):
-        run_sft(sft_bindings(base[0], base))
+    # Refused before main.run writes MODEL_DIR/config.gin: the base's stays as it was.
+    whole_base = lib.tree_digests(base[0])
+    with pytest.raises(UserInputError, match="base run's folder"):
+        run_sft(sft_bindings(base[0] + "/", base))
+    assert lib.tree_digests(base[0]) == whole_base
     # A base without config.gin: its checkpoint's shapes are still checked.
     config_gin = os.path.join(base[0], "config.gin")
     os.rename(config_gin, config_gin + ".away")
@@ -142,4 +134,4 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
             run_sft(sft_bindings(str(tmp_path / "c"), base, **{"DecoderConfig.num_layers": 3}))
     finally:
         os.rename(config_gin + ".away", config_gin)
-    assert _tree_digest(checkpoints) == before
+    assert lib.tree_digests(checkpoints) == before

@@ -145,3 +145,14 @@ def read_metrics(model_dir: str) -> dict[int, dict[str, float]]:
 
 def losses(model_dir: str) -> dict[int, float]:
     return {s: v["loss"] for s, v in read_metrics(model_dir).items() if "loss" in v}
+
+
+def tree_digests(root: str) -> dict[str, bytes]:
+    """{relative path: sha256} of every file under `root` (to check a folder is untouched)."""
+    import hashlib
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).digest()
+    return out

@@ -93,10 +93,10 @@ def test_conversions_that_are_unambiguous():
     np.testing.assert_array_equal(conv(Image.fromarray(rgb)), rgb[None])
     np.testing.assert_array_equal(conv(Image.fromarray(gray)), expect_gray)
     assert conv(Image.fromarray(rgba)).shape == (1, 16, 16, 3)
-    # Sizes: square resized, non-square centre-cropped, lists of mixed sizes stacked.
+    # Sizes: square resized, non-square center-cropped, lists of mixed sizes stacked.
     assert conv(_images(2, 40)).shape == (2, 16, 16, 3)
     wide = np.zeros((16, 48, 3), np.uint8)
-    wide[:, 16:32] = 200  # the centre third
+    wide[:, 16:32] = 200  # the center third
     np.testing.assert_array_equal(conv(wide)[0], wide[:, 16:32])
     assert conv([rgb, _images(1, 64)[0], wide]).shape == (3, 16, 16, 3)
 

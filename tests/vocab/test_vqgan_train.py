@@ -2,6 +2,7 @@
 
 import glob
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -83,10 +84,25 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     # A second call resumes at step 2 instead of starting over.
     vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
                              num_steps=3, **TRAIN_KW)
-    mngr = vqgan_checkpoint.manager(model_dir, read_only=True)
-    assert list(mngr.all_steps()) == [2, 3]
+    assert vqgan_checkpoint.steps(model_dir) == [2, 3]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ImageTokenizer.from_checkpoint(str(tmp_path / "nothing_here"))
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path):
+    model_dir = str(tmp_path / "vq")
+
+    def preempting_source(index):
+        if index == TRAIN_KW["batch_size"]:  # Loading step 2's batch: the job is told to stop.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _noise_source(index)
+
+    r = vt.train_image_tokenizer(model_dir, image_source=preempting_source,
+                                 eval_source=_noise_source, num_steps=3, **TRAIN_KW)
+    assert r["preempted"] and vqgan_checkpoint.steps(model_dir) == [2]
+    r = vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
+                                 num_steps=3, **TRAIN_KW)
+    assert "preempted" not in r and vqgan_checkpoint.steps(model_dir) == [2, 3]
 
 
 @pytest.mark.slow
@@ -111,3 +127,32 @@ def test_resume_is_exact_and_tensorboard_has_images(tmp_path):
     tags = acc.Tags()
     assert "originals_over_reconstructions" in tags["tensors"] + tags.get("images", [])
     assert "train/l1" in tags["tensors"] + tags.get("scalars", [])
+
+
+def test_tokenizer_checkpoints_have_checksums_and_skip_a_corrupt_one(tmp_path, caplog):
+    from cm3leon_jax.errors import UserInputError
+    from cm3leon_jax.train import checkpoints
+    from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
+
+    rng = np.random.default_rng(0)
+    trees = [jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                    abstract_params(CFG)) for _ in range(2)]
+    model_dir = str(tmp_path / "vq")
+    vqgan_checkpoint.save_params(model_dir, 1, CFG, trees[0])
+    vqgan_checkpoint.save_params(model_dir, 2, CFG, trees[1])
+    newest = tmp_path / "vq" / "checkpoints" / "2"
+    assert (newest / checkpoints.CHECKSUMS).exists() and not (newest / "state").exists()
+    params, cfg, step = vqgan_checkpoint.restore_params(model_dir)
+    assert (step, cfg) == (2, CFG)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, trees[1])
+    # Flipped bytes in the newest weights: the one before is used, with a warning.
+    biggest = max((p for p in (newest / "params").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    params, _, step = vqgan_checkpoint.restore_params(model_dir)
+    assert step == 1 and "unreadable" in caplog.text
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, trees[0])
+    with pytest.raises(UserInputError, match="step 2 .* unreadable .*checksum"):
+        vqgan_checkpoint.restore_params(model_dir, step=2)

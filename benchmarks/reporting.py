@@ -1,0 +1,33 @@
+"""How every benchmark times a trial, reports the spread of its trials, and saves its result.
+
+Timings on a shared machine are noisy, so a benchmark interleaves its peers trial by trial
+and reports each figure's median with its range (`spread`), never one number alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Sequence
+
+
+def timed(fn: Callable[[], object], pause_s: float = 0.5) -> float:
+    """Seconds `fn()` takes, after `pause_s` of sleep: the other framework's worker threads
+    (torch's, XLA's pool) go idle first, so one peer's spinning never bills the other."""
+    time.sleep(pause_s)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """{"median", "min", "max"} of the trials' values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def write_json(path: str, result: dict) -> None:
+    """The result as JSON at `path` (`--json=`); nothing when `path` is empty."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
