@@ -25,6 +25,12 @@ def _losses(model_dir):
         [r["eval/loss"] for r in rows if "eval/loss" in r]
 
 
+def _xla_flags(devices: int) -> str:
+    """This many fake CPU devices, LLVM at -O0 like the rest of the suite (tests/conftest.py)."""
+    return (f"--xla_force_host_platform_device_count={devices} "
+            "--xla_backend_optimization_level=0")
+
+
 def test_two_processes_match_one_process_with_two_devices(corpus, tmp_path):
     path, vocab = corpus
     common = {"train.num_steps": 4, "train.num_data_shards": 2, "Checkpointer.save_every": 2,
@@ -32,13 +38,13 @@ def test_two_processes_match_one_process_with_two_devices(corpus, tmp_path):
     one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
     one = lib.start_subprocess(
         lib.bindings(one_dir, path, vocab, **common, **{"make_mesh.data": 2}),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        env={"XLA_FLAGS": _xla_flags(2)},
         log_path=str(tmp_path / "one.log"))
     port = _free_port()
     two = [lib.start_subprocess(
         lib.bindings(two_dir, path, vocab, **common,
                      **{"make_mesh.data": -1, "train_mesh.dcn_data": 2}),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        env={"XLA_FLAGS": _xla_flags(1),
              "CM3LEON_COORDINATOR": f"127.0.0.1:{port}", "CM3LEON_NUM_PROCESSES": "2",
              "CM3LEON_PROCESS_ID": str(i)},
         log_path=str(tmp_path / f"two_{i}.log")) for i in range(2)]
