@@ -69,27 +69,9 @@ def test_steps_reduce_loss_with_gan_ema_perceptual_and_restarts():
                                   state["params"]["quantize"]["embedding"])
 
 
-def test_checkpoint_round_trip_and_resume(tmp_path):
-    model_dir = str(tmp_path / "vq")
-    r = vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
-                                 num_steps=2, **TRAIN_KW)
-    assert np.isfinite(r["eval/psnr"]) and 0 < r["eval/code_usage"] <= 1
-    tok = ImageTokenizer.from_checkpoint(model_dir)
-    assert tok.config == CFG
-    params, cfg, step = vqgan_checkpoint.restore_params(model_dir)
-    assert step == 2
-    x = np.concatenate([_noise_source(i)[None] for i in range(3)])
-    np.testing.assert_array_equal(tok.encode(x), ImageTokenizer(cfg, params).encode(x))
-
-    # A second call resumes at step 2 instead of starting over.
-    vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
-                             num_steps=3, **TRAIN_KW)
-    assert vqgan_checkpoint.steps(model_dir) == [2, 3]
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ImageTokenizer.from_checkpoint(str(tmp_path / "nothing_here"))
-
-
-def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path):
+def test_checkpoint_round_trip_sigterm_save_and_resume(tmp_path):
+    # One scenario, two runs (each run compiles and evaluates): a SIGTERM mid-run saves the
+    # step reached; the rerun resumes there instead of starting over, finishes and evaluates.
     model_dir = str(tmp_path / "vq")
 
     def preempting_source(index):
@@ -100,9 +82,20 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path):
     r = vt.train_image_tokenizer(model_dir, image_source=preempting_source,
                                  eval_source=_noise_source, num_steps=3, **TRAIN_KW)
     assert r["preempted"] and vqgan_checkpoint.steps(model_dir) == [2]
+    tok = ImageTokenizer.from_checkpoint(model_dir)
+    assert tok.config == CFG
+    params, cfg, step = vqgan_checkpoint.restore_params(model_dir)
+    assert step == 2
+    x = np.concatenate([_noise_source(i)[None] for i in range(3)])
+    np.testing.assert_array_equal(tok.encode(x), ImageTokenizer(cfg, params).encode(x))
+
     r = vt.train_image_tokenizer(model_dir, image_source=_noise_source, eval_source=_noise_source,
                                  num_steps=3, **TRAIN_KW)
     assert "preempted" not in r and vqgan_checkpoint.steps(model_dir) == [2, 3]
+    assert np.isfinite(r["eval/psnr"]) and 0 < r["eval/code_usage"] <= 1
+    assert vqgan_checkpoint.restore_params(model_dir)[2] == 3
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ImageTokenizer.from_checkpoint(str(tmp_path / "nothing_here"))
 
 
 @pytest.mark.slow
