@@ -233,7 +233,8 @@ def targets_report(metrics: dict) -> list[str]:
     for key in ("colors_right", "classes_right", "position_right"):
         value, base = metrics.get("text_to_image", {}).get(key), chance.get(key)
         if value is not None and base is not None:
-            verdict = "reached" if value >= 3 * base else "NOT reached"
+            # A figure of zero never counts as reached, even against a chance of zero.
+            verdict = "reached" if value > 0 and value >= 3 * base else "NOT reached"
             lines.append(f"target text_to_image.{key} >= 3x chance ({3 * base:.0%}): "
                          f"{value:.0%} ({verdict})")
     ablations = metrics.get("text_to_image_ablations", {})

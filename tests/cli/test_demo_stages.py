@@ -2,6 +2,7 @@
 
 import os
 
+from cm3leon_jax.demo import generate as demo_generate
 from cm3leon_jax.demo import stages as demo_stages
 
 
@@ -39,3 +40,16 @@ def test_fingerprint_and_jsonable():
     import numpy as np
     assert demo_stages.fingerprint("a") != demo_stages.fingerprint("b")
     assert demo_stages.jsonable({1: (np.float32(0.5), np.arange(2))}) == {"1": [0.5, [0, 1]]}
+
+
+def test_a_zero_figure_never_reaches_a_chance_target():
+    metrics = {"text_to_image": {"colors_right": 0.7, "classes_right": 0.05,
+                                 "position_right": 0.0},
+               "chance_reference": {"text_to_image": {"colors_right": 0.2,
+                                                      "classes_right": 0.02,
+                                                      "position_right": 0.0}}}
+    lines = demo_generate.targets_report(metrics)
+    verdicts = {line.split()[1]: line.endswith("(reached)") for line in lines}
+    assert verdicts == {"text_to_image.colors_right": True,
+                        "text_to_image.classes_right": False,
+                        "text_to_image.position_right": False}
