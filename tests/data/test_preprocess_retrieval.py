@@ -8,11 +8,9 @@ import pytest
 
 from cm3leon_jax.data import preprocess as pp
 from cm3leon_jax.data import retrieval_pass, shards
-from cm3leon_jax.retrieval import clip, clip_tokenizer
-from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
 from tests.data.test_preprocess import tiny_image_tokenizer
-from tests.retrieval.retrieval_testlib import SELECTION, small_config
+from tests.retrieval.retrieval_testlib import SELECTION, save_random_encoder
 
 SIZES = {"train": 40, "validation": 10, "test": 10}
 
@@ -26,10 +24,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrieval(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("encoder"))
-    cfg = small_config()
-    DocumentEncoder(cfg, clip.init_params(cfg, 0),
-                    clip_tokenizer.WordTokenizer(cfg.vocab_size)).save(directory)
+    directory = save_random_encoder(str(tmp_path_factory.mktemp("encoder")))
     return retrieval_pass.RetrievalConfig(encoder_dir=directory, selection=SELECTION)
 
 

@@ -19,9 +19,7 @@ from PIL import Image
 
 from cm3leon_jax import main as main_lib
 from cm3leon_jax.data import shards
-from cm3leon_jax.retrieval import clip, clip_tokenizer
-from cm3leon_jax.retrieval.encoder import DocumentEncoder
-from tests.retrieval.retrieval_testlib import small_config
+from tests.retrieval.retrieval_testlib import save_random_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
@@ -75,11 +73,7 @@ def _main(gin_file, *bindings):
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("encoder"))
-    cfg = small_config()
-    DocumentEncoder(cfg, clip.init_params(cfg, 0),
-                    clip_tokenizer.WordTokenizer(cfg.vocab_size)).save(directory)
-    return directory
+    return save_random_encoder(str(tmp_path_factory.mktemp("encoder")))
 
 
 @pytest.fixture(scope="module")

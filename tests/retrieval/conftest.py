@@ -3,18 +3,14 @@
 import functools
 
 import pytest
-from retrieval_testlib import NUM_DOCS, SELECTION, documents_with_tokens, small_config
+from retrieval_testlib import NUM_DOCS, SELECTION, documents_with_tokens, save_random_encoder
 
-from cm3leon_jax.retrieval import build, clip, clip_tokenizer
-from cm3leon_jax.retrieval.encoder import DocumentEncoder
+from cm3leon_jax.retrieval import build
 
 
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("encoder")
-    cfg = small_config()
-    DocumentEncoder(cfg, clip.init_params(cfg, 0), clip_tokenizer.WordTokenizer(4096)).save(str(d))
-    return str(d)
+    return save_random_encoder(str(tmp_path_factory.mktemp("encoder")))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 
 from cm3leon_jax.data.synthetic import synthetic_documents
-from cm3leon_jax.retrieval import clip
+from cm3leon_jax.retrieval import clip, clip_tokenizer
+from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.select import SelectionConfig, select
 
 NUM_DOCS = 240
@@ -22,6 +23,14 @@ def small_config() -> clip.ClipConfig:
                            vision_heads=2, vision_mlp=64, vocab_size=4096, context_length=32,
                            text_width=32, text_layers=1, text_heads=2, text_mlp=64,
                            eos_token_id=4095, projection_dim=16)
+
+
+def save_random_encoder(directory: str) -> str:
+    """Saves the small config's encoder with random weights (seed 0) to `directory`."""
+    cfg = small_config()
+    DocumentEncoder(cfg, clip.init_params(cfg, 0),
+                    clip_tokenizer.WordTokenizer(cfg.vocab_size)).save(directory)
+    return directory
 
 
 def documents_with_tokens(**kwargs):
