@@ -46,6 +46,10 @@ GIB = 1024 ** 3
 # Per chip: HBM and dense bf16 peak (Google Cloud TPU documentation).
 CHIPS = {"TPU v5": ("v5p", 95 * GIB, 459e12), "TPU v5 lite": ("v5e", 16 * GIB, 197e12),
          "TPU v4": ("v4", 32 * GIB, 275e12), "TPU v6 lite": ("v6e", 32 * GIB, 918e12)}
+# Per chip: HBM bandwidth in bytes/s (same source): what bounds a decode step.
+HBM_BANDWIDTH = {"v5p": 2765e9, "v5e": 819e9, "v4": 1200e9, "v6e": 1640e9}
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes")
 
 
 def load_config(model: str, bindings: list[str]) -> DecoderConfig:
@@ -53,6 +57,37 @@ def load_config(model: str, bindings: list[str]) -> DecoderConfig:
     gin.parse_config_files_and_bindings(
             [os.path.join(REPO, "gin_configs", "models", f"{model}.gin")], bindings)
     return DecoderConfig()
+
+
+def sharded_abstract_params(config: DecoderConfig, mesh) -> tuple[dict, dict]:
+    """(params as `ShapeDtypeStruct`s carrying their shardings, the shardings): the
+    decoder's parameters placed by the logical-axis rules on `mesh`, nothing allocated."""
+    abstract = abstract_variables(config)["params"]
+    shapes = nn.unbox(abstract)
+    param_sh = partitioning.logical_to_sharding(partitioning.logical_axes(abstract), mesh,
+                                                shapes=shapes)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, param_sh)
+    return params, param_sh
+
+
+def memory_sizes(compiled) -> dict[str, int]:
+    """Per-device `memory_analysis()` fields, and `total`: what must fit in HBM
+    (arguments + outputs - aliased (donated) + temporaries + code)."""
+    mem = compiled.memory_analysis()
+    sizes = {f: int(getattr(mem, f, 0) or 0) for f in MEMORY_FIELDS}
+    sizes["total"] = (sizes["argument_size_in_bytes"] + sizes["output_size_in_bytes"]
+                      - sizes["alias_size_in_bytes"] + sizes["temp_size_in_bytes"]
+                      + sizes["generated_code_size_in_bytes"])
+    return sizes
+
+
+def cost(compiled) -> dict[str, float]:
+    """Per-device `cost_analysis()`: XLA's estimate of `flops` and `bytes accessed`."""
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return {"flops": float(c.get("flops", 0.0)),
+            "bytes_accessed": float(c.get("bytes accessed", 0.0))}
 
 
 def build_step(config: DecoderConfig, with_optimizer: bool):
@@ -95,12 +130,8 @@ def main(argv=None) -> dict:
     print(f"topology {args.topology}: {len(devices)} x {chip}; mesh {dict(mesh.shape)}; "
           f"batch {args.global_batch} x {args.seq}")
 
-    abstract = abstract_variables(config)["params"]
-    logical = partitioning.logical_axes(abstract)
-    shapes = nn.unbox(abstract)
-    param_sh = partitioning.logical_to_sharding(logical, mesh, shapes=shapes)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, param_sh)
+    params, param_sh = sharded_abstract_params(config, mesh)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), params)
     batch_sh = NamedSharding(mesh, partitioning.logical_to_mesh_axes(("batch", "length")))
     tok = jax.ShapeDtypeStruct((args.global_batch, args.seq), jnp.int32, sharding=batch_sh)
     wts = jax.ShapeDtypeStruct((args.global_batch, args.seq), jnp.float32, sharding=batch_sh)
@@ -136,22 +167,16 @@ def main(argv=None) -> dict:
             return {"fits": False, "error": str(e).splitlines()[0]}
     t2 = time.time()
 
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    sizes = {f: int(getattr(mem, f, 0) or 0) for f in fields}
-    peak_mem = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    total = (sizes["argument_size_in_bytes"] + sizes["output_size_in_bytes"]
-             - sizes["alias_size_in_bytes"] + sizes["temp_size_in_bytes"]
-             + sizes["generated_code_size_in_bytes"])
-    flops = float(cost.get("flops", 0.0))
+    sizes = memory_sizes(compiled)
+    total = sizes.pop("total")
+    peak_mem = int(getattr(compiled.memory_analysis(), "peak_memory_in_bytes", 0) or 0)
+    costs = cost(compiled)
+    flops = costs["flops"]
     tokens = args.global_batch * args.seq
     model_flops = 6 * n_params * tokens / len(devices)
     print(f"lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s")
     print("per-device memory_analysis():")
-    for f in fields:
+    for f in MEMORY_FIELDS:
         print(f"  {f:32s} {sizes[f] / GIB:9.2f} GiB")
     if peak_mem:
         print(f"  {'peak_memory_in_bytes':32s} {peak_mem / GIB:9.2f} GiB")
@@ -159,7 +184,7 @@ def main(argv=None) -> dict:
           + (f"  of {hbm / GIB:.0f} GiB HBM: {'FITS' if total <= hbm else 'DOES NOT FIT'}"
              if hbm else ""))
     print("per-device cost_analysis() (XLA's estimate):")
-    print(f"  flops {flops:.4g}  bytes accessed {float(cost.get('bytes accessed', 0.0)):.4g}")
+    print(f"  flops {flops:.4g}  bytes accessed {costs['bytes_accessed']:.4g}")
     print("  note: XLA's cost analysis counts the body of the scanned layer stack (a while")
     print("  loop) once, not num_layers times, so this is the embedding, the logits and ONE")
     print(f"  layer. The model's own count, 6 * params * tokens / devices = {model_flops:.4g}.")

@@ -1,7 +1,7 @@
 r"""The sampler on this CPU against `transformers` generate, and against the memory roofline.
 
-    .venv/bin/python benchmarks/decode.py [--trials=3] [--parts=main,bf16,cfg,image,prefill] \
-        [--json=out.json]
+    .venv/bin/python benchmarks/decode.py [--trials=3] \
+        [--parts=main,bf16,cfg,sort,scanned,choice,image,prefill] [--json=out.json]
 
 The settings of issue 14: a CM3Leon-architecture decoder (d 512, 8 layers, 8 heads of
 64, GELU MLP 2048, vocabulary 9216, tied embeddings), batch 4, a 32-token prompt, 256
@@ -9,10 +9,13 @@ new tokens, top-p 0.9, float32, the same random weights in both (copied with
 `model/hf_weights.py`). Measured in one process, interleaved trial by trial (the host
 is shared; only ratios within a trial mean much), medians and [min, max] reported:
 
-  * main: our `sampler.sample` (prefill + the whole loop in one jit; `DecoderStep`, and
-    the previous path through the scanned `Decoder(decode=True)`) against
-    `transformers` `OPTForCausalLM.generate(do_sample=True, top_p=0.9, top_k=0)` with
-    its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
+  * main: our `sampler.sample` (prefill + the whole loop in one jit, `DecoderStep`)
+    against `transformers` `OPTForCausalLM.generate(do_sample=True, top_p=0.9, top_k=0)`
+    with its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
+  * sort / scanned: ours with the previous sort-based top-p (`SortedTopP`), and ours
+    through the previous scanned `Decoder(decode=True)`: what each change bought.
+  * choice: milliseconds per step of the token choice alone (top-p and the categorical
+    draw over batch x vocabulary, 256 steps in one jit), each top-p and none.
   * roofline: a decode step must read every weight (the position table aside) and the
     KV cache written so far; over the streaming-read rate measured in the same trial
     (the best of numpy, torch and XLA summing a 512 MiB array) that bounds tokens/s.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -42,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import flax.linen as nn  # noqa: E402
+import flax.struct  # noqa: E402
 import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -107,15 +112,29 @@ def bytes_per_step(config: DecoderConfig, params, batch: int, prompt: int, new: 
 
 # -- the two samplers ----------------------------------------------------------------------
 
+@flax.struct.dataclass
+class SortedTopP:
+    """The previous `TopP`, kept as a peer: sort the vocabulary, accumulate, cut at p."""
+
+    p: float
+
+    def __call__(self, scores, state):
+        ranked = -jnp.sort(-scores, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        kept = jnp.where(jnp.cumsum(probs, axis=-1) - probs < self.p, ranked, jnp.inf)
+        return jnp.where(scores >= kept.min(axis=-1, keepdims=True), scores, -jnp.inf)
+
+
 class Ours:
     """`sampler.sample` with top-p 0.9 (optionally CFG), compiled once, timed per call."""
 
-    def __init__(self, config, params, prompts, new, cfg=False, model=DecoderStep):
+    def __init__(self, config, params, prompts, new, cfg=False, model=DecoderStep,
+                 top_p=proc.TopP):
         self.model, self.params, self.new = model(config), params, new
         self.prompts = np.concatenate([prompts, prompts[:, -1:].repeat(prompts.shape[1], 1)]) \
             if cfg else prompts
         chain = (proc.ClassifierFreeGuidance(3.0),) if cfg else ()
-        self.kwargs = dict(max_new_tokens=new, processors=chain + (proc.TopP(0.9),),
+        self.kwargs = dict(max_new_tokens=new, processors=chain + (top_p(0.9),),
                            num_streams=2 if cfg else 1)
         self.run()  # Compile.
 
@@ -189,8 +208,11 @@ def main_parts(args, parts) -> dict:
     params = random_params(BENCH)
     tokens = args.batch * args.new
     runners = {"ours_f32": Ours(BENCH, params, prompts, args.new),
-               "hf_f32": HF(BENCH, params, prompts, args.new),
-               "scanned_f32": Ours(BENCH, params, prompts, args.new, model=ScannedDecoder)}
+               "hf_f32": HF(BENCH, params, prompts, args.new)}
+    if "sort" in parts:
+        runners["sort_f32"] = Ours(BENCH, params, prompts, args.new, top_p=SortedTopP)
+    if "scanned" in parts:
+        runners["scanned_f32"] = Ours(BENCH, params, prompts, args.new, model=ScannedDecoder)
     if "bf16" in parts:
         bf = BENCH.replace(dtype="bfloat16", param_dtype="bfloat16")
         runners["ours_bf16"] = Ours(bf, cast(params, jnp.bfloat16), prompts, args.new)
@@ -209,7 +231,11 @@ def main_parts(args, parts) -> dict:
         row["roofline_bf16"] = args.batch * rate / need_bf16
         row["speedup_f32"] = row["ours_f32"] / row["hf_f32"]
         row["of_roofline_f32"] = row["ours_f32"] / row["roofline_f32"]
-        row["speedup_vs_scanned"] = row["ours_f32"] / row["scanned_f32"]
+        row["load1"] = os.getloadavg()[0]
+        if "sort" in parts:
+            row["speedup_vs_sort"] = row["ours_f32"] / row["sort_f32"]
+        if "scanned" in parts:
+            row["speedup_vs_scanned"] = row["ours_f32"] / row["scanned_f32"]
         if "bf16" in parts:
             row["speedup_bf16_vs_hf_f32"] = row["ours_bf16"] / row["hf_f32"]
             row["speedup_bf16_vs_hf_bf16"] = row["ours_bf16"] / row["hf_bf16"]
@@ -222,6 +248,35 @@ def main_parts(args, parts) -> dict:
     out["memory"] = {name: r.memory() for name, r in runners.items() if isinstance(r, Ours)}
     out["bytes_per_step_mb"] = {"f32": need_f32 / 1e6, "bf16": need_bf16 / 1e6}
     return out
+
+
+def choice_part(args) -> dict:
+    """ms per step of choosing tokens alone: [batch, vocab] scores, top-p 0.9, then
+    `jax.random.categorical` (as the sampler does), 256 steps in one jit; each top-p."""
+    scores = jnp.asarray(np.random.default_rng(3).normal(0, 3, (args.batch, BENCH.vocab_size)),
+                         jnp.float32)
+    state = proc.DecodeState(jnp.int32(0), jnp.zeros((args.batch, 1), jnp.int32),
+                             jnp.zeros([args.batch], bool))
+    keys = jax.random.split(jax.random.key(0), args.batch)
+    warps = {"bisection": proc.TopP(0.9), "sort": SortedTopP(0.9), "none": None}
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def steps(scores, name):
+        def one(i, total):  # The running total feeds back: no step can be hoisted.
+            x = scores + total[:, None].astype(jnp.float32) * 1e-9
+            x = x if warps[name] is None else warps[name](x, state)
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+            return total + jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+        return jax.lax.fori_loop(0, 256, one, jnp.zeros([args.batch], jnp.int32))
+
+    trials = {name: [] for name in warps}
+    for name in warps:
+        steps(scores, name).block_until_ready()
+    for _ in range(args.trials):
+        for name in warps:
+            trials[name].append(timed(lambda: steps(scores, name).block_until_ready())
+                                / 256 * 1e3)
+    return {f"{name}_ms_per_step": spread(v) for name, v in trials.items()}
 
 
 def image_part(args) -> dict:
@@ -257,7 +312,7 @@ def prefill_part(args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--parts", default="main,bf16,cfg,image,prefill")
+    parser.add_argument("--parts", default="main,bf16,cfg,sort,choice,image,prefill")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=256)
@@ -267,10 +322,13 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "devices": str(jax.devices())}
     if "main" in parts:
         result["main"] = main_parts(args, parts)
+    if "choice" in parts:
+        result["choice"] = choice_part(args)
     if "image" in parts:
         result["image"] = image_part(args)
     if "prefill" in parts:
         result["prefill"] = prefill_part(args)
+    result["load_average"] = os.getloadavg()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=1))
     reporting.write_json(args.json, result)

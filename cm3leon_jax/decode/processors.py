@@ -96,7 +96,13 @@ class TopK:
 
 @flax.struct.dataclass
 class TopP:
-    """Nucleus: keeps the smallest set of most likely tokens whose probability is >= p."""
+    """Nucleus: keeps the smallest set of most likely tokens whose probability is >= p.
+
+    That is: a token is kept iff the tokens scored strictly above it hold less than `p`
+    of the probability (so the most likely token always is, and ties with the last kept
+    token are kept too). The kept set is every score at or above a threshold, found by
+    `nucleus_threshold`'s bisection: no sort of the vocabulary each step.
+    """
 
     p: float
 
@@ -105,11 +111,41 @@ class TopP:
             raise ValueError(f"TopP.p must be in (0, 1], got {self.p}.")
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
-        ranked = -jnp.sort(-scores, axis=-1)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # The most likely token is always kept.
-        kept = jnp.where(mass_before < self.p, ranked, jnp.inf)
-        return jnp.where(scores >= kept.min(axis=-1, keepdims=True), scores, NEG_INF)
+        keys = _order_keys(scores)
+        kept = keys >= nucleus_threshold(keys, jax.nn.softmax(scores, axis=-1), self.p)
+        return jnp.where(kept, scores, NEG_INF)
+
+
+def _order_keys(scores: jax.Array) -> jax.Array:
+    """float32[..., V] -> int32[..., V] in the same order (-0.0 taken as 0.0, -inf lowest):
+    the float's bits, with the magnitude bits of negatives flipped."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores).astype(jnp.float32),
+                                        jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def nucleus_threshold(keys: jax.Array, probs: jax.Array, p) -> jax.Array:
+    """int32[..., 1]: the smallest key k with `probs` of keys above k summing to < p.
+
+    Keeping `keys >= k` is top-p's set. Why bisection: the mass above k only falls as k
+    grows, so 32 halvings of the int32 key range find k exactly, each one masked sum over
+    the row; on XLA:CPU that costs a fraction of sorting the vocabulary, which took
+    most of a small model's step (benchmarks/RESULTS_decode.md).
+    """
+    def mass_above(k):
+        return jnp.sum(jnp.where(keys > k, probs, 0.0), axis=-1, keepdims=True)
+
+    # Invariant: the mass above `lo` is >= p (lo is below the set), above `hi` < p.
+    lo = keys.min(axis=-1, keepdims=True) - 1
+    hi = keys.max(axis=-1, keepdims=True)  # Nothing is above the best token.
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow.
+        inside = mass_above(mid) < p
+        return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
 
 
 # -- guidance: two streams in, one out ----------------------------------------------------

@@ -1,8 +1,11 @@
 """Each logits processor keeps exactly the tokens it promises, checked against numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
@@ -44,6 +47,57 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p):
         want = np.zeros(40, bool)
         want[order[:min(n, 40)]] = True
         np.testing.assert_array_equal(kept, want)
+
+
+def _top_p_by_sort(scores, p):
+    """The sort-based nucleus TopP replaced: sort, softmax, cumulative mass, keep up to p."""
+    ranked = -jnp.sort(-scores, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    kept = jnp.where(jnp.cumsum(probs, axis=-1) - probs < p, ranked, jnp.inf)
+    return jnp.where(scores >= kept.min(axis=-1, keepdims=True), scores, -jnp.inf)
+
+
+_top_p_jit = jax.jit(lambda scores, p: proc.TopP(p)(scores, STATE0))
+_by_sort_jit = jax.jit(_top_p_by_sort)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), vocab=st.sampled_from([1, 2, 7, 64, 300]),
+       scale=st.sampled_from([0.01, 1.0, 4.0, 30.0]), levels=st.sampled_from([0, 3, 50]),
+       excluded=st.floats(0.0, 0.9), p=st.floats(1e-4, 1.0), edge=st.booleans())
+def test_top_p_bisection_keeps_the_sort_versions_set(seed, vocab, scale, levels, excluded, p,
+                                                     edge):
+    """Random logits (ties when rounded to a few levels, -inf from a constraint): the
+    bisection keeps exactly the sort-based version's tokens, with their scores unchanged,
+    so both sample the same distribution. With `edge`, p sits 3e-5 above the mass above
+    some token (which is then just kept). Tokens whose mass above sits within float32
+    rounding of p (the two sum in different orders) are left out of the comparison."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, scale, (3, vocab)).astype(np.float32)
+    if levels:
+        logits = np.round(logits * levels / (scale * 3)).astype(np.float32)
+    logits[rng.random((3, vocab)) < excluded] = -np.inf
+    logits[:, 0] = np.where(np.isinf(logits).all(1), 0.0, logits[:, 0])  # One token allowed.
+    probs = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    above = np.stack([[probs[r][logits[r] > s].sum() for s in logits[r]] for r in range(3)])
+    if edge:
+        p = min(float(above[0, seed % vocab]) + 3e-5, 1.0)
+    got = np.asarray(_top_p_jit(jnp.asarray(logits), p))
+    want = np.asarray(_by_sort_jit(jnp.asarray(logits), p))
+    clear = np.abs(above - p) > 1e-5
+    np.testing.assert_array_equal(got[clear], want[clear])
+    np.testing.assert_array_equal(np.isfinite(got[clear]), (above < p)[clear] & np.isfinite(
+            logits[clear]))
+    assert np.isfinite(got).any(axis=1).all()
+
+
+def test_top_p_threshold_order_keys_are_monotone():
+    values = np.array([-np.inf, -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.0, 3e38,
+                       np.inf], np.float32)
+    keys = np.asarray(proc._order_keys(jnp.asarray(values)))
+    assert (np.diff(keys[[0, 1, 2, 3, 4, 5]]) > 0).all() and keys[5] == keys[6]
+    assert (np.diff(keys[6:]) > 0).all()
 
 
 def test_top_p_after_a_constraint_ignores_excluded_tokens():

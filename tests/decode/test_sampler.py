@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import sampler
 from cm3leon_jax.decode.sampler import left_pad, sample
+from cm3leon_jax.model.decoding import DecoderStep
 from cm3leon_jax.vocab.layout import PAD_ID, IdLayout
 from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
@@ -146,3 +148,29 @@ def test_bad_prompts_are_refused_with_the_fix():
         sample(CONFIG, PARAMS, np.array([[600]]), jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="holds <pad>"):
         left_pad([[5, 0, 6]])
+
+
+def test_one_compilation_per_prompt_bucket_whatever_the_prompts_and_numbers():
+    """Other prompts (contents, padding) of the bucket's length, other top-p and CFG
+    numbers: the loop compiled for the first call serves the second."""
+    compiled = sampler._compiled(DecoderStep(CONFIG), False, 2, 5)
+    sizes = []
+    for scale, p, prompts in ((3.0, 0.9, PROMPTS), (1.5, 0.4, [[9, 8], [7], [6, 5, 4]])):
+        sample(CONFIG, PARAMS, left_pad(prompts + prompts[::-1], length=8), jax.random.key(0),
+               max_new_tokens=5, num_streams=2,
+               processors=(proc.ClassifierFreeGuidance(scale), proc.TopP(p)))
+        sizes.append(compiled._cache_size())
+    assert sizes[1] == sizes[0] >= 1
+
+
+def test_the_cache_is_written_in_place_not_copied_per_step():
+    """The KV cache lives in the loop's carry; were a step to copy it, the program would
+    hold two caches. Rows and length chosen so the cache dwarfs the tiny weights."""
+    rows, prompt, new = 32, 8, 100
+    prompts = jnp.full((rows, prompt), 7, jnp.int32)
+    fn = sampler._compiled(DecoderStep(CONFIG), False, 1, new)
+    memory = fn.lower(PARAMS, prompts, jax.random.key(0), jnp.arange(rows, dtype=jnp.uint32),
+                      (proc.TopP(0.9),), None).compile().memory_analysis()
+    cache = 2 * CONFIG.num_layers * rows * (prompt + new) * CONFIG.d_model * 4
+    weights = sum(x.nbytes for x in jax.tree.leaves(PARAMS))
+    assert cache < memory.temp_size_in_bytes < 1.5 * cache + 2 * weights
