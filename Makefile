@@ -14,13 +14,14 @@ PYTEST_ARGS ?=
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): setup.py Makefile | $(PY)
-	$(PY) -m pip install -q -e '.[dev,ref,beam]'
+# tools/install.py installs with uv under pip's configuration (falling back to pip): the same
+# versions, in about a fifth of pip's time.
+$(STAMP): setup.py Makefile tools/install.py | $(PY)
+	$(PY) tools/install.py -e '.[dev,ref,beam]'
 	# The FID parity reference: pytorch-fid and a torchvision that imports beside torch 2.13 CPU
-	# (only its layer definitions are used); --no-deps keeps pip from replacing torch.
-	$(PY) -m pip install -q --no-deps pytorch-fid==0.3.0 torchvision==0.16.2
+	# (only its layer definitions are used); --no-deps keeps the installer from replacing torch.
+	$(PY) tools/install.py --no-deps pytorch-fid==0.3.0 torchvision==0.16.2
 	touch $(STAMP)
 
 install: $(STAMP)
