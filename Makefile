@@ -33,9 +33,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # The default run leaves out tests marked slow; `make test-slow` runs only those. Two workers,
-# one test file each at a time (module fixtures and compiled functions stay shared in a file).
+# one test file each at a time (module fixtures and compiled functions stay shared in a file),
+# the longest files first (tests/conftest.py, RUN_FIRST).
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests

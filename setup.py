@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest", "pytest-xdist", "hypothesis", "ruff==0.17.6"],
+    "dev": ["pytest", "pytest-xdist>=3.8", "hypothesis", "ruff==0.17.6"],
     # Reference implementations, used only by parity tests and peer benchmarks.
     # pytorch-fid (the FID parity reference) is installed by the Makefile with --no-deps: its
     # torchvision requirement would otherwise pull a torchvision build that does not import
