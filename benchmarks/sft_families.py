@@ -1,7 +1,8 @@
 """Per-family exact scores before and after SFT, on the built-in corpus.
 
     python benchmarks/sft_families.py --demo_dir=runs/demo --out=runs/demo/sft_bench \
-        [--steps=300 --lr=1e-3 --warmup=30 --train_scenes=2000 --examples=32]
+        [--steps=300 --lr=1e-3 --warmup=30 --train_scenes=2000 --examples=32 \
+         --split=test --rates='{"edit": 3.0}']
 
 Needs a finished demo (`make demo`: MODEL_DIR/config.gin, data/, image_tokenizer/,
 pretrain/). Runs the SFT stage (`cm3leon_jax.sft.sft_stage`: SFT shards of every family,
@@ -10,6 +11,10 @@ scenes per family with the pretrained and the fine-tuned decoder (the same promp
 `data/sft_prompts.py`) and scores both exactly (`evaluation/sft_families.py`). Writes
 OUT/sft_families.json and prints a markdown table. The paper's LR (5e-5) is for 7B-scale
 models; the tiny demo decoder was pretrained at 3e-3, so its short SFT defaults to 1e-3.
+The family mixing rates are the demo's (`sft_mixture_rates` in its config.gin) unless
+`--rates` overrides some. An OUT that already holds sft_data/ and a finished sft/ of the
+same settings (e.g. a copy of the demo's) is reused, not retrained. Choose SFT settings
+with `--split=validation` (held-out validation scenes); report them on `--split=test`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What the SFT run takes over from the demo's resolved config: the model, the batch, the
 # mesh and the optimizer (not its other stages' settings).
 KEPT = ("IMAGE_SIZE", "DecoderConfig.", "train.", "make_mesh.", "make_optimizer.",
-        "cross_entropy_loss.", "learning_rate_schedule.", "Checkpointer.")
+        "cross_entropy_loss.", "learning_rate_schedule.", "Checkpointer.", "sft_mixture_rates.")
 
 
 def _training_bindings(path: str) -> str:
@@ -45,6 +50,10 @@ def main(argv=None) -> dict:
     p.add_argument("--train_scenes", type=int, default=2000)
     p.add_argument("--examples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="the corpus split whose scenes are scored")
+    p.add_argument("--rates", default=None,
+                   help='JSON {family: rate} overriding the mixing rates, e.g. \'{"vqa": 2}\'')
     args = p.parse_args(argv)
 
     import gin
@@ -58,9 +67,14 @@ def main(argv=None) -> dict:
     from cm3leon_jax.evaluation import sft_families
     from cm3leon_jax.vocab.image_tokenizer import load_image_tokenizer
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+    from tasks import sft as tasks_sft
 
     demo = args.demo_dir
     gin.parse_config(_training_bindings(os.path.join(demo, "config.gin")))
+    if args.rates:
+        rates = {**gin.get_bindings("sft_mixture_rates").get("rates", {}),
+                 **json.loads(args.rates)}
+        gin.bind_parameter("sft_mixture_rates.rates", rates)
     image_size = gin.query_parameter("%IMAGE_SIZE")
     tokenizer_dir = os.path.join(demo, "image_tokenizer")
 
@@ -75,12 +89,13 @@ def main(argv=None) -> dict:
                           split_sizes=sizes, num_steps=args.steps, peak_lr=args.lr,
                           warmup_steps=args.warmup, seed=args.seed)
     sft_seconds = time.time() - start
-    examples = {f: [sft_examples.corpus_example(args.seed, "test", i, image_size, f)
+    examples = {f: [sft_examples.corpus_example(args.seed, args.split, i, image_size, f)
                     for i in range(args.examples)] for f in sft_prompts.FAMILIES}
     vocab = MultimodalVocabulary(os.path.join(demo, "data", "vocab"))
     images = SamplingConfig(guidance="cfg", guidance_scale=3.0, top_p=0.9)
     texts = SamplingConfig(greedy=True, guidance="none")
     result = {"args": vars(args), "sft_seconds": round(sft_seconds, 1),
+              "rates": tasks_sft.sft_mixture_rates(),
               "final_train": stage["train"].get("eval")}
     for name, run in (("before", os.path.join(demo, "pretrain")),
                       ("after", os.path.join(args.out, "sft"))):

@@ -76,13 +76,16 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
 
 def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Strategy],
               num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None,
-              outputs: dict | None = None) -> list[dict]:
+              outputs: dict | None = None, reference_rows: bool = False) -> list[dict]:
     """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir.
     `outputs`, when given, receives each job's images or texts under "task/strategy/kK"
-    (the demo's contact sheet shows them)."""
+    (the demo's contact sheet shows them). `reference_rows`: first, real images graded
+    like samples (`tasks.reference_rows`: the VQ round trip and other real scenes)."""
     fs.makedirs(out_dir)
     _references(ctx, suite, fid_cache or {})
     rows = []
+    if reference_rows and suite.text_to_image is not None:
+        rows += tasks.reference_rows(ctx, suite.text_to_image)
     for task, strategy, k in tqdm(_jobs(suite, strategies, num_retrieved), desc="eval"):
         if task == "text_to_image":
             row, out = tasks.text_to_image(ctx, suite.text_to_image, strategy, k)
@@ -147,7 +150,7 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
              fid_reference: str | None = None,
              caption_metrics: Sequence[str] = captioning.METRICS,
              max_answer_tokens: int = 8, batch_size: int = 8, step: int | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, reference_rows: bool = False) -> dict:
     """Evaluates `checkpoint` on `suite` (default: the built-in corpus); returns the report.
 
     Args:
@@ -161,6 +164,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         fid_resize: "pytorch_fid" or "clean"; fid_reference: .npz cache of the reference
         statistics of the standard FID (computed once per dataset).
       caption_metrics: which of CIDEr-D, BLEU-n, METEOR, ROUGE-L (Java); () for none.
+      reference_rows: also grade real images like samples (VQ round trip of the references,
+        real images of other scenes: the ceiling and the chance/FID floor of each metric).
     """
     if any(k > 0 for k in num_retrieved) and not retrieval_dir:
         raise ValueError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
@@ -176,7 +181,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
         inception_weights_path=inception_weights_path, fid_resize=fid_resize,
         fid_reference=fid_reference, max_answer_tokens=max_answer_tokens, seed=seed,
-        header={"checkpoint": checkpoint, "step": restored_step})
+        header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
+        reference_rows=reference_rows)
 
 
 def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None = None,
@@ -186,7 +192,8 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                        inception_weights_path: str | None = None,
                        fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
                        max_answer_tokens: int = 8, seed: int = 0,
-                       header: dict | None = None, outputs: dict | None = None) -> dict:
+                       header: dict | None = None, outputs: dict | None = None,
+                       reference_rows: bool = False) -> dict:
     """The eval run for a Generator already in memory (what the demo calls): decodes the
     suite, writes out_dir/report.json, report.md and the grids, returns the report.
     `encoder` (a retrieval DocumentEncoder) gives CLIP score, re-ranking and encoder FID;
@@ -197,7 +204,7 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                   seed=seed)
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
-                     {"fid_inception": fid_reference}, outputs)
+                     {"fid_inception": fid_reference}, outputs, reference_rows)
     header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
     report = write_report(out_dir, header, rows)

@@ -45,6 +45,7 @@ class Task:
     scenes: list[shapes.Scene] | None = None  # exact truth per example (corpus)
     references: list[list[str]] | None = None  # reference captions / annotator answers
     reference_images: np.ndarray | None = None  # real images for FID (text_to_image)
+    other_images: np.ndarray | None = None    # real images of other scenes (FID floor)
     ids: list | None = None                   # the dataset's ids, for the report
 
 
@@ -64,7 +65,9 @@ SuiteBuilder = Callable[[int], Suite]
 def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
                  tasks: Sequence[str] = ("text_to_image", "captioning", "vqa", "edit")
                  ) -> SuiteBuilder:
-    """The built-in corpus' `split` scenes 0..num_examples-1 (seed: the corpus seed)."""
+    """The built-in corpus' `split` scenes 0..num_examples-1 (seed: the corpus seed).
+    Text-to-image also carries as many scenes of another held-out split (validation, or
+    test when `split` is not test) as `other_images`: the eval run's reference rows."""
     unknown = sorted(set(tasks) - {"text_to_image", "captioning", "vqa", "edit"})
     if unknown or num_examples < 2:
         raise ValueError(f"corpus_suite: tasks {unknown} unknown / num_examples={num_examples}"
@@ -79,8 +82,13 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
         suite = Suite(f"corpus_{split}_{num_examples}")
         ids = [f"{split}_{i}" for i in range(num_examples)]
         if "text_to_image" in tasks:
+            other = "validation" if split == "test" else "test"
+            others = np.stack([shapes.render(sft_examples.corpus_scene(seed, other, i,
+                                                                       image_size))
+                               for i in range(num_examples)])
             suite.text_to_image = Task([p[i % 4] for i, p in enumerate(phrasings)], None,
-                                       scenes, reference_images=renders, ids=ids)
+                                       scenes, reference_images=renders,
+                                       other_images=others, ids=ids)
         if "captioning" in tasks:
             suite.captioning = Task(None, renders, scenes, phrasings, ids=ids)
         if "vqa" in tasks:

@@ -47,7 +47,7 @@ class Context:
     seed: int = 0
 
 
-def _row(task: str, strategy: str, k: int, metrics: dict) -> dict:
+def _row(task: str, strategy: str, k: int | str, metrics: dict) -> dict:
     return {"task": task, "strategy": strategy, "retrieved": k, **metrics}
 
 
@@ -80,6 +80,23 @@ def image_metrics(ctx: Context, images: np.ndarray, task: Task) -> dict:
 def text_to_image(ctx: Context, task: Task, strategy: Strategy, k: int) -> tuple[dict, Any]:
     out = draw(ctx, task.prompts, strategy, k)
     return _row("text_to_image", strategy.name, k, image_metrics(ctx, out.images, task)), out
+
+
+def reference_rows(ctx: Context, task: Task) -> list[dict]:
+    """Text-to-image rows of real images, graded like samples (retrieved "-"):
+    "real:vq_reconstruction" (the image tokenizer's round trip of the reference images: the
+    best a decoder of its codes can score) and "real:other_scenes" (`task.other_images`,
+    real scenes the prompts do not describe: exact metrics and CLIP score at chance, FID
+    the floor of two real samples of this size)."""
+    rows = []
+    if task.reference_images is not None and ctx.gen.image_tokenizer is not None:
+        recon = ctx.gen.image_tokenizer.reconstruct(task.reference_images)
+        rows.append(_row("text_to_image", "real:vq_reconstruction", "-",
+                         image_metrics(ctx, recon, task)))
+    if task.other_images is not None:
+        rows.append(_row("text_to_image", "real:other_scenes", "-",
+                         image_metrics(ctx, task.other_images, task)))
+    return rows
 
 
 def caption(ctx: Context, task: Task, k: int, sampling: SamplingConfig | None = None

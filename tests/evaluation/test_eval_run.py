@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import eval_run, fid, suites
+from cm3leon_jax.evaluation import eval_run, fid, suites, tasks
 from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import SearchResult
@@ -52,7 +53,13 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path):
     report = json.loads((out / "eval" / "report.json").read_text())
     rows = {(row["task"], row["strategy"]): row for row in report["rows"]}
     assert set(rows) == {("text_to_image", "cfg3"), ("text_to_image", "rerank8"),
-                         ("captioning", "greedy"), ("vqa", "greedy"), ("edit", "cfg3")}
+                         ("captioning", "greedy"), ("vqa", "greedy"), ("edit", "cfg3"),
+                         ("text_to_image", "real:vq_reconstruction"),
+                         ("text_to_image", "real:other_scenes")}
+    # eval.gin's reference rows: real images graded like samples, retrieved "-".
+    other = rows[("text_to_image", "real:other_scenes")]
+    assert other["retrieved"] == "-" and other["fid_retrieval_encoder"] > 0
+    assert "objects_right" in rows[("text_to_image", "real:vq_reconstruction")]
     t2i = rows[("text_to_image", "rerank8")]
     for key in ("objects_right", "count_right", "box_iou", "clip_score",
                 "fid_retrieval_encoder"):
@@ -63,7 +70,7 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path):
     assert "vqa_exact_match" in rows[("vqa", "greedy")]
     assert "edit_right" in rows[("edit", "cfg3")]
     table = (out / "eval" / "report.md").read_text()
-    assert table.count("| text_to_image |") == 2 and "clip_score" in table
+    assert table.count("| text_to_image |") == 4 and "clip_score" in table
     for name in ("text_to_image_cfg3_k0", "text_to_image_rerank8_k0", "captioning_k0", "vqa",
                  "edit_cfg3"):
         assert Image.open(out / "eval" / f"{name}.png").size[0] > 0
@@ -150,3 +157,19 @@ def test_bad_settings_are_named(eval_files):
         Strategy("bad", num_samples=0)
     with pytest.raises(FileNotFoundError, match="COCO captions file 'nope.json'"):
         suites.coco_suite("nope.json", "x")(32)
+
+
+def test_reference_rows_grade_real_images_like_samples():
+    task = suites.corpus_suite(num_examples=4)(32).text_to_image
+    assert task.other_images.shape == task.reference_images.shape
+    assert not np.array_equal(task.other_images, task.reference_images)
+
+    class Lossless:  # An image tokenizer that keeps every pixel.
+        def reconstruct(self, images):
+            return np.asarray(images)
+
+    ctx = Context(SimpleNamespace(image_tokenizer=Lossless()))
+    rows = {r["strategy"]: r for r in tasks.reference_rows(ctx, task)}
+    assert rows["real:vq_reconstruction"]["objects_right"] == 1.0  # The parser is exact.
+    assert rows["real:other_scenes"]["objects_right"] < 1.0  # Other scenes: not the prompts'.
+    assert {r["retrieved"] for r in rows.values()} == {"-"}
