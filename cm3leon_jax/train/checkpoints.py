@@ -58,6 +58,16 @@ from cm3leon_jax.errors import UserInputError
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
+
+# orbax splits every replicated array among its replicas to write it ("replica-parallel"), and
+# each split is a small jit program: a compile per array shape on a process's first save. For a
+# small array that costs far more than the write it shares: the 80-array state of a 2-layer
+# model on 8 replicas took 3.8 CPU s to save first, 0.3 s with this threshold (0.66 and 0.27 s
+# later). Large arrays, the ones worth splitting, are still split.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 64 * 1024
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES), override=True)
 # Written or rewritten by orbax after our callback; not needed to restore.
 _UNCHECKED = {CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
 
