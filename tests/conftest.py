@@ -17,7 +17,9 @@ wrong). `HYPOTHESIS_PROFILE=explore` searches with fresh random examples instead
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+import traceback
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +42,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache  # Subprocesses inherit it.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# CPython 3.11 keeps the AST builder's recursion counter in interpreter-wide state, so ASTs
+# built on two threads at once can corrupt it for the rest of the process: every later
+# ast.parse fails ("AST constructor recursion depth mismatch", python/cpython#106905). That
+# breaks TF autograph, which parses the functions it converts (a converted pipeline function
+# then runs unconverted and fails on a symbolic tensor), and pytest's own failure report (one
+# suite run ended in an INTERNALERROR so). Python 3.11's traceback formatting parses each
+# source line to place its ^^^ carets, on whatever thread formats it (tf.data's, orbax's,
+# asyncio's) while the main thread may be tracing: without the carets it parses nothing.
+if sys.version_info[:2] == (3, 11):
+    traceback._extract_caret_anchors_from_line_segment = lambda segment: None
 
 # The longest files first, longest first: `make test` hands out whole files to its two workers
 # in collection order (--dist loadfile --no-loadscope-reorder), and a long file that starts

@@ -13,10 +13,9 @@ images as `<img:N>` runs, for logs and debugging.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 import numpy as np
@@ -51,6 +50,8 @@ class MultimodalVocabulary(seqio.Vocabulary):
         """
         super().__init__(extra_ids=0)
         self._directory = directory
+        self._loaded_from: str | None = None
+        self._loaded: dict[str, Any] = {}
 
     @classmethod
     def create(cls, directory: str, text_tokenizer: TextTokenizer, *,
@@ -84,8 +85,21 @@ class MultimodalVocabulary(seqio.Vocabulary):
         d = self._directory
         return d() if callable(d) else d
 
-    @functools.cached_property
+    def _cached(self, name: str, load: Callable[[], Any]) -> Any:
+        """`load()`, once per directory: a task's vocabulary follows its gin-bound folder when
+        a later run in the same process binds another (it would keep the first one's)."""
+        directory = self.directory
+        if directory != self._loaded_from:
+            self._loaded_from, self._loaded = directory, {}
+        if name not in self._loaded:
+            self._loaded[name] = load()
+        return self._loaded[name]
+
+    @property
     def text_tokenizer(self) -> TextTokenizer:
+        return self._cached("text_tokenizer", self._load_text_tokenizer)
+
+    def _load_text_tokenizer(self) -> TextTokenizer:
         # An imported vocabulary (Chameleon's) keeps its tokenizers file: `text.json`.
         hf_json = os.path.join(self.directory, HF_TEXT_JSON)
         if not fs.exists(os.path.join(self.directory, TEXT_MODEL)) and fs.exists(hf_json):
@@ -93,8 +107,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
             return HFTextTokenizer.load(hf_json)
         return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
 
-    @functools.cached_property
+    @property
     def layout(self) -> layout_lib.IdLayout:
+        return self._cached("layout", self._load_layout)
+
+    def _load_layout(self) -> layout_lib.IdLayout:
         path = os.path.join(self.directory, LAYOUT_FILE)
         if not fs.exists(path):
             raise MissingInputError(
@@ -133,8 +150,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
         text = ids[self.layout.is_text(ids)]
         return self.text_tokenizer.decode(self.layout.ids_to_text(text))
 
-    @functools.cached_property
+    @property
     def _tf_tokenizer(self):
+        return self._cached("tf_tokenizer", self._load_tf_tokenizer)
+
+    def _load_tf_tokenizer(self):
         if not isinstance(self.text_tokenizer, TextTokenizer):
             raise NotImplementedError(f"the vocabulary {self.directory!r} has a tokenizers "
                                       "text.json: it serves generation, not TF data pipelines "

@@ -95,6 +95,21 @@ def test_vocabulary_directory_reopens_equal(vocab):
     assert again.layout.image_length == IMAGE_LENGTH
 
 
+def test_a_path_function_follows_its_folder(vocab, tmp_path):
+    """A task's vocabulary (registered at import, its folder from gin) reads the folder bound
+    now, not the first one it read: two runs in one process may bind two data folders."""
+    other = MultimodalVocabulary.create(
+        str(tmp_path / "other"), TextTokenizer.train(CAPTIONS, vocab_size=285), image_codes=32,
+        num_sentinels=4, image_length=8)
+    folder = [vocab.directory]
+    lazy = MultimodalVocabulary(lambda: folder[0])
+    assert lazy.layout == vocab.layout and lazy.encode("a red circle") == vocab.encode(
+        "a red circle")
+    folder[0] = other.directory
+    assert lazy.layout == other.layout and lazy.layout != vocab.layout
+    assert lazy.text_tokenizer.vocab_size == 285 and lazy == other
+
+
 def test_missing_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vocabulary directory"):
         MultimodalVocabulary(str(tmp_path)).layout
