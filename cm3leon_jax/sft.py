@@ -10,19 +10,16 @@ to the SFT run's own MODEL_DIR, and rerunning the same command resumes from ther
 exactly like pretraining; the base MODEL_DIR is only read.
 
 Before anything trains, the base must fit: its vocabulary must be the one the SFT data
-was made with (`sft_preprocess` copies the pretraining data's `vocab/`), and its model
-config (the `DecoderConfig` bindings in its `config.gin`, when it has one, and the
-parameter shapes in its checkpoint) must be the SFT run's. A mismatch is one error
-naming both sides.
+was made with (`sft_preprocess` copies the pretraining data's `vocab/`). The model's
+sizes come from the base's `config.gin` (`train/run_config.py`: sft.gin binds none, so it
+fine-tunes a base of any size; a size bound explicitly must agree), and the parameter
+shapes in its checkpoint must fit them. A mismatch is one error naming both sides.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import filecmp
 import os
-import re
 from typing import Any
 
 import gin
@@ -32,10 +29,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.model.config import DecoderConfig
-from cm3leon_jax.train import trainer
-
-_BINDING = re.compile(r"^DecoderConfig\.(\w+)\s*=\s*(.+)$")
+from cm3leon_jax.train import run_config, trainer
 
 
 def task_vocab_dir(task: str) -> str:
@@ -57,41 +51,6 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
                              "with the base model's pretraining vocabulary.")
 
 
-def base_decoder_bindings(base_model_dir: str) -> dict[str, Any] | None:
-    """`DecoderConfig` fields bound in the base run's config.gin (None: it has none)."""
-    path = os.path.join(base_model_dir, "config.gin")
-    if not fs.exists(path):
-        return None
-    out = {}
-    with fs.open(path) as f:
-        for line in f:
-            if m := _BINDING.match(line.strip()):
-                try:
-                    out[m.group(1)] = ast.literal_eval(m.group(2))
-                except (ValueError, SyntaxError):
-                    out[m.group(1)] = m.group(2)
-    return out
-
-
-def check_config(base_model_dir: str, config: DecoderConfig) -> None:
-    """Raises when the base run's config.gin bound DecoderConfig differently."""
-    bound = base_decoder_bindings(base_model_dir)
-    if bound is None:
-        return  # The checkpoint's parameter shapes are still checked on restore.
-    defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
-    mine = dataclasses.asdict(config)
-    diffs = [f"{k}: base {bound.get(k, defaults[k])!r}, SFT {mine[k]!r}"
-             for k in mine if _norm(bound.get(k, defaults[k])) != _norm(mine[k])]
-    if diffs:
-        raise ValueError(f"model config mismatch between the base {base_model_dir!r} and this "
-                         f"SFT run: {'; '.join(diffs[:4])}. Bind DecoderConfig as the base "
-                         "was trained (include its gin_configs/models/<size>.gin).")
-
-
-def _norm(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 @gin.configurable(denylist=["model_dir"])
 def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         base_vocab_dir: str = gin.REQUIRED, base_step: int | None = None) -> dict[str, Any]:
@@ -105,8 +64,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     Returns: the trainer's result.
     """
     check_not_base(model_dir, base_model_dir)
-    config = DecoderConfig()
-    check_config(base_model_dir, config)
+    config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
     check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
     steps = restore.checkpoint_steps(base_model_dir)
     if not steps:
@@ -130,10 +88,13 @@ def check_not_base(model_dir: str, base_model_dir: str) -> None:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    """`main.run` calls this before it writes MODEL_DIR/config.gin."""
+    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses the base's folder,
+    and binds the base's DecoderConfig so that this run's config.gin records the sizes it
+    trains (what a later generate or eval run on it reads)."""
     base = gin.get_bindings(sft).get("base_model_dir")
     if base:
         check_not_base(model_dir, base)
+        run_config.bind_decoder_config(base, "this SFT run")
 
 
 sft.check_model_dir = _check_model_dir
@@ -162,6 +123,9 @@ def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
     with gin.unlock_config():
         for key, value in bindings.items():
             gin.bind_parameter(key, value)
+    # The run's own config.gin, as `main.run` writes one: later runs read its sizes.
+    run_config.bind_decoder_config(base_model_dir, "this SFT run")
+    run_config.write(os.path.join(model_dir, "sft"))
     result = sft(os.path.join(model_dir, "sft"), base_model_dir=base_model_dir,
                  base_vocab_dir=os.path.join(pretrain_data_dir, "vocab"))
     return {"data": data, "train": result}

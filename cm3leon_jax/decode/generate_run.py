@@ -133,7 +133,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
 
     Args:
       model_dir: where the outputs go.
-      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from gin (bind it as trained).
+      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from its config.gin (run_config).
       vocab_dir: the vocabulary folder of the data the model was trained on.
       image_tokenizer: a function returning the ImageTokenizer (`@load_image_tokenizer`).
       retrieval_dir: a built retrieval folder (bank + index + encoder), or None.

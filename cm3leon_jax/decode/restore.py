@@ -1,13 +1,14 @@
 """A trained decoder's parameters, read from a trainer's MODEL_DIR.
 
-    config, params, step = restore_decoder("runs/demo/pretrain")   # DecoderConfig() from gin
+    config, params, step = restore_decoder("runs/demo/pretrain")   # sizes from its config.gin
 
 The trainer checkpoints the whole `TrainState` (step, params, optimizer moments) under
 `MODEL_DIR/checkpoints/<step>/state`; generation needs only the parameters, so only
 they are read (orbax partial restore: the optimizer state, twice the parameters' size,
 stays on disk). The checkpoint does not record the model's shape: the `DecoderConfig`
-comes from gin, as in training, and is checked against the stored shapes first, so a
-mismatch is reported by name instead of as a failed restore. A damaged newest checkpoint
+comes from the run's MODEL_DIR/config.gin (`train/run_config.py`; gin bindings must agree
+with it), or from gin alone when there is none, and is checked against the stored shapes
+first, so a mismatch is reported by name instead of as a failed restore. A damaged newest checkpoint
 falls back to the previous one, with a warning.
 
 `model_dir` may also be a params-only export (`train/params_checkpoint.py`, written by
@@ -30,7 +31,7 @@ from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
-from cm3leon_jax.train import checkpoints, params_checkpoint
+from cm3leon_jax.train import checkpoints, params_checkpoint, run_config
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,14 @@ def restore_decoder(model_dir: str, step: int | None = None,
     Args:
       model_dir: the trainer's MODEL_DIR (or its checkpoints/ folder), or an export.
       step: which checkpoint (no fallback: it is the one asked for); None: the newest.
-      config: the decoder's shape; None: `DecoderConfig()` as bound by gin (for an
-        export: the manifest's).
+      config: the decoder's shape; None: the one in MODEL_DIR/config.gin, which gin
+        bindings must agree with (`run_config.decoder_config`; without one, `DecoderConfig()`
+        as gin binds it; for an export: the manifest's).
       mesh: shard the parameters over this mesh by the logical rules; None: one device.
     """
     if params_checkpoint.is_export(model_dir):
         return _restore_export(model_dir, step, config, mesh)
-    config = DecoderConfig() if config is None else config
+    config = run_config.decoder_config(model_dir) if config is None else config
     steps = checkpoint_steps(model_dir)
     if not steps:
         raise MissingInputError(f"{model_dir!r} has no committed checkpoint yet; train first "
@@ -123,10 +125,6 @@ def _read_params(model_dir: str, step: int, target: Any) -> Any:
     return restored["params"]
 
 
-# How a model runs, not what it is: a caller may choose these for an export.
-_RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "custom_grads")
-
-
 def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
                     mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
     stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)
@@ -135,7 +133,7 @@ def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
                              "leave the step unset (None) for an export.")
     if config is None:
         return stored, params, stored_step
-    runtime = {k: getattr(config, k) for k in _RUNTIME_FIELDS}
+    runtime = {k: getattr(config, k) for k in run_config.RUNTIME_FIELDS}
     if stored.replace(**runtime) != config:
         raise UserInputError(f"the export in {path!r} was made with {stored}, not the "
                              f"DecoderConfig given ({config}); pass config=None to use its own.")

@@ -45,7 +45,7 @@ from cm3leon_jax.demo import generate as demo_generate
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.retrieval import clip_train
-from cm3leon_jax.train import trainer
+from cm3leon_jax.train import run_config, trainer
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab import image_tokenizer as image_tokenizer_lib
 from cm3leon_jax.vocab import vqgan_train
@@ -200,6 +200,9 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     """
     with gin.unlock_config():  # The tasks read the demo's own data folder.
         gin.bind_parameter("data_dirs.synthetic", data_dir)
+    # The run's own config.gin, as `main.run` writes one: generate, eval, export and sft
+    # runs on this folder read the decoder's sizes from it (train/run_config.py).
+    run_config.write(out_dir)
     result = trainer.train(out_dir)
     # A resumed run logs again the steps after its checkpoint: the latest entry counts.
     train_log, eval_log = {}, {}

@@ -86,7 +86,8 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
 
     Args:
       model_dir: this run's folder; the export goes to `output_dir` or MODEL_DIR/export.
-      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from gin (as trained).
+      checkpoint: the trainer's MODEL_DIR; DecoderConfig comes from its config.gin
+        (`train/run_config.py`; gin bindings must agree).
       layout: "params" (params-only orbax + manifest) or "hf" (safetensors for
         `transformers`: OPTForCausalLM or ChameleonForConditionalGeneration).
       dtype: "float32", "bfloat16" or "float16"; None keeps the trained param_dtype.
@@ -95,7 +96,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         MODEL_DIR, copied into the export so it is self-contained.
       overwrite: replace an existing output folder (otherwise refused).
       shard: restore over the gin-bound mesh (`make_mesh`) rather than one device.
-      config: the decoder as trained; None: `DecoderConfig()` as bound by gin.
+      config: the decoder as trained; None: the one in the checkpoint's config.gin.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")

@@ -32,7 +32,6 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
     out = tmp_path / "run"
     args = [
         "--gin_file=gin_configs/runs/eval.gin", f"--gin.MODEL_DIR='{out}'",
-        "--gin.DecoderConfig.vocab_size=512", "--gin.DecoderConfig.max_length=128",
         f"--gin.evaluate.checkpoint='{eval_files['checkpoint']}'",
         f"--gin.evaluate.vocab_dir='{eval_files['vocab']}'",
         "--gin.load_image_tokenizer.checkpoint=None",

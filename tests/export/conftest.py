@@ -12,7 +12,7 @@ from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
-from tests.model.model_testlib import tiny_config, write_train_checkpoints
+from tests.model.model_testlib import tiny_config, write_run_config, write_train_checkpoints
 
 CONFIG = tiny_config()
 TINY_VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2),
@@ -28,6 +28,7 @@ def train_run(tmp_path_factory):
     """(MODEL_DIR, params) of a train run with a checkpoint at step 3 (params + Adam)."""
     model_dir = tmp_path_factory.mktemp("train_run")
     states = write_train_checkpoints(str(model_dir / "checkpoints"), CONFIG, (3,))
+    write_run_config(str(model_dir), CONFIG)
     return str(model_dir), states[3].params
 
 

@@ -118,8 +118,8 @@ def test_export_run_mode_from_the_command_line(train_run, vocab_dir, tmp_path, c
     model_dir = tmp_path / "run"
     argv = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
             f"--gin.export.checkpoint='{train_run[0]}'", f"--gin.export.vocab_dir='{vocab_dir}'",
-            "--gin.export.image_tokenizer_dir=None", "--gin.export.dtype='float32'",
-            "--gin.DecoderConfig.vocab_size=512", "--gin.DecoderConfig.max_length=128"]
+            "--gin.export.image_tokenizer_dir=None", "--gin.export.dtype='float32'"]
+    # No size bound: export.gin takes the decoder from the run's config.gin.
     try:
         assert main.main(argv) == 0
     finally:

@@ -7,6 +7,7 @@ every weight a random value of a reasonable scale instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -108,6 +109,16 @@ class DataPosition:
 
     def restore(self, directory):
         pass
+
+
+def write_run_config(model_dir: str, config: DecoderConfig) -> None:
+    """MODEL_DIR/config.gin binding `config`, in the form the command line writes for a run
+    (the sizes generate / eval / export runs read back: cm3leon_jax/train/run_config.py).
+    Written as text: a fixture must not disturb the session's gin state."""
+    os.makedirs(model_dir, exist_ok=True)
+    lines = [f"DecoderConfig.{k} = {v!r}" for k, v in dataclasses.asdict(config).items()]
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write("# Parameters for DecoderConfig:\n" + "\n".join(lines) + "\n")
 
 
 def write_train_checkpoints(checkpoint_dir: str, config: DecoderConfig,

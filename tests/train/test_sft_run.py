@@ -1,6 +1,6 @@
 """The `sft` run mode: base parameters in, fresh optimizer, exact resume, refused bases.
 
-Runs go through gin_configs/runs/sft.gin (which includes gin_configs/train/tiny.gin) on the
+Runs go through gin_configs/runs/sft.gin (the sizes: the base run's config.gin) on the
 trainer tests' tiny corpus and a tiny SFT folder made from its vocabulary, shrunk by gin
 bindings to seconds.
 """
@@ -113,7 +113,7 @@ def test_sft_resumes_exactly(base, tmp_path):
 def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
     checkpoints = os.path.join(base[0], "checkpoints")
     before = lib.tree_digests(checkpoints)
-    with pytest.raises(ValueError, match="model config mismatch.*num_layers: base 2, SFT 3"):
+    with pytest.raises(ValueError, match="model config mismatch.*num_layers: trained 2, bound 3"):
         run_sft(sft_bindings(str(tmp_path / "a"), base, **{"DecoderConfig.num_layers": 3}))
     other = tmp_path / "other_vocab"
     shutil.copytree(base[2], other)

@@ -1,0 +1,116 @@
+"""The decoder a train run was trained with, read back from its MODEL_DIR/config.gin.
+
+`main.run` writes the resolved gin config to MODEL_DIR/config.gin before a run starts
+(the demo's stages write their own: `write`). Its `DecoderConfig.<field> = <value>` lines
+are the model's shape, so the runs that read a trained MODEL_DIR (generate, eval, export,
+sft) take the decoder from there and their run files bind no size: one run file serves
+every size. A shape the user binds explicitly (a flag or an included size file) must
+agree with the stored one, or the run stops with one error naming the field and both
+values. How a model runs (`RUNTIME_FIELDS`: dtype, attention implementation, ...) is not
+its shape: a binding wins over the stored value.
+
+A MODEL_DIR without config.gin (written by code, not the command line) keeps the old way:
+`DecoderConfig()` as gin binds it, checked against the checkpoint's shapes on restore.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from typing import Any
+
+import gin
+
+from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.model.config import DecoderConfig
+
+CONFIG_FILE = "config.gin"
+# How a model runs, not what it is: a run may choose these freely.
+RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "custom_grads")
+_BINDING = re.compile(r"^DecoderConfig\.(\w+)\s*=\s*(.+)$")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
+
+
+def write(model_dir: str) -> str:
+    """Writes the current gin config to MODEL_DIR/config.gin (for runs started from code,
+    e.g. a demo stage, that `main.run` did not write); returns its path."""
+    fs.makedirs(model_dir)
+    path = fs.join(model_dir, CONFIG_FILE)
+    with fs.open(path, "w") as f:
+        f.write(gin.config_str())
+    return path
+
+
+def stored_bindings(model_dir: str) -> dict[str, Any] | None:
+    """`DecoderConfig` fields bound in MODEL_DIR/config.gin (None: there is no config.gin).
+
+    Raises UserInputError when a bound value is not a literal (e.g. a macro reference
+    left unresolved), naming the line.
+    """
+    path = fs.join(model_dir, CONFIG_FILE)
+    if not fs.exists(path):
+        return None
+    out = {}
+    with fs.open(path) as f:
+        for line in f:
+            if m := _BINDING.match(line.strip()):
+                try:
+                    out[m.group(1)] = ast.literal_eval(m.group(2))
+                except (ValueError, SyntaxError):
+                    raise UserInputError(
+                        f"{path!r} binds {line.strip()!r}, which is not a literal value; bind "
+                        "DecoderConfig with plain values in the run that trained it.") from None
+    unknown = sorted(set(out) - set(_DEFAULTS))
+    if unknown:
+        raise UserInputError(f"{path!r} binds DecoderConfig fields this code does not have: "
+                             f"{unknown}; was it written by another version of cm3leon-jax?")
+    return out
+
+
+def decoder_config(model_dir: str, what: str = "this run") -> DecoderConfig:
+    """The `DecoderConfig` the train run in `model_dir` was trained with.
+
+    Shape fields come from its config.gin (DecoderConfig's defaults for fields it does not
+    bind); runtime fields from the current gin bindings where bound, else from the file.
+    Without a config.gin: `DecoderConfig()` as gin binds it.
+
+    Args:
+      model_dir: a trainer's MODEL_DIR (holding config.gin and checkpoints/).
+      what: how the error names the current run (e.g. "this SFT run").
+    Raises:
+      UserInputError: a shape field bound in gin (explicitly, by a flag or an included
+        file) differs from the stored one.
+    """
+    stored = stored_bindings(model_dir)
+    if stored is None:
+        return DecoderConfig()
+    explicit = gin.get_bindings(DecoderConfig)
+    diffs = [f"{k}: trained {stored.get(k, _DEFAULTS[k])!r}, bound {v!r}"
+             for k, v in sorted(explicit.items())
+             if k not in RUNTIME_FIELDS and _norm(v) != _norm(stored.get(k, _DEFAULTS[k]))]
+    if diffs:
+        raise UserInputError(
+            f"model config mismatch between the run in {model_dir!r} and {what}: "
+            f"{'; '.join(diffs[:4])}. The sizes come from {model_dir}/{CONFIG_FILE}: drop "
+            "those DecoderConfig bindings (or the size file that binds them), or give a "
+            "run trained with them.")
+    kwargs = {**stored, **{k: v for k, v in explicit.items() if k in RUNTIME_FIELDS}}
+    return DecoderConfig(**kwargs)
+
+
+def bind_decoder_config(model_dir: str, what: str = "this run") -> DecoderConfig:
+    """`decoder_config(model_dir)`, also bound in gin, for code that builds `DecoderConfig()`
+    itself (the trainer of an SFT run) and for the config.gin this run writes."""
+    config = decoder_config(model_dir, what)
+    with gin.unlock_config():
+        for field in dataclasses.fields(DecoderConfig):
+            value = getattr(config, field.name)
+            if value != field.default:
+                gin.bind_parameter(f"DecoderConfig.{field.name}", value)
+    return config
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
