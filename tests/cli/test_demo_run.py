@@ -20,6 +20,10 @@ TOY = [
     "demo.num_pictures=4", "demo.parse_examples=10",
     "train_image_tokenizer.num_steps=10", "train_image_tokenizer.eval_every=10",
     "train_image_tokenizer.checkpoint_every=10", "train_image_tokenizer.eval_examples=16",
+    # A quarter of tiny.gin's channels and no attention: every stage encodes or decodes
+    # images with it (the codebook, so the vocabulary's layout, is the demo's).
+    "VQGANConfig.base_channels=8", "VQGANConfig.mid_attention=False",
+    "VQGANConfig.latent_channels=8", "VQGANConfig.embed_dim=8", "VQGANConfig.num_groups=4",
     "train_retriever.steps=5", "train_retriever.warmup_steps=1",
     "train/synthetic_pairs.num=80", "test/synthetic_pairs.num=20",
     "train_retriever.batch_size=16",
