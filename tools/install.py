@@ -4,9 +4,14 @@
     .venv/bin/python tools/install.py --no-deps pytorch-fid==0.3.0
 
 `make install` (and so `make demo` and `make test`) calls this. uv resolves the same
-versions as pip but downloads and unpacks in parallel and skips byte-compiling 21,000
-files: the project's install took 42 s instead of about 3.4 minutes on the 2-core
-machine. Whatever pip is configured with on this machine (index, extra indexes, local
+versions as pip but downloads and unpacks in parallel: the project's install took 42 s
+instead of about 3.4 minutes on the 2-core machine, plus about a minute to byte-compile
+the 21,000 installed files. That minute is not optional here: where Python may not write
+bytecode at import time (PYTHONDONTWRITEBYTECODE, read-only installs), a process would
+compile tensorflow, jax and seqio from source at every start (`import tasks`: 27 CPU s
+instead of 11), and the tests start about two dozen processes.
+
+Whatever pip is configured with on this machine (index, extra indexes, local
 wheel folders, constraints, certificates: `pip config list`, environment included) is
 passed on, and uv picks the best version across all indexes as pip does. If uv cannot be
 installed or fails, the same install runs with pip, so the result never depends on uv.
@@ -60,7 +65,8 @@ def main(packages: list[str]) -> int:
         if not os.path.exists(uv):
             subprocess.run([*pip, UV], check=True)
         args, env = uv_arguments(pip_settings())
-        subprocess.run([uv, "pip", "install", "-q", "--python", sys.executable, *args, *packages],
+        subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode",
+                        "--python", sys.executable, *args, *packages],
                        check=True, env={**os.environ, **env})
         return 0
     except (OSError, subprocess.CalledProcessError) as error:

@@ -38,14 +38,36 @@ TOY = [
 ]
 
 
-def _demo(model_dir, *extra):
-    args = [sys.executable, "-m", "cm3leon_jax.main", "--gin_file=gin_configs/runs/demo.gin",
-            f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in TOY + list(extra)]]
-    r = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _args(model_dir):
+    return ["--gin_file=gin_configs/runs/demo.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            *[f"--gin.{b}" for b in TOY]]
+
+
+def _metrics(model_dir):
     with open(os.path.join(model_dir, "metrics.json")) as f:
         return json.load(f)
+
+
+def _demo(model_dir):
+    """`make demo`'s command as a user's CPU machine runs it: one device, not the suite's
+    eight fake ones (tests/conftest.py), which cost twice the CPU time here."""
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+    r = subprocess.run([sys.executable, "-m", "cm3leon_jax.main", *_args(model_dir)], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags),
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _metrics(model_dir)
+
+
+def _main_here(args):
+    """`main` in this process, as its command-line wrapper (tests/cli/test_main.py) runs it:
+    no second import of jax and TF."""
+    gin.clear_config()
+    try:
+        assert main_lib.main(args) == 0
+    finally:
+        gin.clear_config()
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
@@ -107,7 +129,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     # output and does not redo it, and redoes only what is missing.
     os.remove(os.path.join(model_dir, "stages", "pictures.json"))
     os.remove(os.path.join(model_dir, "pictures", "contact_sheet.png"))
-    again = _demo(model_dir)
+    monkeypatch.chdir(ROOT)
+    _main_here(_args(model_dir))
+    again = _metrics(model_dir)
     assert set(again["reused_stages"]) == set(again["seconds"]) - {"pictures"}
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
@@ -125,13 +149,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
             f"--gin.generate.retrieval_dir='{model_dir}/data/retrieval'",
             "--gin.generate.captions=['a red circle']", "--gin.generate.num_samples=2",
             f"--gin.generate.image_files=['{model_dir}/pictures/corpus.png']"]
-    # In this process (its command-line wrapper is test_main's): no second import of jax and TF.
-    monkeypatch.chdir(ROOT)
-    gin.clear_config()
-    try:
-        assert main_lib.main(args) == 0
-    finally:
-        gin.clear_config()
+    _main_here(args)
     with open(os.path.join(out_dir, "generated.json")) as f:
         assert json.load(f) == [{"caption": "a red circle",
                                  "images": ["images/000_0.png", "images/000_1.png"]}]
