@@ -30,6 +30,9 @@ TOY = [
     "preprocess.docs_per_shard=40", "preprocess.text_vocab_size=300",
     f"train.num_steps={STEPS}", "train.eval_every=0", "train.eval_steps=1",
     "train.global_batch_size=2", "learning_rate_schedule.warmup_steps=3",
+    # The toy decoder (gin_configs/models/tiny.gin's sizes), whatever size the demo trains.
+    "DecoderConfig.num_layers=2", "DecoderConfig.d_model=64", "DecoderConfig.num_heads=4",
+    "DecoderConfig.mlp_dim=256",
     "generate_stage.num_examples=3", "generate_stage.batch_size=4",
     "generate_stage.rerank_samples=2",
     "sft_stage.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
