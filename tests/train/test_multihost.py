@@ -53,13 +53,19 @@ def test_two_processes_match_one_process_with_two_devices(corpus, tmp_path):
              "CM3LEON_COORDINATOR": f"127.0.0.1:{port}", "CM3LEON_NUM_PROCESSES": "2",
              "CM3LEON_PROCESS_ID": str(i)},
         log_path=str(tmp_path / f"two_{i}.log")) for i in range(2)]
-    # The one-process reference runs here, on two of this process's devices, while the two
-    # processes run.
-    lib.run_in_process(lib.bindings(
-        one_dir, path, vocab, **common,
-        **{"make_mesh.data": 2, "train_mesh.devices": "@multihost_reference_devices()"}))
-    for proc, log in [(two[0], "two_0.log"), (two[1], "two_1.log")]:
-        assert proc.wait(timeout=400) == 0, open(tmp_path / log).read()[-3000:]
+    try:
+        # The one-process reference runs here, on two of this process's devices, while the
+        # two processes run.
+        lib.run_in_process(lib.bindings(
+            one_dir, path, vocab, **common,
+            **{"make_mesh.data": 2, "train_mesh.devices": "@multihost_reference_devices()"}))
+        for proc, log in [(two[0], "two_0.log"), (two[1], "two_1.log")]:
+            assert proc.wait(timeout=400) == 0, open(tmp_path / log).read()[-3000:]
+    finally:  # A failed reference or a hung process leaves no job behind.
+        for proc in two:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     (train_one, eval_one), (train_two, eval_two) = _losses(one_dir), _losses(two_dir)
     assert sorted(train_one) == [1, 2, 3, 4] and train_one == train_two
