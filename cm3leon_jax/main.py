@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 import gin
 from absl import logging as absl_logging
 
-from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.train import run_config
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_PATHS = (_REPO_ROOT, os.path.join(_REPO_ROOT, "gin_configs"))
@@ -57,22 +57,8 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     check = getattr(mode, "check_model_dir", None)
     if check is not None:
         check(model_dir)
-    fs.makedirs(model_dir)
-    _write_config(fs.join(model_dir, "config.gin"), gin.config_str())
+    run_config.write(model_dir)
     return mode(model_dir=model_dir)
-
-
-def _write_config(path: str, text: str) -> None:
-    """Writes `text` to `path`, first moving a different earlier config to config.<n>.gin."""
-    if fs.exists(path):
-        with fs.open(path) as f:
-            if f.read() != text:
-                n = 1
-                while fs.exists(f"{path[:-len('.gin')]}.{n}.gin"):
-                    n += 1
-                fs.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
-    with fs.open(path, "w") as f:
-        f.write(text)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

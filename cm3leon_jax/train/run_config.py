@@ -34,12 +34,24 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
 
 
 def write(model_dir: str) -> str:
-    """Writes the current gin config to MODEL_DIR/config.gin (for runs started from code,
-    e.g. a demo stage, that `main.run` did not write); returns its path."""
+    """Writes the current gin config to MODEL_DIR/config.gin; returns its path.
+
+    `main.run` calls this before every run, and code that starts a run itself (a demo
+    stage) calls it too. A different earlier config.gin is first kept as config.<n>.gin:
+    it records how the checkpoints already there were trained.
+    """
     fs.makedirs(model_dir)
     path = fs.join(model_dir, CONFIG_FILE)
+    text = gin.config_str()
+    if fs.exists(path):
+        with fs.open(path) as f:
+            if f.read() != text:
+                n = 1
+                while fs.exists(f"{path[:-len('.gin')]}.{n}.gin"):
+                    n += 1
+                fs.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
     with fs.open(path, "w") as f:
-        f.write(gin.config_str())
+        f.write(text)
     return path
 
 
