@@ -130,6 +130,21 @@ def _check_prompts(prompts: np.ndarray, max_new_tokens: int, num_streams: int) -
                          "only come before the first real token; use sampler.left_pad.")
 
 
+def draw(keys: jax.Array, scores: jax.Array) -> jax.Array:
+    """One token per row from softmax(scores): int32[rows], given one key per row.
+
+    By inverse CDF: one uniform per row, and the first token whose cumulative probability
+    reaches it. Tokens of probability 0 (score -inf) are never drawn. The same law as
+    `jax.random.categorical` with a quarter of its cost here: that draws Gumbel noise for
+    every token of every row (0.50 against 0.14 ms a step for 4 x 9216 scores,
+    `benchmarks/RESULTS_decode.md`).
+    """
+    cdf = jnp.cumsum(jax.nn.softmax(scores.astype(jnp.float32), axis=-1), axis=-1)
+    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # In (0, 1]: never below a leading 0.
+    chosen = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+    return jnp.minimum(chosen, scores.shape[-1] - 1).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model: Any, greedy: bool, num_streams: int, max_new_tokens: int):
     """The jitted loop. Processors and the stop rule are pytree arguments: their numbers
@@ -147,8 +162,7 @@ def _compiled(model: Any, greedy: bool, num_streams: int, max_new_tokens: int):
             scores = scores[0]
         if greedy:
             return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, state.step)
-        return jax.vmap(jax.random.categorical)(step_keys, scores).astype(jnp.int32)
+        return draw(jax.vmap(jax.random.fold_in, (0, None))(keys, state.step), scores)
 
     def run(params, prompts, key, row_ids, processors, stop):
         rows, length = prompts.shape

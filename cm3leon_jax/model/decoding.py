@@ -13,16 +13,20 @@ imported one plugs in the same way (t5x's `tokens_to_logits`).
 
 Why a decode path beside `Decoder(decode=True)` (which computes the same numbers, and
 which the tests hold this one to): generating one token reads every weight and the
-cache for a handful of rows, so a step is bound by memory traffic, and the layout the
-training forward wants is the wrong one for it (`benchmarks/RESULTS_decode.md`):
+cache for a handful of rows, so a step is bound by memory traffic, and the scanned,
+stacked layers the training forward wants are the wrong shape for it
+(`benchmarks/RESULTS_decode.md`):
 
 * Layers unstacked once (`prepare`), so the loop never slices the stacked `[layers,
   ...]` weights or cache (a slice of the scanned stack is a copy on XLA:CPU: the
   scanned `Decoder` copied the whole cache and every weight once per token).
-* Weights stored `[out..., in]`: a one-token product reads each output's weights
-  contiguously (`x @ W^T`). Written as multiply-and-reduce instead, XLA:CPU fused the
-  producers (norm, GELU, the attention's softmax) into the reduction and recomputed
-  them for every output element: 3-5x slower.
+* Weights kept in the training layout `[in..., out...]`, one layer's slice each. On
+  this CPU a one-token product `x @ W` read them 1.4x faster than the transposed
+  `[out, in]` layout this path first used (`benchmarks/RESULTS_decode.md`); written as
+  multiply-and-reduce instead, XLA:CPU fused the producers (norm, GELU, the
+  attention's softmax) into the reduction and recomputed them for every output
+  element: 3-5x slower. A tied output head reads the `[vocab, embed]` embedding as it
+  is (no transposed copy).
 * Cache `[batch, kv_heads, length, head_dim]`, a step's attention reading each head's
   keys contiguously; each step writes its one slot in place (`dynamic_update_slice` on
   the loop carry).
@@ -61,19 +65,19 @@ class DecoderStep:
 
     # -- weights and cache --------------------------------------------------------------
     def prepare(self, params: Any) -> dict:
-        """The Decoder's params -> per-layer weights, matrices `[out..., in]`."""
+        """The Decoder's params -> per-layer weights, matrices `[in..., out...]`."""
         c, p = self.config, nn.unbox(params)
         p = p.get("params", p)
         att, mlp = p["layers"]["attention"], p["layers"]["mlp"]
-        # (stacked kernel [layers, in..., out...], its number of `in` axes, out names, in names)
-        mats = {"query": (att["query"]["kernel"], 1, ("heads", "kv"), ("embed",)),
-                "key": (att["key"]["kernel"], 1, ("kv_heads", "kv"), ("embed",)),
-                "value": (att["value"]["kernel"], 1, ("kv_heads", "kv"), ("embed",)),
-                "out": (att["out"]["kernel"], 2, ("embed",), ("heads", "kv")),
-                "wo": (mlp["wo"]["kernel"], 1, ("embed",), ("mlp",))}
+        # (stacked kernel [layers, in..., out...], the logical names of its in and out axes)
+        mats = {"query": (att["query"]["kernel"], ("embed", "heads", "kv")),
+                "key": (att["key"]["kernel"], ("embed", "kv_heads", "kv")),
+                "value": (att["value"]["kernel"], ("embed", "kv_heads", "kv")),
+                "out": (att["out"]["kernel"], ("heads", "kv", "embed")),
+                "wo": (mlp["wo"]["kernel"], ("mlp", "embed"))}
         for name in ("wi", "wi_gate", "wi_up"):
             if name in mlp:
-                mats[name] = (mlp[name]["kernel"], 1, ("mlp",), ("embed",))
+                mats[name] = (mlp[name]["kernel"], ("embed", "mlp"))
         vectors = {f"{n}/{k}": (p["layers"][n][k], ("embed",))
                    for n in ("attention_norm", "mlp_norm") for k in ("scale", "bias")
                    if k in p["layers"].get(n, {})}
@@ -83,20 +87,19 @@ class DecoderStep:
         per_layer = []
         for i in range(c.num_layers):
             w = {}
-            for name, (kernel, n_in, out_names, in_names) in mats.items():
-                k = kernel[i]
-                k = jnp.transpose(k, tuple(range(n_in, k.ndim)) + tuple(range(n_in)))
-                w[name] = partitioning.with_logical_constraint(k, out_names + in_names)
+            for name, (kernel, names) in mats.items():
+                w[name] = partitioning.with_logical_constraint(kernel[i], names)
             for name, (v, names) in vectors.items():
                 w[name] = partitioning.with_logical_constraint(v[i], names)
             per_layer.append(w)
         embed = p["token_embed"]["embedding"]
-        head = embed if c.tie_embeddings else partitioning.with_logical_constraint(
-                p["lm_head"]["kernel"].T, ("vocab", "embed"))
-        out = {"embed": embed, "head": head, "layers": per_layer,
+        out = {"embed": embed, "layers": per_layer,
                "final_norm": p.get("final_norm", {})}
         if c.position_embedding == "learned":
             out["positions"] = p["position_embed"]["embedding"]
+        if not c.tie_embeddings:
+            out["head"] = partitioning.with_logical_constraint(p["lm_head"]["kernel"],
+                                                               ("embed", "vocab"))
         return out
 
     def init_cache(self, rows: int, length: int) -> dict:
@@ -141,7 +144,11 @@ class DecoderStep:
         fn = weights["final_norm"]
         x = norms.normalize(x[:, -1:], fn.get("scale"), fn.get("bias"), kind=c.norm,
                             eps=c.norm_eps)
-        logits = project(x, weights["head"], 1, _F32)[:, 0]
+        if c.tie_embeddings:  # The [vocab, embed] table read as it is: contract its minor axis.
+            logits = jax.lax.dot_general(x[:, 0], weights["embed"].astype(x.dtype),
+                                         (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        else:
+            logits = project(x, weights["head"], 1, _F32)[:, 0]
         logits = partitioning.with_logical_constraint(logits, ("batch", "vocab"))
         return logits, {"keys": keys, "values": values, "segment_ids": kv_seg,
                         "index": index + tokens.shape[1]}
@@ -209,15 +216,15 @@ class DecoderStep:
 
 
 def project(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
-    """`x: [b, n, *in]` times `kernel: [*out, *in]` -> `[b, n, *out]` in `dtype`.
+    """`x: [b, n, *in]` times `kernel: [*in, *out]` -> `[b, n, *out]` in `dtype`.
 
-    One 2-D matmul contracting both operands' minor axis (f32 accumulation).
+    One 2-D matmul `[b * n, in] @ [in, out]` (f32 accumulation).
     """
     b, n = x.shape[:2]
-    in_shape, out_shape = kernel.shape[kernel.ndim - n_in:], kernel.shape[:kernel.ndim - n_in]
-    k2 = kernel.reshape(math.prod(out_shape), math.prod(in_shape))
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    k2 = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
     x2 = x.reshape(b * n, math.prod(in_shape))
-    y = jax.lax.dot_general(x2, k2.astype(x.dtype), (((1,), (1,)), ((), ())),
+    y = jax.lax.dot_general(x2, k2.astype(x.dtype), (((1,), (0,)), ((), ())),
                             preferred_element_type=_F32)
     return y.astype(dtype).reshape((b, n) + out_shape)
 

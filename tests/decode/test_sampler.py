@@ -97,6 +97,20 @@ def test_same_key_same_tokens_other_key_other_tokens():
     assert (run(jax.random.key(5)) != run(jax.random.key(6))).any()
 
 
+def test_draw_follows_the_softmax_and_never_picks_an_excluded_token():
+    scores = jnp.asarray([[0.0, 1.0, 2.0, -jnp.inf, 0.5, -jnp.inf],
+                          [-jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf, 3.0]])
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), (n, 2))
+    tokens = np.asarray(jax.jit(jax.vmap(sampler.draw, (0, None)))(keys, scores))
+    want = np.asarray(jax.nn.softmax(scores, axis=-1))
+    for row in range(2):
+        freq = np.bincount(tokens[:, row], minlength=6) / n
+        # 5 standard errors of a frequency: a wrong law (e.g. an off-by-one token) fails.
+        np.testing.assert_allclose(freq, want[row], atol=5 * np.sqrt(0.25 / n))
+        assert freq[want[row] == 0].sum() == 0
+
+
 def test_each_row_stops_at_its_own_stop_token():
     free = np.asarray(sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(0),
                              max_new_tokens=8, greedy=True).tokens)
