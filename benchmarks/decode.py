@@ -14,7 +14,7 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
     with its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
   * sort / scanned: ours with the previous sort-based top-p (`SortedTopP`), and ours
     through the previous scanned `Decoder(decode=True)`: what each change bought.
-  * choice: milliseconds per step of the token choice alone (top-p and the categorical
+  * choice: milliseconds per step of the token choice alone (top-p and the inverse-CDF
     draw over batch x vocabulary, 256 steps in one jit), each top-p and none.
   * roofline: a decode step must read every weight (the position table aside) and the
     KV cache written so far; over the streaming-read rate measured in the same trial
@@ -251,14 +251,16 @@ def main_parts(args, parts) -> dict:
 
 
 def choice_part(args) -> dict:
-    """ms per step of choosing tokens alone: [batch, vocab] scores, top-p 0.9, then
-    `jax.random.categorical` (as the sampler does), 256 steps in one jit; each top-p."""
+    """ms per step of choosing tokens alone: [batch, vocab] scores, top-p 0.9, then the
+    sampler's inverse-CDF `draw`, 256 steps in one jit; each top-p, and no top-p with
+    each draw (`sampler.draw` or the Gumbel draw of `jax.random.categorical`)."""
     scores = jnp.asarray(np.random.default_rng(3).normal(0, 3, (args.batch, BENCH.vocab_size)),
                          jnp.float32)
     state = proc.DecodeState(jnp.int32(0), jnp.zeros((args.batch, 1), jnp.int32),
                              jnp.zeros([args.batch], bool))
     keys = jax.random.split(jax.random.key(0), args.batch)
-    warps = {"bisection": proc.TopP(0.9), "sort": SortedTopP(0.9), "none": None}
+    warps = {"bisection": proc.TopP(0.9), "sort": SortedTopP(0.9), "none": None,
+             "none_gumbel": None}
 
     @functools.partial(jax.jit, static_argnums=1)
     def steps(scores, name):
@@ -266,7 +268,9 @@ def choice_part(args) -> dict:
             x = scores + total[:, None].astype(jnp.float32) * 1e-9
             x = x if warps[name] is None else warps[name](x, state)
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-            return total + jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+            if name == "none_gumbel":
+                return total + jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+            return total + sampler.draw(step_keys, x)
         return jax.lax.fori_loop(0, 256, one, jnp.zeros([args.batch], jnp.int32))
 
     trials = {name: [] for name in warps}
