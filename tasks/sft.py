@@ -27,9 +27,11 @@ import os
 
 import gin
 import seqio
+import tensorflow as tf
 
 from cm3leon_jax.data import preprocessors, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
+from cm3leon_jax.vocab.layout import BREAK_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 SPLITS = ("train", "validation", "test")
@@ -62,6 +64,42 @@ def sft_mixture_rates(rates: dict | None = None) -> dict[str, float]:
     return out
 
 
+@gin.configurable
+def sft_cm3(mean_spans: float = 1.0, loss_on: str = "all") -> dict:
+    """How SFT examples are trained.
+
+    mean_spans: Poisson mean of CM3's masked spans (1, the paper's, as in pretraining; 0:
+      plain left to right, the output always in place after its prompt).
+    loss_on: "all" (the paper: the loss over the whole sequence) or "output" (only the
+      tokens after the example's last `<break>`, its output; needs mean_spans = 0, since
+      CM3 moves spans across that boundary).
+    """
+    if mean_spans < 0 or loss_on not in ("all", "output") or (loss_on == "output"
+                                                              and mean_spans != 0):
+        raise ValueError(f"sft_cm3.mean_spans={mean_spans}, sft_cm3.loss_on={loss_on!r}; "
+                         "use a mean >= 0 and loss_on 'all', or 'output' with mean_spans 0.")
+    return {"mean_spans": float(mean_spans), "loss_on": loss_on}
+
+
+def _augment(dataset, output_features, sequence_length=None, *, check_fits):
+    """The pretraining preprocessor with no retrieved documents and `sft_cm3`'s spans;
+    with `loss_on = "output"` the loss weights end up on the output tokens only."""
+    how = sft_cm3()
+    dataset = preprocessors.retrieval_augment(
+            dataset, output_features, sequence_length, k_probs=(1.0,),
+            check_fits=check_fits, mean_spans=how["mean_spans"])
+    if how["loss_on"] == "all":
+        return dataset
+
+    def output_only(ex):
+        targets = ex["targets"]
+        last_break = tf.reduce_max(tf.where(tf.equal(targets, BREAK_ID))[:, 0])
+        after = tf.range(tf.size(targets, out_type=tf.int64)) > last_break
+        return {**ex, "loss_weights": ex["loss_weights"] * tf.cast(after, tf.int32)}
+
+    return dataset.map(output_only, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _data_dir(corpus: str) -> str:
     directory = sft_data_dirs()[corpus]
     if not directory:
@@ -91,8 +129,7 @@ def _register(prefix: str, corpus: str) -> None:
     vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
     for family in FAMILIES:
         no_retrieval = functools.partial(
-            preprocessors.retrieval_augment, k_probs=(1.0,),
-            check_fits=functools.partial(_check_fits, corpus=corpus, family=family))
+            _augment, check_fits=functools.partial(_check_fits, corpus=corpus, family=family))
         seqio.TaskRegistry.add(
             f"{prefix}_{family}",
             source=seqio.FunctionDataSource(

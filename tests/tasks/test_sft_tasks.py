@@ -141,6 +141,28 @@ def test_every_family_task_yields_cm3_examples(bound):
                                           vocab.layout.is_sentinel(targets[:n]))
 
 
+def test_sft_cm3_spans_and_loss_come_from_gin(bound):
+    gin.bind_parameter("sft_cm3.mean_spans", 0.0)
+    vocab = MultimodalVocabulary(os.path.join(bound, "vocab"))
+    for row in _batches("cm3leon_sft_vqa", pack=False):
+        targets = row["decoder_target_tokens"]
+        n = int((targets != 0).sum())
+        assert not vocab.layout.is_sentinel(targets[:n]).any()  # Left to right, as written.
+        assert targets[n - 1] == EOS_ID and (row["decoder_loss_weights"][:n] == 1).all()
+    gin.bind_parameter("sft_cm3.loss_on", "output")  # The answer and its <eos> only.
+    for row in _batches("cm3leon_sft_vqa", pack=False):
+        targets, weights = row["decoder_target_tokens"], row["decoder_loss_weights"]
+        last_break = int(np.flatnonzero(targets == BREAK_ID)[-1])
+        n = int((targets != 0).sum())
+        assert (weights[:last_break + 1] == 0).all() and (weights[last_break + 1:n] == 1).all()
+    gin.bind_parameter("sft_cm3.mean_spans", 1.0)  # CM3 moves spans across the boundary.
+    with pytest.raises(ValueError, match="loss_on='output'"):
+        _batches("cm3leon_sft_vqa", pack=False)
+    gin.bind_parameter("sft_cm3.mean_spans", -1.0)
+    with pytest.raises(ValueError, match="sft_cm3.mean_spans=-1.0"):
+        _batches("cm3leon_sft_vqa", pack=False)
+
+
 def test_mixture_is_deterministic_and_rates_come_from_gin(bound):
     mix = seqio.get_mixture_or_task("cm3leon_sft_mix")
     gin.bind_parameter("sft_mixture_rates.rates", {"vqa": 0.0})
