@@ -100,6 +100,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
         assert "objects_right" in evaluated[run]["captioning"]
         assert os.path.getsize(evaluated[run]["report"]) > 0
     assert 0 <= evaluated["vqa_majority_baseline"] <= 1
+    # The fine-tuned decoder, exported (params only, bfloat16) and read back exactly.
+    exported = metrics["export"]
+    assert exported["step"] == 2 and exported["dtype"] == "bfloat16" and exported["parameters"] > 0
+    with open(os.path.join(model_dir, "export", "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["step"] == 2 and manifest["vocab"] and manifest["image_tokenizer"]
     assert any(line.startswith("target VQA exact match") for line in metrics["targets"])
     assert any(line.startswith("target edits right") for line in metrics["targets"])
     for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png",
@@ -125,8 +131,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert not any(line.startswith(("generation", "text-to-image", "supervised")) or
                    "re-ranking" in line for line in metrics["not_yet"])
     for key in ("seconds", "cpu_seconds", "load_average"):
-        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "sft", "generate",
-                                     "evaluate", "pictures"}
+        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "sft", "export",
+                                     "generate", "evaluate", "pictures"}
     assert metrics["reused_stages"] == []
 
     # A rerun after an interruption (here: the pictures stage lost) finds every other stage's
