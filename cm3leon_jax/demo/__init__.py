@@ -187,12 +187,13 @@ def export_stage(out_dir: str, sft_dir: str, vocab_dir: str, image_tokenizer_dir
 
 
 def _differing(trained, exported) -> list[str]:
-    """Leaves of `exported` that are not `trained` cast to bfloat16, bit for bit."""
+    """Leaves that are in one tree only, or not `trained` cast to bfloat16 bit for bit."""
     want = dict(jax.tree_util.tree_leaves_with_path(trained))
-    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(exported)
-            if path not in want or not np.array_equal(
+    got = dict(jax.tree_util.tree_leaves_with_path(exported))
+    return [jax.tree_util.keystr(path) for path in {**want, **got}
+            if path not in want or path not in got or not np.array_equal(
                 np.asarray(want[path].astype(jnp.bfloat16)).view(np.uint16),
-                np.asarray(x).view(np.uint16))]
+                np.asarray(got[path]).view(np.uint16))]
 
 
 def _say_export(result: dict) -> str:
