@@ -8,6 +8,8 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     python benchmarks/image_tokenizer.py photos --model_dir=runs/vq_photos --steps=2000
     # 3. encode / decode throughput of the paper's f8 config (256 px, batch 8), random weights
     python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
+    # 4. the training step of the demo's tokenizer, 1 stream against 2 (vqgan_train.py)
+    python benchmarks/image_tokenizer.py train_step --config=tiny --batch=16 --trials=5
 
 Each prints a markdown table; benchmarks/RESULTS_image_tokenizer.md records them.
 Quality is PSNR (dB, on uint8 pixels) and SSIM (scikit-image, 7x7 Gaussian-free
@@ -201,6 +203,57 @@ def cmd_speed(args) -> dict:
     return r
 
 
+def cmd_train_step(args) -> dict:
+    """Steps per second of `vqgan_train.Trainer.step` (the run mode's loss, AdamW, restarts
+    every 50 steps) for each `--streams` value, on one device, trials interleaved."""
+    import functools
+
+    import gin
+    import jax
+
+    from cm3leon_jax.vocab import vqgan_train
+    from cm3leon_jax.vocab.vqgan import VQGANConfig, init_key
+
+    gin.parse_config_file(os.path.join(ROOT, f"gin_configs/image_tokenizer/{args.config}.gin"))
+    cfg = VQGANConfig()
+    gin.clear_config()
+    opt = vqgan_train.make_optimizer(1e-3, 100, 1500, 0.5, 0.9, 0.0, 1.0)
+    images = jax.numpy.asarray(np.random.default_rng(0).integers(
+        0, 256, (args.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8))
+    runs, losses = {}, {}
+    for n in args.streams:
+        tr = vqgan_train.Trainer(cfg, opt, vqgan_train.VQGANLossWeights(), restart_every=50,
+                                 streams=n)
+        step = jax.jit(functools.partial(tr.step, use_disc=False), donate_argnums=0)
+        state, m = step(jax.jit(tr.init)(init_key(0)), images)  # compiles
+        losses[n] = float(m["loss"])
+        runs[n] = {"step": step, "state": state}
+
+    def steps(n):
+        run = runs[n]
+        for _ in range(args.steps):
+            run["state"], m = run["step"](run["state"], images)
+        jax.block_until_ready(m)
+
+    rates = {n: [] for n in args.streams}
+    for _ in range(args.trials):
+        for n in args.streams:
+            rates[n].append(args.steps / reporting.timed(lambda: steps(n)))
+    base = args.streams[0]
+    r = {"config": args.config, "batch": args.batch, "cpu_cores": os.cpu_count(),
+         "steps_per_trial": args.steps, "first_step_loss": losses,
+         "steps_per_s": {n: reporting.spread(v) for n, v in rates.items()},
+         "speedup_over_first": {n: reporting.spread([a / b for a, b in zip(v, rates[base])])
+                                for n, v in rates.items()}}
+    print("| streams | steps/s median [min, max] | x streams=%d | first-step loss |" % base)
+    print("|---|---|---|---|")
+    for n in args.streams:
+        sp, x = r["steps_per_s"][n], r["speedup_over_first"][n]
+        print(f"| {n} | {sp['median']:.2f} [{sp['min']:.2f}, {sp['max']:.2f}] | "
+              f"{x['median']:.2f} [{x['min']:.2f}, {x['max']:.2f}] | {losses[n]:.6f} |")
+    return r
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -218,9 +271,16 @@ def main(argv=None) -> int:
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    s = sub.add_parser("train_step")
+    s.add_argument("--config", default="tiny")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--streams", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--steps", type=int, default=30, help="steps per trial")
+    s.add_argument("--trials", type=int, default=5)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
-    r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed}[args.cmd](args)
+    r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed,
+         "train_step": cmd_train_step}[args.cmd](args)
     reporting.write_json(args.json, r)
     return 0
 

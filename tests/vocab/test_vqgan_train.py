@@ -69,6 +69,31 @@ def test_steps_reduce_loss_with_gan_ema_perceptual_and_restarts():
                                   state["params"]["quantize"]["embedding"])
 
 
+def test_streams_give_the_same_step_and_reject_a_batch_that_does_not_split():
+    # Two interleaved parts of the batch, averaged: the one-stream step's loss, metrics,
+    # code counts and new weights, up to float rounding (restarts due at step 1 see the
+    # latents in the batch's own order, so they pick the same ones).
+    opt = vt.make_optimizer(3e-3, 1, 30, 0.5, 0.9, 0.0, 1.0)
+    x = np.concatenate([_noise_source(i)[None] for i in range(8)])
+    out = {}
+    for n in (1, 2):
+        tr = vt.Trainer(CFG, opt, vt.VQGANLossWeights(), restart_every=1, streams=n)
+        state = jax.jit(tr.init)(init_key(0))
+        out[n] = jax.jit(lambda s, b, tr=tr: tr.step(s, b))(state, x)
+    (one, m1), (two, m2) = out[1], out[2]
+    assert m2["codes_restarted"] == m1["codes_restarted"] > 0
+    np.testing.assert_array_equal(m2["code_counts"], m1["code_counts"])
+    for k in ("loss", "l1", "l2", "psnr", "codebook_loss", "commitment_loss"):
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           two["params"], one["params"])
+    tr3 = vt.Trainer(CFG, opt, vt.VQGANLossWeights(), streams=3)
+    with pytest.raises(ValueError, match="streams=3"):
+        tr3.step(tr3.init(init_key(0)), x)
+    with pytest.raises(ValueError, match="streams=0"):
+        vt.Trainer(CFG, opt, vt.VQGANLossWeights(), streams=0)
+
+
 def test_checkpoint_round_trip_sigterm_save_and_resume(tmp_path):
     # One scenario, two runs (each run compiles and evaluates): a SIGTERM mid-run saves the
     # step reached; the rerun resumes there instead of starting over, finishes and evaluates.
