@@ -1,7 +1,8 @@
 r"""The trainer's step on this CPU against a PyTorch peer, and where its time goes.
 
     .venv/bin/python benchmarks/train_step.py [--model=small] [--batch=8] [--seq=512] \
-        [--trials=5] [--microbatches=1] [--packed] [--profile] [--json=out.json]
+        [--trials=5] [--microbatches=1] [--packed] [--profile] [--json=out.json] \
+        [--binding DecoderConfig.num_layers=4 ...]
 
 Measures, in one process and interleaved trial by trial (this host is shared, so
 contention drifts; each trial's numbers are taken side by side and the medians reported;
@@ -57,9 +58,10 @@ from cm3leon_jax.train import step as step_lib  # noqa: E402
 HP = dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip=1.0)
 
 
-def load_config(model: str) -> DecoderConfig:
+def load_config(model: str, bindings: list[str] = ()) -> DecoderConfig:
     gin.clear_config()
     gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", f"{model}.gin"))
+    gin.parse_config(list(bindings))
     config = DecoderConfig()
     gin.clear_config()
     return config
@@ -188,6 +190,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--binding", action="append", default=[],
+                        help="a gin binding applied after the model file, e.g. "
+                             "DecoderConfig.num_layers=4 (repeatable)")
     parser.add_argument("--packed", action="store_true",
                         help="JAX batch with 4 packed documents a row (segment ids)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -196,7 +201,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    config = load_config(args.model)
+    config = load_config(args.model, args.binding)
     batch = make_batch(config, args.batch, args.seq, args.packed)
     flops = metrics.train_flops_per_step(config, args.batch, args.seq)
     tokens = args.batch * args.seq
@@ -228,7 +233,7 @@ def main(argv=None) -> dict:
     mfu = lambda k: statistics.median(flops / r[k] / r["peak"] for r in rows)
     result = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "packed": args.packed,
-        "microbatches": args.microbatches, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "microbatches": args.microbatches, "bindings": args.binding, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "gflop_per_step": flops / 1e9, "peak_gflops": med("peak") / 1e9,
         "jax_step_s": med("jax"), "jax_tokens_per_s": tokens / med("jax"), "jax_mfu": mfu("jax"),
         "jax_step_s_spread": reporting.spread([r["jax"] for r in rows]),

@@ -11,12 +11,19 @@ themselves). A changed configuration reruns every stage, each reusing what it bu
 
 Wall seconds on a shared machine say little, so each stage also records the CPU
 seconds of this process (all threads) and the 1-minute load average at its end.
+
+Stages that need nothing from each other can run at the same time (`run_together`: the
+first in the calling thread, the others in threads of their own). Each still gets its
+own log lines, cached result and wall seconds; their CPU seconds are the process's over
+each one's span, so they overlap, and the totals (`total_seconds`, `total_cpu_seconds`)
+are measured over the whole run instead of summed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -77,7 +84,8 @@ class StageRunner:
         self.cpu_seconds: dict[str, float] = {}
         self.load: dict[str, float] = {}
         self.reused: list[str] = []
-        self.started = time.time()
+        self.together: list[list[str]] = []
+        self.started, self.cpu_started = time.time(), time.process_time()
 
     def _header(self, name: str) -> str:
         k, n = self.names.index(name) + 1, len(self.names)
@@ -94,6 +102,37 @@ class StageRunner:
             return None
         stored = fs.read_json(path)
         return stored["result"] if stored.get("config") == self.config else None
+
+    def run_together(self, stages: list[tuple[str, Callable[[], Any],
+                                          Callable[[Any], str] | None]]) -> list[Any]:
+        """Runs (or reuses) independent stages `(name, fn, summary)` at the same time;
+        returns their results in order.
+
+        The first runs in this thread (it keeps the SIGTERM handling a trainer installs in
+        the main thread), each other one in a thread of its own. A stage that fails is
+        raised here once the others are done; an interrupt of this thread is raised at once.
+        """
+        results: list[Any] = [None] * len(stages)
+        errors: list[BaseException | None] = [None] * len(stages)
+
+        def work(i: int) -> None:
+            try:
+                results[i] = self.run(*stages[i])
+            except Exception as e:  # noqa: BLE001 - raised again by the calling thread
+                errors[i] = e
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True,
+                                    name=f"demo-{stages[i][0]}") for i in range(1, len(stages))]
+        self.together.append([name for name, _, _ in stages])
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        for e in errors:
+            if e is not None:
+                raise e
+        return results
 
     def run(self, name: str, fn: Callable[[], Any],
             summary: Callable[[Any], str] | None = None) -> Any:
@@ -127,8 +166,10 @@ class StageRunner:
 
     def timings(self) -> dict[str, Any]:
         """`seconds` (wall) and `cpu_seconds` per stage, `load_average` at each stage's end,
-        their totals, and which stages were reused."""
+        the totals since the runner started, which stages were reused and which ran
+        together."""
         return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds),
                 "total_seconds": round(time.time() - self.started, 1),
-                "total_cpu_seconds": round(sum(self.cpu_seconds.values()), 1),
-                "load_average": dict(self.load), "reused_stages": list(self.reused)}
+                "total_cpu_seconds": round(time.process_time() - self.cpu_started, 1),
+                "load_average": dict(self.load), "reused_stages": list(self.reused),
+                "stages_together": [list(group) for group in self.together]}

@@ -26,6 +26,41 @@ def test_a_finished_stage_is_reused_only_under_the_same_configuration(tmp_path):
     assert set(timings["load_average"]) == {"a"} and timings["total_seconds"] >= 0
 
 
+def test_stages_run_together_at_the_same_time_and_a_failure_is_raised(tmp_path):
+    import threading
+
+    import pytest
+
+    lines = []
+    started_b = threading.Event()
+
+    def a():  # finishes only once b has started: run one after the other, it would fail
+        assert started_b.wait(timeout=30), "b did not start while a was running"
+        return {"a": threading.current_thread() is threading.main_thread()}
+
+    def b():
+        started_b.set()
+        return {"b": threading.current_thread() is threading.main_thread()}
+
+    runner = demo_stages.StageRunner(str(tmp_path), ["a", "b", "c"], "config", lines.append)
+    assert runner.run_together([("a", a, None), ("b", b, None)]) == [{"a": True}, {"b": False}]
+    timings = runner.timings()
+    assert timings["stages_together"] == [["a", "b"]] and set(timings["seconds"]) == {"a", "b"}
+    assert sum(line.endswith(" ...") for line in lines) == 2
+    # Reused together as well; a failing stage is raised after the other one finished.
+    again = demo_stages.StageRunner(str(tmp_path), ["a", "b", "a2", "c"], "config", lines.append)
+    assert again.run_together([("a", a, None), ("b", b, None)]) == [{"a": True}, {"b": False}]
+    assert sorted(again.reused) == ["a", "b"]
+
+    def c():
+        raise RuntimeError("c broke")
+
+    done = []
+    with pytest.raises(RuntimeError, match="c broke"):
+        again.run_together([("a2", lambda: done.append(1) or {}, None), ("c", c, None)])
+    assert done == [1]
+
+
 def test_clear_keeps_only_the_current_config(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.json").write_text("{}")
