@@ -233,7 +233,8 @@ def main(argv=None) -> dict:
     mfu = lambda k: statistics.median(flops / r[k] / r["peak"] for r in rows)
     result = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "packed": args.packed,
-        "microbatches": args.microbatches, "bindings": args.binding, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "microbatches": args.microbatches, "bindings": args.binding,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "gflop_per_step": flops / 1e9, "peak_gflops": med("peak") / 1e9,
         "jax_step_s": med("jax"), "jax_tokens_per_s": tokens / med("jax"), "jax_mfu": mfu("jax"),
         "jax_step_s_spread": reporting.spread([r["jax"] for r in rows]),

@@ -100,6 +100,21 @@ def _check_model_dir(model_dir: str) -> None:
 sft.check_model_dir = _check_model_dir
 
 
+def sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
+             image_size: int, split_sizes: dict, seq_len: int | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """The SFT shards of the built-in corpus in `model_dir/sft_data` (Beam), with the
+    pretraining data's vocabulary; shards already written are kept. It needs no decoder,
+    so a caller may build it while the decoder pretrains. Returns the manifest."""
+    from cm3leon_jax.data import sft_preprocess
+
+    return sft_preprocess.sft_preprocess(
+        os.path.join(model_dir, "sft_data"), vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
+        image_tokenizer_fn=image_tokenizer_fn,
+        seq_len=seq_len or gin.query_parameter("train.seq_len"))
+
+
 def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
               image_tokenizer_fn: Any, image_size: int, split_sizes: dict,
               num_steps: int = 200, peak_lr: float = 5e-5, warmup_steps: int = 150,
@@ -108,14 +123,11 @@ def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
     corpus (`model_dir/sft_data`, Beam), then the sft run (`model_dir/sft`), both under
     the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
     and schedule bound here. Finished parts are reused. Returns both results."""
-    from cm3leon_jax.data import sft_preprocess
-
     seq_len = seq_len or gin.query_parameter("train.seq_len")
     data_dir = os.path.join(model_dir, "sft_data")
-    data = sft_preprocess.sft_preprocess(
-        data_dir, vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
-        source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
-        image_tokenizer_fn=image_tokenizer_fn, seq_len=seq_len)
+    data = sft_data(model_dir, pretrain_data_dir=pretrain_data_dir,
+                    image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
+                    split_sizes=split_sizes, seq_len=seq_len, seed=seed)
     bindings = {"sft_data_dirs.synthetic": data_dir, "train.task": "cm3leon_sft_mix",
                 "train.num_steps": num_steps, "train.seq_len": seq_len,
                 "learning_rate_schedule.peak_lr": peak_lr,

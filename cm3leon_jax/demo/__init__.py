@@ -62,8 +62,8 @@ NOT_YET = (
     "within the time budget): run gin_configs/runs/eval.gin on MODEL_DIR for them",
 )
 TIME_BUDGETS_S = (600, 1200)  # aimed for where measured; the issue's bound
-STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "sft",
-          "export", "generate", "evaluate", "pictures")
+STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "sft_data",
+          "sft", "export", "generate", "evaluate", "pictures")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -83,7 +83,8 @@ def demo(model_dir: str,
       num_pictures: images shown in each picture grid.
       parse_examples: test images scored by the exact parser.
       train_together: train the image tokenizer and the retriever at the same time (each
-        needs only the corpus); False runs them one after the other.
+        needs only the corpus), and write the SFT shards while the decoder pretrains;
+        False runs every stage after the one before.
       start_over: delete what an earlier run built in model_dir and build it again.
     """
     if start_over:
@@ -118,7 +119,16 @@ def demo(model_dir: str,
     runner.run("preprocess", lambda: preprocess.preprocess(
         data_dir, source=preprocess.TfdsSource(builder_fn),
         image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
-    runner.run("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain)
+    # The SFT shards need the vocabulary and the image tokenizer, not the decoder: they are
+    # written while it pretrains (the sft stage then finds them).
+    later = [("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain),
+             ("sft_data", lambda: demo_finetune.sft_data_stage(
+                 model_dir, data_dir, tokenizer_fn, image_size), _say_sft_data)]
+    if train_together:
+        runner.run_together(later)
+    else:
+        for stage in later:
+            runner.run(*stage)
     runner.run("sft", lambda: demo_finetune.sft_stage(
         model_dir, pretrain_dir, data_dir, tokenizer_fn, image_size), demo_finetune.summary)
     runner.run("export", lambda: export_stage(
@@ -324,6 +334,10 @@ def _say_preprocess(r: dict) -> str:
     neighbors = r.get("retrieval", {}).get("splits", {}).get("train", {})
     return (f"{train['written']} train documents, "
             f"{neighbors.get('mean_neighbors', 0):.1f} neighbors each")
+
+
+def _say_sft_data(r: dict) -> str:
+    return f"{sum(r.values())} training examples in {len(r)} instruction families"
 
 
 def _say_pretrain(r: dict) -> str:

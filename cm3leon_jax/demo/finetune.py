@@ -20,6 +20,8 @@ import gin
 
 from cm3leon_jax import fs, sft
 
+_DEFAULT_SPLIT_SIZES = {"train": 1000, "validation": 50, "test": 50}
+
 
 @gin.configurable(denylist=["model_dir", "pretrain_dir", "data_dir", "image_tokenizer_fn",
                             "image_size"])
@@ -37,7 +39,7 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
         7B models after 1.4T tokens; the demo's small decoder, pretrained at 3e-3 for a few
         minutes, needs a larger step to learn the new templates in a few hundred steps.
     """
-    sizes = dict(split_sizes or {"train": 1000, "validation": 50, "test": 50})
+    sizes = dict(split_sizes or _DEFAULT_SPLIT_SIZES)
     result = sft.sft_stage(model_dir, base_model_dir=pretrain_dir, pretrain_data_dir=data_dir,
                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                            split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
@@ -48,6 +50,20 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),
             "train_examples": written, "base_step": train["base"]["step"]}
+
+
+def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[], Any],
+                   image_size: int) -> dict:
+    """The SFT shards alone (`model_dir/sft_data`), for the scenes and seed `sft_stage` is
+    bound to: the demo builds them while the decoder pretrains, and the sft stage then
+    finds them written."""
+    bound = gin.get_bindings(sft_stage)
+    sizes = dict(bound.get("split_sizes") or _DEFAULT_SPLIT_SIZES)
+    manifest = sft.sft_data(model_dir, pretrain_data_dir=data_dir,
+                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
+                            split_sizes=sizes, seed=bound.get("seed", 0))
+    return {family: splits["train"]["written"]
+            for family, splits in manifest["families"].items()}
 
 
 def _eval_losses(run_dir: str) -> list:

@@ -92,6 +92,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert set(sft["train_examples"]) >= {"edit", "vqa", "caption", "boxes_to_image",
                                           "edge_to_image"}
     assert all(n == 8 for n in sft["train_examples"].values())
+    # The SFT shards were written while the decoder pretrained; the sft stage found them.
+    assert metrics["sft_data"] == sft["train_examples"]
+    assert metrics["stages_together"] == [["image_tokenizer", "retriever"],
+                                          ["pretrain", "sft_data"]]
     evaluated = metrics["evaluate"]
     for run in ("pretrain", "sft"):
         assert evaluated[run]["step"] == (STEPS if run == "pretrain" else 2)
@@ -131,8 +135,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert not any(line.startswith(("generation", "text-to-image", "supervised")) or
                    "re-ranking" in line for line in metrics["not_yet"])
     for key in ("seconds", "cpu_seconds", "load_average"):
-        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "pretrain", "sft", "export",
-                                     "generate", "evaluate", "pictures"}
+        assert set(metrics[key]) >= {"corpus", "image_tokenizer", "retriever", "pretrain",
+                                     "sft_data", "sft", "export", "generate", "evaluate",
+                                     "pictures"}
     assert metrics["reused_stages"] == []
 
     # A rerun after an interruption (here: the pictures stage lost) finds every other stage's
