@@ -103,48 +103,57 @@ def demo(model_dir: str,
     pretrain_dir = os.path.join(model_dir, "pretrain")
     pictures_dir = os.path.join(model_dir, "pictures")
 
-    runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
-    # Both read only the corpus. Together they keep the two cores busier than either
-    # alone (the README's stage table says what each took).
-    first_two = [("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
-                  _say_image_tokenizer),
-                 ("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)]
-    if train_together:
-        runner.run_together(first_two)
-    else:
-        for stage in first_two:
-            runner.run(*stage)
-    retrieval = retrieval_pass.RetrievalConfig(
-        encoder_dir=os.path.join(retriever_dir, "encoder"))
-    runner.run("preprocess", lambda: preprocess.preprocess(
-        data_dir, source=preprocess.TfdsSource(builder_fn),
-        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
-    # The SFT shards need the vocabulary and the image tokenizer, not the decoder: they are
-    # written while it pretrains (the sft stage then finds them).
-    later = [("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain),
-             ("sft_data", lambda: demo_finetune.sft_data_stage(
-                 model_dir, data_dir, tokenizer_fn, image_size), _say_sft_data)]
-    if train_together:
-        runner.run_together(later)
-    else:
-        for stage in later:
-            runner.run(*stage)
-    runner.run("sft", lambda: demo_finetune.sft_stage(
-        model_dir, pretrain_dir, data_dir, tokenizer_fn, image_size), demo_finetune.summary)
-    runner.run("export", lambda: export_stage(
-        os.path.join(model_dir, "export"), os.path.join(model_dir, "sft"),
-        os.path.join(data_dir, "vocab"), vq_dir), _say_export)
-    runner.run("generate", lambda: demo_generate.generate_stage(
-        pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
-        demo_generate.summary)
-    runner.run("evaluate", lambda: demo_evaluate.evaluate_stage(
-        os.path.join(model_dir, "eval"), pictures_dir,
-        {"pretrain": pretrain_dir, "sft": os.path.join(model_dir, "sft")},
-        os.path.join(data_dir, "vocab"), tokenizer_fn(), os.path.join(data_dir, "retrieval")),
-        demo_evaluate.summary)
-    runner.run("pictures", lambda: pictures_stage(
-        builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
-        lambda r: f"look at {r['contact_sheet']}")
+    def run_stages() -> None:
+        runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
+        # Both read only the corpus. Together they keep the two cores busier than either
+        # alone (the README's stage table says what each took).
+        first_two = [("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
+                      _say_image_tokenizer),
+                     ("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)]
+        if train_together:
+            runner.run_together(first_two)
+        else:
+            for stage in first_two:
+                runner.run(*stage)
+        retrieval = retrieval_pass.RetrievalConfig(
+            encoder_dir=os.path.join(retriever_dir, "encoder"))
+        runner.run("preprocess", lambda: preprocess.preprocess(
+            data_dir, source=preprocess.TfdsSource(builder_fn),
+            image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
+        # The SFT shards need the vocabulary and the image tokenizer, not the decoder: they are
+        # written while it pretrains (the sft stage then finds them).
+        later = [("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain),
+                 ("sft_data", lambda: demo_finetune.sft_data_stage(
+                     model_dir, data_dir, tokenizer_fn, image_size), _say_sft_data)]
+        if train_together:
+            runner.run_together(later)
+        else:
+            for stage in later:
+                runner.run(*stage)
+        runner.run("sft", lambda: demo_finetune.sft_stage(
+            model_dir, pretrain_dir, data_dir, tokenizer_fn, image_size), demo_finetune.summary)
+        runner.run("export", lambda: export_stage(
+            os.path.join(model_dir, "export"), os.path.join(model_dir, "sft"),
+            os.path.join(data_dir, "vocab"), vq_dir), _say_export)
+        runner.run("generate", lambda: demo_generate.generate_stage(
+            pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
+            demo_generate.summary)
+        runner.run("evaluate", lambda: demo_evaluate.evaluate_stage(
+            os.path.join(model_dir, "eval"), pictures_dir,
+            {"pretrain": pretrain_dir, "sft": os.path.join(model_dir, "sft")},
+            os.path.join(data_dir, "vocab"), tokenizer_fn(), os.path.join(data_dir, "retrieval")),
+            demo_evaluate.summary)
+        runner.run("pictures", lambda: pictures_stage(
+            builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
+            lambda r: f"look at {r['contact_sheet']}")
+
+    try:
+        run_stages()
+    except demo_stages.PreemptedError as stopped:
+        # A trainer saved its state on SIGTERM; the stages before it are stored.
+        print(f"[demo] stopped in the {stopped} stage by SIGTERM; rerun the same "
+              "command to resume it")
+        return {"preempted": str(stopped), **runner.timings()}
     return _report(model_dir, runner)
 
 
@@ -281,7 +290,8 @@ def pretrain_stage(out_dir: str, data_dir: str) -> dict:
     losses, evals = sorted(train_log.items()), sorted(eval_log.items())
     return {"steps": result["step"], "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
-            "eval_loss": evals, "final_eval": result["eval"]}
+            "eval_loss": evals, "final_eval": result["eval"],
+            **({"preempted": True} if result.get("preempted") else {})}
 
 
 def pictures_stage(builder, image_tokenizer, data_dir: str, out_dir: str,

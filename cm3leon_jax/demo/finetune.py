@@ -49,7 +49,8 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
                for family, splits in result["data"]["families"].items()}
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),
-            "train_examples": written, "base_step": train["base"]["step"]}
+            "train_examples": written, "base_step": train["base"]["step"],
+            **({"preempted": True} if train.get("preempted") else {})}
 
 
 def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[], Any],

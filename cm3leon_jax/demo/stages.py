@@ -64,6 +64,15 @@ def fingerprint(config_text: str) -> str:
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
 
 
+class PreemptedError(Exception):
+    """A stage's trainer stopped on SIGTERM and saved its state; rerunning resumes it."""
+
+
+def was_preempted(result: Any) -> bool:
+    """Whether a stage's result says its trainer was stopped by SIGTERM (`preempted`)."""
+    return isinstance(result, dict) and bool(result.get("preempted"))
+
+
 class StageRunner:
     """Runs the demo's stages in order, keeping their results, times and a log line each.
 
@@ -145,6 +154,11 @@ class StageRunner:
         else:
             self.print(f"{self._header(name)} ...")
             result = jsonable(fn())
+            if was_preempted(result):
+                # Not stored: a rerun must resume the stage, not take the cut-short result.
+                self.print(f"{self._header(name)}: stopped by SIGTERM, its state saved; rerun "
+                           "the same command to resume")
+                raise PreemptedError(name)
             fs.makedirs(self.dir)
             tmp = self._cache_path(name) + ".tmp"
             fs.write_json(tmp, {"config": self.config, "result": result})

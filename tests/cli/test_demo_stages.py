@@ -61,6 +61,33 @@ def test_stages_run_together_at_the_same_time_and_a_failure_is_raised(tmp_path):
     assert done == [1]
 
 
+def test_a_preempted_stage_is_not_stored_and_reruns(tmp_path, monkeypatch):
+    import gin
+    import pytest
+
+    import tasks  # noqa: F401  (registers data_dirs, which pretrain_stage binds)
+    from cm3leon_jax import demo
+    from cm3leon_jax.train import run_config, trainer
+
+    lines, results = [], [{"step": 3, "preempted": True}, {"step": 9}]
+    runner = demo_stages.StageRunner(str(tmp_path), ["a"], "config", lines.append)
+    with pytest.raises(demo_stages.PreemptedError, match="a"):
+        runner.run("a", lambda: results.pop(0))
+    assert "rerun the same command to resume" in lines[-1]
+    assert runner.cached("a") is None
+    assert runner.run("a", lambda: results.pop(0)) == {"step": 9}
+    # The pretrain stage passes its trainer's flag on (so the runner sees it).
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 3, "loss": 5.0}\n')
+    monkeypatch.setattr(run_config, "write", lambda d: None)
+    monkeypatch.setattr(trainer, "train", lambda d: {"step": 3, "preempted": True, "eval": {}})
+    try:
+        assert demo_stages.was_preempted(demo.pretrain_stage(str(out), str(tmp_path / "data")))
+    finally:
+        gin.clear_config()  # pretrain_stage binds the data folder
+
+
 def test_clear_keeps_only_the_current_config(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.json").write_text("{}")
