@@ -104,8 +104,8 @@ def sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
              image_size: int, split_sizes: dict, seq_len: int | None = None,
              seed: int = 0) -> dict[str, Any]:
     """The SFT shards of the built-in corpus in `model_dir/sft_data` (Beam), with the
-    pretraining data's vocabulary; shards already written are kept. It needs no decoder,
-    so a caller may build it while the decoder pretrains. Returns the manifest."""
+    pretraining data's vocabulary; shards already written are kept. It needs no decoder.
+    Returns the manifest."""
     from cm3leon_jax.data import sft_preprocess
 
     return sft_preprocess.sft_preprocess(

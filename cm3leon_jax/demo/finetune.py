@@ -56,8 +56,8 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
 def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[], Any],
                    image_size: int) -> dict:
     """The SFT shards alone (`model_dir/sft_data`), for the scenes and seed `sft_stage` is
-    bound to: the demo builds them while the decoder pretrains, and the sft stage then
-    finds them written."""
+    bound to: a stage of its own (its time shows apart from training's); the sft stage
+    then finds them written."""
     bound = gin.get_bindings(sft_stage)
     sizes = dict(bound.get("split_sizes") or _DEFAULT_SPLIT_SIZES)
     manifest = sft.sft_data(model_dir, pretrain_data_dir=data_dir,
