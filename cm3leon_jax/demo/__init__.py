@@ -92,6 +92,21 @@ def demo(model_dir: str,
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
     runner = demo_stages.StageRunner(model_dir, list(STAGES),
                                      demo_stages.fingerprint(gin.config_str()))
+    try:
+        _run_stages(runner, model_dir, image_size, split_sizes, num_pictures,
+                    parse_examples, train_together)
+    except demo_stages.PreemptedError as stopped:
+        # A trainer saved its state on SIGTERM; the stages before it are stored.
+        print(f"[demo] stopped in the {stopped} stage by SIGTERM; rerun the same "
+              "command to resume it")
+        return {"preempted": str(stopped), **runner.timings()}
+    return _report(model_dir, runner)
+
+
+def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int,
+                split_sizes: dict | None, num_pictures: int, parse_examples: int,
+                train_together: bool) -> None:
+    """Every stage in order (see the module docstring), through `runner`."""
     tfds_dir = os.path.join(model_dir, "tfds")
     builder_fn = functools.partial(preprocess.synthetic_builder, image_size=image_size,
                                    data_dir=tfds_dir, split_sizes=split_sizes)
@@ -102,53 +117,43 @@ def demo(model_dir: str,
     pretrain_dir = os.path.join(model_dir, "pretrain")
     pictures_dir = os.path.join(model_dir, "pictures")
 
-    def run_stages() -> None:
-        runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
-        # Both read only the corpus. Together they keep the two cores busier than either
-        # alone (the README's stage table says what each took).
-        first_two = [("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
-                      _say_image_tokenizer),
-                     ("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)]
-        if train_together:
-            runner.run_together(first_two)
-        else:
-            for stage in first_two:
-                runner.run(*stage)
-        retrieval = retrieval_pass.RetrievalConfig(
-            encoder_dir=os.path.join(retriever_dir, "encoder"))
-        runner.run("preprocess", lambda: preprocess.preprocess(
-            data_dir, source=preprocess.TfdsSource(builder_fn),
-            image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
-        runner.run("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain)
-        # After pretraining, not beside it: the decoder's step keeps both cores busy, and
-        # run beside it (2 Dec) the shards took 77 s while pretraining ran at half its rate.
-        runner.run("sft_data", lambda: demo_finetune.sft_data_stage(
-            model_dir, data_dir, tokenizer_fn, image_size), _say_sft_data)
-        runner.run("sft", lambda: demo_finetune.sft_stage(
-            model_dir, pretrain_dir, data_dir, tokenizer_fn, image_size), demo_finetune.summary)
-        runner.run("export", lambda: export_stage(
-            os.path.join(model_dir, "export"), os.path.join(model_dir, "sft"),
-            os.path.join(data_dir, "vocab"), vq_dir), _say_export)
-        runner.run("generate", lambda: demo_generate.generate_stage(
-            pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
-            demo_generate.summary)
-        runner.run("evaluate", lambda: demo_evaluate.evaluate_stage(
-            os.path.join(model_dir, "eval"), pictures_dir,
-            {"pretrain": pretrain_dir, "sft": os.path.join(model_dir, "sft")},
-            os.path.join(data_dir, "vocab"), tokenizer_fn(), os.path.join(data_dir, "retrieval")),
-            demo_evaluate.summary)
-        runner.run("pictures", lambda: pictures_stage(
-            builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
-            lambda r: f"look at {r['contact_sheet']}")
-
-    try:
-        run_stages()
-    except demo_stages.PreemptedError as stopped:
-        # A trainer saved its state on SIGTERM; the stages before it are stored.
-        print(f"[demo] stopped in the {stopped} stage by SIGTERM; rerun the same "
-              "command to resume it")
-        return {"preempted": str(stopped), **runner.timings()}
-    return _report(model_dir, runner)
+    runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
+    # Both read only the corpus. Together they keep the two cores busier than either
+    # alone (the README's stage table says what each took).
+    first_two = [("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
+                  _say_image_tokenizer),
+                 ("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)]
+    if train_together:
+        runner.run_together(first_two)
+    else:
+        for stage in first_two:
+            runner.run(*stage)
+    retrieval = retrieval_pass.RetrievalConfig(
+        encoder_dir=os.path.join(retriever_dir, "encoder"))
+    runner.run("preprocess", lambda: preprocess.preprocess(
+        data_dir, source=preprocess.TfdsSource(builder_fn),
+        image_tokenizer_fn=tokenizer_fn, retrieval=retrieval), _say_preprocess)
+    runner.run("pretrain", lambda: pretrain_stage(pretrain_dir, data_dir), _say_pretrain)
+    # After pretraining, not beside it: the decoder's step keeps both cores busy, and
+    # run beside it (2 Dec) the shards took 77 s while pretraining ran at half its rate.
+    runner.run("sft_data", lambda: demo_finetune.sft_data_stage(
+        model_dir, data_dir, tokenizer_fn, image_size), _say_sft_data)
+    runner.run("sft", lambda: demo_finetune.sft_stage(
+        model_dir, pretrain_dir, data_dir, tokenizer_fn, image_size), demo_finetune.summary)
+    runner.run("export", lambda: export_stage(
+        os.path.join(model_dir, "export"), os.path.join(model_dir, "sft"),
+        os.path.join(data_dir, "vocab"), vq_dir), _say_export)
+    runner.run("generate", lambda: demo_generate.generate_stage(
+        pictures_dir, pretrain_dir, data_dir, builder_fn(), tokenizer_fn()),
+        demo_generate.summary)
+    runner.run("evaluate", lambda: demo_evaluate.evaluate_stage(
+        os.path.join(model_dir, "eval"), pictures_dir,
+        {"pretrain": pretrain_dir, "sft": os.path.join(model_dir, "sft")},
+        os.path.join(data_dir, "vocab"), tokenizer_fn(), os.path.join(data_dir, "retrieval")),
+        demo_evaluate.summary)
+    runner.run("pictures", lambda: pictures_stage(
+        builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
+        lambda r: f"look at {r['contact_sheet']}")
 
 
 def _report(model_dir: str, runner: demo_stages.StageRunner) -> dict:
