@@ -45,11 +45,10 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
                            split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
                            warmup_steps=warmup_steps, seed=seed)
     train = result["train"]
-    written = {family: splits["train"]["written"]
-               for family, splits in result["data"]["families"].items()}
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),
-            "train_examples": written, "base_step": train["base"]["step"],
+            "train_examples": _train_examples(result["data"]),
+            "base_step": train["base"]["step"],
             **({"preempted": True} if train.get("preempted") else {})}
 
 
@@ -63,6 +62,11 @@ def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[
     manifest = sft.sft_data(model_dir, pretrain_data_dir=data_dir,
                             image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                             split_sizes=sizes, seed=bound.get("seed", 0))
+    return _train_examples(manifest)
+
+
+def _train_examples(manifest: dict) -> dict[str, int]:
+    """Training examples written per family, from the SFT shards' manifest."""
     return {family: splits["train"]["written"]
             for family, splits in manifest["families"].items()}
 
