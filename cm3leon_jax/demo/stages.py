@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.train import checkpoints
 
 
 def jsonable(x: Any) -> Any:
@@ -117,9 +118,12 @@ class StageRunner:
         """Runs (or reuses) independent stages `(name, fn, summary)` at the same time;
         returns their results in order.
 
-        The first runs in this thread (it keeps the SIGTERM handling a trainer installs in
-        the main thread), each other one in a thread of its own. A stage that fails is
-        raised here once the others are done; an interrupt of this thread is raised at once.
+        The first runs in this thread, each other one in a thread of its own. A SIGTERM
+        stops them all: the handler installed here for the whole group (Python lets only
+        the main thread install one) raises the flag every trainer's
+        `checkpoints.PreemptionSignal` reads, so each saves its state and returns
+        `preempted`. A stage that fails or is preempted is raised here once the others are
+        done; an interrupt of this thread is raised at once.
         """
         results: list[Any] = [None] * len(stages)
         errors: list[BaseException | None] = [None] * len(stages)
@@ -133,11 +137,12 @@ class StageRunner:
         threads = [threading.Thread(target=work, args=(i,), daemon=True,
                                     name=f"demo-{stages[i][0]}") for i in range(1, len(stages))]
         self.together.append([name for name, _, _ in stages])
-        for t in threads:
-            t.start()
-        work(0)
-        for t in threads:
-            t.join()
+        with checkpoints.PreemptionSignal():
+            for t in threads:
+                t.start()
+            work(0)
+            for t in threads:
+                t.join()
         for e in errors:
             if e is not None:
                 raise e

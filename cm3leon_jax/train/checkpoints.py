@@ -435,24 +435,39 @@ def _first_line(e: BaseException) -> str:
 class PreemptionSignal:
     """Notices a preemption (SIGTERM), so the trainer can save and exit cleanly.
 
-    With one process, a SIGTERM handler sets a flag. With several, JAX's coordination
-    service already watches for SIGTERM, and `reached_preemption_sync_point` makes every
-    process agree on the same step to stop at (a host cannot save alone).
+    With one process, a SIGTERM handler sets a flag. Python lets only the main thread
+    install a handler, so the first `PreemptionSignal` entered there installs it (and its
+    exit puts the previous one back), and every one open meanwhile, in any thread, sees
+    the same flag: trainers run side by side in threads (the demo's `run_together`)
+    stop together, each saving its state, when an outer one holds the handler. With
+    several processes, JAX's coordination service already watches for SIGTERM, and
+    `reached_preemption_sync_point` makes every process agree on the same step to stop at
+    (a host cannot save alone).
     """
 
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
+    # Shared by every instance: the flag the handler sets, and who installed the handler.
+    _flag = threading.Event()
+    _lock = threading.Lock()
+    _installer: "PreemptionSignal | None" = None
+    _previous: Any = None
 
     def __enter__(self) -> "PreemptionSignal":
+        cls = PreemptionSignal
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+            with cls._lock:
+                if cls._installer is None:
+                    cls._flag.clear()  # A SIGTERM seen by an earlier, finished run.
+                    cls._previous = signal.signal(signal.SIGTERM, lambda *_: cls._flag.set())
+                    cls._installer = self
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        cls = PreemptionSignal
+        with cls._lock:
+            if cls._installer is self:
+                signal.signal(signal.SIGTERM, cls._previous)
+                cls._installer, cls._previous = None, None
+                cls._flag.clear()
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -460,4 +475,4 @@ class PreemptionSignal:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:  # The preemption service is off (jax_enable_preemption_service).
                 return False
-        return self._flag.is_set()
+        return PreemptionSignal._flag.is_set()

@@ -88,6 +88,49 @@ def test_a_preempted_stage_is_not_stored_and_reruns(tmp_path, monkeypatch):
         gin.clear_config()  # pretrain_stage binds the data folder
 
 
+def test_a_sigterm_stops_every_stage_running_together(tmp_path):
+    """Both trainers of a `run_together` group save and stop on one SIGTERM, the one in
+    a thread too (its own watcher cannot install a handler), and none is stored."""
+    import signal
+    import threading
+
+    import pytest
+
+    from cm3leon_jax.train import checkpoints
+
+    both_watching = threading.Barrier(3, timeout=30)
+
+    def fake_trainer():  # what every trainer does: watch, step until told to stop, save
+        with checkpoints.PreemptionSignal() as preemption:
+            both_watching.wait()
+            for step in range(3000):
+                if preemption.reached(step):
+                    return {"step": step, "preempted": True}
+                threading.Event().wait(0.01)
+        return {"step": 3000}
+
+    def sender():
+        both_watching.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    lines = []
+    runner = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config", lines.append)
+    threading.Thread(target=sender, daemon=True).start()
+    with pytest.raises(demo_stages.PreemptedError):
+        runner.run_together([("a", fake_trainer, None), ("b", fake_trainer, None)])
+    assert sum("stopped by SIGTERM" in line for line in lines) == 2
+    assert runner.cached("a") is None and runner.cached("b") is None
+    assert signal.getsignal(signal.SIGTERM) is before
+    # The flag went with the handler: a later watcher, in any thread, starts clear.
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(
+        checkpoints.PreemptionSignal().__enter__().reached(0)))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
 def test_clear_keeps_only_the_current_config(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.json").write_text("{}")
