@@ -54,6 +54,14 @@ class DecoderConfig:
         position_embedding: "learned" (absolute, added to the token embedding) or
             "rope" (rotary, rotate-half convention as in `transformers`' Llama/Chameleon).
         rope_theta: RoPE base.
+        image_grid: side of an image's code grid (8 for 64 codes); > 0 adds a learned row
+            and column embedding to every image code whose place in its image is known
+            (layers.image_code_places), as DALL-E did for its image tokens. Not in the
+            paper: a sequence-only position table leaves a small decoder to infer each
+            code's row and column from its distance to the image's start. 0: off.
+        image_code_ids: [start, stop) of the image codes' ids (IdLayout.image_start and
+            used_size); sentinel_ids: [start, stop) of the CM3 sentinels' ids (a run of
+            codes after a sentinel is an infilled span of unknown place).
         qk_norm: LayerNorm over each head's query and key vectors, with a per-head
             scale and bias (Chameleon's QK-norm), before RoPE.
         tie_embeddings: the output projection is the transposed token embedding.
@@ -100,6 +108,9 @@ class DecoderConfig:
     gated_mlp: bool = False
     position_embedding: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    image_grid: int = 0
+    image_code_ids: tuple[int, int] = (0, 0)
+    sentinel_ids: tuple[int, int] = (0, 0)
     qk_norm: bool = False
     tie_embeddings: bool = True
 
@@ -133,6 +144,13 @@ class DecoderConfig:
         if self.num_heads % self.kv_heads:
             raise ValueError(f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+        if self.image_grid < 0 or (self.image_grid and not
+                                   0 <= self.image_code_ids[0] < self.image_code_ids[1]
+                                   <= self.vocab_size):
+            raise ValueError(
+                f"DecoderConfig: image_grid={self.image_grid} needs image_code_ids = [start, "
+                f"stop) of the image codes' ids inside the vocabulary, got "
+                f"{self.image_code_ids} (vocab_size {self.vocab_size}); image_grid = 0 is off.")
         if self.position_embedding == "rope" and self.dims_per_head % 2:
             raise ValueError(
                 f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}."

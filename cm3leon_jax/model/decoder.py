@@ -106,6 +106,9 @@ class Decoder(nn.Module):
         x = embed(tokens)
         if c.position_embedding == "learned":
             x = x + layers.LearnedPositions(c, name="position_embed")(positions)
+        if c.image_grid:
+            x = x + layers.ImagePlaces(c, name="image_places")(self._image_places(tokens, positions,
+                                                                         decode))
         x = partitioning.with_logical_constraint(x, _RESIDUAL)
 
         block = DecoderBlock
@@ -127,6 +130,17 @@ class Decoder(nn.Module):
                                        name="lm_head")(x)
         return partitioning.with_logical_constraint(logits.astype(jnp.float32),
                                                     ("batch", "length", "vocab"))
+
+    def _image_places(self, tokens: jax.Array, positions: jax.Array, decode: bool) -> jax.Array:
+        """layers.image_code_places; when decoding, the carry between calls lives in the
+        cache ("image_carry": the place the next code takes, -1 none)."""
+        if not decode:
+            return layers.image_code_places(tokens, positions, self.config)[0]
+        carry = self.variable("cache", "image_carry", jnp.zeros, tokens.shape[:1], jnp.int32)
+        places, after = layers.image_code_places(tokens, positions, self.config, carry.value)
+        if not self.is_initializing():
+            carry.value = after
+        return places
 
 
 def abstract_variables(config: DecoderConfig, batch: int = 1, length: int = 1,

@@ -97,6 +97,8 @@ class DecoderStep:
                "final_norm": p.get("final_norm", {})}
         if c.position_embedding == "learned":
             out["positions"] = p["position_embed"]["embedding"]
+        if c.image_grid:
+            out["image_places"] = dict(p["image_places"])
         if not c.tie_embeddings:
             out["head"] = partitioning.with_logical_constraint(p["lm_head"]["kernel"],
                                                                ("embed", "vocab"))
@@ -107,7 +109,9 @@ class DecoderStep:
 
         keys/values: per layer [rows, kv_heads, length, head_dim] (compute dtype);
         segment_ids: int32[rows, length] of the written slots (0: empty or padding);
-        index: int32[], the next slot to write.
+        index: int32[], the next slot to write;
+        image_carry (with DecoderConfig.image_grid): int32[rows], the place in its image
+        the next image code takes (layers.image_code_places).
         """
         c = self.config
         if c.position_embedding == "learned" and length > c.max_length:
@@ -116,10 +120,13 @@ class DecoderStep:
         names = ("batch", "kv_heads", "length", "kv")
         zeros = lambda: partitioning.with_logical_constraint(
                 jnp.zeros((rows, c.kv_heads, length, c.dims_per_head), c.compute_dtype), names)
-        return {"keys": [zeros() for _ in range(c.num_layers)],
-                "values": [zeros() for _ in range(c.num_layers)],
-                "segment_ids": jnp.zeros((rows, length), jnp.int32),
-                "index": jnp.zeros([], jnp.int32)}
+        cache = {"keys": [zeros() for _ in range(c.num_layers)],
+                 "values": [zeros() for _ in range(c.num_layers)],
+                 "segment_ids": jnp.zeros((rows, length), jnp.int32),
+                 "index": jnp.zeros([], jnp.int32)}
+        if c.image_grid:
+            cache["image_carry"] = jnp.zeros((rows,), jnp.int32)
+        return cache
 
     # -- the step -----------------------------------------------------------------------
     def __call__(self, weights: dict, cache: dict, tokens: jax.Array, segment_ids: jax.Array,
@@ -133,6 +140,13 @@ class DecoderStep:
         x = jnp.take(weights["embed"], tokens, axis=0).astype(c.compute_dtype)
         if c.position_embedding == "learned":
             x = x + jnp.take(weights["positions"], positions, axis=0).astype(c.compute_dtype)
+        new_cache = {}
+        if c.image_grid:
+            places, new_cache["image_carry"] = layers.image_code_places(
+                tokens, positions, c, cache["image_carry"])
+            w = weights["image_places"]
+            x = x + layers.image_place_embedding(w["rows"], w["cols"], places,
+                                                 c.image_grid).astype(c.compute_dtype)
         index = cache["index"]
         kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"],
                                               segment_ids.astype(jnp.int32), (0, index))
@@ -151,7 +165,7 @@ class DecoderStep:
             logits = project(x, weights["head"], 1, _F32)[:, 0]
         logits = partitioning.with_logical_constraint(logits, ("batch", "vocab"))
         return logits, {"keys": keys, "values": values, "segment_ids": kv_seg,
-                        "index": index + tokens.shape[1]}
+                        "index": index + tokens.shape[1], **new_cache}
 
     def _layer(self, w, x, ck, cv, segment_ids, kv_seg, index, positions):
         c = self.config

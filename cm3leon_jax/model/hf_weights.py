@@ -65,9 +65,12 @@ def _check(config: DecoderConfig, family: str) -> None:
         bad["num_kv_heads"] = config.num_kv_heads
     if config.dims_per_head * config.num_heads != config.d_model:
         bad["head_dim"] = config.head_dim  # Both HF models derive it as d_model // heads.
+    if config.image_grid:
+        bad["image_grid"] = config.image_grid  # Neither HF model has image place embeddings.
     if bad:
         raise ValueError(f"hf_weights: this DecoderConfig cannot be expressed as a {family!r} "
-                         f"model; it needs {want} (and head_dim = d_model / num_heads), "
+                         f"model; it needs {want} (and head_dim = d_model / num_heads, "
+                         f"image_grid = 0), "
                          f"but has {bad}.")
 
 

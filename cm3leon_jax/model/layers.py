@@ -215,6 +215,70 @@ class LearnedPositions(nn.Module):
         return jnp.take(table, positions, axis=0).astype(c.compute_dtype)
 
 
+def image_code_places(tokens: jax.Array, positions: jax.Array, config: DecoderConfig,
+                      carry: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Each token's place in its image's code grid, from the ids alone.
+
+    A run of image codes that follows anything but a CM3 sentinel (a `<break>`, an
+    `<eos>`, padding) or starts a segment (position 0) is an image from its first code:
+    its codes take places 0, 1, ... in raster order. Codes after a sentinel (an infilled
+    span), past the grid, and every other token get `grid**2`: no place.
+
+    Args:
+      tokens, positions: int32[batch, n] (positions restart at 0 in each segment).
+      carry: int32[batch], the place the next code would take after the tokens before
+        these (-1: none), so a sequence fed in pieces gets the places it gets whole.
+        None: these tokens start their rows.
+    Returns: (int32[batch, n] places, int32[batch] the carry after them).
+    """
+    c, n = config, tokens.shape[1]
+    cells = c.image_grid * c.image_grid
+    is_code = (tokens >= c.image_code_ids[0]) & (tokens < c.image_code_ids[1])
+    is_sentinel = (tokens >= c.sentinel_ids[0]) & (tokens < c.sentinel_ids[1])
+    at = jnp.arange(1, n + 1, dtype=jnp.int32)[None]  # 1-based: 0 means "none yet"
+    # The latest boundary before each code, as 4 * (1-based index) + 1 for a sentinel: a
+    # non-code token is one; a code that starts its segment has one just before it.
+    key = jnp.where(~is_code, 4 * at + is_sentinel,
+                    jnp.where(positions == 0, 4 * at - 2, 0))
+    last = jax.lax.cummax(key, axis=1)
+    if carry is None:
+        carry = jnp.zeros(tokens.shape[:1], jnp.int32)  # A row's start: images from 0.
+    place = jnp.where(last > 0, at - (last + 1) // 4 - 1, carry[:, None] + at - 1)
+    placed = is_code & jnp.where(last > 0, last % 4 != 1, carry[:, None] >= 0)
+    places = jnp.where(placed & (place < cells), place, cells)
+    next_carry = jnp.where(is_code[:, -1], jnp.where(placed[:, -1], place[:, -1] + 1, -1),
+                           jnp.where(is_sentinel[:, -1], -1, 0))
+    return places, next_carry.astype(jnp.int32)
+
+
+class ImagePlaces(nn.Module):
+    """A learned row and column embedding `[grid, embed]` each, added to the image codes
+    with a place (`image_code_places`); zero for every other token."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, places: jax.Array) -> jax.Array:
+        """places: int32[batch, length] -> [batch, length, embed]."""
+        c = self.config
+        init = trunc_normal(c.init_std)
+        rows = _param(self, "rows", init, (c.image_grid, c.d_model), (None, "embed"),
+                      c.weight_dtype)
+        cols = _param(self, "cols", init, (c.image_grid, c.d_model), (None, "embed"),
+                      c.weight_dtype)
+        return image_place_embedding(rows, cols, places, c.image_grid).astype(c.compute_dtype)
+
+
+def image_place_embedding(rows: jax.Array, cols: jax.Array, places: jax.Array,
+                          grid: int) -> jax.Array:
+    """rows, cols: [grid, embed] -> rows[place // grid] + cols[place % grid], 0 where
+    place == grid**2 (no place)."""
+    placed = (places < grid * grid)[..., None]
+    safe = jnp.minimum(places, grid * grid - 1)
+    out = jnp.take(rows, safe // grid, axis=0) + jnp.take(cols, safe % grid, axis=0)
+    return jnp.where(placed, out, jnp.zeros((), out.dtype))
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotate `x: [batch, length, heads, head_dim]` by `positions: int32[batch, length]`.
 

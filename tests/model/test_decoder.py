@@ -16,6 +16,9 @@ VARIANTS = {
     "cm3leon": tiny_config(),
     "chameleon": tiny_chameleon(),
     "chameleon_swin": tiny_chameleon(block_order="swin"),
+    # Image codes 200..499 on a 2 x 2 grid, sentinels 5..39: random ids hold all three.
+    "cm3leon_image_places": tiny_config(image_grid=2, image_code_ids=(200, 500),
+                                        sentinel_ids=(5, 40)),
 }
 
 

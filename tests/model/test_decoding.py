@@ -9,7 +9,9 @@ from cm3leon_jax.model.decoding import DecoderStep
 from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
-           "chameleon_swin": tiny_chameleon(block_order="swin")}
+           "chameleon_swin": tiny_chameleon(block_order="swin"),
+           "cm3leon_image_places": tiny_config(image_grid=2, image_code_ids=(200, 500),
+                                               sentinel_ids=(5, 40))}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -35,3 +37,34 @@ def test_prefill_then_steps_equal_the_full_forward(name):
 def test_the_cache_refuses_more_than_the_position_table():
     with pytest.raises(ValueError, match="max_length=128"):
         DecoderStep(tiny_config()).init_cache(1, 129)
+
+
+def test_image_code_places_count_each_image_from_its_first_code():
+    from cm3leon_jax.model import layers
+
+    config = tiny_config(image_grid=2, image_code_ids=(200, 500), sentinel_ids=(5, 40))
+    # text, <break>, 5 codes (the 5th is past the 2 x 2 grid), <eos>, 2 codes (an
+    # image-first document), a sentinel and 2 codes (an infilled span: no place).
+    ids = [[60, 2, 201, 202, 203, 204, 205, 1, 300, 301, 7, 302, 303]]
+    want = [[4, 4, 0, 1, 2, 3, 4, 4, 0, 1, 4, 4, 4]]
+    ids = jnp.asarray(ids, jnp.int32)
+    positions = jnp.arange(ids.shape[1])[None]
+    places, carry = layers.image_code_places(ids, positions, config)
+    np.testing.assert_array_equal(places, want)
+    assert int(carry[0]) == -1
+    # Fed in pieces with the carry between them, the places are those of the whole.
+    pieces, carry = [], None
+    for start, stop in ((0, 3), (3, 4), (4, 9), (9, 13)):
+        got, carry = layers.image_code_places(ids[:, start:stop], positions[:, start:stop],
+                                              config, carry)
+        pieces.append(got)
+    np.testing.assert_array_equal(jnp.concatenate(pieces, axis=1), want)
+    # A code that starts a packed segment (position 0) starts an image.
+    restarted = positions.at[0, 11:].set(jnp.arange(2))
+    np.testing.assert_array_equal(layers.image_code_places(ids, restarted, config)[0],
+                                  [[4, 4, 0, 1, 2, 3, 4, 4, 0, 1, 4, 0, 1]])
+    with pytest.raises(ValueError, match="image_code_ids"):
+        tiny_config(image_grid=8)
+    from cm3leon_jax.model import hf_weights  # No HF model has them: refused, not dropped.
+    with pytest.raises(ValueError, match="image_grid"):
+        hf_weights.hf_config_kwargs(config, "opt")

@@ -105,3 +105,27 @@ def test_nan_stops_the_run_naming_the_step_and_last_good_checkpoint(corpus, tmp_
     assert "at step 3" in message, message
     assert "Last good checkpoint: step 2 in" in message and "on_nonfinite='skip'" in message
     assert _committed_steps(model_dir) == [2]  # The non-finite state was never saved.
+
+
+def test_image_places_must_match_the_task_vocabulary(monkeypatch):
+    """DecoderConfig.image_grid's ids are checked against the task's id layout."""
+    import types
+
+    import pytest
+    import seqio
+
+    from cm3leon_jax.train import trainer as trainer_lib
+    from cm3leon_jax.vocab.layout import IdLayout
+    from tests.model.model_testlib import tiny_config
+
+    layout = IdLayout(text_size=320, image_codes=512, num_sentinels=32, image_length=64)
+    vocab = types.SimpleNamespace(vocab_size=layout.vocab_size, layout=layout)
+    task = types.SimpleNamespace(output_features={"targets": types.SimpleNamespace(
+        vocabulary=vocab)})
+    monkeypatch.setattr(seqio, "get_mixture_or_task", lambda name: task)
+    right = tiny_config(vocab_size=896, image_grid=8, image_code_ids=(357, 869),
+                        sentinel_ids=(5, 37))
+    trainer_lib._check_vocabulary("demo", right)
+    for wrong in (right.replace(image_code_ids=(356, 868)), right.replace(image_grid=4)):
+        with pytest.raises(ValueError, match="do not match task 'demo'"):
+            trainer_lib._check_vocabulary("demo", wrong)
