@@ -33,6 +33,8 @@ TOY = [
     # The toy decoder (gin_configs/models/tiny.gin's sizes), whatever size the demo trains.
     "DecoderConfig.num_layers=2", "DecoderConfig.d_model=64", "DecoderConfig.num_heads=4",
     "DecoderConfig.mlp_dim=256",
+    # Its image codes' ids under the toy's 300 text pieces (5 specials, 32 sentinels).
+    "DecoderConfig.image_code_ids=(337, 849)",
     "generate_stage.num_examples=3", "generate_stage.batch_size=4",
     "generate_stage.rerank_samples=2",
     "sft_stage.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
