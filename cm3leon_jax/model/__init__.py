@@ -8,7 +8,8 @@ Modules (each one idea; import them directly, this package imports nothing so th
     config        `DecoderConfig`: sizes and the CM3Leon / Chameleon switches (gin).
     norms         LayerNorm / RMSNorm as functions with a one-pass hand-written backward.
     layers        the norm module, bias-free projections, MLP (GELU or SwiGLU), embeddings
-                  and the tied output projection (hand-written backward), RoPE.
+                  and the tied output projection (hand-written backward), RoPE, and the
+                  optional row / column embeddings of image codes (`image_code_places`).
     attention     attention, the kernel seam (`register_kernel`: xla, cudnn, a TPU splash
                   kernel) and the KV cache.
     attention_chunked  the "chunked" kernel: causal query chunks, FlashAttention-style

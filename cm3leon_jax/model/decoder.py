@@ -7,7 +7,9 @@
 
 Packed inputs follow the feature converter (`train/feature_converter.py`): tokens of
 several documents share a row; `segment_ids` (1, 2, ...; 0 = padding) keep attention
-inside a document and `positions` restart at 0 in each one.
+inside a document and `positions` restart at 0 in each one. With
+`DecoderConfig.image_grid`, image codes also get a row and a column embedding, placed
+from the ids alone (`layers.image_code_places`; in the cache when decoding).
 
 Layers are one `nn.scan` over a single block (parameters stacked on a leading
 `layers` axis): compile time and HLO size stay flat in depth, which is what lets the

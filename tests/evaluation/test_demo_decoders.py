@@ -1,0 +1,13 @@
+"""benchmarks/demo_decoders.py's table: the mean over seeds with the range beside it."""
+
+from benchmarks import demo_decoders
+
+
+def test_the_table_gives_each_decoder_its_mean_and_range_over_seeds():
+    t2i = {m: [0.2, 0.3] for m in demo_decoders.T2I}
+    result = {"step": 700, "captions": {m: 0.25 for m in demo_decoders.CAPTIONS},
+              "text_to_image": {"k2": t2i, "k0": {m: [0.1, 0.1] for m in demo_decoders.T2I}}}
+    lines = demo_decoders.table({"places": result}).splitlines()
+    assert lines[0].startswith("| decoder | step | t2i k=2 objects_right")
+    assert lines[2].startswith("| places | 700 | 25.0% (20.0%-30.0%) |")
+    assert "| 10.0% |" in lines[2] and lines[2].endswith("| 25.0% | 25.0% |")
