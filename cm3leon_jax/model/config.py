@@ -126,6 +126,8 @@ class DecoderConfig:
     custom_grads: bool = True
 
     def __post_init__(self):
+        for name in ("image_code_ids", "sentinel_ids"):  # JSON (an export's manifest) and
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # gin give lists
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_length",
                      "scan_unroll"):
             if getattr(self, name) < 1:

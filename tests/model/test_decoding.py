@@ -65,6 +65,8 @@ def test_image_code_places_count_each_image_from_its_first_code():
                                   [[4, 4, 0, 1, 2, 3, 4, 4, 0, 1, 4, 0, 1]])
     with pytest.raises(ValueError, match="image_code_ids"):
         tiny_config(image_grid=8)
+    # Read back from JSON (an export's manifest): lists become tuples, the config hashes.
+    assert hash(config.replace(image_code_ids=[200, 500])) == hash(config)
     from cm3leon_jax.model import hf_weights  # No HF model has them: refused, not dropped.
     with pytest.raises(ValueError, match="image_grid"):
         hf_weights.hf_config_kwargs(config, "opt")
