@@ -109,8 +109,8 @@ class Decoder(nn.Module):
         if c.position_embedding == "learned":
             x = x + layers.LearnedPositions(c, name="position_embed")(positions)
         if c.image_grid:
-            x = x + layers.ImagePlaces(c, name="image_places")(self._image_places(tokens, positions,
-                                                                         decode))
+            places = self._image_places(tokens, positions, decode)
+            x = x + layers.ImagePlaces(c, name="image_places")(places)
         x = partitioning.with_logical_constraint(x, _RESIDUAL)
 
         block = DecoderBlock
