@@ -28,12 +28,16 @@ T2I = ("objects_right", "any_object_right", "colors_right", "classes_right")
 CAPTIONS = ("objects_right", "any_object_right")
 
 
-def _scenes(run: str, split: str, n: int):
+def _scenes(run: str, split: str, n: int, image_size: int):
+    """The run's corpus (the split sizes its corpus stage recorded in metrics.json)."""
+    import json
+
     from cm3leon_jax.data import preprocess, synthetic_tfds
 
-    layout = {"train": 2000, "validation": 200, "test": 200}
-    builder = preprocess.synthetic_builder(image_size=32, data_dir=os.path.join(run, "tfds"),
-                                           split_sizes=layout)
+    with open(os.path.join(run, "metrics.json")) as f:
+        sizes = json.load(f)["corpus"]["splits"]
+    builder = preprocess.synthetic_builder(image_size=image_size,
+                                           data_dir=os.path.join(run, "tfds"), split_sizes=sizes)
     examples = list(builder.as_dataset(split=f"{split}[:{n}]").as_numpy_iterator())
     if len(examples) < n:
         raise SystemExit(f"--examples={n}: the {split} split of {run} has {len(examples)}.")
@@ -41,7 +45,7 @@ def _scenes(run: str, split: str, n: int):
     return examples, scenes
 
 
-def measure(run: str, decoder_dir: str, examples, scenes, seeds: list[int]) -> dict:
+def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int]) -> dict:
     """{"text_to_image": {"k2"|"k0": {metric: [per seed]}}, "captions": {metric: value}}."""
     import numpy as np
 
@@ -49,15 +53,12 @@ def measure(run: str, decoder_dir: str, examples, scenes, seeds: list[int]) -> d
     from cm3leon_jax.decode.generate import Generator, SamplingConfig
     from cm3leon_jax.evaluation import shapes_scores
     from cm3leon_jax.retrieval.retriever import Retriever
-    from cm3leon_jax.vocab import image_tokenizer
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
     config, params, step = restore.restore_decoder(decoder_dir)
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
-                    image_tokenizer.load_image_tokenizer(
-                        checkpoint=os.path.join(run, "image_tokenizer")),
-                    retriever, batch_size=32)
+                    tokenizer, retriever, batch_size=32)
     ranker = rerank.ClipRanker(retriever.encoder)
     captions = [e["captions"][0].decode() for e in examples]
     sampling = SamplingConfig(top_p=0.9, guidance="cfg", guidance_scale=3.0)
@@ -107,9 +108,13 @@ def main(argv=None) -> str:
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    from cm3leon_jax.vocab import image_tokenizer
+
     decoders = dict(d.split("=", 1) for d in args.decoder)
-    examples, scenes = _scenes(args.run, args.split, args.examples)
-    results = {name: measure(args.run, folder, examples, scenes, args.seeds)
+    tokenizer = image_tokenizer.load_image_tokenizer(
+        checkpoint=os.path.join(args.run, "image_tokenizer"))
+    examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
+    results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds)
                for name, folder in decoders.items()}
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}\n\n"
             + table(results))

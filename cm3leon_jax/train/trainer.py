@@ -51,7 +51,7 @@ def _check_vocabulary(task: str, config: DecoderConfig) -> None:
     if config.image_grid and layout is not None:
         want = {"image_code_ids": (layout.image_start, layout.used_size),
                 "sentinel_ids": (layout.sentinel_start, layout.text_start)}
-        got = {k: tuple(getattr(config, k)) for k in want}
+        got = {k: getattr(config, k) for k in want}
         if got != want or config.image_grid ** 2 != layout.image_length:
             raise ValueError(
                 f"DecoderConfig.image_grid={config.image_grid}, {got} do not match task "
