@@ -9,6 +9,7 @@ effect of each is measured:
     text_to_image_ablations.k0         no retrieved documents
     text_to_image_ablations.no_cfg     guidance "none"
     text_to_image_ablations.one_sample one sample, no re-ranking
+    image_to_text_ablations.k0         captions with no retrieved documents
 
 The CLIP score that re-ranks is the retrieval encoder's (decode/rerank.py).
 
@@ -88,8 +89,11 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                                  num_samples=samples, ranker=ranker if samples > 1 else None)
 
     drawn = draw(num_retrieved, image_sampling)
-    written = gen.image_to_text(images, num_retrieved=num_retrieved, sampling=caption_sampling,
-                                max_tokens=max_caption_tokens, style=caption_style, seed=seed)
+    def write(k: int) -> list[str]:
+        return gen.image_to_text(images, num_retrieved=k, sampling=caption_sampling,
+                                 max_tokens=max_caption_tokens, style=caption_style, seed=seed)
+
+    written = write(num_retrieved)
     metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
                "num_retrieved": num_retrieved, "rerank_samples": rerank_samples,
                "text_to_image": score_images(drawn.images, scenes),
@@ -105,6 +109,9 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
         if rerank_samples > 1:
             metrics["text_to_image_ablations"]["one_sample"] = score_images(
                 draw(num_retrieved, image_sampling, 1).images, scenes)
+        if num_retrieved:
+            metrics["image_to_text_ablations"] = {
+                "k0": shapes_scores.caption_metrics(write(0), scenes)}
     retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
                                                  np.uint8), [[] for _ in examples]
     if retriever is not None:
@@ -245,4 +252,11 @@ def targets_report(metrics: dict) -> list[str]:
             other = ablations[name]["objects_right"]
             verdict = "yes" if head > other else "NO"
             lines.append(f"{what}: {head:.0%} vs {other:.0%} exactly right ({verdict})")
+    written = metrics.get("image_to_text", {}).get("objects_right")
+    k0 = metrics.get("image_to_text_ablations", {}).get("k0")
+    if k0 is not None and written is not None:
+        verdict = "yes" if written > k0["objects_right"] else "NO"
+        lines.append(f"captions: k={metrics.get('num_retrieved')} retrieved beats k=0: "
+                     f"{written:.0%} vs "
+                     f"{k0['objects_right']:.0%} exactly right ({verdict})")
     return lines

@@ -123,7 +123,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert generated["split"] == "test"
     ablations = generated["text_to_image_ablations"]
     for scores in (generated["text_to_image"], generated["image_to_text"], ablations["k0"],
-                   ablations["no_cfg"], ablations["one_sample"]):
+                   ablations["no_cfg"], ablations["one_sample"],
+                   generated["image_to_text_ablations"]["k0"]):
         assert set(scores) >= {"objects_right", "any_object_right", "colors_right",
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())

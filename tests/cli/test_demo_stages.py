@@ -158,3 +158,15 @@ def test_a_zero_figure_never_reaches_a_chance_target():
     assert verdicts == {"text_to_image.colors_right": True,
                         "text_to_image.classes_right": False,
                         "text_to_image.position_right": False}
+
+
+def test_the_caption_ablation_is_reported_against_the_captions_with_retrieval():
+    metrics = {"num_retrieved": 2, "image_to_text": {"objects_right": 0.5},
+               "image_to_text_ablations": {"k0": {"objects_right": 0.25}}}
+    def said():
+        return [line for line in demo_generate.targets_report(metrics)
+                if line.startswith("captions:")]
+
+    assert said() == ["captions: k=2 retrieved beats k=0: 50% vs 25% exactly right (yes)"]
+    metrics["image_to_text"]["objects_right"] = 0.25
+    assert said() == ["captions: k=2 retrieved beats k=0: 25% vs 25% exactly right (NO)"]
