@@ -6,9 +6,10 @@
 
 Every decoder is read with the rest of one demo run (`--run`: its corpus, vocabulary,
 image tokenizer and retrieval index), so the decoders must have been trained on that
-run's data. Text -> image uses the demo's generate settings (2 retrieved documents, CFG
-3, top-p 0.9, the best of 4 samples by CLIP score) and again with k = 0; captions are
-greedy from an image-first prompt. Scores are the shape parser's exact ones
+run's data. Both use the run's own generate-stage settings, read from its `config.gin`
+(the demo's: 2 retrieved documents, CFG 3, top-p 0.9, the best of 4 samples by CLIP
+score; greedy captions from an image-first prompt); text -> image runs again with k = 0.
+Scores are the shape parser's exact ones
 (`evaluation/shapes_scores.py`). Each cell is the mean over the seeds with the range
 beside it. The scenes are the run's **validation** split by default: choose settings
 there, and keep the test split for the demo's held-out figures.
@@ -45,8 +46,29 @@ def _scenes(run: str, split: str, n: int, image_size: int):
     return examples, scenes
 
 
-def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int]) -> dict:
-    """{"text_to_image": {"k2"|"k0": {metric: [per seed]}}, "captions": {metric: value}}."""
+SETTINGS = ("num_retrieved", "image_sampling", "caption_sampling", "caption_style",
+            "max_caption_tokens", "rerank_samples")
+
+
+def generate_settings(run: str) -> dict:
+    """The run's generate-stage settings (`SETTINGS`), as its `config.gin` binds them, the
+    stage's defaults where it binds nothing."""
+    import inspect
+
+    import gin
+
+    from cm3leon_jax.demo import generate as demo_generate
+
+    gin.parse_config_file(os.path.join(run, "config.gin"), skip_unknown=True)
+    params = inspect.signature(demo_generate.generate_stage).parameters
+    bound = gin.get_bindings(demo_generate.generate_stage)
+    return {name: bound.get(name, params[name].default) for name in SETTINGS}
+
+
+def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
+            settings: dict) -> dict:
+    """{"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "captions": {metric: value}}
+    with `generate_settings`' settings."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank, restore
@@ -59,22 +81,25 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
                     tokenizer, retriever, batch_size=32)
-    ranker = rerank.ClipRanker(retriever.encoder)
+    samples = settings["rerank_samples"]
+    ranker = rerank.ClipRanker(retriever.encoder) if samples > 1 else None
     captions = [e["captions"][0].decode() for e in examples]
-    sampling = SamplingConfig(top_p=0.9, guidance="cfg", guidance_scale=3.0)
+    sampling = settings["image_sampling"] or SamplingConfig()
     out = {"step": step, "text_to_image": {}}
-    for k in (2, 0):
+    for k in (settings["num_retrieved"], 0):
         per_seed = {m: [] for m in T2I}
         for seed in seeds:
             drawn = gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
-                                      num_samples=4, ranker=ranker)
+                                      num_samples=samples, ranker=ranker)
             scores = shapes_scores.text_to_image_metrics(drawn.images, scenes)
             for m in T2I:
                 per_seed[m].append(float(scores[m]))
         out["text_to_image"][f"k{k}"] = per_seed
-    written = gen.image_to_text(np.stack([e["image"] for e in examples]), num_retrieved=2,
-                                sampling=SamplingConfig(greedy=True, guidance="none"),
-                                max_tokens=24, style="image_first", seed=0)
+    written = gen.image_to_text(np.stack([e["image"] for e in examples]),
+                                num_retrieved=settings["num_retrieved"],
+                                sampling=settings["caption_sampling"],
+                                max_tokens=settings["max_caption_tokens"],
+                                style=settings["caption_style"], seed=0)
     scores = shapes_scores.caption_metrics(written, scenes)
     out["captions"] = {m: float(scores[m]) for m in CAPTIONS}
     return out
@@ -88,11 +113,12 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    cols = [f"t2i k={k} {m}" for k in (2, 0) for m in T2I] + [f"captions {m}"
-                                                              for m in CAPTIONS]
+    ks = list(next(iter(results.values()))["text_to_image"])  # e.g. ["k2", "k0"]
+    cols = [f"t2i k={k[1:]} {m}" for k in ks for m in T2I] + [f"captions {m}"
+                                                             for m in CAPTIONS]
     lines = ["| decoder | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, r in results.items():
-        cells = [_cell(r["text_to_image"][f"k{k}"][m]) for k in (2, 0) for m in T2I]
+        cells = [_cell(r["text_to_image"][k][m]) for k in ks for m in T2I]
         cells += [_cell([r["captions"][m]]) for m in CAPTIONS]
         lines.append(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -114,13 +140,16 @@ def main(argv=None) -> str:
     tokenizer = image_tokenizer.load_image_tokenizer(
         checkpoint=os.path.join(args.run, "image_tokenizer"))
     examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
-    results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds)
+    settings = generate_settings(args.run)
+    results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds,
+                             settings)
                for name, folder in decoders.items()}
-    text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}\n\n"
-            + table(results))
+    text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
+            f"run's generate settings {settings}\n\n" + table(results))
     print(text)
     if args.json:
-        write_json(args.json, {"args": vars(args), "results": results})
+        write_json(args.json, {"args": vars(args), "settings": repr(settings),
+                               "results": results})
     return text
 
 

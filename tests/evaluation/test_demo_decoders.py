@@ -11,3 +11,25 @@ def test_the_table_gives_each_decoder_its_mean_and_range_over_seeds():
     assert lines[0].startswith("| decoder | step | t2i k=2 objects_right")
     assert lines[2].startswith("| places | 700 | 25.0% (20.0%-30.0%) |")
     assert "| 10.0% |" in lines[2] and lines[2].endswith("| 25.0% | 25.0% |")
+
+
+def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
+    import gin
+
+    (tmp_path / "config.gin").write_text(
+        "import cm3leon_jax.demo.generate\n"
+        "generate_stage.num_retrieved = 1\n"
+        "generate_stage.image_sampling = @images/SamplingConfig()\n"
+        "images/SamplingConfig.top_p = 0.5\n"
+        "images/SamplingConfig.guidance = 'cfg'\n")
+    try:
+        settings = demo_decoders.generate_settings(str(tmp_path))
+    finally:
+        gin.clear_config()
+    assert set(settings) == set(demo_decoders.SETTINGS)
+    assert settings["num_retrieved"] == 1
+    assert settings["image_sampling"].top_p == 0.5
+    assert settings["image_sampling"].guidance == "cfg"
+    # Unbound: generate_stage's own defaults.
+    assert settings["rerank_samples"] == 4 and settings["caption_style"] == "infill"
+    assert settings["caption_sampling"] is None and settings["max_caption_tokens"] == 24
