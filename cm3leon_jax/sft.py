@@ -100,6 +100,11 @@ def _check_model_dir(model_dir: str) -> None:
 sft.check_model_dir = _check_model_dir
 
 
+def sft_data_dir(model_dir: str) -> str:
+    """Where `sft_data` writes a run's SFT shards (and `sft_stage` reads them)."""
+    return os.path.join(model_dir, "sft_data")
+
+
 def sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
              image_size: int, split_sizes: dict, seq_len: int | None = None,
              seed: int = 0) -> dict[str, Any]:
@@ -109,7 +114,7 @@ def sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
     from cm3leon_jax.data import sft_preprocess
 
     return sft_preprocess.sft_preprocess(
-        os.path.join(model_dir, "sft_data"), vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
+        sft_data_dir(model_dir), vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
         source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
         image_tokenizer_fn=image_tokenizer_fn,
         seq_len=seq_len or gin.query_parameter("train.seq_len"))
@@ -124,7 +129,7 @@ def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
     the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
     and schedule bound here. Finished parts are reused. Returns both results."""
     seq_len = seq_len or gin.query_parameter("train.seq_len")
-    data_dir = os.path.join(model_dir, "sft_data")
+    data_dir = sft_data_dir(model_dir)
     data = sft_data(model_dir, pretrain_data_dir=pretrain_data_dir,
                     image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                     split_sizes=split_sizes, seq_len=seq_len, seed=seed)

@@ -23,23 +23,30 @@ from cm3leon_jax import fs, sft
 _DEFAULT_SPLIT_SIZES = {"train": 1000, "validation": 50, "test": 50}
 
 
+@gin.configurable
+def sft_scenes(split_sizes: dict | None = None, seed: int = 0) -> tuple[dict, int]:
+    """The corpus scenes every SFT family is built from, for both demo SFT stages: scenes
+    per split, e.g. {"train": 1000, ...}, and the corpus seed."""
+    return dict(split_sizes or _DEFAULT_SPLIT_SIZES), seed
+
+
 @gin.configurable(denylist=["model_dir", "pretrain_dir", "data_dir", "image_tokenizer_fn",
                             "image_size"])
 def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
-              image_tokenizer_fn: Callable[[], Any], image_size: int,
-              split_sizes: dict | None = None, num_steps: int = 200, peak_lr: float = 1e-3,
-              warmup_steps: int = 30, seed: int = 0) -> dict:
-    """Writes the SFT shards and fine-tunes pretrain_dir's decoder into model_dir/sft.
+              image_tokenizer_fn: Callable[[], Any], image_size: int, num_steps: int = 200,
+              peak_lr: float = 1e-3, warmup_steps: int = 30) -> dict:
+    """Writes the SFT shards (if the sft_data stage has not) and fine-tunes pretrain_dir's
+    decoder into model_dir/sft.
 
     Args:
       model_dir: MODEL_DIR (sft_data/ and sft/ go under it).
       pretrain_dir, data_dir: the pretrain stage's run and the preprocess stage's data.
-      split_sizes: scenes per split for every family, e.g. {"train": 1000, ...}.
       num_steps, peak_lr, warmup_steps: the fine-tuning schedule. The paper's 5e-5 suits
-        7B models after 1.4T tokens; the demo's small decoder, pretrained at 3e-3 for a few
+        7B models after 1.4T tokens; the demo's small decoder, pretrained at 6e-3 for a few
         minutes, needs a larger step to learn the new templates in a few hundred steps.
+    The scenes are `sft_scenes`'.
     """
-    sizes = dict(split_sizes or _DEFAULT_SPLIT_SIZES)
+    sizes, seed = sft_scenes()
     result = sft.sft_stage(model_dir, base_model_dir=pretrain_dir, pretrain_data_dir=data_dir,
                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                            split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
@@ -54,14 +61,13 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
 
 def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[], Any],
                    image_size: int) -> dict:
-    """The SFT shards alone (`model_dir/sft_data`), for the scenes and seed `sft_stage` is
-    bound to: a stage of its own (its time shows apart from training's); the sft stage
-    then finds them written."""
-    bound = gin.get_bindings(sft_stage)
-    sizes = dict(bound.get("split_sizes") or _DEFAULT_SPLIT_SIZES)
+    """The SFT shards alone (`sft.sft_data_dir(model_dir)`) of `sft_scenes`' scenes: a
+    stage of its own (its time shows apart from training's); the sft stage then finds them
+    written."""
+    sizes, seed = sft_scenes()
     manifest = sft.sft_data(model_dir, pretrain_data_dir=data_dir,
                             image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
-                            split_sizes=sizes, seed=bound.get("seed", 0))
+                            split_sizes=sizes, seed=seed)
     return _train_examples(manifest)
 
 

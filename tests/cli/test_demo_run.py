@@ -37,7 +37,7 @@ TOY = [
     "DecoderConfig.image_code_ids=(337, 849)",
     "generate_stage.num_examples=3", "generate_stage.batch_size=4",
     "generate_stage.rerank_samples=2",
-    "sft_stage.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
+    "sft_scenes.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
     "sft_stage.warmup_steps=1",
     "evaluate_stage.num_examples=3", "evaluate_stage.batch_size=4",
     "evaluate_stage.baseline_examples=8",
