@@ -89,6 +89,7 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                                  num_samples=samples, ranker=ranker if samples > 1 else None)
 
     drawn = draw(num_retrieved, image_sampling)
+
     def write(k: int) -> list[str]:
         return gen.image_to_text(images, num_retrieved=k, sampling=caption_sampling,
                                  max_tokens=max_caption_tokens, style=caption_style, seed=seed)
@@ -257,6 +258,5 @@ def targets_report(metrics: dict) -> list[str]:
     if k0 is not None and written is not None:
         verdict = "yes" if written > k0["objects_right"] else "NO"
         lines.append(f"captions: k={metrics.get('num_retrieved')} retrieved beats k=0: "
-                     f"{written:.0%} vs "
-                     f"{k0['objects_right']:.0%} exactly right ({verdict})")
+                     f"{written:.0%} vs {k0['objects_right']:.0%} exactly right ({verdict})")
     return lines
