@@ -86,7 +86,7 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     captions = [e["captions"][0].decode() for e in examples]
     sampling = settings["image_sampling"] or SamplingConfig()
     out = {"step": step, "text_to_image": {}}
-    for k in (settings["num_retrieved"], 0):
+    for k in dict.fromkeys((settings["num_retrieved"], 0)):  # once if the run uses k = 0
         per_seed = {m: [] for m in T2I}
         for seed in seeds:
             drawn = gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,

@@ -247,7 +247,8 @@ def targets_report(metrics: dict) -> list[str]:
                          f"{value:.0%} ({verdict})")
     ablations = metrics.get("text_to_image_ablations", {})
     head = metrics.get("text_to_image", {}).get("objects_right")
-    for name, what in (("k0", "k=2 retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
+    k = metrics.get("num_retrieved")
+    for name, what in (("k0", f"k={k} retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
                        ("one_sample", "CLIP re-ranking beats one sample")):
         if name in ablations and head is not None:
             other = ablations[name]["objects_right"]
@@ -257,6 +258,6 @@ def targets_report(metrics: dict) -> list[str]:
     k0 = metrics.get("image_to_text_ablations", {}).get("k0")
     if k0 is not None and written is not None:
         verdict = "yes" if written > k0["objects_right"] else "NO"
-        lines.append(f"captions: k={metrics.get('num_retrieved')} retrieved beats k=0: "
+        lines.append(f"captions: k={k} retrieved beats k=0: "
                      f"{written:.0%} vs {k0['objects_right']:.0%} exactly right ({verdict})")
     return lines

@@ -163,6 +163,7 @@ def test_a_zero_figure_never_reaches_a_chance_target():
 def test_the_caption_ablation_is_reported_against_the_captions_with_retrieval():
     metrics = {"num_retrieved": 2, "image_to_text": {"objects_right": 0.5},
                "image_to_text_ablations": {"k0": {"objects_right": 0.25}}}
+
     def said():
         return [line for line in demo_generate.targets_report(metrics)
                 if line.startswith("captions:")]
