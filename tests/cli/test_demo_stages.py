@@ -154,10 +154,24 @@ def test_a_zero_figure_never_reaches_a_chance_target():
                                                       "classes_right": 0.02,
                                                       "position_right": 0.0}}}
     lines = demo_generate.targets_report(metrics)
-    verdicts = {line.split()[1]: line.endswith("(reached)") for line in lines}
+    verdicts = {line.split()[1]: "NOT reached" not in line for line in lines}
     assert verdicts == {"text_to_image.colors_right": True,
                         "text_to_image.classes_right": False,
                         "text_to_image.position_right": False}
+
+
+def test_the_chance_targets_name_the_tokenizers_ceiling_and_the_scenes_graded():
+    metrics = {"position_scenes": 7,
+               "text_to_image": {"classes_right": 0.2, "position_right": 0.0},
+               "vq_reconstruction_reference": {"classes_right": 0.77, "position_right": 0.0},
+               "chance_reference": {"text_to_image": {"classes_right": 0.08,
+                                                      "position_right": 0.0}}}
+    lines = demo_generate.targets_report(metrics)
+    assert lines == [
+        "target text_to_image.classes_right >= 3x chance (24%): 20% (NOT reached; the true "
+        "images through the tokenizer 77%)",
+        "target text_to_image.position_right >= 3x chance (0%): 0% (NOT reached; the true "
+        "images through the tokenizer 0%; 7 scenes of two or more shapes graded)"]
 
 
 def test_the_caption_ablation_is_reported_against_the_captions_with_retrieval():
