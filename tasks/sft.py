@@ -13,6 +13,14 @@ which packs them like pretraining. Seeds and caching work as for `tasks.pretrain
     cm3leon_sft_mix                       every built-in family, rates from gin
                                           (`sft_mixture_rates.rates`)
     cm3leon_sft_user_mix                  every user family, the same rates
+    cm3leon_sft_replay_mix                every built-in family, plus the pretraining
+                                          documents (`cm3leon_synthetic`, retrieval-
+                                          augmented) at `sft_replay.rate`
+    cm3leon_sft_user_replay_mix           the same over a user's SFT folder and corpus
+                                          (`cm3leon_user`)
+
+The replay mixtures keep what pretraining taught: fine-tuned on the instruction families
+alone, the demo's small decoder forgot how to caption in the pretraining layout (RESULTS_sft.md).
 
 Every family of a mixture is opened, even at rate 0, so its folder must exist. A family
 whose split has no example (none written, or none short enough for the training
@@ -33,6 +41,7 @@ from cm3leon_jax.data import preprocessors, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
 from cm3leon_jax.vocab.layout import BREAK_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from tasks import pretrain  # noqa: F401  (the replay mixtures name its tasks)
 
 SPLITS = ("train", "validation", "test")
 # Image-output families come first in the paper's list; defaults weigh every family
@@ -62,6 +71,15 @@ def sft_mixture_rates(rates: dict | None = None) -> dict[str, float]:
             raise ValueError(f"sft_mixture_rates.rates[{family!r}]={rate}; rates are >= 0.")
         out[family] = float(rate)
     return out
+
+
+@gin.configurable
+def sft_replay(rate: float = 1.0) -> float:
+    """Mixing rate of the pretraining documents in the replay mixtures, on the scale of
+    `sft_mixture_rates` (each family 1 by default)."""
+    if rate < 0:
+        raise ValueError(f"sft_replay.rate={rate}; rates are >= 0.")
+    return float(rate)
 
 
 @gin.configurable
@@ -125,7 +143,12 @@ def _rate(task: seqio.Task, family: str) -> float:
     return sft_mixture_rates()[family]
 
 
-def _register(prefix: str, corpus: str) -> None:
+def _replay_rate(task: seqio.Task) -> float:
+    del task
+    return sft_replay()
+
+
+def _register(prefix: str, corpus: str, pretraining_task: str) -> None:
     vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
     for family in FAMILIES:
         no_retrieval = functools.partial(
@@ -142,10 +165,11 @@ def _register(prefix: str, corpus: str) -> None:
                                               add_eos=False, dtype="int32"),
             },
         )
-    seqio.MixtureRegistry.add(
-        f"{prefix}_mix",
-        [(f"{prefix}_{f}", functools.partial(_rate, family=f)) for f in FAMILIES])
+    families = [(f"{prefix}_{f}", functools.partial(_rate, family=f)) for f in FAMILIES]
+    seqio.MixtureRegistry.add(f"{prefix}_mix", families)
+    seqio.MixtureRegistry.add(f"{prefix}_replay_mix",
+                              families + [(pretraining_task, _replay_rate)])
 
 
-_register("cm3leon_sft", "synthetic")
-_register("cm3leon_sft_user", "user")
+_register("cm3leon_sft", "synthetic", "cm3leon_synthetic")
+_register("cm3leon_sft_user", "user", "cm3leon_user")

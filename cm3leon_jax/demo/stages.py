@@ -60,6 +60,15 @@ def clear(model_dir: str) -> None:
             fs.remove(path)
 
 
+def earlier_work(model_dir: str) -> list[str]:
+    """What model_dir holds besides config.gin (the current run's): an earlier run's work,
+    sorted; [] for a fresh folder."""
+    if not fs.isdir(model_dir):
+        return []
+    return sorted(n.rstrip("/") for n in fs.listdir(model_dir)
+                  if n.rstrip("/") != "config.gin")
+
+
 def fingerprint(config_text: str) -> str:
     """A short hash of the run configuration (the gin config string)."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]

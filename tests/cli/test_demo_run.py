@@ -140,7 +140,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
         assert set(metrics[key]) >= {"corpus", "image_tokenizer", "retriever", "pretrain",
                                      "sft_data", "sft", "export", "generate", "evaluate",
                                      "pictures"}
-    assert metrics["reused_stages"] == []
+    assert metrics["reused_stages"] == [] and metrics["earlier_work"] == []
+    assert [line.split(":")[0] for line in metrics["targets"] if "minutes" in line] == [
+        "target every stage within 10 minutes", "target every stage within 20 minutes"]
 
     # A rerun after an interruption (here: the pictures stage lost) finds every other stage's
     # output and does not redo it, and redoes only what is missing.
@@ -150,6 +152,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     _main_here(_args(model_dir))
     again = _metrics(model_dir)
     assert set(again["reused_stages"]) == set(again["seconds"]) - {"pictures"}
+    assert "stages" in again["earlier_work"]
+    # Its seconds are a resumed run's: the time targets are not judged on them.
+    timed = [line for line in again["targets"] if "stage within" in line or "time" in line]
+    assert len(timed) == 1 and timed[0].startswith("time targets not judged: MODEL_DIR held")
     assert again["retriever"] == metrics["retriever"]
     assert again["preprocess"] == metrics["preprocess"]
     assert again["pretrain"]["steps"] == STEPS and again["evaluate"] == metrics["evaluate"]

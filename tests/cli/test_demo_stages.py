@@ -131,6 +131,15 @@ def test_a_sigterm_stops_every_stage_running_together(tmp_path):
     assert seen == [False]
 
 
+def test_earlier_work_is_what_the_folder_holds_besides_the_current_config(tmp_path):
+    assert demo_stages.earlier_work(str(tmp_path / "missing")) == []
+    (tmp_path / "config.gin").write_text("x = 1")
+    assert demo_stages.earlier_work(str(tmp_path)) == []
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    assert demo_stages.earlier_work(str(tmp_path)) == ["metrics.json", "stages"]
+
+
 def test_clear_keeps_only_the_current_config(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.json").write_text("{}")

@@ -4,6 +4,7 @@ import collections
 import functools
 import json
 import os
+import shutil
 
 import gin
 import numpy as np
@@ -13,6 +14,8 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
+from cm3leon_jax.vocab import document as document_lib
+from cm3leon_jax.vocab.document import Document, Image, Text
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -205,6 +208,52 @@ def test_mixture_draws_each_family_at_its_gin_rate(bound):
         share = rate / total
         assert abs(drawn[family] / n - share) <= 4.5 * np.sqrt(share * (1 - share) / n) + 1e-9, \
             (family, drawn)
+
+
+def _pretraining_data(root: str, vocab_dir: str) -> str:
+    """Documents with 2 neighbors each, in the SFT shards' vocabulary, like preprocess
+    writes them (a caption and an image)."""
+    vocab = MultimodalVocabulary(vocab_dir)
+    rng = np.random.default_rng(0)
+    docs = [document_lib.encode(Document([Text(f"pretraining caption {i}"),
+                                          Image(rng.integers(0, 64, 64))]), vocab)
+            for i in range(8)]
+    shutil.copytree(vocab_dir, os.path.join(root, "vocab"))
+    for split in tasks.pretrain.SPLITS:
+        records = [shards.TokenizedDocument(
+            doc_id=f"{split}-{i}", ids=d, neighbors=[docs[(i + j) % 8] for j in (1, 2)],
+            neighbor_doc_ids=[f"{split}-{(i + j) % 8}" for j in (1, 2)])
+            for i, d in enumerate(docs)]
+        shards.write_split(records, root, split, num_shards=1)
+    return root
+
+
+def test_the_replay_mixture_draws_pretraining_documents_at_its_gin_rate(bound, sft_dir,
+                                                                       tmp_path):
+    """cm3leon_sft_replay_mix: every family at its rate plus the pretraining task at
+    `sft_replay.rate`; with only captions besides, half the draws are pretraining
+    documents (retrieval-augmented), half caption examples."""
+    vocab_dir = os.path.join(os.path.dirname(sft_dir[0]), "pre_vocab")
+    gin.bind_parameter("data_dirs.synthetic", _pretraining_data(str(tmp_path), vocab_dir))
+    mix = seqio.get_mixture_or_task("cm3leon_sft_replay_mix")
+    pretraining = seqio.get_mixture_or_task("cm3leon_synthetic")
+    assert pretraining in mix.tasks and len(mix.tasks) == len(sft_prompts.FAMILIES) + 1
+    assert mix.get_rate(pretraining) == 1.0
+    gin.bind_parameter("sft_replay.rate", -1.0)
+    with pytest.raises(ValueError, match="sft_replay.rate=-1.0"):
+        mix.get_rate(pretraining)
+    gin.bind_parameter("sft_replay.rate", 1.0)
+    gin.bind_parameter("sft_mixture_rates.rates",
+                       {f: 0.0 for f in sft_prompts.FAMILIES if f != "caption"})
+    vocab = MultimodalVocabulary(os.path.join(bound, "vocab"))
+    captions = {tuple(r["ids"]) for r in shards.read_split(os.path.join(bound, "caption"),
+                                                           "train").as_numpy_iterator()}
+    ds = mix.get_dataset({"targets": SEQ_LEN}, split="train", shuffle=False, seed=0,
+                         num_epochs=None)
+    n = 100
+    from_sft = sum(tuple(cm3_lib.uncm3(ex["targets"], vocab.layout)) in captions
+                   for ex in ds.take(n).as_numpy_iterator())
+    assert abs(from_sft / n - 0.5) <= 4.5 * np.sqrt(0.25 / n), from_sft
 
 
 @pytest.mark.slow  # The same cache path as tests/tasks/test_pretrain_tasks.py's (default run).
