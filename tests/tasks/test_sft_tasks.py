@@ -14,9 +14,9 @@ import seqio
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.document import Document, Image, Text
-from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
