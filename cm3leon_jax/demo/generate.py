@@ -24,6 +24,7 @@ split). Everything the contact sheet shows is saved in `generated.npz`.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import gin
 import numpy as np
@@ -46,6 +47,8 @@ TARGETS = (
     ("image_to_text.objects_right", 0.30),
 )
 SHEET_ROWS = 8
+# shapes_tasks.captions' phrasings: listing, counted, with positions, with the background.
+POSITION_PHRASING = 2
 
 
 @gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])
@@ -84,9 +87,11 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
             if retriever is None else retriever.encoder
         ranker = rerank.ClipRanker(encoder)
 
-    def draw(k: int, sampling: SamplingConfig, samples: int = rerank_samples):
-        return gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
-                                 num_samples=samples, ranker=ranker if samples > 1 else None)
+    def draw(k: int, sampling: SamplingConfig, samples: int = rerank_samples,
+             texts: list[str] | None = None):
+        return gen.text_to_image(texts or captions, num_retrieved=k, sampling=sampling,
+                                 seed=seed, num_samples=samples,
+                                 ranker=ranker if samples > 1 else None)
 
     drawn = draw(num_retrieved, image_sampling)
 
@@ -95,14 +100,17 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                                  max_tokens=max_caption_tokens, style=caption_style, seed=seed)
 
     written = write(num_retrieved)
+    reconstructed = image_tokenizer.reconstruct(images)
     metrics = {"checkpoint_step": step, "split": split, "examples": len(examples),
                "num_retrieved": num_retrieved, "rerank_samples": rerank_samples,
                "text_to_image": score_images(drawn.images, scenes),
                "image_to_text": shapes_scores.caption_metrics(written, scenes),
-               "vq_reconstruction_reference": score_images(
-                   image_tokenizer.reconstruct(images), scenes),
+               "vq_reconstruction_reference": score_images(reconstructed, scenes),
                "chance_reference": _chance(images, captions, scenes, seed),
-               "position_scenes": sum(len(s.shapes) >= 2 for s in scenes)}
+               "position_scenes": sum(len(s.shapes) >= 2 for s in scenes),
+               "text_to_image_positions": position_probe(
+                   lambda texts: draw(num_retrieved, image_sampling, texts=texts).images,
+                   examples, scenes, reconstructed, seed)}
     if ablations:
         metrics["text_to_image_ablations"] = {
             "k0": score_images(draw(0, image_sampling).images, scenes),
@@ -137,15 +145,35 @@ def score_images(images: np.ndarray, scenes: list) -> dict:
     return shapes_scores.text_to_image_metrics(images, scenes)
 
 
+def _derangement(n: int, seed: int) -> list[int]:
+    """Another index for each of n (a rotation by a seeded shift: nobody gets its own)."""
+    shift = 1 + int(np.random.default_rng(seed).integers(max(n - 1, 1)))
+    return [(i + shift) % n for i in range(n)]
+
+
 def _chance(images: np.ndarray, captions: list[str], scenes: list, seed: int) -> dict:
     """Each scene against another scene's true image and caption: what guessing from the
     corpus gets, the baseline the issue's "3x chance" targets divide by."""
-    n = len(scenes)
-    shift = 1 + int(np.random.default_rng(seed).integers(max(n - 1, 1)))
-    order = [(i + shift) % n for i in range(n)]  # a derangement: nobody gets its own
+    order = _derangement(len(scenes), seed)
     return {"text_to_image": score_images(images[order], scenes),
             "image_to_text": shapes_scores.caption_metrics([captions[i] for i in order],
                                                            scenes)}
+
+
+def position_probe(draw_images: Callable[[list[str]], np.ndarray], examples: list,
+                   scenes: list, reconstructed: np.ndarray, seed: int) -> dict:
+    """Text to image from the same scenes' captions that name positions ("a red star in the
+    top left corner of the image", "... to the left of ..."): the headline captions name
+    none, so positions are graded here (`shapes_scores.position_metrics`: shapes found by
+    color, so apart from class), beside the VQ reconstructions of the true images and a
+    guess from the corpus (each scene against another scene's positions)."""
+    texts = [ex["captions"][POSITION_PHRASING].decode() for ex in examples]
+    guesses = [scenes[i] for i in _derangement(len(scenes), seed)]
+    drawn = shapes_scores.position_metrics(draw_images(texts), scenes)
+    return {**drawn, "vq_reconstruction_reference": shapes_scores.position_metrics(
+                reconstructed, scenes)["position_right"],
+            "chance_reference": shapes_scores.position_metrics(
+                None, scenes, guesses=guesses)["position_right"]}
 
 
 def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
@@ -250,13 +278,23 @@ def targets_report(metrics: dict) -> list[str]:
             lines.append(f"target {path} >= {minimum:.0%}: {value:.0%} ({verdict})")
     chance = metrics.get("chance_reference", {}).get("text_to_image", {})
     ceiling = metrics.get("vq_reconstruction_reference", {})
+    placed = metrics.get("text_to_image_positions")
     for key in ("colors_right", "classes_right", "position_right"):
+        if key == "position_right" and placed:
+            continue  # Graded on the captions that name positions, below.
         value, base = metrics.get("text_to_image", {}).get(key), chance.get(key)
         if value is not None and base is not None:
             # A figure of zero never counts as reached, even against a chance of zero.
             verdict = "reached" if value > 0 and value >= 3 * base else "NOT reached"
             lines.append(f"target text_to_image.{key} >= 3x chance ({3 * base:.0%}): "
                          f"{value:.0%} ({verdict}{_ceiling_note(metrics, ceiling, key)})")
+    if placed:
+        need, value = 3 * placed["chance_reference"], placed["position_right"]
+        verdict = "reached" if value > 0 and value >= need else "NOT reached"
+        ceiling = placed["vq_reconstruction_reference"]
+        lines.append(f"target text_to_image position >= 3x chance ({need:.0%}): {value:.0%} "
+                     f"({verdict}; {int(placed['scenes'])} captions that name positions; the "
+                     f"true images through the tokenizer {ceiling:.0%})")
     ablations = metrics.get("text_to_image_ablations", {})
     head = metrics.get("text_to_image", {}).get("objects_right")
     k = metrics.get("num_retrieved")

@@ -82,14 +82,15 @@ def caption_scores(captions: Sequence[str], scenes: Sequence[shapes.Scene]) -> d
     return _mean([compare(caption_objects(c), sc) for c, sc in zip(captions, scenes)])
 
 
-def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene) -> list[int | None]:
-    """For each scene shape, the index of a parsed object of the same class and color
-    (one-to-one, nearest center first), or None."""
+def _matched(parsed: list[parse.ParsedObject], scene: shapes.Scene,
+             by_color_only: bool = False) -> list[int | None]:
+    """For each scene shape, the index of a parsed object of the same class and color (of
+    the same color, with `by_color_only`), one-to-one, nearest center first; or None."""
     out: list[int | None] = []
     used: set[int] = set()
     for s in scene.shapes:
-        options = [i for i, p in enumerate(parsed) if i not in used and (p.kind, p.color) ==
-                   (s.kind, s.color)]
+        options = [i for i, p in enumerate(parsed) if i not in used and (
+            p.color == s.color if by_color_only else (p.kind, p.color) == (s.kind, s.color))]
         if not options:
             out.append(None)
             continue
@@ -131,6 +132,56 @@ def image_metrics(pixels: np.ndarray, scene: shapes.Scene) -> dict[str, float]:
     strict = parse.match(parsed, scene, iou_threshold=0.5)
     row["placed_right"] = float(strict["all_correct"])
     return row
+
+
+def scene_positions(scene: shapes.Scene) -> tuple:
+    """What the captions that name positions say (`shapes_tasks.captions`' third phrasing):
+    for one shape the cell of a 3x3 grid that holds its center ("in the top left corner"),
+    for more every pair's relation ("to the left of"), in scene order."""
+    centers = [s.center for s in scene.shapes]
+    return _positions(centers, scene.image_size)
+
+
+def _positions(centers: Sequence, image_size: int) -> tuple:
+    if len(centers) == 1:
+        x, y = centers[0]
+        return (min(2, int(3 * y / image_size)), min(2, int(3 * x / image_size))),
+    return tuple(_relation(centers[i], centers[j]) for i in range(len(centers))
+                 for j in range(i + 1, len(centers)))
+
+
+def drawn_positions(pixels: np.ndarray, scene: shapes.Scene) -> tuple | None:
+    """`scene_positions` of what is drawn: each scene shape found as the parsed object of its
+    color (whatever its class, so that position is graded apart from class); None when a
+    shape's color is missing."""
+    parsed = parse.parse_image(pixels)
+    matched = _matched(parsed, scene, by_color_only=True)
+    if any(m is None for m in matched):
+        return None
+    return _positions([_center(parsed[m].box) for m in matched], scene.image_size)
+
+
+def position_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene],
+                     guesses: Sequence[shapes.Scene] | None = None) -> dict[str, float]:
+    """Images drawn from captions that name positions, against their scenes:
+
+    position_right  every shape drawn in the caption's place: one shape in its 3x3 cell,
+                    two or more in every pairwise relation; shapes are found by color
+    scenes          how many were graded
+
+    With `guesses` (another scene per scene), the images are ignored and each scene's
+    positions are compared with its guess's: what guessing from the corpus scores.
+    """
+    given = len(images) if guesses is None else len(guesses)
+    if given != len(scenes):
+        what = "images" if guesses is None else "guesses"
+        raise ValueError(f"{given} {what} for {len(scenes)} scenes.")
+    if not len(scenes):
+        return {}
+    got = ([drawn_positions(im, sc) for im, sc in zip(images, scenes)] if guesses is None
+           else [scene_positions(g) for g in guesses])
+    right = [g == scene_positions(sc) for g, sc in zip(got, scenes)]
+    return {"position_right": float(np.mean(right)), "scenes": float(len(scenes))}
 
 
 def _means(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -129,6 +129,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())
     assert "count_right" in generated["chance_reference"]["text_to_image"]
+    placed = generated["text_to_image_positions"]
+    assert placed["scenes"] == 3 and 0 <= placed["position_right"] <= 1
+    assert 0 <= placed["chance_reference"] <= 1 and 0 <= placed["vq_reconstruction_reference"] <= 1
     assert "object_recall" in generated["chance_reference"]["image_to_text"]
     with open(os.path.join(model_dir, "pictures", "captions.json")) as f:
         captions = json.load(f)

@@ -183,6 +183,19 @@ def test_the_chance_targets_name_the_tokenizers_ceiling_and_the_scenes_graded():
         "images through the tokenizer 0%; 7 scenes of two or more shapes graded)"]
 
 
+def test_positions_are_judged_on_the_captions_that_name_them_when_measured():
+    metrics = {"text_to_image": {"position_right": 0.0},
+               "chance_reference": {"text_to_image": {"position_right": 0.0}},
+               "text_to_image_positions": {"position_right": 0.6, "scenes": 64.0,
+                                           "vq_reconstruction_reference": 0.9,
+                                           "chance_reference": 0.5}}
+    assert demo_generate.targets_report(metrics) == [
+        "target text_to_image position >= 3x chance (150%): 60% (NOT reached; 64 captions "
+        "that name positions; the true images through the tokenizer 90%)"]
+    metrics["text_to_image_positions"].update(position_right=0.4, chance_reference=0.1)
+    assert "30%): 40% (reached;" in demo_generate.targets_report(metrics)[0]
+
+
 def test_the_caption_ablation_is_reported_against_the_captions_with_retrieval():
     metrics = {"num_retrieved": 2, "image_to_text": {"objects_right": 0.5},
                "image_to_text_ablations": {"k0": {"objects_right": 0.25}}}

@@ -51,6 +51,33 @@ def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
     assert shapes_scores.edit_metrics(shapes.render(two)[None], [edited])["edit_right"] == 0.0
 
 
+def test_positions_are_what_the_position_caption_says_graded_apart_from_class():
+    rng = np.random.default_rng(0)
+    images = np.stack([shapes.render(s) for s in SCENES])
+    assert shapes_scores.position_metrics(images, SCENES) == {"position_right": 1.0,
+                                                              "scenes": 30.0}
+    # The regions and relations are the words of the caption that names positions.
+    one = shapes.Scene(32, SCENES[0].background,
+                       (shapes.make_shape("star", "red", "small", 2, 2, 9),))
+    assert shapes_tasks.captions(one, rng)[2].endswith("in the top left corner of the image")
+    assert shapes_scores.scene_positions(one) == ((0, 0),)
+    # The same place in another class is right (position apart from class); another
+    # corner, or a missing color, is wrong.
+    circle = shapes.Scene(32, one.background,
+                          (shapes.make_shape("circle", "red", "small", 2, 2, 9),))
+    moved = shapes.Scene(32, one.background,
+                         (shapes.make_shape("star", "red", "small", 21, 21, 9),))
+    blue = shapes.Scene(32, one.background,
+                        (shapes.make_shape("star", "blue", "small", 2, 2, 9),))
+    drawn = np.stack([shapes.render(s) for s in (circle, moved, blue)])
+    assert shapes_scores.position_metrics(drawn[:1], [one])["position_right"] == 1.0
+    assert shapes_scores.position_metrics(drawn[1:], [one, one])["position_right"] == 0.0
+    # Guessing another scene's positions: the images are not looked at.
+    guessed = shapes_scores.position_metrics(None, [one, moved], guesses=[moved, one])
+    assert guessed == {"position_right": 0.0, "scenes": 2.0}
+    assert shapes_scores.position_metrics(None, [one], guesses=[circle])["position_right"] == 1.0
+
+
 def test_caption_precision_recall_and_vqa_exact_match():
     star = shapes.make_shape("star", "red", "large", 4, 4, 14)
     circle = shapes.make_shape("circle", "blue", "small", 20, 20, 8)
