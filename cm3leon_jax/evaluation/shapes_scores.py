@@ -16,7 +16,10 @@ The task metrics of the eval run (`text_to_image_metrics`, `edit_metrics`,
 `caption_metrics`, `vqa_exact_match`) add what the parser's boxes allow: object count,
 positions (pairwise left/right/above/below relations, the words the captions use), box
 IoU of each shape with the same-class, same-color object drawn, and caption object
-precision and recall.
+precision and recall. `position_metrics` grades images drawn from the captions that name
+positions ("... in the top left corner of the image", "... to the left of ...") on
+exactly those words, finding each shape by its color so that position is graded apart
+from class.
 """
 
 from __future__ import annotations
