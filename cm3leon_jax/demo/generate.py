@@ -112,16 +112,8 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                    lambda texts: draw(num_retrieved, image_sampling, texts=texts).images,
                    examples, scenes, reconstructed, seed)}
     if ablations:
-        metrics["text_to_image_ablations"] = {
-            "k0": score_images(draw(0, image_sampling).images, scenes),
-            "no_cfg": score_images(
-                draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}
-        if rerank_samples > 1:
-            metrics["text_to_image_ablations"]["one_sample"] = score_images(
-                draw(num_retrieved, image_sampling, 1).images, scenes)
-        if num_retrieved:
-            metrics["image_to_text_ablations"] = {
-                "k0": shapes_scores.caption_metrics(write(0), scenes)}
+        metrics.update(_ablations(draw, write, scenes, num_retrieved, image_sampling,
+                                  rerank_samples))
     retrieved_images, retrieved_texts = np.zeros((len(examples), 0) + images.shape[1:],
                                                  np.uint8), [[] for _ in examples]
     if retriever is not None:
@@ -133,6 +125,22 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
     metrics["example_captions"] = [{"true": c, "generated": w}
                                    for c, w in zip(captions[:4], written[:4])]
     return metrics
+
+
+def _ablations(draw: Callable, write: Callable, scenes: list, num_retrieved: int,
+               image_sampling: SamplingConfig, rerank_samples: int) -> dict:
+    """The same scenes with one thing changed each (the module docstring's ablations)."""
+    out = {"text_to_image_ablations": {
+        "k0": score_images(draw(0, image_sampling).images, scenes),
+        "no_cfg": score_images(
+            draw(num_retrieved, _without_guidance(image_sampling)).images, scenes)}}
+    if rerank_samples > 1:
+        out["text_to_image_ablations"]["one_sample"] = score_images(
+            draw(num_retrieved, image_sampling, 1).images, scenes)
+    if num_retrieved:
+        out["image_to_text_ablations"] = {
+            "k0": shapes_scores.caption_metrics(write(0), scenes)}
+    return out
 
 
 def _without_guidance(sampling: SamplingConfig) -> SamplingConfig:
