@@ -128,6 +128,21 @@ def write_words(image_size: int) -> tuple[str, ...]:
 def make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str = ""
          ) -> SftExample:
     """One example of `family` on `scene`; all choices come from `rng`."""
+    return examples(scene, family, rng, doc_id)[0]
+
+
+def examples(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str = "",
+             vqa_questions: int | None = 1) -> list[SftExample]:
+    """`family`'s examples on `scene`: one, or for vqa the first `vqa_questions` of the
+    scene's questions (None: every one; the first is `make`'s, the others' doc ids end in
+    `/q1`, `/q2`, ...). Several questions on one image make a decoder read the question:
+    with one each, the answer is as well predicted from the image alone."""
+    made = _make(scene, family, rng, doc_id, vqa_questions)
+    return made if isinstance(made, list) else [made]
+
+
+def _make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str,
+          vqa_questions: int | None) -> SftExample | list[SftExample]:
     if family not in FAMILIES:
         raise ValueError(f"unknown SFT family {family!r}; use one of {FAMILIES}.")
     image = shapes.render(scene)
@@ -157,9 +172,11 @@ def make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str
         return SftExample(doc_id, sft_prompts.caption(image, long=long), text,
                           {"scene": scene.to_json()})
     if family == "vqa":
-        question, answer = shapes_tasks.vqa_pairs(scene, rng)[0]
-        return SftExample(doc_id, sft_prompts.vqa(image, question), answer,
-                          {"answer": answer, "question": question})
+        if vqa_questions is not None and vqa_questions < 1:
+            raise ValueError(f"vqa_questions={vqa_questions}; use >= 1, or None for all.")
+        pairs = shapes_tasks.vqa_pairs(scene, rng)[:vqa_questions]
+        return [SftExample(f"{doc_id}/q{k}" if k else doc_id, sft_prompts.vqa(image, q), a,
+                           {"answer": a, "question": q}) for k, (q, a) in enumerate(pairs)]
     index = int(rng.integers(len(scene.shapes)))  # segment
     phrase = shapes_tasks.refer(scene, index)
     return SftExample(doc_id, sft_prompts.segment(image, phrase), mask_image(scene, index),
@@ -174,6 +191,12 @@ def corpus_scene(seed: int, split: str, index: int, image_size: int) -> shapes.S
 def corpus_example(seed: int, split: str, index: int, image_size: int, family: str
                    ) -> SftExample:
     """`family`'s example on scene `index` of the corpus; a pure function of its arguments."""
+    return corpus_examples(seed, split, index, image_size, family)[0]
+
+
+def corpus_examples(seed: int, split: str, index: int, image_size: int, family: str,
+                    vqa_questions: int | None = 1) -> list[SftExample]:
+    """`examples` of `family` on scene `index` of the corpus; the first is `corpus_example`."""
     scene = corpus_scene(seed, split, index, image_size)
-    return make(scene, family, family_rng(seed, split, index, family),
-                doc_id=f"{family}/{split}_{index:07d}")
+    return examples(scene, family, family_rng(seed, split, index, family),
+                    doc_id=f"{family}/{split}_{index:07d}", vqa_questions=vqa_questions)

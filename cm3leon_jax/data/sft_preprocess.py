@@ -54,21 +54,27 @@ class Skipped:
 @dataclasses.dataclass(frozen=True)
 class SyntheticSftSource:
     """Every family's example on each scene of the built-in corpus (the same scenes as
-    `synthetic_tfds` with this seed and image size)."""
+    `synthetic_tfds` with this seed and image size); VQA asks `vqa_questions` questions
+    of each training scene (None: all it has, 5-11), one of the others (what the
+    evaluation asks)."""
 
     image_size: int = 32
     split_sizes: dict = dataclasses.field(
         default_factory=lambda: {"train": 2000, "validation": 200, "test": 200})
     seed: int = 0
     families: tuple[str, ...] = sft_prompts.FAMILIES
+    vqa_questions: int | None = None
 
     def num_examples(self, split: str, family: str) -> int:
+        """Scenes (the unit of sharding; a VQA scene may give several examples)."""
         return self.split_sizes[split] if family in self.families else 0
 
     def read(self, split: str, family: str, start: int, stop: int
              ) -> Iterator[SftExample | Skipped]:
+        questions = self.vqa_questions if split == "train" else 1
         for index in range(start, stop):
-            yield sft_examples.corpus_example(self.seed, split, index, self.image_size, family)
+            yield from sft_examples.corpus_examples(self.seed, split, index, self.image_size,
+                                                    family, vqa_questions=questions)
 
     def report(self) -> dict | None:
         return None
@@ -150,9 +156,13 @@ class SftShardWorker:
                     continue
                 yield shards.TokenizedDocument(ex.doc_id, ids)
 
+        read = 0
+
         def docs():
+            nonlocal read
             batch = []
             for ex in self.source.read(spec.split, spec.family, spec.start, spec.stop):
+                read += 1
                 if isinstance(ex, Skipped):
                     skipped[ex.reason].append(ex.doc_id)
                     continue
@@ -168,7 +178,7 @@ class SftShardWorker:
         with fs.atomic_write(final) as tmp:
             written = shards.write_records(docs(), tmp)
         # The shortest example: whether any can fit a training length (`check_fits`).
-        stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
+        stats = {"split": spec.split, "written": written, "read": read,
                  "skipped": dict(skipped), "min_tokens": min(lengths, default=None)}
         fs.write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}

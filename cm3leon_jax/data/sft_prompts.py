@@ -171,11 +171,14 @@ def prompt_ids(prompt: Prompt, vocab) -> np.ndarray:
 
 
 def output_ids(prompt: Prompt, output: Any, vocab) -> np.ndarray:
-    """The output's ids: image ids, or text pieces then `<eos>`."""
+    """The output's ids: image ids, or text pieces then `<eos>`. A VQA answer is encoded
+    as it reads after the question ("... Answer: red"), with its leading space: the text
+    model keeps no dummy prefix, so a bare "red" would be three letters, not the piece."""
     if prompt.output == "text":
         if not isinstance(output, str) or not output.strip():
             raise ValueError(f"{prompt.family}: the output must be a non-empty text.")
-        return np.concatenate([vocab.encode(output), [EOS_ID]]).astype(np.int32)
+        text = " " + output.strip() if prompt.family == "vqa" else output
+        return np.concatenate([vocab.encode(text), [EOS_ID]]).astype(np.int32)
     output = np.asarray(output)
     if output.ndim != 1 or output.size != vocab.layout.image_length:
         raise ValueError(f"{prompt.family}: the output must be int codes"

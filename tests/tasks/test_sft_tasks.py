@@ -55,7 +55,12 @@ def test_preprocess_writes_every_family_and_counts(sft_dir):
     out, result = sft_dir
     assert set(result["families"]) == set(sft_prompts.FAMILIES)
     for family, splits in result["families"].items():
-        assert splits["train"]["written"] == 6 and splits["train"]["skipped"] == {}, family
+        want = 6 if family != "vqa" else sum(
+            len(sft_examples.corpus_examples(0, "train", i, 32, "vqa", vqa_questions=None))
+            for i in range(6))
+        assert splits["train"]["written"] == splits["train"]["read"] == want, family
+        assert splits["train"]["skipped"] == {} and splits["validation"]["written"] == 2
+    assert result["families"]["vqa"]["train"]["written"] >= 6 * 5  # 5-11 questions a scene
     assert json.load(open(os.path.join(out, "manifest.json"))) == result
     # A rerun finds every shard done and writes the same manifest.
     again = sft_preprocess.sft_preprocess(
@@ -79,6 +84,46 @@ def test_shard_records_are_the_prompt_builders_examples(sft_dir):
         breaks = int((record["ids"] == BREAK_ID).sum())
         assert breaks == len(ex.prompt.segments)
         assert (record["ids"][-1] == EOS_ID) == (family == "vqa")
+
+
+def test_every_question_of_a_training_scene_is_an_example(sft_dir):
+    """VQA asks each training scene all its questions (one image, several answers: the
+    question decides), and each held-out scene the one the evaluation asks."""
+    out, _ = sft_dir
+    vocab = MultimodalVocabulary(os.path.join(out, "vocab"))
+    for split in ("train", "validation"):
+        records = {r["doc_id"].decode(): r["ids"] for r in
+                   shards.read_split(os.path.join(out, "vqa"), split).as_numpy_iterator()}
+        examples = sft_examples.corpus_examples(0, split, 1, 32, "vqa",
+                                                vqa_questions=None if split == "train" else 1)
+        assert examples[0].truth == sft_examples.corpus_example(0, split, 1, 32, "vqa").truth
+        assert len({ex.truth["question"] for ex in examples}) == len(examples)
+        assert len(examples) >= (5 if split == "train" else 1)
+        for ex, want in zip(examples, sft_preprocess.encode_examples(
+                examples, vocab, tiny_image_tokenizer())):
+            np.testing.assert_array_equal(records[ex.doc_id], want)
+        more = [k for k in records if k.startswith(examples[0].doc_id + "/q")]
+        assert bool(more) == (split == "train")
+    with pytest.raises(ValueError, match="vqa_questions=0"):
+        sft_examples.corpus_examples(0, "train", 1, 32, "vqa", vqa_questions=0)
+
+
+def test_a_vqa_answer_is_the_piece_it_is_after_a_space(sft_dir):
+    """The text model has no dummy prefix: "red" alone would be letters, " red" the piece
+    the captions taught. The answer reads back without the space."""
+    vocab = MultimodalVocabulary(os.path.join(sft_dir[0], "vocab"))
+    prompt = sft_prompts.vqa(np.zeros(64, np.int32), "What color is the circle?")
+    shorter = []
+    for answer in ("red", "circle", "square", "large", "small", "yes", "plain"):
+        ids = sft_prompts.output_ids(prompt, answer, vocab)
+        np.testing.assert_array_equal(ids, list(vocab.encode(" " + answer)) + [EOS_ID])
+        text = vocab.text_tokenizer.decode(vocab.layout.ids_to_text(ids[:-1]))
+        assert text.strip() == answer
+        shorter += [answer] * (len(ids) - 1 < len(vocab.encode(answer)))
+    assert shorter, "no answer word is a piece after a space in this vocabulary"
+    caption = sft_prompts.caption(np.zeros(64, np.int32))
+    np.testing.assert_array_equal(sft_prompts.output_ids(caption, "red circle", vocab)[:-1],
+                                  vocab.encode("red circle"))
 
 
 def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
