@@ -112,13 +112,20 @@ def shard_file(out_dir: str, spec: SftShardSpec) -> str:
 
 def encode_examples(examples: list[SftExample], vocab: MultimodalVocabulary, image_tokenizer
                     ) -> list[np.ndarray]:
-    """The examples' ids, with all their images VQ-encoded in one call."""
+    """The examples' ids, with all their distinct images VQ-encoded in one call (the
+    questions of one VQA scene share its image)."""
     pixels = []
     for ex in examples:
         pixels += ex.prompt.images()
         if ex.prompt.output == "image":
             pixels.append(ex.output)
-    codes = iter(image_tokenizer.encode(list(pixels))) if pixels else iter(())
+    keys = [(np.shape(p), np.asarray(p).dtype.str, np.asarray(p).tobytes()) for p in pixels]
+    first: dict = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    encoded = dict(zip(first, image_tokenizer.encode([pixels[i] for i in first.values()]))
+                   ) if first else {}
+    codes = (encoded[k] for k in keys)
     out = []
     for ex in examples:
         prompt = ex.prompt.map_images(lambda _: next(codes))

@@ -107,6 +107,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
         assert "objects_right" in evaluated[run]["captioning"]
         assert os.path.getsize(evaluated[run]["report"]) > 0
     assert 0 <= evaluated["vqa_majority_baseline"] <= 1
+    assert 0 <= evaluated["vqa_question_prior_baseline"] <= 1
     # The fine-tuned decoder, exported (params only, bfloat16) and read back exactly.
     exported = metrics["export"]
     assert exported["step"] == 2 and exported["dtype"] == "bfloat16" and exported["parameters"] > 0

@@ -207,3 +207,19 @@ def test_the_caption_ablation_is_reported_against_the_captions_with_retrieval():
     assert said() == ["captions: k=2 retrieved beats k=0: 50% vs 25% exactly right (yes)"]
     metrics["image_to_text"]["objects_right"] = 0.25
     assert said() == ["captions: k=2 retrieved beats k=0: 25% vs 25% exactly right (NO)"]
+
+
+def test_the_blind_question_prior_answers_each_question_as_validation_scenes_do():
+    from cm3leon_jax.demo import evaluate as demo_evaluate
+
+    questions = ["How many shapes are there?", "Is there a circle?", "Never asked?"]
+    # "one" is the answer to the first nearly always; an unseen question gets the overall
+    # most common answer; each right answer counts once.
+    score = demo_evaluate.question_prior_baseline(questions, [["one"], ["zebra"], ["zebra"]],
+                                                  num_validation=50, image_size=32)
+    assert score == 1 / 3
+    lines = demo_evaluate.targets_report({"sft": {"vqa": {"vqa_exact_match": 0.2}},
+                                          "vqa_majority_baseline": 0.14,
+                                          "vqa_question_prior_baseline": 0.44})
+    assert lines == ["target VQA exact match >= 3x majority baseline (42%) after SFT: 20% "
+                     "(NOT reached; a blind question-only prior 44%)"]
