@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import filecmp
+import hashlib
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,6 +41,9 @@ from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 VOCAB_FILES = ("layout.json", "text.model")
+# Images whose codes a worker keeps (a digest and the codes: 4 KB at 1024 codes); past
+# it, it starts over.
+KNOWN_IMAGES = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +114,32 @@ def shard_file(out_dir: str, spec: SftShardSpec) -> str:
                              spec.num_shards)
 
 
-def encode_examples(examples: list[SftExample], vocab: MultimodalVocabulary, image_tokenizer
-                    ) -> list[np.ndarray]:
-    """The examples' ids, with all their distinct images VQ-encoded in one call (the
-    questions of one VQA scene share its image)."""
+def _image_key(pixels: Any) -> tuple:
+    array = np.ascontiguousarray(pixels)
+    return array.shape, array.dtype.str, hashlib.sha256(array.tobytes()).digest()
+
+
+def encode_examples(examples: list[SftExample], vocab: MultimodalVocabulary, image_tokenizer,
+                    known: dict | None = None) -> list[np.ndarray]:
+    """The examples' ids, with the images not in `known` VQ-encoded in one call.
+
+    `known` ({image key: codes}, updated) carries codes across calls: most families show
+    the scene's own image (as input or output) and a VQA scene's questions share it, so a
+    worker that keeps it encodes each image once."""
+    known = {} if known is None else known
     pixels = []
     for ex in examples:
         pixels += ex.prompt.images()
         if ex.prompt.output == "image":
             pixels.append(ex.output)
-    keys = [(np.shape(p), np.asarray(p).dtype.str, np.asarray(p).tobytes()) for p in pixels]
-    first: dict = {}
+    keys = [_image_key(p) for p in pixels]
+    new: dict = {}
     for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    encoded = dict(zip(first, image_tokenizer.encode([pixels[i] for i in first.values()]))
-                   ) if first else {}
-    codes = (encoded[k] for k in keys)
+        if key not in known:
+            new.setdefault(key, i)
+    if new:
+        known.update(zip(new, image_tokenizer.encode([pixels[i] for i in new.values()])))
+    codes = (known[k] for k in keys)
     out = []
     for ex in examples:
         prompt = ex.prompt.map_images(lambda _: next(codes))
@@ -150,13 +164,17 @@ class SftShardWorker:
             gin.parse_config(self.gin_config)
         self._vocab = MultimodalVocabulary(os.path.join(self.out_dir, "vocab"))
         self._images = preprocess._image_tokenizer(self.image_tokenizer_fn)  # noqa: SLF001
+        self._known: dict = {}  # codes of the images this worker has encoded
 
     def __call__(self, spec: SftShardSpec) -> dict:
         skipped: dict[str, list[str]] = collections.defaultdict(list)
         lengths: list[int] = []
 
         def batch_docs(batch):
-            for ex, ids in zip(batch, encode_examples(batch, self._vocab, self._images)):
+            if len(self._known) > KNOWN_IMAGES:
+                self._known.clear()
+            for ex, ids in zip(batch, encode_examples(batch, self._vocab, self._images,
+                                                      self._known)):
                 lengths.append(int(ids.size))
                 if ids.size > self.max_doc_tokens:
                     skipped["document_too_long"].append(ex.doc_id)

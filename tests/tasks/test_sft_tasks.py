@@ -126,6 +126,30 @@ def test_a_vqa_answer_is_the_piece_it_is_after_a_space(sft_dir):
                                   vocab.encode("red circle"))
 
 
+def test_a_worker_encodes_each_image_once_across_families(sft_dir):
+    """The scene's own image recurs across families and VQA questions: encoded once, the
+    same codes as encoding every example on its own."""
+    vocab = MultimodalVocabulary(os.path.join(sft_dir[0], "vocab"))
+    tokenizer, seen = tiny_image_tokenizer(), []
+
+    class Counting:
+        def encode(self, images):
+            seen.append(len(images))
+            return tokenizer.encode(images)
+
+    known = {}
+    batches = [sft_examples.corpus_examples(0, "train", 1, 32, f, vqa_questions=None)
+               for f in ("vqa", "caption", "edit", "segment")]
+    got = [ids for b in batches for ids in sft_preprocess.encode_examples(b, vocab, Counting(),
+                                                                            known)]
+    want = [sft_preprocess.encode_examples([ex], vocab, tokenizer)[0] for b in batches
+            for ex in b]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    # The scene, then nothing new (caption), the edited scene, the mask.
+    assert seen == [1, 1, 1] and len(known) == 3
+
+
 def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
     out, _ = sft_dir
     result = sft_preprocess.sft_preprocess(
