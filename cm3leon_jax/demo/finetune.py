@@ -35,7 +35,7 @@ def sft_scenes(split_sizes: dict | None = None, seed: int = 0) -> tuple[dict, in
 def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
               image_tokenizer_fn: Callable[[], Any], image_size: int, num_steps: int = 200,
               peak_lr: float = 1e-3, warmup_steps: int = 30,
-              task: str = "cm3leon_sft_mix") -> dict:
+              task: str = "cm3leon_sft_mix", loss_per: str = "token") -> dict:
     """Writes the SFT shards (if the sft_data stage has not) and fine-tunes pretrain_dir's
     decoder into model_dir/sft.
 
@@ -47,13 +47,16 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
         minutes, needs a larger step to learn the new templates in a few hundred steps.
       task: the SFT mixture, "cm3leon_sft_mix" (the families alone) or
         "cm3leon_sft_replay_mix" (with the pretraining documents at `sft_replay.rate`).
+      loss_per: how the SFT loss averages, "token" (the paper's) or "example" (each
+        example the same weight: `train/step.py loss_weighting`).
     The scenes are `sft_scenes`'.
     """
     sizes, seed = sft_scenes()
     result = sft.sft_stage(model_dir, base_model_dir=pretrain_dir, pretrain_data_dir=data_dir,
                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                            split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
-                           warmup_steps=warmup_steps, seed=seed, task=task)
+                           warmup_steps=warmup_steps, seed=seed, task=task,
+                           loss_per=loss_per)
     train = result["train"]
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),

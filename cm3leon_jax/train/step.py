@@ -14,12 +14,17 @@ feature `[global_batch, length]`. The train step
 
 Micro-batch `m` takes rows `m, m + M, m + 2M, ...`: every device's block of rows
 holds rows of every micro-batch, so splitting moves no data between devices.
+
+`loss_weighting.per = "example"` (gin) first gives each packed example the same share of
+the batch's loss weight (`per_example_weights`), for SFT mixtures whose outputs differ
+in length by 30x; the default weighs every token the same, as pretraining does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -44,6 +49,32 @@ def _weights(batch: Batch) -> jax.Array:
     return (batch["decoder_target_tokens"] != 0).astype(jnp.float32)
 
 
+@gin.configurable
+def loss_weighting(per: str = "token") -> str:
+    """How the training loss averages over a batch: "token" (every target token weighs
+    the same: the paper's, and the reported losses' everywhere) or "example" (each packed
+    example weighs the same in total, shared by its tokens: a two-token VQA answer counts
+    as much as a 64-code image)."""
+    if per not in ("token", "example"):
+        raise ValueError(f"loss_weighting.per={per!r}; use 'token' or 'example'.")
+    return per
+
+
+def per_example_weights(weights: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """`[B, L]` token weights -> the same total, every example (a row's segment with any
+    weight; the whole row without segment ids) an equal share of it, spread over its
+    tokens in proportion to their weights."""
+    if segment_ids is None:
+        segment_ids = jnp.ones(weights.shape, jnp.int32)
+    length = weights.shape[1]
+    sums = jax.vmap(lambda w, s: jax.ops.segment_sum(w, s, num_segments=length))(
+        weights, segment_ids)
+    own = jnp.take_along_axis(sums, segment_ids, axis=1)
+    examples = jnp.sum((sums > 0).astype(jnp.float32))
+    share = jnp.sum(weights) / jnp.maximum(examples, 1.0)
+    return jnp.where(own > 0, weights * share / jnp.where(own > 0, own, 1.0), 0.0)
+
+
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     """`[B, L]` features -> `[M, B/M, L]`, micro-batch m holding rows m, m+M, ... ."""
     def split(x):
@@ -57,7 +88,8 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
 
 def make_train_step(model: Decoder, tx: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, num_microbatches: int = 1,
-                    on_nonfinite: str = "stop", z_loss: float | None = None
+                    on_nonfinite: str = "stop", z_loss: float | None = None,
+                    loss_per: str | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`(state, batch) -> (state, metrics)` (not jitted; see `jit_train_step`).
 
@@ -70,6 +102,7 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
             (keep the old params and optimizer state for this step).
         z_loss: coefficient of the z-loss; None takes the gin binding of
             `cross_entropy_loss.z_loss`.
+        loss_per: "token" or "example" (see `loss_weighting`); None takes its gin binding.
     Metrics (scalars): loss, cross_entropy, z_loss (token-weighted means),
     loss_weight (tokens that carry loss), grad_norm (before clipping), param_norm,
     learning_rate, finite (1.0 or 0.0).
@@ -78,6 +111,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
         raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose one of {NONFINITE_POLICIES}.")
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}.")
+    per_example = (loss_weighting() if loss_per is None else loss_weighting(loss_per)
+                   ) == "example"
 
     def loss_fn(params, micro: Batch, total_weight: jax.Array):
         loss, metrics = loss_lib.decoder_loss(model, params, micro, z_loss=z_loss)
@@ -90,6 +125,9 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if per_example:
+            batch = {**batch, "decoder_loss_weights": per_example_weights(
+                _weights(batch), batch.get("decoder_segment_ids"))}
         total_weight = jnp.sum(_weights(batch))
         if num_microbatches == 1:
             (loss, sums), grads = grad_fn(state.params, batch, total_weight)

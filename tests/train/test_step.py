@@ -117,3 +117,29 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert np.isfinite(float(m["loss"]))
     np.testing.assert_allclose(float(m["loss"]), m32["loss"], rtol=2e-2)
     assert float(m["loss"]) != m32["loss"]  # bf16 really was used.
+
+
+def test_example_weighting_gives_each_packed_example_an_equal_share():
+    """`loss_per="example"` is the token step on weights that give every segment the same
+    total (the NumPy reference below), on a sharded mesh; the total weight is kept."""
+    weights, seg = BATCH["decoder_loss_weights"], BATCH["decoder_segment_ids"]
+    want = np.zeros_like(weights)
+    n = sum(len(set(row[w > 0])) for row, w in zip(seg, weights))
+    for b in range(weights.shape[0]):
+        for s in set(seg[b][weights[b] > 0]):
+            mine = seg[b] == s
+            want[b, mine] = weights[b, mine] * weights.sum() / n / weights[b, mine].sum()
+    got = step_lib.per_example_weights(jnp.asarray(weights), jnp.asarray(seg))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(float(got.sum()), weights.sum(), rtol=1e-6)
+    reweighted = {**BATCH, "decoder_loss_weights": want}
+    by_token, m_token = _run(FSDP, batch=reweighted)
+    by_example, m_example = _run(FSDP, loss_per="example")
+    for a, b in zip(_deltas(FSDP, by_token), _deltas(FSDP, by_example)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(m_token[0]["loss"], m_example[0]["loss"], rtol=1e-5)
+    # Rows without segment ids are one example each; unknown settings are refused.
+    row = step_lib.per_example_weights(jnp.asarray(weights), None)
+    np.testing.assert_allclose(row.sum(axis=1), weights.sum() / weights.shape[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="loss_weighting.per='sample'"):
+        step_lib.loss_weighting("sample")
