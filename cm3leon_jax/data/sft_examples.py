@@ -137,40 +137,34 @@ def examples(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id:
     scene's questions (None: every one; the first is `make`'s, the others' doc ids end in
     `/q1`, `/q2`, ...). Several questions on one image make a decoder read the question:
     with one each, the answer is as well predicted from the image alone."""
-    made = _make(scene, family, rng, doc_id, vqa_questions)
-    return made if isinstance(made, list) else [made]
-
-
-def _make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: str,
-          vqa_questions: int | None) -> SftExample | list[SftExample]:
     if family not in FAMILIES:
         raise ValueError(f"unknown SFT family {family!r}; use one of {FAMILIES}.")
     image = shapes.render(scene)
     caption = shapes_tasks.captions(scene, rng)[int(rng.integers(4))]
     if family == "edit":
         edited, instruction = shapes_tasks.edit(scene, rng)
-        return SftExample(doc_id, sft_prompts.edit(image, instruction), shapes.render(edited),
-                          {"scene": edited.to_json(), "source": scene.to_json()})
+        return [SftExample(doc_id, sft_prompts.edit(image, instruction), shapes.render(edited),
+                           {"scene": edited.to_json(), "source": scene.to_json()})]
     if family in sft_prompts.CONDITION_FAMILIES:
         condition = family[:-len("_to_image")]
         prompt = sft_prompts.condition_to_image(condition, CONDITION_MAPS[condition](scene),
                                                 caption)
-        return SftExample(doc_id, prompt, image, {"scene": scene.to_json()})
+        return [SftExample(doc_id, prompt, image, {"scene": scene.to_json()})]
     if family == "boxes_to_image":
         listing = shapes_tasks.captions(scene, rng)[0]
         boxes = shapes_tasks.box_phrases(scene)
-        return SftExample(doc_id, sft_prompts.boxes_to_image(listing, boxes), image,
-                          {"scene": scene.to_json(), "caption": listing, "boxes": boxes})
+        return [SftExample(doc_id, sft_prompts.boxes_to_image(listing, boxes), image,
+                           {"scene": scene.to_json(), "caption": listing, "boxes": boxes})]
     if family == "how_to_write":
         words = write_words(scene.image_size)
         word = words[int(rng.integers(len(words)))]
-        return SftExample(doc_id, sft_prompts.how_to_write(word),
-                          shapes_tasks.render_text(word, scene.image_size), {"text": word})
+        return [SftExample(doc_id, sft_prompts.how_to_write(word),
+                           shapes_tasks.render_text(word, scene.image_size), {"text": word})]
     if family in ("caption", "long_caption"):
         long = family == "long_caption"
         text = long_caption(scene) if long else caption
-        return SftExample(doc_id, sft_prompts.caption(image, long=long), text,
-                          {"scene": scene.to_json()})
+        return [SftExample(doc_id, sft_prompts.caption(image, long=long), text,
+                           {"scene": scene.to_json()})]
     if family == "vqa":
         if vqa_questions is not None and vqa_questions < 1:
             raise ValueError(f"vqa_questions={vqa_questions}; use >= 1, or None for all.")
@@ -179,8 +173,8 @@ def _make(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id: st
                            {"answer": a, "question": q}) for k, (q, a) in enumerate(pairs)]
     index = int(rng.integers(len(scene.shapes)))  # segment
     phrase = shapes_tasks.refer(scene, index)
-    return SftExample(doc_id, sft_prompts.segment(image, phrase), mask_image(scene, index),
-                      {"scene": scene.to_json(), "index": index, "phrase": phrase})
+    return [SftExample(doc_id, sft_prompts.segment(image, phrase), mask_image(scene, index),
+                       {"scene": scene.to_json(), "index": index, "phrase": phrase})]
 
 
 def corpus_scene(seed: int, split: str, index: int, image_size: int) -> shapes.Scene:

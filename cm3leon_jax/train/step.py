@@ -103,7 +103,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
         z_loss: coefficient of the z-loss; None takes the gin binding of
             `cross_entropy_loss.z_loss`.
         loss_per: "token" or "example" (see `loss_weighting`); None takes its gin binding.
-    Metrics (scalars): loss, cross_entropy, z_loss (token-weighted means),
+    Metrics (scalars): loss, cross_entropy, z_loss (means under the step's weights:
+    per token, or per example with `loss_per="example"`),
     loss_weight (tokens that carry loss), grad_norm (before clipping), param_norm,
     learning_rate, finite (1.0 or 0.0).
     """
