@@ -6,13 +6,17 @@
 
 Every decoder is read with the rest of one demo run (`--run`: its corpus, vocabulary,
 image tokenizer and retrieval index), so the decoders must have been trained on that
-run's data. Both use the run's own generate-stage settings, read from its `config.gin`
+run's data, or on a run whose text vocabulary is byte for byte the same (a decoder served
+with another run's retriever, as RESULTS_retrieval.md does). Both use the run's own generate-stage settings, read from its `config.gin`
 (the demo's: 2 retrieved documents, CFG 3, top-p 0.9, the best of 4 samples by CLIP
 score; greedy captions from an image-first prompt); text -> image runs again with k = 0.
 Scores are the shape parser's exact ones
 (`evaluation/shapes_scores.py`). Each cell is the mean over the seeds with the range
-beside it. The scenes are the run's **validation** split by default: choose settings
-there, and keep the test split for the demo's held-out figures.
+beside it. The last row is the run's retrieval alone, no decoder: each caption's top
+retrieved document's image and each image's top retrieved document's caption, what a
+decoder that only copied its best document would score. The scenes are the run's
+**validation** split by default: choose settings there, and keep the test split for the
+demo's held-out figures.
 """
 
 from __future__ import annotations
@@ -105,6 +109,31 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     return out
 
 
+RETRIEVAL_ROW = "top retrieved document alone"
+
+
+def retrieval_alone(run: str, tokenizer, examples, scenes, settings: dict) -> dict:
+    """The run's retrieval without a decoder, in `measure`'s layout (one value, no k = 0):
+    the top document retrieved for each caption (its image) and for each image (its
+    caption), as the generate stage's `top_retrieved_reference` scores them."""
+    import numpy as np
+
+    from cm3leon_jax.demo import generate as demo_generate
+    from cm3leon_jax.retrieval.retriever import Retriever
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+    k = max(settings["num_retrieved"], 1)
+    scores, _, _ = demo_generate.retrieval_reference(
+        Retriever.open(os.path.join(run, "data", "retrieval")),
+        MultimodalVocabulary(os.path.join(run, "data", "vocab")), tokenizer,
+        [e["captions"][0].decode() for e in examples],
+        np.stack([e["image"] for e in examples]), scenes, k)
+    return {"step": "-",
+            "text_to_image": {f"k{settings['num_retrieved']}": {
+                m: [float(scores["text_to_image"][m])] for m in T2I}},
+            "captions": {m: float(scores["image_to_text"][m]) for m in CAPTIONS}}
+
+
 def _cell(values: list[float]) -> str:
     mean = sum(values) / len(values)
     if len(values) == 1 or max(values) == min(values):
@@ -117,8 +146,9 @@ def table(results: dict) -> str:
     cols = [f"t2i k={k[1:]} {m}" for k in ks for m in T2I] + [f"captions {m}"
                                                              for m in CAPTIONS]
     lines = ["| decoder | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, r in results.items():
-        cells = [_cell(r["text_to_image"][k][m]) for k in ks for m in T2I]
+    for name, r in results.items():  # A row without a k (retrieval alone) shows "-" there.
+        cells = [_cell(r["text_to_image"][k][m]) if k in r["text_to_image"] else "-"
+                 for k in ks for m in T2I]
         cells += [_cell([r["captions"][m]]) for m in CAPTIONS]
         lines.append(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -144,6 +174,7 @@ def main(argv=None) -> str:
     results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds,
                              settings)
                for name, folder in decoders.items()}
+    results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
             f"run's generate settings {settings}\n\n" + table(results))
     print(text)

@@ -118,7 +118,7 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                                                  np.uint8), [[] for _ in examples]
     if retriever is not None:
         metrics["top_retrieved_reference"], retrieved_images, retrieved_texts = \
-            _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes,
+            retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes,
                                  num_retrieved)
     _save(out_dir, examples, images, captions, scenes, drawn.images, written, retrieved_images,
           retrieved_texts)
@@ -184,7 +184,7 @@ def position_probe(draw_images: Callable[[list[str]], np.ndarray], examples: lis
                 None, scenes, guesses=guesses)["position_right"]}
 
 
-def _retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
+def retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
     """Scores of the best retrieved document's image (for a caption) and caption (for an
     image); also each caption's k retrieved images and texts (for the contact sheet)."""
     by_text = [[document_lib.decode(t, vocab) for t in r.token_ids[:k]]

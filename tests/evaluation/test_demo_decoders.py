@@ -13,6 +13,20 @@ def test_the_table_gives_each_decoder_its_mean_and_range_over_seeds():
     assert "| 10.0% |" in lines[2] and lines[2].endswith("| 25.0% | 25.0% |")
 
 
+def test_the_retrieval_row_leaves_the_columns_it_has_no_figure_for_empty():
+    t2i = {m: [0.2] for m in demo_decoders.T2I}
+    decoder = {"step": 700, "captions": {m: 0.25 for m in demo_decoders.CAPTIONS},
+               "text_to_image": {"k2": t2i, "k0": t2i}}
+    alone = {"step": "-", "captions": {m: 0.5 for m in demo_decoders.CAPTIONS},
+             "text_to_image": {"k2": {m: [0.6] for m in demo_decoders.T2I}}}
+    lines = demo_decoders.table({"d": decoder, demo_decoders.RETRIEVAL_ROW: alone}).splitlines()
+    row = lines[3].split(" | ")
+    n = len(demo_decoders.T2I)
+    assert row[0] == f"| {demo_decoders.RETRIEVAL_ROW}" and row[1] == "-"
+    assert row[2:2 + n] == ["60.0%"] * n and row[2 + n:2 + 2 * n] == ["-"] * n
+    assert lines[3].endswith("| 50.0% | 50.0% |")
+
+
 def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
     import gin
 
