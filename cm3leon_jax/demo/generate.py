@@ -119,7 +119,7 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
     if retriever is not None:
         metrics["top_retrieved_reference"], retrieved_images, retrieved_texts = \
             retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes,
-                                 num_retrieved)
+                                num_retrieved)
     _save(out_dir, examples, images, captions, scenes, drawn.images, written, retrieved_images,
           retrieved_texts)
     metrics["example_captions"] = [{"true": c, "generated": w}
