@@ -71,9 +71,10 @@ def generate_settings(run: str) -> dict:
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
-            settings: dict) -> dict:
+            settings: dict, query_order: bool = False) -> dict:
     """{"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "captions": {metric: value}}
-    with `generate_settings`' settings."""
+    with `generate_settings`' settings; `query_order`: retrieved documents in the prompt's
+    order (`Generator.neighbors_in_query_order`)."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank, restore
@@ -85,7 +86,7 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     config, params, step = restore.restore_decoder(decoder_dir)
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
-                    tokenizer, retriever, batch_size=32)
+                    tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order)
     samples = settings["rerank_samples"]
     ranker = rerank.ClipRanker(retriever.encoder) if samples > 1 else None
     captions = [e["captions"][0].decode() for e in examples]
@@ -160,6 +161,10 @@ def main(argv=None) -> str:
     p.add_argument("--run", required=True, help="a finished demo run (MODEL_DIR)")
     p.add_argument("--decoder", action="append", required=True,
                    help="name=folder of a pretrained decoder (repeat)")
+    p.add_argument("--query-order", nargs="*", default=[], metavar="NAME",
+                   help="decoders to serve with their retrieved documents in the prompt's "
+                        "order (those pretrained with retrieval_augment."
+                        "neighbors_in_query_order)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split", default="validation")
     p.add_argument("--examples", type=int, default=200)
@@ -172,8 +177,11 @@ def main(argv=None) -> str:
         checkpoint=os.path.join(args.run, "image_tokenizer"))
     examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
     settings = generate_settings(args.run)
+    unknown = sorted(set(args.query_order) - set(decoders))
+    if unknown:
+        raise SystemExit(f"--query-order names {unknown}, which no --decoder names.")
     results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds,
-                             settings)
+                             settings, query_order=name in args.query_order)
                for name, folder in decoders.items()}
     results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "

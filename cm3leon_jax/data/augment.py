@@ -40,12 +40,17 @@ class AugmentConfig:
       mean_spans: Poisson mean of CM3 spans (1 in the paper; 0 = causal LM).
       max_spans: cap on CM3 spans; 3 * max_spans tokens are held back so the
         transform never overflows. P(Poisson(1) > 8) is about 1e-6.
+      neighbors_in_query_order: lay each caption-and-image neighbor out in the query's
+        order (`document.in_order_of`) instead of its stored one; the model must then be
+        served the same way (`Generator(neighbors_in_query_order=True)`). Not in the
+        paper, which does not say.
     """
 
     seq_len: int = 4096
     k_probs: tuple[float, ...] = (0.0, 0.0, 1.0)
     mean_spans: float = 1.0
     max_spans: int = 8
+    neighbors_in_query_order: bool = False
 
     def __post_init__(self):
         p = np.asarray(self.k_probs, np.float64)
@@ -102,6 +107,8 @@ def make_example(query: np.ndarray, candidates: Sequence[np.ndarray],
     """
     chosen = [np.asarray(candidates[i], np.int32)
               for i in choose_neighbors(len(candidates), rng, config)]
+    if config.neighbors_in_query_order:
+        chosen = [document_lib.in_order_of(n, query, layout) for n in chosen]
     ids = assemble(np.asarray(query, np.int32), chosen, config.budget)
     if ids is None:
         return None

@@ -37,12 +37,14 @@ def retrieval_augment(dataset: tf.data.Dataset,
                       k_probs: tuple[float, ...] = (0.0, 0.0, 1.0),
                       mean_spans: float = 1.0,
                       max_spans: int = 8,
+                      neighbors_in_query_order: bool = False,
                       check_fits: Callable[[augment.AugmentConfig], None] | None = None
                       ) -> tf.data.Dataset:
     """Assembles `retrieved <eos> ... query`, applies CM3, drops what cannot fit.
 
     The sequence length comes from the task's `sequence_length["targets"]`;
-    k_probs, mean_spans and max_spans are `augment.AugmentConfig`'s. `check_fits(config)`,
+    k_probs, mean_spans, max_spans and neighbors_in_query_order are
+    `augment.AugmentConfig`'s. `check_fits(config)`,
     when given, raises before anything is read if no example can fit `config.budget`:
     seqio repeats a dataset that the length filter left empty forever.
     """
@@ -51,7 +53,8 @@ def retrieval_augment(dataset: tf.data.Dataset,
                          "(the packed length, e.g. 4096).")
     config = augment.AugmentConfig(seq_len=sequence_length["targets"],
                                    k_probs=tuple(k_probs),
-                                   mean_spans=mean_spans, max_spans=max_spans)
+                                   mean_spans=mean_spans, max_spans=max_spans,
+                                   neighbors_in_query_order=neighbors_in_query_order)
     if check_fits is not None:
         check_fits(config)
     layout = output_features["targets"].vocabulary.layout

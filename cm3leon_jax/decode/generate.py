@@ -26,6 +26,7 @@ from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
 from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -89,6 +90,7 @@ class Images(NamedTuple):
     captions: list[str]
 
 
+@gin.configurable(allowlist=["neighbors_in_query_order"])
 class Generator:
     """A decoder with its vocabulary, image tokenizer and (optional) retriever.
 
@@ -100,11 +102,15 @@ class Generator:
       retriever: a `Retriever` or `RetrievalClient`, or None for no retrieval.
       batch_size: prompt rows per compiled call. prompt_multiple: prompt lengths are
         rounded up to this (fewer shapes to compile).
+      neighbors_in_query_order: lay each retrieved caption-and-image document out in the
+        prompt's order (image first before an image, caption first before a caption) as
+        pretraining did with `retrieval_augment.neighbors_in_query_order`; serve a model
+        the way it was trained.
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
                  image_tokenizer: Any = None, retriever: Any = None, batch_size: int = 8,
-                 prompt_multiple: int = 64):
+                 prompt_multiple: int = 64, neighbors_in_query_order: bool = False):
         layout = vocab.layout
         if layout.vocab_size > config.vocab_size:
             raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "
@@ -120,6 +126,7 @@ class Generator:
         self.config, self.params, self.vocab = config, params, vocab
         self.layout, self.image_tokenizer, self.retriever = layout, image_tokenizer, retriever
         self.batch_size, self.prompt_multiple = batch_size, prompt_multiple
+        self.neighbors_in_query_order = neighbors_in_query_order
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
@@ -206,6 +213,8 @@ class Generator:
         rows = []
         for i, q in enumerate(queries):
             docs = retrieved[i] if retrieved is not None else []
+            if self.neighbors_in_query_order:
+                docs = [document_lib.in_order_of(d, q, self.layout) for d in docs]
             rows += [prompts_lib.with_retrieved(q, docs, budget, f"{what} {i}")] * num_samples
         chain, streams = sampling.processors(constraint), sampling.num_streams
         key, out = jax.random.key(seed), []

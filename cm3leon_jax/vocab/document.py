@@ -165,3 +165,32 @@ def split_documents(ids) -> list[np.ndarray]:
     pieces = np.split(ids, np.flatnonzero(ids == layout_lib.EOS_ID))
     pieces = [p[1:] if p.size and p[0] == layout_lib.EOS_ID else p for p in pieces]
     return [p for p in pieces if p.size]
+
+
+def in_order_of(doc, query, layout: layout_lib.IdLayout) -> np.ndarray:
+    """`doc` laid out in the order `query` opens with: image first when `query`'s first id
+    is an image code, text first otherwise.
+
+    Only a document of one text and one image segment is reordered (`caption <break>
+    image` <-> `image <break> caption`); any other document comes back as it is. A
+    retrieved document in the query's order lets the model copy from it the way it
+    writes: after an image that matches the query's, the caption to write comes next.
+    """
+    doc, query = np.asarray(doc, np.int32), np.asarray(query)
+    if not query.size:
+        return doc
+    breaks = np.flatnonzero(doc == layout_lib.BREAK_ID)
+    if breaks.size != 1:
+        return doc
+    first, second = doc[:breaks[0]], doc[breaks[0] + 1:]
+    if not first.size or not second.size:
+        return doc
+    if layout.is_image(first).all() and layout.is_text(second).all():
+        image_first = True
+    elif layout.is_text(first).all() and layout.is_image(second).all():
+        image_first = False
+    else:
+        return doc
+    if image_first == bool(layout.is_image(query[0])):
+        return doc
+    return np.concatenate([second, [layout_lib.BREAK_ID], first]).astype(np.int32)

@@ -74,6 +74,48 @@ def test_same_seed_same_example():
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def _image_first(doc):
+    cut = int(np.flatnonzero(doc == BREAK_ID)[0])
+    return np.concatenate([doc[cut + 1:], [BREAK_ID], doc[:cut]]).astype(np.int32)
+
+
+def test_in_order_of_lays_a_caption_and_image_document_out_as_the_query_opens():
+    rng = np.random.default_rng(0)
+    doc, query = _doc(rng, 4), _doc(rng, 3)
+    flipped = _image_first(doc)
+    # Before an image-first query the caption-first document turns image first, and back.
+    np.testing.assert_array_equal(document_lib.in_order_of(doc, _image_first(query), LAYOUT),
+                                  flipped)
+    np.testing.assert_array_equal(document_lib.in_order_of(flipped, query, LAYOUT), doc)
+    np.testing.assert_array_equal(document_lib.in_order_of(doc, query, LAYOUT), doc)
+    # A prompt that opens with a sentinel (a masked caption) reads caption first.
+    sentinel_query = np.array([LAYOUT.sentinel_id(0), BREAK_ID], np.int32)
+    np.testing.assert_array_equal(document_lib.in_order_of(flipped, sentinel_query, LAYOUT),
+                                  doc)
+    # Anything but one text and one image segment is left as it is.
+    two_images = np.concatenate([doc[-8:], [BREAK_ID], doc[-8:]]).astype(np.int32)
+    three = np.concatenate([doc, [BREAK_ID], doc[:4]]).astype(np.int32)
+    for other in (two_images, three, doc[:4]):
+        np.testing.assert_array_equal(
+            document_lib.in_order_of(other, _image_first(query), LAYOUT), other)
+
+
+def test_neighbors_in_query_order_reorders_only_the_neighbors():
+    rng = np.random.default_rng(1)
+    query, neighbors = _image_first(_doc(rng, 5)), [_doc(rng, 3), _doc(rng, 4)]
+    for in_order in (False, True):
+        config = augment.AugmentConfig(seq_len=96, mean_spans=0.0,
+                                       neighbors_in_query_order=in_order)
+        tokens, _ = augment.make_example(query, neighbors, np.random.default_rng(2), LAYOUT,
+                                         config)
+        pieces = document_lib.split_documents(tokens)
+        np.testing.assert_array_equal(pieces[-1], query)
+        want = [_image_first(n) if in_order else n for n in neighbors]
+        assert len(pieces) == 3
+        for got, expected in zip(pieces[:-1], want):
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="summing to 1"):
         augment.AugmentConfig(k_probs=(0.5, 0.4))

@@ -107,6 +107,23 @@ def test_retrieved_documents_go_first_and_are_dropped_to_fit(vocab):
         too_big.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg).codes, plain)
 
 
+def test_neighbors_in_query_order_serves_documents_in_the_prompt_order(vocab):
+    text, image = document.Text("a red circle"), document.Image(np.arange(16))
+    caption_first = document.encode(document.Document([text, image]), vocab)
+    image_first = document.encode(document.Document([image, text]), vocab)
+    cfg = SamplingConfig(guidance="cfg")
+
+    def drawn(docs, in_order):
+        gen = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments(docs),
+                        neighbors_in_query_order=in_order)
+        return gen.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg).codes
+
+    # A caption prompt: the image-first documents are served caption first.
+    np.testing.assert_array_equal(drawn([image_first] * 2, True),
+                                  drawn([caption_first] * 2, False))
+    assert (drawn([image_first] * 2, False) != drawn([caption_first] * 2, False)).any()
+
+
 def test_generator_refuses_what_it_cannot_do(vocab):
     with pytest.raises(ValueError, match="DecoderConfig.vocab_size=128"):
         Generator(CONFIG.replace(vocab_size=128), PARAMS, vocab)
