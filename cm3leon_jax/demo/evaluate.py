@@ -52,8 +52,8 @@ def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_
                    num_examples: int = 32, num_retrieved: int = 2,
                    tasks: Sequence[str] = ("vqa", "edit", "captioning"),
                    edit_sampling: SamplingConfig | None = None, baseline_examples: int = 200,
-                   caption_metrics: Sequence[str] = (), batch_size: int = 32,
-                   seed: int = 0) -> dict:
+                   caption_metrics: Sequence[str] = (), caption_style: str = "infill",
+                   batch_size: int = 32, seed: int = 0) -> dict:
     """Evaluates each of `runs` ({"pretrain": dir, "sft": dir}) on the same scenes.
 
     Args:
@@ -66,6 +66,7 @@ def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_
         guidance, image 1.5 and text 7.5; "none": unguided).
       baseline_examples: validation scenes whose answers give the majority answer.
       caption_metrics: pycocoevalcap metrics (they need Java); () for the exact ones only.
+      caption_style: the captioning prompt (the generate stage's, so both grade the same).
     """
     suite = corpus_suite(num_examples=num_examples, split=split, tasks=tuple(tasks))
     strategy = Strategy(name="two_scale", samplings=(edit_sampling or SamplingConfig(),))
@@ -81,7 +82,8 @@ def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_
         report = eval_run.evaluate_generator(
             gen, os.path.join(out_dir, name), suite=suite, strategies=[strategy],
             num_retrieved=[num_retrieved] if retriever is not None else [0],
-            caption_metrics=caption_metrics, seed=seed, outputs=outputs,
+            caption_metrics=caption_metrics, caption_style=caption_style, seed=seed,
+            outputs=outputs,
             header={"checkpoint": model_dir, "step": step})
         result[name] = {"step": step, "report": os.path.join(out_dir, name, "report.md"),
                         **{row["task"]: _metrics(row) for row in report["rows"]}}

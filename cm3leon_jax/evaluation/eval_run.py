@@ -149,8 +149,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
              inception_weights_path: str | None = None, fid_resize: str = "pytorch_fid",
              fid_reference: str | None = None,
              caption_metrics: Sequence[str] = captioning.METRICS,
-             max_answer_tokens: int = 8, batch_size: int = 8, step: int | None = None,
-             seed: int = 0, reference_rows: bool = False) -> dict:
+             max_answer_tokens: int = 8, caption_style: str = "infill", batch_size: int = 8,
+             step: int | None = None, seed: int = 0, reference_rows: bool = False) -> dict:
     """Evaluates `checkpoint` on `suite` (default: the built-in corpus); returns the report.
 
     Args:
@@ -164,6 +164,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         fid_resize: "pytorch_fid" or "clean"; fid_reference: .npz cache of the reference
         statistics of the standard FID (computed once per dataset).
       caption_metrics: which of CIDEr-D, BLEU-n, METEOR, ROUGE-L (Java); () for none.
+      caption_style: the captioning prompt, "infill" or "image_first" (decode/prompts.py;
+        "image_first" for models pretrained with image-first documents, as the demo's).
       reference_rows: also grade real images like samples (VQ round trip of the references,
         real images of other scenes: the ceiling and the chance/FID floor of each metric).
     """
@@ -180,8 +182,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         gen, os.path.join(model_dir, "eval"), suite=suite, strategies=strategies,
         num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
         inception_weights_path=inception_weights_path, fid_resize=fid_resize,
-        fid_reference=fid_reference, max_answer_tokens=max_answer_tokens, seed=seed,
-        header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
+        fid_reference=fid_reference, max_answer_tokens=max_answer_tokens,
+        caption_style=caption_style, seed=seed, header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
         reference_rows=reference_rows)
 
 
@@ -191,8 +193,8 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                        caption_metrics: Sequence[str] = captioning.METRICS,
                        inception_weights_path: str | None = None,
                        fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
-                       max_answer_tokens: int = 8, seed: int = 0,
-                       header: dict | None = None, outputs: dict | None = None,
+                       max_answer_tokens: int = 8, caption_style: str = "infill",
+                       seed: int = 0, header: dict | None = None, outputs: dict | None = None,
                        reference_rows: bool = False) -> dict:
     """The eval run for a Generator already in memory (what the demo calls): decodes the
     suite, writes out_dir/report.json, report.md and the grids, returns the report.
@@ -201,7 +203,7 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
     ctx = Context(gen, rerank.ClipRanker(encoder) if encoder is not None else None,
                   _features(encoder, inception_weights_path, fid_resize),
                   caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
-                  seed=seed)
+                  caption_style=caption_style, seed=seed)
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
                      {"fid_inception": fid_reference}, outputs, reference_rows)

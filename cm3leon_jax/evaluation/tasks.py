@@ -44,6 +44,7 @@ class Context:
     references: dict = dataclasses.field(default_factory=dict)  # FID name -> Statistics
     caption_metrics: tuple = captioning.METRICS  # pycocoevalcap's (java); () for none
     max_answer_tokens: int = 8
+    caption_style: str = "infill"            # image_to_text's prompt (decode/prompts.py)
     seed: int = 0
 
 
@@ -102,7 +103,8 @@ def reference_rows(ctx: Context, task: Task) -> list[dict]:
 def caption(ctx: Context, task: Task, k: int, sampling: SamplingConfig | None = None
             ) -> tuple[dict, list[str]]:
     texts = ctx.gen.image_to_text(task.images, num_retrieved=k, seed=ctx.seed,
-                                  sampling=sampling or CAPTION_SAMPLING)
+                                  sampling=sampling or CAPTION_SAMPLING,
+                                  style=ctx.caption_style)
     metrics = {}
     if task.scenes is not None:
         metrics.update(shapes_scores.caption_metrics(texts, task.scenes))

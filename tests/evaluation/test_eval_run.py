@@ -178,3 +178,19 @@ def test_reference_rows_grade_real_images_like_samples():
     assert rows["real:vq_reconstruction"]["objects_right"] == 1.0  # The parser is exact.
     assert rows["real:other_scenes"]["objects_right"] < 1.0  # Other scenes: not the prompts'.
     assert {r["retrieved"] for r in rows.values()} == {"-"}
+
+
+def test_captioning_uses_the_context_caption_style():
+    task = suites.corpus_suite(num_examples=2, tasks=("captioning",))(32).captioning
+    asked = []
+
+    class Recorder:  # Stands in for a Generator: records how it was asked to caption.
+        def image_to_text(self, images, **kwargs):
+            asked.append(kwargs["style"])
+            return ["a red circle"] * len(images)
+
+    for style in ("infill", "image_first"):
+        row, texts = tasks.caption(Context(Recorder(), caption_style=style), task, 0)
+        assert texts == ["a red circle"] * 2 and row["task"] == "captioning"
+    assert asked == ["infill", "image_first"]
+    assert Context(Recorder()).caption_style == "infill"
