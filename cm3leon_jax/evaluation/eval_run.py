@@ -183,7 +183,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
         inception_weights_path=inception_weights_path, fid_resize=fid_resize,
         fid_reference=fid_reference, max_answer_tokens=max_answer_tokens,
-        caption_style=caption_style, seed=seed, header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
+        caption_style=caption_style, seed=seed,
+        header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
         reference_rows=reference_rows)
 
 
