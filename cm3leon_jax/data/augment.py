@@ -42,8 +42,8 @@ class AugmentConfig:
         transform never overflows. P(Poisson(1) > 8) is about 1e-6.
       neighbors_in_query_order: lay each caption-and-image neighbor out in the query's
         order (`document.in_order_of`) instead of its stored one; the model must then be
-        served the same way (`Generator(neighbors_in_query_order=True)`). Not in the
-        paper, which does not say.
+        served the same way (`Generator(neighbors_in_query_order=True)`). Our option; the
+        paper does not say how it lays neighbors out.
     """
 
     seq_len: int = 4096

@@ -42,11 +42,10 @@ def retrieval_augment(dataset: tf.data.Dataset,
                       ) -> tf.data.Dataset:
     """Assembles `retrieved <eos> ... query`, applies CM3, drops what cannot fit.
 
-    The sequence length comes from the task's `sequence_length["targets"]`;
-    k_probs, mean_spans, max_spans and neighbors_in_query_order are
-    `augment.AugmentConfig`'s. `check_fits(config)`,
-    when given, raises before anything is read if no example can fit `config.budget`:
-    seqio repeats a dataset that the length filter left empty forever.
+    The sequence length comes from the task's `sequence_length["targets"]`; k_probs,
+    mean_spans, max_spans and neighbors_in_query_order are `augment.AugmentConfig`'s.
+    `check_fits(config)`, when given, raises before anything is read if no example can fit
+    `config.budget`: seqio repeats a dataset that the length filter left empty forever.
     """
     if not sequence_length or "targets" not in sequence_length:
         raise ValueError("retrieval_augment needs sequence_length['targets'] "
