@@ -91,16 +91,24 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     ranker = rerank.ClipRanker(retriever.encoder) if samples > 1 else None
     captions = [e["captions"][0].decode() for e in examples]
     sampling = settings["image_sampling"] or SamplingConfig()
-    out = {"step": step, "text_to_image": {}}
+    out = {"step": step, "text_to_image": {}, "rerank": {}}
     for k in dict.fromkeys((settings["num_retrieved"], 0)):  # once if the run uses k = 0
         per_seed = {m: [] for m in T2I}
+        picks = {m: [] for m in PICKS}
         for seed in seeds:
             drawn = gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
-                                      num_samples=samples, ranker=ranker)
-            scores = shapes_scores.text_to_image_metrics(drawn.images, scenes)
+                                      num_samples=samples)
+            rows = [shapes_scores.image_metrics(im, scenes[i // samples])
+                    for i, im in enumerate(drawn.images)]
+            kept = (np.zeros(len(scenes), int) if ranker is None
+                    else rerank.keep_best(drawn, samples, ranker).kept)
+            scores = [rows[i * samples + j] for i, j in enumerate(kept)]
             for m in T2I:
-                per_seed[m].append(float(scores[m]))
+                per_seed[m].append(float(np.mean([r[m] for r in scores])))
+            for m, value in pick_rates(rows, samples, kept).items():
+                picks[m].append(value)
         out["text_to_image"][f"k{k}"] = per_seed
+        out["rerank"][f"k{k}"] = picks
     written = gen.image_to_text(np.stack([e["image"] for e in examples]),
                                 num_retrieved=settings["num_retrieved"],
                                 sampling=settings["caption_sampling"],
@@ -109,6 +117,21 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     scores = shapes_scores.caption_metrics(written, scenes)
     out["captions"] = {m: float(scores[m]) for m in CAPTIONS}
     return out
+
+
+PICKS = ("kept", "first", "mean", "best")
+
+
+def pick_rates(rows, samples: int, kept) -> dict[str, float]:
+    """How often the kept sample holds exactly the caption's objects, beside the first
+    sample, the average sample and the best of the `samples` (what a perfect ranker
+    would keep). rows: `image_metrics` of every sample, prompt-major."""
+    import numpy as np
+
+    right = np.asarray([r["objects_right"] for r in rows], float).reshape(-1, samples)
+    return {"kept": float(right[np.arange(len(right)), kept].mean()),
+            "first": float(right[:, 0].mean()), "mean": float(right.mean()),
+            "best": float(right.max(axis=1).mean())}
 
 
 RETRIEVAL_ROW = "top retrieved document alone"
@@ -156,6 +179,38 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_variant(text: str, settings: dict):
+    """'name=field:value,...' -> (name, the run's image SamplingConfig with those fields)."""
+    import dataclasses
+
+    from cm3leon_jax.decode.generate import SamplingConfig
+
+    name, _, fields = text.partition("=")
+    base = settings["image_sampling"] or SamplingConfig()
+    types = {f.name: f.type for f in dataclasses.fields(SamplingConfig)}
+    changes = {}
+    for item in fields.split(","):
+        field, _, value = item.partition(":")
+        if not name or field not in types or not value:
+            raise SystemExit(f"--image-sampling {text!r}: give NAME=FIELD:VALUE,... with "
+                             f"FIELD one of {sorted(types)}.")
+        kind = {"bool": lambda v: v.lower() in ("1", "true"), "int": int, "float": float}
+        changes[field] = kind.get(getattr(types[field], "__name__", types[field]), str)(value)
+    return name, dataclasses.replace(base, **changes)
+
+
+def rerank_table(results: dict, samples: int) -> str:
+    """Exactly right: the kept sample, the first, the average one and the best of each
+    caption's `samples` (a perfect ranker), per decoder and k."""
+    lines = [f"Re-ranking {samples} samples (exactly the caption's objects):", "",
+             "| decoder | k | " + " | ".join(PICKS) + " |", "|---|---|" + "---|" * len(PICKS)]
+    for name, r in results.items():
+        for k, picks in r.get("rerank", {}).items():
+            lines.append(f"| {name} | {k[1:]} | "
+                         + " | ".join(_cell(picks[m]) for m in PICKS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a finished demo run (MODEL_DIR)")
@@ -165,6 +220,12 @@ def main(argv=None) -> str:
                    help="decoders to serve with their retrieved documents in the prompt's "
                         "order (those pretrained with retrieval_augment."
                         "neighbors_in_query_order)")
+    p.add_argument("--image-sampling", action="append", default=[], metavar="NAME=F:V,...",
+                   help="a variant of the run's text -> image sampling, e.g. "
+                        "'t07=temperature:0.7,top_p:0.95' (repeat; each decoder is measured "
+                        "with the run's own settings and with every variant)")
+    p.add_argument("--rerank-samples", type=int, default=None,
+                   help="samples per caption for CLIP re-ranking (default: the run's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split", default="validation")
     p.add_argument("--examples", type=int, default=200)
@@ -180,12 +241,18 @@ def main(argv=None) -> str:
     unknown = sorted(set(args.query_order) - set(decoders))
     if unknown:
         raise SystemExit(f"--query-order names {unknown}, which no --decoder names.")
-    results = {name: measure(args.run, folder, tokenizer, examples, scenes, args.seeds,
-                             settings, query_order=name in args.query_order)
-               for name, folder in decoders.items()}
+    if args.rerank_samples is not None:
+        settings["rerank_samples"] = args.rerank_samples
+    variants = {"": settings, **{f" {name}": {**settings, "image_sampling": sampling}
+                                 for name, sampling in map(parse_variant, args.image_sampling,
+                                                           [settings] * len(args.image_sampling))}}
+    results = {name + label: measure(args.run, folder, tokenizer, examples, scenes,
+                                     args.seeds, chosen, query_order=name in args.query_order)
+               for name, folder in decoders.items() for label, chosen in variants.items()}
     results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
-            f"run's generate settings {settings}\n\n" + table(results))
+            f"run's generate settings {settings}\n\n" + table(results) + "\n"
+            + rerank_table(results, settings["rerank_samples"]))
     print(text)
     if args.json:
         write_json(args.json, {"args": vars(args), "settings": repr(settings),

@@ -47,3 +47,29 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
     # Unbound: generate_stage's own defaults.
     assert settings["rerank_samples"] == 4 and settings["caption_style"] == "infill"
     assert settings["caption_sampling"] is None and settings["max_caption_tokens"] == 24
+
+
+def test_a_sampling_variant_changes_only_the_fields_it_names():
+    from cm3leon_jax.decode.generate import SamplingConfig
+
+    run = {"image_sampling": SamplingConfig(guidance_scale=5.0)}
+    name, sampling = demo_decoders.parse_variant("cold=temperature:0.7,top_k:8,greedy:false", run)
+    assert name == "cold"
+    assert (sampling.temperature, sampling.top_k, sampling.greedy) == (0.7, 8, False)
+    assert sampling.guidance_scale == 5.0 and sampling.top_p == 0.9
+    for bad in ("cold", "=temperature:0.7", "cold=warmth:1", "cold=temperature"):
+        try:
+            demo_decoders.parse_variant(bad, run)
+        except SystemExit as e:
+            assert "FIELD" in str(e)
+        else:
+            raise AssertionError(bad)
+
+
+def test_the_rerank_rates_compare_the_kept_sample_with_a_perfect_pick():
+    import numpy as np
+
+    right = [0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]  # 3 captions, 4 samples each
+    rows = [{"objects_right": float(x)} for x in right]
+    rates = demo_decoders.pick_rates(rows, 4, np.array([0, 1, 3]))
+    assert rates == {"kept": 1 / 3, "first": 1 / 3, "mean": 3 / 12, "best": 2 / 3}
