@@ -188,14 +188,19 @@ def parse_variant(text: str, settings: dict):
     name, _, fields = text.partition("=")
     base = settings["image_sampling"] or SamplingConfig()
     types = {f.name: f.type for f in dataclasses.fields(SamplingConfig)}
+    bools = {"true": True, "1": True, "false": False, "0": False}
+    convert = {"bool": bools.__getitem__, "int": int, "float": float, "str": str}
     changes = {}
     for item in fields.split(","):
         field, _, value = item.partition(":")
-        if not name or field not in types or not value:
-            raise SystemExit(f"--image-sampling {text!r}: give NAME=FIELD:VALUE,... with "
-                             f"FIELD one of {sorted(types)}.")
-        kind = {"bool": lambda v: v.lower() in ("1", "true"), "int": int, "float": float}
-        changes[field] = kind.get(getattr(types[field], "__name__", types[field]), str)(value)
+        kind = getattr(types.get(field), "__name__", types.get(field))
+        try:
+            if not name or kind not in convert or not value:
+                raise ValueError(item)
+            changes[field] = convert[kind](value.lower() if kind == "bool" else value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--image-sampling {text!r}: give NAME=FIELD:VALUE,... with FIELD "
+                             f"one of {sorted(types)} and a value of its type.") from None
     return name, dataclasses.replace(base, **changes)
 
 
@@ -242,10 +247,15 @@ def main(argv=None) -> str:
     if unknown:
         raise SystemExit(f"--query-order names {unknown}, which no --decoder names.")
     if args.rerank_samples is not None:
+        if args.rerank_samples < 1:
+            raise SystemExit(f"--rerank-samples={args.rerank_samples}: give 1 or more.")
         settings["rerank_samples"] = args.rerank_samples
-    variants = {"": settings, **{f" {name}": {**settings, "image_sampling": sampling}
-                                 for name, sampling in map(parse_variant, args.image_sampling,
-                                                           [settings] * len(args.image_sampling))}}
+    variants = {"": settings}  # Row label suffix -> generate settings.
+    for text in args.image_sampling:
+        name, sampling = parse_variant(text, settings)
+        if f" {name}" in variants:
+            raise SystemExit(f"--image-sampling names {name!r} twice.")
+        variants[f" {name}"] = {**settings, "image_sampling": sampling}
     results = {name + label: measure(args.run, folder, tokenizer, examples, scenes,
                                      args.seeds, chosen, query_order=name in args.query_order)
                for name, folder in decoders.items() for label, chosen in variants.items()}

@@ -57,7 +57,9 @@ def test_a_sampling_variant_changes_only_the_fields_it_names():
     assert name == "cold"
     assert (sampling.temperature, sampling.top_k, sampling.greedy) == (0.7, 8, False)
     assert sampling.guidance_scale == 5.0 and sampling.top_p == 0.9
-    for bad in ("cold", "=temperature:0.7", "cold=warmth:1", "cold=temperature"):
+    assert demo_decoders.parse_variant("g=greedy:TRUE", run)[1].greedy is True
+    for bad in ("cold", "=temperature:0.7", "cold=warmth:1", "cold=temperature",
+                "cold=temperature:warm", "cold=greedy:yes", "cold=top_k:0.5"):
         try:
             demo_decoders.parse_variant(bad, run)
         except SystemExit as e:
