@@ -71,14 +71,16 @@ def generate_settings(run: str) -> dict:
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
-            settings: dict, query_order: bool = False) -> dict:
-    """{"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "captions": {metric: value}}
-    with `generate_settings`' settings; `query_order`: retrieved documents in the prompt's
-    order (`Generator.neighbors_in_query_order`)."""
+            settings: dict, variants: dict | None = None, query_order: bool = False) -> dict:
+    """{label: {"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "rerank": {...},
+    "captions": {metric: value}}} with `generate_settings`' settings, text -> image once
+    per image sampling in `variants` (label -> SamplingConfig; default {"": the run's}),
+    the decoder loaded and the captions written once; `query_order`: retrieved documents
+    in the prompt's order (`Generator.neighbors_in_query_order`)."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank, restore
-    from cm3leon_jax.decode.generate import Generator, SamplingConfig
+    from cm3leon_jax.decode.generate import Generator
     from cm3leon_jax.evaluation import shapes_scores
     from cm3leon_jax.retrieval.retriever import Retriever
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -87,11 +89,33 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
                     tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order)
+    ranker = rerank.ClipRanker(retriever.encoder) if settings["rerank_samples"] > 1 else None
+    written = gen.image_to_text(np.stack([e["image"] for e in examples]),
+                                num_retrieved=settings["num_retrieved"],
+                                sampling=settings["caption_sampling"],
+                                max_tokens=settings["max_caption_tokens"],
+                                style=settings["caption_style"], seed=0)
+    scores = shapes_scores.caption_metrics(written, scenes)
+    captions = {m: float(scores[m]) for m in CAPTIONS}
+    variants = variants or {"": settings["image_sampling"]}
+    return {label: {"step": step, "captions": captions,
+                    **_text_to_image(gen, ranker, examples, scenes, seeds, settings, sampling)}
+            for label, sampling in variants.items()}
+
+
+def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: dict,
+                   sampling) -> dict:
+    """`measure`'s text -> image part for one image sampling (None: SamplingConfig())."""
+    import numpy as np
+
+    from cm3leon_jax.decode import rerank
+    from cm3leon_jax.decode.generate import SamplingConfig
+    from cm3leon_jax.evaluation import shapes_scores
+
     samples = settings["rerank_samples"]
-    ranker = rerank.ClipRanker(retriever.encoder) if samples > 1 else None
     captions = [e["captions"][0].decode() for e in examples]
-    sampling = settings["image_sampling"] or SamplingConfig()
-    out = {"step": step, "text_to_image": {}, "rerank": {}}
+    sampling = sampling or SamplingConfig()
+    out = {"text_to_image": {}, "rerank": {}}
     for k in dict.fromkeys((settings["num_retrieved"], 0)):  # once if the run uses k = 0
         per_seed = {m: [] for m in T2I}
         picks = {m: [] for m in PICKS}
@@ -109,13 +133,6 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
                 picks[m].append(value)
         out["text_to_image"][f"k{k}"] = per_seed
         out["rerank"][f"k{k}"] = picks
-    written = gen.image_to_text(np.stack([e["image"] for e in examples]),
-                                num_retrieved=settings["num_retrieved"],
-                                sampling=settings["caption_sampling"],
-                                max_tokens=settings["max_caption_tokens"],
-                                style=settings["caption_style"], seed=0)
-    scores = shapes_scores.caption_metrics(written, scenes)
-    out["captions"] = {m: float(scores[m]) for m in CAPTIONS}
     return out
 
 
@@ -250,15 +267,17 @@ def main(argv=None) -> str:
         if args.rerank_samples < 1:
             raise SystemExit(f"--rerank-samples={args.rerank_samples}: give 1 or more.")
         settings["rerank_samples"] = args.rerank_samples
-    variants = {"": settings}  # Row label suffix -> generate settings.
+    variants = {"": settings["image_sampling"]}  # Row label suffix -> image sampling.
     for text in args.image_sampling:
         name, sampling = parse_variant(text, settings)
         if f" {name}" in variants:
             raise SystemExit(f"--image-sampling names {name!r} twice.")
-        variants[f" {name}"] = {**settings, "image_sampling": sampling}
-    results = {name + label: measure(args.run, folder, tokenizer, examples, scenes,
-                                     args.seeds, chosen, query_order=name in args.query_order)
-               for name, folder in decoders.items() for label, chosen in variants.items()}
+        variants[f" {name}"] = sampling
+    results = {}
+    for name, folder in decoders.items():
+        rows = measure(args.run, folder, tokenizer, examples, scenes, args.seeds, settings,
+                       variants, query_order=name in args.query_order)
+        results.update({name + label: row for label, row in rows.items()})
     results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
             f"run's generate settings {settings}\n\n" + table(results) + "\n"
