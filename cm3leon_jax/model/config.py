@@ -59,6 +59,12 @@ class DecoderConfig:
             (layers.image_code_places), as DALL-E did for its image tokens. Not in the
             paper: a sequence-only position table leaves a small decoder to infer each
             code's row and column from its distance to the image's start. 0: off.
+        image_next_place: with image_grid, a second learned row and column embedding
+            of the place the *next* code takes (the code this position predicts), added
+            to every placed code but an image's last. A head can then find the code at
+            that place in an earlier image (an edit's source, a retrieved image) by
+            matching one place against another, instead of learning the raster step
+            from row and column. Not in the paper.
         image_code_ids: [start, stop) of the image codes' ids (IdLayout.image_start and
             used_size); sentinel_ids: [start, stop) of the CM3 sentinels' ids (a run of
             codes after a sentinel is an infilled span of unknown place).
@@ -109,6 +115,7 @@ class DecoderConfig:
     position_embedding: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     image_grid: int = 0
+    image_next_place: bool = False
     image_code_ids: tuple[int, int] = (0, 0)
     sentinel_ids: tuple[int, int] = (0, 0)
     qk_norm: bool = False
@@ -153,6 +160,9 @@ class DecoderConfig:
                 f"DecoderConfig: image_grid={self.image_grid} needs image_code_ids = [start, "
                 f"stop) of the image codes' ids inside the vocabulary, got "
                 f"{self.image_code_ids} (vocab_size {self.vocab_size}); image_grid = 0 is off.")
+        if self.image_next_place and not self.image_grid:
+            raise ValueError("DecoderConfig: image_next_place=True needs image_grid > 0 (the "
+                             "places it embeds); set image_grid or drop image_next_place.")
         if self.position_embedding == "rope" and self.dims_per_head % 2:
             raise ValueError(
                 f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}."

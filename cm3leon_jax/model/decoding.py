@@ -144,9 +144,8 @@ class DecoderStep:
         if c.image_grid:
             places, new_cache["image_carry"] = layers.image_code_places(
                 tokens, positions, c, cache["image_carry"])
-            w = weights["image_places"]
-            x = x + layers.image_place_embedding(w["rows"], w["cols"], places,
-                                                 c.image_grid).astype(c.compute_dtype)
+            x = x + layers.embed_image_places(weights["image_places"], places,
+                                              c).astype(c.compute_dtype)
         index = cache["index"]
         kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"],
                                               segment_ids.astype(jnp.int32), (0, index))

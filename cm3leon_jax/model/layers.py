@@ -253,7 +253,8 @@ def image_code_places(tokens: jax.Array, positions: jax.Array, config: DecoderCo
 
 class ImagePlaces(nn.Module):
     """A learned row and column embedding `[grid, embed]` each, added to the image codes
-    with a place (`image_code_places`); zero for every other token."""
+    with a place (`image_code_places`); zero for every other token. With
+    `image_next_place`, a second pair embeds the place of the code each one predicts."""
 
     config: DecoderConfig
 
@@ -266,7 +267,26 @@ class ImagePlaces(nn.Module):
                       c.weight_dtype)
         cols = _param(self, "cols", init, (c.image_grid, c.d_model), (None, "embed"),
                       c.weight_dtype)
-        return image_place_embedding(rows, cols, places, c.image_grid).astype(c.compute_dtype)
+        tables = {"rows": rows, "cols": cols}
+        if c.image_next_place:
+            for name in ("next_rows", "next_cols"):
+                tables[name] = _param(self, name, init, (c.image_grid, c.d_model),
+                                      (None, "embed"), c.weight_dtype)
+        return embed_image_places(tables, places, c).astype(c.compute_dtype)
+
+
+def embed_image_places(tables: dict, places: jax.Array, config: DecoderConfig) -> jax.Array:
+    """The `ImagePlaces` sum from its tables (`rows`, `cols`, and with
+    `image_next_place` `next_rows`, `next_cols`: the place after each code's own; none
+    after an image's last code)."""
+    grid = config.image_grid
+    out = image_place_embedding(tables["rows"], tables["cols"], places, grid)
+    if config.image_next_place:
+        cells = grid * grid
+        following = jnp.where(places < cells - 1, places + 1, cells)
+        out = out + image_place_embedding(tables["next_rows"], tables["next_cols"],
+                                          following, grid)
+    return out
 
 
 def image_place_embedding(rows: jax.Array, cols: jax.Array, places: jax.Array,

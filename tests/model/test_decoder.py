@@ -19,6 +19,8 @@ VARIANTS = {
     # Image codes 200..499 on a 2 x 2 grid, sentinels 5..39: random ids hold all three.
     "cm3leon_image_places": tiny_config(image_grid=2, image_code_ids=(200, 500),
                                         sentinel_ids=(5, 40)),
+    "cm3leon_image_next_place": tiny_config(image_grid=2, image_next_place=True,
+                                            image_code_ids=(200, 500), sentinel_ids=(5, 40)),
 }
 
 

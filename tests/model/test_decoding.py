@@ -11,7 +11,10 @@ from tests.model.model_testlib import forward, random_params, tiny_chameleon, ti
 CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
            "chameleon_swin": tiny_chameleon(block_order="swin"),
            "cm3leon_image_places": tiny_config(image_grid=2, image_code_ids=(200, 500),
-                                               sentinel_ids=(5, 40))}
+                                               sentinel_ids=(5, 40)),
+           "cm3leon_image_next_place": tiny_config(image_grid=2, image_next_place=True,
+                                                   image_code_ids=(200, 500),
+                                                   sentinel_ids=(5, 40))}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -70,3 +73,31 @@ def test_image_code_places_count_each_image_from_its_first_code():
     from cm3leon_jax.model import hf_weights  # No HF model has them: refused, not dropped.
     with pytest.raises(ValueError, match="image_grid"):
         hf_weights.hf_config_kwargs(config, "opt")
+
+
+def test_the_next_place_embedding_marks_the_code_each_position_predicts():
+    """With image_next_place, a placed code gets its own place's row and column and those of
+    the place after it; an image's last code only its own; every other token nothing."""
+    from flax import linen as nn
+
+    from cm3leon_jax.model import layers
+
+    config = tiny_config(image_grid=2, image_next_place=True, image_code_ids=(200, 500),
+                         sentinel_ids=(5, 40))
+    module = layers.ImagePlaces(config)
+    places = jnp.asarray([[4, 0, 1, 2, 3, 4]], jnp.int32)  # text, a 2 x 2 image, text
+    variables = module.init(jax.random.key(0), places)
+    out = np.asarray(module.apply(variables, places))
+    p = {k: np.asarray(v) for k, v in nn.unbox(variables["params"]).items()}
+
+    def at(table, place):
+        return p[table][place // 2] if table.endswith("rows") else p[table][place % 2]
+
+    for i, place in enumerate([0, 1, 2]):
+        want = (at("rows", place) + at("cols", place) + at("next_rows", place + 1)
+                + at("next_cols", place + 1))
+        np.testing.assert_allclose(out[0, i + 1], want, atol=1e-8)
+    np.testing.assert_allclose(out[0, 4], at("rows", 3) + at("cols", 3), atol=1e-8)
+    assert not out[0, 0].any() and not out[0, 5].any()
+    with pytest.raises(ValueError, match="image_next_place=True needs image_grid"):
+        tiny_config(image_next_place=True)
