@@ -65,9 +65,12 @@ def generate_settings(run: str) -> dict:
     from cm3leon_jax.demo import generate as demo_generate
 
     gin.parse_config_file(os.path.join(run, "config.gin"), skip_unknown=True)
-    params = inspect.signature(demo_generate.generate_stage).parameters
-    bound = gin.get_bindings(demo_generate.generate_stage)
-    return {name: bound.get(name, params[name].default) for name in SETTINGS}
+    try:
+        params = inspect.signature(demo_generate.generate_stage).parameters
+        bound = gin.get_bindings(demo_generate.generate_stage)
+        return {name: bound.get(name, params[name].default) for name in SETTINGS}
+    finally:  # The run's DecoderConfig bindings would otherwise be checked against each
+        gin.clear_config()  # --decoder's own config.gin, and one of another size refused.
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],

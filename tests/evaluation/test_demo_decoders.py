@@ -35,9 +35,17 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
         "generate_stage.num_retrieved = 1\n"
         "generate_stage.image_sampling = @images/SamplingConfig()\n"
         "images/SamplingConfig.top_p = 0.5\n"
-        "images/SamplingConfig.guidance = 'cfg'\n")
+        "images/SamplingConfig.guidance = 'cfg'\n"
+        "DecoderConfig.num_heads = 4\n")
     try:
         settings = demo_decoders.generate_settings(str(tmp_path))
+        # The run's bindings are gone: a --decoder of another size is read as it was
+        # trained, not refused as a mismatch with the run's decoder.
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "config.gin").write_text("DecoderConfig.num_heads = 2\n")
+        from cm3leon_jax.train import run_config
+        assert run_config.decoder_config(str(other)).num_heads == 2
     finally:
         gin.clear_config()
     assert set(settings) == set(demo_decoders.SETTINGS)
