@@ -10,7 +10,8 @@ run's data, or on a run whose text vocabulary is byte for byte the same (a decod
 with another run's retriever, as RESULTS_retrieval.md does). Both use the run's own
 generate-stage settings, read from its `config.gin` (the demo's: 2 retrieved documents,
 CFG 3, top-p 0.9, the best of 8 samples by CLIP score; greedy captions from an image-first
-prompt); text -> image runs again with k = 0.
+prompt; `--num-retrieved`, `--rerank-samples` and `--image-sampling` change them); text ->
+image runs again with k = 0.
 Scores are the shape parser's exact ones
 (`evaluation/shapes_scores.py`). Each cell is the mean over the seeds with the range
 beside it. The last row is the run's retrieval alone, no decoder: each caption's top
@@ -71,6 +72,22 @@ def generate_settings(run: str) -> dict:
         return {name: bound.get(name, params[name].default) for name in SETTINGS}
     finally:  # The run's DecoderConfig bindings would otherwise be checked against each
         gin.clear_config()  # --decoder's own config.gin, and one of another size refused.
+
+
+def override_settings(settings: dict, *, rerank_samples: int | None = None,
+                      num_retrieved: int | None = None) -> dict:
+    """`settings` with the counts given on the command line (None: the run's), checked."""
+    out = dict(settings)
+    if rerank_samples is not None:
+        if rerank_samples < 1:
+            raise SystemExit(f"--rerank-samples={rerank_samples}: give 1 or more.")
+        out["rerank_samples"] = rerank_samples
+    if num_retrieved is not None:
+        if num_retrieved < 1:
+            raise SystemExit(f"--num-retrieved={num_retrieved}: give 1 or more (the k = 0 "
+                             "columns are measured in every run).")
+        out["num_retrieved"] = num_retrieved
+    return out
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
@@ -251,6 +268,9 @@ def main(argv=None) -> str:
                         "with the run's own settings and with every variant)")
     p.add_argument("--rerank-samples", type=int, default=None,
                    help="samples per caption for CLIP re-ranking (default: the run's)")
+    p.add_argument("--num-retrieved", type=int, default=None,
+                   help="retrieved documents per prompt, 1 or more (default: the run's; "
+                        "k = 0 is always measured beside it)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split", default="validation")
     p.add_argument("--examples", type=int, default=200)
@@ -259,17 +279,15 @@ def main(argv=None) -> str:
     from cm3leon_jax.vocab import image_tokenizer
 
     decoders = dict(d.split("=", 1) for d in args.decoder)
-    tokenizer = image_tokenizer.load_image_tokenizer(
-        checkpoint=os.path.join(args.run, "image_tokenizer"))
-    examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
-    settings = generate_settings(args.run)
     unknown = sorted(set(args.query_order) - set(decoders))
     if unknown:
         raise SystemExit(f"--query-order names {unknown}, which no --decoder names.")
-    if args.rerank_samples is not None:
-        if args.rerank_samples < 1:
-            raise SystemExit(f"--rerank-samples={args.rerank_samples}: give 1 or more.")
-        settings["rerank_samples"] = args.rerank_samples
+    settings = override_settings(generate_settings(args.run),
+                                 rerank_samples=args.rerank_samples,
+                                 num_retrieved=args.num_retrieved)
+    tokenizer = image_tokenizer.load_image_tokenizer(
+        checkpoint=os.path.join(args.run, "image_tokenizer"))
+    examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
     variants = {"": settings["image_sampling"]}  # Row label suffix -> image sampling.
     for text in args.image_sampling:
         name, sampling = parse_variant(text, settings)

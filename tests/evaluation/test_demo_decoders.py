@@ -83,3 +83,19 @@ def test_the_rerank_rates_compare_the_kept_sample_with_a_perfect_pick():
     rows = [{"objects_right": float(x)} for x in right]
     rates = demo_decoders.pick_rates(rows, 4, np.array([0, 1, 3]))
     assert rates == {"kept": 1 / 3, "first": 1 / 3, "mean": 3 / 12, "best": 2 / 3}
+
+
+def test_the_counts_from_the_command_line_replace_the_runs_and_are_checked():
+    run = {"num_retrieved": 2, "rerank_samples": 8, "caption_style": "image_first"}
+    assert demo_decoders.override_settings(run) == run
+    out = demo_decoders.override_settings(run, rerank_samples=4, num_retrieved=1)
+    assert out == {"num_retrieved": 1, "rerank_samples": 4, "caption_style": "image_first"}
+    assert run["num_retrieved"] == 2  # The run's settings are left as they were.
+    for bad, flag in (({"rerank_samples": 0}, "--rerank-samples=0"),
+                      ({"num_retrieved": 0}, "--num-retrieved=0")):
+        try:
+            demo_decoders.override_settings(run, **bad)
+        except SystemExit as e:
+            assert flag in str(e)
+        else:
+            raise AssertionError(bad)
