@@ -91,11 +91,18 @@ def assemble(query: np.ndarray, neighbors: Sequence[np.ndarray],
     """
     if query.size > budget:
         return None
+    return document_lib.join_documents([*neighbors_that_fit(query.size, neighbors, budget),
+                                        query])
+
+
+def neighbors_that_fit(query_size: int, neighbors: Sequence[np.ndarray],
+                       budget: int) -> list[np.ndarray]:
+    """The most relevant neighbors (a prefix of `neighbors`) that fit `budget` tokens
+    beside a query of `query_size`, each with its `<eos>`."""
     kept = list(neighbors)
-    # Each neighbor costs its length plus one <eos>.
-    while kept and sum(n.size + 1 for n in kept) + query.size > budget:
+    while kept and sum(n.size + 1 for n in kept) + query_size > budget:
         kept.pop()  # The least relevant goes first.
-    return document_lib.join_documents([*kept, query])
+    return kept
 
 
 def make_example(query: np.ndarray, candidates: Sequence[np.ndarray],

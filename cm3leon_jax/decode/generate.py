@@ -21,7 +21,7 @@ import gin
 import jax
 import numpy as np
 
-from cm3leon_jax.data import sft_prompts
+from cm3leon_jax.data import augment, sft_prompts
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
@@ -90,7 +90,7 @@ class Images(NamedTuple):
     captions: list[str]
 
 
-@gin.configurable(allowlist=["neighbors_in_query_order"])
+@gin.configurable(allowlist=["neighbors_in_query_order", "guidance_keeps_documents"])
 class Generator:
     """A decoder with its vocabulary, image tokenizer and (optional) retriever.
 
@@ -106,11 +106,17 @@ class Generator:
         prompt's order (image first before an image, caption first before a caption) as
         pretraining did with `retrieval_augment.neighbors_in_query_order`; serve a model
         the way it was trained.
+      guidance_keeps_documents: with CFG or CD-K, the unconditional stream of a
+        text -> image or image -> text prompt is the same retrieved documents followed
+        by the masked query (the paper: the text replaced by a mask sentinel), so
+        guidance pushes toward the query given the documents. False: the masked query
+        alone, which also pushes toward the documents (scaled with the caption).
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
                  image_tokenizer: Any = None, retriever: Any = None, batch_size: int = 8,
-                 prompt_multiple: int = 64, neighbors_in_query_order: bool = False):
+                 prompt_multiple: int = 64, neighbors_in_query_order: bool = False,
+                 guidance_keeps_documents: bool = True):
         layout = vocab.layout
         if layout.vocab_size > config.vocab_size:
             raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "
@@ -127,6 +133,7 @@ class Generator:
         self.layout, self.image_tokenizer, self.retriever = layout, image_tokenizer, retriever
         self.batch_size, self.prompt_multiple = batch_size, prompt_multiple
         self.neighbors_in_query_order = neighbors_in_query_order
+        self.guidance_keeps_documents = guidance_keeps_documents
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
@@ -210,18 +217,26 @@ class Generator:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         max_new = constraint.max_new_tokens
         budget = self.config.max_length - max_new
-        rows = []
+        rows, unconditional = [], []  # Per sample: the prompt and its unconditional stream.
         for i, q in enumerate(queries):
             docs = retrieved[i] if retrieved is not None else []
             if self.neighbors_in_query_order:
                 docs = [document_lib.in_order_of(d, q, self.layout) for d in docs]
             rows += [prompts_lib.with_retrieved(q, docs, budget, f"{what} {i}")] * num_samples
+            if self.guidance_keeps_documents:  # The documents the prompt kept, if any.
+                kept = augment.neighbors_that_fit(q.size, docs, budget)
+                unconditional += [prompts_lib.with_retrieved(uncond, kept, budget,
+                                                             f"{what} {i}")] * num_samples
+            else:
+                unconditional += [uncond] * num_samples
         chain, streams = sampling.processors(constraint), sampling.num_streams
         key, out = jax.random.key(seed), []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # Same shape, no recompiling.
-            batch = chunk + [uncond] * self.batch_size if streams == 2 else chunk
+            masked = unconditional[start:start + self.batch_size]
+            masked += [masked[-1]] * (self.batch_size - len(masked))
+            batch = chunk + masked if streams == 2 else chunk
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
             result = sampler.sample(

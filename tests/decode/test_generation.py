@@ -107,6 +107,44 @@ def test_retrieved_documents_go_first_and_are_dropped_to_fit(vocab):
         too_big.text_to_image(CAPTIONS, num_retrieved=2, sampling=cfg).codes, plain)
 
 
+def test_the_unconditional_stream_keeps_the_documents_the_prompt_kept(vocab, monkeypatch):
+    from cm3leon_jax.decode import sampler
+
+    doc = document.encode(document.Document([document.Text("a red circle"),
+                                             document.Image(np.arange(16))]), vocab)
+    seen, real = [], sampler.sample
+    monkeypatch.setattr(sampler, "sample", lambda config, params, prompts, *a, **k: (
+        seen.append(np.asarray(prompts)), real(config, params, prompts, *a, **k))[1])
+    masked = prompts.text_to_image_unconditional(vocab.layout)
+    cfg = SamplingConfig(guidance="cfg")
+
+    def streams(keeps, docs, sampling=cfg):
+        seen.clear()
+        gen = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments(docs), batch_size=2,
+                        guidance_keeps_documents=keeps)
+        gen.text_to_image(CAPTIONS, num_retrieved=len(docs), sampling=sampling)
+        (batch,) = seen
+        return [row[row != 0] for row in batch]  # Left padding dropped.
+
+    def documents(row):
+        return document.split_documents(row)[:-1]
+
+    cond, uncond = streams(True, [doc, doc])[:2], streams(True, [doc, doc])[2:]
+    for c, u in zip(cond, uncond):
+        assert len(documents(c)) == len(documents(u)) == 2
+        np.testing.assert_array_equal(u[-2:], masked)  # The caption masked, after them.
+        np.testing.assert_array_equal(c[:u.size - 2], u[:-2])  # The same documents.
+    for u in streams(False, [doc, doc])[2:]:
+        np.testing.assert_array_equal(u, masked)
+    # Documents the prompt had no room for are left out of both streams.
+    room = CONFIG.max_length - vocab.layout.image_length - 1
+    long_doc = np.concatenate([doc] * (room // doc.size))
+    for row in streams(True, [doc, long_doc]):
+        assert len(documents(row)) == 1
+    # Unguided sampling has one stream.
+    assert len(streams(True, [doc], SamplingConfig(guidance="none"))) == 2
+
+
 def test_neighbors_in_query_order_serves_documents_in_the_prompt_order(vocab):
     text, image = document.Text("a red circle"), document.Image(np.arange(16))
     caption_first = document.encode(document.Document([text, image]), vocab)
