@@ -108,15 +108,17 @@ class Generator:
         the way it was trained.
       guidance_keeps_documents: with CFG or CD-K, the unconditional stream of a
         text -> image or image -> text prompt is the same retrieved documents followed
-        by the masked query (the paper: the text replaced by a mask sentinel), so
-        guidance pushes toward the query given the documents. False: the masked query
-        alone, which also pushes toward the documents (scaled with the caption).
+        by the masked query (one reading of the paper's "the text replaced by a mask
+        sentinel"), so guidance pushes toward the query given the documents. False (the
+        default): the masked query alone, which also pushes toward what the documents
+        show, at the caption's scale. On the demo decoder the two are inside each other's
+        seed spread (RESULTS_train.md).
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
                  image_tokenizer: Any = None, retriever: Any = None, batch_size: int = 8,
                  prompt_multiple: int = 64, neighbors_in_query_order: bool = False,
-                 guidance_keeps_documents: bool = True):
+                 guidance_keeps_documents: bool = False):
         layout = vocab.layout
         if layout.vocab_size > config.vocab_size:
             raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "

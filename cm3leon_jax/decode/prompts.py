@@ -12,10 +12,10 @@ caption an image through the CM3 objective: a masked caption comes back after th
 sequence as `<sentinel:0> caption <eoss>`; that is the "infill" prompt.
 
 The unconditional stream of classifier-free guidance replaces the conditioning segment
-(the caption, or the image) by a mask sentinel, as in the paper. `Generator` puts the
-prompt's retrieved documents in front of it as well (`guidance_keeps_documents`), so that
-guidance pushes toward the query given the documents; without them (the option off) it
-also pushes toward whatever the documents show, at the caption's scale.
+(the caption, or the image) by a mask sentinel, as in the paper, and keeps no retrieved
+documents: guidance then pushes toward the documents as well as the query. With
+`Generator(guidance_keeps_documents=True)` the prompt's documents go in front of it too,
+and guidance pushes toward the query given the documents.
 """
 
 from __future__ import annotations
