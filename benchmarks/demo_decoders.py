@@ -91,12 +91,14 @@ def override_settings(settings: dict, *, rerank_samples: int | None = None,
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
-            settings: dict, variants: dict | None = None, query_order: bool = False) -> dict:
+            settings: dict, variants: dict | None = None, query_order: bool = False,
+            keeps_documents: bool = False) -> dict:
     """{label: {"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "rerank": {...},
     "captions": {metric: value}}} with `generate_settings`' settings, text -> image once
     per image sampling in `variants` (label -> SamplingConfig; default {"": the run's}),
     the decoder loaded and the captions written once; `query_order`: retrieved documents
-    in the prompt's order (`Generator.neighbors_in_query_order`)."""
+    in the prompt's order (`Generator.neighbors_in_query_order`); `keeps_documents`: them
+    in guidance's unconditional stream too (`Generator.guidance_keeps_documents`)."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank, restore
@@ -108,7 +110,8 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     config, params, step = restore.restore_decoder(decoder_dir)
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
-                    tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order)
+                    tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order,
+                    guidance_keeps_documents=keeps_documents)
     ranker = rerank.ClipRanker(retriever.encoder) if settings["rerank_samples"] > 1 else None
     written = gen.image_to_text(np.stack([e["image"] for e in examples]),
                                 num_retrieved=settings["num_retrieved"],
@@ -268,6 +271,9 @@ def main(argv=None) -> str:
                         "with the run's own settings and with every variant)")
     p.add_argument("--rerank-samples", type=int, default=None,
                    help="samples per caption for CLIP re-ranking (default: the run's)")
+    p.add_argument("--guidance-keeps-documents", action="store_true",
+                   help="keep the retrieved documents in CFG's unconditional stream "
+                        "(Generator.guidance_keeps_documents)")
     p.add_argument("--num-retrieved", type=int, default=None,
                    help="retrieved documents per prompt, 1 or more (default: the run's; "
                         "k = 0 is always measured beside it)")
@@ -297,7 +303,8 @@ def main(argv=None) -> str:
     results = {}
     for name, folder in decoders.items():
         rows = measure(args.run, folder, tokenizer, examples, scenes, args.seeds, settings,
-                       variants, query_order=name in args.query_order)
+                       variants, query_order=name in args.query_order,
+                       keeps_documents=args.guidance_keeps_documents)
         results.update({name + label: row for label, row in rows.items()})
     results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
