@@ -11,6 +11,10 @@ effect of each is measured:
     text_to_image_ablations.one_sample one sample, no re-ranking
     image_to_text_ablations.k0         captions with no retrieved documents
 
+`text_to_image_by_class` says, per shape class, how often the headline images draw an asked
+shape right and what share of the drawn objects parse as that class (a decoder that
+draws blobs shows as circles), beside the same for the VQ reconstructions.
+
 The CLIP score that re-ranks is the retrieval encoder's (decode/rerank.py).
 
 Images are scored with `shapes_scores.text_to_image_metrics` (objects, colors, classes,
@@ -106,6 +110,8 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                "text_to_image": score_images(drawn.images, scenes),
                "image_to_text": shapes_scores.caption_metrics(written, scenes),
                "vq_reconstruction_reference": score_images(reconstructed, scenes),
+               "text_to_image_by_class": shapes_scores.class_metrics(drawn.images, scenes),
+               "vq_reconstruction_by_class": shapes_scores.class_metrics(reconstructed, scenes),
                "chance_reference": _chance(images, captions, scenes, seed),
                "position_scenes": sum(len(s.shapes) >= 2 for s in scenes),
                "text_to_image_positions": position_probe(

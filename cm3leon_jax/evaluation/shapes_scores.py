@@ -211,6 +211,39 @@ def text_to_image_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
     return _means([image_metrics(im, sc) for im, sc in zip(images, scenes)])
 
 
+def class_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
+                  ) -> dict[str, dict[str, float]]:
+    """Per shape class, what images drawn from the scenes' captions do with it:
+
+    asked        how many of the scenes' shapes are of the class
+    drawn_right  of those, the fraction drawn in their class and color (a parsed object
+                 matched to the shape one to one); absent for a class nobody asked for
+    drawn_share  of all the objects the parser finds in the images, the fraction of it
+                 found as this class (whatever was asked)
+
+    `text_to_image_metrics` says how often an image is right; this says which shapes a
+    model can draw, and what it draws instead: shapeless blobs parse as circles.
+    """
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images for {len(scenes)} scenes.")
+    asked, right, drawn = (collections.Counter() for _ in range(3))
+    for pixels, scene in zip(images, scenes):
+        parsed = parse.parse_image(pixels)
+        drawn.update(o.kind for o in parsed)
+        for shape, match in zip(scene.shapes, _matched(parsed, scene)):
+            asked[shape.kind] += 1
+            right[shape.kind] += match is not None
+    total = sum(drawn.values())
+    out = {}
+    for kind in shapes.KINDS:
+        row = {"asked": float(asked[kind]),
+               "drawn_share": drawn[kind] / total if total else 0.0}
+        if asked[kind]:
+            row["drawn_right"] = right[kind] / asked[kind]
+        out[kind] = row
+    return out
+
+
 def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[str, float]:
     """Edited images against the edited scenes: `edit_right` (every object right in class,
     color and place, nothing extra), `edit_objects_right` (the right objects anywhere) and

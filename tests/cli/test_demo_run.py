@@ -132,6 +132,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
                                "classes_right"}
         assert all(0 <= v <= 1 for v in scores.values())
     assert "count_right" in generated["chance_reference"]["text_to_image"]
+    for key in ("text_to_image_by_class", "vq_reconstruction_by_class"):
+        asked = sum(row["asked"] for row in generated[key].values())
+        assert asked >= 3 and all(0 <= row.get("drawn_right", 0) <= 1
+                                  for row in generated[key].values())
     placed = generated["text_to_image_positions"]
     assert placed["scenes"] == 3 and 0 <= placed["position_right"] <= 1
     assert 0 <= placed["chance_reference"] <= 1 and 0 <= placed["vq_reconstruction_reference"] <= 1

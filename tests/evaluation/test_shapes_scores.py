@@ -1,6 +1,7 @@
 """Exact scores of generations: the truth scores 1, a wrong class or color does not."""
 
 import numpy as np
+import pytest
 
 from cm3leon_jax.data import shapes, shapes_tasks
 from cm3leon_jax.evaluation import shapes_scores
@@ -76,6 +77,28 @@ def test_positions_are_what_the_position_caption_says_graded_apart_from_class():
     guessed = shapes_scores.position_metrics(None, [one, moved], guesses=[moved, one])
     assert guessed == {"position_right": 0.0, "scenes": 2.0}
     assert shapes_scores.position_metrics(None, [one], guesses=[circle])["position_right"] == 1.0
+
+
+def test_class_metrics_say_which_shapes_are_drawn_and_what_instead():
+    background = SCENES[0].background
+    star = shapes.Scene(32, background, (shapes.make_shape("star", "red", "large", 4, 4, 20),))
+    circle = shapes.Scene(32, background, (shapes.make_shape("circle", "red", "large", 4, 4, 20),))
+    square = shapes.Scene(32, background,
+                          (shapes.make_shape("square", "blue", "small", 2, 2, 9),))
+    # Asked for a star twice and a square once; drawn: a star, a circle instead of the
+    # second star, the square right.
+    by_class = shapes_scores.class_metrics(
+        np.stack([shapes.render(s) for s in (star, circle, square)]), [star, star, square])
+    assert by_class["star"] == {"asked": 2.0, "drawn_right": 0.5, "drawn_share": 1 / 3}
+    assert by_class["square"] == {"asked": 1.0, "drawn_right": 1.0, "drawn_share": 1 / 3}
+    assert by_class["circle"] == {"asked": 0.0, "drawn_share": 1 / 3}
+    assert set(by_class) == set(shapes.KINDS)
+    # On the true renders every asked shape is drawn right.
+    truth = shapes_scores.class_metrics(np.stack([shapes.render(s) for s in SCENES]), SCENES)
+    assert {row["drawn_right"] for row in truth.values() if row["asked"]} == {1.0}
+    assert sum(row["asked"] for row in truth.values()) == sum(len(s.shapes) for s in SCENES)
+    with pytest.raises(ValueError, match="2 images for 3 scenes"):
+        shapes_scores.class_metrics(np.zeros((2, 32, 32, 3), np.uint8), SCENES[:3])
 
 
 def test_caption_precision_recall_and_vqa_exact_match():
