@@ -16,7 +16,10 @@ Scores are the shape parser's exact ones
 (`evaluation/shapes_scores.py`). Each cell is the mean over the seeds with the range
 beside it. The last row is the run's retrieval alone, no decoder: each caption's top
 retrieved document's image and each image's top retrieved document's caption, what a
-decoder that only copied its best document would score. The scenes are the run's
+decoder that only copied its best document would score. Below the tables: how often the
+kept sample is right beside the first, the average and the best sample (re-ranking), and,
+per shape class, how often an asked shape is drawn right and what share of all drawn
+objects parse as that class. The scenes are the run's
 **validation** split by default: choose settings there, and keep the test split for the
 demo's held-out figures.
 """
@@ -138,10 +141,11 @@ def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: di
     samples = settings["rerank_samples"]
     captions = [e["captions"][0].decode() for e in examples]
     sampling = sampling or SamplingConfig()
-    out = {"text_to_image": {}, "rerank": {}}
+    out = {"text_to_image": {}, "rerank": {}, "by_class": {}}
     for k in dict.fromkeys((settings["num_retrieved"], 0)):  # once if the run uses k = 0
         per_seed = {m: [] for m in T2I}
         picks = {m: [] for m in PICKS}
+        by_class = {}
         for seed in seeds:
             drawn = gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
                                       num_samples=samples)
@@ -154,8 +158,13 @@ def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: di
                 per_seed[m].append(float(np.mean([r[m] for r in scores])))
             for m, value in pick_rates(rows, samples, kept).items():
                 picks[m].append(value)
+            kept_images = drawn.images[np.arange(len(scenes)) * samples + kept]
+            for kind, row in shapes_scores.class_metrics(kept_images, scenes).items():
+                for m, value in row.items():
+                    by_class.setdefault(kind, {}).setdefault(m, []).append(value)
         out["text_to_image"][f"k{k}"] = per_seed
         out["rerank"][f"k{k}"] = picks
+        out["by_class"][f"k{k}"] = by_class
     return out
 
 
@@ -256,6 +265,23 @@ def rerank_table(results: dict, samples: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def class_table(results: dict) -> str:
+    """Per shape class (`shapes_scores.class_metrics` of the kept images): how often an
+    asked shape is drawn right, and the share of the drawn objects that parse as it."""
+    kinds = [kind for r in results.values() for k in r.get("by_class", {}).values()
+             for kind in k]
+    kinds = list(dict.fromkeys(kinds))
+    lines = ["Per shape class, the kept images: drawn right when asked / share of all drawn "
+             "objects:", "", "| decoder | k | " + " | ".join(kinds) + " |",
+             "|---|---|" + "---|" * len(kinds)]
+    for name, r in results.items():
+        for k, rows in r.get("by_class", {}).items():
+            cells = [f"{_cell(rows[kind]['drawn_right'])} / {_cell(rows[kind]['drawn_share'])}"
+                     if "drawn_right" in rows.get(kind, {}) else "-" for kind in kinds]
+            lines.append(f"| {name} | {k[1:]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a finished demo run (MODEL_DIR)")
@@ -309,7 +335,7 @@ def main(argv=None) -> str:
     results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
     text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
             f"run's generate settings {settings}\n\n" + table(results) + "\n"
-            + rerank_table(results, settings["rerank_samples"]))
+            + rerank_table(results, settings["rerank_samples"]) + "\n" + class_table(results))
     print(text)
     if args.json:
         write_json(args.json, {"args": vars(args), "settings": repr(settings),

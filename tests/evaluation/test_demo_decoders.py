@@ -97,3 +97,15 @@ def test_the_counts_from_the_command_line_replace_the_runs_and_are_checked():
                       ({"num_retrieved": 0}, "--num-retrieved=0")):
         with pytest.raises(SystemExit, match=flag):
             demo_decoders.override_settings(run, **bad)
+
+
+def test_the_class_table_gives_each_asked_class_its_rate_and_share():
+    by_class = {"k2": {"circle": {"asked": [3.0, 3.0], "drawn_right": [1.0, 0.5],
+                                  "drawn_share": [0.6, 0.8]},
+                       "star": {"asked": [0.0, 0.0], "drawn_share": [0.1, 0.0]}}}
+    alone = {"step": "-", "captions": {}, "text_to_image": {}}
+    lines = demo_decoders.class_table({"d": {"by_class": by_class},
+                                       demo_decoders.RETRIEVAL_ROW: alone}).splitlines()
+    assert lines[2] == "| decoder | k | circle | star |"
+    # A class nobody asked for has no rate; the retrieval row has no images, so no row.
+    assert lines[4:] == ["| d | 2 | 75.0% (50.0%-100.0%) / 70.0% (60.0%-80.0%) | - |"]
