@@ -268,9 +268,8 @@ def rerank_table(results: dict, samples: int) -> str:
 def class_table(results: dict) -> str:
     """Per shape class (`shapes_scores.class_metrics` of the kept images): how often an
     asked shape is drawn right, and the share of the drawn objects that parse as it."""
-    kinds = [kind for r in results.values() for k in r.get("by_class", {}).values()
-             for kind in k]
-    kinds = list(dict.fromkeys(kinds))
+    kinds = list(dict.fromkeys(kind for r in results.values()
+                               for rows in r.get("by_class", {}).values() for kind in rows))
     lines = ["Per shape class, the kept images: drawn right when asked / share of all drawn "
              "objects:", "", "| decoder | k | " + " | ".join(kinds) + " |",
              "|---|---|" + "---|" * len(kinds)]
