@@ -2,7 +2,7 @@
 
     python benchmarks/demo_decoders.py --run=runs/demo \
         --decoder places=runs/demo/pretrain --decoder plain=runs/plain/pretrain \
-        --seeds 0 1 2 [--examples=200] [--json=out.json]
+        --seeds 0 1 2 [--examples=200] [--json=out.json] [--reads-only]
 
 Every decoder is read with the rest of one demo run (`--run`: its corpus, vocabulary,
 image tokenizer and retrieval index), so the decoders must have been trained on that
@@ -19,7 +19,10 @@ retrieved document's image and each image's top retrieved document's caption, wh
 decoder that only copied its best document would score. Below the tables: how often the
 kept sample is right beside the first, the average and the best sample (re-ranking), and,
 per shape class, how often an asked shape is drawn right and what share of all drawn
-objects parse as that class. The scenes are the run's
+objects parse as that class; and what each decoder reads from a caption by its own
+likelihood (`read_out`: does the true caption make the true image likelier than the
+caption with a class or a color swapped?), which `--reads-only` measures alone, in
+seconds, to screen decoders before sampling from them. The scenes are the run's
 **validation** split by default: choose settings there, and keep the test split for the
 demo's held-out figures.
 """
@@ -183,6 +186,49 @@ def pick_rates(rows, samples: int, kept) -> dict[str, float]:
             "best": float(right.max(axis=1).mean())}
 
 
+READS = ("class", "color")
+
+
+def read_out(run: str, decoder_dir: str, tokenizer, examples) -> dict:
+    """What the decoder reads from a caption, by its own likelihood: for each scene's true
+    image (its VQ codes after the bare prompt `caption <break>`), how often the true
+    caption makes it likelier than every caption with one object's class (color) put in
+    another's place (`likelihood.ranked_first`), beside the chance of that, 1 / the number
+    of captions compared. A decoder that draws a class must read it; this takes seconds
+    where drawing takes minutes. No retrieved documents: chosen by the true caption, they
+    would show the answer whatever the caption says."""
+    import numpy as np
+
+    from cm3leon_jax.decode import prompts, restore
+    from cm3leon_jax.evaluation import likelihood, shapes_scores
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+
+    config, params, step = restore.restore_decoder(decoder_dir)
+    vocab = MultimodalVocabulary(os.path.join(run, "data", "vocab"))
+    codes = tokenizer.encode(tokenizer.preprocess(np.stack([e["image"] for e in examples])))
+    targets = [vocab.layout.codes_to_ids(c) for c in codes]
+    out = {"step": step}
+    for what in READS:
+        sets = [[prompts.text_to_image(np.asarray(vocab.encode(text), np.int32))
+                 for text in shapes_scores.swapped_captions(e["captions"][0].decode(), what)]
+                for e in examples]
+        out[what] = float(likelihood.ranked_first(config, params, sets, targets).mean())
+        out[f"{what}_chance"] = float(np.mean([1 / len(s) for s in sets]))
+    return out
+
+
+def reads_table(results: dict) -> str:
+    lines = ["What each decoder reads (its likelihood of the true image, the true caption "
+             "against captions with one object's class / color swapped):", "",
+             "| decoder | step | " + " | ".join(f"{w} read (chance)" for w in READS) + " |",
+             "|---|---|" + "---|" * len(READS)]
+    for name, r in results.items():
+        if "reads" in r:
+            cells = [f"{r['reads'][w]:.1%} ({r['reads'][w + '_chance']:.1%})" for w in READS]
+            lines.append(f"| {name} | {r['reads']['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RETRIEVAL_ROW = "top retrieved document alone"
 
 
@@ -305,6 +351,8 @@ def main(argv=None) -> str:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split", default="validation")
     p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--reads-only", action="store_true",
+                   help="only what each decoder reads (`read_out`, seconds), no sampling")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from cm3leon_jax.vocab import image_tokenizer
@@ -327,14 +375,23 @@ def main(argv=None) -> str:
         variants[f" {name}"] = sampling
     results = {}
     for name, folder in decoders.items():
+        reads = read_out(args.run, folder, tokenizer, examples)
+        if args.reads_only:
+            results[name] = {"reads": reads}
+            continue
         rows = measure(args.run, folder, tokenizer, examples, scenes, args.seeds, settings,
                        variants, query_order=name in args.query_order,
                        keeps_documents=args.guidance_keeps_documents)
-        results.update({name + label: row for label, row in rows.items()})
-    results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes, settings)
-    text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
-            f"run's generate settings {settings}\n\n" + table(results) + "\n"
-            + rerank_table(results, settings["rerank_samples"]) + "\n" + class_table(results))
+        results.update({name + label: {**row, "reads": reads} for label, row in rows.items()})
+    if args.reads_only:
+        text = f"{args.examples} {args.split} scenes of {args.run}\n\n" + reads_table(results)
+    else:
+        results[RETRIEVAL_ROW] = retrieval_alone(args.run, tokenizer, examples, scenes,
+                                                 settings)
+        text = (f"{args.examples} {args.split} scenes of {args.run}, seeds {args.seeds}, the "
+                f"run's generate settings {settings}\n\n" + table(results) + "\n"
+                + rerank_table(results, settings["rerank_samples"]) + "\n"
+                + class_table(results) + "\n" + reads_table(results))
     print(text)
     if args.json:
         write_json(args.json, {"args": vars(args), "settings": repr(settings),

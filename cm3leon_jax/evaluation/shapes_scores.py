@@ -244,6 +244,28 @@ def class_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
     return out
 
 
+SWAPPABLE = {"class": shapes.KINDS, "color": tuple(shapes.COLORS)}
+
+
+def swapped_captions(caption: str, what: str) -> list[str]:
+    """`caption` first, then every caption made from it by putting another class (`what`
+    = "class") or color ("color") in place of one object's, one object at a time: the
+    alternatives a likelihood read-out (`evaluation/likelihood.ranked_first`) compares the
+    true caption with. Later mentions ("the red circle") keep their words, as the objects
+    they name are the ones introduced."""
+    if what not in SWAPPABLE:
+        raise ValueError(f"swapped_captions: what={what!r}; use one of {tuple(SWAPPABLE)}.")
+    group = 3 if what == "class" else 2
+    out = [caption]
+    for match in _PHRASE.finditer(caption.lower()):
+        if match.group(1):  # "the ...": not where an object is introduced.
+            continue
+        start, end = match.span(group)
+        out += [caption[:start] + word + caption[end:]
+                for word in SWAPPABLE[what] if word != match.group(group)]
+    return out
+
+
 def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[str, float]:
     """Edited images against the edited scenes: `edit_right` (every object right in class,
     color and place, nothing extra), `edit_objects_right` (the right objects anywhere) and

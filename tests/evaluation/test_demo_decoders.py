@@ -109,3 +109,23 @@ def test_the_class_table_gives_each_asked_class_its_rate_and_share():
     assert lines[2] == "| decoder | k | circle | star |"
     # A class nobody asked for has no rate; the retrieval row has no images, so no row.
     assert lines[4:] == ["| d | 2 | 75.0% (50.0%-100.0%) / 70.0% (60.0%-80.0%) | - |"]
+
+
+def test_read_out_scores_every_caption_against_its_swaps(eval_files, image_tokenizer, tmp_path):
+    import numpy as np
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "vocab").symlink_to(eval_files["vocab"])
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                 "captions": [caption.encode()]}
+                for caption in ("a small red circle above a yellow square", "a large blue star")]
+    reads = demo_decoders.read_out(str(tmp_path), eval_files["checkpoint"], image_tokenizer,
+                                   examples)
+    assert reads["step"] == 1
+    # Two objects (11 captions) and one (6): chance is the mean of 1/11 and 1/6.
+    assert reads["class_chance"] == pytest.approx((1 / 11 + 1 / 6) / 2)
+    assert reads["color_chance"] == pytest.approx((1 / 15 + 1 / 8) / 2)
+    assert {reads["class"], reads["color"]} <= {0.0, 0.5, 1.0}
+    line = demo_decoders.reads_table({"d": {"reads": reads}}).splitlines()[-1]
+    assert line == (f"| d | 1 | {reads['class']:.1%} (12.9%) | {reads['color']:.1%} (9.6%) |")

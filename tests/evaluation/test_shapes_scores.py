@@ -101,6 +101,26 @@ def test_class_metrics_say_which_shapes_are_drawn_and_what_instead():
         shapes_scores.class_metrics(np.zeros((2, 32, 32, 3), np.uint8), SCENES[:3])
 
 
+def test_swapped_captions_change_one_introduced_object_at_a_time():
+    caption = "a small Red circle above a blue square; the red circle is large"
+    classes = shapes_scores.swapped_captions(caption, "class")
+    assert classes[0] == caption and len(classes) == 1 + 2 * (len(shapes.KINDS) - 1)
+    assert len(set(classes)) == len(classes)
+    assert "a small Red star above a blue square; the red circle is large" in classes
+    assert "a small Red circle above a blue star; the red circle is large" in classes
+    # The later mention keeps its words; one object changes per alternative.
+    assert all(c.endswith("the red circle is large") for c in classes)
+    colors = shapes_scores.swapped_captions(caption, "color")
+    assert len(colors) == 1 + 2 * (len(shapes.COLORS) - 1)
+    assert "a small green circle above a blue square; the red circle is large" in colors
+    assert all(shapes_scores.caption_objects(c) != shapes_scores.caption_objects(caption)
+               for c in colors[1:])
+    assert shapes_scores.swapped_captions("a plain gray background", "class") == [
+        "a plain gray background"]
+    with pytest.raises(ValueError, match="what='size'"):
+        shapes_scores.swapped_captions(caption, "size")
+
+
 def test_caption_precision_recall_and_vqa_exact_match():
     star = shapes.make_shape("star", "red", "large", 4, 4, 14)
     circle = shapes.make_shape("circle", "blue", "small", 20, 20, 8)

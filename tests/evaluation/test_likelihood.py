@@ -1,0 +1,63 @@
+"""evaluation/likelihood.py: log p(target | prompt) by one padded, batched forward pass."""
+
+import jax
+import numpy as np
+import pytest
+
+from cm3leon_jax.evaluation import likelihood
+from cm3leon_jax.model.decoder import Decoder
+from tests.model.model_testlib import random_params, tiny_config
+
+CONFIG = tiny_config()
+
+
+def _direct(params, prompt, target) -> float:
+    """One unpadded row, summed token by token."""
+    tokens = np.concatenate([prompt, target]).astype(np.int32)[None]
+    log_probs = jax.nn.log_softmax(Decoder(CONFIG).apply({"params": params}, tokens)[0], -1)
+    return float(sum(log_probs[len(prompt) + i - 1, t] for i, t in enumerate(target)))
+
+
+def test_the_batched_likelihoods_equal_each_row_scored_alone():
+    params = random_params(CONFIG, seed=3)
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(3, CONFIG.vocab_size, rng.integers(1, 9)),
+              rng.integers(3, CONFIG.vocab_size, rng.integers(1, 7))) for _ in range(5)]
+    got = likelihood.sequence_log_likelihoods(CONFIG, params, *zip(*pairs), batch_size=2)
+    want = [_direct(params, p, t) for p, t in pairs]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert got.dtype == np.float32 and (got < 0).all()
+    # The padding a longer neighbour forces on a row changes nothing.
+    alone = likelihood.sequence_log_likelihoods(CONFIG, params, [pairs[0][0]], [pairs[0][1]])
+    np.testing.assert_allclose(alone, got[:1], rtol=1e-5, atol=1e-4)
+
+
+def test_ranked_first_compares_the_true_prompt_with_the_others():
+    params = random_params(CONFIG, seed=4)
+    rng = np.random.default_rng(1)
+    sets = [[rng.integers(3, CONFIG.vocab_size, 4) for _ in range(n)] for n in (2, 3, 4, 3)]
+    targets = [rng.integers(3, CONFIG.vocab_size, 5) for _ in sets]
+    got = likelihood.ranked_first(CONFIG, params, sets, targets)
+    want = []
+    for prompts, target in zip(sets, targets):
+        ll = [_direct(params, p, target) for p in prompts]
+        want.append(ll[0] > max(ll[1:]))
+    assert got.tolist() == want
+    # The same prompt twice is a tie: not first.
+    assert likelihood.ranked_first(CONFIG, params, [[sets[0][0]] * 2], targets[:1]).tolist() \
+        == [False]
+
+
+def test_bad_pairs_are_refused_with_what_to_change():
+    params = random_params(CONFIG)
+    one = np.array([5, 6], np.int32)
+    with pytest.raises(ValueError, match="one target per prompt: 2 prompts, 1 targets"):
+        likelihood.sequence_log_likelihoods(CONFIG, params, [one, one], [one])
+    with pytest.raises(ValueError, match="pair 0: the prompt and the target need a token"):
+        likelihood.sequence_log_likelihoods(CONFIG, params, [one], [np.array([], np.int32)])
+    long = np.ones(CONFIG.max_length, np.int32)
+    with pytest.raises(ValueError, match="max_length"):
+        likelihood.sequence_log_likelihoods(CONFIG, params, [long], [one])
+    with pytest.raises(ValueError, match="at least one other"):
+        likelihood.ranked_first(CONFIG, params, [[one]], [one])
+    assert likelihood.sequence_log_likelihoods(CONFIG, params, [], []).shape == (0,)
