@@ -218,6 +218,7 @@ def read_out(run: str, decoder_dir: str, tokenizer, examples) -> dict:
 
 
 def reads_table(results: dict) -> str:
+    """`read_out`'s rates per decoder, each beside its chance."""
     lines = ["What each decoder reads (its likelihood of the true image, the true caption "
              "against captions with one object's class / color swapped):", "",
              "| decoder | step | " + " | ".join(f"{w} read (chance)" for w in READS) + " |",
