@@ -212,8 +212,15 @@ def read_out(run: str, decoder_dir: str, tokenizer, examples) -> dict:
         sets = [[prompts.text_to_image(np.asarray(vocab.encode(text), np.int32))
                  for text in shapes_scores.swapped_captions(e["captions"][0].decode(), what)]
                 for e in examples]
-        out[what] = float(likelihood.ranked_first(config, params, sets, targets).mean())
-        out[f"{what}_chance"] = float(np.mean([1 / len(s) for s in sets]))
+        # A caption that names no object in the corpus' phrasing has nothing to swap.
+        kept = [i for i, s in enumerate(sets) if len(s) > 1]
+        if not kept:
+            raise SystemExit(f"read_out: no caption of {run} names a {what} to swap.")
+        first = likelihood.ranked_first(config, params, [sets[i] for i in kept],
+                                        [targets[i] for i in kept])
+        out[what] = float(first.mean())
+        out[f"{what}_chance"] = float(np.mean([1 / len(sets[i]) for i in kept]))
+        out[f"{what}_scenes"] = len(kept)
     return out
 
 

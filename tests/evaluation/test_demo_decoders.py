@@ -119,7 +119,8 @@ def test_read_out_scores_every_caption_against_its_swaps(eval_files, image_token
     rng = np.random.default_rng(0)
     examples = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
                  "captions": [caption.encode()]}
-                for caption in ("a small red circle above a yellow square", "a large blue star")]
+                for caption in ("a small red circle above a yellow square", "a large blue star",
+                                "a plain gray background")]
     reads = demo_decoders.read_out(str(tmp_path), eval_files["checkpoint"], image_tokenizer,
                                    examples)
     assert reads["step"] == 1
@@ -127,5 +128,7 @@ def test_read_out_scores_every_caption_against_its_swaps(eval_files, image_token
     assert reads["class_chance"] == pytest.approx((1 / 11 + 1 / 6) / 2)
     assert reads["color_chance"] == pytest.approx((1 / 15 + 1 / 8) / 2)
     assert {reads["class"], reads["color"]} <= {0.0, 0.5, 1.0}
+    # The caption that names no object is left out, not counted as read or not.
+    assert reads["class_scenes"] == reads["color_scenes"] == 2
     line = demo_decoders.reads_table({"d": {"reads": reads}}).splitlines()[-1]
     assert line == (f"| d | 1 | {reads['class']:.1%} (12.9%) | {reads['color']:.1%} (9.6%) |")
