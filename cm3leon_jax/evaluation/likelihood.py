@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax.model import loss
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder
 from cm3leon_jax.vocab.layout import PAD_ID
@@ -32,9 +33,8 @@ def _scorer(config: DecoderConfig):
     @jax.jit
     def score(params, tokens, weights):
         logits = model.apply({"params": params}, tokens)
-        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(picked * weights[:, 1:], axis=-1)
+        log_z, target = loss.log_z_and_target(logits[:, :-1], tokens[:, 1:])
+        return jnp.sum((target - log_z) * weights[:, 1:], axis=-1)
 
     return score
 
