@@ -114,7 +114,7 @@ def caption(ctx: Context, task: Task, k: int, sampling: SamplingConfig | None = 
 
 
 def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
-    """VQA with the SFT template (`Question: q <break> image <break>` -> answer)."""
+    """VQA with the SFT template (`image <break> Question: q <break>` -> answer)."""
     texts = ctx.gen.vqa(task.images, task.prompts, max_tokens=ctx.max_answer_tokens,
                         seed=ctx.seed)
     if task.scenes is not None:  # The corpus: one true answer, not ten annotators.

@@ -37,6 +37,18 @@ def test_edit_streams_mask_the_instruction_then_the_image(gen, vocab):
         [head, [BREAK_ID, s0, BREAK_ID, s1, BREAK_ID]]))
 
 
+def test_a_vqa_prompt_ends_in_its_question_and_masks_only_the_question(vocab):
+    """The answer follows the question, not the image (sft_prompts' module doc)."""
+    prompt = sft_prompts.vqa(CODES[0], "What color is the circle?")
+    image = vocab.layout.codes_to_ids(CODES[0])
+    question = np.asarray(vocab.encode("Question: What color is the circle?"))
+    np.testing.assert_array_equal(sft_prompts.prompt_ids(prompt, vocab), np.concatenate(
+        [image, [BREAK_ID], question, [BREAK_ID]]))
+    np.testing.assert_array_equal(sft_prompts.prompt_ids(prompt.masked(text=True), vocab),
+                                  np.concatenate([image, [BREAK_ID, vocab.layout.sentinel_id(0),
+                                                          BREAK_ID]]))
+
+
 def test_two_scale_one_one_edits_like_the_full_prompt_alone(gen):
     instructions = ["make the red circle blue", "remove the star", "add a small green square"]
     plain = gen.edit(CODES, instructions, sampling=GREEDY)
