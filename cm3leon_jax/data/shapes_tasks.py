@@ -156,6 +156,33 @@ def vqa_pairs(scene: shapes.Scene, rng: np.random.Generator) -> list[tuple[str, 
     return [pairs[k] for k in rng.permutation(len(pairs))]
 
 
+# The kinds of question `vqa_pairs` asks, in its order.
+VQA_TYPES = ("count", "color", "shape", "presence", "background", "spatial")
+
+
+def vqa_question_type(question: str) -> str:
+    """Which of `VQA_TYPES` a `vqa_pairs` question is, from its template (so a score can
+    be broken down by what the question makes the model read). Raises ValueError for a
+    question no template of `vqa_pairs` writes."""
+    if question == "How many shapes are there?":
+        return "count"
+    if question == "What is the background like?":
+        return "background"
+    if question.startswith("What color is the "):
+        return "color"
+    if question.startswith("What shape is the ") and question.endswith(" object?"):
+        return "shape"
+    if question.startswith("Is there "):
+        return "presence"
+    if question.startswith("Is the ") and any(f" {r} the " in question for r in _RELATIONS):
+        return "spatial"
+    raise ValueError(f"vqa_question_type: {question!r} is not a question vqa_pairs asks; "
+                     f"the types are {VQA_TYPES}.")
+
+
+_RELATIONS = ("to the left of", "to the right of", "above", "below")
+
+
 def _opposite(rel: str) -> str:
     return {"to the left of": "to the right of", "to the right of": "to the left of",
             "above": "below", "below": "above"}[rel]

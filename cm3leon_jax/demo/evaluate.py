@@ -225,7 +225,8 @@ def targets_report(result: dict, after: str = "sft", before: str = "pretrain") -
         prior = result.get("vqa_question_prior_baseline")
         blind = "" if prior is None else f"; a blind question-only prior {prior:.0%}"
         lines.append(f"target VQA exact match >= {VQA_TIMES_BASELINE:g}x majority baseline "
-                     f"({VQA_TIMES_BASELINE * base:.0%}) after SFT: {vqa:.0%} ({verdict}{blind})")
+                     f"({VQA_TIMES_BASELINE * base:.0%}) after SFT: {vqa:.0%} ({verdict}{blind})"
+                     + _by_question_type(result[after]["vqa"]))
     edit = result.get(after, {}).get("edit", {}).get("edit_right")
     was = result.get(before, {}).get("edit", {}).get("edit_right")
     if edit is not None:
@@ -233,3 +234,15 @@ def targets_report(result: dict, after: str = "sft", before: str = "pretrain") -
         lines.append(f"target edits right >= {EDIT_AFTER_SFT:.0%} after SFT: {edit:.0%} "
                      f"({verdict}; before SFT {_pct(was)})")
     return lines
+
+
+def _by_question_type(row: dict) -> str:
+    """'; right by question type: color 12/14, count 8/11, ...' from a VQA row's
+    `vqa_exact_match/<type>` and `vqa_questions/<type>` (empty when it has none)."""
+    parts = []
+    for kind in shapes_tasks.VQA_TYPES:
+        asked = row.get(f"vqa_questions/{kind}")
+        if asked:
+            right = round(row[f"vqa_exact_match/{kind}"] * asked)
+            parts.append(f"{kind} {right}/{asked}")
+    return f"; right by question type: {', '.join(parts)}" if parts else ""

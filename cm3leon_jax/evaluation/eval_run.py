@@ -114,9 +114,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
     keys = ["task", "strategy", "retrieved"]
     metrics = sorted({k for r in rows for k in r if k not in keys})
     lines = ["| " + " | ".join(keys + metrics) + " |", "|" + "---|" * (len(keys) + len(metrics))]
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else ""
+
     for r in rows:
-        cells = [str(r[k]) for k in keys] + [
-            f"{r[m]:.3f}" if isinstance(r.get(m), float) else "" for m in metrics]
+        cells = [str(r[k]) for k in keys] + [cell(r.get(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

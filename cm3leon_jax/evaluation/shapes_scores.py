@@ -303,3 +303,24 @@ def vqa_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float
         raise ValueError("no VQA answers to score.")
     return float(np.mean([vqa.normalize(p) == vqa.normalize(a)
                           for p, a in zip(predictions, answers)]))
+
+
+def vqa_exact_match_by_type(questions: Sequence[str], predictions: Sequence[str],
+                            answers: Sequence[str]) -> dict[str, float | int]:
+    """`vqa_exact_match` per question type (`shapes_tasks.VQA_TYPES`, the corpus' questions):
+    `vqa_exact_match/<type>` and `vqa_questions/<type>` (how many were asked), for the
+    types asked at least once. Says which part of the image a model reads (colors, counts,
+    shapes) where the overall figure cannot."""
+    if not len(questions) == len(predictions) == len(answers):
+        raise ValueError(f"{len(questions)} questions, {len(predictions)} predictions and "
+                         f"{len(answers)} answers: give one of each per question.")
+    grouped: dict[str, list[bool]] = {}
+    for q, p, a in zip(questions, predictions, answers):
+        grouped.setdefault(shapes_tasks.vqa_question_type(q), []).append(
+            vqa.normalize(p) == vqa.normalize(a))
+    out: dict[str, float | int] = {}
+    for kind in shapes_tasks.VQA_TYPES:
+        if kind in grouped:
+            out[f"vqa_exact_match/{kind}"] = float(np.mean(grouped[kind]))
+            out[f"vqa_questions/{kind}"] = len(grouped[kind])
+    return out

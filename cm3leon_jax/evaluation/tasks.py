@@ -118,8 +118,9 @@ def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
     texts = ctx.gen.vqa(task.images, task.prompts, max_tokens=ctx.max_answer_tokens,
                         seed=ctx.seed)
     if task.scenes is not None:  # The corpus: one true answer, not ten annotators.
-        metrics = {"vqa_exact_match": shapes_scores.vqa_exact_match(
-            texts, [r[0] for r in task.references])}
+        truths = [r[0] for r in task.references]
+        metrics = {"vqa_exact_match": shapes_scores.vqa_exact_match(texts, truths),
+                   **shapes_scores.vqa_exact_match_by_type(task.prompts, texts, truths)}
     else:
         metrics = {"vqa_accuracy": vqa.vqa_score(texts, task.references)}
     return _row("vqa", "greedy", 0, metrics), texts

@@ -223,3 +223,8 @@ def test_the_blind_question_prior_answers_each_question_as_validation_scenes_do(
                                           "vqa_question_prior_baseline": 0.44})
     assert lines == ["target VQA exact match >= 3x majority baseline (42%) after SFT: 20% "
                      "(NOT reached; a blind question-only prior 44%)"]
+    by_type = {"vqa_exact_match": 0.5, "vqa_exact_match/count": 0.75, "vqa_questions/count": 4,
+               "vqa_exact_match/shape": 0.0, "vqa_questions/shape": 2}
+    lines = demo_evaluate.targets_report({"sft": {"vqa": by_type},
+                                          "vqa_majority_baseline": 0.14})
+    assert lines[0].endswith("50% (reached); right by question type: count 3/4, shape 0/2")

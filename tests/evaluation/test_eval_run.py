@@ -72,7 +72,12 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
     assert 0 <= t2i["clip_score"] <= 100 and t2i["fid_retrieval_encoder"] > 0
     assert {"object_precision", "object_recall"} <= set(rows[("captioning", "greedy")])
     assert JAVA <= ("CIDEr-D" in rows[("captioning", "greedy")])
-    assert "vqa_exact_match" in rows[("vqa", "greedy")]
+    vqa_row = rows[("vqa", "greedy")]
+    assert "vqa_exact_match" in vqa_row
+    # Broken down by question type, each type with its count.
+    asked = [k for k in vqa_row if k.startswith("vqa_questions/")]
+    assert asked and all(f"vqa_exact_match/{k.split('/')[1]}" in vqa_row for k in asked)
+    assert all(isinstance(vqa_row[k], int) and vqa_row[k] > 0 for k in asked)
     assert "edit_right" in rows[("edit", "cfg3")]
     table = (out / "eval" / "report.md").read_text()
     assert table.count("| text_to_image |") == 4 and "clip_score" in table

@@ -131,3 +131,23 @@ def test_caption_precision_recall_and_vqa_exact_match():
     assert got["objects_right"] == 0.0
     assert shapes_scores.vqa_exact_match(["Two.", "yes", "red"], ["two", "no", "red"]) == \
         2 / 3
+
+
+def test_every_corpus_question_has_one_type_and_scores_by_type():
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(np.random.default_rng(i), 64) for i in range(30)]
+    pairs = [p for s in scenes for p in shapes_tasks.vqa_pairs(s, rng)]
+    kinds = [shapes_tasks.vqa_question_type(q) for q, _ in pairs]
+    assert set(kinds) == set(shapes_tasks.VQA_TYPES)  # 30 scenes at 64 px ask every kind
+    # A model that answers only the color questions right.
+    questions, truths = [q for q, _ in pairs], [a for _, a in pairs]
+    answers = [a if k == "color" else "no idea" for a, k in zip(truths, kinds)]
+    got = shapes_scores.vqa_exact_match_by_type(questions, answers, truths)
+    assert got["vqa_exact_match/color"] == 1.0
+    assert {got[f"vqa_exact_match/{k}"] for k in shapes_tasks.VQA_TYPES if k != "color"} == {0.0}
+    assert sum(got[f"vqa_questions/{k}"] for k in shapes_tasks.VQA_TYPES) == len(pairs)
+    assert got["vqa_questions/count"] == len(scenes)  # one count question per scene
+    with pytest.raises(ValueError, match="not a question vqa_pairs asks"):
+        shapes_tasks.vqa_question_type("Why is the sky blue?")
+    with pytest.raises(ValueError, match="one of each per question"):
+        shapes_scores.vqa_exact_match_by_type(questions[:2], answers[:1], truths[:2])
