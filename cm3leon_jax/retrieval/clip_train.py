@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -107,7 +108,8 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
                     steps: int = 800, batch_size: int = 128, learning_rate: float = 1e-3,
                     warmup_steps: int = 50, weight_decay: float = 0.1,
                     seed: int = 0, log_every: int = 50, checkpoint_every: int = 200,
-                    keep_checkpoints: int = 2, write_tensorboard: bool = True) -> dict:
+                    keep_checkpoints: int = 2, write_tensorboard: bool = True,
+                    mirror: bool = False) -> dict:
     """Trains, evaluates and saves the encoder; returns the test metrics.
 
     train_pairs, test_pairs: (uint8[n, s, s, 3] images, a list of captions per image),
@@ -116,7 +118,9 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     `write_tensorboard=False`) every `log_every` steps. A checkpoint is saved every
     `checkpoint_every` steps (the last `keep_checkpoints` kept), at the end, and on
     SIGTERM; a run that finds one resumes from it. A preempted run returns
-    {"preempted": True, "step": ...} without evaluating.
+    {"preempted": True, "step": ...} without evaluating. `mirror`: each pair mirrored
+    left to right with probability 1/2, "left" and "right" swapped in its caption (every
+    shape of the built-in corpus is its own mirror image).
     """
     logging.set_verbosity(logging.INFO)
     if not 0 <= warmup_steps < steps:
@@ -133,6 +137,8 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
         logging.warning("corpus images are %dpx and the encoder reads %dpx: they are resized.",
                         images.shape[1], cfg.image_size)
     tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
+    mirrored = ([[tokenizer.encode(mirror_caption(c)) for c in caps] for caps in captions]
+                if mirror else None)
     writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
     ckpt = checkpoints.Checkpointer(fs.join(model_dir, "checkpoints"),
                                     save_every=checkpoint_every, keep=keep_checkpoints)
@@ -140,7 +146,7 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     try:
         params, history, reached = _fit(cfg, images, tokens, make_optimizer(
             learning_rate, warmup_steps, steps, weight_decay), steps, batch_size, seed,
-            log_every, writer, ckpt)
+            log_every, writer, ckpt, mirrored)
     finally:
         ckpt.close()
         writer.close()
@@ -158,6 +164,14 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
         json.dump(metrics, f, indent=2)
     logging.info("test recall: %s", {k: v for k, v in metrics.items() if "recall" in k})
     return metrics
+
+
+_SIDES = {"left": "right", "right": "left"}
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the image mirrored left to right: "left" and "right" swapped."""
+    return re.sub(r"\b(left|right)\b", lambda m: _SIDES[m.group(1)], caption)
 
 
 class PairDraws:
@@ -196,9 +210,11 @@ class PairDraws:
 
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
-         log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer
-         ) -> tuple[Any, list[dict], int]:
-    """The loop: each step pairs `batch_size` random images with one caption each.
+         log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
+         mirrored: list[list[list[int]]] | None = None) -> tuple[Any, list[dict], int]:
+    """The loop: each step pairs `batch_size` random images with one caption each
+    (`mirrored`: the captions' tokens with left and right swapped; then each pair is
+    mirrored with probability 1/2).
 
     Data-parallel on the shared mesh (`model/partitioning.py`): the batch is split by
     the `batch` rule, the weights replicated. Starts from `ckpt`'s newest checkpoint when
@@ -231,9 +247,15 @@ preempted.
     with checkpoints.PreemptionSignal() as preemption:
         for i in range(start + 1, steps + 1):
             idx, which = draws.draw(len(images), batch_size)
-            toks, lengths = bucketed_tokens([tokens[j][w] for j, w in zip(idx, which)],
-                                            cfg.context_length)
-            pixels = preprocess_images(images[idx], cfg.image_size)
+            batch = images[idx]
+            if mirrored is None:
+                chosen = [tokens[j][w] for j, w in zip(idx, which)]
+            else:  # Half the pairs mirrored left to right, their captions too.
+                flip = draws.rng.random(batch_size) < 0.5
+                batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+                chosen = [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
+            toks, lengths = bucketed_tokens(chosen, cfg.context_length)
+            pixels = preprocess_images(batch, cfg.image_size)
             params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),
                                                 rows(lengths))
             if i % log_every == 0 or i == steps:

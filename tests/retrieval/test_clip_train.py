@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from cm3leon_jax.data.synthetic import synthetic_pairs
 from cm3leon_jax.retrieval import clip, clip_train
@@ -16,11 +17,12 @@ CFG = clip.ClipConfig(image_size=32, patch_size=8, vision_width=48, vision_layer
                       eos_token_id=1023, projection_dim=32)
 
 
-def test_short_training_run_learns_saves_and_resumes(tmp_path):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_short_training_run_learns_saves_and_resumes(tmp_path, mirror):
     kw = dict(train_pairs=synthetic_pairs("train", 300, 32),
               test_pairs=synthetic_pairs("test", 64, 32), steps=40, batch_size=32,
               learning_rate=3e-3, warmup_steps=5, log_every=20, checkpoint_every=20,
-              keep_checkpoints=5)
+              keep_checkpoints=5, mirror=mirror)
     m = clip_train.train_retriever(str(tmp_path / "run"), CFG, **kw)
     # InfoNCE at chance is ln(batch) = 3.47; the run must get well below it.
     assert m["final_loss"] < np.log(32) - 1.0, m["history"]
@@ -51,3 +53,13 @@ def test_recall_at_counts_any_relevant_hit():
     relevant = np.array([[False, False, True], [True, False, False]])
     r = clip_train.recall_at(sims, relevant, ks=(1, 2))
     assert r == {1: 0.0, 2: 1.0}
+
+
+def test_a_mirrored_caption_swaps_left_and_right_only():
+    assert clip_train.mirror_caption(
+        "a red star on the left, and a blue circle to the right of the red star") == \
+        "a red star on the right, and a blue circle to the left of the red star"
+    assert clip_train.mirror_caption("a green square in the top left corner") == \
+        "a green square in the top right corner"
+    assert clip_train.mirror_caption("a bright circle above the square") == \
+        "a bright circle above the square"  # "bright" is not "right"
