@@ -59,23 +59,30 @@ def _scenes(run: str, split: str, n: int, image_size: int):
 
 
 SETTINGS = ("num_retrieved", "image_sampling", "caption_sampling", "caption_style",
-            "max_caption_tokens", "rerank_samples")
+            "max_caption_tokens", "rerank_samples", "selection")
 
 
 def generate_settings(run: str) -> dict:
     """The run's generate-stage settings (`SETTINGS`), as its `config.gin` binds them, the
-    stage's defaults where it binds nothing."""
+    stage's defaults where it binds nothing; `selection` is the retrieval rules its
+    generate stage searched with (`Retriever.open`'s, with the run's `SelectionConfig`
+    bindings)."""
     import inspect
 
     import gin
 
     from cm3leon_jax.demo import generate as demo_generate
+    from cm3leon_jax.retrieval.retriever import Retriever
+    from cm3leon_jax.retrieval.select import SelectionConfig
 
     gin.parse_config_file(os.path.join(run, "config.gin"), skip_unknown=True)
     try:
         params = inspect.signature(demo_generate.generate_stage).parameters
         bound = gin.get_bindings(demo_generate.generate_stage)
-        return {name: bound.get(name, params[name].default) for name in SETTINGS}
+        out = {name: bound.get(name, params[name].default) for name in SETTINGS
+               if name != "selection"}
+        out["selection"] = SelectionConfig(k=Retriever.DEFAULT_K)
+        return out
     finally:  # The run's DecoderConfig bindings would otherwise be checked against each
         gin.clear_config()  # --decoder's own config.gin, and one of another size refused.
 
@@ -114,7 +121,7 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
     config, params, step = restore.restore_decoder(decoder_dir)
-    retriever = Retriever.open(os.path.join(run, "data", "retrieval"))
+    retriever = Retriever.open(os.path.join(run, "data", "retrieval"), settings["selection"])
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
                     tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order,
                     guidance_keeps_documents=keeps_documents)
@@ -252,7 +259,7 @@ def retrieval_alone(run: str, tokenizer, examples, scenes, settings: dict) -> di
 
     k = max(settings["num_retrieved"], 1)
     scores, _, _ = demo_generate.retrieval_reference(
-        Retriever.open(os.path.join(run, "data", "retrieval")),
+        Retriever.open(os.path.join(run, "data", "retrieval"), settings["selection"]),
         MultimodalVocabulary(os.path.join(run, "data", "vocab")), tokenizer,
         [e["captions"][0].decode() for e in examples],
         np.stack([e["image"] for e in examples]), scenes, k)

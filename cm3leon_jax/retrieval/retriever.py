@@ -36,7 +36,11 @@ class SearchResult:
 
 
 class Retriever:
-    """Index + memory bank (+ encoder for text and image queries) + selection rules."""
+    """Index + memory bank (+ encoder for text and image queries) + selection rules
+    (by default `SelectionConfig(k=DEFAULT_K)`, whatever the process's gin config binds
+    for its thresholds)."""
+
+    DEFAULT_K = 2  # Documents retrieved per query at inference (the paper's).
 
     def __init__(self, index: index_lib.Searcher, bank: MemoryBank, encoder=None,
                  selection: SelectionConfig | None = None):
@@ -49,7 +53,7 @@ class Retriever:
             raise ValueError(f"encoder makes {encoder.dim}-d vectors, the bank holds {bank.dim}-d: "
                              "use the encoder the bank was built with.")
         self.index, self.bank, self.encoder = index, bank, encoder
-        self.selection = selection or SelectionConfig(k=2)
+        self.selection = selection or SelectionConfig(k=self.DEFAULT_K)
 
     @classmethod
     def open(cls, directory: str, selection: SelectionConfig | None = None,

@@ -38,6 +38,9 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
         "generate_stage.image_sampling = @images/SamplingConfig()\n"
         "images/SamplingConfig.top_p = 0.5\n"
         "images/SamplingConfig.guidance = 'cfg'\n"
+        "import cm3leon_jax.retrieval.select\n"
+        "SelectionConfig.k = 3\n"
+        "SelectionConfig.max_relevance = 0.99\n"
         "DecoderConfig.num_heads = 4\n")
     try:
         settings = demo_decoders.generate_settings(str(tmp_path))
@@ -54,6 +57,8 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
     assert settings["num_retrieved"] == 1
     assert settings["image_sampling"].top_p == 0.5
     assert settings["image_sampling"].guidance == "cfg"
+    # The rules the run's generate stage searched with: its thresholds, k as served.
+    assert settings["selection"].max_relevance == 0.99 and settings["selection"].k == 2
     # Unbound: generate_stage's own defaults.
     assert settings["rerank_samples"] == 4 and settings["caption_style"] == "infill"
     assert settings["caption_sampling"] is None and settings["max_caption_tokens"] == 24
