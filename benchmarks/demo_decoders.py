@@ -58,8 +58,10 @@ def _scenes(run: str, split: str, n: int, image_size: int):
     return examples, scenes
 
 
-SETTINGS = ("num_retrieved", "image_sampling", "caption_sampling", "caption_style",
-            "max_caption_tokens", "rerank_samples", "selection")
+# generate_stage's arguments that decide what it draws and writes; then its retrieval rules.
+STAGE_SETTINGS = ("num_retrieved", "image_sampling", "caption_sampling", "caption_style",
+                  "max_caption_tokens", "rerank_samples")
+SETTINGS = STAGE_SETTINGS + ("selection",)
 
 
 def generate_settings(run: str) -> dict:
@@ -79,10 +81,8 @@ def generate_settings(run: str) -> dict:
     try:
         params = inspect.signature(demo_generate.generate_stage).parameters
         bound = gin.get_bindings(demo_generate.generate_stage)
-        out = {name: bound.get(name, params[name].default) for name in SETTINGS
-               if name != "selection"}
-        out["selection"] = SelectionConfig(k=Retriever.DEFAULT_K)
-        return out
+        return {**{name: bound.get(name, params[name].default) for name in STAGE_SETTINGS},
+                "selection": SelectionConfig(k=Retriever.DEFAULT_K)}
     finally:  # The run's DecoderConfig bindings would otherwise be checked against each
         gin.clear_config()  # --decoder's own config.gin, and one of another size refused.
 

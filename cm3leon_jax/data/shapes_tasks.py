@@ -174,18 +174,19 @@ def vqa_question_type(question: str) -> str:
         return "shape"
     if question.startswith("Is there "):
         return "presence"
-    if question.startswith("Is the ") and any(f" {r} the " in question for r in _RELATIONS):
+    if question.startswith("Is the ") and any(f" {r} the " in question for r in _OPPOSITE):
         return "spatial"
     raise ValueError(f"vqa_question_type: {question!r} is not a question vqa_pairs asks; "
                      f"the types are {VQA_TYPES}.")
 
 
-_RELATIONS = ("to the left of", "to the right of", "above", "below")
+# Each relation `relation` writes, and its opposite.
+_OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
+             "above": "below", "below": "above"}
 
 
 def _opposite(rel: str) -> str:
-    return {"to the left of": "to the right of", "to the right of": "to the left of",
-            "above": "below", "below": "above"}[rel]
+    return _OPPOSITE[rel]
 
 
 def box_phrases(scene: shapes.Scene) -> list[str]:

@@ -208,6 +208,21 @@ class PairDraws:
         self.history = saved["history"]
 
 
+def pair_batch(draws: PairDraws, images: np.ndarray, tokens: list[list[list[int]]],
+               mirrored: list[list[list[int]]] | None, batch_size: int
+               ) -> tuple[np.ndarray, list[list[int]]]:
+    """One step's pairs: `batch_size` images (uint8[b, s, s, 3]) and one caption's tokens
+    each, drawn by `draws`; with `mirrored` (the captions' tokens, left and right
+    swapped), each pair is mirrored left to right with probability 1/2."""
+    idx, which = draws.draw(len(images), batch_size)
+    batch = images[idx]
+    if mirrored is None:
+        return batch, [tokens[j][w] for j, w in zip(idx, which)]
+    flip = draws.rng.random(batch_size) < 0.5
+    batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+    return batch, [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
+
+
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
          log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
@@ -246,14 +261,7 @@ preempted.
     t0 = time.time()
     with checkpoints.PreemptionSignal() as preemption:
         for i in range(start + 1, steps + 1):
-            idx, which = draws.draw(len(images), batch_size)
-            batch = images[idx]
-            if mirrored is None:
-                chosen = [tokens[j][w] for j, w in zip(idx, which)]
-            else:  # Half the pairs mirrored left to right, their captions too.
-                flip = draws.rng.random(batch_size) < 0.5
-                batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
-                chosen = [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
+            batch, chosen = pair_batch(draws, images, tokens, mirrored, batch_size)
             toks, lengths = bucketed_tokens(chosen, cfg.context_length)
             pixels = preprocess_images(batch, cfg.image_size)
             params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),

@@ -63,3 +63,18 @@ def test_a_mirrored_caption_swaps_left_and_right_only():
         "a green square in the top right corner"
     assert clip_train.mirror_caption("a bright circle above the square") == \
         "a bright circle above the square"  # "bright" is not "right"
+
+
+def test_a_mirrored_pair_flips_the_image_left_to_right_with_its_caption():
+    images = np.arange(6 * 4 * 4 * 3, dtype=np.uint8).reshape(6, 4, 4, 3)
+    tokens = [[[10 * i + w + 1] for w in range(4)] for i in range(6)]
+    mirrored = [[[-(10 * i + w + 1)] for w in range(4)] for i in range(6)]
+    plain_batch, plain = clip_train.pair_batch(clip_train.PairDraws(0), images, tokens, None, 6)
+    batch, chosen = clip_train.pair_batch(clip_train.PairDraws(0), images, tokens, mirrored, 6)
+    flipped = [c[0] < 0 for c in chosen]
+    assert any(flipped) and not all(flipped)  # seed 0 mirrors some of the 6, not all
+    for b, p, c, pc, f in zip(batch, plain_batch, chosen, plain, flipped):
+        # The same draws; a mirrored pair is the image reversed along its width, its
+        # caption the mirrored one.
+        np.testing.assert_array_equal(b, p[:, ::-1] if f else p)
+        assert c == ([-pc[0]] if f else pc)
