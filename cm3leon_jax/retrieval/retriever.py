@@ -16,6 +16,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval.encoder import cached_encoder
@@ -23,6 +24,9 @@ from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.select import SelectionConfig, select
 
 RETRIEVAL_JSON = "retrieval.json"
+# The selection rules a retriever serves with that also chose the stored neighbors at build
+# time (`k` and the dropout are each use's own).
+THRESHOLDS = ("max_relevance", "max_redundancy", "prefer_multimodal")
 
 
 @dataclasses.dataclass
@@ -64,8 +68,19 @@ class Retriever:
         encoder = None
         if with_encoder and meta.get("encoder_dir"):
             encoder = cached_encoder(meta["encoder_dir"])
-        return cls(index_lib.load_index(os.path.join(directory, "index"), max_loaded_shards),
-                   MemoryBank(os.path.join(directory, "memory_bank")), encoder, selection)
+        retriever = cls(index_lib.load_index(os.path.join(directory, "index"), max_loaded_shards),
+                        MemoryBank(os.path.join(directory, "memory_bank")), encoder, selection)
+        built = meta.get("selection") or {}
+        differ = {f: (built[f], getattr(retriever.selection, f)) for f in THRESHOLDS
+                  if f in built and built[f] != getattr(retriever.selection, f)}
+        if differ:  # Allowed (a serving knob), but never silent.
+            logging.warning(
+                "Retriever %s serves with %s, other rules than the %s its documents' stored "
+                "neighbors were chosen by (retrieval.json); bind SelectionConfig as the build "
+                "did to serve what training saw.", directory,
+                ", ".join(f"{f}={v[1]}" for f, v in differ.items()),
+                ", ".join(f"{f}={v[0]}" for f, v in differ.items()))
+        return retriever
 
     @property
     def dim(self) -> int:

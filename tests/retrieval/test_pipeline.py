@@ -1,5 +1,6 @@
 """Encoder document vectors, the build mode, precomputed neighbors and the local retriever."""
 
+import dataclasses
 import json
 import os
 
@@ -135,3 +136,11 @@ def test_deeper_search_gets_past_near_duplicates(tmp_path):
     assert sorted(res.doc_ids) == ["d60", "d61", "d62"]
     shallow = Retriever(r.index, bank, selection=SelectionConfig(k=3, overfetch=2, max_overfetch=2))
     assert shallow.search_vectors(query[None])[0].doc_ids == []
+
+
+def test_serving_with_other_thresholds_than_the_build_says_so(retrieval_dir, caplog):
+    Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, k=2), with_encoder=False)
+    assert "other rules" not in caplog.text  # k is each use's own
+    Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, max_relevance=0.9),
+                   with_encoder=False)
+    assert "serves with max_relevance=0.9, other rules than the max_relevance=0.98" in caplog.text
