@@ -11,8 +11,9 @@ Writes
 Text-to-image runs every strategy (`Strategy`: top-p, CFG scales, CD-K, N samples re-ranked
 by CLIP score, mixed samplings) with each number of retrieved documents in
 `num_retrieved` (the paper: 0 / 1 / 2); captioning runs with each number of retrieved
-documents; VQA and editing (SFT templates) run without retrieval, editing with each
-strategy's first sampling. `run_suite` is the same evaluation for a Generator already in
+documents; VQA and editing (SFT templates) run without retrieval, editing once per distinct
+way the single-sample strategies decode an edit (`tasks.edit_strategies`: "two_scale",
+"unguided"). `run_suite` is the same evaluation for a Generator already in
 memory (the demo calls it).
 
 FID: with `inception_weights` (pytorch-fid's pt_inception-2015-12-05 file) the standard
@@ -70,7 +71,7 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
     if suite.vqa is not None:
         jobs.append(("vqa", None, 0))
     if suite.edit is not None:
-        jobs += [("edit", s, 0) for s in strategies if s.num_samples == 1]
+        jobs += [("edit", s, 0) for s in tasks.edit_strategies(strategies)]
     return jobs
 
 

@@ -8,7 +8,7 @@ reference statistics, computed once per suite).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gin
@@ -124,6 +124,28 @@ def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
     else:
         metrics = {"vqa_accuracy": vqa.vqa_score(texts, task.references)}
     return _row("vqa", "greedy", 0, metrics), texts
+
+
+def edit_strategies(strategies: Sequence[Strategy]) -> list[Strategy]:
+    """The distinct ways `Generator.edit` decodes among the single-sample `strategies`, one
+    each, named for what runs. An edit is guided with two scales (image 1.5, text 7.5)
+    whatever its sampling's guidance ("cfg" at any scale, or "cdk") and unguided only when
+    that is "none": eval.gin's cfg3, cfg5 and cdk are one edit decoding ("two_scale"), top-p
+    another ("unguided"). A second decoding of either kind (another top-p, say) is named
+    after its strategy too ("two_scale_<name>")."""
+    out, seen = [], set()
+    for strategy in strategies:
+        sampling = strategy.samplings[0]
+        guided = sampling.guidance != "none"
+        key = (guided, sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p)
+        if strategy.num_samples != 1 or key in seen:
+            continue
+        seen.add(key)
+        name = "two_scale" if guided else "unguided"
+        if any(s.name == name for s in out):
+            name = f"{name}_{strategy.name}"
+        out.append(Strategy(name=name, samplings=(sampling,)))
+    return out
 
 
 def edit(ctx: Context, task: Task, strategy: Strategy) -> tuple[dict, np.ndarray]:

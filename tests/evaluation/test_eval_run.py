@@ -58,7 +58,7 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
     report = json.loads((out / "eval" / "report.json").read_text())
     rows = {(row["task"], row["strategy"]): row for row in report["rows"]}
     assert set(rows) == {("text_to_image", "cfg3"), ("text_to_image", "rerank8"),
-                         ("captioning", "greedy"), ("vqa", "greedy"), ("edit", "cfg3"),
+                         ("captioning", "greedy"), ("vqa", "greedy"), ("edit", "two_scale"),
                          ("text_to_image", "real:vq_reconstruction"),
                          ("text_to_image", "real:other_scenes")}
     # eval.gin's reference rows: real images graded like samples, retrieved "-".
@@ -78,11 +78,11 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
     asked = [k for k in vqa_row if k.startswith("vqa_questions/")]
     assert asked and all(f"vqa_exact_match/{k.split('/')[1]}" in vqa_row for k in asked)
     assert all(isinstance(vqa_row[k], int) and vqa_row[k] > 0 for k in asked)
-    assert "edit_right" in rows[("edit", "cfg3")]
+    assert "edit_right" in rows[("edit", "two_scale")]
     table = (out / "eval" / "report.md").read_text()
     assert table.count("| text_to_image |") == 4 and "clip_score" in table
     for name in ("text_to_image_cfg3_k0", "text_to_image_rerank8_k0", "captioning_k0", "vqa",
-                 "edit_cfg3"):
+                 "edit_two_scale"):
         assert Image.open(out / "eval" / f"{name}.png").size[0] > 0
     assert "[eval] wrote" in stdout and "eval:" in stderr  # tqdm's progress bar
 
@@ -199,3 +199,18 @@ def test_captioning_uses_the_context_caption_style():
         assert texts == ["a red circle"] * 2 and row["task"] == "captioning"
     assert asked == ["infill", "image_first"]
     assert Context(Recorder()).caption_style == "infill"
+
+
+def test_each_way_of_decoding_an_edit_runs_once_named_for_what_runs():
+    def cfg(scale):
+        return SamplingConfig(guidance="cfg", guidance_scale=scale)
+
+    strategies = [Strategy("top-p", (SamplingConfig(guidance="none"),)),
+                  Strategy("cfg3", (cfg(3.0),)), Strategy("cfg5", (cfg(5.0),)),
+                  Strategy("cdk", (SamplingConfig(guidance="cdk"),)),
+                  Strategy("rerank8", (cfg(3.0),), num_samples=8),
+                  Strategy("greedy", (SamplingConfig(greedy=True),))]
+    got = tasks.edit_strategies(strategies)
+    # cfg3, cfg5 and cdk all guide an edit with two scales; re-ranking is not an edit's.
+    assert [s.name for s in got] == ["unguided", "two_scale", "two_scale_greedy"]
+    assert got[1].samplings[0] == cfg(3.0) and got[2].samplings[0].greedy
