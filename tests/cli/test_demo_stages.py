@@ -183,6 +183,19 @@ def test_the_chance_targets_name_the_tokenizers_ceiling_and_the_scenes_graded():
         "images through the tokenizer 0%; 7 scenes of two or more shapes graded)"]
 
 
+def test_the_drawing_targets_name_the_tokenizers_ceiling_and_the_caption_ones_do_not():
+    metrics = {"text_to_image": {"objects_right": 0.25, "any_object_right": 0.25},
+               "image_to_text": {"objects_right": 0.66},
+               "vq_reconstruction_reference": {"objects_right": 0.797,
+                                               "any_object_right": 0.8125}}
+    assert demo_generate.targets_report(metrics) == [
+        "target text_to_image.objects_right >= 35%: 25% (NOT reached; the true images "
+        "through the tokenizer 80%)",
+        "target text_to_image.any_object_right >= 80%: 25% (NOT reached; the true images "
+        "through the tokenizer 81%)",
+        "target image_to_text.objects_right >= 30%: 66% (reached)"]
+
+
 def test_positions_are_judged_on_the_captions_that_name_them_when_measured():
     metrics = {"text_to_image": {"position_right": 0.0},
                "chance_reference": {"text_to_image": {"position_right": 0.0}},
