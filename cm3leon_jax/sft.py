@@ -28,7 +28,7 @@ import seqio
 from cm3leon_jax import fs
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.train import run_config, trainer
 
 
@@ -43,12 +43,12 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
     for name in VOCAB_FILES:
         a, b = os.path.join(base_vocab_dir, name), os.path.join(mine, name)
         if not fs.exists(a):
-            raise FileNotFoundError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "
+            raise MissingInputError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "
                                     "the vocab/ folder of the base model's pretraining data.")
         if not fs.exists(b) or not filecmp.cmp(a, b, shallow=False):
-            raise ValueError(f"vocabulary mismatch: the base model's {base_vocab_dir!r} and the "
-                             f"SFT task {task!r}'s {mine!r} differ ({name}); run sft_preprocess "
-                             "with the base model's pretraining vocabulary.")
+            raise UserInputError(f"vocabulary mismatch: the base model's {base_vocab_dir!r} and "
+                                 f"the SFT task {task!r}'s {mine!r} differ ({name}); run "
+                                 "sft_preprocess with the base model's pretraining vocabulary.")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -68,7 +68,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
     steps = restore.checkpoint_steps(base_model_dir)
     if not steps:
-        raise FileNotFoundError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")
+        raise MissingInputError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")
 
     def base_params():
         return restore.restore_decoder(base_model_dir, base_step, config)[1]

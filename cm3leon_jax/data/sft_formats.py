@@ -39,6 +39,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_preprocess import Skipped
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import image_inputs
 
 
@@ -60,7 +61,7 @@ class _Skip(Exception):  # noqa: N818
 
 def _read_json(path: str, what: str) -> Any:
     if not fs.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist.")
+        raise MissingInputError(f"{what} {path!r} does not exist.")
     try:
         with fs.open(path) as f:
             return json.load(f)
@@ -99,7 +100,7 @@ class InstructPix2PixJsonl:
 
     def records(self) -> list[Record]:
         if not fs.exists(self.path):
-            raise FileNotFoundError(f"InstructPix2Pix file {self.path!r} does not exist.")
+            raise MissingInputError(f"InstructPix2Pix file {self.path!r} does not exist.")
         root, out = os.path.dirname(fs.abspath(self.path)), []
         for n, row in fs.read_jsonl(self.path):
             doc_id = f"ip2p:{os.path.basename(self.path)}:{n}"
@@ -300,7 +301,7 @@ class ConditionFolder:
     def records(self) -> list[Record]:
         image_dir = os.path.join(self.root, "image")
         if not fs.isdir(image_dir):
-            raise FileNotFoundError(f"condition folder {self.root!r} has no image/ folder; "
+            raise MissingInputError(f"condition folder {self.root!r} has no image/ folder; "
                                     "see ConditionFolder's docstring for the layout.")
         names = sorted(os.path.splitext(f)[0] for f in fs.listdir(image_dir)
                        if f.lower().endswith(IMAGE_EXTENSIONS))

@@ -37,7 +37,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.sft_examples import SftExample
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 VOCAB_FILES = ("layout.json", "text.model")
@@ -216,7 +216,7 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
     target = os.path.join(out_dir, "vocab")
     for name in VOCAB_FILES:
         if not fs.exists(os.path.join(vocab_dir, name)):
-            raise FileNotFoundError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
+            raise MissingInputError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
                                     "give the vocab/ folder of the pretraining data.")
     if fs.exists(os.path.join(target, "layout.json")):
         if not all(filecmp.cmp(os.path.join(vocab_dir, n), os.path.join(target, n),

@@ -32,6 +32,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab.image_inputs import read_rgb
 
 # family -> (the fields it needs, the field holding its input image or None)
@@ -50,7 +51,7 @@ FIELDS = {
 def read_requests(path: str) -> list[dict]:
     """The file's requests, checked; image paths made absolute. One error per bad line."""
     if not fs.exists(path):
-        raise FileNotFoundError(f"prompts_file {path!r} does not exist; give a JSONL file with "
+        raise MissingInputError(f"prompts_file {path!r} does not exist; give a JSONL file with "
                                 "one request a line (see decode/generate_families.py).")
     root, out = os.path.dirname(fs.abspath(path)), []
     for n, request in fs.read_jsonl(path):
@@ -71,7 +72,7 @@ def read_requests(path: str) -> list[dict]:
         if image_field:
             image = os.path.join(root, request[image_field])
             if not fs.exists(image):
-                raise FileNotFoundError(f"{where}: {image_field} {image!r} does not exist.")
+                raise MissingInputError(f"{where}: {image_field} {image!r} does not exist.")
             request = {**request, image_field: image}
         out.append({**request, "line": n})
     if not out:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.evaluation import inception
 
 _SKIPPED = ("fc.", "AuxLogits.")
@@ -29,7 +30,7 @@ _SKIPPED = ("fc.", "AuxLogits.")
 
 def _read(path: str) -> dict[str, np.ndarray]:
     if not fs.exists(path):
-        raise FileNotFoundError(f"Inception weights {path!r} do not exist; download "
+        raise MissingInputError(f"Inception weights {path!r} do not exist; download "
                                 "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
                                 "releases (fid_weights) and give its path.")
     if path.endswith(".npz"):

@@ -34,6 +34,7 @@ from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
+from cm3leon_jax.errors import MissingInputError
 
 
 @dataclasses.dataclass
@@ -105,7 +106,7 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
 
 def _read_json(path: str, what: str) -> dict:
     if not fs.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist.")
+        raise MissingInputError(f"{what} {path!r} does not exist.")
     with fs.open(path) as f:
         return json.load(f)
 
@@ -113,7 +114,7 @@ def _read_json(path: str, what: str) -> dict:
 def _load_image(path: str, image_size: int) -> np.ndarray:
     """An image file -> uint8[s, s, 3]: center square crop, bicubic resize."""
     if not fs.exists(path):
-        raise FileNotFoundError(f"image {path!r} (named by the annotations) does not exist.")
+        raise MissingInputError(f"image {path!r} (named by the annotations) does not exist.")
     im = PILImage.open(io.BytesIO(fs.read_bytes(path))).convert("RGB")
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2

@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.export import hf_export
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -36,7 +37,7 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 def read_json(path: str) -> dict[str, Any]:
     if not fs.exists(path):
-        raise FileNotFoundError(f"{path}: missing.")
+        raise MissingInputError(f"{path}: missing.")
     with fs.open(path) as f:
         try:
             return json.load(f)
@@ -101,7 +102,7 @@ def read_weights(path: str) -> dict[str, Any]:
     if fs.exists(single):
         return hf_export.read_safetensors(single)
     if not fs.exists(index):
-        raise FileNotFoundError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
+        raise MissingInputError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
                                 "safetensors weights are read (convert .bin files first).")
     out = {}
     for shard in sorted(set(read_json(index)["weight_map"].values())):

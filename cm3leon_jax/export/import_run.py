@@ -23,6 +23,7 @@ from typing import Any
 import gin
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.export import chameleon_release, hf_import, params_export, staging
 from cm3leon_jax.train import params_checkpoint as pc
 
@@ -33,7 +34,7 @@ def detect_layout(path: str) -> str:
     """Which known layout the folder `path` is in; raises naming what it found."""
     path = path.rstrip("/")
     if not fs.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a folder; give the folder of the weights.")
+        raise MissingInputError(f"{path!r} is not a folder; give the folder of the weights.")
     if pc.is_export(path):
         return "params"
     if hf_import.is_hf_folder(path):

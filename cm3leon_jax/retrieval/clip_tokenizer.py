@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.retrieval.select import dropout_keep_mask
 
 TOKENIZER_JSON = "cm3leon_tokenizer.json"
@@ -102,7 +103,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
         raise ValueError(f"{path} names tokenizer kind {kind!r}; known: 'words', 'bytes', 'bpe'.")
     if all(fs.exists(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
         return BpeTokenizer(directory)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no tokenizer in {directory!r}: expected {TOKENIZER_JSON} or the BPE files "
         "vocab.json + merges.txt that come with a Hugging Face CLIP checkpoint.")
 

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.retrieval.clip import ClipConfig
 
 # Each entry: (HF name, flax path, HF -> flax array transform). Linear weights are
@@ -147,11 +148,11 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
     from safetensors.numpy import load_file
     config_path = os.path.join(directory, "config.json")
     if not fs.exists(config_path):
-        raise FileNotFoundError(f"no config.json in {directory!r}; give the folder that "
+        raise MissingInputError(f"no config.json in {directory!r}; give the folder that "
                                 "CLIPModel.save_pretrained wrote (config.json + *.safetensors).")
     files = sorted(fs.glob(os.path.join(directory, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no *.safetensors in {directory!r}; convert a PyTorch "
             "checkpoint with CLIPModel.save_pretrained(d, safe_serialization=True)."
         )

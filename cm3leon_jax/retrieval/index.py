@@ -34,6 +34,7 @@ import gin
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 
 INDEX_JSON = "index.json"
 SHARDED_JSON = "sharded_index.json"
@@ -99,7 +100,7 @@ def read_metadata(directory: str, name: str, how_to_build: str) -> dict:
     """`directory/name` as JSON; a missing file says how to build one."""
     path = os.path.join(directory, name)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no {name} in {directory!r}; build one with {how_to_build}.")
+        raise MissingInputError(f"no {name} in {directory!r}; build one with {how_to_build}.")
     with fs.open(path) as f:
         return json.load(f)
 

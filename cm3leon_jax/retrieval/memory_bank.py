@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 
 MANIFEST = "bank.json"
 
@@ -89,7 +90,7 @@ def finalize(bank_dir: str) -> dict:
     names = sorted(d for d in fs.listdir(bank_dir)
                    if fs.isdir(os.path.join(bank_dir, d)) and not d.endswith(".tmp"))
     if not names:
-        raise FileNotFoundError(f"no shards in {bank_dir!r}; write some with write_shard first.")
+        raise MissingInputError(f"no shards in {bank_dir!r}; write some with write_shard first.")
     shards, dim, with_queries = [], None, True
     for name in names:
         v = fs.np_load(os.path.join(bank_dir, name, "vectors.npy"), mmap_mode="r")
@@ -154,7 +155,7 @@ class MemoryBank:
     def __init__(self, bank_dir: str):
         path = os.path.join(bank_dir, MANIFEST)
         if not fs.exists(path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no {MANIFEST} in {bank_dir!r}: not a memory bank, or its shards were never "
                 "finalized (memory_bank.finalize(bank_dir)).")
         with fs.open(path) as f:

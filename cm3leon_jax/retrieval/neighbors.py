@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
 
@@ -63,7 +64,7 @@ def load_neighbors(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """All shards' (rows int64[N, k], scores f32[N, k]) in bank row order."""
     files = sorted(fs.glob(os.path.join(out_dir, "neighbors-*.npz")))
     if not files:
-        raise FileNotFoundError(f"no neighbors-*.npz in {out_dir!r}; run "
+        raise MissingInputError(f"no neighbors-*.npz in {out_dir!r}; run "
                                 "precompute_neighbors (the build_retrieval mode does).")
     loaded = [fs.np_load(f) for f in files]
     return (np.concatenate([x["rows"] for x in loaded]),

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
@@ -116,7 +117,7 @@ def is_export(path: str) -> bool:
 def read_manifest(path: str) -> dict[str, Any]:
     manifest = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest):
-        raise FileNotFoundError(f"{path!r} has no {MANIFEST}: not a params-only export "
+        raise MissingInputError(f"{path!r} has no {MANIFEST}: not a params-only export "
                                 "(make one with the `export` run mode).")
     with fs.open(manifest) as f:
         try:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig
 
 _ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -51,7 +52,7 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
         you trust: unpickling runs code.
     """
     if not fs.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
+        raise MissingInputError(f"no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}

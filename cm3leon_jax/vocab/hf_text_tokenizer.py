@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 
 _SPECIAL = re.compile(r"<[^<>\s]+>")
 _BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -69,7 +70,7 @@ class HFTextTokenizer:
     @classmethod
     def load(cls, path: str) -> "HFTextTokenizer":
         if not fs.exists(path):
-            raise FileNotFoundError(f"no tokenizers file at {path!r}.")
+            raise MissingInputError(f"no tokenizers file at {path!r}.")
         with fs.open(path, "rb") as f:
             return cls(f.read(), path=path)
 

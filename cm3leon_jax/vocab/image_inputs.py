@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 
 _CHANNELS = (1, 3, 4)
 
@@ -141,7 +142,7 @@ def read_rgb(path: str) -> np.ndarray:
     conversion at the file's own size. FileNotFoundError if there is no such file,
     ValueError if PIL cannot read it; both name the path."""
     if not fs.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist.")
+        raise MissingInputError(f"image {path!r} does not exist.")
     try:
         with fs.open(path, "rb") as f, Image.open(f) as image:
             return np.asarray(image.convert("RGB"))

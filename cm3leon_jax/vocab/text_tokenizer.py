@@ -17,6 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError
 
 
 class TextTokenizer:
@@ -30,7 +31,7 @@ class TextTokenizer:
     @classmethod
     def load(cls, path: str) -> "TextTokenizer":
         if not fs.exists(path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no SentencePiece model at {path!r}; train one with "
                 "TextTokenizer.train(...) and save it, or give the path of a "
                 ".model file.")

@@ -123,3 +123,21 @@ def test_gin_search_path_finds_files_and_their_includes(tmp_path):
     assert (elsewhere / "out" / "echo.txt").read_text() == "found"
     r = _subprocess(elsewhere, "--gin_file=echo.gin")
     assert r.returncode == 2 and "--gin_search_path" in r.stderr.strip().splitlines()[-1]
+
+
+def test_paths_the_user_names_that_do_not_exist_are_input_errors(tmp_path):
+    """Each raises MissingInputError (main prints it as one `error:` line, status 2), which
+    is still a FileNotFoundError for callers that catch that."""
+    from cm3leon_jax.decode import generate_families
+    from cm3leon_jax.errors import MissingInputError
+    from cm3leon_jax.retrieval.retriever import Retriever
+    from cm3leon_jax.train import params_checkpoint
+    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+
+    nowhere = str(tmp_path / "nowhere")
+    for call in (lambda: Retriever.open(nowhere), lambda: TextTokenizer.load(nowhere),
+                 lambda: params_checkpoint.read_manifest(nowhere),
+                 lambda: generate_families.read_requests(nowhere)):
+        with pytest.raises(MissingInputError, match="nowhere"):
+            call()
+    assert issubclass(MissingInputError, FileNotFoundError)
