@@ -23,6 +23,7 @@ import gin
 import numpy as np
 
 from cm3leon_jax.data import cm3 as cm3_lib
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import IdLayout
 
@@ -55,11 +56,11 @@ class AugmentConfig:
     def __post_init__(self):
         p = np.asarray(self.k_probs, np.float64)
         if p.ndim != 1 or p.size == 0 or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
-            raise ValueError(
+            raise UserInputError(
                 f"AugmentConfig.k_probs must be probabilities of k = 0, 1, ... "
                 f"summing to 1, got {self.k_probs}.")
         if self.seq_len <= 3 * self.max_spans:
-            raise ValueError(
+            raise UserInputError(
                 f"AugmentConfig.seq_len={self.seq_len} leaves no room after the "
                 f"CM3 reserve of 3 * max_spans = {3 * self.max_spans} tokens.")
 

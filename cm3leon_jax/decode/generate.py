@@ -25,6 +25,7 @@ from cm3leon_jax.data import augment, sft_prompts
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
@@ -56,7 +57,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE:
-            raise ValueError(f"SamplingConfig.guidance={self.guidance!r}; use one of {GUIDANCE}.")
+            raise UserInputError(f"SamplingConfig.guidance={self.guidance!r}; use one of "
+                                 f"{GUIDANCE}.")
 
     @property
     def num_streams(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import CAPTION_SAMPLING, Generator, SamplingConfig
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import captioning, fid, shapes_scores, vqa
 from cm3leon_jax.evaluation.suites import Task
 
@@ -32,8 +33,8 @@ class Strategy:
 
     def __post_init__(self):
         if self.num_samples < 1 or not self.samplings:
-            raise ValueError(f"Strategy {self.name!r}: num_samples must be >= 1 and samplings "
-                             "non-empty.")
+            raise UserInputError(f"Strategy {self.name!r}: num_samples must be >= 1 and samplings "
+                                 "non-empty.")
 
 
 @dataclasses.dataclass

@@ -21,6 +21,8 @@ from typing import Literal
 import gin
 import jax.numpy as jnp
 
+from cm3leon_jax.errors import UserInputError
+
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -138,33 +140,34 @@ class DecoderConfig:
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_length",
                      "scan_unroll"):
             if getattr(self, name) < 1:
-                raise ValueError(f"DecoderConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise UserInputError(f"DecoderConfig.{name} must be >= 1, got "
+                                     f"{getattr(self, name)}.")
         choices = {"norm": NORMS, "mlp_activation": ACTIVATIONS,
                    "position_embedding": POSITION_EMBEDDINGS, "block_order": BLOCK_ORDERS,
                    "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
                    "param_dtype": tuple(DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r}; "
-                                 f"choose one of {allowed}.")
+                raise UserInputError(f"DecoderConfig.{name}={getattr(self, name)!r}; "
+                                     f"choose one of {allowed}.")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
-                             f"num_heads={self.num_heads}; set head_dim explicitly.")
+            raise UserInputError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
+                                 f"num_heads={self.num_heads}; set head_dim explicitly.")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+            raise UserInputError(f"DecoderConfig: num_heads={self.num_heads} must be a multiple of "
+                                 f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
         if self.image_grid < 0 or (self.image_grid and not
                                    0 <= self.image_code_ids[0] < self.image_code_ids[1]
                                    <= self.vocab_size):
-            raise ValueError(
+            raise UserInputError(
                 f"DecoderConfig: image_grid={self.image_grid} needs image_code_ids = [start, "
                 f"stop) of the image codes' ids inside the vocabulary, got "
                 f"{self.image_code_ids} (vocab_size {self.vocab_size}); image_grid = 0 is off.")
         if self.image_next_place and not self.image_grid:
-            raise ValueError("DecoderConfig: image_next_place=True needs image_grid > 0 (the "
-                             "places it embeds); set image_grid or drop image_next_place.")
+            raise UserInputError("DecoderConfig: image_next_place=True needs image_grid > 0 (the "
+                                 "places it embeds); set image_grid or drop image_next_place.")
         if self.position_embedding == "rope" and self.dims_per_head % 2:
-            raise ValueError(
+            raise UserInputError(
                 f"DecoderConfig: RoPE needs an even head_dim, got {self.dims_per_head}."
             )
 

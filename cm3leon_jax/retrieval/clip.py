@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
@@ -57,16 +59,16 @@ class ClipConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"ClipConfig.image_size={self.image_size} is not a multiple of "
-                             f"patch_size={self.patch_size}; pick sizes that tile the image.")
+            raise UserInputError(f"ClipConfig.image_size={self.image_size} is not a multiple of "
+                                 f"patch_size={self.patch_size}; pick sizes that tile the image.")
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
                                     (self.text_width, self.text_heads, "text")):
             if width % heads:
-                raise ValueError(f"ClipConfig.{tower}_width={width} is not divisible by "
-                                 f"{tower}_heads={heads}.")
+                raise UserInputError(f"ClipConfig.{tower}_width={width} is not divisible by "
+                                     f"{tower}_heads={heads}.")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"ClipConfig.activation={self.activation!r}; use one of "
-                             f"{sorted(_ACTIVATIONS)}.")
+            raise UserInputError(f"ClipConfig.activation={self.activation!r}; use one of "
+                                 f"{sorted(_ACTIVATIONS)}.")
 
     @property
     def num_patches(self) -> int:

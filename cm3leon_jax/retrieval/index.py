@@ -34,7 +34,7 @@ import gin
 import numpy as np
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 
 INDEX_JSON = "index.json"
 SHARDED_JSON = "sharded_index.json"
@@ -77,8 +77,8 @@ class IndexConfig:
 
     def __post_init__(self):
         if self.algorithm not in ("auto", "brute_force", "tree_ah"):
-            raise ValueError(f"IndexConfig.algorithm={self.algorithm!r}; use 'auto', "
-                             "'brute_force' or 'tree_ah'.")
+            raise UserInputError(f"IndexConfig.algorithm={self.algorithm!r}; use 'auto', "
+                                 "'brute_force' or 'tree_ah'.")
 
     def resolve(self, n: int) -> dict:
         """The concrete settings for a bank of n vectors."""

@@ -27,6 +27,8 @@ import dataclasses
 import gin
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +49,13 @@ class SelectionConfig:
 
     def __post_init__(self):
         if self.k < 1:
-            raise ValueError(f"SelectionConfig.k={self.k}; retrieve at least one document.")
+            raise UserInputError(f"SelectionConfig.k={self.k}; retrieve at least one document.")
         if not 1 <= self.overfetch <= self.max_overfetch:
-            raise ValueError(f"SelectionConfig needs 1 <= overfetch <= max_overfetch, got "
-                             f"{self.overfetch} and {self.max_overfetch}.")
+            raise UserInputError(f"SelectionConfig needs 1 <= overfetch <= max_overfetch, got "
+                                 f"{self.overfetch} and {self.max_overfetch}.")
         if not 0.0 <= self.query_dropout < 1.0:
-            raise ValueError(f"SelectionConfig.query_dropout={self.query_dropout} must be "
-                             "in [0, 1).")
+            raise UserInputError(f"SelectionConfig.query_dropout={self.query_dropout} must be "
+                                 "in [0, 1).")
 
     @property
     def num_candidates(self) -> int:

@@ -29,6 +29,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.quantizer import QuantizerOutput, VectorQuantizer
 
 
@@ -83,28 +84,28 @@ class VQGANConfig:
         object.__setattr__(self, "attn_levels", tuple(self.attn_levels))
         levels = len(self.channel_multipliers)
         if levels < 1:
-            raise ValueError("VQGANConfig.channel_multipliers must name at least one level")
+            raise UserInputError("VQGANConfig.channel_multipliers must name at least one level")
         if self.image_size % self.downsample_factor:
-            raise ValueError(
+            raise UserInputError(
                 f"VQGANConfig.image_size={self.image_size} is not divisible by the down-sampling "
                 f"factor {self.downsample_factor} (= 2 ** (len(channel_multipliers) - 1))")
         bad = [lv for lv in self.attn_levels if not 0 <= lv < levels]
         if bad:
-            raise ValueError(f"VQGANConfig.attn_levels {bad} outside 0..{levels - 1}")
+            raise UserInputError(f"VQGANConfig.attn_levels {bad} outside 0..{levels - 1}")
         for c in {self.base_channels * m for m in self.channel_multipliers}:
             if c % self.num_groups:
-                raise ValueError(
+                raise UserInputError(
                     f"{c} channels do not divide into num_groups={self.num_groups} "
                     "GroupNorm groups; "
                     "change base_channels, channel_multipliers or num_groups"
                 )
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(
+            raise UserInputError(
                 f"VQGANConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"
             )
         if self.matmul_precision not in ("default", "high", "highest"):
-            raise ValueError("VQGANConfig.matmul_precision must be 'default', 'high' or 'highest', "
-                             f"got {self.matmul_precision!r}")
+            raise UserInputError("VQGANConfig.matmul_precision must be 'default', 'high' or "
+                                 f"'highest', got {self.matmul_precision!r}")
 
     @property
     def downsample_factor(self) -> int:

@@ -141,3 +141,12 @@ def test_paths_the_user_names_that_do_not_exist_are_input_errors(tmp_path):
         with pytest.raises(MissingInputError, match="nowhere"):
             call()
     assert issubclass(MissingInputError, FileNotFoundError)
+
+
+def test_a_config_value_that_cannot_work_is_one_line_and_status_2(tmp_path, capsys):
+    code, errors = _main(capsys, f"--gin_file={TRAIN}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                         "--gin.DecoderConfig.num_heads=3")
+    assert code == 2
+    assert errors == ["error: DecoderConfig: d_model=64 is not divisible by num_heads=3; set "
+                      "head_dim explicitly."]
+    assert not (tmp_path / "run" / "checkpoints").exists()
