@@ -43,6 +43,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.shard_state import ShardFiles
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -72,7 +73,7 @@ class TfdsSource:
     def num_examples(self, split: str) -> int:
         info = self.builder_fn().info
         if split not in info.splits:
-            raise ValueError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
+            raise UserInputError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
         return info.splits[split].num_examples
 
     def report(self) -> dict | None:
@@ -384,7 +385,7 @@ def preprocess(model_dir: str,
                          text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
     vocab = MultimodalVocabulary(vocab_dir)
     if vocab.layout.image_length != image_tokenizer.codes_per_image:
-        raise ValueError(
+        raise UserInputError(
             f"{vocab_dir} was made for {vocab.layout.image_length} codes per image but "
             f"the image tokenizer gives {image_tokenizer.codes_per_image}; use a new "
             "output folder for a different image tokenizer.")

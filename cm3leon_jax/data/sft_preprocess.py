@@ -221,8 +221,8 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
     if fs.exists(os.path.join(target, "layout.json")):
         if not all(filecmp.cmp(os.path.join(vocab_dir, n), os.path.join(target, n),
                                shallow=False) for n in VOCAB_FILES):
-            raise ValueError(f"{out_dir!r} was made with another vocabulary than {vocab_dir!r}; "
-                             "use a new output folder for a new vocabulary.")
+            raise UserInputError(f"{out_dir!r} was made with another vocabulary than "
+                                 f"{vocab_dir!r}; use a new output folder for a new vocabulary.")
     else:
         fs.makedirs(target)
         for name in VOCAB_FILES:
@@ -304,14 +304,14 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
     """
     unknown = [f for f in families if f not in sft_prompts.FAMILIES]
     if unknown:
-        raise ValueError(f"sft_preprocess.families: unknown {unknown}; the families are "
-                         f"{sft_prompts.FAMILIES}.")
+        raise UserInputError(f"sft_preprocess.families: unknown {unknown}; the families are "
+                             f"{sft_prompts.FAMILIES}.")
     vocab = copy_vocabulary(vocab_dir, model_dir)
     images = preprocess._image_tokenizer(image_tokenizer_fn)  # noqa: SLF001
     if vocab.layout.image_length != images.codes_per_image:
-        raise ValueError(f"{vocab_dir} expects {vocab.layout.image_length} codes per image but "
-                         f"the image tokenizer gives {images.codes_per_image}: use the "
-                         "tokenizer the pretraining data was made with.")
+        raise UserInputError(f"{vocab_dir} expects {vocab.layout.image_length} codes per image but "
+                             f"the image tokenizer gives {images.codes_per_image}: use the "
+                             "tokenizer the pretraining data was made with.")
     specs = plan_shards(source, families, splits, docs_per_shard)
     todo = [s for s in specs if not fs.exists(shard_file(model_dir, s) + ".stats.json")]
     logging.info("sft_preprocess: %d shards, %d already done", len(specs),

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from cm3leon_jax import fs
 from cm3leon_jax.decode import pictures, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import captioning, fid, inception_weights, tasks
 from cm3leon_jax.evaluation.suites import Suite, corpus_suite
 from cm3leon_jax.evaluation.tasks import Context, Strategy
@@ -176,8 +177,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         real images of other scenes: the ceiling and the chance/FID floor of each metric).
     """
     if any(k > 0 for k in num_retrieved) and not retrieval_dir:
-        raise ValueError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
-                         "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
+        raise UserInputError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
+                             "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(), retriever,

@@ -31,6 +31,7 @@ import re
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.hf_text_tokenizer import IMAGE_PREFIX, classify
 from cm3leon_jax.vocab.multimodal import HF_TEXT_JSON, LAYOUT_FILE
@@ -65,8 +66,8 @@ class ChameleonVocab:
 def image_code(name: str, where: str) -> int:
     digits = name[len(IMAGE_PREFIX):-1]
     if not digits or any(c not in _LETTERS for c in digits):
-        raise ValueError(f"{where}: image token {name!r} does not spell a code "
-                         "(IMGIMG + letters A-J + one closing letter).")
+        raise UserInputError(f"{where}: image token {name!r} does not spell a code "
+                             "(IMGIMG + letters A-J + one closing letter).")
     return int("".join(_LETTERS[c] for c in digits))
 
 
@@ -75,7 +76,7 @@ def _image_ids(image: dict[str, int], where: str) -> np.ndarray:
     by_code = {image_code(name, where): i for name, i in image.items()}
     n = len(by_code)
     if not n or sorted(by_code) != list(range(n)):
-        raise ValueError(f"{where}: its {n} IMGIMG tokens do not spell the codes 0..{n - 1}.")
+        raise UserInputError(f"{where}: its {n} IMGIMG tokens do not spell the codes 0..{n - 1}.")
     return np.array([by_code[c] for c in range(n)], np.int64)
 
 
@@ -86,8 +87,8 @@ def _sentinels(special: dict[str, int], where: str) -> list[int]:
     if out:
         return out
     if "<s>" not in special:
-        raise ValueError(f"{where}: has neither <sentinel:0> nor <s>; our prompts need one "
-                         "of them as the mask of classifier-free guidance.")
+        raise UserInputError(f"{where}: has neither <sentinel:0> nor <s>; our prompts need one "
+                             "of them as the mask of classifier-free guidance.")
     return [special["<s>"]]
 
 
@@ -97,15 +98,15 @@ def build(json_bytes: bytes, image_length: int, where: str = "text_tokenizer.jso
     try:
         spec = json.loads(json_bytes)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e}).") from None
+        raise UserInputError(f"{where}: not valid JSON ({e}).") from None
     try:
         text, special, image = classify(spec)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserInputError(f"{where}: {e}") from None
     missing = [name for name in FIXED.values() if name not in special]
     if missing:
-        raise ValueError(f"{where}: lacks the special tokens {missing}; is this Chameleon's "
-                         "text tokenizer?")
+        raise UserInputError(f"{where}: lacks the special tokens {missing}; is this Chameleon's "
+                             "text tokenizer?")
     images = _image_ids(image, where)
     sentinels = _sentinels(special, where)
     layout = layout_lib.IdLayout(text_size=len(text), image_codes=len(images),
@@ -126,8 +127,8 @@ def build(json_bytes: bytes, image_length: int, where: str = "text_tokenizer.jso
 def take_rows(matrix: np.ndarray, source_ids: np.ndarray, what: str) -> np.ndarray:
     """matrix[source_ids] along axis 0, zero rows where the id is -1."""
     if source_ids.max() >= matrix.shape[0]:
-        raise ValueError(f"{what} has {matrix.shape[0]} rows but the tokenizer file uses ids "
-                         f"up to {int(source_ids.max())}: they do not belong together.")
+        raise UserInputError(f"{what} has {matrix.shape[0]} rows but the tokenizer file uses ids "
+                             f"up to {int(source_ids.max())}: they do not belong together.")
     out = matrix[np.maximum(source_ids, 0)]
     out[source_ids < 0] = 0
     return out

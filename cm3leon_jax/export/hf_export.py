@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from safetensors import numpy as st_numpy
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import staging
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -91,8 +92,8 @@ def _vocabulary_map(vocab_dir: str | None, vocab_size: int) -> dict[str, int]:
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
     layout = MultimodalVocabulary(vocab_dir).layout
     if layout.vocab_size > vocab_size:
-        raise ValueError(f"the vocabulary {vocab_dir!r} has {layout.vocab_size} ids, the "
-                         f"model {vocab_size}: not the model's vocabulary.")
+        raise UserInputError(f"the vocabulary {vocab_dir!r} has {layout.vocab_size} ids, the "
+                             f"model {vocab_size}: not the model's vocabulary.")
     out = {image_token_name(c): layout.image_start + c for c in range(layout.image_codes)}
     out["<image>"] = 4  # layout.UNK_ID
     return out

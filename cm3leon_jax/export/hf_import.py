@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.export import hf_export
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -42,7 +42,7 @@ def read_json(path: str) -> dict[str, Any]:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}).") from None
+            raise UserInputError(f"{path}: not valid JSON ({e}).") from None
 
 
 def is_hf_folder(path: str) -> bool:
@@ -58,8 +58,8 @@ def is_hf_folder(path: str) -> bool:
 def _family(hf: dict[str, Any], where: str) -> str:
     family = hf.get("model_type")
     if family not in ("opt", "chameleon"):
-        raise ValueError(f"{where}: model_type {family!r}; only 'opt' (CM3Leon) and "
-                         "'chameleon' folders can be imported.")
+        raise UserInputError(f"{where}: model_type {family!r}; only 'opt' (CM3Leon) and "
+                             "'chameleon' folders can be imported.")
     return family
 
 
@@ -81,8 +81,9 @@ def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
         if act not in _ACTIVATIONS:
             bad["activation_function"] = act
         if bad:
-            raise ValueError(f"{where}: this OPT model has {bad}; the CM3Leon decoder is "
-                             "pre-norm with no biases, a projection-free embedding and GELU/ReLU.")
+            raise UserInputError(f"{where}: this OPT model has {bad}; the CM3Leon decoder is "
+                                 "pre-norm with no biases, a projection-free embedding and "
+                                 "GELU/ReLU.")
         return DecoderConfig(**common, mlp_dim=hf["ffn_dim"], norm="layernorm",
                              norm_params=bool(hf.get("layer_norm_elementwise_affine", True)),
                              mlp_activation=_ACTIVATIONS[act])
@@ -119,7 +120,7 @@ def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
     try:
         params, cfg = vq_weights.params_from_state_dict(hf_export.read_safetensors(weights), cfg)
     except ValueError as e:
-        raise ValueError(f"{weights}: {e}") from None
+        raise UserInputError(f"{weights}: {e}") from None
     return cfg, params
 
 
@@ -163,7 +164,7 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
         params = hf_weights.from_hf(state_dict, config, family)
     except (KeyError, ValueError) as e:
         msg = e.args[0] if e.args else str(e)
-        raise ValueError(f"{path}: {msg}") from None
+        raise UserInputError(f"{path}: {msg}") from None
     vocab_dir = f"{path}/{hf_export.VOCAB}"
     extras = {"vocab_dir": vocab_dir if fs.isdir(vocab_dir) else None,
               "write_vocab": vocab.write if vocab is not None else None,

@@ -25,6 +25,7 @@ import json
 from typing import Any
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import chameleon_vocab
 from cm3leon_jax.export.hf_export import image_token_name
 from cm3leon_jax.vocab import layout as layout_lib
@@ -53,8 +54,8 @@ def _sentencepiece_spec(vocab: MultimodalVocabulary) -> dict[str, Any]:
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(vocab.text_tokenizer.model_proto)
     if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.UNIGRAM:
-        raise ValueError(f"{vocab.directory}: only unigram SentencePiece models convert to "
-                         "tokenizer.json here; this one is not.")
+        raise UserInputError(f"{vocab.directory}: only unigram SentencePiece models convert to "
+                             "tokenizer.json here; this one is not.")
     layout, specials = vocab.layout, _special_names(vocab.layout)
     pieces = [[specials[i], 0.0] for i in range(layout.text_start)]
     pieces += [[p.piece, p.score] for p in proto.pieces]

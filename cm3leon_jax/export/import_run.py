@@ -23,7 +23,7 @@ from typing import Any
 import gin
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.export import chameleon_release, hf_import, params_export, staging
 from cm3leon_jax.train import params_checkpoint as pc
 
@@ -42,18 +42,19 @@ def detect_layout(path: str) -> str:
     if chameleon_release.find_model_dir(path, required=False) is not None:
         return "chameleon"
     found = sorted(fs.listdir(path))[:12]
-    raise ValueError(f"{path!r} is in no layout this importer knows (found {found}). Known: "
-                     "a params-only export (manifest.json); a transformers folder (config.json "
-                     "with model_type 'opt' or 'chameleon' + model.safetensors); the Chameleon "
-                     "release (params.json + consolidated*.pth, under models/<size>/ or "
-                     "directly, with tokenizer/ beside).")
+    raise UserInputError(f"{path!r} is in no layout this importer knows (found {found}). Known: "
+                         "a params-only export (manifest.json); a transformers folder (config.json "
+                         "with model_type 'opt' or 'chameleon' + model.safetensors); the Chameleon "
+                         "release (params.json + consolidated*.pth, under models/<size>/ or "
+                         "directly, with tokenizer/ beside).")
 
 
 def read(path: str, layout: str = "auto", **kwargs: Any):
     """(config, params, extras) of the weights at `path`; extras as in `hf_import.read_hf`."""
     layout = detect_layout(path) if layout == "auto" else layout
     if layout not in LAYOUTS:
-        raise ValueError(f"import_weights.layout={layout!r}; choose 'auto' or one of {LAYOUTS}.")
+        raise UserInputError(f"import_weights.layout={layout!r}; choose 'auto' or one of "
+                             f"{LAYOUTS}.")
     if layout == "params":
         config, params, step = pc.load_decoder(path)
         manifest = pc.read_manifest(path)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.decode import restore
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import staging
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
@@ -38,7 +39,7 @@ def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, De
     if dtype is None or dtype == config.param_dtype:
         return params, config
     if dtype not in DTYPES:
-        raise ValueError(f"export: dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
+        raise UserInputError(f"export: dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
     return params, config.replace(param_dtype=dtype)
 
@@ -99,7 +100,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
       config: the decoder as trained; None: the one in the checkpoint's config.gin.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
+        raise UserInputError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
     output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/export", overwrite)
     mesh = partitioning.make_mesh() if shard else None
     config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)

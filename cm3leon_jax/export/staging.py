@@ -24,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.train import params_checkpoint as pc
 
 
@@ -32,7 +33,7 @@ def check_target(path: str, overwrite: bool) -> str:
     `overwrite` is set. Call it before the expensive work, to fail fast."""
     path = path.rstrip("/")
     if not path:
-        raise ValueError("the output folder is empty; give a path.")
+        raise UserInputError("the output folder is empty; give a path.")
     if fs.exists(path) and not overwrite:
         raise FileExistsError(f"{path!r} already exists; choose another output folder or set "
                               "overwrite=True (export.overwrite / import_weights.overwrite) "

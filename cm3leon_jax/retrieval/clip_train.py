@@ -39,6 +39,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.retrieval import clip, clip_tokenizer
 from cm3leon_jax.retrieval.encoder import DocumentEncoder, preprocess_images
@@ -124,15 +125,15 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     """
     logging.set_verbosity(logging.INFO)
     if not 0 <= warmup_steps < steps:
-        raise ValueError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, steps="
-                         f"{steps}); lower it, or train for more steps.")
+        raise UserInputError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, steps="
+                             f"{steps}); lower it, or train for more steps.")
     cfg = clip_cfg or clip.ClipConfig.tiny()
     tokenizer = clip_tokenizer.WordTokenizer(cfg.vocab_size)
     images, captions = train_pairs
     if len(images) < batch_size or min(len(c) for c in captions) < 4:
-        raise ValueError(f"train_retriever.train_pairs: {len(images)} images (need >= "
-                         f"batch_size={batch_size}), each with at least 4 captions; pass more "
-                         "pairs.")
+        raise UserInputError(f"train_retriever.train_pairs: {len(images)} images (need >= "
+                             f"batch_size={batch_size}), each with at least 4 captions; pass more "
+                             "pairs.")
     if images.shape[1] != cfg.image_size:
         logging.warning("corpus images are %dpx and the encoder reads %dpx: they are resized.",
                         images.shape[1], cfg.image_size)

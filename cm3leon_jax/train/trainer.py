@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import seqio
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
 from cm3leon_jax.train import checkpoints, distributed, optimizer
@@ -43,7 +44,7 @@ def _check_vocabulary(task: str, config: DecoderConfig) -> None:
     """A token id past the embedding table would be clamped silently on TPU and GPU."""
     vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     if vocab.vocab_size > config.vocab_size:
-        raise ValueError(
+        raise UserInputError(
             f"task {task!r} uses a vocabulary of {vocab.vocab_size} ids but "
             f"DecoderConfig.vocab_size={config.vocab_size}; bind DecoderConfig.vocab_size "
             f"to at least {vocab.vocab_size} (the vocabulary's padded size).")
@@ -53,7 +54,7 @@ def _check_vocabulary(task: str, config: DecoderConfig) -> None:
                 "sentinel_ids": (layout.sentinel_start, layout.text_start)}
         got = {k: getattr(config, k) for k in want}
         if got != want or config.image_grid ** 2 != layout.image_length:
-            raise ValueError(
+            raise UserInputError(
                 f"DecoderConfig.image_grid={config.image_grid}, {got} do not match task "
                 f"{task!r}'s vocabulary ({layout.image_length} codes per image, {want}): "
                 f"bind those values (grid: the square root of the codes per image).")
@@ -103,8 +104,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
     with checkpoints.PreemptionSignal() as preemption:
         config = DecoderConfig()
         if seq_len > config.max_length:
-            raise ValueError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
-                             f"{config.max_length}; lower one or raise the other.")
+            raise UserInputError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
+                                 f"{config.max_length}; lower one or raise the other.")
         _check_vocabulary(task, config)
         run = _Run(model_dir, config, task, num_steps, global_batch_size, seq_len, seed,
                    num_microbatches, num_data_shards, eval_steps, eval_split, on_nonfinite)

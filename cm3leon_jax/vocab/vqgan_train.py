@@ -48,6 +48,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.train import checkpoints, optimizer
 from cm3leon_jax.train import metrics as metrics_lib
@@ -346,9 +347,9 @@ class _Run:
         self.disc_start = disc_start
         devices = jax.devices()
         if batch_size % (len(devices) * trainer.streams):
-            raise ValueError(f"batch_size={batch_size} does not split over {len(devices)} "
-                             f"devices times streams={trainer.streams}; use a multiple of "
-                             f"{len(devices) * trainer.streams}")
+            raise UserInputError(f"batch_size={batch_size} does not split over {len(devices)} "
+                                 f"devices times streams={trainer.streams}; use a multiple of "
+                                 f"{len(devices) * trainer.streams}")
         # The shared mesh (model/partitioning.py): images split by the `batch` rule,
         # weights replicated (the tokenizer is small).
         self.mesh = partitioning.make_mesh(devices=devices)
