@@ -63,7 +63,9 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
                    caption_style: str = "infill", max_caption_tokens: int = 24,
                    rerank_samples: int = 4, ablations: bool = True, batch_size: int = 32,
                    seed: int = 0) -> dict:
-    """Text -> image and image -> text on the first `num_examples` scenes of `split`.
+    """Text -> image and image -> text on the first `num_examples` scenes of `split` in the
+    order the TFDS split stores them (a hash of the keys, not the scene indices: the eval
+    suite's scenes 0..n-1 are another sample of the same split).
 
     Args:
       split: "test" for the held-out figures; "validation" while tuning settings.
