@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from cm3leon_jax.data import preprocessors, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.layout import BREAK_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from tasks import pretrain  # noqa: F401  (the replay mixtures name its tasks)
@@ -65,10 +66,10 @@ def sft_mixture_rates(rates: dict | None = None) -> dict[str, float]:
     out = dict(DEFAULT_RATES)
     for family, rate in (rates or {}).items():
         if family not in out:
-            raise ValueError(f"sft_mixture_rates.rates names {family!r}; the families are "
-                             f"{FAMILIES}.")
+            raise UserInputError(f"sft_mixture_rates.rates names {family!r}; the families are "
+                                 f"{FAMILIES}.")
         if rate < 0:
-            raise ValueError(f"sft_mixture_rates.rates[{family!r}]={rate}; rates are >= 0.")
+            raise UserInputError(f"sft_mixture_rates.rates[{family!r}]={rate}; rates are >= 0.")
         out[family] = float(rate)
     return out
 
@@ -78,7 +79,7 @@ def sft_replay(rate: float = 1.0) -> float:
     """Mixing rate of the pretraining documents in the replay mixtures, on the scale of
     `sft_mixture_rates` (each family 1 by default)."""
     if rate < 0:
-        raise ValueError(f"sft_replay.rate={rate}; rates are >= 0.")
+        raise UserInputError(f"sft_replay.rate={rate}; rates are >= 0.")
     return float(rate)
 
 
@@ -94,8 +95,8 @@ def sft_cm3(mean_spans: float = 1.0, loss_on: str = "all") -> dict:
     """
     if mean_spans < 0 or loss_on not in ("all", "output") or (loss_on == "output"
                                                               and mean_spans != 0):
-        raise ValueError(f"sft_cm3.mean_spans={mean_spans}, sft_cm3.loss_on={loss_on!r}; "
-                         "use a mean >= 0 and loss_on 'all', or 'output' with mean_spans 0.")
+        raise UserInputError(f"sft_cm3.mean_spans={mean_spans}, sft_cm3.loss_on={loss_on!r}; "
+                             "use a mean >= 0 and loss_on 'all', or 'output' with mean_spans 0.")
     return {"mean_spans": float(mean_spans), "loss_on": loss_on}
 
 
@@ -121,9 +122,9 @@ def _augment(dataset, output_features, sequence_length=None, *, check_fits):
 def _data_dir(corpus: str) -> str:
     directory = sft_data_dirs()[corpus]
     if not directory:
-        raise ValueError(f"no SFT data folder for the {corpus!r} corpus: bind "
-                         f"`sft_data_dirs.{corpus} = '/path/to/sft_data'` in gin (the output "
-                         "folder of the sft_preprocess mode).")
+        raise UserInputError(f"no SFT data folder for the {corpus!r} corpus: bind "
+                             f"`sft_data_dirs.{corpus} = '/path/to/sft_data'` in gin (the output "
+                             "folder of the sft_preprocess mode).")
     return directory
 
 

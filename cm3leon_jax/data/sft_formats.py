@@ -39,7 +39,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_preprocess import Skipped
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab import image_inputs
 
 
@@ -66,8 +66,8 @@ def _read_json(path: str, what: str) -> Any:
         with fs.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path!r} is not valid JSON ({e.msg}, line {e.lineno}); "
-                         "give the file as the dataset publishes it.") from None
+        raise UserInputError(f"{what} {path!r} is not valid JSON ({e.msg}, line {e.lineno}); "
+                             "give the file as the dataset publishes it.") from None
 
 
 def load_image(path: str) -> np.ndarray:
@@ -134,8 +134,8 @@ def _ip2p_builder(row: dict, root: str, doc_id: str) -> Callable[[], SftExample]
 def _coco_images(data: Any, path: str) -> dict[int, dict]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path!r} is not a COCO annotation file (it needs 'images' and "
-                         "'annotations' lists).")
+        raise UserInputError(f"{path!r} is not a COCO annotation file (it needs 'images' and "
+                             "'annotations' lists).")
     return {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
 
 
@@ -255,11 +255,11 @@ class Vqa2:
         qs = _read_json(self.questions, "VQAv2 questions file")
         anns = _read_json(self.annotations, "VQAv2 annotations file")
         if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
-            raise ValueError(f"{self.questions!r} is not a VQAv2 questions file (no "
-                             "'questions' list).")
+            raise UserInputError(f"{self.questions!r} is not a VQAv2 questions file (no "
+                                 "'questions' list).")
         if not isinstance(anns, dict) or not isinstance(anns.get("annotations"), list):
-            raise ValueError(f"{self.annotations!r} is not a VQAv2 annotations file (no "
-                             "'annotations' list).")
+            raise UserInputError(f"{self.annotations!r} is not a VQAv2 annotations file (no "
+                                 "'annotations' list).")
         answers = {a.get("question_id"): a for a in anns["annotations"] if isinstance(a, dict)}
         out = []
         for q in qs["questions"]:

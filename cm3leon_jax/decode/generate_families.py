@@ -32,7 +32,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.image_inputs import read_rgb
 
 # family -> (the fields it needs, the field holding its input image or None)
@@ -57,18 +57,18 @@ def read_requests(path: str) -> list[dict]:
     for n, request in fs.read_jsonl(path):
         where = f"{path}, line {n}"
         if isinstance(request, json.JSONDecodeError):
-            raise ValueError(f"{where}: not JSON ({request.msg}).")
+            raise UserInputError(f"{where}: not JSON ({request.msg}).")
         family = request.get("family") if isinstance(request, dict) else None
         if family not in FIELDS:
-            raise ValueError(f"{where}: family {family!r} is unknown; use one of "
-                             f"{tuple(FIELDS)}.")
+            raise UserInputError(f"{where}: family {family!r} is unknown; use one of "
+                                 f"{tuple(FIELDS)}.")
         needed, image_field = FIELDS[family]
         missing = [k for k in needed if not request.get(k)]
         if missing:
-            raise ValueError(f"{where}: {family} request needs {missing}.")
+            raise UserInputError(f"{where}: {family} request needs {missing}.")
         if family == "grounded" and request["condition"] not in sft_prompts.CONDITIONS:
-            raise ValueError(f"{where}: condition {request['condition']!r} is unknown; use "
-                             f"one of {tuple(sft_prompts.CONDITIONS)}.")
+            raise UserInputError(f"{where}: condition {request['condition']!r} is unknown; use "
+                                 f"one of {tuple(sft_prompts.CONDITIONS)}.")
         if image_field:
             image = os.path.join(root, request[image_field])
             if not fs.exists(image):
@@ -76,7 +76,7 @@ def read_requests(path: str) -> list[dict]:
             request = {**request, image_field: image}
         out.append({**request, "line": n})
     if not out:
-        raise ValueError(f"prompts_file {path!r} holds no requests.")
+        raise UserInputError(f"prompts_file {path!r} holds no requests.")
     return out
 
 
