@@ -150,7 +150,7 @@ def vqa_pairs(scene: shapes.Scene, rng: np.random.Generator) -> list[tuple[str, 
     if len(kinds) >= 2:
         i, j = (int(v) for v in rng.choice(len(kinds), size=2, replace=False))
         truth = relation(scene.shapes[i], scene.shapes[j])
-        asked = truth if rng.random() < 0.5 else _opposite(truth)
+        asked = truth if rng.random() < 0.5 else _OPPOSITE[truth]
         question = f"Is {refer(scene, i)} {asked} {refer(scene, j)}?"
         pairs.append((question, "yes" if asked == truth else "no"))
     return [pairs[k] for k in rng.permutation(len(pairs))]
@@ -183,10 +183,6 @@ def vqa_question_type(question: str) -> str:
 # Each relation `relation` writes, and its opposite.
 _OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
              "above": "below", "below": "above"}
-
-
-def _opposite(rel: str) -> str:
-    return _OPPOSITE[rel]
 
 
 def box_phrases(scene: shapes.Scene) -> list[str]:

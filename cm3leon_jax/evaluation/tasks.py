@@ -138,7 +138,9 @@ def edit_strategies(strategies: Sequence[Strategy]) -> list[Strategy]:
     for strategy in strategies:
         sampling = strategy.samplings[0]
         guided = sampling.guidance != "none"
-        key = (guided, sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p)
+        # The sampling with the fields an edit ignores (which guidance, its scale) set alike.
+        key = dataclasses.replace(sampling, guidance="cfg" if guided else "none",
+                                  guidance_scale=0.0, cdk_alpha=0.0, cdk_k=0)
         if strategy.num_samples != 1 or key in seen:
             continue
         seen.add(key)
