@@ -10,6 +10,10 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
     # 4. the training step of the demo's tokenizer, 1 stream against 2 (vqgan_train.py)
     python benchmarks/image_tokenizer.py train_step --config=tiny --batch=16 --trials=5
+    # 5. what an edit leaves of the source's codes, and the parser on reconstructions,
+    #    for trained tokenizers side by side (the demo's, tiny_local.gin's, ...)
+    python benchmarks/image_tokenizer.py edits --model_dir=runs/demo/image_tokenizer \
+        --model_dir=runs/vq_local --examples=300
 
 Each prints a markdown table; benchmarks/RESULTS_image_tokenizer.md records them.
 Quality is PSNR (dB, on uint8 pixels) and SSIM (scikit-image, 7x7 Gaussian-free
@@ -33,7 +37,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import reporting  # noqa: E402
+from benchmarks import reporting  # noqa: E402
 
 # Photos from scikit-image (public test images, none made here). `cat` is the same
 # photo as `chelsea`, so it is in neither list.
@@ -254,6 +258,65 @@ def cmd_train_step(args) -> dict:
     return r
 
 
+def _cells_from(box: tuple, grid: int, cell: int) -> np.ndarray:
+    """int[grid, grid]: each code cell's distance in cells (Chebyshev) to the cells `box`
+    (pixels, exclusive ends) covers; 0 on them."""
+    x0, y0, x1, y1 = box
+    rows, cols = np.indices((grid, grid))
+    r0, r1, c0, c1 = y0 // cell, (y1 - 1) // cell, x0 // cell, (x1 - 1) // cell
+    return np.maximum(np.maximum(r0 - rows, rows - r1), np.maximum(c0 - cols, cols - c1)).clip(0)
+
+
+def edit_locality(tok, sources: list, targets: list) -> dict:
+    """How many of a source image's codes its edited image keeps, by the code cell's
+    distance to what the edit changed (the objects in one scene and not the other).
+
+    A decoder can copy an edit's unchanged region code by code only where the tokenizer
+    keeps those codes: the pixels there are the same, so a code that changes anyway does so
+    because the encoder sees the whole image (GroupNorm statistics, attention) or reaches
+    the edited object through its receptive field."""
+    from cm3leon_jax.data import shapes
+    grid, cell = tok.config.grid_size, tok.image_size // tok.config.grid_size
+    kept = tok.encode(np.stack([shapes.render(s) for s in sources])) == \
+        tok.encode(np.stack([shapes.render(t) for t in targets]))
+    distance = np.stack([
+        np.min([_cells_from(o.box, grid, cell) for o in set(a.shapes) ^ set(b.shapes)],
+               axis=0).ravel() for a, b in zip(sources, targets)])
+    out = {"edits": len(sources), "codes_kept": float(kept.mean())}
+    for d in range(5):
+        near = distance == d if d < 4 else distance >= d
+        out[f"kept_at_{d}{'+' if d == 4 else ''}"] = float(kept[near].mean()) if near.any() \
+            else float("nan")
+    out["cells_4+"] = int((distance >= 4).sum())
+    return out
+
+
+def cmd_edits(args) -> dict:
+    from cm3leon_jax.data import parse, sft_examples, shapes
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    size, sources, targets, rows = None, [], [], []
+    for model_dir in args.model_dir:
+        tok = ImageTokenizer.from_checkpoint(model_dir, batch_size=64)
+        if size != tok.image_size:  # The corpus' edit examples at this tokenizer's size.
+            size = tok.image_size
+            examples = [sft_examples.corpus_example(0, args.split, i, size, "edit")
+                        for i in range(args.examples)]
+            sources = [shapes.Scene.from_json(e.truth["source"]) for e in examples]
+            targets = [shapes.Scene.from_json(e.truth["scene"]) for e in examples]
+        r = edit_locality(tok, sources, targets)
+        # The sources are the corpus' scenes: how often their round trip parses exactly.
+        recon = tok.reconstruct(np.stack([shapes.render(s) for s in sources]))
+        r["reconstructions_parse_exactly"] = float(np.mean(
+            [parse.match(parse.parse_image(x), s, exact=True)["all_correct"]
+             for x, s in zip(recon, sources)]))
+        rows.append((model_dir, r))
+    print(f"{args.examples} {args.split} edits of the corpus (one object recolored, reshaped, "
+          "added or removed); kept_at_d: the share of code cells d cells from the edited "
+          "object whose code the edit leaves as it was")
+    print(_table(rows))
+    return dict(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -277,10 +340,15 @@ def main(argv=None) -> int:
     s.add_argument("--streams", type=int, nargs="+", default=[1, 2])
     s.add_argument("--steps", type=int, default=30, help="steps per trial")
     s.add_argument("--trials", type=int, default=5)
+    s = sub.add_parser("edits")
+    s.add_argument("--model_dir", action="append", required=True,
+                   help="a trained tokenizer (MODEL_DIR of train_image_tokenizer); repeat")
+    s.add_argument("--examples", type=int, default=300)
+    s.add_argument("--split", default="validation")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed,
-         "train_step": cmd_train_step}[args.cmd](args)
+         "train_step": cmd_train_step, "edits": cmd_edits}[args.cmd](args)
     reporting.write_json(args.json, r)
     return 0
 

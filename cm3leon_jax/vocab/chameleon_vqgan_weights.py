@@ -143,6 +143,8 @@ def config_from_state_dict(state_dict: Mapping[str, Any], image_size: int | None
         embed_dim=embed_dim,
         codebook_size=codebook_size,
         in_channels=in_channels,
+        # taming's normalization and lookup, whatever gin binds for our own tokenizers
+        norm="group", num_groups=32, l2_normalize=False,
     )
     fields.update(overrides)
     return VQGANConfig(**fields)

@@ -54,6 +54,11 @@ class VQGANConfig:
       l2_normalize: cosine-distance lookup on unit vectors (ViT-VQGAN) instead of
         plain Euclidean (taming, Chameleon's released weights).
       num_groups: GroupNorm groups; every level's channels must divide by it.
+      norm: "group" (taming, Chameleon: GroupNorm, whose statistics span the whole
+        feature map, so a change anywhere in the image moves every code's features) or
+        "layer" (LayerNorm over each position's channels: a code depends only on
+        what its receptive field sees). With mid_attention=False and no attn_levels
+        a code is then local, and an edit's unchanged regions keep their codes.
       in_channels: image channels (3).
       dtype: compute dtype of the convolutions ("float32" or "bfloat16"); params
         and the quantizer stay float32.
@@ -74,6 +79,7 @@ class VQGANConfig:
     codebook_size: int = 8192
     l2_normalize: bool = False
     num_groups: int = 32
+    norm: str = "group"
     in_channels: int = 3
     dtype: str = "float32"
     matmul_precision: str = "highest"
@@ -99,6 +105,8 @@ class VQGANConfig:
                     "GroupNorm groups; "
                     "change base_channels, channel_multipliers or num_groups"
                 )
+        if self.norm not in ("group", "layer"):
+            raise UserInputError(f"VQGANConfig.norm must be 'group' or 'layer', got {self.norm!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserInputError(
                 f"VQGANConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"
@@ -146,7 +154,10 @@ def init_key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="rbg")
 
 
-def _norm(cfg: VQGANConfig, name: str) -> nn.GroupNorm:
+def _norm(cfg: VQGANConfig, name: str) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=jnp.dtype(cfg.dtype),
+                            name=name)
     # use_fast_variance=False: E[(x-m)^2] like torch, not E[x^2]-m^2, which loses
     # digits after many layers and would break parity with the released model.
     return nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, use_fast_variance=False,

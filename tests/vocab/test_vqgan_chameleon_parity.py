@@ -8,6 +8,7 @@ assembles the released decoder layout (`decoder.up.{i}.block.{j}`,
 plus nearest-neighbor up-sampling, and checks our decoder against it.
 """
 
+import gin
 import numpy as np
 import pytest
 
@@ -121,6 +122,15 @@ def test_config_is_read_off_the_shapes(reference):
     assert cfg.base_channels == 32 and cfg.channel_multipliers == (1, 2, 2)
     assert cfg.num_res_blocks == 1 and cfg.attn_levels == (1,) and cfg.mid_attention
     assert (cfg.codebook_size, cfg.embed_dim, cfg.latent_channels) == (64, 16, 32)
+    # What the shapes cannot say is taming's, whatever a gin file binds for our own tokenizers.
+    with gin.unlock_config():
+        gin.bind_parameter("VQGANConfig.norm", "layer")
+        gin.bind_parameter("VQGANConfig.num_groups", 8)
+    try:
+        cfg = w.config_from_state_dict(sd, image_size=RES)
+    finally:
+        gin.clear_config()
+    assert (cfg.norm, cfg.num_groups, cfg.l2_normalize) == ("group", 32, False)
 
 
 def test_encoder_matches_transformers(reference):

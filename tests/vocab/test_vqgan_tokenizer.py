@@ -1,13 +1,20 @@
 """ImageTokenizer: shapes, dtypes, jit + batching, input conversion and its errors."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from cm3leon_jax.vocab import image_inputs
-from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer, encode_images, load_image_tokenizer
-from cm3leon_jax.vocab.vqgan import VQGANConfig
+from cm3leon_jax.vocab.image_tokenizer import (
+    ImageTokenizer,
+    encode_images,
+    images_to_model,
+    load_image_tokenizer,
+)
+from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig
 
 CFG = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
                   attn_levels=(1,), latent_channels=8, embed_dim=8, codebook_size=32, num_groups=4)
@@ -35,6 +42,34 @@ def test_config_shape_and_validation():
     assert VQGANConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError, match="unknown"):
         VQGANConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="norm must be 'group' or 'layer'"):
+        VQGANConfig(norm="batch")
+    # A checkpoint written before `norm` existed reads back as the GroupNorm it was.
+    old = {k: v for k, v in CFG.to_dict().items() if k != "norm"}
+    assert VQGANConfig.from_dict(old).norm == "group"
+
+
+@pytest.mark.parametrize("norm, local", [("group", False), ("layer", True)])
+def test_layer_norm_without_attention_keeps_a_change_out_of_far_codes(norm, local):
+    """What an edit needs of its tokenizer: pixels changed in one corner move the latents
+    only within the encoder's receptive field with per-position LayerNorm; GroupNorm's
+    whole-map statistics carry the change to every position."""
+    cfg = VQGANConfig(image_size=96, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+                      attn_levels=(), mid_attention=False, latent_channels=8, embed_dim=8,
+                      codebook_size=32, num_groups=4, norm=norm)
+    tok = ImageTokenizer.random_init(cfg, seed=0)
+    a = _images(1, size=96, seed=3)
+    b = a.copy()
+    b[:, :8, :8] = 255 - b[:, :8, :8]                  # the top-left 4 x 4 latent cells
+    net = VQGAN(cfg)
+    za, zb = (np.asarray(net.apply({"params": tok.params}, images_to_model(x),
+                                   method=VQGAN.encode).quant.latents) for x in (a, b))
+    near, far = np.abs(za - zb)[0, :4, :4], np.abs(za - zb)[0, 24:, 24:]
+    assert near.max() > 1e-3
+    if local:
+        assert far.max() == 0.0   # 24+ cells away: beyond the receptive field
+    else:
+        assert far.max() > 1e-6
 
 
 def test_encode_decode_shapes_dtypes(tok):
@@ -143,3 +178,20 @@ def test_encode_under_jit_inside_other_code(tok):
     f = jax.jit(lambda p, x: encode_images(CFG, p, x) + 1)
     x = _images(2, seed=3)
     np.testing.assert_array_equal(np.asarray(f(tok.params, x)) - 1, tok.encode(x))
+
+
+def test_the_local_tiny_config_is_tiny_with_codes_that_see_only_their_neighborhood():
+    import gin
+
+    from cm3leon_jax import main
+    gin.clear_config()
+    try:
+        main.configure(["gin_configs/image_tokenizer/tiny_local.gin"], [], finalize=False)
+        local = VQGANConfig()
+        gin.clear_config()
+        main.configure(["gin_configs/image_tokenizer/tiny.gin"], [], finalize=False)
+        tiny = VQGANConfig()
+    finally:
+        gin.clear_config()
+    assert (local.norm, local.mid_attention, local.attn_levels) == ("layer", False, ())
+    assert dataclasses.replace(local, norm="group", mid_attention=True) == tiny
