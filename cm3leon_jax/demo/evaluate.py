@@ -12,6 +12,9 @@ and editing), graded exactly:
     vqa_exact_match    the answer equals the scene's (VQA normalization)
     edit_right         the edited image parses as the edited scene: the edit happened, in
                        place, and nothing else changed
+    edit_copy_prob     teacher-forced on the true edit, the probability the decoder gives
+                       the source's code where the edit keeps it (tasks.edit_copying):
+                       whether it reads its source at all, long before edits come out right
     captioning         objects named right (class and color), as the generate stage
 
 VQA is compared with the majority-answer baseline: the most frequent answer to the same
@@ -232,8 +235,20 @@ def targets_report(result: dict, after: str = "sft", before: str = "pretrain") -
     if edit is not None:
         verdict = "reached" if edit >= EDIT_AFTER_SFT else "NOT reached"
         lines.append(f"target edits right >= {EDIT_AFTER_SFT:.0%} after SFT: {edit:.0%} "
-                     f"({verdict}; before SFT {_pct(was)})")
+                     f"({verdict}; before SFT {_pct(was)})" + _copying(result, before, after))
     return lines
+
+
+def _copying(result: dict, before: str, after: str) -> str:
+    """'; the source's code where the edit keeps it, teacher-forced: p 0.37 before SFT, 0.45
+    after (the first code 0.06, 0.46)', or '' for reports without it."""
+    rows = [result.get(r, {}).get("edit", {}) for r in (before, after)]
+    if not all("edit_copy_prob" in r for r in rows):
+        return ""
+    return ("; the source's code where the edit keeps it, teacher-forced: p "
+            f"{rows[0]['edit_copy_prob']:.2f} before SFT, {rows[1]['edit_copy_prob']:.2f} after "
+            f"(the first code {rows[0]['edit_first_copy_prob']:.2f}, "
+            f"{rows[1]['edit_first_copy_prob']:.2f})")
 
 
 def _by_question_type(row: dict) -> str:

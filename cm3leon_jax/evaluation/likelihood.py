@@ -2,6 +2,7 @@
 a target best.
 
     ll = sequence_log_likelihoods(config, params, prompts, targets)   # f32[n]
+    lp, alt = token_log_probs(config, params, prompts, targets, others)  # per token
     first = ranked_first(config, params, [[caption, swapped_1, ...], ...], image_ids)
 
 `ranked_first` is a generative read-out: the decoder "reads" a word when the true
@@ -39,14 +40,9 @@ def _scorer(config: DecoderConfig):
     return score
 
 
-def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
-                             targets: Sequence[np.ndarray], *, batch_size: int = 64,
-                             length_multiple: int = 16) -> np.ndarray:
-    """f32[n]: sum over each target's tokens of log p(token | prompt, earlier tokens).
-
-    Rows are right-padded (the decoder is causal, so padding after a row changes none of
-    its logits) to a multiple of `length_multiple`, in batches of `batch_size` rows.
-    """
+def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray]
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (prompt, target) pairs as int32 arrays, each checked to fit the decoder."""
     if len(prompts) != len(targets):
         raise ValueError(f"one target per prompt: {len(prompts)} prompts, {len(targets)} "
                          "targets.")
@@ -61,10 +57,26 @@ def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np
             raise ValueError(f"pair {i}: {prompt.size} + {target.size} tokens, more than "
                              f"DecoderConfig.max_length={config.max_length}; shorten it.")
         rows.append((prompt, target))
+    return rows
+
+
+def _width(rows: list, length_multiple: int, max_length: int) -> int:
+    width = max(p.size + t.size for p, t in rows)
+    return min(-(-width // length_multiple) * length_multiple, max_length)
+
+
+def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
+                             targets: Sequence[np.ndarray], *, batch_size: int = 64,
+                             length_multiple: int = 16) -> np.ndarray:
+    """f32[n]: sum over each target's tokens of log p(token | prompt, earlier tokens).
+
+    Rows are right-padded (the decoder is causal, so padding after a row changes none of
+    its logits) to a multiple of `length_multiple`, in batches of `batch_size` rows.
+    """
+    rows = _rows(config, prompts, targets)
     if not rows:
         return np.zeros([0], np.float32)
-    width = max(p.size + t.size for p, t in rows)
-    width = min(-(-width // length_multiple) * length_multiple, config.max_length)
+    width = _width(rows, length_multiple, config.max_length)
     score, out = _scorer(config), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -75,6 +87,58 @@ def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np
             weights[j, prompt.size:prompt.size + target.size] = 1.0
         out.append(np.asarray(score(params, tokens, weights))[:len(chunk)])
     return np.concatenate(out).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_scorer(config: DecoderConfig):
+    model = Decoder(config)
+
+    @jax.jit
+    def score(params, tokens, others):
+        logits = model.apply({"params": params}, tokens)[:, :-1]
+        log_z, target = loss.log_z_and_target(logits, tokens[:, 1:])
+        _, other = loss.log_z_and_target(logits, others[:, 1:])
+        return target - log_z, other - log_z
+
+    return score
+
+
+def token_log_probs(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
+                    targets: Sequence[np.ndarray], others: Sequence[np.ndarray] | None = None,
+                    *, batch_size: int = 64, length_multiple: int = 16
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Teacher-forced, token by token: (for each target f32[len(target)] of log p(token |
+    prompt, the target's earlier tokens), and the same for `others`).
+
+    `others` (one int array per target, of its length; None: the targets) are tokens to
+    weigh at each place instead of the target's, with the target's own earlier tokens fed
+    in: the eval run asks how likely an edit's source code is where the true edit keeps it.
+    Padding and batching as `sequence_log_likelihoods`.
+    """
+    rows = _rows(config, prompts, targets)
+    others = [t for _, t in rows] if others is None else \
+        [np.asarray(o, np.int32) for o in others]
+    if len(others) != len(rows) or any(o.shape != t.shape for o, (_, t) in zip(others, rows)):
+        raise ValueError("others: one int array per target, each of its target's length; got "
+                         f"{[o.shape for o in others]} for targets "
+                         f"{[t.shape for _, t in rows]}.")
+    if not rows:
+        return [], []
+    width = _width(rows, length_multiple, config.max_length)
+    score, mine, theirs = _token_scorer(config), [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = list(zip(rows[start:start + batch_size], others[start:start + batch_size]))
+        tokens = np.full([batch_size, width], PAD_ID, np.int32)
+        alt = np.full([batch_size, width], PAD_ID, np.int32)
+        for j, ((prompt, target), other) in enumerate(chunk):
+            tokens[j, :prompt.size + target.size] = np.concatenate([prompt, target])
+            alt[j, :prompt.size + target.size] = np.concatenate([prompt, other])
+        a, b = (np.asarray(x, np.float32) for x in score(params, tokens, alt))
+        for j, ((prompt, target), _) in enumerate(chunk):
+            at = slice(prompt.size - 1, prompt.size - 1 + target.size)
+            mine.append(a[j, at])
+            theirs.append(b[j, at])
+    return mine, theirs
 
 
 def ranked_first(config: DecoderConfig, params, prompt_sets: Sequence[Sequence[np.ndarray]],

@@ -14,10 +14,11 @@ from typing import Any
 import gin
 import numpy as np
 
+from cm3leon_jax.data import sft_prompts, shapes
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import CAPTION_SAMPLING, Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.evaluation import captioning, fid, shapes_scores, vqa
+from cm3leon_jax.evaluation import captioning, fid, likelihood, shapes_scores, vqa
 from cm3leon_jax.evaluation.suites import Task
 
 
@@ -153,7 +154,34 @@ def edit_strategies(strategies: Sequence[Strategy]) -> list[Strategy]:
 
 def edit(ctx: Context, task: Task, strategy: Strategy) -> tuple[dict, np.ndarray]:
     """Instruction editing with the SFT template (two-scale guidance unless the strategy's
-    first sampling is unguided), graded against the edited scenes."""
+    first sampling is unguided), graded against the edited scenes, with `edit_copying`."""
     out = ctx.gen.edit(task.images, task.prompts, sampling=strategy.samplings[0], seed=ctx.seed)
-    return (_row("edit", strategy.name, 0, shapes_scores.edit_metrics(out.images, task.scenes)),
-            out.images)
+    metrics = shapes_scores.edit_metrics(out.images, task.scenes)
+    targets = np.stack([shapes.render(s) for s in task.scenes])
+    metrics.update(edit_copying(ctx.gen, task.images, task.prompts, targets))
+    return _row("edit", strategy.name, 0, metrics), out.images
+
+
+def edit_copying(gen: Generator, sources: Any, instructions: Sequence[str], targets: Any
+                 ) -> dict[str, float]:
+    """What the decoder takes from an edit's source, teacher-forced on the true edit.
+
+    Most of an edit is a copy: where the tokenizer gives the target the source's code
+    (`edit_kept_codes` of the places), a decoder that reads its source should give that
+    code a high probability, with the true target's earlier codes fed in. One that ignores
+    the source gives it only what the target's own earlier codes suggest. Two figures:
+    `edit_copy_prob` over every kept place, and `edit_first_copy_prob` over the first
+    code, before any of the target's own codes exist (for the edits that keep it).
+    These move long before `edit_right` does (benchmarks/RESULTS_image_tokenizer.md).
+    """
+    codes = gen.image_tokenizer.encode(sources)
+    wanted = gen.image_tokenizer.encode(targets)
+    prompts = [sft_prompts.prompt_ids(sft_prompts.edit(c, t), gen.vocab)
+               for c, t in zip(codes, instructions)]
+    _, copy = likelihood.token_log_probs(
+        gen.config, gen.params, prompts, [gen.layout.codes_to_ids(c) for c in wanted],
+        [gen.layout.codes_to_ids(c) for c in codes])
+    kept, copy = codes == wanted, np.exp(np.stack(copy))
+    mean = lambda x: float(x.mean()) if x.size else float("nan")  # noqa: E731
+    return {"edit_kept_codes": mean(kept), "edit_copy_prob": mean(copy[kept]),
+            "edit_first_copy_prob": mean(copy[kept[:, 0], 0])}

@@ -241,3 +241,21 @@ def test_the_blind_question_prior_answers_each_question_as_validation_scenes_do(
     lines = demo_evaluate.targets_report({"sft": {"vqa": by_type},
                                           "vqa_majority_baseline": 0.14})
     assert lines[0].endswith("50% (reached); right by question type: count 3/4, shape 0/2")
+
+
+def test_the_edits_line_says_how_much_the_decoder_takes_from_the_source_when_measured():
+    from cm3leon_jax.demo import evaluate as demo_evaluate
+
+    def row(right, copy, first):
+        return {"edit": {"edit_right": right, "edit_copy_prob": copy,
+                         "edit_first_copy_prob": first}}
+
+    lines = demo_evaluate.targets_report({"pretrain": row(0.03, 0.368, 0.059),
+                                          "sft": row(0.02, 0.45, 0.457)})
+    assert lines == ["target edits right >= 30% after SFT: 2% (NOT reached; before SFT 3%); "
+                     "the source's code where the edit keeps it, teacher-forced: p 0.37 before "
+                     "SFT, 0.45 after (the first code 0.06, 0.46)"]
+    # A report from before the figure existed keeps its line as it was.
+    old = {r: {"edit": {"edit_right": 0.03}} for r in ("pretrain", "sft")}
+    assert demo_evaluate.targets_report(old) == [
+        "target edits right >= 30% after SFT: 3% (NOT reached; before SFT 3%)"]

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from cm3leon_jax import main as main_lib
+from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.evaluation import eval_run, fid, suites, tasks
+from cm3leon_jax.evaluation import eval_run, fid, likelihood, suites, tasks
 from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import SearchResult
@@ -78,7 +79,10 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
     asked = [k for k in vqa_row if k.startswith("vqa_questions/")]
     assert asked and all(f"vqa_exact_match/{k.split('/')[1]}" in vqa_row for k in asked)
     assert all(isinstance(vqa_row[k], int) and vqa_row[k] > 0 for k in asked)
-    assert "edit_right" in rows[("edit", "two_scale")]
+    edit = rows[("edit", "two_scale")]
+    assert "edit_right" in edit and 0 <= edit["edit_kept_codes"] <= 1
+    assert all(np.isnan(edit[k]) or 0 < edit[k] < 1
+               for k in ("edit_copy_prob", "edit_first_copy_prob"))
     table = (out / "eval" / "report.md").read_text()
     assert table.count("| text_to_image |") == 4 and "clip_score" in table
     for name in ("text_to_image_cfg3_k0", "text_to_image_rerank8_k0", "captioning_k0", "vqa",
@@ -199,6 +203,27 @@ def test_captioning_uses_the_context_caption_style():
         assert texts == ["a red circle"] * 2 and row["task"] == "captioning"
     assert asked == ["infill", "image_first"]
     assert Context(Recorder()).caption_style == "infill"
+
+
+def test_edit_copying_weighs_the_sources_code_where_the_target_keeps_it(eval_files,
+                                                                      image_tokenizer):
+    vocab = MultimodalVocabulary(eval_files["vocab"])
+    gen = Generator(CONFIG, eval_files["params"], vocab, image_tokenizer, batch_size=4)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    asked = ["make the red circle blue", "remove the red circle", "add a circle"]
+    unchanged = tasks.edit_copying(gen, images, asked, images)
+    assert unchanged["edit_kept_codes"] == 1.0
+    # Nothing changed: the source's code is the target's own, weighed after the prompt the
+    # SFT template builds and the target's earlier codes.
+    codes = image_tokenizer.encode(images)
+    prompts = [sft_prompts.prompt_ids(sft_prompts.edit(c, t), vocab) for c, t in zip(codes, asked)]
+    own, _ = likelihood.token_log_probs(CONFIG, eval_files["params"], prompts,
+                                        [vocab.layout.codes_to_ids(c) for c in codes])
+    probs = np.exp(np.stack(own))
+    assert unchanged["edit_copy_prob"] == pytest.approx(probs.mean(), rel=1e-5)
+    assert unchanged["edit_first_copy_prob"] == pytest.approx(probs[:, 0].mean(), rel=1e-5)
+    swapped = tasks.edit_copying(gen, images, asked, images[::-1])
+    assert swapped["edit_kept_codes"] < 1.0
 
 
 def test_each_way_of_decoding_an_edit_runs_once_named_for_what_runs():

@@ -32,6 +32,27 @@ def test_the_batched_likelihoods_equal_each_row_scored_alone():
     np.testing.assert_allclose(alone, got[:1], rtol=1e-5, atol=1e-4)
 
 
+def test_token_log_probs_are_each_tokens_and_weigh_other_tokens_in_the_same_places():
+    params = random_params(CONFIG, seed=5)
+    rng = np.random.default_rng(2)
+    pairs = [(rng.integers(3, CONFIG.vocab_size, rng.integers(1, 9)),
+              rng.integers(3, CONFIG.vocab_size, rng.integers(1, 7))) for _ in range(5)]
+    others = [rng.integers(3, CONFIG.vocab_size, t.size) for _, t in pairs]
+    mine, theirs = likelihood.token_log_probs(CONFIG, params, *zip(*pairs), others, batch_size=2)
+    sums = likelihood.sequence_log_likelihoods(CONFIG, params, *zip(*pairs))
+    np.testing.assert_allclose([m.sum() for m in mine], sums, rtol=1e-5, atol=1e-4)
+    for (prompt, target), other, got in zip(pairs, others, theirs):
+        tokens = np.concatenate([prompt, target]).astype(np.int32)[None]
+        log_probs = jax.nn.log_softmax(Decoder(CONFIG).apply({"params": params}, tokens)[0], -1)
+        want = [log_probs[prompt.size + i - 1, o] for i, o in enumerate(other)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    same, again = likelihood.token_log_probs(CONFIG, params, *zip(*pairs))
+    for a, b in zip(same, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="each of its target's length"):
+        likelihood.token_log_probs(CONFIG, params, *zip(*pairs), [o[:-1] for o in others])
+
+
 def test_ranked_first_compares_the_true_prompt_with_the_others():
     params = random_params(CONFIG, seed=4)
     rng = np.random.default_rng(1)
