@@ -10,7 +10,7 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
     # 4. the training step of the demo's tokenizer, 1 stream against 2 (vqgan_train.py)
     python benchmarks/image_tokenizer.py train_step --config=tiny --batch=16 --trials=5
-    # 5. what an edit leaves of the source's codes, and the parser on reconstructions,
+    # 5. what an edit leaves of the source's codes, and the shape scores of reconstructions,
     #    for trained tokenizers side by side (the demo's, tiny_local.gin's, ...)
     python benchmarks/image_tokenizer.py edits --model_dir=runs/demo/image_tokenizer \
         --model_dir=runs/vq_local --examples=300
@@ -292,7 +292,8 @@ def edit_locality(tok, sources: list, targets: list) -> dict:
 
 
 def cmd_edits(args) -> dict:
-    from cm3leon_jax.data import parse, sft_examples, shapes
+    from cm3leon_jax.data import sft_examples, shapes
+    from cm3leon_jax.evaluation import shapes_scores
     from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
     size, sources, targets, rows = None, [], [], []
     for model_dir in args.model_dir:
@@ -304,11 +305,12 @@ def cmd_edits(args) -> dict:
             sources = [shapes.Scene.from_json(e.truth["source"]) for e in examples]
             targets = [shapes.Scene.from_json(e.truth["scene"]) for e in examples]
         r = edit_locality(tok, sources, targets)
-        # The sources are the corpus' scenes: how often their round trip parses exactly.
+        # The sources are the corpus' scenes: their round trip scored as the demo scores the
+        # tokenizer's ceiling (objects right) and an edit (placed right).
         recon = tok.reconstruct(np.stack([shapes.render(s) for s in sources]))
-        r["reconstructions_parse_exactly"] = float(np.mean(
-            [parse.match(parse.parse_image(x), s, exact=True)["all_correct"]
-             for x, s in zip(recon, sources)]))
+        scores = shapes_scores.text_to_image_metrics(recon, sources)
+        r["reconstructions_objects_right"] = scores["objects_right"]
+        r["reconstructions_placed_right"] = scores["placed_right"]
         rows.append((model_dir, r))
     print(f"{args.examples} {args.split} edits of the corpus (one object recolored, reshaped, "
           "added or removed); kept_at_d: the share of code cells d cells from the edited "

@@ -65,6 +65,17 @@ def _width(rows: list, length_multiple: int, max_length: int) -> int:
     return min(-(-width // length_multiple) * length_multiple, max_length)
 
 
+def _batches(rows: list, batch_size: int, width: int):
+    """(chunk of rows, int32[batch_size, width] of each row's prompt + target, right-padded)
+    per `batch_size` rows: one shape, one compile."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        tokens = np.full([batch_size, width], PAD_ID, np.int32)
+        for j, (prompt, target) in enumerate(chunk):
+            tokens[j, :prompt.size + target.size] = np.concatenate([prompt, target])
+        yield chunk, tokens
+
+
 def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
                              targets: Sequence[np.ndarray], *, batch_size: int = 64,
                              length_multiple: int = 16) -> np.ndarray:
@@ -76,14 +87,11 @@ def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np
     rows = _rows(config, prompts, targets)
     if not rows:
         return np.zeros([0], np.float32)
-    width = _width(rows, length_multiple, config.max_length)
     score, out = _scorer(config), []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        tokens = np.full([batch_size, width], PAD_ID, np.int32)  # One shape: one compile.
-        weights = np.zeros([batch_size, width], np.float32)
+    for chunk, tokens in _batches(rows, batch_size, _width(rows, length_multiple,
+                                                            config.max_length)):
+        weights = np.zeros(tokens.shape, np.float32)
         for j, (prompt, target) in enumerate(chunk):
-            tokens[j, :prompt.size + target.size] = np.concatenate([prompt, target])
             weights[j, prompt.size:prompt.size + target.size] = 1.0
         out.append(np.asarray(score(params, tokens, weights))[:len(chunk)])
     return np.concatenate(out).astype(np.float32)
@@ -125,16 +133,12 @@ def token_log_probs(config: DecoderConfig, params, prompts: Sequence[np.ndarray]
     if not rows:
         return [], []
     width = _width(rows, length_multiple, config.max_length)
+    swapped = [(prompt, other) for (prompt, _), other in zip(rows, others)]
     score, mine, theirs = _token_scorer(config), [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = list(zip(rows[start:start + batch_size], others[start:start + batch_size]))
-        tokens = np.full([batch_size, width], PAD_ID, np.int32)
-        alt = np.full([batch_size, width], PAD_ID, np.int32)
-        for j, ((prompt, target), other) in enumerate(chunk):
-            tokens[j, :prompt.size + target.size] = np.concatenate([prompt, target])
-            alt[j, :prompt.size + target.size] = np.concatenate([prompt, other])
+    for (chunk, tokens), (_, alt) in zip(_batches(rows, batch_size, width),
+                                         _batches(swapped, batch_size, width)):
         a, b = (np.asarray(x, np.float32) for x in score(params, tokens, alt))
-        for j, ((prompt, target), _) in enumerate(chunk):
+        for j, (prompt, target) in enumerate(chunk):
             at = slice(prompt.size - 1, prompt.size - 1 + target.size)
             mine.append(a[j, at])
             theirs.append(b[j, at])

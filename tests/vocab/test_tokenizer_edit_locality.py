@@ -1,6 +1,7 @@
 """benchmarks/image_tokenizer.py edits: what an edit leaves of the source's codes."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -16,7 +17,8 @@ class _CellTokenizer:
 
     global_shift: bool
     image_size: int = 32
-    config: object = dataclasses.field(default_factory=lambda: type("C", (), {"grid_size": 8}))
+    config: SimpleNamespace = dataclasses.field(
+        default_factory=lambda: SimpleNamespace(grid_size=8))
 
     def encode(self, images):
         x = np.asarray(images, np.float64)
