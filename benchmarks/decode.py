@@ -1,7 +1,7 @@
 r"""The sampler on this CPU against `transformers` generate, and against the memory roofline.
 
     .venv/bin/python benchmarks/decode.py [--trials=3] \
-        [--parts=main,bf16,cfg,sort,scanned,choice,image,prefill] [--json=out.json]
+        [--parts=main,kernel,bf16,cfg,sort,scanned,choice,image,prefill] [--json=out.json]
 
 The settings of issue 14: a CM3Leon-architecture decoder (d 512, 8 layers, 8 heads of
 64, GELU MLP 2048, vocabulary 9216, tied embeddings), batch 4, a 32-token prompt, 256
@@ -19,6 +19,9 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
   * roofline: a decode step must read every weight (the position table aside) and the
     KV cache written so far; over the streaming-read rate measured in the same trial
     (the best of numpy, torch and XLA summing a 512 MiB array) that bounds tokens/s.
+  * kernel: ours through `DecoderStep(cpu_matvec=True)` (the CPU kernel of
+    `model/cpu_matvec.py` for every few-row product), beside ours through XLA's dot; with
+    bf16 and cfg, their kernel variants too.
   * bf16: the same with bfloat16 weights and activations (ours and the peer's).
   * cfg: classifier-free guidance (a second, unconditional stream of 4 rows): its time
     over the unguided time.
@@ -219,6 +222,15 @@ def main_parts(args, parts) -> dict:
         runners["hf_bf16"] = HF(BENCH, params, prompts, args.new, dtype="bfloat16")
     if "cfg" in parts:
         runners["ours_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True)
+    kernel = functools.partial(DecoderStep, cpu_matvec=True)
+    if "kernel" in parts:
+        runners["kernel_f32"] = Ours(BENCH, params, prompts, args.new, model=kernel)
+        if "bf16" in parts:
+            runners["kernel_bf16"] = Ours(bf, cast(params, jnp.bfloat16), prompts, args.new,
+                                          model=kernel)
+        if "cfg" in parts:
+            runners["kernel_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True,
+                                             model=kernel)
     need_f32 = bytes_per_step(BENCH, params, args.batch, args.prompt, args.new, 4)
     need_bf16 = bytes_per_step(BENCH, cast(params, jnp.bfloat16), args.batch, args.prompt,
                                args.new, 2)
@@ -242,6 +254,15 @@ def main_parts(args, parts) -> dict:
             row["of_roofline_bf16"] = row["ours_bf16"] / row["roofline_bf16"]
         if "cfg" in parts:
             row["cfg_cost"] = row["ours_f32"] / row["ours_f32_cfg"]
+        if "kernel" in parts:
+            row["kernel_speedup_f32"] = row["kernel_f32"] / row["hf_f32"]
+            row["kernel_vs_xla_f32"] = row["kernel_f32"] / row["ours_f32"]
+            row["kernel_of_roofline_f32"] = row["kernel_f32"] / row["roofline_f32"]
+            if "bf16" in parts:
+                row["kernel_bf16_vs_hf_f32"] = row["kernel_bf16"] / row["hf_f32"]
+                row["kernel_of_roofline_bf16"] = row["kernel_bf16"] / row["roofline_bf16"]
+            if "cfg" in parts:
+                row["kernel_cfg_cost"] = row["kernel_f32"] / row["kernel_f32_cfg"]
         print(f"trial {t}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
         trials.append(row)
     out = {k: spread([r[k] for r in trials]) for k in trials[0]}
@@ -290,9 +311,18 @@ def image_part(args) -> dict:
     config = DecoderConfig().replace(max_length=1088)
     gin.clear_config()
     prompts = np.random.default_rng(1).integers(4, config.vocab_size, (1, 32)).astype(np.int32)
-    runner = Ours(config, random_params(config), prompts, 1024, cfg=True)
-    seconds = [timed(runner.run) for _ in range(args.trials)]
-    return {"seconds_per_image": spread(seconds), "memory": runner.memory()}
+    params = random_params(config)
+    runners = {"xla": Ours(config, params, prompts, 1024, cfg=True)}
+    if "kernel" in args.parts.split(","):
+        runners["kernel"] = Ours(config, params, prompts, 1024, cfg=True,
+                                 model=functools.partial(DecoderStep, cpu_matvec=True))
+    seconds = {name: [] for name in runners}
+    for _ in range(args.trials):
+        for name, runner in runners.items():
+            seconds[name].append(timed(runner.run))
+    return {"seconds_per_image": spread(seconds["xla"]), "memory": runners["xla"].memory(),
+            **({"kernel_seconds_per_image": spread(seconds["kernel"])} if "kernel" in runners
+               else {})}
 
 
 def prefill_part(args) -> dict:
@@ -317,7 +347,7 @@ def prefill_part(args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--parts", default="main,bf16,cfg,sort,choice,image,prefill")
+    parser.add_argument("--parts", default="main,kernel,bf16,cfg,sort,choice,image,prefill")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=256)

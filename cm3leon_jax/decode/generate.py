@@ -27,6 +27,7 @@ from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.model.decoding import DecoderStep
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -92,7 +93,8 @@ class Images(NamedTuple):
     captions: list[str]
 
 
-@gin.configurable(allowlist=["neighbors_in_query_order", "guidance_keeps_documents"])
+@gin.configurable(allowlist=["neighbors_in_query_order", "guidance_keeps_documents",
+                             "cpu_matvec"])
 class Generator:
     """A decoder with its vocabulary, image tokenizer and (optional) retriever.
 
@@ -115,12 +117,15 @@ class Generator:
         default): the masked query alone, which also pushes toward what the documents
         show, at the caption's scale. On the demo decoder the two are inside each other's
         seed spread (RESULTS_train.md).
+      cpu_matvec: decode through `DecoderStep(config, cpu_matvec=True)`, the CPU kernel that
+        streams the weights about twice as fast as XLA:CPU's dot (one CPU device, a C++
+        compiler on the host; `model/cpu_matvec.py`).
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
                  image_tokenizer: Any = None, retriever: Any = None, batch_size: int = 8,
                  prompt_multiple: int = 64, neighbors_in_query_order: bool = False,
-                 guidance_keeps_documents: bool = False):
+                 guidance_keeps_documents: bool = False, cpu_matvec: bool = False):
         layout = vocab.layout
         if layout.vocab_size > config.vocab_size:
             raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "
@@ -138,6 +143,7 @@ class Generator:
         self.batch_size, self.prompt_multiple = batch_size, prompt_multiple
         self.neighbors_in_query_order = neighbors_in_query_order
         self.guidance_keeps_documents = guidance_keeps_documents
+        self.model = DecoderStep(config, cpu_matvec=cpu_matvec)
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
@@ -244,7 +250,7 @@ class Generator:
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
             result = sampler.sample(
-                self.config, self.params, sampler.left_pad(batch, width), key,
+                self.model, self.params, sampler.left_pad(batch, width), key,
                 max_new_tokens=max_new, processors=chain, stop=constraint,
                 greedy=sampling.greedy, num_streams=streams,
                 row_ids=np.arange(start, start + self.batch_size))
@@ -432,7 +438,7 @@ class Generator:
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
             result = sampler.sample(
-                self.config, self.params, sampler.left_pad(batch, width), key,
+                self.model, self.params, sampler.left_pad(batch, width), key,
                 max_new_tokens=constraint.max_new_tokens, processors=chain, stop=constraint,
                 greedy=greedy, num_streams=len(rows),
                 row_ids=np.arange(start, start + self.batch_size))

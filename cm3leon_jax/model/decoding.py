@@ -30,6 +30,11 @@ stacked layers the training forward wants are the wrong shape for it
 * Cache `[batch, kv_heads, length, head_dim]`, a step's attention reading each head's
   keys contiguously; each step writes its one slot in place (`dynamic_update_slice` on
   the loop carry).
+* On CPU, `DecoderStep(config, cpu_matvec=True)` reads each matrix as 64-column tiles
+  through an XLA FFI kernel (`cpu_matvec.py`) that streams them at about twice the rate of
+  XLA:CPU's dot for a step's few rows. Off by default: it needs a C++ compiler on the host
+  (built once, cached) and one device, and its float32 sums run in another order than
+  XLA's (the same numbers to about 1e-6).
 Several tokens at once (the prefill) use ordinary matmuls and the configured attention
 kernel. Parameters and cache carry logical axis names: under a mesh they shard by the
 training rules (`partitioning.py`).
@@ -46,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3leon_jax.model import attention, layers, norms, partitioning
+from cm3leon_jax.model import attention, cpu_matvec, layers, norms, partitioning
 from cm3leon_jax.model.config import DecoderConfig
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's fill for masked logits.
@@ -58,14 +63,18 @@ class DecoderStep:
     """`Decoder(config)`'s decode path: `(weights, cache, tokens, seg, pos) -> (logits, cache)`.
 
     Hashable (a frozen dataclass of a frozen config): the sampler caches its compiled loop
-    on it. `weights` are `prepare(params)` of the `Decoder`'s params.
+    on it. `weights` are `prepare(params)` of the `Decoder`'s params. `cpu_matvec`: read the
+    matrices through `cpu_matvec.py`'s kernel (CPU, one device; see the module docstring).
     """
 
     config: DecoderConfig
+    cpu_matvec: bool = False
 
     # -- weights and cache --------------------------------------------------------------
     def prepare(self, params: Any) -> dict:
         """The Decoder's params -> per-layer weights, matrices `[in..., out...]`."""
+        if self.cpu_matvec:
+            self._check_cpu_matvec()
         c, p = self.config, nn.unbox(params)
         p = p.get("params", p)
         att, mlp = p["layers"]["attention"], p["layers"]["mlp"]
@@ -84,11 +93,13 @@ class DecoderStep:
         vectors.update({f"{n}/{k}": (att[n][k], (axis, "kv")) for n, axis in
                         (("query_norm", "heads"), ("key_norm", "kv_heads"))
                         for k in ("scale", "bias") if k in att.get(n, {})})
+        n_in = {"out": 2}
         per_layer = []
         for i in range(c.num_layers):
             w = {}
             for name, (kernel, names) in mats.items():
-                w[name] = partitioning.with_logical_constraint(kernel[i], names)
+                w[name] = (self._pack(kernel[i], n_in.get(name, 1)) if self.cpu_matvec else
+                           partitioning.with_logical_constraint(kernel[i], names))
             for name, (v, names) in vectors.items():
                 w[name] = partitioning.with_logical_constraint(v[i], names)
             per_layer.append(w)
@@ -102,7 +113,23 @@ class DecoderStep:
         if not c.tie_embeddings:
             out["head"] = partitioning.with_logical_constraint(p["lm_head"]["kernel"],
                                                                ("embed", "vocab"))
+        if self.cpu_matvec:  # Tied: a tiled copy of the table's transpose (the lookup keeps it).
+            out["head"] = self._pack(out["head"] if "head" in out else embed.T, 1)
         return out
+
+    def _pack(self, kernel, n_in):
+        """Tiles in bfloat16 where the step computes or stores in it (the dot's cast), else f32."""
+        c = self.config
+        bf16 = jnp.dtype(jnp.bfloat16) in (jnp.dtype(c.compute_dtype), jnp.dtype(kernel.dtype))
+        return cpu_matvec.pack(kernel.astype(jnp.bfloat16 if bf16 else _F32), n_in)
+
+    def _check_cpu_matvec(self):
+        mesh = jax.sharding.get_abstract_mesh()
+        if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+            raise ValueError(f"DecoderStep(cpu_matvec=True) runs on one CPU device, unsharded; "
+                             f"here the backend is {jax.default_backend()!r} and the mesh "
+                             f"{dict(mesh.shape) if not mesh.empty else 'none'}. Leave "
+                             "cpu_matvec off here.")
 
     def init_cache(self, rows: int, length: int) -> dict:
         """An empty cache for `rows` sequences of at most `length` tokens.
@@ -157,7 +184,7 @@ class DecoderStep:
         fn = weights["final_norm"]
         x = norms.normalize(x[:, -1:], fn.get("scale"), fn.get("bias"), kind=c.norm,
                             eps=c.norm_eps)
-        if c.tie_embeddings:  # The [vocab, embed] table read as it is: contract its minor axis.
+        if c.tie_embeddings and "head" not in weights:  # The [vocab, embed] table as it is.
             logits = jax.lax.dot_general(x[:, 0], weights["embed"].astype(x.dtype),
                                          (((1,), (1,)), ((), ())), preferred_element_type=_F32)
         else:
@@ -228,15 +255,23 @@ class DecoderStep:
                              "documents) or generate fewer tokens.")
 
 
-def project(x: jax.Array, kernel: jax.Array, n_in: int, dtype) -> jax.Array:
+def project(x: jax.Array, kernel: jax.Array | cpu_matvec.Packed, n_in: int,
+            dtype) -> jax.Array:
     """`x: [b, n, *in]` times `kernel: [*in, *out]` -> `[b, n, *out]` in `dtype`.
 
-    One 2-D matmul `[b * n, in] @ [in, out]` (f32 accumulation).
+    One 2-D matmul `[b * n, in] @ [in, out]` (f32 accumulation); through the CPU kernel
+    for a `cpu_matvec.Packed` kernel and at most `cpu_matvec.MAX_ROWS` rows.
     """
     b, n = x.shape[:2]
-    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
-    k2 = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-    x2 = x.reshape(b * n, math.prod(in_shape))
+    x2 = x.reshape(b * n, math.prod(x.shape[2:2 + n_in]))
+    if isinstance(kernel, cpu_matvec.Packed):
+        out_shape = kernel.out_shape
+        if b * n <= cpu_matvec.MAX_ROWS:
+            return cpu_matvec.matvec(x2, kernel).astype(dtype).reshape((b, n) + out_shape)
+        k2 = kernel.unpack()
+    else:
+        in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+        k2 = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
     y = jax.lax.dot_general(x2, k2.astype(x.dtype), (((1,), (0,)), ((), ())),
                             preferred_element_type=_F32)
     return y.astype(dtype).reshape((b, n) + out_shape)

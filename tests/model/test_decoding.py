@@ -17,11 +17,12 @@ CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
                                                    sentinel_ids=(5, 40))}
 
 
+@pytest.mark.parametrize("cpu_matvec", [False, True], ids=["xla_dot", "cpu_matvec"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prefill_then_steps_equal_the_full_forward(name):
+def test_prefill_then_steps_equal_the_full_forward(name, cpu_matvec):
     config = CONFIGS[name]
     params = random_params(config, seed=1)
-    step = DecoderStep(config)
+    step = DecoderStep(config, cpu_matvec=cpu_matvec)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (2, 9)), jnp.int32)
     segments = jnp.ones_like(tokens).at[0, :3].set(0)  # Row 0 left-padded by 3.
     positions = jnp.maximum(jnp.arange(9)[None] - jnp.array([[3], [0]]), 0).astype(jnp.int32)

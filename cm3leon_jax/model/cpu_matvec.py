@@ -1,0 +1,163 @@
+"""A few rows times a weight matrix on CPU, at the rate memory streams the matrix.
+
+    packed = cpu_matvec.pack(kernel, n_in=1)       # [in..., out...] -> Packed, once
+    y = cpu_matvec.matvec(x2, packed)              # x2 [rows, in] -> float32 [rows, out]
+
+Decoding one token reads every weight for a handful of rows (the batch; twice that with
+CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
+reads a `[K, N]` matrix for 4 rows at about half the host's streaming rate, and no layout or
+XLA flag tried changed that (`benchmarks/RESULTS_decode.md`). `cpu_matvec.cc` stores a
+matrix as 64-column tiles `[N / 64, K, 64]`, each one contiguous block read once, prefetched
+ahead, with the rows' partial sums in registers, and splits the tiles over XLA's intra-op
+threads. It is an XLA FFI custom call, so it runs inside the compiled sampler loop like any
+other op (no host round trip).
+
+`DecoderStep(config, cpu_matvec=True)` uses it for every product of a step with at most
+`MAX_ROWS` rows; wider products (the prefill) read the same tiles through XLA's dot.
+Weights stay float32 or bfloat16 (bfloat16 tiles are widened in registers; the sums are
+float32). CPU only, one device.
+
+The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `g++`, with
+`-march=native`) into `$CM3LEON_JAX_CACHE` (default `~/.cache/cm3leon_jax`), keyed by the
+source, the compiler, jaxlib and the CPU, and reused after that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+TILE = 64  # columns per tile (cpu_matvec.cc's kTile)
+MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.cc")
+_TARGETS = {jnp.dtype(jnp.float32): ("cm3leon_matvec_f32", "Cm3leonMatVecF32"),
+            jnp.dtype(jnp.bfloat16): ("cm3leon_matvec_bf16", "Cm3leonMatVecBF16")}
+
+
+class KernelUnavailableError(RuntimeError):
+    """The CPU kernel cannot be built or used here (no compiler, not a CPU backend)."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],
+                   meta_fields=["in_shape", "out_shape"])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A matrix `[*in_shape, *out_shape]` as tiles `[ceil(out / 64), in, 64]` (zero-padded)."""
+
+    tiles: jax.Array
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def dtype(self):
+        return self.tiles.dtype
+
+    def unpack(self) -> jax.Array:
+        """The `[in, out]` matrix (2-D) the tiles hold."""
+        t, k, _ = self.tiles.shape
+        return jnp.swapaxes(self.tiles, 0, 1).reshape(k, t * TILE)[:, :math.prod(self.out_shape)]
+
+
+def pack(kernel: jax.Array, n_in: int) -> Packed:
+    """`kernel: [*in, *out]` (float32 or bfloat16) -> `Packed` tiles for `matvec`."""
+    dtype = jnp.dtype(kernel.dtype)
+    if dtype not in _TARGETS:
+        raise ValueError(f"cpu_matvec.pack: weights of dtype {dtype}; the kernel reads float32 "
+                         "or bfloat16 (set DecoderConfig.param_dtype or dtype to one of them).")
+    in_shape, out_shape = tuple(kernel.shape[:n_in]), tuple(kernel.shape[n_in:])
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    tiles = -(-n // TILE)
+    w = jnp.pad(kernel.reshape(k, n), ((0, 0), (0, tiles * TILE - n)))
+    return Packed(jnp.swapaxes(w.reshape(k, tiles, TILE), 0, 1), in_shape, out_shape)
+
+
+def matvec(x: jax.Array, packed: Packed) -> jax.Array:
+    """`x: [rows, in]` times the packed matrix -> float32 `[rows, out]` (flattened out axes).
+
+    x is read as float32. Any number of rows is correct; past `MAX_ROWS` XLA's dot is faster.
+    """
+    name = _register(jnp.dtype(packed.dtype))
+    t, k, _ = packed.tiles.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"cpu_matvec.matvec: x {x.shape} against tiles of {k} inputs")
+    y = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], t * TILE), jnp.float32))(
+            x.astype(jnp.float32), packed.tiles)
+    return y[:, :math.prod(packed.out_shape)]
+
+
+def available() -> bool:
+    """Whether the kernel builds and registers here (CPU backend, a C++ compiler)."""
+    try:
+        _library()
+    except KernelUnavailableError:
+        return False
+    return jax.default_backend() == "cpu"
+
+
+# -- building and registering -------------------------------------------------------------
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("CM3LEON_JAX_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cm3leon_jax")
+    return pathlib.Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(keep))  # the first core's lines, once each
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Compile cpu_matvec.cc once per (source, compiler, jaxlib, CPU); load it."""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise KernelUnavailableError(
+                f"cpu_matvec: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
+                f"build {_SOURCE.name}; install one (Debian: apt install g++) or decode "
+                "without it (DecoderStep(cpu_matvec=False), the default).")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
+             f"-I{jax.ffi.include_dir()}"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version,
+                                    jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()
+    out = _cache_dir() / f"cpu_matvec-{key[:16]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Compile beside the target and rename: concurrent builders never see half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode:
+            os.unlink(tmp)
+            raise KernelUnavailableError(f"cpu_matvec: {compiler} failed on {_SOURCE}:\n"
+                                    f"{done.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return ctypes.cdll.LoadLibrary(str(out))
+
+
+@functools.cache
+def _register(dtype) -> str:
+    name, symbol = _TARGETS[dtype]
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(_library(), symbol)),
+                                platform="cpu")
+    return name
