@@ -55,7 +55,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["cm3leon_jax", "cm3leon_jax.*", "tasks", "tasks.*"]),
     include_package_data=True,
-    # The CPU decode kernel's source, compiled on first use (cm3leon_jax/model/cpu_matvec.py).
+    # The CPU decode kernel's source, compiled on first use (cm3leon_jax/model/cpu_kernels.py).
     package_data={"cm3leon_jax.model": ["*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

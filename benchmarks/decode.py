@@ -19,8 +19,8 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
   * roofline: a decode step must read every weight (the position table aside) and the
     KV cache written so far; over the streaming-read rate measured in the same trial
     (the best of numpy, torch and XLA summing a 512 MiB array) that bounds tokens/s.
-  * kernel: ours through `DecoderStep(cpu_matvec=True)` (the CPU kernel of
-    `model/cpu_matvec.py` for every few-row product), beside ours through XLA's dot; with
+  * kernel: ours through `DecoderStep(cpu_kernels=True)` (the CPU kernel of
+    `model/cpu_kernels.py` for every few-row product), beside ours through XLA's dot; with
     bf16 and cfg, their kernel variants too.
   * bf16: the same with bfloat16 weights and activations (ours and the peer's).
   * cfg: classifier-free guidance (a second, unconditional stream of 4 rows): its time
@@ -222,7 +222,7 @@ def main_parts(args, parts) -> dict:
         runners["hf_bf16"] = HF(BENCH, params, prompts, args.new, dtype="bfloat16")
     if "cfg" in parts:
         runners["ours_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True)
-    kernel = functools.partial(DecoderStep, cpu_matvec=True)
+    kernel = functools.partial(DecoderStep, cpu_kernels=True)
     if "kernel" in parts:
         runners["kernel_f32"] = Ours(BENCH, params, prompts, args.new, model=kernel)
         if "bf16" in parts:
@@ -315,7 +315,7 @@ def image_part(args) -> dict:
     runners = {"xla": Ours(config, params, prompts, 1024, cfg=True)}
     if "kernel" in args.parts.split(","):
         runners["kernel"] = Ours(config, params, prompts, 1024, cfg=True,
-                                 model=functools.partial(DecoderStep, cpu_matvec=True))
+                                 model=functools.partial(DecoderStep, cpu_kernels=True))
     seconds = {name: [] for name in runners}
     for _ in range(args.trials):
         for name, runner in runners.items():

@@ -94,7 +94,7 @@ class Images(NamedTuple):
 
 
 @gin.configurable(allowlist=["neighbors_in_query_order", "guidance_keeps_documents",
-                             "cpu_matvec"])
+                             "cpu_kernels"])
 class Generator:
     """A decoder with its vocabulary, image tokenizer and (optional) retriever.
 
@@ -117,15 +117,15 @@ class Generator:
         default): the masked query alone, which also pushes toward what the documents
         show, at the caption's scale. On the demo decoder the two are inside each other's
         seed spread (RESULTS_train.md).
-      cpu_matvec: decode through `DecoderStep(config, cpu_matvec=True)`, the CPU kernel that
+      cpu_kernels: decode through `DecoderStep(config, cpu_kernels=True)`, the CPU kernel that
         streams the weights about twice as fast as XLA:CPU's dot (one CPU device, a C++
-        compiler on the host; `model/cpu_matvec.py`).
+        compiler on the host; `model/cpu_kernels.py`).
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
                  image_tokenizer: Any = None, retriever: Any = None, batch_size: int = 8,
                  prompt_multiple: int = 64, neighbors_in_query_order: bool = False,
-                 guidance_keeps_documents: bool = False, cpu_matvec: bool = False):
+                 guidance_keeps_documents: bool = False, cpu_kernels: bool = False):
         layout = vocab.layout
         if layout.vocab_size > config.vocab_size:
             raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "
@@ -143,7 +143,7 @@ class Generator:
         self.batch_size, self.prompt_multiple = batch_size, prompt_multiple
         self.neighbors_in_query_order = neighbors_in_query_order
         self.guidance_keeps_documents = guidance_keeps_documents
-        self.model = DecoderStep(config, cpu_matvec=cpu_matvec)
+        self.model = DecoderStep(config, cpu_kernels=cpu_kernels)
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,

@@ -30,11 +30,12 @@ stacked layers the training forward wants are the wrong shape for it
 * Cache `[batch, kv_heads, length, head_dim]`, a step's attention reading each head's
   keys contiguously; each step writes its one slot in place (`dynamic_update_slice` on
   the loop carry).
-* On CPU, `DecoderStep(config, cpu_matvec=True)` reads each matrix as 64-column tiles
-  through an XLA FFI kernel (`cpu_matvec.py`) that streams them at about twice the rate of
-  XLA:CPU's dot for a step's few rows. Off by default: it needs a C++ compiler on the host
-  (built once, cached) and one device, and its float32 sums run in another order than
-  XLA's (the same numbers to about 1e-6).
+* On CPU, `DecoderStep(config, cpu_kernels=True)` reads each matrix as 64-column tiles
+  through an XLA FFI kernel (`cpu_kernels.py`) that streams them at about twice the rate of
+  XLA:CPU's dot for a step's few rows, and a one-token step's attention through a second
+  kernel that reads only the cache slots each row sees. Off by default: it needs a C++
+  compiler on the host (built once, cached) and one device, and its float32 sums run in
+  another order than XLA's (the same numbers to about 1e-6).
 Several tokens at once (the prefill) use ordinary matmuls and the configured attention
 kernel. Parameters and cache carry logical axis names: under a mesh they shard by the
 training rules (`partitioning.py`).
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3leon_jax.model import attention, cpu_matvec, layers, norms, partitioning
+from cm3leon_jax.model import attention, cpu_kernels, layers, norms, partitioning
 from cm3leon_jax.model.config import DecoderConfig
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's fill for masked logits.
@@ -63,18 +64,19 @@ class DecoderStep:
     """`Decoder(config)`'s decode path: `(weights, cache, tokens, seg, pos) -> (logits, cache)`.
 
     Hashable (a frozen dataclass of a frozen config): the sampler caches its compiled loop
-    on it. `weights` are `prepare(params)` of the `Decoder`'s params. `cpu_matvec`: read the
-    matrices through `cpu_matvec.py`'s kernel (CPU, one device; see the module docstring).
+    on it. `weights` are `prepare(params)` of the `Decoder`'s params. `cpu_kernels`: run the
+    step's products and attention through `cpu_kernels.py` (CPU, one device; see the
+    module docstring).
     """
 
     config: DecoderConfig
-    cpu_matvec: bool = False
+    cpu_kernels: bool = False
 
     # -- weights and cache --------------------------------------------------------------
     def prepare(self, params: Any) -> dict:
         """The Decoder's params -> per-layer weights, matrices `[in..., out...]`."""
-        if self.cpu_matvec:
-            self._check_cpu_matvec()
+        if self.cpu_kernels:
+            self._check_cpu_kernels()
         c, p = self.config, nn.unbox(params)
         p = p.get("params", p)
         att, mlp = p["layers"]["attention"], p["layers"]["mlp"]
@@ -98,7 +100,7 @@ class DecoderStep:
         for i in range(c.num_layers):
             w = {}
             for name, (kernel, names) in mats.items():
-                w[name] = (self._pack(kernel[i], n_in.get(name, 1)) if self.cpu_matvec else
+                w[name] = (self._pack(kernel[i], n_in.get(name, 1)) if self.cpu_kernels else
                            partitioning.with_logical_constraint(kernel[i], names))
             for name, (v, names) in vectors.items():
                 w[name] = partitioning.with_logical_constraint(v[i], names)
@@ -113,7 +115,7 @@ class DecoderStep:
         if not c.tie_embeddings:
             out["head"] = partitioning.with_logical_constraint(p["lm_head"]["kernel"],
                                                                ("embed", "vocab"))
-        if self.cpu_matvec:  # Tied: a tiled copy of the table's transpose (the lookup keeps it).
+        if self.cpu_kernels:  # Tied: a tiled copy of the table's transpose (the lookup keeps it).
             out["head"] = self._pack(out["head"] if "head" in out else embed.T, 1)
         return out
 
@@ -121,15 +123,15 @@ class DecoderStep:
         """Tiles in bfloat16 where the step computes or stores in it (the dot's cast), else f32."""
         c = self.config
         bf16 = jnp.dtype(jnp.bfloat16) in (jnp.dtype(c.compute_dtype), jnp.dtype(kernel.dtype))
-        return cpu_matvec.pack(kernel.astype(jnp.bfloat16 if bf16 else _F32), n_in)
+        return cpu_kernels.pack(kernel.astype(jnp.bfloat16 if bf16 else _F32), n_in)
 
-    def _check_cpu_matvec(self):
+    def _check_cpu_kernels(self):
         mesh = jax.sharding.get_abstract_mesh()
         if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
-            raise ValueError(f"DecoderStep(cpu_matvec=True) runs on one CPU device, unsharded; "
+            raise ValueError(f"DecoderStep(cpu_kernels=True) runs on one CPU device, unsharded; "
                              f"here the backend is {jax.default_backend()!r} and the mesh "
                              f"{dict(mesh.shape) if not mesh.empty else 'none'}. Leave "
-                             "cpu_matvec off here.")
+                             "cpu_kernels off here.")
 
     def init_cache(self, rows: int, length: int) -> dict:
         """An empty cache for `rows` sequences of at most `length` tokens.
@@ -229,11 +231,10 @@ class DecoderStep:
             k = layers.rotary_embedding(k, positions, c.rope_theta)
         names = ("batch", "kv_heads", "length", "kv")
         write = lambda cache, new: partitioning.with_logical_constraint(
-                jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype),
-                                             (0, 0, index, 0)), names)
+                _write_slots(cache, jnp.swapaxes(new, 1, 2), index), names)
         ck, cv = write(ck, k), write(cv, v)
         if x.shape[1] == 1:
-            out = _one_query_attention(q, ck, cv, segment_ids, kv_seg, index)
+            out = _one_query_attention(q, ck, cv, segment_ids, kv_seg, index, self.cpu_kernels)
         else:  # Several queries: the configured kernel over the cache's [b, len, h, d] view.
             kernel = attention.get_kernel(c.attention_impl)
             out = kernel(q, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), segment_ids,
@@ -255,19 +256,19 @@ class DecoderStep:
                              "documents) or generate fewer tokens.")
 
 
-def project(x: jax.Array, kernel: jax.Array | cpu_matvec.Packed, n_in: int,
+def project(x: jax.Array, kernel: jax.Array | cpu_kernels.Packed, n_in: int,
             dtype) -> jax.Array:
     """`x: [b, n, *in]` times `kernel: [*in, *out]` -> `[b, n, *out]` in `dtype`.
 
     One 2-D matmul `[b * n, in] @ [in, out]` (f32 accumulation); through the CPU kernel
-    for a `cpu_matvec.Packed` kernel and at most `cpu_matvec.MAX_ROWS` rows.
+    for a `cpu_kernels.Packed` kernel and at most `cpu_kernels.MAX_ROWS` rows.
     """
     b, n = x.shape[:2]
     x2 = x.reshape(b * n, math.prod(x.shape[2:2 + n_in]))
-    if isinstance(kernel, cpu_matvec.Packed):
+    if isinstance(kernel, cpu_kernels.Packed):
         out_shape = kernel.out_shape
-        if b * n <= cpu_matvec.MAX_ROWS:
-            return cpu_matvec.matvec(x2, kernel).astype(dtype).reshape((b, n) + out_shape)
+        if b * n <= cpu_kernels.MAX_ROWS:
+            return cpu_kernels.matvec(x2, kernel).astype(dtype).reshape((b, n) + out_shape)
         k2 = kernel.unpack()
     else:
         in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
@@ -277,7 +278,24 @@ def project(x: jax.Array, kernel: jax.Array | cpu_matvec.Packed, n_in: int,
     return y.astype(dtype).reshape((b, n) + out_shape)
 
 
-def _one_query_attention(q, ck, cv, segment_ids, kv_seg, index):
+def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """`new: [b, kv_heads, n, d]` written into the cache at slot `index`, in place.
+
+    A bfloat16 cache is updated through its 16-bit integer view: XLA:CPU widened a bfloat16
+    update-slice to float32 and copied the whole cache per layer and step (1.2 of 7 ms a
+    step in the decode benchmark's bf16 model, `benchmarks/RESULTS_decode.md`). The bits
+    written are the same.
+    """
+    new = new.astype(cache.dtype)
+    if cache.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    bits = lambda a, t: jax.lax.bitcast_convert_type(a, t)
+    out = jax.lax.dynamic_update_slice(bits(cache, jnp.uint16), bits(new, jnp.uint16),
+                                       (0, 0, index, 0))
+    return bits(out, jnp.bfloat16)
+
+
+def _one_query_attention(q, ck, cv, segment_ids, kv_seg, index, cpu_kernel=False):
     """q: [b, 1, heads, d]; cache [b, kv_heads, len, d] -> [b, 1, heads, d].
 
     Sees the written slots up to `index` of the query's own segment.
@@ -285,8 +303,11 @@ def _one_query_attention(q, ck, cv, segment_ids, kv_seg, index):
     b, _, heads, d = q.shape
     kv_heads, length = ck.shape[1], ck.shape[2]
     q = q.reshape(b, kv_heads, heads // kv_heads, 1, d).astype(_F32) / np.sqrt(d)
-    s = jnp.einsum("bhgqd,bhsd->bhgqs", q, ck.astype(_F32))[:, :, :, 0]  # [b, kvh, g, len]
     visible = (jnp.arange(length) <= index)[None] & (kv_seg == segment_ids[:, :1])
+    if cpu_kernel:
+        out = cpu_kernels.one_query_attention(q[:, :, :, 0], ck, cv, visible)
+        return out.reshape(b, 1, heads, d).astype(ck.dtype)
+    s = jnp.einsum("bhgqd,bhsd->bhgqs", q, ck.astype(_F32))[:, :, :, 0]  # [b, kvh, g, len]
     s = jnp.where(visible[:, None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bhgs,bhsd->bhgd", p, cv.astype(_F32))

@@ -17,12 +17,12 @@ CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
                                                    sentinel_ids=(5, 40))}
 
 
-@pytest.mark.parametrize("cpu_matvec", [False, True], ids=["xla_dot", "cpu_matvec"])
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["xla_dot", "cpu_kernels"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prefill_then_steps_equal_the_full_forward(name, cpu_matvec):
+def test_prefill_then_steps_equal_the_full_forward(name, cpu_kernels):
     config = CONFIGS[name]
     params = random_params(config, seed=1)
-    step = DecoderStep(config, cpu_matvec=cpu_matvec)
+    step = DecoderStep(config, cpu_kernels=cpu_kernels)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (2, 9)), jnp.int32)
     segments = jnp.ones_like(tokens).at[0, :3].set(0)  # Row 0 left-padded by 3.
     positions = jnp.maximum(jnp.arange(9)[None] - jnp.array([[3], [0]]), 0).astype(jnp.int32)
@@ -102,3 +102,16 @@ def test_the_next_place_embedding_marks_the_code_each_position_predicts():
     assert not out[0, 0].any() and not out[0, 5].any()
     with pytest.raises(ValueError, match="image_next_place=True needs image_grid"):
         tiny_config(image_next_place=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_writes_put_the_same_bits_as_an_update_slice(dtype):
+    from cm3leon_jax.model.decoding import _write_slots
+
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.standard_normal((2, 3, 10, 4)), dtype)
+    new = jnp.asarray(rng.standard_normal((2, 3, 2, 4)), jnp.float32)
+    got = jax.jit(_write_slots)(cache, new, jnp.int32(7))
+    want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (0, 0, 7, 0))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -1,4 +1,4 @@
-"""The CPU kernel for a step's few-row products (`model/cpu_matvec.py`): the numbers of a
+"""The CPU kernel for a step's few-row products (`model/cpu_kernels.py`): the numbers of a
 float64 product, inside compiled loops, through the sampler; clear refusals."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.decode import sampler
-from cm3leon_jax.model import cpu_matvec
+from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.model.decoding import DecoderStep
 from tests.model.model_testlib import random_params, tiny_config
 
@@ -27,17 +27,17 @@ def _product(rows, k, n, dtype, seed=0):
     (4, 128, 9216, jnp.bfloat16), (5, 64, 100, jnp.bfloat16)])
 def test_matvec_is_the_product_for_any_rows_and_columns(rows, k, n, dtype):
     x, w, want = _product(rows, k, n, dtype)
-    packed = cpu_matvec.pack(w, 1)
+    packed = cpu_kernels.pack(w, 1)
     assert packed.tiles.shape == (-(-n // 64), k, 64)
     np.testing.assert_array_equal(packed.unpack(), w)
-    got = jax.jit(cpu_matvec.matvec)(x, packed)
+    got = jax.jit(cpu_kernels.matvec)(x, packed)
     assert got.shape == (rows, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_pack_keeps_the_in_and_out_axes_of_a_higher_rank_kernel():
     w = jnp.arange(2 * 3 * 5 * 7, dtype=jnp.float32).reshape(2, 3, 5, 7)
-    packed = cpu_matvec.pack(w, 2)
+    packed = cpu_kernels.pack(w, 2)
     assert (packed.in_shape, packed.out_shape) == ((2, 3), (5, 7))
     np.testing.assert_array_equal(packed.unpack(), w.reshape(6, 35))
 
@@ -45,8 +45,8 @@ def test_pack_keeps_the_in_and_out_axes_of_a_higher_rank_kernel():
 def test_matvec_runs_inside_a_compiled_loop_with_a_carried_input():
     x, w, _ = _product(4, 64, 64, jnp.float32, seed=3)
     w = w / 8.0  # Keep the repeated product bounded.
-    packed = cpu_matvec.pack(w, 1)
-    loop = jax.jit(lambda x, p: jax.lax.fori_loop(0, 5, lambda i, y: cpu_matvec.matvec(y, p), x))
+    packed = cpu_kernels.pack(w, 1)
+    loop = jax.jit(lambda x, p: jax.lax.fori_loop(0, 5, lambda i, y: cpu_kernels.matvec(y, p), x))
     want = np.asarray(x, np.float64)
     for _ in range(5):
         want = want @ np.asarray(w, np.float64)
@@ -55,44 +55,44 @@ def test_matvec_runs_inside_a_compiled_loop_with_a_carried_input():
 
 def test_bad_inputs_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="float16.*float32 or bfloat16"):
-        cpu_matvec.pack(jnp.zeros((4, 4), jnp.float16), 1)
-    packed = cpu_matvec.pack(jnp.zeros((8, 64), jnp.float32), 1)
+        cpu_kernels.pack(jnp.zeros((4, 4), jnp.float16), 1)
+    packed = cpu_kernels.pack(jnp.zeros((8, 64), jnp.float32), 1)
     with pytest.raises(ValueError, match=r"x \(2, 7\) against tiles of 8 inputs"):
-        cpu_matvec.matvec(jnp.zeros((2, 7)), packed)
+        cpu_kernels.matvec(jnp.zeros((2, 7)), packed)
 
 
 def test_without_a_compiler_the_error_says_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-cm3leon")
     monkeypatch.setenv("CM3LEON_JAX_CACHE", str(tmp_path))
-    cpu_matvec._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        with pytest.raises(cpu_matvec.KernelUnavailableError, match="apt install g\\+\\+"):
-            cpu_matvec._library()
-        assert not cpu_matvec.available()
+        with pytest.raises(cpu_kernels.KernelUnavailableError, match="apt install g\\+\\+"):
+            cpu_kernels._library()
+        assert not cpu_kernels.available()
     finally:
-        cpu_matvec._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CM3LEON_JAX_CACHE", str(tmp_path))
-    cpu_matvec._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        cpu_matvec._library()
-        built = list((tmp_path / "kernels").glob("cpu_matvec-*.so"))
+        cpu_kernels._library()
+        built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        cpu_matvec._library.cache_clear()
-        cpu_matvec._library()  # A second process: reuses the file.
+        cpu_kernels._library.cache_clear()
+        cpu_kernels._library()  # A second process: reuses the file.
         assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
     finally:
-        cpu_matvec._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 def test_the_sampler_draws_the_same_tokens_through_the_kernel():
     config = tiny_config()
     params = random_params(config, seed=2)
     prompts = sampler.left_pad([np.arange(5, 12), np.arange(40, 43)])
-    runs = [sampler.sample(DecoderStep(config, cpu_matvec=on), params, prompts,
+    runs = [sampler.sample(DecoderStep(config, cpu_kernels=on), params, prompts,
                            jax.random.key(0), max_new_tokens=12, greedy=True)
             for on in (False, True)]
     np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
@@ -100,7 +100,29 @@ def test_the_sampler_draws_the_same_tokens_through_the_kernel():
 
 def test_a_sharded_decoder_is_refused():
     config = tiny_config()
-    step, params = DecoderStep(config, cpu_matvec=True), random_params(config)
+    step, params = DecoderStep(config, cpu_kernels=True), random_params(config)
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="one CPU device, unsharded"):
         step.prepare(params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 16), (8, 2, 64), (3, 1, 20)])
+def test_one_query_attention_is_the_masked_softmax_of_the_xla_path(dtype, heads, kv_heads, d):
+    from cm3leon_jax.model.decoding import _one_query_attention
+
+    rng = np.random.default_rng(heads + d)
+    b, length = 4, 37
+    q = jnp.asarray(rng.standard_normal((b, 1, heads, d)), dtype)
+    ck, cv = (jnp.asarray(rng.standard_normal((b, kv_heads, length, d)), dtype)
+              for _ in range(2))
+    index = jnp.int32(30)  # Slots past it are unwritten: never seen.
+    kv_seg = jnp.asarray(rng.integers(0, 3, (b, length)), jnp.int32).at[3].set(0)
+    segment_ids = jnp.asarray([[1], [2], [0], [1]], jnp.int32)  # Row 3 sees no slot.
+    args = (q, ck, cv, segment_ids, kv_seg, index)
+    want = jax.jit(_one_query_attention, static_argnums=6)(*args, False)
+    got = jax.jit(_one_query_attention, static_argnums=6)(*args, True)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)

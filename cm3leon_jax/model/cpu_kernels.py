@@ -1,19 +1,23 @@
-"""A few rows times a weight matrix on CPU, at the rate memory streams the matrix.
+"""The decode step's two memory-bound parts on CPU, as XLA FFI kernels (`cpu_kernels.cc`).
 
-    packed = cpu_matvec.pack(kernel, n_in=1)       # [in..., out...] -> Packed, once
-    y = cpu_matvec.matvec(x2, packed)              # x2 [rows, in] -> float32 [rows, out]
+    packed = cpu_kernels.pack(kernel, n_in=1)       # [in..., out...] -> Packed, once
+    y = cpu_kernels.matvec(x2, packed)              # x2 [rows, in] -> float32 [rows, out]
+    out = cpu_kernels.one_query_attention(q, keys, values, visible)
 
 Decoding one token reads every weight for a handful of rows (the batch; twice that with
 CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
 reads a `[K, N]` matrix for 4 rows at about half the host's streaming rate, and no layout or
-XLA flag tried changed that (`benchmarks/RESULTS_decode.md`). `cpu_matvec.cc` stores a
+XLA flag tried changed that (`benchmarks/RESULTS_decode.md`). `cpu_kernels.cc` stores a
 matrix as 64-column tiles `[N / 64, K, 64]`, each one contiguous block read once, prefetched
 ahead, with the rows' partial sums in registers, and splits the tiles over XLA's intra-op
-threads. It is an XLA FFI custom call, so it runs inside the compiled sampler loop like any
-other op (no host round trip).
+threads. `one_query_attention` reads each row's keys and values once, only the slots the
+row sees (XLA's two batched products read the whole cache, written or not, at a small-
+matrix rate). Both are XLA FFI custom calls, so they run inside the compiled sampler loop
+like any other op (no host round trip).
 
-`DecoderStep(config, cpu_matvec=True)` uses it for every product of a step with at most
-`MAX_ROWS` rows; wider products (the prefill) read the same tiles through XLA's dot.
+`DecoderStep(config, cpu_kernels=True)` uses `matvec` for every product of a step with at
+most `MAX_ROWS` rows and `one_query_attention` for a one-token step; wider products (the
+prefill) read the same tiles through XLA's dot.
 Weights stay float32 or bfloat16 (bfloat16 tiles are widened in registers; the sums are
 float32). CPU only, one device.
 
@@ -40,12 +44,14 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-TILE = 64  # columns per tile (cpu_matvec.cc's kTile)
+TILE = 64  # columns per tile (cpu_kernels.cc's kTile)
 MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.cc")
-_TARGETS = {jnp.dtype(jnp.float32): ("cm3leon_matvec_f32", "Cm3leonMatVecF32"),
-            jnp.dtype(jnp.bfloat16): ("cm3leon_matvec_bf16", "Cm3leonMatVecBF16")}
+_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+_TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
+            ("matvec", jnp.dtype(jnp.bfloat16)): "Cm3leonMatVecBF16",
+            ("attention", jnp.dtype(jnp.float32)): "Cm3leonAttentionF32",
+            ("attention", jnp.dtype(jnp.bfloat16)): "Cm3leonAttentionBF16"}
 
 
 class KernelUnavailableError(RuntimeError):
@@ -75,8 +81,8 @@ class Packed:
 def pack(kernel: jax.Array, n_in: int) -> Packed:
     """`kernel: [*in, *out]` (float32 or bfloat16) -> `Packed` tiles for `matvec`."""
     dtype = jnp.dtype(kernel.dtype)
-    if dtype not in _TARGETS:
-        raise ValueError(f"cpu_matvec.pack: weights of dtype {dtype}; the kernel reads float32 "
+    if ("matvec", dtype) not in _TARGETS:
+        raise ValueError(f"cpu_kernels.pack: weights of dtype {dtype}; the kernel reads float32 "
                          "or bfloat16 (set DecoderConfig.param_dtype or dtype to one of them).")
     in_shape, out_shape = tuple(kernel.shape[:n_in]), tuple(kernel.shape[n_in:])
     k, n = math.prod(in_shape), math.prod(out_shape)
@@ -90,13 +96,31 @@ def matvec(x: jax.Array, packed: Packed) -> jax.Array:
 
     x is read as float32. Any number of rows is correct; past `MAX_ROWS` XLA's dot is faster.
     """
-    name = _register(jnp.dtype(packed.dtype))
+    name = _register("matvec", jnp.dtype(packed.dtype))
     t, k, _ = packed.tiles.shape
     if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"cpu_matvec.matvec: x {x.shape} against tiles of {k} inputs")
+        raise ValueError(f"cpu_kernels.matvec: x {x.shape} against tiles of {k} inputs")
     y = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], t * TILE), jnp.float32))(
             x.astype(jnp.float32), packed.tiles)
     return y[:, :math.prod(packed.out_shape)]
+
+
+def one_query_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                        visible: jax.Array) -> jax.Array:
+    """One query per row and head against the cache -> float32 `[B, H, G, D]`.
+
+    q: `[B, H, G, D]` (G queries per kv head, already scaled by 1/sqrt(D)); keys, values:
+    the cache `[B, H, L, D]` (float32 or bfloat16); visible: bool `[B, L]`, the slots each
+    row sees. Softmax over the visible slots (a row that sees none averages every slot, as
+    XLA's masked softmax does); slots a row does not see are never read.
+    """
+    dtype = jnp.dtype(keys.dtype)
+    if ("attention", dtype) not in _TARGETS or values.dtype != dtype:
+        raise ValueError(f"cpu_kernels.one_query_attention: a cache of {keys.dtype} / "
+                         f"{values.dtype}; the kernel reads float32 or bfloat16.")
+    name = _register("attention", dtype)
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+            q.astype(jnp.float32), keys, values, visible.astype(bool))
 
 
 def available() -> bool:
@@ -127,19 +151,19 @@ def _cpu_signature() -> str:
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile cpu_matvec.cc once per (source, compiler, jaxlib, CPU); load it."""
+    """Compile cpu_kernels.cc once per (source, compiler, jaxlib, CPU); load it."""
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
         raise KernelUnavailableError(
-                f"cpu_matvec: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
+                f"cpu_kernels: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
                 f"build {_SOURCE.name}; install one (Debian: apt install g++) or decode "
-                "without it (DecoderStep(cpu_matvec=False), the default).")
+                "without it (DecoderStep(cpu_kernels=False), the default).")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
              f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version,
                                     jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()
-    out = _cache_dir() / f"cpu_matvec-{key[:16]}.so"
+    out = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         # Compile beside the target and rename: concurrent builders never see half a file.
@@ -149,15 +173,16 @@ def _library() -> ctypes.CDLL:
                               capture_output=True, text=True)
         if done.returncode:
             os.unlink(tmp)
-            raise KernelUnavailableError(f"cpu_matvec: {compiler} failed on {_SOURCE}:\n"
+            raise KernelUnavailableError(f"cpu_kernels: {compiler} failed on {_SOURCE}:\n"
                                     f"{done.stderr[-2000:]}")
         os.replace(tmp, out)
     return ctypes.cdll.LoadLibrary(str(out))
 
 
 @functools.cache
-def _register(dtype) -> str:
-    name, symbol = _TARGETS[dtype]
+def _register(kind: str, dtype) -> str:
+    symbol = _TARGETS[kind, dtype]
+    name = f"cm3leon_{kind}_{dtype.name}"
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(_library(), symbol)),
                                 platform="cpu")
     return name

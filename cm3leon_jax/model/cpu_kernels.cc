@@ -1,0 +1,303 @@
+// A few rows times a matrix on CPU, at the rate memory streams the matrix.
+//
+//   y[M, T * 64] = x[M, K] @ W[K, T * 64],   W stored as tiles P[T, K, 64] (float32 or
+//   bfloat16 bits), y and x float32.
+//
+// One generated token reads every weight once for a handful of rows (the batch), so a decode
+// step is bound by how fast the weights stream from memory. XLA:CPU's dot reads a [K, N]
+// matrix for 4 rows at about half the host's streaming rate (benchmarks/RESULTS_decode.md);
+// this kernel reads each 64-column tile as one contiguous block, prefetched ahead, with the
+// tile's 4 x 64 partial sums in registers, and splits the tiles over XLA's intra-op threads.
+// Built by cpu_kernels.py with the host compiler (GCC vector extensions: AVX-512, AVX2 or
+// NEON, whatever -march=native offers).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 64;   // columns per tile: 4 vectors of 16 floats
+constexpr int64_t kAhead = 32;  // prefetch distance, in rows of a tile (8 KiB of float32)
+constexpr int64_t kRows = 4;    // rows of x per pass over a tile
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+
+inline void Relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16 Load(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of the word
+  h16 h;
+  std::memcpy(&h, p, sizeof(h));
+  u16 u = __builtin_convertvector(h, u16) << 16;
+  v16 v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y.
+template <int R, typename W>
+inline void TileRows(const float* x, int64_t K, const W* tile, float* y, int64_t y_stride) {
+  v16 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const W* w = tile + k * kTile;
+    const char* ahead = reinterpret_cast<const char*>(w + kAhead * kTile);
+    for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
+      __builtin_prefetch(ahead + b, 0, 3);
+    const v16 w0 = Load(w), w1 = Load(w + 16), w2 = Load(w + 32), w3 = Load(w + 48);
+    for (int r = 0; r < R; ++r) {
+      const float s = x[r * K + k];
+      acc[r][0] += s * w0;
+      acc[r][1] += s * w1;
+      acc[r][2] += s * w2;
+      acc[r][3] += s * w3;
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * y_stride, acc[r], sizeof(acc[r]));
+}
+
+// Every row of x times tile t. The first row block reads the tile from memory; the others
+// find it in cache (a tile is K * 256 bytes).
+template <typename W>
+void Tile(const float* x, int64_t M, int64_t K, const W* tiles, int64_t t, float* y,
+          int64_t N) {
+  const W* tile = tiles + t * K * kTile;
+  float* out = y + t * kTile;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) TileRows<kRows>(x + m * K, K, tile, out + m * N, N);
+  switch (M - m) {
+    case 1: TileRows<1>(x + m * K, K, tile, out + m * N, N); break;
+    case 2: TileRows<2>(x + m * K, K, tile, out + m * N, N); break;
+    case 3: TileRows<3>(x + m * K, K, tile, out + m * N, N); break;
+    default: break;
+  }
+}
+
+// Items [0, n) in chunks handed out by a counter, over the calling thread and XLA's intra-op
+// threads. The caller takes chunks too, so the work completes even if no helper ever starts;
+// a helper that starts late finds nothing left. The counters outlive the call for such
+// helpers (shared_ptr); `body` must only be run for claimed chunks (it reads the buffers).
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0, chunk = 0, items = 0;
+};
+
+template <typename F>
+void Drain(Work* work, const F& body) {
+  for (int64_t c; (c = work->next.fetch_add(1, std::memory_order_relaxed)) < work->chunks;) {
+    body(c * work->chunk, std::min(work->items, (c + 1) * work->chunk));
+    work->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+template <typename F>
+void Parallel(ffi::ThreadPool& pool, int64_t n, F body) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto work = std::make_shared<Work>();
+  work->items = n;
+  // About 4 chunks a thread, so that a thread slowed by a neighbour does not hold the rest.
+  work->chunk = std::max<int64_t>(1, n / (4 * threads));
+  work->chunks = (n + work->chunk - 1) / work->chunk;
+  const int64_t helpers = std::min(threads, work->chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work, body] { Drain(work.get(), body); });
+  Drain(work.get(), body);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) Relax();
+}
+
+template <ffi::DataType WT>
+ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WT> tiles,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  using W = std::conditional_t<WT == ffi::F32, float, uint16_t>;
+  const auto xd = x.dimensions(), td = tiles.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || td.size() != 3 || yd.size() != 2 || td[2] != kTile ||
+      td[1] != xd[1] || yd[0] != xd[0] || yd[1] != td[0] * kTile)
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels.matvec: expected x[M, K], tiles[T, K, 64] and y[M, T * 64]");
+  const int64_t M = xd[0], K = xd[1], N = td[0] * kTile;
+  const float* xp = x.typed_data();
+  const W* wp = reinterpret_cast<const W*>(tiles.untyped_data());
+  float* yp = y->typed_data();
+  if (M == 0) return ffi::Error::Success();
+  Parallel(pool, td[0], [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) Tile(xp, M, K, wp, t, yp, N);
+  });
+  return ffi::Error::Success();
+}
+
+// -- one query per row against the KV cache ----------------------------------------------
+
+inline float Dot(const float* q, const float* k, int64_t D) {
+  v16 acc = v16{};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc += Load(q + d) * Load(k + d);
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += acc[i];
+  for (; d < D; ++d) s += q[d] * k[d];
+  return s;
+}
+
+inline float Dot(const float* q, const uint16_t* k, int64_t D) {
+  v16 acc = v16{};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc += Load(q + d) * Load(k + d);
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += acc[i];
+  for (; d < D; ++d) {
+    const uint32_t bits = uint32_t(k[d]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    s += q[d] * f;
+  }
+  return s;
+}
+
+inline void AddScaled(float* out, float p, const float* v, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    v16 o = Load(out + d);
+    o += p * Load(v + d);
+    std::memcpy(out + d, &o, sizeof(o));
+  }
+  for (; d < D; ++d) out[d] += p * v[d];
+}
+
+inline void AddScaled(float* out, float p, const uint16_t* v, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    v16 o = Load(out + d);
+    o += p * Load(v + d);
+    std::memcpy(out + d, &o, sizeof(o));
+  }
+  for (; d < D; ++d) {
+    const uint32_t bits = uint32_t(v[d]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    out[d] += p * f;
+  }
+}
+
+// One (row, kv head): its G queries against the slots the row sees. Slots it does not see
+// weigh exactly 0 in the softmax (the masked logit is -0.7 * FLT_MAX, as jax.nn's), so they
+// are never read; a row that sees none averages every slot, as softmax over equal logits.
+template <typename C>
+void AttendOne(const float* q, const C* k, const C* v, const bool* visible, int64_t G,
+               int64_t L, int64_t D, float* out, std::vector<float>& scores) {
+  int64_t seen = 0;
+  for (int64_t l = 0; l < L; ++l) seen += visible[l];
+  scores.resize(G * L);
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores.data() + g * L;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < L; ++l) {
+      if (seen && !visible[l]) continue;
+      s[l] = seen ? Dot(q + g * D, k + l * D, D) : 0.f;
+      top = std::max(top, s[l]);
+    }
+    float total = 0.f;
+    for (int64_t l = 0; l < L; ++l) {
+      if (seen && !visible[l]) continue;
+      s[l] = std::exp(s[l] - top);
+      total += s[l];
+    }
+    float* o = out + g * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t l = 0; l < L; ++l) {
+      if (seen && !visible[l]) continue;
+      AddScaled(o, s[l], v + l * D, D);
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+template <ffi::DataType CT>
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<CT> keys,
+                     ffi::Buffer<CT> values, ffi::Buffer<ffi::PRED> visible,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  using C = std::conditional_t<CT == ffi::F32, float, uint16_t>;
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions(),
+             md = visible.dimensions(), od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 2 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) ||
+      !std::equal(qd.begin(), qd.end(), od.begin(), od.end()) || kd[0] != qd[0] ||
+      kd[1] != qd[1] || kd[3] != qd[3] || md[0] != qd[0] || md[1] != kd[2])
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels.one_query_attention: expected q[B, H, G, D], keys and values "
+        "[B, H, L, D], visible[B, L] and out[B, H, G, D]");
+  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], L = kd[2];
+  const float* qp = q.typed_data();
+  const C* kp = reinterpret_cast<const C*>(keys.untyped_data());
+  const C* vp = reinterpret_cast<const C*>(values.untyped_data());
+  const bool* mp = visible.typed_data();
+  float* op = out->typed_data();
+  Parallel(pool, B * H, [=](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H;
+      AttendOne(qp + i * G * D, kp + i * L * D, vp + i * L * D, mp + b * L, G, L, D,
+                op + i * G * D, scores);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonMatVecF32, MatVec<ffi::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonMatVecBF16, MatVec<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonAttentionF32, Attention<ffi::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonAttentionBF16, Attention<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
