@@ -30,6 +30,10 @@ ALLOWED = {
     ("cm3leon_jax/main.py", "configure"): "gin files: repository search paths (gin reads them)",
     ("cm3leon_jax/main.py", "parse_args"): "gin search folders (gin reads them)",
     ("cm3leon_jax/main.py", "_find"): "gin files (gin reads them)",
+    ("cm3leon_jax/model/cpu_kernels.py", "_library"):
+        "the CPU kernels' source in the package and their build in a local cache folder "
+        "(a shared library loads from a local path)",
+    ("cm3leon_jax/model/cpu_kernels.py", "_read_local"): "the package's source, /proc/cpuinfo",
 }
 
 

@@ -34,7 +34,6 @@ import functools
 import hashlib
 import math
 import os
-import pathlib
 import platform
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ import jaxlib
 TILE = 64  # columns per tile (cpu_kernels.cc's kTile)
 MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
             ("matvec", jnp.dtype(jnp.bfloat16)): "Cm3leonMatVecBF16",
             ("attention", jnp.dtype(jnp.float32)): "Cm3leonAttentionF32",
@@ -133,20 +132,26 @@ def available() -> bool:
 
 
 # -- building and registering -------------------------------------------------------------
-def _cache_dir() -> pathlib.Path:
+def _cache_dir() -> str:
     root = os.environ.get("CM3LEON_JAX_CACHE") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cm3leon_jax")
-    return pathlib.Path(root) / "kernels"
+    return os.path.join(root, "kernels")
+
+
+def _read_local(path: str) -> str:
+    """A file of this host (the package's own source, /proc/cpuinfo): never a user path."""
+    with open(path) as f:
+        return f.read()
 
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(dict.fromkeys(keep))  # the first core's lines, once each
+        lines = _read_local("/proc/cpuinfo").splitlines()
     except OSError:
         return platform.processor() + platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))  # the first core's lines, once each
 
 
 @functools.cache
@@ -156,27 +161,28 @@ def _library() -> ctypes.CDLL:
     if shutil.which(compiler) is None:
         raise KernelUnavailableError(
                 f"cpu_kernels: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
-                f"build {_SOURCE.name}; install one (Debian: apt install g++) or decode "
-                "without it (DecoderStep(cpu_kernels=False), the default).")
+                f"build {os.path.basename(_SOURCE)}; install one (Debian: apt install g++) or "
+                "decode without it (DecoderStep(cpu_kernels=False), the default).")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
              f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version,
+    key = hashlib.sha256("\0".join([_read_local(_SOURCE), " ".join(flags), version,
                                     jaxlib.__version__, _cpu_signature()]).encode()).hexdigest()
-    out = _cache_dir() / f"cpu_kernels-{key[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    folder = _cache_dir()
+    out = os.path.join(folder, f"cpu_kernels-{key[:16]}.so")
+    if not os.path.exists(out):
+        os.makedirs(folder, exist_ok=True)
         # Compile beside the target and rename: concurrent builders never see half a file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp],
+        done = subprocess.run([compiler, *flags, _SOURCE, "-o", tmp],
                               capture_output=True, text=True)
         if done.returncode:
             os.unlink(tmp)
             raise KernelUnavailableError(f"cpu_kernels: {compiler} failed on {_SOURCE}:\n"
-                                    f"{done.stderr[-2000:]}")
+                                         f"{done.stderr[-2000:]}")
         os.replace(tmp, out)
-    return ctypes.cdll.LoadLibrary(str(out))
+    return ctypes.cdll.LoadLibrary(out)
 
 
 @functools.cache
