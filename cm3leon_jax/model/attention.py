@@ -74,9 +74,16 @@ def _jax_nn_kernel(implementation: str) -> Kernel:
     return kernel
 
 
+def _cpu_kernel(query, key, value, query_segment_ids, kv_segment_ids, query_offset):
+    from cm3leon_jax.model import cpu_kernels  # Builds the kernels on first use.
+    return cpu_kernels.flash_attention(query, key, value, query_segment_ids, kv_segment_ids,
+                                       query_offset)
+
+
 KERNELS: dict[str, Kernel] = {
     "xla": _jax_nn_kernel("xla"),
     "cudnn": _jax_nn_kernel("cudnn"),
+    "cpu": _cpu_kernel,  # cpu_kernels.flash_attention: FlashAttention loops in C++ for CPU
 }
 
 

@@ -268,6 +268,305 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// -- causal attention over whole sequences, forward and backward (training, prefill) ----
+//
+// q [B, T, H, D], k and v [B, S, KVH, D] (float32, jax.nn's layout), segment ids int32 [B, T]
+// and [B, S]; query t sees key s when s <= t + offset and their segments are equal. Per
+// (row, kv head) task: the head's keys and values copied once into contiguous (and
+// transposed) scratch, then blocks of 64 keys against 4 query rows at a time, the scores
+// never stored beyond one 4 x 64 tile (FlashAttention's online softmax; the backward pass
+// recomputes them from the saved log-sum-exp). A query that sees no key gets the mean of
+// all values, as jax.nn's masked softmax gives.
+
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+inline v16 Exp(v16 x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^n.
+  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 big = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  v16 n = (x * 1.44269504088896341f + big) - big;
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+inline float HMax(v16 a) {
+  float m = a[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, a[i]);
+  return m;
+}
+
+inline float HSum(v16 a) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += a[i];
+  return s;
+}
+
+constexpr int64_t kKeys = 64;  // keys per block: 4 vectors
+constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
+
+struct Shape {
+  int64_t B, T, S, H, KVH, D, offset;
+  int64_t G() const { return H / KVH; }
+};
+
+// One head's keys (or values) [S, D] gathered from [B, S, KVH, D], and transposed [D, S'].
+struct HeadScratch {
+  std::vector<float> rows, cols;  // cols: [D, S rounded up to kKeys], zero-padded
+  void Load(const float* src, const Shape& sh, int64_t b, int64_t h) {
+    const int64_t Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
+    rows.resize(sh.S * sh.D);
+    cols.assign(sh.D * Sp, 0.f);
+    for (int64_t s = 0; s < sh.S; ++s) {
+      const float* r = src + ((b * sh.S + s) * sh.KVH + h) * sh.D;
+      std::memcpy(rows.data() + s * sh.D, r, sh.D * sizeof(float));
+      for (int64_t d = 0; d < sh.D; ++d) cols[d * Sp + s] = r[d];
+    }
+  }
+};
+
+// The 4 x 64 tile rows . cols[:, j0:j0+64] for 4 query rows a[r] (each D long).
+inline void Tile4(const float* const a[4], const float* cols, int64_t Sp, int64_t j0,
+                  int64_t D, v16 out[4][4]) {
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) out[r][c] = v16{};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* k = cols + d * Sp + j0;
+    const v16 k0 = Load(k), k1 = Load(k + 16), k2 = Load(k + 32), k3 = Load(k + 48);
+    for (int r = 0; r < 4; ++r) {
+      const float x = a[r][d];
+      out[r][0] += x * k0;
+      out[r][1] += x * k1;
+      out[r][2] += x * k2;
+      out[r][3] += x * k3;
+    }
+  }
+}
+
+// Which of keys j0..j0+63 query t sees (all-ones lanes), for the masks of a tile.
+inline void Visible(const Shape& sh, const int32_t* kseg, int32_t qseg, int64_t t, int64_t j0,
+                    i16v out[4]) {
+  for (int c = 0; c < 4; ++c) {
+    i16v idx, seg;
+    for (int i = 0; i < 16; ++i) {
+      const int64_t s = j0 + 16 * c + i;
+      idx[i] = s < sh.S ? int32_t(s) : std::numeric_limits<int32_t>::max();
+      seg[i] = s < sh.S ? kseg[s] : qseg + 1;
+    }
+    out[c] = (idx <= int32_t(t + sh.offset)) & (seg == qseg);
+  }
+}
+
+// Forward for one (row b, kv head h): every query of the head's group.
+void FlashForwardTask(const float* q, const float* k, const float* v, const int32_t* qseg,
+                      const int32_t* kseg, const Shape& sh, int64_t b, int64_t h, float* out,
+                      float* lse) {
+  thread_local HeadScratch K, V;
+  K.Load(k, sh, b, h);
+  V.Load(v, sh, b, h);
+  const int64_t D = sh.D, Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
+  const float scale = 1.f / std::sqrt(float(D));
+  const int32_t* ks = kseg + b * sh.S;
+  std::vector<float> mean(D, 0.f);
+  for (int64_t s = 0; s < sh.S; ++s)
+    for (int64_t d = 0; d < D; ++d) mean[d] += V.rows[s * D + d];
+  for (int64_t d = 0; d < D; ++d) mean[d] /= float(sh.S);
+  thread_local std::vector<float> acc;
+  acc.resize(4 * D);
+  for (int64_t g = 0; g < sh.G(); ++g) {
+    const int64_t head = h * sh.G() + g;
+    for (int64_t t0 = 0; t0 < sh.T; t0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, sh.T - t0);
+      const float* a[4];
+      float m[4], l[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t t = t0 + std::min<int64_t>(r, rows - 1);
+        a[r] = q + ((b * sh.T + t) * sh.H + head) * D;
+        m[r] = kBlind;
+        l[r] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t last = std::min(sh.S, t0 + rows - 1 + sh.offset + 1);  // keys seen
+      for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
+        v16 st[4][4];
+        Tile4(a, K.cols.data(), Sp, j0, D, st);
+        for (int r = 0; r < rows; ++r) {
+          const int64_t t = t0 + r;
+          i16v vis[4];
+          Visible(sh, ks, qseg[b * sh.T + t], t, j0, vis);
+          v16 sc[4];
+          float top = m[r];
+          for (int c = 0; c < 4; ++c) {
+            sc[c] = st[r][c] * scale;
+            sc[c] = vis[c] ? sc[c] : v16{} + kBlind;
+            top = std::max(top, HMax(sc[c]));
+          }
+          if (top == kBlind) continue;  // nothing seen yet
+          const float fix = m[r] == kBlind ? 0.f : std::exp(m[r] - top);
+          float* o = acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) o[d] *= fix;
+          l[r] *= fix;
+          m[r] = top;
+          for (int c = 0; c < 4; ++c) {
+            v16 p = Exp(sc[c] - top);
+            p = vis[c] ? p : v16{};
+            l[r] += HSum(p);
+            for (int i = 0; i < 16; ++i) {
+              const int64_t s = j0 + 16 * c + i;
+              if (p[i] != 0.f) AddScaled(o, p[i], V.rows.data() + s * D, D);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r;
+        float* dst = out + ((b * sh.T + t) * sh.H + head) * D;
+        const float* o = acc.data() + r * D;
+        float* ls = lse + (b * sh.H + head) * sh.T + t;
+        if (m[r] == kBlind) {
+          std::memcpy(dst, mean.data(), D * sizeof(float));
+          *ls = kBlind;
+        } else {
+          const float inv = 1.f / l[r];
+          for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * inv;
+          *ls = m[r] + std::log(l[r]);
+        }
+      }
+    }
+  }
+}
+
+// Backward for one (row b, kv head h): dq of the group's queries, dk and dv of the head.
+void FlashBackwardTask(const float* q, const float* k, const float* v, const int32_t* qseg,
+                       const int32_t* kseg, const float* out, const float* lse,
+                       const float* dout, const Shape& sh, int64_t b, int64_t h, float* dq,
+                       float* dk, float* dv) {
+  thread_local HeadScratch K, V;
+  K.Load(k, sh, b, h);
+  V.Load(v, sh, b, h);
+  const int64_t D = sh.D, Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
+  const float scale = 1.f / std::sqrt(float(D));
+  const int32_t* ks = kseg + b * sh.S;
+  thread_local std::vector<float> gk, gv;
+  gk.assign(sh.S * D, 0.f);
+  gv.assign(sh.S * D, 0.f);
+  for (int64_t g = 0; g < sh.G(); ++g) {
+    const int64_t head = h * sh.G() + g;
+    for (int64_t t0 = 0; t0 < sh.T; t0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, sh.T - t0);
+      const float *a[4], *da[4];
+      float ls[4], delta[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t t = t0 + std::min<int64_t>(r, rows - 1);
+        const int64_t at = ((b * sh.T + t) * sh.H + head) * D;
+        a[r] = q + at;
+        da[r] = dout + at;
+        ls[r] = lse[(b * sh.H + head) * sh.T + t];
+        float dsum = 0.f;
+        for (int64_t d = 0; d < D; ++d) dsum += dout[at + d] * out[at + d];
+        delta[r] = dsum;
+      }
+      float* gq[4];
+      for (int r = 0; r < rows; ++r) {
+        gq[r] = dq + ((b * sh.T + t0 + r) * sh.H + head) * D;
+        std::fill(gq[r], gq[r] + D, 0.f);
+        if (ls[r] == kBlind)  // the mean of the values: each value gets dout / S
+          for (int64_t s = 0; s < sh.S; ++s) AddScaled(gv.data() + s * D, 1.f / sh.S, da[r], D);
+      }
+      const int64_t last = std::min(sh.S, t0 + rows - 1 + sh.offset + 1);
+      for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
+        v16 st[4][4], dp[4][4];
+        Tile4(a, K.cols.data(), Sp, j0, D, st);
+        Tile4(da, V.cols.data(), Sp, j0, D, dp);
+        for (int r = 0; r < rows; ++r) {
+          if (ls[r] == kBlind) continue;
+          const int64_t t = t0 + r;
+          i16v vis[4];
+          Visible(sh, ks, qseg[b * sh.T + t], t, j0, vis);
+          for (int c = 0; c < 4; ++c) {
+            v16 p = Exp(st[r][c] * scale - ls[r]);
+            p = vis[c] ? p : v16{};
+            const v16 ds = p * (dp[r][c] - delta[r]) * scale;
+            for (int i = 0; i < 16; ++i) {
+              const int64_t s = j0 + 16 * c + i;
+              if (p[i] == 0.f) continue;
+              AddScaled(gv.data() + s * D, p[i], da[r], D);
+              AddScaled(gk.data() + s * D, ds[i], a[r], D);
+              AddScaled(gq[r], ds[i], K.rows.data() + s * D, D);
+            }
+          }
+        }
+      }
+    }
+  }
+  for (int64_t s = 0; s < sh.S; ++s) {
+    const int64_t at = ((b * sh.S + s) * sh.KVH + h) * D;
+    std::memcpy(dk + at, gk.data() + s * D, D * sizeof(float));
+    std::memcpy(dv + at, gv.data() + s * D, D * sizeof(float));
+  }
+}
+
+ffi::Error CheckFlash(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                      const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& qseg,
+                      const ffi::Buffer<ffi::S32>& kseg, int64_t offset, Shape* sh) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             qs = qseg.dimensions(), kvs = kseg.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) ||
+      kd[0] != qd[0] || kd[3] != qd[3] || kd[2] == 0 || qd[2] % kd[2] != 0 || qs.size() != 2 ||
+      kvs.size() != 2 || qs[0] != qd[0] || qs[1] != qd[1] || kvs[0] != qd[0] || kvs[1] != kd[1])
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels.flash_attention: expected q[B, T, H, D], k and v [B, S, KVH, D] with H a "
+        "multiple of KVH, segment ids [B, T] and [B, S]");
+  *sh = Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], offset};
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
+                        ffi::Buffer<ffi::S32> kseg, int64_t offset,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Shape sh;
+  if (auto e = CheckFlash(q, k, v, qseg, kseg, offset, &sh); e.failure()) return e;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *qs = qseg.typed_data(), *ks = kseg.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  Parallel(pool, sh.B * sh.KVH, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      FlashForwardTask(qp, kp, vp, qs, ks, sh, i / sh.KVH, i % sh.KVH, op, lp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
+                         ffi::Buffer<ffi::S32> kseg, ffi::Buffer<ffi::F32> out,
+                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t offset,
+                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                         ffi::ResultBuffer<ffi::F32> dv) {
+  Shape sh;
+  if (auto e = CheckFlash(q, k, v, qseg, kseg, offset, &sh); e.failure()) return e;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *op = out.typed_data(), *lp = lse.typed_data(), *gp = dout.typed_data();
+  const int32_t *qs = qseg.typed_data(), *ks = kseg.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  Parallel(pool, sh.B * sh.KVH, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      FlashBackwardTask(qp, kp, vp, qs, ks, op, lp, gp, sh, i / sh.KVH, i % sh.KVH, dqp, dkp,
+                        dvp);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonMatVecF32, MatVec<ffi::F32>,
@@ -300,4 +599,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonAttentionBF16, Attention<ffi::BF16>,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonFlashForward, FlashForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("offset")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonFlashBackward, FlashBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("offset")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

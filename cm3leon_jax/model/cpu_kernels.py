@@ -42,6 +42,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 TILE = 64  # columns per tile (cpu_kernels.cc's kTile)
 MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
@@ -50,7 +51,9 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.
 _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
             ("matvec", jnp.dtype(jnp.bfloat16)): "Cm3leonMatVecBF16",
             ("attention", jnp.dtype(jnp.float32)): "Cm3leonAttentionF32",
-            ("attention", jnp.dtype(jnp.bfloat16)): "Cm3leonAttentionBF16"}
+            ("attention", jnp.dtype(jnp.bfloat16)): "Cm3leonAttentionBF16",
+            ("flash_forward", jnp.dtype(jnp.float32)): "Cm3leonFlashForward",
+            ("flash_backward", jnp.dtype(jnp.float32)): "Cm3leonFlashBackward"}
 
 
 class KernelUnavailableError(RuntimeError):
@@ -120,6 +123,59 @@ def one_query_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
     name = _register("attention", dtype)
     return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
             q.astype(jnp.float32), keys, values, visible.astype(bool))
+
+
+def flash_attention(query, key, value, query_segment_ids, kv_segment_ids, query_offset):
+    """Causal attention over whole sequences, the `attention_impl = "cpu"` kernel.
+
+    The seam of `attention.py`'s kernels: query `[b, t, heads, d]`, key and value
+    `[b, s, kv_heads, d]`, segment ids `[b, t]` / `[b, s]` or None, a static int
+    `query_offset`. Float32; forward and backward are `cpu_kernels.cc`'s FlashAttention
+    loops (scores never stored beyond a 4 x 64 tile, recomputed in the backward pass
+    from the saved log-sum-exp).
+    """
+    if not isinstance(query_offset, int):
+        raise ValueError("attention_impl='cpu' needs a static query_offset (training, a "
+                         "prefill from slot 0); decode steps use DecoderStep(cpu_kernels=True).")
+    b, t = query.shape[:2]
+    s = key.shape[1]
+    if query_segment_ids is None:
+        query_segment_ids = jnp.zeros((b, t), jnp.int32)
+        kv_segment_ids = jnp.zeros((b, s), jnp.int32)
+    dtype = query.dtype
+    out = _flash(query.astype(jnp.float32), key.astype(jnp.float32),
+                 value.astype(jnp.float32), query_segment_ids.astype(jnp.int32),
+                 kv_segment_ids.astype(jnp.int32), query_offset)
+    return out.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, qseg, kseg, offset):
+    return _flash_forward(q, k, v, qseg, kseg, offset)[0]
+
+
+def _flash_forward(q, k, v, qseg, kseg, offset):
+    b, t, h, _ = q.shape
+    out, lse = jax.ffi.ffi_call(
+            _register("flash_forward", jnp.dtype(jnp.float32)),
+            (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+             jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(q, k, v, qseg, kseg,
+                                                            offset=np.int64(offset))
+    return out, (q, k, v, qseg, kseg, out, lse)
+
+
+def _flash_backward(offset, residuals, d_out):
+    q, k, v, qseg, kseg, out, lse = residuals
+    dq, dk, dv = jax.ffi.ffi_call(
+            _register("flash_backward", jnp.dtype(jnp.float32)),
+            (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+             jax.ShapeDtypeStruct(v.shape, jnp.float32)))(
+            q, k, v, qseg, kseg, out, lse, d_out.astype(jnp.float32), offset=np.int64(offset))
+    zeros = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+    return dq, dk, dv, zeros(qseg), zeros(kseg)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
 
 
 def available() -> bool:
