@@ -21,6 +21,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -301,18 +305,37 @@ inline v16 Exp(v16 x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^
 }
 
 inline float HMax(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps(a);
+#endif
   float m = a[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, a[i]);
   return m;
 }
 
 inline float HSum(v16 a) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(a);
+#endif
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += a[i];
   return s;
 }
 
 constexpr int64_t kKeys = 64;  // keys per block: 4 vectors
+
+// dst[0:D] += sum_i coef[i] * src[i][0:D], the sum kept in registers 16 floats at a time.
+inline void AccumRows(float* dst, const float* coef, const float* const* src, int64_t n,
+                      int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    v16 acc = Load(dst + d);
+    for (int64_t i = 0; i < n; ++i) acc += coef[i] * Load(src[i] + d);
+    std::memcpy(dst + d, &acc, sizeof(acc));
+  }
+  for (; d < D; ++d)
+    for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
+}
 constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
 
 struct Shape {
@@ -353,19 +376,24 @@ inline void Tile4(const float* const a[4], const float* cols, int64_t Sp, int64_
   }
 }
 
-// Which of keys j0..j0+63 query t sees (all-ones lanes), for the masks of a tile.
-inline void Visible(const Shape& sh, const int32_t* kseg, int32_t qseg, int64_t t, int64_t j0,
-                    i16v out[4]) {
-  for (int c = 0; c < 4; ++c) {
-    i16v idx, seg;
-    for (int i = 0; i < 16; ++i) {
-      const int64_t s = j0 + 16 * c + i;
-      idx[i] = s < sh.S ? int32_t(s) : std::numeric_limits<int32_t>::max();
-      seg[i] = s < sh.S ? kseg[s] : qseg + 1;
-    }
-    out[c] = (idx <= int32_t(t + sh.offset)) & (seg == qseg);
+// Keys j0..j0+63: their indices and segments (padding past S: never visible), for the
+// masks of every query row against the block.
+struct KeyBlock {
+  i16v idx[4], seg[4];
+  KeyBlock(const Shape& sh, const int32_t* kseg, int64_t j0) {
+    for (int c = 0; c < 4; ++c)
+      for (int i = 0; i < 16; ++i) {
+        const int64_t s = j0 + 16 * c + i;
+        idx[c][i] = s < sh.S ? int32_t(s) : std::numeric_limits<int32_t>::max();
+        seg[c][i] = s < sh.S ? kseg[s] : std::numeric_limits<int32_t>::min();
+      }
   }
-}
+  // Which keys query t (segment qseg) sees: all-ones lanes.
+  void Visible(const Shape& sh, int32_t qseg, int64_t t, i16v out[4]) const {
+    const int32_t last = int32_t(t + sh.offset);
+    for (int c = 0; c < 4; ++c) out[c] = (idx[c] <= last) & (seg[c] == qseg);
+  }
+};
 
 // Forward for one (row b, kv head h): every query of the head's group.
 void FlashForwardTask(const float* q, const float* k, const float* v, const int32_t* qseg,
@@ -400,32 +428,39 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
       for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
         v16 st[4][4];
         Tile4(a, K.cols.data(), Sp, j0, D, st);
+        const KeyBlock keys(sh, ks, j0);
         for (int r = 0; r < rows; ++r) {
           const int64_t t = t0 + r;
           i16v vis[4];
-          Visible(sh, ks, qseg[b * sh.T + t], t, j0, vis);
+          keys.Visible(sh, qseg[b * sh.T + t], t, vis);
           v16 sc[4];
-          float top = m[r];
-          for (int c = 0; c < 4; ++c) {
-            sc[c] = st[r][c] * scale;
-            sc[c] = vis[c] ? sc[c] : v16{} + kBlind;
-            top = std::max(top, HMax(sc[c]));
-          }
+          for (int c = 0; c < 4; ++c) sc[c] = vis[c] ? st[r][c] * scale : v16{} + kBlind;
+          v16 most = sc[0] > sc[1] ? sc[0] : sc[1];
+          const v16 most2 = sc[2] > sc[3] ? sc[2] : sc[3];
+          most = most > most2 ? most : most2;
+          const float top = std::max(m[r], HMax(most));
           if (top == kBlind) continue;  // nothing seen yet
-          const float fix = m[r] == kBlind ? 0.f : std::exp(m[r] - top);
+          if (top != m[r]) {  // rescale what was summed under the old maximum
+            const float fix = m[r] == kBlind ? 0.f : std::exp(m[r] - top);
+            float* o = acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) o[d] *= fix;
+            l[r] *= fix;
+            m[r] = top;
+          }
           float* o = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) o[d] *= fix;
-          l[r] *= fix;
-          m[r] = top;
+          float pr[kKeys];
+          v16 total = v16{};
           for (int c = 0; c < 4; ++c) {
             v16 p = Exp(sc[c] - top);
             p = vis[c] ? p : v16{};
-            l[r] += HSum(p);
-            for (int i = 0; i < 16; ++i) {
-              const int64_t s = j0 + 16 * c + i;
-              if (p[i] != 0.f) AddScaled(o, p[i], V.rows.data() + s * D, D);
-            }
+            total += p;
+            std::memcpy(pr + 16 * c, &p, sizeof(p));
           }
+          l[r] += HSum(total);
+          const float* vr[kKeys];
+          const int64_t n = std::min(kKeys, sh.S - j0);
+          for (int64_t j = 0; j < n; ++j) vr[j] = V.rows.data() + (j0 + j) * D;
+          AccumRows(o, pr, vr, n, D);
         }
       }
       for (int r = 0; r < rows; ++r) {
@@ -488,24 +523,31 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
         v16 st[4][4], dp[4][4];
         Tile4(a, K.cols.data(), Sp, j0, D, st);
         Tile4(da, V.cols.data(), Sp, j0, D, dp);
+        const KeyBlock keys(sh, ks, j0);
+        float pr[4][kKeys] = {}, dsr[4][kKeys] = {};  // probabilities, score gradients
         for (int r = 0; r < rows; ++r) {
           if (ls[r] == kBlind) continue;
           const int64_t t = t0 + r;
           i16v vis[4];
-          Visible(sh, ks, qseg[b * sh.T + t], t, j0, vis);
+          keys.Visible(sh, qseg[b * sh.T + t], t, vis);
           for (int c = 0; c < 4; ++c) {
             v16 p = Exp(st[r][c] * scale - ls[r]);
             p = vis[c] ? p : v16{};
             const v16 ds = p * (dp[r][c] - delta[r]) * scale;
-            for (int i = 0; i < 16; ++i) {
-              const int64_t s = j0 + 16 * c + i;
-              if (p[i] == 0.f) continue;
-              AddScaled(gv.data() + s * D, p[i], da[r], D);
-              AddScaled(gk.data() + s * D, ds[i], a[r], D);
-              AddScaled(gq[r], ds[i], K.rows.data() + s * D, D);
-            }
+            std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
+            std::memcpy(dsr[r] + 16 * c, &ds, sizeof(ds));
           }
         }
+        const int64_t n = std::min(kKeys, sh.S - j0);
+        const float* kr[kKeys];
+        for (int64_t j = 0; j < n; ++j) {
+          kr[j] = K.rows.data() + (j0 + j) * D;
+          const float pc[4] = {pr[0][j], pr[1][j], pr[2][j], pr[3][j]};
+          const float dc[4] = {dsr[0][j], dsr[1][j], dsr[2][j], dsr[3][j]};
+          AccumRows(gv.data() + (j0 + j) * D, pc, da, rows, D);
+          AccumRows(gk.data() + (j0 + j) * D, dc, a, rows, D);
+        }
+        for (int r = 0; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
       }
     }
   }
