@@ -19,7 +19,9 @@ cross the seam so that block-sparse kernels (TPU splash attention's `SegmentIds`
 cuDNN's packed layouts) can skip whole blocks. "xla" and "cudnn" both go through
 `jax.nn.dot_product_attention`; "chunked" (`attention_chunked.py`, registered when the
 decoder is imported) skips the causal upper half in query chunks and has a hand-written
-backward, the fastest on a CPU; a TPU Pallas/splash kernel is added with
+backward; "cpu" (`cpu_kernels.flash_attention`) runs FlashAttention's loops in C++ (built on
+first use with the host's g++), the fastest on a CPU (`benchmarks/RESULTS_train.md`), and
+hands a traced offset to "xla"; a TPU Pallas/splash kernel is added with
 `register_kernel("splash", fn)` and selected in gin with
 `DecoderConfig.attention_impl = "splash"`; nothing else changes.
 
@@ -75,6 +77,12 @@ def _jax_nn_kernel(implementation: str) -> Kernel:
 
 
 def _cpu_kernel(query, key, value, query_segment_ids, kv_segment_ids, query_offset):
+    """FlashAttention loops in C++ (`cpu_kernels.flash_attention`) for a static offset
+    (training, a prefill from slot 0); a traced offset (the Decoder's own KV cache) goes
+    through the "xla" kernel."""
+    if not isinstance(query_offset, int):
+        return KERNELS["xla"](query, key, value, query_segment_ids, kv_segment_ids,
+                              query_offset)
     from cm3leon_jax.model import cpu_kernels  # Builds the kernels on first use.
     return cpu_kernels.flash_attention(query, key, value, query_segment_ids, kv_segment_ids,
                                        query_offset)
@@ -83,7 +91,7 @@ def _cpu_kernel(query, key, value, query_segment_ids, kv_segment_ids, query_offs
 KERNELS: dict[str, Kernel] = {
     "xla": _jax_nn_kernel("xla"),
     "cudnn": _jax_nn_kernel("cudnn"),
-    "cpu": _cpu_kernel,  # cpu_kernels.flash_attention: FlashAttention loops in C++ for CPU
+    "cpu": _cpu_kernel,
 }
 
 
