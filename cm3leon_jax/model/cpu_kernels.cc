@@ -1,15 +1,20 @@
-// A few rows times a matrix on CPU, at the rate memory streams the matrix.
+// CPU kernels for cm3leon_jax, as XLA FFI handlers (cpu_kernels.py builds, registers and
+// calls them):
 //
-//   y[M, T * 64] = x[M, K] @ W[K, T * 64],   W stored as tiles P[T, K, 64] (float32 or
-//   bfloat16 bits), y and x float32.
+//   * Cm3leonMatVec{F32,BF16}: y[M, T * 64] = x[M, K] @ W[K, T * 64], W stored as tiles
+//     P[T, K, 64] (float32 or bfloat16 bits), x and y float32. One generated token reads
+//     every weight once for a handful of rows, so a decode step is bound by how fast the
+//     weights stream from memory. XLA:CPU's dot reads a [K, N] matrix for 4 rows at about
+//     half the host's streaming rate (benchmarks/RESULTS_decode.md); this reads each
+//     64-column tile as one contiguous block, prefetched ahead, with the tile's 4 x 64
+//     partial sums in registers, and splits the tiles over XLA's intra-op threads.
+//   * Cm3leonAttention{F32,BF16}: a decode step's one query per row against the KV cache,
+//     reading only the slots each row sees.
+//   * Cm3leonFlash{Forward,Backward}: causal attention over whole sequences for training,
+//     FlashAttention's loops (below).
 //
-// One generated token reads every weight once for a handful of rows (the batch), so a decode
-// step is bound by how fast the weights stream from memory. XLA:CPU's dot reads a [K, N]
-// matrix for 4 rows at about half the host's streaming rate (benchmarks/RESULTS_decode.md);
-// this kernel reads each 64-column tile as one contiguous block, prefetched ahead, with the
-// tile's 4 x 64 partial sums in registers, and splits the tiles over XLA's intra-op threads.
-// Built by cpu_kernels.py with the host compiler (GCC vector extensions: AVX-512, AVX2 or
-// NEON, whatever -march=native offers).
+// Written with GCC vector extensions (AVX-512, AVX2 or NEON, whatever -march=native
+// offers), AVX-512 intrinsics only where they exist.
 
 #include <algorithm>
 #include <atomic>

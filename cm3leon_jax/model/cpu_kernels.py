@@ -1,8 +1,10 @@
-"""The decode step's two memory-bound parts on CPU, as XLA FFI kernels (`cpu_kernels.cc`).
+"""CPU kernels as XLA FFI custom calls (`cpu_kernels.cc`): the decode step's two memory-bound
+parts, and FlashAttention for training.
 
     packed = cpu_kernels.pack(kernel, n_in=1)       # [in..., out...] -> Packed, once
     y = cpu_kernels.matvec(x2, packed)              # x2 [rows, in] -> float32 [rows, out]
     out = cpu_kernels.one_query_attention(q, keys, values, visible)
+    out = cpu_kernels.flash_attention(q, k, v, q_seg, kv_seg, 0)   # attention_impl = "cpu"
 
 Decoding one token reads every weight for a handful of rows (the batch; twice that with
 CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
@@ -12,16 +14,17 @@ matrix as 64-column tiles `[N / 64, K, 64]`, each one contiguous block read once
 ahead, with the rows' partial sums in registers, and splits the tiles over XLA's intra-op
 threads. `one_query_attention` reads each row's keys and values once, only the slots the
 row sees (XLA's two batched products read the whole cache, written or not, at a small-
-matrix rate). Both are XLA FFI custom calls, so they run inside the compiled sampler loop
-like any other op (no host round trip).
+matrix rate). Both run inside the compiled sampler loop like any other op (no host round
+trip). `flash_attention` (forward and backward by hand, `jax.custom_vjp`) keeps the scores
+in 4 x 64 tiles instead of [batch, heads, length, length] arrays (`RESULTS_train.md`).
 
 `DecoderStep(config, cpu_kernels=True)` uses `matvec` for every product of a step with at
 most `MAX_ROWS` rows and `one_query_attention` for a one-token step; wider products (the
-prefill) read the same tiles through XLA's dot.
-Weights stay float32 or bfloat16 (bfloat16 tiles are widened in registers; the sums are
-float32). CPU only, one device.
+prefill) read the same tiles through XLA's dot. Weights stay float32 or bfloat16 (bfloat16
+tiles are widened in registers; the sums are float32). CPU only, one device.
+`DecoderConfig.attention_impl = "cpu"` selects `flash_attention` (float32 inside).
 
-The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `g++`, with
+The kernels are compiled on first use with the host's C++ compiler (`$CXX`, else `g++`, with
 `-march=native`) into `$CM3LEON_JAX_CACHE` (default `~/.cache/cm3leon_jax`), keyed by the
 source, the compiler, jaxlib and the CPU, and reused after that.
 """
