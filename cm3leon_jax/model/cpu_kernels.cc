@@ -162,54 +162,35 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WT>
 
 // -- one query per row against the KV cache ----------------------------------------------
 
-inline float Dot(const float* q, const float* k, int64_t D) {
+inline float Scalar(float x) { return x; }
+
+inline float Scalar(uint16_t bits) {  // bfloat16 bits -> float32
+  const uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+}
+
+template <typename C>
+inline float Dot(const float* q, const C* k, int64_t D) {
   v16 acc = v16{};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) acc += Load(q + d) * Load(k + d);
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += acc[i];
-  for (; d < D; ++d) s += q[d] * k[d];
+  for (; d < D; ++d) s += q[d] * Scalar(k[d]);
   return s;
 }
 
-inline float Dot(const float* q, const uint16_t* k, int64_t D) {
-  v16 acc = v16{};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) acc += Load(q + d) * Load(k + d);
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += acc[i];
-  for (; d < D; ++d) {
-    const uint32_t bits = uint32_t(k[d]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    s += q[d] * f;
-  }
-  return s;
-}
-
-inline void AddScaled(float* out, float p, const float* v, int64_t D) {
+template <typename C>
+inline void AddScaled(float* out, float p, const C* v, int64_t D) {
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     v16 o = Load(out + d);
     o += p * Load(v + d);
     std::memcpy(out + d, &o, sizeof(o));
   }
-  for (; d < D; ++d) out[d] += p * v[d];
-}
-
-inline void AddScaled(float* out, float p, const uint16_t* v, int64_t D) {
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    v16 o = Load(out + d);
-    o += p * Load(v + d);
-    std::memcpy(out + d, &o, sizeof(o));
-  }
-  for (; d < D; ++d) {
-    const uint32_t bits = uint32_t(v[d]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    out[d] += p * f;
-  }
+  for (; d < D; ++d) out[d] += p * Scalar(v[d]);
 }
 
 // One (row, kv head): its G queries against the slots the row sees. Slots it does not see
