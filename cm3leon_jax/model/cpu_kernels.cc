@@ -468,6 +468,10 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
 }
 
 // Backward for one (row b, kv head h): dq of the group's queries, dk and dv of the head.
+// Blocks of 16 query rows against each key block, so that a key's dk and dv rows are read
+// and written once per 16 queries (the scores of 4 rows at a time, as in the forward).
+constexpr int64_t kQueries = 16;
+
 void FlashBackwardTask(const float* q, const float* k, const float* v, const int32_t* qseg,
                        const int32_t* kseg, const float* out, const float* lse,
                        const float* dout, const Shape& sh, int64_t b, int64_t h, float* dq,
@@ -483,12 +487,12 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
   gv.assign(sh.S * D, 0.f);
   for (int64_t g = 0; g < sh.G(); ++g) {
     const int64_t head = h * sh.G() + g;
-    for (int64_t t0 = 0; t0 < sh.T; t0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, sh.T - t0);
-      const float *a[4], *da[4];
-      float ls[4], delta[4];
-      for (int r = 0; r < 4; ++r) {
-        const int64_t t = t0 + std::min<int64_t>(r, rows - 1);
+    for (int64_t t0 = 0; t0 < sh.T; t0 += kQueries) {
+      const int64_t rows = std::min(kQueries, sh.T - t0);
+      const float *a[kQueries], *da[kQueries];
+      float ls[kQueries], delta[kQueries], *gq[kQueries];
+      for (int64_t r = 0; r < kQueries; ++r) {  // rows past T repeat the last one, unused
+        const int64_t t = t0 + std::min(r, rows - 1);
         const int64_t at = ((b * sh.T + t) * sh.H + head) * D;
         a[r] = q + at;
         da[r] = dout + at;
@@ -496,44 +500,47 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
         float dsum = 0.f;
         for (int64_t d = 0; d < D; ++d) dsum += dout[at + d] * out[at + d];
         delta[r] = dsum;
+        gq[r] = dq + at;
       }
-      float* gq[4];
-      for (int r = 0; r < rows; ++r) {
-        gq[r] = dq + ((b * sh.T + t0 + r) * sh.H + head) * D;
+      for (int64_t r = 0; r < rows; ++r) {
         std::fill(gq[r], gq[r] + D, 0.f);
         if (ls[r] == kBlind)  // the mean of the values: each value gets dout / S
           for (int64_t s = 0; s < sh.S; ++s) AddScaled(gv.data() + s * D, 1.f / sh.S, da[r], D);
       }
       const int64_t last = std::min(sh.S, t0 + rows - 1 + sh.offset + 1);
       for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
-        v16 st[4][4], dp[4][4];
-        Tile4(a, K.cols.data(), Sp, j0, D, st);
-        Tile4(da, V.cols.data(), Sp, j0, D, dp);
         const KeyBlock keys(sh, ks, j0);
-        float pr[4][kKeys] = {}, dsr[4][kKeys] = {};  // probabilities, score gradients
-        for (int r = 0; r < rows; ++r) {
-          if (ls[r] == kBlind) continue;
-          const int64_t t = t0 + r;
-          i16v vis[4];
-          keys.Visible(sh, qseg[b * sh.T + t], t, vis);
-          for (int c = 0; c < 4; ++c) {
-            v16 p = Exp(st[r][c] * scale - ls[r]);
-            p = vis[c] ? p : v16{};
-            const v16 ds = p * (dp[r][c] - delta[r]) * scale;
-            std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
-            std::memcpy(dsr[r] + 16 * c, &ds, sizeof(ds));
+        float pr[kQueries][kKeys] = {}, dsr[kQueries][kKeys] = {};  // P and dS, 0 if unseen
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+          v16 st[4][4], dp[4][4];
+          Tile4(a + r0, K.cols.data(), Sp, j0, D, st);
+          Tile4(da + r0, V.cols.data(), Sp, j0, D, dp);
+          for (int64_t r = r0; r < std::min(r0 + 4, rows); ++r) {
+            if (ls[r] == kBlind) continue;
+            i16v vis[4];
+            keys.Visible(sh, qseg[b * sh.T + t0 + r], t0 + r, vis);
+            for (int c = 0; c < 4; ++c) {
+              v16 p = Exp(st[r - r0][c] * scale - ls[r]);
+              p = vis[c] ? p : v16{};
+              const v16 ds = p * (dp[r - r0][c] - delta[r]) * scale;
+              std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
+              std::memcpy(dsr[r] + 16 * c, &ds, sizeof(ds));
+            }
           }
         }
         const int64_t n = std::min(kKeys, sh.S - j0);
         const float* kr[kKeys];
         for (int64_t j = 0; j < n; ++j) {
           kr[j] = K.rows.data() + (j0 + j) * D;
-          const float pc[4] = {pr[0][j], pr[1][j], pr[2][j], pr[3][j]};
-          const float dc[4] = {dsr[0][j], dsr[1][j], dsr[2][j], dsr[3][j]};
+          float pc[kQueries], dc[kQueries];
+          for (int64_t r = 0; r < rows; ++r) {
+            pc[r] = pr[r][j];
+            dc[r] = dsr[r][j];
+          }
           AccumRows(gv.data() + (j0 + j) * D, pc, da, rows, D);
           AccumRows(gk.data() + (j0 + j) * D, dc, a, rows, D);
         }
-        for (int r = 0; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
+        for (int64_t r = 0; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
       }
     }
   }
