@@ -74,7 +74,14 @@ class DecoderStep:
 
     # -- weights and cache --------------------------------------------------------------
     def prepare(self, params: Any) -> dict:
-        """The Decoder's params -> per-layer weights, matrices `[in..., out...]`."""
+        """The Decoder's params -> per-layer weights, matrices `[in..., out...]`.
+
+        Weights this returned pass through unchanged, so a server can prepare once
+        (`jax.jit(step.prepare)(params)`) and hand the result to every `sampler.sample`
+        call: with `cpu_kernels` that saves the tiles' copy of the weights per call.
+        """
+        if isinstance(params, dict) and isinstance(params.get("layers"), list):
+            return params  # Already this step's layout.
         if self.cpu_kernels:
             self._check_cpu_kernels()
         c, p = self.config, nn.unbox(params)

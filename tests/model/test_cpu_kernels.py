@@ -177,3 +177,15 @@ def test_a_decoder_with_the_cpu_kernel_trains_and_decodes_as_with_xla():
     runs = [sampler.sample(DecoderStep(c), params, prompts, jax.random.key(0),
                            max_new_tokens=6, greedy=True) for c in (reference, config)]
     np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
+
+
+def test_weights_prepared_once_sample_the_same_tokens():
+    config = tiny_config()
+    params = random_params(config, seed=2)
+    step = DecoderStep(config, cpu_kernels=True)
+    prepared = jax.jit(step.prepare)(params)
+    assert step.prepare(prepared) is prepared
+    prompts = sampler.left_pad([np.arange(5, 12), np.arange(40, 43)])
+    runs = [sampler.sample(step, weights, prompts, jax.random.key(1), max_new_tokens=8)
+            for weights in (params, prepared)]
+    np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
