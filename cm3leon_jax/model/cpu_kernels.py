@@ -140,6 +140,7 @@ def flash_attention(query, key, value, query_segment_ids, kv_segment_ids, query_
     if not isinstance(query_offset, int):
         raise ValueError("attention_impl='cpu' needs a static query_offset (training, a "
                          "prefill from slot 0); decode steps use DecoderStep(cpu_kernels=True).")
+    check_one_cpu_device("DecoderConfig.attention_impl='cpu'", "choose \"chunked\" or \"xla\"")
     b, t = query.shape[:2]
     s = key.shape[1]
     if query_segment_ids is None:
@@ -179,6 +180,15 @@ def _flash_backward(offset, residuals, d_out):
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
+
+
+def check_one_cpu_device(what: str, instead: str) -> None:
+    """The kernels run on one CPU device, unsharded (no rule splits a custom call)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+        raise ValueError(f"{what} runs on one CPU device, unsharded; here the backend is "
+                         f"{jax.default_backend()!r} and the mesh "
+                         f"{dict(mesh.shape) if not mesh.empty else 'none'}: {instead}.")
 
 
 def available() -> bool:

@@ -83,7 +83,8 @@ class DecoderStep:
         if isinstance(params, dict) and isinstance(params.get("layers"), list):
             return params  # Already this step's layout.
         if self.cpu_kernels:
-            self._check_cpu_kernels()
+            cpu_kernels.check_one_cpu_device("DecoderStep(cpu_kernels=True)",
+                                             "leave cpu_kernels off here")
         c, p = self.config, nn.unbox(params)
         p = p.get("params", p)
         att, mlp = p["layers"]["attention"], p["layers"]["mlp"]
@@ -131,14 +132,6 @@ class DecoderStep:
         c = self.config
         bf16 = jnp.dtype(jnp.bfloat16) in (jnp.dtype(c.compute_dtype), jnp.dtype(kernel.dtype))
         return cpu_kernels.pack(kernel.astype(jnp.bfloat16 if bf16 else _F32), n_in)
-
-    def _check_cpu_kernels(self):
-        mesh = jax.sharding.get_abstract_mesh()
-        if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
-            raise ValueError(f"DecoderStep(cpu_kernels=True) runs on one CPU device, unsharded; "
-                             f"here the backend is {jax.default_backend()!r} and the mesh "
-                             f"{dict(mesh.shape) if not mesh.empty else 'none'}. Leave "
-                             "cpu_kernels off here.")
 
     def init_cache(self, rows: int, length: int) -> dict:
         """An empty cache for `rows` sequences of at most `length` tokens.

@@ -189,3 +189,12 @@ def test_weights_prepared_once_sample_the_same_tokens():
     runs = [sampler.sample(step, weights, prompts, jax.random.key(1), max_new_tokens=8)
             for weights in (params, prepared)]
     np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
+
+
+def test_flash_attention_on_a_sharded_mesh_is_refused():
+    from cm3leon_jax.model import attention
+
+    q, k, v, q_seg, kv_seg, _ = _inputs(2, 8, 8, 2, 2, 16, True, 0)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="one CPU device, unsharded"):
+        attention.get_kernel("cpu")(q, k, v, q_seg, kv_seg, 0)
