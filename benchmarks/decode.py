@@ -1,7 +1,8 @@
 r"""The sampler on this CPU against `transformers` generate, and against the memory roofline.
 
     .venv/bin/python benchmarks/decode.py [--trials=3] \
-        [--parts=main,kernel,bf16,cfg,sort,scanned,choice,image,prefill] [--json=out.json]
+        [--parts=main,kernel,bf16,cfg,sort,scanned,choice,image,prefill,profile] \
+        [--json=out.json]
 
 The settings of issue 14: a CM3Leon-architecture decoder (d 512, 8 layers, 8 heads of
 64, GELU MLP 2048, vocabulary 9216, tied embeddings), batch 4, a 32-token prompt, 256
@@ -29,6 +30,9 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
     (position table 1088 long so that prompt + 1024 codes fit).
   * prefill: a text-to-image prompt with 2 retrieved documents (each 16 text tokens,
     `<break>`, 1024 codes, `<eos>`), 2,101 tokens, through the prefill of the d512 model.
+  * profile: where a step of ours goes, alone in the process (no peer loaded), XLA's dot
+    and the kernels, f32: one 256-token call under `jax.profiler`, the time of each XLA op
+    (ms a step) summed per kind (the op name without its number), and the costliest ops.
 Peak memory: XLA's `memory_analysis()` of the compiled sampler (arguments + outputs +
 temporaries) and the process's peak RSS. Results and commands: benchmarks/RESULTS_decode.md.
 """
@@ -36,6 +40,7 @@ temporaries) and the process's peak RSS. Results and commands: benchmarks/RESULT
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -344,6 +349,30 @@ def prefill_part(args) -> dict:
             "tokens_per_s": spread([length / s for s in seconds])}
 
 
+def profile_part(args, top: int = 64) -> dict:
+    """ms a step of ours' XLA ops, per kind and the costliest, XLA's dot and the kernels."""
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, BENCH.vocab_size, (args.batch, args.prompt)).astype(np.int32)
+    params = random_params(BENCH)
+    out = {}
+    for name, model in (("xla", DecoderStep),
+                        ("kernels", functools.partial(DecoderStep, cpu_kernels=True))):
+        runner = Ours(BENCH, params, prompts, args.new, model=model)
+        times, counts = reporting.xla_op_times(runner.run, 1)
+        ms = {op: us / 1e3 / args.new for op, us in times.items()
+              if not op.startswith(("$", "ThunkExecutor", "SlinkyThreadPool"))}
+        kinds = collections.Counter()
+        for op, t in ms.items():
+            kinds[op.rsplit(".", 1)[0] if op.rsplit(".", 1)[-1].isdigit() else op] += t
+        costliest = sorted(ms.items(), key=lambda kv: -kv[1])[:top]
+        out[name] = {"ms_per_step_by_kind": dict(kinds.most_common()),
+                     "costliest_ms_per_step": dict(costliest),
+                     "calls_per_step": {op: counts[op] / args.new for op, _ in costliest}}
+        print(f"{name}: ms a step by kind: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in kinds.most_common(12)), flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
@@ -356,7 +385,8 @@ def main(argv=None) -> dict:
     parts = args.parts.split(",")
     result = {"args": vars(args), "devices": str(jax.devices())}
     run = {"main": lambda: main_parts(args, parts), "choice": lambda: choice_part(args),
-           "image": lambda: image_part(args), "prefill": lambda: prefill_part(args)}
+           "image": lambda: image_part(args), "prefill": lambda: prefill_part(args),
+           "profile": lambda: profile_part(args)}
     for name in (n for n in run if n in parts):
         result[name] = run[name]()
         result["load_average"] = os.getloadavg()

@@ -6,8 +6,12 @@ and reports each figure's median with its range (`spread`), never one number alo
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import statistics
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -31,3 +35,24 @@ def write_json(path: str, result: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def xla_op_times(fn: Callable[[], object], calls: int
+                 ) -> tuple[collections.Counter, collections.Counter]:
+    """(microseconds, events) per XLA op name over `calls` calls of `fn`, from a
+    `jax.profiler` trace (the complete events of the trace's perfetto export)."""
+    import jax  # Not every benchmark that reports spreads imports jax.
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(calls):
+                fn()
+        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/*perfetto_trace.json.gz",
+                                              recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    times, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            times[e["name"]] += e["dur"]
+            counts[e["name"]] += 1
+    return times, counts

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import statistics
 import sys
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Idle OpenMP threads of the peer must sleep, not spin on the cores the JAX step needs
@@ -161,23 +158,13 @@ def profile_ops(step: JaxStep, top: int) -> list[tuple[float, int, str, str]]:
             name = line.split(" = ")[0].replace("ROOT ", "").lstrip("%")
             names[name] = line.split('op_name="')[1].split('"')[0].replace("jit(step)/", "")
     steps = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                step()
-        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/*perfetto_trace.json.gz",
-                                              recursive=True)[0]))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    per_op, per_op_calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("name") in names:
-            per_op[e["name"]] += e["dur"]
-            per_op_calls[e["name"]] += 1
+    times, counts = reporting.xla_op_times(step, steps)
+    per_op = collections.Counter({n: us for n, us in times.items() if n in names})
     total, calls, costliest = collections.Counter(), collections.Counter(), {}
     for name, us in per_op.most_common():
         source = names[name].replace("while/body/", "").replace("closed_call/", "")
         total[source] += us
-        calls[source] += per_op_calls[name]
+        calls[source] += counts[name]
         costliest.setdefault(source, name)
     return [(us / 1e3 / steps, calls[src] // steps, costliest[src], src)
             for src, us in total.most_common(top)]

@@ -293,19 +293,21 @@ inline v16 Exp(v16 x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^
 inline float HMax(v16 a) {
 #ifdef __AVX512F__
   return _mm512_reduce_max_ps(a);
-#endif
+#else
   float m = a[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, a[i]);
   return m;
+#endif
 }
 
 inline float HSum(v16 a) {
 #ifdef __AVX512F__
   return _mm512_reduce_add_ps(a);
-#endif
+#else
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += a[i];
   return s;
+#endif
 }
 
 constexpr int64_t kKeys = 64;  // keys per block: 4 vectors
@@ -322,6 +324,7 @@ inline void AccumRows(float* dst, const float* coef, const float* const* src, in
   for (; d < D; ++d)
     for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
 }
+
 constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
 
 struct Shape {
@@ -329,17 +332,20 @@ struct Shape {
   int64_t G() const { return H / KVH; }
 };
 
-// One head's keys (or values) [S, D] gathered from [B, S, KVH, D], and transposed [D, S'].
+// One head's keys (or values) gathered from [B, S, KVH, D]: as rows [S, D] (read one key
+// at a time) and transposed, cols [D, S rounded up to kKeys], zero-padded (read as tiles).
 struct HeadScratch {
-  std::vector<float> rows, cols;  // cols: [D, S rounded up to kKeys], zero-padded
-  void Load(const float* src, const Shape& sh, int64_t b, int64_t h) {
+  std::vector<float> rows, cols;
+  enum Layout { kRowsOnly = 1, kColsOnly = 2, kBoth = 3 };
+  void Load(const float* src, const Shape& sh, int64_t b, int64_t h, Layout layout) {
     const int64_t Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
-    rows.resize(sh.S * sh.D);
-    cols.assign(sh.D * Sp, 0.f);
+    if (layout & kRowsOnly) rows.resize(sh.S * sh.D);
+    if (layout & kColsOnly) cols.assign(sh.D * Sp, 0.f);
     for (int64_t s = 0; s < sh.S; ++s) {
       const float* r = src + ((b * sh.S + s) * sh.KVH + h) * sh.D;
-      std::memcpy(rows.data() + s * sh.D, r, sh.D * sizeof(float));
-      for (int64_t d = 0; d < sh.D; ++d) cols[d * Sp + s] = r[d];
+      if (layout & kRowsOnly) std::memcpy(rows.data() + s * sh.D, r, sh.D * sizeof(float));
+      if (layout & kColsOnly)
+        for (int64_t d = 0; d < sh.D; ++d) cols[d * Sp + s] = r[d];
     }
   }
 };
@@ -386,15 +392,12 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
                       const int32_t* kseg, const Shape& sh, int64_t b, int64_t h, float* out,
                       float* lse) {
   thread_local HeadScratch K, V;
-  K.Load(k, sh, b, h);
-  V.Load(v, sh, b, h);
+  K.Load(k, sh, b, h, HeadScratch::kColsOnly);
+  V.Load(v, sh, b, h, HeadScratch::kRowsOnly);
   const int64_t D = sh.D, Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
   const float scale = 1.f / std::sqrt(float(D));
   const int32_t* ks = kseg + b * sh.S;
-  std::vector<float> mean(D, 0.f);
-  for (int64_t s = 0; s < sh.S; ++s)
-    for (int64_t d = 0; d < D; ++d) mean[d] += V.rows[s * D + d];
-  for (int64_t d = 0; d < D; ++d) mean[d] /= float(sh.S);
+  std::vector<float> mean;  // of all values: the output of a query that sees no key
   thread_local std::vector<float> acc;
   acc.resize(4 * D);
   for (int64_t g = 0; g < sh.G(); ++g) {
@@ -426,14 +429,13 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
           most = most > most2 ? most : most2;
           const float top = std::max(m[r], HMax(most));
           if (top == kBlind) continue;  // nothing seen yet
+          float* o = acc.data() + r * D;
           if (top != m[r]) {  // rescale what was summed under the old maximum
             const float fix = m[r] == kBlind ? 0.f : std::exp(m[r] - top);
-            float* o = acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) o[d] *= fix;
             l[r] *= fix;
             m[r] = top;
           }
-          float* o = acc.data() + r * D;
           float pr[kKeys];
           v16 total = v16{};
           for (int c = 0; c < 4; ++c) {
@@ -455,6 +457,12 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
         const float* o = acc.data() + r * D;
         float* ls = lse + (b * sh.H + head) * sh.T + t;
         if (m[r] == kBlind) {
+          if (mean.empty()) {
+            mean.assign(D, 0.f);
+            for (int64_t s = 0; s < sh.S; ++s)
+              for (int64_t d = 0; d < D; ++d) mean[d] += V.rows[s * D + d];
+            for (int64_t d = 0; d < D; ++d) mean[d] /= float(sh.S);
+          }
           std::memcpy(dst, mean.data(), D * sizeof(float));
           *ls = kBlind;
         } else {
@@ -477,8 +485,8 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
                        const float* dout, const Shape& sh, int64_t b, int64_t h, float* dq,
                        float* dk, float* dv) {
   thread_local HeadScratch K, V;
-  K.Load(k, sh, b, h);
-  V.Load(v, sh, b, h);
+  K.Load(k, sh, b, h, HeadScratch::kBoth);
+  V.Load(v, sh, b, h, HeadScratch::kColsOnly);
   const int64_t D = sh.D, Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
   const float scale = 1.f / std::sqrt(float(D));
   const int32_t* ks = kseg + b * sh.S;

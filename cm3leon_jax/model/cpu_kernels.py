@@ -60,7 +60,7 @@ _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
 
 
 class KernelUnavailableError(RuntimeError):
-    """The CPU kernel cannot be built or used here (no compiler, not a CPU backend)."""
+    """The CPU kernels cannot be built here (no C++ compiler, or it failed on the source)."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],
@@ -189,15 +189,6 @@ def check_one_cpu_device(what: str, instead: str) -> None:
         raise ValueError(f"{what} runs on one CPU device, unsharded; here the backend is "
                          f"{jax.default_backend()!r} and the mesh "
                          f"{dict(mesh.shape) if not mesh.empty else 'none'}: {instead}.")
-
-
-def available() -> bool:
-    """Whether the kernel builds and registers here (CPU backend, a C++ compiler)."""
-    try:
-        _library()
-    except KernelUnavailableError:
-        return False
-    return jax.default_backend() == "cpu"
 
 
 # -- building and registering -------------------------------------------------------------

@@ -71,7 +71,6 @@ def test_without_a_compiler_the_error_says_how_to_get_one(monkeypatch, tmp_path)
     try:
         with pytest.raises(cpu_kernels.KernelUnavailableError, match="apt install g\\+\\+"):
             cpu_kernels._library()
-        assert not cpu_kernels.available()
     finally:
         cpu_kernels._library.cache_clear()
 
