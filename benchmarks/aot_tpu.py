@@ -93,8 +93,8 @@ def cost(compiled) -> dict[str, float]:
 def build_step(config: DecoderConfig, with_optimizer: bool):
     model = Decoder(config)
 
-    def loss_fn(params, batch):
-        return decoder_loss(model, params, batch)[0]
+    def loss_fn(params, batch):  # The train step's loss: `DecoderConfig.loss_chunk` applies.
+        return decoder_loss(model, params, batch, accuracy=False)[0]
 
     if not with_optimizer:
         return jax.value_and_grad(loss_fn), None

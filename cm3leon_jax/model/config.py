@@ -97,6 +97,11 @@ class DecoderConfig:
             hand-written backward passes (`norms.py`, `layers.tied_logits`,
             `loss.log_z_and_target`): the same gradients as autodiff in fewer passes
             over memory. False: plain autodiff (the reference the tests compare with).
+        loss_chunk: the training loss applies the output projection and the
+            cross-entropy this many positions at a time (`loss.fused_head_loss`) and
+            takes the head's gradients in the same pass, so neither the [batch, length,
+            vocab] logits nor their gradient is ever stored: at the paper's 65,536 ids
+            that is 0.5 MiB a token. 0: the whole logits at once (the eval step always).
     """
 
     vocab_size: int = 65536
@@ -133,6 +138,7 @@ class DecoderConfig:
     scan_unroll: int = 1
     attention_impl: str = "xla"
     custom_grads: bool = True
+    loss_chunk: int = 0
 
     def __post_init__(self):
         for name in ("image_code_ids", "sentinel_ids"):  # JSON (an export's manifest) and
@@ -142,6 +148,9 @@ class DecoderConfig:
             if getattr(self, name) < 1:
                 raise UserInputError(f"DecoderConfig.{name} must be >= 1, got "
                                      f"{getattr(self, name)}.")
+        if self.loss_chunk < 0:
+            raise UserInputError(f"DecoderConfig.loss_chunk must be >= 0 (0: off), got "
+                                 f"{self.loss_chunk}.")
         choices = {"norm": NORMS, "mlp_activation": ACTIVATIONS,
                    "position_embedding": POSITION_EMBEDDINGS, "block_order": BLOCK_ORDERS,
                    "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),

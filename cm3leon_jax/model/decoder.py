@@ -76,7 +76,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, *, decode: bool = False) -> jax.Array:
+                 positions: jax.Array | None = None, *, decode: bool = False,
+                 hidden: bool = False) -> jax.Array:
         """Args:
             tokens: int32[batch, length] input ids.
             segment_ids: int32[batch, length]; tokens attend only within their segment
@@ -85,6 +86,9 @@ class Decoder(nn.Module):
                 None: 0..length-1 (required when decoding).
             decode: read and extend the KV cache (collection "cache"; pass
                 `mutable=["cache"]`).
+            hidden: return the final norm's output [batch, length, embed] instead of
+                the logits (the fused training loss applies the head itself,
+                `loss.fused_head_loss`).
         """
         c = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -122,7 +126,8 @@ class Decoder(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(c, decode, name="layers")(x, segment_ids, positions)
         x = layers.make_norm(c, "final_norm")(x)
-
+        if hidden:
+            return x
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:

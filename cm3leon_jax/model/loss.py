@@ -8,6 +8,8 @@ training stable at scale.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -89,14 +91,143 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     return mean(ce + z), metrics
 
 
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """float32 `a @ b` of two matrices, each operand in its own dtype."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def fused_head_loss(x: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                    z_loss: float = 0.0, chunk: int = 512
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`cross_entropy_loss(x @ head^T, targets, weights, z_loss)`, `chunk` positions at a time.
+
+    The output projection, the softmax and the loss's gradient with respect to the
+    logits run position chunk by position chunk, and each chunk's logits gradient goes
+    straight into the gradients of `x` and `head` while it is in cache: neither the
+    [batch, length, vocab] logits nor their gradient is ever stored (autodiff keeps
+    both). The loss is a sum the caller differentiates once, so the forward pass already
+    takes the gradients (for a cotangent of 1) and the backward only scales them: three
+    products per chunk, as unfused. Chunks run along the length axis, so a batch split
+    over devices stays split. The gradient equals the unfused one to float rounding
+    (`tests/model/test_loss.py`); `weights` are data (no gradient flows to them).
+
+    Args:
+        x: [batch, length, embed], the final norm's output in the compute dtype.
+        head: [vocab, embed], the output projection (the tied token embedding).
+        targets: int32[batch, length]; weights: float32[batch, length].
+        z_loss: coefficient of the z-loss.
+        chunk: positions per chunk (the length is padded to a multiple, at weight 0).
+    Returns:
+        (loss, metrics) as `cross_entropy_loss` without `accuracy` (an argmax over every
+        logit, left to the eval step).
+    """
+    if x.shape[:-1] != targets.shape or targets.shape != weights.shape:
+        raise ValueError(f"fused_head_loss: x {x.shape}, targets {targets.shape} and weights "
+                         f"{weights.shape} must agree on [batch, length].")
+    if head.ndim != 2 or head.shape[1] != x.shape[-1]:
+        raise ValueError(f"fused_head_loss: head {head.shape} must be [vocab, {x.shape[-1]}].")
+    if chunk < 1:
+        raise ValueError(f"fused_head_loss: chunk must be >= 1, got {chunk}.")
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    length = x.shape[1]
+    pad = -length % chunk
+    if pad:
+        widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        x, targets, weights = widen(x), widen(targets), widen(weights)
+    loss, log_z, target_logit = _head_loss(x, head, targets, weights, float(z_loss), chunk)
+    # Statistics for the metrics only: the loss's gradient is the one above.
+    log_z, target_logit = (jax.lax.stop_gradient(v[:, :length]) for v in (log_z, target_logit))
+    weights = weights[:, :length]
+    weight_sum = jnp.sum(weights)
+    mean = lambda v: jnp.sum(v * weights) / jnp.maximum(weight_sum, 1.0)
+    metrics = {"cross_entropy": mean(log_z - target_logit),
+               "z_loss": mean(z_loss * jnp.square(log_z)), "weight_sum": weight_sum}
+    return loss, metrics
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_loss(x, head, targets, weights, z_loss, chunk):
+    return _head_loss_fwd(x, head, targets, weights, z_loss, chunk)[0]
+
+
+def _head_loss_fwd(x, head, targets, weights, z_loss, chunk):
+    batch, length, embed = x.shape
+    vocab_ids = jnp.arange(head.shape[0], dtype=targets.dtype)
+    scale = 1.0 / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def body(i, carry):
+        loss, log_zs, target_logits, dx, d_head_t = carry
+        start = i * chunk
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+        tokens = take(x).reshape(-1, embed)
+        t, w = take(targets).reshape(-1), take(weights).reshape(-1)
+        logits = _matmul(tokens, head.T)                                   # [tokens, vocab]
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        hit = vocab_ids == t[:, None]
+        target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        loss = loss + jnp.sum(w * (log_z - target_logit + z_loss * jnp.square(log_z)))
+        # d loss / d logits: softmax * dloss/dlog_z, less the weight at the target.
+        g = w * scale
+        d_logits = (jnp.exp(logits - log_z[:, None]) * (g * (1.0 + 2.0 * z_loss * log_z))[:, None]
+                    - jnp.where(hit, g[:, None], 0.0))
+        dx = jax.lax.dynamic_update_slice_in_dim(
+            dx, _matmul(d_logits, head).astype(dx.dtype).reshape(batch, chunk, embed), start,
+            axis=1)
+        # [embed, vocab], transposed once after the loop: as `layers.tied_logits`, a plain
+        # product where XLA:CPU would otherwise copy the [tokens, vocab] gradient transposed.
+        d_head_t = d_head_t + _matmul(jax.lax.optimization_barrier(tokens.T), d_logits)
+        put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v.reshape(batch, chunk),
+                                                               start, axis=1)
+        return loss, put(log_zs, log_z), put(target_logits, target_logit), dx, d_head_t
+
+    per_position = jnp.zeros((batch, length), jnp.float32)
+    init = (jnp.zeros([], jnp.float32), per_position, per_position, jnp.zeros_like(x),
+            jnp.zeros((embed, head.shape[0]), jnp.float32))
+    loss, log_z, target_logit, dx, d_head_t = jax.lax.fori_loop(0, length // chunk, body, init)
+    d_head = d_head_t.T.astype(head.dtype)
+    return (loss * scale, log_z, target_logit), (dx, d_head)
+
+
+def _head_loss_bwd(z_loss, chunk, residuals, cotangents):
+    del z_loss, chunk
+    dx, d_head = residuals
+    g = cotangents[0]  # The per-position statistics leave `fused_head_loss` without gradient.
+    return (g * dx).astype(dx.dtype), (g * d_head).astype(d_head.dtype), None, None
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
+
+
+def _bound_z_loss() -> float:
+    """`cross_entropy_loss.z_loss` as gin binds it, else its default."""
+    try:
+        return float(gin.query_parameter("cross_entropy_loss.z_loss"))
+    except ValueError:
+        return inspect.signature(cross_entropy_loss).parameters["z_loss"].default
+
+
+def head_matrix(config, params: Any) -> jax.Array:
+    """The output projection as [vocab, embed] in the compute dtype: the token embedding
+    when tied, else the transposed `lm_head` kernel."""
+    if config.tie_embeddings:
+        table = params["token_embed"]["embedding"]
+    else:
+        table = params["lm_head"]["kernel"].T
+    return table.astype(config.compute_dtype)
+
+
 def decoder_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
-                 z_loss: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 z_loss: float | None = None, accuracy: bool = True
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of `model` on one batch of the packed feature-converter layout.
 
     `batch` holds `decoder_input_tokens`, `decoder_target_tokens` and optionally
     `decoder_loss_weights` (default: 1 where the target is not padding),
     `decoder_segment_ids` and `decoder_positions`. `z_loss=None` takes the gin binding
     of `cross_entropy_loss.z_loss`. The loss's backward follows `model.config.custom_grads`.
+    `accuracy=False` (the train step) drops the token accuracy from the metrics and lets
+    `model.config.loss_chunk` fuse the head into the loss (`fused_head_loss`).
     """
     missing = [k for k in ("decoder_input_tokens", "decoder_target_tokens") if k not in batch]
     if missing:
@@ -105,8 +236,18 @@ def decoder_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
     weights = batch.get("decoder_loss_weights")
     if weights is None:
         weights = (targets != 0).astype(jnp.float32)
-    logits = model.apply({"params": params}, batch["decoder_input_tokens"],
-                         batch.get("decoder_segment_ids"), batch.get("decoder_positions"))
+    inputs = (batch["decoder_input_tokens"], batch.get("decoder_segment_ids"),
+              batch.get("decoder_positions"))
+    config = model.config
+    if config.loss_chunk and not accuracy:
+        x = model.apply({"params": params}, *inputs, hidden=True)
+        z = _bound_z_loss() if z_loss is None else z_loss
+        return fused_head_loss(x.astype(config.compute_dtype), head_matrix(config, params),
+                               targets, weights, z, config.loss_chunk)
+    logits = model.apply({"params": params}, *inputs)
     kwargs = {} if z_loss is None else {"z_loss": z_loss}
-    return cross_entropy_loss(logits, targets, weights, custom_grad=model.config.custom_grads,
-                              **kwargs)
+    loss, metrics = cross_entropy_loss(logits, targets, weights,
+                                       custom_grad=config.custom_grads, **kwargs)
+    if not accuracy:
+        metrics = {k: v for k, v in metrics.items() if k != "accuracy"}
+    return loss, metrics

@@ -116,7 +116,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
                    ) == "example"
 
     def loss_fn(params, micro: Batch, total_weight: jax.Array):
-        loss, metrics = loss_lib.decoder_loss(model, params, micro, z_loss=z_loss)
+        loss, metrics = loss_lib.decoder_loss(model, params, micro, z_loss=z_loss,
+                                              accuracy=False)
         # decoder_loss divides by max(weight_sum, 1); undo it and divide by the
         # whole batch's weight instead, so micro-batch gradients add up exactly.
         share = jnp.maximum(metrics["weight_sum"], 1.0) / jnp.maximum(total_weight, 1.0)

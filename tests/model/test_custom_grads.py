@@ -1,6 +1,6 @@
-"""The hand-written backward passes (norms, tied head, loss softmax, "chunked" attention),
-each alone and end to end: the whole decoder's loss and gradients with `custom_grads` and
-the "chunked" kernel equal plain autodiff with the "xla" kernel."""
+"""The hand-written backward passes (norms, tied head, loss softmax, "chunked" attention,
+the fused head and loss of `loss_chunk`), each alone and end to end: the whole decoder's
+loss and gradients with them equal plain autodiff with the "xla" kernel."""
 
 from __future__ import annotations
 
@@ -41,6 +41,25 @@ def test_decoder_loss_and_grads_equal_plain_autodiff(name):
     for (path, g), w in zip(flat, want_flat):
         scale = float(jnp.max(jnp.abs(w)))
         assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fused_head_loss_equals_plain_autodiff(name):
+    """`DecoderConfig.loss_chunk` (the train step's loss: no accuracy) against the plain
+    decoder's loss on whole logits; 40 positions in chunks of 16 (the last one padded)."""
+    fused, plain = VARIANTS[name](loss_chunk=16, **FAST), VARIANTS[name](**PLAIN)
+    params = random_params(plain, seed=1)
+    batch = packed_batch(2, 40, plain.vocab_size, seed=5)
+    fn = lambda p: loss.decoder_loss(Decoder(fused), p, batch, z_loss=1e-4, accuracy=False)
+    (value, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    want_value, want_grads = _loss_and_grads(plain, params, batch)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    assert sorted(metrics) == ["cross_entropy", "weight_sum", "z_loss"]
+    flat, want_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)
+    for (path, g), w in zip(flat, want_flat):
+        scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
 

@@ -191,3 +191,5 @@ def test_clear_errors():
         tiny_config(num_kv_heads=3)
     with pytest.raises(ValueError, match="norm="):
         tiny_config(norm="batchnorm")
+    with pytest.raises(ValueError, match="loss_chunk must be >= 0"):
+        tiny_config(loss_chunk=-1)

@@ -54,21 +54,28 @@ def expected_spec(path: str, tensor: int, kv_heads: int) -> P:
     return table[path]
 
 
-CASES = [("chameleon", layout) for layout in LAYOUTS] + [("cm3leon", "fsdp_tensor")]
+CASES = ([("chameleon", layout) for layout in LAYOUTS] + [("cm3leon", "fsdp_tensor")]
+         + [("cm3leon_fused_head", "fsdp_tensor"), ("chameleon_fused_head", "data_tensor")])
 
 
 def _loss_and_grad(config):
     model = Decoder(config)
-    return lambda p, b: jax.value_and_grad(lambda p: decoder_loss(model, p, b, z_loss=1e-4)[0])(p)
+    # The train step's form (no accuracy), so that `loss_chunk` fuses the head.
+    fn = lambda p, b: decoder_loss(model, p, b, z_loss=1e-4, accuracy=False)[0]
+    return lambda p, b: jax.value_and_grad(fn)(p, b)
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(variant: str):
-    """(config, params, batch, unsharded loss, unsharded grads) for one variant."""
-    config = tiny_chameleon() if variant == "chameleon" else tiny_config()
+    """(config, params, batch, unsharded loss, unsharded grads) for one variant; a
+    "_fused_head" variant is compared with the same model's loss on whole logits."""
+    base = variant.removesuffix("_fused_head")
+    config = tiny_chameleon() if base == "chameleon" else tiny_config()
     params = random_params(config, seed=7)
     batch = packed_batch(8, 32, config.vocab_size, seed=8)
     loss, grads = jax.jit(_loss_and_grad(config))(params, batch)  # No mesh: one device.
+    if variant != base:
+        config = config.replace(loss_chunk=8)
     return config, params, batch, loss, grads
 
 
