@@ -312,17 +312,74 @@ inline float HSum(v16 a) {
 
 constexpr int64_t kKeys = 64;  // keys per block: 4 vectors
 
-// dst[0:D] += sum_i coef[i] * src[i][0:D], the sum kept in registers 16 floats at a time.
+// V vectors of dst (16 V floats from column d) += sum_i coef[i] * src[i][d:d + 16 V], summed
+// as two interleaved chains of V accumulators each: one chain of dependent FMAs would wait
+// on each one's latency (4 cycles on AVX-512 hosts) instead of issuing 2 a cycle.
+template <int V>
+inline void AccumBlock(float* dst, const float* coef, const float* const* src, int64_t n,
+                       int64_t d) {
+  v16 even[V], odd[V];
+  for (int c = 0; c < V; ++c) {
+    even[c] = Load(dst + 16 * c);
+    odd[c] = v16{};
+  }
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const float c0 = coef[i], c1 = coef[i + 1];
+    const float *s0 = src[i] + d, *s1 = src[i + 1] + d;
+    for (int c = 0; c < V; ++c) {
+      even[c] += c0 * Load(s0 + 16 * c);
+      odd[c] += c1 * Load(s1 + 16 * c);
+    }
+  }
+  if (i < n)
+    for (int c = 0; c < V; ++c) even[c] += coef[i] * Load(src[i] + d + 16 * c);
+  for (int c = 0; c < V; ++c) {
+    const v16 sum = even[c] + odd[c];
+    std::memcpy(dst + 16 * c, &sum, sizeof(sum));
+  }
+}
+
+// dst[0:D] += sum_i coef[i] * src[i][0:D], in registers up to 64 floats at a time.
 inline void AccumRows(float* dst, const float* coef, const float* const* src, int64_t n,
                       int64_t D) {
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    v16 acc = Load(dst + d);
-    for (int64_t i = 0; i < n; ++i) acc += coef[i] * Load(src[i] + d);
-    std::memcpy(dst + d, &acc, sizeof(acc));
-  }
+  for (; d + 64 <= D; d += 64) AccumBlock<4>(dst + d, coef, src, n, d);
+  for (; d + 32 <= D; d += 32) AccumBlock<2>(dst + d, coef, src, n, d);
+  for (; d + 16 <= D; d += 16) AccumBlock<1>(dst + d, coef, src, n, d);
   for (; d < D; ++d)
     for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
+}
+
+// Four such sums at once, dst[r] += sum_i coef[r][i] * src[i] for r < 4: each src row is
+// read once for all four, into 4 V independent accumulators.
+template <int V>
+inline void Accum4Block(float* const dst[4], const float* const coef[4],
+                        const float* const* src, int64_t n, int64_t d) {
+  v16 sum[4][V];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < V; ++c) sum[r][c] = Load(dst[r] + d + 16 * c);
+  for (int64_t i = 0; i < n; ++i) {
+    v16 x[V];
+    for (int c = 0; c < V; ++c) x[c] = Load(src[i] + d + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      const float w = coef[r][i];
+      for (int c = 0; c < V; ++c) sum[r][c] += w * x[c];
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < V; ++c) std::memcpy(dst[r] + d + 16 * c, &sum[r][c], sizeof(v16));
+}
+
+inline void Accum4(float* const dst[4], const float* const coef[4], const float* const* src,
+                   int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) Accum4Block<4>(dst, coef, src, n, d);
+  for (; d + 32 <= D; d += 32) Accum4Block<2>(dst, coef, src, n, d);
+  for (; d + 16 <= D; d += 16) Accum4Block<1>(dst, coef, src, n, d);
+  for (; d < D; ++d)
+    for (int r = 0; r < 4; ++r)
+      for (int64_t i = 0; i < n; ++i) dst[r][d] += coef[r][i] * src[i][d];
 }
 
 constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
@@ -339,13 +396,23 @@ struct HeadScratch {
   enum Layout { kRowsOnly = 1, kColsOnly = 2, kBoth = 3 };
   void Load(const float* src, const Shape& sh, int64_t b, int64_t h, Layout layout) {
     const int64_t Sp = (sh.S + kKeys - 1) / kKeys * kKeys;
-    if (layout & kRowsOnly) rows.resize(sh.S * sh.D);
-    if (layout & kColsOnly) cols.assign(sh.D * Sp, 0.f);
-    for (int64_t s = 0; s < sh.S; ++s) {
-      const float* r = src + ((b * sh.S + s) * sh.KVH + h) * sh.D;
-      if (layout & kRowsOnly) std::memcpy(rows.data() + s * sh.D, r, sh.D * sizeof(float));
-      if (layout & kColsOnly)
-        for (int64_t d = 0; d < sh.D; ++d) cols[d * Sp + s] = r[d];
+    const auto row = [&](int64_t s) { return src + ((b * sh.S + s) * sh.KVH + h) * sh.D; };
+    if (layout & kRowsOnly) {
+      rows.resize(sh.S * sh.D);
+      for (int64_t s = 0; s < sh.S; ++s)
+        std::memcpy(rows.data() + s * sh.D, row(s), sh.D * sizeof(float));
+    }
+    if (layout & kColsOnly) {
+      cols.assign(sh.D * Sp, 0.f);
+      // 16 keys at a time, so that each write fills a line of `cols` (a key at a time
+      // strides a whole column per store: a tenth of the backward pass went there).
+      for (int64_t s0 = 0; s0 < sh.S; s0 += 16) {
+        const int64_t n = std::min<int64_t>(16, sh.S - s0);
+        const float* r[16];
+        for (int64_t i = 0; i < n; ++i) r[i] = row(s0 + i);
+        for (int64_t d = 0; d < sh.D; ++d)
+          for (int64_t i = 0; i < n; ++i) cols[d * Sp + s0 + i] = r[i][d];
+      }
     }
   }
 };
@@ -418,6 +485,7 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
         v16 st[4][4];
         Tile4(a, K.cols.data(), Sp, j0, D, st);
         const KeyBlock keys(sh, ks, j0);
+        float pr[4][kKeys] = {};  // 0 for a row that has seen nothing yet, or past T
         for (int r = 0; r < rows; ++r) {
           const int64_t t = t0 + r;
           i16v vis[4];
@@ -436,20 +504,21 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
             l[r] *= fix;
             m[r] = top;
           }
-          float pr[kKeys];
           v16 total = v16{};
           for (int c = 0; c < 4; ++c) {
             v16 p = Exp(sc[c] - top);
             p = vis[c] ? p : v16{};
             total += p;
-            std::memcpy(pr + 16 * c, &p, sizeof(p));
+            std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
           }
           l[r] += HSum(total);
-          const float* vr[kKeys];
-          const int64_t n = std::min(kKeys, sh.S - j0);
-          for (int64_t j = 0; j < n; ++j) vr[j] = V.rows.data() + (j0 + j) * D;
-          AccumRows(o, pr, vr, n, D);
         }
+        const float* vr[kKeys];
+        const int64_t n = std::min(kKeys, sh.S - j0);
+        for (int64_t j = 0; j < n; ++j) vr[j] = V.rows.data() + (j0 + j) * D;
+        float* const o[4] = {acc.data(), acc.data() + D, acc.data() + 2 * D, acc.data() + 3 * D};
+        const float* const w[4] = {pr[0], pr[1], pr[2], pr[3]};
+        Accum4(o, w, vr, n, D);
       }
       for (int r = 0; r < rows; ++r) {
         const int64_t t = t0 + r;
@@ -536,19 +605,38 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
             }
           }
         }
+        // dv and dk of 4 keys at a time (P and dS transposed), then dq of 4 rows at a time.
         const int64_t n = std::min(kKeys, sh.S - j0);
         const float* kr[kKeys];
-        for (int64_t j = 0; j < n; ++j) {
-          kr[j] = K.rows.data() + (j0 + j) * D;
-          float pc[kQueries], dc[kQueries];
-          for (int64_t r = 0; r < rows; ++r) {
-            pc[r] = pr[r][j];
-            dc[r] = dsr[r][j];
+        for (int64_t j = 0; j < n; ++j) kr[j] = K.rows.data() + (j0 + j) * D;
+        float pt[kKeys][kQueries], dt[kKeys][kQueries];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < n; ++j) {
+            pt[j][r] = pr[r][j];
+            dt[j][r] = dsr[r][j];
           }
-          AccumRows(gv.data() + (j0 + j) * D, pc, da, rows, D);
-          AccumRows(gk.data() + (j0 + j) * D, dc, a, rows, D);
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+          float* const gvs[4] = {&gv[(j0 + j) * D], &gv[(j0 + j + 1) * D], &gv[(j0 + j + 2) * D],
+                                 &gv[(j0 + j + 3) * D]};
+          float* const gks[4] = {&gk[(j0 + j) * D], &gk[(j0 + j + 1) * D], &gk[(j0 + j + 2) * D],
+                                 &gk[(j0 + j + 3) * D]};
+          const float* const ps[4] = {pt[j], pt[j + 1], pt[j + 2], pt[j + 3]};
+          const float* const ds[4] = {dt[j], dt[j + 1], dt[j + 2], dt[j + 3]};
+          Accum4(gvs, ps, da, rows, D);
+          Accum4(gks, ds, a, rows, D);
         }
-        for (int64_t r = 0; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
+        for (; j < n; ++j) {
+          AccumRows(&gv[(j0 + j) * D], pt[j], da, rows, D);
+          AccumRows(&gk[(j0 + j) * D], dt[j], a, rows, D);
+        }
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+          float* const gqs[4] = {gq[r], gq[r + 1], gq[r + 2], gq[r + 3]};
+          const float* const ds[4] = {dsr[r], dsr[r + 1], dsr[r + 2], dsr[r + 3]};
+          Accum4(gqs, ds, kr, n, D);
+        }
+        for (; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
       }
     }
   }

@@ -132,7 +132,9 @@ def test_one_query_attention_is_the_masked_softmax_of_the_xla_path(dtype, heads,
 
 # -- attention_impl = "cpu": FlashAttention loops, forward and backward ---------------------
 FLASH_CASES = dict(CASES, odd_head_dim=(2, 70, 70, 4, 2, 20, True, 0, 0),
-                   longer_than_a_key_block=(1, 150, 150, 2, 2, 64, True, 0, 0))
+                   longer_than_a_key_block=(1, 150, 150, 2, 2, 64, True, 0, 0),
+                   # 32 + 16 columns, and rows and keys that fill no group of 4 or 16.
+                   head_dim_48_odd_length=(2, 37, 37, 4, 2, 48, True, 0, 0))
 
 
 @pytest.mark.parametrize("name", sorted(FLASH_CASES))
