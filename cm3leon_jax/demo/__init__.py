@@ -44,12 +44,15 @@ import numpy as np
 from cm3leon_jax import fs
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.decode import pictures, restore
+from cm3leon_jax.decode.generate import Generator
 from cm3leon_jax.demo import evaluate as demo_evaluate
 from cm3leon_jax.demo import finetune as demo_finetune
 from cm3leon_jax.demo import generate as demo_generate
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.export import params_export
+from cm3leon_jax.model import cpu_kernels
+from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.retrieval import clip_train
 from cm3leon_jax.train import run_config, trainer
 from cm3leon_jax.vocab import document as document_lib
@@ -88,6 +91,7 @@ def demo(model_dir: str,
     """
     if start_over:
         demo_stages.clear(model_dir)
+    _build_cpu_kernels()
     earlier = demo_stages.earlier_work(model_dir)  # What the time targets must not count.
     # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
@@ -102,6 +106,15 @@ def demo(model_dir: str,
               "command to resume it")
         return {"preempted": str(stopped), **runner.timings()}
     return _report(model_dir, runner, earlier)
+
+
+def _build_cpu_kernels() -> None:
+    """The decoder trains and samples with the C++ CPU kernels (gin_configs/train/demo.gin,
+    runs/demo.gin): build them before the first stage, so that a host without a compiler
+    stops now with what to do, not after the image tokenizer's minutes."""
+    sampler = gin.get_bindings(Generator).get("cpu_kernels", False)
+    if DecoderConfig().attention_impl == "cpu" or sampler:
+        cpu_kernels.build()
 
 
 def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int,

@@ -214,6 +214,12 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))  # the first core's lines, once each
 
 
+def build() -> None:
+    """Build the kernels now (or find the cached build); `KernelUnavailableError` says what
+    to do where they cannot be built. A run that will use them calls it before its work."""
+    _library()
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """Compile cpu_kernels.cc once per (source, compiler, jaxlib, CPU); load it."""
@@ -222,7 +228,8 @@ def _library() -> ctypes.CDLL:
         raise KernelUnavailableError(
                 f"cpu_kernels: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
                 f"build {os.path.basename(_SOURCE)}; install one (Debian: apt install g++) or "
-                "decode without it (DecoderStep(cpu_kernels=False), the default).")
+                "leave the kernels off: DecoderConfig.attention_impl = \"chunked\" to train, "
+                "Generator.cpu_kernels = False (DecoderStep(cpu_kernels=False)) to decode.")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno",
              f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout

@@ -188,3 +188,25 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
                                  "images": ["images/000_0.png", "images/000_1.png"]}]
     for name in ("generated.png", "images/000_1.png", "captions.json"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
+
+
+def test_a_host_without_a_compiler_stops_before_the_first_stage(monkeypatch, tmp_path):
+    from cm3leon_jax import demo
+    from cm3leon_jax.model import cpu_kernels
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("CM3LEON_JAX_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    try:
+        gin.clear_config()
+        demo._build_cpu_kernels()  # Neither the decoder nor the sampler uses the kernels.
+        gin.parse_config("DecoderConfig.attention_impl = 'cpu'")
+        try:
+            demo._build_cpu_kernels()
+        except cpu_kernels.KernelUnavailableError as e:
+            assert "attention_impl = \"chunked\"" in str(e) and "apt install g++" in str(e)
+        else:
+            raise AssertionError("a missing compiler went unnoticed")
+    finally:
+        gin.clear_config()
+        cpu_kernels._library.cache_clear()
