@@ -93,10 +93,11 @@ class DecoderConfig:
             "cudnn", or one registered with `attention.register_kernel` (a TPU
             Pallas/splash kernel goes there), or "chunked" (`attention_chunked.py`:
             causal query chunks and a hand-written backward; the fastest on a CPU).
-        custom_grads: norms, the tied output projection and the loss's softmax use
-            hand-written backward passes (`norms.py`, `layers.tied_logits`,
-            `loss.log_z_and_target`): the same gradients as autodiff in fewer passes
-            over memory. False: plain autodiff (the reference the tests compare with).
+        custom_grads: norms, the tied output projection, the exact GELU and the loss's
+            softmax use hand-written backward passes (`norms.py`, `layers.tied_logits`,
+            `layers.gelu_exact`, `loss.log_z_and_target`): the same gradients as
+            autodiff in fewer passes over memory. False: plain autodiff (the reference the
+            tests compare with).
         loss_chunk: the training loss applies the output projection and the
             cross-entropy this many positions at a time (`loss.fused_head_loss`) and
             takes the head's gradients in the same pass, so neither the [batch, length,

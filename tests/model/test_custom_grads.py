@@ -1,6 +1,6 @@
-"""The hand-written backward passes (norms, tied head, loss softmax, "chunked" attention,
-the fused head and loss of `loss_chunk`), each alone and end to end: the whole decoder's
-loss and gradients with them equal plain autodiff with the "xla" kernel."""
+"""The hand-written backward passes (norms, tied head, exact GELU, loss softmax, "chunked"
+attention, the fused head and loss of `loss_chunk`), each alone and end to end: the whole
+decoder's loss and gradients with them equal plain autodiff with the "xla" kernel."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ def test_fused_head_loss_equals_plain_autodiff(name):
         scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(g, w, atol=1e-5 * scale, rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_exact_gelu_and_its_gradient_equal_jax_nn_gelu():
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 300)) * 3, jnp.float32)
+    plain = lambda x: jax.nn.gelu(x, approximate=False)
+    np.testing.assert_allclose(layers.gelu_exact(x), plain(x), atol=2e-6, rtol=1e-6)
+    d_out = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
+    got = jax.vjp(layers.gelu_exact, x)[1](d_out)[0]
+    want = jax.vjp(plain, x)[1](d_out)[0]
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
 
 
 def test_tied_logits_gradients_equal_autodiff():
