@@ -480,12 +480,15 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
         l[r] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+      float pr[4][kKeys];  // each key block's P, 0 for a row that has seen nothing or past T
+      float* const sums[4] = {acc.data(), acc.data() + D, acc.data() + 2 * D, acc.data() + 3 * D};
+      const float* const weights[4] = {pr[0], pr[1], pr[2], pr[3]};
       const int64_t last = std::min(sh.S, t0 + rows - 1 + sh.offset + 1);  // keys seen
       for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
         v16 st[4][4];
         Tile4(a, K.cols.data(), Sp, j0, D, st);
         const KeyBlock keys(sh, ks, j0);
-        float pr[4][kKeys] = {};  // 0 for a row that has seen nothing yet, or past T
+        std::memset(pr, 0, sizeof(pr));
         for (int r = 0; r < rows; ++r) {
           const int64_t t = t0 + r;
           i16v vis[4];
@@ -516,9 +519,7 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
         const float* vr[kKeys];
         const int64_t n = std::min(kKeys, sh.S - j0);
         for (int64_t j = 0; j < n; ++j) vr[j] = V.rows.data() + (j0 + j) * D;
-        float* const o[4] = {acc.data(), acc.data() + D, acc.data() + 2 * D, acc.data() + 3 * D};
-        const float* const w[4] = {pr[0], pr[1], pr[2], pr[3]};
-        Accum4(o, w, vr, n, D);
+        Accum4(sums, weights, vr, n, D);
       }
       for (int r = 0; r < rows; ++r) {
         const int64_t t = t0 + r;
