@@ -28,6 +28,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 POSITION_EMBEDDINGS = ("learned", "rope")
 BLOCK_ORDERS = ("pre", "swin")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LOSS_IMPLS = ("xla", "cpu")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -103,6 +104,9 @@ class DecoderConfig:
             takes the head's gradients in the same pass, so neither the [batch, length,
             vocab] logits nor their gradient is ever stored: at the paper's 65,536 ids
             that is 0.5 MiB a token. 0: the whole logits at once (the eval step always).
+        loss_impl: how `loss_chunk`'s chunks take the softmax and the logits' gradient:
+            "xla" (jnp, any backend) or "cpu" (`cpu_kernels.softmax_grad`, C++, one CPU
+            device: one pass over each chunk's logits where XLA:CPU's fusions made five).
     """
 
     vocab_size: int = 65536
@@ -140,6 +144,7 @@ class DecoderConfig:
     attention_impl: str = "xla"
     custom_grads: bool = True
     loss_chunk: int = 0
+    loss_impl: Literal["xla", "cpu"] = "xla"
 
     def __post_init__(self):
         for name in ("image_code_ids", "sentinel_ids"):  # JSON (an export's manifest) and
@@ -155,7 +160,7 @@ class DecoderConfig:
         choices = {"norm": NORMS, "mlp_activation": ACTIVATIONS,
                    "position_embedding": POSITION_EMBEDDINGS, "block_order": BLOCK_ORDERS,
                    "remat_policy": REMAT_POLICIES, "dtype": tuple(DTYPES),
-                   "param_dtype": tuple(DTYPES)}
+                   "param_dtype": tuple(DTYPES), "loss_impl": LOSS_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"DecoderConfig.{name}={getattr(self, name)!r}; "

@@ -12,6 +12,8 @@
 //     reading only the slots each row sees.
 //   * Cm3leonFlash{Forward,Backward}: causal attention over whole sequences for training,
 //     FlashAttention's loops (below).
+//   * Cm3leonSoftmaxGrad: the training loss's log-sum-exp and its logits' gradient, a row
+//     at a time (below).
 //
 // Written with GCC vector extensions (AVX-512, AVX2 or NEON, whatever -march=native
 // offers), AVX-512 intrinsics only where they exist.
@@ -351,10 +353,11 @@ inline void AccumRows(float* dst, const float* coef, const float* const* src, in
     for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
 }
 
-// Four such sums at once, dst[r] += sum_i coef[r][i] * src[i] for r < 4: each src row is
-// read once for all four, into 4 V independent accumulators.
+// Four such sums at once, dst[r] += sum_i coef[r][i * cs] * src[i] for r < 4: each src row
+// is read once for all four, into 4 V independent accumulators. The coefficients' stride
+// `cs` lets the backward read a column of a row-major tile (its transpose) in place.
 template <int V>
-inline void Accum4Block(float* const dst[4], const float* const coef[4],
+inline void Accum4Block(float* const dst[4], const float* const coef[4], int64_t cs,
                         const float* const* src, int64_t n, int64_t d) {
   v16 sum[4][V];
   for (int r = 0; r < 4; ++r)
@@ -363,7 +366,7 @@ inline void Accum4Block(float* const dst[4], const float* const coef[4],
     v16 x[V];
     for (int c = 0; c < V; ++c) x[c] = Load(src[i] + d + 16 * c);
     for (int r = 0; r < 4; ++r) {
-      const float w = coef[r][i];
+      const float w = coef[r][i * cs];
       for (int c = 0; c < V; ++c) sum[r][c] += w * x[c];
     }
   }
@@ -371,15 +374,15 @@ inline void Accum4Block(float* const dst[4], const float* const coef[4],
     for (int c = 0; c < V; ++c) std::memcpy(dst[r] + d + 16 * c, &sum[r][c], sizeof(v16));
 }
 
-inline void Accum4(float* const dst[4], const float* const coef[4], const float* const* src,
-                   int64_t n, int64_t D) {
+inline void Accum4(float* const dst[4], const float* const coef[4], int64_t cs,
+                   const float* const* src, int64_t n, int64_t D) {
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64) Accum4Block<4>(dst, coef, src, n, d);
-  for (; d + 32 <= D; d += 32) Accum4Block<2>(dst, coef, src, n, d);
-  for (; d + 16 <= D; d += 16) Accum4Block<1>(dst, coef, src, n, d);
+  for (; d + 64 <= D; d += 64) Accum4Block<4>(dst, coef, cs, src, n, d);
+  for (; d + 32 <= D; d += 32) Accum4Block<2>(dst, coef, cs, src, n, d);
+  for (; d + 16 <= D; d += 16) Accum4Block<1>(dst, coef, cs, src, n, d);
   for (; d < D; ++d)
     for (int r = 0; r < 4; ++r)
-      for (int64_t i = 0; i < n; ++i) dst[r][d] += coef[r][i] * src[i][d];
+      for (int64_t i = 0; i < n; ++i) dst[r][d] += coef[r][i * cs] * src[i][d];
 }
 
 constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
@@ -519,7 +522,7 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
         const float* vr[kKeys];
         const int64_t n = std::min(kKeys, sh.S - j0);
         for (int64_t j = 0; j < n; ++j) vr[j] = V.rows.data() + (j0 + j) * D;
-        Accum4(sums, weights, vr, n, D);
+        Accum4(sums, weights, 1, vr, n, D);
       }
       for (int r = 0; r < rows; ++r) {
         const int64_t t = t0 + r;
@@ -606,36 +609,36 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
             }
           }
         }
-        // dv and dk of 4 keys at a time (P and dS transposed), then dq of 4 rows at a time.
+        // dv and dk of 4 keys at a time (P and dS read down their columns: the transposes),
+        // then dq of 4 rows at a time.
         const int64_t n = std::min(kKeys, sh.S - j0);
         const float* kr[kKeys];
         for (int64_t j = 0; j < n; ++j) kr[j] = K.rows.data() + (j0 + j) * D;
-        float pt[kKeys][kQueries], dt[kKeys][kQueries];
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < n; ++j) {
-            pt[j][r] = pr[r][j];
-            dt[j][r] = dsr[r][j];
-          }
         int64_t j = 0;
         for (; j + 4 <= n; j += 4) {
           float* const gvs[4] = {&gv[(j0 + j) * D], &gv[(j0 + j + 1) * D], &gv[(j0 + j + 2) * D],
                                  &gv[(j0 + j + 3) * D]};
           float* const gks[4] = {&gk[(j0 + j) * D], &gk[(j0 + j + 1) * D], &gk[(j0 + j + 2) * D],
                                  &gk[(j0 + j + 3) * D]};
-          const float* const ps[4] = {pt[j], pt[j + 1], pt[j + 2], pt[j + 3]};
-          const float* const ds[4] = {dt[j], dt[j + 1], dt[j + 2], dt[j + 3]};
-          Accum4(gvs, ps, da, rows, D);
-          Accum4(gks, ds, a, rows, D);
+          const float* const ps[4] = {&pr[0][j], &pr[0][j + 1], &pr[0][j + 2], &pr[0][j + 3]};
+          const float* const ds[4] = {&dsr[0][j], &dsr[0][j + 1], &dsr[0][j + 2], &dsr[0][j + 3]};
+          Accum4(gvs, ps, kKeys, da, rows, D);
+          Accum4(gks, ds, kKeys, a, rows, D);
         }
         for (; j < n; ++j) {
-          AccumRows(&gv[(j0 + j) * D], pt[j], da, rows, D);
-          AccumRows(&gk[(j0 + j) * D], dt[j], a, rows, D);
+          float pcol[kQueries], dcol[kQueries];
+          for (int64_t r = 0; r < rows; ++r) {
+            pcol[r] = pr[r][j];
+            dcol[r] = dsr[r][j];
+          }
+          AccumRows(&gv[(j0 + j) * D], pcol, da, rows, D);
+          AccumRows(&gk[(j0 + j) * D], dcol, a, rows, D);
         }
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4) {
           float* const gqs[4] = {gq[r], gq[r + 1], gq[r + 2], gq[r + 3]};
           const float* const ds[4] = {dsr[r], dsr[r + 1], dsr[r + 2], dsr[r + 3]};
-          Accum4(gqs, ds, kr, n, D);
+          Accum4(gqs, ds, 1, kr, n, D);
         }
         for (; r < rows; ++r) AccumRows(gq[r], dsr[r], kr, n, D);
       }
@@ -699,6 +702,83 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   return ffi::Error::Success();
 }
 
+// -- the loss's softmax and its gradient, a chunk of tokens at a time (training) ---------
+//
+// logits [N, V] -> d_logits [N, V] (may alias the logits), log_z [N], target_logit [N]:
+//
+//   log_z = logsumexp(logits[n]),   target_logit = logits[n, t] (0 if t is not in [0, V)),
+//   d_logits[n] = softmax(logits[n]) * g[n] * (1 + 2 z_loss log_z) - g[n] * onehot(t),
+//
+// the gradient of sum_n g[n] (log_z - target_logit + z_loss log_z^2). A row (V floats) is
+// read once from memory for its maximum; its exponentials are written to the output row
+// and scaled there while the row is still in cache. XLA:CPU's fusions of the same
+// expression made five passes over the [N, V] array (benchmarks/RESULTS_train.md).
+void SoftmaxGradRow(const float* logits, int32_t target, float g, float z_loss, int64_t V,
+                    float* d, float* log_z, float* target_logit) {
+  int64_t i = 0;
+  v16 m[4];
+  for (int c = 0; c < 4; ++c) m[c] = v16{} - std::numeric_limits<float>::infinity();
+  for (; i + 64 <= V; i += 64)
+    for (int c = 0; c < 4; ++c) {
+      const v16 x = Load(logits + i + 16 * c);
+      m[c] = x > m[c] ? x : m[c];
+    }
+  const v16 m01 = m[0] > m[1] ? m[0] : m[1], m23 = m[2] > m[3] ? m[2] : m[3];
+  float top = HMax(m01 > m23 ? m01 : m23);
+  for (; i < V; ++i) top = std::max(top, logits[i]);
+  // Read before the output (which may be this very row) is written.
+  *target_logit = target >= 0 && target < V ? logits[target] : 0.f;
+  v16 sums[4] = {};
+  i = 0;
+  for (; i + 64 <= V; i += 64)
+    for (int c = 0; c < 4; ++c) {
+      const v16 e = Exp(Load(logits + i + 16 * c) - top);
+      sums[c] += e;
+      std::memcpy(d + i + 16 * c, &e, sizeof(e));
+    }
+  float total = HSum((sums[0] + sums[1]) + (sums[2] + sums[3]));
+  for (; i < V; ++i) {
+    d[i] = std::exp(logits[i] - top);
+    total += d[i];
+  }
+  const float lz = top + std::log(total);
+  *log_z = lz;
+  const float scale = g * (1.f + 2.f * z_loss * lz) / total;
+  i = 0;
+  for (; i + 16 <= V; i += 16) {
+    const v16 x = Load(d + i) * scale;
+    std::memcpy(d + i, &x, sizeof(x));
+  }
+  for (; i < V; ++i) d[i] *= scale;
+  if (target >= 0 && target < V) d[target] -= g;
+}
+
+ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                       ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> g, float z_loss,
+                       ffi::ResultBuffer<ffi::F32> d_logits, ffi::ResultBuffer<ffi::F32> log_z,
+                       ffi::ResultBuffer<ffi::F32> target_logit) {
+  const auto ld = logits.dimensions(), td = targets.dimensions(), gd = g.dimensions(),
+             dd = d_logits->dimensions(), zd = log_z->dimensions(),
+             pd = target_logit->dimensions();
+  if (ld.size() != 2 || td.size() != 1 || gd.size() != 1 || td[0] != ld[0] ||
+      gd[0] != ld[0] || !std::equal(ld.begin(), ld.end(), dd.begin(), dd.end()) ||
+      zd.size() != 1 || zd[0] != ld[0] || pd.size() != 1 || pd[0] != ld[0])
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels.softmax_grad: expected logits[N, V], targets[N], g[N] and outputs "
+        "d_logits[N, V], log_z[N], target_logit[N]");
+  const int64_t N = ld[0], V = ld[1];
+  const float* lp = logits.typed_data();
+  const int32_t* tp = targets.typed_data();
+  const float* gp = g.typed_data();
+  float *dp = d_logits->typed_data(), *zp = log_z->typed_data(), *pp = target_logit->typed_data();
+  if (V == 0) return ffi::Error::InvalidArgument("cpu_kernels.softmax_grad: V = 0");
+  Parallel(pool, N, [=](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      SoftmaxGradRow(lp + n * V, tp[n], gp[n], z_loss, V, dp + n * V, zp + n, pp + n);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonMatVecF32, MatVec<ffi::F32>,
@@ -757,6 +837,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonFlashBackward, FlashBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("offset")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonSoftmaxGrad, SoftmaxGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("z_loss")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

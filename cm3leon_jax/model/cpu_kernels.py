@@ -5,6 +5,7 @@ parts, and FlashAttention for training.
     y = cpu_kernels.matvec(x2, packed)              # x2 [rows, in] -> float32 [rows, out]
     out = cpu_kernels.one_query_attention(q, keys, values, visible)
     out = cpu_kernels.flash_attention(q, k, v, q_seg, kv_seg, 0)   # attention_impl = "cpu"
+    d_logits, log_z, target_logit = cpu_kernels.softmax_grad(logits, targets, g, z_loss)
 
 Decoding one token reads every weight for a handful of rows (the batch; twice that with
 CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
@@ -56,7 +57,8 @@ _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
             ("attention", jnp.dtype(jnp.float32)): "Cm3leonAttentionF32",
             ("attention", jnp.dtype(jnp.bfloat16)): "Cm3leonAttentionBF16",
             ("flash_forward", jnp.dtype(jnp.float32)): "Cm3leonFlashForward",
-            ("flash_backward", jnp.dtype(jnp.float32)): "Cm3leonFlashBackward"}
+            ("flash_backward", jnp.dtype(jnp.float32)): "Cm3leonFlashBackward",
+            ("softmax_grad", jnp.dtype(jnp.float32)): "Cm3leonSoftmaxGrad"}
 
 
 class KernelUnavailableError(RuntimeError):
@@ -180,6 +182,32 @@ def _flash_backward(offset, residuals, d_out):
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
+
+
+def softmax_grad(logits: jax.Array, targets: jax.Array, g: jax.Array, z_loss: float
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The loss's softmax statistics and logits gradient for a chunk of tokens, in one kernel.
+
+    logits: float32 `[N, V]`; targets: int `[N]`; g: float32 `[N]`, each token's weight in
+    the loss `sum_n g[n] * (log_z - target_logit + z_loss * log_z^2)`. Returns
+    `(d_logits [N, V], log_z [N], target_logit [N])`: that sum's gradient with respect to
+    the logits, `softmax * g * (1 + 2 z_loss log_z) - g * onehot(target)`, written over the
+    logits' buffer where XLA can give it (a target outside `[0, V)` has target_logit 0 and
+    no one-hot). Not differentiable itself: `loss.fused_head_loss` calls it inside its own
+    gradient (`DecoderConfig.loss_impl = "cpu"`).
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1] or g.shape != logits.shape[:1]:
+        raise ValueError(f"cpu_kernels.softmax_grad: logits {logits.shape}, targets "
+                         f"{targets.shape} and g {g.shape} must be [N, V], [N] and [N].")
+    check_one_cpu_device("DecoderConfig.loss_impl='cpu'", "choose \"xla\"")
+    n, v = logits.shape
+    return jax.ffi.ffi_call(
+            _register("softmax_grad", jnp.dtype(jnp.float32)),
+            (jax.ShapeDtypeStruct((n, v), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+             jax.ShapeDtypeStruct((n,), jnp.float32)),
+            input_output_aliases={0: 0})(
+            logits.astype(jnp.float32), targets.astype(jnp.int32), g.astype(jnp.float32),
+            z_loss=np.float32(z_loss))
 
 
 def check_one_cpu_device(what: str, instead: str) -> None:

@@ -17,6 +17,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from cm3leon_jax.model import cpu_kernels
+
 
 def _log_z_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -98,7 +100,7 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def fused_head_loss(x: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
-                    z_loss: float = 0.0, chunk: int = 512
+                    z_loss: float = 0.0, chunk: int = 512, impl: str = "xla"
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`cross_entropy_loss(x @ head^T, targets, weights, z_loss)`, `chunk` positions at a time.
 
@@ -118,6 +120,8 @@ def fused_head_loss(x: jax.Array, head: jax.Array, targets: jax.Array, weights: 
         targets: int32[batch, length]; weights: float32[batch, length].
         z_loss: coefficient of the z-loss.
         chunk: positions per chunk (the length is padded to a multiple, at weight 0).
+        impl: each chunk's softmax and logits gradient in jnp ("xla") or in one C++ pass
+            over the chunk's logits (`cpu_kernels.softmax_grad`, "cpu": one CPU device).
     Returns:
         (loss, metrics) as `cross_entropy_loss` without `accuracy` (an argmax over every
         logit, left to the eval step).
@@ -129,13 +133,16 @@ def fused_head_loss(x: jax.Array, head: jax.Array, targets: jax.Array, weights: 
         raise ValueError(f"fused_head_loss: head {head.shape} must be [vocab, {x.shape[-1]}].")
     if chunk < 1:
         raise ValueError(f"fused_head_loss: chunk must be >= 1, got {chunk}.")
+    if impl not in ("xla", "cpu"):
+        raise ValueError(f"fused_head_loss: impl={impl!r}; choose \"xla\" or \"cpu\".")
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     length = x.shape[1]
     pad = -length % chunk
     if pad:
         widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         x, targets, weights = widen(x), widen(targets), widen(weights)
-    loss, log_z, target_logit = _head_loss(x, head, targets, weights, float(z_loss), chunk)
+    loss, log_z, target_logit = _head_loss(x, head, targets, weights, float(z_loss), chunk,
+                                           impl)
     # Statistics for the metrics only: the loss's gradient is the one above.
     log_z, target_logit = (jax.lax.stop_gradient(v[:, :length]) for v in (log_z, target_logit))
     weights = weights[:, :length]
@@ -146,15 +153,26 @@ def fused_head_loss(x: jax.Array, head: jax.Array, targets: jax.Array, weights: 
     return loss, metrics
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_loss(x, head, targets, weights, z_loss, chunk):
-    return _head_loss_fwd(x, head, targets, weights, z_loss, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_loss(x, head, targets, weights, z_loss, chunk, impl):
+    return _head_loss_fwd(x, head, targets, weights, z_loss, chunk, impl)[0]
 
 
-def _head_loss_fwd(x, head, targets, weights, z_loss, chunk):
+def _softmax_grad(logits, targets, g, z_loss):
+    """(d_logits, log_z, target_logit) of `sum(g * (log_z - target_logit + z_loss log_z^2))`,
+    as `cpu_kernels.softmax_grad` computes them in one pass."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
+    target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    d_logits = (jnp.exp(logits - log_z[:, None]) * (g * (1.0 + 2.0 * z_loss * log_z))[:, None]
+                - jnp.where(hit, g[:, None], 0.0))
+    return d_logits, log_z, target_logit
+
+
+def _head_loss_fwd(x, head, targets, weights, z_loss, chunk, impl):
     batch, length, embed = x.shape
-    vocab_ids = jnp.arange(head.shape[0], dtype=targets.dtype)
     scale = 1.0 / jnp.maximum(jnp.sum(weights), 1.0)
+    softmax_grad = cpu_kernels.softmax_grad if impl == "cpu" else _softmax_grad
 
     def body(i, carry):
         loss, log_zs, target_logits, dx, d_head_t = carry
@@ -163,14 +181,9 @@ def _head_loss_fwd(x, head, targets, weights, z_loss, chunk):
         tokens = take(x).reshape(-1, embed)
         t, w = take(targets).reshape(-1), take(weights).reshape(-1)
         logits = _matmul(tokens, head.T)                                   # [tokens, vocab]
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        hit = vocab_ids == t[:, None]
-        target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-        loss = loss + jnp.sum(w * (log_z - target_logit + z_loss * jnp.square(log_z)))
         # d loss / d logits: softmax * dloss/dlog_z, less the weight at the target.
-        g = w * scale
-        d_logits = (jnp.exp(logits - log_z[:, None]) * (g * (1.0 + 2.0 * z_loss * log_z))[:, None]
-                    - jnp.where(hit, g[:, None], 0.0))
+        d_logits, log_z, target_logit = softmax_grad(logits, t, w * scale, z_loss)
+        loss = loss + jnp.sum(w * (log_z - target_logit + z_loss * jnp.square(log_z)))
         dx = jax.lax.dynamic_update_slice_in_dim(
             dx, _matmul(d_logits, head).astype(dx.dtype).reshape(batch, chunk, embed), start,
             axis=1)
@@ -189,8 +202,8 @@ def _head_loss_fwd(x, head, targets, weights, z_loss, chunk):
     return (loss * scale, log_z, target_logit), (dx, d_head)
 
 
-def _head_loss_bwd(z_loss, chunk, residuals, cotangents):
-    del z_loss, chunk
+def _head_loss_bwd(z_loss, chunk, impl, residuals, cotangents):
+    del z_loss, chunk, impl
     dx, d_head = residuals
     g = cotangents[0]  # The per-position statistics leave `fused_head_loss` without gradient.
     return (g * dx).astype(dx.dtype), (g * d_head).astype(d_head.dtype), None, None
@@ -243,7 +256,7 @@ def decoder_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
         x = model.apply({"params": params}, *inputs, hidden=True)
         z = _bound_z_loss() if z_loss is None else z_loss
         return fused_head_loss(x.astype(config.compute_dtype), head_matrix(config, params),
-                               targets, weights, z, config.loss_chunk)
+                               targets, weights, z, config.loss_chunk, config.loss_impl)
     logits = model.apply({"params": params}, *inputs)
     kwargs = {} if z_loss is None else {"z_loss": z_loss}
     loss, metrics = cross_entropy_loss(logits, targets, weights,

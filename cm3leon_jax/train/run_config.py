@@ -29,7 +29,7 @@ from cm3leon_jax.model.config import DecoderConfig
 CONFIG_FILE = "config.gin"
 # How a model runs, not what it is: a run may choose these freely.
 RUNTIME_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "custom_grads",
-                  "loss_chunk")
+                  "loss_chunk", "loss_impl")
 _BINDING = re.compile(r"^DecoderConfig\.(\w+)\s*=\s*(.+)$")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
 

@@ -199,3 +199,42 @@ def test_flash_attention_on_a_sharded_mesh_is_refused():
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="one CPU device, unsharded"):
         attention.get_kernel("cpu")(q, k, v, q_seg, kv_seg, 0)
+
+
+# -- loss_impl = "cpu": the loss's softmax and logits gradient, a row at a time -------------
+def _softmax_grad_reference(logits, targets, g, z_loss):
+    """The gradient of sum(g * (log_z - target_logit + z log_z^2)) by autodiff, float64."""
+    logits64 = np.asarray(logits, np.float64)
+    top = logits64.max(-1, keepdims=True)
+    log_z = (top + np.log(np.exp(logits64 - top).sum(-1, keepdims=True)))[:, 0]
+    inside = (targets >= 0) & (targets < logits.shape[1])
+    hit = np.arange(logits.shape[1]) == np.where(inside, targets, -1)[:, None]
+    target_logit = np.where(hit, logits64, 0.0).sum(-1)
+    softmax = np.exp(logits64 - log_z[:, None])
+    return softmax * (g * (1 + 2 * z_loss * log_z))[:, None] - hit * g[:, None], log_z, target_logit
+
+
+# Vocabularies past, inside and short of the kernel's 64- and 16-float blocks; targets
+# outside [0, V) (no one-hot, target logit 0) and rows of weight 0.
+@pytest.mark.parametrize("n,v", [(5, 300), (3, 16), (7, 37), (2, 8192)])
+def test_softmax_grad_is_the_loss_gradient(n, v):
+    rng = np.random.default_rng(v)
+    logits = (rng.standard_normal((n, v)) * 4).astype(np.float32)
+    targets = rng.integers(-2, v + 2, n).astype(np.int32)
+    targets[0] = v - 1
+    g = rng.random(n).astype(np.float32)
+    g[-1] = 0.0
+    got = jax.jit(lambda *a: cpu_kernels.softmax_grad(*a, 1e-3))(logits, targets, g)
+    want = _softmax_grad_reference(logits, targets, g, 1e-3)
+    for name, a, b in zip(("d_logits", "log_z", "target_logit"), got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7, err_msg=name)
+    assert not np.any(got[0][-1])
+
+
+def test_softmax_grad_refuses_bad_shapes_and_a_sharded_mesh():
+    logits = jnp.zeros((4, 10), jnp.float32)
+    with pytest.raises(ValueError, match=r"must be \[N, V\], \[N\] and \[N\]"):
+        cpu_kernels.softmax_grad(logits, jnp.zeros((3,), jnp.int32), jnp.ones((4,)), 0.0)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="loss_impl='cpu'.*one CPU device"):
+        cpu_kernels.softmax_grad(logits, jnp.zeros((4,), jnp.int32), jnp.ones((4,)), 0.0)

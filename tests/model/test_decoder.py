@@ -193,3 +193,5 @@ def test_clear_errors():
         tiny_config(norm="batchnorm")
     with pytest.raises(ValueError, match="loss_chunk must be >= 0"):
         tiny_config(loss_chunk=-1)
+    with pytest.raises(ValueError, match="loss_impl='tpu'; choose one of"):
+        tiny_config(loss_impl="tpu")

@@ -54,15 +54,17 @@ def _head_inputs(seed=0, batch=2, length=13, embed=8, vocab=37):
     return x, head, targets, weights
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 13, 64])  # 4 and 64 pad the 13 positions.
-def test_fused_head_loss_equals_the_loss_on_whole_logits(chunk):
+# 4 and 64 pad the 13 positions; "cpu": the chunk's softmax and gradient in C++.
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("chunk", [1, 4, 13, 64])
+def test_fused_head_loss_equals_the_loss_on_whole_logits(chunk, impl):
     x, head, targets, weights = _head_inputs()
 
     def whole(x, head):
         logits = jnp.einsum("ble,ve->blv", x, head)
         return cross_entropy_loss(logits, targets, weights, z_loss=1e-2, custom_grad=False)
 
-    fused = lambda x, head: fused_head_loss(x, head, targets, weights, 1e-2, chunk)
+    fused = lambda x, head: fused_head_loss(x, head, targets, weights, 1e-2, chunk, impl)
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, head)
     (loss, metrics), grads = grad(fused)
     (want_loss, want_metrics), want_grads = grad(whole)
@@ -75,15 +77,16 @@ def test_fused_head_loss_equals_the_loss_on_whole_logits(chunk):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_head_loss_scales_with_the_cotangent_and_ignores_zero_weights():
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_fused_head_loss_scales_with_the_cotangent_and_ignores_zero_weights(impl):
     x, head, targets, _ = _head_inputs(seed=1)
     weights = np.zeros(targets.shape, np.float32)
-    loss, grads = jax.value_and_grad(
-        lambda x: 3.0 * fused_head_loss(x, head, targets, weights, 0.0, 4)[0])(x)
+    fused = lambda x: fused_head_loss(x, head, targets, weights, 0.0, 4, impl)[0]
+    loss, grads = jax.value_and_grad(lambda x: 3.0 * fused(x))(x)
     assert loss == 0 and not np.any(grads)  # No NaN from an empty batch.
     weights[0, :5] = 1.0
-    one = jax.grad(lambda x: fused_head_loss(x, head, targets, weights, 0.0, 4)[0])(x)
-    three = jax.grad(lambda x: 3.0 * fused_head_loss(x, head, targets, weights, 0.0, 4)[0])(x)
+    one = jax.grad(fused)(x)
+    three = jax.grad(lambda x: 3.0 * fused(x))(x)
     np.testing.assert_allclose(three, 3.0 * one, rtol=1e-6)
     assert not np.any(one[1]) and np.any(one[0, :5]) and not np.any(one[0, 5:])
 
@@ -96,3 +99,5 @@ def test_fused_head_loss_names_bad_inputs():
         fused_head_loss(x, head.T, targets, weights)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         fused_head_loss(x, head, targets, weights, chunk=0)
+    with pytest.raises(ValueError, match="impl='gpu'; choose"):
+        fused_head_loss(x, head, targets, weights, impl="gpu")
