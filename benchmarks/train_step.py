@@ -39,6 +39,13 @@ PAUSE_S = 0.5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cm3leon_jax import hostmem  # noqa: E402
+
+# As the trainer's entry point does (cm3leon_jax/main.py), before any thread starts: freed
+# heap is kept for reuse, for both frameworks in this process ($CM3LEON_JAX_HOST_MEMORY=
+# default measures glibc's own policy).
+HOST_MEMORY_RETAINED = hostmem.retain_freed_memory()
+
 import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -193,7 +200,8 @@ def main(argv=None) -> dict:
     flops = metrics.train_flops_per_step(config, args.batch, args.seq)
     tokens = args.batch * args.seq
     print(f"{args.model}: {count_params(config):,} params; batch {args.batch} x {args.seq}; "
-          f"{flops / 1e9:.1f} GFLOP per train step; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{flops / 1e9:.1f} GFLOP per train step; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"freed host memory retained: {HOST_MEMORY_RETAINED} (cm3leon_jax/hostmem.py)")
 
     jax_step = JaxStep(config, batch, args.microbatches)
     peer = None if args.no_peer else TorchStep(config, batch, args.threads)
@@ -221,7 +229,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "packed": args.packed,
         "microbatches": args.microbatches, "bindings": args.binding,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_memory_retained": HOST_MEMORY_RETAINED,
         "gflop_per_step": flops / 1e9, "peak_gflops": med("peak") / 1e9,
         "jax_step_s": med("jax"), "jax_tokens_per_s": tokens / med("jax"), "jax_mfu": mfu("jax"),
         "jax_step_s_spread": reporting.spread([r["jax"] for r in rows]),
