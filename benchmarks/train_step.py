@@ -41,9 +41,9 @@ sys.path.insert(0, REPO)
 
 from cm3leon_jax import hostmem  # noqa: E402
 
-# As the trainer's entry point does (cm3leon_jax/main.py), before any thread starts: freed
-# heap is kept for reuse, for both frameworks in this process ($CM3LEON_JAX_HOST_MEMORY=
-# default measures glibc's own policy).
+# As the trainer's entry point does (cm3leon_jax/main.py), before any thread starts: with
+# $CM3LEON_JAX_HOST_MEMORY=retain, freed heap is kept for reuse, for both frameworks in
+# this process (unset: glibc's own policy).
 HOST_MEMORY_RETAINED = hostmem.retain_freed_memory()
 
 import gin  # noqa: E402

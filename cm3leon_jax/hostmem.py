@@ -1,4 +1,4 @@
-"""Host memory: keep what XLA:CPU frees, so that each step does not fault it back in.
+"""Host memory: optionally keep what XLA:CPU frees, so that each step does not fault it back in.
 
 XLA:CPU allocates an execution's temporaries as one block (430 MiB for `small.gin`'s train
 step) with `malloc`, from one of its worker threads. glibc serves a block that large with a
@@ -6,45 +6,38 @@ fresh `mmap` (a worker thread's arena cannot hold it) and unmaps it when the ste
 every step touches 430 MiB of new pages: 125,000 page faults, each zero-filling 4 KiB, about
 a tenth of that step's time (`benchmarks/RESULTS_train.md`). `retain_freed_memory` tells
 glibc to keep one arena, never to `mmap` and never to trim the heap: the block is carved
-from the heap once and reused by every later step. The process keeps its peak heap size
-(that is the point); memory the trainer frees stays available to its next allocation.
+from the heap once and reused by every later step. The process keeps its peak heap size.
 
-Call it first thing in a process (`main.main` and the CPU benchmarks do), before any other
-thread allocates: glibc fixes the number of arenas when a second thread first needs one.
-It acts only on a host with glibc and no accelerator device (a TPU or GPU keeps its arrays
-on the device; its host runs the input pipeline's many threads, which want their own
-arenas). `CM3LEON_JAX_HOST_MEMORY=retain` forces it, `=default` turns it off.
+It is opt-in (`CM3LEON_JAX_HOST_MEMORY=retain`): one trainer on a CPU host gains (the
+`small` train step 0.72 -> 0.65 s, the demo's decoder pretraining 241 -> 175 s), but every
+thread then shares one arena, and the demo's two trainers that run at once (image
+tokenizer and retriever, each with its input pipeline) lost more than that (tokenizer
+4.74 -> 4.49 steps/s, retriever 101 -> 124 s in a shortened demo). `main.main` and
+`benchmarks/train_step.py` call it first thing, before any other thread allocates (glibc
+fixes the number of arenas when a second thread first needs one).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import glob
 import os
 
 ENV = "CM3LEON_JAX_HOST_MEMORY"
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-# Device files of TPUs (/dev/accel*, /dev/vfio/<n>) and GPUs (NVIDIA, AMD).
-_ACCELERATORS = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
-
-
-def has_accelerator() -> bool:
-    """Whether this host has a TPU or GPU device file."""
-    return any(glob.glob(pattern) for pattern in _ACCELERATORS)
 
 
 def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (see the module doc). Returns whether
-    it did: False where `$CM3LEON_JAX_HOST_MEMORY` is "default", the host has an
-    accelerator (unless the variable is "retain") or the C library is not glibc."""
+    """If `$CM3LEON_JAX_HOST_MEMORY` is "retain", make glibc's malloc keep freed memory for
+    reuse (see the module doc). Returns whether it did: False where the variable is unset or
+    "default", or the C library is not glibc."""
     choice = os.environ.get(ENV, "").strip().lower()
     if choice not in ("", "retain", "default"):
         raise ValueError(f"${ENV}={os.environ[ENV]!r}: use \"retain\" (keep freed host "
-                         "memory for reuse), \"default\" (glibc's own policy) or leave it "
-                         "unset (retain on a host without a TPU or GPU).")
-    if choice == "default" or (choice == "" and has_accelerator()):
+                         "memory for reuse: faster for one trainer on a CPU host) or "
+                         "\"default\" (glibc's own policy, also when unset).")
+    if choice != "retain":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

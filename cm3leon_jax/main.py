@@ -28,8 +28,8 @@ from __future__ import annotations
 from cm3leon_jax import hostmem
 
 if __name__ == "__main__":
-    # Before jax starts its threads: XLA:CPU's per-step temporaries reuse freed heap
-    # instead of faulting in fresh pages every step (no-op on a TPU or GPU host).
+    # Before jax starts its threads: with $CM3LEON_JAX_HOST_MEMORY=retain, XLA:CPU's
+    # per-step temporaries reuse freed heap instead of faulting in fresh pages every step.
     hostmem.retain_freed_memory()
 
 import argparse  # noqa: E402
