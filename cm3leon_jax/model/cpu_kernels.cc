@@ -392,10 +392,8 @@ struct Shape {
   int64_t G() const { return H / KVH; }
 };
 
-// The row stride of a head's transposed keys or values: S rounded up to a key block, and
-// one cache line more, so that a block's 64 rows do not all fall into the same few L1 sets
-// (a stride of 512 keys, 2 KiB, maps them to 2 of the 64).
-inline int64_t ColsStride(int64_t S) { return (S + kKeys - 1) / kKeys * kKeys + 16; }
+// The row stride of a head's transposed keys or values: S rounded up to a key block.
+inline int64_t ColsStride(int64_t S) { return (S + kKeys - 1) / kKeys * kKeys; }
 
 // One head's keys (or values) gathered from [B, S, KVH, D]: as rows [S, D] (read one key
 // at a time) and transposed, cols [D, ColsStride(S)], zero-padded (read as tiles).

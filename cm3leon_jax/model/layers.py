@@ -111,8 +111,12 @@ class Projection(nn.Module):
         return y.reshape(lead + self.out_shape)
 
 
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _gelu(x: jax.Array) -> jax.Array:
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    return x * _normal_cdf(x)
 
 
 @jax.custom_vjp
@@ -128,9 +132,8 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
     pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (g * (cdf + x * pdf),)
+    return (g * (_normal_cdf(x) + x * pdf),)
 
 
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)

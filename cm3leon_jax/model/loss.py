@@ -161,9 +161,8 @@ def _head_loss(x, head, targets, weights, z_loss, chunk, impl):
 def _softmax_grad(logits, targets, g, z_loss):
     """(d_logits, log_z, target_logit) of `sum(g * (log_z - target_logit + z_loss log_z^2))`,
     as `cpu_kernels.softmax_grad` computes them in one pass."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_z, target_logit = _log_z_and_target(logits, targets)
     hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
-    target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     d_logits = (jnp.exp(logits - log_z[:, None]) * (g * (1.0 + 2.0 * z_loss * log_z))[:, None]
                 - jnp.where(hit, g[:, None], 0.0))
     return d_logits, log_z, target_logit

@@ -203,7 +203,7 @@ def test_flash_attention_on_a_sharded_mesh_is_refused():
 
 # -- loss_impl = "cpu": the loss's softmax and logits gradient, a row at a time -------------
 def _softmax_grad_reference(logits, targets, g, z_loss):
-    """The gradient of sum(g * (log_z - target_logit + z log_z^2)) by autodiff, float64."""
+    """The gradient of sum(g * (log_z - target_logit + z log_z^2)), written out in float64."""
     logits64 = np.asarray(logits, np.float64)
     top = logits64.max(-1, keepdims=True)
     log_z = (top + np.log(np.exp(logits64 - top).sum(-1, keepdims=True)))[:, 0]
