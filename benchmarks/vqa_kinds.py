@@ -14,7 +14,9 @@ it reports how often
     answer),
   * that word is of the true answer's kind (a color for a color question, ...),
   * the true answer is the likeliest word of its kind: whether the decoder reads the image
-    for the question, whatever kind of word it would say.
+    for the question, whatever kind of word it would say; beside it, how many of the type's
+    questions its commonest true answer would get (a decoder that always picks "plain" for
+    the background has read nothing).
 
 The evaluate stage's exact match cannot tell a decoder that does not read the image from
 one that reads it and answers from the wrong list (benchmarks/RESULTS_sft.md).
@@ -49,7 +51,9 @@ KIND_OF: dict[str, str] = {w: kind for kind, words in ANSWER_KINDS.items() for w
 def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods: np.ndarray
                ) -> dict[str, dict]:
     """Per question type: `questions`, `top_right`, `top_of_right_kind`,
-    `right_within_kind` (counts) and `top_kinds` ({kind: count} of the likeliest words).
+    `right_within_kind`, `commonest_answer` (how many its most frequent true answer would
+    get: the prior to read `right_within_kind` against) and `top_kinds` ({kind: count} of the
+    likeliest words).
 
     log_likelihoods: f32[len(questions), len(CANDIDATES)], log p(word | image, question).
     Raises ValueError for a true answer that is not one of `CANDIDATES`.
@@ -66,7 +70,7 @@ def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods:
                              f"candidate word; the candidates are {CANDIDATES}.")
         entry = out.setdefault(shapes_tasks.vqa_question_type(question), {
             "questions": 0, "top_right": 0, "top_of_right_kind": 0, "right_within_kind": 0,
-            "top_kinds": collections.Counter()})
+            "answers": collections.Counter(), "top_kinds": collections.Counter()})
         top = CANDIDATES[int(np.argmax(row))]
         same = [i for i, w in enumerate(CANDIDATES) if KIND_OF[w] == KIND_OF[truth]]
         entry["questions"] += 1
@@ -74,7 +78,9 @@ def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods:
         entry["top_of_right_kind"] += KIND_OF[top] == KIND_OF[truth]
         entry["right_within_kind"] += CANDIDATES[same[int(np.argmax(row[same]))]] == truth
         entry["top_kinds"][KIND_OF[top]] += 1
+        entry["answers"][truth] += 1
     for entry in out.values():
+        entry["commonest_answer"] = max(entry.pop("answers").values())
         entry["top_kinds"] = dict(entry["top_kinds"])
     return out
 
@@ -82,14 +88,15 @@ def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods:
 def table(result: dict[str, dict]) -> str:
     """`kind_table`'s counts as a markdown table, in `shapes_tasks.VQA_TYPES`' order."""
     lines = ["| question type | asked | likeliest word right | of the right kind | "
-             "right among its kind | kinds of the likeliest word |",
-             "|---|---:|---:|---:|---:|---|"]
+             "right among its kind | its commonest answer | kinds of the likeliest word |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for kind in shapes_tasks.VQA_TYPES:
         if kind in result:
             e = result[kind]
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(e["top_kinds"].items()))
             lines.append(f"| {kind} | {e['questions']} | {e['top_right']} | "
-                         f"{e['top_of_right_kind']} | {e['right_within_kind']} | {kinds} |")
+                         f"{e['top_of_right_kind']} | {e['right_within_kind']} | "
+                         f"{e['commonest_answer']} | {kinds} |")
     return "\n".join(lines)
 
 

@@ -24,12 +24,21 @@ def test_a_decoder_that_reads_the_texture_but_answers_a_color():
                       {"red": -0.5}])
     result = vqa_kinds.kind_table(questions, truths, scores)
     assert result["background"] == {"questions": 2, "top_right": 0, "top_of_right_kind": 0,
-                                    "right_within_kind": 1, "top_kinds": {"color": 2}}
+                                    "right_within_kind": 1, "commonest_answer": 1,
+                                    "top_kinds": {"color": 2}}
     assert result["color"] == {"questions": 1, "top_right": 1, "top_of_right_kind": 1,
-                               "right_within_kind": 1, "top_kinds": {"color": 1}}
+                               "right_within_kind": 1, "commonest_answer": 1,
+                               "top_kinds": {"color": 1}}
     lines = vqa_kinds.table(result).splitlines()
-    assert lines[2] == "| color | 1 | 1 | 1 | 1 | color 1 |"  # VQA_TYPES' order.
-    assert lines[3] == "| background | 2 | 0 | 0 | 1 | color 2 |"
+    assert lines[2] == "| color | 1 | 1 | 1 | 1 | 1 | color 1 |"  # VQA_TYPES' order.
+    assert lines[3] == "| background | 2 | 0 | 0 | 1 | 1 | color 2 |"
+
+
+def test_the_commonest_answer_is_the_prior_to_read_against():
+    questions = ["How many shapes are there?"] * 3
+    result = vqa_kinds.kind_table(questions, ["one", "one", "two"],
+                                  _scores([{"one": -1.0}] * 3))
+    assert result["count"]["right_within_kind"] == result["count"]["commonest_answer"] == 2
 
 
 def test_the_candidates_cover_every_answer_the_corpus_gives():
