@@ -131,14 +131,18 @@ def _gelu_fwd(x):
     return _gelu(x), x
 
 
+def _gelu_grad(x, g):
+    """g * GELU'(x) = g * (Phi(x) + x phi(x))."""
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return g * (_normal_cdf(x) + x * pdf)
+
+
 def _gelu_bwd(x, g):
     # Phi(x) afresh from the saved x: behind the barrier XLA cannot merge this erf with the
     # forward's (common subexpressions), which kept the forward's erf as a second
     # [tokens, mlp_dim] activation a layer, written in the forward and read here (64 of
     # the `small` train step's 410 MiB of temporaries; benchmarks/RESULTS_train.md).
-    x = jax.lax.optimization_barrier(x)
-    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (g * (_normal_cdf(x) + x * pdf),)
+    return (_gelu_grad(jax.lax.optimization_barrier(x), g),)
 
 
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
