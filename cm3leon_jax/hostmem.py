@@ -9,10 +9,13 @@ glibc to keep one arena, never to `mmap` and never to trim the heap: the block i
 from the heap once and reused by every later step. The process keeps its peak heap size.
 
 It is opt-in (`CM3LEON_JAX_HOST_MEMORY=retain`): one trainer on a CPU host gains (the
-`small` train step 0.72 -> 0.65 s, the demo's decoder pretraining 241 -> 175 s), but every
-thread then shares one arena, and the demo's two trainers that run at once (image
-tokenizer and retriever, each with its input pipeline) lost more than that (tokenizer
-4.74 -> 4.49 steps/s, retriever 101 -> 124 s in a shortened demo). `main.main` and
+`small` train step 0.72 -> 0.65 s; the demo's decoder pretraining 241 -> 175 s on XLA's
+kernels, 168 -> 161 s on the C++ ones), but every thread then shares one arena. The demo's
+two trainers that run at once (image tokenizer and retriever, each with its input
+pipeline) lost more than that (tokenizer 4.74 -> 4.49 steps/s, retriever 101 -> 124 s in a
+shortened demo), and a TensorFlow input pipeline queues on the arena too: the demo's SFT
+stage took 97 s against 60, its held-out evaluation (seqio batches) about 40 s longer
+(RESULTS_train.md, 5 Dec). `main.main` and
 `benchmarks/train_step.py` call it first thing, before any other thread allocates (glibc
 fixes the number of arenas when a second thread first needs one).
 """
