@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -272,6 +273,27 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 
 typedef int32_t i16v __attribute__((vector_size(64)));
 
+// Scratch arrays aligned to a cache line. glibc returns a large block 16 bytes past a page
+// boundary, so each 64-byte vector load from a plain std::vector<float> of a head's keys
+// straddled two lines: aligned, one `small` layer's attention forward + backward takes
+// 18.2-18.5 ms instead of 21.2-21.8 (benchmarks/RESULTS_train.md), the same sums.
+template <typename T>
+struct LineAligned {
+  typedef T value_type;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+typedef std::vector<float, LineAligned<float>> Floats;
+
 inline v16 Exp(v16 x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^n.
   const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
   x = x < lo ? lo : x;
@@ -398,7 +420,7 @@ inline int64_t ColsStride(int64_t S) { return (S + kKeys - 1) / kKeys * kKeys; }
 // One head's keys (or values) gathered from [B, S, KVH, D]: as rows [S, D] (read one key
 // at a time) and transposed, cols [D, ColsStride(S)], zero-padded (read as tiles).
 struct HeadScratch {
-  std::vector<float> rows, cols;
+  Floats rows, cols;
   enum Layout { kRowsOnly = 1, kColsOnly = 2, kBoth = 3 };
   void Load(const float* src, const Shape& sh, int64_t b, int64_t h, Layout layout) {
     const int64_t Sp = ColsStride(sh.S);
@@ -473,7 +495,7 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
   std::vector<KeyBlock> blocks;  // every key block's indices and segments, built once
   for (int64_t j0 = 0; j0 < sh.S; j0 += kKeys) blocks.emplace_back(sh, ks, j0);
   std::vector<float> mean;  // of all values: the output of a query that sees no key
-  thread_local std::vector<float> acc;
+  thread_local Floats acc;
   acc.resize(4 * D);
   for (int64_t g = 0; g < sh.G(); ++g) {
     const int64_t head = h * sh.G() + g;
@@ -569,7 +591,7 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
   const int64_t D = sh.D, Sp = ColsStride(sh.S);
   const float scale = 1.f / std::sqrt(float(D));
   const int32_t* ks = kseg + b * sh.S;
-  thread_local std::vector<float> gk, gv;
+  thread_local Floats gk, gv;
   gk.assign(sh.S * D, 0.f);
   gv.assign(sh.S * D, 0.f);
   for (int64_t g = 0; g < sh.G(); ++g) {
