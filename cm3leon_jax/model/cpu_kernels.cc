@@ -276,7 +276,7 @@ typedef int32_t i16v __attribute__((vector_size(64)));
 // Scratch arrays aligned to a cache line. glibc returns a large block 16 bytes past a page
 // boundary, so each 64-byte vector load from a plain std::vector<float> of a head's keys
 // straddled two lines: aligned, one `small` layer's attention forward + backward takes
-// 18.2-18.5 ms instead of 21.2-21.8 (benchmarks/RESULTS_train.md), the same sums.
+// 19.7 ms instead of 22.0 (medians, benchmarks/flash_kernel.py), the same sums.
 template <typename T>
 struct LineAligned {
   typedef T value_type;
