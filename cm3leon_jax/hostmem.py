@@ -12,10 +12,11 @@ It is opt-in (`CM3LEON_JAX_HOST_MEMORY=retain`): one trainer on a CPU host gains
 `small` train step 0.72 -> 0.65 s; the demo's decoder pretraining 241 -> 175 s on XLA's
 kernels, 168 -> 161 s on the C++ ones), but every thread then shares one arena. The demo's
 two trainers that run at once (image tokenizer and retriever, each with its input
-pipeline) lost more than that (tokenizer 4.74 -> 4.49 steps/s, retriever 101 -> 124 s in a
-shortened demo), and a TensorFlow input pipeline queues on the arena too: the demo's SFT
-stage took 97 s against 60, its held-out evaluation (seqio batches) about 40 s longer
-(RESULTS_train.md, 5 Dec). `main.main` and
+pipeline) lost more than that as two threads of one process (tokenizer 4.74 -> 4.49
+steps/s, retriever 101 -> 124 s in a shortened demo), so the demo runs each in a process of
+its own with the setting on (`demo/apart.py`); and a TensorFlow input pipeline queues on
+the arena too: the demo's SFT stage took 97 s against 60, its held-out evaluation (seqio
+batches) about 40 s longer (RESULTS_train.md, 5 Dec). `main.main`, `demo/apart.py` and
 `benchmarks/train_step.py` call it first thing, before any other thread allocates (glibc
 fixes the number of arenas when a second thread first needs one).
 """

@@ -45,6 +45,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.decode import pictures, restore
 from cm3leon_jax.decode.generate import Generator
+from cm3leon_jax.demo import apart
 from cm3leon_jax.demo import evaluate as demo_evaluate
 from cm3leon_jax.demo import finetune as demo_finetune
 from cm3leon_jax.demo import generate as demo_generate
@@ -132,16 +133,9 @@ def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int
     pictures_dir = os.path.join(model_dir, "pictures")
 
     runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
-    # Both read only the corpus. Together they keep the two cores busier than either
-    # alone (the README's stage table says what each took).
-    first_two = [("image_tokenizer", lambda: image_tokenizer_stage(vq_dir, builder_fn()),
-                  _say_image_tokenizer),
-                 ("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)]
-    if train_together:
-        runner.run_together(first_two)
-    else:
-        for stage in first_two:
-            runner.run(*stage)
+    _train_tokenizer_and_retriever(runner, vq_dir, retriever_dir, train_together,
+                                   dict(image_size=image_size, tfds_dir=tfds_dir,
+                                        split_sizes=split_sizes))
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
     runner.run("preprocess", lambda: preprocess.preprocess(
@@ -168,6 +162,27 @@ def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int
     runner.run("pictures", lambda: pictures_stage(
         builder_fn(), tokenizer_fn(), data_dir, pictures_dir, num_pictures),
         lambda r: f"look at {r['contact_sheet']}")
+
+
+def _train_tokenizer_and_retriever(runner: demo_stages.StageRunner, vq_dir: str,
+                                   retriever_dir: str, together: bool, corpus: dict) -> None:
+    """The image tokenizer and the retriever: both read only the corpus (`corpus`: the
+    arguments of `image_tokenizer_from_corpus`). Together they keep the two cores busier
+    than either alone (the README's stage table says what each took), each in a process of
+    its own with freed host memory kept there (demo/apart.py says why); else one after
+    the other in this process."""
+    if together:
+        runner.run_together([
+            ("image_tokenizer", lambda: apart.run(
+                "cm3leon_jax.demo:image_tokenizer_from_corpus", {"out_dir": vq_dir, **corpus},
+                "image_tokenizer"), _say_image_tokenizer),
+            ("retriever", lambda: apart.run(
+                "cm3leon_jax.demo:retriever_stage", {"out_dir": retriever_dir}, "retriever"),
+             _say_retriever)])
+        return
+    runner.run("image_tokenizer", lambda: image_tokenizer_from_corpus(vq_dir, **corpus),
+               _say_image_tokenizer)
+    runner.run("retriever", lambda: retriever_stage(retriever_dir), _say_retriever)
 
 
 def _report(model_dir: str, runner: demo_stages.StageRunner, earlier: list[str]) -> dict:
@@ -272,6 +287,14 @@ def image_tokenizer_stage(out_dir: str, builder) -> dict:
                        .as_numpy_iterator()])
     return vqgan_train.train_image_tokenizer(
         model_dir=out_dir, image_source=lambda i: images[i % len(images)])
+
+
+def image_tokenizer_from_corpus(out_dir: str, image_size: int, tfds_dir: str,
+                                split_sizes: dict | None) -> dict:
+    """`image_tokenizer_stage` on the demo's corpus, named by JSON values (what
+    `apart.run` passes to a stage's own process)."""
+    return image_tokenizer_stage(out_dir, preprocess.synthetic_builder(
+        image_size=image_size, data_dir=tfds_dir, split_sizes=split_sizes))
 
 
 def retriever_stage(out_dir: str) -> dict:

@@ -10,7 +10,8 @@ the first unfinished stage, and the stages that write checkpoints resume inside
 themselves). A changed configuration reruns every stage, each reusing what it built.
 
 Wall seconds on a shared machine say little, so each stage also records the CPU
-seconds of this process (all threads) and the 1-minute load average at its end.
+seconds of this process (all threads) and of the processes it ran a stage in
+(`demo/apart.py`, counted when they end), and the 1-minute load average at its end.
 
 Stages that need nothing from each other can run at the same time (`run_together`: the
 first in the calling thread, the others in threads of their own). Each still gets its
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import threading
 import time
 from typing import Any, Callable
@@ -31,6 +33,12 @@ import numpy as np
 
 from cm3leon_jax import fs
 from cm3leon_jax.train import checkpoints
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def jsonable(x: Any) -> Any:
@@ -104,7 +112,7 @@ class StageRunner:
         self.load: dict[str, float] = {}
         self.reused: list[str] = []
         self.together: list[list[str]] = []
-        self.started, self.cpu_started = time.time(), time.process_time()
+        self.started, self.cpu_started = time.time(), cpu_seconds()
 
     def _header(self, name: str) -> str:
         k, n = self.names.index(name) + 1, len(self.names)
@@ -160,7 +168,7 @@ class StageRunner:
     def run(self, name: str, fn: Callable[[], Any],
             summary: Callable[[Any], str] | None = None) -> Any:
         """Runs (or reuses) one stage; returns its result."""
-        wall, cpu = time.time(), time.process_time()
+        wall, cpu = time.time(), cpu_seconds()
         result = self.cached(name)
         if result is not None:
             self.reused.append(name)
@@ -180,7 +188,7 @@ class StageRunner:
             how = "done"
         self.results[name] = result
         self.seconds[name] = round(time.time() - wall, 1)
-        self.cpu_seconds[name] = round(time.process_time() - cpu, 1)
+        self.cpu_seconds[name] = round(cpu_seconds() - cpu, 1)
         self.load[name] = round(os.getloadavg()[0], 1)
         said = summary(result) if summary is not None and result is not None else ""
         self.print(f"{self._header(name)}: {how}{': ' + said if said else ''} "
@@ -198,6 +206,6 @@ class StageRunner:
         together."""
         return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds),
                 "total_seconds": round(time.time() - self.started, 1),
-                "total_cpu_seconds": round(time.process_time() - self.cpu_started, 1),
+                "total_cpu_seconds": round(cpu_seconds() - self.cpu_started, 1),
                 "load_average": dict(self.load), "reused_stages": list(self.reused),
                 "stages_together": [list(group) for group in self.together]}
