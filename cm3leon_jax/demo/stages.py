@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -91,6 +92,13 @@ def was_preempted(result: Any) -> bool:
     return isinstance(result, dict) and bool(result.get("preempted"))
 
 
+def _print_line(line: str) -> None:
+    """One line to stdout in one write: stages that run at the same time print from their
+    own threads, and `print` writes the line and its newline apart."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class StageRunner:
     """Runs the demo's stages in order, keeping their results, times and a log line each.
 
@@ -105,7 +113,7 @@ class StageRunner:
                  print_fn: Callable[[str], None] | None = None):
         self.dir = os.path.join(model_dir, "stages")
         self.names, self.config = list(names), config_fingerprint
-        self.print = print_fn or (lambda line: print(line, flush=True))
+        self.print = print_fn or _print_line
         self.results: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
