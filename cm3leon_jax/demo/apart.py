@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import json
 import os
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any
 
 import gin
 
-from cm3leon_jax import hostmem
+from cm3leon_jax import fs, hostmem
 from cm3leon_jax.errors import UserInputError
 
 _POLL_S = 0.2  # how often the waiting thread looks for a SIGTERM to pass on
@@ -61,8 +60,7 @@ def run(function: str, kwargs: dict[str, Any], name: str) -> Any:
 
     with tempfile.TemporaryDirectory(prefix=f"cm3leon_{name}_") as tmp:
         spec, result = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
-        with open(spec, "w") as f:
-            json.dump({"function": function, "kwargs": kwargs, "gin": gin.config_str()}, f)
+        fs.write_json(spec, {"function": function, "kwargs": kwargs, "gin": gin.config_str()})
         env = dict(os.environ)
         env.setdefault(hostmem.ENV, "retain")
         # The child imports what this process can (`tasks` sits beside the package).
@@ -80,10 +78,7 @@ def run(function: str, kwargs: dict[str, Any], name: str) -> Any:
 
 
 def _read_result(path: str, status: int, name: str) -> Any:
-    answer = None
-    if os.path.exists(path):
-        with open(path) as f:
-            answer = json.load(f)
+    answer = fs.read_json(path) if fs.exists(path) else None
     if answer is not None and "user_input_error" in answer:
         raise UserInputError(answer["user_input_error"])
     if status != 0 or answer is None:
@@ -115,8 +110,7 @@ def child_main(argv: list[str]) -> int:
 
     spec_path, result_path, parent = argv
     _end_with_parent(int(parent))
-    with open(spec_path) as f:
-        spec = json.load(f)
+    spec = fs.read_json(spec_path)
     gin.parse_config(spec["gin"])
     gin.finalize()
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -127,6 +121,5 @@ def child_main(argv: list[str]) -> int:
         answer = {"result": stages.jsonable(function(**spec["kwargs"]))}
     except UserInputError as e:
         answer = {"user_input_error": str(e)}
-    with open(result_path, "w") as f:
-        json.dump(answer, f)
+    fs.write_json(result_path, answer)
     return 0
