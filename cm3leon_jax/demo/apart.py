@@ -83,7 +83,9 @@ def _read_result(path: str, status: int, name: str) -> Any:
         raise UserInputError(answer["user_input_error"])
     if status != 0 or answer is None:
         raise StageProcessError(f"the demo's {name} stage failed in its own process (exit "
-                                f"status {status}); its error is printed above")
+                                f"status {status}); its error is printed above "
+                                "(--gin.demo.train_together=False runs the stage in this "
+                                "process)")
     return answer["result"]
 
 
