@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
@@ -75,7 +77,6 @@ def run_once(source: str, shape: str, trials: int, out: str) -> dict:
 
 
 def compare_bits(reference: str, other: str) -> str:
-    import numpy as np
     a, b = np.load(reference), np.load(other)
     worst = max(float(np.abs(a[key] - b[key]).max()) for key in a.files)
     return "same bits" if worst == 0 else f"max difference {worst:.3g}"

@@ -122,9 +122,10 @@ def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int
                 split_sizes: dict | None, num_pictures: int, parse_examples: int,
                 train_together: bool) -> None:
     """Every stage in order (see the module docstring), through `runner`."""
-    tfds_dir = os.path.join(model_dir, "tfds")
-    builder_fn = functools.partial(preprocess.synthetic_builder, image_size=image_size,
-                                   data_dir=tfds_dir, split_sizes=split_sizes)
+    # The corpus' builder arguments (JSON values: a stage in its own process takes them too).
+    corpus = dict(image_size=image_size, data_dir=os.path.join(model_dir, "tfds"),
+                  split_sizes=split_sizes)
+    builder_fn = functools.partial(preprocess.synthetic_builder, **corpus)
     vq_dir = os.path.join(model_dir, "image_tokenizer")
     tokenizer_fn = functools.partial(image_tokenizer_lib.load_image_tokenizer, checkpoint=vq_dir)
     retriever_dir = os.path.join(model_dir, "retriever")
@@ -133,9 +134,7 @@ def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int
     pictures_dir = os.path.join(model_dir, "pictures")
 
     runner.run("corpus", lambda: corpus_stage(builder_fn, parse_examples), _say_corpus)
-    _train_tokenizer_and_retriever(runner, vq_dir, retriever_dir, train_together,
-                                   dict(image_size=image_size, tfds_dir=tfds_dir,
-                                        split_sizes=split_sizes))
+    _train_tokenizer_and_retriever(runner, vq_dir, retriever_dir, train_together, corpus)
     retrieval = retrieval_pass.RetrievalConfig(
         encoder_dir=os.path.join(retriever_dir, "encoder"))
     runner.run("preprocess", lambda: preprocess.preprocess(
@@ -166,8 +165,8 @@ def _run_stages(runner: demo_stages.StageRunner, model_dir: str, image_size: int
 
 def _train_tokenizer_and_retriever(runner: demo_stages.StageRunner, vq_dir: str,
                                    retriever_dir: str, together: bool, corpus: dict) -> None:
-    """The image tokenizer and the retriever: both read only the corpus (`corpus`: the
-    arguments of `image_tokenizer_from_corpus`). Together they keep the two cores busier
+    """The image tokenizer and the retriever: both read only the corpus (`corpus`: its
+    `synthetic_builder` arguments). Together they keep the two cores busier
     than either alone (the README's stage table says what each took), each in a process of
     its own with freed host memory kept there (demo/apart.py says why); else one after
     the other in this process."""
@@ -289,12 +288,10 @@ def image_tokenizer_stage(out_dir: str, builder) -> dict:
         model_dir=out_dir, image_source=lambda i: images[i % len(images)])
 
 
-def image_tokenizer_from_corpus(out_dir: str, image_size: int, tfds_dir: str,
-                                split_sizes: dict | None) -> dict:
-    """`image_tokenizer_stage` on the demo's corpus, named by JSON values (what
-    `apart.run` passes to a stage's own process)."""
-    return image_tokenizer_stage(out_dir, preprocess.synthetic_builder(
-        image_size=image_size, data_dir=tfds_dir, split_sizes=split_sizes))
+def image_tokenizer_from_corpus(out_dir: str, **corpus) -> dict:
+    """`image_tokenizer_stage` on the demo's corpus, named by `synthetic_builder`'s
+    arguments as JSON values (what `apart.run` passes to a stage's own process)."""
+    return image_tokenizer_stage(out_dir, preprocess.synthetic_builder(**corpus))
 
 
 def retriever_stage(out_dir: str) -> dict:
