@@ -1,7 +1,7 @@
 r"""The sampler on this CPU against `transformers` generate, and against the memory roofline.
 
     .venv/bin/python benchmarks/decode.py [--trials=3] \
-        [--parts=main,kernel,bf16,cfg,sort,scanned,choice,image,prefill,profile] \
+        [--parts=main,kernel,bf16,cfg,sort,scanned,choice,image,prefill,shared,profile] \
         [--json=out.json]
 
 The settings of issue 14: a CM3Leon-architecture decoder (d 512, 8 layers, 8 heads of
@@ -30,6 +30,11 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
     (position table 1088 long so that prompt + 1024 codes fit).
   * prefill: a text-to-image prompt with 2 retrieved documents (each 16 text tokens,
     `<break>`, 1024 codes, `<eos>`), 2,101 tokens, through the prefill of the d512 model.
+  * shared: best of 8 with CFG, as the demo and the paper draw text to image: 2 captions
+    x 8 samples, each prompt 2 retrieved documents (16 text tokens, `<break>`, 256 codes,
+    `<eos>`) and the caption, the unconditional stream `<sentinel> <break>` for every row,
+    64 new tokens, `small` with the CPU kernels; the sampler prefilling each distinct prompt
+    once (`share_prefill`, the default) against prefilling all 32 rows, trial by trial.
   * profile: where a step of ours goes, alone in the process (no peer loaded), XLA's dot
     and the kernels, f32: one 256-token call under `jax.profiler`, the time of each XLA op
     (ms a step) summed per kind (the op name without its number), and the costliest ops.
@@ -68,6 +73,7 @@ from cm3leon_jax.model import hf_weights  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
 from cm3leon_jax.model.decoder import Decoder, abstract_variables, init_cache  # noqa: E402
 from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
+from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID  # noqa: E402
 
 PAUSE_S = 0.3
 BENCH = DecoderConfig(vocab_size=9216, num_layers=8, d_model=512, num_heads=8, mlp_dim=2048,
@@ -349,6 +355,38 @@ def prefill_part(args) -> dict:
             "tokens_per_s": spread([length / s for s in seconds])}
 
 
+def shared_part(args) -> dict:
+    """Best of 8 with CFG on 2 retrieved documents: seconds with the prefill shared by the
+    rows of a prompt, and without (the same tokens to float rounding)."""
+    gin.clear_config()
+    gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "small.gin"))
+    config = DecoderConfig()
+    gin.clear_config()
+    rng = np.random.default_rng(3)
+    ids = lambda n: rng.integers(40, config.vocab_size, n).tolist()
+    doc = lambda: ids(16) + [BREAK_ID] + ids(256) + [EOS_ID]
+    cond = [doc() + doc() + ids(16) + [BREAK_ID] for _ in range(2)]
+    rows = [c for c in cond for _ in range(8)]
+    prompts = sampler.left_pad(rows + [[5, BREAK_ID]] * len(rows))  # 5: a sentinel's place
+    model, params = DecoderStep(config, cpu_kernels=True), random_params(config)
+    kwargs = dict(max_new_tokens=64, num_streams=2,
+                  processors=(proc.ClassifierFreeGuidance(3.0), proc.TopP(0.9)))
+    runs = {name: functools.partial(sampler.sample, model, params, prompts, jax.random.key(0),
+                                    share_prefill=share, **kwargs)
+            for name, share in (("shared", True), ("every_row", False))}
+    for run in runs.values():
+        run().tokens.block_until_ready()  # Compile.
+    seconds = {name: [] for name in runs}
+    for _ in range(args.trials):
+        for name, run in runs.items():
+            seconds[name].append(timed(lambda: run().tokens.block_until_ready()))
+    return {"rows": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]),
+            "distinct_prompts": len(cond) + 1,
+            **{f"{name}_seconds": spread(v) for name, v in seconds.items()},
+            "every_row_over_shared": spread([b / a for a, b in zip(seconds["shared"],
+                                                                   seconds["every_row"])])}
+
+
 def profile_part(args, top: int = 64) -> dict:
     """ms a step of ours' XLA ops, per kind and the costliest, XLA's dot and the kernels."""
     rng = np.random.default_rng(0)
@@ -386,7 +424,7 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "devices": str(jax.devices())}
     run = {"main": lambda: main_parts(args, parts), "choice": lambda: choice_part(args),
            "image": lambda: image_part(args), "prefill": lambda: prefill_part(args),
-           "profile": lambda: profile_part(args)}
+           "shared": lambda: shared_part(args), "profile": lambda: profile_part(args)}
     for name in (n for n in run if n in parts):
         result[name] = run[name]()
         result["load_average"] = os.getloadavg()

@@ -157,6 +157,16 @@ class DecoderStep:
             cache["image_carry"] = jnp.zeros((rows,), jnp.int32)
         return cache
 
+    def select_rows(self, cache: dict, rows: jax.Array) -> dict:
+        """The cache of the rows `rows` (int32[n], indices into `cache`'s rows, repeats
+        allowed): how rows that share a prompt take its prefill (sampler.sample)."""
+        names = ("batch", "kv_heads", "length", "kv")
+        take = lambda a: jnp.take(a, rows, axis=0)
+        out = {k: take(v) for k, v in cache.items() if k not in ("keys", "values", "index")}
+        for k in ("keys", "values"):
+            out[k] = [partitioning.with_logical_constraint(take(a), names) for a in cache[k]]
+        return {**out, "index": cache["index"]}
+
     # -- the step -----------------------------------------------------------------------
     def __call__(self, weights: dict, cache: dict, tokens: jax.Array, segment_ids: jax.Array,
                  positions: jax.Array) -> tuple[jax.Array, dict]:

@@ -188,3 +188,53 @@ def test_the_cache_is_written_in_place_not_copied_per_step():
     cache = 2 * CONFIG.num_layers * rows * (prompt + new) * CONFIG.d_model * 4
     weights = sum(x.nbytes for x in jax.tree.leaves(PARAMS))
     assert cache < memory.temp_size_in_bytes < 1.5 * cache + 2 * weights
+
+
+class CountingStep:
+    """`DecoderStep` that records how many rows each cache it makes holds."""
+
+    def __init__(self, step):
+        self.step, self.cache_rows = step, []
+
+    def init_cache(self, rows, length):
+        self.cache_rows.append(rows)
+        return self.step.init_cache(rows, length)
+
+    def __call__(self, *args):
+        return self.step(*args)
+
+    def prepare(self, params):
+        return self.step.prepare(params)
+
+    def select_rows(self, cache, rows):
+        return self.step.select_rows(cache, rows)
+
+
+@pytest.mark.parametrize("config", [CONFIG, tiny_config(image_grid=2, image_code_ids=(200, 500),
+                                                        sentinel_ids=(5, 40))],
+                         ids=["plain", "image_places"])
+def test_rows_that_share_a_prompt_share_its_prefill(config):
+    """Best of 4 with CFG, the unconditional stream one prompt for every row: 4 distinct
+    prompts of 24 rows are prefilled, and every row samples what its own prefill gives."""
+    params = random_params(config)
+    cond = [p for p in PROMPTS for _ in range(4)]
+    prompts = left_pad(cond + [[7, 3]] * len(cond))
+    kwargs = dict(max_new_tokens=6, num_streams=2,
+                  processors=(proc.ClassifierFreeGuidance(3.0),) + WARP)
+    model = CountingStep(DecoderStep(config))
+    shared = sample(model, params, prompts, jax.random.key(2), **kwargs)
+    assert model.cache_rows == [4]
+    alone = sample(DecoderStep(config), params, prompts, jax.random.key(2),
+                   share_prefill=False, **kwargs)
+    np.testing.assert_array_equal(shared.tokens, alone.tokens)
+    np.testing.assert_array_equal(shared.lengths, alone.lengths)
+    assert len({tuple(t) for t in np.asarray(shared.tokens)[:4]}) > 1  # Samples differ.
+
+
+def test_distinct_prompts_keep_their_first_order_and_pad_to_a_power_of_two():
+    prompts = np.array([[0, 9], [5, 6], [0, 9], [4, 4], [5, 6], [0, 9], [5, 6], [0, 9]])
+    rows, index = sampler.distinct_prompts(prompts)
+    np.testing.assert_array_equal(rows, [[0, 9], [5, 6], [4, 4], [4, 4]])
+    np.testing.assert_array_equal(index, [0, 1, 0, 2, 1, 0, 1, 0])
+    assert sampler.distinct_prompts(prompts[:4]) is None  # 3 -> 4 rows: nothing saved.
+    assert sampler.distinct_prompts(np.arange(12).reshape(6, 2)) is None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import sampler
 from cm3leon_jax.decode.sampler import left_pad, sample
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import abstract_variables
@@ -36,5 +37,27 @@ def test_sharded_sampling_gives_the_unsharded_tokens(variant):
                                     "wi"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
     with jax.set_mesh(mesh):
         got = sample(model, sharded, left_pad(PROMPTS), jax.random.key(4), **kwargs)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+
+
+def test_sharded_rows_that_share_a_prompt_give_the_unshared_tokens():
+    """16 rows of 4 prompts on 8 devices: the prefill runs on 8 rows (4 rounded up to the
+    devices), gathered over the sharded batch."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py fakes 8 CPU devices)")
+    config = tiny_config()
+    params = random_params(config, seed=3)
+    prompts = left_pad([p for p in PROMPTS for _ in range(4)])
+    kwargs = dict(max_new_tokens=5, processors=(proc.Temperature(1.0), proc.TopK(40)))
+    want = sample(DecoderStep(config), params, prompts, jax.random.key(1), share_prefill=False,
+                  **kwargs)
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    logical = partitioning.logical_axes(abstract_variables(config)["params"])
+    sharded = jax.device_put(params, partitioning.logical_to_sharding(logical, mesh,
+                                                                      shapes=params))
+    with jax.set_mesh(mesh):
+        assert sampler.distinct_prompts(prompts)[0].shape[0] == 8
+        got = sample(DecoderStep(config), sharded, prompts, jax.random.key(1), **kwargs)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
