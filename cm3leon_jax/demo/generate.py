@@ -199,14 +199,13 @@ def retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sce
                for r in retriever.search_texts(captions, k=k)]
     by_image = [document_lib.decode(r.token_ids[0], vocab)
                 for r in retriever.search_images(list(images), k=1)]
-    side = images.shape[1:]
-    shown = np.zeros((len(captions), k) + side, np.uint8)
-    texts = []
-    for i, docs in enumerate(by_text):
-        codes = [d.images[0] for d in docs if d.images]
-        if codes:
-            shown[i, :len(codes)] = image_tokenizer.decode(np.stack(codes))
-        texts.append([d.texts[0] if d.texts else "" for d in docs])
+    shown = np.zeros((len(captions), k) + images.shape[1:], np.uint8)
+    places = [(i, j) for i, docs in enumerate(by_text)
+              for j in range(sum(1 for d in docs if d.images))]
+    if places:  # Every caption's documents' images in one call (a call per caption pads each).
+        codes = [d.images[0] for docs in by_text for d in docs if d.images]
+        shown[tuple(np.array(places).T)] = image_tokenizer.decode(np.stack(codes))
+    texts = [[d.texts[0] if d.texts else "" for d in docs] for docs in by_text]
     top = shown[:, 0] if k else shown
     scores = {"text_to_image": score_images(top, scenes),
               "image_to_text": shapes_scores.caption_metrics(
