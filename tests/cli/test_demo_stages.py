@@ -259,3 +259,24 @@ def test_the_edits_line_says_how_much_the_decoder_takes_from_the_source_when_mea
     old = {r: {"edit": {"edit_right": 0.03}} for r in ("pretrain", "sft")}
     assert demo_evaluate.targets_report(old) == [
         "target edits right >= 30% after SFT: 3% (NOT reached; before SFT 3%)"]
+
+
+def test_the_chance_baseline_averages_over_pairings_of_other_scenes():
+    """Four one-shape scenes, circle / square / circle / square: paired by a shift of 1 or
+    3 every class is wrong, by 2 every one is right, so over all three pairings chance is
+    1/3, where a single pairing gives 0 or 1."""
+    import numpy as np
+
+    from cm3leon_jax.data import shapes
+
+    background = shapes.Background("plain", "gray")
+    scenes = [shapes.Scene(32, background, (shapes.make_shape(kind, "red", "large", 8, 8, 14),))
+              for kind in ("circle", "square", "circle", "square")]
+    images = np.stack([shapes.render(s) for s in scenes])
+    chance = demo_generate._chance(images, ["x"] * 4, scenes, seed=0)
+    assert chance["pairings"] == 3
+    assert chance["text_to_image"]["classes_right"] == 1 / 3
+    assert chance["text_to_image"]["colors_right"] == 1.0
+    orders = demo_generate._derangements(200, seed=1)
+    assert len(orders) == demo_generate.CHANCE_SHIFTS == len({tuple(o) for o in orders})
+    assert all(o[i] != i for o in orders for i in range(200))
