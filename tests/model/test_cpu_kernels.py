@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import sampler
 from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.model.decoding import DecoderStep
@@ -97,6 +98,20 @@ def test_the_sampler_draws_the_same_tokens_through_the_kernel():
     runs = [sampler.sample(DecoderStep(config, cpu_kernels=on), params, prompts,
                            jax.random.key(0), max_new_tokens=12, greedy=True)
             for on in (False, True)]
+    np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
+
+
+def test_the_kernel_sampler_shares_a_prompts_prefill_and_draws_the_same_tokens():
+    """Two prompts, four rows each (best of 4): the prefill of the two, gathered, feeds the
+    kernel's one-query steps as a prefill of all eight would."""
+    config = tiny_config()
+    params = random_params(config, seed=2)
+    prompts = sampler.left_pad([np.arange(5, 12)] * 4 + [np.arange(40, 43)] * 4)
+    runs = [sampler.sample(DecoderStep(config, cpu_kernels=True), params, prompts,
+                           jax.random.key(0), max_new_tokens=12, share_prefill=share,
+                           processors=(proc.TopK(40),))
+            for share in (False, True)]
+    assert sampler.distinct_prompts(prompts)[0].shape[0] == 2
     np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)
 
 
