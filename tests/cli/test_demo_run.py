@@ -141,6 +141,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert placed["scenes"] == 3 and 0 <= placed["position_right"] <= 1
     assert 0 <= placed["chance_reference"] <= 1 and 0 <= placed["vq_reconstruction_reference"] <= 1
     assert "object_recall" in generated["chance_reference"]["image_to_text"]
+    every = generated["text_to_image_every_sample"]
+    assert set(every) == {"headline", "k0", "no_cfg"} and all(0 <= v <= 1 for v in every.values())
     with open(os.path.join(model_dir, "pictures", "captions.json")) as f:
         captions = json.load(f)
     assert len(captions) == 3 and all(len(c["captions"]) == 1 for c in captions)
