@@ -315,12 +315,18 @@ def choice_part(args) -> dict:
     return {f"{name}_ms_per_step": spread(v) for name, v in trials.items()}
 
 
-def image_part(args) -> dict:
-    """One 1024-code image with CFG from `small` (2 streams of 1 row), seconds."""
+def small_config() -> DecoderConfig:
+    """`gin_configs/models/small.gin`'s decoder (the gin state left clear)."""
     gin.clear_config()
     gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "small.gin"))
-    config = DecoderConfig().replace(max_length=1088)
+    config = DecoderConfig()
     gin.clear_config()
+    return config
+
+
+def image_part(args) -> dict:
+    """One 1024-code image with CFG from `small` (2 streams of 1 row), seconds."""
+    config = small_config().replace(max_length=1088)
     prompts = np.random.default_rng(1).integers(4, config.vocab_size, (1, 32)).astype(np.int32)
     params = random_params(config)
     runners = {"xla": Ours(config, params, prompts, 1024, cfg=True)}
@@ -358,10 +364,7 @@ def prefill_part(args) -> dict:
 def shared_part(args) -> dict:
     """Best of 8 with CFG on 2 retrieved documents: seconds with the prefill shared by the
     rows of a prompt, and without (the same tokens to float rounding)."""
-    gin.clear_config()
-    gin.parse_config_file(os.path.join(REPO, "gin_configs", "models", "small.gin"))
-    config = DecoderConfig()
-    gin.clear_config()
+    config = small_config()
     rng = np.random.default_rng(3)
     ids = lambda n: rng.integers(40, config.vocab_size, n).tolist()
     doc = lambda: ids(16) + [BREAK_ID] + ids(256) + [EOS_ID]

@@ -195,10 +195,6 @@ def _derangements(n: int, seed: int, count: int = CHANCE_SHIFTS) -> list[list[in
     return [[(i + int(shift)) % n for i in range(n)] for shift in shifts]
 
 
-def _mean_rows(rows: list[dict]) -> dict:
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
 def _chance(images: np.ndarray, captions: list[str], scenes: list, seed: int) -> dict:
     """Each scene against another scene's true image and caption, averaged over
     `CHANCE_SHIFTS` pairings: what guessing from the corpus gets, the baseline the issue's
@@ -206,9 +202,10 @@ def _chance(images: np.ndarray, captions: list[str], scenes: list, seed: int) ->
     and 20% from 64 scenes to 128; over all 127 pairings of those 128 it is 15.6%, and the
     single pairings range 9-21%.)"""
     orders = _derangements(len(scenes), seed)
-    return {"text_to_image": _mean_rows([score_images(images[o], scenes) for o in orders]),
-            "image_to_text": _mean_rows([shapes_scores.caption_metrics(
-                [captions[i] for i in o], scenes) for o in orders]),
+    mean = shapes_scores.mean_rows
+    return {"text_to_image": mean([score_images(images[o], scenes) for o in orders]),
+            "image_to_text": mean([shapes_scores.caption_metrics([captions[i] for i in o],
+                                                                 scenes) for o in orders]),
             "pairings": len(orders)}
 
 
@@ -225,7 +222,7 @@ def position_probe(draw_images: Callable[[list[str]], np.ndarray], examples: lis
               for o in _derangements(len(scenes), seed)]
     return {**drawn, "vq_reconstruction_reference": shapes_scores.position_metrics(
                 reconstructed, scenes)["position_right"],
-            "chance_reference": _mean_rows(chance)["position_right"]}
+            "chance_reference": shapes_scores.mean_rows(chance)["position_right"]}
 
 
 def retrieval_reference(retriever, vocab, image_tokenizer, captions, images, scenes, k: int):
@@ -236,11 +233,11 @@ def retrieval_reference(retriever, vocab, image_tokenizer, captions, images, sce
     by_image = [document_lib.decode(r.token_ids[0], vocab)
                 for r in retriever.search_images(list(images), k=1)]
     shown = np.zeros((len(captions), k) + images.shape[1:], np.uint8)
-    places = [(i, j) for i, docs in enumerate(by_text)
-              for j in range(sum(1 for d in docs if d.images))]
+    pictured = [[d for d in docs if d.images] for docs in by_text]
+    places = [(i, j) for i, docs in enumerate(pictured) for j in range(len(docs))]
     if places:  # Every caption's documents' images in one call (a call per caption pads each).
-        codes = [d.images[0] for docs in by_text for d in docs if d.images]
-        shown[tuple(np.array(places).T)] = image_tokenizer.decode(np.stack(codes))
+        codes = np.stack([d.images[0] for docs in pictured for d in docs])
+        shown[tuple(np.array(places).T)] = image_tokenizer.decode(codes)
     texts = [[d.texts[0] if d.texts else "" for d in docs] for docs in by_text]
     top = shown[:, 0] if k else shown
     scores = {"text_to_image": score_images(top, scenes),
@@ -317,12 +314,18 @@ def _ceiling_note(metrics: dict, ceiling: dict, key: str) -> str:
     return note
 
 
+def _compared(k) -> tuple[tuple[str, str], ...]:
+    """(ablation, what the headline beating it says) for each text -> image ablation."""
+    return (("k0", f"k={k} retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
+            ("one_sample", "CLIP re-ranking beats one sample"))
+
+
 def _every_sample_lines(means: dict, k) -> list[str]:
     """The same comparisons over every sample drawn, none re-ranked (not the issue's
     figure: said beside it)."""
     lines = []
     head = means.get("headline")
-    for name, what in (("k0", f"k={k} retrieved beats k=0"), ("no_cfg", "CFG beats no CFG")):
+    for name, what in _compared(k):
         if head is not None and name in means:
             verdict = "yes" if head > means[name] else "no"
             lines.append(f"{what}, a sample on average (every sample, none re-ranked): "
@@ -365,8 +368,7 @@ def targets_report(metrics: dict) -> list[str]:
     ablations = metrics.get("text_to_image_ablations", {})
     head = metrics.get("text_to_image", {}).get("objects_right")
     k = metrics.get("num_retrieved")
-    for name, what in (("k0", f"k={k} retrieved beats k=0"), ("no_cfg", "CFG beats no CFG"),
-                       ("one_sample", "CLIP re-ranking beats one sample")):
+    for name, what in _compared(k):
         if name in ablations and head is not None:
             other = ablations[name]["objects_right"]
             verdict = "yes" if head > other else "NO"

@@ -187,7 +187,8 @@ def position_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene],
     return {"position_right": float(np.mean(right)), "scenes": float(len(scenes))}
 
 
-def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the rows that have it."""
     keys = sorted({k for r in rows for k in r})
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
@@ -208,7 +209,7 @@ def text_to_image_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes.")
     if not len(scenes):
         return {}
-    return _means([image_metrics(im, sc) for im, sc in zip(images, scenes)])
+    return mean_rows([image_metrics(im, sc) for im, sc in zip(images, scenes)])
 
 
 def class_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
