@@ -15,8 +15,13 @@
 //   * Cm3leonSoftmaxGrad: the training loss's log-sum-exp and its logits' gradient, a row
 //     at a time (below).
 //
-// Written with GCC vector extensions (AVX-512, AVX2 or NEON, whatever -march=native
-// offers), AVX-512 intrinsics only where they exist.
+// Written with GCC vector extensions at the host's own vector width (16 floats with AVX-512,
+// 8 with AVX2, 4 with SSE or NEON: what -march=native offers), AVX-512 intrinsics only where
+// they exist. The width must be the host's: GCC splits a wider vector's arithmetic into
+// native halves but turns a select (`mask ? a : b`) into a branch per lane, which made
+// these kernels 35x slower on an AVX2 host when they were written for 16 lanes everywhere.
+// Every sum is taken in the same order at every width except the lanes' own reductions
+// (HSum, Dot), so AVX-512 hosts compute what they did before the width became a parameter.
 
 #include <algorithm>
 #include <atomic>
@@ -39,13 +44,34 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 64;   // columns per tile: 4 vectors of 16 floats
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+// Vector registers: 32 with AVX-512 and on AArch64, 16 with AVX2 and SSE. Accumulators are
+// blocked to a quarter of them (kAccVecs vectors a row, 4 rows), so that the operands and
+// the broadcast scalars fit beside them without spilling to the stack.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kAccVecs = 4;
+#else
+constexpr int kAccVecs = 2;
+#endif
+
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+
+constexpr int64_t kTile = 64;   // columns per tile (and keys per attention block)
+constexpr int kTileVecs = kTile / kLanes;  // vectors in a tile's row
 constexpr int64_t kAhead = 32;  // prefetch distance, in rows of a tile (8 KiB of float32)
 constexpr int64_t kRows = 4;    // rows of x per pass over a tile
+static_assert(kTileVecs % kAccVecs == 0, "a tile's row splits into accumulator blocks");
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
+inline vf Splat(float x) { return vf{} + x; }
 
 inline void Relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,42 +81,49 @@ inline void Relax() {
 #endif
 }
 
-inline v16 Load(const float* p) {
-  v16 v;
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline v16 Load(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of the word
-  h16 h;
+inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32: the high half of the word
+  vh h;
   std::memcpy(&h, p, sizeof(h));
-  u16 u = __builtin_convertvector(h, u16) << 16;
-  v16 v;
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
   std::memcpy(&v, &u, sizeof(v));
   return v;
 }
 
-// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y.
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y,
+// kAccVecs vectors of columns a pass over the tile (one pass with AVX-512; later passes
+// find the tile in cache).
 template <int R, typename W>
 inline void TileRows(const float* x, int64_t K, const W* tile, float* y, int64_t y_stride) {
-  v16 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = v16{};
-  for (int64_t k = 0; k < K; ++k) {
-    const W* w = tile + k * kTile;
-    const char* ahead = reinterpret_cast<const char*>(w + kAhead * kTile);
-    for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
-      __builtin_prefetch(ahead + b, 0, 3);
-    const v16 w0 = Load(w), w1 = Load(w + 16), w2 = Load(w + 32), w3 = Load(w + 48);
-    for (int r = 0; r < R; ++r) {
-      const float s = x[r * K + k];
-      acc[r][0] += s * w0;
-      acc[r][1] += s * w1;
-      acc[r][2] += s * w2;
-      acc[r][3] += s * w3;
+  for (int c0 = 0; c0 < kTileVecs; c0 += kAccVecs) {
+    vf acc[R][kAccVecs];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kAccVecs; ++j) acc[r][j] = vf{};
+    for (int64_t k = 0; k < K; ++k) {
+      const W* w = tile + k * kTile + c0 * kLanes;
+      if (c0 == 0) {
+        const char* ahead = reinterpret_cast<const char*>(w + kAhead * kTile);
+        for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
+          __builtin_prefetch(ahead + b, 0, 3);
+      }
+      vf wv[kAccVecs];
+      for (int j = 0; j < kAccVecs; ++j) wv[j] = Load(w + j * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float s = x[r * K + k];
+        for (int j = 0; j < kAccVecs; ++j) acc[r][j] += s * wv[j];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kAccVecs; ++j) Store(y + r * y_stride + (c0 + j) * kLanes, acc[r][j]);
   }
-  for (int r = 0; r < R; ++r) std::memcpy(y + r * y_stride, acc[r], sizeof(acc[r]));
 }
 
 // Every row of x times tile t. The first row block reads the tile from memory; the others
@@ -176,11 +209,11 @@ inline float Scalar(uint16_t bits) {  // bfloat16 bits -> float32
 
 template <typename C>
 inline float Dot(const float* q, const C* k, int64_t D) {
-  v16 acc = v16{};
+  vf acc = vf{};
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) acc += Load(q + d) * Load(k + d);
+  for (; d + kLanes <= D; d += kLanes) acc += Load(q + d) * Load(k + d);
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += acc[i];
+  for (int i = 0; i < kLanes; ++i) s += acc[i];
   for (; d < D; ++d) s += q[d] * Scalar(k[d]);
   return s;
 }
@@ -188,11 +221,7 @@ inline float Dot(const float* q, const C* k, int64_t D) {
 template <typename C>
 inline void AddScaled(float* out, float p, const C* v, int64_t D) {
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    v16 o = Load(out + d);
-    o += p * Load(v + d);
-    std::memcpy(out + d, &o, sizeof(o));
-  }
+  for (; d + kLanes <= D; d += kLanes) Store(out + d, Load(out + d) + p * Load(v + d));
   for (; d < D; ++d) out[d] += p * Scalar(v[d]);
 }
 
@@ -271,8 +300,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 // recomputes them from the saved log-sum-exp). A query that sees no key gets the mean of
 // all values, as jax.nn's masked softmax gives.
 
-typedef int32_t i16v __attribute__((vector_size(64)));
-
 // Scratch arrays aligned to a cache line. glibc returns a large block 16 bytes past a page
 // boundary, so each 64-byte vector load from a plain std::vector<float> of a head's keys
 // straddled two lines: aligned, one `small` layer's attention forward + backward takes
@@ -294,85 +321,105 @@ struct LineAligned {
 };
 typedef std::vector<float, LineAligned<float>> Floats;
 
-inline v16 Exp(v16 x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^n.
-  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.3f;
+inline vf Exp(vf x) {  // Cephes' expf polynomial on [-ln2/2, ln2/2], times 2^n.
+  const vf lo = Splat(-87.3f), hi = Splat(88.3f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 big = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  v16 n = (x * 1.44269504088896341f + big) - big;
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  const vf big = Splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + big) - big;
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
 }
 
-inline float HMax(v16 a) {
+inline float HMax(vf a) {
 #ifdef __AVX512F__
   return _mm512_reduce_max_ps(a);
 #else
   float m = a[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, a[i]);
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, a[i]);
   return m;
 #endif
 }
 
-inline float HSum(v16 a) {
+inline float HSum(vf a) {
 #ifdef __AVX512F__
   return _mm512_reduce_add_ps(a);
 #else
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += a[i];
+  for (int i = 0; i < kLanes; ++i) s += a[i];
   return s;
 #endif
 }
 
-constexpr int64_t kKeys = 64;  // keys per block: 4 vectors
+// The lane-wise sum of v[0:n] (n a power of two) as a balanced tree: ((v0 + v1) + (v2 + v3))
+// for a 64-float row of 16-lane vectors, as the kernels summed it before the width varied.
+template <int N>
+inline vf TreeSum(const vf* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return TreeSum<N / 2>(v) + TreeSum<N / 2>(v + N / 2);
+  }
+}
 
-// V vectors of dst (16 V floats from column d) += sum_i coef[i] * src[i][d:d + 16 V], summed
+template <int N>
+inline vf TreeMax(const vf* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    const vf a = TreeMax<N / 2>(v), b = TreeMax<N / 2>(v + N / 2);
+    return a > b ? a : b;
+  }
+}
+
+constexpr int64_t kKeys = kTile;  // keys per block: kTileVecs vectors
+
+// V vectors of dst (kLanes V floats from column d) += sum_i coef[i] * src[i][d:...], summed
 // as two interleaved chains of V accumulators each: one chain of dependent FMAs would wait
 // on each one's latency (4 cycles on AVX-512 hosts) instead of issuing 2 a cycle.
 template <int V>
 inline void AccumBlock(float* dst, const float* coef, const float* const* src, int64_t n,
                        int64_t d) {
-  v16 even[V], odd[V];
+  vf even[V], odd[V];
   for (int c = 0; c < V; ++c) {
-    even[c] = Load(dst + 16 * c);
-    odd[c] = v16{};
+    even[c] = Load(dst + kLanes * c);
+    odd[c] = vf{};
   }
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
     const float c0 = coef[i], c1 = coef[i + 1];
     const float *s0 = src[i] + d, *s1 = src[i + 1] + d;
     for (int c = 0; c < V; ++c) {
-      even[c] += c0 * Load(s0 + 16 * c);
-      odd[c] += c1 * Load(s1 + 16 * c);
+      even[c] += c0 * Load(s0 + kLanes * c);
+      odd[c] += c1 * Load(s1 + kLanes * c);
     }
   }
   if (i < n)
-    for (int c = 0; c < V; ++c) even[c] += coef[i] * Load(src[i] + d + 16 * c);
-  for (int c = 0; c < V; ++c) {
-    const v16 sum = even[c] + odd[c];
-    std::memcpy(dst + 16 * c, &sum, sizeof(sum));
-  }
+    for (int c = 0; c < V; ++c) even[c] += coef[i] * Load(src[i] + d + kLanes * c);
+  for (int c = 0; c < V; ++c) Store(dst + kLanes * c, even[c] + odd[c]);
 }
 
-// dst[0:D] += sum_i coef[i] * src[i][0:D], in registers up to 64 floats at a time.
+// dst[d:D] += sum_i coef[i] * src[i][d:D], in registers V vectors at a time, then fewer.
+template <int V = kAccVecs>
 inline void AccumRows(float* dst, const float* coef, const float* const* src, int64_t n,
-                      int64_t D) {
-  int64_t d = 0;
-  for (; d + 64 <= D; d += 64) AccumBlock<4>(dst + d, coef, src, n, d);
-  for (; d + 32 <= D; d += 32) AccumBlock<2>(dst + d, coef, src, n, d);
-  for (; d + 16 <= D; d += 16) AccumBlock<1>(dst + d, coef, src, n, d);
-  for (; d < D; ++d)
-    for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
+                      int64_t D, int64_t d = 0) {
+  for (; d + V * kLanes <= D; d += V * kLanes) AccumBlock<V>(dst + d, coef, src, n, d);
+  if constexpr (V > 1) {
+    AccumRows<V / 2>(dst, coef, src, n, D, d);
+  } else {
+    for (; d < D; ++d)
+      for (int64_t i = 0; i < n; ++i) dst[d] += coef[i] * src[i][d];
+  }
 }
 
 // Four such sums at once, dst[r] += sum_i coef[r][i * cs] * src[i] for r < 4: each src row
@@ -381,30 +428,32 @@ inline void AccumRows(float* dst, const float* coef, const float* const* src, in
 template <int V>
 inline void Accum4Block(float* const dst[4], const float* const coef[4], int64_t cs,
                         const float* const* src, int64_t n, int64_t d) {
-  v16 sum[4][V];
+  vf sum[4][V];
   for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < V; ++c) sum[r][c] = Load(dst[r] + d + 16 * c);
+    for (int c = 0; c < V; ++c) sum[r][c] = Load(dst[r] + d + kLanes * c);
   for (int64_t i = 0; i < n; ++i) {
-    v16 x[V];
-    for (int c = 0; c < V; ++c) x[c] = Load(src[i] + d + 16 * c);
+    vf x[V];
+    for (int c = 0; c < V; ++c) x[c] = Load(src[i] + d + kLanes * c);
     for (int r = 0; r < 4; ++r) {
       const float w = coef[r][i * cs];
       for (int c = 0; c < V; ++c) sum[r][c] += w * x[c];
     }
   }
   for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < V; ++c) std::memcpy(dst[r] + d + 16 * c, &sum[r][c], sizeof(v16));
+    for (int c = 0; c < V; ++c) Store(dst[r] + d + kLanes * c, sum[r][c]);
 }
 
+template <int V = kAccVecs>
 inline void Accum4(float* const dst[4], const float* const coef[4], int64_t cs,
-                   const float* const* src, int64_t n, int64_t D) {
-  int64_t d = 0;
-  for (; d + 64 <= D; d += 64) Accum4Block<4>(dst, coef, cs, src, n, d);
-  for (; d + 32 <= D; d += 32) Accum4Block<2>(dst, coef, cs, src, n, d);
-  for (; d + 16 <= D; d += 16) Accum4Block<1>(dst, coef, cs, src, n, d);
-  for (; d < D; ++d)
-    for (int r = 0; r < 4; ++r)
-      for (int64_t i = 0; i < n; ++i) dst[r][d] += coef[r][i * cs] * src[i][d];
+                   const float* const* src, int64_t n, int64_t D, int64_t d = 0) {
+  for (; d + V * kLanes <= D; d += V * kLanes) Accum4Block<V>(dst, coef, cs, src, n, d);
+  if constexpr (V > 1) {
+    Accum4<V / 2>(dst, coef, cs, src, n, D, d);
+  } else {
+    for (; d < D; ++d)
+      for (int r = 0; r < 4; ++r)
+        for (int64_t i = 0; i < n; ++i) dst[r][d] += coef[r][i * cs] * src[i][d];
+  }
 }
 
 constexpr float kBlind = -std::numeric_limits<float>::infinity();  // LSE of a row that sees none
@@ -445,40 +494,44 @@ struct HeadScratch {
   }
 };
 
-// The 4 x 64 tile rows . cols[:, j0:j0+64] for 4 query rows a[r] (each D long).
+// The 4 x 64 tile rows . cols[:, j0:j0+64] for 4 query rows a[r] (each D long), kAccVecs
+// vectors of columns a pass over d.
 inline void Tile4(const float* const a[4], const float* cols, int64_t Sp, int64_t j0,
-                  int64_t D, v16 out[4][4]) {
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 4; ++c) out[r][c] = v16{};
-  for (int64_t d = 0; d < D; ++d) {
-    const float* k = cols + d * Sp + j0;
-    const v16 k0 = Load(k), k1 = Load(k + 16), k2 = Load(k + 32), k3 = Load(k + 48);
-    for (int r = 0; r < 4; ++r) {
-      const float x = a[r][d];
-      out[r][0] += x * k0;
-      out[r][1] += x * k1;
-      out[r][2] += x * k2;
-      out[r][3] += x * k3;
+                  int64_t D, vf out[4][kTileVecs]) {
+  for (int c0 = 0; c0 < kTileVecs; c0 += kAccVecs) {
+    vf acc[4][kAccVecs];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < kAccVecs; ++c) acc[r][c] = vf{};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* k = cols + d * Sp + j0 + c0 * kLanes;
+      vf kv[kAccVecs];
+      for (int c = 0; c < kAccVecs; ++c) kv[c] = Load(k + c * kLanes);
+      for (int r = 0; r < 4; ++r) {
+        const float x = a[r][d];
+        for (int c = 0; c < kAccVecs; ++c) acc[r][c] += x * kv[c];
+      }
     }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < kAccVecs; ++c) out[r][c0 + c] = acc[r][c];
   }
 }
 
 // Keys j0..j0+63: their indices and segments (padding past S: never visible), for the
 // masks of every query row against the block.
 struct KeyBlock {
-  i16v idx[4], seg[4];
+  vi idx[kTileVecs], seg[kTileVecs];
   KeyBlock(const Shape& sh, const int32_t* kseg, int64_t j0) {
-    for (int c = 0; c < 4; ++c)
-      for (int i = 0; i < 16; ++i) {
-        const int64_t s = j0 + 16 * c + i;
+    for (int c = 0; c < kTileVecs; ++c)
+      for (int i = 0; i < kLanes; ++i) {
+        const int64_t s = j0 + kLanes * c + i;
         idx[c][i] = s < sh.S ? int32_t(s) : std::numeric_limits<int32_t>::max();
         seg[c][i] = s < sh.S ? kseg[s] : std::numeric_limits<int32_t>::min();
       }
   }
   // Which keys query t (segment qseg) sees: all-ones lanes.
-  void Visible(const Shape& sh, int32_t qseg, int64_t t, i16v out[4]) const {
+  void Visible(const Shape& sh, int32_t qseg, int64_t t, vi out[kTileVecs]) const {
     const int32_t last = int32_t(t + sh.offset);
-    for (int c = 0; c < 4; ++c) out[c] = (idx[c] <= last) & (seg[c] == qseg);
+    for (int c = 0; c < kTileVecs; ++c) out[c] = (idx[c] <= last) & (seg[c] == qseg);
   }
 };
 
@@ -515,20 +568,17 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
       const float* const weights[4] = {pr[0], pr[1], pr[2], pr[3]};
       const int64_t last = std::min(sh.S, t0 + rows - 1 + sh.offset + 1);  // keys seen
       for (int64_t j0 = 0; j0 < last; j0 += kKeys) {
-        v16 st[4][4];
+        vf st[4][kTileVecs];
         Tile4(a, K.cols.data(), Sp, j0, D, st);
         const KeyBlock& keys = blocks[j0 / kKeys];
         std::memset(pr, 0, sizeof(pr));
         for (int r = 0; r < rows; ++r) {
           const int64_t t = t0 + r;
-          i16v vis[4];
+          vi vis[kTileVecs];
           keys.Visible(sh, qseg[b * sh.T + t], t, vis);
-          v16 sc[4];
-          for (int c = 0; c < 4; ++c) sc[c] = vis[c] ? st[r][c] * scale : v16{} + kBlind;
-          v16 most = sc[0] > sc[1] ? sc[0] : sc[1];
-          const v16 most2 = sc[2] > sc[3] ? sc[2] : sc[3];
-          most = most > most2 ? most : most2;
-          const float top = std::max(m[r], HMax(most));
+          vf sc[kTileVecs];
+          for (int c = 0; c < kTileVecs; ++c) sc[c] = vis[c] ? st[r][c] * scale : Splat(kBlind);
+          const float top = std::max(m[r], HMax(TreeMax<kTileVecs>(sc)));
           if (top == kBlind) continue;  // nothing seen yet
           float* o = acc.data() + r * D;
           if (top != m[r]) {  // rescale what was summed under the old maximum
@@ -537,12 +587,12 @@ void FlashForwardTask(const float* q, const float* k, const float* v, const int3
             l[r] *= fix;
             m[r] = top;
           }
-          v16 total = v16{};
-          for (int c = 0; c < 4; ++c) {
-            v16 p = Exp(sc[c] - top);
-            p = vis[c] ? p : v16{};
+          vf total = vf{};
+          for (int c = 0; c < kTileVecs; ++c) {
+            vf p = Exp(sc[c] - top);
+            p = vis[c] ? p : vf{};
             total += p;
-            std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
+            Store(pr[r] + kLanes * c, p);
           }
           l[r] += HSum(total);
         }
@@ -621,19 +671,19 @@ void FlashBackwardTask(const float* q, const float* k, const float* v, const int
         const KeyBlock keys(sh, ks, j0);
         float pr[kQueries][kKeys] = {}, dsr[kQueries][kKeys] = {};  // P and dS, 0 if unseen
         for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-          v16 st[4][4], dp[4][4];
+          vf st[4][kTileVecs], dp[4][kTileVecs];
           Tile4(a + r0, K.cols.data(), Sp, j0, D, st);
           Tile4(da + r0, V.cols.data(), Sp, j0, D, dp);
           for (int64_t r = r0; r < std::min(r0 + 4, rows); ++r) {
             if (ls[r] == kBlind) continue;
-            i16v vis[4];
+            vi vis[kTileVecs];
             keys.Visible(sh, qseg[b * sh.T + t0 + r], t0 + r, vis);
-            for (int c = 0; c < 4; ++c) {
-              v16 p = Exp(st[r - r0][c] * scale - ls[r]);
-              p = vis[c] ? p : v16{};
-              const v16 ds = p * (dp[r - r0][c] - delta[r]) * scale;
-              std::memcpy(pr[r] + 16 * c, &p, sizeof(p));
-              std::memcpy(dsr[r] + 16 * c, &ds, sizeof(ds));
+            for (int c = 0; c < kTileVecs; ++c) {
+              vf p = Exp(st[r - r0][c] * scale - ls[r]);
+              p = vis[c] ? p : vf{};
+              const vf ds = p * (dp[r - r0][c] - delta[r]) * scale;
+              Store(pr[r] + kLanes * c, p);
+              Store(dsr[r] + kLanes * c, ds);
             }
           }
         }
@@ -744,27 +794,26 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 void SoftmaxGradRow(const float* logits, int32_t target, float g, float z_loss, int64_t V,
                     float* d, float* log_z, float* target_logit) {
   int64_t i = 0;
-  v16 m[4];
-  for (int c = 0; c < 4; ++c) m[c] = v16{} - std::numeric_limits<float>::infinity();
-  for (; i + 64 <= V; i += 64)
-    for (int c = 0; c < 4; ++c) {
-      const v16 x = Load(logits + i + 16 * c);
+  vf m[kTileVecs];
+  for (int c = 0; c < kTileVecs; ++c) m[c] = Splat(-std::numeric_limits<float>::infinity());
+  for (; i + kTile <= V; i += kTile)
+    for (int c = 0; c < kTileVecs; ++c) {
+      const vf x = Load(logits + i + kLanes * c);
       m[c] = x > m[c] ? x : m[c];
     }
-  const v16 m01 = m[0] > m[1] ? m[0] : m[1], m23 = m[2] > m[3] ? m[2] : m[3];
-  float top = HMax(m01 > m23 ? m01 : m23);
+  float top = HMax(TreeMax<kTileVecs>(m));
   for (; i < V; ++i) top = std::max(top, logits[i]);
   // Read before the output (which may be this very row) is written.
   *target_logit = target >= 0 && target < V ? logits[target] : 0.f;
-  v16 sums[4] = {};
+  vf sums[kTileVecs] = {};
   i = 0;
-  for (; i + 64 <= V; i += 64)
-    for (int c = 0; c < 4; ++c) {
-      const v16 e = Exp(Load(logits + i + 16 * c) - top);
+  for (; i + kTile <= V; i += kTile)
+    for (int c = 0; c < kTileVecs; ++c) {
+      const vf e = Exp(Load(logits + i + kLanes * c) - top);
       sums[c] += e;
-      std::memcpy(d + i + 16 * c, &e, sizeof(e));
+      Store(d + i + kLanes * c, e);
     }
-  float total = HSum((sums[0] + sums[1]) + (sums[2] + sums[3]));
+  float total = HSum(TreeSum<kTileVecs>(sums));
   for (; i < V; ++i) {
     d[i] = std::exp(logits[i] - top);
     total += d[i];
@@ -773,10 +822,7 @@ void SoftmaxGradRow(const float* logits, int32_t target, float g, float z_loss, 
   *log_z = lz;
   const float scale = g * (1.f + 2.f * z_loss * lz) / total;
   i = 0;
-  for (; i + 16 <= V; i += 16) {
-    const v16 x = Load(d + i) * scale;
-    std::memcpy(d + i, &x, sizeof(x));
-  }
+  for (; i + kLanes <= V; i += kLanes) Store(d + i, Load(d + i) * scale);
   for (; i < V; ++i) d[i] *= scale;
   if (target >= 0 && target < V) d[target] -= g;
 }
