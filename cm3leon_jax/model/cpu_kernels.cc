@@ -98,31 +98,43 @@ inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32: the high half 
 
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y,
-// kAccVecs vectors of columns a pass over the tile (one pass with AVX-512; later passes
-// find the tile in cache).
+// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y.
+// With AVX-512 a row's 64 sums fit in registers: one pass down the tile. Otherwise the tile
+// goes in blocks of kBlockRows rows (8 KiB of float32, L1-resident), each block swept once
+// per kAccVecs vectors of columns, the sums carried in y between blocks (exactly: stored
+// and reloaded as float32), so the tile still streams from memory once and every sum adds
+// its terms in the same order. An AVX2 host (ad-hoc harness, 4 x 512 x 36864 float32 over
+// 2 threads): 16.4 GB/s against 12.7 for four passes down the whole tile, 23.4 streaming.
+constexpr int64_t kBlockRows = 32;
+
 template <int R, typename W>
 inline void TileRows(const float* x, int64_t K, const W* tile, float* y, int64_t y_stride) {
-  for (int c0 = 0; c0 < kTileVecs; c0 += kAccVecs) {
-    vf acc[R][kAccVecs];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kAccVecs; ++j) acc[r][j] = vf{};
-    for (int64_t k = 0; k < K; ++k) {
-      const W* w = tile + k * kTile + c0 * kLanes;
-      if (c0 == 0) {
-        const char* ahead = reinterpret_cast<const char*>(w + kAhead * kTile);
-        for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
-          __builtin_prefetch(ahead + b, 0, 3);
+  const int64_t block = kTileVecs == kAccVecs ? K : kBlockRows;
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t k1 = std::min(K, k0 + block);
+    for (int c0 = 0; c0 < kTileVecs; c0 += kAccVecs) {
+      vf acc[R][kAccVecs];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < kAccVecs; ++j)
+          acc[r][j] = k0 == 0 ? vf{} : Load(y + r * y_stride + (c0 + j) * kLanes);
+      for (int64_t k = k0; k < k1; ++k) {
+        const W* w = tile + k * kTile + c0 * kLanes;
+        if (c0 == 0) {
+          const char* ahead = reinterpret_cast<const char*>(tile + (k + kAhead) * kTile);
+          for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
+            __builtin_prefetch(ahead + b, 0, 3);
+        }
+        vf wv[kAccVecs];
+        for (int j = 0; j < kAccVecs; ++j) wv[j] = Load(w + j * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const float s = x[r * K + k];
+          for (int j = 0; j < kAccVecs; ++j) acc[r][j] += s * wv[j];
+        }
       }
-      vf wv[kAccVecs];
-      for (int j = 0; j < kAccVecs; ++j) wv[j] = Load(w + j * kLanes);
-      for (int r = 0; r < R; ++r) {
-        const float s = x[r * K + k];
-        for (int j = 0; j < kAccVecs; ++j) acc[r][j] += s * wv[j];
-      }
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < kAccVecs; ++j)
+          Store(y + r * y_stride + (c0 + j) * kLanes, acc[r][j]);
     }
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kAccVecs; ++j) Store(y + r * y_stride + (c0 + j) * kLanes, acc[r][j]);
   }
 }
 
