@@ -3,6 +3,12 @@ attention (the numbers of a float64 product and of the XLA path, inside compiled
 through the sampler; clear refusals), and FlashAttention for training (`attention_impl =
 "cpu"`: the values and gradients of the "xla" kernel)."""
 
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +95,30 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
         assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("*.so")] == [stamp]
     finally:
         cpu_kernels._library.cache_clear()
+
+
+# The kernels take the host's vector width (16, 8 or 4 lanes); this builds them for 4 (SSE,
+# as on a host without AVX) on any x86 host and reruns the numeric tests against that build.
+NARROW_TESTS = ("matvec_is_the_product or matvec_runs_inside or one_query_attention or "
+                "flash_value_and_grads or flash_rows_that_see or softmax_grad_is_the")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None,
+                    reason="builds an SSE-only copy of the kernels with g++ on x86")
+def test_the_kernels_at_four_lanes_compute_the_same(tmp_path):
+    marker = tmp_path / "built"
+    wrapper = tmp_path / "g++-sse"
+    wrapper.write_text(f"#!/bin/sh\ntouch {marker}\n"
+                       "exec g++ \"$@\" -mno-avx -mno-avx2 -mno-fma -mno-f16c -mno-avx512f\n")
+    wrapper.chmod(0o755)
+    env = dict(os.environ, CXX=str(wrapper), CM3LEON_JAX_CACHE=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", NARROW_TESTS], env=env, capture_output=True,
+                          text=True, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert marker.exists() and " passed" in done.stdout
 
 
 def test_the_sampler_draws_the_same_tokens_through_the_kernel():
