@@ -7,7 +7,8 @@
 //     weights stream from memory. XLA:CPU's dot reads a [K, N] matrix for 4 rows at about
 //     half the host's streaming rate (benchmarks/RESULTS_decode.md); this reads each
 //     64-column tile as one contiguous block, prefetched ahead, with the tile's 4 x 64
-//     partial sums in registers, and splits the tiles over XLA's intra-op threads.
+//     partial sums in registers (AVX-512; elsewhere a block of the tile's rows at a time
+//     from L1, see TileRows), and splits the tiles over XLA's intra-op threads.
 //   * Cm3leonAttention{F32,BF16}: a decode step's one query per row against the KV cache,
 //     reading only the slots each row sees.
 //   * Cm3leonFlash{Forward,Backward}: causal attention over whole sequences for training,
