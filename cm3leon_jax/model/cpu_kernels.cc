@@ -20,9 +20,9 @@
 // 8 with AVX2, 4 with SSE or NEON: what -march=native offers), AVX-512 intrinsics only where
 // they exist. The width must be the host's: GCC splits a wider vector's arithmetic into
 // native halves but turns a select (`mask ? a : b`) into a branch per lane, which made
-// these kernels 35x slower on an AVX2 host when they were written for 16 lanes everywhere.
-// Every sum is taken in the same order at every width except the lanes' own reductions
-// (HSum, Dot), so AVX-512 hosts compute what they did before the width became a parameter.
+// these kernels 6-14x slower on an AVX2 host when they were written for 16 lanes everywhere.
+// Every sum is taken in the same order at every width except the reductions across lanes
+// (HSum, HMax, Dot, TreeSum), so AVX-512 hosts compute what they did before the width became a parameter.
 
 #include <algorithm>
 #include <atomic>
@@ -374,7 +374,7 @@ inline float HSum(vf a) {
 #endif
 }
 
-// The lane-wise sum of v[0:n] (n a power of two) as a balanced tree: ((v0 + v1) + (v2 + v3))
+// The lane-wise sum of v[0:N] (N a power of two) as a balanced tree: ((v0 + v1) + (v2 + v3))
 // for a 64-float row of 16-lane vectors, as the kernels summed it before the width varied.
 template <int N>
 inline vf TreeSum(const vf* v) {
