@@ -12,7 +12,7 @@ them (`chameleon_vqgan_weights.py`) is a renaming, not a search::
       quant_conv (1x1)  -> latents f32[b, H/f, W/f, embed_dim]
       VectorQuantizer   -> codes int32[b, H/f, W/f]
       post_quant_conv (1x1) -> Decoder (the mirror image, num_res_blocks + 1 blocks
-               per level, nearest-neighbor x2 + conv to go up) -> f32[b, H, W, 3]
+               per level, nearest-neighbor x2 + conv to go up, `Upsample`) -> f32[b, H, W, 3]
 
 with down-sampling factor f = 2 ** (len(channel_multipliers) - 1). Levels are
 numbered from the full resolution (level 0) down, in the encoder and the decoder
@@ -206,6 +206,55 @@ class AttnBlock(nn.Module):
         return x + dense("proj_out")(out)
 
 
+# _PHASE_TAPS[a][t][d]: after nearest-neighbor doubling, output row 2i + a of a 3x3 conv reads
+# rows 2i + a - 1 .. 2i + a + 1 of the doubled map, which are input rows i - 1, i, i (a = 0)
+# or i, i, i + 1 (a = 1): two input rows, tap t of a 2-tap window starting at padded row
+# i + a, each the sum of the kernel rows d that land on it. Columns alike.
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+               ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbor x2, then a 3x3 conv with padding 1 (taming's `Upsample` with
+    `with_conv`), computed at the input's resolution.
+
+    Output pixel (2i + a, 2j + b) depends on a 2x2 window of the input (`_PHASE_TAPS`), so
+    the 3x3 kernel folds into four 2x2 kernels, one per phase (a, b). One product of the
+    input's 2x2 windows (padded by one: (h + 1) x (w + 1) of them) with the four kernels side
+    by side gives every phase; each phase keeps its h x w of the windows and the phases
+    interleave. About half the multiply-adds of the conv over the doubled map (4 taps instead
+    of 9, on (h + 1)(w + 1) windows instead of 4hw / 4 per phase), and no doubled map. The
+    same sums up to float rounding; the parameters are the 3x3 conv's (`kernel` [3, 3, C,
+    C], `bias` [C]), so checkpoints and the released weights load unchanged.
+
+    A product, not a 2x2 convolution: XLA:CPU computed that convolution's kernel gradient
+    about 4x slower than the plain conv over the doubled map (measured on the demo's tiny
+    tokenizer; the product form's forward and backward took 0.46x the conv's time there).
+    """
+
+    cfg: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        dtype = jnp.dtype(self.cfg.dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        taps = jnp.asarray(_PHASE_TAPS, jnp.float32)
+        # [t, u, c_in, a, b, c_out]: window tap (t, u) -> phase (a, b).
+        folded = jnp.einsum("atd,bue,deio->tuiabo", taps, taps, kernel,
+                            precision=jax.lax.Precision.HIGHEST).reshape(4 * c, 4 * c)
+        padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        windows = jnp.concatenate([padded[:, t:t + hgt + 1, u:u + wid + 1]
+                                   for t in range(2) for u in range(2)], axis=-1)
+        y = jnp.dot(windows, folded.astype(dtype), precision=self.cfg.matmul_precision)
+        y = y.reshape(b, hgt + 1, wid + 1, 2, 2, c)
+        phases = [jnp.stack([y[:, a:a + hgt, p:p + wid, a, p] for p in range(2)], axis=3)
+                  for a in range(2)]
+        out = jnp.stack(phases, axis=2).reshape(b, 2 * hgt, 2 * wid, c)
+        return out + bias.astype(dtype)
+
+
 class Encoder(nn.Module):
     """images f32[b, H, W, C] -> latents f32[b, H/f, W/f, latent_channels]."""
 
@@ -255,8 +304,7 @@ class Decoder(nn.Module):
                 if i in cfg.attn_levels:
                     h = AttnBlock(cfg, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbor x2
-                h = _conv(cfg, h.shape[-1], 3, f"up_{i}_upsample")(h)
+                h = Upsample(cfg, name=f"up_{i}_upsample")(h)
         h = nn.swish(_norm(cfg, "norm_out")(h))
         return _conv(cfg, cfg.in_channels, 3, "conv_out")(h).astype(jnp.float32)
 

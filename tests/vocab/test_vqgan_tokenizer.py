@@ -195,3 +195,34 @@ def test_the_local_tiny_config_is_tiny_with_codes_that_see_only_their_neighborho
         gin.clear_config()
     assert (local.norm, local.mid_attention, local.attn_levels) == ("layer", False, ())
     assert dataclasses.replace(local, norm="group", mid_attention=True) == tiny
+
+
+@pytest.mark.parametrize("hgt,wid", [(4, 4), (3, 5)])
+def test_upsample_is_the_conv_over_the_doubled_map(hgt, wid):
+    """`Upsample` folds the 3x3 conv over the nearest-neighbor doubled map into 2x2 windows
+    of the input: the same values and gradients as computing it the plain way, the
+    same parameters."""
+    import jax.numpy as jnp
+
+    from cm3leon_jax.vocab.vqgan import Upsample
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, hgt, wid, 8))
+    module = Upsample(CFG)
+    params = module.init(jax.random.PRNGKey(0), x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias too
+
+    def plain(params, x):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        out = jax.lax.conv_general_dilated(
+            up, params["params"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+        return out + params["params"]["bias"]
+
+    assert jax.tree_util.tree_map(jnp.shape, params["params"]) == {
+        "kernel": (3, 3, 8, 8), "bias": (8,)}
+    np.testing.assert_allclose(module.apply(params, x), plain(params, x), atol=2e-5)
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))  # noqa: E731
+    got = jax.grad(loss(module.apply), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(plain), argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-5)
