@@ -41,7 +41,8 @@ def time_steps(steps: int) -> dict:
 
 
 def run_child(root: str, steps: int) -> float:
-    """The median step of one fresh process that imports `root`'s cm3leon_jax."""
+    """Seconds a step takes (the mean of `steps`) in a fresh process that imports `root`'s
+    cm3leon_jax."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         # `cm3leon_jax` from `root` (past the editable install's import hook, which would

@@ -222,8 +222,8 @@ class Upsample(nn.Module):
     the 3x3 kernel folds into four 2x2 kernels, one per phase (a, b). One product of the
     input's 2x2 windows (padded by one: (h + 1) x (w + 1) of them) with the four kernels side
     by side gives every phase; each phase keeps its h x w of the windows and the phases
-    interleave. About half the multiply-adds of the conv over the doubled map (4 taps instead
-    of 9, on (h + 1)(w + 1) windows instead of 4hw / 4 per phase), and no doubled map. The
+    interleave. 16 (h + 1)(w + 1) kernel taps per channel pair against the doubled map's
+    9 x 4hw: about half the multiply-adds, and no doubled map. The
     same sums up to float rounding; the parameters are the 3x3 conv's (`kernel` [3, 3, C,
     C], `bias` [C]), so checkpoints and the released weights load unchanged.
 
