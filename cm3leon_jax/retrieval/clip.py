@@ -56,6 +56,10 @@ class ClipConfig:
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     logit_scale_init: float = math.log(1 / 0.07)
+    # How both towers attend: "xla" (einsums, any device, sharded or not) or "cpu" (the
+    # C++ flash kernel of `model/cpu_kernels.py`, forward and backward; one CPU device).
+    # Not a property of the weights: an encoder saved from either loads with "xla".
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -66,6 +70,9 @@ class ClipConfig:
             if width % heads:
                 raise UserInputError(f"ClipConfig.{tower}_width={width} is not divisible by "
                                      f"{tower}_heads={heads}.")
+        if self.attention_impl not in ("xla", "cpu"):
+            raise UserInputError(f"ClipConfig.attention_impl={self.attention_impl!r}; use "
+                                 "'xla' or 'cpu'.")
         if self.activation not in _ACTIVATIONS:
             raise UserInputError(f"ClipConfig.activation={self.activation!r}; use one of "
                                  f"{sorted(_ACTIVATIONS)}.")
@@ -109,19 +116,39 @@ def normalize(x: jax.Array | np.ndarray, axis: int = -1):
 class Attention(nn.Module):
     width: int
     heads: int
+    impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: f32[b, l, w]; mask: bool[b, 1 or l, l] (True = may attend)."""
+    def __call__(self, x: jax.Array, key_valid: jax.Array, causal: bool) -> jax.Array:
+        """x: f32[b, l, w]; key_valid: bool[b, l] (False: no query sees that position);
+        `causal`: each position sees only itself and the positions before it."""
         head_dim = self.width // self.heads
         split = lambda t: t.reshape(*t.shape[:2], self.heads, head_dim)
-        q = split(nn.Dense(self.width, name="q")(x)) * head_dim ** -0.5
+        q = split(nn.Dense(self.width, name="q")(x))
         k = split(nn.Dense(self.width, name="k")(x))
         v = split(nn.Dense(self.width, name="v")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        logits = jnp.where(mask[:, None], logits, jnp.finfo(logits.dtype).min)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        if self.impl == "cpu":
+            out = _flash(q, k, v, key_valid, causal)
+        else:
+            length = x.shape[1]
+            mask = key_valid[:, None, :]
+            if causal:
+                mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
+            logits = jnp.where(mask[:, None], logits, jnp.finfo(logits.dtype).min)
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
         return nn.Dense(self.width, name="out")(out.reshape(x.shape))
+
+
+def _flash(q, k, v, key_valid: jax.Array, causal: bool) -> jax.Array:
+    """The flash kernel's causal-with-segments visibility as CLIP's: every query in segment
+    1, valid keys in 1 and the rest in 0; a query offset of the whole length sees every
+    key (the kernel scales by 1/sqrt(head_dim) itself)."""
+    from cm3leon_jax.model import cpu_kernels
+
+    b, length = key_valid.shape
+    return cpu_kernels.flash_attention(q, k, v, jnp.ones((b, length), jnp.int32),
+                                       key_valid.astype(jnp.int32), 0 if causal else length)
 
 
 class EncoderLayer(nn.Module):
@@ -130,11 +157,13 @@ class EncoderLayer(nn.Module):
     mlp: int
     activation: str
     eps: float
+    attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array, causal: bool) -> jax.Array:
         h = nn.LayerNorm(epsilon=self.eps, name="ln_1")(x)
-        x = x + Attention(self.width, self.heads, name="attn")(h, mask)
+        x = x + Attention(self.width, self.heads, self.attention_impl, name="attn")(
+            h, key_valid, causal)
         h = nn.LayerNorm(epsilon=self.eps, name="ln_2")(x)
         h = _ACTIVATIONS[self.activation](nn.Dense(self.mlp, name="fc1")(h))
         return x + nn.Dense(self.width, name="fc2")(h)
@@ -144,7 +173,7 @@ def _stack(cfg: ClipConfig, tower: str):
     width, layers, heads, mlp = (getattr(cfg, f"{tower}_{k}")
                                  for k in ("width", "layers", "heads", "mlp"))
     return [EncoderLayer(width, heads, mlp, cfg.activation, cfg.layer_norm_eps,
-                         name=f"layer_{i}") for i in range(layers)]
+                         cfg.attention_impl, name=f"layer_{i}") for i in range(layers)]
 
 
 class VisionTower(nn.Module):
@@ -174,9 +203,9 @@ class VisionTower(nn.Module):
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_ln")(x + pos)
         if keep is None:
             keep = jnp.ones((b, cfg.num_patches), bool)
-        mask = jnp.concatenate([jnp.ones((b, 1), bool), keep.astype(bool)], axis=1)[:, None, :]
+        key_valid = jnp.concatenate([jnp.ones((b, 1), bool), keep.astype(bool)], axis=1)
         for layer in _stack(cfg, "vision"):
-            x = layer(x, mask)
+            x = layer(x, key_valid, causal=False)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="post_ln")(x[:, 0])
 
 
@@ -200,12 +229,9 @@ class TextTower(nn.Module):
         pos = self.param("position_embedding", nn.initializers.normal(0.01),
                          (cfg.context_length, cfg.text_width))
         x = x + pos[:l]
-        positions = jnp.arange(l)
-        causal = positions[None, :, None] >= positions[None, None, :]
-        valid = positions[None, None, :] < lengths[:, None, None]
-        mask = causal & valid
+        key_valid = jnp.arange(l)[None, :] < lengths[:, None]
         for layer in _stack(cfg, "text"):
-            x = layer(x, mask)
+            x = layer(x, key_valid, causal=True)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="final_ln")(x)
         return x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
 

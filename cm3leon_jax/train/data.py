@@ -35,6 +35,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 
 # The data pipeline must never take an accelerator (or its memory) from JAX.
@@ -48,12 +49,19 @@ _SPEC_FILE = "data_spec.json"
 def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
                         seq_len: int, split: str = "train", seed: int = 0,
                         shuffle: bool = True, pack: bool = True, use_cached: bool = False,
-                        num_epochs: int | None = None) -> tf.data.Dataset:
+                        num_epochs: int | None = None, autotune: bool = True
+                        ) -> tf.data.Dataset:
     """Data shard `shard` of `num_shards` of a seqio task or mixture, batched to `rows`.
 
     `task`/`seq_len` come from the trainer (`train.task`, `train.seq_len`); bind the
     rest here (e.g. `seqio_shard_dataset.use_cached = True` after caching a task).
     Inputs start with the task vocabulary's `eos_id` (see `feature_converter.py`).
+
+    `autotune=False` runs the pipeline without tf.data's autotuner: its `AUTOTUNE`
+    parallelism stays at tf.data's default (the host's cores, at most 16) and prefetch
+    buffers grow only when the consumer waits. For short runs: with the autotuner, the
+    iterator's destructor waits for the autotuner's thread to wake from a sleep that grows
+    to a minute (TF 2.20), so a run that takes minutes can end with a minute of nothing.
     """
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     ds = seqio.get_dataset(
@@ -61,7 +69,12 @@ def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
         shuffle=shuffle, seed=seed, num_epochs=num_epochs, use_cached=use_cached,
         shard_info=seqio.ShardInfo(shard, num_shards),
         feature_converter=CM3FeatureConverter(bos_id=vocabulary.eos_id, pack=pack))
-    return ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    if not autotune:
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        ds = ds.with_options(options)
+    return ds
 
 
 class ShardedBatches(Iterator[dict[str, jax.Array]]):
@@ -122,8 +135,12 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
 
     # Checkpointing (called by `checkpoints.DataIteratorHandler`).
     def spec(self) -> dict[str, Any]:
+        # Whether the pipelines run tf.data's autotuner: it rewrites the graph the iterator
+        # state is saved against, so a checkpoint restores only into the same setting.
+        autotune = any(ds.options().autotune.enabled is not False
+                       for ds in self._datasets.values())
         return {"num_data_shards": self.num_shards, "global_batch": self.global_shape[0],
-                "seq_len": self.global_shape[1]}
+                "seq_len": self.global_shape[1], "autotune": autotune}
 
     def _prefix(self, directory: str, shard: int) -> str:
         return os.path.join(directory, f"shard_{shard:05d}-of-{self.num_shards:05d}")
@@ -144,7 +161,7 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
             raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
                                     "is missing).")
         with fs.open(spec_path) as f:
-            saved = json.loads(f.read())
+            saved = {"autotune": True, **json.loads(f.read())}  # Older runs: the default.
         current = self.spec()
         diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"
                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
@@ -155,8 +172,17 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         difference = self.layout_difference(directory)
         if difference:
             raise ValueError(f"the checkpoint's data layout differs from this run's "
-                             f"({difference}): keep train.global_batch_size, train.seq_len and "
-                             "train.num_data_shards as they were when the run started.")
+                             f"({difference}): keep train.global_batch_size, train.seq_len, "
+                             "train.num_data_shards and seqio_shard_dataset.autotune as they "
+                             "were when the run started.")
         for s in self.local_shards:
-            tf.train.Checkpoint(iterator=self._iterators[s]).read(
-                self._prefix(directory, s)).assert_consumed()
+            try:
+                tf.train.Checkpoint(iterator=self._iterators[s]).read(
+                    self._prefix(directory, s)).assert_consumed()
+            except tf.errors.OpError as e:
+                raise UserInputError(
+                    f"the data position saved in {directory} does not fit this run's input "
+                    f"pipeline (tf.data: {e.message.splitlines()[0][:200]}): the task, its "
+                    "preprocessing or seqio_shard_dataset's settings changed since the run "
+                    "started. Resume with the settings it started with, or train into a new "
+                    "MODEL_DIR.") from None

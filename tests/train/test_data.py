@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.train import data as data_lib
 from cm3leon_jax.train import step as step_lib
@@ -70,3 +71,28 @@ def test_restoring_with_another_layout_is_a_clear_error(make_data, tmp_path):
         _batches(make_data, num_shards=1).restore(str(tmp_path))  # 1 pipeline to build, not 4.
     with pytest.raises(ValueError, match="does not split"):
         _batches(make_data, num_shards=3)
+
+
+def test_without_the_autotuner_the_batches_and_their_restore_are_the_same(make_data, tmp_path):
+    plain = functools.partial(make_data, autotune=False)
+    assert plain(0, 1, 4).options().autotune.enabled is False
+    tuned, untuned = _batches(make_data), _batches(plain)
+    expected = _take(tuned, 2)
+    got = _take(untuned, 2)
+    untuned.save(str(tmp_path))
+    after = _take(untuned, 1)
+    fresh = _batches(plain)
+    fresh.restore(str(tmp_path))
+    for a, b in zip(expected + after, got + _take(fresh, 1)):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # A position saved with the autotuner does not restore without it (another graph):
+    # refused by name, before tf.data's own error.
+    tuned.save(str(tmp_path / "tuned"))
+    other = _batches(plain)
+    with pytest.raises(ValueError, match="autotune True in the checkpoint, False now"):
+        other.restore(str(tmp_path / "tuned"))
+    # Any other change of the pipeline: tf.data's refusal, named as ours.
+    other.layout_difference = lambda directory: None
+    with pytest.raises(UserInputError, match="does not fit this run's input pipeline"):
+        other.restore(str(tmp_path / "tuned"))
