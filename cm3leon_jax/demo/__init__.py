@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import os
+from typing import Sequence
 
 import gin
 import jax
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax import xla_flags as xla_flags_lib
 from cm3leon_jax.data import parse, preprocess, retrieval_pass, shards, synthetic_tfds
 from cm3leon_jax.decode import pictures, restore
 from cm3leon_jax.decode.generate import Generator
@@ -77,7 +79,8 @@ def demo(model_dir: str,
          num_pictures: int = 16,
          parse_examples: int = 200,
          train_together: bool = True,
-         start_over: bool = False) -> dict:
+         start_over: bool = False,
+         xla_flags: Sequence[str] = ()) -> dict:
     """Runs every stage that exists, in order; returns (and writes) the metrics.
 
     Args:
@@ -89,7 +92,12 @@ def demo(model_dir: str,
       train_together: train the image tokenizer and the retriever at the same time (each
         needs only the corpus); False runs every stage after the one before.
       start_over: delete what an earlier run built in model_dir and build it again.
+      xla_flags: XLA flags for every stage ("--xla_...=..."), added to $XLA_FLAGS before
+        XLA starts (`xla_flags.py`); the stages' own processes inherit them.
     """
+    added = xla_flags_lib.add(xla_flags, "demo.xla_flags")
+    if added:
+        print(f"[demo] XLA flags: {' '.join(added)}")
     if start_over:
         demo_stages.clear(model_dir)
     _build_cpu_kernels()

@@ -1,8 +1,10 @@
 """`make demo`'s run file, end to end at toy size: every stage runs, a rerun resumes."""
 
+import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -67,14 +69,25 @@ def _demo(model_dir):
     return _metrics(model_dir)
 
 
+def _demo_xla_flags() -> list[str]:
+    """What demo.gin binds `demo.xla_flags` to (a one-line list)."""
+    with open(os.path.join(ROOT, "gin_configs", "runs", "demo.gin")) as f:
+        bound = re.search(r"^demo\.xla_flags = (\[.*\])$", f.read(), re.M)
+    return ast.literal_eval(bound.group(1)) if bound else []
+
+
 def _main_here(args):
     """`main` in this process, as its command-line wrapper (tests/cli/test_main.py) runs it:
-    no second import of jax and TF."""
+    no second import of jax and TF. XLA has started here already, so the demo's XLA flags
+    go in $XLA_FLAGS first, as they would be for a process that started with them."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = " ".join([flags, *_demo_xla_flags()]).strip()
     gin.clear_config()
     try:
         assert main_lib.main(args) == 0
     finally:
         gin.clear_config()
+        os.environ["XLA_FLAGS"] = flags
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
