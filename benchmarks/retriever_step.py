@@ -23,7 +23,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 
 from benchmarks import reporting  # noqa: E402
 from cm3leon_jax.data import synthetic  # noqa: E402
@@ -49,17 +48,9 @@ def demo_batches(cfg: clip.ClipConfig, batch_size: int, count: int, seed: int = 
 
 
 def make_step(cfg: clip.ClipConfig, steps: int):
-    model = clip.CLIP(cfg)
+    """The demo trainer's step (`clip_train.train_step`) for `cfg`, and its optimizer."""
     opt = clip_train.make_optimizer(1e-3, 50, steps + 100, 0.1)
-
-    @jax.jit
-    def step(params, opt_state, pixels, tokens, lengths):
-        (loss, _), grads = jax.value_and_grad(clip_train.clip_loss, has_aux=True)(
-            params, model, pixels, tokens, lengths)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step, opt
+    return clip_train.train_step(clip.CLIP(cfg), opt), opt
 
 
 def main() -> None:
@@ -86,7 +77,7 @@ def main() -> None:
             step, params, opt_state = runs[impl]
             t0 = time.perf_counter()
             for pixels, tokens, lengths in batches:
-                params, opt_state, loss = step(params, opt_state, pixels, tokens, lengths)
+                params, opt_state, loss, _ = step(params, opt_state, pixels, tokens, lengths)
             jax.block_until_ready(loss)
             if r >= 0:
                 per_round[impl].append((time.perf_counter() - t0) / len(batches))

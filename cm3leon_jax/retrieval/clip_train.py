@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import gin
 import jax
@@ -224,6 +224,20 @@ def pair_batch(draws: PairDraws, images: np.ndarray, tokens: list[list[list[int]
     return batch, [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
 
 
+def train_step(model: clip.CLIP, opt: optax.GradientTransformation) -> Callable:
+    """The jitted step: (params, opt_state, pixels, tokens, lengths) -> (params, opt_state,
+    loss, in-batch accuracy)."""
+
+    @jax.jit
+    def step(params, opt_state, pixels, tokens, lengths):
+        (loss, acc), grads = jax.value_and_grad(clip_loss, has_aux=True)(
+            params, model, pixels, tokens, lengths)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+
+    return step
+
+
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
          log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
@@ -249,12 +263,7 @@ preempted.
     start = int(state["step"])
     params, opt_state = state["params"], state["opt_state"]
 
-    @jax.jit
-    def step(params, opt_state, pixels, tokens, lengths):
-        (loss, acc), grads = jax.value_and_grad(clip_loss, has_aux=True)(
-            params, model, pixels, tokens, lengths)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+    step = train_step(model, opt)
 
     def rows(x: np.ndarray) -> jax.Array:
         return jax.device_put(x, step_lib.batch_sharding(mesh, x.shape))
