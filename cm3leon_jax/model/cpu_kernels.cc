@@ -1,14 +1,15 @@
 // CPU kernels for cm3leon_jax, as XLA FFI handlers (cpu_kernels.py builds, registers and
 // calls them):
 //
-//   * Cm3leonMatVec{F32,BF16}: y[M, T * 64] = x[M, K] @ W[K, T * 64], W stored as tiles
-//     P[T, K, 64] (float32 or bfloat16 bits), x and y float32. One generated token reads
-//     every weight once for a handful of rows, so a decode step is bound by how fast the
-//     weights stream from memory. XLA:CPU's dot reads a [K, N] matrix for 4 rows at about
-//     half the host's streaming rate (benchmarks/RESULTS_decode.md); this reads each
-//     64-column tile as one contiguous block, prefetched ahead, with the tile's 4 x 64
-//     partial sums in registers (AVX-512; elsewhere a block of the tile's rows at a time
-//     from L1, see TileRows), and splits the tiles over XLA's intra-op threads.
+//   * Cm3leonMatVec{F32,BF16}: y[M, T * C] = x[M, K] @ W[K, T * C], W stored as tiles
+//     P[T, K, C] (float32 or bfloat16 bits), x and y float32, C = kMatCols (the host's
+//     accumulator width: 64 columns with AVX-512, 16 with AVX2; Cm3leonMatVecColumns says).
+//     One generated token reads every weight once for a handful of rows, so a decode step
+//     is bound by how fast the weights stream from memory. XLA:CPU's dot reads a [K, N]
+//     matrix for 4 rows at about half the host's streaming rate
+//     (benchmarks/RESULTS_decode.md); this reads each tile as one contiguous block in one
+//     pass, prefetched ahead, with 4 rows' sums of the tile's columns in registers, and
+//     splits the tiles over XLA's intra-op threads.
 //   * Cm3leonAttention{F32,BF16}: a decode step's one query per row against the KV cache,
 //     reading only the slots each row sees.
 //   * Cm3leonFlash{Forward,Backward}: causal attention over whole sequences for training,
@@ -66,11 +67,30 @@ typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
 typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
 
-constexpr int64_t kTile = 64;   // columns per tile (and keys per attention block)
-constexpr int kTileVecs = kTile / kLanes;  // vectors in a tile's row
-constexpr int64_t kAhead = 32;  // prefetch distance, in rows of a tile (8 KiB of float32)
+constexpr int64_t kTile = 64;   // keys per attention block, logits per softmax block
+constexpr int kTileVecs = kTile / kLanes;  // vectors in such a block's row
+static_assert(kTileVecs % kAccVecs == 0, "a block's row splits into accumulator blocks");
+
+// The matrix-vector product's tiles: kMatCols columns, one vector of accumulators each for
+// kRows rows of x at once, so a tile streams from memory in one pass with every sum in a
+// register. (Until 6 Dec the tiles were 64 columns everywhere; where 64 columns of 4 rows
+// did not fit in the registers, AVX2, each tile went in L1-resident blocks swept once per
+// 2 vectors of columns: 15 GB/s on an AMD EPYC Zen 2 host that streams 23-29 GB/s, against
+// 26-29 GB/s for these 16-column tiles with the prefetch below; RESULTS_decode.md.)
+constexpr int64_t kMatCols = kAccVecs * kLanes;
 constexpr int64_t kRows = 4;    // rows of x per pass over a tile
-static_assert(kTileVecs % kAccVecs == 0, "a tile's row splits into accumulator blocks");
+constexpr int64_t kAhead = 32;  // prefetch distance, in rows of a tile
+// More than kRows rows: K in chunks of this many bytes of tile, every row block per chunk
+// (the later blocks find the chunk in L1).
+constexpr int64_t kChunkBytes = 8192;
+// The prefetch's temporal locality: 3 (into every level) as measured on the Intel Xeon
+// host kind with AVX-512; 0 (prefetchnta) elsewhere: on the AMD Zen 2 host the product
+// streamed at 26-29 GB/s with it against 19-20 GB/s with 1, 2 or 3.
+#if defined(__AVX512F__)
+constexpr int kLocality = 3;
+#else
+constexpr int kLocality = 0;
+#endif
 
 inline vf Splat(float x) { return vf{} + x; }
 
@@ -99,60 +119,57 @@ inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32: the high half 
 
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// R rows of x (row stride K) times one tile [K, 64]; writes the R rows' 64 columns of y.
-// With AVX-512 a row's 64 sums fit in registers: one pass down the tile. Otherwise the tile
-// goes in blocks of kBlockRows rows (8 KiB of float32, L1-resident), each block swept once
-// per kAccVecs vectors of columns, the sums carried in y between blocks (exactly: stored
-// and reloaded as float32), so the tile still streams from memory once and every sum adds
-// its terms in the same order. An AVX2 host (ad-hoc harness, 4 x 512 x 36864 float32 over
-// 2 threads): 16.4 GB/s against 12.7 for four passes down the whole tile, 23.4 streaming.
-constexpr int64_t kBlockRows = 32;
-
+// R rows of x (row stride K) times rows [k0, k1) of one tile [K, kMatCols]; the sums start
+// from zero at k0 = 0 and from y's float32 values after (exactly: every sum adds its
+// terms in the order of k). `prefetch`: fetch the tile's rows kAhead ahead.
 template <int R, typename W>
-inline void TileRows(const float* x, int64_t K, const W* tile, float* y, int64_t y_stride) {
-  const int64_t block = kTileVecs == kAccVecs ? K : kBlockRows;
-  for (int64_t k0 = 0; k0 < K; k0 += block) {
-    const int64_t k1 = std::min(K, k0 + block);
-    for (int c0 = 0; c0 < kTileVecs; c0 += kAccVecs) {
-      vf acc[R][kAccVecs];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < kAccVecs; ++j)
-          acc[r][j] = k0 == 0 ? vf{} : Load(y + r * y_stride + (c0 + j) * kLanes);
-      for (int64_t k = k0; k < k1; ++k) {
-        const W* w = tile + k * kTile + c0 * kLanes;
-        if (c0 == 0) {
-          const char* ahead = reinterpret_cast<const char*>(tile + (k + kAhead) * kTile);
-          for (int64_t b = 0; b < kTile * int64_t(sizeof(W)); b += 64)
-            __builtin_prefetch(ahead + b, 0, 3);
-        }
-        vf wv[kAccVecs];
-        for (int j = 0; j < kAccVecs; ++j) wv[j] = Load(w + j * kLanes);
-        for (int r = 0; r < R; ++r) {
-          const float s = x[r * K + k];
-          for (int j = 0; j < kAccVecs; ++j) acc[r][j] += s * wv[j];
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < kAccVecs; ++j)
-          Store(y + r * y_stride + (c0 + j) * kLanes, acc[r][j]);
+inline void TileRows(const float* x, int64_t K, int64_t k0, int64_t k1, const W* tile,
+                     float* y, int64_t y_stride, bool prefetch) {
+  constexpr int64_t kRowBytes = kMatCols * int64_t(sizeof(W));
+  constexpr int64_t kRowsPerLine = kRowBytes >= 64 ? 1 : 64 / kRowBytes;
+  vf acc[R][kAccVecs];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kAccVecs; ++j)
+      acc[r][j] = k0 == 0 ? vf{} : Load(y + r * y_stride + j * kLanes);
+  for (int64_t k = k0; k < k1; ++k) {
+    const W* w = tile + k * kMatCols;
+    if (prefetch && k % kRowsPerLine == 0) {
+      const char* ahead = reinterpret_cast<const char*>(w + kAhead * kMatCols);
+      for (int64_t b = 0; b < kRowBytes; b += 64) __builtin_prefetch(ahead + b, 0, kLocality);
+    }
+    vf wv[kAccVecs];
+    for (int j = 0; j < kAccVecs; ++j) wv[j] = Load(w + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float s = x[r * K + k];
+      for (int j = 0; j < kAccVecs; ++j) acc[r][j] += s * wv[j];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kAccVecs; ++j) Store(y + r * y_stride + j * kLanes, acc[r][j]);
 }
 
-// Every row of x times tile t. The first row block reads the tile from memory; the others
-// find it in cache (a tile is K * 256 bytes).
+// Every row of x times tile t. Up to kRows rows: one pass down the tile. More (CFG's second
+// stream, best-of-N rows): K in chunks of kChunkBytes, every block of kRows rows per chunk;
+// the first block reads the chunk from memory, the others from L1.
 template <typename W>
 void Tile(const float* x, int64_t M, int64_t K, const W* tiles, int64_t t, float* y,
           int64_t N) {
-  const W* tile = tiles + t * K * kTile;
-  float* out = y + t * kTile;
-  int64_t m = 0;
-  for (; m + kRows <= M; m += kRows) TileRows<kRows>(x + m * K, K, tile, out + m * N, N);
-  switch (M - m) {
-    case 1: TileRows<1>(x + m * K, K, tile, out + m * N, N); break;
-    case 2: TileRows<2>(x + m * K, K, tile, out + m * N, N); break;
-    case 3: TileRows<3>(x + m * K, K, tile, out + m * N, N); break;
-    default: break;
+  const W* tile = tiles + t * K * kMatCols;
+  float* out = y + t * kMatCols;
+  const int64_t chunk =
+      M <= kRows ? K : std::max<int64_t>(1, kChunkBytes / (kMatCols * int64_t(sizeof(W))));
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t k1 = std::min(K, k0 + chunk);
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows)
+      TileRows<kRows>(x + m * K, K, k0, k1, tile, out + m * N, N, m == 0);
+    const bool first = m == 0;
+    switch (M - m) {
+      case 1: TileRows<1>(x + m * K, K, k0, k1, tile, out + m * N, N, first); break;
+      case 2: TileRows<2>(x + m * K, K, k0, k1, tile, out + m * N, N, first); break;
+      case 3: TileRows<3>(x + m * K, K, k0, k1, tile, out + m * N, N, first); break;
+      default: break;
+    }
   }
 }
 
@@ -194,11 +211,12 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<WT>
                   ffi::ResultBuffer<ffi::F32> y) {
   using W = std::conditional_t<WT == ffi::F32, float, uint16_t>;
   const auto xd = x.dimensions(), td = tiles.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || td.size() != 3 || yd.size() != 2 || td[2] != kTile ||
-      td[1] != xd[1] || yd[0] != xd[0] || yd[1] != td[0] * kTile)
+  if (xd.size() != 2 || td.size() != 3 || yd.size() != 2 || td[2] != kMatCols ||
+      td[1] != xd[1] || yd[0] != xd[0] || yd[1] != td[0] * kMatCols)
     return ffi::Error::InvalidArgument(
-        "cpu_kernels.matvec: expected x[M, K], tiles[T, K, 64] and y[M, T * 64]");
-  const int64_t M = xd[0], K = xd[1], N = td[0] * kTile;
+        "cpu_kernels.matvec: expected x[M, K], tiles[T, K, C] and y[M, T * C] with C = "
+        "this host's Cm3leonMatVecColumns()");
+  const int64_t M = xd[0], K = xd[1], N = td[0] * kMatCols;
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(tiles.untyped_data());
   float* yp = y->typed_data();
@@ -867,6 +885,9 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
 }
 
 }  // namespace
+
+// The tiles' width Cm3leonMatVec* reads on this host (cpu_kernels.pack lays them out so).
+extern "C" int64_t Cm3leonMatVecColumns() { return kMatCols; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonMatVecF32, MatVec<ffi::F32>,
                               ffi::Ffi::Bind()

@@ -11,13 +11,15 @@ Decoding one token reads every weight for a handful of rows (the batch; twice th
 CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
 reads a `[K, N]` matrix for 4 rows at about half the host's streaming rate, and no layout or
 XLA flag tried changed that (`benchmarks/RESULTS_decode.md`). `cpu_kernels.cc` stores a
-matrix as 64-column tiles `[N / 64, K, 64]`, each one contiguous block read once, prefetched
-ahead, with the rows' partial sums in registers, and splits the tiles over XLA's intra-op
-threads. `one_query_attention` reads each row's keys and values once, only the slots the
-row sees (XLA's two batched products read the whole cache, written or not, at a small-
-matrix rate). Both run inside the compiled sampler loop like any other op (no host round
-trip). `flash_attention` (forward and backward by hand, `jax.custom_vjp`) keeps the scores
-in 4 x 64 tiles instead of [batch, heads, length, length] arrays (`RESULTS_train.md`).
+matrix as tiles `[N / C, K, C]` of C columns (`tile_columns()`: as many as 4 rows' sums fit
+in the host's vector registers, 64 with AVX-512 and 16 with AVX2), each one contiguous block
+read once, prefetched ahead, with the rows' partial sums in registers, and splits the tiles
+over XLA's intra-op threads. `one_query_attention` reads each row's keys and values once,
+only the slots the row sees (XLA's two batched products read the whole cache, written or
+not, at a small-matrix rate). Both run inside the compiled sampler loop like any other op
+(no host round trip). `flash_attention` (forward and backward by hand, `jax.custom_vjp`)
+keeps the scores in 4 x 64 tiles instead of [batch, heads, length, length] arrays
+(`RESULTS_train.md`).
 
 `DecoderStep(config, cpu_kernels=True)` uses `matvec` for every product of a step with at
 most `MAX_ROWS` rows and `one_query_attention` for a one-token step; wider products (the
@@ -48,7 +50,6 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-TILE = 64  # columns per tile (cpu_kernels.cc's kTile)
 MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
@@ -69,7 +70,8 @@ class KernelUnavailableError(RuntimeError):
                    meta_fields=["in_shape", "out_shape"])
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    """A matrix `[*in_shape, *out_shape]` as tiles `[ceil(out / 64), in, 64]` (zero-padded)."""
+    """A matrix `[*in_shape, *out_shape]` as tiles `[ceil(out / C), in, C]` (zero-padded), C
+    the tile width of the host that packed it (`tile_columns()`): repack on another host."""
 
     tiles: jax.Array
     in_shape: tuple[int, ...]
@@ -81,21 +83,28 @@ class Packed:
 
     def unpack(self) -> jax.Array:
         """The `[in, out]` matrix (2-D) the tiles hold."""
-        t, k, _ = self.tiles.shape
-        return jnp.swapaxes(self.tiles, 0, 1).reshape(k, t * TILE)[:, :math.prod(self.out_shape)]
+        t, k, c = self.tiles.shape
+        return jnp.swapaxes(self.tiles, 0, 1).reshape(k, t * c)[:, :math.prod(self.out_shape)]
+
+
+@functools.cache
+def tile_columns() -> int:
+    """The tiles' width this host's `matvec` reads (builds the kernels if need be)."""
+    return int(_library().Cm3leonMatVecColumns())
 
 
 def pack(kernel: jax.Array, n_in: int) -> Packed:
-    """`kernel: [*in, *out]` (float32 or bfloat16) -> `Packed` tiles for `matvec`."""
+    """`kernel: [*in, *out]` (float32 or bfloat16) -> `Packed` tiles for this host's `matvec`."""
     dtype = jnp.dtype(kernel.dtype)
     if ("matvec", dtype) not in _TARGETS:
         raise ValueError(f"cpu_kernels.pack: weights of dtype {dtype}; the kernel reads float32 "
                          "or bfloat16 (set DecoderConfig.param_dtype or dtype to one of them).")
     in_shape, out_shape = tuple(kernel.shape[:n_in]), tuple(kernel.shape[n_in:])
     k, n = math.prod(in_shape), math.prod(out_shape)
-    tiles = -(-n // TILE)
-    w = jnp.pad(kernel.reshape(k, n), ((0, 0), (0, tiles * TILE - n)))
-    return Packed(jnp.swapaxes(w.reshape(k, tiles, TILE), 0, 1), in_shape, out_shape)
+    width = tile_columns()
+    tiles = -(-n // width)
+    w = jnp.pad(kernel.reshape(k, n), ((0, 0), (0, tiles * width - n)))
+    return Packed(jnp.swapaxes(w.reshape(k, tiles, width), 0, 1), in_shape, out_shape)
 
 
 def matvec(x: jax.Array, packed: Packed) -> jax.Array:
@@ -104,10 +113,14 @@ def matvec(x: jax.Array, packed: Packed) -> jax.Array:
     x is read as float32. Any number of rows is correct; past `MAX_ROWS` XLA's dot is faster.
     """
     name = _register("matvec", jnp.dtype(packed.dtype))
-    t, k, _ = packed.tiles.shape
+    t, k, width = packed.tiles.shape
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"cpu_kernels.matvec: x {x.shape} against tiles of {k} inputs")
-    y = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], t * TILE), jnp.float32))(
+    if width != tile_columns():
+        raise ValueError(f"cpu_kernels.matvec: tiles of {width} columns, but this host's kernel "
+                         f"reads {tile_columns()}: pack the weights on the host that runs them "
+                         "(DecoderStep.prepare on the params, not a prepared copy from elsewhere).")
+    y = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], t * width), jnp.float32))(
             x.astype(jnp.float32), packed.tiles)
     return y[:, :math.prod(packed.out_shape)]
 

@@ -30,7 +30,7 @@ stacked layers the training forward wants are the wrong shape for it
 * Cache `[batch, kv_heads, length, head_dim]`, a step's attention reading each head's
   keys contiguously; each step writes its one slot in place (`dynamic_update_slice` on
   the loop carry).
-* On CPU, `DecoderStep(config, cpu_kernels=True)` reads each matrix as 64-column tiles
+* On CPU, `DecoderStep(config, cpu_kernels=True)` reads each matrix as column tiles
   through an XLA FFI kernel (`cpu_kernels.py`) that streams them at about twice the rate of
   XLA:CPU's dot for a step's few rows, and a one-token step's attention through a second
   kernel that reads only the cache slots each row sees. Off by default: it needs a C++

@@ -30,15 +30,19 @@ def _product(rows, k, n, dtype, seed=0):
     return x, w, want
 
 
-# Rows in and past the kernel's 4-row blocks; columns not a multiple of the 64-column tile.
+# Rows in and past the kernel's 4-row blocks; columns not a multiple of the tile's width
+# (64 with AVX-512, 16 with AVX2); more than 4 rows over inputs past one 8 KiB chunk of a tile
+# (128 rows of 16 float32 columns, 32 of 64) and not a multiple of it.
 @pytest.mark.parametrize("rows,k,n,dtype", [
     (1, 64, 64, jnp.float32), (3, 100, 70, jnp.float32), (4, 256, 1000, jnp.float32),
     (6, 96, 130, jnp.float32), (9, 64, 192, jnp.float32), (17, 33, 65, jnp.float32),
+    (9, 300, 40, jnp.float32), (6, 600, 24, jnp.bfloat16),
     (4, 128, 9216, jnp.bfloat16), (5, 64, 100, jnp.bfloat16)])
 def test_matvec_is_the_product_for_any_rows_and_columns(rows, k, n, dtype):
     x, w, want = _product(rows, k, n, dtype)
     packed = cpu_kernels.pack(w, 1)
-    assert packed.tiles.shape == (-(-n // 64), k, 64)
+    width = cpu_kernels.tile_columns()
+    assert width in (8, 16, 64) and packed.tiles.shape == (-(-n // width), k, width)
     np.testing.assert_array_equal(packed.unpack(), w)
     got = jax.jit(cpu_kernels.matvec)(x, packed)
     assert got.shape == (rows, n) and got.dtype == jnp.float32
@@ -69,6 +73,10 @@ def test_bad_inputs_are_refused_with_what_to_do():
     packed = cpu_kernels.pack(jnp.zeros((8, 64), jnp.float32), 1)
     with pytest.raises(ValueError, match=r"x \(2, 7\) against tiles of 8 inputs"):
         cpu_kernels.matvec(jnp.zeros((2, 7)), packed)
+    width = cpu_kernels.tile_columns()
+    other = cpu_kernels.Packed(jnp.zeros((1, 8, 2 * width), jnp.float32), (8,), (2 * width,))
+    with pytest.raises(ValueError, match=f"tiles of {2 * width} columns.*reads {width}.*host"):
+        cpu_kernels.matvec(jnp.zeros((2, 8)), other)
 
 
 def test_without_a_compiler_the_error_says_how_to_get_one(monkeypatch, tmp_path):
