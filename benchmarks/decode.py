@@ -15,14 +15,16 @@ is shared; only ratios within a trial mean much), medians and [min, max] reporte
     with its KV cache, both writing exactly 256 tokens (no stop rule, `min_new_tokens`).
   * sort / scanned: ours with the previous sort-based top-p (`SortedTopP`), and ours
     through the previous scanned `Decoder(decode=True)`: what each change bought.
-  * choice: milliseconds per step of the token choice alone (top-p and the inverse-CDF
-    draw over batch x vocabulary, 256 steps in one jit), each top-p and none.
+  * choice: milliseconds per step of the token choice alone (top-p, through XLA or its
+    kernel, and the inverse-CDF draw over batch x vocabulary, 256 steps in one jit), each
+    top-p and none.
   * roofline: a decode step must read every weight (the position table aside) and the
     KV cache written so far; over the streaming-read rate measured in the same trial
     (the best of numpy, torch and XLA summing a 512 MiB array) that bounds tokens/s.
   * kernel: ours through `DecoderStep(cpu_kernels=True)` (the CPU kernel of
-    `model/cpu_kernels.py` for every few-row product), beside ours through XLA's dot; with
-    bf16 and cfg, their kernel variants too.
+    `model/cpu_kernels.py` for every few-row product) and top-p's threshold through its
+    kernel (`TopP(cpu_kernel=True)`), as `Generator(cpu_kernels=True)` samples, beside ours
+    through XLA's dot; with bf16 and cfg, their kernel variants too.
   * bf16: the same with bfloat16 weights and activations (ours and the peer's).
   * cfg: classifier-free guidance (a second, unconditional stream of 4 rows): its time
     over the unguided time.
@@ -76,6 +78,7 @@ from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID  # noqa: E402
 
 PAUSE_S = 0.3
+KERNEL_TOP_P = functools.partial(proc.TopP, cpu_kernel=True)  # as Generator(cpu_kernels=True)
 BENCH = DecoderConfig(vocab_size=9216, num_layers=8, d_model=512, num_heads=8, mlp_dim=2048,
                       max_length=4096)
 
@@ -233,15 +236,15 @@ def main_parts(args, parts) -> dict:
         runners["hf_bf16"] = HF(BENCH, params, prompts, args.new, dtype="bfloat16")
     if "cfg" in parts:
         runners["ours_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True)
-    kernel = functools.partial(DecoderStep, cpu_kernels=True)
+    kernel = dict(model=functools.partial(DecoderStep, cpu_kernels=True), top_p=KERNEL_TOP_P)
     if "kernel" in parts:
-        runners["kernel_f32"] = Ours(BENCH, params, prompts, args.new, model=kernel)
+        runners["kernel_f32"] = Ours(BENCH, params, prompts, args.new, **kernel)
         if "bf16" in parts:
             runners["kernel_bf16"] = Ours(bf, cast(params, jnp.bfloat16), prompts, args.new,
-                                          model=kernel)
+                                          **kernel)
         if "cfg" in parts:
             runners["kernel_f32_cfg"] = Ours(BENCH, params, prompts, args.new, cfg=True,
-                                             model=kernel)
+                                             **kernel)
     need_f32 = bytes_per_step(BENCH, params, args.batch, args.prompt, args.new, 4)
     need_bf16 = bytes_per_step(BENCH, cast(params, jnp.bfloat16), args.batch, args.prompt,
                                args.new, 2)
@@ -291,8 +294,8 @@ def choice_part(args) -> dict:
     state = proc.DecodeState(jnp.int32(0), jnp.zeros((args.batch, 1), jnp.int32),
                              jnp.zeros([args.batch], bool))
     keys = jax.random.split(jax.random.key(0), args.batch)
-    warps = {"bisection": proc.TopP(0.9), "sort": SortedTopP(0.9), "none": None,
-             "none_gumbel": None}
+    warps = {"bisection": proc.TopP(0.9), "kernel": KERNEL_TOP_P(0.9), "sort": SortedTopP(0.9),
+             "none": None, "none_gumbel": None}
 
     @functools.partial(jax.jit, static_argnums=1)
     def steps(scores, name):
@@ -331,7 +334,7 @@ def image_part(args) -> dict:
     params = random_params(config)
     runners = {"xla": Ours(config, params, prompts, 1024, cfg=True)}
     if "kernel" in args.parts.split(","):
-        runners["kernel"] = Ours(config, params, prompts, 1024, cfg=True,
+        runners["kernel"] = Ours(config, params, prompts, 1024, cfg=True, top_p=KERNEL_TOP_P,
                                  model=functools.partial(DecoderStep, cpu_kernels=True))
     seconds = {name: [] for name in runners}
     for _ in range(args.trials):
@@ -373,7 +376,7 @@ def shared_part(args) -> dict:
     prompts = sampler.left_pad(rows + [[5, BREAK_ID]] * len(rows))  # 5: a sentinel's place
     model, params = DecoderStep(config, cpu_kernels=True), random_params(config)
     kwargs = dict(max_new_tokens=64, num_streams=2,
-                  processors=(proc.ClassifierFreeGuidance(3.0), proc.TopP(0.9)))
+                  processors=(proc.ClassifierFreeGuidance(3.0), KERNEL_TOP_P(0.9)))
     runs = {name: functools.partial(sampler.sample, model, params, prompts, jax.random.key(0),
                                     share_prefill=share, **kwargs)
             for name, share in (("shared", True), ("every_row", False))}
@@ -396,9 +399,10 @@ def profile_part(args, top: int = 64) -> dict:
     prompts = rng.integers(4, BENCH.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     params = random_params(BENCH)
     out = {}
-    for name, model in (("xla", DecoderStep),
-                        ("kernels", functools.partial(DecoderStep, cpu_kernels=True))):
-        runner = Ours(BENCH, params, prompts, args.new, model=model)
+    for name, model, top_p in (
+            ("xla", DecoderStep, proc.TopP),
+            ("kernels", functools.partial(DecoderStep, cpu_kernels=True), KERNEL_TOP_P)):
+        runner = Ours(BENCH, params, prompts, args.new, model=model, top_p=top_p)
         times, counts = reporting.xla_op_times(runner.run, 1)
         ms = {op: us / 1e3 / args.new for op, us in times.items()
               if not op.startswith(("$", "ThunkExecutor", "SlinkyThreadPool"))}

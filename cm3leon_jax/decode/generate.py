@@ -118,8 +118,9 @@ class Generator:
         show, at the caption's scale. On the demo decoder the two are inside each other's
         seed spread (RESULTS_train.md).
       cpu_kernels: decode through `DecoderStep(config, cpu_kernels=True)`, the CPU kernel that
-        streams the weights about twice as fast as XLA:CPU's dot (one CPU device, a C++
-        compiler on the host; `model/cpu_kernels.py`).
+        streams the weights about twice as fast as XLA:CPU's dot, and find top-p's threshold
+        with its kernel (`TopP(cpu_kernel=True)`) (one CPU device, a C++ compiler on the
+        host; `model/cpu_kernels.py`).
     """
 
     def __init__(self, config: DecoderConfig, params: Any, vocab: MultimodalVocabulary,
@@ -239,7 +240,7 @@ class Generator:
                                                              f"{what} {i}")] * num_samples
             else:
                 unconditional += [uncond] * num_samples
-        chain, streams = sampling.processors(constraint), sampling.num_streams
+        chain, streams = self._kernel_chain(sampling.processors(constraint)), sampling.num_streams
         key, out = jax.random.key(seed), []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
@@ -416,6 +417,12 @@ class Generator:
         text = tokens[self.layout.is_text(tokens)]
         return self.vocab.text_tokenizer.decode(self.layout.ids_to_text(text)).strip()
 
+    def _kernel_chain(self, chain) -> tuple:
+        """With the CPU kernels, top-p's threshold through its kernel too (`TopP.cpu_kernel`)."""
+        if not self.model.cpu_kernels:
+            return tuple(chain)
+        return tuple(p.replace(cpu_kernel=True) if isinstance(p, proc.TopP) else p for p in chain)
+
     def _sample_streams(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
                         greedy: bool, num_samples: int, seed: int) -> list[np.ndarray]:
         """Rows of every stream (query-major, `num_samples` each) through the sampler in
@@ -430,6 +437,7 @@ class Generator:
                                  "tokens to generate); shorten it.")
         rows = [[r for r in stream for _ in range(num_samples)] for stream in streams]
         key, out, n = jax.random.key(seed), [], len(rows[0])
+        chain = self._kernel_chain(chain)
         for start in range(0, n, self.batch_size):
             batch = []
             for stream in rows:

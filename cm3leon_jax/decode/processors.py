@@ -27,6 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.layout import IdLayout
 
@@ -102,9 +103,13 @@ class TopP:
     of the probability (so the most likely token always is, and ties with the last kept
     token are kept too). The kept set is every score at or above a threshold, found by
     `nucleus_threshold`'s bisection: no sort of the vocabulary each step.
+
+    `cpu_kernel`: find the threshold with the C++ kernel (`model/cpu_kernels.py`; CPU, one
+    device), the same bisection in one call; what `Generator(cpu_kernels=True)` uses.
     """
 
     p: float
+    cpu_kernel: bool = flax.struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         if _given(self.p) and not 0 < self.p <= 1:
@@ -112,7 +117,8 @@ class TopP:
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
         keys = _order_keys(scores)
-        kept = keys >= nucleus_threshold(keys, jax.nn.softmax(scores, axis=-1), self.p)
+        threshold = cpu_kernels.nucleus_threshold if self.cpu_kernel else nucleus_threshold
+        kept = keys >= threshold(keys, jax.nn.softmax(scores, axis=-1), self.p)
         return jnp.where(kept, scores, NEG_INF)
 
 

@@ -16,6 +16,7 @@
 //     FlashAttention's loops (below).
 //   * Cm3leonSoftmaxGrad: the training loss's log-sum-exp and its logits' gradient, a row
 //     at a time (below).
+//   * Cm3leonNucleusThreshold: top-p's threshold, a row at a time (below).
 //
 // Written with GCC vector extensions at the host's own vector width (16 floats with AVX-512,
 // 8 with AVX2, 4 with SSE or NEON: what -march=native offers), AVX-512 intrinsics only where
@@ -884,6 +885,68 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   return ffi::Error::Success();
 }
 
+// -- top-p's threshold --------------------------------------------------------------------
+//
+// processors.nucleus_threshold for one row: the smallest int32 key k such that the
+// probabilities of the keys above k sum to less than p, by 32 halvings of [min - 1, max]
+// in int32 arithmetic (wrapping as XLA's), each one masked sum over the row. The sums run
+// in lanes and then across them: another order than XLA's reduction, so a threshold can
+// differ from the XLA path's where a sum lies within rounding of p.
+inline float MassAbove(const int32_t* keys, const float* probs, int64_t V, int32_t k) {
+  const vi kv = vi{} + k;
+  vf a0 = vf{}, a1 = vf{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= V; i += 2 * kLanes) {
+    vi k0, k1;
+    std::memcpy(&k0, keys + i, sizeof(k0));
+    std::memcpy(&k1, keys + i + kLanes, sizeof(k1));
+    a0 += k0 > kv ? Load(probs + i) : vf{};
+    a1 += k1 > kv ? Load(probs + i + kLanes) : vf{};
+  }
+  float total = HSum(a0 + a1);
+  for (; i < V; ++i) total += keys[i] > k ? probs[i] : 0.f;
+  return total;
+}
+
+int32_t NucleusThresholdRow(const int32_t* keys, const float* probs, int64_t V, float p) {
+  int32_t low = keys[0], high = keys[0];
+  for (int64_t i = 1; i < V; ++i) {
+    low = std::min(low, keys[i]);
+    high = std::max(high, keys[i]);
+  }
+  int32_t lo = int32_t(uint32_t(low) - 1u), hi = high;  // above lo: >= p; above hi: < p
+  for (int step = 0; step < 32; ++step) {
+    const int32_t mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1);  // floor((lo + hi) / 2)
+    if (MassAbove(keys, probs, V, mid) < p)
+      hi = mid;
+    else
+      lo = mid;
+  }
+  return hi;
+}
+
+ffi::Error NucleusThreshold(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> keys,
+                            ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> p,
+                            ffi::ResultBuffer<ffi::S32> out) {
+  const auto kd = keys.dimensions(), pd = probs.dimensions(), qd = p.dimensions(),
+             od = out->dimensions();
+  if (kd.size() != 2 || !std::equal(kd.begin(), kd.end(), pd.begin(), pd.end()) ||
+      qd.size() != 1 || qd[0] != kd[0] || od.size() != 1 || od[0] != kd[0] || kd[1] == 0)
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels.nucleus_threshold: expected keys and probs [R, V] with V > 0, p[R] "
+        "and out[R]");
+  const int64_t V = kd[1];
+  const int32_t* kp = keys.typed_data();
+  const float* pp = probs.typed_data();
+  const float* qp = p.typed_data();
+  int32_t* op = out->typed_data();
+  Parallel(pool, kd[0], [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      op[r] = NucleusThresholdRow(kp + r * V, pp + r * V, V, qp[r]);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The tiles' width Cm3leonMatVec* reads on this host (cpu_kernels.pack lays them out so).
@@ -959,3 +1022,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonSoftmaxGrad, SoftmaxGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Cm3leonNucleusThreshold, NucleusThreshold,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

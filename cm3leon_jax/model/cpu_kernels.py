@@ -6,6 +6,7 @@ parts, and FlashAttention for training.
     out = cpu_kernels.one_query_attention(q, keys, values, visible)
     out = cpu_kernels.flash_attention(q, k, v, q_seg, kv_seg, 0)   # attention_impl = "cpu"
     d_logits, log_z, target_logit = cpu_kernels.softmax_grad(logits, targets, g, z_loss)
+    threshold = cpu_kernels.nucleus_threshold(keys, probs, p)  # TopP(p, cpu_kernel=True)
 
 Decoding one token reads every weight for a handful of rows (the batch; twice that with
 CFG), so the decode step is bound by how fast the weights stream from memory. XLA:CPU's dot
@@ -59,7 +60,8 @@ _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
             ("attention", jnp.dtype(jnp.bfloat16)): "Cm3leonAttentionBF16",
             ("flash_forward", jnp.dtype(jnp.float32)): "Cm3leonFlashForward",
             ("flash_backward", jnp.dtype(jnp.float32)): "Cm3leonFlashBackward",
-            ("softmax_grad", jnp.dtype(jnp.float32)): "Cm3leonSoftmaxGrad"}
+            ("softmax_grad", jnp.dtype(jnp.float32)): "Cm3leonSoftmaxGrad",
+            ("nucleus_threshold", jnp.dtype(jnp.float32)): "Cm3leonNucleusThreshold"}
 
 
 class KernelUnavailableError(RuntimeError):
@@ -221,6 +223,29 @@ def softmax_grad(logits: jax.Array, targets: jax.Array, g: jax.Array, z_loss: fl
             input_output_aliases={0: 0})(
             logits.astype(jnp.float32), targets.astype(jnp.int32), g.astype(jnp.float32),
             z_loss=np.float32(z_loss))
+
+
+def nucleus_threshold(keys: jax.Array, probs: jax.Array, p) -> jax.Array:
+    """`processors.nucleus_threshold` in C++: int32 `[..., 1]`, each row's top-p threshold.
+
+    The same 32 halvings of the int32 key range, each a masked sum over the row, in one
+    kernel call instead of 32 of XLA's reductions (XLA:CPU gave each to YNNPACK: about
+    0.9 ms a decode step for 4 x 9216 scores, against 0.06 here; `RESULTS_decode.md`). Its
+    sums run in another order than XLA's, so where the mass above a key lies within float
+    rounding of p the two can keep a different set. keys: int32 `[..., V]`; probs: float32
+    `[..., V]`; p: a scalar (traced or not).
+    """
+    if keys.shape != probs.shape or keys.ndim < 1 or keys.shape[-1] == 0:
+        raise ValueError(f"cpu_kernels.nucleus_threshold: keys {keys.shape} and probs "
+                         f"{probs.shape} must be the same [..., V] with V > 0.")
+    check_one_cpu_device("TopP(cpu_kernel=True)", "leave cpu_kernel off")
+    lead, v = keys.shape[:-1], keys.shape[-1]
+    rows = math.prod(lead)
+    out = jax.ffi.ffi_call(_register("nucleus_threshold", jnp.dtype(jnp.float32)),
+                           jax.ShapeDtypeStruct((rows,), jnp.int32))(
+            keys.reshape(rows, v).astype(jnp.int32), probs.reshape(rows, v).astype(jnp.float32),
+            jnp.broadcast_to(jnp.asarray(p, jnp.float32), (rows,)))
+    return out.reshape(lead + (1,))
 
 
 def check_one_cpu_device(what: str, instead: str) -> None:

@@ -174,3 +174,23 @@ def test_generator_refuses_what_it_cannot_do(vocab):
         gen.image_to_text(np.zeros((1, 16), np.int32), style="caption_last")
     with pytest.raises(ValueError, match="guidance='clip'"):
         SamplingConfig(guidance="clip")
+
+
+def test_a_generator_with_the_cpu_kernels_finds_top_p_through_its_kernel(vocab, monkeypatch):
+    from cm3leon_jax.decode import generate
+
+    seen = []
+    real = generate.sampler.sample
+
+    def spy(*args, processors=(), **kwargs):
+        seen.append([p.cpu_kernel for p in processors if isinstance(p, proc.TopP)])
+        return real(*args, processors=processors, **kwargs)
+
+    monkeypatch.setattr(generate.sampler, "sample", spy)
+    for on in (False, True):
+        seen.clear()
+        gen = Generator(CONFIG, PARAMS, vocab, cpu_kernels=on)
+        gen.text_to_image(CAPTIONS[:1], sampling=SamplingConfig(top_p=0.9))
+        gen.image_to_text(np.zeros((1, 16), np.int32), sampling=SamplingConfig(
+                guidance="none", greedy=False, top_p=0.9))
+        assert seen == [[on], [on]]

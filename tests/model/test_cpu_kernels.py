@@ -108,7 +108,8 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
 # The kernels take the host's vector width (16, 8 or 4 lanes); this builds them for 4 (SSE,
 # as on a host without AVX) on any x86 host and reruns the numeric tests against that build.
 NARROW_TESTS = ("matvec_is_the_product or matvec_runs_inside or one_query_attention or "
-                "flash_value_and_grads or flash_rows_that_see or softmax_grad_is_the")
+                "flash_value_and_grads or flash_rows_that_see or softmax_grad_is_the or "
+                "nucleus_threshold_is")
 
 
 @pytest.mark.slow
@@ -291,3 +292,35 @@ def test_softmax_grad_refuses_bad_shapes_and_a_sharded_mesh():
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="loss_impl='cpu'.*one CPU device"):
         cpu_kernels.softmax_grad(logits, jnp.zeros((4,), jnp.int32), jnp.ones((4,)), 0.0)
+
+
+# Rows of every kind: flat and peaked, -inf entries, tied scores, all equal; p below 1 (at
+# p = 1 the set hangs on how the total of the probabilities rounds, in either order).
+@pytest.mark.parametrize("scale", [0.01, 1.0, 3.0, 30.0])
+def test_nucleus_threshold_is_the_bisections(scale):
+    rng = np.random.default_rng(int(scale * 100))
+    scores = rng.normal(0, scale, (2, 3, 1000)).astype(np.float32)
+    scores[0, 0, :50] = -np.inf
+    scores[0, 1, 7] = scores[0, 1, 8]
+    scores[1, 2] = 0.5
+    scores = jnp.asarray(scores)
+    keys, probs = proc._order_keys(scores), jax.nn.softmax(scores, axis=-1)
+    for p in (0.05, 0.5, 0.9):
+        want = jax.jit(proc.nucleus_threshold)(keys, probs, p)
+        got = jax.jit(cpu_kernels.nucleus_threshold)(keys, probs, p)
+        assert got.shape == (2, 3, 1) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, want)
+    # TopP through it, p traced: the same kept set as through XLA's bisection.
+    top_p = jax.jit(lambda s, p, kernel: proc.TopP(p, cpu_kernel=kernel)(s, None),
+                    static_argnums=2)
+    np.testing.assert_array_equal(top_p(scores, 0.9, True), top_p(scores, 0.9, False))
+
+
+def test_nucleus_threshold_refuses_bad_shapes_and_a_sharded_mesh():
+    keys, probs = jnp.zeros((2, 8), jnp.int32), jnp.full((2, 8), 0.125)
+    with pytest.raises(ValueError, match=r"keys \(2, 8\) and probs \(2, 7\)"):
+        cpu_kernels.nucleus_threshold(keys, probs[:, :7], 0.9)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="TopP.cpu_kernel=True.*one CPU"):
+        cpu_kernels.nucleus_threshold(keys, probs, 0.9)
+
