@@ -84,9 +84,10 @@ constexpr int64_t kAhead = 32;  // prefetch distance, in rows of a tile
 // More than kRows rows: K in chunks of this many bytes of tile, every row block per chunk
 // (the later blocks find the chunk in L1).
 constexpr int64_t kChunkBytes = 8192;
-// The prefetch's temporal locality: 3 (into every level) as measured on the Intel Xeon
-// host kind with AVX-512; 0 (prefetchnta) elsewhere: on the AMD Zen 2 host the product
-// streamed at 26-29 GB/s with it against 19-20 GB/s with 1, 2 or 3.
+// The prefetch's temporal locality: 3 (into every level) with AVX-512, the setting the
+// Intel Xeon host kind's figures were measured with (0 not tried there); 0 (prefetchnta)
+// elsewhere: on the AMD Zen 2 host the product streamed at 26-29 GB/s with it against
+// 18-21 GB/s with 1, 2 or 3.
 #if defined(__AVX512F__)
 constexpr int kLocality = 3;
 #else

@@ -229,11 +229,12 @@ def nucleus_threshold(keys: jax.Array, probs: jax.Array, p) -> jax.Array:
     """`processors.nucleus_threshold` in C++: int32 `[..., 1]`, each row's top-p threshold.
 
     The same 32 halvings of the int32 key range, each a masked sum over the row, in one
-    kernel call instead of 32 of XLA's reductions (XLA:CPU gave each to YNNPACK: about
-    0.9 ms a decode step for 4 x 9216 scores, against 0.06 here; `RESULTS_decode.md`). Its
-    sums run in another order than XLA's, so where the mass above a key lies within float
-    rounding of p the two can keep a different set. keys: int32 `[..., V]`; probs: float32
-    `[..., V]`; p: a scalar (traced or not).
+    kernel call instead of 32 of XLA's reductions (XLA:CPU gives each to YNNPACK: top-p took
+    0.32-0.91 ms a decode step for 4 x 9216 scores, the reductions' cost moving between
+    processes, against 0.15 ms with this; `RESULTS_decode.md`). Its sums run in another
+    order than XLA's, so where the mass above a key lies within float rounding of p the two
+    can keep a different set. keys: int32 `[..., V]`; probs: float32 `[..., V]`; p: a scalar
+    (traced or not).
     """
     if keys.shape != probs.shape or keys.ndim < 1 or keys.shape[-1] == 0:
         raise ValueError(f"cpu_kernels.nucleus_threshold: keys {keys.shape} and probs "
