@@ -116,9 +116,15 @@ class TopP:
             raise ValueError(f"TopP.p must be in (0, 1], got {self.p}.")
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
+        # p = 1 keeps every token. The bisection alone would not: a token whose
+        # probability is below float32's resolution of 1 has a mass above it that sums to 1.
+        if _given(self.p) and self.p >= 1:
+            return scores
         keys = _order_keys(scores)
         threshold = cpu_kernels.nucleus_threshold if self.cpu_kernel else nucleus_threshold
         kept = keys >= threshold(keys, jax.nn.softmax(scores, axis=-1), self.p)
+        if not _given(self.p):
+            kept |= jnp.asarray(self.p) >= 1
         return jnp.where(kept, scores, NEG_INF)
 
 

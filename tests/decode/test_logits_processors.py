@@ -49,6 +49,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p):
         np.testing.assert_array_equal(kept, want)
 
 
+def test_top_p_of_one_keeps_tokens_below_float_resolution():
+    """At p = 1 every allowed token is kept, also those whose probability (1e-9 and
+    less here) vanishes in a float32 sum with 1; p given as a number or traced."""
+    logits = np.array([[0.0, -20.0, -30.0, -40.0, 1.0, 2.0],
+                       [0.0, -np.inf, -50.0, 1.0, 1.0, 1.0]], np.float32)
+    want = np.isfinite(logits)
+    np.testing.assert_array_equal(_kept(proc.TopP(1.0)(jnp.asarray(logits), STATE0)), want)
+    np.testing.assert_array_equal(_kept(_top_p_jit(jnp.asarray(logits), 1.0)), want)
+    # Below 1 the bisection decides: at 0.999 the tokens far below the rest go.
+    assert not _kept(_top_p_jit(jnp.asarray(logits), 0.999))[0, 1:4].any()
+
+
 def _top_p_by_sort(scores, p):
     """The sort-based nucleus TopP replaced: sort, softmax, cumulative mass, keep up to p."""
     ranked = -jnp.sort(-scores, axis=-1)

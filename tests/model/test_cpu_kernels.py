@@ -295,7 +295,8 @@ def test_softmax_grad_refuses_bad_shapes_and_a_sharded_mesh():
 
 
 # Rows of every kind: flat and peaked, -inf entries, tied scores, all equal; p below 1 (at
-# p = 1 the set hangs on how the total of the probabilities rounds, in either order).
+# p = 1 the threshold hangs on how the total of the probabilities rounds, in either order;
+# TopP keeps every token there without asking it).
 @pytest.mark.parametrize("scale", [0.01, 1.0, 3.0, 30.0])
 def test_nucleus_threshold_is_the_bisections(scale):
     rng = np.random.default_rng(int(scale * 100))
@@ -314,6 +315,7 @@ def test_nucleus_threshold_is_the_bisections(scale):
     top_p = jax.jit(lambda s, p, kernel: proc.TopP(p, cpu_kernel=kernel)(s, None),
                     static_argnums=2)
     np.testing.assert_array_equal(top_p(scores, 0.9, True), top_p(scores, 0.9, False))
+    np.testing.assert_array_equal(top_p(scores, 1.0, True), scores)
 
 
 def test_nucleus_threshold_refuses_bad_shapes_and_a_sharded_mesh():
