@@ -11,7 +11,10 @@ with another run's retriever, as RESULTS_retrieval.md does). Both use the run's 
 generate-stage settings, read from its `config.gin` (the demo's: 2 retrieved documents,
 CFG 3, top-p 0.9, the best of 8 samples by CLIP score; greedy captions from an image-first
 prompt; `--num-retrieved`, `--rerank-samples` and `--image-sampling` change them); text ->
-image runs again with k = 0.
+image runs again with k = 0, and with `--circle-negatives` once more with negative captions
+(`Generator.text_to_image(negative_captions=)`, `SamplingConfig.negative_scale`): each
+caption with every shape named a circle and a circle a square, what this decoder draws
+when it has not read a shape.
 Scores are the shape parser's exact ones
 (`evaluation/shapes_scores.py`). Each cell is the mean over the seeds with the range
 beside it. The last row is the run's retrieval alone, no decoder: each caption's top
@@ -103,12 +106,17 @@ def override_settings(settings: dict, *, rerank_samples: int | None = None,
     return out
 
 
+CIRCLE_NEGATIVES = {**{kind: "circle" for kind in ("square", "triangle", "star", "hexagon",
+                                                   "diamond")}, "circle": "square"}
+
+
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
             settings: dict, variants: dict | None = None, query_order: bool = False,
             keeps_documents: bool = False) -> dict:
     """{label: {"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "rerank": {...},
     "captions": {metric: value}}} with `generate_settings`' settings, text -> image once
-    per image sampling in `variants` (label -> SamplingConfig; default {"": the run's}),
+    per image sampling in `variants` (label -> SamplingConfig, or (SamplingConfig, True)
+    for it with `CIRCLE_NEGATIVES`' negative captions; default {"": the run's}),
     the decoder loaded and the captions written once; `query_order`: retrieved documents
     in the prompt's order (`Generator.neighbors_in_query_order`); `keeps_documents`: them
     in guidance's unconditional stream too (`Generator.guidance_keeps_documents`)."""
@@ -141,7 +149,8 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
 
 def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: dict,
                    sampling) -> dict:
-    """`measure`'s text -> image part for one image sampling (None: SamplingConfig())."""
+    """`measure`'s text -> image part for one image sampling (None: SamplingConfig();
+    (sampling, True): with circle negatives)."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank
@@ -150,6 +159,9 @@ def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: di
 
     samples = settings["rerank_samples"]
     captions = [e["captions"][0].decode() for e in examples]
+    sampling, negative = sampling if isinstance(sampling, tuple) else (sampling, False)
+    negatives = ([shapes_scores.renamed_classes(c, CIRCLE_NEGATIVES) for c in captions]
+                 if negative else None)
     sampling = sampling or SamplingConfig()
     out = {"text_to_image": {}, "rerank": {}, "by_class": {}}
     for k in dict.fromkeys((settings["num_retrieved"], 0)):  # once if the run uses k = 0
@@ -158,7 +170,7 @@ def _text_to_image(gen, ranker, examples, scenes, seeds: list[int], settings: di
         by_class = {}
         for seed in seeds:
             drawn = gen.text_to_image(captions, num_retrieved=k, sampling=sampling, seed=seed,
-                                      num_samples=samples)
+                                      num_samples=samples, negative_captions=negatives)
             rows = [shapes_scores.image_metrics(im, scenes[i // samples])
                     for i, im in enumerate(drawn.images)]
             kept = (np.zeros(len(scenes), int) if ranker is None
@@ -355,6 +367,10 @@ def main(argv=None) -> str:
                    help="a variant of the run's text -> image sampling, e.g. "
                         "'t07=temperature:0.7,top_p:0.95' (repeat; each decoder is measured "
                         "with the run's own settings and with every variant)")
+    p.add_argument("--circle-negatives", action="store_true",
+                   help="measure every image sampling again with negative captions that "
+                        "name each shape a circle (a circle a square); its negative_scale "
+                        "is the sampling's (set it with --image-sampling)")
     p.add_argument("--rerank-samples", type=int, default=None,
                    help="samples per caption for CLIP re-ranking (default: the run's)")
     p.add_argument("--guidance-keeps-documents", action="store_true",
@@ -388,6 +404,9 @@ def main(argv=None) -> str:
         if f" {name}" in variants:
             raise SystemExit(f"--image-sampling names {name!r} twice.")
         variants[f" {name}"] = sampling
+    if args.circle_negatives:
+        variants.update({f"{label} circle-negatives": (sampling, True)
+                         for label, sampling in list(variants.items())})
     results = {}
     for name, folder in decoders.items():
         reads = read_out(args.run, folder, tokenizer, examples)

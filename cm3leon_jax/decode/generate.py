@@ -4,6 +4,7 @@
     gen = Generator(config, params, vocab, image_tokenizer, retriever=Retriever.open(...))
     out = gen.text_to_image(["a red circle"], num_samples=4)   # out.images uint8[4, s, s, 3]
     texts = gen.image_to_text(images)                          # one string per image
+    out = gen.text_to_image(["a red star"], negative_captions=["a red circle"])  # not that
 
 Each prompt is repeated `num_samples` times (outputs are prompt-major: prompt i, sample j
 at i * num_samples + j); with a retriever, each prompt's `num_retrieved` best documents
@@ -45,6 +46,13 @@ class SamplingConfig:
     guidance: "none"; "cfg" (classifier-free guidance, `guidance_scale`; paper 3-5);
         "cdk" (contrastive decoding over the `cdk_k`-th largest probability times
         `cdk_alpha`). Both run an unconditional stream beside the prompt.
+    negative_scale: with negative captions (`Generator.text_to_image(negative_captions=)`,
+        "cfg" only), a third stream runs on them and the three merge as
+        `uncond + guidance_scale * (negative - uncond) + negative_scale * (prompt - negative)`
+        (`TwoScaleGuidance`): pushed toward the prompt's content as CFG does and, harder,
+        away from what the negative says instead. `negative_scale = guidance_scale` is CFG
+        without the negative; `guidance_scale = 1` the usual negative prompt,
+        `negative + negative_scale * (prompt - negative)`.
     """
 
     greedy: bool = False
@@ -55,6 +63,7 @@ class SamplingConfig:
     guidance_scale: float = 3.0
     cdk_alpha: float = 0.5
     cdk_k: int = 1
+    negative_scale: float = 6.0
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE:
@@ -65,10 +74,18 @@ class SamplingConfig:
     def num_streams(self) -> int:
         return 1 if self.guidance == "none" else 2
 
-    def processors(self, constraint: Any) -> tuple:
-        """constraint, then guidance, then the reshaping of the merged distribution."""
+    def processors(self, constraint: Any, negative: bool = False) -> tuple:
+        """constraint, then guidance, then the reshaping of the merged distribution;
+        `negative`: the three streams [prompt, negative, unconditional] of CFG with
+        negative captions."""
         chain = [constraint]
-        if self.guidance == "cfg":
+        if negative:
+            if self.guidance != "cfg":
+                raise UserInputError(f"negative captions need guidance='cfg', got "
+                                     f"SamplingConfig.guidance={self.guidance!r}: set it to "
+                                     "'cfg' or leave the negatives out.")
+            chain.append(proc.TwoScaleGuidance(self.guidance_scale, self.negative_scale))
+        elif self.guidance == "cfg":
             chain.append(proc.ClassifierFreeGuidance(self.guidance_scale))
         elif self.guidance == "cdk":
             chain.append(proc.ContrastiveDecoding(self.cdk_alpha, self.cdk_k))
@@ -148,22 +165,32 @@ class Generator:
 
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
-                      seed: int = 0, ranker: Any = None) -> Images:
+                      seed: int = 0, ranker: Any = None,
+                      negative_captions: Sequence[str] | None = None) -> Images:
         """Each caption -> `num_samples` images of exactly `image_length` codes; with a
-        `ranker` (rerank.py, e.g. a CLIP score) only the best of each caption's samples."""
-        captions = [str(c) for c in captions]
-        for i, c in enumerate(captions):
-            if not c.strip():
-                raise ValueError(f"caption {i} is empty; give a non-empty text.")
+        `ranker` (rerank.py, e.g. a CLIP score) only the best of each caption's samples.
+
+        negative_captions: one per caption, what its image should not be (with CFG; see
+        `SamplingConfig.negative_scale`); each runs after the caption's own retrieved
+        documents, so that guidance contrasts the two texts alone.
+        """
+        captions = _checked_texts(captions, "caption")
+        if negative_captions is not None:
+            negative_captions = _checked_texts(negative_captions, "negative caption")
+            if len(negative_captions) != len(captions):
+                raise ValueError(f"{len(negative_captions)} negative captions for "
+                                 f"{len(captions)} captions: give one for each caption.")
         sampling = SamplingConfig() if sampling is None else sampling
         constraint = proc.ImageCodesOnly(self.layout)
         retrieved = self._retrieve(num_retrieved,
                                    lambda k: self.retriever.search_texts(captions, k))
-        queries = [prompts_lib.text_to_image(np.asarray(self.vocab.encode(c), np.int32))
-                   for c in captions]
+        def query(text):
+            return prompts_lib.text_to_image(np.asarray(self.vocab.encode(text), np.int32))
+
+        negatives = None if negative_captions is None else [query(c) for c in negative_captions]
         uncond = prompts_lib.text_to_image_unconditional(self.layout)
-        tokens = self._run(queries, retrieved, uncond, constraint, sampling, num_samples, seed,
-                           what="caption")
+        tokens = self._run([query(c) for c in captions], retrieved, uncond, constraint,
+                           sampling, num_samples, seed, what="caption", negatives=negatives)
         if any(t.size != self.layout.image_length for t in tokens):
             raise RuntimeError("the sampler returned an image of the wrong length; the "
                                "ImageCodesOnly constraint should make that impossible.")
@@ -222,38 +249,45 @@ class Generator:
                 for r in results]
 
     def _run(self, queries: list[np.ndarray], retrieved, uncond: np.ndarray, constraint,
-             sampling: SamplingConfig, num_samples: int, seed: int, what: str) -> list[np.ndarray]:
-        """Every query x num_samples through the sampler; each row's tokens, stop included."""
+             sampling: SamplingConfig, num_samples: int, seed: int, what: str,
+             negatives: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Every query x num_samples through the sampler; each row's tokens, stop included.
+        `negatives`: a query each, run after the same documents as a third stream."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         max_new = constraint.max_new_tokens
         budget = self.config.max_length - max_new
-        rows, unconditional = [], []  # Per sample: the prompt and its unconditional stream.
+        # Per sample: the prompt, its negative (if any) and its unconditional stream.
+        rows, negative_rows, unconditional = [], [], []
         for i, q in enumerate(queries):
             docs = retrieved[i] if retrieved is not None else []
             if self.neighbors_in_query_order:
                 docs = [document_lib.in_order_of(d, q, self.layout) for d in docs]
             rows += [prompts_lib.with_retrieved(q, docs, budget, f"{what} {i}")] * num_samples
+            if negatives is not None:
+                negative_rows += [prompts_lib.with_retrieved(
+                    negatives[i], docs, budget, f"negative {what} {i}")] * num_samples
             if self.guidance_keeps_documents:  # The documents the prompt kept, if any.
                 kept = augment.neighbors_that_fit(q.size, docs, budget)
                 unconditional += [prompts_lib.with_retrieved(uncond, kept, budget,
                                                              f"{what} {i}")] * num_samples
             else:
                 unconditional += [uncond] * num_samples
-        chain, streams = self._kernel_chain(sampling.processors(constraint)), sampling.num_streams
+        chain = self._kernel_chain(sampling.processors(constraint, negatives is not None))
+        streams = [rows] + [negative_rows] * (negatives is not None)
+        streams += [unconditional] * (sampling.num_streams == 2)
         key, out = jax.random.key(seed), []
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # Same shape, no recompiling.
-            masked = unconditional[start:start + self.batch_size]
-            masked += [masked[-1]] * (self.batch_size - len(masked))
-            batch = chunk + masked if streams == 2 else chunk
+            batch = []
+            for stream in streams:  # Stream-major; the last chunk padded to the same shape.
+                chunk = stream[start:start + self.batch_size]
+                batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
             result = sampler.sample(
                 self.model, self.params, sampler.left_pad(batch, width), key,
                 max_new_tokens=max_new, processors=chain, stop=constraint,
-                greedy=sampling.greedy, num_streams=streams,
+                greedy=sampling.greedy, num_streams=len(streams),
                 row_ids=np.arange(start, start + self.batch_size))
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
             n = min(self.batch_size, len(rows) - start)
@@ -453,6 +487,14 @@ class Generator:
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
             out += [tokens[j, :lengths[j]] for j in range(min(self.batch_size, n - start))]
         return out
+
+
+def _checked_texts(texts: Sequence[str], what: str) -> list[str]:
+    texts = [str(t) for t in texts]
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ValueError(f"{what} {i} is empty; give a non-empty text.")
+    return texts
 
 
 def _unguided(sampling: SamplingConfig) -> SamplingConfig:

@@ -325,3 +325,21 @@ def vqa_exact_match_by_type(questions: Sequence[str], predictions: Sequence[str]
             out[f"vqa_exact_match/{kind}"] = float(np.mean(grouped[kind]))
             out[f"vqa_questions/{kind}"] = len(grouped[kind])
     return out
+
+
+def renamed_classes(caption: str, rename: dict[str, str]) -> str:
+    """`caption` with every object's class word put through `rename` (a class missing
+    from it keeps its word), later mentions ("the red circle") included, so that the
+    text stays one scene: e.g. the negative caption that names each shape as the one a
+    decoder draws when it has not read the shape (`benchmarks/demo_decoders.py
+    --negative`)."""
+    unknown = sorted(set(rename) - set(shapes.KINDS) | set(rename.values()) - set(shapes.KINDS))
+    if unknown:
+        raise ValueError(f"renamed_classes: {unknown} are not classes of the corpus; use "
+                         f"{shapes.KINDS}.")
+    out, last = [], 0
+    for match in _PHRASE.finditer(caption.lower()):
+        start, end = match.span(3)
+        out += [caption[last:start], rename.get(match.group(3), caption[start:end])]
+        last = end
+    return "".join(out + [caption[last:]])

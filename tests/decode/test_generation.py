@@ -176,6 +176,56 @@ def test_generator_refuses_what_it_cannot_do(vocab):
         SamplingConfig(guidance="clip")
 
 
+def test_negative_captions_run_as_a_third_stream_after_the_same_documents(vocab,
+                                                                           monkeypatch):
+    from cm3leon_jax.decode import generate
+    from cm3leon_jax.decode.sampler import PAD_ID
+
+    calls = []
+    real = generate.sampler.sample
+
+    def spy(model, params, prompt_ids, key, *, processors=(), num_streams=1, **kwargs):
+        calls.append((np.asarray(prompt_ids), num_streams, processors))
+        return real(model, params, prompt_ids, key, processors=processors,
+                    num_streams=num_streams, **kwargs)
+
+    monkeypatch.setattr(generate.sampler, "sample", spy)
+    docs = [np.concatenate([vocab.encode("a green square"), [BREAK_ID],
+                            vocab.layout.codes_to_ids(np.arange(16) % 64)]).astype(np.int32)]
+    gen = Generator(CONFIG, PARAMS, vocab, retriever=FixedDocuments(docs), batch_size=4)
+    negatives = ["a small red square above a yellow circle", "a large blue circle"]
+    sampling = SamplingConfig(guidance_scale=2.0, negative_scale=5.0)
+    out = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=1, sampling=sampling,
+                            negative_captions=negatives)
+    (ids, streams, chain), = calls
+    assert streams == 3 and ids.shape[0] == 12
+    assert proc.TwoScaleGuidance(2.0, 5.0) in chain
+
+    def rows(stream):
+        return [r[r != PAD_ID] for r in ids[stream * 4:stream * 4 + 4]]
+
+    for texts, stream in ((CAPTIONS, 0), (negatives, 1)):
+        want = [prompts.with_retrieved(prompts.text_to_image(vocab.encode(t)), docs, 10_000, "")
+                for t in texts for _ in range(2)]
+        for got, row in zip(rows(stream), want):
+            np.testing.assert_array_equal(got, row)
+    for got in rows(2):  # The masked caption alone (guidance_keeps_documents=False).
+        np.testing.assert_array_equal(got, prompts.text_to_image_unconditional(vocab.layout))
+    plain = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=1, sampling=sampling)
+    assert out.codes.shape == plain.codes.shape and (out.codes != plain.codes).any()
+
+
+def test_negative_captions_are_checked(vocab):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    with pytest.raises(ValueError, match="1 negative captions for 2 captions"):
+        gen.text_to_image(CAPTIONS, negative_captions=["a circle"])
+    with pytest.raises(ValueError, match="negative caption 0 is empty"):
+        gen.text_to_image(CAPTIONS[:1], negative_captions=[""])
+    with pytest.raises(ValueError, match="negative captions need guidance='cfg'.*'cdk'"):
+        gen.text_to_image(CAPTIONS[:1], negative_captions=["a circle"],
+                          sampling=SamplingConfig(guidance="cdk"))
+
+
 def test_a_generator_with_the_cpu_kernels_finds_top_p_through_its_kernel(vocab, monkeypatch):
     from cm3leon_jax.decode import generate
 

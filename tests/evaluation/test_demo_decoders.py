@@ -137,3 +137,32 @@ def test_read_out_scores_every_caption_against_its_swaps(eval_files, image_token
     assert reads["class_scenes"] == reads["color_scenes"] == 2
     line = demo_decoders.reads_table({"d": {"reads": reads}}).splitlines()[-1]
     assert line == (f"| d | 1 | {reads['class']:.1%} (12.9%) | {reads['color']:.1%} (9.6%) |")
+
+
+def test_circle_negatives_reach_the_generator_renamed():
+    import numpy as np
+
+    from cm3leon_jax.data import shapes
+    from cm3leon_jax.decode.generate import Images, SamplingConfig
+
+    class Recorder:
+        def __init__(self):
+            self.negatives = []
+
+        def text_to_image(self, captions, *, num_samples, negative_captions=None, **_):
+            self.negatives.append(negative_captions)
+            n = len(captions) * num_samples
+            return Images(np.zeros((n, 64), np.int32), np.zeros((n, 32, 32, 3), np.uint8),
+                          [c for c in captions for _ in range(num_samples)])
+
+    scene = shapes.Scene(32, shapes.Background(), (shapes.make_shape("star", "red", "small",
+                                                                      4, 4, 10),))
+    examples = [{"captions": [b"a red star"]}, {"captions": [b"a blue circle"]}]
+    settings = {"rerank_samples": 1, "num_retrieved": 2}
+    gen = Recorder()
+    demo_decoders._text_to_image(gen, None, examples, [scene] * 2, [0], settings,
+                                 (SamplingConfig(), True))
+    assert gen.negatives == [["a red circle", "a blue square"]] * 2  # k = 2, then k = 0.
+    gen.negatives.clear()
+    demo_decoders._text_to_image(gen, None, examples, [scene] * 2, [0], settings, None)
+    assert gen.negatives == [None, None]

@@ -121,6 +121,18 @@ def test_swapped_captions_change_one_introduced_object_at_a_time():
         shapes_scores.swapped_captions(caption, "size")
 
 
+def test_renamed_classes_rename_every_mention_and_nothing_else():
+    caption = "a small Red circle above a blue square; the red circle is large"
+    rename = {"circle": "square", "square": "circle", "star": "circle"}
+    assert shapes_scores.renamed_classes(caption, rename) == (
+        "a small Red square above a blue circle; the red square is large")
+    assert shapes_scores.renamed_classes("a plain gray background", rename) == (
+        "a plain gray background")
+    assert shapes_scores.renamed_classes("an orange hexagon", rename) == "an orange hexagon"
+    with pytest.raises(ValueError, match=r"\['blob'\] are not classes"):
+        shapes_scores.renamed_classes(caption, {"circle": "blob"})
+
+
 def test_caption_precision_recall_and_vqa_exact_match():
     star = shapes.make_shape("star", "red", "large", 4, 4, 14)
     circle = shapes.make_shape("circle", "blue", "small", 20, 20, 8)
