@@ -285,7 +285,9 @@ class TwoScaleGuidance:
         neither + image_scale * (image - neither) + text_scale * (full - image)
 
     `full` sees the source image and the instruction, `image` the image with the
-    instruction masked, `neither` both masked (paper: image 1.5, text 7.5). Written as
+    instruction masked, `neither` both masked (paper: image 1.5, text 7.5). Text to image
+    with negative captions merges [prompt, negative, unconditional] the same way
+    (`SamplingConfig.negative_scale`). Written as
     `text_scale * full + (image_scale - text_scale) * image + (1 - image_scale) * neither`,
     the same number, exact at (1, 1) (the full stream).
     """

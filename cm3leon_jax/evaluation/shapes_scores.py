@@ -332,7 +332,7 @@ def renamed_classes(caption: str, rename: dict[str, str]) -> str:
     from it keeps its word), later mentions ("the red circle") included, so that the
     text stays one scene: e.g. the negative caption that names each shape as the one a
     decoder draws when it has not read the shape (`benchmarks/demo_decoders.py
-    --negative`)."""
+    --circle-negatives`)."""
     unknown = sorted(set(rename) - set(shapes.KINDS) | set(rename.values()) - set(shapes.KINDS))
     if unknown:
         raise ValueError(f"renamed_classes: {unknown} are not classes of the corpus; use "
