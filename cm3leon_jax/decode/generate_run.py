@@ -96,15 +96,31 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
     return entries
 
 
+def negatives_for(texts: Sequence[str], negative_captions: Sequence[str]) -> list[str] | None:
+    """`generate.negative_captions`, one per caption or one for all of them (None: none)."""
+    negatives = [str(n) for n in negative_captions]
+    if not negatives:
+        return None
+    if not texts:
+        raise UserInputError("generate.negative_captions are given without captions: bind "
+                             "generate.captions or generate.captions_file too.")
+    if len(negatives) not in (1, len(texts)):
+        raise UserInputError(f"generate.negative_captions has {len(negatives)} texts for "
+                             f"{len(texts)} captions: give one for every caption (in the order "
+                             "of generate.captions, then generate.captions_file) or one for all.")
+    return negatives * len(texts) if len(negatives) == 1 else negatives
+
+
 def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int,
           sampling: SamplingConfig | None, seed: int, rerank_samples: int,
-          rerank_with: tuple | None):
+          rerank_with: tuple | None, negatives: list[str] | None = None):
     """Images for the captions -> (Images, samples kept per caption). rerank_with:
     (CLIP folder or None for the retrieval encoder, samplings) keeps the best of
-    `rerank_samples` per caption."""
+    `rerank_samples` per caption; `negatives`: a negative caption each."""
     if rerank_with is None:
         return gen.text_to_image(texts, num_samples=num_samples, num_retrieved=num_retrieved,
-                                 sampling=sampling, seed=seed), num_samples
+                                 sampling=sampling, seed=seed,
+                                 negative_captions=negatives), num_samples
     encoder_dir, samplings = rerank_with
     encoder = (DocumentEncoder.load(encoder_dir) if encoder_dir
                else getattr(gen.retriever, "encoder", None))
@@ -113,7 +129,7 @@ def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int
                              "generate.rerank_encoder_dir or a retrieval_dir.")
     best = rerank.best_of(gen, texts, num_samples=rerank_samples, samplings=samplings,
                           ranker=rerank.ClipRanker(encoder), num_retrieved=num_retrieved,
-                          seed=seed)
+                          seed=seed, negative_captions=negatives)
     return best.images, 1
 
 
@@ -122,6 +138,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
              data_dir: str | None = None,
              captions: Sequence[str] = (), captions_file: str | None = None,
+             negative_captions: Sequence[str] = (),
              image_files: Sequence[str] = (), num_samples: int = 1, num_retrieved: int = 2,
              image_sampling: SamplingConfig | None = None,
              caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
@@ -140,6 +157,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
       data_dir: the MODEL_DIR of the preprocess run the model was trained on; vocab_dir
         and retrieval_dir default to its vocab/ and retrieval/.
       captions / captions_file: text -> image prompts (a file: one per line).
+      negative_captions: what each image should not be, one per caption or one for all
+        (CFG's third stream, `Generator.text_to_image`; `image_sampling.negative_scale`).
       image_files: image -> text inputs (any size; resized to the tokenizer's).
       num_samples, num_retrieved: per prompt. image_sampling / caption_sampling: how
         tokens are chosen (None: the Generator's defaults). max_caption_tokens,
@@ -152,6 +171,10 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         `rerank_samplings` mixes samplings (sample j uses [j % K]; default image_sampling).
     """
     texts = list(captions) + (read_lines(captions_file) if captions_file else [])
+    negatives = negatives_for(texts, negative_captions)
+    if negatives and image_sampling is not None and image_sampling.guidance != "cfg":
+        raise UserInputError(f"generate.negative_captions need image_sampling.guidance='cfg', "
+                             f"got {image_sampling.guidance!r}: set it or drop the negatives.")
     images = read_images(image_files)  # Before the (slow) restore: a bad input fails fast.
     if data_dir:
         vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
@@ -173,7 +196,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         if rerank_samples > 1:
             rerank_with = (rerank_encoder_dir, tuple(rerank_samplings) or (image_sampling,))
         out, kept = _draw(gen, texts, num_samples, num_retrieved, image_sampling, seed,
-                          rerank_samples, rerank_with)
+                          rerank_samples, rerank_with, negatives)
         summary["images"] = write_images(model_dir, out.images, out.captions, kept)
     if image_files:
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,

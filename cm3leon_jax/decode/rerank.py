@@ -73,9 +73,10 @@ def keep_best(out: Any, num_samples: int, ranker: Ranker) -> Reranked:
 
 def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Ranker,
             samplings: Sequence[Any] = (None,), num_retrieved: int = 2,
-            seed: int = 0) -> Reranked:
+            seed: int = 0, negative_captions: Sequence[str] | None = None) -> Reranked:
     """`num_samples` samples per caption from `gen.text_to_image`, sample j drawn with
-    `samplings[j % len(samplings)]` (None: the generator's default), the best kept."""
+    `samplings[j % len(samplings)]` (None: the generator's default), the best kept;
+    `negative_captions` go to every draw."""
     if num_samples < 1 or not samplings:
         raise ValueError(f"best_of needs num_samples >= 1 and at least one sampling config, "
                          f"got {num_samples} and {len(samplings)}.")
@@ -84,7 +85,8 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
     for i in range(k):
         count = len(range(i, num_samples, k))
         parts.append(gen.text_to_image(captions, num_samples=count, num_retrieved=num_retrieved,
-                                       sampling=samplings[i], seed=seed + i))
+                                       sampling=samplings[i], seed=seed + i,
+                                       negative_captions=negative_captions))
     # Interleave into prompt-major order: prompt p, sample j = part j % k, its (j // k)-th.
     order = [(j % k, p * len(range(j % k, num_samples, k)) + j // k)
              for p in range(len(captions)) for j in range(num_samples)]

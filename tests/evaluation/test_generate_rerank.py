@@ -45,3 +45,26 @@ def test_generate_run_keeps_the_best_of_n(eval_files, image_tokenizer, tmp_path,
     for entry, image in zip(entries, want.images.images):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / entry["images"][0])),
                                       image)
+
+
+def test_generate_run_takes_negative_captions(eval_files, image_tokenizer, tmp_path, tiny_gin):
+    captions = ["a small red circle above a yellow square", "a large blue star"]
+    common = dict(checkpoint=eval_files["checkpoint"], vocab_dir=eval_files["vocab"],
+                  image_tokenizer=lambda: image_tokenizer, captions=captions, num_retrieved=0,
+                  rerank_samples=2, rerank_encoder_dir=eval_files["clip"], seed=3)
+    generate_run.generate(str(tmp_path), negative_captions=["a green hexagon"], **common)
+    entries = json.loads((tmp_path / "generated.json").read_text())
+    gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
+                    image_tokenizer)
+    want = rerank.best_of(gen, captions, num_samples=2, num_retrieved=0, seed=3,
+                          ranker=rerank.ClipRanker(DocumentEncoder.load(eval_files["clip"])),
+                          negative_captions=["a green hexagon"] * 2)
+    for entry, image in zip(entries, want.images.images):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / entry["images"][0])),
+                                      image)
+    for bad, match in (({"negative_captions": ["a", "b", "c"]}, "has 3 texts for 2 captions"),
+                       ({"negative_captions": ["a"], "captions": ()}, "without captions"),
+                       ({"negative_captions": ["a"], "image_sampling": SamplingConfig(
+                           guidance="none")}, "need image_sampling.guidance='cfg'")):
+        with pytest.raises(generate_run.UserInputError, match=match):
+            generate_run.generate(str(tmp_path / "bad"), **{**common, **bad})
