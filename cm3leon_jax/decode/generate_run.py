@@ -96,9 +96,16 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
     return entries
 
 
-def negatives_for(texts: Sequence[str], negative_captions: Sequence[str]) -> list[str] | None:
+def text_list(texts: str | Sequence[str]) -> list[str]:
+    """A gin list of texts or paths; one string (`generate.captions='a red circle'`) is one,
+    not one per character."""
+    return [texts] if isinstance(texts, str) else [str(t) for t in texts]
+
+
+def negatives_for(texts: Sequence[str], negative_captions: str | Sequence[str]
+                  ) -> list[str] | None:
     """`generate.negative_captions`, one per caption or one for all of them (None: none)."""
-    negatives = [str(n) for n in negative_captions]
+    negatives = text_list(negative_captions)
     if not negatives:
         return None
     if not texts:
@@ -137,9 +144,10 @@ def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int
 def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
              data_dir: str | None = None,
-             captions: Sequence[str] = (), captions_file: str | None = None,
-             negative_captions: Sequence[str] = (),
-             image_files: Sequence[str] = (), num_samples: int = 1, num_retrieved: int = 2,
+             captions: str | Sequence[str] = (), captions_file: str | None = None,
+             negative_captions: str | Sequence[str] = (),
+             image_files: str | Sequence[str] = (), num_samples: int = 1,
+             num_retrieved: int = 2,
              image_sampling: SamplingConfig | None = None,
              caption_sampling: SamplingConfig | None = None, max_caption_tokens: int = 32,
              caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
@@ -170,7 +178,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         CLIP folder `rerank_encoder_dir` (default: the retrieval folder's encoder);
         `rerank_samplings` mixes samplings (sample j uses [j % K]; default image_sampling).
     """
-    texts = list(captions) + (read_lines(captions_file) if captions_file else [])
+    texts = text_list(captions) + (read_lines(captions_file) if captions_file else [])
+    image_files = text_list(image_files)
     negatives = negatives_for(texts, negative_captions)
     if negatives and image_sampling is not None and image_sampling.guidance != "cfg":
         raise UserInputError(f"generate.negative_captions need image_sampling.guidance='cfg', "

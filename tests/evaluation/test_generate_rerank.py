@@ -52,7 +52,7 @@ def test_generate_run_takes_negative_captions(eval_files, image_tokenizer, tmp_p
     common = dict(checkpoint=eval_files["checkpoint"], vocab_dir=eval_files["vocab"],
                   image_tokenizer=lambda: image_tokenizer, captions=captions, num_retrieved=0,
                   rerank_samples=2, rerank_encoder_dir=eval_files["clip"], seed=3)
-    generate_run.generate(str(tmp_path), negative_captions=["a green hexagon"], **common)
+    generate_run.generate(str(tmp_path), negative_captions="a green hexagon", **common)
     entries = json.loads((tmp_path / "generated.json").read_text())
     gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
                     image_tokenizer)
@@ -68,3 +68,9 @@ def test_generate_run_takes_negative_captions(eval_files, image_tokenizer, tmp_p
                            guidance="none")}, "need image_sampling.guidance='cfg'")):
         with pytest.raises(generate_run.UserInputError, match=match):
             generate_run.generate(str(tmp_path / "bad"), **{**common, **bad})
+
+
+def test_a_single_string_is_one_caption_not_one_per_character():
+    assert generate_run.text_list("a red circle") == ["a red circle"]
+    assert generate_run.text_list(("a", "b")) == ["a", "b"] and generate_run.text_list(()) == []
+    assert generate_run.negatives_for(["x", "y"], "a red circle") == ["a red circle"] * 2
