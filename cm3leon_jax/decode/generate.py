@@ -255,8 +255,7 @@ class Generator:
         `negatives`: a query each, run after the same documents as a third stream."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        max_new = constraint.max_new_tokens
-        budget = self.config.max_length - max_new
+        budget = self.config.max_length - constraint.max_new_tokens
         # Per sample: the prompt, its negative (if any) and its unconditional stream.
         rows, negative_rows, unconditional = [], [], []
         for i, q in enumerate(queries):
@@ -273,26 +272,11 @@ class Generator:
                                                              f"{what} {i}")] * num_samples
             else:
                 unconditional += [uncond] * num_samples
-        chain = self._kernel_chain(sampling.processors(constraint, negatives is not None))
         streams = [rows] + [negative_rows] * (negatives is not None)
         streams += [unconditional] * (sampling.num_streams == 2)
-        key, out = jax.random.key(seed), []
-        for start in range(0, len(rows), self.batch_size):
-            batch = []
-            for stream in streams:  # Stream-major; the last chunk padded to the same shape.
-                chunk = stream[start:start + self.batch_size]
-                batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-            width = max(r.size for r in batch)
-            width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)
-            result = sampler.sample(
-                self.model, self.params, sampler.left_pad(batch, width), key,
-                max_new_tokens=max_new, processors=chain, stop=constraint,
-                greedy=sampling.greedy, num_streams=len(streams),
-                row_ids=np.arange(start, start + self.batch_size))
-            tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-            n = min(self.batch_size, len(rows) - start)
-            out += [tokens[j, :lengths[j]] for j in range(n)]
-        return out
+        return self._sample_rows(streams, constraint,
+                                 sampling.processors(constraint, negatives is not None),
+                                 sampling.greedy, seed)
 
     # -- SFT families (the sft engineer's block) ------------------------------------------
     # Each prompt comes from data/sft_prompts.py, the builder the SFT tasks were trained
@@ -470,11 +454,18 @@ class Generator:
                                  "model has room for (DecoderConfig.max_length minus the "
                                  "tokens to generate); shorten it.")
         rows = [[r for r in stream for _ in range(num_samples)] for stream in streams]
-        key, out, n = jax.random.key(seed), [], len(rows[0])
+        return self._sample_rows(rows, constraint, chain, greedy, seed)
+
+    def _sample_rows(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
+                     greedy: bool, seed: int) -> list[np.ndarray]:
+        """Rows of every stream (each stream's row i goes with the others' row i) through
+        the sampler in fixed batches; the first stream's generated tokens, stop included."""
+        budget = self.config.max_length - constraint.max_new_tokens
+        key, out, n = jax.random.key(seed), [], len(streams[0])
         chain = self._kernel_chain(chain)
         for start in range(0, n, self.batch_size):
             batch = []
-            for stream in rows:
+            for stream in streams:  # Stream-major; the last chunk padded to the same shape.
                 chunk = stream[start:start + self.batch_size]
                 batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
             width = max(r.size for r in batch)
@@ -482,7 +473,7 @@ class Generator:
             result = sampler.sample(
                 self.model, self.params, sampler.left_pad(batch, width), key,
                 max_new_tokens=constraint.max_new_tokens, processors=chain, stop=constraint,
-                greedy=greedy, num_streams=len(rows),
+                greedy=greedy, num_streams=len(streams),
                 row_ids=np.arange(start, start + self.batch_size))
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
             out += [tokens[j, :lengths[j]] for j in range(min(self.batch_size, n - start))]
