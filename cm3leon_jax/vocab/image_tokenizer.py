@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3leon_jax.vocab import image_inputs
+# At import, not in `from_checkpoint`: it brings in train/checkpoints.py, whose gin
+# configurables cannot register once a run's config is locked (the preprocess runs, which
+# import this module and nothing of the trainer's, then failed to load a checkpoint).
+from cm3leon_jax.vocab import image_inputs, vqgan_checkpoint
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig, init_key
 
 
@@ -136,7 +139,6 @@ class ImageTokenizer:
     def from_checkpoint(cls, model_dir: str, step: int | None = None, **kwargs: Any
                         ) -> "ImageTokenizer":
         """A tokenizer trained by `train_image_tokenizer` (MODEL_DIR or its checkpoints/)."""
-        from cm3leon_jax.vocab import vqgan_checkpoint
         params, cfg, _ = vqgan_checkpoint.restore_params(model_dir, step)
         return cls(cfg, params, **kwargs)
 

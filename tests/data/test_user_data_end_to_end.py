@@ -5,12 +5,15 @@
     -> generate_user.gin (text -> image and image -> text, retrieving from that bank)
 
 Each step runs through the entry point (`main.main`) as the README's commands do, with
-bindings that shrink it: a random-weight tiny image tokenizer and retrieval encoder (no
-trained models needed), a few training steps.
+bindings that shrink it: a random-weight tiny image tokenizer and retrieval encoder saved as
+checkpoints (no trained models needed; read as the README's IMAGE_TOKENIZER_DIR and
+ENCODER_DIR), a few training steps.
 """
 
 import json
 import os
+import subprocess
+import sys
 
 import gin
 import numpy as np
@@ -19,6 +22,9 @@ from PIL import Image
 
 from cm3leon_jax import main as main_lib
 from cm3leon_jax.data import shards
+from cm3leon_jax.vocab import vqgan_checkpoint
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+from cm3leon_jax.vocab.vqgan import VQGANConfig
 from tests.retrieval.retrieval_testlib import save_random_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,11 +32,9 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
            "yellow": (230, 220, 30)}
 SHAPES = ("square", "stripe", "dot")
 # A random tiny VQGAN (32 px, 64 codes) stands in for a trained one, in every step.
-TOKENIZER = ["IMAGE_TOKENIZER_DIR=None", "load_image_tokenizer.config=@VQGANConfig()",
-             "VQGANConfig.image_size=32", "VQGANConfig.base_channels=8",
-             "VQGANConfig.channel_multipliers=(1, 2, 2)", "VQGANConfig.num_res_blocks=1",
-             "VQGANConfig.attn_levels=()", "VQGANConfig.latent_channels=8",
-             "VQGANConfig.embed_dim=8", "VQGANConfig.codebook_size=64", "VQGANConfig.num_groups=4"]
+TINY_VQ = VQGANConfig(image_size=32, base_channels=8, channel_multipliers=(1, 2, 2),
+                      num_res_blocks=1, attn_levels=(), latent_channels=8, embed_dim=8,
+                      codebook_size=64, num_groups=4)
 
 
 def _picture(color, shape, side=48):
@@ -77,14 +81,43 @@ def encoder_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def preprocessed(user_folder, encoder_dir, tmp_path_factory):
+def tokenizer_dir(tmp_path_factory):
+    """A checkpoint as train_image_tokenizer writes it: loading one imports the trainer's
+    checkpointing after the run's gin config is locked (that once failed every preprocess
+    run that named IMAGE_TOKENIZER_DIR)."""
+    directory = str(tmp_path_factory.mktemp("image_tokenizer"))
+    vqgan_checkpoint.save_params(directory, 1, TINY_VQ,
+                                 ImageTokenizer.random_init(TINY_VQ, seed=0).params)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def preprocessed(user_folder, encoder_dir, tokenizer_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("my_data")
     _main("gin_configs/runs/preprocess_user.gin", f"MODEL_DIR='{data_dir}'",
           f"USER_DATA='{user_folder}'", f"ENCODER_DIR='{encoder_dir}'",
+          f"IMAGE_TOKENIZER_DIR='{tokenizer_dir}'",
           f"user_data_builder.data_dir='{tmp_path_factory.mktemp('tfds')}'",
           "user_data_builder.validation_fraction=0.2", "preprocess.text_vocab_size=280",
-          "preprocess.docs_per_shard=10", "preprocess.batch_size=8", *TOKENIZER)
+          "preprocess.docs_per_shard=10", "preprocess.batch_size=8")
     return data_dir
+
+
+def test_a_locked_run_config_loads_the_image_tokenizer_checkpoint(tokenizer_dir):
+    """In a fresh interpreter, as the README's command starts: preprocess_user.gin parsed and
+    locked, then the tokenizer restored. (In this process the trainer's modules are already
+    imported, which hid the failure when a checkpoint's loader imported them only then.)"""
+    script = ("import sys; from cm3leon_jax import main; "
+              "main.configure([sys.argv[1]], sys.argv[2:]); "
+              "from cm3leon_jax.vocab import image_tokenizer; "
+              "print(image_tokenizer.load_image_tokenizer())")
+    bindings = [f"IMAGE_TOKENIZER_DIR='{tokenizer_dir}'", "MODEL_DIR='unused'",
+                "USER_DATA='unused'", "ENCODER_DIR='unused'"]
+    done = subprocess.run([sys.executable, "-c", script,
+                           os.path.join(ROOT, "gin_configs/runs/preprocess_user.gin"),
+                           *bindings], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "32px -> 8x8 codes of 64" in done.stdout
 
 
 def test_preprocessing_splits_counts_rejects_and_retrieves_from_the_users_bank(preprocessed):
@@ -107,7 +140,8 @@ def test_preprocessing_splits_counts_rejects_and_retrieves_from_the_users_bank(p
 
 
 @pytest.mark.slow
-def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder, tmp_path):
+def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder, tokenizer_dir,
+                                                      tmp_path):
     model_dir = tmp_path / "my_model"
     _main("gin_configs/train/tiny_user.gin", f"MODEL_DIR='{model_dir}'",
           f"DATA_DIR='{preprocessed}'", "train.num_steps=3", "train.seq_len=256",
@@ -122,7 +156,7 @@ def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder
           f"TRAIN_DIR='{model_dir}'", f"DATA_DIR='{preprocessed}'",
           "generate.captions=['a green dot on white']",
           f"generate.image_files=['{user_folder}/red_square_0.png']",
-          "generate.max_caption_tokens=8", *TOKENIZER)
+          "generate.max_caption_tokens=8", f"IMAGE_TOKENIZER_DIR='{tokenizer_dir}'")
     generated = json.loads((out / "generated.json").read_text())
     assert generated[0]["caption"] == "a green dot on white"
     image = np.asarray(Image.open(out / generated[0]["images"][0]))
