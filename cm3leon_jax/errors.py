@@ -24,3 +24,8 @@ class UserInputError(ValueError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder the user named does not exist (or holds nothing usable)."""
+
+
+class CheckpointMismatchError(UserInputError):
+    """A checkpoint in MODEL_DIR does not fit the run's config (shapes, dtypes, data layout)
+    or was written by another kind of run; nothing on disk was changed."""

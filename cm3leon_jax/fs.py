@@ -50,6 +50,22 @@ def abspath(path: str) -> str:
     return str(path) if is_remote(path) else os.path.abspath(path)
 
 
+def overlap(a: str, b: str) -> bool:
+    """Whether folder `a` is folder `b`, or one holds the other: local paths compared after
+    resolving symbolic links, remote ones by their normalized text. For runs that must not
+    write into a folder they read (a fine-tuning run's base, an export's checkpoint)."""
+    if is_remote(a) != is_remote(b):
+        return False
+    if is_remote(a):
+        def norm(p):
+            scheme, rest = str(p).split("://", 1)
+            return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+        a, b, sep = norm(a), norm(b), "/"
+    else:
+        a, b, sep = os.path.realpath(a), os.path.realpath(b), os.sep
+    return a == b or a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep)
+
+
 def open(path: str, mode: str = "r") -> IO:  # noqa: A001 (the file system's own open)
     """A file object for `path`; `mode` as Python's ("r", "w", "rb", "wb", "a").
 

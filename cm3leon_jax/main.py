@@ -39,10 +39,11 @@ import sys  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import gin  # noqa: E402
+import jax  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from cm3leon_jax.errors import UserInputError  # noqa: E402
-from cm3leon_jax.train import run_config  # noqa: E402
+from cm3leon_jax.errors import CheckpointMismatchError, UserInputError  # noqa: E402
+from cm3leon_jax.train import distributed, run_config  # noqa: E402
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_PATHS = (_REPO_ROOT, os.path.join(_REPO_ROOT, "gin_configs"))
@@ -59,13 +60,25 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
 
     A mode may refuse a MODEL_DIR before anything is written there, with an attribute
     `check_model_dir(model_dir)` that raises UserInputError (the `sft` mode refuses its
-    base run's folder, whose config.gin this would replace).
+    base run's folder, whose config.gin this would replace). A run whose checkpoints do not
+    fit it (CheckpointMismatchError) leaves config.gin as it found it. With several
+    processes, process 0 alone writes it (the job is joined first).
     """
     check = getattr(mode, "check_model_dir", None)
     if check is not None:
         check(model_dir)
-    run_config.write(model_dir)
-    return mode(model_dir=model_dir)
+    # One writer: the processes of a pod would otherwise rename one another's config.gin.
+    distributed.initialize()
+    undo = None
+    if not jax.distributed.is_initialized() or jax.process_index() == 0:
+        undo = run_config.write_undoable(model_dir)[1]
+    try:
+        return mode(model_dir=model_dir)
+    except CheckpointMismatchError:
+        # The checkpoints there were left untouched and belong to the earlier config.gin.
+        if undo is not None:
+            undo()
+        raise
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

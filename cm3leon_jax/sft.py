@@ -79,12 +79,14 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
 
 
 def check_not_base(model_dir: str, base_model_dir: str) -> None:
-    """Raises UserInputError when the SFT run's folder is the base run's (the SFT run would
-    replace its config.gin and mix its checkpoints into the base's)."""
-    if fs.abspath(model_dir).rstrip("/") == fs.abspath(base_model_dir).rstrip("/"):
+    """Raises UserInputError when the SFT run's folder is the base run's, holds it or lies
+    inside it, symbolic links followed (the SFT run would replace the base's config.gin or
+    mix its checkpoints into the base's)."""
+    if fs.overlap(model_dir, base_model_dir):
         raise UserInputError(
-            f"sft MODEL_DIR {model_dir!r} is the base run's folder (sft.base_model_dir): give "
-            "the fine-tuned run a folder of its own; the base is left untouched.")
+            f"sft MODEL_DIR {model_dir!r} is, holds or lies inside the base run's folder "
+            f"{base_model_dir!r} (sft.base_model_dir): give the fine-tuned run a folder of its "
+            "own, beside the base; the base is left untouched.")
 
 
 def _check_model_dir(model_dir: str) -> None:

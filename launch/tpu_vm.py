@@ -11,7 +11,8 @@ Steps (each a `gcloud` command, printed before it runs; `--dry_run` only prints)
 2. Pack this checkout (tracked and untracked files that git does not ignore) into a
    tarball, `tpu-vm scp` it to every worker (`--worker=all`), unpack it into
    `~/cm3leon_jax` and `pip install -e '.[tpu]'` into `~/cm3leon_jax/.venv`, so all hosts
-   run exactly the code you launched from (an existing .venv is kept and updated).
+   run exactly the code you launched from (an existing .venv is kept and updated, or made
+   again when its Python is not the --python version).
 3. `tpu-vm ssh --worker=all --command='cd ~/cm3leon_jax && .venv/bin/python -m
    cm3leon_jax.main --gin_file=... --gin.MODEL_DIR=... --gin.initialize.auto=True ...'`:
    one process per host; `jax.distributed.initialize()` finds the slice's hosts.
@@ -125,10 +126,18 @@ def pack_source(path: str) -> int:
 
 
 def install_command(python: str) -> str:
-    """Remote shell line: unpack the tarball over ~/cm3leon_jax and install it in its venv."""
+    """Remote shell line: unpack the tarball over ~/cm3leon_jax and install it in its venv.
+
+    An existing .venv is kept only when its Python is the version `python` is (a venv made
+    by an earlier launch with another --python is made again: pip would refuse the package
+    in it for good)."""
+    version = "import sys; print(sys.version_info[:2])"
+    kept = common.shell_line([".venv/bin/python", "-c", version])
+    wanted = common.shell_line([python, "-c", version])
+    same = f'test "$({kept})" = "$({wanted})"'
     return (f"set -e; mkdir -p {REMOTE_DIR} && tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR} && "
-            f"cd {REMOTE_DIR} && {{ test -x .venv/bin/python || "
-            f"{common.shell_line([python, '-m', 'venv', '.venv'])}; }} && "
+            f"cd {REMOTE_DIR} && {{ {{ test -x .venv/bin/python && {same}; }} || "
+            f"{{ rm -rf .venv && {common.shell_line([python, '-m', 'venv', '.venv'])}; }}; }} && "
             f"{common.shell_line(['.venv/bin/pip', 'install', '-q', '-e', '.[tpu]'])}")
 
 

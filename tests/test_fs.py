@@ -67,6 +67,21 @@ def test_paths():
     assert fs.is_remote("ram://x") and not fs.is_remote("/tmp/x")
 
 
+def test_overlap_follows_links_and_nesting(tmp_path):
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    run = str(tmp_path / "run")
+    assert fs.overlap(run, run + "/") and fs.overlap(str(tmp_path / "link"), run)
+    assert fs.overlap(run, f"{run}/sft") and fs.overlap(f"{tmp_path}/link/sft/..", run)
+    assert not fs.overlap(run, str(tmp_path / "other"))
+    assert not fs.overlap(run, f"{run}_b")  # A shared prefix is not nesting.
+    assert fs.overlap("gs://b/runs/x", "gs://b/runs/x/export")
+    assert fs.overlap("gs://b/runs//x/", "gs://b/runs/x")
+    assert not fs.overlap("gs://b/runs/x", "gs://b/runs/xy")
+    assert not fs.overlap("gs://b/runs/x", run)
+
+
 def test_atomic_write_leaves_the_old_file_or_the_new_one(root):
     from cm3leon_jax.data import shards
 

@@ -254,7 +254,11 @@ def train_vocabulary(source: TfdsSource, image_tokenizer, directory: str, *,
                 except UnicodeDecodeError:
                     continue  # Counted when the pair itself is tokenized.
 
-    text = TextTokenizer.train(captions(), vocab_size=text_vocab_size)
+    try:
+        text = TextTokenizer.train(captions(), vocab_size=text_vocab_size)
+    except ValueError as e:  # Too few captions for the size, or a size below byte fallback.
+        raise UserInputError(f"{e} (the text vocabulary's size is preprocess.text_vocab_size: "
+                             "bind --gin.preprocess.text_vocab_size=N)") from None
     return MultimodalVocabulary.create(
         directory, text, image_codes=image_tokenizer.codebook_size,
         num_sentinels=num_sentinels, image_length=image_tokenizer.codes_per_image)

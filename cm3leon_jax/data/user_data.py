@@ -56,9 +56,9 @@ from cm3leon_jax import fs
 from cm3leon_jax.data.synthetic_tfds import offline_download_config
 from cm3leon_jax.errors import MissingInputError, UserInputError
 
-REASONS = ("bad_record", "missing_image", "corrupt_image", "truncated_image",
-           "image_too_small", "decompression_bomb", "missing_caption", "empty_caption",
-           "non_utf8_caption")
+REASONS = ("bad_record", "duplicate_record", "missing_image", "corrupt_image",
+           "truncated_image", "image_too_small", "decompression_bomb", "missing_caption",
+           "empty_caption", "non_utf8_caption")
 SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 MAX_REPORTED_IDS = 20
@@ -121,10 +121,16 @@ def _caption_problem(text: str) -> str | None:
 
 
 def jsonl_records(path: str) -> Iterator[Record]:
-    """Records of a JSONL file; ids are 'line<N>:<image>' with N 1-based; blank lines skipped."""
+    """Records of a JSONL file; blank lines skipped. A record's id is its image path as
+    written, '#', and a hash of its caption, so that it keeps its split when lines are added
+    or removed; a line repeating an earlier one is a `duplicate_record`, a line that is not
+    a record `bad_record` under the id 'line<N>' (N 1-based)."""
+    seen = set()
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            # A byte-order mark (as some editors save UTF-8) is not part of the first line.
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8",
+                              errors="surrogateescape").strip()
             if not line:
                 continue
             try:
@@ -135,11 +141,22 @@ def jsonl_records(path: str) -> Iterator[Record]:
                     or not isinstance(entry.get("text"), str):
                 yield Record(f"line{number}", None, None, "bad_record")
                 continue
-            image = entry["image"]
+            image, text = entry["image"], entry["text"]
+            caption_hash = zlib.crc32(text.encode("utf-8", "surrogatepass"))
+            record_id = _printable(f"{image}#{caption_hash:08x}")
+            if record_id in seen:
+                yield Record(f"line{number}", None, None, "duplicate_record")
+                continue
+            seen.add(record_id)
             if not (fs.is_remote(image) or os.path.isabs(image)):
                 image = fs.join(os.path.dirname(path), image)
-            yield Record(f"line{number}:{entry['image']}", image, entry["text"],
-                         _caption_problem(entry["text"]))
+            yield Record(record_id, image, text, _caption_problem(text))
+
+
+def _printable(record_id: str) -> str:
+    """`record_id` with the bytes a file name held that are not UTF-8 (decoded by Python as
+    lone surrogates, which no TFDS string feature can hold) written as `\\xNN`."""
+    return record_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _stem_key(path: str) -> str:
@@ -174,17 +191,18 @@ def folder_records(root: str) -> Iterator[Record]:
     for image in images:
         exact = os.path.splitext(image)[0] + ".txt"
         sidecar = exact if exact in present else captions.get(_stem_key(image))
+        record_id = _printable(image)
         if sidecar is None:
-            yield Record(image, fs.join(root, image), None, "missing_caption")
+            yield Record(record_id, fs.join(root, image), None, "missing_caption")
             continue
         try:
             text = fs.read_bytes(fs.join(root, sidecar)).decode("utf-8-sig")
         except UnicodeDecodeError:
-            yield Record(image, fs.join(root, image), None, "non_utf8_caption")
+            yield Record(record_id, fs.join(root, image), None, "non_utf8_caption")
             continue
-        yield Record(image, fs.join(root, image), text, _caption_problem(text))
+        yield Record(record_id, fs.join(root, image), text, _caption_problem(text))
     for caption in (p for p in files if _suffix(p) == ".txt" and _stem_key(p) not in stems):
-        yield Record(caption, None, None, "missing_image")
+        yield Record(_printable(caption), None, None, "missing_image")
 
 
 def records(source: str) -> Iterator[Record]:
@@ -296,7 +314,8 @@ def split_records(all_records: Sequence[Record], validation_fraction: float,
     (if there are two usable records; only then are images opened here).
     """
     validation = [r for r in all_records if held_out_share(r.id) < validation_fraction]
-    if not any(r.problem is None for r in validation):
+    if not any(r.problem is None and load_image(r.image, image_size)[1] is None
+               for r in validation):
         held = {r.id for r in validation}
         usable = (r for r in sorted(all_records, key=lambda r: held_out_share(r.id))
                   if r.id not in held and r.problem is None
@@ -314,11 +333,14 @@ def split_records(all_records: Sequence[Record], validation_fraction: float,
 class UserImageText(tfds.core.GeneratorBasedBuilder):
     """A user's image-text pairs, split into 'train' and a held-out 'validation'."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release: JSONL or folder sources, report.json of rejects.",
         "1.1.0": "A deterministic validation split; small images and decompression bombs "
                  "rejected; caption files matched whatever their case.",
+        "1.2.0": "JSONL ids from the image path and a hash of the caption (not the line "
+                 "number), repeated lines counted as duplicate_record, a UTF-8 byte-order "
+                 "mark read; file names that are not UTF-8 kept in the ids as \\xNN.",
     }
 
     def __init__(self, *, source: str | os.PathLike | None = None, image_size: int = 256,

@@ -83,7 +83,8 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
       overwrite: replace an existing output folder.
       model_size: for a Chameleon release holding several models/<size>/, which one.
     """
-    output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/import", overwrite)
+    output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/import", overwrite,
+                                      reads={"import_weights.source": source})
     kwargs = {"model_size": model_size} if model_size else {}
     layout = detect_layout(source) if layout == "auto" else layout
     config, params, extras = read(source, layout, **kwargs)

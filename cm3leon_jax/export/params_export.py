@@ -21,6 +21,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import staging
@@ -101,7 +102,10 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     """
     if layout not in LAYOUTS:
         raise UserInputError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
-    output_dir = staging.check_target(output_dir or f"{model_dir.rstrip('/')}/export", overwrite)
+    output_dir = staging.check_target(
+        output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
+        reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
+               "export.image_tokenizer_dir": image_tokenizer_dir})
     mesh = partitioning.make_mesh() if shard else None
     config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)
     params, config = cast(params, config, dtype)
@@ -120,3 +124,18 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     print(f"[export] step {got_step} of {checkpoint} -> {output_dir} ({layout}, "
           f"{config.param_dtype})", flush=True)
     return out
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses a MODEL_DIR that
+    is, holds or lies inside the checkpoint's run (whose config.gin, which later runs read
+    the model's sizes from, would be replaced)."""
+    checkpoint = gin.get_bindings(export).get("checkpoint")
+    if checkpoint and fs.overlap(model_dir, checkpoint):
+        raise UserInputError(
+            f"export MODEL_DIR {model_dir!r} is, holds or lies inside export.checkpoint "
+            f"{checkpoint!r}: give the export run a folder of its own (the export goes to "
+            "MODEL_DIR/export, or export.output_dir); the trained run is left untouched.")
+
+
+export.check_model_dir = _check_model_dir

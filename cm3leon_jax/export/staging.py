@@ -27,17 +27,34 @@ from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.train import params_checkpoint as pc
 
+# What marks a folder as an export this package wrote (params layout; `transformers` layout).
+EXPORT_MARKERS = (pc.MANIFEST, "cm3leon_export.json")
 
-def check_target(path: str, overwrite: bool) -> str:
-    """`path` without a trailing slash; raises FileExistsError unless it is free or
-    `overwrite` is set. Call it before the expensive work, to fail fast."""
+
+def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None = None) -> str:
+    """`path` without a trailing slash, if it may be written: it is free, or `overwrite` is
+    set and it holds an export (never any other folder: a training run, a data folder); and
+    it is none of the folders the export `reads` ({"export.checkpoint": path, ...}), holds
+    none and lies inside none. Raises UserInputError otherwise. Call it before the expensive
+    work, to fail fast."""
     path = path.rstrip("/")
     if not path:
         raise UserInputError("the output folder is empty; give a path.")
-    if fs.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} already exists; choose another output folder or set "
-                              "overwrite=True (export.overwrite / import_weights.overwrite) "
-                              "to replace it.")
+    for name, source in (reads or {}).items():
+        if source and fs.overlap(path, source):
+            raise UserInputError(
+                f"the output folder {path!r} is, holds or lies inside {name} {source!r}, which "
+                "this run reads: choose an output folder apart from it.")
+    if fs.exists(path):
+        if not overwrite:
+            raise UserInputError(
+                f"{path!r} already exists; choose another output folder or set overwrite=True "
+                "(export.overwrite / import_weights.overwrite) to replace it.")
+        if not any(fs.exists(fs.join(path, m)) for m in EXPORT_MARKERS):
+            raise UserInputError(
+                f"{path!r} exists and is not an export (it holds no {' or '.join(EXPORT_MARKERS)}"
+                "): overwrite=True replaces only an earlier export; choose another output "
+                "folder.")
     return path
 
 
@@ -81,7 +98,11 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
 def _commit(tmp: str, path: str, overwrite: bool) -> None:
     old = None
     if fs.exists(path):
-        check_target(path, overwrite)  # It may have appeared while we were writing.
+        try:
+            check_target(path, overwrite)  # It may have appeared while we were writing.
+        except UserInputError:
+            fs.rmtree(tmp)
+            raise
         old = f"{path}.old-{uuid.uuid4().hex[:8]}"
         fs.rename(path, old)
     fs.rename(tmp, path)

@@ -53,7 +53,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,12 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES), override=True)
 # Written or rewritten by orbax after our callback; not needed to restore.
-_UNCHECKED = {CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"}
+_UNCHECKED = {CHECKSUMS, f"{CHECKSUMS}.partial", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
 class CorruptCheckpointError(Exception):
     """A file of a checkpoint does not match its recorded size or checksum."""
 
-
-class CheckpointMismatchError(UserInputError):
-    """A checkpoint does not fit the run's config (shapes, parameters or data layout)."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -107,7 +104,11 @@ def _files(root: epath.Path, prefix: str = "") -> list[str]:
 def write_checksums(root: epath.Path) -> None:
     """Records the size and CRC32 of every file under the step directory `root`."""
     files = {rel: [(root / rel).stat().length, _crc32(root / rel)] for rel in _files(root)}
-    (root / CHECKSUMS).write_text(json.dumps({"crc32": files}))
+    # Whole or not at all: a crash mid-write must not leave a truncated record, which the
+    # next restore would read as a corrupt checkpoint and set aside.
+    partial = root / f"{CHECKSUMS}.partial"
+    partial.write_text(json.dumps({"crc32": files}))
+    partial.rename(root / CHECKSUMS)
 
 
 def verify_checksums(root: epath.Path) -> bool:
@@ -297,18 +298,28 @@ class Checkpointer:
         """The newest readable checkpoint, restored onto `abstract_state`'s shardings.
 
         `data`'s iterators are moved to the saved position (`data` None: the run saves no
-        data position). A corrupt checkpoint (checksum
-        mismatch, truncated or unreadable files) is reported with a warning, moved aside to
-        `corrupt.<step>` and the previous one is tried. One that does not fit
-        `abstract_state` or `data`'s layout raises CheckpointMismatchError and changes
-        nothing on disk. Returns None if there is no checkpoint.
+        data position). A corrupt checkpoint (checksum mismatch, truncated or unreadable
+        files) is reported with a warning, moved aside to `corrupt.<step>` and the previous
+        one is tried. One that does not fit `abstract_state` (shapes, dtypes) or `data`'s
+        layout, or that another trainer wrote (it lacks the state or the data position this
+        run keeps), raises CheckpointMismatchError and changes nothing on disk; so does a
+        data position the input pipeline refuses (UserInputError), verified or not. After
+        any failed read `data` is back at its first batch. Returns None if there is no
+        checkpoint.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 verified = self._verify(step)
+            except CorruptCheckpointError as e:
+                self._corrupt(step, e)
+                continue
+            self._check_holds(step, data)
+            try:
                 stored = self._stored_shapes(step)
                 layout = _layout_difference(data, self.directory / str(step) / "data")
             except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
+                if verified:  # Every byte is as written: not corruption.
+                    raise
                 self._corrupt(step, e)
                 continue
             self._check_fits(step, stored, abstract_state, layout)
@@ -318,14 +329,31 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # pylint: disable=broad-except
-                if verified:  # Every byte is as written and the shapes fit: not corruption.
-                    raise
+                if data is not None:  # Some iterators may have moved before the failure.
+                    data.restart()
+                if verified or isinstance(e, UserInputError):
+                    raise  # Not corruption: the bytes are as written, or the config changed.
                 self._manager = self._fresh_manager()  # A failed read can leave it broken.
                 self._corrupt(step, e)
                 continue
             self.last_good_step = step
             return restored.state
         return None
+
+    def _check_holds(self, step: int, data: Any) -> None:
+        """CheckpointMismatchError if the step lacks what this run restores: the state, or
+        (with `data`) a data position. Another trainer's MODEL_DIR (an image tokenizer's or
+        a retriever's, which save no data position) is not a corrupt one."""
+        folder = self.directory / str(step)
+        missing = [name for name, wanted in (("state", True), ("data", data is not None))
+                   if wanted and not (folder / name).exists()]
+        if missing:
+            found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.directory} holds no "
+                f"{' and no '.join(missing)} item (it holds {found}): another kind of run "
+                "wrote it (an image tokenizer's or a retriever's MODEL_DIR?). Give this run "
+                "its own MODEL_DIR; the checkpoints were left untouched.")
 
     def _corrupt(self, step: int, error: Exception) -> None:
         log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to %s and "
@@ -353,11 +381,13 @@ class Checkpointer:
             raise CorruptCheckpointError(error)
         return verified
 
-    def _stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-        """{"params/token_embed/embedding": shape} of the saved state (metadata only)."""
+    def _stored_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{"params/token_embed/embedding": (shape, dtype)} of the saved state (metadata
+        only)."""
         return _flat_shapes(self._manager.item_metadata(step)["state"])
 
-    def _check_fits(self, step: int, stored: dict[str, tuple[int, ...]], abstract_state: Any,
+    def _check_fits(self, step: int, stored: dict[str, tuple[tuple[int, ...], str]],
+                    abstract_state: Any,
                     layout: str | None) -> None:
         problems = _shape_problems(stored, _flat_shapes(abstract_state))
         if layout:
@@ -403,20 +433,22 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """A state or its orbax metadata -> {"params/layers/mlp/wi/kernel": shape}."""
-    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A state or its orbax metadata -> {"params/layers/mlp/wi/kernel": (shape, dtype)}."""
+    return {"/".join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _shape_problems(stored: dict[str, tuple[int, ...]],
-                    wanted: dict[str, tuple[int, ...]]) -> list[str]:
-    """What differs, parameters before optimizer moments (they repeat the parameters)."""
-    problems = [f"{k} is {stored[k]} in the checkpoint but {wanted[k]} in this config"
-                for k in wanted if k in stored and stored[k] != wanted[k]]
-    problems += [f"{k} (shape {wanted[k]}) is not in the checkpoint"
+def _shape_problems(stored: dict[str, tuple[tuple[int, ...], str]],
+                    wanted: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """What differs (shape or dtype: a restore would cast a float32 checkpoint to bfloat16
+    without a word), parameters before optimizer moments (they repeat the parameters)."""
+    show = lambda v: f"{v[0]} {v[1]}"  # noqa: E731
+    problems = [f"{k} is {show(stored[k])} in the checkpoint but {show(wanted[k])} in this "
+                "config" for k in wanted if k in stored and stored[k] != wanted[k]]
+    problems += [f"{k} ({show(wanted[k])}) is not in the checkpoint"
                  for k in wanted if k not in stored]
-    problems += [f"{k} (shape {stored[k]}) is in the checkpoint but not in this config"
+    problems += [f"{k} ({show(stored[k])}) is in the checkpoint but not in this config"
                  for k in stored if k not in wanted]
     return sorted(problems, key=lambda p: not p.startswith("params/"))
 

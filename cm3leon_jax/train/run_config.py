@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
 import gin
 
@@ -41,19 +41,33 @@ def write(model_dir: str) -> str:
     stage) calls it too. A different earlier config.gin is first kept as config.<n>.gin:
     it records how the checkpoints already there were trained.
     """
+    return write_undoable(model_dir)[0]
+
+
+def write_undoable(model_dir: str) -> tuple[str, Callable[[], None]]:
+    """`write`, and a function that puts MODEL_DIR's config.gin back as it was before (for
+    a run its checkpoints refuse: they were trained with the earlier config)."""
     fs.makedirs(model_dir)
     path = fs.join(model_dir, CONFIG_FILE)
     text = gin.config_str()
-    if fs.exists(path):
+    kept, existed = None, fs.exists(path)
+    if existed:
         with fs.open(path) as f:
             if f.read() != text:
                 n = 1
                 while fs.exists(f"{path[:-len('.gin')]}.{n}.gin"):
                     n += 1
-                fs.rename(path, f"{path[:-len('.gin')]}.{n}.gin")
+                kept = f"{path[:-len('.gin')]}.{n}.gin"
+                fs.rename(path, kept)
     with fs.open(path, "w") as f:
         f.write(text)
-    return path
+
+    def undo() -> None:
+        if kept is not None:
+            fs.rename(kept, path, overwrite=True)
+        elif not existed:
+            fs.remove(path)
+    return path, undo
 
 
 def stored_bindings(model_dir: str) -> dict[str, Any] | None:

@@ -105,7 +105,8 @@ def num_examples(builder):
 def test_folder_report_counts_every_reason_exactly(folder, tmp_path):
     builder = prepared(folder, tmp_path / "tfds")
     report = user_data.read_report(builder)
-    assert report["rejected"] == {"bad_record": 0, "missing_image": 1, "corrupt_image": 1,
+    assert report["rejected"] == {"bad_record": 0, "duplicate_record": 0, "missing_image": 1,
+                                  "corrupt_image": 1,
                                   "truncated_image": 1, "image_too_small": 1,
                                   "decompression_bomb": 1, "missing_caption": 1,
                                   "empty_caption": 1, "non_utf8_caption": 1}
@@ -175,7 +176,8 @@ def test_jsonl_source_with_relative_absolute_missing_and_bad_lines(folder, tmp_p
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     builder = prepared(source, tmp_path / "tfds")
     report = user_data.read_report(builder)
-    assert report["rejected"] == {"bad_record": 2, "missing_image": 1, "corrupt_image": 1,
+    assert report["rejected"] == {"bad_record": 2, "duplicate_record": 0, "missing_image": 1,
+                                  "corrupt_image": 1,
                                   "truncated_image": 0, "image_too_small": 0,
                                   "decompression_bomb": 0, "missing_caption": 0,
                                   "empty_caption": 1, "non_utf8_caption": 1}
@@ -208,11 +210,16 @@ def test_reported_ids_are_capped(tmp_path):
     assert len(report["rejected_ids"]["missing_image"]) == user_data.MAX_REPORTED_IDS
 
 
-def _records(ids):
-    return [user_data.Record(i, None, "caption") for i in ids]
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("picture") / "one.png"
+    save(path, rgb(0))
+    return str(path)
 
 
-def test_the_validation_split_is_held_out_by_id_deterministically():
+def test_the_validation_split_is_held_out_by_id_deterministically(picture):
+    def _records(ids):
+        return [user_data.Record(i, picture, "caption") for i in ids]
     ids = [f"photos/img_{i:04d}.jpg" for i in range(2000)]
     split = user_data.split_records(_records(ids), 0.1, SIZE)
     held = {r.id for r in split["validation"]}
@@ -223,6 +230,49 @@ def test_the_validation_split_is_held_out_by_id_deterministically():
     again = user_data.split_records(_records(ids[::-1] + ["new_a.jpg", "new_b.png"]), 0.1, SIZE)
     assert held == {r.id for r in again["validation"]} - {"new_a.jpg", "new_b.png"}
     assert {r.id for r in user_data.split_records(_records(ids), 0.3, SIZE)["validation"]} > held
+
+
+def test_a_validation_split_of_unusable_images_still_holds_one_out(picture, tmp_path):
+    """The one id under the fraction has a corrupt image: the next usable record is held out
+    instead of leaving the trainer's evaluation without data."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    ids = sorted((f"img{i}.png" for i in range(10)), key=user_data.held_out_share)
+    records = [user_data.Record(ids[0], str(bad), "caption")]
+    records += [user_data.Record(i, picture, "caption") for i in ids[1:]]
+    shares = [user_data.held_out_share(i) for i in ids[:2]]
+    split = user_data.split_records(records, sum(shares) / 2, SIZE)
+    assert [r.id for r in split["validation"]] == ids[:2]
+
+
+def test_jsonl_ids_follow_the_record_not_its_line(tmp_path):
+    """Moving, adding or repeating lines keeps every record's id (and so its split); a
+    byte-order mark does not cost the first record."""
+    pair = {"image": "a.png", "text": "a red square"}
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(b"\xef\xbb\xbf" + "\n".join(
+        json.dumps(d) for d in (pair, {"image": "b.png", "text": "b"})).encode())
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("\n".join(json.dumps(d) for d in (
+        {"image": "c.png", "text": "new"}, {"image": "b.png", "text": "b"}, pair, pair,
+        {"image": "a.png", "text": "another caption"})))
+    ids = [r.id for r in user_data.jsonl_records(str(first))]
+    again = {r.id: r.problem for r in user_data.jsonl_records(str(moved))}
+    assert len(ids) == 2 and all(r is None or r == "duplicate_record" for r in again.values())
+    assert set(ids) <= set(again) and "line4" in again and again["line4"] == "duplicate_record"
+    assert len({i for i in again if i.startswith("a.png#")}) == 2  # Another caption, its own id.
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_printable(tmp_path):
+    root = tmp_path / "names"
+    root.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    save(root / f"{name}.png", rgb(1))
+    (root / f"{name}.txt").write_text("a cafe")
+    (record,) = user_data.folder_records(str(root))
+    assert record.id == "caf\\xe9.png" and record.problem is None
+    record.id.encode("utf-8")  # What a TFDS string feature needs.
+    assert os.path.exists(record.image)
 
 
 def test_builder_configs_are_per_source_and_size_and_pickle(folder, tmp_path):

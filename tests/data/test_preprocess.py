@@ -9,6 +9,7 @@ import pytest
 
 from cm3leon_jax.data import preprocess as pp
 from cm3leon_jax.data import shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -131,3 +132,9 @@ def test_user_data_rejects_reach_the_manifest(tmp_path):
     report = result["source_report"]
     assert report["rejected"]["corrupt_image"] == 1 and report["rejected"]["missing_image"] == 1
     assert report["total"] == 4 and report["ok"] == 2
+
+
+def test_a_vocabulary_too_large_for_the_captions_names_the_binding(synthetic_source, tmp_path):
+    with pytest.raises(UserInputError, match=r"too small for vocab_size=2000.*"
+                                             r"--gin\.preprocess\.text_vocab_size=N"):
+        _run(synthetic_source, tmp_path / "out", text_vocab_size=2000)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import hf_export, hf_import
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
@@ -122,7 +123,7 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
     (out / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
     with pytest.raises(ValueError, match="config.json: model_type 'llama'"):
         hf_import.read_hf(str(out))
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(UserInputError, match="already exists"):
         hf_export.write_hf(str(out), config, random_params(config))
 
 

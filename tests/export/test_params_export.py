@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from cm3leon_jax import main
 from cm3leon_jax.decode.restore import restore_decoder
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import params_export
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.train import params_checkpoint as pc
@@ -22,6 +25,13 @@ from tests.export.conftest import CONFIG
 def _export(train_run, out, **kwargs):
     kwargs = {"dtype": None, "shard": False, "config": CONFIG, **kwargs}
     return params_export.export("unused", checkpoint=train_run[0], output_dir=str(out), **kwargs)
+
+
+def tree_digests(root) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`."""
+    return {os.path.relpath(os.path.join(d, f), root):
+            hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
 
 
 def _assert_params_equal(got, want, dtype=np.float32):
@@ -90,7 +100,7 @@ def test_decode_restore_reads_an_export(train_run, tmp_path):
 def test_refuses_to_overwrite_and_leaves_nothing_half_written(train_run, vocab_dir, tmp_path):
     out = tmp_path / "export"
     _export(train_run, out)
-    with pytest.raises(FileExistsError, match="already exists.*overwrite=True"):
+    with pytest.raises(UserInputError, match="already exists.*overwrite=True"):
         _export(train_run, out)
     with pytest.raises(FileNotFoundError, match="no_such_vocab"):
         _export(train_run, out, overwrite=True, vocab_dir=str(tmp_path / "no_such_vocab"))
@@ -98,6 +108,30 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(train_run, vocab_d
     assert pc.load_decoder(str(out))[2] == 3
     _export(train_run, out, overwrite=True, vocab_dir=vocab_dir)
     assert json.loads((out / "manifest.json").read_text())["vocab"] == "vocab"
+
+
+def test_an_export_never_replaces_or_writes_into_what_it_reads(train_run, vocab_dir, tmp_path):
+    """overwrite=True replaces an earlier export, never another folder; the output and the
+    run's MODEL_DIR (whose config.gin main.run writes) stay apart from the trained run."""
+    before = tree_digests(train_run[0])
+    for target in (train_run[0], os.path.join(train_run[0], "export"), vocab_dir):
+        with pytest.raises(UserInputError, match="is, holds or lies inside export"):
+            _export(train_run, target, overwrite=True, vocab_dir=vocab_dir)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="not an export"):
+        _export(train_run, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    for model_dir in (train_run[0], os.path.join(train_run[0], "exports")):
+        argv = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                f"--gin.export.checkpoint='{train_run[0]}'", "--gin.export.vocab_dir=None",
+                "--gin.export.image_tokenizer_dir=None"]
+        try:
+            assert main.main(argv) == 2
+        finally:
+            gin.clear_config()
+    assert tree_digests(train_run[0]) == before
 
 
 def test_a_damaged_file_is_named(train_run, tmp_path):

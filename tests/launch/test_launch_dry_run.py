@@ -13,6 +13,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -165,6 +166,22 @@ def test_slurm_sbatch_line():
     i = argv.index(slurm.SCRIPT)
     assert argv[i + 1:] == [GIN, "/shared/runs/7b", *OVERRIDES]
     assert not any(a.startswith("--gpus-per-task") for a in argv)
+
+
+def test_the_sbatch_script_passes_any_model_dir_as_a_gin_string(tmp_path):
+    """The job script itself, with a stand-in `srun` that prints what it would run: a
+    MODEL_DIR holding quotes reaches main as the same path."""
+    srun = tmp_path / "srun"
+    srun.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    model_dir = "/shared/runs/it's \"7b\""
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+           "SLURM_SUBMIT_DIR": common.REPO, "CM3LEON_PYTHON": sys.executable}
+    out = subprocess.run(["bash", slurm.SCRIPT, GIN, model_dir, *OVERRIDES], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    files, binds = bindings(out)
+    (literal,) = [b.split("=", 1)[1] for b in binds if b.startswith("MODEL_DIR=")]
+    assert files == [GIN] and ast.literal_eval(literal) == model_dir
 
 
 def test_dataflow_driver_line():

@@ -136,8 +136,8 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp
     message = str(error.value)
     assert isinstance(error.value, UserInputError) and "\n" not in message
     assert "step 4" in message and "does not fit" in message
-    assert ("params/layers/attention/key/kernel is (2, 64, 4, 16) in the checkpoint but "
-            "(2, 128, 4, 32) in this config") in message, message
+    assert ("params/layers/attention/key/kernel is (2, 64, 4, 16) float32 in the checkpoint "
+            "but (2, 128, 4, 32) float32 in this config") in message, message
     assert "another MODEL_DIR" in message and f"{tmp_path}/config.gin" in message
 
     abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
@@ -147,6 +147,46 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_and_left_byte_identical(tmp
     assert lib.tree_digests(tmp_path) == before
 
     _assert_equal(states[4], ckpt.restore(abstract, data))  # The manager is still usable.
+
+
+def test_what_is_not_corruption_is_refused_and_left_in_place(tmp_path, data, monkeypatch):
+    """Three checkpoints that are whole but not this run's: another trainer's (no data
+    position: an image tokenizer's MODEL_DIR), one of another dtype (a restore would cast
+    it), and an unverified one whose data position the input pipeline refuses. Each is one
+    error; nothing is set aside or changed, and the iterators are back at their start."""
+    mesh = partitioning.make_mesh(data=-1)
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
+    state = _state(mesh, seed=1)
+    other = checkpoints.Checkpointer(str(tmp_path / "tokenizer"), save_every=2)
+    other.save(2, state, None)  # What a trainer without a data position writes.
+    other.close()
+    before = lib.tree_digests(tmp_path)
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=r"holds no data item .*another kind of run wrote it"):
+        checkpoints.Checkpointer(str(tmp_path / "tokenizer")).restore(abstract, data)
+
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), save_every=2, checksums=False)
+    ckpt.save(2, state, data)
+    ckpt.close()
+    before = lib.tree_digests(tmp_path)
+    as_bf16 = abstract.replace(params=jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding),
+        abstract.params))
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=r"float32 in the checkpoint but \(\d+(, \d+)*\) bfloat16"):
+        checkpoints.Checkpointer(str(tmp_path / "run")).restore(as_bf16, data)
+
+    restarts = []
+    restart = data.restart
+    monkeypatch.setattr(data, "restart", lambda: (restarts.append(1), restart()))
+
+    def refuse(directory):
+        raise UserInputError(f"the data position saved in {directory} does not fit")
+    monkeypatch.setattr(data, "restore", refuse)
+    with pytest.raises(UserInputError, match="does not fit"):
+        checkpoints.Checkpointer(str(tmp_path / "run"), checksums=False).restore(abstract, data)
+    assert restarts and lib.tree_digests(tmp_path) == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith("corrupt")]
     ckpt.close()
     assert lib.tree_digests(tmp_path) == before
 

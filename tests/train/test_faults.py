@@ -79,8 +79,11 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
                   if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1, errors
         assert "does not fit this run's config" in errors[0]
-        assert "is (2, 64, 4, 16) in the checkpoint but (2, 128, 4, 32) in this config" in errors[0]
+        assert ("is (2, 64, 4, 16) float32 in the checkpoint but (2, 128, 4, 32) float32 in this "
+                "config") in errors[0]
         assert "another MODEL_DIR" in errors[0] and "config.gin" in errors[0]
         assert lib.tree_digests(os.path.join(model_dir, "checkpoints")) == before
-    # The config it was trained with is still on record, beside the one that failed.
-    assert "d_model = 64" in open(os.path.join(model_dir, "config.1.gin")).read()
+    # config.gin (where later runs read the sizes) is still the one it was trained with, and
+    # the refused config left nothing behind.
+    assert "d_model = 64" in open(os.path.join(model_dir, "config.gin")).read()
+    assert not os.path.exists(os.path.join(model_dir, "config.1.gin"))

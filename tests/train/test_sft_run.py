@@ -125,6 +125,11 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
     whole_base = lib.tree_digests(base[0])
     with pytest.raises(UserInputError, match="base run's folder"):
         run_sft(sft_bindings(base[0] + "/", base))
+    link = tmp_path / "link_to_base"  # The same folder by another name, and one inside it.
+    link.symlink_to(base[0])
+    for model_dir in (str(link), os.path.join(base[0], "sft")):
+        with pytest.raises(UserInputError, match="base run's folder"):
+            run_sft(sft_bindings(model_dir, base))
     assert lib.tree_digests(base[0]) == whole_base
     # A base without config.gin: its checkpoint's shapes are still checked.
     config_gin = os.path.join(base[0], "config.gin")
