@@ -47,6 +47,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
             parser.error(f"unrecognized argument {arg!r}; gin overrides are written "
                          "--gin.KEY=VALUE, e.g. --gin.train.num_steps=100")
     args.overrides = list(rest)
+    one_slash = re.match(r"([A-Za-z][\w+.-]*):/(?!/)", getattr(args, "model_dir", "") or "")
+    if one_slash:  # Read as a local folder named "gs:" otherwise.
+        raise LaunchError(f"MODEL_DIR {args.model_dir!r} has one slash after "
+                          f"{one_slash.group(1)}:; write {one_slash.group(1)}://...")
     return args
 
 
@@ -74,13 +78,21 @@ def overridden(overrides: Sequence[str], key: str) -> bool:
     return any(o.startswith(f"--gin.{key}=") for o in overrides)
 
 
-def check_gin_files(gin_files: Sequence[str]) -> None:
-    """Every gin file must exist in the repository: it travels with the code to the hosts."""
+def check_gin_files(gin_files: Sequence[str], shipped: bool = False) -> None:
+    """Every gin file must exist in the repository: it travels with the code to the hosts.
+
+    `shipped`: the hosts get a copy of the repository without what git ignores (tpu_vm's
+    tarball, xpk's image), so a gin file git ignores (one under runs/) is refused too."""
     for f in gin_files:
         if os.path.isabs(f) or not os.path.exists(os.path.join(REPO, f)):
             raise LaunchError(f"gin file {f!r} is not a file inside the repository ({REPO}); "
                               "remote hosts get the repository's files, so give a path "
                               "relative to its root, e.g. gin_configs/pods/<name>.gin")
+        if shipped and subprocess.run(["git", "-C", REPO, "check-ignore", "-q", f],
+                                      capture_output=True).returncode == 0:
+            raise LaunchError(f"gin file {f!r} is one git ignores, so the copy of the "
+                              "repository the hosts get leaves it out; put it under "
+                              "gin_configs/ (or another folder git does not ignore)")
 
 
 def quote(arg: str) -> str:

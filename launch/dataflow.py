@@ -82,6 +82,10 @@ def launch(argv: Sequence[str] | None = None) -> int:
         if not path.startswith("gs://"):
             raise common.LaunchError(f"{name} {path!r} is not a gs:// folder; Dataflow "
                                      "workers can only reach cloud storage")
+    if args.job_name and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", args.job_name):
+        raise common.LaunchError(f"--job_name={args.job_name!r}: Dataflow takes lower-case "
+                                 "letters, digits and '-', starting with a letter and not "
+                                 "ending with '-'")
     common.Runner(args.dry_run).run(driver_argv(args, sys.executable))
     return 0
 

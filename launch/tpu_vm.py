@@ -167,7 +167,7 @@ def install(args, runner: common.Runner) -> None:
 
 def launch(argv: Sequence[str] | None = None) -> int:
     args = common.parse(build_parser(), argv)
-    common.check_gin_files([args.gin_file, *args.extra_gin_files])
+    common.check_gin_files([args.gin_file, *args.extra_gin_files], shipped=True)
     if not args.model_dir.startswith("gs://"):
         raise common.LaunchError(f"MODEL_DIR {args.model_dir!r} is not a gs:// folder; every "
                                  "host of the slice must write to the same place")

@@ -28,8 +28,11 @@ from typing import Sequence
 
 from launch import common
 
-# xpk names GPU machine types "<gpu>-<memory>-<count>" (a3 / a4 / a3-mega families).
-GPU_TYPE = re.compile(r"^(h100|h200|b200|a100|l4|gb200)[-\w]*-\d+$")
+# xpk names GPU machine types "<gpu>-<memory>-<count>[-<variant>]" (a3 / a4 / a3-mega
+# families: h100-80gb-8, h100-mega-80gb-8, b200-8, gb200-4-nolssd) and TPU slices
+# "<generation>-<chips or cores>" (v4-8, v5litepod-16, v5p-128, v6e-256, tpu7x-64).
+GPU_TYPE = re.compile(r"^(h100|h200|b200|a100|l4|gb200)(-[\w]+)*$")
+TPU_TYPE = re.compile(r"^(v\d+[a-z]*|v5litepod|tpu\d+[a-z]*)-\d+$")
 # Exit statuses after which the job is restarted, besides xpk's own (42, 127-255):
 # 1 is an uncaught Python exception, e.g. a collective that failed with a lost host.
 RESTART_EXIT_CODES = "1"
@@ -96,6 +99,8 @@ def command(args) -> str:
         targets = [".", "jax[cuda12]==0.10.2"] if gpu else [".[tpu]"]
         install = ["python3", "-m", "pip", "install", "-q", "-e", *targets]
         line = f"{' '.join(quote(a) for a in install)} && {line}"
+    else:  # xpk sets no working folder for a user's image; the gin paths are /app's.
+        line = f"cd /app && {line}"
     return line
 
 
@@ -121,13 +126,17 @@ def xpk_argv(args) -> list[str]:
 
 
 def check(args) -> None:
-    common.check_gin_files([args.gin_file, *args.extra_gin_files])
+    common.check_gin_files([args.gin_file, *args.extra_gin_files], shipped=True)
     if not args.model_dir.startswith("gs://"):
         raise common.LaunchError(f"MODEL_DIR {args.model_dir!r} is not a gs:// folder; every "
                                  "pod must write to the same place")
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", args.workload):
         raise common.LaunchError(f"--workload={args.workload!r}: use lower-case letters, "
                                  "digits and '-', starting with a letter")
+    if not (is_gpu(args.device_type) or TPU_TYPE.match(args.device_type)):
+        raise common.LaunchError(f"--device_type={args.device_type!r} is neither a TPU slice "
+                                 "(e.g. v5p-128, v5litepod-16) nor a GPU type xpk knows (e.g. "
+                                 "h100-80gb-8); CPU node types are not supported here")
     if is_gpu(args.device_type) and args.num_slices != 1:
         raise common.LaunchError("--num_slices is for TPU slices; for GPUs give --num_nodes")
     if not is_gpu(args.device_type) and args.num_nodes != 1:

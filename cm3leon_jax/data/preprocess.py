@@ -76,6 +76,10 @@ class TfdsSource:
             raise UserInputError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
         return info.splits[split].num_examples
 
+    def identity(self) -> str | None:
+        """The prepared dataset's name, config and version (TFDS's `full_name`)."""
+        return self.builder_fn().info.full_name if self.builder_fn is not None else None
+
     def report(self) -> dict | None:
         """What the source itself rejected while it was built (user data's
         report.json: missing, corrupt or truncated image files, ...), if any."""
@@ -212,11 +216,44 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
     return stats
 
 
+PLAN_FILE = "plan.json"
+
+
+def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec]) -> None:
+    """Records the source and its shard layout in MODEL_DIR/plan.json on the first run, and
+    refuses a rerun whose source or layout differs: its shards would sit beside the earlier
+    ones (a split read as both) and keep neighbors from an earlier memory bank."""
+    plan = {"source": source.identity(), "shards": {}}
+    for spec in specs:
+        plan["shards"].setdefault(spec.split, [spec.num_shards, 0])[1] += spec.stop - spec.start
+    path = fs.join(model_dir, PLAN_FILE)
+    if not fs.exists(path):
+        stale = sorted(p for split in plan["shards"] for p in fs.glob(shards.shard_pattern(
+            model_dir, split)) if not any(p == shards.shard_path(model_dir, s.split, s.index,
+                                                                   s.num_shards) for s in specs))
+        if stale:
+            raise UserInputError(
+                f"{model_dir} holds shards of another layout ({os.path.basename(stale[0])}, "
+                f"...): give preprocessing a new MODEL_DIR, or empty this one.")
+        fs.makedirs(model_dir)
+        fs.write_json(path, plan)
+        return
+    earlier = fs.read_json(path)
+    if earlier != plan:
+        differ = [f"{k}: {earlier.get(k)} then, {plan[k]} now" for k in plan
+                  if earlier.get(k) != plan[k]]
+        raise UserInputError(
+            f"{model_dir} was preprocessed from another source or shard layout ("
+            f"{'; '.join(differ)}; shards as [count, records]): the source changed or "
+            "preprocess.docs_per_shard did. Give preprocessing a new MODEL_DIR (or delete "
+            "this one); its shards would mix with the new ones.")
+
+
 def is_done(spec: ShardSpec, out_dir: str,
             retrieval: retrieval_pass.RetrievalConfig | None = None) -> bool:
     """Whether pass 1 finished the shard (with its vectors, when retrieval is on)."""
     files = ShardFiles.of(out_dir, spec)
-    if not files.is_written():
+    if not files.is_written() or files.read_stats()["read"] != spec.stop - spec.start:
         return False
     if retrieval is None or files.has_vectors(spec.split == retrieval.bank_split):
         return True
@@ -395,6 +432,7 @@ def preprocess(model_dir: str,
             "output folder for a different image tokenizer.")
     budget = AugmentConfig(seq_len=seq_len).budget
     specs = plan_shards(source, splits, docs_per_shard)
+    check_plan(model_dir, source, specs)
     todo = [s for s in specs if not is_done(s, model_dir, retrieval)]
     logging.info("preprocess: %d shards, %d already done", len(specs), len(specs) - len(todo))
 

@@ -60,7 +60,8 @@ REASONS = ("bad_record", "duplicate_record", "missing_image", "corrupt_image",
            "truncated_image", "image_too_small", "decompression_bomb", "missing_caption",
            "empty_caption", "non_utf8_caption")
 SPLITS = ("train", "validation")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif",
+                  ".tiff")
 MAX_REPORTED_IDS = 20
 REPORT_NAME = "report.json"
 
@@ -215,6 +216,32 @@ def records(source: str) -> Iterator[Record]:
                          "file; give one of those.")
 
 
+_REMOTE_FINGERPRINTS: dict[str, str] = {}  # A bucket is listed once per process.
+
+
+def source_fingerprint(source: str) -> str:
+    """A hash of what the source holds, to tell a prepared copy that is out of date: a
+    folder's file names and, on the local disk, their sizes and modification times; a JSONL
+    file's size (and local modification time). Not seen: an image a JSONL line names, edited
+    in place; in a bucket, a file rewritten under the same name, or a change made while this
+    process runs (a bucket is listed once per process)."""
+    if source in _REMOTE_FINGERPRINTS:
+        return _REMOTE_FINGERPRINTS[source]
+    digest = hashlib.sha1()
+    local = not fs.is_remote(source)
+    for rel in _files_under(source) if fs.isdir(source) else [""]:
+        path = fs.join(source, rel) if rel else source
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+        if local:
+            info = os.stat(path)
+            digest.update(f"{info.st_size} {info.st_mtime_ns}\0".encode())
+        elif not rel:
+            digest.update(f"{fs.getsize(path)}\0".encode())
+    if not local:
+        _REMOTE_FINGERPRINTS[source] = digest.hexdigest()[:16]
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- images
 
 
@@ -264,8 +291,8 @@ def load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | Non
 class Report:
     """Counts of kept and rejected records, with up to MAX_REPORTED_IDS ids per reason."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, source: str, fingerprint: str = ""):
+        self.source, self.fingerprint = source, fingerprint
         self.ok = 0
         self.kept: collections.Counter[str] = collections.Counter()  # Per split.
         self.counts: collections.Counter[str] = collections.Counter()
@@ -279,6 +306,7 @@ class Report:
     def as_dict(self) -> dict:
         return {
             "source": self.source,
+            "source_fingerprint": self.fingerprint,
             "total": self.ok + sum(self.counts.values()),
             "ok": self.ok,
             "splits": {split: self.kept[split] for split in SPLITS},
@@ -374,9 +402,11 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # the data is already local
         config = self.builder_config
+        fingerprint = source_fingerprint(config.source)  # Before reading: a later edit shows.
         splits = split_records(list(records(config.source)), config.validation_fraction,
                                config.image_size)
-        report = Report(config.source)  # One report over both splits, rewritten after each.
+        # One report over both splits, rewritten after each.
+        report = Report(config.source, fingerprint)
         return {split: self._generate_examples(splits[split], split, report) for split in SPLITS}
 
     def _generate_examples(self, split_records: Sequence[Record], split: str, report: Report):
@@ -395,8 +425,9 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
         if report.kept[split] == 0:
             raise UserInputError(
                 f"no usable image-text pairs for the {split} split of {report.source}: "
-                f"{report.summary()} (see the reasons in {REPORT_NAME}); add usable pairs"
-                + (" or raise validation_fraction." if split == "validation" else "."))
+                f"{report.summary()}; add usable pairs"
+                + (" (holding one out needs two in all) or raise validation_fraction."
+                   if split == "validation" else "."))
         if sum(report.counts.values()):
             logging.warning("Rejected records from %s: %s (details in %s)", report.source,
                             report.summary(), REPORT_NAME)
@@ -409,16 +440,25 @@ def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir
                       overwrite: bool = False) -> UserImageText:
     """A prepared UserImageText builder, built with no network access if not yet built.
 
-    A prepared source is reused as is; after editing the source, pass `overwrite=True`
-    (or use another data_dir) to rebuild it.
+    A prepared copy is reused while the source is as it was (`source_fingerprint`); after
+    the source changed, it is refused with an error, or rebuilt with `overwrite=True` (once:
+    the rebuilt copy is then current, so the preprocessing workers that call this again
+    reuse it).
     """
     builder = UserImageText(source=source, image_size=image_size,
                             validation_fraction=validation_fraction, data_dir=data_dir)
     config = offline_download_config()
-    if overwrite:
-        config = dataclasses.replace(
-            config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-        )
+    if fs.exists(fs.join(str(builder.data_path), REPORT_NAME)):
+        prepared = read_report(builder).get("source_fingerprint")
+        if prepared != source_fingerprint(builder.builder_config.source):
+            if not overwrite:
+                raise UserInputError(
+                    f"user data {builder.builder_config.source!r} changed since it was prepared "
+                    f"in {builder.data_path}: rerun with "
+                    "--gin.user_data_builder.overwrite=True to prepare it again (or give "
+                    "user_data_builder.data_dir another folder).")
+            config = dataclasses.replace(
+                config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
     builder.download_and_prepare(download_config=config)
     return builder
 

@@ -188,13 +188,23 @@ def test_jsonl_source_with_relative_absolute_missing_and_bad_lines(folder, tmp_p
     assert texts == ["absolute", "relative"]
 
 
-def test_prepared_data_is_reused_until_overwrite(folder, tmp_path):
+def test_prepared_data_is_reused_until_the_source_changes(folder, tmp_path):
+    """A changed source is refused (not read stale), rebuilt with overwrite=True once; the
+    rebuilt copy is then reused as current, overwrite or not."""
     assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 6
+    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 6  # Reused.
     save(folder / "late.png", rgb(9))
     (folder / "late.txt").write_text("added later")
-    assert user_data.read_report(prepared(folder, tmp_path / "tfds"))["ok"] == 6
+    with pytest.raises(UserInputError, match="changed since it was prepared.*overwrite=True"):
+        prepared(folder, tmp_path / "tfds")
     rebuilt = user_data.user_data_builder(folder, SIZE, str(tmp_path / "tfds"), overwrite=True)
     assert user_data.read_report(rebuilt)["ok"] == 7 and num_examples(rebuilt) == 7
+    stamp = os.path.getmtime(os.path.join(str(rebuilt.data_path), user_data.REPORT_NAME))
+    again = user_data.user_data_builder(folder, SIZE, str(tmp_path / "tfds"), overwrite=True)
+    assert os.path.getmtime(os.path.join(str(again.data_path), user_data.REPORT_NAME)) == stamp
+    (folder / "late.txt").write_text("a caption edited")  # Same name: its size and time differ.
+    with pytest.raises(UserInputError, match="changed since it was prepared"):
+        prepared(folder, tmp_path / "tfds")
 
 
 def test_reported_ids_are_capped(tmp_path):

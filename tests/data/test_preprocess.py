@@ -138,3 +138,23 @@ def test_a_vocabulary_too_large_for_the_captions_names_the_binding(synthetic_sou
     with pytest.raises(UserInputError, match=r"too small for vocab_size=2000.*"
                                              r"--gin\.preprocess\.text_vocab_size=N"):
         _run(synthetic_source, tmp_path / "out", text_vocab_size=2000)
+
+
+def test_a_rerun_from_another_source_or_layout_is_refused(synthetic_source, tmp_path):
+    """Shards of two layouts in one folder would be read as one split: refused, named."""
+    _run(synthetic_source, tmp_path)
+    plan = json.loads((tmp_path / pp.PLAN_FILE).read_text())
+    assert plan["shards"] == {"train": [3, 24], "validation": [1, 6], "test": [1, 6]}
+    assert plan["source"].startswith("synthetic_shapes/")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UserInputError, match=r"shards: .*\[3, 24\].* then, .*\[2, 24\].* now"):
+        pp.preprocess(str(tmp_path), source=synthetic_source,
+                      image_tokenizer_fn=tiny_image_tokenizer, docs_per_shard=12, batch_size=4,
+                      text_vocab_size=300, num_sentinels=8, seq_len=512)
+    grown = ListSource([pp.RawPair(f"p{i}", None, [b"a red circle"]) for i in range(3)])
+    with pytest.raises(UserInputError, match="another source or shard layout"):
+        _run(grown, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+    os.remove(tmp_path / pp.PLAN_FILE)  # A folder from before plan.json: its shards are checked.
+    with pytest.raises(UserInputError, match=r"shards of another layout \(train-00000-of-00003"):
+        _run(grown, tmp_path)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -150,7 +151,9 @@ def test_xpk_gpu_nodes_get_the_coordinator_from_xpk():
     assert "--gin.MODEL_DIR='gs://b/7b'" in yaml.safe_load(f'COMMAND: "{command}"')["COMMAND"]
     xpk_env = {"JAX_COORDINATOR_ADDRESS": "jobset-0-0.jobset", "JAX_COORDINATOR_PORT": "6002",
                "NNODES": "4", "NODE_RANK": "3"}
-    ((run, seen),) = bash_argv(command, xpk_env)
+    # A user's image: xpk starts the container in the image's folder, not /app.
+    assert command.startswith("cd /app && ")
+    ((run, seen),) = bash_argv(command.removeprefix("cd /app && "), xpk_env)
     assert seen == "jobset-0-0.jobset:6002 4 3"
     expect_bindings(bindings(["python3", *run]), "gs://b/7b", [])
 
@@ -166,6 +169,38 @@ def test_slurm_sbatch_line():
     i = argv.index(slurm.SCRIPT)
     assert argv[i + 1:] == [GIN, "/shared/runs/7b", *OVERRIDES]
     assert not any(a.startswith("--gpus-per-task") for a in argv)
+
+
+@pytest.mark.parametrize("module, extra", [
+    (tpu_vm, ["--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z", "--project=p"]),
+    (xpk, ["--cluster=c", "--workload=c7b", "--device_type=v5litepod-64"])])
+def test_a_gin_file_git_ignores_is_refused_where_the_hosts_get_a_copy(module, extra):
+    """runs/ is ignored: a run's own config.gin would not reach the hosts of a slice."""
+    folder = os.path.join(common.REPO, "runs", f"launch_test_{os.getpid()}")
+    os.makedirs(folder)
+    try:
+        with open(os.path.join(folder, "config.gin"), "w") as f:
+            f.write("train.num_steps = 1\n")
+        rel = os.path.relpath(os.path.join(folder, "config.gin"), common.REPO)
+        with pytest.raises(common.LaunchError, match="git ignores"):
+            module.launch([rel, "gs://b/7b", *extra, "--dry_run"])
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_device_types_job_names_and_one_slash_paths_are_checked_before_submitting():
+    xpk_args = ["--cluster=c", "--workload=c7b"]
+    # xpk's GPU types with a variant suffix are GPU node types, not TPU slices.
+    lines = dry_run(xpk, GIN, "gs://b/7b", *xpk_args, "--device_type=gb200-4-nolssd",
+                    "--num_nodes=2")
+    assert "--num-nodes=2" in shlex.split(lines[0])
+    with pytest.raises(common.LaunchError, match="neither a TPU slice .* nor a GPU type"):
+        dry_run(xpk, GIN, "gs://b/7b", *xpk_args, "--device_type=n2-standard-32-4")
+    with pytest.raises(common.LaunchError, match="--job_name='My_Job'"):
+        dry_run(dataflow, "gin_configs/runs/preprocess.gin", "gs://b/data", "--project=p",
+                "--region=r", "--temp_location=gs://b/tmp", "--job_name=My_Job")
+    with pytest.raises(common.LaunchError, match="one slash after gs:; write gs://"):
+        dry_run(slurm, GIN, "gs:/b/run")
 
 
 def test_the_sbatch_script_passes_any_model_dir_as_a_gin_string(tmp_path):
