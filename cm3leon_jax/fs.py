@@ -111,6 +111,15 @@ def glob(pattern: str) -> list[str]:
     return sorted(glob_lib.glob(pattern))
 
 
+def size_and_mtime(path: str) -> tuple[int, int | None]:
+    """A file's size in bytes and, on the local disk, its modification time in ns (None on
+    a bucket, where an object's time is its upload's)."""
+    if is_remote(path):
+        return getsize(path), None
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
 def getsize(path: str) -> int:
     return _gfile().stat(str(path)).length if is_remote(path) else os.path.getsize(path)
 

@@ -227,10 +227,10 @@ def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec]) -
     for spec in specs:
         plan["shards"].setdefault(spec.split, [spec.num_shards, 0])[1] += spec.stop - spec.start
     path = fs.join(model_dir, PLAN_FILE)
-    if not fs.exists(path):
-        stale = sorted(p for split in plan["shards"] for p in fs.glob(shards.shard_pattern(
-            model_dir, split)) if not any(p == shards.shard_path(model_dir, s.split, s.index,
-                                                                   s.num_shards) for s in specs))
+    if not fs.exists(path):  # A first run, or a folder from before plan.json.
+        planned = {shards.shard_path(model_dir, s.split, s.index, s.num_shards) for s in specs}
+        stale = sorted(set().union(*(fs.glob(shards.shard_pattern(model_dir, split))
+                                     for split in plan["shards"])) - planned)
         if stale:
             raise UserInputError(
                 f"{model_dir} holds shards of another layout ({os.path.basename(stale[0])}, "

@@ -55,6 +55,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cm3leon_jax import fs
 from cm3leon_jax.data.synthetic_tfds import offline_download_config
 from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.vocab import image_inputs
 
 REASONS = ("bad_record", "duplicate_record", "missing_image", "corrupt_image",
            "truncated_image", "image_too_small", "decompression_bomb", "missing_caption",
@@ -230,33 +231,16 @@ def source_fingerprint(source: str) -> str:
     digest = hashlib.sha1()
     local = not fs.is_remote(source)
     for rel in _files_under(source) if fs.isdir(source) else [""]:
-        path = fs.join(source, rel) if rel else source
         digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
-        if local:
-            info = os.stat(path)
-            digest.update(f"{info.st_size} {info.st_mtime_ns}\0".encode())
-        elif not rel:
-            digest.update(f"{fs.getsize(path)}\0".encode())
+        if local or not rel:  # In a bucket, a folder's listing alone (one call).
+            size, mtime = fs.size_and_mtime(fs.join(source, rel) if rel else source)
+            digest.update(f"{size} {mtime}\0".encode())
     if not local:
         _REMOTE_FINGERPRINTS[source] = digest.hexdigest()[:16]
     return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` in RGB: transparency over white, 16-bit scaled to 8 bits, else PIL's conversion."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        eight_bit = (
-            (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
-        )
-        return Image.fromarray(eight_bit, "L").convert("RGB")
-    return image.convert("RGB")
 
 
 def load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
@@ -271,7 +255,7 @@ def load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | Non
             upright = ImageOps.exif_transpose(image)
             if min(upright.size) < image_size:
                 return None, "image_too_small"
-            square = ImageOps.fit(to_rgb(upright), (image_size, image_size),
+            square = ImageOps.fit(image_inputs.pil_rgb(upright), (image_size, image_size),
                                   method=Image.Resampling.BICUBIC)
             return np.asarray(square, dtype=np.uint8), None
     except Image.DecompressionBombError:

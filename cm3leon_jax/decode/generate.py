@@ -16,6 +16,7 @@ the sampler once; row ids are global, so results do not depend on the batch size
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple, Sequence
 
 import gin
@@ -69,6 +70,21 @@ class SamplingConfig:
         if self.guidance not in GUIDANCE:
             raise UserInputError(f"SamplingConfig.guidance={self.guidance!r}; use one of "
                                  f"{GUIDANCE}.")
+        # Checked here, where gin builds it (before any model is restored), by the names a
+        # user binds; the logits processors check the same again for direct callers.
+        bad = ([f"temperature={self.temperature} (> 0; greedy=True for the zero limit)"]
+               if not self.greedy and not self.temperature > 0 else [])
+        bad += [f"top_k={self.top_k} (>= 0; 0 is off)"] if self.top_k < 0 else []
+        bad += [f"top_p={self.top_p} (in (0, 1]; 1 is off)"] if not 0 < self.top_p <= 1 else []
+        bad += ([f"cdk_alpha={self.cdk_alpha} (in [0, 1])"]
+                if self.guidance == "cdk" and not 0 <= self.cdk_alpha <= 1 else [])
+        bad += [f"cdk_k={self.cdk_k} (>= 1)"] if self.guidance == "cdk" and self.cdk_k < 1 else []
+        bad += [f"{name}={value} (a finite number)" for name, value in
+                (("guidance_scale", self.guidance_scale), ("negative_scale", self.negative_scale))
+                if not math.isfinite(value)]
+        if bad:
+            raise UserInputError("SamplingConfig " + "; ".join(bad) + ": bind values in range "
+                                 "(a run file may scope it: images/SamplingConfig.top_p, ...).")
 
     @property
     def num_streams(self) -> int:

@@ -14,7 +14,6 @@ Writes
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Sequence
 
@@ -23,11 +22,13 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cm3leon_jax import fs
-from cm3leon_jax.decode import generate_families, pictures, rerank, restore
+from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.train import run_config
+from cm3leon_jax.vocab import image_inputs
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
@@ -46,7 +47,8 @@ def read_lines(path: str) -> list[str]:
 
 
 def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
-    """The images of `generate.image_files`, decoded now so a bad file is named up front."""
+    """The images of `generate.image_files`, decoded and checked now (as the tokenizer will
+    read them), so that a bad file is named up front, before the model is restored."""
     images = []
     for path in paths:
         if not fs.isfile(path):
@@ -55,7 +57,9 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
         try:
             with fs.open(path, "rb") as f, PILImage.open(f) as image:
                 image.load()
-                images.append(image.copy())
+                # In RGB now (16-bit grayscale scaled, transparency over white), as the
+                # tokenizer reads pictures.
+                images.append(image_inputs.pil_rgb(image))
         except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
             raise UserInputError(f"generate.image_files: {path!r} is not a readable image "
                                  f"({e}); give PNG, JPEG or another format PIL reads.") from e
@@ -77,8 +81,7 @@ def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
         entries.append({"caption": captions[i], "images": paths})
     pictures.grid(images, list(captions), os.path.join(out_dir, "generated.png"),
                   columns=min(8, len(images)))
-    with fs.open(os.path.join(out_dir, "generated.json"), "w") as f:
-        json.dump(entries, f, indent=2)
+    fs.write_json(os.path.join(out_dir, "generated.json"), entries, indent=2)
     return entries
 
 
@@ -91,9 +94,27 @@ def write_captions(path: str, names: Sequence[str], captions: Sequence[str],
         entry.update(extra[i] if extra else {})
         entries.append(entry)
     fs.makedirs(os.path.dirname(fs.abspath(path)))
-    with fs.open(path, "w") as f:
-        json.dump(entries, f, indent=2)
+    fs.write_json(path, entries, indent=2)
     return entries
+
+
+# What a generate run writes into MODEL_DIR (config.gin aside).
+OUTPUTS = ("images", "generated.png", "generated.json", "captions.json", "families",
+           "families.json", "families.png")
+
+
+def clear_earlier_outputs(model_dir: str, overwrite: bool) -> None:
+    """Refuses a MODEL_DIR holding an earlier run's outputs (a rerun would leave some of them
+    beside its own, e.g. images of captions it no longer has), or with `overwrite` removes
+    them first."""
+    found = [name for name in OUTPUTS if fs.exists(os.path.join(model_dir, name))]
+    if found and not overwrite:
+        raise UserInputError(
+            f"generate MODEL_DIR {model_dir!r} holds an earlier run's outputs ({', '.join(found)}"
+            "): give another MODEL_DIR, or --gin.generate.overwrite=True to replace them.")
+    for name in found:
+        path = os.path.join(model_dir, name)
+        fs.rmtree(path) if fs.isdir(path) else fs.remove(path)
 
 
 def text_list(texts: str | Sequence[str]) -> list[str]:
@@ -140,6 +161,27 @@ def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int
     return best.images, 1
 
 
+def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str],
+                    num_samples: int, rerank_samples: int, caption_style: str,
+                    image_sampling: SamplingConfig | None) -> list[str] | None:
+    """`generate`'s settings checked before the model is restored; returns the negatives."""
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise UserInputError(f"generate.captions: caption {empty[0]} is empty; give text for "
+                             "every caption.")
+    if num_samples < 1 or rerank_samples < 1:
+        raise UserInputError(f"generate.num_samples={num_samples} and generate.rerank_samples="
+                             f"{rerank_samples} must be >= 1.")
+    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
+        raise UserInputError(f"generate.caption_style={caption_style!r}; use one of "
+                             f"{prompts.IMAGE_TO_TEXT_STYLES}.")
+    negatives = negatives_for(texts, negative_captions)
+    if negatives and image_sampling is not None and image_sampling.guidance != "cfg":
+        raise UserInputError(f"generate.negative_captions need image_sampling.guidance='cfg', "
+                             f"got {image_sampling.guidance!r}: set it or drop the negatives.")
+    return negatives
+
+
 @gin.configurable(denylist=["model_dir"])
 def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, retrieval_dir: str | None = None,
@@ -153,7 +195,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
              caption_style: str = "infill", batch_size: int = 8, step: int | None = None,
              seed: int = 0, prompts_file: str | None = None, rerank_samples: int = 1,
              rerank_encoder_dir: str | None = None,
-             rerank_samplings: Sequence[SamplingConfig] = ()) -> dict:
+             rerank_samplings: Sequence[SamplingConfig] = (), overwrite: bool = False) -> dict:
     """Generates for the prompts given in gin; returns what it wrote.
 
     Args:
@@ -177,13 +219,12 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         (rerank.py; one image per caption, num_samples unused for images), scored by the
         CLIP folder `rerank_encoder_dir` (default: the retrieval folder's encoder);
         `rerank_samplings` mixes samplings (sample j uses [j % K]; default image_sampling).
+      overwrite: replace the outputs of an earlier run in MODEL_DIR (otherwise refused).
     """
     texts = text_list(captions) + (read_lines(captions_file) if captions_file else [])
     image_files = text_list(image_files)
-    negatives = negatives_for(texts, negative_captions)
-    if negatives and image_sampling is not None and image_sampling.guidance != "cfg":
-        raise UserInputError(f"generate.negative_captions need image_sampling.guidance='cfg', "
-                             f"got {image_sampling.guidance!r}: set it or drop the negatives.")
+    negatives = _check_settings(texts, negative_captions, num_samples, rerank_samples,
+                                caption_style, image_sampling)
     images = read_images(image_files)  # Before the (slow) restore: a bad input fails fast.
     if data_dir:
         vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
@@ -195,6 +236,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "
                              "generate.prompts_file.")
+    clear_earlier_outputs(model_dir, overwrite)
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
@@ -220,3 +262,14 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
           f"{len(image_files)} image(s) -> captions", flush=True)
     return summary
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads."""
+    bound = gin.get_bindings(generate)
+    run_config.check_apart(model_dir, "generate", {
+        f"generate.{name}": bound.get(name)
+        for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
+
+
+generate.check_model_dir = _check_model_dir

@@ -20,6 +20,7 @@ and guidance pushes toward the query given the documents.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -32,14 +33,20 @@ IMAGE_TO_TEXT_STYLES = ("infill", "image_first")
 
 def with_retrieved(query: np.ndarray, retrieved: Sequence[np.ndarray], budget: int,
                    what: str) -> np.ndarray:
-    """`retrieved_1 <eos> ... query`, dropping the least relevant documents to fit `budget`."""
-    ids = augment.assemble(np.asarray(query, np.int32),
-                           [np.asarray(r, np.int32) for r in retrieved], budget)
-    if ids is None:
+    """`retrieved_1 <eos> ... query`, dropping the least relevant documents to fit `budget`
+    (with a warning: the prompt then has fewer documents than asked)."""
+    query = np.asarray(query, np.int32)
+    retrieved = [np.asarray(r, np.int32) for r in retrieved]
+    if query.size > budget:
         raise ValueError(f"{what}: its prompt alone has {len(query)} tokens, more than the "
                          f"{budget} the model has room for (DecoderConfig.max_length minus "
                          "the tokens to generate); shorten it.")
-    return ids
+    kept = augment.neighbors_that_fit(query.size, retrieved, budget)
+    if len(kept) < len(retrieved):
+        logging.warning("%s: %d of its %d retrieved documents fit beside its %d-token prompt "
+                        "in the %d-token budget; the others are left out.", what, len(kept),
+                        len(retrieved), query.size, budget)
+    return augment.assemble(query, kept, budget)
 
 
 def text_to_image(caption_ids: np.ndarray) -> np.ndarray:

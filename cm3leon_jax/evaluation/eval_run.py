@@ -24,7 +24,6 @@ Inception FID (`fid_inception`); with a retrieval encoder also FID on its image 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +41,7 @@ from cm3leon_jax.evaluation.suites import Suite, corpus_suite
 from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
+from cm3leon_jax.train import run_config
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 GRID_IMAGES = 16
@@ -58,9 +58,12 @@ def _references(ctx: Context, suite: Suite, cache: dict[str, str | None]) -> Non
     task = suite.text_to_image
     if task is None or task.reference_images is None:
         return
+    images = task.reference_images
     for name, extract in ctx.features.items():
+        key = {"suite": suite.name, "images": len(images), "image_size": list(images.shape[1:3]),
+               "features": name, "resize": getattr(extract, "resize", None)}
         ctx.references[name] = fid.reference_statistics(
-            cache.get(name), lambda: task.reference_images, extract)
+            cache.get(name), lambda: images, extract, key)
 
 
 def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[int]):
@@ -78,11 +81,14 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
 
 def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Strategy],
               num_retrieved: Sequence[int] = (0,), fid_cache: dict | None = None,
-              outputs: dict | None = None, reference_rows: bool = False) -> list[dict]:
+              outputs: dict | None = None, reference_rows: bool = False,
+              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir.
     `outputs`, when given, receives each job's images or texts under "task/strategy/kK"
     (the demo's contact sheet shows them). `reference_rows`: first, real images graded
-    like samples (`tasks.reference_rows`: the VQ round trip and other real scenes)."""
+    like samples (`tasks.reference_rows`: the VQ round trip and other real scenes).
+    `on_row(rows)` runs after each job (the eval run writes its report there, so that a
+    failure late in a long run keeps the rows already done)."""
     fs.makedirs(out_dir)
     _references(ctx, suite, fid_cache or {})
     rows = []
@@ -108,6 +114,8 @@ def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Str
             outputs[f"{task}/{row['strategy']}/k{k}"] = (
                 out.images if task == "text_to_image" else images if task == "edit" else texts)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -129,12 +137,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def write_report(out_dir: str, header: dict, rows: list[dict]) -> dict:
+    """report.json and report.md, each written whole or not at all."""
     report = {**header, "rows": rows}
-    with fs.open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with fs.open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# Evaluation of {header.get('checkpoint')} (step {header.get('step')}) on "
-                f"{header.get('suite')}\n\n" + markdown_table(rows))
+    fs.write_json(os.path.join(out_dir, "report.json"), report, indent=2)
+    fs.write_text(os.path.join(out_dir, "report.md"),
+                  f"# Evaluation of {header.get('checkpoint')} (step {header.get('step')}) on "
+                  f"{header.get('suite')}\n\n" + markdown_table(rows))
     return report
 
 
@@ -157,7 +165,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
              fid_reference: str | None = None,
              caption_metrics: Sequence[str] = captioning.METRICS,
              max_answer_tokens: int = 8, caption_style: str = "infill", batch_size: int = 8,
-             step: int | None = None, seed: int = 0, reference_rows: bool = False) -> dict:
+             step: int | None = None, seed: int = 0, reference_rows: bool = False,
+             overwrite: bool = False) -> dict:
     """Evaluates `checkpoint` on `suite` (default: the built-in corpus); returns the report.
 
     Args:
@@ -175,7 +184,16 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         "image_first" for models pretrained with image-first documents, as the demo's).
       reference_rows: also grade real images like samples (VQ round trip of the references,
         real images of other scenes: the ceiling and the chance/FID floor of each metric).
+      overwrite: replace an earlier run's MODEL_DIR/eval (otherwise refused: its grids of
+        other strategies would sit beside this run's report).
     """
+    out_dir = os.path.join(model_dir, "eval")
+    if fs.exists(out_dir):
+        if not overwrite:
+            raise UserInputError(f"eval MODEL_DIR {model_dir!r} holds an earlier run's eval/: "
+                                 "give another MODEL_DIR, or --gin.evaluate.overwrite=True to "
+                                 "replace it.")
+        fs.rmtree(out_dir)
     if any(k > 0 for k in num_retrieved) and not retrieval_dir:
         raise UserInputError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
                              "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
@@ -186,7 +204,7 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
     encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
                else getattr(retriever, "encoder", None))
     return evaluate_generator(
-        gen, os.path.join(model_dir, "eval"), suite=suite, strategies=strategies,
+        gen, out_dir, suite=suite, strategies=strategies,
         num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
         inception_weights_path=inception_weights_path, fid_resize=fid_resize,
         fid_reference=fid_reference, max_answer_tokens=max_answer_tokens,
@@ -213,11 +231,15 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                   caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
                   caption_style=caption_style, seed=seed)
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
-    rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
-                     {"fid_inception": fid_reference}, outputs, reference_rows)
+    if caption_metrics and built.captioning is not None:
+        captioning.require_java()  # Now, not after hours of decoding.
     header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
-    report = write_report(out_dir, header, rows)
+    rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
+                     {"fid_inception": fid_reference}, outputs, reference_rows,
+                     on_row=lambda done: write_report(out_dir, {**header, "complete": False},
+                                                      done))
+    report = write_report(out_dir, {**header, "complete": True}, rows)
     print(f"[eval] wrote {out_dir}/report.md ({len(rows)} rows)", flush=True)
     return report
 
@@ -226,3 +248,14 @@ def _describe(s: Strategy) -> dict:
     return {"name": s.name, "num_samples": s.num_samples,
             "samplings": [dataclasses.asdict(c) if isinstance(c, SamplingConfig) else str(c)
                           for c in s.samplings]}
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads."""
+    bound = gin.get_bindings(evaluate)
+    run_config.check_apart(model_dir, "eval", {
+        f"evaluate.{name}": bound.get(name)
+        for name in ("checkpoint", "vocab_dir", "retrieval_dir")})
+
+
+evaluate.check_model_dir = _check_model_dir

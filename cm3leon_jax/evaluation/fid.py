@@ -17,7 +17,11 @@ is also computed on the project's own trained retrieval image encoder
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
+import zipfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,7 +30,10 @@ import numpy as np
 from scipy import linalg
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import inception
+
+log = logging.getLogger(__name__)
 
 
 class Statistics(NamedTuple):
@@ -63,29 +70,51 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
 
-def save_statistics(path: str, stats: Statistics) -> None:
+def save_statistics(path: str, stats: Statistics, key: dict | None = None) -> None:
+    """`mu`, `sigma` (pytorch-fid's --save-stats layout) and, when given, `key` (what they
+    were computed from, as JSON), written whole or not at all."""
     fs.makedirs(os.path.dirname(fs.abspath(path)))
-    with fs.open(path, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma)
+    buffer = io.BytesIO()
+    extra = {"key": np.asarray(json.dumps(key, sort_keys=True))} if key is not None else {}
+    np.savez(buffer, mu=stats.mu, sigma=stats.sigma, **extra)
+    fs.write_bytes(path, buffer.getvalue())
 
 
-def load_statistics(path: str) -> Statistics:
-    """An `.npz` with `mu` and `sigma` (pytorch-fid's --save-stats layout)."""
-    with fs.np_load(path) as z:
+def load_statistics(path: str, key: dict | None = None) -> Statistics:
+    """An `.npz` with `mu` and `sigma` (pytorch-fid's --save-stats layout). With `key`, one
+    saved with another key (another reference set, size or feature extractor) is refused;
+    one saved without a key (e.g. by pytorch-fid) is used as is, with a warning."""
+    try:
+        z = fs.np_load(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise UserInputError(f"FID reference statistics {path!r} are unreadable ({e}); delete "
+                             "the file to compute them again.") from None
+    with z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"{path!r} has {z.files}, not FID statistics (mu, sigma).")
+        if key is not None:
+            saved = json.loads(str(z["key"])) if "key" in z.files else None
+            if saved is None:
+                log.warning("FID reference statistics %s do not say what they were computed "
+                            "from; using them as given for %s.", path, key)
+            elif saved != json.loads(json.dumps(key, sort_keys=True)):
+                raise UserInputError(
+                    f"FID reference statistics {path!r} were computed from {saved}, not this "
+                    f"run's {key}: give evaluate.fid_reference another file (or delete it).")
         return Statistics(z["mu"], z["sigma"])
 
 
 def reference_statistics(cache_path: str | None, images: Callable[[], Any],
-                         extract: Callable[[np.ndarray], np.ndarray]) -> Statistics:
-    """Statistics of a reference set, read from `cache_path` if it exists, else computed
-    from `images()` (called only then) and written there."""
+                         extract: Callable[[np.ndarray], np.ndarray],
+                         key: dict | None = None) -> Statistics:
+    """Statistics of a reference set, read from `cache_path` if it exists (and was computed
+    from what `key` describes: the set's size, image size and feature extractor), else
+    computed from `images()` (called only then) and written there with `key`."""
     if cache_path and fs.exists(cache_path):
-        return load_statistics(cache_path)
+        return load_statistics(cache_path, key)
     stats = statistics(extract(images()))
     if cache_path:
-        save_statistics(cache_path, stats)
+        save_statistics(cache_path, stats, key)
     return stats
 
 

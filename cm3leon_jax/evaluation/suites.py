@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -142,6 +143,11 @@ def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
         images = [im for im in data["images"] if by_image.get(im["id"])][:max_images]
         if len(images) < 2:
             raise ValueError(f"{captions_json!r}: fewer than 2 images with captions.")
+        if max_images and len(images) < max_images:
+            logging.warning("coco_suite: %s has %d captioned images, fewer than max_images=%d; "
+                            "every FID of this run is over %d images (fid_n in each row), not "
+                            "comparable with FID-%d.", captions_json, len(images), max_images,
+                            len(images), max_images)
         pixels = np.stack([_load_image(os.path.join(image_dir, im["file_name"]), image_size)
                            for im in images])
         refs = [by_image[im["id"]] for im in images]

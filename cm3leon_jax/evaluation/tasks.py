@@ -77,6 +77,7 @@ def image_metrics(ctx: Context, images: np.ndarray, task: Task) -> dict:
     for name, extract in ctx.features.items():
         if name in ctx.references:
             out[name] = fid.fid(extract(images), ctx.references[name])
+            out["fid_n"] = len(images)  # FID depends on the count: say what it is of.
     return out
 
 

@@ -21,13 +21,13 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cm3leon_jax import fs
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import staging
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.train import run_config
 from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 
@@ -127,15 +127,9 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
 
 
 def _check_model_dir(model_dir: str) -> None:
-    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses a MODEL_DIR that
-    is, holds or lies inside the checkpoint's run (whose config.gin, which later runs read
-    the model's sizes from, would be replaced)."""
-    checkpoint = gin.get_bindings(export).get("checkpoint")
-    if checkpoint and fs.overlap(model_dir, checkpoint):
-        raise UserInputError(
-            f"export MODEL_DIR {model_dir!r} is, holds or lies inside export.checkpoint "
-            f"{checkpoint!r}: give the export run a folder of its own (the export goes to "
-            "MODEL_DIR/export, or export.output_dir); the trained run is left untouched.")
+    """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run."""
+    run_config.check_apart(model_dir, "export",
+                           {"export.checkpoint": gin.get_bindings(export).get("checkpoint")})
 
 
 export.check_model_dir = _check_model_dir

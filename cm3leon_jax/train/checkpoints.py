@@ -53,7 +53,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
+from cm3leon_jax.errors import CheckpointMismatchError, UserInputError  # The first: re-exported.
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ _UNCHECKED = {CHECKSUMS, f"{CHECKSUMS}.partial", "_CHECKPOINT_METADATA", "commit
 
 class CorruptCheckpointError(Exception):
     """A file of a checkpoint does not match its recorded size or checksum."""
-
 
 
 class CheckpointSaveError(RuntimeError):
@@ -387,8 +386,7 @@ class Checkpointer:
         return _flat_shapes(self._manager.item_metadata(step)["state"])
 
     def _check_fits(self, step: int, stored: dict[str, tuple[tuple[int, ...], str]],
-                    abstract_state: Any,
-                    layout: str | None) -> None:
+                    abstract_state: Any, layout: str | None) -> None:
         problems = _shape_problems(stored, _flat_shapes(abstract_state))
         if layout:
             problems.append(f"the data layout differs ({layout})")

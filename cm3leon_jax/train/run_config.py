@@ -70,6 +70,18 @@ def write_undoable(model_dir: str) -> tuple[str, Callable[[], None]]:
     return path, undo
 
 
+def check_apart(model_dir: str, mode: str, reads: dict[str, Any]) -> None:
+    """For a run mode's `check_model_dir` (`main.run` calls it before it writes config.gin):
+    refuses a MODEL_DIR that is, holds or lies inside a folder the run reads (`reads`:
+    {"generate.checkpoint": path, ...}; None values skipped). Writing there would replace
+    a trained run's config.gin, which later runs read its model's sizes from."""
+    for name, path in reads.items():
+        if path and fs.overlap(model_dir, str(path)):
+            raise UserInputError(
+                f"{mode} MODEL_DIR {model_dir!r} is, holds or lies inside {name} {path!r}: give "
+                f"the {mode} run a folder of its own; what it reads is left untouched.")
+
+
 def stored_bindings(model_dir: str) -> dict[str, Any] | None:
     """`DecoderConfig` fields bound in MODEL_DIR/config.gin (None: there is no config.gin).
 

@@ -126,6 +126,21 @@ def _layout(x: np.ndarray, what: str) -> np.ndarray:
                      "or 4 ([b, h, w, c])")
 
 
+def pil_rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB: transparency over white, 16-bit (and 32-bit integer) grayscale scaled to
+    8 bits, every other mode by PIL's conversion (which would saturate 16-bit values)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        eight_bit = (
+            (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+        )
+        return Image.fromarray(eight_bit, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def rgb_uint8_unresized(image: Any) -> np.ndarray:
     """One image (array or PIL) -> uint8[h, w, 3] at its own size, by the value
     and channel rules above."""

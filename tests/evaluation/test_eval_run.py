@@ -89,6 +89,22 @@ def test_eval_cli_on_the_corpus_suite(eval_files, tmp_path, capfd, monkeypatch):
                  "edit_two_scale"):
         assert Image.open(out / "eval" / f"{name}.png").size[0] > 0
     assert "[eval] wrote" in stdout and "eval:" in stderr  # tqdm's progress bar
+    assert report["complete"] and t2i["fid_n"] == 2  # What the FID is of.
+
+    # A second run into the same MODEL_DIR, or one into the trained run it reads: refused
+    # before anything is written (config.gin included).
+    before = {p: p.read_bytes() for p in (out / "config.gin", out / "eval" / "report.json")}
+    for model_dir, message in ((out, "earlier run's eval/"),
+                               (eval_files["checkpoint"], "lies inside evaluate.checkpoint")):
+        again = [a if not a.startswith("--gin.MODEL_DIR=") else f"--gin.MODEL_DIR='{model_dir}'"
+                 for a in args]
+        gin.clear_config()
+        try:
+            assert main_lib.main(again) == 2
+        finally:
+            gin.clear_config()
+        assert message in capfd.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
 
 
 class Documents:
@@ -130,7 +146,8 @@ def _write_fixtures(root, images):
         (root / name).write_text(json.dumps(data))
 
 
-def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_tokenizer, tmp_path):
+def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_tokenizer, tmp_path,
+                                                          monkeypatch):
     vocab = MultimodalVocabulary(eval_files["vocab"])
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
     _write_fixtures(tmp_path, images)
@@ -161,6 +178,33 @@ def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_toke
     assert rows[0]["task"] == "vqa" and 0 <= rows[0]["vqa_accuracy"] <= 100
     report = eval_run.write_report(str(tmp_path / "vqa"), {"suite": vqa.name}, rows)
     assert report["rows"] == rows and "vqa_accuracy" in (tmp_path / "vqa" / "report.md").read_text()
+
+    # A job that fails late keeps the rows done before it in the report.
+    def broken(*args):
+        raise RuntimeError("captioning broke")
+    monkeypatch.setattr(tasks, "caption", broken)
+    with pytest.raises(RuntimeError, match="captioning broke"):
+        eval_run.evaluate_generator(gen, str(tmp_path / "partial"), suite=lambda size: coco,
+                                    strategies=[strategy], encoder=encoder, caption_metrics=())
+    partial = json.loads((tmp_path / "partial" / "report.json").read_text())
+    assert not partial["complete"] and [r["task"] for r in partial["rows"]] == ["text_to_image"]
+
+
+def test_fid_reference_statistics_say_what_they_are_of(tmp_path, caplog):
+    stats = fid.Statistics(np.zeros(3), np.eye(3))
+    key = {"suite": "coco_30000", "images": 30000, "image_size": [256, 256]}
+    path = str(tmp_path / "ref.npz")
+    fid.save_statistics(path, stats, key)
+    np.testing.assert_array_equal(fid.load_statistics(path, key).sigma, np.eye(3))
+    with pytest.raises(ValueError, match="computed from .*'images': 30000.*not this run's"):
+        fid.load_statistics(path, {**key, "images": 5})
+    np.savez(path, mu=stats.mu, sigma=stats.sigma)  # pytorch-fid's --save-stats: no key.
+    with caplog.at_level("WARNING"):
+        fid.load_statistics(path, key)
+    assert "do not say what they were computed from" in caplog.text
+    (tmp_path / "ref.npz").write_bytes(b"PK\x03\x04 half a file")
+    with pytest.raises(ValueError, match="unreadable.*delete the file"):
+        fid.load_statistics(path, key)
 
 
 def test_bad_settings_are_named(eval_files):

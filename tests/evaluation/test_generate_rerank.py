@@ -74,3 +74,47 @@ def test_a_single_string_is_one_caption_not_one_per_character():
     assert generate_run.text_list("a red circle") == ["a red circle"]
     assert generate_run.text_list(("a", "b")) == ["a", "b"] and generate_run.text_list(()) == []
     assert generate_run.negatives_for(["x", "y"], "a red circle") == ["a red circle"] * 2
+
+
+def test_a_generate_run_keeps_apart_from_its_inputs_and_an_earlier_runs_outputs(
+        eval_files, image_tokenizer, tmp_path, tiny_gin):
+    common = dict(checkpoint=eval_files["checkpoint"], vocab_dir=eval_files["vocab"],
+                  image_tokenizer=lambda: image_tokenizer, num_retrieved=0, num_samples=2,
+                  image_sampling=SamplingConfig(guidance="none"))
+    out = tmp_path / "out"
+    generate_run.generate(str(out), captions=["a large blue star", "a red circle"], **common)
+    assert len(os.listdir(out / "images")) == 4
+    with pytest.raises(generate_run.UserInputError, match="earlier run's outputs.*overwrite"):
+        generate_run.generate(str(out), captions=["a red circle"], **common)
+    generate_run.generate(str(out), captions=["a red circle"], overwrite=True, **common)
+    assert sorted(os.listdir(out / "images")) == ["000_0.png", "000_1.png"]
+    assert len(json.loads((out / "generated.json").read_text())) == 1
+    # main.run asks before it writes config.gin: not into the trained run it reads.
+    with gin.unlock_config():
+        gin.bind_parameter("generate.checkpoint", eval_files["checkpoint"])
+    for model_dir in (eval_files["checkpoint"], os.path.join(eval_files["checkpoint"], "gen")):
+        with pytest.raises(generate_run.UserInputError, match="lies inside generate.checkpoint"):
+            generate_run.generate.check_model_dir(model_dir)
+    generate_run.generate.check_model_dir(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num_samples": 0}, "num_samples=0"),
+    ({"captions": ["a red circle", "  "]}, "caption 1 is empty"),
+    ({"caption_style": "poem"}, "caption_style='poem'"),
+])
+def test_bad_generate_settings_are_named_before_the_model_is_read(bad, match, tmp_path):
+    kwargs = dict(checkpoint=str(tmp_path / "no_such_run"), vocab_dir=str(tmp_path),
+                  image_tokenizer=lambda: None, captions=["a red circle"])
+    with pytest.raises(generate_run.UserInputError, match=match):
+        generate_run.generate(str(tmp_path / "out"), **{**kwargs, **bad})
+    with pytest.raises(generate_run.UserInputError, match=r"SamplingConfig top_p=0 \(in \(0, 1\]"):
+        SamplingConfig(top_p=0)
+
+
+def test_a_16_bit_image_file_is_read_as_8_bit_rgb(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    (image,) = generate_run.read_images([str(path)])
+    assert image.mode == "RGB" and np.asarray(image).min() == 255
