@@ -126,7 +126,7 @@ def test_the_scan_covers_export():
     scanned = {os.path.relpath(os.path.join(folder, n), REPO)
                for root in ROOTS for folder, _, names in os.walk(os.path.join(REPO, root))
                for n in names if n.endswith(".py")}
-    assert {"cm3leon_jax/export/staging.py", "cm3leon_jax/export/hf_import.py",
+    assert {"cm3leon_jax/train/staging.py", "cm3leon_jax/export/hf_import.py",
             "cm3leon_jax/export/chameleon_release.py"} <= scanned
 
 

@@ -3,7 +3,6 @@
     params_export  the `export` run mode: a training checkpoint -> a params-only export
                    (`train/params_checkpoint.py`: orbax params + manifest, any mesh),
                    and `write_export`, which every import ends with.
-    staging        write a folder completely or not at all (temp folder, then rename).
     hf_export      the `transformers` layout as safetensors: OPTForCausalLM (CM3Leon)
                    or ChameleonForConditionalGeneration (+ its VQ model and tokenizer).
     hf_import      that layout back into a params-only export.

@@ -32,10 +32,10 @@ from safetensors import numpy as st_numpy
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.export import staging
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.train import staging
 from cm3leon_jax.vocab import chameleon_vqgan_weights as vq_weights
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 

@@ -24,8 +24,9 @@ import gin
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError
-from cm3leon_jax.export import chameleon_release, hf_import, params_export, staging
+from cm3leon_jax.export import chameleon_release, hf_import, params_export
 from cm3leon_jax.train import params_checkpoint as pc
+from cm3leon_jax.train import staging
 
 LAYOUTS = ("params", "hf", "chameleon")
 

@@ -6,7 +6,7 @@
 Reads only the parameters of the training checkpoint (the optimizer state stays on
 disk), sharded over the gin-bound mesh so nothing larger than a shard lands on one
 host, casts them to `dtype`, and writes a folder that is complete or absent
-(`staging.py`): the params-only layout of `train/params_checkpoint.py` with a
+(`train/staging.py`): the params-only layout of `train/params_checkpoint.py` with a
 manifest (DecoderConfig, dtype, step, source, sha256 of every file), plus a copy of
 the vocabulary and of the image tokenizer when given. `layout="hf"` writes the
 `transformers` layout instead (`hf_export.py`).
@@ -23,11 +23,10 @@ import jax.numpy as jnp
 
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.export import staging
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
-from cm3leon_jax.train import run_config
+from cm3leon_jax.train import run_config, staging
 from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 

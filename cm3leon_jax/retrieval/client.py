@@ -5,7 +5,10 @@
 
 Generation code that takes "a retriever" accepts either this or a local
 `Retriever`. A 4xx answer raises `ValueError` with the server's reason; network
-failures raise httpx's errors after `retries` attempts.
+failures raise httpx's errors after `retries` attempts. Images are checked as the local
+`Retriever` checks them (uint8 RGB, `encoder.check_image`) before they are sent; text
+results carry the service's `truncated` flags, and a call with texts cut to the
+encoder's context logs one warning, as the local retriever does.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax.retrieval.encoder import check_image, warn_truncated
 from cm3leon_jax.retrieval.retriever import SearchResult
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray, i: int = 0) -> bytes:
+    """uint8[h, w, 3] (or [h, w], [h, w, 4]) -> PNG bytes; UserInputError for anything else
+    (`check_image`: a float image is never silently cast)."""
     buf = io.BytesIO()
-    PILImage.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    PILImage.fromarray(check_image(image, i)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -46,9 +52,11 @@ class RetrievalClient:
             raise ValueError(f"retrieval service refused the request ({r.status_code}): "
                              f"{r.json().get('detail')}")
         r.raise_for_status()
+        answer = r.json()
+        truncated = answer.get("truncated") or [False] * len(answer["results"])
         return [SearchResult(x["doc_ids"], x["scores"],
-                             [np.asarray(t, np.int32) for t in x["token_ids"]], [])
-                for x in r.json()["results"]]
+                             [np.asarray(t, np.int32) for t in x["token_ids"]], [], bool(cut))
+                for x, cut in zip(answer["results"], truncated)]
 
     def health(self) -> dict:
         r = self._http.get("/health")
@@ -67,14 +75,17 @@ class RetrievalClient:
         return self._post("/search/vector", json=body)
 
     def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
-        return self._post("/search/text", json={"texts": list(texts), "k": k})
+        results = self._post("/search/text", json={"texts": list(texts), "k": k})
+        warn_truncated([r.truncated for r in results])
+        return results
 
     def search_images(
         self, images: Sequence[np.ndarray], k: int | None = None
     ) -> list[SearchResult]:
         out = []
-        for image in images:  # the service takes one PNG per request
+        pngs = [encode_png(image, i) for i, image in enumerate(images)]  # all checked first
+        for png in pngs:  # the service takes one PNG per request
             params = {} if k is None else {"k": k}
-            out += self._post("/search/image", content=encode_png(image),
+            out += self._post("/search/image", content=png,
                               headers={"content-type": "image/png"}, params=params)
         return out

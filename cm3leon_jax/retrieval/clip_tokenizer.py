@@ -113,6 +113,17 @@ def save_tokenizer(directory: str, tokenizer: Tokenizer) -> None:
         json.dump(tokenizer.describe(), f)
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The position of the first lone surrogate in `text` (U+D800..U+DFFF: a Python str and
+    JSON's `\\ud800` escapes allow it, but it is no character and has no UTF-8, so no
+    tokenizer can encode it), or None for valid Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def batch_tokens(token_lists: Sequence[list[int]], context: int,
                  dropout: float = 0.0, rng: np.random.Generator | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:

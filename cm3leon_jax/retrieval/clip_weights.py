@@ -6,7 +6,9 @@
 A checkpoint directory is what `CLIPModel.save_pretrained` writes: `config.json`
 and one or more `*.safetensors` files. The tiny encoder trained here is saved in
 that layout as well, so one loader serves both and `transformers` can open ours.
-Nothing is downloaded: point the loader at a directory you already have.
+Nothing is downloaded: point the loader at a directory you already have. The folder
+may be on any file system `fs.py` knows (`gs://...`): files are read and written as
+bytes through it, never by local path.
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def state_dict_from_params(cfg: ClipConfig, params: dict) -> dict[str, np.ndarra
 
 def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
     """config.json + *.safetensors in `directory` -> (ClipConfig, flax params)."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
     config_path = os.path.join(directory, "config.json")
     if not fs.exists(config_path):
         raise MissingInputError(f"no config.json in {directory!r}; give the folder that "
@@ -160,14 +162,15 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
         cfg = config_from_hf(json.load(f))
     tensors = {}
     for path in files:
-        tensors.update(load_file(path))
+        tensors.update(load(fs.read_bytes(path)))
     return cfg, params_from_state_dict(cfg, tensors)
 
 
 def save_hf_checkpoint(directory: str, cfg: ClipConfig, params: dict) -> None:
-    from safetensors.numpy import save_file
+    """(ClipConfig, flax params) -> config.json + model.safetensors in `directory`."""
+    from safetensors.numpy import save
     fs.makedirs(directory)
-    save_file(state_dict_from_params(cfg, params),
-              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    fs.write_bytes(os.path.join(directory, "model.safetensors"),
+                   save(state_dict_from_params(cfg, params), metadata={"format": "pt"}))
     with fs.open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)

@@ -15,6 +15,11 @@ favor unimodal documents merely for their longer vectors.
 With `dropout > 0` (training queries) that fraction of text tokens and image
 patches is hidden before encoding (query dropout), drawn from `rng`.
 
+Texts longer than the model's context (32 tokens for the tiny model, 77 for OpenAI's)
+are cut to it, as CLIP always does; `encode_texts` says which were, and `embed_texts`
+logs one warning per call naming them. A text holding a lone surrogate (valid in JSON's
+`\\ud800` escapes, but no character) is refused.
+
 Texts are padded to the model's context and batches to the smallest of a few
 sizes (1, 4, 16, 64 up to `batch_size`), so each function compiles at most a few
 times and a single query does not pay for a full batch. Calls into the model are
@@ -31,8 +36,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image as PILImage
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_tokenizer, clip_weights
 from cm3leon_jax.retrieval.select import dropout_keep_mask
 
@@ -41,17 +48,39 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
+def check_image(image: np.ndarray, i: int = 0) -> np.ndarray:
+    """Image `i` of a query -> uint8[h, w, 3] (RGB; grayscale repeated, alpha dropped).
+
+    Only uint8 is accepted: a float image (0..1 or 0..255) cast to uint8 would be
+    garbage, so it raises UserInputError instead. The local encoder and the HTTP
+    client (which sends PNGs) both check with this.
+    """
+    im = np.asarray(image)
+    if im.ndim == 2:
+        im = np.repeat(im[..., None], 3, axis=-1)
+    if im.ndim != 3 or im.shape[-1] not in (3, 4) or im.dtype != np.uint8:
+        raise UserInputError(f"image {i} has shape {im.shape} dtype {im.dtype}; expected "
+                             "uint8[h, w, 3] (RGB).")
+    return im[..., :3]
+
+
+def warn_truncated(truncated: Sequence[bool], context: int | None = None) -> None:
+    """Logs one warning naming the texts cut to the encoder's context (`context` tokens,
+    where known), if any."""
+    cut = [i for i, t in enumerate(truncated) if t]
+    if cut:
+        logging.warning(
+            "%d of %d texts (text %s) are longer than the encoder's %scontext and were cut to "
+            "it (CLIP's behavior): only their beginning was encoded.", len(cut),
+            len(truncated), ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else ""),
+            f"{context}-token " if context else "")
+
+
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
     """uint8 images (any size) -> f32[b, size, size, 3], center-cropped, resized, normalized."""
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, im in enumerate(images):
-        im = np.asarray(im)
-        if im.ndim == 2:
-            im = np.repeat(im[..., None], 3, axis=-1)
-        if im.ndim != 3 or im.shape[-1] not in (3, 4) or im.dtype != np.uint8:
-            raise ValueError(f"image {i} has shape {im.shape} dtype {im.dtype}; expected "
-                             "uint8[h, w, 3] (RGB).")
-        im = im[..., :3]
+        im = check_image(im, i)
         h, w = im.shape[:2]
         s = min(h, w)
         im = im[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
@@ -107,12 +136,27 @@ class DocumentEncoder:
 
     def embed_texts(self, texts: Sequence[str], dropout: float = 0.0,
                     rng: np.random.Generator | None = None) -> np.ndarray:
-        """texts -> f32[n, dim] unit vectors."""
+        """texts -> f32[n, dim] unit vectors; logs one warning if some were cut to the
+        context (`encode_texts`)."""
+        vectors, truncated = self.encode_texts(texts, dropout, rng)
+        warn_truncated(truncated, self.cfg.context_length)
+        return vectors
+
+    def encode_texts(self, texts: Sequence[str], dropout: float = 0.0,
+                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (f32[n, dim] unit vectors, bool[n] truncated: the text had more tokens
+        than the context, so only its first context - 1 and its end were encoded)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text {i} is {t!r}; give a non-empty string.")
+                raise UserInputError(f"text {i} is {t!r}; give a non-empty string.")
+            at = clip_tokenizer.lone_surrogate(t)
+            if at is not None:
+                raise UserInputError(f"text {i} holds a lone surrogate (character {at}), which "
+                                     "is not Unicode text; send valid Unicode.")
+        token_lists = [self.tokenizer.encode(t) for t in texts]
+        truncated = np.array([len(t) > self.cfg.context_length for t in token_lists], bool)
         tokens, lengths = clip_tokenizer.batch_tokens(
-            [self.tokenizer.encode(t) for t in texts], self.cfg.context_length, dropout, rng)
+            token_lists, self.cfg.context_length, dropout, rng)
         out = np.zeros((len(texts), self.dim), np.float32)
         for a, b in self._chunks(len(texts)):
             lens = self._pad(lengths[a:b])
@@ -120,7 +164,7 @@ class DocumentEncoder:
             with self._lock:
                 got = np.asarray(self._text_fn(self.params, self._pad(tokens[a:b]), lens))
             out[a:b] = got[:b - a]
-        return out
+        return out, truncated
 
     def embed_images(self, images: np.ndarray | Sequence[np.ndarray], dropout: float = 0.0,
                      rng: np.random.Generator | None = None) -> np.ndarray:

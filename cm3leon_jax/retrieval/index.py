@@ -15,6 +15,13 @@ re-ordering; build every shard with the whole bank's `num_leaves` (as
 `build.build_index` does) and a search visits as many vectors as one index over
 everything, with the same recall (measured in benchmarks/RESULTS_retrieval.md).
 
+A tree needs at least one vector per leaf and AH at least `AH_MIN_VECTORS` to train on:
+a shard smaller than that (the last shard of a sharded build) is searched by brute
+force instead, exact and cheap at that size (`IndexConfig.resolve`).
+
+An index built over a memory bank records the bank's `fingerprint` (`bank_fingerprint`;
+`build.build_index` sets it), so the retriever refuses an index opened over another bank.
+
 Both classes share one interface (`search`, `size`, `dim`, `save`), which the HTTP
 client (`client.py`) also offers, so callers never care which they hold.
 """
@@ -38,6 +45,8 @@ from cm3leon_jax.errors import MissingInputError, UserInputError
 
 INDEX_JSON = "index.json"
 SHARDED_JSON = "sharded_index.json"
+# ScaNN's AH trains 16 centers per block of dimensions: fewer vectors cannot train it.
+AH_MIN_VECTORS = 16
 
 
 class Searcher(Protocol):
@@ -81,13 +90,20 @@ class IndexConfig:
                                  "'brute_force' or 'tree_ah'.")
 
     def resolve(self, n: int) -> dict:
-        """The concrete settings for a bank of n vectors."""
+        """The concrete settings for a bank of n vectors.
+
+        A tree over fewer vectors than its leaves (or than AH_MIN_VECTORS) cannot be
+        trained: such a bank (a sharded build's small last shard, given the whole bank's
+        `num_leaves`) gets brute force, which is exact and cheap at that size.
+        """
         algorithm = self.algorithm
         if algorithm == "auto":
             algorithm = "brute_force" if n < self.brute_force_below else "tree_ah"
         if algorithm == "brute_force":
             return {"algorithm": "brute_force"}
         leaves = self.num_leaves or max(2, min(n // 50, int(round(2 * math.sqrt(n)))))
+        if n < max(leaves, AH_MIN_VECTORS):
+            return {"algorithm": "brute_force"}
         search = self.leaves_to_search or max(1, int(math.ceil(0.05 * leaves)))
         return {"algorithm": "tree_ah", "num_leaves": int(leaves),
                 "leaves_to_search": int(min(search, leaves)), "reorder": int(self.reorder),
@@ -138,6 +154,11 @@ class Index:
 
     def __init__(self, searcher, settings: dict, size: int, dim: int):
         self._searcher, self.settings, self.size, self.dim = searcher, settings, size, dim
+
+    @property
+    def bank_fingerprint(self) -> str | None:
+        """The memory bank's fingerprint this index was built over (None: not recorded)."""
+        return self.settings.get("bank_fingerprint")
 
     @classmethod
     def build(cls, vectors: np.ndarray, config: IndexConfig | None = None,
@@ -212,6 +233,7 @@ class ShardedIndex:
         self.shards: list[str] = meta["shards"]
         self.offsets = np.asarray(meta["offsets"], np.int64)
         self.size, self.dim = int(self.offsets[-1]), int(meta["dim"])
+        self.bank_fingerprint: str | None = meta.get("bank_fingerprint")
         self.max_loaded = max_loaded or len(self.shards)
         self._loaded: collections.OrderedDict[int, Index] = collections.OrderedDict()
         self._lock = threading.Lock()  # the LRU cache is shared by server threads
@@ -220,9 +242,11 @@ class ShardedIndex:
 
     @classmethod
     def build(cls, shards: Iterable[np.ndarray], directory: str,
-              config: IndexConfig | None = None) -> "ShardedIndex":
+              config: IndexConfig | None = None,
+              bank_fingerprint: str | None = None) -> "ShardedIndex":
         """Builds and saves one index per f32[n_s, d] shard (e.g. memory-bank shards),
-        one at a time so only one shard is ever in memory."""
+        one at a time so only one shard is ever in memory; records `bank_fingerprint`
+        (the bank's `MemoryBank.fingerprint`) when given."""
         names, offsets, dim = [], [0], None
         for i, vectors in enumerate(shards):
             index = Index.build(np.asarray(vectors, np.float32), config)
@@ -234,8 +258,11 @@ class ShardedIndex:
             del index
         if not names:
             raise ValueError("ShardedIndex.build got no shards.")
+        meta = {"shards": names, "offsets": offsets, "dim": dim}
+        if bank_fingerprint:
+            meta["bank_fingerprint"] = bank_fingerprint
         with fs.open(os.path.join(directory, SHARDED_JSON), "w") as f:
-            json.dump({"shards": names, "offsets": offsets, "dim": dim}, f, indent=2)
+            json.dump(meta, f, indent=2)
         return cls(directory)
 
     def _index(self, s: int) -> Index:

@@ -1,7 +1,7 @@
 """The memory bank on disk: document vectors, ids and token ids, in shards.
 
     bank_dir/
-      bank.json                 dim, shard names and sizes, total count
+      bank.json                 dim, shard names and sizes, total count, fingerprint
       shard-00000/
         vectors.npy             f32[n, dim]   document vectors (what the index holds)
         query_vectors.npy       f32[n, dim]   optional: the same documents encoded with
@@ -16,12 +16,18 @@ is read a page at a time and only the rows a search returns are touched. Shards
 are written independently and atomically (`write_shard`, one per preprocessing
 worker), then `finalize` lists them in `bank.json`. Rows are numbered globally
 in shard order: the row id of shard s's row i is `offsets[s] + i`.
+
+A bank's `fingerprint` (a hash of its dim and of each shard's name, size, first and
+last document ids and first and last vectors: cheap for any size) is stored in
+bank.json; an index built over the bank records it, so a retriever refuses an index
+that belongs to another bank, or to this corpus encoded by another encoder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Iterator, Sequence
@@ -85,13 +91,27 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
     return final
 
 
+def _shard_summary(name: str, doc_ids: np.ndarray, vectors: np.ndarray) -> list:
+    """What the fingerprint covers of one shard: its name, size, first and last document
+    ids and first and last vectors (two rows read, whatever the shard's size)."""
+    n = len(doc_ids)
+    ends = np.ascontiguousarray(vectors[[0, n - 1]] if n else vectors[:0], np.float32)
+    return [name, n, str(doc_ids[0]) if n else "", str(doc_ids[-1]) if n else "",
+            hashlib.sha256(ends.tobytes()).hexdigest()]
+
+
+def _fingerprint(dim: int, summaries: Sequence[list]) -> str:
+    text = json.dumps([int(dim), list(summaries)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def finalize(bank_dir: str) -> dict:
     """Lists every complete shard (sorted by name) in bank.json; returns the manifest."""
     names = sorted(d for d in fs.listdir(bank_dir)
                    if fs.isdir(os.path.join(bank_dir, d)) and not d.endswith(".tmp"))
     if not names:
         raise MissingInputError(f"no shards in {bank_dir!r}; write some with write_shard first.")
-    shards, dim, with_queries = [], None, True
+    shards, summaries, dim, with_queries = [], [], None, True
     for name in names:
         v = fs.np_load(os.path.join(bank_dir, name, "vectors.npy"), mmap_mode="r")
         if dim is not None and v.shape[1] != dim:
@@ -100,8 +120,11 @@ def finalize(bank_dir: str) -> dict:
         dim = v.shape[1]
         with_queries &= fs.exists(os.path.join(bank_dir, name, "query_vectors.npy"))
         shards.append({"name": name, "size": int(v.shape[0])})
+        summaries.append(_shard_summary(
+            name, fs.np_load(os.path.join(bank_dir, name, "doc_ids.npy"), mmap_mode="r"), v))
     manifest = {"dim": int(dim), "num_docs": sum(s["size"] for s in shards),
-                "shards": shards, "has_query_vectors": bool(with_queries)}
+                "shards": shards, "has_query_vectors": bool(with_queries),
+                "fingerprint": _fingerprint(dim, summaries)}
     fs.write_json(os.path.join(bank_dir, MANIFEST), manifest, indent=2)
     return manifest
 
@@ -173,6 +196,17 @@ class MemoryBank:
     @property
     def num_shards(self) -> int:
         return len(self._shards)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies this bank's contents (see the module docstring): bank.json's, or for a
+        bank finalized before fingerprints, computed from its shards' first and last ids."""
+        if self.manifest.get("fingerprint"):
+            return self.manifest["fingerprint"]
+        return _fingerprint(self.dim, [
+            _shard_summary(s["name"], self.shard_array(i, "doc_ids"),
+                           self.shard_array(i, "vectors"))
+            for i, s in enumerate(self.manifest["shards"])])
 
     @property
     def has_query_vectors(self) -> bool:

@@ -6,7 +6,13 @@
 
 `RetrievalClient` (client.py) has the same methods over HTTP, so generation code
 takes either. A retrieval folder holds `memory_bank/`, `index/` and the encoder
-path in `retrieval.json`.
+path in `retrieval.json`; the index must have been built over that bank (its
+recorded bank fingerprint and shard sizes are checked on open).
+
+Query vectors are scaled to unit length before the search, as the encoder's and the
+bank's are: the selection thresholds (`max_relevance` 0.9) are cosines, so a raw
+vector of another length would be judged against the wrong scale. A zero or
+non-finite vector has no direction and is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import index as index_lib
-from cm3leon_jax.retrieval.encoder import cached_encoder
+from cm3leon_jax.retrieval.encoder import cached_encoder, warn_truncated
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.select import SelectionConfig, select
 
@@ -37,6 +44,32 @@ class SearchResult:
     scores: list[float]
     token_ids: list[np.ndarray]  # int32[n_i] each: the document's ids
     rows: list[int]  # bank row ids
+    # Text queries only: the text was longer than the encoder's context and was cut to it.
+    truncated: bool = False
+
+
+def unit_queries(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """f32[b, dim] (or f32[dim]) query vectors -> f32[b, dim] rows of unit length.
+
+    Raises UserInputError for a wrong shape, a NaN or infinite value, or an all-zero row
+    (it has no direction to search in).
+    """
+    v = np.asarray(vectors, np.float64)  # float64: squares of large float32 values overflow
+    if v.ndim == 1:
+        v = v[None]
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise UserInputError(f"query vectors have shape {np.shape(vectors)}; this bank holds "
+                             f"{dim}-d vectors, so pass f32[batch, {dim}].")
+    bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+    if bad.size:
+        raise UserInputError(f"query vector {int(bad[0])} holds NaN or infinity; pass finite "
+                             "values.")
+    norms = np.linalg.norm(v, axis=1)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise UserInputError(f"query vector {int(zero[0])} is all zeros, so it has no "
+                             "direction to search in; pass a nonzero vector.")
+    return (v / norms[:, None]).astype(np.float32)
 
 
 class Retriever:
@@ -49,10 +82,22 @@ class Retriever:
     def __init__(self, index: index_lib.Searcher, bank: MemoryBank, encoder=None,
                  selection: SelectionConfig | None = None):
         if index.size != len(bank) or index.dim != bank.dim:
-            raise ValueError(
+            raise UserInputError(
                 f"index ({index.size} x {index.dim}) and memory bank "
                 f"({len(bank)} x {bank.dim}) differ: rebuild the index from this bank."
             )
+        built_over = getattr(index, "bank_fingerprint", None)  # None: an older index
+        if built_over and built_over != bank.fingerprint:
+            raise UserInputError(
+                f"the index was built over another memory bank (fingerprint {built_over}) than "
+                f"{bank.directory!r} ({bank.fingerprint}): rebuild the index from this bank "
+                "(the build_retrieval mode).")
+        offsets = getattr(index, "offsets", None)  # a sharded index: one index per bank shard
+        if offsets is not None and not np.array_equal(offsets, bank.offsets):
+            raise UserInputError(
+                f"the sharded index's shards hold {np.diff(offsets).tolist()} vectors, the "
+                f"memory bank {bank.directory!r}'s shards {bank.shard_sizes.tolist()}: rebuild "
+                "the index from this bank (the build_retrieval mode).")
         if encoder is not None and encoder.dim != bank.dim:
             raise ValueError(f"encoder makes {encoder.dim}-d vectors, the bank holds {bank.dim}-d: "
                              "use the encoder the bank was built with.")
@@ -88,11 +133,13 @@ class Retriever:
 
     def search_vectors_raw(self, vectors: np.ndarray, k: int | None = None,
                            exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """f32[b, d] -> (rows int64[b, k], scores f32[b, k]) after the selection rules."""
+        """f32[b, d] -> (rows int64[b, k], scores f32[b, k]) after the selection rules.
+
+        The vectors are scaled to unit length first (`unit_queries`): scores are cosines
+        with the bank's unit vectors, as the thresholds assume.
+        """
         cfg = self.selection if k is None else dataclasses.replace(self.selection, k=k)
-        vectors = np.asarray(vectors, np.float32)
-        if vectors.ndim == 1:
-            vectors = vectors[None]
+        vectors = unit_queries(vectors, self.dim)
         exclude = (np.full([len(vectors)], -1, np.int64) if exclude_rows is None
                    else np.asarray(exclude_rows, np.int64))
         rows, scores = self._select(vectors, cfg.num_candidates, cfg, exclude)
@@ -133,8 +180,19 @@ class Retriever:
                              "with with_encoder=True from a folder that names one.")
         return self.encoder
 
-    def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
-        return self.search_vectors(self._need_encoder().embed_texts(texts), k)
+    def search_texts(self, texts: Sequence[str], k: int | None = None,
+                     warn_truncated_texts: bool = True) -> list[SearchResult]:
+        """A text longer than the encoder's context is cut to it (CLIP's behavior): its
+        result says `truncated`, and the call logs one warning naming such texts (unless
+        `warn_truncated_texts` is off: the service reports them in its answer instead)."""
+        encoder = self._need_encoder()
+        vectors, truncated = encoder.encode_texts(texts)
+        if warn_truncated_texts:
+            warn_truncated(truncated, encoder.cfg.context_length)
+        results = self.search_vectors(vectors, k)
+        for result, cut in zip(results, truncated):
+            result.truncated = bool(cut)
+        return results
 
     def search_images(
         self, images: Sequence[np.ndarray], k: int | None = None

@@ -1,7 +1,10 @@
 """The retrieval service: FastAPI over a `Retriever`, and the `serve_retrieval` run mode.
 
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/serve_retrieval.gin \
-        --gin.MODEL_DIR="'runs/demo'"          # serves runs/demo/retrieval on 127.0.0.1:8750
+        --gin.MODEL_DIR="'runs/demo'" \
+        --gin.serve_retrieval.retrieval_dir="'runs/demo/data/retrieval'"
+    # serves the demo's bank (the preprocess mode writes it under MODEL_DIR/data/retrieval)
+    # on 127.0.0.1:8750; without retrieval_dir, MODEL_DIR/retrieval (build_retrieval's)
 
     GET  /health                       {"status": "ok", "num_docs", "dim", "can_encode",
                                         "requests": {"answered", "rejected", "failed"}}
@@ -10,16 +13,25 @@
     POST /search/text     JSON         {"texts": ["a red circle", ...], "k": 2}
     POST /search/image?k=2  image/png  the PNG file as the body (one image)
     ->  {"results": [{"doc_ids": [...], "scores": [...], "token_ids": [[...], ...]}, ...]}
+        /search/text adds "truncated": [bool per text]: true where the text had more
+        tokens than the encoder's context (32 for the tiny encoder, 77 for OpenAI's) and
+        was cut to it, as CLIP always does; only its beginning was searched.
+
+Query vectors are scaled to unit length (scores are cosines, as the 0.9 relevance
+threshold assumes); 16-bit grayscale PNGs are scaled to 8 bits, as training data is.
 
 Limits (`ServiceLimits`): request body size, batch size, k, text length, image
-pixels. A request outside them, malformed or non-UTF-8 JSON, a vector of the wrong
-size or not finite in float32, or a PNG that does not decode gets a 4xx whose
-`detail` says what was wrong; errors in one request never stop the server. Handlers
-are plain functions, so FastAPI runs them in its thread pool and ScaNN/JAX work
-proceeds in parallel across requests; the image handler decodes its PNG in that pool
-too, so the event loop only moves bytes. `/health` counts the search requests the
-server has finished, by outcome (2xx answered, 4xx rejected, 5xx failed), so a load
-test can check its own bookkeeping against the server's.
+pixels. A request outside them, malformed or non-UTF-8 JSON, a field of the wrong
+type (models are strict: "k": "3" or true is refused, not coerced; a JSON integer is
+a valid vector entry, an integer-valued float is not a valid k), a vector of the wrong
+size, all zeros or not finite in float32, a text with a lone surrogate ("\\ud800"),
+or a PNG that does not decode gets a 4xx whose `detail` says what was wrong; errors in
+one request never stop the server. Handlers are plain functions, so FastAPI runs them
+in its thread pool and ScaNN/JAX work proceeds in parallel across requests; the image
+handler decodes its PNG in that pool too, so the event loop only moves bytes.
+`/health` counts the search requests the server has finished, by outcome (2xx
+answered, 4xx rejected, 5xx failed), so a load test can check its own bookkeeping
+against the server's.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from cm3leon_jax.retrieval.clip_tokenizer import lone_surrogate
 from cm3leon_jax.retrieval.retriever import Retriever, SearchResult
 from cm3leon_jax.retrieval.select import SelectionConfig
 
@@ -53,15 +66,17 @@ class ServiceLimits:
     max_image_pixels: int = 4096 * 4096
 
 
+# Strict: a wrong type is a 422, never coerced ("3" or true as k, "1" as a vector entry).
+# Pydantic's strict mode still takes a JSON integer for a float, as JSON means it.
 class VectorQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     vectors: list[list[float]]
     k: int | None = None
     exclude_doc_ids: list[str | None] | None = None
 
 
 class TextQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     texts: list[str]
     k: int | None = None
 
@@ -87,8 +102,19 @@ def _as_json(results: list[SearchResult]) -> dict[str, Any]:
                          "token_ids": [t.tolist() for t in r.token_ids]} for r in results]}
 
 
+def to_rgb(im: PILImage.Image) -> np.ndarray:
+    """A decoded image -> uint8[h, w, 3]. 16-bit grayscale (PIL's modes I;16* and I) is
+    scaled to 8 bits (/257, as `vocab/image_inputs.pil_rgb` does for training and generation
+    inputs; retrieval sits beside vocab in the flow, so the service keeps its own copy of
+    these lines): PIL's own conversion would clip every value above 255 to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        eight_bit = (np.asarray(im, np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
+        return np.repeat(eight_bit[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
+
+
 def decode_png(body: bytes, limits: ServiceLimits) -> np.ndarray:
-    """PNG bytes -> uint8[h, w, 3]; 4xx on anything else."""
+    """PNG bytes -> uint8[h, w, 3] (`to_rgb`); 4xx on anything else."""
     if not body.startswith(b"\x89PNG\r\n\x1a\n"):
         _bad(415, "the body is not a PNG file (bad signature); send the PNG bytes as the body.")
     try:
@@ -96,7 +122,7 @@ def decode_png(body: bytes, limits: ServiceLimits) -> np.ndarray:
             if im.width * im.height > limits.max_image_pixels:
                 _bad(413, f"image is {im.width}x{im.height}; at most {limits.max_image_pixels} "
                           "pixels.")
-            return np.asarray(im.convert("RGB"))
+            return to_rgb(im)
     except HTTPException:
         raise
     except Exception as e:  # PIL raises many kinds for corrupt files
@@ -118,6 +144,43 @@ class RequestCounts:
     def as_dict(self) -> dict[str, int]:
         with self._lock:
             return {k: self._counts[k] for k in ("answered", "rejected", "failed")}
+
+
+def _query_vectors(q: "VectorQuery", dim: int, limits: ServiceLimits) -> np.ndarray:
+    """The request's vectors as float32[n, dim]; 4xx for a wrong size, count, NaN or zero."""
+    _check_batch(len(q.vectors), limits, "vectors")
+    _check_k(q.k, limits)
+    if any(len(v) != dim for v in q.vectors):
+        bad = next(i for i, v in enumerate(q.vectors) if len(v) != dim)
+        _bad(400, f"vector {bad} has {len(q.vectors[bad])} values; the bank holds {dim}-d "
+                  "vectors.")
+    if q.exclude_doc_ids is not None and len(q.exclude_doc_ids) != len(q.vectors):
+        _bad(400, f"exclude_doc_ids has {len(q.exclude_doc_ids)} entries for "
+                  f"{len(q.vectors)} vectors; give one (or null) per vector.")
+    with np.errstate(over="ignore"):  # 1e39 is a finite JSON number but inf in float32.
+        vectors = np.asarray(q.vectors, np.float32)
+    if not np.isfinite(vectors).all():
+        _bad(400, "vectors hold NaN or infinity (or values beyond float32's range).")
+    zero = np.flatnonzero(~vectors.any(axis=1))
+    if zero.size:
+        _bad(400, f"vector {int(zero[0])} is all zeros (in float32), so it has no direction "
+                  "to search in; send a nonzero vector.")
+    return vectors
+
+
+def _check_texts(q: "TextQuery", limits: ServiceLimits) -> None:
+    """4xx for an empty, too long or invalid-Unicode text, or a bad count or k."""
+    _check_batch(len(q.texts), limits, "texts")
+    _check_k(q.k, limits)
+    for i, t in enumerate(q.texts):
+        if not t.strip():
+            _bad(400, f"text {i} is empty.")
+        if len(t) > limits.max_text_chars:
+            _bad(413, f"text {i} has {len(t)} characters; at most {limits.max_text_chars}.")
+        at = lone_surrogate(t)
+        if at is not None:
+            _bad(400, f"text {i} holds a lone surrogate (character {at}), which is not "
+                      "Unicode text; send valid Unicode.")
 
 
 def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> FastAPI:
@@ -159,33 +222,17 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None) -> Fas
 
     @app.post("/search/vector")
     def search_vector(q: VectorQuery) -> dict:
-        _check_batch(len(q.vectors), limits, "vectors")
-        _check_k(q.k, limits)
-        if any(len(v) != retriever.dim for v in q.vectors):
-            bad = next(i for i, v in enumerate(q.vectors) if len(v) != retriever.dim)
-            _bad(400, f"vector {bad} has {len(q.vectors[bad])} values; the bank holds "
-                      f"{retriever.dim}-d vectors.")
-        if q.exclude_doc_ids is not None and len(q.exclude_doc_ids) != len(q.vectors):
-            _bad(400, f"exclude_doc_ids has {len(q.exclude_doc_ids)} entries for "
-                      f"{len(q.vectors)} vectors; give one (or null) per vector.")
-        with np.errstate(over="ignore"):  # 1e39 is a finite JSON number but inf in float32.
-            vectors = np.asarray(q.vectors, np.float32)
-        if not np.isfinite(vectors).all():
-            _bad(400, "vectors hold NaN or infinity (or values beyond float32's range).")
+        vectors = _query_vectors(q, retriever.dim, limits)
         return _as_json(retriever.search_vectors(vectors, q.k, q.exclude_doc_ids))
 
     @app.post("/search/text")
     def search_text(q: TextQuery) -> dict:
-        _check_batch(len(q.texts), limits, "texts")
-        _check_k(q.k, limits)
+        _check_texts(q, limits)
         if retriever.encoder is None:
             _bad(409, "this server has no encoder; search by vector.")
-        for i, t in enumerate(q.texts):
-            if not t.strip():
-                _bad(400, f"text {i} is empty.")
-            if len(t) > limits.max_text_chars:
-                _bad(413, f"text {i} has {len(t)} characters; at most {limits.max_text_chars}.")
-        return _as_json(retriever.search_texts(q.texts, q.k))
+        # The answer reports texts cut to the encoder's context; no per-request log line.
+        results = retriever.search_texts(q.texts, q.k, warn_truncated_texts=False)
+        return {**_as_json(results), "truncated": [r.truncated for r in results]}
 
     @app.post("/search/image")
     async def search_image(request: Request, k: int | None = None) -> dict:

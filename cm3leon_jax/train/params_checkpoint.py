@@ -22,7 +22,8 @@ Restoring takes the target shardings from the decoder's logical axis names and t
 mesh given, so an export written from a 64-chip FSDP run loads on one CPU, or on a
 tensor-parallel slice, without gathering anything on one host. This module sits in
 `train/` (below `decode/`) because both the export run mode and `decode.restore`
-need it; the writing side (staging, the run mode, other layouts) lives in `export/`.
+need it; the writing side (the run mode, other layouts) lives in `export/`, the
+complete-or-absent folder writes in `staging.py` beside this.
 """
 
 from __future__ import annotations

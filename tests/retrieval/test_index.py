@@ -1,8 +1,11 @@
 """Memory bank on disk and the ScaNN index: exactness, recall, round trips, shards."""
 
+import json
+
 import numpy as np
 import pytest
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import memory_bank
 from cm3leon_jax.retrieval.synthetic_vectors import clustered_vectors, recall_at_k
@@ -105,3 +108,65 @@ def test_merge_top_k_orders_by_score_then_id():
     scores = np.array([[0.5, 0.9, 0.9, 0.1]], np.float32)
     got, s = index_lib.merge_top_k(ids, scores, 3)
     assert got.tolist() == [[3, 9, 5]]
+
+
+def test_tree_ah_shards_smaller_than_the_leaves_are_brute_force(tmp_path, data):
+    """A sharded tree_ah build gives every shard the bank's num_leaves; a last shard with
+    fewer vectors than that (10 < 20 here) cannot train a tree and is searched exactly."""
+    from cm3leon_jax.retrieval import build
+    vectors = data[0][:210]
+    writer = memory_bank.MemoryBankWriter(str(tmp_path / "bank"), docs_per_shard=100)
+    for i, v in enumerate(vectors):
+        writer.add(f"doc{i}", v, multimodal=True, tokens=np.arange(2))
+    writer.close()
+    bank = memory_bank.MemoryBank(str(tmp_path / "bank"))
+    cfg = index_lib.IndexConfig(algorithm="tree_ah", num_leaves=20)
+    info = build.build_index(bank, str(tmp_path / "index"), cfg)
+    assert info["kind"] == "sharded" and info["num_leaves"] == 20
+    index = index_lib.load_index(str(tmp_path / "index"))
+    kinds = [index._index(s).settings["algorithm"] for s in range(3)]
+    assert kinds == ["tree_ah", "tree_ah", "brute_force"]
+    ids, _ = index.search(vectors[200:], 1)
+    assert ids[:, 0].tolist() == list(range(200, 210))
+    assert index_lib.IndexConfig(algorithm="tree_ah").resolve(10) == {"algorithm": "brute_force"}
+
+
+def test_an_index_opens_only_over_the_bank_it_was_built_over(tmp_path, data):
+    """The index records its bank's fingerprint (and a sharded one its shard sizes): another
+    bank of the same size and dim is refused; an index without a fingerprint still opens."""
+    from cm3leon_jax.retrieval import build
+    from cm3leon_jax.retrieval.retriever import Retriever
+    vectors = data[0]
+    bank_a = _bank(tmp_path / "a", vectors[:200], shards=1)
+    bank_b = _bank(tmp_path / "b", vectors[200:400], shards=1)
+    assert bank_a.fingerprint != bank_b.fingerprint
+    build.build_index(bank_a, str(tmp_path / "index_a"), index_lib.IndexConfig())
+    index_a = index_lib.load_index(str(tmp_path / "index_a"))
+    Retriever(index_a, bank_a)
+    with pytest.raises(UserInputError, match="another memory bank.*rebuild the index"):
+        Retriever(index_a, bank_b)
+    Retriever(index_lib.Index.build(vectors[:200]), bank_b)  # no fingerprint: an older build
+
+    sharded_a = _bank(tmp_path / "sa", vectors[:200], shards=2)
+    sharded_b = _bank(tmp_path / "sb", vectors[200:400], shards=2)
+    build.build_index(sharded_a, str(tmp_path / "sharded_a"), index_lib.IndexConfig())
+    sharded_index = index_lib.load_index(str(tmp_path / "sharded_a"))
+    Retriever(sharded_index, sharded_a)
+    with pytest.raises(UserInputError, match="another memory bank"):
+        Retriever(sharded_index, sharded_b)
+    # Without a fingerprint, shards of other sizes (150 + 50 against 100 + 100) are refused.
+    index_lib.ShardedIndex.build([vectors[:150], vectors[150:200]], str(tmp_path / "old"))
+    with pytest.raises(UserInputError, match=r"shards hold \[150, 50\].*\[100, 100\]"):
+        Retriever(index_lib.load_index(str(tmp_path / "old")), sharded_a)
+
+
+def test_bank_fingerprint_is_stored_and_recomputed_alike(tmp_path, data):
+    """bank.json stores the fingerprint; a bank finalized before fingerprints computes the
+    same one from its shards."""
+    bank = _bank(tmp_path, data[0][:100], shards=3)
+    stored = bank.fingerprint
+    manifest = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert manifest["fingerprint"] == stored
+    del manifest["fingerprint"]
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps(manifest))
+    assert memory_bank.MemoryBank(str(tmp_path / "bank")).fingerprint == stored

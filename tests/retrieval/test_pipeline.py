@@ -9,6 +9,7 @@ import pytest
 from retrieval_testlib import NUM_DOCS, SELECTION, clear_of_ties, exact_search
 
 from cm3leon_jax.data.synthetic import synthetic_documents
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import neighbors
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
@@ -55,6 +56,36 @@ def test_encoder_input_errors(encoder_dir):
         enc.embed_documents([None], [None])
     with pytest.raises(ValueError, match="uint8"):
         enc.embed_images([np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(UserInputError, match="text 1 holds a lone surrogate"):
+        enc.embed_texts(["ok", "a \ud800 b"])
+
+
+def test_long_texts_are_cut_to_the_context_and_reported(encoder_dir, caplog):
+    """CLIP cuts a text to its context (32 tokens here): `encode_texts` says which texts
+    were cut and `embed_texts` logs one warning per call naming them."""
+    enc = DocumentEncoder.load(encoder_dir)
+    long = " ".join(["red circle"] * 40)
+    vectors, truncated = enc.encode_texts(["a red circle", long, long + " and more"])
+    assert truncated.tolist() == [False, True, True]
+    # Cut, not dropped: what is past the context does not change the vector.
+    np.testing.assert_array_equal(vectors[1], vectors[2])
+    caplog.clear()
+    enc.embed_texts(["a red circle", long, long])
+    warnings = [r for r in caplog.records if "context" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 3 texts (text 1, 2)" in warnings[0].getMessage()
+    assert "32-token context" in warnings[0].getMessage()
+
+
+def test_encoder_saves_and_loads_on_a_remote_file_system(encoder_dir, docs):
+    """An encoder folder on gs:// (here TensorFlow's ram://) is written and read through
+    fs.py; it embeds exactly as the local folder does."""
+    import uuid
+
+    from retrieval_testlib import save_random_encoder
+    remote = save_random_encoder(f"ram://encoder_{uuid.uuid4().hex[:8]}")
+    texts = [d.text for d in docs if d.text][:3]
+    np.testing.assert_array_equal(DocumentEncoder.load(remote).embed_texts(texts),
+                                  DocumentEncoder.load(encoder_dir).embed_texts(texts))
 
 
 def test_build_writes_bank_index_and_valid_neighbors(retrieval_dir):
@@ -98,6 +129,37 @@ def test_retriever_searches_by_text_image_and_vector(retrieval_dir, docs):
     assert "train_0000007" not in own.doc_ids
     with pytest.raises(ValueError, match="16-d vectors"):
         r.search_vectors(np.zeros((1, 5)))
+
+
+def test_query_vectors_are_scaled_to_unit_length(retrieval_dir):
+    """The thresholds are cosines: a query 5 times as long finds what the unit one finds,
+    with the same scores; a vector without direction (zeros) or not finite is refused."""
+    r = Retriever.open(retrieval_dir, SELECTION, with_encoder=False)
+    vec = r.bank.vectors(np.array([7, 20]))
+    want = r.search_vectors(vec, k=3)
+    assert all(res.doc_ids for res in want)
+    got = r.search_vectors(vec * 5, k=3)
+    assert [g.doc_ids for g in got] == [w.doc_ids for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-6)
+    rows, scores = r.search_vectors_raw(vec[0] * 0.01, k=3)
+    assert rows[0].tolist() == [r.bank.row_of(d) for d in want[0].doc_ids]
+    with pytest.raises(UserInputError, match="query vector 1 is all zeros"):
+        r.search_vectors(np.stack([vec[0], np.zeros(16)]))
+    with pytest.raises(UserInputError, match="query vector 0 holds NaN"):
+        r.search_vectors_raw(np.full((1, 16), np.nan))
+
+
+def test_library_text_search_reports_truncated_texts(retrieval_dir, caplog):
+    r = Retriever.open(retrieval_dir, SELECTION)
+    long = " ".join(["blue square"] * 40)
+    caplog.clear()
+    results = r.search_texts(["a red circle", long], k=2)
+    assert [res.truncated for res in results] == [False, True]
+    assert sum("1 of 2 texts (text 1)" in m for m in caplog.messages) == 1
+    caplog.clear()
+    r.search_texts([long], k=2, warn_truncated_texts=False)
+    assert not any("context" in m for m in caplog.messages)
 
 
 def test_text_and_image_search_match_exact_search(retrieval_dir):

@@ -3,6 +3,7 @@ loopback load test where every request sent is answered or rejected, by the serv
 
 import asyncio
 import dataclasses
+import io
 import itertools
 
 import httpx
@@ -121,12 +122,91 @@ def _corrupt_png(image):
                          headers={"content-type": "application/json"}), 422, "JSON"),
     (lambda h, d: h.post("/search/image", content=encode_png(d.image)[:60]), 400,
      "does not decode"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16, [0.0] * 16]}), 400,
+     "vector 1 is all zeros"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[1e-46] * 16]}), 400,
+     "all zeros"),
+    (lambda h, d: h.post("/search/text", content=b'{"texts": ["ok", "a \\ud800 b"]}',
+                         headers={"content-type": "application/json"}), 400,
+     "text 1 holds a lone surrogate"),
+    # Strict models: wrong types are refused, not coerced.
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "k": True}), 422,
+     "valid integer"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16], "k": "3"}), 422,
+     "valid integer"),
+    (lambda h, d: h.post("/search/text", json={"texts": ["a red circle"], "k": "2"}), 422,
+     "valid integer"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [["1"] + [0.1] * 15]}), 422,
+     "valid number"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[True] + [0.1] * 15]}), 422,
+     "valid number"),
+    (lambda h, d: h.post("/search/vector", json={"vectors": [[0.1] * 16],
+                                                 "exclude_doc_ids": [7]}), 422, "valid string"),
+    (lambda h, d: h.post("/search/text", json={"texts": [3]}), 422, "valid string"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(http, doc, make, status, reason):
     r = make(http, doc)
     assert r.status_code == status, r.text
     assert reason in r.text
     assert http.get("/health").status_code == 200
+
+
+def test_vectors_are_scaled_to_unit_length_and_json_integers_are_numbers(http, retriever):
+    """Scores are cosines, whatever the query's length; a vector of JSON integers (JSON has
+    one number type) is as valid as one of floats."""
+    vec = retriever.bank.vectors(np.array([3]))
+    want = http.post("/search/vector", json={"vectors": vec.tolist(), "k": 3}).json()["results"]
+    got = http.post("/search/vector", json={"vectors": (vec * 7).tolist(), "k": 3})
+    assert got.status_code == 200, got.text
+    assert got.json()["results"][0]["doc_ids"] == want[0]["doc_ids"]
+    np.testing.assert_allclose(got.json()["results"][0]["scores"], want[0]["scores"], atol=1e-6)
+    ints = http.post("/search/vector", json={"vectors": [[1] + [0] * 15], "k": 2})
+    assert ints.status_code == 200, ints.text
+    floats = http.post("/search/vector", json={"vectors": [[1.0] + [0.0] * 15], "k": 2})
+    assert ints.json() == floats.json()
+
+
+def test_text_search_reports_truncated_texts(http, retriever, doc, caplog):
+    """Texts past the encoder's 32-token context are cut (CLIP's behavior) and the answer
+    says which, per text; the server logs nothing per request for it."""
+    long = " ".join(["green triangle"] * 40)
+    caplog.clear()
+    r = http.post("/search/text", json={"texts": [doc.text, long], "k": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["truncated"] == [False, True]
+    assert not any("context" in m for m in caplog.messages)
+    assert r.json()["results"][1]["doc_ids"] == retriever.search_texts([long], k=2)[0].doc_ids
+
+
+def test_16_bit_png_is_scaled_to_8_bits(http, retriever):
+    """A 16-bit grayscale PNG (PIL mode I;16) is read as 8 bits (value / 257), as the
+    training data is, not clipped to white; it finds what its 8-bit version finds."""
+    from PIL import Image as PILImage
+
+    from cm3leon_jax.retrieval.server import ServiceLimits, decode_png
+    wide = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    PILImage.fromarray(wide).save(buf, format="PNG")
+    assert PILImage.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    eight = np.round(wide / 257).astype(np.uint8)
+    np.testing.assert_array_equal(decode_png(buf.getvalue(), ServiceLimits()),
+                                  np.repeat(eight[..., None], 3, axis=-1))
+    got = http.post("/search/image?k=2", content=buf.getvalue())
+    assert got.status_code == 200, got.text
+    want = http.post("/search/image?k=2", content=encode_png(eight))
+    assert got.json() == want.json()
+
+
+def test_client_refuses_images_that_are_not_uint8_before_sending():
+    """The client checks images as the local Retriever does: a float image is refused,
+    never cast to uint8 garbage (no server is needed to find out)."""
+    from cm3leon_jax.errors import UserInputError
+    float_image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    with RetrievalClient("http://127.0.0.1:9", timeout=1, retries=0) as client:
+        with pytest.raises(UserInputError, match="image 1 has shape .* float32; expected uint8"):
+            client.search_images([np.zeros((32, 32, 3), np.uint8), float_image])
+    with pytest.raises(UserInputError, match="uint8"):
+        encode_png(float_image)
 
 
 def test_served_by_the_gin_run_mode_and_the_client(retrieval_dir, retriever, doc):
@@ -137,6 +217,8 @@ def test_served_by_the_gin_run_mode_and_the_client(retrieval_dir, retriever, doc
         local = Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, k=2))
         assert (client.search_texts([doc.text])[0].doc_ids
                 == local.search_texts([doc.text])[0].doc_ids)
+        long = " ".join(["green triangle"] * 40)
+        assert [r.truncated for r in client.search_texts([doc.text, long])] == [False, True]
         got = client.search_images([doc.image], k=3)[0]
         assert got.doc_ids == local.search_images([doc.image], 3)[0].doc_ids
         vec = retriever.bank.vectors(np.array([9]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import uuid
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -31,12 +31,14 @@ from cm3leon_jax.train import params_checkpoint as pc
 EXPORT_MARKERS = (pc.MANIFEST, "cm3leon_export.json")
 
 
-def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None = None) -> str:
+def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None = None,
+                 markers: Sequence[str] = EXPORT_MARKERS) -> str:
     """`path` without a trailing slash, if it may be written: it is free, or `overwrite` is
-    set and it holds an export (never any other folder: a training run, a data folder); and
-    it is none of the folders the export `reads` ({"export.checkpoint": path, ...}), holds
-    none and lies inside none. Raises UserInputError otherwise. Call it before the expensive
-    work, to fail fast."""
+    set and it holds an export (one of `markers`; never any other folder: a training run, a
+    data folder); and it is none of the folders the export `reads` ({"export.checkpoint":
+    path, ...}), holds none and lies inside none. Raises UserInputError otherwise. Call it
+    before the expensive work, to fail fast. Other folders written whole (a retrieval build)
+    pass their own `markers`."""
     path = path.rstrip("/")
     if not path:
         raise UserInputError("the output folder is empty; give a path.")
@@ -50,9 +52,9 @@ def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None
             raise UserInputError(
                 f"{path!r} already exists; choose another output folder or set overwrite=True "
                 "(export.overwrite / import_weights.overwrite) to replace it.")
-        if not any(fs.exists(fs.join(path, m)) for m in EXPORT_MARKERS):
+        if not any(fs.exists(fs.join(path, m)) for m in markers):
             raise UserInputError(
-                f"{path!r} exists and is not an export (it holds no {' or '.join(EXPORT_MARKERS)}"
+                f"{path!r} exists and is not an export (it holds no {' or '.join(markers)}"
                 "): overwrite=True replaces only an earlier export; choose another output "
                 "folder.")
     return path
@@ -69,9 +71,12 @@ def _barrier(name: str) -> None:
 
 
 @contextlib.contextmanager
-def staged(path: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a fresh temporary folder that becomes `path` when the block succeeds."""
-    path = check_target(path, overwrite)
+def staged(path: str, overwrite: bool = False,
+           markers: Sequence[str] = EXPORT_MARKERS) -> Iterator[str]:
+    """Yields a fresh temporary folder that becomes `path` when the block succeeds.
+
+    `overwrite` replaces only a folder that holds one of `markers` (`check_target`)."""
+    path = check_target(path, overwrite, markers=markers)
     # One name for every process of a pod; a unique one otherwise (concurrent writers).
     single = jax.process_count() == 1
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if single else f"{path}.tmp-staging"
@@ -91,15 +96,16 @@ def staged(path: str, overwrite: bool = False) -> Iterator[str]:
         raise
     _barrier(f"staged_written:{path}")
     if is_primary():
-        _commit(tmp, path, overwrite)
+        _commit(tmp, path, overwrite, markers)
     _barrier(f"staged_done:{path}")
 
 
-def _commit(tmp: str, path: str, overwrite: bool) -> None:
+def _commit(tmp: str, path: str, overwrite: bool, markers: Sequence[str]) -> None:
     old = None
     if fs.exists(path):
         try:
-            check_target(path, overwrite)  # It may have appeared while we were writing.
+            # It may have appeared while we were writing.
+            check_target(path, overwrite, markers=markers)
         except UserInputError:
             fs.rmtree(tmp)
             raise

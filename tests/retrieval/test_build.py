@@ -1,0 +1,89 @@
+"""The build_retrieval mode into a folder that already holds a build: refused unless
+`overwrite`, then replaced whole (never mixed with the old build's files); a failed build
+leaves the old one as it was."""
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+import pytest
+from retrieval_testlib import SELECTION, documents_with_tokens
+
+from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.retrieval import build, neighbors
+from cm3leon_jax.retrieval.memory_bank import MemoryBank
+from cm3leon_jax.retrieval.retriever import Retriever
+
+
+def _build(model_dir, encoder_dir, num, k=SELECTION.k, **kwargs):
+    docs = functools.partial(documents_with_tokens, num=num, image_size=32)
+    return build.build_retrieval(str(model_dir), encoder_dir, docs, docs_per_shard=20,
+                                 selection=dataclasses.replace(SELECTION, k=k), **kwargs)
+
+
+def _state(out):
+    bank_dir = os.path.join(out, "memory_bank")
+    rows, _ = neighbors.load_neighbors(bank_dir)
+    shards = sorted(d for d in os.listdir(bank_dir) if d.startswith("shard-"))
+    return len(MemoryBank(bank_dir)), shards, rows.shape
+
+
+def test_rebuild_needs_overwrite_and_replaces_the_whole_folder(tmp_path, encoder_dir):
+    out = str(tmp_path / "retrieval")
+    _build(tmp_path, encoder_dir, num=50)  # 3 shards (20 + 20 + 10), k = 3
+    assert _state(out) == (50, ["shard-00000", "shard-00001", "shard-00002"], (50, 3))
+    with pytest.raises(UserInputError, match="build_retrieval.overwrite=True"):
+        _build(tmp_path, encoder_dir, num=30)
+    assert _state(out)[0] == 50
+
+    summary = _build(tmp_path, encoder_dir, num=30, k=2, overwrite=True)  # 2 shards, k = 2
+    # Nothing of the first build survives: no third shard, neighbors recomputed with k = 2.
+    assert summary["num_docs"] == 30 and summary["shards"] == 2
+    assert _state(out) == (30, ["shard-00000", "shard-00001"], (30, 2))
+    r = Retriever.open(out, SELECTION, with_encoder=False)
+    assert len(r.bank) == r.index.size == 30
+    assert sorted(os.listdir(tmp_path)) == ["retrieval"]  # no staging folder left behind
+
+
+def test_failed_rebuild_leaves_the_old_build_and_no_staging_folder(tmp_path, encoder_dir):
+    out = str(tmp_path / "retrieval")
+    _build(tmp_path, encoder_dir, num=30)
+
+    def broken(**_):
+        yield from documents_with_tokens(num=25, image_size=32)
+        raise RuntimeError("the corpus broke")
+
+    with pytest.raises(RuntimeError, match="corpus broke"):
+        build.build_retrieval(str(tmp_path), encoder_dir, broken, docs_per_shard=20,
+                              selection=SELECTION, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["retrieval"]
+    assert _state(out) == (30, ["shard-00000", "shard-00001"], (30, 3))
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path, encoder_dir):
+    (tmp_path / "retrieval").mkdir()
+    (tmp_path / "retrieval" / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="holds no retrieval.json"):
+        _build(tmp_path, encoder_dir, num=10, overwrite=True)
+    assert os.listdir(tmp_path / "retrieval") == ["notes.txt"]
+
+
+def test_stale_sharded_index_never_outranks_a_new_single_index(tmp_path):
+    """build_index empties the index folder first: a sharded_index.json of an earlier
+    build there would otherwise be what load_index opens."""
+    from cm3leon_jax.retrieval import index as index_lib
+    from cm3leon_jax.retrieval.memory_bank import MemoryBankWriter
+    rng = np.random.default_rng(0)
+    index_dir = str(tmp_path / "index")
+    index_lib.ShardedIndex.build([rng.normal(size=(30, 8)), rng.normal(size=(30, 8))],
+                                 index_dir)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    writer = MemoryBankWriter(str(tmp_path / "bank"))
+    for i, v in enumerate(vectors):
+        writer.add(f"d{i}", v, True, np.array([i]))
+    writer.close()
+    bank = MemoryBank(str(tmp_path / "bank"))
+    assert build.build_index(bank, index_dir, index_lib.IndexConfig())["kind"] == "single"
+    index = index_lib.load_index(index_dir)
+    assert isinstance(index, index_lib.Index) and index.size == 40
