@@ -16,6 +16,7 @@ the sampler once; row ids are global, so results do not depend on the batch size
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -35,6 +36,8 @@ from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 GUIDANCE = ("none", "cfg", "cdk")
+
+log = logging.getLogger(__name__)
 
 
 @gin.configurable
@@ -161,14 +164,17 @@ class Generator:
                  prompt_multiple: int = 64, neighbors_in_query_order: bool = False,
                  guidance_keeps_documents: bool = False, cpu_kernels: bool = False):
         layout = vocab.layout
-        if layout.vocab_size > config.vocab_size:
-            raise ValueError(f"the vocabulary has {layout.vocab_size} ids but "
-                             f"DecoderConfig.vocab_size={config.vocab_size}: this is not the "
-                             "vocabulary the model was trained with.")
-        if image_tokenizer is not None and image_tokenizer.codes_per_image != layout.image_length:
+        mismatch = config.vocabulary_mismatch(layout)
+        if mismatch:
+            raise ValueError(f"{mismatch}: this is not the vocabulary the model was trained "
+                             "with.")
+        if image_tokenizer is not None and (image_tokenizer.codes_per_image,
+                                            image_tokenizer.codebook_size) != (
+                                                layout.image_length, layout.image_codes):
             raise ValueError(f"the image tokenizer makes {image_tokenizer.codes_per_image} codes "
-                             f"per image, the vocabulary expects image_length="
-                             f"{layout.image_length}: use the tokenizer the data was made with.")
+                             f"per image from {image_tokenizer.codebook_size}, the vocabulary "
+                             f"expects {layout.image_length} from {layout.image_codes}: use the "
+                             "tokenizer the data was made with.")
         if batch_size < 1 or prompt_multiple < 1:
             raise ValueError(f"batch_size and prompt_multiple must be >= 1, got {batch_size}, "
                              f"{prompt_multiple}.")
@@ -182,13 +188,17 @@ class Generator:
     def text_to_image(self, captions: Sequence[str], *, num_samples: int = 1,
                       num_retrieved: int = 2, sampling: SamplingConfig | None = None,
                       seed: int = 0, ranker: Any = None,
-                      negative_captions: Sequence[str] | None = None) -> Images:
+                      negative_captions: Sequence[str] | None = None,
+                      first_row: int = 0) -> Images:
         """Each caption -> `num_samples` images of exactly `image_length` codes; with a
         `ranker` (rerank.py, e.g. a CLIP score) only the best of each caption's samples.
 
         negative_captions: one per caption, what its image should not be (with CFG; see
         `SamplingConfig.negative_scale`); each runs after the caption's own retrieved
         documents, so that guidance contrasts the two texts alone.
+        first_row: the random stream of caption i's sample j is row `first_row + i *
+        num_samples + j` of `seed`'s; a long list drawn in parts, each part starting where
+        the last ended, gives what one call would (`rerank.best_of`).
         """
         captions = _checked_texts(captions, "caption")
         if negative_captions is not None:
@@ -206,7 +216,8 @@ class Generator:
         negatives = None if negative_captions is None else [query(c) for c in negative_captions]
         uncond = prompts_lib.text_to_image_unconditional(self.layout)
         tokens = self._run([query(c) for c in captions], retrieved, uncond, constraint,
-                           sampling, num_samples, seed, what="caption", negatives=negatives)
+                           sampling, num_samples, seed, what="caption", negatives=negatives,
+                           first_row=first_row)
         if any(t.size != self.layout.image_length for t in tokens):
             raise RuntimeError("the sampler returned an image of the wrong length; the "
                                "ImageCodesOnly constraint should make that impossible.")
@@ -244,7 +255,8 @@ class Generator:
 
     # -- the shared path ------------------------------------------------------------------
     def _image_codes(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        arr = images if isinstance(images, np.ndarray) else None
+        # A jax array of codes is codes too (np.asarray: no copy on the host).
+        arr = np.asarray(images) if isinstance(images, (np.ndarray, jax.Array)) else None
         if arr is not None and arr.ndim == 2 and arr.dtype.kind in "iu":
             if arr.shape[1] != self.layout.image_length:
                 raise ValueError(f"image codes must be int[n, {self.layout.image_length}], "
@@ -266,12 +278,13 @@ class Generator:
 
     def _run(self, queries: list[np.ndarray], retrieved, uncond: np.ndarray, constraint,
              sampling: SamplingConfig, num_samples: int, seed: int, what: str,
-             negatives: list[np.ndarray] | None = None) -> list[np.ndarray]:
+             negatives: list[np.ndarray] | None = None, first_row: int = 0
+             ) -> list[np.ndarray]:
         """Every query x num_samples through the sampler; each row's tokens, stop included.
         `negatives`: a query each, run after the same documents as a third stream."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        budget = self.config.max_length - constraint.max_new_tokens
+        budget = self._prompt_budget(constraint)
         # Per sample: the prompt, its negative (if any) and its unconditional stream.
         rows, negative_rows, unconditional = [], [], []
         for i, q in enumerate(queries):
@@ -292,7 +305,7 @@ class Generator:
         streams += [unconditional] * (sampling.num_streams == 2)
         return self._sample_rows(streams, constraint,
                                  sampling.processors(constraint, negatives is not None),
-                                 sampling.greedy, seed)
+                                 sampling.greedy, seed, first_row)
 
     # -- SFT families (the sft engineer's block) ------------------------------------------
     # Each prompt comes from data/sft_prompts.py, the builder the SFT tasks were trained
@@ -366,6 +379,10 @@ class Generator:
         """The text missing between `before` and `after` in `before ___ after <break>
         image`: a CM3 infill (`<sentinel:0>` in place, generated after the sequence)."""
         codes, _ = self._image_codes(images)
+        for what, texts in (("before", befores), ("after", afters)):
+            if isinstance(texts, str) or len(texts) != len(codes):
+                raise ValueError(f"infill_text takes a list of {what} texts, one per image ("
+                                 f"{len(codes)}); an empty string is allowed.")
         mask = np.array([self.layout.sentinel_id(0)], np.int32)
         queries = []
         for b, a, c in zip(befores, afters, codes):
@@ -457,13 +474,24 @@ class Generator:
             return tuple(chain)
         return tuple(p.replace(cpu_kernel=True) if isinstance(p, proc.TopP) else p for p in chain)
 
+    def _prompt_budget(self, constraint) -> int:
+        """Tokens left for a prompt beside the ones to generate; an error naming the count to
+        generate when it leaves none (max_tokens past the model's context)."""
+        budget = self.config.max_length - constraint.max_new_tokens
+        if budget < 1:
+            raise ValueError(
+                f"{constraint.max_new_tokens} tokens to generate leave no room for a prompt in "
+                f"the model's {self.config.max_length} (DecoderConfig.max_length): ask for at "
+                f"most {self.config.max_length - 2} (max_tokens).")
+        return budget
+
     def _sample_streams(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
                         greedy: bool, num_samples: int, seed: int) -> list[np.ndarray]:
         """Rows of every stream (query-major, `num_samples` each) through the sampler in
         fixed batches; each row's generated tokens, stop included."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        budget = self.config.max_length - constraint.max_new_tokens
+        budget = self._prompt_budget(constraint)
         for i, row in enumerate(streams[0]):
             if row.size > budget:
                 raise ValueError(f"prompt {i} has {row.size} tokens, more than the {budget} the "
@@ -473,9 +501,12 @@ class Generator:
         return self._sample_rows(rows, constraint, chain, greedy, seed)
 
     def _sample_rows(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
-                     greedy: bool, seed: int) -> list[np.ndarray]:
+                     greedy: bool, seed: int, first_row: int = 0) -> list[np.ndarray]:
         """Rows of every stream (each stream's row i goes with the others' row i) through
-        the sampler in fixed batches; the first stream's generated tokens, stop included."""
+        the sampler in fixed batches; the first stream's generated tokens, stop included.
+        Row i draws from random stream `first_row + i` of `seed`."""
+        if not 0 <= seed < 2 ** 32:  # jax keeps a seed's low 32 bits: 2**32 would be 0.
+            raise ValueError(f"seed={seed}: give a seed in [0, 2**32).")
         budget = self.config.max_length - constraint.max_new_tokens
         key, out, n = jax.random.key(seed), [], len(streams[0])
         chain = self._kernel_chain(chain)
@@ -490,14 +521,25 @@ class Generator:
                 self.model, self.params, sampler.left_pad(batch, width), key,
                 max_new_tokens=constraint.max_new_tokens, processors=chain, stop=constraint,
                 greedy=greedy, num_streams=len(streams),
-                row_ids=np.arange(start, start + self.batch_size))
+                row_ids=np.arange(first_row + start, first_row + start + self.batch_size))
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
             out += [tokens[j, :lengths[j]] for j in range(min(self.batch_size, n - start))]
+        if isinstance(constraint, proc.TextOnly):  # Its stop rule also ends a text at max_tokens.
+            cut = sum(int(t[-1]) not in constraint.stop_ids for t in out)
+            if cut:
+                log.warning("%d of %d texts reached max_tokens=%d before their stop token: "
+                            "they may end mid-sentence; raise max_tokens for whole texts.", cut,
+                            n, constraint.max_new_tokens)
         return out
 
 
 def _checked_texts(texts: Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError(f"give the {what}s as a list ([{texts[:40]!r}]), not one string (read "
+                         "as one text per character).")
     texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError(f"no {what}s given; give a list of at least one.")
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"{what} {i} is empty; give a non-empty text.")
@@ -509,6 +551,9 @@ def _unguided(sampling: SamplingConfig) -> SamplingConfig:
 
 
 def _texts(texts: Sequence[str], n: int, what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError(f"give the {what}s as a list ([{texts[:40]!r}]), not one string (read "
+                         "as one text per character).")
     texts = [str(t) for t in texts]
     if len(texts) != n:
         raise ValueError(f"{len(texts)} {what}s for {n} inputs; give one per input.")

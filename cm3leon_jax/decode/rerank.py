@@ -80,19 +80,19 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
     `negative_captions` go to every draw.
 
     Captions are drawn `chunk` at a time, only each one's best kept between chunks (FID-30K
-    with 8 samples would otherwise hold 240,000 images); chunk c draws with seeds
-    `seed + c * len(samplings) + i`, so the first chunk's samples are those of one call.
+    with 8 samples would otherwise hold 240,000 images); each chunk's rows continue the
+    random streams where the last chunk's ended (`first_row`), so the samples are those of
+    one call, whatever `chunk` is.
     """
     if num_samples < 1 or not samplings or chunk < 1:
         raise ValueError(f"best_of needs num_samples >= 1, at least one sampling config and "
                          f"chunk >= 1, got {num_samples}, {len(samplings)} and {chunk}.")
     kept = []
-    for c, start in enumerate(range(0, len(captions), chunk)):
+    for start in range(0, len(captions), chunk):
         negatives = (None if negative_captions is None
                      else negative_captions[start:start + chunk])
         kept.append(_best_of_chunk(gen, captions[start:start + chunk], num_samples, ranker,
-                                   samplings, num_retrieved, seed + c * len(samplings),
-                                   negatives))
+                                   samplings, num_retrieved, seed, negatives, start))
     if len(kept) == 1:
         return kept[0]
     first = kept[0].images
@@ -106,14 +106,16 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
 
 def _best_of_chunk(gen: Any, captions: Sequence[str], num_samples: int, ranker: Ranker,
                    samplings: Sequence[Any], num_retrieved: int, seed: int,
-                   negative_captions: Sequence[str] | None) -> Reranked:
+                   negative_captions: Sequence[str] | None, first_caption: int) -> Reranked:
+    """`best_of` for the captions from index `first_caption` of the whole list on."""
     k = min(len(samplings), num_samples)
     parts = []
     for i in range(k):
         count = len(range(i, num_samples, k))
         parts.append(gen.text_to_image(captions, num_samples=count, num_retrieved=num_retrieved,
                                        sampling=samplings[i], seed=seed + i,
-                                       negative_captions=negative_captions))
+                                       negative_captions=negative_captions,
+                                       first_row=first_caption * count))
     # Interleave into prompt-major order: prompt p, sample j = part j % k, its (j // k)-th.
     order = [(j % k, p * len(range(j % k, num_samples, k)) + j // k)
              for p in range(len(captions)) for j in range(num_samples)]

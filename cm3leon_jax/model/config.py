@@ -16,7 +16,7 @@ Sizes live in `gin_configs/models/*.gin`; bind fields there as `DecoderConfig.x 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import gin
 import jax.numpy as jnp
@@ -201,6 +201,22 @@ class DecoderConfig:
     @property
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
+
+    def vocabulary_mismatch(self, layout: Any) -> str | None:
+        """How a vocabulary's `IdLayout` (vocab/layout.py) does not fit this model, or None:
+        more ids than the embedding table (an id past it is clamped silently on TPU and
+        GPU) or, with `image_grid`, other image-code or sentinel ids or another grid."""
+        if layout.vocab_size > self.vocab_size:
+            return (f"the vocabulary has {layout.vocab_size} ids but DecoderConfig.vocab_size="
+                    f"{self.vocab_size}")
+        if self.image_grid:
+            want = {"image_code_ids": (layout.image_start, layout.used_size),
+                    "sentinel_ids": (layout.sentinel_start, layout.text_start)}
+            got = {k: getattr(self, k) for k in want}
+            if got != want or self.image_grid ** 2 != layout.image_length:
+                return (f"DecoderConfig.image_grid={self.image_grid}, {got} do not match the "
+                        f"vocabulary's {layout.image_length} codes per image and {want}")
+        return None
 
     def replace(self, **changes) -> "DecoderConfig":
         return dataclasses.replace(self, **changes)

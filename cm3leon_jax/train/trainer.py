@@ -49,15 +49,10 @@ def _check_vocabulary(task: str, config: DecoderConfig) -> None:
             f"DecoderConfig.vocab_size={config.vocab_size}; bind DecoderConfig.vocab_size "
             f"to at least {vocab.vocab_size} (the vocabulary's padded size).")
     layout = getattr(vocab, "layout", None)
-    if config.image_grid and layout is not None:
-        want = {"image_code_ids": (layout.image_start, layout.used_size),
-                "sentinel_ids": (layout.sentinel_start, layout.text_start)}
-        got = {k: getattr(config, k) for k in want}
-        if got != want or config.image_grid ** 2 != layout.image_length:
-            raise UserInputError(
-                f"DecoderConfig.image_grid={config.image_grid}, {got} do not match task "
-                f"{task!r}'s vocabulary ({layout.image_length} codes per image, {want}): "
-                f"bind those values (grid: the square root of the codes per image).")
+    mismatch = layout is not None and config.vocabulary_mismatch(layout)
+    if mismatch:
+        raise UserInputError(f"{mismatch} (task {task!r}): bind those values (grid: the "
+                             "square root of the codes per image).")
 
 
 class NonFiniteLossError(RuntimeError):

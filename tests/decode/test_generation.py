@@ -174,6 +174,42 @@ def test_generator_refuses_what_it_cannot_do(vocab):
         gen.image_to_text(np.zeros((1, 16), np.int32), style="caption_last")
     with pytest.raises(ValueError, match="guidance='clip'"):
         SamplingConfig(guidance="clip")
+    # One string is not a list of captions (it was read as one caption per character).
+    with pytest.raises(ValueError, match="as a list .*not one string"):
+        gen.text_to_image("a star")
+    with pytest.raises(ValueError, match="no captions given"):
+        gen.text_to_image([])
+    with pytest.raises(ValueError, match="as a list .*not one string"):
+        gen.how_to_write("cat")
+    codes = np.zeros((3, 16), np.int32)
+    with pytest.raises(ValueError, match="list of before texts, one per image \\(3\\)"):
+        gen.infill_text(["a"], ["b"], codes)
+    with pytest.raises(ValueError, match=r"leave no room .* at most 126 \(max_tokens\)"):
+        gen.image_to_text(codes, num_retrieved=0, max_tokens=500)
+    with pytest.raises(ValueError, match=r"seed=4294967296: give a seed in \[0, 2\*\*32\)"):
+        gen.text_to_image(["a star"], seed=2 ** 32)
+
+
+def test_codes_as_a_jax_array_are_codes_and_a_mismatched_vocabulary_is_refused(vocab):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    codes = np.arange(48, dtype=np.int32).reshape(3, 16) % 64
+    assert gen.image_to_text(jax.numpy.asarray(codes), num_retrieved=0, max_tokens=4) == \
+        gen.image_to_text(codes, num_retrieved=0, max_tokens=4)
+    layout = vocab.layout
+    gridded = CONFIG.replace(image_grid=4, image_code_ids=(layout.image_start, layout.used_size),
+                             sentinel_ids=(layout.sentinel_start, layout.text_start))
+    Generator(gridded, PARAMS, vocab)
+    with pytest.raises(ValueError, match="do not match the vocabulary's 16 codes"):
+        Generator(gridded.replace(image_code_ids=(layout.image_start + 1, layout.used_size + 1)),
+                  PARAMS, vocab)
+
+
+def test_a_caption_cut_at_max_tokens_is_reported(vocab, caplog):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    with caplog.at_level("WARNING"):
+        gen.image_to_text(np.zeros((2, 16), np.int32), num_retrieved=0, max_tokens=1,
+                          sampling=SamplingConfig(guidance="none", temperature=1.0, top_p=1.0))
+    assert "reached max_tokens=1 before their stop token" in caplog.text
 
 
 def test_negative_captions_run_as_a_third_stream_after_the_same_documents(vocab,

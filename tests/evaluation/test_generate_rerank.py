@@ -118,3 +118,17 @@ def test_a_16_bit_image_file_is_read_as_8_bit_rgb(tmp_path):
     assert Image.open(path).mode.startswith("I")
     (image,) = generate_run.read_images([str(path)])
     assert image.mode == "RGB" and np.asarray(image).min() == 255
+
+
+def test_best_of_in_chunks_draws_what_one_call_draws(eval_files, image_tokenizer):
+    """Each chunk continues the random streams (`first_row`): chunks change nothing."""
+    gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
+                    image_tokenizer)
+    captions = ["a large blue star", "a red circle", "a small green square"]
+    common = dict(num_samples=2, num_retrieved=0, seed=4,
+                  samplings=(SamplingConfig(guidance="none"),),
+                  ranker=rerank.ClipRanker(DocumentEncoder.load(eval_files["clip"])))
+    whole = rerank.best_of(gen, captions, **common)
+    parts = rerank.best_of(gen, captions, chunk=2, **common)
+    np.testing.assert_array_equal(whole.images.codes, parts.images.codes)
+    np.testing.assert_array_equal(whole.scores, parts.scores)

@@ -127,5 +127,5 @@ def test_image_places_must_match_the_task_vocabulary(monkeypatch):
                         sentinel_ids=(5, 37))
     trainer_lib._check_vocabulary("demo", right)
     for wrong in (right.replace(image_code_ids=(356, 868)), right.replace(image_grid=4)):
-        with pytest.raises(ValueError, match="do not match task 'demo'"):
+        with pytest.raises(ValueError, match=r"do not match the vocabulary's .*\(task 'demo'\)"):
             trainer_lib._check_vocabulary("demo", wrong)
