@@ -44,5 +44,8 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Only a demo's folder (it holds stages/): never another folder DEMO_DIR may name.
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	@test ! -e "$(DEMO_DIR)" || test -d "$(DEMO_DIR)/stages" || \
+		{ echo "$(DEMO_DIR) holds no demo run (no stages/): not deleting it" >&2; exit 1; }
+	rm -rf -- "$(DEMO_DIR)"

@@ -26,6 +26,11 @@ class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder the user named does not exist (or holds nothing usable)."""
 
 
-class CheckpointMismatchError(UserInputError):
+class ModelDirMismatchError(UserInputError):
+    """MODEL_DIR holds work that another config built; nothing there was changed (`main.run`
+    then puts back the config.gin it found)."""
+
+
+class CheckpointMismatchError(ModelDirMismatchError):
     """A checkpoint in MODEL_DIR does not fit the run's config (shapes, dtypes, data layout)
     or was written by another kind of run; nothing on disk was changed."""

@@ -28,6 +28,8 @@ import tempfile
 import uuid
 from typing import IO, Any, Iterator
 
+from cm3leon_jax.errors import UserInputError
+
 
 def is_remote(path: str) -> bool:
     """Whether `path` names a file system other than the local one (it has a scheme)."""
@@ -248,9 +250,22 @@ def read_json(path: str) -> Any:
 
 def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSON-lines file. A line that is not
-    JSON gives its `json.JSONDecodeError` as the value: the caller skips it or stops."""
-    with open(path) as f:
-        for n, line in enumerate(f, start=1):
+    JSON gives its `json.JSONDecodeError` as the value: the caller skips it or stops.
+
+    The file is UTF-8, with or without a byte-order mark (Windows editors write one; it is
+    not part of line 1's JSON). Bytes that are not UTF-8 (a Latin-1 file) are a
+    `UserInputError` naming the file and line: the whole file is in the wrong encoding, not
+    one record bad."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # utf-8-sig, with columns
+                raw = raw[3:]  # counted from the text's first byte
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserInputError(
+                    f"{path!r} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}, the line's byte "
+                    f"{e.start + 1}): save the file as UTF-8.") from None
             if not line.strip():
                 continue
             try:

@@ -42,7 +42,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from cm3leon_jax.errors import CheckpointMismatchError, UserInputError  # noqa: E402
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError  # noqa: E402
 from cm3leon_jax.train import distributed, run_config  # noqa: E402
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +60,9 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
 
     A mode may refuse a MODEL_DIR before anything is written there, with an attribute
     `check_model_dir(model_dir)` that raises UserInputError (the `sft` mode refuses its
-    base run's folder, whose config.gin this would replace). A run whose checkpoints do not
-    fit it (CheckpointMismatchError) leaves config.gin as it found it. With several
+    base run's folder, whose config.gin this would replace). A run whose checkpoints (or, for
+    the demo, stages) were built by another config (ModelDirMismatchError) leaves config.gin
+    as it found it. With several
     processes, process 0 alone writes it (the job is joined first).
     """
     check = getattr(mode, "check_model_dir", None)
@@ -74,8 +75,8 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         undo = run_config.write_undoable(model_dir)[1]
     try:
         return mode(model_dir=model_dir)
-    except CheckpointMismatchError:
-        # The checkpoints there were left untouched and belong to the earlier config.gin.
+    except ModelDirMismatchError:
+        # What is there was left untouched and belongs to the earlier config.gin.
         if undo is not None:
             undo()
         raise

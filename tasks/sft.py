@@ -22,21 +22,27 @@ which packs them like pretraining. Seeds and caching work as for `tasks.pretrain
 The replay mixtures keep what pretraining taught: fine-tuned on the instruction families
 alone, the demo's small decoder forgot how to caption in the pretraining layout (RESULTS_sft.md).
 
-Every family of a mixture is opened, even at rate 0, so its folder must exist. A family
-whose split has no example (none written, or none short enough for the training
-`seq_len`) is a one-line `UserInputError` naming it when the dataset is built: an empty
-dataset would otherwise be repeated forever.
+A mixture's dataset leaves out the families at rate 0 and those `sft_preprocess` wrote
+no shards of for the split (a public-format source has no example of some families),
+logging which; rates must be finite and one of what is left must be positive. A family
+whose split has no example (none written), or whose longest examples do not fit the
+training `seq_len` (`sft_preprocess.check_fits`: the length filter would drop them), is a
+one-line `UserInputError` naming it when the dataset is built: an empty dataset would
+otherwise be repeated forever, and a filtered one would lose examples without a word.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import gin
 import seqio
 import tensorflow as tf
+from absl import logging
 
+from cm3leon_jax import fs
 from cm3leon_jax.data import preprocessors, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
 from cm3leon_jax.errors import UserInputError
@@ -68,18 +74,25 @@ def sft_mixture_rates(rates: dict | None = None) -> dict[str, float]:
         if family not in out:
             raise UserInputError(f"sft_mixture_rates.rates names {family!r}; the families are "
                                  f"{FAMILIES}.")
-        if rate < 0:
-            raise UserInputError(f"sft_mixture_rates.rates[{family!r}]={rate}; rates are >= 0.")
+        if not _is_rate(rate):
+            raise UserInputError(f"sft_mixture_rates.rates[{family!r}]={rate!r}; rates are "
+                                 "finite numbers >= 0.")
         out[family] = float(rate)
     return out
+
+
+def _is_rate(rate) -> bool:
+    """A finite number >= 0 (NaN passes `rate < 0`, and an infinite one cannot be mixed)."""
+    return (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+            and math.isfinite(rate) and rate >= 0)
 
 
 @gin.configurable
 def sft_replay(rate: float = 1.0) -> float:
     """Mixing rate of the pretraining documents in the replay mixtures, on the scale of
     `sft_mixture_rates` (each family 1 by default)."""
-    if rate < 0:
-        raise UserInputError(f"sft_replay.rate={rate}; rates are >= 0.")
+    if not _is_rate(rate):
+        raise UserInputError(f"sft_replay.rate={rate!r}; rates are finite numbers >= 0.")
     return float(rate)
 
 
@@ -132,7 +145,8 @@ def _read(split: str, shuffle_files: bool, seed: int | None = None, *, corpus: s
           family: str):
     del shuffle_files, seed  # Shard order is fixed; seqio shuffles examples.
     sft_preprocess.check_has_examples(_data_dir(corpus), family, split)
-    return shards.read_split(os.path.join(_data_dir(corpus), family), split)
+    return shards.read_split(os.path.join(_data_dir(corpus), family), split,
+                             made_by="sft_preprocess")
 
 
 def _check_fits(config, *, corpus: str, family: str) -> None:
@@ -147,6 +161,43 @@ def _rate(task: seqio.Task, family: str) -> float:
 def _replay_rate(task: seqio.Task) -> float:
     del task
     return sft_replay()
+
+
+class FamilyMixture(seqio.Mixture):
+    """A mixture of SFT family tasks (and, for replay, the pretraining task) whose dataset
+    leaves out the families at rate 0 and those without shards for the split, logging
+    which: seqio opens every task of a mixture, and a family no adapter of a public-format
+    source writes (segment, how_to_write, ...) has no folder. What is left must have a
+    positive rate (all zero: no dataset to draw from)."""
+
+    def __init__(self, name, tasks, corpus: str, families: dict[str, str], **kwargs):
+        super().__init__(name, tasks, **kwargs)
+        self._corpus = corpus
+        self._families = families  # task name -> family
+
+    def get_dataset(self, sequence_length=None, split="train", **kwargs) -> tf.data.Dataset:
+        data_dir = _data_dir(self._corpus)
+        kept, zero, missing = [], [], []
+        for task in self.tasks:
+            family = self._families.get(task.name)
+            if self.get_rate(task) == 0:
+                zero.append(family or task.name)
+            elif family is not None and not fs.glob(
+                    shards.shard_pattern(os.path.join(data_dir, family), split)):
+                missing.append(family)
+            else:
+                kept.append((task, self.rate_per_task_name[task.name]))
+        if zero or missing:
+            logging.warning("%s (%s split) leaves out %s at rate 0 and %s without shards in %s",
+                            self.name, split, zero or "none", missing or "none", data_dir)
+        if not kept:
+            raise UserInputError(
+                f"{self.name} has nothing to draw from for the {split!r} split: families at "
+                f"rate 0: {zero or 'none'}; without shards in {data_dir!r}: "
+                f"{missing or 'none'}. Give a family with shards a positive rate "
+                "(sft_mixture_rates.rates), or run sft_preprocess for it.")
+        return seqio.Mixture(self.name, kept, sample_fn=self._sample_fn).get_dataset(
+            sequence_length, split, **kwargs)
 
 
 def _register(prefix: str, corpus: str, pretraining_task: str) -> None:
@@ -167,9 +218,12 @@ def _register(prefix: str, corpus: str, pretraining_task: str) -> None:
             },
         )
     families = [(f"{prefix}_{f}", functools.partial(_rate, family=f)) for f in FAMILIES]
-    seqio.MixtureRegistry.add(f"{prefix}_mix", families)
+    family_of = {f"{prefix}_{f}": f for f in FAMILIES}
+    seqio.MixtureRegistry.add(f"{prefix}_mix", families, mixture_cls=FamilyMixture,
+                              corpus=corpus, families=family_of)
     seqio.MixtureRegistry.add(f"{prefix}_replay_mix",
-                              families + [(pretraining_task, _replay_rate)])
+                              families + [(pretraining_task, _replay_rate)],
+                              mixture_cls=FamilyMixture, corpus=corpus, families=family_of)
 
 
 _register("cm3leon_sft", "synthetic", "cm3leon_synthetic")

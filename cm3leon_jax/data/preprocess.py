@@ -216,37 +216,19 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
     return stats
 
 
-PLAN_FILE = "plan.json"
+PLAN_FILE = shards.PLAN_FILE
 
 
 def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec]) -> None:
     """Records the source and its shard layout in MODEL_DIR/plan.json on the first run, and
-    refuses a rerun whose source or layout differs: its shards would sit beside the earlier
-    ones (a split read as both) and keep neighbors from an earlier memory bank."""
-    plan = {"source": source.identity(), "shards": {}}
-    for spec in specs:
-        plan["shards"].setdefault(spec.split, [spec.num_shards, 0])[1] += spec.stop - spec.start
-    path = fs.join(model_dir, PLAN_FILE)
-    if not fs.exists(path):  # A first run, or a folder from before plan.json.
-        planned = {shards.shard_path(model_dir, s.split, s.index, s.num_shards) for s in specs}
-        stale = sorted(set().union(*(fs.glob(shards.shard_pattern(model_dir, split))
-                                     for split in plan["shards"])) - planned)
-        if stale:
-            raise UserInputError(
-                f"{model_dir} holds shards of another layout ({os.path.basename(stale[0])}, "
-                f"...): give preprocessing a new MODEL_DIR, or empty this one.")
-        fs.makedirs(model_dir)
-        fs.write_json(path, plan)
-        return
-    earlier = fs.read_json(path)
-    if earlier != plan:
-        differ = [f"{k}: {earlier.get(k)} then, {plan[k]} now" for k in plan
-                  if earlier.get(k) != plan[k]]
-        raise UserInputError(
-            f"{model_dir} was preprocessed from another source or shard layout ("
-            f"{'; '.join(differ)}; shards as [count, records]): the source changed or "
-            "preprocess.docs_per_shard did. Give preprocessing a new MODEL_DIR (or delete "
-            "this one); its shards would mix with the new ones.")
+    refuses a rerun whose source or layout differs (`shards.check_plan`): its shards would
+    sit beside the earlier ones (a split read as both) and keep neighbors from an earlier
+    memory bank."""
+    plan = {"source": source.identity(), "shards": shards.plan_layout(specs)}
+    planned = [shards.shard_path(model_dir, s.split, s.index, s.num_shards) for s in specs]
+    patterns = [shards.shard_pattern(model_dir, split) for split in plan["shards"]]
+    shards.check_plan(model_dir, plan, planned, patterns, who="preprocessing",
+                      settings="preprocess.docs_per_shard")
 
 
 def is_done(spec: ShardSpec, out_dir: str,

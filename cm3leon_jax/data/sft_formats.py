@@ -15,20 +15,26 @@
                                               caption/NAME.txt
 
 Every record becomes an example or a `Skipped(doc_id, reason)`; the reasons
-(missing_field, empty_text, unknown_image_id, missing_image, corrupt_image, no_boxes,
-...) are counted per family and split in the SFT manifest, with sample ids, and a file
-that cannot be read at all is one clear error. Nothing is dropped silently.
+(missing_field, empty_text, bad_text, bad_annotation, unknown_image_id, missing_image,
+corrupt_image, unsupported_image_format, no_boxes, ...) are counted per family and split
+in the SFT manifest, with sample ids, and a file that cannot be read at all is one clear
+error. Nothing is dropped silently. Image files are read as the tokenizer would see them
+(`image_inputs.read_rgb`: EXIF orientation applied, 16-bit scaled to 8, transparency over
+white).
 
 Boxes follow the image into the model's frame: `image_inputs` center-crops a
-non-square image to a square and resizes it to `image_size`, so each COCO box
-(x, y, w, h) is cropped and scaled the same way (pixels, ends exclusive); boxes
-cut away entirely are counted as `box_outside_crop`.
+non-square image to a square and resizes it to the image tokenizer's size, so each COCO
+box (x, y, w, h) is cropped and scaled the same way from the loaded image's own shape
+(pixels, ends exclusive); boxes cut away entirely are counted as `box_outside_crop`.
+`sft_preprocess` gives `CocoInstances` the tokenizer's size (`FormatSource.with_image_size`)
+and refuses a different one bound by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -81,11 +87,27 @@ def load_image(path: str) -> np.ndarray:
 
 
 def _text(value: Any) -> str:
+    """The stripped text, or `_Skip`: not a string, blank, or not encodable as UTF-8 (a
+    lone surrogate from a JSON escape, which the text tokenizer cannot take)."""
     if not isinstance(value, str):
         raise _Skip("missing_field")
     if not value.strip():
         raise _Skip("empty_text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Skip("bad_text") from None
     return value.strip()
+
+
+def _id(value: Any) -> int | str | None:
+    """A JSON id usable as a key (a number or a string), else None."""
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 # -- InstructPix2Pix ------------------------------------------------------------------------
@@ -103,7 +125,8 @@ class InstructPix2PixJsonl:
             raise MissingInputError(f"InstructPix2Pix file {self.path!r} does not exist.")
         root, out = os.path.dirname(fs.abspath(self.path)), []
         for n, row in fs.read_jsonl(self.path):
-            doc_id = f"ip2p:{os.path.basename(self.path)}:{n}"
+            # The path as given: two files of one name in different folders stay apart.
+            doc_id = f"ip2p:{self.path}:{n}"
             if isinstance(row, json.JSONDecodeError):
                 out.append(Record(doc_id, "edit", skipped="bad_json"))
             else:
@@ -136,7 +159,8 @@ def _coco_images(data: Any, path: str) -> dict[int, dict]:
             or not isinstance(data.get("annotations"), list):
         raise UserInputError(f"{path!r} is not a COCO annotation file (it needs 'images' and "
                              "'annotations' lists).")
-    return {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
+    return {im["id"]: im for im in data["images"]
+            if isinstance(im, dict) and _id(im.get("id")) is not None}
 
 
 @gin.configurable
@@ -155,8 +179,11 @@ class CocoCaptions:
         family = "long_caption" if self.long else "caption"
         out = []
         for ann in data["annotations"]:
+            if not isinstance(ann, dict):
+                out.append(Record(f"coco_caption:#{len(out)}", family, skipped="bad_annotation"))
+                continue
             doc_id = f"coco_caption:{ann.get('id', len(out))}"
-            image = images.get(ann.get("image_id"))
+            image = images.get(_id(ann.get("image_id")))
             if image is None:
                 out.append(Record(doc_id, family, skipped="unknown_image_id"))
                 continue
@@ -191,20 +218,34 @@ def crop_box(box: Sequence[float], width: int, height: int, size: int
 @dataclasses.dataclass(frozen=True)
 class CocoInstances:
     """instances_*.json (+ `image_dir`): one boxes->image example per image, every object
-    'name at (x0,y0,x1,y1)' in the model's `image_size` frame; the caption lists them."""
+    'name at (x0,y0,x1,y1)' in the model's `image_size` frame; the caption lists them.
+
+    `image_size`: the image tokenizer's (None: `sft_preprocess` sets it, through
+    `FormatSource.with_image_size`; the boxes must be in the frame the images are encoded
+    in). An image whose `width`/`height` in the file differ from its pixels is skipped
+    (`image_size_mismatch`): its boxes are in another frame."""
 
     annotations: str
     image_dir: str
-    image_size: int = 256
+    image_size: int | None = None
 
     def records(self) -> list[Record]:
+        if self.image_size is None:
+            raise UserInputError(
+                f"CocoInstances({self.annotations!r}) has no image_size: read it through "
+                "sft_preprocess (which gives it the image tokenizer's), or give "
+                "image_size=<the tokenizer's image size>.")
         data = _read_json(self.annotations, "COCO instances file")
         images = _coco_images(data, self.annotations)
-        names = {c["id"]: c["name"] for c in data.get("categories", []) if "id" in c}
+        names = {c["id"]: c.get("name") for c in data.get("categories", [])
+                 if isinstance(c, dict) and _id(c.get("id")) is not None}
         by_image: dict[int, list[dict]] = {i: [] for i in images}
         out = []
         for ann in data["annotations"]:
-            if ann.get("image_id") not in by_image:
+            if not isinstance(ann, dict):
+                out.append(Record(f"coco_instance:#{len(out)}", "boxes_to_image",
+                                  skipped="bad_annotation"))
+            elif _id(ann.get("image_id")) not in by_image:
                 out.append(Record(f"coco_instance:{ann.get('id')}", "boxes_to_image",
                                   skipped="unknown_image_id"))
             else:
@@ -217,22 +258,31 @@ class CocoInstances:
 
     def _builder(self, image: dict, anns: list[dict], names: dict, doc_id: str):
         def build():
-            w, h = image.get("width"), image.get("height")
-            phrases, objects = [], []
+            if not anns:
+                raise _Skip("no_boxes")
+            objects = []
             for ann in anns:
-                name, box = names.get(ann.get("category_id")), ann.get("bbox")
-                if name is None or not isinstance(box, list) or len(box) != 4 or not w:
+                name, box = names.get(_id(ann.get("category_id"))), ann.get("bbox")
+                if (name is None or not isinstance(box, list) or len(box) != 4
+                        or not all(_number(v) for v in box)):
                     raise _Skip("bad_annotation")
+                objects.append((_text(name), box))
+            stated = {k: image[k] for k in ("width", "height") if k in image}
+            if not all(_number(v) for v in stated.values()):
+                raise _Skip("bad_annotation")
+            pixels = load_image(os.path.join(self.image_dir, str(image.get("file_name", ""))))
+            h, w = pixels.shape[:2]  # The frame the tokenizer crops, whatever the file says.
+            if stated.get("width", w) != w or stated.get("height", h) != h:
+                raise _Skip("image_size_mismatch")
+            phrases, kept = [], []
+            for name, box in objects:
                 cropped = crop_box(box, w, h, self.image_size)
                 if cropped is not None:
                     phrases.append(f"{name} at ({','.join(str(v) for v in cropped)})")
-                    objects.append(name)
-            if not anns:
-                raise _Skip("no_boxes")
+                    kept.append(name)
             if not phrases:
                 raise _Skip("box_outside_crop")
-            pixels = load_image(os.path.join(self.image_dir, str(image.get("file_name", ""))))
-            caption = ", ".join(objects)
+            caption = ", ".join(kept)
             return SftExample(doc_id, sft_prompts.boxes_to_image(caption, phrases), pixels,
                               {"boxes": phrases})
         return build
@@ -260,11 +310,15 @@ class Vqa2:
         if not isinstance(anns, dict) or not isinstance(anns.get("annotations"), list):
             raise UserInputError(f"{self.annotations!r} is not a VQAv2 annotations file (no "
                                  "'annotations' list).")
-        answers = {a.get("question_id"): a for a in anns["annotations"] if isinstance(a, dict)}
+        answers = {a["question_id"]: a for a in anns["annotations"]
+                   if isinstance(a, dict) and _id(a.get("question_id")) is not None}
         out = []
         for q in qs["questions"]:
+            if not isinstance(q, dict):
+                out.append(Record(f"vqa2:#{len(out)}", "vqa", skipped="bad_annotation"))
+                continue
             doc_id = f"vqa2:{q.get('question_id')}"
-            ann = answers.get(q.get("question_id"))
+            ann = answers.get(_id(q.get("question_id")))
             if ann is None:
                 out.append(Record(doc_id, "vqa", skipped="no_annotation"))
                 continue
@@ -290,40 +344,63 @@ class Vqa2:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _supported(file_name: str) -> bool:
+    return file_name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ConditionFolder:
     """`root/image/NAME.*`, `root/<condition>/NAME.*` for each condition folder present
-    (edge, segmentation, scribble, depth) and `root/caption/NAME.txt`."""
+    (edge, segmentation, scribble, depth) and `root/caption/NAME.txt`.
+
+    Extensions match in any case (cat.PNG); an image or condition map in another format
+    than IMAGE_EXTENSIONS (.tif, .gif, ...) is counted as `unsupported_image_format`.
+    Hidden files (.DS_Store) are not images."""
 
     root: str
+
+    def _files(self, folder: str) -> dict[str, str]:
+        """{NAME: file name} of `root/folder`; of two files of one NAME, the supported
+        one whose extension comes first in IMAGE_EXTENSIONS."""
+        def rank(file_name):
+            ext = os.path.splitext(file_name)[1].lower()
+            return IMAGE_EXTENSIONS.index(ext) if ext in IMAGE_EXTENSIONS else len(
+                IMAGE_EXTENSIONS)
+        files: dict[str, str] = {}
+        for f in fs.listdir(os.path.join(self.root, folder)):
+            name = os.path.splitext(f)[0]
+            if f.startswith(".") or (name in files and rank(files[name]) <= rank(f)):
+                continue
+            files[name] = f
+        return files
 
     def records(self) -> list[Record]:
         image_dir = os.path.join(self.root, "image")
         if not fs.isdir(image_dir):
             raise MissingInputError(f"condition folder {self.root!r} has no image/ folder; "
                                     "see ConditionFolder's docstring for the layout.")
-        names = sorted(os.path.splitext(f)[0] for f in fs.listdir(image_dir)
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        images = self._files("image")
         out = []
         for condition in sft_prompts.CONDITIONS:
-            folder = os.path.join(self.root, condition)
-            if not fs.isdir(folder):
+            if not fs.isdir(os.path.join(self.root, condition)):
                 continue
-            for name in names:
+            maps = self._files(condition)
+            for name in sorted(images):
                 doc_id = f"condition:{condition}:{name}"
-                out.append(Record(doc_id, f"{condition}_to_image",
-                                  build=self._builder(condition, name, doc_id)))
+                family = f"{condition}_to_image"
+                files = [images[name]] + ([maps[name]] if name in maps else [])
+                if not all(_supported(f) for f in files):
+                    out.append(Record(doc_id, family, skipped="unsupported_image_format"))
+                    continue
+                cond = os.path.join(self.root, condition, maps[name]) if name in maps else None
+                image = os.path.join(self.root, "image", images[name])
+                out.append(Record(doc_id, family,
+                                  build=self._builder(condition, name, cond, image, doc_id)))
         return out
 
-    def _find(self, folder: str, name: str) -> str:
-        for ext in IMAGE_EXTENSIONS:
-            path = os.path.join(self.root, folder, name + ext)
-            if fs.exists(path):
-                return path
-        return os.path.join(self.root, folder, name + ".png")
-
-    def _builder(self, condition: str, name: str, doc_id: str):
+    def _builder(self, condition: str, name: str, cond_path: str | None, image_path: str,
+                 doc_id: str):
         def build():
             caption_path = os.path.join(self.root, "caption", name + ".txt")
             if not fs.exists(caption_path):
@@ -333,8 +410,10 @@ class ConditionFolder:
                     caption = _text(f.read().decode("utf-8"))
             except UnicodeDecodeError:
                 raise _Skip("non_utf8_caption") from None
-            cond = load_image(self._find(condition, name))
-            image = load_image(self._find("image", name))
+            if cond_path is None:
+                raise _Skip("missing_image")
+            cond = load_image(cond_path)
+            image = load_image(image_path)
             return SftExample(doc_id, sft_prompts.condition_to_image(condition, cond, caption),
                               image, {"caption": caption})
         return build
@@ -364,6 +443,36 @@ class FormatSource:
 
     def __getstate__(self):  # Beam pickles the source; workers list records again.
         return {"splits": self.splits, "_records": None}
+
+    def split_names(self) -> list[str]:
+        """The source's splits (`sft_preprocess` refuses one it does not plan)."""
+        return list(self.splits)
+
+    def identity(self) -> dict:
+        """Each split's adapters and their settings (recorded in plan.json)."""
+        return {split: [[type(a).__name__, dataclasses.asdict(a)]
+                        if dataclasses.is_dataclass(a) else repr(a) for a in adapters]
+                for split, adapters in self.splits.items()}
+
+    def with_image_size(self, size: int) -> "FormatSource":
+        """This source with the image tokenizer's `size` given to the adapters that place
+        boxes in the encoded image's frame (`CocoInstances.image_size` left None); one
+        bound to another size is refused: its boxes would not match the images."""
+        splits = {}
+        for split, adapters in self.splits.items():
+            splits[split] = []
+            for a in adapters:
+                if dataclasses.is_dataclass(a) and hasattr(a, "image_size"):
+                    if a.image_size is None:
+                        a = dataclasses.replace(a, image_size=size)
+                    elif a.image_size != size:
+                        raise UserInputError(
+                            f"{type(a).__name__}.image_size={a.image_size} but the image "
+                            f"tokenizer encodes {size}x{size} images, so the boxes would be in "
+                            "another frame: leave image_size unset (sft_preprocess gives it "
+                            "the tokenizer's).")
+                splits[split].append(a)
+        return FormatSource(splits)
 
     def num_examples(self, split: str, family: str) -> int:
         return len(self._all().get((split, family), []))

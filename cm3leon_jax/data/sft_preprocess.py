@@ -11,13 +11,18 @@ tokenizer, and writes `MODEL_DIR/{family}/{split}-NNNNN-of-MMMMM.tfrecord` in th
 format of `shards.py` (`ids` = the whole `instruction <break> inputs <break> output`
 example, no neighbors). It reuses preprocessing's Beam pipeline: one shard is the unit
 of work, written by atomic rename with a stats file, so a rerun skips finished shards.
+`MODEL_DIR/plan.json` records what the shards are made of (the source, each family's and
+split's shards and records, seq_len, families; `shards.check_plan`): a rerun of another
+plan into the same folder is refused, since its shards would be read beside the earlier
+ones. A source split other than `splits` names is refused, not left out.
 
 The vocabulary is the pretraining data's (`vocab_dir`), copied to `MODEL_DIR/vocab` so
 the SFT folder is self-contained; a folder made with another vocabulary is refused.
 `MODEL_DIR/manifest.json` counts, per family and split, what was read, written, and
-skipped by reason (with sample ids), and the shortest example (`min_tokens`), so that a
-task refuses a training `seq_len` none of a family's examples fits (`check_fits`) instead
-of repeating an empty dataset forever. Nothing is dropped silently.
+skipped by reason (with sample ids), and the shortest and longest examples (`min_tokens`,
+`max_tokens`), so that a task refuses a training `seq_len` its longest examples do not fit
+(`check_fits`) instead of its length filter dropping them (or, when none fits, repeating
+an empty dataset forever). Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -69,8 +74,20 @@ class SyntheticSftSource:
     families: tuple[str, ...] = sft_prompts.FAMILIES
     vqa_questions: int | None = None
 
+    def split_names(self) -> list[str]:
+        """The source's splits (`sft_preprocess` refuses one it does not plan)."""
+        return list(self.split_sizes)
+
+    def identity(self) -> dict:
+        """What decides the examples (recorded in plan.json)."""
+        return {"synthetic": dataclasses.asdict(self)}
+
     def num_examples(self, split: str, family: str) -> int:
         """Scenes (the unit of sharding; a VQA scene may give several examples)."""
+        if split not in self.split_sizes:
+            raise UserInputError(
+                f"SyntheticSftSource.split_sizes={self.split_sizes} has no {split!r} split: "
+                "give its size (0 for none), or leave it out of sft_preprocess.splits.")
         return self.split_sizes[split] if family in self.families else 0
 
     def read(self, split: str, family: str, start: int, stop: int
@@ -112,6 +129,42 @@ def plan_shards(source: Any, families: Sequence[str], splits: Sequence[str],
 def shard_file(out_dir: str, spec: SftShardSpec) -> str:
     return shards.shard_path(os.path.join(out_dir, spec.family), spec.split, spec.index,
                              spec.num_shards)
+
+
+def check_splits(source: Any, splits: Sequence[str]) -> None:
+    """Raises UserInputError when the source has a split `splits` does not plan (e.g.
+    "val"): its examples would be left out without a word."""
+    names = source.split_names() if hasattr(source, "split_names") else ()
+    unknown = [name for name in names if name not in splits]
+    if unknown:
+        raise UserInputError(
+            f"the source's split {unknown[0]!r} is not one of sft_preprocess.splits "
+            f"{tuple(splits)}: name its examples one of those (the SFT tasks read train, "
+            "validation and test), or leave it out of the source.")
+
+
+def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
+               seq_len: int, families: Sequence[str]) -> None:
+    """`shards.check_plan` of the SFT folder: the source's identity, the shards and records
+    of each `family/split`, the seq_len (which examples were skipped as too long) and the
+    families. Without plan.json, a shard file of any family that this plan does not write
+    is refused."""
+    identity = source.identity() if hasattr(source, "identity") else None
+    plan = {"source": identity,
+            "shards": shards.plan_layout(specs, key=lambda s: f"{s.family}/{s.split}"),
+            "seq_len": seq_len, "families": list(families)}
+    patterns = [shards.shard_pattern(os.path.join(model_dir, family), "*")
+                for family in sft_prompts.FAMILIES]
+    shards.check_plan(model_dir, plan, [shard_file(model_dir, s) for s in specs], patterns,
+                      who="sft_preprocess",
+                      settings="sft_preprocess.docs_per_shard, seq_len or families")
+
+
+def is_done(spec: SftShardSpec, out_dir: str) -> bool:
+    """Whether the shard's records and stats are written for this slice of the source (a
+    stats file of another slice, or from before slices were recorded, is not done)."""
+    path = shard_file(out_dir, spec) + ".stats.json"
+    return fs.exists(path) and fs.read_json(path).get("range") == [spec.start, spec.stop]
 
 
 def _image_key(pixels: Any) -> tuple:
@@ -169,8 +222,10 @@ class SftShardWorker:
     def __call__(self, spec: SftShardSpec) -> dict:
         skipped: dict[str, list[str]] = collections.defaultdict(list)
         lengths: list[int] = []
+        longest = None  # of the written examples
 
         def batch_docs(batch):
+            nonlocal longest
             if len(self._known) > KNOWN_IMAGES:
                 self._known.clear()
             for ex, ids in zip(batch, encode_examples(batch, self._vocab, self._images,
@@ -179,6 +234,7 @@ class SftShardWorker:
                 if ids.size > self.max_doc_tokens:
                     skipped["document_too_long"].append(ex.doc_id)
                     continue
+                longest = max(longest or 0, int(ids.size))
                 yield shards.TokenizedDocument(ex.doc_id, ids)
 
         read = 0
@@ -202,9 +258,11 @@ class SftShardWorker:
         fs.makedirs(os.path.dirname(final))
         with fs.atomic_write(final) as tmp:
             written = shards.write_records(docs(), tmp)
-        # The shortest example: whether any can fit a training length (`check_fits`).
+        # The shortest example (written or not) and the longest written: which training
+        # lengths fit them (`check_fits`). `range`: the slice these stats are of (`is_done`).
         stats = {"split": spec.split, "written": written, "read": read,
-                 "skipped": dict(skipped), "min_tokens": min(lengths, default=None)}
+                 "skipped": dict(skipped), "min_tokens": min(lengths, default=None),
+                 "max_tokens": longest, "range": [spec.start, spec.stop]}
         fs.write_json(final + ".stats.json", stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
@@ -231,17 +289,19 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
 
 
 def manifest(specs: Sequence[SftShardSpec], out_dir: str, seq_len: int) -> dict:
-    """Per family, `preprocess.manifest`'s counts of its shards and each split's shortest
-    example (`min_tokens`, written or too long)."""
+    """Per family, `preprocess.manifest`'s counts of its shards, each split's shortest
+    example (`min_tokens`, written or too long) and its longest written one (`max_tokens`)."""
     families: dict = {}
     for family in dict.fromkeys(s.family for s in specs):
         mine = [s for s in specs if s.family == family]
         families[family] = preprocess.manifest(mine, os.path.join(out_dir, family))["splits"]
         for split, counts in families[family].items():
-            shortest = [fs.read_json(shard_file(out_dir, s) + ".stats.json").get("min_tokens")
-                        for s in mine if s.split == split]
-            known = [n for n in shortest if n is not None]
-            counts["min_tokens"] = min(known) if known else None
+            stats = [fs.read_json(shard_file(out_dir, s) + ".stats.json")
+                     for s in mine if s.split == split]
+            shortest = [x["min_tokens"] for x in stats if x.get("min_tokens") is not None]
+            longest = [x["max_tokens"] for x in stats if x.get("max_tokens") is not None]
+            counts["min_tokens"] = min(shortest) if shortest else None
+            counts["max_tokens"] = max(longest) if longest else None
     return {"families": families, "shards": len(specs), "seq_len": seq_len}
 
 
@@ -269,19 +329,28 @@ def check_has_examples(data_dir: str, family: str, split: str) -> None:
 
 
 def check_fits(config: AugmentConfig, *, data_dir: str, family: str) -> None:
-    """Raises UserInputError when no example of one of the family's splits fits
-    `config.budget` (the training seq_len less the CM3 reserve): the length filter
-    would leave that dataset empty."""
-    short = {split: c.get("min_tokens") for split, c in _family_counts(data_dir, family).items()
-             if c["written"]}
-    over = {split: n for split, n in short.items() if n is not None and n > config.budget}
+    """Raises UserInputError when a written example of one of the family's splits does not
+    fit `config.budget` (the training seq_len less the CM3 reserve): the length filter
+    would drop it without a word (and, when none fits, leave the dataset empty). Refusing
+    is simpler and safer than counting what a filter inside the input pipeline dropped.
+    A manifest from before `max_tokens` was recorded is taken at its seq_len's budget."""
+    counts = _family_counts(data_dir, family)
+    if not counts:
+        return
+    seq_len = fs.read_json(os.path.join(data_dir, "manifest.json")).get("seq_len")
+    written_budget = AugmentConfig(seq_len=seq_len).budget if seq_len else None
+    longest = {split: c.get("max_tokens", written_budget) for split, c in counts.items()
+               if c["written"]}
+    over = {split: n for split, n in longest.items() if n is not None and n > config.budget}
     if over:
         split, n = max(over.items(), key=lambda kv: kv[1])
         raise UserInputError(
-            f"every example of SFT family {family!r} ({split!r} split) is longer than "
-            f"seq_len={config.seq_len} allows: the shortest has {n} tokens and "
-            f"{config.budget} fit beside the CM3 reserve. Train with train.seq_len >= "
-            f"{n + config.seq_len - config.budget}, or rerun sft_preprocess with smaller images.")
+            f"SFT family {family!r} has {split!r} examples of up to {n} tokens, longer than "
+            f"train.seq_len={config.seq_len} allows ({config.budget} fit beside the CM3 "
+            "reserve): training would drop them without a word. Its folder was preprocessed "
+            f"with sft_preprocess.seq_len={seq_len}: train with train.seq_len >= "
+            f"{n + config.seq_len - config.budget}, or rerun sft_preprocess with "
+            f"seq_len={config.seq_len} into a new folder.")
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -296,7 +365,8 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
     Args:
       model_dir: the SFT data folder (what `sft_data_dirs` points at).
       vocab_dir: the pretraining data's `vocab/` (the base model's vocabulary).
-      source: `SyntheticSftSource()` or a public-format source (`sft_formats.py`).
+      source: `SyntheticSftSource()` or a public-format source (`sft_formats.py`); its
+        split names must be among `splits`.
       image_tokenizer_fn: returns the pretraining data's `ImageTokenizer`.
       families: which families to write. splits: which splits.
       docs_per_shard, batch_size, runner, pipeline_options: as in `preprocess`.
@@ -306,14 +376,18 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
     if unknown:
         raise UserInputError(f"sft_preprocess.families: unknown {unknown}; the families are "
                              f"{sft_prompts.FAMILIES}.")
+    check_splits(source, splits)
     vocab = copy_vocabulary(vocab_dir, model_dir)
     images = preprocess._image_tokenizer(image_tokenizer_fn)  # noqa: SLF001
     if vocab.layout.image_length != images.codes_per_image:
         raise UserInputError(f"{vocab_dir} expects {vocab.layout.image_length} codes per image but "
                              f"the image tokenizer gives {images.codes_per_image}: use the "
                              "tokenizer the pretraining data was made with.")
+    if hasattr(source, "with_image_size"):  # Boxes are written in the tokenizer's frame.
+        source = source.with_image_size(images.image_size)
     specs = plan_shards(source, families, splits, docs_per_shard)
-    todo = [s for s in specs if not fs.exists(shard_file(model_dir, s) + ".stats.json")]
+    check_plan(model_dir, source, specs, seq_len=seq_len, families=families)
+    todo = [s for s in specs if not is_done(s, model_dir)]
     logging.info("sft_preprocess: %d shards, %d already done", len(specs),
                  len(specs) - len(todo))
     if todo:

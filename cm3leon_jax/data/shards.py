@@ -11,20 +11,23 @@ files of `tf.train.Example`s, one per query document:
 
 The neighbors are materialized into each record, so training reads one file
 and does no lookups; the memory bank they came from stays on the retrieval side.
-A `manifest.json` beside the shards records counts and what was skipped.
+A `manifest.json` beside the shards records counts and what was skipped, and
+`plan.json` what they were made from (`check_plan`), so a rerun of another plan is
+refused instead of mixing its shards with the earlier ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
@@ -110,13 +113,14 @@ def read_file(path: str) -> tf.data.Dataset:
     return tf.data.TFRecordDataset([path]).map(parse)
 
 
-def read_split(directory: str, split: str) -> tf.data.Dataset:
-    """The split's records in a fixed order (files sorted, read in turn)."""
+def read_split(directory: str, split: str, made_by: str = "preprocess") -> tf.data.Dataset:
+    """The split's records in a fixed order (files sorted, read in turn). `made_by` is the
+    run mode that writes the folder (`preprocess` or `sft_preprocess`), for the error."""
     files = sorted(fs.glob(shard_pattern(directory, split)))
     if not files:
         raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "
-            "`preprocess` mode first (see gin_configs/runs/preprocess.gin).")
+            f"`{made_by}` mode first (see gin_configs/runs/{made_by}.gin).")
     return tf.data.TFRecordDataset(files).map(parse)
 
 
@@ -124,6 +128,58 @@ def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
     """doc_id -> int32[n] ids of every document of the split's shards."""
     return {ex["doc_id"].decode(): ex["ids"].astype(np.int32)
             for ex in read_split(directory, split).as_numpy_iterator()}
+
+
+PLAN_FILE = "plan.json"
+
+
+def plan_layout(specs: Iterable[Any], key=lambda spec: spec.split) -> dict[str, list[int]]:
+    """{key: [shards, records]} of shard specs (anything with num_shards, start, stop),
+    grouped by `key(spec)` (the split; `family/split` for SFT data)."""
+    layout: dict[str, list[int]] = {}
+    for spec in specs:
+        layout.setdefault(key(spec), [spec.num_shards, 0])[1] += spec.stop - spec.start
+    return layout
+
+
+def check_plan(model_dir: str, plan: dict, planned: Iterable[str], patterns: Iterable[str],
+               *, who: str, settings: str) -> None:
+    """Records `plan` in MODEL_DIR/plan.json on the first run, and refuses a rerun whose
+    plan differs: its shards would sit beside the earlier ones (a split read as both, or
+    records of another source, length or layout kept as done).
+
+    Args:
+      model_dir: the output folder.
+      plan: JSON-able: what decides the records, e.g. {"source": the source's identity,
+        "shards": `plan_layout(specs)`} and, for SFT data, its seq_len and families.
+      planned: the shard files this run writes.
+      patterns: globs of every shard file a run of this mode may have left in model_dir;
+        checked when plan.json is absent (a folder from before plan.json).
+      who: the run mode, for the messages ("preprocessing", "sft_preprocess").
+      settings: the bindings that change a plan, for the messages.
+    """
+    path = fs.join(model_dir, PLAN_FILE)
+    if not fs.exists(path):  # A first run, or a folder from before plan.json.
+        found = set().union(*(fs.glob(p) for p in patterns))
+        stale = sorted(found - set(planned))
+        if stale:
+            name = stale[0][len(str(model_dir)):].lstrip("/\\")
+            raise UserInputError(
+                f"{model_dir} holds shards of another layout ({name}, ...): give {who} a "
+                "new MODEL_DIR, or empty this one.")
+        fs.makedirs(model_dir)
+        fs.write_json(path, plan)
+        return
+    earlier = fs.read_json(path)
+    plan = json.loads(json.dumps(plan))  # Tuples as lists, as plan.json holds them.
+    if earlier != plan:
+        differ = [f"{k}: {earlier.get(k)} then, {plan.get(k)} now"
+                  for k in dict.fromkeys([*plan, *earlier]) if earlier.get(k) != plan.get(k)]
+        raise UserInputError(
+            f"{model_dir} was preprocessed from another source or shard layout ("
+            f"{'; '.join(differ)}; shards as [count, records]): the source changed or "
+            f"{settings} did. Give {who} a new MODEL_DIR (or delete this one); its shards "
+            "would mix with the new ones.")
 
 
 def write_manifest(directory: str, manifest: dict) -> str:

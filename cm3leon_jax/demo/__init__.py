@@ -53,6 +53,7 @@ from cm3leon_jax.demo import finetune as demo_finetune
 from cm3leon_jax.demo import generate as demo_generate
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.demo import stages as demo_stages
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 from cm3leon_jax.export import params_export
 from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.model.config import DecoderConfig
@@ -104,17 +105,56 @@ def demo(model_dir: str,
     earlier = demo_stages.earlier_work(model_dir)  # What the time targets must not count.
     # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
-    runner = demo_stages.StageRunner(model_dir, list(STAGES),
-                                     demo_stages.fingerprint(gin.config_str()))
+    config = gin.config_str()
+    runner = demo_stages.StageRunner(model_dir, list(STAGES), demo_stages.fingerprint(config),
+                                     also_accepted=(demo_stages.earlier_fingerprint(config),))
+    _refuse_stages_of_another_config(runner, model_dir)
     try:
         _run_stages(runner, model_dir, image_size, split_sizes, num_pictures,
                     parse_examples, train_together)
     except demo_stages.PreemptedError as stopped:
         # A trainer saved its state on SIGTERM; the stages before it are stored.
-        print(f"[demo] stopped in the {stopped} stage by SIGTERM; rerun the same "
-              "command to resume it")
+        again = ("the same command" if not start_over
+                 else "it without --gin.demo.start_over=True")  # Which would clear it again.
+        print(f"[demo] stopped in the {stopped} stage by SIGTERM; rerun {again} to resume it")
         return {"preempted": str(stopped), **runner.timings()}
     return _report(model_dir, runner, earlier)
+
+
+def _refuse_stages_of_another_config(runner: demo_stages.StageRunner, model_dir: str) -> None:
+    """The stages resume from what they built (checkpoints, shards, a vocabulary), so stages
+    built under another configuration would be reused as they are while the new settings
+    are reported: refused, with the settings that changed, before any stage runs."""
+    stale = runner.built_by_another_config()
+    if not stale:
+        return
+    earlier = sorted(fs.glob(os.path.join(model_dir, "config.*.gin")),
+                     key=lambda p: int(p.rsplit(".", 2)[-2]))
+    changed = ""
+    if earlier:
+        before = set(demo_stages.config_lines(fs.read_text(earlier[-1])))
+        now = [line for line in demo_stages.config_lines(gin.config_str())
+               if line.strip() and line not in before and not line.startswith("#")]
+        changed = f"; now bound: {'; '.join(now[:3])}" + (" ..." if len(now) > 3 else "")
+    raise ModelDirMismatchError(
+        f"demo MODEL_DIR {model_dir!r} holds stages built under another configuration "
+        f"({', '.join(stale)}{changed}); they would be reused as they are. Rerun with "
+        "--gin.demo.start_over=True to build everything again, or give another MODEL_DIR.")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """`main.run` calls this before it writes config.gin: a folder holding what a demo does
+    not write is refused (the demo's stages would write beside it, and start_over, though it
+    deletes only the demo's own entries, is for a folder of the demo's own)."""
+    foreign = demo_stages.foreign_entries(model_dir)
+    if foreign:
+        raise UserInputError(
+            f"demo MODEL_DIR {model_dir!r} holds what a demo does not write ("
+            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): give the demo a "
+            "folder of its own, e.g. runs/demo.")
+
+
+demo.check_model_dir = _check_model_dir
 
 
 def _build_cpu_kernels() -> None:

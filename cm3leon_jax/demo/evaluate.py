@@ -224,7 +224,8 @@ def targets_report(result: dict, after: str = "sft", before: str = "pretrain") -
     vqa = result.get(after, {}).get("vqa", {}).get("vqa_exact_match")
     base = result.get("vqa_majority_baseline")
     if vqa is not None and base is not None:
-        verdict = "reached" if vqa >= VQA_TIMES_BASELINE * base else "NOT reached"
+        # A zero is never "3x" a zero baseline (a small test set can have one).
+        verdict = "reached" if vqa > 0 and vqa >= VQA_TIMES_BASELINE * base else "NOT reached"
         prior = result.get("vqa_question_prior_baseline")
         blind = "" if prior is None else f"; a blind question-only prior {prior:.0%}"
         lines.append(f"target VQA exact match >= {VQA_TIMES_BASELINE:g}x majority baseline "

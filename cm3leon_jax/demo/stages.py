@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import sys
 import threading
@@ -55,17 +56,30 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+# What a demo writes at the top of its MODEL_DIR (config.gin, config.<n>.gin aside).
+OWN_ENTRIES = ("stages", "metrics.json", "tfds", "image_tokenizer", "retriever", "data",
+               "pretrain", "sft_data", "sft", "export", "eval", "pictures")
+
+
+def foreign_entries(model_dir: str) -> list[str]:
+    """What model_dir holds that a demo does not write, sorted ([]: a demo's folder)."""
+    if not fs.isdir(model_dir):
+        return []
+    names = (n.rstrip("/") for n in fs.listdir(model_dir))
+    return sorted(n for n in names
+                  if n not in OWN_ENTRIES and not re.fullmatch(r"config(\.\d+)?\.gin", n))
+
+
 def clear(model_dir: str) -> None:
-    """Deletes what earlier runs built in model_dir (keeps config.gin: the current run's)."""
+    """Deletes what earlier demo runs built in model_dir: its own entries only (OWN_ENTRIES;
+    config.gin is the current run's), never anything else a folder holds."""
     if not fs.isdir(model_dir):
         return
-    for name in fs.listdir(model_dir):
-        if name.rstrip("/") == "config.gin":
-            continue
-        path = os.path.join(model_dir, name.rstrip("/"))
+    for name in OWN_ENTRIES:
+        path = os.path.join(model_dir, name)
         if fs.isdir(path):
             fs.rmtree(path)
-        else:
+        elif fs.exists(path):
             fs.remove(path)
 
 
@@ -78,8 +92,26 @@ def earlier_work(model_dir: str) -> list[str]:
                   if n.rstrip("/") != "config.gin")
 
 
+# Lines of the config that say where and how to run, not what is built.
+_NOT_BUILT_FROM = re.compile(r"^(MODEL_DIR|demo\.start_over) = ")
+
+
+def config_lines(config_text: str) -> list[str]:
+    """The lines of a gin config string that decide what the demo builds."""
+    return [line for line in config_text.splitlines() if not _NOT_BUILT_FROM.match(line)]
+
+
 def fingerprint(config_text: str) -> str:
-    """A short hash of the run configuration (the gin config string)."""
+    """A short hash of the run configuration (the gin config string), leaving out
+    MODEL_DIR and demo.start_over: a moved folder, or a rerun without start_over, builds
+    the same."""
+    return hashlib.sha256("\n".join(config_lines(config_text)).encode("utf-8")
+                          ).hexdigest()[:16]
+
+
+def earlier_fingerprint(config_text: str) -> str:
+    """The fingerprint stages stored before 6 Dec (the whole config string, MODEL_DIR
+    included): a run of the same config in the same folder still reuses them."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -107,12 +139,15 @@ class StageRunner:
       names: every stage the run will go through, in order (for the "k/n" counter).
       config_fingerprint: see `fingerprint`; cached results of another one are ignored.
       print_fn: where the log lines go.
+      also_accepted: other fingerprints of the same configuration (`earlier_fingerprint`).
     """
 
     def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
-                 print_fn: Callable[[str], None] | None = None):
+                 print_fn: Callable[[str], None] | None = None,
+                 also_accepted: tuple[str, ...] = ()):
         self.dir = os.path.join(model_dir, "stages")
         self.names, self.config = list(names), config_fingerprint
+        self.accepted = {config_fingerprint, *also_accepted}
         self.print = print_fn or _print_line
         self.results: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
@@ -130,13 +165,18 @@ class StageRunner:
     def _cache_path(self, name: str) -> str:
         return os.path.join(self.dir, f"{name}.json")
 
+    def built_by_another_config(self) -> list[str]:
+        """The stages whose stored results another configuration built, in order."""
+        return [name for name in self.names if fs.exists(self._cache_path(name))
+                and fs.read_json(self._cache_path(name)).get("config") not in self.accepted]
+
     def cached(self, name: str) -> Any | None:
         """The stored result of `name` from a run with this configuration, or None."""
         path = self._cache_path(name)
         if not fs.exists(path):
             return None
         stored = fs.read_json(path)
-        return stored["result"] if stored.get("config") == self.config else None
+        return stored["result"] if stored.get("config") in self.accepted else None
 
     def run_together(self, stages: list[tuple[str, Callable[[], Any],
                                           Callable[[Any], str] | None]]) -> list[Any]:

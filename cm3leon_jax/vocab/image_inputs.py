@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
@@ -153,14 +153,17 @@ def rgb_uint8_unresized(image: Any) -> np.ndarray:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """The image file at `path` (any file system fs.py speaks) -> uint8[h, w, 3], PIL's RGB
-    conversion at the file's own size. FileNotFoundError if there is no such file,
-    ValueError if PIL cannot read it; both name the path."""
+    """The image file at `path` (any file system fs.py speaks) -> uint8[h, w, 3] at the
+    file's own size, upright (its EXIF orientation applied, as viewers show it) and in RGB
+    by `pil_rgb` (transparency over white, 16-bit grayscale such as depth maps scaled to 8
+    bits; PIL's own conversion would saturate them and turn transparent pixels black).
+    FileNotFoundError if there is no such file, ValueError if PIL cannot read it; both
+    name the path."""
     if not fs.isfile(path):
         raise MissingInputError(f"image {path!r} does not exist.")
     try:
         with fs.open(path, "rb") as f, Image.open(f) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(pil_rgb(ImageOps.exif_transpose(image)))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {path!r} is not readable ({type(e).__name__}: {e}); give a "
                          "PNG, JPEG or another format PIL reads.") from None

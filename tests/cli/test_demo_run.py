@@ -76,7 +76,7 @@ def _demo_xla_flags() -> list[str]:
     return ast.literal_eval(bound.group(1)) if bound else []
 
 
-def _main_here(args):
+def _main_here(args, status=0):
     """`main` in this process, as its command-line wrapper (tests/cli/test_main.py) runs it:
     no second import of jax and TF. XLA has started here already, so the demo's XLA flags
     go in $XLA_FLAGS first, as they would be for a process that started with them."""
@@ -84,13 +84,13 @@ def _main_here(args):
     os.environ["XLA_FLAGS"] = " ".join([flags, *_demo_xla_flags()]).strip()
     gin.clear_config()
     try:
-        assert main_lib.main(args) == 0
+        assert main_lib.main(args) == status
     finally:
         gin.clear_config()
         os.environ["XLA_FLAGS"] = flags
 
 
-def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
+def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     model_dir = str(tmp_path / "demo")
     metrics = _demo(model_dir)
     assert metrics["corpus"]["splits"] == {"train": 80, "validation": 20, "test": 20}
@@ -204,6 +204,22 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
                                  "images": ["images/000_0.png", "images/000_1.png"]}]
     for name in ("generated.png", "images/000_1.png", "captions.json"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
+
+    # A changed setting is refused before any stage runs (the stages would resume from
+    # what the old one built), and config.gin stays the one they were built with; so is a
+    # folder that holds what a demo does not write.
+    config_gin = open(os.path.join(model_dir, "config.gin")).read()
+    with open(os.path.join(tmp_path, "mine.txt"), "w") as f:
+        f.write("not the demo's")
+    for args in (_args(model_dir) + ["--gin.preprocess.image_first_prob=0.25"],
+                 _args(str(tmp_path))):
+        _main_here(args, status=2)
+    printed = capsys.readouterr().err
+    assert "holds stages built under another configuration (corpus" in printed
+    assert "now bound: preprocess.image_first_prob = 0.25" in printed
+    assert "holds what a demo does not write (demo, generated, mine.txt)" in printed
+    assert open(os.path.join(model_dir, "config.gin")).read() == config_gin
+    assert not os.path.exists(os.path.join(tmp_path, "config.gin"))
 
 
 def test_a_host_without_a_compiler_stops_before_the_first_stage(monkeypatch, tmp_path):

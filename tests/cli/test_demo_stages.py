@@ -140,14 +140,29 @@ def test_earlier_work_is_what_the_folder_holds_besides_the_current_config(tmp_pa
     assert demo_stages.earlier_work(str(tmp_path)) == ["metrics.json", "stages"]
 
 
-def test_clear_keeps_only_the_current_config(tmp_path):
+def test_clear_deletes_the_demos_own_entries_and_nothing_else(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.json").write_text("{}")
     (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "pretrain" / "checkpoints").mkdir(parents=True)
     (tmp_path / "config.gin").write_text("x = 1")
+    (tmp_path / "config.1.gin").write_text("x = 0")
+    assert demo_stages.foreign_entries(str(tmp_path)) == []
+    (tmp_path / "notes.txt").write_text("mine")  # Not the demo's: kept, and named.
+    (tmp_path / "other_run").mkdir()
+    assert demo_stages.foreign_entries(str(tmp_path)) == ["notes.txt", "other_run"]
     demo_stages.clear(str(tmp_path))
-    assert os.listdir(tmp_path) == ["config.gin"]
+    assert sorted(os.listdir(tmp_path)) == ["config.1.gin", "config.gin", "notes.txt",
+                                            "other_run"]
     demo_stages.clear(str(tmp_path / "missing"))  # nothing built yet: nothing to do
+
+
+def test_the_fingerprint_leaves_out_where_and_whether_to_start_over():
+    config = "MODEL_DIR = 'runs/a'\ndemo.start_over = True\ntrain.num_steps = 7\n"
+    moved = "MODEL_DIR = 'runs/b'\ntrain.num_steps = 7\n"
+    assert demo_stages.fingerprint(config) == demo_stages.fingerprint(moved)
+    assert demo_stages.fingerprint(config) != demo_stages.fingerprint(
+        moved.replace("7", "8"))
 
 
 def test_fingerprint_and_jsonable():
@@ -241,6 +256,9 @@ def test_the_blind_question_prior_answers_each_question_as_validation_scenes_do(
     lines = demo_evaluate.targets_report({"sft": {"vqa": by_type},
                                           "vqa_majority_baseline": 0.14})
     assert lines[0].endswith("50% (reached); right by question type: count 3/4, shape 0/2")
+    zero = demo_evaluate.targets_report({"sft": {"vqa": {"vqa_exact_match": 0.0}},
+                                         "vqa_majority_baseline": 0.0})
+    assert "(NOT reached" in zero[0]  # 0% is not 3x a 0% baseline.
 
 
 def test_the_edits_line_says_how_much_the_decoder_takes_from_the_source_when_measured():

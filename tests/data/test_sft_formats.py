@@ -4,11 +4,13 @@ import collections
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from cm3leon_jax.data import sft_formats, sft_preprocess
 from cm3leon_jax.data.sft_preprocess import Skipped
+from cm3leon_jax.errors import UserInputError
 
 
 def _png(path, color=(200, 30, 30), size=(40, 30)):
@@ -143,15 +145,10 @@ def test_unreadable_files_are_one_clear_error(tmp_path):
 
 
 def test_preprocessing_a_format_source_counts_skips_in_the_manifest(fixtures, tmp_path):
-    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
-    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
     from tests.data.test_preprocess import tiny_image_tokenizer
 
-    MultimodalVocabulary.create(str(tmp_path / "vocab"),
-                                TextTokenizer.train(["a red square"] * 20, 266),
-                                image_codes=64, num_sentinels=8, image_length=64)
     result = sft_preprocess.sft_preprocess(
-        str(tmp_path / "out"), vocab_dir=str(tmp_path / "vocab"), source=_source(fixtures),
+        str(tmp_path / "out"), vocab_dir=_vocab(tmp_path / "vocab"), source=_source(fixtures),
         image_tokenizer_fn=tiny_image_tokenizer, families=("edit", "vqa"), splits=("train",),
         seq_len=512)
     assert result["families"]["edit"]["train"]["written"] == 2
@@ -160,3 +157,166 @@ def test_preprocessing_a_format_source_counts_skips_in_the_manifest(fixtures, tm
     assert result["families"]["vqa"]["train"]["skipped_sample_ids"]["no_annotation"] == [
         "vqa2:102"]
     assert result["source_report"]["train/edit"] == 6
+
+
+def _vocab(path):
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+
+    MultimodalVocabulary.create(str(path), TextTokenizer.train(["a red square"] * 20, 266),
+                                image_codes=64, num_sentinels=8, image_length=64)
+    return str(path)
+
+
+def test_images_are_read_upright_with_16_bit_scaled_and_transparency_white(tmp_path):
+    """A 16-bit depth map keeps its range (PIL's RGB conversion saturates it), transparent
+    pixels are white (as the tokenizer composites them), EXIF orientation is applied."""
+    depth = np.array([[0, 257 * 100, 65535]], np.uint16)
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    assert sft_formats.load_image(str(tmp_path / "depth.png"))[0, :, 0].tolist() == [0, 100, 255]
+    Image.fromarray(np.zeros((2, 2, 4), np.uint8), "RGBA").save(tmp_path / "clear.png")
+    assert sft_formats.load_image(str(tmp_path / "clear.png"))[0, 0].tolist() == [255, 255, 255]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored 4x2 pixels are shown rotated, 2 wide, 4 high.
+    Image.new("RGB", (4, 2), (200, 30, 30)).save(tmp_path / "turned.png", exif=exif.tobytes())
+    assert sft_formats.load_image(str(tmp_path / "turned.png")).shape == (4, 2, 3)
+
+
+def _instances(tmp_path, images, anns, categories=({"id": 1, "name": "dog"},)):
+    (tmp_path / "inst.json").write_text(json.dumps(
+        {"images": images, "categories": list(categories), "annotations": anns}))
+    return str(tmp_path / "inst.json")
+
+
+def test_coco_boxes_take_the_tokenizer_size_and_the_loaded_pixels(tmp_path):
+    """The frame is the image tokenizer's size (given by sft_preprocess, a different one
+    bound by hand refused) and the crop the loaded image's own shape: a file whose stated
+    width/height differ is counted, one that states none is placed by its pixels."""
+    _png(str(tmp_path / "a.png"), size=(64, 48))
+    path = _instances(tmp_path, [{"id": 1, "file_name": "a.png"},
+                                 {"id": 2, "file_name": "a.png", "width": 48, "height": 64}],
+                      [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 0, 16, 24]},
+                       {"id": 2, "image_id": 2, "category_id": 1, "bbox": [8, 0, 16, 24]}])
+    unset = sft_formats.FormatSource({"train": [sft_formats.CocoInstances(path, str(tmp_path))]})
+    with pytest.raises(UserInputError, match="has no image_size"):
+        _read_all(unset)
+    got = _read_all(unset.with_image_size(16))["boxes_to_image"]
+    assert got[0].prompt.segments[0].endswith("dog at (0,0,6,8)")  # 48-px crop -> 16 px
+    assert got[1] == Skipped("coco_boxes:2", "image_size_mismatch")
+    fixed = sft_formats.FormatSource({"train": [
+        sft_formats.CocoInstances(path, str(tmp_path), image_size=256)]})
+    with pytest.raises(UserInputError, match=r"image_size=256 but the image tokenizer "
+                                             r"encodes 16x16"):
+        fixed.with_image_size(16)
+
+
+def test_bad_field_types_are_counted_not_crashes(tmp_path):
+    _png(str(tmp_path / "a.png"), size=(64, 48))
+    path = _instances(
+        tmp_path, [{"id": 1, "file_name": "a.png", "width": 64},  # no height: fine
+                   {"id": 2, "file_name": "a.png", "width": "64", "height": 48},
+                   {"id": 3, "file_name": "a.png"}, {"id": 4, "file_name": "a.png"},
+                   {"id": 5, "file_name": "a.png"}],
+        [{"image_id": 1, "category_id": 1, "bbox": [8, 0, 16, 24]},
+         {"image_id": 2, "category_id": 1, "bbox": [8, 0, 16, 24]},
+         {"image_id": 3, "category_id": 1, "bbox": ["8", 0, 16, 24]},
+         {"image_id": 4, "category_id": 2, "bbox": [8, 0, 16, 24]},
+         {"image_id": 5, "category_id": 1, "bbox": [8, 0, float("nan"), 24]},
+         {"image_id": [1], "category_id": 1, "bbox": [8, 0, 16, 24]}, "not an object"],
+        categories=[{"id": 1, "name": "dog"}, {"id": 2, "name": "cat \ud800"}])
+    (tmp_path / "cap.json").write_text(json.dumps({"images": [
+        {"id": 1, "file_name": "a.png"}], "annotations": [
+        {"id": 1, "image_id": 1, "caption": "a dog \ud800"}, ["not", "an", "object"],
+        {"id": 3, "image_id": 1, "caption": "a dog"}]}))
+    source = sft_formats.FormatSource({"train": [
+        sft_formats.CocoInstances(path, str(tmp_path), image_size=32),
+        sft_formats.CocoCaptions(str(tmp_path / "cap.json"), str(tmp_path))]})
+    got = _read_all(source)
+    assert _reasons(got["boxes_to_image"]) == {"bad_annotation": 4, "bad_text": 1,
+                                               "unknown_image_id": 1}
+    assert not isinstance(got["boxes_to_image"][-5], Skipped)  # image 1, by its pixels
+    assert _reasons(got["caption"]) == {"bad_text": 1, "bad_annotation": 1}
+    assert [x.output for x in got["caption"] if not isinstance(x, Skipped)] == ["a dog"]
+
+
+def test_condition_folder_finds_any_case_and_counts_other_formats(tmp_path):
+    for folder in ("image", "edge"):
+        _png(str(tmp_path / f"cond/{folder}/cat.PNG"))
+    _png(str(tmp_path / "cond/image/dog.tif"))
+    _png(str(tmp_path / "cond/image/owl.png"))
+    _png(str(tmp_path / "cond/edge/owl.gif"))
+    (tmp_path / "cond/image/.DS_Store").write_bytes(b"")
+    for name in ("cat", "dog", "owl"):
+        os.makedirs(tmp_path / "cond/caption", exist_ok=True)
+        (tmp_path / f"cond/caption/{name}.txt").write_text(f"a {name}")
+    got = _read_all(sft_formats.FormatSource({"train": [
+        sft_formats.ConditionFolder(str(tmp_path / "cond"))]}))["edge_to_image"]
+    assert [x.doc_id for x in got] == ["condition:edge:cat", "condition:edge:dog",
+                                       "condition:edge:owl"]
+    assert got[0].truth == {"caption": "a cat"}
+    assert got[1:] == [Skipped("condition:edge:dog", "unsupported_image_format"),
+                       Skipped("condition:edge:owl", "unsupported_image_format")]
+
+
+def test_jsonl_with_a_bom_reads_and_another_encoding_is_one_error(tmp_path):
+    _png(str(tmp_path / "a.png"))
+    row = {"original_image": "a.png", "edit_prompt": "make it blue", "edited_image": "a.png"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    records = sft_formats.InstructPix2PixJsonl(str(tmp_path / "bom.jsonl")).records()
+    assert [r.skipped for r in records] == [None]
+    (tmp_path / "latin.jsonl").write_bytes(json.dumps(row).encode() + b"\n"
+                                           + json.dumps(row).encode()[:-2] + b' caf\xe9"}\n')
+    with pytest.raises(UserInputError, match=r"latin.jsonl' line 2 is not UTF-8 \(byte 0xe9"):
+        sft_formats.InstructPix2PixJsonl(str(tmp_path / "latin.jsonl")).records()
+
+
+def test_edit_files_of_one_name_in_two_folders_keep_apart(tmp_path):
+    row = {"original_image": "a.png", "edit_prompt": "x", "edited_image": "a.png"}
+    for sub in ("p1", "p2"):
+        os.makedirs(tmp_path / sub)
+        (tmp_path / sub / "edits.jsonl").write_text(json.dumps(row) + "\n")
+    records = [r for sub in ("p1", "p2") for r in sft_formats.InstructPix2PixJsonl(
+        str(tmp_path / sub / "edits.jsonl")).records()]
+    assert len({r.doc_id for r in records}) == 2
+
+
+def test_a_split_the_plan_does_not_name_is_refused(fixtures, tmp_path):
+    from tests.data.test_preprocess import tiny_image_tokenizer
+
+    source = sft_formats.FormatSource({"train": [], "val": [
+        sft_formats.ConditionFolder(str(fixtures / "cond"))]})
+    with pytest.raises(UserInputError, match=r"split 'val' is not one of sft_preprocess.splits "
+                                             r"\('train', 'validation', 'test'\)"):
+        sft_preprocess.sft_preprocess(str(tmp_path / "out"), vocab_dir=_vocab(tmp_path / "v"),
+                                      source=source, image_tokenizer_fn=tiny_image_tokenizer)
+    with pytest.raises(UserInputError, match=r"split_sizes=\{'train': 4\} has no 'validation'"):
+        sft_preprocess.plan_shards(sft_preprocess.SyntheticSftSource(split_sizes={"train": 4}),
+                                   ["caption"], ("train", "validation", "test"), 10)
+
+
+def test_the_documented_public_format_command_parses():
+    """Every --gin. flag sft_preprocess.gin documents binds what exists (a source of
+    public formats among them)."""
+    import shlex
+
+    import gin
+
+    from cm3leon_jax import main as main_lib
+
+    gin_file = os.path.join(os.path.dirname(__file__), "..", "..", "gin_configs", "runs",
+                            "sft_preprocess.gin")
+    flags = []
+    for line in open(gin_file):
+        text = line.lstrip("#").strip().rstrip("\\").strip()
+        if line.startswith("#") and text.startswith("--gin."):
+            flags += shlex.split(text)
+    bindings = [f[len("--gin."):] for f in flags]
+    assert "sft_preprocess.source=@FormatSource()" in bindings
+    gin.clear_config()
+    try:
+        main_lib.configure([gin_file], bindings)
+        source = gin.query_parameter("sft_preprocess.source").scoped_configurable_fn()
+        assert isinstance(source, sft_formats.FormatSource)
+        assert source.splits["train"][0].annotations.endswith("captions_train2017.json")
+    finally:
+        gin.clear_config()

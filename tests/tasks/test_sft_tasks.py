@@ -12,8 +12,8 @@ import pytest
 import seqio
 
 import tasks  # noqa: F401  (registers)
+from cm3leon_jax.data import augment, sft_examples, sft_preprocess, sft_prompts, shards
 from cm3leon_jax.data import cm3 as cm3_lib
-from cm3leon_jax.data import sft_examples, sft_preprocess, sft_prompts, shards
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.document import Document, Image, Text
@@ -173,15 +173,99 @@ def test_too_long_examples_are_counted_not_dropped_silently(sft_dir, tmp_path):
         gin.clear_config()
 
 
-def test_a_seq_len_no_example_fits_is_one_clear_error(bound, sft_dir):
-    """Examples written at SEQ_LEN, trained at a length where one split has none that fits
-    (its dataset would be empty: the error names the family, split and seq_len)."""
-    shortest = max(c["min_tokens"] for c in sft_dir[1]["families"]["edit"].values())
-    seq_len = shortest + 24 - 1  # One short (24 = the CM3 reserve of 3 * max_spans).
-    with pytest.raises(UserInputError, match=rf"SFT family 'edit' .* longer than seq_len="
-                                             rf"{seq_len} allows.*train.seq_len >= {seq_len + 1}"):
+def test_a_seq_len_its_longest_examples_do_not_fit_is_one_clear_error(bound, sft_dir,
+                                                                     tmp_path):
+    """Examples written at SEQ_LEN, trained at a length one of them does not fit: the length
+    filter would drop it without a word, so the error names the family, both lengths and
+    the least train.seq_len (from the manifest's longest example); that one fits."""
+    longest = max(c["max_tokens"] for c in sft_dir[1]["families"]["edit"].values())
+    assert longest <= SEQ_LEN - 24  # Written at SEQ_LEN: it fits there.
+    seq_len = longest + 24 - 1  # One short (24 = the CM3 reserve of 3 * max_spans).
+    with pytest.raises(UserInputError, match=rf"SFT family 'edit' has .* examples of up to "
+                                             rf"{longest} tokens, longer than train.seq_len="
+                                             rf"{seq_len} allows.*sft_preprocess.seq_len="
+                                             rf"{SEQ_LEN}: train with train.seq_len >= "
+                                             rf"{seq_len + 1}"):
         _batches("cm3leon_sft_edit", seq_len=seq_len)
     assert _batches("cm3leon_sft_edit", seq_len=seq_len + 1)  # One more token: it fits.
+    # A manifest from before max_tokens: the budget of the seq_len it was written for.
+    old = json.load(open(os.path.join(bound, "manifest.json")))
+    for counts in old["families"]["edit"].values():
+        del counts["max_tokens"]
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    check = functools.partial(sft_preprocess.check_fits, data_dir=str(tmp_path), family="edit")
+    check(augment.AugmentConfig(seq_len=SEQ_LEN))
+    with pytest.raises(UserInputError, match=rf"up to {SEQ_LEN - 24} tokens"):
+        check(augment.AugmentConfig(seq_len=SEQ_LEN - 1))
+
+
+def test_a_rerun_of_another_plan_is_refused(sft_dir, tmp_path):
+    """Shards of two runs in one folder would be read as one split: another
+    docs_per_shard, seq_len, source or families is refused and nothing is written; in a
+    folder from before plan.json a stray shard is refused, and a shard's stats of another
+    slice of the source do not count as done."""
+    def run(n=6, per=6, seq_len=SEQ_LEN, families=("caption",)):
+        return sft_preprocess.sft_preprocess(
+            str(tmp_path), vocab_dir=os.path.join(sft_dir[0], "vocab"),
+            source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes={"train": n}),
+            image_tokenizer_fn=tiny_image_tokenizer, families=families, splits=("train",),
+            docs_per_shard=per, seq_len=seq_len)
+
+    run()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["shards"] == {"caption/train": [1, 6]} and plan["seq_len"] == SEQ_LEN
+    assert plan["families"] == ["caption"] and plan["source"]["synthetic"]["seed"] == 0
+    before = sorted(os.listdir(tmp_path / "caption"))
+    with pytest.raises(UserInputError, match=r"shards: .*\[1, 6\].* then, .*\[2, 6\].* now"):
+        run(per=3)
+    with pytest.raises(UserInputError, match=rf"seq_len: {SEQ_LEN} then, 20000 now"):
+        run(seq_len=20000)
+    with pytest.raises(UserInputError, match=r"another source or shard layout \(source: "):
+        run(n=8)
+    with pytest.raises(UserInputError, match=r"families: \['caption'\] then"):
+        run(families=("caption", "edit"))
+    assert sorted(os.listdir(tmp_path / "caption")) == before
+    os.remove(tmp_path / "plan.json")  # A folder from before plan.json: its shards are checked.
+    with pytest.raises(UserInputError, match=r"shards of another layout "
+                                             r"\(caption/train-00000-of-00001"):
+        run(per=3)
+    assert run(n=5)["families"]["caption"]["train"]["written"] == 5  # [0, 6) is not [0, 5)
+    assert len(list(shards.read_split(str(tmp_path / "caption"), "train"))) == 5
+
+
+def test_a_mixture_leaves_out_families_at_rate_0_or_without_shards(bound, sft_dir, tmp_path):
+    """A user folder with captions only (no adapter writes most families): the mixture
+    draws captions; a family task without shards names sft_preprocess."""
+    user = tmp_path / "user"
+    for folder in ("vocab", "caption"):
+        shutil.copytree(os.path.join(bound, folder), user / folder)
+    shutil.copy(os.path.join(bound, "manifest.json"), user / "manifest.json")
+    gin.bind_parameter("sft_data_dirs.user", str(user))
+    mix = seqio.get_mixture_or_task("cm3leon_sft_user_mix")
+    captions = {tuple(r["ids"]) for r in shards.read_split(str(user / "caption"), "train")
+                .as_numpy_iterator()}
+    vocab = MultimodalVocabulary(os.path.join(bound, "vocab"))
+    ds = mix.get_dataset({"targets": SEQ_LEN}, split="train", shuffle=False, seed=0)
+    assert all(tuple(cm3_lib.uncm3(ex["targets"], vocab.layout)) in captions
+               for ex in ds.take(4).as_numpy_iterator())
+    with pytest.raises(FileNotFoundError, match="run the `sft_preprocess` mode first"):
+        _batches("cm3leon_sft_user_vqa")
+    gin.bind_parameter("sft_mixture_rates.rates", {"caption": 0.0})
+    with pytest.raises(UserInputError, match=r"nothing to draw from .* rate 0: \['caption'\]"):
+        mix.get_dataset({"targets": SEQ_LEN}, split="train")
+
+
+def test_mixture_rates_are_finite_and_one_is_positive(bound):
+    """All zero would leave nothing to draw (a bare StopIteration later); NaN passes
+    `rate < 0`."""
+    all_zero = {f: 0.0 for f in sft_prompts.FAMILIES}
+    gin.bind_parameter("sft_mixture_rates.rates", all_zero)
+    with pytest.raises(UserInputError, match="nothing to draw from"):
+        seqio.get_mixture_or_task("cm3leon_sft_mix").get_dataset({"targets": SEQ_LEN})
+    for bad in (float("nan"), float("inf"), "1"):
+        gin.bind_parameter("sft_mixture_rates.rates", {"vqa": bad})
+        with pytest.raises(UserInputError, match=r"rates\['vqa'\]=.*finite numbers >= 0"):
+            seqio.get_mixture_or_task("cm3leon_sft_mix").get_dataset({"targets": SEQ_LEN})
 
 
 def test_another_vocabulary_is_refused(sft_dir, tmp_path):
