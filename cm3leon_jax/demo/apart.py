@@ -37,7 +37,7 @@ from typing import Any
 import gin
 
 from cm3leon_jax import fs, hostmem
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 
 _POLL_S = 0.2  # how often the waiting thread looks for a SIGTERM to pass on
 # The child's command: glibc's policy is set before anything else is imported (the demo
@@ -74,13 +74,18 @@ def run(function: str, kwargs: dict[str, Any], name: str) -> Any:
                     child.send_signal(signal.SIGTERM)
                     passed_on = True
                 time.sleep(_POLL_S)
+        if passed_on and child.returncode == -signal.SIGTERM:
+            # Ended by the SIGTERM passed on before (or after) a trainer listened for it:
+            # nothing of the stage is stored, so a rerun resumes it, as after a save.
+            return {"preempted": True}
         return _read_result(result, child.returncode, name)
 
 
 def _read_result(path: str, status: int, name: str) -> Any:
     answer = fs.read_json(path) if fs.exists(path) else None
     if answer is not None and "user_input_error" in answer:
-        raise UserInputError(answer["user_input_error"])
+        kind = ModelDirMismatchError if answer.get("mismatch") else UserInputError
+        raise kind(answer["user_input_error"])  # As the stage raised it (main undoes for one).
     if status != 0 or answer is None:
         raise StageProcessError(f"the demo's {name} stage failed in its own process (exit "
                                 f"status {status}); its error is printed above "
@@ -122,6 +127,6 @@ def child_main(argv: list[str]) -> int:
     try:
         answer = {"result": stages.jsonable(function(**spec["kwargs"]))}
     except UserInputError as e:
-        answer = {"user_input_error": str(e)}
+        answer = {"user_input_error": str(e), "mismatch": isinstance(e, ModelDirMismatchError)}
     fs.write_json(result_path, answer)
     return 0

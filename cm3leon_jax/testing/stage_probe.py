@@ -9,7 +9,7 @@ import time
 import gin
 
 from cm3leon_jax import hostmem
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 from cm3leon_jax.train import checkpoints
 
 
@@ -19,8 +19,15 @@ def report(binding: str) -> dict:
             "pid": os.getpid()}
 
 
-def refuse(message: str) -> None:
-    raise UserInputError(message)
+def refuse(message: str, mismatch: bool = False) -> None:
+    raise (ModelDirMismatchError if mismatch else UserInputError)(message)
+
+
+def sleep_without_listening(marker: str, seconds: float) -> None:
+    """As a stage before its trainer listens for SIGTERM (imports, data): no handler."""
+    with open(marker, "w"):
+        pass
+    time.sleep(seconds)
 
 
 def crash(message: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from cm3leon_jax import hostmem
 from cm3leon_jax.demo import apart
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 
 PROBE = "cm3leon_jax.testing.stage_probe"
 
@@ -42,6 +42,10 @@ def test_input_errors_come_back_as_they_are_and_other_failures_name_the_stage(de
         apart.run(f"{PROBE}:refuse", {"message": "no such folder: x; give another"}, "probe")
     with pytest.raises(apart.StageProcessError, match="demo's probe stage failed .*status 1"):
         apart.run(f"{PROBE}:crash", {"message": "a bug"}, "probe")
+    # A checkpoint of another config stays that kind of error (main.run undoes for it).
+    with pytest.raises(ModelDirMismatchError, match="^built by another config$"):
+        apart.run(f"{PROBE}:refuse", {"message": "built by another config", "mismatch": True},
+                  "probe")
 
 
 def test_a_sigterm_here_reaches_the_child_which_stops_as_preempted(demo_config, tmp_path):
@@ -58,3 +62,21 @@ def test_a_sigterm_here_reaches_the_child_which_stops_as_preempted(demo_config, 
     result = apart.run(f"{PROBE}:wait_for_sigterm", {"marker": marker, "seconds": 60}, "probe")
     killer.join()
     assert result == {"preempted": True} and time.monotonic() - start < 50
+
+
+def test_a_sigterm_before_the_child_listens_is_a_preemption_not_a_failure(demo_config,
+                                                                          tmp_path):
+    """The child dies of the SIGTERM passed on (no trainer listening yet): preempted."""
+    marker = str(tmp_path / "started")
+
+    def terminate_once_started():
+        while not os.path.exists(marker):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_started, daemon=True)
+    killer.start()
+    result = apart.run(f"{PROBE}:sleep_without_listening", {"marker": marker, "seconds": 60},
+                       "probe")
+    killer.join()
+    assert result == {"preempted": True}
