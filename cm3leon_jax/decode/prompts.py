@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from cm3leon_jax.data import augment
+from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
 
 IMAGE_TO_TEXT_STYLES = ("infill", "image_first")
@@ -46,7 +47,7 @@ def with_retrieved(query: np.ndarray, retrieved: Sequence[np.ndarray], budget: i
         logging.warning("%s: %d of its %d retrieved documents fit beside its %d-token prompt "
                         "in the %d-token budget; the others are left out.", what, len(kept),
                         len(retrieved), query.size, budget)
-    return augment.assemble(query, kept, budget)
+    return document_lib.join_documents([*kept, query])  # `augment.assemble` on what fits.
 
 
 def text_to_image(caption_ids: np.ndarray) -> np.ndarray:
