@@ -125,6 +125,15 @@ def _read_params(model_dir: str, step: int, target: Any) -> Any:
     return restored["params"]
 
 
+def saved_config(model_dir: str) -> DecoderConfig:
+    """The decoder a train run (its config.gin) or an export (its manifest) holds, read
+    without its parameters."""
+    if params_checkpoint.is_export(model_dir):
+        manifest = params_checkpoint.read_manifest(model_dir)
+        return params_checkpoint.config_from_dict(manifest["decoder_config"], model_dir)
+    return run_config.decoder_config(model_dir)
+
+
 def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
                     mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
     stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)

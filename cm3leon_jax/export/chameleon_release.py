@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from cm3leon_jax import fs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import chameleon_vocab
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -57,7 +58,7 @@ _SHARD = re.compile(r"consolidated(?:\.(\d+))?\.pth")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserInputError):
     """The release folder is incomplete or does not fit itself; names the file and tensor."""
 
 
@@ -102,9 +103,12 @@ def find_tokenizer_dir(root: str, model_dir: str) -> str:
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with fs.open(path) as f:
-            return json.load(f)
+            out = json.load(f)
     except json.JSONDecodeError as e:
         raise ReleaseError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(out, dict):
+        raise ReleaseError(f"{path}: a JSON {type(out).__name__}, not an object of settings.")
+    return out
 
 
 def read_params(model_dir: str) -> dict[str, Any]:
@@ -116,6 +120,11 @@ def read_params(model_dir: str) -> dict[str, Any]:
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in merged]
     if missing:
         raise ReleaseError(f"{model_dir}/{PARAMS}: lacks {missing}.")
+    bad = {k: merged[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
+           if k in merged and merged[k] is not None
+           and (not isinstance(merged[k], int) or merged[k] < 1)}
+    if bad:
+        raise ReleaseError(f"{model_dir}/{PARAMS}: {bad} must be positive integers.")
     return merged
 
 

@@ -66,6 +66,12 @@ def _family(hf: dict[str, Any], where: str) -> str:
 def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
     """The DecoderConfig that a transformers config.json describes."""
     family = _family(hf, where)
+    need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "ffn_dim" if family == "opt" else "intermediate_size"]
+    missing = [k for k in need if not isinstance(hf.get(k), int) or hf[k] < 1]
+    if missing:
+        raise UserInputError(f"{where}: {missing} missing or not a positive integer; a "
+                             f"transformers {family!r} config.json names them all.")
     dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
     common = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                   num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -88,6 +94,15 @@ def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
                              norm_params=bool(hf.get("layer_norm_elementwise_affine", True)),
                              mlp_activation=_ACTIVATIONS[act])
     rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    got = {"rope_parameters.rope_type": rope.get("rope_type", "default"),
+           "rope_scaling": scaling.get("rope_type", scaling.get("type", "default")),
+           "hidden_act": hf.get("hidden_act", "silu")}
+    bad = {k: v for k, v in got.items() if v != ("silu" if k == "hidden_act" else "default")}
+    if bad:
+        raise UserInputError(f"{where}: this Chameleon model has {bad}; the decoder computes "
+                             "plain (unscaled) rotary positions and a SiLU-gated MLP, so it "
+                             "would load with other logits.")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     return DecoderConfig(**common, mlp_dim=hf["intermediate_size"],
                          num_kv_heads=hf.get("num_key_value_heads"), norm="rmsnorm",
@@ -105,8 +120,12 @@ def read_weights(path: str) -> dict[str, Any]:
     if not fs.exists(index):
         raise MissingInputError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
                                 "safetensors weights are read (convert .bin files first).")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserInputError(f"{path}/{INDEX}: no \"weight_map\" of tensor names to shard "
+                             "files; write or download the folder again.")
     out = {}
-    for shard in sorted(set(read_json(index)["weight_map"].values())):
+    for shard in sorted(set(weight_map.values())):
         out.update(hf_export.read_safetensors(f"{path}/{shard}"))  # Names a missing shard.
     return out
 

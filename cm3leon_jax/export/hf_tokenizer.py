@@ -15,8 +15,12 @@ model reads. Two kinds of vocabulary folder:
         and its post-processor (which adds `<s>`) are dropped.
 
 Specials (`<pad>`, `<eos>`, `<break>`, `<eoss>`, `<sentinel:i>`), image codes
-(`IMGIMG...Z`, Chameleon's spelling) and padding ids are added tokens, never produced
-from plain text.
+(`IMGIMG...Z`, Chameleon's spelling) and padding ids are added tokens. One difference from
+our own `encode`, which reads every string as text: `transformers` turns a special's or a
+byte piece's name written in the text ("<eos>", "<0x41>") into that token, as it does for
+any SentencePiece conversion (scoring those pieces down does not stop it: the Unigram
+lattice prefers one piece to the byte fallback's several). Text without those names gets
+our ids exactly.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.model import partitioning
+from cm3leon_jax.model import hf_weights, partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
 from cm3leon_jax.train import run_config, staging
@@ -105,6 +105,10 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
         reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
                "export.image_tokenizer_dir": image_tokenizer_dir})
+    if layout == "hf":  # Before the (long) restore: can transformers express it?
+        from cm3leon_jax.export import hf_export
+        wanted = config or restore.saved_config(checkpoint)
+        hf_weights.check_expressible(wanted, hf_export.family_of(wanted))
     mesh = partitioning.make_mesh() if shard else None
     config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)
     params, config = cast(params, config, dtype)
@@ -113,7 +117,6 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir)
         tokenizer = (vq_config, vq_params)
     if layout == "hf":
-        from cm3leon_jax.export import hf_export
         out = hf_export.write_hf(output_dir, config, params, vocab_dir=vocab_dir,
                                  image_tokenizer=tokenizer, overwrite=overwrite,
                                  source=checkpoint, step=got_step)

@@ -154,6 +154,18 @@ class DecoderConfig:
             if getattr(self, name) < 1:
                 raise UserInputError(f"DecoderConfig.{name} must be >= 1, got "
                                      f"{getattr(self, name)}.")
+        for name in ("num_kv_heads", "head_dim"):  # None: derived from num_heads, d_model.
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserInputError(f"DecoderConfig.{name} must be >= 1 (or None), got "
+                                     f"{getattr(self, name)}.")
+        for name in ("image_code_ids", "sentinel_ids"):
+            if len(getattr(self, name)) != 2:
+                raise UserInputError(f"DecoderConfig.{name} must be a [start, stop) pair of "
+                                     f"ids, got {getattr(self, name)}.")
+        if not self.norm_eps > 0 or (self.position_embedding == "rope"
+                                     and not self.rope_theta > 0):
+            raise UserInputError(f"DecoderConfig: norm_eps={self.norm_eps} and rope_theta="
+                                 f"{self.rope_theta} must be > 0.")
         if self.loss_chunk < 0:
             raise UserInputError(f"DecoderConfig.loss_chunk must be >= 0 (0: off), got "
                                  f"{self.loss_chunk}.")

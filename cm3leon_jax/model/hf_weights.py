@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
 
@@ -51,7 +52,7 @@ class _Entry:
         return "{i}" in self.hf_key
 
 
-def _check(config: DecoderConfig, family: str) -> None:
+def check_expressible(config: DecoderConfig, family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"hf_weights: family={family!r}; choose one of {FAMILIES}.")
     want = {
@@ -68,14 +69,14 @@ def _check(config: DecoderConfig, family: str) -> None:
     if config.image_grid:
         bad["image_grid"] = config.image_grid  # Neither HF model has image place embeddings.
     if bad:
-        raise ValueError(f"hf_weights: this DecoderConfig cannot be expressed as a {family!r} "
-                         f"model; it needs {want} (and head_dim = d_model / num_heads, "
-                         f"image_grid = 0), "
-                         f"but has {bad}.")
+        raise UserInputError(f"this DecoderConfig cannot be expressed as a transformers "
+                             f"{family!r} model; it needs {want} (and head_dim = d_model / "
+                             f"num_heads, image_grid = 0), but has {bad}: export it in the "
+                             "params layout (export.layout='params') instead.")
 
 
 def _entries(config: DecoderConfig, family: str) -> list[_Entry]:
-    _check(config, family)
+    check_expressible(config, family)
     lin, cp = "linear", "copy"
     if family == "opt":
         p, layer = "model.decoder.", "model.decoder.layers.{i}."
@@ -225,7 +226,7 @@ def from_hf(state_dict: Mapping[str, Any], config: DecoderConfig, family: str) -
 
 def hf_config_kwargs(config: DecoderConfig, family: str) -> dict[str, Any]:
     """Keyword arguments of `transformers.OPTConfig` / `ChameleonConfig` for this config."""
-    _check(config, family)
+    check_expressible(config, family)
     common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
                   num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                   max_position_embeddings=config.max_length,

@@ -5,6 +5,7 @@ of the released architecture, a working vocabulary, and images."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -14,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import chameleon_release, chameleon_vocab, import_run
 from cm3leon_jax.train import params_checkpoint as pc
 from cm3leon_jax.vocab import layout as layout_lib
@@ -117,6 +119,21 @@ def test_a_missing_shard_is_named_and_nothing_is_left(release, tmp_path):
                        match=r"consolidated\.01\.pth: missing; model_parallel_size=2"):
         import_run.import_weights(str(tmp_path / "run"), source=root)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_params_json_is_a_user_error(release, tmp_path):
+    """A UserInputError, so the command line prints one line, not a traceback."""
+    root, model_dir = _copy(release, tmp_path)
+    params = os.path.join(model_dir, "params.json")
+    good = json.loads(open(params).read())
+    for bad, match in [([good], "a JSON list, not an object"),
+                       ({**good, "model": {**good["model"], "n_heads": 0}},
+                        r"\{'n_heads': 0\} must be positive")]:
+        with open(params, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(UserInputError, match=match):
+            import_run.import_weights(str(tmp_path / "run"), source=root)
+    assert issubclass(chameleon_release.ReleaseError, UserInputError)
 
 
 def test_a_tensor_that_does_not_fit_is_named(release, tmp_path):

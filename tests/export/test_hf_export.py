@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -97,6 +98,23 @@ def test_successor_loads_as_chameleon_with_its_vq_model(vocab_dir, hf_image_toke
     _assert_same_tree(got_vq_params, vq_params)  # The decoder too, which transformers drops.
 
 
+def test_a_bfloat16_export_reads_back(vocab_dir, tmp_path):
+    """export.dtype's default: safetensors.numpy cannot read BF16, our reader does."""
+    config = tiny_config().replace(param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16),
+                          random_params(tiny_config(), seed=7))
+    out = str(tmp_path / "hf")
+    hf_export.write_hf(out, config, params, vocab_dir=vocab_dir)
+    back, got_params, _ = hf_import.read_hf(out)
+    assert back == config
+    _assert_same_tree(got_params, params)
+    assert jax.tree.leaves(got_params)[0].dtype == jnp.bfloat16
+    data = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(UserInputError, match="model.safetensors: not a complete safetensors"):
+        hf_import.read_hf(out)
+
+
 def test_a_plain_transformers_folder_imports_from_its_config(tmp_path):
     config = tiny_config(tie_embeddings=False, norm_params=True)
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(
@@ -125,6 +143,29 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
         hf_import.read_hf(str(out))
     with pytest.raises(UserInputError, match="already exists"):
         hf_export.write_hf(str(out), config, random_params(config))
+    with pytest.raises(UserInputError, match=r"config.json: \['hidden_size'\] missing"):
+        hf_import.config_from_hf({k: v for k, v in cfg.items() if k != "hidden_size"},
+                                 "config.json")
+    out = tmp_path / "hf2"
+    hf_export.write_hf(str(out), config, random_params(config))
+    os.remove(out / "model.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(UserInputError, match='index.json: no "weight_map"'):
+        hf_import.read_hf(str(out))
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "gelu"},
+                                    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                                    {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                         "rope_theta": 10000.0}}])
+def test_a_chameleon_config_the_decoder_cannot_compute_is_refused(change):
+    """These load silently before, with logits 9% off transformers'."""
+    hf = hf_weights.hf_config_kwargs(tiny_chameleon(), "chameleon")
+    hf = dict(hf, model_type="chameleon", **change)
+    with pytest.raises(UserInputError, match=next(iter(change))):
+        hf_import.config_from_hf(hf, "config.json")
+    assert hf_import.config_from_hf(dict(hf, **{k: None for k in change if k != "hidden_act"},
+                                         hidden_act="silu"), "config.json")
 
 
 def test_export_and_import_run_modes_round_trip_through_hf(train_run, vocab_dir, tmp_path):

@@ -134,6 +134,24 @@ def test_an_export_never_replaces_or_writes_into_what_it_reads(train_run, vocab_
     assert tree_digests(train_run[0]) == before
 
 
+def test_the_hf_layout_refuses_what_transformers_cannot_express_before_restoring(
+        train_run, monkeypatch, tmp_path):
+    """A model with image place embeddings (the demo's) has no transformers layout: a
+    one-line UserInputError, before the checkpoint is read (it was a ValueError traceback
+    after the whole restore)."""
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored before refusing")
+    assert params_export.restore.saved_config(train_run[0]) == CONFIG
+    monkeypatch.setattr(params_export.restore, "restore_decoder", no_restore)
+    for config in (CONFIG.replace(image_grid=2, image_code_ids=(10, 20)), None):
+        if config is None:  # Read from the run's config.gin.
+            monkeypatch.setattr(params_export.restore, "saved_config",
+                                lambda _: CONFIG.replace(image_grid=2, image_code_ids=(10, 20)))
+        with pytest.raises(UserInputError, match=r"has \{'image_grid': 2\}.*layout='params'"):
+            _export(train_run, tmp_path / "hf", layout="hf", config=config)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_damaged_file_is_named(train_run, tmp_path):
     out = tmp_path / "export"
     manifest = _export(train_run, out)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from model_testlib import forward, packed_batch, random_params, tiny_chameleon, tiny_config
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import attention
 from cm3leon_jax.model.decoder import Decoder, init_cache
 
@@ -195,3 +196,11 @@ def test_clear_errors():
         tiny_config(loss_chunk=-1)
     with pytest.raises(ValueError, match="loss_impl='tpu'; choose one of"):
         tiny_config(loss_impl="tpu")
+    for bad, match in [({"num_kv_heads": 0}, "num_kv_heads must be >= 1"),
+                       ({"num_kv_heads": -2}, "num_kv_heads must be >= 1"),
+                       ({"head_dim": 0}, "head_dim must be >= 1"),
+                       ({"image_code_ids": (10, 14, 20)}, "image_code_ids must be a"),
+                       ({"norm_eps": -1.0}, "norm_eps=-1.0"),
+                       ({"position_embedding": "rope", "rope_theta": 0.0}, "rope_theta=0.0")]:
+        with pytest.raises(UserInputError, match=match):  # Were NaN or a late traceback.
+            tiny_config(**bad)

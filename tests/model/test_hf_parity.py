@@ -69,7 +69,7 @@ def test_successor_matches_chameleon(order):
 
 
 def test_mapping_rejects_what_it_cannot_express():
-    with pytest.raises(ValueError, match="cannot be expressed as a 'opt' model"):
+    with pytest.raises(ValueError, match="cannot be expressed as a transformers 'opt' model"):
         hf_weights.to_hf({}, tiny_chameleon(), "opt")
     sd = hf_weights.to_hf(random_params(tiny_config()), tiny_config(), "opt")
     bad = dict(sd, **{"model.decoder.layers.0.fc1.weight": np.zeros((3, 3), np.float32)})
