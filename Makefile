@@ -26,7 +26,9 @@ $(STAMP): setup.py Makefile tools/install.py | $(PY)
 
 install: $(STAMP)
 
+# DEMO_DIR goes into a gin string literal: a quote in it would end the literal.
 demo: $(STAMP)
+	$(if $(findstring ',$(DEMO_DIR))$(findstring ",$(DEMO_DIR)),$(error DEMO_DIR=$(DEMO_DIR) holds a quote; choose a folder name without quotes))
 	$(PY) -m cm3leon_jax.main --gin_file=gin_configs/runs/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
 
 lint: $(STAMP)
