@@ -58,7 +58,11 @@ def main() -> None:
     tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
     _, opt_state = tx.update(grads, tx.init(params), params)
-    root = tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory() as root:  # Removed afterwards (~86 MiB for `small`).
+        _measure(args, config, params, opt_state, root)
+
+
+def _measure(args, config, params, opt_state, root: str) -> None:
     ckpt = checkpoints.Checkpointer(f"{root}/train/checkpoints", save_every=1, async_save=False)
     ckpt.save(1, state_lib.TrainState(jnp.int32(1), params, opt_state), _NoData())
     ckpt.close()

@@ -349,6 +349,8 @@ def main(argv=None) -> int:
     s.add_argument("--split", default="validation")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    if args.cmd in ("synthetic", "photos"):
+        reporting.require("skimage")
     r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed,
          "train_step": cmd_train_step, "edits": cmd_edits}[args.cmd](args)
     reporting.write_json(args.json, r)

@@ -16,6 +16,16 @@ import time
 from typing import Callable, Sequence
 
 
+def require(*modules: str) -> None:
+    """Stops with one line when a peer this benchmark compares against is not installed
+    (they are setup.py's `bench` extra, which `make test` leaves out)."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"error: this benchmark needs {missing}: install them with "
+                         "`.venv/bin/python tools/install.py -e '.[bench]'`.")
+
+
 def timed(fn: Callable[[], object], pause_s: float = 0.5) -> float:
     """Seconds `fn()` takes, after `pause_s` of sleep: the other framework's worker threads
     (torch's, XLA's pool) go idle first, so one peer's spinning never bills the other."""

@@ -1,7 +1,7 @@
 r"""Retrieval benchmark: ScaNN against exact search and faiss's best approximate indexes.
 
     python benchmarks/retrieval.py --n 1000000 --dim 512 --out benchmarks/results_retrieval_1m
-    python benchmarks/retrieval.py --bank runs/demo/retrieval/memory_bank --queries 500 \
+    python benchmarks/retrieval.py --bank runs/demo/data/retrieval/memory_bank --queries 500 \
         --out benchmarks/results_retrieval_demo   # the demo bank's real vectors
 
 For one set of vectors (clustered synthetic unit vectors, or a memory bank's
@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import reporting  # noqa: E402
 from cm3leon_jax.retrieval import index as index_lib  # noqa: E402
 from cm3leon_jax.retrieval.synthetic_vectors import clustered_vectors, recall_at_k  # noqa: E402
 
@@ -314,6 +315,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
+    reporting.require("faiss", "matplotlib")
     methods = args.methods.split(",")
 
     if args.bank:

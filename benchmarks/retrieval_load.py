@@ -1,6 +1,6 @@
 r"""Load test of the retrieval service on loopback.
 
-    python benchmarks/retrieval_load.py --retrieval_dir runs/demo/retrieval \
+    python benchmarks/retrieval_load.py --retrieval_dir runs/demo/data/retrieval \
         --concurrency 64 --seconds 30 --out benchmarks/results_retrieval_load.json
 
 Starts the service with `gin_configs/runs/serve_retrieval.gin` in a child process,

@@ -30,7 +30,12 @@ from cm3leon_jax import hostmem
 if __name__ == "__main__":
     # Before jax starts its threads: with $CM3LEON_JAX_HOST_MEMORY=retain, XLA:CPU's
     # per-step temporaries reuse freed heap instead of faulting in fresh pages every step.
-    hostmem.retain_freed_memory()
+    try:
+        hostmem.retain_freed_memory()
+    except ValueError as e:  # A bad $CM3LEON_JAX_HOST_MEMORY: one line, as for gin errors.
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -60,7 +65,8 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
 
     A mode may refuse a MODEL_DIR before anything is written there, with an attribute
     `check_model_dir(model_dir)` that raises UserInputError (the `sft` mode refuses its
-    base run's folder, whose config.gin this would replace). A run whose checkpoints (or, for
+    base run's folder, whose config.gin this would replace); a folder whose config.gin
+    another mode wrote is refused for every mode. A run whose checkpoints (or, for
     the demo, stages) were built by another config (ModelDirMismatchError) leaves config.gin
     as it found it. With several
     processes, process 0 alone writes it (the job is joined first).
@@ -68,6 +74,7 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     check = getattr(mode, "check_model_dir", None)
     if check is not None:
         check(model_dir)
+    run_config.check_same_mode(model_dir, _mode_name(mode))
     # One writer: the processes of a pod would otherwise rename one another's config.gin.
     distributed.initialize()
     undo = None
@@ -80,6 +87,14 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         if undo is not None:
             undo()
         raise
+
+
+def _mode_name(mode: Callable[..., object]) -> str:
+    """The gin name `run.mode` refers to (`@train` -> "train")."""
+    try:
+        return gin.query_parameter("run.mode").selector.split(".")[-1]
+    except (ValueError, AttributeError):  # run() called directly, outside gin.
+        return getattr(mode, "__name__", str(mode))
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

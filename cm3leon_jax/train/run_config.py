@@ -82,6 +82,26 @@ def check_apart(model_dir: str, mode: str, reads: dict[str, Any]) -> None:
                 f"the {mode} run a folder of its own; what it reads is left untouched.")
 
 
+_MODE = re.compile(r"^run\.mode\s*=\s*@([\w./]+)\s*$")
+
+
+def check_same_mode(model_dir: str, mode: str) -> None:
+    """Refuses a MODEL_DIR whose config.gin another run mode wrote (`main.run` calls it
+    before it writes its own): that file is what later runs read the earlier run's
+    settings from (a demo's, a trained decoder's), and it would be replaced."""
+    path = fs.join(model_dir, CONFIG_FILE)
+    if not fs.exists(path):
+        return
+    with fs.open(path) as f:
+        found = [m.group(1) for line in f if (m := _MODE.match(line.strip()))]
+    other = found[-1].replace("/", ".").split(".")[-1] if found else None
+    if other is not None and other != mode:
+        raise UserInputError(
+            f"MODEL_DIR {model_dir!r} holds a {other!r} run (its config.gin: run.mode = "
+            f"@{found[-1]}); give this {mode!r} run a folder of its own, so that run's "
+            "config.gin stays as it is.")
+
+
 def stored_bindings(model_dir: str) -> dict[str, Any] | None:
     """`DecoderConfig` fields bound in MODEL_DIR/config.gin (None: there is no config.gin).
 

@@ -81,6 +81,31 @@ def test_config_mistakes_are_one_line_errors(gin_dir, args, message):
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
 
 
+def test_a_folder_another_run_mode_wrote_is_refused(gin_dir):
+    """build_retrieval's and serve_retrieval's documented MODEL_DIR was the demo's folder:
+    each replaced the demo's config.gin (which later runs read its settings from)."""
+    out = gin_dir / "demo"
+    out.mkdir()
+    theirs = "MODEL_DIR = 'demo'\nrun.mode = @demo\nrun.model_dir = %MODEL_DIR\n"
+    (out / "config.gin").write_text(theirs)
+    r = _main(gin_dir, "--gin_file=echo.gin", f"--gin.MODEL_DIR='{out}'",
+              "--gin.echo_mode.message='hello'")
+    assert r.returncode == 2
+    assert "holds a 'demo' run (its config.gin: run.mode = @demo)" in r.stderr, r.stderr
+    assert (out / "config.gin").read_text() == theirs and not (out / "echo.txt").exists()
+    (out / "config.gin").write_text(theirs.replace("@demo", "@echo_mode"))  # Its own: rerun.
+    r = _main(gin_dir, "--gin_file=echo.gin", f"--gin.MODEL_DIR='{out}'",
+              "--gin.echo_mode.message='hello'")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_bad_host_memory_setting_is_one_line(gin_dir):
+    r = subprocess.run([sys.executable, "-m", "cm3leon_jax.main", "--gin_file=echo.gin"],
+                       cwd=gin_dir, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT, CM3LEON_JAX_HOST_MEMORY="on"))
+    assert r.returncode == 2 and r.stderr.startswith("error: $CM3LEON_JAX_HOST_MEMORY='on'")
+
+
 def test_every_shipped_run_config_parses():
     """Each gin file under gin_configs/runs parses (modules import, names exist).
 
