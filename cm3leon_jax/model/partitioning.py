@@ -44,6 +44,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cm3leon_jax.errors import UserInputError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axes) pairs, in priority order (see the module docstring).
@@ -68,15 +70,15 @@ def axis_rules(rules: LogicalRules = DEFAULT_RULES) -> tuple[tuple[str, Any], ..
     out = []
     for rule in rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(
+            raise UserInputError(
                 f"axis_rules: each rule must be (logical_name, mesh_axes); got {rule!r}."
             )
         name, axes = rule
         flat = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
         unknown = [a for a in flat if a is not None and a not in MESH_AXES]
         if unknown:
-            raise ValueError(f"axis_rules: rule {rule!r} names mesh axes {unknown}; "
-                             f"the mesh axes are {MESH_AXES}.")
+            raise UserInputError(f"axis_rules: rule {rule!r} names mesh axes {unknown}; "
+                                 f"the mesh axes are {MESH_AXES}.")
         out.append((name, tuple(axes) if isinstance(axes, list) else axes))
     return tuple(out)
 
@@ -95,17 +97,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be "
-                         "positive, with at most one -1 (the remaining devices).")
+        raise UserInputError(f"make_mesh(data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be "
+                             "positive, with at most one -1 (the remaining devices).")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices do not split into "
-                             f"fsdp*tensor*data = {known} x N; pick sizes that divide it.")
+            raise UserInputError(f"make_mesh: {len(devices)} devices do not split into "
+                                 f"fsdp*tensor*data = {known} x N; pick sizes that divide it.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"make_mesh(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs "
-                         f"{math.prod(sizes)} devices; there are {len(devices)}.")
+        raise UserInputError(f"make_mesh(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) "
+                             f"needs {math.prod(sizes)} devices; there are {len(devices)}.")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
 

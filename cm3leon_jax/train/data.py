@@ -81,7 +81,9 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
     """Iterates global batches `{feature: Array[B, L]}` laid out by `sharding`."""
 
     def __init__(self, make_dataset: ShardDatasetFn, global_batch: int, seq_len: int,
-                 sharding: NamedSharding, num_data_shards: int | None = None):
+                 sharding: NamedSharding, num_data_shards: int | None = None,
+                 seed: int | None = None):
+        self.seed = seed  # Recorded with the position: the order it continues was drawn by it.
         self.num_shards = num_data_shards or jax.process_count()
         if global_batch % self.num_shards:
             raise ValueError(f"global batch {global_batch} does not split into "
@@ -105,6 +107,11 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
     def restart(self) -> None:
         """Back to the first batch (cheap: the pipelines are built once, in __init__)."""
         self._iterators = {s: iter(ds) for s, ds in self._datasets.items()}
+
+    def close(self) -> None:
+        """Frees the tf.data pipelines now. Left to the interpreter's exit (after an error
+        in the first step), their destructors can wait forever on threads already gone."""
+        self._iterators, self._datasets = {}, {}
 
     def _shards_of(self, rows: slice) -> range:
         start, stop, _ = rows.indices(self.global_shape[0])
@@ -139,8 +146,11 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         # state is saved against, so a checkpoint restores only into the same setting.
         autotune = any(ds.options().autotune.enabled is not False
                        for ds in self._datasets.values())
-        return {"num_data_shards": self.num_shards, "global_batch": self.global_shape[0],
-                "seq_len": self.global_shape[1], "autotune": autotune}
+        out = {"num_data_shards": self.num_shards, "global_batch": self.global_shape[0],
+               "seq_len": self.global_shape[1], "autotune": autotune}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
     def _prefix(self, directory: str, shard: int) -> str:
         return os.path.join(directory, f"shard_{shard:05d}-of-{self.num_shards:05d}")
@@ -163,6 +173,7 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         with fs.open(spec_path) as f:
             saved = {"autotune": True, **json.loads(f.read())}  # Older runs: the default.
         current = self.spec()
+        saved.setdefault("seed", current.get("seed"))  # Runs before 6 Dec did not record it.
         diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"
                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         return ", ".join(diff) or None
@@ -173,8 +184,8 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         if difference:
             raise ValueError(f"the checkpoint's data layout differs from this run's "
                              f"({difference}): keep train.global_batch_size, train.seq_len, "
-                             "train.num_data_shards and seqio_shard_dataset.autotune as they "
-                             "were when the run started.")
+                             "train.num_data_shards, train.seed and "
+                             "seqio_shard_dataset.autotune as they were when the run started.")
         for s in self.local_shards:
             try:
                 tf.train.Checkpoint(iterator=self._iterators[s]).read(

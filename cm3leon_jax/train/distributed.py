@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize()
     else:
         if num_processes is None or process_id is None:
-            raise ValueError(f"initialize: coordinator {coordinator_address!r} is set but "
-                             "num_processes/process_id are not (bind them in gin or set "
-                             "CM3LEON_NUM_PROCESSES and CM3LEON_PROCESS_ID).")
+            raise UserInputError(f"initialize: coordinator {coordinator_address!r} is set but "
+                                 "num_processes/process_id are not (bind them in gin or set "
+                                 "CM3LEON_NUM_PROCESSES and CM3LEON_PROCESS_ID).")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     log.info("process %d of %d; %d local of %d devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -98,13 +99,13 @@ def train_mesh(dcn_data: int = 1, dcn_fsdp: int = 1, dcn_tensor: int = 1,
     devices = list(jax.devices() if devices is None else devices)
     dcn = (dcn_data, dcn_fsdp, dcn_tensor)
     if min(dcn) < 1:
-        raise ValueError(f"train_mesh: dcn sizes must be >= 1; got {dcn}.")
+        raise UserInputError(f"train_mesh: dcn sizes must be >= 1; got {dcn}.")
     if math.prod(dcn) == 1:
         return partitioning.make_mesh(devices=devices)
     slices, by_process = _slices(devices)
     if len(slices) != math.prod(dcn):
-        raise ValueError(f"train_mesh: dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn)} but "
-                         f"there are {len(slices)} slices (or processes); make them equal.")
+        raise UserInputError(f"train_mesh: dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn)} but "
+                             f"there are {len(slices)} slices (or processes); make them equal.")
     # make_mesh resolves the gin-bound per-slice sizes (and their -1) on one slice.
     ici = tuple(partitioning.make_mesh(devices=next(iter(slices.values()))).devices.shape)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,

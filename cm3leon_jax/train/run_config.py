@@ -47,7 +47,11 @@ def write(model_dir: str) -> str:
 def write_undoable(model_dir: str) -> tuple[str, Callable[[], None]]:
     """`write`, and a function that puts MODEL_DIR's config.gin back as it was before (for
     a run its checkpoints refuse: they were trained with the earlier config)."""
-    fs.makedirs(model_dir)
+    try:
+        fs.makedirs(model_dir)
+    except OSError as e:
+        raise UserInputError(f"cannot create MODEL_DIR {model_dir!r} ({e.strerror or e}); "
+                             "give a folder this user can write.") from None
     path = fs.join(model_dir, CONFIG_FILE)
     text = gin.config_str()
     kept, existed = None, fs.exists(path)

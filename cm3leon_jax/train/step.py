@@ -22,14 +22,17 @@ in length by 30x; the default weighs every token the same, as pretraining does.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import loss as loss_lib
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.decoder import Decoder
@@ -56,7 +59,7 @@ def loss_weighting(per: str = "token") -> str:
     example weighs the same in total, shared by its tokens: a two-token VQA answer counts
     as much as a 64-code image)."""
     if per not in ("token", "example"):
-        raise ValueError(f"loss_weighting.per={per!r}; use 'token' or 'example'.")
+        raise UserInputError(f"loss_weighting.per={per!r}; use 'token' or 'example'.")
     return per
 
 
@@ -109,9 +112,9 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation,
     learning_rate, finite (1.0 or 0.0).
     """
     if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite={on_nonfinite!r}; choose one of {NONFINITE_POLICIES}.")
+        raise UserInputError(f"on_nonfinite={on_nonfinite!r}; choose one of {NONFINITE_POLICIES}.")
     if num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}.")
+        raise UserInputError(f"num_microbatches must be >= 1, got {num_microbatches}.")
     per_example = (loss_weighting() if loss_per is None else loss_weighting(loss_per)
                    ) == "example"
 
@@ -178,6 +181,26 @@ def make_eval_step(model: Decoder, z_loss: float | None = None
         return {"loss_sum": loss * n, "cross_entropy_sum": metrics["cross_entropy"] * n,
                 "accuracy_sum": metrics["accuracy"] * n, "weight": metrics["weight_sum"]}
     return step
+
+
+def check_batch(mesh: Mesh, global_batch_size: int, num_microbatches: int,
+                rules=None) -> None:
+    """Refuses a batch that does not split into micro-batches, or whose micro-batch rows do
+    not split over the mesh axes the `batch` rule names: `logical_to_mesh_axes` would drop
+    those axes, so every device would compute the whole batch (no data parallelism)."""
+    if num_microbatches < 1 or global_batch_size % num_microbatches:
+        raise UserInputError(f"train.global_batch_size={global_batch_size} does not split into "
+                             f"train.num_microbatches={num_microbatches}; pick a divisor.")
+    names = nn.logical_to_mesh_axes(("batch",), rules or partitioning.axis_rules())[0]
+    axes = (names,) if isinstance(names, str) else tuple(a for a in names or () if a)
+    ways = math.prod(dict(mesh.shape).get(a, 1) for a in axes)
+    rows = global_batch_size // num_microbatches
+    if rows % ways:
+        raise UserInputError(
+            f"train.global_batch_size={global_batch_size} / num_microbatches="
+            f"{num_microbatches} = {rows} rows per micro-batch do not split over the {ways} "
+            f"devices of the mesh axes {axes}: every device would compute all of them; make "
+            f"the rows a multiple of {ways} (or change make_mesh).")
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...], rules=None) -> NamedSharding:

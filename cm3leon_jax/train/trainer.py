@@ -102,6 +102,8 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
             raise UserInputError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
                                  f"{config.max_length}; lower one or raise the other.")
         _check_vocabulary(task, config)
+        _check_counts(num_steps=num_steps, log_every=log_every, eval_steps=eval_steps,
+                      eval_every=eval_every)
         run = _Run(model_dir, config, task, num_steps, global_batch_size, seq_len, seed,
                    num_microbatches, num_data_shards, eval_steps, eval_split, on_nonfinite)
         reporter = _Reporter(run.writer, run.ckpt, num_steps, log_every, on_nonfinite,
@@ -114,6 +116,14 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
             run.close()
 
 
+def _check_counts(**counts: int) -> None:
+    """Step counts of `train` that must be positive (eval_every: 0 is "only at the end")."""
+    for name, value in counts.items():
+        if value < (0 if name == "eval_every" else 1):
+            raise UserInputError(f"train.{name}={value}; it must be >= "
+                                 f"{0 if name == 'eval_every' else 1}.")
+
+
 class _Run:
     """Everything one training run holds: model, optimizer, mesh, data, steps, outputs."""
 
@@ -123,6 +133,7 @@ class _Run:
                  on_nonfinite: str):
         self.config, self.num_steps, self.seed = config, num_steps, seed
         self.mesh = distributed.train_mesh()
+        step_lib.check_batch(self.mesh, global_batch_size, num_microbatches)
         self.peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads.
         self.flops_per_step = metrics_lib.train_flops_per_step(config, global_batch_size, seq_len)
         self.model = Decoder(config)
@@ -135,7 +146,7 @@ class _Run:
         make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len,
                                       seed=seed)
         self.data = data_lib.ShardedBatches(make_data, global_batch_size, seq_len,
-                                            batch_sharding, num_data_shards)
+                                            batch_sharding, num_data_shards, seed)
         self.train_step = step_lib.jit_train_step(
             step_lib.make_train_step(self.model, self.tx, schedule, num_microbatches,
                                      on_nonfinite),
@@ -171,6 +182,9 @@ class _Run:
              init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
         """Steps until `num_steps` or a preemption; saves, evaluates; returns the summary."""
         state, step = self.restore_or_init(init_params_from)
+        if step >= self.num_steps:
+            log.warning("the checkpoint is at step %d, train.num_steps=%d: nothing to train "
+                        "(raise num_steps to train on).", step, self.num_steps)
         bar = _progress(progress_bar, self.num_steps, step)
         preempted, eval_metrics = False, {}
         while step < self.num_steps and not preempted:
@@ -205,6 +219,8 @@ class _Run:
     def close(self) -> None:
         self.ckpt.close()
         self.writer.close()
+        self.data.close()
+        self.evaluate.close()
 
 
 class _Reporter:
@@ -277,7 +293,7 @@ class _Evaluator:
         else:
             self._batches.restart()
         total: dict[str, float] = {}
-        for _ in range(self._num_batches):
+        for _ in range(self._num_batches):  # At least one: train() checks eval_steps.
             for k, v in _to_host(self._step(params, next(self._batches))).items():
                 total[k] = total.get(k, 0.0) + v
         n = max(total["weight"], 1.0)
@@ -285,6 +301,10 @@ class _Evaluator:
         return {"loss": total["loss_sum"] / n, "cross_entropy": loss,
                 "perplexity": float(np.exp(min(loss, 50.0))),
                 "accuracy": total["accuracy_sum"] / n}
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
 
 
 def _progress(enabled: bool, total: int, initial: int):

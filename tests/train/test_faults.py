@@ -87,3 +87,48 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     # the refused config left nothing behind.
     assert "d_model = 64" in open(os.path.join(model_dir, "config.gin")).read()
     assert not os.path.exists(os.path.join(model_dir, "config.1.gin"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.num_microbatches": 3}, "global_batch_size=8 does not split into "
+                                    "train.num_microbatches=3"),
+    ({"train.global_batch_size": 6, "make_mesh.data": -1, "make_mesh.fsdp": 1},
+     "6 rows per micro-batch do not split over the 8 devices"),
+    ({"train.num_microbatches": 2}, "4 rows per micro-batch do not split over the 8 devices"),
+    ({"train.eval_steps": 0}, "train.eval_steps=0; it must be >= 1"),
+    ({"train.log_every": 0}, "train.log_every=0; it must be >= 1"),
+    ({"make_mesh.data": 3}, "make_mesh: 8 devices do not split"),
+])
+def test_settings_that_cannot_work_are_one_line_before_training(corpus, tmp_path, capsys,
+                                                                 overrides, message):
+    """Each was a hang (micro-batches: the error, then tf.data's destructors waited forever
+    at exit), a batch silently copied to every device, or a traceback after training."""
+    path, vocab = corpus
+    model_dir = tmp_path / "run"
+    argv = lib.bindings(str(model_dir), path, vocab, **{"train.num_steps": 2, **overrides})
+    gin.clear_config()
+    try:
+        code = main_lib.main([f"--gin_file={lib.TRAIN_GIN}", *[f"--gin.{b}" for b in argv]])
+    finally:
+        gin.clear_config()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (model_dir / "checkpoints").exists() or not os.listdir(model_dir / "checkpoints")
+
+
+def test_a_changed_seed_is_refused_and_num_steps_reached_says_so(corpus, tmp_path, caplog):
+    """The seed decides the data order the saved position continues: a rerun with another
+    seed trained on in seed 0's order while config.gin said seed 1."""
+    path, vocab = corpus
+    model_dir = str(tmp_path / "run")
+    lib.run_in_process(lib.bindings(model_dir, path, vocab, **{"train.num_steps": 2}))
+    before = lib.tree_digests(os.path.join(model_dir, "checkpoints"))
+    with pytest.raises(ValueError, match="seed 0 in the checkpoint, 1 now"):
+        lib.run_in_process(lib.bindings(model_dir, path, vocab,
+                                        **{"train.num_steps": 4, "train.seed": 1}))
+    assert lib.tree_digests(os.path.join(model_dir, "checkpoints")) == before
+    with caplog.at_level("WARNING"):
+        summary = lib.run_in_process(lib.bindings(model_dir, path, vocab,
+                                                  **{"train.num_steps": 1}))
+    assert summary["step"] == 2
+    assert "at step 2, train.num_steps=1: nothing to train" in caplog.text

@@ -82,3 +82,10 @@ def test_an_unreadable_config_gin_is_named(tmp_path, clean_gin):
     (tmp_path / "config.gin").write_text("DecoderConfig.num_wings = 2\n")
     with pytest.raises(UserInputError, match="num_wings"):
         run_config.decoder_config(str(tmp_path))
+
+
+def test_a_model_dir_that_cannot_be_made_is_named(tmp_path, clean_gin):
+    """Was a PermissionError / NotADirectoryError traceback from inside main.run."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserInputError, match=r"cannot create MODEL_DIR .*a_file/run"):
+        run_config.write(str(tmp_path / "a_file" / "run"))
