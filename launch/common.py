@@ -9,6 +9,7 @@ overrides such as `--gin.train.task='cm3leon_user'` reach the program unchanged.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -17,17 +18,27 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from cm3leon_jax import fs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The per-slice mesh sizes (`partitioning.make_mesh`) and the slice counts over DCN
+# (`distributed.train_mesh`) a run's gin files bind.
+MESH_KEYS = ("make_mesh.data", "make_mesh.fsdp", "make_mesh.tensor")
+DCN_KEYS = ("train_mesh.dcn_data", "train_mesh.dcn_fsdp", "train_mesh.dcn_tensor")
+# Cloud TPU names a slice "<generation>-<N>": N counts TensorCores on v2-v4 and v5p (two per
+# chip on v4 and v5p, one JAX device per chip), chips on v5litepod (v5e) and v6e.
+TPU_CORES_PER_DEVICE = {"v2": 1, "v3": 1, "v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
 
 
 class LaunchError(Exception):
     """A mistake in a launcher's arguments, or an engine that refused; one line for the user."""
 
 
-def add_run_args(parser: argparse.ArgumentParser, model_dir_help: str = "") -> None:
+def add_run_args(parser: argparse.ArgumentParser, model_dir_help: str = "",
+                 example_gin_file: str = "gin_configs/pods/cm3leon_7b_v5p256.gin") -> None:
     """GIN_FILE MODEL_DIR [--gin_file=...] [--dry_run]: the arguments every launcher takes."""
-    parser.add_argument("gin_file", help="the run's gin file, e.g. "
-                        "gin_configs/pods/cm3leon_7b_v5p256.gin (relative to the repository)")
+    parser.add_argument("gin_file", help=f"the run's gin file, e.g. {example_gin_file} "
+                        "(relative to the repository)")
     parser.add_argument("model_dir", help=model_dir_help or "the run's MODEL_DIR (gs:// for "
                         "remote hosts: every host must see the same folder)")
     parser.add_argument("--gin_file", dest="extra_gin_files", action="append", default=[],
@@ -93,6 +104,77 @@ def check_gin_files(gin_files: Sequence[str], shipped: bool = False) -> None:
             raise LaunchError(f"gin file {f!r} is one git ignores, so the copy of the "
                               "repository the hosts get leaves it out; put it under "
                               "gin_configs/ (or another folder git does not ignore)")
+
+
+def tpu_devices(accelerator_type: str) -> int | None:
+    """JAX devices (chips) of a TPU slice type such as v5p-256 (128); None if unknown."""
+    match = re.fullmatch(r"(\w+)-(\d+)", accelerator_type)
+    if not match or match.group(1) not in TPU_CORES_PER_DEVICE:
+        return None
+    return int(match.group(2)) // TPU_CORES_PER_DEVICE[match.group(1)]
+
+
+def _gin_include_path(name: str) -> str | None:
+    """The repository file a gin `include` names (gin's search folders: the root, gin_configs/)."""
+    for folder in (REPO, os.path.join(REPO, "gin_configs")):
+        if fs.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _read_int_bindings(path: str, keys: Sequence[str], found: dict) -> None:
+    """Updates `found` with `path`'s bindings of `keys`, its includes read in place (gin's
+    order: a later binding wins); a value that is not an integer literal becomes None."""
+    for line in fs.read_text(path).splitlines():
+        line = line.split("#", 1)[0].strip()
+        include = re.fullmatch(r"include\s+(['\"])(.+)\1", line)
+        if include:
+            included = _gin_include_path(include.group(2))
+            if included is None:  # gin reports it on the hosts; nothing to check here.
+                found.update(dict.fromkeys(keys))
+                continue
+            _read_int_bindings(included, keys, found)
+        binding = re.fullmatch(r"([\w./]+)\s*=\s*(.+)", line)
+        if binding and binding.group(1) in keys:
+            value = binding.group(2).strip()
+            found[binding.group(1)] = int(value) if re.fullmatch(r"-?\d+", value) else None
+
+
+def bound_mesh(gin_files: Sequence[str], overrides: Sequence[str],
+               bindings: dict[str, str] | None = None) -> dict[str, int | None]:
+    """The integers the run binds to MESH_KEYS and DCN_KEYS: its gin files (repository
+    paths) in order, then the launcher's `bindings`, then the user's `--gin.` overrides, as
+    `cm3leon_jax.main` applies them. Unbound keys get the functions' defaults; None: bound
+    to something other than an integer literal (a macro, a scoped binding), so unknown."""
+    keys = (*MESH_KEYS, *DCN_KEYS)
+    found = {"make_mesh.data": -1, **dict.fromkeys(keys[1:], 1)}
+    for f in gin_files:
+        _read_int_bindings(os.path.join(REPO, f), keys, found)
+    lines = [f"{k} = {v}" for k, v in (bindings or {}).items()]
+    lines += [o[len("--gin."):].replace("=", " = ", 1) for o in overrides]
+    for line in lines:
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key in keys:
+            found[key] = int(value) if re.fullmatch(r"-?\d+", value) else None
+    return found
+
+
+def check_mesh_fits(gin_files: Sequence[str], overrides: Sequence[str], devices: int | None,
+                    what: str, bindings: dict[str, str] | None = None) -> None:
+    """Refuses a run whose fixed mesh (every size bound, none -1) needs other than `devices`
+    devices (`what` names where that count comes from), before anything is provisioned."""
+    sizes = bound_mesh(gin_files, overrides, bindings)
+    if devices is None or any(v is None or v == -1 for v in sizes.values()):
+        return
+    needed = math.prod(sizes.values())
+    if needed != devices:
+        mesh = " x ".join(f"{k.split('.')[1]} {sizes[k]}" for k in MESH_KEYS)
+        dcn = math.prod(sizes[k] for k in DCN_KEYS)
+        slices = f" x {dcn} slices (train_mesh.dcn_*)" * (dcn > 1)
+        raise LaunchError(
+            f"the mesh of {', '.join(gin_files)} ({mesh}{slices}) needs {needed} devices "
+            f"(chips or GPUs), but {what} gives {devices}; pick the size the gin file is for, "
+            "or override its mesh (e.g. --gin.make_mesh.fsdp=-1: all devices)")
 
 
 def quote(arg: str) -> str:

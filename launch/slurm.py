@@ -30,7 +30,8 @@ SCRIPT = os.path.join("launch", "slurm_gpu.sbatch")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.slurm",
                                      description=__doc__.split("\n\n")[0])
-    common.add_run_args(parser, "the run's MODEL_DIR: a folder every node sees, or gs://")
+    common.add_run_args(parser, "the run's MODEL_DIR: a folder every node sees, or gs://",
+                        example_gin_file="gin_configs/train/cm3leon_350m.gin")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus_per_node", type=int, default=8)
     parser.add_argument("--cpus_per_task", type=int, default=8)
@@ -65,7 +66,11 @@ def sbatch_argv(args) -> list[str]:
 def launch(argv: Sequence[str] | None = None) -> int:
     args = common.parse(build_parser(), argv)
     common.check_gin_files([args.gin_file])
-    common.Runner(args.dry_run).run(sbatch_argv(args), cwd=common.REPO)
+    sbatch = sbatch_argv(args)
+    common.check_mesh_fits([args.gin_file], args.overrides, args.nodes * args.gpus_per_node,
+                           f"the job (--nodes={args.nodes} x --gpus_per_node="
+                           f"{args.gpus_per_node} GPUs)")
+    common.Runner(args.dry_run).run(sbatch, cwd=common.REPO)
     return 0
 
 

@@ -172,6 +172,9 @@ def launch(argv: Sequence[str] | None = None) -> int:
         raise common.LaunchError(f"MODEL_DIR {args.model_dir!r} is not a gs:// folder; every "
                                  "host of the slice must write to the same place")
     args.runtime_version = args.runtime_version or runtime_version(args.accelerator_type)
+    common.check_mesh_fits([args.gin_file, *args.extra_gin_files], args.overrides,
+                           common.tpu_devices(args.accelerator_type),
+                           f"--accelerator_type={args.accelerator_type}")
     runner = common.Runner(args.dry_run)
     ensure_queued_resource(args, runner)
     if not args.skip_install:

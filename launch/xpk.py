@@ -84,14 +84,19 @@ def quote(arg: str) -> str:
     return "$'" + "".join(f"\\x{ord(c):02x}" if c in "'\"\\" else c for c in arg) + "'"
 
 
+def launcher_bindings(args) -> dict[str, str]:
+    """The gin bindings this launcher adds: TPU process discovery, the slices over DCN."""
+    bindings = {} if is_gpu(args.device_type) else {"initialize.auto": "True"}
+    if args.num_slices > 1 and not common.overridden(args.overrides, "train_mesh.dcn_data"):
+        bindings["train_mesh.dcn_data"] = str(args.num_slices)
+    return bindings
+
+
 def command(args) -> str:
     """The `--command` xpk runs in the container, from /app (this repository)."""
     gpu = is_gpu(args.device_type)
-    bindings = {} if gpu else {"initialize.auto": "True"}
-    if args.num_slices > 1 and not common.overridden(args.overrides, "train_mesh.dcn_data"):
-        bindings["train_mesh.dcn_data"] = str(args.num_slices)
     argv = common.main_argv("python3", [args.gin_file, *args.extra_gin_files], args.model_dir,
-                            args.overrides, bindings)
+                            args.overrides, launcher_bindings(args))
     line = " ".join(quote(a) for a in argv)
     if gpu:
         line = f"{GPU_ENV} {line}"
@@ -146,6 +151,12 @@ def check(args) -> None:
         if "=" not in e or '"' in e or "\\" in e:
             raise common.LaunchError(f"--env={e!r}: write KEY=VALUE, without \" or \\ "
                                      "(xpk puts values in YAML double quotes)")
+    if not is_gpu(args.device_type):  # GPU type names give no reliable GPU count.
+        chips = common.tpu_devices(args.device_type)
+        common.check_mesh_fits([args.gin_file, *args.extra_gin_files], args.overrides,
+                               chips and chips * args.num_slices,
+                               f"--device_type={args.device_type} x --num_slices="
+                               f"{args.num_slices}", launcher_bindings(args))
 
 
 def launch(argv: Sequence[str] | None = None) -> int:

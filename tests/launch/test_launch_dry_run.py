@@ -283,3 +283,72 @@ def test_every_gin_file_the_launchers_name_exists():
     assert "gin_configs/train/cm3leon_350m.gin" in named  # launch/slurm.py's example
     missing = sorted(n for n in named if not os.path.exists(os.path.join(common.REPO, n)))
     assert not missing, missing
+
+
+POD_7B = "gin_configs/pods/cm3leon_7b_v5p256.gin"  # make_mesh 1 x 128 x 1: a v5p-256.
+TPU_VM = ["--name=c7b", "--zone=z", "--project=p"]
+XPK = ["--cluster=c", "--workload=c7b"]
+
+
+@pytest.mark.parametrize("module,args,names", [
+    (tpu_vm, [POD_7B, "gs://b/7b", *TPU_VM, "--accelerator_type=v5p-128"],
+     "--accelerator_type=v5p-128 gives 64"),
+    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=v5p-128"],
+     "--device_type=v5p-128 x --num_slices=1 gives 64"),
+    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=v5p-128", "--num_slices=2"],
+     "x 2 slices (train_mesh.dcn_*)) needs 256 devices"),
+    (slurm, [POD_7B, "/shared/7b", "--nodes=2", "--gpus_per_node=8"],
+     "--nodes=2 x --gpus_per_node=8 GPUs) gives 16"),
+])
+def test_a_fixed_mesh_the_slice_cannot_hold_is_refused_before_anything_runs(
+        module, args, names, capsys):
+    assert common.run_main(module.launch, [*args, "--dry_run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no command printed: nothing would be provisioned or submitted
+    assert err.startswith("error: the mesh of gin_configs/pods/cm3leon_7b_v5p256.gin (data 1 "
+                          "x fsdp 128 x tensor 1") and names in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("module,args", [
+    (tpu_vm, [POD_7B, "gs://b/7b", *TPU_VM, "--accelerator_type=v5p-256"]),
+    (tpu_vm, [POD_7B, "gs://b/7b", *TPU_VM, "--accelerator_type=v5p-128",
+              "--gin.make_mesh.fsdp=-1"]),  # the user's override: all chips
+    (tpu_vm, [GIN, "gs://b/7b", *TPU_VM, "--accelerator_type=v5p-8"]),  # fsdp -1
+    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=v5p-256", "--num_slices=2"]),
+    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=h100-80gb-8", "--num_nodes=2"]),
+    (slurm, [POD_7B, "/shared/7b", "--nodes=16", "--gpus_per_node=8"]),
+    (slurm, [GIN, "/shared/7b", "--nodes=1", "--gpus_per_node=4"]),
+])
+def test_a_mesh_that_fits_or_takes_all_devices_is_launched(module, args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.launch([*args, "--dry_run"]) == 0
+
+
+def test_tpu_slice_names_count_chips():
+    assert [common.tpu_devices(t) for t in ("v5p-256", "v4-8", "v5litepod-64", "v6e-256",
+                                            "v3-8", "tpu7x-64", "h100-80gb-8")] == [
+        128, 4, 64, 256, 8, None, None]
+
+
+def test_the_launchers_read_the_mesh_gin_binds(tmp_path, monkeypatch):
+    """The launchers read the mesh from the gin text (no jax on a login node): includes
+    in place, the last binding and then the overrides win; a non-literal is unknown."""
+    monkeypatch.setattr(common, "REPO", str(tmp_path))
+    (tmp_path / "gin_configs" / "meshes").mkdir(parents=True)
+    (tmp_path / "gin_configs" / "meshes" / "m.gin").write_text(
+        "make_mesh.data = 2  # a comment\nmake_mesh.tensor = 4\n")
+    (tmp_path / "run.gin").write_text(
+        "make_mesh.data = 8\ninclude 'meshes/m.gin'\nmake_mesh.fsdp = 16\n"
+        "train_mesh.dcn_data = %SLICES\n")
+    got = common.bound_mesh(["run.gin"], ["--gin.make_mesh.fsdp=3"], {"x.y": "1"})
+    assert got == {"make_mesh.data": 2, "make_mesh.fsdp": 3, "make_mesh.tensor": 4,
+                   "train_mesh.dcn_data": None, "train_mesh.dcn_fsdp": 1,
+                   "train_mesh.dcn_tensor": 1}
+
+
+def test_slurm_help_names_a_gpu_gin_file(capsys):
+    with pytest.raises(SystemExit):
+        slurm.launch(["--help"])
+    out = capsys.readouterr().out
+    assert "gin_configs/train/cm3leon_350m.gin" in out and "gin_configs/pods/" not in out

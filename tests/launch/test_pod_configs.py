@@ -93,3 +93,13 @@ def test_pod_config_header_commands_launch(path):
         module = {"launch.tpu_vm": tpu_vm, "launch.xpk": xpk}[argv[2]]
         with contextlib.redirect_stdout(io.StringIO()):
             assert module.launch([*argv[3:], "--dry_run"]) == 0
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_the_launchers_read_the_mesh_gin_binds(path):
+    """launch/common.py reads the mesh from the gin text (the launchers import no jax):
+    what it reads must be what gin binds."""
+    b = bound(path)
+    rel = os.path.relpath(path, common.REPO)
+    assert common.bound_mesh([rel], []) == {k: b[k] for k in (*common.MESH_KEYS,
+                                                             *common.DCN_KEYS)}
