@@ -99,6 +99,7 @@ def ensure_queued_resource(args, runner: common.Runner) -> None:
                                  f"(gcloud compute tpus queued-resources delete {args.name} "
                                  "--force) or choose another --name")
     else:
+        _check_reused_slice(args, runner)
         runner.note(f"reusing queued resource {args.name!r} (state {state})")
 
     def active(out: str | None) -> bool:
@@ -106,6 +107,19 @@ def ensure_queued_resource(args, runner: common.Runner) -> None:
             raise common.LaunchError(f"queued resource {args.name!r} became {out}")
         return out == "ACTIVE"
     runner.wait_until(describe, active, f"queued resource {args.name} is ACTIVE")
+
+
+def _check_reused_slice(args, runner: common.Runner) -> None:
+    """Refuses to reuse a queued resource of another slice type (the run's mesh is sized
+    for --accelerator_type). One created with a type and topology instead of an
+    accelerator type reports none: nothing to compare then."""
+    found = runner.query(gcloud_tpu(args, "queued-resources", "describe", args.name,
+                                    "--format=value(tpu.nodeSpec[0].node.acceleratorType)"))
+    if found and found != args.accelerator_type:
+        raise common.LaunchError(
+            f"queued resource {args.name!r} holds a {found} slice, not --accelerator_type="
+            f"{args.accelerator_type}; choose another --name, or delete it (gcloud compute "
+            f"tpus queued-resources delete {args.name} --force)")
 
 
 def source_files() -> list[str]:

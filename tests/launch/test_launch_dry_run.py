@@ -79,13 +79,15 @@ def test_tpu_vm_creates_installs_and_runs_on_all_workers():
     expect_bindings(bindings(remote), "gs://b/7b", ["initialize.auto=True"])
 
 
-def fake_gcloud(tmp_path, state: str) -> dict:
-    """PATH with a `gcloud` that logs its arguments and reports the queued resource `state`."""
+def fake_gcloud(tmp_path, state: str, accelerator: str = "v5litepod-64") -> dict:
+    """PATH with a `gcloud` that logs its arguments and reports the queued resource `state`
+    and slice type."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "gcloud"
     script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
-                      f'case "$*" in *describe*) echo {state};; esac\n')
+                      f'case "$*" in *acceleratorType*) echo {accelerator};; '
+                      f'*describe*) echo {state};; esac\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -104,8 +106,21 @@ def test_tpu_vm_reuses_an_active_queued_resource(tmp_path, monkeypatch, state):
         assert tpu_vm.launch(args) == 0
     calls = (tmp_path / "calls").read_text().splitlines()
     assert not any("create" in c for c in calls)
-    assert [c.split()[2:4] for c in calls] == [["queued-resources", "describe"]] * 2 + [
+    assert [c.split()[2:4] for c in calls] == [["queued-resources", "describe"]] * 3 + [
         ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+
+
+def test_tpu_vm_refuses_to_reuse_a_slice_of_another_type(tmp_path, monkeypatch):
+    """Reusing a v5litepod-16 for a run sized for 64 chips failed only on the hosts."""
+    for k, v in fake_gcloud(tmp_path, "ACTIVE", accelerator="v5litepod-16").items():
+        monkeypatch.setenv(k, v)
+    args = [GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z",
+            "--project=p"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(common.LaunchError, match="'c7b' holds a v5litepod-16 slice, not "
+                                                     "--accelerator_type=v5litepod-64"):
+            tpu_vm.launch(args)
+    assert not any("tpu-vm" in c for c in (tmp_path / "calls").read_text().splitlines())
 
 
 def bash_argv(command: str, env: dict[str, str]) -> list[tuple[list[str], str]]:
