@@ -19,7 +19,9 @@ on PATH (a JRE 8 or newer).
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import subprocess
 from collections.abc import Sequence
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -34,10 +36,42 @@ def require_java() -> None:
 
 
 def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
-    """{id: [caption, ...]} -> the same, PTB-tokenized, lower-cased, punctuation dropped."""
+    """{id: [caption, ...]} -> the same, PTB-tokenized, lower-cased, punctuation dropped.
+
+    Every whitespace run becomes one space first: the Java tokenizer reads one caption a
+    line and also ends lines at "\\r", U+2028 and the like, which would move every later
+    caption onto another image.
+    """
     require_java()
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+    ids = [k for k, v in captions.items() for _ in v]
+    lines = _ptb_lines([" ".join(c.split()) for v in captions.values() for c in v])
+    out: dict[int, list[str]] = {}
+    for k, line in zip(ids, lines):
+        out.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ")
+                                              if w not in PUNCTUATIONS))
+    return out
+
+
+def _ptb_lines(lines: list[str]) -> list[str]:
+    """pycocoevalcap's Stanford PTB tokenizer (its flags) on one caption a line, read from
+    stdin; raises unless it gives back one line per caption."""
+    if not lines:
+        return []
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+                           "-preserveLines", "-lowerCase"], input="\n".join(lines).encode(),
+                          capture_output=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the PTB tokenizer (java) failed with status {done.returncode}: "
+                           f"{done.stderr.decode(errors='replace').strip()}")
+    out = done.stdout.decode().split("\n")
+    if len(out) != len(lines):
+        raise RuntimeError(f"the PTB tokenizer gave {len(out)} lines for {len(lines)} "
+                           "captions; the captions would be scored against other images.")
+    return out
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ import numpy as np
 
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.rerank import clip_scores_from_vectors
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 
 __all__ = ["ClipScorer", "clip_scores_from_vectors"]
@@ -34,5 +35,9 @@ class ClipScorer(rerank.ClipRanker):
         return cls(DocumentEncoder.load(directory))
 
     def score(self, images: Any, captions: Sequence[str]) -> float:
-        """The mean CLIP score over the pairs."""
-        return float(np.mean(self.scores(images, captions)))
+        """The mean CLIP score over the pairs (at least one)."""
+        scores = self.scores(images, captions)
+        if not scores.size:
+            raise UserInputError("ClipScorer.score got no image-caption pairs; the mean of "
+                                 "none is undefined: give at least one.")
+        return float(np.mean(scores))

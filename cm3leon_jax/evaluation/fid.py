@@ -43,11 +43,17 @@ class Statistics(NamedTuple):
     sigma: np.ndarray
 
 
-def statistics(features: np.ndarray) -> Statistics:
-    """f32[n, d] features (n >= 2) -> their mean and covariance."""
+def statistics(features: np.ndarray, what: str = "features") -> Statistics:
+    """f32[n, d] features (n >= 2, finite) -> their mean and covariance; `what` names them
+    in errors."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"FID statistics need features [n >= 2, d], got {features.shape}.")
+    broken = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if broken.size:
+        raise UserInputError(f"FID {what}: {broken.size} of {len(features)} rows hold NaN or "
+                             f"inf (first: row {broken[0]}); check the images and the feature "
+                             "extractor's weights.")
     return Statistics(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
@@ -55,8 +61,13 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
     """The Frechet distance of two Gaussians; the matrix square root is retried with
     `eps` on the diagonals when the product is singular (few samples, as pytorch-fid)."""
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
-        raise ValueError(f"statistics of different feature sizes: {a.mu.shape} vs "
-                         f"{b.mu.shape}; were they made with the same network?")
+        raise UserInputError(f"statistics of different feature sizes: mu {a.mu.shape} vs "
+                             f"{b.mu.shape}, sigma {a.sigma.shape} vs {b.sigma.shape}; were "
+                             "they made with the same network?")
+    for name, stats in (("first", a), ("second", b)):
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise UserInputError(f"FID: the {name} statistics hold NaN or inf (mu or sigma); "
+                                 "compute them again from finite features.")
     covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(a.mu)) * eps
@@ -101,7 +112,11 @@ def load_statistics(path: str, key: dict | None = None) -> Statistics:
                 raise UserInputError(
                     f"FID reference statistics {path!r} were computed from {saved}, not this "
                     f"run's {key}: give evaluate.fid_reference another file (or delete it).")
-        return Statistics(z["mu"], z["sigma"])
+        stats = Statistics(z["mu"], z["sigma"])
+    if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+        raise UserInputError(f"FID reference statistics {path!r} hold NaN or inf; delete the "
+                             "file to compute them again.")
+    return stats
 
 
 def reference_statistics(cache_path: str | None, images: Callable[[], Any],
@@ -112,7 +127,7 @@ def reference_statistics(cache_path: str | None, images: Callable[[], Any],
     computed from `images()` (called only then) and written there with `key`."""
     if cache_path and fs.exists(cache_path):
         return load_statistics(cache_path, key)
-    stats = statistics(extract(images()))
+    stats = statistics(extract(images()), what="reference features")
     if cache_path:
         save_statistics(cache_path, stats, key)
     return stats
@@ -120,7 +135,8 @@ def reference_statistics(cache_path: str | None, images: Callable[[], Any],
 
 def fid(features: np.ndarray, reference: Statistics) -> float:
     """FID of f32[n, d] features against reference statistics."""
-    return frechet_distance(statistics(features), reference)
+    return frechet_distance(statistics(features, what="features of the generated images"),
+                            reference)
 
 
 class InceptionFeatures:
@@ -136,6 +152,9 @@ class InceptionFeatures:
 
     def __call__(self, images: Any) -> np.ndarray:
         images = inception.check_images(images)
+        if not len(images):
+            raise UserInputError(f"InceptionFeatures got no images ({images.dtype}"
+                                 f"{list(images.shape)}); FID needs at least 2.")
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]

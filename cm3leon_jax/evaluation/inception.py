@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax.errors import UserInputError
+
 SIZE = 299
 RESIZE_MODES = ("pytorch_fid", "clean")
 
@@ -193,6 +195,12 @@ def resize_clean(images: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 def check_images(images: Any, what: str = "images") -> np.ndarray:
     """uint8[n, h, w, 3] (a list of equal-size images is stacked); anything else: one error."""
+    if isinstance(images, (list, tuple)):
+        sizes = sorted({np.shape(im) for im in images})
+        if len(sizes) > 1:
+            raise UserInputError(f"{what}: a list of images of {len(sizes)} sizes {sizes[:3]}"
+                                 f"{'...' if len(sizes) > 3 else ''}; resize them to one size "
+                                 "first.")
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or min(arr.shape[1:3]) < 2:
         raise ValueError(f"{what}: expected uint8[n, h, w, 3] RGB images, got "

@@ -13,6 +13,8 @@ is already a mapping of arrays (e.g. saved with `np.savez`) needs nothing.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,27 +24,60 @@ import numpy as np
 from flax import traverse_util
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.evaluation import inception
 
 _SKIPPED = ("fc.", "AuxLogits.")
+_FILE = "pt_inception-2015-12-05-6726825d.pth"
+_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{_FILE}"
+# What numpy and torch raise on a file that is not what they read (empty, an HTML page,
+# cut short): zipfile.BadZipFile and torch's zip errors are ValueError / RuntimeError.
+_UNREADABLE = (EOFError, pickle.UnpicklingError, ValueError, RuntimeError)
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
     if not fs.exists(path):
         raise MissingInputError(f"Inception weights {path!r} do not exist; download "
-                                "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
+                                f"{_FILE} from pytorch-fid's "
                                 "releases (fid_weights) and give its path.")
     if path.endswith(".npz"):
-        with fs.np_load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with fs.np_load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (*_UNREADABLE, zipfile.BadZipFile) as e:
+            raise _unreadable(path, e) from e
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(f"reading {path!r} needs torch: pip install -e '.[ref]' (or "
                           "convert the state dict to .npz once elsewhere).") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
+    if not isinstance(state, Mapping):
+        raise _unreadable(path, TypeError(f"it holds a {type(state).__name__}, not a state "
+                                          "dict"))
     return {k: v.numpy() for k, v in state.items()}
+
+
+def _unreadable(path: str, error: Exception) -> UserInputError:
+    """The one error for a weights file that is there but cannot be read: most often an
+    interrupted download, or the release page's HTML saved by `curl` without -L."""
+    with fs.open(path, "rb") as f:
+        head = f.read(512)
+    npz = path.endswith(".npz")
+    if not head:
+        why = "the file is empty"
+    elif head.lstrip().startswith(b"<"):
+        why = "it is an HTML page, not the weights"
+    elif npz or isinstance(error, pickle.UnpicklingError):
+        why = "not an .npz of arrays" if npz else "not a torch state dict"
+    else:  # The first sentence: torch goes on with advice that does not apply here.
+        why = f"{type(error).__name__}: {str(error).split('. ')[0].splitlines()[0][:160]}"
+    again = "write it again with np.savez, or " if npz else ""
+    return UserInputError(f"Inception weights {path!r} are unreadable ({why}); {again}download "
+                          f"{_FILE} again (curl -L -o {_FILE} {_URL}) and give its path.")
 
 
 def convert(state_dict: Mapping[str, Any]) -> dict:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import loss
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder
@@ -48,7 +49,8 @@ def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequenc
                          "targets.")
     rows = []
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
-        prompt, target = np.asarray(prompt, np.int32), np.asarray(target, np.int32)
+        prompt = _token_ids(prompt, config.vocab_size, f"pair {i}'s prompt")
+        target = _token_ids(target, config.vocab_size, f"pair {i}'s target")
         if prompt.size == 0 or target.size == 0:
             raise ValueError(f"pair {i}: the prompt and the target need a token each (got "
                              f"{prompt.size} and {target.size}); the first token is never "
@@ -58,6 +60,21 @@ def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequenc
                              f"DecoderConfig.max_length={config.max_length}; shorten it.")
         rows.append((prompt, target))
     return rows
+
+
+def _token_ids(tokens, vocab_size: int, where: str) -> np.ndarray:
+    """`tokens` as int32, refused unless integer ids of the vocabulary (0 <= id <
+    vocab_size): the embedding lookup would read a made-up row or NaN for any other."""
+    array = np.asarray(tokens)
+    if array.size and array.dtype.kind not in "iu":
+        raise UserInputError(f"{where}: token ids must be integers, got dtype {array.dtype} "
+                             f"(first {array.ravel()[0].item()!r}); pass the vocabulary's int ids.")
+    bad = np.flatnonzero((array < 0) | (array >= vocab_size))
+    if bad.size:
+        raise UserInputError(f"{where}: token id {array.ravel()[bad[0]]} at position "
+                             f"{bad[0]} is outside the vocabulary [0, {vocab_size}) "
+                             "(DecoderConfig.vocab_size); encode with the model's vocabulary.")
+    return array.astype(np.int32)
 
 
 def _width(rows: list, length_multiple: int, max_length: int) -> int:
@@ -125,7 +142,7 @@ def token_log_probs(config: DecoderConfig, params, prompts: Sequence[np.ndarray]
     """
     rows = _rows(config, prompts, targets)
     others = [t for _, t in rows] if others is None else \
-        [np.asarray(o, np.int32) for o in others]
+        [_token_ids(o, config.vocab_size, f"others[{i}]") for i, o in enumerate(others)]
     if len(others) != len(rows) or any(o.shape != t.shape for o, (_, t) in zip(others, rows)):
         raise ValueError("others: one int array per target, each of its target's length; got "
                          f"{[o.shape for o in others]} for targets "

@@ -33,9 +33,13 @@ import numpy as np
 from cm3leon_jax.data import parse, shapes, shapes_tasks
 from cm3leon_jax.evaluation import vqa
 
-# "[the] [size] <color> <class>"; "the ..." refers back to an object already named.
-_PHRASE = re.compile(r"\b(the\s+)?(?:(?:" + "|".join(shapes.SIZES) + r")\s+)?("
-                     + "|".join(shapes.COLORS) + r")\s+(" + "|".join(shapes.KINDS) + r")\b")
+# The words `shapes_tasks.refer` puts before the color of identical shapes ("the bottom
+# black hexagon").
+_RANKS = ("left", "middle", "right", "top", "bottom")
+# "[the [rank]] [size] <color> <class>"; "the ..." refers back to an object already named.
+_PHRASE = re.compile(r"\b(the\s+(?:(?:" + "|".join(_RANKS) + r")\s+)?)?(?:(?:"
+                     + "|".join(shapes.SIZES) + r")\s+)?(" + "|".join(shapes.COLORS) + r")\s+("
+                     + "|".join(shapes.KINDS) + r")\b")
 
 
 def scene_objects(scene: shapes.Scene) -> list[tuple[str, str]]:

@@ -1,29 +1,35 @@
 """VQAv2 accuracy with the official answer normalization (Antol et al. 2015; the VQA
 evaluation script's rules).
 
-    vqa_accuracy("Two", ["2"] * 10)          # 1.0
-    vqa_score(predictions, answer_lists)     # mean accuracy over questions, x100
+    vqa_accuracy("two", ["2"] * 6 + ["3"] * 4)   # 1.0
+    vqa_score(predictions, answer_lists)         # mean accuracy over questions, x100
 
 Accuracy of one answer against the 10 annotators' answers: for each annotator, the
 answer is compared with the other nine, scoring min(#matches / 3, 1); the ten scores
 are averaged: an answer given by 4 or more annotators scores 1; by 3, 0.9; by 2, 0.6;
-by 1, 0.3.
+by 1, 0.3. The formula assumes VQAv2's 10 answers; with one true answer, use
+`shapes_scores.vqa_exact_match`.
 
 Normalization, as the official script does it:
 - punctuation: each of `; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !` is deleted when it
   touches a space (or when the text has a digit-comma-digit), otherwise becomes a space;
-  a period not followed by a digit is deleted ("2.5" stays, "yes." -> "yes");
+  a period not followed by a digit is deleted ("2.5" stays, "yes." -> "yes"), the first
+  32 of them;
 - lower case; number words "none", "zero" .. "ten" -> digits; articles a/an/the dropped;
 - contractions without their apostrophe are restored ("dont" -> "don't").
-The prediction is always normalized fully; the annotators' answers (stored normalized in
-VQAv2) only have their punctuation cleaned, and only when they disagree, as the official
-script (GT-Vision-Lab/VQA, vqaEval.py) does, so scores match the evaluation server.
+Scoring reproduces the current official script (GT-Vision-Lab/VQA, vqaEval.py at a013f00,
+"Fixed processing answers bug", 2021), so scores match the evaluation server:
+answers and prediction lose only line breaks, tabs and outer spaces; when the annotators
+disagree, both the annotators' answers and the prediction are normalized fully, and when
+they all agree nothing more is done ("Two" against ten "2" scores 0, "2" scores 1).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+from cm3leon_jax.errors import UserInputError
 
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -34,6 +40,8 @@ _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a misspelt look-behind,
 # so in effect a period is stripped whenever no digit follows it.
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# It also passes re.UNICODE (32) where `sub` takes its count: at most 32 periods go.
+_PERIOD_COUNT = 32
 
 # The official table: answers typed without an apostrophe -> the contraction.
 CONTRACTIONS = dict(pair.split(":") for pair in """
@@ -71,7 +79,7 @@ def strip_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
 def normalize_words(text: str) -> str:
@@ -81,21 +89,33 @@ def normalize_words(text: str) -> str:
     return " ".join(words)
 
 
+def _spaces(answer: str) -> str:
+    """Line breaks and tabs -> spaces, outer spaces stripped (all the official script does
+    to answers that every annotator gave alike)."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize(answer: str) -> str:
-    """An answer as the official script compares it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return normalize_words(strip_punctuation(answer))
+    """An answer as the official script compares it when the annotators disagree."""
+    return normalize_words(strip_punctuation(_spaces(answer)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """Accuracy in [0, 1] of one predicted answer against the annotators' answers (10 in
-    VQAv2): the mean over leave-one-out subsets of min(#matches / 3, 1)."""
-    if isinstance(answers, str) or not answers:
-        raise ValueError(f"answers must be the list of annotator answers, got {answers!r}.")
-    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    pred = normalize(prediction)
+    VQAv2): the mean over leave-one-out subsets of min(#matches / 3, 1), normalized as the
+    current official script does (module docstring)."""
+    if isinstance(answers, str):
+        raise UserInputError(f"answers must be the list of annotator answers, got {answers!r}.")
+    if len(answers) < 2:
+        raise UserInputError(
+            f"vqa_accuracy got {len(answers)} annotator answer(s) {list(answers)!r}; its "
+            "leave-one-out formula needs several (VQAv2 has 10): score one true answer with "
+            "shapes_scores.vqa_exact_match.")
+    answers = [_spaces(a) for a in answers]
+    pred = _spaces(prediction)
     if len(set(answers)) > 1:
-        answers = [strip_punctuation(a) for a in answers]
+        answers = [normalize(a) for a in answers]
+        pred = normalize(pred)
     scores = []
     for i in range(len(answers)):
         matches = sum(a == pred for j, a in enumerate(answers) if j != i)

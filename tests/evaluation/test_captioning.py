@@ -15,6 +15,23 @@ def test_ptb_tokenizer_lowercases_and_drops_punctuation():
     assert out == {0: ["a red circle on a table"], 1: ["two stars"]}
 
 
+def test_line_breaks_inside_a_caption_keep_every_caption_on_its_image():
+    # Java's tokenizer ends a line at each of these; one caption must stay one line.
+    breaks = ["\r", "\r\n", "\n", "\u2028", "\u2029", "\x0b", "\x0c", "\x85"]
+    captions = {i: [f"a red{b}circle", "a  blue\tsquare"] for i, b in enumerate(breaks)}
+    captions[len(breaks)] = ["two green triangles"]
+    out = captioning.tokenize(captions)
+    assert out == {**{i: ["a red circle", "a blue square"] for i in range(len(breaks))},
+                   len(breaks): ["two green triangles"]}
+    assert captioning.tokenize({}) == {}
+    refs = [["a red circle"], ["a blue square"], ["two green triangles"]]
+    clean = captioning.caption_metrics(["a red circle", "a blue square", "two green triangles"],
+                                       refs, ("CIDEr-D",))
+    broken = captioning.caption_metrics(["a red circle\r", "a blue\u2028square",
+                                         "two green triangles"], refs, ("CIDEr-D",))
+    assert broken == clean
+
+
 def test_bleu_and_rouge_by_hand():
     # hyp  "a red circle on a table" vs ref "a red circle on the table" (6 tokens each):
     # clipped n-gram precisions 5/6, 3/5, 2/4, 1/3; no brevity penalty, so

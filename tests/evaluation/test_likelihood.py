@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import likelihood
 from cm3leon_jax.model.decoder import Decoder
 from tests.model.model_testlib import random_params, tiny_config
@@ -82,3 +83,20 @@ def test_bad_pairs_are_refused_with_what_to_change():
     with pytest.raises(ValueError, match="at least one other"):
         likelihood.ranked_first(CONFIG, params, [[one]], [one])
     assert likelihood.sequence_log_likelihoods(CONFIG, params, [], []).shape == (0,)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([7, CONFIG.vocab_size], rf"target: token id {CONFIG.vocab_size} at position 1 is "
+                             rf"outside the vocabulary \[0, {CONFIG.vocab_size}\)"),
+    ([-1, 7], r"target: token id -1 at position 0 is outside"),
+    ([7.0, 8.5], r"target: token ids must be integers, got dtype float64 \(first 7.0\)"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(bad, match):
+    params = random_params(CONFIG)
+    one = np.array([5, 6], np.int32)
+    with pytest.raises(UserInputError, match="pair 1's " + match):
+        likelihood.sequence_log_likelihoods(CONFIG, params, [one, one], [one, np.array(bad)])
+    with pytest.raises(UserInputError, match="pair 0's prompt: token id"):
+        likelihood.token_log_probs(CONFIG, params, [[5, CONFIG.vocab_size + 3]], [one])
+    with pytest.raises(UserInputError, match=r"others\[0\]: token id -2 at position 1"):
+        likelihood.token_log_probs(CONFIG, params, [one], [one], [np.array([3, -2])])

@@ -163,3 +163,35 @@ def test_every_corpus_question_has_one_type_and_scores_by_type():
         shapes_tasks.vqa_question_type("Why is the sky blue?")
     with pytest.raises(ValueError, match="one of each per question"):
         shapes_scores.vqa_exact_match_by_type(questions[:2], answers[:1], truths[:2])
+
+
+def _twins(scene: shapes.Scene) -> shapes.Scene:
+    """`scene` with every shape in the first one's class and color, at its own place:
+    the captions must tell them apart ("the left red circle", "the bottom red circle")."""
+    first = scene.shapes[0]
+    return shapes.Scene(scene.image_size, scene.background, tuple(
+        shapes.make_shape(first.kind, first.color, s.size, s.x, s.y, s.side)
+        for s in scene.shapes))
+
+
+def test_every_true_caption_scores_one_when_shapes_share_class_and_color():
+    from cm3leon_jax.data import sft_examples
+    from cm3leon_jax.evaluation import sft_families
+    sampled = [shapes.sample_scene(np.random.default_rng(i), 64, min_objects=2)
+               for i in range(60)]
+    scenes = SCENES + sampled + [_twins(s) for s in sampled]
+    # refer() writes every rank word for some of these scenes.
+    ranks = {shapes_tasks.refer(s, i).split()[1] for s in scenes for i in range(len(s.shapes))}
+    assert set(shapes_scores._RANKS) <= ranks
+    rng = np.random.default_rng(0)
+    captions = [[*shapes_tasks.captions(s, rng), sft_examples.long_caption(s)] for s in scenes]
+    for i in range(5):
+        got = shapes_scores.caption_metrics([c[i] for c in captions], scenes)
+        assert set(got.values()) == {1.0}, (i, got)
+    assert shapes_scores.caption_objects("a red circle; the bottom large red circle is "
+                                         "below the top red circle") == [("circle", "red")]
+    # The SFT families that grade captions, on the corpus' own examples.
+    for family in ("caption", "long_caption"):
+        for index in range(80):
+            example = sft_examples.corpus_example(0, "test", index, 64, family)
+            assert sft_families.score_text(family, example.output, example)["exact"] == 1.0

@@ -2,6 +2,7 @@
 
 import pytest
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import vqa
 
 
@@ -26,16 +27,33 @@ def test_leave_one_out_accuracy_by_hand():
     # k = 3: (3*2/3 + 7*1) / 10 = 0.9;    k = 4: 1.0.
     for k, want in ((0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)):
         answers = ["yes"] * k + ["no"] * (10 - k)
-        assert vqa.vqa_accuracy("Yes", answers) == pytest.approx(want)
-    assert vqa.vqa_accuracy("Two", ["2"] * 10) == 1.0
-    # Disagreeing annotators: their punctuation is cleaned ("t-shirt" -> "t shirt").
+        assert vqa.vqa_accuracy("yes", answers) == pytest.approx(want)
+    # Disagreeing annotators: their answers are normalized fully ("t-shirt" -> "t shirt").
     assert vqa.vqa_accuracy("t shirt", ["t-shirt"] * 3 + ["shirt"] * 7) == pytest.approx(0.9)
-    assert vqa.vqa_score(["yes", "Two"], [["yes"] * 2 + ["no"] * 8, ["2"] * 10]) == \
+    assert vqa.vqa_score(["yes", "2"], [["yes"] * 2 + ["no"] * 8, ["2"] * 10]) == \
         pytest.approx(100 * (0.6 + 1.0) / 2)
+
+
+def test_the_current_official_script_normalizes_only_when_annotators_disagree():
+    # vqaEval.py since 2021: with disagreeing annotators their answers lose articles and
+    # number words too ("a dog" -> "dog": 7 annotators agree), and so does the prediction.
+    assert vqa.vqa_accuracy("dog", ["a dog"] * 5 + ["dog"] * 2 + ["cat"] * 3) == 1.0
+    assert vqa.vqa_accuracy("Two.", ["two"] * 3 + ["2"] * 2 + ["3"] * 5) == 1.0
+    assert vqa.vqa_accuracy("white", ["white"] * 2 + ["a white"] * 4 + ["black"] * 4) == 1.0
+    # With every annotator alike nothing is normalized but spaces: "Two" is not "2".
+    assert vqa.vqa_accuracy("Two", ["2"] * 10) == 0.0
+    assert vqa.vqa_accuracy(" 2\n", ["2"] * 10) == 1.0
+    assert vqa.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+    # Its period rule stops after 32 periods (re.UNICODE passed as sub's count).
+    assert vqa.normalize("." * 40 + "x") == "." * 8 + "x"
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="list of annotator answers"):
         vqa.vqa_accuracy("yes", "yes")
+    for answers in ([], ["red"]):
+        with pytest.raises(UserInputError, match=rf"got {len(answers)} annotator answer.*"
+                                                 r"VQAv2 has 10.*vqa_exact_match"):
+            vqa.vqa_accuracy("red", answers)
     with pytest.raises(ValueError, match="2 predictions for 1 questions"):
         vqa.vqa_score(["a", "b"], [["a"]])
