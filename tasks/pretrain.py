@@ -6,6 +6,9 @@ mode, see `cm3leon_jax/data/shards.py`) with the vocabulary in
 CM3 transform, and yields `targets` + `loss_weights` for
 `CM3FeatureConverter`. Data folders come from gin (`data_dirs.*`) and are read
 only when a dataset is requested, so importing this module needs no data.
+A query document longer than the training `seq_len` allows is refused when the dataset
+is built (`preprocess.check_fits`), not dropped by the length filter without a word (or,
+when none fits, left to an empty dataset that seqio repeats forever).
 
     task                              data            neighbors used
     cm3leon_synthetic                 built-in        k ~ retrieval_augment.k_probs
@@ -24,7 +27,7 @@ import gin
 import seqio
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import preprocessors, shards
+from cm3leon_jax.data import preprocess, preprocessors, shards
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -58,10 +61,16 @@ def _read(split: str, shuffle_files: bool, seed: int | None = None, *, corpus: s
     return shards.read_split(_data_dir(corpus), split)
 
 
+def _check_fits(config, *, corpus: str) -> None:
+    preprocess.check_fits(config, _data_dir(corpus))
+
+
 def _register(name: str, corpus: str, retrieval: bool) -> None:
     vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
-    augment = (preprocessors.retrieval_augment if retrieval else
-               functools.partial(preprocessors.retrieval_augment, k_probs=(1.0,)))
+    augment = functools.partial(preprocessors.retrieval_augment,
+                                check_fits=functools.partial(_check_fits, corpus=corpus))
+    if not retrieval:
+        augment = functools.partial(augment, k_probs=(1.0,))
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(

@@ -70,6 +70,17 @@ class AugmentConfig:
         return self.seq_len - 3 * self.max_spans
 
 
+def check_sentinels(config: AugmentConfig, layout: IdLayout) -> None:
+    """Raises UserInputError when `config.max_spans` spans could need more sentinels than the
+    layout has: the example that draws them would fail mid-training instead of up front."""
+    if config.mean_spans > 0 and config.max_spans > layout.num_sentinels:
+        raise UserInputError(
+            f"retrieval_augment.max_spans={config.max_spans} is more than the vocabulary's "
+            f"{layout.num_sentinels} sentinels (preprocess.num_sentinels, in the data folder's "
+            f"vocab/layout.json): each CM3 span needs its own. Bind retrieval_augment.max_spans "
+            f"<= {layout.num_sentinels}, or preprocess into a new folder with more sentinels.")
+
+
 def choose_neighbors(num_candidates: int, rng: np.random.Generator,
                       config: AugmentConfig) -> list[int]:
     """Indices of the neighbors to use, in their stored (relevance) order."""

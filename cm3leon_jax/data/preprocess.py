@@ -12,8 +12,12 @@ batches with the jit-compiled image tokenizer, encodes the text, and writes
 atomic rename (`shard_state.py` owns a shard's files and states), so a
 rerun skips finished shards and a killed run loses at most the shards in
 flight. After the pipeline the driver writes
-`manifest.json`: documents per split and every skipped pair counted by reason
-with a sample of their ids. Nothing is dropped silently.
+`manifest.json`: documents per split, every skipped pair counted by reason
+with a sample of their ids, and each split's longest document (`max_tokens`),
+so that a training seq_len it does not fit is refused (`check_fits`) instead of
+filtered. Nothing is dropped silently. `plan.json` records the source, the shard
+layout and the settings that decide the records (`plan_settings`); a rerun with
+others into the same folder is refused (`check_plan`).
 
 Documents are `caption <break> image` (or `image <break> caption` with
 probability `image_first_prob`), one caption per image, chosen by a hash of
@@ -73,7 +77,10 @@ class TfdsSource:
     def num_examples(self, split: str) -> int:
         info = self.builder_fn().info
         if split not in info.splits:
-            raise UserInputError(f"source has no split {split!r}; it has {sorted(info.splits)}.")
+            raise UserInputError(
+                f"source has no split {split!r}; it has {sorted(info.splits)}. Name only those "
+                "in preprocess.splits, e.g. --gin.preprocess.splits=\"('train', "
+                "'validation')\" (gin_configs/runs/preprocess_user.gin binds that).")
         return info.splits[split].num_examples
 
     def identity(self) -> str | None:
@@ -184,9 +191,13 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
     """Writes one shard (and its retrieval vectors) then its stats, each atomically;
     the stats file marks the shard done. Returns the stats."""
     tokenizer.skipped.clear()
+    longest = None  # of the written documents: which training lengths fit (`check_fits`)
 
     def batch_docs(pairs, checked):
+        nonlocal longest
         made = list(tokenizer.documents(pairs, checked))
+        for doc, _, _ in made:
+            longest = max(longest or 0, int(doc.ids.size))
         if vectors is not None and made:
             docs, captions, images = zip(*made)
             vectors.add(docs, captions, images)
@@ -211,7 +222,8 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
     if vectors is not None:
         vectors.write(files)
     stats = {"split": spec.split, "written": written, "read": spec.stop - spec.start,
-             "skipped": {r: ids for r, ids in tokenizer.skipped.items()}}
+             "skipped": {r: ids for r, ids in tokenizer.skipped.items()},
+             "max_tokens": longest}
     files.write_stats(stats)
     return stats
 
@@ -219,16 +231,32 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
 PLAN_FILE = shards.PLAN_FILE
 
 
-def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec]) -> None:
-    """Records the source and its shard layout in MODEL_DIR/plan.json on the first run, and
-    refuses a rerun whose source or layout differs (`shards.check_plan`): its shards would
-    sit beside the earlier ones (a split read as both) and keep neighbors from an earlier
-    memory bank."""
-    plan = {"source": source.identity(), "shards": shards.plan_layout(specs)}
+def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec],
+               settings: dict | None = None) -> None:
+    """Records the source, its shard layout and the `plan_settings` in MODEL_DIR/plan.json on
+    the first run, and refuses a rerun where one differs (`shards.check_plan`): its shards
+    would sit beside the earlier ones (a split read as both), and finished shards would keep
+    records and neighbors made with the earlier settings. A plan.json from before the
+    settings were recorded is checked for the source and layout only."""
+    plan = {"source": source.identity(), "shards": shards.plan_layout(specs), **(settings or {})}
     planned = [shards.shard_path(model_dir, s.split, s.index, s.num_shards) for s in specs]
     patterns = [shards.shard_pattern(model_dir, split) for split in plan["shards"]]
     shards.check_plan(model_dir, plan, planned, patterns, who="preprocessing",
-                      settings="preprocess.docs_per_shard")
+                      settings="preprocess.docs_per_shard or a setting named here",
+                      optional=list(settings or {}))
+
+
+def plan_settings(*, seq_len: int, max_text_tokens: int, image_first_prob: float,
+                  text_vocab_size: int, num_sentinels: int,
+                  retrieval: retrieval_pass.RetrievalConfig | None) -> dict:
+    """The settings that decide the records, by their gin names, for plan.json: which
+    documents are skipped, their layout, the vocabulary made for them, and their neighbors
+    (`retrieval_pass.plan_entry`)."""
+    return {"preprocess.seq_len": seq_len, "preprocess.max_text_tokens": max_text_tokens,
+            "preprocess.image_first_prob": image_first_prob,
+            "preprocess.text_vocab_size": text_vocab_size,
+            "preprocess.num_sentinels": num_sentinels,
+            "preprocess.retrieval": retrieval_pass.plan_entry(retrieval)}
 
 
 def is_done(spec: ShardSpec, out_dir: str,
@@ -243,19 +271,85 @@ def is_done(spec: ShardSpec, out_dir: str,
 
 
 def manifest(specs: Sequence[ShardSpec], out_dir: str) -> dict:
-    """Sums every shard's stats into the manifest (counts and sample ids)."""
+    """Sums every shard's stats into the manifest (counts and sample ids) and, per split, its
+    longest written document (`max_tokens`; None with none written), unless a shard's stats
+    are from before that was recorded."""
     splits: dict = {}
     for spec in specs:
         stats = ShardFiles.of(out_dir, spec).read_stats()
         s = splits.setdefault(spec.split, {"read": 0, "written": 0, "skipped": {},
-                                           "skipped_sample_ids": {}})
+                                           "skipped_sample_ids": {}, "max_tokens": None})
         s["read"] += stats["read"]
         s["written"] += stats["written"]
+        if "max_tokens" not in stats or "max_tokens" not in s:
+            s.pop("max_tokens", None)
+        elif stats["max_tokens"] is not None:
+            s["max_tokens"] = max(s["max_tokens"] or 0, stats["max_tokens"])
         for reason, ids in stats["skipped"].items():
             s["skipped"][reason] = s["skipped"].get(reason, 0) + len(ids)
             sample = s["skipped_sample_ids"].setdefault(reason, [])
             sample.extend(ids[:MAX_SAMPLE_IDS - len(sample)])
     return {"splits": splits, "shards": len(specs)}
+
+
+TRAINING_SPLITS = ("train", "validation")
+
+
+def check_fits(config: AugmentConfig, data_dir: str) -> None:
+    """Raises UserInputError when a query document of the folder is longer than
+    `config.budget` (the training seq_len less the CM3 reserve): the length filter would
+    drop it without a word, and when it drops a whole split, seqio repeats the empty
+    dataset forever. The longest documents come from the manifest; a folder preprocessed
+    before they were recorded is counted from its shards, and there only a split of which
+    none fits is refused (the count of the others' dropped documents is logged). Only the
+    splits a training run reads count (train, and validation for its held-out loss): the
+    test split's documents are left to the runs that read them."""
+    path = fs.join(data_dir, "manifest.json")
+    recorded = fs.read_json(path) if fs.exists(path) else {}
+    counts = recorded.get("splits", {})
+    if counts and all("max_tokens" in c for c in counts.values()):
+        over = {split: c["max_tokens"] for split, c in counts.items()
+                if split in TRAINING_SPLITS and c["max_tokens"] is not None
+                and c["max_tokens"] > config.budget}
+        if over:
+            split, longest = max(over.items(), key=lambda kv: kv[1])
+            raise UserInputError(_too_long(config, data_dir, recorded.get("seq_len"),
+                                           f"{split!r} documents of up to {longest} tokens",
+                                           longest))
+        return
+    for split in shards.written_splits(data_dir):
+        if split not in TRAINING_SPLITS:
+            continue
+        lengths = shards.query_lengths(data_dir, split)
+        dropped = int((lengths > config.budget).sum())
+        if dropped and dropped == lengths.size:
+            raise UserInputError(_too_long(
+                config, data_dir, recorded.get("seq_len"), f"{split!r} documents of up to "
+                f"{lengths.max()} tokens (all {dropped} of them)", int(lengths.max())))
+        if dropped:
+            logging.warning(
+                "%s: %d of %d %r documents are longer than train.seq_len=%d allows (%d tokens "
+                "beside the CM3 reserve); training leaves them out. Its manifest predates "
+                "recording the longest documents: preprocess it again into a new folder to "
+                "have them refused instead.", data_dir, dropped, lengths.size, split,
+                config.seq_len, config.budget)
+
+
+def _too_long(config: AugmentConfig, data_dir: str, seq_len: int | None, what: str,
+              longest: int) -> str:
+    """check_fits's message: the settings that make `longest` not fit, and what fits it."""
+    reserve = config.seq_len - config.budget
+    spans = (config.seq_len - longest) // 3
+    fewer_spans = (f", or bind retrieval_augment.max_spans <= {spans} (its CM3 reserve, "
+                   f"3 * max_spans = {reserve} tokens, is what leaves too little room)"
+                   if spans >= 1 else "")
+    made = f" The folder was preprocessed with preprocess.seq_len={seq_len}." if seq_len else ""
+    return (f"{data_dir!r} has {what} longer than train.seq_len={config.seq_len} allows "
+            f"({config.budget} fit beside the CM3 reserve of 3 * retrieval_augment.max_spans "
+            f"= {reserve}): training would drop them without a word.{made} Train with "
+            f"train.seq_len >= {longest + reserve}{fewer_spans}, or preprocess "
+            f"into a new folder with preprocess.seq_len={config.seq_len} (which skips the "
+            "longer documents, counted in its manifest).")
 
 
 def train_vocabulary(source: TfdsSource, image_tokenizer, directory: str, *,
@@ -414,7 +508,11 @@ def preprocess(model_dir: str,
             "output folder for a different image tokenizer.")
     budget = AugmentConfig(seq_len=seq_len).budget
     specs = plan_shards(source, splits, docs_per_shard)
-    check_plan(model_dir, source, specs)
+    check_plan(model_dir, source, specs, plan_settings(
+        seq_len=seq_len, max_text_tokens=max_text_tokens, image_first_prob=image_first_prob,
+        text_vocab_size=text_vocab_size, num_sentinels=num_sentinels, retrieval=retrieval))
+    if retrieval is None:  # A folder from before plan.json recorded the setting.
+        retrieval_pass.check_none_before(model_dir)
     todo = [s for s in specs if not is_done(s, model_dir, retrieval)]
     logging.info("preprocess: %d shards, %d already done", len(specs), len(specs) - len(todo))
 
@@ -424,6 +522,7 @@ def preprocess(model_dir: str,
                              gin_config=gin.config_str())
         run_pipeline(todo, worker, runner, pipeline_options)
     result = manifest(specs, model_dir)
+    result["seq_len"] = seq_len
     result["source_report"] = source.report()
     if retrieval is not None:
         result["retrieval"] = _retrieve(specs, todo, model_dir, retrieval, runner,

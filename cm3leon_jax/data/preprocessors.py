@@ -44,8 +44,10 @@ def retrieval_augment(dataset: tf.data.Dataset,
 
     The sequence length comes from the task's `sequence_length["targets"]`; k_probs,
     mean_spans, max_spans and neighbors_in_query_order are `augment.AugmentConfig`'s.
-    `check_fits(config)`, when given, raises before anything is read if no example can fit
-    `config.budget`: seqio repeats a dataset that the length filter left empty forever.
+    `check_fits(config)`, when given, raises before anything is read if an example cannot
+    fit `config.budget`: the length filter would drop it without a word, and seqio repeats
+    a dataset that the filter left empty forever. `max_spans` beyond the layout's sentinels
+    is refused here too (`augment.check_sentinels`).
     """
     if not sequence_length or "targets" not in sequence_length:
         raise ValueError("retrieval_augment needs sequence_length['targets'] "
@@ -54,9 +56,10 @@ def retrieval_augment(dataset: tf.data.Dataset,
                                    k_probs=tuple(k_probs),
                                    mean_spans=mean_spans, max_spans=max_spans,
                                    neighbors_in_query_order=neighbors_in_query_order)
+    layout = output_features["targets"].vocabulary.layout
+    augment.check_sentinels(config, layout)
     if check_fits is not None:
         check_fits(config)
-    layout = output_features["targets"].vocabulary.layout
     fn = functools.partial(_make_example, layout=layout, config=config)
 
     @seqio.map_over_dataset(num_seeds=1)

@@ -28,6 +28,7 @@ every shard's neighbors.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 import zlib
@@ -39,6 +40,7 @@ import numpy as np
 from cm3leon_jax import fs
 from cm3leon_jax.data import shards
 from cm3leon_jax.data.shard_state import ShardFiles, bank_dir, forget_neighbors, retrieval_dir
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbors import materialize
@@ -68,6 +70,46 @@ class RetrievalConfig:
     bank_split: str = "train"
     search_batch: int = 512
     seed: int = 0
+
+
+def plan_entry(config: RetrievalConfig | None) -> dict | None:
+    """What of `config` decides the neighbors written, for preprocessing's plan.json: the
+    encoder (its absolute path), bank split, seed, selection rules and index (not
+    `search_batch` or the index's training threads, which change none of them)."""
+    if config is None:
+        return None
+    index = dataclasses.asdict(config.index)
+    index.pop("training_threads", None)
+    return {"encoder_dir": fs.abspath(config.encoder_dir), "bank_split": config.bank_split,
+            "seed": config.seed, "selection": dataclasses.asdict(config.selection),
+            "index": index}
+
+
+def check_none_before(data_dir: str) -> None:
+    """Raises UserInputError when a rerun without retrieval finds a folder preprocessed with
+    it: its finished shards would keep their neighbors (plan.json records this only since
+    the settings were added to it)."""
+    if fs.exists(os.path.join(retrieval_dir(data_dir), RETRIEVAL_JSON)):
+        raise UserInputError(
+            f"{data_dir} was preprocessed with retrieval (it has {RETRIEVAL_JSON}), now "
+            "preprocess.retrieval = None: its shards would keep their neighbors. Give "
+            "preprocessing a new MODEL_DIR, or rerun it with the earlier RetrievalConfig.")
+
+
+def _check_same_as_built(meta: dict, config: RetrievalConfig, meta_path: str) -> None:
+    """Raises UserInputError when `config`'s selection rules are not those the neighbors at
+    `meta_path` were found with (a folder whose plan.json predates recording them); fields
+    it did not record are not compared. Not the encoder's path: a folder copied with its
+    encoder would be refused."""
+    then = meta.get("selection", {})
+    now = json.loads(json.dumps(dataclasses.asdict(config.selection)))
+    differ = [f"SelectionConfig.{k}: {then.get(k)} then, {v} now"
+              for k, v in now.items() if k in then and then[k] != v]
+    if differ:
+        raise UserInputError(
+            f"{meta_path} was made with another retrieval setting ({'; '.join(differ)}): "
+            "its neighbors would be kept. Give preprocessing a new MODEL_DIR, or rerun it "
+            "with the earlier SelectionConfig.")
 
 
 class VectorWriter:
@@ -116,7 +158,9 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     out = retrieval_dir(data_dir)
     meta_path = os.path.join(out, RETRIEVAL_JSON)
     if not bank_changed and fs.exists(meta_path):
-        return fs.read_json(meta_path)
+        meta = fs.read_json(meta_path)
+        _check_same_as_built(meta, config, meta_path)
+        return meta
     if not fs.isdir(bank_dir(data_dir)):
         raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
                          "memory bank to retrieve from; check the manifest's skip counts.")

@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError
@@ -83,6 +85,9 @@ def shard_pattern(directory: str, split: str) -> str:
     return os.path.join(directory, f"{split}-*-of-*.tfrecord")
 
 
+_SHARD_NAME = re.compile(r"(.+)-\d{5,}-of-\d{5,}\.tfrecord")
+
+
 def write_records(docs: Iterable[TokenizedDocument], path: str) -> int:
     """Writes docs to one TFRecord file; returns how many."""
     n = 0
@@ -116,12 +121,31 @@ def read_file(path: str) -> tf.data.Dataset:
 def read_split(directory: str, split: str, made_by: str = "preprocess") -> tf.data.Dataset:
     """The split's records in a fixed order (files sorted, read in turn). `made_by` is the
     run mode that writes the folder (`preprocess` or `sft_preprocess`), for the error."""
+    return read_records(directory, split, made_by).map(parse)
+
+
+def read_records(directory: str, split: str, made_by: str = "preprocess") -> tf.data.Dataset:
+    """`read_split`'s serialized records, unparsed."""
     files = sorted(fs.glob(shard_pattern(directory, split)))
     if not files:
         raise MissingInputError(
             f"no shards for split {split!r} in {directory!r}; run the "
             f"`{made_by}` mode first (see gin_configs/runs/{made_by}.gin).")
-    return tf.data.TFRecordDataset(files).map(parse)
+    return tf.data.TFRecordDataset(files)
+
+
+def written_splits(directory: str) -> list[str]:
+    """The splits that have shard files in `directory`, sorted."""
+    names = (os.path.basename(p) for p in fs.glob(shard_pattern(directory, "*")))
+    return sorted({m.group(1) for m in map(_SHARD_NAME.fullmatch, names) if m})
+
+
+def query_lengths(directory: str, split: str) -> np.ndarray:
+    """int64[n]: the token count of every document (its `ids`) of the split's shards."""
+    ids = {"ids": FEATURES["ids"]}
+    lengths = read_records(directory, split).map(
+        lambda r: tf.size(tf.io.parse_single_example(r, ids)["ids"].values, tf.int64))
+    return np.fromiter(lengths.as_numpy_iterator(), np.int64)
 
 
 def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
@@ -143,7 +167,7 @@ def plan_layout(specs: Iterable[Any], key=lambda spec: spec.split) -> dict[str, 
 
 
 def check_plan(model_dir: str, plan: dict, planned: Iterable[str], patterns: Iterable[str],
-               *, who: str, settings: str) -> None:
+               *, who: str, settings: str, optional: Sequence[str] = ()) -> None:
     """Records `plan` in MODEL_DIR/plan.json on the first run, and refuses a rerun whose
     plan differs: its shards would sit beside the earlier ones (a split read as both, or
     records of another source, length or layout kept as done).
@@ -157,6 +181,9 @@ def check_plan(model_dir: str, plan: dict, planned: Iterable[str], patterns: Ite
         checked when plan.json is absent (a folder from before plan.json).
       who: the run mode, for the messages ("preprocessing", "sft_preprocess").
       settings: the bindings that change a plan, for the messages.
+      optional: keys of `plan` recorded since plan.json was first written (the settings
+        that decide the records, by their gin names): a plan.json without one is accepted
+        with a warning, and a changed one is named down to the field that changed.
     """
     path = fs.join(model_dir, PLAN_FILE)
     if not fs.exists(path):  # A first run, or a folder from before plan.json.
@@ -168,18 +195,47 @@ def check_plan(model_dir: str, plan: dict, planned: Iterable[str], patterns: Ite
                 f"{model_dir} holds shards of another layout ({name}, ...): give {who} a "
                 "new MODEL_DIR, or empty this one.")
         fs.makedirs(model_dir)
-        fs.write_json(path, plan)
+        # Shards made before plan.json: their layout is checked above, their settings are not
+        # known, so none is recorded for them.
+        fs.write_json(path, {k: v for k, v in plan.items() if not (found and k in optional)})
         return
     earlier = fs.read_json(path)
     plan = json.loads(json.dumps(plan))  # Tuples as lists, as plan.json holds them.
+    unrecorded = [k for k in optional if k not in earlier]
+    if unrecorded:
+        logging.warning("%s predates recording %s in it: a rerun with other values of them "
+                        "cannot be told apart.", path, ", ".join(unrecorded))
+    plan = {k: v for k, v in plan.items() if k not in unrecorded}
     if earlier != plan:
-        differ = [f"{k}: {earlier.get(k)} then, {plan.get(k)} now"
-                  for k in dict.fromkeys([*plan, *earlier]) if earlier.get(k) != plan.get(k)]
+        differ = _differences(earlier, plan, nested=optional)
+        what = ("with other settings" if any(earlier.get(k) != plan.get(k) for k in optional)
+                else "from another source or shard layout")
+        layout = ("; shards as [count, records]" if earlier.get("shards") != plan.get("shards")
+                  else "")
         raise UserInputError(
-            f"{model_dir} was preprocessed from another source or shard layout ("
-            f"{'; '.join(differ)}; shards as [count, records]): the source changed or "
-            f"{settings} did. Give {who} a new MODEL_DIR (or delete this one); its shards "
-            "would mix with the new ones.")
+            f"{model_dir} was preprocessed {what} ({'; '.join(differ)}{layout}): the source "
+            f"changed or {settings} did. Give {who} a new MODEL_DIR "
+            "(or delete this one), or rerun it with the earlier settings: the records and "
+            "neighbors it has would be kept as done, or mixed with the new ones.")
+
+
+def _differences(earlier: dict, now: dict, nested: Sequence[str] = (), prefix: str = ""
+                 ) -> list[str]:
+    """`key: value then, value now` for each key that differs; the keys in `nested` (and
+    the dicts under them) name each changed field, `key.field`."""
+    def shown(value, other):
+        return "{...}" if isinstance(value, dict) and not isinstance(other, dict) else value
+
+    out = []
+    for k in dict.fromkeys([*earlier, *now]):
+        a, b = earlier.get(k), now.get(k)
+        if a == b:
+            continue
+        if (prefix or k in nested) and isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, prefix=f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: {shown(a, b)} then, {shown(b, a)} now")
+    return out
 
 
 def write_manifest(directory: str, manifest: dict) -> str:

@@ -2,7 +2,10 @@
 
 The model is trained so that every string round-trips exactly
 (`decode(encode(s)) == s`): no normalization, no dummy prefix, whitespace kept,
-and byte fallback for characters the model never saw. Its only special piece is
+and byte fallback for characters the model never saw. SentencePiece reads U+2581
+("▁") as its whitespace symbol and decodes it to a space, so `encode` writes that
+character as its three UTF-8 byte pieces instead (text without it is encoded as
+SentencePiece encodes it). Its only special piece is
 `<unk>` (id 0, never produced thanks to byte fallback); padding, end of
 document and the rest live in the multimodal layout (`layout.py`), not here.
 """
@@ -19,6 +22,8 @@ import sentencepiece as spm
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 
+_META = "\u2581"  # SentencePiece's whitespace symbol, a character of its own in text.
+
 
 class TextTokenizer:
     """A loaded SentencePiece model: `encode(str) -> int32[n]`, `decode(ids) -> str`."""
@@ -27,6 +32,9 @@ class TextTokenizer:
         self._proto = model_proto
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        # U+2581's byte pieces; None for a model without byte fallback.
+        pieces = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
+        self._meta_ids = pieces if all(self._sp.is_byte(i) for i in pieces) else None
 
     @classmethod
     def load(cls, path: str) -> "TextTokenizer":
@@ -93,7 +101,12 @@ class TextTokenizer:
         """str -> int32[n] piece ids in [0, vocab_size)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}.")
-        return np.asarray(self._sp.encode(text), dtype=np.int32)
+        if _META not in text or self._meta_ids is None:
+            return np.asarray(self._sp.encode(text), dtype=np.int32)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_META)):
+            ids += (self._meta_ids if i else []) + self._sp.encode(part)
+        return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
         """int[n] piece ids -> str."""

@@ -58,8 +58,9 @@ def _run(source, out, text_vocab_size=300, **kw):
 
 def test_synthetic_corpus_round_trips_through_shards(synthetic_source, tmp_path):
     result = _run(synthetic_source, tmp_path)
-    assert result["splits"]["train"] == {"read": 24, "written": 24, "skipped": {},
-                                         "skipped_sample_ids": {}}
+    train = dict(result["splits"]["train"])
+    assert 64 < train.pop("max_tokens") <= 512 - 24  # an image and its caption, fitting
+    assert train == {"read": 24, "written": 24, "skipped": {}, "skipped_sample_ids": {}}
     assert result["shards"] == 3 + 1 + 1
     assert result["source_report"] is None  # the synthetic corpus rejects nothing
     assert json.load(open(tmp_path / "manifest.json")) == result

@@ -1,13 +1,17 @@
 """The preprocess mode with retrieval: vectors, bank and index, neighbors in the shards."""
 
+import dataclasses
 import functools
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from cm3leon_jax.data import preprocess as pp
 from cm3leon_jax.data import retrieval_pass, shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval.retriever import Retriever
 from tests.data.test_preprocess import tiny_image_tokenizer
 from tests.retrieval.retrieval_testlib import SELECTION, save_random_encoder
@@ -88,3 +92,24 @@ def test_rerun_skips_and_a_retokenized_shard_gives_the_same_shards(built, source
         for doc_id, r in expected[split].items():
             for key in ("ids", "neighbor_ids", "neighbor_lengths", "neighbor_doc_ids"):
                 np.testing.assert_array_equal(got[doc_id][key], r[key])
+
+
+def test_a_rerun_with_other_retrieval_settings_is_refused(built, source, retrieval, tmp_path):
+    """Finished shards would keep neighbors found with the earlier settings: refused, with
+    the setting named; a folder whose plan.json predates the settings is checked against
+    its retrieval.json instead."""
+    out = shutil.copytree(built[0], tmp_path / "data")
+    fewer = dataclasses.replace(retrieval, selection=dataclasses.replace(SELECTION, k=1))
+    with pytest.raises(UserInputError, match=r"preprocess.retrieval.selection.k: 3 then, 1 now"
+                                             r".*new MODEL_DIR"):
+        _run(source, out, fewer)
+    with pytest.raises(UserInputError, match=r"preprocess.retrieval: \{...\} then, None now"):
+        _run(source, out, None)
+    plan = json.loads((out / pp.PLAN_FILE).read_text())
+    (out / pp.PLAN_FILE).write_text(json.dumps({k: plan[k] for k in ("source", "shards")}))
+    with pytest.raises(UserInputError, match=r"retrieval.json was made with another retrieval "
+                                             r"setting \(SelectionConfig.k: 3 then, 1 now\)"):
+        _run(source, out, fewer)
+    with pytest.raises(UserInputError, match="preprocessed with retrieval"):
+        _run(source, out, None)
+    assert _run(source, out, retrieval) == built[1]  # the earlier settings: accepted

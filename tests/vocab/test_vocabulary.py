@@ -87,6 +87,23 @@ def test_text_round_trips_exactly(vocab, text):
     assert vocab.decode(vocab.encode(text)) == text
 
 
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.sampled_from(["\u2581", " ", "a", "red", "\u00e9", "\U0001f600"]),
+                max_size=12).map("".join))
+def test_text_with_sentencepiece_whitespace_symbol_round_trips(vocab, text):
+    # U+2581 is SentencePiece's whitespace symbol; as a character of the text it must come
+    # back as itself, not as a space.
+    assert vocab.decode(vocab.encode(text)) == text
+    assert vocab.text_tokenizer.decode(vocab.text_tokenizer.encode(text)) == text
+
+
+def test_text_without_the_whitespace_symbol_keeps_sentencepiece_ids(vocab):
+    tokenizer = vocab.text_tokenizer
+    for caption in CAPTIONS[:8] + [" a  red\tcircle ", "caf\u00e9 \U0001f600"]:
+        assert tokenizer.encode(caption).tolist() == tokenizer._sp.encode(caption)
+    assert tokenizer.decode(tokenizer.encode("bar\u2581chart")) == "bar\u2581chart"
+
+
 # --- seqio vocabulary -------------------------------------------------------
 
 def test_vocabulary_directory_reopens_equal(vocab):
