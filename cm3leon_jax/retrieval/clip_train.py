@@ -7,13 +7,16 @@ Pairs come from the caller (`train_pairs`, `test_pairs`: images and their captio
 the run file binds `data/synthetic.py`'s `synthetic_pairs`, the tokenized corpus's
 own scenes (same seeding, no TensorFlow), so the encoder sees what the bank holds. Each step
 pairs every image of the batch with one of its four captions at random and
-minimizes the symmetric InfoNCE loss of CLIP (learnable temperature, capped at
-100 as in CLIP).
+minimizes the symmetric InfoNCE loss of CLIP (learnable temperature, clipped to at
+most 100 after each update as in CLIP).
 
 Checkpoints go to `MODEL_DIR/checkpoints/` through the decoder trainer's checkpointer
 (`train/checkpoints.py`: checksums, a save on SIGTERM, corrupt ones set aside): the
 weights, the optimizer state and the loop's random draws, so rerunning the same command
-resumes where the run stopped and ends exactly as an uninterrupted run.
+resumes where the run stopped and ends exactly as an uninterrupted run. The draws' record
+also keeps the batch size (a resume with another is refused: it would change the draws)
+and the learning-rate schedule's length (a resume with another is warned about: bind
+`decay_steps` to extend a run in pieces).
 
 Writes `MODEL_DIR/encoder/` (a HF-layout CLIP checkpoint + tokenizer, loadable by
 `DocumentEncoder.load` and by `transformers.CLIPModel`) and
@@ -61,7 +64,7 @@ def bucketed_tokens(token_lists, context: int, bucket: int = 8):
 
 def clip_loss(params, model: clip.CLIP, pixels, tokens, lengths):
     img, txt, scale = model.apply({"params": params}, pixels, tokens, lengths)
-    logits = jnp.exp(jnp.minimum(scale, MAX_LOGIT_SCALE)) * img @ txt.T
+    logits = jnp.exp(scale) * img @ txt.T  # `train_step` keeps scale <= MAX_LOGIT_SCALE.
     labels = jnp.arange(logits.shape[0])
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
@@ -94,12 +97,13 @@ def _decay_mask(params):
         lambda path, x: x.ndim >= 2 and "position" not in jax.tree_util.keystr(path), params)
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int, steps: int,
+def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int,
                    weight_decay: float) -> optax.GradientTransformation:
     """The shared builder (`train/optimizer.py`) with CLIP's settings: linear warm-up,
-    cosine decay to 0, AdamW(0.9, 0.98, eps 1e-6) behind global-norm clipping at 1."""
+    cosine decay to 0 at `decay_steps`, AdamW(0.9, 0.98, eps 1e-6) behind global-norm
+    clipping at 1."""
     schedule = optimizer.warmup_then_decay(learning_rate, warmup_steps, "cosine",
-                                           final_lr_fraction=0.0, total_steps=steps)
+                                           final_lr_fraction=0.0, total_steps=decay_steps)
     return optimizer.adamw(schedule, 0.9, 0.98, 1e-6, weight_decay, 1.0, mask=_decay_mask)
 
 
@@ -107,14 +111,18 @@ def make_optimizer(learning_rate: float, warmup_steps: int, steps: int,
 def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
                     train_pairs: Pairs = gin.REQUIRED, test_pairs: Pairs = gin.REQUIRED,
                     steps: int = 800, batch_size: int = 128, learning_rate: float = 1e-3,
-                    warmup_steps: int = 50, weight_decay: float = 0.1,
-                    seed: int = 0, log_every: int = 50, checkpoint_every: int = 200,
-                    keep_checkpoints: int = 2, write_tensorboard: bool = True,
-                    mirror: bool = False) -> dict:
+                    warmup_steps: int = 50, decay_steps: int | None = None,
+                    weight_decay: float = 0.1, seed: int = 0, log_every: int = 50,
+                    checkpoint_every: int = 200, keep_checkpoints: int = 2,
+                    write_tensorboard: bool = True, mirror: bool = False) -> dict:
     """Trains, evaluates and saves the encoder; returns the test metrics.
 
     train_pairs, test_pairs: (uint8[n, s, s, 3] images, a list of captions per image),
     e.g. `synthetic_pairs("train", 10_000, 64)`; at least 4 captions per train image.
+    decay_steps: the step at which the cosine decay of the learning rate ends (None:
+    `steps`). Bind it to extend a run in pieces (steps N, then 2N into the same MODEL_DIR)
+    and end as a straight run would; a resume whose schedule length differs from the
+    checkpoint's logs a warning. A resume with another batch_size is refused.
     Loss and in-batch accuracy go to MODEL_DIR/metrics.jsonl (and TensorBoard unless
     `write_tensorboard=False`) every `log_every` steps. A checkpoint is saved every
     `checkpoint_every` steps (the last `keep_checkpoints` kept), at the end, and on
@@ -124,11 +132,16 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     shape of the built-in corpus is its own mirror image).
     """
     logging.set_verbosity(logging.INFO)
-    if not 0 <= warmup_steps < steps:
-        raise UserInputError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, steps="
-                             f"{steps}); lower it, or train for more steps.")
+    decay = steps if decay_steps is None else decay_steps
+    name = "steps" if decay_steps is None else "decay_steps"
+    if not 0 <= warmup_steps < decay or steps < 1:
+        raise UserInputError(f"train_retriever.warmup_steps={warmup_steps} must be in [0, {name}="
+                             f"{decay}) and steps={steps} at least 1; lower it, or train for "
+                             "more steps.")
     cfg = clip_cfg or clip.ClipConfig.tiny()
     tokenizer = clip_tokenizer.WordTokenizer(cfg.vocab_size)
+    _check_pairs("train_pairs", train_pairs)
+    _check_pairs("test_pairs", test_pairs)
     images, captions = train_pairs
     if len(images) < batch_size or min(len(c) for c in captions) < 4:
         raise UserInputError(f"train_retriever.train_pairs: {len(images)} images (need >= "
@@ -146,8 +159,8 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     t0 = time.time()
     try:
         params, history, reached = _fit(cfg, images, tokens, make_optimizer(
-            learning_rate, warmup_steps, steps, weight_decay), steps, batch_size, seed,
-            log_every, writer, ckpt, mirrored)
+            learning_rate, warmup_steps, decay, weight_decay), steps, batch_size, seed,
+            log_every, writer, ckpt, mirrored, decay)
     finally:
         ckpt.close()
         writer.close()
@@ -167,6 +180,15 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     return metrics
 
 
+def _check_pairs(name: str, pairs: Pairs) -> None:
+    """UserInputError unless `pairs` holds one list of captions per image."""
+    images, captions = pairs
+    if len(images) != len(captions):
+        raise UserInputError(f"train_retriever.{name} holds {len(images)} images but "
+                             f"{len(captions)} caption lists; give one list of captions per "
+                             "image, in the images' order.")
+
+
 _SIDES = {"left": "right", "right": "left"}
 
 
@@ -178,13 +200,19 @@ def mirror_caption(caption: str) -> str:
 class PairDraws:
     """The loop's random draws (which images, which of their captions) and the history
     logged so far: the data position a checkpoint keeps beside the weights (saved and
-    restored by the checkpointer's `DataIteratorHandler`)."""
+    restored by the checkpointer's `DataIteratorHandler`). It also records the batch size
+    (`layout_difference`: the checkpointer refuses a resume with another, whose draws
+    would differ) and the learning-rate schedule's length (`saved_decay_steps` once
+    restored; None from a checkpoint written before it was recorded)."""
 
     FILE = "pair_draws.json"
 
-    def __init__(self, seed: int, history: list[dict] | None = None):
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, seed: int, history: list[dict] | None = None,
+                 batch_size: int | None = None, decay_steps: int | None = None):
+        self._seed, self.rng = seed, np.random.default_rng(seed)
         self.history = list(history or [])
+        self.batch_size, self.decay_steps = batch_size, decay_steps
+        self.saved_decay_steps: int | None = None
 
     def draw(self, num_images: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(image indices int[b], caption choices int[b] in [0, 4))."""
@@ -193,7 +221,7 @@ class PairDraws:
 
     def snapshot(self) -> "PairDraws":
         """A copy frozen now (an asynchronous save may write it after training goes on)."""
-        copy = PairDraws(0, self.history)
+        copy = PairDraws(0, self.history, self.batch_size, self.decay_steps)
         copy.rng.bit_generator.state = self.rng.bit_generator.state
         return copy
 
@@ -201,12 +229,26 @@ class PairDraws:
         if jax.process_index() == 0:
             fs.makedirs(directory)
             fs.write_json(fs.join(directory, self.FILE), {
-                "bit_generator": self.rng.bit_generator.state, "history": self.history})
+                "bit_generator": self.rng.bit_generator.state, "history": self.history,
+                "batch_size": self.batch_size, "decay_steps": self.decay_steps})
+
+    def layout_difference(self, directory: str) -> str | None:
+        """How the batch size saved under `directory` differs from this run's (None: it
+        fits, or the checkpoint predates the record)."""
+        saved = fs.read_json(fs.join(directory, self.FILE)).get("batch_size")
+        if saved is None or saved == self.batch_size:
+            return None
+        return f"batch_size {saved} in the checkpoint, {self.batch_size} now"
 
     def restore(self, directory: str) -> None:
         saved = fs.read_json(fs.join(directory, self.FILE))
         self.rng.bit_generator.state = saved["bit_generator"]
         self.history = saved["history"]
+        self.saved_decay_steps = saved.get("decay_steps")
+
+    def restart(self) -> None:
+        """Back to before `restore` (the checkpointer calls it after a failed read)."""
+        self.__init__(self._seed, None, self.batch_size, self.decay_steps)
 
 
 def pair_batch(draws: PairDraws, images: np.ndarray, tokens: list[list[list[int]]],
@@ -226,14 +268,18 @@ def pair_batch(draws: PairDraws, images: np.ndarray, tokens: list[list[list[int]
 
 def train_step(model: clip.CLIP, opt: optax.GradientTransformation) -> Callable:
     """The jitted step: (params, opt_state, pixels, tokens, lengths) -> (params, opt_state,
-    loss, in-batch accuracy)."""
+    loss, in-batch accuracy). The log-temperature is clipped to MAX_LOGIT_SCALE after the
+    update, as CLIP does: a cap inside the loss would leave it stuck above the cap (no
+    gradient there)."""
 
     @jax.jit
     def step(params, opt_state, pixels, tokens, lengths):
         (loss, acc), grads = jax.value_and_grad(clip_loss, has_aux=True)(
             params, model, pixels, tokens, lengths)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+        params = optax.apply_updates(params, updates)
+        params = {**params, "logit_scale": jnp.minimum(params["logit_scale"], MAX_LOGIT_SCALE)}
+        return params, opt_state, loss, acc
 
     return step
 
@@ -241,10 +287,12 @@ def train_step(model: clip.CLIP, opt: optax.GradientTransformation) -> Callable:
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
          log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
-         mirrored: list[list[list[int]]] | None = None) -> tuple[Any, list[dict], int]:
+         mirrored: list[list[list[int]]] | None = None, decay_steps: int | None = None
+         ) -> tuple[Any, list[dict], int]:
     """The loop: each step pairs `batch_size` random images with one caption each
     (`mirrored`: the captions' tokens with left and right swapped; then each pair is
-    mirrored with probability 1/2).
+    mirrored with probability 1/2). `decay_steps`: the schedule's length `opt` was built
+    with, recorded with each checkpoint (None: `steps`).
 
     Data-parallel on the shared mesh (`model/partitioning.py`): the batch is split by
     the `batch` rule, the weights replicated. Starts from `ckpt`'s newest checkpoint when
@@ -256,9 +304,15 @@ preempted.
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(clip.init_params(cfg, seed), replicated)
     state = {"step": np.int32(0), "params": params, "opt_state": opt.init(params)}
-    draws = PairDraws(seed)
+    decay_steps = steps if decay_steps is None else decay_steps
+    draws = PairDraws(seed, batch_size=batch_size, decay_steps=decay_steps)
     restored = ckpt.restore(jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), state), draws)
+    if restored and draws.saved_decay_steps not in (None, decay_steps):
+        logging.warning("the checkpoint's learning rate decays until step %d, this run's until "
+                        "step %d: the learning-rate schedule changes mid-run; set "
+                        "decay_steps=%d to keep it.", draws.saved_decay_steps, decay_steps,
+                        draws.saved_decay_steps)
     state = restored or state
     start = int(state["step"])
     params, opt_state = state["params"], state["opt_state"]

@@ -317,8 +317,8 @@ class Checkpointer:
                 stored = self._stored_shapes(step)
                 layout = _layout_difference(data, self.directory / str(step) / "data")
             except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
-                if verified:  # Every byte is as written: not corruption.
-                    raise
+                if verified or isinstance(e, UserInputError):  # Not corruption: as written,
+                    raise  # or written by another kind of run.
                 self._corrupt(step, e)
                 continue
             self._check_fits(step, stored, abstract_state, layout)

@@ -35,7 +35,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
 from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 
 # The data pipeline must never take an accelerator (or its memory) from JAX.
@@ -167,9 +167,12 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
     def layout_difference(self, directory: str) -> str | None:
         """How the layout saved under `directory` differs from this one (None: it fits)."""
         spec_path = os.path.join(directory, _SPEC_FILE)
-        if not fs.exists(spec_path):
-            raise FileNotFoundError(f"no data iterator state in {directory} ({_SPEC_FILE} "
-                                    "is missing).")
+        if not fs.exists(spec_path):  # E.g. an image tokenizer's record of its batches.
+            raise CheckpointMismatchError(
+                f"{directory} holds no data position of this trainer ({_SPEC_FILE} is "
+                "missing): another kind of run wrote it (an image tokenizer's or a "
+                "retriever's MODEL_DIR?). Give this run its own MODEL_DIR; the checkpoints "
+                "were left untouched.")
         with fs.open(spec_path) as f:
             saved = {"autotune": True, **json.loads(f.read())}  # Older runs: the default.
         current = self.spec()

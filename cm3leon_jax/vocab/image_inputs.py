@@ -18,7 +18,8 @@ Channels
   released tokenizer does (transparent pixels become white). 2 is refused.
 Values
   uint8 as is. Other integer types are cast when every value is in 0..255
-  (16-bit data must be scaled first). Floats must lie in [0, 1] and are scaled
+  (16-bit data must be scaled first). Floats (numpy's, and ml_dtypes' such as a jax
+  array's bfloat16) must lie in [0, 1] and are scaled
   by 255 and rounded; floats in [-1, 1] or [0, 255] are refused because the two
   readings of a value like 0.5 differ. bool, NaN and non-numeric arrays are refused.
 Size
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -47,6 +49,16 @@ def _from_pil(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy's float types, and ml_dtypes' (bfloat16, float8_*), which numpy files as void."""
+    if np.issubdtype(dtype, np.floating):
+        return True
+    try:
+        return dtype.kind == "V" and ml_dtypes.finfo(dtype) is not None
+    except (ValueError, TypeError):  # A structured or opaque dtype: not a float.
+        return False
+
+
 def _to_uint8(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
@@ -59,7 +71,7 @@ def _to_uint8(x: np.ndarray, what: str) -> np.ndarray:
                 f"{what} has integer values in [{lo}, {hi}]; integer images must be in 0..255 "
                 "(scale 16-bit images to 8 bits first)")
         return x.astype(np.uint8)
-    if np.issubdtype(x.dtype, np.floating):
+    if _is_float(x.dtype):
         x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{what} contains NaN or infinite values")
@@ -212,6 +224,9 @@ def to_codes(codes: Any, grid_size: int, codebook_size: int) -> np.ndarray:
     what = f"codes of shape {x.shape} and dtype {x.dtype}"
     if not np.issubdtype(x.dtype, np.integer):
         raise ValueError(f"{what}: codes must be integers")
+    if x.ndim > 1 and x.shape[0] == 0:
+        raise ValueError(f"{what}: no codes given (batch of size 0); pass at least one "
+                         "image's codes")
     n = grid_size * grid_size
     if x.ndim == 1 and x.shape[0] == n:
         x = x[None]

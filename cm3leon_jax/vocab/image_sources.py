@@ -92,20 +92,18 @@ def folder_images(folder: str = gin.REQUIRED, image_size: int = 64, seed: int = 
                   min_scale: float = 0.5, flip: bool = True) -> ImageSource:
     """Random square crops of the pictures under `folder`.
 
-    Each epoch visits every file once, in an order drawn from (seed, epoch).
-    Files that PIL cannot read raise an error naming the file.
+    Each epoch visits every file once, in an order drawn from (seed, epoch). Files are
+    read as `image_inputs.read_rgb` reads them (upright by their EXIF orientation, 16-bit
+    grayscale scaled to 8 bits, transparency over white); one that PIL cannot read raises
+    an error naming the file.
     """
     files = list_image_files(folder)
 
     def source(index: int) -> np.ndarray:
         epoch, pos = divmod(index, len(files))
         path = files[_rng(seed, "epoch", epoch).permutation(len(files))[pos]]
-        try:
-            with fs.open(path, "rb") as f, Image.open(f) as im:
-                image = image_inputs.rgb_uint8_unresized(im)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot use image {path!r}: {e}") from e
-        return random_square_crop(image, _rng(seed, "crop", index), image_size, min_scale, flip)
+        return random_square_crop(image_inputs.read_rgb(path), _rng(seed, "crop", index),
+                                  image_size, min_scale, flip)
 
     return source
 

@@ -59,7 +59,7 @@ class VQGANConfig:
         "layer" (LayerNorm over each position's channels: a code depends only on
         what its receptive field sees). With mid_attention=False and no attn_levels
         a code is then local, and an edit's unchanged regions keep their codes.
-      in_channels: image channels (3).
+      in_channels: image channels: 3 only (every input path feeds RGB).
       dtype: compute dtype of the convolutions ("float32" or "bfloat16"); params
         and the quantizer stay float32.
       matmul_precision: precision of every conv / matmul: "highest" computes float32
@@ -89,6 +89,11 @@ class VQGANConfig:
         object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
         object.__setattr__(self, "attn_levels", tuple(self.attn_levels))
         levels = len(self.channel_multipliers)
+        if self.in_channels != 3:
+            # Every path (image_inputs, the trainer, the tokenizer) feeds RGB images.
+            raise UserInputError(f"VQGANConfig.in_channels={self.in_channels}: the tokenizer "
+                                 "reads RGB images; set it to 3 (gray and RGBA images are "
+                                 "converted to RGB on the way in).")
         if levels < 1:
             raise UserInputError("VQGANConfig.channel_multipliers must name at least one level")
         if self.image_size % self.downsample_factor:

@@ -23,7 +23,10 @@ at a time); 2 streams made it 1.3x faster (benchmarks/RESULTS_image_tokenizer.md
 
 Determinism: step s reads examples s*B .. s*B+B-1 of the image source and uses
 rng fold_in(seed, s), so a resumed run (from MODEL_DIR/checkpoints) continues the
-exact same run. The optimizer, the checkpointer (checksums, a save on SIGTERM,
+exact same run. Each checkpoint records the batch size and image size (a resume with
+others would skip or repeat data: refused) and the learning-rate schedule's length (a
+resume with another is warned about: bind `decay_steps` to extend a run in pieces). The
+optimizer, the checkpointer (checksums, a save on SIGTERM,
 corrupt checkpoints set aside) and the metrics writer are the decoder trainer's
 (`train/optimizer.py`, `train/checkpoints.py`, `train/metrics.py`); the loss and the
 model are this file's, and `vqgan_checkpoint.py` adds the items the tokenizer loads
@@ -48,7 +51,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax import fs
+from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.train import checkpoints, optimizer
 from cm3leon_jax.train import metrics as metrics_lib
@@ -88,14 +92,16 @@ def psnr(images: jax.Array, recon: jax.Array) -> jax.Array:
     return jnp.mean(10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-10)))
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int, num_steps: int, b1: float, b2: float,
-                   weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int, b1: float,
+                   b2: float, weight_decay: float, grad_clip: float
+                   ) -> optax.GradientTransformation:
     """The shared builder (`train/optimizer.py`) with the tokenizer's settings: linear
-    warm-up, cosine decay to 10% of the peak, AdamW behind global-norm clipping."""
+    warm-up, cosine decay to 10% of the peak at `decay_steps`, AdamW behind global-norm
+    clipping."""
     warmup = max(1, warmup_steps)
     schedule = optimizer.warmup_then_decay(learning_rate, warmup, "cosine",
                                            final_lr_fraction=0.1,
-                                           total_steps=max(num_steps, warmup_steps + 1))
+                                           total_steps=max(decay_steps, warmup_steps + 1))
     # Decay (when weight_decay > 0) on every weight, as taming's GAN trainer does.
     return optimizer.adamw(schedule, b1, b2, 1e-8, weight_decay, grad_clip, mask=None)
 
@@ -252,6 +258,44 @@ def _grid(originals: np.ndarray, recon: np.ndarray) -> np.ndarray:
                            np.concatenate(list(recon), axis=1)], axis=0)
 
 
+class RunRecord:
+    """What each checkpoint records of the run beside its state, as the checkpointer's data
+    item: the data layout (step s reads examples s*B.., so another batch size or image size
+    would skip or repeat data; `layout_difference` makes the checkpointer refuse it) and the
+    learning-rate schedule's length (`restore` reads it back, to warn when it changes)."""
+
+    FILE = "run_record.json"
+
+    def __init__(self, batch_size: int, image_size: int, decay_steps: int):
+        self.layout = {"batch_size": batch_size, "image_size": image_size}
+        self.decay_steps = decay_steps
+        self.saved_decay_steps: int | None = None  # The restored checkpoint's, once read.
+
+    def save(self, directory: str) -> None:
+        if jax.process_index() == 0:
+            fs.makedirs(directory)
+            fs.write_json(fs.join(directory, self.FILE),
+                          {**self.layout, "decay_steps": self.decay_steps})
+
+    def layout_difference(self, directory: str) -> str | None:
+        """How the layout saved under `directory` differs from this run's (None: it fits)."""
+        if not fs.exists(fs.join(directory, self.FILE)):  # E.g. a decoder's data position.
+            raise CheckpointMismatchError(
+                f"{directory} holds no {self.FILE}: another kind of run wrote this checkpoint "
+                "(a decoder's MODEL_DIR?). Give the image tokenizer its own MODEL_DIR; the "
+                "checkpoints were left untouched.")
+        saved = fs.read_json(fs.join(directory, self.FILE))
+        diff = [f"{k} {saved[k]} in the checkpoint, {v} now" for k, v in self.layout.items()
+                if saved.get(k, v) != v]
+        return ", ".join(diff) or None
+
+    def restore(self, directory: str) -> None:
+        self.saved_decay_steps = fs.read_json(fs.join(directory, self.FILE)).get("decay_steps")
+
+    def restart(self) -> None:
+        self.saved_decay_steps = None
+
+
 def load_batch(source: ImageSource, start: int, count: int, image_size: int) -> np.ndarray:
     """Examples start..start+count-1 as uint8[count, s, s, 3] (tokenizer input rules)."""
     return np.concatenate([image_inputs.to_rgb_uint8(source(i), image_size)
@@ -268,6 +312,7 @@ def train_image_tokenizer(
     batch_size: int = 16,
     learning_rate: float = 2e-4,
     warmup_steps: int = 100,
+    decay_steps: int | None = None,
     b1: float = 0.5,
     b2: float = 0.9,
     weight_decay: float = 0.0,
@@ -300,6 +345,8 @@ def train_image_tokenizer(
       num_steps, batch_size: global batch, split over all devices (must divide).
       learning_rate, warmup_steps, b1, b2, weight_decay, grad_clip: AdamW with
         linear warm-up and cosine decay to 10%; b1 0.5 / b2 0.9 as in taming's GAN.
+      decay_steps: where the cosine decay ends (None: num_steps); bind it to extend a run
+        in pieces (N, then 2N steps) as a straight 2N; another one on resume warns.
       weights: loss weights (VQGANLossWeights, gin-configurable).
       disc_start: step at which the PatchGAN discriminator joins (None: never).
       discriminator: the discriminator module (default PatchDiscriminator()).
@@ -309,24 +356,24 @@ def train_image_tokenizer(
         `restart_every` steps (0: never) for codes whose running usage is below
         `restart_threshold` times the uniform share.
       log_every, eval_every, checkpoint_every: intervals in steps.
-      eval_examples: images of eval_source per evaluation.
+      eval_examples: images of eval_source per evaluation (0: no evaluation).
       seed: initialization and restart randomness.
       streams: split each device's share of the batch into this many independent parts
         (see the module docstring): 2 on a CPU, 1 on an accelerator. The per-device
-        batch must divide by it.
-      write_tensorboard: False keeps TensorFlow out (tests).
+        batch must divide by it. write_tensorboard: False keeps TensorFlow out (tests).
     Returns:
       The final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
     """
     cfg = config or VQGANConfig()
+    decay_steps = _schedule_length(num_steps, decay_steps, eval_examples)
     disc = (discriminator or PatchDiscriminator()) if disc_start is not None else None
-    opt = functools.partial(make_optimizer, warmup_steps=warmup_steps, num_steps=num_steps,
+    opt = functools.partial(make_optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps,
                             b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip)
     trainer = Trainer(cfg, opt(learning_rate), weights or VQGANLossWeights(), disc,
                       opt(disc_learning_rate or learning_rate) if disc else None,
                       ema_decay, usage_decay, restart_every, restart_threshold, seed, streams)
     run = _Run(model_dir, trainer, batch_size, disc_start, checkpoint_every, keep_checkpoints,
-               write_tensorboard)
+               write_tensorboard, decay_steps)
     run.writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
                               "batch_size": batch_size, "learning_rate": learning_rate,
                               "num_steps": num_steps})
@@ -337,12 +384,25 @@ def train_image_tokenizer(
         run.close()
 
 
+def _schedule_length(num_steps: int, decay_steps: int | None, eval_examples: int) -> int:
+    """decay_steps, else num_steps; first a UserInputError for counts that
+    `train_image_tokenizer` cannot use (before any work)."""
+    if eval_examples < 0:
+        raise UserInputError(f"train_image_tokenizer.eval_examples={eval_examples}: give the "
+                             "number of images to evaluate on, or 0 for no evaluation.")
+    if decay_steps is not None and decay_steps < 1:
+        raise UserInputError(f"train_image_tokenizer.decay_steps={decay_steps}: give the step "
+                             "at which the learning rate's decay ends (>= 1), or None for "
+                             "num_steps.")
+    return num_steps if decay_steps is None else decay_steps
+
+
 class _Run:
     """One tokenizer training run: mesh, jitted steps, checkpoints, metrics, the loop."""
 
     def __init__(self, model_dir: str, trainer: Trainer, batch_size: int,
                  disc_start: int | None, checkpoint_every: int, keep_checkpoints: int,
-                 write_tensorboard: bool):
+                 write_tensorboard: bool, decay_steps: int):
         self.trainer, self.cfg, self.batch_size = trainer, trainer.cfg, batch_size
         self.disc_start = disc_start
         devices = jax.devices()
@@ -364,6 +424,8 @@ class _Run:
         self.window = _Window()
         self.ckpt = vqgan_checkpoint.checkpointer(model_dir, save_every=checkpoint_every,
                                                   keep=keep_checkpoints)
+        self.model_dir = model_dir
+        self.record = RunRecord(batch_size, size, decay_steps)
         self.writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
 
     def restore_or_init(self) -> tuple[dict[str, Any], int]:
@@ -372,12 +434,24 @@ class _Run:
         abstract = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
             jax.eval_shape(self.trainer.init, key))
-        state = self.ckpt.restore(abstract, None)
+        # A checkpoint written before runs kept a record resumes unchecked.
+        record = self.record if self._newest_has_record() else None
+        state = self.ckpt.restore(abstract, record)
         if state is None:
             return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0
         start = int(state["step"])
         log.info("resumed from step %d of %s", start, self.ckpt.directory)
+        saved = self.record.saved_decay_steps
+        if record is not None and saved is not None and saved != self.record.decay_steps:
+            log.warning("the checkpoint's learning rate decays until step %d, this run's until "
+                        "step %d: the learning-rate schedule changes mid-run; set "
+                        "decay_steps=%d to keep it.", saved, self.record.decay_steps, saved)
         return state, start
+
+    def _newest_has_record(self) -> bool:
+        steps = vqgan_checkpoint.steps(self.model_dir)
+        return bool(steps) and fs.isdir(fs.join(
+            vqgan_checkpoint.checkpoint_dir(self.model_dir), str(steps[-1]), "data"))
 
     def train(self, source: ImageSource, num_steps: int, log_every: int, eval_every: int,
               evaluate: Callable[[int, dict[str, Any]], dict[str, float]]) -> dict[str, Any]:
@@ -415,12 +489,15 @@ class _Run:
         # Host copies: the state is replicated, and saving device arrays would make
         # orbax compile a slice per parameter shape (minutes on a small CPU).
         host = jax.device_get(state)
-        self.ckpt.save(step, host, None, force=force, extras=vqgan_checkpoint.items(
+        self.ckpt.save(step, host, self.record, force=force, extras=vqgan_checkpoint.items(
             self.cfg, self.trainer.inference_params(host)))
 
     def evaluate(self, source: ImageSource, num_examples: int, step: int,
                  state: dict[str, Any]) -> dict[str, float]:
-        """PSNR, L1 and codebook use over the first `num_examples` images of `source`."""
+        """PSNR, L1 and codebook use over the first `num_examples` images of `source`
+        ({} when `num_examples` is 0)."""
+        if not num_examples:
+            return {}
         params = self.trainer.inference_params(state)
         counts = np.zeros(self.cfg.codebook_size, np.float32)
         psnr_sum = l1_sum = 0.0

@@ -4,10 +4,12 @@ run resumes from its checkpoint and ends as the uninterrupted one."""
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from cm3leon_jax.data.synthetic import synthetic_pairs
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_train
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 
@@ -78,3 +80,74 @@ def test_a_mirrored_pair_flips_the_image_left_to_right_with_its_caption():
         # caption the mirrored one.
         np.testing.assert_array_equal(b, p[:, ::-1] if f else p)
         assert c == ([-pc[0]] if f else pc)
+
+
+def _tiny_run_kw(**over):
+    return dict(dict(train_pairs=synthetic_pairs("train", 100, 32),
+                     test_pairs=synthetic_pairs("test", 8, 32), batch_size=16,
+                     learning_rate=3e-3, warmup_steps=1, log_every=1, checkpoint_every=100,
+                     keep_checkpoints=5, write_tensorboard=False), **over)
+
+
+def test_a_run_extended_in_pieces_ends_as_a_straight_one(tmp_path):
+    # decay_steps binds the schedule: 3 steps then 4 follow the 4-step cosine (step 2's
+    # learning rate differs between a 3- and a 4-step one).
+    kw = _tiny_run_kw(decay_steps=4)
+    straight = clip_train.train_retriever(str(tmp_path / "a"), CFG, steps=4, **kw)
+    clip_train.train_retriever(str(tmp_path / "b"), CFG, steps=3, **kw)
+    pieces = clip_train.train_retriever(str(tmp_path / "b"), CFG, steps=4, **kw)
+    assert pieces["history"] == straight["history"]
+    a, b = (DocumentEncoder.load(str(tmp_path / d / "encoder")).params for d in "ab")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_resume_refuses_another_batch_size_and_warns_of_another_schedule(tmp_path, caplog):
+    from cm3leon_jax.errors import CheckpointMismatchError
+    from cm3leon_jax.train import checkpoints
+
+    run = str(tmp_path / "run")
+    clip_train.train_retriever(run, CFG, steps=1, **_tiny_run_kw(warmup_steps=0))
+    draws = tmp_path / "run" / "checkpoints" / "1" / "data" / clip_train.PairDraws.FILE
+    before = draws.read_bytes()
+    with pytest.raises(CheckpointMismatchError,
+                       match="batch_size 16 in the checkpoint, 32 now.*another MODEL_DIR"):
+        clip_train.train_retriever(run, CFG, steps=2, **_tiny_run_kw(batch_size=32))
+    assert draws.read_bytes() == before
+    caplog.set_level("WARNING")
+    clip_train.train_retriever(run, CFG, steps=2, **_tiny_run_kw())
+    assert "schedule changes mid-run; set decay_steps=1 to keep it" in caplog.text
+
+    # A checkpoint written before the record was kept still resumes.
+    old = tmp_path / "run" / "checkpoints" / "2"
+    saved = json.loads((old / "data" / clip_train.PairDraws.FILE).read_text())
+    (old / "data" / clip_train.PairDraws.FILE).write_text(json.dumps(
+        {k: saved[k] for k in ("bit_generator", "history")}))
+    (old / checkpoints.CHECKSUMS).unlink()  # Recorded anew for the edited files.
+    checkpoints.write_checksums(checkpoints.orbax_path(str(old)))
+    m = clip_train.train_retriever(run, CFG, steps=3, **_tiny_run_kw(decay_steps=2))
+    assert [h["step"] for h in m["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("which", ["train_pairs", "test_pairs"])
+def test_fewer_caption_lists_than_images_are_refused(tmp_path, which):
+    images = np.zeros((40, 32, 32, 3), np.uint8)
+    captions = [["a red circle"] * 4] * 40
+    kw = _tiny_run_kw(**{which: (images, captions[:20])})
+    with pytest.raises(UserInputError, match=f"{which} holds 40 images but 20 caption lists"):
+        clip_train.train_retriever(str(tmp_path / "run"), CFG, steps=2, **kw)
+
+
+def test_the_temperature_is_clipped_after_the_update_and_keeps_its_gradient():
+    # A cap inside the loss would give the scale no gradient above it: stuck for good.
+    cap = clip_train.MAX_LOGIT_SCALE
+    params = dict(clip.init_params(CFG, 0), logit_scale=np.float32(cap + 0.005))
+    opt = clip_train.make_optimizer(1e-2, 0, 100, 0.1)
+    step = clip_train.train_step(clip.CLIP(CFG), opt)
+    pixels = np.random.default_rng(0).standard_normal((8, 32, 32, 3)).astype(np.float32)
+    tokens = np.array([[1022, 5 + i, 1023, 0] for i in range(8)], np.int32)
+    lengths = np.full(8, 3, np.int32)
+    grad = jax.grad(lambda p: clip_train.clip_loss(p, clip.CLIP(CFG), pixels, tokens,
+                                                   lengths)[0])(params)["logit_scale"]
+    assert grad != 0
+    params, _, _, _ = step(params, opt.init(params), pixels, tokens, lengths)
+    assert float(params["logit_scale"]) <= cap

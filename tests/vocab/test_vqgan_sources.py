@@ -42,3 +42,28 @@ def test_array_images_crops():
     assert src(0).shape == (32, 32, 3) and (src(0) == 0).all()
     assert (src(1) == 200).all()
     np.testing.assert_array_equal(src(5), src(5))
+
+
+def test_folder_images_reads_files_as_read_rgb_does(tmp_path):
+    # 16-bit grayscale (a depth map) is scaled to 8 bits, whatever its values: 51400 is
+    # 200 and 200 is 1 (not 200 read as 8-bit); an EXIF orientation is applied.
+    from cm3leon_jax.vocab import image_inputs
+
+    for name, value in (("bright", 51400), ("dark", 200)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((20, 20), value, np.uint16)).save(tmp_path / name / "d.png")
+    assert tuple(image_sources.folder_images(str(tmp_path / "bright"), 20)(0)[0, 0]) == (200,) * 3
+    assert tuple(image_sources.folder_images(str(tmp_path / "dark"), 20)(0)[0, 0]) == (1,) * 3
+
+    (tmp_path / "turned").mkdir()
+    path = tmp_path / "turned" / "t.png"
+    stored = np.random.default_rng(0).integers(0, 256, (20, 40, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise, 40 high and 20 wide.
+    Image.fromarray(stored).save(path, exif=exif)
+    upright = image_inputs.read_rgb(str(path))
+    assert upright.shape == (40, 20, 3)
+    src = image_sources.folder_images(str(tmp_path / "turned"), 20, flip=False)
+    for i in range(3):
+        crop = src(i)
+        assert any(np.array_equal(crop, upright[y:y + 20]) for y in range(21)), i

@@ -3,10 +3,12 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import image_inputs
 from cm3leon_jax.vocab.image_tokenizer import (
     ImageTokenizer,
@@ -47,6 +49,12 @@ def test_config_shape_and_validation():
     # A checkpoint written before `norm` existed reads back as the GroupNorm it was.
     old = {k: v for k, v in CFG.to_dict().items() if k != "norm"}
     assert VQGANConfig.from_dict(old).norm == "group"
+
+
+def test_a_config_of_other_than_three_input_channels_is_refused():
+    # Every input path converts images to RGB: a 1-channel model could never be fed.
+    with pytest.raises(UserInputError, match="in_channels=1"):
+        dataclasses.replace(CFG, in_channels=1)
 
 
 @pytest.mark.parametrize("norm, local", [("group", False), ("layer", True)])
@@ -124,6 +132,11 @@ def test_conversions_that_are_unambiguous():
     # Channels-first batches, floats in [0, 1], small integer types, PIL images.
     np.testing.assert_array_equal(conv(rgb[None].transpose(0, 3, 1, 2)), rgb[None])
     np.testing.assert_array_equal(conv(rgb.astype(np.float32) / 255.0), rgb[None])
+    # bfloat16 (what a jax array in [0, 1] may hold): a float like any other.
+    half = jnp.asarray(rgb / 255.0, jnp.bfloat16)
+    expect = np.round(np.asarray(half, np.float32) * 255).astype(np.uint8)[None]
+    np.testing.assert_array_equal(conv(half), expect)
+    np.testing.assert_array_equal(conv(np.asarray(half)), expect)
     np.testing.assert_array_equal(conv(rgb.astype(np.int64)), rgb[None])
     np.testing.assert_array_equal(conv(Image.fromarray(rgb)), rgb[None])
     np.testing.assert_array_equal(conv(Image.fromarray(gray)), expect_gray)
@@ -167,6 +180,8 @@ def test_non_square_can_be_refused(tok):
     (np.full((1, 64), -1), "values in"),
     (np.zeros((1, 63), np.int32), r"\[batch, 64\]"),
     (np.zeros((1, 64), np.float32), "integers"),
+    (np.zeros((0, 64), np.int32), r"no codes given \(batch of size 0\)"),
+    (np.zeros((0, 8, 8), np.int32), r"no codes given \(batch of size 0\)"),
 ])
 def test_bad_codes_are_refused(tok, codes, message):
     with pytest.raises(ValueError, match=message):

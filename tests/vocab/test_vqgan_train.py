@@ -1,5 +1,6 @@
 """Training the tokenizer: steps reduce the loss, GAN/EMA/restarts work, checkpoints round-trip."""
 
+import dataclasses
 import glob
 import os
 import signal
@@ -124,15 +125,18 @@ def test_checkpoint_round_trip_sigterm_save_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_exact_and_tensorboard_has_images(tmp_path):
-    # The discriminator joins inside a logging window (step 1 of the 0-1 window).
+def test_a_run_extended_in_pieces_ends_as_a_straight_one_and_tensorboard_has_images(tmp_path):
+    # The discriminator joins inside a logging window (step 1 of the 0-1 window). The
+    # schedule's length is bound (decay_steps), so 3 steps then 4 follow the 4-step
+    # schedule: step 2's learning rate differs between a 3- and a 4-step cosine.
     kw = dict(TRAIN_KW, restart_every=2, disc_start=1, log_every=2, ema_decay=0.9,
-              discriminator=PatchDiscriminator(channels=8, num_layers=2, num_groups=4))
+              discriminator=PatchDiscriminator(channels=8, num_layers=2, num_groups=4),
+              decay_steps=4)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     src = synthetic_images(32, "train")
     vt.train_image_tokenizer(a, image_source=src, eval_source=src, num_steps=4,
                              **dict(kw, write_tensorboard=True))
-    vt.train_image_tokenizer(b, image_source=src, eval_source=src, num_steps=2, **kw)
+    vt.train_image_tokenizer(b, image_source=src, eval_source=src, num_steps=3, **kw)
     vt.train_image_tokenizer(b, image_source=src, eval_source=src, num_steps=4, **kw)
     pa, _, _ = vqgan_checkpoint.restore_params(a)
     pb, _, _ = vqgan_checkpoint.restore_params(b)
@@ -174,3 +178,42 @@ def test_tokenizer_checkpoints_have_checksums_and_skip_a_corrupt_one(tmp_path, c
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, trees[0])
     with pytest.raises(UserInputError, match="step 2 .* unreadable .*checksum"):
         vqgan_checkpoint.restore_params(model_dir, step=2)
+
+
+def test_a_resume_refuses_another_data_layout_and_warns_of_another_schedule(tmp_path, caplog):
+    # Step s reads examples s*B..: another batch or image size would skip or repeat data.
+    from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
+    from cm3leon_jax.train import checkpoints
+
+    model_dir = str(tmp_path / "vq")
+    kw = dict(TRAIN_KW, image_source=_noise_source, eval_source=_noise_source,
+              eval_examples=0)  # 0: no evaluation, only the training metrics come back.
+    r = vt.train_image_tokenizer(model_dir, num_steps=1, **kw)
+    assert "train/loss" in r and not any(k.startswith("eval/") for k in r)
+    folder = tmp_path / "vq" / "checkpoints" / "1"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for change, message in (
+            (dict(batch_size=16), "batch_size 8 in the checkpoint, 16 now"),
+            (dict(config=dataclasses.replace(CFG, image_size=32)),
+             "image_size 16 in the checkpoint, 32 now")):
+        with pytest.raises(CheckpointMismatchError, match=f"{message}.*another MODEL_DIR"):
+            vt.train_image_tokenizer(model_dir, num_steps=2, **dict(kw, **change))
+    assert vqgan_checkpoint.steps(model_dir) == [1]
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+    # Extending the run without binding decay_steps stretches its schedule: said so.
+    caplog.set_level("WARNING")
+    vt.train_image_tokenizer(model_dir, num_steps=2, **kw)
+    assert "schedule changes mid-run; set decay_steps=1 to keep it" in caplog.text
+    # A checkpoint written before runs kept a record still resumes (unchecked).
+    old = tmp_path / "vq" / "checkpoints" / "2"
+    for p in sorted((old / "data").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (old / "data").rmdir()
+    (old / checkpoints.CHECKSUMS).unlink()  # Recorded anew for the edited files.
+    checkpoints.write_checksums(checkpoints.orbax_path(str(old)))
+    vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, decay_steps=2))
+    assert vqgan_checkpoint.steps(model_dir) == [1, 2, 3]
+    assert (tmp_path / "vq" / "checkpoints" / "3" / "data" / vt.RunRecord.FILE).exists()
+    with pytest.raises(UserInputError, match="eval_examples=-1"):
+        vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, eval_examples=-1))
