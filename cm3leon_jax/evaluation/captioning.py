@@ -19,7 +19,7 @@ on PATH (a JRE 8 or newer).
 from __future__ import annotations
 
 import functools
-import os
+import importlib.resources
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -59,8 +59,8 @@ def _ptb_lines(lines: list[str]) -> list[str]:
     if not lines:
         return []
     from pycocoevalcap.tokenizer import ptbtokenizer
-    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
-                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    jar = str(importlib.resources.files("pycocoevalcap.tokenizer")
+              / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)  # The jar the package ships.
     done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
                            "-preserveLines", "-lowerCase"], input="\n".join(lines).encode(),
                           capture_output=True, check=False)
