@@ -32,7 +32,7 @@ from launch import common
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.dataflow",
                                      description=__doc__.split("\n\n")[0])
-    common.add_run_args(parser, "the output data folder (gs://)")
+    common.add_run_args(parser, "the output data folder (gs://)", "gin_configs/runs/preprocess.gin")
     parser.add_argument("--project", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument("--temp_location", required=True, help="a gs:// folder for Dataflow")

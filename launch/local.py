@@ -28,7 +28,7 @@ from launch import common
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.local",
                                      description=__doc__.split("\n\n")[0])
-    common.add_run_args(parser, "the run's MODEL_DIR")
+    common.add_run_args(parser, "the run's MODEL_DIR", "gin_configs/train/tiny.gin")
     parser.add_argument("--num_processes", type=int, default=1)
     devices = parser.add_mutually_exclusive_group()
     devices.add_argument("--cpu_devices_per_process", type=int, default=None,

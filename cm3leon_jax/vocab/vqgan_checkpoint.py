@@ -12,6 +12,9 @@ saved step::
                   discriminator, EMA, codebook usage, step (the data position
                   follows from the step, see vqgan_train.py); absent from a
                   params-only checkpoint (an export, `save_params`)
+        data/     run_record.json: the batch and image size the data position
+                  assumes (a resume with others is refused) and the schedule's
+                  length (`vqgan_train.RunRecord`; checkpoints before 6 Dec lack it)
         checksums.json
 
 `ImageTokenizer.from_checkpoint` reads config + params only (`restore_params`), after
