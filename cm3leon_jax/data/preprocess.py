@@ -307,6 +307,9 @@ def check_fits(config: AugmentConfig, data_dir: str) -> None:
     path = fs.join(data_dir, "manifest.json")
     recorded = fs.read_json(path) if fs.exists(path) else {}
     counts = recorded.get("splits", {})
+    for split in TRAINING_SPLITS:
+        if counts.get(split, {}).get("written") == 0:
+            _refuse_empty(data_dir, split)
     if counts and all("max_tokens" in c for c in counts.values()):
         over = {split: c["max_tokens"] for split, c in counts.items()
                 if split in TRAINING_SPLITS and c["max_tokens"] is not None
@@ -321,6 +324,8 @@ def check_fits(config: AugmentConfig, data_dir: str) -> None:
         if split not in TRAINING_SPLITS:
             continue
         lengths = shards.query_lengths(data_dir, split)
+        if not lengths.size:
+            _refuse_empty(data_dir, split)
         dropped = int((lengths > config.budget).sum())
         if dropped and dropped == lengths.size:
             raise UserInputError(_too_long(
@@ -333,6 +338,15 @@ def check_fits(config: AugmentConfig, data_dir: str) -> None:
                 "recording the longest documents: preprocess it again into a new folder to "
                 "have them refused instead.", data_dir, dropped, lengths.size, split,
                 config.seq_len, config.budget)
+
+
+def _refuse_empty(data_dir: str, split: str) -> None:
+    """An empty split a training run reads: seqio would repeat it forever (a hang)."""
+    raise UserInputError(
+        f"{data_dir!r} holds no {split!r} documents: a training run reads that split "
+        f"({'its batches' if split == 'train' else 'its held-out loss'}) and would wait on "
+        "it forever. Preprocess data with documents in both train and validation (see the "
+        "manifest's skipped counts for why none were written).")
 
 
 def _too_long(config: AugmentConfig, data_dir: str, seq_len: int | None, what: str,

@@ -141,6 +141,20 @@ def test_pretraining_tasks_refuse_what_their_filter_would_drop(bound, task):
     assert len(list(_dataset(task, longest + 24).as_numpy_iterator())) == written
 
 
+def test_an_empty_training_split_is_refused(folder, tmp_path):
+    """seqio repeats an empty split forever: the first batch (or the held-out loss) hung."""
+    out = _copy(folder, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["validation"]["written"] = 0
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserInputError, match="holds no 'validation' documents"):
+        pp.check_fits(AugmentConfig(seq_len=512), str(out))
+    manifest["splits"]["validation"]["written"] = 6
+    manifest["splits"]["test"]["written"] = 0  # Not read by training.
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    pp.check_fits(AugmentConfig(seq_len=512), str(out))
+
+
 def test_a_manifest_without_the_longest_documents_is_counted(folder, tmp_path, caplog):
     out = _copy(folder, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
