@@ -203,8 +203,8 @@ def check_images(images: Any, what: str = "images") -> np.ndarray:
                                  "first.")
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or min(arr.shape[1:3]) < 2:
-        raise ValueError(f"{what}: expected uint8[n, h, w, 3] RGB images, got "
-                         f"{arr.dtype}{list(arr.shape)}; convert with np.asarray(PIL image).")
+        raise UserInputError(f"{what}: expected uint8[n, h, w, 3] RGB images, got "
+                             f"{arr.dtype}{list(arr.shape)}; convert with np.asarray(PIL image).")
     return arr
 
 

@@ -13,6 +13,7 @@ is already a mapping of arrays (e.g. saved with `np.savez`) needs nothing.
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -52,7 +53,8 @@ def _read(path: str) -> dict[str, np.ndarray]:
         raise ImportError(f"reading {path!r} needs torch: pip install -e '.[ref]' (or "
                           "convert the state dict to .npz once elsewhere).") from e
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open(path, "rb") as f:  # Through fs: a gs:// path reads too.
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     except _UNREADABLE as e:
         raise _unreadable(path, e) from e
     if not isinstance(state, Mapping):

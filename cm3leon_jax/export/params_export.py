@@ -105,10 +105,8 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
         reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
                "export.image_tokenizer_dir": image_tokenizer_dir})
-    if layout == "hf":  # Before the (long) restore: can transformers express it?
-        from cm3leon_jax.export import hf_export
-        wanted = config or restore.saved_config(checkpoint)
-        hf_weights.check_expressible(wanted, hf_export.family_of(wanted))
+    if layout == "hf":  # Before the (long) restore.
+        _check_hf_layout(checkpoint, config)
     mesh = partitioning.make_mesh() if shard else None
     config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)
     params, config = cast(params, config, dtype)
@@ -117,6 +115,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir)
         tokenizer = (vq_config, vq_params)
     if layout == "hf":
+        from cm3leon_jax.export import hf_export
         out = hf_export.write_hf(output_dir, config, params, vocab_dir=vocab_dir,
                                  image_tokenizer=tokenizer, overwrite=overwrite,
                                  source=checkpoint, step=got_step)
@@ -128,10 +127,22 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     return out
 
 
+def _check_hf_layout(checkpoint: str, config: DecoderConfig | None) -> None:
+    """Refuses a decoder transformers cannot express (e.g. one with image places)."""
+    from cm3leon_jax.export import hf_export
+    wanted = config or restore.saved_config(checkpoint)
+    hf_weights.check_expressible(wanted, hf_export.family_of(wanted))
+
+
 def _check_model_dir(model_dir: str) -> None:
-    """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run."""
-    run_config.check_apart(model_dir, "export",
-                           {"export.checkpoint": gin.get_bindings(export).get("checkpoint")})
+    """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run, and (before
+    main.run writes config.gin there) a model the 'hf' layout cannot express."""
+    bindings = gin.get_bindings(export)
+    checkpoint = bindings.get("checkpoint")
+    run_config.check_apart(model_dir, "export", {"export.checkpoint": checkpoint})
+    if (bindings.get("layout") == "hf" and bindings.get("config") is None
+            and isinstance(checkpoint, str)):
+        _check_hf_layout(checkpoint, None)
 
 
 export.check_model_dir = _check_model_dir

@@ -57,6 +57,9 @@ def test_inception_features_of_no_images_or_mixed_sizes_are_refused():
                                              r"\[\(24, 32, 3\), \(32, 32, 3\)\]; resize"):
         extract(mixed)
     assert inception.check_images([np.zeros((8, 8, 3), np.uint8)] * 2).shape == (2, 8, 8, 3)
+    with pytest.raises(UserInputError, match=r"expected uint8\[n, h, w, 3\] RGB images, got "
+                                             r"float32\[2, 8, 8, 3\]"):
+        inception.check_images(np.zeros((2, 8, 8, 3), np.float32))
 
 
 def test_clip_score_of_no_pairs_is_an_error():

@@ -150,6 +150,16 @@ def test_the_hf_layout_refuses_what_transformers_cannot_express_before_restoring
         with pytest.raises(UserInputError, match=r"has \{'image_grid': 2\}.*layout='params'"):
             _export(train_run, tmp_path / "hf", layout="hf", config=config)
     assert not (tmp_path / "hf").exists()
+    # From the command line: refused before main.run writes config.gin into MODEL_DIR.
+    model_dir = tmp_path / "hf_run"
+    argv = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.export.checkpoint='{train_run[0]}'", "--gin.export.vocab_dir=None",
+            "--gin.export.image_tokenizer_dir=None", "--gin.export.layout='hf'"]
+    try:
+        assert main.main(argv) == 2
+    finally:
+        gin.clear_config()
+    assert not model_dir.exists()
 
 
 def test_a_damaged_file_is_named(train_run, tmp_path):
