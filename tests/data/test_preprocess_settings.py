@@ -155,7 +155,8 @@ def test_an_empty_training_split_is_refused(folder, tmp_path):
     pp.check_fits(AugmentConfig(seq_len=512), str(out))
 
 
-def test_a_manifest_without_the_longest_documents_is_counted(folder, tmp_path, caplog):
+def test_a_manifest_without_the_longest_documents_is_counted(folder, tmp_path, caplog,
+                                                            monkeypatch):
     out = _copy(folder, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     for counts in manifest["splits"].values():
@@ -170,6 +171,10 @@ def test_a_manifest_without_the_longest_documents_is_counted(folder, tmp_path, c
     shortest = min(int(shards.query_lengths(str(out), s).min()) for s in manifest["splits"])
     with pytest.raises(UserInputError, match=r"all \d+ of them"):
         pp.check_fits(AugmentConfig(seq_len=shortest + 23), str(out))
+    monkeypatch.setattr(pp, "COUNT_AT_MOST", 5)  # A large old folder is not read at every start.
+    with caplog.at_level(logging.WARNING):
+        pp.check_fits(AugmentConfig(seq_len=shortest + 23), str(out))
+    assert "'train' split is too large to count at every start (24 documents)" in caplog.text
 
 
 # --- CM3 spans and the layout's sentinels -----------------------------------------------------
