@@ -313,3 +313,53 @@ def staged_dir(path: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         yield tmp
         copy_tree(tmp, path)
+
+
+# safetensors' dtype names; bfloat16 and the float8s are ml_dtypes' (`safetensors.numpy`
+# cannot read them, so the format is parsed here).
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: str) -> dict[str, Any]:
+    """Every tensor of a safetensors file (any dtype, bfloat16 included), by name, as numpy
+    arrays. A missing or truncated file is a UserInputError naming it."""
+    from cm3leon_jax.errors import MissingInputError
+    if not exists(path):
+        raise MissingInputError(f"{path}: missing.")
+    return parse_safetensors(read_bytes(path), path)
+
+
+def parse_safetensors(data: bytes, where: str) -> dict[str, Any]:
+    """The format: an 8-byte little-endian header length, a JSON header naming each
+    tensor's dtype, shape and byte range, then the bytes."""
+    import ml_dtypes
+    import numpy as np
+
+    def bad(why: str) -> UserInputError:
+        return UserInputError(f"{where}: not a complete safetensors file ({why}); write or "
+                              "download it again.")
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if size < 2 or 8 + size > len(data):
+        raise bad(f"{len(data)} bytes, header length {size}")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header: {e}") from None
+    out, body = {}, len(data) - 8 - size
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise bad(f"{name}: dtype {info.get('dtype')!r} not read")
+        dtype = np.dtype(getattr(ml_dtypes, _SAFETENSORS_DTYPES[info["dtype"]], None)
+                         or _SAFETENSORS_DTYPES[info["dtype"]])
+        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end > body or end - begin != count * dtype.itemsize:
+            raise bad(f"{name}: bytes {begin}-{end} of {body}")
+        out[name] = np.frombuffer(data, dtype, count, 8 + size + begin).reshape(shape)
+    return out

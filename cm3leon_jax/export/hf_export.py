@@ -26,13 +26,12 @@ import json
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 from safetensors import numpy as st_numpy
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
@@ -63,52 +62,6 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
                          metadata={"format": "pt", **(metadata or {})})
     with fs.open(path, "wb") as f:
         f.write(data)
-
-
-# safetensors' dtype names -> numpy's; bfloat16 and the float8s through ml_dtypes (which
-# `safetensors.numpy.load` cannot read, so a bfloat16 folder is parsed here).
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file (any dtype, bfloat16 included), by name."""
-    if not fs.exists(path):
-        raise MissingInputError(f"{path}: missing.")
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    return parse_safetensors(data, path)
-
-
-def parse_safetensors(data: bytes, where: str) -> dict[str, np.ndarray]:
-    """The format: an 8-byte little-endian header length, a JSON header naming each
-    tensor's dtype, shape and byte range, then the bytes."""
-    def bad(why: str) -> UserInputError:
-        return UserInputError(f"{where}: not a complete safetensors file ({why}); write or "
-                              "download it again.")
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if size < 2 or 8 + size > len(data):
-        raise bad(f"{len(data)} bytes, header length {size}")
-    try:
-        header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header: {e}") from None
-    out, body = {}, len(data) - 8 - size
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise bad(f"{name}: dtype {info.get('dtype')!r} not read")
-        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-        count = int(np.prod(shape, dtype=np.int64))
-        if end > body or end - begin != count * np.dtype(dtype).itemsize:
-            raise bad(f"{name}: bytes {begin}-{end} of {body}")
-        out[name] = np.frombuffer(data, dtype, count, 8 + size + begin).reshape(shape)
-    return out
 
 
 def vq_config_dict(vq: VQGANConfig) -> dict[str, Any] | None:

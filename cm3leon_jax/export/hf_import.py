@@ -116,7 +116,7 @@ def read_weights(path: str) -> dict[str, Any]:
     """Every tensor of the folder's safetensors file(s), by name."""
     single, index = f"{path}/{hf_export.WEIGHTS}", f"{path}/{INDEX}"
     if fs.exists(single):
-        return hf_export.read_safetensors(single)
+        return fs.read_safetensors(single)
     if not fs.exists(index):
         raise MissingInputError(f"{path}: neither {hf_export.WEIGHTS} nor {INDEX}; only "
                                 "safetensors weights are read (convert .bin files first).")
@@ -126,7 +126,7 @@ def read_weights(path: str) -> dict[str, Any]:
                              "files; write or download the folder again.")
     out = {}
     for shard in sorted(set(weight_map.values())):
-        out.update(hf_export.read_safetensors(f"{path}/{shard}"))  # Names a missing shard.
+        out.update(fs.read_safetensors(f"{path}/{shard}"))  # Names a missing shard.
     return out
 
 
@@ -137,7 +137,7 @@ def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
         return None
     cfg = VQGANConfig.from_dict(read_json(f"{path}/{hf_export.VQGAN_CONFIG}"))
     try:
-        params, cfg = vq_weights.params_from_state_dict(hf_export.read_safetensors(weights), cfg)
+        params, cfg = vq_weights.params_from_state_dict(fs.read_safetensors(weights), cfg)
     except ValueError as e:
         raise UserInputError(f"{weights}: {e}") from None
     return cfg, params

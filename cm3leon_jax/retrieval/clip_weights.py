@@ -147,7 +147,6 @@ def state_dict_from_params(cfg: ClipConfig, params: dict) -> dict[str, np.ndarra
 
 def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
     """config.json + *.safetensors in `directory` -> (ClipConfig, flax params)."""
-    from safetensors.numpy import load
     config_path = os.path.join(directory, "config.json")
     if not fs.exists(config_path):
         raise MissingInputError(f"no config.json in {directory!r}; give the folder that "
@@ -162,7 +161,7 @@ def load_hf_checkpoint(directory: str) -> tuple[ClipConfig, dict]:
         cfg = config_from_hf(json.load(f))
     tensors = {}
     for path in files:
-        tensors.update(load(fs.read_bytes(path)))
+        tensors.update(fs.read_safetensors(path))
     return cfg, params_from_state_dict(cfg, tensors)
 
 

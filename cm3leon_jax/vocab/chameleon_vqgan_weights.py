@@ -54,8 +54,7 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
     if not fs.exists(path):
         raise MissingInputError(f"no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+        return {k: np.asarray(v, np.float32) for k, v in fs.read_safetensors(path).items()}
     try:
         import torch
     except ImportError as e:  # torch is only in the `ref` extra

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import hf_export, hf_import
 from cm3leon_jax.model import hf_weights
@@ -129,7 +130,7 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
     config = tiny_config()
     out = tmp_path / "hf"
     hf_export.write_hf(str(out), config, random_params(config))
-    tensors = hf_export.read_safetensors(str(out / "model.safetensors"))
+    tensors = fs.read_safetensors(str(out / "model.safetensors"))
     tensors["model.decoder.layers.1.fc1.weight"] = np.zeros((3, 64), np.float32)
     hf_export.write_safetensors(str(out / "model.safetensors"), tensors)
     with pytest.raises(ValueError, match=r"hf.*layers\.1\.fc1\.weight.*\(3, 64\)"):
