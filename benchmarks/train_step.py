@@ -1,7 +1,7 @@
 r"""The trainer's step on this CPU against a PyTorch peer, and where its time goes.
 
     .venv/bin/python benchmarks/train_step.py [--model=small] [--batch=8] [--seq=512] \
-        [--trials=5] [--microbatches=1] [--packed] [--profile] [--json=out.json] \
+        [--trials=5] [--warmup=4] [--microbatches=1] [--packed] [--profile] [--json=out.json] \
         [--binding DecoderConfig.num_layers=4 ...]
 
 Measures, in one process and interleaved trial by trial (this host is shared, so
@@ -183,6 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed steps of each framework first (at least 1: the compile)")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--binding", action="append", default=[],
                         help="a gin binding applied after the model file, e.g. "
@@ -205,7 +207,9 @@ def main(argv=None) -> dict:
 
     jax_step = JaxStep(config, batch, args.microbatches)
     peer = None if args.no_peer else TorchStep(config, batch, args.threads)
-    for _ in range(2):  # Compile / warm up.
+    # Compile, then warm up: on a freshly booted VM the peer's first steps ran 1.4-1.6x its
+    # settled time (memory the guest had never touched; RESULTS_train.md, 6 Dec evening).
+    for _ in range(max(args.warmup, 1)):
         jax_step()
         if peer:
             peer()
