@@ -16,8 +16,9 @@ flight. After the pipeline the driver writes
 with a sample of their ids, and each split's longest document (`max_tokens`),
 so that a training seq_len it does not fit is refused (`check_fits`) instead of
 filtered. Nothing is dropped silently. `plan.json` records the source, the shard
-layout and the settings that decide the records (`plan_settings`); a rerun with
-others into the same folder is refused (`check_plan`).
+layout and the settings that decide the records (`plan_settings`: the image tokenizer
+and the retrieval encoder by their weights' `fingerprint`); a rerun with others into
+the same folder is refused (`check_plan`).
 
 Documents are `caption <break> image` (or `image <break> caption` with
 probability `image_first_prob`), one caption per image, chosen by a hash of
@@ -248,15 +249,26 @@ def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec],
 
 def plan_settings(*, seq_len: int, max_text_tokens: int, image_first_prob: float,
                   text_vocab_size: int, num_sentinels: int,
-                  retrieval: retrieval_pass.RetrievalConfig | None) -> dict:
+                  retrieval: retrieval_pass.RetrievalConfig | None, image_tokenizer,
+                  recorded: dict | None = None) -> dict:
     """The settings that decide the records, by their gin names, for plan.json: which
-    documents are skipped, their layout, the vocabulary made for them, and their neighbors
-    (`retrieval_pass.plan_entry`)."""
+    documents are skipped, their layout, the vocabulary made for them, the image tokenizer
+    that made their codes (its `fingerprint`: a retrained checkpoint of the same shape gives
+    other codes), and their neighbors (`retrieval_pass.plan_entry`). `recorded`: an earlier
+    plan.json, whose older form of an entry is kept for the comparison."""
+    recorded_retrieval = (recorded or {}).get("preprocess.retrieval")
     return {"preprocess.seq_len": seq_len, "preprocess.max_text_tokens": max_text_tokens,
             "preprocess.image_first_prob": image_first_prob,
             "preprocess.text_vocab_size": text_vocab_size,
             "preprocess.num_sentinels": num_sentinels,
-            "preprocess.retrieval": retrieval_pass.plan_entry(retrieval)}
+            "preprocess.image_tokenizer_fn": {"config_and_weights": image_tokenizer.fingerprint},
+            "preprocess.retrieval": retrieval_pass.plan_entry(retrieval, recorded_retrieval)}
+
+
+def recorded_plan(model_dir: str) -> dict:
+    """MODEL_DIR/plan.json as an earlier run wrote it ({} before the first run)."""
+    path = os.path.join(model_dir, PLAN_FILE)
+    return fs.read_json(path) if fs.exists(path) else {}
 
 
 def is_done(spec: ShardSpec, out_dir: str,
@@ -535,7 +547,8 @@ def preprocess(model_dir: str,
     specs = plan_shards(source, splits, docs_per_shard)
     check_plan(model_dir, source, specs, plan_settings(
         seq_len=seq_len, max_text_tokens=max_text_tokens, image_first_prob=image_first_prob,
-        text_vocab_size=text_vocab_size, num_sentinels=num_sentinels, retrieval=retrieval))
+        text_vocab_size=text_vocab_size, num_sentinels=num_sentinels, retrieval=retrieval,
+        image_tokenizer=image_tokenizer, recorded=recorded_plan(model_dir)))
     if retrieval is None:  # A folder from before plan.json recorded the setting.
         retrieval_pass.check_none_before(model_dir)
     todo = [s for s in specs if not is_done(s, model_dir, retrieval)]

@@ -42,6 +42,7 @@ from cm3leon_jax.data import shards
 from cm3leon_jax.data.shard_state import ShardFiles, bank_dir, forget_neighbors, retrieval_dir
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import build, memory_bank
+from cm3leon_jax.retrieval.encoder import cached_encoder
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbors import materialize
 from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
@@ -72,17 +73,25 @@ class RetrievalConfig:
     seed: int = 0
 
 
-def plan_entry(config: RetrievalConfig | None) -> dict | None:
+def plan_entry(config: RetrievalConfig | None, recorded: dict | None = None) -> dict | None:
     """What of `config` decides the neighbors written, for preprocessing's plan.json: the
-    encoder (its absolute path), bank split, seed, selection rules and index (not
-    `search_batch` or the index's training threads, which change none of them)."""
+    encoder by its contents (`DocumentEncoder.fingerprint`, from the driver's
+    `cached_encoder`, which in-process workers share: a folder copied elsewhere is the same
+    encoder, weights replaced in place are another), bank split, seed, selection rules and
+    index (not `search_batch` or the index's training threads, which change none of them).
+
+    `recorded`: the entry an earlier plan.json holds. One from before the fingerprint named
+    the encoder by its absolute path (`encoder_dir`), and is compared in that form."""
     if config is None:
         return None
     index = dataclasses.asdict(config.index)
     index.pop("training_threads", None)
-    return {"encoder_dir": fs.abspath(config.encoder_dir), "bank_split": config.bank_split,
-            "seed": config.seed, "selection": dataclasses.asdict(config.selection),
-            "index": index}
+    if isinstance(recorded, dict) and "encoder_dir" in recorded:
+        encoder = {"encoder_dir": fs.abspath(config.encoder_dir)}
+    else:
+        encoder = {"encoder_fingerprint": cached_encoder(config.encoder_dir).fingerprint}
+    return {**encoder, "bank_split": config.bank_split, "seed": config.seed,
+            "selection": dataclasses.asdict(config.selection), "index": index}
 
 
 def check_none_before(data_dir: str) -> None:

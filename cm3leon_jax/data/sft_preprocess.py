@@ -144,20 +144,26 @@ def check_splits(source: Any, splits: Sequence[str]) -> None:
 
 
 def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
-               seq_len: int, families: Sequence[str]) -> None:
+               seq_len: int, families: Sequence[str], image_tokenizer=None) -> None:
     """`shards.check_plan` of the SFT folder: the source's identity, the shards and records
-    of each `family/split`, the seq_len (which examples were skipped as too long) and the
-    families. Without plan.json, a shard file of any family that this plan does not write
-    is refused."""
+    of each `family/split`, the seq_len (which examples were skipped as too long), the
+    families and the image tokenizer that made the codes (its `fingerprint`; a plan.json
+    from before it was recorded is accepted). Without plan.json, a shard file of any family
+    that this plan does not write is refused."""
     identity = source.identity() if hasattr(source, "identity") else None
     plan = {"source": identity,
             "shards": shards.plan_layout(specs, key=lambda s: f"{s.family}/{s.split}"),
             "seq_len": seq_len, "families": list(families)}
+    optional = []
+    if image_tokenizer is not None:
+        optional = ["sft_preprocess.image_tokenizer_fn"]
+        plan[optional[0]] = {"config_and_weights": image_tokenizer.fingerprint}
     patterns = [shards.shard_pattern(os.path.join(model_dir, family), "*")
                 for family in sft_prompts.FAMILIES]
     shards.check_plan(model_dir, plan, [shard_file(model_dir, s) for s in specs], patterns,
-                      who="sft_preprocess",
-                      settings="sft_preprocess.docs_per_shard, seq_len or families")
+                      who="sft_preprocess", optional=optional,
+                      settings="sft_preprocess.docs_per_shard, seq_len, families or "
+                               "image_tokenizer_fn")
 
 
 def is_done(spec: SftShardSpec, out_dir: str) -> bool:
@@ -386,7 +392,8 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
     if hasattr(source, "with_image_size"):  # Boxes are written in the tokenizer's frame.
         source = source.with_image_size(images.image_size)
     specs = plan_shards(source, families, splits, docs_per_shard)
-    check_plan(model_dir, source, specs, seq_len=seq_len, families=families)
+    check_plan(model_dir, source, specs, seq_len=seq_len, families=families,
+               image_tokenizer=images)
     todo = [s for s in specs if not is_done(s, model_dir)]
     logging.info("sft_preprocess: %d shards, %d already done", len(specs),
                  len(specs) - len(todo))

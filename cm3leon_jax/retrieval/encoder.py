@@ -29,6 +29,7 @@ calls from server threads would only oversubscribe them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from typing import Sequence
@@ -42,6 +43,7 @@ from PIL import Image as PILImage
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_tokenizer, clip_weights
 from cm3leon_jax.retrieval.select import dropout_keep_mask
+from cm3leon_jax.train import params_checkpoint
 
 # OpenAI CLIP's pixel statistics; the tiny encoder is trained with the same ones.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -122,6 +124,18 @@ class DocumentEncoder:
     @property
     def dim(self) -> int:
         return self.cfg.projection_dim
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Its config, tokenizer and weights' digest (`params_checkpoint.fingerprint`): what
+        gives the vectors, not where it was loaded from. A BPE tokenizer counts by its kind,
+        size and end id, not its files. Computed once."""
+        tok = self.tokenizer
+        describe = getattr(tok, "describe", None)
+        identity = {"config": dataclasses.asdict(self.cfg), "tokenizer": {
+            "kind": describe() if describe else type(tok).__name__,
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}}
+        return params_checkpoint.fingerprint(identity, self.params)
 
     def _chunks(self, n: int):
         for start in range(0, n, self.batch_size):

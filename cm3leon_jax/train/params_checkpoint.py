@@ -36,6 +36,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -74,6 +75,20 @@ def sha256(path: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fingerprint(identity: dict[str, Any], params: Any) -> str:
+    """16 hex digits of sha256 over `identity` (sorted-key JSON: a config, a tokenizer's
+    kind) and every parameter's key path, dtype, shape and bytes: what a model computes with,
+    not where it was loaded from. preprocess's plan.json records the image tokenizer and the
+    retrieval encoder by it (a folder copied elsewhere is the same model; a retrained one of
+    the same shape is another)."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def list_files(root: str) -> list[str]:

@@ -15,6 +15,7 @@ versions for use inside other jitted code (e.g. a sampler decoding on device).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ import numpy as np
 # At import, not in `from_checkpoint`: it brings in train/checkpoints.py, whose gin
 # configurables cannot register once a run's config is locked (the preprocess runs, which
 # import this module and nothing of the trainer's, then failed to load a checkpoint).
+from cm3leon_jax.train import params_checkpoint
 from cm3leon_jax.vocab import image_inputs, vqgan_checkpoint
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig, init_key
 
@@ -106,6 +108,13 @@ class ImageTokenizer:
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Its config and weights' digest (`params_checkpoint.fingerprint`): the same wherever
+        the weights were loaded from, another for a retrained checkpoint of the same shape
+        (whose codes differ). Computed once."""
+        return params_checkpoint.fingerprint(dataclasses.asdict(self.config), self.params)
 
     # -- the two directions ---------------------------------------------------------
     def preprocess(self, images: Any) -> np.ndarray:

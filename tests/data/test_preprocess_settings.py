@@ -2,6 +2,7 @@
 other ones is refused), the longest documents in the manifest (a training length they do
 not fit is refused), and the errors that name the binding to change."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,13 +21,19 @@ from cm3leon_jax.data import preprocess as pp
 from cm3leon_jax.data import preprocessors, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.retrieval import clip, clip_tokenizer
+from cm3leon_jax.retrieval.encoder import DocumentEncoder, cached_encoder
+from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from tests.data.test_preprocess import (
+    TINY_VQ,
     _run,
     synthetic_source,  # noqa: F401  (a fixture)
     tiny_image_tokenizer,
 )
+from tests.data.test_preprocess_retrieval import retrieval  # noqa: F401  (a fixture)
+from tests.retrieval.retrieval_testlib import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = ("preprocess.seq_len", "preprocess.max_text_tokens", "preprocess.image_first_prob",
@@ -89,6 +96,98 @@ def test_a_plan_from_before_the_settings_were_recorded_is_accepted(synthetic_sou
     os.remove(out / pp.PLAN_FILE)
     _run(synthetic_source, out)
     assert set(json.loads((out / pp.PLAN_FILE).read_text())) == {"source", "shards"}
+
+
+@functools.cache
+def retrained_image_tokenizer():
+    """tiny_image_tokenizer's shape with other weights, as a retrained checkpoint would be."""
+    return ImageTokenizer.random_init(TINY_VQ, seed=1, batch_size=4)
+
+
+def test_a_rerun_with_other_image_tokenizer_weights_is_refused(synthetic_source, folder,  # noqa: F811
+                                                               tmp_path, caplog):
+    """Finished shards would keep the earlier tokenizer's codes beside the new one's."""
+    out = _copy(folder, tmp_path)
+    with pytest.raises(UserInputError, match=r"preprocess.image_tokenizer_fn.config_and_weights"
+                                             r".*new MODEL_DIR") as refused:
+        _rerun(synthetic_source, out, image_tokenizer_fn=retrained_image_tokenizer)
+    then, now = tiny_image_tokenizer().fingerprint, retrained_image_tokenizer().fingerprint
+    assert f"config_and_weights: {then} then, {now} now" in str(refused.value)
+    assert then == ImageTokenizer.random_init(TINY_VQ, seed=0).fingerprint != now
+    assert _run(synthetic_source, out) == folder[1]  # the same tokenizer: accepted
+    plan = json.loads((out / pp.PLAN_FILE).read_text())
+    del plan["preprocess.image_tokenizer_fn"]  # a plan.json from before it was recorded
+    (out / pp.PLAN_FILE).write_text(json.dumps(plan))
+    with caplog.at_level(logging.WARNING):
+        assert _run(synthetic_source, out) == folder[1]
+    assert "predates recording preprocess.image_tokenizer_fn" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def with_retrieval(synthetic_source, retrieval, tmp_path_factory):  # noqa: F811
+    """A folder preprocessed with retrieval (the train split only: fewer shards to encode),
+    its encoder in a folder of this module's."""
+    out = tmp_path_factory.mktemp("retrieval_data")
+    return out, _rerun_retrieval(synthetic_source, out, retrieval)
+
+
+def _rerun_retrieval(source, out, retrieval):  # noqa: F811
+    return _rerun(source, out, retrieval=retrieval, splits=("train",))
+
+
+def _save_encoder(directory, seed):
+    cfg = small_config()
+    DocumentEncoder(cfg, clip.init_params(cfg, seed),
+                    clip_tokenizer.WordTokenizer(cfg.vocab_size)).save(str(directory))
+    cached_encoder.cache_clear()  # as a new run's process would load it
+
+
+def test_the_encoder_is_recorded_by_its_contents_not_its_path(
+        synthetic_source, with_retrieval, retrieval, tmp_path):  # noqa: F811
+    """A data folder moved or copied with its encoder reruns; the plan names no path."""
+    out = shutil.copytree(with_retrieval[0], tmp_path / "data")
+    moved = shutil.copytree(retrieval.encoder_dir, tmp_path / "encoder")
+    assert _rerun_retrieval(synthetic_source, out, dataclasses.replace(
+        retrieval, encoder_dir=str(moved))) == with_retrieval[1]
+    entry = json.loads((out / pp.PLAN_FILE).read_text())["preprocess.retrieval"]
+    assert "encoder_dir" not in entry
+    assert entry["encoder_fingerprint"] == cached_encoder(retrieval.encoder_dir).fingerprint
+
+
+def test_an_encoder_replaced_in_place_is_refused(synthetic_source, with_retrieval,  # noqa: F811
+                                                 retrieval, tmp_path):  # noqa: F811
+    """The same encoder path with other weights: finished shards would keep vectors and
+    neighbors of the earlier encoder."""
+    out = shutil.copytree(with_retrieval[0], tmp_path / "data")
+    try:
+        _save_encoder(retrieval.encoder_dir, seed=1)
+        with pytest.raises(UserInputError, match=r"preprocess.retrieval.encoder_fingerprint: "
+                                                 r".*new MODEL_DIR") as refused:
+            _rerun_retrieval(synthetic_source, out, retrieval)
+        now = cached_encoder(retrieval.encoder_dir).fingerprint
+    finally:
+        _save_encoder(retrieval.encoder_dir, seed=0)  # the module's other tests read it
+    then = cached_encoder(retrieval.encoder_dir).fingerprint
+    assert f"encoder_fingerprint: {then} then, {now} now" in str(refused.value)
+
+
+def test_a_plan_naming_the_encoder_by_path_is_compared_by_path(
+        synthetic_source, with_retrieval, retrieval, tmp_path):  # noqa: F811
+    """plan.json from before the fingerprint: the same encoder path reruns, another is
+    refused as before."""
+    out = shutil.copytree(with_retrieval[0], tmp_path / "data")
+    plan = json.loads((out / pp.PLAN_FILE).read_text())
+    entry = plan["preprocess.retrieval"]
+    del entry["encoder_fingerprint"]
+    entry["encoder_dir"] = os.path.abspath(retrieval.encoder_dir)
+    (out / pp.PLAN_FILE).write_text(json.dumps(plan))
+    assert _rerun_retrieval(synthetic_source, out, retrieval) == with_retrieval[1]
+    assert json.loads((out / pp.PLAN_FILE).read_text()) == plan  # kept in its form
+    moved = shutil.copytree(retrieval.encoder_dir, tmp_path / "encoder")
+    with pytest.raises(UserInputError, match=re.escape(
+            f"preprocess.retrieval.encoder_dir: {entry['encoder_dir']} then, {moved} now")):
+        _rerun_retrieval(synthetic_source, out,
+                         dataclasses.replace(retrieval, encoder_dir=str(moved)))
 
 
 # --- the longest documents: which training lengths fit ---------------------------------------

@@ -21,6 +21,7 @@ from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
 from tests.data.test_preprocess import tiny_image_tokenizer
+from tests.data.test_preprocess_settings import retrained_image_tokenizer
 from tests.tasks.tasks_testlib import batches, cached_and_fresh
 
 SEQ_LEN = 512
@@ -231,6 +232,29 @@ def test_a_rerun_of_another_plan_is_refused(sft_dir, tmp_path):
         run(per=3)
     assert run(n=5)["families"]["caption"]["train"]["written"] == 5  # [0, 6) is not [0, 5)
     assert len(list(shards.read_split(str(tmp_path / "caption"), "train"))) == 5
+
+
+def test_a_rerun_with_other_image_tokenizer_weights_is_refused(sft_dir, tmp_path, caplog):
+    """A retrained image tokenizer of the same shape gives other codes: finished shards would
+    keep the old ones beside the new. A plan.json from before the tokenizer was recorded in
+    it is accepted with a warning."""
+    def run(tokenizer_fn):
+        return sft_preprocess.sft_preprocess(
+            str(tmp_path), vocab_dir=os.path.join(sft_dir[0], "vocab"),
+            source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes={"train": 4}),
+            image_tokenizer_fn=tokenizer_fn, families=("caption",), splits=("train",),
+            docs_per_shard=4, seq_len=SEQ_LEN)
+
+    run(tiny_image_tokenizer)
+    with pytest.raises(UserInputError, match=r"sft_preprocess.image_tokenizer_fn."
+                                             r"config_and_weights: \w+ then, \w+ now"):
+        run(retrained_image_tokenizer)
+    run(tiny_image_tokenizer)  # The same weights: every shard is done.
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    del plan["sft_preprocess.image_tokenizer_fn"]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    run(retrained_image_tokenizer)
+    assert "predates recording sft_preprocess.image_tokenizer_fn" in caplog.text
 
 
 def test_a_mixture_leaves_out_families_at_rate_0_or_without_shards(bound, sft_dir, tmp_path):
