@@ -25,7 +25,7 @@ import tensorflow as tf
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 from cm3leon_jax.vocab import layout as layout_lib
-from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+from cm3leon_jax.vocab.text_tokenizer import META, TextTokenizer
 
 TEXT_MODEL = "text.model"
 LAYOUT_FILE = "layout.json"
@@ -164,7 +164,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
             model=self.text_tokenizer.model_proto, out_type=tf.int32)
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        return self._tf_tokenizer.tokenize(s) + self.layout.text_start
+        tokenizer = self._tf_tokenizer
+        meta_ids = self.text_tokenizer.meta_byte_ids
+        if meta_ids is None:  # No byte fallback: SentencePiece's ids, as `encode` gives.
+            return tokenizer.tokenize(s) + self.layout.text_start
+        return _tokenize_keeping_meta(tokenizer, s, meta_ids) + self.layout.text_start
 
     def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
         ids = tf.convert_to_tensor(ids, tf.int32)
@@ -212,3 +216,28 @@ class MultimodalVocabulary(seqio.Vocabulary):
                 j = i + 1
             i = j
         return "".join(out)
+
+
+def _tokenize_keeping_meta(tokenizer, s: tf.Tensor, meta_ids: Sequence[int]):
+    """`tokenizer.tokenize(s)` with each U+2581 as its byte pieces `meta_ids`.
+
+    The TF twin of `TextTokenizer.encode`: SentencePiece would read U+2581 as a
+    space, so the text is split on it, each part tokenized, and the byte pieces
+    put before every part but the first. A graph op, for tf.data maps.
+    """
+    s = tf.convert_to_tensor(s, tf.string)
+    if s.shape.rank == 0:
+        return _tokenize_keeping_meta(tokenizer, s[None], meta_ids)[0]
+    parts = tf.strings.split(s, META)  # [..., (parts)]; "" parts kept, as str.split.
+    tokens = tokenizer.tokenize(parts.flat_values)  # [part, (ids)]
+    inner = tf.RaggedTensor.from_row_splits(parts.flat_values, parts.nested_row_splits[-1])
+    rows = inner.value_rowids()
+    later = tf.range(tf.size(rows, rows.dtype), dtype=rows.dtype) > tf.gather(
+        inner.row_starts(), rows)  # Every part of its string but the first.
+    meta = tf.constant(meta_ids, tf.int32)
+    prefix = tf.RaggedTensor.from_row_lengths(
+        tf.tile(meta, [tf.math.count_nonzero(later, dtype=tf.int32)]),
+        tf.cast(later, tokens.row_splits.dtype) * len(meta_ids))
+    pieces = tf.concat([prefix, tokens], axis=1)
+    rank = s.shape.rank
+    return parts.with_flat_values(pieces).merge_dims(rank, rank + 1)

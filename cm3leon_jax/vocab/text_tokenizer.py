@@ -22,7 +22,7 @@ import sentencepiece as spm
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
 
-_META = "\u2581"  # SentencePiece's whitespace symbol, a character of its own in text.
+META = "\u2581"  # SentencePiece's whitespace symbol, a character of its own in text.
 
 
 class TextTokenizer:
@@ -33,7 +33,7 @@ class TextTokenizer:
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         # U+2581's byte pieces; None for a model without byte fallback.
-        pieces = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
+        pieces = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode()]
         self._meta_ids = pieces if all(self._sp.is_byte(i) for i in pieces) else None
 
     @classmethod
@@ -94,6 +94,12 @@ class TextTokenizer:
         return self._proto
 
     @property
+    def meta_byte_ids(self) -> list[int] | None:
+        """The byte pieces `encode` writes U+2581 (`META`) as; None for a model without byte
+        fallback, where it is SentencePiece's whitespace, as SentencePiece reads it."""
+        return self._meta_ids
+
+    @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
@@ -101,10 +107,10 @@ class TextTokenizer:
         """str -> int32[n] piece ids in [0, vocab_size)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}.")
-        if _META not in text or self._meta_ids is None:
+        if META not in text or self._meta_ids is None:
             return np.asarray(self._sp.encode(text), dtype=np.int32)
         ids: list[int] = []
-        for i, part in enumerate(text.split(_META)):
+        for i, part in enumerate(text.split(META)):
             ids += (self._meta_ids if i else []) + self._sp.encode(part)
         return np.asarray(ids, dtype=np.int32)
 

@@ -434,9 +434,7 @@ class _Run:
         abstract = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
             jax.eval_shape(self.trainer.init, key))
-        # A checkpoint written before runs kept a record resumes unchecked.
-        record = self.record if self._newest_has_record() else None
-        state = self.ckpt.restore(abstract, record)
+        record, state = self._restore(abstract)
         if state is None:
             return jax.jit(self.trainer.init, out_shardings=self.replicated)(key), 0
         start = int(state["step"])
@@ -447,6 +445,20 @@ class _Run:
                         "step %d: the learning-rate schedule changes mid-run; set "
                         "decay_steps=%d to keep it.", saved, self.record.decay_steps, saved)
         return state, start
+
+    def _restore(self, abstract: Any) -> tuple[RunRecord | None, dict[str, Any] | None]:
+        """(the record checked, the newest readable checkpoint's state or None).
+
+        A checkpoint written before runs kept a record resumes unchecked, also when it is
+        the newest left once a corrupt one after it was set aside.
+        """
+        while True:
+            record = self.record if self._newest_has_record() else None
+            try:
+                return record, self.ckpt.restore(abstract, record)
+            except CheckpointMismatchError:
+                if record is None or self._newest_has_record():
+                    raise  # Not a fallback to an older checkpoint: as it was.
 
     def _newest_has_record(self) -> bool:
         steps = vqgan_checkpoint.steps(self.model_dir)

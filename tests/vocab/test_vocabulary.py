@@ -152,6 +152,35 @@ def test_tf_encode_decode_match_python(vocab):
     assert [s.decode() for s in vocab.decode_tf(batch).numpy()] == [text, text]
 
 
+WITH_META = ["\u2581", "\u2581a red", "a red\u2581", "a\u2581red circle", "a \u2581\u2581\u2581 b",
+             "\u2581\u2581", "caf\u00e9\u2581\U0001f600 ", "", "a small blue star",
+             " a  red\tcircle "]
+
+
+def test_tf_encode_keeps_the_whitespace_symbol_as_python_does(vocab):
+    """U+2581 in the text: TF (seqio's data pipelines) gives `encode`'s ids, its byte pieces
+    rather than SentencePiece's space, for a string, a batch and inside a tf.data map."""
+    expected = [vocab.encode(t) for t in WITH_META]
+    for text, ids in zip(WITH_META, expected):
+        assert vocab.encode_tf(tf.constant(text)).numpy().tolist() == ids, text
+        assert vocab.decode_tf(tf.constant(ids, tf.int32)).numpy().decode() == text
+    assert vocab.encode_tf(tf.constant(WITH_META)).to_list() == expected
+    mapped = tf.data.Dataset.from_tensor_slices(WITH_META).map(vocab.encode_tf)
+    assert [ids.tolist() for ids in mapped.as_numpy_iterator()] == expected
+    # Text without it: SentencePiece's own ids, as before.
+    sp = vocab._tf_tokenizer.tokenize(tf.constant(CAPTIONS[:8])) + vocab.layout.text_start
+    assert vocab.encode_tf(tf.constant(CAPTIONS[:8])).to_list() == sp.to_list()
+
+
+def test_tf_encode_without_byte_fallback_is_sentencepiece(vocab):
+    plain = MultimodalVocabulary(vocab.directory)
+    plain.text_tokenizer._meta_ids = None  # As for a model trained without byte fallback.
+    text = "a\u2581red circle"
+    sp = plain.text_tokenizer._sp.encode(text)
+    assert plain.encode(text) == plain.layout.text_to_ids(np.asarray(sp)).tolist()
+    assert plain.encode_tf(tf.constant(text)).numpy().tolist() == plain.encode(text)
+
+
 def test_render_shows_every_token(vocab):
     l = vocab.layout
     ids = np.concatenate([vocab.encode("a red circle"), [BREAK_ID],

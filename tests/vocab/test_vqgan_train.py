@@ -215,5 +215,20 @@ def test_a_resume_refuses_another_data_layout_and_warns_of_another_schedule(tmp_
     vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, decay_steps=2))
     assert vqgan_checkpoint.steps(model_dir) == [1, 2, 3]
     assert (tmp_path / "vq" / "checkpoints" / "3" / "data" / vt.RunRecord.FILE).exists()
+    # The newest (with a record) corrupt: set aside, and the run resumes from the one before,
+    # though that one has no record.
+    newest = tmp_path / "vq" / "checkpoints" / "3"
+    biggest = max((p for p in (newest / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    old_files = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    caplog.set_level("INFO", logger=vt.log.name)
+    vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, decay_steps=2))
+    assert "resumed from step 2" in caplog.text
+    assert sorted(p.name for p in newest.parent.iterdir()) == ["1", "2", "3", "corrupt.3"]
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == old_files
+    assert (newest / "data" / vt.RunRecord.FILE).exists()
     with pytest.raises(UserInputError, match="eval_examples=-1"):
         vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, eval_examples=-1))
