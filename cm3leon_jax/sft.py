@@ -18,7 +18,6 @@ shapes in its checkpoint must fit them. A mismatch is one error naming both side
 
 from __future__ import annotations
 
-import filecmp
 import os
 from typing import Any
 
@@ -45,7 +44,7 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
         if not fs.exists(a):
             raise MissingInputError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "
                                     "the vocab/ folder of the base model's pretraining data.")
-        if not fs.exists(b) or not filecmp.cmp(a, b, shallow=False):
+        if not fs.exists(b) or fs.read_bytes(a) != fs.read_bytes(b):  # gs:// paths too.
             raise UserInputError(f"vocabulary mismatch: the base model's {base_vocab_dir!r} and "
                                  f"the SFT task {task!r}'s {mine!r} differ ({name}); run "
                                  "sft_preprocess with the base model's pretraining vocabulary.")
@@ -70,8 +69,8 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     if not steps:
         raise MissingInputError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")
 
-    def base_params():
-        return restore.restore_decoder(base_model_dir, base_step, config)[1]
+    def base_params(mesh):  # Laid out over the run's mesh: on a pod, no one host holds it.
+        return restore.restore_decoder(base_model_dir, base_step, config, mesh)[1]
 
     result = trainer.train(model_dir, init_params_from=base_params)
     return {**result, "base": {"model_dir": base_model_dir,

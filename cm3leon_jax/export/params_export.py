@@ -20,9 +20,12 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import restore
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import hf_weights, partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
@@ -49,6 +52,24 @@ def write_image_tokenizer(dst: str, config: VQGANConfig, params: Any) -> None:
     vqgan_checkpoint.save_params(dst, 0, config, params)
 
 
+def as_global(tree: Any) -> Any:
+    """Every leaf as a jax.Array orbax can save from every process: imports hold numpy
+    arrays, and a tokenizer (or `shard=False` parameters) restored on each host holds arrays
+    on that host's devices only, which orbax refuses to save when there are several
+    processes. Those become arrays replicated over every process's devices (each host puts
+    its own copy, the same values); arrays already spanning processes stay as they are."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), tree)
+    everywhere = NamedSharding(Mesh(np.array(jax.devices()), ("devices",)), PartitionSpec())
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, everywhere, lambda index: host[index])
+    return jax.tree.map(put, tree)
+
+
 def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: int | None,
                  source: str, vocab_dir: str | None = None,
                  image_tokenizer: tuple[VQGANConfig, Any] | None = None,
@@ -62,12 +83,13 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
         function that writes one there (imports build theirs).
       image_tokenizer: (VQGANConfig, params) to store under `image_tokenizer/`.
     """
-    # Imports hold numpy arrays; orbax restores what it saved as jax.Arrays onto any mesh.
-    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+    params = as_global(params)
     with staging.staged(output_dir, overwrite) as tmp:
         pc.save_params(f"{tmp}/{pc.PARAMS}", params)  # Collective: every process.
         if image_tokenizer is not None:
-            write_image_tokenizer(f"{tmp}/{pc.IMAGE_TOKENIZER}", *image_tokenizer)
+            vq_config, vq_params = image_tokenizer
+            write_image_tokenizer(f"{tmp}/{pc.IMAGE_TOKENIZER}", vq_config,
+                                  as_global(vq_params))
         if not staging.is_primary():
             return {}
         if vocab_dir:
@@ -105,6 +127,10 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
         reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
                "export.image_tokenizer_dir": image_tokenizer_dir})
+    for name, folder in (("vocab_dir", vocab_dir), ("image_tokenizer_dir", image_tokenizer_dir)):
+        if folder and not fs.isdir(folder):  # Before the (long) restore, on every process.
+            raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
+                                    "to copy into the export, or None to leave it out.")
     if layout == "hf":  # Before the (long) restore.
         _check_hf_layout(checkpoint, config)
     mesh = partitioning.make_mesh() if shard else None

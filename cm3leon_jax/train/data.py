@@ -14,6 +14,13 @@ global batch. A host reads exactly the shards whose rows its devices hold, so
 Keep `num_data_shards` fixed for the life of a run (it defaults to the number of
 processes, which is right for a run that never changes topology).
 
+Each shard draws from its own seed, `shard_seed(seed, shard)` (shuffling, mixture sampling
+and every random preprocessor's per-example seeds): on one seed, row j of every shard
+would get the same augmentation decisions. Shard 0 keeps the run's seed, so a one-shard
+run reads what it read before shards had their own seeds; a position saved before then
+(its `data_spec.json` lacks "shard_seeds") resumes with every shard on the run's seed, as
+it was trained.
+
     ┌──────────── global batch [B, L] ────────────┐
     │ shard 0: rows 0 .. B/S-1      (host 0 reads)│
     │ shard 1: rows B/S .. 2B/S-1   (host 1 reads)│
@@ -24,6 +31,7 @@ processes, which is right for a run that never changes topology).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -41,8 +49,21 @@ from cm3leon_jax.train.feature_converter import CM3FeatureConverter
 # The data pipeline must never take an accelerator (or its memory) from JAX.
 tf.config.set_visible_devices([], "GPU")
 
-ShardDatasetFn = Callable[[int, int, int], tf.data.Dataset]
+# `make_dataset(shard, num_shards, rows)`, plus `seed=` the shard's seed when
+# `ShardedBatches` is given the run's seed.
+ShardDatasetFn = Callable[..., tf.data.Dataset]
 _SPEC_FILE = "data_spec.json"
+_SEED_STRIDE = 0x9E3779B1  # 2**32 / golden ratio: shards' seeds spread evenly mod 2**31.
+
+log = logging.getLogger(__name__)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Data shard `shard`'s seed in a run seeded `seed`: `seed` itself for shard 0, else
+    `(seed + shard * 0x9E3779B1) mod 2**31`. Far apart (over 300k for 4096 shards, mod
+    2**31), because seqio hands the consecutive seeds after a pipeline's seed to its random
+    preprocessors."""
+    return seed if shard == 0 else (seed + shard * _SEED_STRIDE) % 2**31
 
 
 @gin.configurable
@@ -83,7 +104,10 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
     def __init__(self, make_dataset: ShardDatasetFn, global_batch: int, seq_len: int,
                  sharding: NamedSharding, num_data_shards: int | None = None,
                  seed: int | None = None):
-        self.seed = seed  # Recorded with the position: the order it continues was drawn by it.
+        """`seed`: the run's; recorded with the position (the order it continues was drawn
+        by it) and handed to `make_dataset` as each shard's `shard_seed`. Without it
+        `make_dataset` seeds its shards itself."""
+        self.seed = seed
         self.num_shards = num_data_shards or jax.process_count()
         if global_batch % self.num_shards:
             raise ValueError(f"global batch {global_batch} does not split into "
@@ -100,13 +124,33 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         self.local_shards = sorted(s for s, procs in readers.items() if me in procs)
         # One process writes each shard's iterator state (the others hold the same).
         self.owned_shards = [s for s in self.local_shards if min(readers[s]) == me]
-        self._datasets = {s: make_dataset(s, self.num_shards, self.rows)
+        self._make_dataset = make_dataset
+        self._build(own_seeds=seed is not None)
+
+    def _build(self, own_seeds: bool) -> None:
+        """Builds the local pipelines, at their first batch: each shard on its own seed, or
+        (`own_seeds=False`, for positions saved before shards had their own) all on `seed`."""
+        self.own_seeds = own_seeds
+        seeds = {s: {} if self.seed is None else
+                 {"seed": shard_seed(self.seed, s) if own_seeds else self.seed}
+                 for s in self.local_shards}
+        self._datasets = {s: self._make_dataset(s, self.num_shards, self.rows, **seeds[s])
                           for s in self.local_shards}
-        self.restart()
+        self._iterators = {s: iter(ds) for s, ds in self._datasets.items()}
+
+    def _use_seeds(self, own_seeds: bool) -> bool:
+        """Rebuilds the pipelines if `own_seeds` changes their seeds; whether it did."""
+        rebuild = own_seeds != self.own_seeds and self.num_shards > 1  # 1 shard: `seed` both.
+        self.own_seeds = own_seeds
+        if rebuild:
+            self._build(own_seeds)
+        return rebuild
 
     def restart(self) -> None:
-        """Back to the first batch (cheap: the pipelines are built once, in __init__)."""
-        self._iterators = {s: iter(ds) for s, ds in self._datasets.items()}
+        """Back to the first batch (cheap: the pipelines are built once, in __init__, and
+        again only if a restore had put them on the old seeds)."""
+        if not self._use_seeds(self.seed is not None):
+            self._iterators = {s: iter(ds) for s, ds in self._datasets.items()}
 
     def close(self) -> None:
         """Frees the tf.data pipelines now. Left to the interpreter's exit (after an error
@@ -150,6 +194,8 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
                "seq_len": self.global_shape[1], "autotune": autotune}
         if self.seed is not None:
             out["seed"] = self.seed
+        if self.own_seeds:
+            out["shard_seeds"] = True  # Absent: every shard on `seed` (older positions).
         return out
 
     def _prefix(self, directory: str, shard: int) -> str:
@@ -164,8 +210,7 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
         for s in self.owned_shards:
             tf.train.Checkpoint(iterator=self._iterators[s]).write(self._prefix(directory, s))
 
-    def layout_difference(self, directory: str) -> str | None:
-        """How the layout saved under `directory` differs from this one (None: it fits)."""
+    def _saved_spec(self, directory: str) -> dict[str, Any]:
         spec_path = os.path.join(directory, _SPEC_FILE)
         if not fs.exists(spec_path):  # E.g. an image tokenizer's record of its batches.
             raise CheckpointMismatchError(
@@ -175,20 +220,35 @@ class ShardedBatches(Iterator[dict[str, jax.Array]]):
                 "were left untouched.")
         with fs.open(spec_path) as f:
             saved = {"autotune": True, **json.loads(f.read())}  # Older runs: the default.
-        current = self.spec()
-        saved.setdefault("seed", current.get("seed"))  # Runs before 6 Dec did not record it.
+        saved.setdefault("seed", self.seed)  # Runs before 6 Dec did not record it.
+        return saved
+
+    def layout_difference(self, directory: str) -> str | None:
+        """How the layout saved under `directory` differs from this one (None: it fits).
+        Whether the shards had their own seeds is none: `restore` follows the checkpoint."""
+        saved, current = self._saved_spec(directory), self.spec()
         diff = [f"{k} {saved.get(k)} in the checkpoint, {current.get(k)} now"
-                for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+                for k in sorted((set(saved) | set(current)) - {"shard_seeds"})
+                if saved.get(k) != current.get(k)]
         return ", ".join(diff) or None
 
     def restore(self, directory: str) -> None:
-        """Moves every local iterator to the position saved under `directory`."""
+        """Moves every local iterator to the position saved under `directory`, on the seeds
+        it was drawn with."""
         difference = self.layout_difference(directory)
         if difference:
             raise ValueError(f"the checkpoint's data layout differs from this run's "
                              f"({difference}): keep train.global_batch_size, train.seq_len, "
                              "train.num_data_shards, train.seed and "
                              "seqio_shard_dataset.autotune as they were when the run started.")
+        own_seeds = self.seed is not None and bool(
+            self._saved_spec(directory).get("shard_seeds"))
+        if self._use_seeds(own_seeds) and not own_seeds:
+            log.warning("The data position in %s was saved before data shards had their own "
+                        "seeds: its %d shards continue on seed %s each, as they were trained "
+                        "(with the same augmentation draws in every shard). A run started "
+                        "anew gives each shard its own seed.", directory, self.num_shards,
+                        self.seed)
         for s in self.local_shards:
             try:
                 tf.train.Checkpoint(iterator=self._iterators[s]).read(

@@ -9,8 +9,11 @@ not exist or still holds the previous complete version (with `overwrite=True` th
 one is moved aside first and deleted only after the new one is in place).
 
 With several processes (a pod), every process writes into the same staging folder
-(orbax saves are collective) and process 0 alone creates, commits or removes it, with
-a barrier at each step. (Tested here with one process only.)
+(orbax saves are collective) and process 0 alone creates, commits or removes it. After
+the block and after the commit the processes agree on the outcome (`_agree`): a part that
+failed on one process only (process 0's copies, manifest or rename) raises on every
+process instead of leaving the others waiting at a barrier until the job is killed
+(tests/train/test_multihost.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import uuid
 from typing import Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
@@ -70,6 +74,13 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _agree(ok: bool) -> bool:
+    """Whether every process's `ok` is true: a barrier that carries each one's outcome."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+
+
 @contextlib.contextmanager
 def staged(path: str, overwrite: bool = False,
            markers: Sequence[str] = EXPORT_MARKERS) -> Iterator[str]:
@@ -93,11 +104,23 @@ def staged(path: str, overwrite: bool = False,
     except BaseException:
         if is_primary():
             fs.rmtree(tmp)
+        _agree(False)  # The others learn of it instead of waiting.
         raise
-    _barrier(f"staged_written:{path}")
+    if not _agree(True):
+        if is_primary():
+            fs.rmtree(tmp)
+        raise RuntimeError(f"another process failed while writing {path}: nothing was "
+                           "written there; its log says why.")
+    failure = None
     if is_primary():
-        _commit(tmp, path, overwrite, markers)
-    _barrier(f"staged_done:{path}")
+        try:
+            _commit(tmp, path, overwrite, markers)
+        except BaseException as e:  # pylint: disable=broad-except  # Raised below, agreed.
+            failure = e
+    if not _agree(failure is None):
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"process 0 could not put {path} in place; its log says why.")
 
 
 def _commit(tmp: str, path: str, overwrite: bool, markers: Sequence[str]) -> None:

@@ -26,6 +26,7 @@ import gin
 import jax
 import numpy as np
 import seqio
+from jax.sharding import Mesh
 
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
@@ -71,7 +72,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
           log_every: int = 50, eval_every: int = 0, eval_steps: int = 4,
           eval_split: str = "validation", on_nonfinite: str = "stop",
           progress_bar: bool = True,
-          init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
+          init_params_from: Callable[[Mesh], Any] | None = None) -> dict[str, Any]:
     """Trains `DecoderConfig()` on a seqio task; resumes from MODEL_DIR/checkpoints.
 
     Args:
@@ -87,9 +88,11 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         log_every: write metrics every this many steps. eval_every: held-out loss every
             this many steps (0: only at the end), over `eval_steps` batches of `eval_split`.
         on_nonfinite: "stop" (raise, naming the step and last good checkpoint) or "skip".
-        init_params_from: for fine-tuning: returns the parameters to start from (a
-            pytree shaped like the model's) when MODEL_DIR has no checkpoint yet; the
-            optimizer state and step stay fresh. Ignored on resume.
+        init_params_from: for fine-tuning: `init_params_from(mesh)` returns the parameters
+            to start from (a pytree shaped like the model's, best laid out over the run's
+            mesh by the logical rules: with several processes, arrays on one host's devices
+            cannot be put onto the run's shardings) when MODEL_DIR has no checkpoint yet;
+            the optimizer state and step stay fresh. Ignored on resume.
     Returns:
         {"step": the final step, "preempted": whether a SIGTERM cut the run short,
          "eval": the last held-out metrics}.
@@ -143,8 +146,8 @@ class _Run:
         self.param_shardings = shardings.params
         self.abstract = state_lib.abstract_train_state(self.model, self.tx, self.mesh)
         batch_sharding = step_lib.batch_sharding(self.mesh, (global_batch_size, seq_len))
-        make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len,
-                                      seed=seed)
+        # Each data shard's seed comes from `seed` (`data.shard_seed`).
+        make_data = functools.partial(data_lib.seqio_shard_dataset, task=task, seq_len=seq_len)
         self.data = data_lib.ShardedBatches(make_data, global_batch_size, seq_len,
                                             batch_sharding, num_data_shards, seed)
         self.train_step = step_lib.jit_train_step(
@@ -156,19 +159,19 @@ class _Run:
         self.evaluate = _Evaluator(eval_step, functools.partial(make_data, split=eval_split,
                                                                 shuffle=False),
                                    global_batch_size, seq_len, batch_sharding, eval_steps,
-                                   num_data_shards)
+                                   num_data_shards, seed)
         self.writer = metrics_lib.MetricsWriter(model_dir)
         self.ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
 
-    def restore_or_init(self, init_params_from: Callable[[], Any] | None = None
+    def restore_or_init(self, init_params_from: Callable[[Mesh], Any] | None = None
                         ) -> tuple[TrainState, int]:
         """The newest readable checkpoint (data position included), else a fresh state
-        (with `init_params_from()`'s parameters, when given)."""
+        (with `init_params_from(mesh)`'s parameters, when given)."""
         state = self.ckpt.restore(self.abstract, self.data)
         if state is None:
             state = state_lib.create_train_state(self.model, self.tx, self.mesh, self.seed)
             if init_params_from is not None:
-                state = state.replace(params=jax.device_put(init_params_from(),
+                state = state.replace(params=jax.device_put(init_params_from(self.mesh),
                                                             self.param_shardings))
         step = int(np.asarray(state.step.addressable_data(0)))
         log.info("model: %s parameters; state %.3f GiB on the fullest device; mesh %s; "
@@ -179,7 +182,7 @@ class _Run:
 
     def loop(self, reporter: "_Reporter", preemption: checkpoints.PreemptionSignal,
              eval_every: int, progress_bar: bool,
-             init_params_from: Callable[[], Any] | None = None) -> dict[str, Any]:
+             init_params_from: Callable[[Mesh], Any] | None = None) -> dict[str, Any]:
         """Steps until `num_steps` or a preemption; saves, evaluates; returns the summary."""
         state, step = self.restore_or_init(init_params_from)
         if step >= self.num_steps:
@@ -281,10 +284,10 @@ class _Evaluator:
     """
 
     def __init__(self, eval_step, make_data, global_batch_size: int, seq_len: int, sharding,
-                 num_batches: int, num_data_shards: int | None):
+                 num_batches: int, num_data_shards: int | None, seed: int):
         self._step, self._num_batches = eval_step, num_batches
         self._make = functools.partial(data_lib.ShardedBatches, make_data, global_batch_size,
-                                       seq_len, sharding, num_data_shards)
+                                       seq_len, sharding, num_data_shards, seed)
         self._batches: data_lib.ShardedBatches | None = None
 
     def __call__(self, params: Any) -> dict[str, float]:

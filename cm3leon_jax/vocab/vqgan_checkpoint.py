@@ -120,8 +120,12 @@ def _read(step_dir: epath.Path) -> tuple[Any, VQGANConfig]:
         stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
             step_dir / "config", args=ocp.args.JsonRestore())
         cfg = VQGANConfig.from_dict(dict(stored))
+        # Onto this process's first device, whichever devices saved it: every process of a
+        # pod holds its own copy (without a target sharding orbax refuses another topology).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            abstract_params(cfg))
         with ocp.StandardCheckpointer() as reader:
             params = reader.restore(step_dir / "params", target)
     except Exception as e:  # pylint: disable=broad-except  # Checksums fit: the files do not.

@@ -162,6 +162,18 @@ def test_the_hf_layout_refuses_what_transformers_cannot_express_before_restoring
     assert not model_dir.exists()
 
 
+def test_folders_to_copy_are_checked_before_restoring(train_run, monkeypatch, tmp_path):
+    """A vocab_dir or image_tokenizer_dir that is not a folder is named before the long
+    restore (on a pod it failed on process 0 alone, after it)."""
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored before refusing")
+    monkeypatch.setattr(params_export.restore, "restore_decoder", no_restore)
+    for name in ("vocab_dir", "image_tokenizer_dir"):
+        with pytest.raises(UserInputError, match=rf"export.{name}=.*nowhere.* is not a folder"):
+            _export(train_run, tmp_path / "out", **{name: str(tmp_path / "nowhere")})
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_damaged_file_is_named(train_run, tmp_path):
     out = tmp_path / "export"
     manifest = _export(train_run, out)

@@ -1,11 +1,14 @@
 """Global batches from data shards, and the iterator position saved and restored."""
 
 import functools
+import json
+import logging
 
 import gin
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import partitioning
@@ -24,10 +27,10 @@ def make_data(corpus):
     gin.clear_config()
 
 
-def _batches(make_data, mesh_shape=(2, 4, 1), num_shards=2, batch=8):
+def _batches(make_data, mesh_shape=(2, 4, 1), num_shards=2, batch=8, seed=None):
     mesh = partitioning.make_mesh(*mesh_shape)
     sharding = step_lib.batch_sharding(mesh, (batch, SEQ_LEN))
-    return data_lib.ShardedBatches(make_data, batch, SEQ_LEN, sharding, num_shards)
+    return data_lib.ShardedBatches(make_data, batch, SEQ_LEN, sharding, num_shards, seed)
 
 
 def _take(it, n):
@@ -96,3 +99,89 @@ def test_without_the_autotuner_the_batches_and_their_restore_are_the_same(make_d
     other.layout_difference = lambda directory: None
     with pytest.raises(UserInputError, match="does not fit this run's input pipeline"):
         other.restore(str(tmp_path / "tuned"))
+
+
+def _seed_rows(shard, num_shards, rows, seed):
+    """Row i of a shard: its pipeline's seed and i, in every column (no seqio: fast)."""
+    del shard, num_shards
+    ds = tf.data.Dataset.range(1 << 20).map(lambda i: {
+        "seed": tf.fill([SEQ_LEN], tf.constant(seed, tf.int32)),
+        "index": tf.fill([SEQ_LEN], tf.cast(i, tf.int32))})
+    return ds.batch(rows, drop_remainder=True)
+
+
+# Like the trainer's make_data before shards had their own seeds: the run's seed bound in.
+SEEDED = functools.partial(_seed_rows, seed=7)
+
+
+def _seeds_of(batch, num_shards=2):
+    rows = len(batch["seed"]) // num_shards
+    return [int(batch["seed"][s * rows, 0]) for s in range(num_shards)]
+
+
+def test_each_shard_draws_from_its_own_seed_and_shard_0_from_the_run_seed():
+    """On one seed, row j of every shard got the same shuffle, mixture and augmentation
+    draws (32 shards: every decision 32 times in a global batch)."""
+    (batch,) = _take(_batches(SEEDED, num_shards=4, seed=7), 1)
+    seeds = _seeds_of(batch, 4)
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+    assert seeds == [data_lib.shard_seed(7, s) for s in range(4)]
+    assert [data_lib.shard_seed(s, 0) for s in (0, 1, 2**40)] == [0, 1, 2**40]
+    assert data_lib.shard_seed(0, 1) != data_lib.shard_seed(1, 0)  # Not `seed + shard`.
+
+
+def test_a_one_shard_run_reads_what_it_read_before_shards_had_their_own_seeds(make_data):
+    """The run's seed given to `ShardedBatches` (the trainer's way now) or bound into
+    `make_data` (its way before): the same batches."""
+    unseeded = functools.partial(make_data, seed=None)
+    (now,) = _take(_batches(unseeded, num_shards=1, seed=1), 1)
+    before = next(make_data(0, 1, 8).as_numpy_iterator())  # make_data binds seed=1.
+    for k, v in before.items():
+        np.testing.assert_array_equal(now[k], v)
+
+
+def test_a_position_saved_before_shards_had_own_seeds_resumes_on_the_run_seed(tmp_path,
+                                                                             caplog):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    # A run before the change: every shard's pipeline on the run's seed, no "shard_seeds".
+    before = _batches(SEEDED)
+    _take(before, 2)
+    before.save(old)
+    with open(f"{old}/data_spec.json") as f:
+        spec = json.load(f)
+    assert "shard_seeds" not in spec
+    with open(f"{old}/data_spec.json", "w") as f:
+        json.dump({**spec, "seed": 7}, f)  # What such a run with train.seed=7 wrote.
+    expected = _take(before, 2)
+    resumed = _batches(SEEDED, seed=7)
+    with caplog.at_level(logging.WARNING, logger=data_lib.__name__):
+        resumed.restore(old)
+    assert "saved before data shards had their own seeds" in caplog.text
+    got = _take(resumed, 2)
+    for a, b in zip(expected, got):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert _seeds_of(got[0]) == [7, 7] and got[0]["index"][0, 0] == 8
+    resumed.save(new)  # It goes on saying so: the next resume stays on the run's seed.
+    with open(f"{new}/data_spec.json") as f:
+        assert "shard_seeds" not in json.load(f)
+    resumed.restart()  # Back to the start (e.g. after a failed read): the shards' own seeds.
+    assert _seeds_of(_take(resumed, 1)[0]) == [7, data_lib.shard_seed(7, 1)]
+
+
+def test_a_position_saved_with_own_seeds_resumes_on_them(tmp_path, caplog):
+    it = _batches(SEEDED, seed=7)
+    _take(it, 2)
+    it.save(str(tmp_path))
+    with open(tmp_path / "data_spec.json") as f:
+        assert json.load(f)["shard_seeds"] is True
+    expected = _take(it, 2)
+    resumed = _batches(SEEDED, seed=7)
+    with caplog.at_level(logging.WARNING, logger=data_lib.__name__):
+        resumed.restore(str(tmp_path))
+    assert "own seeds" not in caplog.text
+    got = _take(resumed, 2)
+    for a, b in zip(expected, got):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert _seeds_of(got[0]) == [7, data_lib.shard_seed(7, 1)] and got[0]["index"][0, 0] == 8

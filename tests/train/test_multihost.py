@@ -9,10 +9,16 @@ reference runs in the test's own process, on two of its eight fake devices.
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import gin
 import jax
+import numpy as np
+import pytest
 import train_testlib as lib
+from test_sft_run import SFT_GIN, sft_bindings
+from test_sft_run import base as sft_base  # noqa: F401  (a fixture, under this name here)
 
 
 @gin.configurable
@@ -72,3 +78,103 @@ def test_two_processes_match_one_process_with_two_devices(corpus, tmp_path):
     assert eval_one and eval_one == eval_two
     assert sorted(int(n) for n in os.listdir(os.path.join(two_dir, "checkpoints"))
                   if n.isdigit()) == [2, 4]
+
+
+def _run_job(args, tmp_path, name, timeout=400):
+    """`python <args>` as 2 processes of one job (one fake device each, gloo collectives on
+    localhost); returns their exit codes and logs. A process still running at `timeout` is
+    killed (-9)."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        log = open(tmp_path / f"{name}_{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, *args], cwd=lib.REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": _xla_flags(1),
+                 "CM3LEON_COORDINATOR": f"127.0.0.1:{port}", "CM3LEON_NUM_PROCESSES": "2",
+                 "CM3LEON_PROCESS_ID": str(i)}))
+    codes = []
+    try:
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                codes.append(-9)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return codes, [(tmp_path / f"{name}_{i}.log").read_text() for i in range(2)]
+
+
+def _start_jobs(gin_file, binding_list, tmp_path, name):
+    """`python -m cm3leon_jax.main --gin_file=<gin_file>` as 2 processes of one job; both
+    must succeed."""
+    codes, logs = _run_job(["-m", "cm3leon_jax.main", f"--gin_file={gin_file}",
+                            *[f"--gin.{b}" for b in binding_list]], tmp_path, name)
+    for code, log in zip(codes, logs):
+        assert code == 0, log[-3000:]
+
+
+_STAGED_FAILS_ON_PROCESS_0 = """
+import sys
+import jax
+from cm3leon_jax.train import distributed, staging
+distributed.initialize()
+try:
+    with staging.staged(sys.argv[1]) as tmp:
+        if jax.process_index() == 0:
+            raise OSError("a copy only process 0 makes failed")
+except Exception as e:
+    print(f"raised {type(e).__name__}: {e}")
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_a_staged_write_that_fails_on_one_process_fails_on_every_one(tmp_path):
+    """Process 0 writes an export's manifest and copies alone: when that fails, the other
+    processes raise too (they waited at a barrier until the job was killed), and nothing
+    is left at the target."""
+    target = str(tmp_path / "export")
+    codes, logs = _run_job(["-c", _STAGED_FAILS_ON_PROCESS_0, target], tmp_path, "staged",
+                           timeout=90)
+    assert codes == [3, 3], logs
+    assert "raised OSError: a copy only process 0" in logs[0]
+    assert "raised RuntimeError: another process failed while writing" in logs[1]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("export")]
+
+
+@pytest.mark.slow
+def test_sft_and_export_run_as_two_processes(sft_base, tmp_path):  # noqa: F811
+    """A pod's fine-tuning and export: SFT restores the base over the job's mesh (restored
+    onto one host's device, the parameters could not be put onto the job's shardings), and
+    the export saves the image tokenizer restored on every host (orbax saves only arrays
+    that span the processes)."""
+    from cm3leon_jax.decode import restore
+    from cm3leon_jax.vocab import vqgan_checkpoint
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    from tests.data.test_preprocess import TINY_VQ
+
+    sft_dir, export_dir = str(tmp_path / "sft"), str(tmp_path / "export")
+    _start_jobs(SFT_GIN, sft_bindings(sft_dir, sft_base, **{
+        "train.num_steps": 1, "train.num_data_shards": 2, "make_mesh.data": -1,
+        "make_mesh.fsdp": 1, "train_mesh.dcn_data": 2}), tmp_path, "sft")
+    assert lib.losses(sft_dir).keys() == {1}
+
+    tokenizer = ImageTokenizer.random_init(TINY_VQ, seed=0)
+    vqgan_checkpoint.save_params(str(tmp_path / "vq"), 0, TINY_VQ, tokenizer.params)
+    _start_jobs(os.path.join(lib.REPO, "gin_configs", "runs", "export.gin"), [
+        f"MODEL_DIR={export_dir!r}", f"export.checkpoint={sft_dir!r}",
+        f"export.vocab_dir={sft_base[2]!r}", f"export.image_tokenizer_dir={str(tmp_path / 'vq')!r}",
+        "export.dtype=None"], tmp_path, "export")
+    config, params, step = restore.restore_decoder(os.path.join(export_dir, "export"))
+    want = restore.restore_decoder(sft_dir, config=config)[1]
+    assert step == 1
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    restored, _, _ = vqgan_checkpoint.restore_params(os.path.join(export_dir, "export",
+                                                                  "image_tokenizer"))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tokenizer.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

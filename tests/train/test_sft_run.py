@@ -83,12 +83,26 @@ def _params(model_dir, vocab_size):
     return restore.restore_decoder(model_dir, config=config)[1]
 
 
-def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp_path):
+def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp_path,
+                                                                       monkeypatch):
+    """SFT starts from the base's parameters, restored over the run's mesh (on a pod no one
+    host's devices hold the base, and an array on them cannot be put onto the run's
+    shardings: tests/train/test_multihost.py), and leaves the base untouched."""
+    from cm3leon_jax.decode import restore
+    meshes, restore_decoder = [], restore.restore_decoder
+
+    def recording(model_dir, step=None, config=None, mesh=None):
+        meshes.append(mesh)
+        return restore_decoder(model_dir, step, config, mesh)
+
+    monkeypatch.setattr(restore, "restore_decoder", recording)
     before = lib.tree_digests(base[0])
     out = str(tmp_path / "sft")
     result = run_sft(sft_bindings(out, base, **{"train.num_steps": 1,
                                                 "learning_rate_schedule.peak_lr": 1e-12}))
     assert result["step"] == 1 and result["base"]["step"] == 4
+    assert len(meshes) == 1 and meshes[0] is not None and meshes[0].size == 8
+    monkeypatch.undo()
     assert lib.tree_digests(base[0]) == before
     import jax
     got, want = _params(out, base[3]), _params(base[0], base[3])
@@ -140,3 +154,27 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
     finally:
         os.rename(config_gin + ".away", config_gin)
     assert lib.tree_digests(checkpoints) == before
+
+
+def test_the_base_vocabulary_may_be_on_a_bucket(base, tmp_path):
+    """On a pod sft.base_vocab_dir is a gs:// folder (here TensorFlow's ram://): compared
+    byte for byte through fs (filecmp read only local files), a changed file refused."""
+    from cm3leon_jax import fs, sft
+    from cm3leon_jax import main as main_lib
+    from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
+
+    remote = f"ram://{tmp_path.name}/vocab"
+    for name in VOCAB_FILES:
+        with fs.open(fs.join(remote, name), "wb") as f:
+            f.write(fs.read_bytes(os.path.join(base[2], name)))
+    gin.clear_config()
+    try:
+        main_lib.configure([SFT_GIN], sft_bindings(str(tmp_path / "sft"), base))
+        task = gin.query_parameter("train.task")
+        sft.check_vocabulary(remote, task)
+        with fs.open(fs.join(remote, VOCAB_FILES[-1]), "ab") as f:
+            f.write(b" ")
+        with pytest.raises(UserInputError, match="vocabulary mismatch"):
+            sft.check_vocabulary(remote, task)
+    finally:
+        gin.clear_config()
