@@ -77,9 +77,15 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     run_config.check_same_mode(model_dir, _mode_name(mode))
     # One writer: the processes of a pod would otherwise rename one another's config.gin.
     distributed.initialize()
-    undo = None
+    undo, failure = None, None
     if not jax.distributed.is_initialized() or jax.process_index() == 0:
-        undo = run_config.write_undoable(model_dir)[1]
+        try:
+            undo = run_config.write_undoable(model_dir)[1]
+        except UserInputError as e:  # Raised below, on every process.
+            failure = e
+    if not distributed.all_agree(failure is None):
+        raise failure or UserInputError(f"process 0 could not write {model_dir}/config.gin: "
+                                        "its log says why.")
     try:
         return mode(model_dir=model_dir)
     except ModelDirMismatchError:

@@ -74,6 +74,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def all_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process of the job: a barrier that carries each one's
+    outcome, so that a step that failed on one process only (process 0's writes) raises on
+    every process instead of leaving the others waiting at the next collective. One
+    process (the job never joined): `ok`, without starting XLA (a mode may still set its
+    flags)."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+
+
 def _group(devices: Sequence[Any], key) -> dict[int, list[Any]]:
     out: dict[int, list[Any]] = {}
     for d in devices:

@@ -10,10 +10,10 @@ one is moved aside first and deleted only after the new one is in place).
 
 With several processes (a pod), every process writes into the same staging folder
 (orbax saves are collective) and process 0 alone creates, commits or removes it. After
-the block and after the commit the processes agree on the outcome (`_agree`): a part that
-failed on one process only (process 0's copies, manifest or rename) raises on every
-process instead of leaving the others waiting at a barrier until the job is killed
-(tests/train/test_multihost.py).
+the block and after the commit the processes agree on the outcome
+(`distributed.all_agree`): a part that failed on one process only (process 0's copies,
+manifest or rename) raises on every process instead of leaving the others waiting at a
+barrier until the job is killed (tests/train/test_multihost.py).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import uuid
 from typing import Iterator, Sequence
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.train import distributed
 from cm3leon_jax.train import params_checkpoint as pc
 
 # What marks a folder as an export this package wrote (params layout; `transformers` layout).
@@ -74,13 +74,6 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _agree(ok: bool) -> bool:
-    """Whether every process's `ok` is true: a barrier that carries each one's outcome."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
-
-
 @contextlib.contextmanager
 def staged(path: str, overwrite: bool = False,
            markers: Sequence[str] = EXPORT_MARKERS) -> Iterator[str]:
@@ -104,9 +97,9 @@ def staged(path: str, overwrite: bool = False,
     except BaseException:
         if is_primary():
             fs.rmtree(tmp)
-        _agree(False)  # The others learn of it instead of waiting.
+        distributed.all_agree(False)  # The others learn of it instead of waiting.
         raise
-    if not _agree(True):
+    if not distributed.all_agree(True):
         if is_primary():
             fs.rmtree(tmp)
         raise RuntimeError(f"another process failed while writing {path}: nothing was "
@@ -117,7 +110,7 @@ def staged(path: str, overwrite: bool = False,
             _commit(tmp, path, overwrite, markers)
         except BaseException as e:  # pylint: disable=broad-except  # Raised below, agreed.
             failure = e
-    if not _agree(failure is None):
+    if not distributed.all_agree(failure is None):
         if failure is not None:
             raise failure
         raise RuntimeError(f"process 0 could not put {path} in place; its log says why.")

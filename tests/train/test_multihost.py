@@ -178,3 +178,18 @@ def test_sft_and_export_run_as_two_processes(sft_base, tmp_path):  # noqa: F811
                                                                   "image_tokenizer"))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tokenizer.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_a_model_dir_process_0_cannot_make_stops_every_process(tmp_path):
+    """Process 0 alone writes MODEL_DIR/config.gin: when it cannot, every process stops with
+    the error (the others went on into the run and failed at its first collective, exit 1,
+    without saying why)."""
+    (tmp_path / "a_file").write_text("")
+    model_dir = str(tmp_path / "a_file" / "run")
+    codes, logs = _run_job(["-m", "cm3leon_jax.main",
+                            "--gin_file=tests/launch/processes.gin",
+                            f"--gin.MODEL_DIR={model_dir!r}"], tmp_path, "model_dir", timeout=90)
+    assert codes == [2, 2], logs
+    assert "cannot create MODEL_DIR" in logs[0]
+    assert "process 0 could not write" in logs[1]
