@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_steps(model_dir: str) -> list[int]:
-    """Steps with a committed checkpoint under MODEL_DIR/checkpoints (or the folder given)."""
-    root = _checkpoints_dir(model_dir)
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+    """Steps with a committed checkpoint under MODEL_DIR/checkpoints (or the folder given);
+    a save still being written is not one (`checkpoints.finished_steps`)."""
+    return checkpoints.finished_steps(str(_checkpoints_dir(model_dir)))
 
 
 def _checkpoints_dir(model_dir: str) -> epath.Path:
@@ -54,7 +54,8 @@ def _checkpoints_dir(model_dir: str) -> epath.Path:
 
 def restore_decoder(model_dir: str, step: int | None = None,
                     config: DecoderConfig | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> tuple[DecoderConfig, Any, int]:
+                    mesh: jax.sharding.Mesh | None = None, every_process: bool = False
+                    ) -> tuple[DecoderConfig, Any, int]:
     """(config, params, step) of a train run's checkpoint; the newest readable unless `step`.
 
     A corrupt newest checkpoint (checksum mismatch, unreadable files) is skipped with a
@@ -69,6 +70,10 @@ def restore_decoder(model_dir: str, step: int | None = None,
         bindings must agree with (`run_config.decoder_config`; without one, `DecoderConfig()`
         as gin binds it; for an export: the manifest's).
       mesh: shard the parameters over this mesh by the logical rules; None: one device.
+        With a mesh every process of the job must call this (the read is collective), and
+        a step that one process cannot read is passed over by all (`checkpoints.agreed`).
+      every_process: without a mesh, every process of the job calls this at the same point
+        (an export) and they must agree on the step, as with one.
     """
     if params_checkpoint.is_export(model_dir):
         return _restore_export(model_dir, step, config, mesh)
@@ -90,9 +95,12 @@ def restore_decoder(model_dir: str, step: int | None = None,
     target = {"params": jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)}
     candidates = [step] if step is not None else steps[::-1]
+    # With a mesh every process restores its part, with every_process a copy: they must
+    # read the same step, or none.
+    together = mesh is not None or every_process
     for i, candidate in enumerate(candidates):
         try:
-            return config, _read_params(model_dir, candidate, target), candidate
+            return config, _read_params(model_dir, candidate, target, together), candidate
         except checkpoints.CorruptCheckpointError as e:
             if i + 1 == len(candidates):
                 raise UserInputError(f"the checkpoint at step {candidate} in {model_dir!r} is "
@@ -102,27 +110,35 @@ def restore_decoder(model_dir: str, step: int | None = None,
     raise AssertionError("unreachable")
 
 
-def _read_params(model_dir: str, step: int, target: Any) -> Any:
+def _read_params(model_dir: str, step: int, target: Any, together: bool) -> Any:
     """The params of one step onto `target` ({"params": ShapeDtypeStructs with shardings});
-    CorruptCheckpointError if its files are damaged."""
+    CorruptCheckpointError if its files are damaged. `together`: every process reads it,
+    and they agree on the outcome of each part (`checkpoints.agreed`)."""
     step_dir = _checkpoints_dir(model_dir) / str(step)
-    if not checkpoints.verify_checksums(step_dir):
-        log.warning("checkpoint at step %d in %s has no %s; loading it unverified.", step,
-                    model_dir, checkpoints.CHECKSUMS)
     state_dir = step_dir / "state"
     handler = ocp.PyTreeCheckpointer()
-    try:
-        stored = handler.metadata(state_dir).item_metadata.tree["params"]
-    except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
-        raise checkpoints.CorruptCheckpointError(f"its metadata is unreadable: {e}") from e
-    _check_shapes(stored, target["params"], model_dir, step)
-    try:
-        restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    except Exception as e:  # pylint: disable=broad-except  # Shapes fit: the files do not.
-        raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
-    return restored["params"]
+    what = f"reading the checkpoint at step {step} in {model_dir!r}"
+
+    def check() -> None:
+        if not checkpoints.verify_checksums(step_dir):
+            log.warning("checkpoint at step %d in %s has no %s; loading it unverified.", step,
+                        model_dir, checkpoints.CHECKSUMS)
+        try:
+            stored = handler.metadata(state_dir).item_metadata.tree["params"]
+        except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
+            raise checkpoints.CorruptCheckpointError(f"its metadata is unreadable: {e}") from e
+        _check_shapes(stored, target["params"], model_dir, step)
+
+    def load() -> Any:
+        try:
+            return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        except Exception as e:  # pylint: disable=broad-except  # Shapes fit: the files do not.
+            raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
+
+    checkpoints.agreed(check, what, together)
+    return checkpoints.agreed(load, what, together)["params"]
 
 
 def saved_config(model_dir: str) -> DecoderConfig:

@@ -93,7 +93,8 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
     tokenizer = extras.get("image_tokenizer")
     if tokenizer is None and extras.get("image_tokenizer_dir"):
         from cm3leon_jax.vocab import vqgan_checkpoint
-        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(extras["image_tokenizer_dir"])
+        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(
+            extras["image_tokenizer_dir"], every_process=True)
         tokenizer = (vq_config, vq_params)
     manifest = params_export.write_export(
         output_dir, config, params, step=extras.get("step"), source=source,

@@ -134,11 +134,14 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     if layout == "hf":  # Before the (long) restore.
         _check_hf_layout(checkpoint, config)
     mesh = partitioning.make_mesh() if shard else None
-    config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh)
+    # Every process restores (the same step: `every_process`), and saves its part.
+    config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh,
+                                                       every_process=True)
     params, config = cast(params, config, dtype)
     tokenizer = None
     if image_tokenizer_dir:
-        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir)
+        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir,
+                                                                  every_process=True)
         tokenizer = (vq_config, vq_params)
     if layout == "hf":
         from cm3leon_jax.export import hf_export

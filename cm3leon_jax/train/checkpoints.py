@@ -30,6 +30,8 @@ Restoring tells three things apart, so that no good checkpoint is ever lost:
     `CheckpointMismatchError`, naming the parameter and both shapes, before orbax reads
     anything; every checkpoint is left byte-identical;
   * anything else is a bug and propagates with its traceback.
+On a pod the processes decide together (`agreed`): a step one process cannot read is set
+aside, or raises, on all of them, so that none trains from a step the others passed over.
 A save that fails (a full disk, a write error) raises `CheckpointSaveError`, which names
 the last complete checkpoint; the failed step never becomes a step directory.
 """
@@ -37,13 +39,14 @@ the last complete checkpoint; the failed step never becomes a step directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import threading
 import zlib
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import gin
 import jax
@@ -54,6 +57,7 @@ from jax.experimental import multihost_utils
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import CheckpointMismatchError, UserInputError  # The first: re-exported.
+from cm3leon_jax.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,57 @@ def verify_checksums(root: epath.Path) -> bool:
         if _crc32(path) != crc:
             raise CorruptCheckpointError(f"{rel} does not match its checksum")
     return True
+
+
+def finished_steps(directory: str) -> list[int]:
+    """The steps under `directory` whose save finished, oldest first.
+
+    Orbax renames a finished save into its `<step>` folder where the file system can
+    (local disks), but on gs:// it writes the folder in place and marks the end with
+    `commit_success.txt`: a digit folder without one there is a save still being written,
+    or one cut off. `ocp.step.is_path_finalized` tells them apart for either kind."""
+    root = orbax_path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir()
+                  if p.name.isdigit() and ocp.step.is_path_finalized(p))
+
+
+T = TypeVar("T")
+_READ, _CORRUPT, _FAILED = 0, 1, 2
+
+
+def agreed(read: Callable[[], T], what: str, together: bool = True) -> T:
+    """`read()` (a part of reading one checkpoint step, on this process), its outcome agreed
+    by every process of the job (`distributed.gather`): a step any process found corrupt
+    raises CorruptCheckpointError on all of them, and an error of another kind on any
+    process raises on all (its own there, a RuntimeError naming it elsewhere). So the
+    processes read the same step or none, and set a step aside all together or not at all.
+
+    Every process must call it at the same point, and outside orbax's own calls: orbax
+    meets the processes at barriers of its own, which a process that failed before one
+    never reaches. `together` False (each process reads for itself alone): `read()`."""
+    if not together:
+        return read()
+    try:
+        value, code = read(), _READ
+    except CorruptCheckpointError as e:
+        value, code = e, _CORRUPT
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised below, on every process.
+        value, code = e, _FAILED
+    codes = distributed.gather(code)
+    if not set(codes) <= {_READ, _CORRUPT, _FAILED}:
+        raise RuntimeError(f"{what}: the processes are out of step (a collective of another "
+                           f"kind answered: {codes}); a process failed inside orbax?")
+    worst = max(codes)
+    if worst == _READ:
+        return value
+    if code == worst:
+        raise value
+    if worst == _FAILED:
+        raise RuntimeError(f"{what} failed on process {codes.index(_FAILED)} (its log says "
+                           "why); this process stops with it.")
+    raise CorruptCheckpointError(f"process {codes.index(_CORRUPT)} could not read it")
 
 
 def orbax_path(directory: str) -> epath.Path:
@@ -312,32 +367,53 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 self._corrupt(step, e)
                 continue
-            self._check_holds(step, data)
-            try:
-                stored = self._stored_shapes(step)
-                layout = _layout_difference(data, self.directory / str(step) / "data")
-            except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
-                if verified or isinstance(e, UserInputError):  # Not corruption: as written,
-                    raise  # or written by another kind of run.
-                self._corrupt(step, e)
-                continue
-            self._check_fits(step, stored, abstract_state, layout)
-            args = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data is not None:
-                args["data"] = DataIteratorRestore(data)
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-            except Exception as e:  # pylint: disable=broad-except
-                if data is not None:  # Some iterators may have moved before the failure.
+            what = f"restoring the checkpoint at step {step} in {self.directory}"
+            restoring = False
+            try:  # First what this process reads alone, then orbax's (collective) restore.
+                agreed(functools.partial(self._check_step, step, verified, abstract_state,
+                                         data), what)
+                restoring = True
+                state = agreed(functools.partial(self._restore_step, step, verified,
+                                                 abstract_state, data), what)
+            except Exception as e:
+                if restoring and data is not None:  # Moved here, then another process failed.
                     data.restart()
-                if verified or isinstance(e, UserInputError):
-                    raise  # Not corruption: the bytes are as written, or the config changed.
-                self._manager = self._fresh_manager()  # A failed read can leave it broken.
+                if not isinstance(e, CorruptCheckpointError):
+                    raise
                 self._corrupt(step, e)
                 continue
             self.last_good_step = step
-            return restored.state
+            return state
         return None
+
+    def _check_step(self, step: int, verified: bool, abstract_state: Any, data: Any) -> None:
+        """Whether the step holds what this run restores, readable and fitting
+        (CheckpointMismatchError); CorruptCheckpointError when its files are damaged."""
+        self._check_holds(step, data)
+        try:
+            stored = self._stored_shapes(step)
+            layout = _layout_difference(data, self.directory / str(step) / "data")
+        except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
+            if verified or isinstance(e, UserInputError):  # Not corruption: as written,
+                raise  # or written by another kind of run.
+            raise CorruptCheckpointError(f"{type(e).__name__}: {_first_line(e)}") from e
+        self._check_fits(step, stored, abstract_state, layout)
+
+    def _restore_step(self, step: int, verified: bool, abstract_state: Any, data: Any) -> Any:
+        """The state of one step (and `data` moved to its position); CorruptCheckpointError
+        when its files are damaged (`data` back at its first batch, a fresh manager)."""
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data is not None:
+            args["data"] = DataIteratorRestore(data)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**args)).state
+        except Exception as e:  # pylint: disable=broad-except
+            if data is not None:  # Some iterators may have moved before the failure.
+                data.restart()
+            if verified or isinstance(e, UserInputError):
+                raise  # Not corruption: the bytes are as written, or the config changed.
+            self._manager = self._fresh_manager()  # A failed read can leave it broken.
+            raise CorruptCheckpointError(f"{type(e).__name__}: {_first_line(e)}") from e
 
     def _check_holds(self, step: int, data: Any) -> None:
         """CheckpointMismatchError if the step lacks what this run restores: the state, or
@@ -354,10 +430,10 @@ class Checkpointer:
                 "wrote it (an image tokenizer's or a retriever's MODEL_DIR?). Give this run "
                 "its own MODEL_DIR; the checkpoints were left untouched.")
 
-    def _corrupt(self, step: int, error: Exception) -> None:
-        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moving it to %s and "
-                    "trying the previous one.", step, self.directory, type(error).__name__,
-                    _first_line(error)[:300], self._set_aside(step))
+    def _corrupt(self, step: int, error: CorruptCheckpointError) -> None:
+        log.warning("checkpoint at step %d in %s is unreadable (%s); moving it to %s and "
+                    "trying the previous one.", step, self.directory, _first_line(error)[:300],
+                    self._set_aside(step))
 
     def _verify(self, step: int) -> bool:
         """Whether the step's checksums were checked (they match, or this raises)."""

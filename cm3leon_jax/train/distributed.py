@@ -74,16 +74,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def all_agree(ok: bool) -> bool:
-    """Whether `ok` holds on every process of the job: a barrier that carries each one's
-    outcome, so that a step that failed on one process only (process 0's writes) raises on
-    every process instead of leaving the others waiting at the next collective. One
-    process (the job never joined): `ok`, without starting XLA (a mode may still set its
-    flags)."""
+def gather(code: int) -> list[int]:
+    """Every process's `code`, by process index: a barrier that carries each one's outcome
+    of a step it took on its own, so that all of them act on the same outcome. Every process
+    of the job must call it at the same point. One process (the job never joined): `[code]`,
+    without starting XLA (a mode may still set its flags)."""
     if not jax.distributed.is_initialized() or jax.process_count() == 1:
-        return ok
+        return [int(code)]
     from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+    codes = multihost_utils.process_allgather(np.array([code], np.int32))
+    return [int(c) for c in np.asarray(codes).reshape(-1)]
+
+
+def all_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process of the job (`gather`): a step that failed on one
+    process only (process 0's writes) then raises on every process instead of leaving the
+    others waiting at the next collective."""
+    return not any(gather(0 if ok else 1))
 
 
 def _group(devices: Sequence[Any], key) -> dict[int, list[Any]]:

@@ -83,11 +83,16 @@ def steps(model_dir: str) -> list[int]:
     directory = checkpoint_dir(model_dir)
     if not fs.isdir(directory):
         return []
-    return sorted(int(n) for n in fs.listdir(directory) if n.isdigit())
+    return checkpoints.finished_steps(directory)
 
 
-def restore_params(model_dir: str, step: int | None = None) -> tuple[Any, VQGANConfig, int]:
-    """(params, config, step) of a saved tokenizer; the newest readable step by default."""
+def restore_params(model_dir: str, step: int | None = None, every_process: bool = False
+                   ) -> tuple[Any, VQGANConfig, int]:
+    """(params, config, step) of a saved tokenizer; the newest readable step by default.
+
+    Each process reads its own copy. `every_process`: every process of the job calls this
+    at the same point (an export), and a step that one of them cannot read is passed over
+    by all (`checkpoints.agreed`), so that they all hold the same weights."""
     available = steps(model_dir)
     if step is None and not available or step is not None and step not in available:
         raise MissingInputError(
@@ -97,7 +102,7 @@ def restore_params(model_dir: str, step: int | None = None) -> tuple[Any, VQGANC
     directory = checkpoints.orbax_path(checkpoint_dir(model_dir))
     for i, candidate in enumerate(candidates):
         try:
-            params, cfg = _read(directory / str(candidate))
+            params, cfg = _read(directory / str(candidate), every_process)
             return params, cfg, candidate
         except checkpoints.CorruptCheckpointError as e:
             if i + 1 == len(candidates):
@@ -109,25 +114,35 @@ def restore_params(model_dir: str, step: int | None = None) -> tuple[Any, VQGANC
     raise AssertionError("unreachable")
 
 
-def _read(step_dir: epath.Path) -> tuple[Any, VQGANConfig]:
-    """(params, config) of one step; CorruptCheckpointError if its files are damaged."""
+def _read(step_dir: epath.Path, together: bool) -> tuple[Any, VQGANConfig]:
+    """(params, config) of one step; CorruptCheckpointError if its files are damaged.
+    `together`: every process reads it, and they agree on the outcome of each part."""
     from cm3leon_jax.vocab.chameleon_vqgan_weights import abstract_params
 
-    if not checkpoints.verify_checksums(step_dir):
-        log.warning("image tokenizer checkpoint %s has no %s; loading it unverified.",
-                    step_dir, checkpoints.CHECKSUMS)
-    try:
-        stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-            step_dir / "config", args=ocp.args.JsonRestore())
-        cfg = VQGANConfig.from_dict(dict(stored))
-        # Onto this process's first device, whichever devices saved it: every process of a
-        # pod holds its own copy (without a target sharding orbax refuses another topology).
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            abstract_params(cfg))
-        with ocp.StandardCheckpointer() as reader:
-            params = reader.restore(step_dir / "params", target)
-    except Exception as e:  # pylint: disable=broad-except  # Checksums fit: the files do not.
-        raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
-    return params, cfg
+    what = f"reading the image tokenizer checkpoint {step_dir}"
+
+    def check() -> None:
+        if not checkpoints.verify_checksums(step_dir):
+            log.warning("image tokenizer checkpoint %s has no %s; loading it unverified.",
+                        step_dir, checkpoints.CHECKSUMS)
+
+    def load() -> tuple[Any, VQGANConfig]:
+        try:
+            stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+                step_dir / "config", args=ocp.args.JsonRestore())
+            cfg = VQGANConfig.from_dict(dict(stored))
+            # Onto this process's first device, whichever devices saved it: every process of
+            # a pod holds its own copy (without a target sharding orbax refuses another
+            # topology).
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                abstract_params(cfg))
+            with ocp.StandardCheckpointer() as reader:
+                params = reader.restore(step_dir / "params", target)
+        except Exception as e:  # pylint: disable=broad-except  # Checksums fit: the files do not.
+            raise checkpoints.CorruptCheckpointError(f"{type(e).__name__}: {e}") from e
+        return params, cfg
+
+    checkpoints.agreed(check, what, together)
+    return checkpoints.agreed(load, what, together)

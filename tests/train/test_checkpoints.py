@@ -312,3 +312,59 @@ def test_a_relative_directory_saves_and_restores(tmp_path, data, monkeypatch):
     abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, partitioning.make_mesh(data=-1))
     _assert_equal(saved, checkpoints.Checkpointer("runs/x/checkpoints").restore(abstract, data))
     assert (tmp_path / "runs/x/checkpoints").is_dir()
+
+
+def _step_folders(root, *names):
+    for name in names:
+        (root / name / "state").mkdir(parents=True)
+
+
+def test_a_save_not_yet_finished_is_not_a_step(tmp_path, monkeypatch):
+    """On local disks orbax renames a finished save into `<step>` (a temporary name until
+    then); on gs:// it writes `<step>` in place and adds commit_success.txt last, so a
+    digit folder without one there is a save in flight or cut off, which restore must
+    not take for the newest checkpoint."""
+    from orbax.checkpoint._src.path import gcs_utils
+
+    from cm3leon_jax.decode import restore
+    from cm3leon_jax.vocab import vqgan_checkpoint
+
+    root = tmp_path / "checkpoints"
+    _step_folders(root, "1", "2", "3.orbax-checkpoint-tmp-1700000000", "corrupt.4")
+    listings = (lambda: checkpoints.finished_steps(str(root)),
+                lambda: restore.checkpoint_steps(str(tmp_path)),
+                lambda: vqgan_checkpoint.steps(str(tmp_path)))
+    assert [f() for f in listings] == [[1, 2]] * 3
+    # As on a bucket: only the steps orbax marked committed.
+    monkeypatch.setattr(gcs_utils, "is_gcs_path", lambda path: True)
+    (root / "1" / "commit_success.txt").write_text("")
+    assert [f() for f in listings] == [[1]] * 3
+    assert checkpoints.finished_steps(str(tmp_path / "none")) == []
+
+
+def _agreed_with(monkeypatch, codes, read):
+    """`checkpoints.agreed(read)` on process 0 of a job whose processes report `codes`."""
+    monkeypatch.setattr(checkpoints.distributed, "gather", lambda code: [code, *codes[1:]])
+    return checkpoints.agreed(read, "reading step 2")
+
+
+def test_processes_agree_on_what_a_checkpoint_read_came_to(monkeypatch):
+    """A step that another process could not read is corrupt here too (every process sets
+    it aside and tries the previous one); one that failed otherwise there stops this one
+    too; this process's own error wins over what the others report."""
+    assert _agreed_with(monkeypatch, [0, 0], lambda: "params") == "params"
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="process 1 could not read"):
+        _agreed_with(monkeypatch, [0, 1], lambda: "params")
+    with pytest.raises(RuntimeError, match="reading step 2 failed on process 2"):
+        _agreed_with(monkeypatch, [0, 1, 2], lambda: "params")
+
+    def fails(error):
+        def read():
+            raise error
+        return read
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="its files"):
+        _agreed_with(monkeypatch, [0, 0], fails(checkpoints.CorruptCheckpointError("its files")))
+    with pytest.raises(UserInputError, match="another size"):
+        _agreed_with(monkeypatch, [0, 1], fails(UserInputError("another size")))
+    with pytest.raises(RuntimeError, match="on process 1"):  # Another's error outranks it.
+        _agreed_with(monkeypatch, [0, 2], fails(checkpoints.CorruptCheckpointError("x")))

@@ -193,3 +193,105 @@ def test_a_model_dir_process_0_cannot_make_stops_every_process(tmp_path):
     assert codes == [2, 2], logs
     assert "cannot create MODEL_DIR" in logs[0]
     assert "process 0 could not write" in logs[1]
+
+
+_RESTORE_WITH_A_FAULT_ON_PROCESS_1 = """
+import json, os, sys, traceback
+import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
+from cm3leon_jax.train import distributed
+distributed.initialize()
+from cm3leon_jax.decode import restore
+from cm3leon_jax.train import checkpoints, optimizer, state as state_lib
+from cm3leon_jax.vocab import vqgan_checkpoint
+from tests.model.model_testlib import random_params, tiny_config
+
+root, me, config = sys.argv[1], jax.process_index(), tiny_config()
+
+# Process 1 alone cannot read step 2's metadata (a flaky mount, a bad cache on one host).
+stored_shapes, metadata = checkpoints.Checkpointer._stored_shapes, ocp.PyTreeCheckpointer.metadata
+def failing_stored_shapes(self, step):
+    if me == 1 and step == 2:
+        raise OSError("process 1 cannot read step 2")
+    return stored_shapes(self, step)
+def failing_metadata(self, directory, *args, **kwargs):
+    if me == 1 and os.path.basename(os.path.dirname(str(directory))) == "2":
+        raise OSError("process 1 cannot read step 2")
+    return metadata(self, directory, *args, **kwargs)
+verify_checksums = checkpoints.verify_checksums
+def failing_verify_checksums(step_dir):
+    if me == 1 and str(step_dir).endswith("/vq/checkpoints/2"):
+        raise checkpoints.CorruptCheckpointError("params/d/0 does not match its checksum")
+    return verify_checksums(step_dir)
+checkpoints.Checkpointer._stored_shapes = failing_stored_shapes
+ocp.PyTreeCheckpointer.metadata = failing_metadata
+checkpoints.verify_checksums = failing_verify_checksums
+
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 1, decay_steps=4))
+params = random_params(config, seed=0)
+state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        state)
+
+def resume(name):
+    ckpt = checkpoints.Checkpointer(os.path.join(root, name), async_save=False)
+    try:
+        return int(ckpt.restore(abstract, None).step)
+    finally:
+        ckpt.close()
+
+for name, read in [("verified", lambda: resume("verified")),
+                   ("unverified", lambda: resume("unverified")),
+                   ("decoder", lambda: restore.restore_decoder(
+                       os.path.join(root, "decoder"), None, config, every_process=True)[2]),
+                   ("tokenizer", lambda: vqgan_checkpoint.restore_params(
+                       os.path.join(root, "vq"), every_process=True)[2])]:
+    try:
+        print("RESULT", json.dumps([name, read()]), flush=True)
+    except Exception as e:
+        traceback.print_exc()
+        print("RESULT", json.dumps([name, f"{type(e).__name__}: {e}"]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp_path):
+    """Process 1 alone fails to read step 2. Without checksums that is corruption: every
+    process sets it aside once and resumes step 1 (each decided alone: process 1 went back
+    to step 1 while process 0 trained on from step 2). With checksums that match, it is
+    not corruption and every process stops, the checkpoints untouched. An export on every
+    process (`every_process=True`) reads the decoder's and the image tokenizer's step 1 on
+    all when process 1 alone finds their step 2 damaged."""
+    import shutil
+
+    from cm3leon_jax.vocab import vqgan_checkpoint
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    from tests.data.test_preprocess import TINY_VQ
+    from tests.model.model_testlib import tiny_config, write_train_checkpoints
+
+    for step in (1, 2):
+        vqgan_checkpoint.save_params(str(tmp_path / "vq"), step, TINY_VQ,
+                                     ImageTokenizer.random_init(TINY_VQ, seed=step).params)
+    write_train_checkpoints(str(tmp_path / "verified"), tiny_config(), (1, 2))
+    shutil.copytree(tmp_path / "verified", tmp_path / "unverified")
+    shutil.copytree(tmp_path / "verified", tmp_path / "decoder" / "checkpoints")
+    for name in ("unverified", "decoder/checkpoints"):
+        for step in ("1", "2"):
+            os.remove(tmp_path / name / step / "checksums.json")
+    codes, logs = _run_job(["-c", _RESTORE_WITH_A_FAULT_ON_PROCESS_1, str(tmp_path)], tmp_path,
+                           "restore", timeout=180)
+    assert codes == [0, 0], logs
+    results = [dict(json.loads(line.split("RESULT ", 1)[1]) for line in log.splitlines()
+                    if line.startswith("RESULT ")) for log in logs]
+    assert results[1]["verified"] == "OSError: process 1 cannot read step 2", logs[1]
+    assert results[0]["verified"].startswith("RuntimeError: restoring the checkpoint at step 2"), \
+        logs[0]
+    assert "failed on process 1" in results[0]["verified"]
+    assert [r["unverified"] for r in results] == [1, 1], logs
+    assert [r["decoder"] for r in results] == [1, 1], logs
+    assert [r["tokenizer"] for r in results] == [1, 1], logs
+    assert sorted(os.listdir(tmp_path / "verified")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "unverified")) == ["1", "corrupt.2"]
+    assert sorted(os.listdir(tmp_path / "decoder" / "checkpoints")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "vq" / "checkpoints")) == ["1", "2"]
