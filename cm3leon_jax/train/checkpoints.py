@@ -38,6 +38,7 @@ the last complete checkpoint; the failed step never becomes a step directory.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -104,9 +105,34 @@ def _files(root: epath.Path, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
+# Files are read this many at a time: one stream from gs:// reads a few hundred MB/s, so
+# the state of a 7B run (about 84 GB with its Adam moments) read in one would take much of
+# the time orbax gives a save to commit (`commit_timeout_secs`), and the other processes
+# wait at its barrier meanwhile. zlib releases the GIL while it sums a chunk.
+READERS = 16
+
+
+def _measure(root: epath.Path, rels: list[str], expected: dict[str, int] | None = None
+             ) -> list[tuple[int | None, int | None]]:
+    """(size, CRC32) of each file, read `READERS` at a time; (None, None) for a missing
+    one, (size, None) for one whose size is not `expected`'s (not read)."""
+    def one(rel: str) -> tuple[int | None, int | None]:
+        path = root / rel
+        if expected is not None and not path.exists():
+            return None, None
+        size = path.stat().length
+        if expected is not None and size != expected[rel]:
+            return size, None
+        return size, _crc32(path)
+
+    with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
+        return list(pool.map(one, rels))
+
+
 def write_checksums(root: epath.Path) -> None:
     """Records the size and CRC32 of every file under the step directory `root`."""
-    files = {rel: [(root / rel).stat().length, _crc32(root / rel)] for rel in _files(root)}
+    rels = _files(root)
+    files = {rel: list(measured) for rel, measured in zip(rels, _measure(root, rels))}
     # Whole or not at all: a crash mid-write must not leave a truncated record, which the
     # next restore would read as a corrupt checkpoint and set aside.
     partial = root / f"{CHECKSUMS}.partial"
@@ -115,21 +141,23 @@ def write_checksums(root: epath.Path) -> None:
 
 
 def verify_checksums(root: epath.Path) -> bool:
-    """Raises CorruptCheckpointError on a mismatch; False if nothing was recorded."""
+    """Raises CorruptCheckpointError on a mismatch (the first file in the record's order
+    that differs); False if nothing was recorded."""
     manifest = root / CHECKSUMS
     if not manifest.exists():
         return False
     try:
-        recorded = json.loads(manifest.read_text())["crc32"].items()
-    except (ValueError, KeyError, AttributeError) as e:
+        recorded = dict(json.loads(manifest.read_text())["crc32"])
+        expected = {rel: int(size) for rel, (size, _) in recorded.items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise CorruptCheckpointError(f"{CHECKSUMS} is unreadable ({e})") from None
-    for rel, (size, crc) in recorded:
-        path = root / rel
-        if not path.exists():
+    rels = list(recorded)
+    for rel, (size, crc) in zip(rels, _measure(root, rels, expected)):
+        if size is None:
             raise CorruptCheckpointError(f"{rel} is missing")
-        if path.stat().length != size:
-            raise CorruptCheckpointError(f"{rel} has {path.stat().length} bytes, not {size}")
-        if _crc32(path) != crc:
+        if crc is None:
+            raise CorruptCheckpointError(f"{rel} has {size} bytes, not {expected[rel]}")
+        if crc != recorded[rel][1]:
             raise CorruptCheckpointError(f"{rel} does not match its checksum")
     return True
 
@@ -240,11 +268,15 @@ class Checkpointer:
         checksums: record and verify every file's CRC32 (see the module docstring).
         items: extra items saved beside the state, name -> orbax handler (e.g.
             {"config": ocp.JsonCheckpointHandler()}); `save(..., extras=)` gives their args.
+        commit_timeout_secs: how long the processes of a pod wait at orbax's barrier for
+            an asynchronous save to commit (process 0 writes the checksums meanwhile);
+            orbax's default, 20 minutes, unless bound.
     """
 
     def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
                  async_save: bool = True, checksums: bool = True,
-                 items: dict[str, ocp.CheckpointHandler] | None = None):
+                 items: dict[str, ocp.CheckpointHandler] | None = None,
+                 commit_timeout_secs: int = 1200):
         if save_every < 1 or keep < 1:
             raise ValueError(f"Checkpointer: save_every and keep must be >= 1; got "
                              f"{save_every}, {keep}.")
@@ -258,8 +290,10 @@ class Checkpointer:
             save_decision_policy=policies.AnySavePolicy([
                 policies.FixedIntervalPolicy(save_every),
                 policies.PreemptionCheckpointingPolicy()]),
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit)
-            if async_save and checksums else None)
+            async_options=ocp.AsyncOptions(
+                timeout_secs=commit_timeout_secs,
+                post_finalization_callback=self._before_commit if checksums else None)
+            if async_save else None)
         self._manager = self._new_manager()
         self.last_good_step: int | None = None
 
