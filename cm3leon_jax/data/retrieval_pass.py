@@ -45,7 +45,7 @@ from cm3leon_jax.retrieval import build, memory_bank
 from cm3leon_jax.retrieval.encoder import cached_encoder
 from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbors import materialize
-from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
+from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever, encoder_record
 from cm3leon_jax.retrieval.select import SelectionConfig
 
 
@@ -177,7 +177,8 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     manifest = memory_bank.finalize(bank_dir(data_dir))
     bank = memory_bank.MemoryBank(bank_dir(data_dir))
     index_info = build.build_index(bank, os.path.join(out, "index"), config.index)
-    summary = {"encoder_dir": fs.abspath(config.encoder_dir), "num_docs": manifest["num_docs"],
+    summary = {**encoder_record(config.encoder_dir, cached_encoder(config.encoder_dir), out),
+               "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}

@@ -39,7 +39,7 @@ from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import memory_bank, neighbors
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
-from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever
+from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever, encoder_record
 from cm3leon_jax.retrieval.select import SelectionConfig
 from cm3leon_jax.train import staging
 
@@ -146,17 +146,19 @@ def build_retrieval(model_dir: str, encoder_dir: str = gin.REQUIRED,
     selection = selection or SelectionConfig()
     encoder = DocumentEncoder.load(encoder_dir)
     with staging.staged(out, overwrite, markers=(RETRIEVAL_JSON,)) as tmp:
-        summary = _build(tmp, encoder, encoder_dir, documents, docs_per_shard,
+        summary = _build(tmp, encoder_record(encoder_dir, encoder, out), encoder, documents,
+                         docs_per_shard,
                          index_config or index_lib.IndexConfig(), selection, seed, precompute)
     logging.info("retrieval built in %s: %s", out, summary)
     return summary
 
 
-def _build(out: str, encoder: DocumentEncoder, encoder_dir: str,
+def _build(out: str, encoder_entries: dict, encoder: DocumentEncoder,
            documents: Callable[[], Iterable[SourceDocument]], docs_per_shard: int,
            index_config: index_lib.IndexConfig, selection: SelectionConfig, seed: int,
            precompute: bool) -> dict:
-    """build_retrieval's work, into the fresh folder `out` (the staging folder)."""
+    """build_retrieval's work, into the fresh folder `out` (the staging folder);
+    `encoder_entries`: `encoder_record` for the folder it becomes."""
     timings = {}
     t = time.time()
     manifest = write_bank(documents(), encoder, os.path.join(out, "memory_bank"),
@@ -166,7 +168,7 @@ def _build(out: str, encoder: DocumentEncoder, encoder_dir: str,
     t = time.time()
     index_info = build_index(bank, os.path.join(out, "index"), index_config)
     timings["index_seconds"] = round(time.time() - t, 1)
-    summary = {"encoder_dir": fs.abspath(encoder_dir), "num_docs": manifest["num_docs"],
+    summary = {**encoder_entries, "num_docs": manifest["num_docs"],
                "dim": manifest["dim"], "shards": len(manifest["shards"]),
                "index": index_info, "selection": dataclasses.asdict(selection), **timings}
     if precompute:

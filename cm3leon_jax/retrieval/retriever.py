@@ -5,9 +5,12 @@
     res.doc_ids, res.scores, res.token_ids           # best first
 
 `RetrievalClient` (client.py) has the same methods over HTTP, so generation code
-takes either. A retrieval folder holds `memory_bank/`, `index/` and the encoder
-path in `retrieval.json`; the index must have been built over that bank (its
-recorded bank fingerprint and shard sizes are checked on open).
+takes either. A retrieval folder holds `memory_bank/`, `index/` and, in
+`retrieval.json`, where its encoder is (its absolute path, and its path from the folder,
+so that a run folder moved or copied whole still finds it) and the encoder's
+fingerprint: an encoder retrained in place, whose vectors the bank does not hold, is
+refused on open. The index must have been built over that bank (its recorded bank
+fingerprint and shard sizes are checked on open).
 
 Query vectors are scaled to unit length before the search, as the encoder's and the
 bank's are: the selection thresholds (`max_relevance` 0.9) are cosines, so a raw
@@ -24,9 +27,10 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax import fs
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval import index as index_lib
-from cm3leon_jax.retrieval.encoder import cached_encoder, warn_truncated
+from cm3leon_jax.retrieval.encoder import DocumentEncoder, cached_encoder, warn_truncated
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.select import SelectionConfig, select
 
@@ -34,6 +38,43 @@ RETRIEVAL_JSON = "retrieval.json"
 # The selection rules a retriever serves with that also chose the stored neighbors at build
 # time (`k` and the dropout are each use's own).
 THRESHOLDS = ("max_relevance", "max_redundancy", "prefer_multimodal")
+
+
+def encoder_record(encoder_dir: str, encoder: DocumentEncoder, retrieval_dir: str) -> dict:
+    """retrieval.json's entries for the encoder of a bank built into `retrieval_dir` (the
+    folder it ends up in, not a staging one)."""
+    where = fs.abspath(encoder_dir)
+    record = {"encoder_dir": where, "encoder_fingerprint": encoder.fingerprint}
+    if not fs.is_remote(where) and not fs.is_remote(retrieval_dir):
+        record["encoder_from_here"] = os.path.relpath(where, fs.abspath(retrieval_dir))
+    return record
+
+
+def _open_encoder(meta: dict, directory: str) -> DocumentEncoder | None:
+    """The encoder retrieval.json names: at its recorded path, else at its path from
+    `directory`; one whose fingerprint differs from the recorded one is refused."""
+    if not meta.get("encoder_dir"):
+        return None
+    places = [meta["encoder_dir"]]
+    if meta.get("encoder_from_here") and not fs.is_remote(directory):
+        places.append(os.path.normpath(os.path.join(fs.abspath(directory),
+                                                    meta["encoder_from_here"])))
+    found = [p for p in dict.fromkeys(places) if fs.isdir(p)]
+    if not found:
+        raise MissingInputError(
+            f"the encoder of the retrieval folder {directory!r} is at none of {places} "
+            f"(its {RETRIEVAL_JSON}): put the encoder the bank was built with back there, or "
+            "rebuild the retrieval folder with the encoder you have.")
+    want = meta.get("encoder_fingerprint")  # Folders built before 6 Dec lack it.
+    for place in found:
+        encoder = cached_encoder(place)
+        if want is None or encoder.fingerprint == want:
+            return encoder
+    raise UserInputError(
+        f"the encoder at {found[0]!r} is not the one the retrieval folder {directory!r} was "
+        "built with (its config or weights differ: retrained in place?), so its query "
+        "vectors would not match the bank's. Give the retrieval folder its own encoder "
+        "back, or rebuild the folder with this one.")
 
 
 @dataclasses.dataclass
@@ -110,9 +151,7 @@ class Retriever:
         meta = index_lib.read_metadata(
             directory, RETRIEVAL_JSON,
             "the build_retrieval mode (gin_configs/runs/build_retrieval.gin)")
-        encoder = None
-        if with_encoder and meta.get("encoder_dir"):
-            encoder = cached_encoder(meta["encoder_dir"])
+        encoder = _open_encoder(meta, directory) if with_encoder else None
         retriever = cls(index_lib.load_index(os.path.join(directory, "index"), max_loaded_shards),
                         MemoryBank(os.path.join(directory, "memory_bank")), encoder, selection)
         built = meta.get("selection") or {}

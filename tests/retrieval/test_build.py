@@ -87,3 +87,41 @@ def test_stale_sharded_index_never_outranks_a_new_single_index(tmp_path):
     assert build.build_index(bank, index_dir, index_lib.IndexConfig())["kind"] == "single"
     index = index_lib.load_index(index_dir)
     assert isinstance(index, index_lib.Index) and index.size == 40
+
+
+def test_the_encoder_is_found_where_its_run_went_and_refused_when_retrained(tmp_path):
+    """retrieval.json records the encoder's path from the folder too, so a run folder moved
+    whole still opens with its encoder; an encoder retrained in place (other vectors than
+    the bank's) is refused by its fingerprint instead of serving mismatched queries."""
+    import json
+    import shutil
+
+    from retrieval_testlib import save_random_encoder, small_config
+
+    from cm3leon_jax.errors import MissingInputError
+    from cm3leon_jax.retrieval import clip, clip_tokenizer
+    from cm3leon_jax.retrieval.encoder import DocumentEncoder, cached_encoder
+
+    run = tmp_path / "run"
+    _build(run / "data", save_random_encoder(str(run / "retriever" / "encoder")), num=30)
+    with open(run / "data" / "retrieval" / "retrieval.json") as f:
+        assert json.load(f)["encoder_from_here"] == os.path.join("..", "..", "retriever",
+                                                                 "encoder")
+    moved = tmp_path / "moved"
+    os.rename(run, moved)
+    cached_encoder.cache_clear()  # As a new process would.
+    retriever = Retriever.open(str(moved / "data" / "retrieval"), SELECTION)
+    assert retriever.encoder is not None
+    assert len(retriever.search_texts(["a red circle"], k=2)[0].doc_ids) == 2
+
+    cfg = small_config()
+    DocumentEncoder(cfg, clip.init_params(cfg, 1), clip_tokenizer.WordTokenizer(
+        cfg.vocab_size)).save(str(moved / "retriever" / "encoder"))
+    cached_encoder.cache_clear()
+    with pytest.raises(UserInputError, match="is not the one the retrieval folder"):
+        Retriever.open(str(moved / "data" / "retrieval"), SELECTION)
+    assert Retriever.open(str(moved / "data" / "retrieval"), SELECTION,
+                          with_encoder=False).encoder is None
+    shutil.rmtree(moved / "retriever")
+    with pytest.raises(MissingInputError, match="is at none of"):
+        Retriever.open(str(moved / "data" / "retrieval"), SELECTION)
