@@ -15,8 +15,9 @@ One request a line; image paths are relative to the file's folder:
     {"family": "segment", "image": "a.png", "phrase": "the red circle"}
 
 Writes MODEL_DIR/families/NNN_<family>_<sample>.png (image outputs), families.json (each
-request with its outputs and the settings) and families.png (a contact sheet: each
-request's input image, if any, then its outputs, captioned).
+request with its outputs and the settings) and families.png (a contact sheet of the first
+64 pictures: each request's input image, if any, then its outputs, captioned). The whole
+file, its images decoded, is read and checked before the model is restored.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image as PILImage
@@ -46,38 +47,58 @@ FIELDS = {
     "long_caption": (("image",), "image"),
     "segment": (("image", "phrase"), "image"),
 }
+# The request's key holding its input image, decoded (not written to families.json).
+PIXELS = "_pixels"
+# families.png shows at most this many pictures (a long prompts file's sheet would be huge).
+SHEET_IMAGES = 64
 
 
 def read_requests(path: str) -> list[dict]:
-    """The file's requests, checked; image paths made absolute. One error per bad line."""
+    """The file's requests, checked, with their input images decoded (`PIXELS`); image paths
+    made absolute. All of it before the model is restored: one error per bad line."""
     if not fs.exists(path):
         raise MissingInputError(f"prompts_file {path!r} does not exist; give a JSONL file with "
                                 "one request a line (see decode/generate_families.py).")
     root, out = os.path.dirname(fs.abspath(path)), []
     for n, request in fs.read_jsonl(path):
-        where = f"{path}, line {n}"
-        if isinstance(request, json.JSONDecodeError):
-            raise UserInputError(f"{where}: not JSON ({request.msg}).")
-        family = request.get("family") if isinstance(request, dict) else None
-        if family not in FIELDS:
-            raise UserInputError(f"{where}: family {family!r} is unknown; use one of "
-                                 f"{tuple(FIELDS)}.")
-        needed, image_field = FIELDS[family]
-        missing = [k for k in needed if not request.get(k)]
-        if missing:
-            raise UserInputError(f"{where}: {family} request needs {missing}.")
-        if family == "grounded" and request["condition"] not in sft_prompts.CONDITIONS:
-            raise UserInputError(f"{where}: condition {request['condition']!r} is unknown; use "
-                                 f"one of {tuple(sft_prompts.CONDITIONS)}.")
-        if image_field:
-            image = os.path.join(root, request[image_field])
-            if not fs.exists(image):
-                raise MissingInputError(f"{where}: {image_field} {image!r} does not exist.")
-            request = {**request, image_field: image}
-        out.append({**request, "line": n})
+        out.append({**_checked(request, f"{path}, line {n}", root), "line": n})
     if not out:
         raise UserInputError(f"prompts_file {path!r} holds no requests.")
     return out
+
+
+def _checked(request: Any, where: str, root: str) -> dict:
+    """One line's request, its fields checked and its input image read (`PIXELS`)."""
+    if isinstance(request, json.JSONDecodeError):
+        raise UserInputError(f"{where}: not JSON ({request.msg}).")
+    family = request.get("family") if isinstance(request, dict) else None
+    if family not in FIELDS:
+        raise UserInputError(f"{where}: family {family!r} is unknown; use one of "
+                             f"{tuple(FIELDS)}.")
+    needed, image_field = FIELDS[family]
+    missing = [k for k in needed if not request.get(k)]
+    if missing:
+        raise UserInputError(f"{where}: {family} request needs {missing}.")
+    boxes = request.get("boxes") if family == "boxes_to_image" else []
+    if not isinstance(boxes, list) or not all(isinstance(b, str) and b.strip() for b in boxes):
+        raise UserInputError(f"{where}: boxes must be a list of non-empty strings, one a box "
+                             f'(["red circle at (2,2,9,9)"]), got {boxes!r}.')
+    texts = [k for k in needed if k != "boxes" and not isinstance(request[k], str)]
+    if texts:
+        raise UserInputError(f"{where}: {texts[0]} must be a string, got {request[texts[0]]!r}.")
+    if family == "grounded" and request["condition"] not in sft_prompts.CONDITIONS:
+        raise UserInputError(f"{where}: condition {request['condition']!r} is unknown; use "
+                             f"one of {tuple(sft_prompts.CONDITIONS)}.")
+    if not image_field:
+        return dict(request)
+    image = os.path.join(root, request[image_field])
+    if not fs.exists(image):
+        raise MissingInputError(f"{where}: {image_field} {image!r} does not exist.")
+    try:
+        pixels = read_rgb(image)
+    except ValueError as e:  # MissingInputError (a folder) too: it is one.
+        raise UserInputError(f"{where}: {image_field}: {e}") from None
+    return {**request, image_field: image, PIXELS: pixels}
 
 
 def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
@@ -85,62 +106,68 @@ def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
     """One request through its Generator method: `Images` or a list of strings."""
     family = request["family"]
     kw = dict(sampling=image_sampling, seed=seed, num_samples=num_samples)
+    image = [request[PIXELS]] if PIXELS in request else None
     if family == "edit":
-        return gen.edit([read_rgb(request["image"])], [request["instruction"]], **kw)
+        return gen.edit(image, [request["instruction"]], **kw)
     if family == "grounded":
-        return gen.grounded([read_rgb(request["condition_image"])], [request["caption"]],
+        return gen.grounded(image, [request["caption"]],
                             condition=request["condition"], **kw)
     if family == "boxes_to_image":
         return gen.boxes_to_image([request["caption"]], [list(request["boxes"])], **kw)
     if family == "how_to_write":
         return gen.how_to_write([request["text"]], **kw)
     if family == "segment":
-        return gen.segment([read_rgb(request["image"])], [request["phrase"]], **kw)
-    image = [read_rgb(request["image"])]
+        return gen.segment(image, [request["phrase"]], **kw)
     if family == "vqa":
         return gen.vqa(image, [request["question"]], sampling=text_sampling, seed=seed)
     return gen.describe(image, long=family == "long_caption", sampling=text_sampling, seed=seed)
 
 
-def generate_families(gen: Any, prompts_file: str, out_dir: str, *, num_samples: int = 1,
-                      image_sampling: Any = None, text_sampling: Any = None,
-                      seed: int = 0) -> list[dict]:
-    """Runs every request of `prompts_file`; writes PNGs, families.json, families.png."""
-    requests = read_requests(prompts_file)
-    folder = os.path.join(out_dir, "families")
+def generate_families(gen: Any, prompts: str | Sequence[dict], out_dir: str, *,
+                      num_samples: int = 1, image_sampling: Any = None,
+                      text_sampling: Any = None, seed: int = 0) -> list[dict]:
+    """Runs every request of `prompts` (the prompts file, or what `read_requests` read from
+    it); writes PNGs, families.json, then families.png (its first `SHEET_IMAGES` pictures)."""
+    requests = read_requests(prompts) if isinstance(prompts, str) else list(prompts)
+    folder = fs.join(out_dir, "families")
     fs.makedirs(folder)
     entries, sheet, labels = [], [], []
     size = gen.image_tokenizer.image_size
     for i, request in enumerate(requests):
         family = request["family"]
         result = run_request(gen, request, num_samples, image_sampling, text_sampling, seed)
-        image_field = FIELDS[family][1]
-        if image_field:
-            sheet.append(np.asarray(PILImage.fromarray(read_rgb(request[image_field]))
-                                    .resize((size, size))))
+        if PIXELS in request:
+            sheet.append(np.asarray(PILImage.fromarray(request[PIXELS]).resize((size, size))))
             labels.append(f"{i}: input")
-        entry = dict(request)
+        entry = {k: v for k, v in request.items() if k != PIXELS}
         if isinstance(result, list):
             entry["outputs"] = result
             labels[-1] = f"{i}: {request.get('question', family)} -> {result[0]}"
         else:
-            paths = []
-            for j, image in enumerate(result.images):
-                name = f"{i:03d}_{family}_{j}.png"
-                PILImage.fromarray(image).save(os.path.join(folder, name))
-                paths.append(os.path.join("families", name))
-                sheet.append(image)
-                labels.append(f"{i}: {family}")
-            entry["outputs"] = paths
+            entry["outputs"] = [_write_png(out_dir, f"{i:03d}_{family}_{j}.png", image)
+                                for j, image in enumerate(result.images)]
+            sheet += list(result.images)
+            labels += [f"{i}: {family}"] * len(result.images)
         entries.append(entry)
-    pictures.grid(np.stack(sheet), labels, os.path.join(out_dir, "families.png"),
-                  columns=min(8, len(sheet)))
     settings = {"num_samples": num_samples, "seed": seed,
                 "image_sampling": _settings(image_sampling),
                 "text_sampling": _settings(text_sampling)}
-    with fs.open(os.path.join(out_dir, "families.json"), "w") as f:
+    with fs.open(fs.join(out_dir, "families.json"), "w") as f:
         json.dump({"requests": entries, "settings": settings}, f, indent=2)
+    n = min(SHEET_IMAGES, len(sheet))
+    if n < len(sheet):
+        print(f"[generate] families.png shows the first {n} of {len(sheet)} pictures",
+              flush=True)
+    pictures.grid(np.stack(sheet[:n]), labels[:n], fs.join(out_dir, "families.png"),
+                  columns=min(8, n))
     return entries
+
+
+def _write_png(out_dir: str, name: str, image: np.ndarray) -> str:
+    """out_dir/families/name (any file system fs.py speaks); returns its relative path."""
+    with fs.open(fs.join(out_dir, "families", name), "wb") as f:
+        PILImage.fromarray(image).save(f, format="PNG")
+    return os.path.join("families", name)
 
 
 def _settings(sampling: Any) -> dict | None:

@@ -5,7 +5,7 @@
 
 Writes
     MODEL_DIR/images/<prompt>_<sample>.png   every generated image
-    MODEL_DIR/generated.png                  them in a grid, each under its caption
+    MODEL_DIR/generated.png                  the first 64 in a grid, each under its caption
     MODEL_DIR/generated.json                 [{"caption", "images": [png, ...]}]
     MODEL_DIR/captions.json                  [{"image": path, "captions": [...]}]
     MODEL_DIR/families/, families.json, families.png   the SFT family requests of
@@ -23,27 +23,43 @@ from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
+from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
-from cm3leon_jax.train import run_config
+from cm3leon_jax.train import params_checkpoint, run_config
 from cm3leon_jax.vocab import image_inputs
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
-def read_lines(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (one caption per line)."""
+def read_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 text file (one caption per
+    line; a byte-order mark, which Windows editors write, is not part of the first)."""
     if not fs.isfile(path):
         raise MissingInputError(f"generate.captions_file {path!r} does not exist or is not a "
                                 "file; give a UTF-8 text file with one caption per line.")
     try:
         with fs.open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-        return [line.strip() for line in text.splitlines() if line.strip()]
+            text = f.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f"generate.captions_file {path!r} is unreadable ({e}); give a "
                              "UTF-8 text file with one caption per line.") from e
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)
+             if line.strip()]
+    if not lines:
+        raise UserInputError(f"generate.captions_file {path!r} has no non-blank lines; give "
+                             "one caption per line (or leave generate.captions_file unset).")
+    return lines
+
+
+def named_captions(captions: str | Sequence[str], captions_file: str | None
+                   ) -> list[tuple[str, str]]:
+    """(where it was given, text) of each caption: `generate.captions`, then the file's."""
+    named = [(f"generate.captions[{i}]", t) for i, t in enumerate(text_list(captions))]
+    return named + [(f"generate.captions_file {captions_file!r}, line {n}", t)
+                    for n, t in (read_lines(captions_file) if captions_file else [])]
 
 
 def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
@@ -66,9 +82,14 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
     return images
 
 
+# generated.png shows at most this many images, each 4x (1,000 captions would be gigabytes).
+GRID_IMAGES = 64
+
+
 def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
                  num_samples: int) -> list[dict]:
-    """PNGs under out_dir/images, a captioned grid, and generated.json; returns its entries."""
+    """PNGs under out_dir/images, generated.json, then a captioned grid of the first
+    `GRID_IMAGES`; returns generated.json's entries."""
     fs.makedirs(os.path.join(out_dir, "images"))
     entries = []
     for i in range(0, len(images), num_samples):
@@ -79,9 +100,13 @@ def write_images(out_dir: str, images: np.ndarray, captions: Sequence[str],
                 PILImage.fromarray(images[i + j]).save(f, format="PNG")
             paths.append(path)
         entries.append({"caption": captions[i], "images": paths})
-    pictures.grid(images, list(captions), os.path.join(out_dir, "generated.png"),
-                  columns=min(8, len(images)))
     fs.write_json(os.path.join(out_dir, "generated.json"), entries, indent=2)
+    n = min(GRID_IMAGES, len(images))
+    if n < len(images):
+        print(f"[generate] generated.png shows the first {n} of {len(images)} images "
+              "(generated.json lists them all)", flush=True)
+    pictures.grid(images[:n], list(captions[:n]), os.path.join(out_dir, "generated.png"),
+                  columns=min(8, n))
     return entries
 
 
@@ -103,16 +128,22 @@ OUTPUTS = ("images", "generated.png", "generated.json", "captions.json", "famili
            "families.json", "families.png")
 
 
-def clear_earlier_outputs(model_dir: str, overwrite: bool) -> None:
-    """Refuses a MODEL_DIR holding an earlier run's outputs (a rerun would leave some of them
-    beside its own, e.g. images of captions it no longer has), or with `overwrite` removes
-    them first."""
+def refuse_earlier_outputs(model_dir: str, overwrite: bool) -> list[str]:
+    """The earlier run's outputs in MODEL_DIR; without `overwrite`, an error if there are any
+    (a rerun would leave some of them beside its own, e.g. images of captions it no longer
+    has). `main.run` asks before it writes config.gin, which names what made them."""
     found = [name for name in OUTPUTS if fs.exists(os.path.join(model_dir, name))]
     if found and not overwrite:
         raise UserInputError(
             f"generate MODEL_DIR {model_dir!r} holds an earlier run's outputs ({', '.join(found)}"
             "): give another MODEL_DIR, or --gin.generate.overwrite=True to replace them.")
-    for name in found:
+    return found
+
+
+def clear_earlier_outputs(model_dir: str, overwrite: bool) -> None:
+    """`refuse_earlier_outputs`, and with `overwrite` removes them: called just before the
+    run writes, so that a run failing sooner (a mistyped checkpoint) leaves them."""
+    for name in refuse_earlier_outputs(model_dir, overwrite):
         path = os.path.join(model_dir, name)
         fs.rmtree(path) if fs.isdir(path) else fs.remove(path)
 
@@ -221,55 +252,123 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         `rerank_samplings` mixes samplings (sample j uses [j % K]; default image_sampling).
       overwrite: replace the outputs of an earlier run in MODEL_DIR (otherwise refused).
     """
-    texts = text_list(captions) + (read_lines(captions_file) if captions_file else [])
-    image_files = text_list(image_files)
+    named = named_captions(captions, captions_file)
+    texts, image_files = [t for _, t in named], text_list(image_files)
     negatives = _check_settings(texts, negative_captions, num_samples, rerank_samples,
                                 caption_style, image_sampling)
-    images = read_images(image_files)  # Before the (slow) restore: a bad input fails fast.
-    if data_dir:
-        vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
-        retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
-    if not vocab_dir:
-        raise UserInputError("generate needs the training data's vocabulary: bind "
-                             "generate.vocab_dir (or generate.data_dir, a preprocess MODEL_DIR).")
+    # Every input read before the (slow) restore and before anything is written: a bad
+    # one fails fast.
+    images = read_images(image_files)
+    requests = generate_families.read_requests(prompts_file) if prompts_file else []
+    vocab_dir, retrieval_dir = _folders(data_dir, vocab_dir, retrieval_dir)
     if not texts and not image_files and not prompts_file:
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "
                              "generate.prompts_file.")
-    clear_earlier_outputs(model_dir, overwrite)
-    config, params, restored_step = restore.restore_decoder(checkpoint, step)
-    retriever = Retriever.open(retrieval_dir) if retrieval_dir and num_retrieved else None
-    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(),
-                    retriever, batch_size=batch_size)
-    summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(retriever)}
+    refuse_earlier_outputs(model_dir, overwrite)
+    named += [(f"generate.negative_captions[{i}]", t)
+              for i, t in enumerate(text_list(negative_captions))]
+    gen, restored_step = _open_generator(
+        checkpoint, step, vocab_dir, named, image_tokenizer,
+        retrieval_dir if num_retrieved else None, batch_size)
+    summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(gen.retriever)}
+    drawn = made = None
     if texts:
-        rerank_with = None
-        if rerank_samples > 1:
-            rerank_with = (rerank_encoder_dir, tuple(rerank_samplings) or (image_sampling,))
-        out, kept = _draw(gen, texts, num_samples, num_retrieved, image_sampling, seed,
-                          rerank_samples, rerank_with, negatives)
-        summary["images"] = write_images(model_dir, out.images, out.captions, kept)
+        rerank_with = ((rerank_encoder_dir, tuple(rerank_samplings) or (image_sampling,))
+                       if rerank_samples > 1 else None)
+        drawn = _draw(gen, texts, num_samples, num_retrieved, image_sampling, seed,
+                      rerank_samples, rerank_with, negatives)
     if image_files:
         made = gen.image_to_text(images, num_samples=num_samples, num_retrieved=num_retrieved,
                                  sampling=caption_sampling, max_tokens=max_caption_tokens,
                                  style=caption_style, seed=seed)
-        summary["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
-                                             list(image_files), made, num_samples)
-    if prompts_file:
+    summary.update(_write(model_dir, overwrite, drawn, image_files, made, num_samples))
+    if requests:
         summary["families"] = generate_families.generate_families(
-            gen, prompts_file, model_dir, num_samples=num_samples,
+            gen, requests, model_dir, num_samples=num_samples,
             image_sampling=image_sampling, text_sampling=caption_sampling, seed=seed)
     print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
           f"{len(image_files)} image(s) -> captions", flush=True)
     return summary
 
 
+def _write(model_dir: str, overwrite: bool, drawn: tuple | None, image_files: Sequence[str],
+           made: Sequence[str] | None, num_samples: int) -> dict:
+    """Removes the earlier run's outputs (only now: a run failing sooner keeps them), then
+    writes the images `_draw` drew and the captions made for `image_files`."""
+    clear_earlier_outputs(model_dir, overwrite)
+    written = {}
+    if drawn is not None:
+        written["images"] = write_images(model_dir, drawn[0].images, drawn[0].captions,
+                                         drawn[1])
+    if made is not None:
+        written["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
+                                             list(image_files), made, num_samples)
+    return written
+
+
+def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | None
+             ) -> tuple[str, str | None]:
+    """(vocab_dir, retrieval_dir), the unbound ones from `data_dir`'s vocab/ and retrieval/."""
+    if data_dir:
+        vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
+        retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
+    if not vocab_dir:
+        raise UserInputError("generate needs the training data's vocabulary: bind "
+                             "generate.vocab_dir (or generate.data_dir, a preprocess MODEL_DIR).")
+    return vocab_dir, retrieval_dir
+
+
+def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
+                    named: Sequence[tuple[str, str]], image_tokenizer: Callable,
+                    retrieval_dir: str | None, batch_size: int) -> tuple[Generator, int]:
+    """(the Generator, its checkpoint's step). The vocabulary and the captions (`named`:
+    (where given, text)) are checked against the checkpoint's saved config before the slow
+    restore (after it for a run that saved none)."""
+    vocab = MultimodalVocabulary(vocab_dir)
+    saved = None
+    if (params_checkpoint.is_export(checkpoint)
+            or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):
+        saved = restore.saved_config(checkpoint)
+        check_model_fits(saved, vocab, checkpoint, vocab_dir, named)
+    config, params, restored_step = restore.restore_decoder(checkpoint, step)
+    if config != saved:
+        check_model_fits(config, vocab, checkpoint, vocab_dir, named)
+    retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
+    gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)
+    return gen, restored_step
+
+
+def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpoint: str,
+                     vocab_dir: str, named: Sequence[tuple[str, str]]) -> None:
+    """An error naming the input when the vocabulary is not the model's, or a caption's
+    prompt (`caption <break>`) leaves no room in DecoderConfig.max_length for the image's
+    codes (`Generator.text_to_image` would fail after the restore)."""
+    mismatch = config.vocabulary_mismatch(vocab.layout)
+    if mismatch:
+        raise UserInputError(f"generate.vocab_dir {vocab_dir!r} does not fit the model of "
+                             f"generate.checkpoint {checkpoint!r}: {mismatch}. Give the "
+                             "vocabulary of the data the model was trained on.")
+    new_tokens = proc.ImageCodesOnly(vocab.layout).max_new_tokens
+    budget = config.max_length - new_tokens
+    for where, text in named:
+        size = prompts.text_to_image(np.asarray(vocab.encode(text), np.int32)).size
+        if size > budget:
+            raise UserInputError(
+                f"{where}: the caption has {size - 1} tokens, the model has room for "
+                f"{budget - 1} (DecoderConfig.max_length={config.max_length} of "
+                f"{checkpoint!r} minus {new_tokens} image codes and the <break>): shorten it.")
+
+
 def _check_model_dir(model_dir: str) -> None:
-    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads."""
+    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads, or holds an
+    earlier run's outputs without generate.overwrite (before config.gin, which says what
+    made them, is replaced)."""
     bound = gin.get_bindings(generate)
     run_config.check_apart(model_dir, "generate", {
         f"generate.{name}": bound.get(name)
         for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
+    refuse_earlier_outputs(model_dir, bool(bound.get("overwrite", False)))
 
 
 generate.check_model_dir = _check_model_dir

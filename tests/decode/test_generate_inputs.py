@@ -1,0 +1,222 @@
+"""The generate run mode's inputs and outputs, checked without sampling (no compile).
+
+Mistakes in the input end in one `error:` line (status 2) before the model is restored and
+before anything is written; an earlier run's outputs are neither lost nor left under
+another run's config.gin; the outputs are written through fs.py and their grids capped.
+"""
+
+import json
+import os
+import uuid
+
+import gin
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3leon_jax import fs
+from cm3leon_jax import main as main_lib
+from cm3leon_jax.decode import generate_families, generate_run, pictures
+from cm3leon_jax.decode.generate import Images
+from cm3leon_jax.errors import UserInputError
+from tests.model.model_testlib import tiny_config, write_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GENERATE = os.path.join(ROOT, "gin_configs", "runs", "generate.gin")
+
+
+def _main(capsys, out, *bindings):
+    """(exit status, the `error:` lines) of the generate mode through main.main."""
+    argv = [f"--gin_file={GENERATE}", f"--gin.MODEL_DIR='{out}'",
+            "--gin.generate.retrieval_dir=None", *[f"--gin.{b}" for b in bindings]]
+    gin.clear_config()
+    try:
+        code = main_lib.main(argv)
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_earlier_outputs_are_refused_before_config_gin_is_replaced(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.gin").write_text("run.mode = @generate\n# run A\n")
+    (out / "generated.json").write_text("[]")
+    code, errors = _main(capsys, out, f"generate.checkpoint='{tmp_path}/nowhere'",
+                         "generate.captions=['a red circle']")
+    assert code == 2 and len(errors) == 1 and "earlier run's outputs (generated.json)" in errors[0]
+    assert (out / "config.gin").read_text() == "run.mode = @generate\n# run A\n"
+    assert sorted(os.listdir(out)) == ["config.gin", "generated.json"]
+
+
+def test_overwrite_removes_earlier_outputs_only_once_the_model_is_open(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "000_0.png").write_bytes(b"png")
+    (out / "generated.json").write_text("[]")
+    code, errors = _main(capsys, out, f"generate.checkpoint='{tmp_path}/typo'",
+                         "generate.captions=['a red circle']", "generate.overwrite=True")
+    assert code == 2 and errors == [f"error: no checkpoints in '{tmp_path}/typo': give the "
+                                    "MODEL_DIR of a train run (it holds checkpoints/<step>/state)."]
+    assert (out / "generated.json").read_text() == "[]"
+    assert (out / "images" / "000_0.png").exists()
+
+
+def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab):
+    """The checkpoint folder holds a config.gin and no checkpoint: the restore would fail."""
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())  # max_length 128, 16 image codes.
+    long = " ".join(["red circle"] * 120)
+    (tmp_path / "captions.txt").write_text(f"a blue star\n\n{long}\n")
+    common = (f"generate.vocab_dir='{vocab.directory}'", "generate.captions=['a red circle']")
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.captions_file='{tmp_path}/captions.txt'", *common)
+    assert code == 2 and len(errors) == 1, errors
+    n = len(vocab.encode(long))
+    assert errors[0] == (
+        f"error: generate.captions_file '{tmp_path}/captions.txt', line 3: the caption has {n} "
+        f"tokens, the model has room for 111 (DecoderConfig.max_length=128 of '{fits}' minus 16 "
+        "image codes and the <break>): shorten it.")
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.negative_captions=['{long}']", *common)
+    assert code == 2 and errors[0].startswith("error: generate.negative_captions[0]: the "
+                                              f"caption has {n} tokens"), errors
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys, vocab):
+    small = tmp_path / "small"
+    write_run_config(str(small), tiny_config(vocab_size=256))
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{small}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         "generate.captions=['a red circle']")
+    assert code == 2 and errors == [
+        f"error: generate.vocab_dir '{vocab.directory}' does not fit the model of "
+        f"generate.checkpoint '{small}': the vocabulary has {vocab.layout.vocab_size} ids but "
+        "DecoderConfig.vocab_size=256. Give the vocabulary of the data the model was trained on."]
+
+
+class _StopError(Exception):
+    pass
+
+
+def _texts_read(monkeypatch, tmp_path, **kwargs) -> list[str]:
+    """The captions `generate` reads (stopped where it first checks them)."""
+    seen = []
+
+    def spy(texts, *args):
+        seen.append(list(texts))
+        raise _StopError
+
+    monkeypatch.setattr(generate_run, "_check_settings", spy)
+    with pytest.raises(_StopError):
+        generate_run.generate(str(tmp_path / "out"), checkpoint=str(tmp_path / "nowhere"),
+                              vocab_dir=str(tmp_path), image_tokenizer=lambda: None, **kwargs)
+    return seen[0]
+
+
+def test_a_captions_files_byte_order_mark_is_not_part_of_its_first_caption(tmp_path,
+                                                                          monkeypatch):
+    path = tmp_path / "captions.txt"
+    path.write_bytes("a red circle\r\n\r\na blue star\r\n".encode("utf-8-sig"))
+    assert _texts_read(monkeypatch, tmp_path, captions_file=str(path)) == [
+        "a red circle", "a blue star"]
+
+
+def test_a_captions_file_without_captions_is_named(tmp_path):
+    path = tmp_path / "captions.txt"
+    for text in ("", "\n  \n", "\ufeff\n"):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UserInputError, match=f"captions_file '{path}' has no non-blank "
+                                                 "lines"):
+            generate_run.generate(str(tmp_path / "out"), checkpoint=str(tmp_path / "nowhere"),
+                                  vocab_dir=str(tmp_path), image_tokenizer=lambda: None,
+                                  captions_file=str(path))
+
+
+def test_prompts_file_requests_are_read_whole_before_the_restore(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_text("these are words, not pixels")
+    prompts = tmp_path / "prompts.jsonl"
+    good = json.dumps({"family": "caption", "image": "a.png"})
+    for line, match in (
+            ({"family": "boxes_to_image", "caption": "c", "boxes": "red circle at (2,2,9,9)"},
+             r"line 2: boxes must be a list of non-empty strings"),
+            ({"family": "boxes_to_image", "caption": "c", "boxes": ["a box", " "]},
+             r"line 2: boxes must be a list of non-empty strings"),
+            ({"family": "vqa", "image": "bad.png", "question": "q?"},
+             rf"line 2: image: image '{tmp_path}/bad.png' is not readable"),
+            ({"family": "edit", "image": ".", "instruction": "x"}, r"line 2: image: image ")):
+        prompts.write_text(f"{good}\n{json.dumps(line)}\n")
+        with pytest.raises(UserInputError, match=match):
+            generate_families.read_requests(str(prompts))
+        # In the run: before the checkpoint (here missing) is read, and nothing written.
+        with pytest.raises(UserInputError, match=match):
+            generate_run.generate(str(tmp_path / "out"), checkpoint=str(tmp_path / "nowhere"),
+                                  vocab_dir=str(tmp_path), image_tokenizer=lambda: None,
+                                  prompts_file=str(prompts))
+        assert not (tmp_path / "out").exists()
+
+
+class _FakeGenerator:
+    """What generate_families asks of a Generator: images of 8 px, one text answer."""
+
+    class image_tokenizer:  # noqa: N801 (an attribute, as on Generator)
+        image_size = 8
+
+    def how_to_write(self, texts, *, num_samples, **_):
+        images = np.full((num_samples, 8, 8, 3), 200, np.uint8)
+        return Images(np.zeros((num_samples, 4), np.int32), images, texts * num_samples)
+
+    def describe(self, images, **_):
+        return ["a shape"]
+
+
+def _prompts(tmp_path) -> str:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"family": "how_to_write", "text": "cat"}\n'
+                       '{"family": "caption", "image": "a.png"}\n')
+    return str(prompts)
+
+
+def test_families_are_written_through_fs(tmp_path):
+    prompts = _prompts(tmp_path)
+    out = f"ram://families_{uuid.uuid4().hex[:8]}"
+    entries = generate_families.generate_families(_FakeGenerator(), prompts, out,
+                                                  num_samples=2)
+    assert entries[0]["outputs"] == ["families/000_how_to_write_0.png",
+                                     "families/000_how_to_write_1.png"]
+    assert entries[1]["outputs"] == ["a shape"] and "_pixels" not in entries[1]
+    with fs.open(f"{out}/families/000_how_to_write_1.png", "rb") as f:
+        assert np.asarray(Image.open(f)).shape == (8, 8, 3)
+    with fs.open(f"{out}/families.json") as f:
+        assert json.load(f)["requests"] == entries
+    assert fs.exists(f"{out}/families.png")
+
+
+def test_families_json_comes_first_and_the_sheet_is_capped(tmp_path, monkeypatch, capsys):
+    prompts = _prompts(tmp_path)
+    grids = []
+    monkeypatch.setattr(pictures, "grid", lambda images, captions, path, **kw: grids.append(
+        (len(images), len(captions), fs.exists(f"{os.path.dirname(path)}/families.json"))))
+    generate_families.generate_families(_FakeGenerator(), prompts, str(tmp_path / "many"),
+                                        num_samples=70)
+    assert grids == [(64, 64, True)]  # 70 pictures and 1 input: the first 64, after the json.
+    assert "families.png shows the first 64 of 71 pictures" in capsys.readouterr().out
+
+
+def test_generated_json_comes_first_and_the_grid_is_capped(tmp_path, monkeypatch, capsys):
+    grids = []
+    monkeypatch.setattr(pictures, "grid", lambda images, captions, path, **kw: grids.append(
+        (len(images), list(captions), kw, os.path.exists(tmp_path / "generated.json"))))
+    images = np.zeros((70, 4, 4, 3), np.uint8)
+    captions = [f"caption {i // 2}" for i in range(70)]
+    entries = generate_run.write_images(str(tmp_path), images, captions, num_samples=2)
+    assert len(entries) == 35 and len(os.listdir(tmp_path / "images")) == 70
+    assert json.loads((tmp_path / "generated.json").read_text()) == entries
+    assert grids == [(64, captions[:64], {"columns": 8}, True)]
+    assert "generated.png shows the first 64 of 70 images" in capsys.readouterr().out
+    generate_run.write_images(str(tmp_path / "few"), images[:3], captions[:3], num_samples=1)
+    assert grids[1][:3] == (3, captions[:3], {"columns": 3})
