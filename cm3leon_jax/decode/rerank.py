@@ -77,7 +77,8 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
             chunk: int = 256) -> Reranked:
     """`num_samples` samples per caption from `gen.text_to_image`, sample j drawn with
     `samplings[j % len(samplings)]` (None: the generator's default), the best kept;
-    `negative_captions` go to every draw.
+    `negative_captions` go to every draw; the samples of `samplings[i]` are drawn with
+    `part_seed(seed, i)`.
 
     Captions are drawn `chunk` at a time, only each one's best kept between chunks (FID-30K
     with 8 samples would otherwise hold 240,000 images); each chunk's rows continue the
@@ -104,6 +105,17 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
                     np.concatenate([r.kept for r in kept]))
 
 
+def part_seed(seed: int, part: int) -> int:
+    """The seed part `part` (the samples of `samplings[part]`) of `best_of` draws with: part
+    0 `seed` itself (one sampling draws what a plain `text_to_image` would), every other part
+    a 32-bit seed that np.random.SeedSequence derives from (seed, part), so that parts of
+    different seeds do not repeat each other's samples (with seed + part, seed s's part 1
+    was seed s + 1's part 0)."""
+    if part == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+
+
 def _best_of_chunk(gen: Any, captions: Sequence[str], num_samples: int, ranker: Ranker,
                    samplings: Sequence[Any], num_retrieved: int, seed: int,
                    negative_captions: Sequence[str] | None, first_caption: int) -> Reranked:
@@ -113,7 +125,7 @@ def _best_of_chunk(gen: Any, captions: Sequence[str], num_samples: int, ranker: 
     for i in range(k):
         count = len(range(i, num_samples, k))
         parts.append(gen.text_to_image(captions, num_samples=count, num_retrieved=num_retrieved,
-                                       sampling=samplings[i], seed=seed + i,
+                                       sampling=samplings[i], seed=part_seed(seed, i),
                                        negative_captions=negative_captions,
                                        first_row=first_caption * count))
     # Interleave into prompt-major order: prompt p, sample j = part j % k, its (j // k)-th.

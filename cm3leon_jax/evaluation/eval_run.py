@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import fs
-from cm3leon_jax.decode import pictures, rerank, restore
+from cm3leon_jax.decode import pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import captioning, fid, inception_weights, tasks
@@ -185,24 +185,20 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
       reference_rows: also grade real images like samples (VQ round trip of the references,
         real images of other scenes: the ceiling and the chance/FID floor of each metric).
       overwrite: replace an earlier run's MODEL_DIR/eval (otherwise refused: its grids of
-        other strategies would sit beside this run's report).
+        other strategies would sit beside this run's report); it is removed just before
+        decoding, after the checks, the restore and the suite.
     """
-    out_dir = os.path.join(model_dir, "eval")
-    if fs.exists(out_dir):
-        if not overwrite:
-            raise UserInputError(f"eval MODEL_DIR {model_dir!r} holds an earlier run's eval/: "
-                                 "give another MODEL_DIR, or --gin.evaluate.overwrite=True to "
-                                 "replace it.")
-        fs.rmtree(out_dir)
-    if any(k > 0 for k in num_retrieved) and not retrieval_dir:
-        raise UserInputError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
-                             "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
+    out_dir = _refuse_earlier_eval(model_dir, overwrite)
+    _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
+                    can_rank=bool(clip_encoder_dir or retrieval_dir))
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(), retriever,
                     batch_size=batch_size)
     encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
                else getattr(retriever, "encoder", None))
+    _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
+                    can_rank=encoder is not None)  # A retrieval folder that names no encoder.
     return evaluate_generator(
         gen, out_dir, suite=suite, strategies=strategies,
         num_retrieved=num_retrieved, encoder=encoder, caption_metrics=caption_metrics,
@@ -210,7 +206,36 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         fid_reference=fid_reference, max_answer_tokens=max_answer_tokens,
         caption_style=caption_style, seed=seed,
         header={"checkpoint": checkpoint, "step": restored_step, "seed": seed},
-        reference_rows=reference_rows)
+        reference_rows=reference_rows, overwrite=overwrite)
+
+
+def _refuse_earlier_eval(model_dir: str, overwrite: bool) -> str:
+    """MODEL_DIR/eval; refused when an earlier run left one and `overwrite` is not set (its
+    grids of other strategies would sit beside this run's report)."""
+    out_dir = os.path.join(model_dir, "eval")
+    if fs.exists(out_dir) and not overwrite:
+        raise UserInputError(f"eval MODEL_DIR {model_dir!r} holds an earlier run's eval/: "
+                             "give another MODEL_DIR, or --gin.evaluate.overwrite=True to "
+                             "replace it.")
+    return out_dir
+
+
+def _check_settings(strategies: Sequence[Strategy], num_retrieved: Sequence[int],
+                    caption_style: str, retrieval_dir: str | None, can_rank: bool) -> None:
+    """Refuses settings a job would fail on only when it reached them, hours in."""
+    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
+        raise UserInputError(f"evaluate.caption_style={caption_style!r} is unknown; use one of "
+                             f"{prompts.IMAGE_TO_TEXT_STYLES} ('image_first' for models "
+                             "pretrained with image-first documents, as the demo's).")
+    if any(k > 0 for k in num_retrieved) and not retrieval_dir:
+        raise UserInputError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
+                             "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
+    reranked = [s.name for s in strategies if s.num_samples > 1]
+    if reranked and not can_rank:
+        raise UserInputError(
+            f"evaluate.strategies {reranked} re-rank samples by CLIP score, which needs an "
+            "encoder: bind evaluate.clip_encoder_dir (a CLIP folder), or evaluate.retrieval_dir "
+            "to a retrieval folder that names its encoder, or leave those strategies out.")
 
 
 def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None = None,
@@ -221,11 +246,13 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                        fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
                        max_answer_tokens: int = 8, caption_style: str = "infill",
                        seed: int = 0, header: dict | None = None, outputs: dict | None = None,
-                       reference_rows: bool = False) -> dict:
+                       reference_rows: bool = False, overwrite: bool = False) -> dict:
     """The eval run for a Generator already in memory (what the demo calls): decodes the
     suite, writes out_dir/report.json, report.md and the grids, returns the report.
     `encoder` (a retrieval DocumentEncoder) gives CLIP score, re-ranking and encoder FID;
-    `outputs` as in `run_suite`."""
+    `outputs` as in `run_suite`. `overwrite`: an earlier out_dir is removed once the suite
+    is built, just before decoding (not before, so that a mistake found on the way keeps
+    the earlier results)."""
     ctx = Context(gen, rerank.ClipRanker(encoder) if encoder is not None else None,
                   _features(encoder, inception_weights_path, fid_resize),
                   caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
@@ -233,6 +260,8 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     if caption_metrics and built.captioning is not None:
         captioning.require_java()  # Now, not after hours of decoding.
+    if overwrite and fs.exists(out_dir):
+        fs.rmtree(out_dir)
     header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
@@ -251,11 +280,14 @@ def _describe(s: Strategy) -> dict:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads."""
+    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads, or that
+    holds an earlier run's eval/ without evaluate.overwrite: before `main.run` writes
+    config.gin there."""
     bound = gin.get_bindings(evaluate)
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
         for name in ("checkpoint", "vocab_dir", "retrieval_dir")})
+    _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
 
 
 evaluate.check_model_dir = _check_model_dir

@@ -50,9 +50,8 @@ def score_image(family: str, image: np.ndarray, example: SftExample) -> dict[str
 
 def score_text(family: str, text: str, example: SftExample) -> dict[str, float]:
     """One generated text against its example's truth."""
-    if family == "vqa":
-        answer = text.strip().lower().rstrip(".").strip()
-        return {"exact": float(answer == example.truth["answer"].lower())}
+    if family == "vqa":  # Normalized as the eval run's VQA figure is ("two" == "2").
+        return {"exact": shapes_scores.vqa_exact_match([text], [example.truth["answer"]])}
     scene = shapes.Scene.from_json(example.truth["scene"])
     named = shapes_scores.compare(shapes_scores.caption_objects(text), scene)
     return {"exact": float(named["objects_right"]),

@@ -79,8 +79,8 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
         scenes = [sft_examples.corpus_scene(seed, split, i, image_size)
                   for i in range(num_examples)]
         renders = np.stack([shapes.render(s) for s in scenes])
-        rngs = [np.random.default_rng([seed, i, 13]) for i in range(num_examples)]
-        phrasings = [shapes_tasks.captions(s, r) for s, r in zip(scenes, rngs)]
+        phrasings, pairs, edits = map(list, zip(*[_draws(s, seed, i)
+                                                  for i, s in enumerate(scenes)]))
         suite = Suite(f"corpus_{split}_{num_examples}")
         ids = [f"{split}_{i}" for i in range(num_examples)]
         if "text_to_image" in tasks:
@@ -94,15 +94,23 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
         if "captioning" in tasks:
             suite.captioning = Task(None, renders, scenes, phrasings, ids=ids)
         if "vqa" in tasks:
-            pairs = [shapes_tasks.vqa_pairs(s, r)[0] for s, r in zip(scenes, rngs)]
             suite.vqa = Task([q for q, _ in pairs], renders, scenes, [[a] for _, a in pairs],
                              ids=ids)
         if "edit" in tasks:
-            edits = [shapes_tasks.edit(s, r) for s, r in zip(scenes, rngs)]
             suite.edit = Task([e[1] for e in edits], renders, [e[0] for e in edits], ids=ids)
         return suite
 
     return build
+
+
+def _draws(scene: shapes.Scene, seed: int, index: int
+           ) -> tuple[list[str], tuple[str, str], tuple[shapes.Scene, str]]:
+    """Scene `index`'s phrasings, VQA pair and edit, drawn in this order from its own
+    generator whatever tasks a suite keeps: a suite of some tasks holds the same examples
+    as the full suite."""
+    rng = np.random.default_rng([seed, index, 13])
+    return (shapes_tasks.captions(scene, rng), shapes_tasks.vqa_pairs(scene, rng)[0],
+            shapes_tasks.edit(scene, rng))
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -103,10 +103,15 @@ def _as_json(results: list[SearchResult]) -> dict[str, Any]:
 
 
 def to_rgb(im: PILImage.Image) -> np.ndarray:
-    """A decoded image -> uint8[h, w, 3]. 16-bit grayscale (PIL's modes I;16* and I) is
-    scaled to 8 bits (/257, as `vocab/image_inputs.pil_rgb` does for training and generation
-    inputs; retrieval sits beside vocab in the flow, so the service keeps its own copy of
-    these lines): PIL's own conversion would clip every value above 255 to white."""
+    """A decoded image -> uint8[h, w, 3], as `vocab/image_inputs.pil_rgb` converts training
+    and generation inputs (retrieval sits beside vocab in the flow, so the service keeps its
+    own copy of these lines): transparency composited over white (PIL's own conversion
+    would make transparent pixels black), 16-bit grayscale (PIL's modes I;16* and I) scaled
+    to 8 bits (/257; PIL's conversion would clip every value above 255 to white)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(PILImage.alpha_composite(white, rgba).convert("RGB"))
     if im.mode.startswith("I;16") or im.mode == "I":
         eight_bit = (np.asarray(im, np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
         return np.repeat(eight_bit[..., None], 3, axis=-1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.decode import rerank
-from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.decode.generate import Generator, Images, SamplingConfig
 from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 from tests.model.model_testlib import random_params, tiny_config
@@ -40,11 +40,11 @@ def test_kept_sample_is_the_arg_max_over_mixed_samplings(gen, ranker):
     best = rerank.best_of(gen, CAPTIONS, num_samples=4, ranker=ranker, samplings=samplings,
                           num_retrieved=0, seed=3)
     assert best.scores.shape == (2, 4) and best.images.codes.shape == (2, 16)
-    # Samples 0, 2 of each prompt are the CFG draws, 1, 3 the CD-K draws (same seeds).
+    # Samples 0, 2 of each prompt are the CFG draws, 1, 3 the CD-K draws (each part's seed).
     cfg = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=0, sampling=samplings[0],
                             seed=3)
     cdk = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=0, sampling=samplings[1],
-                            seed=4)
+                            seed=rerank.part_seed(3, 1))
     for p in range(2):
         drawn = np.stack([cfg.images[2 * p], cdk.images[2 * p], cfg.images[2 * p + 1],
                           cdk.images[2 * p + 1]])
@@ -63,3 +63,33 @@ def test_keep_best_with_any_ranker(gen):
     np.testing.assert_array_equal(brightest.kept, means.argmax(axis=1))
     with pytest.raises(ValueError, match="give the Generator an image_tokenizer"):
         rerank.keep_best(out._replace(images=None), 3, lambda i, c: np.zeros(len(c)))
+
+
+class SeedRecorder:
+    """Stands in for a Generator: blank images, and the seed of every draw."""
+
+    def __init__(self):
+        self.seeds = []
+
+    def text_to_image(self, captions, *, num_samples, seed, **kwargs):
+        self.seeds.append(seed)
+        n = len(captions) * num_samples
+        return Images(np.zeros((n, 16), np.int32), np.zeros((n, 2, 2, 3), np.uint8),
+                      [c for c in captions for _ in range(num_samples)])
+
+
+def test_parts_of_different_seeds_draw_with_different_seeds():
+    def seeds_of(seed, num_samplings):
+        gen = SeedRecorder()
+        rerank.best_of(gen, CAPTIONS, num_samples=6, ranker=lambda im, c: np.zeros(len(c)),
+                       samplings=[None] * num_samplings, num_retrieved=0, seed=seed)
+        return gen.seeds
+
+    # One sampling draws with the seed itself, as a plain text_to_image (the demo's).
+    assert [seeds_of(s, 1) for s in (0, 7)] == [[0], [7]]
+    drawn = {s: seeds_of(s, 3) for s in range(8)}
+    assert all(seeds[0] == s and all(0 <= x < 2 ** 32 for x in seeds)
+               for s, seeds in drawn.items())
+    every = [x for seeds in drawn.values() for x in seeds]
+    assert len(set(every)) == len(every), drawn  # seed + part: seed s's part 1 = s + 1's 0.
+    assert seeds_of(5, 3) == drawn[5]  # Deterministic.

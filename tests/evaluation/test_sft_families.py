@@ -20,3 +20,18 @@ def test_the_true_output_is_exact_and_a_wrong_one_is_not(family):
     if family in sft_prompts.IMAGE_FAMILIES:
         blank = np.full_like(examples[0].output, 128)
         assert scorer(family, blank, examples[0])["exact"] == 0.0
+
+
+def test_vqa_answers_are_normalized_as_the_eval_runs_are():
+    """The per-family VQA score and the eval run's `vqa_exact_match` read answers alike:
+    "1" is "one", articles and a final period do not count."""
+    count = next(ex for i in range(40)
+                 for ex in [sft_examples.corpus_example(0, "test", i, 32, "vqa")]
+                 if ex.truth["answer"] == "one")
+    shape = next(ex for i in range(40)
+                 for ex in [sft_examples.corpus_example(0, "test", i, 32, "vqa")]
+                 if ex.truth["answer"] == "circle")
+    for answer in ("1", "One.", "one"):
+        assert sft_families.score_text("vqa", answer, count)["exact"] == 1.0, answer
+    assert sft_families.score_text("vqa", "a circle", shape)["exact"] == 1.0
+    assert sft_families.score_text("vqa", "two", count)["exact"] == 0.0

@@ -1,0 +1,124 @@
+"""An eval run into a MODEL_DIR with an earlier run's eval/: refused before config.gin is
+touched; with overwrite, the earlier results go only just before decoding. Settings that a
+job would fail on hours in are refused before the restore."""
+
+import os
+from types import SimpleNamespace
+
+import gin
+import pytest
+
+from cm3leon_jax import main as main_lib
+from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.evaluation import eval_run, suites
+from cm3leon_jax.evaluation.tasks import Strategy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _earlier_run(model_dir):
+    """What an earlier eval run leaves: its config.gin and its eval/."""
+    (model_dir / "eval").mkdir(parents=True)
+    (model_dir / "eval" / "report.json").write_text('{"rows": []}')
+    (model_dir / "config.gin").write_text("run.mode = @evaluate\nevaluate.seed = 7\n")
+
+
+def _main(args, monkeypatch) -> int:
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    try:
+        return main_lib.main(args)
+    finally:
+        gin.clear_config()
+
+
+def test_a_second_run_is_refused_before_config_gin_and_overwrite_keeps_results_on_failure(
+        eval_files, tmp_path, capfd, monkeypatch):
+    out = tmp_path / "run"
+    _earlier_run(out)
+    before = {p.name: p.read_bytes() for p in (out / "config.gin", out / "eval" / "report.json")}
+    args = ["--gin_file=gin_configs/runs/eval.gin", f"--gin.MODEL_DIR='{out}'",
+            f"--gin.evaluate.checkpoint='{eval_files['checkpoint']}'",
+            f"--gin.evaluate.vocab_dir='{eval_files['vocab']}'",
+            f"--gin.evaluate.clip_encoder_dir='{eval_files['clip']}'",
+            "--gin.evaluate.retrieval_dir=None", "--gin.evaluate.num_retrieved=[0]"]
+    assert _main(args, monkeypatch) == 2
+    assert "earlier run's eval/" in capfd.readouterr().err
+    assert sorted(os.listdir(out)) == ["config.gin", "eval"]  # No config.1.gin either.
+    assert (out / "config.gin").read_bytes() == before["config.gin"]
+
+    # overwrite=True and a step that is not there: the run fails, the earlier eval/ stays.
+    assert _main(args + ["--gin.evaluate.overwrite=True", "--gin.evaluate.step=99"],
+                 monkeypatch) == 2
+    assert "no checkpoint at step 99" in capfd.readouterr().err
+    assert (out / "eval" / "report.json").read_bytes() == before["report.json"]
+
+
+def test_overwrite_removes_the_earlier_eval_just_before_decoding(tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"old")
+    gen = SimpleNamespace(image_tokenizer=SimpleNamespace(image_size=32))
+
+    def broken(size):
+        raise FileNotFoundError("no COCO file")
+
+    with pytest.raises(FileNotFoundError):
+        eval_run.evaluate_generator(gen, str(out), suite=broken, caption_metrics=(),
+                                    overwrite=True)
+    assert (out / "stale.png").exists()  # The suite failed: nothing removed.
+    seen = []
+
+    def decode(ctx, suite, out_dir, *args, **kwargs):  # What run_suite finds, and no rows.
+        seen.append(sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else [])
+        os.makedirs(out_dir, exist_ok=True)
+        return []
+
+    monkeypatch.setattr(eval_run, "run_suite", decode)
+    eval_run.evaluate_generator(gen, str(out), suite=lambda size: suites.Suite("empty"),
+                                caption_metrics=(), overwrite=True)
+    assert seen == [[]] and sorted(os.listdir(out)) == ["report.json", "report.md"]
+
+
+@pytest.fixture
+def no_restore(monkeypatch):
+    """The restore and what follows it, standing in for a checkpoint; `reached` says how far
+    `evaluate` got."""
+    reached = []
+
+    def mark(what, value=None):
+        def stand_in(*args, **kwargs):
+            reached.append(what)
+            return value
+        return stand_in
+
+    monkeypatch.setattr(eval_run.restore, "restore_decoder", mark("restore", (None, None, 1)))
+    monkeypatch.setattr(eval_run.Retriever, "open",
+                        mark("retriever", SimpleNamespace(encoder=None)))
+    monkeypatch.setattr(eval_run, "MultimodalVocabulary", mark("vocab"))
+    monkeypatch.setattr(eval_run, "Generator", mark("generator"))
+    monkeypatch.setattr(eval_run, "evaluate_generator", mark("decode"))
+    return reached
+
+
+def _evaluate(**kwargs):
+    return eval_run.evaluate("unused", checkpoint="ckpt", vocab_dir="vocab",
+                             image_tokenizer=lambda: None, **kwargs)
+
+
+def test_settings_a_job_would_fail_on_are_refused_before_the_restore(no_restore):
+    with pytest.raises(UserInputError, match="evaluate.caption_style='image-first' is unknown; "
+                                             "use one of .*'image_first'"):
+        _evaluate(caption_style="image-first")
+    rerank8 = Strategy("rerank8", num_samples=8)
+    with pytest.raises(UserInputError, match=r"evaluate.strategies \['rerank8'\] re-rank .* "
+                                             "bind evaluate.clip_encoder_dir"):
+        _evaluate(strategies=[Strategy(), rerank8])
+    assert no_restore == []
+    # A retrieval folder that names no encoder: refused once opened, before decoding.
+    with pytest.raises(UserInputError, match="re-rank samples by CLIP score"):
+        _evaluate(strategies=[rerank8], retrieval_dir="retrieval")
+    assert no_restore == ["restore", "retriever", "vocab", "generator"]
+    no_restore.clear()
+    _evaluate(strategies=[Strategy()], caption_style="image_first")  # Valid: decoded.
+    assert no_restore == ["restore", "vocab", "generator", "decode"]
