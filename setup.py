@@ -42,6 +42,10 @@ EXTRAS_REQUIRE = {
     # Offline preprocessing at scale. Beam pulls protobuf < 7, which is why
     # sentencepiece stays below 0.2.3 in INSTALL_REQUIRES.
     "beam": ["apache-beam[tfrecord]"],
+    # Submitting that preprocessing to Google Cloud Dataflow (launch/dataflow.py): Beam's
+    # Dataflow runner. Not in `make install`: the Google Cloud clients are heavy and pin
+    # protobuf against the rest.
+    "dataflow": ["apache-beam[gcp,tfrecord]"],
     # Benchmarks' peers and data: faiss for retrieval, photographs for the tokenizer.
     "bench": ["faiss-cpu", "scikit-image", "matplotlib"],
     # libtpu, for ahead-of-time compilation against TPU topologies on a CPU host.

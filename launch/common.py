@@ -140,14 +140,15 @@ def _read_int_bindings(path: str, keys: Sequence[str], found: dict) -> None:
             found[binding.group(1)] = int(value) if re.fullmatch(r"-?\d+", value) else None
 
 
-def bound_mesh(gin_files: Sequence[str], overrides: Sequence[str],
-               bindings: dict[str, str] | None = None) -> dict[str, int | None]:
-    """The integers the run binds to MESH_KEYS and DCN_KEYS: its gin files (repository
+def bound_ints(gin_files: Sequence[str], overrides: Sequence[str],
+               bindings: dict[str, str] | None, defaults: dict[str, int | None]
+               ) -> dict[str, int | None]:
+    """The integers the run binds to the keys of `defaults`: its gin files (repository
     paths) in order, then the launcher's `bindings`, then the user's `--gin.` overrides, as
-    `cm3leon_jax.main` applies them. Unbound keys get the functions' defaults; None: bound
-    to something other than an integer literal (a macro, a scoped binding), so unknown."""
-    keys = (*MESH_KEYS, *DCN_KEYS)
-    found = {"make_mesh.data": -1, **dict.fromkeys(keys[1:], 1)}
+    `cm3leon_jax.main` applies them. Unbound keys keep their `defaults`; None: bound to
+    something other than an integer literal (a macro, a scoped binding), so unknown."""
+    keys = tuple(defaults)
+    found = dict(defaults)
     for f in gin_files:
         _read_int_bindings(os.path.join(REPO, f), keys, found)
     lines = [f"{k} = {v}" for k, v in (bindings or {}).items()]
@@ -159,22 +160,75 @@ def bound_mesh(gin_files: Sequence[str], overrides: Sequence[str],
     return found
 
 
-def check_mesh_fits(gin_files: Sequence[str], overrides: Sequence[str], devices: int | None,
-                    what: str, bindings: dict[str, str] | None = None) -> None:
-    """Refuses a run whose fixed mesh (every size bound, none -1) needs other than `devices`
-    devices (`what` names where that count comes from), before anything is provisioned."""
-    sizes = bound_mesh(gin_files, overrides, bindings)
-    if devices is None or any(v is None or v == -1 for v in sizes.values()):
-        return
-    needed = math.prod(sizes.values())
-    if needed != devices:
-        mesh = " x ".join(f"{k.split('.')[1]} {sizes[k]}" for k in MESH_KEYS)
-        dcn = math.prod(sizes[k] for k in DCN_KEYS)
-        slices = f" x {dcn} slices (train_mesh.dcn_*)" * (dcn > 1)
+def bound_mesh(gin_files: Sequence[str], overrides: Sequence[str],
+               bindings: dict[str, str] | None = None) -> dict[str, int | None]:
+    """`bound_ints` of MESH_KEYS and DCN_KEYS, with the functions' defaults."""
+    return bound_ints(gin_files, overrides, bindings,
+                      {"make_mesh.data": -1, **dict.fromkeys((*MESH_KEYS[1:], *DCN_KEYS), 1)})
+
+
+def _dcn_groups(sizes: dict[str, int | None], slices: tuple[int, str] | None) -> int | None:
+    """The groups (slices, nodes) the DCN axes span, checked against the launch's
+    `slices` (count, what they are); None: unknown."""
+    dcn = [sizes[k] for k in DCN_KEYS]
+    if any(v is None or v < 1 for v in dcn):
+        return None
+    groups = math.prod(dcn)
+    if slices is not None and groups > 1 and groups != slices[0]:
         raise LaunchError(
-            f"the mesh of {', '.join(gin_files)} ({mesh}{slices}) needs {needed} devices "
-            f"(chips or GPUs), but {what} gives {devices}; pick the size the gin file is for, "
-            "or override its mesh (e.g. --gin.make_mesh.fsdp=-1: all devices)")
+            f"train_mesh.dcn_data x dcn_fsdp x dcn_tensor = {' x '.join(map(str, dcn))} = "
+            f"{groups} groups over DCN, but the launch has {slices[0]} {slices[1]}, which the "
+            f"DCN axes span: make the product {slices[0]} (or 1: no DCN axes)")
+    return groups
+
+
+def check_mesh_fits(gin_files: Sequence[str], overrides: Sequence[str], devices: int | None,
+                    what: str, bindings: dict[str, str] | None = None,
+                    slices: tuple[int, str] | None = None) -> None:
+    """Refuses, before anything is provisioned, a run whose mesh cannot be built on
+    `devices` devices (`what` names where that count comes from; None: unknown): the DCN
+    product that is not the launch's `slices` (count, what they are; None: not known
+    here), per-slice sizes (a -1 resolved as `make_mesh` does) that do not fill the
+    devices, and a batch whose micro-batch rows do not split over the data axes."""
+    sizes = bound_mesh(gin_files, overrides, bindings)
+    groups = _dcn_groups(sizes, slices)
+    ici = [sizes[k] for k in MESH_KEYS]
+    if devices is None or groups is None or None in ici or ici.count(-1) > 1 \
+            or any(v == 0 or v < -1 for v in ici):
+        return  # Unknown here, or a mistake make_mesh reports on the hosts.
+    known = math.prod(v for v in ici if v != -1)
+    if -1 in ici and devices % (groups * known) == 0:
+        ici[ici.index(-1)] = devices // (groups * known)
+    mesh = " x ".join(f"{k.split('.')[1]} {v}" for k, v in zip(MESH_KEYS, ici))
+    mesh += f" x {groups} slices (train_mesh.dcn_*)" * (groups > 1)
+    if -1 in ici or math.prod(ici) * groups != devices:
+        raise LaunchError(
+            f"the mesh of {', '.join(gin_files)} ({mesh}) needs "
+            f"{'a multiple of ' * (-1 in ici)}{known * groups} devices (chips or GPUs), but "
+            f"{what} gives {devices}; pick the size the gin file is for, or override its mesh "
+            "(e.g. --gin.make_mesh.fsdp=-1: all devices)")
+    ways = ici[0] * ici[1] * sizes["train_mesh.dcn_data"] * sizes["train_mesh.dcn_fsdp"]
+    _check_batch(gin_files, overrides, bindings, ways, f"{mesh} on {what}")
+
+
+def _check_batch(gin_files: Sequence[str], overrides: Sequence[str],
+                 bindings: dict[str, str] | None, ways: int, where: str) -> None:
+    """`train.step.check_batch` before launching: the micro-batch rows must split over the
+    `ways` devices of the mesh axes the `batch` rule names (data and fsdp, DCN included)."""
+    batch = bound_ints(gin_files, overrides, bindings,
+                       {"train.global_batch_size": None, "train.num_microbatches": 1})
+    rows, parts = batch["train.global_batch_size"], batch["train.num_microbatches"]
+    if rows is None or parts is None:
+        return
+    if parts < 1 or rows % parts:
+        raise LaunchError(f"train.global_batch_size={rows} does not split into "
+                          f"train.num_microbatches={parts}; pick a divisor")
+    if (rows // parts) % ways:
+        raise LaunchError(
+            f"train.global_batch_size={rows} / num_microbatches={parts} = {rows // parts} rows "
+            f"per micro-batch do not split over the {ways} devices of the data and fsdp axes "
+            f"({where}); make the rows a multiple of {ways}, or change the mesh, the batch or "
+            "the job's size")
 
 
 def quote(arg: str) -> str:

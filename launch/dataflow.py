@@ -16,17 +16,25 @@ input folder must be `gs://`: Dataflow workers read and write them.
 The workers need this package: by default Beam builds it from `setup.py`
 (`--setup_file`) and installs it on every worker at start-up (minutes: it pulls
 TensorFlow and JAX); `--sdk_container_image` names a prebuilt image instead.
+
+This machine needs Beam's Dataflow runner, the `dataflow` extra (`pip install -e
+'.[dataflow]'`; `make install` leaves it out): without it the launch stops before the
+driver does any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import sys
 from typing import Sequence
 
 from launch import common
+
+# What Beam's DataflowRunner imports to submit a job: it fails without apache-beam[gcp].
+DATAFLOW_CLIENT = "apache_beam.runners.dataflow.internal.apiclient"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +75,17 @@ def pipeline_options(args) -> list[str]:
     return options
 
 
+def check_dataflow_runner() -> None:
+    """Refuses to start the driver where Beam cannot submit to Dataflow: it would train the
+    vocabulary and only then fail at the first submission."""
+    try:
+        importlib.import_module(DATAFLOW_CLIENT)
+    except ImportError as e:
+        raise common.LaunchError(
+            f"Beam's Dataflow runner is not installed here ({e}); install the dataflow extra, "
+            "pip install -e '.[dataflow]' (apache-beam[gcp]), then launch again") from None
+
+
 def driver_argv(args, python: str) -> list[str]:
     """argv of the driver: the preprocess run mode, pointed at Dataflow."""
     bindings = {"preprocess.runner": "'DataflowRunner'",
@@ -86,6 +105,8 @@ def launch(argv: Sequence[str] | None = None) -> int:
         raise common.LaunchError(f"--job_name={args.job_name!r}: Dataflow takes lower-case "
                                  "letters, digits and '-', starting with a letter and not "
                                  "ending with '-'")
+    if not args.dry_run:
+        check_dataflow_runner()
     common.Runner(args.dry_run).run(driver_argv(args, sys.executable))
     return 0
 

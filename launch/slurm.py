@@ -1,8 +1,8 @@
 r"""Submit a run to a SLURM GPU cluster: `sbatch launch/slurm_gpu.sbatch` with the job's shape.
 
     python -m launch.slurm gin_configs/train/cm3leon_350m.gin /shared/runs/350m \
-        --nodes=2 --gpus_per_node=8 [--partition=P] [--account=A] [--time=2-00:00:00] \
-        [--gin.KEY=VALUE ...] [--dry_run]
+        --gin.data_dirs.user="'/shared/data'" --nodes=2 --gpus_per_node=8 \
+        [--partition=P] [--account=A] [--time=2-00:00:00] [--gin.KEY=VALUE ...] [--dry_run]
 
 (The size's train file runs on GPUs unchanged: its FSDP mesh takes whatever devices
 the job has; the hardware and timings in its header are the TPU slice's. No GPU
@@ -13,7 +13,9 @@ them, and `jax.distributed.initialize()` discovers the job from SLURM and gives 
 task the GPU of its local rank (see launch/slurm_gpu.sbatch). Submitted from the
 repository root (`--chdir`), so every node runs this checkout's code and `.venv`:
 the repository must be on a file system all nodes share. MODEL_DIR: a shared folder
-or `gs://`.
+or `gs://`. DCN axes (`train_mesh.dcn_*`) span nodes: their product is 1 or `--nodes`
+(`train_mesh` groups the GPUs by `SLURM_NODEID`). The job's size is checked before
+submitting: the mesh (a -1 size resolved on its GPUs) and the batch's split over it.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ def launch(argv: Sequence[str] | None = None) -> int:
     args = common.parse(build_parser(), argv)
     common.check_gin_files([args.gin_file])
     sbatch = sbatch_argv(args)
+    nodes = f"node{'s' * (args.nodes > 1)} (--nodes={args.nodes})"
     common.check_mesh_fits([args.gin_file], args.overrides, args.nodes * args.gpus_per_node,
                            f"the job (--nodes={args.nodes} x --gpus_per_node="
-                           f"{args.gpus_per_node} GPUs)")
+                           f"{args.gpus_per_node} GPUs)", slices=(args.nodes, nodes))
     common.Runner(args.dry_run).run(sbatch, cwd=common.REPO)
     return 0
 

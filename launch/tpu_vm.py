@@ -1,7 +1,8 @@
 r"""Start a run on a Cloud TPU VM slice, through a queued resource (created, or reused).
 
     python -m launch.tpu_vm gin_configs/pods/cm3leon_7b_v5p256.gin gs://BUCKET/cm3leon_7b \
-        --name=cm3leon-7b --accelerator_type=v5p-256 --zone=us-east5-a --project=PROJECT \
+        --gin.data_dirs.user="'gs://BUCKET/data'" --name=cm3leon-7b \
+        --accelerator_type=v5p-256 --zone=us-east5-a --project=PROJECT \
         [--spot] [--detach] [--gin.KEY=VALUE ...] [--dry_run]
 
 Steps (each a `gcloud` command, printed before it runs; `--dry_run` only prints):
@@ -10,23 +11,30 @@ Steps (each a `gcloud` command, printed before it runs; `--dry_run` only prints)
    is ACTIVE (a FAILED or SUSPENDED one is an error: delete it, or pick another name).
 2. Pack this checkout (tracked and untracked files that git does not ignore) into a
    tarball, `tpu-vm scp` it to every worker (`--worker=all`), unpack it into
-   `~/cm3leon_jax` and `pip install -e '.[tpu]'` into `~/cm3leon_jax/.venv`, so all hosts
-   run exactly the code you launched from (an existing .venv is kept and updated, or made
-   again when its Python is not the --python version).
+   `~/cm3leon_jax` and install it (`-e '.[tpu]'`) into a Python 3.11 venv,
+   `~/cm3leon_jax/.venv`, so all hosts run exactly the code you launched from. The TPU
+   images (Ubuntu 22.04) have Python 3.10, below setup.py's >= 3.11: the image's
+   Python (`--python`) installs uv with pip (`--user`), and uv makes the venv with a
+   Python 3.11 it downloads if the image has none, and installs into it (an existing
+   .venv is kept and updated, or made again when it is not Python 3.11).
 3. `tpu-vm ssh --worker=all --command='cd ~/cm3leon_jax && .venv/bin/python -m
    cm3leon_jax.main --gin_file=... --gin.MODEL_DIR=... --gin.initialize.auto=True ...'`:
    one process per host; `jax.distributed.initialize()` finds the slice's hosts.
    With `--detach` each host runs it under nohup, logging to ~/cm3leon_jax/run.log,
    and the ssh returns at once.
 
+A queued resource that exists already is reused only when it is what this launch asks
+for: the slice type, the image (--runtime_version) and the capacity (--spot, --reserved,
+or neither: on demand).
+
 MODEL_DIR must be a `gs://` folder: every host writes checkpoints and reads the config
-there. The TPU VM image needs Python >= 3.11 (`--python` names it). One slice only; for
-several slices (multislice over DCN) use `launch/xpk.py`.
+there. One slice only; for several slices (multislice over DCN) use `launch/xpk.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import tarfile
@@ -40,6 +48,9 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-li
                     "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 REMOTE_DIR = "~/cm3leon_jax"
 ARCHIVE = "cm3leon_jax_src.tar.gz"
+# The venv's Python (setup.py: >= 3.11), and the uv that makes it (as tools/install.py).
+PYTHON_VERSION = "3.11"
+UV = "uv==0.13.9"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
     capacity.add_argument("--reserved", action="store_true", help="use the project's reservation")
-    parser.add_argument("--python", default="python3", help="Python >= 3.11 on the TPU VMs")
+    parser.add_argument("--python", default="python3",
+                        help="the TPU VM image's Python (any 3.x with pip): it installs uv, "
+                        f"which makes the run's Python {PYTHON_VERSION} venv")
     parser.add_argument("--detach", action="store_true",
                         help="run under nohup (log: ~/cm3leon_jax/run.log) and return")
     parser.add_argument("--skip_install", action="store_true",
@@ -109,17 +122,46 @@ def ensure_queued_resource(args, runner: common.Runner) -> None:
     runner.wait_until(describe, active, f"queued resource {args.name} is ACTIVE")
 
 
+def _capacity(spot: bool, reserved: bool) -> str:
+    """The capacity a queued resource asks for, named by the flags that ask for it."""
+    if spot:
+        return "spot capacity (--spot)"
+    if reserved:
+        return "reserved capacity (--reserved)"
+    return "on-demand capacity (neither --spot nor --reserved)"
+
+
 def _check_reused_slice(args, runner: common.Runner) -> None:
-    """Refuses to reuse a queued resource of another slice type (the run's mesh is sized
-    for --accelerator_type). One created with a type and topology instead of an
-    accelerator type reports none: nothing to compare then."""
-    found = runner.query(gcloud_tpu(args, "queued-resources", "describe", args.name,
-                                    "--format=value(tpu.nodeSpec[0].node.acceleratorType)"))
-    if found and found != args.accelerator_type:
+    """Refuses to reuse a queued resource that is not what this launch asks for: another
+    slice type (the run's mesh is sized for --accelerator_type), image or capacity. gcloud
+    records --spot as the `spot` tier and --reserved as a `reservationName` (v2 API; the
+    alpha API's `guaranteed.reserved` too). A field it does not report (a slice made with a
+    type and topology has no accelerator type) is not compared."""
+    out = runner.query(gcloud_tpu(args, "queued-resources", "describe", args.name,
+                                  "--format=json"))
+    try:
+        found = json.loads(out or "{}")
+    except json.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict):
+        raise common.LaunchError(f"gcloud printed no JSON object for queued resource "
+                                 f"{args.name!r} (describe --format=json): {out[:200]!r}")
+    node = ((found.get("tpu") or {}).get("nodeSpec") or [{}])[0].get("node") or {}
+    wrong = []
+    if node.get("acceleratorType") not in (None, "", args.accelerator_type):
+        wrong.append(f"holds a {node['acceleratorType']} slice, not --accelerator_type="
+                     f"{args.accelerator_type}")
+    if node.get("runtimeVersion") not in (None, "", args.runtime_version):
+        wrong.append(f"runs the image {node['runtimeVersion']}, not --runtime_version="
+                     f"{args.runtime_version}")
+    had = _capacity("spot" in found, bool(found.get("reservationName") or (
+        found.get("guaranteed") or {}).get("reserved")))
+    if found and had != _capacity(args.spot, args.reserved):
+        wrong.append(f"has {had}, not {_capacity(args.spot, args.reserved)}")
+    if wrong:
         raise common.LaunchError(
-            f"queued resource {args.name!r} holds a {found} slice, not --accelerator_type="
-            f"{args.accelerator_type}; choose another --name, or delete it (gcloud compute "
-            f"tpus queued-resources delete {args.name} --force)")
+            f"queued resource {args.name!r} {'; it '.join(wrong)}; choose another --name, or "
+            f"delete it (gcloud compute tpus queued-resources delete {args.name} --force)")
 
 
 def source_files() -> list[str]:
@@ -140,19 +182,26 @@ def pack_source(path: str) -> int:
 
 
 def install_command(python: str) -> str:
-    """Remote shell line: unpack the tarball over ~/cm3leon_jax and install it in its venv.
+    """Remote shell line: unpack the tarball over ~/cm3leon_jax and install it into its
+    Python 3.11 venv, which uv makes (`python -m uv`: uv installed by `python`'s pip).
 
-    An existing .venv is kept only when its Python is the version `python` is (a venv made
-    by an earlier launch with another --python is made again: pip would refuse the package
-    in it for good)."""
-    version = "import sys; print(sys.version_info[:2])"
-    kept = common.shell_line([".venv/bin/python", "-c", version])
-    wanted = common.shell_line([python, "-c", version])
-    same = f'test "$({kept})" = "$({wanted})"'
+    An existing .venv is kept only when it is Python 3.11 (one made by an earlier launch
+    with the image's Python is made again: pip would refuse the package in it for good)."""
+    line = common.shell_line
+    uv = [python, "-m", "uv"]
+    version = 'import sys; print("%d.%d" % sys.version_info[:2])'
+    kept = f'test "$({line([".venv/bin/python", "-c", version])})" = {PYTHON_VERSION}'
+    no_uv = line(["echo", f"error: {python} -m pip could not install {UV} on this TPU VM; "
+                  f"give --python=<a Python 3 with pip> (uv makes the Python {PYTHON_VERSION} "
+                  "venv)"])
+    get_uv = (f"{{ {line([*uv, '--version'])} >/dev/null 2>&1 || "
+              f"{line([python, '-m', 'pip', 'install', '-q', '--user', UV])} || "
+              f"{{ {no_uv} >&2; exit 1; }}; }}")
+    make_venv = line([*uv, "venv", "-q", "--python", PYTHON_VERSION, ".venv"])
+    install = line([*uv, "pip", "install", "-q", "--python", ".venv/bin/python", "-e", ".[tpu]"])
     return (f"set -e; mkdir -p {REMOTE_DIR} && tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR} && "
-            f"cd {REMOTE_DIR} && {{ {{ test -x .venv/bin/python && {same}; }} || "
-            f"{{ rm -rf .venv && {common.shell_line([python, '-m', 'venv', '.venv'])}; }}; }} && "
-            f"{common.shell_line(['.venv/bin/pip', 'install', '-q', '-e', '.[tpu]'])}")
+            f"cd {REMOTE_DIR} && {get_uv} && {{ {{ test -x .venv/bin/python && {kept}; }} || "
+            f"{{ rm -rf .venv && {make_venv}; }}; }} && {install}")
 
 
 def run_command(args) -> str:

@@ -1,6 +1,7 @@
 r"""Start a run on a GKE cluster with `xpk workload create` (TPU or GPU, one or more slices).
 
     python -m launch.xpk gin_configs/pods/cm3leon_7b_v5p256.gin gs://BUCKET/cm3leon_7b \
+        --gin.data_dirs.user="'gs://BUCKET/data'" \
         --cluster=CLUSTER --workload=cm3leon-7b --device_type=v5p-256 [--num_slices=2] \
         [--max_restarts=3] [--docker_image=IMAGE] [--project=P --zone=Z] \
         [--gin.KEY=VALUE ...] [--dry_run]
@@ -153,10 +154,13 @@ def check(args) -> None:
                                      "(xpk puts values in YAML double quotes)")
     if not is_gpu(args.device_type):  # GPU type names give no reliable GPU count.
         chips = common.tpu_devices(args.device_type)
+        # One slice: train_mesh's DCN groups are its hosts, whose count is not known here.
+        slices = ((args.num_slices, f"slices (--num_slices={args.num_slices})")
+                  if args.num_slices > 1 else None)
         common.check_mesh_fits([args.gin_file, *args.extra_gin_files], args.overrides,
                                chips and chips * args.num_slices,
                                f"--device_type={args.device_type} x --num_slices="
-                               f"{args.num_slices}", launcher_bindings(args))
+                               f"{args.num_slices}", launcher_bindings(args), slices)
 
 
 def launch(argv: Sequence[str] | None = None) -> int:

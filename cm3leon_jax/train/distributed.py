@@ -100,15 +100,25 @@ def _group(devices: Sequence[Any], key) -> dict[int, list[Any]]:
     return out
 
 
-def _slices(devices: Sequence[Any]) -> tuple[dict[int, list[Any]], bool]:
-    """Devices grouped by TPU slice, or by process where there is one slice (GPU, CPU).
+def _slices(devices: Sequence[Any]) -> tuple[dict[int, list[Any]], str]:
+    """Devices grouped by what the DCN axes span, and that group's name: TPU slices where
+    the devices say so; GPUs under SLURM by node (`SLURM_NODEID`: SLURM starts one process
+    per GPU, and a device knows only its process, so every process's node is gathered);
+    otherwise by process (one per GPU host elsewhere, or CPU processes in the tests).
 
-    Returns (groups, grouped_by_process).
+    Groups are keyed, so ordered, by slice index or by their first process.
     """
     slices = _group(devices, lambda d: getattr(d, "slice_index", 0) or 0)
     if len(slices) > 1:
-        return slices, False
-    return _group(devices, lambda d: d.process_index), True
+        return slices, "slices"
+    node = os.environ.get("SLURM_NODEID", "")
+    if getattr(devices[0], "platform", None) == "gpu" and node.isdigit():
+        nodes = gather(int(node))  # By process index.
+        first: dict[int, int] = {}
+        for process, n in enumerate(nodes):
+            first.setdefault(n, process)
+        return _group(devices, lambda d: first[nodes[d.process_index]]), "nodes (SLURM_NODEID)"
+    return _group(devices, lambda d: d.process_index), "processes"
 
 
 @gin.configurable
@@ -121,13 +131,20 @@ def train_mesh(dcn_data: int = 1, dcn_fsdp: int = 1, dcn_tensor: int = 1,
         raise UserInputError(f"train_mesh: dcn sizes must be >= 1; got {dcn}.")
     if math.prod(dcn) == 1:
         return partitioning.make_mesh(devices=devices)
-    slices, by_process = _slices(devices)
+    slices, what = _slices(devices)
     if len(slices) != math.prod(dcn):
         raise UserInputError(f"train_mesh: dcn_data*dcn_fsdp*dcn_tensor = {math.prod(dcn)} but "
-                             f"there are {len(slices)} slices (or processes); make them equal.")
+                             f"there are {len(slices)} {what}; make them equal.")
+    groups = [slices[k] for k in sorted(slices)]
+    if len({len(g) for g in groups}) > 1:
+        raise UserInputError(f"train_mesh: the {what} hold {[len(g) for g in groups]} devices; "
+                             "the DCN axes need the same number in each.")
     # make_mesh resolves the gin-bound per-slice sizes (and their -1) on one slice.
-    ici = tuple(partitioning.make_mesh(devices=next(iter(slices.values()))).devices.shape)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                process_is_granule=by_process)
-    return Mesh(np.asarray(grid), partitioning.MESH_AXES,
+    ici = tuple(partitioning.make_mesh(devices=groups[0]).devices.shape)
+    # mesh_utils.create_hybrid_device_mesh's layout, over these groups (it groups only by
+    # slice or by process): each group's ICI mesh, the groups tiled in the DCN shape.
+    meshes = [mesh_utils.create_device_mesh(ici, g) for g in groups]
+    blocks = np.vectorize(lambda i: meshes[i], otypes=[object])(
+        np.arange(len(groups)).reshape(dcn))
+    return Mesh(np.block(blocks.tolist()), partitioning.MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES))

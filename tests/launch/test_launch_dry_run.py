@@ -9,6 +9,7 @@ every layer (local shell, gcloud's remote shell, xpk's container bash and YAML).
 import ast
 import contextlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -85,8 +86,9 @@ def fake_gcloud(tmp_path, state: str, accelerator: str = "v5litepod-64") -> dict
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "gcloud"
+    described = json.dumps({"tpu": {"nodeSpec": [{"node": {"acceleratorType": accelerator}}]}})
     script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
-                      f'case "$*" in *acceleratorType*) echo {accelerator};; '
+                      f"case \"$*\" in *format=json*) echo '{described}';; "
                       f'*describe*) echo {state};; esac\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
