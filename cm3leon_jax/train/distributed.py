@@ -13,7 +13,8 @@ On CPU the processes talk through gloo collectives.
 of `make_mesh` (`make_mesh.fsdp = 8`, -1 = the rest), and `train_mesh.dcn_*` multiply
 an axis across slices (multi-slice TPU: data-parallel over the data-center network),
 so an axis's total size is `ici * dcn`. Slices are TPU slices where the devices say so,
-otherwise processes (GPU hosts, or CPU processes in the tests).
+nodes for GPUs under SLURM (one process per GPU there), otherwise processes (GPU hosts
+elsewhere, or CPU processes in the tests).
 """
 
 from __future__ import annotations
