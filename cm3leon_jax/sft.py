@@ -14,10 +14,14 @@ was made with (`sft_preprocess` copies the pretraining data's `vocab/`). The mod
 sizes come from the base's `config.gin` (`train/run_config.py`: sft.gin binds none, so it
 fine-tunes a base of any size; a size bound explicitly must agree), and the parameter
 shapes in its checkpoint must fit them. A mismatch is one error naming both sides.
+The SFT data must hold the split the run evaluates on (`train.eval_split`, at the end and
+every `train.eval_every` steps): its dataset is built at the first evaluation, so SFT data
+made with a train split only would otherwise fail only after training to it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -25,10 +29,52 @@ import gin
 import seqio
 
 from cm3leon_jax import fs
+from cm3leon_jax.data import sft_preprocess, sft_prompts, shards
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.train import run_config, trainer
+
+
+def _sft_families(task: str) -> dict[str, str]:
+    """{family: its SFT data folder} of the SFT families (tasks/sft.py: `cm3leon_sft_*`)
+    the task or mixture draws from (at a positive rate)."""
+    t = seqio.get_mixture_or_task(task)
+    drawn = [s for s in t.tasks if t.get_rate(s) > 0] if isinstance(t, seqio.Mixture) else [t]
+    out = {}
+    for sub in drawn:
+        names = [f for f in sft_prompts.FAMILIES if sub.name.endswith("_" + f)]
+        if sub.name.startswith("cm3leon_sft_") and names:
+            vocab_dir = sub.output_features["targets"].vocabulary.directory
+            out[max(names, key=len)] = os.path.dirname(vocab_dir.rstrip("/"))
+    return out
+
+
+def eval_split() -> str:
+    """The split `train` evaluates on (train.eval_split, bound or its default)."""
+    default = inspect.signature(trainer.train).parameters["eval_split"].default
+    return gin.get_bindings(trainer.train).get("eval_split", default)
+
+
+def check_eval_data(task: str, split: str) -> None:
+    """Raises UserInputError when none of the SFT families `task` draws from has shards of
+    `split`, the one the run evaluates on (or one that has them wrote no example): the run
+    would train up to its first evaluation and fail there. A task of no SFT family is not
+    checked."""
+    families = _sft_families(task)
+    with_split = {f: d for f, d in families.items()
+                  if fs.glob(shards.shard_pattern(os.path.join(d, f), split))}
+    for family, data_dir in with_split.items():
+        sft_preprocess.check_has_examples(data_dir, family, split)
+    if families and not with_split:
+        folders = ", ".join(repr(d) for d in sorted(set(families.values())))
+        raise UserInputError(
+            f"the SFT data in {folders} has no {split!r} split for train.task={task!r}, and "
+            f"the run evaluates on it (train.eval_split={split!r}, at the end and every "
+            "train.eval_every steps): it would fail at its first evaluation. Give "
+            f"sft_preprocess's source a {split!r} split (e.g. FormatSource.splits="
+            f"{{'train': [...], {split!r}: [...]}}) and rerun it into a new folder, or bind "
+            "train.eval_split='train' to evaluate on training examples.")
 
 
 def task_vocab_dir(task: str) -> str:
@@ -63,6 +109,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     Returns: the trainer's result.
     """
     check_not_base(model_dir, base_model_dir)
+    check_eval_data(gin.query_parameter("train.task"), eval_split())
     config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
     check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
     steps = restore.checkpoint_steps(base_model_dir)
@@ -89,12 +136,14 @@ def check_not_base(model_dir: str, base_model_dir: str) -> None:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses the base's folder,
-    and binds the base's DecoderConfig so that this run's config.gin records the sizes it
-    trains (what a later generate or eval run on it reads)."""
+    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses the base's folder
+    and SFT data without the eval split, and binds the base's DecoderConfig so that this
+    run's config.gin records the sizes it trains (what a later generate or eval run on it
+    reads)."""
     base = gin.get_bindings(sft).get("base_model_dir")
     if base:
         check_not_base(model_dir, base)
+        check_eval_data(gin.query_parameter("train.task"), eval_split())
         run_config.bind_decoder_config(base, "this SFT run")
 
 
@@ -112,8 +161,6 @@ def sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
     """The SFT shards of the built-in corpus in `model_dir/sft_data` (Beam), with the
     pretraining data's vocabulary; shards already written are kept. It needs no decoder.
     Returns the manifest."""
-    from cm3leon_jax.data import sft_preprocess
-
     return sft_preprocess.sft_preprocess(
         sft_data_dir(model_dir), vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
         source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),

@@ -31,7 +31,7 @@ LEVELS = {
     "testing": 8,
 }
 # Anyone may import these; they import no package of the flow.
-BASE = {"__init__", "errors", "fs", "hostmem", "xla_flags"}
+BASE = {"__init__", "errors", "fs", "hostmem", "images", "xla_flags"}
 
 
 def package_of_file(path: pathlib.Path) -> str:

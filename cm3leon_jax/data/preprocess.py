@@ -15,10 +15,12 @@ flight. After the pipeline the driver writes
 `manifest.json`: documents per split, every skipped pair counted by reason
 with a sample of their ids, and each split's longest document (`max_tokens`),
 so that a training seq_len it does not fit is refused (`check_fits`) instead of
-filtered. Nothing is dropped silently. `plan.json` records the source, the shard
-layout and the settings that decide the records (`plan_settings`: the image tokenizer
-and the retrieval encoder by their weights' `fingerprint`); a rerun with others into
-the same folder is refused (`check_plan`).
+filtered. Nothing is dropped silently. `plan.json` records the source (with the
+fingerprint of its contents where it has one: a user's data edited and prepared again),
+the shard layout and the settings that decide the records (`plan_settings`: the image
+tokenizer and the retrieval encoder by their weights' `fingerprint`); a rerun with others
+into the same folder is refused (`check_plan`). A source whose images are smaller than
+the image tokenizer's input is refused before any work (each pair would be skipped).
 
 Documents are `caption <break> image` (or `image <break> caption` with
 probability `image_first_prob`), one caption per image, chosen by a hash of
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import os
 import zlib
@@ -96,6 +99,23 @@ class TfdsSource:
             return None
         with fs.open(path) as f:
             return json.load(f)
+
+    def fingerprint(self) -> str | None:
+        """A hash of the files the prepared dataset was made from (user data's report.json
+        `source_fingerprint`), or None for a source without one (the synthetic corpus)."""
+        return (self.report() or {}).get("source_fingerprint") or None
+
+    def image_size(self) -> int | None:
+        """The side of the source's square images (its TFDS `image` feature), or None where
+        it declares none. A `builder_fn` that takes `prepare` (user_data_builder) is asked
+        with prepare=False: the answer comes before its images are read."""
+        if self.builder_fn is None:
+            return None
+        unprepared = "prepare" in inspect.signature(self.builder_fn).parameters
+        features = (self.builder_fn(prepare=False) if unprepared else self.builder_fn()
+                    ).info.features
+        shape = features["image"].shape if "image" in features else None
+        return shape[0] if shape and shape[0] is not None and shape[0] == shape[1] else None
 
     def read(self, split: str, start: int, stop: int) -> Iterator[RawPair]:
         ds = self.builder_fn().as_dataset(split=f"{split}[{start}:{stop}]",
@@ -232,19 +252,47 @@ def tokenize_shard(spec: ShardSpec, source: TfdsSource, tokenizer: Tokenizer,
 PLAN_FILE = shards.PLAN_FILE
 
 
+SOURCE_FINGERPRINT = "source_fingerprint"
+
+
 def check_plan(model_dir: str, source: TfdsSource, specs: Sequence[ShardSpec],
                settings: dict | None = None) -> None:
-    """Records the source, its shard layout and the `plan_settings` in MODEL_DIR/plan.json on
-    the first run, and refuses a rerun where one differs (`shards.check_plan`): its shards
-    would sit beside the earlier ones (a split read as both), and finished shards would keep
-    records and neighbors made with the earlier settings. A plan.json from before the
-    settings were recorded is checked for the source and layout only."""
-    plan = {"source": source.identity(), "shards": shards.plan_layout(specs), **(settings or {})}
+    """Records the source (and its `fingerprint`, where it has one), its shard layout and the
+    `plan_settings` in MODEL_DIR/plan.json on the first run, and refuses a rerun where one
+    differs (`shards.check_plan`): its shards would sit beside the earlier ones (a split
+    read as both), and finished shards would keep records and neighbors made with the
+    earlier settings or data. A plan.json from before the settings or the fingerprint were
+    recorded is checked for what it holds."""
+    identity, fingerprint = source.identity(), source.fingerprint()
+    settings = {**({SOURCE_FINGERPRINT: fingerprint} if fingerprint else {}), **(settings or {})}
+    recorded = recorded_plan(model_dir)
+    earlier = recorded.get(SOURCE_FINGERPRINT)
+    if fingerprint and earlier and earlier != fingerprint and recorded.get("source") == identity:
+        raise UserInputError(
+            f"{model_dir} was preprocessed from {identity} before its files changed "
+            f"(source_fingerprint {earlier} then, {fingerprint} now): its finished shards hold "
+            "the earlier records, and a rerun would keep them or mix them with the new ones. "
+            "Preprocess the changed data into a new MODEL_DIR (or delete this one to start "
+            "over).")
+    plan = {"source": identity, "shards": shards.plan_layout(specs), **settings}
     planned = [shards.shard_path(model_dir, s.split, s.index, s.num_shards) for s in specs]
     patterns = [shards.shard_pattern(model_dir, split) for split in plan["shards"]]
     shards.check_plan(model_dir, plan, planned, patterns, who="preprocessing",
                       settings="preprocess.docs_per_shard or a setting named here",
-                      optional=list(settings or {}))
+                      optional=list(settings))
+
+
+def check_image_size(source: TfdsSource, image_tokenizer) -> None:
+    """Refuses a source whose images are smaller than the image tokenizer's input before
+    any work: every pair would be skipped as image_too_small (never upscaled)."""
+    size, needed = source.image_size(), image_tokenizer.image_size
+    if size is not None and size < needed:
+        raise UserInputError(
+            f"the source's images are {size} px but the image tokenizer reads {needed} px: "
+            "every pair would be skipped as image_too_small (images are never upscaled). "
+            f"Prepare the source at {needed} px (user_data_builder.image_size, IMAGE_SIZE in "
+            "gin_configs/runs/preprocess_user.gin; smaller images are rejected) or use an "
+            f"image tokenizer of {size} px.")
 
 
 def plan_settings(*, seq_len: int, max_text_tokens: int, image_first_prob: float,
@@ -534,6 +582,7 @@ def preprocess(model_dir: str,
     """
     vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
+    check_image_size(source, image_tokenizer)
     if not fs.exists(os.path.join(vocab_dir, "layout.json")):
         train_vocabulary(source, image_tokenizer, vocab_dir,
                          text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
@@ -562,10 +611,11 @@ def preprocess(model_dir: str,
     result = manifest(specs, model_dir)
     result["seq_len"] = seq_len
     result["source_report"] = source.report()
+    shards.write_manifest(model_dir, result)  # Its skip counts explain a retrieval failure.
     if retrieval is not None:
         result["retrieval"] = _retrieve(specs, todo, model_dir, retrieval, runner,
                                         pipeline_options)
-    shards.write_manifest(model_dir, result)
+        shards.write_manifest(model_dir, result)
     for split, s in result["splits"].items():
         logging.info("preprocess %s: %d read, %d written, skipped %s",
                      split, s["read"], s["written"], s["skipped"] or "none")

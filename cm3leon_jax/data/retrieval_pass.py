@@ -171,8 +171,7 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
         _check_same_as_built(meta, config, meta_path)
         return meta
     if not fs.isdir(bank_dir(data_dir)):
-        raise ValueError(f"no {config.bank_split!r} document was written, so there is no "
-                         "memory bank to retrieve from; check the manifest's skip counts.")
+        _no_bank(data_dir, config.bank_split)
     start = time.time()
     manifest = memory_bank.finalize(bank_dir(data_dir))
     bank = memory_bank.MemoryBank(bank_dir(data_dir))
@@ -186,6 +185,21 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     # Neighbors found in an older bank may point at rows that moved or vanished.
     forget_neighbors(data_dir)
     return summary
+
+
+def _no_bank(data_dir: str, split: str) -> None:
+    """build_bank's error when no document of the bank's split was written: the skip counts
+    of the manifest (written before the retrieval step) say why."""
+    path = fs.join(data_dir, "manifest.json")
+    counts = fs.read_json(path).get("splits", {}).get(split, {}) if fs.exists(path) else {}
+    skipped = counts.get("skipped", {})
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+    raise UserInputError(
+        f"no {split!r} document was written to {data_dir}, so there is no memory bank to "
+        f"retrieve from: of {counts.get('read', 0)} pairs read, skipped "
+        f"{why or 'none'} (sample ids under skipped_sample_ids in {path}). Fix those pairs "
+        "(e.g. image_too_small: prepare the source at the image tokenizer's size or larger) "
+        "and preprocess into a new MODEL_DIR.")
 
 
 def _queries(files: ShardFiles, retriever: Retriever,

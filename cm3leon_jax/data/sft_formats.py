@@ -1,8 +1,11 @@
 """Public-format adapters: files in a dataset's own layout -> SFT examples.
 
     source = FormatSource({"train": [InstructPix2PixJsonl("edits.jsonl"),
-                                     CocoCaptions("captions_train2017.json", "train2017/")]})
+                                     CocoCaptions("captions_train2017.json", "train2017/")],
+                           "validation": [CocoCaptions("captions_val2017.json", "val2017/")]})
     sft_preprocess(..., source=source)       # the same shards as the built-in corpus
+
+(the `sft` run evaluates on the validation split and refuses SFT data without one)
 
     adapter                family             files
     InstructPix2PixJsonl   edit               JSONL: original_image, edit_prompt,
@@ -16,11 +19,14 @@
 
 Every record becomes an example or a `Skipped(doc_id, reason)`; the reasons
 (missing_field, empty_text, bad_text, bad_annotation, unknown_image_id, missing_image,
-corrupt_image, unsupported_image_format, no_boxes, ...) are counted per family and split
-in the SFT manifest, with sample ids, and a file that cannot be read at all is one clear
-error. Nothing is dropped silently. Image files are read as the tokenizer would see them
-(`image_inputs.read_rgb`: EXIF orientation applied, 16-bit scaled to 8, transparency over
-white).
+corrupt_image, unsupported_image_mode, unsupported_image_format, duplicate_name, no_boxes,
+...) are counted per family and split in the SFT manifest, with sample ids, and a file
+that cannot be read at all is one clear error. Nothing is dropped silently. Image files
+are read as the tokenizer would see them (`image_inputs.read_rgb`: EXIF orientation
+applied, 16-bit scaled to 8, transparency over white; floats and wider integers are
+`unsupported_image_mode`). `FormatSource.fingerprint` (sizes and modification times of
+the files the adapters read) goes into the SFT plan: a rerun after they changed is
+refused.
 
 Boxes follow the image into the model's frame: `image_inputs` center-crops a
 non-square image to a square and resizes it to the image tokenizer's size, so each COCO
@@ -33,6 +39,7 @@ and refuses a different one bound by hand.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -46,6 +53,7 @@ from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_preprocess import Skipped
 from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.images import UnsupportedImageError
 from cm3leon_jax.vocab import image_inputs
 
 
@@ -77,11 +85,14 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def load_image(path: str) -> np.ndarray:
-    """uint8[h, w, 3], or `_Skip('missing_image' | 'corrupt_image')`."""
+    """uint8[h, w, 3], or `_Skip('missing_image' | 'unsupported_image_mode' |
+    'corrupt_image')`."""
     try:
         return image_inputs.read_rgb(path)
     except FileNotFoundError:
         raise _Skip("missing_image") from None
+    except UnsupportedImageError:  # Floats or wide integers (`images.pil_rgb`).
+        raise _Skip("unsupported_image_mode") from None
     except ValueError:
         raise _Skip("corrupt_image") from None
 
@@ -119,6 +130,11 @@ class InstructPix2PixJsonl:
     (`input_image` / `instruction` / `output_image` are accepted too)."""
 
     path: str
+
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders read (`FormatSource.fingerprint`; the images the lines
+        name are not among them)."""
+        return (self.path,)
 
     def records(self) -> list[Record]:
         if not fs.exists(self.path):
@@ -172,6 +188,10 @@ class CocoCaptions:
     annotations: str
     image_dir: str
     long: bool = False
+
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders read (`FormatSource.fingerprint`)."""
+        return (self.annotations, self.image_dir)
 
     def records(self) -> list[Record]:
         data = _read_json(self.annotations, "COCO captions file")
@@ -228,6 +248,10 @@ class CocoInstances:
     annotations: str
     image_dir: str
     image_size: int | None = None
+
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders read (`FormatSource.fingerprint`)."""
+        return (self.annotations, self.image_dir)
 
     def records(self) -> list[Record]:
         if self.image_size is None:
@@ -301,6 +325,10 @@ class Vqa2:
     image_dir: str
     image_pattern: str = "COCO_val2014_{image_id:012d}.jpg"
 
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders read (`FormatSource.fingerprint`)."""
+        return (self.questions, self.annotations, self.image_dir)
+
     def records(self) -> list[Record]:
         qs = _read_json(self.questions, "VQAv2 questions file")
         anns = _read_json(self.annotations, "VQAv2 annotations file")
@@ -352,43 +380,64 @@ def _supported(file_name: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class ConditionFolder:
     """`root/image/NAME.*`, `root/<condition>/NAME.*` for each condition folder present
-    (edge, segmentation, scribble, depth) and `root/caption/NAME.txt`.
+    (edge, segmentation, scribble, depth) and `root/caption/NAME.txt` (UTF-8, a byte-order
+    mark allowed).
 
     Extensions match in any case (cat.PNG); an image or condition map in another format
     than IMAGE_EXTENSIONS (.tif, .gif, ...) is counted as `unsupported_image_format`.
-    Hidden files (.DS_Store) are not images."""
+    Hidden files (.DS_Store) are not images. Per condition, a map or caption whose NAME
+    has no image is counted as `missing_image`, and a second file of one NAME in image/
+    or the condition's folder (a.png beside a.jpg: the one whose extension comes first in
+    IMAGE_EXTENSIONS is read) as `duplicate_name`, under `condition:<c>:<folder>/<file>`."""
 
     root: str
 
-    def _files(self, folder: str) -> dict[str, str]:
-        """{NAME: file name} of `root/folder`; of two files of one NAME, the supported
-        one whose extension comes first in IMAGE_EXTENSIONS."""
+    def _files(self, folder: str) -> tuple[dict[str, str], list[str]]:
+        """({NAME: file name} of `root/folder`, the other files of those NAMEs); of two
+        files of one NAME, the supported one whose extension comes first in
+        IMAGE_EXTENSIONS is kept (then the first by name)."""
         def rank(file_name):
             ext = os.path.splitext(file_name)[1].lower()
             return IMAGE_EXTENSIONS.index(ext) if ext in IMAGE_EXTENSIONS else len(
                 IMAGE_EXTENSIONS)
         files: dict[str, str] = {}
+        others = []
         for f in fs.listdir(os.path.join(self.root, folder)):
             name = os.path.splitext(f)[0]
-            if f.startswith(".") or (name in files and rank(files[name]) <= rank(f)):
+            if f.startswith("."):
                 continue
+            if name in files and rank(files[name]) <= rank(f):
+                others.append(f)
+                continue
+            if name in files:
+                others.append(files[name])
             files[name] = f
-        return files
+        return files, sorted(others)
+
+    def inputs(self) -> tuple[str, ...]:
+        """The files and folders read (`FormatSource.fingerprint`)."""
+        return (self.root,)
 
     def records(self) -> list[Record]:
         image_dir = os.path.join(self.root, "image")
         if not fs.isdir(image_dir):
             raise MissingInputError(f"condition folder {self.root!r} has no image/ folder; "
                                     "see ConditionFolder's docstring for the layout.")
-        images = self._files("image")
+        images, other_images = self._files("image")
+        caption_dir = os.path.join(self.root, "caption")
+        captions = {os.path.splitext(f)[0] for f in fs.listdir(caption_dir)
+                    if not f.startswith(".")} if fs.isdir(caption_dir) else set()
         out = []
         for condition in sft_prompts.CONDITIONS:
             if not fs.isdir(os.path.join(self.root, condition)):
                 continue
-            maps = self._files(condition)
-            for name in sorted(images):
+            maps, other_maps = self._files(condition)
+            family = f"{condition}_to_image"
+            for name in sorted(set(images) | set(maps) | captions):
                 doc_id = f"condition:{condition}:{name}"
-                family = f"{condition}_to_image"
+                if name not in images:
+                    out.append(Record(doc_id, family, skipped="missing_image"))
+                    continue
                 files = [images[name]] + ([maps[name]] if name in maps else [])
                 if not all(_supported(f) for f in files):
                     out.append(Record(doc_id, family, skipped="unsupported_image_format"))
@@ -397,6 +446,10 @@ class ConditionFolder:
                 image = os.path.join(self.root, "image", images[name])
                 out.append(Record(doc_id, family,
                                   build=self._builder(condition, name, cond, image, doc_id)))
+            out += [Record(f"condition:{condition}:{folder}/{f}", family,
+                           skipped="duplicate_name")
+                    for folder, others in (("image", other_images), (condition, other_maps))
+                    for f in others]
         return out
 
     def _builder(self, condition: str, name: str, cond_path: str | None, image_path: str,
@@ -407,7 +460,7 @@ class ConditionFolder:
                 raise _Skip("missing_caption")
             try:
                 with fs.open(caption_path, "rb") as f:
-                    caption = _text(f.read().decode("utf-8"))
+                    caption = _text(f.read().decode("utf-8-sig"))
             except UnicodeDecodeError:
                 raise _Skip("non_utf8_caption") from None
             if cond_path is None:
@@ -420,6 +473,25 @@ class ConditionFolder:
 
 
 # -- the source sft_preprocess reads ---------------------------------------------------------
+
+def _digest_path(digest: Any, path: str) -> None:
+    """Adds a file's size (and local modification time), or a folder's listing with each
+    file's, to `digest`; a missing path as such."""
+    if fs.isdir(path):
+        root = path.rstrip("/")
+        files = []
+        for folder, _, names in fs.walk(root):
+            below = folder.rstrip("/")[len(root):].strip("/")
+            files += [f"{below}/{n}" if below else n for n in names]
+        for rel in sorted(files):
+            digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+            if not fs.is_remote(path):  # In a bucket, the listing alone (one call).
+                digest.update("{} {}\0".format(*fs.size_and_mtime(fs.join(root, rel))).encode())
+    elif fs.exists(path):
+        digest.update("file {} {}\0".format(*fs.size_and_mtime(path)).encode())
+    else:
+        digest.update(b"missing\0")
+
 
 @gin.configurable
 class FormatSource:
@@ -453,6 +525,21 @@ class FormatSource:
         return {split: [[type(a).__name__, dataclasses.asdict(a)]
                         if dataclasses.is_dataclass(a) else repr(a) for a in adapters]
                 for split, adapters in self.splits.items()}
+
+    def fingerprint(self) -> str:
+        """A hash of what the adapters read (their `inputs()`), recorded in plan.json so
+        that a rerun after the files changed is refused: each file's size and, on the local
+        disk, modification time; each folder's file names (and, locally, theirs). Not seen:
+        an image a JSONL line names, edited in place; in a bucket, a file rewritten under
+        the same name; an adapter without `inputs()`."""
+        digest = hashlib.sha1()
+        for split, adapters in self.splits.items():
+            for a in adapters:
+                digest.update(f"{split}\0{type(a).__name__}\0".encode())
+                for path in a.inputs() if hasattr(a, "inputs") else ():
+                    digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+                    _digest_path(digest, path)
+        return digest.hexdigest()[:16]
 
     def with_image_size(self, size: int) -> "FormatSource":
         """This source with the image tokenizer's `size` given to the adapters that place

@@ -11,10 +11,13 @@ tokenizer, and writes `MODEL_DIR/{family}/{split}-NNNNN-of-MMMMM.tfrecord` in th
 format of `shards.py` (`ids` = the whole `instruction <break> inputs <break> output`
 example, no neighbors). It reuses preprocessing's Beam pipeline: one shard is the unit
 of work, written by atomic rename with a stats file, so a rerun skips finished shards.
-`MODEL_DIR/plan.json` records what the shards are made of (the source, each family's and
-split's shards and records, seq_len, families; `shards.check_plan`): a rerun of another
-plan into the same folder is refused, since its shards would be read beside the earlier
-ones. A source split other than `splits` names is refused, not left out.
+`MODEL_DIR/plan.json` records what the shards are made of (the source, and the content of
+a public-format source's files; each family's and split's shards and records, seq_len,
+families; `shards.check_plan`): a rerun of another plan, or after the source's files
+changed, into the same folder is refused, since its shards would be read beside the
+earlier ones. A source split other than `splits` names is refused, not left out; a split
+of `splits` the source has no example of is logged (an `sft` run refuses SFT data without
+the split it evaluates on).
 
 The vocabulary is the pretraining data's (`vocab_dir`), copied to `MODEL_DIR/vocab` so
 the SFT folder is self-contained; a folder made with another vocabulary is refused.
@@ -145,25 +148,58 @@ def check_splits(source: Any, splits: Sequence[str]) -> None:
 
 def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
                seq_len: int, families: Sequence[str], image_tokenizer=None) -> None:
-    """`shards.check_plan` of the SFT folder: the source's identity, the shards and records
-    of each `family/split`, the seq_len (which examples were skipped as too long), the
-    families and the image tokenizer that made the codes (its `fingerprint`; a plan.json
-    from before it was recorded is accepted). Without plan.json, a shard file of any family
-    that this plan does not write is refused."""
+    """`shards.check_plan` of the SFT folder: the source's identity and the content of its
+    files (`source.fingerprint()`, where it has one), the shards and records of each
+    `family/split`, the seq_len (which examples were skipped as too long), the families and
+    the image tokenizer that made the codes (its `fingerprint`). A plan.json from before the
+    content or the tokenizer was recorded is accepted. Without plan.json, a shard file of
+    any family that this plan does not write is refused."""
     identity = source.identity() if hasattr(source, "identity") else None
     plan = {"source": identity,
             "shards": shards.plan_layout(specs, key=lambda s: f"{s.family}/{s.split}"),
             "seq_len": seq_len, "families": list(families)}
     optional = []
     if image_tokenizer is not None:
-        optional = ["sft_preprocess.image_tokenizer_fn"]
-        plan[optional[0]] = {"config_and_weights": image_tokenizer.fingerprint}
+        optional.append("sft_preprocess.image_tokenizer_fn")
+        plan[optional[-1]] = {"config_and_weights": image_tokenizer.fingerprint}
+    if hasattr(source, "fingerprint"):
+        optional.append("source_content")
+        plan["source_content"] = source.fingerprint()
+        _check_source_content(model_dir, plan["source_content"])
     patterns = [shards.shard_pattern(os.path.join(model_dir, family), "*")
                 for family in sft_prompts.FAMILIES]
     shards.check_plan(model_dir, plan, [shard_file(model_dir, s) for s in specs], patterns,
                       who="sft_preprocess", optional=optional,
                       settings="sft_preprocess.docs_per_shard, seq_len, families or "
                                "image_tokenizer_fn")
+
+
+def _check_source_content(model_dir: str, content: str) -> None:
+    """Raises UserInputError when plan.json records other source content than `content`:
+    the finished shards hold the files as they were, and a rerun would keep them."""
+    path = os.path.join(model_dir, shards.PLAN_FILE)
+    earlier = fs.read_json(path).get("source_content") if fs.exists(path) else None
+    if earlier is not None and earlier != content:
+        raise UserInputError(
+            f"the files sft_preprocess.source reads changed since {model_dir!r} was made from "
+            f"them (content fingerprint {earlier} then, {content} now): its finished shards "
+            "hold the earlier content and would be kept. Give sft_preprocess a new MODEL_DIR "
+            "(or delete this one).")
+
+
+def warn_missing_splits(specs: Sequence[SftShardSpec], splits: Sequence[str]) -> list[str]:
+    """Logs a warning naming the `splits` that no planned shard holds (the source has no
+    example of them); returns them. The `sft` run mode evaluates on train.eval_split
+    ('validation' by default) and refuses SFT data without it."""
+    missing = [split for split in splits if not any(s.split == split for s in specs)]
+    if missing:
+        why = (" An sft run evaluates on the 'validation' split (train.eval_split) and "
+               "refuses SFT data without it: give the source a 'validation' split (e.g. "
+               "FormatSource.splits={'train': [...], 'validation': [...]})."
+               if "validation" in missing else "")
+        logging.warning("sft_preprocess: the source has no %s examples.%s",
+                        " or ".join(repr(s) for s in missing), why)
+    return missing
 
 
 def is_done(spec: SftShardSpec, out_dir: str) -> bool:
@@ -392,6 +428,7 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
     if hasattr(source, "with_image_size"):  # Boxes are written in the tokenizer's frame.
         source = source.with_image_size(images.image_size)
     specs = plan_shards(source, families, splits, docs_per_shard)
+    warn_missing_splits(specs, splits)
     check_plan(model_dir, source, specs, seq_len=seq_len, families=families,
                image_tokenizer=images)
     todo = [s for s in specs if not is_done(s, model_dir)]

@@ -2,15 +2,23 @@
 
 Two source layouts:
 - a JSONL file, one `{"image": path, "text": caption}` per line; relative image
-  paths are relative to the JSONL file's folder;
+  paths are relative to the JSONL file's folder and may not lead out of it
+  (`../x.png` is `image_outside_folder`; give an absolute path for images elsewhere);
 - a folder of images (searched recursively), each captioned by a UTF-8 `.txt`
   file of the same stem beside it (`cat.jpg` + `cat.txt`; names match whatever
   their case: `Cat.JPG` + `cat.TXT`).
+Captions are read without their surrounding whitespace (the newline an editor or `echo`
+ends a .txt file with, spaces) and with Windows line ends (CRLF) as LF.
 
-Two splits: `validation` holds the records whose id hashes below
-`validation_fraction` (at least one record when there are two or more), `train` the
-rest. The split depends only on each record's id, so it is the same on every build
-and a record stays in its split when others are added.
+Two splits: `validation` holds the records whose image hashes below
+`validation_fraction`, `train` the rest. The hash is of the image's name (a folder's
+path relative to it; a JSONL line's normalised path), so every caption of one image is in
+the same split, the split is the same on every build, and a record stays in its split
+when others are added. The one exception: when no usable record hashes below the fraction
+(a small source), the usable image with the lowest hash is held out so that the trainer's
+evaluation has data (if another image with a usable record stays in train); that fallback
+image goes back to train once an added usable record hashes below the fraction, or an added
+usable image hashes lower than it (which is then held out instead).
 
 Nothing bad is dropped silently and nothing bad stops the build: every record
 that cannot become an example is counted under one reason (REASONS), and
@@ -20,9 +28,10 @@ holds the counts and up to MAX_REPORTED_IDS ids per reason; a summary is logged.
 Images are EXIF-rotated and converted to RGB: transparent images (RGBA, LA,
 palette with transparency) are composited over white, 16-bit grayscale is scaled
 to 8 bits, every other mode (L, 1, P, CMYK, YCbCr, ...) goes through PIL's RGB
-conversion. Then they are centre-cropped to a square and resized (bicubic) down to
-`image_size`. An image whose shorter side is below `image_size` is rejected
-(`image_too_small`), never upscaled; one PIL refuses to open as a decompression
+conversion, except floats (mode F) and integers beyond 16 bits, which have no one 8-bit
+reading (`unsupported_image_mode`). Then they are centre-cropped to a square and resized
+(bicubic) down to `image_size`. An image whose shorter side is below `image_size` is
+rejected (`image_too_small`), never upscaled; one PIL refuses to open as a decompression
 bomb (over twice `PIL.Image.MAX_IMAGE_PIXELS`) is `decompression_bomb`.
 
 Usage (Python or gin; everything lives in the config, so the builder pickles):
@@ -41,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import zlib
 from collections.abc import Iterator, Sequence
@@ -55,11 +65,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cm3leon_jax import fs
 from cm3leon_jax.data.synthetic_tfds import offline_download_config
 from cm3leon_jax.errors import MissingInputError, UserInputError
-from cm3leon_jax.vocab import image_inputs
+from cm3leon_jax.images import UnsupportedImageError, pil_rgb
 
-REASONS = ("bad_record", "duplicate_record", "missing_image", "corrupt_image",
-           "truncated_image", "image_too_small", "decompression_bomb", "missing_caption",
-           "empty_caption", "non_utf8_caption")
+REASONS = ("bad_record", "duplicate_record", "image_outside_folder", "missing_image",
+           "corrupt_image", "truncated_image", "unsupported_image_mode", "image_too_small",
+           "decompression_bomb", "missing_caption", "empty_caption", "non_utf8_caption")
 SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif",
                   ".tiff")
@@ -104,13 +114,26 @@ def make_user_config(source: str | os.PathLike, image_size: int = 256,
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One source entry: its id, image path (local or remote), caption, and the reason it
-    is unusable before the image is even opened (None when the caption side is fine)."""
+    """One source entry: its id, image path (local or remote), caption, the reason it is
+    unusable before the image is even opened (None when the caption side is fine), and the
+    name of its image when records other than this one may share it (a JSONL file's)."""
 
     id: str
     image: str | None
     text: str | None
     problem: str | None = None
+    image_name: str | None = None
+
+    @property
+    def split_key(self) -> str:
+        """What decides its split: its image's name, so all captions of one image share it."""
+        return self.id if self.image_name is None else self.image_name
+
+
+def clean_caption(text: str) -> str:
+    """A caption as read: without surrounding whitespace (a .txt file's final newline, spaces
+    around a JSONL value) and with CRLF line ends as LF, as a generation prompt is written."""
+    return text.replace("\r\n", "\n").strip()
 
 
 def _caption_problem(text: str) -> str | None:
@@ -122,11 +145,37 @@ def _caption_problem(text: str) -> str | None:
     return None if text.strip() else "empty_caption"
 
 
+def _normpath(path: str) -> str:
+    """`path` without `.`, `..` and doubled separators (a bucket's scheme kept)."""
+    if fs.is_remote(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.normpath(path)
+
+
+def _image_name(folder: str, image: str) -> tuple[str, str] | None:
+    """(name, path) of a JSONL line's image: the name is its normalised path relative to the
+    JSONL's `folder` when it is inside it, else its normalised absolute path; the path is
+    where it is read. None for a relative path that leads out of `folder` (`../x.png`)."""
+    if fs.is_remote(image) or os.path.isabs(image):
+        path = _normpath(image)
+        inside = path.startswith(folder.rstrip("/") + "/")
+        return (path[len(folder.rstrip("/")) + 1:] if inside else path), path
+    name = posixpath.normpath(image)
+    if name == ".." or name.startswith("../"):
+        return None
+    return name, _normpath(fs.join(folder, name))
+
+
 def jsonl_records(path: str) -> Iterator[Record]:
-    """Records of a JSONL file; blank lines skipped. A record's id is its image path as
-    written, '#', and a hash of its caption, so that it keeps its split when lines are added
-    or removed; a line repeating an earlier one is a `duplicate_record`, a line that is not
-    a record `bad_record` under the id 'line<N>' (N 1-based)."""
+    """Records of a JSONL file; blank lines skipped. A record's image is named by its
+    normalised path (`_image_name`: `a.png`, `./a.png` and its absolute path are one image),
+    which decides its split; its id is that name, '#', and a hash of its caption, so both
+    hold when lines are added or removed. A line repeating an earlier record is a
+    `duplicate_record`, a line that is not a record `bad_record`, a relative image path
+    leading out of the file's folder `image_outside_folder`, each under the id 'line<N>'
+    (N 1-based)."""
+    folder = _normpath(os.path.dirname(fs.abspath(path)))
     seen = set()
     with fs.open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -143,16 +192,18 @@ def jsonl_records(path: str) -> Iterator[Record]:
                     or not isinstance(entry.get("text"), str):
                 yield Record(f"line{number}", None, None, "bad_record")
                 continue
-            image, text = entry["image"], entry["text"]
+            named = _image_name(folder, entry["image"])
+            if named is None:
+                yield Record(f"line{number}", None, None, "image_outside_folder")
+                continue
+            (name, image), text = named, clean_caption(entry["text"])
             caption_hash = zlib.crc32(text.encode("utf-8", "surrogatepass"))
-            record_id = _printable(f"{image}#{caption_hash:08x}")
+            record_id = _printable(f"{name}#{caption_hash:08x}")
             if record_id in seen:
                 yield Record(f"line{number}", None, None, "duplicate_record")
                 continue
             seen.add(record_id)
-            if not (fs.is_remote(image) or os.path.isabs(image)):
-                image = fs.join(os.path.dirname(path), image)
-            yield Record(record_id, image, text, _caption_problem(text))
+            yield Record(record_id, image, text, _caption_problem(text), _printable(name))
 
 
 def _printable(record_id: str) -> str:
@@ -198,7 +249,7 @@ def folder_records(root: str) -> Iterator[Record]:
             yield Record(record_id, fs.join(root, image), None, "missing_caption")
             continue
         try:
-            text = fs.read_bytes(fs.join(root, sidecar)).decode("utf-8-sig")
+            text = clean_caption(fs.read_bytes(fs.join(root, sidecar)).decode("utf-8-sig"))
         except UnicodeDecodeError:
             yield Record(record_id, fs.join(root, image), None, "non_utf8_caption")
             continue
@@ -255,11 +306,13 @@ def load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | Non
             upright = ImageOps.exif_transpose(image)
             if min(upright.size) < image_size:
                 return None, "image_too_small"
-            square = ImageOps.fit(image_inputs.pil_rgb(upright), (image_size, image_size),
+            square = ImageOps.fit(pil_rgb(upright), (image_size, image_size),
                                   method=Image.Resampling.BICUBIC)
             return np.asarray(square, dtype=np.uint8), None
     except Image.DecompressionBombError:
         return None, "decompression_bomb"
+    except UnsupportedImageError:
+        return None, "unsupported_image_mode"
     except UnidentifiedImageError:
         return None, "corrupt_image"
     except Exception as error:  # noqa: BLE001 - any decoder failure on a user's file is data, not a bug
@@ -319,24 +372,29 @@ def held_out_share(record_id: str) -> float:
 
 def split_records(all_records: Sequence[Record], validation_fraction: float,
                   image_size: int) -> dict[str, list[Record]]:
-    """{"train": [...], "validation": [...]}, by each id's `held_out_share`.
+    """{"train": [...], "validation": [...]}, by the `held_out_share` of each record's
+    `split_key` (its image: the captions of one image share a split).
 
-    When no usable record falls under the fraction (a small source), the usable record
-    with the lowest share is held out too, so the trainer's evaluation always has data
-    (if there are two usable records; only then are images opened here).
+    When no usable record falls under the fraction (a small source), the image of the
+    usable record with the lowest share is held out too, so the trainer's evaluation always
+    has data (if a usable record of another image stays in train; only then are images
+    opened here). Its records are the only ones that can change split when data is added:
+    they go back to train once an added usable record falls under the fraction, or once an
+    added image's usable record has a lower share (that image is then held out instead).
     """
-    validation = [r for r in all_records if held_out_share(r.id) < validation_fraction]
-    if not any(r.problem is None and load_image(r.image, image_size)[1] is None
-               for r in validation):
-        held = {r.id for r in validation}
-        usable = (r for r in sorted(all_records, key=lambda r: held_out_share(r.id))
-                  if r.id not in held and r.problem is None
-                  and load_image(r.image, image_size)[1] is None)
-        first = next(usable, None)
-        if first is not None and next(usable, None) is not None:
-            validation.append(first)
-    held = {r.id for r in validation}
-    return {"train": [r for r in all_records if r.id not in held], "validation": validation}
+    def usable(record: Record) -> bool:
+        return record.problem is None and load_image(record.image, image_size)[1] is None
+
+    held = {r.split_key for r in all_records
+            if held_out_share(r.split_key) < validation_fraction}
+    if not any(usable(r) for r in all_records if r.split_key in held):
+        ranked = (r for r in sorted(all_records, key=lambda r: held_out_share(r.split_key))
+                  if r.split_key not in held and usable(r))
+        first = next(ranked, None)
+        if first is not None and any(r.split_key != first.split_key for r in ranked):
+            held.add(first.split_key)
+    return {"train": [r for r in all_records if r.split_key not in held],
+            "validation": [r for r in all_records if r.split_key in held]}
 
 
 # ----------------------------------------------------------------------------- builder
@@ -345,7 +403,7 @@ def split_records(all_records: Sequence[Record], validation_fraction: float,
 class UserImageText(tfds.core.GeneratorBasedBuilder):
     """A user's image-text pairs, split into 'train' and a held-out 'validation'."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release: JSONL or folder sources, report.json of rejects.",
         "1.1.0": "A deterministic validation split; small images and decompression bombs "
@@ -353,6 +411,10 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
         "1.2.0": "JSONL ids from the image path and a hash of the caption (not the line "
                  "number), repeated lines counted as duplicate_record, a UTF-8 byte-order "
                  "mark read; file names that are not UTF-8 kept in the ids as \\xNN.",
+        "1.3.0": "JSONL records split by their image (all its captions in one split), image "
+                 "paths normalised (./a.png is a.png) and kept inside the file's folder "
+                 "(image_outside_folder); captions stripped of surrounding whitespace, CRLF "
+                 "as LF; float and beyond-16-bit images refused (unsupported_image_mode).",
     }
 
     def __init__(self, *, source: str | os.PathLike | None = None, image_size: int = 256,
@@ -410,7 +472,8 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
             raise UserInputError(
                 f"no usable image-text pairs for the {split} split of {report.source}: "
                 f"{report.summary()}; add usable pairs"
-                + (" (holding one out needs two in all) or raise validation_fraction."
+                + (" (holding one out needs usable pairs of two images) or raise "
+                   "validation_fraction."
                    if split == "validation" else "."))
         if sum(report.counts.values()):
             logging.warning("Rejected records from %s: %s (details in %s)", report.source,
@@ -420,17 +483,20 @@ class UserImageText(tfds.core.GeneratorBasedBuilder):
 
 @gin.configurable
 def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir: str | None = None,
-                      *, validation_fraction: float = 0.05,
-                      overwrite: bool = False) -> UserImageText:
+                      *, validation_fraction: float = 0.05, overwrite: bool = False,
+                      prepare: bool = True) -> UserImageText:
     """A prepared UserImageText builder, built with no network access if not yet built.
 
     A prepared copy is reused while the source is as it was (`source_fingerprint`); after
     the source changed, it is refused with an error, or rebuilt with `overwrite=True` (once:
     the rebuilt copy is then current, so the preprocessing workers that call this again
-    reuse it).
+    reuse it). `prepare=False`: the builder as configured, nothing read or built (for
+    checks before any work, e.g. its image size).
     """
     builder = UserImageText(source=source, image_size=image_size,
                             validation_fraction=validation_fraction, data_dir=data_dir)
+    if not prepare:
+        return builder
     config = offline_download_config()
     if fs.exists(fs.join(str(builder.data_path), REPORT_NAME)):
         prepared = read_report(builder).get("source_fingerprint")
@@ -440,7 +506,9 @@ def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir
                     f"user data {builder.builder_config.source!r} changed since it was prepared "
                     f"in {builder.data_path}: rerun with "
                     "--gin.user_data_builder.overwrite=True to prepare it again (or give "
-                    "user_data_builder.data_dir another folder).")
+                    "user_data_builder.data_dir another folder), and preprocess it into a new "
+                    "MODEL_DIR (or delete the one made from the earlier data to start over): "
+                    "preprocessing refuses to mix the changed data with what it made before.")
             config = dataclasses.replace(
                 config, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
     builder.download_and_prepare(download_config=config)

@@ -26,11 +26,11 @@ from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, res
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.images import UnsupportedImageError, pil_rgb
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.train import params_checkpoint, run_config
-from cm3leon_jax.vocab import image_inputs
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
@@ -75,7 +75,9 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
                 image.load()
                 # In RGB now (16-bit grayscale scaled, transparency over white), as the
                 # tokenizer reads pictures.
-                images.append(image_inputs.pil_rgb(image))
+                images.append(pil_rgb(image))
+        except UnsupportedImageError as e:
+            raise UnsupportedImageError(f"generate.image_files: {path!r}: {e}") from None
         except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
             raise UserInputError(f"generate.image_files: {path!r} is not a readable image "
                                  f"({e}); give PNG, JPEG or another format PIL reads.") from e

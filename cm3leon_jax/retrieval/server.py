@@ -51,6 +51,7 @@ from PIL import Image as PILImage
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from cm3leon_jax import images
 from cm3leon_jax.retrieval.clip_tokenizer import lone_surrogate
 from cm3leon_jax.retrieval.retriever import Retriever, SearchResult
 from cm3leon_jax.retrieval.select import SelectionConfig
@@ -103,19 +104,10 @@ def _as_json(results: list[SearchResult]) -> dict[str, Any]:
 
 
 def to_rgb(im: PILImage.Image) -> np.ndarray:
-    """A decoded image -> uint8[h, w, 3], as `vocab/image_inputs.pil_rgb` converts training
-    and generation inputs (retrieval sits beside vocab in the flow, so the service keeps its
-    own copy of these lines): transparency composited over white (PIL's own conversion
-    would make transparent pixels black), 16-bit grayscale (PIL's modes I;16* and I) scaled
-    to 8 bits (/257; PIL's conversion would clip every value above 255 to white)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(PILImage.alpha_composite(white, rgba).convert("RGB"))
-    if im.mode.startswith("I;16") or im.mode == "I":
-        eight_bit = (np.asarray(im, np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
-        return np.repeat(eight_bit[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"))
+    """A decoded image -> uint8[h, w, 3], by the rule training and generation read image
+    files with (`images.pil_rgb`: transparency over white, 16-bit scaled to 8 bits; floats
+    and wider integers refused, which `decode_png` answers with 400)."""
+    return np.asarray(images.pil_rgb(im))
 
 
 def decode_png(body: bytes, limits: ServiceLimits) -> np.ndarray:

@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.images import UnsupportedImageError, pil_rgb
 
 _CHANNELS = (1, 3, 4)
 
@@ -138,21 +139,6 @@ def _layout(x: np.ndarray, what: str) -> np.ndarray:
                      "or 4 ([b, h, w, c])")
 
 
-def pil_rgb(image: Image.Image) -> Image.Image:
-    """`image` in RGB: transparency over white, 16-bit (and 32-bit integer) grayscale scaled to
-    8 bits, every other mode by PIL's conversion (which would saturate 16-bit values)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        eight_bit = (
-            (np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
-        )
-        return Image.fromarray(eight_bit, "L").convert("RGB")
-    return image.convert("RGB")
-
-
 def rgb_uint8_unresized(image: Any) -> np.ndarray:
     """One image (array or PIL) -> uint8[h, w, 3] at its own size, by the value
     and channel rules above."""
@@ -169,13 +155,15 @@ def read_rgb(path: str) -> np.ndarray:
     file's own size, upright (its EXIF orientation applied, as viewers show it) and in RGB
     by `pil_rgb` (transparency over white, 16-bit grayscale such as depth maps scaled to 8
     bits; PIL's own conversion would saturate them and turn transparent pixels black).
-    FileNotFoundError if there is no such file, ValueError if PIL cannot read it; both
-    name the path."""
+    FileNotFoundError if there is no such file, UnsupportedImageError for float or 32-bit
+    values (`pil_rgb`), ValueError if PIL cannot read it; each names the path."""
     if not fs.isfile(path):
         raise MissingInputError(f"image {path!r} does not exist.")
     try:
         with fs.open(path, "rb") as f, Image.open(f) as image:
             return np.asarray(pil_rgb(ImageOps.exif_transpose(image)))
+    except UnsupportedImageError as e:
+        raise UnsupportedImageError(f"image {path!r}: {e}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {path!r} is not readable ({type(e).__name__}: {e}); give a "
                          "PNG, JPEG or another format PIL reads.") from None

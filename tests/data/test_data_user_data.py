@@ -106,7 +106,8 @@ def test_folder_report_counts_every_reason_exactly(folder, tmp_path):
     builder = prepared(folder, tmp_path / "tfds")
     report = user_data.read_report(builder)
     assert report["rejected"] == {"bad_record": 0, "duplicate_record": 0, "missing_image": 1,
-                                  "corrupt_image": 1,
+                                  "corrupt_image": 1, "image_outside_folder": 0,
+                                  "unsupported_image_mode": 0,
                                   "truncated_image": 1, "image_too_small": 1,
                                   "decompression_bomb": 1, "missing_caption": 1,
                                   "empty_caption": 1, "non_utf8_caption": 1}
@@ -177,7 +178,8 @@ def test_jsonl_source_with_relative_absolute_missing_and_bad_lines(folder, tmp_p
     builder = prepared(source, tmp_path / "tfds")
     report = user_data.read_report(builder)
     assert report["rejected"] == {"bad_record": 2, "duplicate_record": 0, "missing_image": 1,
-                                  "corrupt_image": 1,
+                                  "corrupt_image": 1, "image_outside_folder": 0,
+                                  "unsupported_image_mode": 0,
                                   "truncated_image": 0, "image_too_small": 0,
                                   "decompression_bomb": 0, "missing_caption": 0,
                                   "empty_caption": 1, "non_utf8_caption": 1}

@@ -296,7 +296,7 @@ def test_a_split_the_plan_does_not_name_is_refused(fixtures, tmp_path):
 
 def test_the_documented_public_format_command_parses():
     """Every --gin. flag sft_preprocess.gin documents binds what exists (a source of
-    public formats among them)."""
+    public formats with a train and a validation split among them)."""
     import shlex
 
     import gin
@@ -318,5 +318,7 @@ def test_the_documented_public_format_command_parses():
         source = gin.query_parameter("sft_preprocess.source").scoped_configurable_fn()
         assert isinstance(source, sft_formats.FormatSource)
         assert source.splits["train"][0].annotations.endswith("captions_train2017.json")
+        # With a validation split: the sft run evaluates on it.
+        assert source.splits["validation"][0].annotations.endswith("captions_val2017.json")
     finally:
         gin.clear_config()

@@ -5,8 +5,8 @@ import io
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax.images import pil_rgb
 from cm3leon_jax.retrieval.server import ServiceLimits, decode_png
-from cm3leon_jax.vocab.image_inputs import pil_rgb
 
 
 def _png(image: PILImage.Image) -> bytes:

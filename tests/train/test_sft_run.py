@@ -178,3 +178,46 @@ def test_the_base_vocabulary_may_be_on_a_bucket(base, tmp_path):
             sft.check_vocabulary(remote, task)
     finally:
         gin.clear_config()
+
+
+def test_sft_data_without_the_eval_split_is_refused_before_training(tmp_path):
+    """SFT data made from a train split only (FormatSource.splits={'train': [...]}) is
+    refused before the base is read or a model is built, not at the first evaluation (the
+    eval dataset is built there, after train.eval_every steps). A mixture needs one family
+    with the split (the others are left out of it, as before), a single family its own."""
+    from cm3leon_jax import main as main_lib
+    from cm3leon_jax import sft
+
+    data = tmp_path / "sft_data"
+
+    def write(family, split):
+        doc = shards.TokenizedDocument(f"{family}-{split}", np.arange(1, 9, dtype=np.int32))
+        shards.write_split([doc], str(data / family), split, num_shards=1)
+
+    for family in ("caption", "vqa"):
+        write(family, "train")
+    no_base = (str(tmp_path / "no_base"), str(data), str(tmp_path / "vocab"), 300)
+    out = str(tmp_path / "sft")
+    refused = (r"sft_data' has no 'validation' split for train.task='cm3leon_sft_mix', .*"
+               r"FormatSource.splits=.*new folder, or bind train.eval_split='train'")
+    with pytest.raises(UserInputError, match=refused):
+        run_sft(sft_bindings(out, no_base))
+    assert not os.path.exists(out)  # Refused before main.run writes config.gin.
+    gin.clear_config()
+    try:
+        main_lib.configure([SFT_GIN], sft_bindings(out, no_base))
+        with pytest.raises(UserInputError, match=refused):
+            sft.sft(out)  # Called directly (sft_stage), before the base is read.
+        sft.check_eval_data("cm3leon_sft_mix", "train")
+        write("caption", "validation")
+        sft.check_eval_data("cm3leon_sft_mix", "validation")
+        with pytest.raises(UserInputError, match="no 'validation' split"):
+            sft.check_eval_data("cm3leon_sft_vqa", "validation")
+    finally:
+        gin.clear_config()
+    try:
+        main_lib.configure([SFT_GIN], sft_bindings(out, no_base, **{
+            "train.eval_split": "'train'"}))
+        assert sft.eval_split() == "train"
+    finally:
+        gin.clear_config()
