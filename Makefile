@@ -46,8 +46,11 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-# Only a demo's folder (it holds stages/): never another folder DEMO_DIR may name.
+# Only a demo's folder (it holds stages/), and in it only what a demo writes (the clear that
+# --gin.demo.start_over=True does, its config files, then the folder if nothing else is left).
+# demo/stages.py is imported alone: the demo package imports every stage's libraries (seconds).
 clean-demo:
 	@test ! -e "$(DEMO_DIR)" || test -d "$(DEMO_DIR)/stages" || \
 		{ echo "$(DEMO_DIR) holds no demo run (no stages/): not deleting it" >&2; exit 1; }
-	rm -rf -- "$(DEMO_DIR)"
+	@test ! -e "$(DEMO_DIR)" || $(PY) -c 'import sys; sys.path.insert(0, "cm3leon_jax/demo"); \
+		import stages; stages.clean(sys.argv[1])' "$(DEMO_DIR)"

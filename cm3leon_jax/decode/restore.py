@@ -43,13 +43,30 @@ def checkpoint_steps(model_dir: str) -> list[int]:
 
 
 def _checkpoints_dir(model_dir: str) -> epath.Path:
+    """MODEL_DIR/checkpoints, or the folder given when it holds the step folders itself. A
+    folder with neither is refused, naming the runs inside it (a demo's MODEL_DIR holds one
+    per stage), rather than taken for a run that has not saved yet."""
     path = epath.Path(fs.abspath(model_dir))
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if not path.is_dir():
         raise MissingInputError(f"no checkpoints in {model_dir!r}: give the MODEL_DIR of a "
                              "train run (it holds checkpoints/<step>/state).")
+    if path.name != "checkpoints" and not any(p.name[:1].isdigit() for p in path.iterdir()):
+        runs = [f"{model_dir.rstrip('/')}/{p.name}" for p in sorted(path.iterdir())
+                if _is_train_run(p) or params_checkpoint.is_export(str(p))]
+        raise MissingInputError(
+            f"{model_dir!r} holds neither checkpoints/ nor step folders: not a train run's "
+            f"MODEL_DIR{f'; the runs and exports inside it: {runs}' if runs else ''}. Give a "
+            "train run's own MODEL_DIR (a demo's MODEL_DIR/<stage>, such as "
+            "runs/demo/pretrain) or an export.")
     return path
+
+
+def _is_train_run(path: epath.Path) -> bool:
+    """Whether `path` looks like a decoder's train run: checkpoints/ and the config.gin its
+    sizes are read from (a demo's image tokenizer and retriever have no config.gin)."""
+    return (path / "checkpoints").is_dir() and (path / run_config.CONFIG_FILE).is_file()
 
 
 def restore_decoder(model_dir: str, step: int | None = None,

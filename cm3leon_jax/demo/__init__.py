@@ -261,8 +261,8 @@ def _time_target(metrics: dict) -> list[str]:
     """The issue's time budget: every stage together within 20 minutes on a fresh machine of
     this kind, so at most 10 where it is measured (machines of the kind differ about 2x).
     Reused work makes the total meaningless, so only a run that started from an empty
-    MODEL_DIR is judged: a changed configuration reruns every stage, but each one finds its
-    checkpoints and shards and takes seconds."""
+    MODEL_DIR is judged: a rerun reuses finished stages and resumes an interrupted one from
+    its checkpoints and shards (a changed configuration is refused before any stage runs)."""
     if metrics["reused_stages"] or metrics["earlier_work"]:
         found = ", ".join(metrics["earlier_work"][:4]) or "stage results"
         return [f"time targets not judged: MODEL_DIR held an earlier run's work ({found}); "

@@ -7,7 +7,11 @@ A finished stage stores its result in MODEL_DIR/stages/<name>.json together with
 fingerprint of the whole run configuration; a rerun with the same configuration reads
 it back instead of running the stage again (an interrupted demo therefore restarts at
 the first unfinished stage, and the stages that write checkpoints resume inside
-themselves). A changed configuration reruns every stage, each reusing what it built.
+themselves). Stages stored under another configuration are refused before any stage runs
+(the demo's `_refuse_stages_of_another_config`: they would resume from what the old
+settings built); `demo.start_over` builds everything again. Paths a result holds into
+MODEL_DIR follow the folder when it is moved (`StageRunner.cached`). A failing stage is
+named in its line and in its error.
 
 Wall seconds on a shared machine say little, so each stage also records the CPU
 seconds of this process (all threads) and of the processes it ran a stage in
@@ -22,6 +26,7 @@ are measured over the whole run instead of summed.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import re
@@ -34,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cm3leon_jax import fs
-from cm3leon_jax.train import checkpoints
+from cm3leon_jax.errors import UserInputError
 
 
 def cpu_seconds() -> float:
@@ -61,26 +66,64 @@ OWN_ENTRIES = ("stages", "metrics.json", "tfds", "image_tokenizer", "retriever",
                "pretrain", "sft_data", "sft", "export", "eval", "pictures")
 
 
+_CONFIG_FILE = re.compile(r"config(\.\d+)?\.gin")
+# What a write cut short by a kill leaves beside an entry: a staged folder or file
+# (`train/staging.py`, `fs.atomic_write`) or the one it was replacing.
+_LEFTOVER = re.compile(r"(?P<entry>.+)\.(tmp|old)-[^/]+")
+
+
+def _leftover_of_own(name: str) -> bool:
+    """Whether `name` is a cut-short write of the demo's own (`export.tmp-1a2b3c4d`)."""
+    match = _LEFTOVER.fullmatch(name)
+    return bool(match) and (match["entry"] in OWN_ENTRIES
+                            or bool(_CONFIG_FILE.fullmatch(match["entry"])))
+
+
 def foreign_entries(model_dir: str) -> list[str]:
     """What model_dir holds that a demo does not write, sorted ([]: a demo's folder)."""
     if not fs.isdir(model_dir):
         return []
     names = (n.rstrip("/") for n in fs.listdir(model_dir))
-    return sorted(n for n in names
-                  if n not in OWN_ENTRIES and not re.fullmatch(r"config(\.\d+)?\.gin", n))
+    return sorted(n for n in names if n not in OWN_ENTRIES and not _CONFIG_FILE.fullmatch(n)
+                  and not _leftover_of_own(n))
+
+
+def _delete(path: str) -> None:
+    if fs.isdir(path):
+        fs.rmtree(path)
+    elif fs.exists(path):
+        fs.remove(path)
 
 
 def clear(model_dir: str) -> None:
-    """Deletes what earlier demo runs built in model_dir: its own entries only (OWN_ENTRIES;
-    config.gin is the current run's), never anything else a folder holds."""
+    """Deletes what earlier demo runs built in model_dir: its own entries only (OWN_ENTRIES,
+    and what a killed write left beside them; config.gin is the current run's), never
+    anything else a folder holds."""
     if not fs.isdir(model_dir):
         return
     for name in OWN_ENTRIES:
-        path = os.path.join(model_dir, name)
-        if fs.isdir(path):
-            fs.rmtree(path)
-        elif fs.exists(path):
-            fs.remove(path)
+        _delete(os.path.join(model_dir, name))
+    for name in fs.listdir(model_dir):
+        if _leftover_of_own(name.rstrip("/")):
+            _delete(os.path.join(model_dir, name.rstrip("/")))
+
+
+def clean(model_dir: str) -> None:
+    """`make clean-demo`: `clear`, the runs' config files too, then the folder itself if
+    nothing else is left in it; says what it kept."""
+    clear(model_dir)
+    if not fs.isdir(model_dir):
+        return
+    for name in fs.listdir(model_dir):
+        if _CONFIG_FILE.fullmatch(name.rstrip("/")):
+            fs.remove(os.path.join(model_dir, name.rstrip("/")))
+    kept = sorted(n.rstrip("/") for n in fs.listdir(model_dir))
+    if kept:
+        print(f"[clean-demo] {model_dir}: deleted what the demo wrote; kept {', '.join(kept)} "
+              "(not the demo's)")
+    else:
+        fs.rmtree(model_dir)
+        print(f"[clean-demo] deleted {model_dir}")
 
 
 def earlier_work(model_dir: str) -> list[str]:
@@ -115,6 +158,68 @@ def earlier_fingerprint(config_text: str) -> str:
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:16]
 
 
+_MODEL_DIR_LINE = re.compile(r"^MODEL_DIR = (.+)$", re.MULTILINE)
+
+
+def _norm(path: str) -> str:
+    return path.rstrip("/") if fs.is_remote(path) else os.path.normpath(path)
+
+
+def _names_of(model_dir: str) -> list[str]:
+    """How paths into `model_dir` begin: as it was given, and absolute."""
+    return sorted({_norm(model_dir), _norm(fs.abspath(model_dir))})
+
+
+def recorded_model_dirs(model_dir: str) -> list[str]:
+    """The MODEL_DIRs that model_dir's config files (config.gin, config.<n>.gin) name, as
+    given and absolute: where results stored without their own MODEL_DIR were written."""
+    out: set[str] = set()
+    for path in fs.glob(os.path.join(model_dir, "config*.gin")):
+        for line in _MODEL_DIR_LINE.finditer(fs.read_text(path)):
+            try:
+                value = ast.literal_eval(line.group(1).strip())
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(value, str) and value:
+                out.update(_names_of(value))
+    return sorted(out)
+
+
+def reroot(value: Any, before: list[str], model_dir: str) -> Any:
+    """`value` (a stored result) with every path into one of the folders `before` and not
+    into model_dir put under model_dir as given: the same file of a moved folder."""
+    here, before = _names_of(model_dir), sorted(set(before), key=len, reverse=True)
+
+    def move(text: str) -> str:
+        path = _norm(text) if text else text
+        if not text or any(path == h or path.startswith(h + "/") for h in here):
+            return text
+        old = next((d for d in before if path == d or path.startswith(d + "/")), None)
+        return text if old is None else model_dir.rstrip("/") + path[len(old):]
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return move(x) if isinstance(x, str) else x
+
+    return walk(value)
+
+
+def _named(error: Exception, stage: str) -> Exception:
+    """`error` naming the demo stage it ended: a UserInputError as one of the same kind
+    with the stage in its message (main prints it as its one error line; main.run also
+    tells the kinds apart), any other error as it is, with a note its traceback shows."""
+    if isinstance(error, UserInputError):
+        try:
+            return type(error)(f"the demo's {stage} stage: {error}")
+        except TypeError:  # A kind made otherwise: as it is.
+            pass
+    error.add_note(f"(in the demo's {stage} stage)")
+    return error
+
+
 class PreemptedError(Exception):
     """A stage's trainer stopped on SIGTERM and saved its state; rerunning resumes it."""
 
@@ -145,7 +250,7 @@ class StageRunner:
     def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
                  print_fn: Callable[[str], None] | None = None,
                  also_accepted: tuple[str, ...] = ()):
-        self.dir = os.path.join(model_dir, "stages")
+        self.model_dir, self.dir = model_dir, os.path.join(model_dir, "stages")
         self.names, self.config = list(names), config_fingerprint
         self.accepted = {config_fingerprint, *also_accepted}
         self.print = print_fn or _print_line
@@ -171,12 +276,18 @@ class StageRunner:
                 and fs.read_json(self._cache_path(name)).get("config") not in self.accepted]
 
     def cached(self, name: str) -> Any | None:
-        """The stored result of `name` from a run with this configuration, or None."""
+        """The stored result of `name` from a run with this configuration, or None. Its
+        paths into the MODEL_DIR it was stored in (the one it records, or for a result
+        stored before they did, those the folder's config files name) are put under this
+        MODEL_DIR, so a moved folder reports its own files."""
         path = self._cache_path(name)
         if not fs.exists(path):
             return None
         stored = fs.read_json(path)
-        return stored["result"] if stored.get("config") in self.accepted else None
+        if stored.get("config") not in self.accepted:
+            return None
+        before = stored.get("model_dir") or recorded_model_dirs(self.model_dir)
+        return reroot(stored["result"], before, self.model_dir)
 
     def run_together(self, stages: list[tuple[str, Callable[[], Any],
                                           Callable[[Any], str] | None]]) -> list[Any]:
@@ -190,6 +301,8 @@ class StageRunner:
         `preempted`. A stage that fails or is preempted is raised here once the others are
         done; an interrupt of this thread is raised at once.
         """
+        from cm3leon_jax.train import checkpoints  # jax: `make clean-demo` imports this module
+
         results: list[Any] = [None] * len(stages)
         errors: list[BaseException | None] = [None] * len(stages)
 
@@ -223,7 +336,15 @@ class StageRunner:
             how = "reused"
         else:
             self.print(f"{self._header(name)} ...")
-            result = jsonable(fn())
+            try:
+                result = jsonable(fn())
+            except Exception as e:  # noqa: BLE001 - said, and raised again naming the stage
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.print(f"{self._header(name)}: failed: {first}")
+                named = _named(e, name)
+                if named is e:
+                    raise
+                raise named from e
             if was_preempted(result):
                 # Not stored: a rerun must resume the stage, not take the cut-short result.
                 self.print(f"{self._header(name)}: stopped by SIGTERM, its state saved; rerun "
@@ -231,7 +352,8 @@ class StageRunner:
                 raise PreemptedError(name)
             fs.makedirs(self.dir)
             tmp = self._cache_path(name) + ".tmp"
-            fs.write_json(tmp, {"config": self.config, "result": result})
+            fs.write_json(tmp, {"config": self.config, "result": result,
+                                "model_dir": _names_of(self.model_dir)})
             fs.rename(tmp, self._cache_path(name))
             how = "done"
         self.results[name] = result

@@ -23,6 +23,7 @@ Written through `cm3leon_jax/fs.py` (gs:// works) and staged: complete or absent
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -45,6 +46,7 @@ VOCAB, OURS = "cm3leon_vocab", "cm3leon_export.json"
 _ARCHITECTURES = {"opt": ("OPTForCausalLM", "opt"),
                   "chameleon": ("ChameleonForConditionalGeneration", "chameleon")}
 _DIGITS = "ABCDEFGHIJ"  # Chameleon spells image code 123 as "IMGIMGBCDZ".
+log = logging.getLogger(__name__)
 
 
 def family_of(config: DecoderConfig) -> str:
@@ -64,10 +66,33 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
         f.write(data)
 
 
+def vq_config_problem(vq: VQGANConfig) -> str | None:
+    """Why transformers' ChameleonVQVAEConfig cannot describe our VQGAN (its encoder has 32
+    GroupNorm groups and a middle attention block, and looks codes up unnormalized), or
+    None when it can."""
+    bad = [f"{k}={getattr(vq, k)!r} (transformers': {v!r})" for k, v in
+           (("num_groups", 32), ("mid_attention", True), ("l2_normalize", False))
+           if getattr(vq, k) != v]
+    return ", ".join(bad) or None
+
+
+def check_vq(config: DecoderConfig, vq: VQGANConfig | None, without_vq: bool) -> None:
+    """Refuses a Chameleon export whose image tokenizer config.json cannot describe (without
+    `vq_config` transformers builds a random VQ model), unless `without_vq` asks for that."""
+    problem = vq_config_problem(vq) if vq is not None else None
+    if family_of(config) == "chameleon" and problem and not without_vq:
+        raise UserInputError(
+            f"the image tokenizer has {problem}: transformers' Chameleon VQ model cannot hold "
+            "it, and without it from_pretrained builds a random one. Export without it "
+            "(export.image_tokenizer_dir=None), in the params layout (export.layout='params'), "
+            "or set export.hf_without_vq=True to write config.json without its VQ model "
+            "(vqgan.safetensors keeps the whole tokenizer for our import).")
+
+
 def vq_config_dict(vq: VQGANConfig) -> dict[str, Any] | None:
     """transformers' ChameleonVQVAEConfig for our VQGAN, or None if it cannot express it
-    (its encoder has 32 GroupNorm groups and a middle attention block, always)."""
-    if vq.num_groups != 32 or not vq.mid_attention or vq.l2_normalize:
+    (`vq_config_problem`)."""
+    if vq_config_problem(vq):
         return None
     return dict(embed_dim=vq.embed_dim, num_embeddings=vq.codebook_size, double_latent=False,
                 latent_channels=vq.latent_channels, resolution=vq.image_size,
@@ -115,8 +140,19 @@ def _vqmodel_tensors(vq_params: Any) -> dict[str, np.ndarray]:
 
 def write_hf(output_dir: str, config: DecoderConfig, params: Any, *, vocab_dir: str | None = None,
              image_tokenizer: tuple[VQGANConfig, Any] | None = None, overwrite: bool = False,
-             source: str = "", step: int | None = None) -> dict[str, Any]:
-    """Writes the folder described in the module docstring; returns its config.json."""
+             source: str = "", step: int | None = None,
+             without_vq: bool = False) -> dict[str, Any]:
+    """Writes the folder described in the module docstring; returns its config.json.
+
+    A Chameleon model's image tokenizer that config.json cannot describe (`check_vq`) is
+    refused, or with `without_vq` left out of config.json and the model (a warning, and
+    `vq_config_omitted` in cm3leon_export.json say so)."""
+    vq = image_tokenizer[0] if image_tokenizer else None
+    check_vq(config, vq, without_vq)
+    if family_of(config) == "chameleon" and vq is not None and vq_config_problem(vq):
+        log.warning("%s: config.json gets no vq_config (the image tokenizer has %s), so "
+                    "transformers builds a random VQ model; vqgan.safetensors holds ours.",
+                    output_dir, vq_config_problem(vq))
     # Parameters sharded over several hosts are gathered first (every process takes part).
     params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
                           if isinstance(x, jax.Array) and not x.is_fully_addressable else x,
@@ -150,7 +186,10 @@ def _write_files(tmp: str, config: DecoderConfig, params: Any, vocab_dir: str | 
         staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
         from cm3leon_jax.export import hf_tokenizer  # It imports this module.
         hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
+    ours = {"decoder_config": pc.config_to_dict(config), "step": step, "source": source,
+            "family": family}
+    if family == "chameleon" and vq_config is not None and "vq_config" not in cfg:
+        ours["vq_config_omitted"] = vq_config_problem(vq_config)  # export.hf_without_vq
     with fs.open(f"{tmp}/{OURS}", "w") as f:
-        json.dump({"decoder_config": pc.config_to_dict(config), "step": step,
-                   "source": source, "family": family}, f, indent=1)
+        json.dump(ours, f, indent=1)
     return cfg

@@ -46,13 +46,18 @@ def read_json(path: str) -> dict[str, Any]:
 
 
 def is_hf_folder(path: str) -> bool:
+    """Whether `path` holds a transformers config.json of a model this reads, or one that is
+    not JSON at all (cut short: `read_hf` then names it, rather than the folder being taken
+    for no layout)."""
     cfg = f"{path}/{hf_export.CONFIG}"
     if not fs.exists(cfg):
         return False
     try:
-        return read_json(cfg).get("model_type") in ("opt", "chameleon")
-    except ValueError:
-        return False
+        with fs.open(cfg) as f:
+            found = json.load(f)
+    except ValueError:  # Not JSON (cut short, or not text).
+        return True
+    return isinstance(found, dict) and found.get("model_type") in ("opt", "chameleon")
 
 
 def _family(hf: dict[str, Any], where: str) -> str:

@@ -1,8 +1,7 @@
 """The `import_weights` run mode: weights from elsewhere -> a params-only export.
 
-    python -m cm3leon_jax.main --gin_file=gin_configs/runs/export.gin \
-        --gin.MODEL_DIR="'runs/import'" --gin.run.mode=@import_weights \
-        --gin.import_weights.source="'/data/chameleon'"
+    python -m cm3leon_jax.main --gin_file=gin_configs/runs/import.gin \
+        --gin.MODEL_DIR="'runs/import'" --gin.import_weights.source="'/data/chameleon'"
 
 Layouts (`layout="auto"` tells them apart by their files):
     "params"     our own export (manifest.json): re-exported, e.g. in another dtype
@@ -26,7 +25,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.export import chameleon_release, hf_import, params_export
 from cm3leon_jax.train import params_checkpoint as pc
-from cm3leon_jax.train import staging
+from cm3leon_jax.train import run_config, staging
 
 LAYOUTS = ("params", "hf", "chameleon")
 
@@ -103,3 +102,14 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
         extra={"imported_from": layout})
     print(f"[import_weights] {source} -> {output_dir} ({config.param_dtype})", flush=True)
     return manifest
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """Refuses a MODEL_DIR that is, holds or lies inside the source, before main.run writes
+    config.gin there."""
+    source = gin.get_bindings(import_weights).get("source")
+    if isinstance(source, str):  # Not yet bound (gin.REQUIRED): the run itself says so.
+        run_config.check_apart(model_dir, "import", {"import_weights.source": source})
+
+
+import_weights.check_model_dir = _check_model_dir

@@ -31,6 +31,7 @@ from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
 from cm3leon_jax.train import run_config, staging
 from cm3leon_jax.vocab import vqgan_checkpoint
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.vqgan import VQGANConfig
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
            layout: str = "params", dtype: str | None = "bfloat16", step: int | None = None,
            vocab_dir: str | None = None, image_tokenizer_dir: str | None = None,
            overwrite: bool = False, shard: bool = True,
-           config: DecoderConfig | None = None) -> dict[str, Any]:
+           config: DecoderConfig | None = None, hf_without_vq: bool = False) -> dict[str, Any]:
     """Exports a training checkpoint; returns the manifest (or the HF summary).
 
     Args:
@@ -116,10 +117,14 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
       dtype: "float32", "bfloat16" or "float16"; None keeps the trained param_dtype.
       step: which checkpoint (None: the newest).
       vocab_dir / image_tokenizer_dir: the vocabulary folder and the image tokenizer's
-        MODEL_DIR, copied into the export so it is self-contained.
+        MODEL_DIR, copied into the export so it is self-contained; refused unless they fit
+        the model (and each other).
       overwrite: replace an existing output folder (otherwise refused).
       shard: restore over the gin-bound mesh (`make_mesh`) rather than one device.
       config: the decoder as trained; None: the one in the checkpoint's config.gin.
+      hf_without_vq: for a Chameleon "hf" export whose image tokenizer transformers cannot
+        describe: write config.json without its VQ model (recorded, with a warning) rather
+        than refuse.
     """
     if layout not in LAYOUTS:
         raise UserInputError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
@@ -131,29 +136,81 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         if folder and not fs.isdir(folder):  # Before the (long) restore, on every process.
             raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
                                     "to copy into the export, or None to leave it out.")
-    if layout == "hf":  # Before the (long) restore.
-        _check_hf_layout(checkpoint, config)
+    tokenizer = _before_restoring(checkpoint, config, layout, vocab_dir, image_tokenizer_dir,
+                                  hf_without_vq)
     mesh = partitioning.make_mesh() if shard else None
     # Every process restores (the same step: `every_process`), and saves its part.
     config, params, got_step = restore.restore_decoder(checkpoint, step, config, mesh,
                                                        every_process=True)
     params, config = cast(params, config, dtype)
-    tokenizer = None
-    if image_tokenizer_dir:
-        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir,
-                                                                  every_process=True)
-        tokenizer = (vq_config, vq_params)
     if layout == "hf":
         from cm3leon_jax.export import hf_export
         out = hf_export.write_hf(output_dir, config, params, vocab_dir=vocab_dir,
                                  image_tokenizer=tokenizer, overwrite=overwrite,
-                                 source=checkpoint, step=got_step)
+                                 source=checkpoint, step=got_step, without_vq=hf_without_vq)
     else:
         out = write_export(output_dir, config, params, step=got_step, source=checkpoint,
                            vocab_dir=vocab_dir, image_tokenizer=tokenizer, overwrite=overwrite)
     print(f"[export] step {got_step} of {checkpoint} -> {output_dir} ({layout}, "
           f"{config.param_dtype})", flush=True)
     return out
+
+
+def _before_restoring(checkpoint: str, config: DecoderConfig | None, layout: str,
+                      vocab_dir: str | None, image_tokenizer_dir: str | None,
+                      hf_without_vq: bool) -> tuple[VQGANConfig, Any] | None:
+    """What refuses an export before the (long) restore of the decoder: a model the "hf"
+    layout cannot express, a vocabulary or image tokenizer that is not the model's, an image
+    tokenizer transformers cannot describe. Returns the image tokenizer (config, params)."""
+    model = None
+    if layout == "hf" or vocab_dir or image_tokenizer_dir:
+        model = config or restore.saved_config(checkpoint)
+    if layout == "hf":
+        _check_hf_layout(checkpoint, model)
+    tokenizer = None
+    if image_tokenizer_dir:  # Every process: the export saves it collectively.
+        vq_params, vq_config, _ = vqgan_checkpoint.restore_params(image_tokenizer_dir,
+                                                                  every_process=True)
+        tokenizer = (vq_config, vq_params)
+    if model is not None:
+        check_fits(checkpoint, model, vocab_dir, image_tokenizer_dir,
+                   tokenizer[0] if tokenizer else None)
+    if layout == "hf" and tokenizer is not None:
+        from cm3leon_jax.export import hf_export
+        hf_export.check_vq(model, tokenizer[0], hf_without_vq)
+    return tokenizer
+
+
+def check_fits(checkpoint: str, model: DecoderConfig, vocab_dir: str | None,
+               image_tokenizer_dir: str | None, vq_config: VQGANConfig | None) -> None:
+    """Refuses a vocabulary or an image tokenizer that is not the model's (export.gin binds
+    the demo's, which another checkpoint does not use): more ids than the model embeds, other
+    image or sentinel ids than its image places, or another number of codes per image or
+    codebook than the vocabulary (or, without one, the model's image ids) holds."""
+    layout = MultimodalVocabulary(vocab_dir).layout if vocab_dir else None
+    mismatch = model.vocabulary_mismatch(layout) if layout is not None else None
+    if mismatch:
+        raise UserInputError(
+            f"export.vocab_dir {vocab_dir!r} does not fit the model of export.checkpoint "
+            f"{checkpoint!r}: {mismatch}. Give the vocabulary it was trained with (its "
+            "preprocess run's vocab/), or None to leave it out.")
+    if vq_config is None:
+        return
+    got = (vq_config.codes_per_image, vq_config.codebook_size)
+    start, end = model.image_code_ids
+    if layout is not None:
+        want = (layout.image_length, layout.image_codes)
+        held_by = f"the vocabulary {vocab_dir!r} (export.vocab_dir) holds"
+    elif end > start:  # No vocabulary: the model's own image ids, where it has them.
+        want = (model.image_grid ** 2 or got[0], end - start)
+        held_by = f"the model of export.checkpoint {checkpoint!r} has"
+    else:
+        return
+    if got != want:
+        raise UserInputError(
+            f"export.image_tokenizer_dir {image_tokenizer_dir!r} gives {got[0]} codes per image "
+            f"from a codebook of {got[1]}; {held_by} {want[0]} codes per image from {want[1]}. "
+            "Give the image tokenizer the vocabulary was made with, or None to leave it out.")
 
 
 def _check_hf_layout(checkpoint: str, config: DecoderConfig | None) -> None:

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
@@ -120,17 +120,26 @@ def write_manifest(root: str, config: DecoderConfig, *, step: int | None, source
 
 
 def is_export(path: str) -> bool:
-    """Whether `path` is a params-only checkpoint folder (has a manifest of this format)."""
+    """Whether `path` is a params-only checkpoint folder: it holds a manifest.json that is
+    not another tool's JSON object (one without this format and without a decoder_config,
+    as preprocess writes). A cut-short or newer manifest counts, so that `read_manifest`
+    says what is wrong with it (a partial download was taken for a train run without
+    checkpoints, or for no layout at all)."""
     manifest = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest):
         return False
     try:
-        return read_manifest(path).get("format") == FORMAT
-    except ValueError:
-        return False
+        with fs.open(manifest) as f:
+            found = json.load(f)
+    except ValueError:  # Not JSON (cut short, or not text): read_manifest names it.
+        return True
+    return (not isinstance(found, dict) or found.get("format") == FORMAT
+            or "decoder_config" in found)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the export at `path`; a UserInputError (a ValueError) naming the file
+    when it is missing, cut short, of another format or of a newer version."""
     manifest = f"{path.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest):
         raise MissingInputError(f"{path!r} has no {MANIFEST}: not a params-only export "
@@ -138,12 +147,17 @@ def read_manifest(path: str) -> dict[str, Any]:
     with fs.open(manifest) as f:
         try:
             out = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest}: not valid JSON ({e}).") from None
-    if out.get("format") != FORMAT or out.get("version", 0) > VERSION:
-        raise ValueError(f"{manifest}: format {out.get('format')!r} version "
-                         f"{out.get('version')!r}; this code reads {FORMAT!r} up to version "
-                         f"{VERSION}.")
+        except ValueError as e:  # JSONDecodeError, or bytes that are not text.
+            raise UserInputError(f"{manifest}: not valid JSON ({e}); the export is incomplete "
+                                 "or damaged: copy it (or export it) again.") from None
+    found = out if isinstance(out, dict) else {}
+    if found.get("format") != FORMAT or found.get("version", 0) > VERSION:
+        newer = found.get("format") == FORMAT
+        raise UserInputError(
+            f"{manifest}: format {found.get('format')!r} version {found.get('version')!r}; "
+            f"this code reads {FORMAT!r} up to version {VERSION}: "
+            + ("upgrade cm3leon_jax to read this export." if newer else
+               "give the folder of a params-only export (the `export` run mode writes one)."))
     return out
 
 

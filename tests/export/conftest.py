@@ -15,7 +15,8 @@ from cm3leon_jax.vocab.vqgan import VQGANConfig
 from tests.model.model_testlib import tiny_config, write_run_config, write_train_checkpoints
 
 CONFIG = tiny_config()
-TINY_VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2),
+# 4 x 4 codes of 32: what the `vocab_dir` fixture's layout holds (export checks it fits).
+TINY_VQ = VQGANConfig(image_size=16, base_channels=8, channel_multipliers=(1, 2, 2),
                       num_res_blocks=1, attn_levels=(), mid_attention=True, latent_channels=8,
                       embed_dim=4, codebook_size=32, num_groups=4)
 TEXTS = [f"a {c} {s} {r} a {c2} {s2}" for c in ("red", "blue", "green")

@@ -155,7 +155,7 @@ def test_sft_and_export_run_as_two_processes(sft_base, tmp_path):  # noqa: F811
     from cm3leon_jax.decode import restore
     from cm3leon_jax.vocab import vqgan_checkpoint
     from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
-    from tests.data.test_preprocess import TINY_VQ
+    from tests.export.conftest import TINY_VQ
 
     sft_dir, export_dir = str(tmp_path / "sft"), str(tmp_path / "export")
     _start_jobs(SFT_GIN, sft_bindings(sft_dir, sft_base, **{
