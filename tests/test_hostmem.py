@@ -37,6 +37,7 @@ def _faults_per_call(setting: str) -> tuple[bool, float]:
     return out[0] == "True", float(out[1])
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_retained_memory_stops_the_page_faults_of_every_call():
     retained, kept = _faults_per_call("retain")

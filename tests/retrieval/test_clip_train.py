@@ -89,6 +89,7 @@ def _tiny_run_kw(**over):
                      keep_checkpoints=5, write_tensorboard=False), **over)
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 def test_a_run_extended_in_pieces_ends_as_a_straight_one(tmp_path):
     # decay_steps binds the schedule: 3 steps then 4 follow the 4-step cosine (step 2's
     # learning rate differs between a 3- and a 4-step one).
@@ -101,6 +102,7 @@ def test_a_run_extended_in_pieces_ends_as_a_straight_one(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 def test_a_resume_refuses_another_batch_size_and_warns_of_another_schedule(tmp_path, caplog):
     from cm3leon_jax.errors import CheckpointMismatchError
     from cm3leon_jax.train import checkpoints
@@ -137,6 +139,7 @@ def test_fewer_caption_lists_than_images_are_refused(tmp_path, which):
         clip_train.train_retriever(str(tmp_path / "run"), CFG, steps=2, **kw)
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 def test_the_temperature_is_clipped_after_the_update_and_keeps_its_gradient():
     # A cap inside the loss would give the scale no gradient above it: stuck for good.
     cap = clip_train.MAX_LOGIT_SCALE

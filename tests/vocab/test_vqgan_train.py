@@ -70,6 +70,7 @@ def test_steps_reduce_loss_with_gan_ema_perceptual_and_restarts():
                                   state["params"]["quantize"]["embedding"])
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 def test_streams_give_the_same_step_and_reject_a_batch_that_does_not_split():
     # Two interleaved parts of the batch, averaged: the one-stream step's loss, metrics,
     # code counts and new weights, up to float rounding (restarts due at step 1 see the
@@ -180,6 +181,7 @@ def test_tokenizer_checkpoints_have_checksums_and_skip_a_corrupt_one(tmp_path, c
         vqgan_checkpoint.restore_params(model_dir, step=2)
 
 
+@pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
 def test_a_resume_refuses_another_data_layout_and_warns_of_another_schedule(tmp_path, caplog):
     # Step s reads examples s*B..: another batch or image size would skip or repeat data.
     from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
