@@ -24,6 +24,7 @@ Inception FID (`fid_inception`); with a retrieval encoder also FID on its image 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -280,14 +281,20 @@ def _describe(s: Strategy) -> dict:
 
 
 def _check_model_dir(model_dir: str) -> None:
-    """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads, or that
-    holds an earlier run's eval/ without evaluate.overwrite: before `main.run` writes
-    config.gin there."""
+    """Refuses, before `main.run` writes config.gin there, a MODEL_DIR that is, holds or lies
+    inside a folder the run reads, or that holds an earlier run's eval/ without
+    evaluate.overwrite; and the plain settings `_check_settings` would refuse (the
+    strategies, gin references until the run builds them, are checked by the run)."""
     bound = gin.get_bindings(evaluate)
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
         for name in ("checkpoint", "vocab_dir", "retrieval_dir")})
     _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
+    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
+    value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",
+                                                     "retrieval_dir")}
+    _check_settings((), value["num_retrieved"], value["caption_style"],
+                    value["retrieval_dir"], can_rank=True)
 
 
 evaluate.check_model_dir = _check_model_dir

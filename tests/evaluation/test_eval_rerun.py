@@ -122,3 +122,18 @@ def test_settings_a_job_would_fail_on_are_refused_before_the_restore(no_restore)
     no_restore.clear()
     _evaluate(strategies=[Strategy()], caption_style="image_first")  # Valid: decoded.
     assert no_restore == ["restore", "vocab", "generator", "decode"]
+
+
+def test_a_mistyped_caption_style_is_refused_before_config_gin(eval_files, tmp_path, capfd,
+                                                               monkeypatch):
+    """A plain setting the run would refuse is refused before `main.run` writes config.gin
+    (a rerun into an earlier run's folder would otherwise have replaced its config.gin)."""
+    out = tmp_path / "run"
+    args = ["--gin_file=gin_configs/runs/eval.gin", f"--gin.MODEL_DIR='{out}'",
+            f"--gin.evaluate.checkpoint='{eval_files['checkpoint']}'",
+            f"--gin.evaluate.vocab_dir='{eval_files['vocab']}'",
+            "--gin.evaluate.retrieval_dir=None", "--gin.evaluate.num_retrieved=[0]",
+            "--gin.evaluate.caption_style='image-first'"]
+    assert _main(args, monkeypatch) == 2
+    assert "evaluate.caption_style='image-first' is unknown" in capfd.readouterr().err
+    assert not out.exists() or os.listdir(out) == []
