@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     mesh = distributed.train_mesh(devices=devices)
     model = Decoder(config)
     schedule = optimizer.learning_rate_schedule(total_steps=train["num_steps"])
-    tx = optimizer.make_optimizer(schedule)
+    tx = optimizer.make_optimizer(schedule, param_axes=state_lib.param_axes(config))
     b, length = train["global_batch_size"], train["seq_len"]
     print(f"{args.train_gin}: {count_params(config):,} params, dtype {config.dtype}, "
           f"params {config.param_dtype}, remat {config.remat_policy!r}")

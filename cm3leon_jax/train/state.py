@@ -40,6 +40,11 @@ class TrainState:
     opt_state: Any
 
 
+def param_axes(config) -> Any:
+    """The logical axes (`PartitionSpec`s of names) of every parameter of the decoder."""
+    return partitioning.logical_axes(abstract_variables(config)["params"])
+
+
 def param_shardings(model: Decoder, mesh: Mesh, rules=None) -> tuple[Any, Any]:
     """(abstract params, their `NamedSharding`s) from the decoder's logical names."""
     boxed = abstract_variables(model.config)["params"]
@@ -56,8 +61,11 @@ def state_shardings(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh
     abstract_opt = jax.eval_shape(tx.init, shapes)
     # Leaves of the optimizer state that mirror a parameter (moments) take its
     # sharding; everything else (counts, scalars) is replicated.
-    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,
-                                transform_non_params=lambda _: replicated)
+    # (A partitioned optimizer, as Muon's, holds MaskedNode where a part skips a parameter.)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt = optax.tree_map_params(tx, lambda x, sharding: x if masked(x) else sharding,
+                                abstract_opt, params,
+                                transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(step=replicated, params=params, opt_state=opt)
 
 

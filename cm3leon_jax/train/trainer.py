@@ -141,7 +141,8 @@ class _Run:
         self.flops_per_step = metrics_lib.train_flops_per_step(config, global_batch_size, seq_len)
         self.model = Decoder(config)
         schedule = optimizer.learning_rate_schedule(total_steps=num_steps)
-        self.tx = optimizer.make_optimizer(schedule)
+        self.tx = optimizer.make_optimizer(
+            schedule, param_axes=state_lib.param_axes(self.model.config))
         shardings = state_lib.state_shardings(self.model, self.tx, self.mesh)
         self.param_shardings = shardings.params
         self.abstract = state_lib.abstract_train_state(self.model, self.tx, self.mesh)

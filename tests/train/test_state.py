@@ -59,3 +59,30 @@ def test_bytes_per_device_shrinks_with_fsdp(fsdp):
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     # params + two Adam moments, all float32; split evenly by fsdp (d_model 64 / 8).
     assert state_lib.bytes_per_device(abstract) == pytest.approx(total / fsdp, rel=0.01)
+
+
+def test_muons_momentum_is_sharded_as_its_matrix_and_adams_moments_as_theirs():
+    """With `kind='muon'` the optimizer state is two parts, each holding moments of only
+    some parameters (the others a MaskedNode): every moment takes its parameter's sharding."""
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, decay_steps=10),
+                                  kind="muon", param_axes=state_lib.param_axes(CONFIG))
+    with jax.set_mesh(mesh):
+        state = state_lib.make_init_fn(Decoder(CONFIG), tx, mesh)(jax.random.key(3))
+    params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+    moments = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        # A moment's path ends with its parameter's: [..., 'layers', 'mlp', 'wi', 'kernel'].
+        for param_path, param in params.items():
+            n = len(param_path)
+            if path[-n:] == param_path and leaf.shape == param.shape:
+                assert leaf.sharding.spec == param.sharding.spec, jax.tree_util.keystr(path)
+                moments += 1
+                break
+        else:
+            assert leaf.sharding.is_fully_replicated, jax.tree_util.keystr(path)
+    # Muon: one momentum for each of the 6 kernels; AdamW: two moments of the 2 embeddings.
+    assert moments == 6 + 2 * 2
+    wi_momentum = state.opt_state[1].inner_states["muon"].inner_state[0].mu
+    assert wi_momentum["layers"]["mlp"]["wi"]["kernel"].addressable_shards[0].data.shape == (
+        CONFIG.num_layers, CONFIG.d_model // 2, CONFIG.mlp_dim // 2)

@@ -129,3 +129,31 @@ def test_image_places_must_match_the_task_vocabulary(monkeypatch):
     for wrong in (right.replace(image_code_ids=(356, 868)), right.replace(image_grid=4)):
         with pytest.raises(ValueError, match=r"do not match the vocabulary's .*\(task 'demo'\)"):
             trainer_lib._check_vocabulary("demo", wrong)
+
+
+def test_muon_trains_on_the_sharded_mesh_resumes_exactly_and_another_optimizer_is_refused(
+        corpus, tmp_path):
+    """`make_optimizer.kind='muon'` on the tests' data x FSDP mesh: 4 steps straight equal
+    2 steps, a stop, and 2 more (its two-part state saved and restored whole); resuming
+    that folder with AdamW is refused, naming the optimizer state, and leaves it as it was."""
+    from cm3leon_jax.train import checkpoints
+
+    path, vocab = corpus
+    muon = {"make_optimizer.kind": "'muon'", "Checkpointer.save_every": 2}
+    straight = str(tmp_path / "straight")
+    lib.run_in_process(lib.bindings(straight, path, vocab, **muon, **{"train.num_steps": 4}))
+    reference = dict(_logged_losses(straight))
+    assert sorted(reference) == [1, 2, 3, 4] and reference[4] < reference[1]
+
+    resumed = str(tmp_path / "resumed")
+    lib.run_in_process(lib.bindings(resumed, path, vocab, **muon, **{"train.num_steps": 2}))
+    result = lib.run_in_process(lib.bindings(resumed, path, vocab, **muon,
+                                             **{"train.num_steps": 4}))
+    assert result["step"] == 4
+    assert dict(_logged_losses(resumed)) == reference
+
+    before = lib.tree_digests(os.path.join(resumed, "checkpoints"))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="opt_state"):
+        lib.run_in_process(lib.bindings(resumed, path, vocab, **{"train.num_steps": 6,
+                                                                 "Checkpointer.save_every": 2}))
+    assert lib.tree_digests(os.path.join(resumed, "checkpoints")) == before
