@@ -129,6 +129,18 @@ class Images(NamedTuple):
     captions: list[str]
 
 
+def tokenizer_mismatch(image_tokenizer: Any, layout: Any) -> str | None:
+    """How an image tokenizer's codes differ from those the vocabulary `layout` holds (codes
+    per image, codebook size), or None when they fit (or there is no tokenizer)."""
+    if image_tokenizer is None:
+        return None
+    got = (image_tokenizer.codes_per_image, image_tokenizer.codebook_size)
+    if got == (layout.image_length, layout.image_codes):
+        return None
+    return (f"the image tokenizer makes {got[0]} codes per image from {got[1]}, the "
+            f"vocabulary expects {layout.image_length} from {layout.image_codes}")
+
+
 @gin.configurable(allowlist=["neighbors_in_query_order", "guidance_keeps_documents",
                              "cpu_kernels"])
 class Generator:
@@ -168,13 +180,9 @@ class Generator:
         if mismatch:
             raise ValueError(f"{mismatch}: this is not the vocabulary the model was trained "
                              "with.")
-        if image_tokenizer is not None and (image_tokenizer.codes_per_image,
-                                            image_tokenizer.codebook_size) != (
-                                                layout.image_length, layout.image_codes):
-            raise ValueError(f"the image tokenizer makes {image_tokenizer.codes_per_image} codes "
-                             f"per image from {image_tokenizer.codebook_size}, the vocabulary "
-                             f"expects {layout.image_length} from {layout.image_codes}: use the "
-                             "tokenizer the data was made with.")
+        mismatch = tokenizer_mismatch(image_tokenizer, layout)
+        if mismatch:
+            raise ValueError(f"{mismatch}: use the tokenizer the data was made with.")
         if batch_size < 1 or prompt_multiple < 1:
             raise ValueError(f"batch_size and prompt_multiple must be >= 1, got {batch_size}, "
                              f"{prompt_multiple}.")

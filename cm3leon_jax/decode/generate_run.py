@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
 from cm3leon_jax.decode import processors as proc
-from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.decode.generate import Generator, SamplingConfig, tokenizer_mismatch
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.images import UnsupportedImageError, pil_rgb
 from cm3leon_jax.model.config import DecoderConfig
@@ -324,10 +324,18 @@ def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | N
 def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
                     named: Sequence[tuple[str, str]], image_tokenizer: Callable,
                     retrieval_dir: str | None, batch_size: int) -> tuple[Generator, int]:
-    """(the Generator, its checkpoint's step). The vocabulary and the captions (`named`:
-    (where given, text)) are checked against the checkpoint's saved config before the slow
-    restore (after it for a run that saved none)."""
+    """(the Generator, its checkpoint's step). Before the slow restore: the checkpoint
+    folder's listing, the image tokenizer against the vocabulary, and the vocabulary and the
+    captions (`named`: (where given, text)) against the checkpoint's saved config (after the
+    restore for a run that saved none)."""
+    restore.check_checkpoint(checkpoint, step)  # A mistyped folder first (a listing).
     vocab = MultimodalVocabulary(vocab_dir)
+    tokenizer = image_tokenizer()
+    mismatch = tokenizer_mismatch(tokenizer, vocab.layout)
+    if mismatch:
+        raise UserInputError(f"generate.image_tokenizer does not fit generate.vocab_dir "
+                             f"{vocab_dir!r}: {mismatch}. Give the image tokenizer the "
+                             "training data was made with.")
     saved = None
     if (params_checkpoint.is_export(checkpoint)
             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):
@@ -337,7 +345,7 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
     if config != saved:
         check_model_fits(config, vocab, checkpoint, vocab_dir, named)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
-    gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)
+    gen = Generator(config, params, vocab, tokenizer, retriever, batch_size=batch_size)
     return gen, restored_step
 
 

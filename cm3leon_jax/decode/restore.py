@@ -42,6 +42,22 @@ def checkpoint_steps(model_dir: str) -> list[int]:
     return checkpoints.finished_steps(str(_checkpoints_dir(model_dir)))
 
 
+def check_checkpoint(model_dir: str, step: int | None = None) -> list[int]:
+    """What `restore_decoder` refuses before it reads anything, from the folder listing
+    alone: no train run (or export) there, no committed checkpoint yet, no checkpoint at
+    `step`. Returns the committed steps ([] for an export)."""
+    if params_checkpoint.is_export(model_dir):
+        return []
+    steps = checkpoint_steps(model_dir)
+    if not steps:
+        raise MissingInputError(f"{model_dir!r} has no committed checkpoint yet; train first "
+                                "(or wait for the first save).")
+    if step is not None and step not in steps:
+        raise UserInputError(f"no checkpoint at step {step} in {model_dir!r}; there are "
+                             f"{steps}.")
+    return steps
+
+
 def _checkpoints_dir(model_dir: str) -> epath.Path:
     """MODEL_DIR/checkpoints, or the folder given when it holds the step folders itself. A
     folder with neither is refused, naming the runs inside it (a demo's MODEL_DIR holds one
@@ -95,13 +111,7 @@ def restore_decoder(model_dir: str, step: int | None = None,
     if params_checkpoint.is_export(model_dir):
         return _restore_export(model_dir, step, config, mesh)
     config = run_config.decoder_config(model_dir) if config is None else config
-    steps = checkpoint_steps(model_dir)
-    if not steps:
-        raise MissingInputError(f"{model_dir!r} has no committed checkpoint yet; train first "
-                             "(or wait for the first save).")
-    if step is not None and step not in steps:
-        raise UserInputError(f"no checkpoint at step {step} in {model_dir!r}; there are "
-                             f"{steps}.")
+    steps = check_checkpoint(model_dir, step)
     expected = nn.unbox(abstract_variables(config)["params"])
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

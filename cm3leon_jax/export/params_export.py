@@ -222,13 +222,29 @@ def _check_hf_layout(checkpoint: str, config: DecoderConfig | None) -> None:
 
 def _check_model_dir(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run, and (before
-    main.run writes config.gin there) a model the 'hf' layout cannot express."""
+    main.run writes config.gin there) a model the 'hf' layout cannot express, a vocabulary
+    or image tokenizer folder that is missing or does not fit the checkpoint's saved model."""
     bindings = gin.get_bindings(export)
     checkpoint = bindings.get("checkpoint")
     run_config.check_apart(model_dir, "export", {"export.checkpoint": checkpoint})
-    if (bindings.get("layout") == "hf" and bindings.get("config") is None
-            and isinstance(checkpoint, str)):
+    if bindings.get("config") is not None or not isinstance(checkpoint, str):
+        return  # The model is a gin reference until the run builds it: the run checks.
+    if bindings.get("layout") == "hf":
         _check_hf_layout(checkpoint, None)
+    folders = {name: bindings.get(name) for name in ("vocab_dir", "image_tokenizer_dir")}
+    if not all(f is None or isinstance(f, str) for f in folders.values()):
+        return
+    for name, folder in folders.items():
+        if folder and not fs.isdir(folder):
+            raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
+                                    "to copy into the export, or None to leave it out.")
+    saved = (pc.is_export(checkpoint)
+             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE)))
+    if saved and any(folders.values()):
+        tokenizer_dir = folders["image_tokenizer_dir"]
+        check_fits(checkpoint, restore.saved_config(checkpoint), folders["vocab_dir"],
+                   tokenizer_dir,
+                   vqgan_checkpoint.read_config(tokenizer_dir) if tokenizer_dir else None)
 
 
 export.check_model_dir = _check_model_dir

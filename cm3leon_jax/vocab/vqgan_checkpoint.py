@@ -114,6 +114,22 @@ def restore_params(model_dir: str, step: int | None = None, every_process: bool 
     raise AssertionError("unreachable")
 
 
+def read_config(model_dir: str) -> VQGANConfig | None:
+    """The newest saved tokenizer's config, without its weights (a few hundred bytes); None
+    if there is no checkpoint or its config does not read (the restore then says why)."""
+    available = steps(model_dir)
+    if not available:
+        return None
+    path = fs.join(checkpoint_dir(model_dir), str(available[-1]), "config")
+    try:
+        stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+            checkpoints.orbax_path(path), args=ocp.args.JsonRestore())
+        return VQGANConfig.from_dict(dict(stored))
+    except Exception as e:  # pylint: disable=broad-except  # The restore reports it.
+        log.warning("could not read the image tokenizer config at %s (%s)", path, e)
+        return None
+
+
 def _read(step_dir: epath.Path, together: bool) -> tuple[Any, VQGANConfig]:
     """(params, config) of one step; CorruptCheckpointError if its files are damaged.
     `together`: every process reads it, and they agree on the outcome of each part."""

@@ -25,10 +25,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 GENERATE = os.path.join(ROOT, "gin_configs", "runs", "generate.gin")
 
 
+# A random image tokenizer of the `vocab` fixture's shape (16 codes per image from 64):
+# generate builds the tokenizer before the restore.
+RANDOM_VQ = ("load_image_tokenizer.checkpoint=None", "load_image_tokenizer.config=@VQGANConfig()",
+             "VQGANConfig.image_size=32", "VQGANConfig.base_channels=8",
+             "VQGANConfig.channel_multipliers=(1, 2, 2, 2)", "VQGANConfig.num_res_blocks=1",
+             "VQGANConfig.attn_levels=()", "VQGANConfig.latent_channels=8",
+             "VQGANConfig.embed_dim=8", "VQGANConfig.codebook_size=64",
+             "VQGANConfig.num_groups=4")
+
+
 def _main(capsys, out, *bindings):
     """(exit status, the `error:` lines) of the generate mode through main.main."""
     argv = [f"--gin_file={GENERATE}", f"--gin.MODEL_DIR='{out}'",
-            "--gin.generate.retrieval_dir=None", *[f"--gin.{b}" for b in bindings]]
+            "--gin.generate.retrieval_dir=None", *[f"--gin.{b}" for b in RANDOM_VQ + bindings]]
     gin.clear_config()
     try:
         code = main_lib.main(argv)
@@ -36,6 +46,16 @@ def _main(capsys, out, *bindings):
         gin.clear_config()
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture
+def listed_not_restored(monkeypatch):
+    """The checkpoint folder passes the listing check (`restore.check_checkpoint`), and any
+    restore fails the test: what is named must be named before the restore."""
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored before refusing")
+    monkeypatch.setattr(generate_run.restore, "check_checkpoint", lambda *args: [1])
+    monkeypatch.setattr(generate_run.restore, "restore_decoder", no_restore)
 
 
 def test_earlier_outputs_are_refused_before_config_gin_is_replaced(tmp_path, capsys):
@@ -50,12 +70,14 @@ def test_earlier_outputs_are_refused_before_config_gin_is_replaced(tmp_path, cap
     assert sorted(os.listdir(out)) == ["config.gin", "generated.json"]
 
 
-def test_overwrite_removes_earlier_outputs_only_once_the_model_is_open(tmp_path, capsys):
+def test_overwrite_removes_earlier_outputs_only_once_the_model_is_open(tmp_path, capsys,
+                                                                        vocab):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / "images" / "000_0.png").write_bytes(b"png")
     (out / "generated.json").write_text("[]")
     code, errors = _main(capsys, out, f"generate.checkpoint='{tmp_path}/typo'",
+                         f"generate.vocab_dir='{vocab.directory}'",
                          "generate.captions=['a red circle']", "generate.overwrite=True")
     assert code == 2 and errors == [f"error: no checkpoints in '{tmp_path}/typo': give the "
                                     "MODEL_DIR of a train run (it holds checkpoints/<step>/state)."]
@@ -63,8 +85,8 @@ def test_overwrite_removes_earlier_outputs_only_once_the_model_is_open(tmp_path,
     assert (out / "images" / "000_0.png").exists()
 
 
-def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab):
-    """The checkpoint folder holds a config.gin and no checkpoint: the restore would fail."""
+def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab,
+                                                        listed_not_restored):
     fits = tmp_path / "fits"
     write_run_config(str(fits), tiny_config())  # max_length 128, 16 image codes.
     long = " ".join(["red circle"] * 120)
@@ -85,7 +107,8 @@ def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab)
     assert not (tmp_path / "out" / "images").exists()
 
 
-def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys, vocab):
+def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys, vocab,
+                                                               listed_not_restored):
     small = tmp_path / "small"
     write_run_config(str(small), tiny_config(vocab_size=256))
     code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{small}'",
@@ -95,6 +118,20 @@ def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys,
         f"error: generate.vocab_dir '{vocab.directory}' does not fit the model of "
         f"generate.checkpoint '{small}': the vocabulary has {vocab.layout.vocab_size} ids but "
         "DecoderConfig.vocab_size=256. Give the vocabulary of the data the model was trained on."]
+
+
+def test_an_image_tokenizer_that_does_not_fit_the_vocabulary_is_named_before_the_restore(
+        tmp_path, capsys, vocab, listed_not_restored):
+    """The vocabulary holds 16 codes per image from 64; the tokenizer makes them from 32."""
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         "generate.captions=['a red circle']", "VQGANConfig.codebook_size=32")
+    assert code == 2 and errors == [
+        f"error: generate.image_tokenizer does not fit generate.vocab_dir '{vocab.directory}': "
+        "the image tokenizer makes 16 codes per image from 32, the vocabulary expects 16 from "
+        "64. Give the image tokenizer the training data was made with."], errors
 
 
 class _StopError(Exception):

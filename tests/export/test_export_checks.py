@@ -63,6 +63,34 @@ def test_a_vocabulary_or_image_tokenizer_not_the_models_is_refused_before_restor
         "big_vocab", "vq_64_codes", "vq_big_book"]
 
 
+def test_through_main_a_folder_that_does_not_fit_is_refused_before_config_gin_is_replaced(
+        train_run, vocab_dir, tmp_path, monkeypatch, capsys):
+    """The fit and folder checks run in `check_model_dir`, before `main.run` writes
+    MODEL_DIR/config.gin (it used to replace the earlier export's, then refuse)."""
+    wide_vq = dataclasses.replace(TINY_VQ, channel_multipliers=(1, 2))  # 8 x 8 codes, not 4 x 4
+    vq_64_codes = str(tmp_path / "vq_64_codes")
+    vqgan_checkpoint.save_params(vq_64_codes, 1, wide_vq, random_vq_params(wide_vq, seed=3))
+    monkeypatch.setattr(params_export.restore, "restore_decoder", _no_restore)
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "config.gin").write_text("# the earlier export's\n")
+    common = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
+              f"--gin.export.checkpoint='{train_run[0]}'"]
+    for bindings, message in (
+            ([f"--gin.export.vocab_dir='{vocab_dir}'",
+              f"--gin.export.image_tokenizer_dir='{vq_64_codes}'"],
+             "gives 64 codes per image from a codebook of 32"),
+            ([f"--gin.export.vocab_dir='{tmp_path}/nowhere'",
+              "--gin.export.image_tokenizer_dir=None"], "is not a folder")):
+        try:
+            assert main.main(common + bindings) == 2
+        finally:
+            gin.clear_config()
+        assert message in capsys.readouterr().err
+        assert (model_dir / "config.gin").read_text() == "# the earlier export's\n"
+        assert os.listdir(model_dir) == ["config.gin"]
+
+
 def test_a_chameleon_export_without_its_vq_in_config_json_is_refused_unless_asked_for(
         train_run, vocab_dir, image_tokenizer_dir, tmp_path, monkeypatch, caplog):
     """transformers builds a random VQ model where config.json has no vq_config; the demo's
