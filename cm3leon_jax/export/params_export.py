@@ -132,10 +132,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
         output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
         reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
                "export.image_tokenizer_dir": image_tokenizer_dir})
-    for name, folder in (("vocab_dir", vocab_dir), ("image_tokenizer_dir", image_tokenizer_dir)):
-        if folder and not fs.isdir(folder):  # Before the (long) restore, on every process.
-            raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
-                                    "to copy into the export, or None to leave it out.")
+    _check_folders(vocab_dir, image_tokenizer_dir)  # Before the (long) restore.
     tokenizer = _before_restoring(checkpoint, config, layout, vocab_dir, image_tokenizer_dir,
                                   hf_without_vq)
     mesh = partitioning.make_mesh() if shard else None
@@ -220,6 +217,14 @@ def _check_hf_layout(checkpoint: str, config: DecoderConfig | None) -> None:
     hf_weights.check_expressible(wanted, hf_export.family_of(wanted))
 
 
+def _check_folders(vocab_dir: str | None, image_tokenizer_dir: str | None) -> None:
+    """Refuses a folder to copy into the export that is not one (on every process)."""
+    for name, folder in (("vocab_dir", vocab_dir), ("image_tokenizer_dir", image_tokenizer_dir)):
+        if folder and not fs.isdir(folder):
+            raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
+                                    "to copy into the export, or None to leave it out.")
+
+
 def _check_model_dir(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run, and (before
     main.run writes config.gin there) a model the 'hf' layout cannot express, a vocabulary
@@ -234,10 +239,7 @@ def _check_model_dir(model_dir: str) -> None:
     folders = {name: bindings.get(name) for name in ("vocab_dir", "image_tokenizer_dir")}
     if not all(f is None or isinstance(f, str) for f in folders.values()):
         return
-    for name, folder in folders.items():
-        if folder and not fs.isdir(folder):
-            raise MissingInputError(f"export.{name}={folder!r} is not a folder: give the one "
-                                    "to copy into the export, or None to leave it out.")
+    _check_folders(folders["vocab_dir"], folders["image_tokenizer_dir"])
     saved = (pc.is_export(checkpoint)
              or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE)))
     if saved and any(folders.values()):

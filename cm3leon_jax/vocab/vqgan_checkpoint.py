@@ -120,14 +120,19 @@ def read_config(model_dir: str) -> VQGANConfig | None:
     available = steps(model_dir)
     if not available:
         return None
-    path = fs.join(checkpoint_dir(model_dir), str(available[-1]), "config")
+    step_dir = checkpoints.orbax_path(checkpoint_dir(model_dir)) / str(available[-1])
     try:
-        stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-            checkpoints.orbax_path(path), args=ocp.args.JsonRestore())
-        return VQGANConfig.from_dict(dict(stored))
+        return _config_at(step_dir)
     except Exception as e:  # pylint: disable=broad-except  # The restore reports it.
-        log.warning("could not read the image tokenizer config at %s (%s)", path, e)
+        log.warning("could not read the image tokenizer config at %s (%s)", step_dir, e)
         return None
+
+
+def _config_at(step_dir: epath.Path) -> VQGANConfig:
+    """The VQGANConfig saved in one step's folder."""
+    stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        step_dir / "config", args=ocp.args.JsonRestore())
+    return VQGANConfig.from_dict(dict(stored))
 
 
 def _read(step_dir: epath.Path, together: bool) -> tuple[Any, VQGANConfig]:
@@ -144,9 +149,7 @@ def _read(step_dir: epath.Path, together: bool) -> tuple[Any, VQGANConfig]:
 
     def load() -> tuple[Any, VQGANConfig]:
         try:
-            stored = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-                step_dir / "config", args=ocp.args.JsonRestore())
-            cfg = VQGANConfig.from_dict(dict(stored))
+            cfg = _config_at(step_dir)
             # Onto this process's first device, whichever devices saved it: every process of
             # a pod holds its own copy (without a target sharding orbax refuses another
             # topology).

@@ -140,9 +140,11 @@ def test_muon_first_update_matches_pytorch_and_reference_per_layer_and_adamw_els
     config = tiny_config(num_layers=2)
     axes = _axes(config)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda s: rng.standard_normal(_shape(config, s)).astype(np.float32) * 0.1, axes,
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    from flax import linen as nn
+
+    from cm3leon_jax.model.decoder import abstract_variables
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.1,
+                          nn.unbox(abstract_variables(config)["params"]))
     grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
     lr, wd = 0.01, 0.1
     tx = optimizer.make_optimizer(optax.constant_schedule(lr), kind="muon", weight_decay=wd,
@@ -177,14 +179,6 @@ def test_muon_first_update_matches_pytorch_and_reference_per_layer_and_adamw_els
                               embed_only)
     np.testing.assert_allclose(np.asarray(updates["token_embed"]["embedding"]),
                                np.asarray(expected["token_embed"]["embedding"]), rtol=1e-6)
-
-
-def _shape(config, spec) -> tuple[int, ...]:
-    sizes = {"layers": config.num_layers, "embed": config.d_model, "heads": config.num_heads,
-             "kv_heads": config.num_kv_heads or config.num_heads, "kv": config.head_dim
-             or config.d_model // config.num_heads, "mlp": config.mlp_dim,
-             "vocab": config.vocab_size, "length": config.max_length}
-    return tuple(sizes[a] for a in spec)
 
 
 def test_muon_mistakes_are_clear_errors():
