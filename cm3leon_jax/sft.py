@@ -34,6 +34,7 @@ from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.train import run_config, trainer
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
 def _sft_families(task: str) -> dict[str, str]:
@@ -96,6 +97,19 @@ def check_vocabulary(base_vocab_dir: str, task: str) -> None:
                                  "sft_preprocess with the base model's pretraining vocabulary.")
 
 
+def check_base_record(base_model_dir: str, task: str) -> None:
+    """Raises when the base run recorded another vocabulary than the task's (its trainer's
+    `vocabulary.json`): base_vocab_dir may name the task's own folder, not the base's."""
+    vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+    mismatch = (isinstance(vocab, MultimodalVocabulary)
+                and restore.vocabulary_mismatch(base_model_dir, vocab))
+    if mismatch:
+        raise UserInputError(f"the SFT task {task!r} reads the vocabulary in "
+                             f"{vocab.directory!r}, and the base run {base_model_dir!r}: "
+                             f"{mismatch}. Run sft_preprocess with the base model's "
+                             "pretraining vocabulary.")
+
+
 @gin.configurable(denylist=["model_dir"])
 def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         base_vocab_dir: str = gin.REQUIRED, base_step: int | None = None) -> dict[str, Any]:
@@ -112,6 +126,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
     check_eval_data(gin.query_parameter("train.task"), eval_split())
     config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
     check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
+    check_base_record(base_model_dir, gin.query_parameter("train.task"))
     steps = restore.checkpoint_steps(base_model_dir)
     if not steps:
         raise MissingInputError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")

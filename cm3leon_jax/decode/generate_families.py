@@ -33,6 +33,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
+from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.image_inputs import read_rgb
 
@@ -47,6 +48,9 @@ FIELDS = {
     "long_caption": (("image",), "image"),
     "segment": (("image", "phrase"), "image"),
 }
+# The most tokens a text answer of these families may take (Generator.vqa / describe's
+# max_tokens); the image families generate one image's codes.
+TEXT_TOKENS = {"vqa": 16, "caption": 48, "long_caption": 48}
 # The request's key holding its input image, decoded (not written to families.json).
 PIXELS = "_pixels"
 # families.png shows at most this many pictures (a long prompts file's sheet would be huge).
@@ -101,6 +105,45 @@ def _checked(request: Any, where: str, root: str) -> dict:
     return {**request, image_field: image, PIXELS: pixels}
 
 
+def check_requests_fit(requests: Sequence[dict], path: str, max_length: int, vocab: Any,
+                       checkpoint: str) -> None:
+    """An error naming the file and line of the first request whose prompt leaves no room
+    in the model's `max_length` for what its family generates (the sampler would refuse it
+    after the restore, with the outputs of the requests before it half written). Each
+    prompt is built as the Generator builds it, with an input image's codes all 0: only
+    their number counts."""
+    codes = np.zeros(vocab.layout.image_length, np.int32)
+    for request in requests:
+        family = request["family"]
+        new = TEXT_TOKENS.get(family) or proc.ImageCodesOnly(vocab.layout).max_new_tokens
+        size = sft_prompts.prompt_ids(request_prompt(request, codes), vocab).size
+        if size > max_length - new:
+            raise UserInputError(
+                f"{path}, line {request['line']}: the {family} request's prompt has {size} "
+                f"tokens, the model has room for {max_length - new} "
+                f"(DecoderConfig.max_length={max_length} of {checkpoint!r} minus the {new} "
+                "tokens it generates): shorten its text.")
+
+
+def request_prompt(request: dict, codes: np.ndarray) -> sft_prompts.Prompt:
+    """The SFT prompt of `request` (what its Generator method builds) on an input image's
+    `codes`; the families without an input image ignore them."""
+    family = request["family"]
+    if family == "edit":
+        return sft_prompts.edit(codes, request["instruction"])
+    if family == "grounded":
+        return sft_prompts.condition_to_image(request["condition"], codes, request["caption"])
+    if family == "boxes_to_image":
+        return sft_prompts.boxes_to_image(request["caption"], list(request["boxes"]))
+    if family == "how_to_write":
+        return sft_prompts.how_to_write(request["text"])
+    if family == "segment":
+        return sft_prompts.segment(codes, request["phrase"])
+    if family == "vqa":
+        return sft_prompts.vqa(codes, request["question"])
+    return sft_prompts.caption(codes, long=family == "long_caption")
+
+
 def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
                 text_sampling: Any, seed: int) -> Any:
     """One request through its Generator method: `Images` or a list of strings."""
@@ -119,8 +162,10 @@ def run_request(gen: Any, request: dict, num_samples: int, image_sampling: Any,
     if family == "segment":
         return gen.segment(image, [request["phrase"]], **kw)
     if family == "vqa":
-        return gen.vqa(image, [request["question"]], sampling=text_sampling, seed=seed)
-    return gen.describe(image, long=family == "long_caption", sampling=text_sampling, seed=seed)
+        return gen.vqa(image, [request["question"]], max_tokens=TEXT_TOKENS[family],
+                       sampling=text_sampling, seed=seed)
+    return gen.describe(image, long=family == "long_caption", max_tokens=TEXT_TOKENS[family],
+                        sampling=text_sampling, seed=seed)
 
 
 def generate_families(gen: Any, prompts: str | Sequence[dict], out_dir: str, *,

@@ -271,7 +271,7 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     named += [(f"generate.negative_captions[{i}]", t)
               for i, t in enumerate(text_list(negative_captions))]
     gen, restored_step = _open_generator(
-        checkpoint, step, vocab_dir, named, image_tokenizer,
+        checkpoint, step, vocab_dir, named, (prompts_file, requests), image_tokenizer,
         retrieval_dir if num_retrieved else None, batch_size)
     summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(gen.retriever)}
     drawn = made = None
@@ -322,11 +322,13 @@ def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | N
 
 
 def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
-                    named: Sequence[tuple[str, str]], image_tokenizer: Callable,
-                    retrieval_dir: str | None, batch_size: int) -> tuple[Generator, int]:
+                    named: Sequence[tuple[str, str]], families: tuple[str | None, list[dict]],
+                    image_tokenizer: Callable, retrieval_dir: str | None,
+                    batch_size: int) -> tuple[Generator, int]:
     """(the Generator, its checkpoint's step). Before the slow restore: the checkpoint
-    folder's listing, the image tokenizer against the vocabulary, and the vocabulary and the
-    captions (`named`: (where given, text)) against the checkpoint's saved config (after the
+    folder's listing, the image tokenizer against the vocabulary, and the vocabulary, the
+    captions (`named`: (where given, text)) and the prompts file's requests (`families`:
+    (its path, what read_requests read)) against the checkpoint's saved config (after the
     restore for a run that saved none)."""
     restore.check_checkpoint(checkpoint, step)  # A mistyped folder first (a listing).
     vocab = MultimodalVocabulary(vocab_dir)
@@ -340,21 +342,24 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
     if (params_checkpoint.is_export(checkpoint)
             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):
         saved = restore.saved_config(checkpoint)
-        check_model_fits(saved, vocab, checkpoint, vocab_dir, named)
+        check_model_fits(saved, vocab, checkpoint, vocab_dir, named, families)
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     if config != saved:
-        check_model_fits(config, vocab, checkpoint, vocab_dir, named)
+        check_model_fits(config, vocab, checkpoint, vocab_dir, named, families)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, vocab, tokenizer, retriever, batch_size=batch_size)
     return gen, restored_step
 
 
 def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpoint: str,
-                     vocab_dir: str, named: Sequence[tuple[str, str]]) -> None:
+                     vocab_dir: str, named: Sequence[tuple[str, str]],
+                     families: tuple[str | None, list[dict]] = (None, [])) -> None:
     """An error naming the input when the vocabulary is not the model's, or a caption's
     prompt (`caption <break>`) leaves no room in DecoderConfig.max_length for the image's
-    codes (`Generator.text_to_image` would fail after the restore)."""
-    mismatch = config.vocabulary_mismatch(vocab.layout)
+    codes (`Generator.text_to_image` would fail after the restore), or a request of the
+    prompts file (`families`: (path, requests)) none for what its family generates."""
+    mismatch = config.vocabulary_mismatch(vocab.layout) or restore.vocabulary_mismatch(
+        checkpoint, vocab)
     if mismatch:
         raise UserInputError(f"generate.vocab_dir {vocab_dir!r} does not fit the model of "
                              f"generate.checkpoint {checkpoint!r}: {mismatch}. Give the "
@@ -368,6 +373,9 @@ def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpo
                 f"{where}: the caption has {size - 1} tokens, the model has room for "
                 f"{budget - 1} (DecoderConfig.max_length={config.max_length} of "
                 f"{checkpoint!r} minus {new_tokens} image codes and the <break>): shorten it.")
+    prompts_file, requests = families
+    generate_families.check_requests_fit(requests, prompts_file, config.max_length, vocab,
+                                         checkpoint)
 
 
 def _check_model_dir(model_dir: str) -> None:

@@ -31,7 +31,8 @@ from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
-from cm3leon_jax.train import checkpoints, params_checkpoint, run_config
+from cm3leon_jax.train import checkpoints, params_checkpoint, run_config, vocab_record
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,20 @@ def saved_config(model_dir: str) -> DecoderConfig:
         manifest = params_checkpoint.read_manifest(model_dir)
         return params_checkpoint.config_from_dict(manifest["decoder_config"], model_dir)
     return run_config.decoder_config(model_dir)
+
+
+def vocabulary_record(model_dir: str) -> dict | None:
+    """The record of the vocabulary the model in `model_dir` was trained on: a train run's
+    `vocabulary.json` (the trainer's) or an export's manifest entry; None for a model saved
+    without one (before records)."""
+    if params_checkpoint.is_export(model_dir):
+        return params_checkpoint.read_manifest(model_dir).get("vocabulary")
+    return vocab_record.read(model_dir)
+
+
+def vocabulary_mismatch(model_dir: str, vocab: MultimodalVocabulary) -> str | None:
+    """How `vocab` is not the one the model in `model_dir` was trained on, or None."""
+    return vocab_record.mismatch(vocabulary_record(model_dir), vocab)
 
 
 def _restore_export(path: str, step: int | None, config: DecoderConfig | None,

@@ -192,10 +192,15 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
     out_dir = _refuse_earlier_eval(model_dir, overwrite)
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
                     can_rank=bool(clip_encoder_dir or retrieval_dir))
+    vocab = MultimodalVocabulary(vocab_dir)
+    mismatch = restore.vocabulary_mismatch(checkpoint, vocab)  # Before the restore.
+    if mismatch:
+        raise UserInputError(f"evaluate.vocab_dir {vocab_dir!r} does not fit the model of "
+                             f"evaluate.checkpoint {checkpoint!r}: {mismatch}. Give the "
+                             "vocabulary of the data the model was trained on.")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
-    gen = Generator(config, params, MultimodalVocabulary(vocab_dir), image_tokenizer(), retriever,
-                    batch_size=batch_size)
+    gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)
     encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
                else getattr(retriever, "encoder", None))
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,

@@ -29,7 +29,7 @@ from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import hf_weights, partitioning
 from cm3leon_jax.model.config import DTYPES, DecoderConfig
 from cm3leon_jax.train import params_checkpoint as pc
-from cm3leon_jax.train import run_config, staging
+from cm3leon_jax.train import run_config, staging, vocab_record
 from cm3leon_jax.vocab import vqgan_checkpoint
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 from cm3leon_jax.vocab.vqgan import VQGANConfig
@@ -146,8 +146,13 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
                                  image_tokenizer=tokenizer, overwrite=overwrite,
                                  source=checkpoint, step=got_step, without_vq=hf_without_vq)
     else:
+        # What it was trained on, for runs that read the export with a vocabulary of their
+        # own (restore.vocabulary_record): the checkpoint's record, else the one it bundles.
+        record = restore.vocabulary_record(checkpoint) or (
+            vocab_record.of(MultimodalVocabulary(vocab_dir)) if vocab_dir else None)
         out = write_export(output_dir, config, params, step=got_step, source=checkpoint,
-                           vocab_dir=vocab_dir, image_tokenizer=tokenizer, overwrite=overwrite)
+                           vocab_dir=vocab_dir, image_tokenizer=tokenizer, overwrite=overwrite,
+                           extra={"vocabulary": record} if record else None)
     print(f"[export] step {got_step} of {checkpoint} -> {output_dir} ({layout}, "
           f"{config.param_dtype})", flush=True)
     return out
@@ -184,8 +189,10 @@ def check_fits(checkpoint: str, model: DecoderConfig, vocab_dir: str | None,
     the demo's, which another checkpoint does not use): more ids than the model embeds, other
     image or sentinel ids than its image places, or another number of codes per image or
     codebook than the vocabulary (or, without one, the model's image ids) holds."""
-    layout = MultimodalVocabulary(vocab_dir).layout if vocab_dir else None
-    mismatch = model.vocabulary_mismatch(layout) if layout is not None else None
+    vocab = MultimodalVocabulary(vocab_dir) if vocab_dir else None
+    layout = vocab.layout if vocab else None
+    mismatch = vocab and (model.vocabulary_mismatch(layout)
+                          or restore.vocabulary_mismatch(checkpoint, vocab))
     if mismatch:
         raise UserInputError(
             f"export.vocab_dir {vocab_dir!r} does not fit the model of export.checkpoint "

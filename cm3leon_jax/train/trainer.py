@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
-from cm3leon_jax.train import checkpoints, distributed, optimizer
+from cm3leon_jax.train import checkpoints, distributed, optimizer, vocab_record
 from cm3leon_jax.train import data as data_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import state as state_lib
@@ -54,6 +54,24 @@ def _check_vocabulary(task: str, config: DecoderConfig) -> None:
     if mismatch:
         raise UserInputError(f"{mismatch} (task {task!r}): bind those values (grid: the "
                              "square root of the codes per image).")
+
+
+def _vocabulary_record(model_dir: str, task: str, resumed: bool) -> None:
+    """A resumed run must read the vocabulary its checkpoints were trained on (MODEL_DIR's
+    record, train/vocab_record.py): one of the same size but another text model passes
+    every other check and trains on with each id read as another piece. A fresh run (no
+    checkpoint) records the task's. Vocabularies without a fingerprint are not recorded."""
+    vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+    if not hasattr(vocab, "fingerprint"):
+        return
+    mismatch = resumed and vocab_record.mismatch(vocab_record.read(model_dir), vocab)
+    if mismatch:
+        raise UserInputError(
+            f"MODEL_DIR {model_dir!r} holds checkpoints, and {mismatch}; task {task!r} reads "
+            f"{vocab.directory!r}. Give the task the vocabulary of the run's data, or train "
+            "into a new MODEL_DIR.")
+    if not resumed and jax.process_index() == 0:
+        vocab_record.write(model_dir, vocab)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,6 +153,7 @@ class _Run:
                  num_data_shards: int | None, eval_steps: int, eval_split: str,
                  on_nonfinite: str):
         self.config, self.num_steps, self.seed = config, num_steps, seed
+        self.model_dir, self.task = model_dir, task
         self.mesh = distributed.train_mesh()
         step_lib.check_batch(self.mesh, global_batch_size, num_microbatches)
         self.peak = metrics_lib.peak_flops_per_device()  # Measured on CPU: before data threads.
@@ -169,6 +188,7 @@ class _Run:
         """The newest readable checkpoint (data position included), else a fresh state
         (with `init_params_from(mesh)`'s parameters, when given)."""
         state = self.ckpt.restore(self.abstract, self.data)
+        _vocabulary_record(self.model_dir, self.task, resumed=state is not None)
         if state is None:
             state = state_lib.create_train_state(self.model, self.tx, self.mesh, self.seed)
             if init_params_from is not None:

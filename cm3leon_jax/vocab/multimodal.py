@@ -13,6 +13,8 @@ images as `<img:N>` runs, for logs and debugging.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -120,6 +122,15 @@ class MultimodalVocabulary(seqio.Vocabulary):
         with fs.open(path) as f:
             args = json.load(f)
         return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size, **args)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what the ids mean (the text model's bytes and the layout): equal for
+        equal vocabularies wherever they are stored, different for a text model trained on
+        other data even at the same size. Trainers record it (train/vocab_record.py)."""
+        h = hashlib.sha256(self.text_tokenizer.model_proto)
+        h.update(json.dumps(dataclasses.asdict(self.layout), sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     # seqio.Vocabulary interface.
     @property

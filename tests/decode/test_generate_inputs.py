@@ -16,9 +16,11 @@ from PIL import Image
 
 from cm3leon_jax import fs
 from cm3leon_jax import main as main_lib
+from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import generate_families, generate_run, pictures
 from cm3leon_jax.decode.generate import Images
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.train import vocab_record
 from tests.model.model_testlib import tiny_config, write_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,6 +109,31 @@ def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab,
     assert not (tmp_path / "out" / "images").exists()
 
 
+def test_a_too_long_family_request_is_named_before_the_restore(tmp_path, capsys, vocab,
+                                                               listed_not_restored):
+    """A prompts file's request whose prompt leaves the model no room for its answer is
+    named by file and line before the restore, as a too-long caption is."""
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())  # max_length 128, 16 image codes.
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "scene.png")
+    long = "Is there a " + " and a ".join(["red circle"] * 40) + "?"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"family": "vqa", "image": "scene.png", "question": "Is it red?"}) + "\n"
+        + json.dumps({"family": "caption", "image": "scene.png"}) + "\n"
+        + json.dumps({"family": "vqa", "image": "scene.png", "question": long}) + "\n")
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         f"generate.prompts_file='{prompts}'")
+    n = sft_prompts.prompt_ids(sft_prompts.vqa(np.zeros(16, np.int32), long), vocab).size
+    assert n > 112
+    assert code == 2 and errors == [
+        f"error: {prompts}, line 3: the vqa request's prompt has {n} tokens, the model has "
+        f"room for 112 (DecoderConfig.max_length=128 of '{fits}' minus the 16 tokens it "
+        "generates): shorten its text."], errors
+    assert not (tmp_path / "out" / "families").exists()
+
+
 def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys, vocab,
                                                                listed_not_restored):
     small = tmp_path / "small"
@@ -118,6 +145,30 @@ def test_another_models_vocabulary_is_named_before_the_restore(tmp_path, capsys,
         f"error: generate.vocab_dir '{vocab.directory}' does not fit the model of "
         f"generate.checkpoint '{small}': the vocabulary has {vocab.layout.vocab_size} ids but "
         "DecoderConfig.vocab_size=256. Give the vocabulary of the data the model was trained on."]
+
+
+def test_a_vocabulary_other_than_the_recorded_one_is_named_before_the_restore(
+        tmp_path, capsys, vocab, listed_not_restored):
+    """The trainer records its vocabulary's fingerprint (vocabulary.json); one of the same
+    size and layout made from another text model fits every size check, and is refused."""
+    trained = tmp_path / "trained"
+    write_run_config(str(trained), tiny_config())
+    record = {**vocab_record.of(vocab), "fingerprint": "0123456789abcdef",
+              "directory": "/data/other/vocab"}
+    (trained / vocab_record.FILE).write_text(json.dumps(record))
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{trained}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         "generate.captions=['a red circle']")
+    assert code == 2 and errors == [
+        f"error: generate.vocab_dir '{vocab.directory}' does not fit the model of "
+        f"generate.checkpoint '{trained}': its model was trained on the vocabulary in "
+        f"'/data/other/vocab' (fingerprint 0123456789abcdef), not this one (fingerprint "
+        f"{vocab.fingerprint}: another text model or layout, even if of the same size). Give "
+        "the vocabulary of the data the model was trained on."], errors
+    vocab_record.write(str(trained), vocab)  # Its own: on to the (failing) restore.
+    with pytest.raises(AssertionError, match="restored before refusing"):
+        _main(capsys, tmp_path / "out", f"generate.checkpoint='{trained}'",
+              f"generate.vocab_dir='{vocab.directory}'", "generate.captions=['a red circle']")
 
 
 def test_an_image_tokenizer_that_does_not_fit_the_vocabulary_is_named_before_the_restore(

@@ -2,6 +2,7 @@
 touched; with overwrite, the earlier results go only just before decoding. Settings that a
 job would fail on hours in are refused before the restore."""
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -118,10 +119,32 @@ def test_settings_a_job_would_fail_on_are_refused_before_the_restore(no_restore)
     # A retrieval folder that names no encoder: refused once opened, before decoding.
     with pytest.raises(UserInputError, match="re-rank samples by CLIP score"):
         _evaluate(strategies=[rerank8], retrieval_dir="retrieval")
-    assert no_restore == ["restore", "retriever", "vocab", "generator"]
+    assert no_restore == ["vocab", "restore", "retriever", "generator"]
     no_restore.clear()
     _evaluate(strategies=[Strategy()], caption_style="image_first")  # Valid: decoded.
-    assert no_restore == ["restore", "vocab", "generator", "decode"]
+    assert no_restore == ["vocab", "restore", "generator", "decode"]
+
+
+def test_a_vocabulary_other_than_the_recorded_one_is_refused_before_the_restore(
+        eval_files, tmp_path, monkeypatch):
+    """The checkpoint's record (the trainer's vocabulary.json) names another vocabulary of the
+    same size: refused, naming both, before the restore."""
+    from cm3leon_jax.train import vocab_record
+    from cm3leon_jax.vocab import multimodal
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored before refusing")
+    monkeypatch.setattr(eval_run.restore, "restore_decoder", no_restore)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    vocab = multimodal.MultimodalVocabulary(eval_files["vocab"])
+    (trained / vocab_record.FILE).write_text(json.dumps(
+        {**vocab_record.of(vocab), "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UserInputError, match=r"^evaluate.vocab_dir .* does not fit the model of "
+                       r"evaluate.checkpoint .*fingerprint 0123456789abcdef\), not this one "
+                       f"\\(fingerprint {vocab.fingerprint}"):
+        eval_run.evaluate("unused", checkpoint=str(trained), vocab_dir=eval_files["vocab"],
+                          image_tokenizer=lambda: None)
 
 
 def test_a_mistyped_caption_style_is_refused_before_config_gin(eval_files, tmp_path, capfd,

@@ -193,3 +193,36 @@ def test_an_import_into_its_own_source_is_refused_before_config_gin_is_written(t
             gin.clear_config()
         assert sorted(os.listdir(source)) == ["x.txt"]  # No config.gin written there.
         assert "import MODEL_DIR" in capsys.readouterr().err
+
+
+def test_the_recorded_vocabulary_is_checked_and_carried_into_the_export(
+        train_run, vocab_dir, tmp_path, monkeypatch):
+    """A train run records its vocabulary (vocabulary.json): exporting it with another of the
+    same size is refused before the restore; with its own, the export's manifest carries the
+    record, so a run that reads the export with another vocabulary is refused too."""
+    import shutil
+
+    from cm3leon_jax.train import vocab_record
+
+    run = str(tmp_path / "run")
+    shutil.copytree(train_run[0], run)
+    vocab = MultimodalVocabulary(vocab_dir)
+    other = MultimodalVocabulary.create(
+        str(tmp_path / "other"), TextTokenizer.train([t.upper() for t in TEXTS], vocab_size=280),
+        image_codes=32, num_sentinels=4, image_length=16)
+    assert other.layout == vocab.layout and other.fingerprint != vocab.fingerprint
+    vocab_record.write(run, other)
+    with monkeypatch.context() as patch:
+        patch.setattr(params_export.restore, "restore_decoder", _no_restore)
+        with pytest.raises(UserInputError, match=rf"^export.vocab_dir .* does not fit the model "
+                           rf"of export.checkpoint .*\(fingerprint {other.fingerprint}\), not "
+                           rf"this one \(fingerprint {vocab.fingerprint}"):
+            _export((run,), tmp_path / "refused", vocab_dir=vocab_dir)
+    assert not (tmp_path / "refused").exists()
+
+    vocab_record.write(run, vocab)
+    manifest = _export((run,), tmp_path / "export", vocab_dir=vocab_dir)
+    assert manifest["vocabulary"]["fingerprint"] == vocab.fingerprint
+    export_dir = str(tmp_path / "export")
+    assert restore.vocabulary_mismatch(export_dir, vocab) is None
+    assert "fingerprint " + vocab.fingerprint in restore.vocabulary_mismatch(export_dir, other)

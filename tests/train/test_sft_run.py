@@ -5,6 +5,7 @@ trainer tests' tiny corpus and a tiny SFT folder made from its vocabulary, shrun
 bindings to seconds.
 """
 
+import json
 import os
 import shutil
 
@@ -135,6 +136,20 @@ def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_pat
         f.write(b"x")
     with pytest.raises(ValueError, match="vocabulary mismatch.*other_vocab"):
         run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": repr(str(other))}))
+    # The base's own record (its trainer's vocabulary.json) names another vocabulary: a
+    # base_vocab_dir that is the task's own folder would pass the file comparison.
+    record = os.path.join(base[0], "vocabulary.json")
+    with open(record) as f:
+        kept = f.read()
+    assert json.loads(kept)["fingerprint"] == MultimodalVocabulary(base[2]).fingerprint
+    with open(record, "w") as f:
+        f.write(json.dumps({**json.loads(kept), "fingerprint": "0123456789abcdef"}))
+    try:
+        with pytest.raises(UserInputError, match=r"the base run .*fingerprint 0123456789abcdef"):
+            run_sft(sft_bindings(str(tmp_path / "d"), base))
+    finally:
+        with open(record, "w") as f:
+            f.write(kept)
     # Refused before main.run writes MODEL_DIR/config.gin: the base's stays as it was.
     whole_base = lib.tree_digests(base[0])
     with pytest.raises(UserInputError, match="base run's folder"):

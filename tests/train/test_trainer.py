@@ -12,6 +12,7 @@ import time
 import pytest
 import train_testlib as lib
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.train.trainer import NonFiniteLossError
 
 
@@ -157,3 +158,41 @@ def test_muon_trains_on_the_sharded_mesh_resumes_exactly_and_another_optimizer_i
         lib.run_in_process(lib.bindings(resumed, path, vocab, **{"train.num_steps": 6,
                                                                  "Checkpointer.save_every": 2}))
     assert lib.tree_digests(os.path.join(resumed, "checkpoints")) == before
+
+
+def test_a_resume_on_another_vocabulary_of_the_same_size_is_refused(corpus, tmp_path):
+    """A fresh run records its task's vocabulary (`vocabulary.json`); resuming it on a
+    vocabulary of the same size whose text model was trained on other text is refused,
+    naming both, with the checkpoints left as they were."""
+    import shutil
+
+    from cm3leon_jax.train import vocab_record
+    from cm3leon_jax.vocab import multimodal
+    from cm3leon_jax.vocab.text_tokenizer import TextTokenizer
+
+    path, vocab_size = corpus
+    model_dir = str(tmp_path / "run")
+    lib.run_in_process(lib.bindings(model_dir, path, vocab_size, **{"train.num_steps": 2,
+                                                                    "Checkpointer.save_every": 2}))
+    vocab = multimodal.MultimodalVocabulary(os.path.join(path, "vocab"))
+    assert vocab_record.read(model_dir)["fingerprint"] == vocab.fingerprint
+
+    other = str(tmp_path / "other")  # The same shards, another text model of 280 pieces.
+    shutil.copytree(path, other)
+    shutil.rmtree(os.path.join(other, "vocab"))
+    captions = [c.replace("next to", "above").replace("red", "teal") for c in lib.CAPTIONS]
+    layout = vocab.layout
+    retrained = multimodal.MultimodalVocabulary.create(
+        os.path.join(other, "vocab"), TextTokenizer.train(captions, layout.text_size),
+        image_codes=layout.image_codes, num_sentinels=layout.num_sentinels,
+        image_length=layout.image_length, pad_to_multiple=layout.pad_to_multiple)
+    assert retrained.layout == layout and retrained.fingerprint != vocab.fingerprint
+
+    before = lib.tree_digests(os.path.join(model_dir, "checkpoints"))
+    with pytest.raises(UserInputError) as error:
+        lib.run_in_process(lib.bindings(model_dir, other, vocab_size,
+                                        **{"train.num_steps": 4, "Checkpointer.save_every": 2}))
+    message = str(error.value)
+    assert "holds checkpoints" in message and vocab.fingerprint in message, message
+    assert retrained.fingerprint in message and "new MODEL_DIR" in message, message
+    assert lib.tree_digests(os.path.join(model_dir, "checkpoints")) == before

@@ -112,6 +112,23 @@ def test_vocabulary_directory_reopens_equal(vocab):
     assert again.layout.image_length == IMAGE_LENGTH
 
 
+def test_fingerprint_follows_the_text_model_and_layout_not_the_folder(vocab, tmp_path):
+    """Copies share it; a text model trained on other text, of the same size, or another
+    layout does not (the size checks cannot tell those apart)."""
+    import shutil
+    shutil.copytree(vocab.directory, tmp_path / "copy")
+    assert MultimodalVocabulary(str(tmp_path / "copy")).fingerprint == vocab.fingerprint
+    other_text = [c.replace("above", "below") for c in CAPTIONS]
+    retrained = MultimodalVocabulary.create(
+        str(tmp_path / "retrained"), TextTokenizer.train(other_text, vocab_size=290),
+        image_codes=64, num_sentinels=8, image_length=IMAGE_LENGTH)
+    assert retrained.layout == vocab.layout and retrained.fingerprint != vocab.fingerprint
+    relaid = MultimodalVocabulary.create(
+        str(tmp_path / "relaid"), vocab.text_tokenizer, image_codes=64, num_sentinels=9,
+        image_length=IMAGE_LENGTH)
+    assert relaid.fingerprint != vocab.fingerprint
+
+
 def test_a_path_function_follows_its_folder(vocab, tmp_path):
     """A task's vocabulary (registered at import, its folder from gin) reads the folder bound
     now, not the first one it read: two runs in one process may bind two data folders."""
