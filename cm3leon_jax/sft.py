@@ -187,14 +187,16 @@ def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
               image_tokenizer_fn: Any, image_size: int, split_sizes: dict,
               num_steps: int = 200, peak_lr: float = 5e-5, warmup_steps: int = 150,
               seq_len: int | None = None, seed: int = 0,
-              task: str = "cm3leon_sft_mix", loss_per: str = "token") -> dict[str, Any]:
+              task: str = "cm3leon_sft_mix", loss_per: str = "token",
+              optimizer: str | None = None) -> dict[str, Any]:
     """SFT as one stage of a larger run (`make demo`): the SFT shards of the built-in
     corpus (`model_dir/sft_data`, Beam), then the sft run (`model_dir/sft`), both under
     the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
     and schedule bound here. `task` is a built-in SFT mixture (tasks/sft.py); the replay
     one reads the pretraining documents from `pretrain_data_dir`; `loss_per` is the SFT
-    run's `loss_weighting` ("token" or "example"). Finished parts are reused. Returns
-    both results."""
+    run's `loss_weighting` ("token" or "example"); `optimizer` its `make_optimizer.kind`
+    (None: the caller's, as pretraining's). Finished parts are reused. Returns both
+    results."""
     seq_len = seq_len or gin.query_parameter("train.seq_len")
     data_dir = sft_data_dir(model_dir)
     data = sft_data(model_dir, pretrain_data_dir=pretrain_data_dir,
@@ -206,6 +208,8 @@ def sft_stage(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
                 "learning_rate_schedule.peak_lr": peak_lr,
                 "learning_rate_schedule.warmup_steps": warmup_steps,
                 "loss_weighting.per": loss_per}
+    if optimizer is not None:
+        bindings["make_optimizer.kind"] = optimizer
     with gin.unlock_config():
         for key, value in bindings.items():
             gin.bind_parameter(key, value)

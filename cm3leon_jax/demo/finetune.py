@@ -35,7 +35,8 @@ def sft_scenes(split_sizes: dict | None = None, seed: int = 0) -> tuple[dict, in
 def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
               image_tokenizer_fn: Callable[[], Any], image_size: int, num_steps: int = 200,
               peak_lr: float = 1e-3, warmup_steps: int = 30,
-              task: str = "cm3leon_sft_mix", loss_per: str = "token") -> dict:
+              task: str = "cm3leon_sft_mix", loss_per: str = "token",
+              optimizer: str | None = None) -> dict:
     """Writes the SFT shards (if the sft_data stage has not) and fine-tunes pretrain_dir's
     decoder into model_dir/sft.
 
@@ -49,6 +50,7 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
         "cm3leon_sft_replay_mix" (with the pretraining documents at `sft_replay.rate`).
       loss_per: how the SFT loss averages, "token" (the paper's) or "example" (each
         example the same weight: `train/step.py loss_weighting`).
+      optimizer: the SFT's `make_optimizer.kind` ("adamw", "muon"); None: pretraining's.
     The scenes are `sft_scenes`'.
     """
     sizes, seed = sft_scenes()
@@ -56,7 +58,7 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
                            split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
                            warmup_steps=warmup_steps, seed=seed, task=task,
-                           loss_per=loss_per)
+                           loss_per=loss_per, optimizer=optimizer)
     train = result["train"]
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),

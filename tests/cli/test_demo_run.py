@@ -128,6 +128,17 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     with open(os.path.join(model_dir, "export", "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["step"] == 2 and manifest["vocab"] and manifest["image_tokenizer"]
+    # Each trainer recorded the vocabulary (the SFT data's is a copy of pretraining's), and
+    # the export carries the record on.
+    records = [json.load(open(os.path.join(model_dir, run, "vocabulary.json")))
+               for run in ("pretrain", "sft")]
+    assert records[0]["fingerprint"] == records[1]["fingerprint"]
+    assert manifest["vocabulary"]["fingerprint"] == records[0]["fingerprint"]
+    # Pretraining by Muon (train/demo.gin), the SFT by AdamW (runs/demo.gin), each run's
+    # config.gin saying which.
+    for run, kind in (("pretrain", "muon"), ("sft", "adamw")):
+        with open(os.path.join(model_dir, run, "config.gin")) as f:
+            assert f"make_optimizer.kind = '{kind}'" in f.read().splitlines(), run
     assert any(line.startswith("target VQA exact match") for line in metrics["targets"])
     assert any(line.startswith("target edits right") for line in metrics["targets"])
     for picture in ("corpus.png", "reconstructions.png", "generated.png", "captioned.png",
