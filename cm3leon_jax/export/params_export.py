@@ -97,6 +97,13 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
             staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
         elif write_vocab is not None:
             write_vocab(f"{tmp}/{pc.VOCAB}")
+        extra = dict(extra or {})
+        if (vocab_dir or write_vocab is not None) and not extra.get("vocabulary"):
+            # The bundled vocabulary's record (an import's, or an export of a run from
+            # before records), where it will lie: runs that read the export with a
+            # vocabulary of their own are checked against it (restore.vocabulary_record).
+            bundled = vocab_record.of(MultimodalVocabulary(f"{tmp}/{pc.VOCAB}"))
+            extra["vocabulary"] = {**bundled, "directory": f"{output_dir.rstrip('/')}/{pc.VOCAB}"}
         return pc.write_manifest(tmp, config, step=step, source=source, extra=extra)
 
 
@@ -148,8 +155,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     else:
         # What it was trained on, for runs that read the export with a vocabulary of their
         # own (restore.vocabulary_record): the checkpoint's record, else the one it bundles.
-        record = restore.vocabulary_record(checkpoint) or (
-            vocab_record.of(MultimodalVocabulary(vocab_dir)) if vocab_dir else None)
+        record = restore.vocabulary_record(checkpoint)
         out = write_export(output_dir, config, params, step=got_step, source=checkpoint,
                            vocab_dir=vocab_dir, image_tokenizer=tokenizer, overwrite=overwrite,
                            extra={"vocabulary": record} if record else None)

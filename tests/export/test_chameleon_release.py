@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import chameleon_release, chameleon_vocab, import_run
@@ -56,7 +57,13 @@ def test_logits_match_the_released_architecture(release, imported):
     with open(_tokenizer_file(root), "rb") as f:
         vocab = chameleon_vocab.build(f.read(), VQ.codes_per_image)
     layout, source = vocab.layout, vocab.source_ids
-    assert MultimodalVocabulary(os.path.join(out, "vocab")).layout == layout
+    bundled = MultimodalVocabulary(os.path.join(out, "vocab"))
+    assert bundled.layout == layout
+    # The manifest records the bundled vocabulary, where it lies: a run reading the import
+    # with a vocabulary of its own is checked against it.
+    assert manifest["vocabulary"]["fingerprint"] == bundled.fingerprint
+    assert manifest["vocabulary"]["directory"] == os.path.join(out, "vocab")
+    assert restore.vocabulary_mismatch(out, bundled) is None
 
     ours = np.random.default_rng(0).integers(0, layout.used_size, (2, 24))
     theirs = chameleon_testlib.reference_logits(shards, source[ours])
