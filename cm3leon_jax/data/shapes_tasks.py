@@ -12,7 +12,9 @@ Spatial words come from box centers: the axis with the larger offset decides
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import gin
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -84,6 +86,44 @@ def refer(scene: shapes.Scene, index: int) -> str:
         (("left", "middle", "right") if horizontal else ("top", "middle", "bottom"))
     rank = sorted(twins, key=lambda i: keys[twins.index(i)]).index(index)
     return f"the {words[rank]} {describe(target)}"
+
+
+# ----------------------------------------------------------------------------- objects in text
+
+# The words `refer` puts before the color of identical shapes ("the bottom black hexagon").
+_RANKS = ("left", "middle", "right", "top", "bottom")
+# "[the [rank]] [size] <color> <class>"; "the ..." refers back to an object already named.
+OBJECT_PHRASE = re.compile(r"\b(the\s+(?:(?:" + "|".join(_RANKS) + r")\s+)?)?(?:(?:"
+                           + "|".join(shapes.SIZES) + r")\s+)?(" + "|".join(shapes.COLORS)
+                           + r")\s+(" + "|".join(shapes.KINDS) + r")\b")
+SWAPPABLE = {"class": shapes.KINDS, "color": tuple(shapes.COLORS)}
+
+
+def swapped_captions(caption: str, what: str) -> list[str]:
+    """`caption` first, then every caption made from it by putting another class (`what`
+    = "class") or color ("color") in place of one object's, one object at a time: the
+    alternatives a likelihood read-out (`evaluation/likelihood.ranked_first`) compares the
+    true caption with. Later mentions ("the red circle") keep their words, as the objects
+    they name are the ones introduced."""
+    if what not in SWAPPABLE:
+        raise ValueError(f"swapped_captions: what={what!r}; use one of {tuple(SWAPPABLE)}.")
+    group = 3 if what == "class" else 2
+    out = [caption]
+    for match in OBJECT_PHRASE.finditer(caption.lower()):
+        if match.group(1):  # "the ...": not where an object is introduced.
+            continue
+        start, end = match.span(group)
+        out += [caption[:start] + word + caption[end:]
+                for word in SWAPPABLE[what] if word != match.group(group)]
+    return out
+
+
+@gin.configurable
+def class_swaps(caption: str) -> list[str]:
+    """The captions that must not match `caption`'s image for its shapes' classes:
+    `swapped_captions(caption, "class")` without the caption itself (a retriever's hard
+    negatives, `clip_train.train_retriever(hard_negatives=)`)."""
+    return swapped_captions(caption, "class")[1:]
 
 
 # ----------------------------------------------------------------------------- captions

@@ -25,21 +25,12 @@ from class.
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from cm3leon_jax.data import parse, shapes, shapes_tasks
 from cm3leon_jax.evaluation import vqa
-
-# The words `shapes_tasks.refer` puts before the color of identical shapes ("the bottom
-# black hexagon").
-_RANKS = ("left", "middle", "right", "top", "bottom")
-# "[the [rank]] [size] <color> <class>"; "the ..." refers back to an object already named.
-_PHRASE = re.compile(r"\b(the\s+(?:(?:" + "|".join(_RANKS) + r")\s+)?)?(?:(?:"
-                     + "|".join(shapes.SIZES) + r")\s+)?(" + "|".join(shapes.COLORS) + r")\s+("
-                     + "|".join(shapes.KINDS) + r")\b")
 
 
 def scene_objects(scene: shapes.Scene) -> list[tuple[str, str]]:
@@ -54,7 +45,8 @@ def image_objects(pixels: np.ndarray) -> list[tuple[str, str]]:
 
 def caption_objects(text: str) -> list[tuple[str, str]]:
     """[(class, color), ...] introduced as "<color> <class>" in a caption."""
-    return [(kind, color) for the, color, kind in _PHRASE.findall(text.lower()) if not the]
+    found = shapes_tasks.OBJECT_PHRASE.findall(text.lower())
+    return [(kind, color) for the, color, kind in found if not the]
 
 
 def compare(found: list[tuple[str, str]], scene: shapes.Scene) -> dict[str, bool]:
@@ -249,28 +241,6 @@ def class_metrics(images: np.ndarray, scenes: Sequence[shapes.Scene]
     return out
 
 
-SWAPPABLE = {"class": shapes.KINDS, "color": tuple(shapes.COLORS)}
-
-
-def swapped_captions(caption: str, what: str) -> list[str]:
-    """`caption` first, then every caption made from it by putting another class (`what`
-    = "class") or color ("color") in place of one object's, one object at a time: the
-    alternatives a likelihood read-out (`evaluation/likelihood.ranked_first`) compares the
-    true caption with. Later mentions ("the red circle") keep their words, as the objects
-    they name are the ones introduced."""
-    if what not in SWAPPABLE:
-        raise ValueError(f"swapped_captions: what={what!r}; use one of {tuple(SWAPPABLE)}.")
-    group = 3 if what == "class" else 2
-    out = [caption]
-    for match in _PHRASE.finditer(caption.lower()):
-        if match.group(1):  # "the ...": not where an object is introduced.
-            continue
-        start, end = match.span(group)
-        out += [caption[:start] + word + caption[end:]
-                for word in SWAPPABLE[what] if word != match.group(group)]
-    return out
-
-
 def edit_metrics(images: np.ndarray, targets: Sequence[shapes.Scene]) -> dict[str, float]:
     """Edited images against the edited scenes: `edit_right` (every object right in class,
     color and place, nothing extra), `edit_objects_right` (the right objects anywhere) and
@@ -342,7 +312,7 @@ def renamed_classes(caption: str, rename: dict[str, str]) -> str:
         raise ValueError(f"renamed_classes: {unknown} are not classes of the corpus; use "
                          f"{shapes.KINDS}.")
     out, last = [], 0
-    for match in _PHRASE.finditer(caption.lower()):
+    for match in shapes_tasks.OBJECT_PHRASE.finditer(caption.lower()):
         start, end = match.span(3)
         out += [caption[last:start], rename.get(match.group(3), caption[start:end])]
         last = end

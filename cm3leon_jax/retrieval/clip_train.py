@@ -31,7 +31,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gin
 import jax
@@ -62,12 +62,22 @@ def bucketed_tokens(token_lists, context: int, bucket: int = 8):
     return tokens[:, :width], lengths
 
 
-def clip_loss(params, model: clip.CLIP, pixels, tokens, lengths):
+def clip_loss(params, model: clip.CLIP, pixels, tokens, lengths, negatives_valid=None):
+    """CLIP's symmetric InfoNCE loss and the image -> text in-batch accuracy. With
+    `negatives_valid` (bool[b]), `tokens` holds 2b captions: the b true ones, then one
+    hard negative per image (a caption of the image changed in one detail), which every
+    image's row of the image -> text softmax also competes against where valid (NegCLIP's
+    hard negatives, Yuksekgonul et al. 2023); the text -> image direction reads the true
+    captions only."""
     img, txt, scale = model.apply({"params": params}, pixels, tokens, lengths)
     logits = jnp.exp(scale) * img @ txt.T  # `train_step` keeps scale <= MAX_LOGIT_SCALE.
-    labels = jnp.arange(logits.shape[0])
+    b = img.shape[0]
+    labels = jnp.arange(b)
+    if negatives_valid is not None:
+        valid = jnp.concatenate([jnp.ones([b], bool), negatives_valid])
+        logits = jnp.where(valid[None, :], logits, -1e9)
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()) / 2
+            + optax.softmax_cross_entropy_with_integer_labels(logits[:, :b].T, labels).mean()) / 2
     return loss, (logits.argmax(1) == labels).mean()
 
 
@@ -114,7 +124,8 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
                     warmup_steps: int = 50, decay_steps: int | None = None,
                     weight_decay: float = 0.1, seed: int = 0, log_every: int = 50,
                     checkpoint_every: int = 200, keep_checkpoints: int = 2,
-                    write_tensorboard: bool = True, mirror: bool = False) -> dict:
+                    write_tensorboard: bool = True, mirror: bool = False,
+                    hard_negatives: Callable[[str], Sequence[str]] | None = None) -> dict:
     """Trains, evaluates and saves the encoder; returns the test metrics.
 
     train_pairs, test_pairs: (uint8[n, s, s, 3] images, a list of captions per image),
@@ -129,7 +140,11 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     SIGTERM; a run that finds one resumes from it. A preempted run returns
     {"preempted": True, "step": ...} without evaluating. `mirror`: each pair mirrored
     left to right with probability 1/2, "left" and "right" swapped in its caption (every
-    shape of the built-in corpus is its own mirror image).
+    shape of the built-in corpus is its own mirror image). `hard_negatives`: caption ->
+    captions that must not match its image (the same caption with one detail changed, e.g.
+    `shapes_tasks.class_swaps` for the built-in corpus, which puts another class in one
+    object's place); each image's row of the loss also competes against one of its
+    caption's, drawn each step (`clip_loss`). None: in-batch negatives alone, as CLIP.
     """
     logging.set_verbosity(logging.INFO)
     decay = steps if decay_steps is None else decay_steps
@@ -153,6 +168,12 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
     mirrored = ([[tokenizer.encode(mirror_caption(c)) for c in caps] for caps in captions]
                 if mirror else None)
+    negatives = None
+    if hard_negatives is not None:
+        def pools(transform):
+            return [[[tokenizer.encode(n) for n in hard_negatives(transform(c))] for c in caps]
+                    for caps in captions]
+        negatives = (pools(lambda c: c), pools(mirror_caption) if mirror else None)
     writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
     ckpt = checkpoints.Checkpointer(fs.join(model_dir, "checkpoints"),
                                     save_every=checkpoint_every, keep=keep_checkpoints)
@@ -160,7 +181,7 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     try:
         params, history, reached = _fit(cfg, images, tokens, make_optimizer(
             learning_rate, warmup_steps, decay, weight_decay), steps, batch_size, seed,
-            log_every, writer, ckpt, mirrored, decay)
+            log_every, writer, ckpt, mirrored, decay, negatives)
     finally:
         ckpt.close()
         writer.close()
@@ -252,30 +273,39 @@ class PairDraws:
 
 
 def pair_batch(draws: PairDraws, images: np.ndarray, tokens: list[list[list[int]]],
-               mirrored: list[list[list[int]]] | None, batch_size: int
-               ) -> tuple[np.ndarray, list[list[int]]]:
+               mirrored: list[list[list[int]]] | None, batch_size: int,
+               negatives: tuple[list, list | None] | None = None
+               ) -> tuple[np.ndarray, list]:
     """One step's pairs: `batch_size` images (uint8[b, s, s, 3]) and one caption's tokens
     each, drawn by `draws`; with `mirrored` (the captions' tokens, left and right
-    swapped), each pair is mirrored left to right with probability 1/2."""
+    swapped), each pair is mirrored left to right with probability 1/2. With `negatives`
+    (the hard negatives' tokens of every caption, as `tokens`, and of every mirrored
+    caption, as `mirrored`, each a list per caption), b more entries follow the b
+    captions: one of each drawn caption's hard negatives, None where it has none."""
     idx, which = draws.draw(len(images), batch_size)
     batch = images[idx]
-    if mirrored is None:
-        return batch, [tokens[j][w] for j, w in zip(idx, which)]
-    flip = draws.rng.random(batch_size) < 0.5
-    batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
-    return batch, [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
+    flip = np.zeros(batch_size, bool)
+    if mirrored is not None:
+        flip = draws.rng.random(batch_size) < 0.5
+        batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+    chosen = [(mirrored if f else tokens)[j][w] for j, w, f in zip(idx, which, flip)]
+    if negatives is None:
+        return batch, chosen
+    pools = [negatives[int(f)][j][w] for j, w, f in zip(idx, which, flip)]
+    return batch, chosen + [pool[draws.rng.integers(len(pool))] if pool else None
+                            for pool in pools]
 
 
 def train_step(model: clip.CLIP, opt: optax.GradientTransformation) -> Callable:
-    """The jitted step: (params, opt_state, pixels, tokens, lengths) -> (params, opt_state,
-    loss, in-batch accuracy). The log-temperature is clipped to MAX_LOGIT_SCALE after the
-    update, as CLIP does: a cap inside the loss would leave it stuck above the cap (no
-    gradient there)."""
+    """The jitted step: (params, opt_state, pixels, tokens, lengths[, negatives_valid]) ->
+    (params, opt_state, loss, in-batch accuracy) (`clip_loss`). The log-temperature is
+    clipped to MAX_LOGIT_SCALE after the update, as CLIP does: a cap inside the loss would
+    leave it stuck above the cap (no gradient there)."""
 
     @jax.jit
-    def step(params, opt_state, pixels, tokens, lengths):
+    def step(params, opt_state, pixels, tokens, lengths, negatives_valid=None):
         (loss, acc), grads = jax.value_and_grad(clip_loss, has_aux=True)(
-            params, model, pixels, tokens, lengths)
+            params, model, pixels, tokens, lengths, negatives_valid)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params = {**params, "logit_scale": jnp.minimum(params["logit_scale"], MAX_LOGIT_SCALE)}
@@ -287,12 +317,13 @@ def train_step(model: clip.CLIP, opt: optax.GradientTransformation) -> Callable:
 def _fit(cfg: clip.ClipConfig, images: np.ndarray, tokens: list[list[list[int]]],
          opt: optax.GradientTransformation, steps: int, batch_size: int, seed: int,
          log_every: int, writer: metrics_lib.MetricsWriter, ckpt: checkpoints.Checkpointer,
-         mirrored: list[list[list[int]]] | None = None, decay_steps: int | None = None
-         ) -> tuple[Any, list[dict], int]:
+         mirrored: list[list[list[int]]] | None = None, decay_steps: int | None = None,
+         negatives: tuple[list, list | None] | None = None) -> tuple[Any, list[dict], int]:
     """The loop: each step pairs `batch_size` random images with one caption each
     (`mirrored`: the captions' tokens with left and right swapped; then each pair is
-    mirrored with probability 1/2). `decay_steps`: the schedule's length `opt` was built
-    with, recorded with each checkpoint (None: `steps`).
+    mirrored with probability 1/2; `negatives`: hard negatives, `pair_batch`'s).
+    `decay_steps`: the schedule's length `opt` was built with, recorded with each
+    checkpoint (None: `steps`).
 
     Data-parallel on the shared mesh (`model/partitioning.py`): the batch is split by
     the `batch` rule, the weights replicated. Starts from `ckpt`'s newest checkpoint when
@@ -325,11 +356,17 @@ preempted.
     t0 = time.time()
     with checkpoints.PreemptionSignal() as preemption:
         for i in range(start + 1, steps + 1):
-            batch, chosen = pair_batch(draws, images, tokens, mirrored, batch_size)
+            batch, chosen = pair_batch(draws, images, tokens, mirrored, batch_size, negatives)
+            valid = None
+            if negatives is not None:  # A caption with no hard negative: a masked column.
+                valid = np.array([n is not None for n in chosen[batch_size:]])
+                chosen = chosen[:batch_size] + [n if n is not None else chosen[i] for i, n
+                                                in enumerate(chosen[batch_size:])]
             toks, lengths = bucketed_tokens(chosen, cfg.context_length)
             pixels = preprocess_images(batch, cfg.image_size)
-            params, opt_state, loss, acc = step(params, opt_state, rows(pixels), rows(toks),
-                                                rows(lengths))
+            params, opt_state, loss, acc = step(
+                params, opt_state, rows(pixels), rows(toks), rows(lengths),
+                None if valid is None else rows(valid))
             if i % log_every == 0 or i == steps:
                 values = {"loss": float(loss), "batch_accuracy": float(acc)}
                 draws.history.append({"step": i, **values})

@@ -103,22 +103,22 @@ def test_class_metrics_say_which_shapes_are_drawn_and_what_instead():
 
 def test_swapped_captions_change_one_introduced_object_at_a_time():
     caption = "a small Red circle above a blue square; the red circle is large"
-    classes = shapes_scores.swapped_captions(caption, "class")
+    classes = shapes_tasks.swapped_captions(caption, "class")
     assert classes[0] == caption and len(classes) == 1 + 2 * (len(shapes.KINDS) - 1)
     assert len(set(classes)) == len(classes)
     assert "a small Red star above a blue square; the red circle is large" in classes
     assert "a small Red circle above a blue star; the red circle is large" in classes
     # The later mention keeps its words; one object changes per alternative.
     assert all(c.endswith("the red circle is large") for c in classes)
-    colors = shapes_scores.swapped_captions(caption, "color")
+    colors = shapes_tasks.swapped_captions(caption, "color")
     assert len(colors) == 1 + 2 * (len(shapes.COLORS) - 1)
     assert "a small green circle above a blue square; the red circle is large" in colors
     assert all(shapes_scores.caption_objects(c) != shapes_scores.caption_objects(caption)
                for c in colors[1:])
-    assert shapes_scores.swapped_captions("a plain gray background", "class") == [
+    assert shapes_tasks.swapped_captions("a plain gray background", "class") == [
         "a plain gray background"]
     with pytest.raises(ValueError, match="what='size'"):
-        shapes_scores.swapped_captions(caption, "size")
+        shapes_tasks.swapped_captions(caption, "size")
 
 
 def test_renamed_classes_rename_every_mention_and_nothing_else():
@@ -182,7 +182,7 @@ def test_every_true_caption_scores_one_when_shapes_share_class_and_color():
     scenes = SCENES + sampled + [_twins(s) for s in sampled]
     # refer() writes every rank word for some of these scenes.
     ranks = {shapes_tasks.refer(s, i).split()[1] for s in scenes for i in range(len(s.shapes))}
-    assert set(shapes_scores._RANKS) <= ranks
+    assert set(shapes_tasks._RANKS) <= ranks
     rng = np.random.default_rng(0)
     captions = [[*shapes_tasks.captions(s, rng), sft_examples.long_caption(s)] for s in scenes]
     for i in range(5):

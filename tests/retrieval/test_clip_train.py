@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax.data import shapes, shapes_tasks
 from cm3leon_jax.data.synthetic import synthetic_pairs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_train
@@ -19,12 +20,13 @@ CFG = clip.ClipConfig(image_size=32, patch_size=8, vision_width=48, vision_layer
                       eos_token_id=1023, projection_dim=32)
 
 
-@pytest.mark.parametrize("mirror", [False, True])
-def test_short_training_run_learns_saves_and_resumes(tmp_path, mirror):
+@pytest.mark.parametrize("mirror,hard_negatives", [(False, None), (True, None),
+                                                   (True, shapes_tasks.class_swaps)])
+def test_short_training_run_learns_saves_and_resumes(tmp_path, mirror, hard_negatives):
     kw = dict(train_pairs=synthetic_pairs("train", 300, 32),
               test_pairs=synthetic_pairs("test", 64, 32), steps=40, batch_size=32,
               learning_rate=3e-3, warmup_steps=5, log_every=20, checkpoint_every=20,
-              keep_checkpoints=5, mirror=mirror)
+              keep_checkpoints=5, mirror=mirror, hard_negatives=hard_negatives)
     m = clip_train.train_retriever(str(tmp_path / "run"), CFG, **kw)
     # InfoNCE at chance is ln(batch) = 3.47; the run must get well below it.
     assert m["final_loss"] < np.log(32) - 1.0, m["history"]
@@ -137,6 +139,56 @@ def test_fewer_caption_lists_than_images_are_refused(tmp_path, which):
     kw = _tiny_run_kw(**{which: (images, captions[:20])})
     with pytest.raises(UserInputError, match=f"{which} holds 40 images but 20 caption lists"):
         clip_train.train_retriever(str(tmp_path / "run"), CFG, steps=2, **kw)
+
+
+def test_hard_negatives_follow_the_drawn_caption_and_its_mirror():
+    images = np.zeros((6, 4, 4, 3), np.uint8)
+    tokens = [[[10 * i + w + 1] for w in range(4)] for i in range(6)]
+    mirrored = [[[-(10 * i + w + 1)] for w in range(4)] for i in range(6)]
+    # Each caption's pool: two negatives that name it; image 5's captions have none.
+    pools = [[[[1000 + 10 * i + w], [2000 + 10 * i + w]] if i < 5 else [] for w in range(4)]
+             for i in range(6)]
+    mirrored_pools = [[[[-t[0]] for t in pool] for pool in caps] for caps in pools]
+    plain_batch, plain = clip_train.pair_batch(clip_train.PairDraws(0), images, tokens,
+                                               mirrored, 6)
+    batch, chosen = clip_train.pair_batch(clip_train.PairDraws(0), images, tokens, mirrored, 6,
+                                          (pools, mirrored_pools))
+    assert len(chosen) == 12 and chosen[:6] == plain  # the same pairs, then one negative each
+    np.testing.assert_array_equal(batch, plain_batch)
+    for caption, negative in zip(chosen[:6], chosen[6:]):
+        image, which = divmod(abs(caption[0]) - 1, 10)
+        if image == 5:
+            assert negative is None
+            continue
+        sign = -1 if caption[0] < 0 else 1  # a mirrored caption draws a mirrored negative
+        assert sign * negative[0] in (1000 + 10 * image + which, 2000 + 10 * image + which)
+
+
+def test_clip_loss_hard_negatives_enter_the_image_to_text_side_only_where_valid():
+    params = clip.init_params(CFG, 0)
+    model = clip.CLIP(CFG)
+    pixels = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    true = np.array([[1022, 5 + i, 1023, 0] for i in range(4)], np.int32)
+    negatives = np.array([[1022, 50 + i, 1023, 0] for i in range(4)], np.int32)
+    lengths = np.full(8, 3, np.int32)
+    both = np.concatenate([true, negatives])
+    plain, _ = clip_train.clip_loss(params, model, pixels, true, lengths[:4])
+    masked, _ = clip_train.clip_loss(params, model, pixels, both, lengths,
+                                     np.zeros(4, bool))
+    np.testing.assert_allclose(masked, plain, rtol=1e-6)
+    one, _ = clip_train.clip_loss(params, model, pixels, both, lengths,
+                                  np.array([True, False, False, False]))
+    every, _ = clip_train.clip_loss(params, model, pixels, both, lengths, np.ones(4, bool))
+    assert plain < one < every  # each valid negative adds a competitor to its image's row
+
+
+def test_class_swaps_name_every_other_class_in_each_introduced_object():
+    caption = "a small red star above a large blue circle, then the red star again"
+    swaps = shapes_tasks.class_swaps(caption)
+    assert caption not in swaps and len(swaps) == 2 * (len(shapes.KINDS) - 1)
+    assert "a small red circle above a large blue circle, then the red star again" in swaps
+    assert "a small red star above a large blue hexagon, then the red star again" in swaps
+    assert shapes_tasks.class_swaps("a plain gray background") == []
 
 
 @pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)
