@@ -4,10 +4,12 @@
         --gin.MODEL_DIR="'runs/demo/sft'" --gin.BASE_MODEL_DIR="'runs/demo/pretrain'"
 
 The pretraining trainer, unchanged, with one difference: a run that has no checkpoint
-yet starts from the base run's parameters (its newest checkpoint, or `base_step`), with
-a fresh optimizer and step 0 (paper: LR 5e-5, 150 warm-up steps). Everything is written
-to the SFT run's own MODEL_DIR, and rerunning the same command resumes from there
-exactly like pretraining; the base MODEL_DIR is only read.
+yet starts from the base run's parameters (its newest readable checkpoint, or
+`base_step`; or an export, such as imported weights), with a fresh optimizer and step 0
+(paper: LR 5e-5, 150 warm-up steps), and records which (MODEL_DIR/sft_base.json).
+Everything is written to the SFT run's own MODEL_DIR, and rerunning the same command
+resumes from there exactly like pretraining, without reading the base again (a rerun that
+names another base is refused); the base MODEL_DIR is only read.
 
 Before anything trains, the base must fit: its vocabulary must be the one the SFT data
 was made with (`sft_preprocess` copies the pretraining data's `vocab/`). The model's
@@ -21,19 +23,22 @@ made with a train split only would otherwise fail only after training to it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any
 
 import gin
+import jax
 import seqio
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_preprocess, sft_prompts, shards
 from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
-from cm3leon_jax.errors import MissingInputError, UserInputError
-from cm3leon_jax.train import run_config, trainer
+from cm3leon_jax.errors import MissingInputError, ModelDirMismatchError, UserInputError
+from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.train import checkpoints, params_checkpoint, run_config, trainer
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
@@ -110,33 +115,121 @@ def check_base_record(base_model_dir: str, task: str) -> None:
                              "pretraining vocabulary.")
 
 
+# MODEL_DIR/BASE_FILE: the base an SFT run started from, the folder and the step read.
+BASE_FILE = "sft_base.json"
+
+
 @gin.configurable(denylist=["model_dir"])
 def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         base_vocab_dir: str = gin.REQUIRED, base_step: int | None = None) -> dict[str, Any]:
     """Fine-tunes the base run's parameters on `train.task` into `model_dir`.
 
+    The first start records the base it read (`BASE_FILE`: its folder and the step
+    restored, which is an earlier one where the newest is unreadable); a resume reads no
+    base and refuses one that differs from the record.
+
     Args:
       model_dir: this run's folder (checkpoints, metrics); never the base's.
-      base_model_dir: the pretraining run's MODEL_DIR (read only).
+      base_model_dir: the pretraining run's MODEL_DIR, or an export (`export` or
+        `import_weights`: e.g. imported Chameleon weights); read only.
       base_vocab_dir: the vocab/ folder of the data the base was pretrained on.
       base_step: which base checkpoint (None: the newest).
-    Returns: the trainer's result.
+    Returns: the trainer's result, with `base`: the record.
     """
     check_not_base(model_dir, base_model_dir)
-    check_eval_data(gin.query_parameter("train.task"), eval_split())
-    config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
-    check_vocabulary(base_vocab_dir, gin.query_parameter("train.task"))
-    check_base_record(base_model_dir, gin.query_parameter("train.task"))
-    steps = restore.checkpoint_steps(base_model_dir)
-    if not steps:
-        raise MissingInputError(f"base run {base_model_dir!r} has no checkpoint to fine-tune.")
+    check_base_step(base_step)
+    task = gin.query_parameter("train.task")
+    check_eval_data(task, eval_split())
+    if resuming(model_dir):  # The base is not read again: it may even be gone.
+        check_same_base(model_dir, base_model_dir, base_step)
+        result = trainer.train(model_dir)
+        return {**result, "base": read_base_record(model_dir)
+                or {"model_dir": base_model_dir, "step": base_step}}
+    config = bind_base_config(base_model_dir)
+    check_vocabulary(base_vocab_dir, task)
+    check_base_record(base_model_dir, task)
+    restore.check_checkpoint(base_model_dir, base_step)
+    used = {}
 
     def base_params(mesh):  # Laid out over the run's mesh: on a pod, no one host holds it.
-        return restore.restore_decoder(base_model_dir, base_step, config, mesh)[1]
+        _, params, step = restore.restore_decoder(base_model_dir, base_step, _as_stored(
+            base_model_dir, config), mesh)
+        used.update(model_dir=fs.abspath(base_model_dir), step=step)
+        if jax.process_index() == 0:
+            fs.write_json(fs.join(model_dir, BASE_FILE), used)
+        return jax.tree.map(lambda x: x.astype(config.weight_dtype), params)
 
     result = trainer.train(model_dir, init_params_from=base_params)
-    return {**result, "base": {"model_dir": base_model_dir,
-                               "step": base_step if base_step is not None else steps[-1]}}
+    return {**result, "base": used or read_base_record(model_dir)}
+
+
+def check_base_step(base_step: Any) -> None:
+    """UserInputError unless `base_step` is None or a step number (a quoted '700' would
+    be reported as a step the base does not have)."""
+    if base_step is not None and (isinstance(base_step, bool) or not isinstance(base_step, int)):
+        raise UserInputError(f"sft.base_step={base_step!r}: give a step number (700, not "
+                             "'700') or None for the newest.")
+
+
+def resuming(model_dir: str) -> bool:
+    """Whether the SFT run in `model_dir` has a committed checkpoint to resume from."""
+    return bool(checkpoints.finished_steps(fs.join(model_dir, "checkpoints")))
+
+
+def read_base_record(model_dir: str) -> dict | None:
+    """The base the SFT run in `model_dir` started from (None: a run from before records)."""
+    path = fs.join(model_dir, BASE_FILE)
+    return fs.read_json(path) if fs.exists(path) else None
+
+
+def check_same_base(model_dir: str, base_model_dir: str, base_step: int | None) -> None:
+    """ModelDirMismatchError when the SFT run in `model_dir` started from another base than
+    `base_model_dir` (at `base_step`, where one is given): resuming it would go on
+    fine-tuning the other one under this one's name."""
+    record = read_base_record(model_dir)
+    if record is None:
+        return
+    same_dir = fs.abspath(base_model_dir) == record["model_dir"]
+    if same_dir and base_step in (None, record["step"]):
+        return
+    raise ModelDirMismatchError(
+        f"the SFT run in {model_dir!r} started from {record['model_dir']!r} at step "
+        f"{record['step']} ({BASE_FILE}), and this run names sft.base_model_dir="
+        f"{base_model_dir!r}{f', sft.base_step={base_step}' if base_step is not None else ''}:"
+        " rerunning it resumes that fine-tune. Give the new base a MODEL_DIR of its own, or "
+        "name the recorded base.")
+
+
+def bind_base_config(base_model_dir: str) -> DecoderConfig:
+    """The base's DecoderConfig, bound in gin (the trainer builds `DecoderConfig()` and this
+    run's config.gin records the sizes): a train run's config.gin, or an export's manifest
+    but for its `param_dtype` (how it was stored, bfloat16 by default: the fine-tune keeps
+    its own, float32 unless bound)."""
+    if not params_checkpoint.is_export(base_model_dir):
+        return run_config.bind_decoder_config(base_model_dir, "this SFT run")
+    stored = restore.saved_config(base_model_dir)
+    explicit = gin.get_bindings(DecoderConfig)
+    diffs = [f"{k}: exported {getattr(stored, k)!r}, bound {v!r}" for k, v in sorted(
+        explicit.items()) if k not in (*run_config.RUNTIME_FIELDS, "param_dtype")
+        and not run_config.same_value(v, getattr(stored, k))]
+    if diffs:
+        raise UserInputError(
+            f"model config mismatch between the export in {base_model_dir!r} and this SFT "
+            f"run: {'; '.join(diffs[:4])}. The sizes come from its manifest: drop those "
+            "DecoderConfig bindings.")
+    with gin.unlock_config():
+        for field in dataclasses.fields(DecoderConfig):
+            if field.name not in (*run_config.RUNTIME_FIELDS, "param_dtype", *explicit):
+                value = getattr(stored, field.name)
+                if value != field.default:
+                    gin.bind_parameter(f"DecoderConfig.{field.name}", value)
+    return DecoderConfig()
+
+
+def _as_stored(base_model_dir: str, config: DecoderConfig) -> DecoderConfig | None:
+    """The config to restore the base with: an export's own (its stored dtype; the
+    parameters are cast after), a train run's `config`."""
+    return None if params_checkpoint.is_export(base_model_dir) else config
 
 
 def check_not_base(model_dir: str, base_model_dir: str) -> None:
@@ -155,11 +248,17 @@ def _check_model_dir(model_dir: str) -> None:
     and SFT data without the eval split, and binds the base's DecoderConfig so that this
     run's config.gin records the sizes it trains (what a later generate or eval run on it
     reads)."""
-    base = gin.get_bindings(sft).get("base_model_dir")
+    bound = gin.get_bindings(sft)
+    base = bound.get("base_model_dir")
     if base:
         check_not_base(model_dir, base)
+        check_base_step(bound.get("base_step"))
         check_eval_data(gin.query_parameter("train.task"), eval_split())
-        run_config.bind_decoder_config(base, "this SFT run")
+        if resuming(model_dir):  # The sizes it trains: its own (the base may be gone).
+            check_same_base(model_dir, base, bound.get("base_step"))
+            run_config.bind_decoder_config(model_dir, "this SFT run")
+        else:
+            bind_base_config(base)
 
 
 sft.check_model_dir = _check_model_dir

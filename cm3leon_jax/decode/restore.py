@@ -130,6 +130,10 @@ def restore_decoder(model_dir: str, step: int | None = None,
         try:
             return config, _read_params(model_dir, candidate, target, together), candidate
         except checkpoints.CorruptCheckpointError as e:
+            if step is not None:  # The one asked for: no fallback.
+                raise UserInputError(f"the checkpoint at step {step} in {model_dir!r} is "
+                                     f"unreadable ({e}); ask for another of {steps}, or for "
+                                     "none (the newest readable).")
             if i + 1 == len(candidates):
                 raise UserInputError(f"the checkpoint at step {candidate} in {model_dir!r} is "
                                      f"unreadable ({e}) and there is no earlier one to use.")

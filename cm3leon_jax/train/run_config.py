@@ -177,3 +177,8 @@ def bind_decoder_config(model_dir: str, what: str = "this run") -> DecoderConfig
 
 def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two DecoderConfig field values are the same (a list and a tuple alike)."""
+    return _norm(a) == _norm(b)

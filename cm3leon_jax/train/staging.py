@@ -56,12 +56,20 @@ def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None
             raise UserInputError(
                 f"{path!r} already exists; choose another output folder or set overwrite=True "
                 "(export.overwrite / import_weights.overwrite) to replace it.")
-        if not any(fs.exists(fs.join(path, m)) for m in markers):
+        if not any(_holds(path, m) for m in markers):
             raise UserInputError(
                 f"{path!r} exists and is not an export (it holds no {' or '.join(markers)}"
                 "): overwrite=True replaces only an earlier export; choose another output "
                 "folder.")
     return path
+
+
+def _holds(path: str, marker: str) -> bool:
+    """Whether `path` holds `marker`; a manifest.json only when it is an export's (the
+    preprocessed data and SFT data folders hold a manifest.json of their own)."""
+    if marker == pc.MANIFEST:
+        return pc.is_export(path)
+    return fs.exists(fs.join(path, marker))
 
 
 def is_primary() -> bool:

@@ -123,6 +123,14 @@ def test_an_export_never_replaces_or_writes_into_what_it_reads(train_run, vocab_
     with pytest.raises(UserInputError, match="not an export"):
         _export(train_run, other, overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
+    # Preprocessed data and SFT data hold a manifest.json of their own: not an export.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"splits": {"train": {"documents": 4}}}))
+    (data / "train-00000.tfrecord").write_bytes(b"shard")
+    with pytest.raises(UserInputError, match="not an export"):
+        _export(train_run, data, overwrite=True)
+    assert sorted(os.listdir(data)) == ["manifest.json", "train-00000.tfrecord"]
     for model_dir in (train_run[0], os.path.join(train_run[0], "exports")):
         argv = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
                 f"--gin.export.checkpoint='{train_run[0]}'", "--gin.export.vocab_dir=None",

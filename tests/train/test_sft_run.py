@@ -15,7 +15,7 @@ import pytest
 import train_testlib as lib
 
 from cm3leon_jax.data import sft_examples, sft_prompts, shards
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 SFT_GIN = os.path.join(lib.REPO, "gin_configs", "runs", "sft.gin")
@@ -101,7 +101,9 @@ def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp
     out = str(tmp_path / "sft")
     result = run_sft(sft_bindings(out, base, **{"train.num_steps": 1,
                                                 "learning_rate_schedule.peak_lr": 1e-12}))
-    assert result["step"] == 1 and result["base"]["step"] == 4
+    assert result["step"] == 1 and result["base"] == {"model_dir": base[0], "step": 4}
+    with open(os.path.join(out, "sft_base.json")) as f:  # The base it read, for a resume.
+        assert json.load(f) == result["base"]
     assert len(meshes) == 1 and meshes[0] is not None and meshes[0].size == 8
     monkeypatch.undo()
     assert lib.tree_digests(base[0]) == before
@@ -111,6 +113,46 @@ def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     metrics = lib.read_metrics(out)
     assert metrics[1]["learning_rate"] < 1e-12  # A fresh schedule: warm-up from step 0.
+
+
+def test_a_resume_reads_no_base_and_refuses_another(base, tmp_path):
+    """The SFT run records the base it read; a rerun resumes without reading it (it may be
+    gone) and refuses a different base, or a step given as text."""
+    copy = str(tmp_path / "base_copy")
+    shutil.copytree(base[0], copy)
+    out = str(tmp_path / "sft")
+    run_sft(sft_bindings(out, (copy, *base[1:]), **{"train.num_steps": 1,
+                                                     "Checkpointer.save_every": 1}))
+    with pytest.raises(ModelDirMismatchError, match=r"started from .*base_copy.* at step 4"):
+        run_sft(sft_bindings(out, base, **{"train.num_steps": 2}))
+    with pytest.raises(ModelDirMismatchError, match="at step 4"):
+        run_sft(sft_bindings(out, (copy, *base[1:]), **{"train.num_steps": 2,
+                                                         "sft.base_step": 2}))
+    with pytest.raises(UserInputError, match=r"sft.base_step='4': give a step number"):
+        run_sft(sft_bindings(str(tmp_path / "other"), base, **{"sft.base_step": "'4'"}))
+    shutil.rmtree(copy)
+    result = run_sft(sft_bindings(out, (copy, *base[1:]), **{"train.num_steps": 2}))
+    assert result["step"] == 2 and result["base"] == {"model_dir": copy, "step": 4}
+
+
+def test_an_export_is_a_base(base, tmp_path):
+    """An export (imported weights are one) is fine-tuned in the precision the run trains
+    in, from its bfloat16 parameters, with the sizes of its manifest."""
+    import jax
+
+    from cm3leon_jax.export import params_export
+    export = str(tmp_path / "export")
+    params_export.export("unused", checkpoint=base[0], output_dir=export, dtype="bfloat16",
+                         shard=False, config=lib.tiny_config(vocab_size=base[3], max_length=256),
+                         vocab_dir=None, image_tokenizer_dir=None)
+    out = str(tmp_path / "sft")
+    result = run_sft(sft_bindings(out, (export, *base[1:]), **{
+        "train.num_steps": 1, "learning_rate_schedule.peak_lr": 1e-12}))
+    assert result["base"] == {"model_dir": export, "step": 4}
+    got, want = _params(out, base[3]), _params(base[0], base[3])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.slow  # Four trainer runs; the trainer's own resume tests run by default.
