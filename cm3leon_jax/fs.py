@@ -21,6 +21,7 @@ import builtins
 import contextlib
 import io
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -275,8 +276,21 @@ def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def write_json(path: str, value: Any, indent: int | None = 1, sort_keys: bool = False) -> None:
-    """`value` as JSON at `path`, atomically."""
-    write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys))
+    """`value` as JSON at `path`, atomically; a float that is not finite (a mean over no
+    examples) is written as null, which every JSON reader parses (NaN is not JSON)."""
+    write_text(path, json.dumps(_finite(value), indent=indent, sort_keys=sort_keys,
+                                allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is NaN or infinite replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @contextlib.contextmanager

@@ -68,6 +68,12 @@ def check_eval_data(task: str, split: str) -> None:
     would train up to its first evaluation and fail there. A task of no SFT family is not
     checked."""
     families = _sft_families(task)
+    missing = sorted({d for d in families.values() if not fs.exists(d)})
+    if missing:
+        raise MissingInputError(
+            f"the SFT data folder {missing[0]!r}, which train.task={task!r} reads (SFT_DATA in "
+            "gin_configs/runs/sft.gin), does not exist: make it with the sft_preprocess run "
+            "mode, or give the folder it wrote.")
     with_split = {f: d for f, d in families.items()
                   if fs.glob(shards.shard_pattern(os.path.join(d, f), split))}
     for family, data_dir in with_split.items():

@@ -4,6 +4,7 @@ The remote one is TensorFlow's `ram://` (in this process's memory; what gs:// go
 through, tf.io.gfile, without a network).
 """
 
+import json
 import uuid
 
 import pytest
@@ -96,3 +97,12 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(root):
     shards.write_manifest(root, {"num_docs": 2})
     assert shards.read_manifest(root) == {"num_docs": 2}
     assert fs.listdir(root) == ["manifest.json"]  # No temporary left behind.
+
+
+def test_write_json_writes_floats_that_are_not_finite_as_null(tmp_path):
+    path = str(tmp_path / "report.json")
+    fs.write_json(path, {"mean": float("nan"), "rows": [{"x": float("inf"), "y": 0.5}]})
+    with open(path) as f:
+        text = f.read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"mean": None, "rows": [{"x": None, "y": 0.5}]}

@@ -191,7 +191,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
     """
     out_dir = _refuse_earlier_eval(model_dir, overwrite)
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
-                    can_rank=bool(clip_encoder_dir or retrieval_dir))
+                    can_rank=bool(clip_encoder_dir or retrieval_dir),
+                    caption_metrics=caption_metrics)
     vocab = MultimodalVocabulary(vocab_dir)
     mismatch = restore.vocabulary_mismatch(checkpoint, vocab)  # Before the restore.
     if mismatch:
@@ -227,8 +228,25 @@ def _refuse_earlier_eval(model_dir: str, overwrite: bool) -> str:
 
 
 def _check_settings(strategies: Sequence[Strategy], num_retrieved: Sequence[int],
-                    caption_style: str, retrieval_dir: str | None, can_rank: bool) -> None:
+                    caption_style: str, retrieval_dir: str | None, can_rank: bool,
+                    caption_metrics: Sequence[str] = ()) -> None:
     """Refuses settings a job would fail on only when it reached them, hours in."""
+    if (isinstance(num_retrieved, (str, bytes)) or not isinstance(num_retrieved, Sequence)
+            or not num_retrieved or not all(isinstance(k, int) and not isinstance(k, bool)
+                                            and k >= 0 for k in num_retrieved)):
+        raise UserInputError(f"evaluate.num_retrieved={num_retrieved!r}: give a list of "
+                             "document counts, one job each, e.g. [0] or [0, 2].")
+    unknown = sorted(set(caption_metrics) - set(captioning.METRICS))
+    if isinstance(caption_metrics, str) or unknown:
+        raise UserInputError(f"evaluate.caption_metrics={caption_metrics!r}: "
+                             f"{'unknown ' + str(unknown) if unknown else 'give a list'}; "
+                             f"choose among {list(captioning.METRICS)} (the names are "
+                             "case-sensitive), or [] for none.")
+    names = [s.name for s in strategies]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserInputError(f"evaluate.strategies name {twice} more than once: their rows and "
+                             "grids would overwrite each other; give each a name of its own.")
     if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
         raise UserInputError(f"evaluate.caption_style={caption_style!r} is unknown; use one of "
                              f"{prompts.IMAGE_TO_TEXT_STYLES} ('image_first' for models "
@@ -297,9 +315,10 @@ def _check_model_dir(model_dir: str) -> None:
     _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
     defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
     value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",
-                                                     "retrieval_dir")}
+                                                     "retrieval_dir", "caption_metrics")}
     _check_settings((), value["num_retrieved"], value["caption_style"],
-                    value["retrieval_dir"], can_rank=True)
+                    value["retrieval_dir"], can_rank=True,
+                    caption_metrics=value["caption_metrics"])
 
 
 evaluate.check_model_dir = _check_model_dir

@@ -165,15 +165,7 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     if images.shape[1] != cfg.image_size:
         logging.warning("corpus images are %dpx and the encoder reads %dpx: they are resized.",
                         images.shape[1], cfg.image_size)
-    tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
-    mirrored = ([[tokenizer.encode(mirror_caption(c)) for c in caps] for caps in captions]
-                if mirror else None)
-    negatives = None
-    if hard_negatives is not None:
-        def pools(transform):
-            return [[[tokenizer.encode(n) for n in hard_negatives(transform(c))] for c in caps]
-                    for caps in captions]
-        negatives = (pools(lambda c: c), pools(mirror_caption) if mirror else None)
+    tokens, mirrored, negatives = caption_tokens(tokenizer, captions, mirror, hard_negatives)
     writer = metrics_lib.MetricsWriter(model_dir, tensorboard=write_tensorboard)
     ckpt = checkpoints.Checkpointer(fs.join(model_dir, "checkpoints"),
                                     save_every=checkpoint_every, keep=keep_checkpoints)
@@ -199,6 +191,24 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
         json.dump(metrics, f, indent=2)
     logging.info("test recall: %s", {k: v for k, v in metrics.items() if "recall" in k})
     return metrics
+
+
+def caption_tokens(tokenizer: Any, captions: list[list[str]], mirror: bool,
+                   hard_negatives: Callable[[str], Sequence[str]] | None):
+    """(tokens, mirrored, negatives) of every caption of every image: its tokens; with
+    `mirror`, those of its mirror image's caption (else None); with `hard_negatives`, the
+    tokens of each caption's hard negatives and, with `mirror`, of its mirrored caption's
+    (`pair_batch`'s `negatives`; else None)."""
+    tokens = [[tokenizer.encode(c) for c in caps] for caps in captions]
+    mirrored = ([[tokenizer.encode(mirror_caption(c)) for c in caps] for caps in captions]
+                if mirror else None)
+    if hard_negatives is None:
+        return tokens, mirrored, None
+
+    def pools(transform):
+        return [[[tokenizer.encode(n) for n in hard_negatives(transform(c))] for c in caps]
+                for caps in captions]
+    return tokens, mirrored, (pools(lambda c: c), pools(mirror_caption) if mirror else None)
 
 
 def _check_pairs(name: str, pairs: Pairs) -> None:

@@ -15,6 +15,7 @@ from cm3leon_jax import main as main_lib
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import eval_run, fid, likelihood, suites, tasks
 from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
@@ -211,6 +212,14 @@ def test_bad_settings_are_named(eval_files):
     with pytest.raises(ValueError, match="num_retrieved=\\[0, 2\\] retrieves documents"):
         eval_run.evaluate("x", checkpoint=eval_files["checkpoint"], vocab_dir="v",
                           image_tokenizer=None, num_retrieved=(0, 2))
+    for bad, match in [({"num_retrieved": 0}, r"num_retrieved=0: give a list"),
+                       ({"num_retrieved": [0, -1]}, r"num_retrieved=\[0, -1\]"),
+                       ({"caption_metrics": ["CIDEr"]}, r"unknown \['CIDEr'\].*CIDEr-D"),
+                       ({"strategies": [Strategy("a"), Strategy("a", num_samples=2)]},
+                        r"name \['a'\] more than once")]:
+        with pytest.raises(UserInputError, match=match):  # Before anything is read.
+            eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v",
+                              image_tokenizer=None, **bad)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         Strategy("bad", num_samples=0)
     with pytest.raises(FileNotFoundError, match="COCO captions file 'nope.json'"):

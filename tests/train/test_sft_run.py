@@ -135,6 +135,12 @@ def test_a_resume_reads_no_base_and_refuses_another(base, tmp_path):
     assert result["step"] == 2 and result["base"] == {"model_dir": copy, "step": 4}
 
 
+def test_a_missing_sft_data_folder_is_named(base, tmp_path):
+    missing = str(tmp_path / "no_sft_data")
+    with pytest.raises(UserInputError, match=r"SFT data folder .*no_sft_data.* does not exist"):
+        run_sft(sft_bindings(str(tmp_path / "sft"), base, SFT_DATA=repr(missing)))
+
+
 def test_an_export_is_a_base(base, tmp_path):
     """An export (imported weights are one) is fine-tuned in the precision the run trains
     in, from its bfloat16 parameters, with the sizes of its manifest."""
