@@ -47,6 +47,8 @@ from cm3leon_jax.retrieval.index import IndexConfig
 from cm3leon_jax.retrieval.neighbors import materialize
 from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON, Retriever, encoder_record
 from cm3leon_jax.retrieval.select import SelectionConfig
+from cm3leon_jax.train import vocab_record
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
 
 @gin.configurable
@@ -181,6 +183,9 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
                "dim": manifest["dim"], "shards": len(manifest["shards"]), "index": index_info,
                "selection": dataclasses.asdict(config.selection),
                "index_seconds": round(time.time() - start, 1)}
+    vocab = os.path.join(data_dir, "vocab")  # What the documents' tokens were made with.
+    if fs.exists(os.path.join(vocab, "layout.json")):
+        summary["vocabulary"] = vocab_record.of(MultimodalVocabulary(vocab))
     fs.write_json(meta_path, summary, indent=2)
     # Neighbors found in an older bank may point at rows that moved or vanished.
     forget_neighbors(data_dir)

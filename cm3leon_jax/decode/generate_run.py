@@ -20,8 +20,10 @@ from typing import Callable, Sequence
 import gin
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 from cm3leon_jax import fs
+from cm3leon_jax.data.user_data import clean_caption
 from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode.generate import Generator, SamplingConfig, tokenizer_mismatch
@@ -57,7 +59,8 @@ def read_lines(path: str) -> list[tuple[int, str]]:
 def named_captions(captions: str | Sequence[str], captions_file: str | None
                    ) -> list[tuple[str, str]]:
     """(where it was given, text) of each caption: `generate.captions`, then the file's."""
-    named = [(f"generate.captions[{i}]", t) for i, t in enumerate(text_list(captions))]
+    named = [(f"generate.captions[{i}]", clean_caption(t))
+             for i, t in enumerate(text_list(captions))]
     return named + [(f"generate.captions_file {captions_file!r}, line {n}", t)
                     for n, t in (read_lines(captions_file) if captions_file else [])]
 
@@ -73,9 +76,9 @@ def read_images(paths: Sequence[str]) -> list[PILImage.Image]:
         try:
             with fs.open(path, "rb") as f, PILImage.open(f) as image:
                 image.load()
-                # In RGB now (16-bit grayscale scaled, transparency over white), as the
-                # tokenizer reads pictures.
-                images.append(pil_rgb(image))
+                # Upright (its EXIF orientation applied) and in RGB now (16-bit grayscale
+                # scaled, transparency over white), as training images are read.
+                images.append(pil_rgb(ImageOps.exif_transpose(image)))
         except UnsupportedImageError as e:
             raise UnsupportedImageError(f"generate.image_files: {path!r}: {e}") from None
         except (OSError, PILImage.DecompressionBombError) as e:  # PIL's unreadable-file errors
@@ -159,9 +162,13 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
 def negatives_for(texts: Sequence[str], negative_captions: str | Sequence[str]
                   ) -> list[str] | None:
     """`generate.negative_captions`, one per caption or one for all of them (None: none)."""
-    negatives = text_list(negative_captions)
+    negatives = [clean_caption(t) for t in text_list(negative_captions)]
     if not negatives:
         return None
+    empty = [i for i, t in enumerate(negatives) if not t]
+    if empty:
+        raise UserInputError(f"generate.negative_captions[{empty[0]}] is empty; give text for "
+                             "every negative caption, or none.")
     if not texts:
         raise UserInputError("generate.negative_captions are given without captions: bind "
                              "generate.captions or generate.captions_file too.")
@@ -196,15 +203,21 @@ def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int
 
 def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str],
                     num_samples: int, rerank_samples: int, caption_style: str,
-                    image_sampling: SamplingConfig | None) -> list[str] | None:
+                    image_sampling: SamplingConfig | None, *, batch_size: int = 8,
+                    max_caption_tokens: int = 32, seed: int = 0) -> list[str] | None:
     """`generate`'s settings checked before the model is restored; returns the negatives."""
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise UserInputError(f"generate.captions: caption {empty[0]} is empty; give text for "
                              "every caption.")
-    if num_samples < 1 or rerank_samples < 1:
-        raise UserInputError(f"generate.num_samples={num_samples} and generate.rerank_samples="
-                             f"{rerank_samples} must be >= 1.")
+    counts = {"num_samples": num_samples, "rerank_samples": rerank_samples,
+              "batch_size": batch_size, "max_caption_tokens": max_caption_tokens}
+    bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise UserInputError(f"generate.{bad[0]}={counts[bad[0]]!r} must be a whole number "
+                             ">= 1.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserInputError(f"generate.seed={seed!r} must be a whole number >= 0.")
     if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
         raise UserInputError(f"generate.caption_style={caption_style!r}; use one of "
                              f"{prompts.IMAGE_TO_TEXT_STYLES}.")
@@ -257,7 +270,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     named = named_captions(captions, captions_file)
     texts, image_files = [t for _, t in named], text_list(image_files)
     negatives = _check_settings(texts, negative_captions, num_samples, rerank_samples,
-                                caption_style, image_sampling)
+                                caption_style, image_sampling, batch_size=batch_size,
+                                max_caption_tokens=max_caption_tokens, seed=seed)
     # Every input read before the (slow) restore and before anything is written: a bad
     # one fails fast.
     images = read_images(image_files)
@@ -268,11 +282,12 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
                              "generate.captions_file, generate.image_files or "
                              "generate.prompts_file.")
     refuse_earlier_outputs(model_dir, overwrite)
-    named += [(f"generate.negative_captions[{i}]", t)
+    named += [(f"generate.negative_captions[{i}]", clean_caption(t))
               for i, t in enumerate(text_list(negative_captions))]
     gen, restored_step = _open_generator(
         checkpoint, step, vocab_dir, named, (prompts_file, requests), image_tokenizer,
-        retrieval_dir if num_retrieved else None, batch_size)
+        retrieval_dir if num_retrieved or (rerank_samples > 1 and not rerank_encoder_dir)
+        else None, batch_size, (max_caption_tokens, caption_style) if image_files else None)
     summary = {"checkpoint": checkpoint, "step": restored_step, "retrieval": bool(gen.retriever)}
     drawn = made = None
     if texts:
@@ -313,6 +328,14 @@ def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | N
              ) -> tuple[str, str | None]:
     """(vocab_dir, retrieval_dir), the unbound ones from `data_dir`'s vocab/ and retrieval/."""
     if data_dir:
+        for name, given, own in (("vocab_dir", vocab_dir, "vocab"),
+                                 ("retrieval_dir", retrieval_dir, "retrieval")):
+            if given and fs.abspath(given) != fs.abspath(os.path.join(data_dir, own)):
+                raise UserInputError(
+                    f"generate.data_dir={data_dir!r} and generate.{name}={given!r} name "
+                    f"different folders (gin_configs/runs/generate.gin binds the demo's "
+                    f"{name}): bind generate.{name}=None to take {data_dir}/{own}, as "
+                    "gin_configs/runs/generate_user.gin does, or leave data_dir unbound.")
         vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
         retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
     if not vocab_dir:
@@ -324,7 +347,8 @@ def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | N
 def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
                     named: Sequence[tuple[str, str]], families: tuple[str | None, list[dict]],
                     image_tokenizer: Callable, retrieval_dir: str | None,
-                    batch_size: int) -> tuple[Generator, int]:
+                    batch_size: int, captions_of_images: tuple[int, str] | None = None
+                    ) -> tuple[Generator, int]:
     """(the Generator, its checkpoint's step). Before the slow restore: the checkpoint
     folder's listing, the image tokenizer against the vocabulary, and the vocabulary, the
     captions (`named`: (where given, text)) and the prompts file's requests (`families`:
@@ -338,14 +362,22 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
         raise UserInputError(f"generate.image_tokenizer does not fit generate.vocab_dir "
                              f"{vocab_dir!r}: {mismatch}. Give the image tokenizer the "
                              "training data was made with.")
+    documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
+    if documents:
+        raise UserInputError(f"generate.retrieval_dir {retrieval_dir!r} does not fit "
+                             f"generate.vocab_dir {vocab_dir!r}: {documents}. Give the "
+                             "retrieval folder of the model's own training data (or "
+                             "generate.num_retrieved=0 and retrieval_dir=None).")
     saved = None
     if (params_checkpoint.is_export(checkpoint)
             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):
         saved = restore.saved_config(checkpoint)
-        check_model_fits(saved, vocab, checkpoint, vocab_dir, named, families)
+        check_model_fits(saved, vocab, checkpoint, vocab_dir, named, families,
+                         captions_of_images)
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     if config != saved:
-        check_model_fits(config, vocab, checkpoint, vocab_dir, named, families)
+        check_model_fits(config, vocab, checkpoint, vocab_dir, named, families,
+                         captions_of_images)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, vocab, tokenizer, retriever, batch_size=batch_size)
     return gen, restored_step
@@ -353,7 +385,8 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
 
 def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpoint: str,
                      vocab_dir: str, named: Sequence[tuple[str, str]],
-                     families: tuple[str | None, list[dict]] = (None, [])) -> None:
+                     families: tuple[str | None, list[dict]] = (None, []),
+                     captions_of_images: tuple[int, str] | None = None) -> None:
     """An error naming the input when the vocabulary is not the model's, or a caption's
     prompt (`caption <break>`) leaves no room in DecoderConfig.max_length for the image's
     codes (`Generator.text_to_image` would fail after the restore), or a request of the
@@ -373,6 +406,15 @@ def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpo
                 f"{where}: the caption has {size - 1} tokens, the model has room for "
                 f"{budget - 1} (DecoderConfig.max_length={config.max_length} of "
                 f"{checkpoint!r} minus {new_tokens} image codes and the <break>): shorten it.")
+    if captions_of_images is not None:  # (max_caption_tokens, caption_style)
+        most, style = captions_of_images
+        size = prompts.image_to_text(np.zeros(vocab.layout.image_length, np.int32),
+                                     vocab.layout, style).size
+        if size > config.max_length - most:
+            raise UserInputError(
+                f"generate.max_caption_tokens={most}: an image's prompt takes {size} tokens of "
+                f"the {config.max_length} of {checkpoint!r} (DecoderConfig.max_length); ask "
+                f"for at most {config.max_length - size}.")
     prompts_file, requests = families
     generate_families.check_requests_fit(requests, prompts_file, config.max_length, vocab,
                                          checkpoint)

@@ -19,6 +19,7 @@ the `export` run mode or an import): its manifest gives the config and the step.
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +32,7 @@ from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.model import partitioning
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import abstract_variables
+from cm3leon_jax.retrieval.retriever import RETRIEVAL_JSON
 from cm3leon_jax.train import checkpoints, params_checkpoint, run_config, vocab_record
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -194,6 +196,27 @@ def vocabulary_record(model_dir: str) -> dict | None:
 def vocabulary_mismatch(model_dir: str, vocab: MultimodalVocabulary) -> str | None:
     """How `vocab` is not the one the model in `model_dir` was trained on, or None."""
     return vocab_record.mismatch(vocabulary_record(model_dir), vocab)
+
+
+def retrieval_vocabulary_mismatch(retrieval_dir: str, vocab: MultimodalVocabulary
+                                  ) -> str | None:
+    """How `vocab` is not the one the retrieval folder's documents were tokenized with, or
+    None. The record is its retrieval.json's `vocabulary` (preprocessing writes it); a folder
+    built before records, inside a preprocessed data folder, is taken to hold that folder's
+    vocab/ (the pipeline tokenizes with it); one built by build_retrieval from other
+    documents has none and is not checked."""
+    meta_path = fs.join(retrieval_dir, RETRIEVAL_JSON)
+    record = fs.read_json(meta_path).get("vocabulary") if fs.exists(meta_path) else None
+    if record is None:
+        sibling = fs.join(posixpath.dirname(retrieval_dir.rstrip("/")), "vocab")
+        if not fs.exists(fs.join(sibling, "layout.json")):
+            return None
+        record = vocab_record.of(MultimodalVocabulary(sibling))
+    if record.get("fingerprint") == vocab.fingerprint:
+        return None
+    return (f"its documents were tokenized with the vocabulary in {record.get('directory')!r} "
+            f"(fingerprint {record.get('fingerprint')}), not this one ({vocab.fingerprint}): "
+            "the model would read their words and image codes as other tokens")
 
 
 def _restore_export(path: str, step: int | None, config: DecoderConfig | None,

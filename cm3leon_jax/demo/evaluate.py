@@ -247,9 +247,14 @@ def _copying(result: dict, before: str, after: str) -> str:
     if not all("edit_copy_prob" in r for r in rows):
         return ""
     return ("; the source's code where the edit keeps it, teacher-forced: p "
-            f"{rows[0]['edit_copy_prob']:.2f} before SFT, {rows[1]['edit_copy_prob']:.2f} after "
-            f"(the first code {rows[0]['edit_first_copy_prob']:.2f}, "
-            f"{rows[1]['edit_first_copy_prob']:.2f})")
+            f"{_p(rows[0]['edit_copy_prob'])} before SFT, {_p(rows[1]['edit_copy_prob'])} after "
+            f"(the first code {_p(rows[0].get('edit_first_copy_prob'))}, "
+            f"{_p(rows[1].get('edit_first_copy_prob'))})")
+
+
+def _p(value: float | None) -> str:
+    """A probability to two places; "n/a" for none (a mean over no edits: null in JSON)."""
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _by_question_type(row: dict) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import os
 import re
 import resource
@@ -49,15 +50,19 @@ def cpu_seconds() -> float:
 
 
 def jsonable(x: Any) -> Any:
-    """Dicts, lists and numpy scalars -> plain JSON values (keys become strings)."""
+    """Dicts, lists and numpy scalars -> plain JSON values (keys become strings; a float
+    that is not finite, a mean over nothing, becomes None as `fs.write_json` writes it, so
+    that a stage's result is the same fresh and read back)."""
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 

@@ -199,6 +199,11 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         raise UserInputError(f"evaluate.vocab_dir {vocab_dir!r} does not fit the model of "
                              f"evaluate.checkpoint {checkpoint!r}: {mismatch}. Give the "
                              "vocabulary of the data the model was trained on.")
+    documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
+    if documents:
+        raise UserInputError(f"evaluate.retrieval_dir {retrieval_dir!r} does not fit "
+                             f"evaluate.vocab_dir {vocab_dir!r}: {documents}. Give the "
+                             "retrieval folder of the model's own training data.")
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)

@@ -75,6 +75,11 @@ def test_data_folder_is_a_retriever(built):
     doc_id = next(iter(_records(out, "train")))
     row = retriever.bank.row_of(doc_id)
     np.testing.assert_array_equal(retriever.bank.tokens(row), _records(out, "train")[doc_id]["ids"])
+    # The vocabulary its documents' tokens were made with, which readers check theirs against.
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+    with open(os.path.join(retrieval_pass.retrieval_dir(str(out)), "retrieval.json")) as f:
+        recorded = json.load(f)["vocabulary"]
+    assert recorded["fingerprint"] == MultimodalVocabulary(os.path.join(out, "vocab")).fingerprint
 
 
 def test_rerun_skips_and_a_retokenized_shard_gives_the_same_shards(built, source, retrieval):

@@ -7,6 +7,7 @@ another run's config.gin; the outputs are written through fs.py and their grids 
 
 import json
 import os
+import re
 import uuid
 
 import gin
@@ -171,6 +172,99 @@ def test_a_vocabulary_other_than_the_recorded_one_is_named_before_the_restore(
               f"generate.vocab_dir='{vocab.directory}'", "generate.captions=['a red circle']")
 
 
+def test_a_retrieval_folder_of_another_vocabulary_is_named_before_the_restore(
+        tmp_path, capsys, vocab, listed_not_restored):
+    """The documents of a retrieval folder are token ids of the vocabulary preprocessing
+    made them with (retrieval.json records it); the model would read another's as other
+    words. A folder without a record inside a data folder is taken to hold its vocab/."""
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())
+    vocab_record.write(str(fits), vocab)
+    retrieval = tmp_path / "data" / "retrieval"
+    retrieval.mkdir(parents=True)
+    record = {**vocab_record.of(vocab), "fingerprint": "0123456789abcdef",
+              "directory": "/data/other/vocab"}
+    (retrieval / "retrieval.json").write_text(json.dumps({"vocabulary": record}))
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         f"generate.retrieval_dir='{retrieval}'",
+                         "generate.captions=['a red circle']")
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(
+        f"error: generate.retrieval_dir '{retrieval}' does not fit generate.vocab_dir "
+        f"'{vocab.directory}': its documents were tokenized with the vocabulary in "
+        "'/data/other/vocab' (fingerprint 0123456789abcdef)"), errors
+    (retrieval / "retrieval.json").write_text("{}")  # No record: its data folder's vocab/.
+    other = fs.join(str(tmp_path / "data"), "vocab")
+    with open(os.path.join(vocab.directory, "layout.json")) as f:
+        layout = f.read()
+    os.makedirs(other)
+    with open(os.path.join(other, "layout.json"), "w") as f:
+        f.write(layout)
+    from sentencepiece import sentencepiece_model_pb2
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(vocab.directory, "text.model"), "rb") as f:
+        model.ParseFromString(f.read())
+    model.pieces[-1].score -= 1.0  # Another text model of the same size and layout.
+    with open(os.path.join(other, "text.model"), "wb") as f:
+        f.write(model.SerializeToString())
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         f"generate.retrieval_dir='{retrieval}'",
+                         "generate.captions=['a red circle']")
+    assert code == 2 and f"the vocabulary in '{other}'" in errors[0], errors
+
+
+def test_data_dir_and_a_folder_bound_apart_are_named(tmp_path, capsys):
+    """generate.gin binds the demo's vocab_dir and retrieval_dir: a data_dir beside them
+    would otherwise be ignored for them."""
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{tmp_path}/run'",
+                         f"generate.data_dir='{tmp_path}/data'",
+                         "generate.retrieval_dir=None", "generate.captions=['a red circle']")
+    assert code == 2 and errors == [
+        f"error: generate.data_dir='{tmp_path}/data' and generate.vocab_dir='runs/demo/data/"
+        "vocab' name different folders (gin_configs/runs/generate.gin binds the demo's "
+        "vocab_dir): bind generate.vocab_dir=None to take "
+        f"{tmp_path}/data/vocab, as gin_configs/runs/generate_user.gin does, or leave "
+        "data_dir unbound."], errors
+
+
+@pytest.mark.parametrize("binding,match", [
+    ("generate.seed=-1", "generate.seed=-1 must be a whole number >= 0"),
+    ("generate.batch_size=0", "generate.batch_size=0 must be a whole number >= 1"),
+    ("generate.num_samples='2'", "generate.num_samples='2' must be a whole number >= 1"),
+    ("generate.negative_captions=['x', ' ']", r"negative_captions\[1\] is empty")])
+def test_bad_settings_are_named_before_anything_is_read(tmp_path, capsys, binding, match):
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{tmp_path}/run'",
+                         "generate.captions=['a red circle', 'a blue star']", binding)
+    assert code == 2 and len(errors) == 1 and re.search(match, errors[0]), errors
+
+
+def test_a_caption_length_past_the_model_is_named_before_the_restore(tmp_path, capsys, vocab,
+                                                                     listed_not_restored):
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())  # max_length 128, 16 image codes.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
+                         f"generate.vocab_dir='{vocab.directory}'",
+                         f"generate.image_files=['{tmp_path}/a.png']",
+                         "generate.max_caption_tokens=5000")
+    assert code == 2 and errors == [
+        "error: generate.max_caption_tokens=5000: an image's prompt takes 19 tokens of the 128 "
+        f"of '{fits}' (DecoderConfig.max_length); ask for at most 109."], errors
+
+
+def test_image_files_are_read_upright_and_captions_as_training_reads_them(tmp_path,
+                                                                          monkeypatch):
+    image = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show.
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    assert np.asarray(generate_run.read_images([str(tmp_path / "phone.jpg")])[0]).shape == (
+        40, 20, 3)
+    assert _texts_read(monkeypatch, tmp_path, captions=["a red circle \n"]) == ["a red circle"]
+
+
 def test_an_image_tokenizer_that_does_not_fit_the_vocabulary_is_named_before_the_restore(
         tmp_path, capsys, vocab, listed_not_restored):
     """The vocabulary holds 16 codes per image from 64; the tokenizer makes them from 32."""
@@ -193,7 +287,7 @@ def _texts_read(monkeypatch, tmp_path, **kwargs) -> list[str]:
     """The captions `generate` reads (stopped where it first checks them)."""
     seen = []
 
-    def spy(texts, *args):
+    def spy(texts, *args, **kwargs):
         seen.append(list(texts))
         raise _StopError
 
