@@ -454,6 +454,8 @@ def train_vocabulary(source: TfdsSource, image_tokenizer, directory: str, *,
 
     try:
         text = TextTokenizer.train(captions(), vocab_size=text_vocab_size)
+    except UserInputError:  # Reading the source (user data changed, unreadable): as it is.
+        raise
     except ValueError as e:  # Too few captions for the size, or a size below byte fallback.
         raise UserInputError(f"{e} (the text vocabulary's size is preprocess.text_vocab_size: "
                              "bind --gin.preprocess.text_vocab_size=N)") from None

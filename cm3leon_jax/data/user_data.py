@@ -274,9 +274,10 @@ _REMOTE_FINGERPRINTS: dict[str, str] = {}  # A bucket is listed once per process
 def source_fingerprint(source: str) -> str:
     """A hash of what the source holds, to tell a prepared copy that is out of date: a
     folder's file names and, on the local disk, their sizes and modification times; a JSONL
-    file's size (and local modification time). Not seen: an image a JSONL line names, edited
-    in place; in a bucket, a file rewritten under the same name, or a change made while this
-    process runs (a bucket is listed once per process)."""
+    file's size (and local modification time) and, on the local disk, the size and
+    modification time of every image its lines name (or that it is missing). Not seen: in a
+    bucket, a file rewritten under the same name, an image a JSONL line names, or a change
+    made while this process runs (a bucket is listed once per process)."""
     if source in _REMOTE_FINGERPRINTS:
         return _REMOTE_FINGERPRINTS[source]
     digest = hashlib.sha1()
@@ -286,6 +287,11 @@ def source_fingerprint(source: str) -> str:
         if local or not rel:  # In a bucket, a folder's listing alone (one call).
             size, mtime = fs.size_and_mtime(fs.join(source, rel) if rel else source)
             digest.update(f"{size} {mtime}\0".encode())
+    if local and not fs.isdir(source):  # The images its lines name: added, edited, gone.
+        for record in jsonl_records(source):
+            if record.image:
+                stat = fs.size_and_mtime(record.image) if fs.isfile(record.image) else "missing"
+                digest.update(f"{record.image} {stat}\0".encode("utf-8", "surrogateescape"))
     if not local:
         _REMOTE_FINGERPRINTS[source] = digest.hexdigest()[:16]
     return digest.hexdigest()[:16]

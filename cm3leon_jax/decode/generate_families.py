@@ -60,9 +60,11 @@ SHEET_IMAGES = 64
 def read_requests(path: str) -> list[dict]:
     """The file's requests, checked, with their input images decoded (`PIXELS`); image paths
     made absolute. All of it before the model is restored: one error per bad line."""
-    if not fs.exists(path):
-        raise MissingInputError(f"prompts_file {path!r} does not exist; give a JSONL file with "
-                                "one request a line (see decode/generate_families.py).")
+    if not fs.isfile(path):
+        raise MissingInputError(f"prompts_file {path!r} "
+                                f"{'is a folder' if fs.isdir(path) else 'does not exist'}; give "
+                                "a JSONL file with one request a line (see "
+                                "decode/generate_families.py).")
     root, out = os.path.dirname(fs.abspath(path)), []
     for n, request in fs.read_jsonl(path):
         out.append({**_checked(request, f"{path}, line {n}", root), "line": n})

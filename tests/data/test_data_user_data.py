@@ -209,6 +209,27 @@ def test_prepared_data_is_reused_until_the_source_changes(folder, tmp_path):
         prepared(folder, tmp_path / "tfds")
 
 
+def test_a_jsonl_source_is_stale_when_an_image_it_names_appears_or_changes(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    save(tmp_path / "one.png", rgb(1))
+    save(tmp_path / "two.png", rgb(2))
+    source.write_text("\n".join(json.dumps(line) for line in (
+        {"image": "one.png", "text": "there"},
+        {"image": "two.png", "text": "here"},
+        {"image": "later.png", "text": "not yet"})) + "\n")
+    assert user_data.read_report(prepared(source, tmp_path / "tfds"))["ok"] == 2
+    save(tmp_path / "later.png", rgb(9))  # The missing image added; the file unchanged.
+    with pytest.raises(UserInputError, match="changed since it was prepared"):
+        prepared(source, tmp_path / "tfds")
+    rebuilt = user_data.user_data_builder(str(source), SIZE, str(tmp_path / "tfds"),
+                                          overwrite=True)
+    assert user_data.read_report(rebuilt)["ok"] == 3
+    save(tmp_path / "later.png", rgb(3))  # Edited in place.
+    os.utime(tmp_path / "later.png", (1, 1))
+    with pytest.raises(UserInputError, match="changed since it was prepared"):
+        prepared(source, tmp_path / "tfds")
+
+
 def test_reported_ids_are_capped(tmp_path):
     root = tmp_path / "many"
     root.mkdir()

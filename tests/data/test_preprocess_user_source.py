@@ -87,3 +87,19 @@ def test_a_bank_split_with_nothing_written_names_the_skips(tmp_path):
              retrieval=retrieval)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["skipped"] == {"image_too_small": 4, "empty_caption": 1}
+
+
+def test_an_error_reading_the_source_for_the_vocabulary_is_not_taken_for_its_size(tmp_path):
+    class Changed:  # A source that finds its files changed while it is read.
+        def num_examples(self, split):
+            return 4
+
+        def read(self, split, start, stop):
+            raise UserInputError("user data 'pairs' changed since it was prepared")
+            yield
+
+    with pytest.raises(UserInputError) as raised:
+        pp.train_vocabulary(Changed(), None, str(tmp_path / "vocab"), text_vocab_size=300,
+                            num_sentinels=4)
+    assert "changed since it was prepared" in str(raised.value)
+    assert "text_vocab_size" not in str(raised.value)

@@ -317,6 +317,12 @@ def test_a_captions_file_without_captions_is_named(tmp_path):
                                   captions_file=str(path))
 
 
+def test_a_prompts_file_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(UserInputError, match=f"prompts_file '{tmp_path}' is a folder; give a "
+                                             "JSONL file"):
+        generate_families.read_requests(str(tmp_path))
+
+
 def test_prompts_file_requests_are_read_whole_before_the_restore(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_text("these are words, not pixels")
