@@ -176,6 +176,11 @@ def generate_families(gen: Any, prompts: str | Sequence[dict], out_dir: str, *,
     """Runs every request of `prompts` (the prompts file, or what `read_requests` read from
     it); writes PNGs, families.json, then families.png (its first `SHEET_IMAGES` pictures)."""
     requests = read_requests(prompts) if isinstance(prompts, str) else list(prompts)
+    texts = sorted({r["family"] for r in requests if r["family"] in TEXT_TOKENS})
+    if num_samples > 1 and texts:
+        print(f"[generate] the {', '.join(texts)} requests answer once each "
+              f"(generate.num_samples={num_samples} applies to the image families); "
+              "families.json records each request's decoding", flush=True)
     folder = fs.join(out_dir, "families")
     fs.makedirs(folder)
     entries, sheet, labels = [], [], []
@@ -187,6 +192,7 @@ def generate_families(gen: Any, prompts: str | Sequence[dict], out_dir: str, *,
             sheet.append(np.asarray(PILImage.fromarray(request[PIXELS]).resize((size, size))))
             labels.append(f"{i}: input")
         entry = {k: v for k, v in request.items() if k != PIXELS}
+        entry["decoding"] = decoding(family, num_samples, image_sampling, text_sampling)
         if isinstance(result, list):
             entry["outputs"] = result
             labels[-1] = f"{i}: {request.get('question', family)} -> {result[0]}"
@@ -208,6 +214,19 @@ def generate_families(gen: Any, prompts: str | Sequence[dict], out_dir: str, *,
     pictures.grid(np.stack(sheet[:n]), labels[:n], fs.join(out_dir, "families.png"),
                   columns=min(8, n))
     return entries
+
+
+def decoding(family: str, num_samples: int, image_sampling: Any, text_sampling: Any) -> dict:
+    """How `run_request` decodes a request of `family`: a text family answers once with the
+    text sampling; an edit guides by the paper's two scales (image 1.5, text 7.5) unless
+    the image sampling turns guidance off; the other image families as the image sampling
+    says."""
+    if family in TEXT_TOKENS:
+        return {"num_samples": 1, "sampling": _settings(text_sampling)}
+    out = {"num_samples": num_samples, "sampling": _settings(image_sampling)}
+    if family == "edit" and getattr(image_sampling, "guidance", "cfg") != "none":
+        out["guidance"] = "two-scale: image 1.5, text 7.5 (Generator.edit)"
+    return out
 
 
 def _write_png(out_dir: str, name: str, image: np.ndarray) -> str:

@@ -216,6 +216,11 @@ def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str]
     if bad:
         raise UserInputError(f"generate.{bad[0]}={counts[bad[0]]!r} must be a whole number "
                              ">= 1.")
+    if num_samples > 1 and rerank_samples > 1:
+        raise UserInputError(f"generate.num_samples={num_samples} and generate.rerank_samples="
+                             f"{rerank_samples}: re-ranking keeps one image per caption, the "
+                             f"best of {rerank_samples}; set num_samples=1, or rerank_samples=1 "
+                             "to keep every sample.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserInputError(f"generate.seed={seed!r} must be a whole number >= 0.")
     if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:

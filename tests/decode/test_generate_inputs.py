@@ -233,10 +233,13 @@ def test_data_dir_and_a_folder_bound_apart_are_named(tmp_path, capsys):
     ("generate.seed=-1", "generate.seed=-1 must be a whole number >= 0"),
     ("generate.batch_size=0", "generate.batch_size=0 must be a whole number >= 1"),
     ("generate.num_samples='2'", "generate.num_samples='2' must be a whole number >= 1"),
-    ("generate.negative_captions=['x', ' ']", r"negative_captions\[1\] is empty")])
+    ("generate.negative_captions=['x', ' ']", r"negative_captions\[1\] is empty"),
+    ("generate.num_samples=2", r"num_samples=2 and generate.rerank_samples=4: re-ranking keeps")])
 def test_bad_settings_are_named_before_anything_is_read(tmp_path, capsys, binding, match):
     code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{tmp_path}/run'",
-                         "generate.captions=['a red circle', 'a blue star']", binding)
+                         "generate.captions=['a red circle', 'a blue star']",
+                         "generate.rerank_samples=4" if "num_samples=2" in binding
+                         else "generate.rerank_samples=1", binding)
     assert code == 2 and len(errors) == 1 and re.search(match, errors[0]), errors
 
 
@@ -369,7 +372,7 @@ def _prompts(tmp_path) -> str:
     return str(prompts)
 
 
-def test_families_are_written_through_fs(tmp_path):
+def test_families_are_written_through_fs(tmp_path, capsys):
     prompts = _prompts(tmp_path)
     out = f"ram://families_{uuid.uuid4().hex[:8]}"
     entries = generate_families.generate_families(_FakeGenerator(), prompts, out,
@@ -377,6 +380,10 @@ def test_families_are_written_through_fs(tmp_path):
     assert entries[0]["outputs"] == ["families/000_how_to_write_0.png",
                                      "families/000_how_to_write_1.png"]
     assert entries[1]["outputs"] == ["a shape"] and "_pixels" not in entries[1]
+    # What each request was decoded with: a text answer once, whatever num_samples says.
+    assert entries[0]["decoding"]["num_samples"] == 2
+    assert entries[1]["decoding"]["num_samples"] == 1
+    assert "answer once each (generate.num_samples=2" in capsys.readouterr().out
     with fs.open(f"{out}/families/000_how_to_write_1.png", "rb") as f:
         assert np.asarray(Image.open(f)).shape == (8, 8, 3)
     with fs.open(f"{out}/families.json") as f:

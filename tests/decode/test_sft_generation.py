@@ -153,6 +153,9 @@ def test_prompts_file_runs_every_family_and_writes_pngs_json_and_a_sheet(
             assert Image.open(out / e["outputs"][0]).size == (32, 32)
     saved = json.loads((out / "families.json").read_text())
     assert saved["settings"]["image_sampling"]["guidance"] == "cfg"
+    decoding = {r["family"]: r["decoding"] for r in saved["requests"]}
+    assert decoding["edit"]["guidance"].startswith("two-scale: image 1.5, text 7.5")
+    assert "guidance" not in decoding["grounded"] and decoding["vqa"]["num_samples"] == 1
     assert (out / "families.png").exists()
 
     prompts.write_text('{"family": "edit", "image": "scene.png"}\n')
