@@ -367,6 +367,10 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
         raise UserInputError(f"generate.image_tokenizer does not fit generate.vocab_dir "
                              f"{vocab_dir!r}: {mismatch}. Give the image tokenizer the "
                              "training data was made with.")
+    if retrieval_dir and not fs.isdir(retrieval_dir):
+        raise MissingInputError(f"generate.retrieval_dir {retrieval_dir!r} does not exist: give "
+                                "a built retrieval folder (a preprocess run's data/retrieval), "
+                                "or generate.num_retrieved=0 to retrieve nothing.")
     documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
     if documents:
         raise UserInputError(f"generate.retrieval_dir {retrieval_dir!r} does not fit "

@@ -69,6 +69,7 @@ def write_bank(docs: Iterable[SourceDocument], encoder: DocumentEncoder, bank_di
     """Encodes documents (clean and with query dropout) into a finalized memory bank."""
     writer = memory_bank.MemoryBankWriter(bank_dir, docs_per_shard)
     rng = np.random.default_rng(seed)
+    written = 0
     for batch in tqdm(_batches(docs, batch_size), desc="encoding documents"):
         texts = [d.text for d in batch]
         images = [d.image for d in batch]
@@ -77,6 +78,10 @@ def write_bank(docs: Iterable[SourceDocument], encoder: DocumentEncoder, bank_di
                       if query_dropout > 0 else (vectors, None))
         for d, v, q, m in zip(batch, vectors, queries, multimodal):
             writer.add(d.doc_id, v, bool(m), d.tokens, q)
+        written += len(batch)
+    if not written:
+        raise UserInputError("build_retrieval.documents gave no documents: a memory bank needs "
+                             "at least one; check the source it reads (its split, its path).")
     return writer.close()
 
 

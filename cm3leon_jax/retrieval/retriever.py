@@ -178,6 +178,8 @@ class Retriever:
         with the bank's unit vectors, as the thresholds assume.
         """
         cfg = self.selection if k is None else dataclasses.replace(self.selection, k=k)
+        if np.ndim(vectors) == 2 and len(vectors) == 0:  # No queries: no results.
+            return np.zeros([0, cfg.k], np.int64), np.zeros([0, cfg.k], np.float32)
         vectors = unit_queries(vectors, self.dim)
         exclude = (np.full([len(vectors)], -1, np.int64) if exclude_rows is None
                    else np.asarray(exclude_rows, np.int64))
@@ -225,6 +227,8 @@ class Retriever:
         result says `truncated`, and the call logs one warning naming such texts (unless
         `warn_truncated_texts` is off: the service reports them in its answer instead)."""
         encoder = self._need_encoder()
+        if not len(texts):
+            return []
         vectors, truncated = encoder.encode_texts(texts)
         if warn_truncated_texts:
             warn_truncated(truncated, encoder.cfg.context_length)
@@ -236,4 +240,5 @@ class Retriever:
     def search_images(
         self, images: Sequence[np.ndarray], k: int | None = None
     ) -> list[SearchResult]:
-        return self.search_vectors(self._need_encoder().embed_images(images), k)
+        encoder = self._need_encoder()
+        return self.search_vectors(encoder.embed_images(images), k) if len(images) else []

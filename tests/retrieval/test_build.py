@@ -125,3 +125,14 @@ def test_the_encoder_is_found_where_its_run_went_and_refused_when_retrained(tmp_
     shutil.rmtree(moved / "retriever")
     with pytest.raises(MissingInputError, match="is at none of"):
         Retriever.open(str(moved / "data" / "retrieval"), SELECTION)
+
+
+def test_no_documents_and_no_queries_are_named_or_answered_empty(tmp_path, encoder_dir):
+    with pytest.raises(UserInputError, match="build_retrieval.documents gave no documents"):
+        build.build_retrieval(str(tmp_path / "empty"), encoder_dir, lambda: iter(()))
+    assert not os.path.exists(tmp_path / "empty" / "retrieval")  # No staging folder left.
+    _build(tmp_path, encoder_dir, num=30)
+    retriever = Retriever.open(str(tmp_path / "retrieval"), SELECTION)
+    assert retriever.search_texts([]) == [] and retriever.search_images([]) == []
+    rows, scores = retriever.search_vectors_raw(np.zeros([0, retriever.dim], np.float32))
+    assert rows.shape == scores.shape == (0, SELECTION.k)
