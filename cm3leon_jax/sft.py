@@ -1,7 +1,7 @@
 """The `sft` run mode: supervised fine-tuning of a pretrained decoder on the SFT mixture.
 
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/sft.gin \
-        --gin.MODEL_DIR="'runs/demo/sft'" --gin.BASE_MODEL_DIR="'runs/demo/pretrain'"
+        --gin.MODEL_DIR="'runs/sft'" --gin.BASE_MODEL_DIR="'runs/demo/pretrain'"
 
 The pretraining trainer, unchanged, with one difference: a run that has no checkpoint
 yet starts from the base run's parameters (its newest readable checkpoint, or

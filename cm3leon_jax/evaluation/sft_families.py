@@ -11,7 +11,7 @@ graded without a learned metric:
     how_to_write           the nearest render (pixel L2) among the candidate words is the
                            word asked for
     caption, long_caption  the caption names exactly the scene's (color, class) objects
-    vqa                    the answer, lower-cased, equals the true one
+    vqa                    the answer equals the true one after VQA normalization ("Two." == "2")
     segment                the mask (pixels brighter than mid-gray) has IoU >= 0.5 with the
                            object's mask; `mask_iou` is the mean IoU
 

@@ -35,7 +35,7 @@ from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 
 
 @dataclasses.dataclass
@@ -63,6 +63,10 @@ class Suite:
 SuiteBuilder = Callable[[int], Suite]
 
 
+# The built-in corpus' splits (`data/synthetic.py`): any other name draws scenes of no split.
+CORPUS_SPLITS = ("train", "validation", "test")
+
+
 @gin.configurable
 def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
                  tasks: Sequence[str] = ("text_to_image", "captioning", "vqa", "edit")
@@ -71,9 +75,16 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
     Text-to-image also carries as many scenes of another held-out split (validation, or
     test when `split` is not test) as `other_images`: the eval run's reference rows."""
     unknown = sorted(set(tasks) - {"text_to_image", "captioning", "vqa", "edit"})
-    if unknown or num_examples < 2:
-        raise ValueError(f"corpus_suite: tasks {unknown} unknown / num_examples={num_examples}"
-                         "; use text_to_image, captioning, vqa, edit and >= 2 examples.")
+    if unknown:
+        raise UserInputError(f"corpus_suite.tasks: {unknown} unknown; use text_to_image, "
+                             "captioning, vqa, edit.")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 2:
+        raise UserInputError(f"corpus_suite.num_examples={num_examples!r}: give 2 or more "
+                             "(FID and the reference rows compare sets of images).")
+    if split not in CORPUS_SPLITS:
+        raise UserInputError(f"corpus_suite.split={split!r} is not a split of the built-in "
+                             f"corpus; use one of {CORPUS_SPLITS} (choose settings on "
+                             "validation, report on test).")
 
     def build(image_size: int) -> Suite:
         scenes = [sft_examples.corpus_scene(seed, split, i, image_size)
@@ -142,8 +153,8 @@ def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
 
     def build(image_size: int) -> Suite:
         data = _read_json(captions_json, "COCO captions file")
-        if "images" not in data or "annotations" not in data:
-            raise ValueError(f"{captions_json!r} is not a COCO captions file: it needs "
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise UserInputError(f"{captions_json!r} is not a COCO captions file: it needs "
                              "'images' and 'annotations'.")
         by_image: dict = {}
         for ann in data["annotations"]:

@@ -130,8 +130,9 @@ def answer(ctx: Context, task: Task) -> tuple[dict, list[str]]:
 
 
 def edit_strategies(strategies: Sequence[Strategy]) -> list[Strategy]:
-    """The distinct ways `Generator.edit` decodes among the single-sample `strategies`, one
-    each, named for what runs. An edit is guided with two scales (image 1.5, text 7.5)
+    """The distinct ways `Generator.edit` decodes among the single-sample `strategies` (the
+    re-ranking ones when there are no others: edits are not re-ranked), one each, named for
+    what runs. An edit is guided with two scales (image 1.5, text 7.5)
     whatever its sampling's guidance ("cfg" at any scale, or "cdk") and unguided only when
     that is "none": eval.gin's cfg3, cfg5 and cdk are one edit decoding ("two_scale"), top-p
     another ("unguided"). A second decoding of either kind (another top-p, say) is named
@@ -143,7 +144,10 @@ def edit_strategies(strategies: Sequence[Strategy]) -> list[Strategy]:
         # The sampling with the fields an edit ignores (which guidance, its scale) set alike.
         key = dataclasses.replace(sampling, guidance="cfg" if guided else "none",
                                   guidance_scale=0.0, cdk_alpha=0.0, cdk_k=0)
-        if strategy.num_samples != 1 or key in seen:
+        # Re-ranking strategies count only when no other gives the edits a decoding (then
+        # the first sample of the first: edits are not re-ranked).
+        if key in seen or (strategy.num_samples != 1
+                           and any(s.num_samples == 1 for s in strategies)):
             continue
         seen.add(key)
         name = "two_scale" if guided else "unguided"

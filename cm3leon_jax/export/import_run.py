@@ -88,7 +88,7 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
     kwargs = {"model_size": model_size} if model_size else {}
     layout = detect_layout(source) if layout == "auto" else layout
     config, params, extras = read(source, layout, **kwargs)
-    params, config = params_export.cast(params, config, dtype)
+    params, config = params_export.cast(params, config, dtype, "import_weights")
     tokenizer = extras.get("image_tokenizer")
     if tokenizer is None and extras.get("image_tokenizer_dir"):
         from cm3leon_jax.vocab import vqgan_checkpoint

@@ -38,12 +38,14 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("params", "hf")
 
 
-def cast(params: Any, config: DecoderConfig, dtype: str | None) -> tuple[Any, DecoderConfig]:
-    """Params and config in `dtype` (None: unchanged); sharded arrays stay sharded."""
+def cast(params: Any, config: DecoderConfig, dtype: str | None, mode: str = "export"
+         ) -> tuple[Any, DecoderConfig]:
+    """Params and config in `dtype` (None: unchanged); sharded arrays stay sharded. `mode`:
+    the run mode whose `dtype` setting an error names."""
     if dtype is None or dtype == config.param_dtype:
         return params, config
     if dtype not in DTYPES:
-        raise UserInputError(f"export: dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
+        raise UserInputError(f"{mode}.dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
     return params, config.replace(param_dtype=dtype)
 
@@ -245,6 +247,13 @@ def _check_model_dir(model_dir: str) -> None:
     bindings = gin.get_bindings(export)
     checkpoint = bindings.get("checkpoint")
     run_config.check_apart(model_dir, "export", {"export.checkpoint": checkpoint})
+    output_dir = bindings.get("output_dir")
+    if isinstance(output_dir, str) and fs.overlap(output_dir, model_dir) and not (
+            fs.abspath(output_dir).startswith(fs.abspath(model_dir).rstrip("/") + "/")):
+        raise UserInputError(
+            f"export.output_dir {output_dir!r} is or holds this run's MODEL_DIR {model_dir!r} "
+            "(where its config.gin goes): give the export a folder of its own, or leave "
+            "output_dir unset for MODEL_DIR/export.")
     if bindings.get("config") is not None or not isinstance(checkpoint, str):
         return  # The model is a gin reference until the run builds it: the run checks.
     if bindings.get("layout") == "hf":

@@ -140,9 +140,10 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
 def _check_counts(**counts: int) -> None:
     """Step counts of `train` that must be positive (eval_every: 0 is "only at the end")."""
     for name, value in counts.items():
-        if value < (0 if name == "eval_every" else 1):
-            raise UserInputError(f"train.{name}={value}; it must be >= "
-                                 f"{0 if name == 'eval_every' else 1}.")
+        least = 0 if name == "eval_every" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserInputError(f"train.{name}={value!r}; it must be a whole number >= "
+                                 f"{least} (4, not '4').")
 
 
 class _Run:
@@ -206,6 +207,7 @@ class _Run:
              init_params_from: Callable[[Mesh], Any] | None = None) -> dict[str, Any]:
         """Steps until `num_steps` or a preemption; saves, evaluates; returns the summary."""
         state, step = self.restore_or_init(init_params_from)
+        start = step
         if step >= self.num_steps:
             log.warning("the checkpoint is at step %d, train.num_steps=%d: nothing to train "
                         "(raise num_steps to train on).", step, self.num_steps)
@@ -229,6 +231,8 @@ class _Run:
             bar.close()
         if preempted:
             log.warning("preempted: saved step %d; rerun the same command to resume.", step)
+        elif step == start:  # A finished run rerun: its evaluation is written already.
+            eval_metrics = self.evaluate(state.params)
         else:
             eval_metrics = self.evaluate_and_write(step, state, reporter)
         return {"step": step, "preempted": preempted, "eval": eval_metrics}

@@ -208,7 +208,7 @@ def test_fid_reference_statistics_say_what_they_are_of(tmp_path, caplog):
         fid.load_statistics(path, key)
 
 
-def test_bad_settings_are_named(eval_files):
+def test_bad_settings_are_named(eval_files, tmp_path):
     with pytest.raises(ValueError, match="num_retrieved=\\[0, 2\\] retrieves documents"):
         eval_run.evaluate("x", checkpoint=eval_files["checkpoint"], vocab_dir="v",
                           image_tokenizer=None, num_retrieved=(0, 2))
@@ -222,6 +222,14 @@ def test_bad_settings_are_named(eval_files):
                               image_tokenizer=None, **bad)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         Strategy("bad", num_samples=0)
+    for bad, match in [({"split": "val"}, r"split='val' is not a split .*'validation'"),
+                       ({"num_examples": 1}, r"num_examples=1: give 2 or more"),
+                       ({"tasks": ("vqa", "ocr")}, r"\['ocr'\] unknown")]:
+        with pytest.raises(UserInputError, match=match):
+            suites.corpus_suite(**bad)
+    (tmp_path / "not_coco.json").write_text("[]")
+    with pytest.raises(UserInputError, match="is not a COCO captions file"):
+        suites.coco_suite(str(tmp_path / "not_coco.json"), "x")(32)
     with pytest.raises(FileNotFoundError, match="COCO captions file 'nope.json'"):
         suites.coco_suite("nope.json", "x")(32)
 
@@ -292,3 +300,7 @@ def test_each_way_of_decoding_an_edit_runs_once_named_for_what_runs():
     # cfg3, cfg5 and cdk all guide an edit with two scales; re-ranking is not an edit's.
     assert [s.name for s in got] == ["unguided", "two_scale", "two_scale_greedy"]
     assert got[1].samplings[0] == cfg(3.0) and got[2].samplings[0].greedy
+    # Only re-ranking strategies: edits still run, once, with the first one's sampling.
+    only = tasks.edit_strategies([Strategy("rerank8", (cfg(3.0),), num_samples=8)])
+    assert [(s.name, s.num_samples, s.samplings) for s in only] == [
+        ("two_scale", 1, (cfg(3.0),))]

@@ -140,6 +140,15 @@ def test_an_export_never_replaces_or_writes_into_what_it_reads(train_run, vocab_
         finally:
             gin.clear_config()
     assert tree_digests(train_run[0]) == before
+    own = str(tmp_path / "export_run")  # output_dir = the export run's own MODEL_DIR.
+    argv = ["--gin_file=gin_configs/runs/export.gin", f"--gin.MODEL_DIR='{own}'",
+            f"--gin.export.checkpoint='{train_run[0]}'", "--gin.export.vocab_dir=None",
+            "--gin.export.image_tokenizer_dir=None", f"--gin.export.output_dir='{own}'"]
+    try:
+        assert main.main(argv) == 2
+    finally:
+        gin.clear_config()
+    assert not os.path.exists(own)
 
 
 def test_the_hf_layout_refuses_what_transformers_cannot_express_before_restoring(

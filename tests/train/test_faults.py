@@ -3,6 +3,7 @@ configured; a MODEL_DIR rerun with another model size is refused through the com
 (SIGKILL in the middle of a save: test_trainer.py; a write that fails part-way:
 test_checkpoints.py.)"""
 
+import json
 import math
 import os
 
@@ -95,8 +96,9 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     ({"train.global_batch_size": 6, "make_mesh.data": -1, "make_mesh.fsdp": 1},
      "6 rows per micro-batch do not split over the 8 devices"),
     ({"train.num_microbatches": 2}, "4 rows per micro-batch do not split over the 8 devices"),
-    ({"train.eval_steps": 0}, "train.eval_steps=0; it must be >= 1"),
-    ({"train.log_every": 0}, "train.log_every=0; it must be >= 1"),
+    ({"train.eval_steps": 0}, "train.eval_steps=0; it must be a whole number >= 1"),
+    ({"train.log_every": 0}, "train.log_every=0; it must be a whole number >= 1"),
+    ({"train.num_steps": "'4'"}, "train.num_steps='4'; it must be a whole number >= 1"),
     ({"make_mesh.data": 3}, "make_mesh: 8 devices do not split"),
 ])
 def test_settings_that_cannot_work_are_one_line_before_training(corpus, tmp_path, capsys,
@@ -132,3 +134,7 @@ def test_a_changed_seed_is_refused_and_num_steps_reached_says_so(corpus, tmp_pat
                                                   **{"train.num_steps": 1}))
     assert summary["step"] == 2
     assert "at step 2, train.num_steps=1: nothing to train" in caplog.text
+    # Its evaluation is returned, and not written again beside the first run's.
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert summary["eval"] and [r["step"] for r in rows if "eval/loss" in r] == [2]
