@@ -71,6 +71,15 @@ NOT_YET = (
 TIME_BUDGETS_S = (600, 1200)  # aimed for where measured; the issue's bound
 STAGES = ("corpus", "image_tokenizer", "retriever", "preprocess", "pretrain", "sft_data",
           "sft", "export", "generate", "evaluate", "pictures")
+# What each stage writes that the later ones (or the person) read: a stored stage whose
+# outputs are gone is built again (`StageRunner`).
+OUTPUTS = {"corpus": ("tfds",), "image_tokenizer": ("image_tokenizer",),
+           "retriever": ("retriever/encoder",), "preprocess": ("data/vocab", "data/retrieval"),
+           "pretrain": ("pretrain/checkpoints",), "sft_data": ("sft_data",),
+           "sft": ("sft/checkpoints",), "export": ("export/manifest.json",),
+           "generate": ("pictures/generated.npz",),
+           "evaluate": ("eval", "pictures/evaluated.npz"),
+           "pictures": ("pictures/contact_sheet.png",)}
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -101,13 +110,15 @@ def demo(model_dir: str,
         print(f"[demo] XLA flags: {' '.join(added)}")
     if start_over:
         demo_stages.clear(model_dir)
+    fs.makedirs(os.path.join(model_dir, "stages"))  # What marks the folder as a demo's.
     _build_cpu_kernels()
     earlier = demo_stages.earlier_work(model_dir)  # What the time targets must not count.
     # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
     config = gin.config_str()
     runner = demo_stages.StageRunner(model_dir, list(STAGES), demo_stages.fingerprint(config),
-                                     also_accepted=(demo_stages.earlier_fingerprint(config),))
+                                     also_accepted=(demo_stages.earlier_fingerprint(config),),
+                                     outputs=OUTPUTS)
     _refuse_stages_of_another_config(runner, model_dir)
     try:
         _run_stages(runner, model_dir, image_size, split_sizes, num_pictures,
@@ -132,14 +143,20 @@ def _refuse_stages_of_another_config(runner: demo_stages.StageRunner, model_dir:
                      key=lambda p: int(p.rsplit(".", 2)[-2]))
     changed = ""
     if earlier:
-        before = set(demo_stages.config_lines(fs.read_text(earlier[-1])))
-        now = [line for line in demo_stages.config_lines(gin.config_str())
-               if line.strip() and line not in before and not line.startswith("#")]
-        changed = f"; now bound: {'; '.join(now[:3])}" + (" ..." if len(now) > 3 else "")
+        then = demo_stages.config_lines(fs.read_text(earlier[-1]))
+        now = demo_stages.config_lines(gin.config_str())
+
+        def listed(lines: list[str]) -> str:
+            return "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+        added = [x for x in now if x.strip() and x not in set(then) and not x.startswith("#")]
+        gone = [x for x in then if x.strip() and x not in set(now) and not x.startswith("#")]
+        changed = "".join([f"; now bound: {listed(added)}" if added else "",
+                           f"; no longer bound: {listed(gone)}" if gone else ""])
     raise ModelDirMismatchError(
         f"demo MODEL_DIR {model_dir!r} holds stages built under another configuration "
         f"({', '.join(stale)}{changed}); they would be reused as they are. Rerun with "
-        "--gin.demo.start_over=True to build everything again, or give another MODEL_DIR.")
+        "--gin.demo.start_over=True to build everything again, rerun with the earlier "
+        "settings, or give another MODEL_DIR.")
 
 
 def _check_model_dir(model_dir: str) -> None:

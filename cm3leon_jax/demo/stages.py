@@ -74,7 +74,7 @@ OWN_ENTRIES = ("stages", "metrics.json", "tfds", "image_tokenizer", "retriever",
 _CONFIG_FILE = re.compile(r"config(\.\d+)?\.gin")
 # What a write cut short by a kill leaves beside an entry: a staged folder or file
 # (`train/staging.py`, `fs.atomic_write`) or the one it was replacing.
-_LEFTOVER = re.compile(r"(?P<entry>.+)\.(tmp|old)-[^/]+")
+_LEFTOVER = re.compile(r"(?P<entry>.+)\.(tmp-[0-9a-f]{8}|tmp-staging|old-[0-9a-f]{8})")
 
 
 def _leftover_of_own(name: str) -> bool:
@@ -85,10 +85,14 @@ def _leftover_of_own(name: str) -> bool:
 
 
 def foreign_entries(model_dir: str) -> list[str]:
-    """What model_dir holds that a demo does not write, sorted ([]: a demo's folder)."""
+    """What model_dir holds that a demo does not write, sorted ([]: a demo's folder). In a
+    folder without `stages/` (which a demo makes before its first stage) nothing but config
+    files is the demo's: a `data/` or `eval/` there is someone else's."""
     if not fs.isdir(model_dir):
         return []
-    names = (n.rstrip("/") for n in fs.listdir(model_dir))
+    names = [n.rstrip("/") for n in fs.listdir(model_dir)]
+    if "stages" not in names:
+        return sorted(n for n in names if not _CONFIG_FILE.fullmatch(n))
     return sorted(n for n in names if n not in OWN_ENTRIES and not _CONFIG_FILE.fullmatch(n)
                   and not _leftover_of_own(n))
 
@@ -132,12 +136,13 @@ def clean(model_dir: str) -> None:
 
 
 def earlier_work(model_dir: str) -> list[str]:
-    """What model_dir holds besides config.gin (the current run's): an earlier run's work,
-    sorted; [] for a fresh folder."""
+    """What model_dir holds that an earlier run built (config files and an empty `stages/`
+    are not work), sorted; [] for a fresh folder."""
     if not fs.isdir(model_dir):
         return []
-    return sorted(n.rstrip("/") for n in fs.listdir(model_dir)
-                  if n.rstrip("/") != "config.gin")
+    names = [n.rstrip("/") for n in fs.listdir(model_dir)]
+    return sorted(n for n in names if not _CONFIG_FILE.fullmatch(n)
+                  and not (n == "stages" and not fs.listdir(os.path.join(model_dir, n))))
 
 
 # Lines of the config that say where and how to run, not what is built.
@@ -241,6 +246,9 @@ def _print_line(line: str) -> None:
     sys.stdout.flush()
 
 
+_LOOK = object()  # `StageRunner.run`: look for a stored result itself.
+
+
 class StageRunner:
     """Runs the demo's stages in order, keeping their results, times and a log line each.
 
@@ -250,13 +258,21 @@ class StageRunner:
       config_fingerprint: see `fingerprint`; cached results of another one are ignored.
       print_fn: where the log lines go.
       also_accepted: other fingerprints of the same configuration (`earlier_fingerprint`).
+      outputs: per stage, the paths under MODEL_DIR it writes that later stages read; a
+        stored result whose outputs are gone is built again.
+
+    Once a stage is built in this run rather than reused, every stage after it is built
+    again too (its inputs are new), except those started beside it (`run_together`).
     """
 
     def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
                  print_fn: Callable[[str], None] | None = None,
-                 also_accepted: tuple[str, ...] = ()):
+                 also_accepted: tuple[str, ...] = (),
+                 outputs: dict[str, tuple[str, ...]] | None = None):
         self.model_dir, self.dir = model_dir, os.path.join(model_dir, "stages")
         self.names, self.config = list(names), config_fingerprint
+        self.outputs = dict(outputs or {})
+        self.built_from: int | None = None  # The first stage built (not reused) in this run.
         self.accepted = {config_fingerprint, *also_accepted}
         self.print = print_fn or _print_line
         self.results: dict[str, Any] = {}
@@ -281,15 +297,24 @@ class StageRunner:
                 and fs.read_json(self._cache_path(name)).get("config") not in self.accepted]
 
     def cached(self, name: str) -> Any | None:
-        """The stored result of `name` from a run with this configuration, or None. Its
+        """The stored result of `name` from a run with this configuration, or None (also when
+        a stage before it was built in this run, or one of its `outputs` is gone). Its
         paths into the MODEL_DIR it was stored in (the one it records, or for a result
         stored before they did, those the folder's config files name) are put under this
         MODEL_DIR, so a moved folder reports its own files."""
         path = self._cache_path(name)
         if not fs.exists(path):
             return None
+        if self.built_from is not None and self.names.index(name) > self.built_from:
+            return None
         stored = fs.read_json(path)
         if stored.get("config") not in self.accepted:
+            return None
+        gone = [p for p in self.outputs.get(name, ()) if not fs.exists(
+            os.path.join(self.model_dir, p))]
+        if gone:
+            self.print(f"{self._header(name)}: stored, but {gone[0]} is gone: building it "
+                       "again")
             return None
         before = stored.get("model_dir") or recorded_model_dirs(self.model_dir)
         return reroot(stored["result"], before, self.model_dir)
@@ -311,9 +336,11 @@ class StageRunner:
         results: list[Any] = [None] * len(stages)
         errors: list[BaseException | None] = [None] * len(stages)
 
+        stored = [self.cached(name) for name, _, _ in stages]  # Decided before any runs.
+
         def work(i: int) -> None:
             try:
-                results[i] = self.run(*stages[i])
+                results[i] = self.run(*stages[i], stored=stored[i])
             except Exception as e:  # noqa: BLE001 - raised again by the calling thread
                 errors[i] = e
 
@@ -332,10 +359,11 @@ class StageRunner:
         return results
 
     def run(self, name: str, fn: Callable[[], Any],
-            summary: Callable[[Any], str] | None = None) -> Any:
-        """Runs (or reuses) one stage; returns its result."""
+            summary: Callable[[Any], str] | None = None, stored: Any = _LOOK) -> Any:
+        """Runs (or reuses) one stage; returns its result. `stored`: `cached(name)`, when the
+        caller looked already."""
         wall, cpu = time.time(), cpu_seconds()
-        result = self.cached(name)
+        result = self.cached(name) if stored is _LOOK else stored
         if result is not None:
             self.reused.append(name)
             how = "reused"
@@ -361,6 +389,8 @@ class StageRunner:
                                 "model_dir": _names_of(self.model_dir)})
             fs.rename(tmp, self._cache_path(name))
             how = "done"
+            index = self.names.index(name)
+            self.built_from = index if self.built_from is None else min(self.built_from, index)
         self.results[name] = result
         self.seconds[name] = round(time.time() - wall, 1)
         self.cpu_seconds[name] = round(cpu_seconds() - cpu, 1)

@@ -36,6 +36,22 @@ def test_what_a_killed_stage_leaves_beside_its_folder_is_the_demos_own(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.gin"]
 
 
+def test_a_folder_that_no_demo_made_is_not_taken_for_one(tmp_path):
+    """Without stages/ (made before a demo's first stage) a data/ or eval/ is the user's:
+    start_over would have deleted it. A backup named like a cut-short write is the user's
+    too: only the names the code writes (.tmp-<8 hex>, .old-<8 hex>) are the demo's."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("mine")
+    (tmp_path / "config.gin").write_text("x = 1")
+    with pytest.raises(UserInputError, match=r"holds what a demo does not write \(data\)"):
+        demo._check_model_dir(str(tmp_path))
+    (tmp_path / "data" / "labels.csv").unlink()
+    (tmp_path / "data").rmdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pretrain.old-before-start-over").mkdir()
+    assert demo_stages.foreign_entries(str(tmp_path)) == ["pretrain.old-before-start-over"]
+
+
 def test_a_failing_stage_is_named_in_its_line_and_in_its_error(tmp_path):
     lines = []
     runner = demo_stages.StageRunner(str(tmp_path), ["a", "b"], "config", lines.append)

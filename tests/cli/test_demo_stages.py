@@ -137,7 +137,7 @@ def test_earlier_work_is_what_the_folder_holds_besides_the_current_config(tmp_pa
     assert demo_stages.earlier_work(str(tmp_path)) == []
     (tmp_path / "stages").mkdir()
     (tmp_path / "metrics.json").write_text("{}")
-    assert demo_stages.earlier_work(str(tmp_path)) == ["metrics.json", "stages"]
+    assert demo_stages.earlier_work(str(tmp_path)) == ["metrics.json"]  # stages/ is empty.
 
 
 def test_clear_deletes_the_demos_own_entries_and_nothing_else(tmp_path):
@@ -343,3 +343,39 @@ def test_draws_keep_the_best_sample_and_average_every_one():
     np.testing.assert_array_equal(kept.images, np.stack(wrong))
     assert draw.sample_means == {"headline": 0.5}
     assert len(draw(2, None, samples=1).images) == 2 and draw.sample_means == {"headline": 0.5}
+
+
+def test_a_stage_whose_outputs_are_gone_is_built_again_and_so_is_every_later_one(tmp_path):
+    calls, lines = [], []
+
+    def stage(name):
+        def fn():
+            calls.append(name)
+            os.makedirs(tmp_path / name, exist_ok=True)
+            return {"built": name}
+        return fn
+
+    names, outputs = ["a", "b", "c"], {"a": ("a",), "b": ("b",), "c": ("c",)}
+
+    def run_all():
+        runner = demo_stages.StageRunner(str(tmp_path), names, "config", lines.append,
+                                         outputs=outputs)
+        for name in names:
+            runner.run(name, stage(name))
+        return runner
+
+    run_all()
+    assert run_all().reused == ["a", "b", "c"] and calls == ["a", "b", "c"]
+    os.rmdir(tmp_path / "b")  # A stage's folder removed by hand.
+    again = run_all()
+    assert calls[3:] == ["b", "c"] and again.reused == ["a"]  # c read b's old output.
+    assert any("b: stored, but b is gone: building it again" in line for line in lines)
+
+
+def test_earlier_work_is_what_a_run_built_not_its_config_files(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "config.gin").write_text("x = 1")
+    (tmp_path / "config.1.gin").write_text("x = 0")
+    assert demo_stages.earlier_work(str(tmp_path)) == []  # Fresh after start_over.
+    (tmp_path / "stages" / "corpus.json").write_text("{}")
+    assert demo_stages.earlier_work(str(tmp_path)) == ["stages"]
