@@ -156,6 +156,15 @@ def _chameleon_ids_vocab(path: str, hf: dict[str, Any]):
     if hf.get("model_type") != "chameleon" or not fs.exists(tokenizer):
         return None
     from cm3leon_jax.export import chameleon_vocab
+    model = read_json(tokenizer).get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        # Chameleon's own is a BPE file (a vocab mapping, IMGIMG image tokens); ours, the
+        # SentencePiece model's, is not.
+        raise UserInputError(
+            f"{path} is a Chameleon folder whose tokenizer.json is not Chameleon's own (no "
+            f"BPE vocab mapping) and that has no {hf_export.VOCAB}/ or {hf_export.OURS}: a "
+            "cm3leon-jax export with its side files dropped? Keep them beside the weights "
+            "(they say how its ids are laid out), or import the folder they came with.")
     vq = hf.get("vq_config") or {}
     side = vq.get("resolution", 512) // 2 ** (len(vq.get("channel_multiplier", [1] * 5)) - 1)
     with fs.open(tokenizer, "rb") as f:
@@ -171,6 +180,9 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
     meta = read_json(ours) if fs.exists(ours) else {}
     vocab = None
     if meta:
+        if not isinstance(meta, dict) or "decoder_config" not in meta:
+            raise UserInputError(f"{ours} holds no decoder_config: not a cm3leon-jax export's "
+                                 "record (cut short?); export the model again.")
         config = pc.config_from_dict(meta["decoder_config"], ours)
     else:
         config = config_from_hf(hf, f"{path}/{hf_export.CONFIG}")

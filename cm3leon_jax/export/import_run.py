@@ -107,7 +107,9 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
 def _check_model_dir(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside the source, before main.run writes
     config.gin there."""
-    source = gin.get_bindings(import_weights).get("source")
+    bindings = gin.get_bindings(import_weights)
+    params_export.check_dtype(bindings.get("dtype"), "import_weights")
+    source = bindings.get("source")
     if isinstance(source, str):  # Not yet bound (gin.REQUIRED): the run itself says so.
         run_config.check_apart(model_dir, "import", {"import_weights.source": source})
 

@@ -38,14 +38,20 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("params", "hf")
 
 
+def check_dtype(dtype: Any, mode: str = "export") -> None:
+    """UserInputError unless `dtype` is None (as stored) or one of DTYPES."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserInputError(f"{mode}.dtype={dtype!r}; choose one of {tuple(DTYPES)}, or None "
+                             "to keep the stored one.")
+
+
 def cast(params: Any, config: DecoderConfig, dtype: str | None, mode: str = "export"
          ) -> tuple[Any, DecoderConfig]:
     """Params and config in `dtype` (None: unchanged); sharded arrays stay sharded. `mode`:
     the run mode whose `dtype` setting an error names."""
+    check_dtype(dtype, mode)
     if dtype is None or dtype == config.param_dtype:
         return params, config
-    if dtype not in DTYPES:
-        raise UserInputError(f"{mode}.dtype={dtype!r}; choose one of {tuple(DTYPES)}.")
     params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
     return params, config.replace(param_dtype=dtype)
 
@@ -137,6 +143,7 @@ def export(model_dir: str, *, checkpoint: str = gin.REQUIRED, output_dir: str | 
     """
     if layout not in LAYOUTS:
         raise UserInputError(f"export.layout={layout!r}; choose one of {LAYOUTS}.")
+    check_dtype(dtype)
     output_dir = staging.check_target(
         output_dir or f"{model_dir.rstrip('/')}/export", overwrite,
         reads={"export.checkpoint": checkpoint, "export.vocab_dir": vocab_dir,
@@ -245,6 +252,7 @@ def _check_model_dir(model_dir: str) -> None:
     main.run writes config.gin there) a model the 'hf' layout cannot express, a vocabulary
     or image tokenizer folder that is missing or does not fit the checkpoint's saved model."""
     bindings = gin.get_bindings(export)
+    check_dtype(bindings.get("dtype"))
     checkpoint = bindings.get("checkpoint")
     run_config.check_apart(model_dir, "export", {"export.checkpoint": checkpoint})
     output_dir = bindings.get("output_dir")

@@ -193,6 +193,16 @@ def test_an_import_into_its_own_source_is_refused_before_config_gin_is_written(t
             gin.clear_config()
         assert sorted(os.listdir(source)) == ["x.txt"]  # No config.gin written there.
         assert "import MODEL_DIR" in capsys.readouterr().err
+    for mode, gin_file in (("import_weights", "import"), ("export", "export")):
+        argv = [f"--gin_file=gin_configs/runs/{gin_file}.gin",
+                f"--gin.MODEL_DIR='{tmp_path}/{mode}'", f"--gin.{mode}.dtype='bf16'"]
+        argv += ([f"--gin.import_weights.source='{source}'"] if mode == "import_weights" else [])
+        try:
+            assert main.main(argv) == 2
+        finally:
+            gin.clear_config()
+        assert not (tmp_path / mode).exists()  # Before anything is read or written.
+        assert f"{mode}.dtype='bf16'; choose one of" in capsys.readouterr().err
 
 
 def test_the_recorded_vocabulary_is_checked_and_carried_into_the_export(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,11 @@ def test_successor_loads_as_chameleon_with_its_vq_model(vocab_dir, hf_image_toke
     got_vq_config, got_vq_params = extras["image_tokenizer"]
     assert got_vq_config == vq_config
     _assert_same_tree(got_vq_params, vq_params)  # The decoder too, which transformers drops.
+    # What save_pretrained keeps of it (no cm3leon_* side files): named, not misread.
+    os.remove(os.path.join(out, hf_export.OURS))
+    shutil.rmtree(os.path.join(out, hf_export.VOCAB))
+    with pytest.raises(UserInputError, match="not Chameleon's own .* side files dropped"):
+        hf_import.read_hf(out)
 
 
 def test_a_bfloat16_export_reads_back(vocab_dir, tmp_path):
@@ -152,6 +158,11 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
     os.remove(out / "model.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(UserInputError, match='index.json: no "weight_map"'):
+        hf_import.read_hf(str(out))
+    out = tmp_path / "hf3"  # Its record cut to nothing useful.
+    hf_export.write_hf(str(out), config, random_params(config))
+    (out / hf_export.OURS).write_text(json.dumps({"step": 3}))
+    with pytest.raises(UserInputError, match="holds no decoder_config"):
         hf_import.read_hf(str(out))
 
 
