@@ -68,7 +68,8 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     base run's folder, whose config.gin this would replace); a folder whose config.gin
     another mode wrote is refused for every mode. A run whose checkpoints (or, for
     the demo, stages) were built by another config (ModelDirMismatchError) leaves config.gin
-    as it found it. With several
+    as it found it; so does any other refusal (UserInputError) of a rerun of a trained run
+    that saved no new checkpoint. With several
     processes, process 0 alone writes it (the job is joined first).
     """
     check = getattr(mode, "check_model_dir", None)
@@ -86,6 +87,7 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     if not distributed.all_agree(failure is None):
         raise failure or UserInputError(f"process 0 could not write {model_dir}/config.gin: "
                                         "its log says why.")
+    saved = _saved_steps(model_dir)
     try:
         return mode(model_dir=model_dir)
     except ModelDirMismatchError:
@@ -93,6 +95,18 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         if undo is not None:
             undo()
         raise
+    except UserInputError:
+        # Any other refusal of a rerun that saved nothing: its checkpoints belong to the
+        # earlier config.gin (a size they do not have must not stay recorded beside them).
+        if undo is not None and saved and _saved_steps(model_dir) == saved:
+            undo()
+        raise
+
+
+def _saved_steps(model_dir: str) -> list[int]:
+    """The committed checkpoint steps of the run in `model_dir` (none for other modes)."""
+    from cm3leon_jax.train import checkpoints
+    return checkpoints.finished_steps(os.path.join(model_dir, "checkpoints"))
 
 
 def _mode_name(mode: Callable[..., object]) -> str:

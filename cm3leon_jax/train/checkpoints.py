@@ -77,8 +77,31 @@ ocp.type_handlers.register_type_handler(
 _UNCHECKED = {CHECKSUMS, f"{CHECKSUMS}.partial", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
+# Errors of the storage or the machine, not of the files: never taken for corruption.
+_TRANSIENT_TYPES = (ConnectionError, TimeoutError, MemoryError)
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether reading failed for a reason that says nothing about the files (a network or
+    storage outage, a timeout, memory), so the checkpoint must not be set aside."""
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, _TRANSIENT_TYPES) or any(
+                status in str(chain) for status in _TRANSIENT_STATUS):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
 class CorruptCheckpointError(Exception):
     """A file of a checkpoint does not match its recorded size or checksum."""
+
+
+class UnreadableCheckpointError(UserInputError):
+    """The last checkpoint left could not be read and nothing proves it damaged (no
+    checksums): it stays where it is, and the run stops instead of starting from step 0."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -395,10 +418,11 @@ class Checkpointer:
         any failed read `data` is back at its first batch. Returns None if there is no
         checkpoint.
         """
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 verified = self._verify(step)
-            except CorruptCheckpointError as e:
+            except CorruptCheckpointError as e:  # Its checksums say so: damaged.
                 self._corrupt(step, e)
                 continue
             what = f"restoring the checkpoint at step {step} in {self.directory}"
@@ -414,6 +438,12 @@ class Checkpointer:
                     data.restart()
                 if not isinstance(e, CorruptCheckpointError):
                     raise
+                if step == steps[-1]:  # Unverified, and no earlier one: nothing set aside.
+                    raise UnreadableCheckpointError(
+                        f"the checkpoint at step {step} in {self.directory} could not be read "
+                        f"({_first_line(e)[:300]}) and there is no earlier one; without "
+                        "checksums it cannot be told from a read that failed, so it is left "
+                        "in place: rerun, or move it aside yourself to train from step 0.") from e
                 self._corrupt(step, e)
                 continue
             self.last_good_step = step
@@ -428,8 +458,8 @@ class Checkpointer:
             stored = self._stored_shapes(step)
             layout = _layout_difference(data, self.directory / str(step) / "data")
         except Exception as e:  # pylint: disable=broad-except  # Only reading files here.
-            if verified or isinstance(e, UserInputError):  # Not corruption: as written,
-                raise  # or written by another kind of run.
+            if verified or isinstance(e, UserInputError) or _transient(e):  # Not corruption:
+                raise  # as written, another kind of run's, or the storage failing now.
             raise CorruptCheckpointError(f"{type(e).__name__}: {_first_line(e)}") from e
         self._check_fits(step, stored, abstract_state, layout)
 
@@ -444,8 +474,8 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except
             if data is not None:  # Some iterators may have moved before the failure.
                 data.restart()
-            if verified or isinstance(e, UserInputError):
-                raise  # Not corruption: the bytes are as written, or the config changed.
+            if verified or isinstance(e, UserInputError) or _transient(e):
+                raise  # Not corruption: as written, the config changed, or storage failing.
             self._manager = self._fresh_manager()  # A failed read can leave it broken.
             raise CorruptCheckpointError(f"{type(e).__name__}: {_first_line(e)}") from e
 

@@ -232,6 +232,40 @@ def test_an_unverified_unreadable_checkpoint_falls_back_and_the_manager_works(tm
     _assert_equal(states[2], checkpoints.Checkpointer(str(tmp_path)).restore(abstract, data))
 
 
+def test_a_storage_outage_or_the_last_unverified_checkpoint_is_never_set_aside(
+        tmp_path, data, monkeypatch):
+    """A read that fails for the storage's sake (here orbax's restore raising a 503) moved
+    good checkpoints aside one by one and trained from step 0. Now it is raised, and the
+    last unverified checkpoint that cannot be read stays in place: the run stops."""
+    mesh = partitioning.make_mesh(data=-1)
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, checksums=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(mesh, seed=step), data)
+    ckpt.close()
+    abstract = state_lib.abstract_train_state(Decoder(CONFIG), TX, mesh)
+    before = lib.tree_digests(tmp_path)
+    reader = checkpoints.Checkpointer(str(tmp_path), save_every=1, checksums=False)
+
+    def outage(*args, **kwargs):
+        raise ConnectionError("503 Service Unavailable")
+    monkeypatch.setattr(reader._manager, "restore", outage)
+    with pytest.raises(ConnectionError, match="503"):
+        reader.restore(abstract, data)
+    assert lib.tree_digests(tmp_path) == before
+    reader.close()
+    monkeypatch.undo()
+    for step in (2, 1):  # Both truncated: 2 is set aside for 1, which stays.
+        victim = _largest_file(tmp_path / str(step) / "state")
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    reader = checkpoints.Checkpointer(str(tmp_path), save_every=1, checksums=False)
+    with pytest.raises(checkpoints.UnreadableCheckpointError,
+                       match=r"step 1 .* no earlier one.*left in place"):
+        reader.restore(abstract, data)
+    reader.close()
+    assert (tmp_path / "corrupt.2").is_dir() and (tmp_path / "1").is_dir()
+
+
 def _fail_partway_through_iterator_writes(monkeypatch):
     """tf.train.Checkpoint.write writes half a file, then the disk is full."""
     def write(self, prefix, *args, **kwargs):

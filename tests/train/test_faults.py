@@ -118,6 +118,26 @@ def test_settings_that_cannot_work_are_one_line_before_training(corpus, tmp_path
     assert not (model_dir / "checkpoints").exists() or not os.listdir(model_dir / "checkpoints")
 
 
+def test_a_refused_rerun_leaves_the_trained_runs_config_gin(corpus, tmp_path, capsys):
+    """A rerun of a trained run with a size its checkpoints do not have, refused before it
+    trains, left that size in config.gin (the trained one only in config.1.gin), and export
+    then named config.gin as the sizes' source."""
+    path, vocab = corpus
+    model_dir = tmp_path / "run"
+    argv = lib.bindings(str(model_dir), path, vocab, **{"train.num_steps": 2})
+    lib.run_in_process(argv)
+    before = (model_dir / "config.gin").read_text()
+    gin.clear_config()
+    try:
+        code = main_lib.main([f"--gin_file={lib.TRAIN_GIN}", *[f"--gin.{b}" for b in argv],
+                              "--gin.DecoderConfig.max_length=64"])
+    finally:
+        gin.clear_config()
+    assert code == 2 and "DecoderConfig.max_length=64" in capsys.readouterr().err
+    assert (model_dir / "config.gin").read_text() == before
+    assert not (model_dir / "config.1.gin").exists()
+
+
 def test_a_changed_seed_is_refused_and_num_steps_reached_says_so(corpus, tmp_path, caplog):
     """The seed decides the data order the saved position continues: a rerun with another
     seed trained on in seed 0's order while config.gin said seed 1."""
