@@ -145,6 +145,12 @@ class ShardSpec:
 
 def plan_shards(source: TfdsSource, splits: Sequence[str],
                 docs_per_shard: int) -> list[ShardSpec]:
+    """Each split's examples in shards of about `docs_per_shard` (the source refuses a
+    split it does not have)."""
+    if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or (
+            docs_per_shard < 1):
+        raise UserInputError(f"preprocess.docs_per_shard={docs_per_shard!r}: give a whole "
+                             "number >= 1.")
     specs = []
     for split in splits:
         n = source.num_examples(split)
@@ -585,6 +591,7 @@ def preprocess(model_dir: str,
     vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
     check_image_size(source, image_tokenizer)
+    specs = plan_shards(source, splits, docs_per_shard)  # A split it lacks: before any work.
     if not fs.exists(os.path.join(vocab_dir, "layout.json")):
         train_vocabulary(source, image_tokenizer, vocab_dir,
                          text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
@@ -594,8 +601,15 @@ def preprocess(model_dir: str,
             f"{vocab_dir} was made for {vocab.layout.image_length} codes per image but "
             f"the image tokenizer gives {image_tokenizer.codes_per_image}; use a new "
             "output folder for a different image tokenizer.")
+    made = {"text_vocab_size": vocab.layout.text_size, "num_sentinels": vocab.layout.num_sentinels}
+    asked = {"text_vocab_size": text_vocab_size, "num_sentinels": num_sentinels}
+    if made != asked and not recorded_plan(model_dir):
+        # A vocabulary an earlier run trained and died before recording its plan (a plan,
+        # when there is one, names the settings that changed: check_plan below).
+        raise UserInputError(
+            f"{vocab_dir} was trained with {made}, and this run asks for {asked}: preprocess "
+            "into a new output folder, or bind the vocabulary's settings.")
     budget = AugmentConfig(seq_len=seq_len).budget
-    specs = plan_shards(source, splits, docs_per_shard)
     check_plan(model_dir, source, specs, plan_settings(
         seq_len=seq_len, max_text_tokens=max_text_tokens, image_first_prob=image_first_prob,
         text_vocab_size=text_vocab_size, num_sentinels=num_sentinels, retrieval=retrieval,

@@ -17,6 +17,7 @@ the uninterrupted run's losses bit for bit.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
@@ -39,6 +40,27 @@ from cm3leon_jax.train import step as step_lib
 from cm3leon_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+def _check_task(task: str, eval_split: str) -> None:
+    """The task is registered and declares the split the run evaluates on (a typo there
+    failed only at the first evaluation, eval_every steps in)."""
+    try:
+        found = seqio.get_mixture_or_task(task)
+    except ValueError:
+        names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+        close = difflib.get_close_matches(task, names, n=3)
+        raise UserInputError(
+            f"train.task={task!r} is not a registered SeqIO task or mixture"
+            f"{'; did you mean ' + ' or '.join(map(repr, close)) if close else ''}. "
+            f"{len(names)} are registered (`import tasks` registers the project's: "
+            "tasks/).") from None
+    subtasks = found.tasks if isinstance(found, seqio.Mixture) else [found]
+    splits = sorted({split for sub in subtasks for split in sub.splits})
+    if splits and eval_split not in splits:
+        raise UserInputError(
+            f"train.eval_split={eval_split!r}: task {task!r} has the splits {splits}; the run "
+            "evaluates on it every train.eval_every steps and at the end.")
 
 
 def _check_vocabulary(task: str, config: DecoderConfig) -> None:
@@ -122,9 +144,10 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
         if seq_len > config.max_length:
             raise UserInputError(f"train.seq_len={seq_len} > DecoderConfig.max_length="
                                  f"{config.max_length}; lower one or raise the other.")
+        _check_task(task, eval_split)
         _check_vocabulary(task, config)
         _check_counts(num_steps=num_steps, log_every=log_every, eval_steps=eval_steps,
-                      eval_every=eval_every)
+                      eval_every=eval_every, global_batch_size=global_batch_size)
         run = _Run(model_dir, config, task, num_steps, global_batch_size, seq_len, seed,
                    num_microbatches, num_data_shards, eval_steps, eval_split, on_nonfinite)
         reporter = _Reporter(run.writer, run.ckpt, num_steps, log_every, on_nonfinite,

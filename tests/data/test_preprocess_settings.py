@@ -83,6 +83,18 @@ def test_plan_records_the_settings_and_refuses_a_rerun_with_others(synthetic_sou
     assert sorted(os.listdir(out)) == before
 
 
+def test_a_vocabulary_left_without_a_plan_is_checked_against_the_settings(
+        synthetic_source, folder, tmp_path):  # noqa: F811
+    """A first run that died after training its vocabulary (before plan.json) left it; a
+    rerun with another size took it silently and recorded the new size in its plan."""
+    out = _copy(folder, tmp_path)
+    os.remove(out / pp.PLAN_FILE)
+    with pytest.raises(UserInputError, match=r"vocab was trained with \{'text_vocab_size': 300"):
+        _rerun(synthetic_source, out, text_vocab_size=280)
+    with pytest.raises(UserInputError, match="docs_per_shard=0: give a whole number"):
+        _rerun(synthetic_source, out, docs_per_shard=0)
+
+
 def test_a_plan_from_before_the_settings_were_recorded_is_accepted(synthetic_source, folder,  # noqa: F811
                                                                    tmp_path):
     out = _copy(folder, tmp_path)

@@ -99,6 +99,11 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     ({"train.eval_steps": 0}, "train.eval_steps=0; it must be a whole number >= 1"),
     ({"train.log_every": 0}, "train.log_every=0; it must be a whole number >= 1"),
     ({"train.num_steps": "'4'"}, "train.num_steps='4'; it must be a whole number >= 1"),
+    ({"train.global_batch_size": 0}, "train.global_batch_size=0; it must be a whole number"),
+    ({"train.eval_split": "'valid'"}, "train.eval_split='valid': task "),
+    ({"train.task": "'cm3leon_synthetic_mx'"},
+     "train.task='cm3leon_synthetic_mx' is not a registered SeqIO task or mixture; did you "
+     "mean 'cm3leon_synthetic_mix'"),
     ({"make_mesh.data": 3}, "make_mesh: 8 devices do not split"),
 ])
 def test_settings_that_cannot_work_are_one_line_before_training(corpus, tmp_path, capsys,
