@@ -47,6 +47,7 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+from cm3leon_jax import fs  # noqa: E402
 from cm3leon_jax.errors import ModelDirMismatchError, UserInputError  # noqa: E402
 from cm3leon_jax.train import distributed, run_config  # noqa: E402
 
@@ -103,10 +104,10 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         raise
 
 
-def _saved_steps(model_dir: str) -> list[int]:
-    """The committed checkpoint steps of the run in `model_dir` (none for other modes)."""
-    from cm3leon_jax.train import checkpoints
-    return checkpoints.finished_steps(os.path.join(model_dir, "checkpoints"))
+def _saved_steps(model_dir: str) -> list[str]:
+    """The step folders under MODEL_DIR/checkpoints (none for modes that save none)."""
+    folder = fs.join(model_dir, "checkpoints")
+    return sorted(n.rstrip("/") for n in fs.listdir(folder)) if fs.isdir(folder) else []
 
 
 def _mode_name(mode: Callable[..., object]) -> str:
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        run()
+        result = run()
     except UserInputError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
@@ -207,7 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and result.get("preempted"):
+        # Saved on SIGTERM, not finished: a scheduler that restarts on a status (xpk: 42)
+        # gets it from its launcher through this variable; 0 otherwise.
+        return int(os.environ.get(PREEMPTED_EXIT_CODE_ENV, "0"))
     return 0
+
+
+# The exit status of a run stopped by SIGTERM after saving (default 0).
+PREEMPTED_EXIT_CODE_ENV = "CM3LEON_PREEMPTED_EXIT_CODE"
 
 
 def _first_line(e: BaseException) -> str:

@@ -18,7 +18,8 @@ slice from GKE (`initialize.auto`); on GPU through the variables xpk sets
 CM3LEON_NUM_PROCESSES and CM3LEON_PROCESS_ID (one process per node, all its GPUs).
 With `--num_slices=N` on TPU the data axis also spans slices over DCN
 (`train_mesh.dcn_data=N`, unless given). `--max_restarts` restarts the job after
-a failure or preemption; the trainer resumes from MODEL_DIR's latest checkpoint.
+a failure or preemption (a preempted run saves and exits 42, xpk's restart status); the
+trainer resumes from MODEL_DIR's latest checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ TPU_TYPE = re.compile(r"^(v\d+[a-z]*|v5litepod|tpu\d+[a-z]*)-\d+$")
 # Exit statuses after which the job is restarted, besides xpk's own (42, 127-255):
 # 1 is an uncaught Python exception, e.g. a collective that failed with a lost host.
 RESTART_EXIT_CODES = "1"
+# A run stopped by SIGTERM (a preemption) saves and exits with xpk's own restart status,
+# so that --max_restarts resumes it (with 0, xpk takes the job as finished).
+PREEMPTED_EXIT_CODE = 42
 GPU_ENV = ("CM3LEON_COORDINATOR=${JAX_COORDINATOR_ADDRESS}:${JAX_COORDINATOR_PORT} "
            "CM3LEON_NUM_PROCESSES=${NNODES} CM3LEON_PROCESS_ID=${NODE_RANK}")
 
@@ -99,6 +103,7 @@ def command(args) -> str:
     argv = common.main_argv("python3", [args.gin_file, *args.extra_gin_files], args.model_dir,
                             args.overrides, launcher_bindings(args))
     line = " ".join(quote(a) for a in argv)
+    line = f"CM3LEON_PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} {line}"
     if gpu:
         line = f"{GPU_ENV} {line}"
     if args.docker_image is None:

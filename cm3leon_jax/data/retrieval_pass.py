@@ -186,9 +186,10 @@ def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> di
     vocab = os.path.join(data_dir, "vocab")  # What the documents' tokens were made with.
     if fs.exists(os.path.join(vocab, "layout.json")):
         summary["vocabulary"] = vocab_record.of(MultimodalVocabulary(vocab))
-    fs.write_json(meta_path, summary, indent=2)
-    # Neighbors found in an older bank may point at rows that moved or vanished.
+    # Neighbors found in an older bank may point at rows that moved or vanished: forgotten
+    # first, so that a kill between the two cannot leave them beside the new retrieval.json.
     forget_neighbors(data_dir)
+    fs.write_json(meta_path, summary, indent=2)
     return summary
 
 

@@ -246,7 +246,8 @@ class _Run:
                 reporter.flush()  # Never save a non-finite state.
                 self.ckpt.save(step, state, self.data, force=last)
                 reporter.timer.restart()  # Time training only.
-            if eval_every and step % eval_every == 0 and step != self.num_steps:
+            if (eval_every and step % eval_every == 0 and step != self.num_steps
+                    and not preempted):  # A preemption's grace period is for the save.
                 eval_metrics = self.evaluate_and_write(step, state, reporter)
             if bar is not None:
                 bar.update(1)

@@ -154,6 +154,8 @@ def test_xpk_tpu_multislice():
     (install, _), (run, seen) = bash_argv(option(argv, "--command"), {})
     assert install == ["-m", "pip", "install", "-q", "-e", ".[tpu]"]
     assert seen == "  "  # TPU hosts find each other through jax.distributed's discovery
+    # A preempted run exits with xpk's restart status, so --max_restarts resumes it.
+    assert "CM3LEON_PREEMPTED_EXIT_CODE=42 python3 " in option(argv, "--command")
     expect_bindings(bindings(["python3", *run]), "gs://b/7b",
                     ["initialize.auto=True", "train_mesh.dcn_data=2"])
 
@@ -369,3 +371,21 @@ def test_slurm_help_names_a_gpu_gin_file(capsys):
         slurm.launch(["--help"])
     out = capsys.readouterr().out
     assert "gin_configs/train/cm3leon_350m.gin" in out and "gin_configs/pods/" not in out
+
+
+def test_a_preempted_run_exits_with_the_status_its_launcher_asks_for(monkeypatch):
+    """The trainer saves on SIGTERM and returns `preempted`; xpk restarts only on some
+    statuses, so its launcher sets CM3LEON_PREEMPTED_EXIT_CODE (42); 0 without it."""
+    import gin
+
+    from cm3leon_jax import main as main_lib
+    monkeypatch.setattr(main_lib, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(main_lib, "run", lambda: {"step": 3, "preempted": True})
+    try:
+        assert main_lib.main(["--gin_file=x.gin"]) == 0
+        monkeypatch.setenv(main_lib.PREEMPTED_EXIT_CODE_ENV, "42")
+        assert main_lib.main(["--gin_file=x.gin"]) == 42
+        monkeypatch.setattr(main_lib, "run", lambda: {"step": 9, "preempted": False})
+        assert main_lib.main(["--gin_file=x.gin"]) == 0
+    finally:
+        gin.clear_config()
