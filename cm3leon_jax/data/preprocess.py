@@ -470,6 +470,30 @@ def train_vocabulary(source: TfdsSource, image_tokenizer, directory: str, *,
         num_sentinels=num_sentinels, image_length=image_tokenizer.codes_per_image)
 
 
+def _vocabulary(source: TfdsSource, image_tokenizer, model_dir: str, text_vocab_size: int,
+                num_sentinels: int) -> MultimodalVocabulary:
+    """MODEL_DIR/vocab: trained on the first run, checked against the settings after."""
+    vocab_dir = os.path.join(model_dir, "vocab")
+    if not fs.exists(os.path.join(vocab_dir, "layout.json")):
+        train_vocabulary(source, image_tokenizer, vocab_dir,
+                         text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
+    vocab = MultimodalVocabulary(vocab_dir)
+    if vocab.layout.image_length != image_tokenizer.codes_per_image:
+        raise UserInputError(
+            f"{vocab_dir} was made for {vocab.layout.image_length} codes per image but "
+            f"the image tokenizer gives {image_tokenizer.codes_per_image}; use a new "
+            "output folder for a different image tokenizer.")
+    made = {"text_vocab_size": vocab.layout.text_size, "num_sentinels": vocab.layout.num_sentinels}
+    asked = {"text_vocab_size": text_vocab_size, "num_sentinels": num_sentinels}
+    if made != asked and not recorded_plan(model_dir):
+        # A vocabulary an earlier run trained and died before recording its plan (a plan,
+        # when there is one, names the settings that changed: `check_plan`).
+        raise UserInputError(
+            f"{vocab_dir} was trained with {made}, and this run asks for {asked}: preprocess "
+            "into a new output folder, or bind the vocabulary's settings.")
+    return vocab
+
+
 _IMAGE_TOKENIZERS: dict = {}
 
 
@@ -588,27 +612,10 @@ def preprocess(model_dir: str,
       runner, pipeline_options: Beam's, e.g. "DataflowRunner" and
         ["--project=...", "--region=...", "--temp_location=gs://..."].
     """
-    vocab_dir = os.path.join(model_dir, "vocab")
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
     check_image_size(source, image_tokenizer)
     specs = plan_shards(source, splits, docs_per_shard)  # A split it lacks: before any work.
-    if not fs.exists(os.path.join(vocab_dir, "layout.json")):
-        train_vocabulary(source, image_tokenizer, vocab_dir,
-                         text_vocab_size=text_vocab_size, num_sentinels=num_sentinels)
-    vocab = MultimodalVocabulary(vocab_dir)
-    if vocab.layout.image_length != image_tokenizer.codes_per_image:
-        raise UserInputError(
-            f"{vocab_dir} was made for {vocab.layout.image_length} codes per image but "
-            f"the image tokenizer gives {image_tokenizer.codes_per_image}; use a new "
-            "output folder for a different image tokenizer.")
-    made = {"text_vocab_size": vocab.layout.text_size, "num_sentinels": vocab.layout.num_sentinels}
-    asked = {"text_vocab_size": text_vocab_size, "num_sentinels": num_sentinels}
-    if made != asked and not recorded_plan(model_dir):
-        # A vocabulary an earlier run trained and died before recording its plan (a plan,
-        # when there is one, names the settings that changed: check_plan below).
-        raise UserInputError(
-            f"{vocab_dir} was trained with {made}, and this run asks for {asked}: preprocess "
-            "into a new output folder, or bind the vocabulary's settings.")
+    _vocabulary(source, image_tokenizer, model_dir, text_vocab_size, num_sentinels)
     budget = AugmentConfig(seq_len=seq_len).budget
     check_plan(model_dir, source, specs, plan_settings(
         seq_len=seq_len, max_text_tokens=max_text_tokens, image_first_prob=image_first_prob,
