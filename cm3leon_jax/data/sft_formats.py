@@ -175,8 +175,15 @@ def _coco_images(data: Any, path: str) -> dict[int, dict]:
             or not isinstance(data.get("annotations"), list):
         raise UserInputError(f"{path!r} is not a COCO annotation file (it needs 'images' and "
                              "'annotations' lists).")
-    return {im["id"]: im for im in data["images"]
-            if isinstance(im, dict) and _id(im.get("id")) is not None}
+    images: dict = {}
+    for im in data["images"]:
+        if isinstance(im, dict) and _id(im.get("id")) is not None:
+            if im["id"] in images:  # Which picture its captions or boxes belong to is unknown.
+                raise UserInputError(f"{path!r} lists image id {im['id']!r} twice "
+                                     f"({images[im['id']].get('file_name')!r} and "
+                                     f"{im.get('file_name')!r}); give each image one id.")
+            images[im["id"]] = im
+    return images
 
 
 @gin.configurable
@@ -197,12 +204,16 @@ class CocoCaptions:
         data = _read_json(self.annotations, "COCO captions file")
         images = _coco_images(data, self.annotations)
         family = "long_caption" if self.long else "caption"
-        out = []
+        out, seen = [], set()
         for ann in data["annotations"]:
             if not isinstance(ann, dict):
                 out.append(Record(f"coco_caption:#{len(out)}", family, skipped="bad_annotation"))
                 continue
             doc_id = f"coco_caption:{ann.get('id', len(out))}"
+            if doc_id in seen:
+                out.append(Record(f"{doc_id}#{len(out)}", family, skipped="duplicate_record"))
+                continue
+            seen.add(doc_id)
             image = images.get(_id(ann.get("image_id")))
             if image is None:
                 out.append(Record(doc_id, family, skipped="unknown_image_id"))
@@ -286,11 +297,15 @@ class CocoInstances:
                 raise _Skip("no_boxes")
             objects = []
             for ann in anns:
+                if ann.get("iscrowd"):  # A region of many objects, not one (COCO's rule).
+                    continue
                 name, box = names.get(_id(ann.get("category_id"))), ann.get("bbox")
                 if (name is None or not isinstance(box, list) or len(box) != 4
-                        or not all(_number(v) for v in box)):
+                        or not all(_number(v) for v in box) or box[2] <= 0 or box[3] <= 0):
                     raise _Skip("bad_annotation")
                 objects.append((_text(name), box))
+            if not objects:
+                raise _Skip("no_boxes")
             stated = {k: image[k] for k in ("width", "height") if k in image}
             if not all(_number(v) for v in stated.values()):
                 raise _Skip("bad_annotation")
@@ -340,15 +355,23 @@ class Vqa2:
                                  "'annotations' list).")
         answers = {a["question_id"]: a for a in anns["annotations"]
                    if isinstance(a, dict) and _id(a.get("question_id")) is not None}
-        out = []
+        out, seen = [], set()
         for q in qs["questions"]:
             if not isinstance(q, dict):
                 out.append(Record(f"vqa2:#{len(out)}", "vqa", skipped="bad_annotation"))
                 continue
             doc_id = f"vqa2:{q.get('question_id')}"
+            if doc_id in seen:
+                out.append(Record(f"{doc_id}#{len(out)}", "vqa", skipped="duplicate_record"))
+                continue
+            seen.add(doc_id)
             ann = answers.get(_id(q.get("question_id")))
             if ann is None:
                 out.append(Record(doc_id, "vqa", skipped="no_annotation"))
+                continue
+            if not isinstance(_id(q.get("image_id")), int) or (
+                    "image_id" in ann and ann["image_id"] != q["image_id"]):
+                out.append(Record(doc_id, "vqa", skipped="bad_annotation"))  # Whose image?
                 continue
             out.append(Record(doc_id, "vqa", build=self._builder(q, ann, doc_id)))
         return out
@@ -519,6 +542,11 @@ class FormatSource:
     def split_names(self) -> list[str]:
         """The source's splits (`sft_preprocess` refuses one it does not plan)."""
         return list(self.splits)
+
+    def family_names(self) -> list[str]:
+        """The families its records belong to (`sft_preprocess` refuses one it does not
+        plan), sorted."""
+        return sorted({family for _, family in self._all()})
 
     def identity(self) -> dict:
         """Each split's adapters and their settings (recorded in plan.json)."""

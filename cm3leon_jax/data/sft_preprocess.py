@@ -146,6 +146,20 @@ def check_splits(source: Any, splits: Sequence[str]) -> None:
             "validation and test), or leave it out of the source.")
 
 
+def left_out_families(source: Any, families: Sequence[str], splits: Sequence[str]
+                      ) -> dict[str, int]:
+    """{family: records} the source holds of the families `families` does not plan (a
+    selection from a source of several formats): said in the log and the manifest, since
+    they are neither written nor counted as skipped."""
+    names = source.family_names() if hasattr(source, "family_names") else ()
+    out = {name: sum(source.num_examples(split, name) for split in splits)
+           for name in names if name not in families}
+    if out:
+        logging.warning("sft_preprocess: the source's %s records are left out "
+                        "(sft_preprocess.families=%s)", out, tuple(families))
+    return out
+
+
 def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
                seq_len: int, families: Sequence[str], image_tokenizer=None) -> None:
     """`shards.check_plan` of the SFT folder: the source's identity and the content of its
@@ -419,6 +433,7 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
         raise UserInputError(f"sft_preprocess.families: unknown {unknown}; the families are "
                              f"{sft_prompts.FAMILIES}.")
     check_splits(source, splits)
+    left_out = left_out_families(source, families, splits)
     vocab = copy_vocabulary(vocab_dir, model_dir)
     images = preprocess._image_tokenizer(image_tokenizer_fn)  # noqa: SLF001
     if vocab.layout.image_length != images.codes_per_image:
@@ -440,6 +455,8 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
         preprocess.run_pipeline(todo, worker, runner, pipeline_options, stage="SftTokenize")
     result = manifest(specs, model_dir, seq_len)
     result["source_report"] = source.report()
+    if left_out:
+        result["left_out_families"] = left_out
     shards.write_manifest(model_dir, result)
     return result
 

@@ -133,3 +133,60 @@ def test_a_source_without_a_validation_split_is_logged(tmp_path, caplog):
     specs = sft_preprocess.plan_shards(source, ["edge_to_image"], ["train", "validation"], 10)
     assert sft_preprocess.warn_missing_splits(specs, ["train", "validation"]) == ["validation"]
     assert "no 'validation' examples. An sft run evaluates on the 'validation'" in caplog.text
+
+
+def _read_all(adapter, family):
+    source = sft_formats.FormatSource({"train": [adapter]})
+    return list(source.read("train", family, 0, source.num_examples("train", family)))
+
+
+def test_coco_and_vqa_records_that_would_pair_the_wrong_image_are_refused_or_counted(tmp_path):
+    """An image id listed twice (the last entry won: captions and boxes went onto another
+    picture), a repeated annotation or question id (written twice, the second question
+    given the first's answer), a question whose annotation names another image, a crowd
+    region or an empty box taken as an object."""
+    _png(str(tmp_path / "img" / "a.png"), (200, 30, 30))
+    _png(str(tmp_path / "img" / "b.png"), (30, 30, 200))
+    twice = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+             "annotations": [{"id": 10, "image_id": 1, "caption": "A red square."}]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(UserInputError, match=r"lists image id 1 twice \('a.png' and 'b.png'\)"):
+        _read_all(sft_formats.CocoCaptions(str(tmp_path / "twice.json"), str(tmp_path / "img")),
+                  "caption")
+    captions = {"images": [{"id": 1, "file_name": "a.png"}],
+                "annotations": [{"id": 10, "image_id": 1, "caption": "A red square."},
+                                {"id": 10, "image_id": 1, "caption": "Again."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    read = _read_all(sft_formats.CocoCaptions(str(tmp_path / "captions.json"),
+                                              str(tmp_path / "img")), "caption")
+    assert [getattr(r, "reason", None) for r in read] == [None, "duplicate_record"]
+
+    questions = {"questions": [{"question_id": 100, "image_id": 1, "question": "Color?"},
+                               {"question_id": 100, "image_id": 1, "question": "dup?"},
+                               {"question_id": 101, "image_id": 1, "question": "Shape?"},
+                               {"question_id": 102, "image_id": True, "question": "Bool?"}]}
+    answers = {"annotations": [{"question_id": 100, "image_id": 1,
+                                "multiple_choice_answer": "red"},
+                               {"question_id": 101, "image_id": 2,
+                                "multiple_choice_answer": "square"},
+                               {"question_id": 102, "image_id": True,
+                                "multiple_choice_answer": "yes"}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(answers))
+    read = _read_all(sft_formats.Vqa2(str(tmp_path / "q.json"), str(tmp_path / "a.json"),
+                                      str(tmp_path / "img"), image_pattern="{image_id:0}.png"),
+                     "vqa")
+    assert [getattr(r, "reason", None) for r in read][1:] == [
+        "duplicate_record", "bad_annotation", "bad_annotation"]
+
+    instances = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+                 "categories": [{"id": 5, "name": "dog"}],
+                 "annotations": [{"id": 1, "image_id": 1, "category_id": 5,
+                                  "bbox": [0, 0, 4, 4], "iscrowd": 1}]}
+    boxes = tmp_path / "instances.json"
+    boxes.write_text(json.dumps(instances))
+    adapter = sft_formats.CocoInstances(str(boxes), str(tmp_path / "img"), image_size=8)
+    assert [r.reason for r in _read_all(adapter, "boxes_to_image")] == ["no_boxes"]
+    instances["annotations"][0].update(iscrowd=0, bbox=[2, 2, -3, 4])
+    boxes.write_text(json.dumps(instances))
+    assert [r.reason for r in _read_all(adapter, "boxes_to_image")] == ["bad_annotation"]

@@ -152,6 +152,9 @@ def test_preprocessing_a_format_source_counts_skips_in_the_manifest(fixtures, tm
         image_tokenizer_fn=tiny_image_tokenizer, families=("edit", "vqa"), splits=("train",),
         seq_len=512)
     assert result["families"]["edit"]["train"]["written"] == 2
+    # The source's other families, not planned here: said, not dropped without a word.
+    assert set(result["left_out_families"]) == {"boxes_to_image", "caption", "depth_to_image",
+                                                "edge_to_image"}
     assert result["families"]["edit"]["train"]["skipped"] == {
         "missing_image": 1, "corrupt_image": 1, "empty_text": 1, "bad_json": 1}
     assert result["families"]["vqa"]["train"]["skipped_sample_ids"]["no_annotation"] == [
