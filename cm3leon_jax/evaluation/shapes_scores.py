@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cm3leon_jax.data import parse, shapes, shapes_tasks
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import vqa
 
 
@@ -272,6 +273,9 @@ def caption_metrics(captions: Sequence[str], scenes: Sequence[shapes.Scene]
 
 def vqa_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """Fraction of answers equal to the truth after VQA normalization ("Two." == "2")."""
+    if isinstance(predictions, str) or isinstance(answers, str):  # Compared letter by letter.
+        raise UserInputError("vqa_exact_match takes lists of answers, got a string; wrap one "
+                             "answer in a list.")
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers.")
     if not answers:

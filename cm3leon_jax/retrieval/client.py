@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval.encoder import check_image, warn_truncated
 from cm3leon_jax.retrieval.retriever import SearchResult
 
@@ -33,7 +34,16 @@ def encode_png(image: np.ndarray, i: int = 0) -> bytes:
 
 
 class RetrievalClient:
-    def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 2):
+    """A `Retriever` over HTTP (`server.py`): a batch larger than the service takes in one
+    request (`batch_size`, its `ServiceLimits.max_batch`) goes in several, and an empty one
+    asks nothing. k is capped by the service (`ServiceLimits.max_k`), not here."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 2,
+                 batch_size: int = 64):
+        if batch_size < 1:
+            raise UserInputError(f"RetrievalClient batch_size={batch_size}: give 1 or more "
+                                 "(the service's max_batch).")
+        self.batch_size = batch_size
         self._http = httpx.Client(base_url=base_url, timeout=timeout,
                                   transport=httpx.HTTPTransport(retries=retries))
 
@@ -69,13 +79,20 @@ class RetrievalClient:
 
     def search_vectors(self, vectors: np.ndarray, k: int | None = None,
                        exclude_doc_ids: Sequence[str | None] | None = None) -> list[SearchResult]:
-        body = {"vectors": np.asarray(vectors, np.float32).tolist(), "k": k}
-        if exclude_doc_ids is not None:
-            body["exclude_doc_ids"] = list(exclude_doc_ids)
-        return self._post("/search/vector", json=body)
+        vectors = np.asarray(vectors, np.float32)
+        out = []
+        for start in range(0, len(vectors), self.batch_size):  # The service's batch limit.
+            body = {"vectors": vectors[start:start + self.batch_size].tolist(), "k": k}
+            if exclude_doc_ids is not None:
+                body["exclude_doc_ids"] = list(exclude_doc_ids[start:start + self.batch_size])
+            out += self._post("/search/vector", json=body)
+        return out
 
     def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
-        results = self._post("/search/text", json={"texts": list(texts), "k": k})
+        texts, results = list(texts), []
+        for start in range(0, len(texts), self.batch_size):  # The service's batch limit.
+            results += self._post("/search/text",
+                                  json={"texts": texts[start:start + self.batch_size], "k": k})
         warn_truncated([r.truncated for r in results])
         return results
 

@@ -41,6 +41,7 @@ from absl import logging
 from PIL import Image as PILImage
 
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.images import pil_rgb
 from cm3leon_jax.retrieval import clip, clip_tokenizer, clip_weights
 from cm3leon_jax.retrieval.select import dropout_keep_mask
 from cm3leon_jax.train import params_checkpoint
@@ -63,7 +64,9 @@ def check_image(image: np.ndarray, i: int = 0) -> np.ndarray:
     if im.ndim != 3 or im.shape[-1] not in (3, 4) or im.dtype != np.uint8:
         raise UserInputError(f"image {i} has shape {im.shape} dtype {im.dtype}; expected "
                              "uint8[h, w, 3] (RGB).")
-    return im[..., :3]
+    if im.shape[-1] == 4:  # Transparency over white, as every image file is read (pil_rgb).
+        return np.asarray(pil_rgb(PILImage.fromarray(im, "RGBA")))
+    return im
 
 
 def warn_truncated(truncated: Sequence[bool], context: int | None = None) -> None:

@@ -195,3 +195,10 @@ def test_every_true_caption_scores_one_when_shapes_share_class_and_color():
         for index in range(80):
             example = sft_examples.corpus_example(0, "test", index, 64, family)
             assert sft_families.score_text(family, example.output, example)["exact"] == 1.0
+
+
+def test_vqa_exact_match_refuses_a_string_for_a_list():
+    from cm3leon_jax.errors import UserInputError
+    with pytest.raises(UserInputError, match="takes lists of answers"):
+        shapes_scores.vqa_exact_match("red", "rad")  # Was 2/3: letter by letter.
+    assert shapes_scores.vqa_exact_match(["Two."], ["2"]) == 1.0

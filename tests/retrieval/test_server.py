@@ -226,6 +226,15 @@ def test_served_by_the_gin_run_mode_and_the_client(retrieval_dir, retriever, doc
             local.search_vectors(vec, 3, ["train_0000009"])[0].doc_ids
         with pytest.raises(ValueError, match="k=1000"):
             client.search_vectors(vec, 1000)
+        # More queries than the service takes at once go in several requests; none, none.
+        many = retriever.bank.vectors(np.arange(5))
+        small = RetrievalClient(server.url, timeout=60, batch_size=2)
+        assert [r.doc_ids for r in small.search_vectors(many, 3)] == [
+            r.doc_ids for r in local.search_vectors(many, 3)]
+        assert small.search_texts([doc.text] * 3)[2].doc_ids == \
+            local.search_texts([doc.text])[0].doc_ids
+        assert client.search_vectors(np.zeros([0, retriever.dim], np.float32)) == []
+        assert client.search_texts([]) == []
         assert client.health()["status"] == "ok"
         _short_load(server, retriever, doc)
 

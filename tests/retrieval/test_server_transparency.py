@@ -31,3 +31,14 @@ def test_transparent_pixels_decode_as_pil_rgb_reads_them():
         got = decode_png(body, ServiceLimits())
         np.testing.assert_array_equal(got, want, err_msg=image.mode)
     assert (decode_png(_png(half), ServiceLimits())[:, 5:] == 255).all()  # White, not black.
+
+
+def test_an_rgba_array_is_read_over_white_locally_as_the_service_reads_its_png():
+    from cm3leon_jax.retrieval.encoder import check_image
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 2] = 180
+    rgba[:, :3, 3] = 255
+    rgba[:, 3, 3] = 100
+    np.testing.assert_array_equal(check_image(rgba),
+                                  decode_png(_png(PILImage.fromarray(rgba, "RGBA")),
+                                             ServiceLimits()))
