@@ -73,12 +73,14 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     that saved no new checkpoint. With several
     processes, process 0 alone writes it (the job is joined first).
     """
+    # First: the checks below may read checkpoints (an export's reads its image tokenizer's
+    # config through orbax), which starts JAX's backend, after which a pod cannot join.
+    distributed.initialize()
     check = getattr(mode, "check_model_dir", None)
     if check is not None:
         check(model_dir)
     run_config.check_same_mode(model_dir, _mode_name(mode))
     # One writer: the processes of a pod would otherwise rename one another's config.gin.
-    distributed.initialize()
     undo, failure = None, None
     if not jax.distributed.is_initialized() or jax.process_index() == 0:
         try:
