@@ -278,18 +278,18 @@ def read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 def write_json(path: str, value: Any, indent: int | None = 1, sort_keys: bool = False) -> None:
     """`value` as JSON at `path`, atomically; a float that is not finite (a mean over no
     examples) is written as null, which every JSON reader parses (NaN is not JSON)."""
-    write_text(path, json.dumps(_finite(value), indent=indent, sort_keys=sort_keys,
+    write_text(path, json.dumps(finite(value), indent=indent, sort_keys=sort_keys,
                                 allow_nan=False))
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """`value` with every float that is NaN or infinite replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 

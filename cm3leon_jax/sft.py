@@ -23,7 +23,6 @@ made with a train split only would otherwise fail only after training to it.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 from typing import Any
@@ -151,7 +150,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         result = trainer.train(model_dir)
         return {**result, "base": read_base_record(model_dir)
                 or {"model_dir": base_model_dir, "step": base_step}}
-    config = bind_base_config(base_model_dir)
+    config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
     check_vocabulary(base_vocab_dir, task)
     check_base_record(base_model_dir, task)
     restore.check_checkpoint(base_model_dir, base_step)
@@ -206,32 +205,6 @@ def check_same_base(model_dir: str, base_model_dir: str, base_step: int | None) 
         "name the recorded base.")
 
 
-def bind_base_config(base_model_dir: str) -> DecoderConfig:
-    """The base's DecoderConfig, bound in gin (the trainer builds `DecoderConfig()` and this
-    run's config.gin records the sizes): a train run's config.gin, or an export's manifest
-    but for its `param_dtype` (how it was stored, bfloat16 by default: the fine-tune keeps
-    its own, float32 unless bound)."""
-    if not params_checkpoint.is_export(base_model_dir):
-        return run_config.bind_decoder_config(base_model_dir, "this SFT run")
-    stored = restore.saved_config(base_model_dir)
-    explicit = gin.get_bindings(DecoderConfig)
-    diffs = [f"{k}: exported {getattr(stored, k)!r}, bound {v!r}" for k, v in sorted(
-        explicit.items()) if k not in (*run_config.RUNTIME_FIELDS, "param_dtype")
-        and not run_config.same_value(v, getattr(stored, k))]
-    if diffs:
-        raise UserInputError(
-            f"model config mismatch between the export in {base_model_dir!r} and this SFT "
-            f"run: {'; '.join(diffs[:4])}. The sizes come from its manifest: drop those "
-            "DecoderConfig bindings.")
-    with gin.unlock_config():
-        for field in dataclasses.fields(DecoderConfig):
-            if field.name not in (*run_config.RUNTIME_FIELDS, "param_dtype", *explicit):
-                value = getattr(stored, field.name)
-                if value != field.default:
-                    gin.bind_parameter(f"DecoderConfig.{field.name}", value)
-    return DecoderConfig()
-
-
 def _as_stored(base_model_dir: str, config: DecoderConfig) -> DecoderConfig | None:
     """The config to restore the base with: an export's own (its stored dtype; the
     parameters are cast after), a train run's `config`."""
@@ -264,7 +237,7 @@ def _check_model_dir(model_dir: str) -> None:
             check_same_base(model_dir, base, bound.get("base_step"))
             run_config.bind_decoder_config(model_dir, "this SFT run")
         else:
-            bind_base_config(base)
+            run_config.bind_decoder_config(base, "this SFT run")
 
 
 sft.check_model_dir = _check_model_dir

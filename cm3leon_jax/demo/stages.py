@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import math
 import os
 import re
 import resource
@@ -59,11 +58,7 @@ def jsonable(x: Any) -> Any:
         return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
         return jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return fs.finite(x.item() if isinstance(x, np.generic) else x)
 
 
 # What a demo writes at the top of its MODEL_DIR (config.gin, config.<n>.gin aside).

@@ -25,6 +25,7 @@ import gin
 from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
+from cm3leon_jax.train import params_checkpoint as pc
 
 CONFIG_FILE = "config.gin"
 # How a model runs, not what it is: a run may choose these freely.
@@ -140,26 +141,37 @@ def decoder_config(model_dir: str, what: str = "this run") -> DecoderConfig:
     Without a config.gin: `DecoderConfig()` as gin binds it.
 
     Args:
-      model_dir: a trainer's MODEL_DIR (holding config.gin and checkpoints/).
+      model_dir: a trainer's MODEL_DIR (holding config.gin and checkpoints/), or an
+        export (its manifest's config, but for `param_dtype`: how it was stored).
       what: how the error names the current run (e.g. "this SFT run").
     Raises:
       UserInputError: a shape field bound in gin (explicitly, by a flag or an included
         file) differs from the stored one.
     """
-    stored = stored_bindings(model_dir)
+    export = pc.is_export(model_dir)
+    # An export's param_dtype is how it was stored (bfloat16 by default), not the model's:
+    # a run on it keeps its own, as for the runtime fields.
+    free = (*RUNTIME_FIELDS, "param_dtype") if export else RUNTIME_FIELDS
+    if export:
+        stored = pc.config_to_dict(pc.config_from_dict(
+            pc.read_manifest(model_dir)["decoder_config"], model_dir))
+        stored.pop("param_dtype")
+    else:
+        stored = stored_bindings(model_dir)
     if stored is None:
         return DecoderConfig()
     explicit = gin.get_bindings(DecoderConfig)
     diffs = [f"{k}: trained {stored.get(k, _DEFAULTS[k])!r}, bound {v!r}"
              for k, v in sorted(explicit.items())
-             if k not in RUNTIME_FIELDS and _norm(v) != _norm(stored.get(k, _DEFAULTS[k]))]
+             if k not in free and _norm(v) != _norm(stored.get(k, _DEFAULTS[k]))]
     if diffs:
+        source = f"{model_dir}/{pc.MANIFEST if export else CONFIG_FILE}"
         raise UserInputError(
             f"model config mismatch between the run in {model_dir!r} and {what}: "
-            f"{'; '.join(diffs[:4])}. The sizes come from {model_dir}/{CONFIG_FILE}: drop "
+            f"{'; '.join(diffs[:4])}. The sizes come from {source}: drop "
             "those DecoderConfig bindings (or the size file that binds them), or give a "
             "run trained with them.")
-    kwargs = {**stored, **{k: v for k, v in explicit.items() if k in RUNTIME_FIELDS}}
+    kwargs = {**stored, **{k: v for k, v in explicit.items() if k in free}}
     return DecoderConfig(**kwargs)
 
 
@@ -178,7 +190,3 @@ def bind_decoder_config(model_dir: str, what: str = "this run") -> DecoderConfig
 def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
-
-def same_value(a: Any, b: Any) -> bool:
-    """Whether two DecoderConfig field values are the same (a list and a tuple alike)."""
-    return _norm(a) == _norm(b)
