@@ -81,6 +81,17 @@ OUTPUTS = {"corpus": ("tfds",), "image_tokenizer": ("image_tokenizer",),
            "evaluate": ("eval", "pictures/evaluated.npz"),
            "pictures": ("pictures/contact_sheet.png",)}
 
+# The configurables each stage is the first to read: a changed binding of one of them
+# leaves the stages before it as they were built (`demo_stages.stage_fingerprints`). A
+# configurable not listed counts for every stage (tests/cli/test_demo_stages.py checks
+# that no module an earlier stage runs names these).
+FIRST_READ_BY = {"generate": ("generate_stage", "Generator", "SamplingConfig",
+                              "images/SamplingConfig", "captions/SamplingConfig"),
+                 "evaluate": ("evaluate_stage", "edits/SamplingConfig", "corpus_suite")}
+# Stages that write their outputs whole each run, with nothing to resume from: stored
+# under other settings, they are built again. Any other stage so stored is refused.
+REBUILT_WHOLE = ("generate", "evaluate", "pictures")
+
 
 @gin.configurable(denylist=["model_dir"])
 def demo(model_dir: str,
@@ -116,10 +127,12 @@ def demo(model_dir: str,
     # The stages' progress lines (VQGAN and retriever steps, Beam shards) are INFO logs.
     logging.getLogger("cm3leon_jax").setLevel(logging.INFO)
     config = gin.config_str()
-    runner = demo_stages.StageRunner(model_dir, list(STAGES), demo_stages.fingerprint(config),
-                                     also_accepted=(demo_stages.earlier_fingerprint(config),),
-                                     outputs=OUTPUTS)
-    _refuse_stages_of_another_config(runner, model_dir)
+    runner = demo_stages.StageRunner(
+        model_dir, list(STAGES), demo_stages.stage_fingerprints(config, list(STAGES),
+                                                                FIRST_READ_BY),
+        also_accepted=(demo_stages.fingerprint(config), demo_stages.earlier_fingerprint(config)),
+        outputs=OUTPUTS)
+    _check_stages_of_another_config(runner, model_dir)
     try:
         _run_stages(runner, model_dir, image_size, split_sizes, num_pictures,
                     parse_examples, train_together)
@@ -132,31 +145,41 @@ def demo(model_dir: str,
     return _report(model_dir, runner, earlier)
 
 
-def _refuse_stages_of_another_config(runner: demo_stages.StageRunner, model_dir: str) -> None:
-    """The stages resume from what they built (checkpoints, shards, a vocabulary), so stages
-    built under another configuration would be reused as they are while the new settings
-    are reported: refused, with the settings that changed, before any stage runs."""
+def _check_stages_of_another_config(runner: demo_stages.StageRunner, model_dir: str) -> None:
+    """Stages stored under other settings: those that write their outputs whole
+    (`REBUILT_WHOLE`) are said and built again; any other would resume from what the old
+    settings built (checkpoints, shards, a vocabulary) while the new ones are reported, so
+    it is refused, with the settings that changed, before any stage runs."""
     stale = runner.built_by_another_config()
     if not stale:
         return
-    earlier = sorted(fs.glob(os.path.join(model_dir, "config.*.gin")),
-                     key=lambda p: int(p.rsplit(".", 2)[-2]))
-    changed = ""
-    if earlier:
-        then = demo_stages.config_lines(fs.read_text(earlier[-1]))
-        now = demo_stages.config_lines(gin.config_str())
-
-        def listed(lines: list[str]) -> str:
-            return "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
-        added = [x for x in now if x.strip() and x not in set(then) and not x.startswith("#")]
-        gone = [x for x in then if x.strip() and x not in set(now) and not x.startswith("#")]
-        changed = "".join([f"; now bound: {listed(added)}" if added else "",
-                           f"; no longer bound: {listed(gone)}" if gone else ""])
+    changed = _changed_settings(model_dir)
+    if all(name in REBUILT_WHOLE for name in stale):
+        print(f"[demo] {', '.join(stale)}: stored under other settings{changed}: building "
+              f"{'it' if len(stale) == 1 else 'them'} again")
+        return
     raise ModelDirMismatchError(
         f"demo MODEL_DIR {model_dir!r} holds stages built under another configuration "
         f"({', '.join(stale)}{changed}); they would be reused as they are. Rerun with "
         "--gin.demo.start_over=True to build everything again, rerun with the earlier "
         "settings, or give another MODEL_DIR.")
+
+
+def _changed_settings(model_dir: str) -> str:
+    """"; now bound: ...; no longer bound: ..." against the latest earlier config file, or ""."""
+    earlier = sorted(fs.glob(os.path.join(model_dir, "config.*.gin")),
+                     key=lambda p: int(p.rsplit(".", 2)[-2]))
+    if not earlier:
+        return ""
+    then = demo_stages.config_lines(fs.read_text(earlier[-1]))
+    now = demo_stages.config_lines(gin.config_str())
+
+    def listed(lines: list[str]) -> str:
+        return "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+    added = [x for x in now if x.strip() and x not in set(then) and not x.startswith("#")]
+    gone = [x for x in then if x.strip() and x not in set(now) and not x.startswith("#")]
+    return "".join([f"; now bound: {listed(added)}" if added else "",
+                    f"; no longer bound: {listed(gone)}" if gone else ""])
 
 
 def _check_model_dir(model_dir: str) -> None:

@@ -86,7 +86,7 @@ def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_
             gen, os.path.join(out_dir, name), suite=suite, strategies=[strategy],
             num_retrieved=[num_retrieved] if retriever is not None else [0],
             caption_metrics=caption_metrics, caption_style=caption_style, seed=seed,
-            outputs=outputs,
+            outputs=outputs, overwrite=True,  # The stage's own folder: nothing left stale.
             header={"checkpoint": model_dir, "step": step})
         result[name] = {"step": step, "report": os.path.join(out_dir, name, "report.md"),
                         **{row["task"]: _metrics(row) for row in report["rows"]}}

@@ -4,12 +4,15 @@
     [demo 5/8] pretrain: 900 steps, held-out loss 1.02 (312 s, 520 s CPU, load 3.1)
 
 A finished stage stores its result in MODEL_DIR/stages/<name>.json together with a
-fingerprint of the whole run configuration; a rerun with the same configuration reads
-it back instead of running the stage again (an interrupted demo therefore restarts at
-the first unfinished stage, and the stages that write checkpoints resume inside
-themselves). Stages stored under another configuration are refused before any stage runs
-(the demo's `_refuse_stages_of_another_config`: they would resume from what the old
-settings built); `demo.start_over` builds everything again. Paths a result holds into
+fingerprint of the run configuration it can depend on (`stage_fingerprints`: everything
+but the settings only later stages read); a rerun whose configuration gives the same
+fingerprint reads it back instead of running the stage again (an interrupted demo
+therefore restarts at the first unfinished stage, and the stages that write checkpoints
+resume inside themselves). A stage stored under other settings is built again, with
+every stage after it, when it writes its outputs whole (generation, evaluation, the
+pictures); one that would resume from what the old settings built is refused before any
+stage runs (the demo's `_check_stages_of_another_config`); `demo.start_over` builds
+everything again. Paths a result holds into
 MODEL_DIR follow the folder when it is moved (`StageRunner.cached`). A failing stage is
 named in its line and in its error.
 
@@ -157,6 +160,48 @@ def fingerprint(config_text: str) -> str:
                           ).hexdigest()[:16]
 
 
+_BINDING = re.compile(r"^(?P<configurable>[A-Za-z_][\w./]*)\.\w+\s*=")
+
+
+def bindings_by_configurable(config_text: str) -> list[tuple[str | None, str]]:
+    """The config's deciding lines as `(configurable, text)`: a binding with the lines that
+    continue its value (a long dict or list is written over several), under the selector
+    before its parameter ("images/SamplingConfig"); anything else (imports, macros) under
+    None."""
+    out: list[tuple[str | None, str]] = []
+    for line in config_lines(config_text):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = _BINDING.match(line)
+        if match is None and out and line[:1] in (" ", "\t", ")", "]", "}"):
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+        else:
+            out.append((match.group("configurable") if match else None, line))
+    return out
+
+
+def stage_fingerprints(config_text: str, names: list[str],
+                       first_read_by: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Per stage (in run order), a short hash of the config lines it can depend on: every
+    deciding line except the bindings of configurables that only later stages read.
+
+    `first_read_by`: stage -> the configurables it is the first stage to read (a scoped
+    selector, "images/SamplingConfig", or a bare name, which covers that name's unscoped
+    bindings only). A configurable no stage lists counts for every stage, so a setting
+    changed there is never taken as leaving a stage as it was.
+    """
+    unknown = sorted(set(first_read_by) - set(names))
+    if unknown:
+        raise ValueError(f"first_read_by names stages the run does not have: {unknown}")
+    late = {c: names.index(stage) for stage, cs in first_read_by.items() for c in cs}
+    lines = bindings_by_configurable(config_text)
+    out = {}
+    for i, name in enumerate(names):
+        kept = [text for configurable, text in lines if late.get(configurable, 0) <= i]
+        out[name] = hashlib.sha256("\n".join(kept).encode("utf-8")).hexdigest()[:16]
+    return out
+
+
 def earlier_fingerprint(config_text: str) -> str:
     """The fingerprint stages stored before 6 Dec (the whole config string, MODEL_DIR
     included): a run of the same config in the same folder still reuses them."""
@@ -250,9 +295,11 @@ class StageRunner:
     Args:
       model_dir: MODEL_DIR; results are cached under MODEL_DIR/stages/.
       names: every stage the run will go through, in order (for the "k/n" counter).
-      config_fingerprint: see `fingerprint`; cached results of another one are ignored.
+      config_fingerprint: see `fingerprint` (one for every stage) or `stage_fingerprints`
+        (each stage's own); cached results stored under another one are not reused.
       print_fn: where the log lines go.
-      also_accepted: other fingerprints of the same configuration (`earlier_fingerprint`).
+      also_accepted: other fingerprints of the same configuration, for every stage (the
+        whole config's, what stages stored before they had their own).
       outputs: per stage, the paths under MODEL_DIR it writes that later stages read; a
         stored result whose outputs are gone is built again.
 
@@ -260,15 +307,17 @@ class StageRunner:
     again too (its inputs are new), except those started beside it (`run_together`).
     """
 
-    def __init__(self, model_dir: str, names: list[str], config_fingerprint: str,
+    def __init__(self, model_dir: str, names: list[str], config_fingerprint: str | dict[str, str],
                  print_fn: Callable[[str], None] | None = None,
                  also_accepted: tuple[str, ...] = (),
                  outputs: dict[str, tuple[str, ...]] | None = None):
         self.model_dir, self.dir = model_dir, os.path.join(model_dir, "stages")
-        self.names, self.config = list(names), config_fingerprint
+        self.names = list(names)
+        self.config = (dict(config_fingerprint) if isinstance(config_fingerprint, dict)
+                       else dict.fromkeys(self.names, config_fingerprint))
         self.outputs = dict(outputs or {})
         self.built_from: int | None = None  # The first stage built (not reused) in this run.
-        self.accepted = {config_fingerprint, *also_accepted}
+        self.accepted = {name: {self.config[name], *also_accepted} for name in self.names}
         self.print = print_fn or _print_line
         self.results: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
@@ -289,7 +338,8 @@ class StageRunner:
     def built_by_another_config(self) -> list[str]:
         """The stages whose stored results another configuration built, in order."""
         return [name for name in self.names if fs.exists(self._cache_path(name))
-                and fs.read_json(self._cache_path(name)).get("config") not in self.accepted]
+                and fs.read_json(self._cache_path(name)).get("config")
+                not in self.accepted[name]]
 
     def cached(self, name: str) -> Any | None:
         """The stored result of `name` from a run with this configuration, or None (also when
@@ -303,7 +353,7 @@ class StageRunner:
         if self.built_from is not None and self.names.index(name) > self.built_from:
             return None
         stored = fs.read_json(path)
-        if stored.get("config") not in self.accepted:
+        if stored.get("config") not in self.accepted[name]:
             return None
         gone = [p for p in self.outputs.get(name, ()) if not fs.exists(
             os.path.join(self.model_dir, p))]
@@ -380,7 +430,7 @@ class StageRunner:
                 raise PreemptedError(name)
             fs.makedirs(self.dir)
             tmp = self._cache_path(name) + ".tmp"
-            fs.write_json(tmp, {"config": self.config, "result": result,
+            fs.write_json(tmp, {"config": self.config[name], "result": result,
                                 "model_dir": _names_of(self.model_dir)})
             fs.rename(tmp, self._cache_path(name))
             how = "done"

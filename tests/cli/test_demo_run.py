@@ -216,13 +216,26 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
     for name in ("generated.png", "images/000_1.png", "captions.json"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0
 
-    # A changed setting is refused before any stage runs (the stages would resume from
-    # what the old one built), and config.gin stays the one they were built with; so is a
-    # folder that holds what a demo does not write.
+    # A setting that only generation and what follows read rebuilds those stages and
+    # reuses every one before them.
+    capsys.readouterr()
+    fewer = ["--gin.generate_stage.rerank_samples=3"]
+    _main_here(_args(model_dir) + fewer)
+    rebuilt = _metrics(model_dir)
+    assert set(rebuilt["seconds"]) - set(rebuilt["reused_stages"]) == {
+        "generate", "evaluate", "pictures"}
+    assert rebuilt["pretrain"] == metrics["pretrain"]
+    assert ("[demo] generate, evaluate, pictures: stored under other settings; now bound: "
+            "generate_stage.rerank_samples = 3; no longer bound: "
+            "generate_stage.rerank_samples = 2: building them again") in capsys.readouterr().out
+
+    # Any other changed setting is refused before any stage runs (the stages would resume
+    # from what the old one built), and config.gin stays the one they were built with; so
+    # is a folder that holds what a demo does not write.
     config_gin = open(os.path.join(model_dir, "config.gin")).read()
     with open(os.path.join(tmp_path, "mine.txt"), "w") as f:
         f.write("not the demo's")
-    for args in (_args(model_dir) + ["--gin.preprocess.image_first_prob=0.25"],
+    for args in (_args(model_dir) + fewer + ["--gin.preprocess.image_first_prob=0.25"],
                  _args(str(tmp_path))):
         _main_here(args, status=2)
     printed = capsys.readouterr().err

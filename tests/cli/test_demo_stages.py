@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from cm3leon_jax.demo import generate as demo_generate
 from cm3leon_jax.demo import stages as demo_stages
 
@@ -163,6 +165,92 @@ def test_the_fingerprint_leaves_out_where_and_whether_to_start_over():
     assert demo_stages.fingerprint(config) == demo_stages.fingerprint(moved)
     assert demo_stages.fingerprint(config) != demo_stages.fingerprint(
         moved.replace("7", "8"))
+
+
+_CONFIG = """import cm3leon_jax.demo
+IMAGE_SIZE = 32
+train.num_steps = 7
+demo.split_sizes = {'test': 200,
+ 'train': 2000}
+generate_stage.rerank_samples = 8
+images/SamplingConfig.top_p = 0.9
+"""
+_LATE = {"b": ("generate_stage", "images/SamplingConfig")}
+
+
+def test_a_setting_only_a_later_stage_reads_leaves_the_earlier_ones_as_built():
+    before = demo_stages.stage_fingerprints(_CONFIG, ["a", "b", "c"], _LATE)
+    for old, new in (("rerank_samples = 8", "rerank_samples = 4"),
+                     ("top_p = 0.9", "top_p = 0.5")):
+        after = demo_stages.stage_fingerprints(_CONFIG.replace(old, new), ["a", "b", "c"],
+                                               _LATE)
+        assert after["a"] == before["a"] and after["b"] != before["b"]
+        assert after["c"] != before["c"]
+    # Anything else (here: a line that continues a value, an unlisted scope, a macro)
+    # counts for every stage.
+    for old, new in (("'train': 2000", "'train': 20"), ("images/SamplingConfig.top_p",
+                                                        "SamplingConfig.top_p"),
+                     ("IMAGE_SIZE = 32", "IMAGE_SIZE = 64")):
+        after = demo_stages.stage_fingerprints(_CONFIG.replace(old, new), ["a", "b", "c"],
+                                               _LATE)
+        assert all(after[n] != before[n] for n in "abc"), old
+    with pytest.raises(ValueError, match="stages the run does not have"):
+        demo_stages.stage_fingerprints(_CONFIG, ["a"], _LATE)
+
+
+def test_the_runner_rebuilds_from_the_first_stage_whose_settings_changed(tmp_path):
+    calls = []
+
+    def stage(name):
+        return lambda: calls.append(name) or {"built": len(calls)}
+    names = ["a", "b", "c"]
+    prints = [].append
+    for config in (_CONFIG, _CONFIG.replace("rerank_samples = 8", "rerank_samples = 4")):
+        runner = demo_stages.StageRunner(
+            str(tmp_path), names, demo_stages.stage_fingerprints(config, names, _LATE), prints)
+        if calls:
+            assert runner.built_by_another_config() == ["b", "c"]
+        for name in names:
+            runner.run(name, stage(name))
+    assert calls == ["a", "b", "c", "b", "c"] and runner.reused == ["a"]
+
+
+def test_no_module_an_earlier_stage_runs_names_what_a_later_stage_reads_first():
+    """`demo.FIRST_READ_BY` is only safe if the corpus ... export stages cannot read those
+    configurables: no module they can import (everything of the package but the
+    generation, evaluation and the demo's own later stages, with what those modules
+    import) names one of them in code."""
+    import ast
+    import pathlib
+
+    from cm3leon_jax import demo
+
+    root = pathlib.Path(demo.__file__).resolve().parent.parent
+    late = {c.split("/")[-1] for cs in demo.FIRST_READ_BY.values() for c in cs}
+    trees = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): ast.parse(p.read_text()) for p in root.rglob("*.py")}
+    later = ("cm3leon_jax.decode", "cm3leon_jax.evaluation", "cm3leon_jax.demo",
+             "cm3leon_jax.testing", "cm3leon_jax.main")
+    earlier_stage_modules = ("cm3leon_jax.demo.finetune", "cm3leon_jax.demo.apart")
+    todo = [m for m in trees if not m.startswith(later) or m in earlier_stage_modules]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen or module not in trees:
+            continue
+        seen.add(module)
+        for node in ast.walk(trees[module]):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cm3leon_jax"):
+                todo += [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in trees
+                         else node.module for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            named = (node.id if isinstance(node, ast.Name) else node.attr
+                     if isinstance(node, ast.Attribute) and not (
+                         isinstance(node.value, ast.Attribute) and node.value.attr == "random")
+                     else None)
+            assert named not in late, f"{module} names {named}, which FIRST_READ_BY puts later"
+    assert "cm3leon_jax.decode.restore" in seen and "cm3leon_jax.train.trainer" in seen
 
 
 def test_fingerprint_and_jsonable():
