@@ -11,8 +11,9 @@ So the same command runs with a local folder or a bucket:
 
 Orbax checkpoints speak `gs://` through their own layer (etils.epath), which has no
 `ram://`; `abspath` leaves remote paths alone and makes local ones absolute, as orbax
-wants. Libraries that only take local files get them through `local_copy` /
-`upload_dir`.
+wants. Libraries that only read or write local files get them through `local_copy` (a
+local copy of a remote file or folder to read) and `staged_dir` (a local folder, uploaded whole when
+it is written).
 """
 
 from __future__ import annotations

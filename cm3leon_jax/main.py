@@ -64,9 +64,11 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         model_dir: str = gin.REQUIRED):
     """Writes the resolved config to `model_dir`, then calls the chosen mode.
 
-    A mode may refuse a MODEL_DIR before anything is written there, with an attribute
-    `check_model_dir(model_dir)` that raises UserInputError (the `sft` mode refuses its
-    base run's folder, whose config.gin this would replace); a folder whose config.gin
+    A mode may refuse a run before anything is written, with an attribute
+    `preflight(model_dir)` that raises UserInputError: its MODEL_DIR (the `sft` mode
+    refuses its base run's folder, whose config.gin this would replace) and whatever
+    settings it can check without doing any work (export's dtype, eval's strategies, the
+    demo's folder); a folder whose config.gin
     another mode wrote is refused for every mode. A run whose checkpoints (or, for
     the demo, stages) were built by another config (ModelDirMismatchError) leaves config.gin
     as it found it; so does any other refusal (UserInputError) of a rerun of a trained run
@@ -76,7 +78,7 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     # First: the checks below may read checkpoints (an export's reads its image tokenizer's
     # config through orbax), which starts JAX's backend, after which a pod cannot join.
     distributed.initialize()
-    check = getattr(mode, "check_model_dir", None)
+    check = getattr(mode, "preflight", None)
     if check is not None:
         check(model_dir)
     run_config.check_same_mode(model_dir, _mode_name(mode))

@@ -222,7 +222,7 @@ def check_not_base(model_dir: str, base_model_dir: str) -> None:
             "own, beside the base; the base is left untouched.")
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _preflight(model_dir: str) -> None:
     """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses the base's folder
     and SFT data without the eval split, and binds the base's DecoderConfig so that this
     run's config.gin records the sizes it trains (what a later generate or eval run on it
@@ -240,7 +240,7 @@ def _check_model_dir(model_dir: str) -> None:
             run_config.bind_decoder_config(base, "this SFT run")
 
 
-sft.check_model_dir = _check_model_dir
+sft.preflight = _preflight
 
 
 def sft_data_dir(model_dir: str) -> str:

@@ -6,9 +6,10 @@ places listed below, each for a path that is never a user's (files inside the
 repository or the installed package, temporary folders, local-only tools).
 `os.path.join` / `basename` / `dirname` are string operations and work on gs:// paths;
 `os.path.abspath(__file__)` finds the package's own files. `pathlib` (local files only)
-is not imported, and PIL opens images from file objects (`fs.open`, `io.BytesIO`), never
-from a path. `tf.io.gfile` is what fs.py uses for remote paths; called elsewhere it would
-be a second file layer (export/ once was one), so it is refused too.
+is not imported, and PIL and torch read from file objects (`fs.open`, `io.BytesIO`) or an
+`fs.local_copy`, never from a path. `tf.io.gfile` is what fs.py uses for remote paths;
+called elsewhere it would be a second file layer (export/ once was one), so it is refused
+too.
 """
 
 import ast
@@ -19,7 +20,7 @@ ROOTS = ("cm3leon_jax", "tasks")
 OS_PATH = {"exists", "isdir", "isfile", "getsize", "abspath", "realpath", "getmtime", "lexists"}
 OS = {"makedirs", "mkdir", "listdir", "replace", "rename", "remove", "unlink", "walk",
       "scandir", "stat", "rmdir"}
-MODULES = {"shutil", "glob"}
+MODULES = {"shutil", "glob", "filecmp"}
 LOCAL_ONLY_MODULES = {"pathlib"}  # Path.open / read_text / exists / rglob: no gs://.
 PIL_IMAGE = {"Image", "PILImage"}
 
@@ -38,18 +39,22 @@ ALLOWED = {
 
 
 def _fs_opened_names(tree: ast.AST) -> set[str]:
-    """Names bound by `with fs.open(...) as name` anywhere in the module."""
+    """Names bound by `with fs.open(...) as name` or `with fs.local_copy(...) as name`
+    anywhere in the module."""
     return {item.optional_vars.id for node in ast.walk(tree) if isinstance(node, ast.With)
             for item in node.items
             if isinstance(item.context_expr, ast.Call)
-            and ast.unparse(item.context_expr.func) == "fs.open"
+            and ast.unparse(item.context_expr.func) in ("fs.open", "fs.local_copy")
             and isinstance(item.optional_vars, ast.Name)}
 
 
 def _opens_a_path(node: ast.Call, fs_files: set[str]) -> bool:
-    """`Image.open(x)` where x is neither a file object from fs.open nor an in-memory buffer."""
+    """`Image.open(x)` or `torch.load(x)` where x is neither a file object from fs.open (or
+    a local copy from fs.local_copy) nor an in-memory buffer."""
     parts = ast.unparse(node.func).split(".")
-    if len(parts) != 2 or parts[0] not in PIL_IMAGE or parts[1] != "open" or not node.args:
+    reader = (len(parts) == 2 and parts[0] in PIL_IMAGE and parts[1] == "open") or (
+        parts == ["torch", "load"])
+    if not reader or not node.args:
         return False
     arg = node.args[0]
     in_memory = isinstance(arg, ast.Call) and ast.unparse(arg.func) in ("io.BytesIO", "BytesIO")
@@ -135,6 +140,10 @@ def test_the_scan_finds_pathlib_and_images_opened_from_paths():
         "import pathlib\nfrom pathlib import Path\n"
         "def f(p):\n    return Image.open(p)\n"
         "def g(p):\n    with fs.open(p, 'rb') as fh, Image.open(fh) as im:\n        return im\n"
-        "def h(b):\n    return PILImage.open(io.BytesIO(b))\n")
+        "def h(b):\n    return PILImage.open(io.BytesIO(b))\n"
+        "def t(p):\n    return torch.load(p)\n"
+        "def u(p):\n    with fs.local_copy(p) as q:\n        return torch.load(q)\n"
+        "def v(a, b):\n    return filecmp.cmp(a, b)\n")
     assert [(fn, c) for fn, c, _ in calls(tree)] == [
-        ("<module>", "import pathlib"), ("<module>", "import pathlib"), ("f", "Image.open")]
+        ("<module>", "import pathlib"), ("<module>", "import pathlib"), ("f", "Image.open"),
+        ("t", "torch.load"), ("v", "filecmp.cmp")]

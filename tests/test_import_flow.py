@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -127,3 +128,17 @@ def test_the_check_catches_lazy_relative_and_unknown_imports(source, rule):
     assert not violations(path, "from cm3leon_jax.model import decoder\nimport cm3leon_jax.fs\n"
                                 "from . import layout\n")
 
+
+
+def test_every_package_docstring_names_its_modules():
+    """A package's docstring is its map (DESIGN.md points to them): a module it does not
+    name is one a new reader will not find."""
+    package_root = ROOT / "cm3leon_jax"
+    missing = []
+    for init in sorted(package_root.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        for module in sorted(init.parent.glob("*.py")):
+            stem = module.stem
+            if stem != "__init__" and not re.search(rf"\b{stem}\b", doc):
+                missing.append(f"{init.parent.name}/{module.name}")
+    assert not missing, f"not named in their package's docstring: {missing}"

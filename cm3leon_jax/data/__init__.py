@@ -1,4 +1,20 @@
-"""Data sources: the synthetic shapes corpus, its parser, and user image-text data.
+"""Data: the sources (the synthetic shapes corpus, user image-text data, public SFT
+formats), preprocessing to tokenized shards, and the SeqIO side that reads them.
+
+    shapes.py, shapes_tasks.py  the corpus' scenes and their language
+    synthetic.py, synthetic_tfds.py  the built-in corpus, and as a TFDS dataset
+    parse.py           the exact parser of a corpus image
+    user_data.py       a user's image-text pairs as a TFDS dataset
+    preprocess.py      the `preprocess` run mode (Beam): pairs -> tokenized shards
+    retrieval_pass.py  its retrieval pass: vectors, memory bank, every shard's neighbors
+    shards.py, shard_state.py  the shards on disk; one shard's files and atomic write
+    preprocessors.py   SeqIO preprocessors: shards -> CM3 examples
+    augment.py         retrieval-augmented examples (retrieved documents, then the query)
+    cm3.py             the CM3 objective (spans moved to the end)
+    sft_prompts.py     the SFT families' templates, for training and inference alike
+    sft_examples.py    SFT examples on the built-in corpus
+    sft_formats.py     public SFT formats (COCO, VQAv2, ...) -> SFT examples
+    sft_preprocess.py  the `sft_preprocess` run mode: SFT examples -> shards per family
 
 The numpy-only parts (scenes, rendering, parsing, task text) import eagerly. The
 TFDS builders import TensorFlow, which costs seconds, so they load on first use

@@ -4,9 +4,9 @@ An Apache Beam pipeline (DirectRunner here; Dataflow or Flink at scale, chosen
 by `preprocess.runner` and `preprocess.pipeline_options`). The unit of work is
 one output shard, a contiguous slice of a source split:
 
-    Create(shard specs not yet done) | Reshuffle | ParDo(TokenizeShard)
+    Create(shard specs not yet done) | Reshuffle | ParDo(RunShard(ShardWorker))
 
-`TokenizeShard` reads its slice, checks every pair, VQ-encodes the images in
+`ShardWorker` reads its slice, checks every pair, VQ-encodes the images in
 batches with the jit-compiled image tokenizer, encodes the text, and writes
 `{split}-NNNNN-of-MMMMM.tfrecord` (see `shards.py`) and a stats file, both by
 atomic rename (`shard_state.py` owns a shard's files and states), so a
@@ -147,17 +147,13 @@ def plan_shards(source: TfdsSource, splits: Sequence[str],
                 docs_per_shard: int) -> list[ShardSpec]:
     """Each split's examples in shards of about `docs_per_shard` (the source refuses a
     split it does not have)."""
-    if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or (
-            docs_per_shard < 1):
-        raise UserInputError(f"preprocess.docs_per_shard={docs_per_shard!r}: give a whole "
-                             "number >= 1.")
+    shards.slices(0, docs_per_shard, "preprocess.docs_per_shard")  # Before any source read.
     specs = []
     for split in splits:
-        n = source.num_examples(split)
-        num = max(1, -(-n // docs_per_shard))
-        bounds = np.linspace(0, n, num + 1).astype(int)
-        specs += [ShardSpec(split, i, num, int(bounds[i]), int(bounds[i + 1]))
-                  for i in range(num)]
+        parts = shards.slices(source.num_examples(split), docs_per_shard,
+                              "preprocess.docs_per_shard")
+        specs += [ShardSpec(split, i, len(parts), start, stop)
+                  for i, (start, stop) in enumerate(parts)]
     return specs
 
 

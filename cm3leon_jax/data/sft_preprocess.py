@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import filecmp
 import hashlib
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -116,16 +115,17 @@ class SftShardSpec:
 
 def plan_shards(source: Any, families: Sequence[str], splits: Sequence[str],
                 docs_per_shard: int) -> list[SftShardSpec]:
+    """Each family's split in shards of about `docs_per_shard` (none for an empty one)."""
+    shards.slices(0, docs_per_shard, "sft_preprocess.docs_per_shard")  # Before any read.
     specs = []
     for family in families:
         for split in splits:
             n = source.num_examples(split, family)
             if not n:
                 continue
-            num = max(1, -(-n // docs_per_shard))
-            bounds = np.linspace(0, n, num + 1).astype(int)
-            specs += [SftShardSpec(family, split, i, num, int(bounds[i]), int(bounds[i + 1]))
-                      for i in range(num)]
+            parts = shards.slices(n, docs_per_shard, "sft_preprocess.docs_per_shard")
+            specs += [SftShardSpec(family, split, i, len(parts), start, stop)
+                      for i, (start, stop) in enumerate(parts)]
     return specs
 
 
@@ -333,8 +333,8 @@ def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
             raise MissingInputError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
                                     "give the vocab/ folder of the pretraining data.")
     if fs.exists(os.path.join(target, "layout.json")):
-        if not all(filecmp.cmp(os.path.join(vocab_dir, n), os.path.join(target, n),
-                               shallow=False) for n in VOCAB_FILES):
+        if not all(fs.read_bytes(os.path.join(vocab_dir, n)) == fs.read_bytes(
+                os.path.join(target, n)) for n in VOCAB_FILES):
             raise UserInputError(f"{out_dir!r} was made with another vocabulary than "
                                  f"{vocab_dir!r}; use a new output folder for a new vocabulary.")
     else:

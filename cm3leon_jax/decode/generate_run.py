@@ -429,7 +429,7 @@ def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpo
                                          checkpoint)
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _preflight(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside a folder the run reads, or holds an
     earlier run's outputs without generate.overwrite (before config.gin, which says what
     made them, is replaced)."""
@@ -440,4 +440,4 @@ def _check_model_dir(model_dir: str) -> None:
     refuse_earlier_outputs(model_dir, bool(bound.get("overwrite", False)))
 
 
-generate.check_model_dir = _check_model_dir
+generate.preflight = _preflight

@@ -27,6 +27,10 @@ reused on a rerun (demo/stages.py): an interrupted demo resumes where it stopped
 
 Stages of the flow that are not built yet are listed in metrics.json under
 `not_yet` and printed at the end, so the demo never claims more than it did.
+
+Modules: this one (the run mode and its stages in order), stages.py (running, timing and
+reusing a stage), apart.py (a stage in a process of its own), finetune.py, generate.py
+and evaluate.py (the stages of those names), sheet.py (the contact sheet).
 """
 
 from __future__ import annotations
@@ -182,7 +186,7 @@ def _changed_settings(model_dir: str) -> str:
                     f"; no longer bound: {listed(gone)}" if gone else ""])
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _preflight(model_dir: str) -> None:
     """`main.run` calls this before it writes config.gin: a folder holding what a demo does
     not write is refused (the demo's stages would write beside it, and start_over, though it
     deletes only the demo's own entries, is for a folder of the demo's own)."""
@@ -194,7 +198,7 @@ def _check_model_dir(model_dir: str) -> None:
             "folder of its own, e.g. runs/demo.")
 
 
-demo.check_model_dir = _check_model_dir
+demo.preflight = _preflight
 
 
 def _build_cpu_kernels() -> None:

@@ -308,7 +308,7 @@ def _describe(s: Strategy) -> dict:
                           for c in s.samplings]}
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _preflight(model_dir: str) -> None:
     """Refuses, before `main.run` writes config.gin there, a MODEL_DIR that is, holds or lies
     inside a folder the run reads, or that holds an earlier run's eval/ without
     evaluate.overwrite; and the plain settings `_check_settings` would refuse (the
@@ -326,4 +326,4 @@ def _check_model_dir(model_dir: str) -> None:
                     caption_metrics=value["caption_metrics"])
 
 
-evaluate.check_model_dir = _check_model_dir
+evaluate.preflight = _preflight

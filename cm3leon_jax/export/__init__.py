@@ -9,5 +9,6 @@
     chameleon_release  the original Chameleon release (params.json, consolidated*.pth,
                    tokenizer/vqgan.ckpt, vqgan.yaml, text_tokenizer.json) -> an export.
     chameleon_vocab    Chameleon's text tokenizer and token ids mapped onto our `IdLayout`.
+    hf_tokenizer   our vocabulary as `transformers` tokenizer files (in our ids).
     import_run     the `import_weights` run mode: any known layout -> an export.
 """

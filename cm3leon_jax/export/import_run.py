@@ -104,9 +104,9 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
     return manifest
 
 
-def _check_model_dir(model_dir: str) -> None:
-    """Refuses a MODEL_DIR that is, holds or lies inside the source, before main.run writes
-    config.gin there."""
+def _preflight(model_dir: str) -> None:
+    """Before main.run writes config.gin there: refuses a MODEL_DIR that is, holds or lies
+    inside the source, and a dtype the export cannot store."""
     bindings = gin.get_bindings(import_weights)
     params_export.check_dtype(bindings.get("dtype"), "import_weights")
     source = bindings.get("source")
@@ -114,4 +114,4 @@ def _check_model_dir(model_dir: str) -> None:
         run_config.check_apart(model_dir, "import", {"import_weights.source": source})
 
 
-import_weights.check_model_dir = _check_model_dir
+import_weights.preflight = _preflight

@@ -247,7 +247,7 @@ def _check_folders(vocab_dir: str | None, image_tokenizer_dir: str | None) -> No
                                     "to copy into the export, or None to leave it out.")
 
 
-def _check_model_dir(model_dir: str) -> None:
+def _preflight(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run, and (before
     main.run writes config.gin there) a model the 'hf' layout cannot express, a vocabulary
     or image tokenizer folder that is missing or does not fit the checkpoint's saved model."""
@@ -279,4 +279,4 @@ def _check_model_dir(model_dir: str) -> None:
                    vqgan_checkpoint.read_config(tokenizer_dir) if tokenizer_dir else None)
 
 
-export.check_model_dir = _check_model_dir
+export.preflight = _preflight

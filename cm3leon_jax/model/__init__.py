@@ -20,6 +20,8 @@ Modules (each one idea; import them directly, this package imports nothing so th
     loss          cross-entropy (fused softmax backward) with loss weights and z-loss;
                   `decoder_loss` on a batch.
     hf_weights    `to_hf` / `from_hf` for `transformers` OPT and Chameleon state dicts.
+    cpu_kernels   C++ kernels as XLA FFI custom calls (`cpu_kernels.cc`): FlashAttention
+                  for training and the decode step's memory-bound parts.
 
 Flax style (flax 0.12.8). Linen modules; parameters are created with
 `nn.with_logical_partitioning`, so the variables carry logical names

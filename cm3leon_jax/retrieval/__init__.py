@@ -15,6 +15,7 @@ selection rules, batch neighbor precomputation and an HTTP service.
     server.py         the FastAPI service and the serve_retrieval run mode
     client.py         RetrievalClient: the Retriever's methods over HTTP
     load_test.py      concurrent loopback load generation
+    synthetic_vectors.py  clustered unit vectors that look like embeddings (benchmarks)
 
 Modules are imported by name (nothing here), so `import cm3leon_jax.retrieval`
 stays light and TensorFlow (pulled in by scann) loads only when an index is used.

@@ -10,4 +10,13 @@
                     exports, imports and retrieval builds
     metrics.py      model FLOPs, MFU, peak table, TensorBoard/console writers
     distributed.py  jax.distributed start-up and the (ICI x DCN) mesh
+    feature_converter.py  the packed decoder layout the trainer reads (seqio)
+
+The run records every later stage reads (the lowest level that writes them, so data,
+vocab and retrieval import them from here):
+
+    run_config.py   the decoder a run trained, read back from its config.gin; export
+                    manifests; a MODEL_DIR apart from the folders a run reads
+    params_checkpoint.py  params-only checkpoints (exports): written, verified, restored
+    vocab_record.py the vocabulary a run trained on (MODEL_DIR/vocabulary.json)
 """

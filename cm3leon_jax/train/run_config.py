@@ -76,7 +76,7 @@ def write_undoable(model_dir: str) -> tuple[str, Callable[[], None]]:
 
 
 def check_apart(model_dir: str, mode: str, reads: dict[str, Any]) -> None:
-    """For a run mode's `check_model_dir` (`main.run` calls it before it writes config.gin):
+    """For a run mode's `preflight` (`main.run` calls it before it writes config.gin):
     refuses a MODEL_DIR that is, holds or lies inside a folder the run reads (`reads`:
     {"generate.checkpoint": path, ...}; None values skipped). Writing there would replace
     a trained run's config.gin, which later runs read its model's sizes from."""

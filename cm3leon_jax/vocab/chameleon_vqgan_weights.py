@@ -62,7 +62,8 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
             f"reading the torch checkpoint {path!r} needs PyTorch: pip install -e '.[ref]' "
             "(or convert it to .safetensors elsewhere)") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with fs.local_copy(path) as local:  # torch reads local files only (gs:// too).
+            obj = torch.load(local, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # torch raises UnpicklingError subclasses of several kinds
         if allow_pickle:
             raise

@@ -29,9 +29,9 @@ def test_what_a_killed_stage_leaves_beside_its_folder_is_the_demos_own(tmp_path)
     (tmp_path / "exports.tmp-1a2b3c4d").mkdir()  # Not a name the demo writes.
     assert demo_stages.foreign_entries(str(tmp_path)) == ["exports.tmp-1a2b3c4d"]
     with pytest.raises(UserInputError, match=r"\(exports.tmp-1a2b3c4d\)"):
-        demo._check_model_dir(str(tmp_path))
+        demo._preflight(str(tmp_path))
     os.rmdir(tmp_path / "exports.tmp-1a2b3c4d")
-    demo._check_model_dir(str(tmp_path))
+    demo._preflight(str(tmp_path))
     demo_stages.clear(str(tmp_path))  # What start_over does.
     assert sorted(os.listdir(tmp_path)) == ["config.gin"]
 
@@ -44,7 +44,7 @@ def test_a_folder_that_no_demo_made_is_not_taken_for_one(tmp_path):
     (tmp_path / "data" / "labels.csv").write_text("mine")
     (tmp_path / "config.gin").write_text("x = 1")
     with pytest.raises(UserInputError, match=r"holds what a demo does not write \(data\)"):
-        demo._check_model_dir(str(tmp_path))
+        demo._preflight(str(tmp_path))
     (tmp_path / "data" / "labels.csv").unlink()
     (tmp_path / "data").rmdir()
     (tmp_path / "stages").mkdir()

@@ -204,6 +204,11 @@ def test_prepared_data_is_reused_until_the_source_changes(folder, tmp_path):
     stamp = os.path.getmtime(os.path.join(str(rebuilt.data_path), user_data.REPORT_NAME))
     again = user_data.user_data_builder(folder, SIZE, str(tmp_path / "tfds"), overwrite=True)
     assert os.path.getmtime(os.path.join(str(again.data_path), user_data.REPORT_NAME)) == stamp
+    # The dataset API reads the same prepared copy (no rebuild), split by split.
+    texts = [x["text"].numpy() for split in ("train", "validation") for x in
+             user_data.load_user_data(folder, SIZE, str(tmp_path / "tfds"), split=split)]
+    assert len(texts) == 7 and b"added later" in texts
+    assert os.path.getmtime(os.path.join(str(again.data_path), user_data.REPORT_NAME)) == stamp
     (folder / "late.txt").write_text("a caption edited")  # Same name: its size and time differ.
     with pytest.raises(UserInputError, match="changed since it was prepared"):
         prepared(folder, tmp_path / "tfds")

@@ -335,3 +335,13 @@ def test_the_documented_own_data_command_binds_the_splits_it_has():
         assert "user_data_builder" in str(gin.query_parameter("TfdsSource.builder_fn"))
     finally:
         gin.clear_config()
+
+
+def test_both_preprocessors_cut_shards_alike_and_refuse_a_shard_size_below_one():
+    from cm3leon_jax.data import sft_preprocess
+    assert shards.slices(10, 4, "x") == [(0, 3), (3, 6), (6, 10)]
+    assert shards.slices(0, 4, "x") == [(0, 0)]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UserInputError, match=rf"sft_preprocess.docs_per_shard={bad!r}: "
+                                                 "give a whole number >= 1"):
+            sft_preprocess.plan_shards(None, ["vqa"], ["train"], bad)

@@ -94,8 +94,8 @@ def test_a_generate_run_keeps_apart_from_its_inputs_and_an_earlier_runs_outputs(
         gin.bind_parameter("generate.checkpoint", eval_files["checkpoint"])
     for model_dir in (eval_files["checkpoint"], os.path.join(eval_files["checkpoint"], "gen")):
         with pytest.raises(generate_run.UserInputError, match="lies inside generate.checkpoint"):
-            generate_run.generate.check_model_dir(model_dir)
-    generate_run.generate.check_model_dir(str(tmp_path / "elsewhere"))
+            generate_run.generate.preflight(model_dir)
+    generate_run.generate.preflight(str(tmp_path / "elsewhere"))
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -65,7 +65,7 @@ def test_a_vocabulary_or_image_tokenizer_not_the_models_is_refused_before_restor
 
 def test_through_main_a_folder_that_does_not_fit_is_refused_before_config_gin_is_replaced(
         train_run, vocab_dir, tmp_path, monkeypatch, capsys):
-    """The fit and folder checks run in `check_model_dir`, before `main.run` writes
+    """The fit and folder checks run in `preflight`, before `main.run` writes
     MODEL_DIR/config.gin (it used to replace the earlier export's, then refuse)."""
     wide_vq = dataclasses.replace(TINY_VQ, channel_multipliers=(1, 2))  # 8 x 8 codes, not 4 x 4
     vq_64_codes = str(tmp_path / "vq_64_codes")
