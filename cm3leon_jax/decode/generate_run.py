@@ -309,8 +309,11 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         summary["families"] = generate_families.generate_families(
             gen, requests, model_dir, num_samples=num_samples,
             image_sampling=image_sampling, text_sampling=caption_sampling, seed=seed)
-    print(f"[generate] wrote {model_dir}: {len(texts)} caption(s) -> images, "
-          f"{len(image_files)} image(s) -> captions", flush=True)
+    done = [f"{len(texts)} caption(s) -> images" if texts else "",
+            f"{len(image_files)} image(s) -> captions" if image_files else "",
+            f"{len(requests)} request(s) of the SFT families (families.json)" if requests
+            else ""]
+    print(f"[generate] wrote {model_dir}: {', '.join(d for d in done if d)}", flush=True)
     return summary
 
 

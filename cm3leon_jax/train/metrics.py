@@ -149,22 +149,28 @@ class MetricsWriter:
 
     The one metrics writer of the three trainers (decoder, VQGAN, CLIP).
     `tensorboard=False` keeps TensorFlow (which clu's writer imports) out of the process.
+    Nothing is created in `model_dir` until the first write, so a run refused after
+    making its writer (a checkpoint that does not fit) leaves no events file behind.
     """
 
     def __init__(self, model_dir: str, tensorboard: bool = True, console: bool = True):
         self.active = jax.process_index() == 0
-        self.console = console
+        self.model_dir, self.tensorboard, self.console = model_dir, tensorboard, console
         self._tb = None
-        if self.active and tensorboard:
-            from clu import metric_writers  # Imports TensorFlow: only when asked for.
-            self._tb = metric_writers.SummaryWriter(model_dir)
-        if self.active:
-            fs.makedirs(model_dir)
-        self._jsonl = (fs.open(os.path.join(model_dir, "metrics.jsonl"), "a")
-                       if self.active else None)
+        self._jsonl = None
+
+    def _open(self) -> bool:
+        """Opens the outputs on the first write; whether this process writes."""
+        if self.active and self._jsonl is None:
+            if self.tensorboard:
+                from clu import metric_writers  # Imports TensorFlow: only when asked for.
+                self._tb = metric_writers.SummaryWriter(self.model_dir)
+            fs.makedirs(self.model_dir)
+            self._jsonl = fs.open(os.path.join(self.model_dir, "metrics.jsonl"), "a")
+        return self.active
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
-        if not self.active:
+        if not self._open():
             return
         values = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
         if self._tb is not None:
@@ -177,11 +183,11 @@ class MetricsWriter:
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8[n, h, w, c] batches to TensorBoard (nowhere else)."""
-        if self._tb is not None:
+        if self._open() and self._tb is not None:
             self._tb.write_images(step, images)
 
     def write_hparams(self, hparams: Mapping[str, float | int | str]) -> None:
-        if self._tb is not None:
+        if self._open() and self._tb is not None:
             self._tb.write_hparams(dict(hparams))
 
     def flush(self) -> None:
@@ -193,6 +199,7 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        self._tb = self._jsonl = None
 
 
 def _fmt(v: float) -> str:

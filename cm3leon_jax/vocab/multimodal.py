@@ -117,8 +117,10 @@ class MultimodalVocabulary(seqio.Vocabulary):
         path = os.path.join(self.directory, LAYOUT_FILE)
         if not fs.exists(path):
             raise MissingInputError(
-                f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary "
-                "directory. Make one with MultimodalVocabulary.create(...).")
+                f"no {LAYOUT_FILE} in {self.directory!r}: not a vocabulary directory. "
+                "Preprocessing writes one as <its MODEL_DIR>/vocab (rerun "
+                "gin_configs/runs/preprocess.gin or preprocess_user.gin into that folder if "
+                "it stopped before); in code, MultimodalVocabulary.create(...) makes one.")
         with fs.open(path) as f:
             args = json.load(f)
         return layout_lib.IdLayout(text_size=self.text_tokenizer.vocab_size, **args)

@@ -68,6 +68,7 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     model_dir = str(tmp_path / "run")
     lib.run_in_process(lib.bindings(model_dir, path, vocab, **{"train.num_steps": 2}))
     before = lib.tree_digests(os.path.join(model_dir, "checkpoints"))
+    entries = sorted(os.listdir(model_dir))
     bigger = lib.bindings(model_dir, path, vocab, **{"train.num_steps": 4,
                                                      "DecoderConfig.d_model": 128})
     for _ in range(2):  # A second try must not lose anything either.
@@ -88,6 +89,7 @@ def test_rerunning_a_model_dir_with_another_size_is_one_line_and_status_2(corpus
     # the refused config left nothing behind.
     assert "d_model = 64" in open(os.path.join(model_dir, "config.gin")).read()
     assert not os.path.exists(os.path.join(model_dir, "config.1.gin"))
+    assert sorted(os.listdir(model_dir)) == entries  # Not even a TensorBoard events file.
 
 
 @pytest.mark.parametrize("overrides, message", [
