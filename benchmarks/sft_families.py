@@ -5,7 +5,7 @@
          --split=test --rates='{"edit": 3.0}']
 
 Needs a finished demo (`make demo`: MODEL_DIR/config.gin, data/, image_tokenizer/,
-pretrain/). Runs the SFT stage (`cm3leon_jax.sft.sft_stage`: SFT shards of every family,
+pretrain/). Runs the SFT stage (`cm3leon_jax.demo.finetune.finetune`: SFT shards of every family,
 then fine-tuning from pretrain/ into OUT/sft), then generates for `--examples` test
 scenes per family with the pretrained and the fine-tuned decoder (the same prompts,
 `data/sft_prompts.py`) and scores both exactly (`evaluation/sft_families.py`). Writes
@@ -60,10 +60,10 @@ def main(argv=None) -> dict:
 
     import cm3leon_jax.train.trainer  # noqa: F401  (the configurables the bindings name)
     import tasks  # noqa: F401  (registers the SFT tasks)
-    from cm3leon_jax import sft
     from cm3leon_jax.data import sft_examples, sft_prompts
     from cm3leon_jax.decode import restore
     from cm3leon_jax.decode.generate import Generator, SamplingConfig
+    from cm3leon_jax.demo import finetune
     from cm3leon_jax.evaluation import sft_families
     from cm3leon_jax.vocab.image_tokenizer import load_image_tokenizer
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -83,11 +83,11 @@ def main(argv=None) -> dict:
 
     start = time.time()
     sizes = {"train": args.train_scenes, "validation": 50, "test": 50}
-    stage = sft.sft_stage(args.out, base_model_dir=os.path.join(demo, "pretrain"),
-                          pretrain_data_dir=os.path.join(demo, "data"),
-                          image_tokenizer_fn=tokenizer, image_size=image_size,
-                          split_sizes=sizes, num_steps=args.steps, peak_lr=args.lr,
-                          warmup_steps=args.warmup, seed=args.seed)
+    stage = finetune.finetune(args.out, base_model_dir=os.path.join(demo, "pretrain"),
+                              pretrain_data_dir=os.path.join(demo, "data"),
+                              image_tokenizer_fn=tokenizer, image_size=image_size,
+                              split_sizes=sizes, num_steps=args.steps, peak_lr=args.lr,
+                              warmup_steps=args.warmup, seed=args.seed)
     sft_seconds = time.time() - start
     examples = {f: [sft_examples.corpus_example(args.seed, args.split, i, image_size, f)
                     for i in range(args.examples)] for f in sft_prompts.FAMILIES}

@@ -309,12 +309,17 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         summary["families"] = generate_families.generate_families(
             gen, requests, model_dir, num_samples=num_samples,
             image_sampling=image_sampling, text_sampling=caption_sampling, seed=seed)
+    print(f"[generate] wrote {model_dir}: {_done(texts, image_files, requests)}", flush=True)
+    return summary
+
+
+def _done(texts: Sequence[str], image_files: Sequence[str], requests: Sequence) -> str:
+    """What a generate run made, for its last line."""
     done = [f"{len(texts)} caption(s) -> images" if texts else "",
             f"{len(image_files)} image(s) -> captions" if image_files else "",
             f"{len(requests)} request(s) of the SFT families (families.json)" if requests
             else ""]
-    print(f"[generate] wrote {model_dir}: {', '.join(d for d in done if d)}", flush=True)
-    return summary
+    return ", ".join(d for d in done if d)
 
 
 def _write(model_dir: str, overwrite: bool, drawn: tuple | None, image_files: Sequence[str],

@@ -5,9 +5,9 @@ from condition maps and boxes, how-to-write, captioning, VQA, segmentation).
     MODEL_DIR/sft_data/   every family's tokenized examples (Beam; sft_preprocess)
     MODEL_DIR/sft/        the fine-tuned decoder: checkpoints, metrics.jsonl, TensorBoard
 
-`cm3leon_jax.sft.sft_stage` does the work with the demo's model, batch and mesh; this
-file only sizes it (gin) and reports it. The SFT scenes are the corpus' train scenes, so
-the evaluate stage's test scenes stay held out.
+`finetune` runs the `sft` run mode (cm3leon_jax/sft.py) on the built-in corpus' SFT shards
+under the demo's model, batch and mesh; `sft_stage` sizes it (gin) and reports it. The SFT
+scenes are the corpus' train scenes, so the evaluate stage's test scenes stay held out.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any, Callable
 import gin
 
 from cm3leon_jax import fs, sft
+from cm3leon_jax.data import sft_preprocess
+from cm3leon_jax.train import run_config
 
 _DEFAULT_SPLIT_SIZES = {"train": 1000, "validation": 50, "test": 50}
 
@@ -54,11 +56,11 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
     The scenes are `sft_scenes`'.
     """
     sizes, seed = sft_scenes()
-    result = sft.sft_stage(model_dir, base_model_dir=pretrain_dir, pretrain_data_dir=data_dir,
-                           image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
-                           split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
-                           warmup_steps=warmup_steps, seed=seed, task=task,
-                           loss_per=loss_per, optimizer=optimizer)
+    result = finetune(model_dir, base_model_dir=pretrain_dir, pretrain_data_dir=data_dir,
+                      image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
+                      split_sizes=sizes, num_steps=num_steps, peak_lr=peak_lr,
+                      warmup_steps=warmup_steps, seed=seed, task=task,
+                      loss_per=loss_per, optimizer=optimizer)
     train = result["train"]
     return {"steps": train["step"], "final_eval": train.get("eval", {}),
             "eval_loss": _eval_losses(os.path.join(model_dir, "sft")),
@@ -69,14 +71,70 @@ def sft_stage(model_dir: str, pretrain_dir: str, data_dir: str,
 
 def sft_data_stage(model_dir: str, data_dir: str, image_tokenizer_fn: Callable[[], Any],
                    image_size: int) -> dict:
-    """The SFT shards alone (`sft.sft_data_dir(model_dir)`) of `sft_scenes`' scenes: a
+    """The SFT shards alone (`sft_data_dir(model_dir)`) of `sft_scenes`' scenes: a
     stage of its own (its time shows apart from training's); the sft stage then finds them
     written."""
     sizes, seed = sft_scenes()
-    manifest = sft.sft_data(model_dir, pretrain_data_dir=data_dir,
-                            image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
-                            split_sizes=sizes, seed=seed)
+    manifest = write_sft_data(model_dir, pretrain_data_dir=data_dir,
+                              image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
+                              split_sizes=sizes, seed=seed)
     return _train_examples(manifest)
+
+
+def sft_data_dir(model_dir: str) -> str:
+    """Where `write_sft_data` writes a run's SFT shards (and `finetune` reads them)."""
+    return os.path.join(model_dir, "sft_data")
+
+
+def write_sft_data(model_dir: str, *, pretrain_data_dir: str, image_tokenizer_fn: Any,
+             image_size: int, split_sizes: dict, seq_len: int | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """The SFT shards of the built-in corpus in `model_dir/sft_data` (Beam), with the
+    pretraining data's vocabulary; shards already written are kept. It needs no decoder.
+    Returns the manifest."""
+    return sft_preprocess.sft_preprocess(
+        sft_data_dir(model_dir), vocab_dir=os.path.join(pretrain_data_dir, "vocab"),
+        source=sft_preprocess.SyntheticSftSource(image_size, dict(split_sizes), seed),
+        image_tokenizer_fn=image_tokenizer_fn,
+        seq_len=seq_len or gin.query_parameter("train.seq_len"))
+
+
+def finetune(model_dir: str, *, base_model_dir: str, pretrain_data_dir: str,
+             image_tokenizer_fn: Any, image_size: int, split_sizes: dict, num_steps: int,
+             peak_lr: float, warmup_steps: int, seq_len: int | None = None, seed: int = 0,
+             task: str = "cm3leon_sft_mix", loss_per: str = "token",
+             optimizer: str | None = None) -> dict[str, Any]:
+    """SFT as one stage of a larger run (the demo, `benchmarks/sft_families.py`): the SFT
+    shards of the built-in corpus (`model_dir/sft_data`, Beam), then the sft run
+    (`model_dir/sft`), both under
+    the caller's gin config (its DecoderConfig, mesh and batch) with the SFT task, steps
+    and schedule bound here. `task` is a built-in SFT mixture (tasks/sft.py); the replay
+    one reads the pretraining documents from `pretrain_data_dir`; `loss_per` is the SFT
+    run's `loss_weighting` ("token" or "example"); `optimizer` its `make_optimizer.kind`
+    (None: the caller's, as pretraining's). Finished parts are reused. Returns both
+    results."""
+    seq_len = seq_len or gin.query_parameter("train.seq_len")
+    data_dir = sft_data_dir(model_dir)
+    data = write_sft_data(model_dir, pretrain_data_dir=pretrain_data_dir,
+                    image_tokenizer_fn=image_tokenizer_fn, image_size=image_size,
+                    split_sizes=split_sizes, seq_len=seq_len, seed=seed)
+    bindings = {"sft_data_dirs.synthetic": data_dir, "data_dirs.synthetic": pretrain_data_dir,
+                "train.task": task,
+                "train.num_steps": num_steps, "train.seq_len": seq_len,
+                "learning_rate_schedule.peak_lr": peak_lr,
+                "learning_rate_schedule.warmup_steps": warmup_steps,
+                "loss_weighting.per": loss_per}
+    if optimizer is not None:
+        bindings["make_optimizer.kind"] = optimizer
+    with gin.unlock_config():
+        for key, value in bindings.items():
+            gin.bind_parameter(key, value)
+    # The run's own config.gin, as `main.run` writes one: later runs read its sizes.
+    run_config.bind_decoder_config(base_model_dir, "this SFT run")
+    run_config.write(os.path.join(model_dir, "sft"))
+    result = sft.sft(os.path.join(model_dir, "sft"), base_model_dir=base_model_dir,
+                 base_vocab_dir=os.path.join(pretrain_data_dir, "vocab"))
+    return {"data": data, "train": result}
 
 
 def _train_examples(manifest: dict) -> dict[str, int]:

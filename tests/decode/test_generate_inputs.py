@@ -415,3 +415,9 @@ def test_generated_json_comes_first_and_the_grid_is_capped(tmp_path, monkeypatch
     assert "generated.png shows the first 64 of 70 images" in capsys.readouterr().out
     generate_run.write_images(str(tmp_path / "few"), images[:3], captions[:3], num_samples=1)
     assert grids[1][:3] == (3, captions[:3], {"columns": 3})
+
+
+def test_the_last_line_says_what_the_run_made():
+    assert generate_run._done(["a"], [], [{}, {}]) == (
+        "1 caption(s) -> images, 2 request(s) of the SFT families (families.json)")
+    assert generate_run._done([], ["x.png"], []) == "1 image(s) -> captions"
