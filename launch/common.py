@@ -9,6 +9,7 @@ overrides such as `--gin.train.task='cm3leon_user'` reach the program unchanged.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import re
@@ -114,6 +115,23 @@ def tpu_devices(accelerator_type: str) -> int | None:
     return int(match.group(2)) // TPU_CORES_PER_DEVICE[match.group(1)]
 
 
+def check_tpu_type(flag: str, accelerator_type: str) -> int:
+    """The JAX devices of a TPU slice type; a name that is not `<generation>-<N>` of a
+    generation this file knows (TPU_CORES_PER_DEVICE) is refused, before the mesh and batch
+    checks would be skipped for it."""
+    devices = tpu_devices(accelerator_type)
+    if devices:
+        return devices
+    generation = accelerator_type.rsplit("-", 1)[0].lower()
+    hint = ("; v5e slices are named v5litepod-N (e.g. v5litepod-64)"
+            if generation in ("v5e", "v5lite") else "")
+    raise LaunchError(
+        f"{flag}={accelerator_type!r} is not a TPU slice type this launcher knows: write "
+        f"<generation>-<N> with a generation of {', '.join(TPU_CORES_PER_DEVICE)}{hint} "
+        "(another generation: add how many TensorCores make one JAX device to "
+        "TPU_CORES_PER_DEVICE in launch/common.py)")
+
+
 def _gin_include_path(name: str) -> str | None:
     """The repository file a gin `include` names (gin's search folders: the root, gin_configs/)."""
     for folder in (REPO, os.path.join(REPO, "gin_configs")):
@@ -122,9 +140,10 @@ def _gin_include_path(name: str) -> str | None:
     return None
 
 
-def _read_int_bindings(path: str, keys: Sequence[str], found: dict) -> None:
-    """Updates `found` with `path`'s bindings of `keys`, its includes read in place (gin's
-    order: a later binding wins); a value that is not an integer literal becomes None."""
+def _read_bindings(path: str, keys: Sequence[str], found: dict) -> None:
+    """Updates `found` with `path`'s bindings of `keys` as written (one-line values), its
+    includes read in place (gin's order: a later binding wins); an include this host cannot
+    find makes every key unknown (None)."""
     for line in fs.read_text(path).splitlines():
         line = line.split("#", 1)[0].strip()
         include = re.fullmatch(r"include\s+(['\"])(.+)\1", line)
@@ -133,31 +152,82 @@ def _read_int_bindings(path: str, keys: Sequence[str], found: dict) -> None:
             if included is None:  # gin reports it on the hosts; nothing to check here.
                 found.update(dict.fromkeys(keys))
                 continue
-            _read_int_bindings(included, keys, found)
+            _read_bindings(included, keys, found)
         binding = re.fullmatch(r"([\w./]+)\s*=\s*(.+)", line)
         if binding and binding.group(1) in keys:
-            value = binding.group(2).strip()
-            found[binding.group(1)] = int(value) if re.fullmatch(r"-?\d+", value) else None
+            found[binding.group(1)] = binding.group(2).strip()
 
 
-def bound_ints(gin_files: Sequence[str], overrides: Sequence[str],
-               bindings: dict[str, str] | None, defaults: dict[str, int | None]
-               ) -> dict[str, int | None]:
-    """The integers the run binds to the keys of `defaults`: its gin files (repository
-    paths) in order, then the launcher's `bindings`, then the user's `--gin.` overrides, as
-    `cm3leon_jax.main` applies them. Unbound keys keep their `defaults`; None: bound to
-    something other than an integer literal (a macro, a scoped binding), so unknown."""
-    keys = tuple(defaults)
-    found = dict(defaults)
+def bound_values(gin_files: Sequence[str], overrides: Sequence[str],
+                 bindings: dict[str, str] | None, keys: Sequence[str]) -> dict[str, str | None]:
+    """The values (as written) the run binds to `keys`: its gin files (repository paths) in
+    order, then the launcher's `bindings`, then the user's `--gin.` overrides, as
+    `cm3leon_jax.main` applies them. Absent: not bound; None: not known here."""
+    found: dict[str, str | None] = {}
     for f in gin_files:
-        _read_int_bindings(os.path.join(REPO, f), keys, found)
+        _read_bindings(os.path.join(REPO, f), keys, found)
     lines = [f"{k} = {v}" for k, v in (bindings or {}).items()]
     lines += [o[len("--gin."):].replace("=", " = ", 1) for o in overrides]
     for line in lines:
         key, value = (part.strip() for part in line.split("=", 1))
         if key in keys:
-            found[key] = int(value) if re.fullmatch(r"-?\d+", value) else None
+            found[key] = value
     return found
+
+
+def bound_ints(gin_files: Sequence[str], overrides: Sequence[str],
+               bindings: dict[str, str] | None, defaults: dict[str, int | None]
+               ) -> dict[str, int | None]:
+    """`bound_values` of the keys of `defaults` as integers. Unbound keys keep their
+    `defaults`; None: bound to something other than an integer literal (a macro, a scoped
+    binding), so unknown."""
+    found = bound_values(gin_files, overrides, bindings, tuple(defaults))
+    return {k: (int(found[k]) if found[k] is not None and re.fullmatch(r"-?\d+", found[k])
+                else None) if k in found else v for k, v in defaults.items()}
+
+
+def _string(value: str | None) -> str | None:
+    """A gin string literal's value; None for anything else (a macro, a reference)."""
+    try:
+        parsed = ast.literal_eval(value) if value is not None else None
+    except (ValueError, SyntaxError):
+        return None
+    return parsed if isinstance(parsed, str) else None
+
+
+def data_keys(task: str) -> list[str]:
+    """The data-folder bindings a task of tasks/ reads (tasks/pretrain.py, tasks/sft.py)."""
+    if task.startswith("cm3leon_sft_user"):
+        return ["sft_data_dirs.user"] + ["data_dirs.user"] * ("replay" in task)
+    if task.startswith("cm3leon_sft"):
+        return ["sft_data_dirs.synthetic"] + ["data_dirs.synthetic"] * ("replay" in task)
+    if task.startswith("cm3leon_user"):
+        return ["data_dirs.user"]
+    return ["data_dirs.synthetic"] if task.startswith("cm3leon_synthetic") else []
+
+
+def check_data_dirs(gin_files: Sequence[str], overrides: Sequence[str], where: str,
+                    remote: bool) -> None:
+    """Refuses, before anything is provisioned, a run whose task reads a data folder the run
+    does not bind (or, `remote`: binds to a folder that is not gs://, which the hosts
+    cannot see); a value not known here (a macro) is left to the hosts."""
+    task = _string(bound_values(gin_files, overrides, None, ["train.task"]).get("train.task"))
+    keys = data_keys(task or "")
+    values = bound_values(gin_files, overrides, None, keys)
+    for key in keys:
+        if key in values and values[key] is not None and _string(values[key]) is None:
+            continue  # A macro or reference: resolved on the hosts.
+        folder = _string(values.get(key))
+        if not folder and key.endswith(".synthetic") and not remote:
+            continue  # Its default, the demo's folder in the repository the nodes share.
+        if not folder:
+            raise LaunchError(f"train.task={task!r} reads {key}, which the run does not bind; "
+                              f"give --gin.{key}=\"'gs://BUCKET/data'\" (the preprocess "
+                              "run's output folder)")
+        if remote and not folder.startswith("gs://"):
+            raise LaunchError(f"{key}={folder!r} is not a gs:// folder, and the hosts of "
+                              f"{where} cannot read this machine's files; copy the data to "
+                              "gs:// and give that folder")
 
 
 def bound_mesh(gin_files: Sequence[str], overrides: Sequence[str],
@@ -175,10 +245,12 @@ def _dcn_groups(sizes: dict[str, int | None], slices: tuple[int, str] | None) ->
         return None
     groups = math.prod(dcn)
     if slices is not None and groups > 1 and groups != slices[0]:
+        fix = (f"make the product {slices[0]} (or 1: no DCN axes)" if slices[0] > 1
+               else "make it 1 (no DCN axes)")
         raise LaunchError(
             f"train_mesh.dcn_data x dcn_fsdp x dcn_tensor = {' x '.join(map(str, dcn))} = "
             f"{groups} groups over DCN, but the launch has {slices[0]} {slices[1]}, which the "
-            f"DCN axes span: make the product {slices[0]} (or 1: no DCN axes)")
+            f"DCN axes span: {fix}")
     return groups
 
 

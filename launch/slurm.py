@@ -48,9 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sbatch_argv(args) -> list[str]:
     """argv of the `sbatch` command: the job's shape, the script, then its arguments."""
-    if args.extra_gin_files:
-        raise common.LaunchError("launch.slurm takes one gin file: include the others from it "
-                                 "(gin's `include`), or pass bindings as --gin.KEY=VALUE")
     for name in ("nodes", "gpus_per_node", "cpus_per_task"):
         if getattr(args, name) < 1:
             raise common.LaunchError(f"--{name}={getattr(args, name)}: must be >= 1")
@@ -62,17 +59,22 @@ def sbatch_argv(args) -> list[str]:
                                        ("account", args.account), ("time", args.time)) if v]
     if args.python:
         argv.append(f"--export=ALL,CM3LEON_PYTHON={args.python}")
-    return argv + [SCRIPT, args.gin_file, args.model_dir, *args.overrides]
+    # The script passes what follows MODEL_DIR to `cm3leon_jax.main`: the other gin files
+    # (parsed after GIN_FILE, before any binding), then the bindings.
+    return argv + [SCRIPT, args.gin_file, args.model_dir,
+                   *[f"--gin_file={f}" for f in args.extra_gin_files], *args.overrides]
 
 
 def launch(argv: Sequence[str] | None = None) -> int:
     args = common.parse(build_parser(), argv)
-    common.check_gin_files([args.gin_file])
+    gin_files = [args.gin_file, *args.extra_gin_files]
+    common.check_gin_files(gin_files)
     sbatch = sbatch_argv(args)
     nodes = f"node{'s' * (args.nodes > 1)} (--nodes={args.nodes})"
-    common.check_mesh_fits([args.gin_file], args.overrides, args.nodes * args.gpus_per_node,
+    common.check_mesh_fits(gin_files, args.overrides, args.nodes * args.gpus_per_node,
                            f"the job (--nodes={args.nodes} x --gpus_per_node="
                            f"{args.gpus_per_node} GPUs)", slices=(args.nodes, nodes))
+    common.check_data_dirs(gin_files, args.overrides, "the job", remote=False)
     common.Runner(args.dry_run).run(sbatch, cwd=common.REPO)
     return 0
 

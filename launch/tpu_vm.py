@@ -182,8 +182,10 @@ def pack_source(path: str) -> int:
 
 
 def install_command(python: str) -> str:
-    """Remote shell line: unpack the tarball over ~/cm3leon_jax and install it into its
-    Python 3.11 venv, which uv makes (`python -m uv`: uv installed by `python`'s pip).
+    """Remote shell line: unpack the tarball into a fresh ~/cm3leon_jax (the earlier one's
+    `.venv` and `run.log` carried over, nothing else: a file deleted here is gone there
+    too) and install it into its Python 3.11 venv, which uv makes (`python -m uv`: uv
+    installed by `python`'s pip).
 
     An existing .venv is kept only when it is Python 3.11 (one made by an earlier launch
     with the image's Python is made again: pip would refuse the package in it for good)."""
@@ -199,7 +201,12 @@ def install_command(python: str) -> str:
               f"{{ {no_uv} >&2; exit 1; }}; }}")
     make_venv = line([*uv, "venv", "-q", "--python", PYTHON_VERSION, ".venv"])
     install = line([*uv, "pip", "install", "-q", "--python", ".venv/bin/python", "-e", ".[tpu]"])
-    return (f"set -e; mkdir -p {REMOTE_DIR} && tar -xzf ~/{ARCHIVE} -C {REMOTE_DIR} && "
+    fresh = f"{REMOTE_DIR}.new"
+    unpack = (f"rm -rf {fresh} && mkdir -p {fresh} {REMOTE_DIR} && tar -xzf ~/{ARCHIVE} -C "
+              f"{fresh} && for kept in .venv run.log; do if [ -e {REMOTE_DIR}/$kept ]; then "
+              f"mv {REMOTE_DIR}/$kept {fresh}/; fi; done && rm -rf {REMOTE_DIR} && "
+              f"mv {fresh} {REMOTE_DIR}")
+    return (f"set -e; {unpack} && "
             f"cd {REMOTE_DIR} && {get_uv} && {{ {{ test -x .venv/bin/python && {kept}; }} || "
             f"{{ rm -rf .venv && {make_venv}; }}; }} && {install}")
 
@@ -234,10 +241,13 @@ def launch(argv: Sequence[str] | None = None) -> int:
     if not args.model_dir.startswith("gs://"):
         raise common.LaunchError(f"MODEL_DIR {args.model_dir!r} is not a gs:// folder; every "
                                  "host of the slice must write to the same place")
+    gin_files = [args.gin_file, *args.extra_gin_files]
+    chips = common.check_tpu_type("--accelerator_type", args.accelerator_type)
     args.runtime_version = args.runtime_version or runtime_version(args.accelerator_type)
-    common.check_mesh_fits([args.gin_file, *args.extra_gin_files], args.overrides,
-                           common.tpu_devices(args.accelerator_type),
-                           f"--accelerator_type={args.accelerator_type}")
+    common.check_mesh_fits(gin_files, args.overrides, chips,
+                           f"--accelerator_type={args.accelerator_type}",
+                           slices=(1, "slice (launch.tpu_vm starts one; several: launch.xpk)"))
+    common.check_data_dirs(gin_files, args.overrides, "the slice", remote=True)
     runner = common.Runner(args.dry_run)
     ensure_queued_resource(args, runner)
     if not args.skip_install:

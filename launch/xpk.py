@@ -30,16 +30,18 @@ from typing import Sequence
 
 from launch import common
 
-# xpk names GPU machine types "<gpu>-<memory>-<count>[-<variant>]" (a3 / a4 / a3-mega
-# families: h100-80gb-8, h100-mega-80gb-8, b200-8, gb200-4-nolssd) and TPU slices
-# "<generation>-<chips or cores>" (v4-8, v5litepod-16, v5p-128, v6e-256, tpu7x-64).
-GPU_TYPE = re.compile(r"^(h100|h200|b200|a100|l4|gb200)(-[\w]+)*$")
-TPU_TYPE = re.compile(r"^(v\d+[a-z]*|v5litepod|tpu\d+[a-z]*)-\d+$")
+# xpk's GPU node types (its system_characteristics table, xpk 1.16) and the GPUs of one
+# node; TPU slices are "<generation>-<N>" (v4-8, v5litepod-16, v5p-128, v6e-256), checked
+# by `common.check_tpu_type`.
+GPU_TYPES = {"l4-1": 1, "l4-2": 2, "l4-4": 4, "l4-8": 8, "a100-40gb-1": 1, "a100-40gb-2": 2,
+             "a100-40gb-4": 4, "a100-40gb-8": 8, "h100-80gb-8": 8, "h100-mega-80gb-8": 8,
+             "h200-141gb-8": 8, "b200-8": 8, "gb200-4": 4, "gb200-4-nolssd": 4}
 # Exit statuses after which the job is restarted, besides xpk's own (42, 127-255):
 # 1 is an uncaught Python exception, e.g. a collective that failed with a lost host.
 RESTART_EXIT_CODES = "1"
-# A run stopped by SIGTERM (a preemption) saves and exits with xpk's own restart status,
-# so that --max_restarts resumes it (with 0, xpk takes the job as finished).
+# With --max_restarts, a run stopped by SIGTERM (a preemption) saves and exits with xpk's
+# own restart status, so that xpk starts it again and it resumes; without, it exits 0
+# (saved and stopped, as everywhere else).
 PREEMPTED_EXIT_CODE = 42
 GPU_ENV = ("CM3LEON_COORDINATOR=${JAX_COORDINATOR_ADDRESS}:${JAX_COORDINATOR_PORT} "
            "CM3LEON_NUM_PROCESSES=${NNODES} CM3LEON_PROCESS_ID=${NODE_RANK}")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_gpu(device_type: str) -> bool:
-    return bool(GPU_TYPE.match(device_type))
+    return device_type in GPU_TYPES
 
 
 def quote(arg: str) -> str:
@@ -90,9 +92,12 @@ def quote(arg: str) -> str:
 
 
 def launcher_bindings(args) -> dict[str, str]:
-    """The gin bindings this launcher adds: TPU process discovery, the slices over DCN."""
+    """The gin bindings this launcher adds: TPU process discovery, and the slices over DCN
+    as `train_mesh.dcn_data` when the run binds no DCN axis itself."""
     bindings = {} if is_gpu(args.device_type) else {"initialize.auto": "True"}
-    if args.num_slices > 1 and not common.overridden(args.overrides, "train_mesh.dcn_data"):
+    dcn = common.bound_values([args.gin_file, *args.extra_gin_files], args.overrides, None,
+                              common.DCN_KEYS)
+    if args.num_slices > 1 and not dcn:
         bindings["train_mesh.dcn_data"] = str(args.num_slices)
     return bindings
 
@@ -103,7 +108,8 @@ def command(args) -> str:
     argv = common.main_argv("python3", [args.gin_file, *args.extra_gin_files], args.model_dir,
                             args.overrides, launcher_bindings(args))
     line = " ".join(quote(a) for a in argv)
-    line = f"CM3LEON_PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} {line}"
+    if args.max_restarts:
+        line = f"CM3LEON_PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} {line}"
     if gpu:
         line = f"{GPU_ENV} {line}"
     if args.docker_image is None:
@@ -144,10 +150,16 @@ def check(args) -> None:
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", args.workload):
         raise common.LaunchError(f"--workload={args.workload!r}: use lower-case letters, "
                                  "digits and '-', starting with a letter")
-    if not (is_gpu(args.device_type) or TPU_TYPE.match(args.device_type)):
-        raise common.LaunchError(f"--device_type={args.device_type!r} is neither a TPU slice "
-                                 "(e.g. v5p-128, v5litepod-16) nor a GPU type xpk knows (e.g. "
-                                 "h100-80gb-8); CPU node types are not supported here")
+    for name in ("num_slices", "num_nodes", "max_restarts"):
+        if getattr(args, name) < (0 if name == "max_restarts" else 1):
+            raise common.LaunchError(f"--{name}={getattr(args, name)}: must be >= "
+                                     f"{0 if name == 'max_restarts' else 1}")
+    family = args.device_type.split("-")[0]
+    if not is_gpu(args.device_type) and family in {t.split("-")[0] for t in GPU_TYPES} | {
+            "n2", "m1"}:  # xpk's CPU node families.
+        raise common.LaunchError(f"--device_type={args.device_type!r} is not a GPU node type "
+                                 f"xpk knows: one of {', '.join(GPU_TYPES)} (CPU node types "
+                                 "are not supported here)")
     if is_gpu(args.device_type) and args.num_slices != 1:
         raise common.LaunchError("--num_slices is for TPU slices; for GPUs give --num_nodes")
     if not is_gpu(args.device_type) and args.num_nodes != 1:
@@ -157,15 +169,22 @@ def check(args) -> None:
         if "=" not in e or '"' in e or "\\" in e:
             raise common.LaunchError(f"--env={e!r}: write KEY=VALUE, without \" or \\ "
                                      "(xpk puts values in YAML double quotes)")
-    if not is_gpu(args.device_type):  # GPU type names give no reliable GPU count.
-        chips = common.tpu_devices(args.device_type)
-        # One slice: train_mesh's DCN groups are its hosts, whose count is not known here.
-        slices = ((args.num_slices, f"slices (--num_slices={args.num_slices})")
-                  if args.num_slices > 1 else None)
-        common.check_mesh_fits([args.gin_file, *args.extra_gin_files], args.overrides,
-                               chips and chips * args.num_slices,
+    gin_files = [args.gin_file, *args.extra_gin_files]
+    if is_gpu(args.device_type):  # One process per node: the DCN axes span the nodes.
+        nodes = f"node{'s' * (args.num_nodes > 1)} (--num_nodes={args.num_nodes})"
+        common.check_mesh_fits(gin_files, args.overrides,
+                               GPU_TYPES[args.device_type] * args.num_nodes,
+                               f"--device_type={args.device_type} x --num_nodes="
+                               f"{args.num_nodes}", launcher_bindings(args),
+                               (args.num_nodes, nodes))
+    else:
+        chips = common.check_tpu_type("--device_type", args.device_type)
+        slices = f"slice{'s' * (args.num_slices > 1)} (--num_slices={args.num_slices})"
+        common.check_mesh_fits(gin_files, args.overrides, chips * args.num_slices,
                                f"--device_type={args.device_type} x --num_slices="
-                               f"{args.num_slices}", launcher_bindings(args), slices)
+                               f"{args.num_slices}", launcher_bindings(args),
+                               (args.num_slices, slices))
+    common.check_data_dirs(gin_files, args.overrides, "the cluster", remote=True)
 
 
 def launch(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,9 @@ refused.
 Boxes follow the image into the model's frame: `image_inputs` center-crops a
 non-square image to a square and resizes it to the image tokenizer's size, so each COCO
 box (x, y, w, h) is cropped and scaled the same way from the loaded image's own shape
-(pixels, ends exclusive); boxes cut away entirely are counted as `box_outside_crop`.
+(pixels, ends exclusive). A box the crop cuts away entirely is left out of its example
+(caption and boxes name what the model's frame shows); an image whose boxes are all cut
+away is counted as `box_outside_crop`.
 `sft_preprocess` gives `CocoInstances` the tokenizer's size (`FormatSource.with_image_size`)
 and refuses a different one bound by hand.
 """

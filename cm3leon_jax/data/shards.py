@@ -64,7 +64,7 @@ def serialize(doc: TokenizedDocument) -> bytes:
         "neighbor_ids": ints(flat),
         "neighbor_lengths": ints(lengths),
         "neighbor_doc_ids": strings(doc.neighbor_doc_ids),
-    })).SerializeToString()
+    })).SerializeToString(deterministic=True)  # Map order fixed: same bytes in any process.
 
 
 def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

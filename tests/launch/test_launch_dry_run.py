@@ -24,7 +24,8 @@ from cm3leon_jax import main as main_lib
 from launch import common, dataflow, local, slurm, tpu_vm, xpk
 
 GIN = "gin_configs/train/cm3leon_7b.gin"
-OVERRIDES = ["--gin.train.task='cm3leon_user'", "--gin.train.num_steps=10",
+DATA = "--gin.data_dirs.user='gs://b/data'"  # What the 7B's task, cm3leon_user, reads.
+OVERRIDES = ["--gin.train.task='cm3leon_user'", DATA, "--gin.train.num_steps=10",
              """--gin.Checkpointer.note='it''s "x" $HOME \\n'"""]
 
 
@@ -99,7 +100,7 @@ def test_tpu_vm_reuses_an_active_queued_resource(tmp_path, monkeypatch, state):
     for k, v in fake_gcloud(tmp_path, state).items():
         monkeypatch.setenv(k, v)
     args = [GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z",
-            "--project=p"]
+            "--project=p", DATA]
     with contextlib.redirect_stdout(io.StringIO()):
         if state == "FAILED":
             with pytest.raises(common.LaunchError, match="c7b.*FAILED.*delete it"):
@@ -117,7 +118,7 @@ def test_tpu_vm_refuses_to_reuse_a_slice_of_another_type(tmp_path, monkeypatch):
     for k, v in fake_gcloud(tmp_path, "ACTIVE", accelerator="v5litepod-16").items():
         monkeypatch.setenv(k, v)
     args = [GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z",
-            "--project=p"]
+            "--project=p", DATA]
     with contextlib.redirect_stdout(io.StringIO()):
         with pytest.raises(common.LaunchError, match="'c7b' holds a v5litepod-16 slice, not "
                                                      "--accelerator_type=v5litepod-64"):
@@ -154,8 +155,12 @@ def test_xpk_tpu_multislice():
     (install, _), (run, seen) = bash_argv(option(argv, "--command"), {})
     assert install == ["-m", "pip", "install", "-q", "-e", ".[tpu]"]
     assert seen == "  "  # TPU hosts find each other through jax.distributed's discovery
-    # A preempted run exits with xpk's restart status, so --max_restarts resumes it.
+    # A preempted run exits with xpk's restart status, so --max_restarts resumes it (without
+    # restarts it exits 0: saved and stopped).
     assert "CM3LEON_PREEMPTED_EXIT_CODE=42 python3 " in option(argv, "--command")
+    (once,) = [shlex.split(line) for line in dry_run(
+        xpk, GIN, "gs://b/7b", "--cluster=c", "--workload=c7b", "--device_type=v5p-256")]
+    assert "CM3LEON_PREEMPTED_EXIT_CODE" not in option(once, "--command")
     expect_bindings(bindings(["python3", *run]), "gs://b/7b",
                     ["initialize.auto=True", "train_mesh.dcn_data=2"])
 
@@ -187,6 +192,13 @@ def test_slurm_sbatch_line():
         assert flag in argv
     i = argv.index(slurm.SCRIPT)
     assert argv[i + 1:] == [GIN, "/shared/runs/7b", *OVERRIDES]
+    # Other gin files go to main after MODEL_DIR, before the bindings (as it parses them).
+    mesh = "gin_configs/meshes/fsdp_tensor.gin"
+    (argv,) = [shlex.split(line) for line in dry_run(
+        slurm, GIN, "/shared/runs/7b", "--nodes=2", f"--gin_file={mesh}")]
+    i = argv.index(slurm.SCRIPT)
+    assert argv[i + 1:] == [GIN, "/shared/runs/7b", f"--gin_file={mesh}", *OVERRIDES]
+    assert main_lib.parse_args(argv[i + 3:])[0][-1].endswith(mesh)
     assert not any(a.startswith("--gpus-per-task") for a in argv)
 
 
@@ -213,7 +225,7 @@ def test_device_types_job_names_and_one_slash_paths_are_checked_before_submittin
     lines = dry_run(xpk, GIN, "gs://b/7b", *xpk_args, "--device_type=gb200-4-nolssd",
                     "--num_nodes=2")
     assert "--num-nodes=2" in shlex.split(lines[0])
-    with pytest.raises(common.LaunchError, match="neither a TPU slice .* nor a GPU type"):
+    with pytest.raises(common.LaunchError, match="not a GPU node type xpk knows"):
         dry_run(xpk, GIN, "gs://b/7b", *xpk_args, "--device_type=n2-standard-32-4")
     with pytest.raises(common.LaunchError, match="--job_name='My_Job'"):
         dry_run(dataflow, "gin_configs/runs/preprocess.gin", "gs://b/data", "--project=p",
@@ -268,7 +280,7 @@ def test_local_dry_run_sets_each_process_id():
     (tpu_vm, [GIN, "runs/local", "--name=n", "--accelerator_type=v5p-8", "--zone=z",
               "--project=p"], "not a gs:// folder"),
     (tpu_vm, [GIN, "gs://b/x", "--name=n", "--accelerator_type=v9-8", "--zone=z",
-              "--project=p"], "give --runtime_version"),
+              "--project=p"], "'v9-8' is not a TPU slice type this launcher knows"),
     (xpk, ["/etc/passwd.gin", "gs://b/x", "--cluster=c", "--workload=w",
            "--device_type=v5p-8"], "not a file inside the repository"),
     (xpk, [GIN, "gs://b/x", "--cluster=c", "--workload=Bad_Name", "--device_type=v5p-8"],
@@ -335,13 +347,13 @@ def test_a_fixed_mesh_the_slice_cannot_hold_is_refused_before_anything_runs(
               "--gin.make_mesh.fsdp=-1"]),  # the user's override: all chips
     (tpu_vm, [GIN, "gs://b/7b", *TPU_VM, "--accelerator_type=v5p-8"]),  # fsdp -1
     (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=v5p-256", "--num_slices=2"]),
-    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=h100-80gb-8", "--num_nodes=2"]),
+    (xpk, [POD_7B, "gs://b/7b", *XPK, "--device_type=h100-80gb-8", "--num_nodes=16"]),
     (slurm, [POD_7B, "/shared/7b", "--nodes=16", "--gpus_per_node=8"]),
     (slurm, [GIN, "/shared/7b", "--nodes=1", "--gpus_per_node=4"]),
 ])
 def test_a_mesh_that_fits_or_takes_all_devices_is_launched(module, args):
     with contextlib.redirect_stdout(io.StringIO()):
-        assert module.launch([*args, "--dry_run"]) == 0
+        assert module.launch([*args, DATA, "--dry_run"]) == 0
 
 
 def test_tpu_slice_names_count_chips():

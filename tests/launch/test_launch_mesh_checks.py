@@ -68,5 +68,53 @@ def test_dcn_and_device_counts_that_cannot_work_are_refused(module, args, messag
 ])
 def test_runs_that_fit_are_launched(module, args):
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert module.launch([*args, "--dry_run"]) == 0
+        assert module.launch([*args, "--gin.data_dirs.user='gs://b/data'", "--dry_run"]) == 0
     assert out.getvalue()
+
+
+DATA = "--gin.data_dirs.user='gs://b/data'"
+
+
+@pytest.mark.parametrize("module,args,message", [
+    # One slice: DCN axes have no slices to span (they failed on every host, after the
+    # slice was provisioned).
+    (tpu_vm, [TRAIN_7B, "gs://b/r", *TPU_VM, "--accelerator_type=v5p-256", DATA,
+              "--gin_file=gin_configs/meshes/multislice.gin"],
+     "but the launch has 1 slice (launch.tpu_vm starts one; several: launch.xpk), which the "
+     "DCN axes span: make it 1 (no DCN axes)"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v5p-256", DATA,
+           "--gin.train_mesh.dcn_data=2"], "the launch has 1 slice (--num_slices=1)"),
+    # The data the task reads: bound, and where the hosts can read it.
+    (tpu_vm, [TRAIN_7B, "gs://b/r", *TPU_VM, "--accelerator_type=v5p-256"],
+     "train.task='cm3leon_user' reads data_dirs.user, which the run does not bind"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v5p-256",
+           "--gin.data_dirs.user='/home/me/data'"],
+     "data_dirs.user='/home/me/data' is not a gs:// folder"),
+    (slurm, [TRAIN_7B, "/shared/r"], "reads data_dirs.user, which the run does not bind"),
+    # Slice and node types: named as the clouds name them, with a count this file knows.
+    (tpu_vm, [TRAIN_7B, "gs://b/r", *TPU_VM, "--accelerator_type=v5e-64", DATA],
+     "v5e slices are named v5litepod-N"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=tpu7x-256", DATA],
+     "'tpu7x-256' is not a TPU slice type this launcher knows"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=h100-80g-8", DATA],
+     "'h100-80g-8' is not a GPU node type xpk knows"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v5p-256", "--num_slices=0", DATA],
+     "--num_slices=0: must be >= 1"),
+    # GPUs: the mesh is checked against nodes x GPUs per node, as slurm's is.
+    ("gpu", ["gin_configs/pods/cm3leon_7b_v5p256.gin", "gs://b/r", *XPK,
+             "--device_type=h100-80gb-8", "--num_nodes=3", DATA],
+     "needs 128 devices (chips or GPUs), but --device_type=h100-80gb-8 x --num_nodes=3 "
+     "gives 24"),
+])
+def test_launches_that_would_fail_on_the_hosts_are_refused_here(module, args, message, capsys):
+    assert message in refused(xpk if module == "gpu" else module, args, capsys)
+
+
+def test_xpk_adds_the_slices_over_dcn_only_when_the_run_binds_no_dcn_axis():
+    args = [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v5p-128", "--num_slices=2", DATA]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert xpk.launch([*args, "--gin.train_mesh.dcn_fsdp=2", "--dry_run"]) == 0
+    assert "dcn_data" not in out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert xpk.launch([*args, "--dry_run"]) == 0
+    assert "--gin.train_mesh.dcn_data=2" in out.getvalue()

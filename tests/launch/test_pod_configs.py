@@ -77,8 +77,8 @@ def test_pod_config_header_commands_launch(path):
     commands, current = [], None
     for line in lines:
         body = line[1:].strip()
-        if body.startswith(("python -m launch.", "GKE: python -m launch.")):
-            current = body.removeprefix("GKE: ")
+        if body.startswith("python -m launch."):
+            current = body
         elif current is not None:
             current += " " + body
         if current is not None and not current.endswith("\\"):
@@ -88,8 +88,10 @@ def test_pod_config_header_commands_launch(path):
             current = current[:-1]
     assert any("launch.tpu_vm" in c for c in commands), "header needs its launch command"
     for command in commands:
+        # "...": the gin file, MODEL_DIR and bindings of the header's first command.
         argv = shlex.split(command.replace("...", os.path.relpath(path, common.REPO)
-                                           + " gs://BUCKET/run", 1))
+                                           + " gs://BUCKET/run --gin.data_dirs.user="
+                                           "\"'gs://BUCKET/data'\"", 1))
         module = {"launch.tpu_vm": tpu_vm, "launch.xpk": xpk}[argv[2]]
         with contextlib.redirect_stdout(io.StringIO()):
             assert module.launch([*argv[3:], "--dry_run"]) == 0

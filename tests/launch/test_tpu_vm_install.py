@@ -102,8 +102,14 @@ def test_install_makes_a_python_311_venv_on_an_image_with_python_310(worker):
     assert (worker / "cm3leon_jax" / "setup.py").exists()
     assert f'UV = "{UV}"' in open(os.path.join(common.REPO, "tools", "install.py")).read()
 
-    # Launched again: uv and the 3.11 venv are kept.
+    # Launched again: uv, the 3.11 venv and the last run's log are kept; a file the
+    # launched checkout no longer has is gone (every host runs exactly the code launched).
+    (worker / "cm3leon_jax" / "deleted_since.py").write_text("old code\n")
+    (worker / "cm3leon_jax" / "run.log").write_text("the last run\n")
     assert run_install(worker).returncode == 0
+    assert not (worker / "cm3leon_jax" / "deleted_since.py").exists()
+    assert (worker / "cm3leon_jax" / "run.log").read_text() == "the last run\n"
+    assert (worker / "cm3leon_jax" / "setup.py").exists()
     assert calls(worker) == [
         "python3.10 -m uv --version",
         "python3.11 -c import sys; print(\"%d.%d\" % sys.version_info[:2])",
@@ -132,7 +138,7 @@ def test_an_image_without_pip_stops_with_one_clear_line(worker):
 
 GIN = "gin_configs/train/cm3leon_7b.gin"
 ARGS = [GIN, "gs://b/7b", "--name=c7b", "--accelerator_type=v5litepod-64", "--zone=z",
-        "--project=p"]
+        "--project=p", "--gin.data_dirs.user='gs://b/data'"]
 V5E = "v2-alpha-tpuv5-lite"
 
 
