@@ -31,6 +31,8 @@ LEVELS = {
     # any package, and no library module imports them.
     "testing": 8,
 }
+# The repository's folders that use the library; nothing of it imports them.
+OUTSIDE = ("launch", "benchmarks", "tests")
 # Anyone may import these; they import no package of the flow.
 BASE = {"__init__", "errors", "fs", "hostmem", "images", "xla_flags"}
 
@@ -84,6 +86,11 @@ def violations(path: pathlib.Path, source: str) -> list[str]:
     found = []
     for line, name in imported_modules(ast.parse(source), module_name(path),
                                        path.name == "__init__.py"):
+        if name.split(".")[0] in OUTSIDE:
+            found.append(f"{rel}:{line} imports {name}: the library and tasks/ import nothing "
+                         "of launch/, benchmarks/ or tests/ (they use the library, not the "
+                         "other way round).")
+            continue
         dst = target_package(name)
         if dst is None or dst == src or dst in BASE:
             continue
@@ -118,6 +125,8 @@ def test_imports_follow_the_flow():
 @pytest.mark.parametrize("source,rule", [
     ("def f():\n    from cm3leon_jax.data import shapes\n", "against the flow"),
     ("from cm3leon_jax import evaluation\n", "against the flow"),
+    ("from launch import common\n", "import nothing of launch/"),
+    ("def f():\n    import benchmarks.decode\n", "import nothing of launch/"),
     ("from ..retrieval import build\n", "one level"),
     ("import cm3leon_jax.launcher\n", "has no level"),
 ])
