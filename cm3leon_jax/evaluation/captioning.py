@@ -24,15 +24,18 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from cm3leon_jax.errors import MissingInputError
+
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
 def require_java() -> None:
     """Raises one clear error when the Java runtime pycocoevalcap needs is missing."""
     if shutil.which("java") is None:
-        raise RuntimeError("captioning metrics need Java (pycocoevalcap runs the Stanford PTB "
+        raise MissingInputError("captioning metrics need Java (pycocoevalcap runs the Stanford PTB "
                            "tokenizer and METEOR as Java programs) but `java` is not on PATH: "
-                           "install a JRE, e.g. `apt-get install default-jre-headless`.")
+                           "install a JRE, e.g. `apt-get install default-jre-headless`, or "
+                           "leave them out (evaluate.caption_metrics=[]).")
 
 
 def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:

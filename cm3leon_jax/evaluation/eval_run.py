@@ -60,9 +60,13 @@ def _references(ctx: Context, suite: Suite, cache: dict[str, str | None]) -> Non
     if task is None or task.reference_images is None:
         return
     images = task.reference_images
+    content = fid.content_digest(images) if set(ctx.features) - set(ctx.references) else None
     for name, extract in ctx.features.items():
+        if name in ctx.references:  # Read already (evaluate_generator, before an overwrite).
+            continue
         key = {"suite": suite.name, "images": len(images), "image_size": list(images.shape[1:3]),
-               "features": name, "resize": getattr(extract, "resize", None)}
+               "features": name, "resize": getattr(extract, "resize", None),
+               "content": content, "extractor": getattr(extract, "fingerprint", None)}
         ctx.references[name] = fid.reference_statistics(
             cache.get(name), lambda: images, extract, key)
 
@@ -187,7 +191,7 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         real images of other scenes: the ceiling and the chance/FID floor of each metric).
       overwrite: replace an earlier run's MODEL_DIR/eval (otherwise refused: its grids of
         other strategies would sit beside this run's report); it is removed just before
-        decoding, after the checks, the restore and the suite.
+        decoding, after the checks, the restore, the suite and the FID reference statistics.
     """
     out_dir = _refuse_earlier_eval(model_dir, overwrite)
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
@@ -289,12 +293,14 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
     if caption_metrics and built.captioning is not None:
         captioning.require_java()  # Now, not after hours of decoding.
+    cache = {"fid_inception": fid_reference}
+    _references(ctx, built, cache)  # Cached statistics refused before an overwrite, not after.
     if overwrite and fs.exists(out_dir):
         fs.rmtree(out_dir)
     header = {"suite": built.name, **(header or {}),
               "strategies": [_describe(s) for s in strategies]}
     rows = run_suite(ctx, built, out_dir, strategies, num_retrieved,
-                     {"fid_inception": fid_reference}, outputs, reference_rows,
+                     cache, outputs, reference_rows,
                      on_row=lambda done: write_report(out_dir, {**header, "complete": False},
                                                       done))
     report = write_report(out_dir, {**header, "complete": True}, rows)

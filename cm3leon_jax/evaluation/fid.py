@@ -17,6 +17,8 @@ is also computed on the project's own trained retrieval image encoder
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +34,7 @@ from scipy import linalg
 from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import inception
+from cm3leon_jax.train import params_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +122,21 @@ def load_statistics(path: str, key: dict | None = None) -> Statistics:
     return stats
 
 
+def content_digest(images: np.ndarray) -> str:
+    """16 hex digits of sha256 over the images' shape and bytes: the reference set itself,
+    so that cached statistics of other images (the same count and size) are refused."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(f"{images.dtype} {images.shape}\n".encode())
+    h.update(memoryview(images).cast("B"))
+    return h.hexdigest()[:16]
+
+
 def reference_statistics(cache_path: str | None, images: Callable[[], Any],
                          extract: Callable[[np.ndarray], np.ndarray],
                          key: dict | None = None) -> Statistics:
     """Statistics of a reference set, read from `cache_path` if it exists (and was computed
-    from what `key` describes: the set's size, image size and feature extractor), else
+    from what `key` describes: the images' digest, size and count, and the feature
+    extractor's weights), else
     computed from `images()` (called only then) and written there with `key`."""
     if cache_path and fs.exists(cache_path):
         return load_statistics(cache_path, key)
@@ -150,6 +163,13 @@ class InceptionFeatures:
         net = inception.FIDInception()
         self._fn = jax.jit(lambda v, x: net.apply(v, x))
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The weights' digest and the resize: what decides the features (cached statistics
+        of other weights are not these)."""
+        return params_checkpoint.fingerprint({"features": "fid_inception",
+                                              "resize": self.resize}, self.variables)
+
     def __call__(self, images: Any) -> np.ndarray:
         images = inception.check_images(images)
         if not len(images):
@@ -172,6 +192,10 @@ class EncoderFeatures:
 
     def __init__(self, encoder: Any):
         self.encoder = encoder
+
+    @property
+    def fingerprint(self) -> str | None:
+        return getattr(self.encoder, "fingerprint", None)
 
     def __call__(self, images: Any) -> np.ndarray:
         return self.encoder.embed_images(list(inception.check_images(images)))

@@ -122,5 +122,11 @@ def convert(state_dict: Mapping[str, Any]) -> dict:
 
 def load(path: str) -> dict:
     """pytorch-fid's `pt_inception-2015-12-05-*.pth` (or an .npz of its state dict) ->
-    the variables of `inception.FIDInception`."""
-    return convert(_read(path))
+    the variables of `inception.FIDInception`; weights of another network are refused
+    naming the file."""
+    state = _read(path)
+    try:
+        return convert(state)
+    except ValueError as e:
+        raise UserInputError(f"Inception weights {path!r} are not pytorch-fid's FID Inception: "
+                             f"{e} Give pt_inception-2015-12-05-6726825d.pth.") from None

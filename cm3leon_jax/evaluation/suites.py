@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cm3leon_jax import fs
+from cm3leon_jax import images as images_lib
 from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
 from cm3leon_jax.errors import MissingInputError, UserInputError
 
@@ -131,15 +132,43 @@ def _read_json(path: str, what: str) -> dict:
         return json.load(f)
 
 
-def _load_image(path: str, image_size: int) -> np.ndarray:
-    """An image file -> uint8[s, s, 3]: center square crop, bicubic resize."""
+# Below this side an image holds no scene to grade (a 1x1 file resizes to a flat square).
+MIN_IMAGE_SIDE = 8
+
+
+def _load_image(path: str, image_size: int, named_by: str) -> np.ndarray:
+    """An image file -> uint8[s, s, 3]: its pixels as RGB (`images.pil_rgb`: 16-bit scaled,
+    transparency over white), center square crop, bicubic resize. `named_by`: the entry and
+    the binding that name it, for the errors."""
     if not fs.exists(path):
-        raise MissingInputError(f"image {path!r} (named by the annotations) does not exist.")
-    im = PILImage.open(io.BytesIO(fs.read_bytes(path))).convert("RGB")
+        raise MissingInputError(f"image {path!r} ({named_by}) does not exist: check the "
+                                "image folder binding, or remove the entry.")
+    im = images_lib.pil_rgb(PILImage.open(io.BytesIO(fs.read_bytes(path))))
+    if min(im.size) < MIN_IMAGE_SIDE:
+        raise UserInputError(f"image {path!r} ({named_by}) is {im.size[0]}x{im.size[1]} "
+                             f"pixels, under {MIN_IMAGE_SIDE}: not an image to evaluate on; "
+                             "remove the entry.")
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
     im = im.crop((left, top, left + side, top + side))
     return np.asarray(im.resize((image_size, image_size), PILImage.BICUBIC))
+
+
+def _captions_by_image(data: dict, path: str) -> dict:
+    """{image id: [caption, ...]} of a COCO captions file; an instances (boxes) or other
+    COCO file is refused naming what it holds."""
+    by_image: dict = {}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(
+                ann.get("caption"), str):
+            holds = sorted(ann) if isinstance(ann, dict) else ann
+            kind = ("an instances (boxes) file" if isinstance(ann, dict) and "bbox" in ann
+                    else "not a captions file")
+            raise UserInputError(f"coco_suite.captions_json {path!r} is {kind}: its "
+                                 f"annotations hold {holds!r}, not {{image_id, caption}}; "
+                                 "give captions_*.json.")
+        by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    return by_image
 
 
 @gin.configurable
@@ -156,19 +185,24 @@ def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
         if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
             raise UserInputError(f"{captions_json!r} is not a COCO captions file: it needs "
                              "'images' and 'annotations'.")
-        by_image: dict = {}
-        for ann in data["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        by_image = _captions_by_image(data, captions_json)
+        if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
+            raise UserInputError(f"coco_suite.max_images={max_images!r}: give a whole number "
+                                 ">= 2 (FID needs two images), or None for all.")
         images = [im for im in data["images"] if by_image.get(im["id"])][:max_images]
         if len(images) < 2:
-            raise ValueError(f"{captions_json!r}: fewer than 2 images with captions.")
+            raise UserInputError(f"coco_suite.captions_json {captions_json!r}: "
+                                 f"{len(images)} image(s) with captions; FID and captioning "
+                                 "need at least 2.")
         if max_images and len(images) < max_images:
             logging.warning("coco_suite: %s has %d captioned images, fewer than max_images=%d; "
                             "every FID of this run is over %d images (fid_n in each row), not "
                             "comparable with FID-%d.", captions_json, len(images), max_images,
                             len(images), max_images)
-        pixels = np.stack([_load_image(os.path.join(image_dir, im["file_name"]), image_size)
-                           for im in images])
+        pixels = np.stack([_load_image(
+            os.path.join(image_dir, im["file_name"]), image_size,
+            f"image id {im['id']} of {captions_json!r}, under coco_suite.image_dir")
+            for im in images])
         refs = [by_image[im["id"]] for im in images]
         ids = [im["id"] for im in images]
         suite = Suite(f"coco_{os.path.basename(captions_json)}_{len(images)}")
@@ -192,14 +226,27 @@ def vqav2_suite(questions_json: str = gin.REQUIRED, annotations_json: str = gin.
         questions = _read_json(questions_json, "VQAv2 questions file").get("questions")
         anns = _read_json(annotations_json, "VQAv2 annotations file").get("annotations")
         if not questions or anns is None:
-            raise ValueError("VQAv2 files need 'questions' and 'annotations' lists.")
+            raise UserInputError(
+                f"vqav2_suite.questions_json {questions_json!r} needs a 'questions' list and "
+                f"vqav2_suite.annotations_json {annotations_json!r} an 'annotations' list "
+                "(the two official files; swapped?).")
+        if max_questions is not None and (not isinstance(max_questions, int)
+                                          or max_questions < 1):
+            raise UserInputError(f"vqav2_suite.max_questions={max_questions!r}: give a whole "
+                                 "number >= 1, or None for all.")
         answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
         questions = [q for q in questions if q["question_id"] in answers][:max_questions]
+        if not questions:
+            raise UserInputError(f"vqav2_suite: no question of {questions_json!r} has answers "
+                                 f"in {annotations_json!r}; give the annotations of the same "
+                                 "split.")
         cache: dict = {}
         for q in questions:
             if q["image_id"] not in cache:
                 path = os.path.join(image_dir, image_pattern.format(image_id=q["image_id"]))
-                cache[q["image_id"]] = _load_image(path, image_size)
+                cache[q["image_id"]] = _load_image(
+                    path, image_size, f"image id {q['image_id']} of question "
+                    f"{q['question_id']}, under vqav2_suite.image_dir")
         task = Task([q["question"] for q in questions],
                     np.stack([cache[q["image_id"]] for q in questions]),
                     references=[answers[q["question_id"]] for q in questions],

@@ -147,6 +147,44 @@ def _write_fixtures(root, images):
         (root / name).write_text(json.dumps(data))
 
 
+def test_coco_and_vqav2_files_a_suite_cannot_use_are_named(tmp_path):
+    """Each was a traceback (KeyError, ValueError) or, for the images, silently wrong: a
+    16-bit grayscale file read as white, a 1x1 file as a flat square."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    _write_fixtures(tmp_path, images)
+    coco = json.loads((tmp_path / "captions.json").read_text())
+
+    def built(data=None, max_images=None):
+        if data is not None:
+            (tmp_path / "c.json").write_text(json.dumps(data))
+        path = str(tmp_path / ("c.json" if data is not None else "captions.json"))
+        return suites.coco_suite(path, str(tmp_path / "val2014"), max_images=max_images)(32)
+
+    instances = {**coco, "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4],
+                                          "category_id": 1}]}
+    missing = {**coco, "images": coco["images"] + [{"id": 9, "file_name": "gone.jpg"}],
+               "annotations": coco["annotations"] + [{"image_id": 9, "caption": "c"}]}
+    for kwargs, match in (({"data": instances}, "is an instances \\(boxes\\) file"),
+                          ({"max_images": 1}, "coco_suite.max_images=1: give a whole number"),
+                          ({"data": missing}, "gone.jpg' \\(image id 9 of "
+                                              ".*coco_suite.image_dir\\) does not exist")):
+        with pytest.raises(UserInputError, match=match):
+            built(**kwargs)
+    second = tmp_path / "val2014" / "COCO_val2014_000000000002.jpg"
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(second)
+    with pytest.raises(UserInputError, match="is 1x1 pixels, under 8"):
+        built()
+    gray = (np.arange(40 * 48).reshape(40, 48) * 20).astype(np.uint16)  # 0 .. 38380
+    Image.fromarray(gray).save(second.with_suffix(".png"))
+    data = {**coco, "images": [coco["images"][0], {"id": 2, "file_name":
+                                                    "COCO_val2014_000000000002.png"}]}
+    read = built(data).captioning.images[1]
+    assert 0 < read.mean() < 200 and read.std() > 10  # Scaled to 8 bits, not all white.
+    with pytest.raises(UserInputError, match="swapped"):
+        suites.vqav2_suite(str(tmp_path / "answers.json"), str(tmp_path / "questions.json"),
+                           str(tmp_path / "val2014"))(32)
+
+
 def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_tokenizer, tmp_path,
                                                           monkeypatch):
     vocab = MultimodalVocabulary(eval_files["vocab"])
@@ -206,6 +244,57 @@ def test_fid_reference_statistics_say_what_they_are_of(tmp_path, caplog):
     (tmp_path / "ref.npz").write_bytes(b"PK\x03\x04 half a file")
     with pytest.raises(ValueError, match="unreadable.*delete the file"):
         fid.load_statistics(path, key)
+
+
+class _Pixels:
+    """A stand-in feature extractor: a few pixels as features, `fingerprint` its weights."""
+
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint
+
+    def __call__(self, images):
+        return images.reshape(len(images), -1)[:, :4].astype(np.float64)
+
+
+def test_cached_reference_statistics_of_other_images_or_weights_are_refused(tmp_path):
+    """The cache's key named only the suite, the counts and the sizes: statistics of other
+    images of the same count (another image_dir) or of other Inception weights were used
+    without a word."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    cache = {"fid_inception": str(tmp_path / "ref.npz")}
+
+    def references(pixels, weights):
+        ctx = SimpleNamespace(features={"fid_inception": _Pixels(weights)}, references={})
+        suite = SimpleNamespace(name="coco_6", text_to_image=SimpleNamespace(
+            reference_images=pixels))
+        eval_run._references(ctx, suite, cache)
+        return ctx.references["fid_inception"]
+
+    first = references(images, "w1")
+    np.testing.assert_array_equal(references(images.copy(), "w1").mu, first.mu)  # Reused.
+    for pixels, weights in ((images[::-1], "w1"), (images, "w2")):
+        with pytest.raises(UserInputError, match="were computed from .* not this run's"):
+            references(pixels, weights)
+
+
+def test_an_overwrite_keeps_the_earlier_eval_when_the_cached_statistics_are_refused(
+        eval_files, image_tokenizer, tmp_path, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    _write_fixtures(tmp_path, images)
+    coco = suites.coco_suite(str(tmp_path / "captions.json"), str(tmp_path / "val2014"))(32)
+    fid.save_statistics(str(tmp_path / "ref.npz"), fid.Statistics(np.zeros(4), np.eye(4)),
+                        {"suite": "another"})
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.md").write_text("the earlier run's report")
+    monkeypatch.setattr(eval_run, "_features", lambda *a: {"fid_inception": _Pixels("w")})
+    gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
+                    image_tokenizer, batch_size=4)
+    with pytest.raises(UserInputError, match="were computed from"):
+        eval_run.evaluate_generator(gen, str(out), suite=lambda size: coco, caption_metrics=(),
+                                    fid_reference=str(tmp_path / "ref.npz"), overwrite=True)
+    assert (out / "report.md").read_text() == "the earlier run's report"
 
 
 def test_bad_settings_are_named(eval_files, tmp_path):
