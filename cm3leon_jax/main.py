@@ -40,6 +40,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
@@ -71,8 +72,8 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     demo's folder); a folder whose config.gin
     another mode wrote is refused for every mode. A run whose checkpoints (or, for
     the demo, stages) were built by another config (ModelDirMismatchError) leaves config.gin
-    as it found it; so does any other refusal (UserInputError) of a rerun of a trained run
-    that saved no new checkpoint. With several
+    as it found it; so does any other refusal (UserInputError) of a run that wrote nothing
+    there (a folder it made for the config is removed again). With several
     processes, process 0 alone writes it (the job is joined first).
     """
     # First: the checks below may read checkpoints (an export's reads its image tokenizer's
@@ -83,7 +84,7 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
         check(model_dir)
     run_config.check_same_mode(model_dir, _mode_name(mode))
     # One writer: the processes of a pod would otherwise rename one another's config.gin.
-    undo, failure = None, None
+    undo, failure, created = None, None, not fs.exists(model_dir)
     if not jax.distributed.is_initialized() or jax.process_index() == 0:
         try:
             undo = run_config.write_undoable(model_dir)[1]
@@ -92,7 +93,7 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
     if not distributed.all_agree(failure is None):
         raise failure or UserInputError(f"process 0 could not write {model_dir}/config.gin: "
                                         "its log says why.")
-    saved = _saved_steps(model_dir)
+    saved, entries = _saved_steps(model_dir), _entries(model_dir)
     try:
         return mode(model_dir=model_dir)
     except ModelDirMismatchError:
@@ -101,11 +102,23 @@ def run(mode: Callable[..., object] = gin.REQUIRED,
             undo()
         raise
     except UserInputError:
-        # Any other refusal of a rerun that saved nothing: its checkpoints belong to the
-        # earlier config.gin (a size they do not have must not stay recorded beside them).
-        if undo is not None and saved and _saved_steps(model_dir) == saved:
+        # Any other refusal of a run that wrote nothing (no new entry in MODEL_DIR, no new
+        # checkpoint): what is there belongs to the earlier config.gin (a size its
+        # checkpoints do not have, a dtype its export was not written in, must not stay
+        # recorded beside them), and a folder this run made is removed again.
+        if undo is not None and _saved_steps(model_dir) == saved and (
+                _entries(model_dir) == entries):
             undo()
+            if created and not fs.listdir(model_dir):
+                fs.rmtree(model_dir)
         raise
+
+
+def _entries(model_dir: str) -> list[str]:
+    """What MODEL_DIR holds besides its config files (config.gin, config.<n>.gin)."""
+    names = fs.listdir(model_dir) if fs.isdir(model_dir) else []
+    return sorted(n.rstrip("/") for n in names
+                  if not re.fullmatch(r"config(\.\d+)?\.gin", n.rstrip("/")))
 
 
 def _saved_steps(model_dir: str) -> list[str]:

@@ -153,7 +153,17 @@ def _chameleon_ids_vocab(path: str, hf: dict[str, Any]):
     layout: tokenizer.json with IMGIMG tokens, no cm3leon_vocab/): the vocabulary mapping
     onto our layout (`chameleon_vocab.py`), or None for a folder of ours."""
     tokenizer = f"{path}/tokenizer.json"
-    if hf.get("model_type") != "chameleon" or not fs.exists(tokenizer):
+    if hf.get("model_type") != "chameleon":
+        return None
+    if not fs.exists(tokenizer):
+        # transformers' record of Chameleon's own ids maps text pieces too; the one our
+        # exports write names only image codes (IMGIMG...Z) and <image>.
+        names = hf.get("vocabulary_map") or {}
+        if any(not (k == "<image>" or k.startswith("IMGIMG")) for k in names):
+            raise UserInputError(
+                f"{path} is a Chameleon folder in Chameleon's own token ids (config.json has "
+                "a vocabulary_map) without its tokenizer.json, which says how those ids map "
+                "onto ours: put the tokenizer.json it was released with beside the weights.")
         return None
     from cm3leon_jax.export import chameleon_vocab
     model = read_json(tokenizer).get("model")

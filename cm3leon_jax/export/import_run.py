@@ -101,14 +101,21 @@ def import_weights(model_dir: str, *, source: str = gin.REQUIRED, layout: str = 
         image_tokenizer=tokenizer, overwrite=overwrite,
         extra={"imported_from": layout})
     print(f"[import_weights] {source} -> {output_dir} ({config.param_dtype})", flush=True)
+    if not (extras.get("vocab_dir") or extras.get("write_vocab")):
+        print(f"[import_weights] warning: {source} carries no vocabulary (no "
+              "cm3leon_vocab/, no Chameleon tokenizer.json), so the export has none: give "
+              "generate and eval the vocab_dir of the data the model was trained on.",
+              flush=True)
     return manifest
 
 
 def _preflight(model_dir: str) -> None:
     """Before main.run writes config.gin there: refuses a MODEL_DIR that is, holds or lies
-    inside the source, and a dtype the export cannot store."""
+    inside the source, an output_dir that is or holds MODEL_DIR, and a dtype the export
+    cannot store."""
     bindings = gin.get_bindings(import_weights)
     params_export.check_dtype(bindings.get("dtype"), "import_weights")
+    params_export.check_output_dir(bindings.get("output_dir"), model_dir, "import_weights")
     source = bindings.get("source")
     if isinstance(source, str):  # Not yet bound (gin.REQUIRED): the run itself says so.
         run_config.check_apart(model_dir, "import", {"import_weights.source": source})

@@ -247,6 +247,18 @@ def _check_folders(vocab_dir: str | None, image_tokenizer_dir: str | None) -> No
                                     "to copy into the export, or None to leave it out.")
 
 
+def check_output_dir(output_dir: Any, model_dir: str, mode: str) -> None:
+    """Refuses an `output_dir` that is or holds MODEL_DIR (where the run's config.gin goes);
+    one inside it is fine (the default is MODEL_DIR/<mode>)."""
+    if isinstance(output_dir, str) and fs.overlap(output_dir, model_dir) and not (
+            fs.abspath(output_dir).startswith(fs.abspath(model_dir).rstrip("/") + "/")):
+        default = "export" if mode == "export" else "import"
+        raise UserInputError(
+            f"{mode}.output_dir {output_dir!r} is or holds this run's MODEL_DIR {model_dir!r} "
+            "(where its config.gin goes): give the output a folder of its own, or leave "
+            f"output_dir unset for MODEL_DIR/{default}.")
+
+
 def _preflight(model_dir: str) -> None:
     """Refuses a MODEL_DIR that is, holds or lies inside the checkpoint's run, and (before
     main.run writes config.gin there) a model the 'hf' layout cannot express, a vocabulary
@@ -254,14 +266,10 @@ def _preflight(model_dir: str) -> None:
     bindings = gin.get_bindings(export)
     check_dtype(bindings.get("dtype"))
     checkpoint = bindings.get("checkpoint")
-    run_config.check_apart(model_dir, "export", {"export.checkpoint": checkpoint})
-    output_dir = bindings.get("output_dir")
-    if isinstance(output_dir, str) and fs.overlap(output_dir, model_dir) and not (
-            fs.abspath(output_dir).startswith(fs.abspath(model_dir).rstrip("/") + "/")):
-        raise UserInputError(
-            f"export.output_dir {output_dir!r} is or holds this run's MODEL_DIR {model_dir!r} "
-            "(where its config.gin goes): give the export a folder of its own, or leave "
-            "output_dir unset for MODEL_DIR/export.")
+    run_config.check_apart(model_dir, "export", {
+        f"export.{name}": bindings.get(name) if isinstance(bindings.get(name), str) else None
+        for name in ("checkpoint", "vocab_dir", "image_tokenizer_dir")})
+    check_output_dir(bindings.get("output_dir"), model_dir, "export")
     if bindings.get("config") is not None or not isinstance(checkpoint, str):
         return  # The model is a gin reference until the run builds it: the run checks.
     if bindings.get("layout") == "hf":

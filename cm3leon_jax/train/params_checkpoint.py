@@ -52,8 +52,9 @@ VERSION = 1
 PARAMS, VOCAB, IMAGE_TOKENIZER = "params", "vocab", "image_tokenizer"
 
 
-class CorruptExportError(ValueError):
-    """A file of an export is missing or does not match the manifest's sha256."""
+class CorruptExportError(UserInputError):
+    """A file of an export is missing or does not match the manifest's sha256: the user's
+    copy to mend (one `error:` line, exit status 2), not a bug."""
 
 
 def config_to_dict(config: DecoderConfig) -> dict[str, Any]:

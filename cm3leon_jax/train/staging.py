@@ -51,16 +51,18 @@ def check_target(path: str, overwrite: bool, reads: dict[str, str | None] | None
             raise UserInputError(
                 f"the output folder {path!r} is, holds or lies inside {name} {source!r}, which "
                 "this run reads: choose an output folder apart from it.")
+    if fs.isdir(path) and not fs.listdir(path):
+        return path  # An empty folder holds nothing to lose.
     if fs.exists(path):
-        if not overwrite:
-            raise UserInputError(
-                f"{path!r} already exists; choose another output folder or set overwrite=True "
-                "(export.overwrite / import_weights.overwrite) to replace it.")
         if not any(_holds(path, m) for m in markers):
             raise UserInputError(
                 f"{path!r} exists and is not an export (it holds no {' or '.join(markers)}"
                 "): overwrite=True replaces only an earlier export; choose another output "
                 "folder.")
+        if not overwrite:
+            raise UserInputError(
+                f"{path!r} holds an earlier export; choose another output folder or set "
+                "overwrite=True (export.overwrite / import_weights.overwrite) to replace it.")
     return path
 
 

@@ -236,3 +236,59 @@ def test_the_recorded_vocabulary_is_checked_and_carried_into_the_export(
     export_dir = str(tmp_path / "export")
     assert restore.vocabulary_mismatch(export_dir, vocab) is None
     assert "fingerprint " + vocab.fingerprint in restore.vocabulary_mismatch(export_dir, other)
+
+
+def test_a_refused_rerun_leaves_config_gin_and_the_folders_it_reads_as_they_were(
+        train_run, vocab_dir, tmp_path, capsys):
+    """A rerun refused for its existing export (another dtype) left its own settings in
+    config.gin beside the earlier export; MODEL_DIR = export.vocab_dir got a config.gin in
+    the vocabulary; import.output_dir = MODEL_DIR advised overwrite=True, then refused it."""
+    model_dir = tmp_path / "run"
+
+    def run(*bindings, gin_file="export"):
+        argv = [f"--gin_file=gin_configs/runs/{gin_file}.gin", *bindings]
+        try:
+            return main.main(argv)
+        finally:
+            gin.clear_config()
+
+    common = [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.export.checkpoint='{train_run[0]}'",
+              f"--gin.export.vocab_dir='{vocab_dir}'", "--gin.export.image_tokenizer_dir=None"]
+    assert run(*common, "--gin.export.dtype='bfloat16'") == 0
+    config = (model_dir / "config.gin").read_text()
+    assert run(*common, "--gin.export.dtype='float32'") == 2
+    assert "holds an earlier export; choose another output folder or set overwrite=True" in (
+        capsys.readouterr().err)
+    assert (model_dir / "config.gin").read_text() == config
+    assert sorted(os.listdir(model_dir)) == ["config.gin", "export"]
+    before = sorted(os.listdir(vocab_dir))
+    assert run(f"--gin.MODEL_DIR='{vocab_dir}'", *common[1:]) == 2
+    assert "is, holds or lies inside export.vocab_dir" in capsys.readouterr().err
+    assert sorted(os.listdir(vocab_dir)) == before
+    fresh = tmp_path / "fresh"
+    assert run(f"--gin.MODEL_DIR='{fresh}'", f"--gin.import_weights.source='{model_dir}/export'",
+               f"--gin.import_weights.output_dir='{fresh}'", gin_file="import") == 2
+    assert "import_weights.output_dir" in capsys.readouterr().err and not fresh.exists()
+    # An empty output folder is written into; a damaged export is one error line.
+    (tmp_path / "empty").mkdir()
+    assert run(f"--gin.MODEL_DIR='{tmp_path}/again'", *common[1:],
+               f"--gin.export.output_dir='{tmp_path}/empty'") == 0
+    victim = sorted((tmp_path / "empty").rglob("*.json"))[-1]
+    victim.write_text(victim.read_text() + " ")
+    assert run(f"--gin.MODEL_DIR='{tmp_path}/imported'",
+               f"--gin.import_weights.source='{tmp_path}/empty'", gin_file="import") == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_a_chameleon_folder_in_its_own_ids_without_its_tokenizer_is_refused(tmp_path):
+    """It imported with its token rows where Chameleon has them, read as our ids."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "chameleon", "vocabulary_map": {"<s>": 0, "IMGIMGBAZ": 4}}))
+    with pytest.raises(UserInputError, match="Chameleon's own token ids .* without its "
+                                             "tokenizer.json"):
+        hf_import._chameleon_ids_vocab(str(folder), json.loads(
+            (folder / "config.json").read_text()))
+    ours = {"model_type": "chameleon", "vocabulary_map": {"<image>": 4, "IMGIMGBAZ": 5}}
+    assert hf_import._chameleon_ids_vocab(str(folder), ours) is None

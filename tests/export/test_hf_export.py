@@ -148,7 +148,7 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
     (out / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
     with pytest.raises(ValueError, match="config.json: model_type 'llama'"):
         hf_import.read_hf(str(out))
-    with pytest.raises(UserInputError, match="already exists"):
+    with pytest.raises(UserInputError, match="holds an earlier export"):
         hf_export.write_hf(str(out), config, random_params(config))
     with pytest.raises(UserInputError, match=r"config.json: \['hidden_size'\] missing"):
         hf_import.config_from_hf({k: v for k, v in cfg.items() if k != "hidden_size"},

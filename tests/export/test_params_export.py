@@ -100,7 +100,7 @@ def test_decode_restore_reads_an_export(train_run, tmp_path):
 def test_refuses_to_overwrite_and_leaves_nothing_half_written(train_run, vocab_dir, tmp_path):
     out = tmp_path / "export"
     _export(train_run, out)
-    with pytest.raises(UserInputError, match="already exists.*overwrite=True"):
+    with pytest.raises(UserInputError, match="holds an earlier export.*overwrite=True"):
         _export(train_run, out)
     with pytest.raises(FileNotFoundError, match="no_such_vocab"):
         _export(train_run, out, overwrite=True, vocab_dir=str(tmp_path / "no_such_vocab"))
