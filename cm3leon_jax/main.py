@@ -199,9 +199,27 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
         gin.parse_config_files_and_bindings(gin_files, bindings,
                                             finalize_config=finalize)
     except (ValueError, IOError, SyntaxError, ImportError) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(_unquoted(bindings) or _first_line(e)) from None
     finally:
         root.setLevel(level)
+
+
+# A value gin cannot read that a user meant as a string: a bare word or path.
+_BARE = re.compile(r"[A-Za-z_./~][\w./:~+-]*")
+
+
+def _unquoted(bindings: Sequence[str]) -> str | None:
+    """The error for the first binding whose value is a bare word or path (`float32`,
+    `runs/x`): gin reads values as Python literals (its own `@` references and `%` macros
+    aside), so a string needs quotes; None if no binding looks so."""
+    for binding in bindings:
+        key, _, value = binding.partition("=")
+        value = value.strip()
+        if _BARE.fullmatch(value) and value not in ("True", "False", "None"):
+            return (f"--gin.{key.strip()}={value}: gin reads values as Python literals and "
+                    f"{value} is not one; a string needs quotes: "
+                    f"--gin.{key.strip()}=\"'{value}'\"")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -181,6 +181,26 @@ def _chameleon_ids_vocab(path: str, hf: dict[str, Any]):
         return chameleon_vocab.build(f.read(), side * side, tokenizer)
 
 
+# config.json's sizes that our record (cm3leon_export.json) decides too.
+_SIZES = {"vocab_size": "vocab_size", "hidden_size": "d_model",
+          "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+          "num_key_value_heads": "kv_heads", "ffn_dim": "mlp_dim",
+          "intermediate_size": "mlp_dim", "max_position_embeddings": "max_length"}
+
+
+def _check_sizes_agree(hf: dict[str, Any], config: DecoderConfig, hf_path: str,
+                       ours: str) -> None:
+    """A folder whose config.json and our record disagree on a size (one edited, or weights
+    of another model put beside the record) is refused naming both: transformers reads the
+    one, this import the other."""
+    for key, field in _SIZES.items():
+        if key in hf and hf[key] != getattr(config, field):
+            raise UserInputError(
+                f"{hf_path} says {key}={hf[key]!r} and {ours} says {field}="
+                f"{getattr(config, field)!r}: the two records of one model disagree; export "
+                "the model again, or remove the one that is not the weights'.")
+
+
 def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
     """(config, params, extras) of a HF folder; extras: vocab_dir, image_tokenizer, step."""
     path = path.rstrip("/")
@@ -194,6 +214,7 @@ def read_hf(path: str) -> tuple[DecoderConfig, Any, dict[str, Any]]:
             raise UserInputError(f"{ours} holds no decoder_config: not a cm3leon-jax export's "
                                  "record (cut short?); export the model again.")
         config = pc.config_from_dict(meta["decoder_config"], ours)
+        _check_sizes_agree(hf, config, f"{path}/{hf_export.CONFIG}", ours)
     else:
         config = config_from_hf(hf, f"{path}/{hf_export.CONFIG}")
         if not fs.isdir(f"{path}/{hf_export.VOCAB}"):

@@ -150,3 +150,15 @@ def test_a_config_value_that_cannot_work_is_one_line_and_status_2(tmp_path, caps
     assert errors == ["error: DecoderConfig: d_model=64 is not divisible by num_heads=3; set "
                       "head_dim explicitly."]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unquoted_string_value_names_the_binding_and_the_quotes(tmp_path, capsys):
+    """gin said "malformed node or string on line 1: <ast.Name object at 0x...>" or "Unable
+    to parse value. (line 4)"."""
+    for binding in ("generate.checkpoint=runs/demo/pretrain", "generate.vocab_dir=vocab"):
+        code, errors = _main(capsys, *_generate(tmp_path, binding))
+        key, value = binding.split("=")
+        assert code == 2 and errors == [
+            f"error: --gin.{binding}: gin reads values as Python literals and {value} is not "
+            f"one; a string needs quotes: --gin.{key}=\"'{value}'\""], errors
+    assert not (tmp_path / "out").exists()

@@ -136,6 +136,13 @@ def test_bad_folders_name_the_file_and_tensor(tmp_path):
     config = tiny_config()
     out = tmp_path / "hf"
     hf_export.write_hf(str(out), config, random_params(config))
+    # config.json edited away from our record: the two are named (it imported silently).
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(UserInputError, match="num_hidden_layers=3 .* num_layers=2: the two "
+                                             "records of one model disagree"):
+        hf_import.read_hf(str(out))
+    (out / "config.json").write_text(json.dumps(cfg))
     tensors = fs.read_safetensors(str(out / "model.safetensors"))
     tensors["model.decoder.layers.1.fc1.weight"] = np.zeros((3, 64), np.float32)
     hf_export.write_safetensors(str(out / "model.safetensors"), tensors)
