@@ -189,6 +189,11 @@ def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
         if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
             raise UserInputError(f"coco_suite.max_images={max_images!r}: give a whole number "
                                  ">= 2 (FID needs two images), or None for all.")
+        listed = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+        orphans = sum(len(c) for i, c in by_image.items() if i not in listed)
+        if orphans:
+            logging.warning("coco_suite: %d caption(s) of %s name image ids its 'images' list "
+                            "does not hold; left out.", orphans, captions_json)
         images = [im for im in data["images"] if by_image.get(im["id"])][:max_images]
         if len(images) < 2:
             raise UserInputError(f"coco_suite.captions_json {captions_json!r}: "

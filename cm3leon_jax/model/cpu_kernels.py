@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
+
 MAX_ROWS = 16  # wider products go through XLA's dot: they are not bound by the weights' read
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
@@ -66,6 +68,11 @@ _TARGETS = {("matvec", jnp.dtype(jnp.float32)): "Cm3leonMatVecF32",
 
 class KernelUnavailableError(RuntimeError):
     """The CPU kernels cannot be built here (no C++ compiler, or it failed on the source)."""
+
+
+class NoCompilerError(KernelUnavailableError, UserInputError):
+    """No C++ compiler to build the kernels: the host's setup to mend, or the kernels to
+    leave off (one `error:` line naming both, exit status 2), not a bug."""
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],
@@ -292,7 +299,7 @@ def _library() -> ctypes.CDLL:
     """Compile cpu_kernels.cc once per (source, compiler, jaxlib, CPU); load it."""
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
-        raise KernelUnavailableError(
+        raise NoCompilerError(
                 f"cpu_kernels: no C++ compiler ({compiler!r}, from $CXX or the default g++) to "
                 f"build {os.path.basename(_SOURCE)}; install one (Debian: apt install g++) or "
                 "leave the kernels off: DecoderConfig.attention_impl = \"chunked\" to train, "

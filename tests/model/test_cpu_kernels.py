@@ -16,6 +16,7 @@ import pytest
 
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import sampler
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.model.decoding import DecoderStep
 from tests.model.model_testlib import random_params, tiny_config
@@ -84,8 +85,9 @@ def test_without_a_compiler_the_error_says_how_to_get_one(monkeypatch, tmp_path)
     monkeypatch.setenv("CM3LEON_JAX_CACHE", str(tmp_path))
     cpu_kernels._library.cache_clear()
     try:
-        with pytest.raises(cpu_kernels.KernelUnavailableError, match="apt install g\\+\\+"):
+        with pytest.raises(cpu_kernels.KernelUnavailableError, match="apt install g\\+\\+") as e:
             cpu_kernels._library()
+        assert isinstance(e.value, UserInputError)  # One `error:` line from main, exit 2.
     finally:
         cpu_kernels._library.cache_clear()
 
