@@ -265,6 +265,12 @@ class Generator:
     def _image_codes(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
         # A jax array of codes is codes too (np.asarray: no copy on the host).
         arr = np.asarray(images) if isinstance(images, (np.ndarray, jax.Array)) else None
+        if arr is not None and arr.ndim == 2 and arr.dtype == np.uint8:
+            # uint8 is how pixels come; codes are int32 (ImageTokenizer.encode's).
+            raise UserInputError(
+                f"images is one uint8 array of shape {arr.shape}: one grayscale image, or "
+                f"image codes? Give pixels as a batch uint8[n, h, w, 3] (or a list of "
+                f"images), codes as int32[n, {self.layout.image_length}].")
         if arr is not None and arr.ndim == 2 and arr.dtype.kind in "iu":
             if arr.shape[1] != self.layout.image_length:
                 raise ValueError(f"image codes must be int[n, {self.layout.image_length}], "

@@ -20,6 +20,7 @@ when a row is finished (`stop`), so the same object keeps an image at exactly
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -162,6 +163,12 @@ def nucleus_threshold(keys: jax.Array, probs: jax.Array, p) -> jax.Array:
 
 # -- guidance: two streams in, one out ----------------------------------------------------
 
+def _check_finite(name: str, value: float) -> None:
+    """A guidance scale that is NaN or inf turns every score to NaN: no token allowed."""
+    if _given(value) and not math.isfinite(value):
+        raise ValueError(f"{name}={value}: a guidance scale must be a finite number.")
+
+
 @flax.struct.dataclass
 class ClassifierFreeGuidance:
     """`uncond + scale * (cond - uncond)` over [cond, uncond] streams (paper: scale 3-5).
@@ -171,6 +178,9 @@ class ClassifierFreeGuidance:
     """
 
     scale: float
+
+    def __post_init__(self):
+        _check_finite("ClassifierFreeGuidance.scale", self.scale)
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
         cond, uncond = _two_streams(scores, "ClassifierFreeGuidance")
@@ -294,6 +304,10 @@ class TwoScaleGuidance:
 
     image_scale: float = 1.5
     text_scale: float = 7.5
+
+    def __post_init__(self):
+        _check_finite("TwoScaleGuidance.image_scale", self.image_scale)
+        _check_finite("TwoScaleGuidance.text_scale", self.text_scale)
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
         if scores.ndim != 3 or scores.shape[0] != 3:

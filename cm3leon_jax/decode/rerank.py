@@ -1,6 +1,6 @@
 """Best-of-N text-to-image: draw N samples per prompt, keep the one CLIP scores best.
 
-    ranker = ClipRanker(DocumentEncoder.load("runs/demo/retrieval_encoder"))
+    ranker = ClipRanker(DocumentEncoder.load("runs/demo/retriever/encoder"))
     best = best_of(gen, captions, num_samples=8, ranker=ranker,
                    samplings=(SamplingConfig(top_p=0.9), SamplingConfig(guidance="cdk")))
     best.images.images        # uint8[n_prompts, s, s, 3], the kept sample of each prompt
@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from cm3leon_jax.errors import UserInputError
+
 Ranker = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
@@ -38,6 +40,9 @@ class ClipRanker:
 
     def scores(self, images: Any, captions: Sequence[str]) -> np.ndarray:
         """uint8[n, h, w, 3] and n captions -> f32[n]."""
+        if isinstance(captions, str):
+            raise UserInputError(f"captions is one string ({captions[:40]!r}); give a list, "
+                                 "one caption per image.")
         if len(images) != len(captions):
             raise ValueError(f"CLIP score needs one caption per image: {len(images)} images, "
                              f"{len(captions)} captions.")
@@ -88,6 +93,8 @@ def best_of(gen: Any, captions: Sequence[str], *, num_samples: int, ranker: Rank
     if num_samples < 1 or not samplings or chunk < 1:
         raise ValueError(f"best_of needs num_samples >= 1, at least one sampling config and "
                          f"chunk >= 1, got {num_samples}, {len(samplings)} and {chunk}.")
+    if isinstance(captions, str) or not len(captions):
+        raise UserInputError(f"best_of needs a non-empty list of captions, got {captions!r}.")
     kept = []
     for start in range(0, len(captions), chunk):
         negatives = (None if negative_captions is None

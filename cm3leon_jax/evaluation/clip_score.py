@@ -1,6 +1,6 @@
 """CLIP score: how well an image matches its caption, 100 * max(cos(image, text), 0).
 
-    scorer = ClipScorer.load("runs/demo/retrieval_encoder")   # or an OpenAI CLIP HF folder
+    scorer = ClipScorer.load("runs/demo/retriever/encoder")   # or an OpenAI CLIP HF folder
     s = scorer.scores(images, captions)                       # f32[n], one per pair
     scorer.score(images, captions)                            # their mean (the usual report)
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.retrieval.encoder import check_image, warn_truncated
+from cm3leon_jax.retrieval.encoder import check_batch, check_image, warn_truncated
 from cm3leon_jax.retrieval.retriever import SearchResult
 
 
@@ -89,6 +89,7 @@ class RetrievalClient:
         return out
 
     def search_texts(self, texts: Sequence[str], k: int | None = None) -> list[SearchResult]:
+        check_batch(texts=texts)
         texts, results = list(texts), []
         for start in range(0, len(texts), self.batch_size):  # The service's batch limit.
             results += self._post("/search/text",
@@ -99,6 +100,7 @@ class RetrievalClient:
     def search_images(
         self, images: Sequence[np.ndarray], k: int | None = None
     ) -> list[SearchResult]:
+        check_batch(images=images)
         out = []
         pngs = [encode_png(image, i) for i, image in enumerate(images)]  # all checked first
         for png in pngs:  # the service takes one PNG per request

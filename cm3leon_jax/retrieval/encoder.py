@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +81,20 @@ def warn_truncated(truncated: Sequence[bool], context: int | None = None) -> Non
             f"{context}-token " if context else "")
 
 
+def check_batch(images: Any = None, texts: Any = None) -> None:
+    """A batch, not one item: one image array of 3 dims (or 2) would be taken for a batch of
+    its rows, one string for a batch of its characters."""
+    if isinstance(texts, str):
+        raise UserInputError(f"texts is one string ({texts[:40]!r}); give a list of strings "
+                             "([text] for one).")
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        raise UserInputError(f"images is one array of shape {images.shape}; give a batch "
+                             "uint8[n, h, w, 3] or a list of images ([image] for one).")
+
+
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
     """uint8 images (any size) -> f32[b, size, size, 3], center-cropped, resized, normalized."""
+    check_batch(images=images)
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, im in enumerate(images):
         im = check_image(im, i)
@@ -163,6 +175,7 @@ class DocumentEncoder:
                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (f32[n, dim] unit vectors, bool[n] truncated: the text had more tokens
         than the context, so only its first context - 1 and its end were encoded)."""
+        check_batch(texts=texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise UserInputError(f"text {i} is {t!r}; give a non-empty string.")

@@ -1,7 +1,7 @@
 """Neighbors of every training document, precomputed in batch and stored beside the bank.
 
     precompute_neighbors(retriever, out_dir)      # one .npz per memory-bank shard
-    rows = load_neighbors(out_dir)                # int64[num_docs, k], -1 = none
+    rows, scores = load_neighbors(out_dir)        # int64[num_docs, k], -1 = none; f32 scores
     tokens, doc_ids = materialize(bank, rows[i])   # what goes into the training record
 
 Each document of the bank is the query for its own row: its query-dropout vector
@@ -73,5 +73,9 @@ def load_neighbors(out_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 def materialize(bank: MemoryBank, rows: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
     """One document's neighbor rows (int64[k], -1 = none) -> their token ids and doc ids."""
-    rows = [int(r) for r in np.asarray(rows).reshape(-1) if r >= 0]
+    rows = np.asarray(rows)
+    if rows.ndim != 1:
+        raise ValueError(f"materialize takes one document's neighbor rows (int64[k]), not "
+                         f"shape {rows.shape}: pass rows[i].")
+    rows = [int(r) for r in rows if r >= 0]
     return [bank.tokens(r) for r in rows], [str(d) for d in bank.doc_ids(np.array(rows, np.int64))]

@@ -30,7 +30,12 @@ from absl import logging
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval import index as index_lib
-from cm3leon_jax.retrieval.encoder import DocumentEncoder, cached_encoder, warn_truncated
+from cm3leon_jax.retrieval.encoder import (
+    DocumentEncoder,
+    cached_encoder,
+    check_batch,
+    warn_truncated,
+)
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.select import SelectionConfig, select
 
@@ -227,6 +232,7 @@ class Retriever:
         result says `truncated`, and the call logs one warning naming such texts (unless
         `warn_truncated_texts` is off: the service reports them in its answer instead)."""
         encoder = self._need_encoder()
+        check_batch(texts=texts)
         if not len(texts):
             return []
         vectors, truncated = encoder.encode_texts(texts)

@@ -93,3 +93,30 @@ def test_parts_of_different_seeds_draw_with_different_seeds():
     every = [x for seeds in drawn.values() for x in seeds]
     assert len(set(every)) == len(every), drawn  # seed + part: seed s's part 1 = s + 1's 0.
     assert seeds_of(5, 3) == drawn[5]  # Deterministic.
+
+
+def test_one_item_where_a_batch_belongs_is_named_not_split(gen, ranker, random_clip_encoder):
+    """An image array of 3 dims went into the encoder as a batch of its rows, a string as a
+    batch of its characters; a 2-D uint8 image into the Generator as image codes; an empty
+    caption list into best_of as an IndexError; a NaN guidance scale as all-<pad> images."""
+    from cm3leon_jax.decode import processors
+    from cm3leon_jax.errors import UserInputError
+    from cm3leon_jax.retrieval import neighbors
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(UserInputError, match=r"one array of shape \(16, 16, 3\).*\[image\]"):
+        random_clip_encoder.embed_images(image)
+    with pytest.raises(UserInputError, match="texts is one string .*\\[text\\] for one"):
+        random_clip_encoder.embed_texts("a red circle")
+    with pytest.raises(UserInputError, match="captions is one string"):
+        ranker.scores(image[None], "a red circle")
+    with pytest.raises(UserInputError, match="one grayscale image, or image codes"):
+        gen.image_to_text(np.zeros((16, 16), np.uint8), num_retrieved=0)
+    with pytest.raises(UserInputError, match="non-empty list of captions"):
+        rerank.best_of(gen, [], num_samples=2, ranker=ranker)
+    for bad in (processors.ClassifierFreeGuidance, lambda s: processors.TwoScaleGuidance(
+            text_scale=s)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            bad(float("nan"))
+    with pytest.raises(ValueError, match="pass rows\\[i\\]"):
+        neighbors.materialize(None, np.zeros((2, 3), np.int64))
