@@ -14,7 +14,7 @@ Trainer: a jit-compiled forward+backward step of the `small` decoder
 (`gin_configs/models/small.gin`) on the same batch shape, timed after compile.
 
 The pipeline must deliver >= 3x the tokens/s the step consumes. Prints a table
-and writes benchmarks/RESULTS_data_throughput.md.
+and prints its report (`--out=benchmarks/RESULTS_data_throughput.md` records it).
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--pipeline_steps", type=int, default=200)
     parser.add_argument("--trainer_steps", type=int, default=5)
-    parser.add_argument(
-        "--out", default=os.path.join(ROOT, "benchmarks/RESULTS_data_throughput.md")
-    )
+    parser.add_argument("--out", default=None,
+                        help="also write the report here (the recorded one: "
+                        "benchmarks/RESULTS_data_throughput.md); default: print only")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.data_dir, "manifest.json")):
         sys.exit(f"no tokenized corpus in {args.data_dir}: run `make demo` first "
@@ -158,8 +158,9 @@ def main() -> None:
         f"Host load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: "
         "other jobs on the 2 cores slow both rows.", ""])
     print(text)
-    with open(args.out, "w") as f:
-        f.write(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

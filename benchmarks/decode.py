@@ -420,7 +420,7 @@ def profile_part(args, top: int = 64) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=reporting.at_least_one, default=3)
     parser.add_argument("--parts", default="main,kernel,bf16,cfg,sort,choice,image,prefill")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)

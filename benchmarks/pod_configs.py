@@ -33,7 +33,7 @@ PEAK = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
 
 def topology(path: str) -> str:
     """The `# Topology: v5p:4x4x8 ...` of a pod file's header."""
-    with open(path) as f:
+    with open(os.path.join(REPO, path)) as f:  # Repository-relative, from any folder.
         m = re.search(r"^# Topology: (\S+)", f.read(), re.M)
     if not m:
         raise ValueError(f"{path}: no '# Topology: <generation>:<AxBxC>' line in its header")

@@ -66,3 +66,15 @@ def xla_op_times(fn: Callable[[], object], calls: int
             times[e["name"]] += e["dur"]
             counts[e["name"]] += 1
     return times, counts
+
+
+def at_least_one(text: str) -> int:
+    """argparse type of a count of trials or rounds: a whole number >= 1 (0 has no median)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1 (a median needs a trial)")
+    return value

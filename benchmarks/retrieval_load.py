@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results_retrieval_load.json")
+    ap.add_argument("--out", default=None, help="also write the JSON report here (the "
+                    "recorded one: benchmarks/results_retrieval_load.json); default: print only")
     args = ap.parse_args()
 
     bank = MemoryBank(os.path.join(args.retrieval_dir, "memory_bank"))
@@ -52,8 +53,9 @@ def main() -> None:
             r = load_test.run_load(server.url, make, args.concurrency, args.seconds)
             report["workloads"][name] = r
             print(name, json.dumps({k: v for k, v in r.items() if "examples" not in k}), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
     bad = {n: (r["errors"], r["lost"], r["unaccounted"]) for n, r in report["workloads"].items()
            if r["errors"] or r["lost"] or r["unaccounted"]}
     print("zero errors and zero lost requests" if not bad else f"FAILURES: {bad}")

@@ -55,7 +55,7 @@ def make_step(cfg: clip.ClipConfig, steps: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=reporting.at_least_one, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per kernel per round")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--json", default="", help="also write the result here")

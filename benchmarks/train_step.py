@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=reporting.at_least_one, default=5)
     parser.add_argument("--warmup", type=int, default=4,
                         help="untimed steps of each framework first (at least 1: the compile)")
     parser.add_argument("--microbatches", type=int, default=1)

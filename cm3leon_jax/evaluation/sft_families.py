@@ -62,7 +62,9 @@ def generate(gen: Any, family: str, examples: Sequence[SftExample], image_sampli
              text_sampling: Any, seed: int = 0) -> list:
     """The Generator's outputs for the examples' prompts: images or strings."""
     seg = [ex.prompt.segments for ex in examples]
-    images = [s[1] for s in seg] if family not in ("boxes_to_image", "how_to_write") else None
+    # Each template says where its input image is (VQA's comes first, then the question).
+    images = ([ex.prompt.segments[ex.prompt.image_inputs[0]] for ex in examples]
+              if family not in ("boxes_to_image", "how_to_write") else None)
     kw = dict(sampling=image_sampling, seed=seed)
     if family == "edit":
         return list(gen.edit(images, [s[2] for s in seg], **kw).images)

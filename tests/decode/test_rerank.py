@@ -120,3 +120,16 @@ def test_one_item_where_a_batch_belongs_is_named_not_split(gen, ranker, random_c
             bad(float("nan"))
     with pytest.raises(ValueError, match="pass rows\\[i\\]"):
         neighbors.materialize(None, np.zeros((2, 3), np.int64))
+
+
+def test_the_family_benchmark_passes_each_template_its_image(gen):
+    """VQA's template puts the image first since 4 Dec; `sft_families.generate` took the
+    second segment, the question, for the image (benchmarks/sft_families.py crashed)."""
+    from cm3leon_jax.data import sft_examples
+    from cm3leon_jax.evaluation import sft_families
+
+    for family in ("vqa", "caption"):
+        ex = sft_examples.corpus_example(0, "validation", 0, 32, family)  # Resized to 16.
+        (out,) = sft_families.generate(gen, family, [ex], None,
+                                       SamplingConfig(greedy=True, guidance="none"))
+        assert isinstance(out, str)
