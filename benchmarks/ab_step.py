@@ -53,8 +53,10 @@ def run_once(bindings: list[str], env: dict[str, str], trials: int) -> float:
                f"--trials={trials}", f"--json={out}"]
         for binding in bindings:
             cmd += ["--binding", binding]
-        subprocess.run(cmd, check=True, capture_output=True, text=True,
-                       env={**os.environ, **env})
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        if done.returncode:  # Its own error, not only "returned non-zero exit status 1".
+            sys.exit(f"ab_step.py: train_step.py with {list(bindings)} failed:\n"
+                     f"{done.stderr[-2000:]}")
         with open(out) as f:
             return json.load(f)["jax_step_s"]
 

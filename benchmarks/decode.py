@@ -432,6 +432,12 @@ def main(argv=None) -> dict:
     run = {"main": lambda: main_parts(args, parts), "choice": lambda: choice_part(args),
            "image": lambda: image_part(args), "prefill": lambda: prefill_part(args),
            "shared": lambda: shared_part(args), "profile": lambda: profile_part(args)}
+    variants = {"kernel", "bf16", "cfg", "sort", "scanned"}  # Variants of main's rows.
+    unknown = sorted(set(parts) - set(run) - variants)
+    if unknown or (set(parts) & variants and "main" not in parts):
+        parser.error(f"--parts={args.parts}: " + (
+            f"unknown {unknown}; choose from {sorted(set(run) | variants)}" if unknown else
+            f"{sorted(set(parts) & variants)} are variants of the main rows: add main"))
     for name in (n for n in run if n in parts):
         result[name] = run[name]()
         result["load_average"] = os.getloadavg()

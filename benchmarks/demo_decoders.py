@@ -389,6 +389,15 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     from cm3leon_jax.vocab import image_tokenizer
 
+    bad = [d for d in args.decoder if "=" not in d]
+    if bad:
+        p.error(f"--decoder {bad[0]!r}: write NAME=FOLDER, e.g. --decoder "
+                f"demo={args.run}/pretrain")
+    missing = [f for f in (args.run, *(d.split("=", 1)[1] for d in args.decoder))
+               if not os.path.isdir(f)]
+    if missing:
+        p.error(f"{missing[0]!r} is not a folder: --run takes a finished demo run, --decoder "
+                "NAME=its decoder's run folder")
     decoders = dict(d.split("=", 1) for d in args.decoder)
     unknown = sorted(set(args.query_order) - set(decoders))
     if unknown:

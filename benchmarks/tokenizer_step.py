@@ -74,8 +74,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.against:
             other = os.path.join(tmp, "against")
-            subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", other,
-                            args.against], check=True, capture_output=True)
+            done = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", other,
+                                   args.against], capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"tokenizer_step.py: --against={args.against}: git worktree add "
+                         f"failed: {done.stderr.strip()}")
             sides[args.against] = other
         try:
             steps = {name: [] for name in sides}
