@@ -16,6 +16,7 @@ per-device `memory_analysis()` says whether it fits the chip's HBM.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -55,7 +56,10 @@ def main(argv=None) -> dict:
 
     gin.clear_config()
     main_lib.configure([args.train_gin], ["MODEL_DIR='/tmp/unused'", *args.gin])
-    train = {k: gin.query_parameter(f"train.{k}") for k in
+    from cm3leon_jax.train import trainer
+    bound = gin.get_bindings(trainer.train)  # What the file leaves unbound: train()'s default.
+    defaults = inspect.signature(trainer.train).parameters
+    train = {k: bound.get(k, defaults[k].default) for k in
              ("global_batch_size", "seq_len", "num_microbatches", "num_steps", "on_nonfinite")}
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
     chip, hbm, _ = CHIPS.get(devices[0].device_kind, (devices[0].device_kind, None, None))

@@ -70,6 +70,9 @@ def main(argv=None) -> dict:
     from tasks import sft as tasks_sft
 
     demo = args.demo_dir
+    if not os.path.exists(os.path.join(demo, "config.gin")):
+        raise SystemExit(f"sft_families.py: --demo_dir={demo!r} holds no config.gin: give a "
+                         "finished demo run (make demo).")
     gin.parse_config(_training_bindings(os.path.join(demo, "config.gin")))
     if args.rates:
         rates = {**gin.get_bindings("sft_mixture_rates").get("rates", {}),
