@@ -195,6 +195,10 @@ def _string(value: str | None) -> str | None:
     return parsed if isinstance(parsed, str) else None
 
 
+DATA_KEYS = ("data_dirs.synthetic", "data_dirs.user", "sft_data_dirs.synthetic",
+             "sft_data_dirs.user")
+
+
 def data_keys(task: str) -> list[str]:
     """The data-folder bindings a task of tasks/ reads (tasks/pretrain.py, tasks/sft.py)."""
     if task.startswith("cm3leon_sft_user"):
@@ -211,11 +215,11 @@ def check_data_dirs(gin_files: Sequence[str], overrides: Sequence[str], where: s
     """Refuses, before anything is provisioned, a run whose task reads a data folder the run
     does not bind (or, `remote`: binds to a folder that is not gs://, which the hosts
     cannot see); a value not known here (a macro) is left to the hosts."""
-    task = _string(bound_values(gin_files, overrides, None, ["train.task"]).get("train.task"))
+    values = bound_values(gin_files, overrides, None, ["train.task", *DATA_KEYS])
+    task = _string(values.get("train.task"))
     keys = data_keys(task or "")
-    values = bound_values(gin_files, overrides, None, keys)
     for key in keys:
-        if key in values and values[key] is not None and _string(values[key]) is None:
+        if (values.get(key) or "").startswith(("%", "@")):
             continue  # A macro or reference: resolved on the hosts.
         folder = _string(values.get(key))
         if not folder and key.endswith(".synthetic") and not remote:

@@ -91,6 +91,8 @@ DATA = "--gin.data_dirs.user='gs://b/data'"
            "--gin.data_dirs.user='/home/me/data'"],
      "data_dirs.user='/home/me/data' is not a gs:// folder"),
     (slurm, [TRAIN_7B, "/shared/r"], "reads data_dirs.user, which the run does not bind"),
+    (slurm, [TRAIN_7B, "/shared/r", "--gin.data_dirs.user=None"],
+     "reads data_dirs.user, which the run does not bind"),
     # Slice and node types: named as the clouds name them, with a count this file knows.
     (tpu_vm, [TRAIN_7B, "gs://b/r", *TPU_VM, "--accelerator_type=v5e-64", DATA],
      "v5e slices are named v5litepod-N"),
