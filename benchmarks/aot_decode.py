@@ -5,7 +5,7 @@ r"""Compile a model's decode step for a TPU topology on a CPU host; memory, cost
         --tensor=4 [--images=1] [--prompt=2098] [--json=out.json]
 
 What `decode/sampler.py` runs per image, compiled (never run) by libtpu for the topology:
-`model/decoding.py`'s `DecoderStep` with bfloat16 weights, `prepare`d (per-layer,
+`model/decode_step.py`'s `DecoderStep` with bfloat16 weights, `prepare`d (per-layer,
 `[out, in]`) and placed by the training's logical-axis rules (`partitioning.py`) on a
 `(data, fsdp, tensor)` mesh of the topology's chips, and a KV cache for `images` x 2
 rows (CFG: a conditional and an unconditional stream), batch over data, `prompt` +
@@ -48,8 +48,8 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
+from cm3leon_jax.model.decode_step import DecoderStep  # noqa: E402
 from cm3leon_jax.model.decoder import count_params  # noqa: E402
-from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
 
 IMAGE_CODES = 1024  # 32 x 32 codes: one 256x256 image.
 

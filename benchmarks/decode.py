@@ -73,8 +73,8 @@ from cm3leon_jax.decode import processors as proc  # noqa: E402
 from cm3leon_jax.decode import sampler  # noqa: E402
 from cm3leon_jax.model import hf_weights  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
+from cm3leon_jax.model.decode_step import DecoderStep  # noqa: E402
 from cm3leon_jax.model.decoder import Decoder, abstract_variables, init_cache  # noqa: E402
-from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID  # noqa: E402
 
 PAUSE_S = 0.3

@@ -218,7 +218,7 @@ def read_out(run: str, decoder_dir: str, tokenizer, examples) -> dict:
     would show the answer whatever the caption says."""
     import numpy as np
 
-    from cm3leon_jax.data import shapes_tasks
+    from cm3leon_jax.data import shapes_language
     from cm3leon_jax.decode import prompts, restore
     from cm3leon_jax.evaluation import likelihood
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -230,7 +230,7 @@ def read_out(run: str, decoder_dir: str, tokenizer, examples) -> dict:
     out = {"step": step}
     for what in READS:
         sets = [[prompts.text_to_image(np.asarray(vocab.encode(text), np.int32))
-                 for text in shapes_tasks.swapped_captions(e["captions"][0].decode(), what)]
+                 for text in shapes_language.swapped_captions(e["captions"][0].decode(), what)]
                 for e in examples]
         # A caption that names no object in the corpus' phrasing has nothing to swap.
         kept = [i for i, s in enumerate(sets) if len(s) > 1]

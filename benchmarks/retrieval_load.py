@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cm3leon_jax.data.synthetic import synthetic_documents  # noqa: E402
-from cm3leon_jax.retrieval import load_test  # noqa: E402
+from cm3leon_jax.retrieval import load_generator  # noqa: E402
 from cm3leon_jax.retrieval.memory_bank import MemoryBank  # noqa: E402
 
 
@@ -41,16 +41,16 @@ def main() -> None:
     texts = [d.text for d in docs if d.text]
     images = [d.image for d in docs if d.image is not None][:16]
     workloads = {
-        "vector": load_test.vector_requests(vectors, args.k),
-        "text": load_test.text_requests(texts, args.k),
-        "image_png": load_test.image_requests(images, args.k),
+        "vector": load_generator.vector_requests(vectors, args.k),
+        "text": load_generator.text_requests(texts, args.k),
+        "image_png": load_generator.image_requests(images, args.k),
     }
-    workloads["mixed"] = load_test.mixed_requests(*workloads.values())
+    workloads["mixed"] = load_generator.mixed_requests(*workloads.values())
     report = {"retrieval_dir": args.retrieval_dir, "num_docs": len(bank), "k": args.k,
               "cpu_count": os.cpu_count(), "workloads": {}}
-    with load_test.ServerProcess(args.retrieval_dir) as server:
+    with load_generator.ServerProcess(args.retrieval_dir) as server:
         for name, make in workloads.items():
-            r = load_test.run_load(server.url, make, args.concurrency, args.seconds)
+            r = load_generator.run_load(server.url, make, args.concurrency, args.seconds)
             report["workloads"][name] = r
             print(name, json.dumps({k: v for k, v in r.items() if "examples" not in k}), flush=True)
     if args.out:

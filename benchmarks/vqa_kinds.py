@@ -7,7 +7,7 @@ For each VQA question of the run's evaluate stage (`MODEL_DIR/pictures/evaluated
 test scenes' images, questions and true answers), the decoder scores every one-word answer
 the corpus uses (`ANSWER_KINDS`: colors, shapes, background textures, counts, yes / no)
 after the SFT prompt (`data/sft_prompts.py`: `image <break> Question: q <break>`), by its
-own likelihood (`evaluation/likelihood.py`). Per question type (`shapes_tasks.VQA_TYPES`)
+own likelihood (`evaluation/likelihood.py`). Per question type (`shapes_language.VQA_TYPES`)
 it reports how often
 
   * its likeliest word is the true answer (what greedy decoding answers, for a one-word
@@ -35,13 +35,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cm3leon_jax.data import shapes, shapes_tasks  # noqa: E402
+from cm3leon_jax.data import shapes, shapes_language  # noqa: E402
 
 ANSWER_KINDS: dict[str, tuple[str, ...]] = {
     "color": tuple(shapes.COLORS),
     "shape": tuple(shapes.KINDS),
-    "texture": tuple(shapes_tasks.TEXTURE_WORDS.values()),
-    "count": shapes_tasks.NUMBER_WORDS[1:],
+    "texture": tuple(shapes_language.TEXTURE_WORDS.values()),
+    "count": shapes_language.NUMBER_WORDS[1:],
     "yes/no": ("yes", "no"),
 }
 CANDIDATES: tuple[str, ...] = tuple(w for words in ANSWER_KINDS.values() for w in words)
@@ -68,7 +68,7 @@ def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods:
         if truth not in KIND_OF:
             raise ValueError(f"vqa_kinds: the answer {truth!r} to {question!r} is not a "
                              f"candidate word; the candidates are {CANDIDATES}.")
-        entry = out.setdefault(shapes_tasks.vqa_question_type(question), {
+        entry = out.setdefault(shapes_language.vqa_question_type(question), {
             "questions": 0, "top_right": 0, "top_of_right_kind": 0, "right_within_kind": 0,
             "answers": collections.Counter(), "top_kinds": collections.Counter()})
         top = CANDIDATES[int(np.argmax(row))]
@@ -86,11 +86,11 @@ def kind_table(questions: Sequence[str], truths: Sequence[str], log_likelihoods:
 
 
 def table(result: dict[str, dict]) -> str:
-    """`kind_table`'s counts as a markdown table, in `shapes_tasks.VQA_TYPES`' order."""
+    """`kind_table`'s counts as a markdown table, in `shapes_language.VQA_TYPES`' order."""
     lines = ["| question type | asked | likeliest word right | of the right kind | "
              "right among its kind | its commonest answer | kinds of the likeliest word |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for kind in shapes_tasks.VQA_TYPES:
+    for kind in shapes_language.VQA_TYPES:
         if kind in result:
             e = result[kind]
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(e["top_kinds"].items()))

@@ -27,7 +27,7 @@ import gin
 import seqio
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import preprocess, preprocessors, shards
+from cm3leon_jax.data import preprocess, seqio_augment, shards
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -67,7 +67,7 @@ def _check_fits(config, *, corpus: str) -> None:
 
 def _register(name: str, corpus: str, retrieval: bool) -> None:
     vocab = MultimodalVocabulary(lambda: os.path.join(_data_dir(corpus), "vocab"))
-    augment = functools.partial(preprocessors.retrieval_augment,
+    augment = functools.partial(seqio_augment.retrieval_augment,
                                 check_fits=functools.partial(_check_fits, corpus=corpus))
     if not retrieval:
         augment = functools.partial(augment, k_probs=(1.0,))

@@ -43,7 +43,7 @@ import tensorflow as tf
 from absl import logging
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import preprocessors, sft_preprocess, shards
+from cm3leon_jax.data import seqio_augment, sft_preprocess, shards
 from cm3leon_jax.data.sft_prompts import FAMILIES
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab.layout import BREAK_ID
@@ -117,7 +117,7 @@ def _augment(dataset, output_features, sequence_length=None, *, check_fits):
     """The pretraining preprocessor with no retrieved documents and `sft_cm3`'s spans;
     with `loss_on = "output"` the loss weights end up on the output tokens only."""
     how = sft_cm3()
-    dataset = preprocessors.retrieval_augment(
+    dataset = seqio_augment.retrieval_augment(
             dataset, output_features, sequence_length, k_probs=(1.0,),
             check_fits=check_fits, mean_spans=how["mean_spans"])
     if how["loss_on"] == "all":

@@ -1,14 +1,14 @@
 """Data: the sources (the synthetic shapes corpus, user image-text data, public SFT
 formats), preprocessing to tokenized shards, and the SeqIO side that reads them.
 
-    shapes.py, shapes_tasks.py  the corpus' scenes and their language
+    shapes.py, shapes_language.py  the corpus' scenes and their language
     synthetic.py, synthetic_tfds.py  the built-in corpus, and as a TFDS dataset
     parse.py           the exact parser of a corpus image
     user_data.py       a user's image-text pairs as a TFDS dataset
     preprocess.py      the `preprocess` run mode (Beam): pairs -> tokenized shards
     retrieval_pass.py  its retrieval pass: vectors, memory bank, every shard's neighbors
     shards.py, shard_state.py  the shards on disk; one shard's files and atomic write
-    preprocessors.py   SeqIO preprocessors: shards -> CM3 examples
+    seqio_augment.py   the SeqIO preprocessor: shards -> CM3 examples, through augment.py
     augment.py         retrieval-augmented examples (retrieved documents, then the query)
     cm3.py             the CM3 objective (spans moved to the end)
     sft_prompts.py     the SFT families' templates, for training and inference alike
@@ -42,7 +42,7 @@ from cm3leon_jax.data.shapes import (
     sample_scene,
     segmentation_map,
 )
-from cm3leon_jax.data.shapes_tasks import (
+from cm3leon_jax.data.shapes_language import (
     add,
     box_phrases,
     captions,

@@ -5,7 +5,7 @@
 Each family is a pure function of a `shapes.Scene` and a numpy Generator, so a stored
 scene regenerates its examples and the evaluation can grade generations exactly:
 
-    edit                 a random recolor / reshape / remove / add (`shapes_tasks.edit`);
+    edit                 a random recolor / reshape / remove / add (`shapes_language.edit`);
                          truth: the edited scene
     edge_to_image        object outlines (`shapes.edge_map`)            truth: the scene
     segmentation_to_image  class-colored masks (`shapes.segmentation_map`)
@@ -13,10 +13,10 @@ scene regenerates its examples and the evaluation can grade generations exactly:
     depth_to_image       layered depth: each object a gray level by its size, larger =
                          nearer = brighter, background black (`depth_map`)
     boxes_to_image       the scene's boxes as text                      truth: the scene
-    how_to_write         a short word rendered black on white (`shapes_tasks.render_text`)
+    how_to_write         a short word rendered black on white (`shapes_language.render_text`)
     caption              one of the corpus' four phrasings
     long_caption         every object with size, color, position and relations
-    vqa                  one (question, answer) of `shapes_tasks.vqa_pairs`
+    vqa                  one (question, answer) of `shapes_language.vqa_pairs`
     segment              'segment the red circle' -> that object's mask, white on black
 
 Images are uint8[s, s, 3] pixels here; preprocessing VQ-encodes them (`sft_preprocess.py`).
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon_jax.data import sft_prompts, shapes, shapes_tasks
+from cm3leon_jax.data import sft_prompts, shapes, shapes_language
 from cm3leon_jax.data.sft_prompts import FAMILIES, Prompt
 
 # Short words for how-to-write; those that do not fit the image size are left out.
@@ -99,15 +99,16 @@ def long_caption(scene: shapes.Scene) -> str:
     """'two shapes on a plain gray background: a large red circle in the top left corner
     and a small blue star on the right; the red circle is to the left of the blue star.'"""
     n = len(scene.shapes)
-    objects = [f"{shapes_tasks.with_article(shapes_tasks.describe(s, with_size=True))} "
-               f"{shapes_tasks._region(s, scene.image_size)}" for s in scene.shapes]
-    text = (f"{shapes_tasks.NUMBER_WORDS[n]} shape{'s' if n > 1 else ''} on "
-            f"{shapes_tasks.background_phrase(scene.background)}: {shapes_tasks.join(objects)}")
-    relations = [f"{shapes_tasks.refer(scene, i)} is "
-                 f"{shapes_tasks.relation(scene.shapes[i], scene.shapes[j])} "
-                 f"{shapes_tasks.refer(scene, j)}"
+    objects = [f"{shapes_language.with_article(shapes_language.describe(s, with_size=True))} "
+               f"{shapes_language._region(s, scene.image_size)}" for s in scene.shapes]
+    background = shapes_language.background_phrase(scene.background)
+    text = (f"{shapes_language.NUMBER_WORDS[n]} shape{'s' if n > 1 else ''} on "
+            f"{background}: {shapes_language.join(objects)}")
+    relations = [f"{shapes_language.refer(scene, i)} is "
+                 f"{shapes_language.relation(scene.shapes[i], scene.shapes[j])} "
+                 f"{shapes_language.refer(scene, j)}"
                  for i in range(n) for j in range(i + 1, n)]
-    return text + (f"; {shapes_tasks.join(relations)}." if relations else ".")
+    return text + (f"; {shapes_language.join(relations)}." if relations else ".")
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +117,7 @@ def write_words(image_size: int) -> tuple[str, ...]:
     words = []
     for w in WRITE_WORDS:
         try:
-            shapes_tasks.render_text(w, image_size)
+            shapes_language.render_text(w, image_size)
         except ValueError:
             continue
         words.append(w)
@@ -140,9 +141,9 @@ def examples(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id:
     if family not in FAMILIES:
         raise ValueError(f"unknown SFT family {family!r}; use one of {FAMILIES}.")
     image = shapes.render(scene)
-    caption = shapes_tasks.captions(scene, rng)[int(rng.integers(4))]
+    caption = shapes_language.captions(scene, rng)[int(rng.integers(4))]
     if family == "edit":
-        edited, instruction = shapes_tasks.edit(scene, rng)
+        edited, instruction = shapes_language.edit(scene, rng)
         return [SftExample(doc_id, sft_prompts.edit(image, instruction), shapes.render(edited),
                            {"scene": edited.to_json(), "source": scene.to_json()})]
     if family in sft_prompts.CONDITION_FAMILIES:
@@ -151,15 +152,15 @@ def examples(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id:
                                                 caption)
         return [SftExample(doc_id, prompt, image, {"scene": scene.to_json()})]
     if family == "boxes_to_image":
-        listing = shapes_tasks.captions(scene, rng)[0]
-        boxes = shapes_tasks.box_phrases(scene)
+        listing = shapes_language.captions(scene, rng)[0]
+        boxes = shapes_language.box_phrases(scene)
         return [SftExample(doc_id, sft_prompts.boxes_to_image(listing, boxes), image,
                            {"scene": scene.to_json(), "caption": listing, "boxes": boxes})]
     if family == "how_to_write":
         words = write_words(scene.image_size)
         word = words[int(rng.integers(len(words)))]
         return [SftExample(doc_id, sft_prompts.how_to_write(word),
-                           shapes_tasks.render_text(word, scene.image_size), {"text": word})]
+                           shapes_language.render_text(word, scene.image_size), {"text": word})]
     if family in ("caption", "long_caption"):
         long = family == "long_caption"
         text = long_caption(scene) if long else caption
@@ -168,11 +169,11 @@ def examples(scene: shapes.Scene, family: str, rng: np.random.Generator, doc_id:
     if family == "vqa":
         if vqa_questions is not None and vqa_questions < 1:
             raise ValueError(f"vqa_questions={vqa_questions}; use >= 1, or None for all.")
-        pairs = shapes_tasks.vqa_pairs(scene, rng)[:vqa_questions]
+        pairs = shapes_language.vqa_pairs(scene, rng)[:vqa_questions]
         return [SftExample(f"{doc_id}/q{k}" if k else doc_id, sft_prompts.vqa(image, q), a,
                            {"answer": a, "question": q}) for k, (q, a) in enumerate(pairs)]
     index = int(rng.integers(len(scene.shapes)))  # segment
-    phrase = shapes_tasks.refer(scene, index)
+    phrase = shapes_language.refer(scene, index)
     return [SftExample(doc_id, sft_prompts.segment(image, phrase), mask_image(scene, index),
                        {"scene": scene.to_json(), "index": index, "phrase": phrase})]
 

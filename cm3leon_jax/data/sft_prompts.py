@@ -117,7 +117,7 @@ def condition_to_image(condition: str, condition_image: Any, caption: str) -> Pr
 
 
 def boxes_to_image(caption: str, boxes: Sequence[str]) -> Prompt:
-    """boxes: 'red circle at (x0,y0,x1,y1)' per object (`shapes_tasks.box_phrases`)."""
+    """boxes: 'red circle at (x0,y0,x1,y1)' per object (`shapes_language.box_phrases`)."""
     text = f"Generate high quality image of {caption} with segmentations {', '.join(boxes)}"
     return Prompt("boxes_to_image", (text,), text_inputs=(0,))
 
@@ -139,7 +139,7 @@ def vqa(image: Any, question: str) -> Prompt:
 
 
 def segment(image: Any, phrase: str) -> Prompt:
-    """phrase: 'the red circle' (`shapes_tasks.refer`)."""
+    """phrase: 'the red circle' (`shapes_language.refer`)."""
     return Prompt("segment", (f"segment {phrase}", image), text_inputs=(0,), image_inputs=(1,))
 
 

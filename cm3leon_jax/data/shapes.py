@@ -12,7 +12,7 @@ Boxes are `(x0, y0, x1, y1)` in pixels with exclusive ends (`pixels[y0:y1, x0:x1
 is the object's crop), computed from the rendered silhouette, not the nominal
 square.
 
-Language (captions, VQA, edit instructions) lives in `shapes_tasks.py`.
+Language (captions, VQA, edit instructions) lives in `shapes_language.py`.
 """
 
 from __future__ import annotations

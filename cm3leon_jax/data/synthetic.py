@@ -24,7 +24,7 @@ from typing import AnyStr, Callable, Iterator, Sequence
 import gin
 import numpy as np
 
-from cm3leon_jax.data import shapes, shapes_tasks
+from cm3leon_jax.data import shapes, shapes_language
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SyntheticExample:
     doc_id: str  # "{split}_{index:07d}", the TFDS id
     scene: shapes.Scene
     image: np.ndarray  # uint8[s, s, 3]
-    captions: list[str]  # four phrasings; see shapes_tasks.captions
+    captions: list[str]  # four phrasings; see shapes_language.captions
 
 
 def synthetic_example(split: str, index: int, image_size: int, seed: int = 0,
@@ -41,7 +41,7 @@ def synthetic_example(split: str, index: int, image_size: int, seed: int = 0,
     rng = shapes.example_rng(seed, split, index)
     scene = shapes.sample_scene(rng, image_size, max_objects=max_objects)
     return SyntheticExample(f"{split}_{index:07d}", scene, shapes.render(scene),
-                            shapes_tasks.captions(scene, rng))
+                            shapes_language.captions(scene, rng))
 
 
 def document_caption(doc_id: str, captions: Sequence[AnyStr]) -> AnyStr | None:

@@ -30,7 +30,7 @@ from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model.config import DecoderConfig
-from cm3leon_jax.model.decoding import DecoderStep
+from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary

@@ -11,7 +11,7 @@ The model is a `tokens_to_logits`-style object (as in t5x's `temperature_sample`
 `model(params, cache, tokens, segment_ids, positions) -> (float32[rows, vocab], cache)`,
 the logits at each row's last given token. Optional hooks: `model.prepare(params)`, run
 once inside the compiled function before the prefill (the weights' decode layout), and
-`model.check(prompts, max_new_tokens)` to refuse prompts. `model/decoding.py`'s
+`model.check(prompts, max_new_tokens)` to refuse prompts. `model/decode_step.py`'s
 `DecoderStep` is the decoder's; a test stub with a known next token, a sharded model or
 an imported one plug in the same way. A `DecoderConfig` is accepted too and means
 `DecoderStep(config)`.
@@ -50,7 +50,7 @@ import numpy as np
 
 from cm3leon_jax.decode.processors import DecodeState
 from cm3leon_jax.model.config import DecoderConfig
-from cm3leon_jax.model.decoding import DecoderStep
+from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.vocab.layout import PAD_ID
 
 

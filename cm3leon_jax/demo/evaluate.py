@@ -32,13 +32,13 @@ import gin
 import numpy as np
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
+from cm3leon_jax.data import sft_examples, shapes, shapes_language
 from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.evaluation import eval_run, shapes_scores
+from cm3leon_jax.evaluation.grading import Strategy
 from cm3leon_jax.evaluation.suites import corpus_suite
-from cm3leon_jax.evaluation.tasks import Strategy
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -114,7 +114,7 @@ def question_prior_baseline(test_questions: Sequence[str], test_answers: Sequenc
     overall: collections.Counter = collections.Counter()
     for i in range(max(num_validation, 1)):
         scene = sft_examples.corpus_scene(seed, "validation", i, image_size)
-        for question, answer in shapes_tasks.vqa_pairs(scene, np.random.default_rng([seed, i])):
+        for question, answer in shapes_language.vqa_pairs(scene, np.random.default_rng([seed, i])):
             by_question[question][answer] += 1
             overall[answer] += 1
     fallback = overall.most_common(1)[0][0]
@@ -261,7 +261,7 @@ def _by_question_type(row: dict) -> str:
     """'; right by question type: color 12/14, count 8/11, ...' from a VQA row's
     `vqa_exact_match/<type>` and `vqa_questions/<type>` (empty when it has none)."""
     parts = []
-    for kind in shapes_tasks.VQA_TYPES:
+    for kind in shapes_language.VQA_TYPES:
         asked = row.get(f"vqa_questions/{kind}")
         if asked:
             right = round(row[f"vqa_exact_match/{kind}"] * asked)

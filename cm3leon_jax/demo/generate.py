@@ -53,7 +53,7 @@ TARGETS = (
     ("image_to_text.objects_right", 0.30),
 )
 SHEET_ROWS = 8
-# shapes_tasks.captions' phrasings: listing, counted, with positions, with the background.
+# shapes_language.captions' phrasings: listing, counted, with positions, with the background.
 POSITION_PHRASING = 2
 
 

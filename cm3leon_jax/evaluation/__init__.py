@@ -2,7 +2,7 @@
 
     eval_run.py       the `eval` run mode: a suite decoded by strategies, report.md / .json
     suites.py         what a run decodes: the built-in corpus, COCO, a folder of conditions
-    tasks.py          each task decoded with one strategy and graded: the report's rows
+    grading.py        each task decoded with one strategy and graded: the report's rows
     fid.py            Frechet distance, cached reference statistics
     inception.py      the FID Inception network in Flax (pytorch-fid's features)
     inception_weights.py  pytorch-fid's weights file -> its variables

@@ -12,7 +12,7 @@ Text-to-image runs every strategy (`Strategy`: top-p, CFG scales, CD-K, N sample
 by CLIP score, mixed samplings) with each number of retrieved documents in
 `num_retrieved` (the paper: 0 / 1 / 2); captioning runs with each number of retrieved
 documents; VQA and editing (SFT templates) run without retrieval, editing once per distinct
-way the single-sample strategies decode an edit (`tasks.edit_strategies`: "two_scale",
+way the single-sample strategies decode an edit (`grading.edit_strategies`: "two_scale",
 "unguided"). `run_suite` is the same evaluation for a Generator already in
 memory (the demo calls it).
 
@@ -37,9 +37,9 @@ from cm3leon_jax import fs
 from cm3leon_jax.decode import pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.evaluation import captioning, fid, inception_weights, tasks
+from cm3leon_jax.evaluation import captioning, fid, grading, inception_weights
+from cm3leon_jax.evaluation.grading import Context, Strategy
 from cm3leon_jax.evaluation.suites import Suite, corpus_suite
-from cm3leon_jax.evaluation.tasks import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.train import run_config
@@ -80,7 +80,7 @@ def _jobs(suite: Suite, strategies: Sequence[Strategy], num_retrieved: Sequence[
     if suite.vqa is not None:
         jobs.append(("vqa", None, 0))
     if suite.edit is not None:
-        jobs += [("edit", s, 0) for s in tasks.edit_strategies(strategies)]
+        jobs += [("edit", s, 0) for s in grading.edit_strategies(strategies)]
     return jobs
 
 
@@ -91,27 +91,27 @@ def run_suite(ctx: Context, suite: Suite, out_dir: str, strategies: Sequence[Str
     """Every (task, strategy, k) of the suite -> report rows; grids written to out_dir.
     `outputs`, when given, receives each job's images or texts under "task/strategy/kK"
     (the demo's contact sheet shows them). `reference_rows`: first, real images graded
-    like samples (`tasks.reference_rows`: the VQ round trip and other real scenes).
+    like samples (`grading.reference_rows`: the VQ round trip and other real scenes).
     `on_row(rows)` runs after each job (the eval run writes its report there, so that a
     failure late in a long run keeps the rows already done)."""
     fs.makedirs(out_dir)
     _references(ctx, suite, fid_cache or {})
     rows = []
     if reference_rows and suite.text_to_image is not None:
-        rows += tasks.reference_rows(ctx, suite.text_to_image)
+        rows += grading.reference_rows(ctx, suite.text_to_image)
     for task, strategy, k in tqdm(_jobs(suite, strategies, num_retrieved), desc="eval"):
         if task == "text_to_image":
-            row, out = tasks.text_to_image(ctx, suite.text_to_image, strategy, k)
+            row, out = grading.text_to_image(ctx, suite.text_to_image, strategy, k)
             _grid(out_dir, f"text_to_image_{strategy.name}_k{k}", out.images, out.captions)
         elif task == "captioning":
-            row, texts = tasks.caption(ctx, suite.captioning, k)
+            row, texts = grading.caption(ctx, suite.captioning, k)
             _grid(out_dir, f"captioning_k{k}", suite.captioning.images, texts)
         elif task == "vqa":
-            row, texts = tasks.answer(ctx, suite.vqa)
+            row, texts = grading.answer(ctx, suite.vqa)
             _grid(out_dir, "vqa", suite.vqa.images, [f"{q} -> {a}" for q, a in
                                                      zip(suite.vqa.prompts, texts)])
         else:
-            row, images = tasks.edit(ctx, suite.edit, strategy)
+            row, images = grading.edit(ctx, suite.edit, strategy)
             pairs = np.stack([x for pair in zip(suite.edit.images, images) for x in pair])
             labels = [t for i in suite.edit.prompts for t in (i, "(result)")]
             _grid(out_dir, f"edit_{strategy.name}", pairs, labels)

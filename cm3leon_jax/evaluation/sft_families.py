@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cm3leon_jax.data import parse, sft_examples, shapes, shapes_tasks
+from cm3leon_jax.data import parse, sft_examples, shapes, shapes_language
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.data.sft_prompts import CONDITION_FAMILIES
 from cm3leon_jax.evaluation import shapes_scores
@@ -34,7 +34,7 @@ def score_image(family: str, image: np.ndarray, example: SftExample) -> dict[str
     """One generated image (uint8[s, s, 3]) against its example's truth."""
     if family == "how_to_write":
         words = sft_examples.write_words(image.shape[0])
-        renders = np.stack([shapes_tasks.render_text(w, image.shape[0]) for w in words])
+        renders = np.stack([shapes_language.render_text(w, image.shape[0]) for w in words])
         errors = ((renders.astype(np.float32) - image.astype(np.float32)) ** 2).sum((1, 2, 3))
         return {"exact": float(words[int(np.argmin(errors))] == example.truth["text"])}
     scene = shapes.Scene.from_json(example.truth["scene"])

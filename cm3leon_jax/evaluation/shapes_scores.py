@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cm3leon_jax.data import parse, shapes, shapes_tasks
+from cm3leon_jax.data import parse, shapes, shapes_language
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import vqa
 
@@ -46,7 +46,7 @@ def image_objects(pixels: np.ndarray) -> list[tuple[str, str]]:
 
 def caption_objects(text: str) -> list[tuple[str, str]]:
     """[(class, color), ...] introduced as "<color> <class>" in a caption."""
-    found = shapes_tasks.OBJECT_PHRASE.findall(text.lower())
+    found = shapes_language.OBJECT_PHRASE.findall(text.lower())
     return [(kind, color) for the, color, kind in found if not the]
 
 
@@ -106,7 +106,7 @@ def _center(box: shapes.Box) -> tuple[float, float]:
 
 
 def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """shapes_tasks.relation on centers."""
+    """shapes_language.relation on centers."""
     dx, dy = a[0] - b[0], a[1] - b[1]
     if abs(dx) >= abs(dy):
         return "to the left of" if dx < 0 else "to the right of"
@@ -128,14 +128,14 @@ def image_metrics(pixels: np.ndarray, scene: shapes.Scene) -> dict[str, float]:
         row["position_right"] = float(all(
             matched[i] is not None and matched[j] is not None
             and _relation(_center(parsed[matched[i]].box), _center(parsed[matched[j]].box))
-            == shapes_tasks.relation(scene.shapes[i], scene.shapes[j]) for i, j in pairs))
+            == shapes_language.relation(scene.shapes[i], scene.shapes[j]) for i, j in pairs))
     strict = parse.match(parsed, scene, iou_threshold=0.5)
     row["placed_right"] = float(strict["all_correct"])
     return row
 
 
 def scene_positions(scene: shapes.Scene) -> tuple:
-    """What the captions that name positions say (`shapes_tasks.captions`' third phrasing):
+    """What the captions that name positions say (`shapes_language.captions`' third phrasing):
     for one shape the cell of a 3x3 grid that holds its center ("in the top left corner"),
     for more every pair's relation ("to the left of"), in scene order."""
     centers = [s.center for s in scene.shapes]
@@ -286,7 +286,7 @@ def vqa_exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float
 
 def vqa_exact_match_by_type(questions: Sequence[str], predictions: Sequence[str],
                             answers: Sequence[str]) -> dict[str, float | int]:
-    """`vqa_exact_match` per question type (`shapes_tasks.VQA_TYPES`, the corpus' questions):
+    """`vqa_exact_match` per question type (`shapes_language.VQA_TYPES`, the corpus' questions):
     `vqa_exact_match/<type>` and `vqa_questions/<type>` (how many were asked), for the
     types asked at least once. Says which part of the image a model reads (colors, counts,
     shapes) where the overall figure cannot."""
@@ -295,10 +295,10 @@ def vqa_exact_match_by_type(questions: Sequence[str], predictions: Sequence[str]
                          f"{len(answers)} answers: give one of each per question.")
     grouped: dict[str, list[bool]] = {}
     for q, p, a in zip(questions, predictions, answers):
-        grouped.setdefault(shapes_tasks.vqa_question_type(q), []).append(
+        grouped.setdefault(shapes_language.vqa_question_type(q), []).append(
             vqa.normalize(p) == vqa.normalize(a))
     out: dict[str, float | int] = {}
-    for kind in shapes_tasks.VQA_TYPES:
+    for kind in shapes_language.VQA_TYPES:
         if kind in grouped:
             out[f"vqa_exact_match/{kind}"] = float(np.mean(grouped[kind]))
             out[f"vqa_questions/{kind}"] = len(grouped[kind])
@@ -316,7 +316,7 @@ def renamed_classes(caption: str, rename: dict[str, str]) -> str:
         raise ValueError(f"renamed_classes: {unknown} are not classes of the corpus; use "
                          f"{shapes.KINDS}.")
     out, last = [], 0
-    for match in shapes_tasks.OBJECT_PHRASE.finditer(caption.lower()):
+    for match in shapes_language.OBJECT_PHRASE.finditer(caption.lower()):
         start, end = match.span(3)
         out += [caption[last:start], rename.get(match.group(3), caption[start:end])]
         last = end

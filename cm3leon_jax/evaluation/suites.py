@@ -35,7 +35,7 @@ from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax import images as images_lib
-from cm3leon_jax.data import sft_examples, shapes, shapes_tasks
+from cm3leon_jax.data import sft_examples, shapes, shapes_language
 from cm3leon_jax.errors import MissingInputError, UserInputError
 
 
@@ -121,8 +121,8 @@ def _draws(scene: shapes.Scene, seed: int, index: int
     generator whatever tasks a suite keeps: a suite of some tasks holds the same examples
     as the full suite."""
     rng = np.random.default_rng([seed, index, 13])
-    return (shapes_tasks.captions(scene, rng), shapes_tasks.vqa_pairs(scene, rng)[0],
-            shapes_tasks.edit(scene, rng))
+    return (shapes_language.captions(scene, rng), shapes_language.vqa_pairs(scene, rng)[0],
+            shapes_language.edit(scene, rng))
 
 
 def _read_json(path: str, what: str) -> dict:

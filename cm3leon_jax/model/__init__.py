@@ -15,8 +15,8 @@ Modules (each one idea; import them directly, this package imports nothing so th
     attention_chunked  the "chunked" kernel: causal query chunks, FlashAttention-style
                   backward by hand (the fastest on a CPU).
     decoder       `Decoder` (scanned blocks, remat), `init_cache`, `count_params`.
-    decoding      `DecoderStep`: the decode path the sampler calls (weights unstacked once,
-                  `[out, in]` matrices, per-layer KV cache updated in place).
+    decode_step   `DecoderStep`: the decode path the sampler calls (layers unstacked once,
+                  per-layer KV cache updated in place).
     loss          cross-entropy (fused softmax backward) with loss weights and z-loss;
                   `decoder_loss` on a batch.
     hf_weights    `to_hf` / `from_hf` for `transformers` OPT and Chameleon state dicts.

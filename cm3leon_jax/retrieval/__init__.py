@@ -10,11 +10,11 @@ selection rules, batch neighbor precomputation and an HTTP service.
     index.py          ScaNN build / save / load / search; ShardedIndex
     select.py         relevance, near-duplicate, modality and redundancy rules
     retriever.py      Retriever: search by text, image or vector (in process)
-    neighbors.py     every training document's neighbors, precomputed
+    neighbors.py      every training document's neighbors, precomputed
     build.py          the build_retrieval run mode
     server.py         the FastAPI service and the serve_retrieval run mode
     client.py         RetrievalClient: the Retriever's methods over HTTP
-    load_test.py      concurrent loopback load generation
+    load_generator.py concurrent loopback clients against the service (load tests)
     synthetic_vectors.py  clustered unit vectors that look like embeddings (benchmarks)
 
 Modules are imported by name (nothing here), so `import cm3leon_jax.retrieval`

@@ -142,7 +142,7 @@ def train_retriever(model_dir: str, clip_cfg: clip.ClipConfig | None = None, *,
     left to right with probability 1/2, "left" and "right" swapped in its caption (every
     shape of the built-in corpus is its own mirror image). `hard_negatives`: caption ->
     captions that must not match its image (the same caption with one detail changed, e.g.
-    `shapes_tasks.class_swaps` for the built-in corpus, which puts another class in one
+    `shapes_language.class_swaps` for the built-in corpus, which puts another class in one
     object's place); each image's row of the loss also competes against one of its
     caption's, drawn each step (`clip_loss`). None: in-batch negatives alone, as CLIP.
     """

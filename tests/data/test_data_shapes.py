@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cm3leon_jax.data import parse, shapes
-from cm3leon_jax.data import shapes_tasks as tasks
+from cm3leon_jax.data import shapes_language as tasks
 
 
 def scene_for(seed: int, size: int = 64, **kwargs) -> shapes.Scene:

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import tasks  # noqa: F401  (registers)
 from cm3leon_jax.data import preprocess as pp
-from cm3leon_jax.data import preprocessors, shards
+from cm3leon_jax.data import seqio_augment, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_tokenizer
@@ -303,7 +303,7 @@ def test_more_spans_than_sentinels_is_refused_before_any_data_is_read(tmp_path):
 
     data = tf.data.Dataset.from_generator(unread, output_signature={
         k: tf.TensorSpec([None], tf.int32) for k in ("ids", "neighbor_ids", "neighbor_lengths")})
-    augment = functools.partial(preprocessors.retrieval_augment, data, features, {"targets": 64})
+    augment = functools.partial(seqio_augment.retrieval_augment, data, features, {"targets": 64})
     with pytest.raises(UserInputError, match=r"retrieval_augment.max_spans=8 .* 4 sentinels"):
         augment()
     augment(max_spans=4)

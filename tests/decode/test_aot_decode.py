@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 import aot_decode  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
-from cm3leon_jax.model.decoding import DecoderStep  # noqa: E402
+from cm3leon_jax.model.decode_step import DecoderStep  # noqa: E402
 from tests.model.model_testlib import tiny_config  # noqa: E402
 
 

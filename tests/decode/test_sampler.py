@@ -8,7 +8,7 @@ import pytest
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import sampler
 from cm3leon_jax.decode.sampler import left_pad, sample
-from cm3leon_jax.model.decoding import DecoderStep
+from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.vocab.layout import PAD_ID, IdLayout
 from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 

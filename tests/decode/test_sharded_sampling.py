@@ -12,8 +12,8 @@ from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import sampler
 from cm3leon_jax.decode.sampler import left_pad, sample
 from cm3leon_jax.model import partitioning
+from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.model.decoder import abstract_variables
-from cm3leon_jax.model.decoding import DecoderStep
 from tests.model.model_testlib import random_params, tiny_chameleon, tiny_config
 
 PROMPTS = [np.random.default_rng(i).integers(5, 500, n) for i, n in enumerate((7, 3, 5, 6))]

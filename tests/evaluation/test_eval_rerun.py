@@ -12,7 +12,7 @@ import pytest
 from cm3leon_jax import main as main_lib
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import eval_run, suites
-from cm3leon_jax.evaluation.tasks import Strategy
+from cm3leon_jax.evaluation.grading import Strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -16,8 +16,8 @@ from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.evaluation import eval_run, fid, likelihood, suites, tasks
-from cm3leon_jax.evaluation.tasks import Context, Strategy
+from cm3leon_jax.evaluation import eval_run, fid, grading, likelihood, suites
+from cm3leon_jax.evaluation.grading import Context, Strategy
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
 from cm3leon_jax.retrieval.retriever import SearchResult
 from cm3leon_jax.vocab import document
@@ -221,7 +221,7 @@ def test_run_suite_on_coco_and_vqav2_files_with_retrieval(eval_files, image_toke
     # A job that fails late keeps the rows done before it in the report.
     def broken(*args):
         raise RuntimeError("captioning broke")
-    monkeypatch.setattr(tasks, "caption", broken)
+    monkeypatch.setattr(grading, "caption", broken)
     with pytest.raises(RuntimeError, match="captioning broke"):
         eval_run.evaluate_generator(gen, str(tmp_path / "partial"), suite=lambda size: coco,
                                     strategies=[strategy], encoder=encoder, caption_metrics=())
@@ -333,7 +333,7 @@ def test_reference_rows_grade_real_images_like_samples():
             return np.asarray(images)
 
     ctx = Context(SimpleNamespace(image_tokenizer=Lossless()))
-    rows = {r["strategy"]: r for r in tasks.reference_rows(ctx, task)}
+    rows = {r["strategy"]: r for r in grading.reference_rows(ctx, task)}
     assert rows["real:vq_reconstruction"]["objects_right"] == 1.0  # The parser is exact.
     assert rows["real:other_scenes"]["objects_right"] < 1.0  # Other scenes: not the prompts'.
     assert {r["retrieved"] for r in rows.values()} == {"-"}
@@ -349,7 +349,7 @@ def test_captioning_uses_the_context_caption_style():
             return ["a red circle"] * len(images)
 
     for style in ("infill", "image_first"):
-        row, texts = tasks.caption(Context(Recorder(), caption_style=style), task, 0)
+        row, texts = grading.caption(Context(Recorder(), caption_style=style), task, 0)
         assert texts == ["a red circle"] * 2 and row["task"] == "captioning"
     assert asked == ["infill", "image_first"]
     assert Context(Recorder()).caption_style == "infill"
@@ -361,7 +361,7 @@ def test_edit_copying_weighs_the_sources_code_where_the_target_keeps_it(eval_fil
     gen = Generator(CONFIG, eval_files["params"], vocab, image_tokenizer, batch_size=4)
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     asked = ["make the red circle blue", "remove the red circle", "add a circle"]
-    unchanged = tasks.edit_copying(gen, images, asked, images)
+    unchanged = grading.edit_copying(gen, images, asked, images)
     assert unchanged["edit_kept_codes"] == 1.0
     # Nothing changed: the source's code is the target's own, weighed after the prompt the
     # SFT template builds and the target's earlier codes.
@@ -372,7 +372,7 @@ def test_edit_copying_weighs_the_sources_code_where_the_target_keeps_it(eval_fil
     probs = np.exp(np.stack(own))
     assert unchanged["edit_copy_prob"] == pytest.approx(probs.mean(), rel=1e-5)
     assert unchanged["edit_first_copy_prob"] == pytest.approx(probs[:, 0].mean(), rel=1e-5)
-    swapped = tasks.edit_copying(gen, images, asked, images[::-1])
+    swapped = grading.edit_copying(gen, images, asked, images[::-1])
     assert swapped["edit_kept_codes"] < 1.0
 
 
@@ -385,11 +385,11 @@ def test_each_way_of_decoding_an_edit_runs_once_named_for_what_runs():
                   Strategy("cdk", (SamplingConfig(guidance="cdk"),)),
                   Strategy("rerank8", (cfg(3.0),), num_samples=8),
                   Strategy("greedy", (SamplingConfig(greedy=True),))]
-    got = tasks.edit_strategies(strategies)
+    got = grading.edit_strategies(strategies)
     # cfg3, cfg5 and cdk all guide an edit with two scales; re-ranking is not an edit's.
     assert [s.name for s in got] == ["unguided", "two_scale", "two_scale_greedy"]
     assert got[1].samplings[0] == cfg(3.0) and got[2].samplings[0].greedy
     # Only re-ranking strategies: edits still run, once, with the first one's sampling.
-    only = tasks.edit_strategies([Strategy("rerank8", (cfg(3.0),), num_samples=8)])
+    only = grading.edit_strategies([Strategy("rerank8", (cfg(3.0),), num_samples=8)])
     assert [(s.name, s.num_samples, s.samplings) for s in only] == [
         ("two_scale", 1, (cfg(3.0),))]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cm3leon_jax.data import shapes, shapes_tasks
+from cm3leon_jax.data import shapes, shapes_language
 from cm3leon_jax.evaluation import shapes_scores
 
 SCENES = [shapes.sample_scene(np.random.default_rng(i), 32) for i in range(30)]
@@ -13,7 +13,7 @@ def test_true_renders_and_every_caption_phrasing_score_one():
     images = np.stack([shapes.render(s) for s in SCENES])
     assert set(shapes_scores.image_scores(images, SCENES).values()) == {1.0}
     rng = np.random.default_rng(0)
-    phrasings = [shapes_tasks.captions(s, rng) for s in SCENES]
+    phrasings = [shapes_language.captions(s, rng) for s in SCENES]
     for i in range(4):  # "the <anchor>" in the relation phrasing is not counted twice
         assert set(shapes_scores.caption_scores([p[i] for p in phrasings],
                                                 SCENES).values()) == {1.0}
@@ -46,7 +46,7 @@ def test_task_metrics_are_one_on_the_truth_and_catch_each_mistake():
     assert row["objects_right"] == 1.0 and row["count_right"] == 1.0
     assert row["position_right"] == 0.0 and row["box_iou"] < 1.0 and row["placed_right"] == 0.0
     # An edit graded against the edited scene: the unedited source fails it.
-    edited, _ = shapes_tasks.recolor(two, 0, "white" if two.shapes[0].color != "white"
+    edited, _ = shapes_language.recolor(two, 0, "white" if two.shapes[0].color != "white"
                                       else "black")
     assert shapes_scores.edit_metrics(shapes.render(edited)[None], [edited])["edit_right"] == 1.0
     assert shapes_scores.edit_metrics(shapes.render(two)[None], [edited])["edit_right"] == 0.0
@@ -60,7 +60,7 @@ def test_positions_are_what_the_position_caption_says_graded_apart_from_class():
     # The regions and relations are the words of the caption that names positions.
     one = shapes.Scene(32, SCENES[0].background,
                        (shapes.make_shape("star", "red", "small", 2, 2, 9),))
-    assert shapes_tasks.captions(one, rng)[2].endswith("in the top left corner of the image")
+    assert shapes_language.captions(one, rng)[2].endswith("in the top left corner of the image")
     assert shapes_scores.scene_positions(one) == ((0, 0),)
     # The same place in another class is right (position apart from class); another
     # corner, or a missing color, is wrong.
@@ -103,22 +103,22 @@ def test_class_metrics_say_which_shapes_are_drawn_and_what_instead():
 
 def test_swapped_captions_change_one_introduced_object_at_a_time():
     caption = "a small Red circle above a blue square; the red circle is large"
-    classes = shapes_tasks.swapped_captions(caption, "class")
+    classes = shapes_language.swapped_captions(caption, "class")
     assert classes[0] == caption and len(classes) == 1 + 2 * (len(shapes.KINDS) - 1)
     assert len(set(classes)) == len(classes)
     assert "a small Red star above a blue square; the red circle is large" in classes
     assert "a small Red circle above a blue star; the red circle is large" in classes
     # The later mention keeps its words; one object changes per alternative.
     assert all(c.endswith("the red circle is large") for c in classes)
-    colors = shapes_tasks.swapped_captions(caption, "color")
+    colors = shapes_language.swapped_captions(caption, "color")
     assert len(colors) == 1 + 2 * (len(shapes.COLORS) - 1)
     assert "a small green circle above a blue square; the red circle is large" in colors
     assert all(shapes_scores.caption_objects(c) != shapes_scores.caption_objects(caption)
                for c in colors[1:])
-    assert shapes_tasks.swapped_captions("a plain gray background", "class") == [
+    assert shapes_language.swapped_captions("a plain gray background", "class") == [
         "a plain gray background"]
     with pytest.raises(ValueError, match="what='size'"):
-        shapes_tasks.swapped_captions(caption, "size")
+        shapes_language.swapped_captions(caption, "size")
 
 
 def test_renamed_classes_rename_every_mention_and_nothing_else():
@@ -148,19 +148,19 @@ def test_caption_precision_recall_and_vqa_exact_match():
 def test_every_corpus_question_has_one_type_and_scores_by_type():
     rng = np.random.default_rng(0)
     scenes = [shapes.sample_scene(np.random.default_rng(i), 64) for i in range(30)]
-    pairs = [p for s in scenes for p in shapes_tasks.vqa_pairs(s, rng)]
-    kinds = [shapes_tasks.vqa_question_type(q) for q, _ in pairs]
-    assert set(kinds) == set(shapes_tasks.VQA_TYPES)  # 30 scenes at 64 px ask every kind
+    pairs = [p for s in scenes for p in shapes_language.vqa_pairs(s, rng)]
+    kinds = [shapes_language.vqa_question_type(q) for q, _ in pairs]
+    assert set(kinds) == set(shapes_language.VQA_TYPES)  # 30 scenes at 64 px ask every kind
     # A model that answers only the color questions right.
     questions, truths = [q for q, _ in pairs], [a for _, a in pairs]
     answers = [a if k == "color" else "no idea" for a, k in zip(truths, kinds)]
     got = shapes_scores.vqa_exact_match_by_type(questions, answers, truths)
     assert got["vqa_exact_match/color"] == 1.0
-    assert {got[f"vqa_exact_match/{k}"] for k in shapes_tasks.VQA_TYPES if k != "color"} == {0.0}
-    assert sum(got[f"vqa_questions/{k}"] for k in shapes_tasks.VQA_TYPES) == len(pairs)
+    assert {got[f"vqa_exact_match/{k}"] for k in shapes_language.VQA_TYPES if k != "color"} == {0.0}
+    assert sum(got[f"vqa_questions/{k}"] for k in shapes_language.VQA_TYPES) == len(pairs)
     assert got["vqa_questions/count"] == len(scenes)  # one count question per scene
     with pytest.raises(ValueError, match="not a question vqa_pairs asks"):
-        shapes_tasks.vqa_question_type("Why is the sky blue?")
+        shapes_language.vqa_question_type("Why is the sky blue?")
     with pytest.raises(ValueError, match="one of each per question"):
         shapes_scores.vqa_exact_match_by_type(questions[:2], answers[:1], truths[:2])
 
@@ -181,10 +181,10 @@ def test_every_true_caption_scores_one_when_shapes_share_class_and_color():
                for i in range(60)]
     scenes = SCENES + sampled + [_twins(s) for s in sampled]
     # refer() writes every rank word for some of these scenes.
-    ranks = {shapes_tasks.refer(s, i).split()[1] for s in scenes for i in range(len(s.shapes))}
-    assert set(shapes_tasks._RANKS) <= ranks
+    ranks = {shapes_language.refer(s, i).split()[1] for s in scenes for i in range(len(s.shapes))}
+    assert set(shapes_language._RANKS) <= ranks
     rng = np.random.default_rng(0)
-    captions = [[*shapes_tasks.captions(s, rng), sft_examples.long_caption(s)] for s in scenes]
+    captions = [[*shapes_language.captions(s, rng), sft_examples.long_caption(s)] for s in scenes]
     for i in range(5):
         got = shapes_scores.caption_metrics([c[i] for c in captions], scenes)
         assert set(got.values()) == {1.0}, (i, got)

@@ -42,10 +42,10 @@ def test_the_commonest_answer_is_the_prior_to_read_against():
 
 
 def test_the_candidates_cover_every_answer_the_corpus_gives():
-    from cm3leon_jax.data import shapes, shapes_tasks
+    from cm3leon_jax.data import shapes, shapes_language
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        for _, answer in shapes_tasks.vqa_pairs(shapes.sample_scene(rng, 32), rng):
+        for _, answer in shapes_language.vqa_pairs(shapes.sample_scene(rng, 32), rng):
             assert answer in vqa_kinds.KIND_OF
 
 

@@ -18,7 +18,7 @@ from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import sampler
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import cpu_kernels
-from cm3leon_jax.model.decoding import DecoderStep
+from cm3leon_jax.model.decode_step import DecoderStep
 from tests.model.model_testlib import random_params, tiny_config
 from tests.model.test_attention_chunked import CASES, _assert_same, _inputs, _value_and_grads
 
@@ -167,7 +167,7 @@ def test_a_sharded_decoder_is_refused():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 4, 16), (8, 2, 64), (3, 1, 20)])
 def test_one_query_attention_is_the_masked_softmax_of_the_xla_path(dtype, heads, kv_heads, d):
-    from cm3leon_jax.model.decoding import _one_query_attention
+    from cm3leon_jax.model.decode_step import _one_query_attention
 
     rng = np.random.default_rng(heads + d)
     b, length = 4, 37

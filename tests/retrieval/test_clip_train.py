@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cm3leon_jax.data import shapes, shapes_tasks
+from cm3leon_jax.data import shapes, shapes_language
 from cm3leon_jax.data.synthetic import synthetic_pairs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import clip, clip_train
@@ -21,7 +21,7 @@ CFG = clip.ClipConfig(image_size=32, patch_size=8, vision_width=48, vision_layer
 
 
 @pytest.mark.parametrize("mirror,hard_negatives", [(False, None), (True, None),
-                                                   (True, shapes_tasks.class_swaps)])
+                                                   (True, shapes_language.class_swaps)])
 def test_short_training_run_learns_saves_and_resumes(tmp_path, mirror, hard_negatives):
     kw = dict(train_pairs=synthetic_pairs("train", 300, 32),
               test_pairs=synthetic_pairs("test", 64, 32), steps=40, batch_size=32,
@@ -184,11 +184,11 @@ def test_clip_loss_hard_negatives_enter_the_image_to_text_side_only_where_valid(
 
 def test_class_swaps_name_every_other_class_in_each_introduced_object():
     caption = "a small red star above a large blue circle, then the red star again"
-    swaps = shapes_tasks.class_swaps(caption)
+    swaps = shapes_language.class_swaps(caption)
     assert caption not in swaps and len(swaps) == 2 * (len(shapes.KINDS) - 1)
     assert "a small red circle above a large blue circle, then the red star again" in swaps
     assert "a small red star above a large blue hexagon, then the red star again" in swaps
-    assert shapes_tasks.class_swaps("a plain gray background") == []
+    assert shapes_language.class_swaps("a plain gray background") == []
 
 
 @pytest.mark.slow  # Run by `make test-slow` (kept out of the default run's time, 6 Dec)

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from retrieval_testlib import SELECTION, clear_of_ties, exact_search
 
 from cm3leon_jax.data.synthetic import synthetic_documents
-from cm3leon_jax.retrieval import load_test
+from cm3leon_jax.retrieval import load_generator
 from cm3leon_jax.retrieval.client import RetrievalClient, encode_png
-from cm3leon_jax.retrieval.load_test import ServerProcess
+from cm3leon_jax.retrieval.load_generator import ServerProcess
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.retrieval.server import ServiceLimits, create_app
 
@@ -244,9 +244,9 @@ def _short_load(server, retriever, doc):
     counts of answered and rejected requests add up to what the test sent, counted here
     (not by the load tester), and nothing is lost."""
     before = httpx.get(server.url + "/health").json()["requests"]
-    good = load_test.mixed_requests(
-        load_test.vector_requests(retriever.bank.vectors(np.arange(32)), k=3),
-        load_test.text_requests([doc.text]), load_test.image_requests([doc.image]))
+    good = load_generator.mixed_requests(
+        load_generator.vector_requests(retriever.bank.vectors(np.arange(32)), k=3),
+        load_generator.text_requests([doc.text]), load_generator.image_requests([doc.image]))
     made = itertools.count()
     invalid = set()
 
@@ -257,7 +257,7 @@ def _short_load(server, retriever, doc):
             return "/search/vector", {"json": {"vectors": [[0.1] * retriever.dim], "k": 99}}
         return good(n)
 
-    report = load_test.run_load(server.url, make, concurrency=8, seconds=3, timeout=60)
+    report = load_generator.run_load(server.url, make, concurrency=8, seconds=3, timeout=60)
     after = httpx.get(server.url + "/health").json()["requests"]
     sent = next(made)
     answered = after["answered"] - before["answered"]
@@ -273,11 +273,11 @@ def _short_load(server, retriever, doc):
 def test_load_on_loopback_has_no_errors_and_loses_nothing(retrieval_dir, retriever, doc):
     vectors = retriever.bank.vectors(np.arange(64))
     texts = [d.text for d in synthetic_documents(split="test", num=16) if d.text]
-    make = load_test.mixed_requests(load_test.vector_requests(vectors, k=3),
-                                    load_test.text_requests(texts),
-                                    load_test.image_requests([doc.image]))
+    make = load_generator.mixed_requests(load_generator.vector_requests(vectors, k=3),
+                                    load_generator.text_requests(texts),
+                                    load_generator.image_requests([doc.image]))
     with ServerProcess(retrieval_dir, SERVE_BINDINGS) as server:
-        report = load_test.run_load(server.url, make, concurrency=32, seconds=15)
+        report = load_generator.run_load(server.url, make, concurrency=32, seconds=15)
         assert httpx.get(server.url + "/health").status_code == 200
     print(report)
     assert report["errors"] == 0 and report["lost"] == 0 and report["unaccounted"] == 0, report

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks import image_tokenizer as bench
-from cm3leon_jax.data import shapes, shapes_tasks
+from cm3leon_jax.data import shapes, shapes_language
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class _CellTokenizer:
 
 def _edits(n):
     rng = np.random.default_rng(0)
-    pairs = [(s, shapes_tasks.recolor(s, 0, next(c for c in shapes.COLORS
+    pairs = [(s, shapes_language.recolor(s, 0, next(c for c in shapes.COLORS
                                                  if c != s.shapes[0].color))[0])
              for s in (shapes.sample_scene(rng, 32) for _ in range(n))]
     return [a for a, _ in pairs], [b for _, b in pairs]

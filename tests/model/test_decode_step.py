@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3leon_jax.model.decoding import DecoderStep
+from cm3leon_jax.model.decode_step import DecoderStep
 from tests.model.model_testlib import forward, random_params, tiny_chameleon, tiny_config
 
 CONFIGS = {"cm3leon": tiny_config(), "chameleon_gqa": tiny_chameleon(),
@@ -106,7 +106,7 @@ def test_the_next_place_embedding_marks_the_code_each_position_predicts():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cache_writes_put_the_same_bits_as_an_update_slice(dtype):
-    from cm3leon_jax.model.decoding import _write_slots
+    from cm3leon_jax.model.decode_step import _write_slots
 
     rng = np.random.default_rng(0)
     cache = jnp.asarray(rng.standard_normal((2, 3, 10, 4)), dtype)

@@ -1,4 +1,5 @@
-"""SeqIO preprocessors: tokenized shards -> CM3 examples (`targets`, `loss_weights`).
+"""`retrieval_augment`, the SeqIO preprocessor of the pretraining and SFT tasks: tokenized
+shards -> CM3 examples (`targets`, `loss_weights`).
 
 The random work (which neighbors, which spans) happens in `augment.py`'s numpy
 functions, called through `tf.numpy_function` with a seed that seqio hands to
