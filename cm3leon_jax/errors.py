@@ -10,8 +10,13 @@ exception is a bug or an environment failure and keeps its traceback.
 `FileNotFoundError`, as `UserInputError` is a `ValueError`, so callers that catch
 the built-in kinds keep working.
 
+`check_count` is the one check of a count setting (steps, samples, documents, a seed):
+a whole number, at least some least value, or one error line naming the setting.
+
 This module imports nothing of the project, so every package may raise it.
 """
+
+import numbers
 
 
 class UserInputError(ValueError):
@@ -34,3 +39,10 @@ class ModelDirMismatchError(UserInputError):
 class CheckpointMismatchError(ModelDirMismatchError):
     """A checkpoint in MODEL_DIR does not fit the run's config (shapes, dtypes, data layout)
     or was written by another kind of run; nothing on disk was changed."""
+
+
+def check_count(setting: str, value: object, least: int = 1, note: str = "") -> None:
+    """Refuses `value` for the count `setting` unless it is a whole number >= `least` (a
+    bool, a float, a string and a number below are refused); `note` ends the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise UserInputError(f"{setting}={value!r}: give a whole number >= {least}{note}.")

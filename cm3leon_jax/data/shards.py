@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError, check_count
 
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
@@ -80,9 +80,7 @@ def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 def slices(num_examples: int, docs_per_shard: int, setting: str) -> list[tuple[int, int]]:
     """`[start, stop)` of each shard of `num_examples` in shards of about `docs_per_shard`
     (at least one shard); `setting` names where `docs_per_shard` was given, for its error."""
-    if isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int) or (
-            docs_per_shard < 1):
-        raise UserInputError(f"{setting}={docs_per_shard!r}: give a whole number >= 1.")
+    check_count(setting, docs_per_shard)
     num = max(1, -(-num_examples // docs_per_shard))
     bounds = np.linspace(0, num_examples, num + 1).astype(int)
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(num)]

@@ -28,7 +28,7 @@ from cm3leon_jax.data import augment, sft_prompts
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.decode import rerank, sampler
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.vocab import document as document_lib
@@ -284,6 +284,7 @@ class Generator:
         return self.image_tokenizer.encode(pixels), pixels
 
     def _retrieve(self, k: int, search) -> list[list[np.ndarray]] | None:
+        check_count("num_retrieved", k, 0)
         if not k or self.retriever is None:
             return None
         results = search(k)
@@ -296,8 +297,7 @@ class Generator:
              ) -> list[np.ndarray]:
         """Every query x num_samples through the sampler; each row's tokens, stop included.
         `negatives`: a query each, run after the same documents as a third stream."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        check_count("num_samples", num_samples)
         budget = self._prompt_budget(constraint)
         # Per sample: the prompt, its negative (if any) and its unconditional stream.
         rows, negative_rows, unconditional = [], [], []
@@ -503,8 +503,7 @@ class Generator:
                         greedy: bool, num_samples: int, seed: int) -> list[np.ndarray]:
         """Rows of every stream (query-major, `num_samples` each) through the sampler in
         fixed batches; each row's generated tokens, stop included."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        check_count("num_samples", num_samples)
         budget = self._prompt_budget(constraint)
         for i, row in enumerate(streams[0]):
             if row.size > budget:
@@ -519,8 +518,9 @@ class Generator:
         """Rows of every stream (each stream's row i goes with the others' row i) through
         the sampler in fixed batches; the first stream's generated tokens, stop included.
         Row i draws from random stream `first_row + i` of `seed`."""
-        if not 0 <= seed < 2 ** 32:  # jax keeps a seed's low 32 bits: 2**32 would be 0.
-            raise ValueError(f"seed={seed}: give a seed in [0, 2**32).")
+        check_count("seed", seed, 0)
+        if seed >= 2 ** 32:  # jax keeps a seed's low 32 bits: 2**32 would be 0.
+            raise UserInputError(f"seed={seed}: give a seed in [0, 2**32).")
         budget = self.config.max_length - constraint.max_new_tokens
         key, out, n = jax.random.key(seed), [], len(streams[0])
         chain = self._kernel_chain(chain)

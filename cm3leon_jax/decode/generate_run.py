@@ -27,7 +27,7 @@ from cm3leon_jax.data.user_data import clean_caption
 from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode.generate import Generator, SamplingConfig, tokenizer_mismatch
-from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError, check_count
 from cm3leon_jax.images import UnsupportedImageError, pil_rgb
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.retrieval.encoder import DocumentEncoder
@@ -204,7 +204,8 @@ def _draw(gen: Generator, texts: list[str], num_samples: int, num_retrieved: int
 def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str],
                     num_samples: int, rerank_samples: int, caption_style: str,
                     image_sampling: SamplingConfig | None, *, batch_size: int = 8,
-                    max_caption_tokens: int = 32, seed: int = 0) -> list[str] | None:
+                    max_caption_tokens: int = 32, seed: int = 0, num_retrieved: int = 2
+                    ) -> list[str] | None:
     """`generate`'s settings checked before the model is restored; returns the negatives."""
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
@@ -212,17 +213,15 @@ def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str]
                              "every caption.")
     counts = {"num_samples": num_samples, "rerank_samples": rerank_samples,
               "batch_size": batch_size, "max_caption_tokens": max_caption_tokens}
-    bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-    if bad:
-        raise UserInputError(f"generate.{bad[0]}={counts[bad[0]]!r} must be a whole number "
-                             ">= 1.")
+    for name, value in counts.items():
+        check_count(f"generate.{name}", value)
+    check_count("generate.num_retrieved", num_retrieved, 0)
+    check_count("generate.seed", seed, 0)
     if num_samples > 1 and rerank_samples > 1:
         raise UserInputError(f"generate.num_samples={num_samples} and generate.rerank_samples="
                              f"{rerank_samples}: re-ranking keeps one image per caption, the "
                              f"best of {rerank_samples}; set num_samples=1, or rerank_samples=1 "
                              "to keep every sample.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserInputError(f"generate.seed={seed!r} must be a whole number >= 0.")
     if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
         raise UserInputError(f"generate.caption_style={caption_style!r}; use one of "
                              f"{prompts.IMAGE_TO_TEXT_STYLES}.")
@@ -276,7 +275,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     texts, image_files = [t for _, t in named], text_list(image_files)
     negatives = _check_settings(texts, negative_captions, num_samples, rerank_samples,
                                 caption_style, image_sampling, batch_size=batch_size,
-                                max_caption_tokens=max_caption_tokens, seed=seed)
+                                max_caption_tokens=max_caption_tokens, seed=seed,
+                                num_retrieved=num_retrieved)
     # Every input read before the (slow) restore and before anything is written: a bad
     # one fails fast.
     images = read_images(image_files)

@@ -28,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from cm3leon_jax.errors import check_count
 from cm3leon_jax.model import cpu_kernels
 from cm3leon_jax.vocab import layout as layout_lib
 from cm3leon_jax.vocab.layout import IdLayout
@@ -258,8 +259,7 @@ class TextOnly:
         pytree_node=False, default=(layout_lib.EOS_ID, layout_lib.BREAK_ID))
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"TextOnly.max_tokens must be >= 1, got {self.max_tokens}.")
+        check_count("max_tokens", self.max_tokens)
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
         ids = _vocab_ids(scores)

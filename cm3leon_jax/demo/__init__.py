@@ -189,13 +189,16 @@ def _changed_settings(model_dir: str) -> str:
 def _preflight(model_dir: str) -> None:
     """`main.run` calls this before it writes config.gin: a folder holding what a demo does
     not write is refused (the demo's stages would write beside it, and start_over, though it
-    deletes only the demo's own entries, is for a folder of the demo's own)."""
+    deletes only the demo's own entries, is for a folder of the demo's own), and so are
+    the late stages' settings that could not work (generate, evaluate)."""
     foreign = demo_stages.foreign_entries(model_dir)
     if foreign:
         raise UserInputError(
             f"demo MODEL_DIR {model_dir!r} holds what a demo does not write ("
             f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): give the demo a "
             "folder of its own, e.g. runs/demo.")
+    demo_generate.check_settings()
+    demo_evaluate.check_settings()
 
 
 demo.preflight = _preflight

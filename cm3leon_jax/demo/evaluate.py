@@ -36,6 +36,8 @@ from cm3leon_jax.data import sft_examples, shapes, shapes_language
 from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.demo import stages as demo_stages
+from cm3leon_jax.errors import check_count
 from cm3leon_jax.evaluation import eval_run, shapes_scores
 from cm3leon_jax.evaluation.grading import Strategy
 from cm3leon_jax.evaluation.suites import corpus_suite
@@ -46,6 +48,20 @@ SHEET_ROWS = 8
 # The issue's targets for this stage, printed as reached / not reached.
 VQA_TIMES_BASELINE = 3.0
 EDIT_AFTER_SFT = 0.30
+
+
+def check_settings() -> None:
+    """`evaluate_stage`'s settings, checked when the demo starts (its preflight): a mistake
+    here would otherwise show only after every earlier stage has run."""
+    s = demo_stages.settings(evaluate_stage)
+    check_count("evaluate_stage.num_examples", s["num_examples"], 2, " (a suite needs two)")
+    for name in ("baseline_examples", "batch_size"):
+        check_count(f"evaluate_stage.{name}", s[name])
+    for name in ("num_retrieved", "seed"):
+        check_count(f"evaluate_stage.{name}", s[name], 0)
+    # The suite's own checks: the split and the tasks.
+    corpus_suite(num_examples=s["num_examples"], split=s["split"], tasks=tuple(s["tasks"]))
+    eval_run.check_caption_settings(s["caption_metrics"], s["caption_style"], "evaluate_stage")
 
 
 @gin.configurable(denylist=["out_dir", "pictures_dir", "runs", "vocab_dir", "image_tokenizer",

@@ -39,7 +39,10 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import synthetic_tfds
 from cm3leon_jax.decode import generate_run, pictures, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
+from cm3leon_jax.decode.prompts import IMAGE_TO_TEXT_STYLES
 from cm3leon_jax.demo import sheet as demo_sheet
+from cm3leon_jax.demo import stages as demo_stages
+from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.evaluation import shapes_scores
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab import document as document_lib
@@ -55,6 +58,25 @@ TARGETS = (
 SHEET_ROWS = 8
 # shapes_language.captions' phrasings: listing, counted, with positions, with the background.
 POSITION_PHRASING = 2
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def check_settings() -> None:
+    """`generate_stage`'s settings, checked when the demo starts (its preflight): a mistake
+    here would otherwise show only after every earlier stage has run."""
+    s = demo_stages.settings(generate_stage)
+    for name in ("num_examples", "rerank_samples", "batch_size", "max_caption_tokens"):
+        check_count(f"generate_stage.{name}", s[name])
+    for name in ("num_retrieved", "seed"):
+        check_count(f"generate_stage.{name}", s[name], 0)
+    if s["split"] not in SPLITS:
+        raise UserInputError(f"generate_stage.split={s['split']!r}; use one of {SPLITS} "
+                             "('test' for the held-out figures).")
+    if s["caption_style"] not in IMAGE_TO_TEXT_STYLES:
+        raise UserInputError(f"generate_stage.caption_style={s['caption_style']!r}; use one "
+                             f"of {IMAGE_TO_TEXT_STYLES}.")
 
 
 @gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])

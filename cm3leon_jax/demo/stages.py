@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import os
 import re
 import resource
@@ -39,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import gin
 import numpy as np
 
 from cm3leon_jax import fs
@@ -459,3 +461,12 @@ class StageRunner:
                 "total_cpu_seconds": round(cpu_seconds() - self.cpu_started, 1),
                 "load_average": dict(self.load), "reused_stages": list(self.reused),
                 "stages_together": [list(group) for group in self.together]}
+
+
+def settings(configurable: Callable) -> dict[str, Any]:
+    """A gin-configurable stage function's arguments as the run will call it: its defaults,
+    with what gin binds over them (for checking a late stage's settings when the demo
+    starts, not after the minutes of every stage before it)."""
+    defaults = {name: p.default for name, p in inspect.signature(configurable).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **gin.get_bindings(configurable)}

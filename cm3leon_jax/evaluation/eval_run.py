@@ -245,21 +245,12 @@ def _check_settings(strategies: Sequence[Strategy], num_retrieved: Sequence[int]
                                             and k >= 0 for k in num_retrieved)):
         raise UserInputError(f"evaluate.num_retrieved={num_retrieved!r}: give a list of "
                              "document counts, one job each, e.g. [0] or [0, 2].")
-    unknown = sorted(set(caption_metrics) - set(captioning.METRICS))
-    if isinstance(caption_metrics, str) or unknown:
-        raise UserInputError(f"evaluate.caption_metrics={caption_metrics!r}: "
-                             f"{'unknown ' + str(unknown) if unknown else 'give a list'}; "
-                             f"choose among {list(captioning.METRICS)} (the names are "
-                             "case-sensitive), or [] for none.")
+    check_caption_settings(caption_metrics, caption_style)
     names = [s.name for s in strategies]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserInputError(f"evaluate.strategies name {twice} more than once: their rows and "
                              "grids would overwrite each other; give each a name of its own.")
-    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
-        raise UserInputError(f"evaluate.caption_style={caption_style!r} is unknown; use one of "
-                             f"{prompts.IMAGE_TO_TEXT_STYLES} ('image_first' for models "
-                             "pretrained with image-first documents, as the demo's).")
     if any(k > 0 for k in num_retrieved) and not retrieval_dir:
         raise UserInputError(f"evaluate.num_retrieved={list(num_retrieved)} retrieves documents: "
                              "bind evaluate.retrieval_dir (a built retrieval folder), or use [0].")
@@ -269,6 +260,21 @@ def _check_settings(strategies: Sequence[Strategy], num_retrieved: Sequence[int]
             f"evaluate.strategies {reranked} re-rank samples by CLIP score, which needs an "
             "encoder: bind evaluate.clip_encoder_dir (a CLIP folder), or evaluate.retrieval_dir "
             "to a retrieval folder that names its encoder, or leave those strategies out.")
+
+
+def check_caption_settings(caption_metrics: Sequence[str], caption_style: str,
+                           where: str = "evaluate") -> None:
+    """The captioning settings (`where`: the configurable that binds them, for the message)."""
+    unknown = sorted(set(caption_metrics) - set(captioning.METRICS))
+    if isinstance(caption_metrics, str) or unknown:
+        raise UserInputError(f"{where}.caption_metrics={caption_metrics!r}: "
+                             f"{'unknown ' + str(unknown) if unknown else 'give a list'}; "
+                             f"choose among {list(captioning.METRICS)} (the names are "
+                             "case-sensitive), or [] for none.")
+    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
+        raise UserInputError(f"{where}.caption_style={caption_style!r} is unknown; use one of "
+                             f"{prompts.IMAGE_TO_TEXT_STYLES} ('image_first' for models "
+                             "pretrained with image-first documents, as the demo's).")
 
 
 def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None = None,

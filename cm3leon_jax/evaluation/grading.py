@@ -17,7 +17,7 @@ import numpy as np
 from cm3leon_jax.data import sft_prompts, shapes
 from cm3leon_jax.decode import rerank
 from cm3leon_jax.decode.generate import CAPTION_SAMPLING, Generator, SamplingConfig
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.evaluation import captioning, fid, likelihood, shapes_scores, vqa
 from cm3leon_jax.evaluation.suites import Task
 
@@ -33,9 +33,10 @@ class Strategy:
     num_samples: int = 1
 
     def __post_init__(self):
-        if self.num_samples < 1 or not self.samplings:
-            raise UserInputError(f"Strategy {self.name!r}: num_samples must be >= 1 and samplings "
-                                 "non-empty.")
+        check_count(f"Strategy {self.name!r}: num_samples", self.num_samples)
+        if not self.samplings:
+            raise UserInputError(f"Strategy {self.name!r}: samplings is empty; give at least "
+                                 "one SamplingConfig.")
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ from PIL import Image as PILImage
 from cm3leon_jax import fs
 from cm3leon_jax import images as images_lib
 from cm3leon_jax.data import sft_examples, shapes, shapes_language
-from cm3leon_jax.errors import MissingInputError, UserInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError, check_count
 
 
 @dataclasses.dataclass
@@ -186,9 +186,9 @@ def coco_suite(captions_json: str = gin.REQUIRED, image_dir: str = gin.REQUIRED,
             raise UserInputError(f"{captions_json!r} is not a COCO captions file: it needs "
                              "'images' and 'annotations'.")
         by_image = _captions_by_image(data, captions_json)
-        if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
-            raise UserInputError(f"coco_suite.max_images={max_images!r}: give a whole number "
-                                 ">= 2 (FID needs two images), or None for all.")
+        if max_images is not None:
+            check_count("coco_suite.max_images", max_images, 2,
+                        " (FID needs two images), or None for all")
         listed = {im.get("id") for im in data["images"] if isinstance(im, dict)}
         orphans = sum(len(c) for i, c in by_image.items() if i not in listed)
         if orphans:

@@ -29,7 +29,7 @@ import numpy as np
 import seqio
 from jax.sharding import Mesh
 
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decoder import Decoder, count_params
 from cm3leon_jax.train import checkpoints, distributed, optimizer, vocab_record
@@ -163,10 +163,7 @@ def train(model_dir: str, *, task: str = gin.REQUIRED, num_steps: int = gin.REQU
 def _check_counts(**counts: int) -> None:
     """Step counts of `train` that must be positive (eval_every: 0 is "only at the end")."""
     for name, value in counts.items():
-        least = 0 if name == "eval_every" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserInputError(f"train.{name}={value!r}; it must be a whole number >= "
-                                 f"{least} (4, not '4').")
+        check_count(f"train.{name}", value, 0 if name == "eval_every" else 1, " (4, not '4')")
 
 
 class _Run:

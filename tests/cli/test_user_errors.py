@@ -7,6 +7,7 @@ is not an image, a data folder that does not exist. Internal errors keep their t
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -162,3 +163,22 @@ def test_an_unquoted_string_value_names_the_binding_and_the_quotes(tmp_path, cap
             f"error: --gin.{binding}: gin reads values as Python literals and {value} is not "
             f"one; a string needs quotes: --gin.{key}=\"'{value}'\""], errors
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("generate_stage.num_retrieved=-1", "generate_stage.num_retrieved=-1: give a whole number"),
+    ("generate_stage.rerank_samples=2.5", "generate_stage.rerank_samples=2.5: give a whole"),
+    ("generate_stage.split='valid'", "generate_stage.split='valid'; use one of"),
+    ("generate_stage.caption_style='first'", "generate_stage.caption_style='first'; use one"),
+    ("evaluate_stage.num_examples=1", "evaluate_stage.num_examples=1: give a whole number >= 2"),
+    ("evaluate_stage.tasks=['vqa', 'ocr']", r"corpus_suite.tasks: \['ocr'\] unknown"),
+    ("evaluate_stage.caption_metrics=['cider']", r"evaluate_stage.caption_metrics=\['cider'\]")])
+def test_the_demos_late_stages_settings_are_refused_before_its_first_stage(
+        tmp_path, capsys, binding, message):
+    """The generate and evaluate stages come after minutes of training: a setting of theirs
+    that cannot work was found only there (num_retrieved=-1 as "SelectionConfig.k=-1")."""
+    out = tmp_path / "demo"
+    code, errors = _main(capsys, f"--gin_file={os.path.join(ROOT, 'gin_configs/runs/demo.gin')}",
+                         f"--gin.MODEL_DIR='{out}'", f"--gin.{binding}")
+    assert code == 2 and len(errors) == 1 and re.search(message, errors[0]), errors
+    assert not out.exists()  # Refused before anything was written.

@@ -230,9 +230,9 @@ def test_data_dir_and_a_folder_bound_apart_are_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("binding,match", [
-    ("generate.seed=-1", "generate.seed=-1 must be a whole number >= 0"),
-    ("generate.batch_size=0", "generate.batch_size=0 must be a whole number >= 1"),
-    ("generate.num_samples='2'", "generate.num_samples='2' must be a whole number >= 1"),
+    ("generate.seed=-1", "generate.seed=-1: give a whole number >= 0"),
+    ("generate.batch_size=0", "generate.batch_size=0: give a whole number >= 1"),
+    ("generate.num_samples='2'", "generate.num_samples='2': give a whole number >= 1"),
     ("generate.negative_captions=['x', ' ']", r"negative_captions\[1\] is empty"),
     ("generate.num_samples=2", r"num_samples=2 and generate.rerank_samples=4: re-ranking keeps")])
 def test_bad_settings_are_named_before_anything_is_read(tmp_path, capsys, binding, match):

@@ -8,6 +8,7 @@ from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.decode.sampler import left_pad, sample
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval.retriever import SearchResult
 from cm3leon_jax.vocab import document
 from cm3leon_jax.vocab.layout import BREAK_ID, EOSS_ID
@@ -188,6 +189,23 @@ def test_generator_refuses_what_it_cannot_do(vocab):
         gen.image_to_text(codes, num_retrieved=0, max_tokens=500)
     with pytest.raises(ValueError, match=r"seed=4294967296: give a seed in \[0, 2\*\*32\)"):
         gen.text_to_image(["a star"], seed=2 ** 32)
+
+
+@pytest.mark.parametrize("call,message", [
+    # Each was a traceback from deep inside (ScaNN's argument types, a list times a float,
+    # jax's PRNG or shape checks) or named another setting (SelectionConfig.k).
+    (lambda g, c: g.text_to_image(["a star"], num_retrieved=-1), "num_retrieved=-1:"),
+    (lambda g, c: g.text_to_image(["a star"], num_retrieved=2.5), "num_retrieved=2.5:"),
+    (lambda g, c: g.text_to_image(["a star"], num_samples=2.5), "num_samples=2.5:"),
+    (lambda g, c: g.text_to_image(["a star"], num_samples=True), "num_samples=True:"),
+    (lambda g, c: g.text_to_image(["a star"], seed=1.5), "seed=1.5:"),
+    (lambda g, c: g.image_to_text(c, num_retrieved=0, seed=-1), "seed=-1:"),
+    (lambda g, c: g.describe(c, max_tokens=2.5), "max_tokens=2.5:"),
+    (lambda g, c: g.edit(c, ["make it blue"], num_samples=0), "num_samples=0:")])
+def test_generator_names_a_count_argument_that_is_not_a_whole_number(vocab, call, message):
+    gen = Generator(CONFIG, PARAMS, vocab)
+    with pytest.raises(UserInputError, match=message + " give a whole number >= "):
+        call(gen, np.zeros((1, 16), np.int32))
 
 
 def test_codes_as_a_jax_array_are_codes_and_a_mismatched_vocabulary_is_refused(vocab):

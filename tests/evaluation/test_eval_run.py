@@ -309,7 +309,7 @@ def test_bad_settings_are_named(eval_files, tmp_path):
         with pytest.raises(UserInputError, match=match):  # Before anything is read.
             eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v",
                               image_tokenizer=None, **bad)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="Strategy 'bad': num_samples=0: give a whole number >= 1"):
         Strategy("bad", num_samples=0)
     for bad, match in [({"split": "val"}, r"split='val' is not a split .*'validation'"),
                        ({"num_examples": 1}, r"num_examples=1: give 2 or more"),
