@@ -389,11 +389,11 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
     if (params_checkpoint.is_export(checkpoint)
             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):
         saved = restore.saved_config(checkpoint)
-        check_model_fits(saved, vocab, checkpoint, vocab_dir, named, families,
+        check_model_fits(saved, vocab, checkpoint, named, families,
                          captions_of_images)
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     if config != saved:
-        check_model_fits(config, vocab, checkpoint, vocab_dir, named, families,
+        check_model_fits(config, vocab, checkpoint, named, families,
                          captions_of_images)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, vocab, tokenizer, retriever, batch_size=batch_size)
@@ -401,19 +401,15 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
 
 
 def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpoint: str,
-                     vocab_dir: str, named: Sequence[tuple[str, str]],
+                     named: Sequence[tuple[str, str]],
                      families: tuple[str | None, list[dict]] = (None, []),
                      captions_of_images: tuple[int, str] | None = None) -> None:
     """An error naming the input when the vocabulary is not the model's, or a caption's
     prompt (`caption <break>`) leaves no room in DecoderConfig.max_length for the image's
     codes (`Generator.text_to_image` would fail after the restore), or a request of the
     prompts file (`families`: (path, requests)) none for what its family generates."""
-    mismatch = config.vocabulary_mismatch(vocab.layout) or restore.vocabulary_mismatch(
-        checkpoint, vocab)
-    if mismatch:
-        raise UserInputError(f"generate.vocab_dir {vocab_dir!r} does not fit the model of "
-                             f"generate.checkpoint {checkpoint!r}: {mismatch}. Give the "
-                             "vocabulary of the data the model was trained on.")
+    restore.check_vocabulary(checkpoint, vocab, config,
+                             names=("generate.vocab_dir", "generate.checkpoint"))
     new_tokens = proc.ImageCodesOnly(vocab.layout).max_new_tokens
     budget = config.max_length - new_tokens
     for where, text in named:

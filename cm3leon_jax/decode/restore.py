@@ -1,6 +1,7 @@
 """A trained decoder's parameters, read from a trainer's MODEL_DIR.
 
     config, params, step = restore_decoder("runs/demo/pretrain")   # sizes from its config.gin
+    restore_decoder("runs/demo/pretrain", vocab=vocab)  # and refuses another run's vocabulary
 
 The trainer checkpoints the whole `TrainState` (step, params, optimizer moments) under
 `MODEL_DIR/checkpoints/<step>/state`; generation needs only the parameters, so only
@@ -90,7 +91,8 @@ def _is_train_run(path: epath.Path) -> bool:
 
 def restore_decoder(model_dir: str, step: int | None = None,
                     config: DecoderConfig | None = None,
-                    mesh: jax.sharding.Mesh | None = None, every_process: bool = False
+                    mesh: jax.sharding.Mesh | None = None, every_process: bool = False,
+                    vocab: MultimodalVocabulary | None = None
                     ) -> tuple[DecoderConfig, Any, int]:
     """(config, params, step) of a train run's checkpoint; the newest readable unless `step`.
 
@@ -110,10 +112,18 @@ def restore_decoder(model_dir: str, step: int | None = None,
         a step that one process cannot read is passed over by all (`checkpoints.agreed`).
       every_process: without a mesh, every process of the job calls this at the same point
         (an export) and they must agree on the step, as with one.
+      vocab: the vocabulary the caller will generate with: refused before anything is read
+        unless it is the model's (`check_vocabulary`).
     """
     if params_checkpoint.is_export(model_dir):
+        if vocab is not None:
+            manifest = params_checkpoint.read_manifest(model_dir)
+            check_vocabulary(model_dir, vocab, params_checkpoint.config_from_dict(
+                manifest["decoder_config"], f"{model_dir}/{params_checkpoint.MANIFEST}"))
         return _restore_export(model_dir, step, config, mesh)
     config = run_config.decoder_config(model_dir) if config is None else config
+    if vocab is not None:
+        check_vocabulary(model_dir, vocab, config)
     steps = check_checkpoint(model_dir, step)
     expected = nn.unbox(abstract_variables(config)["params"])
     if mesh is None:
@@ -196,6 +206,22 @@ def vocabulary_record(model_dir: str) -> dict | None:
 def vocabulary_mismatch(model_dir: str, vocab: MultimodalVocabulary) -> str | None:
     """How `vocab` is not the one the model in `model_dir` was trained on, or None."""
     return vocab_record.mismatch(vocabulary_record(model_dir), vocab)
+
+
+def check_vocabulary(model_dir: str, vocab: MultimodalVocabulary,
+                     config: DecoderConfig | None = None, *,
+                     names: tuple[str, str] = ("vocabulary", "model_dir"),
+                     advice: str = "Give the vocabulary of the data the model was trained on"
+                     ) -> None:
+    """Refuses `vocab` for the model in `model_dir`: ids its `config` cannot embed or place,
+    or another vocabulary than the one its run recorded (another text model of the same
+    size reads every word as other tokens, silently). `names`: the settings the user gave
+    the vocabulary and the model by ("evaluate.vocab_dir", "evaluate.checkpoint")."""
+    mismatch = ((config.vocabulary_mismatch(vocab.layout) if config is not None else None)
+                or vocabulary_mismatch(model_dir, vocab))
+    if mismatch:
+        raise UserInputError(f"{names[0]} {vocab.directory!r} does not fit the model of "
+                             f"{names[1]} {model_dir!r}: {mismatch}. {advice}.")
 
 
 def retrieval_vocabulary_mismatch(retrieval_dir: str, vocab: MultimodalVocabulary

@@ -94,7 +94,7 @@ def evaluate_stage(out_dir: str, pictures_dir: str, runs: dict[str, str], vocab_
     result: dict[str, Any] = {"split": split, "examples": num_examples}
     shown: dict[str, Any] = {}
     for name, model_dir in runs.items():
-        config, params, step = restore.restore_decoder(model_dir)
+        config, params, step = restore.restore_decoder(model_dir, vocab=vocab)
         gen = Generator(config, params, vocab, image_tokenizer, retriever,
                         batch_size=batch_size)
         outputs: dict = {}

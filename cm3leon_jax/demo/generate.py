@@ -106,8 +106,8 @@ def generate_stage(out_dir: str, pretrain_dir: str, data_dir: str, builder, imag
     images = np.stack([ex["image"] for ex in examples])
     captions = [ex["captions"][0].decode() for ex in examples]
     scenes = [synthetic_tfds.shapes.Scene.from_json(ex["scene"].decode()) for ex in examples]
-    config, params, step = restore.restore_decoder(pretrain_dir)
     vocab = MultimodalVocabulary(os.path.join(data_dir, "vocab"))
+    config, params, step = restore.restore_decoder(pretrain_dir, vocab=vocab)
     retriever = Retriever.open(os.path.join(data_dir, "retrieval")) if num_retrieved else None
     gen = Generator(config, params, vocab, image_tokenizer, retriever, batch_size=batch_size)
     image_sampling = image_sampling or SamplingConfig()

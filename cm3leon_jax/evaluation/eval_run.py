@@ -198,11 +198,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
                     can_rank=bool(clip_encoder_dir or retrieval_dir),
                     caption_metrics=caption_metrics)
     vocab = MultimodalVocabulary(vocab_dir)
-    mismatch = restore.vocabulary_mismatch(checkpoint, vocab)  # Before the restore.
-    if mismatch:
-        raise UserInputError(f"evaluate.vocab_dir {vocab_dir!r} does not fit the model of "
-                             f"evaluate.checkpoint {checkpoint!r}: {mismatch}. Give the "
-                             "vocabulary of the data the model was trained on.")
+    restore.check_vocabulary(checkpoint, vocab,  # Before the restore.
+                             names=("evaluate.vocab_dir", "evaluate.checkpoint"))
     documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
     if documents:
         raise UserInputError(f"evaluate.retrieval_dir {retrieval_dir!r} does not fit "

@@ -206,13 +206,11 @@ def check_fits(checkpoint: str, model: DecoderConfig, vocab_dir: str | None,
     codebook than the vocabulary (or, without one, the model's image ids) holds."""
     vocab = MultimodalVocabulary(vocab_dir) if vocab_dir else None
     layout = vocab.layout if vocab else None
-    mismatch = vocab and (model.vocabulary_mismatch(layout)
-                          or restore.vocabulary_mismatch(checkpoint, vocab))
-    if mismatch:
-        raise UserInputError(
-            f"export.vocab_dir {vocab_dir!r} does not fit the model of export.checkpoint "
-            f"{checkpoint!r}: {mismatch}. Give the vocabulary it was trained with (its "
-            "preprocess run's vocab/), or None to leave it out.")
+    if vocab:
+        restore.check_vocabulary(
+            checkpoint, vocab, model, names=("export.vocab_dir", "export.checkpoint"),
+            advice="Give the vocabulary it was trained with (its preprocess run's vocab/), "
+                   "or None to leave it out")
     if vq_config is None:
         return
     got = (vq_config.codes_per_image, vq_config.codebook_size)

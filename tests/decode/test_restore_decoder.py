@@ -1,5 +1,6 @@
 """Reading a decoder's parameters from a trainer's checkpoints, and the errors on misuse."""
 
+import json
 import logging
 import os
 import shutil
@@ -8,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.restore import restore_decoder
 from cm3leon_jax.errors import UserInputError
-from cm3leon_jax.train import checkpoints
+from cm3leon_jax.train import checkpoints, vocab_record
 from tests.model.model_testlib import tiny_config, write_train_checkpoints
 
 CONFIG = tiny_config()
@@ -96,3 +98,23 @@ def test_a_checkpoint_without_checksums_loads_with_a_warning(trained, tmp_path, 
     assert step == 2
     _assert_params(params, states[2])
     assert any("has no checksums.json" in r.getMessage() for r in caplog.records)
+
+
+def test_the_vocabulary_to_generate_with_is_checked_before_the_read(trained, tmp_path, vocab,
+                                                                    monkeypatch):
+    """`restore_decoder(..., vocab=)`: the Python API's check that generate, eval and export
+    make (a same-size vocabulary of another text model reads every word as other tokens)."""
+    model_dir = str(_copy(trained, tmp_path)[0])
+    vocab_record.write(model_dir, vocab)
+    assert restore_decoder(model_dir, None, CONFIG, vocab=vocab)[2] == 2
+    other = {**vocab_record.of(vocab), "fingerprint": "0123456789abcdef",
+             "directory": "/data/other/vocab"}
+    with open(os.path.join(model_dir, vocab_record.FILE), "w") as f:
+        json.dump(other, f)
+    monkeypatch.setattr(restore, "_read_params", None)  # Refused before a checkpoint is read.
+    with pytest.raises(UserInputError, match=r"^vocabulary '.*' does not fit the model of "
+                       r"model_dir '.*': its model was trained on the vocabulary in "
+                       r"'/data/other/vocab' \(fingerprint 0123456789abcdef\)"):
+        restore_decoder(model_dir, None, CONFIG, vocab=vocab)
+    with pytest.raises(UserInputError, match=r"DecoderConfig.vocab_size=64\. Give the voc"):
+        restore_decoder(model_dir, None, CONFIG.replace(vocab_size=64), vocab=vocab)
