@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.struct
 import jax
@@ -228,6 +228,8 @@ def _two_streams(scores: jax.Array, who: str) -> tuple[jax.Array, jax.Array]:
 class ImageCodesOnly:
     """Text -> image: after the prompt's `<break>`, exactly `image_length` image codes."""
 
+    # Its rows are right only at their full length (`sampler.sample` refuses a shorter buffer).
+    exact_length: ClassVar[bool] = True
     layout: IdLayout = _static()
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
@@ -326,12 +328,12 @@ class ImageSpan:
     """Image infilling: exactly `length` image codes, then the row ends (the codes of a
     masked span of an image, written after its `<sentinel:i>`)."""
 
+    exact_length: ClassVar[bool] = True
     layout: IdLayout = _static()
     length: int = flax.struct.field(pytree_node=False, default=1)
 
     def __post_init__(self):
-        if self.length < 1:
-            raise ValueError(f"ImageSpan.length must be >= 1, got {self.length}.")
+        check_count("ImageSpan.length", self.length)
 
     def __call__(self, scores: jax.Array, state: DecodeState) -> jax.Array:
         ids = _vocab_ids(scores)

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax.decode.processors import DecodeState
+from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decode_step import DecoderStep
 from cm3leon_jax.vocab.layout import PAD_ID
@@ -112,6 +113,11 @@ def sample(model: Any, params: Any, prompts, key: jax.Array, *,
         model = DecoderStep(model)
     prompts = np.asarray(prompts)
     _check_prompts(prompts, max_new_tokens, num_streams)
+    if getattr(stop, "exact_length", False) and max_new_tokens < stop.max_new_tokens:
+        raise UserInputError(
+            f"max_new_tokens={max_new_tokens} is fewer than the {stop.max_new_tokens} tokens "
+            f"{type(stop).__name__} writes: every row would be cut short (an image of too few "
+            "codes); give max_new_tokens=stop.max_new_tokens.")
     if hasattr(model, "check"):
         model.check(prompts, max_new_tokens)
     batch = prompts.shape[0] // num_streams
@@ -153,8 +159,7 @@ def _check_prompts(prompts: np.ndarray, max_new_tokens: int, num_streams: int) -
     if num_streams < 1 or prompts.shape[0] % num_streams:
         raise ValueError(f"{prompts.shape[0]} prompt rows cannot form num_streams="
                          f"{num_streams} equal blocks.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_count("max_new_tokens", max_new_tokens)
     real = prompts != PAD_ID
     if not real[:, -1].all() or (np.diff(real.astype(np.int8), axis=1) < 0).any():
         row = int(np.flatnonzero(~real[:, -1] | (np.diff(real.astype(np.int8), axis=1) < 0)

@@ -152,6 +152,22 @@ def test_image_constraint_writes_exactly_image_length_codes_then_stops():
     assert np.asarray(out.finished).all()
 
 
+def test_a_buffer_shorter_than_an_exact_length_constraint_is_refused():
+    """An image constraint's rows are right only at their full length: a buffer of fewer
+    tokens returned every image cut short, unfinished, without a word."""
+    for constraint in (proc.ImageCodesOnly(LAYOUT), proc.ImageSpan(LAYOUT, 8)):
+        with pytest.raises(ValueError, match=f"max_new_tokens=4 is fewer than the "
+                           f"{constraint.max_new_tokens} tokens {type(constraint).__name__}"):
+            sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(1), max_new_tokens=4,
+                   processors=(constraint,), stop=constraint)
+    text = proc.TextOnly(LAYOUT, max_tokens=8)  # A cap, not a length: a shorter buffer is fine.
+    out = sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(1), max_new_tokens=4,
+                 processors=(text,), stop=text)
+    assert np.asarray(out.tokens).shape == (3, 4)
+    with pytest.raises(ValueError, match="max_new_tokens=2.5: give a whole number >= 1"):
+        sample(CONFIG, PARAMS, left_pad(PROMPTS), jax.random.key(1), max_new_tokens=2.5)
+
+
 def test_bad_prompts_are_refused_with_the_fix():
     right_padded = np.array([[5, 6, 0], [5, 6, 7]], np.int32)
     with pytest.raises(ValueError, match="row 0 is not left-padded"):
