@@ -393,3 +393,26 @@ def test_each_way_of_decoding_an_edit_runs_once_named_for_what_runs():
     only = grading.edit_strategies([Strategy("rerank8", (cfg(3.0),), num_samples=8)])
     assert [(s.name, s.num_samples, s.samplings) for s in only] == [
         ("two_scale", 1, (cfg(3.0),))]
+
+
+def test_an_eval_twice_writes_the_same_files_and_another_seed_other_samples(
+        eval_files, image_tokenizer, tmp_path):
+    """The eval run end to end (every corpus task, sampled text to image included),
+    deterministic given its seed: every file of two runs the same byte for byte, seed 1
+    other images."""
+    gen = Generator(CONFIG, eval_files["params"], MultimodalVocabulary(eval_files["vocab"]),
+                    image_tokenizer, batch_size=4)
+    suite = suites.corpus_suite(num_examples=2)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        eval_run.evaluate_generator(gen, str(tmp_path / name), suite=suite, caption_metrics=(),
+                                    seed=seed)
+
+    def files(name):
+        root = tmp_path / name
+        return {p.relative_to(root).as_posix(): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b, c = files("a"), files("b"), files("c")
+    assert {"report.json", "report.md", "text_to_image_cfg3_k0.png"} <= set(a)
+    assert a == b, sorted(k for k in a if a[k] != b.get(k))
+    assert a["text_to_image_cfg3_k0.png"] != c["text_to_image_cfg3_k0.png"]
