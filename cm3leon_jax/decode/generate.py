@@ -28,7 +28,7 @@ import numpy as np
 from cm3leon_jax.data import augment, sft_prompts
 from cm3leon_jax.decode import processors as proc
 from cm3leon_jax.decode import prompts as prompts_lib
-from cm3leon_jax.decode import rerank, sampler
+from cm3leon_jax.decode import rerank, restore, sampler
 from cm3leon_jax.errors import UserInputError, check_count
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.model.decode_step import DecoderStep
@@ -184,9 +184,11 @@ class Generator:
         mismatch = tokenizer_mismatch(image_tokenizer, layout)
         if mismatch:
             raise ValueError(f"{mismatch}: use the tokenizer the data was made with.")
-        if batch_size < 1 or prompt_multiple < 1:
-            raise ValueError(f"batch_size and prompt_multiple must be >= 1, got {batch_size}, "
-                             f"{prompt_multiple}.")
+        check_count("batch_size", batch_size)
+        check_count("prompt_multiple", prompt_multiple)
+        if getattr(retriever, "directory", None):  # Its documents' ids must be this vocab's.
+            restore.check_retrieval_vocabulary(retriever.directory, vocab,
+                                               names=("the retriever's folder", "the vocabulary"))
         self.config, self.params, self.vocab = config, params, vocab
         self.layout, self.image_tokenizer, self.retriever = layout, image_tokenizer, retriever
         self.batch_size, self.prompt_multiple = batch_size, prompt_multiple

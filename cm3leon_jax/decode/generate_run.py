@@ -379,12 +379,11 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
         raise MissingInputError(f"generate.retrieval_dir {retrieval_dir!r} does not exist: give "
                                 "a built retrieval folder (a preprocess run's data/retrieval), "
                                 "or generate.num_retrieved=0 to retrieve nothing.")
-    documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
-    if documents:
-        raise UserInputError(f"generate.retrieval_dir {retrieval_dir!r} does not fit "
-                             f"generate.vocab_dir {vocab_dir!r}: {documents}. Give the "
-                             "retrieval folder of the model's own training data (or "
-                             "generate.num_retrieved=0 and retrieval_dir=None).")
+    if retrieval_dir:
+        restore.check_retrieval_vocabulary(
+            retrieval_dir, vocab, names=("generate.retrieval_dir", "generate.vocab_dir"),
+            advice="Give the retrieval folder of the model's own training data (or "
+                   "generate.num_retrieved=0 and retrieval_dir=None)")
     saved = None
     if (params_checkpoint.is_export(checkpoint)
             or fs.exists(fs.join(checkpoint, run_config.CONFIG_FILE))):

@@ -245,6 +245,19 @@ def retrieval_vocabulary_mismatch(retrieval_dir: str, vocab: MultimodalVocabular
             "the model would read their words and image codes as other tokens")
 
 
+def check_retrieval_vocabulary(
+        retrieval_dir: str, vocab: MultimodalVocabulary, *,
+        names: tuple[str, str] = ("the retrieval folder", "the vocabulary"),
+        advice: str = "Give the retrieval folder of the model's own training data") -> None:
+    """Refuses a retrieval folder whose documents were tokenized with another vocabulary
+    than `vocab` (`retrieval_vocabulary_mismatch`); `names`: the settings the user gave the
+    two by ("generate.retrieval_dir", "generate.vocab_dir")."""
+    documents = retrieval_vocabulary_mismatch(retrieval_dir, vocab)
+    if documents:
+        raise UserInputError(f"{names[0]} {retrieval_dir!r} does not fit {names[1]} "
+                             f"{vocab.directory!r}: {documents}. {advice}.")
+
+
 def _restore_export(path: str, step: int | None, config: DecoderConfig | None,
                     mesh: jax.sharding.Mesh | None) -> tuple[DecoderConfig, Any, int]:
     stored, params, stored_step = params_checkpoint.load_decoder(path, mesh=mesh)

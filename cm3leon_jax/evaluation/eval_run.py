@@ -200,11 +200,9 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
     vocab = MultimodalVocabulary(vocab_dir)
     restore.check_vocabulary(checkpoint, vocab,  # Before the restore.
                              names=("evaluate.vocab_dir", "evaluate.checkpoint"))
-    documents = retrieval_dir and restore.retrieval_vocabulary_mismatch(retrieval_dir, vocab)
-    if documents:
-        raise UserInputError(f"evaluate.retrieval_dir {retrieval_dir!r} does not fit "
-                             f"evaluate.vocab_dir {vocab_dir!r}: {documents}. Give the "
-                             "retrieval folder of the model's own training data.")
+    if retrieval_dir:
+        restore.check_retrieval_vocabulary(
+            retrieval_dir, vocab, names=("evaluate.retrieval_dir", "evaluate.vocab_dir"))
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
     gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)

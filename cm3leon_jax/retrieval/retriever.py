@@ -149,6 +149,7 @@ class Retriever:
                              "use the encoder the bank was built with.")
         self.index, self.bank, self.encoder = index, bank, encoder
         self.selection = selection or SelectionConfig(k=self.DEFAULT_K)
+        self.directory: str | None = None  # The folder it was opened from (`open`).
 
     @classmethod
     def open(cls, directory: str, selection: SelectionConfig | None = None,
@@ -169,6 +170,7 @@ class Retriever:
                 "did to serve what training saw.", directory,
                 ", ".join(f"{f}={v[1]}" for f, v in differ.items()),
                 ", ".join(f"{f}={v[0]}" for f, v in differ.items()))
+        retriever.directory = directory
         return retriever
 
     @property

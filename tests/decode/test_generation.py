@@ -1,5 +1,8 @@
 """Generation APIs on a tiny random decoder: outputs are always decodable documents."""
 
+import json
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.decode.sampler import left_pad, sample
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval.retriever import SearchResult
+from cm3leon_jax.train import vocab_record
 from cm3leon_jax.vocab import document
 from cm3leon_jax.vocab.layout import BREAK_ID, EOSS_ID
 from tests.model.model_testlib import random_params, tiny_config
@@ -298,3 +302,19 @@ def test_a_generator_with_the_cpu_kernels_finds_top_p_through_its_kernel(vocab, 
         gen.image_to_text(np.zeros((1, 16), np.int32), sampling=SamplingConfig(
                 guidance="none", greedy=False, top_p=0.9))
         assert seen == [[on], [on]]
+
+
+def test_a_retriever_whose_documents_another_vocabulary_tokenized_is_refused(vocab, tmp_path):
+    """Its documents' ids go into the prompts as they are: read with another vocabulary
+    they are other words and codes, silently (generate and eval checked; the API did not)."""
+    folder = tmp_path / "retrieval"
+    folder.mkdir()
+    record = {**vocab_record.of(vocab), "fingerprint": "0123456789abcdef",
+              "directory": "/data/other/vocab"}
+    (folder / "retrieval.json").write_text(json.dumps({"vocabulary": record}))
+    with pytest.raises(UserInputError, match=r"^the retriever's folder '.*' does not fit the "
+                       r"vocabulary '.*': its documents were tokenized with the vocabulary in "
+                       r"'/data/other/vocab'"):
+        Generator(CONFIG, PARAMS, vocab, retriever=SimpleNamespace(directory=str(folder)))
+    (folder / "retrieval.json").write_text(json.dumps({"vocabulary": vocab_record.of(vocab)}))
+    Generator(CONFIG, PARAMS, vocab, retriever=SimpleNamespace(directory=str(folder)))

@@ -111,6 +111,7 @@ def test_build_writes_bank_index_and_valid_neighbors(retrieval_dir):
 
 def test_precompute_skips_finished_shards(retrieval_dir):
     r = Retriever.open(retrieval_dir, SELECTION, with_encoder=False)
+    assert r.directory == retrieval_dir  # What the Generator checks its documents' vocabulary by.
     assert neighbors.precompute_neighbors(r, os.path.join(retrieval_dir, "memory_bank"),
                                             progress=False) == 0
 
