@@ -10,6 +10,7 @@ exception is a bug or an environment failure and keeps its traceback.
 `FileNotFoundError`, as `UserInputError` is a `ValueError`, so callers that catch
 the built-in kinds keep working.
 
+`brief(e)` puts another library's exception into such a line (torch's run to several).
 `check_count` is the one check of a count setting (steps, samples, documents, a seed):
 a whole number, at least some least value, or one error line naming the setting.
 
@@ -46,3 +47,13 @@ def check_count(setting: str, value: object, least: int = 1, note: str = "") -> 
     bool, a float, a string and a number below are refused); `note` ends the message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise UserInputError(f"{setting}={value!r}: give a whole number >= {least}{note}.")
+
+
+def brief(e: BaseException, limit: int = 200) -> str:
+    """Another library's exception on one line, for a message of ours: its type and its
+    words, cut after a whole sentence when long (a cut at a fixed length ended mid-sentence)."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        end = text[:limit].rfind(". ")
+        text = text[:end + 1] if end > 0 else text[:limit].rstrip() + " ..."
+    return f"{type(e).__name__}: {text}"

@@ -45,7 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.errors import UserInputError, brief
 from cm3leon_jax.export import chameleon_vocab
 from cm3leon_jax.model import hf_weights
 from cm3leon_jax.model.config import DecoderConfig
@@ -149,8 +149,8 @@ def load_torch(path: str) -> dict[str, np.ndarray]:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several kinds for a damaged file
-            raise ReleaseError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                               f"{str(e)[:200]}).") from None
+            raise ReleaseError(f"{path}: not a readable torch checkpoint "
+                               f"({brief(e)}).") from None
     out = {}
     for k, v in sd.items():
         if hasattr(v, "detach"):
@@ -313,7 +313,7 @@ def read_vqgan(tokenizer_dir: str) -> tuple[VQGANConfig, Any]:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # several kinds
             raise ReleaseError(f"{ckpt}: not a readable weights-only checkpoint "
-                               f"({type(e).__name__}: {str(e)[:200]}).") from None
+                               f"({brief(e)}).") from None
     sd = obj.get("state_dict", obj)
     try:
         cfg = vq_weights.config_from_state_dict(sd, image_size=dd["resolution"])

@@ -141,8 +141,9 @@ def read_image_tokenizer(path: str) -> tuple[VQGANConfig, Any] | None:
     if not fs.exists(weights):
         return None
     cfg = VQGANConfig.from_dict(read_json(f"{path}/{hf_export.VQGAN_CONFIG}"))
+    state = fs.read_safetensors(weights)  # A damaged file: its own error names it.
     try:
-        params, cfg = vq_weights.params_from_state_dict(fs.read_safetensors(weights), cfg)
+        params, cfg = vq_weights.params_from_state_dict(state, cfg)
     except ValueError as e:
         raise UserInputError(f"{weights}: {e}") from None
     return cfg, params

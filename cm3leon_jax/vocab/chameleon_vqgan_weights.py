@@ -25,6 +25,7 @@ directions: `params_from_state_dict` (import) and `state_dict_from_params`
 
 from __future__ import annotations
 
+import pickle
 import re
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError, brief
 from cm3leon_jax.vocab.vqgan import VQGAN, VQGANConfig
 
 _ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
@@ -64,12 +65,16 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
     try:
         with fs.local_copy(path) as local:  # torch reads local files only (gs:// too).
             obj = torch.load(local, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # torch raises UnpicklingError subclasses of several kinds
+    except pickle.UnpicklingError as e:  # What weights_only refuses (and a damaged pickle).
         if allow_pickle:
-            raise
-        raise ValueError(
+            raise UserInputError(f"{path!r}: not a readable torch checkpoint ({brief(e)}); "
+                                 "write or download it again.") from None
+        raise UserInputError(
             f"{path!r} holds more than tensors and was not unpickled for safety; if you trust "
-            "the file, call with allow_pickle=True") from e
+            f"the file, call with allow_pickle=True (torch: {brief(e, 120)})") from None
+    except Exception as e:  # A damaged file: torch raises several kinds.
+        raise UserInputError(f"{path!r}: not a readable torch checkpoint ({brief(e)}); write "
+                             "or download it again.") from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

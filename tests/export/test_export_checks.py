@@ -118,6 +118,12 @@ def test_a_chameleon_export_without_its_vq_in_config_json_is_refused_unless_aske
     assert "num_groups=4" in omitted and "num_groups=4" in caplog.text
     assert (out / hf_export.VQGAN).exists()  # The whole tokenizer still comes back on import.
     assert hf_import.read_image_tokenizer(str(out))[0] == TINY_VQ
+    weights = out / hf_export.VQGAN  # Cut short: one error naming it once (it was twice).
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserInputError) as cut:
+        hf_import.read_image_tokenizer(str(out))
+    assert str(cut.value).count(str(weights)) == 1 and "not a complete safetensors" in str(
+        cut.value)
 
 
 def _manifest_folder(root, text: str) -> str:
