@@ -32,7 +32,7 @@ SPLITS = {"train": 2000, "validation": 200, "test": 200}  # demo.gin's split_siz
 CHILD = r"""
 import json, os, sys, time
 from cm3leon_jax import main as main_lib
-import cm3leon_jax.demo as demo
+from cm3leon_jax.demo import run as demo
 from cm3leon_jax.demo import stages
 way, corpus_dir, out, tok, ret, result = sys.argv[1:]
 main_lib.configure(["gin_configs/runs/demo.gin"], [

@@ -12,7 +12,7 @@ instead of 231-234; at 300 and 180 steps 115 s instead of 119-122 (a process's s
 about 5 s, weighs more there). The demo's own process keeps glibc's policy for the stages after them
 (its SFT's input pipeline is slower on one arena).
 
-    result = apart.run("cm3leon_jax.demo:retriever_stage", {"out_dir": path}, "retriever")
+    result = apart.run("cm3leon_jax.demo.run:retriever_stage", {"out_dir": path}, "retriever")
 
 The child re-reads this process's gin configuration (`gin.config_str()`), calls the
 function with the keyword arguments (JSON values), and hands back its JSON result. A

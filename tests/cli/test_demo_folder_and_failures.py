@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cm3leon_jax import demo
+from cm3leon_jax.demo import run as demo
 from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.errors import ModelDirMismatchError, UserInputError
 

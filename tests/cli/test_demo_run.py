@@ -247,7 +247,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch, capsys):
 
 
 def test_a_host_without_a_compiler_stops_before_the_first_stage(monkeypatch, tmp_path):
-    from cm3leon_jax import demo
+    from cm3leon_jax.demo import run as demo
     from cm3leon_jax.model import cpu_kernels
 
     monkeypatch.setenv("CXX", "no-such-compiler")

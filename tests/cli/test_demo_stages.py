@@ -68,7 +68,7 @@ def test_a_preempted_stage_is_not_stored_and_reruns(tmp_path, monkeypatch):
     import pytest
 
     import tasks  # noqa: F401  (registers data_dirs, which pretrain_stage binds)
-    from cm3leon_jax import demo
+    from cm3leon_jax.demo import run as demo
     from cm3leon_jax.train import run_config, trainer
 
     lines, results = [], [{"step": 3, "preempted": True}, {"step": 9}]
@@ -223,7 +223,7 @@ def test_no_module_an_earlier_stage_runs_names_what_a_later_stage_reads_first():
     import ast
     import pathlib
 
-    from cm3leon_jax import demo
+    from cm3leon_jax.demo import run as demo
 
     root = pathlib.Path(demo.__file__).resolve().parent.parent
     late = {c.split("/")[-1] for cs in demo.FIRST_READ_BY.values() for c in cs}
