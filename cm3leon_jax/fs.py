@@ -307,7 +307,10 @@ def local_copy(path: str) -> Iterator[str]:
 
 
 def copy_tree(src: str, dst: str) -> None:
-    """Copies the folder `src` into `dst` (created), across file systems."""
+    """Copies the folder `src` into `dst` (created; files there are overwritten), across
+    file systems."""
+    if not isdir(src):
+        raise FileNotFoundError(f"{src!r} is not a folder.")
     makedirs(dst)
     for name in listdir(src):
         s, d = join(src, name), join(dst, name)

@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shards
+from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shard_state, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.errors import MissingInputError, UserInputError
@@ -129,9 +129,9 @@ def plan_shards(source: Any, families: Sequence[str], splits: Sequence[str],
     return specs
 
 
-def shard_file(out_dir: str, spec: SftShardSpec) -> str:
-    return shards.shard_path(os.path.join(out_dir, spec.family), spec.split, spec.index,
-                             spec.num_shards)
+def shard_files(out_dir: str, spec: SftShardSpec) -> shard_state.ShardFiles:
+    """An SFT shard's files: a pretraining shard's (records, stats), in its family's folder."""
+    return shard_state.ShardFiles.of(os.path.join(out_dir, spec.family), spec)
 
 
 def check_splits(source: Any, splits: Sequence[str]) -> None:
@@ -182,7 +182,7 @@ def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
         _check_source_content(model_dir, plan["source_content"])
     patterns = [shards.shard_pattern(os.path.join(model_dir, family), "*")
                 for family in sft_prompts.FAMILIES]
-    shards.check_plan(model_dir, plan, [shard_file(model_dir, s) for s in specs], patterns,
+    shards.check_plan(model_dir, plan, [shard_files(model_dir, s).records for s in specs], patterns,
                       who="sft_preprocess", optional=optional,
                       settings="sft_preprocess.docs_per_shard, seq_len, families or "
                                "image_tokenizer_fn")
@@ -219,7 +219,7 @@ def warn_missing_splits(specs: Sequence[SftShardSpec], splits: Sequence[str]) ->
 def is_done(spec: SftShardSpec, out_dir: str) -> bool:
     """Whether the shard's records and stats are written for this slice of the source (a
     stats file of another slice, or from before slices were recorded, is not done)."""
-    path = shard_file(out_dir, spec) + ".stats.json"
+    path = shard_files(out_dir, spec).stats
     return fs.exists(path) and fs.read_json(path).get("range") == [spec.start, spec.stop]
 
 
@@ -310,7 +310,8 @@ class SftShardWorker:
             if batch:
                 yield from batch_docs(batch)
 
-        final = shard_file(self.out_dir, spec)
+        files = shard_files(self.out_dir, spec)
+        final = files.records
         fs.makedirs(os.path.dirname(final))
         with fs.atomic_write(final) as tmp:
             written = shards.write_records(docs(), tmp)
@@ -319,7 +320,7 @@ class SftShardWorker:
         stats = {"split": spec.split, "written": written, "read": read,
                  "skipped": dict(skipped), "min_tokens": min(lengths, default=None),
                  "max_tokens": longest, "range": [spec.start, spec.stop]}
-        fs.write_json(final + ".stats.json", stats)
+        fs.write_json(files.stats, stats)
         counters = {f"{spec.family}/documents": written}
         counters.update({f"{spec.family}/{r}": len(ids) for r, ids in skipped.items()})
         return {**stats, "counters": counters}
@@ -352,7 +353,7 @@ def manifest(specs: Sequence[SftShardSpec], out_dir: str, seq_len: int) -> dict:
         mine = [s for s in specs if s.family == family]
         families[family] = preprocess.manifest(mine, os.path.join(out_dir, family))["splits"]
         for split, counts in families[family].items():
-            stats = [fs.read_json(shard_file(out_dir, s) + ".stats.json")
+            stats = [fs.read_json(shard_files(out_dir, s).stats)
                      for s in mine if s.split == split]
             shortest = [x["min_tokens"] for x in stats if x.get("min_tokens") is not None]
             longest = [x["max_tokens"] for x in stats if x.get("max_tokens") is not None]

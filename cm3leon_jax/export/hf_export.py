@@ -183,7 +183,7 @@ def _write_files(tmp: str, config: DecoderConfig, params: Any, vocab_dir: str | 
         with fs.open(f"{tmp}/{VQGAN_CONFIG}", "w") as f:
             json.dump(vq_config.to_dict(), f, indent=1)
     if vocab_dir:
-        staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
+        fs.copy_tree(vocab_dir.rstrip("/"), f"{tmp}/{VOCAB}")
         from cm3leon_jax.export import hf_tokenizer  # It imports this module.
         hf_tokenizer.write_tokenizer_files(tmp, vocab_dir)
     ours = {"decoder_config": pc.config_to_dict(config), "step": step, "source": source,

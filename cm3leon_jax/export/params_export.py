@@ -102,7 +102,7 @@ def write_export(output_dir: str, config: DecoderConfig, params: Any, *, step: i
         if not staging.is_primary():
             return {}
         if vocab_dir:
-            staging.copy_folder(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
+            fs.copy_tree(vocab_dir.rstrip("/"), f"{tmp}/{pc.VOCAB}")
         elif write_vocab is not None:
             write_vocab(f"{tmp}/{pc.VOCAB}")
         extra = dict(extra or {})

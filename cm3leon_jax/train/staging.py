@@ -142,10 +142,3 @@ def _commit(tmp: str, path: str, overwrite: bool, markers: Sequence[str]) -> Non
         fs.rmtree(old)
 
 
-def copy_folder(src: str, dst: str) -> None:
-    """Copies every file under `src` to `dst` (across file systems, through fs.py)."""
-    if not fs.isdir(src):
-        raise FileNotFoundError(f"{src!r} is not a folder.")
-    for rel in pc.list_files(src):
-        fs.makedirs(posixpath.dirname(f"{dst}/{rel}"))
-        fs.copy(f"{src}/{rel}", f"{dst}/{rel}", overwrite=True)
