@@ -82,4 +82,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

@@ -44,7 +44,6 @@ from aot_tpu import (  # noqa: E402
     memory_sizes,
     sharded_abstract_params,  # noqa: E402
 )
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
@@ -164,7 +163,7 @@ def main(argv=None) -> dict:
 
     config = load_config(args.model, ["DecoderConfig.param_dtype = 'bfloat16'",
                                       "DecoderConfig.dtype = 'bfloat16'", *args.gin])
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+    devices = reporting.tpu_topology(args.topology).devices
     chip, hbm, peak = CHIPS[devices[0].device_kind]
     mesh = partitioning.make_mesh(args.data, args.fsdp, args.tensor, devices=devices)
     model = DecoderStep(config)
@@ -189,4 +188,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reporting.cli(main)

@@ -30,12 +30,14 @@ import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [REPO, HERE]
+
+import reporting  # noqa: E402
 
 from cm3leon_jax.model import partitioning  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
@@ -121,7 +123,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     config = load_config(args.model, args.gin)
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
+    topo = reporting.tpu_topology(args.topology)
     devices = topo.devices
     chip, hbm, peak = CHIPS.get(devices[0].device_kind, (devices[0].device_kind, None, None))
     mesh = partitioning.make_mesh(args.data, args.fsdp, args.tensor, devices=devices)
@@ -204,4 +206,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reporting.cli(main)

@@ -32,7 +32,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import reporting  # noqa: E402
 from aot_tpu import CHIPS, GIB  # noqa: E402  (the decoder benchmark's chip table)
-from jax.experimental import topologies  # noqa: E402
 
 from cm3leon_jax import main as main_lib  # noqa: E402
 from cm3leon_jax.model.config import DecoderConfig  # noqa: E402
@@ -61,7 +60,7 @@ def main(argv=None) -> dict:
     defaults = inspect.signature(trainer.train).parameters
     train = {k: bound.get(k, defaults[k].default) for k in
              ("global_batch_size", "seq_len", "num_microbatches", "num_steps", "on_nonfinite")}
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+    devices = reporting.tpu_topology(args.topology).devices
     chip, hbm, _ = CHIPS.get(devices[0].device_kind, (devices[0].device_kind, None, None))
     config = DecoderConfig()
     mesh = distributed.train_mesh(devices=devices)
@@ -129,4 +128,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reporting.cli(main)

@@ -164,4 +164,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

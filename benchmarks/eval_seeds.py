@@ -80,4 +80,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

@@ -78,4 +78,5 @@ def _measure(args, config, params, opt_state, root: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

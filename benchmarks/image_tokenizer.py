@@ -358,4 +358,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import reporting
+    reporting.cli(main)

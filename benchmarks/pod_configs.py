@@ -98,4 +98,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

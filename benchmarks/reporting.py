@@ -1,7 +1,8 @@
 """How every benchmark times a trial, reports the spread of its trials, and saves its result.
 
 Timings on a shared machine are noisy, so a benchmark interleaves its peers trial by trial
-and reports each figure's median with its range (`spread`), never one number alone.
+and reports each figure's median with its range (`spread`), never one number alone. Every
+script runs its `main` through `cli`: a mistake in its inputs is one `error:` line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,37 @@ import statistics
 import tempfile
 import time
 from typing import Callable, Sequence
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Runs a benchmark's `main` as a command: a mistake in what it was given (a
+    UserInputError: a folder that is not a run, a missing file) is one `error:` line and
+    exit status 2, as the run modes do; a whole-number result is the exit status."""
+    import sys
+
+    from cm3leon_jax.errors import UserInputError
+    try:
+        result = main()
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(result, int) and not isinstance(result, bool):
+        raise SystemExit(result)
+
+
+def tpu_topology(name: str):
+    """The TPU topology `name` to compile for on this host, or one line saying what to
+    install (AOT compilation for TPU needs libtpu, not a TPU)."""
+    from jax.experimental import topologies
+
+    from cm3leon_jax.errors import UserInputError
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except RuntimeError as e:
+        if "TPU support not installed" not in str(e):
+            raise
+        raise UserInputError("compiling for a TPU topology needs libtpu on this host (no TPU "
+                             "needed): pip install 'jax[tpu]==0.10.2' into the venv.") from None
 
 
 def require(*modules: str) -> None:

@@ -100,4 +100,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

@@ -117,4 +117,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)

@@ -257,4 +257,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reporting.cli(main)

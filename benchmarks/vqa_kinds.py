@@ -145,4 +145,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import reporting
+    reporting.cli(main)
