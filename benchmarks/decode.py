@@ -274,6 +274,7 @@ def main_parts(args, parts) -> dict:
             row["kernel_of_roofline_f32"] = row["kernel_f32"] / row["roofline_f32"]
             if "bf16" in parts:
                 row["kernel_bf16_vs_hf_f32"] = row["kernel_bf16"] / row["hf_f32"]
+                row["kernel_bf16_vs_hf_bf16"] = row["kernel_bf16"] / row["hf_bf16"]
                 row["kernel_of_roofline_bf16"] = row["kernel_bf16"] / row["roofline_bf16"]
             if "cfg" in parts:
                 row["kernel_cfg_cost"] = row["kernel_f32"] / row["kernel_f32_cfg"]

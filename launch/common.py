@@ -26,9 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (`distributed.train_mesh`) a run's gin files bind.
 MESH_KEYS = ("make_mesh.data", "make_mesh.fsdp", "make_mesh.tensor")
 DCN_KEYS = ("train_mesh.dcn_data", "train_mesh.dcn_fsdp", "train_mesh.dcn_tensor")
-# Cloud TPU names a slice "<generation>-<N>": N counts TensorCores on v2-v4 and v5p (two per
-# chip on v4 and v5p, one JAX device per chip), chips on v5litepod (v5e) and v6e.
-TPU_CORES_PER_DEVICE = {"v2": 1, "v3": 1, "v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
+# Cloud TPU names a slice "<generation>-<N>": N counts TensorCores on v2-v4, v5p and tpu7x
+# (two per chip on v4 and v5p, one JAX device per chip; two per chip on tpu7x, Ironwood, each
+# its own JAX device: libtpu's tpu7x:2x2x1 topology has 8 devices), chips on v5litepod (v5e)
+# and v6e.
+TPU_CORES_PER_DEVICE = {"v2": 1, "v3": 1, "v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1,
+                        "tpu7x": 1}
 
 
 class LaunchError(Exception):

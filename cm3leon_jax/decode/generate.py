@@ -1,7 +1,7 @@
 """Generation APIs: captions -> images and images -> captions, optionally retrieval-augmented.
 
     vocab = MultimodalVocabulary("runs/demo/data/vocab")
-    config, params, _ = restore_decoder("runs/demo/pretrain", vocab=vocab)  # its vocabulary?
+    config, params, _ = restore_decoder("runs/demo/pretrain", vocab=vocab)  # checks it is its own
     gen = Generator(config, params, vocab, image_tokenizer, retriever=Retriever.open(...))
     out = gen.text_to_image(["a red circle"], num_samples=4)   # out.images uint8[4, s, s, 3]
     texts = gen.image_to_text(images)                          # one string per image

@@ -358,8 +358,8 @@ def test_a_mesh_that_fits_or_takes_all_devices_is_launched(module, args):
 
 def test_tpu_slice_names_count_chips():
     assert [common.tpu_devices(t) for t in ("v5p-256", "v4-8", "v5litepod-64", "v6e-256",
-                                            "v3-8", "tpu7x-64", "h100-80gb-8")] == [
-        128, 4, 64, 256, 8, None, None]
+                                            "v3-8", "tpu7x-64", "v7-64", "h100-80gb-8")] == [
+        128, 4, 64, 256, 8, 64, None, None]
 
 
 def test_the_launchers_read_the_mesh_gin_binds(tmp_path, monkeypatch):

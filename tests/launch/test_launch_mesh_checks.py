@@ -96,8 +96,11 @@ DATA = "--gin.data_dirs.user='gs://b/data'"
     # Slice and node types: named as the clouds name them, with a count this file knows.
     (tpu_vm, [TRAIN_7B, "gs://b/r", *TPU_VM, "--accelerator_type=v5e-64", DATA],
      "v5e slices are named v5litepod-N"),
-    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=tpu7x-256", DATA],
-     "'tpu7x-256' is not a TPU slice type this launcher knows"),
+    (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v7-256", DATA],
+     "'v7-256' is not a TPU slice type this launcher knows"),
+    # tpu7x (Ironwood) counts TensorCores, each its own device: 256 of them, not 128 chips.
+    (xpk, ["gin_configs/pods/cm3leon_7b_v5p256.gin", "gs://b/r", *XPK,
+           "--device_type=tpu7x-256", DATA], "--device_type=tpu7x-256 x --num_slices=1 gives 256"),
     (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=h100-80g-8", DATA],
      "'h100-80g-8' is not a GPU node type xpk knows"),
     (xpk, [TRAIN_7B, "gs://b/r", *XPK, "--device_type=v5p-256", "--num_slices=0", DATA],
