@@ -222,9 +222,7 @@ def _check_settings(texts: Sequence[str], negative_captions: str | Sequence[str]
                              f"{rerank_samples}: re-ranking keeps one image per caption, the "
                              f"best of {rerank_samples}; set num_samples=1, or rerank_samples=1 "
                              "to keep every sample.")
-    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
-        raise UserInputError(f"generate.caption_style={caption_style!r}; use one of "
-                             f"{prompts.IMAGE_TO_TEXT_STYLES}.")
+    prompts.check_style(caption_style, "generate.caption_style")
     negatives = negatives_for(texts, negative_captions)
     if negatives and image_sampling is not None and image_sampling.guidance != "cfg":
         raise UserInputError(f"generate.negative_captions need image_sampling.guidance='cfg', "

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from cm3leon_jax.data import augment
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
 
@@ -60,16 +61,19 @@ def text_to_image_unconditional(layout: IdLayout) -> np.ndarray:
     return np.array([layout.sentinel_id(0), BREAK_ID], np.int32)
 
 
-def _check_style(style: str) -> None:
+def check_style(style: str, setting: str = "style") -> None:
+    """Refuses an image-to-text style there is no prompt for; `setting` names where the
+    user gave it ("generate.caption_style")."""
     if style not in IMAGE_TO_TEXT_STYLES:
-        raise ValueError(f"image-to-text style {style!r} is unknown; use one of "
-                         f"{IMAGE_TO_TEXT_STYLES} ('infill' for models pretrained on "
-                         "caption-first documents).")
+        raise UserInputError(f"{setting}={style!r} is unknown; use one of "
+                             f"{IMAGE_TO_TEXT_STYLES} ('infill' for models pretrained on "
+                             "caption-first documents, 'image_first' for those pretrained with "
+                             "image-first documents too, as the demo's).")
 
 
 def image_to_text(image_ids: np.ndarray, layout: IdLayout, style: str) -> np.ndarray:
     """The prompt after which the caption of `image_ids` comes."""
-    _check_style(style)
+    check_style(style)
     image_ids = np.asarray(image_ids, np.int32)
     if style == "infill":
         mask = layout.sentinel_id(0)
@@ -79,7 +83,7 @@ def image_to_text(image_ids: np.ndarray, layout: IdLayout, style: str) -> np.nda
 
 def image_to_text_unconditional(layout: IdLayout, style: str) -> np.ndarray:
     """The same prompt with the image masked too."""
-    _check_style(style)
+    check_style(style)
     if style == "infill":  # CM3 numbers sentinels by position: caption 0, image 1.
         first, second = layout.sentinel_id(0), layout.sentinel_id(1)
         return np.array([first, BREAK_ID, second, first], np.int32)
@@ -88,5 +92,5 @@ def image_to_text_unconditional(layout: IdLayout, style: str) -> np.ndarray:
 
 def caption_stop_ids(style: str) -> tuple[int, ...]:
     """Tokens that end a generated caption in each style."""
-    _check_style(style)
+    check_style(style)
     return (EOSS_ID,) if style == "infill" else (EOS_ID, BREAK_ID)

@@ -37,9 +37,8 @@ import numpy as np
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import synthetic_tfds
-from cm3leon_jax.decode import generate_run, pictures, rerank, restore
+from cm3leon_jax.decode import generate_run, pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
-from cm3leon_jax.decode.prompts import IMAGE_TO_TEXT_STYLES
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.errors import UserInputError, check_count
@@ -74,9 +73,7 @@ def check_settings() -> None:
     if s["split"] not in SPLITS:
         raise UserInputError(f"generate_stage.split={s['split']!r}; use one of {SPLITS} "
                              "('test' for the held-out figures).")
-    if s["caption_style"] not in IMAGE_TO_TEXT_STYLES:
-        raise UserInputError(f"generate_stage.caption_style={s['caption_style']!r}; use one "
-                             f"of {IMAGE_TO_TEXT_STYLES}.")
+    prompts.check_style(s["caption_style"], "generate_stage.caption_style")
 
 
 @gin.configurable(denylist=["out_dir", "pretrain_dir", "data_dir", "builder", "image_tokenizer"])

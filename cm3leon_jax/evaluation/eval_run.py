@@ -266,10 +266,7 @@ def check_caption_settings(caption_metrics: Sequence[str], caption_style: str,
                              f"{'unknown ' + str(unknown) if unknown else 'give a list'}; "
                              f"choose among {list(captioning.METRICS)} (the names are "
                              "case-sensitive), or [] for none.")
-    if caption_style not in prompts.IMAGE_TO_TEXT_STYLES:
-        raise UserInputError(f"{where}.caption_style={caption_style!r} is unknown; use one of "
-                             f"{prompts.IMAGE_TO_TEXT_STYLES} ('image_first' for models "
-                             "pretrained with image-first documents, as the demo's).")
+    prompts.check_style(caption_style, f"{where}.caption_style")
 
 
 def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None = None,

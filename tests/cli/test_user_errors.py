@@ -169,7 +169,7 @@ def test_an_unquoted_string_value_names_the_binding_and_the_quotes(tmp_path, cap
     ("generate_stage.num_retrieved=-1", "generate_stage.num_retrieved=-1: give a whole number"),
     ("generate_stage.rerank_samples=2.5", "generate_stage.rerank_samples=2.5: give a whole"),
     ("generate_stage.split='valid'", "generate_stage.split='valid'; use one of"),
-    ("generate_stage.caption_style='first'", "generate_stage.caption_style='first'; use one"),
+    ("generate_stage.caption_style='first'", "generate_stage.caption_style='first' is unknown"),
     ("evaluate_stage.num_examples=1", "evaluate_stage.num_examples=1: give a whole number >= 2"),
     ("evaluate_stage.tasks=['vqa', 'ocr']", r"corpus_suite.tasks: \['ocr'\] unknown"),
     ("evaluate_stage.caption_metrics=['cider']", r"evaluate_stage.caption_metrics=\['cider'\]")])

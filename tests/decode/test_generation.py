@@ -175,7 +175,7 @@ def test_generator_refuses_what_it_cannot_do(vocab):
         gen.text_to_image(["a star", " "])
     with pytest.raises(ValueError, match="need an image tokenizer"):
         gen.image_to_text(np.zeros((1, 32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match="style 'caption_last' is unknown"):
+    with pytest.raises(ValueError, match="style='caption_last' is unknown"):
         gen.image_to_text(np.zeros((1, 16), np.int32), style="caption_last")
     with pytest.raises(ValueError, match="guidance='clip'"):
         SamplingConfig(guidance="clip")
