@@ -494,12 +494,12 @@ class Generator:
     def _prompt_budget(self, constraint) -> int:
         """Tokens left for a prompt beside the ones to generate; an error naming the count to
         generate when it leaves none (max_tokens past the model's context)."""
-        budget = self.config.max_length - constraint.max_new_tokens
+        budget = prompts_lib.room(self.config.max_length, constraint.max_new_tokens)
         if budget < 1:
             raise ValueError(
                 f"{constraint.max_new_tokens} tokens to generate leave no room for a prompt in "
                 f"the model's {self.config.max_length} (DecoderConfig.max_length): ask for at "
-                f"most {self.config.max_length - 2} (max_tokens).")
+                f"most {self.config.max_length - 3} (max_tokens).")
         return budget
 
     def _sample_streams(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
@@ -530,7 +530,7 @@ class Generator:
         for start in range(0, n, self.batch_size):
             batch = []
             for stream in streams:  # Stream-major; the last chunk padded to the same shape.
-                chunk = stream[start:start + self.batch_size]
+                chunk = [prompts_lib.opened(r) for r in stream[start:start + self.batch_size]]
                 batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)

@@ -34,6 +34,7 @@ from cm3leon_jax import fs
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import pictures
 from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.vocab.image_inputs import read_rgb
 
@@ -119,12 +120,12 @@ def check_requests_fit(requests: Sequence[dict], path: str, max_length: int, voc
         family = request["family"]
         new = TEXT_TOKENS.get(family) or proc.ImageCodesOnly(vocab.layout).max_new_tokens
         size = sft_prompts.prompt_ids(request_prompt(request, codes), vocab).size
-        if size > max_length - new:
+        if size > prompts_lib.room(max_length, new):
             raise UserInputError(
                 f"{path}, line {request['line']}: the {family} request's prompt has {size} "
-                f"tokens, the model has room for {max_length - new} "
+                f"tokens, the model has room for {prompts_lib.room(max_length, new)} "
                 f"(DecoderConfig.max_length={max_length} of {checkpoint!r} minus the {new} "
-                "tokens it generates): shorten its text.")
+                "tokens it generates and the opening <eos>): shorten its text.")
 
 
 def request_prompt(request: dict, codes: np.ndarray) -> sft_prompts.Prompt:

@@ -408,23 +408,24 @@ def check_model_fits(config: DecoderConfig, vocab: MultimodalVocabulary, checkpo
     restore.check_vocabulary(checkpoint, vocab, config,
                              names=("generate.vocab_dir", "generate.checkpoint"))
     new_tokens = proc.ImageCodesOnly(vocab.layout).max_new_tokens
-    budget = config.max_length - new_tokens
+    budget = prompts.room(config.max_length, new_tokens)
     for where, text in named:
         size = prompts.text_to_image(np.asarray(vocab.encode(text), np.int32)).size
         if size > budget:
             raise UserInputError(
                 f"{where}: the caption has {size - 1} tokens, the model has room for "
                 f"{budget - 1} (DecoderConfig.max_length={config.max_length} of "
-                f"{checkpoint!r} minus {new_tokens} image codes and the <break>): shorten it.")
+                f"{checkpoint!r} minus {new_tokens} image codes, the opening <eos> and the "
+                "<break>): shorten it.")
     if captions_of_images is not None:  # (max_caption_tokens, caption_style)
         most, style = captions_of_images
         size = prompts.image_to_text(np.zeros(vocab.layout.image_length, np.int32),
                                      vocab.layout, style).size
-        if size > config.max_length - most:
+        if size > prompts.room(config.max_length, most):
             raise UserInputError(
-                f"generate.max_caption_tokens={most}: an image's prompt takes {size} tokens of "
-                f"the {config.max_length} of {checkpoint!r} (DecoderConfig.max_length); ask "
-                f"for at most {config.max_length - size}.")
+                f"generate.max_caption_tokens={most}: an image's prompt takes {size + 1} tokens "
+                f"(its opening <eos> too) of the {config.max_length} of {checkpoint!r} "
+                f"(DecoderConfig.max_length); ask for at most {config.max_length - size - 1}.")
     prompts_file, requests = families
     generate_families.check_requests_fit(requests, prompts_file, config.max_length, vocab,
                                          checkpoint)

@@ -6,6 +6,9 @@
     image -> text        [retrieved <eos>]* image <break>              -> text <eos>
        ("image_first")
 
+each read after an opening `<eos>`, as every training sequence is (`opened`, which the
+Generator and the likelihoods apply to every prompt they run).
+
 Pretraining documents are `caption <break> image` (plus `image <break> caption` when
 preprocess.image_first_prob > 0). A model that only saw captions first can still
 caption an image through the CM3 objective: a masked caption comes back after the
@@ -31,6 +34,22 @@ from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.layout import BREAK_ID, EOS_ID, EOSS_ID, IdLayout
 
 IMAGE_TO_TEXT_STYLES = ("infill", "image_first")
+# Every training sequence opens with `<eos>` (the feature converter's `bos_id`), so every
+# prompt the model reads does too (`opened`; the paper's `<eos> caption <break>`): without
+# it the prompt's first token sits where training always had `<eos>`, every later one a
+# position early, and the model meets a sequence with no opening token.
+BOS_ID = EOS_ID
+
+
+def opened(ids: np.ndarray) -> np.ndarray:
+    """`<eos> ids`: a prompt as the model reads it (see BOS_ID)."""
+    return np.concatenate([[BOS_ID], np.asarray(ids, np.int32)]).astype(np.int32)
+
+
+def room(max_length: int, new_tokens: int) -> int:
+    """How many tokens a prompt may have (its opening `<eos>` not counted) beside
+    `new_tokens` generated ones in a model of `max_length`."""
+    return max_length - new_tokens - 1
 
 
 def with_retrieved(query: np.ndarray, retrieved: Sequence[np.ndarray], budget: int,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm3leon_jax.decode import prompts as prompts_lib
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.model import loss
 from cm3leon_jax.model.config import DecoderConfig
@@ -53,11 +54,12 @@ def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequenc
         target = _token_ids(target, config.vocab_size, f"pair {i}'s target")
         if prompt.size == 0 or target.size == 0:
             raise ValueError(f"pair {i}: the prompt and the target need a token each (got "
-                             f"{prompt.size} and {target.size}); the first token is never "
-                             "scored, so a target must follow at least one prompt token.")
+                             f"{prompt.size} and {target.size}).")
+        prompt = prompts_lib.opened(prompt)  # As the model reads it: after `<eos>`.
         if prompt.size + target.size > config.max_length:
-            raise ValueError(f"pair {i}: {prompt.size} + {target.size} tokens, more than "
-                             f"DecoderConfig.max_length={config.max_length}; shorten it.")
+            raise ValueError(f"pair {i}: {prompt.size - 1} + {target.size} tokens and the "
+                             f"opening <eos>, more than DecoderConfig.max_length="
+                             f"{config.max_length}; shorten it.")
         rows.append((prompt, target))
     return rows
 

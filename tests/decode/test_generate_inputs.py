@@ -101,8 +101,8 @@ def test_a_too_long_caption_is_named_before_the_restore(tmp_path, capsys, vocab,
     n = len(vocab.encode(long))
     assert errors[0] == (
         f"error: generate.captions_file '{tmp_path}/captions.txt', line 3: the caption has {n} "
-        f"tokens, the model has room for 111 (DecoderConfig.max_length=128 of '{fits}' minus 16 "
-        "image codes and the <break>): shorten it.")
+        f"tokens, the model has room for 110 (DecoderConfig.max_length=128 of '{fits}' minus 16 "
+        "image codes, the opening <eos> and the <break>): shorten it.")
     code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{fits}'",
                          f"generate.negative_captions=['{long}']", *common)
     assert code == 2 and errors[0].startswith("error: generate.negative_captions[0]: the "
@@ -127,11 +127,11 @@ def test_a_too_long_family_request_is_named_before_the_restore(tmp_path, capsys,
                          f"generate.vocab_dir='{vocab.directory}'",
                          f"generate.prompts_file='{prompts}'")
     n = sft_prompts.prompt_ids(sft_prompts.vqa(np.zeros(16, np.int32), long), vocab).size
-    assert n > 112
+    assert n > 111
     assert code == 2 and errors == [
         f"error: {prompts}, line 3: the vqa request's prompt has {n} tokens, the model has "
-        f"room for 112 (DecoderConfig.max_length=128 of '{fits}' minus the 16 tokens it "
-        "generates): shorten its text."], errors
+        f"room for 111 (DecoderConfig.max_length=128 of '{fits}' minus the 16 tokens it "
+        "generates and the opening <eos>): shorten its text."], errors
     assert not (tmp_path / "out" / "families").exists()
 
 
@@ -253,8 +253,9 @@ def test_a_caption_length_past_the_model_is_named_before_the_restore(tmp_path, c
                          f"generate.image_files=['{tmp_path}/a.png']",
                          "generate.max_caption_tokens=5000")
     assert code == 2 and errors == [
-        "error: generate.max_caption_tokens=5000: an image's prompt takes 19 tokens of the 128 "
-        f"of '{fits}' (DecoderConfig.max_length); ask for at most 109."], errors
+        "error: generate.max_caption_tokens=5000: an image's prompt takes 20 tokens (its "
+        f"opening <eos> too) of the 128 of '{fits}' (DecoderConfig.max_length); ask for at "
+        "most 108."], errors
 
 
 def test_image_files_are_read_upright_and_captions_as_training_reads_them(tmp_path,

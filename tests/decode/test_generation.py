@@ -129,7 +129,9 @@ def test_the_unconditional_stream_keeps_the_documents_the_prompt_kept(vocab, mon
                         guidance_keeps_documents=keeps)
         gen.text_to_image(CAPTIONS, num_retrieved=len(docs), sampling=sampling)
         (batch,) = seen
-        return [row[row != 0] for row in batch]  # Left padding dropped.
+        rows = [row[row != 0] for row in batch]  # Left padding dropped.
+        assert all(row[0] == prompts.BOS_ID for row in rows)  # Every prompt opens as training.
+        return [row[1:] for row in rows]
 
     def documents(row):
         return document.split_documents(row)[:-1]
@@ -142,7 +144,7 @@ def test_the_unconditional_stream_keeps_the_documents_the_prompt_kept(vocab, mon
     for u in streams(False, [doc, doc])[2:]:
         np.testing.assert_array_equal(u, masked)
     # Documents the prompt had no room for are left out of both streams.
-    room = CONFIG.max_length - vocab.layout.image_length - 1
+    room = prompts.room(CONFIG.max_length, vocab.layout.image_length)
     long_doc = np.concatenate([doc] * (room // doc.size))
     for row in streams(True, [doc, long_doc]):
         assert len(documents(row)) == 1
@@ -189,7 +191,7 @@ def test_generator_refuses_what_it_cannot_do(vocab):
     codes = np.zeros((3, 16), np.int32)
     with pytest.raises(ValueError, match="list of before texts, one per image \\(3\\)"):
         gen.infill_text(["a"], ["b"], codes)
-    with pytest.raises(ValueError, match=r"leave no room .* at most 126 \(max_tokens\)"):
+    with pytest.raises(ValueError, match=r"leave no room .* at most 125 \(max_tokens\)"):
         gen.image_to_text(codes, num_retrieved=0, max_tokens=500)
     with pytest.raises(ValueError, match=r"seed=4294967296: give a seed in \[0, 2\*\*32\)"):
         gen.text_to_image(["a star"], seed=2 ** 32)
@@ -263,12 +265,14 @@ def test_negative_captions_run_as_a_third_stream_after_the_same_documents(vocab,
         return [r[r != PAD_ID] for r in ids[stream * 4:stream * 4 + 4]]
 
     for texts, stream in ((CAPTIONS, 0), (negatives, 1)):
-        want = [prompts.with_retrieved(prompts.text_to_image(vocab.encode(t)), docs, 10_000, "")
+        want = [prompts.opened(prompts.with_retrieved(prompts.text_to_image(vocab.encode(t)),
+                                                      docs, 10_000, ""))
                 for t in texts for _ in range(2)]
         for got, row in zip(rows(stream), want):
             np.testing.assert_array_equal(got, row)
     for got in rows(2):  # The masked caption alone (guidance_keeps_documents=False).
-        np.testing.assert_array_equal(got, prompts.text_to_image_unconditional(vocab.layout))
+        np.testing.assert_array_equal(got, prompts.opened(
+            prompts.text_to_image_unconditional(vocab.layout)))
     plain = gen.text_to_image(CAPTIONS, num_samples=2, num_retrieved=1, sampling=sampling)
     assert out.codes.shape == plain.codes.shape and (out.codes != plain.codes).any()
 
@@ -318,3 +322,26 @@ def test_a_retriever_whose_documents_another_vocabulary_tokenized_is_refused(voc
         Generator(CONFIG, PARAMS, vocab, retriever=SimpleNamespace(directory=str(folder)))
     (folder / "retrieval.json").write_text(json.dumps({"vocabulary": vocab_record.of(vocab)}))
     Generator(CONFIG, PARAMS, vocab, retriever=SimpleNamespace(directory=str(folder)))
+
+
+def test_every_prompt_opens_with_the_token_every_training_sequence_opens_with(vocab,
+                                                                               monkeypatch):
+    """The trainer's feature converter starts each sequence with the vocabulary's eos_id
+    (train/data.py); prompts did not, so their first token sat where training always had
+    `<eos>` and every later one a position early (the paper's `<eos> caption <break>`)."""
+    from cm3leon_jax.decode import sampler
+
+    assert prompts.BOS_ID == vocab.eos_id
+    seen, real = [], sampler.sample
+    monkeypatch.setattr(sampler, "sample", lambda model, params, rows, *a, **k: (
+        seen.append(np.asarray(rows)), real(model, params, rows, *a, **k))[1])
+    gen = Generator(CONFIG, PARAMS, vocab, batch_size=2)
+    codes = np.zeros((1, 16), np.int32)
+    gen.text_to_image(CAPTIONS[:1], num_retrieved=0, sampling=SamplingConfig(guidance="cfg"))
+    gen.image_to_text(codes, num_retrieved=0, max_tokens=4)
+    gen.vqa(codes, ["What color is it?"], max_tokens=4)
+    gen.edit(codes, ["make it blue"], num_samples=1)
+    assert len(seen) == 4
+    for batch in seen:
+        for row in batch:
+            assert row[row != 0][0] == prompts.BOS_ID  # After the left padding.

@@ -7,6 +7,7 @@ import pytest
 
 from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import processors as proc
+from cm3leon_jax.decode import prompts
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.decode.sampler import left_pad, sample
 from cm3leon_jax.vocab.layout import BREAK_ID
@@ -61,10 +62,10 @@ def test_two_scale_one_one_edits_like_the_full_prompt_alone(gen):
 
 
 def test_family_outputs_are_what_the_sampler_gives_for_the_builders_prompt(gen, vocab):
-    """vqa uses exactly sft_prompts' ids (the training layout)."""
+    """vqa uses exactly sft_prompts' ids (the training layout), after the opening <eos>."""
     questions = ["How many shapes are there?"] * 3
     answers = gen.vqa(CODES, questions, max_tokens=6)
-    rows = [sft_prompts.prompt_ids(sft_prompts.vqa(c, q), vocab)
+    rows = [prompts.opened(sft_prompts.prompt_ids(sft_prompts.vqa(c, q), vocab))
             for c, q in zip(CODES, questions)]
     stop = proc.TextOnly(vocab.layout, 6, (1, BREAK_ID))
     out = sample(CONFIG, PARAMS, left_pad(rows + [rows[-1]]), jax.random.key(0),

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax.decode import prompts
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.evaluation import likelihood
 from cm3leon_jax.model.decoder import Decoder
@@ -13,7 +14,9 @@ CONFIG = tiny_config()
 
 
 def _direct(params, prompt, target) -> float:
-    """One unpadded row, summed token by token."""
+    """One unpadded row after the opening <eos> (as every prompt is read), summed token by
+    token."""
+    prompt = prompts.opened(prompt)
     tokens = np.concatenate([prompt, target]).astype(np.int32)[None]
     log_probs = jax.nn.log_softmax(Decoder(CONFIG).apply({"params": params}, tokens)[0], -1)
     return float(sum(log_probs[len(prompt) + i - 1, t] for i, t in enumerate(target)))
@@ -43,6 +46,7 @@ def test_token_log_probs_are_each_tokens_and_weigh_other_tokens_in_the_same_plac
     sums = likelihood.sequence_log_likelihoods(CONFIG, params, *zip(*pairs))
     np.testing.assert_allclose([m.sum() for m in mine], sums, rtol=1e-5, atol=1e-4)
     for (prompt, target), other, got in zip(pairs, others, theirs):
+        prompt = prompts.opened(prompt)
         tokens = np.concatenate([prompt, target]).astype(np.int32)[None]
         log_probs = jax.nn.log_softmax(Decoder(CONFIG).apply({"params": params}, tokens)[0], -1)
         want = [log_probs[prompt.size + i - 1, o] for i, o in enumerate(other)]
@@ -61,8 +65,8 @@ def test_ranked_first_compares_the_true_prompt_with_the_others():
     targets = [rng.integers(3, CONFIG.vocab_size, 5) for _ in sets]
     got = likelihood.ranked_first(CONFIG, params, sets, targets)
     want = []
-    for prompts, target in zip(sets, targets):
-        ll = [_direct(params, p, target) for p in prompts]
+    for candidates, target in zip(sets, targets):
+        ll = [_direct(params, p, target) for p in candidates]
         want.append(ll[0] > max(ll[1:]))
     assert got.tolist() == want
     # The same prompt twice is a tie: not first.
@@ -77,7 +81,7 @@ def test_bad_pairs_are_refused_with_what_to_change():
         likelihood.sequence_log_likelihoods(CONFIG, params, [one, one], [one])
     with pytest.raises(ValueError, match="pair 0: the prompt and the target need a token"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [one], [np.array([], np.int32)])
-    long = np.ones(CONFIG.max_length, np.int32)
+    long = np.ones(CONFIG.max_length - 2, np.int32)  # With the opening <eos>: one too many.
     with pytest.raises(ValueError, match="max_length"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [long], [one])
     with pytest.raises(ValueError, match="at least one other"):
