@@ -112,8 +112,9 @@ def make_optimizer(schedule: optax.Schedule, kind: str = "adamw", b1: float = 0.
 
     Args:
         schedule: step -> learning rate.
-        kind: "adamw" (the paper's) or "muon" (Muon on the layers' projection matrices,
-            this AdamW on the rest).
+        kind: "adamw" (the paper-size configs', with the successor's settings: CM3Leon's
+            paper does not state its optimizer) or "muon" (Muon on the layers' projection
+            matrices, this AdamW on the rest).
         b1, b2, eps, weight_decay, clip_norm, moments_dtype: see `adamw` (with "muon",
             they are its AdamW part's, and weight decay and clipping apply to all).
         param_axes: the parameters' logical axes (`partitioning.logical_axes`), which
