@@ -126,7 +126,7 @@ BASE_FILE = "sft_base.json"
 
 @gin.configurable(denylist=["model_dir"])
 def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
-        base_vocab_dir: str = gin.REQUIRED, base_step: int | None = None) -> dict[str, Any]:
+        base_vocab_dir: str | None = None, base_step: int | None = None) -> dict[str, Any]:
     """Fine-tunes the base run's parameters on `train.task` into `model_dir`.
 
     The first start records the base it read (`BASE_FILE`: its folder and the step
@@ -137,7 +137,9 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
       model_dir: this run's folder (checkpoints, metrics); never the base's.
       base_model_dir: the pretraining run's MODEL_DIR, or an export (`export` or
         `import_weights`: e.g. imported Chameleon weights); read only.
-      base_vocab_dir: the vocab/ folder of the data the base was pretrained on.
+      base_vocab_dir: the vocab/ folder of the data the base was pretrained on, compared
+        file by file with the task's; None: the base's own record of it (its trainer's
+        `vocabulary.json`, an export's manifest), which is checked either way.
       base_step: which base checkpoint (None: the newest).
     Returns: the trainer's result, with `base`: the record.
     """
@@ -151,7 +153,12 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         return {**result, "base": read_base_record(model_dir)
                 or {"model_dir": base_model_dir, "step": base_step}}
     config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
-    check_vocabulary(base_vocab_dir, task)
+    if base_vocab_dir is not None:
+        check_vocabulary(base_vocab_dir, task)
+    elif restore.vocabulary_record(base_model_dir) is None:
+        raise UserInputError(f"the base run {base_model_dir!r} records no vocabulary (a run "
+                             "from before the records, or an import without one): give "
+                             "sft.base_vocab_dir, the vocab/ folder of its pretraining data.")
     check_base_record(base_model_dir, task)
     restore.check_checkpoint(base_model_dir, base_step)
     used = {}

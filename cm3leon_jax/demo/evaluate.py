@@ -13,7 +13,7 @@ and editing), graded exactly:
     edit_right         the edited image parses as the edited scene: the edit happened, in
                        place, and nothing else changed
     edit_copy_prob     teacher-forced on the true edit, the probability the decoder gives
-                       the source's code where the edit keeps it (tasks.edit_copying):
+                       the source's code where the edit keeps it (grading.edit_copying):
                        whether it reads its source at all, long before edits come out right
     captioning         objects named right (class and color), as the generate stage
 

@@ -253,9 +253,9 @@ def test_a_caption_length_past_the_model_is_named_before_the_restore(tmp_path, c
                          f"generate.image_files=['{tmp_path}/a.png']",
                          "generate.max_caption_tokens=5000")
     assert code == 2 and errors == [
-        "error: generate.max_caption_tokens=5000: an image's prompt takes 20 tokens (its "
+        "error: generate.max_caption_tokens=5000: an image's prompt takes 18 tokens (its "
         f"opening <eos> too) of the 128 of '{fits}' (DecoderConfig.max_length); ask for at "
-        "most 108."], errors
+        "most 110."], errors  # generate.gin's image-first prompt: <eos> 16 codes <break>.
 
 
 def test_image_files_are_read_upright_and_captions_as_training_reads_them(tmp_path,

@@ -173,6 +173,28 @@ def test_sft_resumes_exactly(base, tmp_path):
     assert lib.losses(ref) == lib.losses(cut) and sorted(lib.losses(ref)) == [1, 2, 3, 4]
 
 
+def test_without_base_vocab_dir_the_bases_own_record_is_the_vocabulary(base, tmp_path,
+                                                                       monkeypatch):
+    """sft.gin named the demo's vocabulary for every base: a user's base failed with a
+    mismatch it had not made. Unbound, the base run's record is what the data must match."""
+    from cm3leon_jax import sft as sft_lib
+
+    def past_the_vocabulary_checks(*_):  # The next check: the base's checkpoints.
+        raise LookupError("reached")
+
+    monkeypatch.setattr(sft_lib.restore, "check_checkpoint", past_the_vocabulary_checks)
+    with pytest.raises(LookupError, match="reached"):
+        run_sft(sft_bindings(str(tmp_path / "a"), base, **{"sft.base_vocab_dir": "None"}))
+    record = os.path.join(base[0], "vocabulary.json")
+    os.rename(record, record + ".away")
+    try:
+        with pytest.raises(UserInputError, match=r"records no vocabulary .* give "
+                                                 r"sft\.base_vocab_dir"):
+            run_sft(sft_bindings(str(tmp_path / "b"), base, **{"sft.base_vocab_dir": "None"}))
+    finally:
+        os.rename(record + ".away", record)
+
+
 def test_a_base_of_another_config_or_vocabulary_is_one_clear_error(base, tmp_path):
     checkpoints = os.path.join(base[0], "checkpoints")
     before = lib.tree_digests(checkpoints)
