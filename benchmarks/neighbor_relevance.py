@@ -43,6 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     from cm3leon_jax.data import preprocess, shards
     sizes = {k: int(v) for k, v in (p.split("=") for p in args.split_sizes.split(","))}
+    # The shards first: a data folder without them is refused before the corpus is built.
+    splits = {split: shards.read_split(args.data_dir, split) for split in sizes}
     builder = preprocess.synthetic_builder(args.image_size, args.tfds_dir, sizes)
     train = scene_objects(builder, "train")
     train_ids = sorted(train)
@@ -51,7 +53,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for split in sizes:
         objects = train if split == "train" else scene_objects(builder, split)
-        records = shards.read_split(args.data_dir, split).take(args.per_split)
+        records = splits[split].take(args.per_split)
         queries = hits = random_hits = n = 0
         for r in records.as_numpy_iterator():
             query = objects[r["doc_id"].decode()]
