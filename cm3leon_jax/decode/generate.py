@@ -499,7 +499,7 @@ class Generator:
             raise ValueError(
                 f"{constraint.max_new_tokens} tokens to generate leave no room for a prompt in "
                 f"the model's {self.config.max_length} (DecoderConfig.max_length): ask for at "
-                f"most {self.config.max_length - 3} (max_tokens).")
+                f"most {self.config.max_length - 2} (max_tokens).")
         return budget
 
     def _sample_streams(self, streams: list[list[np.ndarray]], constraint, chain: tuple,
@@ -512,7 +512,7 @@ class Generator:
             if row.size > budget:
                 raise ValueError(f"prompt {i} has {row.size} tokens, more than the {budget} the "
                                  "model has room for (DecoderConfig.max_length minus the "
-                                 "tokens to generate); shorten it.")
+                                 "tokens to generate and the opening <eos>); shorten it.")
         rows = [[r for r in stream for _ in range(num_samples)] for stream in streams]
         return self._sample_rows(rows, constraint, chain, greedy, seed)
 
@@ -530,7 +530,8 @@ class Generator:
         for start in range(0, n, self.batch_size):
             batch = []
             for stream in streams:  # Stream-major; the last chunk padded to the same shape.
-                chunk = [prompts_lib.opened(r) for r in stream[start:start + self.batch_size]]
+                chunk = [prompts_lib.opened(r, self.vocab.prompt_start_id)
+                         for r in stream[start:start + self.batch_size]]
                 batch += chunk + [chunk[-1]] * (self.batch_size - len(chunk))
             width = max(r.size for r in batch)
             width = min(-(-width // self.prompt_multiple) * self.prompt_multiple, budget)

@@ -37,13 +37,19 @@ IMAGE_TO_TEXT_STYLES = ("infill", "image_first")
 # Every training sequence opens with `<eos>` (the feature converter's `bos_id`), so every
 # prompt the model reads does too (`opened`; the paper's `<eos> caption <break>`): without
 # it the prompt's first token sits where training always had `<eos>`, every later one a
-# position early, and the model meets a sequence with no opening token.
+# position early, and the model meets a sequence with no opening token. An imported
+# Chameleon model opens with its own `<s>` instead (`MultimodalVocabulary.prompt_start_id`).
 BOS_ID = EOS_ID
 
 
-def opened(ids: np.ndarray) -> np.ndarray:
-    """`<eos> ids`: a prompt as the model reads it (see BOS_ID)."""
-    return np.concatenate([[BOS_ID], np.asarray(ids, np.int32)]).astype(np.int32)
+def opened(ids: np.ndarray, start: int | None = BOS_ID) -> np.ndarray:
+    """`<eos> ids`: a prompt as the model reads it (see BOS_ID). `start`: the vocabulary's
+    `prompt_start_id` (an imported Chameleon model opens with its own `<s>`; None: nothing);
+    a prompt that already opens with it (Chameleon's unconditional `<s> <boi>`) is kept."""
+    ids = np.asarray(ids, np.int32)
+    if start is None or (ids.size and ids[0] == start):
+        return ids
+    return np.concatenate([[start], ids]).astype(np.int32)
 
 
 def room(max_length: int, new_tokens: int) -> int:
@@ -61,7 +67,7 @@ def with_retrieved(query: np.ndarray, retrieved: Sequence[np.ndarray], budget: i
     if query.size > budget:
         raise ValueError(f"{what}: its prompt alone has {len(query)} tokens, more than the "
                          f"{budget} the model has room for (DecoderConfig.max_length minus "
-                         "the tokens to generate); shorten it.")
+                         "the tokens to generate and the opening <eos>); shorten it.")
     kept = augment.neighbors_that_fit(query.size, retrieved, budget)
     if len(kept) < len(retrieved):
         logging.warning("%s: %d of its %d retrieved documents fit beside its %d-token prompt "

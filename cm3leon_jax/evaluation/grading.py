@@ -186,7 +186,7 @@ def edit_copying(gen: Generator, sources: Any, instructions: Sequence[str], targ
                for c, t in zip(codes, instructions)]
     _, copy = likelihood.token_log_probs(
         gen.config, gen.params, prompts, [gen.layout.codes_to_ids(c) for c in wanted],
-        [gen.layout.codes_to_ids(c) for c in codes])
+        [gen.layout.codes_to_ids(c) for c in codes], start=gen.vocab.prompt_start_id)
     kept, copy = codes == wanted, np.exp(np.stack(copy))
     mean = lambda x: float(x.mean()) if x.size else float("nan")  # noqa: E731
     return {"edit_kept_codes": mean(kept), "edit_copy_prob": mean(copy[kept]),

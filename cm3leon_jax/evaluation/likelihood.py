@@ -42,7 +42,8 @@ def _scorer(config: DecoderConfig):
     return score
 
 
-def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray]
+def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+          start: int | None = prompts_lib.BOS_ID
           ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (prompt, target) pairs as int32 arrays, each checked to fit the decoder."""
     if len(prompts) != len(targets):
@@ -55,7 +56,7 @@ def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequenc
         if prompt.size == 0 or target.size == 0:
             raise ValueError(f"pair {i}: the prompt and the target need a token each (got "
                              f"{prompt.size} and {target.size}).")
-        prompt = prompts_lib.opened(prompt)  # As the model reads it: after `<eos>`.
+        prompt = prompts_lib.opened(prompt, start)  # As the model reads it: after `<eos>`.
         if prompt.size + target.size > config.max_length:
             raise ValueError(f"pair {i}: {prompt.size - 1} + {target.size} tokens and the "
                              f"opening <eos>, more than DecoderConfig.max_length="
@@ -97,13 +98,15 @@ def _batches(rows: list, batch_size: int, width: int):
 
 def sequence_log_likelihoods(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
                              targets: Sequence[np.ndarray], *, batch_size: int = 64,
-                             length_multiple: int = 16) -> np.ndarray:
+                             length_multiple: int = 16, start: int | None = prompts_lib.BOS_ID
+                             ) -> np.ndarray:
     """f32[n]: sum over each target's tokens of log p(token | prompt, earlier tokens).
 
     Rows are right-padded (the decoder is causal, so padding after a row changes none of
-    its logits) to a multiple of `length_multiple`, in batches of `batch_size` rows.
+    its logits) to a multiple of `length_multiple`, in batches of `batch_size` rows. Each
+    prompt is read after `start` (`prompts.opened`: the vocabulary's `prompt_start_id`).
     """
-    rows = _rows(config, prompts, targets)
+    rows = _rows(config, prompts, targets, start)
     if not rows:
         return np.zeros([0], np.float32)
     score, out = _scorer(config), []
@@ -132,7 +135,8 @@ def _token_scorer(config: DecoderConfig):
 
 def token_log_probs(config: DecoderConfig, params, prompts: Sequence[np.ndarray],
                     targets: Sequence[np.ndarray], others: Sequence[np.ndarray] | None = None,
-                    *, batch_size: int = 64, length_multiple: int = 16
+                    *, batch_size: int = 64, length_multiple: int = 16,
+                    start: int | None = prompts_lib.BOS_ID
                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Teacher-forced, token by token: (for each target f32[len(target)] of log p(token |
     prompt, the target's earlier tokens), and the same for `others`).
@@ -142,7 +146,7 @@ def token_log_probs(config: DecoderConfig, params, prompts: Sequence[np.ndarray]
     in: the eval run asks how likely an edit's source code is where the true edit keeps it.
     Padding and batching as `sequence_log_likelihoods`.
     """
-    rows = _rows(config, prompts, targets)
+    rows = _rows(config, prompts, targets, start)
     others = [t for _, t in rows] if others is None else \
         [_token_ids(o, config.vocab_size, f"others[{i}]") for i, o in enumerate(others)]
     if len(others) != len(rows) or any(o.shape != t.shape for o, (_, t) in zip(others, rows)):

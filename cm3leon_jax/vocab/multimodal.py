@@ -152,6 +152,25 @@ class MultimodalVocabulary(seqio.Vocabulary):
         return None
 
     @property
+    def prompt_start_id(self) -> int | None:
+        """The token every sequence the model was trained on opens with, so every prompt
+        too (`decode/prompts.opened`): `<eos>` for a model trained here (the feature
+        converter's bos is `eos_id`); for an imported Chameleon vocabulary (`text.json`),
+        Chameleon's own `<s>`, which the import holds as `<sentinel:0>` where its file names
+        no sentinels (`export/chameleon_vocab.py`), else None (no id here holds it)."""
+        return self._cached("prompt_start_id", self._find_prompt_start)
+
+    def _find_prompt_start(self) -> int | None:
+        tok = self.text_tokenizer
+        if isinstance(tok, TextTokenizer):
+            return layout_lib.EOS_ID
+        from cm3leon_jax.vocab.hf_text_tokenizer import classify
+        _, special, _ = classify(json.loads(tok.model_proto))
+        if "<s>" not in special or "<sentinel:0>" in special:
+            return None
+        return self.layout.sentinel_id(0)
+
+    @property
     def _base_vocab_size(self) -> int:
         return self.layout.vocab_size
 

@@ -191,7 +191,7 @@ def test_generator_refuses_what_it_cannot_do(vocab):
     codes = np.zeros((3, 16), np.int32)
     with pytest.raises(ValueError, match="list of before texts, one per image \\(3\\)"):
         gen.infill_text(["a"], ["b"], codes)
-    with pytest.raises(ValueError, match=r"leave no room .* at most 125 \(max_tokens\)"):
+    with pytest.raises(ValueError, match=r"leave no room .* at most 126 \(max_tokens\)"):
         gen.image_to_text(codes, num_retrieved=0, max_tokens=500)
     with pytest.raises(ValueError, match=r"seed=4294967296: give a seed in \[0, 2\*\*32\)"):
         gen.text_to_image(["a star"], seed=2 ** 32)
@@ -331,7 +331,7 @@ def test_every_prompt_opens_with_the_token_every_training_sequence_opens_with(vo
     `<eos>` and every later one a position early (the paper's `<eos> caption <break>`)."""
     from cm3leon_jax.decode import sampler
 
-    assert prompts.BOS_ID == vocab.eos_id
+    assert prompts.BOS_ID == vocab.eos_id == vocab.prompt_start_id
     seen, real = [], sampler.sample
     monkeypatch.setattr(sampler, "sample", lambda model, params, rows, *a, **k: (
         seen.append(np.asarray(rows)), real(model, params, rows, *a, **k))[1])

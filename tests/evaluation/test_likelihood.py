@@ -81,7 +81,7 @@ def test_bad_pairs_are_refused_with_what_to_change():
         likelihood.sequence_log_likelihoods(CONFIG, params, [one, one], [one])
     with pytest.raises(ValueError, match="pair 0: the prompt and the target need a token"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [one], [np.array([], np.int32)])
-    long = np.ones(CONFIG.max_length - 2, np.int32)  # With the opening <eos>: one too many.
+    long = np.full(CONFIG.max_length - 2, 5, np.int32)  # With the opening <eos>: one too many.
     with pytest.raises(ValueError, match="max_length"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [long], [one])
     with pytest.raises(ValueError, match="at least one other"):

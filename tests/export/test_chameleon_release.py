@@ -14,7 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from cm3leon_jax.decode import restore
+from cm3leon_jax.decode import prompts, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.export import chameleon_release, chameleon_vocab, import_run
@@ -97,6 +97,16 @@ def test_vocabulary_maps_text_specials_and_image_codes(release, imported):
     for code in (0, 7, 31):
         image_id = vocab.layout.codes_to_ids(code)
         assert hf.id_to_token(int(source[image_id])) == chameleon_testlib.image_token_name(code)
+    # Its prompts open with Chameleon's own <s> (ours open with <eos>, as our training did):
+    # the conditional prompt as Chameleon's `<s> caption <boi>`, the unconditional
+    # `<sentinel:0> <break>` as `<s> <boi>`, not `<s> <s> <boi>`.
+    start = vocab.prompt_start_id
+    assert hf.id_to_token(int(source[start])) == "<s>"
+    cond = prompts.opened(prompts.text_to_image(ids), start)
+    uncond = prompts.opened(prompts.text_to_image_unconditional(vocab.layout), start)
+    assert [hf.id_to_token(int(source[i])) for i in (cond[0], cond[-1])] == ["<s>",
+                                                                          "<racm3:break>"]
+    assert [hf.id_to_token(int(source[i])) for i in uncond] == ["<s>", "<racm3:break>"]
 
 
 def test_text_to_image_runs_on_the_import_and_decodes_pixels(release, imported):
