@@ -42,7 +42,7 @@ from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.demo import sheet as demo_sheet
 from cm3leon_jax.demo import stages as demo_stages
 from cm3leon_jax.errors import UserInputError, check_count
-from cm3leon_jax.evaluation import shapes_scores
+from cm3leon_jax.evaluation import shapes_scores, suites
 from cm3leon_jax.retrieval.retriever import Retriever
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
@@ -59,9 +59,6 @@ SHEET_ROWS = 8
 POSITION_PHRASING = 2
 
 
-SPLITS = ("train", "validation", "test")
-
-
 def check_settings() -> None:
     """`generate_stage`'s settings, checked when the demo starts (its preflight): a mistake
     here would otherwise show only after every earlier stage has run."""
@@ -70,8 +67,9 @@ def check_settings() -> None:
         check_count(f"generate_stage.{name}", s[name])
     for name in ("num_retrieved", "seed"):
         check_count(f"generate_stage.{name}", s[name], 0)
-    if s["split"] not in SPLITS:
-        raise UserInputError(f"generate_stage.split={s['split']!r}; use one of {SPLITS} "
+    if s["split"] not in suites.CORPUS_SPLITS:
+        raise UserInputError(f"generate_stage.split={s['split']!r}; use one of "
+                             f"{suites.CORPUS_SPLITS} "
                              "('test' for the held-out figures).")
     prompts.check_style(s["caption_style"], "generate_stage.caption_style")
 
