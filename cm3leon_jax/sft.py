@@ -33,12 +33,11 @@ import seqio
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import sft_preprocess, sft_prompts, shards
-from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
 from cm3leon_jax.decode import restore
 from cm3leon_jax.errors import MissingInputError, ModelDirMismatchError, UserInputError
 from cm3leon_jax.model.config import DecoderConfig
 from cm3leon_jax.train import checkpoints, params_checkpoint, run_config, trainer
-from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary, vocabulary_files
 
 
 def _sft_families(task: str) -> dict[str, str]:
@@ -96,7 +95,7 @@ def task_vocab_dir(task: str) -> str:
 def check_vocabulary(base_vocab_dir: str, task: str) -> None:
     """Raises when the task's vocabulary files differ from the base model's."""
     mine = task_vocab_dir(task)
-    for name in VOCAB_FILES:
+    for name in vocabulary_files(base_vocab_dir):
         a, b = os.path.join(base_vocab_dir, name), os.path.join(mine, name)
         if not fs.exists(a):
             raise MissingInputError(f"sft.base_vocab_dir={base_vocab_dir!r} has no {name}: give "

@@ -70,15 +70,27 @@ class AugmentConfig:
         return self.seq_len - 3 * self.max_spans
 
 
-def check_sentinels(config: AugmentConfig, layout: IdLayout) -> None:
+def check_sentinels(config: AugmentConfig, vocabulary) -> None:
     """Raises UserInputError when `config.max_spans` spans could need more sentinels than the
-    layout has: the example that draws them would fail mid-training instead of up front."""
-    if config.mean_spans > 0 and config.max_spans > layout.num_sentinels:
+    vocabulary has for CM3 (`MultimodalVocabulary.cm3_sentinels`; a layout's own count for
+    another vocabulary): the example that draws them would fail mid-training instead of up
+    front, or, in an imported Chameleon vocabulary, mask spans with its `<s>`."""
+    if config.mean_spans <= 0:
+        return
+    available = getattr(vocabulary, "cm3_sentinels", vocabulary.layout.num_sentinels)
+    if available == 0:
+        raise UserInputError(
+            f"the vocabulary in {vocabulary.directory!r} has no CM3 sentinels (an imported "
+            "Chameleon's: its one sentinel holds <s>, and Chameleon trained left to right), "
+            f"so CM3's masked spans (mean {config.mean_spans}) cannot be written. Train left "
+            "to right: bind retrieval_augment.mean_spans=0.0 (SFT: sft_cm3.mean_spans=0.0, "
+            "with sft_cm3.loss_on='output' for the loss on the outputs only).")
+    if config.max_spans > available:
         raise UserInputError(
             f"retrieval_augment.max_spans={config.max_spans} is more than the vocabulary's "
-            f"{layout.num_sentinels} sentinels (preprocess.num_sentinels, in the data folder's "
+            f"{available} sentinels (preprocess.num_sentinels, in the data folder's "
             f"vocab/layout.json): each CM3 span needs its own. Bind retrieval_augment.max_spans "
-            f"<= {layout.num_sentinels}, or preprocess into a new folder with more sentinels.")
+            f"<= {available}, or preprocess into a new folder with more sentinels.")
 
 
 def choose_neighbors(num_candidates: int, rng: np.random.Generator,

@@ -57,8 +57,9 @@ def retrieval_augment(dataset: tf.data.Dataset,
                                    k_probs=tuple(k_probs),
                                    mean_spans=mean_spans, max_spans=max_spans,
                                    neighbors_in_query_order=neighbors_in_query_order)
-    layout = output_features["targets"].vocabulary.layout
-    augment.check_sentinels(config, layout)
+    vocabulary = output_features["targets"].vocabulary
+    layout = vocabulary.layout
+    augment.check_sentinels(config, vocabulary)
     if check_fits is not None:
         check_fits(config)
     fn = functools.partial(_make_example, layout=layout, config=config)

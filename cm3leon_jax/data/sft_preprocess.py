@@ -41,13 +41,12 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shard_state, shards
+from cm3leon_jax.data import preprocess, sft_examples, sft_prompts, shapes, shard_state, shards
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.sft_examples import SftExample
 from cm3leon_jax.errors import MissingInputError, UserInputError
-from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+from cm3leon_jax.vocab.multimodal import MultimodalVocabulary, vocabulary_files
 
-VOCAB_FILES = ("layout.json", "text.model")
 # Images whose codes a worker keeps (a digest and the codes: 4 KB at 1024 codes); past
 # it, it starts over.
 KNOWN_IMAGES = 50_000
@@ -75,6 +74,15 @@ class SyntheticSftSource:
     seed: int = 0
     families: tuple[str, ...] = sft_prompts.FAMILIES
     vqa_questions: int | None = None
+
+    def __post_init__(self):
+        if self.image_size < shapes.MIN_IMAGE_SIZE:  # Before Beam: its workers would raise.
+            raise UserInputError(
+                f"SyntheticSftSource.image_size={self.image_size}: the built-in corpus draws "
+                f"its scenes at {shapes.MIN_IMAGE_SIZE} px or more (the image tokenizer "
+                "resizes them to its own size); for an image tokenizer of another size, bind "
+                "the corpus' own size here (sft_preprocess.gin's IMAGE_SIZE) or give a source "
+                "of your own images (sft_formats.FormatSource).")
 
     def split_names(self) -> list[str]:
         """The source's splits (`sft_preprocess` refuses one it does not plan)."""
@@ -329,18 +337,21 @@ class SftShardWorker:
 def copy_vocabulary(vocab_dir: str, out_dir: str) -> MultimodalVocabulary:
     """`vocab_dir` copied to `out_dir/vocab`; an existing different copy is an error."""
     target = os.path.join(out_dir, "vocab")
-    for name in VOCAB_FILES:
+    files = vocabulary_files(vocab_dir)
+    for name in files:
         if not fs.exists(os.path.join(vocab_dir, name)):
             raise MissingInputError(f"sft_preprocess.vocab_dir={vocab_dir!r} has no {name}: "
-                                    "give the vocab/ folder of the pretraining data.")
+                                    "give the vocab/ folder of the pretraining data (or of "
+                                    "an import_weights folder).")
     if fs.exists(os.path.join(target, "layout.json")):
-        if not all(fs.read_bytes(os.path.join(vocab_dir, n)) == fs.read_bytes(
-                os.path.join(target, n)) for n in VOCAB_FILES):
+        if vocabulary_files(target) != files or not all(
+                fs.read_bytes(os.path.join(vocab_dir, n)) == fs.read_bytes(
+                    os.path.join(target, n)) for n in files):
             raise UserInputError(f"{out_dir!r} was made with another vocabulary than "
                                  f"{vocab_dir!r}; use a new output folder for a new vocabulary.")
     else:
         fs.makedirs(target)
-        for name in VOCAB_FILES:
+        for name in files:
             fs.copy(os.path.join(vocab_dir, name), os.path.join(target, name))
     return MultimodalVocabulary(target)
 

@@ -277,6 +277,10 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
 
 
+# The smallest side a scene is drawn at: below it the shapes are not told apart.
+MIN_IMAGE_SIZE = 32
+
+
 def sample_scene(rng: np.random.Generator, image_size: int, *, min_objects: int = 1,
                  max_objects: int = MAX_OBJECTS, kinds: tuple[str, ...] = KINDS,
                  textured_fraction: float = 0.5, attempts: int = 100) -> Scene:
@@ -288,8 +292,9 @@ def sample_scene(rng: np.random.Generator, image_size: int, *, min_objects: int 
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"Need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}.")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 so shapes stay recognizable, got {image_size}.")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} so shapes stay recognizable, "
+                         f"got {image_size}.")
     background = sample_background(rng, image_size, textured_fraction)
     for _ in range(attempts):
         n = int(rng.integers(min_objects, max_objects + 1))

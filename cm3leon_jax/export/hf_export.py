@@ -117,13 +117,24 @@ def _vocabulary_map(vocab_dir: str | None, vocab_size: int) -> dict[str, int]:
     return out
 
 
+def _bos_id(vocab_dir: str | None) -> int:
+    """config.json's `bos_token_id`: the token the model's sequences open with
+    (`MultimodalVocabulary.prompt_start_id`: our `<eos>`, id 1, or an imported Chameleon's
+    `<s>`); our `<eos>` without a vocabulary."""
+    if not vocab_dir:
+        return 1  # layout.EOS_ID
+    from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
+    start = MultimodalVocabulary(vocab_dir).prompt_start_id
+    return 1 if start is None else start
+
+
 def hf_config(config: DecoderConfig, vocab_dir: str | None,
               vq: VQGANConfig | None) -> dict[str, Any]:
     family = family_of(config)
     arch, model_type = _ARCHITECTURES[family]
     out = dict(hf_weights.hf_config_kwargs(config, family), architectures=[arch],
                model_type=model_type, torch_dtype=config.param_dtype,
-               pad_token_id=0, eos_token_id=1, bos_token_id=1)  # Our <pad>, <eos>.
+               pad_token_id=0, eos_token_id=1, bos_token_id=_bos_id(vocab_dir))
     if family == "chameleon":
         out["vocabulary_map"] = _vocabulary_map(vocab_dir, config.vocab_size)
         vq_dict = vq_config_dict(vq) if vq is not None else None

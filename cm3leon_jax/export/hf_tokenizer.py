@@ -110,6 +110,8 @@ def write_tokenizer_files(dst: str, vocab_dir: str) -> None:
         json.dump(spec, f, ensure_ascii=False)
     config = {"tokenizer_class": "PreTrainedTokenizerFast",
               "pad_token": names.get(layout_lib.PAD_ID), "eos_token": names.get(layout_lib.EOS_ID),
+              # What prompts open with (the tokenizer adds none: prepend it, as generate does).
+              "bos_token": names.get(vocab.prompt_start_id),
               "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
     with fs.open(f"{dst}/tokenizer_config.json", "w") as f:
         json.dump(config, f, indent=1)

@@ -67,6 +67,15 @@ def shard_seed(seed: int, shard: int) -> int:
 
 
 @gin.configurable
+def opening_id(vocabulary: seqio.Vocabulary) -> int:
+    """The token every training sequence opens with, the one its prompts open with too
+    (`decode/prompts.opened`): the vocabulary's `prompt_start_id` (`<eos>` for ours;
+    Chameleon's `<s>` for an imported Chameleon vocabulary, so fine-tuning it sees its own
+    pretraining's first token), else its `eos_id` (the feature converter's docstring)."""
+    start = getattr(vocabulary, "prompt_start_id", None)
+    return vocabulary.eos_id if start is None else start
+
+
 def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
                         seq_len: int, split: str = "train", seed: int = 0,
                         shuffle: bool = True, pack: bool = True, use_cached: bool = False,
@@ -76,7 +85,7 @@ def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
 
     `task`/`seq_len` come from the trainer (`train.task`, `train.seq_len`); bind the
     rest here (e.g. `seqio_shard_dataset.use_cached = True` after caching a task).
-    Inputs start with the task vocabulary's `eos_id` (see `feature_converter.py`).
+    Inputs start with the token the task vocabulary opens prompts with (`opening_id`).
 
     `autotune=False` runs the pipeline without tf.data's autotuner: its `AUTOTUNE`
     parallelism stays at tf.data's default (the host's cores, at most 16) and prefetch
@@ -89,7 +98,7 @@ def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
         task, task_feature_lengths={"targets": seq_len}, dataset_split=split,
         shuffle=shuffle, seed=seed, num_epochs=num_epochs, use_cached=use_cached,
         shard_info=seqio.ShardInfo(shard, num_shards),
-        feature_converter=CM3FeatureConverter(bos_id=vocabulary.eos_id, pack=pack))
+        feature_converter=CM3FeatureConverter(bos_id=opening_id(vocabulary), pack=pack))
     ds = ds.batch(rows, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     if not autotune:
         options = tf.data.Options()

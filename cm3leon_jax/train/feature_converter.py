@@ -14,9 +14,10 @@ into length 10::
     decoder_positions       0  1  2  3  4  5          0     1  2  0
 
 Inputs are the targets shifted right within each segment, starting with
-`bos_id`, which the trainer sets to the task vocabulary's `eos_id` (`<eos>`):
-the same token that opens a zero-shot prompt (`<eos> caption <break>`), so
-training and inference see the same first token. Examples are
+`bos_id`, which the trainer sets to the token the task vocabulary opens prompts
+with (`data.opening_id`: `<eos>` for ours, the paper's `<eos> caption <break>`;
+Chameleon's `<s>` for an imported Chameleon vocabulary), so training and
+inference see the same first token. Examples are
 never split across rows (seqio packing places whole examples; `augment.py`
 guarantees each fits).
 """

@@ -34,6 +34,16 @@ LAYOUT_FILE = "layout.json"
 HF_TEXT_JSON = "text.json"  # In place of text.model: see hf_text_tokenizer.py.
 
 
+def vocabulary_files(directory: str) -> tuple[str, str]:
+    """The two files that make the vocabulary in `directory` (what a copy of it copies and
+    a comparison compares): `layout.json` and its text model, `text.model` or, for an
+    imported Chameleon vocabulary, `text.json`. `text.model` where neither exists (the
+    caller's missing-file error names it)."""
+    has_json = (not fs.exists(os.path.join(directory, TEXT_MODEL))
+                and fs.exists(os.path.join(directory, HF_TEXT_JSON)))
+    return LAYOUT_FILE, HF_TEXT_JSON if has_json else TEXT_MODEL
+
+
 @gin.configurable
 class MultimodalVocabulary(seqio.Vocabulary):
     """Text pieces, image codes and special tokens in one id space.
@@ -103,11 +113,11 @@ class MultimodalVocabulary(seqio.Vocabulary):
 
     def _load_text_tokenizer(self) -> TextTokenizer:
         # An imported vocabulary (Chameleon's) keeps its tokenizers file: `text.json`.
-        hf_json = os.path.join(self.directory, HF_TEXT_JSON)
-        if not fs.exists(os.path.join(self.directory, TEXT_MODEL)) and fs.exists(hf_json):
+        text = vocabulary_files(self.directory)[1]
+        if text == HF_TEXT_JSON:
             from cm3leon_jax.vocab.hf_text_tokenizer import HFTextTokenizer
-            return HFTextTokenizer.load(hf_json)
-        return TextTokenizer.load(os.path.join(self.directory, TEXT_MODEL))
+            return HFTextTokenizer.load(os.path.join(self.directory, text))
+        return TextTokenizer.load(os.path.join(self.directory, text))
 
     @property
     def layout(self) -> layout_lib.IdLayout:
@@ -154,11 +164,19 @@ class MultimodalVocabulary(seqio.Vocabulary):
     @property
     def prompt_start_id(self) -> int | None:
         """The token every sequence the model was trained on opens with, so every prompt
-        too (`decode/prompts.opened`): `<eos>` for a model trained here (the feature
-        converter's bos is `eos_id`); for an imported Chameleon vocabulary (`text.json`),
+        too (`decode/prompts.opened`; training opens with it, `train/data.opening_id`):
+        `<eos>` for a model trained here; for an imported Chameleon vocabulary (`text.json`),
         Chameleon's own `<s>`, which the import holds as `<sentinel:0>` where its file names
         no sentinels (`export/chameleon_vocab.py`), else None (no id here holds it)."""
         return self._cached("prompt_start_id", self._find_prompt_start)
+
+    @property
+    def cm3_sentinels(self) -> int:
+        """How many `<sentinel:i>` CM3 may mask spans with: the layout's, or none where the
+        one sentinel an imported Chameleon vocabulary has holds its `<s>`
+        (`prompt_start_id`; Chameleon trained left to right, with no spans)."""
+        n = self.layout.num_sentinels
+        return 0 if n and self.prompt_start_id == self.layout.sentinel_id(0) else n
 
     def _find_prompt_start(self) -> int | None:
         tok = self.text_tokenizer

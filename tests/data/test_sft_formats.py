@@ -325,3 +325,12 @@ def test_the_documented_public_format_command_parses():
         assert source.splits["validation"][0].annotations.endswith("captions_val2017.json")
     finally:
         gin.clear_config()
+
+
+def test_the_built_in_source_refuses_scenes_too_small_to_draw():
+    """At 8 px (an image tokenizer's size, bound to the corpus by mistake) the corpus cannot
+    draw its shapes: one error naming the setting, before any Beam worker starts (they
+    raised a ValueError traceback from inside the pipeline)."""
+    with pytest.raises(UserInputError, match=r"SyntheticSftSource.image_size=8.*32 px"):
+        sft_preprocess.SyntheticSftSource(image_size=8)
+    assert sft_preprocess.SyntheticSftSource(image_size=32).image_size == 32

@@ -26,6 +26,8 @@ from tests.export import chameleon_testlib
 from tests.export.conftest import HF_VQ, TEXTS, random_vq_params
 from tests.model.model_testlib import forward
 
+RUN_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "gin_configs", "runs")
 VQ = HF_VQ  # taming (the release) has 32 GroupNorm groups; 4 x 4 = 16 codes of 32.
 
 
@@ -198,6 +200,12 @@ def test_hf_export_of_the_import_carries_its_tokenizer(release, imported, tmp_pa
         assert theirs.encode(text, add_special_tokens=False) == list(vocab.encode(text))
     assert theirs.convert_tokens_to_ids(["<racm3:break>", "<eoss>", "</s>", "IMGIMGBDZ"]) == \
         [2, 3, 1, vocab.layout.codes_to_ids(13)]
+    # Its sequences open with Chameleon's <s>, not our <eos>: config.json and the tokenizer
+    # say so.
+    with open(tmp_path / "hf" / "config.json") as f:
+        bos = json.load(f)["bos_token_id"]
+    assert bos == vocab.prompt_start_id != layout_lib.EOS_ID
+    assert theirs.bos_token == "<s>" and theirs.bos_token_id == bos
 
 
 def test_a_transformers_chameleon_folder_in_its_own_ids_imports(release, tmp_path):
@@ -233,3 +241,93 @@ def test_a_transformers_chameleon_folder_in_its_own_ids_imports(release, tmp_pat
     got = np.asarray(forward(back)(params, ours))[..., :layout.used_size]
     want = theirs[..., source[:layout.used_size]]
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+
+
+def _run_mode(gin_file: str, bindings: list[str]):
+    """A run mode through its gin file, as the command line runs it."""
+    import gin
+
+    from cm3leon_jax import main as main_lib
+    gin.clear_config()
+    try:
+        main_lib.configure([os.path.join(RUN_GIN, gin_file)], bindings)
+        return main_lib.run()
+    finally:
+        gin.clear_config()
+
+
+def _coco_captions(root, n: int, seed: int) -> list[str]:
+    """A COCO captions file of n random images (20 x 24: cropped and resized to the
+    tokenizer's 8 px): the sft_preprocess bindings that read it."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / "img", exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        name = f"{seed}-{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "img" / name)
+        images.append({"id": i, "file_name": name})
+        anns.append({"id": i, "image_id": i, "caption": TEXTS[(seed * n + i) % len(TEXTS)]})
+    path = root / f"captions_{seed}.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return [repr(str(path)), repr(str(root / "img"))]
+
+
+def test_the_import_fine_tunes_left_to_right_and_generates(imported, tmp_path):
+    """SFT of an imported Chameleon: its vocabulary (a tokenizers text.json, no CM3
+    sentinels: its one sentinel holds <s>) goes through sft_preprocess and the sft run; CM3
+    spans are refused (they would be masked with <s>); its training sequences open with
+    Chameleon's <s>, as its prompts do; the fine-tuned run generates."""
+    import gin
+
+    from cm3leon_jax.train import data as train_data
+    out = imported[0]
+    train, val = _coco_captions(tmp_path, 12, 0), _coco_captions(tmp_path, 4, 1)
+    sft_data = str(tmp_path / "sft_data")
+    _run_mode("sft_preprocess.gin", [
+        f"MODEL_DIR={sft_data!r}", f"PRETRAIN_DATA={out!r}",
+        f"IMAGE_TOKENIZER_DIR={os.path.join(out, 'image_tokenizer')!r}", "IMAGE_SIZE=8",
+        "sft_preprocess.source=@FormatSource()",
+        "FormatSource.splits={'train': [@CocoCaptions()], "
+        "'validation': [@validation/CocoCaptions()]}",
+        f"CocoCaptions.annotations={train[0]}", f"CocoCaptions.image_dir={train[1]}",
+        f"validation/CocoCaptions.annotations={val[0]}",
+        f"validation/CocoCaptions.image_dir={val[1]}"])
+    vocab = MultimodalVocabulary(os.path.join(sft_data, "vocab"))
+    assert sorted(os.listdir(vocab.directory)) == ["layout.json", "text.json"]
+    assert vocab == MultimodalVocabulary(os.path.join(out, "vocab"))
+
+    sft_dir = str(tmp_path / "sft")
+    common = [f"MODEL_DIR={sft_dir!r}", f"SFT_DATA={sft_data!r}", f"BASE_MODEL_DIR={out!r}",
+              "train.num_steps=2", "train.eval_every=2", "train.seq_len=128",
+              "train.global_batch_size=8", "Checkpointer.save_every=2",
+              "train.task='cm3leon_sft_caption'"]
+    with pytest.raises(UserInputError, match="no CM3 sentinels.*sft_cm3.mean_spans=0.0"):
+        _run_mode("sft.gin", common)
+    assert not os.path.exists(os.path.join(sft_dir, "checkpoints"))
+
+    left_to_right = common + ["sft_cm3.mean_spans=0.0", "sft_cm3.loss_on='output'"]
+    from cm3leon_jax import main as main_lib
+    gin.clear_config()
+    try:  # What the trainer reads: every packed sequence opens with <s>.
+        main_lib.configure([os.path.join(RUN_GIN, "sft.gin")], left_to_right)
+        batch = next(iter(train_data.seqio_shard_dataset(
+            0, 1, 2, task="cm3leon_sft_caption", seq_len=128, shuffle=False)))
+    finally:
+        gin.clear_config()
+    inputs, segments = (np.asarray(batch[k]) for k in ("decoder_input_tokens",
+                                                      "decoder_segment_ids"))
+    starts = np.diff(segments, axis=1, prepend=0) > 0
+    assert starts.sum() >= 2 and (inputs[starts] == vocab.prompt_start_id).all()
+    hf = Tokenizer.from_file(os.path.join(vocab.directory, "text.json"))
+    with open(os.path.join(vocab.directory, "text.json"), "rb") as f:
+        source = chameleon_vocab.build(f.read(), VQ.codes_per_image).source_ids
+    assert hf.id_to_token(int(source[vocab.prompt_start_id])) == "<s>"
+
+    result = _run_mode("sft.gin", left_to_right)
+    assert result["step"] == 2 and np.isfinite(result["eval"]["loss"])
+    config, params, step = restore.restore_decoder(sft_dir, vocab=vocab)
+    tokenizer = ImageTokenizer.from_checkpoint(os.path.join(out, "image_tokenizer"))
+    made = Generator(config, params, vocab, tokenizer, batch_size=2, prompt_multiple=16
+                     ).text_to_image(["a red circle"], num_samples=1, num_retrieved=0, seed=0)
+    assert step == 2 and made.images.shape == (1, 8, 8, 3)

@@ -221,3 +221,7 @@ def test_tokenizer_files_give_our_ids(vocab_dir, tmp_path):
     layout = ours.layout
     assert theirs.convert_tokens_to_ids(["<break>", "<eoss>", "<sentinel:1>", "IMGIMGBDZ"]) == \
         [2, 3, layout.sentinel_id(1), layout.codes_to_ids(13)]
+    # Our sequences open with <eos>: config.json's bos_token_id and the tokenizer's bos_token.
+    assert theirs.bos_token == "<eos>" and theirs.bos_token_id == 1
+    with open(f"{out}/config.json") as f:
+        assert json.load(f)["bos_token_id"] == 1

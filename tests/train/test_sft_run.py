@@ -246,10 +246,11 @@ def test_the_base_vocabulary_may_be_on_a_bucket(base, tmp_path):
     byte for byte through fs (filecmp read only local files), a changed file refused."""
     from cm3leon_jax import fs, sft
     from cm3leon_jax import main as main_lib
-    from cm3leon_jax.data.sft_preprocess import VOCAB_FILES
+    from cm3leon_jax.vocab.multimodal import vocabulary_files
 
+    files = vocabulary_files(base[2])
     remote = f"ram://{tmp_path.name}/vocab"
-    for name in VOCAB_FILES:
+    for name in files:
         with fs.open(fs.join(remote, name), "wb") as f:
             f.write(fs.read_bytes(os.path.join(base[2], name)))
     gin.clear_config()
@@ -257,7 +258,7 @@ def test_the_base_vocabulary_may_be_on_a_bucket(base, tmp_path):
         main_lib.configure([SFT_GIN], sft_bindings(str(tmp_path / "sft"), base))
         task = gin.query_parameter("train.task")
         sft.check_vocabulary(remote, task)
-        with fs.open(fs.join(remote, VOCAB_FILES[-1]), "ab") as f:
+        with fs.open(fs.join(remote, files[-1]), "ab") as f:
             f.write(b" ")
         with pytest.raises(UserInputError, match="vocabulary mismatch"):
             sft.check_vocabulary(remote, task)
