@@ -18,9 +18,12 @@ same shards (DATA is the preprocess output folder):
         atomically), then DATA/{shard}.neighbors.json, which marks it done
 
 Train documents search with their query-dropout vector and never get themselves
-back. Validation and test documents search with their clean vector (there is
-no dropout at inference) against the train bank only, so no evaluation
-document is ever retrieved. A rerun skips shards finished in either pass; a
+back. With `SelectionConfig.by_modality` (the paper's "one by image, one by text") every
+document's text and image vectors are also kept apart (the bank's `modality_queries`, the
+queries file's `modalities`), and a document with both is searched by each
+(`Retriever.search_by_modality_raw`). Validation and test documents search with their
+clean vector (there is no dropout at inference) against the train bank only, so no
+evaluation document is ever retrieved. A rerun skips shards finished in either pass; a
 train shard tokenized again rebuilds the bank and index, and that invalidates
 every shard's neighbors.
 """
@@ -92,8 +95,11 @@ def plan_entry(config: RetrievalConfig | None, recorded: dict | None = None) -> 
         encoder = {"encoder_dir": fs.abspath(config.encoder_dir)}
     else:
         encoder = {"encoder_fingerprint": cached_encoder(config.encoder_dir).fingerprint}
+    selection = dataclasses.asdict(config.selection)
+    if not selection["by_modality"]:  # Folders from before the setting searched without it.
+        del selection["by_modality"]
     return {**encoder, "bank_split": config.bank_split, "seed": config.seed,
-            "selection": dataclasses.asdict(config.selection), "index": index}
+            "selection": selection, "index": index}
 
 
 def check_none_before(data_dir: str) -> None:
@@ -134,18 +140,24 @@ class VectorWriter:
         self.doc_ids: list[str] = []
         self.tokens: list[np.ndarray] = []
         self.vectors, self.queries, self.multimodal = [], [], []
+        self.by_modality: list[np.ndarray] = []  # SelectionConfig.by_modality's queries.
 
     def add(self, docs: Sequence[shards.TokenizedDocument], captions: Sequence[str],
             images: Sequence[np.ndarray]) -> None:
         if not docs:
             return
-        vectors, multimodal = self.encoder.embed_documents(list(captions), list(images))
+        clean = self.encoder.embed_modalities(list(captions), list(images))
+        vectors, multimodal = self.encoder.document_vectors(clean)
         self.vectors.append(vectors)
         self.multimodal.append(multimodal)
+        queries = clean  # Train documents search with dropout, the others clean.
         dropout = self.config.selection.query_dropout
         if self.in_bank and dropout > 0:
-            self.queries.append(self.encoder.embed_documents(
-                list(captions), list(images), dropout, self.rng)[0])
+            queries = self.encoder.embed_modalities(list(captions), list(images), dropout,
+                                                    self.rng)
+            self.queries.append(self.encoder.document_vectors(queries)[0])
+        if self.config.selection.by_modality:
+            self.by_modality.append(queries)
         self.doc_ids += [d.doc_id for d in docs]
         self.tokens += [d.ids for d in docs]
 
@@ -154,14 +166,15 @@ class VectorWriter:
         if not self.doc_ids:
             return
         vectors = np.concatenate(self.vectors)
+        by_modality = np.concatenate(self.by_modality) if self.by_modality else None
         if self.in_bank:
             queries = np.concatenate(self.queries) if self.queries else None
             memory_bank.write_shard(bank_dir(files.data_dir),
                                     memory_bank.shard_name(files.index), self.doc_ids,
                                     vectors, np.concatenate(self.multimodal), self.tokens,
-                                    queries)
+                                    queries, by_modality)
         else:
-            files.write_queries(self.doc_ids, vectors)
+            files.write_queries(self.doc_ids, vectors, by_modality)
 
 
 def build_bank(data_dir: str, config: RetrievalConfig, bank_changed: bool) -> dict:
@@ -210,20 +223,28 @@ def _no_bank(data_dir: str, split: str) -> None:
 
 def _queries(files: ShardFiles, retriever: Retriever,
              config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc ids, query vectors f32[n, d], own bank rows int64[n] or -1) of one shard."""
+    """(doc ids, query vectors f32[n, d] (by modality: f32[n, 2, d]), own bank rows
+    int64[n] or -1) of one shard."""
     bank = retriever.bank
-    nothing = np.zeros([0], np.str_), np.zeros([0, bank.dim], np.float32), np.zeros([0], np.int64)
+    by_modality = config.selection.by_modality
+    shape = [0, 2, bank.dim] if by_modality else [0, bank.dim]
+    nothing = np.zeros([0], np.str_), np.zeros(shape, np.float32), np.zeros([0], np.int64)
     if files.split != config.bank_split:
         if not files.has_vectors(in_bank=False):
             return nothing  # the shard wrote no document
-        doc_ids, vectors = files.read_queries()
+        doc_ids, vectors = files.read_queries(modalities=by_modality)
         return doc_ids, vectors, np.full([len(doc_ids)], -1, np.int64)
     names = [s["name"] for s in bank.manifest["shards"]]
     name = memory_bank.shard_name(files.index)
     if name not in names:
         return nothing
     s = names.index(name)
-    key = "query_vectors" if bank.has_query_vectors else "vectors"
+    if by_modality and not bank.has_modality_queries:
+        raise UserInputError(
+            f"the memory bank {bank.directory!r} holds no query vectors by modality (built "
+            "without SelectionConfig.by_modality): preprocess into a new MODEL_DIR with it.")
+    key = ("modality_queries" if by_modality
+           else "query_vectors" if bank.has_query_vectors else "vectors")
     n = int(bank.shard_sizes[s])
     return (np.asarray(bank.shard_array(s, "doc_ids")), np.asarray(bank.shard_array(s, key)),
             bank.offsets[s] + np.arange(n, dtype=np.int64))
@@ -242,9 +263,11 @@ def attach_neighbors(spec, data_dir: str, retriever: Retriever,
                          "preprocessing tokenizes and encodes this shard again.")
     k = config.selection.k
     rows = np.full([len(records), k], -1, np.int64)
+    search = (retriever.search_by_modality_raw if config.selection.by_modality
+              else retriever.search_vectors_raw)
     for a in range(0, len(records), config.search_batch):
         b = min(a + config.search_batch, len(records))
-        rows[a:b] = retriever.search_vectors_raw(queries[a:b], exclude_rows=own[a:b])[0]
+        rows[a:b] = search(queries[a:b], exclude_rows=own[a:b])[0]
     docs = []
     for record, doc_rows in zip(records, rows):
         tokens, ids = materialize(retriever.bank, doc_rows)

@@ -28,6 +28,7 @@ import numpy as np
 
 from cm3leon_jax import fs
 from cm3leon_jax.data import shards
+from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.retrieval import memory_bank
 
 STATS = ".stats.json"
@@ -108,15 +109,25 @@ class ShardFiles:
     def read_stats(self) -> dict:
         return fs.read_json(self.stats)
 
-    def write_queries(self, doc_ids: list[str], vectors: np.ndarray) -> None:
-        """A non-bank shard's clean vectors f32[n, d], with their documents' ids."""
+    def write_queries(self, doc_ids: list[str], vectors: np.ndarray,
+                      modalities: np.ndarray | None = None) -> None:
+        """A non-bank shard's clean vectors f32[n, d], with their documents' ids (and, for a
+        search by modality, their text and image vectors apart, f32[n, 2, d])."""
+        extra = {} if modalities is None else {"modalities": modalities}
         with fs.atomic_write(self.queries) as tmp, fs.open(tmp, "wb") as f:
-            np.savez(f, doc_ids=np.asarray(doc_ids, np.str_), vectors=vectors)
+            np.savez(f, doc_ids=np.asarray(doc_ids, np.str_), vectors=vectors, **extra)
 
-    def read_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        """(doc ids str[n], vectors f32[n, d]) written by `write_queries`."""
+    def read_queries(self, modalities: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids str[n], vectors f32[n, d]) written by `write_queries`; with `modalities`,
+        the vectors by modality f32[n, 2, d] (a shard written without them is refused)."""
         with fs.np_load(self.queries) as z:
-            return z["doc_ids"], z["vectors"]
+            if not modalities:
+                return z["doc_ids"], z["vectors"]
+            if "modalities" not in z:
+                raise UserInputError(
+                    f"{self.queries} holds no vectors by modality (preprocessed without "
+                    "SelectionConfig.by_modality): preprocess into a new MODEL_DIR with it.")
+            return z["doc_ids"], z["modalities"]
 
     # Pass 2.
     def forget_neighbors(self) -> None:

@@ -65,19 +65,22 @@ def _batches(docs: Iterable[SourceDocument], size: int) -> Iterator[list[SourceD
 
 def write_bank(docs: Iterable[SourceDocument], encoder: DocumentEncoder, bank_dir: str,
                docs_per_shard: int, query_dropout: float, seed: int,
-               batch_size: int = 256) -> dict:
-    """Encodes documents (clean and with query dropout) into a finalized memory bank."""
+               batch_size: int = 256, by_modality: bool = False) -> dict:
+    """Encodes documents (clean and with query dropout) into a finalized memory bank;
+    `by_modality`: with the queries' text and image vectors apart too."""
     writer = memory_bank.MemoryBankWriter(bank_dir, docs_per_shard)
     rng = np.random.default_rng(seed)
     written = 0
     for batch in tqdm(_batches(docs, batch_size), desc="encoding documents"):
         texts = [d.text for d in batch]
         images = [d.image for d in batch]
-        vectors, multimodal = encoder.embed_documents(texts, images)
-        queries, _ = (encoder.embed_documents(texts, images, query_dropout, rng)
-                      if query_dropout > 0 else (vectors, None))
-        for d, v, q, m in zip(batch, vectors, queries, multimodal):
-            writer.add(d.doc_id, v, bool(m), d.tokens, q)
+        clean = encoder.embed_modalities(texts, images)
+        vectors, multimodal = encoder.document_vectors(clean)
+        modal = (encoder.embed_modalities(texts, images, query_dropout, rng)
+                 if query_dropout > 0 else clean)
+        queries = encoder.document_vectors(modal)[0] if query_dropout > 0 else vectors
+        for d, v, q, m, qm in zip(batch, vectors, queries, multimodal, modal):
+            writer.add(d.doc_id, v, bool(m), d.tokens, q, qm if by_modality else None)
         written += len(batch)
     if not written:
         raise UserInputError("build_retrieval.documents gave no documents: a memory bank needs "
@@ -167,7 +170,8 @@ def _build(out: str, encoder_entries: dict, encoder: DocumentEncoder,
     timings = {}
     t = time.time()
     manifest = write_bank(documents(), encoder, os.path.join(out, "memory_bank"),
-                          docs_per_shard, selection.query_dropout, seed)
+                          docs_per_shard, selection.query_dropout, seed,
+                          by_modality=selection.by_modality)
     timings["bank_seconds"] = round(time.time() - t, 1)
     bank = memory_bank.MemoryBank(os.path.join(out, "memory_bank"))
     t = time.time()

@@ -215,6 +215,37 @@ class DocumentEncoder:
             out[a:b] = got[:b - a]
         return out
 
+    def embed_modalities(self, texts: Sequence[str | None],
+                         images: Sequence[np.ndarray | None], dropout: float = 0.0,
+                         rng: np.random.Generator | None = None) -> np.ndarray:
+        """Per document (its text or None, its image or None) the unit vector of each:
+        f32[n, 2, dim], text then image, zeros where it has none. What `embed_documents`
+        averages, and what a search by modality queries with (`select.py`)."""
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} images; give one of each "
+                             "per document (None where a document has none).")
+        has_text = np.array([t is not None for t in texts], bool)
+        has_image = np.array([im is not None for im in images], bool)
+        empty = np.flatnonzero(~has_text & ~has_image)
+        if empty.size:
+            raise ValueError(f"document {int(empty[0])} has neither text nor image.")
+        out = np.zeros((len(texts), 2, self.dim), np.float32)
+        if has_text.any():
+            out[has_text, 0] = self.embed_texts([t for t in texts if t is not None], dropout, rng)
+        if has_image.any():
+            out[has_image, 1] = self.embed_images([im for im in images if im is not None],
+                                                  dropout, rng)
+        return out
+
+    def document_vectors(self, modalities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """f32[n, 2, dim] from `embed_modalities` -> (the documents' vectors f32[n, dim]: the
+        mean of the vectors they have, renormalized if `renormalize`; bool[n] multimodal)."""
+        present = (modalities != 0).any(axis=2)
+        vectors = (modalities[:, 0] + modalities[:, 1]) / present.sum(1, dtype=np.float32)[:, None]
+        if self.renormalize:
+            vectors = np.asarray(clip.normalize(vectors))
+        return vectors, present.all(axis=1)
+
     def embed_documents(self, texts: Sequence[str | None], images: Sequence[np.ndarray | None],
                         dropout: float = 0.0, rng: np.random.Generator | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -222,24 +253,7 @@ class DocumentEncoder:
 
         Returns (f32[n, dim], bool[n] multimodal).
         """
-        if len(texts) != len(images):
-            raise ValueError(f"{len(texts)} texts but {len(images)} images; give one of each "
-                             "per document (None where a document has none).")
-        has_text = np.array([t is not None for t in texts])
-        has_image = np.array([im is not None for im in images])
-        empty = np.flatnonzero(~has_text & ~has_image)
-        if empty.size:
-            raise ValueError(f"document {int(empty[0])} has neither text nor image.")
-        total = np.zeros((len(texts), self.dim), np.float32)
-        if has_text.any():
-            total[has_text] += self.embed_texts([t for t in texts if t is not None], dropout, rng)
-        if has_image.any():
-            total[has_image] += self.embed_images([im for im in images if im is not None],
-                                                  dropout, rng)
-        vectors = total / (has_text.astype(np.float32) + has_image)[:, None]
-        if self.renormalize:
-            vectors = np.asarray(clip.normalize(vectors))
-        return vectors, has_text & has_image
+        return self.document_vectors(self.embed_modalities(texts, images, dropout, rng))
 
 
 @functools.lru_cache(maxsize=4)

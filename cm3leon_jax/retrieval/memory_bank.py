@@ -6,6 +6,9 @@
         vectors.npy             f32[n, dim]   document vectors (what the index holds)
         query_vectors.npy       f32[n, dim]   optional: the same documents encoded with
                                               query dropout, used as training queries
+        modality_queries.npy    f32[n, 2, dim] optional: the training queries' text and
+                                              image vectors apart (zeros for a missing
+                                              one), for a search by modality (select.py)
         multimodal.npy          bool[n]       has both text and an image
         doc_ids.npy             str[n]        the source's document ids
         token_offsets.npy       int64[n + 1]  document i is tokens[offsets[i]:offsets[i+1]]
@@ -46,10 +49,12 @@ def shard_name(index: int) -> str:
 
 def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.ndarray,
                 multimodal: np.ndarray, tokens: Sequence[np.ndarray],
-                query_vectors: np.ndarray | None = None) -> str:
+                query_vectors: np.ndarray | None = None,
+                modality_queries: np.ndarray | None = None) -> str:
     """Writes one shard under `bank_dir/name` atomically; returns its path.
 
-    vectors (and query_vectors): f32[n, dim]; multimodal: bool[n]; tokens: n int arrays.
+    vectors (and query_vectors): f32[n, dim]; multimodal: bool[n]; tokens: n int arrays;
+    modality_queries: f32[n, 2, dim].
     """
     vectors = np.asarray(vectors, np.float32)
     n = len(doc_ids)
@@ -62,6 +67,9 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
     if query_vectors is not None and np.shape(query_vectors) != vectors.shape:
         raise ValueError(f"write_shard: query_vectors shape {np.shape(query_vectors)} != "
                          f"vectors shape {vectors.shape}.")
+    if modality_queries is not None and np.shape(modality_queries) != (n, 2, vectors.shape[1]):
+        raise ValueError(f"write_shard: modality_queries shape {np.shape(modality_queries)} != "
+                         f"{(n, 2, vectors.shape[1])}.")
     if not np.isfinite(vectors).all():
         raise ValueError(f"write_shard {name}: vectors hold NaN or inf; check the encoder.")
     final = os.path.join(bank_dir, name)
@@ -84,6 +92,8 @@ def write_shard(bank_dir: str, name: str, doc_ids: Sequence[str], vectors: np.nd
     }
     if query_vectors is not None:
         arrays["query_vectors"] = np.asarray(query_vectors, np.float32)
+    if modality_queries is not None:
+        arrays["modality_queries"] = np.asarray(modality_queries, np.float32)
     for key, value in arrays.items():
         fs.np_save(os.path.join(tmp, f"{key}.npy"), value)
     fs.rmtree(final, ignore_errors=True)
@@ -111,7 +121,7 @@ def finalize(bank_dir: str) -> dict:
                    if fs.isdir(os.path.join(bank_dir, d)) and not d.endswith(".tmp"))
     if not names:
         raise MissingInputError(f"no shards in {bank_dir!r}; write some with write_shard first.")
-    shards, summaries, dim, with_queries = [], [], None, True
+    shards, summaries, dim, with_queries, with_modalities = [], [], None, True, True
     for name in names:
         v = fs.np_load(os.path.join(bank_dir, name, "vectors.npy"), mmap_mode="r")
         if dim is not None and v.shape[1] != dim:
@@ -119,11 +129,13 @@ def finalize(bank_dir: str) -> dict:
                              "holds vectors of one encoder.")
         dim = v.shape[1]
         with_queries &= fs.exists(os.path.join(bank_dir, name, "query_vectors.npy"))
+        with_modalities &= fs.exists(os.path.join(bank_dir, name, "modality_queries.npy"))
         shards.append({"name": name, "size": int(v.shape[0])})
         summaries.append(_shard_summary(
             name, fs.np_load(os.path.join(bank_dir, name, "doc_ids.npy"), mmap_mode="r"), v))
     manifest = {"dim": int(dim), "num_docs": sum(s["size"] for s in shards),
                 "shards": shards, "has_query_vectors": bool(with_queries),
+                "has_modality_queries": bool(with_modalities),
                 "fingerprint": _fingerprint(dim, summaries)}
     fs.write_json(os.path.join(bank_dir, MANIFEST), manifest, indent=2)
     return manifest
@@ -139,18 +151,20 @@ class MemoryBankWriter:
         self._next = 0
 
     def add(self, doc_id: str, vector: np.ndarray, multimodal: bool, tokens: np.ndarray,
-            query_vector: np.ndarray | None = None) -> None:
-        self._rows.append((doc_id, vector, multimodal, tokens, query_vector))
+            query_vector: np.ndarray | None = None,
+            modality_query: np.ndarray | None = None) -> None:
+        self._rows.append((doc_id, vector, multimodal, tokens, query_vector, modality_query))
         if len(self._rows) >= self.docs_per_shard:
             self.flush()
 
     def flush(self) -> None:
         if not self._rows:
             return
-        ids, vecs, mm, toks, qv = zip(*self._rows)
+        ids, vecs, mm, toks, qv, qm = zip(*self._rows)
         queries = None if any(q is None for q in qv) else np.stack(qv)
+        modalities = None if any(q is None for q in qm) else np.stack(qm)
         write_shard(self.bank_dir, shard_name(self._next), ids, np.stack(vecs),
-                    np.array(mm), toks, queries)
+                    np.array(mm), toks, queries, modalities)
         self._next += 1
         self._rows = []
 
@@ -211,6 +225,10 @@ class MemoryBank:
     @property
     def has_query_vectors(self) -> bool:
         return bool(self.manifest.get("has_query_vectors"))
+
+    @property
+    def has_modality_queries(self) -> bool:
+        return bool(self.manifest.get("has_modality_queries"))
 
     def shard_array(self, shard: int, key: str) -> np.ndarray:
         """One shard's memory-mapped array (`vectors`, `query_vectors`, `multimodal`, ...)."""

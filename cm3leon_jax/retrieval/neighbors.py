@@ -6,9 +6,10 @@
 
 Each document of the bank is the query for its own row: its query-dropout vector
 (`query_vectors.npy`, encoded with 20% of its tokens and patches hidden) when the
-bank has one, else its document vector. It is excluded from its own results, and
-the selection rules of `select.py` apply. Files are written atomically per shard,
-so a rerun skips finished shards.
+bank has one, else its document vector; with `SelectionConfig.by_modality`, its text
+and image vectors apart (`modality_queries.npy`), one search each. It is excluded
+from its own results, and the selection rules of `select.py` apply. Files are written
+atomically per shard, so a rerun skips finished shards.
 
 The build_retrieval mode calls `precompute_neighbors` for a bank built on its own.
 The preprocess mode searches shard by shard instead (data/retrieval_pass.py, the
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import fs
-from cm3leon_jax.errors import MissingInputError
+from cm3leon_jax.errors import MissingInputError, UserInputError
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
 from cm3leon_jax.retrieval.retriever import Retriever
 
@@ -40,6 +41,13 @@ def precompute_neighbors(retriever: Retriever, out_dir: str, batch_size: int = 1
     """
     bank = retriever.bank
     key = "query_vectors" if bank.has_query_vectors else "vectors"
+    search = retriever.search_vectors_raw
+    if retriever.selection.by_modality:  # The paper's one by image, one by text.
+        if not bank.has_modality_queries:
+            raise UserInputError(
+                f"the memory bank {bank.directory!r} holds no query vectors by modality: "
+                "build it with SelectionConfig.by_modality = True, or search without it.")
+        key, search = "modality_queries", retriever.search_by_modality_raw
     fs.makedirs(out_dir)
     done = 0
     for s, (start, vectors) in enumerate(bank.iter_shards(key)):
@@ -51,7 +59,7 @@ def precompute_neighbors(retriever: Retriever, out_dir: str, batch_size: int = 1
         for a in tqdm(range(0, n, batch_size), desc=f"neighbors shard {s}", disable=not progress):
             b = min(a + batch_size, n)
             own = np.arange(start + a, start + b, dtype=np.int64)
-            r, sc = retriever.search_vectors_raw(np.asarray(vectors[a:b]), exclude_rows=own)
+            r, sc = search(np.asarray(vectors[a:b]), exclude_rows=own)
             rows.append(r)
             scores.append(sc)
         with fs.atomic_write(path) as tmp:

@@ -37,7 +37,7 @@ from cm3leon_jax.retrieval.encoder import (
     warn_truncated,
 )
 from cm3leon_jax.retrieval.memory_bank import MemoryBank
-from cm3leon_jax.retrieval.select import SelectionConfig, select
+from cm3leon_jax.retrieval.select import SelectionConfig, interleave, select
 
 RETRIEVAL_JSON = "retrieval.json"
 # The selection rules a retriever serves with that also chose the stored neighbors at build
@@ -198,6 +198,41 @@ class Retriever:
             r, s = self._select(vectors[short], depth, cfg, exclude[short])
             rows[short], scores[short] = r, s
             short = short[(r < 0).any(axis=1)]
+        return rows, scores
+
+    def search_by_modality_raw(self, modality_vectors: np.ndarray, k: int | None = None,
+                               exclude_rows: np.ndarray | None = None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+        """The paper's "one by image, one by text": f32[b, 2, d] query vectors (text, image;
+        an all-zero one where the query lacks that modality) -> (rows int64[b, k], scores
+        f32[b, k]). A query with both is searched by each (`search_vectors_raw`) and the two
+        selections interleaved, its image search's best first (`select.interleave`); a
+        query of one modality is searched by it alone."""
+        cfg = self.selection if k is None else dataclasses.replace(self.selection, k=k)
+        v = np.asarray(modality_vectors, np.float32)
+        if v.ndim != 3 or v.shape[1:] != (2, self.dim):
+            raise UserInputError(f"modality query vectors have shape {v.shape}; pass f32[batch, "
+                                 f"2, {self.dim}] (text, image; zeros for a missing one).")
+        present = (v != 0).any(axis=2)
+        if not present.any(axis=1).all():
+            bad = int(np.flatnonzero(~present.any(axis=1))[0])
+            raise UserInputError(f"modality query {bad} has neither a text nor an image vector.")
+        exclude = (np.full([len(v)], -1, np.int64) if exclude_rows is None
+                   else np.asarray(exclude_rows, np.int64))
+        rows = np.full((len(v), cfg.k), -1, np.int64)
+        scores = np.full((len(v), cfg.k), -np.inf, np.float32)
+        text, image = present[:, 0], present[:, 1]
+        for only, m in ((text & ~image, 0), (image & ~text, 1)):
+            idx = np.flatnonzero(only)
+            if idx.size:
+                rows[idx], scores[idx] = self.search_vectors_raw(v[idx, m], cfg.k, exclude[idx])
+        idx = np.flatnonzero(text & image)
+        if idx.size:
+            parts = []
+            for m in (1, 0):  # By image, then by text.
+                r, sc = self.search_vectors_raw(v[idx, m], cfg.k, exclude[idx])
+                parts.append((r, sc, self.bank.vectors(r)))
+            rows[idx], scores[idx] = interleave(*parts, cfg.k, cfg.max_redundancy)
         return rows, scores
 
     def _select(self, vectors, depth, cfg, exclude):

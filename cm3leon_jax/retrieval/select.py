@@ -15,6 +15,12 @@ Query dropout (the fourth rule of the paper: hide 20% of the query's tokens
 before encoding it, in training only) is `dropout_keep_mask`; the encoder
 applies it to text tokens and image patches.
 
+With `by_modality` (the paper's "one by image, one by text"), a query that has both a
+text and an image is searched twice, by its image's vector and by its text's, each
+search selected by the rules above, and `interleave` merges the two: the image search's
+best, the text search's best, its next, and so on, skipping a document already picked or
+redundant with one (rule 4). A query of one modality is searched by it alone.
+
 Rows may come back with fewer than k picks; missing slots hold id -1 and score
 -inf. The search over-fetches (`SelectionConfig.num_candidates`) and searches
 short rows again deeper (`max_overfetch`, see retriever.py) so that this is rare.
@@ -46,6 +52,9 @@ class SelectionConfig:
     # synthetic one has dozens per document above 0.9) still yields k neighbors.
     max_overfetch: int = 128
     query_dropout: float = 0.2
+    # Search a multimodal query by its image and by its text and interleave the picks (the
+    # paper's "one by image, one by text"), instead of by the mean of the two.
+    by_modality: bool = False
 
     def __post_init__(self):
         if self.k < 1:
@@ -120,6 +129,40 @@ def select(cand_ids: np.ndarray, cand_scores: np.ndarray, cand_vectors: np.ndarr
         picked[r, slot] = vectors[r, j]
         count += pick
     return out_ids, out_scores
+
+
+def interleave(first: tuple[np.ndarray, np.ndarray, np.ndarray],
+               second: tuple[np.ndarray, np.ndarray, np.ndarray], k: int,
+               max_redundancy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merges two selections of the same queries, alternately: the first's best, the
+    second's best, the first's next, ...; a document already picked, or whose inner
+    product with a picked one exceeds `max_redundancy`, is passed over; a selection that
+    runs out leaves the rest to the other.
+
+    Args:
+      first, second: (rows int64[b, j], scores f32[b, j], vectors f32[b, j, d]) as `select`
+        returns them (-1 / -inf pad) with the picks' document vectors.
+      k: picks per query.
+    Returns:
+      (rows int64[b, k], scores f32[b, k]); -1 / -inf pad.
+    """
+    b = len(first[0])
+    out_rows = np.full((b, k), -1, np.int64)
+    out_scores = np.full((b, k), -np.inf, np.float32)
+    for i in range(b):
+        queues = [[(int(r), float(s), v) for r, s, v in zip(*(a[i] for a in part)) if r >= 0]
+                  for part in (first, second)]
+        picked: list = []
+        turn = 0
+        while len(picked) < k and any(queues):
+            queue = queues[turn] if queues[turn] else queues[1 - turn]
+            row, score, vector = queue.pop(0)
+            if all(row != p[0] and float(vector @ p[2]) <= max_redundancy for p in picked):
+                picked.append((row, score, vector))
+                turn = 1 - turn
+        for j, (row, score, _) in enumerate(picked):
+            out_rows[i, j], out_scores[i, j] = row, score
+    return out_rows, out_scores
 
 
 def dropout_keep_mask(rng: np.random.Generator, lengths: np.ndarray, width: int,

@@ -66,7 +66,6 @@ def shard_seed(seed: int, shard: int) -> int:
     return seed if shard == 0 else (seed + shard * _SEED_STRIDE) % 2**31
 
 
-@gin.configurable
 def opening_id(vocabulary: seqio.Vocabulary) -> int:
     """The token every training sequence opens with, the one its prompts open with too
     (`decode/prompts.opened`): the vocabulary's `prompt_start_id` (`<eos>` for ours;
@@ -76,6 +75,7 @@ def opening_id(vocabulary: seqio.Vocabulary) -> int:
     return vocabulary.eos_id if start is None else start
 
 
+@gin.configurable
 def seqio_shard_dataset(shard: int, num_shards: int, rows: int, *, task: str,
                         seq_len: int, split: str = "train", seed: int = 0,
                         shuffle: bool = True, pack: bool = True, use_cached: bool = False,

@@ -118,3 +118,31 @@ def test_a_rerun_with_other_retrieval_settings_is_refused(built, source, retriev
     with pytest.raises(UserInputError, match="preprocessed with retrieval"):
         _run(source, out, None)
     assert _run(source, out, retrieval) == built[1]  # the earlier settings: accepted
+
+
+def test_neighbors_by_modality(built, source, retrieval, tmp_path):
+    """SelectionConfig.by_modality (the paper's one by image, one by text): the bank keeps
+    each train document's query-dropout text and image vectors apart, other splits their
+    clean ones, and every document's neighbors are the by-modality search's. Its plan
+    differs from the plain folder's: a rerun of that folder with it is refused."""
+    by_modality = dataclasses.replace(
+        retrieval, selection=dataclasses.replace(SELECTION, by_modality=True))
+    out = tmp_path / "data"
+    _run(source, out, by_modality)
+    retriever = Retriever.open(retrieval_pass.retrieval_dir(str(out)), by_modality.selection,
+                               with_encoder=False)
+    assert retriever.bank.has_modality_queries
+    files = retrieval_pass.ShardFiles.of(str(out), next(
+        s for s in pp.plan_shards(source, ("train", "validation", "test"), 15)
+        if s.split == "validation"))
+    doc_ids, modal = files.read_queries(modalities=True)
+    want, _ = retriever.search_by_modality_raw(modal)
+    records = _records(out, "validation")
+    got = [[d.decode() for d in records[str(d)]["neighbor_doc_ids"]] for d in doc_ids]
+    assert got == [[str(x) for x in retriever.bank.doc_ids(row)] for row in want]
+    plain = _records(built[0], "validation")
+    assert any(got[i] != [d.decode() for d in plain[str(d)]["neighbor_doc_ids"]]
+               for i, d in enumerate(doc_ids))
+    copy = shutil.copytree(built[0], tmp_path / "plain")
+    with pytest.raises(UserInputError, match="by_modality"):
+        _run(source, copy, by_modality)

@@ -207,3 +207,66 @@ def test_serving_with_other_thresholds_than_the_build_says_so(retrieval_dir, cap
     Retriever.open(retrieval_dir, dataclasses.replace(SELECTION, max_relevance=0.9),
                    with_encoder=False)
     assert "serves with max_relevance=0.9, other rules than the max_relevance=0.98" in caplog.text
+
+
+def test_search_by_modality_takes_one_by_image_and_one_by_text(retrieval_dir, encoder_dir, docs):
+    """The paper's "one by image, one by text": a query with both is searched by each and
+    the picks interleaved, the image search's best first; a query of one modality is
+    searched by it alone."""
+    r = Retriever.open(retrieval_dir, SELECTION)
+    encoder = DocumentEncoder.load(encoder_dir)
+    pairs = [d for d in docs if d.text is not None and d.image is not None][:6]
+    both = encoder.embed_modalities([d.text for d in pairs], [d.image for d in pairs])
+    text_only = both.copy()
+    text_only[:, 1] = 0
+    rows, scores = r.search_by_modality_raw(np.concatenate([both, text_only]), k=2)
+    by_image, _ = r.search_vectors_raw(both[:, 1], k=2)
+    by_text, _ = r.search_vectors_raw(both[:, 0], k=2)
+    for i in range(len(pairs)):
+        assert rows[i, 0] == by_image[i, 0]
+        second = by_text[i, 0] if by_text[i, 0] != by_image[i, 0] else by_text[i, 1]
+        assert rows[i, 1] in (second, by_image[i, 1])  # by image's next if redundant
+    np.testing.assert_array_equal(rows[len(pairs):], by_text)
+    assert (rows >= 0).all() and np.isfinite(scores).all()
+    # Text-first and image-first picks differ somewhere, or the test shows nothing.
+    assert (by_image[:, 0] != by_text[:, 0]).any()
+    with pytest.raises(UserInputError, match="modality query 0 has neither"):
+        r.search_by_modality_raw(np.zeros((1, 2, r.dim)))
+    with pytest.raises(UserInputError, match=r"f32\[batch, 2, 16\]"):
+        r.search_by_modality_raw(both[:, 0])
+
+
+def test_a_bank_built_by_modality_stores_both_queries(tmp_path, encoder_dir):
+    """build_retrieval with SelectionConfig.by_modality keeps each document's query-dropout
+    text and image vectors apart, and its stored neighbors are the by-modality search's."""
+    import functools
+
+    from retrieval_testlib import documents_with_tokens
+
+    from cm3leon_jax.retrieval import build
+    selection = dataclasses.replace(SELECTION, by_modality=True)
+    source = functools.partial(documents_with_tokens, num=60, text_only_fraction=0.1,
+                               image_only_fraction=0.1)
+    build.build_retrieval(str(tmp_path / "m"), encoder_dir, source, docs_per_shard=40,
+                          selection=selection, seed=0)
+    r = Retriever.open(str(tmp_path / "m" / "retrieval"), selection)
+    assert r.bank.has_modality_queries
+    modal = r.bank._gather(np.arange(len(r.bank)), "modality_queries", 0.0)  # noqa: SLF001
+    # Their mean is the document's query vector (query dropout, seeded).
+    np.testing.assert_allclose(DocumentEncoder.load(encoder_dir).document_vectors(modal)[0],
+                               r.bank.query_vectors(np.arange(len(r.bank))), atol=1e-6)
+    stored, _ = neighbors.load_neighbors(str(tmp_path / "m" / "retrieval" / "memory_bank"))
+    want, _ = r.search_by_modality_raw(modal, exclude_rows=np.arange(len(r.bank)))
+    np.testing.assert_array_equal(stored, want)
+    plain = Retriever.open(str(tmp_path / "m" / "retrieval"), SELECTION)
+    assert not (plain.search_vectors_raw(r.bank.query_vectors(np.arange(len(r.bank))),
+                                         exclude_rows=np.arange(len(r.bank)))[0] == want).all()
+
+
+
+def test_a_bank_without_them_refuses_a_search_by_modality(retrieval_dir, tmp_path):
+    selection = dataclasses.replace(SELECTION, by_modality=True)
+    r = Retriever.open(retrieval_dir, selection, with_encoder=False)
+    with pytest.raises(UserInputError, match="no query vectors by modality"):
+        neighbors.precompute_neighbors(r, str(tmp_path / "n"))
+    assert not (tmp_path / "n").exists()

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cm3leon_jax.retrieval.select import SelectionConfig, dropout_keep_mask, select
+from cm3leon_jax.retrieval.select import SelectionConfig, dropout_keep_mask, interleave, select
 
 
 def _unit(v):
@@ -81,3 +81,27 @@ def test_dropout_mask_drops_exactly_the_rate():
     assert not keep[:, 10:].any() and not keep[1, 5:].any()
     again = dropout_keep_mask(np.random.default_rng(0), np.array([10, 5, 1, 0]), 12, 0.2)
     np.testing.assert_array_equal(keep, again)
+
+
+def _picks(rows, vectors):
+    rows = np.asarray(rows, np.int64)
+    scores = np.where(rows >= 0, 0.5, -np.inf).astype(np.float32)
+    return rows, scores, np.asarray(vectors, np.float32)
+
+
+def test_interleave_alternates_and_passes_over_what_is_picked_or_redundant():
+    e = np.eye(5, dtype=np.float32)
+    # By image: 1, 2, 3; by text: 1 (the image search's too), 4 (a copy of 2), 5.
+    first = _picks([[1, 2, 3]], [[e[0], e[1], e[2]]])
+    second = _picks([[1, 4, 5]], [[e[0], e[1], e[3]]])
+    rows, scores = interleave(first, second, k=3, max_redundancy=0.9)
+    assert rows.tolist() == [[1, 4, 3]]  # 1 by image; 1 again passed over, 4; 2 (= 4) over, 3.
+    assert np.isfinite(scores).all()
+    # A selection that runs out leaves the rest to the other; short rows pad with -1.
+    rows, scores = interleave(_picks([[7, -1]], [[e[0], e[0] * 0]]),
+                              _picks([[-1, -1]], [[e[0] * 0, e[0] * 0]]), k=2,
+                              max_redundancy=0.9)
+    assert rows.tolist() == [[7, -1]] and scores[0, 1] == -np.inf
+    rows, _ = interleave(_picks([[-1, -1]], [[e[0] * 0, e[0] * 0]]),
+                         _picks([[8, 9]], [[e[0], e[1]]]), k=2, max_redundancy=0.9)
+    assert rows.tolist() == [[8, 9]]
