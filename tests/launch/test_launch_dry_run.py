@@ -279,6 +279,10 @@ def test_local_dry_run_sets_each_process_id():
 @pytest.mark.parametrize("module,args,message", [
     (tpu_vm, [GIN, "runs/local", "--name=n", "--accelerator_type=v5p-8", "--zone=z",
               "--project=p"], "not a gs:// folder"),
+    # Cloud TPU offers tpu7x through GKE only: not as a TPU VM, whatever image is named.
+    (tpu_vm, [GIN, "gs://b/x", "--name=n", "--accelerator_type=tpu7x-128", "--zone=z",
+              "--project=p", "--runtime_version=some-image"], "GKE only, not as TPU VMs: "
+     "launch on a GKE cluster with launch.xpk (--device_type=tpu7x-128)"),
     (tpu_vm, [GIN, "gs://b/x", "--name=n", "--accelerator_type=v9-8", "--zone=z",
               "--project=p"], "'v9-8' is not a TPU slice type this launcher knows"),
     (xpk, ["/etc/passwd.gin", "gs://b/x", "--cluster=c", "--workload=w",
