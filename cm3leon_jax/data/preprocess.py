@@ -494,10 +494,14 @@ _IMAGE_TOKENIZERS: dict = {}
 
 
 def _image_tokenizer(fn: Callable):
-    """One tokenizer per process: in-process workers reuse the driver's."""
-    if fn not in _IMAGE_TOKENIZERS:
-        _IMAGE_TOKENIZERS[fn] = fn()
-    return _IMAGE_TOKENIZERS[fn]
+    """One tokenizer per process and configuration: in-process workers reuse the driver's.
+    Keyed by the gin config too: `load_image_tokenizer` is one function whatever checkpoint
+    gin binds it to, and a later run in the same process (another preprocessing, an SFT
+    preprocessing of an imported model) must not get the first one's tokenizer."""
+    key = (fn, gin.config_str())
+    if key not in _IMAGE_TOKENIZERS:
+        _IMAGE_TOKENIZERS[key] = fn()
+    return _IMAGE_TOKENIZERS[key]
 
 
 @dataclasses.dataclass

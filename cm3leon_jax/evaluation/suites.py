@@ -79,9 +79,8 @@ def corpus_suite(num_examples: int = 32, seed: int = 0, split: str = "test",
     if unknown:
         raise UserInputError(f"corpus_suite.tasks: {unknown} unknown; use text_to_image, "
                              "captioning, vqa, edit.")
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 2:
-        raise UserInputError(f"corpus_suite.num_examples={num_examples!r}: give 2 or more "
-                             "(FID and the reference rows compare sets of images).")
+    check_count("corpus_suite.num_examples", num_examples, 2,
+                " (FID and the reference rows compare sets of images)")
     if split not in CORPUS_SPLITS:
         raise UserInputError(f"corpus_suite.split={split!r} is not a split of the built-in "
                              f"corpus; use one of {CORPUS_SPLITS} (choose settings on "

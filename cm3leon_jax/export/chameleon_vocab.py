@@ -33,7 +33,7 @@ import numpy as np
 from cm3leon_jax import fs
 from cm3leon_jax.errors import UserInputError
 from cm3leon_jax.vocab import layout as layout_lib
-from cm3leon_jax.vocab.hf_text_tokenizer import IMAGE_PREFIX, classify
+from cm3leon_jax.vocab.hf_text_tokenizer import IMAGE_PREFIX, classify, start_is_sentinel_0
 from cm3leon_jax.vocab.multimodal import HF_TEXT_JSON, LAYOUT_FILE
 
 FIXED = {layout_lib.PAD_ID: "<pad>", layout_lib.EOS_ID: "</s>",
@@ -81,15 +81,15 @@ def _image_ids(image: dict[str, int], where: str) -> np.ndarray:
 
 
 def _sentinels(special: dict[str, int], where: str) -> list[int]:
+    if start_is_sentinel_0(special):
+        return [special["<s>"]]
     out = []
     while f"<sentinel:{len(out)}>" in special:
         out.append(special[f"<sentinel:{len(out)}>"])
-    if out:
-        return out
-    if "<s>" not in special:
+    if not out:
         raise UserInputError(f"{where}: has neither <sentinel:0> nor <s>; our prompts need one "
                              "of them as the mask of classifier-free guidance.")
-    return [special["<s>"]]
+    return out
 
 
 def build(json_bytes: bytes, image_length: int, where: str = "text_tokenizer.json",

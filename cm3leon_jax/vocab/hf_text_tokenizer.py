@@ -40,6 +40,13 @@ def all_tokens(spec: dict) -> dict[str, int]:
     return out
 
 
+def start_is_sentinel_0(special: dict[str, int]) -> bool:
+    """Whether an import holds the file's `<s>` as its `<sentinel:0>`: where the file names
+    no sentinels, `<s>` is the one (Chameleon's own mask for guidance, and the token its
+    sequences open with; `export/chameleon_vocab.py`, `MultimodalVocabulary.prompt_start_id`)."""
+    return "<s>" in special and "<sentinel:0>" not in special
+
+
 def classify(spec: dict) -> tuple[np.ndarray, dict[str, int], dict[str, int]]:
     """(text ids sorted, {special name: id}, {image name: id}) of a tokenizers JSON."""
     added = {t["content"] for t in spec.get("added_tokens", [])}

@@ -182,11 +182,9 @@ class MultimodalVocabulary(seqio.Vocabulary):
         tok = self.text_tokenizer
         if isinstance(tok, TextTokenizer):
             return layout_lib.EOS_ID
-        from cm3leon_jax.vocab.hf_text_tokenizer import classify
+        from cm3leon_jax.vocab.hf_text_tokenizer import classify, start_is_sentinel_0
         _, special, _ = classify(json.loads(tok.model_proto))
-        if "<s>" not in special or "<sentinel:0>" in special:
-            return None
-        return self.layout.sentinel_id(0)
+        return self.layout.sentinel_id(0) if start_is_sentinel_0(special) else None
 
     @property
     def _base_vocab_size(self) -> int:

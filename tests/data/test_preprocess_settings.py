@@ -345,3 +345,29 @@ def test_both_preprocessors_cut_shards_alike_and_refuse_a_shard_size_below_one()
         with pytest.raises(UserInputError, match=rf"sft_preprocess.docs_per_shard={bad!r}: "
                                                  "give a whole number >= 1"):
             sft_preprocess.plan_shards(None, ["vqa"], ["train"], bad)
+
+
+def test_a_second_run_in_the_process_gets_its_own_image_tokenizer():
+    """The tokenizer is kept per process for the Beam workers, keyed by the gin config: a
+    later preprocessing whose `load_image_tokenizer` gin binds to another tokenizer gets that
+    one (it got the first run's, which with the same code count is silently wrong)."""
+    import jax
+
+    from cm3leon_jax.vocab.image_tokenizer import load_image_tokenizer
+    config = ["load_image_tokenizer.config = @VQGANConfig()", "VQGANConfig.image_size = 16",
+              "VQGANConfig.base_channels = 8", "VQGANConfig.channel_multipliers = (1, 2)",
+              "VQGANConfig.num_res_blocks = 1", "VQGANConfig.attn_levels = ()",
+              "VQGANConfig.latent_channels = 4", "VQGANConfig.embed_dim = 4",
+              "VQGANConfig.codebook_size = 16", "VQGANConfig.num_groups = 4"]
+    got = []
+    for seed in (0, 1, 0):
+        gin.clear_config()
+        try:
+            gin.parse_config([*config, f"load_image_tokenizer.seed = {seed}"])
+            got.append(pp._image_tokenizer(load_image_tokenizer))  # noqa: SLF001
+        finally:
+            gin.clear_config()
+    assert got[0] is got[2] and got[1] is not got[0]
+    first, second = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t.params)])
+                     for t in got[:2])
+    assert not np.array_equal(first, second)

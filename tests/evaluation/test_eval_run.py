@@ -312,7 +312,7 @@ def test_bad_settings_are_named(eval_files, tmp_path):
     with pytest.raises(ValueError, match="Strategy 'bad': num_samples=0: give a whole number >= 1"):
         Strategy("bad", num_samples=0)
     for bad, match in [({"split": "val"}, r"split='val' is not a split .*'validation'"),
-                       ({"num_examples": 1}, r"num_examples=1: give 2 or more"),
+                       ({"num_examples": 1}, r"num_examples=1: give a whole number >= 2 \(FID"),
                        ({"tasks": ("vqa", "ocr")}, r"\['ocr'\] unknown")]:
         with pytest.raises(UserInputError, match=match):
             suites.corpus_suite(**bad)
