@@ -53,13 +53,16 @@ def _rows(config: DecoderConfig, prompts: Sequence[np.ndarray], targets: Sequenc
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         prompt = _token_ids(prompt, config.vocab_size, f"pair {i}'s prompt")
         target = _token_ids(target, config.vocab_size, f"pair {i}'s target")
+        # As the model reads it: after `start` (an empty prompt is the target's
+        # unconditional likelihood); without one, the first target token needs a prompt.
+        prompt = prompts_lib.opened(prompt, start)
         if prompt.size == 0 or target.size == 0:
-            raise ValueError(f"pair {i}: the prompt and the target need a token each (got "
-                             f"{prompt.size} and {target.size}).")
-        prompt = prompts_lib.opened(prompt, start)  # As the model reads it: after `<eos>`.
+            raise ValueError(f"pair {i}: the target needs a token, and the prompt too when "
+                             f"no opening token is given (got {prompt.size} and "
+                             f"{target.size}).")
         if prompt.size + target.size > config.max_length:
-            raise ValueError(f"pair {i}: {prompt.size - 1} + {target.size} tokens and the "
-                             f"opening <eos>, more than DecoderConfig.max_length="
+            raise ValueError(f"pair {i}: {prompt.size} + {target.size} tokens (the prompt's "
+                             f"opening one included), more than DecoderConfig.max_length="
                              f"{config.max_length}; shorten it.")
         rows.append((prompt, target))
     return rows

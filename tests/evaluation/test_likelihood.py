@@ -79,8 +79,15 @@ def test_bad_pairs_are_refused_with_what_to_change():
     one = np.array([5, 6], np.int32)
     with pytest.raises(ValueError, match="one target per prompt: 2 prompts, 1 targets"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [one, one], [one])
-    with pytest.raises(ValueError, match="pair 0: the prompt and the target need a token"):
+    with pytest.raises(ValueError, match="pair 0: the target needs a token"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [one], [np.array([], np.int32)])
+    empty = np.array([], np.int32)
+    with pytest.raises(ValueError, match="the prompt too when no opening token is given"):
+        likelihood.sequence_log_likelihoods(CONFIG, params, [empty], [one], start=None)
+    # An empty prompt after the opening <eos>: the target's unconditional likelihood.
+    np.testing.assert_allclose(
+        likelihood.sequence_log_likelihoods(CONFIG, params, [empty], [one]),
+        [_direct(params, empty, one)], rtol=1e-5, atol=1e-4)
     long = np.full(CONFIG.max_length - 2, 5, np.int32)  # With the opening <eos>: one too many.
     with pytest.raises(ValueError, match="max_length"):
         likelihood.sequence_log_likelihoods(CONFIG, params, [long], [one])
