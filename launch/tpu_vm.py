@@ -83,13 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
 GKE_ONLY = ("tpu7x",)
 
 
-def runtime_version(accelerator_type: str) -> str:
+def check_tpu_vm_type(accelerator_type: str) -> None:
+    """Refuses a slice type Cloud TPU does not offer as TPU VMs (`GKE_ONLY`)."""
     generation = accelerator_type.rsplit("-", 1)[0]
     if generation in GKE_ONLY:
         raise common.LaunchError(
             f"--accelerator_type={accelerator_type!r}: Cloud TPU offers {generation} slices "
             "through GKE only, not as TPU VMs: launch on a GKE cluster with launch.xpk "
             f"(--device_type={accelerator_type}).")
+
+
+def runtime_version(accelerator_type: str) -> str:
+    generation = accelerator_type.rsplit("-", 1)[0]
     if generation not in RUNTIME_VERSIONS:
         raise common.LaunchError(
             f"--accelerator_type={accelerator_type!r}: no default image for {generation!r}; "
@@ -253,8 +258,8 @@ def launch(argv: Sequence[str] | None = None) -> int:
                                  "host of the slice must write to the same place")
     gin_files = [args.gin_file, *args.extra_gin_files]
     chips = common.check_tpu_type("--accelerator_type", args.accelerator_type)
-    default_version = runtime_version(args.accelerator_type)  # Refuses a GKE-only one too.
-    args.runtime_version = args.runtime_version or default_version
+    check_tpu_vm_type(args.accelerator_type)
+    args.runtime_version = args.runtime_version or runtime_version(args.accelerator_type)
     common.check_mesh_fits(gin_files, args.overrides, chips,
                            f"--accelerator_type={args.accelerator_type}",
                            slices=(1, "slice (launch.tpu_vm starts one; several: launch.xpk)"))

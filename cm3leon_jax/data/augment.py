@@ -78,7 +78,7 @@ def check_sentinels(config: AugmentConfig, vocabulary) -> None:
     if config.mean_spans <= 0:
         return
     available = getattr(vocabulary, "cm3_sentinels", vocabulary.layout.num_sentinels)
-    if available == 0:
+    if getattr(vocabulary, "holds_start_in_sentinel", lambda: False)():
         raise UserInputError(
             f"the vocabulary in {vocabulary.directory!r} has no CM3 sentinels (an imported "
             "Chameleon's: its one sentinel holds <s>, and Chameleon trained left to right), "

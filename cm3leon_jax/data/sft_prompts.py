@@ -146,11 +146,14 @@ def segment(image: Any, phrase: str) -> Prompt:
 # -- ids --------------------------------------------------------------------------------
 
 def segment_ids(prompt: Prompt, vocab) -> list[np.ndarray]:
-    """Each segment's ids: text pieces, image ids (from codes), or one sentinel."""
+    """Each segment's ids: text pieces, image ids (from codes), or one sentinel: the i-th
+    masked input `<sentinel:i>`, or the last sentinel where the vocabulary has fewer (an
+    imported Chameleon's one, its `<s>`, masks every input of a guidance stream)."""
     layout, out, masks = vocab.layout, [], 0
     for i, s in enumerate(prompt.segments):
         if s is MASK:
-            out.append(np.array([layout.sentinel_id(masks)], np.int32))
+            out.append(np.array([layout.sentinel_id(min(masks, layout.num_sentinels - 1))],
+                                np.int32))
             masks += 1
         elif isinstance(s, str):
             out.append(np.asarray(vocab.encode(s), np.int32))

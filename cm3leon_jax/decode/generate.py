@@ -246,6 +246,8 @@ class Generator:
         "image_first" (`image <break>` then the caption). See prompts.py.
         """
         sampling = CAPTION_SAMPLING if sampling is None else sampling
+        if style == "infill":
+            self._check_infill("image_to_text(style='infill')", "style='image_first'")
         codes, pixels = self._image_codes(images)
         constraint = proc.TextOnly(self.layout, max_tokens, prompts_lib.caption_stop_ids(style))
         if num_retrieved and self.retriever is not None and pixels is None:
@@ -395,6 +397,7 @@ class Generator:
                     seed: int = 0) -> list[str]:
         """The text missing between `before` and `after` in `before ___ after <break>
         image`: a CM3 infill (`<sentinel:0>` in place, generated after the sequence)."""
+        self._check_infill("infill_text", "image_to_text(style='image_first')")
         codes, _ = self._image_codes(images)
         for what, texts in (("before", befores), ("after", afters)):
             if isinstance(texts, str) or len(texts) != len(codes):
@@ -419,6 +422,7 @@ class Generator:
                      sampling: SamplingConfig | None = None, seed: int = 0) -> Images:
         """Each image with its code rows [rows[0], rows[1]) regenerated as a CM3 infill
         of `caption <break> image`; the other codes are kept."""
+        self._check_infill("infill_image", "text_to_image")
         codes, _ = self._image_codes(images)
         captions = _texts(captions, len(codes), "caption")
         grid = int(round(np.sqrt(self.layout.image_length)))
@@ -480,6 +484,15 @@ class Generator:
         if two_scale is None:
             return [full, neither]
         return [full, [ids(p.masked(text=True)) for p in prompts], neither]
+
+    def _check_infill(self, what: str, instead: str) -> None:
+        """UserInputError where the vocabulary has no CM3 sentinel to infill with (an
+        imported Chameleon's: its one sentinel holds `<s>`, and it trained left to right)."""
+        if getattr(self.vocab, "cm3_sentinels", 1) == 0:
+            raise UserInputError(
+                f"{what} is a CM3 infill, and the vocabulary in {self.vocab.directory!r} has "
+                f"no CM3 sentinels (an imported Chameleon's, which trained left to right): use "
+                f"{instead}.")
 
     def _text(self, tokens: np.ndarray) -> str:
         text = tokens[self.layout.is_text(tokens)]

@@ -124,8 +124,7 @@ def _bos_id(vocab_dir: str | None) -> int:
     if not vocab_dir:
         return 1  # layout.EOS_ID
     from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
-    start = MultimodalVocabulary(vocab_dir).prompt_start_id
-    return 1 if start is None else start
+    return MultimodalVocabulary(vocab_dir).prompt_start_id
 
 
 def hf_config(config: DecoderConfig, vocab_dir: str | None,

@@ -178,11 +178,15 @@ class Retriever:
         return self.bank.dim
 
     def search_vectors_raw(self, vectors: np.ndarray, k: int | None = None,
-                           exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           exclude_rows: np.ndarray | None = None,
+                           relevance_to: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
         """f32[b, d] -> (rows int64[b, k], scores f32[b, k]) after the selection rules.
 
         The vectors are scaled to unit length first (`unit_queries`): scores are cosines
-        with the bank's unit vectors, as the thresholds assume.
+        with the bank's unit vectors, as the thresholds assume. `relevance_to`: f32[b, d]
+        unit vectors the near-duplicate rule measures candidates against instead of the
+        search vectors (`select`'s `relevance`).
         """
         cfg = self.selection if k is None else dataclasses.replace(self.selection, k=k)
         if np.ndim(vectors) == 2 and len(vectors) == 0:  # No queries: no results.
@@ -190,12 +194,14 @@ class Retriever:
         vectors = unit_queries(vectors, self.dim)
         exclude = (np.full([len(vectors)], -1, np.int64) if exclude_rows is None
                    else np.asarray(exclude_rows, np.int64))
-        rows, scores = self._select(vectors, cfg.num_candidates, cfg, exclude)
+        rel = None if relevance_to is None else np.asarray(relevance_to, np.float32)
+        rows, scores = self._select(vectors, cfg.num_candidates, cfg, exclude, rel)
         depth, limit = cfg.num_candidates, min(cfg.k * cfg.max_overfetch + 1, self.index.size)
         short = np.flatnonzero((rows < 0).any(axis=1))
         while short.size and depth < limit:  # near-duplicates used up the candidates
             depth = min(depth * 4, limit)
-            r, s = self._select(vectors[short], depth, cfg, exclude[short])
+            r, s = self._select(vectors[short], depth, cfg, exclude[short],
+                                None if rel is None else rel[short])
             rows[short], scores[short] = r, s
             short = short[(r < 0).any(axis=1)]
         return rows, scores
@@ -228,17 +234,22 @@ class Retriever:
                 rows[idx], scores[idx] = self.search_vectors_raw(v[idx, m], cfg.k, exclude[idx])
         idx = np.flatnonzero(text & image)
         if idx.size:
+            # Near-duplicates of the query are judged by its document vector, the mean of
+            # the two (one modality's vector alone scores a copy of the query lower).
+            mean = unit_queries(v[idx, 0] + v[idx, 1], self.dim)
             parts = []
             for m in (1, 0):  # By image, then by text.
-                r, sc = self.search_vectors_raw(v[idx, m], cfg.k, exclude[idx])
+                r, sc = self.search_vectors_raw(v[idx, m], cfg.k, exclude[idx], mean)
                 parts.append((r, sc, self.bank.vectors(r)))
             rows[idx], scores[idx] = interleave(*parts, cfg.k, cfg.max_redundancy)
         return rows, scores
 
-    def _select(self, vectors, depth, cfg, exclude):
+    def _select(self, vectors, depth, cfg, exclude, relevance_to=None):
         ids, scores = self.index.search(vectors, depth)
-        return select(ids, scores, self.bank.vectors(ids), self.bank.multimodal(ids), cfg,
-                      exclude)
+        cand = self.bank.vectors(ids)
+        relevance = (None if relevance_to is None
+                     else np.einsum("bcd,bd->bc", cand, relevance_to))
+        return select(ids, scores, cand, self.bank.multimodal(ids), cfg, exclude, relevance)
 
     def _results(self, rows: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
         doc_ids = self.bank.doc_ids(np.maximum(rows, 0))

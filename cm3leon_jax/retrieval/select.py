@@ -17,7 +17,8 @@ applies it to text tokens and image patches.
 
 With `by_modality` (the paper's "one by image, one by text"), a query that has both a
 text and an image is searched twice, by its image's vector and by its text's, each
-search selected by the rules above, and `interleave` merges the two: the image search's
+search selected by the rules above (rule 2 judged against the query's document vector,
+the mean of the two, as without it), and `interleave` merges the two: the image search's
 best, the text search's best, its next, and so on, skipping a document already picked or
 redundant with one (rule 4). A query of one modality is searched by it alone.
 
@@ -73,7 +74,8 @@ class SelectionConfig:
 
 def select(cand_ids: np.ndarray, cand_scores: np.ndarray, cand_vectors: np.ndarray,
            cand_multimodal: np.ndarray, config: SelectionConfig,
-           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+           exclude: np.ndarray | None = None,
+           relevance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Applies the rules to a batch of candidate lists.
 
     Args:
@@ -83,6 +85,10 @@ def select(cand_ids: np.ndarray, cand_scores: np.ndarray, cand_vectors: np.ndarr
       cand_multimodal: bool[b, c] whether each candidate has text and image.
       config: the rules.
       exclude: int64[b] the query's own row id in the bank, or -1 (or None).
+      relevance: f32[b, c] what rule 2 compares with `max_relevance` (None: `cand_scores`).
+        A search by one modality of a query passes the candidates' inner products with the
+        query's document vector, so that a copy of the query document, which one
+        modality's vector alone may score below the bound, is still skipped.
 
     Returns:
       (ids int64[b, k], scores f32[b, k]) in the order chosen; -1 / -inf pad.
@@ -101,7 +107,11 @@ def select(cand_ids: np.ndarray, cand_scores: np.ndarray, cand_vectors: np.ndarr
     multimodal = np.asarray(cand_multimodal, bool)
     exclude = np.full([b], -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
 
-    ok = (cand_ids >= 0) & (cand_ids != exclude[:, None]) & (scores <= config.max_relevance)
+    if relevance is not None and np.shape(relevance) != (b, c):
+        raise ValueError(f"select: relevance has shape {np.shape(relevance)}, expected "
+                         f"{(b, c)} like cand_ids.")
+    near = scores if relevance is None else np.asarray(relevance, np.float32)
+    ok = (cand_ids >= 0) & (cand_ids != exclude[:, None]) & (near <= config.max_relevance)
     # Rule 3 as a stable sort: multimodal first, relevance order kept inside groups.
     key = (~multimodal).astype(np.int8) if config.prefer_multimodal else np.zeros((b, c), np.int8)
     order = np.argsort(key, axis=1, kind="stable")

@@ -70,9 +70,8 @@ def opening_id(vocabulary: seqio.Vocabulary) -> int:
     """The token every training sequence opens with, the one its prompts open with too
     (`decode/prompts.opened`): the vocabulary's `prompt_start_id` (`<eos>` for ours;
     Chameleon's `<s>` for an imported Chameleon vocabulary, so fine-tuning it sees its own
-    pretraining's first token), else its `eos_id` (the feature converter's docstring)."""
-    start = getattr(vocabulary, "prompt_start_id", None)
-    return vocabulary.eos_id if start is None else start
+    pretraining's first token); a vocabulary of another kind (seqio's), its `eos_id`."""
+    return getattr(vocabulary, "prompt_start_id", vocabulary.eos_id)
 
 
 @gin.configurable

@@ -162,12 +162,13 @@ class MultimodalVocabulary(seqio.Vocabulary):
         return None
 
     @property
-    def prompt_start_id(self) -> int | None:
+    def prompt_start_id(self) -> int:
         """The token every sequence the model was trained on opens with, so every prompt
-        too (`decode/prompts.opened`; training opens with it, `train/data.opening_id`):
-        `<eos>` for a model trained here; for an imported Chameleon vocabulary (`text.json`),
-        Chameleon's own `<s>`, which the import holds as `<sentinel:0>` where its file names
-        no sentinels (`export/chameleon_vocab.py`), else None (no id here holds it)."""
+        too (`decode/prompts.opened`), every training sequence (`train/data.opening_id`) and
+        an HF export's `bos_token_id`: for an imported Chameleon vocabulary (`text.json`
+        whose file names no sentinels), Chameleon's own `<s>`, which the import holds as
+        `<sentinel:0>` (`export/chameleon_vocab.py`); for every other, our `<eos>` (a
+        `text.json` that names sentinels is our own HF export's layout, read back)."""
         return self._cached("prompt_start_id", self._find_prompt_start)
 
     @property
@@ -176,15 +177,20 @@ class MultimodalVocabulary(seqio.Vocabulary):
         one sentinel an imported Chameleon vocabulary has holds its `<s>`
         (`prompt_start_id`; Chameleon trained left to right, with no spans)."""
         n = self.layout.num_sentinels
-        return 0 if n and self.prompt_start_id == self.layout.sentinel_id(0) else n
+        return 0 if self.holds_start_in_sentinel() else n
 
-    def _find_prompt_start(self) -> int | None:
+    def holds_start_in_sentinel(self) -> bool:
+        """Whether the vocabulary's one sentinel is an imported Chameleon's `<s>`."""
+        layout = self.layout
+        return bool(layout.num_sentinels) and self.prompt_start_id == layout.sentinel_id(0)
+
+    def _find_prompt_start(self) -> int:
         tok = self.text_tokenizer
         if isinstance(tok, TextTokenizer):
             return layout_lib.EOS_ID
         from cm3leon_jax.vocab.hf_text_tokenizer import classify, start_is_sentinel_0
         _, special, _ = classify(json.loads(tok.model_proto))
-        return self.layout.sentinel_id(0) if start_is_sentinel_0(special) else None
+        return self.layout.sentinel_id(0) if start_is_sentinel_0(special) else layout_lib.EOS_ID
 
     @property
     def _base_vocab_size(self) -> int:

@@ -158,3 +158,25 @@ def test_feature_converter_unpacked_pads_each_example():
     ).as_numpy_iterator()
     np.testing.assert_array_equal(row["decoder_input_tokens"], [EOS_ID, 20, 21, 0, 0])
     np.testing.assert_array_equal(row["decoder_loss_weights"], [1, 0, 1, 0, 0])
+
+
+def test_spans_beyond_the_vocabulary_s_sentinels_are_refused_before_training():
+    """No sentinel at all (preprocess.num_sentinels=0) or fewer than max_spans: the count
+    named; an imported Chameleon's one sentinel, its <s>: left to right named instead."""
+    import types
+
+    from cm3leon_jax.data.augment import AugmentConfig, check_sentinels
+    from cm3leon_jax.errors import UserInputError
+    from cm3leon_jax.vocab.layout import IdLayout
+    config = AugmentConfig(seq_len=64, max_spans=8)
+    for n in (0, 4):
+        vocab = types.SimpleNamespace(layout=IdLayout(num_sentinels=n), directory="v",
+                                      cm3_sentinels=n, holds_start_in_sentinel=lambda: False)
+        with pytest.raises(UserInputError, match=f"max_spans=8 is more than the vocabulary's "
+                                                 f"{n} sentinels"):
+            check_sentinels(config, vocab)
+    chameleon = types.SimpleNamespace(layout=IdLayout(num_sentinels=1), directory="v",
+                                      cm3_sentinels=0, holds_start_in_sentinel=lambda: True)
+    with pytest.raises(UserInputError, match="no CM3 sentinels.*mean_spans=0.0"):
+        check_sentinels(config, chameleon)
+    check_sentinels(AugmentConfig(seq_len=64, max_spans=8, mean_spans=0.0), chameleon)

@@ -140,6 +140,16 @@ def test_neighbors_by_modality(built, source, retrieval, tmp_path):
     records = _records(out, "validation")
     got = [[d.decode() for d in records[str(d)]["neighbor_doc_ids"]] for d in doc_ids]
     assert got == [[str(x) for x in retriever.bank.doc_ids(row)] for row in want]
+    # Train documents: their query-dropout vectors by modality, never themselves.
+    bank = retriever.bank
+    own = np.arange(bank.shard_sizes[0])
+    train_modal = np.asarray(bank.shard_array(0, "modality_queries"))
+    want, _ = retriever.search_by_modality_raw(train_modal, exclude_rows=own)
+    train = _records(out, "train")
+    for row, doc_id in enumerate(bank.shard_array(0, "doc_ids")):
+        stored = [d.decode() for d in train[str(doc_id)]["neighbor_doc_ids"]]
+        assert stored == [str(x) for x in bank.doc_ids(want[row][want[row] >= 0])]
+        assert str(doc_id) not in stored
     plain = _records(built[0], "validation")
     assert any(got[i] != [d.decode() for d in plain[str(d)]["neighbor_doc_ids"]]
                for i, d in enumerate(doc_ids))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from cm3leon_jax.data import sft_prompts
 from cm3leon_jax.decode import prompts, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
@@ -123,6 +124,30 @@ def test_text_to_image_runs_on_the_import_and_decodes_pixels(release, imported):
     assert made.codes.shape == (2, 16) and made.codes.max() < 32
     # The pixels are the released VQGAN decoder's (which transformers' conversion drops).
     np.testing.assert_array_equal(made.images, ImageTokenizer(VQ, release[2]).decode(made.codes))
+
+
+def test_the_import_edits_with_two_scale_guidance_and_refuses_an_infill(imported):
+    """Its one sentinel (Chameleon's <s>) masks every input of a guidance stream (an edit's
+    source image and instruction alike: there is no second sentinel); a CM3 infill, which
+    needs sentinels it has not got, is refused naming what to use instead."""
+    out = imported[0]
+    config, params, _ = pc.load_decoder(out)
+    vocab = MultimodalVocabulary(os.path.join(out, "vocab"))
+    gen = Generator(config, params, vocab,
+                    ImageTokenizer.from_checkpoint(os.path.join(out, "image_tokenizer")),
+                    batch_size=2, prompt_multiple=16)
+    source = np.zeros((1, 8, 8, 3), np.uint8)
+    made = gen.edit(source, ["make it red"], seed=0)
+    assert made.images.shape == (1, 8, 8, 3)
+    neither = gen._streams([sft_prompts.edit(np.zeros(16, np.int64), "make it red")],  # noqa: SLF001
+                           SamplingConfig(guidance="cfg"), (1.5, 7.5))[-1][0]
+    assert (neither == vocab.prompt_start_id).sum() == 2  # both inputs masked by <s>
+    for call in (lambda: gen.image_to_text(source, num_retrieved=0, style="infill"),
+                 lambda: gen.infill_text(["a"], [""], source)):
+        with pytest.raises(UserInputError, match="no CM3 sentinels.*use"):
+            call()
+    assert len(gen.image_to_text(source, num_retrieved=0, style="image_first",
+                                 max_tokens=4)) == 1
 
 
 def _copy(release, tmp_path):

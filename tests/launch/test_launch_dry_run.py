@@ -405,3 +405,13 @@ def test_a_preempted_run_exits_with_the_status_its_launcher_asks_for(monkeypatch
         assert main_lib.main(["--gin_file=x.gin"]) == 0
     finally:
         gin.clear_config()
+
+
+def test_tpu_vm_takes_the_image_given_for_a_generation_without_a_default():
+    """v2 and v3 slices have no default image: --runtime_version names it (the tpu7x check
+    once refused it by asking for the default first)."""
+    lines = dry_run(tpu_vm, GIN, "gs://b/x", "--name=n", "--accelerator_type=v3-8", "--zone=z",
+                    "--project=p", "--runtime_version=tpu-vm-base",
+                    "--gin.make_mesh.shape=(8, 1, 1)")
+    create = next(shlex.split(line) for line in lines if " queued-resources create " in line)
+    assert "--runtime-version=tpu-vm-base" in create and "--accelerator-type=v3-8" in create

@@ -220,13 +220,15 @@ def test_search_by_modality_takes_one_by_image_and_one_by_text(retrieval_dir, en
     text_only = both.copy()
     text_only[:, 1] = 0
     rows, scores = r.search_by_modality_raw(np.concatenate([both, text_only]), k=2)
-    by_image, _ = r.search_vectors_raw(both[:, 1], k=2)
-    by_text, _ = r.search_vectors_raw(both[:, 0], k=2)
+    mean = both[:, 0] + both[:, 1]  # Near-duplicates are judged by the document vector.
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    by_image, _ = r.search_vectors_raw(both[:, 1], k=2, relevance_to=mean)
+    by_text, _ = r.search_vectors_raw(both[:, 0], k=2, relevance_to=mean)
     for i in range(len(pairs)):
         assert rows[i, 0] == by_image[i, 0]
         second = by_text[i, 0] if by_text[i, 0] != by_image[i, 0] else by_text[i, 1]
         assert rows[i, 1] in (second, by_image[i, 1])  # by image's next if redundant
-    np.testing.assert_array_equal(rows[len(pairs):], by_text)
+    np.testing.assert_array_equal(rows[len(pairs):], r.search_vectors_raw(both[:, 0], k=2)[0])
     assert (rows >= 0).all() and np.isfinite(scores).all()
     # Text-first and image-first picks differ somewhere, or the test shows nothing.
     assert (by_image[:, 0] != by_text[:, 0]).any()
@@ -270,3 +272,27 @@ def test_a_bank_without_them_refuses_a_search_by_modality(retrieval_dir, tmp_pat
     with pytest.raises(UserInputError, match="no query vectors by modality"):
         neighbors.precompute_neighbors(r, str(tmp_path / "n"))
     assert not (tmp_path / "n").exists()
+
+
+def test_a_search_by_modality_still_skips_the_query_document(tmp_path, encoder_dir):
+    """Rule 2 (near-duplicates of the query) is judged against the query's document vector:
+    one modality's vector alone scores the query's own document below the bound, and a copy
+    of it elsewhere in the bank would come back as a neighbor."""
+    import functools
+
+    from retrieval_testlib import documents_with_tokens
+
+    from cm3leon_jax.retrieval import build
+    selection = dataclasses.replace(SELECTION, by_modality=True, query_dropout=0.0)
+    source = functools.partial(documents_with_tokens, num=60, text_only_fraction=0.0,
+                               image_only_fraction=0.0)
+    build.build_retrieval(str(tmp_path / "m"), encoder_dir, source, docs_per_shard=60,
+                          selection=selection, seed=0, precompute=False)
+    r = Retriever.open(str(tmp_path / "m" / "retrieval"), selection)
+    rows = np.arange(len(r.bank))
+    modal = r.bank._gather(rows, "modality_queries", 0.0)  # noqa: SLF001  (clean: no dropout)
+    # Each document's own image vector alone finds it, below the bound: rule 2 would pass it.
+    alone = np.einsum("nd,nd->n", modal[:, 1], r.bank.vectors(rows))
+    assert (alone < selection.max_relevance).any()
+    got, _ = r.search_by_modality_raw(modal)  # Nothing excluded: rule 2 must skip it.
+    assert not (got == rows[:, None]).any()
