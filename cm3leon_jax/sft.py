@@ -72,6 +72,13 @@ def check_eval_data(task: str, split: str) -> None:
             f"the SFT data folder {missing[0]!r}, which train.task={task!r} reads (SFT_DATA in "
             "gin_configs/runs/sft.gin), does not exist: make it with the sft_preprocess run "
             "mode, or give the folder it wrote.")
+    for data_dir in sorted(set(families.values())):
+        if not any(fs.isdir(os.path.join(data_dir, f)) for f in sft_prompts.FAMILIES):
+            raise UserInputError(
+                f"{data_dir!r} (SFT_DATA, which train.task={task!r} reads) holds no family "
+                f"folder ({', '.join(sft_prompts.FAMILIES[:3])}, ...): it is not what the "
+                "sft_preprocess run mode writes (a pretraining data folder?). Make the SFT "
+                "data with gin_configs/runs/sft_preprocess.gin and give its MODEL_DIR.")
     with_split = {f: d for f, d in families.items()
                   if fs.glob(shards.shard_pattern(os.path.join(d, f), split))}
     for family, data_dir in with_split.items():
@@ -151,6 +158,7 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
         result = trainer.train(model_dir)
         return {**result, "base": read_base_record(model_dir)
                 or {"model_dir": base_model_dir, "step": base_step}}
+    restore.check_checkpoint(base_model_dir, base_step)  # A missing base first, by name.
     config = run_config.bind_decoder_config(base_model_dir, "this SFT run")
     if base_vocab_dir is not None:
         check_vocabulary(base_vocab_dir, task)
@@ -159,7 +167,6 @@ def sft(model_dir: str, base_model_dir: str = gin.REQUIRED,
                              "from before the records, or an import without one): give "
                              "sft.base_vocab_dir, the vocab/ folder of its pretraining data.")
     check_base_record(base_model_dir, task)
-    restore.check_checkpoint(base_model_dir, base_step)
     used = {}
 
     def base_params(mesh):  # Laid out over the run's mesh: on a pod, no one host holds it.
@@ -243,6 +250,10 @@ def _preflight(model_dir: str) -> None:
             check_same_base(model_dir, base, bound.get("base_step"))
             run_config.bind_decoder_config(model_dir, "this SFT run")
         else:
+            # A base folder that is not there (or holds no checkpoint) by name, before its
+            # missing config.gin reads as the default sizes and its missing record as an
+            # older run's.
+            restore.check_checkpoint(base, bound.get("base_step"))
             run_config.bind_decoder_config(base, "this SFT run")
 
 

@@ -307,3 +307,20 @@ def test_sft_data_without_the_eval_split_is_refused_before_training(tmp_path):
         assert sft.eval_split() == "train"
     finally:
         gin.clear_config()
+
+
+def test_a_missing_base_and_pretraining_data_as_sft_data_are_named(base, tmp_path):
+    """A base folder that is not there is named as such (its missing config.gin and record
+    read as the default sizes and an older run's), before anything is written; SFT_DATA
+    naming a pretraining data folder is told it is not sft_preprocess's output (it was told
+    it had no validation split, and then no train split)."""
+    from cm3leon_jax.errors import MissingInputError
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(MissingInputError, match=f"no checkpoints in {nowhere!r}: give the "):
+        run_sft(sft_bindings(str(tmp_path / "a"), base, BASE_MODEL_DIR=repr(nowhere),
+                             **{"sft.base_vocab_dir": None}))
+    assert not (tmp_path / "a").exists()
+    pretraining = os.path.dirname(base[2])
+    with pytest.raises(UserInputError, match="holds no family folder.*not what the "
+                                             "sft_preprocess run mode writes"):
+        run_sft(sft_bindings(str(tmp_path / "b"), base, SFT_DATA=repr(pretraining)))
