@@ -452,6 +452,7 @@ def sft_preprocess(model_dir: str, vocab_dir: str = gin.REQUIRED, source: Any = 
         raise UserInputError(f"{vocab_dir} expects {vocab.layout.image_length} codes per image but "
                              f"the image tokenizer gives {images.codes_per_image}: use the "
                              "tokenizer the pretraining data was made with.")
+    shards.check_image_tokenizer(vocab_dir, images, "sft_preprocess.image_tokenizer_fn")
     if hasattr(source, "with_image_size"):  # Boxes are written in the tokenizer's frame.
         source = source.with_image_size(images.image_size)
     specs = plan_shards(source, families, splits, docs_per_shard)

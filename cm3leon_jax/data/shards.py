@@ -166,6 +166,27 @@ def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
 PLAN_FILE = "plan.json"
 
 
+def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
+    """Raises UserInputError when `tokenizer` is not the one whose codes the data folder of
+    `vocab_dir` (its parent) holds: preprocessing and SFT preprocessing record that one's
+    `fingerprint` in plan.json (config and weights: a checkpoint of the same shape from
+    another run, or another step, makes other codes, and nothing else would tell). A folder
+    without the record (an import's vocabulary, data from before it) is not checked."""
+    data_dir = os.path.dirname(str(vocab_dir).rstrip("/"))
+    path = fs.join(data_dir, PLAN_FILE)
+    if not data_dir or not fs.exists(path):
+        return
+    recorded = [v["config_and_weights"] for v in fs.read_json(path).values()
+                if isinstance(v, dict) and "config_and_weights" in v]
+    mine = getattr(tokenizer, "fingerprint", None)
+    if recorded and mine is not None and mine != recorded[0]:
+        raise UserInputError(
+            f"{setting} is not the image tokenizer the data in {data_dir!r} was made with (its "
+            f"{PLAN_FILE} records {recorded[0]}, this one is {mine}: another checkpoint, or "
+            "the same one at another step), so its codes would mean other images than the "
+            "ones the model was trained on. Give the image tokenizer that preprocessing used.")
+
+
 def plan_layout(specs: Iterable[Any], key=lambda spec: spec.split) -> dict[str, list[int]]:
     """{key: [shards, records]} of shard specs (anything with num_shards, start, stop),
     grouped by `key(spec)` (the split; `family/split` for SFT data)."""

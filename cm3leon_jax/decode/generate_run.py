@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 
 from cm3leon_jax import fs
+from cm3leon_jax.data import shards
 from cm3leon_jax.data.user_data import clean_caption
 from cm3leon_jax.decode import generate_families, pictures, prompts, rerank, restore
 from cm3leon_jax.decode import processors as proc
@@ -373,6 +374,7 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
         raise UserInputError(f"generate.image_tokenizer does not fit generate.vocab_dir "
                              f"{vocab_dir!r}: {mismatch}. Give the image tokenizer the "
                              "training data was made with.")
+    shards.check_image_tokenizer(vocab_dir, tokenizer, "generate.image_tokenizer")
     if retrieval_dir and not fs.isdir(retrieval_dir):
         raise MissingInputError(f"generate.retrieval_dir {retrieval_dir!r} does not exist: give "
                                 "a built retrieval folder (a preprocess run's data/retrieval), "

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import fs
+from cm3leon_jax.data import shards
 from cm3leon_jax.decode import pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
@@ -204,8 +205,10 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         restore.check_retrieval_vocabulary(
             retrieval_dir, vocab, names=("evaluate.retrieval_dir", "evaluate.vocab_dir"))
     config, params, restored_step = restore.restore_decoder(checkpoint, step)
+    tokenizer = image_tokenizer()
+    shards.check_image_tokenizer(vocab_dir, tokenizer, "evaluate.image_tokenizer")
     retriever = Retriever.open(retrieval_dir) if retrieval_dir else None
-    gen = Generator(config, params, vocab, image_tokenizer(), retriever, batch_size=batch_size)
+    gen = Generator(config, params, vocab, tokenizer, retriever, batch_size=batch_size)
     encoder = (DocumentEncoder.load(clip_encoder_dir) if clip_encoder_dir
                else getattr(retriever, "encoder", None))
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,

@@ -283,6 +283,38 @@ def test_an_image_tokenizer_that_does_not_fit_the_vocabulary_is_named_before_the
         "64. Give the image tokenizer the training data was made with."], errors
 
 
+def test_an_image_tokenizer_other_than_the_one_the_data_was_made_with_is_refused(
+        tmp_path, capsys, vocab, listed_not_restored):
+    """Of the same shape but other weights (another checkpoint or step): its codes mean
+    other images. The data folder's plan.json records the one preprocessing used; generate
+    (and eval and sft_preprocess, through the same `shards.check_image_tokenizer`) refuse
+    another before the restore. The recorded one passes on to the restore."""
+    import shutil
+
+    from cm3leon_jax.vocab.image_tokenizer import load_image_tokenizer
+    gin.clear_config()
+    try:
+        gin.parse_config(list(RANDOM_VQ))
+        made_with = load_image_tokenizer().fingerprint  # seed 0
+    finally:
+        gin.clear_config()
+    data = tmp_path / "data"
+    shutil.copytree(vocab.directory, data / "vocab")
+    (data / "plan.json").write_text(json.dumps(
+        {"preprocess.image_tokenizer_fn": {"config_and_weights": made_with}}))
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())
+    args = (f"generate.checkpoint='{fits}'", f"generate.vocab_dir='{data / 'vocab'}'",
+            "generate.captions=['a red circle']")
+    code, errors = _main(capsys, tmp_path / "out", *args, "load_image_tokenizer.seed=1")
+    assert code == 2 and len(errors) == 1, errors
+    assert re.match(rf"error: generate.image_tokenizer is not the image tokenizer the data in "
+                    rf"'{data}' was made with \(its plan.json records {made_with}, this one "
+                    r"is [0-9a-f]+: another checkpoint", errors[0]), errors
+    with pytest.raises(AssertionError, match="restored before refusing"):
+        _main(capsys, tmp_path / "out2", *args)
+
+
 class _StopError(Exception):
     pass
 

@@ -237,10 +237,15 @@ def test_a_rerun_of_another_plan_is_refused(sft_dir, tmp_path):
 def test_a_rerun_with_other_image_tokenizer_weights_is_refused(sft_dir, tmp_path, caplog):
     """A retrained image tokenizer of the same shape gives other codes: finished shards would
     keep the old ones beside the new. A plan.json from before the tokenizer was recorded in
-    it is accepted with a warning."""
+    it is accepted with a warning. (The vocabulary is a copy without its data folder's
+    plan.json: the data's own record refuses another tokenizer before, the last lines.)"""
+    vocab_dir = str(tmp_path / "pretraining" / "vocab")
+    shutil.copytree(os.path.join(sft_dir[0], "vocab"), vocab_dir)
+    out = tmp_path / "sft_data"
+
     def run(tokenizer_fn):
         return sft_preprocess.sft_preprocess(
-            str(tmp_path), vocab_dir=os.path.join(sft_dir[0], "vocab"),
+            str(out), vocab_dir=vocab_dir,
             source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes={"train": 4}),
             image_tokenizer_fn=tokenizer_fn, families=("caption",), splits=("train",),
             docs_per_shard=4, seq_len=SEQ_LEN)
@@ -250,11 +255,19 @@ def test_a_rerun_with_other_image_tokenizer_weights_is_refused(sft_dir, tmp_path
                                              r"config_and_weights: \w+ then, \w+ now"):
         run(retrained_image_tokenizer)
     run(tiny_image_tokenizer)  # The same weights: every shard is done.
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
     del plan["sft_preprocess.image_tokenizer_fn"]
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (out / "plan.json").write_text(json.dumps(plan))
     run(retrained_image_tokenizer)
     assert "predates recording sft_preprocess.image_tokenizer_fn" in caplog.text
+    # The data folder whose vocabulary it is recorded its tokenizer: another is refused.
+    with pytest.raises(UserInputError, match=r"sft_preprocess.image_tokenizer_fn is not the "
+                                             r"image tokenizer the data in .* was made with"):
+        sft_preprocess.sft_preprocess(
+            str(tmp_path / "other"), vocab_dir=os.path.join(sft_dir[0], "vocab"),
+            source=sft_preprocess.SyntheticSftSource(image_size=32, split_sizes={"train": 4}),
+            image_tokenizer_fn=retrained_image_tokenizer, families=("caption",),
+            splits=("train",), docs_per_shard=4, seq_len=SEQ_LEN)
 
 
 def test_a_mixture_leaves_out_families_at_rate_0_or_without_shards(bound, sft_dir, tmp_path):
