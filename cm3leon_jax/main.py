@@ -202,6 +202,29 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
         raise ConfigError(_unquoted(bindings) or _first_line(e)) from None
     finally:
         root.setLevel(level)
+    unread = _unread_macro(bindings)
+    if unread:
+        raise ConfigError(unread)
+
+
+_MACRO = re.compile(r"[A-Za-z_]\w*")
+
+
+def _unread_macro(bindings: Sequence[str]) -> str | None:
+    """The error for the first binding that sets a macro (`--gin.IMAGE_SIZ=16`) no binding
+    of the parsed files reads as `%NAME`: gin takes it without a word, and the run goes on
+    with the value the files give (a typo of a macro's name); None if every one is read."""
+    macros = [b.partition("=")[0].strip() for b in bindings]
+    macros = [m for m in macros if _MACRO.fullmatch(m)]
+    if not macros:
+        return None
+    read = set(re.findall(r"%([A-Za-z_][\w.]*)", gin.config_str()))
+    for name in macros:
+        if name not in read:
+            known = ", ".join(sorted(read - {"gin.REQUIRED"})) or "none"
+            return (f"--gin.{name}=... sets a macro that no binding of these gin files reads "
+                    f"(%{name}): a typo? The macros they read: {known}.")
+    return None
 
 
 # A value gin cannot read that a user meant as a string: a bare word or path.

@@ -66,6 +66,12 @@ def test_runs_mode_and_writes_resolved_config(gin_dir):
             ["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.echo_mode.volume=1"],
             "Configurable 'echo_mode' doesn't have a parameter named 'volume'",
         ),
+        (  # A macro's name mistyped: gin takes it, and the run went on without it.
+            ["--gin_file=echo.gin", "--gin.MODEL_DIR='o'", "--gin.echo_mode.message='x'",
+             "--gin.MODEL_DRI='p'"],
+            "--gin.MODEL_DRI=... sets a macro that no binding of these gin files reads "
+            "(%MODEL_DRI): a typo? The macros they read: MODEL_DIR.",
+        ),
         (["--gin_file=bad_include.gin"], "Unable to open file: nope.gin"),
         (["--gin_file=unbound.gin"], "Required bindings for `run` not provided in config"),
     ],
