@@ -661,3 +661,27 @@ def _retrieve(specs: Sequence[ShardSpec], tokenized: Sequence[ShardSpec], model_
         logging.info("neighbors %s: %.2f per document (%s for 0..k)", split,
                      s["mean_neighbors"], s["neighbors_per_document"])
     return summary
+
+
+def _preflight(model_dir: str) -> None:
+    """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses a MODEL_DIR that
+    is the user's data folder or lies inside it (`user_data_builder.source`). Its config.gin
+    and shards would change the folder, so every later run would find the data "changed since
+    it was prepared" and the shards would be read back as the user's own files."""
+    from cm3leon_jax.data.user_data import user_data_builder
+    source = gin.get_bindings(user_data_builder).get("source")
+    if not source or fs.is_remote(str(source)) or fs.is_remote(model_dir):
+        return
+    folder = os.path.realpath(str(source))
+    if not os.path.isdir(folder):
+        return  # A JSONL file names its images; the folder beside it is not read whole.
+    mine = os.path.realpath(model_dir)
+    if os.path.commonpath([mine, folder]) == folder:
+        raise UserInputError(
+            f"preprocess MODEL_DIR {model_dir!r} is or lies inside the user data folder "
+            f"{str(source)!r} (USER_DATA): its shards and config.gin would become part of the "
+            "data it reads. Give preprocessing a folder outside it.")
+
+
+preprocess.preflight = _preflight
+

@@ -163,3 +163,23 @@ def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder
     assert image.shape == (32, 32, 3)
     captions = json.loads((out / "captions.json").read_text())
     assert captions[0]["image"].endswith("red_square_0.png") and len(captions[0]["captions"]) == 1
+
+
+def test_a_model_dir_inside_the_users_folder_is_refused_before_anything_is_written(
+        user_folder, encoder_dir, tokenizer_dir, tmp_path, capsys):
+    """Its config.gin and shards would change the folder: every later run found the data
+    "changed since it was prepared", and advice to rebuild that could not help."""
+    before = sorted(p.name for p in user_folder.iterdir())
+    inside = user_folder / "out"
+    gin.clear_config()
+    try:
+        code = main_lib.main([
+            f"--gin_file={os.path.join(ROOT, 'gin_configs/runs/preprocess_user.gin')}",
+            f"--gin.MODEL_DIR='{inside}'", f"--gin.USER_DATA='{user_folder}'",
+            f"--gin.ENCODER_DIR='{encoder_dir}'", f"--gin.IMAGE_TOKENIZER_DIR='{tokenizer_dir}'",
+            f"--gin.user_data_builder.data_dir='{tmp_path / 'tfds'}'"])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert code == 2 and "is or lies inside the user data folder" in err, err
+    assert sorted(p.name for p in user_folder.iterdir()) == before
