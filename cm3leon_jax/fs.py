@@ -70,6 +70,18 @@ def overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep)
 
 
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, compared as `overlap` compares them."""
+    return overlap(path, folder) and not (overlap(folder, path) and _longer(folder, path))
+
+
+def _longer(a: str, b: str) -> bool:
+    """Whether `a` is deeper than `b` (of two overlapping paths: `a` lies inside `b`)."""
+    if is_remote(a):
+        return len(str(a).rstrip("/")) > len(str(b).rstrip("/"))
+    return len(os.path.realpath(a)) > len(os.path.realpath(b))
+
+
 def open(path: str, mode: str = "r") -> IO:  # noqa: A001 (the file system's own open)
     """A file object for `path`; `mode` as Python's ("r", "w", "rb", "wb", "a").
 

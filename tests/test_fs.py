@@ -83,6 +83,17 @@ def test_overlap_follows_links_and_nesting(tmp_path):
     assert not fs.overlap("gs://b/runs/x", run)
 
 
+def test_within_is_the_folder_or_inside_it_not_a_folder_holding_it(tmp_path):
+    (tmp_path / "data" / "out").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    data = str(tmp_path / "data")
+    assert fs.within(data, data + "/") and fs.within(f"{data}/out", data)
+    assert fs.within(str(tmp_path / "link" / "out"), data)
+    assert not fs.within(str(tmp_path), data)  # It holds the folder: not inside it.
+    assert not fs.within(f"{data}_b", data)
+    assert fs.within("gs://b/d/out", "gs://b/d") and not fs.within("gs://b", "gs://b/d")
+
+
 def test_atomic_write_leaves_the_old_file_or_the_new_one(root):
     from cm3leon_jax.data import shards
 

@@ -670,13 +670,9 @@ def _preflight(model_dir: str) -> None:
     it was prepared" and the shards would be read back as the user's own files."""
     from cm3leon_jax.data.user_data import user_data_builder
     source = gin.get_bindings(user_data_builder).get("source")
-    if not source or fs.is_remote(str(source)) or fs.is_remote(model_dir):
-        return
-    folder = os.path.realpath(str(source))
-    if not os.path.isdir(folder):
+    if not source or not fs.isdir(str(source)):
         return  # A JSONL file names its images; the folder beside it is not read whole.
-    mine = os.path.realpath(model_dir)
-    if os.path.commonpath([mine, folder]) == folder:
+    if fs.within(model_dir, str(source)):
         raise UserInputError(
             f"preprocess MODEL_DIR {model_dir!r} is or lies inside the user data folder "
             f"{str(source)!r} (USER_DATA): its shards and config.gin would become part of the "

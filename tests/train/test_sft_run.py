@@ -179,10 +179,10 @@ def test_without_base_vocab_dir_the_bases_own_record_is_the_vocabulary(base, tmp
     mismatch it had not made. Unbound, the base run's record is what the data must match."""
     from cm3leon_jax import sft as sft_lib
 
-    def past_the_vocabulary_checks(*_):  # The next check: the base's checkpoints.
+    def past_the_vocabulary_checks(*_):  # The next check: the base's record against the task.
         raise LookupError("reached")
 
-    monkeypatch.setattr(sft_lib.restore, "check_checkpoint", past_the_vocabulary_checks)
+    monkeypatch.setattr(sft_lib, "check_base_record", past_the_vocabulary_checks)
     with pytest.raises(LookupError, match="reached"):
         run_sft(sft_bindings(str(tmp_path / "a"), base, **{"sft.base_vocab_dir": "None"}))
     record = os.path.join(base[0], "vocabulary.json")
