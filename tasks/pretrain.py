@@ -51,8 +51,8 @@ def _data_dir(corpus: str) -> str:
     if not fs.isdir(directory):
         raise MissingInputError(
             f"data_dirs.{corpus} = {directory!r} does not exist: run the preprocess mode "
-            "(gin_configs/runs/preprocess.gin) to write it, or bind data_dirs."
-            f"{corpus} to the MODEL_DIR of a preprocess run.")
+            f"(gin_configs/runs/{'preprocess_user.gin' if corpus == 'user' else 'preprocess.gin'})"
+            f" to write it, or bind data_dirs.{corpus} to the MODEL_DIR of a preprocess run.")
     return directory
 
 

@@ -52,6 +52,7 @@ from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.shard_state import ShardFiles
 from cm3leon_jax.errors import UserInputError
+from cm3leon_jax.retrieval.encoder import cached_encoder
 from cm3leon_jax.vocab import document as document_lib
 from cm3leon_jax.vocab.multimodal import MultimodalVocabulary
 
@@ -615,6 +616,8 @@ def preprocess(model_dir: str,
     image_tokenizer = _image_tokenizer(image_tokenizer_fn)
     check_image_size(source, image_tokenizer)
     specs = plan_shards(source, splits, docs_per_shard)  # A split it lacks: before any work.
+    if retrieval is not None:  # A wrong encoder folder before the text model is trained.
+        cached_encoder(retrieval.encoder_dir)
     _vocabulary(source, image_tokenizer, model_dir, text_vocab_size, num_sentinels)
     budget = AugmentConfig(seq_len=seq_len).budget
     check_plan(model_dir, source, specs, plan_settings(

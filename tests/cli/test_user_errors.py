@@ -182,3 +182,21 @@ def test_the_demos_late_stages_settings_are_refused_before_its_first_stage(
                          f"--gin.MODEL_DIR='{out}'", f"--gin.{binding}")
     assert code == 2 and len(errors) == 1 and re.search(message, errors[0]), errors
     assert not out.exists()  # Refused before anything was written.
+
+
+def test_a_missing_user_data_folder_names_the_users_preprocess_file():
+    """The user's corpus is made by preprocess_user.gin: its missing folder names that file
+    (it named the built-in corpus' preprocess.gin)."""
+    import gin
+
+    from cm3leon_jax.errors import MissingInputError
+    from tasks import pretrain
+    gin.clear_config()
+    try:
+        gin.bind_parameter("data_dirs.user", "/nowhere/my_data")
+        with pytest.raises(MissingInputError, match=r"data_dirs.user = '/nowhere/my_data' does "
+                                                    r"not exist: run the preprocess mode "
+                                                    r"\(gin_configs/runs/preprocess_user.gin\)"):
+            pretrain._data_dir("user")  # noqa: SLF001
+    finally:
+        gin.clear_config()

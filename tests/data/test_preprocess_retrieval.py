@@ -156,3 +156,12 @@ def test_neighbors_by_modality(built, source, retrieval, tmp_path):
     copy = shutil.copytree(built[0], tmp_path / "plain")
     with pytest.raises(UserInputError, match="by_modality"):
         _run(source, copy, by_modality)
+
+
+def test_a_missing_encoder_is_named_before_the_text_model_is_trained(source, tmp_path):
+    """A mistyped ENCODER_DIR was refused after the text model was trained into MODEL_DIR."""
+    from cm3leon_jax.errors import MissingInputError
+    missing = retrieval_pass.RetrievalConfig(encoder_dir=str(tmp_path / "encodr"))
+    with pytest.raises(MissingInputError, match="encodr"):
+        _run(source, tmp_path / "data", missing)
+    assert not (tmp_path / "data" / "vocab").exists()
