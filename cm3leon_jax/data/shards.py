@@ -172,11 +172,8 @@ def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
     `fingerprint` in plan.json (config and weights: a checkpoint of the same shape from
     another run, or another step, makes other codes, and nothing else would tell). A folder
     without the record (an import's vocabulary, data from before it) is not checked."""
-    data_dir = os.path.dirname(str(vocab_dir).rstrip("/"))
-    path = fs.join(data_dir, PLAN_FILE)
-    if not data_dir or not fs.exists(path):
-        return
-    recorded = [v["config_and_weights"] for v in fs.read_json(path).values()
+    data_dir, plan = _data_plan(vocab_dir)
+    recorded = [v["config_and_weights"] for v in plan.values()
                 if isinstance(v, dict) and "config_and_weights" in v]
     mine = getattr(tokenizer, "fingerprint", None)
     if recorded and mine is not None and mine != recorded[0]:
@@ -185,6 +182,28 @@ def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
             f"{PLAN_FILE} records {recorded[0]}, this one is {mine}: another checkpoint, or "
             "the same one at another step), so its codes would mean other images than the "
             "ones the model was trained on. Give the image tokenizer that preprocessing used.")
+
+
+def _data_plan(vocab_dir: str) -> tuple[str, dict]:
+    """(the data folder of `vocab_dir`, its plan.json or {})."""
+    data_dir = os.path.dirname(str(vocab_dir).rstrip("/"))
+    path = fs.join(data_dir, PLAN_FILE)
+    return data_dir, (fs.read_json(path) if data_dir and fs.exists(path) else {})
+
+
+def check_caption_style(vocab_dir: str, style: str, setting: str) -> None:
+    """Raises UserInputError for image-first captions (`image <break>` then the caption) of a
+    model whose data laid every document out caption first (`preprocess.image_first_prob`
+    0 in its plan.json, as `preprocess_user.gin` makes it): it never saw text after an
+    image, and would caption from a prompt it was not trained on. Data without the record
+    (SFT data, an import) is not checked."""
+    data_dir, plan = _data_plan(vocab_dir)
+    if style == "image_first" and plan.get("preprocess.image_first_prob") == 0:
+        raise UserInputError(
+            f"{setting}='image_first', and the data in {data_dir!r} laid out every document "
+            "caption first (preprocess.image_first_prob 0): its model has not seen a caption "
+            f"after an image. Bind {setting}='infill' (CM3's masked caption), or preprocess "
+            "with image-first documents too (preprocess.image_first_prob > 0).")
 
 
 def plan_layout(specs: Iterable[Any], key=lambda spec: spec.split) -> dict[str, list[int]]:

@@ -285,6 +285,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "
                              "generate.prompts_file.")
+    if image_files:
+        shards.check_caption_style(vocab_dir, caption_style, "generate.caption_style")
     refuse_earlier_outputs(model_dir, overwrite)
     named += [(f"generate.negative_captions[{i}]", clean_caption(t))
               for i, t in enumerate(text_list(negative_captions))]

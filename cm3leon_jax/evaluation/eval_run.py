@@ -292,6 +292,8 @@ def evaluate_generator(gen: Generator, out_dir: str, *, suite: Callable | None =
                   caption_metrics=tuple(caption_metrics), max_answer_tokens=max_answer_tokens,
                   caption_style=caption_style, seed=seed)
     built = (suite or corpus_suite())(gen.image_tokenizer.image_size)
+    if built.captioning is not None and getattr(gen.vocab, "directory", None):
+        shards.check_caption_style(gen.vocab.directory, caption_style, "evaluate.caption_style")
     if caption_metrics and built.captioning is not None:
         captioning.require_java()  # Now, not after hours of decoding.
     cache = {"fid_inception": fid_reference}

@@ -315,6 +315,29 @@ def test_an_image_tokenizer_other_than_the_one_the_data_was_made_with_is_refused
         _main(capsys, tmp_path / "out2", *args)
 
 
+def test_image_first_captions_of_a_caption_first_model_are_refused(tmp_path, capsys, vocab,
+                                                                   listed_not_restored):
+    """Data laid out caption first only (preprocess_user.gin's): its model has not seen a
+    caption after an image, and generate.gin's image-first prompt captioned from a prompt it
+    was not trained on, silently. The infill is what such a model captions with."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(vocab.directory, data / "vocab")
+    (data / "plan.json").write_text(json.dumps({"preprocess.image_first_prob": 0.0}))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    fits = tmp_path / "fits"
+    write_run_config(str(fits), tiny_config())
+    args = (f"generate.checkpoint='{fits}'", f"generate.vocab_dir='{data / 'vocab'}'",
+            f"generate.image_files=['{image}']")
+    code, errors = _main(capsys, tmp_path / "out", *args, "generate.caption_style='image_first'")
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(
+        "error: generate.caption_style='image_first', and the data in "), errors
+    assert "Bind generate.caption_style='infill'" in errors[0]
+    with pytest.raises(AssertionError, match="restored before refusing"):
+        _main(capsys, tmp_path / "out2", *args, "generate.caption_style='infill'")
+
+
 class _StopError(Exception):
     pass
 
