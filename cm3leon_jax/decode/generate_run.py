@@ -285,8 +285,6 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "
                              "generate.prompts_file.")
-    if image_files:
-        shards.check_caption_style(vocab_dir, caption_style, "generate.caption_style")
     refuse_earlier_outputs(model_dir, overwrite)
     named += [(f"generate.negative_captions[{i}]", clean_caption(t))
               for i, t in enumerate(text_list(negative_captions))]
@@ -377,6 +375,8 @@ def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,
                              f"{vocab_dir!r}: {mismatch}. Give the image tokenizer the "
                              "training data was made with.")
     shards.check_image_tokenizer(vocab_dir, tokenizer, "generate.image_tokenizer")
+    if captions_of_images is not None:  # (max_caption_tokens, caption_style)
+        shards.check_caption_style(vocab_dir, captions_of_images[1], "generate.caption_style")
     if retrieval_dir and not fs.isdir(retrieval_dir):
         raise MissingInputError(f"generate.retrieval_dir {retrieval_dir!r} does not exist: give "
                                 "a built retrieval folder (a preprocess run's data/retrieval), "
