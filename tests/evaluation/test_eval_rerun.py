@@ -160,3 +160,28 @@ def test_a_mistyped_caption_style_is_refused_before_config_gin(eval_files, tmp_p
     assert _main(args, monkeypatch) == 2
     assert "evaluate.caption_style='image-first' is unknown" in capfd.readouterr().err
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_image_first_captions_of_a_caption_first_model_are_refused(tmp_path, monkeypatch):
+    """Data laid out caption first only (preprocess_user.gin's): eval.gin's image-first
+    caption prompt is one its model never saw; refused when the suite captions, naming the
+    infill; a suite without captioning, or the infill, goes on."""
+    data = tmp_path / "data"
+    (data / "vocab").mkdir(parents=True)
+    (data / "plan.json").write_text(json.dumps({"preprocess.image_first_prob": 0.0}))
+    gen = SimpleNamespace(image_tokenizer=SimpleNamespace(image_size=32),
+                          vocab=SimpleNamespace(directory=str(data / "vocab")))
+    def decode(ctx, suite, out_dir, *args, **kwargs):  # No rows: what is checked is before.
+        os.makedirs(out_dir, exist_ok=True)
+        return []
+
+    monkeypatch.setattr(eval_run, "run_suite", decode)
+    captions = lambda size: suites.Suite("c", captioning=object())  # noqa: E731
+    with pytest.raises(UserInputError, match=r"evaluate.caption_style='image_first', and the "
+                                             r"data .* Bind evaluate.caption_style='infill'"):
+        eval_run.evaluate_generator(gen, str(tmp_path / "a"), suite=captions,
+                                    caption_metrics=(), caption_style="image_first")
+    eval_run.evaluate_generator(gen, str(tmp_path / "b"), suite=captions, caption_metrics=(),
+                                caption_style="infill")
+    eval_run.evaluate_generator(gen, str(tmp_path / "c"), suite=lambda size: suites.Suite("t"),
+                                caption_metrics=(), caption_style="image_first")
