@@ -58,28 +58,21 @@ def overlap(a: str, b: str) -> bool:
     """Whether folder `a` is folder `b`, or one holds the other: local paths compared after
     resolving symbolic links, remote ones by their normalized text. For runs that must not
     write into a folder they read (a fine-tuning run's base, an export's checkpoint)."""
-    if is_remote(a) != is_remote(b):
-        return False
-    if is_remote(a):
-        def norm(p):
-            scheme, rest = str(p).split("://", 1)
-            return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
-        a, b, sep = norm(a), norm(b), "/"
-    else:
-        a, b, sep = os.path.realpath(a), os.path.realpath(b), os.sep
-    return a == b or a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep)
+    return within(a, b) or within(b, a)
 
 
 def within(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies inside it, compared as `overlap` compares them."""
-    return overlap(path, folder) and not (overlap(folder, path) and _longer(folder, path))
-
-
-def _longer(a: str, b: str) -> bool:
-    """Whether `a` is deeper than `b` (of two overlapping paths: `a` lies inside `b`)."""
-    if is_remote(a):
-        return len(str(a).rstrip("/")) > len(str(b).rstrip("/"))
-    return len(os.path.realpath(a)) > len(os.path.realpath(b))
+    if is_remote(path) != is_remote(folder):
+        return False
+    if is_remote(path):
+        def norm(p):
+            scheme, rest = str(p).split("://", 1)
+            return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+        path, folder, sep = norm(path), norm(folder), "/"
+    else:
+        path, folder, sep = os.path.realpath(path), os.path.realpath(folder), os.sep
+    return path == folder or path.startswith(folder.rstrip(sep) + sep)
 
 
 def open(path: str, mode: str = "r") -> IO:  # noqa: A001 (the file system's own open)

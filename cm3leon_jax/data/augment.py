@@ -77,8 +77,9 @@ def check_sentinels(config: AugmentConfig, vocabulary) -> None:
     front, or, in an imported Chameleon vocabulary, mask spans with its `<s>`."""
     if config.mean_spans <= 0:
         return
-    available = getattr(vocabulary, "cm3_sentinels", vocabulary.layout.num_sentinels)
-    if getattr(vocabulary, "holds_start_in_sentinel", lambda: False)():
+    layout_count = vocabulary.layout.num_sentinels
+    available = getattr(vocabulary, "cm3_sentinels", layout_count)
+    if available == 0 < layout_count:  # Its sentinels are there, and not CM3's.
         raise UserInputError(
             f"the vocabulary in {vocabulary.directory!r} has no CM3 sentinels (an imported "
             "Chameleon's: its one sentinel holds <s>, and Chameleon trained left to right), "

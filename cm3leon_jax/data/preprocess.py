@@ -683,4 +683,3 @@ def _preflight(model_dir: str) -> None:
 
 
 preprocess.preflight = _preflight
-

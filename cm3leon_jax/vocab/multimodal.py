@@ -177,12 +177,7 @@ class MultimodalVocabulary(seqio.Vocabulary):
         one sentinel an imported Chameleon vocabulary has holds its `<s>`
         (`prompt_start_id`; Chameleon trained left to right, with no spans)."""
         n = self.layout.num_sentinels
-        return 0 if self.holds_start_in_sentinel() else n
-
-    def holds_start_in_sentinel(self) -> bool:
-        """Whether the vocabulary's one sentinel is an imported Chameleon's `<s>`."""
-        layout = self.layout
-        return bool(layout.num_sentinels) and self.prompt_start_id == layout.sentinel_id(0)
+        return 0 if n and self.prompt_start_id == self.layout.sentinel_id(0) else n
 
     def _find_prompt_start(self) -> int:
         tok = self.text_tokenizer

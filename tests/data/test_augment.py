@@ -171,12 +171,12 @@ def test_spans_beyond_the_vocabulary_s_sentinels_are_refused_before_training():
     config = AugmentConfig(seq_len=64, max_spans=8)
     for n in (0, 4):
         vocab = types.SimpleNamespace(layout=IdLayout(num_sentinels=n), directory="v",
-                                      cm3_sentinels=n, holds_start_in_sentinel=lambda: False)
+                                      cm3_sentinels=n)
         with pytest.raises(UserInputError, match=f"max_spans=8 is more than the vocabulary's "
                                                  f"{n} sentinels"):
             check_sentinels(config, vocab)
     chameleon = types.SimpleNamespace(layout=IdLayout(num_sentinels=1), directory="v",
-                                      cm3_sentinels=0, holds_start_in_sentinel=lambda: True)
+                                      cm3_sentinels=0)
     with pytest.raises(UserInputError, match="no CM3 sentinels.*mean_spans=0.0"):
         check_sentinels(config, chameleon)
     check_sentinels(AugmentConfig(seq_len=64, max_spans=8, mean_spans=0.0), chameleon)
