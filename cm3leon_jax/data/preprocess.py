@@ -89,8 +89,16 @@ class TfdsSource:
         return info.splits[split].num_examples
 
     def identity(self) -> str | None:
-        """The prepared dataset's name, config and version (TFDS's `full_name`)."""
-        return self.builder_fn().info.full_name if self.builder_fn is not None else None
+        """The dataset's name, config and version (TFDS's `full_name`), known before it is
+        prepared (`_unprepared`)."""
+        return self._unprepared().info.full_name if self.builder_fn is not None else None
+
+    def _unprepared(self):
+        """The builder as configured: a `builder_fn` that takes `prepare` (user_data_builder)
+        is asked with prepare=False, so that nothing is read or built yet."""
+        if "prepare" in inspect.signature(self.builder_fn).parameters:
+            return self.builder_fn(prepare=False)
+        return self.builder_fn()
 
     def report(self) -> dict | None:
         """What the source itself rejected while it was built (user data's
@@ -108,13 +116,10 @@ class TfdsSource:
 
     def image_size(self) -> int | None:
         """The side of the source's square images (its TFDS `image` feature), or None where
-        it declares none. A `builder_fn` that takes `prepare` (user_data_builder) is asked
-        with prepare=False: the answer comes before its images are read."""
+        it declares none; known before its images are read (`_unprepared`)."""
         if self.builder_fn is None:
             return None
-        unprepared = "prepare" in inspect.signature(self.builder_fn).parameters
-        features = (self.builder_fn(prepare=False) if unprepared else self.builder_fn()
-                    ).info.features
+        features = self._unprepared().info.features
         shape = features["image"].shape if "image" in features else None
         return shape[0] if shape and shape[0] is not None and shape[0] == shape[1] else None
 
@@ -498,9 +503,11 @@ def _image_tokenizer(fn: Callable):
     """One tokenizer per process and configuration: in-process workers reuse the driver's.
     Keyed by the gin config too: `load_image_tokenizer` is one function whatever checkpoint
     gin binds it to, and a later run in the same process (another preprocessing, an SFT
-    preprocessing of an imported model) must not get the first one's tokenizer."""
+    preprocessing of an imported model) must not get the first one's tokenizer. Only the
+    latest is kept: a process that preprocesses again and again holds one tokenizer."""
     key = (fn, gin.config_str())
     if key not in _IMAGE_TOKENIZERS:
+        _IMAGE_TOKENIZERS.clear()
         _IMAGE_TOKENIZERS[key] = fn()
     return _IMAGE_TOKENIZERS[key]
 

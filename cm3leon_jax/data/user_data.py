@@ -73,6 +73,7 @@ REASONS = ("bad_record", "duplicate_record", "image_outside_folder", "missing_im
 SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif",
                   ".tiff")
+JSONL_SUFFIXES = (".jsonl", ".json")
 MAX_REPORTED_IDS = 20
 REPORT_NAME = "report.json"
 
@@ -95,6 +96,7 @@ def make_user_config(source: str | os.PathLike, image_size: int = 256,
     if not fs.exists(path):
         raise MissingInputError(f"user data source {str(source)!r} does not exist; give a "
                                 ".jsonl file or a folder of images with .txt captions.")
+    check_kind(path)  # Before a builder makes its folder.
     if image_size < 8:
         raise UserInputError(f"image_size must be >= 8, got {image_size}.")
     if not 0.0 < validation_fraction < 1.0:
@@ -206,6 +208,17 @@ def jsonl_records(path: str) -> Iterator[Record]:
             yield Record(record_id, image, text, _caption_problem(text), _printable(name))
 
 
+_JSONL_ID = re.compile(r"(.*)#[0-9a-f]{8}")
+
+
+def image_of(record_id: str) -> str:
+    """The image a prepared record's id names: a JSONL record's image name (its id without
+    the caption hash), a folder record's path (its id: a name ending in an image suffix,
+    which the caption hash's form never matches). The records of one image share it."""
+    match = _JSONL_ID.fullmatch(record_id)
+    return match.group(1) if match else record_id
+
+
 def _printable(record_id: str) -> str:
     """`record_id` with the bytes a file name held that are not UTF-8 (decoded by Python as
     lone surrogates, which no TFDS string feature can hold) written as `\\xNN`."""
@@ -258,14 +271,18 @@ def folder_records(root: str) -> Iterator[Record]:
         yield Record(_printable(caption), None, None, "missing_image")
 
 
+def check_kind(source: str) -> None:
+    """Refuses a source that is neither a folder nor a JSONL file (a .csv, a .tar, ...)."""
+    if not fs.isdir(source) and _suffix(source) not in JSONL_SUFFIXES:
+        raise UserInputError(f"user data source {source!r} is neither a folder nor a .jsonl "
+                             "file; give one of those (one {\"image\": path, \"text\": "
+                             "caption} a line, or images beside same-stem .txt captions).")
+
+
 def records(source: str) -> Iterator[Record]:
     """Records of a JSONL file or a folder, by what `source` is."""
-    if fs.isdir(source):
-        return folder_records(source)
-    if _suffix(source) in (".jsonl", ".json"):
-        return jsonl_records(source)
-    raise UserInputError(f"user data source {source!r} is neither a folder nor a .jsonl "
-                         "file; give one of those.")
+    check_kind(source)
+    return folder_records(source) if fs.isdir(source) else jsonl_records(source)
 
 
 _REMOTE_FINGERPRINTS: dict[str, str] = {}  # A bucket is listed once per process.

@@ -280,7 +280,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     # one fails fast.
     images = read_images(image_files)
     requests = generate_families.read_requests(prompts_file) if prompts_file else []
-    vocab_dir, retrieval_dir = _folders(data_dir, vocab_dir, retrieval_dir)
+    vocab_dir, retrieval_dir = restore.data_folders(data_dir, vocab_dir, retrieval_dir,
+                                                     "generate", "generate")
     if not texts and not image_files and not prompts_file:
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "
@@ -334,26 +335,6 @@ def _write(model_dir: str, overwrite: bool, drawn: tuple | None, image_files: Se
         written["captions"] = write_captions(os.path.join(model_dir, "captions.json"),
                                              list(image_files), made, num_samples)
     return written
-
-
-def _folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | None
-             ) -> tuple[str, str | None]:
-    """(vocab_dir, retrieval_dir), the unbound ones from `data_dir`'s vocab/ and retrieval/."""
-    if data_dir:
-        for name, given, own in (("vocab_dir", vocab_dir, "vocab"),
-                                 ("retrieval_dir", retrieval_dir, "retrieval")):
-            if given and fs.abspath(given) != fs.abspath(os.path.join(data_dir, own)):
-                raise UserInputError(
-                    f"generate.data_dir={data_dir!r} and generate.{name}={given!r} name "
-                    f"different folders (gin_configs/runs/generate.gin binds the demo's "
-                    f"{name}): bind generate.{name}=None to take {data_dir}/{own}, as "
-                    "gin_configs/runs/generate_user.gin does, or leave data_dir unbound.")
-        vocab_dir = vocab_dir or os.path.join(data_dir, "vocab")
-        retrieval_dir = retrieval_dir or os.path.join(data_dir, "retrieval")
-    if not vocab_dir:
-        raise UserInputError("generate needs the training data's vocabulary: bind "
-                             "generate.vocab_dir (or generate.data_dir, a preprocess MODEL_DIR).")
-    return vocab_dir, retrieval_dir
 
 
 def _open_generator(checkpoint: str, step: int | None, vocab_dir: str,

@@ -194,6 +194,28 @@ def saved_config(model_dir: str) -> DecoderConfig:
     return run_config.decoder_config(model_dir)
 
 
+def data_folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | None,
+                 who: str, run_file: str) -> tuple[str, str | None]:
+    """(vocab_dir, retrieval_dir) of a run that reads a trained decoder (`who`: its
+    configurable; `run_file`: gin_configs/runs/<run_file>.gin binds the demo's folders), the
+    unbound ones from `data_dir`'s (a preprocess MODEL_DIR) vocab/ and retrieval/."""
+    if data_dir:
+        for name, given, own in (("vocab_dir", vocab_dir, "vocab"),
+                                 ("retrieval_dir", retrieval_dir, "retrieval")):
+            if given and fs.abspath(given) != fs.abspath(fs.join(data_dir, own)):
+                raise UserInputError(
+                    f"{who}.data_dir={data_dir!r} and {who}.{name}={given!r} name different "
+                    f"folders (gin_configs/runs/{run_file}.gin binds the demo's {name}): bind "
+                    f"{who}.{name}=None to take {data_dir}/{own}, as "
+                    f"gin_configs/runs/{run_file}_user.gin does, or leave data_dir unbound.")
+        vocab_dir = vocab_dir or fs.join(data_dir, "vocab")
+        retrieval_dir = retrieval_dir or fs.join(data_dir, "retrieval")
+    if not vocab_dir:
+        raise UserInputError(f"{who} needs the training data's vocabulary: bind "
+                             f"{who}.vocab_dir (or {who}.data_dir, a preprocess MODEL_DIR).")
+    return vocab_dir, retrieval_dir
+
+
 def vocabulary_record(model_dir: str) -> dict | None:
     """The record of the vocabulary the model in `model_dir` was trained on: a train run's
     `vocabulary.json` (the trainer's) or an export's manifest entry; None for a model saved

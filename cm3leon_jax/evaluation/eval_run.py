@@ -163,12 +163,12 @@ def _features(encoder: Any, weights: str | None, resize: str) -> dict[str, Calla
 
 
 @gin.configurable(denylist=["model_dir"])
-def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str = gin.REQUIRED,
+def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str | None = None,
              image_tokenizer: Callable = gin.REQUIRED, suite: Callable | None = None,
              strategies: Sequence[Strategy] = (Strategy(),), num_retrieved: Sequence[int] = (0,),
-             retrieval_dir: str | None = None, clip_encoder_dir: str | None = None,
-             inception_weights_path: str | None = None, fid_resize: str = "pytorch_fid",
-             fid_reference: str | None = None,
+             retrieval_dir: str | None = None, data_dir: str | None = None,
+             clip_encoder_dir: str | None = None, inception_weights_path: str | None = None,
+             fid_resize: str = "pytorch_fid", fid_reference: str | None = None,
              caption_metrics: Sequence[str] = captioning.METRICS,
              max_answer_tokens: int = 8, caption_style: str = "infill", batch_size: int = 8,
              step: int | None = None, seed: int = 0, reference_rows: bool = False,
@@ -177,6 +177,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
 
     Args:
       checkpoint, vocab_dir, image_tokenizer, step: as the generate run.
+      data_dir: the preprocess MODEL_DIR the model was trained on; vocab_dir and
+        retrieval_dir default to its vocab/ and retrieval/ (gin_configs/runs/eval_user.gin).
       suite: a suite builder (suites.py; default `corpus_suite()`).
       strategies: image decoding strategies; num_retrieved: retrieved documents per prompt
         (k > 0 needs retrieval_dir).
@@ -195,6 +197,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str =
         decoding, after the checks, the restore, the suite and the FID reference statistics.
     """
     out_dir = _refuse_earlier_eval(model_dir, overwrite)
+    vocab_dir, retrieval_dir = restore.data_folders(data_dir, vocab_dir, retrieval_dir,
+                                                    "evaluate", "eval")
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
                     can_rank=bool(clip_encoder_dir or retrieval_dir),
                     caption_metrics=caption_metrics)
@@ -325,13 +329,16 @@ def _preflight(model_dir: str) -> None:
     bound = gin.get_bindings(evaluate)
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
-        for name in ("checkpoint", "vocab_dir", "retrieval_dir")})
+        for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
     _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
     defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
     value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",
-                                                     "retrieval_dir", "caption_metrics")}
+                                                     "retrieval_dir", "caption_metrics",
+                                                     "data_dir", "vocab_dir")}
+    retrieval_dir = restore.data_folders(value["data_dir"], value["vocab_dir"],
+                                         value["retrieval_dir"], "evaluate", "eval")[1]
     _check_settings((), value["num_retrieved"], value["caption_style"],
-                    value["retrieval_dir"], can_rank=True,
+                    retrieval_dir, can_rank=True,
                     caption_metrics=value["caption_metrics"])
 
 

@@ -2,6 +2,7 @@
 
     corpus_suite(num_examples=32)(image_size=64)     # the built-in corpus (exact metrics)
     coco_suite("captions_val2014.json", "val2014/")(image_size=256)
+    user_suite("runs/my_data", TfdsSource(user_data_builder))(image_size=32)  # your pairs
     vqav2_suite("v2_OpenEnded_mscoco_val2014_questions.json",
                 "v2_mscoco_val2014_annotations.json", "val2014/")(image_size=256)
 
@@ -35,8 +36,9 @@ from PIL import Image as PILImage
 
 from cm3leon_jax import fs
 from cm3leon_jax import images as images_lib
-from cm3leon_jax.data import sft_examples, shapes, shapes_language
+from cm3leon_jax.data import preprocess, sft_examples, shapes, shapes_language, user_data
 from cm3leon_jax.errors import MissingInputError, UserInputError, check_count
+from cm3leon_jax.vocab import image_inputs
 
 
 @dataclasses.dataclass
@@ -258,3 +260,102 @@ def vqav2_suite(questions_json: str = gin.REQUIRED, annotations_json: str = gin.
         return Suite(f"vqav2_{len(questions)}", vqa=task)
 
     return build
+
+
+@gin.configurable
+def user_suite(data_dir: str = gin.REQUIRED, source: preprocess.TfdsSource = gin.REQUIRED,
+               split: str = "validation", max_images: int | None = 64,
+               tasks: Sequence[str] = ("text_to_image", "captioning")) -> SuiteBuilder:
+    """Your own image-text pairs (`data/user_data.py`), by default the records preprocessing
+    held out of training and of the memory bank (its validation split).
+
+    Text-to-image draws each image from its first caption, graded by CLIP score and FID on
+    the retrieval encoder's features against the images; as many train images of the same
+    source are the `other_images` of the reference rows (CLIP score at chance, the FID
+    floor). Captioning is graded against every caption of an image (CIDEr-D & co.): the
+    records of one image (a JSONL file may caption it several times) are one example,
+    named by the image.
+
+    Args:
+      data_dir: the data folder the model was trained on (preprocess's MODEL_DIR). Its
+        plan.json must name `source` as prepared now (the same prepared dataset, made from
+        the same files), so that these are the records it held out.
+      source: the prepared pairs, `TfdsSource` with `user_data_builder` bound as
+        preprocessing bound it (gin_configs/runs/eval_user.gin).
+      split: 'validation' (held out) or 'train' (what the model saw: a check of fit).
+      max_images: the split's first images, in its order (None: all of them).
+    """
+    unknown = sorted(set(tasks) - {"text_to_image", "captioning"})
+    if isinstance(tasks, str) or unknown:
+        raise UserInputError(f"user_suite.tasks={tasks!r}: give a list of text_to_image, "
+                             "captioning (your pairs hold no questions or edits).")
+    if split not in ("train", "validation"):
+        raise UserInputError(f"user_suite.split={split!r}: your data has 'validation' (held "
+                             "out) and 'train'.")
+    if max_images is not None:
+        check_count("user_suite.max_images", max_images, 2,
+                    " (FID compares sets of images), or None for all")
+
+    def build(image_size: int) -> Suite:
+        check_user_source(data_dir, source)
+        images, references, ids = _user_images(source, split, max_images, image_size)
+        if len(images) < 2:
+            raise UserInputError(f"user_suite: the {split} split of {source.identity()} holds "
+                                 f"{len(images)} usable image(s); FID and captioning need at "
+                                 "least 2: add pairs, or raise user_data_builder."
+                                 "validation_fraction when preprocessing.")
+        other = "train" if split == "validation" else "validation"
+        others = _user_images(source, other, len(images), image_size)[0]
+        suite = Suite(f"user_{split}_{len(images)}")
+        if "text_to_image" in tasks:
+            suite.text_to_image = Task([r[0] for r in references], reference_images=images,
+                                       other_images=others if len(others) >= 2 else None,
+                                       ids=ids)
+        if "captioning" in tasks:
+            suite.captioning = Task(None, images, references=references, ids=ids)
+        return suite
+
+    return build
+
+
+def check_user_source(data_dir: str, source: preprocess.TfdsSource) -> None:
+    """Refuses a `source` other than the one `data_dir` was preprocessed from (another file
+    or folder, image size, held-out share, or files changed since): its held-out split would
+    not be the one kept out of training."""
+    plan = preprocess.recorded_plan(data_dir)
+    if not plan:
+        raise MissingInputError(f"user_suite.data_dir {data_dir!r} holds no plan.json: give the "
+                                "folder preprocess_user.gin wrote (DATA_DIR, the model's data).")
+    made = plan.get("source"), plan.get(preprocess.SOURCE_FINGERPRINT)
+    identity = source.identity()  # First: other pairs are refused before they are prepared.
+    fingerprint = source.fingerprint() if identity == made[0] else None
+    if identity != made[0] or (made[1] and made[1] != fingerprint):
+        raise UserInputError(
+            f"user_suite: the data folder {data_dir!r} was preprocessed from {made[0]} "
+            f"(source_fingerprint {made[1]}) but this run's pairs are {identity}"
+            f"{f' (source_fingerprint {fingerprint})' if fingerprint else ''}: its held-out "
+            "split is not the one the model was kept from. Give USER_DATA, IMAGE_SIZE and "
+            "user_data_builder's validation_fraction as preprocessing had them; data changed "
+            "since is evaluated after preprocessing it again into a new folder and training "
+            "on that.")
+
+
+def _user_images(source: preprocess.TfdsSource, split: str, max_images: int | None,
+                 image_size: int) -> tuple[np.ndarray, list[list[str]], list[str]]:
+    """The split's first `max_images` images at `image_size`, each with every caption its
+    records give (`user_data.image_of`: a JSONL file may caption one image several times),
+    and their names."""
+    pixels: dict[str, np.ndarray] = {}
+    captions: dict[str, list[str]] = {}
+    for pair in source.read(split, 0, source.num_examples(split)):
+        name = user_data.image_of(pair.doc_id)
+        if name not in captions:
+            if max_images is not None and len(captions) >= max_images:
+                continue  # Later records may still caption a kept image.
+            pixels[name], captions[name] = pair.image, []
+        captions[name] += [c.decode("utf-8") if isinstance(c, bytes) else c
+                           for c in pair.captions]
+    if not pixels:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), [], []
+    images = image_inputs.to_rgb_uint8(np.stack(list(pixels.values())), image_size)
+    return images, list(captions.values()), list(captions)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -61,10 +62,8 @@ class TextTokenizer:
           model_type: "unigram" or "bpe".
           max_sentence_length: longer inputs are skipped by the trainer (bytes).
         """
-        if vocab_size < 260:
-            raise ValueError(
-                f"vocab_size={vocab_size} is too small: byte fallback alone takes "
-                "256 pieces; use at least 260.")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size!r}: give a whole number of pieces.")
         buffer = io.BytesIO()
         try:
             _train(texts, buffer, vocab_size, model_type, max_sentence_length)
@@ -75,10 +74,12 @@ class TextTokenizer:
                 raise ValueError(
                     f"the training corpus is too small for vocab_size={vocab_size}: "
                     f"{reason} Lower vocab_size or train on more text.") from None
-            if "smaller than required_chars" in reason:
+            needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+            if needed:  # The byte pieces, <unk>, and one per distinct character.
                 raise ValueError(
-                    f"vocab_size={vocab_size} cannot hold every character of the "
-                    f"corpus: {reason}") from None
+                    f"vocab_size={vocab_size} cannot hold the 256 byte pieces, <unk> and one "
+                    f"piece per distinct character of the corpus: use at least "
+                    f"{needed.group(1)}.") from None
             raise
         return cls(buffer.getvalue())
 

@@ -333,3 +333,12 @@ def test_clear_errors_for_bad_sources(tmp_path):
     (tmp_path / "only_bad" / "x.txt").write_text("caption without image")
     with pytest.raises(ValueError, match="no usable image-text pairs"):
         prepared(tmp_path / "only_bad", tmp_path / "tfds")
+
+
+def test_a_source_of_another_kind_is_refused_before_a_folder_is_made(tmp_path):
+    """A .csv was read only inside TFDS's preparation, which left its folder behind."""
+    (tmp_path / "pairs.csv").write_text("image,text\na.png,a caption\n")
+    with pytest.raises(UserInputError, match=r"pairs.csv' is neither a folder nor a \.jsonl "
+                       r"file; give one of those \(one \{\"image\": path"):
+        user_data.user_data_builder(str(tmp_path / "pairs.csv"), 32, str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists()

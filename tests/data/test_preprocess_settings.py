@@ -350,7 +350,8 @@ def test_both_preprocessors_cut_shards_alike_and_refuse_a_shard_size_below_one()
 def test_a_second_run_in_the_process_gets_its_own_image_tokenizer():
     """The tokenizer is kept per process for the Beam workers, keyed by the gin config: a
     later preprocessing whose `load_image_tokenizer` gin binds to another tokenizer gets that
-    one (it got the first run's, which with the same code count is silently wrong)."""
+    one (it got the first run's, which with the same code count is silently wrong). Only the
+    latest is kept."""
     import jax
 
     from cm3leon_jax.vocab.image_tokenizer import load_image_tokenizer
@@ -367,7 +368,12 @@ def test_a_second_run_in_the_process_gets_its_own_image_tokenizer():
             got.append(pp._image_tokenizer(load_image_tokenizer))  # noqa: SLF001
         finally:
             gin.clear_config()
-    assert got[0] is got[2] and got[1] is not got[0]
-    first, second = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t.params)])
-                     for t in got[:2])
-    assert not np.array_equal(first, second)
+    first, second, third = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t.params)])
+                            for t in got)
+    assert not np.array_equal(first, second) and np.array_equal(first, third)
+    assert len(pp._IMAGE_TOKENIZERS) == 1  # noqa: SLF001  The latest only, not every one.
+    gin.parse_config([*config, "load_image_tokenizer.seed = 0"])
+    try:  # The same configuration again: the same tokenizer (the Beam workers' reuse).
+        assert pp._image_tokenizer(load_image_tokenizer) is got[2]  # noqa: SLF001
+    finally:
+        gin.clear_config()

@@ -92,12 +92,17 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def preprocessed(user_folder, encoder_dir, tokenizer_dir, tmp_path_factory):
+def tfds_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def preprocessed(user_folder, encoder_dir, tokenizer_dir, tfds_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("my_data")
     _main("gin_configs/runs/preprocess_user.gin", f"MODEL_DIR='{data_dir}'",
           f"USER_DATA='{user_folder}'", f"ENCODER_DIR='{encoder_dir}'",
           f"IMAGE_TOKENIZER_DIR='{tokenizer_dir}'",
-          f"user_data_builder.data_dir='{tmp_path_factory.mktemp('tfds')}'",
+          f"user_data_builder.data_dir='{tfds_dir}'",
           "user_data_builder.validation_fraction=0.2", "preprocess.text_vocab_size=280",
           "preprocess.docs_per_shard=10", "preprocess.batch_size=8")
     return data_dir
@@ -140,8 +145,8 @@ def test_preprocessing_splits_counts_rejects_and_retrieves_from_the_users_bank(p
 
 
 @pytest.mark.slow
-def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder, tokenizer_dir,
-                                                      tmp_path):
+def test_pretraining_then_generation_and_evaluation_on_the_users_data(
+        preprocessed, user_folder, tokenizer_dir, tfds_dir, tmp_path):
     model_dir = tmp_path / "my_model"
     _main("gin_configs/train/tiny_user.gin", f"MODEL_DIR='{model_dir}'",
           f"DATA_DIR='{preprocessed}'", "train.num_steps=3", "train.seq_len=256",
@@ -163,6 +168,25 @@ def test_pretraining_then_generation_on_the_users_data(preprocessed, user_folder
     assert image.shape == (32, 32, 3)
     captions = json.loads((out / "captions.json").read_text())
     assert captions[0]["image"].endswith("red_square_0.png") and len(captions[0]["captions"]) == 1
+
+    # eval_user.gin: the held-out pairs, with and without the user's retrieved documents.
+    held_out = {r["doc_id"].decode() for r in shards.read_split(str(preprocessed), "validation")
+                .as_numpy_iterator()}
+    _main("gin_configs/runs/eval_user.gin", f"MODEL_DIR='{tmp_path / 'my_eval'}'",
+          f"TRAIN_DIR='{model_dir}'", f"DATA_DIR='{preprocessed}'", f"USER_DATA='{user_folder}'",
+          f"IMAGE_TOKENIZER_DIR='{tokenizer_dir}'", f"user_data_builder.data_dir='{tfds_dir}'",
+          "user_data_builder.validation_fraction=0.2", "user_suite.max_images=None",
+          "evaluate.strategies=[@top_p/Strategy()]", "evaluate.batch_size=4")
+    report = json.loads((tmp_path / "my_eval" / "eval" / "report.json").read_text())
+    assert report["suite"] == f"user_validation_{len(held_out)}" and report["complete"]
+    rows = {(r["task"], r["strategy"], r["retrieved"]): r for r in report["rows"]}
+    assert {(t, s, k) for t, s, k in rows} == {
+        ("text_to_image", "real:vq_reconstruction", "-"),
+        ("text_to_image", "real:other_scenes", "-"), ("text_to_image", "top-p", 0),
+        ("text_to_image", "top-p", 2), ("captioning", "greedy", 0), ("captioning", "greedy", 2)}
+    assert all(np.isfinite(r["clip_score"]) and np.isfinite(r["fid_retrieval_encoder"])
+               for (t, _, _), r in rows.items() if t == "text_to_image")
+    assert all(0.0 <= r["CIDEr-D"] for (t, _, _), r in rows.items() if t == "captioning")
 
 
 def test_a_model_dir_inside_the_users_folder_is_refused_before_anything_is_written(

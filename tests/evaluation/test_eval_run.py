@@ -309,6 +309,13 @@ def test_bad_settings_are_named(eval_files, tmp_path):
         with pytest.raises(UserInputError, match=match):  # Before anything is read.
             eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v",
                               image_tokenizer=None, **bad)
+    with pytest.raises(UserInputError, match=r"evaluate.data_dir='d' and evaluate.vocab_dir='v' "
+                       r"name different folders \(gin_configs/runs/eval.gin .* as "
+                       r"gin_configs/runs/eval_user.gin does"):
+        eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v", data_dir="d",
+                          image_tokenizer=None)
+    with pytest.raises(UserInputError, match="evaluate needs the training data's vocabulary"):
+        eval_run.evaluate("x", checkpoint="no_such_run", image_tokenizer=None)
     with pytest.raises(ValueError, match="Strategy 'bad': num_samples=0: give a whole number >= 1"):
         Strategy("bad", num_samples=0)
     for bad, match in [({"split": "val"}, r"split='val' is not a split .*'validation'"),

@@ -80,6 +80,21 @@ def test_text_tokenizer_too_large_vocab_is_a_clear_error():
         TextTokenizer.train(CAPTIONS[:10], vocab_size=5000)
 
 
+
+@pytest.mark.parametrize("size", [100, 257, 260])
+def test_text_tokenizer_too_small_a_vocabulary_names_the_size_the_corpus_needs(size):
+    """The bytes, <unk> and one piece per distinct character: exactly what it needs (a
+    fixed floor of 260 was named before, which no captions fit)."""
+    needed = 257 + len(set("".join(CAPTIONS)))
+    with pytest.raises(ValueError, match=f"vocab_size={size} cannot hold the 256 byte pieces, "
+                       f"<unk> and one piece per distinct character of the corpus: use at "
+                       f"least {needed}\\.$"):
+        TextTokenizer.train(CAPTIONS, vocab_size=size)
+    TextTokenizer.train(CAPTIONS, vocab_size=needed)
+    with pytest.raises(ValueError, match="vocab_size=0: give a whole number"):
+        TextTokenizer.train(CAPTIONS, vocab_size=0)
+
+
 @settings(deadline=None, max_examples=60)
 @given(st.text(max_size=40))
 def test_text_round_trips_exactly(vocab, text):
