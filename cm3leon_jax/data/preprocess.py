@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds
+from cm3leon_jax.data import retrieval_pass, shards, synthetic, synthetic_tfds, user_data
 from cm3leon_jax.data.augment import AugmentConfig
 from cm3leon_jax.data.shard_state import ShardFiles
 from cm3leon_jax.errors import UserInputError
@@ -113,6 +113,14 @@ class TfdsSource:
         """A hash of the files the prepared dataset was made from (user data's report.json
         `source_fingerprint`), or None for a source without one (the synthetic corpus)."""
         return (self.report() or {}).get("source_fingerprint") or None
+
+    def files_fingerprint(self) -> str | None:
+        """`fingerprint` as the source's files are now, before anything is prepared (user
+        data: `user_data.source_fingerprint` of its config's source); None for a source
+        without files of its own (the synthetic corpus)."""
+        config = getattr(self._unprepared(), "builder_config", None)
+        files = getattr(config, "source", None)
+        return user_data.source_fingerprint(files) if isinstance(files, str) else None
 
     def image_size(self) -> int | None:
         """The side of the source's square images (its TFDS `image` feature), or None where
@@ -675,18 +683,8 @@ def _retrieve(specs: Sequence[ShardSpec], tokenized: Sequence[ShardSpec], model_
 
 def _preflight(model_dir: str) -> None:
     """`main.run` calls this before it writes MODEL_DIR/config.gin: refuses a MODEL_DIR that
-    is the user's data folder or lies inside it (`user_data_builder.source`). Its config.gin
-    and shards would change the folder, so every later run would find the data "changed since
-    it was prepared" and the shards would be read back as the user's own files."""
-    from cm3leon_jax.data.user_data import user_data_builder
-    source = gin.get_bindings(user_data_builder).get("source")
-    if not source or not fs.isdir(str(source)):
-        return  # A JSONL file names its images; the folder beside it is not read whole.
-    if fs.within(model_dir, str(source)):
-        raise UserInputError(
-            f"preprocess MODEL_DIR {model_dir!r} is or lies inside the user data folder "
-            f"{str(source)!r} (USER_DATA): its shards and config.gin would become part of the "
-            "data it reads. Give preprocessing a folder outside it.")
+    is the user's data folder or lies inside it (`user_data.check_outside`)."""
+    user_data.check_outside(model_dir, "preprocess")
 
 
 preprocess.preflight = _preflight

@@ -538,6 +538,22 @@ def user_data_builder(source: str | os.PathLike, image_size: int = 256, data_dir
     return builder
 
 
+def check_outside(model_dir: str, mode: str) -> None:
+    """Refuses a run's MODEL_DIR that is the user's data folder gin binds
+    (`user_data_builder.source`) or lies inside it: the run's config.gin and outputs would
+    change the folder, so every later run would find the data "changed since it was
+    prepared" (and preprocessing's shards would be read back as the user's own files). For
+    a run mode's `preflight`, before anything is written."""
+    source = gin.get_bindings(user_data_builder).get("source")
+    if not source or not fs.isdir(str(source)):
+        return  # A JSONL file names its images; the folder beside it is not read whole.
+    if fs.within(model_dir, str(source)):
+        raise UserInputError(
+            f"{mode} MODEL_DIR {model_dir!r} is or lies inside the user data folder "
+            f"{str(source)!r} (USER_DATA): what the run writes would become part of the data "
+            f"it reads. Give the {mode} run a folder outside it.")
+
+
 def read_report(builder: UserImageText) -> dict:
     """The report.json of a prepared builder."""
     return json.loads(fs.read_bytes(fs.join(str(builder.data_path), REPORT_NAME)).decode("utf-8"))

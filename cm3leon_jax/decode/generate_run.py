@@ -280,8 +280,8 @@ def generate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
     # one fails fast.
     images = read_images(image_files)
     requests = generate_families.read_requests(prompts_file) if prompts_file else []
-    vocab_dir, retrieval_dir = restore.data_folders(data_dir, vocab_dir, retrieval_dir,
-                                                     "generate", "generate")
+    vocab_dir, retrieval_dir = restore.data_folders(checkpoint, data_dir, vocab_dir,
+                                                    retrieval_dir, "generate", "generate")
     if not texts and not image_files and not prompts_file:
         raise UserInputError("generate has nothing to do: bind generate.captions, "
                              "generate.captions_file, generate.image_files or "

@@ -194,12 +194,18 @@ def saved_config(model_dir: str) -> DecoderConfig:
     return run_config.decoder_config(model_dir)
 
 
-def data_folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str | None,
-                 who: str, run_file: str) -> tuple[str, str | None]:
-    """(vocab_dir, retrieval_dir) of a run that reads a trained decoder (`who`: its
+def data_folders(checkpoint: str, data_dir: str | None, vocab_dir: str | None,
+                 retrieval_dir: str | None, who: str, run_file: str) -> tuple[str, str | None]:
+    """(vocab_dir, retrieval_dir) of a run that reads the decoder in `checkpoint` (`who`: its
     configurable; `run_file`: gin_configs/runs/<run_file>.gin binds the demo's folders), the
-    unbound ones from `data_dir`'s (a preprocess MODEL_DIR) vocab/ and retrieval/."""
+    unbound ones from `data_dir`'s (a preprocess MODEL_DIR) vocab/ and retrieval/; a
+    `data_dir` other than the one the model was trained on is refused (`check_data_dir`)."""
     if data_dir:
+        if not fs.exists(fs.join(data_dir, "vocab", "layout.json")):
+            what = "does not exist" if not fs.exists(data_dir) else "holds no vocab/"
+            raise MissingInputError(f"{who}.data_dir {data_dir!r} {what}: give the folder the "
+                                    "model's data was preprocessed into (preprocess's "
+                                    "MODEL_DIR, DATA_DIR in the user gin files).")
         for name, given, own in (("vocab_dir", vocab_dir, "vocab"),
                                  ("retrieval_dir", retrieval_dir, "retrieval")):
             if given and fs.abspath(given) != fs.abspath(fs.join(data_dir, own)):
@@ -208,12 +214,29 @@ def data_folders(data_dir: str | None, vocab_dir: str | None, retrieval_dir: str
                     f"folders (gin_configs/runs/{run_file}.gin binds the demo's {name}): bind "
                     f"{who}.{name}=None to take {data_dir}/{own}, as "
                     f"gin_configs/runs/{run_file}_user.gin does, or leave data_dir unbound.")
+        check_data_dir(checkpoint, data_dir, who)
         vocab_dir = vocab_dir or fs.join(data_dir, "vocab")
         retrieval_dir = retrieval_dir or fs.join(data_dir, "retrieval")
     if not vocab_dir:
         raise UserInputError(f"{who} needs the training data's vocabulary: bind "
                              f"{who}.vocab_dir (or {who}.data_dir, a preprocess MODEL_DIR).")
     return vocab_dir, retrieval_dir
+
+
+def check_data_dir(model_dir: str, data_dir: str | None, who: str) -> None:
+    """Refuses a `data_dir` (a preprocess MODEL_DIR) other than the one the model in
+    `model_dir` was trained on, by its run's record (`vocab_record.data_mismatch`): its
+    retrieval bank, held-out split and document layout (which caption prompt it takes) are
+    another run's. Models saved before the record are not checked (an export carries its
+    run's record)."""
+    mismatch = (model_dir and data_dir
+                and vocab_record.data_mismatch(vocabulary_record(model_dir), data_dir))
+    if mismatch:
+        raise UserInputError(
+            f"{who}.data_dir {data_dir!r} is not the data of {who}.checkpoint {model_dir!r}: "
+            f"{mismatch}. Give the folder it was trained on; to retrieve from another bank, "
+            f"bind {who}.vocab_dir and {who}.retrieval_dir instead of {who}.data_dir (a "
+            "fine-tuned model was trained on its SFT data).")
 
 
 def vocabulary_record(model_dir: str) -> dict | None:

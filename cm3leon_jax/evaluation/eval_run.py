@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import fs
-from cm3leon_jax.data import shards
+from cm3leon_jax.data import shards, user_data
 from cm3leon_jax.decode import pictures, prompts, rerank, restore
 from cm3leon_jax.decode.generate import Generator, SamplingConfig
 from cm3leon_jax.errors import UserInputError
@@ -197,8 +197,8 @@ def evaluate(model_dir: str, *, checkpoint: str = gin.REQUIRED, vocab_dir: str |
         decoding, after the checks, the restore, the suite and the FID reference statistics.
     """
     out_dir = _refuse_earlier_eval(model_dir, overwrite)
-    vocab_dir, retrieval_dir = restore.data_folders(data_dir, vocab_dir, retrieval_dir,
-                                                    "evaluate", "eval")
+    vocab_dir, retrieval_dir = restore.data_folders(checkpoint, data_dir, vocab_dir,
+                                                    retrieval_dir, "evaluate", "eval")
     _check_settings(strategies, num_retrieved, caption_style, retrieval_dir,
                     can_rank=bool(clip_encoder_dir or retrieval_dir),
                     caption_metrics=caption_metrics)
@@ -330,13 +330,15 @@ def _preflight(model_dir: str) -> None:
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
         for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
+    user_data.check_outside(model_dir, "eval")  # eval_user.gin reads the user's pairs.
     _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
     defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
     value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",
                                                      "retrieval_dir", "caption_metrics",
                                                      "data_dir", "vocab_dir")}
-    retrieval_dir = restore.data_folders(value["data_dir"], value["vocab_dir"],
-                                         value["retrieval_dir"], "evaluate", "eval")[1]
+    retrieval_dir = restore.data_folders(bound.get("checkpoint"), value["data_dir"],
+                                         value["vocab_dir"], value["retrieval_dir"],
+                                         "evaluate", "eval")[1]
     _check_settings((), value["num_retrieved"], value["caption_style"],
                     retrieval_dir, can_rank=True,
                     caption_metrics=value["caption_metrics"])

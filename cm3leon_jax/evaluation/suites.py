@@ -269,12 +269,13 @@ def user_suite(data_dir: str = gin.REQUIRED, source: preprocess.TfdsSource = gin
     """Your own image-text pairs (`data/user_data.py`), by default the records preprocessing
     held out of training and of the memory bank (its validation split).
 
-    Text-to-image draws each image from its first caption, graded by CLIP score and FID on
-    the retrieval encoder's features against the images; as many train images of the same
-    source are the `other_images` of the reference rows (CLIP score at chance, the FID
-    floor). Captioning is graded against every caption of an image (CIDEr-D & co.): the
-    records of one image (a JSONL file may caption it several times) are one example,
-    named by the image.
+    Text-to-image draws each image from one caption (its first record in the prepared
+    dataset's fixed order), graded by CLIP score and FID on the retrieval encoder's features
+    against the images; as many train images of the same source are the `other_images` of
+    the reference rows (CLIP score at chance, the FID floor). Captioning is graded against
+    every caption of an image (CIDEr-D & co.): the records of one image (a JSONL file may
+    caption it several times) are one example, named by the image. Held out by name: a copy
+    of an image under another name may be in the train split.
 
     Args:
       data_dir: the data folder the model was trained on (preprocess's MODEL_DIR). Its
@@ -286,7 +287,7 @@ def user_suite(data_dir: str = gin.REQUIRED, source: preprocess.TfdsSource = gin
       max_images: the split's first images, in its order (None: all of them).
     """
     unknown = sorted(set(tasks) - {"text_to_image", "captioning"})
-    if isinstance(tasks, str) or unknown:
+    if isinstance(tasks, str) or unknown or not tasks:
         raise UserInputError(f"user_suite.tasks={tasks!r}: give a list of text_to_image, "
                              "captioning (your pairs hold no questions or edits).")
     if split not in ("train", "validation"):
@@ -327,17 +328,23 @@ def check_user_source(data_dir: str, source: preprocess.TfdsSource) -> None:
         raise MissingInputError(f"user_suite.data_dir {data_dir!r} holds no plan.json: give the "
                                 "folder preprocess_user.gin wrote (DATA_DIR, the model's data).")
     made = plan.get("source"), plan.get(preprocess.SOURCE_FINGERPRINT)
-    identity = source.identity()  # First: other pairs are refused before they are prepared.
-    fingerprint = source.fingerprint() if identity == made[0] else None
-    if identity != made[0] or (made[1] and made[1] != fingerprint):
+    # Both before anything is prepared (preparing changed files asks to prepare them again,
+    # which cannot help here).
+    identity = source.identity()
+    fingerprint = ((source.files_fingerprint() or source.fingerprint())
+                   if identity == made[0] else None)
+    if identity != made[0]:
         raise UserInputError(
-            f"user_suite: the data folder {data_dir!r} was preprocessed from {made[0]} "
-            f"(source_fingerprint {made[1]}) but this run's pairs are {identity}"
-            f"{f' (source_fingerprint {fingerprint})' if fingerprint else ''}: its held-out "
-            "split is not the one the model was kept from. Give USER_DATA, IMAGE_SIZE and "
-            "user_data_builder's validation_fraction as preprocessing had them; data changed "
-            "since is evaluated after preprocessing it again into a new folder and training "
-            "on that.")
+            f"user_suite: the data folder {data_dir!r} was preprocessed from {made[0]} but "
+            f"this run's pairs are {identity}: its held-out split is not the one the model was "
+            "kept from. Give USER_DATA, IMAGE_SIZE and user_data_builder's "
+            "validation_fraction as preprocessing had them.")
+    if made[1] and made[1] != fingerprint:
+        raise UserInputError(
+            f"user_suite: the pairs changed since the data folder {data_dir!r} was "
+            f"preprocessed from them (source_fingerprint {made[1]} then, {fingerprint} now): "
+            "its held-out split is not theirs. Evaluate on the pairs as they were, or "
+            "preprocess them again into a new data folder, train on that and evaluate it.")
 
 
 def _user_images(source: preprocess.TfdsSource, split: str, max_images: int | None,

@@ -7,13 +7,21 @@ and the runs that read the model compare theirs with it: a resume (the trainer),
 a base, generate, eval and export (`decode/restore.vocabulary_mismatch`; an export's
 manifest carries the record on). Runs saved before records have none and are not checked.
 
+The record also names the data folder the vocabulary lies in (its parent: preprocessing
+writes DATA/vocab) with a digest of that folder's plan.json (what it was made from and how:
+the source, its held-out split, the layout of its documents), so that a run given a data
+folder can refuse one the model was not trained on (`data_mismatch`: generate's and eval's
+`data_dir`; another preprocessing of the same captions has the same vocabulary).
+
 The vocabulary is taken by what it has (`fingerprint`, `directory`, `layout.vocab_size`):
 this package sits below `vocab/` in the flow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
 from typing import Any
 
 from cm3leon_jax import fs
@@ -37,9 +45,39 @@ def read(model_dir: str) -> dict | None:
 
 
 def write(model_dir: str, vocab: Any) -> None:
+    """The trainer's record: `of(vocab)`, and the data folder it lies in with its plan's
+    digest where that folder has a plan.json."""
+    record = of(vocab)
+    data_dir = posixpath.dirname(str(vocab.directory).rstrip("/"))
+    digest = plan_digest(data_dir)
+    if digest is not None:
+        record["data"] = {"directory": data_dir, "plan": digest}
     fs.makedirs(model_dir)
     with fs.open(fs.join(model_dir, FILE), "w") as f:
-        json.dump(of(vocab), f, indent=2)
+        json.dump(record, f, indent=2)
+
+
+def plan_digest(data_dir: str) -> str | None:
+    """A digest of `data_dir`'s plan.json (its keys sorted), or None where it has none."""
+    path = fs.join(data_dir, "plan.json")
+    if not fs.exists(path):
+        return None
+    plan = json.dumps(fs.read_json(path), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(plan).hexdigest()[:16]
+
+
+def data_mismatch(record: dict | None, data_dir: str) -> str | None:
+    """How `data_dir` is not the data folder a model was trained on (its `record`), or None:
+    the same plan (the folder itself, or a copy), or no record of one to compare with."""
+    trained = (record or {}).get("data")
+    if not trained:
+        return None
+    digest = plan_digest(data_dir)
+    if digest == trained.get("plan"):
+        return None
+    return (f"its model was trained on the data folder {trained.get('directory')!r} (plan "
+            f"{trained.get('plan')}), and this one was made otherwise (plan {digest}: another "
+            "source, held-out split or document layout, even with the same vocabulary)")
 
 
 def mismatch(record: dict | None, vocab: Any) -> str | None:

@@ -155,6 +155,9 @@ def test_pretraining_then_generation_and_evaluation_on_the_users_data(
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite([r["eval/loss"] for r in rows if "eval/loss" in r]).all()
     assert any("eval/loss" in r for r in rows)  # Evaluated on the held-out split.
+    # The run records the data folder it trained on (generate's and eval's data_dir check).
+    assert json.loads((model_dir / "vocabulary.json").read_text())["data"]["directory"] == str(
+        preprocessed)
 
     out = tmp_path / "my_generated"
     _main("gin_configs/runs/generate_user.gin", f"MODEL_DIR='{out}'",
@@ -189,21 +192,27 @@ def test_pretraining_then_generation_and_evaluation_on_the_users_data(
     assert all(0.0 <= r["CIDEr-D"] for (t, _, _), r in rows.items() if t == "captioning")
 
 
+@pytest.mark.parametrize("gin_file, mode, bindings", [
+    ("gin_configs/runs/preprocess_user.gin", "preprocess", ["ENCODER_DIR='unused'"]),
+    ("gin_configs/runs/eval_user.gin", "eval", ["TRAIN_DIR='unused'", "DATA_DIR='unused'"]),
+])
 def test_a_model_dir_inside_the_users_folder_is_refused_before_anything_is_written(
-        user_folder, encoder_dir, tokenizer_dir, tmp_path, capsys):
-    """Its config.gin and shards would change the folder: every later run found the data
+        user_folder, tokenizer_dir, tmp_path, capsys, gin_file, mode, bindings):
+    """Its config.gin and outputs would change the folder: every later run found the data
     "changed since it was prepared", and advice to rebuild that could not help."""
     before = sorted(p.name for p in user_folder.iterdir())
     inside = user_folder / "out"
     gin.clear_config()
     try:
         code = main_lib.main([
-            f"--gin_file={os.path.join(ROOT, 'gin_configs/runs/preprocess_user.gin')}",
+            f"--gin_file={os.path.join(ROOT, gin_file)}",
             f"--gin.MODEL_DIR='{inside}'", f"--gin.USER_DATA='{user_folder}'",
-            f"--gin.ENCODER_DIR='{encoder_dir}'", f"--gin.IMAGE_TOKENIZER_DIR='{tokenizer_dir}'",
-            f"--gin.user_data_builder.data_dir='{tmp_path / 'tfds'}'"])
+            f"--gin.IMAGE_TOKENIZER_DIR='{tokenizer_dir}'",
+            f"--gin.user_data_builder.data_dir='{tmp_path / 'tfds'}'",
+            *[f"--gin.{b}" for b in bindings]])
     finally:
         gin.clear_config()
     err = capsys.readouterr().err
-    assert code == 2 and "is or lies inside the user data folder" in err, err
+    assert code == 2 and f"{mode} MODEL_DIR '{inside}' is or lies inside the user data " \
+        "folder" in err, err
     assert sorted(p.name for p in user_folder.iterdir()) == before

@@ -218,6 +218,8 @@ def test_a_retrieval_folder_of_another_vocabulary_is_named_before_the_restore(
 def test_data_dir_and_a_folder_bound_apart_are_named(tmp_path, capsys):
     """generate.gin binds the demo's vocab_dir and retrieval_dir: a data_dir beside them
     would otherwise be ignored for them."""
+    (tmp_path / "data" / "vocab").mkdir(parents=True)
+    (tmp_path / "data" / "vocab" / "layout.json").write_text("{}")
     code, errors = _main(capsys, tmp_path / "out", f"generate.checkpoint='{tmp_path}/run'",
                          f"generate.data_dir='{tmp_path}/data'",
                          "generate.retrieval_dir=None", "generate.captions=['a red circle']")

@@ -118,3 +118,31 @@ def test_the_vocabulary_to_generate_with_is_checked_before_the_read(trained, tmp
         restore_decoder(model_dir, None, CONFIG, vocab=vocab)
     with pytest.raises(UserInputError, match=r"DecoderConfig.vocab_size=64\. Give the voc"):
         restore_decoder(model_dir, None, CONFIG.replace(vocab_size=64), vocab=vocab)
+
+
+def test_a_data_folder_other_than_the_models_is_named(tmp_path):
+    """Two preprocessings of the same captions share a vocabulary, not their bank, held-out
+    split or document layout: the trainer records its data folder's plan, and a run given a
+    data_dir (generate's, eval's) is refused another one; a copy of the folder is the same."""
+    class Vocab:  # What the record reads of a vocabulary.
+        fingerprint = "f" * 16
+        directory = str(tmp_path / "data" / "vocab")
+        layout = type("Layout", (), {"vocab_size": 64})()
+
+    for name, first in (("data", 0.0), ("copy", 0.0), ("other", 0.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "plan.json").write_text(json.dumps(
+            {"source": "pairs", "preprocess.image_first_prob": first}))
+    model_dir = str(tmp_path / "model")
+    vocab_record.write(model_dir, Vocab)
+    assert vocab_record.read(model_dir)["data"]["directory"] == str(tmp_path / "data")
+    for accepted in ("data", "copy"):
+        restore.check_data_dir(model_dir, str(tmp_path / accepted), "evaluate")
+    restore.check_data_dir(model_dir, None, "evaluate")  # No data_dir bound: nothing to check.
+    with pytest.raises(UserInputError, match=r"^evaluate.data_dir '.*other' is not the data of "
+                       r"evaluate.checkpoint '.*model': its model was trained on the data folder "
+                       r"'.*data' \(plan \w{16}\), and this one was made otherwise .* bind "
+                       r"evaluate.vocab_dir and evaluate.retrieval_dir instead"):
+        restore.check_data_dir(model_dir, str(tmp_path / "other"), "evaluate")
+    os.remove(os.path.join(model_dir, vocab_record.FILE))  # A run saved before the record.
+    restore.check_data_dir(model_dir, str(tmp_path / "other"), "evaluate")

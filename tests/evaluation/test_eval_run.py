@@ -309,11 +309,19 @@ def test_bad_settings_are_named(eval_files, tmp_path):
         with pytest.raises(UserInputError, match=match):  # Before anything is read.
             eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v",
                               image_tokenizer=None, **bad)
-    with pytest.raises(UserInputError, match=r"evaluate.data_dir='d' and evaluate.vocab_dir='v' "
-                       r"name different folders \(gin_configs/runs/eval.gin .* as "
-                       r"gin_configs/runs/eval_user.gin does"):
-        eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v", data_dir="d",
+    data = tmp_path / "data"
+    (data / "vocab").mkdir(parents=True)
+    (data / "vocab" / "layout.json").write_text("{}")
+    with pytest.raises(UserInputError, match=r"evaluate.data_dir='.*data' and "
+                       r"evaluate.vocab_dir='v' name different folders \(gin_configs/runs/"
+                       r"eval.gin .* as gin_configs/runs/eval_user.gin does"):
+        eval_run.evaluate("x", checkpoint="no_such_run", vocab_dir="v", data_dir=str(data),
                           image_tokenizer=None)
+    for data_dir, what in (("nope", "does not exist"), (str(tmp_path), "holds no vocab/")):
+        with pytest.raises(FileNotFoundError, match=f"evaluate.data_dir '{data_dir}' {what}: "
+                           "give the folder the model's data was preprocessed into"):
+            eval_run.evaluate("x", checkpoint="no_such_run", data_dir=data_dir,
+                              image_tokenizer=None)
     with pytest.raises(UserInputError, match="evaluate needs the training data's vocabulary"):
         eval_run.evaluate("x", checkpoint="no_such_run", image_tokenizer=None)
     with pytest.raises(ValueError, match="Strategy 'bad': num_samples=0: give a whole number >= 1"):

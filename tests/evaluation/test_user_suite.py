@@ -82,7 +82,7 @@ def test_pairs_other_than_the_data_folders_are_refused(pairs, tmp_path):
     """Another held-out share makes another split: images the model trained on."""
     data_dir = str(_data_dir(tmp_path, _source(pairs, tmp_path / "tfds")))
     with pytest.raises(UserInputError, match=r"was preprocessed from .*val0p25.* but this "
-                       r"run's pairs are .*val0p5.*validation_fraction"):
+                       r"run's pairs are .*val0p5.*validation_fraction as preprocessing"):
         suites.user_suite(data_dir, _source(pairs, tmp_path / "tfds", fraction=0.5))(24)
     # Refused before they were prepared: TFDS's folder holds the data folder's pairs alone.
     assert [p.name for p in (tmp_path / "tfds" / "user_image_text").iterdir()] == [
@@ -96,6 +96,7 @@ def test_pairs_other_than_the_data_folders_are_refused(pairs, tmp_path):
     ({"split": "test"}, "user_suite.split='test'"),
     ({"tasks": ("vqa",)}, "user_suite.tasks=.*no questions or edits"),
     ({"max_images": 1}, "user_suite.max_images=1"),
+    ({"tasks": []}, "user_suite.tasks=\\[\\]: give a list"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_read(kwargs, message):
     with pytest.raises(UserInputError, match=message):
@@ -120,9 +121,12 @@ def test_pairs_changed_since_preprocessing_are_refused(pairs, tmp_path):
     data_dir = str(_data_dir(tmp_path, _source(copy / "pairs.jsonl", tmp_path / "tfds")))
     with (copy / "pairs.jsonl").open("a") as f:
         f.write(json.dumps({"image": "im0.png", "text": "one caption more"}) + "\n")
+    changed = r"the pairs changed since the data folder .* was preprocessed from them"
+    # Told so, not asked to prepare them again (preparing cannot help: it once asked).
+    with pytest.raises(UserInputError, match=changed + r".*preprocess them again into a new"):
+        suites.user_suite(data_dir, _source(copy / "pairs.jsonl", tmp_path / "tfds"))(24)
     again = preprocess.TfdsSource(lambda prepare=True: user_data_builder(
         str(copy / "pairs.jsonl"), 32, str(tmp_path / "tfds"), validation_fraction=0.25,
         overwrite=True, prepare=prepare))
-    with pytest.raises(UserInputError, match=r"\(source_fingerprint \w+\) but this run's pairs "
-                       r"are .* \(source_fingerprint \w+\)"):
+    with pytest.raises(UserInputError, match=changed):  # Prepared again: still not theirs.
         suites.user_suite(data_dir, again)(24)
