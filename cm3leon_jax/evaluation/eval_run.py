@@ -326,11 +326,11 @@ def _preflight(model_dir: str) -> None:
     inside a folder the run reads, or that holds an earlier run's eval/ without
     evaluate.overwrite; and the plain settings `_check_settings` would refuse (the
     strategies, gin references until the run builds them, are checked by the run)."""
-    bound = gin.get_bindings(evaluate)
+    user_data.check_outside(model_dir, "eval")  # eval_user.gin reads the user's pairs.
+    bound = gin.get_bindings(evaluate)  # Calls the suite builder (`@user_suite()` checks).
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
         for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
-    user_data.check_outside(model_dir, "eval")  # eval_user.gin reads the user's pairs.
     _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
     defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
     value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",

@@ -296,17 +296,18 @@ def user_suite(data_dir: str = gin.REQUIRED, source: preprocess.TfdsSource = gin
     if max_images is not None:
         check_count("user_suite.max_images", max_images, 2,
                     " (FID compares sets of images), or None for all")
+    check_user_source(data_dir, source)  # Now: before the eval restores its model.
 
     def build(image_size: int) -> Suite:
-        check_user_source(data_dir, source)
         images, references, ids = _user_images(source, split, max_images, image_size)
         if len(images) < 2:
-            raise UserInputError(f"user_suite: the {split} split of {source.identity()} holds "
-                                 f"{len(images)} usable image(s); FID and captioning need at "
-                                 "least 2: add pairs, or raise user_data_builder."
-                                 "validation_fraction when preprocessing.")
+            raise UserInputError(
+                f"user_suite: the {split} split of {source.identity()} holds {len(images)} "
+                "usable image(s); FID and captioning need at least 2: add pairs"
+                + (", or raise user_data_builder.validation_fraction when preprocessing."
+                   if split == "validation" else "."))
         other = "train" if split == "validation" else "validation"
-        others = _user_images(source, other, len(images), image_size)[0]
+        others = _user_images(source, other, len(images), image_size, captions=False)[0]
         suite = Suite(f"user_{split}_{len(images)}")
         if "text_to_image" in tasks:
             suite.text_to_image = Task([r[0] for r in references], reference_images=images,
@@ -337,8 +338,9 @@ def check_user_source(data_dir: str, source: preprocess.TfdsSource) -> None:
         raise UserInputError(
             f"user_suite: the data folder {data_dir!r} was preprocessed from {made[0]} but "
             f"this run's pairs are {identity}: its held-out split is not the one the model was "
-            "kept from. Give USER_DATA, IMAGE_SIZE and user_data_builder's "
-            "validation_fraction as preprocessing had them.")
+            "kept from. Give USER_DATA (by the same absolute path: the name's hash is of it), "
+            "IMAGE_SIZE and user_data_builder's validation_fraction as preprocessing had "
+            "them.")
     if made[1] and made[1] != fingerprint:
         raise UserInputError(
             f"user_suite: the pairs changed since the data folder {data_dir!r} was "
@@ -348,21 +350,24 @@ def check_user_source(data_dir: str, source: preprocess.TfdsSource) -> None:
 
 
 def _user_images(source: preprocess.TfdsSource, split: str, max_images: int | None,
-                 image_size: int) -> tuple[np.ndarray, list[list[str]], list[str]]:
+                 image_size: int, captions: bool = True
+                 ) -> tuple[np.ndarray, list[list[str]], list[str]]:
     """The split's first `max_images` images at `image_size`, each with every caption its
     records give (`user_data.image_of`: a JSONL file may caption one image several times),
-    and their names."""
+    and their names. `captions=False`: the images alone, read no further than they lie."""
     pixels: dict[str, np.ndarray] = {}
-    captions: dict[str, list[str]] = {}
+    texts: dict[str, list[str]] = {}
     for pair in source.read(split, 0, source.num_examples(split)):
         name = user_data.image_of(pair.doc_id)
-        if name not in captions:
-            if max_images is not None and len(captions) >= max_images:
+        if name not in texts:
+            if max_images is not None and len(texts) >= max_images:
+                if not captions:
+                    break
                 continue  # Later records may still caption a kept image.
-            pixels[name], captions[name] = pair.image, []
-        captions[name] += [c.decode("utf-8") if isinstance(c, bytes) else c
-                           for c in pair.captions]
+            pixels[name], texts[name] = pair.image, []
+        texts[name] += [c.decode("utf-8") if isinstance(c, bytes) else c
+                        for c in pair.captions]
     if not pixels:
         return np.zeros((0, image_size, image_size, 3), np.uint8), [], []
     images = image_inputs.to_rgb_uint8(np.stack(list(pixels.values())), image_size)
-    return images, list(captions.values()), list(captions)
+    return images, list(texts.values()), list(texts)

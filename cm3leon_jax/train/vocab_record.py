@@ -7,11 +7,12 @@ and the runs that read the model compare theirs with it: a resume (the trainer),
 a base, generate, eval and export (`decode/restore.vocabulary_mismatch`; an export's
 manifest carries the record on). Runs saved before records have none and are not checked.
 
-The record also names the data folder the vocabulary lies in (its parent: preprocessing
-writes DATA/vocab) with a digest of that folder's plan.json (what it was made from and how:
-the source, its held-out split, the layout of its documents), so that a run given a data
-folder can refuse one the model was not trained on (`data_mismatch`: generate's and eval's
-`data_dir`; another preprocessing of the same captions has the same vocabulary).
+The record also names the preprocessed data folder the vocabulary lies in (its parent:
+preprocessing writes DATA/vocab) with a digest of that folder's plan.json (what it was made
+from and how: the source, its held-out split, the layout of its documents), so that a run
+given a data folder can refuse one the model was not trained on (`data_mismatch`:
+generate's and eval's `data_dir`; another preprocessing of the same captions has the same
+vocabulary).
 
 The vocabulary is taken by what it has (`fingerprint`, `directory`, `layout.vocab_size`):
 this package sits below `vocab/` in the flow.
@@ -46,10 +47,12 @@ def read(model_dir: str) -> dict | None:
 
 def write(model_dir: str, vocab: Any) -> None:
     """The trainer's record: `of(vocab)`, and the data folder it lies in with its plan's
-    digest where that folder has a plan.json."""
+    digest where that folder is preprocessing's (a plan.json and a retrieval bank beside the
+    vocabulary). An SFT data folder is not: its vocab/ is a copy of the base's data's, and
+    a fine-tuned model generates and is evaluated with the base's bank and held-out split."""
     record = of(vocab)
-    data_dir = posixpath.dirname(str(vocab.directory).rstrip("/"))
-    digest = plan_digest(data_dir)
+    data_dir = posixpath.dirname(fs.abspath(str(vocab.directory)).rstrip("/"))
+    digest = plan_digest(data_dir) if fs.exists(fs.join(data_dir, "retrieval")) else None
     if digest is not None:
         record["data"] = {"directory": data_dir, "plan": digest}
     fs.makedirs(model_dir)
@@ -75,9 +78,11 @@ def data_mismatch(record: dict | None, data_dir: str) -> str | None:
     digest = plan_digest(data_dir)
     if digest == trained.get("plan"):
         return None
+    made = (f"this one was made otherwise (plan {digest}: another source, held-out split or "
+            "document layout, even with the same vocabulary)" if digest else
+            "this one holds no plan.json to compare (a copy should take it along)")
     return (f"its model was trained on the data folder {trained.get('directory')!r} (plan "
-            f"{trained.get('plan')}), and this one was made otherwise (plan {digest}: another "
-            "source, held-out split or document layout, even with the same vocabulary)")
+            f"{trained.get('plan')}), and {made}")
 
 
 def mismatch(record: dict | None, vocab: Any) -> str | None:

@@ -130,9 +130,10 @@ def test_a_data_folder_other_than_the_models_is_named(tmp_path):
         layout = type("Layout", (), {"vocab_size": 64})()
 
     for name, first in (("data", 0.0), ("copy", 0.0), ("other", 0.5)):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "retrieval").mkdir(parents=True)
         (tmp_path / name / "plan.json").write_text(json.dumps(
             {"source": "pairs", "preprocess.image_first_prob": first}))
+    (tmp_path / "bare" / "vocab").mkdir(parents=True)  # vocab/ and retrieval/ copied alone
     model_dir = str(tmp_path / "model")
     vocab_record.write(model_dir, Vocab)
     assert vocab_record.read(model_dir)["data"]["directory"] == str(tmp_path / "data")
@@ -144,5 +145,24 @@ def test_a_data_folder_other_than_the_models_is_named(tmp_path):
                        r"'.*data' \(plan \w{16}\), and this one was made otherwise .* bind "
                        r"evaluate.vocab_dir and evaluate.retrieval_dir instead"):
         restore.check_data_dir(model_dir, str(tmp_path / "other"), "evaluate")
+    with pytest.raises(UserInputError, match=r"and this one holds no plan.json to compare"):
+        restore.check_data_dir(model_dir, str(tmp_path / "bare"), "evaluate")
     os.remove(os.path.join(model_dir, vocab_record.FILE))  # A run saved before the record.
     restore.check_data_dir(model_dir, str(tmp_path / "other"), "evaluate")
+
+
+def test_a_fine_tuned_models_record_names_no_data_folder(tmp_path):
+    """SFT reads a copy of its base's vocabulary in its own data folder (plan.json, no
+    bank): it generates and is evaluated with the base's data, which it must not refuse."""
+    class Vocab:
+        fingerprint = "f" * 16
+        directory = str(tmp_path / "sft_data" / "vocab")
+        layout = type("Layout", (), {"vocab_size": 64})()
+
+    (tmp_path / "sft_data" / "vocab").mkdir(parents=True)
+    (tmp_path / "sft_data" / "plan.json").write_text(json.dumps({"families": ["vqa"]}))
+    (tmp_path / "data" / "retrieval").mkdir(parents=True)
+    (tmp_path / "data" / "plan.json").write_text(json.dumps({"source": "pairs"}))
+    vocab_record.write(str(tmp_path / "sft"), Vocab)
+    assert "data" not in vocab_record.read(str(tmp_path / "sft"))
+    restore.check_data_dir(str(tmp_path / "sft"), str(tmp_path / "data"), "generate")

@@ -79,17 +79,18 @@ def test_max_images_keeps_the_first_images_and_all_their_captions(pairs, tmp_pat
 
 
 def test_pairs_other_than_the_data_folders_are_refused(pairs, tmp_path):
-    """Another held-out share makes another split: images the model trained on."""
+    """Another held-out share makes another split: images the model trained on. Refused when
+    the suite is bound, before the eval restores its model (not when it is built)."""
     data_dir = str(_data_dir(tmp_path, _source(pairs, tmp_path / "tfds")))
     with pytest.raises(UserInputError, match=r"was preprocessed from .*val0p25.* but this "
                        r"run's pairs are .*val0p5.*validation_fraction as preprocessing"):
-        suites.user_suite(data_dir, _source(pairs, tmp_path / "tfds", fraction=0.5))(24)
+        suites.user_suite(data_dir, _source(pairs, tmp_path / "tfds", fraction=0.5))
     # Refused before they were prepared: TFDS's folder holds the data folder's pairs alone.
     assert [p.name for p in (tmp_path / "tfds" / "user_image_text").iterdir()] == [
         "pairs_32px_val0p25_" + _source(pairs, tmp_path / "tfds").identity().split("_")[-1]
         .split("/")[0]]
     with pytest.raises(MissingInputError, match="holds no plan.json"):
-        suites.user_suite(str(tmp_path), _source(pairs, tmp_path / "tfds"))(24)
+        suites.user_suite(str(tmp_path), _source(pairs, tmp_path / "tfds"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,9 +125,28 @@ def test_pairs_changed_since_preprocessing_are_refused(pairs, tmp_path):
     changed = r"the pairs changed since the data folder .* was preprocessed from them"
     # Told so, not asked to prepare them again (preparing cannot help: it once asked).
     with pytest.raises(UserInputError, match=changed + r".*preprocess them again into a new"):
-        suites.user_suite(data_dir, _source(copy / "pairs.jsonl", tmp_path / "tfds"))(24)
+        suites.user_suite(data_dir, _source(copy / "pairs.jsonl", tmp_path / "tfds"))
     again = preprocess.TfdsSource(lambda prepare=True: user_data_builder(
         str(copy / "pairs.jsonl"), 32, str(tmp_path / "tfds"), validation_fraction=0.25,
         overwrite=True, prepare=prepare))
+    assert again.fingerprint() != _source(pairs, tmp_path / "tfds").fingerprint()  # Prepared.
     with pytest.raises(UserInputError, match=changed):  # Prepared again: still not theirs.
-        suites.user_suite(data_dir, again)(24)
+        suites.user_suite(data_dir, again)
+
+
+def test_the_other_images_are_read_no_further_than_they_lie():
+    """The chance row needs as many train images as held-out ones, not the whole split."""
+    class Source:
+        read_count = 0
+
+        def num_examples(self, split):
+            return 1000
+
+        def read(self, split, start, stop):
+            for i in range(start, stop):
+                Source.read_count += 1
+                yield preprocess.RawPair(f"im{i}.png#0badcafe", np.zeros((8, 8, 3), np.uint8),
+                                         [b"a caption"])
+
+    images = suites._user_images(Source(), "train", 3, 8, captions=False)[0]  # noqa: SLF001
+    assert len(images) == 3 and Source.read_count == 4

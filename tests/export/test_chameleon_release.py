@@ -126,6 +126,7 @@ def test_text_to_image_runs_on_the_import_and_decodes_pixels(release, imported):
     np.testing.assert_array_equal(made.images, ImageTokenizer(VQ, release[2]).decode(made.codes))
 
 
+@pytest.mark.slow
 def test_the_import_edits_with_two_scale_guidance_and_refuses_an_infill(imported):
     """Its one sentinel (Chameleon's <s>) masks every input of a guidance stream (an edit's
     source image and instruction alike: there is no second sentinel); a CM3 infill, which

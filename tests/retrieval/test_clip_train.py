@@ -20,8 +20,9 @@ CFG = clip.ClipConfig(image_size=32, patch_size=8, vision_width=48, vision_layer
                       eos_token_id=1023, projection_dim=32)
 
 
-@pytest.mark.parametrize("mirror,hard_negatives", [(False, None), (True, None),
-                                                   (True, shapes_language.class_swaps)])
+@pytest.mark.parametrize("mirror,hard_negatives", [  # Options the demo does not take: slow.
+    (False, None), pytest.param(True, None, marks=pytest.mark.slow),
+    pytest.param(True, shapes_language.class_swaps, marks=pytest.mark.slow)])
 def test_short_training_run_learns_saves_and_resumes(tmp_path, mirror, hard_negatives):
     kw = dict(train_pairs=synthetic_pairs("train", 300, 32),
               test_pairs=synthetic_pairs("test", 64, 32), steps=40, batch_size=32,
@@ -208,6 +209,7 @@ def test_the_temperature_is_clipped_after_the_update_and_keeps_its_gradient():
     assert float(params["logit_scale"]) <= cap
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_encoder_and_another_seed_another(tmp_path):
     """Two runs of seed 0 give the same encoder to the bit and the same losses; seed 1 (its
     initialization and its pair draws) another."""

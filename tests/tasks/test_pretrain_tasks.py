@@ -136,6 +136,7 @@ def test_unset_user_corpus_is_a_clear_error():
         _batches("cm3leon_user")
 
 
+@pytest.mark.slow
 def test_seqio_caching(data_dir, tmp_path):
     """cache_tasks_main (Beam) stores the parsed records; reading the cache gives
     the same examples as reading the shards."""

@@ -76,6 +76,7 @@ def test_restoring_with_another_layout_is_a_clear_error(make_data, tmp_path):
         _batches(make_data, num_shards=3)
 
 
+@pytest.mark.slow
 def test_without_the_autotuner_the_batches_and_their_restore_are_the_same(make_data, tmp_path):
     plain = functools.partial(make_data, autotune=False)
     assert plain(0, 1, 4).options().autotune.enabled is False

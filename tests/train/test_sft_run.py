@@ -115,6 +115,7 @@ def test_sft_starts_from_the_base_params_and_leaves_the_base_untouched(base, tmp
     assert metrics[1]["learning_rate"] < 1e-12  # A fresh schedule: warm-up from step 0.
 
 
+@pytest.mark.slow
 def test_a_resume_reads_no_base_and_refuses_another(base, tmp_path):
     """The SFT run records the base it read; a rerun resumes without reading it (it may be
     gone) and refuses a different base, or a step given as text."""
@@ -141,6 +142,7 @@ def test_a_missing_sft_data_folder_is_named(base, tmp_path):
         run_sft(sft_bindings(str(tmp_path / "sft"), base, SFT_DATA=repr(missing)))
 
 
+@pytest.mark.slow
 def test_an_export_is_a_base(base, tmp_path):
     """An export (imported weights are one) is fine-tuned in the precision the run trains
     in, from its bfloat16 parameters, with the sizes of its manifest."""

@@ -80,7 +80,6 @@ def test_text_tokenizer_too_large_vocab_is_a_clear_error():
         TextTokenizer.train(CAPTIONS[:10], vocab_size=5000)
 
 
-
 @pytest.mark.parametrize("size", [100, 257, 260])
 def test_text_tokenizer_too_small_a_vocabulary_names_the_size_the_corpus_needs(size):
     """The bytes, <unk> and one piece per distinct character: exactly what it needs (a

@@ -236,6 +236,7 @@ def test_a_resume_refuses_another_data_layout_and_warns_of_another_schedule(tmp_
         vt.train_image_tokenizer(model_dir, num_steps=3, **dict(kw, eval_examples=-1))
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_tokenizer_and_another_seed_another(tmp_path):
     """Everything deterministic given a seed, and the seed used: two runs of seed 0 agree to
     the bit, seed 1 differs (an ignored seed would pass the first half alone)."""
