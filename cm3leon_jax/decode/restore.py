@@ -208,7 +208,8 @@ def data_folders(checkpoint: str, data_dir: str | None, vocab_dir: str | None,
                                     "MODEL_DIR, DATA_DIR in the user gin files).")
         for name, given, own in (("vocab_dir", vocab_dir, "vocab"),
                                  ("retrieval_dir", retrieval_dir, "retrieval")):
-            if given and fs.abspath(given) != fs.abspath(fs.join(data_dir, own)):
+            if given and (fs.abspath(given).rstrip("/")
+                          != fs.abspath(fs.join(data_dir, own)).rstrip("/")):
                 raise UserInputError(
                     f"{who}.data_dir={data_dir!r} and {who}.{name}={given!r} name different "
                     f"folders (gin_configs/runs/{run_file}.gin binds the demo's {name}): bind "

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from cm3leon_jax import fs
 from cm3leon_jax.decode import restore
 from cm3leon_jax.decode.restore import restore_decoder
 from cm3leon_jax.errors import UserInputError
@@ -166,3 +167,19 @@ def test_a_fine_tuned_models_record_names_no_data_folder(tmp_path):
     vocab_record.write(str(tmp_path / "sft"), Vocab)
     assert "data" not in vocab_record.read(str(tmp_path / "sft"))
     restore.check_data_dir(str(tmp_path / "sft"), str(tmp_path / "data"), "generate")
+
+
+def test_a_data_folders_own_vocab_and_bank_are_taken_however_a_bucket_path_is_written():
+    """`data_dir` with vocab_dir / retrieval_dir bound to its own folders (a trailing slash
+    on a bucket path is the same folder) is taken; another folder is named."""
+    data = "ram://restore_test/my_data"
+    fs.makedirs(f"{data}/vocab")
+    fs.write_text(f"{data}/vocab/layout.json", "{}")
+    assert restore.data_folders("ram://no_run", data, f"{data}/vocab/", f"{data}/retrieval/",
+                                "evaluate", "eval") == (f"{data}/vocab/", f"{data}/retrieval/")
+    assert restore.data_folders("ram://no_run", f"{data}/", None, None, "generate",
+                                "generate") == (f"{data}/vocab", f"{data}/retrieval")
+    with pytest.raises(UserInputError, match="evaluate.data_dir=.* and evaluate.vocab_dir="
+                       "'ram://restore_test/vocab' name different folders"):
+        restore.data_folders("ram://no_run", data, "ram://restore_test/vocab", None,
+                             "evaluate", "eval")
