@@ -329,10 +329,7 @@ def plan_settings(*, seq_len: int, max_text_tokens: int, image_first_prob: float
             "preprocess.retrieval": retrieval_pass.plan_entry(retrieval, recorded_retrieval)}
 
 
-def recorded_plan(model_dir: str) -> dict:
-    """MODEL_DIR/plan.json as an earlier run wrote it ({} before the first run)."""
-    path = os.path.join(model_dir, PLAN_FILE)
-    return fs.read_json(path) if fs.exists(path) else {}
+recorded_plan = shards.read_plan  # MODEL_DIR/plan.json as an earlier run wrote it, or {}.
 
 
 def is_done(spec: ShardSpec, out_dir: str,

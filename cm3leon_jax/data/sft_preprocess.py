@@ -199,8 +199,7 @@ def check_plan(model_dir: str, source: Any, specs: Sequence[SftShardSpec], *,
 def _check_source_content(model_dir: str, content: str) -> None:
     """Raises UserInputError when plan.json records other source content than `content`:
     the finished shards hold the files as they were, and a rerun would keep them."""
-    path = os.path.join(model_dir, shards.PLAN_FILE)
-    earlier = fs.read_json(path).get("source_content") if fs.exists(path) else None
+    earlier = shards.read_plan(model_dir).get("source_content")
     if earlier is not None and earlier != content:
         raise UserInputError(
             f"the files sft_preprocess.source reads changed since {model_dir!r} was made from "

@@ -184,11 +184,16 @@ def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
             "ones the model was trained on. Give the image tokenizer that preprocessing used.")
 
 
+def read_plan(data_dir: str) -> dict:
+    """`data_dir`'s plan.json as a run wrote it ({} before the first run, or none)."""
+    path = fs.join(data_dir, PLAN_FILE)
+    return fs.read_json(path) if data_dir and fs.exists(path) else {}
+
+
 def _data_plan(vocab_dir: str) -> tuple[str, dict]:
     """(the data folder of `vocab_dir`, its plan.json or {})."""
     data_dir = os.path.dirname(str(vocab_dir).rstrip("/"))
-    path = fs.join(data_dir, PLAN_FILE)
-    return data_dir, (fs.read_json(path) if data_dir and fs.exists(path) else {})
+    return data_dir, read_plan(data_dir)
 
 
 def check_caption_style(vocab_dir: str, style: str, setting: str) -> None:
