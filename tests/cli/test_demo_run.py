@@ -24,9 +24,11 @@ TOY = [
     "train_image_tokenizer.num_steps=10", "train_image_tokenizer.eval_every=10",
     "train_image_tokenizer.checkpoint_every=10", "train_image_tokenizer.eval_examples=16",
     # A quarter of tiny.gin's channels and no attention: every stage encodes or decodes
-    # images with it (the codebook, so the vocabulary's layout, is the demo's).
+    # images with it (its levels, so the 4 x 4 code grid, are the demo's; its codebook is
+    # tiny.gin's 512, a quarter of the demo's, for a smaller toy vocabulary).
     "VQGANConfig.base_channels=8", "VQGANConfig.mid_attention=False",
     "VQGANConfig.latent_channels=8", "VQGANConfig.embed_dim=8", "VQGANConfig.num_groups=4",
+    "VQGANConfig.codebook_size=512",
     "train_retriever.steps=5", "train_retriever.warmup_steps=1",
     "train/synthetic_pairs.num=80", "test/synthetic_pairs.num=20",
     "train_retriever.batch_size=16",
@@ -37,7 +39,7 @@ TOY = [
     "DecoderConfig.num_layers=2", "DecoderConfig.d_model=64", "DecoderConfig.num_heads=4",
     "DecoderConfig.mlp_dim=256",
     # Its image codes' ids under the toy's 300 text pieces (5 specials, 32 sentinels).
-    "DecoderConfig.image_code_ids=(337, 849)",
+    "DecoderConfig.image_code_ids=(337, 849)", "DecoderConfig.vocab_size=896",
     "generate_stage.num_examples=3", "generate_stage.batch_size=4",
     "generate_stage.rerank_samples=2",
     "sft_scenes.split_sizes={'train': 8, 'validation': 2, 'test': 2}", "sft_stage.num_steps=2",
