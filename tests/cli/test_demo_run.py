@@ -25,7 +25,7 @@ TOY = [
     "train_image_tokenizer.checkpoint_every=10", "train_image_tokenizer.eval_examples=16",
     # A quarter of tiny.gin's channels and no attention: every stage encodes or decodes
     # images with it (its levels, so the 4 x 4 code grid, are the demo's; its codebook is
-    # tiny.gin's 512, a quarter of the demo's, for a smaller toy vocabulary).
+    # tiny.gin's 512, half the demo's, for a smaller toy vocabulary).
     "VQGANConfig.base_channels=8", "VQGANConfig.mid_attention=False",
     "VQGANConfig.latent_channels=8", "VQGANConfig.embed_dim=8", "VQGANConfig.num_groups=4",
     "VQGANConfig.codebook_size=512",
