@@ -9,8 +9,10 @@ image tokenizer and retrieval index), so the decoders must have been trained on 
 run's data, or on a run whose text vocabulary is byte for byte the same (a decoder served
 with another run's retriever, as RESULTS_retrieval.md does). Both use the run's own
 generate-stage settings, read from its `config.gin` (the demo's: 2 retrieved documents,
-CFG 3, top-p 0.9, the best of 8 samples by CLIP score; greedy captions from an image-first
-prompt; `--num-retrieved`, `--rerank-samples` and `--image-sampling` change them); text ->
+CFG 1.5 with the documents in its unconditional stream too, top-p 0.9, the best of 8
+samples by CLIP score; greedy captions from an image-first prompt; `--num-retrieved`,
+`--rerank-samples`, `--image-sampling` and `--guidance-keeps-documents` /
+`--guidance-drops-documents` change them); text ->
 image runs again with k = 0, and with `--circle-negatives` once more with negative captions
 (`Generator.text_to_image(negative_captions=)`, `SamplingConfig.negative_scale`): each
 caption with every shape named a circle and a circle a square, what this decoder draws
@@ -61,21 +63,23 @@ def _scenes(run: str, split: str, n: int, image_size: int):
     return examples, scenes
 
 
-# generate_stage's arguments that decide what it draws and writes; then its retrieval rules.
+# generate_stage's arguments that decide what it draws and writes; then its retrieval rules
+# and whether its guidance kept the documents (`Generator.guidance_keeps_documents`).
 STAGE_SETTINGS = ("num_retrieved", "image_sampling", "caption_sampling", "caption_style",
                   "max_caption_tokens", "rerank_samples")
-SETTINGS = STAGE_SETTINGS + ("selection",)
+SETTINGS = STAGE_SETTINGS + ("selection", "keeps_documents")
 
 
 def generate_settings(run: str) -> dict:
     """The run's generate-stage settings (`SETTINGS`), as its `config.gin` binds them, the
     stage's defaults where it binds nothing; `selection` is the retrieval rules its
     generate stage searched with (`Retriever.open`'s, with the run's `SelectionConfig`
-    bindings)."""
+    bindings); `keeps_documents` its `Generator.guidance_keeps_documents`."""
     import inspect
 
     import gin
 
+    from cm3leon_jax.decode.generate import Generator
     from cm3leon_jax.demo import generate as demo_generate
     from cm3leon_jax.retrieval.retriever import Retriever
     from cm3leon_jax.retrieval.select import SelectionConfig
@@ -84,8 +88,9 @@ def generate_settings(run: str) -> dict:
     try:
         params = inspect.signature(demo_generate.generate_stage).parameters
         bound = gin.get_bindings(demo_generate.generate_stage)
+        keeps = gin.get_bindings(Generator).get("guidance_keeps_documents", False)
         return {**{name: bound.get(name, params[name].default) for name in STAGE_SETTINGS},
-                "selection": SelectionConfig(k=Retriever.DEFAULT_K)}
+                "selection": SelectionConfig(k=Retriever.DEFAULT_K), "keeps_documents": keeps}
     finally:  # The run's DecoderConfig bindings would otherwise be checked against each
         gin.clear_config()  # --decoder's own config.gin, and one of another size refused.
 
@@ -374,9 +379,12 @@ def main(argv=None) -> str:
                         "is the sampling's (set it with --image-sampling)")
     p.add_argument("--rerank-samples", type=int, default=None,
                    help="samples per caption for CLIP re-ranking (default: the run's)")
-    p.add_argument("--guidance-keeps-documents", action="store_true",
-                   help="keep the retrieved documents in CFG's unconditional stream "
-                        "(Generator.guidance_keeps_documents)")
+    keeps = p.add_mutually_exclusive_group()
+    keeps.add_argument("--guidance-keeps-documents", action="store_true",
+                       help="keep the retrieved documents in CFG's unconditional stream "
+                            "(Generator.guidance_keeps_documents; default: the run's)")
+    keeps.add_argument("--guidance-drops-documents", action="store_true",
+                       help="drop them there (default: the run's)")
     p.add_argument("--num-retrieved", type=int, default=None,
                    help="retrieved documents per prompt, 1 or more (default: the run's; "
                         "k = 0 is always measured beside it)")
@@ -405,6 +413,8 @@ def main(argv=None) -> str:
     settings = override_settings(generate_settings(args.run),
                                  rerank_samples=args.rerank_samples,
                                  num_retrieved=args.num_retrieved)
+    keeps_documents = not args.guidance_drops_documents and (
+        args.guidance_keeps_documents or settings["keeps_documents"])
     tokenizer = image_tokenizer.load_image_tokenizer(
         checkpoint=os.path.join(args.run, "image_tokenizer"))
     examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
@@ -425,7 +435,7 @@ def main(argv=None) -> str:
             continue
         rows = measure(args.run, folder, tokenizer, examples, scenes, args.seeds, settings,
                        variants, query_order=name in args.query_order,
-                       keeps_documents=args.guidance_keeps_documents)
+                       keeps_documents=keeps_documents)
         results.update({name + label: {**row, "reads": reads} for label, row in rows.items()})
     if args.reads_only:
         text = f"{args.examples} {args.split} scenes of {args.run}\n\n" + reads_table(results)

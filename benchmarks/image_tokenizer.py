@@ -1,6 +1,7 @@
 r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
 
-    # 1. the demo tokenizer on the synthetic corpus (trains it through the gin run mode)
+    # 1. tiny.gin's tokenizer (8 x 8 codes of 512: the demo's until 7 Dec, which now adds a
+    #    level and 1024 codes, gin_configs/runs/demo.gin) on the synthetic corpus
     python -m cm3leon_jax.main --gin_file=gin_configs/runs/train_image_tokenizer.gin \
         --gin.MODEL_DIR="'runs/vq_tiny'"
     python benchmarks/image_tokenizer.py synthetic --model_dir=runs/vq_tiny
@@ -8,10 +9,11 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     python benchmarks/image_tokenizer.py photos --model_dir=runs/vq_photos --steps=2000
     # 3. encode / decode throughput of the paper's f8 config (256 px, batch 8), random weights
     python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
-    # 4. the training step of the demo's tokenizer, 1 stream against 2 (vqgan_train.py)
+    # 4. the training step of tiny.gin's tokenizer, 1 stream against 2 (vqgan_train.py)
     python benchmarks/image_tokenizer.py train_step --config=tiny --batch=16 --trials=5
     # 5. what an edit leaves of the source's codes, and the shape scores of reconstructions,
-    #    for trained tokenizers side by side (the demo's, tiny_local.gin's, ...)
+    #    for trained tokenizers side by side (the demo's, tiny_local.gin's, ...; on the
+    #    demo's 4 x 4 grid no cell is 4 or more from an edit: kept_at_4+ is nan there)
     python benchmarks/image_tokenizer.py edits --model_dir=runs/demo/image_tokenizer \
         --model_dir=runs/vq_local --examples=300
 

@@ -1,9 +1,10 @@
-r"""The demo image tokenizer's train step: this tree against another commit, interleaved.
+r"""The 64-code image tokenizer's train step: this tree against another commit, interleaved.
 
     .venv/bin/python benchmarks/tokenizer_step.py --against=HEAD~1 --rounds=3
 
-The step `make demo` trains the tokenizer with (`gin_configs/runs/demo.gin`: the tiny
-VQGAN of `image_tokenizer/tiny.gin` at 32 px, batch 16 in 2 streams, AdamW, code restarts)
+The step `make demo` trained its tokenizer with until 7 Dec (the tiny VQGAN of
+`image_tokenizer/tiny.gin` at 32 px, batch 16 in 2 streams, AdamW, code restarts; the demo's
+now has one more down-sampling level and 1024 codes, `gin_configs/runs/demo.gin`)
 on random images, timed by `image_tokenizer.py train_step`. Each round times it in a fresh
 process importing this tree's `cm3leon_jax`, then in one importing the commit's (a
 `git worktree` in a temporary folder), so that a drift of the shared host falls on both

@@ -41,6 +41,8 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
         "import cm3leon_jax.retrieval.select\n"
         "SelectionConfig.k = 3\n"
         "SelectionConfig.max_relevance = 0.99\n"
+        "import cm3leon_jax.decode.generate\n"
+        "Generator.guidance_keeps_documents = True\n"
         "DecoderConfig.num_heads = 4\n")
     try:
         settings = demo_decoders.generate_settings(str(tmp_path))
@@ -57,6 +59,8 @@ def test_the_settings_are_the_runs_own_with_the_stages_defaults(tmp_path):
     assert settings["num_retrieved"] == 1
     assert settings["image_sampling"].top_p == 0.5
     assert settings["image_sampling"].guidance == "cfg"
+    # Its guidance's unconditional stream kept the documents, as the demo's does.
+    assert settings["keeps_documents"] is True
     # The rules the run's generate stage searched with: its thresholds, k as served.
     assert settings["selection"].max_relevance == 0.99 and settings["selection"].k == 2
     # Unbound: generate_stage's own defaults.
