@@ -96,9 +96,13 @@ def generate_settings(run: str) -> dict:
 
 
 def override_settings(settings: dict, *, rerank_samples: int | None = None,
-                      num_retrieved: int | None = None) -> dict:
-    """`settings` with the counts given on the command line (None: the run's), checked."""
+                      num_retrieved: int | None = None,
+                      keeps_documents: bool | None = None) -> dict:
+    """`settings` with the counts and the guidance's documents given on the command line
+    (None: the run's), checked."""
     out = dict(settings)
+    if keeps_documents is not None:
+        out["keeps_documents"] = keeps_documents
     if rerank_samples is not None:
         if rerank_samples < 1:
             raise SystemExit(f"--rerank-samples={rerank_samples}: give 1 or more.")
@@ -116,15 +120,13 @@ CIRCLE_NEGATIVES = {**{kind: "circle" for kind in ("square", "triangle", "star",
 
 
 def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list[int],
-            settings: dict, variants: dict | None = None, query_order: bool = False,
-            keeps_documents: bool = False) -> dict:
+            settings: dict, variants: dict | None = None, query_order: bool = False) -> dict:
     """{label: {"text_to_image": {"k<n>"|"k0": {metric: [per seed]}}, "rerank": {...},
     "captions": {metric: value}}} with `generate_settings`' settings, text -> image once
     per image sampling in `variants` (label -> SamplingConfig, or (SamplingConfig, True)
     for it with `CIRCLE_NEGATIVES`' negative captions; default {"": the run's}),
     the decoder loaded and the captions written once; `query_order`: retrieved documents
-    in the prompt's order (`Generator.neighbors_in_query_order`); `keeps_documents`: them
-    in guidance's unconditional stream too (`Generator.guidance_keeps_documents`)."""
+    in the prompt's order (`Generator.neighbors_in_query_order`)."""
     import numpy as np
 
     from cm3leon_jax.decode import rerank, restore
@@ -137,7 +139,7 @@ def measure(run: str, decoder_dir: str, tokenizer, examples, scenes, seeds: list
     retriever = Retriever.open(os.path.join(run, "data", "retrieval"), settings["selection"])
     gen = Generator(config, params, MultimodalVocabulary(os.path.join(run, "data", "vocab")),
                     tokenizer, retriever, batch_size=32, neighbors_in_query_order=query_order,
-                    guidance_keeps_documents=keeps_documents)
+                    guidance_keeps_documents=settings["keeps_documents"])
     ranker = rerank.ClipRanker(retriever.encoder) if settings["rerank_samples"] > 1 else None
     written = gen.image_to_text(np.stack([e["image"] for e in examples]),
                                 num_retrieved=settings["num_retrieved"],
@@ -410,11 +412,11 @@ def main(argv=None) -> str:
     unknown = sorted(set(args.query_order) - set(decoders))
     if unknown:
         raise SystemExit(f"--query-order names {unknown}, which no --decoder names.")
+    keeps = (True if args.guidance_keeps_documents else
+             False if args.guidance_drops_documents else None)
     settings = override_settings(generate_settings(args.run),
                                  rerank_samples=args.rerank_samples,
-                                 num_retrieved=args.num_retrieved)
-    keeps_documents = not args.guidance_drops_documents and (
-        args.guidance_keeps_documents or settings["keeps_documents"])
+                                 num_retrieved=args.num_retrieved, keeps_documents=keeps)
     tokenizer = image_tokenizer.load_image_tokenizer(
         checkpoint=os.path.join(args.run, "image_tokenizer"))
     examples, scenes = _scenes(args.run, args.split, args.examples, tokenizer.image_size)
@@ -434,8 +436,7 @@ def main(argv=None) -> str:
             results[name] = {"reads": reads}
             continue
         rows = measure(args.run, folder, tokenizer, examples, scenes, args.seeds, settings,
-                       variants, query_order=name in args.query_order,
-                       keeps_documents=keeps_documents)
+                       variants, query_order=name in args.query_order)
         results.update({name + label: {**row, "reads": reads} for label, row in rows.items()})
     if args.reads_only:
         text = f"{args.examples} {args.split} scenes of {args.run}\n\n" + reads_table(results)

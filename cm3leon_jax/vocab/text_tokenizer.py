@@ -75,7 +75,7 @@ class TextTokenizer:
                     f"the training corpus is too small for vocab_size={vocab_size}: "
                     f"{reason} Lower vocab_size or train on more text.") from None
             needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
-            if needed or "required_chars" in reason:  # Bytes, <unk>, one per character.
+            if "required_chars" in reason:  # The byte pieces, <unk>, one per character.
                 at_least = f"use at least {needed.group(1)}." if needed else reason
                 raise ValueError(
                     f"vocab_size={vocab_size} cannot hold the 256 byte pieces, <unk> and one "

@@ -102,6 +102,10 @@ def test_the_counts_from_the_command_line_replace_the_runs_and_are_checked():
     out = demo_decoders.override_settings(run, rerank_samples=4, num_retrieved=1)
     assert out == {"num_retrieved": 1, "rerank_samples": 4, "caption_style": "image_first"}
     assert run["num_retrieved"] == 2  # The run's settings are left as they were.
+    # --guidance-drops-documents / --guidance-keeps-documents replace the run's choice.
+    kept = {**run, "keeps_documents": True}
+    assert demo_decoders.override_settings(kept)["keeps_documents"] is True
+    assert demo_decoders.override_settings(kept, keeps_documents=False)["keeps_documents"] is False
     for bad, flag in (({"rerank_samples": 0}, "--rerank-samples=0"),
                       ({"num_retrieved": 0}, "--num-retrieved=0")):
         with pytest.raises(SystemExit, match=flag):
