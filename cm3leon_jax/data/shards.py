@@ -30,6 +30,7 @@ from absl import logging
 
 from cm3leon_jax import fs
 from cm3leon_jax.errors import MissingInputError, UserInputError, check_count
+from cm3leon_jax.train import vocab_record
 
 FEATURES = {
     "doc_id": tf.io.FixedLenFeature([], tf.string),
@@ -163,7 +164,8 @@ def read_doc_tokens(directory: str, split: str) -> dict[str, np.ndarray]:
             for ex in read_split(directory, split).as_numpy_iterator()}
 
 
-PLAN_FILE = "plan.json"
+PLAN_FILE = vocab_record.PLAN_FILE
+read_plan = vocab_record.read_plan  # MODEL_DIR/plan.json as a run wrote it, or {}.
 
 
 def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
@@ -182,12 +184,6 @@ def check_image_tokenizer(vocab_dir: str, tokenizer: Any, setting: str) -> None:
             f"{PLAN_FILE} records {recorded[0]}, this one is {mine}: another checkpoint, or "
             "the same one at another step), so its codes would mean other images than the "
             "ones the model was trained on. Give the image tokenizer that preprocessing used.")
-
-
-def read_plan(data_dir: str) -> dict:
-    """`data_dir`'s plan.json as a run wrote it ({} before the first run, or none)."""
-    path = fs.join(data_dir, PLAN_FILE)
-    return fs.read_json(path) if data_dir and fs.exists(path) else {}
 
 
 def _data_plan(vocab_dir: str) -> tuple[str, dict]:

@@ -28,6 +28,9 @@ from typing import Any
 from cm3leon_jax import fs
 
 FILE = "vocabulary.json"
+# Preprocessing's record of how a data folder was made (data/preprocess.py writes it; the
+# data package reads it through here, which sits below it in the flow).
+PLAN_FILE = "plan.json"
 
 
 def of(vocab: Any) -> dict:
@@ -60,13 +63,18 @@ def write(model_dir: str, vocab: Any) -> None:
         json.dump(record, f, indent=2)
 
 
+def read_plan(data_dir: str) -> dict:
+    """`data_dir`'s plan.json as a run wrote it ({} before the first run, or none)."""
+    path = fs.join(data_dir, PLAN_FILE)
+    return fs.read_json(path) if data_dir and fs.exists(path) else {}
+
+
 def plan_digest(data_dir: str) -> str | None:
     """A digest of `data_dir`'s plan.json (its keys sorted), or None where it has none."""
-    path = fs.join(data_dir, "plan.json")
-    if not fs.exists(path):
+    plan = read_plan(data_dir)
+    if not plan:
         return None
-    plan = json.dumps(fs.read_json(path), sort_keys=True).encode("utf-8")
-    return hashlib.sha256(plan).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def data_mismatch(record: dict | None, data_dir: str) -> str | None:
