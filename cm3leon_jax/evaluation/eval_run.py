@@ -23,6 +23,7 @@ Inception FID (`fid_inception`); with a retrieval encoder also FID on its image 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
@@ -321,13 +322,20 @@ def _describe(s: Strategy) -> dict:
                           for c in s.samplings]}
 
 
+_PREFLIGHT_SETTINGS = ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir", "overwrite",
+                       "num_retrieved", "caption_style", "caption_metrics")
+
+
 def _preflight(model_dir: str) -> None:
     """Refuses, before `main.run` writes config.gin there, a MODEL_DIR that is, holds or lies
     inside a folder the run reads, or that holds an earlier run's eval/ without
     evaluate.overwrite; and the plain settings `_check_settings` would refuse (the
     strategies, gin references until the run builds them, are checked by the run)."""
     user_data.check_outside(model_dir, "eval")  # eval_user.gin reads the user's pairs.
-    bound = gin.get_bindings(evaluate)  # Calls the suite builder (`@user_suite()` checks).
+    # Only the plain settings are resolved: resolving every binding would call the suite
+    # builder (`@user_suite()` lists the user's source to check it), which the run does.
+    raw = gin.get_bindings(evaluate, resolve_references=False)
+    bound = {name: copy.deepcopy(raw[name]) for name in _PREFLIGHT_SETTINGS if name in raw}
     run_config.check_apart(model_dir, "eval", {
         f"evaluate.{name}": bound.get(name)
         for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})

@@ -5,6 +5,7 @@ it, and a data folder whose plan.json records it as preprocessing records it."""
 
 import json
 
+import gin
 import numpy as np
 import pytest
 from PIL import Image
@@ -150,3 +151,26 @@ def test_the_other_images_are_read_no_further_than_they_lie():
 
     images = suites._user_images(Source(), "train", 3, 8, captions=False)[0]  # noqa: SLF001
     assert len(images) == 3 and Source.read_count == 4
+
+
+def test_the_eval_preflight_leaves_the_user_suite_to_the_run(eval_files, tmp_path,
+                                                                monkeypatch):
+    """The user's source is listed once per eval: by the run, not also by its preflight."""
+    from cm3leon_jax.evaluation import eval_run
+    checked = []
+    monkeypatch.setattr(suites, "check_user_source", lambda *args: checked.append(args))
+    gin.clear_config()
+    try:
+        gin.parse_config("\n".join([
+            "import cm3leon_jax.evaluation.suites",
+            f"evaluate.checkpoint = {eval_files['checkpoint']!r}",
+            f"evaluate.vocab_dir = {eval_files['vocab']!r}",
+            "evaluate.suite = @user_suite()",
+            "user_suite.data_dir = 'my_data'",
+            "user_suite.source = None"]))
+        eval_run.evaluate.preflight(str(tmp_path / "eval"))
+        assert checked == []
+        gin.get_bindings(eval_run.evaluate)  # What calling the run resolves: the check.
+        assert checked == [("my_data", None)]
+    finally:
+        gin.clear_config()
