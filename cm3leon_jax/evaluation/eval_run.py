@@ -322,29 +322,29 @@ def _describe(s: Strategy) -> dict:
                           for c in s.samplings]}
 
 
-_PREFLIGHT_SETTINGS = ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir", "overwrite",
-                       "num_retrieved", "caption_style", "caption_metrics")
-
-
 def _preflight(model_dir: str) -> None:
     """Refuses, before `main.run` writes config.gin there, a MODEL_DIR that is, holds or lies
     inside a folder the run reads, or that holds an earlier run's eval/ without
     evaluate.overwrite; and the plain settings `_check_settings` would refuse (the
-    strategies, gin references until the run builds them, are checked by the run)."""
+    strategies and the suite, gin references the run builds, are checked by the run)."""
     user_data.check_outside(model_dir, "eval")  # eval_user.gin reads the user's pairs.
-    # Only the plain settings are resolved: resolving every binding would call the suite
-    # builder (`@user_suite()` lists the user's source to check it), which the run does.
+    # Each setting is resolved where it is read (a deep copy resolves a gin reference or
+    # macro): resolving every binding would also call the suite builder (`@user_suite()`
+    # lists the user's source to check it), which the run does.
     raw = gin.get_bindings(evaluate, resolve_references=False)
-    bound = {name: copy.deepcopy(raw[name]) for name in _PREFLIGHT_SETTINGS if name in raw}
+
+    def bound(name: str, default: Any = None) -> Any:
+        return copy.deepcopy(raw[name]) if name in raw else default
+
     run_config.check_apart(model_dir, "eval", {
-        f"evaluate.{name}": bound.get(name)
+        f"evaluate.{name}": bound(name)
         for name in ("checkpoint", "data_dir", "vocab_dir", "retrieval_dir")})
-    _refuse_earlier_eval(model_dir, bool(bound.get("overwrite", False)))
+    _refuse_earlier_eval(model_dir, bool(bound("overwrite", False)))
     defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
-    value = {k: bound.get(k, defaults[k]) for k in ("num_retrieved", "caption_style",
-                                                     "retrieval_dir", "caption_metrics",
-                                                     "data_dir", "vocab_dir")}
-    retrieval_dir = restore.data_folders(bound.get("checkpoint"), value["data_dir"],
+    value = {k: bound(k, defaults[k]) for k in ("num_retrieved", "caption_style",
+                                                 "retrieval_dir", "caption_metrics",
+                                                 "data_dir", "vocab_dir")}
+    retrieval_dir = restore.data_folders(bound("checkpoint"), value["data_dir"],
                                          value["vocab_dir"], value["retrieval_dir"],
                                          "evaluate", "eval")[1]
     _check_settings((), value["num_retrieved"], value["caption_style"],
