@@ -6,7 +6,7 @@ per-step temporaries (more than a worker thread's arena holds) are fresh `mmap`s
 in page by page every step (the retriever's step spent a third of its CPU in the kernel),
 and with `CM3LEON_JAX_HOST_MEMORY=retain` (`hostmem.py`) the two trainers' threads queue on
 the one arena instead, slower still. Each in its own process, with the memory kept there,
-neither happens: half the demo's length of the two (750 tokenizer and 450 retriever steps,
+neither happens: half the demo's length of the two then (750 tokenizer and 450 retriever steps,
 benchmarks/demo_first_stages.py) took 222-231 s instead of 253-259, the retriever 191-195 s
 instead of 231-234; at 300 and 180 steps 115 s instead of 119-122 (a process's start,
 about 5 s, weighs more there). The demo's own process keeps glibc's policy for the stages after them
