@@ -9,7 +9,7 @@ image tokenizer and retrieval index), so the decoders must have been trained on 
 run's data, or on a run whose text vocabulary is byte for byte the same (a decoder served
 with another run's retriever, as RESULTS_retrieval.md does). Both use the run's own
 generate-stage settings, read from its `config.gin` (the demo's: 2 retrieved documents,
-CFG 1.5 with the documents in its unconditional stream too, top-p 0.9, the best of 8
+CFG 1.5 with the documents in its unconditional stream too, top-p 0.6, the best of 8
 samples by CLIP score; greedy captions from an image-first prompt; `--num-retrieved`,
 `--rerank-samples`, `--image-sampling` and `--guidance-keeps-documents` /
 `--guidance-drops-documents` change them); text ->
