@@ -16,6 +16,15 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     #    demo's 4 x 4 grid no cell is 4 or more from an edit: kept_at_4+ is nan there)
     python benchmarks/image_tokenizer.py edits --model_dir=runs/demo/image_tokenizer \
         --model_dir=runs/vq_local --examples=300
+    # 6. a recipe for the demo's tokenizer (gin_configs/runs/demo.gin's settings, plus any
+    #    --gin bindings) trained alone on the corpus' 2000 train scenes, then its round trip
+    #    of 1000 validation scenes beyond the corpus' 200, parsed as the demo scores images
+    #    (the ceiling of every image the demo's decoder draws or reads), by object size;
+    #    --score_only scores tokenizers already trained (the demo's own, for one)
+    python benchmarks/image_tokenizer.py demo_recipe --model_dir=runs/vq_lr2e-3 \
+        --gin=train_image_tokenizer.learning_rate=2e-3
+    python benchmarks/image_tokenizer.py demo_recipe --score_only \
+        --model_dir=runs/demo/image_tokenizer --model_dir=runs/vq_lr2e-3
 
 Each prints a markdown table; benchmarks/RESULTS_image_tokenizer.md records them.
 Quality is PSNR (dB, on uint8 pixels) and SSIM (scikit-image, 7x7 Gaussian-free
@@ -321,6 +330,61 @@ def cmd_edits(args) -> dict:
     return dict(rows)
 
 
+def round_trip_scores(tok, scenes: list) -> dict:
+    """The demo's exact scores of the tokenizer's reconstructions of `scenes`, with the
+    share of objects found right (class, color, box IoU >= 0.5) by size category."""
+    from cm3leon_jax.data import parse, shapes
+    from cm3leon_jax.evaluation import shapes_scores
+    images = np.stack([shapes.render(s) for s in scenes])
+    recon = tok.reconstruct(images)
+    scores = shapes_scores.text_to_image_metrics(recon, scenes)
+    found = {size: [] for size in shapes.SIZES}
+    for image, scene in zip(recon, scenes):
+        parsed = parse.parse_image(image)
+        for obj in scene.shapes:
+            found[obj.size].append(any(
+                p.kind == obj.kind and p.color == obj.color and parse.box_iou(p.box, obj.box) >= 0.5
+                for p in parsed))
+    return {"objects_right": float(scores["objects_right"]),
+            "any_object_right": float(scores["any_object_right"]),
+            "psnr": float(psnr(images, recon).mean()),
+            **{f"{size}_right": float(np.mean(v)) if v else float("nan")
+               for size, v in found.items()}}
+
+
+def cmd_demo_recipe(args) -> dict:
+    from cm3leon_jax import main as main_lib
+    from cm3leon_jax.data.synthetic import synthetic_example
+    from cm3leon_jax.vocab import vqgan_train
+    from cm3leon_jax.vocab.image_tokenizer import ImageTokenizer
+    if not args.score_only and len(args.model_dir) > 1:
+        raise SystemExit("demo_recipe trains one recipe a run: give one --model_dir, or "
+                         "--score_only to score several trained tokenizers")
+    rows = []
+    for model_dir in args.model_dir:
+        seconds = None
+        if not args.score_only:
+            main_lib.configure([args.gin_file], [f"MODEL_DIR={model_dir!r}", *args.gin])
+            import gin
+            size = gin.query_parameter("%IMAGE_SIZE")
+            train = np.stack([synthetic_example("train", i, size, args.seed).image
+                              for i in range(args.train_images)])
+            start = time.perf_counter()
+            vqgan_train.train_image_tokenizer(model_dir=model_dir,
+                                              image_source=lambda i: train[i % len(train)])
+            seconds = time.perf_counter() - start
+        tok = ImageTokenizer.from_checkpoint(model_dir, batch_size=64)
+        scenes = [synthetic_example("validation", i, tok.image_size, args.seed).scene
+                  for i in range(args.first_example, args.first_example + args.examples)]
+        rows.append((model_dir, {**round_trip_scores(tok, scenes),
+                                 **({"train_s": seconds} if seconds is not None else {})}))
+    print(f"{args.examples} validation scenes of the corpus generator (indices "
+          f"{args.first_example}-{args.first_example + args.examples - 1}), each image's "
+          "tokenizer round trip parsed exactly; <size>_right: objects of that size found right")
+    print(_table(rows))
+    return dict(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -349,12 +413,28 @@ def main(argv=None) -> int:
                    help="a trained tokenizer (MODEL_DIR of train_image_tokenizer); repeat")
     s.add_argument("--examples", type=int, default=300)
     s.add_argument("--split", default="validation")
+    s = sub.add_parser("demo_recipe")
+    s.add_argument("--model_dir", action="append", required=True,
+                   help="where the recipe trains (or, with --score_only, a trained tokenizer); "
+                        "with --score_only, repeat")
+    s.add_argument("--gin", action="append", default=[],
+                   help="a binding on top of --gin_file's, e.g. "
+                        "train_image_tokenizer.learning_rate=2e-3; repeat")
+    s.add_argument("--gin_file", default="gin_configs/runs/demo.gin")
+    s.add_argument("--score_only", action="store_true")
+    s.add_argument("--train_images", type=int, default=2000,
+                   help="the corpus' train scenes 0..n-1 (the demo's corpus has 2000)")
+    s.add_argument("--examples", type=int, default=1000)
+    s.add_argument("--first_example", type=int, default=200,
+                   help="the first validation index scored (the demo's corpus holds 0-199)")
+    s.add_argument("--seed", type=int, default=0, help="the corpus seed")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     if args.cmd in ("synthetic", "photos"):
         reporting.require("skimage")
     r = {"synthetic": cmd_synthetic, "photos": cmd_photos, "speed": cmd_speed,
-         "train_step": cmd_train_step, "edits": cmd_edits}[args.cmd](args)
+         "train_step": cmd_train_step, "edits": cmd_edits,
+         "demo_recipe": cmd_demo_recipe}[args.cmd](args)
     reporting.write_json(args.json, r)
     return 0
 
