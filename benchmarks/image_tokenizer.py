@@ -9,7 +9,10 @@ r"""Image tokenizer benchmark: reconstruction quality, codebook usage, speed.
     python benchmarks/image_tokenizer.py photos --model_dir=runs/vq_photos --steps=2000
     # 3. encode / decode throughput of the paper's f8 config (256 px, batch 8), random weights
     python benchmarks/image_tokenizer.py speed --config=vq_f8_8192 --batch=8
-    # 4. the training step of tiny.gin's tokenizer, 1 stream against 2 (vqgan_train.py)
+    # 4. the training step of tiny.gin's tokenizer, 1 stream against 2 (vqgan_train.py);
+    #    --optimizers adamw muon times each optimizer too; --gin binds the config further
+    #    (the demo's own: "VQGANConfig.channel_multipliers=(1, 1, 1, 2)" and
+    #    VQGANConfig.codebook_size=1024)
     python benchmarks/image_tokenizer.py train_step --config=tiny --batch=16 --trials=5
     # 5. what an edit leaves of the source's codes, and the shape scores of reconstructions,
     #    for trained tokenizers side by side (the demo's, tiny_local.gin's, ...; on the
@@ -219,8 +222,9 @@ def cmd_speed(args) -> dict:
 
 
 def cmd_train_step(args) -> dict:
-    """Steps per second of `vqgan_train.Trainer.step` (the run mode's loss, AdamW, restarts
-    every 50 steps) for each `--streams` value, on one device, trials interleaved."""
+    """Steps per second of `vqgan_train.Trainer.step` (the run mode's loss, restarts every 50
+    steps) for each `--streams` value and each `--optimizers` kind (AdamW; Muon on the
+    hidden convolutions), on one device, trials interleaved; rows "<kind> x<streams>"."""
     import functools
 
     import gin
@@ -229,20 +233,24 @@ def cmd_train_step(args) -> dict:
     from cm3leon_jax.vocab import vqgan_train
     from cm3leon_jax.vocab.vqgan import VQGANConfig, init_key
 
-    gin.parse_config_file(os.path.join(ROOT, f"gin_configs/image_tokenizer/{args.config}.gin"))
+    gin.parse_config_files_and_bindings(
+        [os.path.join(ROOT, f"gin_configs/image_tokenizer/{args.config}.gin")], args.gin)
     cfg = VQGANConfig()
     gin.clear_config()
-    opt = vqgan_train.make_optimizer(1e-3, 100, 1500, 0.5, 0.9, 0.0, 1.0)
     images = jax.numpy.asarray(np.random.default_rng(0).integers(
         0, 256, (args.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8))
+    shapes = jax.eval_shape(vqgan_train.VQGAN(cfg).init, init_key(0), images[:1])["params"]
     runs, losses = {}, {}
-    for n in args.streams:
-        tr = vqgan_train.Trainer(cfg, opt, vqgan_train.VQGANLossWeights(), restart_every=50,
-                                 streams=n)
-        step = jax.jit(functools.partial(tr.step, use_disc=False), donate_argnums=0)
-        state, m = step(jax.jit(tr.init)(init_key(0)), images)  # compiles
-        losses[n] = float(m["loss"])
-        runs[n] = {"step": step, "state": state}
+    for kind in args.optimizers:
+        opt = vqgan_train.make_optimizer(1e-3, 100, 1500, 0.5, 0.9, 0.0, 1.0,
+                                         muon_params=shapes if kind == "muon" else None)
+        for n in args.streams:
+            tr = vqgan_train.Trainer(cfg, opt, vqgan_train.VQGANLossWeights(),
+                                     restart_every=50, streams=n)
+            step = jax.jit(functools.partial(tr.step, use_disc=False), donate_argnums=0)
+            state, m = step(jax.jit(tr.init)(init_key(0)), images)  # compiles
+            losses[f"{kind} x{n}"] = float(m["loss"])
+            runs[f"{kind} x{n}"] = {"step": step, "state": state}
 
     def steps(n):
         run = runs[n]
@@ -250,19 +258,20 @@ def cmd_train_step(args) -> dict:
             run["state"], m = run["step"](run["state"], images)
         jax.block_until_ready(m)
 
-    rates = {n: [] for n in args.streams}
+    names = list(runs)
+    rates = {name: [] for name in names}
     for _ in range(args.trials):
-        for n in args.streams:
-            rates[n].append(args.steps / reporting.timed(lambda: steps(n)))
-    base = args.streams[0]
+        for name in names:
+            rates[name].append(args.steps / reporting.timed(lambda: steps(name)))
+    base = names[0]
     r = {"config": args.config, "batch": args.batch, "cpu_cores": os.cpu_count(),
          "steps_per_trial": args.steps, "first_step_loss": losses,
          "steps_per_s": {n: reporting.spread(v) for n, v in rates.items()},
          "speedup_over_first": {n: reporting.spread([a / b for a, b in zip(v, rates[base])])
                                 for n, v in rates.items()}}
-    print("| streams | steps/s median [min, max] | x streams=%d | first-step loss |" % base)
+    print(f"| optimizer x streams | steps/s median [min, max] | x {base} | first-step loss |")
     print("|---|---|---|---|")
-    for n in args.streams:
+    for n in names:
         sp, x = r["steps_per_s"][n], r["speedup_over_first"][n]
         print(f"| {n} | {sp['median']:.2f} [{sp['min']:.2f}, {sp['max']:.2f}] | "
               f"{x['median']:.2f} [{x['min']:.2f}, {x['max']:.2f}] | {losses[n]:.6f} |")
@@ -406,6 +415,9 @@ def main(argv=None) -> int:
     s.add_argument("--config", default="tiny")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--streams", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--optimizers", nargs="+", default=["adamw"], choices=("adamw", "muon"))
+    s.add_argument("--gin", action="append", default=[],
+                   help="a VQGANConfig binding on top of --config's; repeat")
     s.add_argument("--steps", type=int, default=30, help="steps per trial")
     s.add_argument("--trials", type=int, default=5)
     s = sub.add_parser("edits")

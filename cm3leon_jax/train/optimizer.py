@@ -188,10 +188,20 @@ def muon(schedule: optax.Schedule, param_axes: Any, momentum: float = 0.95,
         weight_decay: decoupled, on both parts, skipping norm scales and biases.
         clip_norm: the global gradient norm is clipped to this first; 0 or None: no clipping.
     """
+    return muon_on(schedule, muon_dimensions(param_axes), momentum, ns_steps, update_rms, b1,
+                   b2, eps, weight_decay, clip_norm, moments_dtype)
+
+
+def muon_on(schedule: optax.Schedule, dims: Any, momentum: float = 0.95, ns_steps: int = 5,
+            update_rms: float = 0.2, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+            weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+            moments_dtype: str | None = None) -> optax.GradientTransformation:
+    """`muon` with the matrices named directly: `dims` is the parameters' tree with an
+    `optax.contrib.MuonDimensionNumbers` for each parameter Muon steps and None for the
+    rest (AdamW's); for models without logical axes, such as the image tokenizer."""
     if not 0.0 <= momentum < 1.0 or ns_steps < 1 or update_rms <= 0:
         raise ValueError(f"muon: need 0 <= momentum < 1, ns_steps >= 1 and update_rms > 0; "
                          f"got {momentum}, {ns_steps}, {update_rms}.")
-    dims = muon_dimensions(param_axes)
     is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)  # noqa: E731
     if all(d is None for d in jax.tree.leaves(dims, is_leaf=is_dims)):
         raise ValueError("muon: no parameter is a projection matrix (a 'kernel' from or to "

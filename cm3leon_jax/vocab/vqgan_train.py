@@ -13,6 +13,8 @@ split by the `batch` rule, weights replicated):
     discriminator  = hinge_d(D(x), D(sg(x')))                 (from `disc_start` on)
     then: EMA of the weights (optional), running code usage, and every
     `restart_every` steps the dead codes move onto random encoder outputs.
+    The generator's optimizer: AdamW, or Muon on the convolutions between hidden channels
+    with AdamW on the rest (`optimizer_kind`; `muon_kernels`).
 
 `streams` > 1 computes the generator's loss and gradients as `streams` independent
 parts of the batch (rows i, i + streams, ...), averaged: the same loss and gradient up to
@@ -93,17 +95,36 @@ def psnr(images: jax.Array, recon: jax.Array) -> jax.Array:
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int, b1: float,
-                   b2: float, weight_decay: float, grad_clip: float
-                   ) -> optax.GradientTransformation:
+                   b2: float, weight_decay: float, grad_clip: float,
+                   muon_params: Any = None) -> optax.GradientTransformation:
     """The shared builder (`train/optimizer.py`) with the tokenizer's settings: linear
     warm-up, cosine decay to 10% of the peak at `decay_steps`, AdamW behind global-norm
-    clipping."""
+    clipping; with `muon_params` (the parameters, or their shapes) Muon steps the kernels
+    `muon_kernels` names and AdamW the rest."""
     warmup = max(1, warmup_steps)
     schedule = optimizer.warmup_then_decay(learning_rate, warmup, "cosine",
                                            final_lr_fraction=0.1,
                                            total_steps=max(decay_steps, warmup_steps + 1))
+    if muon_params is not None:
+        return optimizer.muon_on(schedule, muon_kernels(muon_params), b1=b1, b2=b2,
+                                 weight_decay=weight_decay, clip_norm=grad_clip)
     # Decay (when weight_decay > 0) on every weight, as taming's GAN trainer does.
     return optimizer.adamw(schedule, b1, b2, 1e-8, weight_decay, grad_clip, mask=None)
+
+
+def muon_kernels(params: Any, image_channels: int = 3) -> Any:
+    """Muon's matrices among the tokenizer's parameters: every convolution or dense kernel
+    whose input and output both have more than `image_channels` channels, read as (its
+    window and input channels) by (its output channels). The convolutions from and to
+    the image's channels, the codebook, norms and biases stay with AdamW."""
+    def dims(path, leaf):
+        name = getattr(path[-1], "key", None)
+        shape = getattr(leaf, "shape", ())
+        if name != "kernel" or len(shape) < 2 or min(shape[-2:]) <= image_channels:
+            return None
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(len(shape) - 1)),
+                                                  output_axis=len(shape) - 1)
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 class Trainer:
@@ -318,6 +339,7 @@ def train_image_tokenizer(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     weights: VQGANLossWeights | None = None,
+    optimizer_kind: str = "adamw",
     disc_start: int | None = None,
     discriminator: nn.Module | None = None,
     disc_learning_rate: float | None = None,
@@ -348,6 +370,9 @@ def train_image_tokenizer(
       decay_steps: where the cosine decay ends (None: num_steps); bind it to extend a run
         in pieces (N, then 2N steps) as a straight 2N; another one on resume warns.
       weights: loss weights (VQGANLossWeights, gin-configurable).
+      optimizer_kind: "adamw", or "muon": Muon on the convolutions between hidden
+        channels (`muon_kernels`; the decoder's `train/optimizer.py`), AdamW on the rest,
+        one learning rate; the discriminator keeps AdamW.
       disc_start: step at which the PatchGAN discriminator joins (None: never).
       discriminator: the discriminator module (default PatchDiscriminator()).
       disc_learning_rate: its learning rate (default learning_rate).
@@ -369,13 +394,20 @@ def train_image_tokenizer(
     disc = (discriminator or PatchDiscriminator()) if disc_start is not None else None
     opt = functools.partial(make_optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps,
                             b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip)
-    trainer = Trainer(cfg, opt(learning_rate), weights or VQGANLossWeights(), disc,
-                      opt(disc_learning_rate or learning_rate) if disc else None,
+    if optimizer_kind not in ("adamw", "muon"):
+        raise UserInputError(f"train_image_tokenizer.optimizer_kind={optimizer_kind!r}: choose "
+                             "'adamw' or 'muon'.")
+    shapes = (jax.eval_shape(VQGAN(cfg).init, init_key(0), jnp.zeros(
+        (1, cfg.image_size, cfg.image_size, cfg.in_channels)))["params"]
+        if optimizer_kind == "muon" else None)
+    trainer = Trainer(cfg, opt(learning_rate, muon_params=shapes), weights or VQGANLossWeights(),
+                      disc, opt(disc_learning_rate or learning_rate) if disc else None,
                       ema_decay, usage_decay, restart_every, restart_threshold, seed, streams)
     run = _Run(model_dir, trainer, batch_size, disc_start, checkpoint_every, keep_checkpoints,
                write_tensorboard, decay_steps)
     run.writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
                               "batch_size": batch_size, "learning_rate": learning_rate,
+                              "optimizer_kind": optimizer_kind,
                               "num_steps": num_steps})
     try:
         return run.train(image_source, num_steps, log_every, eval_every,

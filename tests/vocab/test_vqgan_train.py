@@ -248,3 +248,52 @@ def test_the_same_seed_trains_the_same_tokenizer_and_another_seed_another(tmp_pa
     for x, y in zip(params["a"], params["b"]):
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, y) for x, y in zip(params["a"], params["c"]))
+
+
+def test_muon_steps_the_hidden_convolutions_and_adamw_the_rest():
+    x = np.concatenate([_noise_source(i)[None] for i in range(8)])
+    params = jax.eval_shape(lambda: vt.Trainer(CFG, optax_identity(), vt.VQGANLossWeights())
+                            .model.init(init_key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+    dims = vt.muon_kernels(params)
+    is_dims = lambda d: d is None or hasattr(d, "reduction_axis")  # noqa: E731
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): d for path, d in
+            jax.tree_util.tree_flatten_with_path(dims, is_leaf=is_dims)[0]}
+    # The image's own convolutions, the codebook, norms and biases stay with AdamW.
+    for name in ("encoder/conv_in/kernel", "decoder/conv_out/kernel",
+                 "quantize/embedding", "encoder/down_0_block_0/conv1/bias",
+                 "encoder/down_0_block_0/norm1/scale"):
+        assert flat[name] is None, name
+    conv = flat["encoder/down_0_block_0/conv1/kernel"]  # [3, 3, 8, 8]: 72 rows by 8 columns
+    assert conv.reduction_axis == (0, 1, 2) and conv.output_axis == 3
+    assert flat["decoder/up_1_upsample/kernel"] is not None
+    # Muon trains the tokenizer as AdamW does.
+    opt = vt.make_optimizer(3e-3, 1, 30, 0.5, 0.9, 0.0, 1.0, muon_params=params)
+    tr = vt.Trainer(CFG, opt, vt.VQGANLossWeights(), restart_every=5)
+    state = jax.jit(tr.init)(init_key(0))
+    step = jax.jit(lambda s, b: tr.step(s, b, use_disc=False))
+    l1 = []
+    for _ in range(15):
+        state, m = step(state, x)
+        l1.append(float(m["l1"]))
+    assert np.mean(l1[-3:]) < 0.75 * np.mean(l1[:3]), l1
+
+
+def optax_identity():
+    import optax
+    return optax.identity()
+
+
+def test_a_resume_refuses_another_optimizer_and_an_unknown_one(tmp_path):
+    from cm3leon_jax.errors import CheckpointMismatchError, UserInputError
+    model_dir = str(tmp_path / "vq")
+    kw = dict(TRAIN_KW, image_source=_noise_source, eval_source=_noise_source, eval_examples=0)
+    with pytest.raises(UserInputError, match="optimizer_kind='sgd'.*'adamw' or 'muon'"):
+        vt.train_image_tokenizer(model_dir, num_steps=1, optimizer_kind="sgd", **kw)
+    vt.train_image_tokenizer(model_dir, num_steps=1, **kw)
+    # Another optimizer's state does not fit the checkpoint's: refused, nothing touched.
+    with pytest.raises(CheckpointMismatchError, match="does not fit this run's config: "
+                       "opt_state.*another MODEL_DIR.*left untouched"):
+        vt.train_image_tokenizer(model_dir, num_steps=2, optimizer_kind="muon", **kw)
+    assert vqgan_checkpoint.steps(model_dir) == [1]
+    vt.train_image_tokenizer(str(tmp_path / "m"), num_steps=2, optimizer_kind="muon", **kw)
+    assert vqgan_checkpoint.steps(str(tmp_path / "m")) == [2]
