@@ -375,6 +375,13 @@ def cmd_demo_recipe(args) -> dict:
         if not args.score_only:
             main_lib.configure([args.gin_file], [f"MODEL_DIR={model_dir!r}", *args.gin])
             import gin
+
+            from cm3leon_jax import xla_flags
+            try:  # The demo's backend flags, as its stages start with them.
+                flags = gin.query_parameter("demo.xla_flags")
+            except ValueError:  # A gin file without them.
+                flags = []
+            xla_flags.add(flags, "demo.xla_flags")
             size = gin.query_parameter("%IMAGE_SIZE")
             train = np.stack([synthetic_example("train", i, size, args.seed).image
                               for i in range(args.train_images)])

@@ -204,8 +204,8 @@ def muon_on(schedule: optax.Schedule, dims: Any, momentum: float = 0.95, ns_step
                          f"got {momentum}, {ns_steps}, {update_rms}.")
     is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)  # noqa: E731
     if all(d is None for d in jax.tree.leaves(dims, is_leaf=is_dims)):
-        raise ValueError("muon: no parameter is a projection matrix (a 'kernel' from or to "
-                         "'embed'); use make_optimizer.kind='adamw'.")
+        raise ValueError("muon: no parameter is a matrix for Muon (for the decoder: a "
+                         "'kernel' from or to 'embed'); use AdamW (make_optimizer.kind='adamw').")
     labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=is_dims)
     # Inside `partition` the Muon part sees only its own leaves (the rest are MaskedNode).
     masked = jax.tree.map(lambda d: optax.MaskedNode() if d is None else d, dims,

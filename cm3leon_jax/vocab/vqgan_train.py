@@ -105,7 +105,7 @@ def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int, b1
     schedule = optimizer.warmup_then_decay(learning_rate, warmup, "cosine",
                                            final_lr_fraction=0.1,
                                            total_steps=max(decay_steps, warmup_steps + 1))
-    if muon_params is not None:
+    if muon_params is not None:  # (Decay, when > 0, skips norms and biases here.)
         return optimizer.muon_on(schedule, muon_kernels(muon_params), b1=b1, b2=b2,
                                  weight_decay=weight_decay, clip_norm=grad_clip)
     # Decay (when weight_decay > 0) on every weight, as taming's GAN trainer does.
@@ -370,50 +370,51 @@ def train_image_tokenizer(
       decay_steps: where the cosine decay ends (None: num_steps); bind it to extend a run
         in pieces (N, then 2N steps) as a straight 2N; another one on resume warns.
       weights: loss weights (VQGANLossWeights, gin-configurable).
-      optimizer_kind: "adamw", or "muon": Muon on the convolutions between hidden
-        channels (`muon_kernels`; the decoder's `train/optimizer.py`), AdamW on the rest,
-        one learning rate; the discriminator keeps AdamW.
-      disc_start: step at which the PatchGAN discriminator joins (None: never).
-      discriminator: the discriminator module (default PatchDiscriminator()).
-      disc_learning_rate: its learning rate (default learning_rate).
+      optimizer_kind: "adamw", or "muon": Muon on the hidden convolutions (`muon_kernels`),
+        AdamW on the rest, one learning rate; the discriminator keeps AdamW.
+      disc_start, discriminator, disc_learning_rate: the step the PatchGAN discriminator
+        joins at (None: never), its module (PatchDiscriminator()), its LR (learning_rate).
       ema_decay: keep an EMA of the weights (e.g. 0.999) and tokenize with it.
-      usage_decay, restart_every, restart_threshold: dead-code restarts every
-        `restart_every` steps (0: never) for codes whose running usage is below
-        `restart_threshold` times the uniform share.
-      log_every, eval_every, checkpoint_every: intervals in steps.
-      eval_examples: images of eval_source per evaluation (0: no evaluation).
-      seed: initialization and restart randomness.
+      usage_decay, restart_every, restart_threshold: every `restart_every` steps (0: never)
+        the codes whose running usage is below `restart_threshold` x uniform restart.
+      log_every, eval_every, checkpoint_every: intervals in steps; eval_examples: images of
+        eval_source per evaluation (0: none). seed: initialization and restart randomness.
       streams: split each device's share of the batch into this many independent parts
         (see the module docstring): 2 on a CPU, 1 on an accelerator. The per-device
         batch must divide by it. write_tensorboard: False keeps TensorFlow out (tests).
-    Returns:
-      The final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
+    Returns: the final evaluation metrics (psnr, code_usage, perplexity, ...) and loss.
     """
     cfg = config or VQGANConfig()
     decay_steps = _schedule_length(num_steps, decay_steps, eval_examples)
     disc = (discriminator or PatchDiscriminator()) if disc_start is not None else None
     opt = functools.partial(make_optimizer, warmup_steps=warmup_steps, decay_steps=decay_steps,
                             b1=b1, b2=b2, weight_decay=weight_decay, grad_clip=grad_clip)
-    if optimizer_kind not in ("adamw", "muon"):
-        raise UserInputError(f"train_image_tokenizer.optimizer_kind={optimizer_kind!r}: choose "
-                             "'adamw' or 'muon'.")
-    shapes = (jax.eval_shape(VQGAN(cfg).init, init_key(0), jnp.zeros(
-        (1, cfg.image_size, cfg.image_size, cfg.in_channels)))["params"]
-        if optimizer_kind == "muon" else None)
-    trainer = Trainer(cfg, opt(learning_rate, muon_params=shapes), weights or VQGANLossWeights(),
-                      disc, opt(disc_learning_rate or learning_rate) if disc else None,
-                      ema_decay, usage_decay, restart_every, restart_threshold, seed, streams)
+    disc_opt = opt(disc_learning_rate or learning_rate) if disc else None
+    trainer = Trainer(cfg, opt(learning_rate, muon_params=_muon_params(cfg, optimizer_kind)),
+                      weights or VQGANLossWeights(), disc, disc_opt, ema_decay, usage_decay,
+                      restart_every, restart_threshold, seed, streams)
     run = _Run(model_dir, trainer, batch_size, disc_start, checkpoint_every, keep_checkpoints,
                write_tensorboard, decay_steps)
     run.writer.write_hparams({"image_size": cfg.image_size, "codebook_size": cfg.codebook_size,
                               "batch_size": batch_size, "learning_rate": learning_rate,
-                              "optimizer_kind": optimizer_kind,
-                              "num_steps": num_steps})
+                              "optimizer_kind": optimizer_kind, "num_steps": num_steps})
     try:
         return run.train(image_source, num_steps, log_every, eval_every,
                          functools.partial(run.evaluate, eval_source, eval_examples))
     finally:
         run.close()
+
+
+def _muon_params(cfg: VQGANConfig, optimizer_kind: str) -> Any:
+    """The generator's parameter shapes for Muon (`make_optimizer`'s `muon_params`), None
+    for AdamW; a UserInputError for any other kind."""
+    if optimizer_kind not in ("adamw", "muon"):
+        raise UserInputError(f"train_image_tokenizer.optimizer_kind={optimizer_kind!r}: choose "
+                             "'adamw' or 'muon'.")
+    if optimizer_kind == "adamw":
+        return None
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
+    return jax.eval_shape(VQGAN(cfg).init, init_key(0), images)["params"]
 
 
 def _schedule_length(num_steps: int, decay_steps: int | None, eval_examples: int) -> int:

@@ -188,7 +188,7 @@ def test_muon_mistakes_are_clear_errors():
     with pytest.raises(ValueError, match="needs the parameters' logical axes"):
         optimizer.make_optimizer(schedule, kind="muon")
     spec = jax.sharding.PartitionSpec
-    with pytest.raises(ValueError, match="no parameter is a projection matrix"):
+    with pytest.raises(ValueError, match="no parameter is a matrix for Muon"):
         optimizer.make_optimizer(schedule, kind="muon",
                                  param_axes={"token_embed": {"embedding": spec("vocab", "embed")}})
     with pytest.raises(ValueError, match="momentum < 1"):

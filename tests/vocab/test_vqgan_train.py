@@ -270,6 +270,16 @@ def test_muon_steps_the_hidden_convolutions_and_adamw_the_rest():
     opt = vt.make_optimizer(3e-3, 1, 30, 0.5, 0.9, 0.0, 1.0, muon_params=params)
     tr = vt.Trainer(CFG, opt, vt.VQGANLossWeights(), restart_every=5)
     state = jax.jit(tr.init)(init_key(0))
+    kinds = set()
+
+    def walk(node):  # The optimizer state's named parts, however nested.
+        kinds.add(type(node).__name__)
+        for child in (node.values() if isinstance(node, dict) else
+                      node if isinstance(node, (tuple, list)) else ()):
+            walk(child)
+
+    walk(state["opt_state"])
+    assert "MuonState" in kinds, kinds  # Muon's own state, not AdamW's alone
     step = jax.jit(lambda s, b: tr.step(s, b, use_disc=False))
     l1 = []
     for _ in range(15):
