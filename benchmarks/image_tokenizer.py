@@ -239,7 +239,7 @@ def cmd_train_step(args) -> dict:
     gin.clear_config()
     images = jax.numpy.asarray(np.random.default_rng(0).integers(
         0, 256, (args.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8))
-    shapes = jax.eval_shape(vqgan_train.VQGAN(cfg).init, init_key(0), images[:1])["params"]
+    shapes = vqgan_train.param_shapes(cfg)
     runs, losses = {}, {}
     for kind in args.optimizers:
         opt = vqgan_train.make_optimizer(1e-3, 100, 1500, 0.5, 0.9, 0.0, 1.0,
@@ -349,11 +349,9 @@ def round_trip_scores(tok, scenes: list) -> dict:
     scores = shapes_scores.text_to_image_metrics(recon, scenes)
     found = {size: [] for size in shapes.SIZES}
     for image, scene in zip(recon, scenes):
-        parsed = parse.parse_image(image)
-        for obj in scene.shapes:
-            found[obj.size].append(any(
-                p.kind == obj.kind and p.color == obj.color and parse.box_iou(p.box, obj.box) >= 0.5
-                for p in parsed))
+        right = {j for _, j, _, ok in parse.match(parse.parse_image(image), scene)["pairs"] if ok}
+        for j, obj in enumerate(scene.shapes):
+            found[obj.size].append(j in right)
     return {"objects_right": float(scores["objects_right"]),
             "any_object_right": float(scores["any_object_right"]),
             "psnr": float(psnr(images, recon).mean()),

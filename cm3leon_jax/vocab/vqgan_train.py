@@ -405,16 +405,18 @@ def train_image_tokenizer(
         run.close()
 
 
+def param_shapes(cfg: VQGANConfig) -> Any:
+    """The VQGAN's parameters as shapes only (what `make_optimizer`'s `muon_params` needs)."""
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
+    return jax.eval_shape(VQGAN(cfg).init, init_key(0), images)["params"]
+
+
 def _muon_params(cfg: VQGANConfig, optimizer_kind: str) -> Any:
-    """The generator's parameter shapes for Muon (`make_optimizer`'s `muon_params`), None
-    for AdamW; a UserInputError for any other kind."""
+    """`param_shapes` for Muon, None for AdamW; a UserInputError for any other kind."""
     if optimizer_kind not in ("adamw", "muon"):
         raise UserInputError(f"train_image_tokenizer.optimizer_kind={optimizer_kind!r}: choose "
                              "'adamw' or 'muon'.")
-    if optimizer_kind == "adamw":
-        return None
-    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.in_channels))
-    return jax.eval_shape(VQGAN(cfg).init, init_key(0), images)["params"]
+    return param_shapes(cfg) if optimizer_kind == "muon" else None
 
 
 def _schedule_length(num_steps: int, decay_steps: int | None, eval_examples: int) -> int:
